@@ -1,0 +1,396 @@
+//! The client's connection task: establishes a connection round (negotiate, dial, attach,
+//! resubscribe), then runs the connection with a writer loop (batched frames, heartbeats) and a
+//! reader task (events, acknowledgements), and starts over with backoff when it is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt as _, StreamExt as _};
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::link::{self, Closer, Inbound, MAX_BATCH};
+use relaymesh_net::retry::Backoff;
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ClientSocket};
+use relaymesh_proto::v1::{self, server_to_client::Kind};
+use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::negotiate::Negotiation;
+use crate::{ClientConfig, ClientError, Event, Message, Shared};
+
+/// Servers tried in one connection round before backing off.
+const SERVERS_PER_ROUND: usize = 3;
+/// Time allowed for a clean close when the client is closed.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A server connection that is attached and resubscribed.
+pub(crate) struct Connected {
+    socket: ClientSocket,
+    server_id: String,
+    alias: String,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+}
+
+/// One connection round: negotiate with the coordinator, then connect to the offered server,
+/// trying another (and excluding the failed one) if it cannot be reached.
+pub(crate) async fn establish(
+    config: &ClientConfig,
+    shared: &Shared,
+    events: &mpsc::Sender<Event>,
+    exclude: &[String],
+) -> Result<Connected, ClientError> {
+    let mut negotiation = Negotiation::open(config).await?;
+    let mut exclude = exclude.to_vec();
+    let mut failure = None;
+    for _ in 0..SERVERS_PER_ROUND {
+        let offer = match negotiation.offer(config, &exclude).await {
+            Ok(offer) => offer,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        match attach(config, shared, events, &offer).await {
+            Ok(connected) => {
+                negotiation.close().await;
+                return Ok(connected);
+            }
+            Err(e) => {
+                tracing::debug!(server = %offer.server_id, error = %e, "offered server failed; asking for another");
+                exclude.push(offer.server_id);
+                failure = Some(e);
+            }
+        }
+    }
+    negotiation.close().await;
+    Err(failure.unwrap_or(ClientError::Closed))
+}
+
+/// Connects to an offered server, attaches and restores every subscription.
+async fn attach(
+    config: &ClientConfig,
+    shared: &Shared,
+    events: &mpsc::Sender<Event>,
+    offer: &v1::ConnectOffer,
+) -> Result<Connected, ClientError> {
+    let url = format!("{}?key={}", offer.url, offer.key);
+    let mut socket = ws::dial(&url, None, &config.limits, config.connect_timeout).await?;
+    let (resubscribe, topics) = {
+        let state = lock(&shared.state);
+        let request_id = shared
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (request_id, state.topics.iter().cloned().collect::<Vec<_>>())
+    };
+    let send_failed = |e: tokio_tungstenite::tungstenite::Error| {
+        ClientError::Protocol(format!("server link failed: {e}"))
+    };
+    socket
+        .feed(WsMessage::Binary(encode(&v1::ClientToServer::attach(
+            v1::Attach {
+                protocol_version: PROTOCOL_VERSION,
+            },
+        ))))
+        .await
+        .map_err(send_failed)?;
+    if !topics.is_empty() {
+        let subscribe = v1::ClientToServer::subscribe(v1::Subscribe {
+            request_id: resubscribe,
+            topics: topics.clone(),
+        });
+        socket
+            .feed(WsMessage::Binary(encode(&subscribe)))
+            .await
+            .map_err(send_failed)?;
+    }
+    socket.flush().await.map_err(send_failed)?;
+    let handshake = async {
+        let mut ready = None;
+        let mut acked = topics.is_empty();
+        while ready.is_none() || !acked {
+            let frame = match socket.next().await {
+                Some(Ok(WsMessage::Binary(frame))) => frame,
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    return Err(ClientError::Protocol(
+                        "server closed the connection while attaching".into(),
+                    ));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    return Err(ClientError::Protocol(format!("server link failed: {e}")));
+                }
+            };
+            let msg: v1::ServerToClient = decode_frame(frame).map_err(ClientError::Refused)?;
+            match msg.kind {
+                Some(Kind::Ready(r)) if r.protocol_version == PROTOCOL_VERSION => ready = Some(r),
+                Some(Kind::Ready(r)) => {
+                    return Err(ClientError::Protocol(format!(
+                        "server speaks protocol {}",
+                        r.protocol_version
+                    )));
+                }
+                Some(Kind::Ack(ack)) if ack.request_id == resubscribe => acked = true,
+                Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
+                Some(Kind::Message(m)) => {
+                    let _ = events.send(Event::Message(message(m))).await;
+                }
+                Some(Kind::Dropped(d)) => {
+                    let _ = events.send(Event::Dropped { count: d.count }).await;
+                }
+                _ => {}
+            }
+        }
+        Ok(ready)
+    };
+    let ready = tokio::time::timeout(config.connect_timeout, handshake)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Timeout(format!(
+                "attaching to {}",
+                offer.server_id
+            )))
+        })?
+        .ok_or(ClientError::Closed)?;
+    {
+        let mut state = lock(&shared.state);
+        state.alias = ready.alias.clone();
+        state.server_id = ready.server_id.clone();
+        // Requests made before this connection are covered by the resubscription.
+        let older: Vec<u64> = state
+            .pending
+            .keys()
+            .copied()
+            .filter(|id| *id < resubscribe)
+            .collect();
+        for id in older {
+            if let Some(done) = state.pending.remove(&id) {
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+    let ms =
+        |v: u32, default: u64| Duration::from_millis(if v > 0 { u64::from(v) } else { default });
+    Ok(Connected {
+        socket,
+        server_id: ready.server_id,
+        alias: ready.alias,
+        heartbeat_interval: ms(ready.heartbeat_interval_ms, 5_000),
+        heartbeat_timeout: ms(ready.heartbeat_timeout_ms, 15_000),
+    })
+}
+
+fn message(m: v1::Message) -> Message {
+    Message {
+        topic: m.topic,
+        from: m.from_alias,
+        payload: m.payload,
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The client was closed.
+    Stopped,
+    /// The connection was lost, for this reason.
+    Lost(String),
+}
+
+/// Runs connections until the client is closed (or, without auto-reconnect, until the first
+/// connection is lost).
+pub(crate) async fn drive(
+    config: ClientConfig,
+    shared: Arc<Shared>,
+    first: Connected,
+    mut out: mpsc::Receiver<Bytes>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut next = Some(first);
+    let mut exclude = Vec::new();
+    loop {
+        let connected = match next.take() {
+            Some(connected) => connected,
+            None => match establish(&config, &shared, &events, &exclude).await {
+                Ok(connected) => {
+                    backoff.reset();
+                    let event = Event::Reconnected {
+                        server_id: connected.server_id.clone(),
+                        alias: connected.alias.clone(),
+                    };
+                    let _ = events.send(event).await;
+                    connected
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconnect failed");
+                    // The excluded server may be the only one; allow it again next round.
+                    exclude.clear();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                        _ = shared.stop.cancelled() => break,
+                    }
+                }
+            },
+        };
+        let server_id = connected.server_id.clone();
+        match run(connected, &shared, &mut out, &events).await {
+            Ended::Stopped => break,
+            Ended::Lost(reason) => {
+                tracing::info!(server = %server_id, %reason, "connection lost");
+                let _ = events
+                    .send(Event::Disconnected {
+                        server_id: server_id.clone(),
+                        reason,
+                    })
+                    .await;
+                if !config.auto_reconnect || shared.stop.is_cancelled() {
+                    break;
+                }
+                exclude = vec![server_id];
+            }
+        }
+    }
+    // Requests still waiting see their channel close and fail with `Closed`.
+    lock(&shared.state).pending.clear();
+}
+
+/// Runs one connection: this task writes, a spawned task reads.
+async fn run(
+    connected: Connected,
+    shared: &Arc<Shared>,
+    out: &mut mpsc::Receiver<Bytes>,
+    events: &mpsc::Sender<Event>,
+) -> Ended {
+    let (mut sink, stream) = connected.socket.split();
+    let closer = Closer::new();
+    let reader = tokio::spawn(read_loop(
+        stream,
+        shared.clone(),
+        events.clone(),
+        connected.heartbeat_timeout,
+        closer.clone(),
+    ));
+    let mut ping = tokio::time::interval(connected.heartbeat_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    let write_failed =
+        |e: tokio_tungstenite::tungstenite::Error| format!("write to server failed: {e}");
+    let ended = loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => {
+                // Send what is queued, then close cleanly and give the server time to answer.
+                let goodbye = async {
+                    while let Ok(frame) = out.try_recv() {
+                        sink.feed(WsMessage::Binary(frame)).await?;
+                    }
+                    sink.send(WsMessage::Close(None)).await
+                };
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
+                break Ended::Stopped;
+            }
+            _ = closer.closed() => break Ended::Lost(String::new()),
+            frame = out.recv() => {
+                let Some(frame) = frame else { break Ended::Stopped };
+                let batch = async {
+                    sink.feed(WsMessage::Binary(frame)).await?;
+                    for _ in 1..MAX_BATCH {
+                        let Ok(frame) = out.try_recv() else { break };
+                        sink.feed(WsMessage::Binary(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                let written = tokio::select! {
+                    written = batch => written,
+                    _ = closer.closed() => Ok(()),
+                };
+                if let Err(e) = written {
+                    break Ended::Lost(write_failed(e));
+                }
+            }
+            _ = ping.tick() => {
+                nonce += 1;
+                let frame = encode(&v1::ClientToServer::ping(v1::Ping { nonce }));
+                if let Err(e) = sink.send(WsMessage::Binary(frame)).await {
+                    break Ended::Lost(write_failed(e));
+                }
+            }
+        }
+    };
+    closer.close(None);
+    let reason = match tokio::time::timeout(CLOSE_TIMEOUT, reader).await {
+        Ok(Ok(reason)) => reason,
+        Ok(Err(_)) => "reader task failed".to_owned(),
+        Err(_) => "server did not close in time".to_owned(),
+    };
+    match ended {
+        Ended::Lost(own) if !own.is_empty() => Ended::Lost(own),
+        Ended::Lost(_) => Ended::Lost(reason),
+        Ended::Stopped => Ended::Stopped,
+    }
+}
+
+/// Reads the connection until it ends; returns why.
+async fn read_loop(
+    mut stream: SplitStream<ClientSocket>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    timeout: Duration,
+    closer: Closer,
+) -> String {
+    let mut watchdog = Watchdog::new(timeout, timeout);
+    let closed = closer.closed();
+    tokio::pin!(closed);
+    let reason = loop {
+        let step = tokio::select! {
+            biased;
+            _ = &mut closed => {
+                // The writer is closing: wait for the server's close so nothing is cut off.
+                link::linger(&mut stream, CLOSE_TIMEOUT).await;
+                break "closed".to_owned();
+            }
+            beat = watchdog.tick() => {
+                if beat == Beat::Expired {
+                    break format!("server silent for over {} ms", timeout.as_millis());
+                }
+                continue;
+            }
+            step = link::next_frame(&mut stream) => step,
+        };
+        let frame = match step {
+            Ok(Inbound::Frame(frame)) => frame,
+            Ok(Inbound::Control) => {
+                watchdog.activity();
+                continue;
+            }
+            Ok(Inbound::Closed) => break "server closed the connection".to_owned(),
+            Err(e) => break e.to_string(),
+        };
+        watchdog.activity();
+        let msg: v1::ServerToClient = match decode_frame(frame) {
+            Ok(msg) => msg,
+            Err(e) => break format!("bad frame from server: {e}"),
+        };
+        let event = match msg.kind {
+            Some(Kind::Message(m)) => Event::Message(message(m)),
+            Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
+            Some(Kind::Ack(ack)) => {
+                if let Some(done) = lock(&shared.state).pending.remove(&ack.request_id) {
+                    let _ = done.send(Ok(()));
+                }
+                continue;
+            }
+            Some(Kind::Error(e)) => break e.to_string(),
+            Some(Kind::Pong(_) | Kind::Ready(_)) | None => continue,
+        };
+        tokio::select! {
+            sent = events.send(event) => if sent.is_err() { break "client dropped".to_owned() },
+            _ = &mut closed => break "closed".to_owned(),
+        }
+    };
+    closer.close(None);
+    reason
+}

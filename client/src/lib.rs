@@ -1,0 +1,384 @@
+//! The relaymesh client library.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), relaymesh_client::ClientError> {
+//! use relaymesh_client::{Client, ClientConfig, Event};
+//!
+//! let mut client = Client::connect(ClientConfig::new("ws://127.0.0.1:7400")).await?;
+//! client.subscribe(["rooms/lobby"]).await?; // active cluster-wide once this returns
+//! client.publish("rooms/lobby", "hello").await?;
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{} from {}: {:?}", m.topic, m.from, m.payload);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [`Client::connect`] asks the coordinator for a server (`/v1/connect`), connects to it with
+//! the single-use key it was given, and starts a background task that owns the connection: a
+//! writer that batches queued frames and sends heartbeats, and a reader that turns frames into
+//! [`Event`]s. When the server goes away the task negotiates again (excluding that server),
+//! reconnects with capped exponential backoff and jitter, resubscribes, and reports
+//! [`Event::Reconnected`]. Delivery is at most once: messages published while no server is
+//! reachable wait in the bounded outbound queue, and messages in flight when a server dies are
+//! lost.
+
+mod connection;
+mod negotiate;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{DialError, WsLimits};
+use relaymesh_proto::topic::{self, TopicError};
+use relaymesh_proto::{encode, v1};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// How a client finds and keeps its server.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Coordinator base URL, e.g. `ws://127.0.0.1:7400`.
+    pub coordinator: String,
+    /// Ask for this server when it is eligible.
+    pub preferred_server: Option<String>,
+    /// Reconnect through the coordinator when the server goes away (default `true`).
+    pub auto_reconnect: bool,
+    /// Time allowed for negotiating and connecting once.
+    pub connect_timeout: Duration,
+    /// First and largest delay between reconnect rounds (before jitter).
+    pub reconnect_min: Duration,
+    /// See `reconnect_min`.
+    pub reconnect_max: Duration,
+    /// Frames (publishes, subscription changes) queued while the connection is busy or down;
+    /// `publish` waits when it is full.
+    pub outbound_queue: usize,
+    /// Events buffered for [`Client::next_event`]; when full the client stops reading and the
+    /// server's slow-consumer policy applies.
+    pub event_queue: usize,
+    /// WebSocket limits for the client's connections.
+    pub limits: WsLimits,
+}
+
+impl ClientConfig {
+    /// Defaults for a coordinator at `coordinator`.
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            preferred_server: None,
+            auto_reconnect: true,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(5),
+            outbound_queue: 4096,
+            event_queue: 4096,
+            limits: WsLimits::default(),
+        }
+    }
+}
+
+/// Something that happened on the client's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message on a subscribed topic.
+    Message(Message),
+    /// The server dropped `count` messages for this client because it was not reading fast
+    /// enough (or a peer server dropped forwards meant for it).
+    Dropped {
+        /// Messages lost.
+        count: u64,
+    },
+    /// The connection to `server_id` ended; `reason` says why. With auto-reconnect on, a
+    /// [`Event::Reconnected`] follows once another server is reached.
+    Disconnected {
+        /// The server that was lost.
+        server_id: String,
+        /// Why, e.g. the server's `Error` or the connection error.
+        reason: String,
+    },
+    /// Connected again, to `server_id`, with every subscription restored.
+    Reconnected {
+        /// The new server.
+        server_id: String,
+        /// The client's alias on the new connection.
+        alias: String,
+    },
+}
+
+/// A delivered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The publisher's alias, stamped by the publisher's server.
+    pub from: String,
+    /// The payload, as published.
+    pub payload: Bytes,
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator or a server could not be reached or refused the connection.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The coordinator or server answered with an error.
+    #[error("{0}")]
+    Refused(v1::Error),
+    /// A topic broke the topic rules; nothing was sent.
+    #[error("invalid topic {topic:?}: {source}")]
+    InvalidTopic {
+        /// The topic.
+        topic: String,
+        /// The rule it broke.
+        source: TopicError,
+    },
+    /// A link broke or sent something unexpected.
+    #[error("{0}")]
+    Protocol(String),
+    /// Nothing within the timeout.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The client was closed (or gave up reconnecting).
+    #[error("client is closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The protocol error code behind this error, if the other side sent one.
+    pub fn code(&self) -> Option<v1::ErrorCode> {
+        match self {
+            Self::Refused(e) => Some(e.error_code()),
+            Self::Dial(e) => e.refusal_code(),
+            _ => None,
+        }
+    }
+}
+
+/// State shared by the client's handles and its connection task.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    next_request: AtomicU64,
+    /// Cancelled by [`Client::close`] or when the [`Client`] is dropped.
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    alias: String,
+    server_id: String,
+    /// Topics the client wants; restored on every reconnect.
+    topics: BTreeSet<String>,
+    /// Subscription changes waiting for the server's `Ack`, by request id. The requesting
+    /// [`Handle`] holds the receiver.
+    pending: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+}
+
+/// A cloneable handle for publishing and changing subscriptions, usable from any task while
+/// the [`Client`] receives events elsewhere.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    /// Outbound frames; the connection task holds the receiver.
+    out: mpsc::Sender<Bytes>,
+}
+
+/// A connected client. Dropping it closes the connection.
+#[derive(Debug)]
+pub struct Client {
+    handle: Handle,
+    /// Events from the connection task, which holds the sender; closed when the task ends.
+    events: mpsc::Receiver<Event>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Client {
+    /// Negotiates a server through the coordinator and connects to it.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            next_request: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+        });
+        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
+        let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
+        let first = connection::establish(&config, &shared, &events_tx, &[]).await?;
+        let task = tokio::spawn(connection::drive(
+            config,
+            shared.clone(),
+            first,
+            out_rx,
+            events_tx,
+        ));
+        Ok(Self {
+            handle: Handle {
+                shared,
+                out: out_tx,
+            },
+            events: events_rx,
+            task: Some(task),
+        })
+    }
+
+    /// A handle for publishing and subscribing from other tasks.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The next event; `None` once the client has closed (or given up reconnecting).
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// See [`Handle::subscribe`].
+    pub async fn subscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.handle.subscribe(topics).await
+    }
+
+    /// See [`Handle::unsubscribe`].
+    pub async fn unsubscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.handle.unsubscribe(topics).await
+    }
+
+    /// See [`Handle::publish`].
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+        self.handle.publish(topic, payload).await
+    }
+
+    /// See [`Handle::alias`].
+    pub fn alias(&self) -> String {
+        self.handle.alias()
+    }
+
+    /// See [`Handle::server_id`].
+    pub fn server_id(&self) -> String {
+        self.handle.server_id()
+    }
+
+    /// Sends what is queued, closes the connection cleanly and waits for the connection task.
+    pub async fn close(mut self) {
+        self.handle.shared.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.handle.shared.stop.cancel();
+    }
+}
+
+impl Handle {
+    /// Subscribes to `topics` and waits for the server's acknowledgement, after which every
+    /// message published anywhere in the cluster on those topics reaches this client.
+    pub async fn subscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let topics = checked(topics)?;
+        self.request(|state, request_id| {
+            state.topics.extend(topics.iter().cloned());
+            v1::ClientToServer::subscribe(v1::Subscribe { request_id, topics })
+        })
+        .await
+    }
+
+    /// Unsubscribes from `topics` and waits for the server's acknowledgement.
+    pub async fn unsubscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let topics = checked(topics)?;
+        self.request(|state, request_id| {
+            for t in &topics {
+                state.topics.remove(t);
+            }
+            v1::ClientToServer::unsubscribe(v1::Unsubscribe { request_id, topics })
+        })
+        .await
+    }
+
+    /// Queues a message for `topic`. Returns once it is queued (waiting if the outbound queue
+    /// is full); delivery is at most once.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+        topic::validate(topic, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|source| {
+            ClientError::InvalidTopic {
+                topic: topic.to_owned(),
+                source,
+            }
+        })?;
+        let frame = encode(&v1::ClientToServer::publish(v1::Publish {
+            topic: topic.to_owned(),
+            payload: payload.into(),
+        }));
+        self.out.send(frame).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// The client's alias on its current connection, as stamped on what it publishes.
+    pub fn alias(&self) -> String {
+        lock(&self.shared.state).alias.clone()
+    }
+
+    /// The server the client is connected to (or was last connected to).
+    pub fn server_id(&self) -> String {
+        lock(&self.shared.state).server_id.clone()
+    }
+
+    /// Topics the client is subscribed to.
+    pub fn topics(&self) -> Vec<String> {
+        lock(&self.shared.state).topics.iter().cloned().collect()
+    }
+
+    async fn request(
+        &self,
+        build: impl FnOnce(&mut State, u64) -> v1::ClientToServer,
+    ) -> Result<(), ClientError> {
+        let (done, wait) = oneshot::channel();
+        let frame = {
+            let mut state = lock(&self.shared.state);
+            let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+            state.pending.insert(request_id, done);
+            encode(&build(&mut state, request_id))
+        };
+        self.out
+            .send(frame)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        wait.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+fn checked<I, S>(topics: I) -> Result<Vec<String>, ClientError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    topics
+        .into_iter()
+        .map(|t| {
+            let t = t.into();
+            match topic::validate(&t, topic::DEFAULT_MAX_TOPIC_LEN) {
+                Ok(()) => Ok(t),
+                Err(source) => Err(ClientError::InvalidTopic { topic: t, source }),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,125 @@
+//! The client's side of link 2: `/v1/connect` on the coordinator. One negotiation link serves
+//! one connection round (possibly several `Connect`s, when an offered server turns out to be
+//! unreachable) and is then closed; the next round opens a new one.
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use relaymesh_net::ws::{self, ClientSocket};
+use relaymesh_proto::v1::{self, coordinator_to_client::Kind};
+use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::{ClientConfig, ClientError};
+
+/// An open negotiation link.
+pub(crate) struct Negotiation {
+    socket: ClientSocket,
+    /// The alias the coordinator assigned on this link.
+    pub(crate) alias: String,
+}
+
+impl Negotiation {
+    /// Connects to the coordinator and says hello.
+    pub(crate) async fn open(config: &ClientConfig) -> Result<Self, ClientError> {
+        let url = format!("{}/v1/connect", config.coordinator.trim_end_matches('/'));
+        let socket = ws::dial(&url, None, &config.limits, config.connect_timeout).await?;
+        let mut link = Self {
+            socket,
+            alias: String::new(),
+        };
+        let hello = v1::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            credentials: Some(v1::Credentials {
+                kind: Some(v1::credentials::Kind::Anonymous(v1::Anonymous {})),
+            }),
+        };
+        link.send(&v1::ClientToCoordinator::hello(hello)).await?;
+        match link.receive(config).await? {
+            Kind::Welcome(welcome) if welcome.protocol_version == PROTOCOL_VERSION => {
+                link.alias = welcome.alias
+            }
+            Kind::Welcome(welcome) => {
+                return Err(ClientError::Protocol(format!(
+                    "coordinator speaks protocol {}",
+                    welcome.protocol_version
+                )));
+            }
+            other => return Err(unexpected(other)),
+        }
+        Ok(link)
+    }
+
+    /// Asks for a server and a key.
+    pub(crate) async fn offer(
+        &mut self,
+        config: &ClientConfig,
+        exclude: &[String],
+    ) -> Result<v1::ConnectOffer, ClientError> {
+        let connect = v1::Connect {
+            preferred_server: config.preferred_server.clone().unwrap_or_default(),
+            exclude: exclude.to_vec(),
+        };
+        self.send(&v1::ClientToCoordinator::connect(connect))
+            .await?;
+        match self.receive(config).await? {
+            Kind::Offer(offer) => Ok(offer),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Closes the link politely.
+    pub(crate) async fn close(mut self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            self.socket.close(None),
+        )
+        .await;
+    }
+
+    async fn send(&mut self, msg: &v1::ClientToCoordinator) -> Result<(), ClientError> {
+        self.socket
+            .send(WsMessage::Binary(encode(msg)))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("coordinator link failed: {e}")))
+    }
+
+    /// The next answer from the coordinator; an `Error` becomes [`ClientError::Refused`].
+    async fn receive(&mut self, config: &ClientConfig) -> Result<Kind, ClientError> {
+        let read = async {
+            loop {
+                let frame = match self.socket.next().await {
+                    Some(Ok(WsMessage::Binary(frame))) => frame,
+                    Some(Ok(WsMessage::Close(_))) | None => {
+                        return Err(ClientError::Protocol(
+                            "coordinator closed the negotiation link".into(),
+                        ));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        return Err(ClientError::Protocol(format!(
+                            "coordinator link failed: {e}"
+                        )));
+                    }
+                };
+                let msg: v1::CoordinatorToClient =
+                    decode_frame(frame).map_err(ClientError::Refused)?;
+                match msg.kind {
+                    Some(Kind::Pong(_)) => continue,
+                    Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
+                    Some(kind) => return Ok(kind),
+                    None => {
+                        return Err(ClientError::Protocol(
+                            "empty message from the coordinator".into(),
+                        ));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(config.connect_timeout, read)
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Timeout("waiting for the coordinator".into())))
+    }
+}
+
+fn unexpected(kind: Kind) -> ClientError {
+    ClientError::Protocol(format!("unexpected message from the coordinator: {kind:?}"))
+}

@@ -1,0 +1,192 @@
+//! Operational HTTP endpoints: `GET /healthz`, `GET /v1/stats` (JSON), `GET /metrics`
+//! (Prometheus text), and the counters behind them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::Response;
+use relaymesh_net::metrics::{self, Counter, Exposition, Gauge, Kind};
+use relaymesh_net::sync::lock;
+use serde_json::{Value, json};
+
+use crate::Server;
+
+/// Comm server counters, bumped without locks from every session and link.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) clients: Gauge,
+    /// Topics with local subscribers; written by the control task.
+    pub(crate) topics: AtomicU64,
+    /// Messages published by this server's clients.
+    pub(crate) messages_in: Counter,
+    /// Messages queued for this server's clients (local and forwarded publishes).
+    pub(crate) messages_out: Counter,
+    /// Messages dropped for clients whose queue was full.
+    pub(crate) dropped: Counter,
+    pub(crate) slow_consumers: Counter,
+    pub(crate) forwards_in: Counter,
+    pub(crate) forwards_out: Counter,
+    /// Forwards dropped because a peer link's queue was full.
+    pub(crate) forward_dropped: Counter,
+    /// Forwards peers reported dropping for this server.
+    pub(crate) peer_drops_reported: Counter,
+    /// Client sessions closed for bad input (malformed frames, invalid topics, limits...).
+    pub(crate) protocol_errors: Counter,
+    pub(crate) keys_reserved: Counter,
+    /// Client connections refused for an unknown, expired or reused key.
+    pub(crate) keys_refused: Counter,
+    pub(crate) peer_links_refused: Counter,
+    pub(crate) coordinator_connected: AtomicBool,
+    pub(crate) registrations: Counter,
+}
+
+/// `GET /healthz`.
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /v1/stats`.
+pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
+    let s = &server.stats;
+    let peer_links: Vec<Value> = lock(&server.peer_links)
+        .values()
+        .map(|p| {
+            json!({
+                "id": &*p.server_id,
+                "dialed": p.dialed,
+                "remote_topics": p.remote_topics.load(Ordering::Relaxed),
+                "forwards_in": p.forwards_in.get(),
+                "forwards_out": p.out.forwards_out.get(),
+                "forward_dropped": p.out.drops.total(),
+            })
+        })
+        .collect();
+    let pending_keys = lock(&server.keys).pending();
+    Json(json!({
+        "id": &*server.id,
+        "url": server.public_url,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": server.started.elapsed().as_secs(),
+        "coordinator_connected": s.coordinator_connected.load(Ordering::Relaxed),
+        "registrations": s.registrations.get(),
+        "draining": server.draining.load(Ordering::Relaxed),
+        "clients": s.clients.get(),
+        "topics": s.topics.load(Ordering::Relaxed),
+        "peers": peer_links.len(),
+        "peer_links": peer_links,
+        "messages_in": s.messages_in.get(),
+        "messages_out": s.messages_out.get(),
+        "dropped": s.dropped.get(),
+        "slow_consumers": s.slow_consumers.get(),
+        "forwards_in": s.forwards_in.get(),
+        "forwards_out": s.forwards_out.get(),
+        "forward_dropped": s.forward_dropped.get(),
+        "peer_drops_reported": s.peer_drops_reported.get(),
+        "protocol_errors": s.protocol_errors.get(),
+        "keys_pending": pending_keys,
+        "keys_reserved": s.keys_reserved.get(),
+        "keys_refused": s.keys_refused.get(),
+        "peer_links_refused": s.peer_links_refused.get(),
+    }))
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    let s = &server.stats;
+    let mut e = Exposition::new();
+    let peers = lock(&server.peer_links).len();
+    let gauges: [(&str, &str, f64); 4] = [
+        (
+            "relaymesh_clients",
+            "Connected clients.",
+            s.clients.get() as f64,
+        ),
+        (
+            "relaymesh_topics",
+            "Topics with local subscribers.",
+            s.topics.load(Ordering::Relaxed) as f64,
+        ),
+        ("relaymesh_peers", "Live peer links.", peers as f64),
+        (
+            "relaymesh_coordinator_connected",
+            "1 while registered with the coordinator.",
+            f64::from(u8::from(s.coordinator_connected.load(Ordering::Relaxed))),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        e.single(name, Kind::Gauge, help, value);
+    }
+    let counters: [(&str, &str, &Counter); 13] = [
+        (
+            "relaymesh_messages_in_total",
+            "Messages published by local clients.",
+            &s.messages_in,
+        ),
+        (
+            "relaymesh_messages_out_total",
+            "Messages queued for local clients.",
+            &s.messages_out,
+        ),
+        (
+            "relaymesh_dropped_total",
+            "Messages dropped for clients whose queue was full.",
+            &s.dropped,
+        ),
+        (
+            "relaymesh_slow_consumers_total",
+            "Clients disconnected as slow consumers.",
+            &s.slow_consumers,
+        ),
+        (
+            "relaymesh_forwards_in_total",
+            "Messages received from peer servers.",
+            &s.forwards_in,
+        ),
+        (
+            "relaymesh_forwards_out_total",
+            "Messages forwarded to peer servers.",
+            &s.forwards_out,
+        ),
+        (
+            "relaymesh_forward_dropped_total",
+            "Forwards dropped because a peer link queue was full.",
+            &s.forward_dropped,
+        ),
+        (
+            "relaymesh_peer_drops_reported_total",
+            "Forwards peers reported dropping for this server.",
+            &s.peer_drops_reported,
+        ),
+        (
+            "relaymesh_protocol_errors_total",
+            "Client sessions closed for bad input.",
+            &s.protocol_errors,
+        ),
+        (
+            "relaymesh_keys_reserved_total",
+            "Login keys reserved for the coordinator.",
+            &s.keys_reserved,
+        ),
+        (
+            "relaymesh_keys_refused_total",
+            "Client connections refused for a bad key.",
+            &s.keys_refused,
+        ),
+        (
+            "relaymesh_peer_links_refused_total",
+            "Peer links refused for a bad cluster secret.",
+            &s.peer_links_refused,
+        ),
+        (
+            "relaymesh_registrations_total",
+            "Successful registrations with the coordinator.",
+            &s.registrations,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        e.single(name, Kind::Counter, help, counter.get() as f64);
+    }
+    relaymesh_net::http::text(metrics::CONTENT_TYPE, e.finish())
+}

@@ -1,0 +1,89 @@
+//! `commserver`: relays topic messages between clients and peer servers.
+//!
+//! ```text
+//! RELAYMESH_CLUSTER_SECRET=... commserver --coordinator ws://127.0.0.1:7400 --listen 127.0.0.1:0
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use commserver::Config;
+use tokio_util::sync::CancellationToken;
+
+/// A relaymesh comm server: accepts clients holding a coordinator-issued key, relays their
+/// topic messages locally and to peer servers with interest.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Coordinator URL, e.g. ws://127.0.0.1:7400.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Address to listen on for clients (/v1/client), peers (/v1/peers) and operators.
+    /// Port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// URL clients and peers use to reach this server (default: ws://<bound address>).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Stable server id (default: derived from the public URL).
+    #[arg(long)]
+    id: Option<String>,
+    /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    relaymesh_net::logging::init();
+    let args = Args::parse();
+    match load_config(args) {
+        Ok(config) => serve(config),
+        Err(e) => {
+            eprintln!("commserver: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: Args) -> Result<Config, relaymesh_net::config::ConfigError> {
+    let mut config: Config = relaymesh_net::config::load(args.config.as_deref())?;
+    if let Some(coordinator) = args.coordinator {
+        config.coordinator = coordinator;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if args.public_url.is_some() {
+        config.public_url = args.public_url;
+    }
+    if args.id.is_some() {
+        config.id = args.id;
+    }
+    if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
+        config.cluster_secret = secret;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("commserver: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    relaymesh_net::shutdown::cancel_on_signals(shutdown.clone());
+    match commserver::run(listener, config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("commserver: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

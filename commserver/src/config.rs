@@ -1,0 +1,240 @@
+//! Comm server configuration: a TOML file (every key optional, defaults below), overridden by
+//! `--coordinator`, `--listen`, `--public-url` and `--id` on the command line and by
+//! `RELAYMESH_CLUSTER_SECRET` in the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use relaymesh_net::config::{ConfigError, ensure};
+use relaymesh_net::http::ServeOptions;
+use relaymesh_net::ws::WsLimits;
+use serde::Deserialize;
+
+/// Every setting of the comm server. Field names are the config file keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Coordinator base URL, e.g. `ws://127.0.0.1:7400`.
+    pub coordinator: String,
+    /// Address to listen on for clients, peers and operators.
+    pub listen: SocketAddr,
+    /// Base URL clients and peers use to reach this server; defaults to `ws://<listen address>`.
+    pub public_url: Option<String>,
+    /// Stable server id; defaults to one derived from the public URL, which is stable as long
+    /// as the server comes back at the same address.
+    pub id: Option<String>,
+    /// Secret shared by the coordinator and all comm servers. Prefer `RELAYMESH_CLUSTER_SECRET`.
+    pub cluster_secret: String,
+    /// Most clients connected at once (reported to the coordinator, enforced at reservation).
+    pub max_clients: u32,
+    /// Lifetime of a login key in milliseconds.
+    pub key_ttl_ms: u64,
+    /// Keys reserved but not yet redeemed; further reservations are refused.
+    pub max_pending_keys: usize,
+    /// Messages queued for one client; when full, messages for it are dropped and counted.
+    pub client_queue: usize,
+    /// A client whose queue stays full (never drains) this long after its first drop is
+    /// disconnected with SLOW_CONSUMER.
+    pub slow_consumer_ms: u64,
+    /// Forwards queued for one peer server; when full, forwards are dropped and counted.
+    pub peer_queue: usize,
+    /// Control messages queued per link (replies, interest changes); a link that overflows
+    /// this is closed.
+    pub control_queue: usize,
+    /// Topics one client may subscribe to.
+    pub max_subscriptions: usize,
+    /// Longest topic name in bytes.
+    pub max_topic_bytes: usize,
+    /// Largest WebSocket message accepted from a client or peer, in bytes.
+    pub max_frame_bytes: usize,
+    /// Read buffer per connection, in bytes.
+    pub read_buffer_bytes: usize,
+    /// Bytes a connection buffers before writing without an explicit flush.
+    pub write_buffer_bytes: usize,
+    /// Open TCP connections at most (clients, peers and HTTP).
+    pub max_connections: usize,
+    /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
+    /// to clients.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a client, peer or coordinator link is considered dead.
+    pub heartbeat_timeout_ms: u64,
+    /// Time a new link has to send its first message.
+    pub handshake_timeout_ms: u64,
+    /// Longest wait for peers to confirm a subscription before it is acknowledged anyway.
+    pub subscribe_sync_timeout_ms: u64,
+    /// First reconnect delay (coordinator and peer links).
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay before jitter.
+    pub reconnect_max_ms: u64,
+    /// Time allowed to finish after SIGINT/SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            coordinator: String::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7500)),
+            public_url: None,
+            id: None,
+            cluster_secret: String::new(),
+            max_clients: 50_000,
+            key_ttl_ms: 10_000,
+            max_pending_keys: 100_000,
+            client_queue: 1_024,
+            slow_consumer_ms: 5_000,
+            peer_queue: 65_536,
+            control_queue: 1_024,
+            max_subscriptions: 1_000,
+            max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
+            max_frame_bytes: 1024 * 1024,
+            read_buffer_bytes: 8 * 1024,
+            write_buffer_bytes: 64 * 1024,
+            max_connections: 100_000,
+            heartbeat_interval_ms: 5_000,
+            heartbeat_timeout_ms: 15_000,
+            handshake_timeout_ms: 5_000,
+            subscribe_sync_timeout_ms: 5_000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks ranges and consistency; the message names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.coordinator.starts_with("ws://") && self.coordinator.len() > 5,
+            "coordinator",
+            "must be a ws:// URL (--coordinator)",
+        )?;
+        ensure(
+            !self.cluster_secret.is_empty(),
+            "cluster_secret",
+            "must be set (RELAYMESH_CLUSTER_SECRET or the config file)",
+        )?;
+        if let Some(url) = &self.public_url {
+            ensure(
+                url.starts_with("ws://") && url.len() > 5,
+                "public_url",
+                "must be a ws:// URL",
+            )?;
+        }
+        if let Some(id) = &self.id {
+            let ok = !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+            ensure(
+                ok,
+                "id",
+                "must be 1-128 characters of letters, digits and _ - . :",
+            )?;
+        }
+        ensure(self.max_clients > 0, "max_clients", "must be positive")?;
+        ensure(self.key_ttl_ms > 0, "key_ttl_ms", "must be positive")?;
+        ensure(
+            self.max_pending_keys > 0,
+            "max_pending_keys",
+            "must be positive",
+        )?;
+        ensure(self.client_queue >= 1, "client_queue", "must be at least 1")?;
+        ensure(self.peer_queue >= 1, "peer_queue", "must be at least 1")?;
+        ensure(
+            self.control_queue >= 16,
+            "control_queue",
+            "must be at least 16",
+        )?;
+        ensure(
+            self.max_subscriptions >= 1,
+            "max_subscriptions",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_topic_bytes >= 1,
+            "max_topic_bytes",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_frame_bytes >= 1024,
+            "max_frame_bytes",
+            "must be at least 1024",
+        )?;
+        ensure(
+            self.read_buffer_bytes >= 1024,
+            "read_buffer_bytes",
+            "must be at least 1024",
+        )?;
+        ensure(
+            self.max_connections > 0,
+            "max_connections",
+            "must be positive",
+        )?;
+        ensure(
+            self.heartbeat_interval_ms > 0,
+            "heartbeat_interval_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.heartbeat_timeout_ms > self.heartbeat_interval_ms,
+            "heartbeat_timeout_ms",
+            "must be greater than heartbeat_interval_ms",
+        )?;
+        ensure(
+            self.handshake_timeout_ms > 0,
+            "handshake_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.reconnect_min_ms > 0,
+            "reconnect_min_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.reconnect_max_ms >= self.reconnect_min_ms,
+            "reconnect_max_ms",
+            "must be at least reconnect_min_ms",
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn ms(value: u64) -> Duration {
+        Duration::from_millis(value)
+    }
+
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        Self::ms(self.heartbeat_interval_ms)
+    }
+
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        Self::ms(self.heartbeat_timeout_ms)
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Self::ms(self.handshake_timeout_ms)
+    }
+
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Self::ms(self.shutdown_grace_ms)
+    }
+
+    pub(crate) fn ws_limits(&self) -> WsLimits {
+        WsLimits {
+            max_frame_bytes: self.max_frame_bytes,
+            read_buffer_bytes: self.read_buffer_bytes,
+            write_buffer_bytes: self.write_buffer_bytes,
+        }
+    }
+
+    pub(crate) fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            max_connections: self.max_connections,
+            shutdown_grace: self.shutdown_grace(),
+            ..ServeOptions::default()
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The control task: the single owner of subscription and interest state.
+//!
+//! Sessions and peer links send it [`Command`]s over a bounded channel (they wait when it is
+//! full). It applies each command to [`Interest`], then carries out the effects in an order that
+//! keeps the delivery guarantees: routes are rebuilt and published first, then interest messages
+//! and acknowledgements go to peers, then replaced links are closed, and only then are waiting
+//! subscribe requests answered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use relaymesh_net::link::{Closer, DropTracker};
+use relaymesh_proto::v1;
+use relaymesh_proto::{ErrorCode, encode, error_frame};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Server;
+use crate::interest::{Effects, Interest, LinkId, SessionId, ToPeer, TopicKey};
+use crate::routes::{PeerOut, Route, Subscriber};
+
+/// A live peer link, as the control task sees it.
+#[derive(Debug)]
+pub(crate) struct PeerLink {
+    pub(crate) server_id: Arc<str>,
+    pub(crate) link: LinkId,
+    /// Control queue of the link's writer (interest messages, acks, pings). A link whose
+    /// control queue overflows is closed and re-established with a full interest exchange.
+    pub(crate) ctrl: mpsc::Sender<Bytes>,
+    /// The data path (forwards), shared with routes.
+    pub(crate) out: Arc<PeerOut>,
+    pub(crate) closer: Closer,
+    /// Whether this server dialed the link (`true`) or accepted it.
+    pub(crate) dialed: bool,
+    /// Topics the peer is interested in, kept for stats.
+    pub(crate) remote_topics: AtomicU64,
+    /// Forwards received from the peer.
+    pub(crate) forwards_in: relaymesh_net::metrics::Counter,
+}
+
+impl PeerLink {
+    pub(crate) fn new(
+        server_id: Arc<str>,
+        link: LinkId,
+        ctrl: mpsc::Sender<Bytes>,
+        data: mpsc::Sender<Bytes>,
+        drops: Arc<DropTracker>,
+        closer: Closer,
+        dialed: bool,
+    ) -> Self {
+        let out = Arc::new(PeerOut {
+            data,
+            drops,
+            forwards_out: Default::default(),
+        });
+        Self {
+            server_id,
+            link,
+            ctrl,
+            out,
+            closer,
+            dialed,
+            remote_topics: AtomicU64::new(0),
+            forwards_in: Default::default(),
+        }
+    }
+
+    /// Queues a control frame; closes the link if its control queue is full.
+    pub(crate) fn send_ctrl(&self, frame: Bytes) {
+        if self.ctrl.try_send(frame).is_err() && !self.closer.is_closed() {
+            tracing::warn!(peer = %self.server_id, "peer control queue full; resetting the link");
+            let words = v1::Error::new(ErrorCode::LimitExceeded, "peer control queue overflowed");
+            self.closer
+                .close(Some(error_frame::<v1::PeerMessage>(words)));
+        }
+    }
+}
+
+/// Requests to the control task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Subscribe {
+        session: Arc<Subscriber>,
+        topics: Vec<TopicKey>,
+        done: oneshot::Sender<()>,
+    },
+    Unsubscribe {
+        session: SessionId,
+        topics: Vec<TopicKey>,
+        done: oneshot::Sender<()>,
+    },
+    SessionClosed {
+        session: SessionId,
+    },
+    PeerUp {
+        peer: Arc<PeerLink>,
+    },
+    PeerDown {
+        server_id: Arc<str>,
+        link: LinkId,
+    },
+    PeerInterest {
+        server_id: Arc<str>,
+        link: LinkId,
+        interest: v1::Interest,
+    },
+    PeerAck {
+        server_id: Arc<str>,
+        link: LinkId,
+        seq: u64,
+    },
+}
+
+/// Runs until the server shuts down.
+pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Command>) {
+    let shutdown = server.shutdown.clone();
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
+    let mut state: Interest<Arc<Subscriber>, Arc<PeerLink>> = Interest::new();
+    // Subscribe/unsubscribe requests waiting for peers, by waiter id; the requesting session
+    // holds the receiver and answers its client when the sender fires.
+    let mut waiting: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
+    let mut next_waiter = 0u64;
+    loop {
+        let command = tokio::select! {
+            biased;
+            command = commands.recv() => match command {
+                Some(command) => command,
+                None => break,
+            },
+            _ = &mut stopped => break,
+        };
+        let effects = match command {
+            Command::Subscribe {
+                session,
+                topics,
+                done,
+            } => {
+                next_waiter += 1;
+                waiting.insert(next_waiter, done);
+                state.subscribe(session.id, &session, topics, next_waiter)
+            }
+            Command::Unsubscribe {
+                session,
+                topics,
+                done,
+            } => {
+                next_waiter += 1;
+                waiting.insert(next_waiter, done);
+                state.unsubscribe(session, topics, next_waiter)
+            }
+            Command::SessionClosed { session } => state.session_closed(session),
+            Command::PeerUp { peer } => {
+                let name = peer.server_id.clone();
+                state.peer_up(&name, peer.link, peer)
+            }
+            Command::PeerDown { server_id, link } => state.peer_down(&server_id, link),
+            Command::PeerInterest {
+                server_id,
+                link,
+                interest,
+            } => {
+                let keys = |refs: Vec<v1::TopicRef>| {
+                    refs.into_iter()
+                        .map(|r| TopicKey::new(&r.account, &r.topic))
+                        .collect()
+                };
+                let effects = state.peer_interest(
+                    &server_id,
+                    link,
+                    interest.seq,
+                    interest.full,
+                    keys(interest.add),
+                    keys(interest.remove),
+                );
+                if let Some((peer, _)) = effects.to_peers.first() {
+                    peer.remote_topics.store(
+                        state.peer_interest_len(&server_id) as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                effects
+            }
+            Command::PeerAck {
+                server_id,
+                link,
+                seq,
+            } => state.peer_ack(&server_id, link, seq),
+        };
+        apply(&server, &state, effects, &mut waiting);
+        server
+            .stats
+            .topics
+            .store(state.local_topics() as u64, Ordering::Relaxed);
+    }
+}
+
+fn apply(
+    server: &Server,
+    state: &Interest<Arc<Subscriber>, Arc<PeerLink>>,
+    effects: Effects<Arc<PeerLink>>,
+    waiting: &mut HashMap<u64, oneshot::Sender<()>>,
+) {
+    if !effects.routes.is_empty() {
+        for topic in &effects.routes {
+            let route = state.route(topic).map(|(subscribers, peers)| Route {
+                subscribers: subscribers.into_boxed_slice(),
+                peers: peers.into_iter().map(|p| p.out.clone()).collect(),
+            });
+            server.routes.set(topic, route);
+        }
+        server.routes.publish();
+    }
+    for (peer, message) in effects.to_peers {
+        let frame = match message {
+            ToPeer::Interest {
+                seq,
+                full,
+                add,
+                remove,
+            } => {
+                let refs = |keys: Vec<TopicKey>| {
+                    keys.into_iter()
+                        .map(|k| v1::TopicRef {
+                            account: k.account.to_string(),
+                            topic: k.topic.to_string(),
+                        })
+                        .collect()
+                };
+                v1::PeerMessage::interest(v1::Interest {
+                    seq,
+                    full,
+                    add: refs(add),
+                    remove: refs(remove),
+                })
+            }
+            ToPeer::Ack { seq } => v1::PeerMessage::interest_ack(v1::InterestAck { seq }),
+        };
+        peer.send_ctrl(encode(&frame));
+    }
+    for peer in effects.close {
+        let words = v1::Error::new(
+            ErrorCode::Replaced,
+            "a newer link to the same server replaced this one",
+        );
+        peer.closer
+            .close(Some(error_frame::<v1::PeerMessage>(words)));
+    }
+    for waiter in effects.completed {
+        if let Some(done) = waiting.remove(&waiter) {
+            let _ = done.send(());
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The comm server's side of link 1: register with the coordinator, report load, answer key
+//! reservations, follow peer changes, and reconnect with capped exponential backoff and jitter
+//! whenever the link drops. While the coordinator is away, clients and peer links keep working;
+//! only new logins wait for it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::SplitStream;
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::retry::Backoff;
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ClientSocket};
+use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode};
+use tokio::sync::mpsc;
+
+use crate::keys::KeyError;
+use crate::{Config, LINGER, Server};
+
+fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
+/// Keeps the server registered until shutdown.
+pub(crate) async fn run(server: Arc<Server>) {
+    let config = &server.config;
+    let url = format!("{}/v1/servers", config.coordinator.trim_end_matches('/'));
+    let mut backoff = Backoff::new(
+        Config::ms(config.reconnect_min_ms),
+        Config::ms(config.reconnect_max_ms),
+    );
+    while !server.shutdown.is_cancelled() {
+        match ws::dial(
+            &url,
+            Some(&config.cluster_secret),
+            &config.ws_limits(),
+            config.handshake_timeout(),
+        )
+        .await
+        {
+            Ok(socket) => {
+                let outcome = serve(&server, socket).await;
+                server
+                    .stats
+                    .coordinator_connected
+                    .store(false, Ordering::Relaxed);
+                match outcome {
+                    Ok(true) => {
+                        backoff.reset();
+                        if !server.shutdown.is_cancelled() {
+                            tracing::warn!("lost the coordinator link; reconnecting");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "coordinator link failed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the coordinator"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = server.shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Runs one connection to the coordinator. `Ok(true)` when it registered.
+async fn serve(server: &Arc<Server>, socket: ClientSocket) -> Result<bool, v1::Error> {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(server.config.control_queue);
+    let closer = Closer::new();
+    let writer = tokio::spawn(link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: rx,
+            data: None,
+            drops: None,
+            closer: closer.clone(),
+            linger: LINGER,
+        },
+    ));
+    let register = v1::Register {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: server.id.to_string(),
+        public_url: server.public_url.clone(),
+        capacity: server.config.max_clients,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let _ = tx.try_send(encode(&v1::ServerToCoordinator::register(register)));
+    let outcome = registered(server, &mut stream, &tx, &closer).await;
+    closer.close(None);
+    link::linger(&mut stream, LINGER).await;
+    let _ = writer.await;
+    outcome
+}
+
+async fn registered(
+    server: &Arc<Server>,
+    stream: &mut SplitStream<ClientSocket>,
+    tx: &mpsc::Sender<Bytes>,
+    closer: &Closer,
+) -> Result<bool, v1::Error> {
+    let first: Option<v1::CoordinatorToServer> =
+        link::first_message(stream, server.config.handshake_timeout()).await?;
+    let registered = match first.and_then(|m| m.kind) {
+        None => return Ok(false),
+        Some(Kind::Registered(registered)) => registered,
+        Some(Kind::Error(e)) => return Err(e),
+        Some(_) => {
+            return Err(error(
+                ErrorCode::UnexpectedMessage,
+                "expected Registered from the coordinator",
+            ));
+        }
+    };
+    if registered.protocol_version != PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "coordinator speaks protocol {}",
+                registered.protocol_version
+            ),
+        ));
+    }
+    server
+        .stats
+        .coordinator_connected
+        .store(true, Ordering::Relaxed);
+    server.stats.registrations.inc();
+    tracing::info!(
+        peers = registered.peers.len(),
+        "registered with the coordinator"
+    );
+    server.set_peers(registered.peers);
+    // The coordinator's heartbeat settings win, so both ends agree on when the link is dead.
+    let interval = Some(registered.heartbeat_interval_ms)
+        .filter(|ms| *ms > 0)
+        .map_or(server.config.heartbeat_interval(), |ms| {
+            Duration::from_millis(ms.into())
+        });
+    let timeout = Some(registered.heartbeat_timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map_or(server.config.heartbeat_timeout(), |ms| {
+            Duration::from_millis(ms.into())
+        });
+    let send = |msg: v1::ServerToCoordinator| -> Result<(), v1::Error> {
+        tx.try_send(encode(&msg))
+            .map_err(|_| error(ErrorCode::Internal, "coordinator link queue full"))
+    };
+    send(v1::ServerToCoordinator::load(load(server)))?;
+    let mut watchdog = Watchdog::new(timeout, interval);
+    loop {
+        tokio::select! {
+            biased;
+            _ = server.shutdown.cancelled() => {
+                // Stop new clients from being sent here before the sessions close.
+                let _ = send(v1::ServerToCoordinator::load(load(server)));
+                return Ok(true);
+            }
+            _ = closer.closed() => return Ok(true),
+            beat = watchdog.tick() => match beat {
+                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "coordinator silent past the heartbeat timeout")),
+                Beat::Send => send(v1::ServerToCoordinator::load(load(server)))?,
+                Beat::Quiet => {}
+            },
+            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                Inbound::Closed => return Ok(true),
+                Inbound::Control => watchdog.activity(),
+                Inbound::Frame(frame) => {
+                    watchdog.activity();
+                    let msg: v1::CoordinatorToServer = decode_frame(frame)?;
+                    match msg.kind {
+                        Some(Kind::Reserve(reserve)) => send(reserve_key(server, reserve))?,
+                        Some(Kind::PeerJoined(joined)) => {
+                            if let Some(peer) = joined.peer {
+                                tracing::info!(peer = %peer.server_id, url = %peer.url, "peer joined");
+                                server.peer_joined(peer);
+                            }
+                        }
+                        Some(Kind::PeerLeft(left)) => {
+                            tracing::info!(peer = %left.server_id, "peer left");
+                            server.peer_left(&left.server_id);
+                        }
+                        Some(Kind::Ping(ping)) => send(v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }))?,
+                        Some(Kind::Error(e)) => {
+                            tracing::warn!(error = %e, "coordinator closed the link");
+                            return Ok(true);
+                        }
+                        Some(Kind::Registered(_)) => {
+                            return Err(error(ErrorCode::UnexpectedMessage, "Registered was already received"));
+                        }
+                        None => return Err(error(ErrorCode::BadFrame, "empty CoordinatorToServer message")),
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn load(server: &Server) -> v1::Load {
+    let pending_keys = {
+        let mut keys = lock(&server.keys);
+        keys.sweep(Instant::now());
+        keys.pending()
+    };
+    v1::Load {
+        clients: u32::try_from(server.client_count()).unwrap_or(u32::MAX),
+        draining: server.draining.load(Ordering::Relaxed) || server.shutdown.is_cancelled(),
+        pending_keys: u32::try_from(pending_keys).unwrap_or(u32::MAX),
+        topics: u32::try_from(server.stats.topics.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+    }
+}
+
+/// Answers a `Reserve`: a key for the identity, unless the server is draining or full.
+fn reserve_key(server: &Server, reserve: v1::Reserve) -> v1::ServerToCoordinator {
+    let request_id = reserve.request_id;
+    let failed = |e: v1::Error| {
+        v1::ServerToCoordinator::reserve_failed(v1::ReserveFailed {
+            request_id,
+            error: Some(e),
+        })
+    };
+    if server.draining.load(Ordering::Relaxed) || server.shutdown.is_cancelled() {
+        return failed(error(ErrorCode::ShuttingDown, "server is draining"));
+    }
+    let Some(identity) = reserve.identity.filter(|i| !i.alias.is_empty()) else {
+        return failed(error(
+            ErrorCode::BadFrame,
+            "Reserve needs an identity with an alias",
+        ));
+    };
+    let clients = server.client_count();
+    let mut keys = lock(&server.keys);
+    let now = Instant::now();
+    keys.sweep(now);
+    if clients + keys.pending() >= server.config.max_clients as usize {
+        return failed(error(ErrorCode::ServerFull, "server is at capacity"));
+    }
+    match keys.reserve(now, identity) {
+        Ok((key, ttl)) => {
+            server.stats.keys_reserved.inc();
+            let expires_in_ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX);
+            v1::ServerToCoordinator::reserved(v1::Reserved {
+                request_id,
+                key,
+                expires_in_ms,
+            })
+        }
+        Err(e @ KeyError::Full) => failed(e.into()),
+        Err(e) => failed(error(ErrorCode::Internal, e.to_string())),
+    }
+}

@@ -1,0 +1,589 @@
+//! Subscription and interest bookkeeping: the control plane of a comm server, as a plain
+//! struct with no I/O.
+//!
+//! It knows which local sessions subscribe to which topics, which peer servers are linked and
+//! what each peer is interested in (the topics with subscribers over there). Every event returns
+//! [`Effects`]: the topics whose delivery route changed, the interest messages to send to peers,
+//! and the subscribe/unsubscribe requests that are now complete.
+//!
+//! Interest changes sent to a peer are numbered; the peer answers `InterestAck{seq}` once it has
+//! applied them. A subscribe request completes only when every linked peer has acknowledged
+//! everything sent to it so far, which is what lets the comm server promise that a message
+//! published anywhere in the cluster after the client's `Ack` reaches the client.
+//!
+//! `S` is whatever the driver uses to reach a session and `P` a peer link; the tests use numbers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// A client session on this server.
+pub(crate) type SessionId = u64;
+/// One connection of a peer link; a reconnect gets a new id.
+pub(crate) type LinkId = u64;
+/// A subscribe or unsubscribe request waiting for peers to confirm.
+pub(crate) type WaiterId = u64;
+
+/// A topic within an account: the unit of routing. The same topic name in two accounts is two
+/// topics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TopicKey {
+    pub(crate) account: Arc<str>,
+    pub(crate) topic: Arc<str>,
+}
+
+impl TopicKey {
+    pub(crate) fn new(account: &str, topic: &str) -> Self {
+        Self {
+            account: account.into(),
+            topic: topic.into(),
+        }
+    }
+}
+
+/// A control message for a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToPeer {
+    /// Our interest: a full set (on link-up) or a delta.
+    Interest {
+        seq: u64,
+        full: bool,
+        add: Vec<TopicKey>,
+        remove: Vec<TopicKey>,
+    },
+    /// We applied the peer's interest message `seq`.
+    Ack { seq: u64 },
+}
+
+/// What the driver must do after an event, in this order: rebuild `routes`, send `to_peers`,
+/// close `close`, complete `completed`.
+#[derive(Debug)]
+pub(crate) struct Effects<P> {
+    pub(crate) routes: BTreeSet<TopicKey>,
+    pub(crate) to_peers: Vec<(P, ToPeer)>,
+    pub(crate) close: Vec<P>,
+    pub(crate) completed: Vec<WaiterId>,
+}
+
+impl<P> Default for Effects<P> {
+    fn default() -> Self {
+        Self {
+            routes: BTreeSet::new(),
+            to_peers: Vec::new(),
+            close: Vec::new(),
+            completed: Vec::new(),
+        }
+    }
+}
+
+/// Who receives a topic here: local sessions and interested peers.
+#[derive(Debug)]
+struct TopicState<S, P> {
+    local: BTreeMap<SessionId, S>,
+    remote: BTreeMap<Arc<str>, P>,
+}
+
+impl<S, P> Default for TopicState<S, P> {
+    fn default() -> Self {
+        Self {
+            local: BTreeMap::new(),
+            remote: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PeerState<P> {
+    link: LinkId,
+    handle: P,
+    interest: HashSet<TopicKey>,
+    /// Last interest seq sent to the peer, and the last it acknowledged.
+    sent: u64,
+    acked: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: WaiterId,
+    /// (peer, link, seq) acknowledgements still missing.
+    needs: Vec<(Arc<str>, LinkId, u64)>,
+}
+
+/// The control-plane state of one comm server.
+#[derive(Debug)]
+pub(crate) struct Interest<S, P> {
+    topics: HashMap<TopicKey, TopicState<S, P>>,
+    sessions: HashMap<SessionId, HashSet<TopicKey>>,
+    peers: BTreeMap<Arc<str>, PeerState<P>>,
+    waiters: Vec<Waiter>,
+    local_topics: usize,
+}
+
+impl<S, P> Default for Interest<S, P> {
+    fn default() -> Self {
+        Self {
+            topics: HashMap::new(),
+            sessions: HashMap::new(),
+            peers: BTreeMap::new(),
+            waiters: Vec::new(),
+            local_topics: 0,
+        }
+    }
+}
+
+impl<S: Clone, P: Clone> Interest<S, P> {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Session `id` subscribes to `topics`; `waiter` completes once peers have caught up.
+    pub(crate) fn subscribe(
+        &mut self,
+        id: SessionId,
+        handle: &S,
+        topics: Vec<TopicKey>,
+        waiter: WaiterId,
+    ) -> Effects<P> {
+        let mut fx = Effects::default();
+        let mut added = Vec::new();
+        let mine = self.sessions.entry(id).or_default();
+        for topic in topics {
+            if !mine.insert(topic.clone()) {
+                continue;
+            }
+            let state = self.topics.entry(topic.clone()).or_default();
+            if state.local.is_empty() {
+                added.push(topic.clone());
+                self.local_topics += 1;
+            }
+            state.local.insert(id, handle.clone());
+            fx.routes.insert(topic);
+        }
+        self.announce(added, Vec::new(), &mut fx);
+        self.wait(waiter, &mut fx);
+        fx
+    }
+
+    /// Session `id` unsubscribes from `topics`; `waiter` completes once peers have caught up.
+    pub(crate) fn unsubscribe(
+        &mut self,
+        id: SessionId,
+        topics: Vec<TopicKey>,
+        waiter: WaiterId,
+    ) -> Effects<P> {
+        let mut fx = Effects::default();
+        self.drop_local(id, topics, &mut fx);
+        self.wait(waiter, &mut fx);
+        fx
+    }
+
+    /// Session `id` ended.
+    pub(crate) fn session_closed(&mut self, id: SessionId) -> Effects<P> {
+        let mut fx = Effects::default();
+        if let Some(topics) = self.sessions.remove(&id) {
+            self.drop_local(id, topics.into_iter().collect(), &mut fx);
+        }
+        fx
+    }
+
+    /// A link to peer `name` came up. Replaces (and asks to close) an older link to the same
+    /// peer, and sends the new link our full interest set.
+    pub(crate) fn peer_up(&mut self, name: &Arc<str>, link: LinkId, handle: P) -> Effects<P> {
+        let mut fx = Effects::default();
+        if let Some(old) = self.peers.get(name).map(|p| p.link) {
+            self.remove_peer(name, old, &mut fx);
+        }
+        let mut all: Vec<TopicKey> = self
+            .topics
+            .iter()
+            .filter(|(_, s)| !s.local.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect();
+        all.sort();
+        fx.to_peers.push((
+            handle.clone(),
+            ToPeer::Interest {
+                seq: 1,
+                full: true,
+                add: all,
+                remove: Vec::new(),
+            },
+        ));
+        self.peers.insert(
+            name.clone(),
+            PeerState {
+                link,
+                handle,
+                interest: HashSet::new(),
+                sent: 1,
+                acked: 0,
+            },
+        );
+        fx
+    }
+
+    /// The link `link` to peer `name` went down.
+    pub(crate) fn peer_down(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
+        let mut fx = Effects::default();
+        self.remove_peer(name, link, &mut fx);
+        fx.close.clear();
+        fx
+    }
+
+    /// Peer `name` sent its interest (a full set or a delta) over `link`.
+    pub(crate) fn peer_interest(
+        &mut self,
+        name: &Arc<str>,
+        link: LinkId,
+        seq: u64,
+        full: bool,
+        add: Vec<TopicKey>,
+        remove: Vec<TopicKey>,
+    ) -> Effects<P> {
+        let mut fx = Effects::default();
+        let Some(peer) = self.peers.get_mut(name).filter(|p| p.link == link) else {
+            return fx;
+        };
+        let handle = peer.handle.clone();
+        let removed: Vec<TopicKey> = if full {
+            let wanted: HashSet<&TopicKey> = add.iter().collect();
+            peer.interest
+                .iter()
+                .filter(|t| !wanted.contains(t))
+                .cloned()
+                .collect()
+        } else {
+            remove
+        };
+        for topic in removed {
+            if peer.interest.remove(&topic) {
+                if let Some(state) = self.topics.get_mut(&topic) {
+                    state.remote.remove(name);
+                }
+                Self::forget_if_empty(&mut self.topics, &topic);
+                fx.routes.insert(topic);
+            }
+        }
+        for topic in add {
+            if peer.interest.insert(topic.clone()) {
+                self.topics
+                    .entry(topic.clone())
+                    .or_default()
+                    .remote
+                    .insert(name.clone(), handle.clone());
+                fx.routes.insert(topic);
+            }
+        }
+        fx.to_peers.push((handle, ToPeer::Ack { seq }));
+        fx
+    }
+
+    /// Peer `name` applied our interest messages up to `seq`.
+    pub(crate) fn peer_ack(&mut self, name: &Arc<str>, link: LinkId, seq: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        if let Some(peer) = self.peers.get_mut(name).filter(|p| p.link == link) {
+            peer.acked = peer.acked.max(seq);
+            self.settle(|n, l, s| n == name && l == link && s <= seq, &mut fx);
+        }
+        fx
+    }
+
+    /// Local sessions and interested peers for `topic`, or `None` when there are neither.
+    pub(crate) fn route(&self, topic: &TopicKey) -> Option<(Vec<S>, Vec<P>)> {
+        let state = self.topics.get(topic)?;
+        Some((
+            state.local.values().cloned().collect(),
+            state.remote.values().cloned().collect(),
+        ))
+    }
+
+    /// Topics with at least one local subscriber.
+    pub(crate) fn local_topics(&self) -> usize {
+        self.local_topics
+    }
+
+    /// Topics peer `name` is interested in.
+    pub(crate) fn peer_interest_len(&self, name: &str) -> usize {
+        self.peers.get(name).map_or(0, |p| p.interest.len())
+    }
+
+    fn drop_local(&mut self, id: SessionId, topics: Vec<TopicKey>, fx: &mut Effects<P>) {
+        let mut removed = Vec::new();
+        for topic in topics {
+            if let Some(mine) = self.sessions.get_mut(&id)
+                && !mine.remove(&topic)
+            {
+                continue;
+            }
+            let Some(state) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            if state.local.remove(&id).is_none() {
+                continue;
+            }
+            if state.local.is_empty() {
+                removed.push(topic.clone());
+                self.local_topics -= 1;
+            }
+            Self::forget_if_empty(&mut self.topics, &topic);
+            fx.routes.insert(topic);
+        }
+        self.announce(Vec::new(), removed, fx);
+    }
+
+    /// Sends an interest delta to every peer.
+    fn announce(&mut self, add: Vec<TopicKey>, remove: Vec<TopicKey>, fx: &mut Effects<P>) {
+        if add.is_empty() && remove.is_empty() {
+            return;
+        }
+        for peer in self.peers.values_mut() {
+            peer.sent += 1;
+            let msg = ToPeer::Interest {
+                seq: peer.sent,
+                full: false,
+                add: add.clone(),
+                remove: remove.clone(),
+            };
+            fx.to_peers.push((peer.handle.clone(), msg));
+        }
+    }
+
+    /// Registers `waiter` to complete when every peer has acknowledged all it was sent.
+    fn wait(&mut self, waiter: WaiterId, fx: &mut Effects<P>) {
+        let needs: Vec<_> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.acked < p.sent)
+            .map(|(name, p)| (name.clone(), p.link, p.sent))
+            .collect();
+        if needs.is_empty() {
+            fx.completed.push(waiter);
+        } else {
+            self.waiters.push(Waiter { id: waiter, needs });
+        }
+    }
+
+    /// Drops the needs matching `satisfied` and completes waiters left with none.
+    fn settle(&mut self, satisfied: impl Fn(&Arc<str>, LinkId, u64) -> bool, fx: &mut Effects<P>) {
+        self.waiters.retain_mut(|w| {
+            w.needs.retain(|(n, l, s)| !satisfied(n, *l, *s));
+            if w.needs.is_empty() {
+                fx.completed.push(w.id);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn remove_peer(&mut self, name: &Arc<str>, link: LinkId, fx: &mut Effects<P>) {
+        if self.peers.get(name).is_none_or(|p| p.link != link) {
+            return;
+        }
+        let Some(peer) = self.peers.remove(name) else {
+            return;
+        };
+        for topic in peer.interest {
+            if let Some(state) = self.topics.get_mut(&topic) {
+                state.remote.remove(name);
+            }
+            Self::forget_if_empty(&mut self.topics, &topic);
+            fx.routes.insert(topic);
+        }
+        fx.close.push(peer.handle);
+        self.settle(|n, l, _| n == name && l == link, fx);
+    }
+
+    fn forget_if_empty(topics: &mut HashMap<TopicKey, TopicState<S, P>>, topic: &TopicKey) {
+        if topics
+            .get(topic)
+            .is_some_and(|s| s.local.is_empty() && s.remote.is_empty())
+        {
+            topics.remove(topic);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type I = Interest<u64, &'static str>;
+
+    fn t(name: &str) -> TopicKey {
+        TopicKey::new("", name)
+    }
+
+    fn name(n: &str) -> Arc<str> {
+        n.into()
+    }
+
+    fn route(i: &I, topic: &str) -> (Vec<u64>, Vec<&'static str>) {
+        i.route(&t(topic)).unwrap_or_default()
+    }
+
+    #[test]
+    fn first_and_last_local_subscriber_are_announced_to_peers() {
+        let mut i = I::new();
+        let fx = i.peer_up(&name("b"), 1, "B");
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "B",
+                ToPeer::Interest {
+                    seq: 1,
+                    full: true,
+                    add: vec![],
+                    remove: vec![]
+                }
+            )]
+        );
+        i.peer_ack(&name("b"), 1, 1);
+
+        let fx = i.subscribe(10, &10, vec![t("x"), t("y")], 100);
+        assert_eq!(fx.routes, [t("x"), t("y")].into_iter().collect());
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "B",
+                ToPeer::Interest {
+                    seq: 2,
+                    full: false,
+                    add: vec![t("x"), t("y")],
+                    remove: vec![]
+                }
+            )]
+        );
+        assert!(
+            fx.completed.is_empty(),
+            "waits for the peer to apply the delta"
+        );
+        let fx = i.peer_ack(&name("b"), 1, 2);
+        assert_eq!(fx.completed, vec![100]);
+
+        // A second subscriber to x changes the route but tells peers nothing new...
+        let fx = i.subscribe(11, &11, vec![t("x")], 101);
+        assert!(fx.to_peers.is_empty());
+        assert_eq!(fx.completed, vec![101]);
+        assert_eq!(route(&i, "x").0, vec![10, 11]);
+        assert_eq!(i.local_topics(), 2);
+
+        // ...and only the last unsubscribe of x is announced.
+        let fx = i.unsubscribe(10, vec![t("x")], 102);
+        assert!(fx.to_peers.is_empty());
+        let fx = i.session_closed(11);
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "B",
+                ToPeer::Interest {
+                    seq: 3,
+                    full: false,
+                    add: vec![],
+                    remove: vec![t("x")]
+                }
+            )]
+        );
+        assert!(i.route(&t("x")).is_none());
+        assert_eq!(i.local_topics(), 1);
+    }
+
+    #[test]
+    fn routes_include_only_interested_peers() {
+        let mut i = I::new();
+        i.peer_up(&name("b"), 1, "B");
+        i.peer_up(&name("c"), 2, "C");
+        let fx = i.peer_interest(&name("b"), 1, 1, true, vec![t("x")], vec![]);
+        assert_eq!(fx.to_peers, vec![("B", ToPeer::Ack { seq: 1 })]);
+        i.peer_interest(&name("c"), 2, 1, true, vec![], vec![]);
+        assert_eq!(route(&i, "x"), (vec![], vec!["B"]));
+        assert!(
+            i.route(&t("y")).is_none(),
+            "nobody wants y: nothing is forwarded"
+        );
+        i.peer_interest(&name("c"), 2, 2, false, vec![t("x"), t("y")], vec![]);
+        assert_eq!(route(&i, "x").1, vec!["B", "C"]);
+        i.peer_interest(&name("b"), 1, 2, false, vec![], vec![t("x")]);
+        assert_eq!(route(&i, "x").1, vec!["C"]);
+        // A full set replaces what the peer wanted before.
+        i.peer_interest(&name("c"), 2, 3, true, vec![t("z")], vec![]);
+        assert!(i.route(&t("x")).is_none() && i.route(&t("y")).is_none());
+        assert_eq!(route(&i, "z").1, vec!["C"]);
+        assert_eq!(i.peer_interest_len("c"), 1);
+        // Messages from a stale link are ignored.
+        let fx = i.peer_interest(&name("c"), 99, 4, false, vec![t("q")], vec![]);
+        assert!(fx.to_peers.is_empty() && i.route(&t("q")).is_none());
+    }
+
+    #[test]
+    fn a_new_link_gets_the_full_set_and_replaces_the_old_one() {
+        let mut i = I::new();
+        i.subscribe(1, &1, vec![t("b"), t("a")], 0);
+        i.peer_up(&name("p"), 1, "P1");
+        i.peer_interest(&name("p"), 1, 1, true, vec![t("a")], vec![]);
+        assert_eq!(route(&i, "a"), (vec![1], vec!["P1"]));
+        let fx = i.peer_up(&name("p"), 2, "P2");
+        assert_eq!(fx.close, vec!["P1"]);
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "P2",
+                ToPeer::Interest {
+                    seq: 1,
+                    full: true,
+                    add: vec![t("a"), t("b")],
+                    remove: vec![]
+                }
+            )]
+        );
+        assert_eq!(
+            route(&i, "a"),
+            (vec![1], vec![]),
+            "the old link's interest is gone"
+        );
+        // The old link's late "down" must not remove the new link.
+        let fx = i.peer_down(&name("p"), 1);
+        assert!(fx.close.is_empty() && fx.routes.is_empty());
+        i.peer_interest(&name("p"), 2, 1, true, vec![t("b")], vec![]);
+        assert_eq!(route(&i, "b").1, vec!["P2"]);
+        let fx = i.peer_down(&name("p"), 2);
+        assert!(fx.routes.contains(&t("b")));
+        assert_eq!(route(&i, "b"), (vec![1], vec![]));
+    }
+
+    #[test]
+    fn waiters_complete_when_peers_ack_or_go_away() {
+        let mut i = I::new();
+        i.peer_up(&name("b"), 1, "B");
+        i.peer_up(&name("c"), 2, "C");
+        // Neither peer has acknowledged its full set yet: a subscribe waits for both.
+        let fx = i.subscribe(1, &1, vec![t("x")], 7);
+        assert!(fx.completed.is_empty());
+        assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
+        let fx = i.peer_down(&name("c"), 2);
+        assert_eq!(fx.completed, vec![7]);
+        // An ack for an older seq does not complete a newer wait.
+        i.subscribe(2, &2, vec![t("y")], 8);
+        assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
+        assert_eq!(i.peer_ack(&name("b"), 1, 3).completed, vec![8]);
+        // Without peers, requests complete at once.
+        i.peer_down(&name("b"), 1);
+        assert_eq!(i.unsubscribe(2, vec![t("y")], 9).completed, vec![9]);
+    }
+
+    #[test]
+    fn duplicate_and_unknown_topics_change_nothing() {
+        let mut i = I::new();
+        i.subscribe(1, &1, vec![t("x"), t("x")], 0);
+        assert_eq!(route(&i, "x").0, vec![1]);
+        let fx = i.subscribe(1, &1, vec![t("x")], 1);
+        assert!(fx.routes.is_empty());
+        let fx = i.unsubscribe(1, vec![t("nope")], 2);
+        assert!(fx.routes.is_empty() && fx.completed == vec![2]);
+        let fx = i.unsubscribe(2, vec![t("x")], 3);
+        assert!(fx.routes.is_empty(), "session 2 never subscribed to x");
+        assert_eq!(i.local_topics(), 1);
+        i.session_closed(1);
+        assert_eq!(i.local_topics(), 0);
+        assert!(i.topics.is_empty() && i.sessions.is_empty());
+    }
+}

@@ -1,0 +1,194 @@
+//! The relaymesh comm server.
+//!
+//! Clients arrive with a single-use key the coordinator reserved here, subscribe to topics and
+//! publish. Each published message is encoded once and queued for every local subscriber, and
+//! forwarded once to every peer server that has subscribers for the topic; a forwarded message
+//! is delivered locally on the receiving server and never forwarded again. The server stays
+//! registered with the coordinator, reconnecting with backoff when that link drops, and keeps
+//! one link to every other server (the lower id dials).
+//!
+//! Layout: [`interest`] is the subscription/interest state machine (no I/O), [`control`] the task
+//! that owns it, [`routes`] the lock-free-in-steady-state delivery path, [`session`] the client
+//! link, [`peers`] the peer links, [`coordinator_link`] registration and key reservation, [`keys`]
+//! the key store, [`api`] the operational endpoints.
+
+pub mod config;
+
+mod api;
+mod control;
+mod coordinator_link;
+mod interest;
+mod keys;
+mod peers;
+mod routes;
+mod session;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use relaymesh_net::config::ConfigError;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::control::{Command, PeerLink};
+use crate::interest::SessionId;
+use crate::keys::KeyStore;
+use crate::routes::{RouteTable, Subscriber};
+
+/// Commands the control task may have queued before senders wait.
+const CONTROL_QUEUE: usize = 8_192;
+/// Time allowed for last words and the close handshake when a link ends.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Shared state of one comm server process.
+struct Server {
+    config: Config,
+    id: Arc<str>,
+    public_url: String,
+    keys: Mutex<KeyStore>,
+    routes: RouteTable,
+    /// Commands to the control task, which holds the receiver and owns subscription state.
+    control: mpsc::Sender<Command>,
+    /// Live client sessions, for counts and cluster-wide drop notices.
+    sessions: Mutex<HashMap<SessionId, Arc<Subscriber>>>,
+    /// Live peer links by server id, for stats.
+    peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
+    /// Peers this server dials (those with a higher id), and the tokens that stop their dialers.
+    dialers: Mutex<HashMap<Arc<str>, peers::Dialer>>,
+    stats: api::Stats,
+    next_id: AtomicU64,
+    /// Set when shutdown begins: no new clients, reservations refused.
+    draining: AtomicBool,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    started: Instant,
+}
+
+impl Server {
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn client_count(&self) -> usize {
+        relaymesh_net::sync::lock(&self.sessions).len()
+    }
+}
+
+/// The id a server gets when none is configured: its public address, which stays the same as
+/// long as the server comes back at the same address.
+fn default_id(public_url: &str) -> String {
+    let address = public_url.trim_start_matches("ws://").trim_end_matches('/');
+    address
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_-.:".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect()
+}
+
+/// Serves the comm server on `listener` until `shutdown` is cancelled: registers with the
+/// coordinator (and keeps doing so), links to peers, and serves clients. On shutdown it reports
+/// itself draining, tells clients and peers `SHUTTING_DOWN`, and waits up to the grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ConfigError> {
+    config.validate()?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ConfigError::Invalid(format!("listener has no address: {e}")))?;
+    if config.public_url.is_none() && local.ip().is_unspecified() {
+        return Err(ConfigError::Invalid(format!(
+            "`public_url` must be set when listening on {local}: peers and clients need a reachable address"
+        )));
+    }
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{local}"));
+    let id: Arc<str> = config
+        .id
+        .clone()
+        .unwrap_or_else(|| default_id(&public_url))
+        .into();
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let tracker = TaskTracker::new();
+    let server = Arc::new(Server {
+        keys: Mutex::new(KeyStore::new(
+            Config::ms(config.key_ttl_ms),
+            config.max_pending_keys,
+        )),
+        routes: RouteTable::default(),
+        control: control_tx,
+        sessions: Mutex::new(HashMap::new()),
+        peer_links: Mutex::new(BTreeMap::new()),
+        dialers: Mutex::new(HashMap::new()),
+        stats: api::Stats::default(),
+        next_id: AtomicU64::new(1),
+        draining: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        started: Instant::now(),
+        id,
+        public_url,
+        config,
+    });
+    tracker.spawn(control::run(server.clone(), control_rx));
+    tracker.spawn(coordinator_link::run(server.clone()));
+    let router = Router::new()
+        .route("/v1/client", get(session::upgrade))
+        .route("/v1/peers", get(peers::accept))
+        .route("/v1/stats", get(api::stats))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .with_state(server.clone());
+    tracing::info!(id = %server.id, url = %server.public_url, "comm server listening on {local}");
+    let stop_draining = {
+        let server = server.clone();
+        async move {
+            server.shutdown.cancelled().await;
+            server.draining.store(true, Ordering::Relaxed);
+        }
+    };
+    tracker.spawn(stop_draining);
+    relaymesh_net::http::serve(
+        listener,
+        router,
+        server.config.serve_options(),
+        shutdown,
+        tracker.clone(),
+    )
+    .await;
+    relaymesh_net::shutdown::drain(&tracker, server.config.shutdown_grace()).await;
+    tracing::info!(id = %server.id, "comm server stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_ids_are_the_public_address() {
+        assert_eq!(default_id("ws://127.0.0.1:7501"), "127.0.0.1:7501");
+        assert_eq!(default_id("ws://[::1]:80/"), "-::1-:80");
+        assert_eq!(
+            default_id("ws://relay-a.example.com:7500"),
+            "relay-a.example.com:7500"
+        );
+    }
+}

@@ -1,0 +1,460 @@
+//! Link 4, peer links between comm servers (`/v1/peers`, cluster secret).
+//!
+//! Exactly one link per pair: the server with the lower id dials, the other accepts, and an
+//! acceptor refuses a dial from a higher id. The dialer keeps redialing with backoff while the
+//! peer is registered with the coordinator; a newer link from the same peer replaces an older
+//! one. On link-up each side sends its full interest set, then deltas; forwards flow only to
+//! peers interested in the topic, and a forwarded message is delivered locally and never
+//! forwarded again.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::Extension;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse as _, Response};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::SplitStream;
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::link::{self, Closer, DropNotices, DropTracker, Inbound, WriterSetup};
+use relaymesh_net::retry::Backoff;
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws;
+use relaymesh_net::ws::WebSocketStream;
+use relaymesh_proto::frame::message_frame;
+use relaymesh_proto::v1::{self, peer_message::Kind};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame, topic};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::control::{Command, PeerLink};
+use crate::routes::{self, RouteCache};
+use crate::{Config, LINGER, Server};
+
+fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
+fn forward_dropped_notice(count: u64) -> Bytes {
+    encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
+        count,
+    }))
+}
+
+/// A peer this server dials: where to find it and how to stop dialing it.
+#[derive(Debug)]
+pub(crate) struct Dialer {
+    url: Arc<Mutex<String>>,
+    stop: CancellationToken,
+}
+
+impl Server {
+    /// Replaces the set of known peers with the coordinator's list (after (re)registration).
+    /// Dialers of peers no longer registered stop once their current link ends; live links are
+    /// kept until they break.
+    pub(crate) fn set_peers(self: &Arc<Self>, peers: Vec<v1::ServerInfo>) {
+        let wanted: HashMap<String, String> =
+            peers.into_iter().map(|p| (p.server_id, p.url)).collect();
+        let mut dialers = lock(&self.dialers);
+        dialers.retain(|id, dialer| {
+            let keep = wanted.contains_key(&**id);
+            if !keep {
+                dialer.stop.cancel();
+            }
+            keep
+        });
+        drop(dialers);
+        for (id, url) in wanted {
+            self.peer_joined(v1::ServerInfo { server_id: id, url });
+        }
+    }
+
+    /// A peer registered (or moved to a new URL). Starts dialing it if this server has the
+    /// lower id.
+    pub(crate) fn peer_joined(self: &Arc<Self>, info: v1::ServerInfo) {
+        if info.server_id.as_str() <= &*self.id {
+            return; // it dials us (or it is us)
+        }
+        let mut dialers = lock(&self.dialers);
+        if let Some(dialer) = dialers.get(info.server_id.as_str()) {
+            *lock(&dialer.url) = info.url;
+            return;
+        }
+        let id: Arc<str> = info.server_id.into();
+        let dialer = Dialer {
+            url: Arc::new(Mutex::new(info.url)),
+            stop: CancellationToken::new(),
+        };
+        let task = dial_loop(
+            self.clone(),
+            id.clone(),
+            dialer.url.clone(),
+            dialer.stop.clone(),
+        );
+        self.tracker
+            .spawn(task.instrument(tracing::info_span!("peer", peer = %id, dialed = true)));
+        dialers.insert(id, dialer);
+    }
+
+    /// A peer left the coordinator: stop redialing it.
+    pub(crate) fn peer_left(&self, server_id: &str) {
+        if let Some(dialer) = lock(&self.dialers).remove(server_id) {
+            dialer.stop.cancel();
+        }
+    }
+}
+
+async fn dial_loop(
+    server: Arc<Server>,
+    peer: Arc<str>,
+    url: Arc<Mutex<String>>,
+    stop: CancellationToken,
+) {
+    let config = &server.config;
+    let mut backoff = Backoff::new(
+        Config::ms(config.reconnect_min_ms),
+        Config::ms(config.reconnect_max_ms),
+    );
+    while !stop.is_cancelled() && !server.shutdown.is_cancelled() {
+        let target = format!("{}/v1/peers", lock(&url).trim_end_matches('/'));
+        match ws::dial(
+            &target,
+            Some(&config.cluster_secret),
+            &config.ws_limits(),
+            config.handshake_timeout(),
+        )
+        .await
+        {
+            Ok(socket) => {
+                if run_link(&server, socket, Some(peer.clone())).await {
+                    backoff.reset();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach peer"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => break,
+            _ = server.shutdown.cancelled() => break,
+        }
+    }
+    tracing::debug!("stopped dialing peer");
+}
+
+/// `GET /v1/peers`: checks the cluster secret, then upgrades to a peer link.
+pub(crate) async fn accept(
+    State(server): State<Arc<Server>>,
+    Extension(conn): Extension<ConnInfo>,
+    mut req: Request,
+) -> Response {
+    if !relaymesh_net::auth::bearer_matches(req.headers(), &server.config.cluster_secret) {
+        server.stats.peer_links_refused.inc();
+        tracing::warn!(peer = %conn.peer, "refused a peer link: missing or wrong cluster secret");
+        return ApiError::from_code(
+            ErrorCode::Unauthenticated,
+            "missing or wrong cluster secret",
+        )
+        .into_response();
+    }
+    let (response, on_upgrade) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(e) => return e.into_response(),
+    };
+    let limits = server.config.ws_limits();
+    let span = tracing::info_span!("peer", addr = %conn.peer, dialed = false);
+    let tracker = server.tracker.clone();
+    tracker.spawn(
+        async move {
+            match ws::upgraded(on_upgrade, &limits).await {
+                Ok(socket) => {
+                    run_link(&server, socket, None).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+/// Runs one peer link to its end. `expected` is the peer's id when this server dialed.
+/// Returns whether the link got past the handshake.
+async fn run_link<S>(
+    server: &Arc<Server>,
+    socket: WebSocketStream<S>,
+    expected: Option<Arc<str>>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, mut stream) = socket.split();
+    let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
+    let (data_tx, data_rx) = mpsc::channel(server.config.peer_queue);
+    let drops = Arc::new(DropTracker::default());
+    let closer = Closer::new();
+    let writer = tokio::spawn(link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: ctrl_rx,
+            data: Some(data_rx),
+            drops: Some(DropNotices {
+                tracker: drops.clone(),
+                notice: forward_dropped_notice,
+            }),
+            closer: closer.clone(),
+            linger: LINGER,
+        },
+    ));
+    let dialed = expected.is_some();
+    let hello = encode(&v1::PeerMessage::hello(v1::PeerHello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: server.id.to_string(),
+    }));
+    if dialed {
+        let _ = ctrl_tx.try_send(hello.clone());
+    }
+    let (established, outcome) = match handshake(server, &mut stream, expected.as_deref()).await {
+        Ok(None) => (false, Ok(())),
+        Err(e) => (false, Err(e)),
+        Ok(Some(peer_id)) => {
+            if !dialed {
+                let _ = ctrl_tx.try_send(hello);
+            }
+            let peer = Arc::new(PeerLink::new(
+                peer_id,
+                server.next_id(),
+                ctrl_tx,
+                data_tx,
+                drops,
+                closer.clone(),
+                dialed,
+            ));
+            (true, serve_established(server, &mut stream, &peer).await)
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            closer.close(None);
+        }
+        Err(e) => {
+            if e.error_code() != ErrorCode::ShuttingDown {
+                tracing::warn!(error = %e, "closing peer link");
+            }
+            closer.close(Some(error_frame::<v1::PeerMessage>(e)));
+        }
+    }
+    link::linger(&mut stream, LINGER).await;
+    let _ = writer.await;
+    established
+}
+
+/// Reads the peer's `PeerHello` and checks who it is. `Ok(None)` when the link closed first.
+async fn handshake<S>(
+    server: &Server,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    expected: Option<&str>,
+) -> Result<Option<Arc<str>>, v1::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let first: Option<v1::PeerMessage> =
+        link::first_message(stream, server.config.handshake_timeout()).await?;
+    let Some(first) = first else { return Ok(None) };
+    let Some(Kind::Hello(hello)) = first.kind else {
+        return Err(error(
+            ErrorCode::UnexpectedMessage,
+            "the first message on /v1/peers must be PeerHello",
+        ));
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+        ));
+    }
+    let id = hello.server_id;
+    match expected {
+        Some(expected) if id != expected => Err(error(
+            ErrorCode::Forbidden,
+            format!("dialed peer {expected} but reached {id:?}"),
+        )),
+        None if id.is_empty() || id.len() > 128 || id.as_str() >= &*server.id => Err(error(
+            ErrorCode::Forbidden,
+            format!(
+                "peer {id:?} may not dial {}: links are dialed by the server with the lower id",
+                server.id
+            ),
+        )),
+        _ => Ok(Some(id.into())),
+    }
+}
+
+async fn serve_established<S>(
+    server: &Arc<Server>,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    peer: &Arc<PeerLink>,
+) -> Result<(), v1::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
+    tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
+    let up = server
+        .control
+        .send(Command::PeerUp { peer: peer.clone() })
+        .await;
+    let result = match up {
+        Ok(()) => read_loop(server, stream, peer).await,
+        Err(_) => Err(error(
+            ErrorCode::ShuttingDown,
+            "comm server is shutting down",
+        )),
+    };
+    {
+        let mut links = lock(&server.peer_links);
+        if links
+            .get(&peer.server_id)
+            .is_some_and(|p| Arc::ptr_eq(p, peer))
+        {
+            links.remove(&peer.server_id);
+        }
+    }
+    let _ = server
+        .control
+        .send(Command::PeerDown {
+            server_id: peer.server_id.clone(),
+            link: peer.link,
+        })
+        .await;
+    tracing::info!(peer = %peer.server_id, link = peer.link, "peer link down");
+    result
+}
+
+async fn read_loop<S>(
+    server: &Arc<Server>,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    peer: &Arc<PeerLink>,
+) -> Result<(), v1::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = &server.config;
+    let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
+    // Route caches per account; forwards of any account arrive on one link.
+    let mut caches: HashMap<String, RouteCache> = HashMap::new();
+    let stopping = server.shutdown.cancelled();
+    tokio::pin!(stopping);
+    let closed = peer.closer.closed();
+    tokio::pin!(closed);
+    let mut nonce = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopping => return Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
+            _ = &mut closed => return Ok(()),
+            beat = watchdog.tick() => match beat {
+                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout")),
+                Beat::Send => {
+                    nonce += 1;
+                    peer.send_ctrl(encode(&v1::PeerMessage::ping(v1::Ping { nonce })));
+                }
+                Beat::Quiet => {}
+            },
+            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                Inbound::Closed => return Ok(()),
+                Inbound::Control => watchdog.activity(),
+                Inbound::Frame(frame) => {
+                    watchdog.activity();
+                    let msg: v1::PeerMessage = decode_frame(frame)?;
+                    match msg.kind {
+                        Some(Kind::Forward(forward)) => deliver_forward(server, peer, &mut caches, forward)?,
+                        Some(Kind::Interest(interest)) => {
+                            let command = Command::PeerInterest { server_id: peer.server_id.clone(), link: peer.link, interest };
+                            server.control.send(command).await.map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+                        }
+                        Some(Kind::InterestAck(ack)) => {
+                            let command = Command::PeerAck { server_id: peer.server_id.clone(), link: peer.link, seq: ack.seq };
+                            server.control.send(command).await.map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+                        }
+                        Some(Kind::ForwardDropped(dropped)) => report_peer_drops(server, dropped.count),
+                        Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong { nonce: ping.nonce }))),
+                        Some(Kind::Pong(_)) => {}
+                        Some(Kind::Error(e)) => {
+                            tracing::warn!(error = %e, "peer is closing the link");
+                            return Ok(());
+                        }
+                        Some(Kind::Hello(_)) => return Err(error(ErrorCode::UnexpectedMessage, "PeerHello was already sent")),
+                        None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Most accounts a peer reader keeps route caches for before starting over.
+const MAX_CACHED_ACCOUNTS: usize = 1024;
+
+/// Delivers a forwarded message to this server's own subscribers (never to other peers).
+fn deliver_forward(
+    server: &Server,
+    peer: &PeerLink,
+    caches: &mut HashMap<String, RouteCache>,
+    forward: v1::Forward,
+) -> Result<(), v1::Error> {
+    let stats = &server.stats;
+    peer.forwards_in.inc();
+    stats.forwards_in.inc();
+    if !caches.contains_key(&forward.account) {
+        if caches.len() >= MAX_CACHED_ACCOUNTS {
+            caches.clear();
+        }
+        caches.insert(forward.account.clone(), RouteCache::default());
+    }
+    let Some(cache) = caches.get_mut(&forward.account) else {
+        return Ok(());
+    };
+    let max_topic = server.config.max_topic_bytes;
+    let slow_ms = server.config.slow_consumer_ms;
+    cache.with_route(
+        &server.routes,
+        &forward.account,
+        &forward.topic,
+        || {
+            topic::validate(&forward.topic, max_topic)
+                .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+        },
+        |route| {
+            if let Some(route) = route.filter(|r| !r.subscribers.is_empty()) {
+                let frame = message_frame(&forward.topic, &forward.from_alias, &forward.payload);
+                stats
+                    .messages_out
+                    .add(routes::deliver(route, &frame, stats, slow_ms));
+            }
+        },
+    )
+}
+
+/// A peer had to drop `count` forwards meant for this server. Which subscribers missed them is
+/// unknown, so every session with subscriptions is told it may have missed `count` messages.
+fn report_peer_drops(server: &Server, count: u64) {
+    tracing::warn!(count, "a peer dropped forwards for this server");
+    server.stats.peer_drops_reported.add(count);
+    let notice = crate::session::dropped_notice(count);
+    for session in lock(&server.sessions).values() {
+        if session.subscribed.load(Ordering::Relaxed)
+            && session.data.try_send(notice.clone()).is_err()
+        {
+            session.drops.record_drop(server.config.slow_consumer_ms);
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Link 3, the client link: `/v1/client?key=KEY`.
+//!
+//! The key is checked before the upgrade completes: an unknown, expired or reused key gets a
+//! 401 with a JSON `{code, message}` body and no WebSocket state is created. A session then
+//! reads frames in its own task (subscribe, unsubscribe, publish, ping) while a writer task drains
+//! its two bounded queues: replies (`ctrl`) and delivered messages (`data`, filled by publishers
+//! on any session or peer link). Publishing fans out from the publisher's own task through its
+//! route cache, so no lock is taken per message in the steady state.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Extension;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse as _, Response};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::SplitStream;
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::link::{self, Closer, DropNotices, DropTracker, Inbound, WriterSetup};
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_proto::frame::{forward_frame, message_frame};
+use relaymesh_proto::v1::{self, client_to_server::Kind};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame, topic};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+
+use crate::control::Command;
+use crate::interest::TopicKey;
+use crate::keys::KeyError;
+use crate::routes::{self, RouteCache, Subscriber};
+use crate::{LINGER, Server};
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ClientQuery {
+    key: Option<String>,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
+/// `GET /v1/client?key=KEY`: redeems the key, then upgrades to a client session.
+pub(crate) async fn upgrade(
+    State(server): State<Arc<Server>>,
+    Extension(conn): Extension<ConnInfo>,
+    query: Result<Query<ClientQuery>, QueryRejection>,
+    mut req: Request,
+) -> Response {
+    let (response, on_upgrade) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(e) => return e.into_response(),
+    };
+    if server.draining.load(Ordering::Relaxed) {
+        return ApiError::from_code(
+            ErrorCode::ShuttingDown,
+            "this comm server is shutting down; ask the coordinator again",
+        )
+        .into_response();
+    }
+    let key = match query {
+        Ok(Query(ClientQuery { key: Some(key) })) if !key.is_empty() => key,
+        _ => {
+            return refuse_key(
+                &server,
+                "missing ?key= query parameter; get a key from the coordinator",
+            );
+        }
+    };
+    let identity = match lock(&server.keys).redeem(Instant::now(), &key) {
+        Ok(identity) => identity,
+        Err(e) => return refuse_key(&server, &e.to_string()),
+    };
+    if server.client_count() >= server.config.max_clients as usize {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ServerFull,
+            "this comm server is full",
+        )
+        .into_response();
+    }
+    let limits = server.config.ws_limits();
+    let span = tracing::debug_span!("client", peer = %conn.peer, alias = %identity.alias);
+    let tracker = server.tracker.clone();
+    tracker.spawn(
+        async move {
+            match ws::upgraded(on_upgrade, &limits).await {
+                Ok(socket) => run(server, socket, identity, conn).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+fn refuse_key(server: &Server, message: &str) -> Response {
+    server.stats.keys_refused.inc();
+    ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::KeyInvalid, message).into_response()
+}
+
+impl From<KeyError> for v1::Error {
+    fn from(e: KeyError) -> Self {
+        let code = if e == KeyError::Full {
+            ErrorCode::LimitExceeded
+        } else {
+            ErrorCode::KeyInvalid
+        };
+        v1::Error::new(code, e.to_string())
+    }
+}
+
+pub(crate) fn dropped_notice(count: u64) -> Bytes {
+    encode(&v1::ServerToClient::dropped(v1::Dropped { count }))
+}
+
+/// One client session's reader side.
+struct Session {
+    server: Arc<Server>,
+    me: Arc<Subscriber>,
+    /// Reply queue of this session's writer.
+    ctrl: mpsc::Sender<Bytes>,
+    alias: Arc<str>,
+    account: Arc<str>,
+    /// Topics this session subscribes to (bounded by `max_subscriptions`).
+    topics: HashSet<Arc<str>>,
+    cache: RouteCache,
+}
+
+async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, _conn: ConnInfo) {
+    let (sink, mut stream) = socket.split();
+    let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
+    let (data_tx, data_rx) = mpsc::channel(server.config.client_queue);
+    let drops = Arc::new(DropTracker::default());
+    let closer = Closer::new();
+    let me = Arc::new(Subscriber {
+        id: server.next_id(),
+        data: data_tx,
+        drops: drops.clone(),
+        closer: closer.clone(),
+        subscribed: AtomicBool::new(false),
+    });
+    let writer = tokio::spawn(link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: ctrl_rx,
+            data: Some(data_rx),
+            drops: Some(DropNotices {
+                tracker: drops,
+                notice: dropped_notice,
+            }),
+            closer: closer.clone(),
+            linger: LINGER,
+        },
+    ));
+    lock(&server.sessions).insert(me.id, me.clone());
+    let _counted = server.stats.clients.track();
+    let ready = v1::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        alias: identity.alias.clone(),
+        server_id: server.id.to_string(),
+        heartbeat_interval_ms: u32::try_from(server.config.heartbeat_interval_ms)
+            .unwrap_or(u32::MAX),
+        heartbeat_timeout_ms: u32::try_from(server.config.heartbeat_timeout_ms).unwrap_or(u32::MAX),
+    };
+    let _ = ctrl_tx.try_send(encode(&v1::ServerToClient::ready(ready)));
+    let mut session = Session {
+        server: server.clone(),
+        me: me.clone(),
+        ctrl: ctrl_tx,
+        alias: identity.alias.into(),
+        account: identity.account.into(),
+        topics: HashSet::new(),
+        cache: RouteCache::default(),
+    };
+    match session.serve(&mut stream).await {
+        Ok(()) => {
+            closer.close(None);
+        }
+        Err(e) => {
+            if e.error_code() != ErrorCode::ShuttingDown {
+                server.stats.protocol_errors.inc();
+                tracing::debug!(error = %e, "closing client session");
+            }
+            closer.close(Some(error_frame::<v1::ServerToClient>(e)));
+        }
+    }
+    lock(&server.sessions).remove(&me.id);
+    if !session.topics.is_empty() {
+        let _ = server
+            .control
+            .send(Command::SessionClosed { session: me.id })
+            .await;
+    }
+    link::linger(&mut stream, LINGER).await;
+    let _ = writer.await;
+}
+
+impl Session {
+    async fn serve(&mut self, stream: &mut SplitStream<ServerSocket>) -> Result<(), v1::Error> {
+        let config = &self.server.config;
+        let first: Option<v1::ClientToServer> =
+            link::first_message(stream, config.handshake_timeout()).await?;
+        match first.map(|m| m.kind) {
+            None => return Ok(()),
+            Some(Some(Kind::Attach(attach))) if attach.protocol_version == PROTOCOL_VERSION => {}
+            Some(Some(Kind::Attach(attach))) => {
+                return Err(error(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                        attach.protocol_version
+                    ),
+                ));
+            }
+            Some(_) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "the first message on /v1/client must be Attach",
+                ));
+            }
+        }
+        let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
+        // Pinned once: re-creating these per frame would register a waiter per message.
+        let shutdown = self.server.shutdown.clone();
+        let stopping = shutdown.cancelled();
+        tokio::pin!(stopping);
+        let closer = self.me.closer.clone();
+        let closed = closer.closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopping => return Err(error(ErrorCode::ShuttingDown, "comm server is shutting down; reconnect through the coordinator")),
+                _ = &mut closed => return Ok(()),
+                beat = watchdog.tick() => if beat == Beat::Expired {
+                    return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout"));
+                },
+                step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                    Inbound::Closed => return Ok(()),
+                    Inbound::Control => watchdog.activity(),
+                    Inbound::Frame(frame) => {
+                        watchdog.activity();
+                        let msg: v1::ClientToServer = decode_frame(frame)?;
+                        self.handle(msg).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
+        match msg.kind {
+            Some(Kind::Publish(publish)) => self.publish(publish),
+            Some(Kind::Subscribe(sub)) => self.subscribe(sub).await,
+            Some(Kind::Unsubscribe(unsub)) => self.unsubscribe(unsub).await,
+            Some(Kind::Ping(ping)) => {
+                self.reply(&v1::ServerToClient::pong(v1::Pong { nonce: ping.nonce }))
+            }
+            Some(Kind::Attach(_)) => Err(error(
+                ErrorCode::UnexpectedMessage,
+                "Attach was already sent on this link",
+            )),
+            None => Err(error(ErrorCode::BadFrame, "empty ClientToServer message")),
+        }
+    }
+
+    fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
+        let server = &*self.server;
+        let stats = &server.stats;
+        let (alias, account) = (&*self.alias, &*self.account);
+        let v1::Publish { topic, payload } = publish;
+        let max_topic = server.config.max_topic_bytes;
+        let slow_ms = server.config.slow_consumer_ms;
+        self.cache.with_route(
+            &server.routes,
+            account,
+            &topic,
+            || {
+                topic::validate(&topic, max_topic)
+                    .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+            },
+            |route| {
+                stats.messages_in.inc();
+                let Some(route) = route else { return };
+                if !route.subscribers.is_empty() {
+                    let frame = message_frame(&topic, alias, &payload);
+                    stats
+                        .messages_out
+                        .add(routes::deliver(route, &frame, stats, slow_ms));
+                }
+                if !route.peers.is_empty() {
+                    let frame = forward_frame(account, &topic, alias, &payload);
+                    routes::forward(route, &frame, stats);
+                }
+            },
+        )
+    }
+
+    fn check_topics(&self, topics: &[String]) -> Result<(), v1::Error> {
+        for t in topics {
+            topic::validate(t, self.server.config.max_topic_bytes)
+                .map_err(|e| error(ErrorCode::InvalidTopic, format!("{t:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, sub: v1::Subscribe) -> Result<(), v1::Error> {
+        self.check_topics(&sub.topics)?;
+        let fresh: Vec<Arc<str>> = {
+            let mut seen = HashSet::new();
+            sub.topics
+                .iter()
+                .filter(|t| !self.topics.contains(t.as_str()) && seen.insert(t.as_str()))
+                .map(|t| Arc::from(t.as_str()))
+                .collect()
+        };
+        let limit = self.server.config.max_subscriptions;
+        if self.topics.len() + fresh.len() > limit {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("subscription limit of {limit} topics per client reached"),
+            ));
+        }
+        if !fresh.is_empty() {
+            // Recorded before the command is sent, so the session's close always cleans up.
+            self.topics.extend(fresh.iter().cloned());
+            self.me.subscribed.store(true, Ordering::Relaxed);
+            let topics = fresh
+                .into_iter()
+                .map(|topic| TopicKey {
+                    account: self.account.clone(),
+                    topic,
+                })
+                .collect();
+            let (done, wait) = oneshot::channel();
+            self.command(Command::Subscribe {
+                session: self.me.clone(),
+                topics,
+                done,
+            })
+            .await?;
+            self.await_peers(wait).await?;
+        }
+        self.reply(&v1::ServerToClient::ack(v1::Ack {
+            request_id: sub.request_id,
+        }))
+    }
+
+    async fn unsubscribe(&mut self, unsub: v1::Unsubscribe) -> Result<(), v1::Error> {
+        self.check_topics(&unsub.topics)?;
+        let gone: Vec<Arc<str>> = unsub
+            .topics
+            .iter()
+            .filter_map(|t| self.topics.take(t.as_str()))
+            .collect();
+        self.me
+            .subscribed
+            .store(!self.topics.is_empty(), Ordering::Relaxed);
+        if !gone.is_empty() {
+            let topics = gone
+                .into_iter()
+                .map(|topic| TopicKey {
+                    account: self.account.clone(),
+                    topic,
+                })
+                .collect();
+            let (done, wait) = oneshot::channel();
+            self.command(Command::Unsubscribe {
+                session: self.me.id,
+                topics,
+                done,
+            })
+            .await?;
+            self.await_peers(wait).await?;
+        }
+        self.reply(&v1::ServerToClient::ack(v1::Ack {
+            request_id: unsub.request_id,
+        }))
+    }
+
+    async fn command(&self, command: Command) -> Result<(), v1::Error> {
+        self.server
+            .control
+            .send(command)
+            .await
+            .map_err(|_| error(ErrorCode::ShuttingDown, "comm server is shutting down"))
+    }
+
+    /// Waits until linked peers have applied the change, up to `subscribe_sync_timeout_ms`
+    /// (after which the change is acknowledged anyway: it is in effect locally, and peers
+    /// apply it as soon as they catch up).
+    async fn await_peers(&self, wait: oneshot::Receiver<()>) -> Result<(), v1::Error> {
+        let timeout = crate::Config::ms(self.server.config.subscribe_sync_timeout_ms);
+        tokio::select! {
+            result = tokio::time::timeout(timeout, wait) => {
+                if result.is_err() {
+                    tracing::warn!(session = self.me.id, ?timeout, "peers did not confirm a subscription change in time");
+                }
+                Ok(())
+            }
+            _ = self.me.closer.closed() => Ok(()),
+            _ = self.server.shutdown.cancelled() => Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
+        }
+    }
+
+    /// Queues a reply. A client whose reply queue is full is not reading at all.
+    fn reply(&self, msg: &v1::ServerToClient) -> Result<(), v1::Error> {
+        self.ctrl
+            .try_send(encode(msg))
+            .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
+    }
+}

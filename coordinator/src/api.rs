@@ -1,0 +1,120 @@
+//! Operational HTTP endpoints: `GET /healthz`, `GET /v1/stats` (JSON), `GET /metrics`
+//! (Prometheus text), and the counters behind them.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::Response;
+use relaymesh_net::metrics::{self, Counter, Exposition, Gauge, Kind};
+use relaymesh_net::sync::lock;
+use serde_json::{Value, json};
+
+use crate::App;
+
+/// Coordinator counters; updated without locks from every link.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) negotiation_links: Gauge,
+    pub(crate) logins: Counter,
+    pub(crate) login_failures: Counter,
+    pub(crate) reservations_failed: Counter,
+    pub(crate) server_links_refused: Counter,
+}
+
+/// `GET /healthz`: the process is up and serving.
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /v1/stats`.
+pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
+    let servers: Vec<Value> = lock(&app.registry)
+        .iter()
+        .map(|(id, e)| {
+            json!({
+                "id": id,
+                "url": e.url,
+                "clients": e.load.clients,
+                "capacity": e.capacity,
+                "pending_keys": e.load.pending_keys,
+                "topics": e.load.topics,
+                "draining": e.load.draining,
+                "eligible": e.eligible(),
+            })
+        })
+        .collect();
+    let s = &app.stats;
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "servers": servers,
+        "negotiation_links": s.negotiation_links.get(),
+        "logins": s.logins.get(),
+        "login_failures": s.login_failures.get(),
+        "reservations_failed": s.reservations_failed.get(),
+        "server_links_refused": s.server_links_refused.get(),
+    }))
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let mut e = Exposition::new();
+    {
+        let registry = lock(&app.registry);
+        e.single(
+            "relaymesh_coordinator_servers",
+            Kind::Gauge,
+            "Registered comm servers.",
+            registry.len() as f64,
+        );
+        let mut clients = e.family(
+            "relaymesh_coordinator_server_clients",
+            Kind::Gauge,
+            "Clients per comm server, as last reported.",
+        );
+        for (id, entry) in registry.iter() {
+            clients.sample(&[("server", id)], entry.load.clients);
+        }
+        let mut draining = e.family(
+            "relaymesh_coordinator_server_draining",
+            Kind::Gauge,
+            "1 when the comm server is draining.",
+        );
+        for (id, entry) in registry.iter() {
+            draining.sample(&[("server", id)], u8::from(entry.load.draining));
+        }
+    }
+    let s = &app.stats;
+    e.single(
+        "relaymesh_coordinator_negotiation_links",
+        Kind::Gauge,
+        "Open /v1/connect links.",
+        s.negotiation_links.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_logins_total",
+        Kind::Counter,
+        "Clients given a server and key.",
+        s.logins.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_login_failures_total",
+        Kind::Counter,
+        "Logins that got no server.",
+        s.login_failures.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_reservations_failed_total",
+        Kind::Counter,
+        "Key reservations a server refused or did not answer.",
+        s.reservations_failed.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_server_links_refused_total",
+        Kind::Counter,
+        "Server links refused for a missing or wrong cluster secret.",
+        s.server_links_refused.get() as f64,
+    );
+    relaymesh_net::http::text(metrics::CONTENT_TYPE, e.finish())
+}

@@ -1,0 +1,170 @@
+//! Coordinator configuration: a TOML file (every key optional, defaults below), with
+//! `--listen` on the command line and the cluster secret from `RELAYMESH_CLUSTER_SECRET`
+//! taking precedence over the file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use relaymesh_net::config::{ConfigError, ensure};
+use relaymesh_net::http::ServeOptions;
+use relaymesh_net::ws::WsLimits;
+use serde::Deserialize;
+
+use crate::registry::Strategy;
+
+/// Every setting of the coordinator. Field names are the config file keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (the `--listen` flag overrides it).
+    pub listen: SocketAddr,
+    /// Secret comm servers present on `/v1/servers`. Prefer `RELAYMESH_CLUSTER_SECRET`.
+    pub cluster_secret: String,
+    /// How a server is picked for a client: `random`, `least_loaded` or `power_of_two`.
+    pub selection: Strategy,
+    /// Time a reserved server has to answer a `Reserve` before the next server is tried.
+    pub reserve_timeout_ms: u64,
+    /// Servers tried per client login before answering `NO_SERVER_AVAILABLE`.
+    pub reserve_attempts: u32,
+    /// Reservations awaiting an answer per server; more are refused as that server being busy.
+    pub max_pending_reservations: usize,
+    /// Interval at which servers report load and the coordinator pings servers and clients.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a server or negotiation link is closed.
+    pub heartbeat_timeout_ms: u64,
+    /// Time a new link has to send its first message (`Register` or `Hello`).
+    pub handshake_timeout_ms: u64,
+    /// Outbound queue length of each link; a server link whose queue overflows is closed
+    /// (it reconnects and gets a fresh peer list).
+    pub link_queue: usize,
+    /// `Connect` requests allowed per negotiation link per second, sustained.
+    pub connect_rate_per_s: u32,
+    /// Burst of `Connect` requests allowed above the sustained rate.
+    pub connect_burst: u32,
+    /// Open TCP connections at most.
+    pub max_connections: usize,
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Largest `POST /v1/login` body accepted, in bytes.
+    pub max_login_body_bytes: usize,
+    /// Time allowed for connections and tasks to finish after SIGINT/SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            cluster_secret: String::new(),
+            selection: Strategy::Random,
+            reserve_timeout_ms: 2_000,
+            reserve_attempts: 3,
+            max_pending_reservations: 4_096,
+            heartbeat_interval_ms: 5_000,
+            heartbeat_timeout_ms: 15_000,
+            handshake_timeout_ms: 5_000,
+            link_queue: 4_096,
+            connect_rate_per_s: 20,
+            connect_burst: 40,
+            max_connections: 100_000,
+            max_frame_bytes: 64 * 1024,
+            max_login_body_bytes: 16 * 1024,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks ranges and consistency; the message names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            !self.cluster_secret.is_empty(),
+            "cluster_secret",
+            "must be set (RELAYMESH_CLUSTER_SECRET or the config file)",
+        )?;
+        ensure(
+            self.reserve_timeout_ms > 0,
+            "reserve_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.reserve_attempts > 0,
+            "reserve_attempts",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_pending_reservations > 0,
+            "max_pending_reservations",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.heartbeat_interval_ms > 0,
+            "heartbeat_interval_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.heartbeat_timeout_ms > self.heartbeat_interval_ms,
+            "heartbeat_timeout_ms",
+            "must be greater than heartbeat_interval_ms",
+        )?;
+        ensure(
+            self.handshake_timeout_ms > 0,
+            "handshake_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(self.link_queue >= 16, "link_queue", "must be at least 16")?;
+        ensure(
+            self.connect_rate_per_s > 0,
+            "connect_rate_per_s",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_connections > 0,
+            "max_connections",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_frame_bytes >= 1024,
+            "max_frame_bytes",
+            "must be at least 1024",
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn reserve_timeout(&self) -> Duration {
+        Duration::from_millis(self.reserve_timeout_ms)
+    }
+
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub(crate) fn ws_limits(&self) -> WsLimits {
+        WsLimits {
+            max_frame_bytes: self.max_frame_bytes,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 16 * 1024,
+        }
+    }
+
+    pub(crate) fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            max_connections: self.max_connections,
+            shutdown_grace: self.shutdown_grace(),
+            ..ServeOptions::default()
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The relaymesh coordinator.
+//!
+//! Comm servers register over `/v1/servers` (authenticated with the cluster secret) and report
+//! their load; the coordinator tells every server about the others (peer discovery). Clients ask
+//! for a server over `/v1/connect` (or `POST /v1/login`); the coordinator picks one at random
+//! among the eligible servers, reserves a single-use login key on it, and hands the client the
+//! server's URL and key. The coordinator never carries client messages.
+//!
+//! [`run`] serves everything from one already-bound listener until the shutdown token is
+//! cancelled; the `coordinator` binary is a thin wrapper that parses flags and binds.
+
+mod alias;
+mod api;
+pub mod config;
+mod negotiate;
+pub mod registry;
+mod server_link;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::routing::{get, post};
+use relaymesh_net::config::ConfigError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::registry::Registry;
+use crate::server_link::ServerLink;
+
+/// Shared state of one coordinator process.
+struct App {
+    config: Config,
+    /// Registered servers; locked briefly, never across an await.
+    registry: Mutex<Registry<Arc<ServerLink>>>,
+    aliases: alias::Aliases,
+    next_link: AtomicU64,
+    next_request: AtomicU64,
+    stats: api::Stats,
+    /// Cancelled on process shutdown; every link watches it.
+    shutdown: CancellationToken,
+    /// Every link task, so shutdown can wait for them.
+    tracker: TaskTracker,
+    started: Instant,
+}
+
+impl App {
+    fn next_link_id(&self) -> u64 {
+        self.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled, then closes every link
+/// (servers and clients are told `SHUTTING_DOWN`) and waits up to the configured grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ConfigError> {
+    config.validate()?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ConfigError::Invalid(format!("listener has no address: {e}")))?;
+    let tracker = TaskTracker::new();
+    let app = Arc::new(App {
+        registry: Mutex::new(Registry::new()),
+        aliases: alias::Aliases::new(),
+        next_link: AtomicU64::new(1),
+        next_request: AtomicU64::new(1),
+        stats: api::Stats::default(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        started: Instant::now(),
+        config,
+    });
+    let router = Router::new()
+        .route("/v1/servers", get(server_link::upgrade))
+        .route("/v1/connect", get(negotiate::upgrade))
+        .route("/v1/login", post(negotiate::login))
+        .route("/v1/stats", get(api::stats))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .with_state(app.clone());
+    if app.config.selection != registry::Strategy::Random {
+        tracing::info!(strategy = ?app.config.selection, "server selection strategy");
+    }
+    tracing::info!(addr = %local, "coordinator listening on {local}");
+    let options = app.config.serve_options();
+    relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone()).await;
+    relaymesh_net::shutdown::drain(&tracker, app.config.shutdown_grace()).await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! Link 2, client negotiation: `/v1/connect` (WebSocket, stays open for further `Connect`s) and
+//! `POST /v1/login` (JSON), both ending in [`place_client`]: pick an eligible server at random,
+//! reserve a single-use key on it, and hand the client the server's URL and the key.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse as _, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use crate::App;
+use crate::server_link::millis;
+
+/// Time allowed for last words and the close handshake when a link ends.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most server ids a client may exclude in one request.
+const MAX_EXCLUDE: usize = 64;
+
+/// A server and key for one client.
+#[derive(Debug, Serialize)]
+pub(crate) struct Placement {
+    server_id: String,
+    url: String,
+    key: String,
+    expires_in_ms: u32,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
+/// Picks a server for `identity` and reserves a key there, trying up to `reserve_attempts`
+/// servers when one fails to answer.
+pub(crate) async fn place_client(
+    app: &App,
+    identity: &v1::Identity,
+    preferred: Option<&str>,
+    mut exclude: Vec<String>,
+) -> Result<Placement, v1::Error> {
+    if exclude.len() > MAX_EXCLUDE {
+        return Err(error(
+            ErrorCode::LimitExceeded,
+            format!("at most {MAX_EXCLUDE} servers may be excluded"),
+        ));
+    }
+    let mut last_failure = None;
+    for _ in 0..app.config.reserve_attempts {
+        let picked =
+            lock(&app.registry).select(&mut rand::rng(), app.config.selection, preferred, &exclude);
+        let Some((server_id, entry)) = picked else {
+            break;
+        };
+        match entry
+            .handle
+            .reserve(
+                app.next_request_id(),
+                identity.clone(),
+                app.config.reserve_timeout(),
+            )
+            .await
+        {
+            Ok(reserved) => {
+                lock(&app.registry).note_reserved(&server_id);
+                return Ok(Placement {
+                    url: format!("{}/v1/client", entry.url.trim_end_matches('/')),
+                    server_id,
+                    key: reserved.key,
+                    expires_in_ms: reserved.expires_in_ms,
+                });
+            }
+            Err(e) => {
+                app.stats.reservations_failed.inc();
+                tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
+                last_failure = Some(format!("{server_id}: {e}"));
+                exclude.push(server_id);
+            }
+        }
+    }
+    let registered = lock(&app.registry).len();
+    let detail = last_failure
+        .map(|f| format!("; last failure {f}"))
+        .unwrap_or_default();
+    Err(error(
+        ErrorCode::NoServerAvailable,
+        format!(
+            "no eligible comm server ({registered} registered, {} excluded){detail}",
+            exclude.len()
+        ),
+    ))
+}
+
+/// Checks credentials and returns the identity a key will be reserved for. Version 1 knows
+/// anonymous clients only.
+fn authenticate(
+    app: &App,
+    credentials: Option<v1::Credentials>,
+) -> Result<v1::Identity, v1::Error> {
+    match credentials.and_then(|c| c.kind) {
+        None | Some(credentials::Kind::Anonymous(_)) => Ok(v1::Identity {
+            alias: app.aliases.next(),
+            account: String::new(),
+            role: String::new(),
+            groups: Vec::new(),
+        }),
+    }
+}
+
+/// `GET /v1/connect`: upgrades to the negotiation link.
+pub(crate) async fn upgrade(
+    State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
+    mut req: Request,
+) -> Response {
+    let (response, on_upgrade) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(e) => return e.into_response(),
+    };
+    let limits = app.config.ws_limits();
+    let span = tracing::debug_span!("negotiation", peer = %conn.peer);
+    let tracker = app.tracker.clone();
+    tracker.spawn(
+        async move {
+            match ws::upgraded(on_upgrade, &limits).await {
+                Ok(socket) => run(app, socket, conn).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
+    let _open = app.stats.negotiation_links.track();
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(app.config.link_queue);
+    let closer = Closer::new();
+    let writer = tokio::spawn(link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: rx,
+            data: None,
+            drops: None,
+            closer: closer.clone(),
+            linger: LINGER,
+        },
+    ));
+    if let Err(e) = serve(&app, &mut stream, &tx, &closer).await {
+        tracing::debug!(error = %e, "closing negotiation link");
+        closer.close(Some(error_frame::<v1::CoordinatorToClient>(e)));
+    } else {
+        closer.close(None);
+    }
+    link::linger(&mut stream, LINGER).await;
+    let _ = writer.await;
+}
+
+/// Queues a reply; a client that lets its queue fill up is not reading and is dropped.
+fn reply(tx: &mpsc::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), v1::Error> {
+    tx.try_send(encode(msg))
+        .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
+}
+
+async fn serve(
+    app: &Arc<App>,
+    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    tx: &mpsc::Sender<Bytes>,
+    closer: &Closer,
+) -> Result<(), v1::Error> {
+    let first: Option<v1::ClientToCoordinator> =
+        link::first_message(stream, app.config.handshake_timeout()).await?;
+    let Some(first) = first else { return Ok(()) };
+    let Some(Kind::Hello(hello)) = first.kind else {
+        return Err(error(
+            ErrorCode::UnexpectedMessage,
+            "the first message on /v1/connect must be Hello",
+        ));
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+        ));
+    }
+    let identity = authenticate(app, hello.credentials)?;
+    let servers = lock(&app.registry)
+        .iter()
+        .map(|(id, e)| v1::ServerInfo {
+            server_id: id.clone(),
+            url: e.url.clone(),
+        })
+        .collect();
+    reply(
+        tx,
+        &v1::CoordinatorToClient::welcome(v1::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            alias: identity.alias.clone(),
+            servers,
+            heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
+            heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+        }),
+    )?;
+    let mut bucket = TokenBucket::new(app.config.connect_rate_per_s, app.config.connect_burst);
+    let mut watchdog = Watchdog::new(
+        app.config.heartbeat_timeout(),
+        app.config.heartbeat_interval(),
+    );
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => {
+                return Err(error(ErrorCode::ShuttingDown, "coordinator is shutting down"));
+            }
+            _ = closer.closed() => return Ok(()),
+            beat = watchdog.tick() => if beat == Beat::Expired {
+                return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout"));
+            },
+            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                Inbound::Closed => return Ok(()),
+                Inbound::Control => watchdog.activity(),
+                Inbound::Frame(frame) => {
+                    watchdog.activity();
+                    let msg: v1::ClientToCoordinator = decode_frame(frame)?;
+                    match msg.kind {
+                        Some(Kind::Connect(connect)) => {
+                            let answer = if bucket.take(Instant::now()) {
+                                let preferred = Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
+                                place(app, &identity, preferred, connect.exclude).await
+                            } else {
+                                Err(error(ErrorCode::LimitExceeded, "too many Connect requests; slow down"))
+                            };
+                            let msg = match answer {
+                                Ok(p) => v1::CoordinatorToClient::offer(v1::ConnectOffer {
+                                    server_id: p.server_id,
+                                    url: p.url,
+                                    key: p.key,
+                                    expires_in_ms: p.expires_in_ms,
+                                }),
+                                Err(e) => v1::CoordinatorToClient::error(e),
+                            };
+                            reply(tx, &msg)?;
+                        }
+                        Some(Kind::Ping(ping)) => reply(tx, &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }))?,
+                        Some(Kind::Hello(_)) => return Err(error(ErrorCode::UnexpectedMessage, "Hello was already sent on this link")),
+                        None => return Err(error(ErrorCode::BadFrame, "empty ClientToCoordinator message")),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// [`place_client`] with login accounting.
+async fn place(
+    app: &App,
+    identity: &v1::Identity,
+    preferred: Option<&str>,
+    exclude: Vec<String>,
+) -> Result<Placement, v1::Error> {
+    let result = place_client(app, identity, preferred, exclude).await;
+    match &result {
+        Ok(_) => app.stats.logins.inc(),
+        Err(_) => app.stats.login_failures.inc(),
+    }
+    result
+}
+
+/// Body of `POST /v1/login`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct LoginRequest {
+    preferred_server: Option<String>,
+    exclude: Vec<String>,
+}
+
+/// Answer of `POST /v1/login`.
+#[derive(Debug, Serialize)]
+pub(crate) struct LoginResponse {
+    alias: String,
+    #[serde(flatten)]
+    placement: Placement,
+}
+
+/// `POST /v1/login`: the same choice as `/v1/connect`, as JSON.
+pub(crate) async fn login(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), ErrorCode::BadFrame, e.body_text()))?;
+    if body.len() > app.config.max_login_body_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::LimitExceeded,
+            format!(
+                "login body is larger than {} bytes",
+                app.config.max_login_body_bytes
+            ),
+        ));
+    }
+    let request: LoginRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        LoginRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                format!("invalid login JSON: {e}"),
+            )
+        })?
+    };
+    let identity = authenticate(&app, None).map_err(ApiError::from)?;
+    let placement = place(
+        &app,
+        &identity,
+        request.preferred_server.as_deref(),
+        request.exclude,
+    )
+    .await?;
+    Ok(Json(LoginResponse {
+        alias: identity.alias,
+        placement,
+    }))
+}
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(rate),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(10, 3);
+        b.last = start;
+        assert!((0..3).all(|_| b.take(start)));
+        assert!(!b.take(start));
+        assert!(b.take(start + Duration::from_millis(100)));
+        assert!(!b.take(start + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,427 @@
+//! The registry of comm servers and server selection, as a plain struct with no I/O.
+//!
+//! The coordinator's async code keeps one `Registry` behind a mutex and feeds it events
+//! (a server registered, reported load, went away); the registry answers with what to tell whom
+//! (peer lists, `PeerJoined`/`PeerLeft` recipients, a link to close). `H` is whatever the caller
+//! uses to reach a server's link; the unit tests use plain numbers.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand::RngExt as _;
+use rand::seq::IndexedRandom as _;
+use serde::{Deserialize, Serialize};
+
+/// Identifies one server-link connection, so that a late "link closed" event for a link that
+/// has since been replaced does not unregister its successor.
+pub type LinkId = u64;
+
+/// How the coordinator picks a server among the eligible ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Uniformly at random (the default).
+    #[default]
+    Random,
+    /// The server with the most free capacity; ties broken at random.
+    LeastLoaded,
+    /// Two servers at random, then the less loaded of the two.
+    PowerOfTwo,
+}
+
+/// What a server last told the coordinator about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Connected clients.
+    pub clients: u32,
+    /// Keys reserved but not yet redeemed.
+    pub pending_keys: u32,
+    /// Topics with local subscribers.
+    pub topics: u32,
+    /// Refuses new clients while shutting down.
+    pub draining: bool,
+}
+
+/// One registered server.
+#[derive(Debug, Clone)]
+pub struct Entry<H> {
+    /// Base WebSocket URL.
+    pub url: String,
+    /// Most clients it accepts.
+    pub capacity: u32,
+    /// Its latest load report, plus keys reserved through this coordinator since.
+    pub load: Load,
+    /// The link it registered over.
+    pub link: LinkId,
+    /// How to reach that link.
+    pub handle: H,
+}
+
+impl<H> Entry<H> {
+    /// Whether new clients may be sent here.
+    pub fn eligible(&self) -> bool {
+        !self.load.draining && self.used() < u64::from(self.capacity)
+    }
+
+    fn used(&self) -> u64 {
+        u64::from(self.load.clients) + u64::from(self.load.pending_keys)
+    }
+
+    fn free(&self) -> u64 {
+        u64::from(self.capacity).saturating_sub(self.used())
+    }
+}
+
+/// The outcome of a registration.
+#[derive(Debug)]
+pub struct Registration<H> {
+    /// Every other server, for the `Registered` answer: `(id, url)`.
+    pub peers: Vec<(String, String)>,
+    /// Links of the other servers, to tell them `PeerJoined` (empty when the server only
+    /// re-registered at the same URL).
+    pub notify: Vec<H>,
+    /// The link this registration replaces (same id, older connection), to be closed.
+    pub replaced: Option<H>,
+}
+
+/// Registered servers by id.
+#[derive(Debug)]
+pub struct Registry<H> {
+    servers: BTreeMap<String, Entry<H>>,
+}
+
+impl<H> Default for Registry<H> {
+    fn default() -> Self {
+        Self {
+            servers: BTreeMap::new(),
+        }
+    }
+}
+
+impl<H: Clone> Registry<H> {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `id` over `link`, replacing any earlier link with the same id.
+    pub fn register(
+        &mut self,
+        id: &str,
+        url: &str,
+        capacity: u32,
+        link: LinkId,
+        handle: H,
+    ) -> Registration<H> {
+        let entry = Entry {
+            url: url.to_owned(),
+            capacity,
+            load: Load::default(),
+            link,
+            handle,
+        };
+        let previous = self.servers.insert(id.to_owned(), entry);
+        let moved = previous.as_ref().is_none_or(|p| p.url != url);
+        let peers = self
+            .servers
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .map(|(other, e)| (other.clone(), e.url.clone()))
+            .collect();
+        let notify = if moved { self.others(id) } else { Vec::new() };
+        Registration {
+            peers,
+            notify,
+            replaced: previous.filter(|p| p.link != link).map(|p| p.handle),
+        }
+    }
+
+    /// Removes `id` if it is still registered over `link`. Returns the links of the remaining
+    /// servers, to tell them `PeerLeft`, or `None` when nothing was removed.
+    pub fn unregister(&mut self, id: &str, link: LinkId) -> Option<Vec<H>> {
+        if self.servers.get(id)?.link != link {
+            return None;
+        }
+        self.servers.remove(id);
+        Some(self.others(id))
+    }
+
+    /// Records a load report from `id` over `link`.
+    pub fn update_load(&mut self, id: &str, link: LinkId, load: Load) {
+        if let Some(entry) = self.servers.get_mut(id).filter(|e| e.link == link) {
+            entry.load = load;
+        }
+    }
+
+    /// Counts a key reserved on `id`, until its next load report says how many are pending.
+    pub fn note_reserved(&mut self, id: &str) {
+        if let Some(entry) = self.servers.get_mut(id) {
+            entry.load.pending_keys = entry.load.pending_keys.saturating_add(1);
+        }
+    }
+
+    /// Picks a server for a client: `preferred` when it is eligible and not excluded, otherwise
+    /// one chosen by `strategy` among the eligible servers not in `exclude`.
+    pub fn select(
+        &self,
+        rng: &mut impl Rng,
+        strategy: Strategy,
+        preferred: Option<&str>,
+        exclude: &[String],
+    ) -> Option<(String, Entry<H>)> {
+        let allowed = |id: &str, e: &Entry<H>| e.eligible() && !exclude.iter().any(|x| x == id);
+        if let Some(id) = preferred
+            && let Some(entry) = self.servers.get(id).filter(|e| allowed(id, e))
+        {
+            return Some((id.to_owned(), entry.clone()));
+        }
+        let candidates: Vec<(&String, &Entry<H>)> = self
+            .servers
+            .iter()
+            .filter(|(id, e)| allowed(id, e))
+            .collect();
+        let (id, entry) = match strategy {
+            Strategy::Random => *candidates.choose(rng)?,
+            Strategy::LeastLoaded => {
+                let most_free = candidates.iter().map(|(_, e)| e.free()).max()?;
+                let best: Vec<_> = candidates
+                    .iter()
+                    .filter(|(_, e)| e.free() == most_free)
+                    .collect();
+                **best.choose(rng)?
+            }
+            Strategy::PowerOfTwo => {
+                let a = *candidates.choose(rng)?;
+                let b = candidates[rng.random_range(0..candidates.len())];
+                if b.1.free() > a.1.free() { b } else { a }
+            }
+        };
+        Some((id.clone(), entry.clone()))
+    }
+
+    /// All servers, by id.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Entry<H>)> {
+        self.servers.iter()
+    }
+
+    /// Number of registered servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether no server is registered.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    fn others(&self, id: &str) -> Vec<H> {
+        self.servers
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .map(|(_, e)| e.handle.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use rand::SeedableRng as _;
+    use rand::rngs::StdRng;
+
+    use super::*;
+
+    fn registry(n: u32) -> Registry<u32> {
+        let mut r = Registry::new();
+        for i in 0..n {
+            r.register(
+                &format!("s{i}"),
+                &format!("ws://h{i}"),
+                100,
+                u64::from(i),
+                i,
+            );
+        }
+        r
+    }
+
+    fn spread(
+        r: &Registry<u32>,
+        strategy: Strategy,
+        exclude: &[String],
+        picks: usize,
+    ) -> HashMap<String, usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = HashMap::new();
+        for _ in 0..picks {
+            let (id, _) = r.select(&mut rng, strategy, None, exclude).unwrap();
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn random_selection_spreads_over_every_eligible_server() {
+        let counts = spread(&registry(3), Strategy::Random, &[], 3000);
+        assert_eq!(counts.len(), 3);
+        for (id, n) in &counts {
+            assert!((800..1200).contains(n), "{id} got {n} of 3000");
+        }
+    }
+
+    #[test]
+    fn excluded_draining_and_full_servers_are_never_picked() {
+        let mut r = registry(4);
+        r.update_load(
+            "s1",
+            1,
+            Load {
+                draining: true,
+                ..Load::default()
+            },
+        );
+        r.update_load(
+            "s2",
+            2,
+            Load {
+                clients: 60,
+                pending_keys: 40,
+                ..Load::default()
+            },
+        );
+        let counts = spread(&r, Strategy::Random, &["s3".to_owned()], 200);
+        assert_eq!(counts.keys().collect::<Vec<_>>(), vec!["s0"]);
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(
+            r.select(
+                &mut rng,
+                Strategy::Random,
+                None,
+                &["s0".to_owned(), "s3".to_owned()]
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn preferred_server_is_honoured_only_when_eligible() {
+        let mut r = registry(3);
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..20 {
+            assert_eq!(
+                r.select(&mut rng, Strategy::Random, Some("s2"), &[])
+                    .unwrap()
+                    .0,
+                "s2"
+            );
+        }
+        r.update_load(
+            "s2",
+            2,
+            Load {
+                draining: true,
+                ..Load::default()
+            },
+        );
+        assert_ne!(
+            r.select(&mut rng, Strategy::Random, Some("s2"), &[])
+                .unwrap()
+                .0,
+            "s2"
+        );
+        assert_ne!(
+            r.select(&mut rng, Strategy::Random, Some("s1"), &["s1".to_owned()])
+                .unwrap()
+                .0,
+            "s1"
+        );
+        assert!(
+            r.select(&mut rng, Strategy::Random, Some("nope"), &[])
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn load_aware_strategies_prefer_free_capacity() {
+        let mut r = registry(3);
+        r.update_load(
+            "s0",
+            0,
+            Load {
+                clients: 90,
+                ..Load::default()
+            },
+        );
+        r.update_load(
+            "s1",
+            1,
+            Load {
+                clients: 10,
+                ..Load::default()
+            },
+        );
+        r.update_load(
+            "s2",
+            2,
+            Load {
+                clients: 50,
+                ..Load::default()
+            },
+        );
+        let least = spread(&r, Strategy::LeastLoaded, &[], 50);
+        assert_eq!(least.get("s1"), Some(&50));
+        let p2 = spread(&r, Strategy::PowerOfTwo, &[], 900);
+        assert!(p2.get("s1").copied().unwrap_or(0) > p2.get("s0").copied().unwrap_or(0));
+        r.note_reserved("s1");
+        assert_eq!(
+            r.iter()
+                .find(|(id, _)| *id == "s1")
+                .unwrap()
+                .1
+                .load
+                .pending_keys,
+            1
+        );
+    }
+
+    #[test]
+    fn registration_reports_peers_and_replacements() {
+        let mut r = registry(2);
+        let third = r.register("s2", "ws://h2", 100, 10, 2);
+        assert_eq!(
+            third.peers,
+            vec![
+                ("s0".into(), "ws://h0".into()),
+                ("s1".into(), "ws://h1".into())
+            ]
+        );
+        assert_eq!(third.notify, vec![0, 1]);
+        assert!(third.replaced.is_none());
+
+        // The same server reconnects at the same URL: the old link is replaced, nobody needs a
+        // PeerJoined, and the old link's late close does not unregister the new one.
+        let again = r.register("s2", "ws://h2", 100, 11, 22);
+        assert_eq!(again.replaced, Some(2));
+        assert!(again.notify.is_empty());
+        assert_eq!(r.unregister("s2", 10), None);
+        assert_eq!(r.len(), 3);
+        // Moving to a new URL is announced again.
+        assert_eq!(
+            r.register("s2", "ws://elsewhere", 100, 12, 23).notify,
+            vec![0, 1]
+        );
+        assert_eq!(r.unregister("s2", 12), Some(vec![0, 1]));
+        assert_eq!(r.len(), 2);
+        // Load reports over a stale link are ignored.
+        r.update_load(
+            "s0",
+            99,
+            Load {
+                clients: 7,
+                ..Load::default()
+            },
+        );
+        assert_eq!(r.iter().next().unwrap().1.load.clients, 0);
+    }
+}

@@ -1,0 +1,354 @@
+//! Link 1, the server link: a comm server registers over `/v1/servers`, reports load, answers
+//! key reservations, and is told when other servers join or leave.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse as _, Response};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use relaymesh_net::heartbeat::{Beat, Watchdog};
+use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+
+use crate::App;
+use crate::registry::Load;
+
+/// Time allowed for last words and the close handshake when a link ends.
+const LINGER: Duration = Duration::from_secs(1);
+
+type ReserveReply = Result<v1::Reserved, v1::Error>;
+
+/// A registered server's link, as seen by the rest of the coordinator.
+pub(crate) struct ServerLink {
+    pub(crate) id: String,
+    /// Control queue drained by the link's writer task; bounded by `link_queue`.
+    tx: mpsc::Sender<Bytes>,
+    closer: Closer,
+    /// Reservations sent to this server and awaiting `Reserved`/`ReserveFailed`, by request id.
+    /// The receivers are held by the logins waiting in [`ServerLink::reserve`].
+    pending: Mutex<HashMap<u64, oneshot::Sender<ReserveReply>>>,
+    max_pending: usize,
+}
+
+impl std::fmt::Debug for ServerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerLink")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
+impl ServerLink {
+    /// Queues a frame for the server. A server whose queue is full is not keeping up with its
+    /// link; it is disconnected (it reconnects and re-registers with a fresh peer list) rather
+    /// than silently missing a peer change.
+    pub(crate) fn send(&self, frame: Bytes) -> bool {
+        if self.tx.try_send(frame).is_ok() {
+            return true;
+        }
+        tracing::warn!(server_id = %self.id, "server link queue full; closing the link");
+        let words = error_frame::<v1::CoordinatorToServer>(error(
+            ErrorCode::LimitExceeded,
+            "server link queue overflowed",
+        ));
+        self.closer.close(Some(words));
+        false
+    }
+
+    /// Asks the server for a login key for `identity` and waits for the answer.
+    pub(crate) async fn reserve(
+        &self,
+        request_id: u64,
+        identity: v1::Identity,
+        timeout: Duration,
+    ) -> ReserveReply {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        {
+            let mut pending = lock(&self.pending);
+            if pending.len() >= self.max_pending {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    "too many reservations pending on this server",
+                ));
+            }
+            pending.insert(request_id, reply_tx);
+        }
+        let frame = encode(&v1::CoordinatorToServer::reserve(v1::Reserve {
+            request_id,
+            identity: Some(identity),
+        }));
+        if !self.send(frame) {
+            lock(&self.pending).remove(&request_id);
+            return Err(error(ErrorCode::Internal, "server link is overloaded"));
+        }
+        match tokio::time::timeout(timeout, reply_rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(error(
+                ErrorCode::Internal,
+                "server link closed before answering",
+            )),
+            Err(_) => {
+                lock(&self.pending).remove(&request_id);
+                Err(error(
+                    ErrorCode::Internal,
+                    format!("server did not answer within {} ms", timeout.as_millis()),
+                ))
+            }
+        }
+    }
+
+    fn answer(&self, request_id: u64, reply: ReserveReply) {
+        if let Some(waiter) = lock(&self.pending).remove(&request_id) {
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+/// `GET /v1/servers`: checks the cluster secret, then upgrades to the server link.
+pub(crate) async fn upgrade(
+    State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
+    mut req: Request,
+) -> Response {
+    if !relaymesh_net::auth::bearer_matches(req.headers(), &app.config.cluster_secret) {
+        app.stats.server_links_refused.inc();
+        tracing::warn!(peer = %conn.peer, "refused a comm server: missing or wrong cluster secret");
+        return ApiError::from_code(
+            ErrorCode::Unauthenticated,
+            "missing or wrong cluster secret",
+        )
+        .into_response();
+    }
+    let (response, on_upgrade) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(e) => return e.into_response(),
+    };
+    let limits = app.config.ws_limits();
+    let span =
+        tracing::info_span!("server_link", peer = %conn.peer, server_id = tracing::field::Empty);
+    let tracker = app.tracker.clone();
+    tracker.spawn(
+        async move {
+            match ws::upgraded(on_upgrade, &limits).await {
+                Ok(socket) => run(app, socket, conn).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(app.config.link_queue);
+    let closer = Closer::new();
+    let writer = tokio::spawn(link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: rx,
+            data: None,
+            drops: None,
+            closer: closer.clone(),
+            linger: LINGER,
+        },
+    ));
+    if let Err(e) = serve(&app, &mut stream, tx, &closer).await {
+        tracing::info!(error = %e, "closing server link");
+        closer.close(Some(error_frame::<v1::CoordinatorToServer>(e)));
+    } else {
+        closer.close(None);
+    }
+    link::linger(&mut stream, LINGER).await;
+    let _ = writer.await;
+}
+
+fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
+    if reg.protocol_version != PROTOCOL_VERSION {
+        return Err(error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+                reg.protocol_version
+            ),
+        ));
+    }
+    let id_ok = !reg.server_id.is_empty()
+        && reg.server_id.len() <= 128
+        && reg
+            .server_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if !id_ok {
+        return Err(error(
+            ErrorCode::BadFrame,
+            "server_id must be 1-128 characters of letters, digits and _ - . :",
+        ));
+    }
+    let url_ok = reg
+        .public_url
+        .strip_prefix("ws://")
+        .is_some_and(|rest| !rest.is_empty() && rest.len() < 512)
+        && reg.public_url.parse::<axum::http::Uri>().is_ok();
+    if !url_ok {
+        return Err(error(
+            ErrorCode::BadFrame,
+            format!("public_url {:?} is not a ws:// URL", reg.public_url),
+        ));
+    }
+    if reg.capacity == 0 {
+        return Err(error(ErrorCode::BadFrame, "capacity must be positive"));
+    }
+    Ok(())
+}
+
+async fn serve(
+    app: &Arc<App>,
+    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    tx: mpsc::Sender<Bytes>,
+    closer: &Closer,
+) -> Result<(), v1::Error> {
+    let first: Option<v1::ServerToCoordinator> =
+        link::first_message(stream, app.config.handshake_timeout()).await?;
+    let Some(first) = first else { return Ok(()) };
+    let Some(Kind::Register(reg)) = first.kind else {
+        return Err(error(
+            ErrorCode::UnexpectedMessage,
+            "the first message on /v1/servers must be Register",
+        ));
+    };
+    validate_register(&reg)?;
+    tracing::Span::current().record("server_id", reg.server_id.as_str());
+    let link_id = app.next_link_id();
+    let handle = Arc::new(ServerLink {
+        id: reg.server_id.clone(),
+        tx,
+        closer: closer.clone(),
+        pending: Mutex::new(HashMap::new()),
+        max_pending: app.config.max_pending_reservations,
+    });
+    {
+        let mut registry = lock(&app.registry);
+        let registration = registry.register(
+            &reg.server_id,
+            &reg.public_url,
+            reg.capacity,
+            link_id,
+            handle.clone(),
+        );
+        let registered = v1::Registered {
+            protocol_version: PROTOCOL_VERSION,
+            peers: registration
+                .peers
+                .into_iter()
+                .map(|(server_id, url)| v1::ServerInfo { server_id, url })
+                .collect(),
+            heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
+            heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+        };
+        handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
+        let joined = encode(&v1::CoordinatorToServer::peer_joined(v1::PeerJoined {
+            peer: Some(v1::ServerInfo {
+                server_id: reg.server_id.clone(),
+                url: reg.public_url.clone(),
+            }),
+        }));
+        for other in registration.notify {
+            other.send(joined.clone());
+        }
+        if let Some(old) = registration.replaced {
+            let words = error(
+                ErrorCode::Replaced,
+                "a newer connection registered the same server id",
+            );
+            old.closer
+                .close(Some(error_frame::<v1::CoordinatorToServer>(words)));
+        }
+    }
+    tracing::info!(server_id = %reg.server_id, url = %reg.public_url, capacity = reg.capacity, "comm server registered");
+    let result = serve_registered(app, stream, &handle, link_id).await;
+    let left = lock(&app.registry).unregister(&reg.server_id, link_id);
+    if let Some(others) = left {
+        let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
+            server_id: reg.server_id.clone(),
+        }));
+        for other in others {
+            other.send(frame.clone());
+        }
+        tracing::info!(server_id = %reg.server_id, "comm server left");
+    }
+    // Logins waiting on this server see their reply channel close and try another server.
+    lock(&handle.pending).clear();
+    result
+}
+
+async fn serve_registered(
+    app: &Arc<App>,
+    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    handle: &ServerLink,
+    link_id: u64,
+) -> Result<(), v1::Error> {
+    let mut watchdog = Watchdog::new(
+        app.config.heartbeat_timeout(),
+        app.config.heartbeat_interval(),
+    );
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => {
+                return Err(error(ErrorCode::ShuttingDown, "coordinator is shutting down"));
+            }
+            _ = handle.closer.closed() => return Ok(()),
+            beat = watchdog.tick() => match beat {
+                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "no load report within the heartbeat timeout")),
+                Beat::Send => {
+                    nonce += 1;
+                    handle.send(encode(&v1::CoordinatorToServer { kind: Some(out::Kind::Ping(v1::Ping { nonce })) }));
+                }
+                Beat::Quiet => {}
+            },
+            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                Inbound::Closed => return Ok(()),
+                Inbound::Control => watchdog.activity(),
+                Inbound::Frame(frame) => {
+                    watchdog.activity();
+                    let msg: v1::ServerToCoordinator = decode_frame(frame)?;
+                    match msg.kind {
+                        Some(Kind::Load(load)) => {
+                            let load = Load { clients: load.clients, pending_keys: load.pending_keys, topics: load.topics, draining: load.draining };
+                            lock(&app.registry).update_load(&handle.id, link_id, load);
+                        }
+                        Some(Kind::Reserved(reserved)) => handle.answer(reserved.request_id, Ok(reserved)),
+                        Some(Kind::ReserveFailed(failed)) => {
+                            let e = failed.error.unwrap_or_else(|| error(ErrorCode::Internal, "reservation failed"));
+                            handle.answer(failed.request_id, Err(e));
+                        }
+                        Some(Kind::Pong(_)) => {}
+                        Some(Kind::Register(_)) => {
+                            return Err(error(ErrorCode::UnexpectedMessage, "already registered on this link"));
+                        }
+                        None => return Err(error(ErrorCode::BadFrame, "empty ServerToCoordinator message")),
+                    }
+                }
+            },
+        }
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

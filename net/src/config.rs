@@ -1,0 +1,92 @@
+//! Loading a service's TOML config file.
+//!
+//! Each binary defines a `serde` struct with a default for every key and
+//! `#[serde(deny_unknown_fields)]`, so a misspelt key is an error rather than a silently ignored
+//! line. Command-line flags override what the file says; secrets come from the environment or
+//! the file, never from a flag alone.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this service.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, on one line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Reads `path` as TOML into `T`, or returns `T::default()` when there is no file.
+pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+/// Fails with [`ConfigError::Invalid`] naming `key` when `ok` is false.
+pub fn ensure(ok: bool, key: &str, rule: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!("`{key}` {rule}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sample {
+        limit: u32,
+    }
+
+    #[test]
+    fn missing_file_means_defaults_and_typos_are_errors() {
+        assert_eq!(load::<Sample>(None).unwrap(), Sample::default());
+        let dir = std::env::temp_dir().join(format!("relaymesh-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "limit = 5\n").unwrap();
+        assert_eq!(load::<Sample>(Some(&good)).unwrap(), Sample { limit: 5 });
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "limt = 5\n").unwrap();
+        let err = load::<Sample>(Some(&typo)).unwrap_err().to_string();
+        assert!(err.contains("limt") && !err.contains('\n'), "{err}");
+        let missing = load::<Sample>(Some(&dir.join("nope.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.starts_with("cannot read config file"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

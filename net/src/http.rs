@@ -1,0 +1,302 @@
+//! Serving HTTP (and WebSocket upgrades) from an already-bound listener, plus the small HTTP
+//! client the CLI and tests use for `/v1/stats` and `/v1/login`.
+//!
+//! [`serve`] is the listener half of the Listener/Handler split: it takes a connection permit
+//! from a semaphore *before* accepting (so a full server stops accepting instead of accepting and
+//! dropping), backs off on accept errors such as `EMFILE`, sets `TCP_NODELAY`, and hands each
+//! connection to hyper with upgrades enabled. Every request carries a [`ConnInfo`] extension with
+//! the peer address and the connection permit; a WebSocket handler keeps that permit for the
+//! life of the upgraded session, so the cap counts WebSocket sessions too.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+pub use axum::http::Method;
+use axum::http::{Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use relaymesh_proto::ErrorCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service as _;
+use tracing::Instrument as _;
+
+/// Limits for [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Open TCP connections (HTTP and WebSocket) at once; further connections wait in the
+    /// kernel's accept queue until one closes.
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// How long an HTTP connection may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Per-connection facts attached to every request as an extension.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The remote address.
+    pub peer: SocketAddr,
+    /// The connection's slot under [`ServeOptions::max_connections`]; released when the last
+    /// clone is dropped.
+    pub permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// Accepts connections on `listener` and serves `router` until `shutdown` is cancelled.
+/// Connection tasks are spawned on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let mut accept_backoff = Duration::from_millis(1);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE/ENFILE/ENOBUFS and friends: wait and try again rather than spin.
+                    tracing::warn!(%error, backoff = ?accept_backoff, "accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(accept_backoff) => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        accept_backoff = Duration::from_millis(1);
+        let info = ConnInfo {
+            peer,
+            permit: Arc::new(permit),
+        };
+        let span = tracing::debug_span!("http", %peer);
+        tracker.spawn(
+            serve_connection(
+                stream,
+                info,
+                router.clone(),
+                options.clone(),
+                shutdown.clone(),
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    info: ConnInfo,
+    router: Router,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        router.clone().call(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "http connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(options.shutdown_grace, conn).await;
+        }
+    }
+}
+
+/// An error answered as JSON `{"code": "...", "message": "..."}` with an HTTP status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The protocol error code, rendered by name.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with the given status, code and message.
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status that fits a protocol error code.
+    pub fn status_for(code: ErrorCode) -> StatusCode {
+        match code {
+            ErrorCode::BadFrame
+            | ErrorCode::InvalidTopic
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::UnexpectedMessage => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated | ErrorCode::KeyInvalid => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::NoServerAvailable | ErrorCode::ServerFull | ErrorCode::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// An error whose status follows from its code.
+    pub fn from_code(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(Self::status_for(code), code, message)
+    }
+}
+
+impl From<relaymesh_proto::v1::Error> for ApiError {
+    fn from(e: relaymesh_proto::v1::Error) -> Self {
+        Self::from_code(e.error_code(), e.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.code.as_str_name(), "message": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// A `text/plain` response, for `/healthz` and `/metrics`.
+pub fn text(content_type: &'static str, body: String) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// Why an HTTP request from [`request`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpClientError {
+    /// The URL is not `http://host:port/path` (or `ws://`, which is mapped to `http://`).
+    #[error("invalid URL {0:?}: expected http://host:port/...")]
+    BadUrl(String),
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// `host:port` that was dialed.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exchange failed after connecting.
+    #[error("HTTP request to {url} failed: {message}")]
+    Exchange {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("HTTP request to {0} timed out")]
+    Timeout(String),
+}
+
+/// Largest response body [`request`] reads.
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Makes one HTTP/1.1 request and returns the status and body. `ws://` URLs are treated as
+/// `http://` so one coordinator URL serves for both WebSocket links and HTTP endpoints.
+pub async fn request(
+    method: Method,
+    url: &str,
+    json_body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), HttpClientError> {
+    tokio::time::timeout(timeout, request_inner(method, url, json_body))
+        .await
+        .unwrap_or_else(|_| Err(HttpClientError::Timeout(url.to_owned())))
+}
+
+async fn request_inner(
+    method: Method,
+    url: &str,
+    json_body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), HttpClientError> {
+    let bad_url = || HttpClientError::BadUrl(url.to_owned());
+    let uri: hyper::Uri = url.parse().map_err(|_| bad_url())?;
+    match uri.scheme_str() {
+        Some("http" | "ws") => {}
+        _ => return Err(bad_url()),
+    }
+    let host = uri.host().ok_or_else(bad_url)?;
+    let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+    let stream = TcpStream::connect(&addr)
+        .await
+        .map_err(|source| HttpClientError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let exchange = |e: &dyn std::fmt::Display| HttpClientError::Exchange {
+        url: url.to_owned(),
+        message: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| exchange(&e))?;
+    let driver = tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, &addr);
+    if json_body.is_some() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = builder
+        .body(Full::new(Bytes::from(json_body.unwrap_or_default())))
+        .map_err(|e| exchange(&e))?;
+    let response = sender.send_request(req).await.map_err(|e| exchange(&e))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| exchange(&e))?
+        .to_bytes();
+    driver.abort();
+    Ok((status, body))
+}

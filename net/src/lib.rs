@@ -1,0 +1,21 @@
+//! Shared runtime pieces for the relaymesh services and client.
+//!
+//! Everything here is protocol-agnostic plumbing that the coordinator, the comm server and the
+//! client library would otherwise each write again: serving HTTP with WebSocket upgrades from an
+//! already-bound listener ([`http`]), dialing and accepting WebSockets with size limits and
+//! `TCP_NODELAY` ([`ws`]), the batched link writer and frame reader every link uses ([`link`]),
+//! heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]), process shutdown
+//! ([`shutdown`]), Prometheus text ([`metrics`]), config files ([`config`]), lock helpers ([`sync`]) and logging
+//! ([`logging`]).
+
+pub mod auth;
+pub mod config;
+pub mod heartbeat;
+pub mod http;
+pub mod link;
+pub mod logging;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod sync;
+pub mod ws;

@@ -1,0 +1,255 @@
+//! WebSocket accept (over hyper upgrades) and dial (over a plain `TcpStream`), both with the
+//! size limits and buffer sizes from [`WsLimits`] and `TCP_NODELAY` set.
+//!
+//! Both sides end up with a `tokio_tungstenite::WebSocketStream`, so link code is the same
+//! whether this process dialed or accepted.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::response::Response;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use relaymesh_proto::ErrorCode;
+use tokio::net::TcpStream;
+pub use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::http::ApiError;
+
+/// A WebSocket this process accepted.
+pub type ServerSocket = WebSocketStream<TokioIo<Upgraded>>;
+/// A WebSocket this process dialed.
+pub type ClientSocket = WebSocketStream<TcpStream>;
+
+/// Size limits and buffer sizes for one WebSocket.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// Largest message (and frame) accepted from the peer; bigger ones end the link with
+    /// `LIMIT_EXCEEDED`.
+    pub max_frame_bytes: usize,
+    /// Read buffer allocated per connection. Small keeps idle connections cheap; large saves
+    /// read syscalls on busy ones.
+    pub read_buffer_bytes: usize,
+    /// Bytes buffered before tungstenite writes to the socket without an explicit flush.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for WsLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1024 * 1024,
+            read_buffer_bytes: 8 * 1024,
+            write_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl WsLimits {
+    /// The tungstenite configuration for these limits.
+    pub fn config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(self.write_buffer_bytes)
+            .max_message_size(Some(self.max_frame_bytes))
+            .max_frame_size(Some(self.max_frame_bytes))
+    }
+}
+
+/// Checks that `req` is a WebSocket upgrade and answers it: returns the `101 Switching
+/// Protocols` response to send and the future that resolves to the upgraded connection.
+pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError> {
+    let bad = |what: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            format!("not a WebSocket upgrade: {what}"),
+        )
+    };
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if req.method() != axum::http::Method::GET {
+        return Err(bad("method must be GET"));
+    }
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(bad("missing `Connection: upgrade` / `Upgrade: websocket`"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(bad("Sec-WebSocket-Version must be 13"));
+    }
+    let accept_key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| derive_accept_key(key.as_bytes()))
+        .ok_or_else(|| bad("missing Sec-WebSocket-Key"))?;
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| bad("connection cannot be upgraded"))?;
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept_key).map_err(|_| bad("bad key"))?,
+    );
+    Ok((response, on_upgrade))
+}
+
+/// Completes an upgrade started by [`accept`].
+pub async fn upgraded(
+    on_upgrade: OnUpgrade,
+    limits: &WsLimits,
+) -> Result<ServerSocket, hyper::Error> {
+    let io = on_upgrade.await?;
+    Ok(
+        WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(limits.config()))
+            .await,
+    )
+}
+
+/// Why a WebSocket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The URL is not a `ws://host:port/path` URL.
+    #[error("invalid URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No TCP connection.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server answered the upgrade with an error (e.g. 401 for a bad key), with the
+    /// `{code, message}` body it sent when there was one.
+    #[error("{url} refused the connection: {status}{}", .message.as_ref().map(|(c, m)| format!(" {}: {m}", c.as_str_name())).unwrap_or_default())]
+    Refused {
+        /// The URL.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The protocol error code and message from a JSON body.
+        message: Option<(ErrorCode, String)>,
+    },
+    /// The WebSocket handshake failed for another reason.
+    #[error("WebSocket handshake with {url} failed: {message}")]
+    Handshake {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Nothing within the timeout.
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+}
+
+impl DialError {
+    /// The protocol error code the server refused with, if it sent one.
+    pub fn refusal_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused {
+                message: Some((code, _)),
+                ..
+            } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Opens a WebSocket to `url` (`ws://host:port/path?query`), optionally presenting a bearer
+/// token, with `TCP_NODELAY` and the given limits.
+pub async fn dial(
+    url: &str,
+    bearer: Option<&str>,
+    limits: &WsLimits,
+    timeout: Duration,
+) -> Result<ClientSocket, DialError> {
+    tokio::time::timeout(timeout, dial_inner(url, bearer, limits))
+        .await
+        .unwrap_or_else(|_| Err(DialError::Timeout(url.to_owned())))
+}
+
+async fn dial_inner(
+    url: &str,
+    bearer: Option<&str>,
+    limits: &WsLimits,
+) -> Result<ClientSocket, DialError> {
+    let bad_url = |reason: &str| DialError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| bad_url(&e.to_string()))?;
+    if request.uri().scheme_str() != Some("ws") {
+        return Err(bad_url("only ws:// URLs are supported"));
+    }
+    let host = request
+        .uri()
+        .host()
+        .ok_or_else(|| bad_url("no host"))?
+        .to_owned();
+    let port = request.uri().port_u16().unwrap_or(80);
+    if let Some(token) = bearer {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| bad_url("secret is not a valid header value"))?;
+        request.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|source| DialError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(limits.config())).await
+    {
+        Ok((socket, _response)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status();
+            let message = response.body().as_deref().and_then(parse_error_body);
+            Err(DialError::Refused {
+                url: url.to_owned(),
+                status,
+                message,
+            })
+        }
+        Err(e) => Err(DialError::Handshake {
+            url: url.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Parses a `{"code": "KEY_INVALID", "message": "..."}` body.
+pub fn parse_error_body(body: &[u8]) -> Option<(ErrorCode, String)> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        code: String,
+        message: String,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    let code = ErrorCode::from_str_name(&body.code).unwrap_or(ErrorCode::Unspecified);
+    Some((code, body.message))
+}

@@ -1,0 +1,235 @@
+//! Encoding and decoding of whole frames: one protobuf envelope per binary WebSocket message.
+//!
+//! Every link encodes with [`encode`] and decodes with [`decode`]. The two frames that are built
+//! once per published message, a delivered [`v1::Message`] and a peer [`v1::Forward`], have
+//! hand-written encoders ([`message_frame`], [`forward_frame`]) that write straight from borrowed
+//! strings into one exactly-sized buffer, so the hot path allocates once per publish rather than
+//! once per field. Their output is byte-for-byte what prost would produce (see the tests).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+use crate::v1;
+
+/// A frame that is not a valid envelope of the expected type.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed protobuf frame: {0}")]
+pub struct DecodeError(#[from] prost::DecodeError);
+
+/// Encodes a message into a frame, allocating exactly once.
+pub fn encode<M: prost::Message>(msg: &M) -> Bytes {
+    let mut buf = BytesMut::with_capacity(msg.encoded_len());
+    // Encoding into a buffer sized by `encoded_len` cannot run out of space.
+    msg.encode_raw(&mut buf);
+    buf.freeze()
+}
+
+/// Decodes a frame. `bytes` fields of the result are slices of `frame`, not copies.
+pub fn decode<M: prost::Message + Default>(frame: Bytes) -> Result<M, DecodeError> {
+    Ok(M::decode(frame)?)
+}
+
+/// Decodes a frame that must be an `M`; a malformed frame becomes `Error{BAD_FRAME}`.
+pub fn decode_frame<M: prost::Message + Default>(frame: Bytes) -> Result<M, v1::Error> {
+    decode(frame).map_err(|e| v1::Error::new(v1::ErrorCode::BadFrame, e.to_string()))
+}
+
+/// An envelope that can carry an [`v1::Error`]: what a process sends before closing a link.
+pub trait ErrorEnvelope: prost::Message + Sized {
+    /// Wraps `error` in this envelope.
+    fn from_error(error: v1::Error) -> Self;
+}
+
+/// Encodes `error` as a frame of envelope type `E`.
+pub fn error_frame<E: ErrorEnvelope>(error: v1::Error) -> Bytes {
+    encode(&E::from_error(error))
+}
+
+macro_rules! error_envelopes {
+    ($($envelope:ident),*) => {$(
+        impl ErrorEnvelope for v1::$envelope {
+            fn from_error(error: v1::Error) -> Self {
+                Self::error(error)
+            }
+        }
+    )*};
+}
+
+error_envelopes!(
+    CoordinatorToServer,
+    CoordinatorToClient,
+    ServerToClient,
+    PeerMessage
+);
+
+/// Field number of `message` in the `ServerToClient.kind` oneof.
+const SERVER_TO_CLIENT_MESSAGE: u32 = 2;
+/// Field number of `forward` in the `PeerMessage.kind` oneof.
+const PEER_MESSAGE_FORWARD: u32 = 4;
+
+/// Encodes `ServerToClient { message: Message { topic, from_alias, payload } }`.
+pub fn message_frame(topic: &str, from_alias: &str, payload: &[u8]) -> Bytes {
+    let fields: [&[u8]; 3] = [topic.as_bytes(), from_alias.as_bytes(), payload];
+    wrapped(SERVER_TO_CLIENT_MESSAGE, &fields)
+}
+
+/// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload } }`.
+pub fn forward_frame(account: &str, topic: &str, from_alias: &str, payload: &[u8]) -> Bytes {
+    let fields: [&[u8]; 4] = [
+        account.as_bytes(),
+        topic.as_bytes(),
+        from_alias.as_bytes(),
+        payload,
+    ];
+    wrapped(PEER_MESSAGE_FORWARD, &fields)
+}
+
+/// Encodes an envelope whose oneof field `tag` holds a message made of length-delimited
+/// fields numbered 1, 2, 3, ... Empty fields are omitted, as proto3 requires.
+fn wrapped(tag: u32, fields: &[&[u8]]) -> Bytes {
+    let inner: usize = fields
+        .iter()
+        .zip(1u32..)
+        .map(|(value, field)| field_len(field, value.len()))
+        .sum();
+    let total = key_len(tag) + encoded_len_varint(inner as u64) + inner;
+    let mut buf = BytesMut::with_capacity(total);
+    encode_key(tag, WireType::LengthDelimited, &mut buf);
+    encode_varint(inner as u64, &mut buf);
+    for (value, field) in fields.iter().zip(1u32..) {
+        if !value.is_empty() {
+            encode_key(field, WireType::LengthDelimited, &mut buf);
+            encode_varint(value.len() as u64, &mut buf);
+            buf.put_slice(value);
+        }
+    }
+    debug_assert_eq!(buf.len(), total);
+    buf.freeze()
+}
+
+fn field_len(field: u32, len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        key_len(field) + encoded_len_varint(len as u64) + len
+    }
+}
+
+/// Shorthand constructors for envelopes, so link code reads as what it sends.
+macro_rules! envelope_ctors {
+    ($envelope:ident, $kind:path { $($variant:ident($inner:ty) => $fn:ident),* $(,)? }) => {
+        impl v1::$envelope {
+            $(
+                #[doc = concat!("Wraps a [`", stringify!($inner), "`] in a [`v1::", stringify!($envelope), "`].")]
+                pub fn $fn(inner: $inner) -> Self {
+                    Self { kind: Some(<$kind>::$variant(inner)) }
+                }
+            )*
+        }
+    };
+}
+
+envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
+    Register(v1::Register) => register,
+    Load(v1::Load) => load,
+    Reserved(v1::Reserved) => reserved,
+    ReserveFailed(v1::ReserveFailed) => reserve_failed,
+    Pong(v1::Pong) => pong,
+});
+envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
+    Registered(v1::Registered) => registered,
+    PeerJoined(v1::PeerJoined) => peer_joined,
+    PeerLeft(v1::PeerLeft) => peer_left,
+    Reserve(v1::Reserve) => reserve,
+    Error(v1::Error) => error,
+    Ping(v1::Ping) => ping,
+});
+envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
+    Hello(v1::Hello) => hello,
+    Connect(v1::Connect) => connect,
+    Ping(v1::Ping) => ping,
+});
+envelope_ctors!(CoordinatorToClient, v1::coordinator_to_client::Kind {
+    Welcome(v1::Welcome) => welcome,
+    Offer(v1::ConnectOffer) => offer,
+    Error(v1::Error) => error,
+    Pong(v1::Pong) => pong,
+});
+envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
+    Attach(v1::Attach) => attach,
+    Subscribe(v1::Subscribe) => subscribe,
+    Unsubscribe(v1::Unsubscribe) => unsubscribe,
+    Publish(v1::Publish) => publish,
+    Ping(v1::Ping) => ping,
+});
+envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
+    Ready(v1::Ready) => ready,
+    Message(v1::Message) => message,
+    Dropped(v1::Dropped) => dropped,
+    Error(v1::Error) => error,
+    Pong(v1::Pong) => pong,
+    Ack(v1::Ack) => ack,
+});
+envelope_ctors!(PeerMessage, v1::peer_message::Kind {
+    Hello(v1::PeerHello) => hello,
+    Interest(v1::Interest) => interest,
+    InterestAck(v1::InterestAck) => interest_ack,
+    Forward(v1::Forward) => forward,
+    ForwardDropped(v1::ForwardDropped) => forward_dropped,
+    Ping(v1::Ping) => ping,
+    Pong(v1::Pong) => pong,
+    Error(v1::Error) => error,
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_frame_matches_prost() {
+        for (topic, alias, payload) in [
+            ("rooms/lobby", "a1-7", &b"hello"[..]),
+            ("t", "", &b""[..]),
+            ("x", "y", &[0u8; 300][..]),
+        ] {
+            let expected = encode(&v1::ServerToClient::message(v1::Message {
+                topic: topic.into(),
+                from_alias: alias.into(),
+                payload: Bytes::copy_from_slice(payload),
+            }));
+            assert_eq!(message_frame(topic, alias, payload), expected);
+        }
+    }
+
+    #[test]
+    fn forward_frame_matches_prost() {
+        let payload = vec![7u8; 200_000];
+        for account in ["", "acme"] {
+            let expected = encode(&v1::PeerMessage::forward(v1::Forward {
+                account: account.into(),
+                topic: "telemetry/drone-1".into(),
+                from_alias: "c0ffee-12".into(),
+                payload: Bytes::from(payload.clone()),
+            }));
+            assert_eq!(
+                forward_frame(account, "telemetry/drone-1", "c0ffee-12", &payload),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn decode_round_trips_and_rejects_garbage() {
+        let frame = message_frame("a/b", "me", b"payload");
+        let decoded: v1::ServerToClient = decode(frame).unwrap();
+        let Some(v1::server_to_client::Kind::Message(m)) = decoded.kind else {
+            panic!("expected a Message, got {decoded:?}");
+        };
+        assert_eq!(
+            (m.topic.as_str(), m.from_alias.as_str(), &m.payload[..]),
+            ("a/b", "me", &b"payload"[..])
+        );
+        // A length prefix that runs past the end of the frame.
+        assert!(decode::<v1::ClientToServer>(Bytes::from_static(&[0x22, 0x10, 0x01])).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! The relaymesh wire protocol.
+//!
+//! This is the only crate that turns messages into bytes and back. It owns the `.proto` file
+//! (`relaymesh/v1/mesh.proto`), the code generated from it (checked in under `src/gen/`, kept in
+//! sync by `tests/codegen.rs`), the frame encode/decode helpers every link uses, hand-written
+//! encoders for the two frames on the per-message hot path, and the topic naming rules.
+
+pub mod frame;
+pub mod topic;
+
+/// Generated protobuf types for protocol version 1 (`package relaymesh.v1`).
+#[allow(missing_docs, clippy::all, unreachable_pub)]
+pub mod v1 {
+    include!("gen/relaymesh.v1.rs");
+}
+
+pub use frame::{DecodeError, ErrorEnvelope, decode, decode_frame, encode, error_frame};
+pub use v1::ErrorCode;
+
+/// The protocol version this build speaks. Carried in the first message of every link.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+impl v1::Error {
+    /// An error with a code and a human-readable message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code as i32,
+            message: message.into(),
+        }
+    }
+
+    /// The code, or `ERROR_CODE_UNSPECIFIED` when the peer sent a code this build doesn't know.
+    pub fn error_code(&self) -> ErrorCode {
+        ErrorCode::try_from(self.code).unwrap_or(ErrorCode::Unspecified)
+    }
+}
+
+impl std::fmt::Display for v1::Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error_code().as_str_name(), self.message)
+    }
+}

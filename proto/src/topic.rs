@@ -1,0 +1,107 @@
+//! Topic naming rules, shared by clients (to fail early) and servers (to enforce).
+//!
+//! A topic is 1 to `max_len` bytes (servers default to [`DEFAULT_MAX_TOPIC_LEN`]) of ASCII
+//! letters, digits and `_ - . :`, in one or more non-empty segments separated by `/`, e.g.
+//! `rooms/lobby` or `telemetry/drone-17.gps`. Whitespace, control characters, non-ASCII and the
+//! wildcard characters `* # + >` are refused, as are leading, trailing and doubled `/`.
+
+/// Default and recommended maximum topic length in bytes.
+pub const DEFAULT_MAX_TOPIC_LEN: usize = 256;
+
+/// Why a topic was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// The topic was the empty string.
+    #[error("topic is empty")]
+    Empty,
+    /// The topic was longer than the limit.
+    #[error("topic is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// Length of the refused topic in bytes.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The topic started or ended with `/` or contained `//`.
+    #[error("topic has an empty segment (leading, trailing or doubled '/')")]
+    EmptySegment,
+    /// The topic contained a character outside the allowed set.
+    #[error(
+        "topic has the character {ch:?} at byte {index}; allowed are ASCII letters, digits, '_', '-', '.', ':' and '/' between segments"
+    )]
+    BadChar {
+        /// The refused character.
+        ch: char,
+        /// Its byte offset in the topic.
+        index: usize,
+    },
+}
+
+/// Checks `topic` against the rules in the module documentation.
+pub fn validate(topic: &str, max_len: usize) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if topic.len() > max_len {
+        return Err(TopicError::TooLong {
+            len: topic.len(),
+            max: max_len,
+        });
+    }
+    let mut previous_was_separator = true;
+    for (index, ch) in topic.char_indices() {
+        match ch {
+            '/' if previous_was_separator => return Err(TopicError::EmptySegment),
+            '/' => previous_was_separator = true,
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' | '.' | ':' => {
+                previous_was_separator = false
+            }
+            _ => return Err(TopicError::BadChar { ch, index }),
+        }
+    }
+    if previous_was_separator {
+        return Err(TopicError::EmptySegment);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_topics() {
+        for t in ["a", "rooms/lobby", "telemetry/drone-17.gps", "A_b:c/1/2/3"] {
+            assert_eq!(validate(t, 256), Ok(()), "{t}");
+        }
+        assert_eq!(validate(&"x".repeat(256), 256), Ok(()));
+    }
+
+    #[test]
+    fn refuses_bad_topics() {
+        assert_eq!(validate("", 256), Err(TopicError::Empty));
+        assert_eq!(
+            validate(&"x".repeat(257), 256),
+            Err(TopicError::TooLong { len: 257, max: 256 })
+        );
+        for t in ["/a", "a/", "a//b", "/"] {
+            assert_eq!(validate(t, 256), Err(TopicError::EmptySegment), "{t}");
+        }
+        assert_eq!(
+            validate("a b", 256),
+            Err(TopicError::BadChar { ch: ' ', index: 1 })
+        );
+        assert_eq!(
+            validate("a/#", 256),
+            Err(TopicError::BadChar { ch: '#', index: 2 })
+        );
+        assert_eq!(
+            validate("é", 256),
+            Err(TopicError::BadChar { ch: 'é', index: 0 })
+        );
+        assert_eq!(
+            validate("a\0", 256),
+            Err(TopicError::BadChar { ch: '\0', index: 1 })
+        );
+    }
+}

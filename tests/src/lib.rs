@@ -1,0 +1,324 @@
+//! Test harness: start coordinators and comm servers in-process on `127.0.0.1:0` (the same
+//! `run` functions the binaries call) or as real processes, wait for cluster state without
+//! sleeping, and talk to the HTTP endpoints.
+//!
+//! Handles stop what they started when dropped, so a failing test does not leave servers behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod process;
+pub mod raw;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use relaymesh_client::{Client, ClientConfig};
+use relaymesh_net::http::Method;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The cluster secret every test cluster uses.
+pub const SECRET: &str = "test-cluster-secret";
+
+/// Upper bound for any single wait in a test.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Installs a test log subscriber when `RUST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most [`PATIENCE`]. Panics with `what` if the
+/// condition never holds.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Awaits `future` for at most [`PATIENCE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// `GET url` and parse JSON.
+pub async fn get_json(url: &str) -> Value {
+    let (status, body) = relaymesh_net::http::request(Method::GET, url, None, PATIENCE)
+        .await
+        .unwrap();
+    assert!(
+        status.is_success(),
+        "GET {url}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// `GET url` as text, with its status.
+pub async fn get_text(url: &str) -> (u16, String) {
+    let (status, body) = relaymesh_net::http::request(Method::GET, url, None, PATIENCE)
+        .await
+        .unwrap();
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `POST url` with a JSON body; returns the status and the parsed answer.
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let (status, body) = relaymesh_net::http::request(
+        Method::POST,
+        url,
+        Some(body.to_string().into_bytes()),
+        PATIENCE,
+    )
+    .await
+    .unwrap();
+    (
+        status.as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// Coordinator settings for tests: fast heartbeats so dead links are found quickly.
+pub fn coordinator_config() -> coordinator::Config {
+    coordinator::Config {
+        cluster_secret: SECRET.into(),
+        heartbeat_interval_ms: 200,
+        heartbeat_timeout_ms: 3_000,
+        handshake_timeout_ms: 3_000,
+        reserve_timeout_ms: 3_000,
+        connect_rate_per_s: 10_000,
+        connect_burst: 10_000,
+        shutdown_grace_ms: 3_000,
+        ..coordinator::Config::default()
+    }
+}
+
+/// Comm server settings for tests, pointing at `coordinator`.
+pub fn server_config(coordinator: &str) -> commserver::Config {
+    commserver::Config {
+        coordinator: coordinator.into(),
+        cluster_secret: SECRET.into(),
+        heartbeat_interval_ms: 200,
+        heartbeat_timeout_ms: 3_000,
+        handshake_timeout_ms: 3_000,
+        reconnect_min_ms: 20,
+        reconnect_max_ms: 300,
+        shutdown_grace_ms: 3_000,
+        ..commserver::Config::default()
+    }
+}
+
+/// A client configuration with quick reconnects.
+pub fn client_config(coordinator: &str) -> ClientConfig {
+    ClientConfig {
+        reconnect_min: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(300),
+        ..ClientConfig::new(coordinator)
+    }
+}
+
+/// A coordinator running in this process.
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// `ws://addr`.
+    pub url: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl CoordinatorHandle {
+    /// Starts a coordinator on a free port.
+    pub async fn start(config: coordinator::Config) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    /// Starts a coordinator on `addr` (e.g. the address of one that was stopped).
+    pub async fn start_on(addr: SocketAddr, config: coordinator::Config) -> Self {
+        init_logging();
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task =
+            tokio::spawn(async move { coordinator::run(listener, config, token).await.unwrap() });
+        Self {
+            addr,
+            url: format!("ws://{addr}"),
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// `http://addr/v1/stats`.
+    pub async fn stats(&self) -> Value {
+        get_json(&format!("http://{}/v1/stats", self.addr)).await
+    }
+
+    /// Ids of the registered servers.
+    pub async fn server_ids(&self) -> Vec<String> {
+        let stats = self.stats().await;
+        stats["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Shuts it down and waits until it has stopped.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            within("coordinator shutdown", task).await.unwrap();
+        }
+    }
+}
+
+impl Drop for CoordinatorHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A comm server running in this process.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its id (derived from its address).
+    pub id: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Starts a comm server on a free port.
+    pub async fn start(config: commserver::Config) -> Self {
+        init_logging();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id = config.id.clone().unwrap_or_else(|| addr.to_string());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task =
+            tokio::spawn(async move { commserver::run(listener, config, token).await.unwrap() });
+        Self {
+            addr,
+            id,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// `http://addr/v1/stats`.
+    pub async fn stats(&self) -> Value {
+        get_json(&format!("http://{}/v1/stats", self.addr)).await
+    }
+
+    /// One numeric field of `/v1/stats`.
+    pub async fn stat(&self, field: &str) -> u64 {
+        self.stats().await[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no numeric {field} in stats"))
+    }
+
+    /// Shuts it down and waits until it has stopped.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            within("comm server shutdown", task).await.unwrap();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A coordinator and `n` comm servers, fully linked.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The coordinator.
+    pub coordinator: CoordinatorHandle,
+    /// The comm servers, in start order.
+    pub servers: Vec<ServerHandle>,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `n` servers with test defaults, and waits until every server
+    /// is registered and linked to every other.
+    pub async fn start(n: usize) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with `tweak` applied to each server's config.
+    pub async fn start_with(n: usize, tweak: impl Fn(&mut commserver::Config)) -> Self {
+        let coordinator = CoordinatorHandle::start(coordinator_config()).await;
+        let mut servers = Vec::new();
+        for _ in 0..n {
+            let mut config = server_config(&coordinator.url);
+            tweak(&mut config);
+            servers.push(ServerHandle::start(config).await);
+        }
+        let cluster = Self {
+            coordinator,
+            servers,
+        };
+        cluster.wait_linked().await;
+        cluster
+    }
+
+    /// Waits until the coordinator lists every server and each has a link to every other.
+    pub async fn wait_linked(&self) {
+        let n = self.servers.len();
+        eventually("every server registered", || async {
+            (self.coordinator.server_ids().await.len() == n).then_some(())
+        })
+        .await;
+        for server in &self.servers {
+            eventually(
+                &format!("{} linked to {} peers", server.id, n - 1),
+                || async { (server.stat("peers").await as usize == n - 1).then_some(()) },
+            )
+            .await;
+        }
+    }
+
+    /// Connects a client through the coordinator, asking for server `index`.
+    pub async fn client_on(&self, index: usize) -> Client {
+        let mut config = client_config(&self.coordinator.url);
+        config.preferred_server = Some(self.servers[index].id.clone());
+        let client = Client::connect(config).await.unwrap();
+        assert_eq!(
+            client.server_id(),
+            self.servers[index].id,
+            "preferred server not honoured"
+        );
+        client
+    }
+}

@@ -1,0 +1,123 @@
+//! Raw protocol access for tests that must send what the client library never would: garbage
+//! frames, oversized frames, messages out of order.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use relaymesh_net::ws::{self, ClientSocket, WsLimits};
+use relaymesh_proto::v1::{self, server_to_client::Kind};
+use relaymesh_proto::{ErrorCode, decode, encode};
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::{PATIENCE, within};
+
+/// Dials `url` with generous limits (so the test can send what the server refuses).
+pub async fn dial(url: &str, bearer: Option<&str>) -> ClientSocket {
+    let limits = WsLimits {
+        max_frame_bytes: 64 * 1024 * 1024,
+        ..WsLimits::default()
+    };
+    ws::dial(url, bearer, &limits, PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("dial {url}: {e}"))
+}
+
+/// Sends one binary frame.
+pub async fn send(socket: &mut ClientSocket, frame: impl Into<Bytes>) {
+    socket.send(WsMessage::Binary(frame.into())).await.unwrap();
+}
+
+/// Sends one protobuf message.
+pub async fn send_msg(socket: &mut ClientSocket, msg: &impl prost::Message) {
+    send(socket, encode(msg)).await;
+}
+
+/// The next binary frame, skipping pings; `None` when the link closes.
+pub async fn next_frame(socket: &mut ClientSocket) -> Option<Bytes> {
+    within("next frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(WsMessage::Binary(frame))) => return Some(frame),
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+}
+
+/// Reads until the server sends an `Error` (returning its code) and then closes the link.
+/// Panics if the link closes without an error.
+pub async fn expect_error_and_close<M>(
+    socket: &mut ClientSocket,
+    error_of: impl Fn(M) -> Option<v1::Error>,
+) -> v1::Error
+where
+    M: prost::Message + Default,
+{
+    let error = loop {
+        let frame = next_frame(socket)
+            .await
+            .expect("link closed without an Error");
+        if let Some(error) = decode::<M>(frame).ok().and_then(&error_of) {
+            break error;
+        }
+    };
+    assert!(
+        next_frame(socket).await.is_none(),
+        "link stayed open after {error}"
+    );
+    error
+}
+
+/// [`expect_error_and_close`] for the client link.
+pub async fn expect_client_error(socket: &mut ClientSocket) -> ErrorCode {
+    expect_error_and_close(socket, |m: v1::ServerToClient| match m.kind {
+        Some(Kind::Error(e)) => Some(e),
+        _ => None,
+    })
+    .await
+    .error_code()
+}
+
+/// Gets a key through `POST /v1/login`, connects to `/v1/client` raw and attaches. Returns the
+/// socket after `Ready`.
+pub async fn attached_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
+    let mut socket = keyed_client(coordinator).await;
+    send_msg(
+        &mut socket,
+        &v1::ClientToServer::attach(v1::Attach {
+            protocol_version: relaymesh_proto::PROTOCOL_VERSION,
+        }),
+    )
+    .await;
+    socket
+}
+
+/// Gets a key through `POST /v1/login` and opens `/v1/client` with it, sending nothing.
+/// Returns after the server's `Ready`.
+pub async fn keyed_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
+    let (status, login) = crate::post_json(
+        &format!("http://{coordinator}/v1/login"),
+        &serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{login}");
+    let url = format!(
+        "{}?key={}",
+        login["url"].as_str().unwrap(),
+        login["key"].as_str().unwrap()
+    );
+    let mut socket = dial(&url, None).await;
+    let ready: v1::ServerToClient = decode(next_frame(&mut socket).await.expect("Ready")).unwrap();
+    assert!(matches!(ready.kind, Some(Kind::Ready(_))), "{ready:?}");
+    socket
+}
+
+/// Waits until the link closes, returning how long that took.
+pub async fn closed_within(socket: &mut ClientSocket, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async { while next_frame(socket).await.is_some() {} })
+        .await
+        .is_ok()
+}

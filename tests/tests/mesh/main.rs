@@ -1,0 +1,5 @@
+//! End-to-end tests of relaymesh: whole clusters on 127.0.0.1 with port 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod cluster;
