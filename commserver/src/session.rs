@@ -161,7 +161,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         },
     ));
     lock(&server.sessions).insert(me.id, me.clone());
-    let _counted = server.stats.clients.track();
+    server.stats.clients.inc();
     let ready = v1::Ready {
         protocol_version: PROTOCOL_VERSION,
         alias: identity.alias.clone(),
@@ -192,7 +192,9 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
             closer.close(Some(error_frame::<v1::ServerToClient>(e)));
         }
     }
+    // The session is over for everyone else now; the close handshake below is only courtesy.
     lock(&server.sessions).remove(&me.id);
+    server.stats.clients.dec();
     if !session.topics.is_empty() {
         let _ = server
             .control

@@ -62,6 +62,26 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// The next event of `client`, which must be a message.
+pub async fn next_message(client: &mut Client) -> relaymesh_client::Message {
+    match within("message", client.next_event())
+        .await
+        .expect("client closed")
+    {
+        relaymesh_client::Event::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// The next `n` events of `client`, which must all be messages.
+pub async fn next_messages(client: &mut Client, n: usize) -> Vec<relaymesh_client::Message> {
+    let mut messages = Vec::with_capacity(n);
+    for _ in 0..n {
+        messages.push(next_message(client).await);
+    }
+    messages
+}
+
 /// `GET url` and parse JSON.
 pub async fn get_json(url: &str) -> Value {
     let (status, body) = relaymesh_net::http::request(Method::GET, url, None, PATIENCE)
@@ -189,11 +209,16 @@ impl CoordinatorHandle {
     }
 
     /// Shuts it down and waits until it has stopped.
-    pub async fn stop(mut self) {
+    pub async fn stop(&mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             within("coordinator shutdown", task).await.unwrap();
         }
+    }
+
+    /// Starts a fresh coordinator on the same address after [`CoordinatorHandle::stop`].
+    pub async fn start_again(&mut self, config: coordinator::Config) {
+        *self = Self::start_on(self.addr, config).await;
     }
 }
 

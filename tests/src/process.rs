@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::PATIENCE;
 
@@ -23,14 +23,43 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A running binary whose stderr is collected line by line.
+/// Runs `binary` to completion; returns (success, stdout, stderr).
+pub fn run(name: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary(name))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+    (
+        output.status.success(),
+        text(output.stdout),
+        text(output.stderr),
+    )
+}
+
+/// A running binary whose stdout and stderr are collected line by line.
 #[derive(Debug)]
 pub struct Proc {
     /// The child process.
     pub child: Child,
-    lines: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    stdout: mpsc::Receiver<String>,
     /// Every stderr line seen so far.
     pub seen: Vec<String>,
+}
+
+fn forward_lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Proc {
@@ -44,19 +73,12 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stderr = forward_lines(child.stderr.take().unwrap());
+        let stdout = forward_lines(child.stdout.take().unwrap());
         Self {
             child,
-            lines,
+            stderr,
+            stdout,
             seen: Vec::new(),
         }
     }
@@ -66,10 +88,10 @@ impl Proc {
         if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
             return line.clone();
         }
-        let deadline = std::time::Instant::now() + PATIENCE;
+        let deadline = Instant::now() + PATIENCE;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
                     if line.contains(needle) {
@@ -82,6 +104,13 @@ impl Proc {
                 ),
             }
         }
+    }
+
+    /// The next line the process prints on stdout.
+    pub fn next_stdout_line(&mut self) -> String {
+        self.stdout
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no stdout line; stderr:\n{}", self.seen.join("\n")))
     }
 
     /// The address from the process's `listening on <addr>` line.
@@ -102,12 +131,12 @@ impl Proc {
 
     /// Waits for the process to exit (at most [`PATIENCE`]).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + PATIENCE;
+        let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            assert!(Instant::now() < deadline, "process did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -183,8 +183,8 @@ async fn servers(coordinator: &str) -> anyhow::Result<()> {
         .as_array()
         .context("coordinator stats have no `servers` list")?;
     println!(
-        "{:<24} {:<32} {:>8} {:>9} {}",
-        "ID", "URL", "CLIENTS", "CAPACITY", "STATE"
+        "{:<24} {:<32} {:>8} {:>9} STATE",
+        "ID", "URL", "CLIENTS", "CAPACITY"
     );
     for s in servers {
         let state = if s["draining"].as_bool() == Some(true) {

@@ -2,4 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod bad_input;
 mod cluster;
+mod failover;
+mod keys;
+mod ops;
+mod processes;
+mod slow;

@@ -1,0 +1,342 @@
+//! Bad input on every link gets an `Error` with a code and a close; the process and every other
+//! session keep working.
+
+use std::time::Duration;
+
+use relaymesh_client::Event;
+use relaymesh_net::ws::{self, ClientSocket, DialError, WsLimits};
+use relaymesh_proto::v1::{self, coordinator_to_client, coordinator_to_server, peer_message};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, encode};
+use relaymesh_tests::raw::{self, WsMessage};
+use relaymesh_tests::{Cluster, SECRET, within};
+
+fn attach(version: u32) -> v1::ClientToServer {
+    v1::ClientToServer::attach(v1::Attach {
+        protocol_version: version,
+    })
+}
+
+fn publish(topic: &str) -> v1::ClientToServer {
+    v1::ClientToServer::publish(v1::Publish {
+        topic: topic.into(),
+        payload: "x".into(),
+    })
+}
+
+fn subscribe(topics: &[&str]) -> v1::ClientToServer {
+    v1::ClientToServer::subscribe(v1::Subscribe {
+        request_id: 1,
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+    })
+}
+
+#[tokio::test]
+async fn bad_client_input_closes_only_that_session() {
+    let cluster = Cluster::start_with(1, |c| {
+        c.max_frame_bytes = 64 * 1024;
+        c.max_subscriptions = 5;
+    })
+    .await;
+    let coordinator = cluster.coordinator.addr;
+    // A healthy pair that must keep working throughout.
+    let mut watcher = cluster.client_on(0).await;
+    watcher.subscribe(["health"]).await.unwrap();
+    let talker = cluster.client_on(0).await;
+
+    let long_topic = "t".repeat(257);
+    let too_many: Vec<String> = (0..6).map(|i| format!("t{i}")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    // (what is sent after the key is redeemed, whether Attach goes first, expected code)
+    let cases: Vec<(&str, Vec<WsMessage>, ErrorCode)> = vec![
+        (
+            "malformed protobuf",
+            vec![WsMessage::Binary(vec![0x0a, 0xff, 0xff, 0xff].into())],
+            ErrorCode::BadFrame,
+        ),
+        (
+            "text frame",
+            vec![WsMessage::Text("hello".into())],
+            ErrorCode::BadFrame,
+        ),
+        (
+            "oversized frame",
+            vec![WsMessage::Binary(vec![0u8; 100 * 1024].into())],
+            ErrorCode::LimitExceeded,
+        ),
+        (
+            "publish before attach",
+            vec![bin(&publish("a"))],
+            ErrorCode::UnexpectedMessage,
+        ),
+        (
+            "wrong protocol version",
+            vec![bin(&attach(99))],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "empty envelope",
+            vec![
+                bin(&attach(PROTOCOL_VERSION)),
+                bin(&v1::ClientToServer { kind: None }),
+            ],
+            ErrorCode::BadFrame,
+        ),
+        (
+            "second attach",
+            vec![
+                bin(&attach(PROTOCOL_VERSION)),
+                bin(&attach(PROTOCOL_VERSION)),
+            ],
+            ErrorCode::UnexpectedMessage,
+        ),
+        (
+            "empty topic",
+            vec![bin(&attach(PROTOCOL_VERSION)), bin(&publish(""))],
+            ErrorCode::InvalidTopic,
+        ),
+        (
+            "topic too long",
+            vec![bin(&attach(PROTOCOL_VERSION)), bin(&publish(&long_topic))],
+            ErrorCode::InvalidTopic,
+        ),
+        (
+            "bad character",
+            vec![bin(&attach(PROTOCOL_VERSION)), bin(&subscribe(&["a b"]))],
+            ErrorCode::InvalidTopic,
+        ),
+        (
+            "empty segment",
+            vec![bin(&attach(PROTOCOL_VERSION)), bin(&subscribe(&["a//b"]))],
+            ErrorCode::InvalidTopic,
+        ),
+        (
+            "too many subscriptions",
+            vec![bin(&attach(PROTOCOL_VERSION)), bin(&subscribe(&too_many))],
+            ErrorCode::LimitExceeded,
+        ),
+    ];
+    let count = cases.len() as u64;
+    for (what, frames, expected) in cases {
+        let mut socket = raw::keyed_client(&coordinator).await;
+        for frame in frames {
+            use futures_util::SinkExt as _;
+            socket.send(frame).await.unwrap();
+        }
+        let code = raw::expect_client_error(&mut socket).await;
+        assert_eq!(code, expected, "{what}");
+        talker.publish("health", what).await.unwrap();
+        let event = within("healthy session still served", watcher.next_event())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&event, Event::Message(m) if m.payload == what.as_bytes()),
+            "{what}: {event:?}"
+        );
+    }
+    let server = &cluster.servers[0];
+    assert_eq!(server.stat("protocol_errors").await, count);
+    assert_eq!(
+        relaymesh_tests::get_text(&format!("http://{}/healthz", server.addr)).await,
+        (200, "ok\n".into())
+    );
+}
+
+fn bin(msg: &impl prost::Message) -> WsMessage {
+    WsMessage::Binary(encode(msg))
+}
+
+#[tokio::test]
+async fn bad_negotiation_input_is_refused() {
+    let cluster = Cluster::start(1).await;
+    let url = format!("{}/v1/connect", cluster.coordinator.url);
+    let error_of = |m: v1::CoordinatorToClient| match m.kind {
+        Some(coordinator_to_client::Kind::Error(e)) => Some(e),
+        _ => None,
+    };
+    let hello = |version| {
+        v1::ClientToCoordinator::hello(v1::Hello {
+            protocol_version: version,
+            credentials: None,
+        })
+    };
+    let cases: Vec<(&str, Vec<WsMessage>, ErrorCode)> = vec![
+        (
+            "garbage",
+            vec![WsMessage::Binary(vec![0xff; 16].into())],
+            ErrorCode::BadFrame,
+        ),
+        (
+            "connect before hello",
+            vec![bin(&v1::ClientToCoordinator::connect(
+                v1::Connect::default(),
+            ))],
+            ErrorCode::UnexpectedMessage,
+        ),
+        (
+            "wrong version",
+            vec![bin(&hello(7))],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "hello twice",
+            vec![bin(&hello(PROTOCOL_VERSION)), bin(&hello(PROTOCOL_VERSION))],
+            ErrorCode::UnexpectedMessage,
+        ),
+    ];
+    for (what, frames, expected) in cases {
+        let mut socket = raw::dial(&url, None).await;
+        for frame in frames {
+            use futures_util::SinkExt as _;
+            socket.send(frame).await.unwrap();
+        }
+        let error = raw::expect_error_and_close(&mut socket, error_of).await;
+        assert_eq!(error.error_code(), expected, "{what}: {error}");
+    }
+    // A Connect that cannot be satisfied is answered with an Error and the link stays open.
+    let mut socket = raw::dial(&url, None).await;
+    raw::send_msg(&mut socket, &hello(PROTOCOL_VERSION)).await;
+    raw::next_frame(&mut socket).await.expect("Welcome");
+    let impossible = v1::Connect {
+        preferred_server: String::new(),
+        exclude: vec![cluster.servers[0].id.clone()],
+    };
+    raw::send_msg(&mut socket, &v1::ClientToCoordinator::connect(impossible)).await;
+    let answer: v1::CoordinatorToClient =
+        relaymesh_proto::decode(raw::next_frame(&mut socket).await.unwrap()).unwrap();
+    assert_eq!(
+        error_of(answer).unwrap().error_code(),
+        ErrorCode::NoServerAvailable
+    );
+    raw::send_msg(
+        &mut socket,
+        &v1::ClientToCoordinator::connect(v1::Connect::default()),
+    )
+    .await;
+    let answer: v1::CoordinatorToClient =
+        relaymesh_proto::decode(raw::next_frame(&mut socket).await.unwrap()).unwrap();
+    assert!(
+        matches!(answer.kind, Some(coordinator_to_client::Kind::Offer(_))),
+        "{answer:?}"
+    );
+}
+
+fn refusal(result: Result<ClientSocket, DialError>) -> (u16, Option<ErrorCode>) {
+    match result {
+        Err(DialError::Refused {
+            status, message, ..
+        }) => (status.as_u16(), message.map(|(c, _)| c)),
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, but the link was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
+    let cluster = Cluster::start(1).await;
+    let limits = WsLimits::default();
+    let servers_url = format!("{}/v1/servers", cluster.coordinator.url);
+    for bearer in [None, Some("wrong-secret")] {
+        let result = ws::dial(&servers_url, bearer, &limits, Duration::from_secs(5)).await;
+        assert_eq!(refusal(result), (401, Some(ErrorCode::Unauthenticated)));
+    }
+    assert_eq!(cluster.coordinator.stats().await["server_links_refused"], 2);
+
+    let error_of = |m: v1::CoordinatorToServer| match m.kind {
+        Some(coordinator_to_server::Kind::Error(e)) => Some(e),
+        _ => None,
+    };
+    let register = |version, url: &str| {
+        v1::ServerToCoordinator::register(v1::Register {
+            protocol_version: version,
+            server_id: "rogue".into(),
+            public_url: url.into(),
+            capacity: 10,
+            version: "test".into(),
+        })
+    };
+    for (msg, expected) in [
+        (
+            register(3, "ws://127.0.0.1:9"),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            register(PROTOCOL_VERSION, "http://not-ws"),
+            ErrorCode::BadFrame,
+        ),
+        (
+            v1::ServerToCoordinator::load(v1::Load::default()),
+            ErrorCode::UnexpectedMessage,
+        ),
+    ] {
+        let mut socket = raw::dial(&servers_url, Some(SECRET)).await;
+        raw::send_msg(&mut socket, &msg).await;
+        assert_eq!(
+            raw::expect_error_and_close(&mut socket, error_of)
+                .await
+                .error_code(),
+            expected
+        );
+    }
+    assert_eq!(
+        cluster.coordinator.server_ids().await,
+        vec![cluster.servers[0].id.clone()]
+    );
+
+    let server = &cluster.servers[0];
+    let peers_url = format!("ws://{}/v1/peers", server.addr);
+    let result = ws::dial(
+        &peers_url,
+        Some("wrong-secret"),
+        &limits,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(refusal(result), (401, Some(ErrorCode::Unauthenticated)));
+    assert_eq!(server.stat("peer_links_refused").await, 1);
+    // Links are dialed by the lower id; a higher id dialing in is refused.
+    let mut socket = raw::dial(&peers_url, Some(SECRET)).await;
+    raw::send_msg(
+        &mut socket,
+        &v1::PeerMessage::hello(v1::PeerHello {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: "zzz".into(),
+        }),
+    )
+    .await;
+    let error = raw::expect_error_and_close(&mut socket, |m: v1::PeerMessage| match m.kind {
+        Some(peer_message::Kind::Error(e)) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(error.error_code(), ErrorCode::Forbidden, "{error}");
+    assert_eq!(server.stat("peers").await, 0);
+}
+
+#[tokio::test]
+async fn idle_and_silent_connections_are_closed_by_the_heartbeat_timeout() {
+    let cluster = Cluster::start_with(1, |c| {
+        c.heartbeat_timeout_ms = 400;
+        c.handshake_timeout_ms = 400;
+    })
+    .await;
+    // Attached, then silent: no pings.
+    let mut idle = raw::attached_client(&cluster.coordinator.addr).await;
+    assert_eq!(
+        raw::expect_client_error(&mut idle).await,
+        ErrorCode::HeartbeatTimeout
+    );
+    // Never attached at all.
+    let mut mute = raw::keyed_client(&cluster.coordinator.addr).await;
+    assert_eq!(
+        raw::expect_client_error(&mut mute).await,
+        ErrorCode::HeartbeatTimeout
+    );
+    // A client that pings (the library does) stays connected through several timeouts.
+    let mut client = cluster.client_on(0).await;
+    client.subscribe(["still/here"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // let three timeouts pass
+    assert_eq!(cluster.servers[0].stat("clients").await, 1);
+    client.publish("still/here", "yes").await.unwrap();
+    let event = within("message", client.next_event()).await;
+    assert!(matches!(event, Some(Event::Message(_))), "{event:?}");
+}

@@ -1,0 +1,178 @@
+//! Login keys: HTTP login, single use, expiry, refusal before any WebSocket state.
+
+use std::time::Duration;
+
+use relaymesh_client::{Client, ClientError};
+use relaymesh_net::ws::{self, DialError, WsLimits};
+use relaymesh_proto::ErrorCode;
+use relaymesh_tests::raw::{self, WsMessage};
+use relaymesh_tests::{Cluster, CoordinatorHandle, client_config, coordinator_config, post_json};
+use serde_json::json;
+
+async fn dial_with_key(url: &str, key: &str) -> Result<relaymesh_net::ws::ClientSocket, DialError> {
+    ws::dial(
+        &format!("{url}?key={key}"),
+        None,
+        &WsLimits::default(),
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+fn refused(result: Result<relaymesh_net::ws::ClientSocket, DialError>) -> (u16, ErrorCode, String) {
+    match result {
+        Err(DialError::Refused {
+            status,
+            message: Some((code, message)),
+            ..
+        }) => (status.as_u16(), code, message),
+        Err(e) => panic!("expected a refusal with a JSON error, got {e}"),
+        Ok(_) => panic!("expected a refusal, but the connection was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn http_login_gives_a_key_that_works_exactly_once() {
+    let cluster = Cluster::start(2).await;
+    let login_url = format!("http://{}/v1/login", cluster.coordinator.addr);
+    let (status, login) = post_json(&login_url, &json!({})).await;
+    assert_eq!(status, 200, "{login}");
+    for field in ["alias", "server_id", "url", "key"] {
+        assert!(
+            login[field].as_str().is_some_and(|v| !v.is_empty()),
+            "{field} missing: {login}"
+        );
+    }
+    assert_eq!(login["expires_in_ms"], 10_000);
+    let url = login["url"].as_str().unwrap();
+    assert!(url.ends_with("/v1/client"), "{url}");
+    let key = login["key"].as_str().unwrap();
+
+    let mut socket = dial_with_key(url, key).await.unwrap();
+    raw::send_msg(
+        &mut socket,
+        &relaymesh_proto::v1::ClientToServer::attach(relaymesh_proto::v1::Attach {
+            protocol_version: 1,
+        }),
+    )
+    .await;
+    assert!(raw::next_frame(&mut socket).await.is_some(), "no Ready");
+
+    let (status, code, message) = refused(dial_with_key(url, key).await);
+    assert_eq!((status, code), (401, ErrorCode::KeyInvalid));
+    assert!(message.contains("already used"), "{message}");
+    let (status, code, message) =
+        refused(dial_with_key(url, "0123456789abcdef0123456789abcdef").await);
+    assert_eq!((status, code), (401, ErrorCode::KeyInvalid));
+    assert!(message.contains("unknown"), "{message}");
+    let no_key = ws::dial(url, None, &WsLimits::default(), Duration::from_secs(5)).await;
+    assert_eq!(refused(no_key).1, ErrorCode::KeyInvalid);
+
+    // The server counted the refusals and still serves the accepted client.
+    let server = cluster
+        .servers
+        .iter()
+        .find(|s| s.id == login["server_id"])
+        .unwrap();
+    assert_eq!(server.stat("keys_refused").await, 3);
+    assert_eq!(server.stat("clients").await, 1);
+    socket.send_close().await;
+
+    // A preferred server is honoured over HTTP too.
+    let wanted = &cluster.servers[1].id;
+    let (status, login) = post_json(&login_url, &json!({ "preferred_server": wanted })).await;
+    assert_eq!(
+        (status, login["server_id"].as_str()),
+        (200, Some(wanted.as_str()))
+    );
+    let (status, login) = post_json(&login_url, &json!({ "exclude": [wanted] })).await;
+    assert_eq!(
+        (status, login["server_id"].as_str()),
+        (200, Some(cluster.servers[0].id.as_str()))
+    );
+}
+
+trait SendClose {
+    async fn send_close(&mut self);
+}
+
+impl SendClose for relaymesh_net::ws::ClientSocket {
+    async fn send_close(&mut self) {
+        use futures_util::SinkExt as _;
+        let _ = self.send(WsMessage::Close(None)).await;
+    }
+}
+
+#[tokio::test]
+async fn expired_keys_are_refused() {
+    let cluster = Cluster::start_with(1, |c| c.key_ttl_ms = 50).await;
+    let (status, login) = post_json(
+        &format!("http://{}/v1/login", cluster.coordinator.addr),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(login["expires_in_ms"], 50);
+    // Let the key's lifetime pass (this waits for the clock, not for cluster state).
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let (status, code, message) = refused(
+        dial_with_key(
+            login["url"].as_str().unwrap(),
+            login["key"].as_str().unwrap(),
+        )
+        .await,
+    );
+    assert_eq!((status, code), (401, ErrorCode::KeyInvalid));
+    assert!(message.contains("expired"), "{message}");
+}
+
+#[tokio::test]
+async fn logins_are_refused_clearly_when_no_server_can_take_them() {
+    let coordinator = CoordinatorHandle::start(coordinator_config()).await;
+    let login_url = format!("http://{}/v1/login", coordinator.addr);
+    let (status, body) = post_json(&login_url, &json!({})).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["code"], "NO_SERVER_AVAILABLE");
+    assert!(
+        body["message"].as_str().unwrap().contains("0 registered"),
+        "{body}"
+    );
+
+    let err = Client::connect(client_config(&coordinator.url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoServerAvailable), "{err}");
+
+    let (status, body) = post_json(&login_url, &json!({ "account": "acme" })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("BAD_FRAME")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("unknown field"),
+        "{body}"
+    );
+    let (status, body) = relaymesh_net::http::request(
+        relaymesh_net::http::Method::POST,
+        &login_url,
+        Some(b"{not json".to_vec()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.as_u16(), 400, "{}", String::from_utf8_lossy(&body));
+
+    let err = Client::connect(client_config("ws://127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Dial(DialError::Connect { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("cannot connect to ws://127.0.0.1:1/v1/connect"),
+        "{err}"
+    );
+}

@@ -1,0 +1,85 @@
+//! The operational endpoints of both binaries: `/healthz`, `/v1/stats`, `/metrics`.
+
+use relaymesh_client::Event;
+use relaymesh_tests::{Cluster, get_text, within};
+
+#[tokio::test]
+async fn health_stats_and_metrics_reflect_traffic() {
+    let cluster = Cluster::start(2).await;
+    let mut sub = cluster.client_on(1).await;
+    sub.subscribe(["metrics/test"]).await.unwrap();
+    let publisher = cluster.client_on(0).await;
+    for _ in 0..3 {
+        publisher.publish("metrics/test", "m").await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(
+            within("message", sub.next_event()).await,
+            Some(Event::Message(_))
+        ));
+    }
+
+    let coordinator = cluster.coordinator.addr;
+    assert_eq!(
+        get_text(&format!("http://{coordinator}/healthz")).await,
+        (200, "ok\n".into())
+    );
+    let stats = cluster.coordinator.stats().await;
+    assert_eq!(stats["logins"], 2);
+    assert_eq!(stats["servers"].as_array().unwrap().len(), 2);
+    let (status, metrics) = get_text(&format!("http://{coordinator}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("# TYPE relaymesh_coordinator_logins_total counter\nrelaymesh_coordinator_logins_total 2\n"), "{metrics}");
+    assert!(
+        metrics.contains("relaymesh_coordinator_servers 2\n"),
+        "{metrics}"
+    );
+
+    let (a, b) = (&cluster.servers[0], &cluster.servers[1]);
+    for server in [a, b] {
+        assert_eq!(
+            get_text(&format!("http://{}/healthz", server.addr)).await,
+            (200, "ok\n".into())
+        );
+        let stats = server.stats().await;
+        for field in [
+            "clients",
+            "topics",
+            "peers",
+            "messages_in",
+            "messages_out",
+            "dropped",
+        ] {
+            assert!(stats[field].is_u64(), "{field} missing: {stats}");
+        }
+        assert_eq!(stats["clients"], 1);
+        assert_eq!(stats["peers"], 1);
+        assert_eq!(stats["coordinator_connected"], true);
+    }
+    assert_eq!(
+        (
+            a.stat("messages_in").await,
+            a.stat("forwards_out").await,
+            a.stat("messages_out").await
+        ),
+        (3, 3, 0)
+    );
+    assert_eq!(
+        (
+            b.stat("topics").await,
+            b.stat("forwards_in").await,
+            b.stat("messages_out").await
+        ),
+        (1, 3, 3)
+    );
+    let (status, metrics) = get_text(&format!("http://{}/metrics", b.addr)).await;
+    assert_eq!(status, 200);
+    for line in [
+        "relaymesh_clients 1\n",
+        "relaymesh_forwards_in_total 3\n",
+        "relaymesh_messages_out_total 3\n",
+        "relaymesh_peers 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
+    }
+}
