@@ -55,6 +55,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         .map(|p| {
             json!({
                 "id": &*p.server_id,
+                "link": p.link,
                 "dialed": p.dialed,
                 "remote_topics": p.remote_topics.load(Ordering::Relaxed),
                 "forwards_in": p.forwards_in.get(),

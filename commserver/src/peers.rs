@@ -121,6 +121,19 @@ async fn dial_loop(
         Config::ms(config.reconnect_max_ms),
     );
     while !stop.is_cancelled() && !server.shutdown.is_cancelled() {
+        // A link dialed before the coordinator restarted (by a dialer that has since been told
+        // to stop) may still be up: keep using it rather than replacing it, and dial only once
+        // it is gone.
+        let live = lock(&server.peer_links)
+            .get(&*peer)
+            .map(|link| link.closer.clone());
+        if let Some(closer) = live.filter(|c| !c.is_closed()) {
+            tokio::select! {
+                _ = closer.closed() => {}
+                _ = stop.cancelled() => break,
+                _ = server.shutdown.cancelled() => break,
+            }
+        }
         let target = format!("{}/v1/peers", lock(&url).trim_end_matches('/'));
         match ws::dial(
             &target,

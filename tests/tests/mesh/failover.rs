@@ -11,6 +11,7 @@ async fn comm_servers_ride_out_a_coordinator_restart_and_reregister() {
     let mut a = cluster.client_on(0).await;
     a.subscribe(["ops/alerts"]).await.unwrap();
     let b = cluster.client_on(1).await;
+    let links_before = peer_links(&cluster).await;
 
     cluster.coordinator.stop().await;
     for server in &cluster.servers {
@@ -45,6 +46,29 @@ async fn comm_servers_ride_out_a_coordinator_restart_and_reregister() {
     let c = Client::connect(client_config(&url)).await.unwrap();
     c.publish("ops/alerts", "coordinator back").await.unwrap();
     assert_eq!(next_message(&mut a).await.payload, "coordinator back");
+    // Re-registration did not make the servers replace the peer link they already had.
+    let mut probe = cluster.client_on(1).await;
+    probe.subscribe(["ops/probe"]).await.unwrap();
+    a.publish("ops/probe", "same link").await.unwrap();
+    assert_eq!(next_message(&mut probe).await.payload, "same link");
+    assert_eq!(peer_links(&cluster).await, links_before);
+}
+
+/// Each server's peer link ids.
+async fn peer_links(cluster: &Cluster) -> Vec<Vec<u64>> {
+    let mut all = Vec::new();
+    for server in &cluster.servers {
+        let stats = server.stats().await;
+        all.push(
+            stats["peer_links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["link"].as_u64().unwrap())
+                .collect(),
+        );
+    }
+    all
 }
 
 #[tokio::test]
