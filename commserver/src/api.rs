@@ -72,7 +72,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "uptime_s": server.started.elapsed().as_secs(),
         "coordinator_connected": s.coordinator_connected.load(Ordering::Relaxed),
         "registrations": s.registrations.get(),
-        "draining": server.draining.load(Ordering::Relaxed),
+        "draining": server.draining(),
         "clients": s.clients.get(),
         "topics": s.topics.load(Ordering::Relaxed),
         "peers": peer_links.len(),

@@ -211,7 +211,7 @@ fn load(server: &Server) -> v1::Load {
     };
     v1::Load {
         clients: u32::try_from(server.client_count()).unwrap_or(u32::MAX),
-        draining: server.draining.load(Ordering::Relaxed) || server.shutdown.is_cancelled(),
+        draining: server.draining(),
         pending_keys: u32::try_from(pending_keys).unwrap_or(u32::MAX),
         topics: u32::try_from(server.stats.topics.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
     }
@@ -226,7 +226,7 @@ fn reserve_key(server: &Server, reserve: v1::Reserve) -> v1::ServerToCoordinator
             error: Some(e),
         })
     };
-    if server.draining.load(Ordering::Relaxed) || server.shutdown.is_cancelled() {
+    if server.draining() {
         return failed(error(ErrorCode::ShuttingDown, "server is draining"));
     }
     let Some(identity) = reserve.identity.filter(|i| !i.alias.is_empty()) else {

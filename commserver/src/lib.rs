@@ -24,7 +24,7 @@ mod routes;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 pub use config::Config;
 
@@ -65,8 +66,6 @@ struct Server {
     dialers: Mutex<HashMap<Arc<str>, peers::Dialer>>,
     stats: api::Stats,
     next_id: AtomicU64,
-    /// Set when shutdown begins: no new clients, reservations refused.
-    draining: AtomicBool,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     started: Instant,
@@ -75,6 +74,11 @@ struct Server {
 impl Server {
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Shutting down: no new clients, reservations refused, reported as draining.
+    fn draining(&self) -> bool {
+        self.shutdown.is_cancelled()
     }
 
     fn client_count(&self) -> usize {
@@ -139,7 +143,6 @@ pub async fn run(
         dialers: Mutex::new(HashMap::new()),
         stats: api::Stats::default(),
         next_id: AtomicU64::new(1),
-        draining: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: Instant::now(),
@@ -147,8 +150,10 @@ pub async fn run(
         public_url,
         config,
     });
-    tracker.spawn(control::run(server.clone(), control_rx));
-    tracker.spawn(coordinator_link::run(server.clone()));
+    // Every log line of this server carries its id (several may share a process in tests).
+    let span = tracing::info_span!("commserver", id = %server.id);
+    tracker.spawn(control::run(server.clone(), control_rx).instrument(span.clone()));
+    tracker.spawn(coordinator_link::run(server.clone()).instrument(span.clone()));
     let router = Router::new()
         .route("/v1/client", get(session::upgrade))
         .route("/v1/peers", get(peers::accept))
@@ -156,25 +161,13 @@ pub async fn run(
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .with_state(server.clone());
-    tracing::info!(id = %server.id, url = %server.public_url, "comm server listening on {local}");
-    let stop_draining = {
-        let server = server.clone();
-        async move {
-            server.shutdown.cancelled().await;
-            server.draining.store(true, Ordering::Relaxed);
-        }
-    };
-    tracker.spawn(stop_draining);
-    relaymesh_net::http::serve(
-        listener,
-        router,
-        server.config.serve_options(),
-        shutdown,
-        tracker.clone(),
-    )
-    .await;
+    span.in_scope(|| tracing::info!(url = %server.public_url, "comm server listening on {local}"));
+    let options = server.config.serve_options();
+    relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone())
+        .instrument(span.clone())
+        .await;
     relaymesh_net::shutdown::drain(&tracker, server.config.shutdown_grace()).await;
-    tracing::info!(id = %server.id, "comm server stopped");
+    span.in_scope(|| tracing::info!("comm server stopped"));
     Ok(())
 }
 

@@ -58,7 +58,7 @@ pub(crate) async fn upgrade(
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
-    if server.draining.load(Ordering::Relaxed) {
+    if server.draining() {
         return ApiError::from_code(
             ErrorCode::ShuttingDown,
             "this comm server is shutting down; ask the coordinator again",

@@ -92,7 +92,7 @@ pub async fn run(
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }
-    tracing::info!(addr = %local, "coordinator listening on {local}");
+    tracing::info!("coordinator listening on {local}");
     let options = app.config.serve_options();
     relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone()).await;
     relaymesh_net::shutdown::drain(&tracker, app.config.shutdown_grace()).await;
