@@ -167,9 +167,7 @@ async fn attach(
             .filter(|id| *id < resubscribe)
             .collect();
         for id in older {
-            if let Some(done) = state.pending.remove(&id) {
-                let _ = done.send(Ok(()));
-            }
+            state.acknowledge(id);
         }
     }
     let ms =
@@ -214,38 +212,45 @@ pub(crate) async fn drive(
     loop {
         let connected = match next.take() {
             Some(connected) => connected,
-            None => match establish(&config, &shared, &events, &exclude).await {
-                Ok(connected) => {
-                    backoff.reset();
-                    let event = Event::Reconnected {
-                        server_id: connected.server_id.clone(),
-                        alias: connected.alias.clone(),
-                    };
-                    let _ = events.send(event).await;
-                    connected
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reconnect failed");
-                    // The excluded server may be the only one; allow it again next round.
-                    exclude.clear();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
-                        _ = shared.stop.cancelled() => break,
+            None => {
+                match stoppable(&shared, establish(&config, &shared, &events, &exclude)).await {
+                    None => break,
+                    Some(Ok(connected)) => {
+                        backoff.reset();
+                        let event = Event::Reconnected {
+                            server_id: connected.server_id.clone(),
+                            alias: connected.alias.clone(),
+                        };
+                        if stoppable(&shared, events.send(event)).await.is_none() {
+                            break;
+                        }
+                        connected
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "reconnect failed");
+                        // The excluded server may be the only one; allow it again next round.
+                        exclude.clear();
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                            _ = shared.stop.cancelled() => break,
+                        }
                     }
                 }
-            },
+            }
         };
         let server_id = connected.server_id.clone();
         match run(connected, &shared, &mut out, &events).await {
             Ended::Stopped => break,
             Ended::Lost(reason) => {
                 tracing::info!(server = %server_id, %reason, "connection lost");
-                let _ = events
-                    .send(Event::Disconnected {
-                        server_id: server_id.clone(),
-                        reason,
-                    })
-                    .await;
+                let event = Event::Disconnected {
+                    server_id: server_id.clone(),
+                    reason,
+                };
+                // An application that stopped reading events must still be able to close.
+                if stoppable(&shared, events.send(event)).await.is_none() {
+                    break;
+                }
                 if !config.auto_reconnect || shared.stop.is_cancelled() {
                     break;
                 }
@@ -255,6 +260,14 @@ pub(crate) async fn drive(
     }
     // Requests still waiting see their channel close and fail with `Closed`.
     lock(&shared.state).pending.clear();
+}
+
+/// Awaits `future` unless the client is closed first (`None`).
+async fn stoppable<T>(shared: &Shared, future: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        value = future => Some(value),
+        _ = shared.stop.cancelled() => None,
+    }
 }
 
 /// Runs one connection: this task writes, a spawned task reads.
@@ -314,7 +327,13 @@ async fn run(
             _ = ping.tick() => {
                 nonce += 1;
                 let frame = encode(&v1::ClientToServer::ping(v1::Ping { nonce }));
-                if let Err(e) = sink.send(WsMessage::Binary(frame)).await {
+                // A dead server with a full send buffer must not hold the writer here.
+                let written = tokio::select! {
+                    written = sink.send(WsMessage::Binary(frame)) => written,
+                    _ = closer.closed() => Ok(()),
+                    _ = shared.stop.cancelled() => Ok(()),
+                };
+                if let Err(e) = written {
                     break Ended::Lost(write_failed(e));
                 }
             }
@@ -378,12 +397,18 @@ async fn read_loop(
             Some(Kind::Message(m)) => Event::Message(message(m)),
             Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
             Some(Kind::Ack(ack)) => {
-                if let Some(done) = lock(&shared.state).pending.remove(&ack.request_id) {
-                    let _ = done.send(Ok(()));
-                }
+                lock(&shared.state).acknowledge(ack.request_id);
                 continue;
             }
-            Some(Kind::Error(e)) => break e.to_string(),
+            Some(Kind::Error(e)) => {
+                // A refused subscription change fails that request; the server then closes the
+                // connection and the client reconnects without the refused topics.
+                let reason = e.to_string();
+                if e.request_id != 0 {
+                    lock(&shared.state).refuse(e.request_id, e);
+                }
+                break reason;
+            }
             Some(Kind::Pong(_) | Kind::Ready(_)) | None => continue,
         };
         tokio::select! {

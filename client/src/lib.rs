@@ -49,8 +49,13 @@ pub struct ClientConfig {
     pub preferred_server: Option<String>,
     /// Reconnect through the coordinator when the server goes away (default `true`).
     pub auto_reconnect: bool,
-    /// Time allowed for negotiating and connecting once.
+    /// Time allowed for each step of negotiating and connecting (coordinator answer, server
+    /// handshake).
     pub connect_timeout: Duration,
+    /// Time a subscribe or unsubscribe may wait for the server's answer. Answers are read by the
+    /// same task that delivers events, so a full event queue (nobody calling
+    /// [`Client::next_event`]) delays them.
+    pub request_timeout: Duration,
     /// First and largest delay between reconnect rounds (before jitter).
     pub reconnect_min: Duration,
     /// See `reconnect_min`.
@@ -72,7 +77,8 @@ impl ClientConfig {
             coordinator: coordinator.into(),
             preferred_server: None,
             auto_reconnect: true,
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(5),
             outbound_queue: 4096,
@@ -165,6 +171,8 @@ impl ClientError {
 struct Shared {
     state: Mutex<State>,
     next_request: AtomicU64,
+    /// How long a subscription change may wait for its answer.
+    request_timeout: Duration,
     /// Cancelled by [`Client::close`] or when the [`Client`] is dropped.
     stop: CancellationToken,
 }
@@ -175,9 +183,39 @@ struct State {
     server_id: String,
     /// Topics the client wants; restored on every reconnect.
     topics: BTreeSet<String>,
-    /// Subscription changes waiting for the server's `Ack`, by request id. The requesting
-    /// [`Handle`] holds the receiver.
-    pending: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+    /// Subscription changes waiting for the server's `Ack`, by request id.
+    pending: HashMap<u64, Pending>,
+}
+
+/// A subscription change waiting for the server's answer.
+#[derive(Debug)]
+struct Pending {
+    /// Fires with the outcome; the requesting [`Handle`] holds the receiver.
+    done: oneshot::Sender<Result<(), ClientError>>,
+    /// Topics the request added to [`State::topics`], taken back out if the server refuses it.
+    added: Vec<String>,
+}
+
+impl State {
+    /// Completes request `id` successfully.
+    fn acknowledge(&mut self, id: u64) {
+        if let Some(pending) = self.pending.remove(&id) {
+            let _ = pending.done.send(Ok(()));
+        }
+    }
+
+    /// Fails request `id` with the server's refusal and forgets the topics it added, so they
+    /// are not resubscribed (and refused again) on every reconnect.
+    fn refuse(&mut self, id: u64, error: v1::Error) -> bool {
+        let Some(pending) = self.pending.remove(&id) else {
+            return false;
+        };
+        for topic in &pending.added {
+            self.topics.remove(topic);
+        }
+        let _ = pending.done.send(Err(ClientError::Refused(error)));
+        true
+    }
 }
 
 /// A cloneable handle for publishing and changing subscriptions, usable from any task while
@@ -204,6 +242,7 @@ impl Client {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             next_request: AtomicU64::new(1),
+            request_timeout: config.request_timeout,
             stop: CancellationToken::new(),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
@@ -269,7 +308,8 @@ impl Client {
         self.handle.server_id()
     }
 
-    /// Sends what is queued, closes the connection cleanly and waits for the connection task.
+    /// Closes the client: when connected, sends what is queued and closes the connection
+    /// cleanly; when reconnecting, gives up. Waits for the connection task.
     pub async fn close(mut self) {
         self.handle.shared.stop.cancel();
         if let Some(task) = self.task.take() {
@@ -294,8 +334,15 @@ impl Handle {
     {
         let topics = checked(topics)?;
         self.request(|state, request_id| {
-            state.topics.extend(topics.iter().cloned());
-            v1::ClientToServer::subscribe(v1::Subscribe { request_id, topics })
+            let added: Vec<String> = topics
+                .iter()
+                .filter(|t| state.topics.insert((*t).clone()))
+                .cloned()
+                .collect();
+            (
+                v1::ClientToServer::subscribe(v1::Subscribe { request_id, topics }),
+                added,
+            )
         })
         .await
     }
@@ -311,7 +358,10 @@ impl Handle {
             for t in &topics {
                 state.topics.remove(t);
             }
-            v1::ClientToServer::unsubscribe(v1::Unsubscribe { request_id, topics })
+            (
+                v1::ClientToServer::unsubscribe(v1::Unsubscribe { request_id, topics }),
+                Vec::new(),
+            )
         })
         .await
     }
@@ -347,22 +397,33 @@ impl Handle {
         lock(&self.shared.state).topics.iter().cloned().collect()
     }
 
+    /// Sends a subscription change and waits for its answer, at most `request_timeout`.
     async fn request(
         &self,
-        build: impl FnOnce(&mut State, u64) -> v1::ClientToServer,
+        build: impl FnOnce(&mut State, u64) -> (v1::ClientToServer, Vec<String>),
     ) -> Result<(), ClientError> {
         let (done, wait) = oneshot::channel();
-        let frame = {
+        let (request_id, frame) = {
             let mut state = lock(&self.shared.state);
             let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-            state.pending.insert(request_id, done);
-            encode(&build(&mut state, request_id))
+            let (msg, added) = build(&mut state, request_id);
+            state.pending.insert(request_id, Pending { done, added });
+            (request_id, encode(&msg))
         };
         self.out
             .send(frame)
             .await
             .map_err(|_| ClientError::Closed)?;
-        wait.await.map_err(|_| ClientError::Closed)?
+        match tokio::time::timeout(self.shared.request_timeout, wait).await {
+            Ok(answer) => answer.map_err(|_| ClientError::Closed)?,
+            Err(_) => {
+                lock(&self.shared.state).pending.remove(&request_id);
+                Err(ClientError::Timeout(format!(
+                    "no answer from the server within {} ms (is the event queue being read?)",
+                    self.shared.request_timeout.as_millis()
+                )))
+            }
+        }
     }
 }
 

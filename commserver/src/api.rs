@@ -60,7 +60,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
                 "remote_topics": p.remote_topics.load(Ordering::Relaxed),
                 "forwards_in": p.forwards_in.get(),
                 "forwards_out": p.out.forwards_out.get(),
-                "forward_dropped": p.out.drops.total(),
+                "forward_dropped": p.out.backlog.total(),
             })
         })
         .collect();

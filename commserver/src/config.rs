@@ -10,6 +10,10 @@ use relaymesh_net::http::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
 
+/// Bytes a delivered or forwarded frame may add to a payload besides the topic: alias, account,
+/// field tags and lengths.
+pub(crate) const ENVELOPE_OVERHEAD: usize = 1024;
+
 /// Every setting of the comm server. Field names are the config file keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -33,11 +37,15 @@ pub struct Config {
     pub max_pending_keys: usize,
     /// Messages queued for one client; when full, messages for it are dropped and counted.
     pub client_queue: usize,
+    /// Bytes queued for one client, whatever the message count; beyond it messages are dropped.
+    pub client_queue_bytes: usize,
     /// A client whose queue stays full (never drains) this long after its first drop is
     /// disconnected with SLOW_CONSUMER.
     pub slow_consumer_ms: u64,
     /// Forwards queued for one peer server; when full, forwards are dropped and counted.
     pub peer_queue: usize,
+    /// Bytes queued for one peer server, whatever the forward count.
+    pub peer_queue_bytes: usize,
     /// Control messages queued per link (replies, interest changes); a link that overflows
     /// this is closed.
     pub control_queue: usize,
@@ -82,8 +90,10 @@ impl Default for Config {
             key_ttl_ms: 10_000,
             max_pending_keys: 100_000,
             client_queue: 1_024,
+            client_queue_bytes: 8 * 1024 * 1024,
             slow_consumer_ms: 5_000,
             peer_queue: 65_536,
+            peer_queue_bytes: 64 * 1024 * 1024,
             control_queue: 1_024,
             max_subscriptions: 1_000,
             max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
@@ -144,6 +154,16 @@ impl Config {
         ensure(self.client_queue >= 1, "client_queue", "must be at least 1")?;
         ensure(self.peer_queue >= 1, "peer_queue", "must be at least 1")?;
         ensure(
+            self.client_queue_bytes >= 1,
+            "client_queue_bytes",
+            "must be positive",
+        )?;
+        ensure(
+            self.peer_queue_bytes >= 1,
+            "peer_queue_bytes",
+            "must be positive",
+        )?;
+        ensure(
             self.control_queue >= 16,
             "control_queue",
             "must be at least 16",
@@ -159,9 +179,9 @@ impl Config {
             "must be at least 1",
         )?;
         ensure(
-            self.max_frame_bytes >= 1024,
+            self.max_frame_bytes >= self.max_topic_bytes + ENVELOPE_OVERHEAD + 1024,
             "max_frame_bytes",
-            "must be at least 1024",
+            "must leave at least 1024 bytes of payload after max_topic_bytes and 1024 bytes of envelope",
         )?;
         ensure(
             self.read_buffer_bytes >= 1024,
@@ -199,6 +219,21 @@ impl Config {
             "must be at least reconnect_min_ms",
         )?;
         Ok(())
+    }
+
+    /// Largest payload a client may publish: what fits in `max_frame_bytes` together with the
+    /// longest topic and the envelope, so no delivered or forwarded frame exceeds the limit.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_frame_bytes
+            .saturating_sub(self.max_topic_bytes + ENVELOPE_OVERHEAD)
+    }
+
+    pub(crate) fn fanout_limits(&self) -> crate::routes::Limits {
+        crate::routes::Limits {
+            slow_consumer_ms: self.slow_consumer_ms,
+            client_queue_bytes: self.client_queue_bytes,
+            peer_queue_bytes: self.peer_queue_bytes,
+        }
     }
 
     pub(crate) fn ms(value: u64) -> Duration {

@@ -6,12 +6,13 @@
 //! and acknowledgements go to peers, then replaced links are closed, and only then are waiting
 //! subscribe requests answered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaymesh_net::link::{Closer, DropTracker};
+use relaymesh_net::link::{Backlog, Closer};
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, encode, error_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -45,13 +46,13 @@ impl PeerLink {
         link: LinkId,
         ctrl: mpsc::Sender<Bytes>,
         data: mpsc::Sender<Bytes>,
-        drops: Arc<DropTracker>,
+        backlog: Arc<Backlog>,
         closer: Closer,
         dialed: bool,
     ) -> Self {
         let out = Arc::new(PeerOut {
             data,
-            drops,
+            backlog,
             forwards_out: Default::default(),
         });
         Self {
@@ -112,50 +113,53 @@ pub(crate) enum Command {
     },
 }
 
-/// Runs until the server shuts down.
-pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Command>) {
-    let shutdown = server.shutdown.clone();
-    let stopped = shutdown.cancelled();
-    tokio::pin!(stopped);
-    let mut state: Interest<Arc<Subscriber>, Arc<PeerLink>> = Interest::new();
-    // Subscribe/unsubscribe requests waiting for peers, by waiter id; the requesting session
-    // holds the receiver and answers its client when the sender fires.
-    let mut waiting: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
-    let mut next_waiter = 0u64;
-    loop {
-        let command = tokio::select! {
-            biased;
-            command = commands.recv() => match command {
-                Some(command) => command,
-                None => break,
-            },
-            _ = &mut stopped => break,
-        };
-        let effects = match command {
+/// Commands applied together before routes are rebuilt: a burst of subscriptions to one topic
+/// rebuilds its route once per batch, not once per subscriber.
+const MAX_BATCH: usize = 1_024;
+/// How often waiters whose session gave up (timed out or closed) are swept away.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The control task's state: subscriptions and interest, plus the requests waiting on peers.
+struct Control {
+    state: Interest<Arc<Subscriber>, Arc<PeerLink>>,
+    /// Subscribe/unsubscribe requests waiting for peers, by waiter id; the requesting session
+    /// holds the receiver and answers its client when the sender fires.
+    waiting: HashMap<u64, oneshot::Sender<()>>,
+    next_waiter: u64,
+    last_sweep: Instant,
+}
+
+impl Control {
+    fn wait(&mut self, done: oneshot::Sender<()>) -> u64 {
+        self.next_waiter += 1;
+        self.waiting.insert(self.next_waiter, done);
+        self.next_waiter
+    }
+
+    fn handle(&mut self, command: Command) -> Effects<Arc<PeerLink>> {
+        match command {
             Command::Subscribe {
                 session,
                 topics,
                 done,
             } => {
-                next_waiter += 1;
-                waiting.insert(next_waiter, done);
-                state.subscribe(session.id, &session, topics, next_waiter)
+                let waiter = self.wait(done);
+                self.state.subscribe(session.id, &session, topics, waiter)
             }
             Command::Unsubscribe {
                 session,
                 topics,
                 done,
             } => {
-                next_waiter += 1;
-                waiting.insert(next_waiter, done);
-                state.unsubscribe(session, topics, next_waiter)
+                let waiter = self.wait(done);
+                self.state.unsubscribe(session, topics, waiter)
             }
-            Command::SessionClosed { session } => state.session_closed(session),
+            Command::SessionClosed { session } => self.state.session_closed(session),
             Command::PeerUp { peer } => {
                 let name = peer.server_id.clone();
-                state.peer_up(&name, peer.link, peer)
+                self.state.peer_up(&name, peer.link, peer)
             }
-            Command::PeerDown { server_id, link } => state.peer_down(&server_id, link),
+            Command::PeerDown { server_id, link } => self.state.peer_down(&server_id, link),
             Command::PeerInterest {
                 server_id,
                 link,
@@ -166,7 +170,7 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
                         .map(|r| TopicKey::new(&r.account, &r.topic))
                         .collect()
                 };
-                let effects = state.peer_interest(
+                let effects = self.state.peer_interest(
                     &server_id,
                     link,
                     interest.seq,
@@ -175,10 +179,8 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
                     keys(interest.remove),
                 );
                 if let Some((peer, _)) = effects.to_peers.first() {
-                    peer.remote_topics.store(
-                        state.peer_interest_len(&server_id) as u64,
-                        Ordering::Relaxed,
-                    );
+                    let topics = self.state.peer_interest_len(&server_id) as u64;
+                    peer.remote_topics.store(topics, Ordering::Relaxed);
                 }
                 effects
             }
@@ -186,30 +188,85 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
                 server_id,
                 link,
                 seq,
-            } => state.peer_ack(&server_id, link, seq),
-        };
-        apply(&server, &state, effects, &mut waiting);
-        server
-            .stats
-            .topics
-            .store(state.local_topics() as u64, Ordering::Relaxed);
+            } => self.state.peer_ack(&server_id, link, seq),
+        }
+    }
+
+    /// Forgets requests whose session stopped waiting, so they do not pile up behind a peer
+    /// that never acknowledges.
+    fn sweep(&mut self) {
+        if self.last_sweep.elapsed() < SWEEP_EVERY || self.waiting.is_empty() {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let abandoned: HashSet<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, done)| done.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        if !abandoned.is_empty() {
+            self.waiting.retain(|id, _| !abandoned.contains(id));
+            self.state.cancel_waiters(&abandoned);
+        }
     }
 }
 
+/// Runs until the server shuts down.
+pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Command>) {
+    let shutdown = server.shutdown.clone();
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
+    let mut control = Control {
+        state: Interest::new(),
+        waiting: HashMap::new(),
+        next_waiter: 0,
+        last_sweep: Instant::now(),
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            command = commands.recv() => match command {
+                Some(command) => command,
+                None => break,
+            },
+            _ = &mut stopped => break,
+        };
+        let mut effects = control.handle(first);
+        for _ in 1..MAX_BATCH {
+            let Ok(command) = commands.try_recv() else {
+                break;
+            };
+            effects.merge(control.handle(command));
+        }
+        apply(&server, &control.state, effects, &mut control.waiting);
+        control.sweep();
+        server
+            .stats
+            .topics
+            .store(control.state.local_topics() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Carries out a batch's effects in the order the guarantees need: routes first, then peer
+/// messages (acknowledgements promise the routes are in place), then closes, then answers.
 fn apply(
     server: &Server,
     state: &Interest<Arc<Subscriber>, Arc<PeerLink>>,
     effects: Effects<Arc<PeerLink>>,
     waiting: &mut HashMap<u64, oneshot::Sender<()>>,
 ) {
-    if !effects.routes.is_empty() {
-        for topic in &effects.routes {
-            let route = state.route(topic).map(|(subscribers, peers)| Route {
-                subscribers: subscribers.into_boxed_slice(),
-                peers: peers.into_iter().map(|p| p.out.clone()).collect(),
-            });
-            server.routes.set(topic, route);
-        }
+    let mut created = false;
+    for topic in &effects.routes {
+        let route = state.route(topic).map(|(subscribers, peers)| {
+            Route::new(
+                subscribers.into_boxed_slice(),
+                peers.into_iter().map(|p| p.out.clone()).collect(),
+            )
+        });
+        created |= server.routes.set(topic, route);
+    }
+    if created {
         server.routes.publish();
     }
     for (peer, message) in effects.to_peers {

@@ -35,14 +35,18 @@ pub(crate) async fn run(server: Arc<Server>) {
         Config::ms(config.reconnect_max_ms),
     );
     while !server.shutdown.is_cancelled() {
-        match ws::dial(
+        let limits = config.ws_limits();
+        let dial = ws::dial(
             &url,
             Some(&config.cluster_secret),
-            &config.ws_limits(),
+            &limits,
             config.handshake_timeout(),
-        )
-        .await
-        {
+        );
+        let dialed = tokio::select! {
+            dialed = dial => dialed,
+            _ = server.shutdown.cancelled() => break,
+        };
+        match dialed {
             Ok(socket) => {
                 let outcome = serve(&server, socket).await;
                 server
@@ -80,7 +84,6 @@ async fn serve(server: &Arc<Server>, socket: ClientSocket) -> Result<bool, v1::E
         WriterSetup {
             ctrl: rx,
             data: None,
-            drops: None,
             closer: closer.clone(),
             linger: LINGER,
         },
@@ -106,8 +109,10 @@ async fn registered(
     tx: &mpsc::Sender<Bytes>,
     closer: &Closer,
 ) -> Result<bool, v1::Error> {
-    let first: Option<v1::CoordinatorToServer> =
-        link::first_message(stream, server.config.handshake_timeout()).await?;
+    let first: Option<v1::CoordinatorToServer> = tokio::select! {
+        first = link::first_message(stream, server.config.handshake_timeout()) => first?,
+        _ = server.shutdown.cancelled() => return Ok(false),
+    };
     let registered = match first.and_then(|m| m.kind) {
         None => return Ok(false),
         Some(Kind::Registered(registered)) => registered,

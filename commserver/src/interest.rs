@@ -64,6 +64,16 @@ pub(crate) struct Effects<P> {
     pub(crate) completed: Vec<WaiterId>,
 }
 
+impl<P> Effects<P> {
+    /// Appends `later`'s effects, keeping the order of messages.
+    pub(crate) fn merge(&mut self, later: Self) {
+        self.routes.extend(later.routes);
+        self.to_peers.extend(later.to_peers);
+        self.close.extend(later.close);
+        self.completed.extend(later.completed);
+    }
+}
+
 impl<P> Default for Effects<P> {
     fn default() -> Self {
         Self {
@@ -287,6 +297,11 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         fx
     }
 
+    /// Forgets waiters whose requester stopped waiting.
+    pub(crate) fn cancel_waiters(&mut self, ids: &HashSet<WaiterId>) {
+        self.waiters.retain(|w| !ids.contains(&w.id));
+    }
+
     /// Local sessions and interested peers for `topic`, or `None` when there are neither.
     pub(crate) fn route(&self, topic: &TopicKey) -> Option<(Vec<S>, Vec<P>)> {
         let state = self.topics.get(topic)?;
@@ -326,6 +341,9 @@ impl<S: Clone, P: Clone> Interest<S, P> {
             }
             Self::forget_if_empty(&mut self.topics, &topic);
             fx.routes.insert(topic);
+        }
+        if self.sessions.get(&id).is_some_and(HashSet::is_empty) {
+            self.sessions.remove(&id);
         }
         self.announce(Vec::new(), removed, fx);
     }
@@ -584,6 +602,10 @@ mod tests {
         assert_eq!(i.local_topics(), 1);
         i.session_closed(1);
         assert_eq!(i.local_topics(), 0);
+        assert!(i.topics.is_empty() && i.sessions.is_empty());
+        // Unsubscribing from everything leaves nothing behind either.
+        i.subscribe(3, &3, vec![t("a"), t("b")], 4);
+        i.unsubscribe(3, vec![t("a"), t("b")], 5);
         assert!(i.topics.is_empty() && i.sessions.is_empty());
     }
 }

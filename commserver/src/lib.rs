@@ -56,6 +56,8 @@ struct Server {
     public_url: String,
     keys: Mutex<KeyStore>,
     routes: RouteTable,
+    /// Queue limits applied on every fan-out.
+    fanout: routes::Limits,
     /// Commands to the control task, which holds the receiver and owns subscription state.
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
@@ -137,6 +139,7 @@ pub async fn run(
             config.max_pending_keys,
         )),
         routes: RouteTable::default(),
+        fanout: config.fanout_limits(),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         peer_links: Mutex::new(BTreeMap::new()),
@@ -160,6 +163,8 @@ pub async fn run(
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
+        .fallback(relaymesh_net::http::not_found)
+        .method_not_allowed_fallback(relaymesh_net::http::method_not_allowed)
         .with_state(server.clone());
     span.in_scope(|| tracing::info!(url = %server.public_url, "comm server listening on {local}"));
     let options = server.config.serve_options();

@@ -19,7 +19,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::SplitStream;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Closer, DropNotices, DropTracker, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
@@ -135,14 +135,19 @@ async fn dial_loop(
             }
         }
         let target = format!("{}/v1/peers", lock(&url).trim_end_matches('/'));
-        match ws::dial(
+        let limits = config.ws_limits();
+        let dial = ws::dial(
             &target,
             Some(&config.cluster_secret),
-            &config.ws_limits(),
+            &limits,
             config.handshake_timeout(),
-        )
-        .await
-        {
+        );
+        let dialed = tokio::select! {
+            dialed = dial => dialed,
+            _ = stop.cancelled() => break,
+            _ = server.shutdown.cancelled() => break,
+        };
+        match dialed {
             Ok(socket) => {
                 if run_link(&server, socket, Some(peer.clone())).await {
                     backoff.reset();
@@ -186,6 +191,8 @@ pub(crate) async fn accept(
         async move {
             match ws::upgraded(on_upgrade, &limits).await {
                 Ok(socket) => {
+                    // The connection's slot under max_connections is held for the link's life.
+                    let _conn = conn;
                     run_link(&server, socket, None).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
@@ -209,17 +216,19 @@ where
     let (sink, mut stream) = socket.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = mpsc::channel(server.config.peer_queue);
-    let drops = Arc::new(DropTracker::default());
+    let backlog = Arc::new(Backlog::default());
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
         sink,
         WriterSetup {
             ctrl: ctrl_rx,
-            data: Some(data_rx),
-            drops: Some(DropNotices {
-                tracker: drops.clone(),
-                notice: forward_dropped_notice,
-            }),
+            data: Some((
+                data_rx,
+                DataBacklog {
+                    backlog: backlog.clone(),
+                    notice: forward_dropped_notice,
+                },
+            )),
             closer: closer.clone(),
             linger: LINGER,
         },
@@ -232,7 +241,11 @@ where
     if dialed {
         let _ = ctrl_tx.try_send(hello.clone());
     }
-    let (established, outcome) = match handshake(server, &mut stream, expected.as_deref()).await {
+    let greeted = tokio::select! {
+        greeted = handshake(server, &mut stream, expected.as_deref()) => greeted,
+        _ = server.shutdown.cancelled() => Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
+    };
+    let (established, outcome) = match greeted {
         Ok(None) => (false, Ok(())),
         Err(e) => (false, Err(e)),
         Ok(Some(peer_id)) => {
@@ -244,7 +257,7 @@ where
                 server.next_id(),
                 ctrl_tx,
                 data_tx,
-                drops,
+                backlog.clone(),
                 closer.clone(),
                 dialed,
             ));
@@ -263,7 +276,17 @@ where
         }
     }
     link::linger(&mut stream, LINGER).await;
-    let _ = writer.await;
+    if let Ok(end) = writer.await
+        && end.discarded > 0
+    {
+        // Forwards still queued when the link broke are lost; count them.
+        tracing::warn!(
+            discarded = end.discarded,
+            "peer link closed with forwards still queued"
+        );
+        backlog.record_lost(end.discarded as u64);
+        server.stats.forward_dropped.add(end.discarded as u64);
+    }
     established
 }
 
@@ -437,7 +460,6 @@ fn deliver_forward(
         return Ok(());
     };
     let max_topic = server.config.max_topic_bytes;
-    let slow_ms = server.config.slow_consumer_ms;
     cache.with_route(
         &server.routes,
         &forward.account,
@@ -451,7 +473,7 @@ fn deliver_forward(
                 let frame = message_frame(&forward.topic, &forward.from_alias, &forward.payload);
                 stats
                     .messages_out
-                    .add(routes::deliver(route, &frame, stats, slow_ms));
+                    .add(routes::deliver(route, &frame, stats, server.fanout));
             }
         },
     )
@@ -464,10 +486,8 @@ fn report_peer_drops(server: &Server, count: u64) {
     server.stats.peer_drops_reported.add(count);
     let notice = crate::session::dropped_notice(count);
     for session in lock(&server.sessions).values() {
-        if session.subscribed.load(Ordering::Relaxed)
-            && session.data.try_send(notice.clone()).is_err()
-        {
-            session.drops.record_drop(server.config.slow_consumer_ms);
+        if session.subscribed.load(Ordering::Relaxed) {
+            routes::offer(session, &notice, &server.stats, server.fanout);
         }
     }
 }

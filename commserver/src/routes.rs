@@ -1,12 +1,15 @@
 //! The data plane: who receives a message published on a topic, read on every publish.
 //!
-//! The control task ([`crate::control`]) owns the subscription state and, after every change,
-//! publishes an immutable [`Route`] per affected topic into the [`RouteTable`] and bumps the
-//! table's generation. Publishing sessions and peer readers keep a private [`RouteCache`]: while
-//! the generation is unchanged a publish finds its route with one hash lookup in task-local
-//! memory and takes no lock at all; after a change the first publish per topic refreshes from
-//! the table under a short read lock. Fan-out then `try_send`s one shared, pre-encoded frame to
-//! each receiver's bounded queue: full queues drop and count (the slow-consumer policy), closed
+//! The control task ([`crate::control`]) owns the subscription state. After each batch of
+//! changes it builds an immutable [`Route`] for every affected topic, stores it in the
+//! [`RouteTable`] and marks the route it replaced as stale. Publishing sessions and peer readers
+//! keep a private [`RouteCache`]: a publish finds its route with one hash lookup in task-local
+//! memory plus one atomic load (is it stale?), and takes no lock at all until that topic's
+//! route changes. Topics without a route are cached as absent together with the table's
+//! generation, which moves only when a route is created.
+//!
+//! Fan-out then `try_send`s one shared, pre-encoded frame to each receiver's bounded queue,
+//! within the queue's byte budget. Full queues drop and count (the slow-consumer policy); closed
 //! ones are skipped until the control task removes them.
 
 use std::collections::HashMap;
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use relaymesh_net::link::{Closer, DropTracker};
+use relaymesh_net::link::{Backlog, Closer};
 use relaymesh_net::metrics::Counter;
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, error_frame};
@@ -34,7 +37,7 @@ pub(crate) struct Subscriber {
     /// The session's data queue; its writer task holds the receiver. Full means the client is
     /// not keeping up; closed means the session ended.
     pub(crate) data: mpsc::Sender<Bytes>,
-    pub(crate) drops: Arc<DropTracker>,
+    pub(crate) backlog: Arc<Backlog>,
     pub(crate) closer: Closer,
     /// Whether the session has any subscription (for cluster-wide drop notices).
     pub(crate) subscribed: AtomicBool,
@@ -45,15 +48,27 @@ pub(crate) struct Subscriber {
 pub(crate) struct PeerOut {
     /// The peer link's data queue; its writer task holds the receiver.
     pub(crate) data: mpsc::Sender<Bytes>,
-    pub(crate) drops: Arc<DropTracker>,
+    pub(crate) backlog: Arc<Backlog>,
     pub(crate) forwards_out: Counter,
 }
 
 /// Everyone who receives a topic on this server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) subscribers: Box<[Arc<Subscriber>]>,
     pub(crate) peers: Box<[Arc<PeerOut>]>,
+    /// Set once a newer route (or none) has replaced this one in the table.
+    stale: AtomicBool,
+}
+
+impl Route {
+    pub(crate) fn new(subscribers: Box<[Arc<Subscriber>]>, peers: Box<[Arc<PeerOut>]>) -> Self {
+        Self {
+            subscribers,
+            peers,
+            stale: AtomicBool::new(false),
+        }
+    }
 }
 
 type AccountRoutes = HashMap<Arc<str>, Arc<Route>>;
@@ -62,6 +77,7 @@ type AccountRoutes = HashMap<Arc<str>, Arc<Route>>;
 #[derive(Debug, Default)]
 pub(crate) struct RouteTable {
     routes: RwLock<HashMap<Arc<str>, AccountRoutes>>,
+    /// Moves when a route is created, which is what makes a cached "no route" out of date.
     generation: AtomicU64,
 }
 
@@ -74,32 +90,41 @@ impl RouteTable {
         routes.get(account)?.get(topic).cloned()
     }
 
-    /// Replaces (or with `None` removes) the route of `key`. Call [`RouteTable::publish`]
-    /// after a batch of changes.
-    pub(crate) fn set(&self, key: &TopicKey, route: Option<Route>) {
+    /// Replaces (or with `None` removes) the route of `key` and marks the old one stale.
+    /// Returns whether a route was created for a topic that had none; call
+    /// [`RouteTable::publish`] after a batch that created any.
+    pub(crate) fn set(&self, key: &TopicKey, route: Option<Route>) -> bool {
         let mut routes = self
             .routes
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match route {
+        let old = match route {
             Some(route) => {
-                routes
-                    .entry(key.account.clone())
-                    .or_default()
-                    .insert(key.topic.clone(), Arc::new(route));
+                let account = routes.entry(key.account.clone()).or_default();
+                let old = account.insert(key.topic.clone(), Arc::new(route));
+                if old.is_none() {
+                    return true;
+                }
+                old
             }
             None => {
-                if let Some(account) = routes.get_mut(&key.account) {
-                    account.remove(&key.topic);
-                    if account.is_empty() {
-                        routes.remove(&key.account);
-                    }
+                let account = routes.get_mut(&key.account);
+                let old = account.and_then(|a| a.remove(&key.topic));
+                if routes.get(&key.account).is_some_and(HashMap::is_empty) {
+                    routes.remove(&key.account);
                 }
+                old
             }
+        };
+        // Under the write lock: a cache that sees the flag and looks again finds the new route.
+        if let Some(old) = old {
+            old.stale.store(true, Ordering::Release);
         }
+        false
     }
 
-    /// Makes changes made with [`RouteTable::set`] visible to every cache.
+    /// Makes routes created by [`RouteTable::set`] visible to caches that remember their
+    /// topics as having none.
     pub(crate) fn publish(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -109,15 +134,22 @@ impl RouteTable {
     }
 }
 
+/// A cached lookup.
+#[derive(Debug)]
+enum Cached {
+    Route(Arc<Route>),
+    /// No route, as of this table generation.
+    Absent(u64),
+}
+
 /// A task-local cache of routes for one account.
 #[derive(Debug, Default)]
 pub(crate) struct RouteCache {
-    generation: u64,
-    routes: HashMap<Box<str>, Option<Arc<Route>>>,
+    routes: HashMap<Box<str>, Cached>,
 }
 
 impl RouteCache {
-    /// Calls `f` with the route of `topic`. On a cache miss, `check` runs first (topic
+    /// Calls `f` with the route of `topic`. Before a topic's first lookup, `check` runs (topic
     /// validation), so a topic found in the cache is known to be valid.
     pub(crate) fn with_route<R, E>(
         &mut self,
@@ -127,66 +159,103 @@ impl RouteCache {
         check: impl FnOnce() -> Result<(), E>,
         f: impl FnOnce(Option<&Route>) -> R,
     ) -> Result<R, E> {
+        let known = match self.routes.get(topic) {
+            Some(Cached::Route(route)) if !route.stale.load(Ordering::Acquire) => {
+                return Ok(f(Some(route)));
+            }
+            Some(Cached::Absent(generation)) if *generation == table.generation() => {
+                return Ok(f(None));
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if !known {
+            check()?;
+            if self.routes.len() >= CACHE_CAPACITY {
+                self.routes.clear();
+            }
+        }
+        // The generation is read before the lookup, so a route created in between is either
+        // found now or makes this entry out of date.
         let generation = table.generation();
-        if generation != self.generation {
-            self.routes.clear();
-            self.generation = generation;
-        }
-        if let Some(route) = self.routes.get(topic) {
-            return Ok(f(route.as_deref()));
-        }
-        check()?;
-        let route = table.get(account, topic);
-        let result = f(route.as_deref());
-        if self.routes.len() >= CACHE_CAPACITY {
-            self.routes.clear();
-        }
-        self.routes.insert(topic.into(), route);
+        let (cached, result) = match table.get(account, topic) {
+            Some(route) => {
+                let result = f(Some(&route));
+                (Cached::Route(route), result)
+            }
+            None => (Cached::Absent(generation), f(None)),
+        };
+        self.routes.insert(topic.into(), cached);
         Ok(result)
     }
 }
 
+/// Fan-out limits, copied from the config once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) slow_consumer_ms: u64,
+    pub(crate) client_queue_bytes: usize,
+    pub(crate) peer_queue_bytes: usize,
+}
+
 /// Queues `frame` for every local subscriber of `route`. Returns how many accepted it.
-pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, slow_consumer_ms: u64) -> u64 {
-    let mut delivered = 0;
-    for subscriber in route.subscribers.iter() {
+pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, limits: Limits) -> u64 {
+    route
+        .subscribers
+        .iter()
+        .map(|s| u64::from(offer(s, frame, stats, limits)))
+        .sum()
+}
+
+/// Queues `frame` for one subscriber, or drops it (counted, reported, and possibly the end of
+/// a slow consumer) when the subscriber's queue is full in frames or bytes.
+pub(crate) fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, limits: Limits) -> bool {
+    let backlog = &subscriber.backlog;
+    if backlog.reserve(frame.len(), limits.client_queue_bytes) {
         match subscriber.data.try_send(frame.clone()) {
-            Ok(()) => delivered += 1,
-            Err(TrySendError::Full(_)) => {
-                stats.dropped.inc();
-                if subscriber.drops.record_drop(slow_consumer_ms) {
-                    let words = error_frame::<v1::ServerToClient>(v1::Error::new(
-                        ErrorCode::SlowConsumer,
-                        format!(
-                            "your queue stayed full for over {slow_consumer_ms} ms; messages were dropped"
-                        ),
-                    ));
-                    if subscriber.closer.close(Some(words)) {
-                        stats.slow_consumers.inc();
-                        tracing::info!(session = subscriber.id, "disconnecting slow consumer");
-                    }
-                }
+            Ok(()) => return true,
+            Err(TrySendError::Full(_)) => backlog.release(frame.len()),
+            Err(TrySendError::Closed(_)) => {
+                backlog.release(frame.len());
+                return false;
             }
-            Err(TrySendError::Closed(_)) => {}
         }
     }
-    delivered
+    stats.dropped.inc();
+    if backlog.record_drop(limits.slow_consumer_ms) {
+        let words = error_frame::<v1::ServerToClient>(v1::Error::new(
+            ErrorCode::SlowConsumer,
+            format!(
+                "your queue stayed full for over {} ms; messages were dropped",
+                limits.slow_consumer_ms
+            ),
+        ));
+        if subscriber.closer.close(Some(words)) {
+            stats.slow_consumers.inc();
+            tracing::info!(session = subscriber.id, "disconnecting slow consumer");
+        }
+    }
+    false
 }
 
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
-pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
+pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats, limits: Limits) {
     for peer in route.peers.iter() {
-        match peer.data.try_send(frame.clone()) {
-            Ok(()) => {
-                peer.forwards_out.inc();
-                stats.forwards_out.inc();
-            }
-            Err(TrySendError::Full(_)) => {
-                // Reported to the peer as ForwardDropped, which tells its subscribers.
-                peer.drops.record_drop(u64::MAX);
-                stats.forward_dropped.inc();
-            }
-            Err(TrySendError::Closed(_)) => {}
+        let queued = peer.backlog.reserve(frame.len(), limits.peer_queue_bytes)
+            && match peer.data.try_send(frame.clone()) {
+                Ok(()) => true,
+                Err(_) => {
+                    peer.backlog.release(frame.len());
+                    false
+                }
+            };
+        if queued {
+            peer.forwards_out.inc();
+            stats.forwards_out.inc();
+        } else if !peer.data.is_closed() {
+            // Reported to the peer as ForwardDropped, which tells its subscribers.
+            peer.backlog.record_drop(u64::MAX);
+            stats.forward_dropped.inc();
         }
     }
 }

@@ -22,7 +22,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::SplitStream;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Closer, DropNotices, DropTracker, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::frame::{forward_frame, message_frame};
@@ -74,10 +74,8 @@ pub(crate) async fn upgrade(
             );
         }
     };
-    let identity = match lock(&server.keys).redeem(Instant::now(), &key) {
-        Ok(identity) => identity,
-        Err(e) => return refuse_key(&server, &e.to_string()),
-    };
+    // Checked before the key is spent, so a refused client's key is not wasted. (Keys count
+    // against capacity when reserved, so this only trips when the limit was lowered.)
     if server.client_count() >= server.config.max_clients as usize {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -86,6 +84,10 @@ pub(crate) async fn upgrade(
         )
         .into_response();
     }
+    let identity = match lock(&server.keys).redeem(Instant::now(), &key) {
+        Ok(identity) => identity,
+        Err(e) => return refuse_key(&server, &e.to_string()),
+    };
     let limits = server.config.ws_limits();
     let span = tracing::debug_span!("client", peer = %conn.peer, alias = %identity.alias);
     let tracker = server.tracker.clone();
@@ -131,6 +133,8 @@ struct Session {
     account: Arc<str>,
     /// Topics this session subscribes to (bounded by `max_subscriptions`).
     topics: HashSet<Arc<str>>,
+    /// Whether the control task knows this session (and must hear that it closed).
+    ever_subscribed: bool,
     cache: RouteCache,
 }
 
@@ -138,12 +142,12 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
     let (sink, mut stream) = socket.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = mpsc::channel(server.config.client_queue);
-    let drops = Arc::new(DropTracker::default());
+    let backlog = Arc::new(Backlog::default());
     let closer = Closer::new();
     let me = Arc::new(Subscriber {
         id: server.next_id(),
         data: data_tx,
-        drops: drops.clone(),
+        backlog: backlog.clone(),
         closer: closer.clone(),
         subscribed: AtomicBool::new(false),
     });
@@ -151,11 +155,13 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         sink,
         WriterSetup {
             ctrl: ctrl_rx,
-            data: Some(data_rx),
-            drops: Some(DropNotices {
-                tracker: drops,
-                notice: dropped_notice,
-            }),
+            data: Some((
+                data_rx,
+                DataBacklog {
+                    backlog,
+                    notice: dropped_notice,
+                },
+            )),
             closer: closer.clone(),
             linger: LINGER,
         },
@@ -178,6 +184,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         alias: identity.alias.into(),
         account: identity.account.into(),
         topics: HashSet::new(),
+        ever_subscribed: false,
         cache: RouteCache::default(),
     };
     match session.serve(&mut stream).await {
@@ -195,7 +202,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
     // The session is over for everyone else now; the close handshake below is only courtesy.
     lock(&server.sessions).remove(&me.id);
     server.stats.clients.dec();
-    if !session.topics.is_empty() {
+    if session.ever_subscribed {
         let _ = server
             .control
             .send(Command::SessionClosed { session: me.id })
@@ -279,8 +286,20 @@ impl Session {
         let stats = &server.stats;
         let (alias, account) = (&*self.alias, &*self.account);
         let v1::Publish { topic, payload } = publish;
+        // Delivered and forwarded frames add the alias, account and envelope to the payload;
+        // the limit keeps them within every receiver's frame limit.
+        let max_payload = server.config.max_payload_bytes();
+        if payload.len() > max_payload {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "payload of {} bytes exceeds the limit of {max_payload} bytes",
+                    payload.len()
+                ),
+            ));
+        }
         let max_topic = server.config.max_topic_bytes;
-        let slow_ms = server.config.slow_consumer_ms;
+        let limits = server.fanout;
         self.cache.with_route(
             &server.routes,
             account,
@@ -296,11 +315,11 @@ impl Session {
                     let frame = message_frame(&topic, alias, &payload);
                     stats
                         .messages_out
-                        .add(routes::deliver(route, &frame, stats, slow_ms));
+                        .add(routes::deliver(route, &frame, stats, limits));
                 }
                 if !route.peers.is_empty() {
                     let frame = forward_frame(account, &topic, alias, &payload);
-                    routes::forward(route, &frame, stats);
+                    routes::forward(route, &frame, stats, limits);
                 }
             },
         )
@@ -314,8 +333,11 @@ impl Session {
         Ok(())
     }
 
+    /// Refusals name the request, so the client can fail that request (and forget its topics)
+    /// instead of treating the close as a lost connection.
     async fn subscribe(&mut self, sub: v1::Subscribe) -> Result<(), v1::Error> {
-        self.check_topics(&sub.topics)?;
+        self.check_topics(&sub.topics)
+            .map_err(|e| e.for_request(sub.request_id))?;
         let fresh: Vec<Arc<str>> = {
             let mut seen = HashSet::new();
             sub.topics
@@ -329,12 +351,14 @@ impl Session {
             return Err(error(
                 ErrorCode::LimitExceeded,
                 format!("subscription limit of {limit} topics per client reached"),
-            ));
+            )
+            .for_request(sub.request_id));
         }
         if !fresh.is_empty() {
             // Recorded before the command is sent, so the session's close always cleans up.
             self.topics.extend(fresh.iter().cloned());
             self.me.subscribed.store(true, Ordering::Relaxed);
+            self.ever_subscribed = true;
             let topics = fresh
                 .into_iter()
                 .map(|topic| TopicKey {
@@ -357,7 +381,8 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, unsub: v1::Unsubscribe) -> Result<(), v1::Error> {
-        self.check_topics(&unsub.topics)?;
+        self.check_topics(&unsub.topics)
+            .map_err(|e| e.for_request(unsub.request_id))?;
         let gone: Vec<Arc<str>> = unsub
             .topics
             .iter()

@@ -28,7 +28,8 @@ pub struct Config {
     pub reserve_attempts: u32,
     /// Reservations awaiting an answer per server; more are refused as that server being busy.
     pub max_pending_reservations: usize,
-    /// Interval at which servers report load and the coordinator pings servers and clients.
+    /// Interval at which servers report load and the coordinator pings them; also told to
+    /// negotiation clients as the interval at which to ping if they keep the link open.
     pub heartbeat_interval_ms: u64,
     /// Silence after which a server or negotiation link is closed.
     pub heartbeat_timeout_ms: u64,

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use relaymesh_net::config::ConfigError;
 use tokio::net::TcpListener;
@@ -84,10 +85,15 @@ pub async fn run(
     let router = Router::new()
         .route("/v1/servers", get(server_link::upgrade))
         .route("/v1/connect", get(negotiate::upgrade))
-        .route("/v1/login", post(negotiate::login))
+        .route(
+            "/v1/login",
+            post(negotiate::login).layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
+        )
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
+        .fallback(relaymesh_net::http::not_found)
+        .method_not_allowed_fallback(relaymesh_net::http::method_not_allowed)
         .with_state(app.clone());
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");

@@ -155,7 +155,6 @@ async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
         WriterSetup {
             ctrl: rx,
             data: None,
-            drops: None,
             closer: closer.clone(),
             linger: LINGER,
         },
@@ -286,8 +285,27 @@ async fn place(
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct LoginRequest {
+    credentials: Option<LoginCredentials>,
     preferred_server: Option<String>,
     exclude: Vec<String>,
+}
+
+/// JSON form of [`v1::Credentials`]: `{"anonymous": {}}`. Version 1 knows anonymous clients
+/// only; any other kind is refused as an unknown variant.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum LoginCredentials {
+    Anonymous {},
+}
+
+impl From<LoginCredentials> for v1::Credentials {
+    fn from(c: LoginCredentials) -> Self {
+        match c {
+            LoginCredentials::Anonymous {} => v1::Credentials {
+                kind: Some(credentials::Kind::Anonymous(v1::Anonymous {})),
+            },
+        }
+    }
 }
 
 /// Answer of `POST /v1/login`.
@@ -303,17 +321,18 @@ pub(crate) async fn login(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LoginResponse>, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), ErrorCode::BadFrame, e.body_text()))?;
-    if body.len() > app.config.max_login_body_bytes {
-        return Err(ApiError::new(
+    // The route's body limit (`max_login_body_bytes`) stops reading early; say so as JSON.
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::LimitExceeded,
             format!(
                 "login body is larger than {} bytes",
                 app.config.max_login_body_bytes
             ),
-        ));
-    }
+        ),
+        status => ApiError::new(status, ErrorCode::BadFrame, e.body_text()),
+    })?;
     let request: LoginRequest = if body.iter().all(u8::is_ascii_whitespace) {
         LoginRequest::default()
     } else {
@@ -325,7 +344,8 @@ pub(crate) async fn login(
             )
         })?
     };
-    let identity = authenticate(&app, None).map_err(ApiError::from)?;
+    let identity =
+        authenticate(&app, request.credentials.map(Into::into)).map_err(ApiError::from)?;
     let placement = place(
         &app,
         &identity,

@@ -76,14 +76,25 @@ impl ServerLink {
         identity: v1::Identity,
         timeout: Duration,
     ) -> ReserveReply {
+        let busy = || {
+            error(
+                ErrorCode::LimitExceeded,
+                "too many reservations pending on this server",
+            )
+        };
+        if self.closer.is_closed() {
+            return Err(error(ErrorCode::Internal, "server link is closing"));
+        }
+        // Reservations may use the link queue only down to a reserve, so a login burst is
+        // refused as "busy" instead of overflowing the queue and costing the server its link.
+        if self.tx.capacity() <= self.tx.max_capacity() / 4 {
+            return Err(busy());
+        }
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let mut pending = lock(&self.pending);
             if pending.len() >= self.max_pending {
-                return Err(error(
-                    ErrorCode::LimitExceeded,
-                    "too many reservations pending on this server",
-                ));
+                return Err(busy());
             }
             pending.insert(request_id, reply_tx);
         }
@@ -91,16 +102,24 @@ impl ServerLink {
             request_id,
             identity: Some(identity),
         }));
-        if !self.send(frame) {
+        if self.tx.try_send(frame).is_err() {
             lock(&self.pending).remove(&request_id);
-            return Err(error(ErrorCode::Internal, "server link is overloaded"));
+            return Err(busy());
         }
-        match tokio::time::timeout(timeout, reply_rx).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(error(
-                ErrorCode::Internal,
-                "server link closed before answering",
-            )),
+        // `Ok(None)`: the link closed first.
+        let outcome = tokio::select! {
+            reply = tokio::time::timeout(timeout, reply_rx) => reply.map(Result::ok),
+            _ = self.closer.closed() => Ok(None),
+        };
+        match outcome {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                lock(&self.pending).remove(&request_id);
+                Err(error(
+                    ErrorCode::Internal,
+                    "server link closed before answering",
+                ))
+            }
             Err(_) => {
                 lock(&self.pending).remove(&request_id);
                 Err(error(
@@ -162,7 +181,6 @@ async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
         WriterSetup {
             ctrl: rx,
             data: None,
-            drops: None,
             closer: closer.clone(),
             linger: LINGER,
         },
@@ -281,15 +299,18 @@ async fn serve(
     }
     tracing::info!(server_id = %reg.server_id, url = %reg.public_url, capacity = reg.capacity, "comm server registered");
     let result = serve_registered(app, stream, &handle, link_id).await;
-    let left = lock(&app.registry).unregister(&reg.server_id, link_id);
-    if let Some(others) = left {
-        let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
-            server_id: reg.server_id.clone(),
-        }));
-        for other in others {
-            other.send(frame.clone());
+    {
+        // Under the lock, like PeerJoined, so a quick re-registration cannot overtake it.
+        let mut registry = lock(&app.registry);
+        if let Some(others) = registry.unregister(&reg.server_id, link_id) {
+            let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
+                server_id: reg.server_id.clone(),
+            }));
+            for other in others {
+                other.send(frame.clone());
+            }
+            tracing::info!(server_id = %reg.server_id, "comm server left");
         }
-        tracing::info!(server_id = %reg.server_id, "comm server left");
     }
     // Logins waiting on this server see their reply channel close and try another server.
     lock(&handle.pending).clear();

@@ -203,6 +203,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Fallback for paths no route serves: a JSON error like every other refusal.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::BadFrame,
+        format!("no endpoint at {}", uri.path()),
+    )
+}
+
+/// Fallback for a known path with the wrong method.
+pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadFrame,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
 /// A `text/plain` response, for `/healthz` and `/metrics`.
 pub fn text(content_type: &'static str, body: String) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()

@@ -6,7 +6,7 @@
 //!   frames: `ctrl` (the link's own replies and control messages, always preferred) and `data`
 //!   (fanned-out messages). It feeds every frame that is ready, up to [`MAX_BATCH`], and flushes
 //!   once, so a busy link costs one `write` syscall per batch instead of per frame. When a link
-//!   records drops on its data queue ([`DropTracker`]) the writer appends a notice frame to the
+//!   records drops on its data queue ([`Backlog`]) the writer appends a notice frame to the
 //!   next batch;
 //! * the **reader** is link-specific; it pulls frames with [`next_frame`] and ends the link
 //!   through the [`Closer`], optionally with "last words" (an encoded `Error`) that the writer
@@ -14,7 +14,7 @@
 //!
 //! Nothing here knows message types; the links in the service crates supply encoded frames.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,9 @@ pub struct Closer {
 #[derive(Debug, Default)]
 struct CloserInner {
     token: CancellationToken,
-    last_words: OnceLock<Bytes>,
+    /// `Some` once closing, with the first caller's last words. Set before the token fires, so
+    /// the writer always sees the words of the call that closed the link.
+    state: std::sync::Mutex<Option<Option<Bytes>>>,
 }
 
 impl Closer {
@@ -54,10 +56,17 @@ impl Closer {
     /// sent before the close frame; later calls change nothing. Returns whether this call was
     /// the first.
     pub fn close(&self, last_words: Option<Bytes>) -> bool {
-        let first = !self.inner.token.is_cancelled();
-        if first && let Some(words) = last_words {
-            let _ = self.inner.last_words.set(words);
+        if self.inner.token.is_cancelled() {
+            return false;
         }
+        let first = {
+            let mut state = crate::sync::lock(&self.inner.state);
+            let first = state.is_none();
+            if first {
+                *state = Some(last_words);
+            }
+            first
+        };
         self.inner.token.cancel();
         first
     }
@@ -73,7 +82,7 @@ impl Closer {
     }
 
     fn last_words(&self) -> Option<Bytes> {
-        self.inner.last_words.get().cloned()
+        crate::sync::lock(&self.inner.state).clone().flatten()
     }
 }
 
@@ -86,17 +95,40 @@ pub fn now_ms() -> u64 {
         .saturating_add(1)
 }
 
-/// Drop accounting for one link's data queue, shared by the senders (who drop when the queue is
-/// full) and the link's writer (who reports drops to the receiver and notices recovery).
+/// The backlog of one link's data queue: bytes queued and frames dropped. Shared by the
+/// senders (who check the byte budget and drop when the queue is full) and the link's writer
+/// (who releases bytes as it writes, reports drops to the receiver and notices recovery).
+///
+/// The queue's channel bounds it in frames; the byte budget bounds it in memory, so a queue of
+/// large messages cannot hold `frames × max_frame_bytes`.
 #[derive(Debug, Default)]
-pub struct DropTracker {
+pub struct Backlog {
+    queued_bytes: AtomicUsize,
     unreported: AtomicU64,
     total: AtomicU64,
     /// [`now_ms`] of the first drop since the queue last ran empty; 0 when not stalled.
     stalled_since: AtomicU64,
 }
 
-impl DropTracker {
+impl Backlog {
+    /// Reserves `len` bytes under `budget` for a frame about to be queued. `false` means the
+    /// queue is full in bytes; an empty queue always takes one frame, however large.
+    #[inline]
+    pub fn reserve(&self, len: usize, budget: usize) -> bool {
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > budget {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Returns `len` reserved bytes (the frame was written, or never queued).
+    #[inline]
+    pub fn release(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
     /// Records one dropped frame. Returns `true` when the queue has now been stalled (not run
     /// empty) for longer than `grace_ms` since the first drop: the receiver is a slow consumer.
     pub fn record_drop(&self, grace_ms: u64) -> bool {
@@ -112,7 +144,13 @@ impl DropTracker {
         }
     }
 
-    /// Drops recorded over the link's life.
+    /// Counts `n` frames lost without a notice to the receiver (they were queued when the link
+    /// broke).
+    pub fn record_lost(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Frames dropped or lost over the link's life.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
@@ -131,11 +169,11 @@ impl DropTracker {
     }
 }
 
-/// How a writer reports drops on its data queue.
+/// How a writer accounts for its data queue.
 #[derive(Debug, Clone)]
-pub struct DropNotices {
-    /// The queue's drop accounting, shared with its senders.
-    pub tracker: Arc<DropTracker>,
+pub struct DataBacklog {
+    /// The queue's backlog, shared with its senders.
+    pub backlog: Arc<Backlog>,
     /// Encodes the frame that tells the receiver `n` messages were dropped.
     pub notice: fn(u64) -> Bytes,
 }
@@ -145,44 +183,55 @@ pub struct DropNotices {
 pub struct WriterSetup {
     /// Control frames; preferred over data. The link is done when every sender is gone.
     pub ctrl: mpsc::Receiver<Bytes>,
-    /// Data frames, if the link carries any.
-    pub data: Option<mpsc::Receiver<Bytes>>,
-    /// Drop accounting of the data queue and how to report drops to the receiver.
-    pub drops: Option<DropNotices>,
+    /// Data frames, if the link carries any, with their backlog accounting (senders must
+    /// [`Backlog::reserve`] each frame's bytes before queueing it).
+    pub data: Option<(mpsc::Receiver<Bytes>, DataBacklog)>,
     /// The link's closer; when it fires the writer sends the last words and a close frame.
     pub closer: Closer,
     /// Time allowed for the last words and close frame to be written.
     pub linger: Duration,
 }
 
-/// Drains the queues into `sink` until the link closes, then sends the last words (if any) and
-/// a close frame. Returns the write error that ended the link, if one did; the closer is fired
-/// either way so the reader stops too.
+/// How a writer ended.
+#[derive(Debug)]
+pub struct WriterEnd {
+    /// The write error that ended the link, if one did.
+    pub error: Option<tungstenite::Error>,
+    /// Data frames still queued when the link closed, never sent.
+    pub discarded: usize,
+}
+
+/// Drains the queues into `sink` until the link closes, then sends queued control frames, the
+/// last words (if any) and a close frame. The closer is fired either way so the reader stops
+/// too.
 pub async fn run_writer<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     setup: WriterSetup,
-) -> Result<(), tungstenite::Error>
+) -> WriterEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let WriterSetup {
         mut ctrl,
-        mut data,
-        drops,
+        data,
         closer,
         linger,
     } = setup;
-    let result = async {
+    let (mut data, accounting) = match data {
+        Some((rx, accounting)) => (Some(rx), Some(accounting)),
+        None => (None, None),
+    };
+    let result: Result<(), tungstenite::Error> = async {
         loop {
             let first = tokio::select! {
                 biased;
                 _ = closer.closed() => return Ok(()),
                 frame = ctrl.recv() => match frame {
-                    Some(frame) => frame,
+                    Some(frame) => (frame, false),
                     None => return Ok(()),
                 },
                 frame = recv_data(&mut data) => match frame {
-                    Some(frame) => frame,
+                    Some(frame) => (frame, true),
                     None => {
                         data = None;
                         continue;
@@ -190,20 +239,25 @@ where
                 },
             };
             let batch = async {
-                sink.feed(Message::Binary(first)).await?;
-                let mut fed = 1;
-                while fed < MAX_BATCH {
-                    let Some(frame) = try_next(&mut ctrl, &mut data) else {
-                        break;
-                    };
+                let mut data_bytes = 0;
+                let mut next = Some(first);
+                let mut fed = 0;
+                while let Some((frame, is_data)) = next.take() {
+                    if is_data {
+                        data_bytes += frame.len();
+                    }
                     sink.feed(Message::Binary(frame)).await?;
                     fed += 1;
-                }
-                if let Some(DropNotices { tracker, notice }) = &drops {
-                    if data.as_ref().is_none_or(|d| d.is_empty()) {
-                        tracker.drained();
+                    if fed < MAX_BATCH {
+                        next = try_next(&mut ctrl, &mut data);
                     }
-                    let dropped = tracker.take_unreported();
+                }
+                if let Some(DataBacklog { backlog, notice }) = &accounting {
+                    backlog.release(data_bytes);
+                    if data.as_ref().is_none_or(|d| d.is_empty()) {
+                        backlog.drained();
+                    }
+                    let dropped = backlog.take_unreported();
                     if dropped > 0 {
                         sink.feed(Message::Binary(notice(dropped))).await?;
                     }
@@ -220,7 +274,13 @@ where
     }
     .await;
     closer.close(None);
+    let discarded = data.as_ref().map_or(0, mpsc::Receiver::len);
+    // Control frames already queued (a final Load, an Ack, interest changes) still go out;
+    // queued data does not, it would only delay the close.
     let goodbye = async {
+        while let Ok(frame) = ctrl.try_recv() {
+            sink.feed(Message::Binary(frame)).await?;
+        }
         if let Some(words) = closer.last_words() {
             sink.feed(Message::Binary(words)).await?;
         }
@@ -228,7 +288,10 @@ where
         sink.close().await
     };
     let _ = tokio::time::timeout(linger, goodbye).await;
-    result
+    WriterEnd {
+        error: result.err(),
+        discarded,
+    }
 }
 
 async fn recv_data(data: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
@@ -238,14 +301,15 @@ async fn recv_data(data: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
     }
 }
 
+/// The next ready frame, control first; the flag says whether it is data.
 fn try_next(
     ctrl: &mut mpsc::Receiver<Bytes>,
     data: &mut Option<mpsc::Receiver<Bytes>>,
-) -> Option<Bytes> {
+) -> Option<(Bytes, bool)> {
     if let Ok(frame) = ctrl.try_recv() {
-        return Some(frame);
+        return Some((frame, false));
     }
-    data.as_mut()?.try_recv().ok()
+    data.as_mut()?.try_recv().ok().map(|frame| (frame, true))
 }
 
 /// One step of reading a link.
@@ -337,7 +401,14 @@ where
         Some(Ok(Message::Text(_))) => Err(ReadError::Text),
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(Inbound::Control),
         Some(Ok(Message::Close(_))) => Ok(Inbound::Closed),
-        Some(Err(E::ConnectionClosed | E::AlreadyClosed)) => Ok(Inbound::Closed),
+        // A peer that vanished (killed, reset, dropped without a close frame) has simply gone;
+        // that is not bad input and there is nobody left to tell.
+        Some(Err(
+            E::ConnectionClosed
+            | E::AlreadyClosed
+            | E::Io(_)
+            | E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
+        )) => Ok(Inbound::Closed),
         Some(Err(E::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
             Err(ReadError::TooLarge {
                 size,
@@ -369,6 +440,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backlog_bounds_bytes_but_always_takes_one_frame() {
+        let b = Backlog::default();
+        assert!(b.reserve(900, 1000));
+        assert!(!b.reserve(200, 1000), "over budget");
+        assert!(b.reserve(100, 1000), "exactly at budget");
+        b.release(1000);
+        assert!(
+            b.reserve(5000, 1000),
+            "an empty queue takes one oversized frame"
+        );
+        assert!(!b.reserve(1, 1000));
+    }
+
+    #[test]
     fn closer_keeps_the_first_reason() {
         let closer = Closer::new();
         assert!(!closer.is_closed());
@@ -379,8 +464,8 @@ mod tests {
     }
 
     #[test]
-    fn drop_tracker_reports_and_detects_stalls() {
-        let t = DropTracker::default();
+    fn backlog_reports_drops_and_detects_stalls() {
+        let t = Backlog::default();
         assert!(!t.record_drop(1_000));
         assert!(!t.record_drop(1_000));
         assert_eq!(t.take_unreported(), 2);

@@ -65,4 +65,12 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= min * 2);
     }
+
+    #[test]
+    fn jitter_spreads_servers_that_start_together() {
+        let firsts: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(8)).next_delay())
+            .collect();
+        assert!(firsts.len() > 10, "first delays barely differ: {firsts:?}");
+    }
 }

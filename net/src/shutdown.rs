@@ -8,37 +8,67 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Cancels `token` when the process receives SIGINT or SIGTERM.
+///
+/// The handlers are installed before this returns, so a signal that arrives right after (say,
+/// just after the `listening on` line) already means "shut down cleanly" rather than the
+/// default "die at once". Call it from within the runtime.
 pub fn cancel_on_signals(token: CancellationToken) {
+    let signals = Signals::install();
     tokio::spawn(async move {
-        let name = wait_for_signal().await;
+        let name = signals.wait().await;
         tracing::info!(signal = name, "shutting down");
         token.cancel();
     });
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        _ => {
-            tracing::warn!("cannot install signal handlers; falling back to ctrl-c only");
-            let _ = tokio::signal::ctrl_c().await;
-            "ctrl-c"
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Self(Some((int, term))),
+            _ => {
+                tracing::warn!(
+                    "cannot install SIGINT/SIGTERM handlers; falling back to ctrl-c only"
+                );
+                Self(None)
+            }
+        }
+    }
+
+    async fn wait(self) -> &'static str {
+        match self.0 {
+            Some((mut int, mut term)) => tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+                "ctrl-c"
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "ctrl-c"
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Self {
+        Self
+    }
+
+    async fn wait(self) -> &'static str {
+        let _ = tokio::signal::ctrl_c().await;
+        "ctrl-c"
+    }
 }
 
 /// Closes `tracker` and waits up to `grace` for its tasks. Returns `false` if some were still

@@ -26,7 +26,14 @@ impl v1::Error {
         Self {
             code: code as i32,
             message: message.into(),
+            request_id: 0,
         }
+    }
+
+    /// The same error, marked as the answer to request `request_id`.
+    pub fn for_request(mut self, request_id: u64) -> Self {
+        self.request_id = request_id;
+        self
     }
 
     /// The code, or `ERROR_CODE_UNSPECIFIED` when the peer sent a code this build doesn't know.

@@ -119,6 +119,27 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// A free address for a service that must come back *on the same address* after a restart.
+///
+/// Ports from `bind(…:0)` come from the kernel's ephemeral range, which the outbound connections
+/// of tests running in parallel also draw from, so a freed one can be taken before the restart.
+/// This picks a free port below that range (which starts at 32768 on Linux) instead.
+pub fn restartable_addr() -> SocketAddr {
+    let seed = u64::from(std::process::id()).wrapping_mul(6_364_136_223_846_793_005)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+    for attempt in 0..2_000u64 {
+        let port = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7_919)) % 12_000) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port in 20000-31999");
+}
+
 /// Coordinator settings for tests: fast heartbeats so dead links are found quickly.
 pub fn coordinator_config() -> coordinator::Config {
     coordinator::Config {
@@ -301,9 +322,24 @@ impl Cluster {
         Self::start_with(n, |_| {}).await
     }
 
+    /// Like [`Cluster::start`], with a coordinator that can be restarted on its address.
+    pub async fn start_restartable(n: usize) -> Self {
+        let coordinator =
+            CoordinatorHandle::start_on(restartable_addr(), coordinator_config()).await;
+        Self::with_coordinator(coordinator, n, |_| {}).await
+    }
+
     /// Like [`Cluster::start`], with `tweak` applied to each server's config.
     pub async fn start_with(n: usize, tweak: impl Fn(&mut commserver::Config)) -> Self {
         let coordinator = CoordinatorHandle::start(coordinator_config()).await;
+        Self::with_coordinator(coordinator, n, tweak).await
+    }
+
+    async fn with_coordinator(
+        coordinator: CoordinatorHandle,
+        n: usize,
+        tweak: impl Fn(&mut commserver::Config),
+    ) -> Self {
         let mut servers = Vec::new();
         for _ in 0..n {
             let mut config = server_config(&coordinator.url);

@@ -1,44 +1,96 @@
-//! Real processes: the `coordinator`, `commserver` and `meshctl` binaries built by
-//! `cargo test --workspace`, started on port 0 and found through their `listening on` log line.
+//! Real processes: the `coordinator`, `commserver` and `meshctl` binaries, started on port 0
+//! and found through their `listening on` log line.
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::PATIENCE;
 
 /// Path of a workspace binary next to the test executable (`target/<profile>/<name>`).
+///
+/// The first call (re)builds the binaries with the cargo that runs the tests, so a test never
+/// exercises a stale binary, even under `cargo test -p relaymesh-tests`. (Cargo holds no lock
+/// while tests run; after `cargo test --workspace` this is a quick no-op.)
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .unwrap()
+            .to_owned();
+        let profile = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug")
+            .to_owned();
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--quiet", "--bins"]);
+        build.args([
+            "-p",
+            "coordinator",
+            "-p",
+            "commserver",
+            "-p",
+            "relaymesh-client",
+        ]);
+        if profile != "debug" {
+            build.args(["--profile", &profile]);
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the binaries failed");
+        dir
+    });
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
+        "{} is missing after building the binaries",
         path.display()
     );
     path
 }
 
-/// Runs `binary` to completion; returns (success, stdout, stderr).
+/// Runs `binary` to completion (at most [`PATIENCE`]); returns (success, stdout, stderr).
 pub fn run(name: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary(name))
+    let mut child = Command::new(binary(name))
         .args(args)
         .env_remove("RUST_LOG")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
-    (
-        output.status.success(),
-        text(output.stdout),
-        text(output.stderr),
-    )
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{name} {args:?} did not finish within {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.success(), out.join().unwrap(), err.join().unwrap())
 }
 
-/// A running binary whose stdout and stderr are collected line by line.
+/// A running binary whose stdout and stderr are collected line by line. Killed when dropped.
 #[derive(Debug)]
 pub struct Proc {
     /// The child process.
@@ -63,11 +115,20 @@ fn forward_lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<St
 }
 
 impl Proc {
-    /// Starts `binary` with `args` and the cluster secret in its environment.
+    /// Starts `binary` with `args` and the test cluster secret in its environment.
     pub fn start(name: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary(name))
+        Self::start_with_secret(name, args, Some(crate::SECRET))
+    }
+
+    /// Starts `binary` with `args`, and `secret` (if any) as `RELAYMESH_CLUSTER_SECRET`.
+    pub fn start_with_secret(name: &str, args: &[&str], secret: Option<&str>) -> Self {
+        let mut command = Command::new(binary(name));
+        command.env_remove("RELAYMESH_CLUSTER_SECRET");
+        if let Some(secret) = secret {
+            command.env("RELAYMESH_CLUSTER_SECRET", secret);
+        }
+        let mut child = command
             .args(args)
-            .env("RELAYMESH_CLUSTER_SECRET", crate::SECRET)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -122,8 +183,13 @@ impl Proc {
 
     /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
+        self.signal("TERM")
+    }
+
+    /// Sends `SIG<name>` and waits for the exit; returns whether it exited successfully.
+    pub fn signal(&mut self, name: &str) -> bool {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status();
         self.wait_exit().success()

@@ -5,6 +5,10 @@ pub struct Error {
     pub code: i32,
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
+    /// The request this error answers (e.g. a Subscribe whose topics were refused); 0 when the
+    /// error concerns the link as a whole.
+    #[prost(uint64, tag = "3")]
+    pub request_id: u64,
 }
 /// Who a login key is for. Filled in by the coordinator; the comm server trusts only this, never
 /// what a client says about itself.

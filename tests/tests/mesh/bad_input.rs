@@ -23,6 +23,13 @@ fn publish(topic: &str) -> v1::ClientToServer {
     })
 }
 
+fn publish_bytes(topic: &str, len: usize) -> v1::ClientToServer {
+    v1::ClientToServer::publish(v1::Publish {
+        topic: topic.into(),
+        payload: vec![0u8; len].into(),
+    })
+}
+
 fn subscribe(topics: &[&str]) -> v1::ClientToServer {
     v1::ClientToServer::subscribe(v1::Subscribe {
         request_id: 1,
@@ -37,6 +44,7 @@ async fn bad_client_input_closes_only_that_session() {
         c.max_subscriptions = 5;
     })
     .await;
+    let max_payload = 64 * 1024 - 256 - 1024;
     let coordinator = cluster.coordinator.addr;
     // A healthy pair that must keep working throughout.
     let mut watcher = cluster.client_on(0).await;
@@ -112,6 +120,25 @@ async fn bad_client_input_closes_only_that_session() {
         (
             "too many subscriptions",
             vec![bin(&attach(PROTOCOL_VERSION)), bin(&subscribe(&too_many))],
+            ErrorCode::LimitExceeded,
+        ),
+        (
+            // Five are fine (acknowledged), the sixth in a later request is not.
+            "too many subscriptions over time",
+            vec![
+                bin(&attach(PROTOCOL_VERSION)),
+                bin(&subscribe(&too_many[..5])),
+                bin(&subscribe(&too_many[5..])),
+            ],
+            ErrorCode::LimitExceeded,
+        ),
+        (
+            // Fits in a frame, but the delivered frame (plus alias and envelope) might not.
+            "payload over the limit",
+            vec![
+                bin(&attach(PROTOCOL_VERSION)),
+                bin(&publish_bytes("a", max_payload + 1)),
+            ],
             ErrorCode::LimitExceeded,
         ),
     ];
@@ -315,28 +342,163 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
 #[tokio::test]
 async fn idle_and_silent_connections_are_closed_by_the_heartbeat_timeout() {
     let cluster = Cluster::start_with(1, |c| {
-        c.heartbeat_timeout_ms = 400;
-        c.handshake_timeout_ms = 400;
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 1_000;
+        c.handshake_timeout_ms = 1_000;
     })
     .await;
-    // Attached, then silent: no pings.
+    // A library client (it pings at the interval the server suggests) connected first...
+    let mut client = cluster.client_on(0).await;
+    client.subscribe(["still/here"]).await.unwrap();
+    // ...outlives an attached client that goes silent and one that never attaches.
     let mut idle = raw::attached_client(&cluster.coordinator.addr).await;
     assert_eq!(
         raw::expect_client_error(&mut idle).await,
         ErrorCode::HeartbeatTimeout
     );
-    // Never attached at all.
     let mut mute = raw::keyed_client(&cluster.coordinator.addr).await;
     assert_eq!(
         raw::expect_client_error(&mut mute).await,
         ErrorCode::HeartbeatTimeout
     );
-    // A client that pings (the library does) stays connected through several timeouts.
-    let mut client = cluster.client_on(0).await;
-    client.subscribe(["still/here"]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await; // let three timeouts pass
     assert_eq!(cluster.servers[0].stat("clients").await, 1);
     client.publish("still/here", "yes").await.unwrap();
     let event = within("message", client.next_event()).await;
-    assert!(matches!(event, Some(Event::Message(_))), "{event:?}");
+    assert!(
+        matches!(event, Some(Event::Message(_))),
+        "the pinging client was cut off: {event:?}"
+    );
+}
+
+/// A comm server or peer that registers and then goes silent (a half-open connection looks
+/// exactly like this) is dropped after the heartbeat timeout.
+#[tokio::test]
+async fn silent_servers_and_peers_are_dropped() {
+    let mut config = relaymesh_tests::coordinator_config();
+    config.heartbeat_timeout_ms = 600;
+    let coordinator = relaymesh_tests::CoordinatorHandle::start(config).await;
+    let servers_url = format!("{}/v1/servers", coordinator.url);
+    let mut rogue = raw::dial(&servers_url, Some(SECRET)).await;
+    let register = v1::ServerToCoordinator::register(v1::Register {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: "silent".into(),
+        public_url: "ws://127.0.0.1:9".into(),
+        capacity: 10,
+        version: "test".into(),
+    });
+    raw::send_msg(&mut rogue, &register).await;
+    relaymesh_tests::eventually("registered", || async {
+        (coordinator.server_ids().await == ["silent"]).then_some(())
+    })
+    .await;
+    let error =
+        raw::expect_error_and_close(&mut rogue, |m: v1::CoordinatorToServer| match m.kind {
+            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.error_code(), ErrorCode::HeartbeatTimeout, "{error}");
+    assert!(coordinator.server_ids().await.is_empty());
+
+    let mut config = relaymesh_tests::server_config(&coordinator.url);
+    config.heartbeat_timeout_ms = 600;
+    let server = relaymesh_tests::ServerHandle::start(config).await;
+    let mut peer = raw::dial(&format!("ws://{}/v1/peers", server.addr), Some(SECRET)).await;
+    let hello = v1::PeerMessage::hello(v1::PeerHello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: "0-lowest".into(),
+    });
+    raw::send_msg(&mut peer, &hello).await;
+    let error = raw::expect_error_and_close(&mut peer, |m: v1::PeerMessage| match m.kind {
+        Some(peer_message::Kind::Error(e)) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(error.error_code(), ErrorCode::HeartbeatTimeout, "{error}");
+    assert_eq!(server.stat("peers").await, 0);
+}
+
+/// Malformed and oversized frames on the coordinator's and peers' links are refused too.
+#[tokio::test]
+async fn malformed_frames_on_every_link_are_refused() {
+    let cluster = Cluster::start(1).await;
+    let garbage = || WsMessage::Binary(vec![0x0a, 0xff, 0xff, 0xff].into());
+    // Server link, after a valid Register.
+    let mut socket = raw::dial(
+        &format!("{}/v1/servers", cluster.coordinator.url),
+        Some(SECRET),
+    )
+    .await;
+    let register = v1::ServerToCoordinator::register(v1::Register {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: "garbled".into(),
+        public_url: "ws://127.0.0.1:9".into(),
+        capacity: 10,
+        version: "test".into(),
+    });
+    raw::send_msg(&mut socket, &register).await;
+    raw::send(&mut socket, encode(&register)).await;
+    let error =
+        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToServer| match m.kind {
+            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.error_code(), ErrorCode::UnexpectedMessage, "{error}");
+    let mut socket = raw::dial(
+        &format!("{}/v1/servers", cluster.coordinator.url),
+        Some(SECRET),
+    )
+    .await;
+    {
+        use futures_util::SinkExt as _;
+        socket.send(garbage()).await.unwrap();
+    }
+    let error =
+        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToServer| match m.kind {
+            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.error_code(), ErrorCode::BadFrame, "{error}");
+    // Negotiation link: a frame over the coordinator's 64 KiB limit.
+    let mut socket = raw::dial(&format!("{}/v1/connect", cluster.coordinator.url), None).await;
+    raw::send(&mut socket, vec![0u8; 100 * 1024]).await;
+    let error =
+        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToClient| match m.kind {
+            Some(coordinator_to_client::Kind::Error(e)) => Some(e),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.error_code(), ErrorCode::LimitExceeded, "{error}");
+    // Peer link: garbage after a valid hello.
+    let server = &cluster.servers[0];
+    let mut peer = raw::dial(&format!("ws://{}/v1/peers", server.addr), Some(SECRET)).await;
+    let hello = v1::PeerMessage::hello(v1::PeerHello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: "0-lowest".into(),
+    });
+    raw::send_msg(&mut peer, &hello).await;
+    {
+        use futures_util::SinkExt as _;
+        peer.send(garbage()).await.unwrap();
+    }
+    let error = raw::expect_error_and_close(&mut peer, |m: v1::PeerMessage| match m.kind {
+        Some(peer_message::Kind::Error(e)) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(error.error_code(), ErrorCode::BadFrame, "{error}");
+    // The real server is still registered and serving.
+    assert_eq!(
+        cluster.coordinator.server_ids().await,
+        vec![server.id.clone()]
+    );
+    let mut client = cluster.client_on(0).await;
+    client.subscribe(["ok"]).await.unwrap();
+    client.publish("ok", "fine").await.unwrap();
+    assert!(matches!(
+        within("message", client.next_event()).await,
+        Some(Event::Message(_))
+    ));
 }

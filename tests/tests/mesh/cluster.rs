@@ -215,3 +215,56 @@ async fn forwards_go_only_to_peers_with_interest_and_only_once() {
         "only the \"both\" marker was forwarded to B"
     );
 }
+
+/// The largest payload a client may publish still fits every frame it becomes — the delivered
+/// `Message` and the peer `Forward`, which add the alias and envelope — so it crosses servers
+/// without resetting the peer link.
+#[tokio::test]
+async fn the_largest_allowed_payload_crosses_servers() {
+    let cluster = Cluster::start_with(2, |c| c.max_frame_bytes = 64 * 1024).await;
+    let max_payload = 64 * 1024 - 256 - 1024;
+    let mut sub = cluster.client_on(1).await;
+    sub.subscribe(["big"]).await.unwrap();
+    let links_before = cluster.servers[0].stats().await["peer_links"][0]["link"].clone();
+    let publisher = cluster.client_on(0).await;
+    publisher
+        .publish("big", vec![7u8; max_payload])
+        .await
+        .unwrap();
+    let m = relaymesh_tests::next_message(&mut sub).await;
+    assert_eq!(m.payload.len(), max_payload);
+    assert_eq!(
+        cluster.servers[0].stats().await["peer_links"][0]["link"],
+        links_before
+    );
+}
+
+/// A subscription the server refuses fails that `subscribe` call; the client reconnects with
+/// the subscriptions it had, instead of retrying the refused ones forever.
+#[tokio::test]
+async fn a_refused_subscription_fails_the_call_and_keeps_the_others() {
+    let cluster = Cluster::start_with(1, |c| c.max_subscriptions = 2).await;
+    let mut client = cluster.client_on(0).await;
+    client.subscribe(["kept"]).await.unwrap();
+    let err = client.subscribe(["one", "two"]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(relaymesh_proto::ErrorCode::LimitExceeded),
+        "{err}"
+    );
+    let reconnected = within("reconnect", async {
+        loop {
+            if let Event::Reconnected { .. } = client.next_event().await.expect("client closed") {
+                break;
+            }
+        }
+    });
+    reconnected.await;
+    assert_eq!(client.handle().topics(), ["kept"]);
+    let talker = cluster.client_on(0).await;
+    talker.publish("kept", "still subscribed").await.unwrap();
+    assert_eq!(
+        relaymesh_tests::next_message(&mut client).await.payload,
+        "still subscribed"
+    );
+}

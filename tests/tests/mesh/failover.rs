@@ -7,7 +7,7 @@ use relaymesh_tests::{
 
 #[tokio::test]
 async fn comm_servers_ride_out_a_coordinator_restart_and_reregister() {
-    let mut cluster = Cluster::start(2).await;
+    let mut cluster = Cluster::start_restartable(2).await;
     let mut a = cluster.client_on(0).await;
     a.subscribe(["ops/alerts"]).await.unwrap();
     let b = cluster.client_on(1).await;
@@ -40,7 +40,11 @@ async fn comm_servers_ride_out_a_coordinator_restart_and_reregister() {
     expected.sort();
     assert_eq!(ids, expected);
     for server in &cluster.servers {
-        assert_eq!(server.stat("registrations").await, 2);
+        // The coordinator lists a server a moment before the server has read `Registered`.
+        eventually("server counts its re-registration", || async {
+            (server.stat("registrations").await == 2).then_some(())
+        })
+        .await;
         assert_eq!(server.stat("peers").await, 1);
     }
     let c = Client::connect(client_config(&url)).await.unwrap();
@@ -117,4 +121,61 @@ async fn clients_of_a_dead_server_move_to_another_and_resubscribe() {
         (!cluster.coordinator.server_ids().await.contains(&dead_id)).then_some(())
     })
     .await;
+}
+
+/// A reconnecting client avoids the server it just lost even when that server is still
+/// registered, eligible, and the client's preferred one.
+#[tokio::test]
+async fn a_reconnecting_client_excludes_the_server_it_lost() {
+    let cluster = Cluster::start_with(2, |c| {
+        c.client_queue = 16;
+        c.slow_consumer_ms = 200;
+    })
+    .await;
+    let (kicked_from, other) = (cluster.servers[0].id.clone(), cluster.servers[1].id.clone());
+    let mut config = client_config(&cluster.coordinator.url);
+    config.preferred_server = Some(kicked_from.clone());
+    config.event_queue = 1; // stop reading so the server cuts the client off as slow
+    let mut client = Client::connect(config).await.unwrap();
+    client.subscribe(["flood"]).await.unwrap();
+    let flooder_client = cluster.client_on(0).await;
+    let flooder = flooder_client.handle();
+    let flooding = tokio::spawn(async move {
+        while flooder.publish("flood", vec![0u8; 32 * 1024]).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    });
+    eventually("client cut off as a slow consumer", || async {
+        (cluster.servers[0].stat("slow_consumers").await == 1).then_some(())
+    })
+    .await;
+    flooding.abort();
+    let reconnected_to = within("reconnect", async {
+        let mut lost = None;
+        loop {
+            match client.next_event().await.expect("client closed") {
+                Event::Disconnected { server_id, .. } => lost = Some(server_id),
+                Event::Reconnected { server_id, .. } => break (lost, server_id),
+                Event::Message(_) | Event::Dropped { .. } => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(reconnected_to, (Some(kicked_from.clone()), other.clone()));
+    assert!(
+        cluster
+            .coordinator
+            .server_ids()
+            .await
+            .contains(&kicked_from),
+        "the lost server is still registered"
+    );
+    // Resubscribed on the new server.
+    let talker = cluster.client_on(0).await;
+    talker.publish("flood", "after the move").await.unwrap();
+    loop {
+        if next_message(&mut client).await.payload == "after the move" {
+            break;
+        }
+    }
 }

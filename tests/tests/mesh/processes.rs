@@ -1,44 +1,95 @@
 //! The whole system as a user runs it: real `coordinator`, `commserver` and `meshctl`
-//! processes, killed with SIGKILL and stopped with SIGTERM.
+//! processes, configured by flags and files, killed with SIGKILL and stopped with SIGTERM and
+//! SIGINT.
+
+use std::net::SocketAddr;
 
 use relaymesh_client::{Client, Event};
 use relaymesh_tests::process::{Proc, run};
-use relaymesh_tests::{client_config, eventually, get_json, next_message, within};
+use relaymesh_tests::{
+    client_config, eventually, get_json, next_message, restartable_addr, within,
+};
 
-fn start_coordinator(listen: &str) -> (Proc, std::net::SocketAddr) {
-    let mut coordinator = Proc::start("coordinator", &["--listen", listen]);
-    let addr = coordinator.listening_addr();
-    (coordinator, addr)
+struct Server {
+    proc: Proc,
+    id: String,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn stats_url(&self) -> String {
+        format!("http://{}/v1/stats", self.addr)
+    }
+}
+
+async fn coordinator_servers(stats_url: &str) -> Vec<serde_json::Value> {
+    get_json(stats_url).await["servers"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
-    let (mut coordinator, addr) = start_coordinator("127.0.0.1:0");
+    let addr = restartable_addr();
     let url = format!("ws://{addr}");
-    let mut servers: Vec<(Proc, String)> = (0..3)
-        .map(|_| {
-            let mut server = Proc::start(
-                "commserver",
-                &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-            );
-            let id = server.listening_addr().to_string();
-            server.wait_for_line("registered with the coordinator");
-            (server, id)
-        })
-        .collect();
     let stats_url = format!("http://{addr}/v1/stats");
+
+    // One comm server configured by a file (its `listen` overridden by the flag), started
+    // before the coordinator exists: it keeps retrying until the coordinator comes up.
+    let dir = std::env::temp_dir().join(format!("relaymesh-processes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("commserver.toml");
+    let toml = format!(
+        "coordinator = \"{url}\"\nlisten = \"127.0.0.1:1\"\nid = \"from-file\"\nmax_clients = 7\n"
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut from_file = Proc::start(
+        "commserver",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let from_file_addr = from_file.listening_addr();
+    from_file.wait_for_line("cannot reach the coordinator");
+
+    let mut coordinator = Proc::start("coordinator", &["--listen", &addr.to_string()]);
+    assert_eq!(coordinator.listening_addr(), addr);
+    from_file.wait_for_line("registered with the coordinator");
+    let mut servers = vec![Server {
+        proc: from_file,
+        id: "from-file".into(),
+        addr: from_file_addr,
+    }];
+    for _ in 0..2 {
+        let mut proc = Proc::start(
+            "commserver",
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        );
+        let addr = proc.listening_addr();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push(Server {
+            proc,
+            id: addr.to_string(),
+            addr,
+        });
+    }
     eventually("three servers registered", || async {
-        (get_json(&stats_url).await["servers"]
-            .as_array()
-            .unwrap()
-            .len()
-            == 3)
-            .then_some(())
+        (coordinator_servers(&stats_url).await.len() == 3).then_some(())
     })
     .await;
-    for (_, id) in &servers {
+    let listed = coordinator_servers(&stats_url).await;
+    let from_file_entry = listed
+        .iter()
+        .find(|s| s["id"] == "from-file")
+        .expect("server from the config file");
+    assert_eq!(from_file_entry["capacity"], 7);
+    for server in &servers {
         eventually("full mesh", || async {
-            (get_json(&format!("http://{id}/v1/stats")).await["peers"] == 2).then_some(())
+            (get_json(&server.stats_url()).await["peers"] == 2).then_some(())
         })
         .await;
     }
@@ -47,8 +98,12 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
     let (ok, out, err) = run("meshctl", &["servers", "--coordinator", &url]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 4, "{out}");
-    for (_, id) in &servers {
-        assert!(out.contains(id.as_str()), "{id} missing from\n{out}");
+    for server in &servers {
+        assert!(
+            out.contains(server.id.as_str()),
+            "{} missing from\n{out}",
+            server.id
+        );
     }
     let mut sub = Proc::start(
         "meshctl",
@@ -72,14 +127,21 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
         !ok && err.lines().count() == 1 && err.contains("invalid topic \"bad topic\""),
         "{err}"
     );
+    let (ok, out, err) = run("meshctl", &["login", "--coordinator", &url]);
+    assert!(ok, "{err}");
+    let login: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        login["key"].as_str().is_some_and(|k| k.len() == 32),
+        "{out}"
+    );
 
     // Library clients on two different servers.
     let mut config = client_config(&url);
-    config.preferred_server = Some(servers[0].1.clone());
+    config.preferred_server = Some(servers[1].id.clone());
     let mut a = Client::connect(config).await.unwrap();
     a.subscribe(["fleet/1"]).await.unwrap();
     let mut config = client_config(&url);
-    config.preferred_server = Some(servers[1].1.clone());
+    config.preferred_server = Some(servers[2].id.clone());
     let b = Client::connect(config).await.unwrap();
 
     // SIGKILL the coordinator: relaying goes on; a new coordinator on the same address gets
@@ -87,13 +149,11 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
     coordinator.kill();
     b.publish("fleet/1", "no coordinator").await.unwrap();
     assert_eq!(next_message(&mut a).await.payload, "no coordinator");
-    let (mut coordinator, again) = start_coordinator(&addr.to_string());
-    assert_eq!(again, addr);
+    let mut coordinator = Proc::start("coordinator", &["--listen", &addr.to_string()]);
+    assert_eq!(coordinator.listening_addr(), addr);
     let mut ids = eventually("servers re-registered", || async {
-        let stats = get_json(&stats_url).await;
-        let ids: Vec<String> = stats["servers"]
-            .as_array()
-            .unwrap()
+        let ids: Vec<String> = coordinator_servers(&stats_url)
+            .await
             .iter()
             .map(|s| s["id"].as_str().unwrap().to_owned())
             .collect();
@@ -101,7 +161,7 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
     })
     .await;
     ids.sort();
-    let mut expected: Vec<String> = servers.iter().map(|(_, id)| id.clone()).collect();
+    let mut expected: Vec<String> = servers.iter().map(|s| s.id.clone()).collect();
     expected.sort();
     assert_eq!(ids, expected);
     let (ok, _, err) = run(
@@ -112,33 +172,43 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
     assert!(sub.next_stdout_line().ends_with("\tafter restart"));
 
     // SIGKILL the comm server `a` is on: it moves to another server and is resubscribed.
-    let (mut dead, dead_id) = servers.remove(0);
-    dead.kill();
+    let mut dead = servers.remove(1);
+    dead.proc.kill();
     let event = within("disconnect", a.next_event()).await.unwrap();
     assert!(
-        matches!(&event, Event::Disconnected { server_id, .. } if *server_id == dead_id),
+        matches!(&event, Event::Disconnected { server_id, .. } if *server_id == dead.id),
         "{event:?}"
     );
     let event = within("reconnect", a.next_event()).await.unwrap();
     assert!(
-        matches!(&event, Event::Reconnected { server_id, .. } if *server_id != dead_id),
+        matches!(&event, Event::Reconnected { server_id, .. } if *server_id != dead.id),
         "{event:?}"
     );
     b.publish("fleet/1", "after failover").await.unwrap();
     assert_eq!(next_message(&mut a).await.payload, "after failover");
-    for (_, id) in &servers {
+    for server in &servers {
         eventually("dead peer dropped", || async {
-            (get_json(&format!("http://{id}/v1/stats")).await["peers"] == 1).then_some(())
+            (get_json(&server.stats_url()).await["peers"] == 1).then_some(())
         })
         .await;
     }
 
-    // SIGTERM: everything shuts down cleanly.
-    drop((a, b));
+    // SIGTERM the servers while `a` and `b` are still connected: they drain and exit 0, and
+    // the clients are told why. SIGINT stops the coordinator the same way.
     drop(sub);
-    for (server, _) in &mut servers {
-        assert!(server.terminate(), "comm server did not exit cleanly");
-        server.wait_for_line("comm server stopped");
+    for server in &mut servers {
+        assert!(server.proc.terminate(), "comm server did not exit cleanly");
+        server.proc.wait_for_line("comm server stopped");
     }
-    assert!(coordinator.terminate(), "coordinator did not exit cleanly");
+    let event = within("shutdown notice", a.next_event()).await.unwrap();
+    assert!(
+        matches!(&event, Event::Disconnected { reason, .. } if reason.contains("SHUTTING_DOWN")),
+        "{event:?}"
+    );
+    assert!(
+        coordinator.signal("INT"),
+        "coordinator did not exit cleanly on SIGINT"
+    );
+    coordinator.wait_for_line("coordinator stopped");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

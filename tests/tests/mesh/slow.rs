@@ -68,7 +68,9 @@ async fn drops_for_a_slow_subscriber_are_counted_and_reported() {
 async fn a_subscriber_that_stays_full_is_disconnected_as_a_slow_consumer() {
     let cluster = Cluster::start_with(1, |c| {
         c.client_queue = 64;
-        c.slow_consumer_ms = 200;
+        // Long enough that a reader that keeps draining is never mistaken for a stalled one
+        // on a loaded machine; the one that stopped reading still goes after a second.
+        c.slow_consumer_ms = 1_000;
     })
     .await;
     // A raw subscriber that stops reading after subscribing.
@@ -112,10 +114,10 @@ async fn a_subscriber_that_stays_full_is_disconnected_as_a_slow_consumer() {
     let server = &cluster.servers[0];
     let flood = publisher.handle();
     let flooding = tokio::spawn(async move {
-        loop {
-            if flood.publish("firehose", vec![7u8; PAYLOAD]).await.is_err() {
-                break;
-            }
+        while flood.publish("firehose", vec![7u8; PAYLOAD]).await.is_ok() {
+            // Let the well-behaved reader run between publishes (the test runtime has one
+            // thread); the stalled subscriber falls behind regardless.
+            tokio::task::yield_now().await;
         }
     });
     eventually("slow consumer disconnected", || async {
