@@ -228,14 +228,6 @@ impl Config {
             .saturating_sub(self.max_topic_bytes + ENVELOPE_OVERHEAD)
     }
 
-    pub(crate) fn fanout_limits(&self) -> crate::routes::Limits {
-        crate::routes::Limits {
-            slow_consumer_ms: self.slow_consumer_ms,
-            client_queue_bytes: self.client_queue_bytes,
-            peer_queue_bytes: self.peer_queue_bytes,
-        }
-    }
-
     pub(crate) fn ms(value: u64) -> Duration {
         Duration::from_millis(value)
     }

@@ -56,8 +56,6 @@ struct Server {
     public_url: String,
     keys: Mutex<KeyStore>,
     routes: RouteTable,
-    /// Queue limits applied on every fan-out.
-    fanout: routes::Limits,
     /// Commands to the control task, which holds the receiver and owns subscription state.
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
@@ -139,7 +137,6 @@ pub async fn run(
             config.max_pending_keys,
         )),
         routes: RouteTable::default(),
-        fanout: config.fanout_limits(),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         peer_links: Mutex::new(BTreeMap::new()),

@@ -216,7 +216,10 @@ where
     let (sink, mut stream) = socket.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = mpsc::channel(server.config.peer_queue);
-    let backlog = Arc::new(Backlog::default());
+    let backlog = Arc::new(Backlog::new(
+        server.config.peer_queue,
+        server.config.peer_queue_bytes,
+    ));
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
         sink,
@@ -471,9 +474,12 @@ fn deliver_forward(
         |route| {
             if let Some(route) = route.filter(|r| !r.subscribers.is_empty()) {
                 let frame = message_frame(&forward.topic, &forward.from_alias, &forward.payload);
-                stats
-                    .messages_out
-                    .add(routes::deliver(route, &frame, stats, server.fanout));
+                stats.messages_out.add(routes::deliver(
+                    route,
+                    &frame,
+                    stats,
+                    server.config.slow_consumer_ms,
+                ));
             }
         },
     )
@@ -487,7 +493,12 @@ fn report_peer_drops(server: &Server, count: u64) {
     let notice = crate::session::dropped_notice(count);
     for session in lock(&server.sessions).values() {
         if session.subscribed.load(Ordering::Relaxed) {
-            routes::offer(session, &notice, &server.stats, server.fanout);
+            routes::offer(
+                session,
+                &notice,
+                &server.stats,
+                server.config.slow_consumer_ms,
+            );
         }
     }
 }

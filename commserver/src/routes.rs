@@ -190,28 +190,25 @@ impl RouteCache {
     }
 }
 
-/// Fan-out limits, copied from the config once.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    pub(crate) slow_consumer_ms: u64,
-    pub(crate) client_queue_bytes: usize,
-    pub(crate) peer_queue_bytes: usize,
-}
-
 /// Queues `frame` for every local subscriber of `route`. Returns how many accepted it.
-pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, limits: Limits) -> u64 {
+pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, slow_consumer_ms: u64) -> u64 {
     route
         .subscribers
         .iter()
-        .map(|s| u64::from(offer(s, frame, stats, limits)))
+        .map(|s| u64::from(offer(s, frame, stats, slow_consumer_ms)))
         .sum()
 }
 
 /// Queues `frame` for one subscriber, or drops it (counted, reported, and possibly the end of
 /// a slow consumer) when the subscriber's queue is full in frames or bytes.
-pub(crate) fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, limits: Limits) -> bool {
+pub(crate) fn offer(
+    subscriber: &Subscriber,
+    frame: &Bytes,
+    stats: &Stats,
+    slow_consumer_ms: u64,
+) -> bool {
     let backlog = &subscriber.backlog;
-    if backlog.reserve(frame.len(), limits.client_queue_bytes) {
+    if backlog.reserve(frame.len()) {
         match subscriber.data.try_send(frame.clone()) {
             Ok(()) => return true,
             Err(TrySendError::Full(_)) => backlog.release(frame.len()),
@@ -222,12 +219,12 @@ pub(crate) fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, limit
         }
     }
     stats.dropped.inc();
-    if backlog.record_drop(limits.slow_consumer_ms) {
+    if backlog.record_drop(slow_consumer_ms) {
         let words = error_frame::<v1::ServerToClient>(v1::Error::new(
             ErrorCode::SlowConsumer,
             format!(
                 "your queue stayed full for over {} ms; messages were dropped",
-                limits.slow_consumer_ms
+                slow_consumer_ms
             ),
         ));
         if subscriber.closer.close(Some(words)) {
@@ -239,9 +236,9 @@ pub(crate) fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, limit
 }
 
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
-pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats, limits: Limits) {
+pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
     for peer in route.peers.iter() {
-        let queued = peer.backlog.reserve(frame.len(), limits.peer_queue_bytes)
+        let queued = peer.backlog.reserve(frame.len())
             && match peer.data.try_send(frame.clone()) {
                 Ok(()) => true,
                 Err(_) => {

@@ -142,7 +142,10 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
     let (sink, mut stream) = socket.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = mpsc::channel(server.config.client_queue);
-    let backlog = Arc::new(Backlog::default());
+    let backlog = Arc::new(Backlog::new(
+        server.config.client_queue,
+        server.config.client_queue_bytes,
+    ));
     let closer = Closer::new();
     let me = Arc::new(Subscriber {
         id: server.next_id(),
@@ -299,7 +302,7 @@ impl Session {
             ));
         }
         let max_topic = server.config.max_topic_bytes;
-        let limits = server.fanout;
+        let slow_ms = server.config.slow_consumer_ms;
         self.cache.with_route(
             &server.routes,
             account,
@@ -315,11 +318,11 @@ impl Session {
                     let frame = message_frame(&topic, alias, &payload);
                     stats
                         .messages_out
-                        .add(routes::deliver(route, &frame, stats, limits));
+                        .add(routes::deliver(route, &frame, stats, slow_ms));
                 }
                 if !route.peers.is_empty() {
                     let frame = forward_frame(account, &topic, alias, &payload);
-                    routes::forward(route, &frame, stats, limits);
+                    routes::forward(route, &frame, stats);
                 }
             },
         )

@@ -100,9 +100,14 @@ pub fn now_ms() -> u64 {
 /// (who releases bytes as it writes, reports drops to the receiver and notices recovery).
 ///
 /// The queue's channel bounds it in frames; the byte budget bounds it in memory, so a queue of
-/// large messages cannot hold `frames × max_frame_bytes`.
+/// large messages cannot hold `frames × max_frame_bytes`. Only *large* frames (over
+/// `budget / capacity` bytes) are metered: small ones are bounded by the frame count alone to
+/// at most another `budget`, and skipping them keeps the common small-message path free of a
+/// counter shared between the senders' cores and the writer's.
 #[derive(Debug, Default)]
 pub struct Backlog {
+    budget: usize,
+    large: usize,
     queued_bytes: AtomicUsize,
     unreported: AtomicU64,
     total: AtomicU64,
@@ -111,22 +116,36 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    /// Reserves `len` bytes under `budget` for a frame about to be queued. `false` means the
-    /// queue is full in bytes; an empty queue always takes one frame, however large.
+    /// A backlog for a queue of `capacity` frames and a budget of `budget` bytes.
+    pub fn new(capacity: usize, budget: usize) -> Self {
+        Self {
+            budget,
+            large: budget / capacity.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Reserves room for a frame of `len` bytes about to be queued. `false` means the queue is
+    /// full in bytes; an empty queue always takes one frame, however large.
     #[inline]
-    pub fn reserve(&self, len: usize, budget: usize) -> bool {
+    pub fn reserve(&self, len: usize) -> bool {
+        if len <= self.large {
+            return true;
+        }
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > budget {
+        if before > 0 && before + len > self.budget {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
         true
     }
 
-    /// Returns `len` reserved bytes (the frame was written, or never queued).
+    /// Returns the room of a frame of `len` bytes (it was written, or never queued).
     #[inline]
     pub fn release(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        if len > self.large {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
     }
 
     /// Records one dropped frame. Returns `true` when the queue has now been stalled (not run
@@ -239,12 +258,11 @@ where
                 },
             };
             let batch = async {
-                let mut data_bytes = 0;
                 let mut next = Some(first);
                 let mut fed = 0;
                 while let Some((frame, is_data)) = next.take() {
-                    if is_data {
-                        data_bytes += frame.len();
+                    if is_data && let Some(DataBacklog { backlog, .. }) = &accounting {
+                        backlog.release(frame.len());
                     }
                     sink.feed(Message::Binary(frame)).await?;
                     fed += 1;
@@ -253,7 +271,6 @@ where
                     }
                 }
                 if let Some(DataBacklog { backlog, notice }) = &accounting {
-                    backlog.release(data_bytes);
                     if data.as_ref().is_none_or(|d| d.is_empty()) {
                         backlog.drained();
                     }
@@ -441,16 +458,19 @@ mod tests {
 
     #[test]
     fn backlog_bounds_bytes_but_always_takes_one_frame() {
-        let b = Backlog::default();
-        assert!(b.reserve(900, 1000));
-        assert!(!b.reserve(200, 1000), "over budget");
-        assert!(b.reserve(100, 1000), "exactly at budget");
-        b.release(1000);
-        assert!(
-            b.reserve(5000, 1000),
-            "an empty queue takes one oversized frame"
-        );
-        assert!(!b.reserve(1, 1000));
+        // 10 frames, 1000 bytes: frames of 100 bytes or less are bounded by the count alone.
+        let b = Backlog::new(10, 1000);
+        for _ in 0..50 {
+            assert!(b.reserve(100), "small frames are not metered");
+        }
+        assert!(b.reserve(800));
+        assert!(!b.reserve(300), "over budget");
+        assert!(b.reserve(200), "exactly at budget");
+        b.release(800);
+        b.release(200);
+        b.release(100); // small: no effect
+        assert!(b.reserve(5000), "an empty queue takes one oversized frame");
+        assert!(!b.reserve(101));
     }
 
     #[test]
@@ -465,7 +485,7 @@ mod tests {
 
     #[test]
     fn backlog_reports_drops_and_detects_stalls() {
-        let t = Backlog::default();
+        let t = Backlog::new(16, 1 << 20);
         assert!(!t.record_drop(1_000));
         assert!(!t.record_drop(1_000));
         assert_eq!(t.take_unreported(), 2);
