@@ -14,8 +14,10 @@ const PAYLOAD: usize = 32 * 1024;
 #[tokio::test]
 async fn drops_for_a_slow_subscriber_are_counted_and_reported() {
     const SENT: u64 = 2_000;
+    // Plenty of room in messages, little in bytes: the byte budget is what fills up.
     let cluster = Cluster::start_with(1, |c| {
-        c.client_queue = 16;
+        c.client_queue = 4_096;
+        c.client_queue_bytes = 512 * 1024;
         c.slow_consumer_ms = 60_000;
     })
     .await;
