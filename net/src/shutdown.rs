@@ -96,12 +96,18 @@ mod tests {
     async fn drain_waits_for_tasks_but_not_past_the_grace_period() {
         let tracker = TaskTracker::new();
         tracker.spawn(tokio::time::sleep(Duration::from_secs(1)));
-        assert!(drain(&tracker, Duration::from_secs(2)).await, "finished within the grace period");
+        assert!(
+            drain(&tracker, Duration::from_secs(2)).await,
+            "finished within the grace period"
+        );
 
         let tracker = TaskTracker::new();
         tracker.spawn(std::future::pending::<()>());
         let start = tokio::time::Instant::now();
-        assert!(!drain(&tracker, Duration::from_secs(5)).await, "a stuck task is abandoned");
+        assert!(
+            !drain(&tracker, Duration::from_secs(5)).await,
+            "a stuck task is abandoned"
+        );
         assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 }

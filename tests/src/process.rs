@@ -60,9 +60,18 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs `binary` to completion (at most [`PATIENCE`]); returns (success, stdout, stderr).
 pub fn run(name: &str, args: &[&str]) -> (bool, String, String) {
+    run_with_env(name, args, &[])
+}
+
+/// [`run`] with only `env` set of the variables relaymesh reads (`RUST_LOG`,
+/// `RELAYMESH_CLUSTER_SECRET`, `RELAYMESH_COORDINATOR`).
+pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut child = Command::new(binary(name))
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("RELAYMESH_CLUSTER_SECRET")
+        .env_remove("RELAYMESH_COORDINATOR")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

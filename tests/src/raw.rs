@@ -47,20 +47,40 @@ pub async fn next_frame(socket: &mut ClientSocket) -> Option<Bytes> {
     .await
 }
 
-/// Reads until the server sends an `Error` (returning its code) and then closes the link.
-/// Panics if the link closes without an error.
-pub async fn expect_error_and_close<M>(
-    socket: &mut ClientSocket,
-    error_of: impl Fn(M) -> Option<v1::Error>,
-) -> v1::Error
-where
-    M: prost::Message + Default,
-{
+/// An envelope a process may close a link with: it can carry an [`v1::Error`].
+pub trait CarriesError: prost::Message + Default {
+    /// The error inside, if this is one.
+    fn error(self) -> Option<v1::Error>;
+}
+
+macro_rules! carries_error {
+    ($($envelope:ident => $module:ident),* $(,)?) => {$(
+        impl CarriesError for v1::$envelope {
+            fn error(self) -> Option<v1::Error> {
+                match self.kind {
+                    Some(v1::$module::Kind::Error(e)) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+carries_error!(
+    ServerToClient => server_to_client,
+    CoordinatorToServer => coordinator_to_server,
+    CoordinatorToClient => coordinator_to_client,
+    PeerMessage => peer_message,
+);
+
+/// Reads envelopes of type `M` until one carries an `Error`, checks that the link then closes,
+/// and returns the error. Panics if the link closes without one.
+pub async fn expect_error<M: CarriesError>(socket: &mut ClientSocket) -> v1::Error {
     let error = loop {
         let frame = next_frame(socket)
             .await
             .expect("link closed without an Error");
-        if let Some(error) = decode::<M>(frame).ok().and_then(&error_of) {
+        if let Some(error) = decode::<M>(frame).ok().and_then(M::error) {
             break error;
         }
     };
@@ -71,14 +91,11 @@ where
     error
 }
 
-/// [`expect_error_and_close`] for the client link.
+/// [`expect_error`] for the client link, returning the code.
 pub async fn expect_client_error(socket: &mut ClientSocket) -> ErrorCode {
-    expect_error_and_close(socket, |m: v1::ServerToClient| match m.kind {
-        Some(Kind::Error(e)) => Some(e),
-        _ => None,
-    })
-    .await
-    .error_code()
+    expect_error::<v1::ServerToClient>(socket)
+        .await
+        .error_code()
 }
 
 /// Gets a key through `POST /v1/login`, connects to `/v1/client` raw and attaches. Returns the

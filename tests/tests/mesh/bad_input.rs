@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use relaymesh_client::Event;
 use relaymesh_net::ws::{self, ClientSocket, DialError, WsLimits};
-use relaymesh_proto::v1::{self, coordinator_to_client, coordinator_to_server, peer_message};
+use relaymesh_proto::v1::{self, coordinator_to_client};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, encode};
 use relaymesh_tests::raw::{self, WsMessage};
 use relaymesh_tests::{Cluster, SECRET, within};
@@ -176,10 +176,6 @@ fn bin(msg: &impl prost::Message) -> WsMessage {
 async fn bad_negotiation_input_is_refused() {
     let cluster = Cluster::start(1).await;
     let url = format!("{}/v1/connect", cluster.coordinator.url);
-    let error_of = |m: v1::CoordinatorToClient| match m.kind {
-        Some(coordinator_to_client::Kind::Error(e)) => Some(e),
-        _ => None,
-    };
     let hello = |version| {
         v1::ClientToCoordinator::hello(v1::Hello {
             protocol_version: version,
@@ -216,7 +212,7 @@ async fn bad_negotiation_input_is_refused() {
             use futures_util::SinkExt as _;
             socket.send(frame).await.unwrap();
         }
-        let error = raw::expect_error_and_close(&mut socket, error_of).await;
+        let error = raw::expect_error::<v1::CoordinatorToClient>(&mut socket).await;
         assert_eq!(error.error_code(), expected, "{what}: {error}");
     }
     // A Connect that cannot be satisfied is answered with an Error and the link stays open.
@@ -231,7 +227,7 @@ async fn bad_negotiation_input_is_refused() {
     let answer: v1::CoordinatorToClient =
         relaymesh_proto::decode(raw::next_frame(&mut socket).await.unwrap()).unwrap();
     assert_eq!(
-        error_of(answer).unwrap().error_code(),
+        raw::CarriesError::error(answer).unwrap().error_code(),
         ErrorCode::NoServerAvailable
     );
     raw::send_msg(
@@ -268,10 +264,6 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
     }
     assert_eq!(cluster.coordinator.stats().await["server_links_refused"], 2);
 
-    let error_of = |m: v1::CoordinatorToServer| match m.kind {
-        Some(coordinator_to_server::Kind::Error(e)) => Some(e),
-        _ => None,
-    };
     let register = |version, url: &str| {
         v1::ServerToCoordinator::register(v1::Register {
             protocol_version: version,
@@ -298,7 +290,7 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
         let mut socket = raw::dial(&servers_url, Some(SECRET)).await;
         raw::send_msg(&mut socket, &msg).await;
         assert_eq!(
-            raw::expect_error_and_close(&mut socket, error_of)
+            raw::expect_error::<v1::CoordinatorToServer>(&mut socket)
                 .await
                 .error_code(),
             expected
@@ -330,11 +322,7 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
         }),
     )
     .await;
-    let error = raw::expect_error_and_close(&mut socket, |m: v1::PeerMessage| match m.kind {
-        Some(peer_message::Kind::Error(e)) => Some(e),
-        _ => None,
-    })
-    .await;
+    let error = raw::expect_error::<v1::PeerMessage>(&mut socket).await;
     assert_eq!(error.error_code(), ErrorCode::Forbidden, "{error}");
     assert_eq!(server.stat("peers").await, 0);
 }
@@ -391,12 +379,7 @@ async fn silent_servers_and_peers_are_dropped() {
         (coordinator.server_ids().await == ["silent"]).then_some(())
     })
     .await;
-    let error =
-        raw::expect_error_and_close(&mut rogue, |m: v1::CoordinatorToServer| match m.kind {
-            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
-            _ => None,
-        })
-        .await;
+    let error = raw::expect_error::<v1::CoordinatorToServer>(&mut rogue).await;
     assert_eq!(error.error_code(), ErrorCode::HeartbeatTimeout, "{error}");
     assert!(coordinator.server_ids().await.is_empty());
 
@@ -409,11 +392,7 @@ async fn silent_servers_and_peers_are_dropped() {
         server_id: "0-lowest".into(),
     });
     raw::send_msg(&mut peer, &hello).await;
-    let error = raw::expect_error_and_close(&mut peer, |m: v1::PeerMessage| match m.kind {
-        Some(peer_message::Kind::Error(e)) => Some(e),
-        _ => None,
-    })
-    .await;
+    let error = raw::expect_error::<v1::PeerMessage>(&mut peer).await;
     assert_eq!(error.error_code(), ErrorCode::HeartbeatTimeout, "{error}");
     assert_eq!(server.stat("peers").await, 0);
 }
@@ -438,12 +417,7 @@ async fn malformed_frames_on_every_link_are_refused() {
     });
     raw::send_msg(&mut socket, &register).await;
     raw::send(&mut socket, encode(&register)).await;
-    let error =
-        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToServer| match m.kind {
-            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
-            _ => None,
-        })
-        .await;
+    let error = raw::expect_error::<v1::CoordinatorToServer>(&mut socket).await;
     assert_eq!(error.error_code(), ErrorCode::UnexpectedMessage, "{error}");
     let mut socket = raw::dial(
         &format!("{}/v1/servers", cluster.coordinator.url),
@@ -454,22 +428,12 @@ async fn malformed_frames_on_every_link_are_refused() {
         use futures_util::SinkExt as _;
         socket.send(garbage()).await.unwrap();
     }
-    let error =
-        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToServer| match m.kind {
-            Some(coordinator_to_server::Kind::Error(e)) => Some(e),
-            _ => None,
-        })
-        .await;
+    let error = raw::expect_error::<v1::CoordinatorToServer>(&mut socket).await;
     assert_eq!(error.error_code(), ErrorCode::BadFrame, "{error}");
     // Negotiation link: a frame over the coordinator's 64 KiB limit.
     let mut socket = raw::dial(&format!("{}/v1/connect", cluster.coordinator.url), None).await;
     raw::send(&mut socket, vec![0u8; 100 * 1024]).await;
-    let error =
-        raw::expect_error_and_close(&mut socket, |m: v1::CoordinatorToClient| match m.kind {
-            Some(coordinator_to_client::Kind::Error(e)) => Some(e),
-            _ => None,
-        })
-        .await;
+    let error = raw::expect_error::<v1::CoordinatorToClient>(&mut socket).await;
     assert_eq!(error.error_code(), ErrorCode::LimitExceeded, "{error}");
     // Peer link: garbage after a valid hello.
     let server = &cluster.servers[0];
@@ -483,11 +447,7 @@ async fn malformed_frames_on_every_link_are_refused() {
         use futures_util::SinkExt as _;
         peer.send(garbage()).await.unwrap();
     }
-    let error = raw::expect_error_and_close(&mut peer, |m: v1::PeerMessage| match m.kind {
-        Some(peer_message::Kind::Error(e)) => Some(e),
-        _ => None,
-    })
-    .await;
+    let error = raw::expect_error::<v1::PeerMessage>(&mut peer).await;
     assert_eq!(error.error_code(), ErrorCode::BadFrame, "{error}");
     // The real server is still registered and serving.
     assert_eq!(
