@@ -134,6 +134,24 @@ async fn attach(
                     )));
                 }
                 Some(Kind::Ack(ack)) if ack.request_id == resubscribe => acked = true,
+                Some(Kind::Error(e)) if e.request_id == resubscribe => {
+                    // Which topic the server objects to is unknown: drop the restored set (the
+                    // app is told) rather than retrying a refused subscription forever.
+                    let dropped: Vec<String> = {
+                        let mut state = lock(&shared.state);
+                        topics
+                            .iter()
+                            .filter(|t| state.topics.remove(*t))
+                            .cloned()
+                            .collect()
+                    };
+                    let event = Event::SubscriptionsRefused {
+                        topics: dropped,
+                        reason: e.to_string(),
+                    };
+                    let _ = events.send(event).await;
+                    return Err(ClientError::Refused(e));
+                }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
                 Some(Kind::Message(m)) => {
                     let _ = events.send(Event::Message(message(m))).await;

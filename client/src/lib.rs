@@ -88,8 +88,10 @@ impl ClientConfig {
     }
 }
 
-/// Something that happened on the client's connection.
+/// Something that happened on the client's connection. New kinds of events may be added, so
+/// match with a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A message on a subscribed topic.
     Message(Message),
@@ -113,6 +115,14 @@ pub enum Event {
         server_id: String,
         /// The client's alias on the new connection.
         alias: String,
+    },
+    /// While reconnecting, the new server refused to restore these subscriptions (its limits
+    /// are lower than the old server's); the client dropped them and connects without them.
+    SubscriptionsRefused {
+        /// The subscriptions that were dropped.
+        topics: Vec<String>,
+        /// The server's error.
+        reason: String,
     },
 }
 
@@ -403,12 +413,12 @@ impl Handle {
         build: impl FnOnce(&mut State, u64) -> (v1::ClientToServer, Vec<String>),
     ) -> Result<(), ClientError> {
         let (done, wait) = oneshot::channel();
-        let (request_id, frame) = {
+        let frame = {
             let mut state = lock(&self.shared.state);
             let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
             let (msg, added) = build(&mut state, request_id);
             state.pending.insert(request_id, Pending { done, added });
-            (request_id, encode(&msg))
+            encode(&msg)
         };
         self.out
             .send(frame)
@@ -417,7 +427,8 @@ impl Handle {
         match tokio::time::timeout(self.shared.request_timeout, wait).await {
             Ok(answer) => answer.map_err(|_| ClientError::Closed)?,
             Err(_) => {
-                lock(&self.shared.state).pending.remove(&request_id);
+                // The entry stays: a late answer still applies (a late refusal takes the
+                // topics back out, so they are not resubscribed and refused forever).
                 Err(ClientError::Timeout(format!(
                     "no answer from the server within {} ms (is the event queue being read?)",
                     self.shared.request_timeout.as_millis()

@@ -18,7 +18,7 @@ use relaymesh_proto::{ErrorCode, encode, error_frame};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Server;
-use crate::interest::{Effects, Interest, LinkId, SessionId, ToPeer, TopicKey};
+use crate::interest::{Effects, Interest, LinkId, SessionId, ToPeer, TopicKey, coalesce};
 use crate::routes::{PeerOut, Route, Subscriber};
 
 /// A live peer link, as the control task sees it.
@@ -269,7 +269,8 @@ fn apply(
     if created {
         server.routes.publish();
     }
-    for (peer, message) in effects.to_peers {
+    let to_peers = coalesce(effects.to_peers, |peer| Arc::as_ptr(peer) as usize);
+    for (peer, message) in to_peers {
         let frame = match message {
             ToPeer::Interest {
                 seq,

@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 use crate::keys::KeyError;
 use crate::{Config, LINGER, Server};
 
+/// Frames queued for the coordinator (answers and load reports).
+const COORDINATOR_QUEUE: usize = 4_096;
+
 fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
 }
@@ -77,7 +80,7 @@ pub(crate) async fn run(server: Arc<Server>) {
 /// Runs one connection to the coordinator. `Ok(true)` when it registered.
 async fn serve(server: &Arc<Server>, socket: ClientSocket) -> Result<bool, v1::Error> {
     let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(server.config.control_queue);
+    let (tx, rx) = mpsc::channel(COORDINATOR_QUEUE);
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
         sink,
@@ -154,24 +157,25 @@ async fn registered(
         .map_or(server.config.heartbeat_timeout(), |ms| {
             Duration::from_millis(ms.into())
         });
-    let send = |msg: v1::ServerToCoordinator| -> Result<(), v1::Error> {
-        tx.try_send(encode(&msg))
-            .map_err(|_| error(ErrorCode::Internal, "coordinator link queue full"))
+    // Load reports are heartbeats: when the queue is full, traffic is flowing anyway and the
+    // next report will do.
+    let report_load = || {
+        let _ = tx.try_send(encode(&v1::ServerToCoordinator::load(load(server))));
     };
-    send(v1::ServerToCoordinator::load(load(server)))?;
+    report_load();
     let mut watchdog = Watchdog::new(timeout, interval);
     loop {
         tokio::select! {
             biased;
             _ = server.shutdown.cancelled() => {
                 // Stop new clients from being sent here before the sessions close.
-                let _ = send(v1::ServerToCoordinator::load(load(server)));
+                report_load();
                 return Ok(true);
             }
             _ = closer.closed() => return Ok(true),
             beat = watchdog.tick() => match beat {
                 Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "coordinator silent past the heartbeat timeout")),
-                Beat::Send => send(v1::ServerToCoordinator::load(load(server)))?,
+                Beat::Send => report_load(),
                 Beat::Quiet => {}
             },
             step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
@@ -181,7 +185,7 @@ async fn registered(
                     watchdog.activity();
                     let msg: v1::CoordinatorToServer = decode_frame(frame)?;
                     match msg.kind {
-                        Some(Kind::Reserve(reserve)) => send(reserve_key(server, reserve))?,
+                        Some(Kind::Reserve(reserve)) => answer(tx, reserve_key(server, reserve), timeout).await?,
                         Some(Kind::PeerJoined(joined)) => {
                             if let Some(peer) = joined.peer {
                                 tracing::info!(peer = %peer.server_id, url = %peer.url, "peer joined");
@@ -192,7 +196,9 @@ async fn registered(
                             tracing::info!(peer = %left.server_id, "peer left");
                             server.peer_left(&left.server_id);
                         }
-                        Some(Kind::Ping(ping)) => send(v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }))?,
+                        Some(Kind::Ping(ping)) => {
+                            answer(tx, v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }), timeout).await?
+                        }
                         Some(Kind::Error(e)) => {
                             tracing::warn!(error = %e, "coordinator closed the link");
                             return Ok(true);
@@ -205,6 +211,24 @@ async fn registered(
                 }
             },
         }
+    }
+}
+
+/// Queues an answer to the coordinator, waiting for room: a burst of reservations slows the
+/// coordinator down instead of costing this server its registration. A coordinator that stops
+/// reading altogether ends the link after `within`.
+async fn answer(
+    tx: &mpsc::Sender<Bytes>,
+    msg: v1::ServerToCoordinator,
+    within: Duration,
+) -> Result<(), v1::Error> {
+    match tokio::time::timeout(within, tx.send(encode(&msg))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(error(ErrorCode::Internal, "coordinator link closed")),
+        Err(_) => Err(error(
+            ErrorCode::HeartbeatTimeout,
+            "coordinator stopped reading",
+        )),
     }
 }
 

@@ -85,6 +85,79 @@ impl<P> Default for Effects<P> {
     }
 }
 
+/// Folds a batch of messages into at most one `Interest` and one `Ack` per peer link, keeping
+/// the order in which links first appear. Acknowledgements are cumulative (an ack for `seq`
+/// covers every earlier one), and a later interest change to a topic supersedes an earlier one,
+/// so the folded messages say the same with far fewer frames: a burst of a thousand
+/// subscriptions becomes one delta per peer instead of a thousand, and cannot overflow a peer's
+/// control queue. `link` identifies a peer link.
+pub(crate) fn coalesce<P: Clone>(
+    messages: Vec<(P, ToPeer)>,
+    link: impl Fn(&P) -> usize,
+) -> Vec<(P, ToPeer)> {
+    #[derive(Default)]
+    struct Folded {
+        interest: Option<(u64, bool)>,
+        ops: BTreeMap<TopicKey, bool>,
+        ack: Option<u64>,
+    }
+    let mut order = Vec::new();
+    let mut folded: HashMap<usize, Folded> = HashMap::new();
+    for (peer, message) in messages {
+        let key = link(&peer);
+        let entry = folded.entry(key).or_insert_with(|| {
+            order.push((key, peer.clone()));
+            Folded::default()
+        });
+        match message {
+            ToPeer::Interest {
+                seq,
+                full,
+                add,
+                remove,
+            } => {
+                let full = full || entry.interest.is_some_and(|(_, f)| f);
+                if full && entry.interest.is_none_or(|(_, f)| !f) {
+                    entry.ops.clear();
+                }
+                entry.ops.extend(remove.into_iter().map(|t| (t, false)));
+                entry.ops.extend(add.into_iter().map(|t| (t, true)));
+                entry.interest = Some((seq, full));
+            }
+            ToPeer::Ack { seq } => entry.ack = Some(entry.ack.map_or(seq, |a| a.max(seq))),
+        }
+    }
+    let mut out = Vec::new();
+    for (key, peer) in order {
+        let Some(f) = folded.remove(&key) else {
+            continue;
+        };
+        if let Some((seq, full)) = f.interest {
+            let (add, remove): (Vec<_>, Vec<_>) = f.ops.into_iter().partition(|(_, added)| *added);
+            let add = add.into_iter().map(|(t, _)| t).collect();
+            // A full set replaces everything, so it has nothing to remove.
+            let remove = if full {
+                Vec::new()
+            } else {
+                remove.into_iter().map(|(t, _)| t).collect()
+            };
+            out.push((
+                peer.clone(),
+                ToPeer::Interest {
+                    seq,
+                    full,
+                    add,
+                    remove,
+                },
+            ));
+        }
+        if let Some(seq) = f.ack {
+            out.push((peer, ToPeer::Ack { seq }));
+        }
+    }
+    out
+}
+
 /// Who receives a topic here: local sessions and interested peers.
 #[derive(Debug)]
 struct TopicState<S, P> {
@@ -586,6 +659,45 @@ mod tests {
         // Without peers, requests complete at once.
         i.peer_down(&name("b"), 1);
         assert_eq!(i.unsubscribe(2, vec![t("y")], 9).completed, vec![9]);
+    }
+
+    #[test]
+    fn a_batch_folds_into_one_interest_and_one_ack_per_link() {
+        let interest = |seq, full, add: &[&str], remove: &[&str]| ToPeer::Interest {
+            seq,
+            full,
+            add: add.iter().map(|n| t(n)).collect(),
+            remove: remove.iter().map(|n| t(n)).collect(),
+        };
+        let key = |p: &&'static str| p.as_ptr() as usize;
+        let folded = coalesce(
+            vec![
+                ("B", interest(2, false, &["x"], &[])),
+                ("C", ToPeer::Ack { seq: 4 }),
+                ("B", ToPeer::Ack { seq: 7 }),
+                ("B", interest(3, false, &["y"], &["x"])),
+                ("B", ToPeer::Ack { seq: 5 }),
+                ("B", interest(4, false, &["z"], &[])),
+            ],
+            key,
+        );
+        assert_eq!(
+            folded,
+            vec![
+                ("B", interest(4, false, &["y", "z"], &["x"])),
+                ("B", ToPeer::Ack { seq: 7 }),
+                ("C", ToPeer::Ack { seq: 4 }),
+            ]
+        );
+        // A full set absorbs the deltas after it and removes nothing.
+        let folded = coalesce(
+            vec![
+                ("B", interest(1, true, &["a", "b"], &[])),
+                ("B", interest(2, false, &["c"], &["a"])),
+            ],
+            key,
+        );
+        assert_eq!(folded, vec![("B", interest(2, true, &["b", "c"], &[]))]);
     }
 
     #[test]

@@ -492,13 +492,21 @@ fn report_peer_drops(server: &Server, count: u64) {
     server.stats.peer_drops_reported.add(count);
     let notice = crate::session::dropped_notice(count);
     for session in lock(&server.sessions).values() {
-        if session.subscribed.load(Ordering::Relaxed) {
-            routes::offer(
-                session,
-                &notice,
-                &server.stats,
-                server.config.slow_consumer_ms,
-            );
+        if !session.subscribed.load(Ordering::Relaxed) {
+            continue;
+        }
+        // A busy queue (the notice does not fit) is about to be written anyway: the writer
+        // adds these to its next Dropped notice.
+        let queued = session.backlog.reserve(notice.len())
+            && match session.data.try_send(notice.clone()) {
+                Ok(()) => true,
+                Err(_) => {
+                    session.backlog.release(notice.len());
+                    false
+                }
+            };
+        if !queued {
+            session.backlog.report_upstream(count);
         }
     }
 }

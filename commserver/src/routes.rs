@@ -185,7 +185,12 @@ impl RouteCache {
             }
             None => (Cached::Absent(generation), f(None)),
         };
-        self.routes.insert(topic.into(), cached);
+        match self.routes.get_mut(topic) {
+            Some(entry) => *entry = cached,
+            None => {
+                self.routes.insert(topic.into(), cached);
+            }
+        }
         Ok(result)
     }
 }
@@ -201,12 +206,7 @@ pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, slow_consumer
 
 /// Queues `frame` for one subscriber, or drops it (counted, reported, and possibly the end of
 /// a slow consumer) when the subscriber's queue is full in frames or bytes.
-pub(crate) fn offer(
-    subscriber: &Subscriber,
-    frame: &Bytes,
-    stats: &Stats,
-    slow_consumer_ms: u64,
-) -> bool {
+fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, slow_consumer_ms: u64) -> bool {
     let backlog = &subscriber.backlog;
     if backlog.reserve(frame.len()) {
         match subscriber.data.try_send(frame.clone()) {

@@ -169,6 +169,12 @@ impl Backlog {
         self.total.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Tells the receiver, with the next notice, that it may have missed `n` messages dropped
+    /// elsewhere (by a peer server). Not counted as this queue's own drops.
+    pub fn report_upstream(&self, n: u64) {
+        self.unreported.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Frames dropped or lost over the link's life.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
@@ -291,7 +297,18 @@ where
     }
     .await;
     closer.close(None);
-    let discarded = data.as_ref().map_or(0, mpsc::Receiver::len);
+    // Refuse further data (senders now see a closed queue, not a full one) and account for
+    // what was queued but never sent.
+    let mut discarded = 0;
+    if let Some(rx) = data.as_mut() {
+        rx.close();
+        while let Ok(frame) = rx.try_recv() {
+            discarded += 1;
+            if let Some(DataBacklog { backlog, .. }) = &accounting {
+                backlog.release(frame.len());
+            }
+        }
+    }
     // Control frames already queued (a final Load, an Ack, interest changes) still go out;
     // queued data does not, it would only delay the close.
     let goodbye = async {

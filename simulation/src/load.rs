@@ -197,6 +197,7 @@ pub(crate) async fn run(coordinator: &str, plan: &Plan) -> anyhow::Result<Outcom
                     Some(Event::Dropped { count }) => receiver.dropped_reported += count,
                     Some(Event::Disconnected { .. }) => receiver.disconnects += 1,
                     Some(Event::Reconnected { server_id, .. }) => server = server_id,
+                    Some(_) => {}
                     None => break,
                 }
             }

@@ -163,6 +163,13 @@ async fn subscribe(
             Some(Event::Reconnected { server_id, .. }) => {
                 eprintln!("meshctl: reconnected to {server_id}")
             }
+            Some(Event::SubscriptionsRefused { topics, reason }) => {
+                bail!(
+                    "the server refused to restore {}: {reason}",
+                    topics.join(" ")
+                )
+            }
+            Some(other) => eprintln!("meshctl: {other:?}"),
             None => bail!("connection closed"),
         }
     }

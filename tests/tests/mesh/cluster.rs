@@ -268,3 +268,26 @@ async fn a_refused_subscription_fails_the_call_and_keeps_the_others() {
         "still subscribed"
     );
 }
+
+/// A burst of subscriptions is folded into one interest change per peer per batch, so even a
+/// small peer control queue does not overflow and reset the link.
+#[tokio::test]
+async fn a_burst_of_subscriptions_does_not_reset_peer_links() {
+    let cluster = Cluster::start_with(2, |c| c.control_queue = 16).await;
+    let link_before = cluster.servers[0].stats().await["peer_links"][0]["link"].clone();
+    let clients = join_all((0..100).map(|_| cluster.client_on(0))).await;
+    let acks = join_all(
+        clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.subscribe([format!("burst/{i}")])),
+    )
+    .await;
+    assert!(acks.iter().all(Result::is_ok), "{acks:?}");
+    let stats = cluster.servers[1].stats().await;
+    assert_eq!(stats["peer_links"][0]["remote_topics"], 100, "{stats}");
+    assert_eq!(
+        cluster.servers[0].stats().await["peer_links"][0]["link"],
+        link_before
+    );
+}
