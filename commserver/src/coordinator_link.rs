@@ -16,7 +16,7 @@ use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ClientSocket};
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error};
 use tokio::sync::mpsc;
 
 use crate::keys::KeyError;
@@ -24,10 +24,6 @@ use crate::{Config, LINGER, Server};
 
 /// Frames queued for the coordinator (answers and load reports).
 const COORDINATOR_QUEUE: usize = 4_096;
-
-fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
-    v1::Error::new(code, message)
-}
 
 /// Keeps the server registered until shutdown.
 pub(crate) async fn run(server: Arc<Server>) {

@@ -26,7 +26,9 @@ use relaymesh_net::ws;
 use relaymesh_net::ws::WebSocketStream;
 use relaymesh_proto::frame::message_frame;
 use relaymesh_proto::v1::{self, peer_message::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame, topic};
+use relaymesh_proto::{
+    ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,10 +37,6 @@ use tracing::Instrument as _;
 use crate::control::{Command, PeerLink};
 use crate::routes::{self, RouteCache};
 use crate::{Config, LINGER, Server};
-
-fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
-    v1::Error::new(code, message)
-}
 
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
@@ -497,15 +495,7 @@ fn report_peer_drops(server: &Server, count: u64) {
         }
         // A busy queue (the notice does not fit) is about to be written anyway: the writer
         // adds these to its next Dropped notice.
-        let queued = session.backlog.reserve(notice.len())
-            && match session.data.try_send(notice.clone()) {
-                Ok(()) => true,
-                Err(_) => {
-                    session.backlog.release(notice.len());
-                    false
-                }
-            };
-        if !queued {
+        if routes::enqueue(&session.data, &session.backlog, &notice) != routes::Enqueued::Yes {
             session.backlog.report_upstream(count);
         }
     }

@@ -204,28 +204,46 @@ pub(crate) fn deliver(route: &Route, frame: &Bytes, stats: &Stats, slow_consumer
         .sum()
 }
 
-/// Queues `frame` for one subscriber, or drops it (counted, reported, and possibly the end of
-/// a slow consumer) when the subscriber's queue is full in frames or bytes.
-fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, slow_consumer_ms: u64) -> bool {
-    let backlog = &subscriber.backlog;
-    if backlog.reserve(frame.len()) {
-        match subscriber.data.try_send(frame.clone()) {
-            Ok(()) => return true,
-            Err(TrySendError::Full(_)) => backlog.release(frame.len()),
-            Err(TrySendError::Closed(_)) => {
-                backlog.release(frame.len());
-                return false;
+/// What became of a frame offered to a receiver's queue.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Enqueued {
+    Yes,
+    /// The queue is full, in frames or in bytes.
+    Full,
+    /// The receiver is gone.
+    Closed,
+}
+
+/// Queues `frame` on `data` within `backlog`'s byte budget, without waiting.
+pub(crate) fn enqueue(data: &mpsc::Sender<Bytes>, backlog: &Backlog, frame: &Bytes) -> Enqueued {
+    if !backlog.reserve(frame.len()) {
+        return Enqueued::Full;
+    }
+    match data.try_send(frame.clone()) {
+        Ok(()) => Enqueued::Yes,
+        Err(e) => {
+            backlog.release(frame.len());
+            match e {
+                TrySendError::Full(_) => Enqueued::Full,
+                TrySendError::Closed(_) => Enqueued::Closed,
             }
         }
     }
+}
+
+/// Queues `frame` for one subscriber, or drops it (counted, reported, and possibly the end of
+/// a slow consumer) when the subscriber's queue is full.
+fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, slow_consumer_ms: u64) -> bool {
+    match enqueue(&subscriber.data, &subscriber.backlog, frame) {
+        Enqueued::Yes => return true,
+        Enqueued::Closed => return false,
+        Enqueued::Full => {}
+    }
     stats.dropped.inc();
-    if backlog.record_drop(slow_consumer_ms) {
+    if subscriber.backlog.record_drop(slow_consumer_ms) {
         let words = error_frame::<v1::ServerToClient>(v1::Error::new(
             ErrorCode::SlowConsumer,
-            format!(
-                "your queue stayed full for over {} ms; messages were dropped",
-                slow_consumer_ms
-            ),
+            format!("your queue stayed full for over {slow_consumer_ms} ms; messages were dropped"),
         ));
         if subscriber.closer.close(Some(words)) {
             stats.slow_consumers.inc();
@@ -238,21 +256,17 @@ fn offer(subscriber: &Subscriber, frame: &Bytes, stats: &Stats, slow_consumer_ms
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
 pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
     for peer in route.peers.iter() {
-        let queued = peer.backlog.reserve(frame.len())
-            && match peer.data.try_send(frame.clone()) {
-                Ok(()) => true,
-                Err(_) => {
-                    peer.backlog.release(frame.len());
-                    false
-                }
-            };
-        if queued {
-            peer.forwards_out.inc();
-            stats.forwards_out.inc();
-        } else if !peer.data.is_closed() {
-            // Reported to the peer as ForwardDropped, which tells its subscribers.
-            peer.backlog.record_drop(u64::MAX);
-            stats.forward_dropped.inc();
+        match enqueue(&peer.data, &peer.backlog, frame) {
+            Enqueued::Yes => {
+                peer.forwards_out.inc();
+                stats.forwards_out.inc();
+            }
+            Enqueued::Full => {
+                // Reported to the peer as ForwardDropped, which tells its subscribers.
+                peer.backlog.record_drop(u64::MAX);
+                stats.forward_dropped.inc();
+            }
+            Enqueued::Closed => {}
         }
     }
 }

@@ -27,7 +27,9 @@ use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::frame::{forward_frame, message_frame};
 use relaymesh_proto::v1::{self, client_to_server::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame, topic};
+use relaymesh_proto::{
+    ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
+};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
@@ -41,10 +43,6 @@ use crate::{LINGER, Server};
 #[derive(Debug, Deserialize)]
 pub(crate) struct ClientQuery {
     key: Option<String>,
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
-    v1::Error::new(code, message)
 }
 
 /// `GET /v1/client?key=KEY`: redeems the key, then upgrades to a client session.

@@ -18,7 +18,7 @@ use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
@@ -38,10 +38,6 @@ pub(crate) struct Placement {
     url: String,
     key: String,
     expires_in_ms: u32,
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
-    v1::Error::new(code, message)
 }
 
 /// Picks a server for `identity` and reserves a key there, trying up to `reserve_attempts`

@@ -16,7 +16,7 @@ use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error_frame};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
@@ -46,10 +46,6 @@ impl std::fmt::Debug for ServerLink {
             .field("id", &self.id)
             .finish_non_exhaustive()
     }
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
-    v1::Error::new(code, message)
 }
 
 impl ServerLink {

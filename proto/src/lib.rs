@@ -20,6 +20,11 @@ pub use v1::ErrorCode;
 /// The protocol version this build speaks. Carried in the first message of every link.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Shorthand for [`v1::Error::new`], for the many places a link refuses something.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
+    v1::Error::new(code, message)
+}
+
 impl v1::Error {
     /// An error with a code and a human-readable message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
