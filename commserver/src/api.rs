@@ -90,6 +90,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "keys_reserved": s.keys_reserved.get(),
         "keys_refused": s.keys_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
+        "process": relaymesh_net::procstat::process(),
     }))
 }
 

@@ -54,6 +54,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "login_failures": s.login_failures.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
+        "process": relaymesh_net::procstat::process(),
     }))
 }
 

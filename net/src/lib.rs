@@ -5,7 +5,7 @@
 //! already-bound listener ([`http`]), dialing and accepting WebSockets with size limits and
 //! `TCP_NODELAY` ([`ws`]), the batched link writer and frame reader every link uses ([`link`]),
 //! heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]), process shutdown
-//! ([`shutdown`]), Prometheus text ([`metrics`]), config files ([`config`]), lock helpers ([`sync`]) and logging
+//! ([`shutdown`]), Prometheus text ([`metrics`]), process CPU and memory ([`procstat`]), config files ([`config`]), lock helpers ([`sync`]) and logging
 //! ([`logging`]).
 
 pub mod auth;
@@ -15,6 +15,7 @@ pub mod http;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod procstat;
 pub mod retry;
 pub mod shutdown;
 pub mod sync;
