@@ -1,24 +1,43 @@
-//! `simulation`: a load test for relaymesh.
+//! `simulation`: the relaymesh load test.
 //!
 //! Without `--coordinator` it boots an embedded coordinator and `--servers` comm servers on
-//! 127.0.0.1 in this process; with it, it drives a deployed cluster. It connects `--clients`
-//! clients through the coordinator, runs a scenario for `--duration` seconds, waits for messages
-//! still in flight, and reports delivery (expected, delivered, lost, duplicates, out of order)
-//! and one-way latency measured at the receiver from a timestamp in every payload.
+//! 127.0.0.1 in this process (on a runtime of their own); with it, it drives a deployed cluster.
+//! It connects clients through the coordinator, runs a scenario, waits for messages still in
+//! flight, and reports delivery (expected, delivered, lost, duplicates, out of order), one-way
+//! latency measured at the receiver, negotiation time, drops, and where the CPU went.
 //!
-//! Scenarios: `fanout` (publishers to many subscribers on one topic) and `dense` (every client
-//! subscribes to one shared topic and publishes to it: players in one room).
+//! Scenarios: `rooms` (the default: many small rooms spread over the servers), `fanout`,
+//! `dense`, `churn` and `ramp`; see `--help` and the README's "Load testing" section.
 
+mod churn;
 mod cluster;
 mod load;
+mod measure;
+mod plot;
+mod progress;
+mod ramp;
 mod report;
+mod shard;
+mod usage;
+mod workload;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 
-/// Load-test a relaymesh cluster and report delivery and latency.
+use crate::churn::Churn;
+use crate::load::{Round, Slow};
+use crate::progress::Progress;
+use crate::ramp::Ramp;
+use crate::report::{RampSummary, Report, Setup};
+use crate::shard::Control;
+use crate::usage::{Meter, Servers};
+use crate::workload::{Shape, Shard, Workload};
+
+/// Load-test a relaymesh cluster and report delivery, latency and cost.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -28,117 +47,527 @@ struct Args {
     /// Comm servers in the embedded cluster.
     #[arg(long, default_value_t = 3)]
     servers: usize,
-    /// Clients to connect (default: 300 for fanout, 50 for dense).
+    /// What the clients do.
+    #[arg(long, value_enum, default_value_t = Scenario::Rooms)]
+    scenario: Scenario,
+    /// Clients [defaults: rooms 300, fanout 101, dense 50, churn 20 steady subscribers, ramp 11].
     #[arg(long)]
     clients: Option<usize>,
-    /// What the clients do.
-    #[arg(long, value_enum, default_value_t = Scenario::Fanout)]
-    scenario: Scenario,
-    /// Publishers in the fanout scenario; the other clients subscribe.
+    /// Publishing clients in fanout and ramp; every other client subscribes.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
-    /// Messages per second per publisher (default: 100 for fanout, 10 for dense).
+    /// Clients per room in the rooms scenario.
+    #[arg(long, default_value_t = 10)]
+    room_size: usize,
+    /// Messages per second per publisher [defaults: rooms 5, fanout 100, dense 10, churn 50
+    /// within a session, ramp 5000 at the first step].
     #[arg(long)]
-    rate: Option<u32>,
-    /// Payload size in bytes (at least 20: timestamp, publisher and sequence number).
+    rate: Option<f64>,
+    /// Payload bytes (at least 24: timestamp, publisher, sequence number, server).
     #[arg(long, default_value_t = 100)]
     payload: usize,
-    /// Seconds of publishing.
-    #[arg(long, default_value_t = 15)]
-    duration: u64,
-    /// Seconds to wait for messages still in flight before counting losses.
-    #[arg(long, default_value_t = 2)]
-    drain: u64,
+    /// Seconds of publishing (ramp: per step) [default: 15, ramp 3].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds to wait for messages still in flight before counting the rest as lost.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// Churn: clients connecting and leaving at once.
+    #[arg(long, default_value_t = 20)]
+    churners: usize,
+    /// Churn: messages each short-lived client publishes before leaving.
+    #[arg(long, default_value_t = 10)]
+    churn_messages: u64,
+    /// Ramp: rate multiplier from one step to the next.
+    #[arg(long, default_value_t = 1.5)]
+    ramp_factor: f64,
+    /// Ramp: most steps to run.
+    #[arg(long, default_value_t = 10)]
+    ramp_steps: usize,
+    /// Ramp: a step passes only with at least this percentage delivered ...
+    #[arg(long, default_value_t = 99.9)]
+    min_delivery: f64,
+    /// ... and p99 latency at or under this many milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    max_p99_ms: f64,
+    /// Subscribers that read slowly on purpose (to see the slow-consumer policy at work).
+    #[arg(long, default_value_t = 0)]
+    slow_subscribers: usize,
+    /// Milliseconds a slow subscriber spends on each message.
+    #[arg(long, default_value_t = 20)]
+    slow_delay_ms: u64,
+    /// Drive only the clients `j` with `j % n == i` (`i/n`) against `--coordinator`; run the
+    /// other shards as separate processes with the same flags. Shard 0 prints the combined report.
+    #[arg(long, value_parser = Shard::parse)]
+    shard: Option<Shard>,
+    /// Names this run's topics; every shard of one run needs the same id [default: random].
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Boot the embedded cluster, print its coordinator URL and serve until SIGINT/SIGTERM
+    /// (run the load from other processes with `--coordinator`).
+    #[arg(long, conflicts_with_all = ["coordinator", "shard"])]
+    cluster_only: bool,
+    /// Worker threads of the load generator [default: CPUs].
+    #[arg(long)]
+    generator_threads: Option<usize>,
+    /// Worker threads of the embedded cluster [default: CPUs].
+    #[arg(long)]
+    cluster_threads: Option<usize>,
+    /// Width of a latency-over-time slot in milliseconds [default: duration / 150, at least 100].
+    #[arg(long)]
+    slot_ms: Option<u64>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw latency over time and the latency distribution to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Exit with status 1 unless every expected message arrived once and in order and nothing
+    /// leaked.
+    #[arg(long)]
+    check: bool,
+    /// No live progress line.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// A load pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Scenario {
+enum Scenario {
+    /// Many small rooms: members publish to and subscribe to their room; with random placement
+    /// most deliveries cross servers.
+    Rooms,
     /// `--publishers` publishers, every other client subscribed to their topic.
     Fanout,
-    /// Every client subscribed to one shared topic and publishing to it.
+    /// Every client subscribed to one shared topic and publishing to it (players in one room).
     Dense,
+    /// Short-lived clients connect, subscribe, publish and leave continuously while steady
+    /// subscribers listen; checks that nothing leaks on the servers.
+    Churn,
+    /// Fanout at rising rates until delivery or p99 fails; reports the highest sustainable rate.
+    Ramp,
 }
 
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
+            Self::Rooms => "rooms",
             Self::Fanout => "fanout",
             Self::Dense => "dense",
+            Self::Churn => "churn",
+            Self::Ramp => "ramp",
         }
     }
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     if std::env::var_os("RUST_LOG").is_some() {
         relaymesh_net::logging::init();
     }
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("simulation: cannot start runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match run(Args::parse()) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("simulation: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let plan = load::Plan {
-        scenario: args.scenario,
-        clients: args.clients.unwrap_or(match args.scenario {
-            Scenario::Fanout => 300,
-            Scenario::Dense => 50,
-        }),
-        publishers: args.publishers,
-        rate: args.rate.unwrap_or(match args.scenario {
-            Scenario::Fanout => 100,
-            Scenario::Dense => 10,
-        }),
-        payload: args.payload.max(load::HEADER),
-        duration: Duration::from_secs(args.duration),
-        drain: Duration::from_secs(args.drain),
-    };
-    anyhow::ensure!(plan.clients >= 2, "--clients must be at least 2");
-    anyhow::ensure!(plan.rate > 0, "--rate must be positive");
-    if plan.scenario == Scenario::Fanout {
-        anyhow::ensure!(
-            plan.publishers >= 1 && plan.publishers < plan.clients,
-            "--publishers must be between 1 and --clients - 1"
-        );
-    }
-    let (embedded, coordinator) = match args.coordinator {
-        Some(url) => (None, url),
-        None => {
-            anyhow::ensure!(args.servers >= 1, "--servers must be at least 1");
-            let cluster = cluster::Embedded::start(args.servers).await?;
-            let url = cluster.coordinator_url.clone();
-            eprintln!(
-                "embedded cluster: coordinator {url}, {} comm servers",
-                args.servers
+/// Everything validated, before anything starts.
+struct Plan {
+    scenario: Scenario,
+    clients: usize,
+    rate: f64,
+    duration: Duration,
+    workload: Workload,
+    shard: Shard,
+    run_id: String,
+}
+
+fn plan(args: &Args) -> anyhow::Result<Plan> {
+    let scenario = args.scenario;
+    let clients = args.clients.unwrap_or(match scenario {
+        Scenario::Rooms => 300,
+        Scenario::Fanout => 101,
+        Scenario::Dense => 50,
+        Scenario::Churn => 20,
+        Scenario::Ramp => 11,
+    });
+    let rate = args.rate.unwrap_or(match scenario {
+        Scenario::Rooms => 5.0,
+        Scenario::Fanout => 100.0,
+        Scenario::Dense => 10.0,
+        Scenario::Churn => 50.0,
+        Scenario::Ramp => 5000.0,
+    });
+    let duration = args.duration.unwrap_or(if scenario == Scenario::Ramp {
+        3.0
+    } else {
+        15.0
+    });
+    anyhow::ensure!(clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
+    anyhow::ensure!(
+        duration > 0.0 && duration <= 86_400.0,
+        "--duration must be between 0 and 86400 seconds"
+    );
+    anyhow::ensure!(
+        (0.0..=3_600.0).contains(&args.drain),
+        "--drain must be between 0 and 3600 seconds"
+    );
+    anyhow::ensure!(args.servers >= 1, "--servers must be at least 1");
+    anyhow::ensure!(u32::try_from(clients).is_ok(), "--clients is too large");
+    let shape = match scenario {
+        Scenario::Fanout | Scenario::Ramp => {
+            anyhow::ensure!(
+                args.publishers >= 1 && args.publishers < clients,
+                "--publishers must be between 1 and --clients - 1"
             );
-            (Some(cluster), url)
+            Shape::Fanout {
+                publishers: args.publishers,
+            }
+        }
+        Scenario::Dense | Scenario::Churn => Shape::Dense,
+        Scenario::Rooms => {
+            anyhow::ensure!(args.room_size >= 1, "--room-size must be at least 1");
+            Shape::Rooms {
+                size: args.room_size,
+            }
         }
     };
-    let outcome = load::run(&coordinator, &plan).await;
-    if let Some(cluster) = embedded {
-        cluster.stop().await;
+    if scenario == Scenario::Ramp {
+        anyhow::ensure!(args.ramp_factor > 1.0, "--ramp-factor must be above 1");
+        anyhow::ensure!(args.ramp_steps >= 1, "--ramp-steps must be at least 1");
     }
-    let report = report::Report::new(args.scenario.name(), &plan, outcome?);
+    if scenario == Scenario::Churn {
+        anyhow::ensure!(args.churners >= 1, "--churners must be at least 1");
+    }
+    let shard = match args.shard {
+        Some(shard) => {
+            anyhow::ensure!(
+                args.coordinator.is_some(),
+                "--shard needs --coordinator: every shard must drive the same cluster"
+            );
+            anyhow::ensure!(
+                matches!(
+                    scenario,
+                    Scenario::Rooms | Scenario::Fanout | Scenario::Dense
+                ),
+                "--shard works with rooms, fanout and dense; run {} in one process",
+                scenario.name()
+            );
+            anyhow::ensure!(
+                shard.count == 1 || args.run_id.is_some(),
+                "--shard needs --run-id, the same on every shard"
+            );
+            shard
+        }
+        None => Shard::WHOLE,
+    };
+    let run_id = match &args.run_id {
+        Some(id) => {
+            anyhow::ensure!(
+                !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "--run-id must be 1-64 letters, digits, '-' or '_'"
+            );
+            id.clone()
+        }
+        None => format!("{:08x}", rand::random::<u32>()),
+    };
+    Ok(Plan {
+        scenario,
+        clients,
+        rate,
+        duration: Duration::from_secs_f64(duration),
+        workload: Workload { clients, shape },
+        shard,
+        run_id,
+    })
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let plan = plan(&args)?;
+    let cores = relaymesh_net::procstat::cores();
+    let embedded = match &args.coordinator {
+        Some(_) => None,
+        None => Some(cluster::Embedded::start(
+            args.servers,
+            args.cluster_threads.unwrap_or(cores),
+        )?),
+    };
+    if args.cluster_only {
+        let Some(cluster) = embedded else {
+            unreachable!("clap refuses --cluster-only with --coordinator")
+        };
+        // The one line scripts read: where to point the load generators.
+        println!("{}", cluster.coordinator_url);
+        eprintln!(
+            "embedded cluster of {} comm servers serving; stop with Ctrl-C",
+            args.servers
+        );
+        cluster.serve_until_signalled();
+        cluster.stop();
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (coordinator, servers) = match &embedded {
+        Some(cluster) => (cluster.coordinator_url.clone(), Servers::Embedded),
+        None => (
+            args.coordinator.clone().unwrap_or_default(),
+            Servers::Deployed,
+        ),
+    };
+    let generator_threads = args.generator_threads.unwrap_or(cores).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(generator_threads)
+        .thread_name(usage::GENERATOR_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the load generator runtime")?;
+    let meter = Meter {
+        servers,
+        coordinator: coordinator.clone(),
+        generator_threads,
+    };
+    let cluster_text = match &embedded {
+        Some(_) => format!("{} embedded comm servers", args.servers),
+        None => format!("cluster at {coordinator}"),
+    };
+    let progress = Progress::new(args.quiet);
+    progress.line(format!(
+        "coordinator {coordinator}{}, run id {}",
+        if embedded.is_some() {
+            " (embedded)"
+        } else {
+            ""
+        },
+        plan.run_id
+    ));
+    let drive = drive(
+        args.clone_for_drive(),
+        plan,
+        coordinator,
+        meter,
+        progress.clone(),
+    );
+    let result = runtime.block_on(async move { tokio::spawn(drive).await });
+    progress.finish();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if let Some(cluster) = embedded {
+        cluster.stop();
+    }
+    let Some(report) = result.context("the load generator panicked")?? else {
+        // A non-leader shard: shard 0 prints the combined report.
+        return Ok(ExitCode::SUCCESS);
+    };
+    let report = Report {
+        setup: Setup {
+            cluster: cluster_text,
+            ..report.setup
+        },
+        ..report
+    };
     print!("{}", report.summary());
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report.json())?)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json())?)
+            .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    Ok(())
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "relaymesh {} ({})",
+            report.setup.scenario, report.setup.shape
+        );
+        plot::write(path, &title, &report.outcome)
+            .with_context(|| format!("drawing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let leaked = report
+        .churn
+        .as_ref()
+        .is_some_and(|c| c.leaked_sessions + c.leaked_topics + c.leaked_remote_topics > 0);
+    Ok(if args.check && (!report.clean() || leaked) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The flags the load generator needs (the rest stay on the main thread).
+#[derive(Debug, Clone)]
+struct DriveArgs {
+    servers: Option<usize>,
+    payload: usize,
+    drain: Duration,
+    churners: usize,
+    churn_messages: u64,
+    ramp_factor: f64,
+    ramp_steps: usize,
+    min_delivery: f64,
+    max_p99: Duration,
+    slow: Slow,
+    slot: Option<Duration>,
+}
+
+impl Args {
+    fn clone_for_drive(&self) -> DriveArgs {
+        DriveArgs {
+            servers: self.coordinator.is_none().then_some(self.servers),
+            payload: self.payload.max(measure::HEADER),
+            drain: Duration::from_secs_f64(self.drain),
+            churners: self.churners,
+            churn_messages: self.churn_messages,
+            ramp_factor: self.ramp_factor,
+            ramp_steps: self.ramp_steps,
+            min_delivery: self.min_delivery / 100.0,
+            max_p99: Duration::from_secs_f64(self.max_p99_ms.max(0.0) / 1_000.0),
+            slow: Slow {
+                subscribers: self.slow_subscribers,
+                delay: Duration::from_millis(self.slow_delay_ms),
+            },
+            slot: self.slot_ms.map(|ms| Duration::from_millis(ms.max(10))),
+        }
+    }
+}
+
+/// Runs the scenario on the generator runtime; `None` for a shard that is not the leader.
+async fn drive(
+    args: DriveArgs,
+    plan: Plan,
+    coordinator: String,
+    meter: Meter,
+    progress: Progress,
+) -> anyhow::Result<Option<Report>> {
+    let prefix = format!("sim/{}/{}", plan.run_id, plan.scenario.name());
+    let slot = args
+        .slot
+        .unwrap_or_else(|| (plan.duration / 150).max(Duration::from_millis(100)));
+    let shape = match plan.workload.shape {
+        Shape::Fanout { publishers } => {
+            format!("{publishers} -> {} subscribers", plan.clients - publishers)
+        }
+        Shape::Dense => format!("{} clients on one topic", plan.clients),
+        Shape::Rooms { size } => format!(
+            "{} clients in {} rooms of {size}",
+            plan.clients,
+            plan.workload.topics()
+        ),
+    };
+    let mut setup = Setup {
+        scenario: plan.scenario.name(),
+        shape,
+        cluster: String::new(),
+        servers: args.servers,
+        rate_per_publisher: plan.rate,
+        payload_bytes: args.payload,
+        duration_s: plan.duration.as_secs_f64(),
+    };
+    let round = Round {
+        coordinator: coordinator.clone(),
+        topic_prefix: prefix.clone(),
+        workload: plan.workload,
+        rate: plan.rate,
+        payload: args.payload,
+        duration: plan.duration,
+        drain: args.drain,
+        shard: plan.shard,
+        slow: args.slow,
+        slot,
+    };
+    match plan.scenario {
+        Scenario::Churn => {
+            setup.shape = format!(
+                "{} steady subscribers, {} churning clients x {} messages",
+                plan.clients, args.churners, args.churn_messages
+            );
+            let churn = Churn {
+                coordinator,
+                topic_prefix: prefix,
+                steady: plan.clients,
+                workers: args.churners,
+                messages: args.churn_messages,
+                rate: plan.rate,
+                payload: args.payload,
+                duration: plan.duration,
+                drain: args.drain,
+                slot,
+            };
+            let (outcome, churn) = churn.run(&meter, &progress).await?;
+            Ok(Some(Report {
+                setup,
+                outcome,
+                churn: Some(churn),
+                ramp: None,
+            }))
+        }
+        Scenario::Ramp => {
+            let ramp = Ramp {
+                round,
+                factor: args.ramp_factor,
+                steps: args.ramp_steps,
+                min_delivery: args.min_delivery,
+                max_p99: args.max_p99,
+            };
+            let result = ramp.run(&meter, &progress).await?;
+            let best = result.best.as_ref().map(|(i, _)| *i);
+            let outcome = match (result.best, result.first) {
+                (Some((i, outcome)), _) => {
+                    setup.rate_per_publisher =
+                        plan.rate * args.ramp_factor.powi(i32::try_from(i).unwrap_or(0));
+                    outcome
+                }
+                (None, Some(outcome)) => outcome,
+                (None, None) => anyhow::bail!("the ramp ran no step"),
+            };
+            Ok(Some(Report {
+                setup,
+                outcome,
+                churn: None,
+                ramp: Some(RampSummary {
+                    steps: result.steps,
+                    best,
+                    min_delivery: args.min_delivery,
+                    max_p99_ms: args.max_p99.as_secs_f64() * 1_000.0,
+                }),
+            }))
+        }
+        Scenario::Rooms | Scenario::Fanout | Scenario::Dense => {
+            let mut control = match plan.shard.count {
+                1 => None,
+                _ => Some(
+                    Control::connect(
+                        &coordinator,
+                        &prefix,
+                        plan.shard,
+                        plan.duration + args.drain + Duration::from_secs(60),
+                    )
+                    .await?,
+                ),
+            };
+            let mut outcome = round.run(control.as_mut(), &meter, &progress).await?;
+            if let Some(mut control) = control {
+                let others = control.gather(outcome.to_part()).await?;
+                control.close().await;
+                if !plan.shard.is_leader() {
+                    progress.line(format!(
+                        "shard {}/{}: sent results to shard 0",
+                        plan.shard.index, plan.shard.count
+                    ));
+                    return Ok(None);
+                }
+                for part in &others {
+                    outcome.absorb(part);
+                }
+            }
+            Ok(Some(Report {
+                setup,
+                outcome,
+                churn: None,
+                ramp: None,
+            }))
+        }
+    }
 }

@@ -1,137 +1,370 @@
-//! The report: a readable summary on stdout and the JSON document described in DESIGN.md.
+//! The report: a summary for people on stdout and the JSON document for scripts (DESIGN.md's
+//! fields plus the rest of what was measured).
+
+use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::load::{Outcome, Plan};
+use crate::churn::ChurnReport;
+use crate::load::Outcome;
+use crate::measure::pct;
+use crate::ramp::Step;
 
-pub(crate) struct Report {
-    scenario: &'static str,
-    plan: Plan,
-    outcome: Outcome,
+/// How the run was set up, for the header line and the JSON.
+#[derive(Debug, Clone)]
+pub(crate) struct Setup {
+    pub(crate) scenario: &'static str,
+    /// e.g. "300 clients in rooms of 10".
+    pub(crate) shape: String,
+    /// "3 embedded comm servers" or the coordinator URL.
+    pub(crate) cluster: String,
+    pub(crate) servers: Option<usize>,
+    pub(crate) rate_per_publisher: f64,
+    pub(crate) payload_bytes: usize,
+    pub(crate) duration_s: f64,
 }
 
-fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
-    if sorted.is_empty() {
-        return T::default();
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+/// Ramp results that go beside the sustainable step's outcome.
+#[derive(Debug, Clone)]
+pub(crate) struct RampSummary {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) best: Option<usize>,
+    pub(crate) min_delivery: f64,
+    pub(crate) max_p99_ms: f64,
+}
+
+pub(crate) struct Report {
+    pub(crate) setup: Setup,
+    pub(crate) outcome: Outcome,
+    pub(crate) churn: Option<ChurnReport>,
+    pub(crate) ramp: Option<RampSummary>,
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1_000.0
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 impl Report {
-    pub(crate) fn new(scenario: &'static str, plan: &Plan, outcome: Outcome) -> Self {
-        Self {
-            scenario,
-            plan: plan.clone(),
-            outcome,
+    /// Whether every expected message arrived exactly once and in order.
+    pub(crate) fn clean(&self) -> bool {
+        let o = &self.outcome;
+        o.lost() == 0 && o.counts.duplicates == 0 && o.counts.out_of_order == 0
+    }
+
+    /// Lines that must not be missed: saturation, falling behind, loss and where it came from.
+    pub(crate) fn warnings(&self) -> Vec<String> {
+        let o = &self.outcome;
+        let u = &o.usage;
+        let mut w = Vec::new();
+        if u.generator_saturated {
+            w.push(format!(
+                "load generator saturated ({:.0} % of its threads busy): these figures are the \
+                 generator's limit, not the cluster's; spread the clients over more processes \
+                 or hosts with --shard i/n",
+                u.generator_busy * 100.0
+            ));
         }
-    }
-
-    fn lost(&self) -> u64 {
-        self.outcome.expected.saturating_sub(self.outcome.delivered)
-    }
-
-    fn delivered_per_s(&self) -> f64 {
-        let publishing = self.plan.duration.as_secs_f64().max(1e-9);
-        self.outcome.delivered as f64 / publishing
+        if u.machine_saturated {
+            w.push(format!(
+                "every core of this machine was busy (embedded cluster and generator share {} \
+                 cores): run the cluster elsewhere (--coordinator) for figures of the cluster alone",
+                u.cores
+            ));
+        }
+        let behind = o.scheduled.saturating_sub(o.published + o.publish_errors);
+        if behind > 0 {
+            w.push(format!(
+                "publishers fell {behind} messages behind their schedule"
+            ));
+        }
+        if o.publish_errors > 0 {
+            w.push(format!(
+                "{} publishes failed (client not connected); they are not counted as expected",
+                o.publish_errors
+            ));
+        }
+        if o.lost() > 0 {
+            let dropped =
+                (u.server_dropped + u.server_forward_dropped).max(o.counts.dropped_reported);
+            w.push(format!(
+                "{} messages not delivered by the end of the drain: servers counted {} dropped for \
+                 slow consumers and {} forwards dropped, clients were told of {} (Dropped notices) \
+                 and lost their server {} times; the other {} were still queued for a receiver \
+                 too slow to catch up within --drain, or lost without a count",
+                o.lost(),
+                u.server_dropped,
+                u.server_forward_dropped,
+                o.counts.dropped_reported,
+                o.counts.disconnects,
+                o.lost().saturating_sub(dropped)
+            ));
+        }
+        if o.counts.foreign > 0 {
+            w.push(format!(
+                "{} payloads without a simulation header arrived (another publisher on these topics?)",
+                o.counts.foreign
+            ));
+        }
+        if let Some(c) = &self.churn {
+            if c.leaked_sessions + c.leaked_topics + c.leaked_remote_topics > 0 {
+                w.push(format!(
+                    "after churn the servers still hold {} extra sessions, {} extra topics and {} \
+                     extra peer-interest topics",
+                    c.leaked_sessions, c.leaked_topics, c.leaked_remote_topics
+                ));
+            }
+            if c.connect_failures > 0 {
+                w.push(format!("{} churn connections failed", c.connect_failures));
+            }
+        }
+        w
     }
 
     pub(crate) fn summary(&self) -> String {
-        let o = &self.outcome;
-        let l = &o.latency_us;
+        let (s, o, u) = (&self.setup, &self.outcome, &self.outcome.usage);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "relaymesh simulation: {} ({}), {}, {} B payloads{}",
+            s.scenario,
+            s.shape,
+            s.cluster,
+            s.payload_bytes,
+            if o.shards > 1 {
+                format!(", {} generator processes", o.shards)
+            } else {
+                String::new()
+            }
+        );
         let spread: Vec<String> = o
             .clients_per_server
             .iter()
-            .map(|(s, n)| format!("{s}={n}"))
+            .map(|(id, n)| format!("{id}={n}"))
             .collect();
-        let mut out = String::new();
-        out += &format!(
-            "scenario          {} ({} publishers -> {} subscribers)\n",
-            self.scenario, o.publishers, o.subscribers
+        let _ = writeln!(out, "clients/server  {}", spread.join("  "));
+        let c = &o.connect;
+        let _ = writeln!(
+            out,
+            "connect         p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} connections)",
+            ms(pct(c, 50.0)),
+            ms(pct(c, 90.0)),
+            ms(pct(c, 99.0)),
+            ms(c.max()),
+            c.len()
         );
-        out += &format!("clients/server    {}\n", spread.join(" "));
-        out += &format!(
-            "connect           p50 {:.1} ms, p99 {:.1} ms\n",
-            percentile(&o.connect_ms, 0.50),
-            percentile(&o.connect_ms, 0.99)
+        let _ = writeln!(
+            out,
+            "published       {} by {} publishers over {:.1} s ({} scheduled)",
+            o.published, o.publishers, o.publish_s, o.scheduled
         );
-        out += &format!("published         {}\n", o.published);
-        out += &format!("expected          {}\n", o.expected);
-        out += &format!(
-            "delivered         {} ({:.0} msg/s, {} across servers)\n",
-            o.delivered,
-            self.delivered_per_s(),
-            o.cross_server
+        let _ = writeln!(
+            out,
+            "expected        {} at {} subscribers",
+            o.expected, o.subscribers
         );
-        out += &format!(
-            "lost              {}   duplicates {}   out of order {}   dropped (reported) {}   disconnects {}\n",
-            self.lost(),
-            o.duplicates,
-            o.out_of_order,
-            o.dropped_reported,
-            o.disconnects
+        let _ = writeln!(
+            out,
+            "delivered       {} ({:.0} msg/s, {:.3} %; {} crossed servers)",
+            o.counts.delivered,
+            o.delivered_per_s(),
+            o.delivery() * 100.0,
+            o.counts.cross_server
         );
-        out += &format!(
-            "latency (us)      p50 {}  p90 {}  p99 {}  p999 {}  max {}\n",
-            percentile(l, 0.50),
-            percentile(l, 0.90),
-            percentile(l, 0.99),
-            percentile(l, 0.999),
-            l.last().copied().unwrap_or(0)
+        let _ = writeln!(
+            out,
+            "lost            {}   duplicates {}   out of order {}   (drained {:.2} s)",
+            o.lost(),
+            o.counts.duplicates,
+            o.counts.out_of_order,
+            o.drain_s
         );
+        let _ = writeln!(
+            out,
+            "drops           {} reported to clients, {} counted by servers, {} slow consumers cut off",
+            o.counts.dropped_reported, u.server_dropped, u.server_slow_consumers
+        );
+        let l = &o.latency;
+        let _ = writeln!(
+            out,
+            "latency         p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            ms(pct(l, 50.0)),
+            ms(pct(l, 90.0)),
+            ms(pct(l, 99.0)),
+            ms(pct(l, 99.9)),
+            ms(l.max())
+        );
+        let _ = writeln!(
+            out,
+            "cpu             servers {:.1} s ({:.0} % of a core), generator {:.1} s ({:.0} % of its threads), {} cores",
+            u.servers_cpu_s,
+            u.servers_cpu_s / u.window_s.max(1e-9) * 100.0,
+            u.generator_cpu_s,
+            u.generator_busy * 100.0,
+            u.cores
+        );
+        let _ = writeln!(
+            out,
+            "memory          peak RSS {:.1} MiB ({})",
+            mib(u.peak_rss_bytes),
+            u.rss_scope
+        );
+        if let Some(c) = &self.churn {
+            let _ = writeln!(
+                out,
+                "churn           {} sessions ({:.0}/s), {} failed; left over: {} sessions, {} topics, {} peer-interest topics",
+                c.sessions,
+                c.sessions_per_s,
+                c.connect_failures,
+                c.leaked_sessions,
+                c.leaked_topics,
+                c.leaked_remote_topics
+            );
+            let _ = writeln!(
+                out,
+                "churn memory    RSS {:.1} MiB a third in, {:.1} MiB at the end ({})",
+                mib(c.rss_early_bytes),
+                mib(c.rss_end_bytes),
+                c.rss_scope
+            );
+        }
+        if let Some(r) = &self.ramp {
+            let _ = writeln!(
+                out,
+                "ramp            step: offered/s -> delivered/s, delivery, p99 (pass: >= {:.1} % and p99 <= {} ms)",
+                r.min_delivery * 100.0,
+                r.max_p99_ms
+            );
+            for (i, step) in r.steps.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "  {:>2}: {:>10.0} -> {:>10.0}  {:>8.3} %  p99 {:>7.2} ms  {}{}",
+                    i + 1,
+                    step.offered_per_s,
+                    step.delivered_per_s,
+                    step.delivery * 100.0,
+                    ms(step.p99_us),
+                    if step.passed { "pass" } else { "FAIL" },
+                    if step.generator_saturated {
+                        " (generator saturated)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let _ = match r.best {
+                Some(best) => writeln!(
+                    out,
+                    "sustainable     {:.0} deliveries/s (step {}; the figures above are that step's)",
+                    r.steps[best].delivered_per_s,
+                    best + 1
+                ),
+                None => writeln!(out, "sustainable     none: the first step already failed"),
+            };
+        }
+        let warnings = self.warnings();
+        for w in &warnings {
+            let _ = writeln!(out, "WARNING         {w}");
+        }
+        let verdict = if self.clean() {
+            "every expected message delivered once, in order"
+        } else {
+            "delivery incomplete (see above)"
+        };
+        let _ = writeln!(out, "result          {verdict}");
         out
     }
 
     pub(crate) fn json(&self) -> Value {
-        let o = &self.outcome;
-        let l = &o.latency_us;
-        json!({
-            "scenario": self.scenario,
-            "clients": self.plan.clients,
+        let (s, o, u) = (&self.setup, &self.outcome, &self.outcome.usage);
+        let l = &o.latency;
+        let c = &o.connect;
+        let timeline: Vec<Value> = o
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                json!({
+                    "t_s": i as f64 * o.slot.as_secs_f64(),
+                    "delivered": h.len(),
+                    "p50_us": pct(h, 50.0),
+                    "p99_us": pct(h, 99.0),
+                    "max_us": h.max(),
+                })
+            })
+            .collect();
+        let mut v = json!({
+            "scenario": s.scenario,
+            "shape": s.shape,
+            "servers": s.servers,
+            "clients": o.clients,
             "publishers": o.publishers,
             "subscribers": o.subscribers,
-            "rate_per_publisher": self.plan.rate,
-            "payload_bytes": self.plan.payload,
-            "duration_s": self.plan.duration.as_secs_f64(),
+            "shards": o.shards,
+            "rate_per_publisher": s.rate_per_publisher,
+            "payload_bytes": s.payload_bytes,
+            "duration_s": s.duration_s,
+            "scheduled": o.scheduled,
             "published": o.published,
+            "publish_errors": o.publish_errors,
             "expected": o.expected,
-            "delivered": o.delivered,
-            "lost": self.lost(),
-            "duplicates": o.duplicates,
-            "out_of_order": o.out_of_order,
-            "dropped_reported": o.dropped_reported,
-            "disconnects": o.disconnects,
-            "delivered_per_s": self.delivered_per_s(),
+            "delivered": o.counts.delivered,
+            "lost": o.lost(),
+            "duplicates": o.counts.duplicates,
+            "out_of_order": o.counts.out_of_order,
+            "delivered_per_s": o.delivered_per_s(),
+            "delivery_ratio": o.delivery(),
             "latency_us": {
-                "p50": percentile(l, 0.50),
-                "p90": percentile(l, 0.90),
-                "p99": percentile(l, 0.99),
-                "p999": percentile(l, 0.999),
-                "max": l.last().copied().unwrap_or(0),
+                "p50": pct(l, 50.0),
+                "p90": pct(l, 90.0),
+                "p99": pct(l, 99.0),
+                "p999": pct(l, 99.9),
+                "max": l.max(),
+                "mean": l.mean(),
             },
-            "connect_ms": { "p50": percentile(&o.connect_ms, 0.50), "p99": percentile(&o.connect_ms, 0.99) },
+            "connect_ms": {
+                "p50": ms(pct(c, 50.0)),
+                "p90": ms(pct(c, 90.0)),
+                "p99": ms(pct(c, 99.0)),
+                "max": ms(c.max()),
+            },
             "clients_per_server": o.clients_per_server,
-            "cross_server_delivered": o.cross_server,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(
-            (
-                percentile(&v, 0.5),
-                percentile(&v, 0.99),
-                percentile(&v, 1.0)
-            ),
-            (50, 99, 100)
-        );
-        assert_eq!(percentile::<u64>(&[], 0.5), 0);
-        assert_eq!(percentile(&[7u64], 0.999), 7);
+            "cross_server_delivered": o.counts.cross_server,
+            "dropped_reported": o.counts.dropped_reported,
+            "disconnects": o.counts.disconnects,
+            "foreign_payloads": o.counts.foreign,
+            "server_dropped": u.server_dropped,
+            "server_slow_consumers": u.server_slow_consumers,
+            "server_forward_dropped": u.server_forward_dropped,
+            "publish_s": o.publish_s,
+            "drain_s": o.drain_s,
+            "cpu": {
+                "window_s": u.window_s,
+                "cores": u.cores,
+                "servers_cpu_s": u.servers_cpu_s,
+                "generator_cpu_s": u.generator_cpu_s,
+                "generator_busy": u.generator_busy,
+                "generator_saturated": u.generator_saturated,
+                "machine_saturated": u.machine_saturated,
+            },
+            "memory": { "peak_rss_bytes": u.peak_rss_bytes, "scope": u.rss_scope },
+            "timeline": timeline,
+            "warnings": self.warnings(),
+        });
+        if let Some(c) = &self.churn {
+            v["churn"] = json!(c);
+        }
+        if let Some(r) = &self.ramp {
+            v["ramp"] = json!({
+                "steps": r.steps,
+                "sustainable_per_s": r.best.map(|b| r.steps[b].delivered_per_s),
+                "min_delivery": r.min_delivery,
+                "max_p99_ms": r.max_p99_ms,
+            });
+        }
+        v
     }
 }
