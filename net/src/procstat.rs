@@ -55,6 +55,26 @@ pub fn threads_cpu_seconds(prefix: &str) -> Option<f64> {
     Some(total)
 }
 
+/// Busy and total CPU time of the whole host so far, in clock ticks summed over all CPUs (the
+/// `cpu` line of `/proc/stat`; idle and iowait count as not busy). Two readings give how busy
+/// the machine was in between, whoever kept it busy.
+pub fn host_cpu() -> Option<(u64, u64)> {
+    parse_host(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_host(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map_while(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...; guest time is already in user.
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
 /// CPUs this process may run on.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
@@ -94,6 +114,13 @@ mod tests {
         let line = "4242 (rm (x) 1) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0 100 0 0";
         assert_eq!(parse_stat(line), Some(("rm (x) 1", 3.0)));
         assert_eq!(parse_stat("4242 (short) S 1 2"), None);
+    }
+
+    #[test]
+    fn host_cpu_counts_idle_and_iowait_as_not_busy() {
+        let stat = "cpu  10 0 5 80 5 0 0 0 0 0\ncpu0 10 0 5 80 5 0 0 0 0 0\n";
+        assert_eq!(parse_host(stat), Some((15, 100)));
+        assert_eq!(parse_host("intr 1 2"), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! interest they had before the churn: nothing leaks per session. Resident memory early in the
 //! churn and at its end shows whether memory grows with sessions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use relaymesh_net::procstat;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::load::{self, Outcome};
+use crate::load::{self, Expect, Outcome};
 use crate::measure::{self, Counts, Timeline};
 use crate::progress::Progress;
 use crate::usage::{self, Meter, ServerStats, Servers};
@@ -52,6 +52,9 @@ pub(crate) struct ChurnReport {
     pub(crate) sessions: u64,
     pub(crate) sessions_per_s: f64,
     pub(crate) connect_failures: u64,
+    /// Whether the servers' stats could be read after the churn (if not, the leak counts
+    /// below mean nothing).
+    pub(crate) leaks_checked: bool,
     /// Sessions, topics and peer interest left on the servers beyond the pre-churn baseline.
     pub(crate) leaked_sessions: u64,
     pub(crate) leaked_topics: u64,
@@ -59,16 +62,29 @@ pub(crate) struct ChurnReport {
     /// Resident memory a third of the way in and at the end (see `rss_scope`).
     pub(crate) rss_early_bytes: u64,
     pub(crate) rss_end_bytes: u64,
+    /// `rss_end - rss_early` per thousand sessions in between.
+    pub(crate) rss_growth_per_1000_sessions: f64,
     pub(crate) rss_scope: String,
 }
 
 /// What one worker did.
-#[derive(Default)]
 struct Worker {
     sessions: u64,
     failures: u64,
     sent: Vec<(u32, u64)>,
-    connect: Option<Histogram<u64>>,
+    /// Negotiate-and-connect times (µs).
+    connect: Histogram<u64>,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Self {
+            sessions: 0,
+            failures: 0,
+            sent: Vec::new(),
+            connect: measure::histogram(),
+        }
+    }
 }
 
 impl Churn {
@@ -79,13 +95,8 @@ impl Churn {
     ) -> anyhow::Result<(Outcome, ChurnReport)> {
         let feed = format!("{}/feed", self.topic_prefix);
         let mut steady_connect = measure::histogram();
-        let clients = load::connect(
-            &self.coordinator,
-            self.steady,
-            &mut steady_connect,
-            progress,
-        )
-        .await?;
+        let config = |_| ClientConfig::new(&self.coordinator);
+        let clients = load::connect(self.steady, config, &mut steady_connect, progress).await?;
         let mut clients_per_server = BTreeMap::new();
         for client in &clients {
             *clients_per_server.entry(client.server_id()).or_default() += 1;
@@ -93,17 +104,24 @@ impl Churn {
         for ack in join_all(clients.iter().map(|c| c.subscribe([feed.clone()]))).await {
             ack.context("subscribing")?;
         }
-        let baseline = usage::server_stats(&self.coordinator).await?;
+        let baseline = usage::server_stats(&self.coordinator)
+            .await
+            .context("reading the servers' stats before the churn")?;
 
-        let timeline = Arc::new(Timeline::new(measure::now_ns(), self.slot));
+        let timeline = Arc::new(Timeline::new(self.slot, self.duration + self.drain));
         let stop = CancellationToken::new();
         let mut delivered = Vec::new();
         let mut receivers = Vec::new();
         for client in clients {
             let count = Arc::new(AtomicU64::new(0));
             delivered.push(count.clone());
+            let expect = Expect {
+                topic: feed.clone(),
+                publishers: None,
+            };
             receivers.push(tokio::spawn(load::receive(
                 client,
+                expect,
                 count,
                 None,
                 timeline.clone(),
@@ -133,6 +151,7 @@ impl Churn {
         // compare with the end.
         tokio::time::sleep(self.duration / 3).await;
         let rss_early = self.rss(meter).await;
+        let sessions_early = next_id.load(std::sync::atomic::Ordering::Relaxed);
         let mut merged = Worker::default();
         let mut connect = measure::histogram();
         for worker in join_all(workers).await {
@@ -140,58 +159,61 @@ impl Churn {
             merged.sessions += w.sessions;
             merged.failures += w.failures;
             merged.sent.extend(w.sent);
-            if let Some(h) = &w.connect {
-                let _ = connect.add(h);
-            }
+            let _ = connect.add(&w.connect);
         }
         let publish_s = started.elapsed().as_secs_f64();
         let after_publishing = meter.snapshot().await;
         let published: u64 = merged.sent.iter().map(|(_, n)| n).sum();
-        let expected = published * self.steady as u64;
-        let drain_s = load::drain(&delivered, expected, self.drain).await;
+        let drain_s = load::drain(&delivered, published * self.steady as u64, self.drain).await;
         ticker.abort();
 
         // The steady clients are still connected; the servers should be back to the baseline.
-        let (leaked_sessions, leaked_topics, leaked_remote_topics) = self.leaks(&baseline).await;
+        let leaks = self.leaks(&baseline).await;
         let rss_end = self.rss(meter).await;
         stop.cancel();
+        let mut tallies = Vec::with_capacity(receivers.len());
+        for receiver in receivers {
+            tallies.push((0, receiver.await.context("receiver task failed")?));
+        }
+        let (expected, lost) = load::lost(&tallies, &HashMap::from([(0, merged.sent.clone())]));
         let mut counts = Counts::default();
         let mut latency = measure::histogram();
-        for receiver in receivers {
-            let tally = receiver.await.context("receiver task failed")?;
+        for (_, tally) in &tallies {
             counts.add(&tally.counts);
             let _ = latency.add(&tally.latency);
         }
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
-        let drops = meter.between(&before, &after_drain);
-        usage.server_dropped = drops.server_dropped;
-        usage.server_slow_consumers = drops.server_slow_consumers;
-        usage.server_forward_dropped = drops.server_forward_dropped;
+        usage.take_drops(&meter.between(&before, &after_drain));
+        let sessions_late = merged.sessions.saturating_sub(u64::from(sessions_early));
         let report = ChurnReport {
             sessions: merged.sessions,
             sessions_per_s: merged.sessions as f64 / publish_s.max(1e-9),
             connect_failures: merged.failures,
-            leaked_sessions,
-            leaked_topics,
-            leaked_remote_topics,
+            leaks_checked: leaks.is_some(),
+            leaked_sessions: leaks.map_or(0, |l| l.0),
+            leaked_topics: leaks.map_or(0, |l| l.1),
+            leaked_remote_topics: leaks.map_or(0, |l| l.2),
             rss_early_bytes: rss_early,
             rss_end_bytes: rss_end,
+            rss_growth_per_1000_sessions: (rss_end as f64 - rss_early as f64)
+                / (sessions_late.max(1) as f64 / 1000.0),
             rss_scope: match meter.servers {
                 Servers::Embedded => "process (embedded cluster and load generator together)",
                 Servers::Deployed => "all comm server processes together",
             }
             .to_owned(),
         };
+        let scheduled = merged.sessions * self.messages;
         let outcome = Outcome {
             clients: self.steady,
             publishers: merged.sent.len(),
             subscribers: self.steady,
-            scheduled: merged.sessions * self.messages,
+            scheduled,
             published,
-            publish_errors: merged.sessions * self.messages
-                - published.min(merged.sessions * self.messages),
+            publish_errors: scheduled.saturating_sub(published),
             expected,
+            lost,
             counts,
             latency,
             timeline: timeline.take(),
@@ -200,6 +222,7 @@ impl Churn {
             clients_per_server,
             publish_s,
             drain_s,
+            max_lag_s: 0.0,
             usage,
             shards: 1,
         };
@@ -208,10 +231,7 @@ impl Churn {
 
     /// One worker: sessions back to back until the duration is up.
     async fn work(self, feed: String, next_id: Arc<AtomicU32>, started: Instant) -> Worker {
-        let mut w = Worker {
-            connect: Some(measure::histogram()),
-            ..Worker::default()
-        };
+        let mut w = Worker::default();
         let gap = Duration::from_secs_f64(1.0 / self.rate.max(1e-3));
         while started.elapsed() < self.duration {
             let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -225,8 +245,8 @@ impl Churn {
                     continue;
                 }
             };
-            if let Some(h) = &mut w.connect {
-                h.saturating_record(
+            {
+                w.connect.saturating_record(
                     u64::try_from(t0.elapsed().as_micros())
                         .unwrap_or(u64::MAX)
                         .max(1),
@@ -239,7 +259,7 @@ impl Churn {
                 let mut tick = tokio::time::interval(gap);
                 for seq in 0..self.messages {
                     tick.tick().await;
-                    let payload = measure::payload(id, seq, server, self.payload);
+                    let payload = measure::payload(id, seq, server, self.payload, measure::now_ns());
                     if client.publish(&feed, payload).await.is_err() {
                         break;
                     }
@@ -255,8 +275,8 @@ impl Churn {
     }
 
     /// Waits up to [`SETTLE`] for every server to be back at `baseline`; returns what is left
-    /// over (sessions, topics, peer interest).
-    async fn leaks(&self, baseline: &BTreeMap<String, ServerStats>) -> (u64, u64, u64) {
+    /// over (sessions, topics, peer interest), or `None` if the stats could not be read.
+    async fn leaks(&self, baseline: &BTreeMap<String, ServerStats>) -> Option<(u64, u64, u64)> {
         let excess = |now: &BTreeMap<String, ServerStats>| {
             let mut leak = (0, 0, 0);
             for (id, s) in now {
@@ -269,11 +289,11 @@ impl Churn {
         };
         let deadline = Instant::now() + SETTLE;
         loop {
-            let now = usage::server_stats(&self.coordinator)
+            let leak = usage::server_stats(&self.coordinator)
                 .await
-                .unwrap_or_default();
-            let leak = excess(&now);
-            if leak == (0, 0, 0) || Instant::now() >= deadline {
+                .ok()
+                .map(|now| excess(&now));
+            if leak == Some((0, 0, 0)) || Instant::now() >= deadline {
                 return leak;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -283,9 +303,14 @@ impl Churn {
     async fn rss(&self, meter: &Meter) -> u64 {
         match meter.servers {
             Servers::Embedded => procstat::process().map_or(0, |u| u.rss_bytes),
-            Servers::Deployed => usage::server_stats(&self.coordinator)
-                .await
-                .map_or(0, |s| s.values().map(|s| s.rss_bytes).sum()),
+            // Each process once, however many servers it runs.
+            Servers::Deployed => usage::server_stats(&self.coordinator).await.map_or(0, |s| {
+                s.values()
+                    .map(|s| (&s.process, s.rss_bytes))
+                    .collect::<BTreeMap<_, _>>()
+                    .values()
+                    .sum()
+            }),
         }
     }
 }

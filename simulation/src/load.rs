@@ -3,7 +3,7 @@
 //! every publisher on an open-loop schedule, wait for messages still in flight, and gather what
 //! the receivers saw.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,6 +24,11 @@ use crate::workload::{Shard, Workload};
 
 /// Clients negotiating at once.
 const CONNECT_CONCURRENCY: usize = 100;
+/// Events a slow subscriber's client buffers (the library default is 4096), so its server's
+/// queue, not the client library, is what overflows.
+const SLOW_EVENT_QUEUE: usize = 16;
+/// The most timeline slots accepted from another generator process.
+const MAX_SLOTS: usize = 100_000;
 
 /// Receivers that read slowly on purpose, to show what the servers do with a slow consumer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,6 +66,8 @@ pub(crate) struct Outcome {
     pub(crate) published: u64,
     pub(crate) publish_errors: u64,
     pub(crate) expected: u64,
+    /// Expected deliveries that never arrived, per receiver and publisher.
+    pub(crate) lost: u64,
     pub(crate) counts: Counts,
     pub(crate) latency: Histogram<u64>,
     pub(crate) timeline: Vec<Histogram<u64>>,
@@ -72,18 +79,17 @@ pub(crate) struct Outcome {
     pub(crate) publish_s: f64,
     /// Time spent waiting for messages in flight after publishing ended.
     pub(crate) drain_s: f64,
+    /// The furthest any publisher fell behind its schedule, in seconds.
+    pub(crate) max_lag_s: f64,
     pub(crate) usage: Usage,
     /// Generator processes that contributed.
     pub(crate) shards: usize,
 }
 
 impl Outcome {
-    pub(crate) fn lost(&self) -> u64 {
-        self.expected.saturating_sub(self.counts.delivered)
-    }
-
+    /// Deliveries per second over publishing and draining.
     pub(crate) fn delivered_per_s(&self) -> f64 {
-        self.counts.delivered as f64 / self.publish_s.max(1e-9)
+        self.counts.delivered as f64 / (self.publish_s + self.drain_s).max(1e-9)
     }
 
     /// Delivered over expected (1.0 when nothing was expected).
@@ -91,7 +97,7 @@ impl Outcome {
         if self.expected == 0 {
             1.0
         } else {
-            self.counts.delivered as f64 / self.expected as f64
+            (self.expected - self.lost.min(self.expected)) as f64 / self.expected as f64
         }
     }
 
@@ -104,12 +110,15 @@ impl Outcome {
             published: self.published,
             publish_errors: self.publish_errors,
             expected: self.expected,
+            lost: self.lost,
             counts: self.counts,
             latency: measure::to_pairs(&self.latency),
             timeline: self.timeline.iter().map(measure::to_pairs).collect(),
             connect: measure::to_pairs(&self.connect),
             clients_per_server: self.clients_per_server.clone(),
             publish_s: self.publish_s,
+            drain_s: self.drain_s,
+            max_lag_s: self.max_lag_s,
             usage: self.usage.clone(),
         }
     }
@@ -123,12 +132,13 @@ impl Outcome {
         self.published += part.published;
         self.publish_errors += part.publish_errors;
         self.expected += part.expected;
+        self.lost += part.lost;
         self.counts.add(&part.counts);
         measure::add_pairs(&mut self.latency, &part.latency);
         measure::add_pairs(&mut self.connect, &part.connect);
-        if self.timeline.len() < part.timeline.len() {
-            self.timeline
-                .resize_with(part.timeline.len(), measure::histogram);
+        let slots = part.timeline.len().min(MAX_SLOTS);
+        if self.timeline.len() < slots {
+            self.timeline.resize_with(slots, measure::histogram);
         }
         for (slot, pairs) in self.timeline.iter_mut().zip(&part.timeline) {
             measure::add_pairs(slot, pairs);
@@ -137,10 +147,13 @@ impl Outcome {
             *self.clients_per_server.entry(server.clone()).or_default() += n;
         }
         self.publish_s = self.publish_s.max(part.publish_s);
+        self.drain_s = self.drain_s.max(part.drain_s);
+        self.max_lag_s = self.max_lag_s.max(part.max_lag_s);
         let (u, p) = (&mut self.usage, &part.usage);
         u.generator_cpu_s += p.generator_cpu_s;
         u.generator_busy = u.generator_busy.max(p.generator_busy);
         u.generator_saturated |= p.generator_saturated;
+        u.host_busy = u.host_busy.max(p.host_busy);
         u.machine_saturated |= p.machine_saturated;
         self.shards += 1;
     }
@@ -156,31 +169,38 @@ pub(crate) struct Part {
     published: u64,
     publish_errors: u64,
     expected: u64,
+    lost: u64,
     counts: Counts,
     latency: Vec<(u64, u64)>,
-    timeline: Vec<Vec<(u64, u64)>>,
+    pub(crate) timeline: Vec<Vec<(u64, u64)>>,
     connect: Vec<(u64, u64)>,
     clients_per_server: BTreeMap<String, u64>,
     publish_s: f64,
+    drain_s: f64,
+    max_lag_s: f64,
     usage: Usage,
 }
 
-/// Connects `count` clients through the coordinator, `CONNECT_CONCURRENCY` at a time, and
-/// records how long each took into `connect` (µs).
+/// Connects `count` clients through the coordinator, `CONNECT_CONCURRENCY` at a time, client
+/// `i` with `config(i)`, and records how long each took into `connect` (µs).
 pub(crate) async fn connect(
-    coordinator: &str,
     count: usize,
+    config: impl Fn(usize) -> ClientConfig,
     connect: &mut Histogram<u64>,
     progress: &Progress,
 ) -> anyhow::Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(count);
     progress.phase(count as u64);
     while clients.len() < count {
-        let batch = CONNECT_CONCURRENCY.min(count - clients.len());
-        let connected = join_all((0..batch).map(|_| async {
-            let start = Instant::now();
-            let client = Client::connect(ClientConfig::new(coordinator)).await;
-            (client, start.elapsed())
+        let first = clients.len();
+        let batch = CONNECT_CONCURRENCY.min(count - first);
+        let connected = join_all((first..first + batch).map(|i| {
+            let config = config(i);
+            async move {
+                let start = Instant::now();
+                let client = Client::connect(config).await;
+                (client, start.elapsed())
+            }
         }))
         .await;
         for (client, took) in connected {
@@ -193,6 +213,36 @@ pub(crate) async fn connect(
         );
     }
     Ok(clients)
+}
+
+/// Which messages a receiver should get: those on its topic from the publishers to it.
+#[derive(Debug, Clone)]
+pub(crate) struct Expect {
+    pub(crate) topic: String,
+    /// The workload and topic index that decide which publishers count; `None`: any.
+    pub(crate) publishers: Option<(Workload, usize)>,
+}
+
+impl Expect {
+    fn from(&self, publisher: u32) -> bool {
+        self.publishers.is_none_or(|(workload, topic)| {
+            (publisher as usize) < workload.clients
+                && workload.role(publisher as usize).publishes == Some(topic)
+        })
+    }
+}
+
+/// Expected and lost deliveries at the receivers `(topic, tally)` when the publishers on topic
+/// `t` sent `sent[t]` (publisher, count) each.
+pub(crate) fn lost(tallies: &[(usize, Tally)], sent: &HashMap<usize, Vec<(u32, u64)>>) -> (u64, u64) {
+    let (mut expected, mut lost) = (0, 0);
+    for (topic, tally) in tallies {
+        for &(publisher, n) in sent.get(topic).into_iter().flatten() {
+            expected += n;
+            lost += n - tally.received_below(publisher, n).min(n);
+        }
+    }
+    (expected, lost)
 }
 
 impl Round {
@@ -211,8 +261,25 @@ impl Round {
         let mine: Vec<usize> = (0..self.workload.clients)
             .filter(|&c| self.shard.owns(c))
             .collect();
+        let roles: Vec<_> = mine.iter().map(|&c| self.workload.role(c)).collect();
+        // The first `--slow-subscribers` subscribers of this process read slowly.
+        let slow: Vec<bool> = roles
+            .iter()
+            .scan(0, |seen, role| {
+                let subscriber = role.subscribes.is_some();
+                *seen += usize::from(subscriber);
+                Some(subscriber && *seen <= self.slow.subscribers)
+            })
+            .collect();
         let mut connect_us = measure::histogram();
-        let clients = connect(&self.coordinator, mine.len(), &mut connect_us, progress).await?;
+        let config = |i: usize| {
+            let mut config = ClientConfig::new(&self.coordinator);
+            if slow[i] {
+                config.event_queue = SLOW_EVENT_QUEUE;
+            }
+            config
+        };
+        let clients = connect(mine.len(), config, &mut connect_us, progress).await?;
         let mut clients_per_server = BTreeMap::new();
         for client in &clients {
             *clients_per_server.entry(client.server_id()).or_default() += 1;
@@ -220,7 +287,6 @@ impl Round {
         progress.line(format!("connected {} clients", clients.len()));
 
         // Subscribe every subscriber; each ack means the subscription is active cluster-wide.
-        let roles: Vec<_> = mine.iter().map(|&c| self.workload.role(c)).collect();
         let acks = join_all(clients.iter().zip(&roles).filter_map(|(client, role)| {
             role.subscribes.map(|t| client.subscribe([self.topic(t)]))
         }))
@@ -236,16 +302,14 @@ impl Round {
             control.barrier().await?;
         }
 
-        let start_ns = measure::now_ns();
-        let timeline = Arc::new(Timeline::new(start_ns, self.slot));
+        let timeline = Arc::new(Timeline::new(self.slot, self.duration + self.drain));
         let stop = CancellationToken::new();
         let mut receivers = Vec::new();
         let mut delivered = Vec::new();
         let mut publishers = Vec::new();
         let mut idle = Vec::new();
-        let subscriber_total = roles.iter().filter(|r| r.subscribes.is_some()).count();
-        let mut slow_left = self.slow.subscribers;
-        for ((client, role), &index) in clients.into_iter().zip(&roles).zip(&mine) {
+        for (i, client) in clients.into_iter().enumerate() {
+            let (role, index) = (roles[i], mine[i]);
             if let Some(topic) = role.publishes {
                 publishers.push(Publisher {
                     handle: client.handle(),
@@ -254,25 +318,22 @@ impl Round {
                     server: measure::server_hash(&client.server_id()),
                 });
             }
-            if role.subscribes.is_none() {
+            let Some(topic) = role.subscribes else {
                 idle.push(client);
                 continue;
-            }
+            };
             let count = Arc::new(AtomicU64::new(0));
             delivered.push(count.clone());
-            let delay = if slow_left > 0 {
-                slow_left -= 1;
-                Some(self.slow.delay)
-            } else {
-                None
+            let expect = Expect {
+                topic: self.topic(topic),
+                publishers: Some((self.workload, topic)),
             };
-            receivers.push(tokio::spawn(receive(
-                client,
-                count,
-                delay,
-                timeline.clone(),
-                stop.clone(),
-            )));
+            let delay = slow[i].then_some(self.slow.delay);
+            let (timeline, stop) = (timeline.clone(), stop.clone());
+            receivers.push(tokio::spawn(async move {
+                let tally = receive(client, expect, count, delay, timeline, stop).await;
+                (topic, tally)
+            }));
         }
 
         progress.line(format!(
@@ -280,7 +341,7 @@ impl Round {
             self.duration.as_secs_f64(),
             publishers.len(),
             self.rate,
-            subscriber_total,
+            receivers.len(),
             self.payload
         ));
         let before = meter.snapshot().await;
@@ -300,27 +361,36 @@ impl Round {
         let publish_s = started.elapsed().as_secs_f64();
         let after_publishing = meter.snapshot().await;
         let mut sent = Vec::with_capacity(results.len());
-        let (mut scheduled, mut published, mut publish_errors) = (0, 0, 0);
+        let (mut scheduled, mut published, mut publish_errors, mut max_lag_s) = (0, 0, 0, 0f64);
         for result in results {
             let r = result.context("publisher task failed")?;
             scheduled += r.scheduled;
             published += r.sent;
             publish_errors += r.errors;
+            max_lag_s = max_lag_s.max(r.max_lag.as_secs_f64());
             sent.push((r.id, r.sent));
         }
         // Every generator process needs every publisher's count to know what to expect.
         if let Some(control) = control {
             sent = control.exchange_counts(sent).await?;
         }
-        let expected = self.workload.expected(&sent, self.shard);
-
-        let drain_s = drain(&delivered, expected, self.drain).await;
+        let drain_s = drain(&delivered, self.workload.expected(&sent, self.shard), self.drain).await;
         ticker.abort();
         stop.cancel();
+        let mut tallies = Vec::with_capacity(receivers.len());
+        for receiver in receivers {
+            tallies.push(receiver.await.context("receiver task failed")?);
+        }
+        let mut by_topic: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
+        for &(p, n) in &sent {
+            if let Some(topic) = self.workload.role(p as usize).publishes {
+                by_topic.entry(topic).or_default().push((p, n));
+            }
+        }
+        let (expected, lost) = lost(&tallies, &by_topic);
         let mut counts = Counts::default();
         let mut latency = measure::histogram();
-        for receiver in receivers {
-            let tally = receiver.await.context("receiver task failed")?;
+        for (_, tally) in &tallies {
             counts.add(&tally.counts);
             let _ = latency.add(&tally.latency);
         }
@@ -329,18 +399,16 @@ impl Round {
         }
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
-        let drops = meter.between(&before, &after_drain);
-        usage.server_dropped = drops.server_dropped;
-        usage.server_slow_consumers = drops.server_slow_consumers;
-        usage.server_forward_dropped = drops.server_forward_dropped;
+        usage.take_drops(&meter.between(&before, &after_drain));
         Ok(Outcome {
             clients: mine.len(),
             publishers: publisher_count,
-            subscribers: subscriber_total,
+            subscribers: tallies.len(),
             scheduled,
             published,
             publish_errors,
             expected,
+            lost,
             counts,
             latency,
             timeline: timeline.take(),
@@ -349,6 +417,7 @@ impl Round {
             clients_per_server,
             publish_s,
             drain_s,
+            max_lag_s,
             usage,
             shards: 1,
         })
@@ -399,6 +468,7 @@ pub(crate) async fn show_progress(
 /// A receiving client: records every message until stopped, then closes.
 pub(crate) async fn receive(
     mut client: Client,
+    expect: Expect,
     delivered: Arc<AtomicU64>,
     delay: Option<Duration>,
     timeline: Arc<Timeline>,
@@ -413,7 +483,9 @@ pub(crate) async fn receive(
         };
         match event {
             Some(Event::Message(m)) => {
-                if tally.record(&m.payload, server, &timeline) {
+                if m.topic != expect.topic {
+                    tally.counts.misrouted += 1;
+                } else if tally.record(&m.payload, server, &timeline, |p| expect.from(p)) {
                     delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(delay) = delay {
@@ -424,6 +496,9 @@ pub(crate) async fn receive(
             Some(Event::Disconnected { .. }) => tally.counts.disconnects += 1,
             Some(Event::Reconnected { server_id, .. }) => {
                 server = measure::server_hash(&server_id);
+            }
+            Some(Event::SubscriptionsRefused { topics, .. }) => {
+                tally.counts.refused += topics.len() as u64;
             }
             Some(_) => {}
             None => break,
@@ -448,28 +523,36 @@ struct Published {
     scheduled: u64,
     sent: u64,
     errors: u64,
+    max_lag: Duration,
 }
 
 impl Publisher {
     /// Publishes at `rate` per second for `duration`, open loop: message `k` is due at
     /// `(k + 1 - phase) / rate` after the start, with a random `phase` so publishers do not fire
-    /// in lockstep, and a late publisher catches up rather than skipping.
+    /// in lockstep. Each message carries the time it was due, so when the generator or a full
+    /// outbound queue holds the publisher back, the delay counts as latency; a late publisher
+    /// catches up rather than skipping.
     async fn run(self, rate: f64, size: usize, duration: Duration) -> Published {
         let phase: f64 = rand::rng().random_range(0.0..1.0);
         let scheduled = (duration.as_secs_f64() * rate + phase).floor() as u64;
         let start = tokio::time::Instant::now();
+        let start_ns = measure::now_ns();
+        let due = |k: u64| Duration::from_secs_f64(((k + 1) as f64 - phase) / rate);
         let (mut sent, mut errors) = (0u64, 0u64);
+        let mut max_lag = Duration::ZERO;
         while sent + errors < scheduled {
-            let due = start + Duration::from_secs_f64(((sent + errors + 1) as f64 - phase) / rate);
-            tokio::time::sleep_until(due).await;
+            tokio::time::sleep_until(start + due(sent + errors)).await;
             // Send everything due by now in one go.
             let target = ((start.elapsed().as_secs_f64() * rate + phase).floor() as u64)
                 .clamp(sent + errors + 1, scheduled);
             while sent + errors < target {
-                let payload = measure::payload(self.id, sent, self.server, size);
+                let k = sent + errors;
+                let due_ns = start_ns + u64::try_from(due(k).as_nanos()).unwrap_or(u64::MAX);
+                let payload = measure::payload(self.id, sent, self.server, size, due_ns);
+                max_lag = max_lag.max(start.elapsed().saturating_sub(due(k)));
                 match self.handle.publish(&self.topic, payload).await {
                     Ok(()) => sent += 1,
-                    // Not connected (e.g. reconnecting): the message was never published.
+                    // The client was closed under us; the message was never published.
                     Err(_) => errors += 1,
                 }
             }
@@ -479,6 +562,7 @@ impl Publisher {
             scheduled,
             sent,
             errors,
+            max_lag,
         }
     }
 }

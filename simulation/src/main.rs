@@ -9,6 +9,9 @@
 //! Scenarios: `rooms` (the default: many small rooms spread over the servers), `fanout`,
 //! `dense`, `churn` and `ramp`; see `--help` and the README's "Load testing" section.
 
+// The report is one `serde_json::json!` object with more fields than the default limit expands.
+#![recursion_limit = "256"]
+
 mod churn;
 mod cluster;
 mod load;
@@ -100,6 +103,9 @@ struct Args {
     /// other shards as separate processes with the same flags. Shard 0 prints the combined report.
     #[arg(long, value_parser = Shard::parse)]
     shard: Option<Shard>,
+    /// Seconds a shard waits for the others at each step (beyond the run's own duration).
+    #[arg(long, default_value_t = 120)]
+    shard_timeout: u64,
     /// Names this run's topics; every shard of one run needs the same id [default: random].
     #[arg(long)]
     run_id: Option<String>,
@@ -410,6 +416,7 @@ struct DriveArgs {
     max_p99: Duration,
     slow: Slow,
     slot: Option<Duration>,
+    shard_timeout: Duration,
 }
 
 impl Args {
@@ -429,6 +436,7 @@ impl Args {
                 delay: Duration::from_millis(self.slow_delay_ms),
             },
             slot: self.slot_ms.map(|ms| Duration::from_millis(ms.max(10))),
+            shard_timeout: Duration::from_secs(self.shard_timeout),
         }
     }
 }
@@ -542,7 +550,17 @@ async fn drive(
                         &coordinator,
                         &prefix,
                         plan.shard,
-                        plan.duration + args.drain + Duration::from_secs(60),
+                        format!(
+                            "{} {:?} clients={} rate={} duration={:?} payload={} slot={:?}",
+                            plan.scenario.name(),
+                            plan.workload.shape,
+                            plan.clients,
+                            plan.rate,
+                            plan.duration,
+                            args.payload,
+                            slot
+                        ),
+                        plan.duration + args.drain + args.shard_timeout,
                     )
                     .await?,
                 ),

@@ -5,11 +5,11 @@
 //! number and a hash of the publisher's comm server id (so a receiver can tell a message that
 //! crossed servers). Each receiver keeps, per publisher, a bitmap of the sequence numbers seen,
 //! which gives delivered, duplicate and out-of-order counts exactly, and records one-way latency
-//! in an HdrHistogram for the run and in a coarser one per timeline slot for the plot.
+//! in an HdrHistogram for the run and in one per timeline slot for the plot.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use hdrhistogram::Histogram;
@@ -35,10 +35,12 @@ pub(crate) fn server_hash(server_id: &str) -> u32 {
     })
 }
 
-/// A payload of `size` bytes (at least [`HEADER`]) stamped now.
-pub(crate) fn payload(publisher: u32, seq: u64, server: u32, size: usize) -> Bytes {
+/// A payload of `size` bytes (at least [`HEADER`]) stamped with `sent_ns`: the time the message
+/// was due, not the time it got out, so a generator that falls behind shows up as latency
+/// instead of hiding it (coordinated omission).
+pub(crate) fn payload(publisher: u32, seq: u64, server: u32, size: usize, sent_ns: u64) -> Bytes {
     let mut buf = BytesMut::with_capacity(size.max(HEADER));
-    buf.put_u64(now_ns());
+    buf.put_u64(sent_ns);
     buf.put_u32(publisher);
     buf.put_u64(seq);
     buf.put_u32(server);
@@ -67,13 +69,9 @@ impl Header {
     }
 }
 
-/// A latency histogram in microseconds, 3 significant digits.
+/// A latency histogram in microseconds. Two significant digits (1 % resolution) keep it at
+/// about 26 KB, which matters with one per receiver; three would cost eight times that.
 pub(crate) fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 3).expect("constant bounds are valid")
-}
-
-/// A cheaper histogram (2 significant digits) for one timeline slot.
-fn slot_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_US, 2).expect("constant bounds are valid")
 }
 
@@ -82,35 +80,36 @@ fn slot_histogram() -> Histogram<u64> {
 /// taken a few times per second per receiver, not per message.
 #[derive(Debug)]
 pub(crate) struct Timeline {
-    pub(crate) start_ns: u64,
+    start: Instant,
     pub(crate) slot: Duration,
+    /// Slots kept; later receptions go into the last one.
+    max_slots: usize,
     slots: Mutex<Vec<Histogram<u64>>>,
 }
 
 impl Timeline {
-    pub(crate) fn new(start_ns: u64, slot: Duration) -> Self {
+    /// A timeline from now, in slots of `slot`, long enough for `span` (twice over).
+    pub(crate) fn new(slot: Duration, span: Duration) -> Self {
+        let slot = slot.max(Duration::from_millis(10));
         Self {
-            start_ns,
-            slot: slot.max(Duration::from_millis(10)),
+            start: Instant::now(),
+            slot,
+            max_slots: (span.as_secs_f64() / slot.as_secs_f64() * 2.0).ceil() as usize + 10,
             slots: Mutex::new(Vec::new()),
         }
     }
 
-    fn slot_of(&self, at_ns: u64) -> usize {
-        let slot_ns = u64::try_from(self.slot.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        usize::try_from(at_ns.saturating_sub(self.start_ns) / slot_ns).unwrap_or(usize::MAX)
+    fn slot_now(&self) -> usize {
+        let slot = self.start.elapsed().as_nanos() / self.slot.as_nanos().max(1);
+        usize::try_from(slot)
+            .unwrap_or(usize::MAX)
+            .min(self.max_slots - 1)
     }
 
     fn merge(&self, slot: usize, h: &Histogram<u64>) {
         let mut slots = lock(&self.slots);
-        // A clock step could put a slot absurdly far out; cap the timeline at a day of slots.
-        if slot > 86_400 * 100 {
-            return;
-        }
         if slots.len() <= slot {
-            slots.resize_with(slot + 1, slot_histogram);
+            slots.resize_with(slot + 1, histogram);
         }
         let _ = slots[slot].add(h);
     }
@@ -127,6 +126,10 @@ struct Track {
     bits: Vec<u64>,
     highest: Option<u64>,
 }
+
+/// Largest forward jump in one publisher's sequence numbers that is believed; anything further
+/// is a corrupt or foreign header and must not make the bitmap allocate.
+const MAX_SEQ_JUMP: u64 = 1 << 24;
 
 /// What one receiver saw.
 #[derive(Debug)]
@@ -151,6 +154,10 @@ pub(crate) struct Counts {
     pub(crate) disconnects: u64,
     /// Payloads without a valid header (another program publishing on the topic).
     pub(crate) foreign: u64,
+    /// Messages from a publisher (or on a topic) this receiver did not subscribe to.
+    pub(crate) misrouted: u64,
+    /// Subscriptions a new server refused to restore after a reconnect.
+    pub(crate) refused: u64,
 }
 
 impl Counts {
@@ -162,6 +169,8 @@ impl Counts {
         self.dropped_reported += o.dropped_reported;
         self.disconnects += o.disconnects;
         self.foreign += o.foreign;
+        self.misrouted += o.misrouted;
+        self.refused += o.refused;
     }
 }
 
@@ -172,28 +181,35 @@ impl Default for Tally {
             counts: Counts::default(),
             latency: histogram(),
             slot: 0,
-            slot_latency: slot_histogram(),
+            slot_latency: histogram(),
         }
     }
 }
 
 impl Tally {
-    /// Records one received payload; returns whether it was a first delivery.
-    pub(crate) fn record(&mut self, payload: &[u8], my_server: u32, timeline: &Timeline) -> bool {
+    /// Records one received payload; returns whether it was a first delivery. `expects` says
+    /// whether this receiver should hear from a publisher at all.
+    pub(crate) fn record(
+        &mut self,
+        payload: &[u8],
+        my_server: u32,
+        timeline: &Timeline,
+        expects: impl Fn(u32) -> bool,
+    ) -> bool {
         let Some(h) = Header::parse(payload) else {
             self.counts.foreign += 1;
             return false;
         };
+        if !expects(h.publisher) {
+            self.counts.misrouted += 1;
+            return false;
+        }
         let track = self.tracks.entry(h.publisher).or_default();
-        let Ok(word) = usize::try_from(h.seq / 64) else {
+        let believable = h.seq <= track.highest.unwrap_or(0).saturating_add(MAX_SEQ_JUMP);
+        let Some(word) = usize::try_from(h.seq / 64).ok().filter(|_| believable) else {
             self.counts.foreign += 1;
             return false;
         };
-        // A corrupt sequence number must not make the bitmap allocate gigabytes.
-        if word > 1 << 24 {
-            self.counts.foreign += 1;
-            return false;
-        }
         if word >= track.bits.len() {
             track.bits.resize(word + 1, 0);
         }
@@ -211,16 +227,34 @@ impl Tally {
         if h.server != my_server {
             self.counts.cross_server += 1;
         }
-        let now = now_ns();
-        let us = (now.saturating_sub(h.sent_ns) / 1_000).max(1);
+        let us = (now_ns().saturating_sub(h.sent_ns) / 1_000).max(1);
         self.latency.saturating_record(us);
-        let slot = timeline.slot_of(now);
+        let slot = timeline.slot_now();
         if slot != self.slot {
             self.flush(timeline);
             self.slot = slot;
         }
         self.slot_latency.saturating_record(us);
         true
+    }
+
+    /// Distinct sequence numbers below `sent` received from `publisher`: what arrived of what
+    /// it published.
+    pub(crate) fn received_below(&self, publisher: u32, sent: u64) -> u64 {
+        let Some(track) = self.tracks.get(&publisher) else {
+            return 0;
+        };
+        let full = usize::try_from(sent / 64).unwrap_or(usize::MAX);
+        let mut n: u64 = track
+            .bits
+            .iter()
+            .take(full)
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        if let Some(w) = track.bits.get(full) {
+            n += u64::from((w & ((1u64 << (sent % 64)) - 1)).count_ones());
+        }
+        n
     }
 
     /// Hands the current slot to the timeline.
@@ -260,48 +294,61 @@ mod tests {
     use super::*;
 
     fn stamped(publisher: u32, seq: u64, server: u32) -> Bytes {
-        payload(publisher, seq, server, 100)
+        payload(publisher, seq, server, 100, now_ns())
+    }
+
+    fn timeline() -> Timeline {
+        Timeline::new(Duration::from_millis(100), Duration::from_secs(1))
     }
 
     #[test]
     fn header_round_trips() {
-        let p = payload(7, 42, 9, 10);
+        let p = payload(7, 42, 9, 10, 5);
         assert_eq!(p.len(), HEADER);
         let h = Header::parse(&p).unwrap();
-        assert_eq!((h.publisher, h.seq, h.server), (7, 42, 9));
+        assert_eq!((h.sent_ns, h.publisher, h.seq, h.server), (5, 7, 42, 9));
         assert!(Header::parse(&p[..HEADER - 1]).is_none());
     }
 
     #[test]
-    fn tally_counts_duplicates_reordering_and_crossings() {
-        let timeline = Timeline::new(now_ns(), Duration::from_millis(100));
+    fn tally_counts_duplicates_reordering_crossings_and_strangers() {
+        let timeline = timeline();
         let mut t = Tally::default();
-        for (seq, server) in [(0, 1), (2, 1), (1, 2), (2, 1), (3, 2)] {
-            t.record(&stamped(5, seq, server), 1, &timeline);
+        for (seq, server) in [(0, 1), (2, 1), (1, 2), (2, 1), (3, 2), (70, 1)] {
+            t.record(&stamped(5, seq, server), 1, &timeline, |p| p == 5);
         }
-        t.record(b"not ours", 1, &timeline);
+        t.record(b"not ours", 1, &timeline, |_| true);
+        t.record(&stamped(6, 0, 1), 1, &timeline, |p| p == 5);
         assert_eq!(
             t.counts,
             Counts {
-                delivered: 4,
+                delivered: 5,
                 duplicates: 1,
                 out_of_order: 1,
                 cross_server: 2,
                 foreign: 1,
+                misrouted: 1,
                 ..Counts::default()
             }
         );
-        assert_eq!(t.latency.len(), 4);
+        // Of publisher 5's first 64 messages 0..=3 arrived; of its first 71, 70 as well.
+        assert_eq!(t.received_below(5, 64), 4);
+        assert_eq!(t.received_below(5, 71), 5);
+        assert_eq!(t.received_below(5, 2), 2);
+        assert_eq!(t.received_below(6, 10), 0);
+        assert_eq!(t.latency.len(), 5);
         t.flush(&timeline);
-        assert_eq!(timeline.take().iter().map(Histogram::len).sum::<u64>(), 4);
+        assert_eq!(timeline.take().iter().map(Histogram::len).sum::<u64>(), 5);
     }
 
     #[test]
     fn absurd_sequence_numbers_are_refused_not_allocated() {
-        let timeline = Timeline::new(now_ns(), Duration::from_millis(100));
+        let timeline = timeline();
         let mut t = Tally::default();
-        assert!(!t.record(&stamped(1, u64::MAX - 1, 0), 0, &timeline));
-        assert_eq!(t.counts.foreign, 1);
+        assert!(!t.record(&stamped(1, u64::MAX - 1, 0), 0, &timeline, |_| true));
+        assert!(!t.record(&stamped(1, MAX_SEQ_JUMP + 1, 0), 0, &timeline, |_| true));
+        assert!(t.record(&stamped(1, MAX_SEQ_JUMP, 0), 0, &timeline, |_| true));
+        assert_eq!(t.counts.foreign, 2);
     }
 
     #[test]

@@ -10,6 +10,9 @@ use crate::load::Outcome;
 use crate::measure::pct;
 use crate::ramp::Step;
 
+/// Publisher lag (seconds) past which the report warns.
+const LATE_S: f64 = 0.1;
+
 /// How the run was set up, for the header line and the JSON.
 #[derive(Debug, Clone)]
 pub(crate) struct Setup {
@@ -52,7 +55,10 @@ impl Report {
     /// Whether every expected message arrived exactly once and in order.
     pub(crate) fn clean(&self) -> bool {
         let o = &self.outcome;
-        o.lost() == 0 && o.counts.duplicates == 0 && o.counts.out_of_order == 0
+        o.lost == 0
+            && o.counts.duplicates == 0
+            && o.counts.out_of_order == 0
+            && o.counts.misrouted == 0
     }
 
     /// Lines that must not be missed: saturation, falling behind, loss and where it came from.
@@ -70,37 +76,54 @@ impl Report {
         }
         if u.machine_saturated {
             w.push(format!(
-                "every core of this machine was busy (embedded cluster and generator share {} \
-                 cores): run the cluster elsewhere (--coordinator) for figures of the cluster alone",
-                u.cores
+                "this host's {} cores were {:.0} % busy: the generator and the cluster (or other \
+                 programs) competed for CPU; run them on separate hosts for figures of the \
+                 cluster alone",
+                u.cores,
+                u.host_busy * 100.0
             ));
         }
-        let behind = o.scheduled.saturating_sub(o.published + o.publish_errors);
-        if behind > 0 {
+        if o.max_lag_s > LATE_S {
             w.push(format!(
-                "publishers fell {behind} messages behind their schedule"
+                "publishers fell up to {:.0} ms behind their schedule (the generator or a full \
+                 client queue held them back); the delay is counted in the latency",
+                o.max_lag_s * 1_000.0
             ));
         }
         if o.publish_errors > 0 {
             w.push(format!(
-                "{} publishes failed (client not connected); they are not counted as expected",
+                "{} publishes failed (client closed); they are not counted as expected",
                 o.publish_errors
             ));
         }
-        if o.lost() > 0 {
-            let dropped =
-                (u.server_dropped + u.server_forward_dropped).max(o.counts.dropped_reported);
+        if o.lost > 0 {
+            // Both count one per message per subscriber; a notice can still be queued behind
+            // the messages a slow receiver has not read.
+            let accounted = o.counts.dropped_reported.max(u.server_dropped);
             w.push(format!(
-                "{} messages not delivered by the end of the drain: servers counted {} dropped for \
-                 slow consumers and {} forwards dropped, clients were told of {} (Dropped notices) \
-                 and lost their server {} times; the other {} were still queued for a receiver \
-                 too slow to catch up within --drain, or lost without a count",
-                o.lost(),
-                u.server_dropped,
-                u.server_forward_dropped,
+                "{} expected messages did not arrive by the end of the drain: receivers were told \
+                 of {} dropped (Dropped notices) and lost their server {} times; the servers \
+                 counted {} messages dropped for slow consumers and {} forwards dropped; the \
+                 other {} were still queued for a receiver too slow to catch up within --drain, \
+                 or lost without notice",
+                o.lost,
                 o.counts.dropped_reported,
                 o.counts.disconnects,
-                o.lost().saturating_sub(dropped)
+                u.server_dropped,
+                u.server_forward_dropped,
+                o.lost.saturating_sub(accounted)
+            ));
+        }
+        if o.counts.misrouted > 0 {
+            w.push(format!(
+                "{} messages reached a subscriber that did not subscribe to them",
+                o.counts.misrouted
+            ));
+        }
+        if o.counts.refused > 0 {
+            w.push(format!(
+                "{} subscriptions were refused when a client reconnected to another server",
+                o.counts.refused
             ));
         }
         if o.counts.foreign > 0 {
@@ -110,6 +133,9 @@ impl Report {
             ));
         }
         if let Some(c) = &self.churn {
+            if !c.leaks_checked {
+                w.push("the servers' stats could not be read after the churn: leaks unchecked".into());
+            }
             if c.leaked_sessions + c.leaked_topics + c.leaked_remote_topics > 0 {
                 w.push(format!(
                     "after churn the servers still hold {} extra sessions, {} extra topics and {} \
@@ -177,7 +203,7 @@ impl Report {
         let _ = writeln!(
             out,
             "lost            {}   duplicates {}   out of order {}   (drained {:.2} s)",
-            o.lost(),
+            o.lost,
             o.counts.duplicates,
             o.counts.out_of_order,
             o.drain_s
@@ -225,9 +251,10 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "churn memory    RSS {:.1} MiB a third in, {:.1} MiB at the end ({})",
+                "churn memory    RSS {:.1} MiB a third in, {:.1} MiB at the end, {:+.0} KiB per 1000 sessions ({})",
                 mib(c.rss_early_bytes),
                 mib(c.rss_end_bytes),
+                c.rss_growth_per_1000_sessions / 1024.0,
                 c.rss_scope
             );
         }
@@ -256,6 +283,11 @@ impl Report {
                 );
             }
             let _ = match r.best {
+                Some(best) if best + 1 == r.steps.len() => writeln!(
+                    out,
+                    "sustainable     at least {:.0} deliveries/s: no step failed (raise --ramp-steps or --rate)",
+                    r.steps[best].delivered_per_s
+                ),
                 Some(best) => writeln!(
                     out,
                     "sustainable     {:.0} deliveries/s (step {}; the figures above are that step's)",
@@ -312,7 +344,7 @@ impl Report {
             "publish_errors": o.publish_errors,
             "expected": o.expected,
             "delivered": o.counts.delivered,
-            "lost": o.lost(),
+            "lost": o.lost,
             "duplicates": o.counts.duplicates,
             "out_of_order": o.counts.out_of_order,
             "delivered_per_s": o.delivered_per_s(),
@@ -336,6 +368,9 @@ impl Report {
             "dropped_reported": o.counts.dropped_reported,
             "disconnects": o.counts.disconnects,
             "foreign_payloads": o.counts.foreign,
+            "misrouted": o.counts.misrouted,
+            "subscriptions_refused": o.counts.refused,
+            "max_publisher_lag_ms": o.max_lag_s * 1_000.0,
             "server_dropped": u.server_dropped,
             "server_slow_consumers": u.server_slow_consumers,
             "server_forward_dropped": u.server_forward_dropped,
@@ -348,6 +383,7 @@ impl Report {
                 "generator_cpu_s": u.generator_cpu_s,
                 "generator_busy": u.generator_busy,
                 "generator_saturated": u.generator_saturated,
+                "host_busy": u.host_busy,
                 "machine_saturated": u.machine_saturated,
             },
             "memory": { "peak_rss_bytes": u.peak_rss_bytes, "scope": u.rss_scope },

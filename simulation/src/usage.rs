@@ -130,7 +130,7 @@ pub(crate) async fn get_json(url: &str) -> anyhow::Result<Value> {
 pub(crate) struct Snapshot {
     at: Instant,
     generator_cpu: f64,
-    process_cpu: f64,
+    host_cpu: (u64, u64),
     cluster_cpu: f64,
     servers: BTreeMap<String, ServerStats>,
 }
@@ -146,11 +146,10 @@ pub(crate) struct Meter {
 
 impl Meter {
     pub(crate) async fn snapshot(&self) -> Snapshot {
-        let process = procstat::process();
         Snapshot {
             at: Instant::now(),
             generator_cpu: procstat::threads_cpu_seconds(GENERATOR_THREADS).unwrap_or(0.0),
-            process_cpu: process.map_or(0.0, |u| u.cpu_seconds),
+            host_cpu: procstat::host_cpu().unwrap_or((0, 0)),
             cluster_cpu: match self.servers {
                 Servers::Embedded => procstat::threads_cpu_seconds(CLUSTER_THREADS).unwrap_or(0.0),
                 Servers::Deployed => 0.0,
@@ -164,7 +163,8 @@ impl Meter {
     pub(crate) fn between(&self, a: &Snapshot, b: &Snapshot) -> Usage {
         let window = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
         let generator_cpu_s = (b.generator_cpu - a.generator_cpu).max(0.0);
-        let process_cpu_s = (b.process_cpu - a.process_cpu).max(0.0);
+        let host_busy = (b.host_cpu.0.saturating_sub(a.host_cpu.0)) as f64
+            / (b.host_cpu.1.saturating_sub(a.host_cpu.1)).max(1) as f64;
         let cores = procstat::cores();
         let counter = |f: fn(&ServerStats) -> u64| -> u64 {
             b.servers
@@ -196,7 +196,6 @@ impl Meter {
             }
         };
         let generator_busy = generator_cpu_s / window / self.generator_threads.max(1) as f64;
-        let machine_busy = process_cpu_s / window / cores as f64;
         Usage {
             window_s: window,
             cores,
@@ -206,12 +205,22 @@ impl Meter {
             peak_rss_bytes,
             rss_scope: rss_scope.to_owned(),
             generator_saturated: generator_busy >= SATURATED,
-            machine_saturated: matches!(self.servers, Servers::Embedded)
-                && machine_busy >= SATURATED,
+            host_busy,
+            machine_saturated: host_busy >= SATURATED,
             server_dropped: counter(|s| s.dropped),
             server_slow_consumers: counter(|s| s.slow_consumers),
             server_forward_dropped: counter(|s| s.forward_dropped),
         }
+    }
+}
+
+impl Usage {
+    /// Takes the servers' drop counters from `later`, a reading over a longer window (one that
+    /// includes the drain).
+    pub(crate) fn take_drops(&mut self, later: &Usage) {
+        self.server_dropped = later.server_dropped;
+        self.server_slow_consumers = later.server_slow_consumers;
+        self.server_forward_dropped = later.server_forward_dropped;
     }
 }
 
@@ -228,7 +237,10 @@ pub(crate) struct Usage {
     /// What `peak_rss_bytes` covers.
     pub(crate) rss_scope: String,
     pub(crate) generator_saturated: bool,
-    /// Embedded only: the process (cluster plus generator) kept every core busy.
+    /// How busy this host's CPUs were, whoever kept them busy (1.0 = every core all the time).
+    pub(crate) host_busy: f64,
+    /// This host had no idle core to speak of: generator and cluster (or other programs)
+    /// competed for CPU.
     pub(crate) machine_saturated: bool,
     /// Messages the servers dropped for slow consumers, by their own counters.
     pub(crate) server_dropped: u64,

@@ -140,7 +140,7 @@ impl Workload {
         sent.iter()
             .filter_map(|&(p, n)| {
                 let topic = self.role(p as usize).publishes?;
-                Some(n * subscribers[topic])
+                Some(n * subscribers.get(topic)?)
             })
             .sum()
     }

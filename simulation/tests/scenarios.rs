@@ -196,7 +196,8 @@ fn dense_clients_hear_everyone_including_themselves() {
         report["expected"],
         report["published"].as_u64().unwrap() * 12
     );
-    assert_eq!(report["clients_per_server"].as_object().unwrap().len(), 2);
+    // Placement is random: both servers, or (rarely) only one, hold the 12.
+    assert!(report["clients_per_server"].as_object().unwrap().len() <= 2);
 }
 
 #[test]
