@@ -199,7 +199,7 @@ impl Churn {
             rss_growth_per_1000_sessions: (rss_end as f64 - rss_early as f64)
                 / (sessions_late.max(1) as f64 / 1000.0),
             rss_scope: match meter.servers {
-                Servers::Embedded => "process (embedded cluster and load generator together)",
+                Servers::Embedded => "embedded cluster and load generator: one process",
                 Servers::Deployed => "all comm server processes together",
             }
             .to_owned(),
@@ -259,7 +259,8 @@ impl Churn {
                 let mut tick = tokio::time::interval(gap);
                 for seq in 0..self.messages {
                     tick.tick().await;
-                    let payload = measure::payload(id, seq, server, self.payload, measure::now_ns());
+                    let payload =
+                        measure::payload(id, seq, server, self.payload, measure::now_ns());
                     if client.publish(&feed, payload).await.is_err() {
                         break;
                     }

@@ -27,6 +27,10 @@ const CONNECT_CONCURRENCY: usize = 100;
 /// Events a slow subscriber's client buffers (the library default is 4096), so its server's
 /// queue, not the client library, is what overflows.
 const SLOW_EVENT_QUEUE: usize = 16;
+/// How late past its due time a message may go out before the delay is charged to its
+/// latency: tokio's timer wakes on millisecond ticks, so up to about that much is the
+/// generator's clock, not the cluster.
+const TIMER_SLACK_NS: u64 = 2_000_000;
 /// The most timeline slots accepted from another generator process.
 const MAX_SLOTS: usize = 100_000;
 
@@ -77,7 +81,7 @@ pub(crate) struct Outcome {
     pub(crate) clients_per_server: BTreeMap<String, u64>,
     /// From the first publish to the last publisher's end.
     pub(crate) publish_s: f64,
-    /// Time spent waiting for messages in flight after publishing ended.
+    /// From the end of publishing to the last delivery (at most the drain period).
     pub(crate) drain_s: f64,
     /// The furthest any publisher fell behind its schedule, in seconds.
     pub(crate) max_lag_s: f64,
@@ -87,7 +91,7 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    /// Deliveries per second over publishing and draining.
+    /// Deliveries per second, from the first publish to the last delivery.
     pub(crate) fn delivered_per_s(&self) -> f64 {
         self.counts.delivered as f64 / (self.publish_s + self.drain_s).max(1e-9)
     }
@@ -234,7 +238,10 @@ impl Expect {
 
 /// Expected and lost deliveries at the receivers `(topic, tally)` when the publishers on topic
 /// `t` sent `sent[t]` (publisher, count) each.
-pub(crate) fn lost(tallies: &[(usize, Tally)], sent: &HashMap<usize, Vec<(u32, u64)>>) -> (u64, u64) {
+pub(crate) fn lost(
+    tallies: &[(usize, Tally)],
+    sent: &HashMap<usize, Vec<(u32, u64)>>,
+) -> (u64, u64) {
     let (mut expected, mut lost) = (0, 0);
     for (topic, tally) in tallies {
         for &(publisher, n) in sent.get(topic).into_iter().flatten() {
@@ -374,7 +381,12 @@ impl Round {
         if let Some(control) = control {
             sent = control.exchange_counts(sent).await?;
         }
-        let drain_s = drain(&delivered, self.workload.expected(&sent, self.shard), self.drain).await;
+        let drain_s = drain(
+            &delivered,
+            self.workload.expected(&sent, self.shard),
+            self.drain,
+        )
+        .await;
         ticker.abort();
         stop.cancel();
         let mut tallies = Vec::with_capacity(receivers.len());
@@ -425,13 +437,19 @@ impl Round {
 }
 
 /// Waits for messages still in flight, until `expected` have arrived or `limit` passes; returns
-/// the seconds waited.
+/// the seconds from the start of the drain to the last delivery seen (waiting for messages that
+/// never come does not count as delivering).
 pub(crate) async fn drain(delivered: &[Arc<AtomicU64>], expected: u64, limit: Duration) -> f64 {
     let start = Instant::now();
-    while total(delivered) < expected && start.elapsed() < limit {
+    let (mut seen, mut last) = (total(delivered), Duration::ZERO);
+    while seen < expected && start.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = total(delivered);
+        if now > seen {
+            (seen, last) = (now, start.elapsed());
+        }
     }
-    start.elapsed().as_secs_f64()
+    last.as_secs_f64()
 }
 
 pub(crate) fn total(delivered: &[Arc<AtomicU64>]) -> u64 {
@@ -529,9 +547,10 @@ struct Published {
 impl Publisher {
     /// Publishes at `rate` per second for `duration`, open loop: message `k` is due at
     /// `(k + 1 - phase) / rate` after the start, with a random `phase` so publishers do not fire
-    /// in lockstep. Each message carries the time it was due, so when the generator or a full
-    /// outbound queue holds the publisher back, the delay counts as latency; a late publisher
-    /// catches up rather than skipping.
+    /// in lockstep. A message is stamped with the time it was due plus at most
+    /// [`TIMER_SLACK_NS`], so when the generator or a full outbound queue holds the publisher
+    /// back, the delay counts as latency (no coordinated omission), while the timer's own
+    /// millisecond granularity does not; a late publisher catches up rather than skipping.
     async fn run(self, rate: f64, size: usize, duration: Duration) -> Published {
         let phase: f64 = rand::rng().random_range(0.0..1.0);
         let scheduled = (duration.as_secs_f64() * rate + phase).floor() as u64;
@@ -548,7 +567,8 @@ impl Publisher {
             while sent + errors < target {
                 let k = sent + errors;
                 let due_ns = start_ns + u64::try_from(due(k).as_nanos()).unwrap_or(u64::MAX);
-                let payload = measure::payload(self.id, sent, self.server, size, due_ns);
+                let stamp = measure::now_ns().min(due_ns + TIMER_SLACK_NS);
+                let payload = measure::payload(self.id, sent, self.server, size, stamp);
                 max_lag = max_lag.max(start.elapsed().saturating_sub(due(k)));
                 match self.handle.publish(&self.topic, payload).await {
                     Ok(()) => sent += 1,

@@ -35,9 +35,8 @@ pub(crate) fn server_hash(server_id: &str) -> u32 {
     })
 }
 
-/// A payload of `size` bytes (at least [`HEADER`]) stamped with `sent_ns`: the time the message
-/// was due, not the time it got out, so a generator that falls behind shows up as latency
-/// instead of hiding it (coordinated omission).
+/// A payload of `size` bytes (at least [`HEADER`]) stamped with `sent_ns` (see
+/// `Publisher::run` for why that is not always the time it went out).
 pub(crate) fn payload(publisher: u32, seq: u64, server: u32, size: usize, sent_ns: u64) -> Bytes {
     let mut buf = BytesMut::with_capacity(size.max(HEADER));
     buf.put_u64(sent_ns);

@@ -134,7 +134,9 @@ impl Report {
         }
         if let Some(c) = &self.churn {
             if !c.leaks_checked {
-                w.push("the servers' stats could not be read after the churn: leaks unchecked".into());
+                w.push(
+                    "the servers' stats could not be read after the churn: leaks unchecked".into(),
+                );
             }
             if c.leaked_sessions + c.leaked_topics + c.leaked_remote_topics > 0 {
                 w.push(format!(
@@ -202,11 +204,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "lost            {}   duplicates {}   out of order {}   (drained {:.2} s)",
-            o.lost,
-            o.counts.duplicates,
-            o.counts.out_of_order,
-            o.drain_s
+            "lost            {}   duplicates {}   out of order {}   (last delivery {:.2} s after publishing)",
+            o.lost, o.counts.duplicates, o.counts.out_of_order, o.drain_s
         );
         let _ = writeln!(
             out,

@@ -176,7 +176,7 @@ impl Meter {
             Servers::Embedded => (
                 (b.cluster_cpu - a.cluster_cpu).max(0.0),
                 procstat::process().map_or(0, |u| u.peak_rss_bytes),
-                "process (embedded cluster and load generator together)",
+                "embedded cluster and load generator: one process",
             ),
             Servers::Deployed => {
                 // Count each process once, however many servers it runs.
