@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{self, Expect, Outcome};
-use crate::measure::{self, Counts, Timeline};
+use crate::measure::{self, Timeline};
 use crate::progress::Progress;
 use crate::usage::{self, Meter, ServerStats, Servers};
 
@@ -176,12 +176,7 @@ impl Churn {
             tallies.push((0, receiver.await.context("receiver task failed")?));
         }
         let (expected, lost) = load::lost(&tallies, &HashMap::from([(0, merged.sent.clone())]));
-        let mut counts = Counts::default();
-        let mut latency = measure::histogram();
-        for (_, tally) in &tallies {
-            counts.add(&tally.counts);
-            let _ = latency.add(&tally.latency);
-        }
+        let (counts, latency) = load::merge(&tallies);
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
         usage.take_drops(&meter.between(&before, &after_drain));

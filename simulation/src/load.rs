@@ -400,12 +400,7 @@ impl Round {
             }
         }
         let (expected, lost) = lost(&tallies, &by_topic);
-        let mut counts = Counts::default();
-        let mut latency = measure::histogram();
-        for (_, tally) in &tallies {
-            counts.add(&tally.counts);
-            let _ = latency.add(&tally.latency);
-        }
+        let (counts, latency) = merge(&tallies);
         for client in idle {
             client.close().await;
         }
@@ -434,6 +429,17 @@ impl Round {
             shards: 1,
         })
     }
+}
+
+/// The receivers' counts and latencies together.
+pub(crate) fn merge(tallies: &[(usize, Tally)]) -> (Counts, Histogram<u64>) {
+    let mut counts = Counts::default();
+    let mut latency = measure::histogram();
+    for (_, tally) in tallies {
+        counts.add(&tally.counts);
+        let _ = latency.add(&tally.latency);
+    }
+    (counts, latency)
 }
 
 /// Waits for messages still in flight, until `expected` have arrived or `limit` passes; returns
