@@ -126,6 +126,11 @@ impl Control {
                 count,
                 workload,
             } => {
+                if count != self.shard.count || workload != self.workload {
+                    // Tell the other process too: it is subscribed, since its note came, but
+                    // may have missed ours.
+                    let _ = self.send(&self.ready_note()).await;
+                }
                 anyhow::ensure!(
                     count == self.shard.count && workload == self.workload,
                     "shard {shard}/{count} runs a different workload ({workload}) from this one \
@@ -180,13 +185,17 @@ impl Control {
         Ok(())
     }
 
-    /// Waits until every process has subscribed all its subscribers.
-    pub(crate) async fn barrier(&mut self) -> anyhow::Result<()> {
-        let me = Note::Ready {
+    fn ready_note(&self) -> Note {
+        Note::Ready {
             shard: self.shard.index,
             count: self.shard.count,
             workload: self.workload.clone(),
-        };
+        }
+    }
+
+    /// Waits until every process has subscribed all its subscribers.
+    pub(crate) async fn barrier(&mut self) -> anyhow::Result<()> {
+        let me = self.ready_note();
         let count = self.shard.count;
         self.until(Some(&me), "readiness", |c| c.ready.len() >= count)
             .await?;

@@ -331,22 +331,29 @@ impl Drop for Served {
     }
 }
 
+impl Served {
+    /// Starts `simulation --cluster-only` and reads the coordinator URL it prints.
+    fn start(servers: &str) -> (Self, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_simulation"))
+            .args(["--cluster-only", "--servers", servers])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .unwrap();
+        let mut url = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut url)
+            .unwrap();
+        let url = url.trim().to_owned();
+        assert!(url.starts_with("ws://127.0.0.1:"), "{url:?}");
+        (Self(child), url)
+    }
+}
+
 #[test]
 fn two_generator_processes_share_one_cluster_and_one_report() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_simulation"))
-        .args(["--cluster-only", "--servers", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .env_remove("RUST_LOG")
-        .spawn()
-        .unwrap();
-    let mut url = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut url)
-        .unwrap();
-    let served = Served(child);
-    let url = url.trim().to_owned();
-    assert!(url.starts_with("ws://127.0.0.1:"), "{url:?}");
+    let (served, url) = Served::start("2");
 
     let common = [
         "--coordinator",
@@ -389,6 +396,43 @@ fn two_generator_processes_share_one_cluster_and_one_report() {
         report["expected"],
         report["published"].as_u64().unwrap() * 6
     );
+}
+
+#[test]
+fn shards_with_different_workloads_refuse_to_run() {
+    let (served, url) = Served::start("1");
+    let shard = |index: &str, clients: &str| {
+        Command::new(env!("CARGO_BIN_EXE_simulation"))
+            .args([
+                "--coordinator",
+                &url,
+                "--run-id",
+                "mismatch",
+                "--duration",
+                "1",
+            ])
+            .args([
+                "--shard-timeout",
+                "20",
+                "--shard",
+                index,
+                "--clients",
+                clients,
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (shard("0/2", "20"), shard("1/2", "30"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    drop(served);
+    for output in [a, b] {
+        assert!(!output.status.success(), "{}", text(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("runs a different workload"), "{stderr}");
+    }
 }
 
 #[test]
