@@ -203,6 +203,7 @@ fn message(m: v1::Message) -> Message {
     Message {
         topic: m.topic,
         from: m.from_alias,
+        role: m.from_role,
         payload: m.payload,
     }
 }
@@ -417,6 +418,14 @@ async fn read_loop(
             Some(Kind::Ack(ack)) => {
                 lock(&shared.state).acknowledge(ack.request_id);
                 continue;
+            }
+            Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Forbidden => {
+                // Role rules: the server refused one request and keeps the connection.
+                if e.request_id != 0 {
+                    lock(&shared.state).refuse(e.request_id, e);
+                    continue;
+                }
+                Event::Forbidden { reason: e.message }
             }
             Some(Kind::Error(e)) => {
                 // A refused subscription change fails that request; the server then closes the

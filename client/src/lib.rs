@@ -68,6 +68,67 @@ pub struct ClientConfig {
     pub event_queue: usize,
     /// WebSocket limits for the client's connections.
     pub limits: WsLimits,
+    /// Who the client is (default: anonymous, which only an `open` coordinator accepts).
+    pub credentials: Credentials,
+}
+
+/// How a client logs in.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Credentials {
+    /// No account (accepted by an `open` coordinator only).
+    #[default]
+    Anonymous,
+    /// An account's access code, and the role (and optional group) to act as.
+    AccessCode {
+        /// The account.
+        account: String,
+        /// The access code.
+        code: String,
+        /// The role (empty for none).
+        role: String,
+        /// The group (empty for none).
+        group: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    // The access code stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::AccessCode {
+                account,
+                role,
+                group,
+                ..
+            } => f
+                .debug_struct("AccessCode")
+                .field("account", account)
+                .field("role", role)
+                .field("group", group)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl From<&Credentials> for v1::Credentials {
+    fn from(c: &Credentials) -> Self {
+        let kind = match c {
+            Credentials::Anonymous => v1::credentials::Kind::Anonymous(v1::Anonymous {}),
+            Credentials::AccessCode {
+                account,
+                code,
+                role,
+                group,
+            } => v1::credentials::Kind::AccessCode(v1::AccessCode {
+                account: account.clone(),
+                code: code.clone(),
+                role: role.clone(),
+                group: group.clone(),
+            }),
+        };
+        Self { kind: Some(kind) }
+    }
 }
 
 impl ClientConfig {
@@ -84,6 +145,7 @@ impl ClientConfig {
             outbound_queue: 4096,
             event_queue: 4096,
             limits: WsLimits::default(),
+            credentials: Credentials::Anonymous,
         }
     }
 }
@@ -116,6 +178,12 @@ pub enum Event {
         /// The client's alias on the new connection.
         alias: String,
     },
+    /// The server refused a publish because the client's role may not publish to that topic
+    /// (refused subscriptions fail their `subscribe` call instead). The connection stays up.
+    Forbidden {
+        /// The server's explanation, naming the role and topic.
+        reason: String,
+    },
     /// While reconnecting, the new server refused to restore these subscriptions (its limits
     /// are lower than the old server's); the client dropped them and connects without them.
     SubscriptionsRefused {
@@ -133,6 +201,8 @@ pub struct Message {
     pub topic: String,
     /// The publisher's alias, stamped by the publisher's server.
     pub from: String,
+    /// The publisher's role (empty for none), stamped by the publisher's server.
+    pub role: String,
     /// The payload, as published.
     pub payload: Bytes,
 }

@@ -28,9 +28,7 @@ impl Negotiation {
         };
         let hello = v1::Hello {
             protocol_version: PROTOCOL_VERSION,
-            credentials: Some(v1::Credentials {
-                kind: Some(v1::credentials::Kind::Anonymous(v1::Anonymous {})),
-            }),
+            credentials: Some((&config.credentials).into()),
         };
         link.send(&v1::ClientToCoordinator::hello(hello)).await?;
         match link.receive(config).await? {

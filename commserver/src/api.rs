@@ -34,6 +34,8 @@ pub(crate) struct Stats {
     pub(crate) peer_drops_reported: Counter,
     /// Client sessions closed for bad input (malformed frames, invalid topics, limits...).
     pub(crate) protocol_errors: Counter,
+    /// Publishes and subscriptions refused by role rules.
+    pub(crate) forbidden: Counter,
     pub(crate) keys_reserved: Counter,
     /// Client connections refused for an unknown, expired or reused key.
     pub(crate) keys_refused: Counter,
@@ -86,6 +88,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "forward_dropped": s.forward_dropped.get(),
         "peer_drops_reported": s.peer_drops_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
+        "forbidden": s.forbidden.get(),
         "keys_pending": pending_keys,
         "keys_reserved": s.keys_reserved.get(),
         "keys_refused": s.keys_refused.get(),
@@ -120,7 +123,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 13] = [
+    let counters: [(&str, &str, &Counter); 14] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -165,6 +168,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_protocol_errors_total",
             "Client sessions closed for bad input.",
             &s.protocol_errors,
+        ),
+        (
+            "relaymesh_forbidden_total",
+            "Publishes and subscriptions refused by role rules.",
+            &s.forbidden,
         ),
         (
             "relaymesh_keys_reserved_total",

@@ -24,7 +24,7 @@ use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
 use relaymesh_net::ws::WebSocketStream;
-use relaymesh_proto::frame::message_frame;
+use relaymesh_proto::frame::{Sender, message_frame};
 use relaymesh_proto::v1::{self, peer_message::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
@@ -471,7 +471,11 @@ fn deliver_forward(
         },
         |route| {
             if let Some(route) = route.filter(|r| !r.subscribers.is_empty()) {
-                let frame = message_frame(&forward.topic, &forward.from_alias, &forward.payload);
+                let from = Sender {
+                    alias: &forward.from_alias,
+                    role: &forward.from_role,
+                };
+                let frame = message_frame(&forward.topic, from, &forward.payload);
                 stats.messages_out.add(routes::deliver(
                     route,
                     &frame,

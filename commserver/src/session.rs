@@ -25,7 +25,7 @@ use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
-use relaymesh_proto::frame::{forward_frame, message_frame};
+use relaymesh_proto::frame::{Sender, forward_frame, message_frame};
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
@@ -121,6 +121,54 @@ pub(crate) fn dropped_notice(count: u64) -> Bytes {
     encode(&v1::ServerToClient::dropped(v1::Dropped { count }))
 }
 
+/// What a role may do, from the identity the coordinator reserved the key for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rules {
+    /// Anything (open accounts, or an account without role rules).
+    Unrestricted,
+    /// Only topics matching one of these filters.
+    Filters {
+        publish: Vec<String>,
+        subscribe: Vec<String>,
+    },
+}
+
+impl Rules {
+    pub(crate) fn of(identity: &v1::Identity) -> Self {
+        if identity.unrestricted {
+            Self::Unrestricted
+        } else {
+            Self::Filters {
+                publish: identity.publish.clone(),
+                subscribe: identity.subscribe.clone(),
+            }
+        }
+    }
+
+    pub(crate) fn may_publish(&self, t: &str) -> bool {
+        match self {
+            Self::Unrestricted => true,
+            Self::Filters { publish, .. } => publish.iter().any(|f| topic::matches(f, t)),
+        }
+    }
+
+    pub(crate) fn may_subscribe(&self, t: &str) -> bool {
+        match self {
+            Self::Unrestricted => true,
+            Self::Filters { subscribe, .. } => subscribe.iter().any(|f| topic::matches(f, t)),
+        }
+    }
+}
+
+fn forbidden(role: &str, action: &str, topic: &str, request_id: u64) -> v1::Error {
+    let role = if role.is_empty() { "(none)" } else { role };
+    error(
+        ErrorCode::Forbidden,
+        format!("role {role} may not {action} {topic:?}"),
+    )
+    .for_request(request_id)
+}
+
 /// One client session's reader side.
 struct Session {
     server: Arc<Server>,
@@ -128,7 +176,11 @@ struct Session {
     /// Reply queue of this session's writer.
     ctrl: mpsc::Sender<Bytes>,
     alias: Arc<str>,
+    role: Arc<str>,
+    /// The routing scope of this client's topics (its account, or account and group).
     account: Arc<str>,
+    /// What the client's role may publish and subscribe to.
+    rules: Rules,
     /// Topics this session subscribes to (bounded by `max_subscriptions`).
     topics: HashSet<Arc<str>>,
     /// Whether the control task knows this session (and must hear that it closed).
@@ -182,8 +234,15 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         server: server.clone(),
         me: me.clone(),
         ctrl: ctrl_tx,
+        rules: Rules::of(&identity),
         alias: identity.alias.into(),
-        account: identity.account.into(),
+        role: identity.role.into(),
+        // Identities from before scopes existed route by account.
+        account: if identity.scope.is_empty() {
+            identity.account.into()
+        } else {
+            identity.scope.into()
+        },
         topics: HashSet::new(),
         ever_subscribed: false,
         cache: RouteCache::default(),
@@ -285,7 +344,11 @@ impl Session {
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
         let server = &*self.server;
         let stats = &server.stats;
-        let (alias, account) = (&*self.alias, &*self.account);
+        let account = &*self.account;
+        let from = Sender {
+            alias: &self.alias,
+            role: &self.role,
+        };
         let v1::Publish { topic, payload } = publish;
         // Delivered and forwarded frames add the alias, account and envelope to the payload;
         // the limit keeps them within every receiver's frame limit.
@@ -301,29 +364,47 @@ impl Session {
         }
         let max_topic = server.config.max_topic_bytes;
         let slow_ms = server.config.slow_consumer_ms;
-        self.cache.with_route(
+        let rules = &self.rules;
+        let routed = self.cache.with_route(
             &server.routes,
             account,
             &topic,
             || {
                 topic::validate(&topic, max_topic)
-                    .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+                    .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))?;
+                // Checked once per topic: an allowed topic stays in the route cache.
+                if rules.may_publish(&topic) {
+                    Ok(())
+                } else {
+                    Err(forbidden(&self.role, "publish to", &topic, 0))
+                }
             },
             |route| {
                 stats.messages_in.inc();
                 let Some(route) = route else { return };
                 if !route.subscribers.is_empty() {
-                    let frame = message_frame(&topic, alias, &payload);
+                    let frame = message_frame(&topic, from, &payload);
                     stats
                         .messages_out
                         .add(routes::deliver(route, &frame, stats, slow_ms));
                 }
                 if !route.peers.is_empty() {
-                    let frame = forward_frame(account, &topic, alias, &payload);
+                    let frame = forward_frame(account, &topic, from, &payload);
                     routes::forward(route, &frame, stats);
                 }
             },
-        )
+        );
+        match routed {
+            // A role violation is answered and counted; the session goes on.
+            Err(e) if e.error_code() == ErrorCode::Forbidden => self.refuse(e),
+            other => other,
+        }
+    }
+
+    /// Answers a forbidden request with `FORBIDDEN` and counts it, keeping the session.
+    fn refuse(&self, e: v1::Error) -> Result<(), v1::Error> {
+        self.server.stats.forbidden.inc();
+        self.reply(&v1::ServerToClient::error(e))
     }
 
     fn check_topics(&self, topics: &[String]) -> Result<(), v1::Error> {
@@ -339,6 +420,9 @@ impl Session {
     async fn subscribe(&mut self, sub: v1::Subscribe) -> Result<(), v1::Error> {
         self.check_topics(&sub.topics)
             .map_err(|e| e.for_request(sub.request_id))?;
+        if let Some(t) = sub.topics.iter().find(|t| !self.rules.may_subscribe(t)) {
+            return self.refuse(forbidden(&self.role, "subscribe to", t, sub.request_id));
+        }
         let fresh: Vec<Arc<str>> = {
             let mut seen = HashSet::new();
             sub.topics

@@ -18,6 +18,10 @@ pub(crate) struct Stats {
     pub(crate) negotiation_links: Gauge,
     pub(crate) logins: Counter,
     pub(crate) login_failures: Counter,
+    /// Logins whose credentials the account store refused.
+    pub(crate) logins_refused: Counter,
+    /// Logins refused because their address failed too often.
+    pub(crate) logins_rate_limited: Counter,
     pub(crate) reservations_failed: Counter,
     pub(crate) server_links_refused: Counter,
 }
@@ -52,6 +56,8 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "negotiation_links": s.negotiation_links.get(),
         "logins": s.logins.get(),
         "login_failures": s.login_failures.get(),
+        "logins_refused": s.logins_refused.get(),
+        "logins_rate_limited": s.logins_rate_limited.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "process": relaymesh_net::procstat::process(),
@@ -104,6 +110,18 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Logins that got no server.",
         s.login_failures.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_logins_refused_total",
+        Kind::Counter,
+        "Logins whose credentials were refused.",
+        s.logins_refused.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_logins_rate_limited_total",
+        Kind::Counter,
+        "Logins refused because their source address failed too often.",
+        s.logins_rate_limited.get() as f64,
     );
     e.single(
         "relaymesh_coordinator_reservations_failed_total",

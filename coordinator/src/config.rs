@@ -10,6 +10,7 @@ use relaymesh_net::http::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
 
+use crate::accounts::AccountsConfig;
 use crate::registry::Strategy;
 
 /// Every setting of the coordinator. Field names are the config file keys.
@@ -50,6 +51,15 @@ pub struct Config {
     pub max_login_body_bytes: usize,
     /// Time allowed for connections and tasks to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Who may log in: the `[accounts]` table (store `open`, `single` or `file`).
+    pub accounts: AccountsConfig,
+    /// Failed logins allowed per source address per minute, sustained; beyond that the
+    /// address gets `RATE_LIMITED` until its allowance refills.
+    pub failed_logins_per_min: u32,
+    /// Failed logins a source address may make in a burst.
+    pub failed_login_burst: u32,
+    /// Source addresses tracked for failed logins at most.
+    pub max_tracked_addresses: usize,
 }
 
 impl Default for Config {
@@ -71,6 +81,10 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             shutdown_grace_ms: 5_000,
+            accounts: AccountsConfig::default(),
+            failed_logins_per_min: 10,
+            failed_login_burst: 10,
+            max_tracked_addresses: 100_000,
         }
     }
 }
@@ -128,6 +142,16 @@ impl Config {
             self.max_frame_bytes >= 1024,
             "max_frame_bytes",
             "must be at least 1024",
+        )?;
+        ensure(
+            self.failed_logins_per_min > 0 && self.failed_login_burst > 0,
+            "failed_logins_per_min",
+            "failed_logins_per_min and failed_login_burst must be positive",
+        )?;
+        ensure(
+            self.max_tracked_addresses > 0,
+            "max_tracked_addresses",
+            "must be positive",
         )?;
         Ok(())
     }

@@ -9,9 +9,11 @@
 //! [`run`] serves everything from one already-bound listener until the shutdown token is
 //! cancelled; the `coordinator` binary is a thin wrapper that parses flags and binds.
 
+pub mod accounts;
 mod alias;
 mod api;
 pub mod config;
+mod limits;
 mod negotiate;
 pub mod registry;
 mod server_link;
@@ -36,6 +38,10 @@ use crate::server_link::ServerLink;
 /// Shared state of one coordinator process.
 struct App {
     config: Config,
+    /// Who may log in, and as what.
+    accounts: Arc<accounts::Store>,
+    /// Failed logins per source address.
+    failed_logins: limits::FailedLogins,
     /// Registered servers; locked briefly, never across an await.
     registry: Mutex<Registry<Arc<ServerLink>>>,
     aliases: alias::Aliases,
@@ -71,7 +77,25 @@ pub async fn run(
         .local_addr()
         .map_err(|e| ConfigError::Invalid(format!("listener has no address: {e}")))?;
     let tracker = TaskTracker::new();
+    let accounts = Arc::new(
+        accounts::Store::from_config(&config.accounts)
+            .map_err(|e| ConfigError::Invalid(format!("accounts: {e}")))?,
+    );
+    match &*accounts {
+        accounts::Store::Open => tracing::warn!(
+            "ACCOUNTS ARE OPEN: anyone can log in as any account and role, with no rules; \
+             for development only (set [accounts] store = \"single\" or \"file\")"
+        ),
+        _ => tracing::info!(store = ?config.accounts.store, "account store ready"),
+    }
+    tracker.spawn(accounts.clone().watch(shutdown.clone()));
     let app = Arc::new(App {
+        failed_logins: limits::FailedLogins::new(
+            config.failed_logins_per_min,
+            config.failed_login_burst,
+            config.max_tracked_addresses,
+        ),
+        accounts,
         registry: Mutex::new(Registry::new()),
         aliases: alias::Aliases::new(),
         next_link: AtomicU64::new(1),

@@ -2,6 +2,7 @@
 //! `POST /v1/login` (JSON), both ending in [`place_client`]: pick an eligible server at random,
 //! reserve a single-use key on it, and hand the client the server's URL and the key.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::App;
+use crate::accounts::{Login, LoginError};
+use crate::limits::TokenBucket;
 use crate::server_link::millis;
 
 /// Time allowed for last words and the close handshake when a link ends.
@@ -100,19 +103,26 @@ pub(crate) async fn place_client(
     ))
 }
 
-/// Checks credentials and returns the identity a key will be reserved for. Version 1 knows
-/// anonymous clients only.
-fn authenticate(
+/// Checks credentials against the account store and returns the identity a key will be
+/// reserved for. Failures count against the source address; an address with too many is
+/// refused before the store is asked.
+async fn authenticate(
     app: &App,
     credentials: Option<v1::Credentials>,
+    from: IpAddr,
 ) -> Result<v1::Identity, v1::Error> {
-    match credentials.and_then(|c| c.kind) {
-        None | Some(credentials::Kind::Anonymous(_)) => Ok(v1::Identity {
-            alias: app.aliases.next(),
-            account: String::new(),
-            role: String::new(),
-            groups: Vec::new(),
-        }),
+    if !app.failed_logins.allows(from) {
+        app.stats.logins_rate_limited.inc();
+        return Err(LoginError::RateLimited.into());
+    }
+    match app.accounts.check(Login::from(credentials)).await {
+        Ok(grant) => Ok(grant.identity(app.aliases.next())),
+        Err(e) => {
+            app.failed_logins.failed(from);
+            app.stats.logins_refused.inc();
+            tracing::info!(%from, error = %e, "login refused");
+            Err(e.into())
+        }
     }
 }
 
@@ -141,7 +151,7 @@ pub(crate) async fn upgrade(
     response
 }
 
-async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
+async fn run(app: Arc<App>, socket: ServerSocket, conn: ConnInfo) {
     let _open = app.stats.negotiation_links.track();
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(app.config.link_queue);
@@ -155,7 +165,7 @@ async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
             linger: LINGER,
         },
     ));
-    if let Err(e) = serve(&app, &mut stream, &tx, &closer).await {
+    if let Err(e) = serve(&app, &mut stream, &tx, &closer, conn.peer.ip()).await {
         tracing::debug!(error = %e, "closing negotiation link");
         closer.close(Some(error_frame::<v1::CoordinatorToClient>(e)));
     } else {
@@ -176,6 +186,7 @@ async fn serve(
     stream: &mut futures_util::stream::SplitStream<ServerSocket>,
     tx: &mpsc::Sender<Bytes>,
     closer: &Closer,
+    from: IpAddr,
 ) -> Result<(), v1::Error> {
     let first: Option<v1::ClientToCoordinator> =
         link::first_message(stream, app.config.handshake_timeout()).await?;
@@ -195,7 +206,7 @@ async fn serve(
             ),
         ));
     }
-    let identity = authenticate(app, hello.credentials)?;
+    let identity = authenticate(app, hello.credentials, from).await?;
     let servers = lock(&app.registry)
         .iter()
         .map(|(id, e)| v1::ServerInfo {
@@ -213,7 +224,10 @@ async fn serve(
             heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
         }),
     )?;
-    let mut bucket = TokenBucket::new(app.config.connect_rate_per_s, app.config.connect_burst);
+    let mut bucket = TokenBucket::new(
+        f64::from(app.config.connect_rate_per_s),
+        app.config.connect_burst,
+    );
     let mut watchdog = Watchdog::new(
         app.config.heartbeat_timeout(),
         app.config.heartbeat_interval(),
@@ -286,21 +300,39 @@ pub(crate) struct LoginRequest {
     exclude: Vec<String>,
 }
 
-/// JSON form of [`v1::Credentials`]: `{"anonymous": {}}`. Version 1 knows anonymous clients
-/// only; any other kind is refused as an unknown variant.
+/// JSON form of [`v1::Credentials`]: `{"anonymous": {}}` or `{"access_code": {"account": ...,
+/// "code": ..., "role": ..., "group": ...}}` (role and group optional).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum LoginCredentials {
     Anonymous {},
+    AccessCode {
+        account: String,
+        code: String,
+        #[serde(default)]
+        role: String,
+        #[serde(default)]
+        group: String,
+    },
 }
 
 impl From<LoginCredentials> for v1::Credentials {
     fn from(c: LoginCredentials) -> Self {
-        match c {
-            LoginCredentials::Anonymous {} => v1::Credentials {
-                kind: Some(credentials::Kind::Anonymous(v1::Anonymous {})),
-            },
-        }
+        let kind = match c {
+            LoginCredentials::Anonymous {} => credentials::Kind::Anonymous(v1::Anonymous {}),
+            LoginCredentials::AccessCode {
+                account,
+                code,
+                role,
+                group,
+            } => credentials::Kind::AccessCode(v1::AccessCode {
+                account,
+                code,
+                role,
+                group,
+            }),
+        };
+        v1::Credentials { kind: Some(kind) }
     }
 }
 
@@ -315,6 +347,7 @@ pub(crate) struct LoginResponse {
 /// `POST /v1/login`: the same choice as `/v1/connect`, as JSON.
 pub(crate) async fn login(
     State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     // The route's body limit (`max_login_body_bytes`) stops reading early; say so as JSON.
@@ -340,8 +373,9 @@ pub(crate) async fn login(
             )
         })?
     };
-    let identity =
-        authenticate(&app, request.credentials.map(Into::into)).map_err(ApiError::from)?;
+    let identity = authenticate(&app, request.credentials.map(Into::into), conn.peer.ip())
+        .await
+        .map_err(ApiError::from)?;
     let placement = place(
         &app,
         &identity,
@@ -353,52 +387,4 @@ pub(crate) async fn login(
         alias: identity.alias,
         placement,
     }))
-}
-
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: f64::from(rate),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_allows_burst_then_rate() {
-        let start = Instant::now();
-        let mut b = TokenBucket::new(10, 3);
-        b.last = start;
-        assert!((0..3).all(|_| b.take(start)));
-        assert!(!b.take(start));
-        assert!(b.take(start + Duration::from_millis(100)));
-        assert!(!b.take(start + Duration::from_millis(100)));
-    }
 }

@@ -174,9 +174,14 @@ impl ApiError {
             | ErrorCode::InvalidTopic
             | ErrorCode::UnsupportedVersion
             | ErrorCode::UnexpectedMessage => StatusCode::BAD_REQUEST,
-            ErrorCode::Unauthenticated | ErrorCode::KeyInvalid => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unauthenticated
+            | ErrorCode::KeyInvalid
+            | ErrorCode::UnknownAccount
+            | ErrorCode::BadCredentials => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden | ErrorCode::AccountDisabled | ErrorCode::RoleNotPermitted => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::LimitExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::NoServerAvailable | ErrorCode::ServerFull | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

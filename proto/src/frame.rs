@@ -67,19 +67,35 @@ const SERVER_TO_CLIENT_MESSAGE: u32 = 2;
 /// Field number of `forward` in the `PeerMessage.kind` oneof.
 const PEER_MESSAGE_FORWARD: u32 = 4;
 
-/// Encodes `ServerToClient { message: Message { topic, from_alias, payload } }`.
-pub fn message_frame(topic: &str, from_alias: &str, payload: &[u8]) -> Bytes {
-    let fields: [&[u8]; 3] = [topic.as_bytes(), from_alias.as_bytes(), payload];
+/// Who sent a message, as the accepting server stamps it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    /// The sender's alias.
+    pub alias: &'a str,
+    /// The sender's role (empty for none).
+    pub role: &'a str,
+}
+
+/// Encodes `ServerToClient { message: Message { topic, from_alias, payload, from_role } }`.
+pub fn message_frame(topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
+    let fields: [&[u8]; 4] = [
+        topic.as_bytes(),
+        from.alias.as_bytes(),
+        payload,
+        from.role.as_bytes(),
+    ];
     wrapped(SERVER_TO_CLIENT_MESSAGE, &fields)
 }
 
-/// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload } }`.
-pub fn forward_frame(account: &str, topic: &str, from_alias: &str, payload: &[u8]) -> Bytes {
-    let fields: [&[u8]; 4] = [
+/// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload, from_role } }`
+/// (`account` is the routing scope).
+pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
+    let fields: [&[u8]; 5] = [
         account.as_bytes(),
         topic.as_bytes(),
-        from_alias.as_bytes(),
+        from.alias.as_bytes(),
         payload,
+        from.role.as_bytes(),
     ];
     wrapped(PEER_MESSAGE_FORWARD, &fields)
 }
@@ -187,32 +203,39 @@ mod tests {
 
     #[test]
     fn message_frame_matches_prost() {
-        for (topic, alias, payload) in [
-            ("rooms/lobby", "a1-7", &b"hello"[..]),
-            ("t", "", &b""[..]),
-            ("x", "y", &[0u8; 300][..]),
+        for (topic, alias, payload, role) in [
+            ("rooms/lobby", "a1-7", &b"hello"[..], "gcs"),
+            ("t", "", &b""[..], ""),
+            ("x", "y", &[0u8; 300][..], ""),
         ] {
             let expected = encode(&v1::ServerToClient::message(v1::Message {
                 topic: topic.into(),
                 from_alias: alias.into(),
                 payload: Bytes::copy_from_slice(payload),
+                from_role: role.into(),
             }));
-            assert_eq!(message_frame(topic, alias, payload), expected);
+            let from = Sender { alias, role };
+            assert_eq!(message_frame(topic, from, payload), expected);
         }
     }
 
     #[test]
     fn forward_frame_matches_prost() {
         let payload = vec![7u8; 200_000];
-        for account in ["", "acme"] {
+        for (account, role) in [("", ""), ("acme", "agent")] {
             let expected = encode(&v1::PeerMessage::forward(v1::Forward {
                 account: account.into(),
                 topic: "telemetry/drone-1".into(),
                 from_alias: "c0ffee-12".into(),
                 payload: Bytes::from(payload.clone()),
+                from_role: role.into(),
             }));
+            let from = Sender {
+                alias: "c0ffee-12",
+                role,
+            };
             assert_eq!(
-                forward_frame(account, "telemetry/drone-1", "c0ffee-12", &payload),
+                forward_frame(account, "telemetry/drone-1", from, &payload),
                 expected
             );
         }
@@ -220,7 +243,14 @@ mod tests {
 
     #[test]
     fn decode_round_trips_and_rejects_garbage() {
-        let frame = message_frame("a/b", "me", b"payload");
+        let frame = message_frame(
+            "a/b",
+            Sender {
+                alias: "me",
+                role: "",
+            },
+            b"payload",
+        );
         let decoded: v1::ServerToClient = decode(frame).unwrap();
         let Some(v1::server_to_client::Kind::Message(m)) = decoded.kind else {
             panic!("expected a Message, got {decoded:?}");

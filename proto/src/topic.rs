@@ -4,6 +4,9 @@
 //! letters, digits and `_ - . :`, in one or more non-empty segments separated by `/`, e.g.
 //! `rooms/lobby` or `telemetry/drone-17.gps`. Whitespace, control characters, non-ASCII and the
 //! wildcard characters `* # + >` are refused, as are leading, trailing and doubled `/`.
+//!
+//! Role rules use topic *filters*: `+` stands for one segment and a final `#` for any number of
+//! further segments, as in MQTT (`telemetry/#`, `command/+`).
 
 /// Default and recommended maximum topic length in bytes.
 pub const DEFAULT_MAX_TOPIC_LEN: usize = 256;
@@ -65,9 +68,96 @@ pub fn validate(topic: &str, max_len: usize) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// Checks a topic filter (as used in role rules): segments as in a topic, or `+` for exactly
+/// one segment, or `#` as the last segment for any number (including none) of further ones.
+pub fn validate_filter(filter: &str, max_len: usize) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if filter.len() > max_len {
+        return Err(TopicError::TooLong {
+            len: filter.len(),
+            max: max_len,
+        });
+    }
+    let segments: Vec<&str> = filter.split('/').collect();
+    let mut offset = 0;
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "+" => {}
+            "#" if i + 1 == segments.len() => {}
+            _ => validate(segment, max_len).map_err(|e| match e {
+                TopicError::BadChar { ch, index } => TopicError::BadChar {
+                    ch,
+                    index: offset + index,
+                },
+                other => other,
+            })?,
+        }
+        offset += segment.len() + 1;
+    }
+    Ok(())
+}
+
+/// Whether `topic` (a valid topic) matches `filter` (a valid filter).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut topic = topic.split('/');
+    for segment in filter.split('/') {
+        match segment {
+            "#" => return true,
+            "+" => {
+                if topic.next().is_none() {
+                    return false;
+                }
+            }
+            literal => {
+                if topic.next() != Some(literal) {
+                    return false;
+                }
+            }
+        }
+    }
+    topic.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        for (filter, topic, expected) in [
+            ("telemetry/#", "telemetry", true),
+            ("telemetry/#", "telemetry/drone-1/gps", true),
+            ("telemetry/#", "telemetryx/a", false),
+            ("#", "anything/at/all", true),
+            ("command/+", "command/drone-1", true),
+            ("command/+", "command/drone-1/arm", false),
+            ("command/+", "command", false),
+            ("a/+/c", "a/b/c", true),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/c", false),
+        ] {
+            assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn filters_are_checked() {
+        for f in ["#", "a/#", "+/b/+", "telemetry/drone-1"] {
+            assert_eq!(validate_filter(f, 256), Ok(()), "{f}");
+        }
+        assert_eq!(
+            validate_filter("a/#/b", 256),
+            Err(TopicError::BadChar { ch: '#', index: 2 })
+        );
+        assert_eq!(
+            validate_filter("a/b+", 256),
+            Err(TopicError::BadChar { ch: '+', index: 3 })
+        );
+        assert_eq!(validate_filter("a//b", 256), Err(TopicError::Empty));
+        assert_eq!(validate_filter("", 256), Err(TopicError::Empty));
+    }
 
     #[test]
     fn accepts_ordinary_topics() {

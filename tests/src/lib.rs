@@ -322,6 +322,12 @@ impl Cluster {
         Self::start_with(n, |_| {}).await
     }
 
+    /// Like [`Cluster::start`], with this coordinator config (e.g. an account store).
+    pub async fn start_configured(n: usize, coordinator: coordinator::Config) -> Self {
+        let coordinator = CoordinatorHandle::start(coordinator).await;
+        Self::with_coordinator(coordinator, n, |_| {}).await
+    }
+
     /// Like [`Cluster::start`], with a coordinator that can be restarted on its address.
     pub async fn start_restartable(n: usize) -> Self {
         let coordinator =
@@ -372,8 +378,20 @@ impl Cluster {
 
     /// Connects a client through the coordinator, asking for server `index`.
     pub async fn client_on(&self, index: usize) -> Client {
+        self.client_as(index, relaymesh_client::Credentials::Anonymous)
+            .await
+    }
+
+    /// Connects a client with `credentials` through the coordinator, asking for server
+    /// `index`.
+    pub async fn client_as(
+        &self,
+        index: usize,
+        credentials: relaymesh_client::Credentials,
+    ) -> Client {
         let mut config = client_config(&self.coordinator.url);
         config.preferred_server = Some(self.servers[index].id.clone());
+        config.credentials = credentials;
         let client = Client::connect(config).await.unwrap();
         assert_eq!(
             client.server_id(),

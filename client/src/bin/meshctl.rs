@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use relaymesh_client::{Client, ClientConfig, Event};
+use relaymesh_client::{Client, ClientConfig, Credentials, Event};
 use relaymesh_net::http::Method;
 
 /// Command-line client for a relaymesh cluster.
@@ -27,8 +27,40 @@ struct Args {
         default_value = "ws://127.0.0.1:7400"
     )]
     coordinator: String,
+    /// Log in to this account (with `--code` or RELAYMESH_ACCESS_CODE); anonymous without.
+    #[arg(long, global = true, env = "RELAYMESH_ACCOUNT")]
+    account: Option<String>,
+    /// The account's access code (prefer RELAYMESH_ACCESS_CODE: flags show in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAYMESH_ACCESS_CODE",
+        hide_env_values = true
+    )]
+    code: Option<String>,
+    /// The role to act as.
+    #[arg(long, global = true, default_value = "")]
+    role: String,
+    /// The group within the account.
+    #[arg(long, global = true, default_value = "")]
+    group: String,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Args {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        match (&self.account, &self.code) {
+            (None, _) => Ok(Credentials::Anonymous),
+            (Some(_), None) => bail!("--account needs --code or RELAYMESH_ACCESS_CODE"),
+            (Some(account), Some(code)) => Ok(Credentials::AccessCode {
+                account: account.clone(),
+                code: code.clone(),
+                role: self.role.clone(),
+                group: self.group.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,11 +112,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let coordinator = args.coordinator.trim_end_matches('/').to_owned();
+    let mut config = ClientConfig::new(args.coordinator.trim_end_matches('/'));
+    config.credentials = args.credentials()?;
+    let coordinator = config.coordinator.clone();
     match args.command {
-        Command::Sub { topics, count } => subscribe(&coordinator, topics, count).await,
+        Command::Sub { topics, count } => subscribe(config, topics, count).await,
         Command::Pub { topic, message } => {
-            let client = connect(&coordinator).await?;
+            let client = connect(config).await?;
             client.publish(&topic, message.into_bytes()).await?;
             client.close().await;
             Ok(())
@@ -92,10 +126,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Servers => servers(&coordinator).await,
         Command::Login => {
             let url = format!("{coordinator}/v1/login");
+            let body = match &config.credentials {
+                Credentials::AccessCode {
+                    account,
+                    code,
+                    role,
+                    group,
+                } => serde_json::json!({"credentials": {"access_code": {
+                    "account": account, "code": code, "role": role, "group": group,
+                }}}),
+                _ => serde_json::json!({}),
+            };
             let (status, body) = relaymesh_net::http::request(
                 Method::POST,
                 &url,
-                Some(b"{}".to_vec()),
+                Some(body.to_string().into_bytes()),
                 Duration::from_secs(10),
             )
             .await?;
@@ -109,18 +154,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(coordinator: &str) -> anyhow::Result<Client> {
-    Client::connect(ClientConfig::new(coordinator))
+async fn connect(config: ClientConfig) -> anyhow::Result<Client> {
+    let coordinator = config.coordinator.clone();
+    Client::connect(config)
         .await
         .with_context(|| format!("cannot connect through the coordinator at {coordinator}"))
 }
 
 async fn subscribe(
-    coordinator: &str,
+    config: ClientConfig,
     topics: Vec<String>,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut client = connect(coordinator).await?;
+    let mut client = connect(config).await?;
     client.subscribe(topics.iter().cloned()).await?;
     eprintln!(
         "subscribed to {} on {} as {}",

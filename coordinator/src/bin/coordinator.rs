@@ -46,6 +46,9 @@ fn load_config(args: &Args) -> Result<Config, relaymesh_net::config::ConfigError
     if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
         config.cluster_secret = secret;
     }
+    if let Ok(code) = std::env::var("RELAYMESH_ACCESS_CODE") {
+        config.accounts.access_code = code;
+    }
     config.validate()?;
     Ok(config)
 }

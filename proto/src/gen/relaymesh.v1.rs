@@ -22,6 +22,18 @@ pub struct Identity {
     pub role: ::prost::alloc::string::String,
     #[prost(string, repeated, tag = "4")]
     pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Where the client's topics live: the account, or the account and group where the account
+    /// isolates its groups. The same topic name in two scopes is two topics, on every server.
+    #[prost(string, tag = "5")]
+    pub scope: ::prost::alloc::string::String,
+    /// Topic filters (MQTT-style `+` and `#`) the role may publish to and subscribe to, unless
+    /// `unrestricted`.
+    #[prost(string, repeated, tag = "6")]
+    pub publish: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "7")]
+    pub subscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "8")]
+    pub unrestricted: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {
@@ -199,25 +211,39 @@ pub mod coordinator_to_client {
         Pong(super::Pong),
     }
 }
-/// How a client proves who it is. Version 1 knows anonymous clients only; accounts, access codes
-/// and Ed25519 identities arrive as further variants.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+/// How a client proves who it is.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Credentials {
-    #[prost(oneof = "credentials::Kind", tags = "1")]
+    #[prost(oneof = "credentials::Kind", tags = "1, 2")]
     pub kind: ::core::option::Option<credentials::Kind>,
 }
 /// Nested message and enum types in `Credentials`.
 pub mod credentials {
-    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
     pub enum Kind {
+        /// Accepted only by a coordinator whose account store is `open`.
         #[prost(message, tag = "1")]
         Anonymous(super::Anonymous),
+        #[prost(message, tag = "2")]
+        AccessCode(super::AccessCode),
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Anonymous {}
+/// An account's access code, and the role (and optional group) the client acts as.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AccessCode {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub code: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub group: ::prost::alloc::string::String,
+}
 /// First message on the negotiation link.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Hello {
     #[prost(uint32, tag = "1")]
     pub protocol_version: u32,
@@ -355,7 +381,8 @@ pub struct Publish {
     #[prost(bytes = "bytes", tag = "2")]
     pub payload: ::prost::bytes::Bytes,
 }
-/// A delivered message. `from_alias` is stamped by the server that accepted the publish.
+/// A delivered message. `from_alias` and `from_role` are stamped by the server that accepted the
+/// publish.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Message {
     #[prost(string, tag = "1")]
@@ -364,6 +391,8 @@ pub struct Message {
     pub from_alias: ::prost::alloc::string::String,
     #[prost(bytes = "bytes", tag = "3")]
     pub payload: ::prost::bytes::Bytes,
+    #[prost(string, tag = "4")]
+    pub from_role: ::prost::alloc::string::String,
 }
 /// `count` messages meant for this client were dropped because its queue was full.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -435,6 +464,7 @@ pub struct InterestAck {
 /// never forwards it again.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Forward {
+    /// The routing scope (`Identity.scope`) of the topic.
     #[prost(string, tag = "1")]
     pub account: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
@@ -443,6 +473,8 @@ pub struct Forward {
     pub from_alias: ::prost::alloc::string::String,
     #[prost(bytes = "bytes", tag = "4")]
     pub payload: ::prost::bytes::Bytes,
+    #[prost(string, tag = "5")]
+    pub from_role: ::prost::alloc::string::String,
 }
 /// The sender had to drop `count` forwards for the receiver because the link's queue was full.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -485,6 +517,16 @@ pub enum ErrorCode {
     ShuttingDown = 14,
     /// A newer connection with the same identity replaced this one.
     Replaced = 15,
+    /// Login: the account does not exist.
+    UnknownAccount = 16,
+    /// Login: the access code is wrong (or revoked).
+    BadCredentials = 17,
+    /// Login: the account exists but is disabled.
+    AccountDisabled = 18,
+    /// Login: the account does not allow this role.
+    RoleNotPermitted = 19,
+    /// Too many failed logins from this source address; retry later.
+    RateLimited = 20,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -509,6 +551,11 @@ impl ErrorCode {
             Self::HeartbeatTimeout => "HEARTBEAT_TIMEOUT",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Replaced => "REPLACED",
+            Self::UnknownAccount => "UNKNOWN_ACCOUNT",
+            Self::BadCredentials => "BAD_CREDENTIALS",
+            Self::AccountDisabled => "ACCOUNT_DISABLED",
+            Self::RoleNotPermitted => "ROLE_NOT_PERMITTED",
+            Self::RateLimited => "RATE_LIMITED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -530,6 +577,11 @@ impl ErrorCode {
             "HEARTBEAT_TIMEOUT" => Some(Self::HeartbeatTimeout),
             "SHUTTING_DOWN" => Some(Self::ShuttingDown),
             "REPLACED" => Some(Self::Replaced),
+            "UNKNOWN_ACCOUNT" => Some(Self::UnknownAccount),
+            "BAD_CREDENTIALS" => Some(Self::BadCredentials),
+            "ACCOUNT_DISABLED" => Some(Self::AccountDisabled),
+            "ROLE_NOT_PERMITTED" => Some(Self::RoleNotPermitted),
+            "RATE_LIMITED" => Some(Self::RateLimited),
             _ => None,
         }
     }

@@ -1,0 +1,680 @@
+//! Accounts: who may log in, as which role, and what each role may publish and subscribe to.
+//!
+//! One [`Store`] is chosen in config (`[accounts] store = ...`):
+//! - `open`: anyone, as any account and role, with no rules (development only; the coordinator
+//!   warns at start-up). Anonymous clients get the empty account.
+//! - `single`: one account name and access code from the config (the code preferably from
+//!   `RELAYMESH_ACCESS_CODE`); any role, no rules.
+//! - `file`: a JSON file of accounts (see [`AccountsFile`]), each with argon2-hashed access
+//!   codes, an enabled flag, optional role rules and group isolation; reloaded when it changes.
+//!
+//! Access codes are only ever stored as argon2 hashes; checking one is argon2's verification,
+//! which compares in constant time and runs on a blocking thread (it costs milliseconds of CPU
+//! on purpose).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use rand::RngExt as _;
+use relaymesh_net::sync::lock;
+use relaymesh_proto::topic;
+use relaymesh_proto::v1::{self, ErrorCode};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Longest account, role or group name.
+const MAX_NAME: usize = 64;
+
+/// What a role may do: topic filters (`+`, `#`) it may publish and subscribe to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRules {
+    /// Filters the role may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Filters the role may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// One access code of an account, hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessCode {
+    /// Names the code, so it can be revoked without knowing it.
+    pub id: String,
+    /// The argon2 hash in PHC string form (`$argon2id$...`).
+    pub hash: String,
+    /// A revoked code no longer logs in.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// An account: a customer whose clients see only each other's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    /// The account's name, as clients give it at login.
+    pub name: String,
+    /// A disabled account cannot log in (existing sessions are not cut).
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// Whether each group (given at login) gets topics of its own inside the account.
+    #[serde(default)]
+    pub isolate_groups: bool,
+    /// Codes that log in to this account (any one of them).
+    #[serde(default)]
+    pub access_codes: Vec<AccessCode>,
+    /// Roles and their rules. Empty: any role, no rules. Otherwise a login must name one of
+    /// these roles and is held to its rules.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleRules>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// The JSON file of the `file` store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsFile {
+    /// Every account.
+    pub accounts: Vec<Account>,
+}
+
+impl AccountsFile {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: Self =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.check()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Writes the file atomically (a temporary file renamed over it).
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        self.check()?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text + "\n")
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Names, filters and hashes are well formed and account names unique.
+    pub fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for a in &self.accounts {
+            check_name("account", &a.name)?;
+            if !seen.insert(&a.name) {
+                return Err(format!("account {:?} appears twice", a.name));
+            }
+            for code in &a.access_codes {
+                PasswordHash::new(&code.hash).map_err(|e| {
+                    format!("account {:?}, code {:?}: bad hash: {e}", a.name, code.id)
+                })?;
+            }
+            for (role, rules) in &a.roles {
+                check_name("role", role)?;
+                for f in rules.publish.iter().chain(&rules.subscribe) {
+                    topic::validate_filter(f, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|e| {
+                        format!("account {:?}, role {role:?}: filter {f:?}: {e}", a.name)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The account called `name`.
+    pub fn account_mut(&mut self, name: &str) -> Result<&mut Account, String> {
+        self.accounts
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format!("no account {name:?}"))
+    }
+}
+
+/// Account, role and group names: 1 to 64 of ASCII letters, digits, `_ - .`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} must be 1-{MAX_NAME} ASCII letters, digits, '_', '-' or '.'"
+        ))
+    }
+}
+
+/// Hashes an access code with argon2id and a random salt.
+pub fn hash_code(code: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(code.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A new random access code: 24 characters from a 57-letter alphabet (about 140 bits).
+pub fn new_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let mut rng = rand::rng();
+    (0..24)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+fn verify(code: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(code.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// Why a login was refused; each maps to its own error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    /// No such account.
+    #[error("unknown account {0:?}")]
+    UnknownAccount(String),
+    /// Wrong or revoked access code.
+    #[error("wrong access code for account {0:?}")]
+    BadCode(String),
+    /// The account is disabled.
+    #[error("account {0:?} is disabled")]
+    Disabled(String),
+    /// The role is not one of the account's.
+    #[error("account {account:?} does not allow role {role:?}")]
+    RoleNotPermitted {
+        /// The account.
+        account: String,
+        /// The refused role (empty: none given).
+        role: String,
+    },
+    /// The store needs credentials and got none (or a kind it does not take).
+    #[error("this coordinator requires an account and access code")]
+    CredentialsRequired,
+    /// A name was malformed.
+    #[error("{0}")]
+    BadName(String),
+    /// Too many failed logins from this address.
+    #[error("too many failed logins from this address; retry in a minute")]
+    RateLimited,
+}
+
+impl From<LoginError> for v1::Error {
+    fn from(e: LoginError) -> Self {
+        let code = match &e {
+            LoginError::UnknownAccount(_) => ErrorCode::UnknownAccount,
+            LoginError::BadCode(_) => ErrorCode::BadCredentials,
+            LoginError::Disabled(_) => ErrorCode::AccountDisabled,
+            LoginError::RoleNotPermitted { .. } => ErrorCode::RoleNotPermitted,
+            LoginError::CredentialsRequired | LoginError::BadName(_) => ErrorCode::Unauthenticated,
+            LoginError::RateLimited => ErrorCode::RateLimited,
+        };
+        v1::Error::new(code, e.to_string())
+    }
+}
+
+/// What a successful login grants: the identity fields a key is reserved with (the alias is
+/// added by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The account.
+    pub account: String,
+    /// The role acted as.
+    pub role: String,
+    /// The group, if any.
+    pub group: String,
+    /// Routing scope: the account, or `account#group` where the account isolates groups.
+    pub scope: String,
+    /// The role's rules; `None` for no rules.
+    pub rules: Option<RoleRules>,
+}
+
+impl Grant {
+    /// The identity for a reservation.
+    pub fn identity(self, alias: String) -> v1::Identity {
+        let (publish, subscribe, unrestricted) = match self.rules {
+            Some(r) => (r.publish, r.subscribe, false),
+            None => (Vec::new(), Vec::new(), true),
+        };
+        v1::Identity {
+            alias,
+            account: self.account,
+            role: self.role,
+            groups: if self.group.is_empty() {
+                Vec::new()
+            } else {
+                vec![self.group]
+            },
+            scope: self.scope,
+            publish,
+            subscribe,
+            unrestricted,
+        }
+    }
+}
+
+/// Login details from `Hello` or `POST /v1/login`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// No credentials.
+    Anonymous,
+    /// Account, access code, role and group.
+    Code {
+        /// The account.
+        account: String,
+        /// The access code.
+        code: String,
+        /// The role to act as (may be empty).
+        role: String,
+        /// The group (may be empty).
+        group: String,
+    },
+}
+
+impl From<Option<v1::Credentials>> for Login {
+    fn from(c: Option<v1::Credentials>) -> Self {
+        match c.and_then(|c| c.kind) {
+            None | Some(v1::credentials::Kind::Anonymous(_)) => Self::Anonymous,
+            Some(v1::credentials::Kind::AccessCode(a)) => Self::Code {
+                account: a.account,
+                code: a.code,
+                role: a.role,
+                group: a.group,
+            },
+        }
+    }
+}
+
+/// Which store, from the config file's `[accounts]` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// Anyone (development only).
+    #[default]
+    Open,
+    /// One account from the config.
+    Single,
+    /// A JSON file of accounts.
+    File,
+}
+
+/// `[accounts]` in the coordinator's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// `open`, `single` or `file`.
+    pub store: StoreKind,
+    /// `single`: the account name.
+    pub account: String,
+    /// `single`: the access code (prefer `RELAYMESH_ACCESS_CODE`).
+    pub access_code: String,
+    /// `file`: the JSON file.
+    pub path: Option<PathBuf>,
+    /// `file`: how often the file is checked for changes.
+    pub reload_ms: u64,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Open,
+            account: String::new(),
+            access_code: String::new(),
+            path: None,
+            reload_ms: 1_000,
+        }
+    }
+}
+
+/// The configured account store.
+#[derive(Debug)]
+pub enum Store {
+    /// Anyone.
+    Open,
+    /// One account, its code hashed at start-up.
+    Single {
+        /// The account name.
+        account: String,
+        /// argon2 hash of its code.
+        hash: String,
+    },
+    /// A JSON file, reloaded by [`Store::watch`].
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The accounts as last loaded.
+        accounts: Mutex<Arc<AccountsFile>>,
+        /// How often to look for changes.
+        reload: Duration,
+    },
+}
+
+impl Store {
+    /// Builds the store from config, loading (and checking) the file now.
+    pub fn from_config(config: &AccountsConfig) -> Result<Self, String> {
+        match config.store {
+            StoreKind::Open => Ok(Self::Open),
+            StoreKind::Single => {
+                check_name("account", &config.account)
+                    .map_err(|e| format!("accounts.account: {e}"))?;
+                if config.access_code.len() < 8 {
+                    return Err("accounts.access_code: must be at least 8 characters \
+                                (RELAYMESH_ACCESS_CODE or the config file)"
+                        .into());
+                }
+                Ok(Self::Single {
+                    account: config.account.clone(),
+                    hash: hash_code(&config.access_code)?,
+                })
+            }
+            StoreKind::File => {
+                let path = config
+                    .path
+                    .clone()
+                    .ok_or("accounts.path: must be set for the file store")?;
+                let accounts = AccountsFile::load(&path)?;
+                Ok(Self::File {
+                    path,
+                    accounts: Mutex::new(Arc::new(accounts)),
+                    reload: Duration::from_millis(config.reload_ms.max(50)),
+                })
+            }
+        }
+    }
+
+    /// Checks a login. Runs argon2 on a blocking thread.
+    pub async fn check(&self, login: Login) -> Result<Grant, LoginError> {
+        let Login::Code {
+            account,
+            code,
+            role,
+            group,
+        } = login
+        else {
+            return match self {
+                Self::Open => Ok(Grant {
+                    account: String::new(),
+                    role: String::new(),
+                    group: String::new(),
+                    scope: String::new(),
+                    rules: None,
+                }),
+                _ => Err(LoginError::CredentialsRequired),
+            };
+        };
+        check_name("account", &account).map_err(LoginError::BadName)?;
+        for (what, name) in [("role", &role), ("group", &group)] {
+            if !name.is_empty() {
+                check_name(what, name).map_err(LoginError::BadName)?;
+            }
+        }
+        let (entry, hashes) = match self {
+            Self::Open => {
+                return Ok(Grant {
+                    scope: account.clone(),
+                    account,
+                    role,
+                    group,
+                    rules: None,
+                });
+            }
+            Self::Single {
+                account: name,
+                hash,
+            } => {
+                if *name != account {
+                    return Err(LoginError::UnknownAccount(account));
+                }
+                (None, vec![hash.clone()])
+            }
+            Self::File { accounts, .. } => {
+                let file = lock(accounts).clone();
+                let entry = file
+                    .accounts
+                    .iter()
+                    .find(|a| a.name == account)
+                    .cloned()
+                    .ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
+                let hashes = entry
+                    .access_codes
+                    .iter()
+                    .filter(|c| !c.revoked)
+                    .map(|c| c.hash.clone())
+                    .collect();
+                (Some(entry), hashes)
+            }
+        };
+        let matched = tokio::task::spawn_blocking(move || hashes.iter().any(|h| verify(&code, h)))
+            .await
+            .unwrap_or(false);
+        if !matched {
+            return Err(LoginError::BadCode(account));
+        }
+        let Some(entry) = entry else {
+            return Ok(Grant {
+                scope: account.clone(),
+                account,
+                role,
+                group,
+                rules: None,
+            });
+        };
+        if !entry.enabled {
+            return Err(LoginError::Disabled(account));
+        }
+        let rules =
+            if entry.roles.is_empty() {
+                None
+            } else {
+                Some(entry.roles.get(&role).cloned().ok_or_else(|| {
+                    LoginError::RoleNotPermitted {
+                        account: account.clone(),
+                        role: role.clone(),
+                    }
+                })?)
+            };
+        let scope = if entry.isolate_groups && !group.is_empty() {
+            format!("{account}#{group}")
+        } else {
+            account.clone()
+        };
+        Ok(Grant {
+            account,
+            role,
+            group,
+            scope,
+            rules,
+        })
+    }
+
+    /// Reloads a `file` store whenever its modification time changes, until `shutdown`; a file
+    /// that no longer parses is logged and the accounts loaded before stay in force.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let Self::File {
+            path,
+            accounts,
+            reload,
+        } = &*self
+        else {
+            return;
+        };
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen: Option<SystemTime> = modified(path);
+        let mut tick = tokio::time::interval(*reload);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = modified(path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match AccountsFile::load(path) {
+                Ok(file) => {
+                    tracing::info!(path = %path.display(), accounts = file.accounts.len(), "accounts reloaded");
+                    *lock(accounts) = Arc::new(file);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "accounts file not reloaded; keeping the previous accounts")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(account: &str, code: &str, role: &str, group: &str) -> Login {
+        Login::Code {
+            account: account.into(),
+            code: code.into(),
+            role: role.into(),
+            group: group.into(),
+        }
+    }
+
+    fn file_store(file: AccountsFile) -> Store {
+        Store::File {
+            path: PathBuf::new(),
+            accounts: Mutex::new(Arc::new(file)),
+            reload: Duration::from_secs(1),
+        }
+    }
+
+    fn acme() -> Account {
+        Account {
+            name: "acme".into(),
+            enabled: true,
+            isolate_groups: true,
+            access_codes: vec![
+                AccessCode {
+                    id: "old".into(),
+                    hash: hash_code("revoked-code").unwrap(),
+                    revoked: true,
+                },
+                AccessCode {
+                    id: "main".into(),
+                    hash: hash_code("s3cret-code").unwrap(),
+                    revoked: false,
+                },
+            ],
+            roles: BTreeMap::from([(
+                "agent".into(),
+                RoleRules {
+                    publish: vec!["telemetry/#".into()],
+                    subscribe: vec!["command/+".into()],
+                },
+            )]),
+        }
+    }
+
+    #[tokio::test]
+    async fn file_store_checks_code_state_and_role() {
+        let mut disabled = acme();
+        disabled.name = "gone".into();
+        disabled.enabled = false;
+        let store = file_store(AccountsFile {
+            accounts: vec![acme(), disabled],
+        });
+        let grant = store
+            .check(code("acme", "s3cret-code", "agent", "fleet-1"))
+            .await;
+        let grant = grant.unwrap();
+        assert_eq!(grant.scope, "acme#fleet-1");
+        assert_eq!(grant.rules.unwrap().publish, ["telemetry/#"]);
+        for (login, expected) in [
+            (code("nobody", "x", "", ""), ErrorCode::UnknownAccount),
+            (
+                code("acme", "wrong", "agent", ""),
+                ErrorCode::BadCredentials,
+            ),
+            (
+                code("acme", "revoked-code", "agent", ""),
+                ErrorCode::BadCredentials,
+            ),
+            (
+                code("gone", "s3cret-code", "agent", ""),
+                ErrorCode::AccountDisabled,
+            ),
+            (
+                code("acme", "s3cret-code", "gcs", ""),
+                ErrorCode::RoleNotPermitted,
+            ),
+            (
+                code("acme", "s3cret-code", "", ""),
+                ErrorCode::RoleNotPermitted,
+            ),
+            (Login::Anonymous, ErrorCode::Unauthenticated),
+            (code("a b", "x", "", ""), ErrorCode::Unauthenticated),
+        ] {
+            let refused = store.check(login.clone()).await.unwrap_err();
+            assert_eq!(v1::Error::from(refused).error_code(), expected, "{login:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn open_and_single_stores() {
+        let open = Store::Open;
+        let anon = open.check(Login::Anonymous).await.unwrap();
+        assert_eq!((anon.scope.as_str(), anon.rules), ("", None));
+        let named = open.check(code("acme", "any", "gcs", "g")).await.unwrap();
+        assert_eq!(named.scope, "acme");
+        let single = Store::from_config(&AccountsConfig {
+            store: StoreKind::Single,
+            account: "acme".into(),
+            access_code: "long-enough".into(),
+            ..AccountsConfig::default()
+        })
+        .unwrap();
+        assert!(
+            single
+                .check(code("acme", "long-enough", "x", ""))
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            single.check(code("other", "long-enough", "", "")).await,
+            Err(LoginError::UnknownAccount("other".into()))
+        );
+        assert_eq!(
+            single.check(code("acme", "nope", "", "")).await,
+            Err(LoginError::BadCode("acme".into()))
+        );
+    }
+
+    #[test]
+    fn files_with_bad_entries_are_refused() {
+        let mut twice = AccountsFile {
+            accounts: vec![acme(), acme()],
+        };
+        assert!(twice.check().unwrap_err().contains("twice"));
+        twice.accounts.pop();
+        twice.accounts[0].roles.get_mut("agent").unwrap().publish = vec!["a/#/b".into()];
+        assert!(twice.check().unwrap_err().contains("filter"));
+        twice.accounts[0].roles.clear();
+        twice.accounts[0].access_codes[0].hash = "plain".into();
+        assert!(twice.check().unwrap_err().contains("bad hash"));
+        assert!(new_code().len() == 24 && new_code() != new_code());
+    }
+}
