@@ -7,6 +7,8 @@
 //!   `RELAYMESH_ACCESS_CODE`); any role, no rules.
 //! - `file`: a JSON file of accounts (see [`AccountsFile`]), each with argon2-hashed access
 //!   codes, an enabled flag, optional role rules and group isolation; reloaded when it changes.
+//! - `sql`: the same accounts in SQLite (default, a file created on first start) or PostgreSQL
+//!   ([`crate::sql`]); read at each login, so changes apply at once.
 //!
 //! Access codes are only ever stored as argon2 hashes; checking one is argon2's verification,
 //! which compares in constant time and runs on a blocking thread (it costs milliseconds of CPU
@@ -26,6 +28,8 @@ use relaymesh_proto::topic;
 use relaymesh_proto::v1::{self, ErrorCode};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use crate::sql::SqlStore;
 
 /// Longest account, role or group name.
 const MAX_NAME: usize = 64;
@@ -214,6 +218,16 @@ pub enum LoginError {
     /// Too many failed logins from this address.
     #[error("too many failed logins from this address; retry in a minute")]
     RateLimited,
+    /// The account database could not be read.
+    #[error("account store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl LoginError {
+    /// Whether this refusal counts against the source address (a store outage does not).
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, Self::Unavailable(_) | Self::RateLimited)
+    }
 }
 
 impl From<LoginError> for v1::Error {
@@ -225,6 +239,7 @@ impl From<LoginError> for v1::Error {
             LoginError::RoleNotPermitted { .. } => ErrorCode::RoleNotPermitted,
             LoginError::CredentialsRequired | LoginError::BadName(_) => ErrorCode::Unauthenticated,
             LoginError::RateLimited => ErrorCode::RateLimited,
+            LoginError::Unavailable(_) => ErrorCode::Internal,
         };
         v1::Error::new(code, e.to_string())
     }
@@ -302,6 +317,21 @@ impl From<Option<v1::Credentials>> for Login {
     }
 }
 
+/// An account found by name, and the hashes of its live codes.
+fn usable(
+    entry: Option<Account>,
+    name: &str,
+) -> Result<(Option<Account>, Vec<String>), LoginError> {
+    let entry = entry.ok_or_else(|| LoginError::UnknownAccount(name.to_owned()))?;
+    let hashes = entry
+        .access_codes
+        .iter()
+        .filter(|c| !c.revoked)
+        .map(|c| c.hash.clone())
+        .collect();
+    Ok((Some(entry), hashes))
+}
+
 /// Which store, from the config file's `[accounts]` table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -313,6 +343,8 @@ pub enum StoreKind {
     Single,
     /// A JSON file of accounts.
     File,
+    /// SQLite or PostgreSQL.
+    Sql,
 }
 
 /// `[accounts]` in the coordinator's config.
@@ -329,6 +361,9 @@ pub struct AccountsConfig {
     pub path: Option<PathBuf>,
     /// `file`: how often the file is checked for changes.
     pub reload_ms: u64,
+    /// `sql`: `sqlite://FILE` (created if missing) or `postgres://USER:PASSWORD@HOST/DB`
+    /// (prefer `RELAYMESH_ACCOUNTS_URL` for a URL with a password).
+    pub url: String,
 }
 
 impl Default for AccountsConfig {
@@ -339,6 +374,7 @@ impl Default for AccountsConfig {
             access_code: String::new(),
             path: None,
             reload_ms: 1_000,
+            url: "sqlite://relaymesh-accounts.db".into(),
         }
     }
 }
@@ -364,11 +400,14 @@ pub enum Store {
         /// How often to look for changes.
         reload: Duration,
     },
+    /// SQLite or PostgreSQL.
+    Sql(SqlStore),
 }
 
 impl Store {
-    /// Builds the store from config, loading (and checking) the file now.
-    pub fn from_config(config: &AccountsConfig) -> Result<Self, String> {
+    /// Builds the store from config, loading (and checking) the file or connecting to (and
+    /// migrating) the database now.
+    pub async fn from_config(config: &AccountsConfig) -> Result<Self, String> {
         match config.store {
             StoreKind::Open => Ok(Self::Open),
             StoreKind::Single => {
@@ -396,6 +435,7 @@ impl Store {
                     reload: Duration::from_millis(config.reload_ms.max(50)),
                 })
             }
+            StoreKind::Sql => Ok(Self::Sql(SqlStore::connect(&config.url).await?)),
         }
     }
 
@@ -446,19 +486,15 @@ impl Store {
             }
             Self::File { accounts, .. } => {
                 let file = lock(accounts).clone();
-                let entry = file
-                    .accounts
-                    .iter()
-                    .find(|a| a.name == account)
-                    .cloned()
-                    .ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
-                let hashes = entry
-                    .access_codes
-                    .iter()
-                    .filter(|c| !c.revoked)
-                    .map(|c| c.hash.clone())
-                    .collect();
-                (Some(entry), hashes)
+                let entry = file.accounts.iter().find(|a| a.name == account).cloned();
+                usable(entry, &account)?
+            }
+            Self::Sql(db) => {
+                let entry = db
+                    .account(&account)
+                    .await
+                    .map_err(LoginError::Unavailable)?;
+                usable(entry, &account)?
             }
         };
         let matched = tokio::task::spawn_blocking(move || hashes.iter().any(|h| verify(&code, h)))
@@ -646,6 +682,7 @@ mod tests {
             access_code: "long-enough".into(),
             ..AccountsConfig::default()
         })
+        .await
         .unwrap();
         assert!(
             single

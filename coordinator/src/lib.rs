@@ -10,6 +10,7 @@
 //! cancelled; the `coordinator` binary is a thin wrapper that parses flags and binds.
 
 pub mod accounts;
+pub mod admin;
 mod alias;
 mod api;
 pub mod config;
@@ -17,6 +18,7 @@ mod limits;
 mod negotiate;
 pub mod registry;
 mod server_link;
+pub mod sql;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,6 +81,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let accounts = Arc::new(
         accounts::Store::from_config(&config.accounts)
+            .await
             .map_err(|e| ConfigError::Invalid(format!("accounts: {e}")))?,
     );
     match &*accounts {

@@ -118,7 +118,9 @@ async fn authenticate(
     match app.accounts.check(Login::from(credentials)).await {
         Ok(grant) => Ok(grant.identity(app.aliases.next())),
         Err(e) => {
-            app.failed_logins.failed(from);
+            if e.is_failure() {
+                app.failed_logins.failed(from);
+            }
             app.stats.logins_refused.inc();
             tracing::info!(%from, error = %e, "login refused");
             Err(e.into())

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! RELAYMESH_CLUSTER_SECRET=... coordinator --listen 127.0.0.1:7400 [--config coordinator.toml]
+//! coordinator accounts [--config coordinator.toml | --file accounts.json | --url sqlite://accounts.db] <command>
 //! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use coordinator::Config;
+use coordinator::accounts::{AccountsConfig, StoreKind};
+use coordinator::admin::{AdminCommand, Backend};
 use tokio_util::sync::CancellationToken;
 
 /// The relaymesh coordinator: registers comm servers, picks one at random for each client and
@@ -22,13 +25,34 @@ struct Args {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the accounts of the file or sql store (the config's [accounts], or --file/--url).
+    Accounts {
+        /// The accounts JSON file (file store).
+        #[arg(long, conflicts_with = "url")]
+        file: Option<PathBuf>,
+        /// The account database: sqlite://FILE or postgres://... (sql store; also
+        /// RELAYMESH_ACCOUNTS_URL).
+        #[arg(long, env = "RELAYMESH_ACCOUNTS_URL", hide_env_values = true)]
+        url: Option<String>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
 fn main() -> ExitCode {
     relaymesh_net::logging::init();
     let args = Args::parse();
+    if let Some(Command::Accounts { file, url, command }) = args.command {
+        return accounts(args.config.as_deref(), file, url, command);
+    }
     match load_config(&args) {
         Ok(config) => serve(config),
         Err(e) => {
@@ -49,8 +73,53 @@ fn load_config(args: &Args) -> Result<Config, relaymesh_net::config::ConfigError
     if let Ok(code) = std::env::var("RELAYMESH_ACCESS_CODE") {
         config.accounts.access_code = code;
     }
+    if let Ok(url) = std::env::var("RELAYMESH_ACCOUNTS_URL") {
+        config.accounts.url = url;
+    }
     config.validate()?;
     Ok(config)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn accounts(
+    config: Option<&std::path::Path>,
+    file: Option<PathBuf>,
+    url: Option<String>,
+    command: AdminCommand,
+) -> ExitCode {
+    let store = match (file, url) {
+        (Some(path), _) => AccountsConfig {
+            store: StoreKind::File,
+            path: Some(path),
+            ..AccountsConfig::default()
+        },
+        (None, Some(url)) => AccountsConfig {
+            store: StoreKind::Sql,
+            url,
+            ..AccountsConfig::default()
+        },
+        (None, None) => match relaymesh_net::config::load::<Config>(config) {
+            Ok(config) => config.accounts,
+            Err(e) => {
+                eprintln!("coordinator: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let result = match Backend::open(&store).await {
+        Ok(backend) => backend.run(command).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("coordinator accounts: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[tokio::main]

@@ -1,0 +1,271 @@
+//! `coordinator accounts ...`: manage the accounts of a `file` or `sql` store from the command
+//! line. Codes are generated here, printed once and stored only as argon2 hashes. A running
+//! coordinator sees the changes without a restart (the file store reloads, the sql store reads
+//! at each login).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use crate::accounts::{
+    AccessCode, Account, AccountsConfig, AccountsFile, RoleRules, StoreKind, check_name, hash_code,
+    new_code,
+};
+use crate::sql::SqlStore;
+
+/// What to do to the accounts.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// List accounts, their codes (by id) and roles.
+    List,
+    /// Create an account (enabled, no codes, no roles: any role may log in).
+    Create {
+        /// The account name.
+        name: String,
+        /// Give each group its own topics inside the account.
+        #[arg(long)]
+        isolate_groups: bool,
+    },
+    /// Let an account log in again.
+    Enable {
+        /// The account name.
+        name: String,
+    },
+    /// Refuse the account's logins (sessions already open are not cut).
+    Disable {
+        /// The account name.
+        name: String,
+    },
+    /// Generate an access code, print it once and store its hash.
+    AddCode {
+        /// The account name.
+        name: String,
+        /// Names the code so it can be revoked later [default: code-N].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Revoke an access code by id.
+    RevokeCode {
+        /// The account name.
+        name: String,
+        /// The code's id (see `list`).
+        id: String,
+    },
+    /// Create or replace a role's rules (once an account has roles, logins must name one).
+    SetRole {
+        /// The account name.
+        name: String,
+        /// The role.
+        role: String,
+        /// Topic filter the role may publish to (repeat for more; `+` one level, `#` the rest).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Topic filter the role may subscribe to (repeat for more).
+        #[arg(long)]
+        subscribe: Vec<String>,
+    },
+    /// Remove a role.
+    RemoveRole {
+        /// The account name.
+        name: String,
+        /// The role.
+        role: String,
+    },
+}
+
+/// Where the accounts live.
+#[derive(Debug)]
+pub enum Backend {
+    /// A JSON file (created by the first `create`).
+    File(PathBuf),
+    /// A database.
+    Sql(SqlStore),
+}
+
+impl Backend {
+    /// Opens the store named by an `[accounts]` config.
+    pub async fn open(config: &AccountsConfig) -> Result<Self, String> {
+        match config.store {
+            StoreKind::File => Ok(Self::File(
+                config
+                    .path
+                    .clone()
+                    .ok_or("accounts.path: must be set for the file store")?,
+            )),
+            StoreKind::Sql => Ok(Self::Sql(SqlStore::connect(&config.url).await?)),
+            StoreKind::Open | StoreKind::Single => Err(
+                "the open and single stores have no accounts to manage; use --file or --url".into(),
+            ),
+        }
+    }
+
+    fn load_file(path: &std::path::Path) -> Result<AccountsFile, String> {
+        if path.exists() {
+            AccountsFile::load(path)
+        } else {
+            Ok(AccountsFile::default())
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Account>, String> {
+        match self {
+            Self::File(path) => Ok(Self::load_file(path)?.accounts),
+            Self::Sql(db) => db.accounts().await,
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Account>, String> {
+        Ok(self.list().await?.into_iter().find(|a| a.name == name))
+    }
+
+    async fn put(&self, account: Account) -> Result<(), String> {
+        match self {
+            Self::File(path) => {
+                let mut file = Self::load_file(path)?;
+                match file.accounts.iter_mut().find(|a| a.name == account.name) {
+                    Some(slot) => *slot = account,
+                    None => file.accounts.push(account),
+                }
+                file.save(path)
+            }
+            Self::Sql(db) => db.put(&account).await,
+        }
+    }
+
+    async fn existing(&self, name: &str) -> Result<Account, String> {
+        self.get(name)
+            .await?
+            .ok_or_else(|| format!("no account {name:?}"))
+    }
+
+    /// Carries out `command`; returns what to print.
+    pub async fn run(&self, command: AdminCommand) -> Result<String, String> {
+        match command {
+            AdminCommand::List => Ok(self.list().await?.iter().map(describe).collect()),
+            AdminCommand::Create {
+                name,
+                isolate_groups,
+            } => {
+                check_name("account", &name)?;
+                if self.get(&name).await?.is_some() {
+                    return Err(format!("account {name:?} already exists"));
+                }
+                self.put(Account {
+                    name: name.clone(),
+                    enabled: true,
+                    isolate_groups,
+                    access_codes: Vec::new(),
+                    roles: Default::default(),
+                })
+                .await?;
+                Ok(format!("created account {name}\n"))
+            }
+            AdminCommand::Enable { name } => self.set_enabled(&name, true).await,
+            AdminCommand::Disable { name } => self.set_enabled(&name, false).await,
+            AdminCommand::AddCode { name, id } => {
+                let mut account = self.existing(&name).await?;
+                let id = id.unwrap_or_else(|| format!("code-{}", account.access_codes.len() + 1));
+                check_name("code id", &id)?;
+                if account.access_codes.iter().any(|c| c.id == id) {
+                    return Err(format!("account {name:?} already has a code {id:?}"));
+                }
+                let code = new_code();
+                account.access_codes.push(AccessCode {
+                    id: id.clone(),
+                    hash: hash_code(&code)?,
+                    revoked: false,
+                });
+                self.put(account).await?;
+                // The only time the code is shown: only its hash is stored.
+                Ok(format!("{code}\n"))
+            }
+            AdminCommand::RevokeCode { name, id } => {
+                let mut account = self.existing(&name).await?;
+                let code = account
+                    .access_codes
+                    .iter_mut()
+                    .find(|c| c.id == id)
+                    .ok_or_else(|| format!("account {name:?} has no code {id:?}"))?;
+                code.revoked = true;
+                self.put(account).await?;
+                Ok(format!("revoked code {id} of {name}\n"))
+            }
+            AdminCommand::SetRole {
+                name,
+                role,
+                publish,
+                subscribe,
+            } => {
+                check_name("role", &role)?;
+                let mut account = self.existing(&name).await?;
+                account
+                    .roles
+                    .insert(role.clone(), RoleRules { publish, subscribe });
+                // Filters are checked with the whole account before anything is written.
+                AccountsFile {
+                    accounts: vec![account.clone()],
+                }
+                .check()?;
+                self.put(account).await?;
+                Ok(format!("set role {role} of {name}\n"))
+            }
+            AdminCommand::RemoveRole { name, role } => {
+                let mut account = self.existing(&name).await?;
+                if account.roles.remove(&role).is_none() {
+                    return Err(format!("account {name:?} has no role {role:?}"));
+                }
+                self.put(account).await?;
+                Ok(format!("removed role {role} of {name}\n"))
+            }
+        }
+    }
+
+    async fn set_enabled(&self, name: &str, enabled: bool) -> Result<String, String> {
+        let mut account = self.existing(name).await?;
+        account.enabled = enabled;
+        self.put(account).await?;
+        Ok(format!(
+            "{} account {name}\n",
+            if enabled { "enabled" } else { "disabled" }
+        ))
+    }
+}
+
+fn describe(a: &Account) -> String {
+    let codes: Vec<String> = a
+        .access_codes
+        .iter()
+        .map(|c| format!("{}{}", c.id, if c.revoked { " (revoked)" } else { "" }))
+        .collect();
+    let roles: Vec<String> = a
+        .roles
+        .iter()
+        .map(|(role, r)| {
+            format!(
+                "{role} [publish {}; subscribe {}]",
+                r.publish.join(" "),
+                r.subscribe.join(" ")
+            )
+        })
+        .collect();
+    format!(
+        "{}\t{}{}\tcodes: {}\troles: {}\n",
+        a.name,
+        if a.enabled { "enabled" } else { "disabled" },
+        if a.isolate_groups {
+            ", groups isolated"
+        } else {
+            ""
+        },
+        if codes.is_empty() {
+            "-".into()
+        } else {
+            codes.join(", ")
+        },
+        if roles.is_empty() {
+            "any".into()
+        } else {
+            roles.join(", ")
+        },
+    )
+}

@@ -1,0 +1,187 @@
+//! The `sql` account store: accounts in SQLite (a file, created and migrated on first start;
+//! the default) or PostgreSQL (by URL), through sqlx's `Any` driver so one set of queries and
+//! migrations serves both. Migrations (`coordinator/migrations/`) are versioned and run
+//! automatically on connect.
+
+use std::collections::BTreeMap;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row as _};
+
+use crate::accounts::{AccessCode, Account, RoleRules};
+
+/// Connections kept open to the database.
+const POOL_SIZE: u32 = 8;
+
+/// A connected, migrated account database.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+}
+
+/// A database error, with what was being done.
+fn failed(what: &str) -> impl Fn(sqlx::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://FILE` or `postgres://...`) and brings the schema up to
+    /// date. A SQLite file is created if missing.
+    pub async fn connect(url: &str) -> Result<Self, String> {
+        sqlx::any::install_default_drivers();
+        let url = if url.starts_with("sqlite:") && !url.contains('?') {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_owned()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect(&url)
+            .await
+            .map_err(failed("connecting to the account database"))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| format!("migrating the account database: {e}"))?;
+        Ok(Self { pool })
+    }
+
+    /// The account called `name`, with its codes and roles.
+    pub async fn account(&self, name: &str) -> Result<Option<Account>, String> {
+        let Some(row) = sqlx::query("SELECT enabled, isolate_groups FROM accounts WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(failed("reading an account"))?
+        else {
+            return Ok(None);
+        };
+        let flag = |i: usize| row.try_get::<i64, _>(i).map(|v| v != 0);
+        let (enabled, isolate_groups) = (
+            flag(0).map_err(failed("reading an account"))?,
+            flag(1).map_err(failed("reading an account"))?,
+        );
+        let codes = sqlx::query(
+            "SELECT id, hash, revoked FROM access_codes WHERE account = $1 ORDER BY id",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("reading access codes"))?;
+        let access_codes = codes
+            .iter()
+            .map(|r| {
+                Ok(AccessCode {
+                    id: r.try_get(0)?,
+                    hash: r.try_get(1)?,
+                    revoked: r.try_get::<i64, _>(2)? != 0,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(failed("reading access codes"))?;
+        let role_rows =
+            sqlx::query("SELECT role, publish, subscribe FROM roles WHERE account = $1")
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(failed("reading roles"))?;
+        let mut roles = BTreeMap::new();
+        for r in &role_rows {
+            let role: String = r.try_get(0).map_err(failed("reading roles"))?;
+            let list = |i: usize| -> Result<Vec<String>, String> {
+                let text: String = r.try_get(i).map_err(failed("reading roles"))?;
+                serde_json::from_str(&text).map_err(|e| format!("role {role:?}: {e}"))
+            };
+            roles.insert(
+                role.clone(),
+                RoleRules {
+                    publish: list(1)?,
+                    subscribe: list(2)?,
+                },
+            );
+        }
+        Ok(Some(Account {
+            name: name.to_owned(),
+            enabled,
+            isolate_groups,
+            access_codes,
+            roles,
+        }))
+    }
+
+    /// Every account, by name.
+    pub async fn accounts(&self) -> Result<Vec<Account>, String> {
+        let names: Vec<String> = sqlx::query("SELECT name FROM accounts ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(failed("listing accounts"))?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(failed("listing accounts"))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.extend(self.account(&name).await?);
+        }
+        Ok(out)
+    }
+
+    /// Writes `account` (creating or replacing it, codes and roles included) in one
+    /// transaction.
+    pub async fn put(&self, account: &Account) -> Result<(), String> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(failed("starting a transaction"))?;
+        sqlx::query(
+            "INSERT INTO accounts (name, enabled, isolate_groups) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, \
+             isolate_groups = excluded.isolate_groups",
+        )
+        .bind(&account.name)
+        .bind(i64::from(account.enabled))
+        .bind(i64::from(account.isolate_groups))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed("writing an account"))?;
+        for table in ["access_codes", "roles"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE account = $1"))
+                .bind(&account.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed("writing an account"))?;
+        }
+        for code in &account.access_codes {
+            sqlx::query(
+                "INSERT INTO access_codes (account, id, hash, revoked) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&account.name)
+            .bind(&code.id)
+            .bind(&code.hash)
+            .bind(i64::from(code.revoked))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed("writing an access code"))?;
+        }
+        for (role, rules) in &account.roles {
+            let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+            sqlx::query(
+                "INSERT INTO roles (account, role, publish, subscribe) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&account.name)
+            .bind(role)
+            .bind(json(&rules.publish))
+            .bind(json(&rules.subscribe))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed("writing a role"))?;
+        }
+        tx.commit().await.map_err(failed("committing an account"))
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,154 @@
+//! The `sql` account store on real databases: a SQLite file and a PostgreSQL server
+//! (`RELAYMESH_TEST_POSTGRES_URL`, which `scripts/test.sh` provides with a throwaway server).
+//! The same checks run on both: migrations on first connect (and again, harmlessly), accounts
+//! managed through the admin commands, and logins refused with the right code.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use coordinator::accounts::{Login, LoginError, Store};
+use coordinator::admin::{AdminCommand, Backend};
+use coordinator::sql::SqlStore;
+use sqlx::Connection as _;
+
+fn login(account: &str, code: &str, role: &str, group: &str) -> Login {
+    Login::Code {
+        account: account.into(),
+        code: code.into(),
+        role: role.into(),
+        group: group.into(),
+    }
+}
+
+async fn admin(db: &SqlStore, command: AdminCommand) -> String {
+    Backend::Sql(db.clone()).run(command).await.unwrap()
+}
+
+fn named(name: &str) -> String {
+    name.to_owned()
+}
+
+async fn exercise(url: &str) {
+    let db = SqlStore::connect(url).await.unwrap();
+    let create = |isolate_groups| AdminCommand::Create {
+        name: named("acme"),
+        isolate_groups,
+    };
+    admin(&db, create(true)).await;
+    let code = admin(
+        &db,
+        AdminCommand::AddCode {
+            name: named("acme"),
+            id: Some(named("main")),
+        },
+    )
+    .await;
+    let code = code.trim();
+    admin(
+        &db,
+        AdminCommand::SetRole {
+            name: named("acme"),
+            role: named("agent"),
+            publish: vec![named("telemetry/#")],
+            subscribe: vec![named("command/+")],
+        },
+    )
+    .await;
+    let duplicate = Backend::Sql(db.clone()).run(create(false)).await;
+    assert!(duplicate.unwrap_err().contains("already exists"));
+
+    // Connecting again runs the migrations again: nothing to do, nothing lost.
+    let store = Store::Sql(SqlStore::connect(url).await.unwrap());
+    let grant = store
+        .check(login("acme", code, "agent", "g1"))
+        .await
+        .unwrap();
+    assert_eq!(grant.scope, "acme#g1");
+    assert_eq!(grant.rules.unwrap().subscribe, ["command/+"]);
+    assert_eq!(
+        store.check(login("acme", code, "gcs", "")).await,
+        Err(LoginError::RoleNotPermitted {
+            account: named("acme"),
+            role: named("gcs")
+        })
+    );
+    assert_eq!(
+        store.check(login("nobody", code, "", "")).await,
+        Err(LoginError::UnknownAccount(named("nobody")))
+    );
+    admin(
+        &db,
+        AdminCommand::Disable {
+            name: named("acme"),
+        },
+    )
+    .await;
+    assert_eq!(
+        store.check(login("acme", code, "agent", "")).await,
+        Err(LoginError::Disabled(named("acme")))
+    );
+    admin(
+        &db,
+        AdminCommand::Enable {
+            name: named("acme"),
+        },
+    )
+    .await;
+    admin(
+        &db,
+        AdminCommand::RevokeCode {
+            name: named("acme"),
+            id: named("main"),
+        },
+    )
+    .await;
+    assert_eq!(
+        store.check(login("acme", code, "agent", "")).await,
+        Err(LoginError::BadCode(named("acme")))
+    );
+    let listed = admin(&db, AdminCommand::List).await;
+    assert!(
+        listed.contains("main (revoked)") && listed.contains("agent [publish telemetry/#"),
+        "{listed}"
+    );
+    db.close().await;
+    if let Store::Sql(db) = store {
+        db.close().await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_store_is_created_migrated_and_checked() {
+    let path = std::env::temp_dir().join(format!("relaymesh-accounts-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    exercise(&format!("sqlite://{}", path.display())).await;
+    assert!(path.exists());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[tokio::test]
+async fn postgres_store_is_migrated_and_checked() {
+    let Ok(base) = std::env::var("RELAYMESH_TEST_POSTGRES_URL") else {
+        panic!(
+            "RELAYMESH_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh, which \
+             starts a throwaway PostgreSQL server"
+        );
+    };
+    // A database of its own, so runs never share state.
+    let name = format!("relaymesh_test_{}", std::process::id());
+    let mut server = sqlx::PgConnection::connect(&base).await.unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::query(&sql).execute(&mut server).await.unwrap();
+    }
+    let url = match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("RELAYMESH_TEST_POSTGRES_URL has no database part: {base}"),
+    };
+    exercise(&url).await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut server)
+        .await
+        .unwrap();
+}
