@@ -78,6 +78,18 @@ pub enum Credentials {
     /// No account (accepted by an `open` coordinator only).
     #[default]
     Anonymous,
+    /// An Ed25519 key registered to the account: the coordinator sends a challenge and the
+    /// client signs it, so the key never leaves the client.
+    Key {
+        /// The account.
+        account: String,
+        /// The signing (private) key.
+        key: ed25519_dalek::SigningKey,
+        /// The role (empty for none).
+        role: String,
+        /// The group (empty for none).
+        group: String,
+    },
     /// An account's access code, and the role (and optional group) to act as.
     AccessCode {
         /// The account.
@@ -107,6 +119,18 @@ impl std::fmt::Debug for Credentials {
                 .field("role", role)
                 .field("group", group)
                 .finish_non_exhaustive(),
+            Self::Key {
+                account,
+                key,
+                role,
+                group,
+            } => f
+                .debug_struct("Key")
+                .field("account", account)
+                .field("public_key", &key.verifying_key())
+                .field("role", role)
+                .field("group", group)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -125,6 +149,19 @@ impl From<&Credentials> for v1::Credentials {
                 code: code.clone(),
                 role: role.clone(),
                 group: group.clone(),
+            }),
+            Credentials::Key {
+                account,
+                key,
+                role,
+                group,
+            } => v1::credentials::Kind::Key(v1::KeyLogin {
+                account: account.clone(),
+                public_key: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+                role: role.clone(),
+                group: group.clone(),
+                challenge_id: String::new(),
+                signature: Bytes::new(),
             }),
         };
         Self { kind: Some(kind) }

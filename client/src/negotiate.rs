@@ -2,13 +2,14 @@
 //! one connection round (possibly several `Connect`s, when an offered server turns out to be
 //! unreachable) and is then closed; the next round opens a new one.
 
+use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use relaymesh_net::ws::{self, ClientSocket};
 use relaymesh_proto::v1::{self, coordinator_to_client::Kind};
 use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::{ClientConfig, ClientError};
+use crate::{ClientConfig, ClientError, Credentials};
 
 /// An open negotiation link.
 pub(crate) struct Negotiation {
@@ -31,7 +32,27 @@ impl Negotiation {
             credentials: Some((&config.credentials).into()),
         };
         link.send(&v1::ClientToCoordinator::hello(hello)).await?;
-        match link.receive(config).await? {
+        let mut answer = link.receive(config).await?;
+        if let (
+            Kind::Challenge(challenge),
+            Credentials::Key {
+                account,
+                key,
+                role,
+                group,
+            },
+        ) = (&answer, &config.credentials)
+        {
+            let message = relaymesh_proto::login_challenge(&challenge.nonce, account, role, group);
+            let signature = ed25519_dalek::Signer::sign(key, &message);
+            let response = v1::ChallengeResponse {
+                signature: Bytes::copy_from_slice(&signature.to_bytes()),
+            };
+            link.send(&v1::ClientToCoordinator::challenge_response(response))
+                .await?;
+            answer = link.receive(config).await?;
+        }
+        match answer {
             Kind::Welcome(welcome) if welcome.protocol_version == PROTOCOL_VERSION => {
                 link.alias = welcome.alias
             }

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use ed25519_dalek::{Signature, VerifyingKey};
 use rand::RngExt as _;
 use relaymesh_net::sync::lock;
 use relaymesh_proto::topic;
@@ -59,6 +60,19 @@ pub struct AccessCode {
     pub revoked: bool,
 }
 
+/// An Ed25519 public key registered to an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKey {
+    /// Names the key, so it can be revoked.
+    pub id: String,
+    /// The 32-byte key in hex (64 characters).
+    pub key: String,
+    /// A revoked key no longer logs in.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
 /// An account: a customer whose clients see only each other's traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +88,9 @@ pub struct Account {
     /// Codes that log in to this account (any one of them).
     #[serde(default)]
     pub access_codes: Vec<AccessCode>,
+    /// Ed25519 keys that log in to this account (challenge-response).
+    #[serde(default)]
+    pub public_keys: Vec<PublicKey>,
     /// Roles and their rules. Empty: any role, no rules. Otherwise a login must name one of
     /// these roles and is held to its rules.
     #[serde(default)]
@@ -120,6 +137,17 @@ impl AccountsFile {
             check_name("account", &a.name)?;
             if !seen.insert(&a.name) {
                 return Err(format!("account {:?} appears twice", a.name));
+            }
+            for k in &a.public_keys {
+                let valid = hex_decode(&k.key)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .is_some_and(|b| VerifyingKey::from_bytes(&b).is_ok());
+                if !valid {
+                    return Err(format!(
+                        "account {:?}, key {:?}: not a 64-hex-digit Ed25519 public key",
+                        a.name, k.id
+                    ));
+                }
             }
             for code in &a.access_codes {
                 PasswordHash::new(&code.hash).map_err(|e| {
@@ -198,6 +226,9 @@ pub enum LoginError {
     /// Wrong or revoked access code.
     #[error("wrong access code for account {0:?}")]
     BadCode(String),
+    /// The key is not registered to the account, or the signature does not verify.
+    #[error("key not registered to account {0:?}, or its signature does not verify")]
+    BadSignature(String),
     /// The account is disabled.
     #[error("account {0:?} is disabled")]
     Disabled(String),
@@ -234,7 +265,7 @@ impl From<LoginError> for v1::Error {
     fn from(e: LoginError) -> Self {
         let code = match &e {
             LoginError::UnknownAccount(_) => ErrorCode::UnknownAccount,
-            LoginError::BadCode(_) => ErrorCode::BadCredentials,
+            LoginError::BadCode(_) | LoginError::BadSignature(_) => ErrorCode::BadCredentials,
             LoginError::Disabled(_) => ErrorCode::AccountDisabled,
             LoginError::RoleNotPermitted { .. } => ErrorCode::RoleNotPermitted,
             LoginError::CredentialsRequired | LoginError::BadName(_) => ErrorCode::Unauthenticated,
@@ -290,6 +321,21 @@ impl Grant {
 pub enum Login {
     /// No credentials.
     Anonymous,
+    /// An Ed25519 key registered to the account, and its signature of the challenge `nonce`.
+    Key {
+        /// The account.
+        account: String,
+        /// The role to act as (may be empty).
+        role: String,
+        /// The group (may be empty).
+        group: String,
+        /// The 32-byte public key.
+        public_key: Vec<u8>,
+        /// The challenge the coordinator issued.
+        nonce: Vec<u8>,
+        /// The 64-byte signature of `login_challenge(nonce, account, role, group)`.
+        signature: Vec<u8>,
+    },
     /// Account, access code, role and group.
     Code {
         /// The account.
@@ -313,23 +359,73 @@ impl From<Option<v1::Credentials>> for Login {
                 role: a.role,
                 group: a.group,
             },
+            // The nonce is the caller's to fill in from the challenge it issued.
+            Some(v1::credentials::Kind::Key(k)) => Self::Key {
+                account: k.account,
+                role: k.role,
+                group: k.group,
+                public_key: k.public_key.to_vec(),
+                nonce: Vec::new(),
+                signature: k.signature.to_vec(),
+            },
         }
     }
 }
 
-/// An account found by name, and the hashes of its live codes.
-fn usable(
-    entry: Option<Account>,
-    name: &str,
-) -> Result<(Option<Account>, Vec<String>), LoginError> {
-    let entry = entry.ok_or_else(|| LoginError::UnknownAccount(name.to_owned()))?;
-    let hashes = entry
-        .access_codes
-        .iter()
-        .filter(|c| !c.revoked)
-        .map(|c| c.hash.clone())
-        .collect();
-    Ok((Some(entry), hashes))
+/// What a login offers as proof.
+enum Proof {
+    Code(String),
+    Key {
+        public_key: Vec<u8>,
+        nonce: Vec<u8>,
+        signature: Vec<u8>,
+    },
+}
+
+/// Whether `code` matches one of `hashes` (argon2, on a blocking thread).
+async fn argon2_matches(code: String, hashes: Vec<String>) -> bool {
+    tokio::task::spawn_blocking(move || hashes.iter().any(|h| verify(&code, h)))
+        .await
+        .unwrap_or(false)
+}
+
+/// Whether `signature` is `public_key`'s Ed25519 signature of the login challenge.
+pub fn verify_signature(
+    public_key: &[u8],
+    nonce: &[u8],
+    signature: &[u8],
+    account: &str,
+    role: &str,
+    group: &str,
+) -> bool {
+    let (Ok(key), Ok(signature)) = (
+        <[u8; 32]>::try_from(public_key),
+        <[u8; 64]>::try_from(signature),
+    ) else {
+        return false;
+    };
+    let Ok(key) = VerifyingKey::from_bytes(&key) else {
+        return false;
+    };
+    let message = relaymesh_proto::login_challenge(nonce, account, role, group);
+    key.verify_strict(&message, &Signature::from_bytes(&signature))
+        .is_ok()
+}
+
+/// Lowercase or uppercase hex to bytes.
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Bytes to lowercase hex.
+pub fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Which store, from the config file's `[accounts]` table.
@@ -441,23 +537,42 @@ impl Store {
 
     /// Checks a login. Runs argon2 on a blocking thread.
     pub async fn check(&self, login: Login) -> Result<Grant, LoginError> {
-        let Login::Code {
-            account,
-            code,
-            role,
-            group,
-        } = login
-        else {
-            return match self {
-                Self::Open => Ok(Grant {
-                    account: String::new(),
-                    role: String::new(),
-                    group: String::new(),
-                    scope: String::new(),
-                    rules: None,
-                }),
-                _ => Err(LoginError::CredentialsRequired),
-            };
+        let (account, role, group, proof) = match login {
+            Login::Anonymous => {
+                return match self {
+                    Self::Open => Ok(Grant {
+                        account: String::new(),
+                        role: String::new(),
+                        group: String::new(),
+                        scope: String::new(),
+                        rules: None,
+                    }),
+                    _ => Err(LoginError::CredentialsRequired),
+                };
+            }
+            Login::Code {
+                account,
+                code,
+                role,
+                group,
+            } => (account, role, group, Proof::Code(code)),
+            Login::Key {
+                account,
+                role,
+                group,
+                public_key,
+                nonce,
+                signature,
+            } => (
+                account,
+                role,
+                group,
+                Proof::Key {
+                    public_key,
+                    nonce,
+                    signature,
+                },
+            ),
         };
         check_name("account", &account).map_err(LoginError::BadName)?;
         for (what, name) in [("role", &role), ("group", &group)] {
@@ -465,8 +580,21 @@ impl Store {
                 check_name(what, name).map_err(LoginError::BadName)?;
             }
         }
-        let (entry, hashes) = match self {
+        let signed = |public_key: &[u8], nonce: &[u8], signature: &[u8]| {
+            verify_signature(public_key, nonce, signature, &account, &role, &group)
+        };
+        let entry = match self {
             Self::Open => {
+                // Anyone may log in, but a key login still proves it holds its key.
+                if let Proof::Key {
+                    public_key,
+                    nonce,
+                    signature,
+                } = &proof
+                    && !signed(public_key, nonce, signature)
+                {
+                    return Err(LoginError::BadSignature(account));
+                }
                 return Ok(Grant {
                     scope: account.clone(),
                     account,
@@ -482,36 +610,57 @@ impl Store {
                 if *name != account {
                     return Err(LoginError::UnknownAccount(account));
                 }
-                (None, vec![hash.clone()])
+                let Proof::Code(code) = proof else {
+                    return Err(LoginError::BadSignature(account));
+                };
+                if !argon2_matches(code, vec![hash.clone()]).await {
+                    return Err(LoginError::BadCode(account));
+                }
+                return Ok(Grant {
+                    scope: account.clone(),
+                    account,
+                    role,
+                    group,
+                    rules: None,
+                });
             }
             Self::File { accounts, .. } => {
                 let file = lock(accounts).clone();
-                let entry = file.accounts.iter().find(|a| a.name == account).cloned();
-                usable(entry, &account)?
+                file.accounts.iter().find(|a| a.name == account).cloned()
             }
-            Self::Sql(db) => {
-                let entry = db
-                    .account(&account)
-                    .await
-                    .map_err(LoginError::Unavailable)?;
-                usable(entry, &account)?
-            }
+            Self::Sql(db) => db
+                .account(&account)
+                .await
+                .map_err(LoginError::Unavailable)?,
         };
-        let matched = tokio::task::spawn_blocking(move || hashes.iter().any(|h| verify(&code, h)))
-            .await
-            .unwrap_or(false);
-        if !matched {
-            return Err(LoginError::BadCode(account));
+        let entry = entry.ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
+        match proof {
+            Proof::Code(code) => {
+                let hashes = entry
+                    .access_codes
+                    .iter()
+                    .filter(|c| !c.revoked)
+                    .map(|c| c.hash.clone())
+                    .collect();
+                if !argon2_matches(code, hashes).await {
+                    return Err(LoginError::BadCode(account));
+                }
+            }
+            Proof::Key {
+                public_key,
+                nonce,
+                signature,
+            } => {
+                let registered = entry
+                    .public_keys
+                    .iter()
+                    .filter(|k| !k.revoked)
+                    .any(|k| hex_decode(&k.key).is_some_and(|k| k == public_key));
+                if !registered || !signed(&public_key, &nonce, &signature) {
+                    return Err(LoginError::BadSignature(account));
+                }
+            }
         }
-        let Some(entry) = entry else {
-            return Ok(Grant {
-                scope: account.clone(),
-                account,
-                role,
-                group,
-                rules: None,
-            });
-        };
         if !entry.enabled {
             return Err(LoginError::Disabled(account));
         }
@@ -598,6 +747,66 @@ mod tests {
         }
     }
 
+    fn drone() -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+    }
+
+    fn key(role: &str, nonce: &[u8], signed_nonce: &[u8]) -> Login {
+        let message = relaymesh_proto::login_challenge(signed_nonce, "acme", role, "");
+        Login::Key {
+            account: "acme".into(),
+            role: role.into(),
+            group: String::new(),
+            public_key: drone().verifying_key().as_bytes().to_vec(),
+            nonce: nonce.to_vec(),
+            signature: ed25519_dalek::Signer::sign(&drone(), &message)
+                .to_bytes()
+                .to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn key_logins_verify_the_signature_of_this_challenge() {
+        let store = file_store(AccountsFile {
+            accounts: vec![acme()],
+        });
+        assert!(store.check(key("agent", b"n1", b"n1")).await.is_ok());
+        // A signature of another challenge (a replay) or another role does not verify.
+        assert_eq!(
+            store.check(key("agent", b"n2", b"n1")).await,
+            Err(LoginError::BadSignature("acme".into()))
+        );
+        let Login::Key { signature, .. } = key("gcs", b"n1", b"n1") else {
+            unreachable!()
+        };
+        let Login::Key {
+            mut public_key,
+            nonce,
+            ..
+        } = key("agent", b"n1", b"n1")
+        else {
+            unreachable!()
+        };
+        let forged = Login::Key {
+            account: "acme".into(),
+            role: "agent".into(),
+            group: String::new(),
+            public_key: public_key.clone(),
+            nonce: nonce.clone(),
+            signature,
+        };
+        assert!(store.check(forged).await.is_err());
+        public_key[0] ^= 1;
+        assert!(!verify_signature(
+            &public_key,
+            &nonce,
+            &[0; 64],
+            "acme",
+            "agent",
+            ""
+        ));
+    }
+
     fn acme() -> Account {
         Account {
             name: "acme".into(),
@@ -615,6 +824,11 @@ mod tests {
                     revoked: false,
                 },
             ],
+            public_keys: vec![PublicKey {
+                id: "drone".into(),
+                key: hex_encode(drone().verifying_key().as_bytes()),
+                revoked: false,
+            }],
             roles: BTreeMap::from([(
                 "agent".into(),
                 RoleRules {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use crate::accounts::{
-    AccessCode, Account, AccountsConfig, AccountsFile, RoleRules, StoreKind, check_name, hash_code,
-    new_code,
+    AccessCode, Account, AccountsConfig, AccountsFile, PublicKey, RoleRules, StoreKind, check_name,
+    hash_code, new_code,
 };
 use crate::sql::SqlStore;
 
@@ -49,6 +49,23 @@ pub enum AdminCommand {
         /// The account name.
         name: String,
         /// The code's id (see `list`).
+        id: String,
+    },
+    /// Register an Ed25519 public key (64 hex digits, e.g. from `meshctl keygen`).
+    AddKey {
+        /// The account name.
+        name: String,
+        /// The public key in hex.
+        key: String,
+        /// Names the key so it can be revoked later [default: key-N].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Revoke a public key by id.
+    RevokeKey {
+        /// The account name.
+        name: String,
+        /// The key's id (see `list`).
         id: String,
     },
     /// Create or replace a role's rules (once an account has roles, logins must name one).
@@ -155,6 +172,7 @@ impl Backend {
                     enabled: true,
                     isolate_groups,
                     access_codes: Vec::new(),
+                    public_keys: Vec::new(),
                     roles: Default::default(),
                 })
                 .await?;
@@ -189,6 +207,37 @@ impl Backend {
                 code.revoked = true;
                 self.put(account).await?;
                 Ok(format!("revoked code {id} of {name}\n"))
+            }
+            AdminCommand::AddKey { name, key, id } => {
+                let mut account = self.existing(&name).await?;
+                let id = id.unwrap_or_else(|| format!("key-{}", account.public_keys.len() + 1));
+                check_name("key id", &id)?;
+                if account.public_keys.iter().any(|k| k.id == id) {
+                    return Err(format!("account {name:?} already has a key {id:?}"));
+                }
+                account.public_keys.push(PublicKey {
+                    id: id.clone(),
+                    key: key.to_ascii_lowercase(),
+                    revoked: false,
+                });
+                // The key is checked with the whole account before anything is written.
+                AccountsFile {
+                    accounts: vec![account.clone()],
+                }
+                .check()?;
+                self.put(account).await?;
+                Ok(format!("added key {id} to {name}\n"))
+            }
+            AdminCommand::RevokeKey { name, id } => {
+                let mut account = self.existing(&name).await?;
+                let key = account
+                    .public_keys
+                    .iter_mut()
+                    .find(|k| k.id == id)
+                    .ok_or_else(|| format!("account {name:?} has no key {id:?}"))?;
+                key.revoked = true;
+                self.put(account).await?;
+                Ok(format!("revoked key {id} of {name}\n"))
             }
             AdminCommand::SetRole {
                 name,
@@ -235,7 +284,9 @@ fn describe(a: &Account) -> String {
     let codes: Vec<String> = a
         .access_codes
         .iter()
-        .map(|c| format!("{}{}", c.id, if c.revoked { " (revoked)" } else { "" }))
+        .map(|c| (&c.id, c.revoked))
+        .chain(a.public_keys.iter().map(|k| (&k.id, k.revoked)))
+        .map(|(id, revoked)| format!("{id}{}", if revoked { " (revoked)" } else { "" }))
         .collect();
     let roles: Vec<String> = a
         .roles

@@ -60,6 +60,10 @@ pub struct Config {
     pub failed_login_burst: u32,
     /// Source addresses tracked for failed logins at most.
     pub max_tracked_addresses: usize,
+    /// How long a `POST /v1/login/challenge` challenge may be answered.
+    pub challenge_ttl_ms: u64,
+    /// Challenges outstanding at most; more are refused until some are used or expire.
+    pub max_pending_challenges: usize,
 }
 
 impl Default for Config {
@@ -85,6 +89,8 @@ impl Default for Config {
             failed_logins_per_min: 10,
             failed_login_burst: 10,
             max_tracked_addresses: 100_000,
+            challenge_ttl_ms: 30_000,
+            max_pending_challenges: 10_000,
         }
     }
 }
@@ -149,6 +155,11 @@ impl Config {
             "failed_logins_per_min and failed_login_burst must be positive",
         )?;
         ensure(
+            self.challenge_ttl_ms > 0 && self.max_pending_challenges > 0,
+            "challenge_ttl_ms",
+            "challenge_ttl_ms and max_pending_challenges must be positive",
+        )?;
+        ensure(
             self.max_tracked_addresses > 0,
             "max_tracked_addresses",
             "must be positive",
@@ -166,6 +177,10 @@ impl Config {
 
     pub(crate) fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    pub(crate) fn challenge_ttl(&self) -> Duration {
+        Duration::from_millis(self.challenge_ttl_ms)
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {

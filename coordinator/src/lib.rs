@@ -44,6 +44,8 @@ struct App {
     accounts: Arc<accounts::Store>,
     /// Failed logins per source address.
     failed_logins: limits::FailedLogins,
+    /// Outstanding key-login challenges of `POST /v1/login/challenge`.
+    challenges: limits::Challenges,
     /// Registered servers; locked briefly, never across an await.
     registry: Mutex<Registry<Arc<ServerLink>>>,
     aliases: alias::Aliases,
@@ -93,6 +95,7 @@ pub async fn run(
     }
     tracker.spawn(accounts.clone().watch(shutdown.clone()));
     let app = Arc::new(App {
+        challenges: limits::Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
         failed_logins: limits::FailedLogins::new(
             config.failed_logins_per_min,
             config.failed_login_burst,
@@ -116,6 +119,7 @@ pub async fn run(
             "/v1/login",
             post(negotiate::login).layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
         )
+        .route("/v1/login/challenge", post(negotiate::challenge))
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))

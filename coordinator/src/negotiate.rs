@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::App;
-use crate::accounts::{Login, LoginError};
+use crate::accounts::{Login, LoginError, hex_decode, hex_encode};
 use crate::limits::TokenBucket;
 use crate::server_link::millis;
 
@@ -106,16 +106,12 @@ pub(crate) async fn place_client(
 /// Checks credentials against the account store and returns the identity a key will be
 /// reserved for. Failures count against the source address; an address with too many is
 /// refused before the store is asked.
-async fn authenticate(
-    app: &App,
-    credentials: Option<v1::Credentials>,
-    from: IpAddr,
-) -> Result<v1::Identity, v1::Error> {
+async fn authenticate(app: &App, login: Login, from: IpAddr) -> Result<v1::Identity, v1::Error> {
     if !app.failed_logins.allows(from) {
         app.stats.logins_rate_limited.inc();
         return Err(LoginError::RateLimited.into());
     }
-    match app.accounts.check(Login::from(credentials)).await {
+    match app.accounts.check(login).await {
         Ok(grant) => Ok(grant.identity(app.aliases.next())),
         Err(e) => {
             if e.is_failure() {
@@ -208,7 +204,38 @@ async fn serve(
             ),
         ));
     }
-    let identity = authenticate(app, hello.credentials, from).await?;
+    let login = match hello.credentials {
+        Some(v1::Credentials {
+            kind: Some(credentials::Kind::Key(key)),
+        }) => {
+            // Challenge-response: a fresh nonce for this attempt only.
+            let nonce: [u8; 32] = rand::random();
+            reply(
+                tx,
+                &v1::CoordinatorToClient::challenge(v1::Challenge {
+                    nonce: Bytes::copy_from_slice(&nonce),
+                }),
+            )?;
+            let answer: Option<v1::ClientToCoordinator> =
+                link::first_message(stream, app.config.handshake_timeout()).await?;
+            let Some(Some(Kind::ChallengeResponse(response))) = answer.map(|m| m.kind) else {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "a key login must answer the Challenge with ChallengeResponse",
+                ));
+            };
+            Login::Key {
+                account: key.account,
+                role: key.role,
+                group: key.group,
+                public_key: key.public_key.to_vec(),
+                nonce: nonce.to_vec(),
+                signature: response.signature.to_vec(),
+            }
+        }
+        credentials => Login::from(credentials),
+    };
+    let identity = authenticate(app, login, from).await?;
     let servers = lock(&app.registry)
         .iter()
         .map(|(id, e)| v1::ServerInfo {
@@ -270,6 +297,7 @@ async fn serve(
                         }
                         Some(Kind::Ping(ping)) => reply(tx, &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }))?,
                         Some(Kind::Hello(_)) => return Err(error(ErrorCode::UnexpectedMessage, "Hello was already sent on this link")),
+                        Some(Kind::ChallengeResponse(_)) => return Err(error(ErrorCode::UnexpectedMessage, "no challenge is pending on this link")),
                         None => return Err(error(ErrorCode::BadFrame, "empty ClientToCoordinator message")),
                     }
                 }
@@ -316,26 +344,83 @@ pub(crate) enum LoginCredentials {
         #[serde(default)]
         group: String,
     },
+    /// An Ed25519 key: `public_key` and `signature` in hex, `challenge_id` from
+    /// `POST /v1/login/challenge`.
+    Key {
+        account: String,
+        public_key: String,
+        #[serde(default)]
+        role: String,
+        #[serde(default)]
+        group: String,
+        challenge_id: String,
+        signature: String,
+    },
 }
 
-impl From<LoginCredentials> for v1::Credentials {
-    fn from(c: LoginCredentials) -> Self {
-        let kind = match c {
-            LoginCredentials::Anonymous {} => credentials::Kind::Anonymous(v1::Anonymous {}),
-            LoginCredentials::AccessCode {
+impl LoginCredentials {
+    /// The login these credentials ask for; a key login takes (and so uses up) its challenge.
+    fn into_login(self, app: &App) -> Result<Login, LoginError> {
+        Ok(match self {
+            Self::Anonymous {} => Login::Anonymous,
+            Self::AccessCode {
                 account,
                 code,
                 role,
                 group,
-            } => credentials::Kind::AccessCode(v1::AccessCode {
+            } => Login::Code {
                 account,
                 code,
                 role,
                 group,
-            }),
-        };
-        v1::Credentials { kind: Some(kind) }
+            },
+            Self::Key {
+                account,
+                public_key,
+                role,
+                group,
+                challenge_id,
+                signature,
+            } => {
+                let bad = || LoginError::BadSignature(account.clone());
+                let nonce = app.challenges.take(&challenge_id).ok_or_else(bad)?;
+                Login::Key {
+                    public_key: hex_decode(&public_key).ok_or_else(bad)?,
+                    signature: hex_decode(&signature).ok_or_else(bad)?,
+                    nonce,
+                    account,
+                    role,
+                    group,
+                }
+            }
+        })
     }
+}
+
+/// Answer of `POST /v1/login/challenge`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChallengeResponse {
+    challenge_id: String,
+    /// 32 random bytes in hex, to sign as `login_challenge(nonce, account, role, group)`.
+    nonce: String,
+    expires_in_ms: u64,
+}
+
+/// `POST /v1/login/challenge`: a single-use challenge for an Ed25519 login over HTTP.
+pub(crate) async fn challenge(
+    State(app): State<Arc<App>>,
+) -> Result<Json<ChallengeResponse>, ApiError> {
+    let (challenge_id, nonce) = app.challenges.issue().ok_or_else(|| {
+        ApiError::from_code(
+            ErrorCode::LimitExceeded,
+            "too many challenges outstanding; retry shortly",
+        )
+    })?;
+    Ok(Json(ChallengeResponse {
+        challenge_id,
+        nonce: hex_encode(&nonce),
+        expires_in_ms: millis(app.config.challenge_ttl()).into(),
+    }))
 }
 
 /// Answer of `POST /v1/login`.
@@ -375,7 +460,20 @@ pub(crate) async fn login(
             )
         })?
     };
-    let identity = authenticate(&app, request.credentials.map(Into::into), conn.peer.ip())
+    let from = conn.peer.ip();
+    let login = match request.credentials {
+        None => Login::Anonymous,
+        Some(credentials) => match credentials.into_login(&app) {
+            Ok(login) => login,
+            Err(e) => {
+                // An unknown or used challenge is a failed attempt like a bad signature.
+                app.failed_logins.failed(from);
+                app.stats.logins_refused.inc();
+                return Err(ApiError::from(v1::Error::from(e)));
+            }
+        },
+    };
+    let identity = authenticate(&app, login, from)
         .await
         .map_err(ApiError::from)?;
     let placement = place(

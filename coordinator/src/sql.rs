@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row as _};
 
-use crate::accounts::{AccessCode, Account, RoleRules};
+use crate::accounts::{AccessCode, Account, PublicKey, RoleRules};
 
 /// Connections kept open to the database.
 const POOL_SIZE: u32 = 8;
@@ -79,6 +79,23 @@ impl SqlStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(failed("reading access codes"))?;
+        let keys =
+            sqlx::query("SELECT id, key, revoked FROM public_keys WHERE account = $1 ORDER BY id")
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(failed("reading public keys"))?;
+        let public_keys = keys
+            .iter()
+            .map(|r| {
+                Ok(PublicKey {
+                    id: r.try_get(0)?,
+                    key: r.try_get(1)?,
+                    revoked: r.try_get::<i64, _>(2)? != 0,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(failed("reading public keys"))?;
         let role_rows =
             sqlx::query("SELECT role, publish, subscribe FROM roles WHERE account = $1")
                 .bind(name)
@@ -105,6 +122,7 @@ impl SqlStore {
             enabled,
             isolate_groups,
             access_codes,
+            public_keys,
             roles,
         }))
     }
@@ -145,7 +163,7 @@ impl SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(failed("writing an account"))?;
-        for table in ["access_codes", "roles"] {
+        for table in ["access_codes", "public_keys", "roles"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE account = $1"))
                 .bind(&account.name)
                 .execute(&mut *tx)
@@ -163,6 +181,18 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(failed("writing an access code"))?;
+        }
+        for key in &account.public_keys {
+            sqlx::query(
+                "INSERT INTO public_keys (account, id, key, revoked) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&account.name)
+            .bind(&key.id)
+            .bind(&key.key)
+            .bind(i64::from(key.revoked))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed("writing a public key"))?;
         }
         for (role, rules) in &account.roles {
             let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());

@@ -164,12 +164,14 @@ envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
     Connect(v1::Connect) => connect,
     Ping(v1::Ping) => ping,
+    ChallengeResponse(v1::ChallengeResponse) => challenge_response,
 });
 envelope_ctors!(CoordinatorToClient, v1::coordinator_to_client::Kind {
     Welcome(v1::Welcome) => welcome,
     Offer(v1::ConnectOffer) => offer,
     Error(v1::Error) => error,
     Pong(v1::Pong) => pong,
+    Challenge(v1::Challenge) => challenge,
 });
 envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Attach(v1::Attach) => attach,

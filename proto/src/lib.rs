@@ -25,6 +25,20 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
 }
 
+/// The bytes an Ed25519 login signs: a fixed context string, the coordinator's nonce, and the
+/// account, role and group asked for (NUL-separated), so a signature serves one challenge and
+/// one request only.
+pub fn login_challenge(nonce: &[u8], account: &str, role: &str, group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + nonce.len() + account.len() + role.len() + group.len());
+    out.extend_from_slice(b"relaymesh-login-v1\0");
+    out.extend_from_slice(nonce);
+    for part in [account, role, group] {
+        out.push(0);
+        out.extend_from_slice(part.as_bytes());
+    }
+    out
+}
+
 impl v1::Error {
     /// An error with a code and a human-readable message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {

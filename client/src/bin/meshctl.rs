@@ -38,6 +38,14 @@ struct Args {
         hide_env_values = true
     )]
     code: Option<String>,
+    /// Log in with the Ed25519 key in this file (from `meshctl keygen`) instead of a code.
+    #[arg(
+        long,
+        global = true,
+        env = "RELAYMESH_KEY_FILE",
+        conflicts_with = "code"
+    )]
+    key_file: Option<std::path::PathBuf>,
     /// The role to act as.
     #[arg(long, global = true, default_value = "")]
     role: String,
@@ -50,9 +58,19 @@ struct Args {
 
 impl Args {
     fn credentials(&self) -> anyhow::Result<Credentials> {
+        if let (Some(account), Some(path)) = (&self.account, &self.key_file) {
+            return Ok(Credentials::Key {
+                account: account.clone(),
+                key: read_key(path)?,
+                role: self.role.clone(),
+                group: self.group.clone(),
+            });
+        }
         match (&self.account, &self.code) {
             (None, _) => Ok(Credentials::Anonymous),
-            (Some(_), None) => bail!("--account needs --code or RELAYMESH_ACCESS_CODE"),
+            (Some(_), None) => {
+                bail!("--account needs --code (or RELAYMESH_ACCESS_CODE) or --key-file")
+            }
             (Some(account), Some(code)) => Ok(Credentials::AccessCode {
                 account: account.clone(),
                 code: code.clone(),
@@ -85,6 +103,49 @@ enum Command {
     Servers,
     /// Ask the coordinator for a server and key over HTTP (POST /v1/login) and print the JSON.
     Login,
+    /// Make an Ed25519 key pair: the private key goes to FILE (hex, readable by you only), the
+    /// public key (hex) to stdout, ready for `coordinator accounts add-key`.
+    Keygen {
+        /// Where to write the private key; refuses to overwrite.
+        file: std::path::PathBuf,
+    },
+}
+
+/// Reads a hex private key written by `meshctl keygen`.
+fn read_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the key file {}", path.display()))?;
+    let bytes: Option<Vec<u8>> = (0..text.trim().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.trim().get(i..i + 2)?, 16).ok())
+        .collect();
+    let Some(secret) = bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
+        bail!(
+            "{} does not hold a 64-hex-digit Ed25519 private key",
+            path.display()
+        );
+    };
+    Ok(ed25519_dalek::SigningKey::from_bytes(&secret))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a new private key to `path` (mode 0600) and returns the public key in hex.
+fn keygen(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let secret: [u8; 32] = rand::random();
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", hex(&secret))?;
+    Ok(hex(key.verifying_key().as_bytes()))
 }
 
 fn main() -> ExitCode {
@@ -112,6 +173,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Keygen { file } = &args.command {
+        println!("{}", keygen(file)?);
+        return Ok(());
+    }
     let mut config = ClientConfig::new(args.coordinator.trim_end_matches('/'));
     config.credentials = args.credentials()?;
     let coordinator = config.coordinator.clone();
@@ -124,6 +189,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Servers => servers(&coordinator).await,
+        Command::Keygen { .. } => Ok(()),
         Command::Login => {
             let url = format!("{coordinator}/v1/login");
             let body = match &config.credentials {
@@ -135,6 +201,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 } => serde_json::json!({"credentials": {"access_code": {
                     "account": account, "code": code, "role": role, "group": group,
                 }}}),
+                Credentials::Key {
+                    account,
+                    key,
+                    role,
+                    group,
+                } => {
+                    // Two steps over HTTP: a challenge, then the login that signs it.
+                    let (status, body) = relaymesh_net::http::request(
+                        Method::POST,
+                        &format!("{coordinator}/v1/login/challenge"),
+                        Some(Vec::new()),
+                        Duration::from_secs(10),
+                    )
+                    .await?;
+                    if !status.is_success() {
+                        bail!(
+                            "challenge refused ({status}): {}",
+                            String::from_utf8_lossy(&body).trim()
+                        );
+                    }
+                    let challenge: serde_json::Value = serde_json::from_slice(&body)?;
+                    let nonce = challenge["nonce"].as_str().unwrap_or_default();
+                    let nonce: Vec<u8> = (0..nonce.len())
+                        .step_by(2)
+                        .filter_map(|i| u8::from_str_radix(nonce.get(i..i + 2)?, 16).ok())
+                        .collect();
+                    let message = relaymesh_proto::login_challenge(&nonce, account, role, group);
+                    let signature = ed25519_dalek::Signer::sign(key, &message);
+                    serde_json::json!({"credentials": {"key": {
+                        "account": account, "role": role, "group": group,
+                        "public_key": hex(key.verifying_key().as_bytes()),
+                        "challenge_id": challenge["challenge_id"],
+                        "signature": hex(&signature.to_bytes()),
+                    }}})
+                }
                 _ => serde_json::json!({}),
             };
             let (status, body) = relaymesh_net::http::request(

@@ -177,7 +177,7 @@ pub struct ReserveFailed {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToCoordinator {
-    #[prost(oneof = "client_to_coordinator::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "client_to_coordinator::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<client_to_coordinator::Kind>,
 }
 /// Nested message and enum types in `ClientToCoordinator`.
@@ -190,11 +190,13 @@ pub mod client_to_coordinator {
         Connect(super::Connect),
         #[prost(message, tag = "3")]
         Ping(super::Ping),
+        #[prost(message, tag = "4")]
+        ChallengeResponse(super::ChallengeResponse),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToClient {
-    #[prost(oneof = "coordinator_to_client::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "coordinator_to_client::Kind", tags = "1, 2, 3, 4, 5")]
     pub kind: ::core::option::Option<coordinator_to_client::Kind>,
 }
 /// Nested message and enum types in `CoordinatorToClient`.
@@ -209,12 +211,14 @@ pub mod coordinator_to_client {
         Error(super::Error),
         #[prost(message, tag = "4")]
         Pong(super::Pong),
+        #[prost(message, tag = "5")]
+        Challenge(super::Challenge),
     }
 }
 /// How a client proves who it is.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Credentials {
-    #[prost(oneof = "credentials::Kind", tags = "1, 2")]
+    #[prost(oneof = "credentials::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<credentials::Kind>,
 }
 /// Nested message and enum types in `Credentials`.
@@ -226,7 +230,40 @@ pub mod credentials {
         Anonymous(super::Anonymous),
         #[prost(message, tag = "2")]
         AccessCode(super::AccessCode),
+        #[prost(message, tag = "3")]
+        Key(super::KeyLogin),
     }
+}
+/// An Ed25519 public key registered to the account. On /v1/connect the coordinator answers the
+/// Hello with a Challenge and the client signs it (ChallengeResponse); over HTTP the challenge
+/// comes from POST /v1/login/challenge and its id and signature travel in this message. The
+/// signed bytes are `relaymesh_proto::login_challenge(nonce, account, role, group)`; a
+/// challenge is good for one attempt.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeyLogin {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub public_key: ::prost::bytes::Bytes,
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub group: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub challenge_id: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "6")]
+    pub signature: ::prost::bytes::Bytes,
+}
+/// 32 random bytes to sign.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Challenge {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub nonce: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChallengeResponse {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub signature: ::prost::bytes::Bytes,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Anonymous {}

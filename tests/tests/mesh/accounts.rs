@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use bytes::{BufMut as _, BytesMut};
 use coordinator::accounts::{
-    AccessCode, Account, AccountsConfig, AccountsFile, RoleRules, StoreKind, hash_code,
+    AccessCode, Account, AccountsConfig, AccountsFile, PublicKey, RoleRules, StoreKind, hash_code,
 };
+use ed25519_dalek::{Signer as _, SigningKey};
 use relaymesh_client::{Client, ClientError, Credentials, Event};
 use relaymesh_proto::{ErrorCode, v1};
 use relaymesh_tests::raw::{dial, next_frame, send, send_msg};
@@ -16,6 +17,15 @@ use relaymesh_tests::{
 };
 
 const CODE: &str = "correct-horse-battery";
+
+/// The drone's key, registered to acme.
+fn drone_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 fn rules(publish: &[&str], subscribe: &[&str]) -> RoleRules {
     RoleRules {
@@ -32,6 +42,11 @@ fn account(name: &str, roles: BTreeMap<String, RoleRules>, isolate_groups: bool)
         access_codes: vec![AccessCode {
             id: "main".into(),
             hash: hash_code(CODE).unwrap(),
+            revoked: false,
+        }],
+        public_keys: vec![PublicKey {
+            id: "drone".into(),
+            key: hex(drone_key().verifying_key().as_bytes()),
             revoked: false,
         }],
         roles,
@@ -306,4 +321,106 @@ async fn an_anonymous_client_is_refused_and_a_changed_file_takes_effect() {
         }
     })
     .await;
+}
+
+fn key_login(key: SigningKey, role: &str) -> Credentials {
+    Credentials::Key {
+        account: "acme".into(),
+        key,
+        role: role.into(),
+        group: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn an_ed25519_key_logs_in_by_signing_the_challenge() {
+    let (cluster, _file) = cluster(1, 10).await;
+    let mut gcs = cluster.client_as(0, login("acme", "gcs", "")).await;
+    gcs.subscribe(["telemetry/pos"]).await.unwrap();
+    let drone = cluster.client_as(0, key_login(drone_key(), "agent")).await;
+    drone.publish("telemetry/pos", "signed in").await.unwrap();
+    let m = next_message(&mut gcs).await;
+    assert_eq!((&*m.payload, m.role.as_str()), (&b"signed in"[..], "agent"));
+    // A key that is not registered to the account does not log in, signature or not.
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = key_login(SigningKey::from_bytes(&[8; 32]), "agent");
+    let refused = Client::connect(config).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused(e) if e.error_code() == ErrorCode::BadCredentials),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_signature_is_refused() {
+    let (cluster, _file) = cluster(1, 10).await;
+    let mut link = dial(&format!("{}/v1/connect", cluster.coordinator.url), None).await;
+    let hello = v1::Hello {
+        protocol_version: relaymesh_proto::PROTOCOL_VERSION,
+        credentials: Some(v1::Credentials {
+            kind: Some(v1::credentials::Kind::Key(v1::KeyLogin {
+                account: "acme".into(),
+                public_key: drone_key().verifying_key().as_bytes().to_vec().into(),
+                role: "agent".into(),
+                ..v1::KeyLogin::default()
+            })),
+        }),
+    };
+    send_msg(&mut link, &v1::ClientToCoordinator::hello(hello)).await;
+    let challenge: v1::CoordinatorToClient =
+        relaymesh_proto::decode(next_frame(&mut link).await.unwrap()).unwrap();
+    let Some(v1::coordinator_to_client::Kind::Challenge(challenge)) = challenge.kind else {
+        panic!("expected a Challenge, got {challenge:?}");
+    };
+    assert_eq!(challenge.nonce.len(), 32);
+    // Signed for another role than the one asked for: the signature does not cover this login.
+    let wrong = relaymesh_proto::login_challenge(&challenge.nonce, "acme", "gcs", "");
+    let response = v1::ChallengeResponse {
+        signature: drone_key().sign(&wrong).to_bytes().to_vec().into(),
+    };
+    send_msg(
+        &mut link,
+        &v1::ClientToCoordinator::challenge_response(response),
+    )
+    .await;
+    let error = relaymesh_tests::raw::expect_error::<v1::CoordinatorToClient>(&mut link).await;
+    assert_eq!(error.error_code(), ErrorCode::BadCredentials, "{error}");
+}
+
+#[tokio::test]
+async fn a_challenge_answers_one_login_only() {
+    let (cluster, _file) = cluster(1, 10).await;
+    let base = format!("http://{}", cluster.coordinator.addr);
+    let (status, challenge) = post_json(
+        &format!("{base}/v1/login/challenge"),
+        &serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{challenge}");
+    let nonce: Vec<u8> = {
+        let text = challenge["nonce"].as_str().unwrap();
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let signature = drone_key().sign(&relaymesh_proto::login_challenge(
+        &nonce, "acme", "agent", "",
+    ));
+    let body = serde_json::json!({"credentials": {"key": {
+        "account": "acme", "role": "agent",
+        "public_key": hex(drone_key().verifying_key().as_bytes()),
+        "challenge_id": challenge["challenge_id"],
+        "signature": hex(&signature.to_bytes()),
+    }}});
+    let (status, first) = post_json(&format!("{base}/v1/login"), &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["key"].is_string(), "{first}");
+    // The same signed answer again: the challenge is spent.
+    let (status, replay) = post_json(&format!("{base}/v1/login"), &body).await;
+    assert_eq!(
+        (status, replay["code"].as_str()),
+        (401, Some("BAD_CREDENTIALS")),
+        "{replay}"
+    );
 }
