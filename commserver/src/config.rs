@@ -29,6 +29,13 @@ pub struct Config {
     pub id: Option<String>,
     /// Secret shared by the coordinator and all comm servers. Prefer `RELAYMESH_CLUSTER_SECRET`.
     pub cluster_secret: String,
+    /// File holding this server's Ed25519 private key (hex, as `meshctl keygen` writes it).
+    /// When set, the server proves itself to the coordinator and to peers with this key
+    /// (challenge-response) instead of the cluster secret.
+    pub identity_key_file: Option<std::path::PathBuf>,
+    /// Ed25519 public keys (hex) of the servers allowed to open peer links to this one. When
+    /// set, a peer must prove it holds one of them and the cluster secret alone is refused.
+    pub trusted_peer_keys: Vec<String>,
     /// Most clients connected at once (reported to the coordinator, enforced at reservation).
     pub max_clients: u32,
     /// Lifetime of a login key in milliseconds.
@@ -86,6 +93,8 @@ impl Default for Config {
             public_url: None,
             id: None,
             cluster_secret: String::new(),
+            identity_key_file: None,
+            trusted_peer_keys: Vec::new(),
             max_clients: 50_000,
             key_ttl_ms: 10_000,
             max_pending_keys: 100_000,
@@ -121,9 +130,10 @@ impl Config {
             "must be a ws:// URL (--coordinator)",
         )?;
         ensure(
-            !self.cluster_secret.is_empty(),
+            !self.cluster_secret.is_empty()
+                || (self.identity_key_file.is_some() && !self.trusted_peer_keys.is_empty()),
             "cluster_secret",
-            "must be set (RELAYMESH_CLUSTER_SECRET or the config file)",
+            "must be set (RELAYMESH_CLUSTER_SECRET or the config file), unless identity_key_file and trusted_peer_keys are",
         )?;
         if let Some(url) = &self.public_url {
             ensure(

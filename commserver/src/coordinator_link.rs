@@ -35,12 +35,19 @@ pub(crate) async fn run(server: Arc<Server>) {
     );
     while !server.shutdown.is_cancelled() {
         let limits = config.ws_limits();
-        let dial = ws::dial(
-            &url,
-            Some(&config.cluster_secret),
-            &limits,
-            config.handshake_timeout(),
-        );
+        let dial = async {
+            let authorization =
+                crate::peers::authorization(&server, &config.coordinator, "/v1/servers")
+                    .await
+                    .map_err(ws::DialError::Credentials)?;
+            ws::dial_authorized(
+                &url,
+                Some(&authorization),
+                &limits,
+                config.handshake_timeout(),
+            )
+            .await
+        };
         let dialed = tokio::select! {
             dialed = dial => dialed,
             _ = server.shutdown.cancelled() => break,

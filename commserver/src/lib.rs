@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
+use relaymesh_net::auth::{Challenges, LinkCredentials, LinkTrust};
 use relaymesh_net::config::ConfigError;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -48,6 +49,10 @@ use crate::routes::{RouteTable, Subscriber};
 const CONTROL_QUEUE: usize = 8_192;
 /// Time allowed for last words and the close handshake when a link ends.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long a `/v1/peers/challenge` challenge may be answered.
+const PEER_CHALLENGE_TTL: Duration = Duration::from_secs(30);
+/// Peer-link challenges outstanding at most (peers number in the tens; this bounds a flood).
+const MAX_PEER_CHALLENGES: usize = 1_024;
 
 /// Shared state of one comm server process.
 struct Server {
@@ -65,6 +70,10 @@ struct Server {
     /// Peers this server dials (those with a higher id), and the tokens that stop their dialers.
     dialers: Mutex<HashMap<Arc<str>, peers::Dialer>>,
     stats: api::Stats,
+    /// How this server proves itself to the coordinator and to peers.
+    credentials: LinkCredentials,
+    /// Who may open a peer link to this server.
+    peer_trust: LinkTrust,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -129,9 +138,24 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| default_id(&public_url))
         .into();
+    let credentials = match &config.identity_key_file {
+        Some(path) => LinkCredentials::Key(
+            relaymesh_net::auth::read_signing_key(path)
+                .map_err(|e| ConfigError::Invalid(format!("`identity_key_file`: {e}")))?,
+        ),
+        None => LinkCredentials::Secret(config.cluster_secret.clone()),
+    };
+    let peer_trust = LinkTrust::new(
+        config.cluster_secret.clone(),
+        relaymesh_net::auth::parse_public_keys(&config.trusted_peer_keys)
+            .map_err(|e| ConfigError::Invalid(format!("`trusted_peer_keys`: {e}")))?,
+        Challenges::new(PEER_CHALLENGE_TTL, MAX_PEER_CHALLENGES),
+    );
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let tracker = TaskTracker::new();
     let server = Arc::new(Server {
+        credentials,
+        peer_trust,
         keys: Mutex::new(KeyStore::new(
             Config::ms(config.key_ttl_ms),
             config.max_pending_keys,
@@ -157,6 +181,7 @@ pub async fn run(
     let router = Router::new()
         .route("/v1/client", get(session::upgrade))
         .route("/v1/peers", get(peers::accept))
+        .route("/v1/peers/challenge", post(peers::challenge))
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))

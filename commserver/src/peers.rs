@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use axum::Extension;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::SplitStream;
+use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
@@ -132,14 +133,21 @@ async fn dial_loop(
                 _ = server.shutdown.cancelled() => break,
             }
         }
-        let target = format!("{}/v1/peers", lock(&url).trim_end_matches('/'));
+        let base = lock(&url).clone();
+        let target = format!("{}/v1/peers", base.trim_end_matches('/'));
         let limits = config.ws_limits();
-        let dial = ws::dial(
-            &target,
-            Some(&config.cluster_secret),
-            &limits,
-            config.handshake_timeout(),
-        );
+        let dial = async {
+            let authorization = authorization(&server, &base, "/v1/peers")
+                .await
+                .map_err(ws::DialError::Credentials)?;
+            ws::dial_authorized(
+                &target,
+                Some(&authorization),
+                &limits,
+                config.handshake_timeout(),
+            )
+            .await
+        };
         let dialed = tokio::select! {
             dialed = dial => dialed,
             _ = stop.cancelled() => break,
@@ -163,20 +171,37 @@ async fn dial_loop(
     tracing::debug!("stopped dialing peer");
 }
 
-/// `GET /v1/peers`: checks the cluster secret, then upgrades to a peer link.
+/// `POST /v1/peers/challenge`: a single-use challenge for a peer that links with an Ed25519
+/// key.
+pub(crate) async fn challenge(
+    State(server): State<Arc<Server>>,
+) -> Result<Json<ChallengeAnswer>, ApiError> {
+    server.peer_trust.challenges.answer().map(Json)
+}
+
+/// The `Authorization` this server presents when opening `path` at `url` (a ws:// base).
+pub(crate) async fn authorization(
+    server: &Server,
+    url: &str,
+    path: &str,
+) -> Result<String, String> {
+    let base = url.trim_end_matches('/').replacen("ws://", "http://", 1);
+    server
+        .credentials
+        .authorization(&base, path, server.config.handshake_timeout())
+        .await
+}
+
+/// `GET /v1/peers`: checks the cluster secret (or trusted key), then upgrades to a peer link.
 pub(crate) async fn accept(
     State(server): State<Arc<Server>>,
     Extension(conn): Extension<ConnInfo>,
     mut req: Request,
 ) -> Response {
-    if !relaymesh_net::auth::bearer_matches(req.headers(), &server.config.cluster_secret) {
+    if let Err(why) = server.peer_trust.check(req.headers(), "/v1/peers") {
         server.stats.peer_links_refused.inc();
-        tracing::warn!(peer = %conn.peer, "refused a peer link: missing or wrong cluster secret");
-        return ApiError::from_code(
-            ErrorCode::Unauthenticated,
-            "missing or wrong cluster secret",
-        )
-        .into_response();
+        tracing::warn!(peer = %conn.peer, why, "refused a peer link");
+        return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
     }
     let (response, on_upgrade) = match ws::accept(&mut req) {
         Ok(accepted) => accepted,

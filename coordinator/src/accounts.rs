@@ -412,21 +412,7 @@ pub fn verify_signature(
         .is_ok()
 }
 
-/// Lowercase or uppercase hex to bytes.
-pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Bytes to lowercase hex.
-pub fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use relaymesh_proto::hex::{decode as hex_decode, encode as hex_encode};
 
 /// Which store, from the config file's `[accounts]` table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -64,6 +64,10 @@ pub struct Config {
     pub challenge_ttl_ms: u64,
     /// Challenges outstanding at most; more are refused until some are used or expire.
     pub max_pending_challenges: usize,
+    /// Ed25519 public keys (hex) of the comm servers allowed to register. When set, a server
+    /// must prove it holds one of them (challenge-response) and the cluster secret alone is
+    /// refused.
+    pub trusted_server_keys: Vec<String>,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             max_tracked_addresses: 100_000,
             challenge_ttl_ms: 30_000,
             max_pending_challenges: 10_000,
+            trusted_server_keys: Vec::new(),
         }
     }
 }
@@ -99,10 +104,13 @@ impl Config {
     /// Checks ranges and consistency; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(
-            !self.cluster_secret.is_empty(),
+            !self.cluster_secret.is_empty() || !self.trusted_server_keys.is_empty(),
             "cluster_secret",
-            "must be set (RELAYMESH_CLUSTER_SECRET or the config file)",
+            "must be set (RELAYMESH_CLUSTER_SECRET or the config file), unless trusted_server_keys is",
         )?;
+        if let Err(e) = relaymesh_net::auth::parse_public_keys(&self.trusted_server_keys) {
+            return Err(ConfigError::Invalid(format!("`trusted_server_keys`: {e}")));
+        }
         ensure(
             self.reserve_timeout_ms > 0,
             "reserve_timeout_ms",

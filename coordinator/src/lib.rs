@@ -27,6 +27,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use relaymesh_net::auth::{Challenges, LinkTrust};
 use relaymesh_net::config::ConfigError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +46,9 @@ struct App {
     /// Failed logins per source address.
     failed_logins: limits::FailedLogins,
     /// Outstanding key-login challenges of `POST /v1/login/challenge`.
-    challenges: limits::Challenges,
+    challenges: Challenges,
+    /// Who may register as a comm server: the cluster secret, or trusted keys.
+    server_trust: LinkTrust,
     /// Registered servers; locked briefly, never across an await.
     registry: Mutex<Registry<Arc<ServerLink>>>,
     aliases: alias::Aliases,
@@ -95,7 +98,13 @@ pub async fn run(
     }
     tracker.spawn(accounts.clone().watch(shutdown.clone()));
     let app = Arc::new(App {
-        challenges: limits::Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
+        challenges: Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
+        server_trust: LinkTrust::new(
+            config.cluster_secret.clone(),
+            relaymesh_net::auth::parse_public_keys(&config.trusted_server_keys)
+                .map_err(|e| ConfigError::Invalid(format!("trusted_server_keys: {e}")))?,
+            Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
+        ),
         failed_logins: limits::FailedLogins::new(
             config.failed_logins_per_min,
             config.failed_login_burst,
@@ -114,6 +123,7 @@ pub async fn run(
     });
     let router = Router::new()
         .route("/v1/servers", get(server_link::upgrade))
+        .route("/v1/servers/challenge", post(server_link::challenge))
         .route("/v1/connect", get(negotiate::upgrade))
         .route(
             "/v1/login",

@@ -108,47 +108,6 @@ impl FailedLogins {
     }
 }
 
-/// Outstanding login challenges for `POST /v1/login`: each is used at most once and expires.
-#[derive(Debug)]
-pub(crate) struct Challenges {
-    pending: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
-    ttl: std::time::Duration,
-    max: usize,
-}
-
-impl Challenges {
-    pub(crate) fn new(ttl: std::time::Duration, max: usize) -> Self {
-        Self {
-            pending: Mutex::new(HashMap::new()),
-            ttl,
-            max,
-        }
-    }
-
-    /// A new challenge: its id and 32 random bytes; `None` when `max` are outstanding.
-    pub(crate) fn issue(&self) -> Option<(String, Vec<u8>)> {
-        let now = Instant::now();
-        let mut pending = lock(&self.pending);
-        if pending.len() >= self.max {
-            pending.retain(|_, (_, expires)| *expires > now);
-            if pending.len() >= self.max {
-                return None;
-            }
-        }
-        let id: [u8; 16] = rand::random();
-        let id = crate::accounts::hex_encode(&id);
-        let nonce: [u8; 32] = rand::random();
-        pending.insert(id.clone(), (nonce.to_vec(), now + self.ttl));
-        Some((id, nonce.to_vec()))
-    }
-
-    /// Takes challenge `id` if it exists and has not expired; it cannot be taken again.
-    pub(crate) fn take(&self, id: &str) -> Option<Vec<u8>> {
-        let (nonce, expires) = lock(&self.pending).remove(id)?;
-        (expires > Instant::now()).then_some(nonce)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -164,20 +123,6 @@ mod tests {
         assert!(!b.take(start));
         assert!(b.take(start + Duration::from_millis(100)));
         assert!(!b.take(start + Duration::from_millis(100)));
-    }
-
-    #[test]
-    fn challenges_are_single_use_and_bounded() {
-        let challenges = Challenges::new(Duration::from_secs(30), 2);
-        let (id, nonce) = challenges.issue().unwrap();
-        assert_eq!(nonce.len(), 32);
-        assert!(challenges.issue().is_some());
-        assert!(challenges.issue().is_none(), "bounded");
-        assert_eq!(challenges.take(&id), Some(nonce));
-        assert_eq!(challenges.take(&id), None, "used once");
-        let expired = Challenges::new(Duration::ZERO, 2);
-        let (id, _) = expired.issue().unwrap();
-        assert_eq!(expired.take(&id), None, "expired");
     }
 
     #[test]

@@ -25,9 +25,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::App;
-use crate::accounts::{Login, LoginError, hex_decode, hex_encode};
+use crate::accounts::{Login, LoginError, hex_decode};
 use crate::limits::TokenBucket;
 use crate::server_link::millis;
+use relaymesh_net::auth::ChallengeAnswer;
 
 /// Time allowed for last words and the close handshake when a link ends.
 const LINGER: Duration = Duration::from_secs(1);
@@ -397,30 +398,11 @@ impl LoginCredentials {
     }
 }
 
-/// Answer of `POST /v1/login/challenge`.
-#[derive(Debug, Serialize)]
-pub(crate) struct ChallengeResponse {
-    challenge_id: String,
-    /// 32 random bytes in hex, to sign as `login_challenge(nonce, account, role, group)`.
-    nonce: String,
-    expires_in_ms: u64,
-}
-
 /// `POST /v1/login/challenge`: a single-use challenge for an Ed25519 login over HTTP.
 pub(crate) async fn challenge(
     State(app): State<Arc<App>>,
-) -> Result<Json<ChallengeResponse>, ApiError> {
-    let (challenge_id, nonce) = app.challenges.issue().ok_or_else(|| {
-        ApiError::from_code(
-            ErrorCode::LimitExceeded,
-            "too many challenges outstanding; retry shortly",
-        )
-    })?;
-    Ok(Json(ChallengeResponse {
-        challenge_id,
-        nonce: hex_encode(&nonce),
-        expires_in_ms: millis(app.config.challenge_ttl()).into(),
-    }))
+) -> Result<Json<ChallengeAnswer>, ApiError> {
+    app.challenges.answer().map(Json)
 }
 
 /// Answer of `POST /v1/login`.

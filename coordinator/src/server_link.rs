@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Extension;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
@@ -133,20 +134,25 @@ impl ServerLink {
     }
 }
 
-/// `GET /v1/servers`: checks the cluster secret, then upgrades to the server link.
+/// `POST /v1/servers/challenge`: a single-use challenge for a comm server that registers with
+/// an Ed25519 key.
+pub(crate) async fn challenge(
+    State(app): State<Arc<App>>,
+) -> Result<Json<ChallengeAnswer>, ApiError> {
+    app.server_trust.challenges.answer().map(Json)
+}
+
+/// `GET /v1/servers`: checks the cluster secret (or trusted key), then upgrades to the server
+/// link.
 pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
     Extension(conn): Extension<ConnInfo>,
     mut req: Request,
 ) -> Response {
-    if !relaymesh_net::auth::bearer_matches(req.headers(), &app.config.cluster_secret) {
+    if let Err(why) = app.server_trust.check(req.headers(), "/v1/servers") {
         app.stats.server_links_refused.inc();
-        tracing::warn!(peer = %conn.peer, "refused a comm server: missing or wrong cluster secret");
-        return ApiError::from_code(
-            ErrorCode::Unauthenticated,
-            "missing or wrong cluster secret",
-        )
-        .into_response();
+        tracing::warn!(peer = %conn.peer, why, "refused a comm server");
+        return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
     }
     let (response, on_upgrade) = match ws::accept(&mut req) {
         Ok(accepted) => accepted,

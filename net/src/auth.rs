@@ -1,12 +1,23 @@
-//! Cluster-secret checks for the server and peer links.
+//! Authentication of the server and peer links, and single-use challenges.
 //!
 //! Comm servers present the cluster secret as `Authorization: Bearer <secret>` when they open
-//! `/v1/servers` or `/v1/peers`. The comparison is constant time so the secret cannot be guessed
-//! byte by byte from response timing.
+//! `/v1/servers` or `/v1/peers`; the comparison is constant time so the secret cannot be
+//! guessed byte by byte from response timing. Where trusted Ed25519 keys are configured, a
+//! server instead fetches a challenge (`POST /v1/servers/challenge` or `/v1/peers/challenge`)
+//! and presents `Authorization: Ed25519 <key>.<challenge id>.<signature>`; each challenge
+//! answers one attempt.
 
-use axum::http::HeaderMap;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, Method};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use relaymesh_proto::hex;
 use subtle::ConstantTimeEq;
+
+use crate::sync::lock;
 
 /// The bearer token in an `Authorization` header, if there is one.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -25,6 +36,227 @@ pub fn bearer_matches(headers: &HeaderMap, secret: &str) -> bool {
     }
 }
 
+/// How a comm server proves itself when it opens `/v1/servers` on the coordinator or
+/// `/v1/peers` on another server: the cluster secret, or an Ed25519 key the other side trusts.
+#[derive(Clone)]
+pub enum LinkCredentials {
+    /// `Authorization: Bearer <secret>`.
+    Secret(String),
+    /// `Authorization: Ed25519 <public key>.<challenge id>.<signature>` (all hex), signing a
+    /// challenge fetched from `POST <path>/challenge` on the other side first.
+    Key(SigningKey),
+}
+
+impl std::fmt::Debug for LinkCredentials {
+    // Neither the secret nor the private key goes into logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("Secret(..)"),
+            Self::Key(key) => write!(f, "Key({})", hex::encode(key.verifying_key().as_bytes())),
+        }
+    }
+}
+
+impl LinkCredentials {
+    /// The `Authorization` header value for opening `path` (`/v1/servers` or `/v1/peers`) at
+    /// `http_base` (`http://host:port`). For a key this asks the other side for a challenge.
+    pub async fn authorization(
+        &self,
+        http_base: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let key = match self {
+            Self::Secret(secret) => return Ok(format!("Bearer {secret}")),
+            Self::Key(key) => key,
+        };
+        let url = format!("{http_base}{path}/challenge");
+        let (status, body) = crate::http::request(Method::POST, &url, Some(Vec::new()), timeout)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{url}: {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        let challenge: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
+        let (Some(id), Some(nonce)) = (
+            challenge["challenge_id"].as_str(),
+            challenge["nonce"].as_str().and_then(hex::decode),
+        ) else {
+            return Err(format!("{url}: no challenge in the answer"));
+        };
+        let signature = key.sign(&relaymesh_proto::link_challenge(&nonce, path));
+        Ok(format!(
+            "Ed25519 {}.{id}.{}",
+            hex::encode(key.verifying_key().as_bytes()),
+            hex::encode(&signature.to_bytes())
+        ))
+    }
+}
+
+/// Reads a hex Ed25519 private key (as `meshctl keygen` writes it).
+pub fn read_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    hex::decode(text.trim())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(|b| SigningKey::from_bytes(&b))
+        .ok_or_else(|| format!("{}: not a 64-hex-digit Ed25519 private key", path.display()))
+}
+
+/// Parses hex public keys (config lists of trusted keys).
+pub fn parse_public_keys(keys: &[String]) -> Result<Vec<VerifyingKey>, String> {
+    keys.iter()
+        .map(|k| {
+            hex::decode(k)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+                .ok_or_else(|| format!("{k:?} is not a 64-hex-digit Ed25519 public key"))
+        })
+        .collect()
+}
+
+/// Who may open a server or peer link: holders of the cluster secret, or, when trusted keys
+/// are configured, only holders of one of those keys (challenge-response).
+#[derive(Debug)]
+pub struct LinkTrust {
+    secret: String,
+    keys: Vec<VerifyingKey>,
+    /// Challenges handed out by `POST <path>/challenge`.
+    pub challenges: Challenges,
+}
+
+impl LinkTrust {
+    /// Trust `secret`, or only `keys` when there are any.
+    pub fn new(secret: String, keys: Vec<VerifyingKey>, challenges: Challenges) -> Self {
+        Self {
+            secret,
+            keys,
+            challenges,
+        }
+    }
+
+    /// Checks the `Authorization` of a request for `path`; the error says why it was refused.
+    pub fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), &'static str> {
+        if self.keys.is_empty() {
+            return if bearer_matches(headers, &self.secret) {
+                Ok(())
+            } else {
+                Err("missing or wrong cluster secret")
+            };
+        }
+        let value = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("this side trusts Ed25519 keys only; no key presented")?;
+        let (scheme, rest) = value.split_once(' ').ok_or("malformed Authorization")?;
+        if !scheme.eq_ignore_ascii_case("ed25519") {
+            return Err("this side trusts Ed25519 keys only; no key presented");
+        }
+        let mut parts = rest.trim().split('.');
+        let (Some(key), Some(id), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("malformed Ed25519 authorization");
+        };
+        let key = hex::decode(key)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+            .ok_or("malformed Ed25519 public key")?;
+        if !self.keys.contains(&key) {
+            return Err("key not trusted");
+        }
+        let signature = hex::decode(signature)
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            .ok_or("malformed signature")?;
+        let nonce = self
+            .challenges
+            .take(id)
+            .ok_or("unknown, used or expired challenge")?;
+        key.verify_strict(
+            &relaymesh_proto::link_challenge(&nonce, path),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| "signature does not verify")
+    }
+}
+
+/// Outstanding challenges: each is used at most once and expires.
+#[derive(Debug)]
+pub struct Challenges {
+    pending: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+    ttl: Duration,
+    max: usize,
+}
+
+impl Challenges {
+    /// Challenges good for `ttl`, at most `max` outstanding.
+    pub fn new(ttl: Duration, max: usize) -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            ttl,
+            max,
+        }
+    }
+
+    /// How long a challenge stays good.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A new challenge: its id and 32 random bytes; `None` when `max` are outstanding.
+    pub fn issue(&self) -> Option<(String, Vec<u8>)> {
+        let now = Instant::now();
+        let mut pending = lock(&self.pending);
+        if pending.len() >= self.max {
+            pending.retain(|_, (_, expires)| *expires > now);
+            if pending.len() >= self.max {
+                return None;
+            }
+        }
+        let id = hex::encode(&rand::random::<[u8; 16]>());
+        let nonce: [u8; 32] = rand::random();
+        pending.insert(id.clone(), (nonce.to_vec(), now + self.ttl));
+        Some((id, nonce.to_vec()))
+    }
+
+    /// Takes challenge `id` if it exists and has not expired; it cannot be taken again.
+    pub fn take(&self, id: &str) -> Option<Vec<u8>> {
+        let (nonce, expires) = lock(&self.pending).remove(id)?;
+        (expires > Instant::now()).then_some(nonce)
+    }
+}
+
+/// Answer of `POST .../challenge`.
+#[derive(Debug, serde::Serialize)]
+pub struct ChallengeAnswer {
+    /// Names the challenge in the answer.
+    pub challenge_id: String,
+    /// 32 random bytes in hex, to sign.
+    pub nonce: String,
+    /// How long the challenge stays good.
+    pub expires_in_ms: u64,
+}
+
+impl Challenges {
+    /// Issues a challenge as the JSON answer of a challenge endpoint.
+    pub fn answer(&self) -> Result<ChallengeAnswer, crate::http::ApiError> {
+        let (challenge_id, nonce) = self.issue().ok_or_else(|| {
+            crate::http::ApiError::from_code(
+                relaymesh_proto::ErrorCode::LimitExceeded,
+                "too many challenges outstanding; retry shortly",
+            )
+        })?;
+        Ok(ChallengeAnswer {
+            challenge_id,
+            nonce: hex::encode(&nonce),
+            expires_in_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,6 +265,55 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, value.parse().unwrap());
         h
+    }
+
+    #[test]
+    fn challenges_are_single_use_and_bounded() {
+        let challenges = Challenges::new(Duration::from_secs(30), 2);
+        let (id, nonce) = challenges.issue().unwrap();
+        assert_eq!(nonce.len(), 32);
+        assert!(challenges.issue().is_some());
+        assert!(challenges.issue().is_none(), "bounded");
+        assert_eq!(challenges.take(&id), Some(nonce));
+        assert_eq!(challenges.take(&id), None, "used once");
+        let expired = Challenges::new(Duration::ZERO, 2);
+        let (id, _) = expired.issue().unwrap();
+        assert_eq!(expired.take(&id), None, "expired");
+    }
+
+    #[test]
+    fn key_trust_wants_a_trusted_key_and_a_fresh_signed_challenge() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let stranger = SigningKey::from_bytes(&[6; 32]);
+        let trust = LinkTrust::new(
+            "secret".into(),
+            vec![key.verifying_key()],
+            Challenges::new(Duration::from_secs(30), 10),
+        );
+        let present = |signer: &SigningKey, path: &str| {
+            let (id, nonce) = trust.challenges.issue().unwrap();
+            let signature = signer.sign(&relaymesh_proto::link_challenge(&nonce, path));
+            let value = format!(
+                "Ed25519 {}.{id}.{}",
+                hex::encode(signer.verifying_key().as_bytes()),
+                hex::encode(&signature.to_bytes())
+            );
+            (headers(&value), id)
+        };
+        let (good, _) = present(&key, "/v1/peers");
+        assert_eq!(trust.check(&good, "/v1/peers"), Ok(()));
+        assert_eq!(
+            trust.check(&good, "/v1/peers"),
+            Err("unknown, used or expired challenge")
+        );
+        let (other_path, _) = present(&key, "/v1/servers");
+        assert_eq!(
+            trust.check(&other_path, "/v1/peers"),
+            Err("signature does not verify")
+        );
+        let (untrusted, _) = present(&stranger, "/v1/peers");
+        assert_eq!(trust.check(&untrusted, "/v1/peers"), Err("key not trusted"));
+        assert!(trust.check(&headers("Bearer secret"), "/v1/peers").is_err());
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub enum DialError {
     /// Nothing within the timeout.
     #[error("connecting to {0} timed out")]
     Timeout(String),
+    /// The credentials to present could not be prepared (e.g. no challenge to sign).
+    #[error("cannot prepare credentials: {0}")]
+    Credentials(String),
 }
 
 impl DialError {
@@ -184,14 +187,26 @@ pub async fn dial(
     limits: &WsLimits,
     timeout: Duration,
 ) -> Result<ClientSocket, DialError> {
-    tokio::time::timeout(timeout, dial_inner(url, bearer, limits))
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    dial_authorized(url, authorization.as_deref(), limits, timeout).await
+}
+
+/// Like [`dial`], with a whole `Authorization` header value (e.g. from
+/// [`crate::auth::LinkCredentials::authorization`]).
+pub async fn dial_authorized(
+    url: &str,
+    authorization: Option<&str>,
+    limits: &WsLimits,
+    timeout: Duration,
+) -> Result<ClientSocket, DialError> {
+    tokio::time::timeout(timeout, dial_inner(url, authorization, limits))
         .await
         .unwrap_or_else(|_| Err(DialError::Timeout(url.to_owned())))
 }
 
 async fn dial_inner(
     url: &str,
-    bearer: Option<&str>,
+    authorization: Option<&str>,
     limits: &WsLimits,
 ) -> Result<ClientSocket, DialError> {
     let bad_url = |reason: &str| DialError::BadUrl {
@@ -210,9 +225,9 @@ async fn dial_inner(
         .ok_or_else(|| bad_url("no host"))?
         .to_owned();
     let port = request.uri().port_u16().unwrap_or(80);
-    if let Some(token) = bearer {
-        let value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| bad_url("secret is not a valid header value"))?;
+    if let Some(value) = authorization {
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| bad_url("credentials are not a valid header value"))?;
         request.headers_mut().insert(header::AUTHORIZATION, value);
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -6,6 +6,7 @@
 //! encoders for the two frames on the per-message hot path, and the topic naming rules.
 
 pub mod frame;
+pub mod hex;
 pub mod topic;
 
 /// Generated protobuf types for protocol version 1 (`package relaymesh.v1`).
@@ -23,6 +24,17 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Shorthand for [`v1::Error::new`], for the many places a link refuses something.
 pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
+}
+
+/// The bytes a comm server signs to open `/v1/servers` or `/v1/peers` (`path`) with an Ed25519
+/// key: a fixed context string, the verifier's nonce and the path.
+pub fn link_challenge(nonce: &[u8], path: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + nonce.len() + path.len());
+    out.extend_from_slice(b"relaymesh-link-v1\0");
+    out.extend_from_slice(nonce);
+    out.push(0);
+    out.extend_from_slice(path.as_bytes());
+    out
 }
 
 /// The bytes an Ed25519 login signs: a fixed context string, the coordinator's nonce, and the

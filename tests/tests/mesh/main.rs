@@ -11,3 +11,4 @@ mod keys;
 mod ops;
 mod processes;
 mod slow;
+mod trust;
