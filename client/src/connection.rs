@@ -270,7 +270,10 @@ pub(crate) async fn drive(
                 if stoppable(&shared, events.send(event)).await.is_none() {
                     break;
                 }
-                if !config.auto_reconnect || shared.stop.is_cancelled() {
+                if !config.auto_reconnect
+                    || shared.stop.is_cancelled()
+                    || shared.replaced.load(std::sync::atomic::Ordering::Relaxed)
+                {
                     break;
                 }
                 exclude = vec![server_id];
@@ -426,6 +429,12 @@ async fn read_loop(
                     continue;
                 }
                 Event::Forbidden { reason: e.message }
+            }
+            Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Replaced => {
+                shared
+                    .replaced
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                break e.to_string();
             }
             Some(Kind::Error(e)) => {
                 // A refused subscription change fails that request; the server then closes the

@@ -70,6 +70,9 @@ pub struct ClientConfig {
     pub limits: WsLimits,
     /// Who the client is (default: anonymous, which only an `open` coordinator accepts).
     pub credentials: Credentials,
+    /// This client's unique id within its account. A newer login with the same id replaces
+    /// this one: the server closes it with `REPLACED`, and it does not reconnect.
+    pub client_id: Option<String>,
 }
 
 /// How a client logs in.
@@ -183,6 +186,7 @@ impl ClientConfig {
             event_queue: 4096,
             limits: WsLimits::default(),
             credentials: Credentials::Anonymous,
+            client_id: None,
         }
     }
 }
@@ -292,6 +296,9 @@ struct Shared {
     request_timeout: Duration,
     /// Cancelled by [`Client::close`] or when the [`Client`] is dropped.
     stop: CancellationToken,
+    /// A newer login with the same `client_id` replaced this client: it must not reconnect
+    /// (that would replace the newer one in turn).
+    replaced: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -361,6 +368,7 @@ impl Client {
             next_request: AtomicU64::new(1),
             request_timeout: config.request_timeout,
             stop: CancellationToken::new(),
+            replaced: std::sync::atomic::AtomicBool::new(false),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
         let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));

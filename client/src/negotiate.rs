@@ -30,6 +30,7 @@ impl Negotiation {
         let hello = v1::Hello {
             protocol_version: PROTOCOL_VERSION,
             credentials: Some((&config.credentials).into()),
+            client_id: config.client_id.clone().unwrap_or_default(),
         };
         link.send(&v1::ClientToCoordinator::hello(hello)).await?;
         let mut answer = link.receive(config).await?;

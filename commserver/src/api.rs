@@ -36,6 +36,8 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Counter,
     /// Publishes and subscriptions refused by role rules.
     pub(crate) forbidden: Counter,
+    /// Sessions closed because a newer login of the same client replaced them.
+    pub(crate) replaced: Counter,
     pub(crate) keys_reserved: Counter,
     /// Client connections refused for an unknown, expired or reused key.
     pub(crate) keys_refused: Counter,
@@ -89,6 +91,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "peer_drops_reported": s.peer_drops_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
         "forbidden": s.forbidden.get(),
+        "replaced": s.replaced.get(),
         "keys_pending": pending_keys,
         "keys_reserved": s.keys_reserved.get(),
         "keys_refused": s.keys_refused.get(),

@@ -199,6 +199,7 @@ async fn registered(
                             tracing::info!(peer = %left.server_id, "peer left");
                             server.peer_left(&left.server_id);
                         }
+                        Some(Kind::Replace(replace)) => server.replace(&replace),
                         Some(Kind::Ping(ping)) => {
                             answer(tx, v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }), timeout).await?
                         }

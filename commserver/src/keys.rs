@@ -31,7 +31,8 @@ pub(crate) enum KeyError {
 #[derive(Debug)]
 enum Slot {
     Pending {
-        identity: v1::Identity,
+        /// Boxed: identities carry role rules and are much larger than the other states.
+        identity: Box<v1::Identity>,
         expires: Instant,
     },
     Used,
@@ -79,8 +80,13 @@ impl KeyStore {
             }
         };
         let expires = now + self.ttl;
-        self.slots
-            .insert(key.clone(), Slot::Pending { identity, expires });
+        self.slots.insert(
+            key.clone(),
+            Slot::Pending {
+                identity: Box::new(identity),
+                expires,
+            },
+        );
         self.pending_order.push_back((expires, key.clone()));
         self.pending += 1;
         Ok((key, self.ttl))
@@ -108,7 +114,7 @@ impl KeyStore {
                     }
                     return Err(KeyError::Expired);
                 }
-                Ok(identity)
+                Ok(*identity)
             }
         }
     }

@@ -44,6 +44,7 @@ use crate::control::{Command, PeerLink};
 use crate::interest::SessionId;
 use crate::keys::KeyStore;
 use crate::routes::{RouteTable, Subscriber};
+use relaymesh_proto::{ErrorCode, error, error_frame, v1};
 
 /// Commands the control task may have queued before senders wait.
 const CONTROL_QUEUE: usize = 8_192;
@@ -92,6 +93,34 @@ impl Server {
 
     fn client_count(&self) -> usize {
         relaymesh_net::sync::lock(&self.sessions).len()
+    }
+
+    /// Closes, with `REPLACED`, the sessions of `replace.client_id` in `replace.account` that
+    /// come from logins older than `replace.seq`.
+    fn replace(&self, replace: &v1::Replace) {
+        let older: Vec<Arc<Subscriber>> = relaymesh_net::sync::lock(&self.sessions)
+            .values()
+            .filter(|s| {
+                s.client.as_ref().is_some_and(|c| {
+                    *c.account == *replace.account
+                        && *c.client_id == *replace.client_id
+                        && c.seq < replace.seq
+                })
+            })
+            .cloned()
+            .collect();
+        for session in older {
+            self.stats.replaced.inc();
+            session
+                .closer
+                .close(Some(error_frame::<v1::ServerToClient>(error(
+                    ErrorCode::Replaced,
+                    format!(
+                        "a newer login of client {:?} replaced this session",
+                        replace.client_id
+                    ),
+                ))));
+        }
     }
 }
 

@@ -41,6 +41,18 @@ pub(crate) struct Subscriber {
     pub(crate) closer: Closer,
     /// Whether the session has any subscription (for cluster-wide drop notices).
     pub(crate) subscribed: AtomicBool,
+    /// The client's unique id within its account and the login it came from, if it gave one:
+    /// a newer login with the same id closes this session.
+    pub(crate) client: Option<ClientKey>,
+}
+
+/// Who a session is, for replacing it on a newer login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientKey {
+    pub(crate) account: Arc<str>,
+    pub(crate) client_id: Arc<str>,
+    /// The login's number; larger is newer.
+    pub(crate) seq: u64,
 }
 
 /// A peer server, as a receiver of forwards.

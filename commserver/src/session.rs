@@ -37,7 +37,7 @@ use tracing::Instrument as _;
 use crate::control::Command;
 use crate::interest::TopicKey;
 use crate::keys::KeyError;
-use crate::routes::{self, RouteCache, Subscriber};
+use crate::routes::{self, ClientKey, RouteCache, Subscriber};
 use crate::{LINGER, Server};
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +203,11 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         backlog: backlog.clone(),
         closer: closer.clone(),
         subscribed: AtomicBool::new(false),
+        client: (!identity.client_id.is_empty()).then(|| ClientKey {
+            account: identity.account.as_str().into(),
+            client_id: identity.client_id.as_str().into(),
+            seq: identity.seq,
+        }),
     });
     let writer = tokio::spawn(link::run_writer(
         sink,

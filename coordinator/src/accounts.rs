@@ -312,6 +312,8 @@ impl Grant {
             publish,
             subscribe,
             unrestricted,
+            client_id: String::new(),
+            seq: 0,
         }
     }
 }

@@ -54,6 +54,7 @@ struct App {
     aliases: alias::Aliases,
     next_link: AtomicU64,
     next_request: AtomicU64,
+    last_login_seq: AtomicU64,
     stats: api::Stats,
     /// Cancelled on process shutdown; every link watches it.
     shutdown: CancellationToken,
@@ -69,6 +70,27 @@ impl App {
 
     fn next_request_id(&self) -> u64 {
         self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A login number that grows with every login and across restarts: microseconds since the
+    /// Unix epoch, or one more than the last if the clock has not moved on.
+    fn next_login_seq(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let mut last = self.last_login_seq.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_login_seq.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
     }
 }
 
@@ -115,6 +137,7 @@ pub async fn run(
         aliases: alias::Aliases::new(),
         next_link: AtomicU64::new(1),
         next_request: AtomicU64::new(1),
+        last_login_seq: AtomicU64::new(0),
         stats: api::Stats::default(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

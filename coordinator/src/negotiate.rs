@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::App;
-use crate::accounts::{Login, LoginError, hex_decode};
+use crate::accounts::{Login, LoginError, check_name, hex_decode};
 use crate::limits::TokenBucket;
 use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
@@ -107,13 +107,26 @@ pub(crate) async fn place_client(
 /// Checks credentials against the account store and returns the identity a key will be
 /// reserved for. Failures count against the source address; an address with too many is
 /// refused before the store is asked.
-async fn authenticate(app: &App, login: Login, from: IpAddr) -> Result<v1::Identity, v1::Error> {
+async fn authenticate(
+    app: &App,
+    login: Login,
+    client_id: String,
+    from: IpAddr,
+) -> Result<v1::Identity, v1::Error> {
     if !app.failed_logins.allows(from) {
         app.stats.logins_rate_limited.inc();
         return Err(LoginError::RateLimited.into());
     }
+    if !client_id.is_empty() {
+        check_name("client id", &client_id).map_err(|e| error(ErrorCode::BadFrame, e))?;
+    }
     match app.accounts.check(login).await {
-        Ok(grant) => Ok(grant.identity(app.aliases.next())),
+        Ok(grant) => {
+            let mut identity = grant.identity(app.aliases.next());
+            identity.client_id = client_id;
+            identity.seq = app.next_login_seq();
+            Ok(identity)
+        }
         Err(e) => {
             if e.is_failure() {
                 app.failed_logins.failed(from);
@@ -236,7 +249,7 @@ async fn serve(
         }
         credentials => Login::from(credentials),
     };
-    let identity = authenticate(app, login, from).await?;
+    let identity = authenticate(app, login, hello.client_id, from).await?;
     let servers = lock(&app.registry)
         .iter()
         .map(|(id, e)| v1::ServerInfo {
@@ -316,10 +329,32 @@ async fn place(
 ) -> Result<Placement, v1::Error> {
     let result = place_client(app, identity, preferred, exclude).await;
     match &result {
-        Ok(_) => app.stats.logins.inc(),
+        Ok(_) => {
+            app.stats.logins.inc();
+            if !identity.client_id.is_empty() {
+                replace_older(app, identity);
+            }
+        }
         Err(_) => app.stats.login_failures.inc(),
     }
     result
+}
+
+/// Tells every server that `identity` logged in again, so sessions of its earlier logins close
+/// with `REPLACED` wherever they are. Every server, because the older session may sit on any.
+fn replace_older(app: &App, identity: &v1::Identity) {
+    let frame = encode(&v1::CoordinatorToServer::replace(v1::Replace {
+        account: identity.account.clone(),
+        client_id: identity.client_id.clone(),
+        seq: identity.seq,
+    }));
+    let links: Vec<_> = lock(&app.registry)
+        .iter()
+        .map(|(_, e)| e.handle.clone())
+        .collect();
+    for link in links {
+        link.send(frame.clone());
+    }
 }
 
 /// Body of `POST /v1/login`.
@@ -327,6 +362,8 @@ async fn place(
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct LoginRequest {
     credentials: Option<LoginCredentials>,
+    /// Optional unique id of the client within its account (see `Hello.client_id`).
+    client_id: String,
     preferred_server: Option<String>,
     exclude: Vec<String>,
 }
@@ -455,7 +492,7 @@ pub(crate) async fn login(
             }
         },
     };
-    let identity = authenticate(&app, login, from)
+    let identity = authenticate(&app, login, request.client_id, from)
         .await
         .map_err(ApiError::from)?;
     let placement = place(

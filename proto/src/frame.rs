@@ -159,6 +159,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Reserve(v1::Reserve) => reserve,
     Error(v1::Error) => error,
     Ping(v1::Ping) => ping,
+    Replace(v1::Replace) => replace,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,

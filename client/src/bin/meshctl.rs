@@ -52,6 +52,10 @@ struct Args {
     /// The group within the account.
     #[arg(long, global = true, default_value = "")]
     group: String,
+    /// This client's unique id within the account: a newer login with the same id replaces
+    /// this one.
+    #[arg(long, global = true)]
+    client_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,6 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut config = ClientConfig::new(args.coordinator.trim_end_matches('/'));
     config.credentials = args.credentials()?;
+    config.client_id = args.client_id.clone();
     let coordinator = config.coordinator.clone();
     match args.command {
         Command::Sub { topics, count } => subscribe(config, topics, count).await,

@@ -34,6 +34,13 @@ pub struct Identity {
     pub subscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(bool, tag = "8")]
     pub unrestricted: bool,
+    /// The client's own unique id within the account (empty: none); a later login with the same
+    /// id replaces sessions of earlier ones.
+    #[prost(string, tag = "9")]
+    pub client_id: ::prost::alloc::string::String,
+    /// Increases with every login through this coordinator.
+    #[prost(uint64, tag = "10")]
+    pub seq: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {
@@ -68,7 +75,7 @@ pub mod server_to_coordinator {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
-    #[prost(oneof = "coordinator_to_server::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "coordinator_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
 /// Nested message and enum types in `CoordinatorToServer`.
@@ -87,7 +94,20 @@ pub mod coordinator_to_server {
         Error(super::Error),
         #[prost(message, tag = "6")]
         Ping(super::Ping),
+        #[prost(message, tag = "7")]
+        Replace(super::Replace),
     }
+}
+/// A client logged in again under `client_id` of `account` (login number `seq`): close that
+/// client's sessions from earlier logins (lower `seq`) with REPLACED. Sent to every server.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Replace {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub client_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
 }
 /// First message on the server link.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -286,6 +306,10 @@ pub struct Hello {
     pub protocol_version: u32,
     #[prost(message, optional, tag = "2")]
     pub credentials: ::core::option::Option<Credentials>,
+    /// Optional unique id of this client within its account; a newer login with the same id
+    /// replaces the older session, which is told REPLACED.
+    #[prost(string, tag = "3")]
+    pub client_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Welcome {

@@ -365,6 +365,7 @@ async fn a_bad_signature_is_refused() {
                 ..v1::KeyLogin::default()
             })),
         }),
+        ..v1::Hello::default()
     };
     send_msg(&mut link, &v1::ClientToCoordinator::hello(hello)).await;
     let challenge: v1::CoordinatorToClient =
@@ -423,4 +424,42 @@ async fn a_challenge_answers_one_login_only() {
         (401, Some("BAD_CREDENTIALS")),
         "{replay}"
     );
+}
+
+#[tokio::test]
+async fn a_newer_login_of_the_same_client_replaces_the_older_session_on_any_server() {
+    let (cluster, _file) = cluster(2, 10).await;
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = login("acme", "agent", "");
+    config.client_id = Some("drone-7".into());
+    config.preferred_server = Some(cluster.servers[0].id.clone());
+    let mut older = Client::connect(config.clone()).await.unwrap();
+    config.preferred_server = Some(cluster.servers[1].id.clone());
+    let newer = Client::connect(config).await.unwrap();
+    // The older session is told why, and does not come back (it would replace the newer one).
+    let reason = within("REPLACED", async {
+        loop {
+            match older.next_event().await {
+                Some(Event::Disconnected { reason, .. }) => return reason,
+                Some(Event::Reconnected { .. }) => panic!("a replaced client reconnected"),
+                Some(_) => {}
+                None => panic!("ended without saying why"),
+            }
+        }
+    })
+    .await;
+    assert!(reason.contains("REPLACED"), "{reason}");
+    assert!(
+        within("older client ends", older.next_event())
+            .await
+            .is_none()
+    );
+    assert_eq!(cluster.servers[0].stat("replaced").await, 1);
+    newer.subscribe(["command/x"]).await.unwrap();
+    // Another client id of the same account is left alone.
+    let mut other = client_config(&cluster.coordinator.url);
+    other.credentials = login("acme", "agent", "");
+    other.client_id = Some("drone-8".into());
+    Client::connect(other).await.unwrap();
+    assert_eq!(cluster.servers[1].stat("replaced").await, 0);
 }

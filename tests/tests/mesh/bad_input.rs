@@ -179,7 +179,7 @@ async fn bad_negotiation_input_is_refused() {
     let hello = |version| {
         v1::ClientToCoordinator::hello(v1::Hello {
             protocol_version: version,
-            credentials: None,
+            ..v1::Hello::default()
         })
     };
     let cases: Vec<(&str, Vec<WsMessage>, ErrorCode)> = vec![
