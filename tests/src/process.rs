@@ -64,13 +64,17 @@ pub fn run(name: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// [`run`] with only `env` set of the variables relaymesh reads (`RUST_LOG`,
-/// `RELAYMESH_CLUSTER_SECRET`, `RELAYMESH_COORDINATOR`).
+/// `RELAYMESH_CLUSTER_SECRET`, `RELAYMESH_COORDINATOR`, the account and key variables).
 pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut child = Command::new(binary(name))
         .args(args)
         .env_remove("RUST_LOG")
         .env_remove("RELAYMESH_CLUSTER_SECRET")
         .env_remove("RELAYMESH_COORDINATOR")
+        .env_remove("RELAYMESH_ACCOUNT")
+        .env_remove("RELAYMESH_ACCESS_CODE")
+        .env_remove("RELAYMESH_KEY_FILE")
+        .env_remove("RELAYMESH_ACCOUNTS_URL")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -212,3 +212,108 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
     coordinator.wait_for_line("coordinator stopped");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_managed_from_the_command_line_log_in_to_real_processes() {
+    let dir = std::env::temp_dir().join(format!("relaymesh-accounts-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite://{}", dir.join("accounts.db").display());
+    let admin = |args: &[&str]| {
+        let mut all = vec!["accounts", "--url", &db];
+        all.extend_from_slice(args);
+        let (ok, out, err) = run("coordinator", &all);
+        assert!(ok, "coordinator {all:?}: {err}");
+        out
+    };
+    admin(&["create", "acme"]);
+    admin(&["set-role", "acme", "agent", "--publish", "telemetry/#"]);
+    admin(&["set-role", "acme", "gcs", "--subscribe", "telemetry/#"]);
+    let code = admin(&["add-code", "acme"]).trim().to_owned();
+    let key_file = dir.join("gcs.key");
+    let (ok, public, err) = run("meshctl", &["keygen", key_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    admin(&["add-key", "acme", public.trim(), "--id", "gcs-1"]);
+    assert!(admin(&["list"]).contains("gcs-1"));
+
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!("[accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"),
+    )
+    .unwrap();
+    let mut coordinator = Proc::start(
+        "coordinator",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let url = format!("ws://{}", coordinator.listening_addr());
+    let _server = Proc::start(
+        "commserver",
+        &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+    );
+    let stats_url = format!("http://{}/v1/stats", coordinator.listening_addr());
+    eventually("the comm server registered", || async {
+        (coordinator_servers(&stats_url).await.len() == 1).then_some(())
+    })
+    .await;
+
+    // A ground station logs in with the key from `meshctl keygen`; an agent publishes with
+    // the access code `add-code` printed, through `meshctl`.
+    let mut gcs = client_config(&url);
+    gcs.credentials = relaymesh_client::Credentials::Key {
+        account: "acme".into(),
+        key: relaymesh_net::auth::read_signing_key(&key_file).unwrap(),
+        role: "gcs".into(),
+        group: String::new(),
+    };
+    let mut gcs = Client::connect(gcs).await.unwrap();
+    gcs.subscribe(["telemetry/pos"]).await.unwrap();
+    let agent = [
+        "--coordinator",
+        &url,
+        "--account",
+        "acme",
+        "--role",
+        "agent",
+    ];
+    let mut publish = agent.to_vec();
+    publish.extend(["--code", &code, "pub", "telemetry/pos", "from meshctl"]);
+    let (ok, _, err) = run("meshctl", &publish);
+    assert!(ok, "{err}");
+    let m = next_message(&mut gcs).await;
+    assert_eq!(
+        (&*m.payload, m.role.as_str()),
+        (&b"from meshctl"[..], "agent")
+    );
+    // The HTTP login with the key works too; a wrong code is one clear line.
+    let (ok, login, err) = run(
+        "meshctl",
+        &[
+            "--coordinator",
+            &url,
+            "--account",
+            "acme",
+            "--role",
+            "gcs",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "login",
+        ],
+    );
+    assert!(ok && login.contains("\"key\""), "{login} {err}");
+    let mut wrong = agent.to_vec();
+    wrong.extend(["--code", "not-the-code", "pub", "telemetry/pos", "x"]);
+    let (ok, _, err) = run("meshctl", &wrong);
+    assert!(
+        !ok && err.lines().count() == 1 && err.contains("BAD_CREDENTIALS"),
+        "{err}"
+    );
+    gcs.close().await;
+    assert!(coordinator.terminate());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
