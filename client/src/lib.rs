@@ -409,6 +409,11 @@ impl Client {
         self.handle.subscribe(topics).await
     }
 
+    /// See [`Handle::flush`].
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.handle.flush().await
+    }
+
     /// See [`Handle::unsubscribe`].
     pub async fn unsubscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
     where
@@ -470,6 +475,14 @@ impl Handle {
             )
         })
         .await
+    }
+
+    /// Waits until the server has handled everything sent before it, publishes included: a
+    /// publish the server refused has been reported (as [`Event::Forbidden`], ahead of any
+    /// event that follows) by the time this returns.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        // An empty unsubscribe is answered in order, after everything queued before it.
+        self.unsubscribe(Vec::<String>::new()).await
     }
 
     /// Unsubscribes from `topics` and waits for the server's acknowledgement.

@@ -188,8 +188,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Sub { topics, count } => subscribe(config, topics, count).await,
         Command::Pub { topic, message } => {
-            let client = connect(config).await?;
+            let mut client = connect(config).await?;
             client.publish(&topic, message.into_bytes()).await?;
+            // Wait for the server to take it, so a refusal is reported, not lost.
+            client.flush().await?;
+            while let Ok(Some(event)) =
+                tokio::time::timeout(Duration::ZERO, client.next_event()).await
+            {
+                if let Event::Forbidden { reason } = event {
+                    client.close().await;
+                    bail!("{reason}");
+                }
+            }
             client.close().await;
             Ok(())
         }

@@ -306,6 +306,11 @@ async fn accounts_managed_from_the_command_line_log_in_to_real_processes() {
         ],
     );
     assert!(ok && login.contains("\"key\""), "{login} {err}");
+    // A publish the role may not make fails `meshctl pub` with the server's reason.
+    let mut forbidden = agent.to_vec();
+    forbidden.extend(["--code", &code, "pub", "command/drone-7", "land"]);
+    let (ok, _, err) = run("meshctl", &forbidden);
+    assert!(!ok && err.contains("may not publish"), "{err}");
     let mut wrong = agent.to_vec();
     wrong.extend(["--code", "not-the-code", "pub", "telemetry/pos", "x"]);
     let (ok, _, err) = run("meshctl", &wrong);
