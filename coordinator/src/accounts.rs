@@ -293,6 +293,17 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// A grant without rules, scoped by account.
+    fn unrestricted(account: String, role: String, group: String) -> Self {
+        Self {
+            scope: account.clone(),
+            account,
+            role,
+            group,
+            rules: None,
+        }
+    }
+
     /// The identity for a reservation.
     pub fn identity(self, alias: String) -> v1::Identity {
         let (publish, subscribe, unrestricted) = match self.rules {
@@ -583,13 +594,7 @@ impl Store {
                 {
                     return Err(LoginError::BadSignature(account));
                 }
-                return Ok(Grant {
-                    scope: account.clone(),
-                    account,
-                    role,
-                    group,
-                    rules: None,
-                });
+                return Ok(Grant::unrestricted(account, role, group));
             }
             Self::Single {
                 account: name,
@@ -604,13 +609,7 @@ impl Store {
                 if !argon2_matches(code, vec![hash.clone()]).await {
                     return Err(LoginError::BadCode(account));
                 }
-                return Ok(Grant {
-                    scope: account.clone(),
-                    account,
-                    role,
-                    group,
-                    rules: None,
-                });
+                return Ok(Grant::unrestricted(account, role, group));
             }
             Self::File { accounts, .. } => {
                 let file = lock(accounts).clone();
