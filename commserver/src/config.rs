@@ -33,6 +33,24 @@ pub struct Config {
     /// When set, the server proves itself to the coordinator and to peers with this key
     /// (challenge-response) instead of the cluster secret.
     pub identity_key_file: Option<std::path::PathBuf>,
+    /// Address of the TCP/UDP device gateway's driver API (`--dispatch-listen`); the gateway is
+    /// off when unset.
+    pub dispatch_listen: Option<SocketAddr>,
+    /// Token drivers present (`Authorization: Bearer` or `bearer_token`); prefer
+    /// `RELAYMESH_DISPATCH_SECRET`. Required with `dispatch_listen`.
+    pub dispatch_secret: String,
+    /// Address the device ports are opened on.
+    pub dispatch_bind_ip: std::net::IpAddr,
+    /// TCP devices per port at most; more are refused (counted).
+    pub dispatch_max_clients_per_port: usize,
+    /// Events queued per driver; when full, events for it are dropped (counted).
+    pub dispatch_driver_queue: usize,
+    /// Writes queued per TCP device; when full, writes are dropped (counted).
+    pub dispatch_write_queue: usize,
+    /// Bytes read from a device at once (each read becomes one RECEIVED, never truncated).
+    pub dispatch_read_bytes: usize,
+    /// Largest WebSocket message from a driver (so the largest WRITE).
+    pub dispatch_max_frame_bytes: usize,
     /// Ed25519 public keys (hex) of the servers allowed to open peer links to this one. When
     /// set, a peer must prove it holds one of them and the cluster secret alone is refused.
     pub trusted_peer_keys: Vec<String>,
@@ -94,6 +112,14 @@ impl Default for Config {
             id: None,
             cluster_secret: String::new(),
             identity_key_file: None,
+            dispatch_listen: None,
+            dispatch_secret: String::new(),
+            dispatch_bind_ip: std::net::IpAddr::from([0, 0, 0, 0]),
+            dispatch_max_clients_per_port: 1_024,
+            dispatch_driver_queue: 4_096,
+            dispatch_write_queue: 256,
+            dispatch_read_bytes: 64 * 1024,
+            dispatch_max_frame_bytes: 1024 * 1024,
             trusted_peer_keys: Vec::new(),
             max_clients: 50_000,
             key_ttl_ms: 10_000,
@@ -135,6 +161,21 @@ impl Config {
             "cluster_secret",
             "must be set (RELAYMESH_CLUSTER_SECRET or the config file), unless identity_key_file and trusted_peer_keys are",
         )?;
+        if self.dispatch_listen.is_some() {
+            ensure(
+                !self.dispatch_secret.is_empty(),
+                "dispatch_secret",
+                "must be set with dispatch_listen (RELAYMESH_DISPATCH_SECRET or the config file)",
+            )?;
+            ensure(
+                self.dispatch_max_clients_per_port > 0
+                    && self.dispatch_driver_queue > 0
+                    && self.dispatch_write_queue > 0
+                    && self.dispatch_read_bytes > 0,
+                "dispatch_max_clients_per_port",
+                "dispatch limits must be positive",
+            )?;
+        }
         if let Some(url) = &self.public_url {
             ensure(
                 url.starts_with("ws://") && url.len() > 5,

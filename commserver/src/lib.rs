@@ -17,6 +17,7 @@ pub mod config;
 mod api;
 mod control;
 mod coordinator_link;
+mod dispatch;
 mod interest;
 mod keys;
 mod peers;
@@ -150,6 +151,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ConfigError> {
     config.validate()?;
+    let dispatch = match config.dispatch_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            ConfigError::Invalid(format!("cannot listen on {addr} (`dispatch_listen`): {e}"))
+        })?),
+        None => None,
+    };
+    run_with(listener, dispatch, config, shutdown).await
+}
+
+/// [`run`], with the device gateway's driver listener already bound (tests bind port 0).
+pub async fn run_with(
+    listener: TcpListener,
+    dispatch: Option<TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ConfigError> {
+    config.validate()?;
     let local = listener
         .local_addr()
         .map_err(|e| ConfigError::Invalid(format!("listener has no address: {e}")))?;
@@ -218,6 +236,27 @@ pub async fn run(
         .method_not_allowed_fallback(relaymesh_net::http::method_not_allowed)
         .with_state(server.clone());
     span.in_scope(|| tracing::info!(url = %server.public_url, "comm server listening on {local}"));
+    if let Some(dispatch_listener) = dispatch {
+        // The gateway has its own listener and does not wait for the coordinator.
+        let gateway = Arc::new(dispatch::Dispatch::new(
+            &server.config,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        if let Ok(addr) = dispatch_listener.local_addr() {
+            span.in_scope(|| tracing::info!("dispatch gateway listening on {addr}"));
+        }
+        tracker.spawn(
+            relaymesh_net::http::serve(
+                dispatch_listener,
+                gateway.router(),
+                server.config.serve_options(),
+                shutdown.clone(),
+                tracker.clone(),
+            )
+            .instrument(span.clone()),
+        );
+    }
     let options = server.config.serve_options();
     relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone())
         .instrument(span.clone())

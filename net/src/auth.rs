@@ -26,6 +26,11 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Whether `given` equals `secret`, compared in constant time; an empty secret never matches.
+pub fn secret_matches(given: &str, secret: &str) -> bool {
+    !secret.is_empty() && bool::from(given.as_bytes().ct_eq(secret.as_bytes()))
+}
+
 /// Whether `headers` carry `Authorization: Bearer <secret>`, compared in constant time.
 ///
 /// An empty configured secret never matches: a cluster must be configured with a secret.

@@ -30,6 +30,10 @@ struct Args {
     /// Stable server id (default: derived from the public URL).
     #[arg(long)]
     id: Option<String>,
+    /// Open the TCP/UDP device gateway's driver API on this address (needs
+    /// RELAYMESH_DISPATCH_SECRET).
+    #[arg(long)]
+    dispatch_listen: Option<SocketAddr>,
     /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -63,6 +67,12 @@ fn load_config(args: Args) -> Result<Config, relaymesh_net::config::ConfigError>
     }
     if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
         config.cluster_secret = secret;
+    }
+    if args.dispatch_listen.is_some() {
+        config.dispatch_listen = args.dispatch_listen;
+    }
+    if let Ok(secret) = std::env::var("RELAYMESH_DISPATCH_SECRET") {
+        config.dispatch_secret = secret;
     }
     config.validate()?;
     Ok(config)

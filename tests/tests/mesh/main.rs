@@ -6,6 +6,7 @@ mod accounts;
 mod bad_input;
 mod cli;
 mod cluster;
+mod dispatch;
 mod failover;
 mod keys;
 mod ops;

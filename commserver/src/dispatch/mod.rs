@@ -1,0 +1,622 @@
+//! The device dispatch gateway: plain TCP and UDP devices that cannot speak WebSocket, bridged
+//! to drivers over WebSocket, wire-compatible with PlaceOS dispatch.
+//!
+//! A driver opens `/api/dispatch/v1/tcp_dispatch?port=P&accept=IP1,IP2` (or `udp_dispatch`)
+//! with the driver secret. While at least one driver wants port P, the gateway listens on it;
+//! every driver whose accept list covers a device's address gets that device's `OPENED`,
+//! `RECEIVED` and `CLOSED` events, and may `WRITE` to it or `CLOSE` it. Devices from addresses no
+//! driver accepts are refused (TCP) or dropped (UDP) and counted. When a driver leaves, TCP
+//! devices no longer covered by any driver are closed; when the last one leaves, the port
+//! closes. The gateway runs on its own listener, independent of the coordinator link.
+//!
+//! Locks: `Dispatch::ports` before `Port::drivers` before `Port::clients`, each held for a few
+//! instructions and never across an await.
+
+mod frame;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Query, Request, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse as _, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt as _, StreamExt as _};
+use relaymesh_net::http::ApiError;
+use relaymesh_net::sync::lock;
+use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_proto::ErrorCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::frame::Kind;
+use crate::Config;
+
+/// Largest UDP datagram.
+const MAX_DATAGRAM: usize = 65_536;
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A driver session's interest in a port.
+#[derive(Debug)]
+struct Driver {
+    /// Frames for the driver; its writer task holds the receiver. Full: the event is dropped
+    /// and counted.
+    tx: mpsc::Sender<Bytes>,
+    accept: HashSet<IpAddr>,
+}
+
+/// A connected TCP device.
+#[derive(Debug)]
+struct Device {
+    ip: IpAddr,
+    /// Writes for the device; its task holds the receiver.
+    tx: mpsc::Sender<Bytes>,
+    stop: CancellationToken,
+}
+
+/// A device port and the drivers that want it.
+#[derive(Debug)]
+struct Port {
+    proto: Proto,
+    number: u16,
+    drivers: Mutex<HashMap<u64, Driver>>,
+    /// TCP devices by client id.
+    clients: Mutex<HashMap<u64, Device>>,
+    /// The UDP socket, for writes.
+    udp: Option<Arc<UdpSocket>>,
+    /// Stops the listener or receive loop and every device of the port.
+    stop: CancellationToken,
+}
+
+impl Port {
+    /// Senders of the drivers that accept `ip`.
+    fn accepting(&self, ip: IpAddr) -> Vec<mpsc::Sender<Bytes>> {
+        lock(&self.drivers)
+            .values()
+            .filter(|d| d.accept.contains(&ip))
+            .map(|d| d.tx.clone())
+            .collect()
+    }
+}
+
+/// Counters of the gateway.
+#[derive(Debug, Default)]
+struct Stats {
+    connections_refused: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    events_dropped: AtomicU64,
+    writes_dropped: AtomicU64,
+    bad_frames: AtomicU64,
+}
+
+/// The gateway's state.
+#[derive(Debug)]
+pub(crate) struct Dispatch {
+    secret: String,
+    bind_ip: IpAddr,
+    max_clients_per_port: usize,
+    driver_queue: usize,
+    write_queue: usize,
+    read_bytes: usize,
+    limits: relaymesh_net::ws::WsLimits,
+    ports: Mutex<BTreeMap<(Proto, u16), Arc<Port>>>,
+    next_id: AtomicU64,
+    stats: Stats,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Sends `frame` to each driver; a full driver queue drops it (counted).
+fn fan_out(stats: &Stats, drivers: &[mpsc::Sender<Bytes>], frame: &Bytes) {
+    for tx in drivers {
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(frame.clone()) {
+            stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An IPv4 address seen as IPv6-mapped is the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Dispatch {
+    pub(crate) fn new(config: &Config, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            secret: config.dispatch_secret.clone(),
+            bind_ip: config.dispatch_bind_ip,
+            max_clients_per_port: config.dispatch_max_clients_per_port,
+            driver_queue: config.dispatch_driver_queue,
+            write_queue: config.dispatch_write_queue,
+            read_bytes: config.dispatch_read_bytes,
+            limits: relaymesh_net::ws::WsLimits {
+                max_frame_bytes: config.dispatch_max_frame_bytes,
+                ..relaymesh_net::ws::WsLimits::default()
+            },
+            ports: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Stats::default(),
+            tracker,
+            shutdown,
+        }
+    }
+
+    /// The gateway's routes.
+    pub(crate) fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/api/dispatch/v1/tcp_dispatch", get(tcp_dispatch))
+            .route("/api/dispatch/v1/udp_dispatch", get(udp_dispatch))
+            .route("/api/dispatch/v1/", get(stats))
+            .route("/api/dispatch/v1", get(stats))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/version",
+                get(|| async { Json(json!({"version": env!("CARGO_PKG_VERSION")})) }),
+            )
+            .fallback(relaymesh_net::http::not_found)
+            .with_state(self)
+    }
+
+    /// Whether the request carries the driver secret (header or `bearer_token` parameter).
+    fn authorized(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+        if self.secret.is_empty() {
+            return false;
+        }
+        relaymesh_net::auth::bearer_matches(headers, &self.secret)
+            || query
+                .get("bearer_token")
+                .is_some_and(|t| relaymesh_net::auth::secret_matches(t, &self.secret))
+    }
+
+    /// Adds driver `id` to `(proto, number)`, opening the port if it is the first.
+    fn join(
+        self: &Arc<Self>,
+        proto: Proto,
+        number: u16,
+        id: u64,
+        driver: Driver,
+    ) -> Result<Arc<Port>, String> {
+        let mut ports = lock(&self.ports);
+        if let Some(port) = ports.get(&(proto, number)) {
+            lock(&port.drivers).insert(id, driver);
+            return Ok(port.clone());
+        }
+        let addr = SocketAddr::new(self.bind_ip, number);
+        let stop = self.shutdown.child_token();
+        let (udp, listener) = match proto {
+            Proto::Tcp => {
+                let std = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| format!("cannot bind TCP port {number}: {e}"))?;
+                let listener =
+                    TcpListener::from_std(std).map_err(|e| format!("TCP port {number}: {e}"))?;
+                (None, Some(listener))
+            }
+            Proto::Udp => {
+                let std = std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|e| format!("cannot bind UDP port {number}: {e}"))?;
+                let socket =
+                    UdpSocket::from_std(std).map_err(|e| format!("UDP port {number}: {e}"))?;
+                (Some(Arc::new(socket)), None)
+            }
+        };
+        let port = Arc::new(Port {
+            proto,
+            number,
+            drivers: Mutex::new(HashMap::from([(id, driver)])),
+            clients: Mutex::new(HashMap::new()),
+            udp: udp.clone(),
+            stop,
+        });
+        ports.insert((proto, number), port.clone());
+        match (listener, udp) {
+            (Some(listener), _) => {
+                self.tracker
+                    .spawn(self.clone().accept_loop(port.clone(), listener));
+            }
+            (_, Some(socket)) => {
+                self.tracker
+                    .spawn(self.clone().receive_loop(port.clone(), socket));
+            }
+            _ => {}
+        }
+        tracing::info!(port = number, ?proto, "dispatch port open");
+        Ok(port)
+    }
+
+    /// Removes driver `id`; closes devices no longer covered, and the port with the last one.
+    fn leave(&self, port: &Arc<Port>, id: u64) {
+        let mut ports = lock(&self.ports);
+        let mut drivers = lock(&port.drivers);
+        drivers.remove(&id);
+        if drivers.is_empty() {
+            ports.remove(&(port.proto, port.number));
+            port.stop.cancel();
+            tracing::info!(port = port.number, proto = ?port.proto, "dispatch port closed");
+            return;
+        }
+        let covered: HashSet<IpAddr> = drivers
+            .values()
+            .flat_map(|d| d.accept.iter().copied())
+            .collect();
+        for device in lock(&port.clients).values() {
+            if !covered.contains(&device.ip) {
+                device.stop.cancel();
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, port: Arc<Port>, listener: TcpListener) {
+        loop {
+            let (stream, addr) = tokio::select! {
+                () = port.stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(port = port.number, error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let ip = canonical(addr.ip());
+            let drivers = port.accepting(ip);
+            let full = lock(&port.clients).len() >= self.max_clients_per_port;
+            if drivers.is_empty() || full {
+                self.stats
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(port = port.number, %addr, full, "device refused");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel(self.write_queue);
+            let stop = port.stop.child_token();
+            lock(&port.clients).insert(
+                id,
+                Device {
+                    ip,
+                    tx,
+                    stop: stop.clone(),
+                },
+            );
+            fan_out(
+                &self.stats,
+                &drivers,
+                &frame::encode(Kind::Opened, &ip.to_string(), id, b""),
+            );
+            self.tracker
+                .spawn(self.clone().device(port.clone(), id, ip, stream, rx, stop));
+        }
+    }
+
+    /// One TCP device: its data goes to the drivers that accept it, driver writes go to it.
+    async fn device(
+        self: Arc<Self>,
+        port: Arc<Port>,
+        id: u64,
+        ip: IpAddr,
+        stream: TcpStream,
+        mut writes: mpsc::Receiver<Bytes>,
+        stop: CancellationToken,
+    ) {
+        let (mut reader, mut writer) = stream.into_split();
+        let ip_text = ip.to_string();
+        let mut buf = BytesMut::with_capacity(self.read_bytes);
+        loop {
+            buf.reserve(self.read_bytes);
+            tokio::select! {
+                () = stop.cancelled() => break,
+                write = writes.recv() => match write {
+                    Some(data) => if writer.write_all(&data).await.is_err() { break },
+                    None => break,
+                },
+                read = reader.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    // Whatever arrived goes out whole, however large.
+                    Ok(_) => {
+                        let data = buf.split().freeze();
+                        let frame = frame::encode(Kind::Received, &ip_text, id, &data);
+                        fan_out(&self.stats, &port.accepting(ip), &frame);
+                    }
+                },
+            }
+        }
+        let _ = writer.shutdown().await;
+        lock(&port.clients).remove(&id);
+        fan_out(
+            &self.stats,
+            &port.accepting(ip),
+            &frame::encode(Kind::Closed, &ip_text, id, b""),
+        );
+    }
+
+    async fn receive_loop(self: Arc<Self>, port: Arc<Port>, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (n, from) = tokio::select! {
+                () = port.stop.cancelled() => return,
+                received = socket.recv_from(&mut buf) => match received {
+                    Ok(received) => received,
+                    Err(e) => {
+                        tracing::debug!(port = port.number, error = %e, "UDP receive failed");
+                        continue;
+                    }
+                },
+            };
+            let ip = canonical(from.ip());
+            let drivers = port.accepting(ip);
+            if drivers.is_empty() {
+                self.stats.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let frame = frame::encode(
+                Kind::Received,
+                &ip.to_string(),
+                u64::from(from.port()),
+                &buf[..n],
+            );
+            fan_out(&self.stats, &drivers, &frame);
+        }
+    }
+
+    /// Carries out a driver's WRITE or CLOSE.
+    async fn command(
+        &self,
+        port: &Port,
+        accept: &HashSet<IpAddr>,
+        f: frame::Frame,
+    ) -> Result<(), String> {
+        let ip: IpAddr =
+            f.ip.parse()
+                .map_err(|_| format!("bad IP address {:?}", f.ip))?;
+        let ip = canonical(ip);
+        if !accept.contains(&ip) {
+            return Err(format!("{ip} is not in this session's accept list"));
+        }
+        match (f.kind, port.proto) {
+            (Kind::Write, Proto::Tcp) => {
+                let tx = lock(&port.clients)
+                    .get(&f.id)
+                    .filter(|d| d.ip == ip)
+                    .map(|d| d.tx.clone());
+                // A device that is gone or not keeping up loses the write (counted).
+                if tx.is_none_or(|tx| tx.try_send(f.data).is_err()) {
+                    self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (Kind::Close, Proto::Tcp) => {
+                if let Some(device) = lock(&port.clients).get(&f.id).filter(|d| d.ip == ip) {
+                    device.stop.cancel();
+                }
+            }
+            (Kind::Write, Proto::Udp) => {
+                let to = SocketAddr::new(
+                    ip,
+                    u16::try_from(f.id).map_err(|_| format!("bad UDP port {}", f.id))?,
+                );
+                if let Some(socket) = &port.udp
+                    && socket.send_to(&f.data, to).await.is_err()
+                {
+                    self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (Kind::Close, Proto::Udp) => {}
+            (other, _) => return Err(format!("a driver may not send {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// The stats document.
+    fn document(&self) -> Value {
+        let mut doc = json!({"udp_listeners": {}, "tcp_listeners": {}, "tcp_clients": {}});
+        for ((proto, number), port) in lock(&self.ports).iter() {
+            let drivers = lock(&port.drivers).len();
+            match proto {
+                Proto::Tcp => {
+                    doc["tcp_listeners"][number.to_string()] = json!(drivers);
+                    doc["tcp_clients"][number.to_string()] = json!(lock(&port.clients).len());
+                }
+                Proto::Udp => doc["udp_listeners"][number.to_string()] = json!(drivers),
+            }
+        }
+        let s = &self.stats;
+        doc["connections_refused"] = json!(s.connections_refused.load(Ordering::Relaxed));
+        doc["datagrams_dropped"] = json!(s.datagrams_dropped.load(Ordering::Relaxed));
+        doc["events_dropped"] = json!(s.events_dropped.load(Ordering::Relaxed));
+        doc["writes_dropped"] = json!(s.writes_dropped.load(Ordering::Relaxed));
+        doc["bad_frames"] = json!(s.bad_frames.load(Ordering::Relaxed));
+        doc
+    }
+}
+
+fn unauthorized() -> Response {
+    ApiError::from_code(ErrorCode::Unauthenticated, "missing or wrong driver token").into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    ApiError::from_code(ErrorCode::BadFrame, message).into_response()
+}
+
+/// `GET /api/dispatch/v1/`.
+async fn stats(
+    State(dispatch): State<Arc<Dispatch>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !dispatch.authorized(&headers, &query) {
+        return unauthorized();
+    }
+    Json(dispatch.document()).into_response()
+}
+
+async fn tcp_dispatch(
+    state: State<Arc<Dispatch>>,
+    query: Query<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    open_session(state, query, req, Proto::Tcp).await
+}
+
+async fn udp_dispatch(
+    state: State<Arc<Dispatch>>,
+    query: Query<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    open_session(state, query, req, Proto::Udp).await
+}
+
+/// Checks the token, port and accept list, then upgrades to a driver session.
+async fn open_session(
+    State(dispatch): State<Arc<Dispatch>>,
+    Query(query): Query<HashMap<String, String>>,
+    mut req: Request,
+    proto: Proto,
+) -> Response {
+    if !dispatch.authorized(req.headers(), &query) {
+        return unauthorized();
+    }
+    let number = match query.get("port").map(|p| p.parse::<u16>()) {
+        Some(Ok(n)) if n > 0 => n,
+        _ => return bad_request("`port` must be a port number from 1 to 65535".into()),
+    };
+    let mut accept = HashSet::new();
+    for ip in query
+        .get("accept")
+        .into_iter()
+        .flat_map(|a| a.split(','))
+        .filter(|s| !s.trim().is_empty())
+    {
+        match ip.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                accept.insert(canonical(ip));
+            }
+            Err(_) => return bad_request(format!("`accept` has a bad IP address {ip:?}")),
+        }
+    }
+    if accept.is_empty() {
+        return bad_request("`accept` must list the device IP addresses, comma-separated".into());
+    }
+    let (response, on_upgrade) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(e) => return e.into_response(),
+    };
+    let tracker = dispatch.tracker.clone();
+    tracker.spawn(async move {
+        match ws::upgraded(on_upgrade, &dispatch.limits).await {
+            Ok(socket) => session(dispatch, proto, number, accept, socket).await,
+            Err(e) => tracing::debug!(error = %e, "driver upgrade failed"),
+        }
+    });
+    response
+}
+
+/// One driver session.
+async fn session(
+    dispatch: Arc<Dispatch>,
+    proto: Proto,
+    number: u16,
+    accept: HashSet<IpAddr>,
+    socket: ServerSocket,
+) {
+    let (mut sink, mut stream) = socket.split();
+    let id = dispatch.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(dispatch.driver_queue);
+    let driver = Driver {
+        tx,
+        accept: accept.clone(),
+    };
+    let port = match dispatch.join(proto, number, id, driver) {
+        Ok(port) => port,
+        Err(reason) => {
+            tracing::warn!(%reason, "dispatch session refused");
+            let close = CloseFrame {
+                code: CloseCode::Error,
+                reason: reason.into(),
+            };
+            let _ = sink.send(WsMessage::Close(Some(close))).await;
+            return;
+        }
+    };
+    // Writer: everything ready goes out in one flush.
+    let writer = tokio::spawn(async move {
+        let mut close: Option<CloseFrame> = None;
+        while let Some(frame) = rx.recv().await {
+            if frame.is_empty() {
+                // The reader's request to close, with its reason queued next.
+                close = rx.recv().await.map(|reason| CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: String::from_utf8_lossy(&reason).into_owned().into(),
+                });
+                break;
+            }
+            if sink.feed(WsMessage::Binary(frame)).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if sink.feed(WsMessage::Binary(frame)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(WsMessage::Close(close)).await;
+    });
+    let own_tx = lock(&port.drivers).get(&id).map(|d| d.tx.clone());
+    let reason = loop {
+        let message = tokio::select! {
+            () = port.stop.cancelled() => break Some("the gateway is shutting down".to_owned()),
+            message = stream.next() => message,
+        };
+        match message {
+            Some(Ok(WsMessage::Binary(data))) => {
+                let outcome = match frame::decode(&data) {
+                    Ok(f) => dispatch.command(&port, &accept, f).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(reason) = outcome {
+                    dispatch.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    break Some(reason);
+                }
+            }
+            Some(Ok(WsMessage::Text(_))) => {
+                dispatch.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                break Some("binary frames only".to_owned());
+            }
+            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break None,
+            Some(Ok(_)) => {}
+        }
+    };
+    dispatch.leave(&port, id);
+    if let (Some(tx), Some(reason)) = (&own_tx, reason) {
+        let _ = tx.send(Bytes::new()).await;
+        let _ = tx.send(Bytes::from(reason)).await;
+    }
+    drop(own_tx);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+}
