@@ -51,6 +51,10 @@ pub struct Config {
     pub dispatch_read_bytes: usize,
     /// Largest WebSocket message from a driver (so the largest WRITE).
     pub dispatch_max_frame_bytes: usize,
+    /// Bridge devices into the mesh in this account (routing scope): device data is published
+    /// on `dispatch/{tcp|udp}/{port}/{ip}` and messages on `.../write` are written to the
+    /// device. Off when unset.
+    pub dispatch_mesh_account: Option<String>,
     /// Ed25519 public keys (hex) of the servers allowed to open peer links to this one. When
     /// set, a peer must prove it holds one of them and the cluster secret alone is refused.
     pub trusted_peer_keys: Vec<String>,
@@ -120,6 +124,7 @@ impl Default for Config {
             dispatch_write_queue: 256,
             dispatch_read_bytes: 64 * 1024,
             dispatch_max_frame_bytes: 1024 * 1024,
+            dispatch_mesh_account: None,
             trusted_peer_keys: Vec::new(),
             max_clients: 50_000,
             key_ttl_ms: 10_000,

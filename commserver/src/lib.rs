@@ -238,11 +238,7 @@ pub async fn run_with(
     span.in_scope(|| tracing::info!(url = %server.public_url, "comm server listening on {local}"));
     if let Some(dispatch_listener) = dispatch {
         // The gateway has its own listener and does not wait for the coordinator.
-        let gateway = Arc::new(dispatch::Dispatch::new(
-            &server.config,
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+        let gateway = dispatch::Dispatch::start(&server, tracker.clone(), shutdown.clone());
         if let Ok(addr) = dispatch_listener.local_addr() {
             span.in_scope(|| tracing::info!("dispatch gateway listening on {addr}"));
         }

@@ -75,6 +75,7 @@ pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, S
         .env_remove("RELAYMESH_ACCESS_CODE")
         .env_remove("RELAYMESH_KEY_FILE")
         .env_remove("RELAYMESH_ACCOUNTS_URL")
+        .env_remove("RELAYMESH_DISPATCH_SECRET")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,6 +13,7 @@
 //! instructions and never across an await.
 
 mod frame;
+mod mesh;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -82,6 +83,8 @@ struct Port {
     clients: Mutex<HashMap<u64, Device>>,
     /// The UDP socket, for writes.
     udp: Option<Arc<UdpSocket>>,
+    /// Last source port seen per UDP device address (where mesh writes go).
+    udp_sources: Mutex<HashMap<IpAddr, u16>>,
     /// Stops the listener or receive loop and every device of the port.
     stop: CancellationToken,
 }
@@ -122,6 +125,8 @@ pub(crate) struct Dispatch {
     stats: Stats,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// The bridge into the mesh, when `dispatch_mesh_account` is set.
+    mesh: Option<mesh::Bridge>,
 }
 
 /// Sends `frame` to each driver; a full driver queue drops it (counted).
@@ -142,8 +147,84 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl Dispatch {
-    pub(crate) fn new(config: &Config, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
+    /// The gateway of `server`; with `dispatch_mesh_account` set, also the bridge's task.
+    pub(crate) fn start(
+        server: &Arc<crate::Server>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let config = &server.config;
+        let (mesh, queue) = match &config.dispatch_mesh_account {
+            Some(scope) => {
+                let (bridge, queue) = mesh::Bridge::new(server.clone(), scope);
+                (Some(bridge), Some(queue))
+            }
+            None => (None, None),
+        };
+        let dispatch = Arc::new(Self::new(config, tracker.clone(), shutdown, mesh));
+        if let Some(queue) = queue {
+            tracker.spawn(dispatch.clone().bridge(queue));
+        }
+        dispatch
+    }
+
+    /// Writes messages from the mesh to devices, until shutdown.
+    async fn bridge(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
+        loop {
+            let frame = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                frame = queue.recv() => match frame {
+                    Some(frame) => frame,
+                    None => return,
+                },
+            };
+            let Some((proto, number, ip, data)) = self.mesh.as_ref().and_then(|m| m.take(&frame))
+            else {
+                continue;
+            };
+            let Some(port) = lock(&self.ports).get(&(proto, number)).cloned() else {
+                continue;
+            };
+            match proto {
+                Proto::Tcp => {
+                    let devices: Vec<_> = lock(&port.clients)
+                        .values()
+                        .filter(|d| d.ip == ip)
+                        .map(|d| d.tx.clone())
+                        .collect();
+                    if devices.is_empty() {
+                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for tx in devices {
+                        if tx.try_send(data.clone()).is_err() {
+                            self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Proto::Udp => {
+                    let source = lock(&port.udp_sources).get(&ip).copied();
+                    let sent = match (&port.udp, source) {
+                        (Some(socket), Some(p)) => {
+                            socket.send_to(&data, SocketAddr::new(ip, p)).await.is_ok()
+                        }
+                        _ => false,
+                    };
+                    if !sent {
+                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn new(
+        config: &Config,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        mesh: Option<mesh::Bridge>,
+    ) -> Self {
         Self {
+            mesh,
             secret: config.dispatch_secret.clone(),
             bind_ip: config.dispatch_bind_ip,
             max_clients_per_port: config.dispatch_max_clients_per_port,
@@ -199,9 +280,21 @@ impl Dispatch {
     ) -> Result<Arc<Port>, String> {
         let mut ports = lock(&self.ports);
         if let Some(port) = ports.get(&(proto, number)) {
-            lock(&port.drivers).insert(id, driver);
+            let mut drivers = lock(&port.drivers);
+            let covered: HashSet<IpAddr> = drivers
+                .values()
+                .flat_map(|d| d.accept.iter().copied())
+                .collect();
+            let new: Vec<IpAddr> = driver.accept.difference(&covered).copied().collect();
+            drivers.insert(id, driver);
+            if let Some(mesh) = &self.mesh
+                && !new.is_empty()
+            {
+                mesh.watch(proto, number, &new);
+            }
             return Ok(port.clone());
         }
+        let watched: Vec<IpAddr> = driver.accept.iter().copied().collect();
         let addr = SocketAddr::new(self.bind_ip, number);
         let stop = self.shutdown.child_token();
         let (udp, listener) = match proto {
@@ -228,8 +321,12 @@ impl Dispatch {
             drivers: Mutex::new(HashMap::from([(id, driver)])),
             clients: Mutex::new(HashMap::new()),
             udp: udp.clone(),
+            udp_sources: Mutex::new(HashMap::new()),
             stop,
         });
+        if let Some(mesh) = &self.mesh {
+            mesh.watch(proto, number, &watched);
+        }
         ports.insert((proto, number), port.clone());
         match (listener, udp) {
             (Some(listener), _) => {
@@ -250,17 +347,25 @@ impl Dispatch {
     fn leave(&self, port: &Arc<Port>, id: u64) {
         let mut ports = lock(&self.ports);
         let mut drivers = lock(&port.drivers);
-        drivers.remove(&id);
+        let Some(gone) = drivers.remove(&id) else {
+            return;
+        };
+        let covered: HashSet<IpAddr> = drivers
+            .values()
+            .flat_map(|d| d.accept.iter().copied())
+            .collect();
+        if let Some(mesh) = &self.mesh {
+            let uncovered: Vec<IpAddr> = gone.accept.difference(&covered).copied().collect();
+            if !uncovered.is_empty() {
+                mesh.unwatch(port.proto, port.number, &uncovered);
+            }
+        }
         if drivers.is_empty() {
             ports.remove(&(port.proto, port.number));
             port.stop.cancel();
             tracing::info!(port = port.number, proto = ?port.proto, "dispatch port closed");
             return;
         }
-        let covered: HashSet<IpAddr> = drivers
-            .values()
-            .flat_map(|d| d.accept.iter().copied())
-            .collect();
         for device in lock(&port.clients).values() {
             if !covered.contains(&device.ip) {
                 device.stop.cancel();
@@ -341,6 +446,9 @@ impl Dispatch {
                         let data = buf.split().freeze();
                         let frame = frame::encode(Kind::Received, &ip_text, id, &data);
                         fan_out(&self.stats, &port.accepting(ip), &frame);
+                        if let Some(mesh) = &self.mesh {
+                            mesh.publish(Proto::Tcp, port.number, ip, &data);
+                        }
                     }
                 },
             }
@@ -380,6 +488,10 @@ impl Dispatch {
                 &buf[..n],
             );
             fan_out(&self.stats, &drivers, &frame);
+            if let Some(mesh) = &self.mesh {
+                lock(&port.udp_sources).insert(ip, from.port());
+                mesh.publish(Proto::Udp, port.number, ip, &buf[..n]);
+            }
         }
     }
 

@@ -75,6 +75,33 @@ fn bad_configuration_is_one_clear_line() {
         "`coordinator` must be a ws:// URL",
     );
     commserver(
+        &[
+            "--coordinator",
+            "ws://127.0.0.1:7400",
+            "--listen",
+            "127.0.0.1:0",
+            "--dispatch-listen",
+            "127.0.0.1:0",
+        ],
+        &secret,
+        "`dispatch_secret` must be set",
+    );
+    commserver(
+        &[
+            "--coordinator",
+            "ws://127.0.0.1:7400",
+            "--listen",
+            "127.0.0.1:0",
+            "--dispatch-listen",
+            &addr,
+        ],
+        &[
+            ("RELAYMESH_CLUSTER_SECRET", "s"),
+            ("RELAYMESH_DISPATCH_SECRET", "d"),
+        ],
+        "(`dispatch_listen`)",
+    );
+    commserver(
         &["--coordinator", "ws://127.0.0.1:7400"],
         &[],
         "`cluster_secret` must be set",

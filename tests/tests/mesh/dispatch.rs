@@ -316,3 +316,51 @@ async fn bad_tokens_requests_and_frames_are_refused() {
     );
     assert_eq!(get_text(&format!("{base}/api/dispatch/v1/")).await.0, 401);
 }
+
+#[tokio::test]
+async fn devices_are_reachable_from_the_mesh_when_bridged() {
+    let dispatch_addr = restartable_addr();
+    let cluster = relaymesh_tests::Cluster::start_with(1, |c| {
+        c.dispatch_listen = Some(dispatch_addr);
+        c.dispatch_secret = TOKEN.into();
+        c.dispatch_bind_ip = [127, 0, 0, 1].into();
+        c.dispatch_mesh_account = Some("plant".into());
+    })
+    .await;
+    let gateway = Gateway {
+        addr: dispatch_addr,
+        stop: CancellationToken::new(),
+    };
+    let port = restartable_addr().port();
+    let topic = format!("dispatch/tcp/{port}/127.0.0.1");
+    // The coordinator's store is open: any code logs in to account "plant".
+    let plant = relaymesh_client::Credentials::AccessCode {
+        account: "plant".into(),
+        code: "any".into(),
+        role: "operator".into(),
+        group: String::new(),
+    };
+    let mut operator = cluster.client_as(0, plant).await;
+    operator.subscribe([topic.clone()]).await.unwrap();
+    let mut driver = gateway.driver("tcp", port, "127.0.0.1").await;
+    gateway.wait_listeners("tcp_listeners", port, 1).await;
+    // The bridge subscribes to the device's write topic alongside the operator's topic.
+    eventually("bridge subscribed", || async {
+        (cluster.servers[0].stat("topics").await == 2).then_some(())
+    })
+    .await;
+    let mut device = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    expect(&mut driver, OPENED).await;
+    device.write_all(b"temp=21").await.unwrap();
+    let m = relaymesh_tests::next_message(&mut operator).await;
+    assert_eq!(
+        (m.topic.as_str(), &*m.payload, m.role.as_str()),
+        (topic.as_str(), &b"temp=21"[..], "dispatch")
+    );
+    assert_eq!(expect(&mut driver, RECEIVED).await.2, b"temp=21");
+    operator
+        .publish(&format!("{topic}/write"), "set=22")
+        .await
+        .unwrap();
+    assert_eq!(read_some(&mut device).await, b"set=22");
+}
