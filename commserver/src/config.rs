@@ -51,6 +51,9 @@ pub struct Config {
     pub dispatch_read_bytes: usize,
     /// Largest WebSocket message from a driver (so the largest WRITE).
     pub dispatch_max_frame_bytes: usize,
+    /// Device bytes per second per port (0: unlimited). TCP devices over it are read more
+    /// slowly; UDP datagrams over it are dropped (counted).
+    pub dispatch_port_bytes_per_s: u64,
     /// Bridge devices into the mesh in this account (routing scope): device data is published
     /// on `dispatch/{tcp|udp}/{port}/{ip}` and messages on `.../write` are written to the
     /// device. Off when unset.
@@ -125,6 +128,7 @@ impl Default for Config {
             dispatch_read_bytes: 64 * 1024,
             dispatch_max_frame_bytes: 1024 * 1024,
             dispatch_mesh_account: None,
+            dispatch_port_bytes_per_s: 0,
             trusted_peer_keys: Vec::new(),
             max_clients: 50_000,
             key_ttl_ms: 10_000,

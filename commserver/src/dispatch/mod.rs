@@ -48,6 +48,54 @@ use crate::Config;
 /// Largest UDP datagram.
 const MAX_DATAGRAM: usize = 65_536;
 
+/// A port's budget of device bytes per second (`dispatch_port_bytes_per_s`), with a second's
+/// worth of burst. TCP devices over it are read more slowly (TCP pushes back on them); UDP
+/// datagrams over it are dropped and counted.
+#[derive(Debug)]
+struct ByteRate {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl ByteRate {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.last = now;
+    }
+
+    /// Charges `n` bytes that were already read; returns how long to wait before reading more.
+    fn charge(&mut self, n: usize, now: std::time::Instant) -> std::time::Duration {
+        self.refill(now);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    /// Charges `n` bytes if the budget has them.
+    fn try_take(&mut self, n: usize, now: std::time::Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// TCP or UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Proto {
@@ -85,6 +133,8 @@ struct Port {
     udp: Option<Arc<UdpSocket>>,
     /// Last source port seen per UDP device address (where mesh writes go).
     udp_sources: Mutex<HashMap<IpAddr, u16>>,
+    /// The port's byte budget, when limited.
+    rate: Option<Mutex<ByteRate>>,
     /// Stops the listener or receive loop and every device of the port.
     stop: CancellationToken,
 }
@@ -108,6 +158,8 @@ struct Stats {
     events_dropped: AtomicU64,
     writes_dropped: AtomicU64,
     bad_frames: AtomicU64,
+    /// Times a TCP device was read more slowly to keep its port within its byte budget.
+    throttled: AtomicU64,
 }
 
 /// The gateway's state.
@@ -119,6 +171,7 @@ pub(crate) struct Dispatch {
     driver_queue: usize,
     write_queue: usize,
     read_bytes: usize,
+    port_bytes_per_s: u64,
     limits: relaymesh_net::ws::WsLimits,
     ports: Mutex<BTreeMap<(Proto, u16), Arc<Port>>>,
     next_id: AtomicU64,
@@ -231,6 +284,7 @@ impl Dispatch {
             driver_queue: config.dispatch_driver_queue,
             write_queue: config.dispatch_write_queue,
             read_bytes: config.dispatch_read_bytes,
+            port_bytes_per_s: config.dispatch_port_bytes_per_s,
             limits: relaymesh_net::ws::WsLimits {
                 max_frame_bytes: config.dispatch_max_frame_bytes,
                 ..relaymesh_net::ws::WsLimits::default()
@@ -322,6 +376,8 @@ impl Dispatch {
             clients: Mutex::new(HashMap::new()),
             udp: udp.clone(),
             udp_sources: Mutex::new(HashMap::new()),
+            rate: (self.port_bytes_per_s > 0)
+                .then(|| Mutex::new(ByteRate::new(self.port_bytes_per_s))),
             stop,
         });
         if let Some(mesh) = &self.mesh {
@@ -449,6 +505,20 @@ impl Dispatch {
                         if let Some(mesh) = &self.mesh {
                             mesh.publish(Proto::Tcp, port.number, ip, &data);
                         }
+                        // Over the port's budget: read this device more slowly.
+                        let wait = port
+                            .rate
+                            .as_ref()
+                            .map_or(std::time::Duration::ZERO, |r| {
+                                lock(r).charge(data.len(), std::time::Instant::now())
+                            });
+                        if !wait.is_zero() {
+                            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                        }
                     }
                 },
             }
@@ -477,7 +547,11 @@ impl Dispatch {
             };
             let ip = canonical(from.ip());
             let drivers = port.accepting(ip);
-            if drivers.is_empty() {
+            let within_budget = port
+                .rate
+                .as_ref()
+                .is_none_or(|r| lock(r).try_take(n, std::time::Instant::now()));
+            if drivers.is_empty() || !within_budget {
                 self.stats.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -561,6 +635,7 @@ impl Dispatch {
         doc["events_dropped"] = json!(s.events_dropped.load(Ordering::Relaxed));
         doc["writes_dropped"] = json!(s.writes_dropped.load(Ordering::Relaxed));
         doc["bad_frames"] = json!(s.bad_frames.load(Ordering::Relaxed));
+        doc["throttled"] = json!(s.throttled.load(Ordering::Relaxed));
         doc
     }
 }
@@ -731,4 +806,27 @@ async fn session(
     }
     drop(own_tx);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_byte_budget_slows_tcp_and_drops_udp_beyond_it() {
+        let start = Instant::now();
+        let mut rate = ByteRate::new(1_000);
+        rate.last = start;
+        assert_eq!(rate.charge(600, start), Duration::ZERO);
+        // 600 + 900 = 1500 bytes in no time: wait until 500 more have accrued, half a second.
+        assert_eq!(rate.charge(900, start), Duration::from_millis(500));
+        assert!(!rate.try_take(1, start));
+        assert!(rate.try_take(400, start + Duration::from_millis(900)));
+        assert_eq!(
+            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            IpAddr::from([10, 0, 0, 1])
+        );
+    }
 }

@@ -36,6 +36,10 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut commserver::Config)) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dispatch = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = dispatch.local_addr().unwrap();
@@ -44,6 +48,7 @@ impl Gateway {
         config.dispatch_listen = Some(addr);
         config.dispatch_secret = TOKEN.into();
         config.dispatch_bind_ip = [127, 0, 0, 1].into();
+        tweak(&mut config);
         let stop = CancellationToken::new();
         tokio::spawn(commserver::run_with(
             listener,
@@ -363,4 +368,22 @@ async fn devices_are_reachable_from_the_mesh_when_bridged() {
         .await
         .unwrap();
     assert_eq!(read_some(&mut device).await, b"set=22");
+}
+
+#[tokio::test]
+async fn a_port_over_its_byte_budget_drops_datagrams_and_counts_them() {
+    let gateway = Gateway::start_with(|c| c.dispatch_port_bytes_per_s = 10).await;
+    let port = restartable_addr().port();
+    let mut driver = gateway.driver("udp", port, "127.0.0.1").await;
+    gateway.wait_listeners("udp_listeners", port, 1).await;
+    let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for datagram in [&b"first 8b"[..], b"second 8", b"third 8b"] {
+        device.send_to(datagram, ("127.0.0.1", port)).await.unwrap();
+    }
+    // Ten bytes a second: the first datagram fits, the next two do not.
+    assert_eq!(expect(&mut driver, RECEIVED).await.2, b"first 8b");
+    eventually("two datagrams dropped", || async {
+        (gateway.stats().await["datagrams_dropped"] == 2).then_some(())
+    })
+    .await;
 }
