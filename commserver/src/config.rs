@@ -51,6 +51,11 @@ pub struct Config {
     pub dispatch_read_bytes: usize,
     /// Largest WebSocket message from a driver (so the largest WRITE).
     pub dispatch_max_frame_bytes: usize,
+    /// Bytes queued per driver; beyond, events for it are dropped (counted).
+    pub dispatch_driver_queue_bytes: usize,
+    /// Bytes of driver writes queued for one port's TCP devices; beyond, writes are dropped
+    /// (counted).
+    pub dispatch_port_write_bytes: usize,
     /// Device bytes per second per port (0: unlimited). TCP devices over it are read more
     /// slowly; UDP datagrams over it are dropped (counted).
     pub dispatch_port_bytes_per_s: u64,
@@ -129,6 +134,8 @@ impl Default for Config {
             dispatch_max_frame_bytes: 1024 * 1024,
             dispatch_mesh_account: None,
             dispatch_port_bytes_per_s: 0,
+            dispatch_driver_queue_bytes: 16 * 1024 * 1024,
+            dispatch_port_write_bytes: 16 * 1024 * 1024,
             trusted_peer_keys: Vec::new(),
             max_clients: 50_000,
             key_ttl_ms: 10_000,

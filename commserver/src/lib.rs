@@ -76,6 +76,8 @@ struct Server {
     credentials: LinkCredentials,
     /// Who may open a peer link to this server.
     peer_trust: LinkTrust,
+    /// `/v1/peers/challenge` requests per source address.
+    challenge_limits: relaymesh_net::limits::AddressLimits,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -104,6 +106,7 @@ impl Server {
             .filter(|s| {
                 s.client.as_ref().is_some_and(|c| {
                     *c.account == *replace.account
+                        && *c.role == *replace.role
                         && *c.client_id == *replace.client_id
                         && c.seq < replace.seq
                 })
@@ -203,6 +206,7 @@ pub async fn run_with(
     let server = Arc::new(Server {
         credentials,
         peer_trust,
+        challenge_limits: relaymesh_net::limits::AddressLimits::new(120, 30, 10_000),
         keys: Mutex::new(KeyStore::new(
             Config::ms(config.key_ttl_ms),
             config.max_pending_keys,

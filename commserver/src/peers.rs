@@ -175,7 +175,14 @@ async fn dial_loop(
 /// key.
 pub(crate) async fn challenge(
     State(server): State<Arc<Server>>,
+    Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
+    if !server.challenge_limits.take(conn.peer.ip()) {
+        return Err(ApiError::from_code(
+            ErrorCode::RateLimited,
+            "too many challenges from this address; retry in a minute",
+        ));
+    }
     server.peer_trust.challenges.answer().map(Json)
 }
 

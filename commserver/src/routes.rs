@@ -50,6 +50,7 @@ pub(crate) struct Subscriber {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientKey {
     pub(crate) account: Arc<str>,
+    pub(crate) role: Arc<str>,
     pub(crate) client_id: Arc<str>,
     /// The login's number; larger is newer.
     pub(crate) seq: u64,

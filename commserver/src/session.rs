@@ -205,6 +205,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         subscribed: AtomicBool::new(false),
         client: (!identity.client_id.is_empty()).then(|| ClientKey {
             account: identity.account.as_str().into(),
+            role: identity.role.as_str().into(),
             client_id: identity.client_id.as_str().into(),
             seq: identity.seq,
         }),

@@ -58,6 +58,10 @@ pub struct AccessCode {
     /// A revoked code no longer logs in.
     #[serde(default)]
     pub revoked: bool,
+    /// Groups a login with this code may act in; empty: any. In an account that isolates
+    /// groups this is what keeps one group's credentials out of another's topics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// An Ed25519 public key registered to an account.
@@ -71,6 +75,9 @@ pub struct PublicKey {
     /// A revoked key no longer logs in.
     #[serde(default)]
     pub revoked: bool,
+    /// Groups a login with this key may act in; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// An account: a customer whose clients see only each other's traffic.
@@ -249,15 +256,21 @@ pub enum LoginError {
     /// Too many failed logins from this address.
     #[error("too many failed logins from this address; retry in a minute")]
     RateLimited,
-    /// The account database could not be read.
-    #[error("account store unavailable: {0}")]
+    /// The account database could not be read (the details go to the log, not the client).
+    #[error("account store unavailable; retry later")]
     Unavailable(String),
+    /// Too many logins are being checked at once.
+    #[error("the coordinator is busy checking logins; retry shortly")]
+    Busy,
+    /// The group is not one the credential may use.
+    #[error("this credential may not act in group {0:?}")]
+    GroupNotPermitted(String),
 }
 
 impl LoginError {
     /// Whether this refusal counts against the source address (a store outage does not).
     pub fn is_failure(&self) -> bool {
-        !matches!(self, Self::Unavailable(_) | Self::RateLimited)
+        !matches!(self, Self::Unavailable(_) | Self::RateLimited | Self::Busy)
     }
 }
 
@@ -269,8 +282,12 @@ impl From<LoginError> for v1::Error {
             LoginError::Disabled(_) => ErrorCode::AccountDisabled,
             LoginError::RoleNotPermitted { .. } => ErrorCode::RoleNotPermitted,
             LoginError::CredentialsRequired | LoginError::BadName(_) => ErrorCode::Unauthenticated,
-            LoginError::RateLimited => ErrorCode::RateLimited,
-            LoginError::Unavailable(_) => ErrorCode::Internal,
+            LoginError::RateLimited | LoginError::Busy => ErrorCode::RateLimited,
+            LoginError::GroupNotPermitted(_) => ErrorCode::RoleNotPermitted,
+            LoginError::Unavailable(detail) => {
+                tracing::error!(%detail, "account store unavailable");
+                ErrorCode::Internal
+            }
         };
         v1::Error::new(code, e.to_string())
     }
@@ -396,10 +413,29 @@ enum Proof {
 }
 
 /// Whether `code` matches one of `hashes` (argon2, on a blocking thread).
-async fn argon2_matches(code: String, hashes: Vec<String>) -> bool {
-    tokio::task::spawn_blocking(move || hashes.iter().any(|h| verify(&code, h)))
+/// At most this many argon2 checks run at once per CPU (each costs ~19 MiB and milliseconds
+/// of CPU); more wait up to [`ARGON2_WAIT`], then the login is refused as busy.
+const ARGON2_PER_CPU: usize = 2;
+const ARGON2_WAIT: Duration = Duration::from_secs(5);
+
+static ARGON2_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(
+        std::thread::available_parallelism().map_or(1, usize::from) * ARGON2_PER_CPU,
+    )
+});
+
+/// Which of `hashes` `code` matches, if any (argon2, on a blocking thread, a bounded number
+/// at once).
+async fn argon2_find(code: String, hashes: Vec<String>) -> Result<Option<usize>, LoginError> {
+    let _slot = tokio::time::timeout(ARGON2_WAIT, ARGON2_SLOTS.acquire())
         .await
-        .unwrap_or(false)
+        .map_err(|_| LoginError::Busy)?
+        .map_err(|_| LoginError::Busy)?;
+    Ok(
+        tokio::task::spawn_blocking(move || hashes.iter().position(|h| verify(&code, h)))
+            .await
+            .unwrap_or(None),
+    )
 }
 
 /// Whether `signature` is `public_key`'s Ed25519 signature of the login challenge.
@@ -579,8 +615,10 @@ impl Store {
                 check_name(what, name).map_err(LoginError::BadName)?;
             }
         }
+        // A signature always answers a fresh challenge; without one it could be replayed.
         let signed = |public_key: &[u8], nonce: &[u8], signature: &[u8]| {
-            verify_signature(public_key, nonce, signature, &account, &role, &group)
+            nonce.len() >= 16
+                && verify_signature(public_key, nonce, signature, &account, &role, &group)
         };
         let entry = match self {
             Self::Open => {
@@ -606,7 +644,7 @@ impl Store {
                 let Proof::Code(code) = proof else {
                     return Err(LoginError::BadSignature(account));
                 };
-                if !argon2_matches(code, vec![hash.clone()]).await {
+                if argon2_find(code, vec![hash.clone()]).await?.is_none() {
                     return Err(LoginError::BadCode(account));
                 }
                 return Ok(Grant::unrestricted(account, role, group));
@@ -621,16 +659,15 @@ impl Store {
                 .map_err(LoginError::Unavailable)?,
         };
         let entry = entry.ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
-        match proof {
+        // The groups the matching credential may act in (empty: any).
+        let groups = match proof {
             Proof::Code(code) => {
-                let hashes = entry
-                    .access_codes
-                    .iter()
-                    .filter(|c| !c.revoked)
-                    .map(|c| c.hash.clone())
-                    .collect();
-                if !argon2_matches(code, hashes).await {
-                    return Err(LoginError::BadCode(account));
+                let live: Vec<&AccessCode> =
+                    entry.access_codes.iter().filter(|c| !c.revoked).collect();
+                let hashes = live.iter().map(|c| c.hash.clone()).collect();
+                match argon2_find(code, hashes).await? {
+                    Some(i) => live[i].groups.clone(),
+                    None => return Err(LoginError::BadCode(account)),
                 }
             }
             Proof::Key {
@@ -646,7 +683,16 @@ impl Store {
                 if !registered || !signed(&public_key, &nonce, &signature) {
                     return Err(LoginError::BadSignature(account));
                 }
+                entry
+                    .public_keys
+                    .iter()
+                    .find(|k| !k.revoked && hex_decode(&k.key).is_some_and(|k| k == public_key))
+                    .map(|k| k.groups.clone())
+                    .unwrap_or_default()
             }
+        };
+        if !groups.is_empty() && !groups.contains(&group) {
+            return Err(LoginError::GroupNotPermitted(group));
         }
         if !entry.enabled {
             return Err(LoginError::Disabled(account));
@@ -738,12 +784,15 @@ mod tests {
         ed25519_dalek::SigningKey::from_bytes(&[3; 32])
     }
 
+    const N1: [u8; 32] = [1; 32];
+    const N2: [u8; 32] = [2; 32];
+
     fn key(role: &str, nonce: &[u8], signed_nonce: &[u8]) -> Login {
-        let message = relaymesh_proto::login_challenge(signed_nonce, "acme", role, "");
+        let message = relaymesh_proto::login_challenge(signed_nonce, "acme", role, "fleet-1");
         Login::Key {
             account: "acme".into(),
             role: role.into(),
-            group: String::new(),
+            group: "fleet-1".into(),
             public_key: drone().verifying_key().as_bytes().to_vec(),
             nonce: nonce.to_vec(),
             signature: ed25519_dalek::Signer::sign(&drone(), &message)
@@ -757,20 +806,58 @@ mod tests {
         let store = file_store(AccountsFile {
             accounts: vec![acme()],
         });
-        assert!(store.check(key("agent", b"n1", b"n1")).await.is_ok());
-        // A signature of another challenge (a replay) or another role does not verify.
+        assert!(store.check(key("agent", &N1, &N1)).await.is_ok());
+        // The key is bound to group fleet-1; a short nonce is never accepted.
+        let Login::Key {
+            public_key,
+            signature,
+            ..
+        } = key("agent", &N1, &N1)
+        else {
+            unreachable!()
+        };
+        let elsewhere = Login::Key {
+            account: "acme".into(),
+            role: "agent".into(),
+            group: "fleet-2".into(),
+            public_key: public_key.clone(),
+            nonce: N1.to_vec(),
+            signature: ed25519_dalek::Signer::sign(
+                &drone(),
+                &relaymesh_proto::login_challenge(&N1, "acme", "agent", "fleet-2"),
+            )
+            .to_bytes()
+            .to_vec(),
+        };
         assert_eq!(
-            store.check(key("agent", b"n2", b"n1")).await,
+            store.check(elsewhere).await,
+            Err(LoginError::GroupNotPermitted("fleet-2".into()))
+        );
+        let short = Login::Key {
+            account: "acme".into(),
+            role: "agent".into(),
+            group: "fleet-1".into(),
+            public_key,
+            nonce: Vec::new(),
+            signature,
+        };
+        assert_eq!(
+            store.check(short).await,
             Err(LoginError::BadSignature("acme".into()))
         );
-        let Login::Key { signature, .. } = key("gcs", b"n1", b"n1") else {
+        // A signature of another challenge (a replay) or another role does not verify.
+        assert_eq!(
+            store.check(key("agent", &N2, &N1)).await,
+            Err(LoginError::BadSignature("acme".into()))
+        );
+        let Login::Key { signature, .. } = key("gcs", &N1, &N1) else {
             unreachable!()
         };
         let Login::Key {
             mut public_key,
             nonce,
             ..
-        } = key("agent", b"n1", b"n1")
+        } = key("agent", &N1, &N1)
         else {
             unreachable!()
         };
@@ -804,17 +891,20 @@ mod tests {
                     id: "old".into(),
                     hash: hash_code("revoked-code").unwrap(),
                     revoked: true,
+                    groups: Vec::new(),
                 },
                 AccessCode {
                     id: "main".into(),
                     hash: hash_code("s3cret-code").unwrap(),
                     revoked: false,
+                    groups: Vec::new(),
                 },
             ],
             public_keys: vec![PublicKey {
                 id: "drone".into(),
                 key: hex_encode(drone().verifying_key().as_bytes()),
                 revoked: false,
+                groups: vec!["fleet-1".into()],
             }],
             roles: BTreeMap::from([(
                 "agent".into(),

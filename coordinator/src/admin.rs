@@ -43,6 +43,9 @@ pub enum AdminCommand {
         /// Names the code so it can be revoked later [default: code-N].
         #[arg(long)]
         id: Option<String>,
+        /// A group the code may act in (repeat for more); without any, every group.
+        #[arg(long = "group")]
+        groups: Vec<String>,
     },
     /// Revoke an access code by id.
     RevokeCode {
@@ -60,6 +63,9 @@ pub enum AdminCommand {
         /// Names the key so it can be revoked later [default: key-N].
         #[arg(long)]
         id: Option<String>,
+        /// A group the key may act in (repeat for more); without any, every group.
+        #[arg(long = "group")]
+        groups: Vec<String>,
     },
     /// Revoke a public key by id.
     RevokeKey {
@@ -180,7 +186,10 @@ impl Backend {
             }
             AdminCommand::Enable { name } => self.set_enabled(&name, true).await,
             AdminCommand::Disable { name } => self.set_enabled(&name, false).await,
-            AdminCommand::AddCode { name, id } => {
+            AdminCommand::AddCode { name, id, groups } => {
+                for g in &groups {
+                    check_name("group", g)?;
+                }
                 let mut account = self.existing(&name).await?;
                 let id = id.unwrap_or_else(|| format!("code-{}", account.access_codes.len() + 1));
                 check_name("code id", &id)?;
@@ -192,6 +201,7 @@ impl Backend {
                     id: id.clone(),
                     hash: hash_code(&code)?,
                     revoked: false,
+                    groups,
                 });
                 self.put(account).await?;
                 // The only time the code is shown: only its hash is stored.
@@ -208,7 +218,15 @@ impl Backend {
                 self.put(account).await?;
                 Ok(format!("revoked code {id} of {name}\n"))
             }
-            AdminCommand::AddKey { name, key, id } => {
+            AdminCommand::AddKey {
+                name,
+                key,
+                id,
+                groups,
+            } => {
+                for g in &groups {
+                    check_name("group", g)?;
+                }
                 let mut account = self.existing(&name).await?;
                 let id = id.unwrap_or_else(|| format!("key-{}", account.public_keys.len() + 1));
                 check_name("key id", &id)?;
@@ -219,6 +237,7 @@ impl Backend {
                     id: id.clone(),
                     key: key.to_ascii_lowercase(),
                     revoked: false,
+                    groups,
                 });
                 // The key is checked with the whole account before anything is written.
                 AccountsFile {
@@ -262,6 +281,14 @@ impl Backend {
                 let mut account = self.existing(&name).await?;
                 if account.roles.remove(&role).is_none() {
                     return Err(format!("account {name:?} has no role {role:?}"));
+                }
+                // An account without roles has no rules: removing the last one would lift
+                // every restriction at once.
+                if account.roles.is_empty() {
+                    return Err(format!(
+                        "{role:?} is the last role of {name:?}; removing it would let any role \
+                         do anything (set another role first)"
+                    ));
                 }
                 self.put(account).await?;
                 Ok(format!("removed role {role} of {name}\n"))

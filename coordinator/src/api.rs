@@ -22,6 +22,8 @@ pub(crate) struct Stats {
     pub(crate) logins_refused: Counter,
     /// Logins refused because their address failed too often.
     pub(crate) logins_rate_limited: Counter,
+    /// `Replace` notices a server's full link queue did not take.
+    pub(crate) replace_dropped: Counter,
     pub(crate) reservations_failed: Counter,
     pub(crate) server_links_refused: Counter,
 }
@@ -58,6 +60,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "login_failures": s.login_failures.get(),
         "logins_refused": s.logins_refused.get(),
         "logins_rate_limited": s.logins_rate_limited.get(),
+        "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "process": relaymesh_net::procstat::process(),

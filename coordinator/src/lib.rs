@@ -14,7 +14,6 @@ pub mod admin;
 mod alias;
 mod api;
 pub mod config;
-mod limits;
 mod negotiate;
 pub mod registry;
 mod server_link;
@@ -28,6 +27,11 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use relaymesh_net::auth::{Challenges, LinkTrust};
+use relaymesh_net::limits::AddressLimits;
+
+/// Challenges one source address may ask for per minute, sustained, and at once.
+const CHALLENGES_PER_MIN: u32 = 120;
+const CHALLENGE_BURST: u32 = 30;
 use relaymesh_net::config::ConfigError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +48,9 @@ struct App {
     /// Who may log in, and as what.
     accounts: Arc<accounts::Store>,
     /// Failed logins per source address.
-    failed_logins: limits::FailedLogins,
+    failed_logins: AddressLimits,
+    /// Challenge requests per source address (`/v1/login/challenge`, `/v1/servers/challenge`).
+    challenge_limits: AddressLimits,
     /// Outstanding key-login challenges of `POST /v1/login/challenge`.
     challenges: Challenges,
     /// Who may register as a comm server: the cluster secret, or trusted keys.
@@ -127,7 +133,12 @@ pub async fn run(
                 .map_err(|e| ConfigError::Invalid(format!("trusted_server_keys: {e}")))?,
             Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
         ),
-        failed_logins: limits::FailedLogins::new(
+        challenge_limits: AddressLimits::new(
+            CHALLENGES_PER_MIN,
+            CHALLENGE_BURST,
+            config.max_tracked_addresses,
+        ),
+        failed_logins: AddressLimits::new(
             config.failed_logins_per_min,
             config.failed_login_burst,
             config.max_tracked_addresses,

@@ -26,9 +26,9 @@ use tracing::Instrument as _;
 
 use crate::App;
 use crate::accounts::{Login, LoginError, check_name, hex_decode};
-use crate::limits::TokenBucket;
 use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
+use relaymesh_net::limits::TokenBucket;
 
 /// Time allowed for last words and the close handshake when a link ends.
 const LINGER: Duration = Duration::from_secs(1);
@@ -113,7 +113,9 @@ async fn authenticate(
     client_id: String,
     from: IpAddr,
 ) -> Result<v1::Identity, v1::Error> {
-    if !app.failed_logins.allows(from) {
+    // The attempt takes its token before it is checked, so concurrent guesses cannot all slip
+    // through; a successful login gives it back.
+    if !app.failed_logins.take(from) {
         app.stats.logins_rate_limited.inc();
         return Err(LoginError::RateLimited.into());
     }
@@ -122,14 +124,15 @@ async fn authenticate(
     }
     match app.accounts.check(login).await {
         Ok(grant) => {
+            app.failed_logins.give_back(from);
             let mut identity = grant.identity(app.aliases.next());
             identity.client_id = client_id;
             identity.seq = app.next_login_seq();
             Ok(identity)
         }
         Err(e) => {
-            if e.is_failure() {
-                app.failed_logins.failed(from);
+            if !e.is_failure() {
+                app.failed_logins.give_back(from);
             }
             app.stats.logins_refused.inc();
             tracing::info!(%from, error = %e, "login refused");
@@ -347,13 +350,16 @@ fn replace_older(app: &App, identity: &v1::Identity) {
         account: identity.account.clone(),
         client_id: identity.client_id.clone(),
         seq: identity.seq,
+        role: identity.role.clone(),
     }));
     let links: Vec<_> = lock(&app.registry)
         .iter()
         .map(|(_, e)| e.handle.clone())
         .collect();
     for link in links {
-        link.send(frame.clone());
+        if !link.send_lossy(frame.clone()) {
+            app.stats.replace_dropped.inc();
+        }
     }
 }
 
@@ -438,7 +444,14 @@ impl LoginCredentials {
 /// `POST /v1/login/challenge`: a single-use challenge for an Ed25519 login over HTTP.
 pub(crate) async fn challenge(
     State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
+    if !app.challenge_limits.take(conn.peer.ip()) {
+        return Err(ApiError::from_code(
+            ErrorCode::RateLimited,
+            "too many challenges from this address; retry in a minute",
+        ));
+    }
     app.challenges.answer().map(Json)
 }
 
@@ -486,7 +499,10 @@ pub(crate) async fn login(
             Ok(login) => login,
             Err(e) => {
                 // An unknown or used challenge is a failed attempt like a bad signature.
-                app.failed_logins.failed(from);
+                if !app.failed_logins.take(from) {
+                    app.stats.logins_rate_limited.inc();
+                    return Err(ApiError::from(v1::Error::from(LoginError::RateLimited)));
+                }
                 app.stats.logins_refused.inc();
                 return Err(ApiError::from(v1::Error::from(e)));
             }

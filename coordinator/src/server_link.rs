@@ -66,6 +66,12 @@ impl ServerLink {
         false
     }
 
+    /// Queues a frame the server may miss (a `Replace`): when the queue is full it is dropped,
+    /// not the link. Returns whether it was queued.
+    pub(crate) fn send_lossy(&self, frame: Bytes) -> bool {
+        self.tx.try_send(frame).is_ok()
+    }
+
     /// Asks the server for a login key for `identity` and waits for the answer.
     pub(crate) async fn reserve(
         &self,
@@ -138,7 +144,14 @@ impl ServerLink {
 /// an Ed25519 key.
 pub(crate) async fn challenge(
     State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
+    if !app.challenge_limits.take(conn.peer.ip()) {
+        return Err(ApiError::from_code(
+            ErrorCode::RateLimited,
+            "too many challenges from this address; retry in a minute",
+        ));
+    }
     app.server_trust.challenges.answer().map(Json)
 }
 

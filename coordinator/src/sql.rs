@@ -13,6 +13,16 @@ use crate::accounts::{AccessCode, Account, PublicKey, RoleRules};
 /// Connections kept open to the database.
 const POOL_SIZE: u32 = 8;
 
+/// A JSON list of names, as stored.
+fn json_list(names: &[String]) -> String {
+    serde_json::to_string(names).unwrap_or_else(|_| "[]".into())
+}
+
+/// A stored JSON list of names (an unreadable one is empty: no restriction is invented).
+fn groups(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
 /// A connected, migrated account database.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -46,11 +56,33 @@ impl SqlStore {
         Ok(Self { pool })
     }
 
-    /// The account called `name`, with its codes and roles.
+    /// The account called `name`, with its codes, keys and roles, read in one transaction (so
+    /// never half of a change), and checked like a file's.
     pub async fn account(&self, name: &str) -> Result<Option<Account>, String> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(failed("starting a transaction"))?;
+        let account = Self::read(&mut tx, name).await?;
+        tx.commit().await.map_err(failed("reading an account"))?;
+        if let Some(account) = &account {
+            crate::accounts::AccountsFile {
+                accounts: vec![account.clone()],
+            }
+            .check()
+            .map_err(|e| format!("stored account is not valid: {e}"))?;
+        }
+        Ok(account)
+    }
+
+    async fn read(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        name: &str,
+    ) -> Result<Option<Account>, String> {
         let Some(row) = sqlx::query("SELECT enabled, isolate_groups FROM accounts WHERE name = $1")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut **tx)
             .await
             .map_err(failed("reading an account"))?
         else {
@@ -62,10 +94,10 @@ impl SqlStore {
             flag(1).map_err(failed("reading an account"))?,
         );
         let codes = sqlx::query(
-            "SELECT id, hash, revoked FROM access_codes WHERE account = $1 ORDER BY id",
+            "SELECT id, hash, revoked, groups FROM access_codes WHERE account = $1 ORDER BY id",
         )
         .bind(name)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut **tx)
         .await
         .map_err(failed("reading access codes"))?;
         let access_codes = codes
@@ -75,16 +107,18 @@ impl SqlStore {
                     id: r.try_get(0)?,
                     hash: r.try_get(1)?,
                     revoked: r.try_get::<i64, _>(2)? != 0,
+                    groups: groups(&r.try_get::<String, _>(3)?),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(failed("reading access codes"))?;
-        let keys =
-            sqlx::query("SELECT id, key, revoked FROM public_keys WHERE account = $1 ORDER BY id")
-                .bind(name)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(failed("reading public keys"))?;
+        let keys = sqlx::query(
+            "SELECT id, key, revoked, groups FROM public_keys WHERE account = $1 ORDER BY id",
+        )
+        .bind(name)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(failed("reading public keys"))?;
         let public_keys = keys
             .iter()
             .map(|r| {
@@ -92,6 +126,7 @@ impl SqlStore {
                     id: r.try_get(0)?,
                     key: r.try_get(1)?,
                     revoked: r.try_get::<i64, _>(2)? != 0,
+                    groups: groups(&r.try_get::<String, _>(3)?),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -99,7 +134,7 @@ impl SqlStore {
         let role_rows =
             sqlx::query("SELECT role, publish, subscribe FROM roles WHERE account = $1")
                 .bind(name)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut **tx)
                 .await
                 .map_err(failed("reading roles"))?;
         let mut roles = BTreeMap::new();
@@ -172,24 +207,27 @@ impl SqlStore {
         }
         for code in &account.access_codes {
             sqlx::query(
-                "INSERT INTO access_codes (account, id, hash, revoked) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO access_codes (account, id, hash, revoked, groups) \
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&account.name)
             .bind(&code.id)
             .bind(&code.hash)
             .bind(i64::from(code.revoked))
+            .bind(json_list(&code.groups))
             .execute(&mut *tx)
             .await
             .map_err(failed("writing an access code"))?;
         }
         for key in &account.public_keys {
             sqlx::query(
-                "INSERT INTO public_keys (account, id, key, revoked) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO public_keys (account, id, key, revoked, groups) VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&account.name)
             .bind(&key.id)
             .bind(&key.key)
             .bind(i64::from(key.revoked))
+            .bind(json_list(&key.groups))
             .execute(&mut *tx)
             .await
             .map_err(failed("writing a public key"))?;

@@ -39,6 +39,7 @@ async fn exercise(url: &str) {
         AdminCommand::AddCode {
             name: named("acme"),
             id: Some(named("main")),
+            groups: vec![named("g1")],
         },
     )
     .await;
@@ -64,8 +65,13 @@ async fn exercise(url: &str) {
         .unwrap();
     assert_eq!(grant.scope, "acme#g1");
     assert_eq!(grant.rules.unwrap().subscribe, ["command/+"]);
+    // The code is bound to group g1: another group's topics are out of its reach.
     assert_eq!(
-        store.check(login("acme", code, "gcs", "")).await,
+        store.check(login("acme", code, "agent", "g2")).await,
+        Err(LoginError::GroupNotPermitted(named("g2")))
+    );
+    assert_eq!(
+        store.check(login("acme", code, "gcs", "g1")).await,
         Err(LoginError::RoleNotPermitted {
             account: named("acme"),
             role: named("gcs")
@@ -83,7 +89,7 @@ async fn exercise(url: &str) {
     )
     .await;
     assert_eq!(
-        store.check(login("acme", code, "agent", "")).await,
+        store.check(login("acme", code, "agent", "g1")).await,
         Err(LoginError::Disabled(named("acme")))
     );
     admin(
@@ -102,7 +108,7 @@ async fn exercise(url: &str) {
     )
     .await;
     assert_eq!(
-        store.check(login("acme", code, "agent", "")).await,
+        store.check(login("acme", code, "agent", "g1")).await,
         Err(LoginError::BadCode(named("acme")))
     );
     let listed = admin(&db, AdminCommand::List).await;

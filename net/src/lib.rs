@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod heartbeat;
 pub mod http;
+pub mod limits;
 pub mod link;
 pub mod logging;
 pub mod metrics;

@@ -2,7 +2,8 @@
 
 /// Lowercase or uppercase hex to bytes; `None` for odd lengths or non-hex characters.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    // `from_str_radix` alone would also take a leading `+`.
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -27,5 +28,6 @@ mod tests {
         assert_eq!(decode("abc"), None);
         assert_eq!(decode("zz"), None);
         assert_eq!(decode("é1"), None);
+        assert_eq!(decode("+f"), None);
     }
 }

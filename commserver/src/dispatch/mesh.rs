@@ -67,7 +67,13 @@ pub(super) struct Bridge {
     scope: Arc<str>,
     alias: String,
     me: Arc<Subscriber>,
+    /// Subscription changes, in order, to the task that hands them to the control task.
+    changes: mpsc::Sender<Command>,
 }
+
+/// Subscription changes queued for the control task; a burst beyond this is dropped (and
+/// logged), leaving a write topic unsubscribed until its port is reopened.
+const CHANGE_QUEUE: usize = 1_024;
 
 impl std::fmt::Debug for Bridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,8 +85,13 @@ impl std::fmt::Debug for Bridge {
 }
 
 impl Bridge {
-    /// A bridge in `scope`; returns it and the queue of messages for it (writes to devices).
-    pub(super) fn new(server: Arc<Server>, scope: &str) -> (Self, mpsc::Receiver<Bytes>) {
+    /// A bridge in `scope`; returns it, the queue of messages for it (writes to devices) and
+    /// the queue of its subscription changes, for [`forward_changes`].
+    pub(super) fn new(
+        server: Arc<Server>,
+        scope: &str,
+    ) -> (Self, mpsc::Receiver<Bytes>, mpsc::Receiver<Command>) {
+        let (changes, changes_rx) = mpsc::channel(CHANGE_QUEUE);
         let (tx, rx) = mpsc::channel(server.config.client_queue);
         let me = Arc::new(Subscriber {
             id: server.next_id(),
@@ -100,8 +111,10 @@ impl Bridge {
                 scope: scope.into(),
                 alias,
                 me,
+                changes,
             },
             rx,
+            changes_rx,
         )
     }
 
@@ -153,10 +166,13 @@ impl Bridge {
             topics: self.keys(proto, port, ips),
             done,
         };
-        let control = self.server.control.clone();
-        tokio::spawn(async move {
-            let _ = control.send(command).await;
-        });
+        self.queue(command);
+    }
+
+    fn queue(&self, command: Command) {
+        if self.changes.try_send(command).is_err() {
+            tracing::warn!("dispatch bridge: too many subscription changes at once; one dropped");
+        }
     }
 
     /// Drops the write topics of `ips` on a port.
@@ -167,10 +183,7 @@ impl Bridge {
             topics: self.keys(proto, port, ips),
             done,
         };
-        let control = self.server.control.clone();
-        tokio::spawn(async move {
-            let _ = control.send(command).await;
-        });
+        self.queue(command);
     }
 
     /// A message frame taken off the bridge's queue: its room is returned, and a `.../write`
@@ -183,6 +196,18 @@ impl Bridge {
         };
         let (proto, port, ip) = parse_write_topic(&m.topic)?;
         Some((proto, port, ip, m.payload))
+    }
+}
+
+/// Hands the bridge's subscription changes to the control task one at a time, in order.
+pub(super) async fn forward_changes(
+    control: mpsc::Sender<Command>,
+    mut changes: mpsc::Receiver<Command>,
+) {
+    while let Some(command) = changes.recv().await {
+        if control.send(command).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
 use relaymesh_net::http::ApiError;
+use relaymesh_net::link::Backlog;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::ErrorCode;
@@ -84,10 +85,11 @@ impl ByteRate {
         }
     }
 
-    /// Charges `n` bytes if the budget has them.
+    /// Charges a datagram of `n` bytes if the budget allows it: a full second's budget lets
+    /// through even a datagram larger than that (the debt is paid off before the next one).
     fn try_take(&mut self, n: usize, now: std::time::Instant) -> bool {
         self.refill(now);
-        if self.tokens >= n as f64 {
+        if self.tokens >= (n as f64).min(self.rate) {
             self.tokens -= n as f64;
             true
         } else {
@@ -103,12 +105,25 @@ enum Proto {
     Udp,
 }
 
+/// What a driver session's writer sends.
+#[derive(Debug)]
+enum Out {
+    Frame(Bytes),
+    Ping,
+}
+
+/// Where events for one driver go: its queue (its writer task holds the receiver; full, in
+/// frames or bytes, drops the event and counts it) and the queue's byte accounting.
+#[derive(Debug, Clone)]
+struct DriverOut {
+    tx: mpsc::Sender<Out>,
+    backlog: Arc<Backlog>,
+}
+
 /// A driver session's interest in a port.
 #[derive(Debug)]
 struct Driver {
-    /// Frames for the driver; its writer task holds the receiver. Full: the event is dropped
-    /// and counted.
-    tx: mpsc::Sender<Bytes>,
+    out: DriverOut,
     accept: HashSet<IpAddr>,
 }
 
@@ -129,8 +144,10 @@ struct Port {
     drivers: Mutex<HashMap<u64, Driver>>,
     /// TCP devices by client id.
     clients: Mutex<HashMap<u64, Device>>,
-    /// The UDP socket, for writes.
-    udp: Option<Arc<UdpSocket>>,
+    /// The UDP socket, for writes; taken when the port closes, so the socket closes with it.
+    udp: Mutex<Option<Arc<UdpSocket>>>,
+    /// Bytes of driver writes queued for this port's TCP devices (`dispatch_port_write_bytes`).
+    write_backlog: Backlog,
     /// Last source port seen per UDP device address (where mesh writes go).
     udp_sources: Mutex<HashMap<IpAddr, u16>>,
     /// The port's byte budget, when limited.
@@ -140,14 +157,22 @@ struct Port {
 }
 
 impl Port {
-    /// Senders of the drivers that accept `ip`.
-    fn accepting(&self, ip: IpAddr) -> Vec<mpsc::Sender<Bytes>> {
-        lock(&self.drivers)
-            .values()
-            .filter(|d| d.accept.contains(&ip))
-            .map(|d| d.tx.clone())
-            .collect()
+    /// Queues of the drivers that accept `ip`.
+    fn accepting(&self, ip: IpAddr) -> Vec<DriverOut> {
+        accepting(&lock(&self.drivers), ip)
     }
+
+    fn udp(&self) -> Option<Arc<UdpSocket>> {
+        lock(&self.udp).clone()
+    }
+}
+
+fn accepting(drivers: &HashMap<u64, Driver>, ip: IpAddr) -> Vec<DriverOut> {
+    drivers
+        .values()
+        .filter(|d| d.accept.contains(&ip))
+        .map(|d| d.out.clone())
+        .collect()
 }
 
 /// Counters of the gateway.
@@ -169,7 +194,11 @@ pub(crate) struct Dispatch {
     bind_ip: IpAddr,
     max_clients_per_port: usize,
     driver_queue: usize,
+    driver_queue_bytes: usize,
     write_queue: usize,
+    port_write_bytes: usize,
+    heartbeat: std::time::Duration,
+    silence: std::time::Duration,
     read_bytes: usize,
     port_bytes_per_s: u64,
     limits: relaymesh_net::ws::WsLimits,
@@ -182,12 +211,11 @@ pub(crate) struct Dispatch {
     mesh: Option<mesh::Bridge>,
 }
 
-/// Sends `frame` to each driver; a full driver queue drops it (counted).
-fn fan_out(stats: &Stats, drivers: &[mpsc::Sender<Bytes>], frame: &Bytes) {
-    for tx in drivers {
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(frame.clone()) {
-            stats.events_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+/// Resolves at `at`, or never when there is no `at`.
+async fn sleep_until_or_forever(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -200,6 +228,36 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl Dispatch {
+    /// Queues `frame` for each driver; a full queue drops it (counted).
+    fn fan_out(&self, drivers: &[DriverOut], frame: &Bytes) {
+        for d in drivers {
+            if !d.backlog.reserve(frame.len()) {
+                self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Err(e) = d.tx.try_send(Out::Frame(frame.clone())) {
+                d.backlog.release(frame.len());
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Queues a write for a TCP device; a full queue (its own, or the port's bytes) drops it
+    /// (counted).
+    fn write_to(&self, port: &Port, device: &mpsc::Sender<Bytes>, data: Bytes) {
+        let len = data.len();
+        if !port.write_backlog.reserve(len) {
+            self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if device.try_send(data).is_err() {
+            port.write_backlog.release(len);
+            self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The gateway of `server`; with `dispatch_mesh_account` set, also the bridge's task.
     pub(crate) fn start(
         server: &Arc<crate::Server>,
@@ -209,7 +267,8 @@ impl Dispatch {
         let config = &server.config;
         let (mesh, queue) = match &config.dispatch_mesh_account {
             Some(scope) => {
-                let (bridge, queue) = mesh::Bridge::new(server.clone(), scope);
+                let (bridge, queue, changes) = mesh::Bridge::new(server.clone(), scope);
+                tracker.spawn(mesh::forward_changes(server.control.clone(), changes));
                 (Some(bridge), Some(queue))
             }
             None => (None, None),
@@ -249,14 +308,12 @@ impl Dispatch {
                         self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     for tx in devices {
-                        if tx.try_send(data.clone()).is_err() {
-                            self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
+                        self.write_to(&port, &tx, data.clone());
                     }
                 }
                 Proto::Udp => {
                     let source = lock(&port.udp_sources).get(&ip).copied();
-                    let sent = match (&port.udp, source) {
+                    let sent = match (port.udp(), source) {
                         (Some(socket), Some(p)) => {
                             socket.send_to(&data, SocketAddr::new(ip, p)).await.is_ok()
                         }
@@ -282,7 +339,11 @@ impl Dispatch {
             bind_ip: config.dispatch_bind_ip,
             max_clients_per_port: config.dispatch_max_clients_per_port,
             driver_queue: config.dispatch_driver_queue,
+            driver_queue_bytes: config.dispatch_driver_queue_bytes,
             write_queue: config.dispatch_write_queue,
+            port_write_bytes: config.dispatch_port_write_bytes,
+            heartbeat: config.heartbeat_interval(),
+            silence: config.heartbeat_timeout(),
             read_bytes: config.dispatch_read_bytes,
             port_bytes_per_s: config.dispatch_port_bytes_per_s,
             limits: relaymesh_net::ws::WsLimits {
@@ -374,7 +435,8 @@ impl Dispatch {
             number,
             drivers: Mutex::new(HashMap::from([(id, driver)])),
             clients: Mutex::new(HashMap::new()),
-            udp: udp.clone(),
+            udp: Mutex::new(udp.clone()),
+            write_backlog: Backlog::new(self.write_queue, self.port_write_bytes),
             udp_sources: Mutex::new(HashMap::new()),
             rate: (self.port_bytes_per_s > 0)
                 .then(|| Mutex::new(ByteRate::new(self.port_bytes_per_s))),
@@ -419,6 +481,9 @@ impl Dispatch {
         if drivers.is_empty() {
             ports.remove(&(port.proto, port.number));
             port.stop.cancel();
+            // The receive loop holds the other reference and ends at the stop: the socket
+            // closes now, not when the last session lets go of the port.
+            lock(&port.udp).take();
             tracing::info!(port = port.number, proto = ?port.proto, "dispatch port closed");
             return;
         }
@@ -443,29 +508,37 @@ impl Dispatch {
                 },
             };
             let ip = canonical(addr.ip());
-            let drivers = port.accepting(ip);
-            let full = lock(&port.clients).len() >= self.max_clients_per_port;
-            if drivers.is_empty() || full {
-                self.stats
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(port = port.number, %addr, full, "device refused");
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::channel(self.write_queue);
             let stop = port.stop.child_token();
-            lock(&port.clients).insert(
-                id,
-                Device {
-                    ip,
-                    tx,
-                    stop: stop.clone(),
-                },
-            );
-            fan_out(
-                &self.stats,
+            // Checked and recorded under the drivers' lock, so a driver leaving meanwhile
+            // either sees the device (and closes it) or is already gone from this check.
+            let admitted = {
+                let drivers = lock(&port.drivers);
+                let accepting = accepting(&drivers, ip);
+                let mut clients = lock(&port.clients);
+                let full = clients.len() >= self.max_clients_per_port;
+                if accepting.is_empty() || full {
+                    None
+                } else {
+                    let device = Device {
+                        ip,
+                        tx,
+                        stop: stop.clone(),
+                    };
+                    clients.insert(id, device);
+                    Some(accepting)
+                }
+            };
+            let Some(drivers) = admitted else {
+                self.stats
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(port = port.number, %addr, "device refused");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            self.fan_out(
                 &drivers,
                 &frame::encode(Kind::Opened, &ip.to_string(), id, b""),
             );
@@ -487,46 +560,46 @@ impl Dispatch {
         let (mut reader, mut writer) = stream.into_split();
         let ip_text = ip.to_string();
         let mut buf = BytesMut::with_capacity(self.read_bytes);
+        // Set while the port is over its byte budget: no reading until then (writes go on).
+        let mut resume: Option<tokio::time::Instant> = None;
         loop {
             buf.reserve(self.read_bytes);
             tokio::select! {
                 () = stop.cancelled() => break,
-                write = writes.recv() => match write {
-                    Some(data) => if writer.write_all(&data).await.is_err() { break },
-                    None => break,
-                },
-                read = reader.read_buf(&mut buf) => match read {
+                write = writes.recv() => {
+                    let Some(data) = write else { break };
+                    port.write_backlog.release(data.len());
+                    // A device that stops reading must not hold its task past a stop.
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        written = writer.write_all(&data) => if written.is_err() { break },
+                    }
+                }
+                () = sleep_until_or_forever(resume), if resume.is_some() => resume = None,
+                read = reader.read_buf(&mut buf), if resume.is_none() => match read {
                     Ok(0) | Err(_) => break,
                     // Whatever arrived goes out whole, however large.
                     Ok(_) => {
                         let data = buf.split().freeze();
                         let frame = frame::encode(Kind::Received, &ip_text, id, &data);
-                        fan_out(&self.stats, &port.accepting(ip), &frame);
+                        self.fan_out(&port.accepting(ip), &frame);
                         if let Some(mesh) = &self.mesh {
                             mesh.publish(Proto::Tcp, port.number, ip, &data);
                         }
-                        // Over the port's budget: read this device more slowly.
-                        let wait = port
-                            .rate
-                            .as_ref()
-                            .map_or(std::time::Duration::ZERO, |r| {
-                                lock(r).charge(data.len(), std::time::Instant::now())
-                            });
+                        let wait = port.rate.as_ref().map_or(std::time::Duration::ZERO, |r| {
+                            lock(r).charge(data.len(), std::time::Instant::now())
+                        });
                         if !wait.is_zero() {
                             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                            tokio::select! {
-                                () = stop.cancelled() => break,
-                                () = tokio::time::sleep(wait) => {}
-                            }
+                            resume = Some(tokio::time::Instant::now() + wait);
                         }
                     }
                 },
             }
         }
-        let _ = writer.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.shutdown()).await;
         lock(&port.clients).remove(&id);
-        fan_out(
-            &self.stats,
+        self.fan_out(
             &port.accepting(ip),
             &frame::encode(Kind::Closed, &ip_text, id, b""),
         );
@@ -561,7 +634,7 @@ impl Dispatch {
                 u64::from(from.port()),
                 &buf[..n],
             );
-            fan_out(&self.stats, &drivers, &frame);
+            self.fan_out(&drivers, &frame);
             if let Some(mesh) = &self.mesh {
                 lock(&port.udp_sources).insert(ip, from.port());
                 mesh.publish(Proto::Udp, port.number, ip, &buf[..n]);
@@ -590,8 +663,11 @@ impl Dispatch {
                     .filter(|d| d.ip == ip)
                     .map(|d| d.tx.clone());
                 // A device that is gone or not keeping up loses the write (counted).
-                if tx.is_none_or(|tx| tx.try_send(f.data).is_err()) {
-                    self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                match tx {
+                    Some(tx) => self.write_to(port, &tx, f.data),
+                    None => {
+                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             (Kind::Close, Proto::Tcp) => {
@@ -604,7 +680,7 @@ impl Dispatch {
                     ip,
                     u16::try_from(f.id).map_err(|_| format!("bad UDP port {}", f.id))?,
                 );
-                if let Some(socket) = &port.udp
+                if let Some(socket) = port.udp()
                     && socket.send_to(&f.data, to).await.is_err()
                 {
                     self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
@@ -721,6 +797,21 @@ async fn open_session(
     response
 }
 
+/// Longest close reason a WebSocket close frame carries (125 bytes of payload, 2 for the code).
+const MAX_REASON: usize = 123;
+
+/// `reason` cut to fit a close frame, on a character boundary.
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].to_owned().into(),
+    }
+}
+
 /// One driver session.
 async fn session(
     dispatch: Arc<Dispatch>,
@@ -731,64 +822,86 @@ async fn session(
 ) {
     let (mut sink, mut stream) = socket.split();
     let id = dispatch.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(dispatch.driver_queue);
-    let driver = Driver {
+    let (tx, mut rx) = mpsc::channel::<Out>(dispatch.driver_queue);
+    let backlog = Arc::new(Backlog::new(
+        dispatch.driver_queue,
+        dispatch.driver_queue_bytes,
+    ));
+    let own = DriverOut {
         tx,
+        backlog: backlog.clone(),
+    };
+    let driver = Driver {
+        out: own.clone(),
         accept: accept.clone(),
     };
     let port = match dispatch.join(proto, number, id, driver) {
         Ok(port) => port,
         Err(reason) => {
             tracing::warn!(%reason, "dispatch session refused");
-            let close = CloseFrame {
-                code: CloseCode::Error,
-                reason: reason.into(),
-            };
+            let close = close_frame(CloseCode::Error, &reason);
             let _ = sink.send(WsMessage::Close(Some(close))).await;
             return;
         }
     };
-    // Writer: everything ready goes out in one flush.
-    let writer = tokio::spawn(async move {
-        let mut close: Option<CloseFrame> = None;
-        while let Some(frame) = rx.recv().await {
-            if frame.is_empty() {
-                // The reader's request to close, with its reason queued next.
-                close = rx.recv().await.map(|reason| CloseFrame {
-                    code: CloseCode::Policy,
-                    reason: String::from_utf8_lossy(&reason).into_owned().into(),
-                });
-                break;
-            }
-            if sink.feed(WsMessage::Binary(frame)).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if sink.feed(WsMessage::Binary(frame)).await.is_err() {
+    // Set by the reader before the queue closes; sent in the close frame.
+    let reason: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let writer_reason = reason.clone();
+    // Writer: everything ready goes out in one flush; ends when every sender is gone.
+    let mut writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let mut next = Some(out);
+            while let Some(out) = next.take() {
+                let message = match out {
+                    Out::Frame(frame) => {
+                        backlog.release(frame.len());
+                        WsMessage::Binary(frame)
+                    }
+                    Out::Ping => WsMessage::Ping(Bytes::new()),
+                };
+                if sink.feed(message).await.is_err() {
                     return;
                 }
+                next = rx.try_recv().ok();
             }
             if sink.flush().await.is_err() {
                 return;
             }
         }
+        let close = lock(&writer_reason)
+            .take()
+            .map(|r| close_frame(CloseCode::Policy, &r));
         let _ = sink.send(WsMessage::Close(close)).await;
     });
-    let own_tx = lock(&port.drivers).get(&id).map(|d| d.tx.clone());
-    let reason = loop {
+    // A driver that sends nothing (not even a pong to our pings) for this long is gone.
+    let silence = dispatch.silence;
+    let mut last_heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(dispatch.heartbeat);
+    ping.reset();
+    let ended: Option<String> = loop {
         let message = tokio::select! {
-            () = port.stop.cancelled() => break Some("the gateway is shutting down".to_owned()),
+            () = port.stop.cancelled() => break Some("the port closed".to_owned()),
+            _ = ping.tick() => {
+                if last_heard.elapsed() > silence {
+                    break Some("nothing heard from the driver within the heartbeat timeout".to_owned());
+                }
+                let _ = own.tx.try_send(Out::Ping);
+                continue;
+            }
             message = stream.next() => message,
         };
+        last_heard = tokio::time::Instant::now();
         match message {
             Some(Ok(WsMessage::Binary(data))) => {
                 let outcome = match frame::decode(&data) {
                     Ok(f) => dispatch.command(&port, &accept, f).await,
                     Err(e) => Err(e.to_string()),
                 };
-                if let Err(reason) = outcome {
+                // Like PlaceOS: a frame that cannot be carried out is counted and skipped; the
+                // session and the port's other devices carry on.
+                if let Err(why) = outcome {
                     dispatch.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    break Some(reason);
+                    tracing::debug!(%why, "driver frame skipped");
                 }
             }
             Some(Ok(WsMessage::Text(_))) => {
@@ -799,13 +912,20 @@ async fn session(
             Some(Ok(_)) => {}
         }
     };
+    *lock(&reason) = ended;
     dispatch.leave(&port, id);
-    if let (Some(tx), Some(reason)) = (&own_tx, reason) {
-        let _ = tx.send(Bytes::new()).await;
-        let _ = tx.send(Bytes::from(reason)).await;
+    drop(own);
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        // A driver that stopped reading must not keep its writer (and socket) alive.
+        writer.abort();
+        return;
     }
-    drop(own_tx);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    // The close frame is out: give the driver a moment to read it and answer before the
+    // connection goes.
+    relaymesh_net::link::linger(&mut stream, std::time::Duration::from_secs(1)).await;
 }
 
 #[cfg(test)]
@@ -824,6 +944,12 @@ mod tests {
         assert_eq!(rate.charge(900, start), Duration::from_millis(500));
         assert!(!rate.try_take(1, start));
         assert!(rate.try_take(400, start + Duration::from_millis(900)));
+        // A datagram over a whole second's budget passes on a full budget, then waits.
+        let mut small = ByteRate::new(10);
+        small.last = start;
+        assert!(small.try_take(100, start));
+        assert!(!small.try_take(1, start + Duration::from_secs(5)));
+        assert!(small.try_take(1, start + Duration::from_secs(10)));
         assert_eq!(
             canonical("::ffff:10.0.0.1".parse().unwrap()),
             IpAddr::from([10, 0, 0, 1])

@@ -98,8 +98,9 @@ pub mod coordinator_to_server {
         Replace(super::Replace),
     }
 }
-/// A client logged in again under `client_id` of `account` (login number `seq`): close that
-/// client's sessions from earlier logins (lower `seq`) with REPLACED. Sent to every server.
+/// A client logged in again under `client_id` of `account` as `role` (login number `seq`): close
+/// that client's sessions from earlier logins (lower `seq`) with REPLACED. Sent to every server;
+/// a server whose link queue is full misses it rather than losing its link.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Replace {
     #[prost(string, tag = "1")]
@@ -108,6 +109,9 @@ pub struct Replace {
     pub client_id: ::prost::alloc::string::String,
     #[prost(uint64, tag = "3")]
     pub seq: u64,
+    /// Only sessions of this role are replaced: a client id names one client of one role.
+    #[prost(string, tag = "4")]
+    pub role: ::prost::alloc::string::String,
 }
 /// First message on the server link.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -43,11 +43,13 @@ fn account(name: &str, roles: BTreeMap<String, RoleRules>, isolate_groups: bool)
             id: "main".into(),
             hash: hash_code(CODE).unwrap(),
             revoked: false,
+            groups: Vec::new(),
         }],
         public_keys: vec![PublicKey {
             id: "drone".into(),
             key: hex(drone_key().verifying_key().as_bytes()),
             revoked: false,
+            groups: Vec::new(),
         }],
         roles,
     }
