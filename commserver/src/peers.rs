@@ -177,13 +177,11 @@ pub(crate) async fn challenge(
     State(server): State<Arc<Server>>,
     Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
-    if !server.challenge_limits.take(conn.peer.ip()) {
-        return Err(ApiError::from_code(
-            ErrorCode::RateLimited,
-            "too many challenges from this address; retry in a minute",
-        ));
-    }
-    server.peer_trust.challenges.answer().map(Json)
+    server
+        .peer_trust
+        .challenges
+        .answer_for(&server.challenge_limits, conn.peer.ip())
+        .map(Json)
 }
 
 /// The `Authorization` this server presents when opening `path` at `url` (a ws:// base).

@@ -446,13 +446,9 @@ pub(crate) async fn challenge(
     State(app): State<Arc<App>>,
     Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
-    if !app.challenge_limits.take(conn.peer.ip()) {
-        return Err(ApiError::from_code(
-            ErrorCode::RateLimited,
-            "too many challenges from this address; retry in a minute",
-        ));
-    }
-    app.challenges.answer().map(Json)
+    app.challenges
+        .answer_for(&app.challenge_limits, conn.peer.ip())
+        .map(Json)
 }
 
 /// Answer of `POST /v1/login`.

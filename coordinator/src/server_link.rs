@@ -146,13 +146,10 @@ pub(crate) async fn challenge(
     State(app): State<Arc<App>>,
     Extension(conn): Extension<ConnInfo>,
 ) -> Result<Json<ChallengeAnswer>, ApiError> {
-    if !app.challenge_limits.take(conn.peer.ip()) {
-        return Err(ApiError::from_code(
-            ErrorCode::RateLimited,
-            "too many challenges from this address; retry in a minute",
-        ));
-    }
-    app.server_trust.challenges.answer().map(Json)
+    app.server_trust
+        .challenges
+        .answer_for(&app.challenge_limits, conn.peer.ip())
+        .map(Json)
 }
 
 /// `GET /v1/servers`: checks the cluster secret (or trusted key), then upgrades to the server

@@ -246,6 +246,21 @@ pub struct ChallengeAnswer {
 }
 
 impl Challenges {
+    /// Issues a challenge for a request from `ip`, within that address's allowance.
+    pub fn answer_for(
+        &self,
+        limits: &crate::limits::AddressLimits,
+        ip: std::net::IpAddr,
+    ) -> Result<ChallengeAnswer, crate::http::ApiError> {
+        if !limits.take(ip) {
+            return Err(crate::http::ApiError::from_code(
+                relaymesh_proto::ErrorCode::RateLimited,
+                "too many challenges from this address; retry in a minute",
+            ));
+        }
+        self.answer()
+    }
+
     /// Issues a challenge as the JSON answer of a challenge endpoint.
     pub fn answer(&self) -> Result<ChallengeAnswer, crate::http::ApiError> {
         let (challenge_id, nonce) = self.issue().ok_or_else(|| {
