@@ -44,7 +44,7 @@ pub use config::Config;
 use crate::control::{Command, PeerLink};
 use crate::interest::SessionId;
 use crate::keys::KeyStore;
-use crate::routes::{RouteTable, Subscriber};
+use crate::routes::{ClientKey, RouteTable, Subscriber};
 use relaymesh_proto::{ErrorCode, error, error_frame, v1};
 
 /// Commands the control task may have queued before senders wait.
@@ -76,6 +76,9 @@ struct Server {
     credentials: LinkCredentials,
     /// Who may open a peer link to this server.
     peer_trust: LinkTrust,
+    /// The newest login announced by `Replace` per (account, role, client id), and until when
+    /// it matters (a key's lifetime); bounded by `max_pending_keys`.
+    newest_logins: Mutex<HashMap<LoginOf, (u64, Instant)>>,
     /// `/v1/peers/challenge` requests per source address.
     challenge_limits: relaymesh_net::limits::AddressLimits,
     next_id: AtomicU64,
@@ -101,6 +104,25 @@ impl Server {
     /// Closes, with `REPLACED`, the sessions of `replace.client_id` in `replace.account` that
     /// come from logins older than `replace.seq`.
     fn replace(&self, replace: &v1::Replace) {
+        // Remembered for a key's lifetime, so a key reserved for an older login and redeemed
+        // after this notice is refused too (see `replaced_by`).
+        {
+            let mut newest = relaymesh_net::sync::lock(&self.newest_logins);
+            let now = Instant::now();
+            if newest.len() >= self.config.max_pending_keys {
+                newest.retain(|_, (_, until)| *until > now);
+            }
+            let key = (
+                replace.account.clone(),
+                replace.role.clone(),
+                replace.client_id.clone(),
+            );
+            let until = now + Config::ms(self.config.key_ttl_ms);
+            let entry = newest.entry(key).or_insert((replace.seq, until));
+            if entry.0 <= replace.seq {
+                *entry = (replace.seq, until);
+            }
+        }
         let older: Vec<Arc<Subscriber>> = relaymesh_net::sync::lock(&self.sessions)
             .values()
             .filter(|s| {
@@ -125,6 +147,24 @@ impl Server {
                     ),
                 ))));
         }
+    }
+}
+
+/// Whose login: account, role and client id.
+type LoginOf = (String, String, String);
+
+impl Server {
+    /// Whether a newer login of `client` has been announced: its session must not start.
+    fn replaced_by(&self, client: &ClientKey) -> Option<u64> {
+        let key = (
+            client.account.to_string(),
+            client.role.to_string(),
+            client.client_id.to_string(),
+        );
+        relaymesh_net::sync::lock(&self.newest_logins)
+            .get(&key)
+            .filter(|(seq, until)| *seq > client.seq && *until > Instant::now())
+            .map(|(seq, _)| *seq)
     }
 }
 
@@ -207,6 +247,7 @@ pub async fn run_with(
         credentials,
         peer_trust,
         challenge_limits: relaymesh_net::limits::AddressLimits::new(120, 30, 10_000),
+        newest_logins: Mutex::new(HashMap::new()),
         keys: Mutex::new(KeyStore::new(
             Config::ms(config.key_ttl_ms),
             config.max_pending_keys,

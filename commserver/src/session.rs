@@ -280,6 +280,19 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
 
 impl Session {
     async fn serve(&mut self, stream: &mut SplitStream<ServerSocket>) -> Result<(), v1::Error> {
+        // A key reserved for a login that a newer one has since replaced.
+        if let Some(client) = &self.me.client
+            && self.server.replaced_by(client).is_some()
+        {
+            self.server.stats.replaced.inc();
+            return Err(error(
+                ErrorCode::Replaced,
+                format!(
+                    "a newer login of client {:?} replaced this one",
+                    client.client_id
+                ),
+            ));
+        }
         let config = &self.server.config;
         let first: Option<v1::ClientToServer> =
             link::first_message(stream, config.handshake_timeout()).await?;

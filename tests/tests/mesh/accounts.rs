@@ -465,3 +465,36 @@ async fn a_newer_login_of_the_same_client_replaces_the_older_session_on_any_serv
     Client::connect(other).await.unwrap();
     assert_eq!(cluster.servers[1].stat("replaced").await, 0);
 }
+
+#[tokio::test]
+async fn a_key_reserved_for_a_replaced_login_is_refused_when_it_comes_in_late() {
+    let (cluster, _file) = cluster(1, 10).await;
+    let login_url = format!("http://{}/v1/login", cluster.coordinator.addr);
+    let body = serde_json::json!({"client_id": "drone-9", "credentials": {"access_code": {
+        "account": "acme", "code": CODE, "role": "agent"}}});
+    let (status, older) = post_json(&login_url, &body).await;
+    assert_eq!(status, 200, "{older}");
+    // A newer login of the same client, before the older key is used.
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = login("acme", "agent", "");
+    config.client_id = Some("drone-9".into());
+    let _newer = Client::connect(config).await.unwrap();
+    // The server handles its coordinator link in order: once it has reserved a key for a
+    // later login, it has seen the Replace.
+    let (status, _) = post_json(
+        &login_url,
+        &serde_json::json!({"credentials": {"access_code": {
+        "account": "globex", "code": CODE}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let url = format!(
+        "{}?key={}",
+        older["url"].as_str().unwrap(),
+        older["key"].as_str().unwrap()
+    );
+    let mut late = dial(&url, None).await;
+    next_frame(&mut late).await.expect("Ready");
+    let error = relaymesh_tests::raw::expect_error::<v1::ServerToClient>(&mut late).await;
+    assert_eq!(error.error_code(), ErrorCode::Replaced, "{error}");
+}
