@@ -97,7 +97,14 @@ fn assert_clean(output: &Output, report: &Value, scenario: &str) {
         [0, 0, 0],
         "{report:#}"
     );
-    assert_eq!(report["warnings"], serde_json::json!([]), "{report:#}");
+    // On a busy machine the report may rightly warn that the CPU was saturated or publishers
+    // ran late; any other warning is about delivery and fails the run.
+    let about_load = |w: &Value| {
+        let w = w.as_str().unwrap_or_default();
+        w.contains("busy") || w.contains("behind their schedule")
+    };
+    let warnings = report["warnings"].as_array().unwrap();
+    assert!(warnings.iter().all(about_load), "{report:#}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("every expected message delivered once, in order"),
