@@ -135,13 +135,13 @@ pub(crate) enum Rules {
 
 impl Rules {
     pub(crate) fn of(identity: &v1::Identity) -> Self {
-        if identity.unrestricted {
-            Self::Unrestricted
-        } else {
+        if identity.restricted {
             Self::Filters {
                 publish: identity.publish.clone(),
                 subscribe: identity.subscribe.clone(),
             }
+        } else {
+            Self::Unrestricted
         }
     }
 

@@ -323,9 +323,9 @@ impl Grant {
 
     /// The identity for a reservation.
     pub fn identity(self, alias: String) -> v1::Identity {
-        let (publish, subscribe, unrestricted) = match self.rules {
-            Some(r) => (r.publish, r.subscribe, false),
-            None => (Vec::new(), Vec::new(), true),
+        let (publish, subscribe, restricted) = match self.rules {
+            Some(r) => (r.publish, r.subscribe, true),
+            None => (Vec::new(), Vec::new(), false),
         };
         v1::Identity {
             alias,
@@ -339,7 +339,7 @@ impl Grant {
             scope: self.scope,
             publish,
             subscribe,
-            unrestricted,
+            restricted,
             client_id: String::new(),
             seq: 0,
         }

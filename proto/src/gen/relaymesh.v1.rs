@@ -26,14 +26,16 @@ pub struct Identity {
     /// isolates its groups. The same topic name in two scopes is two topics, on every server.
     #[prost(string, tag = "5")]
     pub scope: ::prost::alloc::string::String,
-    /// Topic filters (MQTT-style `+` and `#`) the role may publish to and subscribe to, unless
-    /// `unrestricted`.
+    /// Whether the role's topic filters below apply. False (the default, and what a coordinator
+    /// without roles sends) means no rules.
+    #[prost(bool, tag = "8")]
+    pub restricted: bool,
+    /// Topic filters (MQTT-style `+` and `#`) the role may publish to and subscribe to, when
+    /// `restricted`.
     #[prost(string, repeated, tag = "6")]
     pub publish: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "7")]
     pub subscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    #[prost(bool, tag = "8")]
-    pub unrestricted: bool,
     /// The client's own unique id within the account (empty: none); a later login with the same
     /// id replaces sessions of earlier ones.
     #[prost(string, tag = "9")]
