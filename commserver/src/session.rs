@@ -549,3 +549,27 @@ impl Session {
             .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
     }
 }
+
+#[cfg(test)]
+mod rules_tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_without_rules_may_do_anything_and_one_with_rules_only_what_they_say() {
+        let open = Rules::of(&v1::Identity::default());
+        assert!(open.may_publish("any/topic") && open.may_subscribe("any/topic"));
+        let agent = Rules::of(&v1::Identity {
+            restricted: true,
+            publish: vec!["telemetry/#".into()],
+            subscribe: vec!["command/+".into()],
+            ..v1::Identity::default()
+        });
+        assert!(agent.may_publish("telemetry/gps/1") && !agent.may_publish("command/x"));
+        assert!(agent.may_subscribe("command/x") && !agent.may_subscribe("telemetry/gps"));
+        let nothing = Rules::of(&v1::Identity {
+            restricted: true,
+            ..v1::Identity::default()
+        });
+        assert!(!nothing.may_publish("a") && !nothing.may_subscribe("a"));
+    }
+}
