@@ -161,8 +161,18 @@ impl Backend {
             .ok_or_else(|| format!("no account {name:?}"))
     }
 
-    /// Carries out `command`; returns what to print.
+    /// Carries out `command`; returns what to print. Commands on one file store take turns (a
+    /// lock file beside it); on a database, enabling, disabling and revoking are single
+    /// statements, so a revocation is never undone by a command running at the same time.
     pub async fn run(&self, command: AdminCommand) -> Result<String, String> {
+        let _turn = match self {
+            Self::File(path) => Some(FileTurn::take(path).await?),
+            Self::Sql(_) => None,
+        };
+        self.apply(command).await
+    }
+
+    async fn apply(&self, command: AdminCommand) -> Result<String, String> {
         match command {
             AdminCommand::List => Ok(self.list().await?.iter().map(describe).collect()),
             AdminCommand::Create {
@@ -206,6 +216,14 @@ impl Backend {
                 self.put(account).await?;
                 // The only time the code is shown: only its hash is stored.
                 Ok(format!("{code}\n"))
+            }
+            AdminCommand::RevokeCode { name, id } if matches!(self, Self::Sql(_)) => {
+                self.revoke_in_db("access_codes", &name, &id).await?;
+                Ok(format!("revoked code {id} of {name}\n"))
+            }
+            AdminCommand::RevokeKey { name, id } if matches!(self, Self::Sql(_)) => {
+                self.revoke_in_db("public_keys", &name, &id).await?;
+                Ok(format!("revoked key {id} of {name}\n"))
             }
             AdminCommand::RevokeCode { name, id } => {
                 let mut account = self.existing(&name).await?;
@@ -296,14 +314,85 @@ impl Backend {
         }
     }
 
+    async fn revoke_in_db(&self, table: &str, name: &str, id: &str) -> Result<(), String> {
+        let Self::Sql(db) = self else {
+            return Err("not a database".into());
+        };
+        if db.revoke(table, name, id).await? {
+            Ok(())
+        } else {
+            let what = if table == "public_keys" {
+                "key"
+            } else {
+                "code"
+            };
+            Err(format!("account {name:?} has no {what} {id:?}"))
+        }
+    }
+
     async fn set_enabled(&self, name: &str, enabled: bool) -> Result<String, String> {
-        let mut account = self.existing(name).await?;
-        account.enabled = enabled;
-        self.put(account).await?;
+        match self {
+            Self::Sql(db) => {
+                if !db.set_enabled(name, enabled).await? {
+                    return Err(format!("no account {name:?}"));
+                }
+            }
+            Self::File(_) => {
+                let mut account = self.existing(name).await?;
+                account.enabled = enabled;
+                self.put(account).await?;
+            }
+        }
         Ok(format!(
             "{} account {name}\n",
             if enabled { "enabled" } else { "disabled" }
         ))
+    }
+}
+
+/// A turn at changing a file store: a lock file beside it, created exclusively and removed on
+/// drop. One left behind by a crashed command is taken over after [`STALE_TURN`].
+struct FileTurn(PathBuf);
+
+/// How long a lock file may stand before it is taken to be left over from a crash.
+const STALE_TURN: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl FileTurn {
+    async fn take(path: &std::path::Path) -> Result<Self, String> {
+        let lock = path.with_extension("json.lock");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(_) => return Ok(Self(lock)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(&lock)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TURN));
+                    if stale {
+                        let _ = std::fs::remove_file(&lock);
+                        continue;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(format!(
+                            "{} is held by another command (remove it if none is running)",
+                            lock.display()
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("{}: {e}", lock.display())),
+            }
+        }
+    }
+}
+
+impl Drop for FileTurn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -248,6 +248,36 @@ impl SqlStore {
         tx.commit().await.map_err(failed("committing an account"))
     }
 
+    /// Sets an account's enabled flag; `false` when there is no such account.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<bool, String> {
+        let done = sqlx::query("UPDATE accounts SET enabled = $1 WHERE name = $2")
+            .bind(i64::from(enabled))
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("updating an account"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Revokes entry `id` of `account` in `table` (`access_codes` or `public_keys`); `false`
+    /// when there is none.
+    pub async fn revoke(&self, table: &str, account: &str, id: &str) -> Result<bool, String> {
+        let table = match table {
+            "access_codes" => "access_codes",
+            "public_keys" => "public_keys",
+            other => return Err(format!("no table {other:?} to revoke in")),
+        };
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET revoked = 1 WHERE account = $1 AND id = $2"
+        ))
+        .bind(account)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("revoking"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;

@@ -111,6 +111,13 @@ async fn exercise(url: &str) {
         store.check(login("acme", code, "agent", "g1")).await,
         Err(LoginError::BadCode(named("acme")))
     );
+    let missing = Backend::Sql(db.clone())
+        .run(AdminCommand::RevokeCode {
+            name: named("acme"),
+            id: named("nope"),
+        })
+        .await;
+    assert!(missing.unwrap_err().contains("no code"));
     let listed = admin(&db, AdminCommand::List).await;
     assert!(
         listed.contains("main (revoked)") && listed.contains("agent [publish telemetry/#"),

@@ -322,3 +322,53 @@ async fn accounts_managed_from_the_command_line_log_in_to_real_processes() {
     assert!(coordinator.terminate());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn account_commands_run_at_the_same_time_lose_nothing() {
+    let dir = std::env::temp_dir().join(format!("relaymesh-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("accounts.json");
+    let file = file.to_str().unwrap();
+    let (ok, _, err) = run(
+        "coordinator",
+        &["accounts", "--file", file, "create", "acme"],
+    );
+    assert!(ok, "{err}");
+    // Eight processes add a code each at once; each reads, changes and writes the file.
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            std::process::Command::new(relaymesh_tests::process::binary("coordinator"))
+                .args([
+                    "accounts",
+                    "--file",
+                    file,
+                    "add-code",
+                    "acme",
+                    "--id",
+                    &format!("c{i}"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (ok, listed, err) = run("coordinator", &["accounts", "--file", file, "list"]);
+    assert!(ok, "{err}");
+    for i in 0..8 {
+        assert!(
+            listed.contains(&format!("c{i}")),
+            "code c{i} lost: {listed}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
