@@ -130,6 +130,8 @@ impl Control {
                     // Tell the other process too: it is subscribed, since its note came, but
                     // may have missed ours.
                     let _ = self.send(&self.ready_note()).await;
+                    // This process is about to exit: make sure the note has left.
+                    let _ = self.client.flush().await;
                 }
                 anyhow::ensure!(
                     count == self.shard.count && workload == self.workload,
