@@ -14,7 +14,7 @@ use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ClientSocket};
+use relaymesh_net::ws::ClientSocket;
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error};
 use tokio::sync::mpsc;
@@ -28,26 +28,12 @@ const COORDINATOR_QUEUE: usize = 4_096;
 /// Keeps the server registered until shutdown.
 pub(crate) async fn run(server: Arc<Server>) {
     let config = &server.config;
-    let url = format!("{}/v1/servers", config.coordinator.trim_end_matches('/'));
     let mut backoff = Backoff::new(
         Config::ms(config.reconnect_min_ms),
         Config::ms(config.reconnect_max_ms),
     );
     while !server.shutdown.is_cancelled() {
-        let limits = config.ws_limits();
-        let dial = async {
-            let authorization =
-                crate::peers::authorization(&server, &config.coordinator, "/v1/servers")
-                    .await
-                    .map_err(ws::DialError::Credentials)?;
-            ws::dial_authorized(
-                &url,
-                Some(&authorization),
-                &limits,
-                config.handshake_timeout(),
-            )
-            .await
-        };
+        let dial = crate::peers::dial_link(&server, &config.coordinator, "/v1/servers");
         let dialed = tokio::select! {
             dialed = dial => dialed,
             _ = server.shutdown.cancelled() => break,

@@ -134,20 +134,7 @@ async fn dial_loop(
             }
         }
         let base = lock(&url).clone();
-        let target = format!("{}/v1/peers", base.trim_end_matches('/'));
-        let limits = config.ws_limits();
-        let dial = async {
-            let authorization = authorization(&server, &base, "/v1/peers")
-                .await
-                .map_err(ws::DialError::Credentials)?;
-            ws::dial_authorized(
-                &target,
-                Some(&authorization),
-                &limits,
-                config.handshake_timeout(),
-            )
-            .await
-        };
+        let dial = dial_link(&server, &base, "/v1/peers");
         let dialed = tokio::select! {
             dialed = dial => dialed,
             _ = stop.cancelled() => break,
@@ -185,16 +172,28 @@ pub(crate) async fn challenge(
 }
 
 /// The `Authorization` this server presents when opening `path` at `url` (a ws:// base).
-pub(crate) async fn authorization(
+/// Opens `path` (`/v1/servers` or `/v1/peers`) at `base` (a ws:// URL) with this server's
+/// credentials: the cluster secret, or a signed challenge fetched from `base` first.
+pub(crate) async fn dial_link(
     server: &Server,
-    url: &str,
+    base: &str,
     path: &str,
-) -> Result<String, String> {
-    let base = url.trim_end_matches('/').replacen("ws://", "http://", 1);
-    server
+) -> Result<ws::ClientSocket, ws::DialError> {
+    let base = base.trim_end_matches('/');
+    let timeout = server.config.handshake_timeout();
+    let authorization = server
         .credentials
-        .authorization(&base, path, server.config.handshake_timeout())
+        .authorization(&base.replacen("ws://", "http://", 1), path, timeout)
         .await
+        .map_err(ws::DialError::Credentials)?;
+    let url = format!("{base}{path}");
+    ws::dial_authorized(
+        &url,
+        Some(&authorization),
+        &server.config.ws_limits(),
+        timeout,
+    )
+    .await
 }
 
 /// `GET /v1/peers`: checks the cluster secret (or trusted key), then upgrades to a peer link.
