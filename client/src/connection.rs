@@ -40,7 +40,7 @@ pub(crate) struct Connected {
 pub(crate) async fn establish(
     config: &ClientConfig,
     shared: &Shared,
-    events: &mpsc::Sender<Event>,
+    events: &mpsc::Sender<Vec<Event>>,
     exclude: &[String],
 ) -> Result<Connected, ClientError> {
     let mut negotiation = Negotiation::open(config).await?;
@@ -74,7 +74,7 @@ pub(crate) async fn establish(
 async fn attach(
     config: &ClientConfig,
     shared: &Shared,
-    events: &mpsc::Sender<Event>,
+    events: &mpsc::Sender<Vec<Event>>,
     offer: &v1::ConnectOffer,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
@@ -149,15 +149,15 @@ async fn attach(
                         topics: dropped,
                         reason: e.to_string(),
                     };
-                    let _ = events.send(event).await;
+                    let _ = events.send(vec![event]).await;
                     return Err(ClientError::Refused(e));
                 }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
                 Some(Kind::Message(m)) => {
-                    let _ = events.send(Event::Message(message(m))).await;
+                    let _ = events.send(vec![Event::Message(message(m))]).await;
                 }
                 Some(Kind::Dropped(d)) => {
-                    let _ = events.send(Event::Dropped { count: d.count }).await;
+                    let _ = events.send(vec![Event::Dropped { count: d.count }]).await;
                 }
                 _ => {}
             }
@@ -223,7 +223,7 @@ pub(crate) async fn drive(
     shared: Arc<Shared>,
     first: Connected,
     mut out: mpsc::Receiver<Bytes>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Vec<Event>>,
 ) {
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut next = Some(first);
@@ -240,7 +240,7 @@ pub(crate) async fn drive(
                             server_id: connected.server_id.clone(),
                             alias: connected.alias.clone(),
                         };
-                        if stoppable(&shared, events.send(event)).await.is_none() {
+                        if stoppable(&shared, events.send(vec![event])).await.is_none() {
                             break;
                         }
                         connected
@@ -267,7 +267,7 @@ pub(crate) async fn drive(
                     reason,
                 };
                 // An application that stopped reading events must still be able to close.
-                if stoppable(&shared, events.send(event)).await.is_none() {
+                if stoppable(&shared, events.send(vec![event])).await.is_none() {
                     break;
                 }
                 if !config.auto_reconnect
@@ -297,7 +297,7 @@ async fn run(
     connected: Connected,
     shared: &Arc<Shared>,
     out: &mut mpsc::Receiver<Bytes>,
-    events: &mpsc::Sender<Event>,
+    events: &mpsc::Sender<Vec<Event>>,
 ) -> Ended {
     let (mut sink, stream) = connected.socket.split();
     let closer = Closer::new();
@@ -374,11 +374,66 @@ async fn run(
     }
 }
 
+/// Most frames the reader handles in one go (and events it hands on at once) before checking
+/// for close and silence.
+pub(crate) const MAX_BURST: usize = 256;
+
+/// What one frame from the server amounts to.
+enum Handled {
+    /// An event for the application.
+    Event(Event),
+    /// Nothing more to do.
+    Nothing,
+    /// The connection is over, for this reason.
+    End(String),
+}
+
+/// Decodes one frame from the server and applies it to the client's state.
+fn event_for(frame: Bytes, shared: &Shared) -> Handled {
+    let msg: v1::ServerToClient = match decode_frame(frame) {
+        Ok(msg) => msg,
+        Err(e) => return Handled::End(format!("bad frame from server: {e}")),
+    };
+    let event = match msg.kind {
+        Some(Kind::Message(m)) => Event::Message(message(m)),
+        Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
+        Some(Kind::Ack(ack)) => {
+            lock(&shared.state).acknowledge(ack.request_id);
+            return Handled::Nothing;
+        }
+        Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Forbidden => {
+            // Role rules: the server refused one request and keeps the connection.
+            if e.request_id != 0 {
+                lock(&shared.state).refuse(e.request_id, e);
+                return Handled::Nothing;
+            }
+            Event::Forbidden { reason: e.message }
+        }
+        Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Replaced => {
+            shared
+                .replaced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Handled::End(e.to_string());
+        }
+        Some(Kind::Error(e)) => {
+            // A refused subscription change fails that request; the server then closes the
+            // connection and the client reconnects without the refused topics.
+            let reason = e.to_string();
+            if e.request_id != 0 {
+                lock(&shared.state).refuse(e.request_id, e);
+            }
+            return Handled::End(reason);
+        }
+        Some(Kind::Pong(_) | Kind::Ready(_)) | None => return Handled::Nothing,
+    };
+    Handled::Event(event)
+}
+
 /// Reads the connection until it ends; returns why.
 async fn read_loop(
     mut stream: SplitStream<ClientSocket>,
     shared: Arc<Shared>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Vec<Event>>,
     timeout: Duration,
     closer: Closer,
 ) -> String {
@@ -401,7 +456,7 @@ async fn read_loop(
             }
             step = link::next_frame(&mut stream) => step,
         };
-        let frame = match step {
+        let mut frame = match step {
             Ok(Inbound::Frame(frame)) => frame,
             Ok(Inbound::Control) => {
                 watchdog.activity();
@@ -411,45 +466,45 @@ async fn read_loop(
             Err(e) => break e.to_string(),
         };
         watchdog.activity();
-        let msg: v1::ServerToClient = match decode_frame(frame) {
-            Ok(msg) => msg,
-            Err(e) => break format!("bad frame from server: {e}"),
-        };
-        let event = match msg.kind {
-            Some(Kind::Message(m)) => Event::Message(message(m)),
-            Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
-            Some(Kind::Ack(ack)) => {
-                lock(&shared.state).acknowledge(ack.request_id);
-                continue;
+        // Handle this frame and those already behind it without going back to the select: a
+        // burst of messages costs no timer or close checks per message.
+        let mut burst = Vec::new();
+        let mut handled = 0;
+        let ended = loop {
+            match event_for(frame, &shared) {
+                Handled::Event(event) => burst.push(event),
+                Handled::Nothing => {}
+                Handled::End(reason) => break Some(reason),
             }
-            Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Forbidden => {
-                // Role rules: the server refused one request and keeps the connection.
-                if e.request_id != 0 {
-                    lock(&shared.state).refuse(e.request_id, e);
-                    continue;
+            handled += 1;
+            if handled >= MAX_BURST {
+                break None;
+            }
+            frame = match link::ready_frame(&mut stream) {
+                Some(Ok(Inbound::Frame(frame))) => frame,
+                Some(Ok(Inbound::Control)) | None => break None,
+                Some(Ok(Inbound::Closed)) => {
+                    break Some("server closed the connection".to_owned());
                 }
-                Event::Forbidden { reason: e.message }
-            }
-            Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Replaced => {
-                shared
-                    .replaced
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                break e.to_string();
-            }
-            Some(Kind::Error(e)) => {
-                // A refused subscription change fails that request; the server then closes the
-                // connection and the client reconnects without the refused topics.
-                let reason = e.to_string();
-                if e.request_id != 0 {
-                    lock(&shared.state).refuse(e.request_id, e);
-                }
-                break reason;
-            }
-            Some(Kind::Pong(_) | Kind::Ready(_)) | None => continue,
+                Some(Err(e)) => break Some(e.to_string()),
+            };
         };
-        tokio::select! {
-            sent = events.send(event) => if sent.is_err() { break "client dropped".to_owned() },
-            _ = &mut closed => break "closed".to_owned(),
+        // Events before an ending still reach the application.
+        if !burst.is_empty() {
+            match events.try_send(burst) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(burst)) => {
+                    tokio::select! {
+                        biased;
+                        _ = &mut closed => break "closed".to_owned(),
+                        sent = events.send(burst) => if sent.is_err() { break "client dropped".to_owned() },
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break "client dropped".to_owned(),
+            }
+        }
+        if let Some(reason) = ended {
+            break reason;
         }
     };
     closer.close(None);

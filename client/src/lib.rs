@@ -355,8 +355,11 @@ pub struct Handle {
 #[derive(Debug)]
 pub struct Client {
     handle: Handle,
-    /// Events from the connection task, which holds the sender; closed when the task ends.
-    events: mpsc::Receiver<Event>,
+    /// Events from the connection task, which holds the sender, in bursts (one per burst of
+    /// frames read); closed when the task ends.
+    events: mpsc::Receiver<Vec<Event>>,
+    /// The rest of the burst being handed out.
+    ready: std::collections::VecDeque<Event>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -371,7 +374,10 @@ impl Client {
             replaced: std::sync::atomic::AtomicBool::new(false),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
-        let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
+        // Events travel in bursts of at most `connection::MAX_BURST`; the queue holds about
+        // `event_queue` events of full bursts.
+        let (events_tx, events_rx) =
+            mpsc::channel(config.event_queue.div_ceil(connection::MAX_BURST).max(1));
         let first = connection::establish(&config, &shared, &events_tx, &[]).await?;
         let task = tokio::spawn(connection::drive(
             config,
@@ -386,6 +392,7 @@ impl Client {
                 out: out_tx,
             },
             events: events_rx,
+            ready: std::collections::VecDeque::new(),
             task: Some(task),
         })
     }
@@ -397,7 +404,12 @@ impl Client {
 
     /// The next event; `None` once the client has closed (or given up reconnecting).
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            self.ready.extend(self.events.recv().await?);
+        }
     }
 
     /// See [`Handle::subscribe`].

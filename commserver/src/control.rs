@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaymesh_net::link::{Backlog, Closer};
+use relaymesh_net::link::{Backlog, Closer, DataTx};
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, encode, error_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -45,7 +45,7 @@ impl PeerLink {
         server_id: Arc<str>,
         link: LinkId,
         ctrl: mpsc::Sender<Bytes>,
-        data: mpsc::Sender<Bytes>,
+        data: DataTx,
         backlog: Arc<Backlog>,
         closer: Closer,
         dialed: bool,

@@ -8,13 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::SplitStream;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::ClientSocket;
+use relaymesh_net::ws::{ClientLink, ClientLinkStream};
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error};
 use tokio::sync::mpsc;
@@ -67,8 +65,8 @@ pub(crate) async fn run(server: Arc<Server>) {
 }
 
 /// Runs one connection to the coordinator. `Ok(true)` when it registered.
-async fn serve(server: &Arc<Server>, socket: ClientSocket) -> Result<bool, v1::Error> {
-    let (sink, mut stream) = socket.split();
+async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<bool, v1::Error> {
+    let ClientLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(COORDINATOR_QUEUE);
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
@@ -97,7 +95,7 @@ async fn serve(server: &Arc<Server>, socket: ClientSocket) -> Result<bool, v1::E
 
 async fn registered(
     server: &Arc<Server>,
-    stream: &mut SplitStream<ClientSocket>,
+    stream: &mut ClientLinkStream,
     tx: &mpsc::Sender<Bytes>,
     closer: &Closer,
 ) -> Result<bool, v1::Error> {

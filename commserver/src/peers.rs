@@ -15,17 +15,16 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::SplitStream;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
+use relaymesh_net::link::{
+    self, Backlog, Closer, DataBacklog, Inbound, Link, LinkStream, WriterSetup,
+};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
-use relaymesh_net::ws::WebSocketStream;
-use relaymesh_proto::frame::{Sender, message_frame};
+use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, peer_message::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
@@ -36,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::control::{Command, PeerLink};
-use crate::routes::{self, RouteCache};
+use crate::routes::{self, Batcher, RouteCache};
 use crate::{Config, LINGER, Server};
 
 fn forward_dropped_notice(count: u64) -> Bytes {
@@ -178,7 +177,7 @@ pub(crate) async fn dial_link(
     server: &Server,
     base: &str,
     path: &str,
-) -> Result<ws::ClientSocket, ws::DialError> {
+) -> Result<ws::ClientLink, ws::DialError> {
     let base = base.trim_end_matches('/');
     let timeout = server.config.handshake_timeout();
     let authorization = server
@@ -187,7 +186,7 @@ pub(crate) async fn dial_link(
         .await
         .map_err(ws::DialError::Credentials)?;
     let url = format!("{base}{path}");
-    ws::dial_authorized(
+    ws::dial_link(
         &url,
         Some(&authorization),
         &server.config.ws_limits(),
@@ -216,7 +215,7 @@ pub(crate) async fn accept(
     let tracker = server.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded(on_upgrade, &limits).await {
+            match ws::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => {
                     // The connection's slot under max_connections is held for the link's life.
                     let _conn = conn;
@@ -232,18 +231,14 @@ pub(crate) async fn accept(
 
 /// Runs one peer link to its end. `expected` is the peer's id when this server dialed.
 /// Returns whether the link got past the handshake.
-async fn run_link<S>(
-    server: &Arc<Server>,
-    socket: WebSocketStream<S>,
-    expected: Option<Arc<str>>,
-) -> bool
+async fn run_link<S>(server: &Arc<Server>, socket: Link<S>, expected: Option<Arc<str>>) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, mut stream) = socket.split();
+    let Link { sink, mut stream } = socket;
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
-    let (data_tx, data_rx) = mpsc::channel(server.config.peer_queue);
-    let backlog = Arc::new(Backlog::new(
+    let (data_tx, data_rx) = link::data_queue();
+    let backlog = Arc::new(Backlog::counted(
         server.config.peer_queue,
         server.config.peer_queue_bytes,
     ));
@@ -257,6 +252,7 @@ where
                 DataBacklog {
                     backlog: backlog.clone(),
                     notice: forward_dropped_notice,
+                    framed: false,
                 },
             )),
             closer: closer.clone(),
@@ -323,7 +319,7 @@ where
 /// Reads the peer's `PeerHello` and checks who it is. `Ok(None)` when the link closed first.
 async fn handshake<S>(
     server: &Server,
-    stream: &mut SplitStream<WebSocketStream<S>>,
+    stream: &mut LinkStream<S>,
     expected: Option<&str>,
 ) -> Result<Option<Arc<str>>, v1::Error>
 where
@@ -366,7 +362,7 @@ where
 
 async fn serve_established<S>(
     server: &Arc<Server>,
-    stream: &mut SplitStream<WebSocketStream<S>>,
+    stream: &mut LinkStream<S>,
     peer: &Arc<PeerLink>,
 ) -> Result<(), v1::Error>
 where
@@ -407,7 +403,7 @@ where
 
 async fn read_loop<S>(
     server: &Arc<Server>,
-    stream: &mut SplitStream<WebSocketStream<S>>,
+    stream: &mut LinkStream<S>,
     peer: &Arc<PeerLink>,
 ) -> Result<(), v1::Error>
 where
@@ -417,6 +413,7 @@ where
     let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
     // Route caches per account; forwards of any account arrive on one link.
     let mut caches: HashMap<String, RouteCache> = HashMap::new();
+    let mut batch = Batcher::default();
     let stopping = server.shutdown.cancelled();
     tokio::pin!(stopping);
     let closed = peer.closer.closed();
@@ -440,31 +437,98 @@ where
                 Inbound::Control => watchdog.activity(),
                 Inbound::Frame(frame) => {
                     watchdog.activity();
-                    let msg: v1::PeerMessage = decode_frame(frame)?;
-                    match msg.kind {
-                        Some(Kind::Forward(forward)) => deliver_forward(server, peer, &mut caches, forward)?,
-                        Some(Kind::Interest(interest)) => {
-                            let command = Command::PeerInterest { server_id: peer.server_id.clone(), link: peer.link, interest };
-                            server.control.send(command).await.map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
-                        }
-                        Some(Kind::InterestAck(ack)) => {
-                            let command = Command::PeerAck { server_id: peer.server_id.clone(), link: peer.link, seq: ack.seq };
-                            server.control.send(command).await.map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
-                        }
-                        Some(Kind::ForwardDropped(dropped)) => report_peer_drops(server, dropped.count),
-                        Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong { nonce: ping.nonce }))),
-                        Some(Kind::Pong(_)) => {}
-                        Some(Kind::Error(e)) => {
-                            tracing::warn!(error = %e, "peer is closing the link");
-                            return Ok(());
-                        }
-                        Some(Kind::Hello(_)) => return Err(error(ErrorCode::UnexpectedMessage, "PeerHello was already sent")),
-                        None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
+                    // This frame and every one already behind it; their deliveries go out as
+                    // one batch per subscriber.
+                    let burst = read_burst(server, peer, stream, &mut caches, &mut batch, frame).await;
+                    batch.flush(&server.stats, config.slow_consumer_ms);
+                    if !burst? {
+                        return Ok(());
                     }
                 }
             },
         }
     }
+}
+
+/// Most frames a peer reader handles before handing on their deliveries.
+const MAX_BURST: usize = 256;
+
+/// Handles `first` and the frames that have already arrived after it. `Ok(false)` when the
+/// link is over.
+async fn read_burst<S>(
+    server: &Arc<Server>,
+    peer: &Arc<PeerLink>,
+    stream: &mut LinkStream<S>,
+    caches: &mut HashMap<String, RouteCache>,
+    batch: &mut Batcher,
+    first: Bytes,
+) -> Result<bool, v1::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut next = Some(first);
+    let mut handled = 0;
+    while let Some(frame) = next.take() {
+        let msg: v1::PeerMessage = decode_frame(frame)?;
+        let kind = msg.kind;
+        if !matches!(kind, Some(Kind::Forward(_))) {
+            batch.flush(&server.stats, server.config.slow_consumer_ms);
+        }
+        match kind {
+            Some(Kind::Forward(forward)) => deliver_forward(server, peer, caches, batch, forward)?,
+            Some(Kind::Interest(interest)) => {
+                let command = Command::PeerInterest {
+                    server_id: peer.server_id.clone(),
+                    link: peer.link,
+                    interest,
+                };
+                server
+                    .control
+                    .send(command)
+                    .await
+                    .map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+            }
+            Some(Kind::InterestAck(ack)) => {
+                let command = Command::PeerAck {
+                    server_id: peer.server_id.clone(),
+                    link: peer.link,
+                    seq: ack.seq,
+                };
+                server
+                    .control
+                    .send(command)
+                    .await
+                    .map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+            }
+            Some(Kind::ForwardDropped(dropped)) => report_peer_drops(server, dropped.count),
+            Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {
+                nonce: ping.nonce,
+            }))),
+            Some(Kind::Pong(_)) => {}
+            Some(Kind::Error(e)) => {
+                tracing::warn!(error = %e, "peer is closing the link");
+                return Ok(false);
+            }
+            Some(Kind::Hello(_)) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "PeerHello was already sent",
+                ));
+            }
+            None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
+        }
+        handled += 1;
+        if handled < MAX_BURST
+            && let Some(step) = link::ready_frame(stream)
+        {
+            match step.map_err(|e| e.to_error())? {
+                Inbound::Frame(frame) => next = Some(frame),
+                Inbound::Control => {}
+                Inbound::Closed => return Ok(false),
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Most accounts a peer reader keeps route caches for before starting over.
@@ -475,6 +539,7 @@ fn deliver_forward(
     server: &Server,
     peer: &PeerLink,
     caches: &mut HashMap<String, RouteCache>,
+    batch: &mut Batcher,
     forward: v1::Forward,
 ) -> Result<(), v1::Error> {
     let stats = &server.stats;
@@ -504,13 +569,14 @@ fn deliver_forward(
                     alias: &forward.from_alias,
                     role: &forward.from_role,
                 };
-                let frame = message_frame(&forward.topic, from, &forward.payload);
-                stats.messages_out.add(routes::deliver(
+                batch.push(
                     route,
-                    &frame,
+                    &forward.topic,
+                    from,
+                    &forward.payload,
                     stats,
                     server.config.slow_consumer_ms,
-                ));
+                );
             }
         },
     )
@@ -521,7 +587,7 @@ fn deliver_forward(
 fn report_peer_drops(server: &Server, count: u64) {
     tracing::warn!(count, "a peer dropped forwards for this server");
     server.stats.peer_drops_reported.add(count);
-    let notice = crate::session::dropped_notice(count);
+    let notice = link::framed(&crate::session::dropped_notice(count));
     for session in lock(&server.sessions).values() {
         if !session.subscribed.load(Ordering::Relaxed) {
             continue;

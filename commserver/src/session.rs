@@ -18,14 +18,12 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::SplitStream;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerSocket};
-use relaymesh_proto::frame::{Sender, forward_frame, message_frame};
+use relaymesh_net::ws::{self, ServerLink, ServerLinkStream};
+use relaymesh_proto::frame::{Sender, forward_frame};
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
@@ -37,7 +35,7 @@ use tracing::Instrument as _;
 use crate::control::Command;
 use crate::interest::TopicKey;
 use crate::keys::KeyError;
-use crate::routes::{self, ClientKey, RouteCache, Subscriber};
+use crate::routes::{self, Batcher, ClientKey, RouteCache, Subscriber};
 use crate::{LINGER, Server};
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +89,7 @@ pub(crate) async fn upgrade(
     let tracker = server.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded(on_upgrade, &limits).await {
+            match ws::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(server, socket, identity, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -186,13 +184,18 @@ struct Session {
     /// Whether the control task knows this session (and must hear that it closed).
     ever_subscribed: bool,
     cache: RouteCache,
+    /// Deliveries of the burst being handled, for all subscribers at once.
+    batch: Batcher,
 }
 
-async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, _conn: ConnInfo) {
-    let (sink, mut stream) = socket.split();
+/// Most frames a session handles before handing on their deliveries.
+const MAX_BURST: usize = 256;
+
+async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _conn: ConnInfo) {
+    let ServerLink { sink, mut stream } = socket;
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
-    let (data_tx, data_rx) = mpsc::channel(server.config.client_queue);
-    let backlog = Arc::new(Backlog::new(
+    let (data_tx, data_rx) = link::data_queue();
+    let backlog = Arc::new(Backlog::counted(
         server.config.client_queue,
         server.config.client_queue_bytes,
     ));
@@ -219,6 +222,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
                 DataBacklog {
                     backlog,
                     notice: dropped_notice,
+                    framed: true,
                 },
             )),
             closer: closer.clone(),
@@ -252,6 +256,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
         topics: HashSet::new(),
         ever_subscribed: false,
         cache: RouteCache::default(),
+        batch: Batcher::default(),
     };
     match session.serve(&mut stream).await {
         Ok(()) => {
@@ -279,7 +284,7 @@ async fn run(server: Arc<Server>, socket: ServerSocket, identity: v1::Identity, 
 }
 
 impl Session {
-    async fn serve(&mut self, stream: &mut SplitStream<ServerSocket>) -> Result<(), v1::Error> {
+    async fn serve(&mut self, stream: &mut ServerLinkStream) -> Result<(), v1::Error> {
         // A key reserved for a login that a newer one has since replaced.
         if let Some(client) = &self.me.client
             && self.server.replaced_by(client).is_some()
@@ -336,15 +341,54 @@ impl Session {
                     Inbound::Control => watchdog.activity(),
                     Inbound::Frame(frame) => {
                         watchdog.activity();
-                        let msg: v1::ClientToServer = decode_frame(frame)?;
-                        self.handle(msg).await?;
+                        let burst = self.handle_burst(stream, frame).await;
+                        self.flush();
+                        if !burst? {
+                            return Ok(());
+                        }
                     }
                 },
             }
         }
     }
 
+    /// Handles `first` and every frame that has already arrived after it (up to
+    /// [`MAX_BURST`]), so a burst of publishes reaches each subscriber as one batch. `Ok(false)`
+    /// when the client closed the link.
+    async fn handle_burst(
+        &mut self,
+        stream: &mut ServerLinkStream,
+        first: Bytes,
+    ) -> Result<bool, v1::Error> {
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(frame) = next.take() {
+            let msg: v1::ClientToServer = decode_frame(frame)?;
+            self.handle(msg).await?;
+            handled += 1;
+            if handled < MAX_BURST
+                && let Some(step) = link::ready_frame(stream)
+            {
+                match step.map_err(|e| e.to_error())? {
+                    Inbound::Frame(frame) => next = Some(frame),
+                    Inbound::Control => {}
+                    Inbound::Closed => return Ok(false),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands the pending batch of deliveries to the subscribers.
+    fn flush(&mut self) {
+        self.batch
+            .flush(&self.server.stats, self.server.config.slow_consumer_ms);
+    }
+
     async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
+        if !matches!(msg.kind, Some(Kind::Publish(_))) {
+            self.flush();
+        }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
             Some(Kind::Subscribe(sub)) => self.subscribe(sub).await,
@@ -384,6 +428,7 @@ impl Session {
         let max_topic = server.config.max_topic_bytes;
         let slow_ms = server.config.slow_consumer_ms;
         let rules = &self.rules;
+        let batch = &mut self.batch;
         let routed = self.cache.with_route(
             &server.routes,
             account,
@@ -402,10 +447,7 @@ impl Session {
                 stats.messages_in.inc();
                 let Some(route) = route else { return };
                 if !route.subscribers.is_empty() {
-                    let frame = message_frame(&topic, from, &payload);
-                    stats
-                        .messages_out
-                        .add(routes::deliver(route, &frame, stats, slow_ms));
+                    batch.push(route, &topic, from, &payload, stats, slow_ms);
                 }
                 if !route.peers.is_empty() {
                     let frame = forward_frame(account, &topic, from, &payload);

@@ -12,12 +12,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_net::ws::{self, ServerLink, ServerLinkStream};
 use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
 use serde::{Deserialize, Serialize};
@@ -156,7 +155,7 @@ pub(crate) async fn upgrade(
     let tracker = app.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded(on_upgrade, &limits).await {
+            match ws::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(app, socket, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -166,9 +165,9 @@ pub(crate) async fn upgrade(
     response
 }
 
-async fn run(app: Arc<App>, socket: ServerSocket, conn: ConnInfo) {
+async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
     let _open = app.stats.negotiation_links.track();
-    let (sink, mut stream) = socket.split();
+    let ServerLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(app.config.link_queue);
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
@@ -198,7 +197,7 @@ fn reply(tx: &mpsc::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), 
 
 async fn serve(
     app: &Arc<App>,
-    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    stream: &mut ServerLinkStream,
     tx: &mpsc::Sender<Bytes>,
     closer: &Closer,
     from: IpAddr,

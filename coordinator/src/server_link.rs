@@ -9,13 +9,12 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerSocket};
+use relaymesh_net::ws::{self, ServerLinkStream};
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -174,7 +173,7 @@ pub(crate) async fn upgrade(
     let tracker = app.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded(on_upgrade, &limits).await {
+            match ws::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(app, socket, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -184,8 +183,8 @@ pub(crate) async fn upgrade(
     response
 }
 
-async fn run(app: Arc<App>, socket: ServerSocket, _conn: ConnInfo) {
-    let (sink, mut stream) = socket.split();
+async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
+    let ws::ServerLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(app.config.link_queue);
     let closer = Closer::new();
     let writer = tokio::spawn(link::run_writer(
@@ -248,7 +247,7 @@ fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
 
 async fn serve(
     app: &Arc<App>,
-    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    stream: &mut ServerLinkStream,
     tx: mpsc::Sender<Bytes>,
     closer: &Closer,
 ) -> Result<(), v1::Error> {
@@ -331,7 +330,7 @@ async fn serve(
 
 async fn serve_registered(
     app: &Arc<App>,
-    stream: &mut futures_util::stream::SplitStream<ServerSocket>,
+    stream: &mut ServerLinkStream,
     handle: &ServerLink,
     link_id: u64,
 ) -> Result<(), v1::Error> {

@@ -2,15 +2,18 @@
 //!
 //! A link is a reader task and a writer task over the two halves of one WebSocket:
 //!
-//! * the **writer** ([`run_writer`]) owns the sink and drains two bounded queues of pre-encoded
-//!   frames: `ctrl` (the link's own replies and control messages, always preferred) and `data`
-//!   (fanned-out messages). It feeds every frame that is ready, up to [`MAX_BATCH`], and flushes
-//!   once, so a busy link costs one `write` syscall per batch instead of per frame. When a link
-//!   records drops on its data queue ([`Backlog`]) the writer appends a notice frame to the
-//!   next batch;
-//! * the **reader** is link-specific; it pulls frames with [`next_frame`] and ends the link
-//!   through the [`Closer`], optionally with "last words" (an encoded `Error`) that the writer
-//!   sends before the WebSocket close frame.
+//! * the **writer** ([`run_writer`]) owns the socket's write half ([`LinkSink`]) and drains
+//!   two queues of pre-encoded frames: `ctrl` (the link's own replies and control messages,
+//!   always preferred) and `data` (fanned-out messages, unbounded as a channel but bounded in
+//!   frames and bytes by a counted [`Backlog`], so offering a frame takes no lock). It frames
+//!   every message that is ready, up to [`MAX_BATCH`] or the write buffer size, into one buffer
+//!   and writes it with one `write`, so a busy link costs one syscall per batch and no
+//!   per-message lock. When a link records drops on its data queue the writer appends a notice
+//!   frame to the next batch;
+//! * the **reader** is link-specific; it pulls frames with [`next_frame`] from a tungstenite
+//!   WebSocket over the socket's read half ([`LinkStream`]), whose own writes (pong and close
+//!   replies) go to the writer. It ends the link through the [`Closer`], optionally with "last
+//!   words" (an encoded `Error`) that the writer sends before the WebSocket close frame.
 //!
 //! Nothing here knows message types; the links in the service crates supply encoded frames.
 
@@ -18,18 +21,254 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt as _, StreamExt as _};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt as _};
 use relaymesh_proto::{ErrorCode, v1};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-/// Most frames fed to the socket between two flushes.
+/// Most frames written to the socket in one `write`.
 pub const MAX_BATCH: usize = 512;
+
+/// The sending end of a link's data queue. The channel is unbounded; the link's counted
+/// [`Backlog`] bounds it in frames and bytes (senders [`Backlog::reserve`] before sending).
+pub type DataTx = mpsc::UnboundedSender<Bytes>;
+/// The receiving end of a link's data queue, drained by [`run_writer`].
+pub type DataRx = mpsc::UnboundedReceiver<Bytes>;
+
+/// A data queue; pair it with [`Backlog::counted`].
+pub fn data_queue() -> (DataTx, DataRx) {
+    mpsc::unbounded_channel()
+}
+
+/// Replies the reader's WebSocket may have waiting for the writer (pongs, a close reply). A peer
+/// that piles up more by pinging a link it does not read from loses the link.
+const REPLY_QUEUE: usize = 64;
+
+/// The read half of a link's socket as the reader's WebSocket sees it: reads come from the
+/// socket; writes (tungstenite's automatic pong and close replies, whole frames) are handed to
+/// the link's writer, which alone writes to the socket, so frames never interleave.
+#[derive(Debug)]
+pub struct ReadSide<S> {
+    read: ReadHalf<S>,
+    replies: mpsc::Sender<Bytes>,
+}
+
+impl<S: AsyncRead> AsyncRead for ReadSide<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<S> AsyncWrite for ReadSide<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(match self.replies.try_send(Bytes::copy_from_slice(buf)) {
+            Ok(()) => Ok(buf.len()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(std::io::Error::other(
+                "the peer does not read the replies to its pings",
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The reading end of a link.
+pub type LinkStream<S> = WebSocketStream<ReadSide<S>>;
+
+/// Both ends of a link over one socket.
+#[derive(Debug)]
+pub struct Link<S> {
+    /// The writing end, for [`run_writer`].
+    pub sink: LinkSink<S>,
+    /// The reading end, for [`next_frame`].
+    pub stream: LinkStream<S>,
+}
+
+/// The writing end of a link: the socket's write half, written only by [`run_writer`], which
+/// frames messages itself.
+#[derive(Debug)]
+pub struct LinkSink<S> {
+    write: WriteHalf<S>,
+    replies: mpsc::Receiver<Bytes>,
+    role: Role,
+    /// Bytes gathered before a batch is written.
+    batch_bytes: usize,
+}
+
+/// Splits an established WebSocket connection (handshake done, nothing read past it) into a
+/// link's writing and reading ends. `config` limits what the reader accepts; its
+/// `write_buffer_size` is the writer's batch size in bytes.
+pub async fn split_link<S>(io: S, role: Role, config: WebSocketConfig) -> Link<S>
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let (read, write) = tokio::io::split(io);
+    let (replies_tx, replies) = mpsc::channel(REPLY_QUEUE);
+    let batch_bytes = config.write_buffer_size.max(4096);
+    let stream = WebSocketStream::from_raw_socket(
+        ReadSide {
+            read,
+            replies: replies_tx,
+        },
+        role,
+        Some(config),
+    )
+    .await;
+    Link {
+        sink: LinkSink {
+            write,
+            replies,
+            role,
+            batch_bytes,
+        },
+        stream,
+    }
+}
+
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+
+/// Appends one final WebSocket frame with `opcode` and `payload` to `out`; a client masks it
+/// (RFC 6455 section 5.3), a server does not.
+fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8], role: Role) {
+    let len = payload.len();
+    let masked = role == Role::Client;
+    let mask_bit = if masked { 0x80 } else { 0 };
+    out.reserve(len + 14);
+    out.put_u8(0x80 | opcode);
+    if len < 126 {
+        out.put_u8(mask_bit | len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.put_u8(mask_bit | 126);
+        out.put_u16(len);
+    } else {
+        out.put_u8(mask_bit | 127);
+        out.put_u64(len as u64);
+    }
+    if !masked {
+        out.put_slice(payload);
+        return;
+    }
+    let key: [u8; 4] = rand::random();
+    out.put_slice(&key);
+    let start = out.len();
+    out.put_slice(payload);
+    let body = &mut out[start..];
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = body.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i & 3];
+    }
+}
+
+/// Appends the header of an unmasked (server to client) final binary frame of `len` bytes; the
+/// payload follows. With [`framed`] this is how a server encodes a message once for every
+/// receiver.
+pub fn put_frame_header(out: &mut BytesMut, len: usize) {
+    out.reserve(10);
+    out.put_u8(0x80 | OP_BINARY);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.put_u8(126);
+        out.put_u16(len);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+}
+
+/// `payload` as one unmasked binary frame, for a [`DataBacklog::framed`] queue.
+pub fn framed(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    put_frame_header(&mut out, payload.len());
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Splits a run of whole unmasked frames into its frames' headers and payloads:
+/// `(header_len, payload_len)` of the first frame, if whole.
+fn first_frame(frames: &[u8]) -> Option<(usize, usize)> {
+    let [_, second, rest @ ..] = frames else {
+        return None;
+    };
+    let (header, len) = match second & 0x7F {
+        126 => (
+            4,
+            usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])),
+        ),
+        127 => (
+            10,
+            usize::try_from(u64::from_be_bytes(*rest.first_chunk::<8>()?)).ok()?,
+        ),
+        n => (2, usize::from(n)),
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    (frames.len() >= header + mask + len).then_some((header + mask, len))
+}
+
+/// How many whole frames a run of frames holds.
+fn count_frames(mut frames: &[u8]) -> usize {
+    let mut n = 0;
+    while let Some((header, len)) = first_frame(frames) {
+        n += 1;
+        frames = &frames[header + len..];
+    }
+    n
+}
+
+/// The payloads of a run of whole unmasked frames (a [`DataBacklog::framed`] item), for a
+/// receiver that consumes a data queue itself instead of writing it to a socket.
+pub fn frame_payloads(frames: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let (header, len) = first_frame(frames.get(at..)?)?;
+        let payload = frames.slice(at + header..at + header + len);
+        at += header + len;
+        Some(payload)
+    })
+}
+
+/// Whether a run of whole frames (as tungstenite writes them) holds a close frame.
+fn holds_close(mut frames: &[u8]) -> bool {
+    while let Some((header, len)) = first_frame(frames) {
+        if frames[0] & 0x0F == OP_CLOSE {
+            return true;
+        }
+        frames = &frames[header + len..];
+    }
+    false
+}
 
 /// Ends a link, once, with optional last words. Cloned into everything that may end the link:
 /// its reader, its writer, and (for client sessions) publishers that find it too slow.
@@ -106,6 +345,10 @@ pub fn now_ms() -> u64 {
 /// counter shared between the senders' cores and the writer's.
 #[derive(Debug, Default)]
 pub struct Backlog {
+    /// Frames the queue holds at most when the backlog counts them ([`Backlog::counted`]);
+    /// `usize::MAX` when the queue's channel bounds itself.
+    capacity: usize,
+    queued_frames: AtomicUsize,
     budget: usize,
     large: usize,
     queued_bytes: AtomicUsize,
@@ -119,22 +362,52 @@ impl Backlog {
     /// A backlog for a queue of `capacity` frames and a budget of `budget` bytes.
     pub fn new(capacity: usize, budget: usize) -> Self {
         Self {
+            capacity: usize::MAX,
             budget,
             large: budget / capacity.max(1),
             ..Self::default()
         }
     }
 
+    /// A backlog that also bounds the queue to `capacity` frames, for an unbounded channel
+    /// ([`data_queue`]): offering a frame then costs two uncontended atomic additions instead
+    /// of a bounded channel's semaphore.
+    pub fn counted(capacity: usize, budget: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ..Self::new(capacity, budget)
+        }
+    }
+
     /// Reserves room for a frame of `len` bytes about to be queued. `false` means the queue is
-    /// full in bytes; an empty queue always takes one frame, however large.
+    /// full in frames (counted backlogs) or bytes; an empty queue always takes one frame,
+    /// however large.
     #[inline]
     pub fn reserve(&self, len: usize) -> bool {
+        self.reserve_n(len, 1)
+    }
+
+    /// Reserves room for `frames` frames of `len` bytes in all, queued as one item (a batch of
+    /// pre-framed messages, [`DataBacklog::framed`]). All or nothing.
+    #[inline]
+    pub fn reserve_n(&self, len: usize, frames: usize) -> bool {
+        if self.capacity != usize::MAX {
+            let before = self.queued_frames.fetch_add(frames, Ordering::Relaxed);
+            // An empty queue takes one item, however many frames it holds.
+            if before > 0 && before + frames > self.capacity {
+                self.queued_frames.fetch_sub(frames, Ordering::Relaxed);
+                return false;
+            }
+        }
         if len <= self.large {
             return true;
         }
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before > 0 && before + len > self.budget {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            if self.capacity != usize::MAX {
+                self.queued_frames.fetch_sub(frames, Ordering::Relaxed);
+            }
             return false;
         }
         true
@@ -143,6 +416,15 @@ impl Backlog {
     /// Returns the room of a frame of `len` bytes (it was written, or never queued).
     #[inline]
     pub fn release(&self, len: usize) {
+        self.release_n(len, 1);
+    }
+
+    /// Returns the room of an item reserved with [`Backlog::reserve_n`].
+    #[inline]
+    pub fn release_n(&self, len: usize, frames: usize) {
+        if self.capacity != usize::MAX {
+            self.queued_frames.fetch_sub(frames, Ordering::Relaxed);
+        }
         if len > self.large {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
         }
@@ -151,8 +433,13 @@ impl Backlog {
     /// Records one dropped frame. Returns `true` when the queue has now been stalled (not run
     /// empty) for longer than `grace_ms` since the first drop: the receiver is a slow consumer.
     pub fn record_drop(&self, grace_ms: u64) -> bool {
-        self.unreported.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
+        self.record_drops(1, grace_ms)
+    }
+
+    /// Records `n` dropped frames at once (a refused batch); see [`Backlog::record_drop`].
+    pub fn record_drops(&self, n: u64, grace_ms: u64) -> bool {
+        self.unreported.fetch_add(n, Ordering::Relaxed);
+        self.total.fetch_add(n, Ordering::Relaxed);
         let now = now_ms();
         match self
             .stalled_since
@@ -201,6 +488,10 @@ pub struct DataBacklog {
     pub backlog: Arc<Backlog>,
     /// Encodes the frame that tells the receiver `n` messages were dropped.
     pub notice: fn(u64) -> Bytes,
+    /// Data items are whole WebSocket frames, one or more ([`put_frame_header`], [`framed`]),
+    /// written as they are: a batch of messages encoded once for many receivers. Otherwise
+    /// each item is one message for the writer to frame.
+    pub framed: bool,
 }
 
 /// What the writer needs besides the sink.
@@ -209,8 +500,8 @@ pub struct WriterSetup {
     /// Control frames; preferred over data. The link is done when every sender is gone.
     pub ctrl: mpsc::Receiver<Bytes>,
     /// Data frames, if the link carries any, with their backlog accounting (senders must
-    /// [`Backlog::reserve`] each frame's bytes before queueing it).
-    pub data: Option<(mpsc::Receiver<Bytes>, DataBacklog)>,
+    /// [`Backlog::reserve`] each frame before queueing it).
+    pub data: Option<(DataRx, DataBacklog)>,
     /// The link's closer; when it fires the writer sends the last words and a close frame.
     pub closer: Closer,
     /// Time allowed for the last words and close frame to be written.
@@ -221,21 +512,35 @@ pub struct WriterSetup {
 #[derive(Debug)]
 pub struct WriterEnd {
     /// The write error that ended the link, if one did.
-    pub error: Option<tungstenite::Error>,
-    /// Data frames still queued when the link closed, never sent.
+    pub error: Option<std::io::Error>,
+    /// Data messages still queued when the link closed, never sent.
     pub discarded: usize,
 }
 
-/// Drains the queues into `sink` until the link closes, then sends queued control frames, the
-/// last words (if any) and a close frame. The closer is fired either way so the reader stops
-/// too.
-pub async fn run_writer<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    setup: WriterSetup,
-) -> WriterEnd
+/// One item for the writer.
+enum Out {
+    /// Whole frames from the reader's WebSocket, written as they are.
+    Raw(Bytes),
+    /// A control message to frame.
+    Ctrl(Bytes),
+    /// A data message to frame (its backlog room is released once framed).
+    Data(Bytes),
+}
+
+/// Drains the queues into the socket until the link closes, then sends queued control frames,
+/// the last words (if any) and a close frame. The closer is fired either way so the reader
+/// stops too.
+pub async fn run_writer<S>(sink: LinkSink<S>, setup: WriterSetup) -> WriterEnd
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncWrite,
 {
+    let LinkSink {
+        mut write,
+        replies,
+        role,
+        batch_bytes,
+    } = sink;
+    let mut replies = Some(replies);
     let WriterSetup {
         mut ctrl,
         data,
@@ -246,52 +551,83 @@ where
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
         None => (None, None),
     };
-    let result: Result<(), tungstenite::Error> = async {
+    let mut out = BytesMut::new();
+    let mut sent_close = false;
+    let result: std::io::Result<()> = async {
         loop {
             let first = tokio::select! {
                 biased;
                 _ = closer.closed() => return Ok(()),
+                reply = recv_reply(&mut replies) => match reply {
+                    Some(raw) => Out::Raw(raw),
+                    None => {
+                        replies = None;
+                        continue;
+                    }
+                },
                 frame = ctrl.recv() => match frame {
-                    Some(frame) => (frame, false),
+                    Some(frame) => Out::Ctrl(frame),
                     None => return Ok(()),
                 },
                 frame = recv_data(&mut data) => match frame {
-                    Some(frame) => (frame, true),
+                    Some(frame) => Out::Data(frame),
                     None => {
                         data = None;
                         continue;
                     }
                 },
             };
-            let batch = async {
-                let mut next = Some(first);
-                let mut fed = 0;
-                while let Some((frame, is_data)) = next.take() {
-                    if is_data && let Some(DataBacklog { backlog, .. }) = &accounting {
-                        backlog.release(frame.len());
+            out.clear();
+            let mut next = Some(first);
+            let mut framed = 0;
+            while let Some(item) = next.take() {
+                match item {
+                    Out::Raw(raw) => {
+                        sent_close |= holds_close(&raw);
+                        out.extend_from_slice(&raw);
                     }
-                    sink.feed(Message::Binary(frame)).await?;
-                    fed += 1;
-                    if fed < MAX_BATCH {
-                        next = try_next(&mut ctrl, &mut data);
-                    }
+                    Out::Ctrl(frame) => put_frame(&mut out, OP_BINARY, &frame, role),
+                    Out::Data(frame) => match &accounting {
+                        Some(a) if a.framed => {
+                            a.backlog.release_n(frame.len(), count_frames(&frame));
+                            out.extend_from_slice(&frame);
+                        }
+                        Some(a) => {
+                            a.backlog.release(frame.len());
+                            put_frame(&mut out, OP_BINARY, &frame, role);
+                        }
+                        None => put_frame(&mut out, OP_BINARY, &frame, role),
+                    },
                 }
-                if let Some(DataBacklog { backlog, notice }) = &accounting {
-                    if data.as_ref().is_none_or(|d| d.is_empty()) {
-                        backlog.drained();
-                    }
-                    let dropped = backlog.take_unreported();
-                    if dropped > 0 {
-                        sink.feed(Message::Binary(notice(dropped))).await?;
-                    }
+                framed += 1;
+                if framed < MAX_BATCH && out.len() < batch_bytes {
+                    next = try_next(&mut replies, &mut ctrl, &mut data);
                 }
-                sink.flush().await
-            };
+            }
+            if let Some(DataBacklog {
+                backlog, notice, ..
+            }) = &accounting
+            {
+                if data.as_ref().is_none_or(|d| d.is_empty()) {
+                    backlog.drained();
+                }
+                let dropped = backlog.take_unreported();
+                if dropped > 0 {
+                    put_frame(&mut out, OP_BINARY, &notice(dropped), role);
+                }
+            }
             tokio::select! {
                 biased;
-                result = batch => result?,
+                result = write.write_all(&out) => result?,
                 // A peer that stopped reading must not keep a closing link alive.
                 _ = closer.closed() => return Ok(()),
+            }
+            // A burst's buffer is not kept by a link that goes quiet.
+            if out.capacity() > batch_bytes.saturating_mul(2) {
+                out = BytesMut::new();
+            }
+            if sent_close {
+                return Ok(());
             }
         }
     }
@@ -303,47 +639,71 @@ where
     if let Some(rx) = data.as_mut() {
         rx.close();
         while let Ok(frame) = rx.try_recv() {
-            discarded += 1;
-            if let Some(DataBacklog { backlog, .. }) = &accounting {
-                backlog.release(frame.len());
+            match &accounting {
+                Some(a) if a.framed => {
+                    let n = count_frames(&frame);
+                    discarded += n;
+                    a.backlog.release_n(frame.len(), n);
+                }
+                Some(a) => {
+                    discarded += 1;
+                    a.backlog.release(frame.len());
+                }
+                None => discarded += 1,
             }
         }
     }
     // Control frames already queued (a final Load, an Ack, interest changes) still go out;
     // queued data does not, it would only delay the close.
-    let goodbye = async {
+    // After a close frame nothing more may be sent.
+    if result.is_ok() && !sent_close {
+        out.clear();
         while let Ok(frame) = ctrl.try_recv() {
-            sink.feed(Message::Binary(frame)).await?;
+            put_frame(&mut out, OP_BINARY, &frame, role);
         }
         if let Some(words) = closer.last_words() {
-            sink.feed(Message::Binary(words)).await?;
+            put_frame(&mut out, OP_BINARY, &words, role);
         }
-        sink.send(Message::Close(None)).await?;
-        sink.close().await
-    };
-    let _ = tokio::time::timeout(linger, goodbye).await;
+        put_frame(&mut out, OP_CLOSE, &[], role);
+        let goodbye = async {
+            write.write_all(&out).await?;
+            write.shutdown().await
+        };
+        let _ = tokio::time::timeout(linger, goodbye).await;
+    }
     WriterEnd {
         error: result.err(),
         discarded,
     }
 }
 
-async fn recv_data(data: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+async fn recv_reply(replies: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match replies {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_data(data: &mut Option<DataRx>) -> Option<Bytes> {
     match data {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-/// The next ready frame, control first; the flag says whether it is data.
+/// The next ready item: replies, then control, then data.
 fn try_next(
+    replies: &mut Option<mpsc::Receiver<Bytes>>,
     ctrl: &mut mpsc::Receiver<Bytes>,
-    data: &mut Option<mpsc::Receiver<Bytes>>,
-) -> Option<(Bytes, bool)> {
-    if let Ok(frame) = ctrl.try_recv() {
-        return Some((frame, false));
+    data: &mut Option<DataRx>,
+) -> Option<Out> {
+    if let Some(raw) = replies.as_mut().and_then(|r| r.try_recv().ok()) {
+        return Some(Out::Raw(raw));
     }
-    data.as_mut()?.try_recv().ok().map(|frame| (frame, true))
+    if let Ok(frame) = ctrl.try_recv() {
+        return Some(Out::Ctrl(frame));
+    }
+    data.as_mut()?.try_recv().ok().map(Out::Data)
 }
 
 /// One step of reading a link.
@@ -392,13 +752,13 @@ impl ReadError {
 }
 
 /// Reads the first message of a link, which must arrive within `timeout`.
-pub async fn first_message<M, S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
+pub async fn first_message<M, St>(
+    stream: &mut St,
     timeout: Duration,
 ) -> Result<Option<M>, v1::Error>
 where
     M: prost::Message + Default,
-    S: AsyncRead + AsyncWrite + Unpin,
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     let read = async {
         loop {
@@ -421,11 +781,9 @@ where
 }
 
 /// Reads the next step from a link.
-pub async fn next_frame<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
-) -> Result<Inbound, ReadError>
+pub async fn next_frame<St>(stream: &mut St) -> Result<Inbound, ReadError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     use tungstenite::Error as E;
     use tungstenite::error::CapacityError;
@@ -455,13 +813,23 @@ where
     }
 }
 
+/// The next step of a link if it has already arrived, without waiting: lets a reader handle a
+/// burst of frames before handing on what they produced.
+pub fn ready_frame<St>(stream: &mut St) -> Option<Result<Inbound, ReadError>>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    use futures_util::FutureExt as _;
+    next_frame(stream).now_or_never()
+}
+
 /// After the writer has sent a close frame, keeps reading (and discarding) for up to `linger`
 /// until the peer closes too. Closing a socket with unread input makes the kernel send a reset,
 /// which can destroy the error frame the peer has not read yet; waiting for the peer's close
 /// lets the error arrive.
-pub async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>, linger: Duration)
+pub async fn linger<St>(stream: &mut St, linger: Duration)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     let _ = tokio::time::timeout(linger, async {
         while let Some(Ok(_)) = stream.next().await {}
@@ -472,6 +840,173 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::SinkExt as _;
+
+    /// A link end running the writer, and a plain tungstenite WebSocket as the peer.
+    async fn pair(
+        role: Role,
+    ) -> (
+        mpsc::Sender<Bytes>,
+        Closer,
+        LinkStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<WriterEnd>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+        let Link { sink, stream } = split_link(ours, role, config).await;
+        let (ctrl_tx, ctrl) = mpsc::channel(16);
+        let closer = Closer::new();
+        let writer = tokio::spawn(run_writer(
+            sink,
+            WriterSetup {
+                ctrl,
+                data: None,
+                closer: closer.clone(),
+                linger: Duration::from_secs(5),
+            },
+        ));
+        let peer_role = if role == Role::Server {
+            Role::Client
+        } else {
+            Role::Server
+        };
+        let peer = WebSocketStream::from_raw_socket(theirs, peer_role, None).await;
+        (ctrl_tx, closer, stream, writer, peer)
+    }
+
+    async fn writer_frames_reach_a_tungstenite_peer(role: Role) {
+        let (ctrl, closer, mut stream, writer, mut peer) = pair(role).await;
+        // Every length encoding: 7-bit, 16-bit and 64-bit, at their edges.
+        let sizes = [0usize, 1, 7, 125, 126, 1000, 65535, 65536, 70001];
+        for &n in &sizes {
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            ctrl.send(Bytes::from(body)).await.unwrap();
+        }
+        for &n in &sizes {
+            match peer.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b.len(), n);
+                    assert!(b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+                }
+                other => panic!("expected a binary frame of {n} bytes, got {other:?}"),
+            }
+        }
+        // A ping read by the link's reader is answered through the writer.
+        peer.send(Message::Ping(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            loop {
+                match next_frame(&mut stream).await {
+                    Ok(Inbound::Closed) | Err(_) => return stream,
+                    Ok(_) => {}
+                }
+            }
+        });
+        match peer.next().await {
+            Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+        // Closing sends the last words, then a close frame.
+        closer.close(Some(Bytes::from_static(b"bye")));
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"bye"),
+            other => panic!("expected the last words, got {other:?}"),
+        }
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        let end = writer.await.unwrap();
+        assert!(end.error.is_none());
+        drop(peer);
+        let _ = reader.await;
+    }
+
+    #[tokio::test]
+    async fn server_frames_reach_a_tungstenite_client() {
+        writer_frames_reach_a_tungstenite_peer(Role::Server).await;
+    }
+
+    #[tokio::test]
+    async fn client_frames_are_masked_for_a_tungstenite_server() {
+        // A tungstenite server refuses unmasked frames from a client.
+        writer_frames_reach_a_tungstenite_peer(Role::Client).await;
+    }
+
+    #[tokio::test]
+    async fn a_close_from_the_peer_ends_the_link_with_one_close_frame() {
+        let (_ctrl, closer, mut stream, writer, mut peer) = pair(Role::Server).await;
+        peer.send(Message::Close(None)).await.unwrap();
+        assert!(matches!(next_frame(&mut stream).await, Ok(Inbound::Closed)));
+        // As every reader does: a closed link is closed for the writer too.
+        closer.close(None);
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        let end = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ends once the link closes")
+            .unwrap();
+        assert!(end.error.is_none());
+        // tungstenite's own reply finds the writer gone; no second close frame follows.
+        linger(&mut stream, Duration::from_millis(100)).await;
+        drop(stream);
+        assert!(peer.next().await.is_none());
+    }
+
+    #[test]
+    fn close_frames_are_found_among_whole_frames() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, OP_BINARY, &[7; 300], Role::Client);
+        assert!(!holds_close(&out));
+        put_frame(&mut out, OP_CLOSE, &[], Role::Server);
+        assert!(holds_close(&out));
+        assert!(!holds_close(&[0x8a, 0x02, 1, 2]), "a pong");
+        assert!(!holds_close(&[0x82]), "a truncated header is not a close");
+    }
+
+    #[test]
+    fn framed_batches_count_and_split_into_their_messages() {
+        let mut batch = BytesMut::new();
+        for n in [0usize, 3, 200, 70_000] {
+            put_frame_header(&mut batch, n);
+            batch.put_slice(&vec![n as u8; n]);
+        }
+        let batch = batch.freeze();
+        assert_eq!(count_frames(&batch), 4);
+        let sizes: Vec<usize> = frame_payloads(&batch).map(|p| p.len()).collect();
+        assert_eq!(sizes, [0, 3, 200, 70_000]);
+        assert_eq!(
+            framed(b"abc"),
+            Bytes::from_static(&[0x82, 3, b'a', b'b', b'c'])
+        );
+        assert_eq!(
+            count_frames(&batch[..batch.len() - 1]),
+            3,
+            "a cut frame is not whole"
+        );
+    }
+
+    #[test]
+    fn a_counted_backlog_bounds_frames() {
+        let b = Backlog::counted(2, 1 << 20);
+        assert!(b.reserve(10));
+        assert!(b.reserve(10));
+        assert!(!b.reserve(10), "two frames queued");
+        b.release(10);
+        assert!(b.reserve(10));
+        // A refusal for bytes gives the frame slot back.
+        let b = Backlog::counted(4, 1000);
+        assert!(b.reserve(900));
+        assert!(!b.reserve(600));
+        assert!(b.reserve(50));
+        assert!(b.reserve(50));
+        assert!(b.reserve(10));
+        assert!(!b.reserve(10), "four frames queued");
+        // A batch counts all its frames, and an empty queue takes any one batch.
+        let b = Backlog::counted(10, 1 << 20);
+        assert!(b.reserve_n(100, 8));
+        assert!(!b.reserve_n(100, 3));
+        b.release_n(100, 8);
+        assert!(b.reserve_n(100, 30));
+    }
 
     #[test]
     fn backlog_bounds_bytes_but_always_takes_one_frame() {

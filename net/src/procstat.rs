@@ -26,10 +26,16 @@ pub struct Usage {
 
 /// This process's CPU time and resident memory.
 pub fn process() -> Option<Usage> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    of_process(std::process::id())
+}
+
+/// Another process's CPU time (all its threads, including those that exited) and resident
+/// memory; `None` once it has exited. A benchmark charges a server's CPU with two readings.
+pub fn of_process(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     Some(Usage {
-        pid: std::process::id(),
+        pid,
         cpu_seconds: parse_stat(&stat)?.1,
         rss_bytes: status_kib(&status, "VmRSS:")? * 1024,
         peak_rss_bytes: status_kib(&status, "VmHWM:")? * 1024,

@@ -4,6 +4,8 @@
 //! Both sides end up with a `tokio_tungstenite::WebSocketStream`, so link code is the same
 //! whether this process dialed or accepted.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,6 +14,7 @@ use axum::response::Response;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use relaymesh_proto::ErrorCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 pub use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -19,11 +22,20 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::http::ApiError;
+use crate::link::{self, Link, LinkStream};
 
 /// A WebSocket this process accepted.
 pub type ServerSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// A WebSocket this process dialed.
-pub type ClientSocket = WebSocketStream<TcpStream>;
+pub type ClientSocket = WebSocketStream<UntilHeaders>;
+/// A link this process accepted.
+pub type ServerLink = Link<TokioIo<Upgraded>>;
+/// The reading end of a link this process accepted.
+pub type ServerLinkStream = LinkStream<TokioIo<Upgraded>>;
+/// A link this process dialed.
+pub type ClientLink = Link<TcpStream>;
+/// The reading end of a link this process dialed.
+pub type ClientLinkStream = LinkStream<TcpStream>;
 
 /// Size limits and buffer sizes for one WebSocket.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +118,15 @@ pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError
         HeaderValue::from_str(&accept_key).map_err(|_| bad("bad key"))?,
     );
     Ok((response, on_upgrade))
+}
+
+/// Completes an upgrade started by [`accept`] as a link: the writer's end and the reader's.
+pub async fn upgraded_link(
+    on_upgrade: OnUpgrade,
+    limits: &WsLimits,
+) -> Result<ServerLink, hyper::Error> {
+    let io = on_upgrade.await?;
+    Ok(link::split_link(TokioIo::new(io), Role::Server, limits.config()).await)
 }
 
 /// Completes an upgrade started by [`accept`].
@@ -191,6 +212,119 @@ pub async fn dial(
     dial_authorized(url, authorization.as_deref(), limits, timeout).await
 }
 
+/// Like [`dial_authorized`], split into a link's writing and reading ends.
+pub async fn dial_link(
+    url: &str,
+    authorization: Option<&str>,
+    limits: &WsLimits,
+    timeout: Duration,
+) -> Result<ClientLink, DialError> {
+    let socket = dial_authorized(url, authorization, limits, timeout).await?;
+    // The handshake read nothing past the response headers (see `UntilHeaders`), so the
+    // socket can be handed on whole.
+    let stream = socket.into_inner().tcp;
+    Ok(link::split_link(stream, Role::Client, limits.config()).await)
+}
+
+/// A dialed socket during the WebSocket handshake: reads stop at the end of the response
+/// headers, so whatever the server sends after them (its first frames) stays in the socket for
+/// whoever reads the link next.
+#[derive(Debug)]
+pub struct UntilHeaders {
+    tcp: TcpStream,
+    /// The last bytes read, to find a `\r\n\r\n` split across reads.
+    recent: [u8; 3],
+    started: bool,
+    done: bool,
+}
+
+impl UntilHeaders {
+    fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            recent: [0; 3],
+            started: false,
+            done: false,
+        }
+    }
+}
+
+impl AsyncRead for UntilHeaders {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.done {
+            return Pin::new(&mut self.tcp).poll_read(cx, buf);
+        }
+        let mut peeked = [0u8; 1024];
+        let mut view = ReadBuf::new(&mut peeked);
+        let n = match self.tcp.poll_peek(cx, &mut view) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        if n == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        // Only a successful upgrade is followed by frames. A refusal's body (the JSON error)
+        // belongs to the handshake, which reads it from its own buffer.
+        if !self.started {
+            self.started = true;
+            let head = &peeked[..n.min(12)];
+            if head.len() == 12 && !head.ends_with(b" 101") {
+                self.done = true;
+                return Pin::new(&mut self.tcp).poll_read(cx, buf);
+            }
+        }
+        let mut window = self.recent.to_vec();
+        window.extend_from_slice(&peeked[..n]);
+        let end = window
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|at| at + 4 - self.recent.len());
+        let take = end.unwrap_or(n).min(buf.remaining());
+        let mut chunk = vec![0u8; take];
+        // The bytes are in the socket (peeked), so a non-blocking read returns them now.
+        let read = match self.tcp.try_read(&mut chunk) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        buf.put_slice(&chunk[..read]);
+        let mut recent = self.recent.to_vec();
+        recent.extend_from_slice(&chunk[..read]);
+        let keep = recent.len() - 3;
+        self.recent.copy_from_slice(&recent[keep..]);
+        if end.is_some_and(|end| read == end) {
+            self.done = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for UntilHeaders {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 /// Like [`dial`], with a whole `Authorization` header value (e.g. from
 /// [`crate::auth::LinkCredentials::authorization`]).
 pub async fn dial_authorized(
@@ -238,7 +372,12 @@ async fn dial_inner(
             source,
         })?;
     let _ = stream.set_nodelay(true);
-    match tokio_tungstenite::client_async_with_config(request, stream, Some(limits.config())).await
+    match tokio_tungstenite::client_async_with_config(
+        request,
+        UntilHeaders::new(stream),
+        Some(limits.config()),
+    )
+    .await
     {
         Ok((socket, _response)) => Ok(socket),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -267,4 +406,62 @@ pub fn parse_error_body(body: &[u8]) -> Option<(ErrorCode, String)> {
     let body: Body = serde_json::from_slice(body).ok()?;
     let code = ErrorCode::from_str_name(&body.code).unwrap_or(ErrorCode::Unspecified);
     Some((code, body.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server that answers the upgrade and sends its first frame in the same write: the
+    /// frame must reach the dialed link's reader, not vanish into the handshake's buffer.
+    #[tokio::test]
+    async fn a_frame_sent_with_the_handshake_reaches_the_link() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                tcp.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            let text = String::from_utf8(request).unwrap();
+            let key = text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Sec-WebSocket-Key: ")
+                        .or_else(|| l.strip_prefix("sec-websocket-key: "))
+                })
+                .unwrap()
+                .trim()
+                .to_owned();
+            let mut answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                derive_accept_key(key.as_bytes())
+            )
+            .into_bytes();
+            answer.extend_from_slice(&[0x82, 3, b'a', b'b', b'c']);
+            tcp.write_all(&answer).await.unwrap();
+            tcp
+        });
+        let link = dial_link(
+            &format!("ws://{addr}/x"),
+            None,
+            &WsLimits::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let mut stream = link.stream;
+        match stream.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
+                assert_eq!(&b[..], b"abc")
+            }
+            other => panic!("expected the first frame, got {other:?}"),
+        }
+        drop(server.await.unwrap());
+    }
 }

@@ -78,13 +78,36 @@ pub struct Sender<'a> {
 
 /// Encodes `ServerToClient { message: Message { topic, from_alias, payload, from_role } }`.
 pub fn message_frame(topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
-    let fields: [&[u8]; 4] = [
+    let fields = message_fields(topic, &from, payload);
+    let mut buf = BytesMut::with_capacity(wrapped_len(SERVER_TO_CLIENT_MESSAGE, &fields));
+    put_wrapped(SERVER_TO_CLIENT_MESSAGE, &fields, &mut buf);
+    buf.freeze()
+}
+
+/// The length of [`message_frame`]'s encoding, to size a header written before it.
+pub fn message_frame_len(topic: &str, from: Sender<'_>, payload: &[u8]) -> usize {
+    wrapped_len(
+        SERVER_TO_CLIENT_MESSAGE,
+        &message_fields(topic, &from, payload),
+    )
+}
+
+/// Appends [`message_frame`]'s encoding to `buf` (so many messages can share one buffer).
+pub fn put_message_frame(buf: &mut BytesMut, topic: &str, from: Sender<'_>, payload: &[u8]) {
+    put_wrapped(
+        SERVER_TO_CLIENT_MESSAGE,
+        &message_fields(topic, &from, payload),
+        buf,
+    );
+}
+
+fn message_fields<'a>(topic: &'a str, from: &Sender<'a>, payload: &'a [u8]) -> [&'a [u8]; 4] {
+    [
         topic.as_bytes(),
         from.alias.as_bytes(),
         payload,
         from.role.as_bytes(),
-    ];
-    wrapped(SERVER_TO_CLIENT_MESSAGE, &fields)
+    ]
 }
 
 /// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload, from_role } }`
@@ -97,30 +120,39 @@ pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8
         payload,
         from.role.as_bytes(),
     ];
-    wrapped(PEER_MESSAGE_FORWARD, &fields)
+    let mut buf = BytesMut::with_capacity(wrapped_len(PEER_MESSAGE_FORWARD, &fields));
+    put_wrapped(PEER_MESSAGE_FORWARD, &fields, &mut buf);
+    buf.freeze()
 }
 
-/// Encodes an envelope whose oneof field `tag` holds a message made of length-delimited
-/// fields numbered 1, 2, 3, ... Empty fields are omitted, as proto3 requires.
-fn wrapped(tag: u32, fields: &[&[u8]]) -> Bytes {
-    let inner: usize = fields
+/// The encoded length of an envelope whose oneof field `tag` holds a message made of
+/// length-delimited fields numbered 1, 2, 3, ...
+fn wrapped_len(tag: u32, fields: &[&[u8]]) -> usize {
+    let inner = inner_len(fields);
+    key_len(tag) + encoded_len_varint(inner as u64) + inner
+}
+
+fn inner_len(fields: &[&[u8]]) -> usize {
+    fields
         .iter()
         .zip(1u32..)
         .map(|(value, field)| field_len(field, value.len()))
-        .sum();
-    let total = key_len(tag) + encoded_len_varint(inner as u64) + inner;
-    let mut buf = BytesMut::with_capacity(total);
-    encode_key(tag, WireType::LengthDelimited, &mut buf);
-    encode_varint(inner as u64, &mut buf);
+        .sum()
+}
+
+/// Appends such an envelope to `buf`. Empty fields are omitted, as proto3 requires.
+fn put_wrapped(tag: u32, fields: &[&[u8]], buf: &mut BytesMut) {
+    let inner = inner_len(fields);
+    buf.reserve(key_len(tag) + encoded_len_varint(inner as u64) + inner);
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(inner as u64, buf);
     for (value, field) in fields.iter().zip(1u32..) {
         if !value.is_empty() {
-            encode_key(field, WireType::LengthDelimited, &mut buf);
-            encode_varint(value.len() as u64, &mut buf);
+            encode_key(field, WireType::LengthDelimited, buf);
+            encode_varint(value.len() as u64, buf);
             buf.put_slice(value);
         }
     }
-    debug_assert_eq!(buf.len(), total);
-    buf.freeze()
 }
 
 fn field_len(field: u32, len: usize) -> usize {
@@ -219,6 +251,10 @@ mod tests {
             }));
             let from = Sender { alias, role };
             assert_eq!(message_frame(topic, from, payload), expected);
+            assert_eq!(message_frame_len(topic, from, payload), expected.len());
+            let mut shared = BytesMut::from(&b"head"[..]);
+            put_message_frame(&mut shared, topic, from, payload);
+            assert_eq!(&shared[4..], &expected[..]);
         }
     }
 

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
-use relaymesh_net::link::{Backlog, Closer};
-use relaymesh_proto::frame::{Sender, forward_frame, message_frame};
+use relaymesh_net::link::{Backlog, Closer, DataRx};
+use relaymesh_proto::frame::{Sender, forward_frame};
 use relaymesh_proto::v1::{self, server_to_client::Kind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -87,16 +87,13 @@ impl std::fmt::Debug for Bridge {
 impl Bridge {
     /// A bridge in `scope`; returns it, the queue of messages for it (writes to devices) and
     /// the queue of its subscription changes, for [`forward_changes`].
-    pub(super) fn new(
-        server: Arc<Server>,
-        scope: &str,
-    ) -> (Self, mpsc::Receiver<Bytes>, mpsc::Receiver<Command>) {
+    pub(super) fn new(server: Arc<Server>, scope: &str) -> (Self, DataRx, mpsc::Receiver<Command>) {
         let (changes, changes_rx) = mpsc::channel(CHANGE_QUEUE);
-        let (tx, rx) = mpsc::channel(server.config.client_queue);
+        let (tx, rx) = relaymesh_net::link::data_queue();
         let me = Arc::new(Subscriber {
             id: server.next_id(),
             data: tx,
-            backlog: Arc::new(Backlog::new(
+            backlog: Arc::new(Backlog::counted(
                 server.config.client_queue,
                 server.config.client_queue_bytes,
             )),
@@ -131,12 +128,10 @@ impl Bridge {
             role: ROLE,
         };
         if !route.subscribers.is_empty() {
-            let frame = message_frame(&topic, from, data);
+            let mut batch = routes::Batcher::default();
             let slow_ms = server.config.slow_consumer_ms;
-            server
-                .stats
-                .messages_out
-                .add(routes::deliver(&route, &frame, &server.stats, slow_ms));
+            batch.push(&route, &topic, from, data, &server.stats, slow_ms);
+            batch.flush(&server.stats, slow_ms);
         }
         if !route.peers.is_empty() {
             routes::forward(
@@ -186,16 +181,22 @@ impl Bridge {
         self.queue(command);
     }
 
-    /// A message frame taken off the bridge's queue: its room is returned, and a `.../write`
-    /// message yields where and what to write.
-    pub(super) fn take(&self, frame: &Bytes) -> Option<(Proto, u16, IpAddr, Bytes)> {
-        self.me.backlog.release(frame.len());
-        let msg: v1::ServerToClient = relaymesh_proto::decode(frame.clone()).ok()?;
-        let Some(Kind::Message(m)) = msg.kind else {
-            return None;
-        };
-        let (proto, port, ip) = parse_write_topic(&m.topic)?;
-        Some((proto, port, ip, m.payload))
+    /// An item taken off the bridge's queue (one or more framed messages): its room is
+    /// returned, and each `.../write` message in it yields where and what to write.
+    pub(super) fn take(&self, frames: &Bytes) -> Vec<(Proto, u16, IpAddr, Bytes)> {
+        let messages: Vec<Bytes> = relaymesh_net::link::frame_payloads(frames).collect();
+        self.me.backlog.release_n(frames.len(), messages.len());
+        messages
+            .into_iter()
+            .filter_map(|frame| {
+                let msg: v1::ServerToClient = relaymesh_proto::decode(frame).ok()?;
+                let Some(Kind::Message(m)) = msg.kind else {
+                    return None;
+                };
+                let (proto, port, ip) = parse_write_topic(&m.topic)?;
+                Some((proto, port, ip, m.payload))
+            })
+            .collect()
     }
 }
 

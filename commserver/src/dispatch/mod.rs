@@ -281,7 +281,7 @@ impl Dispatch {
     }
 
     /// Writes messages from the mesh to devices, until shutdown.
-    async fn bridge(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
+    async fn bridge(self: Arc<Self>, mut queue: relaymesh_net::link::DataRx) {
         loop {
             let frame = tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -290,38 +290,46 @@ impl Dispatch {
                     None => return,
                 },
             };
-            let Some((proto, number, ip, data)) = self.mesh.as_ref().and_then(|m| m.take(&frame))
-            else {
-                continue;
-            };
-            let Some(port) = lock(&self.ports).get(&(proto, number)).cloned() else {
-                continue;
-            };
-            match proto {
-                Proto::Tcp => {
-                    let devices: Vec<_> = lock(&port.clients)
-                        .values()
-                        .filter(|d| d.ip == ip)
-                        .map(|d| d.tx.clone())
-                        .collect();
-                    if devices.is_empty() {
-                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    for tx in devices {
-                        self.write_to(&port, &tx, data.clone());
-                    }
+            let writes = self
+                .mesh
+                .as_ref()
+                .map(|m| m.take(&frame))
+                .unwrap_or_default();
+            for (proto, number, ip, data) in writes {
+                self.write_from_mesh(proto, number, ip, data).await;
+            }
+        }
+    }
+
+    /// Writes one mesh message to the device(s) at `ip` on a port.
+    async fn write_from_mesh(&self, proto: Proto, number: u16, ip: IpAddr, data: Bytes) {
+        let Some(port) = lock(&self.ports).get(&(proto, number)).cloned() else {
+            return;
+        };
+        match proto {
+            Proto::Tcp => {
+                let devices: Vec<_> = lock(&port.clients)
+                    .values()
+                    .filter(|d| d.ip == ip)
+                    .map(|d| d.tx.clone())
+                    .collect();
+                if devices.is_empty() {
+                    self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                Proto::Udp => {
-                    let source = lock(&port.udp_sources).get(&ip).copied();
-                    let sent = match (port.udp(), source) {
-                        (Some(socket), Some(p)) => {
-                            socket.send_to(&data, SocketAddr::new(ip, p)).await.is_ok()
-                        }
-                        _ => false,
-                    };
-                    if !sent {
-                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                for tx in devices {
+                    self.write_to(&port, &tx, data.clone());
+                }
+            }
+            Proto::Udp => {
+                let source = lock(&port.udp_sources).get(&ip).copied();
+                let sent = match (port.udp(), source) {
+                    (Some(socket), Some(p)) => {
+                        socket.send_to(&data, SocketAddr::new(ip, p)).await.is_ok()
                     }
+                    _ => false,
+                };
+                if !sent {
+                    self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
