@@ -1,0 +1,365 @@
+//! One publisher and one subscriber driver per protocol, each with that system's usual Rust
+//! client: relaymesh's own client library (protobuf over WebSocket), async-nats, rumqttc (MQTT
+//! 3.1.1, QoS 0, `TCP_NODELAY`) and redis (`PUBLISH` pipelined per tick, `SUBSCRIBE` on its own
+//! connection). Every publisher sends to one topic; every subscriber subscribes to one topic and
+//! hands each payload to its [`SharedTally`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use relaymesh_client::{Client, ClientConfig, Event};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::measure::{SharedTally, record};
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum System {
+    /// relaymesh: coordinator plus comm server(s), clients over WebSocket.
+    Relaymesh,
+    /// nats-server (a route between two nodes for the two-server scenario).
+    Nats,
+    /// mosquitto (single node, MQTT over TCP).
+    Mosquitto,
+    /// redis-server pub/sub (single node).
+    Redis,
+}
+
+impl System {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Relaymesh => "relaymesh",
+            Self::Nats => "nats",
+            Self::Mosquitto => "mosquitto",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// How clients reach the servers of one running system; index 0 is server A, 1 is server B.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoints {
+    pub(crate) system: System,
+    /// relaymesh: the coordinator URL; others: one `host:port` per server.
+    pub(crate) urls: Vec<String>,
+    /// relaymesh: the comm server ids, asked for as the preferred server.
+    pub(crate) server_ids: Vec<String>,
+}
+
+impl Endpoints {
+    fn url(&self, server: usize) -> anyhow::Result<&str> {
+        let i = if self.system == System::Relaymesh {
+            0
+        } else {
+            server
+        };
+        self.urls
+            .get(i)
+            .map(String::as_str)
+            .with_context(|| format!("{} has no server {server}", self.system.name()))
+    }
+
+    async fn relaymesh(&self, server: usize) -> anyhow::Result<Client> {
+        let id = self
+            .server_ids
+            .get(server)
+            .with_context(|| format!("relaymesh has no server {server}"))?;
+        let mut config = ClientConfig::new(self.url(0)?);
+        config.preferred_server = Some(id.clone());
+        // A reconnect would hide a dropped connection behind a fresh one.
+        config.auto_reconnect = false;
+        config.outbound_queue = 8192;
+        config.event_queue = 8192;
+        let client = Client::connect(config).await?;
+        if client.server_id() != *id {
+            bail!(
+                "relaymesh placed a client on {} instead of {id}",
+                client.server_id()
+            );
+        }
+        Ok(client)
+    }
+}
+
+fn next_client_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn mqtt_options(addr: &str) -> anyhow::Result<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("bad MQTT address {addr}"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("bad port in {addr}"))?;
+    let mut options = rumqttc::MqttOptions::new(format!("bench-{}", next_client_id()), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(64 * 1024, 64 * 1024)
+        .set_request_channel_capacity(8192);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 8192);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
+    Ok((client, events))
+}
+
+/// Polls an MQTT event loop until `done` says the awaited packet arrived.
+async fn mqtt_until(
+    events: &mut rumqttc::EventLoop,
+    done: impl Fn(&rumqttc::Packet) -> bool,
+) -> anyhow::Result<()> {
+    let wait = async {
+        loop {
+            if let rumqttc::Event::Incoming(p) = events.poll().await? {
+                if done(&p) {
+                    return Ok::<_, rumqttc::ConnectionError>(());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .context("MQTT broker did not answer in 10 s")??;
+    Ok(())
+}
+
+/// Sends messages to one topic.
+pub(crate) enum Publisher {
+    Relaymesh {
+        client: Client,
+        topic: String,
+    },
+    Nats {
+        client: async_nats::Client,
+        subject: async_nats::Subject,
+    },
+    Mqtt {
+        client: rumqttc::AsyncClient,
+        topic: String,
+        task: JoinHandle<()>,
+    },
+    Redis {
+        conn: redis::aio::MultiplexedConnection,
+        topic: String,
+        pipe: redis::Pipeline,
+        queued: usize,
+        /// Pipelines sent and not yet answered, bounded so a slow server shows as latency,
+        /// not as memory.
+        in_flight: Arc<Semaphore>,
+    },
+}
+
+impl Publisher {
+    /// Connects a publisher for `topic` to server `server` (0 = A, 1 = B).
+    pub(crate) async fn connect(
+        at: &Endpoints,
+        server: usize,
+        topic: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(match at.system {
+            System::Relaymesh => Self::Relaymesh {
+                client: at.relaymesh(server).await?,
+                topic: topic.to_owned(),
+            },
+            System::Nats => Self::Nats {
+                client: async_nats::connect(at.url(server)?).await?,
+                subject: async_nats::Subject::from(topic),
+            },
+            System::Mosquitto => {
+                let (client, mut events) = mqtt_options(at.url(server)?)?;
+                mqtt_until(&mut events, |p| matches!(p, rumqttc::Packet::ConnAck(_))).await?;
+                let task = tokio::spawn(async move {
+                    loop {
+                        if let Err(e) = events.poll().await {
+                            eprintln!("bench: MQTT publisher connection failed: {e}");
+                            return;
+                        }
+                    }
+                });
+                Self::Mqtt {
+                    client,
+                    topic: topic.to_owned(),
+                    task,
+                }
+            }
+            System::Redis => {
+                let client = redis::Client::open(format!("redis://{}/", at.url(server)?))?;
+                Self::Redis {
+                    conn: client.get_multiplexed_async_connection().await?,
+                    topic: topic.to_owned(),
+                    pipe: redis::pipe(),
+                    queued: 0,
+                    in_flight: Arc::new(Semaphore::new(64)),
+                }
+            }
+        })
+    }
+
+    /// Queues one message; [`Publisher::flush`] ends the pacer's tick.
+    pub(crate) async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            Self::Relaymesh { client, topic } => client.publish(topic, payload).await?,
+            Self::Nats { client, subject } => client.publish(subject.clone(), payload).await?,
+            Self::Mqtt { client, topic, .. } => {
+                client
+                    .publish_bytes(topic.as_str(), rumqttc::QoS::AtMostOnce, false, payload)
+                    .await?;
+            }
+            Self::Redis {
+                topic,
+                pipe,
+                queued,
+                ..
+            } => {
+                pipe.cmd("PUBLISH")
+                    .arg(topic.as_str())
+                    .arg(payload.as_ref())
+                    .ignore();
+                *queued += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what this tick queued where the client does not do it by itself (Redis: one
+    /// pipelined round trip, answered in the background).
+    pub(crate) async fn flush(&mut self) -> anyhow::Result<()> {
+        if let Self::Redis {
+            conn,
+            pipe,
+            queued,
+            in_flight,
+            ..
+        } = self
+        {
+            if *queued == 0 {
+                return Ok(());
+            }
+            let permit = in_flight.clone().acquire_owned().await?;
+            let pipe = std::mem::replace(pipe, redis::pipe());
+            *queued = 0;
+            let mut conn = conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                    eprintln!("bench: Redis PUBLISH pipeline failed: {e}");
+                }
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub(crate) async fn close(self) {
+        match self {
+            Self::Relaymesh { client, .. } => client.close().await,
+            Self::Nats { client, .. } => {
+                let _ = client.flush().await;
+            }
+            Self::Mqtt { client, task, .. } => {
+                let _ = client.disconnect().await;
+                task.abort();
+            }
+            Self::Redis { .. } => {}
+        }
+    }
+}
+
+/// Receives messages on one topic into a tally until dropped.
+pub(crate) struct Subscriber {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscriber {
+    /// Connects to server `server`, subscribes to `topic` (the server has confirmed it where
+    /// the protocol says so) and starts recording into `tally`.
+    pub(crate) async fn start(
+        at: &Endpoints,
+        server: usize,
+        topic: &str,
+        tally: SharedTally,
+    ) -> anyhow::Result<Self> {
+        let lost =
+            |what: &'static str| move || eprintln!("bench: {what} subscriber connection ended");
+        let task = match at.system {
+            System::Relaymesh => {
+                let mut client = at.relaymesh(server).await?;
+                client.subscribe([topic]).await?;
+                let ended = lost("relaymesh");
+                tokio::spawn(async move {
+                    while let Some(event) = client.next_event().await {
+                        if let Event::Message(m) = event {
+                            record(&tally, &m.payload);
+                        }
+                    }
+                    ended();
+                })
+            }
+            System::Nats => {
+                let client = async_nats::ConnectOptions::new()
+                    .subscription_capacity(1 << 16)
+                    .connect(at.url(server)?)
+                    .await?;
+                let mut sub = client.subscribe(topic.to_owned()).await?;
+                client.flush().await?;
+                let ended = lost("NATS");
+                tokio::spawn(async move {
+                    let _client = client;
+                    while let Some(m) = sub.next().await {
+                        record(&tally, &m.payload);
+                    }
+                    ended();
+                })
+            }
+            System::Mosquitto => {
+                let (client, mut events) = mqtt_options(at.url(server)?)?;
+                mqtt_until(&mut events, |p| matches!(p, rumqttc::Packet::ConnAck(_))).await?;
+                client.subscribe(topic, rumqttc::QoS::AtMostOnce).await?;
+                mqtt_until(&mut events, |p| matches!(p, rumqttc::Packet::SubAck(_))).await?;
+                let ended = lost("MQTT");
+                tokio::spawn(async move {
+                    let _client = client;
+                    loop {
+                        match events.poll().await {
+                            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                                record(&tally, &p.payload);
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    ended();
+                })
+            }
+            System::Redis => {
+                let client = redis::Client::open(format!("redis://{}/", at.url(server)?))?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(topic).await?;
+                let mut messages = pubsub.into_on_message();
+                let ended = lost("Redis");
+                tokio::spawn(async move {
+                    while let Some(m) = messages.next().await {
+                        record(&tally, m.get_payload_bytes());
+                    }
+                    ended();
+                })
+            }
+        };
+        Ok(Self { task })
+    }
+}

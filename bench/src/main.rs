@@ -1,0 +1,383 @@
+//! `bench`: relaymesh side by side with NATS, Mosquitto and Redis pub/sub on one machine.
+//!
+//! ```text
+//! bench/compare.sh                      # every system and scenario (needs the peers installed)
+//! bench --systems relaymesh --smoke     # seconds-long check of the harness (CI)
+//! ```
+//!
+//! Each system runs as real processes started from `bench/configs/`, pinned to the server CPU,
+//! one system at a time; this process is the load generator (one thread). Results go to
+//! `results.json` and `results.md` in `--out`.
+
+mod drivers;
+mod idle;
+mod load;
+mod logins;
+mod measure;
+mod report;
+mod servers;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::drivers::System;
+use crate::load::{Shape, Window};
+use crate::report::{Outcome, Results};
+use crate::servers::Launcher;
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Scenario {
+    /// 1 publisher → 10 subscribers on one topic.
+    Fanout10,
+    /// 1 publisher → 1000 subscribers on one topic.
+    Fanout1000,
+    /// 50 publishers at 10 msg/s each to one topic with 50 subscribers.
+    Dense,
+    /// 1 → 10 with the publisher on server A and the subscribers on server B.
+    TwoServer,
+    /// 1000 publishers → 1000 topics → 1000 subscribers, one each.
+    P2p,
+    /// Memory per idle client on one comm server (relaymesh only).
+    Idle,
+    /// Logins per second through one coordinator (relaymesh only).
+    Logins,
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Fanout10 => "fanout10",
+            Self::Fanout1000 => "fanout1000",
+            Self::Dense => "dense",
+            Self::TwoServer => "two-server",
+            Self::P2p => "p2p",
+            Self::Idle => "idle",
+            Self::Logins => "logins",
+        }
+    }
+}
+
+/// Side-by-side benchmark of relaymesh, NATS, Mosquitto and Redis pub/sub on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Systems to measure, one at a time, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "relaymesh,nats,mosquitto,redis"
+    )]
+    systems: Vec<System>,
+    /// Scenarios to run for each system.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,idle,logins"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Directory for results.json, results.md and the servers' configs and logs.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The documented server configs.
+    #[arg(long, default_value = "bench/configs")]
+    configs: PathBuf,
+    /// Directory with the relaymesh `coordinator` and `commserver` binaries (default: this
+    /// binary's directory).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// CPU list the servers are pinned to with `taskset -c`; empty leaves them unpinned.
+    #[arg(long, default_value = "0")]
+    server_cpu: String,
+    /// Warm-up per step, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Measured window per step, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    measure: f64,
+    /// Longest wait for messages still in flight after a step, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    drain: f64,
+    /// A step passes while at least this share of expected deliveries arrives...
+    #[arg(long, default_value_t = 0.999)]
+    min_delivery: f64,
+    /// ...and its p99 stays within this many milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    max_p99_ms: f64,
+    /// A login step passes while its p99 stays within this many milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    login_p99_ms: f64,
+    /// Idle client counts to measure memory at.
+    #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
+    idle_clients: Vec<usize>,
+    /// Source addresses for idle clients: 127.0.0.1 up to 127.0.0.N.
+    #[arg(long, default_value_t = 4)]
+    source_addresses: u8,
+    /// Offered delivered messages per second to step through instead of each scenario's own
+    /// ladder (message scenarios only).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// A seconds-long run that checks the harness works: short windows, one small step per
+    /// scenario, 100 point-to-point pairs, 300 idle clients.
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// Offered delivered messages per second, one step each.
+const FANOUT_LADDER: &[f64] = &[
+    100e3, 250e3, 500e3, 750e3, 1e6, 1.25e6, 1.5e6, 1.75e6, 2e6, 2.5e6, 3e6, 4e6,
+];
+const P2P_LADDER: &[f64] = &[50e3, 100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6];
+const LOGIN_LADDER: &[f64] = &[1000.0, 2500.0, 5000.0, 7500.0, 10000.0, 15000.0];
+
+fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
+    let first = |ladder: &[f64]| -> Vec<f64> {
+        if smoke {
+            vec![ladder[0] / 10.0]
+        } else {
+            ladder.to_vec()
+        }
+    };
+    Some(match scenario {
+        Scenario::Fanout10 => Shape {
+            publishers: 1,
+            topics: 1,
+            subscribers_per_topic: 10,
+            subscriber_server: 0,
+            ladder: first(FANOUT_LADDER),
+        },
+        Scenario::Fanout1000 => Shape {
+            publishers: 1,
+            topics: 1,
+            subscribers_per_topic: 1000,
+            subscriber_server: 0,
+            ladder: first(FANOUT_LADDER),
+        },
+        Scenario::Dense => Shape {
+            publishers: 50,
+            topics: 1,
+            subscribers_per_topic: 50,
+            subscriber_server: 0,
+            // 50 publishers × 10 msg/s × 50 subscribers.
+            ladder: vec![25e3],
+        },
+        Scenario::TwoServer => Shape {
+            publishers: 1,
+            topics: 1,
+            subscribers_per_topic: 10,
+            subscriber_server: 1,
+            ladder: first(FANOUT_LADDER),
+        },
+        Scenario::P2p => {
+            let pairs = if smoke { 100 } else { 1000 };
+            Shape {
+                publishers: pairs,
+                topics: pairs,
+                subscribers_per_topic: 1,
+                subscriber_server: 0,
+                ladder: first(P2P_LADDER),
+            }
+        }
+        Scenario::Idle | Scenario::Logins => return None,
+    })
+}
+
+/// Why `system` does not run `scenario`, if it does not.
+fn not_applicable(system: System, scenario: Scenario) -> Option<&'static str> {
+    match (system, scenario) {
+        (System::Mosquitto, Scenario::TwoServer) => Some("mosquitto does not cluster"),
+        (System::Redis, Scenario::TwoServer) => {
+            Some("redis pub/sub between nodes needs Redis Cluster; not measured")
+        }
+        (System::Relaymesh, _) => None,
+        (_, Scenario::Idle | Scenario::Logins) => Some("relaymesh target only"),
+        _ => None,
+    }
+}
+
+async fn run_one(
+    args: &Args,
+    launcher: &Launcher,
+    system: System,
+    scenario: Scenario,
+) -> anyhow::Result<Outcome> {
+    let servers = if scenario == Scenario::TwoServer {
+        2
+    } else {
+        1
+    };
+    let mut running = launcher.start(system, servers).await?;
+    let label = format!("{}/{}", system.name(), scenario.name());
+    let mut outcome = Outcome::new(system, scenario);
+    let window = Window {
+        warmup: Duration::from_secs_f64(args.warmup),
+        measure: Duration::from_secs_f64(args.measure),
+        drain: Duration::from_secs_f64(args.drain),
+        min_delivery: args.min_delivery,
+        max_p99_ms: args.max_p99_ms,
+    };
+    match scenario {
+        Scenario::Idle => {
+            let counts = if args.smoke {
+                vec![300]
+            } else {
+                args.idle_clients.clone()
+            };
+            outcome.idle = idle::run(&running, &counts, args.source_addresses, |s| {
+                eprintln!("{label}: {}", report::idle_line(s));
+            })
+            .await?;
+        }
+        Scenario::Logins => {
+            let ladder = if args.smoke {
+                vec![200.0]
+            } else {
+                LOGIN_LADDER.to_vec()
+            };
+            outcome.logins =
+                logins::run(&running, &ladder, window.measure, args.login_p99_ms, |s| {
+                    eprintln!("{label}: {}", report::login_line(s));
+                })
+                .await?;
+        }
+        _ => {
+            let mut shape =
+                shape(scenario, args.smoke).ok_or_else(|| anyhow::anyhow!("no shape"))?;
+            if !args.rates.is_empty() {
+                shape.ladder = args.rates.clone();
+            }
+            let endpoints = running.endpoints.clone();
+            outcome.steps = load::run(
+                &endpoints,
+                &running,
+                &shape,
+                scenario.name(),
+                &window,
+                |s| {
+                    eprintln!("{label}: {}", report::step_line(s));
+                },
+            )
+            .await?;
+        }
+    }
+    running.check_alive(&launcher.run_dir)?;
+    Ok(outcome)
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.warmup = args.warmup.min(0.3);
+        args.measure = args.measure.min(1.0);
+        args.drain = args.drain.min(1.0);
+    }
+    let missing: Vec<(&str, &str)> = args
+        .systems
+        .iter()
+        .filter_map(|&s| servers::requirement(s))
+        .filter(|(program, _)| !servers::installed(program))
+        .collect();
+    if !missing.is_empty() {
+        let programs: Vec<&str> = missing.iter().map(|m| m.0).collect();
+        let packages: Vec<&str> = missing.iter().map(|m| m.1).collect();
+        eprintln!(
+            "bench: {} not installed; install with `apt-get install -y --no-install-recommends {}` or pick --systems",
+            programs.join(", "),
+            packages.join(" ")
+        );
+        return ExitCode::FAILURE;
+    }
+    if !args.server_cpu.is_empty() && !servers::installed("taskset") {
+        eprintln!("bench: taskset (util-linux) is needed to pin servers; or pass --server-cpu ''");
+        return ExitCode::FAILURE;
+    }
+    let bin_dir = match args.bin_dir.clone().or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+    }) {
+        Some(dir) => dir,
+        None => {
+            eprintln!("bench: cannot tell where the relaymesh binaries are; pass --bin-dir");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.systems.contains(&System::Relaymesh)
+        && !["coordinator", "commserver"]
+            .iter()
+            .all(|b| bin_dir.join(b).is_file())
+    {
+        eprintln!(
+            "bench: no coordinator and commserver in {}; build them (cargo build --release -p coordinator -p commserver) or pass --bin-dir",
+            bin_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let launcher = Launcher {
+        configs: args.configs.clone(),
+        run_dir: args.out.join("run"),
+        bin_dir,
+        server_cpu: Some(args.server_cpu.clone()).filter(|c| !c.is_empty()),
+    };
+    // One worker thread: the generator gets one core, as the servers do.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut results = Results::new(
+        &args.server_cpu,
+        args.warmup,
+        args.measure,
+        args.drain,
+        args.smoke,
+    );
+    runtime.block_on(async {
+        for &system in &args.systems {
+            for &scenario in &args.scenarios {
+                if let Some(why) = not_applicable(system, scenario) {
+                    results.push(Outcome::skipped(system, scenario, why));
+                    continue;
+                }
+                eprintln!("bench: {} {}", system.name(), scenario.name());
+                match run_one(&args, &launcher, system, scenario).await {
+                    Ok(o) => results.push(o),
+                    Err(e) => {
+                        eprintln!("bench: {} {} failed: {e:#}", system.name(), scenario.name());
+                        results.push(Outcome::failed(system, scenario, &format!("{e:#}")));
+                    }
+                }
+            }
+        }
+    });
+    match results.write(&args.out) {
+        Ok(()) => {
+            println!("{}", results.markdown());
+            eprintln!(
+                "bench: wrote {} and {}",
+                args.out.join("results.json").display(),
+                args.out.join("results.md").display()
+            );
+            if results.any_failed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("bench: cannot write results to {}: {e}", args.out.display());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! Results: every step of every system and scenario as JSON, and a Markdown report with a
+//! summary, the issue's targets as ratios measured in this run, and the step tables.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::Scenario;
+use crate::drivers::System;
+use crate::idle::IdleStep;
+use crate::load::Step;
+use crate::logins::LoginStep;
+
+/// One system in one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Outcome {
+    pub(crate) system: System,
+    pub(crate) scenario: Scenario,
+    /// `ok`, `n/a: why` or `error: what`.
+    pub(crate) status: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) steps: Vec<Step>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) idle: Vec<IdleStep>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) logins: Vec<LoginStep>,
+}
+
+impl Outcome {
+    pub(crate) fn new(system: System, scenario: Scenario) -> Self {
+        Self {
+            system,
+            scenario,
+            status: "ok".into(),
+            steps: Vec::new(),
+            idle: Vec::new(),
+            logins: Vec::new(),
+        }
+    }
+
+    pub(crate) fn skipped(system: System, scenario: Scenario, why: &str) -> Self {
+        Self {
+            status: format!("n/a: {why}"),
+            ..Self::new(system, scenario)
+        }
+    }
+
+    pub(crate) fn failed(system: System, scenario: Scenario, error: &str) -> Self {
+        Self {
+            status: format!("error: {error}"),
+            ..Self::new(system, scenario)
+        }
+    }
+
+    /// The last passing step: the sustainable rate.
+    fn sustainable(&self) -> Option<&Step> {
+        self.steps.iter().take_while(|s| s.passed).last()
+    }
+}
+
+/// The machine the run was on.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    cpu_model: String,
+    cpus: usize,
+    memory_gib: f64,
+    kernel: String,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                .unwrap_or_default(),
+            cpus: cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count(),
+            memory_gib: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |kib| kib / 1048576.0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+/// One of the issue's targets, evaluated on this run.
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    target: String,
+    measured: String,
+    /// `pass`, `FAIL`, or `not measured` / `generator-bound` when the run cannot tell.
+    result: String,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub(crate) struct Results {
+    machine: Machine,
+    server_cpu: String,
+    warmup_s: f64,
+    measure_s: f64,
+    drain_s: f64,
+    smoke: bool,
+    payload_bytes: usize,
+    outcomes: Vec<Outcome>,
+    targets: Vec<Target>,
+}
+
+impl Results {
+    pub(crate) fn new(
+        server_cpu: &str,
+        warmup_s: f64,
+        measure_s: f64,
+        drain_s: f64,
+        smoke: bool,
+    ) -> Self {
+        Self {
+            machine: Machine::read(),
+            server_cpu: server_cpu.to_owned(),
+            warmup_s,
+            measure_s,
+            drain_s,
+            smoke,
+            payload_bytes: crate::measure::PAYLOAD_BYTES,
+            outcomes: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, o: Outcome) {
+        self.outcomes.push(o);
+        self.targets = self.evaluate();
+    }
+
+    pub(crate) fn any_failed(&self) -> bool {
+        self.outcomes.iter().any(|o| o.status.starts_with("error"))
+    }
+
+    fn get(&self, system: System, scenario: Scenario) -> Option<&Outcome> {
+        self.outcomes
+            .iter()
+            .find(|o| o.system == system && o.scenario == scenario && o.status == "ok")
+    }
+
+    /// Delivered per server CPU-second of `a` over `b`, at the highest offered rate both
+    /// sustained; `None` without such a step.
+    fn cpu_ratio(&self, scenario: Scenario, a: System, b: System) -> Option<(f64, &Step, &Step)> {
+        let (a, b) = (self.get(a, scenario)?, self.get(b, scenario)?);
+        let mut pairs = a.steps.iter().filter(|s| s.passed).filter_map(|sa| {
+            b.steps
+                .iter()
+                .find(|sb| sb.passed && sb.offered_per_s == sa.offered_per_s)
+                .map(|sb| (sa, sb))
+        });
+        let (sa, sb) = pairs.next_back()?;
+        (sb.delivered_per_cpu_s > 0.0)
+            .then(|| (sa.delivered_per_cpu_s / sb.delivered_per_cpu_s, sa, sb))
+    }
+
+    fn evaluate(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let verdict = |ok: bool| if ok { "pass" } else { "FAIL" }.to_owned();
+        let rm = System::Relaymesh;
+        let rm10 = self.get(rm, Scenario::Fanout10);
+        // 1 → 10 sustainable rate against NATS.
+        match (
+            rm10.and_then(Outcome::sustainable),
+            self.get(System::Nats, Scenario::Fanout10)
+                .and_then(Outcome::sustainable),
+        ) {
+            (Some(a), Some(b)) => t.push(Target {
+                target: "1→10 sustainable delivered/s ≥ NATS".into(),
+                measured: format!(
+                    "{} vs {} ({:.2}×)",
+                    rate(a.delivered_per_s),
+                    rate(b.delivered_per_s),
+                    a.delivered_per_s / b.delivered_per_s
+                ),
+                result: if a.generator_bound && b.generator_bound {
+                    "generator-bound".into()
+                } else {
+                    verdict(a.offered_per_s >= b.offered_per_s)
+                },
+            }),
+            _ => t.push(not_measured("1→10 sustainable delivered/s ≥ NATS")),
+        }
+        // p99 at 1 M/s.
+        match rm10.and_then(|o| o.steps.iter().find(|s| s.offered_per_s == 1e6)) {
+            Some(s) => t.push(Target {
+                target: "1→10 p99 ≤ 2 ms at 1 M delivered/s".into(),
+                measured: format!("p99 {:.2} ms, delivery {:.2} %", s.p99_ms, s.delivery_pct),
+                result: verdict(s.p99_ms <= 2.0 && s.delivery_pct >= 99.9),
+            }),
+            None => t.push(not_measured("1→10 p99 ≤ 2 ms at 1 M delivered/s")),
+        }
+        for (scenario, peer, factor) in [
+            (Scenario::Fanout10, System::Nats, 1.2),
+            (Scenario::Fanout1000, System::Nats, 1.2),
+            (Scenario::Fanout10, System::Mosquitto, 5.0),
+            (Scenario::Fanout1000, System::Mosquitto, 5.0),
+        ] {
+            let name = format!(
+                "{}: delivered per server CPU-s ≥ {factor} × {}",
+                scenario.name(),
+                peer.name()
+            );
+            t.push(match self.cpu_ratio(scenario, rm, peer) {
+                Some((ratio, a, b)) => Target {
+                    target: name,
+                    measured: format!(
+                        "{:.2}× at {} offered ({} vs {} per CPU-s)",
+                        ratio,
+                        rate(a.offered_per_s),
+                        rate(a.delivered_per_cpu_s),
+                        rate(b.delivered_per_cpu_s)
+                    ),
+                    result: if a.generator_bound || b.generator_bound {
+                        "generator-bound".into()
+                    } else {
+                        verdict(ratio >= factor)
+                    },
+                },
+                None => not_measured(&name),
+            });
+        }
+        // Two servers against one.
+        let two = self.get(rm, Scenario::TwoServer);
+        match (
+            rm10.and_then(Outcome::sustainable),
+            two.and_then(Outcome::sustainable),
+        ) {
+            (Some(one), Some(two_s)) => {
+                t.push(Target {
+                    target: "two-server throughput ≥ 75 % of one server (1→10)".into(),
+                    measured: format!(
+                        "{} vs {} ({:.0} %)",
+                        rate(two_s.delivered_per_s),
+                        rate(one.delivered_per_s),
+                        100.0 * two_s.delivered_per_s / one.delivered_per_s
+                    ),
+                    result: verdict(two_s.delivered_per_s >= 0.75 * one.delivered_per_s),
+                });
+                let same = rm10.and_then(|o| {
+                    o.steps
+                        .iter()
+                        .find(|s| s.passed && s.offered_per_s == two_s.offered_per_s)
+                });
+                t.push(match same {
+                    Some(s1) => Target {
+                        target: "two-server p99 ≤ 2 × one-server p99".into(),
+                        measured: format!(
+                            "{:.2} ms vs {:.2} ms at {} offered",
+                            two_s.p99_ms,
+                            s1.p99_ms,
+                            rate(two_s.offered_per_s)
+                        ),
+                        result: verdict(two_s.p99_ms <= 2.0 * s1.p99_ms),
+                    },
+                    None => not_measured("two-server p99 ≤ 2 × one-server p99"),
+                });
+            }
+            _ => t.push(not_measured(
+                "two-server throughput ≥ 75 % of one server (1→10)",
+            )),
+        }
+        // Idle memory.
+        if let Some(o) = self.get(rm, Scenario::Idle) {
+            for s in &o.idle {
+                t.push(Target {
+                    target: format!("{} idle clients < 16 KiB each", s.clients),
+                    measured: if s.blocked.is_empty() {
+                        format!("{:.1} KiB each", s.kib_per_client)
+                    } else {
+                        String::new()
+                    },
+                    result: if s.blocked.is_empty() {
+                        verdict(s.kib_per_client < 16.0)
+                    } else {
+                        format!("blocked: {}", s.blocked)
+                    },
+                });
+            }
+        } else {
+            t.push(not_measured("idle clients < 16 KiB each"));
+        }
+        // Logins.
+        match self.get(rm, Scenario::Logins) {
+            Some(o) => {
+                let best = o.logins.iter().take_while(|s| s.passed).last();
+                t.push(Target {
+                    target: "≥ 5000 logins/s through one coordinator, p99 < 20 ms".into(),
+                    measured: best.map_or_else(
+                        || "no step passed".to_owned(),
+                        |s| format!("{:.0} logins/s, p99 {:.2} ms", s.logins_per_s, s.p99_ms),
+                    ),
+                    result: verdict(best.is_some_and(|s| s.offered_per_s >= 5000.0)),
+                });
+            }
+            None => t.push(not_measured(
+                "≥ 5000 logins/s through one coordinator, p99 < 20 ms",
+            )),
+        }
+        t
+    }
+
+    pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(dir.join("results.md"), self.markdown())?;
+        Ok(())
+    }
+
+    pub(crate) fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            md,
+            "# relaymesh benchmark{}\n",
+            if self.smoke { " (smoke run)" } else { "" }
+        );
+        let _ = writeln!(
+            md,
+            "Machine: {} × {}, {:.0} GiB, Linux {}. Servers pinned to CPU {}, generator on the rest (one thread). \
+             Payload {} B; each step {} s warm-up, {} s measured, up to {} s drain; a step passes with ≥ 99.9 % delivered and p99 ≤ 10 ms.\n",
+            m.cpus,
+            m.cpu_model,
+            m.memory_gib,
+            m.kernel,
+            if self.server_cpu.is_empty() {
+                "(not pinned)"
+            } else {
+                &self.server_cpu
+            },
+            self.payload_bytes,
+            self.warmup_s,
+            self.measure_s,
+            self.drain_s
+        );
+        let _ = writeln!(
+            md,
+            "## Targets\n\n| target | measured | result |\n|---|---|---|"
+        );
+        for t in &self.targets {
+            let _ = writeln!(md, "| {} | {} | {} |", t.target, t.measured, t.result);
+        }
+        let _ = writeln!(
+            md,
+            "\n## Summary (last passing step)\n\n| scenario | system | sustainable delivered/s | p99 ms | server CPU % | delivered per server CPU-s | server RSS MiB |\n|---|---|---|---|---|---|---|"
+        );
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| !o.steps.is_empty() || o.status != "ok")
+        {
+            if o.idle.len() + o.logins.len() > 0 {
+                continue;
+            }
+            match o.sustainable() {
+                Some(s) => {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {}{} | {:.2} | {:.0} | {} | {:.1} |",
+                        o.scenario.name(),
+                        o.system.name(),
+                        rate(s.delivered_per_s),
+                        if s.generator_bound {
+                            " (generator-bound)"
+                        } else {
+                            ""
+                        },
+                        s.p99_ms,
+                        s.server_cpu_pct,
+                        rate(s.delivered_per_cpu_s),
+                        s.server_rss_mib
+                    );
+                }
+                None => {
+                    let why = if o.status == "ok" {
+                        "no step passed"
+                    } else {
+                        &o.status
+                    };
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | | | | |",
+                        o.scenario.name(),
+                        o.system.name(),
+                        why
+                    );
+                }
+            }
+        }
+        for o in &self.outcomes {
+            if !o.steps.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\n### {} — {}\n\n| offered/s | delivered/s | delivery % | p50 ms | p99 ms | p999 ms | max ms | release lag p99 ms | server CPU % | per CPU-s | RSS MiB | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                    o.scenario.name(),
+                    o.system.name()
+                );
+                for s in &o.steps {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {:.1} | {:.0}{} | {} |",
+                        rate(s.offered_per_s),
+                        rate(s.delivered_per_s),
+                        s.delivery_pct,
+                        s.p50_ms,
+                        s.p99_ms,
+                        s.p999_ms,
+                        s.max_ms,
+                        s.release_lag_p99_ms,
+                        s.server_cpu_pct,
+                        rate(s.delivered_per_cpu_s),
+                        s.server_rss_mib,
+                        s.generator_cpu_pct,
+                        if s.generator_bound { " (bound)" } else { "" },
+                        if s.passed { "pass" } else { "fail" }
+                    );
+                }
+            }
+            if !o.idle.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\n### idle clients — {}\n\n| clients | server RSS MiB | baseline MiB | KiB per client | connect s |\n|---|---|---|---|---|",
+                    o.system.name()
+                );
+                for s in &o.idle {
+                    if s.blocked.is_empty() {
+                        let _ = writeln!(
+                            md,
+                            "| {} | {:.1} | {:.1} | {:.2} | {:.1} |",
+                            s.clients,
+                            s.server_rss_mib,
+                            s.baseline_rss_mib,
+                            s.kib_per_client,
+                            s.connect_s
+                        );
+                    } else {
+                        let _ = writeln!(md, "| {} | blocked: {} | | | |", s.clients, s.blocked);
+                    }
+                }
+            }
+            if !o.logins.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\n### logins — {}\n\n| offered/s | logins/s | failed | p50 ms | p99 ms | max ms | server CPU % | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|",
+                    o.system.name()
+                );
+                for s in &o.logins {
+                    let _ = writeln!(
+                        md,
+                        "| {:.0} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}{} | {} |",
+                        s.offered_per_s,
+                        s.logins_per_s,
+                        s.failed,
+                        s.p50_ms,
+                        s.p99_ms,
+                        s.max_ms,
+                        s.server_cpu_pct,
+                        s.generator_cpu_pct,
+                        if s.generator_bound { " (bound)" } else { "" },
+                        if s.passed { "pass" } else { "fail" }
+                    );
+                }
+            }
+        }
+        md
+    }
+}
+
+fn not_measured(target: &str) -> Target {
+    Target {
+        target: target.to_owned(),
+        measured: String::new(),
+        result: "not measured".into(),
+    }
+}
+
+/// A rate with a k/M suffix.
+fn rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1} k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+/// One progress line per message step.
+pub(crate) fn step_line(s: &Step) -> String {
+    format!(
+        "offered {}/s delivered {}/s ({:.3} %) p99 {:.2} ms max {:.2} ms lag p99 {:.2} ms server CPU {:.0} % generator {:.0} %{} {}",
+        rate(s.offered_per_s),
+        rate(s.delivered_per_s),
+        s.delivery_pct,
+        s.p99_ms,
+        s.max_ms,
+        s.release_lag_p99_ms,
+        s.server_cpu_pct,
+        s.generator_cpu_pct,
+        if s.generator_bound {
+            " (generator-bound)"
+        } else {
+            ""
+        },
+        if s.passed { "pass" } else { "FAIL" }
+    )
+}
+
+pub(crate) fn idle_line(s: &IdleStep) -> String {
+    if s.blocked.is_empty() {
+        format!(
+            "{} idle clients: server RSS {:.1} MiB ({:.2} KiB per client)",
+            s.clients, s.server_rss_mib, s.kib_per_client
+        )
+    } else {
+        format!("{} idle clients: blocked: {}", s.clients, s.blocked)
+    }
+}
+
+pub(crate) fn login_line(s: &LoginStep) -> String {
+    format!(
+        "offered {:.0} logins/s: {:.0}/s, {} failed{}, p99 {:.2} ms, server CPU {:.0} %, generator {:.0} % {}",
+        s.offered_per_s,
+        s.logins_per_s,
+        s.failed,
+        if s.first_error.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.first_error)
+        },
+        s.p99_ms,
+        s.server_cpu_pct,
+        s.generator_cpu_pct,
+        if s.passed { "pass" } else { "FAIL" }
+    )
+}

@@ -1,0 +1,343 @@
+//! Starts the systems under test as real processes on 127.0.0.1, each from its documented
+//! config in `bench/configs/` (placeholders such as `{{port}}` filled with free ports), pinned
+//! with `taskset` to the server CPU, and stops them by PID (kill, then wait) when dropped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::drivers::{Endpoints, System};
+
+/// The secret the benchmark's relaymesh servers share (loopback only).
+const CLUSTER_SECRET: &str = "bench-cluster-secret";
+
+/// Where configs come from and how servers are placed.
+#[derive(Debug, Clone)]
+pub(crate) struct Launcher {
+    /// `bench/configs`.
+    pub(crate) configs: PathBuf,
+    /// Filled-in configs and server logs go here.
+    pub(crate) run_dir: PathBuf,
+    /// Directory holding the `coordinator` and `commserver` binaries.
+    pub(crate) bin_dir: PathBuf,
+    /// `taskset -c` CPU list for the servers; `None` leaves them unpinned.
+    pub(crate) server_cpu: Option<String>,
+}
+
+/// One server process, killed and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A started system.
+pub(crate) struct Running {
+    pub(crate) endpoints: Endpoints,
+    /// relaymesh: each comm server's `http://` base (for `/v1/stats`).
+    pub(crate) server_http: Vec<String>,
+    procs: Vec<Proc>,
+}
+
+impl Running {
+    /// CPU seconds and resident bytes summed over the system's processes.
+    pub(crate) fn usage(&self) -> (f64, u64) {
+        self.procs
+            .iter()
+            .filter_map(|p| relaymesh_net::procstat::of_process(p.child.id()))
+            .fold((0.0, 0), |(cpu, rss), u| {
+                (cpu + u.cpu_seconds, rss + u.rss_bytes)
+            })
+    }
+
+    /// The process id of the named server (`commserver-a`, `nats-a`, ...).
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
+    }
+
+    /// Fails when a server has exited, naming its log.
+    pub(crate) fn check_alive(&mut self, log_dir: &Path) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            if let Some(status) = p.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    log_dir.join(format!("{}.log", p.name)).display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the server binds it right after).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The executable a system needs, and the Debian package it comes from.
+pub(crate) fn requirement(system: System) -> Option<(&'static str, &'static str)> {
+    match system {
+        System::Relaymesh => None,
+        System::Nats => Some(("nats-server", "nats-server")),
+        System::Mosquitto => Some(("mosquitto", "mosquitto")),
+        System::Redis => Some(("redis-server", "redis-server")),
+    }
+}
+
+/// Whether `program` is on `PATH` (or is a path to a file).
+pub(crate) fn installed(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+impl Launcher {
+    fn fill(
+        &self,
+        template: &str,
+        name: &str,
+        values: &HashMap<&str, String>,
+    ) -> anyhow::Result<PathBuf> {
+        let path = self.configs.join(template);
+        let mut text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        for (k, v) in values {
+            text = text.replace(&format!("{{{{{k}}}}}"), v);
+        }
+        if let Some(at) = text.find("{{") {
+            bail!("{} has an unknown placeholder at byte {at}", path.display());
+        }
+        let out = self.run_dir.join(name);
+        std::fs::write(&out, text)?;
+        Ok(out)
+    }
+
+    fn spawn(&self, name: &str, program: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Proc> {
+        let log = std::fs::File::create(self.run_dir.join(format!("{name}.log")))?;
+        let mut cmd = match &self.server_cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpu]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .env("RELAYMESH_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Starts `system` with `servers` nodes (2 only where the system clusters) and waits until
+    /// it accepts clients.
+    pub(crate) async fn start(&self, system: System, servers: usize) -> anyhow::Result<Running> {
+        std::fs::create_dir_all(&self.run_dir)?;
+        let mut procs = Vec::new();
+        let mut urls = Vec::new();
+        let mut server_ids = Vec::new();
+        let mut server_http = Vec::new();
+        let ports: Vec<u16> = (0..servers)
+            .map(|_| free_port())
+            .collect::<Result<_, _>>()?;
+        let letters = ["a", "b"];
+        match system {
+            System::Relaymesh => {
+                let coordinator = free_port()?;
+                let cfg = self.fill(
+                    "coordinator.toml",
+                    "coordinator.toml",
+                    &HashMap::from([("port", coordinator.to_string())]),
+                )?;
+                procs.push(self.spawn(
+                    "coordinator",
+                    &self.bin_dir.join("coordinator"),
+                    &["--config".as_ref(), cfg.as_os_str()],
+                )?);
+                for (i, port) in ports.iter().enumerate() {
+                    let id = letters[i];
+                    let cfg = self.fill(
+                        "commserver.toml",
+                        &format!("commserver-{id}.toml"),
+                        &HashMap::from([
+                            ("port", port.to_string()),
+                            ("coordinator_port", coordinator.to_string()),
+                            ("id", id.to_owned()),
+                        ]),
+                    )?;
+                    procs.push(self.spawn(
+                        &format!("commserver-{id}"),
+                        &self.bin_dir.join("commserver"),
+                        &["--config".as_ref(), cfg.as_os_str()],
+                    )?);
+                    server_ids.push(id.to_owned());
+                    server_http.push(format!("http://127.0.0.1:{port}"));
+                }
+                urls.push(format!("ws://127.0.0.1:{coordinator}"));
+                let mut running = Running {
+                    endpoints: Endpoints {
+                        system,
+                        urls,
+                        server_ids,
+                    },
+                    server_http,
+                    procs,
+                };
+                wait_relaymesh(&mut running, coordinator, servers, &self.run_dir).await?;
+                return Ok(running);
+            }
+            System::Nats => {
+                let cluster: Vec<u16> = (0..servers)
+                    .map(|_| free_port())
+                    .collect::<Result<_, _>>()?;
+                for (i, port) in ports.iter().enumerate() {
+                    let name = format!("nats-{}", letters[i]);
+                    let cfg = if servers == 1 {
+                        self.fill(
+                            "nats.conf",
+                            "nats.conf",
+                            &HashMap::from([("port", port.to_string())]),
+                        )?
+                    } else {
+                        self.fill(
+                            "nats-cluster.conf",
+                            &format!("{name}.conf"),
+                            &HashMap::from([
+                                ("port", port.to_string()),
+                                ("cluster_port", cluster[i].to_string()),
+                                ("route_port", cluster[(i + 1) % servers].to_string()),
+                            ]),
+                        )?
+                    };
+                    procs.push(self.spawn(
+                        &name,
+                        Path::new("nats-server"),
+                        &["-c".as_ref(), cfg.as_os_str()],
+                    )?);
+                    urls.push(format!("127.0.0.1:{port}"));
+                }
+            }
+            System::Mosquitto => {
+                if servers > 1 {
+                    bail!("mosquitto does not cluster");
+                }
+                let cfg = self.fill(
+                    "mosquitto.conf",
+                    "mosquitto.conf",
+                    &HashMap::from([("port", ports[0].to_string())]),
+                )?;
+                procs.push(self.spawn(
+                    "mosquitto-a",
+                    Path::new("mosquitto"),
+                    &["-c".as_ref(), cfg.as_os_str()],
+                )?);
+                urls.push(format!("127.0.0.1:{}", ports[0]));
+            }
+            System::Redis => {
+                if servers > 1 {
+                    bail!("redis pub/sub is measured on one node");
+                }
+                let cfg = self.fill(
+                    "redis.conf",
+                    "redis.conf",
+                    &HashMap::from([("port", ports[0].to_string())]),
+                )?;
+                procs.push(self.spawn("redis-a", Path::new("redis-server"), &[cfg.as_os_str()])?);
+                urls.push(format!("127.0.0.1:{}", ports[0]));
+            }
+        }
+        let mut running = Running {
+            endpoints: Endpoints {
+                system,
+                urls: urls.clone(),
+                server_ids,
+            },
+            server_http,
+            procs,
+        };
+        for url in &urls {
+            wait_port(&mut running, url, &self.run_dir).await?;
+        }
+        Ok(running)
+    }
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn wait_port(running: &mut Running, addr: &str, logs: &Path) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        running.check_alive(logs)?;
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listens on {addr} after {START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the coordinator lists `servers` eligible comm servers.
+async fn wait_relaymesh(
+    running: &mut Running,
+    coordinator: u16,
+    servers: usize,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let url = format!("http://127.0.0.1:{coordinator}/v1/stats");
+    loop {
+        running.check_alive(logs)?;
+        if let Ok((status, body)) = relaymesh_net::http::request(
+            relaymesh_net::http::Method::GET,
+            &url,
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+            && status.is_success()
+            && let Ok(stats) = serde_json::from_slice::<serde_json::Value>(&body)
+        {
+            let eligible = stats["servers"].as_array().map_or(0, |s| {
+                s.iter()
+                    .filter(|s| s["eligible"].as_bool() == Some(true))
+                    .count()
+            });
+            if eligible >= servers {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the coordinator did not list {servers} eligible comm servers in {START_TIMEOUT:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
