@@ -58,7 +58,45 @@ const REPLY_QUEUE: usize = 64;
 #[derive(Debug)]
 pub struct ReadSide<S> {
     read: ReadHalf<S>,
-    replies: mpsc::Sender<Bytes>,
+    replies: Arc<Replies>,
+}
+
+/// Replies from the reader's WebSocket waiting for the writer. Rare and small, so a plain
+/// locked queue: a channel would cost every link a block of slots it almost never uses.
+#[derive(Debug, Default)]
+struct Replies {
+    queue: std::sync::Mutex<std::collections::VecDeque<Bytes>>,
+    ready: tokio::sync::Notify,
+    reader_gone: std::sync::atomic::AtomicBool,
+    writer_gone: std::sync::atomic::AtomicBool,
+}
+
+impl Replies {
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Bytes>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next reply; `None` once the reader is gone and nothing is left.
+    async fn next(&self) -> Option<Bytes> {
+        loop {
+            if let Some(reply) = self.queue().pop_front() {
+                return Some(reply);
+            }
+            if self.reader_gone.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+impl<S> Drop for ReadSide<S> {
+    fn drop(&mut self) {
+        self.replies.reader_gone.store(true, Ordering::Release);
+        self.replies.ready.notify_one();
+    }
 }
 
 impl<S: AsyncRead> AsyncRead for ReadSide<S> {
@@ -77,13 +115,19 @@ impl<S> AsyncWrite for ReadSide<S> {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(match self.replies.try_send(Bytes::copy_from_slice(buf)) {
-            Ok(()) => Ok(buf.len()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(std::io::Error::other(
+        if self.replies.writer_gone.load(Ordering::Acquire) {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let mut queue = self.replies.queue();
+        if queue.len() >= REPLY_QUEUE {
+            return Poll::Ready(Err(std::io::Error::other(
                 "the peer does not read the replies to its pings",
-            )),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
-        })
+            )));
+        }
+        queue.push_back(Bytes::copy_from_slice(buf));
+        drop(queue);
+        self.replies.ready.notify_one();
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -112,7 +156,7 @@ pub struct Link<S> {
 #[derive(Debug)]
 pub struct LinkSink<S> {
     write: WriteHalf<S>,
-    replies: mpsc::Receiver<Bytes>,
+    replies: Arc<Replies>,
     role: Role,
     /// Bytes gathered before a batch is written.
     batch_bytes: usize,
@@ -126,12 +170,12 @@ where
     S: AsyncRead + AsyncWrite,
 {
     let (read, write) = tokio::io::split(io);
-    let (replies_tx, replies) = mpsc::channel(REPLY_QUEUE);
+    let replies = Arc::new(Replies::default());
     let batch_bytes = config.write_buffer_size.max(4096);
     let stream = WebSocketStream::from_raw_socket(
         ReadSide {
             read,
-            replies: replies_tx,
+            replies: replies.clone(),
         },
         role,
         Some(config),
@@ -540,7 +584,8 @@ where
         role,
         batch_bytes,
     } = sink;
-    let mut replies = Some(replies);
+    let reply_source = replies;
+    let mut replies = Some(&*reply_source);
     let WriterSetup {
         mut ctrl,
         data,
@@ -632,6 +677,7 @@ where
         }
     }
     .await;
+    reply_source.writer_gone.store(true, Ordering::Release);
     closer.close(None);
     // Refuse further data (senders now see a closed queue, not a full one) and account for
     // what was queued but never sent.
@@ -677,9 +723,9 @@ where
     }
 }
 
-async fn recv_reply(replies: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+async fn recv_reply(replies: &mut Option<&Replies>) -> Option<Bytes> {
     match replies {
-        Some(rx) => rx.recv().await,
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
 }
@@ -693,11 +739,11 @@ async fn recv_data(data: &mut Option<DataRx>) -> Option<Bytes> {
 
 /// The next ready item: replies, then control, then data.
 fn try_next(
-    replies: &mut Option<mpsc::Receiver<Bytes>>,
+    replies: &mut Option<&Replies>,
     ctrl: &mut mpsc::Receiver<Bytes>,
     data: &mut Option<DataRx>,
 ) -> Option<Out> {
-    if let Some(raw) = replies.as_mut().and_then(|r| r.try_recv().ok()) {
+    if let Some(raw) = replies.and_then(|r| r.queue().pop_front()) {
         return Some(Out::Raw(raw));
     }
     if let Ok(frame) = ctrl.try_recv() {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
+use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use relaymesh_proto::ErrorCode;
@@ -29,9 +30,9 @@ pub type ServerSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// A WebSocket this process dialed.
 pub type ClientSocket = WebSocketStream<UntilHeaders>;
 /// A link this process accepted.
-pub type ServerLink = Link<TokioIo<Upgraded>>;
+pub type ServerLink = Link<Accepted>;
 /// The reading end of a link this process accepted.
-pub type ServerLinkStream = LinkStream<TokioIo<Upgraded>>;
+pub type ServerLinkStream = LinkStream<Accepted>;
 /// A link this process dialed.
 pub type ClientLink = Link<TcpStream>;
 /// The reading end of a link this process dialed.
@@ -121,12 +122,62 @@ pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError
 }
 
 /// Completes an upgrade started by [`accept`] as a link: the writer's end and the reader's.
-pub async fn upgraded_link(
-    on_upgrade: OnUpgrade,
-    limits: &WsLimits,
-) -> Result<ServerLink, hyper::Error> {
-    let io = on_upgrade.await?;
-    Ok(link::split_link(TokioIo::new(io), Role::Server, limits.config()).await)
+///
+/// The link owns the TCP stream itself: hyper's connection buffer is let go (what the client
+/// sent after its upgrade request, if anything, is kept in a copy of its own size), which saves
+/// an idle connection the 8 KiB buffer.
+pub async fn upgraded_link(on_upgrade: OnUpgrade, limits: &WsLimits) -> Result<ServerLink, String> {
+    let upgraded = on_upgrade.await.map_err(|e| e.to_string())?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| "upgraded connection is not a TCP stream".to_owned())?;
+    let io = Accepted {
+        pre: Bytes::copy_from_slice(&parts.read_buf),
+        tcp: parts.io.into_inner(),
+    };
+    Ok(link::split_link(io, Role::Server, limits.config()).await)
+}
+
+/// An accepted TCP stream after its HTTP upgrade: first the bytes hyper had already read past
+/// the request, then the stream.
+#[derive(Debug)]
+pub struct Accepted {
+    pre: Bytes,
+    tcp: TcpStream,
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let head = self.pre.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// Completes an upgrade started by [`accept`].
