@@ -107,6 +107,8 @@ struct Target {
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
 pub(crate) struct Results {
+    /// The command line of the run.
+    command: String,
     machine: Machine,
     server_cpu: String,
     warmup_s: f64,
@@ -127,6 +129,7 @@ impl Results {
         smoke: bool,
     ) -> Self {
         Self {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
             machine: Machine::read(),
             server_cpu: server_cpu.to_owned(),
             warmup_s,
@@ -155,13 +158,16 @@ impl Results {
     }
 
     /// Delivered per server CPU-second of `a` over `b`, at the highest offered rate both
-    /// sustained; `None` without such a step.
+    /// delivered in full (≥ 99.9 %, whatever the latency: a server can be efficient and slow);
+    /// `None` without such a step.
     fn cpu_ratio(&self, scenario: Scenario, a: System, b: System) -> Option<(f64, &Step, &Step)> {
         let (a, b) = (self.get(a, scenario)?, self.get(b, scenario)?);
-        let mut pairs = a.steps.iter().filter(|s| s.passed).filter_map(|sa| {
+        let full = |s: &&Step| s.delivery_pct >= 99.9;
+        let mut pairs = a.steps.iter().filter(full).filter_map(|sa| {
             b.steps
                 .iter()
-                .find(|sb| sb.passed && sb.offered_per_s == sa.offered_per_s)
+                .filter(full)
+                .find(|sb| sb.offered_per_s == sa.offered_per_s)
                 .map(|sb| (sa, sb))
         });
         let (sa, sb) = pairs.next_back()?;
@@ -348,6 +354,7 @@ impl Results {
             self.measure_s,
             self.drain_s
         );
+        let _ = writeln!(md, "Command: `{}`\n", self.command);
         let _ = writeln!(
             md,
             "## Targets\n\n| target | measured | result |\n|---|---|---|"
@@ -548,4 +555,77 @@ pub(crate) fn login_line(s: &LoginStep) -> String {
         s.generator_cpu_pct,
         if s.passed { "pass" } else { "FAIL" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(offered: f64, delivery_pct: f64, per_cpu: f64, passed: bool) -> Step {
+        Step {
+            offered_per_s: offered,
+            expected: 100,
+            delivered: 100,
+            delivered_per_s: offered,
+            delivery_pct,
+            out_of_order: 0,
+            p50_ms: 1.0,
+            p99_ms: 1.0,
+            p999_ms: 1.0,
+            max_ms: 1.0,
+            server_cpu_s: 1.0,
+            server_cpu_pct: 20.0,
+            delivered_per_cpu_s: per_cpu,
+            server_rss_mib: 10.0,
+            generator_cpu_pct: 50.0,
+            release_lag_p99_ms: 1.0,
+            generator_bound: false,
+            passed,
+        }
+    }
+
+    fn outcome(system: System, steps: Vec<Step>) -> Outcome {
+        Outcome {
+            steps,
+            ..Outcome::new(system, Scenario::Fanout1000)
+        }
+    }
+
+    #[test]
+    fn cpu_ratios_compare_the_highest_rate_both_delivered_in_full() {
+        let mut r = Results::new("0", 1.0, 5.0, 1.0, false);
+        r.push(outcome(
+            System::Relaymesh,
+            vec![
+                step(1e5, 100.0, 300.0, true),
+                step(2e5, 100.0, 500.0, true),
+                step(4e5, 99.0, 900.0, false),
+            ],
+        ));
+        // The peer was too slow to pass (latency) but delivered everything at 2e5.
+        r.push(outcome(
+            System::Nats,
+            vec![
+                step(1e5, 100.0, 100.0, false),
+                step(2e5, 100.0, 200.0, false),
+                step(4e5, 50.0, 400.0, false),
+            ],
+        ));
+        let (ratio, a, b) = r
+            .cpu_ratio(Scenario::Fanout1000, System::Relaymesh, System::Nats)
+            .expect("a common step");
+        assert_eq!((a.offered_per_s, b.offered_per_s), (2e5, 2e5));
+        assert!((ratio - 2.5).abs() < 1e-9);
+        let target = r
+            .targets
+            .iter()
+            .find(|t| t.target.starts_with("fanout1000") && t.target.ends_with("nats"))
+            .expect("the target is evaluated");
+        assert_eq!(target.result, "pass");
+        assert!(
+            r.cpu_ratio(Scenario::Fanout10, System::Relaymesh, System::Nats)
+                .is_none()
+        );
+        assert!(r.markdown().contains("Command: `"));
+    }
 }

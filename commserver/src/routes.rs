@@ -363,3 +363,88 @@ pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscriber(id: SessionId, capacity: usize) -> (Arc<Subscriber>, link::DataRx) {
+        let (data, rx) = link::data_queue();
+        let s = Subscriber {
+            id,
+            data,
+            backlog: Arc::new(Backlog::counted(capacity, 1 << 20)),
+            closer: Closer::new(),
+            subscribed: AtomicBool::new(true),
+            client: None,
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn route(subscribers: &[Arc<Subscriber>]) -> Arc<Route> {
+        Arc::new(Route::new(subscribers.into(), Box::new([])))
+    }
+
+    fn topics(item: &Bytes) -> Vec<String> {
+        link::frame_payloads(item)
+            .map(|p| {
+                let msg: v1::ServerToClient = relaymesh_proto::decode(p).expect("a frame");
+                match msg.kind {
+                    Some(v1::server_to_client::Kind::Message(m)) => {
+                        String::from_utf8(m.payload.to_vec()).expect("utf-8")
+                    }
+                    other => panic!("not a message: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    const FROM: Sender<'static> = Sender {
+        alias: "a",
+        role: "",
+    };
+
+    #[test]
+    fn a_burst_reaches_each_subscriber_as_one_batch_in_order() {
+        let stats = Stats::default();
+        let (s1, mut rx1) = subscriber(1, 100);
+        let (s2, mut rx2) = subscriber(2, 100);
+        let both = route(&[s1.clone(), s2.clone()]);
+        let only_two = route(std::slice::from_ref(&s2));
+        let mut batch = Batcher::default();
+        batch.push(&both, "t", FROM, b"1", &stats, 1000);
+        batch.push(&both, "t", FROM, b"2", &stats, 1000);
+        // Another route hands the first batch on, so the order across topics holds.
+        batch.push(&only_two, "u", FROM, b"3", &stats, 1000);
+        batch.push(&both, "t", FROM, b"4", &stats, 1000);
+        batch.flush(&stats, 1000);
+        let items = |rx: &mut link::DataRx| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|item| topics(&item))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(items(&mut rx1), [vec!["1", "2"], vec!["4"]]);
+        assert_eq!(items(&mut rx2), [vec!["1", "2"], vec!["3"], vec!["4"]]);
+        assert_eq!(stats.messages_out.get(), 7);
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_is_dropped_and_counted_per_message() {
+        let stats = Stats::default();
+        let (small, mut rx) = subscriber(1, 3);
+        let r = route(std::slice::from_ref(&small));
+        let mut batch = Batcher::default();
+        for _ in 0..2 {
+            batch.push(&r, "t", FROM, b"x", &stats, u64::MAX);
+        }
+        batch.flush(&stats, u64::MAX);
+        for _ in 0..2 {
+            batch.push(&r, "t", FROM, b"y", &stats, u64::MAX);
+        }
+        batch.flush(&stats, u64::MAX);
+        assert_eq!(stats.dropped.get(), 2, "the second batch would make 4 of 3");
+        assert_eq!(small.backlog.total(), 2);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+}

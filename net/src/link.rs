@@ -598,11 +598,15 @@ where
     };
     let mut out = BytesMut::new();
     let mut sent_close = false;
+    // Pinned once: a fresh `closed()` per batch would check the token under its lock and
+    // register a waiter every time.
+    let closed = closer.closed();
+    tokio::pin!(closed);
     let result: std::io::Result<()> = async {
         loop {
             let first = tokio::select! {
                 biased;
-                _ = closer.closed() => return Ok(()),
+                _ = &mut closed => return Ok(()),
                 reply = recv_reply(&mut replies) => match reply {
                     Some(raw) => Out::Raw(raw),
                     None => {
@@ -665,7 +669,7 @@ where
                 biased;
                 result = write.write_all(&out) => result?,
                 // A peer that stopped reading must not keep a closing link alive.
-                _ = closer.closed() => return Ok(()),
+                _ = &mut closed => return Ok(()),
             }
             // A burst's buffer is not kept by a link that goes quiet.
             if out.capacity() > batch_bytes.saturating_mul(2) {
