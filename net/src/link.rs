@@ -667,8 +667,9 @@ where
             }
             tokio::select! {
                 biased;
-                result = write.write_all(&out) => result?,
-                // A peer that stopped reading must not keep a closing link alive.
+                result = write_out(&mut write, &mut out) => result?,
+                // A peer that stopped reading must not keep a closing link alive. What is left
+                // of the batch stays in `out`, so the goodbye starts on a frame boundary.
                 _ = &mut closed => return Ok(()),
             }
             // A burst's buffer is not kept by a link that goes quiet.
@@ -707,7 +708,7 @@ where
     // queued data does not, it would only delay the close.
     // After a close frame nothing more may be sent.
     if result.is_ok() && !sent_close {
-        out.clear();
+        // `out` holds the unwritten rest of an interrupted batch, if any.
         while let Ok(frame) = ctrl.try_recv() {
             put_frame(&mut out, OP_BINARY, &frame, role);
         }
@@ -716,7 +717,7 @@ where
         }
         put_frame(&mut out, OP_CLOSE, &[], role);
         let goodbye = async {
-            write.write_all(&out).await?;
+            write_out(&mut write, &mut out).await?;
             write.shutdown().await
         };
         let _ = tokio::time::timeout(linger, goodbye).await;
@@ -725,6 +726,22 @@ where
         error: result.err(),
         discarded,
     }
+}
+
+/// Writes all of `out`, consuming it as it goes: if the future is dropped, `out` still holds
+/// exactly what was not written.
+async fn write_out<W: AsyncWrite>(
+    write: &mut WriteHalf<W>,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = write.write(out).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes::Buf::advance(out, n);
+    }
+    Ok(())
 }
 
 async fn recv_reply(replies: &mut Option<&Replies>) -> Option<Bytes> {
@@ -999,6 +1016,45 @@ mod tests {
         linger(&mut stream, Duration::from_millis(100)).await;
         drop(stream);
         assert!(peer.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn closing_mid_batch_finishes_the_frame_before_the_last_words() {
+        // A peer that does not read: the writer is stuck inside a 200 KB frame when the link
+        // closes. The goodbye must resume at that point, or the last words would be garbage.
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let Link {
+            sink,
+            stream: _stream,
+        } = split_link(ours, Role::Server, WebSocketConfig::default()).await;
+        let (ctrl_tx, ctrl) = mpsc::channel(4);
+        let closer = Closer::new();
+        let writer = tokio::spawn(run_writer(
+            sink,
+            WriterSetup {
+                ctrl,
+                data: None,
+                closer: closer.clone(),
+                linger: Duration::from_secs(10),
+            },
+        ));
+        ctrl_tx.send(Bytes::from(vec![9u8; 200_000])).await.unwrap();
+        tokio::task::yield_now().await;
+        closer.close(Some(Bytes::from_static(b"bye")));
+        let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Client, Some(config)).await;
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                assert!(b.len() == 200_000 && b.iter().all(|&x| x == 9))
+            }
+            other => panic!("expected the whole frame, got {other:?}"),
+        }
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"bye"),
+            other => panic!("expected the last words, got {other:?}"),
+        }
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        assert!(writer.await.unwrap().error.is_none());
     }
 
     #[test]
