@@ -121,6 +121,35 @@ pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError
     Ok((response, on_upgrade))
 }
 
+/// Implements `AsyncWrite` for a wrapper around a `tcp: TcpStream` that only changes reading.
+macro_rules! writes_to_tcp {
+    ($wrapper:ty) => {
+        impl AsyncWrite for $wrapper {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.tcp).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.tcp).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.tcp).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 /// Completes an upgrade started by [`accept`] as a link: the writer's end and the reader's.
 ///
 /// The link owns the TCP stream itself: hyper's connection buffer is let go (what the client
@@ -162,23 +191,7 @@ impl AsyncRead for Accepted {
     }
 }
 
-impl AsyncWrite for Accepted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
+writes_to_tcp!(Accepted);
 
 /// Completes an upgrade started by [`accept`].
 pub async fn upgraded(
@@ -358,23 +371,7 @@ impl AsyncRead for UntilHeaders {
     }
 }
 
-impl AsyncWrite for UntilHeaders {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
+writes_to_tcp!(UntilHeaders);
 
 /// Like [`dial`], with a whole `Authorization` header value (e.g. from
 /// [`crate::auth::LinkCredentials::authorization`]).
