@@ -40,7 +40,7 @@ pub(crate) struct Connected {
 pub(crate) async fn establish(
     config: &ClientConfig,
     shared: &Shared,
-    events: &mpsc::Sender<Vec<Event>>,
+    events: &EventTx,
     exclude: &[String],
 ) -> Result<Connected, ClientError> {
     let mut negotiation = Negotiation::open(config).await?;
@@ -74,7 +74,7 @@ pub(crate) async fn establish(
 async fn attach(
     config: &ClientConfig,
     shared: &Shared,
-    events: &mpsc::Sender<Vec<Event>>,
+    events: &EventTx,
     offer: &v1::ConnectOffer,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
@@ -149,15 +149,15 @@ async fn attach(
                         topics: dropped,
                         reason: e.to_string(),
                     };
-                    let _ = events.send(vec![event]).await;
+                    let _ = events.send_one(event).await;
                     return Err(ClientError::Refused(e));
                 }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
                 Some(Kind::Message(m)) => {
-                    let _ = events.send(vec![Event::Message(message(m))]).await;
+                    let _ = events.send_one(Event::Message(message(m))).await;
                 }
                 Some(Kind::Dropped(d)) => {
-                    let _ = events.send(vec![Event::Dropped { count: d.count }]).await;
+                    let _ = events.send_one(Event::Dropped { count: d.count }).await;
                 }
                 _ => {}
             }
@@ -223,7 +223,7 @@ pub(crate) async fn drive(
     shared: Arc<Shared>,
     first: Connected,
     mut out: mpsc::Receiver<Bytes>,
-    events: mpsc::Sender<Vec<Event>>,
+    events: EventTx,
 ) {
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut next = Some(first);
@@ -240,7 +240,7 @@ pub(crate) async fn drive(
                             server_id: connected.server_id.clone(),
                             alias: connected.alias.clone(),
                         };
-                        if stoppable(&shared, events.send(vec![event])).await.is_none() {
+                        if stoppable(&shared, events.send_one(event)).await.is_none() {
                             break;
                         }
                         connected
@@ -267,7 +267,7 @@ pub(crate) async fn drive(
                     reason,
                 };
                 // An application that stopped reading events must still be able to close.
-                if stoppable(&shared, events.send(vec![event])).await.is_none() {
+                if stoppable(&shared, events.send_one(event)).await.is_none() {
                     break;
                 }
                 if !config.auto_reconnect
@@ -297,7 +297,7 @@ async fn run(
     connected: Connected,
     shared: &Arc<Shared>,
     out: &mut mpsc::Receiver<Bytes>,
-    events: &mpsc::Sender<Vec<Event>>,
+    events: &EventTx,
 ) -> Ended {
     let (mut sink, stream) = connected.socket.split();
     let closer = Closer::new();
@@ -374,6 +374,78 @@ async fn run(
     }
 }
 
+/// The connection task's end of the event queue. Events travel in bursts (one channel
+/// operation per burst), and the queue is bounded in events, not bursts: each burst takes room
+/// for its events, which the application's end gives back as it takes bursts out.
+#[derive(Debug, Clone)]
+pub(crate) struct EventTx {
+    tx: mpsc::UnboundedSender<Vec<Event>>,
+    room: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+/// The application's end of the event queue.
+#[derive(Debug)]
+pub(crate) struct EventRx {
+    rx: mpsc::UnboundedReceiver<Vec<Event>>,
+    room: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+/// An event queue holding up to `capacity` events.
+pub(crate) fn event_queue(capacity: usize) -> (EventTx, EventRx) {
+    let capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(tokio::sync::Semaphore::new(capacity));
+    (
+        EventTx {
+            tx,
+            room: room.clone(),
+            capacity,
+        },
+        EventRx { rx, room, capacity },
+    )
+}
+
+/// Room taken in the event queue for one burst.
+pub(crate) struct Room(tokio::sync::OwnedSemaphorePermit);
+
+impl EventTx {
+    /// Waits for room for `n` events; `None` once the application's end is gone.
+    pub(crate) async fn room(&self, n: usize) -> Option<Room> {
+        let n = u32::try_from(n.min(self.capacity)).unwrap_or(u32::MAX);
+        self.room.clone().acquire_many_owned(n).await.ok().map(Room)
+    }
+
+    /// Queues a burst in the room taken for it.
+    pub(crate) fn send(&self, room: Room, burst: Vec<Event>) -> Result<(), ()> {
+        room.0.forget();
+        self.tx.send(burst).map_err(|_| ())
+    }
+
+    /// Queues one event once there is room.
+    pub(crate) async fn send_one(&self, event: Event) -> Result<(), ()> {
+        let room = self.room(1).await.ok_or(())?;
+        self.send(room, vec![event])
+    }
+}
+
+impl EventRx {
+    /// The next burst; its room is given back.
+    pub(crate) async fn recv(&mut self) -> Option<Vec<Event>> {
+        let burst = self.rx.recv().await?;
+        self.room.add_permits(burst.len().min(self.capacity));
+        Some(burst)
+    }
+}
+
+impl Drop for EventRx {
+    fn drop(&mut self) {
+        // A connection task waiting for room gives up.
+        self.room.close();
+    }
+}
+
 /// Most frames the reader handles in one go (and events it hands on at once) before checking
 /// for close and silence.
 pub(crate) const MAX_BURST: usize = 256;
@@ -433,7 +505,7 @@ fn event_for(frame: Bytes, shared: &Shared) -> Handled {
 async fn read_loop(
     mut stream: SplitStream<ClientSocket>,
     shared: Arc<Shared>,
-    events: mpsc::Sender<Vec<Event>>,
+    events: EventTx,
     timeout: Duration,
     closer: Closer,
 ) -> String {
@@ -489,18 +561,27 @@ async fn read_loop(
                 Some(Err(e)) => break Some(e.to_string()),
             };
         };
-        // Events before an ending still reach the application.
+        // Events before an ending still reach the application. Messages already read are not
+        // given up lightly: a closing link still waits a while for the application to make room.
         if !burst.is_empty() {
-            match events.try_send(burst) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(burst)) => {
-                    tokio::select! {
-                        biased;
-                        _ = &mut closed => break "closed".to_owned(),
-                        sent = events.send(burst) => if sent.is_err() { break "client dropped".to_owned() },
-                    }
+            let n = burst.len();
+            let mut closing = false;
+            let room = tokio::select! {
+                biased;
+                room = events.room(n) => room,
+                _ = &mut closed => {
+                    closing = true;
+                    tokio::time::timeout(CLOSE_TIMEOUT, events.room(n)).await.ok().flatten()
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => break "client dropped".to_owned(),
+            };
+            let Some(room) = room else {
+                break if closing { "closed" } else { "client dropped" }.to_owned();
+            };
+            if events.send(room, burst).is_err() {
+                break "client dropped".to_owned();
+            }
+            if closing {
+                break "closed".to_owned();
             }
         }
         if let Some(reason) = ended {
@@ -509,4 +590,38 @@ async fn read_loop(
     };
     closer.close(None);
     reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt as _;
+
+    fn dropped(count: u64) -> Event {
+        Event::Dropped { count }
+    }
+
+    #[tokio::test]
+    async fn the_event_queue_is_bounded_in_events_not_bursts() {
+        let (tx, mut rx) = event_queue(4);
+        for i in 0..4 {
+            tx.send_one(dropped(i)).await.expect("room for four events");
+        }
+        assert!(tx.room(1).now_or_never().is_none(), "a fifth event waits");
+        assert_eq!(rx.recv().await, Some(vec![dropped(0)]));
+        let room = tx.room(1).await.expect("room again");
+        tx.send(room, vec![dropped(4)]).expect("queued");
+        // A burst takes room for all its events.
+        for _ in 0..4 {
+            rx.recv().await.expect("a burst");
+        }
+        let room = tx.room(3).await.expect("room for three");
+        tx.send(room, vec![dropped(5), dropped(6), dropped(7)])
+            .expect("queued");
+        assert!(tx.room(2).now_or_never().is_none(), "only one left");
+        assert!(tx.room(1).now_or_never().is_some());
+        // The application's end gone: waiting for room gives up.
+        drop(rx);
+        assert!(tx.room(4).await.is_none());
+    }
 }

@@ -357,7 +357,7 @@ pub struct Client {
     handle: Handle,
     /// Events from the connection task, which holds the sender, in bursts (one per burst of
     /// frames read); closed when the task ends.
-    events: mpsc::Receiver<Vec<Event>>,
+    events: connection::EventRx,
     /// The rest of the burst being handed out.
     ready: std::collections::VecDeque<Event>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -374,10 +374,7 @@ impl Client {
             replaced: std::sync::atomic::AtomicBool::new(false),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
-        // Events travel in bursts of at most `connection::MAX_BURST`; the queue holds about
-        // `event_queue` events of full bursts.
-        let (events_tx, events_rx) =
-            mpsc::channel(config.event_queue.div_ceil(connection::MAX_BURST).max(1));
+        let (events_tx, events_rx) = connection::event_queue(config.event_queue);
         let first = connection::establish(&config, &shared, &events_tx, &[]).await?;
         let task = tokio::spawn(connection::drive(
             config,

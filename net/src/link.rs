@@ -704,18 +704,20 @@ where
             }
         }
     }
-    // Control frames already queued (a final Load, an Ack, interest changes) still go out;
-    // queued data does not, it would only delay the close.
-    // After a close frame nothing more may be sent.
-    if result.is_ok() && !sent_close {
-        // `out` holds the unwritten rest of an interrupted batch, if any.
-        while let Ok(frame) = ctrl.try_recv() {
-            put_frame(&mut out, OP_BINARY, &frame, role);
+    // `out` holds the unwritten rest of an interrupted batch, if any; it goes out first, so the
+    // stream stays on a frame boundary. Then control frames already queued (a final Load, an
+    // Ack, interest changes); queued data does not, it would only delay the close. After a
+    // close frame (ours, or tungstenite's reply in `out`) nothing more may be sent.
+    if result.is_ok() {
+        if !sent_close {
+            while let Ok(frame) = ctrl.try_recv() {
+                put_frame(&mut out, OP_BINARY, &frame, role);
+            }
+            if let Some(words) = closer.last_words() {
+                put_frame(&mut out, OP_BINARY, &words, role);
+            }
+            put_frame(&mut out, OP_CLOSE, &[], role);
         }
-        if let Some(words) = closer.last_words() {
-            put_frame(&mut out, OP_BINARY, &words, role);
-        }
-        put_frame(&mut out, OP_CLOSE, &[], role);
         let goodbye = async {
             write_out(&mut write, &mut out).await?;
             write.shutdown().await

@@ -290,6 +290,9 @@ pub async fn dial_link(
     Ok(link::split_link(stream, Role::Client, limits.config()).await)
 }
 
+/// `HTTP/1.1 101`: enough of a response to tell an upgrade from a refusal.
+const STATUS_LINE_START: usize = 12;
+
 /// A dialed socket during the WebSocket handshake: reads stop at the end of the response
 /// headers, so whatever the server sends after them (its first frames) stays in the socket for
 /// whoever reads the link next.
@@ -298,7 +301,8 @@ pub struct UntilHeaders {
     tcp: TcpStream,
     /// The last bytes read, to find a `\r\n\r\n` split across reads.
     recent: [u8; 3],
-    started: bool,
+    /// The first bytes of the response read so far (up to `HTTP/1.1 101`).
+    head: Vec<u8>,
     done: bool,
 }
 
@@ -307,7 +311,7 @@ impl UntilHeaders {
         Self {
             tcp,
             recent: [0; 3],
-            started: false,
+            head: Vec::new(),
             done: false,
         }
     }
@@ -334,10 +338,12 @@ impl AsyncRead for UntilHeaders {
         }
         // Only a successful upgrade is followed by frames. A refusal's body (the JSON error)
         // belongs to the handshake, which reads it from its own buffer.
-        if !self.started {
-            self.started = true;
-            let head = &peeked[..n.min(12)];
-            if head.len() == 12 && !head.ends_with(b" 101") {
+        if self.head.len() < STATUS_LINE_START {
+            // The status line may arrive in pieces; decide once its first 12 bytes are here.
+            let want = STATUS_LINE_START - self.head.len();
+            let mut head = self.head.clone();
+            head.extend_from_slice(&peeked[..n.min(want)]);
+            if head.len() == STATUS_LINE_START && !head.ends_with(b" 101") {
                 self.done = true;
                 return Pin::new(&mut self.tcp).poll_read(cx, buf);
             }
@@ -360,6 +366,8 @@ impl AsyncRead for UntilHeaders {
             Err(e) => return Poll::Ready(Err(e)),
         };
         buf.put_slice(&chunk[..read]);
+        let want = STATUS_LINE_START.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..read.min(want)]);
         let mut recent = self.recent.to_vec();
         recent.extend_from_slice(&chunk[..read]);
         let keep = recent.len() - 3;
@@ -461,6 +469,48 @@ mod tests {
     use super::*;
     use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A refusal whose status line arrives in two pieces still hands its JSON error to the
+    /// dialer.
+    #[tokio::test]
+    async fn a_refusal_split_across_reads_keeps_its_error_body() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                tcp.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            let body = r#"{"code":"KEY_INVALID","message":"no such key"}"#;
+            tcp.write_all(b"HTTP/1.1 4").await.unwrap();
+            tcp.flush().await.unwrap();
+            // A network that delivers the status line in two segments.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let rest = format!(
+                "01 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(rest.as_bytes()).await.unwrap();
+            tcp
+        });
+        let refused = dial_link(
+            &format!("ws://{addr}/x"),
+            None,
+            &WsLimits::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(
+            refused.refusal_code(),
+            Some(ErrorCode::KeyInvalid),
+            "{refused}"
+        );
+        drop(server.await.unwrap());
+    }
 
     /// A server that answers the upgrade and sends its first frame in the same write: the
     /// frame must reach the dialed link's reader, not vanish into the handshake's buffer.
