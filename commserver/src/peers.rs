@@ -466,9 +466,8 @@ async fn read_burst<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut next = Some(first);
-    let mut handled = 0;
-    while let Some(frame) = next.take() {
+    let mut burst = link::Burst::new(first, MAX_BURST);
+    while let Some(frame) = burst.next_frame(stream)? {
         let msg: v1::PeerMessage = decode_frame(frame)?;
         let kind = msg.kind;
         if !matches!(kind, Some(Kind::Forward(_))) {
@@ -517,18 +516,8 @@ where
             }
             None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
         }
-        handled += 1;
-        if handled < MAX_BURST
-            && let Some(step) = link::ready_frame(stream)
-        {
-            match step.map_err(|e| e.to_error())? {
-                Inbound::Frame(frame) => next = Some(frame),
-                Inbound::Control => {}
-                Inbound::Closed => return Ok(false),
-            }
-        }
     }
-    Ok(true)
+    Ok(!burst.closed())
 }
 
 /// Most accounts a peer reader keeps route caches for before starting over.

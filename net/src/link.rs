@@ -892,6 +892,64 @@ where
     next_frame(stream).now_or_never()
 }
 
+/// The frames of one burst: the one that woke the reader, then every one that has already
+/// arrived behind it, up to a limit. A reader handles them all before handing on what they
+/// produced (one batch per subscriber instead of one per frame).
+#[derive(Debug)]
+pub struct Burst {
+    pending: Option<Bytes>,
+    handled: usize,
+    max: usize,
+    closed: bool,
+}
+
+impl Burst {
+    /// A burst starting with `first`, of at most `max` frames.
+    pub fn new(first: Bytes, max: usize) -> Self {
+        Self {
+            pending: Some(first),
+            handled: 0,
+            max,
+            closed: false,
+        }
+    }
+
+    /// The next frame of the burst; `None` once nothing more has arrived, a control frame
+    /// came, the limit is reached or the link closed ([`Burst::closed`]).
+    pub fn next_frame<St>(&mut self, stream: &mut St) -> Result<Option<Bytes>, v1::Error>
+    where
+        St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
+        let frame = match self.pending.take() {
+            Some(frame) => Some(frame),
+            None if self.closed || self.handled >= self.max => None,
+            None => match ready_frame(stream) {
+                None => None,
+                Some(step) => match step.map_err(|e| e.to_error())? {
+                    Inbound::Frame(frame) => Some(frame),
+                    Inbound::Control => None,
+                    Inbound::Closed => {
+                        self.closed = true;
+                        None
+                    }
+                },
+            },
+        };
+        if frame.is_some() {
+            self.handled += 1;
+        } else {
+            // A burst that ended stays ended.
+            self.handled = self.max;
+        }
+        Ok(frame)
+    }
+
+    /// Whether the link closed during the burst.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+}
+
 /// After the writer has sent a close frame, keeps reading (and discarding) for up to `linger`
 /// until the peer closes too. Closing a socket with unread input makes the kernel send a reset,
 /// which can destroy the error frame the peer has not read yet; waiting for the peer's close
@@ -921,7 +979,21 @@ mod tests {
         tokio::task::JoinHandle<WriterEnd>,
         WebSocketStream<tokio::io::DuplexStream>,
     ) {
-        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        pair_over(role, 1 << 20).await
+    }
+
+    /// Like [`pair`], over a pipe that holds `buffer` bytes.
+    async fn pair_over(
+        role: Role,
+        buffer: usize,
+    ) -> (
+        mpsc::Sender<Bytes>,
+        Closer,
+        LinkStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<WriterEnd>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(buffer);
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
         let Link { sink, stream } = split_link(ours, role, config).await;
         let (ctrl_tx, ctrl) = mpsc::channel(16);
@@ -1024,27 +1096,10 @@ mod tests {
     async fn closing_mid_batch_finishes_the_frame_before_the_last_words() {
         // A peer that does not read: the writer is stuck inside a 200 KB frame when the link
         // closes. The goodbye must resume at that point, or the last words would be garbage.
-        let (ours, theirs) = tokio::io::duplex(4096);
-        let Link {
-            sink,
-            stream: _stream,
-        } = split_link(ours, Role::Server, WebSocketConfig::default()).await;
-        let (ctrl_tx, ctrl) = mpsc::channel(4);
-        let closer = Closer::new();
-        let writer = tokio::spawn(run_writer(
-            sink,
-            WriterSetup {
-                ctrl,
-                data: None,
-                closer: closer.clone(),
-                linger: Duration::from_secs(10),
-            },
-        ));
+        let (ctrl_tx, closer, _stream, writer, mut peer) = pair_over(Role::Server, 4096).await;
         ctrl_tx.send(Bytes::from(vec![9u8; 200_000])).await.unwrap();
         tokio::task::yield_now().await;
         closer.close(Some(Bytes::from_static(b"bye")));
-        let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
-        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Client, Some(config)).await;
         match peer.next().await {
             Some(Ok(Message::Binary(b))) => {
                 assert!(b.len() == 200_000 && b.iter().all(|&x| x == 9))

@@ -470,6 +470,17 @@ mod tests {
     use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    /// Reads an HTTP request's head, byte by byte so nothing after it is consumed.
+    async fn read_request(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            tcp.read_exact(&mut byte).await.unwrap();
+            request.push(byte[0]);
+        }
+        request
+    }
+
     /// A refusal whose status line arrives in two pieces still hands its JSON error to the
     /// dialer.
     #[tokio::test]
@@ -478,12 +489,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") {
-                tcp.read_exact(&mut byte).await.unwrap();
-                request.push(byte[0]);
-            }
+            read_request(&mut tcp).await;
             let body = r#"{"code":"KEY_INVALID","message":"no such key"}"#;
             tcp.write_all(b"HTTP/1.1 4").await.unwrap();
             tcp.flush().await.unwrap();
@@ -520,12 +526,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") {
-                tcp.read_exact(&mut byte).await.unwrap();
-                request.push(byte[0]);
-            }
+            let request = read_request(&mut tcp).await;
             let text = String::from_utf8(request).unwrap();
             let key = text
                 .lines()
