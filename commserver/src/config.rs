@@ -96,6 +96,11 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// Bytes a connection buffers before writing without an explicit flush.
     pub write_buffer_bytes: usize,
+    /// How long, in microseconds, a reader fanning out one batch may spend writing it to idle
+    /// clients' sockets itself (skipping their writer tasks) before it queues the rest for
+    /// them. Unset: no limit when the runtime has one worker thread (queueing would not spread
+    /// the writes over cores), 250 µs otherwise. 0: never write directly.
+    pub direct_write_budget_us: Option<u64>,
     /// Open TCP connections at most (clients, peers and HTTP).
     pub max_connections: usize,
     /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
@@ -151,6 +156,7 @@ impl Default for Config {
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 4 * 1024,
             write_buffer_bytes: 64 * 1024,
+            direct_write_budget_us: None,
             max_connections: 100_000,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,

@@ -76,6 +76,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<bool, v1::Err
             data: None,
             closer: closer.clone(),
             linger: LINGER,
+            direct: None,
         },
     ));
     let register = v1::Register {

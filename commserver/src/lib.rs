@@ -85,6 +85,8 @@ struct Server {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     started: Instant,
+    /// `direct_write_budget_us` resolved for this runtime.
+    direct_writes: routes::DirectWrites,
 }
 
 impl Server {
@@ -262,6 +264,10 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: Instant::now(),
+        direct_writes: routes::DirectWrites::of(
+            config.direct_write_budget_us,
+            tokio::runtime::Handle::current().metrics().num_workers(),
+        ),
         id,
         public_url,
         config,

@@ -257,6 +257,7 @@ where
             )),
             closer: closer.clone(),
             linger: LINGER,
+            direct: None,
         },
     ));
     let dialed = expected.is_some();
@@ -413,7 +414,7 @@ where
     let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
     // Route caches per account; forwards of any account arrive on one link.
     let mut caches: HashMap<String, RouteCache> = HashMap::new();
-    let mut batch = Batcher::default();
+    let mut batch = Batcher::new(server.direct_writes);
     let stopping = server.shutdown.cancelled();
     tokio::pin!(stopping);
     let closed = peer.closer.closed();

@@ -18,9 +18,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use relaymesh_net::link::{self, Backlog, Closer, DataTx};
+use relaymesh_net::link::{self, Backlog, Closer, DataTx, Direct};
 use relaymesh_net::metrics::Counter;
 use relaymesh_proto::frame::{Sender, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
@@ -40,6 +41,8 @@ pub(crate) struct Subscriber {
     /// not keeping up; closed means the session ended.
     pub(crate) data: DataTx,
     pub(crate) backlog: Arc<Backlog>,
+    /// Lets a publisher write to the client's socket itself while the session's writer is idle.
+    pub(crate) direct: Option<Arc<Direct>>,
     pub(crate) closer: Closer,
     /// Whether the session has any subscription (for cluster-wide drop notices).
     pub(crate) subscribed: AtomicBool,
@@ -215,6 +218,37 @@ const BATCH_MESSAGES: usize = 512;
 /// Bytes after which a batch is handed on.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// How much of one batch's fan-out the reader writes to idle subscribers' sockets itself
+/// ([`Direct`]) instead of queueing it for their writer tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum DirectWrites {
+    /// Always queue.
+    #[default]
+    Off,
+    /// Write directly to every idle subscriber.
+    Unlimited,
+    /// Write directly until this much time has gone, then queue the rest, so that other worker
+    /// threads can take those writes.
+    For(Duration),
+}
+
+impl DirectWrites {
+    /// Default budget when the runtime has several worker threads.
+    const SHARED: Duration = Duration::from_micros(250);
+    /// Subscribers served between two looks at the clock.
+    const CLOCK_EVERY: usize = 16;
+
+    /// The policy for `direct_write_budget_us` on a runtime with `workers` worker threads.
+    pub(crate) fn of(budget_us: Option<u64>, workers: usize) -> Self {
+        match budget_us {
+            Some(0) => Self::Off,
+            Some(us) => Self::For(Duration::from_micros(us)),
+            None if workers <= 1 => Self::Unlimited,
+            None => Self::For(Self::SHARED),
+        }
+    }
+}
+
 /// Messages for one route's local subscribers, encoded once as WebSocket frames and handed to
 /// every subscriber as one buffer. A reader pushes what it handles and flushes when its socket
 /// has nothing more ready; a message for another route flushes first, so each publisher's
@@ -222,9 +256,18 @@ const BATCH_BYTES: usize = 64 * 1024;
 #[derive(Debug, Default)]
 pub(crate) struct Batcher {
     pending: Option<(Arc<Route>, BytesMut, usize)>,
+    direct: DirectWrites,
 }
 
 impl Batcher {
+    /// A batcher that writes to idle subscribers as `direct` allows.
+    pub(crate) fn new(direct: DirectWrites) -> Self {
+        Self {
+            pending: None,
+            direct,
+        }
+    }
+
     /// Adds a message for `route`'s local subscribers.
     pub(crate) fn push(
         &mut self,
@@ -257,33 +300,45 @@ impl Batcher {
     pub(crate) fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
         if let Some((route, frames, count)) = self.pending.take() {
             let frames = frames.freeze();
-            stats
-                .messages_out
-                .add(deliver(&route, &frames, count, stats, slow_consumer_ms));
+            stats.messages_out.add(deliver(
+                &route,
+                &frames,
+                count,
+                stats,
+                slow_consumer_ms,
+                self.direct,
+            ));
         }
     }
 }
 
-/// Queues `frames` (`count` whole WebSocket frames) for every local subscriber of `route`.
-/// Returns how many messages were accepted.
+/// Hands `frames` (`count` whole WebSocket frames) to every local subscriber of `route`:
+/// written to its socket now if it is idle and `direct` allows, queued otherwise. Returns how
+/// many messages were accepted.
 pub(crate) fn deliver(
     route: &Route,
     frames: &Bytes,
     count: usize,
     stats: &Stats,
     slow_consumer_ms: u64,
+    direct: DirectWrites,
 ) -> u64 {
-    route
-        .subscribers
-        .iter()
-        .map(|s| {
-            if offer(s, frames, count, stats, slow_consumer_ms) {
-                count as u64
-            } else {
-                0
-            }
-        })
-        .sum()
+    let started = matches!(direct, DirectWrites::For(_)).then(Instant::now);
+    let mut write_now = direct != DirectWrites::Off;
+    let mut accepted = 0;
+    for (i, s) in route.subscribers.iter().enumerate() {
+        if let (DirectWrites::For(budget), Some(started)) = (direct, started)
+            && write_now
+            && i % DirectWrites::CLOCK_EVERY == DirectWrites::CLOCK_EVERY - 1
+            && started.elapsed() >= budget
+        {
+            write_now = false;
+        }
+        if offer(s, frames, count, stats, slow_consumer_ms, write_now) {
+            accepted += count as u64;
+        }
+    }
+    accepted
 }
 
 /// What became of a frame offered to a receiver's queue.
@@ -315,16 +370,25 @@ fn enqueue_n(data: &DataTx, backlog: &Backlog, frames: &Bytes, count: usize) -> 
     }
 }
 
-/// Queues `frames` (`count` messages) for one subscriber, or drops them (counted, reported, and
-/// possibly the end of a slow consumer) when the subscriber's queue is full.
+/// Writes `frames` (`count` messages) to one subscriber's socket (`write_now` and the subscriber
+/// idle) or queues them, or drops them (counted, reported, and possibly the end of a slow
+/// consumer) when the subscriber's queue is full.
 fn offer(
     subscriber: &Subscriber,
     frames: &Bytes,
     count: usize,
     stats: &Stats,
     slow_consumer_ms: u64,
+    write_now: bool,
 ) -> bool {
-    match enqueue_n(&subscriber.data, &subscriber.backlog, frames, count) {
+    let queue = || enqueue_n(&subscriber.data, &subscriber.backlog, frames, count);
+    let outcome = match &subscriber.direct {
+        Some(direct) => direct
+            .write_or_queue(frames, write_now, queue)
+            .unwrap_or(Enqueued::Yes),
+        None => queue(),
+    };
+    match outcome {
         Enqueued::Yes => return true,
         Enqueued::Closed => return false,
         Enqueued::Full => {}
@@ -374,6 +438,7 @@ mod tests {
             id,
             data,
             backlog: Arc::new(Backlog::counted(capacity, 1 << 20)),
+            direct: None,
             closer: Closer::new(),
             subscribed: AtomicBool::new(true),
             client: None,
@@ -426,6 +491,20 @@ mod tests {
         assert_eq!(items(&mut rx1), [vec!["1", "2"], vec!["4"]]);
         assert_eq!(items(&mut rx2), [vec!["1", "2"], vec!["3"], vec!["4"]]);
         assert_eq!(stats.messages_out.get(), 7);
+    }
+
+    #[test]
+    fn direct_writes_are_unlimited_only_on_one_worker_unless_configured() {
+        assert_eq!(DirectWrites::of(None, 1), DirectWrites::Unlimited);
+        assert_eq!(
+            DirectWrites::of(None, 4),
+            DirectWrites::For(DirectWrites::SHARED)
+        );
+        assert_eq!(DirectWrites::of(Some(0), 1), DirectWrites::Off);
+        assert_eq!(
+            DirectWrites::of(Some(80), 1),
+            DirectWrites::For(Duration::from_micros(80))
+        );
     }
 
     #[test]

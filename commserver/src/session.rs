@@ -200,10 +200,12 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         server.config.client_queue_bytes,
     ));
     let closer = Closer::new();
+    let direct = sink.direct(&data_tx);
     let me = Arc::new(Subscriber {
         id: server.next_id(),
         data: data_tx,
         backlog: backlog.clone(),
+        direct: direct.clone(),
         closer: closer.clone(),
         subscribed: AtomicBool::new(false),
         client: (!identity.client_id.is_empty()).then(|| ClientKey {
@@ -227,6 +229,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
             )),
             closer: closer.clone(),
             linger: LINGER,
+            direct,
         },
     ));
     lock(&server.sessions).insert(me.id, me.clone());
@@ -256,7 +259,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         topics: HashSet::new(),
         ever_subscribed: false,
         cache: RouteCache::default(),
-        batch: Batcher::default(),
+        batch: Batcher::new(server.direct_writes),
     };
     match session.serve(&mut stream).await {
         Ok(()) => {

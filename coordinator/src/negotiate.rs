@@ -177,6 +177,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
             data: None,
             closer: closer.clone(),
             linger: LINGER,
+            direct: None,
         },
     ));
     if let Err(e) = serve(&app, &mut stream, &tx, &closer, conn.peer.ip()).await {

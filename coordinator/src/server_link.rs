@@ -194,6 +194,7 @@ async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
             data: None,
             closer: closer.clone(),
             linger: LINGER,
+            direct: None,
         },
     ));
     if let Err(e) = serve(&app, &mut stream, tx, &closer).await {

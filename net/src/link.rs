@@ -9,7 +9,9 @@
 //!   every message that is ready, up to [`MAX_BATCH`] or the write buffer size, into one buffer
 //!   and writes it with one `write`, so a busy link costs one syscall per batch and no
 //!   per-message lock. When a link records drops on its data queue the writer appends a notice
-//!   frame to the next batch;
+//!   frame to the next batch. While it has nothing to write it *parks*, and a link that has a
+//!   [`Direct`] handle (accepted TCP links) may then be written by its senders straight from
+//!   their own task, see [`Direct`];
 //! * the **reader** is link-specific; it pulls frames with [`next_frame`] from a tungstenite
 //!   WebSocket over the socket's read half ([`LinkStream`]), whose own writes (pong and close
 //!   replies) go to the writer. It ends the link through the [`Closer`], optionally with "last
@@ -151,8 +153,8 @@ pub struct Link<S> {
     pub stream: LinkStream<S>,
 }
 
-/// The writing end of a link: the socket's write half, written only by [`run_writer`], which
-/// frames messages itself.
+/// The writing end of a link: the socket's write half, written by [`run_writer`], which
+/// frames messages itself (and, while the writer is parked, by [`Direct`] senders).
 #[derive(Debug)]
 pub struct LinkSink<S> {
     write: WriteHalf<S>,
@@ -160,6 +162,144 @@ pub struct LinkSink<S> {
     role: Role,
     /// Bytes gathered before a batch is written.
     batch_bytes: usize,
+    /// The socket again, for [`Direct`] writes; `None` for links that cannot share it.
+    pub(crate) socket: Option<Arc<dyn TrySend>>,
+}
+
+impl<S> LinkSink<S> {
+    /// A handle that lets the senders of the data queue `data` write to the socket themselves
+    /// while the writer is parked; give it to the writer too ([`WriterSetup::direct`]). `None`
+    /// when the link's socket cannot be shared.
+    pub fn direct(&self, data: &DataTx) -> Option<Arc<Direct>> {
+        let socket = self.socket.clone()?;
+        Some(Arc::new(Direct {
+            gate: std::sync::Mutex::new(Gate {
+                socket: Some(socket),
+                parked: false,
+                rest: None,
+            }),
+            wake: data.clone(),
+        }))
+    }
+}
+
+/// A socket that can be written without waiting, from any task.
+pub trait TrySend: Send + Sync + std::fmt::Debug {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_send(&self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+impl TrySend for tokio::net::TcpStream {
+    fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        self.try_write(buf)
+    }
+}
+
+/// Direct writes: a sender whose receiver's link is idle writes its frames to the socket from
+/// its own task instead of queueing them and waking the link's writer. For a message fanned
+/// out to a thousand idle receivers that saves a thousand task wake-ups, queue pushes and
+/// writer polls; the `write` itself is the same.
+///
+/// The writer *parks* when it has written everything and its data queue is empty. Only then
+/// may a sender write directly; anything else (the writer busy, a direct write that the socket
+/// took only part of, a socket that would block) goes through the queue. Every sender takes
+/// the gate to write *or* queue, so nothing queued is ever overtaken by a direct write. If the
+/// socket takes part of a direct write, the rest is left at the gate for the writer, which
+/// writes it before anything else: the stream never splits a frame. The writer takes the gate
+/// only when it parks and when it wakes.
+#[derive(Debug)]
+pub struct Direct {
+    gate: std::sync::Mutex<Gate>,
+    /// The data queue, to wake the writer (with an empty item) after a partial direct write.
+    wake: DataTx,
+}
+
+#[derive(Debug)]
+struct Gate {
+    /// The socket; let go when the writer ends, so a receiver that senders still know of
+    /// (in routes not yet rebuilt) does not keep its connection open.
+    socket: Option<Arc<dyn TrySend>>,
+    /// The writer has nothing to write and nothing is queued: senders may write directly.
+    parked: bool,
+    /// The unwritten rest of a direct write, for the writer to write first.
+    rest: Option<Bytes>,
+}
+
+impl Direct {
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes `frames` (whole WebSocket frames) to the socket now if `write_now` and the
+    /// writer is parked, and returns `None`: they are sent, or their rest is the writer's.
+    /// Otherwise runs `queue` (which queues them on the link's data queue) under the gate and
+    /// returns what it returned.
+    pub fn write_or_queue<R>(
+        &self,
+        frames: &Bytes,
+        write_now: bool,
+        queue: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let mut gate = self.gate();
+        if let Some(socket) = gate.socket.as_ref().filter(|_| write_now && gate.parked) {
+            match socket.try_send(frames) {
+                Ok(n) if n == frames.len() => return None,
+                Ok(n) if n > 0 => {
+                    gate.parked = false;
+                    gate.rest = Some(frames.slice(n..));
+                    // Closed only once the writer is gone, and then the gate is closed too.
+                    let _ = self.wake.send(Bytes::new());
+                    return None;
+                }
+                // Would block, or failed: the writer waits for room or meets the error.
+                _ => {}
+            }
+        }
+        gate.parked = false;
+        Some(queue())
+    }
+
+    /// Whether senders may write directly now.
+    #[cfg(test)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.gate().parked
+    }
+
+    /// The writer has nothing to write: parks it if nothing is queued either.
+    fn park(&self, queue_empty: impl FnOnce() -> bool) {
+        let mut gate = self.gate();
+        if gate.socket.is_some() && gate.rest.is_none() && queue_empty() {
+            gate.parked = true;
+        }
+    }
+
+    /// The writer has woken: no more direct writes; returns the rest of a partial one.
+    fn unpark(&self) -> Option<Bytes> {
+        let mut gate = self.gate();
+        gate.parked = false;
+        gate.rest.take()
+    }
+
+    /// The writer is done: no more direct writes; returns the rest of a partial one.
+    fn close(&self) -> Option<Bytes> {
+        let mut gate = self.gate();
+        gate.socket = None;
+        gate.parked = false;
+        gate.rest.take()
+    }
+}
+
+/// Closes a [`Direct`] gate when the writer ends, however it ends.
+struct CloseGate<'a>(Option<&'a Direct>);
+
+impl Drop for CloseGate<'_> {
+    fn drop(&mut self) {
+        if let Some(direct) = self.0 {
+            direct.close();
+        }
+    }
 }
 
 /// Splits an established WebSocket connection (handshake done, nothing read past it) into a
@@ -187,6 +327,7 @@ where
             replies,
             role,
             batch_bytes,
+            socket: None,
         },
         stream,
     }
@@ -550,6 +691,8 @@ pub struct WriterSetup {
     pub closer: Closer,
     /// Time allowed for the last words and close frame to be written.
     pub linger: Duration,
+    /// The link's direct-write gate, if its senders may write directly ([`LinkSink::direct`]).
+    pub direct: Option<Arc<Direct>>,
 }
 
 /// How a writer ended.
@@ -583,6 +726,7 @@ where
         replies,
         role,
         batch_bytes,
+        socket: _,
     } = sink;
     let reply_source = replies;
     let mut replies = Some(&*reply_source);
@@ -591,7 +735,10 @@ where
         data,
         closer,
         linger,
+        direct,
     } = setup;
+    let gate_guard = CloseGate(direct.as_deref());
+    let direct = gate_guard.0;
     let (mut data, accounting) = match data {
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
         None => (None, None),
@@ -604,6 +751,9 @@ where
     tokio::pin!(closed);
     let result: std::io::Result<()> = async {
         loop {
+            if let Some(direct) = direct {
+                direct.park(|| data.as_ref().is_none_or(DataRx::is_empty));
+            }
             let first = tokio::select! {
                 biased;
                 _ = &mut closed => return Ok(()),
@@ -627,6 +777,9 @@ where
                 },
             };
             out.clear();
+            if let Some(rest) = direct.and_then(Direct::unpark) {
+                out.extend_from_slice(&rest);
+            }
             let mut next = Some(first);
             let mut framed = 0;
             while let Some(item) = next.take() {
@@ -636,6 +789,8 @@ where
                         out.extend_from_slice(&raw);
                     }
                     Out::Ctrl(frame) => put_frame(&mut out, OP_BINARY, &frame, role),
+                    // A direct sender's wake-up call; what it left is already in `out`.
+                    Out::Data(frame) if frame.is_empty() => {}
                     Out::Data(frame) => match &accounting {
                         Some(a) if a.framed => {
                             a.backlog.release_n(frame.len(), count_frames(&frame));
@@ -682,6 +837,13 @@ where
         }
     }
     .await;
+    // What a sender could not finish writing goes out before anything else, even the rest of
+    // an interrupted batch (there is never both: a parked writer had written everything).
+    if let Some(rest) = direct.and_then(Direct::close) {
+        let mut first = BytesMut::from(&rest[..]);
+        first.extend_from_slice(&out);
+        out = first;
+    }
     reply_source.writer_gone.store(true, Ordering::Release);
     closer.close(None);
     // Refuse further data (senders now see a closed queue, not a full one) and account for
@@ -691,6 +853,7 @@ where
         rx.close();
         while let Ok(frame) = rx.try_recv() {
             match &accounting {
+                _ if frame.is_empty() => {}
                 Some(a) if a.framed => {
                     let n = count_frames(&frame);
                     discarded += n;
@@ -1005,6 +1168,7 @@ mod tests {
                 data: None,
                 closer: closer.clone(),
                 linger: Duration::from_secs(5),
+                direct: None,
             },
         ));
         let peer_role = if role == Role::Server {

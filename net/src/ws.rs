@@ -5,6 +5,7 @@
 //! whether this process dialed or accepted.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -121,35 +122,6 @@ pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError
     Ok((response, on_upgrade))
 }
 
-/// Implements `AsyncWrite` for a wrapper around a `tcp: TcpStream` that only changes reading.
-macro_rules! writes_to_tcp {
-    ($wrapper:ty) => {
-        impl AsyncWrite for $wrapper {
-            fn poll_write(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<std::io::Result<usize>> {
-                Pin::new(&mut self.tcp).poll_write(cx, buf)
-            }
-
-            fn poll_flush(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<std::io::Result<()>> {
-                Pin::new(&mut self.tcp).poll_flush(cx)
-            }
-
-            fn poll_shutdown(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<std::io::Result<()>> {
-                Pin::new(&mut self.tcp).poll_shutdown(cx)
-            }
-        }
-    };
-}
-
 /// Completes an upgrade started by [`accept`] as a link: the writer's end and the reader's.
 ///
 /// The link owns the TCP stream itself: hyper's connection buffer is let go (what the client
@@ -160,19 +132,23 @@ pub async fn upgraded_link(on_upgrade: OnUpgrade, limits: &WsLimits) -> Result<S
     let parts = upgraded
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| "upgraded connection is not a TCP stream".to_owned())?;
+    let tcp = Arc::new(parts.io.into_inner());
     let io = Accepted {
         pre: Bytes::copy_from_slice(&parts.read_buf),
-        tcp: parts.io.into_inner(),
+        tcp: tcp.clone(),
     };
-    Ok(link::split_link(io, Role::Server, limits.config()).await)
+    let mut link = link::split_link(io, Role::Server, limits.config()).await;
+    link.sink.socket = Some(tcp);
+    Ok(link)
 }
 
 /// An accepted TCP stream after its HTTP upgrade: first the bytes hyper had already read past
-/// the request, then the stream.
+/// the request, then the stream. The stream is shared with the link's [`link::Direct`] writers,
+/// so it is read and written through `&TcpStream`.
 #[derive(Debug)]
 pub struct Accepted {
     pre: Bytes,
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
 }
 
 impl AsyncRead for Accepted {
@@ -187,11 +163,44 @@ impl AsyncRead for Accepted {
             buf.put_slice(&head);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        loop {
+            std::task::ready!(self.tcp.poll_read_ready(cx))?;
+            // `try_read` clears the readiness it finds stale, so this loop waits, not spins.
+            match self.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
-writes_to_tcp!(Accepted);
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+    }
+}
 
 /// Completes an upgrade started by [`accept`].
 pub async fn upgraded(
@@ -379,7 +388,24 @@ impl AsyncRead for UntilHeaders {
     }
 }
 
-writes_to_tcp!(UntilHeaders);
+/// Writes go straight to the stream; only reading the handshake is special.
+impl AsyncWrite for UntilHeaders {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
 
 /// Like [`dial`], with a whole `Authorization` header value (e.g. from
 /// [`crate::auth::LinkCredentials::authorization`]).
@@ -562,5 +588,121 @@ mod tests {
             other => panic!("expected the first frame, got {other:?}"),
         }
         drop(server.await.unwrap());
+    }
+
+    /// Waits (yielding, not sleeping) until the writer behind `direct` has parked.
+    async fn parked(direct: &link::Direct) {
+        while !direct.is_parked() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Direct writes reach the client while its link is idle; once the socket is full they
+    /// are queued behind what the socket did not take, and the client reads every frame whole
+    /// and in order; after the link closes nothing is written directly.
+    #[tokio::test]
+    async fn direct_writes_keep_frames_whole_and_in_order_under_backpressure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        // Small buffers, so the socket fills after a few frames.
+        socket2::SockRef::from(&accepted)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let tcp = Arc::new(accepted);
+        let io = Accepted {
+            pre: Bytes::new(),
+            tcp: tcp.clone(),
+        };
+        let mut link = link::split_link(io, Role::Server, WsLimits::default().config()).await;
+        link.sink.socket = Some(tcp);
+        let (data_tx, data_rx) = link::data_queue();
+        let backlog = Arc::new(link::Backlog::counted(1 << 16, 1 << 30));
+        let direct = link
+            .sink
+            .direct(&data_tx)
+            .expect("an accepted link shares its socket");
+        let (_ctrl_tx, ctrl) = tokio::sync::mpsc::channel(16);
+        let closer = link::Closer::new();
+        let writer = tokio::spawn(link::run_writer(
+            link.sink,
+            link::WriterSetup {
+                ctrl,
+                data: Some((
+                    data_rx,
+                    link::DataBacklog {
+                        backlog: backlog.clone(),
+                        notice: |_| Bytes::new(),
+                        framed: true,
+                    },
+                )),
+                closer: closer.clone(),
+                linger: Duration::from_secs(5),
+                direct: Some(direct.clone()),
+            },
+        ));
+        let frame = |i: usize, len: usize| {
+            let body: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            link::framed(&body)
+        };
+        let queue = |frames: &Bytes| {
+            assert!(backlog.reserve_n(frames.len(), 1));
+            data_tx.send(frames.clone()).is_ok()
+        };
+
+        // Idle: written by the caller, never queued.
+        parked(&direct).await;
+        let first = frame(0, 100);
+        assert!(
+            direct
+                .write_or_queue(&first, true, || panic!("queued while idle"))
+                .is_none()
+        );
+        let mut got = vec![0; first.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first);
+
+        // A client that does not read: direct writes until the socket is full, then queued.
+        // Frames span several segments, so the socket takes part of one.
+        parked(&direct).await;
+        let mut sent = Vec::new();
+        let mut queued = 0;
+        for i in 1..200 {
+            let f = frame(i, 256 * 1024 + i);
+            if direct.write_or_queue(&f, true, || queue(&f)).is_some() {
+                queued += 1;
+            }
+            sent.extend_from_slice(&f);
+            if queued == 3 {
+                break;
+            }
+        }
+        assert_eq!(queued, 3, "the socket never filled");
+        let mut got = vec![0; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the client reads everything that was accepted")
+            .unwrap();
+        assert!(got == sent, "the client read frames cut or out of order");
+
+        // Idle again, then closed: no more direct writes, and the close frame ends the stream.
+        parked(&direct).await;
+        closer.close(None);
+        let end = writer.await.unwrap();
+        assert!(end.error.is_none(), "{:?}", end.error);
+        assert!(
+            direct
+                .write_or_queue(&first, true, || queue(&first))
+                .is_some_and(|ok| !ok),
+            "a closed link takes no direct writes and its queue is closed"
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, [0x88, 0x00], "only the close frame after the data");
     }
 }

@@ -97,6 +97,7 @@ impl Bridge {
                 server.config.client_queue,
                 server.config.client_queue_bytes,
             )),
+            direct: None,
             closer: Closer::new(),
             subscribed: AtomicBool::new(true),
             client: None,
@@ -128,7 +129,7 @@ impl Bridge {
             role: ROLE,
         };
         if !route.subscribers.is_empty() {
-            let mut batch = routes::Batcher::default();
+            let mut batch = routes::Batcher::new(server.direct_writes);
             let slow_ms = server.config.slow_consumer_ms;
             batch.push(&route, &topic, from, data, &server.stats, slow_ms);
             batch.flush(&server.stats, slow_ms);
