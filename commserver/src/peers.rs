@@ -584,7 +584,7 @@ fn report_peer_drops(server: &Server, count: u64) {
         }
         // A busy queue (the notice does not fit) is about to be written anyway: the writer
         // adds these to its next Dropped notice.
-        if routes::enqueue(&session.data, &session.backlog, &notice) != routes::Enqueued::Yes {
+        if session.send(&notice, 1, true) != routes::Enqueued::Yes {
             session.backlog.report_upstream(count);
         }
     }

@@ -51,6 +51,21 @@ pub(crate) struct Subscriber {
     pub(crate) client: Option<ClientKey>,
 }
 
+impl Subscriber {
+    /// Hands `frames` (`count` whole WebSocket frames) to the session: written to its socket now
+    /// if `write_now` and it is idle, queued otherwise (within its budget, never overtaking
+    /// what is queued).
+    pub(crate) fn send(&self, frames: &Bytes, count: usize, write_now: bool) -> Enqueued {
+        let queue = || enqueue_n(&self.data, &self.backlog, frames, count);
+        match &self.direct {
+            Some(direct) => direct
+                .write_or_queue(frames, write_now, queue)
+                .unwrap_or(Enqueued::Yes),
+            None => queue(),
+        }
+    }
+}
+
 /// Who a session is, for replacing it on a newer login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientKey {
@@ -381,14 +396,7 @@ fn offer(
     slow_consumer_ms: u64,
     write_now: bool,
 ) -> bool {
-    let queue = || enqueue_n(&subscriber.data, &subscriber.backlog, frames, count);
-    let outcome = match &subscriber.direct {
-        Some(direct) => direct
-            .write_or_queue(frames, write_now, queue)
-            .unwrap_or(Enqueued::Yes),
-        None => queue(),
-    };
-    match outcome {
+    match subscriber.send(frames, count, write_now) {
         Enqueued::Yes => return true,
         Enqueued::Closed => return false,
         Enqueued::Full => {}

@@ -215,6 +215,17 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
             seq: identity.seq,
         }),
     });
+    let ready = v1::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        alias: identity.alias.clone(),
+        server_id: server.id.to_string(),
+        heartbeat_interval_ms: u32::try_from(server.config.heartbeat_interval_ms)
+            .unwrap_or(u32::MAX),
+        heartbeat_timeout_ms: u32::try_from(server.config.heartbeat_timeout_ms).unwrap_or(u32::MAX),
+    };
+    // Queued before the writer starts: the writer does not park (take direct writes) while
+    // control frames wait, so `Ready` is the first thing the client reads.
+    let _ = ctrl_tx.try_send(encode(&v1::ServerToClient::ready(ready)));
     let writer = tokio::spawn(link::run_writer(
         sink,
         WriterSetup {
@@ -234,15 +245,6 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
     ));
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
-    let ready = v1::Ready {
-        protocol_version: PROTOCOL_VERSION,
-        alias: identity.alias.clone(),
-        server_id: server.id.to_string(),
-        heartbeat_interval_ms: u32::try_from(server.config.heartbeat_interval_ms)
-            .unwrap_or(u32::MAX),
-        heartbeat_timeout_ms: u32::try_from(server.config.heartbeat_timeout_ms).unwrap_or(u32::MAX),
-    };
-    let _ = ctrl_tx.try_send(encode(&v1::ServerToClient::ready(ready)));
     let mut session = Session {
         server: server.clone(),
         me: me.clone(),

@@ -189,12 +189,6 @@ pub trait TrySend: Send + Sync + std::fmt::Debug {
     fn try_send(&self, buf: &[u8]) -> std::io::Result<usize>;
 }
 
-impl TrySend for tokio::net::TcpStream {
-    fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
-        self.try_write(buf)
-    }
-}
-
 /// Direct writes: a sender whose receiver's link is idle writes its frames to the socket from
 /// its own task instead of queueing them and waking the link's writer. For a message fanned
 /// out to a thousand idle receivers that saves a thousand task wake-ups, queue pushes and
@@ -737,12 +731,16 @@ where
         linger,
         direct,
     } = setup;
-    let gate_guard = CloseGate(direct.as_deref());
-    let direct = gate_guard.0;
     let (mut data, accounting) = match data {
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
         None => (None, None),
     };
+    debug_assert!(
+        direct.is_none() || (role == Role::Server && accounting.as_ref().is_some_and(|a| a.framed)),
+        "direct writes carry whole server frames: a server link with a framed data queue"
+    );
+    let gate_guard = CloseGate(direct.as_deref());
+    let direct = gate_guard.0;
     let mut out = BytesMut::new();
     let mut sent_close = false;
     // Pinned once: a fresh `closed()` per batch would check the token under its lock and
@@ -752,7 +750,8 @@ where
     let result: std::io::Result<()> = async {
         loop {
             if let Some(direct) = direct {
-                direct.park(|| data.as_ref().is_none_or(DataRx::is_empty));
+                // Control frames (a session's `Ready` first of all) are not overtaken either.
+                direct.park(|| ctrl.is_empty() && data.as_ref().is_none_or(DataRx::is_empty));
             }
             let first = tokio::select! {
                 biased;

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use relaymesh_proto::ErrorCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 pub use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -132,23 +133,43 @@ pub async fn upgraded_link(on_upgrade: OnUpgrade, limits: &WsLimits) -> Result<S
     let parts = upgraded
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| "upgraded connection is not a TCP stream".to_owned())?;
-    let tcp = Arc::new(parts.io.into_inner());
+    Ok(accepted_link(
+        Bytes::copy_from_slice(&parts.read_buf),
+        parts.io.into_inner(),
+        limits,
+    )
+    .await)
+}
+
+/// A server link over `tcp`, whose first bytes (read past the upgrade request) are `pre`; its
+/// socket is shared with [`link::Direct`] writers.
+async fn accepted_link(pre: Bytes, tcp: TcpStream, limits: &WsLimits) -> ServerLink {
+    let (read, write) = tcp.into_split();
+    let write = Arc::new(write);
     let io = Accepted {
-        pre: Bytes::copy_from_slice(&parts.read_buf),
-        tcp: tcp.clone(),
+        pre,
+        read,
+        write: write.clone(),
     };
     let mut link = link::split_link(io, Role::Server, limits.config()).await;
-    link.sink.socket = Some(tcp);
-    Ok(link)
+    link.sink.socket = Some(write);
+    link
 }
 
 /// An accepted TCP stream after its HTTP upgrade: first the bytes hyper had already read past
-/// the request, then the stream. The stream is shared with the link's [`link::Direct`] writers,
-/// so it is read and written through `&TcpStream`.
+/// the request, then the stream. The write half is shared with the link's [`link::Direct`]
+/// writers, so it is written through `&TcpStream`.
 #[derive(Debug)]
 pub struct Accepted {
     pre: Bytes,
-    tcp: Arc<TcpStream>,
+    read: OwnedReadHalf,
+    write: Arc<OwnedWriteHalf>,
+}
+
+impl link::TrySend for OwnedWriteHalf {
+    fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        self.try_write(buf)
+    }
 }
 
 impl AsyncRead for Accepted {
@@ -163,18 +184,7 @@ impl AsyncRead for Accepted {
             buf.put_slice(&head);
             return Poll::Ready(Ok(()));
         }
-        loop {
-            std::task::ready!(self.tcp.poll_read_ready(cx))?;
-            // `try_read` clears the readiness it finds stale, so this loop waits, not spins.
-            match self.tcp.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        Pin::new(&mut self.read).poll_read(cx, buf)
     }
 }
 
@@ -184,9 +194,11 @@ impl AsyncWrite for Accepted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        let tcp: &TcpStream = (*self.write).as_ref();
         loop {
-            std::task::ready!(self.tcp.poll_write_ready(cx))?;
-            match self.tcp.try_write(buf) {
+            std::task::ready!(tcp.poll_write_ready(cx))?;
+            // `try_write` clears the readiness it finds stale, so this loop waits, not spins.
+            match tcp.try_write(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 done => return Poll::Ready(done),
             }
@@ -198,7 +210,8 @@ impl AsyncWrite for Accepted {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+        let tcp: &TcpStream = (*self.write).as_ref();
+        Poll::Ready(socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -592,15 +605,21 @@ mod tests {
 
     /// Waits (yielding, not sleeping) until the writer behind `direct` has parked.
     async fn parked(direct: &link::Direct) {
-        while !direct.is_parked() {
-            tokio::task::yield_now().await;
-        }
+        let wait = async {
+            while !direct.is_parked() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the writer parks once it has written everything");
     }
 
     /// Direct writes reach the client while its link is idle; once the socket is full they
     /// are queued behind what the socket did not take, and the client reads every frame whole
-    /// and in order; after the link closes nothing is written directly.
-    #[tokio::test]
+    /// and in order; after the link closes nothing is written directly. Two worker threads, so
+    /// the writer runs while the test offers frames.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_writes_keep_frames_whole_and_in_order_under_backpressure() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
@@ -614,13 +633,7 @@ mod tests {
         socket2::SockRef::from(&client)
             .set_recv_buffer_size(64 * 1024)
             .unwrap();
-        let tcp = Arc::new(accepted);
-        let io = Accepted {
-            pre: Bytes::new(),
-            tcp: tcp.clone(),
-        };
-        let mut link = link::split_link(io, Role::Server, WsLimits::default().config()).await;
-        link.sink.socket = Some(tcp);
+        let link = accepted_link(Bytes::new(), accepted, &WsLimits::default()).await;
         let (data_tx, data_rx) = link::data_queue();
         let backlog = Arc::new(link::Backlog::counted(1 << 16, 1 << 30));
         let direct = link
@@ -664,8 +677,26 @@ mod tests {
                 .is_none()
         );
         let mut got = vec![0; first.len()];
-        client.read_exact(&mut got).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("a direct write arrives")
+            .unwrap();
         assert_eq!(got, first);
+
+        // Something queued is never overtaken by a direct write.
+        parked(&direct).await;
+        let (a, b) = (frame(1, 300), frame(2, 300));
+        assert!(direct.write_or_queue(&a, false, || queue(&a)).is_some());
+        let _ = direct.write_or_queue(&b, true, || queue(&b));
+        let mut got = vec![0; a.len() + b.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("queued and direct writes arrive")
+            .unwrap();
+        assert!(
+            got[..a.len()] == a[..],
+            "a direct write overtook a queued frame"
+        );
 
         // A client that does not read: direct writes until the socket is full, then queued.
         // Frames span several segments, so the socket takes part of one.
