@@ -129,7 +129,10 @@ impl Results {
         smoke: bool,
     ) -> Self {
         Self {
-            command: std::env::args().collect::<Vec<_>>().join(" "),
+            command: std::env::args()
+                .map(|a| shell_quoted(&a))
+                .collect::<Vec<_>>()
+                .join(" "),
             machine: Machine::read(),
             server_cpu: server_cpu.to_owned(),
             warmup_s,
@@ -338,16 +341,16 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "Machine: {} × {}, {:.0} GiB, Linux {}. Servers pinned to CPU {}, generator on the rest (one thread). \
+            "Machine: {} × {}, {:.0} GiB, Linux {}. Servers {}, generator on the rest (one thread). \
              Payload {} B; each step {} s warm-up, {} s measured, up to {} s drain; a step passes with ≥ 99.9 % delivered and p99 ≤ 10 ms.\n",
             m.cpus,
             m.cpu_model,
             m.memory_gib,
             m.kernel,
             if self.server_cpu.is_empty() {
-                "(not pinned)"
+                "not pinned".to_owned()
             } else {
-                &self.server_cpu
+                format!("pinned to CPU {}", self.server_cpu)
             },
             self.payload_bytes,
             self.warmup_s,
@@ -557,6 +560,19 @@ pub(crate) fn login_line(s: &LoginStep) -> String {
     )
 }
 
+/// `arg` as a POSIX shell word, so a recorded command line can be run again as printed.
+fn shell_quoted(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./,=:+@%".contains(&b));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,6 +605,14 @@ mod tests {
             steps,
             ..Outcome::new(system, Scenario::Fanout1000)
         }
+    }
+
+    #[test]
+    fn recorded_arguments_are_quoted_for_the_shell() {
+        assert_eq!(shell_quoted("--server-cpu"), "--server-cpu");
+        assert_eq!(shell_quoted("0,1"), "0,1");
+        assert_eq!(shell_quoted(""), "''");
+        assert_eq!(shell_quoted("it's"), r"'it'\''s'");
     }
 
     #[test]
