@@ -338,14 +338,16 @@ pub(crate) fn deliver(
     slow_consumer_ms: u64,
     direct: DirectWrites,
 ) -> u64 {
-    let started = matches!(direct, DirectWrites::For(_)).then(Instant::now);
+    let deadline = match direct {
+        DirectWrites::For(budget) => Some(Instant::now() + budget),
+        _ => None,
+    };
     let mut write_now = direct != DirectWrites::Off;
     let mut accepted = 0;
     for (i, s) in route.subscribers.iter().enumerate() {
-        if let (DirectWrites::For(budget), Some(started)) = (direct, started)
-            && write_now
+        if write_now
             && i % DirectWrites::CLOCK_EVERY == DirectWrites::CLOCK_EVERY - 1
-            && started.elapsed() >= budget
+            && deadline.is_some_and(|d| Instant::now() >= d)
         {
             write_now = false;
         }

@@ -1131,30 +1131,22 @@ mod tests {
     use super::*;
     use futures_util::SinkExt as _;
 
-    /// A link end running the writer, and a plain tungstenite WebSocket as the peer.
-    async fn pair(
-        role: Role,
-    ) -> (
+    /// The control sender, closer, reader end and writer task of a link, and its peer.
+    type Pair = (
         mpsc::Sender<Bytes>,
         Closer,
         LinkStream<tokio::io::DuplexStream>,
         tokio::task::JoinHandle<WriterEnd>,
         WebSocketStream<tokio::io::DuplexStream>,
-    ) {
+    );
+
+    /// A link end running the writer, and a plain tungstenite WebSocket as the peer.
+    async fn pair(role: Role) -> Pair {
         pair_over(role, 1 << 20).await
     }
 
     /// Like [`pair`], over a pipe that holds `buffer` bytes.
-    async fn pair_over(
-        role: Role,
-        buffer: usize,
-    ) -> (
-        mpsc::Sender<Bytes>,
-        Closer,
-        LinkStream<tokio::io::DuplexStream>,
-        tokio::task::JoinHandle<WriterEnd>,
-        WebSocketStream<tokio::io::DuplexStream>,
-    ) {
+    async fn pair_over(role: Role, buffer: usize) -> Pair {
         let (ours, theirs) = tokio::io::duplex(buffer);
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
         let Link { sink, stream } = split_link(ours, role, config).await;
