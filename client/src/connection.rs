@@ -1,22 +1,21 @@
 //! The client's connection task: establishes a connection round (negotiate, dial, attach,
-//! resubscribe), then runs the connection with a writer loop (batched frames, heartbeats) and a
-//! reader task (events, acknowledgements), and starts over with backoff when it is lost.
+//! resubscribe), then runs the connection as a link: the link writer drains the outbound queue
+//! in batches, a small task sends heartbeats and closes the link when the client is closed,
+//! and a reader task turns frames into events and acknowledgements. When the connection is
+//! lost it starts over with backoff; what is still queued waits for the next connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::SplitStream;
-use futures_util::{SinkExt as _, StreamExt as _};
 use relaymesh_net::heartbeat::{Beat, Watchdog};
-use relaymesh_net::link::{self, Closer, Inbound, MAX_BATCH};
+use relaymesh_net::link::{self, Closer, Inbound, Link, OnClose, WriterSetup};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ClientSocket};
+use relaymesh_net::ws::{self, ClientLink, ClientLinkStream};
 use relaymesh_proto::v1::{self, server_to_client::Kind};
 use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::negotiate::Negotiation;
 use crate::{ClientConfig, ClientError, Event, Message, Shared};
@@ -28,7 +27,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A server connection that is attached and resubscribed.
 pub(crate) struct Connected {
-    socket: ClientSocket,
+    link: ClientLink,
     server_id: String,
     alias: String,
     heartbeat_interval: Duration,
@@ -78,7 +77,7 @@ async fn attach(
     offer: &v1::ConnectOffer,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
-    let mut socket = ws::dial(&url, None, &config.limits, config.connect_timeout).await?;
+    let mut link = ws::dial_link(&url, None, &config.limits, config.connect_timeout).await?;
     let (resubscribe, topics) = {
         let state = lock(&shared.state);
         let request_id = shared
@@ -86,41 +85,33 @@ async fn attach(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (request_id, state.topics.iter().cloned().collect::<Vec<_>>())
     };
-    let send_failed = |e: tokio_tungstenite::tungstenite::Error| {
-        ClientError::Protocol(format!("server link failed: {e}"))
-    };
-    socket
-        .feed(WsMessage::Binary(encode(&v1::ClientToServer::attach(
-            v1::Attach {
-                protocol_version: PROTOCOL_VERSION,
-            },
-        ))))
-        .await
-        .map_err(send_failed)?;
+    // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
+    let mut opening = vec![encode(&v1::ClientToServer::attach(v1::Attach {
+        protocol_version: PROTOCOL_VERSION,
+    }))];
     if !topics.is_empty() {
-        let subscribe = v1::ClientToServer::subscribe(v1::Subscribe {
+        opening.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
             request_id: resubscribe,
             topics: topics.clone(),
-        });
-        socket
-            .feed(WsMessage::Binary(encode(&subscribe)))
-            .await
-            .map_err(send_failed)?;
+        })));
     }
-    socket.flush().await.map_err(send_failed)?;
+    link.sink
+        .send_now(&opening)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
     let handshake = async {
         let mut ready = None;
         let mut acked = topics.is_empty();
         while ready.is_none() || !acked {
-            let frame = match socket.next().await {
-                Some(Ok(WsMessage::Binary(frame))) => frame,
-                Some(Ok(WsMessage::Close(_))) | None => {
+            let frame = match link::next_frame(&mut link.stream).await {
+                Ok(Inbound::Frame(frame)) => frame,
+                Ok(Inbound::Control) => continue,
+                Ok(Inbound::Closed) => {
                     return Err(ClientError::Protocol(
                         "server closed the connection while attaching".into(),
                     ));
                 }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => {
+                Err(e) => {
                     return Err(ClientError::Protocol(format!("server link failed: {e}")));
                 }
             };
@@ -191,7 +182,7 @@ async fn attach(
     let ms =
         |v: u32, default: u64| Duration::from_millis(if v > 0 { u64::from(v) } else { default });
     Ok(Connected {
-        socket,
+        link,
         server_id: ready.server_id,
         alias: ready.alias,
         heartbeat_interval: ms(ready.heartbeat_interval_ms, 5_000),
@@ -223,6 +214,7 @@ pub(crate) async fn drive(
     shared: Arc<Shared>,
     first: Connected,
     mut out: mpsc::Receiver<Bytes>,
+    pings: mpsc::WeakSender<Bytes>,
     events: EventTx,
 ) {
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
@@ -258,7 +250,9 @@ pub(crate) async fn drive(
             }
         };
         let server_id = connected.server_id.clone();
-        match run(connected, &shared, &mut out, &events).await {
+        let (ended, queue) = run(connected, &shared, out, &pings, &events).await;
+        out = queue;
+        match ended {
             Ended::Stopped => break,
             Ended::Lost(reason) => {
                 tracing::info!(server = %server_id, %reason, "connection lost");
@@ -292,14 +286,16 @@ async fn stoppable<T>(shared: &Shared, future: impl std::future::Future<Output =
     }
 }
 
-/// Runs one connection: this task writes, a spawned task reads.
+/// Runs one connection: this task writes (draining `out`, the outbound queue, which it gives
+/// back with what is left in it), a spawned task reads, another sends heartbeats.
 async fn run(
     connected: Connected,
     shared: &Arc<Shared>,
-    out: &mut mpsc::Receiver<Bytes>,
+    out: mpsc::Receiver<Bytes>,
+    pings: &mpsc::WeakSender<Bytes>,
     events: &EventTx,
-) -> Ended {
-    let (mut sink, stream) = connected.socket.split();
+) -> (Ended, mpsc::Receiver<Bytes>) {
+    let Link { sink, stream } = connected.link;
     let closer = Closer::new();
     let reader = tokio::spawn(read_loop(
         stream,
@@ -308,69 +304,67 @@ async fn run(
         connected.heartbeat_timeout,
         closer.clone(),
     ));
-    let mut ping = tokio::time::interval(connected.heartbeat_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
-    let write_failed =
-        |e: tokio_tungstenite::tungstenite::Error| format!("write to server failed: {e}");
-    let ended = loop {
-        tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => {
-                // Send what is queued, then close cleanly and give the server time to answer.
-                let goodbye = async {
-                    while let Ok(frame) = out.try_recv() {
-                        sink.feed(WsMessage::Binary(frame)).await?;
-                    }
-                    sink.send(WsMessage::Close(None)).await
-                };
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
-                break Ended::Stopped;
-            }
-            _ = closer.closed() => break Ended::Lost(String::new()),
-            frame = out.recv() => {
-                let Some(frame) = frame else { break Ended::Stopped };
-                let batch = async {
-                    sink.feed(WsMessage::Binary(frame)).await?;
-                    for _ in 1..MAX_BATCH {
-                        let Ok(frame) = out.try_recv() else { break };
-                        sink.feed(WsMessage::Binary(frame)).await?;
-                    }
-                    sink.flush().await
-                };
-                let written = tokio::select! {
-                    written = batch => written,
-                    _ = closer.closed() => Ok(()),
-                };
-                if let Err(e) = written {
-                    break Ended::Lost(write_failed(e));
-                }
-            }
-            _ = ping.tick() => {
-                nonce += 1;
-                let frame = encode(&v1::ClientToServer::ping(v1::Ping { nonce }));
-                // A dead server with a full send buffer must not hold the writer here.
-                let written = tokio::select! {
-                    written = sink.send(WsMessage::Binary(frame)) => written,
-                    _ = closer.closed() => Ok(()),
-                    _ = shared.stop.cancelled() => Ok(()),
-                };
-                if let Err(e) = written {
-                    break Ended::Lost(write_failed(e));
-                }
-            }
-        }
-    };
-    closer.close(None);
+    tokio::spawn(heartbeats(
+        shared.clone(),
+        pings.clone(),
+        connected.heartbeat_interval,
+        closer.clone(),
+    ));
+    let end = link::run_writer(
+        sink,
+        WriterSetup {
+            ctrl: out,
+            data: None,
+            closer: closer.clone(),
+            linger: CLOSE_TIMEOUT,
+            direct: None,
+            // Closing the client sends what is queued; a lost connection leaves it queued.
+            on_close: OnClose::KeepQueuedUnless(shared.stop.clone()),
+        },
+    )
+    .await;
     let reason = match tokio::time::timeout(CLOSE_TIMEOUT, reader).await {
         Ok(Ok(reason)) => reason,
         Ok(Err(_)) => "reader task failed".to_owned(),
         Err(_) => "server did not close in time".to_owned(),
     };
-    match ended {
-        Ended::Lost(own) if !own.is_empty() => Ended::Lost(own),
-        Ended::Lost(_) => Ended::Lost(reason),
-        Ended::Stopped => Ended::Stopped,
+    // Every sender gone means the client was dropped.
+    let ended = if shared.stop.is_cancelled() || end.ctrl.is_closed() {
+        Ended::Stopped
+    } else if let Some(e) = &end.error {
+        Ended::Lost(format!("write to server failed: {e}"))
+    } else {
+        Ended::Lost(reason)
+    };
+    (ended, end.ctrl)
+}
+
+/// Sends a ping every `interval` while the link is open, and closes the link when the client is
+/// closed. Pings share the outbound queue (`pings` does not keep it open); one that finds the
+/// queue full is skipped, since the queued traffic shows the server that the client lives.
+async fn heartbeats(
+    shared: Arc<Shared>,
+    pings: mpsc::WeakSender<Bytes>,
+    interval: Duration,
+    closer: Closer,
+) {
+    let mut ping = tokio::time::interval(interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => {
+                closer.close(None);
+                return;
+            }
+            _ = closer.closed() => return,
+            _ = ping.tick() => {
+                let Some(out) = pings.upgrade() else { return };
+                nonce += 1;
+                let _ = out.try_send(encode(&v1::ClientToServer::ping(v1::Ping { nonce })));
+            }
+        }
     }
 }
 
@@ -503,7 +497,7 @@ fn event_for(frame: Bytes, shared: &Shared) -> Handled {
 
 /// Reads the connection until it ends; returns why.
 async fn read_loop(
-    mut stream: SplitStream<ClientSocket>,
+    mut stream: ClientLinkStream,
     shared: Arc<Shared>,
     events: EventTx,
     timeout: Duration,

@@ -381,6 +381,7 @@ impl Client {
             shared.clone(),
             first,
             out_rx,
+            out_tx.downgrade(),
             events_tx,
         ));
         Ok(Self {

@@ -77,6 +77,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<bool, v1::Err
             closer: closer.clone(),
             linger: LINGER,
             direct: None,
+            on_close: link::OnClose::SendQueued,
         },
     ));
     let register = v1::Register {

@@ -258,6 +258,7 @@ where
             closer: closer.clone(),
             linger: LINGER,
             direct: None,
+            on_close: link::OnClose::SendQueued,
         },
     ));
     let dialed = expected.is_some();

@@ -241,6 +241,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
             closer: closer.clone(),
             linger: LINGER,
             direct,
+            on_close: link::OnClose::SendQueued,
         },
     ));
     lock(&server.sessions).insert(me.id, me.clone());

@@ -178,6 +178,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
             closer: closer.clone(),
             linger: LINGER,
             direct: None,
+            on_close: link::OnClose::SendQueued,
         },
     ));
     if let Err(e) = serve(&app, &mut stream, &tx, &closer, conn.peer.ip()).await {

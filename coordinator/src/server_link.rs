@@ -195,6 +195,7 @@ async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
             closer: closer.clone(),
             linger: LINGER,
             direct: None,
+            on_close: link::OnClose::SendQueued,
         },
     ));
     if let Err(e) = serve(&app, &mut stream, tx, &closer).await {

@@ -12,9 +12,9 @@
 //!   frame to the next batch. While it has nothing to write it *parks*, and a link that has a
 //!   [`Direct`] handle (accepted TCP links) may then be written by its senders straight from
 //!   their own task, see [`Direct`];
-//! * the **reader** is link-specific; it pulls frames with [`next_frame`] from a tungstenite
-//!   WebSocket over the socket's read half ([`LinkStream`]), whose own writes (pong and close
-//!   replies) go to the writer. It ends the link through the [`Closer`], optionally with "last
+//! * the **reader** is link-specific; it pulls frames with [`next_frame`] from a
+//!   [`FrameReader`] over the socket's read half ([`LinkStream`]), whose own writes (pong and
+//!   close replies) go to the writer. It ends the link through the [`Closer`], optionally with "last
 //!   words" (an encoded `Error`) that the writer sends before the WebSocket close frame.
 //!
 //! Nothing here knows message types; the links in the service crates supply encoded frames.
@@ -31,10 +31,11 @@ use futures_util::{Stream, StreamExt as _};
 use relaymesh_proto::{ErrorCode, v1};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
+
+use crate::frames::{FrameReader, apply_mask};
 
 /// Most frames written to the socket in one `write`.
 pub const MAX_BATCH: usize = 512;
@@ -54,8 +55,8 @@ pub fn data_queue() -> (DataTx, DataRx) {
 /// that piles up more by pinging a link it does not read from loses the link.
 const REPLY_QUEUE: usize = 64;
 
-/// The read half of a link's socket as the reader's WebSocket sees it: reads come from the
-/// socket; writes (tungstenite's automatic pong and close replies, whole frames) are handed to
+/// The read half of a link's socket as the reader's [`FrameReader`] sees it: reads come from
+/// the socket; writes (its pong and close replies, whole frames) are handed to
 /// the link's writer, which alone writes to the socket, so frames never interleave.
 #[derive(Debug)]
 pub struct ReadSide<S> {
@@ -142,7 +143,7 @@ impl<S> AsyncWrite for ReadSide<S> {
 }
 
 /// The reading end of a link.
-pub type LinkStream<S> = WebSocketStream<ReadSide<S>>;
+pub type LinkStream<S> = FrameReader<ReadSide<S>>;
 
 /// Both ends of a link over one socket.
 #[derive(Debug)]
@@ -180,6 +181,19 @@ impl<S> LinkSink<S> {
             }),
             wake: data.clone(),
         }))
+    }
+}
+
+impl<S: AsyncWrite> LinkSink<S> {
+    /// Frames `payloads` and writes them now, before the link's writer is started: the first
+    /// messages of a handshake, which must not wait behind anything queued for the writer.
+    pub async fn send_now(&mut self, payloads: &[Bytes]) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        for payload in payloads {
+            put_frame(&mut out, OP_BINARY, payload, self.role);
+        }
+        self.write.write_all(&out).await?;
+        self.write.flush().await
     }
 }
 
@@ -306,15 +320,14 @@ where
     let (read, write) = tokio::io::split(io);
     let replies = Arc::new(Replies::default());
     let batch_bytes = config.write_buffer_size.max(4096);
-    let stream = WebSocketStream::from_raw_socket(
+    let stream = FrameReader::new(
         ReadSide {
             read,
             replies: replies.clone(),
         },
         role,
-        Some(config),
-    )
-    .await;
+        &config,
+    );
     Link {
         sink: LinkSink {
             write,
@@ -328,11 +341,11 @@ where
 }
 
 const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_CLOSE: u8 = 0x8;
 
 /// Appends one final WebSocket frame with `opcode` and `payload` to `out`; a client masks it
 /// (RFC 6455 section 5.3), a server does not.
-fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8], role: Role) {
+pub(crate) fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8], role: Role) {
     let len = payload.len();
     let masked = role == Role::Client;
     let mask_bit = if masked { 0x80 } else { 0 };
@@ -355,19 +368,7 @@ fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8], role: Role) {
     out.put_slice(&key);
     let start = out.len();
     out.put_slice(payload);
-    let body = &mut out[start..];
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let mut chunks = body.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i & 3];
-    }
+    apply_mask(&mut out[start..], key);
 }
 
 /// Appends the header of an unmasked (server to client) final binary frame of `len` bytes; the
@@ -687,6 +688,19 @@ pub struct WriterSetup {
     pub linger: Duration,
     /// The link's direct-write gate, if its senders may write directly ([`LinkSink::direct`]).
     pub direct: Option<Arc<Direct>>,
+    /// What becomes of control frames still queued when the link closes.
+    pub on_close: OnClose,
+}
+
+/// What a closing writer does with the control frames still queued.
+#[derive(Debug, Clone)]
+pub enum OnClose {
+    /// Sends them before the close frame (a server link's final `Load`, an `Ack`).
+    SendQueued,
+    /// Leaves them queued (the queue comes back in [`WriterEnd::ctrl`]) unless this token is
+    /// cancelled: a client's messages wait for its next connection instead of going into one
+    /// that was lost, and are sent when the client is closing.
+    KeepQueuedUnless(CancellationToken),
 }
 
 /// How a writer ended.
@@ -696,6 +710,8 @@ pub struct WriterEnd {
     pub error: Option<std::io::Error>,
     /// Data messages still queued when the link closed, never sent.
     pub discarded: usize,
+    /// The control queue, with what is left in it ([`OnClose`]).
+    pub ctrl: mpsc::Receiver<Bytes>,
 }
 
 /// One item for the writer.
@@ -730,6 +746,7 @@ where
         closer,
         linger,
         direct,
+        on_close,
     } = setup;
     let (mut data, accounting) = match data {
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
@@ -868,12 +885,19 @@ where
     }
     // `out` holds the unwritten rest of an interrupted batch, if any; it goes out first, so the
     // stream stays on a frame boundary. Then control frames already queued (a final Load, an
-    // Ack, interest changes); queued data does not, it would only delay the close. After a
-    // close frame (ours, or tungstenite's reply in `out`) nothing more may be sent.
+    // Ack, interest changes), unless they are kept for another link; queued data does not, it
+    // would only delay the close. After a close frame (ours, or the reader's reply in `out`)
+    // nothing more may be sent.
     if result.is_ok() {
         if !sent_close {
-            while let Ok(frame) = ctrl.try_recv() {
-                put_frame(&mut out, OP_BINARY, &frame, role);
+            let send_queued = match &on_close {
+                OnClose::SendQueued => true,
+                OnClose::KeepQueuedUnless(closing) => closing.is_cancelled(),
+            };
+            if send_queued {
+                while let Ok(frame) = ctrl.try_recv() {
+                    put_frame(&mut out, OP_BINARY, &frame, role);
+                }
             }
             if let Some(words) = closer.last_words() {
                 put_frame(&mut out, OP_BINARY, &words, role);
@@ -889,6 +913,7 @@ where
     WriterEnd {
         error: result.err(),
         discarded,
+        ctrl,
     }
 }
 
@@ -1130,6 +1155,7 @@ where
 mod tests {
     use super::*;
     use futures_util::SinkExt as _;
+    use tokio_tungstenite::WebSocketStream;
 
     /// The control sender, closer, reader end and writer task of a link, and its peer.
     type Pair = (
@@ -1160,6 +1186,7 @@ mod tests {
                 closer: closer.clone(),
                 linger: Duration::from_secs(5),
                 direct: None,
+                on_close: OnClose::SendQueued,
             },
         ));
         let peer_role = if role == Role::Server {

@@ -657,6 +657,7 @@ mod tests {
                 closer: closer.clone(),
                 linger: Duration::from_secs(5),
                 direct: Some(direct.clone()),
+                on_close: link::OnClose::SendQueued,
             },
         ));
         let frame = |i: usize, len: usize| {
