@@ -406,7 +406,8 @@ impl Client {
             if let Some(event) = self.ready.pop_front() {
                 return Some(event);
             }
-            self.ready.extend(self.events.recv().await?);
+            // Taken over whole (no copy) when the last burst is used up, which it is here.
+            self.ready = self.events.recv().await?.into();
         }
     }
 
