@@ -40,6 +40,34 @@ async fn three_servers_register_and_form_one_link_per_pair() {
     assert!(dialed.values().all(|n| *n == 1), "{dialed:?}");
 }
 
+/// Closing a client sends everything it has queued before the connection closes, even what
+/// is still queued behind a full socket when it is closed.
+#[tokio::test]
+async fn a_closing_client_sends_what_it_has_queued() {
+    // 20 MB: more than the socket buffers hold, so most of it is still queued at the close.
+    const QUEUED: usize = 2000;
+    let padding = "x".repeat(10_000);
+    let cluster = Cluster::start(1).await;
+    let mut listener = cluster.client_on(0).await;
+    listener.subscribe(["log"]).await.unwrap();
+    let sender = cluster.client_on(0).await;
+    for i in 0..QUEUED {
+        // Returns once queued, not once sent.
+        sender
+            .publish("log", format!("{i} {padding}"))
+            .await
+            .unwrap();
+    }
+    within("close", sender.close()).await;
+    let got: Vec<String> = next_messages(&mut listener, QUEUED)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    let sent: Vec<String> = (0..QUEUED).map(|i| format!("{i} {padding}")).collect();
+    assert_eq!(got, sent);
+}
+
 /// Every subscriber on every server gets each message exactly once, in publish order per
 /// publisher, with the topic and the server-stamped alias of its publisher.
 #[tokio::test]

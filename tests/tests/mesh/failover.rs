@@ -83,7 +83,8 @@ async fn clients_of_a_dead_server_move_to_another_and_resubscribe() {
         .subscribe(["fleet/status", "fleet/cmd"])
         .await
         .unwrap();
-    let talker = cluster.client_on(2).await;
+    let mut talker = cluster.client_on(2).await;
+    talker.subscribe(["fleet/log"]).await.unwrap();
     let dead = cluster.servers.remove(0);
     let dead_id = dead.id.clone();
     dead.stop().await;
@@ -95,6 +96,8 @@ async fn clients_of_a_dead_server_move_to_another_and_resubscribe() {
     };
     assert_eq!(server_id, dead_id);
     assert!(reason.contains("SHUTTING_DOWN"), "{reason}");
+    // Published between connections: waits in the outbound queue for the next one.
+    mover.publish("fleet/log", "sent while away").await.unwrap();
     let Event::Reconnected { server_id, .. } =
         within("reconnect", mover.next_event()).await.unwrap()
     else {
@@ -103,6 +106,11 @@ async fn clients_of_a_dead_server_move_to_another_and_resubscribe() {
     assert_ne!(server_id, dead_id);
     assert_eq!(mover.server_id(), server_id);
     assert_eq!(mover.handle().topics(), ["fleet/cmd", "fleet/status"]);
+    let m = next_message(&mut talker).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("fleet/log", &b"sent while away"[..])
+    );
     // Resubscribed: messages from another server reach it on its new server.
     talker.publish("fleet/cmd", "return to base").await.unwrap();
     let m = next_message(&mut mover).await;
