@@ -92,7 +92,7 @@ pub struct Config {
     pub max_topic_bytes: usize,
     /// Largest WebSocket message accepted from a client or peer, in bytes.
     pub max_frame_bytes: usize,
-    /// Read buffer per connection, in bytes.
+    /// Bytes read from a connection per syscall; the buffer is held only while frames arrive.
     pub read_buffer_bytes: usize,
     /// Bytes a connection buffers before writing without an explicit flush.
     pub write_buffer_bytes: usize,

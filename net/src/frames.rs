@@ -294,7 +294,7 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Stream for FrameReader<R> {
                     return Poll::Ready(Some(Err(e)));
                 }
             };
-            let missing = need - this.buf.len();
+            let missing = need.saturating_sub(this.buf.len());
             if this.buf.capacity() - this.buf.len() < missing.max(this.read_chunk / 4) {
                 this.buf.reserve(missing.max(this.read_chunk));
             }
@@ -482,6 +482,82 @@ mod tests {
                 assert_eq!(max_size, 1024);
             }
             other => panic!("expected the limit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_arriving_a_byte_at_a_time_read_the_same() {
+        // Every header form, masked (from a client) and not, with a ping and a fragmented
+        // message among them; a one-byte pipe splits every header and payload across reads.
+        let payloads: Vec<Vec<u8>> = [0usize, 5, 125, 126, 300, 70_000]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i % 253) as u8).collect())
+            .collect();
+        for (role, sender) in [(Role::Server, Role::Client), (Role::Client, Role::Server)] {
+            let mut wire = BytesMut::new();
+            for p in &payloads {
+                put_frame(&mut wire, OP_BINARY, p, sender);
+            }
+            put_frame(&mut wire, OP_PING, b"p", sender);
+            // "ab" + "cd": a start frame without FIN, then a final continuation.
+            let mut start = BytesMut::new();
+            put_frame(&mut start, OP_BINARY, b"ab", sender);
+            start[0] &= 0x7f;
+            wire.extend_from_slice(&start);
+            put_frame(&mut wire, OP_CONTINUE, b"cd", sender);
+            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+            theirs.write_all(&wire).await.unwrap();
+            let mut reader = FrameReader::new(Trickle(ours), role, &config(1 << 17));
+            for p in &payloads {
+                match reader.next().await {
+                    Some(Ok(Message::Binary(got))) => assert_eq!(&got[..], &p[..], "{role:?}"),
+                    other => panic!("{role:?}: expected {} bytes, got {other:?}", p.len()),
+                }
+            }
+            let ping = reader.next().await.unwrap().unwrap();
+            assert_eq!(ping, Message::Ping(Bytes::from_static(b"p")));
+            let joined = reader.next().await.unwrap().unwrap();
+            assert_eq!(joined, Message::binary(&b"abcd"[..]), "{role:?}");
+        }
+    }
+
+    /// A stream that hands over one byte per read.
+    struct Trickle(tokio::io::DuplexStream);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let mut one = [0u8; 1];
+            let mut small = tokio::io::ReadBuf::new(&mut one);
+            let polled = Pin::new(&mut self.0).poll_read(cx, &mut small);
+            if let Poll::Ready(Ok(())) = polled {
+                buf.put_slice(small.filled());
+            }
+            polled
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
         }
     }
 

@@ -14,8 +14,8 @@
 //!   their own task, see [`Direct`];
 //! * the **reader** is link-specific; it pulls frames with [`next_frame`] from a
 //!   [`FrameReader`] over the socket's read half ([`LinkStream`]), whose own writes (pong and
-//!   close replies) go to the writer. It ends the link through the [`Closer`], optionally with "last
-//!   words" (an encoded `Error`) that the writer sends before the WebSocket close frame.
+//!   close replies) go to the writer. It ends the link through the [`Closer`], optionally with
+//!   "last words" (an encoded `Error`) that the writer sends before the WebSocket close frame.
 //!
 //! Nothing here knows message types; the links in the service crates supply encoded frames.
 
@@ -56,8 +56,8 @@ pub fn data_queue() -> (DataTx, DataRx) {
 const REPLY_QUEUE: usize = 64;
 
 /// The read half of a link's socket as the reader's [`FrameReader`] sees it: reads come from
-/// the socket; writes (its pong and close replies, whole frames) are handed to
-/// the link's writer, which alone writes to the socket, so frames never interleave.
+/// the socket; writes (its pong and close replies, whole frames) are handed to the link's
+/// writer, which alone writes to the socket, so frames never interleave.
 #[derive(Debug)]
 pub struct ReadSide<S> {
     read: ReadHalf<S>,
@@ -439,7 +439,7 @@ pub fn frame_payloads(frames: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
     })
 }
 
-/// Whether a run of whole frames (as tungstenite writes them) holds a close frame.
+/// Whether a run of whole frames (a reply from the reader) holds a close frame.
 fn holds_close(mut frames: &[u8]) -> bool {
     while let Some((header, len)) = first_frame(frames) {
         if frames[0] & 0x0F == OP_CLOSE {
@@ -1268,7 +1268,7 @@ mod tests {
             .expect("the writer ends once the link closes")
             .unwrap();
         assert!(end.error.is_none());
-        // tungstenite's own reply finds the writer gone; no second close frame follows.
+        // The reader's own close reply finds the writer gone; no second close frame follows.
         linger(&mut stream, Duration::from_millis(100)).await;
         drop(stream);
         assert!(peer.next().await.is_none());

@@ -46,8 +46,9 @@ pub struct WsLimits {
     /// Largest message (and frame) accepted from the peer; bigger ones end the link with
     /// `LIMIT_EXCEEDED`.
     pub max_frame_bytes: usize,
-    /// Read buffer allocated per connection. Small keeps idle connections cheap; large saves
-    /// read syscalls on busy ones.
+    /// Bytes asked of the socket per read. A link holds its read buffer only while frames are
+    /// arriving ([`crate::frames::FrameReader`]), so this trades read syscalls on busy links
+    /// against memory per busy link.
     pub read_buffer_bytes: usize,
     /// Bytes buffered before tungstenite writes to the socket without an explicit flush.
     pub write_buffer_bytes: usize,
