@@ -244,7 +244,9 @@ pub struct Message {
     pub from: String,
     /// The publisher's role (empty for none), stamped by the publisher's server.
     pub role: String,
-    /// The payload, as published.
+    /// The payload, as published. It is a slice of the buffer the connection read it into
+    /// (no copy), so keeping it keeps that buffer (a few KiB); to hold many messages for long,
+    /// keep copies (`Bytes::copy_from_slice(&m.payload)`).
     pub payload: Bytes,
 }
 

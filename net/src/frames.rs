@@ -32,6 +32,12 @@ const OP_BINARY: u8 = 0x2;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
+/// Most bytes the buffer grows by ahead of what has arrived: a header announcing a large frame
+/// does not make a connection allocate the whole frame before the peer sends it.
+const GROW_AHEAD: usize = 64 * 1024;
+/// Limits beyond this are treated as this: frame arithmetic stays far from overflowing.
+const MAX_LIMIT: usize = isize::MAX as usize / 2;
+
 /// Reads WebSocket messages from `io`; the replies the protocol asks for (a pong for each ping,
 /// the close reply) are written to `io` too, whole frames, before anything further is read.
 #[derive(Debug)]
@@ -72,8 +78,8 @@ impl<R> FrameReader<R> {
             buf: BytesMut::new(),
             role,
             read_chunk: config.read_buffer_size.max(256),
-            max_frame: config.max_frame_size.unwrap_or(usize::MAX),
-            max_message: config.max_message_size.unwrap_or(usize::MAX),
+            max_frame: config.max_frame_size.unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+            max_message: config.max_message_size.unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
             fragments: None,
             reply: None,
             done: false,
@@ -129,8 +135,12 @@ impl<R> FrameReader<R> {
                 return Err(ProtocolError::ControlFrameTooBig.into());
             }
         }
-        // Refused on the header, before any of the payload is buffered.
-        let so_far = self.fragments.as_ref().map_or(0, |(_, f)| f.len());
+        // Refused on the header, before any of the payload is buffered. A control frame between
+        // fragments is not part of the message.
+        let so_far = match &self.fragments {
+            Some((_, f)) if opcode == OP_CONTINUE => f.len(),
+            _ => 0,
+        };
         let too_long = |size: usize, max_size: usize| {
             Error::Capacity(CapacityError::MessageTooLong { size, max_size })
         };
@@ -275,9 +285,20 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Stream for FrameReader<R> {
                 while !reply.is_empty() {
                     match Pin::new(&mut this.io).poll_write(cx, reply) {
                         Poll::Ready(Ok(n)) if n > 0 => reply.advance(n),
-                        // The writer is gone or the connection failed: nobody to answer, and
-                        // reading goes on until the connection says so.
-                        Poll::Ready(_) => reply.clear(),
+                        // The writer is gone (the link is closing): nobody to answer, and
+                        // reading goes on until the peer's close or the end of the connection.
+                        Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                            reply.clear();
+                        }
+                        // Anything else ends reading: a peer that pings without reading the
+                        // pongs (a link's reply queue is bounded) loses the link.
+                        Poll::Ready(result) => {
+                            this.done = true;
+                            let e = result.err().unwrap_or_else(|| {
+                                std::io::Error::from(std::io::ErrorKind::WriteZero)
+                            });
+                            return Poll::Ready(Some(Err(Error::Io(e))));
+                        }
                         Poll::Pending => return Poll::Pending,
                     }
                 }
@@ -294,9 +315,14 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Stream for FrameReader<R> {
                     return Poll::Ready(Some(Err(e)));
                 }
             };
-            let missing = need.saturating_sub(this.buf.len());
-            if this.buf.capacity() - this.buf.len() < missing.max(this.read_chunk / 4) {
-                this.buf.reserve(missing.max(this.read_chunk));
+            // Room for what is missing, up to GROW_AHEAD; a large frame grows the buffer as it
+            // arrives.
+            let want = need
+                .saturating_sub(this.buf.len())
+                .min(GROW_AHEAD)
+                .max(this.read_chunk / 4);
+            if this.buf.capacity() - this.buf.len() < want {
+                this.buf.reserve(want.max(this.read_chunk));
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Ready(Ok(0)) => {
@@ -430,6 +456,19 @@ mod tests {
             reader.next().await.unwrap().unwrap(),
             Message::binary(&b"abcdef"[..])
         );
+        // A control frame between fragments does not count toward the message's size.
+        theirs
+            .write_all(b"\x02\x06abcdef\x89\x05hello\x80\x04ghij")
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.next().await.unwrap().unwrap(),
+            Message::Ping(Bytes::from_static(b"hello"))
+        );
+        assert_eq!(
+            reader.next().await.unwrap().unwrap(),
+            Message::binary(&b"abcdefghij"[..])
+        );
         // Fragments that add up past the limit are refused on the header of the one that
         // crosses it.
         theirs.write_all(b"\x02\x06abcdef\x80\x05").await.unwrap();
@@ -440,10 +479,13 @@ mod tests {
             other => panic!("expected the limit, got {other:?}"),
         }
         assert!(reader.next().await.is_none(), "reading ends on an error");
-        // The pong went back, masked as a client's frames must be.
+        // The pongs went back, masked as a client's frames must be.
         let mut pong = [0u8; 6];
         theirs.read_exact(&mut pong).await.unwrap();
         assert_eq!(&pong[..2], b"\x8a\x80", "a client's pong is masked");
+        let mut pong = [0u8; 11];
+        theirs.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong[..2], b"\x8a\x85");
     }
 
     #[tokio::test]
@@ -559,6 +601,53 @@ mod tests {
         ) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.0).poll_shutdown(cx)
         }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_buffered_as_it_arrives_not_when_announced() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(ours, Role::Client, &config(1 << 20));
+        // A header announcing 1 000 000 bytes, then only a few of them.
+        theirs
+            .write_all(b"\x82\x7f\0\0\0\0\0\x0f\x42\x40abc")
+            .await
+            .unwrap();
+        assert!(futures_util::FutureExt::now_or_never(reader.next()).is_none());
+        assert!(
+            reader.buf.capacity() <= GROW_AHEAD + 1024,
+            "{} bytes reserved for 13 received",
+            reader.buf.capacity()
+        );
+        theirs.write_all(&vec![7u8; 1_000_000 - 3]).await.unwrap();
+        match reader.next().await {
+            Some(Ok(Message::Binary(got))) => assert_eq!(got.len(), 1_000_000),
+            other => panic!("expected the frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_pings_without_reading_the_pongs_loses_the_link() {
+        // A link whose writer is stuck: its replies pile up in the link's bounded queue.
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let crate::link::Link { sink, mut stream } =
+            crate::link::split_link(ours, Role::Server, config(1024)).await;
+        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
+        for _ in 0..100 {
+            peer.feed(Message::Ping(Bytes::new())).await.unwrap();
+        }
+        peer.flush().await.unwrap();
+        // The peer then goes: a reader that ignored the full queue would just see the end.
+        drop(peer);
+        let mut pings = 0;
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => break other,
+            }
+        };
+        assert!(matches!(ended, Some(Err(Error::Io(_)))), "{ended:?}");
+        assert!(pings < 100, "the link ended before the peer's last ping");
+        drop(sink);
     }
 
     #[tokio::test]
