@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of relaymesh against NATS, Mosquitto and Redis pub/sub on this machine.
 #
-#   bench/compare.sh                         # every system and scenario (about 20 minutes)
+#   bench/compare.sh                         # every system and scenario (about 10 minutes)
 #   bench/compare.sh --systems relaymesh,nats --scenarios fanout10
 #   bench/compare.sh --smoke --systems relaymesh   # seconds: checks the harness works
 #
