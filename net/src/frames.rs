@@ -282,27 +282,29 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Stream for FrameReader<R> {
         let this = &mut *self;
         loop {
             if let Some(reply) = this.reply.as_mut() {
+                let mut failed = None;
                 while !reply.is_empty() {
                     match Pin::new(&mut this.io).poll_write(cx, reply) {
                         Poll::Ready(Ok(n)) if n > 0 => reply.advance(n),
                         // The writer is gone (the link is closing): nobody to answer, and
                         // reading goes on until the peer's close or the end of the connection.
-                        Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                            reply.clear();
-                        }
+                        Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
                         // Anything else ends reading: a peer that pings without reading the
                         // pongs (a link's reply queue is bounded) loses the link.
                         Poll::Ready(result) => {
-                            this.done = true;
-                            let e = result.err().unwrap_or_else(|| {
+                            failed = Some(result.err().unwrap_or_else(|| {
                                 std::io::Error::from(std::io::ErrorKind::WriteZero)
-                            });
-                            return Poll::Ready(Some(Err(Error::Io(e))));
+                            }));
+                            break;
                         }
                         Poll::Pending => return Poll::Pending,
                     }
                 }
                 this.reply = None;
+                if let Some(e) = failed {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
             }
             if this.done {
                 return Poll::Ready(None);
@@ -646,6 +648,7 @@ mod tests {
             }
         };
         assert!(matches!(ended, Some(Err(Error::Io(_)))), "{ended:?}");
+        assert!(stream.next().await.is_none(), "and then nothing");
         assert!(pings < 100, "the link ended before the peer's last ping");
         drop(sink);
     }
