@@ -565,6 +565,88 @@ mod tests {
         }
     }
 
+    /// Reads until the stream ends; after an error it must end at once.
+    async fn read_to_end<R: AsyncRead + AsyncWrite + Unpin>(mut reader: FrameReader<R>) {
+        let mut steps = 0;
+        while let Some(item) = reader.next().await {
+            steps += 1;
+            assert!(steps < 10_000, "reading must end");
+            if item.is_err() {
+                assert!(reader.next().await.is_none(), "nothing after an error");
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn arbitrary_input_never_panics_and_reading_always_ends() {
+        use rand::{RngExt as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let opcodes = [
+            OP_CONTINUE,
+            OP_TEXT,
+            OP_BINARY,
+            OP_CLOSE,
+            OP_PING,
+            OP_PONG,
+            0x3,
+            0xB,
+        ];
+        for case in 0..1500 {
+            let role = if case % 2 == 0 {
+                Role::Server
+            } else {
+                Role::Client
+            };
+            let peer = if case % 2 == 0 {
+                Role::Client
+            } else {
+                Role::Server
+            };
+            let mut wire = BytesMut::new();
+            if case % 5 == 0 {
+                // Noise.
+                for _ in 0..rng.random_range(0..200) {
+                    wire.extend_from_slice(&[rng.random::<u8>()]);
+                }
+            } else {
+                // Frames of every kind and size (a few over the limit, a few masked the wrong
+                // way, some without FIN), then a byte or two changed.
+                for _ in 0..rng.random_range(1..6) {
+                    let opcode = opcodes[rng.random_range(0..opcodes.len())];
+                    let len = match rng.random_range(0..16) {
+                        0 => 70_000,
+                        n => [0, 1, 2, 7, 125, 126, 127, 300, 2000][n % 9],
+                    };
+                    let payload: Vec<u8> = (0..len).map(|_| rng.random::<u8>()).collect();
+                    let sender = if rng.random_range(0..10) == 0 {
+                        role
+                    } else {
+                        peer
+                    };
+                    let start = wire.len();
+                    put_frame(&mut wire, opcode, &payload, sender);
+                    if rng.random_range(0..3) == 0 {
+                        wire[start] &= 0x7f;
+                    }
+                }
+                for _ in 0..rng.random_range(0..3) {
+                    let i = rng.random_range(0..wire.len());
+                    wire[i] = rng.random::<u8>();
+                }
+            }
+            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+            theirs.write_all(&wire).await.unwrap();
+            // The end of the input, so that every case ends.
+            theirs.shutdown().await.unwrap();
+            if case % 3 == 0 {
+                read_to_end(FrameReader::new(Trickle(ours), role, &config(1 << 16))).await;
+            } else {
+                read_to_end(FrameReader::new(ours, role, &config(1 << 16))).await;
+            }
+        }
+    }
+
     /// A stream that hands over one byte per read.
     struct Trickle(tokio::io::DuplexStream);
 
