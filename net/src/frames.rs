@@ -714,7 +714,7 @@ mod tests {
         // A link whose writer is stuck: its replies pile up in the link's bounded queue.
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let crate::link::Link { sink, mut stream } =
-            crate::link::split_link(ours, Role::Server, config(1024)).await;
+            crate::link::split_link(ours, Role::Server, config(1024));
         let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
         for _ in 0..100 {
             peer.feed(Message::Ping(Bytes::new())).await.unwrap();

@@ -313,7 +313,7 @@ impl Drop for CloseGate<'_> {
 /// Splits an established WebSocket connection (handshake done, nothing read past it) into a
 /// link's writing and reading ends. `config` limits what the reader accepts; its
 /// `write_buffer_size` is the writer's batch size in bytes.
-pub async fn split_link<S>(io: S, role: Role, config: WebSocketConfig) -> Link<S>
+pub fn split_link<S>(io: S, role: Role, config: WebSocketConfig) -> Link<S>
 where
     S: AsyncRead + AsyncWrite,
 {
@@ -1175,7 +1175,7 @@ mod tests {
     async fn pair_over(role: Role, buffer: usize) -> Pair {
         let (ours, theirs) = tokio::io::duplex(buffer);
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
-        let Link { sink, stream } = split_link(ours, role, config).await;
+        let Link { sink, stream } = split_link(ours, role, config);
         let (ctrl_tx, ctrl) = mpsc::channel(16);
         let closer = Closer::new();
         let writer = tokio::spawn(run_writer(

@@ -138,13 +138,12 @@ pub async fn upgraded_link(on_upgrade: OnUpgrade, limits: &WsLimits) -> Result<S
         Bytes::copy_from_slice(&parts.read_buf),
         parts.io.into_inner(),
         limits,
-    )
-    .await)
+    ))
 }
 
 /// A server link over `tcp`, whose first bytes (read past the upgrade request) are `pre`; its
 /// socket is shared with [`link::Direct`] writers.
-async fn accepted_link(pre: Bytes, tcp: TcpStream, limits: &WsLimits) -> ServerLink {
+fn accepted_link(pre: Bytes, tcp: TcpStream, limits: &WsLimits) -> ServerLink {
     let (read, write) = tcp.into_split();
     let write = Arc::new(write);
     let io = Accepted {
@@ -152,7 +151,7 @@ async fn accepted_link(pre: Bytes, tcp: TcpStream, limits: &WsLimits) -> ServerL
         read,
         write: write.clone(),
     };
-    let mut link = link::split_link(io, Role::Server, limits.config()).await;
+    let mut link = link::split_link(io, Role::Server, limits.config());
     link.sink.socket = Some(write);
     link
 }
@@ -310,7 +309,7 @@ pub async fn dial_link(
     // The handshake read nothing past the response headers (see `UntilHeaders`), so the
     // socket can be handed on whole.
     let stream = socket.into_inner().tcp;
-    Ok(link::split_link(stream, Role::Client, limits.config()).await)
+    Ok(link::split_link(stream, Role::Client, limits.config()))
 }
 
 /// `HTTP/1.1 101`: enough of a response to tell an upgrade from a refusal.
@@ -634,7 +633,7 @@ mod tests {
         socket2::SockRef::from(&client)
             .set_recv_buffer_size(64 * 1024)
             .unwrap();
-        let link = accepted_link(Bytes::new(), accepted, &WsLimits::default()).await;
+        let link = accepted_link(Bytes::new(), accepted, &WsLimits::default());
         let (data_tx, data_rx) = link::data_queue();
         let backlog = Arc::new(link::Backlog::counted(1 << 16, 1 << 30));
         let direct = link
