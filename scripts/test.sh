@@ -1,42 +1,80 @@
 #!/usr/bin/env bash
-# The README's test command: every test of the workspace, the PostgreSQL account store
-# included. It needs Debian's PostgreSQL server binaries: when they are missing it installs the
-# `postgresql` package with apt-get (as root; otherwise it stops and says what to install). It
-# starts a throwaway server on 127.0.0.1 (trust auth, a fresh data directory under /tmp) for the
-# run, points the tests at it with RELAYMESH_TEST_POSTGRES_URL, and stops and deletes it after.
-# Extra arguments go to `cargo test`.
+# The README's test command: every test of the workspace (unit, doc tests of the README and the
+# crates, end-to-end in-process and as real processes), the PostgreSQL account store included.
+#
+# What it needs, beyond Rust (cargo) and bash:
+#   - PostgreSQL's server binaries (Debian's `postgresql` package). When they are missing and
+#     this runs as root with apt-get, it installs the package (that needs the network); otherwise
+#     it stops and says what to install. It needs nothing else: no python, no running database.
+#   - As root, `runuser` (util-linux) to run the server as the package's `postgres` user, since
+#     PostgreSQL refuses to run as root.
+# It starts a throwaway server on 127.0.0.1 (trust auth, a fresh data directory under /tmp),
+# points the tests at it with RELAYMESH_TEST_POSTGRES_URL, and stops and deletes it afterwards.
+# Every test binary runs even when one fails (`--no-fail-fast`); the failed tests are listed at
+# the end and the exit status is non-zero. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+say() { echo "scripts/test.sh: $*" >&2; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 root() { [[ $(id -u) -eq 0 ]]; }
 
 if [[ -z "$(pg_bin)" ]]; then
-  if root; then
-    echo "== installing Debian's postgresql package (server for the PostgreSQL account-store test)"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
+  if root && command -v apt-get >/dev/null; then
+    say "installing Debian's postgresql package (the server for the PostgreSQL account-store test)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
   else
-    echo "scripts/test.sh: PostgreSQL server binaries not found; install Debian's postgresql package" >&2
+    say "PostgreSQL server binaries not found: install Debian's postgresql package (apt-get install postgresql) and run again"
     exit 1
   fi
 fi
 bin=$(pg_bin)
+if root && ! command -v runuser >/dev/null; then
+  say "runuser not found (util-linux): it is needed to run PostgreSQL as the postgres user"
+  exit 1
+fi
 
-# PostgreSQL refuses to run as root: as root, the server runs as the package's postgres user.
-as_pg() { if root; then runuser -u postgres -- "$@"; else "$@"; fi; }
 dir=$(mktemp -d /tmp/relaymesh-pg.XXXXXX)
+# PostgreSQL refuses to run as root: as root, the server runs as the package's postgres user,
+# from a directory it may enter (the repository may be under /root).
+as_pg() {
+  if root; then (cd "$dir" && runuser -u postgres -- "$@"); else "$@"; fi
+}
 if root; then chown postgres "$dir"; fi
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 stop() {
   as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
 trap stop EXIT
 as_pg "$bin/initdb" -D "$dir/data" -U relaymesh --auth=trust >/dev/null
-as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+
+# A port below the kernel's ephemeral range (which starts at 32768), so the tests' own outbound
+# connections cannot take it; if one is in use the server fails to start and the next is tried.
+port=""
+for attempt in $(seq 1 20); do
+  candidate=$((20000 + (RANDOM * 32768 + RANDOM + attempt * 7919) % 12000))
+  if as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+    -o "-p $candidate -k $dir -c listen_addresses=127.0.0.1" start >/dev/null 2>&1; then
+    port=$candidate
+    break
+  fi
+done
+if [[ -z "$port" ]]; then
+  say "the throwaway PostgreSQL server did not start; its log:"
+  cat "$dir/server.log" >&2 || true
+  exit 1
+fi
 echo "== PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (throwaway)"
 export RELAYMESH_TEST_POSTGRES_URL="postgres://relaymesh@127.0.0.1:$port/postgres"
 
-cargo test --workspace --locked "$@"
+log="$dir/cargo-test.log"
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+if [[ $status -ne 0 ]]; then
+  echo
+  echo "== failed (exit status $status)"
+  grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/  \1/' | sort -u || true
+  grep -E -A20 '^error: [0-9]+ targets? failed' "$log" | grep -E '^error|^    ' || true
+  exit "$status"
+fi
