@@ -3,9 +3,11 @@
 # crates, end-to-end in-process and as real processes), the PostgreSQL account store included.
 #
 # What it needs, beyond Rust (cargo) and bash:
-#   - PostgreSQL's server binaries (Debian's `postgresql` package). When they are missing and
-#     this runs as root with apt-get, it installs the package (that needs the network); otherwise
-#     it stops and says what to install. It needs nothing else: no python, no running database.
+#   - PostgreSQL's server binaries (Debian's `postgresql` package), for the PostgreSQL account
+#     store, and `curl`, which the README's shell examples (run as tests) use. When either is
+#     missing and this runs as root with apt-get, it installs the package (that needs the
+#     network); otherwise it stops and says what to install. It needs nothing else: no Python,
+#     no running database.
 #   - As root, `runuser` (util-linux) to run the server as the package's `postgres` user, since
 #     PostgreSQL refuses to run as root.
 # It starts a throwaway server on 127.0.0.1 (trust auth, a fresh data directory under /tmp),
@@ -19,13 +21,22 @@ say() { echo "scripts/test.sh: $*" >&2; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 root() { [[ $(id -u) -eq 0 ]]; }
 
-if [[ -z "$(pg_bin)" ]]; then
+missing=()
+[[ -n "$(pg_bin)" ]] || missing+=(postgresql)
+command -v curl >/dev/null || missing+=(curl)
+if [[ ${#missing[@]} -gt 0 ]]; then
   if root && command -v apt-get >/dev/null; then
-    say "installing Debian's postgresql package (the server for the PostgreSQL account-store test)"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    say "installing Debian's ${missing[*]} (needed by the tests)"
+    apt_log=$(mktemp)
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1; then
+      cat "$apt_log" >&2
+      say "installing ${missing[*]} failed (the apt-get output is above)"
+      exit 1
+    fi
+    rm -f "$apt_log"
   else
-    say "PostgreSQL server binaries not found: install Debian's postgresql package (apt-get install postgresql) and run again"
+    say "missing: ${missing[*]}; install Debian's packages of those names (apt-get install ${missing[*]}) and run again"
     exit 1
   fi
 fi

@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 
-/// Payload size of every benchmark message, as in BENCHMARKS.md.
+/// Payload size of every benchmark message (the README's benchmark method).
 pub(crate) const PAYLOAD_BYTES: usize = 100;
 /// Bytes of the header at the front of each payload.
 const HEADER_BYTES: usize = 25;

@@ -1,5 +1,5 @@
 //! Results: every step of every system and scenario as JSON, and a Markdown report with a
-//! summary, the targets as ratios measured in this run, and the step tables.
+//! summary, the performance targets as ratios measured in this run, and the step tables.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -95,7 +95,7 @@ impl Machine {
     }
 }
 
-/// One of the targets, evaluated on this run.
+/// One of the performance targets, evaluated on this run.
 #[derive(Debug, Clone, Serialize)]
 struct Target {
     target: String,

@@ -1,40 +1,157 @@
-//! The relaymesh client library.
+//! The relaymesh client library: log in through a coordinator, talk to the comm server it
+//! picks, and stay connected.
+//!
+//! A relaymesh cluster is a coordinator and any number of equivalent comm servers. A client
+//! asks the coordinator for a server, gets a single-use key for one chosen at random, and from
+//! then on talks to that server: it subscribes to topics and publishes to them, and the cluster
+//! delivers every message to every subscriber of its topic, whichever server each sits on.
+//!
+//! # Connecting
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), relaymesh_client::ClientError> {
-//! use relaymesh_client::{Client, ClientConfig, Event};
+//! use relaymesh_client::{Client, ClientConfig, ClientError, Event};
 //!
+//! # async fn demo() -> Result<(), ClientError> {
 //! let mut client = Client::connect(ClientConfig::new("ws://127.0.0.1:7400")).await?;
 //! client.subscribe(["rooms/lobby"]).await?; // active cluster-wide once this returns
-//! client.publish("rooms/lobby", "hello").await?;
+//! client.publish("rooms/lobby", "hello").await?; // queued; returns at once
 //! while let Some(event) = client.next_event().await {
-//!     if let Event::Message(m) = event {
-//!         println!("{} from {}: {:?}", m.topic, m.from, m.payload);
+//!     match event {
+//!         Event::Message(m) => println!("{} from {}: {:?}", m.topic, m.from, m.payload),
+//!         Event::Dropped { count } => eprintln!("the server dropped {count} messages for us"),
+//!         other => eprintln!("{other:?}"), // Event is non_exhaustive: keep a wildcard arm
 //!     }
 //! }
 //! # Ok(()) }
 //! ```
 //!
-//! [`Client::connect`] asks the coordinator for a server (`/v1/connect`), connects to it with
-//! the single-use key it was given, and starts a background task that owns the connection: a
-//! writer that batches queued frames and sends heartbeats, and a reader that turns frames into
-//! [`Event`]s. When the server goes away the task negotiates again (excluding that server),
-//! reconnects with capped exponential backoff and jitter, resubscribes, and reports
-//! [`Event::Reconnected`]. Delivery is at most once: messages published while no server is
-//! reachable wait in the bounded outbound queue, and messages in flight when a server dies are
-//! lost.
+//! [`Client::connect`] negotiates a server through the coordinator (`/v1/connect`), connects
+//! to it with the key, and starts a background task that owns the connection. The coordinator
+//! URL may be written `ws://host:port` or `http://host:port`. [`ClientConfig::new`] gives the
+//! defaults; every field of [`ClientConfig`] is public.
+//!
+//! # Logging in
+//!
+//! [`ClientConfig::credentials`] says who the client is. [`Credentials::Anonymous`] (the
+//! default) is accepted only by a coordinator whose accounts are open (development). Otherwise
+//! log in to an account with an access code, or with an Ed25519 key registered to the account
+//! (the coordinator sends a challenge and the client signs it; the key never leaves the
+//! client). Both name the *role* to act as, which decides what the client may publish and
+//! subscribe to, and optionally a *group* within the account.
+//!
+//! ```no_run
+//! use relaymesh_client::{ClientConfig, Credentials, read_signing_key};
+//!
+//! # fn demo() -> Result<(), relaymesh_client::KeyFileError> {
+//! let mut agent = ClientConfig::new("ws://127.0.0.1:7400");
+//! agent.credentials = Credentials::AccessCode {
+//!     account: "acme".into(),
+//!     code: std::env::var("RELAYMESH_ACCESS_CODE").unwrap_or_default(),
+//!     role: "agent".into(),
+//!     group: "fleet-1".into(),
+//! };
+//! // A newer login with the same id replaces this one (its server closes it with REPLACED).
+//! agent.client_id = Some("drone-7".into());
+//!
+//! let mut gcs = ClientConfig::new("ws://127.0.0.1:7400");
+//! gcs.credentials = Credentials::Key {
+//!     account: "acme".into(),
+//!     key: read_signing_key(std::path::Path::new("gcs.key"))?, // written by `meshctl keygen`
+//!     role: "gcs".into(),
+//!     group: "fleet-1".into(),
+//! };
+//! # Ok(()) }
+//! ```
+//!
+//! The key is an [`ed25519_dalek::SigningKey`], re-exported as [`SigningKey`];
+//! [`write_new_signing_key`] makes one and stores it as `meshctl keygen` does. A refused login
+//! fails [`Client::connect`] with [`ClientError::Dial`] or [`ClientError::Refused`], whose
+//! [`ClientError::code`] says why (`BAD_CREDENTIALS`, `ROLE_NOT_PERMITTED`, `RATE_LIMITED`, …).
+//!
+//! # Subscribing
+//!
+//! [`Client::subscribe`] returns once the server has installed the subscription *and* every
+//! other server of the cluster has acknowledged it: a message published anywhere after it
+//! returns reaches this client. Topics are exact names of ASCII letters, digits and
+//! `_ - . :` in `/`-separated segments (`rooms/lobby`, `telemetry/drone-17.gps`); there are no
+//! wildcard subscriptions, and a malformed topic fails at once with
+//! [`ClientError::InvalidTopic`] without anything being sent. A subscription the server refuses
+//! (too many topics, a topic the role may not read) fails that call with the server's error.
+//!
+//! # Publishing
+//!
+//! [`Client::publish`] returns once the message is queued in the bounded outbound queue
+//! ([`ClientConfig::outbound_queue`]), waiting while the queue is full. A publish the role may
+//! not make is not an error of that call (it was already queued): the server refuses it and
+//! the client reports [`Event::Forbidden`]. [`Client::flush`] waits until the server has
+//! handled everything sent before it, so by the time it returns such a refusal has been
+//! reported, ahead of any later event.
+//!
+//! # Events, and publishing from other tasks
+//!
+//! [`Client::next_event`] yields [`Event`]s: messages, `Dropped` notices (the server dropped
+//! messages because this client read too slowly), `Forbidden`, `Disconnected` / `Reconnected`,
+//! and `SubscriptionsRefused`. The same task reads the server's answers to subscription
+//! changes, so keep calling `next_event`: a subscribe waits at most
+//! [`ClientConfig::request_timeout`] for its answer. To publish or subscribe while another
+//! task receives, take a [`Handle`] with [`Client::handle`]; it is cheap to clone and has the
+//! same `publish`, `subscribe`, `unsubscribe` and `flush`.
+//!
+//! ```no_run
+//! # async fn demo(mut client: relaymesh_client::Client) {
+//! let handle = client.handle();
+//! tokio::spawn(async move {
+//!     for n in 0..10 {
+//!         if handle.publish("rooms/lobby", format!("tick {n}")).await.is_err() {
+//!             break; // the client was closed
+//!         }
+//!     }
+//! });
+//! while let Some(event) = client.next_event().await {
+//!     println!("{event:?}");
+//! }
+//! # }
+//! ```
+//!
+//! # Reconnecting, and what is guaranteed
+//!
+//! When the server goes away the background task reports [`Event::Disconnected`], negotiates
+//! again (excluding that server) with capped exponential backoff and jitter
+//! ([`ClientConfig::reconnect_min`], [`ClientConfig::reconnect_max`]), resubscribes, and
+//! reports [`Event::Reconnected`] with the new server and alias. Messages published meanwhile
+//! wait in the outbound queue and go out on the next connection. Messages from one publisher
+//! on one topic arrive in the order published, each once, while the client stays connected;
+//! what was in flight when a server died is lost (delivery is at most once across a failure).
+//! If the new server refuses to restore some subscriptions (its limits are lower), they are
+//! dropped and reported as [`Event::SubscriptionsRefused`].
+//!
+//! # Closing
+//!
+//! [`Client::close`] sends what is still queued, closes the connection cleanly and waits for
+//! the background task. Dropping the [`Client`] closes it too, without waiting.
 
 mod connection;
 mod negotiate;
+
+/// The README's Rust examples, compiled by `cargo test` as doc tests (each in a crate of its
+/// own, as a user's would be), so they cannot fall behind the library.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
+pub use bytes::Bytes;
+pub use ed25519_dalek::SigningKey;
+pub use relaymesh_net::auth::{KeyFileError, read_signing_key, write_new_signing_key};
+pub use relaymesh_net::ws::DialError;
+pub use relaymesh_proto::v1::ErrorCode;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{DialError, WsLimits};
+use relaymesh_net::ws::WsLimits;
 use relaymesh_proto::topic::{self, TopicError};
 use relaymesh_proto::{encode, v1};
 use tokio::sync::{mpsc, oneshot};
@@ -260,12 +377,12 @@ pub enum ClientError {
     #[error("{0}")]
     Refused(v1::Error),
     /// A topic broke the topic rules; nothing was sent.
-    #[error("invalid topic {topic:?}: {source}")]
+    #[error("invalid topic {topic:?}: {reason}")]
     InvalidTopic {
         /// The topic.
         topic: String,
-        /// The rule it broke.
-        source: TopicError,
+        /// The rule it broke (part of the message, so not also a `source`).
+        reason: TopicError,
     },
     /// A link broke or sent something unexpected.
     #[error("{0}")]
@@ -368,6 +485,10 @@ pub struct Client {
 impl Client {
     /// Negotiates a server through the coordinator and connects to it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        relaymesh_net::url::check(&config.coordinator).map_err(|e| DialError::BadUrl {
+            url: config.coordinator.clone(),
+            reason: e.to_string(),
+        })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             next_request: AtomicU64::new(1),
@@ -520,10 +641,10 @@ impl Handle {
     /// Queues a message for `topic`. Returns once it is queued (waiting if the outbound queue
     /// is full); delivery is at most once.
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), ClientError> {
-        topic::validate(topic, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|source| {
+        topic::validate(topic, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|reason| {
             ClientError::InvalidTopic {
                 topic: topic.to_owned(),
-                source,
+                reason,
             }
         })?;
         let frame = encode(&v1::ClientToServer::publish(v1::Publish {
@@ -590,7 +711,7 @@ where
             let t = t.into();
             match topic::validate(&t, topic::DEFAULT_MAX_TOPIC_LEN) {
                 Ok(()) => Ok(t),
-                Err(source) => Err(ClientError::InvalidTopic { topic: t, source }),
+                Err(reason) => Err(ClientError::InvalidTopic { topic: t, reason }),
             }
         })
         .collect()

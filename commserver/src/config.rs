@@ -116,6 +116,9 @@ pub struct Config {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay before jitter.
     pub reconnect_max_ms: u64,
+    /// Delay between attempts while the coordinator or a peer refuses this server's
+    /// credentials (a wrong cluster secret: only an operator can fix it).
+    pub refused_retry_ms: u64,
     /// Time allowed to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
 }
@@ -164,6 +167,7 @@ impl Default for Config {
             subscribe_sync_timeout_ms: 5_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            refused_retry_ms: 30_000,
             shutdown_grace_ms: 5_000,
         }
     }
@@ -173,10 +177,16 @@ impl Config {
     /// Checks ranges and consistency; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(
-            self.coordinator.starts_with("ws://") && self.coordinator.len() > 5,
+            !self.coordinator.is_empty(),
             "coordinator",
-            "must be a ws:// URL (--coordinator)",
+            "must be set: the coordinator's URL, e.g. --coordinator ws://127.0.0.1:7400",
         )?;
+        if let Err(e) = relaymesh_net::url::check(&self.coordinator) {
+            return Err(ConfigError::Invalid(format!(
+                "`coordinator` (--coordinator) {:?} is not a coordinator URL: {e}",
+                self.coordinator
+            )));
+        }
         ensure(
             !self.cluster_secret.is_empty()
                 || (self.identity_key_file.is_some() && !self.trusted_peer_keys.is_empty()),
@@ -291,6 +301,11 @@ impl Config {
             "reconnect_max_ms",
             "must be at least reconnect_min_ms",
         )?;
+        ensure(
+            self.refused_retry_ms > 0,
+            "refused_retry_ms",
+            "must be positive",
+        )?;
         Ok(())
     }
 
@@ -303,6 +318,16 @@ impl Config {
 
     pub(crate) fn ms(value: u64) -> Duration {
         Duration::from_millis(value)
+    }
+
+    /// Redialing `what` (the coordinator or a peer) with this server's reconnect settings.
+    pub(crate) fn redial(&self, what: impl Into<String>) -> relaymesh_net::retry::Redial {
+        relaymesh_net::retry::Redial::new(
+            what,
+            Self::ms(self.reconnect_min_ms),
+            Self::ms(self.reconnect_max_ms),
+            Self::ms(self.refused_retry_ms),
+        )
     }
 
     pub(crate) fn heartbeat_interval(&self) -> Duration {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
-use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{ClientLink, ClientLinkStream};
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
@@ -18,25 +17,24 @@ use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error};
 use tokio::sync::mpsc;
 
 use crate::keys::KeyError;
-use crate::{Config, LINGER, Server};
+use crate::{LINGER, Server};
 
 /// Frames queued for the coordinator (answers and load reports).
 const COORDINATOR_QUEUE: usize = 4_096;
+/// Least time between two load reports caused by sessions coming and going.
+const LOAD_REPORT_COALESCE: Duration = Duration::from_millis(100);
 
 /// Keeps the server registered until shutdown.
 pub(crate) async fn run(server: Arc<Server>) {
     let config = &server.config;
-    let mut backoff = Backoff::new(
-        Config::ms(config.reconnect_min_ms),
-        Config::ms(config.reconnect_max_ms),
-    );
+    let mut redial = config.redial("the coordinator");
     while !server.shutdown.is_cancelled() {
         let dial = crate::peers::dial_link(&server, &config.coordinator, "/v1/servers");
         let dialed = tokio::select! {
             dialed = dial => dialed,
             _ = server.shutdown.cancelled() => break,
         };
-        match dialed {
+        let delay = match dialed {
             Ok(socket) => {
                 let outcome = serve(&server, socket).await;
                 server
@@ -44,19 +42,20 @@ pub(crate) async fn run(server: Arc<Server>) {
                     .coordinator_connected
                     .store(false, Ordering::Relaxed);
                 match outcome {
-                    Ok(true) => {
-                        backoff.reset();
+                    Ok(Ended::Lost) => {
+                        redial.connected();
                         if !server.shutdown.is_cancelled() {
                             tracing::warn!("lost the coordinator link; reconnecting");
                         }
                     }
-                    Ok(false) => {}
+                    Ok(Ended::Said) => redial.connected(),
+                    Ok(Ended::Unregistered) => {}
                     Err(e) => tracing::warn!(error = %e, "coordinator link failed"),
                 }
+                redial.next_delay()
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reach the coordinator"),
-        }
-        let delay = backoff.next_delay();
+            Err(e) => redial.failed(&e),
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = server.shutdown.cancelled() => break,
@@ -64,8 +63,18 @@ pub(crate) async fn run(server: Arc<Server>) {
     }
 }
 
-/// Runs one connection to the coordinator. `Ok(true)` when it registered.
-async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<bool, v1::Error> {
+/// How a connection to the coordinator ended, when not with an error.
+enum Ended {
+    /// Before registering (shutdown, or the coordinator closed at once).
+    Unregistered,
+    /// After registering, with no word why: the link broke.
+    Lost,
+    /// After registering, and why was logged (shutdown, or the coordinator's own `Error`).
+    Said,
+}
+
+/// Runs one connection to the coordinator.
+async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Error> {
     let ClientLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(COORDINATOR_QUEUE);
     let closer = Closer::new();
@@ -100,13 +109,13 @@ async fn registered(
     stream: &mut ClientLinkStream,
     tx: &mpsc::Sender<Bytes>,
     closer: &Closer,
-) -> Result<bool, v1::Error> {
+) -> Result<Ended, v1::Error> {
     let first: Option<v1::CoordinatorToServer> = tokio::select! {
         first = link::first_message(stream, server.config.handshake_timeout()) => first?,
-        _ = server.shutdown.cancelled() => return Ok(false),
+        _ = server.shutdown.cancelled() => return Ok(Ended::Unregistered),
     };
     let registered = match first.and_then(|m| m.kind) {
-        None => return Ok(false),
+        None => return Ok(Ended::Unregistered),
         Some(Kind::Registered(registered)) => registered,
         Some(Kind::Error(e)) => return Err(e),
         Some(_) => {
@@ -150,25 +159,39 @@ async fn registered(
     // next report will do.
     let report_load = || {
         let _ = tx.try_send(encode(&v1::ServerToCoordinator::load(load(server))));
+        Instant::now()
     };
-    report_load();
+    let mut last_report = report_load();
     let mut watchdog = Watchdog::new(timeout, interval);
+    // A session that comes or goes is reported within LOAD_REPORT_COALESCE, not at the next
+    // heartbeat: many logins in a burst make one report.
+    let coalesce = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(coalesce);
+    let mut changed = false;
     loop {
         tokio::select! {
             biased;
             _ = server.shutdown.cancelled() => {
                 // Stop new clients from being sent here before the sessions close.
                 report_load();
-                return Ok(true);
+                return Ok(Ended::Said);
             }
-            _ = closer.closed() => return Ok(true),
+            _ = closer.closed() => return Ok(Ended::Lost),
             beat = watchdog.tick() => match beat {
                 Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "coordinator silent past the heartbeat timeout")),
-                Beat::Send => report_load(),
+                Beat::Send => last_report = report_load(),
                 Beat::Quiet => {}
             },
+            _ = server.load_changed.notified(), if !changed => {
+                changed = true;
+                coalesce.as_mut().reset((last_report + LOAD_REPORT_COALESCE).into());
+            }
+            _ = &mut coalesce, if changed => {
+                changed = false;
+                last_report = report_load();
+            }
             step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(true),
+                Inbound::Closed => return Ok(Ended::Lost),
                 Inbound::Control => watchdog.activity(),
                 Inbound::Frame(frame) => {
                     watchdog.activity();
@@ -190,8 +213,12 @@ async fn registered(
                             answer(tx, v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }), timeout).await?
                         }
                         Some(Kind::Error(e)) => {
-                            tracing::warn!(error = %e, "coordinator closed the link");
-                            return Ok(true);
+                            if e.error_code() == ErrorCode::ShuttingDown {
+                                tracing::info!("the coordinator is shutting down; reconnecting until it is back");
+                            } else {
+                                tracing::warn!(error = %e, "coordinator closed the link; reconnecting");
+                            }
+                            return Ok(Ended::Said);
                         }
                         Some(Kind::Registered(_)) => {
                             return Err(error(ErrorCode::UnexpectedMessage, "Registered was already received"));

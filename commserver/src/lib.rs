@@ -67,6 +67,9 @@ struct Server {
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
     sessions: Mutex<HashMap<SessionId, Arc<Subscriber>>>,
+    /// Signalled when a session comes or goes, so the coordinator link reports the new load
+    /// soon (coalesced) instead of at the next heartbeat.
+    load_changed: tokio::sync::Notify,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// Peers this server dials (those with a higher id), and the tokens that stop their dialers.
@@ -264,6 +267,7 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: Instant::now(),
+        load_changed: tokio::sync::Notify::new(),
         direct_writes: routes::DirectWrites::of(
             config.direct_write_budget_us,
             tokio::runtime::Handle::current().metrics().num_workers(),

@@ -21,7 +21,6 @@ use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{
     self, Backlog, Closer, DataBacklog, Inbound, Link, LinkStream, WriterSetup,
 };
-use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
 use relaymesh_proto::frame::Sender;
@@ -36,7 +35,7 @@ use tracing::Instrument as _;
 
 use crate::control::{Command, PeerLink};
 use crate::routes::{self, Batcher, RouteCache};
-use crate::{Config, LINGER, Server};
+use crate::{LINGER, Server};
 
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
@@ -113,11 +112,7 @@ async fn dial_loop(
     url: Arc<Mutex<String>>,
     stop: CancellationToken,
 ) {
-    let config = &server.config;
-    let mut backoff = Backoff::new(
-        Config::ms(config.reconnect_min_ms),
-        Config::ms(config.reconnect_max_ms),
-    );
+    let mut redial = server.config.redial(format!("peer {peer}"));
     while !stop.is_cancelled() && !server.shutdown.is_cancelled() {
         // A link dialed before the coordinator restarted (by a dialer that has since been told
         // to stop) may still be up: keep using it rather than replacing it, and dial only once
@@ -139,15 +134,15 @@ async fn dial_loop(
             _ = stop.cancelled() => break,
             _ = server.shutdown.cancelled() => break,
         };
-        match dialed {
+        let delay = match dialed {
             Ok(socket) => {
                 if run_link(&server, socket, Some(peer.clone())).await {
-                    backoff.reset();
+                    redial.connected();
                 }
+                redial.next_delay()
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reach peer"),
-        }
-        let delay = backoff.next_delay();
+            Err(e) => redial.failed(&e),
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => break,
@@ -507,7 +502,11 @@ where
             }))),
             Some(Kind::Pong(_)) => {}
             Some(Kind::Error(e)) => {
-                tracing::warn!(error = %e, "peer is closing the link");
+                if e.error_code() == ErrorCode::ShuttingDown {
+                    tracing::info!("peer is shutting down");
+                } else {
+                    tracing::warn!(error = %e, "peer is closing the link");
+                }
                 return Ok(false);
             }
             Some(Kind::Hello(_)) => {

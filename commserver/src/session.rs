@@ -246,6 +246,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
     ));
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
+    server.load_changed.notify_one();
     let mut session = Session {
         server: server.clone(),
         me: me.clone(),
@@ -279,6 +280,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
     // The session is over for everyone else now; the close handshake below is only courtesy.
     lock(&server.sessions).remove(&me.id);
     server.stats.clients.dec();
+    server.load_changed.notify_one();
     if session.ever_subscribed {
         let _ = server
             .control

@@ -397,12 +397,24 @@ impl Drop for FileTurn {
 }
 
 fn describe(a: &Account) -> String {
-    let codes: Vec<String> = a
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let named =
+        |id: &str, revoked: bool| format!("{id}{}", if revoked { " (revoked)" } else { "" });
+    let codes = a
         .access_codes
         .iter()
-        .map(|c| (&c.id, c.revoked))
-        .chain(a.public_keys.iter().map(|k| (&k.id, k.revoked)))
-        .map(|(id, revoked)| format!("{id}{}", if revoked { " (revoked)" } else { "" }))
+        .map(|c| named(&c.id, c.revoked))
+        .collect();
+    let keys = a
+        .public_keys
+        .iter()
+        .map(|k| named(&k.id, k.revoked))
         .collect();
     let roles: Vec<String> = a
         .roles
@@ -416,7 +428,7 @@ fn describe(a: &Account) -> String {
         })
         .collect();
     format!(
-        "{}\t{}{}\tcodes: {}\troles: {}\n",
+        "{}\t{}{}\tcodes: {}\tkeys: {}\troles: {}\n",
         a.name,
         if a.enabled { "enabled" } else { "disabled" },
         if a.isolate_groups {
@@ -424,11 +436,8 @@ fn describe(a: &Account) -> String {
         } else {
             ""
         },
-        if codes.is_empty() {
-            "-".into()
-        } else {
-            codes.join(", ")
-        },
+        list(codes),
+        list(keys),
         if roles.is_empty() {
             "any".into()
         } else {

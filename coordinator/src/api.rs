@@ -47,6 +47,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
                 "topics": e.load.topics,
                 "draining": e.load.draining,
                 "eligible": e.eligible(),
+                "load_age_ms": u64::try_from(e.load_at.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         })
         .collect();

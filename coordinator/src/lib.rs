@@ -120,7 +120,7 @@ pub async fn run(
     match &*accounts {
         accounts::Store::Open => tracing::warn!(
             "ACCOUNTS ARE OPEN: anyone can log in as any account and role, with no rules; \
-             for development only (set [accounts] store = \"single\" or \"file\")"
+             for development only (set [accounts] store = \"single\", \"file\" or \"sql\")"
         ),
         _ => tracing::info!(store = ?config.accounts.store, "account store ready"),
     }

@@ -6,6 +6,7 @@
 //! uses to reach a server's link; the unit tests use plain numbers.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use rand::Rng;
 use rand::RngExt as _;
@@ -51,6 +52,8 @@ pub struct Entry<H> {
     pub capacity: u32,
     /// Its latest load report, plus keys reserved through this coordinator since.
     pub load: Load,
+    /// When that report arrived (or the server registered, before its first).
+    pub load_at: Instant,
     /// The link it registered over.
     pub link: LinkId,
     /// How to reach that link.
@@ -117,6 +120,7 @@ impl<H: Clone> Registry<H> {
             url: url.to_owned(),
             capacity,
             load: Load::default(),
+            load_at: Instant::now(),
             link,
             handle,
         };
@@ -150,6 +154,7 @@ impl<H: Clone> Registry<H> {
     pub fn update_load(&mut self, id: &str, link: LinkId, load: Load) {
         if let Some(entry) = self.servers.get_mut(id).filter(|e| e.link == link) {
             entry.load = load;
+            entry.load_at = Instant::now();
         }
     }
 

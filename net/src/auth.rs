@@ -102,13 +102,64 @@ impl LinkCredentials {
     }
 }
 
-/// Reads a hex Ed25519 private key (as `meshctl keygen` writes it).
-pub fn read_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Why a key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read.
+    #[error("cannot read the key file {path}: {error}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+    /// The file does not hold a key.
+    #[error("{path} does not hold a 64-hex-digit Ed25519 private key")]
+    NotAKey {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// The file could not be created.
+    #[error("cannot create the key file {path}: {error}")]
+    Create {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+}
+
+/// Reads a hex Ed25519 private key (as `meshctl keygen` and [`write_new_signing_key`] write it).
+pub fn read_signing_key(path: &std::path::Path) -> Result<SigningKey, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|error| KeyFileError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
     hex::decode(text.trim())
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .map(|b| SigningKey::from_bytes(&b))
-        .ok_or_else(|| format!("{}: not a 64-hex-digit Ed25519 private key", path.display()))
+        .ok_or_else(|| KeyFileError::NotAKey {
+            path: path.to_owned(),
+        })
+}
+
+/// Makes a new Ed25519 key, writes its private half to `path` in hex (a new file, readable by
+/// its owner only; an existing file is never overwritten) and returns it.
+pub fn write_new_signing_key(path: &std::path::Path) -> Result<SigningKey, KeyFileError> {
+    use std::io::Write as _;
+    let secret: [u8; 32] = rand::random();
+    let key = SigningKey::from_bytes(&secret);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let create = |error| KeyFileError::Create {
+        path: path.to_owned(),
+        error,
+    };
+    let mut file = options.open(path).map_err(create)?;
+    writeln!(file, "{}", hex::encode(&secret)).map_err(create)?;
+    Ok(key)
 }
 
 /// Parses hex public keys (config lists of trusted keys).

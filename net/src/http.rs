@@ -185,6 +185,8 @@ impl ApiError {
             ErrorCode::NoServerAvailable | ErrorCode::ServerFull | ErrorCode::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -210,18 +212,16 @@ impl IntoResponse for ApiError {
 
 /// Fallback for paths no route serves: a JSON error like every other refusal.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        ErrorCode::BadFrame,
+    ApiError::from_code(
+        ErrorCode::NotFound,
         format!("no endpoint at {}", uri.path()),
     )
 }
 
 /// Fallback for a known path with the wrong method.
 pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::BadFrame,
+    ApiError::from_code(
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
 }
@@ -235,15 +235,20 @@ pub fn text(content_type: &'static str, body: String) -> Response {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpClientError {
     /// The URL is not `http://host:port/path` (or `ws://`, which is mapped to `http://`).
-    #[error("invalid URL {0:?}: expected http://host:port/...")]
-    BadUrl(String),
+    #[error("invalid URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The TCP connection could not be made.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {error}")]
     Connect {
         /// `host:port` that was dialed.
         addr: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The exchange failed after connecting.
     #[error("HTTP request to {url} failed: {message}")]
@@ -279,19 +284,21 @@ async fn request_inner(
     url: &str,
     json_body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
-    let bad_url = || HttpClientError::BadUrl(url.to_owned());
-    let uri: hyper::Uri = url.parse().map_err(|_| bad_url())?;
-    match uri.scheme_str() {
-        Some("http" | "ws") => {}
-        _ => return Err(bad_url()),
-    }
-    let host = uri.host().ok_or_else(bad_url)?;
+    let bad_url = |reason: String| HttpClientError::BadUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let uri: hyper::Uri = crate::url::normalize(url, crate::url::Form::Http)
+        .map_err(|e| bad_url(e.to_string()))?
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad_url(e.to_string()))?;
+    let host = uri.host().ok_or_else(|| bad_url("no host".into()))?;
     let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let stream = TcpStream::connect(&addr)
         .await
-        .map_err(|source| HttpClientError::Connect {
+        .map_err(|error| HttpClientError::Connect {
             addr: addr.clone(),
-            source,
+            error,
         })?;
     let _ = stream.set_nodelay(true);
     let exchange = |e: &dyn std::fmt::Display| HttpClientError::Exchange {

@@ -6,7 +6,7 @@
 //! `TCP_NODELAY` ([`ws`]), the batched link writer every link uses ([`link`]) and its WebSocket frame reader
 //! ([`frames`]),
 //! heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]), process shutdown
-//! ([`shutdown`]), Prometheus text ([`metrics`]), process CPU and memory ([`procstat`]), config files ([`config`]), lock helpers ([`sync`]) and logging
+//! ([`shutdown`]), Prometheus text ([`metrics`]), process CPU and memory ([`procstat`]), config files ([`config`]), service URLs ([`url`]), lock helpers ([`sync`]) and logging
 //! ([`logging`]).
 
 pub mod auth;
@@ -22,4 +22,5 @@ pub mod procstat;
 pub mod retry;
 pub mod shutdown;
 pub mod sync;
+pub mod url;
 pub mod ws;

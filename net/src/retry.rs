@@ -5,9 +5,12 @@
 //! random jitter of up to 100 % of the step so that a restarted coordinator is not hit by every
 //! server at the same instant. The schedule never ends; it restarts after a link has come up.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use relaymesh_proto::ErrorCode;
+
+use crate::ws::DialError;
 
 /// An endless backoff schedule; call [`Backoff::reset`] once a connection succeeds.
 #[derive(Debug)]
@@ -45,6 +48,103 @@ impl Backoff {
     }
 }
 
+/// How long failed dials of a link that never came up are logged quietly: a comm server
+/// started a moment before its coordinator should not warn.
+pub const QUIET_FOR: Duration = Duration::from_secs(10);
+
+/// What one failed dial means, and so how loudly it is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The first failure after the link was up (or at start): `info`.
+    First,
+    /// A later one within [`QUIET_FOR`] of the first: `debug`.
+    Early,
+    /// Failing for longer than [`QUIET_FOR`]: `warn`, every attempt.
+    Persisting,
+    /// The other side refused this process's credentials: `error`, and the slow retry, since
+    /// only an operator can fix it.
+    Refused,
+}
+
+/// Redialing one link: the backoff schedule, plus what to say about each failure.
+#[derive(Debug)]
+pub struct Redial {
+    what: String,
+    backoff: Backoff,
+    refused_retry: Duration,
+    failing_since: Option<Instant>,
+}
+
+impl Redial {
+    /// Redials `what` (e.g. "the coordinator") with backoff from `min` to `max`, and every
+    /// `refused_retry` while it refuses the credentials.
+    pub fn new(
+        what: impl Into<String>,
+        min: Duration,
+        max: Duration,
+        refused_retry: Duration,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            backoff: Backoff::new(min, max),
+            refused_retry,
+            failing_since: None,
+        }
+    }
+
+    /// The link came up: the next failure starts a new streak from `min`.
+    pub fn connected(&mut self) {
+        self.backoff.reset();
+        self.failing_since = None;
+    }
+
+    /// Classifies a failure at `now`; `refused` when the other side refused the credentials.
+    pub fn classify(&mut self, now: Instant, refused: bool) -> Failure {
+        if refused {
+            return Failure::Refused;
+        }
+        match self.failing_since {
+            None => {
+                self.failing_since = Some(now);
+                Failure::First
+            }
+            Some(since) if now.duration_since(since) < QUIET_FOR => Failure::Early,
+            Some(_) => Failure::Persisting,
+        }
+    }
+
+    /// Logs a failed dial as [`Redial::classify`] says and returns the delay before the next.
+    pub fn failed(&mut self, error: &DialError) -> Duration {
+        let refused = error.refusal_code() == Some(ErrorCode::Unauthenticated);
+        let failure = self.classify(Instant::now(), refused);
+        let what = &self.what;
+        match failure {
+            Failure::First => tracing::info!(%error, "{what} is not reachable yet; retrying"),
+            Failure::Early => tracing::debug!(%error, "{what} is still not reachable; retrying"),
+            Failure::Persisting => {
+                let secs = self.failing_since.map_or(0, |s| s.elapsed().as_secs());
+                tracing::warn!(%error, "cannot reach {what} for {secs} s; retrying");
+            }
+            Failure::Refused => {
+                tracing::error!(
+                    %error,
+                    "{what} refused this server's credentials: wrong cluster secret \
+                     (RELAYMESH_CLUSTER_SECRET must be the same on every coordinator and comm \
+                     server) or an identity key it does not trust; retrying every {} s",
+                    self.refused_retry.as_secs()
+                );
+                return self.refused_retry;
+            }
+        }
+        self.backoff.next_delay()
+    }
+
+    /// The delay before redialing after a link that had been up ended.
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +172,32 @@ mod tests {
             .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(8)).next_delay())
             .collect();
         assert!(firsts.len() > 10, "first delays barely differ: {firsts:?}");
+    }
+
+    #[test]
+    fn failures_are_quiet_at_first_loud_when_they_last_and_refusals_always() {
+        let ms = Duration::from_millis;
+        let mut r = Redial::new("the coordinator", ms(10), ms(80), Duration::from_secs(30));
+        let t0 = Instant::now();
+        assert_eq!(r.classify(t0, false), Failure::First);
+        assert_eq!(r.classify(t0 + ms(500), false), Failure::Early);
+        assert_eq!(r.classify(t0 + QUIET_FOR, false), Failure::Persisting);
+        assert_eq!(r.classify(t0 + QUIET_FOR, true), Failure::Refused);
+        r.connected();
+        assert_eq!(r.classify(t0 + QUIET_FOR * 2, false), Failure::First);
+    }
+
+    #[test]
+    fn a_refusal_waits_the_slow_retry() {
+        let ms = Duration::from_millis;
+        let mut r = Redial::new("the coordinator", ms(10), ms(80), Duration::from_secs(30));
+        let refused = DialError::Refused {
+            url: "ws://a:1/v1/servers".into(),
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            message: Some((ErrorCode::Unauthenticated, "wrong secret".into())),
+        };
+        assert_eq!(r.failed(&refused), Duration::from_secs(30));
+        let unreachable = DialError::Timeout("ws://a:1".into());
+        assert!(r.failed(&unreachable) <= ms(20));
     }
 }

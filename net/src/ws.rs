@@ -230,7 +230,7 @@ pub async fn upgraded(
 /// Why a WebSocket could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    /// The URL is not a `ws://host:port/path` URL.
+    /// The URL is not a `ws://host:port/path` (or `http://…`) URL.
     #[error("invalid URL {url:?}: {reason}")]
     BadUrl {
         /// The URL.
@@ -239,12 +239,12 @@ pub enum DialError {
         reason: String,
     },
     /// No TCP connection.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {error}")]
     Connect {
         /// The URL.
         url: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The server answered the upgrade with an error (e.g. 401 for a bad key), with the
     /// `{code, message}` body it sent when there was one.
@@ -442,12 +442,10 @@ async fn dial_inner(
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
-    let mut request = url
+    let mut request = crate::url::normalize(url, crate::url::Form::WebSocket)
+        .map_err(|e| bad_url(&e.to_string()))?
         .into_client_request()
         .map_err(|e| bad_url(&e.to_string()))?;
-    if request.uri().scheme_str() != Some("ws") {
-        return Err(bad_url("only ws:// URLs are supported"));
-    }
     let host = request
         .uri()
         .host()
@@ -462,9 +460,9 @@ async fn dial_inner(
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let stream = TcpStream::connect((host, port))
         .await
-        .map_err(|source| DialError::Connect {
+        .map_err(|error| DialError::Connect {
             url: url.to_owned(),
-            source,
+            error,
         })?;
     let _ = stream.set_nodelay(true);
     match tokio_tungstenite::client_async_with_config(

@@ -14,7 +14,15 @@ use crate::v1;
 /// A frame that is not a valid envelope of the expected type.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed protobuf frame: {0}")]
-pub struct DecodeError(#[from] prost::DecodeError);
+pub struct DecodeError(prost::DecodeError);
+
+// By hand rather than `#[from]`: the cause is part of the message, so it is not also a
+// `source` (an error chain would print it twice).
+impl From<prost::DecodeError> for DecodeError {
+    fn from(e: prost::DecodeError) -> Self {
+        Self(e)
+    }
+}
 
 /// Encodes a message into a frame, allocating exactly once.
 pub fn encode<M: prost::Message>(msg: &M) -> Bytes {

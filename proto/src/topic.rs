@@ -28,6 +28,16 @@ pub enum TopicError {
     /// The topic started or ended with `/` or contained `//`.
     #[error("topic has an empty segment (leading, trailing or doubled '/')")]
     EmptySegment,
+    /// The topic contained a wildcard character: topics are exact names.
+    #[error(
+        "topic has the wildcard character {ch:?} at byte {index}; topics are exact names (subscribe to each topic by name; '+' and '#' appear only in role filters, as whole segments)"
+    )]
+    Wildcard {
+        /// The refused character.
+        ch: char,
+        /// Its byte offset in the topic.
+        index: usize,
+    },
     /// The topic contained a character outside the allowed set.
     #[error(
         "topic has the character {ch:?} at byte {index}; allowed are ASCII letters, digits, '_', '-', '.', ':' and '/' between segments"
@@ -59,6 +69,7 @@ pub fn validate(topic: &str, max_len: usize) -> Result<(), TopicError> {
             'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' | '.' | ':' => {
                 previous_was_separator = false
             }
+            '*' | '#' | '+' | '>' => return Err(TopicError::Wildcard { ch, index }),
             _ => return Err(TopicError::BadChar { ch, index }),
         }
     }
@@ -88,6 +99,10 @@ pub fn validate_filter(filter: &str, max_len: usize) -> Result<(), TopicError> {
             "#" if i + 1 == segments.len() => {}
             _ => validate(segment, max_len).map_err(|e| match e {
                 TopicError::BadChar { ch, index } => TopicError::BadChar {
+                    ch,
+                    index: offset + index,
+                },
+                TopicError::Wildcard { ch, index } => TopicError::Wildcard {
                     ch,
                     index: offset + index,
                 },
@@ -149,11 +164,11 @@ mod tests {
         }
         assert_eq!(
             validate_filter("a/#/b", 256),
-            Err(TopicError::BadChar { ch: '#', index: 2 })
+            Err(TopicError::Wildcard { ch: '#', index: 2 })
         );
         assert_eq!(
             validate_filter("a/b+", 256),
-            Err(TopicError::BadChar { ch: '+', index: 3 })
+            Err(TopicError::Wildcard { ch: '+', index: 3 })
         );
         assert_eq!(validate_filter("a//b", 256), Err(TopicError::Empty));
         assert_eq!(validate_filter("", 256), Err(TopicError::Empty));
@@ -183,7 +198,7 @@ mod tests {
         );
         assert_eq!(
             validate("a/#", 256),
-            Err(TopicError::BadChar { ch: '#', index: 2 })
+            Err(TopicError::Wildcard { ch: '#', index: 2 })
         );
         assert_eq!(
             validate("é", 256),

@@ -1,5 +1,6 @@
-//! The report: a summary for people on stdout and the JSON document for scripts (DESIGN.md's
-//! fields plus the rest of what was measured).
+//! The report: a summary for people on stdout and the JSON document for scripts (the fields
+//! the README lists under "Load testing", which scripts rely on, plus the rest of what was
+//! measured).
 
 use std::fmt::Write as _;
 

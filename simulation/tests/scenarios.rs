@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
-/// DESIGN.md's fields, and the ones the issue adds.
+/// The JSON fields the README promises to scripts.
 const FIELDS: &[&str] = &[
     "scenario",
     "published",

@@ -165,6 +165,7 @@ pub fn server_config(coordinator: &str) -> commserver::Config {
         handshake_timeout_ms: 3_000,
         reconnect_min_ms: 20,
         reconnect_max_ms: 300,
+        refused_retry_ms: 200,
         shutdown_grace_ms: 3_000,
         ..commserver::Config::default()
     }

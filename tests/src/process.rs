@@ -58,6 +58,74 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The directory holding the workspace binaries (built first, as [`binary`] does).
+pub fn binaries_dir() -> PathBuf {
+    binary("meshctl").parent().unwrap().to_owned()
+}
+
+/// Runs `script` with bash in `dir`, with none of the variables relaymesh reads set, in a
+/// process group of its own; when it ends (or after `timeout`, which fails the test) the whole
+/// group is killed, so nothing it started in the background outlives it. Returns (success,
+/// stdout, stderr).
+pub fn run_script(
+    script: &str,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new("bash");
+    command
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .process_group(0);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("RELAYMESH_") || name == "RUST_LOG" {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let group = child.id().to_string();
+    let kill_group = || {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .stderr(Stdio::null())
+            .status();
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Background processes keep the pipes open: end them before reading to the end.
+    kill_group();
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let Some(status) = status else {
+        panic!("the script did not finish within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}");
+    };
+    (status.success(), out, err)
+}
+
+/// Reads a pipe to its end on a thread of its own.
+fn read_all(mut pipe: Box<dyn std::io::Read + Send>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
 /// Runs `binary` to completion (at most [`PATIENCE`]); returns (success, stdout, stderr).
 pub fn run(name: &str, args: &[&str]) -> (bool, String, String) {
     run_with_env(name, args, &[])
@@ -81,13 +149,6 @@ pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, S
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
     let out = read_all(Box::new(child.stdout.take().unwrap()));
     let err = read_all(Box::new(child.stderr.take().unwrap()));
     let deadline = Instant::now() + PATIENCE;

@@ -10,16 +10,18 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use relaymesh_client::{Client, ClientConfig, Credentials, Event};
 use relaymesh_net::http::Method;
+use relaymesh_net::url::Form;
+use relaymesh_proto::hex;
 
 /// Command-line client for a relaymesh cluster.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Coordinator URL.
+    /// Coordinator URL: ws://HOST:PORT or http://HOST:PORT (the same thing).
     #[arg(
         long,
         global = true,
@@ -65,7 +67,7 @@ impl Args {
         if let (Some(account), Some(path)) = (&self.account, &self.key_file) {
             return Ok(Credentials::Key {
                 account: account.clone(),
-                key: read_key(path)?,
+                key: relaymesh_client::read_signing_key(path)?,
                 role: self.role.clone(),
                 group: self.group.clone(),
             });
@@ -105,6 +107,17 @@ enum Command {
     },
     /// List the comm servers registered with the coordinator.
     Servers,
+    /// Wait until the coordinator answers and, with `--servers N`, until at least N comm
+    /// servers are registered and every registered server is linked to all the others (for
+    /// scripts that start a cluster).
+    Wait {
+        /// Comm servers to wait for.
+        #[arg(long, default_value_t = 0)]
+        servers: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Ask the coordinator for a server and key over HTTP (POST /v1/login) and print the JSON.
     Login,
     /// Make an Ed25519 key pair: the private key goes to FILE (hex, readable by you only), the
@@ -115,41 +128,10 @@ enum Command {
     },
 }
 
-/// Reads a hex private key written by `meshctl keygen`.
-fn read_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the key file {}", path.display()))?;
-    let bytes: Option<Vec<u8>> = (0..text.trim().len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.trim().get(i..i + 2)?, 16).ok())
-        .collect();
-    let Some(secret) = bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
-        bail!(
-            "{} does not hold a 64-hex-digit Ed25519 private key",
-            path.display()
-        );
-    };
-    Ok(ed25519_dalek::SigningKey::from_bytes(&secret))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Writes a new private key to `path` (mode 0600) and returns the public key in hex.
 fn keygen(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let secret: [u8; 32] = rand::random();
-    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{}", hex(&secret))?;
-    Ok(hex(key.verifying_key().as_bytes()))
+    let key = relaymesh_client::write_new_signing_key(path)?;
+    Ok(hex::encode(key.verifying_key().as_bytes()))
 }
 
 fn main() -> ExitCode {
@@ -181,10 +163,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", keygen(file)?);
         return Ok(());
     }
-    let mut config = ClientConfig::new(args.coordinator.trim_end_matches('/'));
+    // Checked once, up front, so an unusable URL is one message in words, whatever the command.
+    let coordinator = relaymesh_net::url::normalize(&args.coordinator, Form::WebSocket)
+        .map_err(|e| anyhow!("invalid coordinator URL {:?}: {e}", args.coordinator))?
+        .trim_end_matches('/')
+        .to_owned();
+    // Topics too, before connecting: a typo is reported as such even with no cluster up.
+    let topics: &[String] = match &args.command {
+        Command::Sub { topics, .. } => topics,
+        Command::Pub { topic, .. } => std::slice::from_ref(topic),
+        _ => &[],
+    };
+    for topic in topics {
+        relaymesh_proto::topic::validate(topic, relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN)
+            .map_err(|e| anyhow!("invalid topic {topic:?}: {e}"))?;
+    }
+    let mut config = ClientConfig::new(coordinator.clone());
     config.credentials = args.credentials()?;
     config.client_id = args.client_id.clone();
-    let coordinator = config.coordinator.clone();
     match args.command {
         Command::Sub { topics, count } => subscribe(config, topics, count).await,
         Command::Pub { topic, message } => {
@@ -204,6 +200,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Servers => servers(&coordinator).await,
+        Command::Wait { servers, timeout } => {
+            wait(&coordinator, servers, Duration::from_secs(timeout)).await
+        }
         Command::Keygen { .. } => Ok(()),
         Command::Login => {
             let url = format!("{coordinator}/v1/login");
@@ -237,18 +236,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         );
                     }
                     let challenge: serde_json::Value = serde_json::from_slice(&body)?;
-                    let nonce = challenge["nonce"].as_str().unwrap_or_default();
-                    let nonce: Vec<u8> = (0..nonce.len())
-                        .step_by(2)
-                        .filter_map(|i| u8::from_str_radix(nonce.get(i..i + 2)?, 16).ok())
-                        .collect();
+                    let nonce = challenge["nonce"]
+                        .as_str()
+                        .and_then(hex::decode)
+                        .context("the coordinator's challenge has no hex nonce")?;
                     let message = relaymesh_proto::login_challenge(&nonce, account, role, group);
                     let signature = ed25519_dalek::Signer::sign(key, &message);
                     serde_json::json!({"credentials": {"key": {
                         "account": account, "role": role, "group": group,
-                        "public_key": hex(key.verifying_key().as_bytes()),
+                        "public_key": hex::encode(key.verifying_key().as_bytes()),
                         "challenge_id": challenge["challenge_id"],
-                        "signature": hex(&signature.to_bytes()),
+                        "signature": hex::encode(&signature.to_bytes()),
                     }}})
                 }
                 _ => serde_json::json!({}),
@@ -339,18 +337,69 @@ async fn subscribe(
     Ok(())
 }
 
-async fn servers(coordinator: &str) -> anyhow::Result<()> {
-    let url = format!("{coordinator}/v1/stats");
+/// `GET {base}/v1/stats` as JSON.
+async fn stats(base: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{base}/v1/stats");
     let (status, body) =
         relaymesh_net::http::request(Method::GET, &url, None, Duration::from_secs(10)).await?;
     if !status.is_success() {
         bail!("{url} answered {status}");
     }
-    let stats: serde_json::Value =
-        serde_json::from_slice(&body).context("coordinator sent invalid JSON")?;
+    serde_json::from_slice(&body).with_context(|| format!("{url} sent invalid JSON"))
+}
+
+/// The coordinator's registered servers.
+async fn registered(coordinator: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let stats = stats(coordinator).await?;
     let servers = stats["servers"]
         .as_array()
         .context("coordinator stats have no `servers` list")?;
+    Ok(servers.clone())
+}
+
+/// How far the cluster is from `servers` registered servers that are all linked: `None` when
+/// there, else what is missing, in words.
+async fn missing(coordinator: &str, servers: usize) -> anyhow::Result<Option<String>> {
+    let registered = registered(coordinator).await?;
+    if registered.len() < servers {
+        return Ok(Some(format!(
+            "{} of {servers} comm servers registered",
+            registered.len()
+        )));
+    }
+    for server in &registered {
+        let url = server["url"].as_str().unwrap_or_default();
+        let peers = match stats(url).await {
+            Ok(stats) => stats["peers"].as_u64().unwrap_or(0) as usize,
+            Err(e) => return Ok(Some(format!("{url}: {e:#}"))),
+        };
+        if peers + 1 < registered.len() {
+            return Ok(Some(format!(
+                "{url} linked to {peers} of {} peers",
+                registered.len() - 1
+            )));
+        }
+    }
+    Ok(None)
+}
+
+async fn wait(coordinator: &str, servers: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let why = match missing(coordinator, servers).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(why)) => why,
+            Err(e) => format!("{e:#}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!("gave up after {} s: {why}", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn servers(coordinator: &str) -> anyhow::Result<()> {
+    let servers = registered(coordinator).await?;
     println!(
         "{:<24} {:<32} {:>8} {:>9} STATE",
         "ID", "URL", "CLIENTS", "CAPACITY"

@@ -594,6 +594,10 @@ pub enum ErrorCode {
     RoleNotPermitted = 19,
     /// Too many failed logins from this source address; retry later.
     RateLimited = 20,
+    /// HTTP: no endpoint at this path.
+    NotFound = 21,
+    /// HTTP: the path exists but does not take this method.
+    MethodNotAllowed = 22,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -623,6 +627,8 @@ impl ErrorCode {
             Self::AccountDisabled => "ACCOUNT_DISABLED",
             Self::RoleNotPermitted => "ROLE_NOT_PERMITTED",
             Self::RateLimited => "RATE_LIMITED",
+            Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -649,6 +655,8 @@ impl ErrorCode {
             "ACCOUNT_DISABLED" => Some(Self::AccountDisabled),
             "ROLE_NOT_PERMITTED" => Some(Self::RoleNotPermitted),
             "RATE_LIMITED" => Some(Self::RateLimited),
+            "NOT_FOUND" => Some(Self::NotFound),
+            "METHOD_NOT_ALLOWED" => Some(Self::MethodNotAllowed),
             _ => None,
         }
     }

@@ -72,7 +72,17 @@ fn bad_configuration_is_one_clear_line() {
     commserver(
         &["--listen", "127.0.0.1:0"],
         &secret,
-        "`coordinator` must be a ws:// URL",
+        "`coordinator` must be set: the coordinator's URL",
+    );
+    commserver(
+        &["--coordinator", "127.0.0.1:7400"],
+        &secret,
+        "is not a coordinator URL: it has no scheme; write ws://127.0.0.1:7400 (or http://127.0.0.1:7400)",
+    );
+    commserver(
+        &["--coordinator", "wss://127.0.0.1:7400"],
+        &secret,
+        "wss:// needs TLS, which relaymesh does not speak yet",
     );
     commserver(
         &[
@@ -154,5 +164,84 @@ fn meshctl_failures_are_one_line() {
         &["login", "--coordinator", "ws://127.0.0.1:1"],
         "cannot connect to 127.0.0.1:1",
     );
-    meshctl(&["servers", "--coordinator", "not a url"], "invalid URL");
+    meshctl(
+        &["servers", "--coordinator", "not a url"],
+        "it has no scheme",
+    );
+}
+
+/// Each failure is said once, in words: no cause repeated after itself, no parser jargon.
+#[test]
+fn meshctl_says_each_failure_once_in_words() {
+    let failure = |args: &[&str]| {
+        let (ok, _, stderr) = run_with_env("meshctl", args, &[]);
+        assert!(!ok, "meshctl {args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+        stderr
+    };
+    let once = |stderr: &str, part: &str| {
+        assert_eq!(
+            stderr.matches(part).count(),
+            1,
+            "{part:?} not once in {stderr:?}"
+        );
+    };
+
+    let refused = failure(&["pub", "--coordinator", "ws://127.0.0.1:1", "room", "hi"]);
+    once(&refused, "Connection refused");
+    let refused = failure(&["servers", "--coordinator", "http://127.0.0.1:1"]);
+    once(&refused, "Connection refused");
+
+    let bad_topic = failure(&["pub", "rooms/my lobby", "hi"]);
+    once(&bad_topic, "topic has the character ' ' at byte 8");
+    let wildcard = failure(&["sub", "rooms/#"]);
+    once(&wildcard, "wildcard character '#' at byte 6");
+    assert!(wildcard.contains("topics are exact names"), "{wildcard}");
+
+    for command in [
+        &["pub", "room", "hi"][..],
+        &["sub", "room"],
+        &["servers"],
+        &["login"],
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--coordinator", "127.0.0.1:7400"]);
+        let no_scheme = failure(&args);
+        assert!(
+            no_scheme
+                .contains("it has no scheme; write ws://127.0.0.1:7400 (or http://127.0.0.1:7400)"),
+            "{no_scheme}"
+        );
+        assert!(!no_scheme.contains("format error"), "{no_scheme}");
+        args.pop();
+        args.push("wss://127.0.0.1:7400");
+        let tls = failure(&args);
+        assert!(tls.contains("wss:// needs TLS"), "{tls}");
+    }
+}
+
+/// `ws://` and `http://` name the same coordinator for every command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_takes_either_scheme_for_every_command() {
+    let cluster = relaymesh_tests::Cluster::start(1).await;
+    let addr = cluster.coordinator.addr;
+    for scheme in ["ws", "http"] {
+        let url = format!("{scheme}://{addr}/");
+        for command in [
+            &["servers"][..],
+            &["login"],
+            &["pub", "rooms/lobby", "hi"],
+            &["wait", "--servers", "1"],
+        ] {
+            let mut args = vec!["--coordinator".to_owned(), url.clone()];
+            args.extend(command.iter().map(|a| (*a).to_owned()));
+            let (ok, out, err) = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_with_env("meshctl", &args, &[])
+            })
+            .await
+            .unwrap();
+            assert!(ok, "meshctl {command:?} with {url}: {out} {err}");
+        }
+    }
 }

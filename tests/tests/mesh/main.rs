@@ -11,5 +11,6 @@ mod failover;
 mod keys;
 mod ops;
 mod processes;
+mod readme;
 mod slow;
 mod trust;

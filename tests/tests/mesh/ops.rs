@@ -1,7 +1,7 @@
 //! The operational endpoints of both binaries: `/healthz`, `/v1/stats`, `/metrics`.
 
 use relaymesh_client::Event;
-use relaymesh_tests::{Cluster, get_text, within};
+use relaymesh_tests::{Cluster, eventually, get_text, within};
 
 #[tokio::test]
 async fn health_stats_and_metrics_reflect_traffic() {
@@ -82,4 +82,49 @@ async fn health_stats_and_metrics_reflect_traffic() {
     ] {
         assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
     }
+}
+
+/// Unknown paths and wrong methods get a JSON error with a code of their own, on both binaries.
+#[tokio::test]
+async fn unknown_paths_and_methods_are_named_as_such() {
+    let cluster = Cluster::start(1).await;
+    for base in [cluster.coordinator.addr, cluster.servers[0].addr] {
+        let (status, body) = get_text(&format!("http://{base}/no/such/path")).await;
+        assert_eq!(status, 404, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["code"], "NOT_FOUND");
+        assert_eq!(body["message"], "no endpoint at /no/such/path");
+        let (status, body) =
+            relaymesh_tests::post_json(&format!("http://{base}/v1/stats"), &serde_json::json!({}))
+                .await;
+        assert_eq!((status, &body["code"]), (405, &"METHOD_NOT_ALLOWED".into()));
+    }
+}
+
+/// The coordinator's view of a server's clients follows sessions as they come and go, not only
+/// at the next heartbeat: here the heartbeat is a minute apart.
+#[tokio::test]
+async fn the_coordinator_sees_clients_as_they_attach_and_leave() {
+    let config = coordinator::Config {
+        heartbeat_interval_ms: 60_000,
+        heartbeat_timeout_ms: 120_000,
+        ..relaymesh_tests::coordinator_config()
+    };
+    let cluster = Cluster::start_configured(1, config).await;
+    let clients = || async {
+        let stats = cluster.coordinator.stats().await;
+        let server = &stats["servers"][0];
+        assert!(server["load_age_ms"].is_u64(), "{stats}");
+        server["clients"].as_u64().unwrap()
+    };
+    let client = cluster.client_on(0).await;
+    eventually("the coordinator counts the client", || async {
+        (clients().await == 1).then_some(())
+    })
+    .await;
+    client.close().await;
+    eventually("the coordinator counts it gone", || async {
+        (clients().await == 0).then_some(())
+    })
+    .await;
 }

@@ -372,3 +372,46 @@ fn account_commands_run_at_the_same_time_lose_nothing() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A comm server with the wrong cluster secret says so, as an error, instead of "cannot
+/// reach"; one started before its coordinator says it is waiting, without a warning.
+#[tokio::test]
+async fn a_wrong_secret_is_named_and_an_early_start_is_not_a_warning() {
+    let addr = restartable_addr();
+    let url = format!("ws://{addr}");
+    let mut early = Proc::start(
+        "commserver",
+        &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+    );
+    let waiting = early.wait_for_line("the coordinator is not reachable yet");
+    assert!(waiting.contains(" INFO "), "{waiting}");
+    let mut coordinator = Proc::start("coordinator", &["--listen", &addr.to_string()]);
+    coordinator.listening_addr();
+    early.wait_for_line("registered with the coordinator");
+    assert!(
+        !early
+            .seen
+            .iter()
+            .any(|l| l.contains(" WARN ") || l.contains(" ERROR ")),
+        "{:#?}",
+        early.seen
+    );
+
+    let mut wrong = Proc::start_with_secret(
+        "commserver",
+        &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        Some("not-the-secret"),
+    );
+    let refused = wrong.wait_for_line("refused this server's credentials");
+    assert!(
+        refused.contains(" ERROR ")
+            && refused.contains("wrong cluster secret")
+            && refused.contains("retrying every 30 s"),
+        "{refused}"
+    );
+    assert!(
+        !wrong.seen.iter().any(|l| l.contains("not reachable")),
+        "{:#?}",
+        wrong.seen
+    );
+}

@@ -1,0 +1,109 @@
+//! Base URLs of coordinators and comm servers, as users write them.
+//!
+//! One URL names a service for both of its kinds of traffic: WebSocket links and HTTP endpoints.
+//! So `ws://host:port` and `http://host:port` are the same thing everywhere (dialing maps one to
+//! the other), and a URL that cannot be used is refused with an explanation in words instead of
+//! a parser's message.
+
+/// Why a URL cannot name a relaymesh service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// No `scheme://` in front (e.g. `127.0.0.1:7400`).
+    #[error("it has no scheme; write ws://{0} (or http://{0})")]
+    NoScheme(String),
+    /// `wss://` or `https://`: relaymesh speaks no TLS yet.
+    #[error(
+        "{0}:// needs TLS, which relaymesh does not speak yet; use ws:// or http:// (behind a TLS-terminating proxy or on a private network)"
+    )]
+    Tls(String),
+    /// Any other scheme.
+    #[error("the scheme {0}:// is not one relaymesh speaks; use ws:// or http://")]
+    Scheme(String),
+    /// No host after the scheme.
+    #[error("it names no host; write e.g. ws://127.0.0.1:7400")]
+    NoHost,
+}
+
+/// Which of the two forms a URL is wanted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `ws://…`, for dialing a WebSocket.
+    WebSocket,
+    /// `http://…`, for an HTTP request.
+    Http,
+}
+
+/// `url` in the wanted form: `ws://` and `http://` are accepted for either and mapped to the
+/// one wanted; anything else is refused with the reason.
+pub fn normalize(url: &str, form: Form) -> Result<String, UrlError> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(UrlError::NoScheme(url.trim_end_matches('/').to_owned()));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => {}
+        s @ ("wss" | "https") => return Err(UrlError::Tls(s.to_owned())),
+        _ => return Err(UrlError::Scheme(scheme.to_owned())),
+    }
+    if rest.is_empty() || rest.starts_with(['/', '?', ':']) {
+        return Err(UrlError::NoHost);
+    }
+    let scheme = match form {
+        Form::WebSocket => "ws",
+        Form::Http => "http",
+    };
+    Ok(format!("{scheme}://{rest}"))
+}
+
+/// Checks a base URL given in configuration or on the command line, so a bad one is refused
+/// at start-up rather than at the first dial.
+pub fn check(url: &str) -> Result<(), UrlError> {
+    normalize(url, Form::WebSocket).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn either_scheme_serves_for_both_forms() {
+        for url in [
+            "ws://127.0.0.1:7400",
+            "http://127.0.0.1:7400",
+            "HTTP://127.0.0.1:7400",
+        ] {
+            assert_eq!(
+                normalize(url, Form::WebSocket).unwrap(),
+                "ws://127.0.0.1:7400"
+            );
+            assert_eq!(normalize(url, Form::Http).unwrap(), "http://127.0.0.1:7400");
+        }
+        assert_eq!(
+            normalize("ws://h:1/v1/connect?x=1", Form::Http).unwrap(),
+            "http://h:1/v1/connect?x=1"
+        );
+    }
+
+    #[test]
+    fn unusable_urls_are_explained() {
+        let no_scheme = normalize("127.0.0.1:7400", Form::WebSocket).unwrap_err();
+        assert_eq!(
+            no_scheme.to_string(),
+            "it has no scheme; write ws://127.0.0.1:7400 (or http://127.0.0.1:7400)"
+        );
+        assert!(matches!(
+            normalize("wss://a:1", Form::WebSocket),
+            Err(UrlError::Tls(_))
+        ));
+        assert!(matches!(
+            normalize("https://a:1", Form::Http),
+            Err(UrlError::Tls(_))
+        ));
+        assert!(matches!(
+            normalize("ftp://a:1", Form::Http),
+            Err(UrlError::Scheme(_))
+        ));
+        assert_eq!(normalize("ws://", Form::Http), Err(UrlError::NoHost));
+        assert_eq!(normalize("ws://:7400", Form::Http), Err(UrlError::NoHost));
+    }
+}
