@@ -119,10 +119,10 @@ async fn mqtt_until(
 ) -> anyhow::Result<()> {
     let wait = async {
         loop {
-            if let rumqttc::Event::Incoming(p) = events.poll().await? {
-                if done(&p) {
-                    return Ok::<_, rumqttc::ConnectionError>(());
-                }
+            if let rumqttc::Event::Incoming(p) = events.poll().await?
+                && done(&p)
+            {
+                return Ok::<_, rumqttc::ConnectionError>(());
             }
         }
     };

@@ -130,6 +130,7 @@
 //! [`Client::close`] sends what is still queued, closes the connection cleanly and waits for
 //! the background task. Dropping the [`Client`] closes it too, without waiting.
 
+pub mod cluster;
 mod connection;
 mod negotiate;
 

@@ -208,12 +208,12 @@ impl Config {
                 "dispatch limits must be positive",
             )?;
         }
-        if let Some(url) = &self.public_url {
-            ensure(
-                url.starts_with("ws://") && url.len() > 5,
-                "public_url",
-                "must be a ws:// URL",
-            )?;
+        if let Some(url) = &self.public_url
+            && let Err(e) = relaymesh_net::url::check(url)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "`public_url` (--public-url) {url:?} is not a URL clients can use: {e}"
+            )));
         }
         if let Some(id) = &self.id {
             let ok = !id.is_empty()

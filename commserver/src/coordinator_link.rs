@@ -36,6 +36,7 @@ pub(crate) async fn run(server: Arc<Server>) {
         };
         let delay = match dialed {
             Ok(socket) => {
+                redial.reached();
                 let outcome = serve(&server, socket).await;
                 server
                     .stats

@@ -33,6 +33,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use relaymesh_net::auth::{Challenges, LinkCredentials, LinkTrust};
 use relaymesh_net::config::ConfigError;
+use relaymesh_net::url::Form;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -224,9 +225,11 @@ pub async fn run_with(
             "`public_url` must be set when listening on {local}: peers and clients need a reachable address"
         )));
     }
+    // Handed to clients and peers as given, in its ws:// form (validated above).
     let public_url = config
         .public_url
-        .clone()
+        .as_deref()
+        .and_then(|url| relaymesh_net::url::normalize(url, Form::WebSocket).ok())
         .unwrap_or_else(|| format!("ws://{local}"));
     let id: Arc<str> = config
         .id

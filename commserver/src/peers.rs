@@ -136,6 +136,7 @@ async fn dial_loop(
         };
         let delay = match dialed {
             Ok(socket) => {
+                redial.reached();
                 if run_link(&server, socket, Some(peer.clone())).await {
                     redial.connected();
                 }
@@ -177,7 +178,7 @@ pub(crate) async fn dial_link(
     let timeout = server.config.handshake_timeout();
     let authorization = server
         .credentials
-        .authorization(&base.replacen("ws://", "http://", 1), path, timeout)
+        .authorization(base, path, timeout)
         .await
         .map_err(ws::DialError::Credentials)?;
     let url = format!("{base}{path}");

@@ -64,10 +64,11 @@ impl std::fmt::Debug for LinkCredentials {
 
 impl LinkCredentials {
     /// The `Authorization` header value for opening `path` (`/v1/servers` or `/v1/peers`) at
-    /// `http_base` (`http://host:port`). For a key this asks the other side for a challenge.
+    /// `base` (`ws://host:port` or `http://host:port`). For a key this asks the other side for
+    /// a challenge.
     pub async fn authorization(
         &self,
-        http_base: &str,
+        base: &str,
         path: &str,
         timeout: Duration,
     ) -> Result<String, String> {
@@ -75,7 +76,7 @@ impl LinkCredentials {
             Self::Secret(secret) => return Ok(format!("Bearer {secret}")),
             Self::Key(key) => key,
         };
-        let url = format!("{http_base}{path}/challenge");
+        let url = format!("{base}{path}/challenge");
         let (status, body) = crate::http::request(Method::POST, &url, Some(Vec::new()), timeout)
             .await
             .map_err(|e| format!("{url}: {e}"))?;

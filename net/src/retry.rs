@@ -98,6 +98,12 @@ impl Redial {
         self.failing_since = None;
     }
 
+    /// The other side answered (the link may still fail its handshake): the next failure to
+    /// reach it starts a new streak, logged as a first one, but the backoff keeps growing.
+    pub fn reached(&mut self) {
+        self.failing_since = None;
+    }
+
     /// Classifies a failure at `now`; `refused` when the other side refused the credentials.
     pub fn classify(&mut self, now: Instant, refused: bool) -> Failure {
         if refused {
@@ -130,8 +136,8 @@ impl Redial {
                     %error,
                     "{what} refused this server's credentials: wrong cluster secret \
                      (RELAYMESH_CLUSTER_SECRET must be the same on every coordinator and comm \
-                     server) or an identity key it does not trust; retrying every {} s",
-                    self.refused_retry.as_secs()
+                     server) or an identity key it does not trust; retrying every {}",
+                    crate::config::spoken(self.refused_retry)
                 );
                 return self.refused_retry;
             }

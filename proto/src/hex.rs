@@ -3,7 +3,7 @@
 /// Lowercase or uppercase hex to bytes; `None` for odd lengths or non-hex characters.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     // `from_str_radix` alone would also take a leading `+`.
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())

@@ -10,7 +10,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::usage::{self, CLUSTER_THREADS};
+use crate::usage::CLUSTER_THREADS;
 
 /// The secret of the embedded cluster; it never leaves this process.
 const SECRET: &str = "embedded-simulation-secret";
@@ -109,34 +109,9 @@ async fn spawn(
     Ok((coordinator_url, tasks))
 }
 
-/// Polls the coordinator's and servers' stats until `servers` are registered and fully linked.
+/// Waits until `servers` are registered and fully linked.
 async fn wait_ready(coordinator: &str, servers: usize) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + READY_WITHIN;
-    loop {
-        if let Ok(stats) =
-            usage::get_json(&format!("{}/v1/stats", usage::http_base(coordinator))).await
-            && let Some(list) = stats["servers"].as_array()
-            && list.len() == servers
-        {
-            let mut linked = true;
-            for server in list {
-                let url = format!(
-                    "{}/v1/stats",
-                    usage::http_base(server["url"].as_str().unwrap_or_default())
-                );
-                linked &= usage::get_json(&url)
-                    .await
-                    .is_ok_and(|s| s["peers"].as_u64() == Some(servers as u64 - 1));
-            }
-            if linked {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "embedded cluster did not come up within {} s",
-            READY_WITHIN.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relaymesh_client::cluster::wait_ready(coordinator, servers, READY_WITHIN)
+        .await
+        .context("the embedded cluster did not come up")
 }

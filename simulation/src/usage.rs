@@ -99,11 +99,12 @@ fn host(url: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
-/// The HTTP base of a `ws://` URL (coordinator or comm server), without a path.
+/// The HTTP base of a `ws://` URL (coordinator or comm server), without a path. A URL that
+/// cannot be used is returned as it is, so the request fails with the reason.
 pub(crate) fn http_base(ws: &str) -> String {
-    let http = ws
-        .replacen("wss://", "https://", 1)
-        .replacen("ws://", "http://", 1);
+    let Ok(http) = relaymesh_net::url::normalize(ws, relaymesh_net::url::Form::Http) else {
+        return ws.to_owned();
+    };
     match http
         .find("://")
         .and_then(|i| http[i + 3..].find('/').map(|j| i + 3 + j))
@@ -256,7 +257,7 @@ mod tests {
     fn http_base_drops_the_path() {
         assert_eq!(http_base("ws://127.0.0.1:7000"), "http://127.0.0.1:7000");
         assert_eq!(http_base("ws://h:1/v1/client"), "http://h:1");
-        assert_eq!(http_base("wss://h/v1/client"), "https://h");
+        assert_eq!(http_base("http://h:1/"), "http://h:1");
         assert_eq!(host("ws://10.0.0.1:7000/v1/client"), "10.0.0.1");
     }
 }

@@ -200,9 +200,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Servers => servers(&coordinator).await,
-        Command::Wait { servers, timeout } => {
-            wait(&coordinator, servers, Duration::from_secs(timeout)).await
-        }
+        Command::Wait { servers, timeout } => Ok(relaymesh_client::cluster::wait_ready(
+            &coordinator,
+            servers,
+            Duration::from_secs(timeout),
+        )
+        .await?),
         Command::Keygen { .. } => Ok(()),
         Command::Login => {
             let url = format!("{coordinator}/v1/login");
@@ -270,9 +273,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn connect(config: ClientConfig) -> anyhow::Result<Client> {
     let coordinator = config.coordinator.clone();
-    Client::connect(config)
-        .await
-        .with_context(|| format!("cannot connect through the coordinator at {coordinator}"))
+    match Client::connect(config).await {
+        Ok(client) => Ok(client),
+        // A dial error names the URL and the cause already.
+        Err(e @ relaymesh_client::ClientError::Dial(_)) => Err(e.into()),
+        Err(e) => Err(anyhow!(
+            "cannot log in through the coordinator at {coordinator}: {e}"
+        )),
+    }
 }
 
 async fn subscribe(
@@ -299,13 +307,7 @@ async fn subscribe(
             Some(Event::Message(m)) => {
                 let payload = match std::str::from_utf8(&m.payload) {
                     Ok(text) => text.escape_debug().to_string(),
-                    Err(_) => format!(
-                        "0x{}",
-                        m.payload
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<String>()
-                    ),
+                    Err(_) => format!("0x{}", hex::encode(&m.payload)),
                 };
                 writeln!(stdout, "{}\t{}\t{payload}", m.topic, m.from)?;
                 stdout.flush()?;
@@ -337,85 +339,17 @@ async fn subscribe(
     Ok(())
 }
 
-/// `GET {base}/v1/stats` as JSON.
-async fn stats(base: &str) -> anyhow::Result<serde_json::Value> {
-    let url = format!("{base}/v1/stats");
-    let (status, body) =
-        relaymesh_net::http::request(Method::GET, &url, None, Duration::from_secs(10)).await?;
-    if !status.is_success() {
-        bail!("{url} answered {status}");
-    }
-    serde_json::from_slice(&body).with_context(|| format!("{url} sent invalid JSON"))
-}
-
-/// The coordinator's registered servers.
-async fn registered(coordinator: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let stats = stats(coordinator).await?;
-    let servers = stats["servers"]
-        .as_array()
-        .context("coordinator stats have no `servers` list")?;
-    Ok(servers.clone())
-}
-
-/// How far the cluster is from `servers` registered servers that are all linked: `None` when
-/// there, else what is missing, in words.
-async fn missing(coordinator: &str, servers: usize) -> anyhow::Result<Option<String>> {
-    let registered = registered(coordinator).await?;
-    if registered.len() < servers {
-        return Ok(Some(format!(
-            "{} of {servers} comm servers registered",
-            registered.len()
-        )));
-    }
-    for server in &registered {
-        let url = server["url"].as_str().unwrap_or_default();
-        let peers = match stats(url).await {
-            Ok(stats) => stats["peers"].as_u64().unwrap_or(0) as usize,
-            Err(e) => return Ok(Some(format!("{url}: {e:#}"))),
-        };
-        if peers + 1 < registered.len() {
-            return Ok(Some(format!(
-                "{url} linked to {peers} of {} peers",
-                registered.len() - 1
-            )));
-        }
-    }
-    Ok(None)
-}
-
-async fn wait(coordinator: &str, servers: usize, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let why = match missing(coordinator, servers).await {
-            Ok(None) => return Ok(()),
-            Ok(Some(why)) => why,
-            Err(e) => format!("{e:#}"),
-        };
-        if tokio::time::Instant::now() >= deadline {
-            bail!("gave up after {} s: {why}", timeout.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn servers(coordinator: &str) -> anyhow::Result<()> {
-    let servers = registered(coordinator).await?;
+    let servers = relaymesh_client::cluster::servers(coordinator).await?;
     println!(
         "{:<24} {:<32} {:>8} {:>9} STATE",
         "ID", "URL", "CLIENTS", "CAPACITY"
     );
     for s in servers {
-        let state = if s["draining"].as_bool() == Some(true) {
-            "draining"
-        } else {
-            "serving"
-        };
+        let state = if s.draining { "draining" } else { "serving" };
         println!(
             "{:<24} {:<32} {:>8} {:>9} {state}",
-            s["id"].as_str().unwrap_or("?"),
-            s["url"].as_str().unwrap_or("?"),
-            s["clients"].as_u64().unwrap_or(0),
-            s["capacity"].as_u64().unwrap_or(0),
+            s.id, s.url, s.clients, s.capacity
         );
     }
     Ok(())

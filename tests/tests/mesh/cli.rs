@@ -150,7 +150,7 @@ fn meshctl_failures_are_one_line() {
     };
     meshctl(
         &["pub", "--coordinator", "ws://127.0.0.1:1", "room", "hi"],
-        "cannot connect through the coordinator at ws://127.0.0.1:1: cannot connect to ws://127.0.0.1:1/v1/connect",
+        "meshctl: error: cannot connect to ws://127.0.0.1:1/v1/connect: Connection refused",
     );
     meshctl(
         &["sub", "--coordinator", "ws://127.0.0.1:1", "room"],
@@ -189,6 +189,7 @@ fn meshctl_says_each_failure_once_in_words() {
 
     let refused = failure(&["pub", "--coordinator", "ws://127.0.0.1:1", "room", "hi"]);
     once(&refused, "Connection refused");
+    once(&refused, "127.0.0.1:1");
     let refused = failure(&["servers", "--coordinator", "http://127.0.0.1:1"]);
     once(&refused, "Connection refused");
 

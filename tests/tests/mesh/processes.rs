@@ -379,9 +379,19 @@ fn account_commands_run_at_the_same_time_lose_nothing() {
 async fn a_wrong_secret_is_named_and_an_early_start_is_not_a_warning() {
     let addr = restartable_addr();
     let url = format!("ws://{addr}");
+    // Retrying often, so it registers soon after the coordinator is up however busy the machine.
+    let config = std::env::temp_dir().join(format!("relaymesh-early-{}.toml", std::process::id()));
+    std::fs::write(&config, "reconnect_max_ms = 200\n").unwrap();
     let mut early = Proc::start(
         "commserver",
-        &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--coordinator",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+        ],
     );
     let waiting = early.wait_for_line("the coordinator is not reachable yet");
     assert!(waiting.contains(" INFO "), "{waiting}");
