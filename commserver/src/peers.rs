@@ -578,7 +578,7 @@ fn deliver_forward(
 fn report_peer_drops(server: &Server, count: u64) {
     tracing::warn!(count, "a peer dropped forwards for this server");
     server.stats.peer_drops_reported.add(count);
-    let notice = link::framed(&crate::session::dropped_notice(count));
+    let notice = relaymesh_net::wire::framed(&crate::session::dropped_notice(count));
     for session in lock(&server.sessions).values() {
         if !session.subscribed.load(Ordering::Relaxed) {
             continue;

@@ -21,8 +21,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use relaymesh_net::link::{self, Backlog, Closer, DataTx, Direct};
+use relaymesh_net::link::{Backlog, Closer, DataTx, Direct};
 use relaymesh_net::metrics::Counter;
+use relaymesh_net::wire;
 use relaymesh_proto::frame::{Sender, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, error_frame};
@@ -303,7 +304,7 @@ impl Batcher {
         let (_, frames, count) = self
             .pending
             .get_or_insert_with(|| (route.clone(), BytesMut::new(), 0));
-        link::put_frame_header(frames, message_frame_len(topic, from, payload));
+        wire::put_frame_header(frames, message_frame_len(topic, from, payload));
         put_message_frame(frames, topic, from, payload);
         *count += 1;
         if *count >= BATCH_MESSAGES || frames.len() >= BATCH_BYTES {
@@ -442,8 +443,11 @@ pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
 mod tests {
     use super::*;
 
-    fn subscriber(id: SessionId, capacity: usize) -> (Arc<Subscriber>, link::DataRx) {
-        let (data, rx) = link::data_queue();
+    fn subscriber(
+        id: SessionId,
+        capacity: usize,
+    ) -> (Arc<Subscriber>, relaymesh_net::link::DataRx) {
+        let (data, rx) = relaymesh_net::link::data_queue();
         let s = Subscriber {
             id,
             data,
@@ -461,7 +465,7 @@ mod tests {
     }
 
     fn topics(item: &Bytes) -> Vec<String> {
-        link::frame_payloads(item)
+        wire::frame_payloads(item)
             .map(|p| {
                 let msg: v1::ServerToClient = relaymesh_proto::decode(p).expect("a frame");
                 match msg.kind {
@@ -493,7 +497,7 @@ mod tests {
         batch.push(&only_two, "u", FROM, b"3", &stats, 1000);
         batch.push(&both, "t", FROM, b"4", &stats, 1000);
         batch.flush(&stats, 1000);
-        let items = |rx: &mut link::DataRx| {
+        let items = |rx: &mut relaymesh_net::link::DataRx| {
             std::iter::from_fn(|| rx.try_recv().ok())
                 .map(|item| topics(&item))
                 .collect::<Vec<_>>()

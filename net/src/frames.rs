@@ -24,13 +24,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 
-use crate::link::{OP_CLOSE, put_frame};
-
-const OP_CONTINUE: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+use crate::wire::{
+    OP_BINARY, OP_CLOSE, OP_CONTINUE, OP_PING, OP_PONG, OP_TEXT, apply_mask, put_frame,
+};
 
 /// Most bytes the buffer grows by ahead of what has arrived: a header announcing a large frame
 /// does not make a connection allocate the whole frame before the peer sends it.
@@ -256,22 +252,6 @@ fn close_frame(payload: Bytes) -> Result<Option<CloseFrame>, Error> {
                 Utf8Bytes::try_from(payload.slice(2..)).map_err(|e| Error::Utf8(e.to_string()))?;
             Ok(Some(CloseFrame { code, reason }))
         }
-    }
-}
-
-/// XORs `body` with the repeated 4-byte `key` (RFC 6455 section 5.3), eight bytes at a time.
-pub(crate) fn apply_mask(body: &mut [u8], key: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let mut chunks = body.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i & 3];
     }
 }
 

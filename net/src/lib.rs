@@ -23,4 +23,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod sync;
 pub mod url;
+pub mod wire;
 pub mod ws;

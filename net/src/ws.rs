@@ -660,7 +660,7 @@ mod tests {
         ));
         let frame = |i: usize, len: usize| {
             let body: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
-            link::framed(&body)
+            crate::wire::framed(&body)
         };
         let queue = |frames: &Bytes| {
             assert!(backlog.reserve_n(frames.len(), 1));

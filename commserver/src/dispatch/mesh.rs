@@ -185,7 +185,7 @@ impl Bridge {
     /// An item taken off the bridge's queue (one or more framed messages): its room is
     /// returned, and each `.../write` message in it yields where and what to write.
     pub(super) fn take(&self, frames: &Bytes) -> Vec<(Proto, u16, IpAddr, Bytes)> {
-        let messages: Vec<Bytes> = relaymesh_net::link::frame_payloads(frames).collect();
+        let messages: Vec<Bytes> = relaymesh_net::wire::frame_payloads(frames).collect();
         self.me.backlog.release_n(frames.len(), messages.len());
         messages
             .into_iter()

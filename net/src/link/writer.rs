@@ -1,0 +1,458 @@
+//! The link writer: drains a link's queues into its socket in batches.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt as _, WriteHalf};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+use super::backlog::{DataBacklog, DataRx};
+use super::closer::Closer;
+use super::direct::{CloseGate, Direct};
+use super::{LinkSink, Replies};
+use crate::wire::{OP_BINARY, OP_CLOSE, count_frames, holds_close, put_frame};
+
+/// Most frames written to the socket in one `write`.
+pub const MAX_BATCH: usize = 512;
+
+/// What the writer needs besides the sink.
+#[derive(Debug)]
+pub struct WriterSetup {
+    /// Control frames; preferred over data. The link is done when every sender is gone.
+    pub ctrl: mpsc::Receiver<Bytes>,
+    /// Data frames, if the link carries any, with their backlog accounting (senders must
+    /// [`Backlog::reserve`](crate::link::Backlog::reserve) each frame before queueing it).
+    pub data: Option<(DataRx, DataBacklog)>,
+    /// The link's closer; when it fires the writer sends the last words and a close frame.
+    pub closer: Closer,
+    /// Time allowed for the last words and close frame to be written.
+    pub linger: Duration,
+    /// The link's direct-write gate, if its senders may write directly ([`LinkSink::direct`]).
+    pub direct: Option<Arc<Direct>>,
+    /// What becomes of control frames still queued when the link closes.
+    pub on_close: OnClose,
+}
+
+/// What a closing writer does with the control frames still queued.
+#[derive(Debug, Clone)]
+pub enum OnClose {
+    /// Sends them before the close frame (a server link's final `Load`, an `Ack`).
+    SendQueued,
+    /// Leaves them queued (the queue comes back in [`WriterEnd::ctrl`]) unless this token is
+    /// cancelled: a client's messages wait for its next connection instead of going into one
+    /// that was lost, and are sent when the client is closing.
+    KeepQueuedUnless(CancellationToken),
+}
+
+/// How a writer ended.
+#[derive(Debug)]
+pub struct WriterEnd {
+    /// The write error that ended the link, if one did.
+    pub error: Option<std::io::Error>,
+    /// Data messages still queued when the link closed, never sent.
+    pub discarded: usize,
+    /// The control queue, with what is left in it ([`OnClose`]).
+    pub ctrl: mpsc::Receiver<Bytes>,
+}
+
+/// One item for the writer.
+enum Out {
+    /// Whole frames from the reader's WebSocket, written as they are.
+    Raw(Bytes),
+    /// A control message to frame.
+    Ctrl(Bytes),
+    /// A data message to frame (its backlog room is released once framed).
+    Data(Bytes),
+}
+
+/// Drains the queues into the socket until the link closes, then sends queued control frames,
+/// the last words (if any) and a close frame. The closer is fired either way so the reader
+/// stops too.
+pub async fn run_writer<S>(sink: LinkSink<S>, setup: WriterSetup) -> WriterEnd
+where
+    S: AsyncWrite,
+{
+    let LinkSink {
+        mut write,
+        replies,
+        role,
+        batch_bytes,
+        socket: _,
+    } = sink;
+    let reply_source = replies;
+    let mut replies = Some(&*reply_source);
+    let WriterSetup {
+        mut ctrl,
+        data,
+        closer,
+        linger,
+        direct,
+        on_close,
+    } = setup;
+    let (mut data, accounting) = match data {
+        Some((rx, accounting)) => (Some(rx), Some(accounting)),
+        None => (None, None),
+    };
+    debug_assert!(
+        direct.is_none() || (role == Role::Server && accounting.as_ref().is_some_and(|a| a.framed)),
+        "direct writes carry whole server frames: a server link with a framed data queue"
+    );
+    let gate_guard = CloseGate(direct.as_deref());
+    let direct = gate_guard.0;
+    let mut out = BytesMut::new();
+    let mut sent_close = false;
+    // Pinned once: a fresh `closed()` per batch would check the token under its lock and
+    // register a waiter every time.
+    let closed = closer.closed();
+    tokio::pin!(closed);
+    let result: std::io::Result<()> = async {
+        loop {
+            if let Some(direct) = direct {
+                // Control frames (a session's `Ready` first of all) are not overtaken either.
+                direct.park(|| ctrl.is_empty() && data.as_ref().is_none_or(DataRx::is_empty));
+            }
+            let first = tokio::select! {
+                biased;
+                _ = &mut closed => return Ok(()),
+                reply = recv_reply(&mut replies) => match reply {
+                    Some(raw) => Out::Raw(raw),
+                    None => {
+                        replies = None;
+                        continue;
+                    }
+                },
+                frame = ctrl.recv() => match frame {
+                    Some(frame) => Out::Ctrl(frame),
+                    None => return Ok(()),
+                },
+                frame = recv_data(&mut data) => match frame {
+                    Some(frame) => Out::Data(frame),
+                    None => {
+                        data = None;
+                        continue;
+                    }
+                },
+            };
+            out.clear();
+            if let Some(rest) = direct.and_then(Direct::unpark) {
+                out.extend_from_slice(&rest);
+            }
+            let mut next = Some(first);
+            let mut framed = 0;
+            while let Some(item) = next.take() {
+                match item {
+                    Out::Raw(raw) => {
+                        sent_close |= holds_close(&raw);
+                        out.extend_from_slice(&raw);
+                    }
+                    Out::Ctrl(frame) => put_frame(&mut out, OP_BINARY, &frame, role),
+                    // A direct sender's wake-up call; what it left is already in `out`.
+                    Out::Data(frame) if frame.is_empty() => {}
+                    Out::Data(frame) => match &accounting {
+                        Some(a) if a.framed => {
+                            a.backlog.release_n(frame.len(), count_frames(&frame));
+                            out.extend_from_slice(&frame);
+                        }
+                        Some(a) => {
+                            a.backlog.release(frame.len());
+                            put_frame(&mut out, OP_BINARY, &frame, role);
+                        }
+                        None => put_frame(&mut out, OP_BINARY, &frame, role),
+                    },
+                }
+                framed += 1;
+                if framed < MAX_BATCH && out.len() < batch_bytes {
+                    next = try_next(&mut replies, &mut ctrl, &mut data);
+                }
+            }
+            if let Some(DataBacklog {
+                backlog, notice, ..
+            }) = &accounting
+            {
+                if data.as_ref().is_none_or(|d| d.is_empty()) {
+                    backlog.drained();
+                }
+                let dropped = backlog.take_unreported();
+                if dropped > 0 {
+                    put_frame(&mut out, OP_BINARY, &notice(dropped), role);
+                }
+            }
+            tokio::select! {
+                biased;
+                result = write_out(&mut write, &mut out) => result?,
+                // A peer that stopped reading must not keep a closing link alive. What is left
+                // of the batch stays in `out`, so the goodbye starts on a frame boundary.
+                _ = &mut closed => return Ok(()),
+            }
+            // A burst's buffer is not kept by a link that goes quiet.
+            if out.capacity() > batch_bytes.saturating_mul(2) {
+                out = BytesMut::new();
+            }
+            if sent_close {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    // What a sender could not finish writing goes out before anything else, even the rest of
+    // an interrupted batch (there is never both: a parked writer had written everything).
+    if let Some(rest) = direct.and_then(Direct::close) {
+        let mut first = BytesMut::from(&rest[..]);
+        first.extend_from_slice(&out);
+        out = first;
+    }
+    reply_source.writer_gone.store(true, Ordering::Release);
+    closer.close(None);
+    // Refuse further data (senders now see a closed queue, not a full one) and account for
+    // what was queued but never sent.
+    let mut discarded = 0;
+    if let Some(rx) = data.as_mut() {
+        rx.close();
+        while let Ok(frame) = rx.try_recv() {
+            match &accounting {
+                _ if frame.is_empty() => {}
+                Some(a) if a.framed => {
+                    let n = count_frames(&frame);
+                    discarded += n;
+                    a.backlog.release_n(frame.len(), n);
+                }
+                Some(a) => {
+                    discarded += 1;
+                    a.backlog.release(frame.len());
+                }
+                None => discarded += 1,
+            }
+        }
+    }
+    // `out` holds the unwritten rest of an interrupted batch, if any; it goes out first, so the
+    // stream stays on a frame boundary. Then control frames already queued (a final Load, an
+    // Ack, interest changes), unless they are kept for another link; queued data does not, it
+    // would only delay the close. After a close frame (ours, or the reader's reply in `out`)
+    // nothing more may be sent.
+    if result.is_ok() {
+        if !sent_close {
+            let send_queued = match &on_close {
+                OnClose::SendQueued => true,
+                OnClose::KeepQueuedUnless(closing) => closing.is_cancelled(),
+            };
+            if send_queued {
+                while let Ok(frame) = ctrl.try_recv() {
+                    put_frame(&mut out, OP_BINARY, &frame, role);
+                }
+            }
+            if let Some(words) = closer.last_words() {
+                put_frame(&mut out, OP_BINARY, &words, role);
+            }
+            put_frame(&mut out, OP_CLOSE, &[], role);
+        }
+        let goodbye = async {
+            write_out(&mut write, &mut out).await?;
+            write.shutdown().await
+        };
+        let _ = tokio::time::timeout(linger, goodbye).await;
+    }
+    WriterEnd {
+        error: result.err(),
+        discarded,
+        ctrl,
+    }
+}
+
+/// Writes all of `out`, consuming it as it goes: if the future is dropped, `out` still holds
+/// exactly what was not written.
+async fn write_out<W: AsyncWrite>(
+    write: &mut WriteHalf<W>,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = write.write(out).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes::Buf::advance(out, n);
+    }
+    Ok(())
+}
+
+async fn recv_reply(replies: &mut Option<&Replies>) -> Option<Bytes> {
+    match replies {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_data(data: &mut Option<DataRx>) -> Option<Bytes> {
+    match data {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next ready item: replies, then control, then data.
+fn try_next(
+    replies: &mut Option<&Replies>,
+    ctrl: &mut mpsc::Receiver<Bytes>,
+    data: &mut Option<DataRx>,
+) -> Option<Out> {
+    if let Some(raw) = replies.and_then(|r| r.queue().pop_front()) {
+        return Some(Out::Raw(raw));
+    }
+    if let Ok(frame) = ctrl.try_recv() {
+        return Some(Out::Ctrl(frame));
+    }
+    data.as_mut()?.try_recv().ok().map(Out::Data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::{Inbound, Link, LinkStream, linger, next_frame, split_link};
+    use futures_util::SinkExt as _;
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    /// The control sender, closer, reader end and writer task of a link, and its peer.
+    type Pair = (
+        mpsc::Sender<Bytes>,
+        Closer,
+        LinkStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<WriterEnd>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    );
+
+    /// A link end running the writer, and a plain tungstenite WebSocket as the peer.
+    async fn pair(role: Role) -> Pair {
+        pair_over(role, 1 << 20).await
+    }
+
+    /// Like [`pair`], over a pipe that holds `buffer` bytes.
+    async fn pair_over(role: Role, buffer: usize) -> Pair {
+        let (ours, theirs) = tokio::io::duplex(buffer);
+        let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+        let Link { sink, stream } = split_link(ours, role, config);
+        let (ctrl_tx, ctrl) = mpsc::channel(16);
+        let closer = Closer::new();
+        let writer = tokio::spawn(run_writer(
+            sink,
+            WriterSetup {
+                ctrl,
+                data: None,
+                closer: closer.clone(),
+                linger: Duration::from_secs(5),
+                direct: None,
+                on_close: OnClose::SendQueued,
+            },
+        ));
+        let peer_role = if role == Role::Server {
+            Role::Client
+        } else {
+            Role::Server
+        };
+        let peer = WebSocketStream::from_raw_socket(theirs, peer_role, None).await;
+        (ctrl_tx, closer, stream, writer, peer)
+    }
+
+    async fn writer_frames_reach_a_tungstenite_peer(role: Role) {
+        let (ctrl, closer, mut stream, writer, mut peer) = pair(role).await;
+        // Every length encoding: 7-bit, 16-bit and 64-bit, at their edges.
+        let sizes = [0usize, 1, 7, 125, 126, 1000, 65535, 65536, 70001];
+        for &n in &sizes {
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            ctrl.send(Bytes::from(body)).await.unwrap();
+        }
+        for &n in &sizes {
+            match peer.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b.len(), n);
+                    assert!(b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+                }
+                other => panic!("expected a binary frame of {n} bytes, got {other:?}"),
+            }
+        }
+        // A ping read by the link's reader is answered through the writer.
+        peer.send(Message::Ping(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            loop {
+                match next_frame(&mut stream).await {
+                    Ok(Inbound::Closed) | Err(_) => return stream,
+                    Ok(_) => {}
+                }
+            }
+        });
+        match peer.next().await {
+            Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+        // Closing sends the last words, then a close frame.
+        closer.close(Some(Bytes::from_static(b"bye")));
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"bye"),
+            other => panic!("expected the last words, got {other:?}"),
+        }
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        let end = writer.await.unwrap();
+        assert!(end.error.is_none());
+        drop(peer);
+        let _ = reader.await;
+    }
+
+    #[tokio::test]
+    async fn server_frames_reach_a_tungstenite_client() {
+        writer_frames_reach_a_tungstenite_peer(Role::Server).await;
+    }
+
+    #[tokio::test]
+    async fn client_frames_are_masked_for_a_tungstenite_server() {
+        // A tungstenite server refuses unmasked frames from a client.
+        writer_frames_reach_a_tungstenite_peer(Role::Client).await;
+    }
+
+    #[tokio::test]
+    async fn a_close_from_the_peer_ends_the_link_with_one_close_frame() {
+        let (_ctrl, closer, mut stream, writer, mut peer) = pair(Role::Server).await;
+        peer.send(Message::Close(None)).await.unwrap();
+        assert!(matches!(next_frame(&mut stream).await, Ok(Inbound::Closed)));
+        // As every reader does: a closed link is closed for the writer too.
+        closer.close(None);
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        let end = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ends once the link closes")
+            .unwrap();
+        assert!(end.error.is_none());
+        // The reader's own close reply finds the writer gone; no second close frame follows.
+        linger(&mut stream, Duration::from_millis(100)).await;
+        drop(stream);
+        assert!(peer.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn closing_mid_batch_finishes_the_frame_before_the_last_words() {
+        // A peer that does not read: the writer is stuck inside a 200 KB frame when the link
+        // closes. The goodbye must resume at that point, or the last words would be garbage.
+        let (ctrl_tx, closer, _stream, writer, mut peer) = pair_over(Role::Server, 4096).await;
+        ctrl_tx.send(Bytes::from(vec![9u8; 200_000])).await.unwrap();
+        tokio::task::yield_now().await;
+        closer.close(Some(Bytes::from_static(b"bye")));
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                assert!(b.len() == 200_000 && b.iter().all(|&x| x == 9))
+            }
+            other => panic!("expected the whole frame, got {other:?}"),
+        }
+        match peer.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"bye"),
+            other => panic!("expected the last words, got {other:?}"),
+        }
+        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        assert!(writer.await.unwrap().error.is_none());
+    }
+}
