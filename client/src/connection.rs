@@ -320,6 +320,7 @@ async fn run(
             direct: None,
             // Closing the client sends what is queued; a lost connection leaves it queued.
             on_close: OnClose::KeepQueuedUnless(shared.stop.clone()),
+            first: Vec::new(),
         },
     )
     .await;

@@ -8,12 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
-use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{ClientLink, ClientLinkStream};
+use relaymesh_net::ws::ClientLink;
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error};
 use tokio::sync::mpsc;
 
 use crate::keys::KeyError;
@@ -37,12 +36,7 @@ pub(crate) async fn run(server: Arc<Server>) {
         let delay = match dialed {
             Ok(socket) => {
                 redial.reached();
-                let outcome = serve(&server, socket).await;
-                server
-                    .stats
-                    .coordinator_connected
-                    .store(false, Ordering::Relaxed);
-                match outcome {
+                match serve(&server, socket).await {
                     Ok(Ended::Lost) => {
                         redial.connected();
                         if !server.shutdown.is_cancelled() {
@@ -76,20 +70,7 @@ enum Ended {
 
 /// Runs one connection to the coordinator.
 async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Error> {
-    let ClientLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(COORDINATOR_QUEUE);
-    let closer = Closer::new();
-    let writer = tokio::spawn(link::run_writer(
-        sink,
-        WriterSetup {
-            ctrl: rx,
-            data: None,
-            closer: closer.clone(),
-            linger: LINGER,
-            direct: None,
-            on_close: link::OnClose::SendQueued,
-        },
-    ));
     let register = v1::Register {
         protocol_version: PROTOCOL_VERSION,
         server_id: server.id.to_string(),
@@ -97,145 +78,199 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
         capacity: server.config.max_clients,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let _ = tx.try_send(encode(&v1::ServerToCoordinator::register(register)));
-    let outcome = registered(server, &mut stream, &tx, &closer).await;
-    closer.close(None);
-    link::linger(&mut stream, LINGER).await;
-    let _ = writer.await;
-    outcome
+    let options = link::Options {
+        writer: WriterSetup {
+            ctrl: rx,
+            data: None,
+            closer: Closer::new(),
+            linger: LINGER,
+            direct: None,
+            on_close: link::OnClose::SendQueued,
+            first: Vec::new(),
+        },
+        first: vec![encode(&v1::ServerToCoordinator::register(register))],
+        handshake: Some(server.config.handshake_timeout()),
+        shutdown: server.shutdown.clone(),
+        max_burst: link::MAX_BURST,
+    };
+    let mut reader = Reader {
+        server: server.clone(),
+        tx,
+        heartbeat: Heartbeat {
+            timeout: server.config.heartbeat_timeout(),
+            interval: server.config.heartbeat_interval(),
+        },
+        last_report: Instant::now(),
+        changed: false,
+        ended: Ended::Unregistered,
+    };
+    let served = link::serve(socket, options, &mut reader).await;
+    served.outcome.map(|()| reader.ended)
 }
 
-async fn registered(
-    server: &Arc<Server>,
-    stream: &mut ClientLinkStream,
-    tx: &mpsc::Sender<Bytes>,
-    closer: &Closer,
-) -> Result<Ended, v1::Error> {
-    let first: Option<v1::CoordinatorToServer> = tokio::select! {
-        first = link::first_message(stream, server.config.handshake_timeout()) => first?,
-        _ = server.shutdown.cancelled() => return Ok(Ended::Unregistered),
-    };
-    let registered = match first.and_then(|m| m.kind) {
-        None => return Ok(Ended::Unregistered),
-        Some(Kind::Registered(registered)) => registered,
-        Some(Kind::Error(e)) => return Err(e),
-        Some(_) => {
-            return Err(error(
-                ErrorCode::UnexpectedMessage,
-                "expected Registered from the coordinator",
-            ));
-        }
-    };
-    if registered.protocol_version != PROTOCOL_VERSION {
-        return Err(error(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "coordinator speaks protocol {}",
-                registered.protocol_version
-            ),
-        ));
+/// The reading side of one coordinator link.
+struct Reader {
+    server: Arc<Server>,
+    /// Answers and load reports, drained by the link's writer.
+    tx: mpsc::Sender<Bytes>,
+    /// The coordinator's heartbeat settings once registered (they win, so both ends agree on
+    /// when the link is dead), this server's before.
+    heartbeat: Heartbeat,
+    last_report: Instant,
+    /// Sessions came or went since the last report: one is due.
+    changed: bool,
+    ended: Ended,
+}
+
+impl Reader {
+    /// Reports this server's load. Load reports are heartbeats: when the queue is full,
+    /// traffic is flowing anyway and the next report will do.
+    fn report_load(&mut self) {
+        let _ = self
+            .tx
+            .try_send(encode(&v1::ServerToCoordinator::load(load(&self.server))));
+        self.last_report = Instant::now();
     }
-    server
-        .stats
-        .coordinator_connected
-        .store(true, Ordering::Relaxed);
-    server.stats.registrations.inc();
-    tracing::info!(
-        peers = registered.peers.len(),
-        "registered with the coordinator"
-    );
-    server.set_peers(registered.peers);
-    // The coordinator's heartbeat settings win, so both ends agree on when the link is dead.
-    let interval = Some(registered.heartbeat_interval_ms)
-        .filter(|ms| *ms > 0)
-        .map_or(server.config.heartbeat_interval(), |ms| {
-            Duration::from_millis(ms.into())
-        });
-    let timeout = Some(registered.heartbeat_timeout_ms)
-        .filter(|ms| *ms > 0)
-        .map_or(server.config.heartbeat_timeout(), |ms| {
-            Duration::from_millis(ms.into())
-        });
-    // Load reports are heartbeats: when the queue is full, traffic is flowing anyway and the
-    // next report will do.
-    let report_load = || {
-        let _ = tx.try_send(encode(&v1::ServerToCoordinator::load(load(server))));
-        Instant::now()
-    };
-    let mut last_report = report_load();
-    let mut watchdog = Watchdog::new(timeout, interval);
-    // A session that comes or goes is reported within LOAD_REPORT_COALESCE, not at the next
-    // heartbeat: many logins in a burst make one report.
-    let coalesce = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(coalesce);
-    let mut changed = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = server.shutdown.cancelled() => {
-                // Stop new clients from being sent here before the sessions close.
-                report_load();
-                return Ok(Ended::Said);
+}
+
+impl link::Handler for Reader {
+    type In = v1::CoordinatorToServer;
+
+    async fn first(&mut self, msg: v1::CoordinatorToServer) -> Result<Flow, v1::Error> {
+        let registered = match msg.kind {
+            None => return Ok(Flow::End),
+            Some(Kind::Registered(registered)) => registered,
+            Some(Kind::Error(e)) => return Err(e),
+            Some(_) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "expected Registered from the coordinator",
+                ));
             }
-            _ = closer.closed() => return Ok(Ended::Lost),
-            beat = watchdog.tick() => match beat {
-                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "coordinator silent past the heartbeat timeout")),
-                Beat::Send => last_report = report_load(),
-                Beat::Quiet => {}
-            },
-            _ = server.load_changed.notified(), if !changed => {
-                changed = true;
-                coalesce.as_mut().reset((last_report + LOAD_REPORT_COALESCE).into());
+        };
+        check_version(registered.protocol_version, "this comm server")?;
+        let server = &self.server;
+        server
+            .stats
+            .coordinator_connected
+            .store(true, Ordering::Relaxed);
+        server.stats.registrations.inc();
+        tracing::info!(
+            peers = registered.peers.len(),
+            "registered with the coordinator"
+        );
+        server.set_peers(registered.peers);
+        let ms = |ms: u32, ours: Duration| {
+            Some(ms)
+                .filter(|ms| *ms > 0)
+                .map_or(ours, |ms| Duration::from_millis(ms.into()))
+        };
+        self.heartbeat = Heartbeat {
+            timeout: ms(registered.heartbeat_timeout_ms, self.heartbeat.timeout),
+            interval: ms(registered.heartbeat_interval_ms, self.heartbeat.interval),
+        };
+        self.ended = Ended::Lost;
+        self.report_load();
+        Ok(Flow::Continue)
+    }
+
+    async fn message(&mut self, msg: v1::CoordinatorToServer) -> Result<Flow, v1::Error> {
+        let server = &self.server;
+        match msg.kind {
+            Some(Kind::Reserve(reserve)) => {
+                let answer = reserve_key(server, reserve);
+                answer_coordinator(&self.tx, answer, self.heartbeat.timeout).await?;
             }
-            _ = &mut coalesce, if changed => {
-                changed = false;
-                last_report = report_load();
-            }
-            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(Ended::Lost),
-                Inbound::Control => watchdog.activity(),
-                Inbound::Frame(frame) => {
-                    watchdog.activity();
-                    let msg: v1::CoordinatorToServer = decode_frame(frame)?;
-                    match msg.kind {
-                        Some(Kind::Reserve(reserve)) => answer(tx, reserve_key(server, reserve), timeout).await?,
-                        Some(Kind::PeerJoined(joined)) => {
-                            if let Some(peer) = joined.peer {
-                                tracing::info!(peer = %peer.server_id, url = %peer.url, "peer joined");
-                                server.peer_joined(peer);
-                            }
-                        }
-                        Some(Kind::PeerLeft(left)) => {
-                            tracing::info!(peer = %left.server_id, "peer left");
-                            server.peer_left(&left.server_id);
-                        }
-                        Some(Kind::Replace(replace)) => server.replace(&replace),
-                        Some(Kind::Ping(ping)) => {
-                            answer(tx, v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce }), timeout).await?
-                        }
-                        Some(Kind::Error(e)) => {
-                            if e.error_code() == ErrorCode::ShuttingDown {
-                                tracing::info!("the coordinator is shutting down; reconnecting until it is back");
-                            } else {
-                                tracing::warn!(error = %e, "coordinator closed the link; reconnecting");
-                            }
-                            return Ok(Ended::Said);
-                        }
-                        Some(Kind::Registered(_)) => {
-                            return Err(error(ErrorCode::UnexpectedMessage, "Registered was already received"));
-                        }
-                        None => return Err(error(ErrorCode::BadFrame, "empty CoordinatorToServer message")),
-                    }
+            Some(Kind::PeerJoined(joined)) => {
+                if let Some(peer) = joined.peer {
+                    tracing::info!(peer = %peer.server_id, url = %peer.url, "peer joined");
+                    server.peer_joined(peer);
                 }
-            },
+            }
+            Some(Kind::PeerLeft(left)) => {
+                tracing::info!(peer = %left.server_id, "peer left");
+                server.peer_left(&left.server_id);
+            }
+            Some(Kind::Replace(replace)) => server.replace(&replace),
+            Some(Kind::Ping(ping)) => {
+                let pong = v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce });
+                answer_coordinator(&self.tx, pong, self.heartbeat.timeout).await?;
+            }
+            Some(Kind::Error(e)) => {
+                if e.error_code() == ErrorCode::ShuttingDown {
+                    tracing::info!(
+                        "the coordinator is shutting down; reconnecting until it is back"
+                    );
+                } else {
+                    tracing::warn!(error = %e, "coordinator closed the link; reconnecting");
+                }
+                self.ended = Ended::Said;
+                return Ok(Flow::End);
+            }
+            Some(Kind::Registered(_)) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "Registered was already received",
+                ));
+            }
+            None => {
+                return Err(error(
+                    ErrorCode::BadFrame,
+                    "empty CoordinatorToServer message",
+                ));
+            }
         }
+        Ok(Flow::Continue)
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
+    }
+
+    fn beat(&mut self) {
+        self.report_load();
+    }
+
+    /// A session that came or went is reported within [`LOAD_REPORT_COALESCE`], not at the
+    /// next heartbeat: many logins in a burst make one report.
+    async fn wake(&mut self) -> Result<Flow, v1::Error> {
+        if self.changed {
+            tokio::time::sleep_until((self.last_report + LOAD_REPORT_COALESCE).into()).await;
+            self.changed = false;
+            self.report_load();
+        } else {
+            self.server.load_changed.notified().await;
+            self.changed = true;
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        // Stops new clients from being sent here before the sessions close.
+        self.report_load();
+        if matches!(self.ended, Ended::Lost) {
+            self.ended = Ended::Said;
+        }
+        Ok(())
+    }
+
+    async fn closing(&mut self) {
+        self.server
+            .stats
+            .coordinator_connected
+            .store(false, Ordering::Relaxed);
+    }
+
+    /// The coordinator is told nothing: it sees the link close and the server unregister.
+    fn last_words(&self, _error: v1::Error) -> Option<Bytes> {
+        None
     }
 }
 
 /// Queues an answer to the coordinator, waiting for room: a burst of reservations slows the
 /// coordinator down instead of costing this server its registration. A coordinator that stops
 /// reading altogether ends the link after `within`.
-async fn answer(
+async fn answer_coordinator(
     tx: &mpsc::Sender<Bytes>,
     msg: v1::ServerToCoordinator,
     within: Duration,

@@ -255,6 +255,7 @@ where
             linger: LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
+            first: Vec::new(),
         },
     ));
     let dialed = expected.is_some();

@@ -18,15 +18,14 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerLink, ServerLinkStream};
+use relaymesh_net::ws::{self, ServerLink};
 use relaymesh_proto::frame::{Sender, forward_frame};
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
-    ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -188,11 +187,7 @@ struct Session {
     batch: Batcher,
 }
 
-/// Most frames a session handles before handing on their deliveries.
-const MAX_BURST: usize = 256;
-
 async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _conn: ConnInfo) {
-    let ServerLink { sink, mut stream } = socket;
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
     let backlog = Arc::new(Backlog::counted(
@@ -200,7 +195,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         server.config.client_queue_bytes,
     ));
     let closer = Closer::new();
-    let direct = sink.direct(&data_tx);
+    let direct = socket.sink.direct(&data_tx);
     let me = Arc::new(Subscriber {
         id: server.next_id(),
         data: data_tx,
@@ -223,12 +218,8 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
             .unwrap_or(u32::MAX),
         heartbeat_timeout_ms: u32::try_from(server.config.heartbeat_timeout_ms).unwrap_or(u32::MAX),
     };
-    // Queued before the writer starts: the writer does not park (take direct writes) while
-    // control frames wait, so `Ready` is the first thing the client reads.
-    let _ = ctrl_tx.try_send(encode(&v1::ServerToClient::ready(ready)));
-    let writer = tokio::spawn(link::run_writer(
-        sink,
-        WriterSetup {
+    let options = link::Options {
+        writer: WriterSetup {
             ctrl: ctrl_rx,
             data: Some((
                 data_rx,
@@ -238,18 +229,24 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
                     framed: true,
                 },
             )),
-            closer: closer.clone(),
+            closer,
             linger: LINGER,
             direct,
             on_close: link::OnClose::SendQueued,
+            first: Vec::new(),
         },
-    ));
+        // `Ready` is the first thing the client reads, before any message for it.
+        first: vec![encode(&v1::ServerToClient::ready(ready))],
+        handshake: Some(server.config.handshake_timeout()),
+        shutdown: server.shutdown.clone(),
+        max_burst: link::MAX_BURST,
+    };
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
     server.load_changed.notify_one();
     let mut session = Session {
         server: server.clone(),
-        me: me.clone(),
+        me,
         ctrl: ctrl_tx,
         rules: Rules::of(&identity),
         alias: identity.alias.into(),
@@ -265,35 +262,20 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         cache: RouteCache::default(),
         batch: Batcher::new(server.direct_writes),
     };
-    match session.serve(&mut stream).await {
-        Ok(()) => {
-            closer.close(None);
-        }
-        Err(e) => {
-            if e.error_code() != ErrorCode::ShuttingDown {
-                server.stats.protocol_errors.inc();
-                tracing::debug!(error = %e, "closing client session");
-            }
-            closer.close(Some(error_frame::<v1::ServerToClient>(e)));
-        }
+    let served = link::serve(socket, options, &mut session).await;
+    if let Err(e) = served.outcome
+        && e.error_code() != ErrorCode::ShuttingDown
+    {
+        server.stats.protocol_errors.inc();
+        tracing::debug!(error = %e, "closed client session");
     }
-    // The session is over for everyone else now; the close handshake below is only courtesy.
-    lock(&server.sessions).remove(&me.id);
-    server.stats.clients.dec();
-    server.load_changed.notify_one();
-    if session.ever_subscribed {
-        let _ = server
-            .control
-            .send(Command::SessionClosed { session: me.id })
-            .await;
-    }
-    link::linger(&mut stream, LINGER).await;
-    let _ = writer.await;
 }
 
-impl Session {
-    async fn serve(&mut self, stream: &mut ServerLinkStream) -> Result<(), v1::Error> {
-        // A key reserved for a login that a newer one has since replaced.
+impl link::Handler for Session {
+    type In = v1::ClientToServer;
+
+    /// A key reserved for a login that a newer one has since replaced is refused at once.
+    fn open(&mut self) -> Result<Flow, v1::Error> {
         if let Some(client) = &self.me.client
             && self.server.replaced_by(client).is_some()
         {
@@ -306,87 +288,68 @@ impl Session {
                 ),
             ));
         }
-        let config = &self.server.config;
-        let first: Option<v1::ClientToServer> =
-            link::first_message(stream, config.handshake_timeout()).await?;
-        match first.map(|m| m.kind) {
-            None => return Ok(()),
-            Some(Some(Kind::Attach(attach))) if attach.protocol_version == PROTOCOL_VERSION => {}
-            Some(Some(Kind::Attach(attach))) => {
-                return Err(error(
-                    ErrorCode::UnsupportedVersion,
-                    format!(
-                        "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
-                        attach.protocol_version
-                    ),
-                ));
+        Ok(Flow::Continue)
+    }
+
+    async fn first(&mut self, msg: v1::ClientToServer) -> Result<Flow, v1::Error> {
+        match msg.kind {
+            Some(Kind::Attach(attach)) => {
+                check_version(attach.protocol_version, "this server")?;
+                Ok(Flow::Continue)
             }
-            Some(_) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "the first message on /v1/client must be Attach",
-                ));
-            }
-        }
-        let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
-        // Pinned once: re-creating these per frame would register a waiter per message.
-        let shutdown = self.server.shutdown.clone();
-        let stopping = shutdown.cancelled();
-        tokio::pin!(stopping);
-        let closer = self.me.closer.clone();
-        let closed = closer.closed();
-        tokio::pin!(closed);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stopping => return Err(error(ErrorCode::ShuttingDown, "comm server is shutting down; reconnect through the coordinator")),
-                _ = &mut closed => return Ok(()),
-                beat = watchdog.tick() => if beat == Beat::Expired {
-                    return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout"));
-                },
-                step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                    Inbound::Closed => return Ok(()),
-                    Inbound::Control => watchdog.activity(),
-                    Inbound::Frame(frame) => {
-                        watchdog.activity();
-                        let burst = self.handle_burst(stream, frame).await;
-                        self.flush();
-                        if !burst? {
-                            return Ok(());
-                        }
-                    }
-                },
-            }
+            _ => Err(error(
+                ErrorCode::UnexpectedMessage,
+                "the first message on /v1/client must be Attach",
+            )),
         }
     }
 
-    /// Handles `first` and every frame that has already arrived after it (up to
-    /// [`MAX_BURST`]), so a burst of publishes reaches each subscriber as one batch. `Ok(false)`
-    /// when the client closed the link.
-    async fn handle_burst(
-        &mut self,
-        stream: &mut ServerLinkStream,
-        first: Bytes,
-    ) -> Result<bool, v1::Error> {
-        let mut next = Some(first);
-        let mut handled = 0;
-        while let Some(frame) = next.take() {
-            let msg: v1::ClientToServer = decode_frame(frame)?;
-            self.handle(msg).await?;
-            handled += 1;
-            if handled < MAX_BURST
-                && let Some(step) = link::ready_frame(stream)
-            {
-                match step.map_err(|e| e.to_error())? {
-                    Inbound::Frame(frame) => next = Some(frame),
-                    Inbound::Control => {}
-                    Inbound::Closed => return Ok(false),
-                }
-            }
-        }
-        Ok(true)
+    async fn message(&mut self, msg: v1::ClientToServer) -> Result<Flow, v1::Error> {
+        self.handle(msg).await.map(|()| Flow::Continue)
     }
 
+    async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
+        self.flush();
+        Ok(Flow::Continue)
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            timeout: self.server.config.heartbeat_timeout(),
+            interval: self.server.config.heartbeat_interval(),
+        }
+    }
+
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        Err(error(
+            ErrorCode::ShuttingDown,
+            "comm server is shutting down; reconnect through the coordinator",
+        ))
+    }
+
+    /// The session is over for everyone else now; the close handshake that follows is only
+    /// courtesy.
+    async fn closing(&mut self) {
+        let server = &self.server;
+        lock(&server.sessions).remove(&self.me.id);
+        server.stats.clients.dec();
+        server.load_changed.notify_one();
+        if self.ever_subscribed {
+            let _ = server
+                .control
+                .send(Command::SessionClosed {
+                    session: self.me.id,
+                })
+                .await;
+        }
+    }
+
+    fn last_words(&self, error: v1::Error) -> Option<Bytes> {
+        Some(error_frame::<v1::ServerToClient>(error))
+    }
+}
+
+impl Session {
     /// Hands the pending batch of deliveries to the subscribers.
     fn flush(&mut self) {
         self.batch

@@ -12,13 +12,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerLink, ServerLinkStream};
+use relaymesh_net::ws::{self, ServerLink};
 use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
@@ -167,28 +166,37 @@ pub(crate) async fn upgrade(
 
 async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
     let _open = app.stats.negotiation_links.track();
-    let ServerLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(app.config.link_queue);
-    let closer = Closer::new();
-    let writer = tokio::spawn(link::run_writer(
-        sink,
-        WriterSetup {
+    let options = link::Options {
+        writer: WriterSetup {
             ctrl: rx,
             data: None,
-            closer: closer.clone(),
+            closer: Closer::new(),
             linger: LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
+            first: Vec::new(),
         },
-    ));
-    if let Err(e) = serve(&app, &mut stream, &tx, &closer, conn.peer.ip()).await {
+        first: Vec::new(),
+        handshake: Some(app.config.handshake_timeout()),
+        shutdown: app.shutdown.clone(),
+        max_burst: link::MAX_BURST,
+    };
+    let bucket = TokenBucket::new(
+        f64::from(app.config.connect_rate_per_s),
+        app.config.connect_burst,
+    );
+    let mut negotiation = Negotiation {
+        app: app.clone(),
+        tx,
+        from: conn.peer.ip(),
+        state: Step::Greeting,
+        bucket,
+    };
+    let served = link::serve(socket, options, &mut negotiation).await;
+    if let Err(e) = served.outcome {
         tracing::debug!(error = %e, "closing negotiation link");
-        closer.close(Some(error_frame::<v1::CoordinatorToClient>(e)));
-    } else {
-        closer.close(None);
     }
-    link::linger(&mut stream, LINGER).await;
-    let _ = writer.await;
 }
 
 /// Queues a reply; a client that lets its queue fill up is not reading and is dropped.
@@ -197,130 +205,203 @@ fn reply(tx: &mpsc::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), 
         .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
 }
 
-async fn serve(
-    app: &Arc<App>,
-    stream: &mut ServerLinkStream,
-    tx: &mpsc::Sender<Bytes>,
-    closer: &Closer,
+/// Where a negotiation link is.
+enum Step {
+    /// Waiting for `Hello`.
+    Greeting,
+    /// A key login was sent a `Challenge`; its answer is due by `deadline`.
+    Challenged {
+        hello: v1::Hello,
+        key: v1::KeyLogin,
+        nonce: [u8; 32],
+        deadline: tokio::time::Instant,
+    },
+    /// Logged in: `Connect`s are answered.
+    LoggedIn(v1::Identity),
+}
+
+/// The reading side of one negotiation link.
+struct Negotiation {
+    app: Arc<App>,
+    /// Replies, drained by the link's writer.
+    tx: mpsc::Sender<Bytes>,
     from: IpAddr,
-) -> Result<(), v1::Error> {
-    let first: Option<v1::ClientToCoordinator> =
-        link::first_message(stream, app.config.handshake_timeout()).await?;
-    let Some(first) = first else { return Ok(()) };
-    let Some(Kind::Hello(hello)) = first.kind else {
-        return Err(error(
-            ErrorCode::UnexpectedMessage,
-            "the first message on /v1/connect must be Hello",
-        ));
-    };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(error(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
-                hello.protocol_version
-            ),
-        ));
+    state: Step,
+    /// `Connect`s allowed on this link.
+    bucket: TokenBucket,
+}
+
+impl Negotiation {
+    /// Checks the login and says `Welcome`.
+    async fn log_in(&mut self, login: Login, client_id: String) -> Result<Flow, v1::Error> {
+        let app = &self.app;
+        let identity = authenticate(app, login, client_id, self.from).await?;
+        let servers = lock(&app.registry)
+            .iter()
+            .map(|(id, e)| v1::ServerInfo {
+                server_id: id.clone(),
+                url: e.url.clone(),
+            })
+            .collect();
+        reply(
+            &self.tx,
+            &v1::CoordinatorToClient::welcome(v1::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                alias: identity.alias.clone(),
+                servers,
+                heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
+                heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+            }),
+        )?;
+        self.state = Step::LoggedIn(identity);
+        Ok(Flow::Continue)
     }
-    let login = match hello.credentials {
-        Some(v1::Credentials {
-            kind: Some(credentials::Kind::Key(key)),
-        }) => {
-            // Challenge-response: a fresh nonce for this attempt only.
-            let nonce: [u8; 32] = rand::random();
-            reply(
-                tx,
-                &v1::CoordinatorToClient::challenge(v1::Challenge {
-                    nonce: Bytes::copy_from_slice(&nonce),
-                }),
-            )?;
-            let answer: Option<v1::ClientToCoordinator> =
-                link::first_message(stream, app.config.handshake_timeout()).await?;
-            let Some(Some(Kind::ChallengeResponse(response))) = answer.map(|m| m.kind) else {
+}
+
+impl link::Handler for Negotiation {
+    type In = v1::ClientToCoordinator;
+
+    async fn first(&mut self, msg: v1::ClientToCoordinator) -> Result<Flow, v1::Error> {
+        let Some(Kind::Hello(mut hello)) = msg.kind else {
+            return Err(error(
+                ErrorCode::UnexpectedMessage,
+                "the first message on /v1/connect must be Hello",
+            ));
+        };
+        check_version(hello.protocol_version, "this coordinator")?;
+        match hello.credentials.take() {
+            Some(v1::Credentials {
+                kind: Some(credentials::Kind::Key(key)),
+            }) => {
+                // Challenge-response: a fresh nonce for this attempt only.
+                let nonce: [u8; 32] = rand::random();
+                reply(
+                    &self.tx,
+                    &v1::CoordinatorToClient::challenge(v1::Challenge {
+                        nonce: Bytes::copy_from_slice(&nonce),
+                    }),
+                )?;
+                let deadline = tokio::time::Instant::now() + self.app.config.handshake_timeout();
+                self.state = Step::Challenged {
+                    hello,
+                    key,
+                    nonce,
+                    deadline,
+                };
+                Ok(Flow::Continue)
+            }
+            credentials => self.log_in(Login::from(credentials), hello.client_id).await,
+        }
+    }
+
+    async fn message(&mut self, msg: v1::ClientToCoordinator) -> Result<Flow, v1::Error> {
+        if let Step::Challenged { .. } = self.state {
+            let Step::Challenged {
+                hello, key, nonce, ..
+            } = std::mem::replace(&mut self.state, Step::Greeting)
+            else {
+                return Ok(Flow::Continue);
+            };
+            let Some(Kind::ChallengeResponse(response)) = msg.kind else {
                 return Err(error(
                     ErrorCode::UnexpectedMessage,
                     "a key login must answer the Challenge with ChallengeResponse",
                 ));
             };
-            Login::Key {
+            let login = Login::Key {
                 account: key.account,
                 role: key.role,
                 group: key.group,
                 public_key: key.public_key.to_vec(),
                 nonce: nonce.to_vec(),
                 signature: response.signature.to_vec(),
+            };
+            return self.log_in(login, hello.client_id).await;
+        }
+        let Step::LoggedIn(identity) = &self.state else {
+            return Err(error(ErrorCode::Internal, "not logged in"));
+        };
+        let app = &self.app;
+        match msg.kind {
+            Some(Kind::Connect(connect)) => {
+                let answer = if self.bucket.take(Instant::now()) {
+                    let preferred =
+                        Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
+                    place(app, identity, preferred, connect.exclude).await
+                } else {
+                    Err(error(
+                        ErrorCode::LimitExceeded,
+                        "too many Connect requests; slow down",
+                    ))
+                };
+                let msg = match answer {
+                    Ok(p) => v1::CoordinatorToClient::offer(v1::ConnectOffer {
+                        server_id: p.server_id,
+                        url: p.url,
+                        key: p.key,
+                        expires_in_ms: p.expires_in_ms,
+                    }),
+                    Err(e) => v1::CoordinatorToClient::error(e),
+                };
+                reply(&self.tx, &msg)?;
+            }
+            Some(Kind::Ping(ping)) => reply(
+                &self.tx,
+                &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }),
+            )?,
+            Some(Kind::Hello(_)) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "Hello was already sent on this link",
+                ));
+            }
+            Some(Kind::ChallengeResponse(_)) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "no challenge is pending on this link",
+                ));
+            }
+            None => {
+                return Err(error(
+                    ErrorCode::BadFrame,
+                    "empty ClientToCoordinator message",
+                ));
             }
         }
-        credentials => Login::from(credentials),
-    };
-    let identity = authenticate(app, login, hello.client_id, from).await?;
-    let servers = lock(&app.registry)
-        .iter()
-        .map(|(id, e)| v1::ServerInfo {
-            server_id: id.clone(),
-            url: e.url.clone(),
-        })
-        .collect();
-    reply(
-        tx,
-        &v1::CoordinatorToClient::welcome(v1::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            alias: identity.alias.clone(),
-            servers,
-            heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
-            heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
-        }),
-    )?;
-    let mut bucket = TokenBucket::new(
-        f64::from(app.config.connect_rate_per_s),
-        app.config.connect_burst,
-    );
-    let mut watchdog = Watchdog::new(
-        app.config.heartbeat_timeout(),
-        app.config.heartbeat_interval(),
-    );
-    loop {
-        tokio::select! {
-            _ = app.shutdown.cancelled() => {
-                return Err(error(ErrorCode::ShuttingDown, "coordinator is shutting down"));
-            }
-            _ = closer.closed() => return Ok(()),
-            beat = watchdog.tick() => if beat == Beat::Expired {
-                return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout"));
-            },
-            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(()),
-                Inbound::Control => watchdog.activity(),
-                Inbound::Frame(frame) => {
-                    watchdog.activity();
-                    let msg: v1::ClientToCoordinator = decode_frame(frame)?;
-                    match msg.kind {
-                        Some(Kind::Connect(connect)) => {
-                            let answer = if bucket.take(Instant::now()) {
-                                let preferred = Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
-                                place(app, &identity, preferred, connect.exclude).await
-                            } else {
-                                Err(error(ErrorCode::LimitExceeded, "too many Connect requests; slow down"))
-                            };
-                            let msg = match answer {
-                                Ok(p) => v1::CoordinatorToClient::offer(v1::ConnectOffer {
-                                    server_id: p.server_id,
-                                    url: p.url,
-                                    key: p.key,
-                                    expires_in_ms: p.expires_in_ms,
-                                }),
-                                Err(e) => v1::CoordinatorToClient::error(e),
-                            };
-                            reply(tx, &msg)?;
-                        }
-                        Some(Kind::Ping(ping)) => reply(tx, &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }))?,
-                        Some(Kind::Hello(_)) => return Err(error(ErrorCode::UnexpectedMessage, "Hello was already sent on this link")),
-                        Some(Kind::ChallengeResponse(_)) => return Err(error(ErrorCode::UnexpectedMessage, "no challenge is pending on this link")),
-                        None => return Err(error(ErrorCode::BadFrame, "empty ClientToCoordinator message")),
-                    }
-                }
-            },
+        Ok(Flow::Continue)
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            timeout: self.app.config.heartbeat_timeout(),
+            interval: self.app.config.heartbeat_interval(),
         }
+    }
+
+    /// A challenge left unanswered past the handshake timeout ends the link.
+    async fn wake(&mut self) -> Result<Flow, v1::Error> {
+        let Step::Challenged { deadline, .. } = &self.state else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(*deadline).await;
+        Err(error(
+            ErrorCode::HeartbeatTimeout,
+            format!(
+                "no ChallengeResponse within {} ms",
+                self.app.config.handshake_timeout().as_millis()
+            ),
+        ))
+    }
+
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        Err(error(
+            ErrorCode::ShuttingDown,
+            "coordinator is shutting down",
+        ))
+    }
+
+    fn last_words(&self, error: v1::Error) -> Option<Bytes> {
+        Some(error_frame::<v1::CoordinatorToClient>(error))
     }
 }
 

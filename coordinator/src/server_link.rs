@@ -10,13 +10,12 @@ use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
-use relaymesh_net::link::{self, Closer, Inbound, WriterSetup};
+use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerLinkStream};
+use relaymesh_net::ws;
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
@@ -184,40 +183,38 @@ pub(crate) async fn upgrade(
 }
 
 async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
-    let ws::ServerLink { sink, mut stream } = socket;
     let (tx, rx) = mpsc::channel(app.config.link_queue);
     let closer = Closer::new();
-    let writer = tokio::spawn(link::run_writer(
-        sink,
-        WriterSetup {
+    let options = link::Options {
+        writer: WriterSetup {
             ctrl: rx,
             data: None,
             closer: closer.clone(),
             linger: LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
+            first: Vec::new(),
         },
-    ));
-    if let Err(e) = serve(&app, &mut stream, tx, &closer).await {
+        first: Vec::new(),
+        handshake: Some(app.config.handshake_timeout()),
+        shutdown: app.shutdown.clone(),
+        max_burst: link::MAX_BURST,
+    };
+    let mut reader = Reader {
+        app,
+        tx: Some(tx),
+        closer,
+        registered: None,
+        nonce: 0,
+    };
+    let served = link::serve(socket, options, &mut reader).await;
+    if let Err(e) = served.outcome {
         tracing::info!(error = %e, "closing server link");
-        closer.close(Some(error_frame::<v1::CoordinatorToServer>(e)));
-    } else {
-        closer.close(None);
     }
-    link::linger(&mut stream, LINGER).await;
-    let _ = writer.await;
 }
 
 fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
-    if reg.protocol_version != PROTOCOL_VERSION {
-        return Err(error(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
-                reg.protocol_version
-            ),
-        ));
-    }
+    check_version(reg.protocol_version, "this coordinator")?;
     let id_ok = !reg.server_id.is_empty()
         && reg.server_id.len() <= 128
         && reg
@@ -247,139 +244,168 @@ fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
     Ok(())
 }
 
-async fn serve(
-    app: &Arc<App>,
-    stream: &mut ServerLinkStream,
-    tx: mpsc::Sender<Bytes>,
-    closer: &Closer,
-) -> Result<(), v1::Error> {
-    let first: Option<v1::ServerToCoordinator> =
-        link::first_message(stream, app.config.handshake_timeout()).await?;
-    let Some(first) = first else { return Ok(()) };
-    let Some(Kind::Register(reg)) = first.kind else {
-        return Err(error(
-            ErrorCode::UnexpectedMessage,
-            "the first message on /v1/servers must be Register",
-        ));
-    };
-    validate_register(&reg)?;
-    tracing::Span::current().record("server_id", reg.server_id.as_str());
-    let link_id = app.next_link_id();
-    let handle = Arc::new(ServerLink {
-        id: reg.server_id.clone(),
-        tx,
-        closer: closer.clone(),
-        pending: Mutex::new(HashMap::new()),
-        max_pending: app.config.max_pending_reservations,
-    });
-    {
-        let mut registry = lock(&app.registry);
-        let registration = registry.register(
-            &reg.server_id,
-            &reg.public_url,
-            reg.capacity,
-            link_id,
-            handle.clone(),
-        );
-        let registered = v1::Registered {
-            protocol_version: PROTOCOL_VERSION,
-            peers: registration
-                .peers
-                .into_iter()
-                .map(|(server_id, url)| v1::ServerInfo { server_id, url })
-                .collect(),
-            heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
-            heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
-        };
-        handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
-        let joined = encode(&v1::CoordinatorToServer::peer_joined(v1::PeerJoined {
-            peer: Some(v1::ServerInfo {
-                server_id: reg.server_id.clone(),
-                url: reg.public_url.clone(),
-            }),
-        }));
-        for other in registration.notify {
-            other.send(joined.clone());
-        }
-        if let Some(old) = registration.replaced {
-            let words = error(
-                ErrorCode::Replaced,
-                "a newer connection registered the same server id",
-            );
-            old.closer
-                .close(Some(error_frame::<v1::CoordinatorToServer>(words)));
-        }
-    }
-    tracing::info!(server_id = %reg.server_id, url = %reg.public_url, capacity = reg.capacity, "comm server registered");
-    let result = serve_registered(app, stream, &handle, link_id).await;
-    {
-        // Under the lock, like PeerJoined, so a quick re-registration cannot overtake it.
-        let mut registry = lock(&app.registry);
-        if let Some(others) = registry.unregister(&reg.server_id, link_id) {
-            let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
-                server_id: reg.server_id.clone(),
-            }));
-            for other in others {
-                other.send(frame.clone());
-            }
-            tracing::info!(server_id = %reg.server_id, "comm server left");
-        }
-    }
-    // Logins waiting on this server see their reply channel close and try another server.
-    lock(&handle.pending).clear();
-    result
+/// The reading side of one server link.
+struct Reader {
+    app: Arc<App>,
+    /// The link's control queue, until registration hands it to the [`ServerLink`].
+    tx: Option<mpsc::Sender<Bytes>>,
+    closer: Closer,
+    /// Once registered: the link as the rest of the coordinator sees it, and its registry id.
+    registered: Option<(Arc<ServerLink>, u64)>,
+    nonce: u64,
 }
 
-async fn serve_registered(
-    app: &Arc<App>,
-    stream: &mut ServerLinkStream,
-    handle: &ServerLink,
-    link_id: u64,
-) -> Result<(), v1::Error> {
-    let mut watchdog = Watchdog::new(
-        app.config.heartbeat_timeout(),
-        app.config.heartbeat_interval(),
-    );
-    let mut nonce = 0u64;
-    loop {
-        tokio::select! {
-            _ = app.shutdown.cancelled() => {
-                return Err(error(ErrorCode::ShuttingDown, "coordinator is shutting down"));
+impl link::Handler for Reader {
+    type In = v1::ServerToCoordinator;
+
+    async fn first(&mut self, msg: v1::ServerToCoordinator) -> Result<Flow, v1::Error> {
+        let Some(Kind::Register(reg)) = msg.kind else {
+            return Err(error(
+                ErrorCode::UnexpectedMessage,
+                "the first message on /v1/servers must be Register",
+            ));
+        };
+        validate_register(&reg)?;
+        let Some(tx) = self.tx.take() else {
+            return Err(error(ErrorCode::Internal, "registered twice"));
+        };
+        tracing::Span::current().record("server_id", reg.server_id.as_str());
+        let app = &self.app;
+        let link_id = app.next_link_id();
+        let handle = Arc::new(ServerLink {
+            id: reg.server_id.clone(),
+            tx,
+            closer: self.closer.clone(),
+            pending: Mutex::new(HashMap::new()),
+            max_pending: app.config.max_pending_reservations,
+        });
+        {
+            let mut registry = lock(&app.registry);
+            let registration = registry.register(
+                &reg.server_id,
+                &reg.public_url,
+                reg.capacity,
+                link_id,
+                handle.clone(),
+            );
+            let registered = v1::Registered {
+                protocol_version: PROTOCOL_VERSION,
+                peers: registration
+                    .peers
+                    .into_iter()
+                    .map(|(server_id, url)| v1::ServerInfo { server_id, url })
+                    .collect(),
+                heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
+                heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+            };
+            handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
+            let joined = encode(&v1::CoordinatorToServer::peer_joined(v1::PeerJoined {
+                peer: Some(v1::ServerInfo {
+                    server_id: reg.server_id.clone(),
+                    url: reg.public_url.clone(),
+                }),
+            }));
+            for other in registration.notify {
+                other.send(joined.clone());
             }
-            _ = handle.closer.closed() => return Ok(()),
-            beat = watchdog.tick() => match beat {
-                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "no load report within the heartbeat timeout")),
-                Beat::Send => {
-                    nonce += 1;
-                    handle.send(encode(&v1::CoordinatorToServer { kind: Some(out::Kind::Ping(v1::Ping { nonce })) }));
-                }
-                Beat::Quiet => {}
-            },
-            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(()),
-                Inbound::Control => watchdog.activity(),
-                Inbound::Frame(frame) => {
-                    watchdog.activity();
-                    let msg: v1::ServerToCoordinator = decode_frame(frame)?;
-                    match msg.kind {
-                        Some(Kind::Load(load)) => {
-                            let load = Load { clients: load.clients, pending_keys: load.pending_keys, topics: load.topics, draining: load.draining };
-                            lock(&app.registry).update_load(&handle.id, link_id, load);
-                        }
-                        Some(Kind::Reserved(reserved)) => handle.answer(reserved.request_id, Ok(reserved)),
-                        Some(Kind::ReserveFailed(failed)) => {
-                            let e = failed.error.unwrap_or_else(|| error(ErrorCode::Internal, "reservation failed"));
-                            handle.answer(failed.request_id, Err(e));
-                        }
-                        Some(Kind::Pong(_)) => {}
-                        Some(Kind::Register(_)) => {
-                            return Err(error(ErrorCode::UnexpectedMessage, "already registered on this link"));
-                        }
-                        None => return Err(error(ErrorCode::BadFrame, "empty ServerToCoordinator message")),
-                    }
-                }
-            },
+            if let Some(old) = registration.replaced {
+                let words = error(
+                    ErrorCode::Replaced,
+                    "a newer connection registered the same server id",
+                );
+                old.closer
+                    .close(Some(error_frame::<v1::CoordinatorToServer>(words)));
+            }
         }
+        tracing::info!(server_id = %reg.server_id, url = %reg.public_url, capacity = reg.capacity, "comm server registered");
+        self.registered = Some((handle, link_id));
+        Ok(Flow::Continue)
+    }
+
+    async fn message(&mut self, msg: v1::ServerToCoordinator) -> Result<Flow, v1::Error> {
+        let Some((handle, link_id)) = &self.registered else {
+            return Err(error(ErrorCode::Internal, "not registered"));
+        };
+        match msg.kind {
+            Some(Kind::Load(load)) => {
+                let load = Load {
+                    clients: load.clients,
+                    pending_keys: load.pending_keys,
+                    topics: load.topics,
+                    draining: load.draining,
+                };
+                lock(&self.app.registry).update_load(&handle.id, *link_id, load);
+            }
+            Some(Kind::Reserved(reserved)) => handle.answer(reserved.request_id, Ok(reserved)),
+            Some(Kind::ReserveFailed(failed)) => {
+                let e = failed
+                    .error
+                    .unwrap_or_else(|| error(ErrorCode::Internal, "reservation failed"));
+                handle.answer(failed.request_id, Err(e));
+            }
+            Some(Kind::Pong(_)) => {}
+            Some(Kind::Register(_)) => {
+                return Err(error(
+                    ErrorCode::UnexpectedMessage,
+                    "already registered on this link",
+                ));
+            }
+            None => {
+                return Err(error(
+                    ErrorCode::BadFrame,
+                    "empty ServerToCoordinator message",
+                ));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            timeout: self.app.config.heartbeat_timeout(),
+            interval: self.app.config.heartbeat_interval(),
+        }
+    }
+
+    fn beat(&mut self) {
+        if let Some((handle, _)) = &self.registered {
+            self.nonce += 1;
+            handle.send(encode(&v1::CoordinatorToServer {
+                kind: Some(out::Kind::Ping(v1::Ping { nonce: self.nonce })),
+            }));
+        }
+    }
+
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        Err(error(
+            ErrorCode::ShuttingDown,
+            "coordinator is shutting down",
+        ))
+    }
+
+    async fn closing(&mut self) {
+        let Some((handle, link_id)) = self.registered.take() else {
+            return;
+        };
+        {
+            // Under the lock, like PeerJoined, so a quick re-registration cannot overtake it.
+            let mut registry = lock(&self.app.registry);
+            if let Some(others) = registry.unregister(&handle.id, link_id) {
+                let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
+                    server_id: handle.id.clone(),
+                }));
+                for other in others {
+                    other.send(frame.clone());
+                }
+                tracing::info!(server_id = %handle.id, "comm server left");
+            }
+        }
+        // Logins waiting on this server see their reply channel close and try another server.
+        lock(&handle.pending).clear();
+    }
+
+    fn last_words(&self, error: v1::Error) -> Option<Bytes> {
+        Some(error_frame::<v1::CoordinatorToServer>(error))
     }
 }
 

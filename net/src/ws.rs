@@ -656,6 +656,7 @@ mod tests {
                 linger: Duration::from_secs(5),
                 direct: Some(direct.clone()),
                 on_close: link::OnClose::SendQueued,
+                first: Vec::new(),
             },
         ));
         let frame = |i: usize, len: usize| {

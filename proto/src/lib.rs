@@ -26,6 +26,21 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
 }
 
+/// Checks the protocol version a link's first message (or its answer) carries: `this` names
+/// the side that checks ("this coordinator"), for the `UNSUPPORTED_VERSION` message.
+pub fn check_version(version: u32, this: &str) -> Result<(), v1::Error> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {version} is not supported; {this} speaks {PROTOCOL_VERSION}"
+            ),
+        ))
+    }
+}
+
 /// The bytes a comm server signs to open `/v1/servers` or `/v1/peers` (`path`) with an Ed25519
 /// key: a fixed context string, the verifier's nonce and the path.
 pub fn link_challenge(nonce: &[u8], path: &str) -> Vec<u8> {

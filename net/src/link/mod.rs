@@ -27,6 +27,7 @@
 mod backlog;
 mod closer;
 mod direct;
+mod driver;
 mod read;
 mod writer;
 
@@ -42,6 +43,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, data_queue, now_ms};
 pub use closer::Closer;
 pub use direct::{Direct, TrySend};
+pub use driver::{Flow, Handler, Heartbeat, MAX_BURST, Options, Served, serve};
 pub use read::{Burst, Inbound, ReadError, first_message, linger, next_frame, ready_frame};
 pub use writer::{MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};
 

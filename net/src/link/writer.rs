@@ -35,6 +35,9 @@ pub struct WriterSetup {
     pub direct: Option<Arc<Direct>>,
     /// What becomes of control frames still queued when the link closes.
     pub on_close: OnClose,
+    /// Messages written before anything else (before the writer first parks, so direct
+    /// writes cannot overtake them either): a session's `Ready`, a server's `Register`.
+    pub first: Vec<Bytes>,
 }
 
 /// What a closing writer does with the control frames still queued.
@@ -92,6 +95,7 @@ where
         linger,
         direct,
         on_close,
+        first,
     } = setup;
     let (mut data, accounting) = match data {
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
@@ -110,6 +114,16 @@ where
     let closed = closer.closed();
     tokio::pin!(closed);
     let result: std::io::Result<()> = async {
+        if !first.is_empty() {
+            for frame in &first {
+                put_frame(&mut out, OP_BINARY, frame, role);
+            }
+            tokio::select! {
+                biased;
+                result = write_out(&mut write, &mut out) => result?,
+                _ = &mut closed => return Ok(()),
+            }
+        }
         loop {
             if let Some(direct) = direct {
                 // Control frames (a session's `Ready` first of all) are not overtaken either.
@@ -347,6 +361,7 @@ mod tests {
                 linger: Duration::from_secs(5),
                 direct: None,
                 on_close: OnClose::SendQueued,
+                first: Vec::new(),
             },
         ));
         let peer_role = if role == Role::Server {

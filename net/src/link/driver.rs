@@ -1,0 +1,272 @@
+//! The link driver: the one lifecycle every link runs, from starting its writer to its last
+//! words.
+//!
+//! [`serve`] starts the writer, reads the first message within the handshake timeout, then reads
+//! the link until it ends: process shutdown, the link's closer, silence past the heartbeat
+//! timeout, a read error, the peer's close, or the handler saying so. Frames are read in bursts
+//! (every frame that has already arrived, up to a limit) and handed to the [`Handler`] one
+//! message at a time, decoded; after a burst the handler hands on what the burst produced
+//! (`burst_end`). When the link ends the handler undoes what it set up (`closing`), the writer
+//! sends the last words (an `Error` saying why, when it ended with one) and a close frame, the
+//! reader lingers for the peer's close so those words are not cut off by a reset, and the
+//! writer is joined.
+//!
+//! The order-sensitive parts live here once: frames that must go first (a session's `Ready`, a
+//! server's `Register`) are queued before the writer starts ([`Options::first`]), so nothing,
+//! direct writes included, overtakes them; the last words go before the close frame; lingering
+//! comes after both.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use relaymesh_proto::{ErrorCode, decode_frame, error, v1};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::{Burst, Closer, Inbound, Link, WriterEnd, WriterSetup, linger, next_frame, run_writer};
+use crate::heartbeat::{Beat, Watchdog};
+
+/// Messages a link handles per burst unless it has a reason to pick another number: enough to
+/// batch a burst of publishes, few enough that a busy link still notices closes and silence.
+pub const MAX_BURST: usize = 256;
+
+/// Whether a link goes on after what a handler just did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// End the link cleanly (no last words).
+    End,
+}
+
+/// A link's heartbeat settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Silence after which the link is dead.
+    pub timeout: Duration,
+    /// How often this side sends its own heartbeat ([`Handler::beat`]).
+    pub interval: Duration,
+}
+
+/// What one link does with what it reads; [`serve`] does the rest.
+pub trait Handler: Send {
+    /// The envelope every message read from this link decodes into.
+    type In: prost::Message + Default + Send;
+
+    /// Called once the writer runs, before the first message is read: a link that is refused
+    /// whatever it says ends here.
+    fn open(&mut self) -> Result<Flow, v1::Error> {
+        Ok(Flow::Continue)
+    }
+
+    /// Handles the first message (the handshake), which must arrive within
+    /// [`Options::handshake`]. Not called for links whose handshake is already done
+    /// (`handshake: None`).
+    fn first(&mut self, msg: Self::In) -> impl Future<Output = Result<Flow, v1::Error>> + Send;
+
+    /// Handles one message after the first. The messages of a burst come one after another,
+    /// then [`Handler::burst_end`].
+    fn message(&mut self, msg: Self::In) -> impl Future<Output = Result<Flow, v1::Error>> + Send;
+
+    /// A burst is over (also when one of its messages failed or ended the link): hand on what
+    /// its messages produced.
+    fn burst_end(&mut self) -> impl Future<Output = Result<Flow, v1::Error>> + Send {
+        std::future::ready(Ok(Flow::Continue))
+    }
+
+    /// The heartbeat settings, asked once the handshake is done (it may have set them).
+    fn heartbeat(&self) -> Heartbeat;
+
+    /// Time to send this side's heartbeat (a `Ping`, a `Load`).
+    fn beat(&mut self) {}
+
+    /// Something else this link waits for besides its frames (a timer, a notification);
+    /// nothing by default. Dropped and asked again whenever something else happens first, so
+    /// it must be cancel-safe.
+    fn wake(&mut self) -> impl Future<Output = Result<Flow, v1::Error>> + Send {
+        std::future::pending()
+    }
+
+    /// The process is shutting down: the error to end the link with, or `Ok` to end it
+    /// without one (after, say, a last report).
+    fn stopping(&mut self) -> Result<(), v1::Error>;
+
+    /// The link is ending, before its last words are sent: undo what the link set up.
+    fn closing(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
+    /// The frame telling the other side why the link ends; `None` to close without one.
+    fn last_words(&self, error: v1::Error) -> Option<Bytes>;
+}
+
+/// How [`serve`] runs a link.
+#[derive(Debug)]
+pub struct Options {
+    /// The writer's queues and settings; its closer is the link's.
+    pub writer: WriterSetup,
+    /// Frames written before anything else, ahead of every queue and every direct write.
+    pub first: Vec<Bytes>,
+    /// Time the first message has to arrive; `None` when the handshake was done before
+    /// [`serve`] (the handler's `first` is then not called).
+    pub handshake: Option<Duration>,
+    /// Ends the link ([`Handler::stopping`]) when cancelled: the process's shutdown.
+    pub shutdown: CancellationToken,
+    /// Most messages handled per burst.
+    pub max_burst: usize,
+}
+
+/// How a link served by [`serve`] ended.
+#[derive(Debug)]
+pub struct Served {
+    /// `Err` when it ended with an error (sent as the last words when the handler has them).
+    pub outcome: Result<(), v1::Error>,
+    /// The writer's end; `None` if the writer task failed.
+    pub writer: Option<WriterEnd>,
+}
+
+/// Runs a link from start to end with `handler`; see the module documentation.
+pub async fn serve<S, H>(link: Link<S>, options: Options, handler: &mut H) -> Served
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    H: Handler,
+{
+    let Link { sink, mut stream } = link;
+    let Options {
+        mut writer,
+        first,
+        handshake,
+        shutdown,
+        max_burst,
+    } = options;
+    let closer = writer.closer.clone();
+    let linger_for = writer.linger;
+    writer.first = first;
+    let writer = tokio::spawn(run_writer(sink, writer));
+    let outcome = read(
+        &mut stream,
+        &closer,
+        &shutdown,
+        handshake,
+        max_burst,
+        handler,
+    )
+    .await;
+    handler.closing().await;
+    closer.close(
+        outcome
+            .as_ref()
+            .err()
+            .and_then(|e| handler.last_words(e.clone())),
+    );
+    linger(&mut stream, linger_for).await;
+    Served {
+        outcome,
+        writer: writer.await.ok(),
+    }
+}
+
+/// The reading part of [`serve`]: the handshake, then frames until the link ends.
+async fn read<St, H>(
+    stream: &mut St,
+    closer: &Closer,
+    shutdown: &CancellationToken,
+    handshake: Option<Duration>,
+    max_burst: usize,
+    handler: &mut H,
+) -> Result<(), v1::Error>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
+    H: Handler,
+{
+    if handler.open()? == Flow::End {
+        return Ok(());
+    }
+    if let Some(timeout) = handshake {
+        let first: Option<H::In> = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return handler.stopping(),
+            _ = closer.closed() => return Ok(()),
+            first = super::first_message(stream, timeout) => first?,
+        };
+        let Some(first) = first else { return Ok(()) };
+        if handler.first(first).await? == Flow::End {
+            return Ok(());
+        }
+    }
+    let Heartbeat { timeout, interval } = handler.heartbeat();
+    let mut watchdog = Watchdog::new(timeout, interval);
+    // Pinned once: re-creating these per frame would register a waiter per message.
+    let stopping = shutdown.cancelled();
+    tokio::pin!(stopping);
+    let closed = closer.closed();
+    tokio::pin!(closed);
+    loop {
+        let flow = tokio::select! {
+            biased;
+            _ = &mut stopping => return handler.stopping(),
+            _ = &mut closed => return Ok(()),
+            beat = watchdog.tick() => match beat {
+                Beat::Expired => {
+                    return Err(error(
+                        ErrorCode::HeartbeatTimeout,
+                        format!("nothing received within the heartbeat timeout ({} ms)", timeout.as_millis()),
+                    ));
+                }
+                Beat::Send => {
+                    handler.beat();
+                    Flow::Continue
+                }
+                Beat::Quiet => Flow::Continue,
+            },
+            flow = handler.wake() => flow?,
+            step = next_frame(stream) => match step.map_err(|e| e.to_error())? {
+                Inbound::Closed => return Ok(()),
+                Inbound::Control => {
+                    watchdog.activity();
+                    Flow::Continue
+                }
+                Inbound::Frame(frame) => {
+                    watchdog.activity();
+                    let burst = burst(stream, handler, frame, max_burst).await;
+                    let after = handler.burst_end().await;
+                    match (burst?, after?) {
+                        (Flow::Continue, Flow::Continue) => Flow::Continue,
+                        _ => Flow::End,
+                    }
+                }
+            },
+        };
+        if flow == Flow::End {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands `first` and every frame already behind it (up to `max`) to the handler.
+async fn burst<St, H>(
+    stream: &mut St,
+    handler: &mut H,
+    first: Bytes,
+    max: usize,
+) -> Result<Flow, v1::Error>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    H: Handler,
+{
+    let mut burst = Burst::new(first, max);
+    while let Some(frame) = burst.next_frame(stream)? {
+        let msg: H::In = decode_frame(frame)?;
+        if handler.message(msg).await? == Flow::End {
+            return Ok(Flow::End);
+        }
+    }
+    Ok(if burst.closed() {
+        Flow::End
+    } else {
+        Flow::Continue
+    })
+}
