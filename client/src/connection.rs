@@ -1,18 +1,18 @@
 //! The client's connection task: establishes a connection round (negotiate, dial, attach,
-//! resubscribe), then runs the connection as a link: the link writer drains the outbound queue
-//! in batches, a small task sends heartbeats and closes the link when the client is closed,
-//! and a reader task turns frames into events and acknowledgements. When the connection is
-//! lost it starts over with backoff; what is still queued waits for the next connection.
+//! resubscribe), then runs the connection on the link driver: the link writer drains the
+//! outbound queue in batches, and the reader turns frames into events and acknowledgements and
+//! sends heartbeats; closing the client ends the link. When the connection is lost it starts
+//! over with backoff; what is still queued waits for the next connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
-use relaymesh_net::link::{self, Closer, Inbound, Link, OnClose, WriterSetup};
+
+use relaymesh_net::link::{self, Closer, Flow, Heartbeat, Inbound, OnClose, WriterSetup};
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ClientLink, ClientLinkStream};
+use relaymesh_net::ws::{self, ClientLink};
 use relaymesh_proto::v1::{self, server_to_client::Kind};
 use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
 use tokio::sync::mpsc;
@@ -251,6 +251,7 @@ pub(crate) async fn drive(
         };
         let server_id = connected.server_id.clone();
         let (ended, queue) = run(connected, &shared, out, &pings, &events).await;
+        let Some(queue) = queue else { break };
         out = queue;
         match ended {
             Ended::Stopped => break,
@@ -286,33 +287,19 @@ async fn stoppable<T>(shared: &Shared, future: impl std::future::Future<Output =
     }
 }
 
-/// Runs one connection: this task writes (draining `out`, the outbound queue, which it gives
-/// back with what is left in it), a spawned task reads, another sends heartbeats.
+/// Runs one connection on the link driver: a spawned writer drains `out`, the outbound queue
+/// (given back with what is left in it), and this task reads, turning frames into events. The
+/// queue comes back as `None` only if the writer task failed (a bug): the client then ends.
 async fn run(
     connected: Connected,
     shared: &Arc<Shared>,
     out: mpsc::Receiver<Bytes>,
     pings: &mpsc::WeakSender<Bytes>,
     events: &EventTx,
-) -> (Ended, mpsc::Receiver<Bytes>) {
-    let Link { sink, stream } = connected.link;
+) -> (Ended, Option<mpsc::Receiver<Bytes>>) {
     let closer = Closer::new();
-    let reader = tokio::spawn(read_loop(
-        stream,
-        shared.clone(),
-        events.clone(),
-        connected.heartbeat_timeout,
-        closer.clone(),
-    ));
-    tokio::spawn(heartbeats(
-        shared.clone(),
-        pings.clone(),
-        connected.heartbeat_interval,
-        closer.clone(),
-    ));
-    let end = link::run_writer(
-        sink,
-        WriterSetup {
+    let options = link::Options {
+        writer: WriterSetup {
             ctrl: out,
             data: None,
             closer: closer.clone(),
@@ -322,12 +309,34 @@ async fn run(
             on_close: OnClose::KeepQueuedUnless(shared.stop.clone()),
             first: Vec::new(),
         },
-    )
-    .await;
-    let reason = match tokio::time::timeout(CLOSE_TIMEOUT, reader).await {
-        Ok(Ok(reason)) => reason,
-        Ok(Err(_)) => "reader task failed".to_owned(),
-        Err(_) => "server did not close in time".to_owned(),
+        first: Vec::new(),
+        // Attached and resubscribed already.
+        handshake: None,
+        shutdown: shared.stop.clone(),
+        max_burst: link::MAX_BURST,
+    };
+    let mut reader = Reader {
+        shared: shared.clone(),
+        events: events.clone(),
+        pings: pings.clone(),
+        closer,
+        heartbeat: Heartbeat {
+            timeout: connected.heartbeat_timeout,
+            interval: connected.heartbeat_interval,
+        },
+        nonce: 0,
+        burst: Vec::new(),
+        reason: None,
+    };
+    let served = link::serve(connected.link, options, &mut reader).await;
+    let Some(end) = served.writer else {
+        return (Ended::Stopped, None);
+    };
+    let reason = match served.outcome {
+        Err(e) => e.to_string(),
+        Ok(()) => reader
+            .reason
+            .unwrap_or_else(|| "server closed the connection".to_owned()),
     };
     // Every sender gone means the client was dropped.
     let ended = if shared.stop.is_cancelled() || end.ctrl.is_closed() {
@@ -337,35 +346,112 @@ async fn run(
     } else {
         Ended::Lost(reason)
     };
-    (ended, end.ctrl)
+    (ended, Some(end.ctrl))
 }
 
-/// Sends a ping every `interval` while the link is open, and closes the link when the client is
-/// closed. Pings share the outbound queue (`pings` does not keep it open); one that finds the
-/// queue full is skipped, since the queued traffic shows the server that the client lives.
-async fn heartbeats(
+/// The reading side of one connection.
+struct Reader {
     shared: Arc<Shared>,
+    events: EventTx,
+    /// The outbound queue, for pings; does not keep it open.
     pings: mpsc::WeakSender<Bytes>,
-    interval: Duration,
     closer: Closer,
-) {
-    let mut ping = tokio::time::interval(interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => {
-                closer.close(None);
-                return;
+    heartbeat: Heartbeat,
+    nonce: u64,
+    /// Events of the burst being read, handed on together.
+    burst: Vec<Event>,
+    /// Why the connection ended, when the reader ended it.
+    reason: Option<String>,
+}
+
+impl Reader {
+    fn end(&mut self, reason: &str) -> Flow {
+        self.reason = Some(reason.to_owned());
+        Flow::End
+    }
+}
+
+impl link::Handler for Reader {
+    type In = v1::ServerToClient;
+
+    async fn first(&mut self, _msg: v1::ServerToClient) -> Result<Flow, v1::Error> {
+        // Not called: the handshake is done before the connection runs on the driver.
+        Ok(Flow::Continue)
+    }
+
+    async fn message(&mut self, msg: v1::ServerToClient) -> Result<Flow, v1::Error> {
+        Ok(match event_for(msg, &self.shared) {
+            Handled::Event(event) => {
+                self.burst.push(event);
+                Flow::Continue
             }
-            _ = closer.closed() => return,
-            _ = ping.tick() => {
-                let Some(out) = pings.upgrade() else { return };
-                nonce += 1;
-                let _ = out.try_send(encode(&v1::ClientToServer::ping(v1::Ping { nonce })));
+            Handled::Nothing => Flow::Continue,
+            Handled::End(reason) => {
+                self.reason = Some(reason);
+                Flow::End
             }
+        })
+    }
+
+    /// Hands the burst's events on. Events before an ending still reach the application, and
+    /// messages already read are not given up lightly: a closing client still waits a while
+    /// for the application to make room.
+    async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
+        if self.burst.is_empty() {
+            return Ok(Flow::Continue);
         }
+        let burst = std::mem::take(&mut self.burst);
+        let n = burst.len();
+        let mut closing = false;
+        let room = tokio::select! {
+            biased;
+            room = self.events.room(n) => room,
+            _ = self.shared.stop.cancelled() => {
+                closing = true;
+                tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten()
+            }
+            _ = self.closer.closed() => {
+                closing = true;
+                tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten()
+            }
+        };
+        let Some(room) = room else {
+            return Ok(self.end(if closing { "closed" } else { "client dropped" }));
+        };
+        if self.events.send(room, burst).is_err() {
+            return Ok(self.end("client dropped"));
+        }
+        Ok(if closing {
+            self.end("closed")
+        } else {
+            Flow::Continue
+        })
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
+    }
+
+    /// Pings share the outbound queue; one that finds the queue full is skipped, since the
+    /// queued traffic shows the server that the client lives.
+    fn beat(&mut self) {
+        let Some(out) = self.pings.upgrade() else {
+            return;
+        };
+        self.nonce += 1;
+        let _ = out.try_send(encode(&v1::ClientToServer::ping(v1::Ping {
+            nonce: self.nonce,
+        })));
+    }
+
+    /// The client is closing: end cleanly, sending what is queued.
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        Ok(())
+    }
+
+    /// A client has nothing to tell the server when it ends a connection.
+    fn last_words(&self, _error: v1::Error) -> Option<Bytes> {
+        None
     }
 }
 
@@ -441,10 +527,6 @@ impl Drop for EventRx {
     }
 }
 
-/// Most frames the reader handles in one go (and events it hands on at once) before checking
-/// for close and silence.
-pub(crate) const MAX_BURST: usize = 256;
-
 /// What one frame from the server amounts to.
 enum Handled {
     /// An event for the application.
@@ -455,12 +537,8 @@ enum Handled {
     End(String),
 }
 
-/// Decodes one frame from the server and applies it to the client's state.
-fn event_for(frame: Bytes, shared: &Shared) -> Handled {
-    let msg: v1::ServerToClient = match decode_frame(frame) {
-        Ok(msg) => msg,
-        Err(e) => return Handled::End(format!("bad frame from server: {e}")),
-    };
+/// Applies one message from the server to the client's state.
+fn event_for(msg: v1::ServerToClient, shared: &Shared) -> Handled {
     let event = match msg.kind {
         Some(Kind::Message(m)) => Event::Message(message(m)),
         Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
@@ -494,97 +572,6 @@ fn event_for(frame: Bytes, shared: &Shared) -> Handled {
         Some(Kind::Pong(_) | Kind::Ready(_)) | None => return Handled::Nothing,
     };
     Handled::Event(event)
-}
-
-/// Reads the connection until it ends; returns why.
-async fn read_loop(
-    mut stream: ClientLinkStream,
-    shared: Arc<Shared>,
-    events: EventTx,
-    timeout: Duration,
-    closer: Closer,
-) -> String {
-    let mut watchdog = Watchdog::new(timeout, timeout);
-    let closed = closer.closed();
-    tokio::pin!(closed);
-    let reason = loop {
-        let step = tokio::select! {
-            biased;
-            _ = &mut closed => {
-                // The writer is closing: wait for the server's close so nothing is cut off.
-                link::linger(&mut stream, CLOSE_TIMEOUT).await;
-                break "closed".to_owned();
-            }
-            beat = watchdog.tick() => {
-                if beat == Beat::Expired {
-                    break format!("server silent for over {} ms", timeout.as_millis());
-                }
-                continue;
-            }
-            step = link::next_frame(&mut stream) => step,
-        };
-        let mut frame = match step {
-            Ok(Inbound::Frame(frame)) => frame,
-            Ok(Inbound::Control) => {
-                watchdog.activity();
-                continue;
-            }
-            Ok(Inbound::Closed) => break "server closed the connection".to_owned(),
-            Err(e) => break e.to_string(),
-        };
-        watchdog.activity();
-        // Handle this frame and those already behind it without going back to the select: a
-        // burst of messages costs no timer or close checks per message.
-        let mut burst = Vec::new();
-        let mut handled = 0;
-        let ended = loop {
-            match event_for(frame, &shared) {
-                Handled::Event(event) => burst.push(event),
-                Handled::Nothing => {}
-                Handled::End(reason) => break Some(reason),
-            }
-            handled += 1;
-            if handled >= MAX_BURST {
-                break None;
-            }
-            frame = match link::ready_frame(&mut stream) {
-                Some(Ok(Inbound::Frame(frame))) => frame,
-                Some(Ok(Inbound::Control)) | None => break None,
-                Some(Ok(Inbound::Closed)) => {
-                    break Some("server closed the connection".to_owned());
-                }
-                Some(Err(e)) => break Some(e.to_string()),
-            };
-        };
-        // Events before an ending still reach the application. Messages already read are not
-        // given up lightly: a closing link still waits a while for the application to make room.
-        if !burst.is_empty() {
-            let n = burst.len();
-            let mut closing = false;
-            let room = tokio::select! {
-                biased;
-                room = events.room(n) => room,
-                _ = &mut closed => {
-                    closing = true;
-                    tokio::time::timeout(CLOSE_TIMEOUT, events.room(n)).await.ok().flatten()
-                }
-            };
-            let Some(room) = room else {
-                break if closing { "closed" } else { "client dropped" }.to_owned();
-            };
-            if events.send(room, burst).is_err() {
-                break "client dropped".to_owned();
-            }
-            if closing {
-                break "closed".to_owned();
-            }
-        }
-        if let Some(reason) = ended {
-            break reason;
-        }
-    };
-    closer.close(None);
-    reason
 }
 
 #[cfg(test)]

@@ -16,17 +16,16 @@ use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::heartbeat::{Beat, Watchdog};
 use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{
-    self, Backlog, Closer, DataBacklog, Inbound, Link, LinkStream, WriterSetup,
+    self, Backlog, Closer, DataBacklog, DataTx, Flow, Heartbeat, Link, WriterSetup,
 };
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
 use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, peer_message::Kind};
 use relaymesh_proto::{
-    ErrorCode, PROTOCOL_VERSION, decode_frame, encode, error, error_frame, topic,
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -231,7 +230,6 @@ async fn run_link<S>(server: &Arc<Server>, socket: Link<S>, expected: Option<Arc
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Link { sink, mut stream } = socket;
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
     let backlog = Arc::new(Backlog::counted(
@@ -239,9 +237,13 @@ where
         server.config.peer_queue_bytes,
     ));
     let closer = Closer::new();
-    let writer = tokio::spawn(link::run_writer(
-        sink,
-        WriterSetup {
+    let hello = encode(&v1::PeerMessage::hello(v1::PeerHello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: server.id.to_string(),
+    }));
+    let dialed = expected.is_some();
+    let options = link::Options {
+        writer: WriterSetup {
             ctrl: ctrl_rx,
             data: Some((
                 data_rx,
@@ -257,51 +259,33 @@ where
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),
         },
-    ));
-    let dialed = expected.is_some();
-    let hello = encode(&v1::PeerMessage::hello(v1::PeerHello {
-        protocol_version: PROTOCOL_VERSION,
-        server_id: server.id.to_string(),
-    }));
-    if dialed {
-        let _ = ctrl_tx.try_send(hello.clone());
-    }
-    let greeted = tokio::select! {
-        greeted = handshake(server, &mut stream, expected.as_deref()) => greeted,
-        _ = server.shutdown.cancelled() => Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
+        // The dialer says who it is first; the acceptor answers once it has checked.
+        first: if dialed {
+            vec![hello.clone()]
+        } else {
+            Vec::new()
+        },
+        handshake: Some(server.config.handshake_timeout()),
+        shutdown: server.shutdown.clone(),
+        max_burst: link::MAX_BURST,
     };
-    let (established, outcome) = match greeted {
-        Ok(None) => (false, Ok(())),
-        Err(e) => (false, Err(e)),
-        Ok(Some(peer_id)) => {
-            if !dialed {
-                let _ = ctrl_tx.try_send(hello);
-            }
-            let peer = Arc::new(PeerLink::new(
-                peer_id,
-                server.next_id(),
-                ctrl_tx,
-                data_tx,
-                backlog.clone(),
-                closer.clone(),
-                dialed,
-            ));
-            (true, serve_established(server, &mut stream, &peer).await)
-        }
+    let mut reader = PeerReader {
+        server: server.clone(),
+        expected,
+        hello,
+        pending: Some((ctrl_tx, data_tx, backlog.clone(), closer)),
+        peer: None,
+        caches: HashMap::new(),
+        batch: Batcher::new(server.direct_writes),
+        nonce: 0,
     };
-    match outcome {
-        Ok(()) => {
-            closer.close(None);
-        }
-        Err(e) => {
-            if e.error_code() != ErrorCode::ShuttingDown {
-                tracing::warn!(error = %e, "closing peer link");
-            }
-            closer.close(Some(error_frame::<v1::PeerMessage>(e)));
-        }
+    let served = link::serve(socket, options, &mut reader).await;
+    if let Err(e) = &served.outcome
+        && e.error_code() != ErrorCode::ShuttingDown
+    {
+        tracing::warn!(error = %e, "closed peer link");
     }
-    link::linger(&mut stream, LINGER).await;
-    if let Ok(end) = writer.await
+    if let Some(end) = served.writer
         && end.discarded > 0
     {
         // Forwards still queued when the link broke are lost; count them.
@@ -312,193 +296,133 @@ where
         backlog.record_lost(end.discarded as u64);
         server.stats.forward_dropped.add(end.discarded as u64);
     }
-    established
+    reader.established()
 }
 
-/// Reads the peer's `PeerHello` and checks who it is. `Ok(None)` when the link closed first.
-async fn handshake<S>(
-    server: &Server,
-    stream: &mut LinkStream<S>,
-    expected: Option<&str>,
-) -> Result<Option<Arc<str>>, v1::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let first: Option<v1::PeerMessage> =
-        link::first_message(stream, server.config.handshake_timeout()).await?;
-    let Some(first) = first else { return Ok(None) };
-    let Some(Kind::Hello(hello)) = first.kind else {
-        return Err(error(
-            ErrorCode::UnexpectedMessage,
-            "the first message on /v1/peers must be PeerHello",
-        ));
-    };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(error(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
-                hello.protocol_version
-            ),
-        ));
-    }
-    let id = hello.server_id;
-    match expected {
-        Some(expected) if id != expected => Err(error(
-            ErrorCode::Forbidden,
-            format!("dialed peer {expected} but reached {id:?}"),
-        )),
-        None if id.is_empty() || id.len() > 128 || id.as_str() >= &*server.id => Err(error(
-            ErrorCode::Forbidden,
-            format!(
-                "peer {id:?} may not dial {}: links are dialed by the server with the lower id",
-                server.id
-            ),
-        )),
-        _ => Ok(Some(id.into())),
-    }
+/// The reading side of one peer link.
+struct PeerReader {
+    server: Arc<Server>,
+    /// The peer's id when this server dialed.
+    expected: Option<Arc<str>>,
+    /// This server's `PeerHello`.
+    hello: Bytes,
+    /// The link's queues and closer, until the handshake makes them a [`PeerLink`].
+    pending: Option<(mpsc::Sender<Bytes>, DataTx, Arc<Backlog>, Closer)>,
+    /// The link, once the peer is known.
+    peer: Option<Arc<PeerLink>>,
+    /// Route caches per account; forwards of any account arrive on one link.
+    caches: HashMap<String, RouteCache>,
+    /// Deliveries of the burst being handled, for all subscribers at once.
+    batch: Batcher,
+    nonce: u64,
 }
 
-async fn serve_established<S>(
-    server: &Arc<Server>,
-    stream: &mut LinkStream<S>,
-    peer: &Arc<PeerLink>,
-) -> Result<(), v1::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
-    tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
-    let up = server
-        .control
-        .send(Command::PeerUp { peer: peer.clone() })
-        .await;
-    let result = match up {
-        Ok(()) => read_loop(server, stream, peer).await,
-        Err(_) => Err(error(
-            ErrorCode::ShuttingDown,
-            "comm server is shutting down",
-        )),
-    };
-    {
-        let mut links = lock(&server.peer_links);
-        if links
-            .get(&peer.server_id)
-            .is_some_and(|p| Arc::ptr_eq(p, peer))
-        {
-            links.remove(&peer.server_id);
-        }
+impl PeerReader {
+    fn established(&self) -> bool {
+        self.peer.is_some()
     }
-    let _ = server
-        .control
-        .send(Command::PeerDown {
-            server_id: peer.server_id.clone(),
-            link: peer.link,
-        })
-        .await;
-    tracing::info!(peer = %peer.server_id, link = peer.link, "peer link down");
-    result
-}
 
-async fn read_loop<S>(
-    server: &Arc<Server>,
-    stream: &mut LinkStream<S>,
-    peer: &Arc<PeerLink>,
-) -> Result<(), v1::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let config = &server.config;
-    let mut watchdog = Watchdog::new(config.heartbeat_timeout(), config.heartbeat_interval());
-    // Route caches per account; forwards of any account arrive on one link.
-    let mut caches: HashMap<String, RouteCache> = HashMap::new();
-    let mut batch = Batcher::new(server.direct_writes);
-    let stopping = server.shutdown.cancelled();
-    tokio::pin!(stopping);
-    let closed = peer.closer.closed();
-    tokio::pin!(closed);
-    let mut nonce = 0;
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut stopping => return Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
-            _ = &mut closed => return Ok(()),
-            beat = watchdog.tick() => match beat {
-                Beat::Expired => return Err(error(ErrorCode::HeartbeatTimeout, "nothing received within the heartbeat timeout")),
-                Beat::Send => {
-                    nonce += 1;
-                    peer.send_ctrl(encode(&v1::PeerMessage::ping(v1::Ping { nonce })));
-                }
-                Beat::Quiet => {}
-            },
-            step = link::next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(()),
-                Inbound::Control => watchdog.activity(),
-                Inbound::Frame(frame) => {
-                    watchdog.activity();
-                    // This frame and every one already behind it; their deliveries go out as
-                    // one batch per subscriber.
-                    let burst = read_burst(server, peer, stream, &mut caches, &mut batch, frame).await;
-                    batch.flush(&server.stats, config.slow_consumer_ms);
-                    if !burst? {
-                        return Ok(());
-                    }
-                }
-            },
+    fn flush(&mut self) {
+        self.batch
+            .flush(&self.server.stats, self.server.config.slow_consumer_ms);
+    }
+
+    async fn command(&self, command: Command) -> Result<(), v1::Error> {
+        self.server
+            .control
+            .send(command)
+            .await
+            .map_err(|_| error(ErrorCode::ShuttingDown, "comm server is shutting down"))
+    }
+
+    /// Checks who the peer says it is.
+    fn check_hello(&self, first: v1::PeerMessage) -> Result<Arc<str>, v1::Error> {
+        let Some(Kind::Hello(hello)) = first.kind else {
+            return Err(error(
+                ErrorCode::UnexpectedMessage,
+                "the first message on /v1/peers must be PeerHello",
+            ));
+        };
+        check_version(hello.protocol_version, "this server")?;
+        let id = hello.server_id;
+        let me = &*self.server.id;
+        match self.expected.as_deref() {
+            Some(expected) if id != expected => Err(error(
+                ErrorCode::Forbidden,
+                format!("dialed peer {expected} but reached {id:?}"),
+            )),
+            None if id.is_empty() || id.len() > 128 || id.as_str() >= me => Err(error(
+                ErrorCode::Forbidden,
+                format!(
+                    "peer {id:?} may not dial {me}: links are dialed by the server with the lower id"
+                ),
+            )),
+            _ => Ok(id.into()),
         }
     }
 }
 
-/// Most frames a peer reader handles before handing on their deliveries.
-const MAX_BURST: usize = 256;
+impl link::Handler for PeerReader {
+    type In = v1::PeerMessage;
 
-/// Handles `first` and the frames that have already arrived after it. `Ok(false)` when the
-/// link is over.
-async fn read_burst<S>(
-    server: &Arc<Server>,
-    peer: &Arc<PeerLink>,
-    stream: &mut LinkStream<S>,
-    caches: &mut HashMap<String, RouteCache>,
-    batch: &mut Batcher,
-    first: Bytes,
-) -> Result<bool, v1::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut burst = link::Burst::new(first, MAX_BURST);
-    while let Some(frame) = burst.next_frame(stream)? {
-        let msg: v1::PeerMessage = decode_frame(frame)?;
+    async fn first(&mut self, msg: v1::PeerMessage) -> Result<Flow, v1::Error> {
+        let peer_id = self.check_hello(msg)?;
+        let Some((ctrl, data, backlog, closer)) = self.pending.take() else {
+            return Err(error(ErrorCode::Internal, "peer link set up twice"));
+        };
+        if self.expected.is_none() {
+            let _ = ctrl.try_send(self.hello.clone());
+        }
+        let server = &self.server;
+        let peer = Arc::new(PeerLink::new(
+            peer_id,
+            server.next_id(),
+            ctrl,
+            data,
+            backlog,
+            closer,
+            self.expected.is_some(),
+        ));
+        lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
+        tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
+        self.peer = Some(peer.clone());
+        self.command(Command::PeerUp { peer }).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn message(&mut self, msg: v1::PeerMessage) -> Result<Flow, v1::Error> {
+        let Some(peer) = self.peer.clone() else {
+            return Err(error(ErrorCode::Internal, "no peer yet"));
+        };
         let kind = msg.kind;
         if !matches!(kind, Some(Kind::Forward(_))) {
-            batch.flush(&server.stats, server.config.slow_consumer_ms);
+            self.flush();
         }
         match kind {
-            Some(Kind::Forward(forward)) => deliver_forward(server, peer, caches, batch, forward)?,
+            Some(Kind::Forward(forward)) => deliver_forward(
+                &self.server,
+                &peer,
+                &mut self.caches,
+                &mut self.batch,
+                forward,
+            )?,
             Some(Kind::Interest(interest)) => {
-                let command = Command::PeerInterest {
+                self.command(Command::PeerInterest {
                     server_id: peer.server_id.clone(),
                     link: peer.link,
                     interest,
-                };
-                server
-                    .control
-                    .send(command)
-                    .await
-                    .map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+                })
+                .await?;
             }
             Some(Kind::InterestAck(ack)) => {
-                let command = Command::PeerAck {
+                self.command(Command::PeerAck {
                     server_id: peer.server_id.clone(),
                     link: peer.link,
                     seq: ack.seq,
-                };
-                server
-                    .control
-                    .send(command)
-                    .await
-                    .map_err(|_| error(ErrorCode::ShuttingDown, "shutting down"))?;
+                })
+                .await?;
             }
-            Some(Kind::ForwardDropped(dropped)) => report_peer_drops(server, dropped.count),
+            Some(Kind::ForwardDropped(dropped)) => report_peer_drops(&self.server, dropped.count),
             Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {
                 nonce: ping.nonce,
             }))),
@@ -509,7 +433,7 @@ where
                 } else {
                     tracing::warn!(error = %e, "peer is closing the link");
                 }
-                return Ok(false);
+                return Ok(Flow::End);
             }
             Some(Kind::Hello(_)) => {
                 return Err(error(
@@ -519,8 +443,64 @@ where
             }
             None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
         }
+        Ok(Flow::Continue)
     }
-    Ok(!burst.closed())
+
+    async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
+        self.flush();
+        Ok(Flow::Continue)
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            timeout: self.server.config.heartbeat_timeout(),
+            interval: self.server.config.heartbeat_interval(),
+        }
+    }
+
+    fn beat(&mut self) {
+        if let Some(peer) = &self.peer {
+            self.nonce += 1;
+            peer.send_ctrl(encode(&v1::PeerMessage::ping(v1::Ping {
+                nonce: self.nonce,
+            })));
+        }
+    }
+
+    fn stopping(&mut self) -> Result<(), v1::Error> {
+        Err(error(
+            ErrorCode::ShuttingDown,
+            "comm server is shutting down",
+        ))
+    }
+
+    async fn closing(&mut self) {
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        let server = &self.server;
+        {
+            let mut links = lock(&server.peer_links);
+            if links
+                .get(&peer.server_id)
+                .is_some_and(|p| Arc::ptr_eq(p, &peer))
+            {
+                links.remove(&peer.server_id);
+            }
+        }
+        let _ = server
+            .control
+            .send(Command::PeerDown {
+                server_id: peer.server_id.clone(),
+                link: peer.link,
+            })
+            .await;
+        tracing::info!(peer = %peer.server_id, link = peer.link, "peer link down");
+    }
+
+    fn last_words(&self, error: v1::Error) -> Option<Bytes> {
+        Some(error_frame::<v1::PeerMessage>(error))
+    }
 }
 
 /// Most accounts a peer reader keeps route caches for before starting over.
