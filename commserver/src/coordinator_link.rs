@@ -15,8 +15,8 @@ use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error};
 use tokio::sync::mpsc;
 
+use crate::Server;
 use crate::keys::KeyError;
-use crate::{LINGER, Server};
 
 /// Frames queued for the coordinator (answers and load reports).
 const COORDINATOR_QUEUE: usize = 4_096;
@@ -83,7 +83,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
             ctrl: rx,
             data: None,
             closer: Closer::new(),
-            linger: LINGER,
+            linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),

@@ -50,8 +50,6 @@ use relaymesh_proto::{ErrorCode, error, error_frame, v1};
 
 /// Commands the control task may have queued before senders wait.
 const CONTROL_QUEUE: usize = 8_192;
-/// Time allowed for last words and the close handshake when a link ends.
-const LINGER: Duration = Duration::from_secs(1);
 /// How long a `/v1/peers/challenge` challenge may be answered.
 const PEER_CHALLENGE_TTL: Duration = Duration::from_secs(30);
 /// Peer-link challenges outstanding at most (peers number in the tens; this bounds a flood).

@@ -32,9 +32,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::Server;
 use crate::control::{Command, PeerLink};
 use crate::routes::{self, Batcher, RouteCache};
-use crate::{LINGER, Server};
 
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
@@ -254,7 +254,7 @@ where
                 },
             )),
             closer: closer.clone(),
-            linger: LINGER,
+            linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),

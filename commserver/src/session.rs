@@ -31,11 +31,11 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
+use crate::Server;
 use crate::control::Command;
 use crate::interest::TopicKey;
 use crate::keys::KeyError;
 use crate::routes::{self, Batcher, ClientKey, RouteCache, Subscriber};
-use crate::{LINGER, Server};
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ClientQuery {
@@ -230,7 +230,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
                 },
             )),
             closer,
-            linger: LINGER,
+            linger: link::LINGER,
             direct,
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
@@ -28,8 +28,6 @@ use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::limits::TokenBucket;
 
-/// Time allowed for last words and the close handshake when a link ends.
-const LINGER: Duration = Duration::from_secs(1);
 /// Most server ids a client may exclude in one request.
 const MAX_EXCLUDE: usize = 64;
 
@@ -172,7 +170,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
             ctrl: rx,
             data: None,
             closer: Closer::new(),
-            linger: LINGER,
+            linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),

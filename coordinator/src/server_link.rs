@@ -22,9 +22,6 @@ use tracing::Instrument as _;
 use crate::App;
 use crate::registry::Load;
 
-/// Time allowed for last words and the close handshake when a link ends.
-const LINGER: Duration = Duration::from_secs(1);
-
 type ReserveReply = Result<v1::Reserved, v1::Error>;
 
 /// A registered server's link, as seen by the rest of the coordinator.
@@ -190,7 +187,7 @@ async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
             ctrl: rx,
             data: None,
             closer: closer.clone(),
-            linger: LINGER,
+            linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),

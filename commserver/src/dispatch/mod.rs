@@ -605,7 +605,7 @@ impl Dispatch {
                 },
             }
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.shutdown()).await;
+        let _ = tokio::time::timeout(relaymesh_net::link::LINGER, writer.shutdown()).await;
         lock(&port.clients).remove(&id);
         self.fan_out(
             &port.accepting(ip),
@@ -933,7 +933,7 @@ async fn session(
     }
     // The close frame is out: give the driver a moment to read it and answer before the
     // connection goes.
-    relaymesh_net::link::linger(&mut stream, std::time::Duration::from_secs(1)).await;
+    relaymesh_net::link::linger(&mut stream, relaymesh_net::link::LINGER).await;
 }
 
 #[cfg(test)]

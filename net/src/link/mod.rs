@@ -40,6 +40,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+/// Time a closing link allows for its last words and the close handshake.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, data_queue, now_ms};
 pub use closer::Closer;
 pub use direct::{Direct, TrySend};
