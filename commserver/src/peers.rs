@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 
 use crate::Server;
 use crate::control::{Command, PeerLink};
-use crate::routes::{self, Batcher, RouteCache};
+use crate::routes::{self, Origin, Publisher};
 
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
@@ -275,8 +275,7 @@ where
         hello,
         pending: Some((ctrl_tx, data_tx, backlog.clone(), closer)),
         peer: None,
-        caches: HashMap::new(),
-        batch: Batcher::new(server.direct_writes),
+        publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
         nonce: 0,
     };
     let served = link::serve(socket, options, &mut reader).await;
@@ -310,10 +309,8 @@ struct PeerReader {
     pending: Option<(mpsc::Sender<Bytes>, DataTx, Arc<Backlog>, Closer)>,
     /// The link, once the peer is known.
     peer: Option<Arc<PeerLink>>,
-    /// Route caches per account; forwards of any account arrive on one link.
-    caches: HashMap<String, RouteCache>,
-    /// Deliveries of the burst being handled, for all subscribers at once.
-    batch: Batcher,
+    /// Routes the forwards (of every account) to local subscribers, batched per burst.
+    publisher: Publisher,
     nonce: u64,
 }
 
@@ -323,8 +320,7 @@ impl PeerReader {
     }
 
     fn flush(&mut self) {
-        self.batch
-            .flush(&self.server.stats, self.server.config.slow_consumer_ms);
+        self.publisher.flush(&self.server.stats);
     }
 
     async fn command(&self, command: Command) -> Result<(), v1::Error> {
@@ -399,13 +395,9 @@ impl link::Handler for PeerReader {
             self.flush();
         }
         match kind {
-            Some(Kind::Forward(forward)) => deliver_forward(
-                &self.server,
-                &peer,
-                &mut self.caches,
-                &mut self.batch,
-                forward,
-            )?,
+            Some(Kind::Forward(forward)) => {
+                deliver_forward(&self.server, &peer, &mut self.publisher, forward)?;
+            }
             Some(Kind::Interest(interest)) => {
                 self.command(Command::PeerInterest {
                     server_id: peer.server_id.clone(),
@@ -503,55 +495,30 @@ impl link::Handler for PeerReader {
     }
 }
 
-/// Most accounts a peer reader keeps route caches for before starting over.
-const MAX_CACHED_ACCOUNTS: usize = 1024;
-
 /// Delivers a forwarded message to this server's own subscribers (never to other peers).
 fn deliver_forward(
     server: &Server,
     peer: &PeerLink,
-    caches: &mut HashMap<String, RouteCache>,
-    batch: &mut Batcher,
+    publisher: &mut Publisher,
     forward: v1::Forward,
 ) -> Result<(), v1::Error> {
-    let stats = &server.stats;
     peer.forwards_in.inc();
-    stats.forwards_in.inc();
-    if !caches.contains_key(&forward.account) {
-        if caches.len() >= MAX_CACHED_ACCOUNTS {
-            caches.clear();
-        }
-        caches.insert(forward.account.clone(), RouteCache::default());
-    }
-    let Some(cache) = caches.get_mut(&forward.account) else {
-        return Ok(());
-    };
+    server.stats.forwards_in.inc();
     let max_topic = server.config.max_topic_bytes;
-    cache.with_route(
-        &server.routes,
-        &forward.account,
-        &forward.topic,
-        || {
-            topic::validate(&forward.topic, max_topic)
-                .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+    let msg = routes::Message {
+        origin: Origin::Peer,
+        scope: &forward.account,
+        topic: &forward.topic,
+        from: Sender {
+            alias: &forward.from_alias,
+            role: &forward.from_role,
         },
-        |route| {
-            if let Some(route) = route.filter(|r| !r.subscribers.is_empty()) {
-                let from = Sender {
-                    alias: &forward.from_alias,
-                    role: &forward.from_role,
-                };
-                batch.push(
-                    route,
-                    &forward.topic,
-                    from,
-                    &forward.payload,
-                    stats,
-                    server.config.slow_consumer_ms,
-                );
-            }
-        },
-    )
+        payload: &forward.payload,
+    };
+    publisher.publish(&server.routes, &server.stats, msg, || {
+        topic::validate(&forward.topic, max_topic)
+            .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+    })
 }
 
 /// A peer had to drop `count` forwards meant for this server. Which subscribers missed them is

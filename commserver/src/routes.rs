@@ -1,5 +1,10 @@
 //! The data plane: who receives a message published on a topic, read on every publish.
 //!
+//! Every message published on this server goes through one function, [`Publisher::publish`]:
+//! client sessions, peer forwards and the dispatch bridge each hold a [`Publisher`]. A local
+//! message goes to this server's subscribers and once to every peer server with interest; a
+//! peer's forward goes to this server's subscribers only.
+//!
 //! The control task ([`crate::control`]) owns the subscription state. After each batch of
 //! changes it builds an immutable [`Route`] for every affected topic, stores it in the
 //! [`RouteTable`] and marks the route it replaced as stale. Publishing sessions and peer readers
@@ -24,7 +29,7 @@ use bytes::{Bytes, BytesMut};
 use relaymesh_net::link::{Backlog, Closer, DataTx, Direct};
 use relaymesh_net::metrics::Counter;
 use relaymesh_net::wire;
-use relaymesh_proto::frame::{Sender, message_frame_len, put_message_frame};
+use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, error_frame};
 
@@ -178,14 +183,14 @@ enum Cached {
 
 /// A task-local cache of routes for one account.
 #[derive(Debug, Default)]
-pub(crate) struct RouteCache {
+struct RouteCache {
     routes: HashMap<Box<str>, Cached>,
 }
 
 impl RouteCache {
     /// Calls `f` with the route of `topic`. Before a topic's first lookup, `check` runs (topic
     /// validation), so a topic found in the cache is known to be valid.
-    pub(crate) fn with_route<R, E>(
+    fn with_route<R, E>(
         &mut self,
         table: &RouteTable,
         account: &str,
@@ -226,6 +231,116 @@ impl RouteCache {
             }
         }
         Ok(result)
+    }
+}
+
+/// Where a published message comes from, which decides where it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A client of this server (or the dispatch bridge): local subscribers, and once to every
+    /// peer server with interest.
+    Local,
+    /// A peer server's forward: local subscribers only, never forwarded again.
+    Peer,
+}
+
+/// One message to route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Message<'a> {
+    pub(crate) origin: Origin,
+    /// The routing scope (account, or account and group).
+    pub(crate) scope: &'a str,
+    pub(crate) topic: &'a str,
+    /// Who published it, as stamped by its server.
+    pub(crate) from: Sender<'a>,
+    pub(crate) payload: &'a [u8],
+}
+
+/// Accounts a publisher keeps route caches for before starting over.
+const MAX_CACHED_SCOPES: usize = 1024;
+
+/// The one publish path: every message published on this server, by a client session, a peer
+/// forward or the dispatch bridge, goes through [`Publisher::publish`]. Each reader keeps its
+/// own publisher: route caches per scope, and the batch of deliveries of the burst it is
+/// handling ([`Publisher::flush`] hands that on).
+#[derive(Debug)]
+pub(crate) struct Publisher {
+    /// The scope most recently published in and its cache: a client session's only one.
+    last: Option<(Box<str>, RouteCache)>,
+    /// Caches of the other scopes (a peer link carries every account's forwards).
+    others: HashMap<Box<str>, RouteCache>,
+    batch: Batcher,
+    slow_consumer_ms: u64,
+}
+
+impl Publisher {
+    /// A publisher whose deliveries write to idle subscribers as `direct` allows and disconnect
+    /// subscribers whose queue stays full for `slow_consumer_ms`.
+    pub(crate) fn new(direct: DirectWrites, slow_consumer_ms: u64) -> Self {
+        Self {
+            last: None,
+            others: HashMap::new(),
+            batch: Batcher::new(direct),
+            slow_consumer_ms,
+        }
+    }
+
+    /// Routes `msg`: its local subscribers get it in this reader's batch, and a local message
+    /// goes once to each peer server with interest. Before a topic is first looked up in a
+    /// scope, `check` runs (topic rules, role rules); a topic found in the cache passed it.
+    /// Local messages that pass are counted in `messages_in`.
+    pub(crate) fn publish<E>(
+        &mut self,
+        routes: &RouteTable,
+        stats: &Stats,
+        msg: Message<'_>,
+        check: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Self {
+            batch,
+            slow_consumer_ms,
+            ..
+        } = self;
+        let slow_ms = *slow_consumer_ms;
+        let cache = Self::cache(&mut self.last, &mut self.others, msg.scope);
+        cache.with_route(routes, msg.scope, msg.topic, check, |route| {
+            if msg.origin == Origin::Local {
+                stats.messages_in.inc();
+            }
+            let Some(route) = route else { return };
+            if !route.subscribers.is_empty() {
+                batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms);
+            }
+            if msg.origin == Origin::Local && !route.peers.is_empty() {
+                let frame = forward_frame(msg.scope, msg.topic, msg.from, msg.payload);
+                forward(route, &frame, stats);
+            }
+        })
+    }
+
+    /// Hands the deliveries batched so far to their subscribers: after a burst, and before
+    /// anything that must not overtake them.
+    pub(crate) fn flush(&mut self, stats: &Stats) {
+        self.batch.flush(stats, self.slow_consumer_ms);
+    }
+
+    /// The cache of `scope`, made current.
+    fn cache<'c>(
+        last: &'c mut Option<(Box<str>, RouteCache)>,
+        others: &mut HashMap<Box<str>, RouteCache>,
+        scope: &str,
+    ) -> &'c mut RouteCache {
+        if last.as_ref().is_some_and(|(s, _)| &**s == scope) {
+            return &mut last.get_or_insert_with(Default::default).1;
+        }
+        if let Some((previous, cache)) = last.take() {
+            if others.len() >= MAX_CACHED_SCOPES {
+                others.clear();
+            }
+            others.insert(previous, cache);
+        }
+        let cache = others.remove(scope).unwrap_or_default();
+        &mut last.insert((scope.into(), cache)).1
     }
 }
 
@@ -270,14 +385,14 @@ impl DirectWrites {
 /// has nothing more ready; a message for another route flushes first, so each publisher's
 /// messages keep their order even across topics.
 #[derive(Debug, Default)]
-pub(crate) struct Batcher {
+struct Batcher {
     pending: Option<(Arc<Route>, BytesMut, usize)>,
     direct: DirectWrites,
 }
 
 impl Batcher {
     /// A batcher that writes to idle subscribers as `direct` allows.
-    pub(crate) fn new(direct: DirectWrites) -> Self {
+    fn new(direct: DirectWrites) -> Self {
         Self {
             pending: None,
             direct,
@@ -285,7 +400,7 @@ impl Batcher {
     }
 
     /// Adds a message for `route`'s local subscribers.
-    pub(crate) fn push(
+    fn push(
         &mut self,
         route: &Arc<Route>,
         topic: &str,
@@ -313,7 +428,7 @@ impl Batcher {
     }
 
     /// Hands what is pending to the subscribers.
-    pub(crate) fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
+    fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
         if let Some((route, frames, count)) = self.pending.take() {
             let frames = frames.freeze();
             stats.messages_out.add(deliver(
@@ -331,7 +446,7 @@ impl Batcher {
 /// Hands `frames` (`count` whole WebSocket frames) to every local subscriber of `route`:
 /// written to its socket now if it is idle and `direct` allows, queued otherwise. Returns how
 /// many messages were accepted.
-pub(crate) fn deliver(
+fn deliver(
     route: &Route,
     frames: &Bytes,
     count: usize,
@@ -370,7 +485,7 @@ pub(crate) enum Enqueued {
 }
 
 /// Queues `frame` on `data` within `backlog`'s budget, without waiting.
-pub(crate) fn enqueue(data: &DataTx, backlog: &Backlog, frame: &Bytes) -> Enqueued {
+fn enqueue(data: &DataTx, backlog: &Backlog, frame: &Bytes) -> Enqueued {
     enqueue_n(data, backlog, frame, 1)
 }
 
@@ -422,7 +537,7 @@ fn offer(
 }
 
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
-pub(crate) fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
+fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
     for peer in route.peers.iter() {
         match enqueue(&peer.data, &peer.backlog, frame) {
             Enqueued::Yes => {
@@ -539,5 +654,68 @@ mod tests {
         assert_eq!(small.backlog.total(), 2);
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
+    }
+
+    fn peer() -> (Arc<PeerOut>, relaymesh_net::link::DataRx) {
+        let (data, rx) = relaymesh_net::link::data_queue();
+        let p = PeerOut {
+            data,
+            backlog: Arc::new(Backlog::counted(16, 1 << 20)),
+            forwards_out: Counter::default(),
+        };
+        (Arc::new(p), rx)
+    }
+
+    #[test]
+    fn local_messages_go_to_subscribers_and_peers_and_forwards_to_subscribers_only() {
+        let stats = Stats::default();
+        let table = RouteTable::default();
+        let (s, mut rx) = subscriber(1, 100);
+        let (p, mut peer_rx) = peer();
+        for scope in ["acme", "globex"] {
+            let route = Route::new(Box::new([s.clone()]), Box::new([p.clone()]));
+            table.set(&TopicKey::new(scope, "t"), Some(route));
+        }
+        table.publish();
+        let mut publisher = Publisher::new(DirectWrites::Off, 1000);
+        let msg = |origin, scope, payload| Message {
+            origin,
+            scope,
+            topic: "t",
+            from: FROM,
+            payload,
+        };
+        let ok = || Ok::<_, ()>(());
+        publisher
+            .publish(&table, &stats, msg(Origin::Local, "acme", b"1"), ok)
+            .unwrap();
+        publisher
+            .publish(&table, &stats, msg(Origin::Peer, "acme", b"2"), ok)
+            .unwrap();
+        // Another scope has its own cache; coming back finds the first one again.
+        publisher
+            .publish(&table, &stats, msg(Origin::Peer, "globex", b"3"), ok)
+            .unwrap();
+        publisher
+            .publish(&table, &stats, msg(Origin::Local, "acme", b"4"), ok)
+            .unwrap();
+        publisher.flush(&stats);
+        let delivered: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .flat_map(|item| topics(&item))
+            .collect();
+        assert_eq!(delivered, ["1", "2", "3", "4"]);
+        assert_eq!(
+            std::iter::from_fn(|| peer_rx.try_recv().ok()).count(),
+            2,
+            "local ones only"
+        );
+        assert_eq!((stats.messages_in.get(), stats.forwards_out.get()), (2, 2));
+        // A topic's check runs before its first lookup in a scope, and a refusal routes nothing.
+        let refused =
+            publisher.publish(&table, &stats, msg(Origin::Local, "initech", b"5"), || {
+                Err("no")
+            });
+        assert_eq!(refused, Err("no"));
+        assert_eq!(stats.messages_in.get(), 2);
     }
 }

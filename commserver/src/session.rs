@@ -22,7 +22,7 @@ use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ServerLink};
-use relaymesh_proto::frame::{Sender, forward_frame};
+use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic,
@@ -35,7 +35,7 @@ use crate::Server;
 use crate::control::Command;
 use crate::interest::TopicKey;
 use crate::keys::KeyError;
-use crate::routes::{self, Batcher, ClientKey, RouteCache, Subscriber};
+use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ClientQuery {
@@ -182,9 +182,8 @@ struct Session {
     topics: HashSet<Arc<str>>,
     /// Whether the control task knows this session (and must hear that it closed).
     ever_subscribed: bool,
-    cache: RouteCache,
-    /// Deliveries of the burst being handled, for all subscribers at once.
-    batch: Batcher,
+    /// Routes what the client publishes, and batches the deliveries of a burst.
+    publisher: Publisher,
 }
 
 async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _conn: ConnInfo) {
@@ -259,8 +258,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         },
         topics: HashSet::new(),
         ever_subscribed: false,
-        cache: RouteCache::default(),
-        batch: Batcher::new(server.direct_writes),
+        publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
     };
     let served = link::serve(socket, options, &mut session).await;
     if let Err(e) = served.outcome
@@ -352,8 +350,7 @@ impl link::Handler for Session {
 impl Session {
     /// Hands the pending batch of deliveries to the subscribers.
     fn flush(&mut self) {
-        self.batch
-            .flush(&self.server.stats, self.server.config.slow_consumer_ms);
+        self.publisher.flush(&self.server.stats);
     }
 
     async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
@@ -377,12 +374,6 @@ impl Session {
 
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
         let server = &*self.server;
-        let stats = &server.stats;
-        let account = &*self.account;
-        let from = Sender {
-            alias: &self.alias,
-            role: &self.role,
-        };
         let v1::Publish { topic, payload } = publish;
         // Delivered and forwarded frames add the alias, account and envelope to the payload;
         // the limit keeps them within every receiver's frame limit.
@@ -397,35 +388,30 @@ impl Session {
             ));
         }
         let max_topic = server.config.max_topic_bytes;
-        let slow_ms = server.config.slow_consumer_ms;
         let rules = &self.rules;
-        let batch = &mut self.batch;
-        let routed = self.cache.with_route(
-            &server.routes,
-            account,
-            &topic,
-            || {
+        let role = &*self.role;
+        let msg = routes::Message {
+            origin: Origin::Local,
+            scope: &self.account,
+            topic: &topic,
+            from: Sender {
+                alias: &self.alias,
+                role,
+            },
+            payload: &payload,
+        };
+        let routed = self
+            .publisher
+            .publish(&server.routes, &server.stats, msg, || {
                 topic::validate(&topic, max_topic)
                     .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))?;
                 // Checked once per topic: an allowed topic stays in the route cache.
                 if rules.may_publish(&topic) {
                     Ok(())
                 } else {
-                    Err(forbidden(&self.role, "publish to", &topic, 0))
+                    Err(forbidden(role, "publish to", &topic, 0))
                 }
-            },
-            |route| {
-                stats.messages_in.inc();
-                let Some(route) = route else { return };
-                if !route.subscribers.is_empty() {
-                    batch.push(route, &topic, from, &payload, stats, slow_ms);
-                }
-                if !route.peers.is_empty() {
-                    let frame = forward_frame(account, &topic, from, &payload);
-                    routes::forward(route, &frame, stats);
-                }
-            },
-        );
+            });
         match routed {
             // A role violation is answered and counted; the session goes on.
             Err(e) if e.error_code() == ErrorCode::Forbidden => self.refuse(e),

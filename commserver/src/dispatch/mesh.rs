@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
 use relaymesh_net::link::{Backlog, Closer, DataRx};
-use relaymesh_proto::frame::{Sender, forward_frame};
+use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, server_to_client::Kind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,7 +23,7 @@ use super::Proto;
 use crate::Server;
 use crate::control::Command;
 use crate::interest::TopicKey;
-use crate::routes::{self, Subscriber};
+use crate::routes::{self, Origin, Publisher, Subscriber};
 
 /// The role stamped on messages from devices.
 const ROLE: &str = "dispatch";
@@ -120,27 +120,21 @@ impl Bridge {
     pub(super) fn publish(&self, proto: Proto, port: u16, ip: IpAddr, data: &[u8]) {
         let topic = data_topic(proto, port, ip);
         let server = &self.server;
-        server.stats.messages_in.inc();
-        let Some(route) = server.routes.get(&self.scope, &topic) else {
-            return;
+        let msg = routes::Message {
+            origin: Origin::Local,
+            scope: &self.scope,
+            topic: &topic,
+            from: Sender {
+                alias: &self.alias,
+                role: ROLE,
+            },
+            payload: data,
         };
-        let from = Sender {
-            alias: &self.alias,
-            role: ROLE,
-        };
-        if !route.subscribers.is_empty() {
-            let mut batch = routes::Batcher::new(server.direct_writes);
-            let slow_ms = server.config.slow_consumer_ms;
-            batch.push(&route, &topic, from, data, &server.stats, slow_ms);
-            batch.flush(&server.stats, slow_ms);
-        }
-        if !route.peers.is_empty() {
-            routes::forward(
-                &route,
-                &forward_frame(&self.scope, &topic, from, data),
-                &server.stats,
-            );
-        }
+        // Device reads come from many tasks, each publishing now and then: a publisher each.
+        let mut publisher = Publisher::new(server.direct_writes, server.config.slow_consumer_ms);
+        let valid = publisher.publish(&server.routes, &server.stats, msg, || Ok::<_, ()>(()));
+        debug_assert!(valid.is_ok(), "device topics are built valid");
+        publisher.flush(&server.stats);
     }
 
     fn keys(&self, proto: Proto, port: u16, ips: &[IpAddr]) -> Vec<TopicKey> {
