@@ -116,56 +116,200 @@ pub struct AccountsFile {
     pub accounts: Vec<Account>,
 }
 
+/// Why the account store could not be read, written or changed.
+///
+/// The message of each is what the coordinator and `coordinator accounts` print; a cause
+/// (an I/O or argon2 error) is part of the message and not also a `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file could not be read.
+    #[error("{}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+    /// A file could not be written (or a lock file beside it created).
+    #[error("{}: {error}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+    /// A file is not valid accounts JSON: it does not parse, or its accounts break a rule.
+    #[error("{}: {reason}", path.display())]
+    NotAccounts {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The accounts could not be encoded as JSON.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// An account, role, group or id name is malformed.
+    #[error(transparent)]
+    BadName(#[from] BadName),
+    /// Two accounts have the same name.
+    #[error("account {0:?} appears twice")]
+    Duplicate(String),
+    /// A registered public key is not an Ed25519 public key in hex.
+    #[error("account {account:?}, key {key:?}: not a 64-hex-digit Ed25519 public key")]
+    BadKey {
+        /// The account.
+        account: String,
+        /// The key's id.
+        key: String,
+    },
+    /// An access code's hash is not an argon2 hash in PHC string form.
+    #[error("account {account:?}, code {code:?}: bad hash: {error}")]
+    BadHash {
+        /// The account.
+        account: String,
+        /// The code's id.
+        code: String,
+        /// Why (part of the message, so not also a `source`).
+        error: argon2::password_hash::Error,
+    },
+    /// A role's topic filter is malformed.
+    #[error("account {account:?}, role {role:?}: filter {filter:?}: {error}")]
+    BadFilter {
+        /// The account.
+        account: String,
+        /// The role.
+        role: String,
+        /// The filter.
+        filter: String,
+        /// Why (part of the message, so not also a `source`).
+        error: topic::TopicError,
+    },
+    /// An access code could not be hashed.
+    #[error("{0}")]
+    Hash(argon2::password_hash::Error),
+    /// The account database could not be used, or holds an account that breaks a rule; the
+    /// text says what was being done and why.
+    #[error("{0}")]
+    Database(String),
+    /// There is no account of that name.
+    #[error("no account {0:?}")]
+    NoAccount(String),
+    /// An account of that name already exists.
+    #[error("account {0:?} already exists")]
+    AccountExists(String),
+    /// The account already has a code or key with that id.
+    #[error("account {account:?} already has a {what} {id:?}")]
+    EntryExists {
+        /// The account.
+        account: String,
+        /// `code` or `key`.
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The account has no code, key or role of that name.
+    #[error("account {account:?} has no {what} {id:?}")]
+    NoEntry {
+        /// The account.
+        account: String,
+        /// `code`, `key` or `role`.
+        what: &'static str,
+        /// The id or role.
+        id: String,
+    },
+    /// Removing the role would leave the account without roles, and so without rules.
+    #[error(
+        "{role:?} is the last role of {account:?}; removing it would let any role do anything \
+         (set another role first)"
+    )]
+    LastRole {
+        /// The account.
+        account: String,
+        /// The role.
+        role: String,
+    },
+    /// Another `coordinator accounts` command holds the file store's lock file.
+    #[error("{} is held by another command (remove it if none is running)", .0.display())]
+    Locked(PathBuf),
+    /// An `[accounts]` setting is missing or wrong.
+    #[error("{setting}: {reason}")]
+    BadConfig {
+        /// The setting, e.g. `accounts.path`.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The `open` and `single` stores have no accounts to manage.
+    #[error("the open and single stores have no accounts to manage; use --file or --url")]
+    NotManaged,
+}
+
 impl AccountsFile {
     /// Reads and checks a file.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: Self =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        file.check()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, StoreError> {
+        let text = std::fs::read_to_string(path).map_err(|error| StoreError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let not_accounts = |reason: String| StoreError::NotAccounts {
+            path: path.to_owned(),
+            reason,
+        };
+        let file: Self = serde_json::from_str(&text).map_err(|e| not_accounts(e.to_string()))?;
+        file.check().map_err(|e| not_accounts(e.to_string()))?;
         Ok(file)
     }
 
     /// Writes the file atomically (a temporary file renamed over it).
-    pub fn save(&self, path: &Path) -> Result<(), String> {
+    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
         self.check()?;
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(self).map_err(StoreError::Encode)?;
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, text + "\n")
             .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|error| StoreError::Write {
+                path: path.to_owned(),
+                error,
+            })
     }
 
     /// Names, filters and hashes are well formed and account names unique.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), StoreError> {
         let mut seen = std::collections::BTreeSet::new();
         for a in &self.accounts {
             check_name("account", &a.name)?;
             if !seen.insert(&a.name) {
-                return Err(format!("account {:?} appears twice", a.name));
+                return Err(StoreError::Duplicate(a.name.clone()));
             }
             for k in &a.public_keys {
                 let valid = hex_decode(&k.key)
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
                     .is_some_and(|b| VerifyingKey::from_bytes(&b).is_ok());
                 if !valid {
-                    return Err(format!(
-                        "account {:?}, key {:?}: not a 64-hex-digit Ed25519 public key",
-                        a.name, k.id
-                    ));
+                    return Err(StoreError::BadKey {
+                        account: a.name.clone(),
+                        key: k.id.clone(),
+                    });
                 }
             }
             for code in &a.access_codes {
-                PasswordHash::new(&code.hash).map_err(|e| {
-                    format!("account {:?}, code {:?}: bad hash: {e}", a.name, code.id)
+                PasswordHash::new(&code.hash).map_err(|error| StoreError::BadHash {
+                    account: a.name.clone(),
+                    code: code.id.clone(),
+                    error,
                 })?;
             }
             for (role, rules) in &a.roles {
                 check_name("role", role)?;
                 for f in rules.publish.iter().chain(&rules.subscribe) {
-                    topic::validate_filter(f, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|e| {
-                        format!("account {:?}, role {role:?}: filter {f:?}: {e}", a.name)
+                    topic::validate_filter(f, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|error| {
+                        StoreError::BadFilter {
+                            account: a.name.clone(),
+                            role: role.clone(),
+                            filter: f.clone(),
+                            error,
+                        }
                     })?;
                 }
             }
@@ -174,16 +318,26 @@ impl AccountsFile {
     }
 
     /// The account called `name`.
-    pub fn account_mut(&mut self, name: &str) -> Result<&mut Account, String> {
+    pub fn account_mut(&mut self, name: &str) -> Result<&mut Account, StoreError> {
         self.accounts
             .iter_mut()
             .find(|a| a.name == name)
-            .ok_or_else(|| format!("no account {name:?}"))
+            .ok_or_else(|| StoreError::NoAccount(name.to_owned()))
     }
 }
 
+/// A malformed account, role, group or id name (see [`check_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} name {name:?} must be 1-{MAX_NAME} ASCII letters, digits, '_', '-' or '.'")]
+pub struct BadName {
+    /// What the name names: `account`, `role`, `group`, ...
+    pub what: String,
+    /// The name as given.
+    pub name: String,
+}
+
 /// Account, role and group names: 1 to 64 of ASCII letters, digits, `_ - .`.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
@@ -192,19 +346,20 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{what} name {name:?} must be 1-{MAX_NAME} ASCII letters, digits, '_', '-' or '.'"
-        ))
+        Err(BadName {
+            what: what.to_owned(),
+            name: name.to_owned(),
+        })
     }
 }
 
 /// Hashes an access code with argon2id and a random salt.
-pub fn hash_code(code: &str) -> Result<String, String> {
+pub fn hash_code(code: &str) -> Result<String, StoreError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(code.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(StoreError::Hash)
 }
 
 /// A new random access code: 24 characters from a 57-letter alphabet (about 140 bits).
@@ -510,6 +665,14 @@ impl Default for AccountsConfig {
     }
 }
 
+/// The error of a `file` store configured without `accounts.path`.
+pub(crate) fn no_path() -> StoreError {
+    StoreError::BadConfig {
+        setting: "accounts.path",
+        reason: "must be set for the file store".into(),
+    }
+}
+
 /// The configured account store.
 #[derive(Debug)]
 pub enum Store {
@@ -538,16 +701,21 @@ pub enum Store {
 impl Store {
     /// Builds the store from config, loading (and checking) the file or connecting to (and
     /// migrating) the database now.
-    pub async fn from_config(config: &AccountsConfig) -> Result<Self, String> {
+    pub async fn from_config(config: &AccountsConfig) -> Result<Self, StoreError> {
         match config.store {
             StoreKind::Open => Ok(Self::Open),
             StoreKind::Single => {
-                check_name("account", &config.account)
-                    .map_err(|e| format!("accounts.account: {e}"))?;
+                check_name("account", &config.account).map_err(|e| StoreError::BadConfig {
+                    setting: "accounts.account",
+                    reason: e.to_string(),
+                })?;
                 if config.access_code.len() < 8 {
-                    return Err("accounts.access_code: must be at least 8 characters \
-                                (RELAYMESH_ACCESS_CODE or the config file)"
-                        .into());
+                    return Err(StoreError::BadConfig {
+                        setting: "accounts.access_code",
+                        reason: "must be at least 8 characters \
+                                 (RELAYMESH_ACCESS_CODE or the config file)"
+                            .into(),
+                    });
                 }
                 Ok(Self::Single {
                     account: config.account.clone(),
@@ -555,10 +723,7 @@ impl Store {
                 })
             }
             StoreKind::File => {
-                let path = config
-                    .path
-                    .clone()
-                    .ok_or("accounts.path: must be set for the file store")?;
+                let path = config.path.clone().ok_or_else(no_path)?;
                 let accounts = AccountsFile::load(&path)?;
                 Ok(Self::File {
                     path,
@@ -609,10 +774,11 @@ impl Store {
                 },
             ),
         };
-        check_name("account", &account).map_err(LoginError::BadName)?;
+        let bad_name = |e: BadName| LoginError::BadName(e.to_string());
+        check_name("account", &account).map_err(bad_name)?;
         for (what, name) in [("role", &role), ("group", &group)] {
             if !name.is_empty() {
-                check_name(what, name).map_err(LoginError::BadName)?;
+                check_name(what, name).map_err(bad_name)?;
             }
         }
         // A signature always answers a fresh challenge; without one it could be replayed.
@@ -656,7 +822,7 @@ impl Store {
             Self::Sql(db) => db
                 .account(&account)
                 .await
-                .map_err(LoginError::Unavailable)?,
+                .map_err(|e| LoginError::Unavailable(e.to_string()))?,
         };
         let entry = entry.ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
         // The groups the matching credential may act in (empty: any).
@@ -996,13 +1162,108 @@ mod tests {
         let mut twice = AccountsFile {
             accounts: vec![acme(), acme()],
         };
-        assert!(twice.check().unwrap_err().contains("twice"));
+        let refused = twice.check().unwrap_err();
+        assert!(matches!(&refused, StoreError::Duplicate(name) if name == "acme"));
+        assert_eq!(refused.to_string(), r#"account "acme" appears twice"#);
         twice.accounts.pop();
         twice.accounts[0].roles.get_mut("agent").unwrap().publish = vec!["a/#/b".into()];
-        assert!(twice.check().unwrap_err().contains("filter"));
+        let refused = twice.check().unwrap_err();
+        assert!(matches!(&refused, StoreError::BadFilter { filter, .. } if filter == "a/#/b"));
+        assert!(
+            refused
+                .to_string()
+                .starts_with(r#"account "acme", role "agent": filter "a/#/b": "#)
+        );
         twice.accounts[0].roles.clear();
         twice.accounts[0].access_codes[0].hash = "plain".into();
-        assert!(twice.check().unwrap_err().contains("bad hash"));
+        let refused = twice.check().unwrap_err();
+        assert!(matches!(&refused, StoreError::BadHash { code, .. } if code == "old"));
+        assert!(
+            refused
+                .to_string()
+                .starts_with(r#"account "acme", code "old": bad hash: "#)
+        );
+        twice.accounts[0].name = "a b".into();
+        let refused = twice.check().unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            r#"account name "a b" must be 1-64 ASCII letters, digits, '_', '-' or '.'"#
+        );
+        // Each message carries its cause once: none is repeated as a `source`.
+        assert!(std::error::Error::source(&refused).is_none());
         assert!(new_code().len() == 24 && new_code() != new_code());
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("relaymesh-accounts-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("accounts.json");
+        let missing = AccountsFile::load(&path).unwrap_err();
+        assert!(matches!(&missing, StoreError::Read { .. }));
+        assert!(
+            missing
+                .to_string()
+                .starts_with(&format!("{}: ", path.display()))
+        );
+        assert!(std::error::Error::source(&missing).is_none());
+        std::fs::write(&path, r#"{"accounts": [{"name": "a b"}]}"#).unwrap();
+        let invalid = AccountsFile::load(&path).unwrap_err();
+        assert_eq!(
+            invalid.to_string(),
+            format!(
+                r#"{}: account name "a b" must be 1-64 ASCII letters, digits, '_', '-' or '.'"#,
+                path.display()
+            )
+        );
+        AccountsFile {
+            accounts: vec![acme()],
+        }
+        .save(&path)
+        .unwrap();
+        let mut file = AccountsFile::load(&path).unwrap();
+        assert!(file.account_mut("acme").is_ok());
+        assert_eq!(
+            file.account_mut("nobody").unwrap_err().to_string(),
+            r#"no account "nobody""#
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_configs_say_which_setting() {
+        let refused = |config: AccountsConfig| async move {
+            Store::from_config(&config).await.unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(AccountsConfig {
+                store: StoreKind::Single,
+                account: "a b".into(),
+                access_code: "long-enough".into(),
+                ..AccountsConfig::default()
+            })
+            .await,
+            r#"accounts.account: account name "a b" must be 1-64 ASCII letters, digits, '_', '-' or '.'"#
+        );
+        assert_eq!(
+            refused(AccountsConfig {
+                store: StoreKind::Single,
+                account: "acme".into(),
+                access_code: "short".into(),
+                ..AccountsConfig::default()
+            })
+            .await,
+            "accounts.access_code: must be at least 8 characters \
+             (RELAYMESH_ACCESS_CODE or the config file)"
+        );
+        assert_eq!(
+            refused(AccountsConfig {
+                store: StoreKind::File,
+                ..AccountsConfig::default()
+            })
+            .await,
+            "accounts.path: must be set for the file store"
+        );
     }
 }

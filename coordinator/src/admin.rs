@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use crate::accounts::{
-    AccessCode, Account, AccountsConfig, AccountsFile, PublicKey, RoleRules, StoreKind, check_name,
-    hash_code, new_code,
+    AccessCode, Account, AccountsConfig, AccountsFile, PublicKey, RoleRules, StoreError, StoreKind,
+    check_name, hash_code, new_code,
 };
 use crate::sql::SqlStore;
 
@@ -107,22 +107,17 @@ pub enum Backend {
 
 impl Backend {
     /// Opens the store named by an `[accounts]` config.
-    pub async fn open(config: &AccountsConfig) -> Result<Self, String> {
+    pub async fn open(config: &AccountsConfig) -> Result<Self, StoreError> {
         match config.store {
             StoreKind::File => Ok(Self::File(
-                config
-                    .path
-                    .clone()
-                    .ok_or("accounts.path: must be set for the file store")?,
+                config.path.clone().ok_or_else(crate::accounts::no_path)?,
             )),
             StoreKind::Sql => Ok(Self::Sql(SqlStore::connect(&config.url).await?)),
-            StoreKind::Open | StoreKind::Single => Err(
-                "the open and single stores have no accounts to manage; use --file or --url".into(),
-            ),
+            StoreKind::Open | StoreKind::Single => Err(StoreError::NotManaged),
         }
     }
 
-    fn load_file(path: &std::path::Path) -> Result<AccountsFile, String> {
+    fn load_file(path: &std::path::Path) -> Result<AccountsFile, StoreError> {
         if path.exists() {
             AccountsFile::load(path)
         } else {
@@ -130,18 +125,18 @@ impl Backend {
         }
     }
 
-    async fn list(&self) -> Result<Vec<Account>, String> {
+    async fn list(&self) -> Result<Vec<Account>, StoreError> {
         match self {
             Self::File(path) => Ok(Self::load_file(path)?.accounts),
             Self::Sql(db) => db.accounts().await,
         }
     }
 
-    async fn get(&self, name: &str) -> Result<Option<Account>, String> {
+    async fn get(&self, name: &str) -> Result<Option<Account>, StoreError> {
         Ok(self.list().await?.into_iter().find(|a| a.name == name))
     }
 
-    async fn put(&self, account: Account) -> Result<(), String> {
+    async fn put(&self, account: Account) -> Result<(), StoreError> {
         match self {
             Self::File(path) => {
                 let mut file = Self::load_file(path)?;
@@ -155,16 +150,16 @@ impl Backend {
         }
     }
 
-    async fn existing(&self, name: &str) -> Result<Account, String> {
+    async fn existing(&self, name: &str) -> Result<Account, StoreError> {
         self.get(name)
             .await?
-            .ok_or_else(|| format!("no account {name:?}"))
+            .ok_or_else(|| StoreError::NoAccount(name.to_owned()))
     }
 
     /// Carries out `command`; returns what to print. Commands on one file store take turns (a
     /// lock file beside it); on a database, enabling, disabling and revoking are single
     /// statements, so a revocation is never undone by a command running at the same time.
-    pub async fn run(&self, command: AdminCommand) -> Result<String, String> {
+    pub async fn run(&self, command: AdminCommand) -> Result<String, StoreError> {
         let _turn = match self {
             Self::File(path) => Some(FileTurn::take(path).await?),
             Self::Sql(_) => None,
@@ -172,7 +167,7 @@ impl Backend {
         self.apply(command).await
     }
 
-    async fn apply(&self, command: AdminCommand) -> Result<String, String> {
+    async fn apply(&self, command: AdminCommand) -> Result<String, StoreError> {
         match command {
             AdminCommand::List => Ok(self.list().await?.iter().map(describe).collect()),
             AdminCommand::Create {
@@ -181,7 +176,7 @@ impl Backend {
             } => {
                 check_name("account", &name)?;
                 if self.get(&name).await?.is_some() {
-                    return Err(format!("account {name:?} already exists"));
+                    return Err(StoreError::AccountExists(name));
                 }
                 self.put(Account {
                     name: name.clone(),
@@ -204,7 +199,11 @@ impl Backend {
                 let id = id.unwrap_or_else(|| format!("code-{}", account.access_codes.len() + 1));
                 check_name("code id", &id)?;
                 if account.access_codes.iter().any(|c| c.id == id) {
-                    return Err(format!("account {name:?} already has a code {id:?}"));
+                    return Err(StoreError::EntryExists {
+                        account: name,
+                        what: "code",
+                        id,
+                    });
                 }
                 let code = new_code();
                 account.access_codes.push(AccessCode {
@@ -217,23 +216,19 @@ impl Backend {
                 // The only time the code is shown: only its hash is stored.
                 Ok(format!("{code}\n"))
             }
-            AdminCommand::RevokeCode { name, id } if matches!(self, Self::Sql(_)) => {
-                self.revoke_in_db("access_codes", &name, &id).await?;
-                Ok(format!("revoked code {id} of {name}\n"))
-            }
-            AdminCommand::RevokeKey { name, id } if matches!(self, Self::Sql(_)) => {
-                self.revoke_in_db("public_keys", &name, &id).await?;
-                Ok(format!("revoked key {id} of {name}\n"))
-            }
             AdminCommand::RevokeCode { name, id } => {
-                let mut account = self.existing(&name).await?;
-                let code = account
-                    .access_codes
-                    .iter_mut()
-                    .find(|c| c.id == id)
-                    .ok_or_else(|| format!("account {name:?} has no code {id:?}"))?;
-                code.revoked = true;
-                self.put(account).await?;
+                if let Self::Sql(db) = self {
+                    revoke_in_db(db, "access_codes", &name, &id).await?;
+                } else {
+                    let mut account = self.existing(&name).await?;
+                    let code = account
+                        .access_codes
+                        .iter_mut()
+                        .find(|c| c.id == id)
+                        .ok_or_else(|| no_entry(&name, "code", &id))?;
+                    code.revoked = true;
+                    self.put(account).await?;
+                }
                 Ok(format!("revoked code {id} of {name}\n"))
             }
             AdminCommand::AddKey {
@@ -249,7 +244,11 @@ impl Backend {
                 let id = id.unwrap_or_else(|| format!("key-{}", account.public_keys.len() + 1));
                 check_name("key id", &id)?;
                 if account.public_keys.iter().any(|k| k.id == id) {
-                    return Err(format!("account {name:?} already has a key {id:?}"));
+                    return Err(StoreError::EntryExists {
+                        account: name,
+                        what: "key",
+                        id,
+                    });
                 }
                 account.public_keys.push(PublicKey {
                     id: id.clone(),
@@ -266,14 +265,18 @@ impl Backend {
                 Ok(format!("added key {id} to {name}\n"))
             }
             AdminCommand::RevokeKey { name, id } => {
-                let mut account = self.existing(&name).await?;
-                let key = account
-                    .public_keys
-                    .iter_mut()
-                    .find(|k| k.id == id)
-                    .ok_or_else(|| format!("account {name:?} has no key {id:?}"))?;
-                key.revoked = true;
-                self.put(account).await?;
+                if let Self::Sql(db) = self {
+                    revoke_in_db(db, "public_keys", &name, &id).await?;
+                } else {
+                    let mut account = self.existing(&name).await?;
+                    let key = account
+                        .public_keys
+                        .iter_mut()
+                        .find(|k| k.id == id)
+                        .ok_or_else(|| no_entry(&name, "key", &id))?;
+                    key.revoked = true;
+                    self.put(account).await?;
+                }
                 Ok(format!("revoked key {id} of {name}\n"))
             }
             AdminCommand::SetRole {
@@ -298,15 +301,15 @@ impl Backend {
             AdminCommand::RemoveRole { name, role } => {
                 let mut account = self.existing(&name).await?;
                 if account.roles.remove(&role).is_none() {
-                    return Err(format!("account {name:?} has no role {role:?}"));
+                    return Err(no_entry(&name, "role", &role));
                 }
                 // An account without roles has no rules: removing the last one would lift
                 // every restriction at once.
                 if account.roles.is_empty() {
-                    return Err(format!(
-                        "{role:?} is the last role of {name:?}; removing it would let any role \
-                         do anything (set another role first)"
-                    ));
+                    return Err(StoreError::LastRole {
+                        account: name,
+                        role,
+                    });
                 }
                 self.put(account).await?;
                 Ok(format!("removed role {role} of {name}\n"))
@@ -314,27 +317,11 @@ impl Backend {
         }
     }
 
-    async fn revoke_in_db(&self, table: &str, name: &str, id: &str) -> Result<(), String> {
-        let Self::Sql(db) = self else {
-            return Err("not a database".into());
-        };
-        if db.revoke(table, name, id).await? {
-            Ok(())
-        } else {
-            let what = if table == "public_keys" {
-                "key"
-            } else {
-                "code"
-            };
-            Err(format!("account {name:?} has no {what} {id:?}"))
-        }
-    }
-
-    async fn set_enabled(&self, name: &str, enabled: bool) -> Result<String, String> {
+    async fn set_enabled(&self, name: &str, enabled: bool) -> Result<String, StoreError> {
         match self {
             Self::Sql(db) => {
                 if !db.set_enabled(name, enabled).await? {
-                    return Err(format!("no account {name:?}"));
+                    return Err(StoreError::NoAccount(name.to_owned()));
                 }
             }
             Self::File(_) => {
@@ -350,6 +337,30 @@ impl Backend {
     }
 }
 
+/// Revokes entry `id` of account `name` in `table` (`access_codes` or `public_keys`) with one
+/// statement.
+async fn revoke_in_db(db: &SqlStore, table: &str, name: &str, id: &str) -> Result<(), StoreError> {
+    if db.revoke(table, name, id).await? {
+        Ok(())
+    } else {
+        let what = if table == "public_keys" {
+            "key"
+        } else {
+            "code"
+        };
+        Err(no_entry(name, what, id))
+    }
+}
+
+/// Account `account` has no `what` (`code`, `key` or `role`) called `id`.
+fn no_entry(account: &str, what: &'static str, id: &str) -> StoreError {
+    StoreError::NoEntry {
+        account: account.to_owned(),
+        what,
+        id: id.to_owned(),
+    }
+}
+
 /// A turn at changing a file store: a lock file beside it, created exclusively and removed on
 /// drop. One left behind by a crashed command is taken over after [`STALE_TURN`].
 struct FileTurn(PathBuf);
@@ -358,7 +369,7 @@ struct FileTurn(PathBuf);
 const STALE_TURN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl FileTurn {
-    async fn take(path: &std::path::Path) -> Result<Self, String> {
+    async fn take(path: &std::path::Path) -> Result<Self, StoreError> {
         let lock = path.with_extension("json.lock");
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -377,14 +388,11 @@ impl FileTurn {
                         continue;
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(format!(
-                            "{} is held by another command (remove it if none is running)",
-                            lock.display()
-                        ));
+                        return Err(StoreError::Locked(lock));
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                Err(e) => return Err(format!("{}: {e}", lock.display())),
+                Err(error) => return Err(StoreError::Write { path: lock, error }),
             }
         }
     }

@@ -56,12 +56,12 @@ pub(crate) async fn place_client(
     }
     let mut last_failure = None;
     for _ in 0..app.config.reserve_attempts {
-        let picked =
-            lock(&app.registry).select(&mut rand::rng(), app.config.selection, preferred, &exclude);
-        let Some((server_id, entry)) = picked else {
+        let claim =
+            lock(&app.registry).claim(&mut rand::rng(), app.config.selection, preferred, &exclude);
+        let Some(claim) = claim else {
             break;
         };
-        match entry
+        match claim
             .handle
             .reserve(
                 app.next_request_id(),
@@ -71,16 +71,17 @@ pub(crate) async fn place_client(
             .await
         {
             Ok(reserved) => {
-                lock(&app.registry).note_reserved(&server_id);
                 return Ok(Placement {
-                    url: format!("{}/v1/client", entry.url.trim_end_matches('/')),
-                    server_id,
+                    url: format!("{}/v1/client", claim.url.trim_end_matches('/')),
+                    server_id: claim.id,
                     key: reserved.key,
                     expires_in_ms: reserved.expires_in_ms,
                 });
             }
             Err(e) => {
+                lock(&app.registry).release(&claim);
                 app.stats.reservations_failed.inc();
+                let server_id = claim.id;
                 tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
                 last_failure = Some(format!("{server_id}: {e}"));
                 exclude.push(server_id);
@@ -116,7 +117,8 @@ async fn authenticate(
         return Err(LoginError::RateLimited.into());
     }
     if !client_id.is_empty() {
-        check_name("client id", &client_id).map_err(|e| error(ErrorCode::BadFrame, e))?;
+        check_name("client id", &client_id)
+            .map_err(|e| error(ErrorCode::BadFrame, e.to_string()))?;
     }
     match app.accounts.check(login).await {
         Ok(grant) => {

@@ -87,6 +87,18 @@ pub struct Registration<H> {
     pub replaced: Option<H>,
 }
 
+/// A server claimed for one login ([`Registry::claim`]).
+#[derive(Debug, Clone)]
+pub struct Claim<H> {
+    /// The server's id.
+    pub id: String,
+    /// Its base WebSocket URL.
+    pub url: String,
+    /// Its link.
+    pub handle: H,
+    link: LinkId,
+}
+
 /// Registered servers by id.
 #[derive(Debug)]
 pub struct Registry<H> {
@@ -158,34 +170,63 @@ impl<H: Clone> Registry<H> {
         }
     }
 
-    /// Counts a key reserved on `id`, until its next load report says how many are pending.
-    pub fn note_reserved(&mut self, id: &str) {
-        if let Some(entry) = self.servers.get_mut(id) {
-            entry.load.pending_keys = entry.load.pending_keys.saturating_add(1);
+    /// Claims a server for one login, under one lock: `preferred` when it is eligible and not
+    /// excluded, otherwise one chosen by `strategy` among the eligible servers not in
+    /// `exclude`; the key about to be reserved there counts against its capacity at once (until
+    /// its next load report, which counts it itself), so concurrent logins cannot overshoot
+    /// it. A claim whose reservation fails is given back with [`Registry::release`].
+    pub fn claim(
+        &mut self,
+        rng: &mut impl Rng,
+        strategy: Strategy,
+        preferred: Option<&str>,
+        exclude: &[String],
+    ) -> Option<Claim<H>> {
+        let id = self.select(rng, strategy, preferred, exclude)?.clone();
+        let entry = self.servers.get_mut(&id)?;
+        entry.load.pending_keys = entry.load.pending_keys.saturating_add(1);
+        Some(Claim {
+            url: entry.url.clone(),
+            handle: entry.handle.clone(),
+            link: entry.link,
+            id,
+        })
+    }
+
+    /// Gives back a claim whose reservation failed.
+    pub fn release(&mut self, claim: &Claim<H>) {
+        if let Some(entry) = self
+            .servers
+            .get_mut(&claim.id)
+            .filter(|e| e.link == claim.link)
+        {
+            entry.load.pending_keys = entry.load.pending_keys.saturating_sub(1);
         }
     }
 
-    /// Picks a server for a client: `preferred` when it is eligible and not excluded, otherwise
-    /// one chosen by `strategy` among the eligible servers not in `exclude`.
+    /// The server [`Registry::claim`] would pick, without claiming it.
     pub fn select(
         &self,
         rng: &mut impl Rng,
         strategy: Strategy,
         preferred: Option<&str>,
         exclude: &[String],
-    ) -> Option<(String, Entry<H>)> {
+    ) -> Option<&String> {
         let allowed = |id: &str, e: &Entry<H>| e.eligible() && !exclude.iter().any(|x| x == id);
         if let Some(id) = preferred
-            && let Some(entry) = self.servers.get(id).filter(|e| allowed(id, e))
+            && let Some((id, _)) = self
+                .servers
+                .get_key_value(id)
+                .filter(|(id, e)| allowed(id, e))
         {
-            return Some((id.to_owned(), entry.clone()));
+            return Some(id);
         }
         let candidates: Vec<(&String, &Entry<H>)> = self
             .servers
             .iter()
             .filter(|(id, e)| allowed(id, e))
             .collect();
-        let (id, entry) = match strategy {
+        let (id, _) = match strategy {
             Strategy::Random => *candidates.choose(rng)?,
             Strategy::LeastLoaded => {
                 let most_free = candidates.iter().map(|(_, e)| e.free()).max()?;
@@ -201,7 +242,7 @@ impl<H: Clone> Registry<H> {
                 if b.1.free() > a.1.free() { b } else { a }
             }
         };
-        Some((id.clone(), entry.clone()))
+        Some(id)
     }
 
     /// All servers, by id.
@@ -260,8 +301,8 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut counts = HashMap::new();
         for _ in 0..picks {
-            let (id, _) = r.select(&mut rng, strategy, None, exclude).unwrap();
-            *counts.entry(id).or_default() += 1;
+            let id = r.select(&mut rng, strategy, None, exclude).unwrap();
+            *counts.entry(id.clone()).or_default() += 1;
         }
         counts
     }
@@ -316,8 +357,7 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(
                 r.select(&mut rng, Strategy::Random, Some("s2"), &[])
-                    .unwrap()
-                    .0,
+                    .unwrap(),
                 "s2"
             );
         }
@@ -331,14 +371,12 @@ mod tests {
         );
         assert_ne!(
             r.select(&mut rng, Strategy::Random, Some("s2"), &[])
-                .unwrap()
-                .0,
+                .unwrap(),
             "s2"
         );
         assert_ne!(
             r.select(&mut rng, Strategy::Random, Some("s1"), &["s1".to_owned()])
-                .unwrap()
-                .0,
+                .unwrap(),
             "s1"
         );
         assert!(
@@ -378,16 +416,39 @@ mod tests {
         assert_eq!(least.get("s1"), Some(&50));
         let p2 = spread(&r, Strategy::PowerOfTwo, &[], 900);
         assert!(p2.get("s1").copied().unwrap_or(0) > p2.get("s0").copied().unwrap_or(0));
-        r.note_reserved("s1");
+    }
+
+    #[test]
+    fn a_claim_counts_at_once_and_a_failed_one_is_given_back() {
+        let mut r = Registry::new();
+        r.register("s0", "ws://h0", 2, 0, 0u32);
+        let mut rng = StdRng::seed_from_u64(5);
+        let pending = |r: &Registry<u32>| r.iter().next().unwrap().1.load.pending_keys;
+        let first = r.claim(&mut rng, Strategy::Random, None, &[]).unwrap();
         assert_eq!(
-            r.iter()
-                .find(|(id, _)| *id == "s1")
-                .unwrap()
-                .1
-                .load
-                .pending_keys,
-            1
+            (first.id.as_str(), first.url.as_str(), pending(&r)),
+            ("s0", "ws://h0", 1)
         );
+        let second = r.claim(&mut rng, Strategy::Random, None, &[]).unwrap();
+        assert!(
+            r.claim(&mut rng, Strategy::Random, None, &[]).is_none(),
+            "two claims fill a server of capacity 2"
+        );
+        r.release(&second);
+        assert_eq!(pending(&r), 1);
+        assert!(r.claim(&mut rng, Strategy::Random, None, &[]).is_some());
+        // A claim on a link that has since been replaced gives nothing back.
+        r.register("s0", "ws://h0", 2, 1, 0u32);
+        r.update_load(
+            "s0",
+            1,
+            Load {
+                pending_keys: 1,
+                ..Load::default()
+            },
+        );
+        r.release(&first);
+        assert_eq!(pending(&r), 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row as _};
 
-use crate::accounts::{AccessCode, Account, PublicKey, RoleRules};
+use crate::accounts::{AccessCode, Account, PublicKey, RoleRules, StoreError};
 
 /// Connections kept open to the database.
 const POOL_SIZE: u32 = 8;
@@ -30,14 +30,14 @@ pub struct SqlStore {
 }
 
 /// A database error, with what was being done.
-fn failed(what: &str) -> impl Fn(sqlx::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
+fn failed(what: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    move |e| StoreError::Database(format!("{what}: {e}"))
 }
 
 impl SqlStore {
     /// Connects to `url` (`sqlite://FILE` or `postgres://...`) and brings the schema up to
     /// date. A SQLite file is created if missing.
-    pub async fn connect(url: &str) -> Result<Self, String> {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let url = if url.starts_with("sqlite:") && !url.contains('?') {
             format!("{url}?mode=rwc")
@@ -52,13 +52,13 @@ impl SqlStore {
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .map_err(|e| format!("migrating the account database: {e}"))?;
+            .map_err(|e| StoreError::Database(format!("migrating the account database: {e}")))?;
         Ok(Self { pool })
     }
 
     /// The account called `name`, with its codes, keys and roles, read in one transaction (so
     /// never half of a change), and checked like a file's.
-    pub async fn account(&self, name: &str) -> Result<Option<Account>, String> {
+    pub async fn account(&self, name: &str) -> Result<Option<Account>, StoreError> {
         let mut tx = self
             .pool
             .begin()
@@ -71,7 +71,7 @@ impl SqlStore {
                 accounts: vec![account.clone()],
             }
             .check()
-            .map_err(|e| format!("stored account is not valid: {e}"))?;
+            .map_err(|e| StoreError::Database(format!("stored account is not valid: {e}")))?;
         }
         Ok(account)
     }
@@ -79,7 +79,7 @@ impl SqlStore {
     async fn read(
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         name: &str,
-    ) -> Result<Option<Account>, String> {
+    ) -> Result<Option<Account>, StoreError> {
         let Some(row) = sqlx::query("SELECT enabled, isolate_groups FROM accounts WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut **tx)
@@ -140,9 +140,10 @@ impl SqlStore {
         let mut roles = BTreeMap::new();
         for r in &role_rows {
             let role: String = r.try_get(0).map_err(failed("reading roles"))?;
-            let list = |i: usize| -> Result<Vec<String>, String> {
+            let list = |i: usize| -> Result<Vec<String>, StoreError> {
                 let text: String = r.try_get(i).map_err(failed("reading roles"))?;
-                serde_json::from_str(&text).map_err(|e| format!("role {role:?}: {e}"))
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Database(format!("role {role:?}: {e}")))
             };
             roles.insert(
                 role.clone(),
@@ -163,7 +164,7 @@ impl SqlStore {
     }
 
     /// Every account, by name.
-    pub async fn accounts(&self) -> Result<Vec<Account>, String> {
+    pub async fn accounts(&self) -> Result<Vec<Account>, StoreError> {
         let names: Vec<String> = sqlx::query("SELECT name FROM accounts ORDER BY name")
             .fetch_all(&self.pool)
             .await
@@ -181,7 +182,7 @@ impl SqlStore {
 
     /// Writes `account` (creating or replacing it, codes and roles included) in one
     /// transaction.
-    pub async fn put(&self, account: &Account) -> Result<(), String> {
+    pub async fn put(&self, account: &Account) -> Result<(), StoreError> {
         let mut tx = self
             .pool
             .begin()
@@ -249,7 +250,7 @@ impl SqlStore {
     }
 
     /// Sets an account's enabled flag; `false` when there is no such account.
-    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<bool, String> {
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE accounts SET enabled = $1 WHERE name = $2")
             .bind(i64::from(enabled))
             .bind(name)
@@ -261,11 +262,15 @@ impl SqlStore {
 
     /// Revokes entry `id` of `account` in `table` (`access_codes` or `public_keys`); `false`
     /// when there is none.
-    pub async fn revoke(&self, table: &str, account: &str, id: &str) -> Result<bool, String> {
+    pub async fn revoke(&self, table: &str, account: &str, id: &str) -> Result<bool, StoreError> {
         let table = match table {
             "access_codes" => "access_codes",
             "public_keys" => "public_keys",
-            other => return Err(format!("no table {other:?} to revoke in")),
+            other => {
+                return Err(StoreError::Database(format!(
+                    "no table {other:?} to revoke in"
+                )));
+            }
         };
         let done = sqlx::query(&format!(
             "UPDATE {table} SET revoked = 1 WHERE account = $1 AND id = $2"

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use coordinator::accounts::{Login, LoginError, Store};
+use coordinator::accounts::{Login, LoginError, Store, StoreError};
 use coordinator::admin::{AdminCommand, Backend};
 use coordinator::sql::SqlStore;
 use sqlx::Connection as _;
@@ -55,7 +55,9 @@ async fn exercise(url: &str) {
     )
     .await;
     let duplicate = Backend::Sql(db.clone()).run(create(false)).await;
-    assert!(duplicate.unwrap_err().contains("already exists"));
+    let duplicate = duplicate.unwrap_err();
+    assert!(matches!(&duplicate, StoreError::AccountExists(name) if name == "acme"));
+    assert_eq!(duplicate.to_string(), r#"account "acme" already exists"#);
 
     // Connecting again runs the migrations again: nothing to do, nothing lost.
     let store = Store::Sql(SqlStore::connect(url).await.unwrap());
@@ -117,7 +119,9 @@ async fn exercise(url: &str) {
             id: named("nope"),
         })
         .await;
-    assert!(missing.unwrap_err().contains("no code"));
+    let missing = missing.unwrap_err();
+    assert!(matches!(&missing, StoreError::NoEntry { what: "code", id, .. } if id == "nope"));
+    assert_eq!(missing.to_string(), r#"account "acme" has no code "nope""#);
     let listed = admin(&db, AdminCommand::List).await;
     assert!(
         listed.contains("main (revoked)") && listed.contains("agent [publish telemetry/#"),

@@ -12,11 +12,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, Method};
+use axum::http::{HeaderMap, Method, StatusCode};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use relaymesh_proto::hex;
 use subtle::ConstantTimeEq;
 
+use crate::http::HttpClientError;
 use crate::sync::lock;
 
 /// The bearer token in an `Authorization` header, if there is one.
@@ -71,28 +72,30 @@ impl LinkCredentials {
         base: &str,
         path: &str,
         timeout: Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, AuthError> {
         let key = match self {
             Self::Secret(secret) => return Ok(format!("Bearer {secret}")),
             Self::Key(key) => key,
         };
         let url = format!("{base}{path}/challenge");
-        let (status, body) = crate::http::request(Method::POST, &url, Some(Vec::new()), timeout)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let (status, body) =
+            match crate::http::request(Method::POST, &url, Some(Vec::new()), timeout).await {
+                Ok(answer) => answer,
+                Err(error) => return Err(AuthError::ChallengeRequest { url, error }),
+            };
         if !status.is_success() {
-            return Err(format!(
-                "{url}: {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
+            let body = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(AuthError::ChallengeRefused { url, status, body });
         }
-        let challenge: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
+        let challenge: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(challenge) => challenge,
+            Err(error) => return Err(AuthError::ChallengeNotJson { url, error }),
+        };
         let (Some(id), Some(nonce)) = (
             challenge["challenge_id"].as_str(),
             challenge["nonce"].as_str().and_then(hex::decode),
         ) else {
-            return Err(format!("{url}: no challenge in the answer"));
+            return Err(AuthError::NoChallenge { url });
         };
         let signature = key.sign(&relaymesh_proto::link_challenge(&nonce, path));
         Ok(format!(
@@ -101,6 +104,49 @@ impl LinkCredentials {
             hex::encode(&signature.to_bytes())
         ))
     }
+}
+
+/// Why a link's `Authorization` could not be prepared ([`LinkCredentials::authorization`]), or
+/// a list of trusted keys could not be read ([`parse_public_keys`]).
+///
+/// A cause (an HTTP or JSON error) is part of the message and not also a `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The challenge could not be fetched.
+    #[error("{url}: {error}")]
+    ChallengeRequest {
+        /// The challenge endpoint.
+        url: String,
+        /// Why (part of the message, so not also a `source`).
+        error: HttpClientError,
+    },
+    /// The other side answered the challenge request with an error status.
+    #[error("{url}: {status}: {body}")]
+    ChallengeRefused {
+        /// The challenge endpoint.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The body of the answer, as text, trimmed.
+        body: String,
+    },
+    /// The answer to the challenge request is not JSON.
+    #[error("{url}: {error}")]
+    ChallengeNotJson {
+        /// The challenge endpoint.
+        url: String,
+        /// Why (part of the message, so not also a `source`).
+        error: serde_json::Error,
+    },
+    /// The answer to the challenge request has no challenge id or hex nonce.
+    #[error("{url}: no challenge in the answer")]
+    NoChallenge {
+        /// The challenge endpoint.
+        url: String,
+    },
+    /// A configured public key is not an Ed25519 public key in hex.
+    #[error("{0:?} is not a 64-hex-digit Ed25519 public key")]
+    BadPublicKey(String),
 }
 
 /// Why a key file could not be used.
@@ -164,13 +210,13 @@ pub fn write_new_signing_key(path: &std::path::Path) -> Result<SigningKey, KeyFi
 }
 
 /// Parses hex public keys (config lists of trusted keys).
-pub fn parse_public_keys(keys: &[String]) -> Result<Vec<VerifyingKey>, String> {
+pub fn parse_public_keys(keys: &[String]) -> Result<Vec<VerifyingKey>, AuthError> {
     keys.iter()
         .map(|k| {
             hex::decode(k)
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-                .ok_or_else(|| format!("{k:?} is not a 64-hex-digit Ed25519 public key"))
+                .ok_or_else(|| AuthError::BadPublicKey(k.clone()))
         })
         .collect()
 }
@@ -386,6 +432,32 @@ mod tests {
         let (untrusted, _) = present(&stranger, "/v1/peers");
         assert_eq!(trust.check(&untrusted, "/v1/peers"), Err("key not trusted"));
         assert!(trust.check(&headers("Bearer secret"), "/v1/peers").is_err());
+    }
+
+    #[test]
+    fn bad_keys_and_challenges_say_what_is_wrong_once() {
+        let good = hex::encode(SigningKey::from_bytes(&[5; 32]).verifying_key().as_bytes());
+        assert_eq!(
+            parse_public_keys(std::slice::from_ref(&good))
+                .unwrap()
+                .len(),
+            1
+        );
+        let bad = parse_public_keys(&[good, "abc".into()]).unwrap_err();
+        assert!(matches!(&bad, AuthError::BadPublicKey(k) if k == "abc"));
+        assert_eq!(
+            bad.to_string(),
+            r#""abc" is not a 64-hex-digit Ed25519 public key"#
+        );
+        let dial = crate::ws::DialError::Credentials(AuthError::NoChallenge {
+            url: "http://a:1/v1/peers/challenge".into(),
+        });
+        assert_eq!(
+            dial.to_string(),
+            "cannot prepare credentials: http://a:1/v1/peers/challenge: no challenge in the answer"
+        );
+        // The cause is in the message, so not also a `source` (`{e:#}` prints it once).
+        assert!(std::error::Error::source(&dial).is_none());
     }
 
     #[test]

@@ -268,9 +268,10 @@ pub enum DialError {
     /// Nothing within the timeout.
     #[error("connecting to {0} timed out")]
     Timeout(String),
-    /// The credentials to present could not be prepared (e.g. no challenge to sign).
+    /// The credentials to present could not be prepared (e.g. no challenge to sign); the cause
+    /// is part of the message, so not also a `source`.
     #[error("cannot prepare credentials: {0}")]
-    Credentials(String),
+    Credentials(crate::auth::AuthError),
 }
 
 impl DialError {
