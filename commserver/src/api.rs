@@ -1,50 +1,17 @@
 //! Operational HTTP endpoints: `GET /healthz`, `GET /v1/stats` (JSON), `GET /metrics`
-//! (Prometheus text), and the counters behind them.
+//! (Prometheus text), read from the server's counters ([`crate::stats`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
-use relaymesh_net::metrics::{self, Counter, Exposition, Gauge, Kind};
+use relaymesh_net::metrics::{self, Counter, Exposition, Kind};
 use relaymesh_net::sync::lock;
 use serde_json::{Value, json};
 
 use crate::Server;
-
-/// Comm server counters, bumped without locks from every session and link.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) clients: Gauge,
-    /// Topics with local subscribers; written by the control task.
-    pub(crate) topics: AtomicU64,
-    /// Messages published by this server's clients.
-    pub(crate) messages_in: Counter,
-    /// Messages queued for this server's clients (local and forwarded publishes).
-    pub(crate) messages_out: Counter,
-    /// Messages dropped for clients whose queue was full.
-    pub(crate) dropped: Counter,
-    pub(crate) slow_consumers: Counter,
-    pub(crate) forwards_in: Counter,
-    pub(crate) forwards_out: Counter,
-    /// Forwards dropped because a peer link's queue was full.
-    pub(crate) forward_dropped: Counter,
-    /// Forwards peers reported dropping for this server.
-    pub(crate) peer_drops_reported: Counter,
-    /// Client sessions closed for bad input (malformed frames, invalid topics, limits...).
-    pub(crate) protocol_errors: Counter,
-    /// Publishes and subscriptions refused by role rules.
-    pub(crate) forbidden: Counter,
-    /// Sessions closed because a newer login of the same client replaced them.
-    pub(crate) replaced: Counter,
-    pub(crate) keys_reserved: Counter,
-    /// Client connections refused for an unknown, expired or reused key.
-    pub(crate) keys_refused: Counter,
-    pub(crate) peer_links_refused: Counter,
-    pub(crate) coordinator_connected: AtomicBool,
-    pub(crate) registrations: Counter,
-}
 
 /// `GET /healthz`.
 pub(crate) async fn healthz() -> &'static str {

@@ -3,7 +3,6 @@
 //! `RELAYMESH_CLUSTER_SECRET` in the environment.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use relaymesh_net::config::{ConfigError, ensure};
 use relaymesh_net::http::ServeOptions;
@@ -316,35 +315,27 @@ impl Config {
             .saturating_sub(self.max_topic_bytes + ENVELOPE_OVERHEAD)
     }
 
-    pub(crate) fn ms(value: u64) -> Duration {
-        Duration::from_millis(value)
-    }
-
     /// Redialing `what` (the coordinator or a peer) with this server's reconnect settings.
     pub(crate) fn redial(&self, what: impl Into<String>) -> relaymesh_net::retry::Redial {
         relaymesh_net::retry::Redial::new(
             what,
-            Self::ms(self.reconnect_min_ms),
-            Self::ms(self.reconnect_max_ms),
-            Self::ms(self.refused_retry_ms),
+            self.reconnect_min(),
+            self.reconnect_max(),
+            self.refused_retry(),
         )
     }
 
-    pub(crate) fn heartbeat_interval(&self) -> Duration {
-        Self::ms(self.heartbeat_interval_ms)
-    }
-
-    pub(crate) fn heartbeat_timeout(&self) -> Duration {
-        Self::ms(self.heartbeat_timeout_ms)
-    }
-
-    pub(crate) fn handshake_timeout(&self) -> Duration {
-        Self::ms(self.handshake_timeout_ms)
-    }
-
-    /// Shutdown grace period.
-    pub fn shutdown_grace(&self) -> Duration {
-        Self::ms(self.shutdown_grace_ms)
+    relaymesh_net::durations! {
+        pub(crate) fn heartbeat_interval = heartbeat_interval_ms;
+        pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
+        pub(crate) fn handshake_timeout = handshake_timeout_ms;
+        pub(crate) fn subscribe_sync_timeout = subscribe_sync_timeout_ms;
+        pub(crate) fn key_ttl = key_ttl_ms;
+        pub(crate) fn reconnect_min = reconnect_min_ms;
+        pub(crate) fn reconnect_max = reconnect_max_ms;
+        pub(crate) fn refused_retry = refused_retry_ms;
+        /// Shutdown grace period.
+        pub fn shutdown_grace = shutdown_grace_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {

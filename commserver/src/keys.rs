@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::RngExt as _;
-use relaymesh_proto::v1;
+use relaymesh_proto::{ErrorCode, v1};
 
 /// How long a used or expired key is remembered.
 pub(crate) const TOMBSTONE_LIFE: Duration = Duration::from_secs(60);
@@ -150,6 +150,18 @@ impl KeyStore {
                 self.slots.remove(&key);
             }
         }
+    }
+}
+
+/// A key refusal as the protocol error a client or the coordinator is sent.
+impl From<KeyError> for v1::Error {
+    fn from(e: KeyError) -> Self {
+        let code = if e == KeyError::Full {
+            ErrorCode::LimitExceeded
+        } else {
+            ErrorCode::KeyInvalid
+        };
+        v1::Error::new(code, e.to_string())
     }
 }
 

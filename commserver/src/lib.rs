@@ -20,9 +20,11 @@ mod coordinator_link;
 mod dispatch;
 mod interest;
 mod keys;
+mod logins;
 mod peers;
 mod routes;
 mod session;
+mod stats;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +47,8 @@ pub use config::Config;
 use crate::control::{Command, PeerLink};
 use crate::interest::SessionId;
 use crate::keys::KeyStore;
-use crate::routes::{ClientKey, RouteTable, Subscriber};
-use relaymesh_proto::{ErrorCode, error, error_frame, v1};
+use crate::logins::LoginOf;
+use crate::routes::{RouteTable, Subscriber};
 
 /// Commands the control task may have queued before senders wait.
 const CONTROL_QUEUE: usize = 8_192;
@@ -73,7 +75,7 @@ struct Server {
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// Peers this server dials (those with a higher id), and the tokens that stop their dialers.
     dialers: Mutex<HashMap<Arc<str>, peers::Dialer>>,
-    stats: api::Stats,
+    stats: stats::Stats,
     /// How this server proves itself to the coordinator and to peers.
     credentials: LinkCredentials,
     /// Who may open a peer link to this server.
@@ -103,72 +105,6 @@ impl Server {
 
     fn client_count(&self) -> usize {
         relaymesh_net::sync::lock(&self.sessions).len()
-    }
-
-    /// Closes, with `REPLACED`, the sessions of `replace.client_id` in `replace.account` that
-    /// come from logins older than `replace.seq`.
-    fn replace(&self, replace: &v1::Replace) {
-        // Remembered for a key's lifetime, so a key reserved for an older login and redeemed
-        // after this notice is refused too (see `replaced_by`).
-        {
-            let mut newest = relaymesh_net::sync::lock(&self.newest_logins);
-            let now = Instant::now();
-            if newest.len() >= self.config.max_pending_keys {
-                newest.retain(|_, (_, until)| *until > now);
-            }
-            let key = (
-                replace.account.clone(),
-                replace.role.clone(),
-                replace.client_id.clone(),
-            );
-            let until = now + Config::ms(self.config.key_ttl_ms);
-            let entry = newest.entry(key).or_insert((replace.seq, until));
-            if entry.0 <= replace.seq {
-                *entry = (replace.seq, until);
-            }
-        }
-        let older: Vec<Arc<Subscriber>> = relaymesh_net::sync::lock(&self.sessions)
-            .values()
-            .filter(|s| {
-                s.client.as_ref().is_some_and(|c| {
-                    *c.account == *replace.account
-                        && *c.role == *replace.role
-                        && *c.client_id == *replace.client_id
-                        && c.seq < replace.seq
-                })
-            })
-            .cloned()
-            .collect();
-        for session in older {
-            self.stats.replaced.inc();
-            session
-                .closer
-                .close(Some(error_frame::<v1::ServerToClient>(error(
-                    ErrorCode::Replaced,
-                    format!(
-                        "a newer login of client {:?} replaced this session",
-                        replace.client_id
-                    ),
-                ))));
-        }
-    }
-}
-
-/// Whose login: account, role and client id.
-type LoginOf = (String, String, String);
-
-impl Server {
-    /// Whether a newer login of `client` has been announced: its session must not start.
-    fn replaced_by(&self, client: &ClientKey) -> Option<u64> {
-        let key = (
-            client.account.to_string(),
-            client.role.to_string(),
-            client.client_id.to_string(),
-        );
-        relaymesh_net::sync::lock(&self.newest_logins)
-            .get(&key)
-            .filter(|(seq, until)| *seq > client.seq && *until > Instant::now())
-            .map(|(seq, _)| *seq)
     }
 }
 
@@ -254,16 +190,13 @@ pub async fn run_with(
         peer_trust,
         challenge_limits: relaymesh_net::limits::AddressLimits::new(120, 30, 10_000),
         newest_logins: Mutex::new(HashMap::new()),
-        keys: Mutex::new(KeyStore::new(
-            Config::ms(config.key_ttl_ms),
-            config.max_pending_keys,
-        )),
+        keys: Mutex::new(KeyStore::new(config.key_ttl(), config.max_pending_keys)),
         routes: RouteTable::default(),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         peer_links: Mutex::new(BTreeMap::new()),
         dialers: Mutex::new(HashMap::new()),
-        stats: api::Stats::default(),
+        stats: stats::Stats::default(),
         next_id: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -33,8 +33,8 @@ use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_messa
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, error_frame};
 
-use crate::api::Stats;
 use crate::interest::{SessionId, TopicKey};
+use crate::stats::Stats;
 
 /// Topics a [`RouteCache`] remembers before it starts over.
 const CACHE_CAPACITY: usize = 1024;

@@ -34,7 +34,6 @@ use tracing::Instrument as _;
 use crate::Server;
 use crate::control::Command;
 use crate::interest::TopicKey;
-use crate::keys::KeyError;
 use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
 
 #[derive(Debug, Deserialize)]
@@ -101,17 +100,6 @@ pub(crate) async fn upgrade(
 fn refuse_key(server: &Server, message: &str) -> Response {
     server.stats.keys_refused.inc();
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::KeyInvalid, message).into_response()
-}
-
-impl From<KeyError> for v1::Error {
-    fn from(e: KeyError) -> Self {
-        let code = if e == KeyError::Full {
-            ErrorCode::LimitExceeded
-        } else {
-            ErrorCode::KeyInvalid
-        };
-        v1::Error::new(code, e.to_string())
-    }
 }
 
 pub(crate) fn dropped_notice(count: u64) -> Bytes {
@@ -528,7 +516,7 @@ impl Session {
     /// (after which the change is acknowledged anyway: it is in effect locally, and peers
     /// apply it as soon as they catch up).
     async fn await_peers(&self, wait: oneshot::Receiver<()>) -> Result<(), v1::Error> {
-        let timeout = crate::Config::ms(self.server.config.subscribe_sync_timeout_ms);
+        let timeout = self.server.config.subscribe_sync_timeout();
         tokio::select! {
             result = tokio::time::timeout(timeout, wait) => {
                 if result.is_err() {

@@ -3,7 +3,6 @@
 //! taking precedence over the file.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use relaymesh_net::config::{ConfigError, ensure};
 use relaymesh_net::http::ServeOptions;
@@ -175,29 +174,14 @@ impl Config {
         Ok(())
     }
 
-    pub(crate) fn reserve_timeout(&self) -> Duration {
-        Duration::from_millis(self.reserve_timeout_ms)
-    }
-
-    pub(crate) fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_interval_ms)
-    }
-
-    pub(crate) fn heartbeat_timeout(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_timeout_ms)
-    }
-
-    pub(crate) fn challenge_ttl(&self) -> Duration {
-        Duration::from_millis(self.challenge_ttl_ms)
-    }
-
-    pub(crate) fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-
-    /// Shutdown grace period.
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
+    relaymesh_net::durations! {
+        pub(crate) fn reserve_timeout = reserve_timeout_ms;
+        pub(crate) fn heartbeat_interval = heartbeat_interval_ms;
+        pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
+        pub(crate) fn challenge_ttl = challenge_ttl_ms;
+        pub(crate) fn handshake_timeout = handshake_timeout_ms;
+        /// Shutdown grace period.
+        pub fn shutdown_grace = shutdown_grace_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {

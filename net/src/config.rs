@@ -33,6 +33,32 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Getters that read a config's `*_ms` fields as [`std::time::Duration`]s; both services'
+/// configs use it inside an `impl` block:
+///
+/// ```
+/// struct Config { heartbeat_interval_ms: u64 }
+/// impl Config {
+///     relaymesh_net::durations! {
+///         /// The heartbeat interval.
+///         pub fn heartbeat_interval = heartbeat_interval_ms;
+///     }
+/// }
+/// let c = Config { heartbeat_interval_ms: 250 };
+/// assert_eq!(c.heartbeat_interval(), std::time::Duration::from_millis(250));
+/// ```
+#[macro_export]
+macro_rules! durations {
+    ($($(#[$meta:meta])* $vis:vis fn $name:ident = $field:ident;)+) => {
+        $(
+            $(#[$meta])*
+            $vis fn $name(&self) -> ::std::time::Duration {
+                ::std::time::Duration::from_millis(self.$field)
+            }
+        )+
+    };
+}
+
 /// A duration as a person would say it in a log line: `30 s`, `250 ms`.
 pub fn spoken(d: std::time::Duration) -> String {
     if d.as_millis().is_multiple_of(1000) {

@@ -1,0 +1,39 @@
+//! The comm server's counters: bumped without locks from every session, link and the control
+//! task, read by the operational endpoints ([`crate::api`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use relaymesh_net::metrics::{Counter, Gauge};
+
+/// Comm server counters, bumped without locks from every session and link.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) clients: Gauge,
+    /// Topics with local subscribers; written by the control task.
+    pub(crate) topics: AtomicU64,
+    /// Messages published by this server's clients.
+    pub(crate) messages_in: Counter,
+    /// Messages queued for this server's clients (local and forwarded publishes).
+    pub(crate) messages_out: Counter,
+    /// Messages dropped for clients whose queue was full.
+    pub(crate) dropped: Counter,
+    pub(crate) slow_consumers: Counter,
+    pub(crate) forwards_in: Counter,
+    pub(crate) forwards_out: Counter,
+    /// Forwards dropped because a peer link's queue was full.
+    pub(crate) forward_dropped: Counter,
+    /// Forwards peers reported dropping for this server.
+    pub(crate) peer_drops_reported: Counter,
+    /// Client sessions closed for bad input (malformed frames, invalid topics, limits...).
+    pub(crate) protocol_errors: Counter,
+    /// Publishes and subscriptions refused by role rules.
+    pub(crate) forbidden: Counter,
+    /// Sessions closed because a newer login of the same client replaced them.
+    pub(crate) replaced: Counter,
+    pub(crate) keys_reserved: Counter,
+    /// Client connections refused for an unknown, expired or reused key.
+    pub(crate) keys_refused: Counter,
+    pub(crate) peer_links_refused: Counter,
+    pub(crate) coordinator_connected: AtomicBool,
+    pub(crate) registrations: Counter,
+}
