@@ -31,14 +31,7 @@ pub fn binary(name: &str) -> PathBuf {
             .to_owned();
         let mut build = Command::new(env!("CARGO"));
         build.args(["build", "--quiet", "--bins"]);
-        build.args([
-            "-p",
-            "coordinator",
-            "-p",
-            "commserver",
-            "-p",
-            "relaymesh-client",
-        ]);
+        build.args(["-p", "coordinator", "-p", "commserver", "-p", "meshctl"]);
         if profile != "debug" {
             build.args(["--profile", &profile]);
         }
