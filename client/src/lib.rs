@@ -142,7 +142,7 @@ pub struct ReadmeExamples;
 
 pub use bytes::Bytes;
 pub use ed25519_dalek::SigningKey;
-pub use relaymesh_net::auth::{KeyFileError, read_signing_key, write_new_signing_key};
+pub use relaymesh_net::keys::{KeyFileError, read_signing_key, write_new_signing_key};
 pub use relaymesh_net::ws::DialError;
 pub use relaymesh_proto::v1::ErrorCode;
 

@@ -168,5 +168,5 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, counter) in counters {
         e.single(name, Kind::Counter, help, counter.get() as f64);
     }
-    relaymesh_net::http::text(metrics::CONTENT_TYPE, e.finish())
+    relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

@@ -172,7 +172,7 @@ pub async fn run_with(
         .into();
     let credentials = match &config.identity_key_file {
         Some(path) => LinkCredentials::Key(
-            relaymesh_net::auth::read_signing_key(path)
+            relaymesh_net::keys::read_signing_key(path)
                 .map_err(|e| ConfigError::Invalid(format!("`identity_key_file`: {e}")))?,
         ),
         None => LinkCredentials::Secret(config.cluster_secret.clone()),
@@ -221,8 +221,8 @@ pub async fn run_with(
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
-        .fallback(relaymesh_net::http::not_found)
-        .method_not_allowed_fallback(relaymesh_net::http::method_not_allowed)
+        .fallback(relaymesh_net::serve::not_found)
+        .method_not_allowed_fallback(relaymesh_net::serve::method_not_allowed)
         .with_state(server.clone());
     span.in_scope(|| tracing::info!(url = %server.public_url, "comm server listening on {local}"));
     if let Some(dispatch_listener) = dispatch {
@@ -232,7 +232,7 @@ pub async fn run_with(
             span.in_scope(|| tracing::info!("dispatch gateway listening on {addr}"));
         }
         tracker.spawn(
-            relaymesh_net::http::serve(
+            relaymesh_net::serve::serve(
                 dispatch_listener,
                 gateway.router(),
                 server.config.serve_options(),
@@ -243,7 +243,7 @@ pub async fn run_with(
         );
     }
     let options = server.config.serve_options();
-    relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone())
+    relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone())
         .instrument(span.clone())
         .await;
     relaymesh_net::shutdown::drain(&tracker, server.config.shutdown_grace()).await;

@@ -16,10 +16,10 @@ use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{
     self, Backlog, Closer, DataBacklog, DataTx, Flow, Heartbeat, Link, WriterSetup,
 };
+use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
 use relaymesh_proto::frame::Sender;
@@ -201,7 +201,7 @@ pub(crate) async fn accept(
         tracing::warn!(peer = %conn.peer, why, "refused a peer link");
         return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
     }
-    let (response, on_upgrade) = match ws::accept(&mut req) {
+    let (response, on_upgrade) = match relaymesh_net::accept::accept(&mut req) {
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
@@ -210,7 +210,7 @@ pub(crate) async fn accept(
     let tracker = server.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded_link(on_upgrade, &limits).await {
+            match relaymesh_net::accept::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => {
                     // The connection's slot under max_connections is held for the link's life.
                     let _conn = conn;

@@ -18,10 +18,10 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
-use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::accept::{self, ServerLink};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerLink};
 use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
@@ -48,7 +48,7 @@ pub(crate) async fn upgrade(
     query: Result<Query<ClientQuery>, QueryRejection>,
     mut req: Request,
 ) -> Response {
-    let (response, on_upgrade) = match ws::accept(&mut req) {
+    let (response, on_upgrade) = match accept::accept(&mut req) {
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
@@ -87,7 +87,7 @@ pub(crate) async fn upgrade(
     let tracker = server.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded_link(on_upgrade, &limits).await {
+            match accept::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(server, socket, identity, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

@@ -139,5 +139,5 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Server links refused for a missing or wrong cluster secret.",
         s.server_links_refused.get() as f64,
     );
-    relaymesh_net::http::text(metrics::CONTENT_TYPE, e.finish())
+    relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use relaymesh_net::config::{ConfigError, ensure};
-use relaymesh_net::http::ServeOptions;
+use relaymesh_net::serve::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
 

@@ -167,15 +167,15 @@ pub async fn run(
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
-        .fallback(relaymesh_net::http::not_found)
-        .method_not_allowed_fallback(relaymesh_net::http::method_not_allowed)
+        .fallback(relaymesh_net::serve::not_found)
+        .method_not_allowed_fallback(relaymesh_net::serve::method_not_allowed)
         .with_state(app.clone());
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }
     tracing::info!("coordinator listening on {local}");
     let options = app.config.serve_options();
-    relaymesh_net::http::serve(listener, router, options, shutdown, tracker.clone()).await;
+    relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone()).await;
     relaymesh_net::shutdown::drain(&tracker, app.config.shutdown_grace()).await;
     tracing::info!("coordinator stopped");
     Ok(())

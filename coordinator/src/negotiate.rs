@@ -12,10 +12,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use relaymesh_net::http::{ApiError, ConnInfo};
+use relaymesh_net::accept::{self, ServerLink};
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerLink};
 use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
 use serde::{Deserialize, Serialize};
@@ -145,7 +145,7 @@ pub(crate) async fn upgrade(
     Extension(conn): Extension<ConnInfo>,
     mut req: Request,
 ) -> Response {
-    let (response, on_upgrade) = match ws::accept(&mut req) {
+    let (response, on_upgrade) = match accept::accept(&mut req) {
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
@@ -154,7 +154,7 @@ pub(crate) async fn upgrade(
     let tracker = app.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded_link(on_upgrade, &limits).await {
+            match accept::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(app, socket, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

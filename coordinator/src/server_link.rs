@@ -9,11 +9,11 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
+use relaymesh_net::accept;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::http::{ApiError, ConnInfo};
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws;
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
 use tokio::sync::{mpsc, oneshot};
@@ -159,7 +159,7 @@ pub(crate) async fn upgrade(
         tracing::warn!(peer = %conn.peer, why, "refused a comm server");
         return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
     }
-    let (response, on_upgrade) = match ws::accept(&mut req) {
+    let (response, on_upgrade) = match accept::accept(&mut req) {
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
@@ -169,7 +169,7 @@ pub(crate) async fn upgrade(
     let tracker = app.tracker.clone();
     tracker.spawn(
         async move {
-            match ws::upgraded_link(on_upgrade, &limits).await {
+            match accept::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => run(app, socket, conn).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -179,7 +179,7 @@ pub(crate) async fn upgrade(
     response
 }
 
-async fn run(app: Arc<App>, socket: ws::ServerLink, _conn: ConnInfo) {
+async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
     let (tx, rx) = mpsc::channel(app.config.link_queue);
     let closer = Closer::new();
     let options = link::Options {

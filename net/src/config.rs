@@ -59,15 +59,6 @@ macro_rules! durations {
     };
 }
 
-/// A duration as a person would say it in a log line: `30 s`, `250 ms`.
-pub fn spoken(d: std::time::Duration) -> String {
-    if d.as_millis().is_multiple_of(1000) {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
-
 /// Reads `path` as TOML into `T`, or returns `T::default()` when there is no file.
 pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {
     let Some(path) = path else {

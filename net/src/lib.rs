@@ -1,27 +1,46 @@
 //! Shared runtime pieces for the relaymesh services and client.
 //!
 //! Everything here is protocol-agnostic plumbing that the coordinator, the comm server and the
-//! client library would otherwise each write again: serving HTTP with WebSocket upgrades from an
-//! already-bound listener ([`http`]), dialing and accepting WebSockets with size limits and
-//! `TCP_NODELAY` ([`ws`]), the batched link writer every link uses ([`link`]) and its WebSocket frame reader
-//! ([`frames`]),
-//! heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]), process shutdown
-//! ([`shutdown`]), Prometheus text ([`metrics`]), process CPU and memory ([`procstat`]), config files ([`config`]), service URLs ([`url`]), lock helpers ([`sync`]) and logging
-//! ([`logging`]).
+//! client library would otherwise each write again. A client needs only the part built without
+//! features: dialing WebSockets with size limits and `TCP_NODELAY` ([`ws`]), the link driver,
+//! writer and reader every link runs on ([`link`], with the frame reader [`frames`] and the
+//! wire format [`wire`]), heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]),
+//! service URLs ([`url`]), Ed25519 key files ([`keys`]), the small HTTP client ([`http`]) and
+//! lock helpers ([`sync`]). Feature `server` adds the services' side: serving HTTP from an
+//! already-bound listener (`serve`), accepting WebSockets (`accept`), link trust (`auth`), config
+//! files (`config`), address limits (`limits`), Prometheus text (`metrics`), process CPU and
+//! memory (`procstat`) and shutdown (`shutdown`); feature `logging` the log setup (`logging`).
 
-pub mod auth;
-pub mod config;
+// What a client needs: dialing, links, key files, the HTTP client.
 pub mod frames;
 pub mod heartbeat;
 pub mod http;
-pub mod limits;
+pub mod keys;
 pub mod link;
-pub mod logging;
-pub mod metrics;
-pub mod procstat;
 pub mod retry;
-pub mod shutdown;
 pub mod sync;
 pub mod url;
 pub mod wire;
 pub mod ws;
+
+// The server side: serving HTTP and accepting WebSockets, link trust, config files, limits,
+// metrics, process figures and shutdown.
+#[cfg(feature = "server")]
+pub mod accept;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod limits;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod procstat;
+#[cfg(feature = "server")]
+pub mod serve;
+#[cfg(feature = "server")]
+pub mod shutdown;
+
+#[cfg(feature = "logging")]
+pub mod logging;

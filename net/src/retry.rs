@@ -137,7 +137,7 @@ impl Redial {
                     "{what} refused this server's credentials: wrong cluster secret \
                      (RELAYMESH_CLUSTER_SECRET must be the same on every coordinator and comm \
                      server) or an identity key it does not trust; retrying every {}",
-                    crate::config::spoken(self.refused_retry)
+                    spoken(self.refused_retry)
                 );
                 return self.refused_retry;
             }
@@ -148,6 +148,15 @@ impl Redial {
     /// The delay before redialing after a link that had been up ended.
     pub fn next_delay(&mut self) -> Duration {
         self.backoff.next_delay()
+    }
+}
+
+/// A duration as a person would say it in a log line: `30 s`, `250 ms`.
+pub fn spoken(d: std::time::Duration) -> String {
+    if d.as_millis().is_multiple_of(1000) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 

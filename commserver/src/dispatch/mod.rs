@@ -28,10 +28,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
-use relaymesh_net::http::ApiError;
+use relaymesh_net::accept::{self, ServerSocket};
 use relaymesh_net::link::Backlog;
+use relaymesh_net::serve::ApiError;
 use relaymesh_net::sync::lock;
-use relaymesh_net::ws::{self, ServerSocket};
 use relaymesh_proto::ErrorCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -378,7 +378,7 @@ impl Dispatch {
                 "/version",
                 get(|| async { Json(json!({"version": env!("CARGO_PKG_VERSION")})) }),
             )
-            .fallback(relaymesh_net::http::not_found)
+            .fallback(relaymesh_net::serve::not_found)
             .with_state(self)
     }
 
@@ -791,13 +791,13 @@ async fn open_session(
     if accept.is_empty() {
         return bad_request("`accept` must list the device IP addresses, comma-separated".into());
     }
-    let (response, on_upgrade) = match ws::accept(&mut req) {
+    let (response, on_upgrade) = match accept::accept(&mut req) {
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
     let tracker = dispatch.tracker.clone();
     tracker.spawn(async move {
-        match ws::upgraded(on_upgrade, &dispatch.limits).await {
+        match accept::upgraded(on_upgrade, &dispatch.limits).await {
             Ok(socket) => session(dispatch, proto, number, accept, socket).await,
             Err(e) => tracing::debug!(error = %e, "driver upgrade failed"),
         }

@@ -267,7 +267,7 @@ async fn accounts_managed_from_the_command_line_log_in_to_real_processes() {
     let mut gcs = client_config(&url);
     gcs.credentials = relaymesh_client::Credentials::Key {
         account: "acme".into(),
-        key: relaymesh_net::auth::read_signing_key(&key_file).unwrap(),
+        key: relaymesh_net::keys::read_signing_key(&key_file).unwrap(),
         role: "gcs".into(),
         group: String::new(),
     };
