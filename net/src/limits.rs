@@ -37,14 +37,43 @@ impl TokenBucket {
         self.last = now;
     }
 
+    /// A full bucket of `burst` tokens (any amount, e.g. bytes) as of `now`.
+    pub fn full_at(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst: burst.max(1.0),
+            tokens: burst.max(1.0),
+            last: now,
+        }
+    }
+
     /// Takes a token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
+        self.try_take(1.0, now)
+    }
+
+    /// Takes `n` tokens if there are that many, or if the bucket is full: a request larger
+    /// than the whole burst passes on a full bucket and leaves a debt that later requests wait
+    /// out.
+    pub fn try_take(&mut self, n: f64, now: Instant) -> bool {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n.min(self.burst) {
+            self.tokens -= n;
             true
         } else {
             false
+        }
+    }
+
+    /// Charges `n` tokens already spent (the bucket may go into debt) and returns how long
+    /// until it is out of debt: how long to wait before spending more.
+    pub fn charge(&mut self, n: f64, now: Instant) -> std::time::Duration {
+        self.refill(now);
+        self.tokens -= n;
+        if self.tokens >= 0.0 || self.rate <= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
 

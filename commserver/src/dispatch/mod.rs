@@ -29,6 +29,7 @@ use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt as _, StreamExt as _};
 use relaymesh_net::accept::{self, ServerSocket};
+use relaymesh_net::limits::TokenBucket;
 use relaymesh_net::link::Backlog;
 use relaymesh_net::serve::ApiError;
 use relaymesh_net::sync::lock;
@@ -52,50 +53,8 @@ const MAX_DATAGRAM: usize = 65_536;
 /// A port's budget of device bytes per second (`dispatch_port_bytes_per_s`), with a second's
 /// worth of burst. TCP devices over it are read more slowly (TCP pushes back on them); UDP
 /// datagrams over it are dropped and counted.
-#[derive(Debug)]
-struct ByteRate {
-    rate: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl ByteRate {
-    fn new(rate: u64) -> Self {
-        Self {
-            rate: rate as f64,
-            tokens: rate as f64,
-            last: std::time::Instant::now(),
-        }
-    }
-
-    fn refill(&mut self, now: std::time::Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        self.last = now;
-    }
-
-    /// Charges `n` bytes that were already read; returns how long to wait before reading more.
-    fn charge(&mut self, n: usize, now: std::time::Instant) -> std::time::Duration {
-        self.refill(now);
-        self.tokens -= n as f64;
-        if self.tokens >= 0.0 {
-            std::time::Duration::ZERO
-        } else {
-            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
-
-    /// Charges a datagram of `n` bytes if the budget allows it: a full second's budget lets
-    /// through even a datagram larger than that (the debt is paid off before the next one).
-    fn try_take(&mut self, n: usize, now: std::time::Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= (n as f64).min(self.rate) {
-            self.tokens -= n as f64;
-            true
-        } else {
-            false
-        }
-    }
+fn byte_rate(rate: u64, now: std::time::Instant) -> TokenBucket {
+    TokenBucket::full_at(rate as f64, rate as f64, now)
 }
 
 /// TCP or UDP.
@@ -151,7 +110,7 @@ struct Port {
     /// Last source port seen per UDP device address (where mesh writes go).
     udp_sources: Mutex<HashMap<IpAddr, u16>>,
     /// The port's byte budget, when limited.
-    rate: Option<Mutex<ByteRate>>,
+    rate: Option<Mutex<TokenBucket>>,
     /// Stops the listener or receive loop and every device of the port.
     stop: CancellationToken,
 }
@@ -447,7 +406,7 @@ impl Dispatch {
             write_backlog: Backlog::new(self.write_queue, self.port_write_bytes),
             udp_sources: Mutex::new(HashMap::new()),
             rate: (self.port_bytes_per_s > 0)
-                .then(|| Mutex::new(ByteRate::new(self.port_bytes_per_s))),
+                .then(|| Mutex::new(byte_rate(self.port_bytes_per_s, std::time::Instant::now()))),
             stop,
         });
         if let Some(mesh) = &self.mesh {
@@ -595,7 +554,7 @@ impl Dispatch {
                             mesh.publish(Proto::Tcp, port.number, ip, &data);
                         }
                         let wait = port.rate.as_ref().map_or(std::time::Duration::ZERO, |r| {
-                            lock(r).charge(data.len(), std::time::Instant::now())
+                            lock(r).charge(data.len() as f64, std::time::Instant::now())
                         });
                         if !wait.is_zero() {
                             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
@@ -631,7 +590,7 @@ impl Dispatch {
             let within_budget = port
                 .rate
                 .as_ref()
-                .is_none_or(|r| lock(r).try_take(n, std::time::Instant::now()));
+                .is_none_or(|r| lock(r).try_take(n as f64, std::time::Instant::now()));
             if drivers.is_empty() || !within_budget {
                 self.stats.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -945,19 +904,17 @@ mod tests {
     #[test]
     fn a_byte_budget_slows_tcp_and_drops_udp_beyond_it() {
         let start = Instant::now();
-        let mut rate = ByteRate::new(1_000);
-        rate.last = start;
-        assert_eq!(rate.charge(600, start), Duration::ZERO);
+        let mut rate = byte_rate(1_000, start);
+        assert_eq!(rate.charge(600.0, start), Duration::ZERO);
         // 600 + 900 = 1500 bytes in no time: wait until 500 more have accrued, half a second.
-        assert_eq!(rate.charge(900, start), Duration::from_millis(500));
-        assert!(!rate.try_take(1, start));
-        assert!(rate.try_take(400, start + Duration::from_millis(900)));
+        assert_eq!(rate.charge(900.0, start), Duration::from_millis(500));
+        assert!(!rate.try_take(1.0, start));
+        assert!(rate.try_take(400.0, start + Duration::from_millis(900)));
         // A datagram over a whole second's budget passes on a full budget, then waits.
-        let mut small = ByteRate::new(10);
-        small.last = start;
-        assert!(small.try_take(100, start));
-        assert!(!small.try_take(1, start + Duration::from_secs(5)));
-        assert!(small.try_take(1, start + Duration::from_secs(10)));
+        let mut small = byte_rate(10, start);
+        assert!(small.try_take(100.0, start));
+        assert!(!small.try_take(1.0, start + Duration::from_secs(5)));
+        assert!(small.try_take(1.0, start + Duration::from_secs(10)));
         assert_eq!(
             canonical("::ffff:10.0.0.1".parse().unwrap()),
             IpAddr::from([10, 0, 0, 1])
