@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use relaymesh_net::config::{ConfigError, ensure};
+use relaymesh_net::config::{ConfigError, check_link_timing, ensure};
 use relaymesh_net::serve::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
@@ -275,20 +275,10 @@ impl Config {
             "max_connections",
             "must be positive",
         )?;
-        ensure(
-            self.heartbeat_interval_ms > 0,
-            "heartbeat_interval_ms",
-            "must be positive",
-        )?;
-        ensure(
-            self.heartbeat_timeout_ms > self.heartbeat_interval_ms,
-            "heartbeat_timeout_ms",
-            "must be greater than heartbeat_interval_ms",
-        )?;
-        ensure(
-            self.handshake_timeout_ms > 0,
-            "handshake_timeout_ms",
-            "must be positive",
+        check_link_timing(
+            self.heartbeat_interval_ms,
+            self.heartbeat_timeout_ms,
+            self.handshake_timeout_ms,
         )?;
         ensure(
             self.reconnect_min_ms > 0,
@@ -323,6 +313,14 @@ impl Config {
             self.reconnect_max(),
             self.refused_retry(),
         )
+    }
+
+    /// The heartbeat settings of this service's links.
+    pub(crate) fn heartbeat(&self) -> relaymesh_net::link::Heartbeat {
+        relaymesh_net::link::Heartbeat {
+            timeout: self.heartbeat_timeout(),
+            interval: self.heartbeat_interval(),
+        }
     }
 
     relaymesh_net::durations! {

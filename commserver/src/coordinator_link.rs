@@ -96,10 +96,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
     let mut reader = Reader {
         server: server.clone(),
         tx,
-        heartbeat: Heartbeat {
-            timeout: server.config.heartbeat_timeout(),
-            interval: server.config.heartbeat_interval(),
-        },
+        heartbeat: server.config.heartbeat(),
         last_report: Instant::now(),
         changed: false,
         ended: Ended::Unregistered,
@@ -213,12 +210,7 @@ impl link::Handler for Reader {
                     "Registered was already received",
                 ));
             }
-            None => {
-                return Err(error(
-                    ErrorCode::BadFrame,
-                    "empty CoordinatorToServer message",
-                ));
-            }
+            None => return Err(relaymesh_proto::empty("CoordinatorToServer")),
         }
         Ok(Flow::Continue)
     }

@@ -433,7 +433,7 @@ impl link::Handler for PeerReader {
                     "PeerHello was already sent",
                 ));
             }
-            None => return Err(error(ErrorCode::BadFrame, "empty PeerMessage")),
+            None => return Err(relaymesh_proto::empty("PeerMessage")),
         }
         Ok(Flow::Continue)
     }
@@ -444,10 +444,7 @@ impl link::Handler for PeerReader {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        Heartbeat {
-            timeout: self.server.config.heartbeat_timeout(),
-            interval: self.server.config.heartbeat_interval(),
-        }
+        self.server.config.heartbeat()
     }
 
     fn beat(&mut self) {

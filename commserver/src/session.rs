@@ -300,10 +300,7 @@ impl link::Handler for Session {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        Heartbeat {
-            timeout: self.server.config.heartbeat_timeout(),
-            interval: self.server.config.heartbeat_interval(),
-        }
+        self.server.config.heartbeat()
     }
 
     fn stopping(&mut self) -> Result<(), v1::Error> {
@@ -356,7 +353,7 @@ impl Session {
                 ErrorCode::UnexpectedMessage,
                 "Attach was already sent on this link",
             )),
-            None => Err(error(ErrorCode::BadFrame, "empty ClientToServer message")),
+            None => Err(relaymesh_proto::empty("ClientToServer")),
         }
     }
 

@@ -361,21 +361,13 @@ impl link::Handler for Negotiation {
                     "no challenge is pending on this link",
                 ));
             }
-            None => {
-                return Err(error(
-                    ErrorCode::BadFrame,
-                    "empty ClientToCoordinator message",
-                ));
-            }
+            None => return Err(relaymesh_proto::empty("ClientToCoordinator")),
         }
         Ok(Flow::Continue)
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        Heartbeat {
-            timeout: self.app.config.heartbeat_timeout(),
-            interval: self.app.config.heartbeat_interval(),
-        }
+        self.app.config.heartbeat()
     }
 
     /// A challenge left unanswered past the handshake timeout ends the link.

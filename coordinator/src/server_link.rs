@@ -347,21 +347,13 @@ impl link::Handler for Reader {
                     "already registered on this link",
                 ));
             }
-            None => {
-                return Err(error(
-                    ErrorCode::BadFrame,
-                    "empty ServerToCoordinator message",
-                ));
-            }
+            None => return Err(relaymesh_proto::empty("ServerToCoordinator")),
         }
         Ok(Flow::Continue)
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        Heartbeat {
-            timeout: self.app.config.heartbeat_timeout(),
-            interval: self.app.config.heartbeat_interval(),
-        }
+        self.app.config.heartbeat()
     }
 
     fn beat(&mut self) {

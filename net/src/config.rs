@@ -33,6 +33,30 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Checks the link timing settings both services have: heartbeat interval, heartbeat timeout
+/// (longer than the interval) and handshake timeout.
+pub fn check_link_timing(
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+    handshake_timeout_ms: u64,
+) -> Result<(), ConfigError> {
+    ensure(
+        heartbeat_interval_ms > 0,
+        "heartbeat_interval_ms",
+        "must be positive",
+    )?;
+    ensure(
+        heartbeat_timeout_ms > heartbeat_interval_ms,
+        "heartbeat_timeout_ms",
+        "must be greater than heartbeat_interval_ms",
+    )?;
+    ensure(
+        handshake_timeout_ms > 0,
+        "handshake_timeout_ms",
+        "must be positive",
+    )
+}
+
 /// Getters that read a config's `*_ms` fields as [`std::time::Duration`]s; both services'
 /// configs use it inside an `impl` block:
 ///

@@ -26,6 +26,11 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
 }
 
+/// The error for an envelope (`envelope` names its type) that carries no message.
+pub fn empty(envelope: &str) -> v1::Error {
+    error(ErrorCode::BadFrame, format!("empty {envelope} message"))
+}
+
 /// Checks the protocol version a link's first message (or its answer) carries: `this` names
 /// the side that checks ("this coordinator"), for the `UNSUPPORTED_VERSION` message.
 pub fn check_version(version: u32, this: &str) -> Result<(), v1::Error> {
