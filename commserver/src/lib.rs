@@ -94,6 +94,16 @@ struct Server {
 }
 
 impl Server {
+    /// Hands `command` to the control task, waiting for room in its queue.
+    async fn command(&self, command: Command) -> Result<(), relaymesh_proto::v1::Error> {
+        self.control.send(command).await.map_err(|_| {
+            relaymesh_proto::error(
+                relaymesh_proto::ErrorCode::ShuttingDown,
+                "comm server is shutting down",
+            )
+        })
+    }
+
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }

@@ -323,14 +323,6 @@ impl PeerReader {
         self.publisher.flush(&self.server.stats);
     }
 
-    async fn command(&self, command: Command) -> Result<(), v1::Error> {
-        self.server
-            .control
-            .send(command)
-            .await
-            .map_err(|_| error(ErrorCode::ShuttingDown, "comm server is shutting down"))
-    }
-
     /// Checks who the peer says it is.
     fn check_hello(&self, first: v1::PeerMessage) -> Result<Arc<str>, v1::Error> {
         let Some(Kind::Hello(hello)) = first.kind else {
@@ -382,7 +374,7 @@ impl link::Handler for PeerReader {
         lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
         tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
         self.peer = Some(peer.clone());
-        self.command(Command::PeerUp { peer }).await?;
+        self.server.command(Command::PeerUp { peer }).await?;
         Ok(Flow::Continue)
     }
 
@@ -399,20 +391,22 @@ impl link::Handler for PeerReader {
                 deliver_forward(&self.server, &peer, &mut self.publisher, forward)?;
             }
             Some(Kind::Interest(interest)) => {
-                self.command(Command::PeerInterest {
-                    server_id: peer.server_id.clone(),
-                    link: peer.link,
-                    interest,
-                })
-                .await?;
+                self.server
+                    .command(Command::PeerInterest {
+                        server_id: peer.server_id.clone(),
+                        link: peer.link,
+                        interest,
+                    })
+                    .await?;
             }
             Some(Kind::InterestAck(ack)) => {
-                self.command(Command::PeerAck {
-                    server_id: peer.server_id.clone(),
-                    link: peer.link,
-                    seq: ack.seq,
-                })
-                .await?;
+                self.server
+                    .command(Command::PeerAck {
+                        server_id: peer.server_id.clone(),
+                        link: peer.link,
+                        seq: ack.seq,
+                    })
+                    .await?;
             }
             Some(Kind::ForwardDropped(dropped)) => report_peer_drops(&self.server, dropped.count),
             Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {

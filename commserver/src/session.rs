@@ -455,12 +455,13 @@ impl Session {
                 })
                 .collect();
             let (done, wait) = oneshot::channel();
-            self.command(Command::Subscribe {
-                session: self.me.clone(),
-                topics,
-                done,
-            })
-            .await?;
+            self.server
+                .command(Command::Subscribe {
+                    session: self.me.clone(),
+                    topics,
+                    done,
+                })
+                .await?;
             self.await_peers(wait).await?;
         }
         self.reply(&v1::ServerToClient::ack(v1::Ack {
@@ -488,25 +489,18 @@ impl Session {
                 })
                 .collect();
             let (done, wait) = oneshot::channel();
-            self.command(Command::Unsubscribe {
-                session: self.me.id,
-                topics,
-                done,
-            })
-            .await?;
+            self.server
+                .command(Command::Unsubscribe {
+                    session: self.me.id,
+                    topics,
+                    done,
+                })
+                .await?;
             self.await_peers(wait).await?;
         }
         self.reply(&v1::ServerToClient::ack(v1::Ack {
             request_id: unsub.request_id,
         }))
-    }
-
-    async fn command(&self, command: Command) -> Result<(), v1::Error> {
-        self.server
-            .control
-            .send(command)
-            .await
-            .map_err(|_| error(ErrorCode::ShuttingDown, "comm server is shutting down"))
     }
 
     /// Waits until linked peers have applied the change, up to `subscribe_sync_timeout_ms`
