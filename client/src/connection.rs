@@ -315,7 +315,7 @@ async fn run(
         shutdown: shared.stop.clone(),
         max_burst: link::MAX_BURST,
     };
-    let mut reader = Reader {
+    let reader = Reader {
         shared: shared.clone(),
         events: events.clone(),
         pings: pings.clone(),
@@ -328,13 +328,14 @@ async fn run(
         burst: Vec::new(),
         reason: None,
     };
-    let served = link::serve(connected.link, options, &mut reader).await;
+    let served = link::serve(connected.link, options, reader).await;
     let Some(end) = served.writer else {
         return (Ended::Stopped, None);
     };
     let reason = match served.outcome {
         Err(e) => e.to_string(),
-        Ok(()) => reader
+        Ok(()) => served
+            .handler
             .reason
             .unwrap_or_else(|| "server closed the connection".to_owned()),
     };

@@ -93,7 +93,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,
     };
-    let mut reader = Reader {
+    let reader = Reader {
         server: server.clone(),
         tx,
         heartbeat: server.config.heartbeat(),
@@ -101,8 +101,8 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
         changed: false,
         ended: Ended::Unregistered,
     };
-    let served = link::serve(socket, options, &mut reader).await;
-    served.outcome.map(|()| reader.ended)
+    let served = link::serve(socket, options, reader).await;
+    served.outcome.map(|()| served.handler.ended)
 }
 
 /// The reading side of one coordinator link.

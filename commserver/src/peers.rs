@@ -269,7 +269,7 @@ where
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,
     };
-    let mut reader = PeerReader {
+    let reader = PeerReader {
         server: server.clone(),
         expected,
         hello,
@@ -278,7 +278,7 @@ where
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
         nonce: 0,
     };
-    let served = link::serve(socket, options, &mut reader).await;
+    let served = link::serve(socket, options, reader).await;
     if let Err(e) = &served.outcome
         && e.error_code() != ErrorCode::ShuttingDown
     {
@@ -295,7 +295,7 @@ where
         backlog.record_lost(end.discarded as u64);
         server.stats.forward_dropped.add(end.discarded as u64);
     }
-    reader.established()
+    served.handler.established()
 }
 
 /// The reading side of one peer link.

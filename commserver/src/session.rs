@@ -18,6 +18,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use relaymesh_net::accept::{self, ServerLink};
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::serve::{ApiError, ConnInfo};
@@ -174,7 +175,14 @@ struct Session {
     publisher: Publisher,
 }
 
-async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _conn: ConnInfo) {
+/// Serves one client session. Set up here, outside the returned future, so the socket and the
+/// setup are not carried in every idle session's task.
+fn run(
+    server: Arc<Server>,
+    socket: ServerLink,
+    identity: v1::Identity,
+    conn: ConnInfo,
+) -> impl Future<Output = ()> + Send {
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
     let backlog = Arc::new(Backlog::counted(
@@ -231,7 +239,7 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
     server.load_changed.notify_one();
-    let mut session = Session {
+    let session = Session {
         server: server.clone(),
         me,
         ctrl: ctrl_tx,
@@ -248,13 +256,17 @@ async fn run(server: Arc<Server>, socket: ServerLink, identity: v1::Identity, _c
         ever_subscribed: false,
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
     };
-    let served = link::serve(socket, options, &mut session).await;
-    if let Err(e) = served.outcome
-        && e.error_code() != ErrorCode::ShuttingDown
-    {
-        server.stats.protocol_errors.inc();
-        tracing::debug!(error = %e, "closed client session");
-    }
+    // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
+    link::serve(socket, options, session).map(move |served| {
+        // The connection's slot under max_connections was held for the session's life.
+        drop(conn);
+        if let Err(e) = served.outcome
+            && e.error_code() != ErrorCode::ShuttingDown
+        {
+            server.stats.protocol_errors.inc();
+            tracing::debug!(error = %e, "closed client session");
+        }
+    })
 }
 
 impl link::Handler for Session {
@@ -344,8 +356,10 @@ impl Session {
         }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
-            Some(Kind::Subscribe(sub)) => self.subscribe(sub).await,
-            Some(Kind::Unsubscribe(unsub)) => self.unsubscribe(unsub).await,
+            // Rare next to publishes, and their futures are large: boxed, so they do not add
+            // to the size of every session's task.
+            Some(Kind::Subscribe(sub)) => Box::pin(self.subscribe(sub)).await,
+            Some(Kind::Unsubscribe(unsub)) => Box::pin(self.unsubscribe(unsub)).await,
             Some(Kind::Ping(ping)) => {
                 self.reply(&v1::ServerToClient::pong(v1::Pong { nonce: ping.nonce }))
             }

@@ -186,14 +186,14 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
         f64::from(app.config.connect_rate_per_s),
         app.config.connect_burst,
     );
-    let mut negotiation = Negotiation {
+    let negotiation = Negotiation {
         app: app.clone(),
         tx,
         from: conn.peer.ip(),
         state: Step::Greeting,
         bucket,
     };
-    let served = link::serve(socket, options, &mut negotiation).await;
+    let served = link::serve(socket, options, negotiation).await;
     if let Err(e) = served.outcome {
         tracing::debug!(error = %e, "closing negotiation link");
     }

@@ -197,14 +197,14 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
         shutdown: app.shutdown.clone(),
         max_burst: link::MAX_BURST,
     };
-    let mut reader = Reader {
+    let reader = Reader {
         app,
         tx: Some(tx),
         closer,
         registered: None,
         nonce: 0,
     };
-    let served = link::serve(socket, options, &mut reader).await;
+    let served = link::serve(socket, options, reader).await;
     if let Err(e) = served.outcome {
         tracing::info!(error = %e, "closing server link");
     }

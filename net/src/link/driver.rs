@@ -121,15 +121,25 @@ pub struct Options {
 
 /// How a link served by [`serve`] ended.
 #[derive(Debug)]
-pub struct Served {
+pub struct Served<H> {
     /// `Err` when it ended with an error (sent as the last words when the handler has them).
     pub outcome: Result<(), v1::Error>,
     /// The writer's end; `None` if the writer task failed.
     pub writer: Option<WriterEnd>,
+    /// The handler, given back.
+    pub handler: H,
 }
 
 /// Runs a link from start to end with `handler`; see the module documentation.
-pub async fn serve<S, H>(link: Link<S>, options: Options, handler: &mut H) -> Served
+///
+/// The writer starts at once, when this is called; the returned future reads. (Taking the
+/// link apart here, outside the future, keeps its write half and the writer's setup out of the
+/// future every idle link's task carries.)
+pub fn serve<S, H>(
+    link: Link<S>,
+    options: Options,
+    mut handler: H,
+) -> impl Future<Output = Served<H>> + Send
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     H: Handler,
@@ -146,26 +156,31 @@ where
     let linger_for = writer.linger;
     writer.first = first;
     let writer = tokio::spawn(run_writer(sink, writer));
-    let outcome = read(
-        &mut stream,
-        &closer,
-        &shutdown,
-        handshake,
-        max_burst,
-        handler,
-    )
-    .await;
-    handler.closing().await;
-    closer.close(
-        outcome
-            .as_ref()
-            .err()
-            .and_then(|e| handler.last_words(e.clone())),
-    );
-    linger(&mut stream, linger_for).await;
-    Served {
-        outcome,
-        writer: writer.await.ok(),
+    async move {
+        let outcome = read(
+            &mut stream,
+            &closer,
+            &shutdown,
+            handshake,
+            max_burst,
+            &mut handler,
+        )
+        .await;
+        // The handshake, the closing and the lingering happen once per link: their futures
+        // are boxed so they do not add to the size every idle link's task carries.
+        Box::pin(handler.closing()).await;
+        closer.close(
+            outcome
+                .as_ref()
+                .err()
+                .and_then(|e| handler.last_words(e.clone())),
+        );
+        Box::pin(linger(&mut stream, linger_for)).await;
+        Served {
+            outcome,
+            writer: writer.await.ok(),
+            handler,
+        }
     }
 }
 
@@ -190,10 +205,10 @@ where
             biased;
             _ = shutdown.cancelled() => return handler.stopping(),
             _ = closer.closed() => return Ok(()),
-            first = super::first_message(stream, timeout) => first?,
+            first = Box::pin(super::first_message(stream, timeout)) => first?,
         };
         let Some(first) = first else { return Ok(()) };
-        if handler.first(first).await? == Flow::End {
+        if Box::pin(handler.first(first)).await? == Flow::End {
             return Ok(());
         }
     }
