@@ -198,8 +198,8 @@ pub(crate) async fn accept(
 ) -> Response {
     if let Err(why) = server.peer_trust.check(req.headers(), "/v1/peers") {
         server.stats.peer_links_refused.inc();
-        tracing::warn!(peer = %conn.peer, why, "refused a peer link");
-        return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
+        tracing::warn!(peer = %conn.peer, %why, "refused a peer link");
+        return ApiError::from_code(ErrorCode::Unauthenticated, why.to_string()).into_response();
     }
     let (response, on_upgrade) = match relaymesh_net::accept::accept(&mut req) {
         Ok(accepted) => accepted,

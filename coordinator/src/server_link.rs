@@ -156,8 +156,8 @@ pub(crate) async fn upgrade(
 ) -> Response {
     if let Err(why) = app.server_trust.check(req.headers(), "/v1/servers") {
         app.stats.server_links_refused.inc();
-        tracing::warn!(peer = %conn.peer, why, "refused a comm server");
-        return ApiError::from_code(ErrorCode::Unauthenticated, why).into_response();
+        tracing::warn!(peer = %conn.peer, %why, "refused a comm server");
+        return ApiError::from_code(ErrorCode::Unauthenticated, why.to_string()).into_response();
     }
     let (response, on_upgrade) = match accept::accept(&mut req) {
         Ok(accepted) => accepted,

@@ -75,48 +75,77 @@ impl LinkTrust {
     }
 
     /// Checks the `Authorization` of a request for `path`; the error says why it was refused.
-    pub fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), &'static str> {
+    pub fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), Untrusted> {
         if self.keys.is_empty() {
             return if bearer_matches(headers, &self.secret) {
                 Ok(())
             } else {
-                Err("missing or wrong cluster secret")
+                Err(Untrusted::Secret)
             };
         }
         let value = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or("this side trusts Ed25519 keys only; no key presented")?;
-        let (scheme, rest) = value.split_once(' ').ok_or("malformed Authorization")?;
+            .ok_or(Untrusted::NoKey)?;
+        let (scheme, rest) = value.split_once(' ').ok_or(Untrusted::Malformed)?;
         if !scheme.eq_ignore_ascii_case("ed25519") {
-            return Err("this side trusts Ed25519 keys only; no key presented");
+            return Err(Untrusted::NoKey);
         }
         let mut parts = rest.trim().split('.');
         let (Some(key), Some(id), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err("malformed Ed25519 authorization");
+            return Err(Untrusted::MalformedEd25519);
         };
         let key = hex::decode(key)
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-            .ok_or("malformed Ed25519 public key")?;
+            .ok_or(Untrusted::MalformedKey)?;
         if !self.keys.contains(&key) {
-            return Err("key not trusted");
+            return Err(Untrusted::KeyNotTrusted);
         }
         let signature = hex::decode(signature)
             .and_then(|b| <[u8; 64]>::try_from(b).ok())
-            .ok_or("malformed signature")?;
-        let nonce = self
-            .challenges
-            .take(id)
-            .ok_or("unknown, used or expired challenge")?;
+            .ok_or(Untrusted::MalformedSignature)?;
+        let nonce = self.challenges.take(id).ok_or(Untrusted::Challenge)?;
         key.verify_strict(
             &relaymesh_proto::link_challenge(&nonce, path),
             &Signature::from_bytes(&signature),
         )
-        .map_err(|_| "signature does not verify")
+        .map_err(|_| Untrusted::Signature)
     }
+}
+
+/// Why [`LinkTrust::check`] refused a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    /// No cluster secret, or the wrong one.
+    #[error("missing or wrong cluster secret")]
+    Secret,
+    /// This side trusts keys only, and none was presented.
+    #[error("this side trusts Ed25519 keys only; no key presented")]
+    NoKey,
+    /// The `Authorization` header is not `<scheme> <credentials>`.
+    #[error("malformed Authorization")]
+    Malformed,
+    /// The Ed25519 credentials are not `<key>.<challenge id>.<signature>`.
+    #[error("malformed Ed25519 authorization")]
+    MalformedEd25519,
+    /// The public key is not an Ed25519 key in hex.
+    #[error("malformed Ed25519 public key")]
+    MalformedKey,
+    /// The key is not one of the trusted keys.
+    #[error("key not trusted")]
+    KeyNotTrusted,
+    /// The signature is not 64 bytes in hex.
+    #[error("malformed signature")]
+    MalformedSignature,
+    /// The challenge is unknown, used or expired.
+    #[error("unknown, used or expired challenge")]
+    Challenge,
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    Signature,
 }
 
 /// Outstanding challenges: each is used at most once and expires.
@@ -254,17 +283,17 @@ mod tests {
         };
         let (good, _) = present(&key, "/v1/peers");
         assert_eq!(trust.check(&good, "/v1/peers"), Ok(()));
-        assert_eq!(
-            trust.check(&good, "/v1/peers"),
-            Err("unknown, used or expired challenge")
-        );
+        assert_eq!(trust.check(&good, "/v1/peers"), Err(Untrusted::Challenge));
         let (other_path, _) = present(&key, "/v1/servers");
         assert_eq!(
             trust.check(&other_path, "/v1/peers"),
-            Err("signature does not verify")
+            Err(Untrusted::Signature)
         );
         let (untrusted, _) = present(&stranger, "/v1/peers");
-        assert_eq!(trust.check(&untrusted, "/v1/peers"), Err("key not trusted"));
+        assert_eq!(
+            trust.check(&untrusted, "/v1/peers"),
+            Err(Untrusted::KeyNotTrusted)
+        );
         assert!(trust.check(&headers("Bearer secret"), "/v1/peers").is_err());
     }
 
