@@ -309,7 +309,6 @@ async fn run(
             on_close: OnClose::KeepQueuedUnless(shared.stop.clone()),
             first: Vec::new(),
         },
-        first: Vec::new(),
         // Attached and resubscribed already.
         handshake: None,
         shutdown: shared.stop.clone(),
@@ -333,7 +332,14 @@ async fn run(
         return (Ended::Stopped, None);
     };
     let reason = match served.outcome {
-        Err(e) => e.to_string(),
+        Err(e) if e.error_code() == v1::ErrorCode::HeartbeatTimeout => format!(
+            "server silent for over {} ms",
+            connected.heartbeat_timeout.as_millis()
+        ),
+        Err(e) if e.error_code() == v1::ErrorCode::BadFrame => {
+            format!("bad frame from server: {}", e.message)
+        }
+        Err(e) => e.message,
         Ok(()) => served
             .handler
             .reason
@@ -404,16 +410,25 @@ impl link::Handler for Reader {
         let burst = std::mem::take(&mut self.burst);
         let n = burst.len();
         let mut closing = false;
-        let room = tokio::select! {
-            biased;
-            room = self.events.room(n) => room,
-            _ = self.shared.stop.cancelled() => {
-                closing = true;
-                tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten()
-            }
-            _ = self.closer.closed() => {
-                closing = true;
-                tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten()
+        // The driver does not tick while this waits: keep pinging, so an application that is
+        // slow to take its events is not taken for a dead client.
+        let mut pings = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.heartbeat.interval,
+            self.heartbeat.interval,
+        );
+        let room = loop {
+            tokio::select! {
+                biased;
+                room = self.events.room(n) => break room,
+                _ = self.shared.stop.cancelled() => {
+                    closing = true;
+                    break tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten();
+                }
+                _ = self.closer.closed() => {
+                    closing = true;
+                    break tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten();
+                }
+                _ = pings.tick() => self.beat(),
             }
         };
         let Some(room) = room else {

@@ -86,9 +86,8 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
             linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
-            first: Vec::new(),
+            first: vec![encode(&v1::ServerToCoordinator::register(register))],
         },
-        first: vec![encode(&v1::ServerToCoordinator::register(register))],
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,
@@ -219,6 +218,13 @@ impl link::Handler for Reader {
         self.heartbeat
     }
 
+    fn silent(&self) -> v1::Error {
+        error(
+            ErrorCode::HeartbeatTimeout,
+            "coordinator silent past the heartbeat timeout",
+        )
+    }
+
     fn beat(&mut self) {
         self.report_load();
     }
@@ -238,9 +244,9 @@ impl link::Handler for Reader {
     }
 
     fn stopping(&mut self) -> Result<(), v1::Error> {
-        // Stops new clients from being sent here before the sessions close.
-        self.report_load();
+        // Once registered: stops new clients from being sent here before the sessions close.
         if matches!(self.ended, Ended::Lost) {
+            self.report_load();
             self.ended = Ended::Said;
         }
         Ok(())

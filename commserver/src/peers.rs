@@ -257,13 +257,12 @@ where
             linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
-            first: Vec::new(),
-        },
-        // The dialer says who it is first; the acceptor answers once it has checked.
-        first: if dialed {
-            vec![hello.clone()]
-        } else {
-            Vec::new()
+            // The dialer says who it is first; the acceptor answers once it has checked.
+            first: if dialed {
+                vec![hello.clone()]
+            } else {
+                Vec::new()
+            },
         },
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),

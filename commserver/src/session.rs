@@ -228,10 +228,9 @@ fn run(
             linger: link::LINGER,
             direct,
             on_close: link::OnClose::SendQueued,
-            first: Vec::new(),
+            // `Ready` is the first thing the client reads, before any message for it.
+            first: vec![encode(&v1::ServerToClient::ready(ready))],
         },
-        // `Ready` is the first thing the client reads, before any message for it.
-        first: vec![encode(&v1::ServerToClient::ready(ready))],
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,

@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use crate::App;
 use crate::accounts::{Login, LoginError, check_name, hex_decode};
+use crate::registry::Claim;
 use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::limits::TokenBucket;
@@ -61,27 +62,37 @@ pub(crate) async fn place_client(
         let Some(claim) = claim else {
             break;
         };
-        match claim
+        // Given back unless the reservation succeeds, also when this login is abandoned while
+        // it waits (an HTTP client that went away).
+        let claim = Claimed {
+            app,
+            claim: Some(claim),
+        };
+        let Some(c) = claim.claim.as_ref() else {
+            break;
+        };
+        let reserved = c
             .handle
             .reserve(
                 app.next_request_id(),
                 identity.clone(),
                 app.config.reserve_timeout(),
             )
-            .await
-        {
+            .await;
+        match reserved {
             Ok(reserved) => {
+                let Some(c) = claim.keep() else { break };
                 return Ok(Placement {
-                    url: format!("{}/v1/client", claim.url.trim_end_matches('/')),
-                    server_id: claim.id,
+                    url: format!("{}/v1/client", c.url.trim_end_matches('/')),
+                    server_id: c.id,
                     key: reserved.key,
                     expires_in_ms: reserved.expires_in_ms,
                 });
             }
             Err(e) => {
-                lock(&app.registry).release(&claim);
                 app.stats.reservations_failed.inc();
-                let server_id = claim.id;
+                let server_id = c.id.clone();
+                drop(claim);
                 tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
                 last_failure = Some(format!("{server_id}: {e}"));
                 exclude.push(server_id);
@@ -99,6 +110,27 @@ pub(crate) async fn place_client(
             exclude.len()
         ),
     ))
+}
+
+/// A server claimed for a login, given back to the registry when dropped unless kept.
+struct Claimed<'a> {
+    app: &'a App,
+    claim: Option<Claim<Arc<crate::server_link::ServerLink>>>,
+}
+
+impl Claimed<'_> {
+    /// The reservation succeeded: the claim stays counted.
+    fn keep(mut self) -> Option<Claim<Arc<crate::server_link::ServerLink>>> {
+        self.claim.take()
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            lock(&self.app.registry).release(&claim);
+        }
+    }
 }
 
 /// Checks credentials against the account store and returns the identity a key will be
@@ -177,7 +209,6 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),
         },
-        first: Vec::new(),
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),
         max_burst: link::MAX_BURST,
@@ -379,7 +410,7 @@ impl link::Handler for Negotiation {
         Err(error(
             ErrorCode::HeartbeatTimeout,
             format!(
-                "no ChallengeResponse within {} ms",
+                "no first message within {} ms",
                 self.app.config.handshake_timeout().as_millis()
             ),
         ))

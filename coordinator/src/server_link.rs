@@ -192,7 +192,6 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
             on_close: link::OnClose::SendQueued,
             first: Vec::new(),
         },
-        first: Vec::new(),
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),
         max_burst: link::MAX_BURST,
@@ -354,6 +353,13 @@ impl link::Handler for Reader {
 
     fn heartbeat(&self) -> Heartbeat {
         self.app.config.heartbeat()
+    }
+
+    fn silent(&self) -> v1::Error {
+        error(
+            ErrorCode::HeartbeatTimeout,
+            "no load report within the heartbeat timeout",
+        )
     }
 
     fn beat(&mut self) {

@@ -12,7 +12,7 @@
 //! writer is joined.
 //!
 //! The order-sensitive parts live here once: frames that must go first (a session's `Ready`, a
-//! server's `Register`) are queued before the writer starts ([`Options::first`]), so nothing,
+//! server's `Register`) are the writer's first batch ([`WriterSetup::first`]), so nothing,
 //! direct writes included, overtakes them; the last words go before the close frame; lingering
 //! comes after both.
 
@@ -80,6 +80,14 @@ pub trait Handler: Send {
     /// The heartbeat settings, asked once the handshake is done (it may have set them).
     fn heartbeat(&self) -> Heartbeat;
 
+    /// The error a link ends with when nothing arrived within the heartbeat timeout.
+    fn silent(&self) -> v1::Error {
+        error(
+            ErrorCode::HeartbeatTimeout,
+            "nothing received within the heartbeat timeout",
+        )
+    }
+
     /// Time to send this side's heartbeat (a `Ping`, a `Load`).
     fn beat(&mut self) {}
 
@@ -106,10 +114,10 @@ pub trait Handler: Send {
 /// How [`serve`] runs a link.
 #[derive(Debug)]
 pub struct Options {
-    /// The writer's queues and settings; its closer is the link's.
+    /// The writer's queues and settings; its closer is the link's, and its `first` frames
+    /// (a session's `Ready`, a server's `Register`) go out ahead of every queue and every
+    /// direct write.
     pub writer: WriterSetup,
-    /// Frames written before anything else, ahead of every queue and every direct write.
-    pub first: Vec<Bytes>,
     /// Time the first message has to arrive; `None` when the handshake was done before
     /// [`serve`] (the handler's `first` is then not called).
     pub handshake: Option<Duration>,
@@ -146,15 +154,13 @@ where
 {
     let Link { sink, mut stream } = link;
     let Options {
-        mut writer,
-        first,
+        writer,
         handshake,
         shutdown,
         max_burst,
     } = options;
     let closer = writer.closer.clone();
     let linger_for = writer.linger;
-    writer.first = first;
     let writer = tokio::spawn(run_writer(sink, writer));
     async move {
         let outcome = read(
@@ -166,16 +172,22 @@ where
             &mut handler,
         )
         .await;
-        // The handshake, the closing and the lingering happen once per link: their futures
-        // are boxed so they do not add to the size every idle link's task carries.
-        Box::pin(handler.closing()).await;
+        // The last words first: whatever else closes the link meanwhile (a publisher finding
+        // it too slow) does not get to say why instead.
         closer.close(
             outcome
                 .as_ref()
                 .err()
                 .and_then(|e| handler.last_words(e.clone())),
         );
-        Box::pin(linger(&mut stream, linger_for)).await;
+        // The handshake, the closing and the lingering happen once per link: their futures
+        // are boxed so they do not add to the size every idle link's task carries.
+        Box::pin(handler.closing()).await;
+        // A peer silent past the heartbeat timeout will not answer the close either.
+        let silent = matches!(&outcome, Err(e) if e.error_code() == ErrorCode::HeartbeatTimeout);
+        if !silent {
+            Box::pin(linger(&mut stream, linger_for)).await;
+        }
         Served {
             outcome,
             writer: writer.await.ok(),
@@ -225,12 +237,7 @@ where
             _ = &mut stopping => return handler.stopping(),
             _ = &mut closed => return Ok(()),
             beat = watchdog.tick() => match beat {
-                Beat::Expired => {
-                    return Err(error(
-                        ErrorCode::HeartbeatTimeout,
-                        format!("nothing received within the heartbeat timeout ({} ms)", timeout.as_millis()),
-                    ));
-                }
+                Beat::Expired => return Err(handler.silent()),
                 Beat::Send => {
                     handler.beat();
                     Flow::Continue

@@ -163,3 +163,41 @@ async fn a_subscriber_that_stays_full_is_disconnected_as_a_slow_consumer() {
     })
     .await;
 }
+
+/// A client whose application does not take its events for several heartbeat timeouts is not
+/// taken for a dead one: it keeps pinging while its event queue is full, and nothing is lost.
+/// (Paused time: the cluster's and the client's timers run in virtual time.)
+#[tokio::test(start_paused = true)]
+async fn a_client_whose_application_is_slow_keeps_its_connection() {
+    const SENT: usize = 10;
+    let cluster = Cluster::start(1).await;
+    let mut config = client_config(&cluster.coordinator.url);
+    config.event_queue = 2;
+    config.preferred_server = Some(cluster.servers[0].id.clone());
+    let mut slow = Client::connect(config).await.unwrap();
+    slow.subscribe(["t"]).await.unwrap();
+    let publisher = cluster.client_on(0).await;
+    // Two bursts: the first fills the event queue, the second leaves the client's connection
+    // task waiting for room.
+    for half in [0..SENT / 2, SENT / 2..SENT] {
+        for i in half {
+            publisher.publish("t", i.to_string()).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        // Every task runs until all wait (virtual time moves only then).
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Three of the server's heartbeat timeouts (3 s in tests) without taking an event.
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    for i in 0..SENT {
+        match within("message", slow.next_event()).await {
+            Some(Event::Message(m)) => assert_eq!(&*m.payload, i.to_string().as_bytes()),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        cluster.servers[0].stat("clients").await,
+        2,
+        "no session was closed"
+    );
+}
