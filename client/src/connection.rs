@@ -307,7 +307,7 @@ async fn run(
             direct: None,
             // Closing the client sends what is queued; a lost connection leaves it queued.
             on_close: OnClose::KeepQueuedUnless(shared.stop.clone()),
-            first: Vec::new(),
+            first: link::First::Nothing,
         },
         // Attached and resubscribed already.
         handshake: None,

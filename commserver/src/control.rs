@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaymesh_net::link::{Backlog, Closer, DataTx};
+use relaymesh_net::link::{Backlog, Closer, DataTx, LastWords};
 use relaymesh_proto::v1;
-use relaymesh_proto::{ErrorCode, encode, error_frame};
+use relaymesh_proto::{ErrorCode, encode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Server;
@@ -73,7 +73,7 @@ impl PeerLink {
             tracing::warn!(peer = %self.server_id, "peer control queue full; resetting the link");
             let words = v1::Error::new(ErrorCode::LimitExceeded, "peer control queue overflowed");
             self.closer
-                .close(Some(error_frame::<v1::PeerMessage>(words)));
+                .close(Some(LastWords::error::<v1::PeerMessage>(words)));
         }
     }
 }
@@ -303,7 +303,7 @@ fn apply(
             "a newer link to the same server replaced this one",
         );
         peer.closer
-            .close(Some(error_frame::<v1::PeerMessage>(words)));
+            .close(Some(LastWords::error::<v1::PeerMessage>(words)));
     }
     for waiter in effects.completed {
         if let Some(done) = waiting.remove(&waiter) {

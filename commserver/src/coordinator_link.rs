@@ -86,7 +86,7 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
             linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
-            first: vec![encode(&v1::ServerToCoordinator::register(register))],
+            first: link::First::Frames(vec![encode(&v1::ServerToCoordinator::register(register))]),
         },
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use relaymesh_proto::{ErrorCode, error, error_frame, v1};
+use relaymesh_net::link::LastWords;
+use relaymesh_proto::{ErrorCode, error, v1};
 
 use crate::Server;
 use crate::routes::{ClientKey, Subscriber};
@@ -52,7 +53,7 @@ impl Server {
             self.stats.replaced.inc();
             session
                 .closer
-                .close(Some(error_frame::<v1::ServerToClient>(error(
+                .close(Some(LastWords::error::<v1::ServerToClient>(error(
                     ErrorCode::Replaced,
                     format!(
                         "a newer login of client {:?} replaced this session",

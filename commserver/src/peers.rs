@@ -259,9 +259,9 @@ where
             on_close: link::OnClose::SendQueued,
             // The dialer says who it is first; the acceptor answers once it has checked.
             first: if dialed {
-                vec![hello.clone()]
+                link::First::Frames(vec![hello.clone()])
             } else {
-                Vec::new()
+                link::First::Answer
             },
         },
         handshake: Some(server.config.handshake_timeout()),

@@ -26,12 +26,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use relaymesh_net::link::{Backlog, Closer, DataTx, Direct};
+use relaymesh_net::link::{Backlog, Closer, DataTx, Direct, LastWords};
 use relaymesh_net::metrics::Counter;
 use relaymesh_net::wire;
+use relaymesh_proto::ErrorCode;
 use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
-use relaymesh_proto::{ErrorCode, error_frame};
 
 use crate::interest::{SessionId, TopicKey};
 use crate::stats::Stats;
@@ -524,7 +524,7 @@ fn offer(
         .backlog
         .record_drops(count as u64, slow_consumer_ms)
     {
-        let words = error_frame::<v1::ServerToClient>(v1::Error::new(
+        let words = LastWords::error::<v1::ServerToClient>(v1::Error::new(
             ErrorCode::SlowConsumer,
             format!("your queue stayed full for over {slow_consumer_ms} ms; messages were dropped"),
         ));

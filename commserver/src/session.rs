@@ -205,14 +205,6 @@ fn run(
             seq: identity.seq,
         }),
     });
-    let ready = v1::Ready {
-        protocol_version: PROTOCOL_VERSION,
-        alias: identity.alias.clone(),
-        server_id: server.id.to_string(),
-        heartbeat_interval_ms: u32::try_from(server.config.heartbeat_interval_ms)
-            .unwrap_or(u32::MAX),
-        heartbeat_timeout_ms: u32::try_from(server.config.heartbeat_timeout_ms).unwrap_or(u32::MAX),
-    };
     let options = link::Options {
         writer: WriterSetup {
             ctrl: ctrl_rx,
@@ -228,8 +220,9 @@ fn run(
             linger: link::LINGER,
             direct,
             on_close: link::OnClose::SendQueued,
-            // `Ready` is the first thing the client reads, before any message for it.
-            first: vec![encode(&v1::ServerToClient::ready(ready))],
+            // `Ready` is the first thing the client reads, before any message for it, and only
+            // once its `Attach` has been checked.
+            first: link::First::Answer,
         },
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),
@@ -292,6 +285,17 @@ impl link::Handler for Session {
         match msg.kind {
             Some(Kind::Attach(attach)) => {
                 check_version(attach.protocol_version, "this server")?;
+                let config = &self.server.config;
+                let ready = v1::Ready {
+                    protocol_version: PROTOCOL_VERSION,
+                    alias: self.alias.to_string(),
+                    server_id: self.server.id.to_string(),
+                    heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms)
+                        .unwrap_or(u32::MAX),
+                    heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms)
+                        .unwrap_or(u32::MAX),
+                };
+                self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
             }
             _ => Err(error(

@@ -207,7 +207,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
             linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
-            first: Vec::new(),
+            first: link::First::Nothing,
         },
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),

@@ -11,7 +11,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::accept;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::link::{self, Closer, Flow, Heartbeat, LastWords, WriterSetup};
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
@@ -53,7 +53,7 @@ impl ServerLink {
             return true;
         }
         tracing::warn!(server_id = %self.id, "server link queue full; closing the link");
-        let words = error_frame::<v1::CoordinatorToServer>(error(
+        let words = LastWords::error::<v1::CoordinatorToServer>(error(
             ErrorCode::LimitExceeded,
             "server link queue overflowed",
         ));
@@ -190,7 +190,7 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
             linger: link::LINGER,
             direct: None,
             on_close: link::OnClose::SendQueued,
-            first: Vec::new(),
+            first: link::First::Nothing,
         },
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),
@@ -310,7 +310,7 @@ impl link::Handler for Reader {
                     "a newer connection registered the same server id",
                 );
                 old.closer
-                    .close(Some(error_frame::<v1::CoordinatorToServer>(words)));
+                    .close(Some(LastWords::error::<v1::CoordinatorToServer>(words)));
             }
         }
         tracing::info!(server_id = %reg.server_id, url = %reg.public_url, capacity = reg.capacity, "comm server registered");

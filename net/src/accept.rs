@@ -259,7 +259,7 @@ mod tests {
                 linger: Duration::from_secs(5),
                 direct: Some(direct.clone()),
                 on_close: link::OnClose::SendQueued,
-                first: Vec::new(),
+                first: link::First::Nothing,
             },
         ));
         let frame = |i: usize, len: usize| {
@@ -337,6 +337,6 @@ mod tests {
         );
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, [0x88, 0x00], "only the close frame after the data");
+        assert_eq!(rest, [0x88, 0x02, 0x03, 0xe8], "only the close frame (1000) after the data");
     }
 }

@@ -31,6 +31,26 @@ pub fn empty(envelope: &str) -> v1::Error {
     error(ErrorCode::BadFrame, format!("empty {envelope} message"))
 }
 
+/// The WebSocket close status (RFC 6455, section 7.4) for a link that ends with `code`. The
+/// error frame sent just before the close says exactly what happened; the status lets a
+/// WebSocket library that only sees the close (a browser's `CloseEvent.code`) tell too:
+/// 1001 shutting down, 1007 a bad frame, 1008 not authenticated or not allowed, 1009 a limit
+/// exceeded, 1011 an internal failure, and 4000 + the relaymesh code for the rest (4013 a
+/// heartbeat timeout, 4009 a slow consumer, 4015 replaced, ...).
+pub fn close_status(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::ShuttingDown => 1001,
+        ErrorCode::BadFrame => 1007,
+        ErrorCode::Unauthenticated | ErrorCode::Forbidden => 1008,
+        ErrorCode::LimitExceeded => 1009,
+        ErrorCode::Internal => 1011,
+        other => 4000u16.saturating_add(u16::try_from(other as i32).unwrap_or(999)),
+    }
+}
+
+/// The close status of a link that ends without an error.
+pub const CLOSE_NORMAL: u16 = 1000;
+
 /// Checks the protocol version a link's first message (or its answer) carries: `this` names
 /// the side that checks ("this coordinator"), for the `UNSUPPORTED_VERSION` message.
 pub fn check_version(version: u32, this: &str) -> Result<(), v1::Error> {

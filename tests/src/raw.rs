@@ -73,8 +73,9 @@ carries_error!(
     PeerMessage => peer_message,
 );
 
-/// Reads envelopes of type `M` until one carries an `Error`, checks that the link then closes,
-/// and returns the error. Panics if the link closes without one.
+/// Reads envelopes of type `M` until one carries an `Error`, checks that the link then closes
+/// with a close frame whose status matches the error ([`relaymesh_proto::close_status`]), and
+/// returns the error. Panics if the link closes without one.
 pub async fn expect_error<M: CarriesError>(socket: &mut ClientSocket) -> v1::Error {
     let error = loop {
         let frame = next_frame(socket)
@@ -84,9 +85,21 @@ pub async fn expect_error<M: CarriesError>(socket: &mut ClientSocket) -> v1::Err
             break error;
         }
     };
-    assert!(
-        next_frame(socket).await.is_none(),
-        "link stayed open after {error}"
+    let status = within("close frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(WsMessage::Close(close))) => return close.map(|c| u16::from(c.code)),
+                Some(Ok(WsMessage::Binary(_))) => panic!("link stayed open after {error}"),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => panic!("link ended without a close frame after {error}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        status,
+        Some(relaymesh_proto::close_status(error.error_code())),
+        "close status after {error}"
     );
     error
 }
@@ -99,7 +112,7 @@ pub async fn expect_client_error(socket: &mut ClientSocket) -> ErrorCode {
 }
 
 /// Gets a key through `POST /v1/login`, connects to `/v1/client` raw and attaches. Returns the
-/// socket after `Ready`.
+/// socket after the server's `Ready`.
 pub async fn attached_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
     let mut socket = keyed_client(coordinator).await;
     send_msg(
@@ -109,11 +122,13 @@ pub async fn attached_client(coordinator: &std::net::SocketAddr) -> ClientSocket
         }),
     )
     .await;
+    let ready: v1::ServerToClient = decode(next_frame(&mut socket).await.expect("Ready")).unwrap();
+    assert!(matches!(ready.kind, Some(Kind::Ready(_))), "{ready:?}");
     socket
 }
 
-/// Gets a key through `POST /v1/login` and opens `/v1/client` with it, sending nothing.
-/// Returns after the server's `Ready`.
+/// Gets a key through `POST /v1/login` and opens `/v1/client` with it, sending nothing (the
+/// server says nothing either until it has an `Attach`).
 pub async fn keyed_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
     let (status, login) = crate::post_json(
         &format!("http://{coordinator}/v1/login"),
@@ -126,10 +141,7 @@ pub async fn keyed_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
         login["url"].as_str().unwrap(),
         login["key"].as_str().unwrap()
     );
-    let mut socket = dial(&url, None).await;
-    let ready: v1::ServerToClient = decode(next_frame(&mut socket).await.expect("Ready")).unwrap();
-    assert!(matches!(ready.kind, Some(Kind::Ready(_))), "{ready:?}");
-    socket
+    dial(&url, None).await
 }
 
 /// Waits until the link closes, returning how long that took.

@@ -3,7 +3,33 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use relaymesh_proto::{ErrorEnvelope, close_status, error_frame, v1};
 use tokio_util::sync::CancellationToken;
+
+/// What a link says as it closes: an encoded error frame, and the status of the close frame
+/// after it ([`relaymesh_proto::close_status`]).
+#[derive(Debug, Clone)]
+pub struct LastWords {
+    /// The error frame (an envelope carrying a [`v1::Error`]).
+    pub frame: Bytes,
+    /// The close frame's status code.
+    pub status: u16,
+}
+
+impl LastWords {
+    /// `error` in envelope `E`, with its close status.
+    pub fn error<E: ErrorEnvelope>(error: v1::Error) -> Self {
+        Self::framed(&error, error_frame::<E>(error.clone()))
+    }
+
+    /// `frame`, already encoded, that carries `error`.
+    pub fn framed(error: &v1::Error, frame: Bytes) -> Self {
+        Self {
+            frame,
+            status: close_status(error.error_code()),
+        }
+    }
+}
 
 /// Ends a link, once, with optional last words. Cloned into everything that may end the link:
 /// its reader, its writer, and (for client sessions) publishers that find it too slow.
@@ -17,7 +43,7 @@ struct CloserInner {
     token: CancellationToken,
     /// `Some` once closing, with the first caller's last words. Set before the token fires, so
     /// the writer always sees the words of the call that closed the link.
-    state: std::sync::Mutex<Option<Option<Bytes>>>,
+    state: std::sync::Mutex<Option<Option<LastWords>>>,
 }
 
 impl Closer {
@@ -26,10 +52,10 @@ impl Closer {
         Self::default()
     }
 
-    /// Starts closing the link. The first caller's `last_words` (an encoded error frame) are
-    /// sent before the close frame; later calls change nothing. Returns whether this call was
-    /// the first.
-    pub fn close(&self, last_words: Option<Bytes>) -> bool {
+    /// Starts closing the link. The first caller's `last_words` are sent before the close
+    /// frame, and give its status (without them: 1000, a normal closure); later calls change
+    /// nothing. Returns whether this call was the first.
+    pub fn close(&self, last_words: Option<LastWords>) -> bool {
         if self.inner.token.is_cancelled() {
             return false;
         }
@@ -55,7 +81,7 @@ impl Closer {
         self.inner.token.cancelled().await
     }
 
-    pub(crate) fn last_words(&self) -> Option<Bytes> {
+    pub(crate) fn last_words(&self) -> Option<LastWords> {
         crate::sync::lock(&self.inner.state).clone().flatten()
     }
 }
@@ -67,9 +93,14 @@ mod tests {
     fn closer_keeps_the_first_reason() {
         let closer = Closer::new();
         assert!(!closer.is_closed());
-        assert!(closer.close(Some(Bytes::from_static(b"first"))));
-        assert!(!closer.close(Some(Bytes::from_static(b"second"))));
+        let words = |text: &'static str, status| LastWords {
+            frame: Bytes::from_static(text.as_bytes()),
+            status,
+        };
+        assert!(closer.close(Some(words("first", 4001))));
+        assert!(!closer.close(Some(words("second", 4002))));
         assert!(closer.is_closed());
-        assert_eq!(closer.last_words().as_deref(), Some(&b"first"[..]));
+        let kept = closer.last_words().unwrap();
+        assert_eq!((&kept.frame[..], kept.status), (&b"first"[..], 4001));
     }
 }

@@ -26,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::{Burst, Closer, Inbound, Link, WriterEnd, WriterSetup, linger, next_frame, run_writer};
+use super::{
+    Burst, Closer, Inbound, LastWords, Link, WriterEnd, WriterSetup, linger, next_frame, run_writer,
+};
 use crate::heartbeat::{Beat, Watchdog};
 
 /// Messages a link handles per burst unless it has a reason to pick another number: enough to
@@ -174,12 +176,10 @@ where
         .await;
         // The last words first: whatever else closes the link meanwhile (a publisher finding
         // it too slow) does not get to say why instead.
-        closer.close(
-            outcome
-                .as_ref()
-                .err()
-                .and_then(|e| handler.last_words(e.clone())),
-        );
+        closer.close(outcome.as_ref().err().and_then(|e| {
+            let frame = handler.last_words(e.clone())?;
+            Some(LastWords::framed(e, frame))
+        }));
         // The handshake, the closing and the lingering happen once per link: their futures
         // are boxed so they do not add to the size every idle link's task carries.
         Box::pin(handler.closing()).await;

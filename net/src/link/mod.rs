@@ -44,11 +44,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, data_queue, now_ms};
-pub use closer::Closer;
+pub use closer::{Closer, LastWords};
 pub use direct::{Direct, TrySend};
 pub use driver::{Flow, Handler, Heartbeat, MAX_BURST, Options, Served, serve};
 pub use read::{Burst, Inbound, ReadError, first_message, linger, next_frame, ready_frame};
-pub use writer::{MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};
+pub use writer::{First, MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};
 
 use crate::frames::FrameReader;
 use crate::wire::{OP_BINARY, put_frame};

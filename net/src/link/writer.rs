@@ -14,6 +14,8 @@ use super::backlog::{DataBacklog, DataRx};
 use super::closer::Closer;
 use super::direct::{CloseGate, Direct};
 use super::{LinkSink, Replies};
+use relaymesh_proto::CLOSE_NORMAL;
+
 use crate::wire::{OP_BINARY, OP_CLOSE, count_frames, holds_close, put_frame};
 
 /// Most frames written to the socket in one `write`.
@@ -35,9 +37,22 @@ pub struct WriterSetup {
     pub direct: Option<Arc<Direct>>,
     /// What becomes of control frames still queued when the link closes.
     pub on_close: OnClose,
-    /// Messages written before anything else (before the writer first parks, so direct
-    /// writes cannot overtake them either): a session's `Ready`, a server's `Register`.
-    pub first: Vec<Bytes>,
+    /// What goes out before anything else.
+    pub first: First,
+}
+
+/// What a link's writer writes before anything else. Until it has, it does not park, so
+/// direct writes cannot overtake it either.
+#[derive(Debug, Default)]
+pub enum First {
+    /// Nothing in particular: the queues in their order.
+    #[default]
+    Nothing,
+    /// These frames, at once: a server's `Register`.
+    Frames(Vec<Bytes>),
+    /// The first control frame the handler queues: its answer to the handshake (a session's
+    /// `Ready`, sent only once `Attach` has been checked) or the last words refusing it.
+    Answer,
 }
 
 /// What a closing writer does with the control frames still queued.
@@ -114,6 +129,18 @@ where
     let closed = closer.closed();
     tokio::pin!(closed);
     let result: std::io::Result<()> = async {
+        let first = match first {
+            First::Nothing => Vec::new(),
+            First::Frames(frames) => frames,
+            First::Answer => tokio::select! {
+                biased;
+                _ = &mut closed => return Ok(()),
+                frame = ctrl.recv() => match frame {
+                    Some(frame) => vec![frame],
+                    None => return Ok(()),
+                },
+            },
+        };
         if !first.is_empty() {
             for frame in &first {
                 put_frame(&mut out, OP_BINARY, frame, role);
@@ -258,10 +285,14 @@ where
                     put_frame(&mut out, OP_BINARY, &frame, role);
                 }
             }
-            if let Some(words) = closer.last_words() {
-                put_frame(&mut out, OP_BINARY, &words, role);
-            }
-            put_frame(&mut out, OP_CLOSE, &[], role);
+            let status = match closer.last_words() {
+                Some(words) => {
+                    put_frame(&mut out, OP_BINARY, &words.frame, role);
+                    words.status
+                }
+                None => CLOSE_NORMAL,
+            };
+            put_frame(&mut out, OP_CLOSE, &status.to_be_bytes(), role);
         }
         let goodbye = async {
             write_out(&mut write, &mut out).await?;
@@ -361,7 +392,7 @@ mod tests {
                 linger: Duration::from_secs(5),
                 direct: None,
                 on_close: OnClose::SendQueued,
-                first: Vec::new(),
+                first: First::Nothing,
             },
         ));
         let peer_role = if role == Role::Server {
@@ -406,13 +437,19 @@ mod tests {
             Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
             other => panic!("expected a pong, got {other:?}"),
         }
-        // Closing sends the last words, then a close frame.
-        closer.close(Some(Bytes::from_static(b"bye")));
+        // Closing sends the last words, then a close frame with their status.
+        closer.close(Some(crate::link::LastWords {
+            frame: Bytes::from_static(b"bye"),
+            status: 4013,
+        }));
         match peer.next().await {
             Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"bye"),
             other => panic!("expected the last words, got {other:?}"),
         }
-        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        match peer.next().await {
+            Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 4013),
+            other => panic!("expected a close frame with a status, got {other:?}"),
+        }
         let end = writer.await.unwrap();
         assert!(end.error.is_none());
         drop(peer);
@@ -437,7 +474,10 @@ mod tests {
         assert!(matches!(next_frame(&mut stream).await, Ok(Inbound::Closed)));
         // As every reader does: a closed link is closed for the writer too.
         closer.close(None);
-        assert!(matches!(peer.next().await, Some(Ok(Message::Close(_)))));
+        match peer.next().await {
+            Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1000),
+            other => panic!("expected a normal close, got {other:?}"),
+        }
         let end = tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .expect("the writer ends once the link closes")
@@ -456,7 +496,10 @@ mod tests {
         let (ctrl_tx, closer, _stream, writer, mut peer) = pair_over(Role::Server, 4096).await;
         ctrl_tx.send(Bytes::from(vec![9u8; 200_000])).await.unwrap();
         tokio::task::yield_now().await;
-        closer.close(Some(Bytes::from_static(b"bye")));
+        closer.close(Some(crate::link::LastWords {
+            frame: Bytes::from_static(b"bye"),
+            status: 1001,
+        }));
         match peer.next().await {
             Some(Ok(Message::Binary(b))) => {
                 assert!(b.len() == 200_000 && b.iter().all(|&x| x == 9))

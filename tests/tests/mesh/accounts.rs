@@ -238,7 +238,6 @@ async fn senders_cannot_forge_alias_or_role() {
         granted["key"].as_str().unwrap()
     );
     let mut raw = dial(&url, None).await;
-    next_frame(&mut raw).await.expect("Ready");
     send_msg(
         &mut raw,
         &v1::ClientToServer::attach(v1::Attach {
@@ -246,6 +245,7 @@ async fn senders_cannot_forge_alias_or_role() {
         }),
     )
     .await;
+    next_frame(&mut raw).await.expect("Ready");
     send(&mut raw, forged_publish("telemetry/pos", b"forged?")).await;
     let m = next_message(&mut gcs).await;
     assert_eq!(&*m.payload, b"forged?");
@@ -493,8 +493,8 @@ async fn a_key_reserved_for_a_replaced_login_is_refused_when_it_comes_in_late() 
         older["url"].as_str().unwrap(),
         older["key"].as_str().unwrap()
     );
+    // Refused before anything else, `Ready` included.
     let mut late = dial(&url, None).await;
-    next_frame(&mut late).await.expect("Ready");
     let error = relaymesh_tests::raw::expect_error::<v1::ServerToClient>(&mut late).await;
     assert_eq!(error.error_code(), ErrorCode::Replaced, "{error}");
 }

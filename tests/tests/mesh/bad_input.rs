@@ -145,11 +145,25 @@ async fn bad_client_input_closes_only_that_session() {
     let count = cases.len() as u64;
     for (what, frames, expected) in cases {
         let mut socket = raw::keyed_client(&coordinator).await;
+        let frames_start_with_attach = frames.first() == Some(&bin(&attach(PROTOCOL_VERSION)));
         for frame in frames {
             use futures_util::SinkExt as _;
             socket.send(frame).await.unwrap();
         }
-        let code = raw::expect_client_error(&mut socket).await;
+        // `Ready` comes only after a good `Attach`; anything else is refused without it.
+        let attached = frames_start_with_attach;
+        let first: v1::ServerToClient =
+            relaymesh_proto::decode(raw::next_frame(&mut socket).await.expect(what)).unwrap();
+        let code = match first.kind {
+            Some(v1::server_to_client::Kind::Ready(_)) if attached => {
+                raw::expect_client_error(&mut socket).await
+            }
+            Some(v1::server_to_client::Kind::Error(e)) if !attached => {
+                assert!(raw::next_frame(&mut socket).await.is_none(), "{what}");
+                e.error_code()
+            }
+            other => panic!("{what}: {other:?} first"),
+        };
         assert_eq!(code, expected, "{what}");
         talker.publish("health", what).await.unwrap();
         let event = within("healthy session still served", watcher.next_event())
