@@ -115,6 +115,10 @@ pub struct Config {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay before jitter.
     pub reconnect_max_ms: u64,
+    /// Largest reconnect delay to the coordinator before jitter (at most `reconnect_max_ms`):
+    /// while it is away no client can log in to this server, and a refused dial costs nothing,
+    /// so a restarted coordinator is found again within this (plus jitter).
+    pub coordinator_reconnect_max_ms: u64,
     /// Delay between attempts while the coordinator or a peer refuses this server's
     /// credentials (a wrong cluster secret: only an operator can fix it).
     pub refused_retry_ms: u64,
@@ -166,6 +170,7 @@ impl Default for Config {
             subscribe_sync_timeout_ms: 5_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            coordinator_reconnect_max_ms: 500,
             refused_retry_ms: 30_000,
             shutdown_grace_ms: 5_000,
         }
@@ -291,6 +296,11 @@ impl Config {
             "must be at least reconnect_min_ms",
         )?;
         ensure(
+            self.coordinator_reconnect_max_ms >= self.reconnect_min_ms,
+            "coordinator_reconnect_max_ms",
+            "must be at least reconnect_min_ms",
+        )?;
+        ensure(
             self.refused_retry_ms > 0,
             "refused_retry_ms",
             "must be positive",
@@ -305,12 +315,22 @@ impl Config {
             .saturating_sub(self.max_topic_bytes + ENVELOPE_OVERHEAD)
     }
 
-    /// Redialing `what` (the coordinator or a peer) with this server's reconnect settings.
+    /// Redialing a peer with this server's reconnect settings.
     pub(crate) fn redial(&self, what: impl Into<String>) -> relaymesh_net::retry::Redial {
         relaymesh_net::retry::Redial::new(
             what,
             self.reconnect_min(),
             self.reconnect_max(),
+            self.refused_retry(),
+        )
+    }
+
+    /// Redialing the coordinator: as a peer, capped at `coordinator_reconnect_max_ms`.
+    pub(crate) fn redial_coordinator(&self) -> relaymesh_net::retry::Redial {
+        relaymesh_net::retry::Redial::new(
+            "the coordinator",
+            self.reconnect_min(),
+            self.coordinator_reconnect_max().min(self.reconnect_max()),
             self.refused_retry(),
         )
     }
@@ -331,6 +351,7 @@ impl Config {
         pub(crate) fn key_ttl = key_ttl_ms;
         pub(crate) fn reconnect_min = reconnect_min_ms;
         pub(crate) fn reconnect_max = reconnect_max_ms;
+        pub(crate) fn coordinator_reconnect_max = coordinator_reconnect_max_ms;
         pub(crate) fn refused_retry = refused_retry_ms;
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;

@@ -26,7 +26,7 @@ const LOAD_REPORT_COALESCE: Duration = Duration::from_millis(100);
 /// Keeps the server registered until shutdown.
 pub(crate) async fn run(server: Arc<Server>) {
     let config = &server.config;
-    let mut redial = config.redial("the coordinator");
+    let mut redial = config.redial_coordinator();
     while !server.shutdown.is_cancelled() {
         let dial = crate::peers::dial_link(&server, &config.coordinator, "/v1/servers");
         let dialed = tokio::select! {
@@ -36,18 +36,21 @@ pub(crate) async fn run(server: Arc<Server>) {
         let delay = match dialed {
             Ok(socket) => {
                 redial.reached();
+                let up_since = Instant::now();
                 match serve(&server, socket).await {
                     Ok(Ended::Lost) => {
-                        redial.connected();
                         if !server.shutdown.is_cancelled() {
                             tracing::warn!("lost the coordinator link; reconnecting");
                         }
+                        redial.lost(up_since, Instant::now())
                     }
-                    Ok(Ended::Said) => redial.connected(),
-                    Ok(Ended::Unregistered) => {}
-                    Err(e) => tracing::warn!(error = %e, "coordinator link failed"),
+                    Ok(Ended::Said) => redial.lost(up_since, Instant::now()),
+                    Ok(Ended::Unregistered) => redial.next_delay(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "coordinator link failed");
+                        redial.next_delay()
+                    }
                 }
-                redial.next_delay()
             }
             Err(e) => redial.failed(&e),
         };

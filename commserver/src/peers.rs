@@ -136,10 +136,12 @@ async fn dial_loop(
         let delay = match dialed {
             Ok(socket) => {
                 redial.reached();
+                let up_since = std::time::Instant::now();
                 if run_link(&server, socket, Some(peer.clone())).await {
-                    redial.connected();
+                    redial.lost(up_since, std::time::Instant::now())
+                } else {
+                    redial.next_delay()
                 }
-                redial.next_delay()
             }
             Err(e) => redial.failed(&e),
         };

@@ -337,6 +337,10 @@ mod tests {
         );
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, [0x88, 0x02, 0x03, 0xe8], "only the close frame (1000) after the data");
+        assert_eq!(
+            rest,
+            [0x88, 0x02, 0x03, 0xe8],
+            "only the close frame (1000) after the data"
+        );
     }
 }

@@ -52,6 +52,11 @@ impl Backoff {
 /// started a moment before its coordinator should not warn.
 pub const QUIET_FOR: Duration = Duration::from_secs(10);
 
+/// How long a link must have been up for its loss to count as a new incident: the first
+/// redial then goes at once and the backoff starts again from `min`. A link lost sooner
+/// (flapping: refused right after its handshake) keeps the backoff growing.
+pub const STABLE_AFTER: Duration = Duration::from_secs(5);
+
 /// What one failed dial means, and so how loudly it is logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -92,10 +97,18 @@ impl Redial {
         }
     }
 
-    /// The link came up: the next failure starts a new streak from `min`.
-    pub fn connected(&mut self) {
-        self.backoff.reset();
+    /// The delay before redialing a link that came up at `up_since` and has just ended (at
+    /// `now`). After a stable link ([`STABLE_AFTER`]): none, and the backoff starts again from
+    /// `min`; a restarted coordinator is found again as soon as it listens. After a short-lived
+    /// one: the next step of the backoff, which keeps growing while the link flaps.
+    pub fn lost(&mut self, up_since: Instant, now: Instant) -> Duration {
         self.failing_since = None;
+        if now.saturating_duration_since(up_since) >= STABLE_AFTER {
+            self.backoff.reset();
+            Duration::ZERO
+        } else {
+            self.backoff.next_delay()
+        }
     }
 
     /// The other side answered (the link may still fail its handshake): the next failure to
@@ -198,8 +211,26 @@ mod tests {
         assert_eq!(r.classify(t0 + ms(500), false), Failure::Early);
         assert_eq!(r.classify(t0 + QUIET_FOR, false), Failure::Persisting);
         assert_eq!(r.classify(t0 + QUIET_FOR, true), Failure::Refused);
-        r.connected();
+        r.lost(t0, t0 + QUIET_FOR * 2);
         assert_eq!(r.classify(t0 + QUIET_FOR * 2, false), Failure::First);
+    }
+
+    #[test]
+    fn a_stable_link_is_redialed_at_once_and_a_flapping_one_backs_off() {
+        let ms = Duration::from_millis;
+        let mut r = Redial::new("the coordinator", ms(100), ms(500), Duration::from_secs(30));
+        let t0 = Instant::now();
+        // Grown by failures before the link came up...
+        for _ in 0..6 {
+            r.next_delay();
+        }
+        // ...then up for a while and lost: at once, and from the start again.
+        assert_eq!(r.lost(t0, t0 + STABLE_AFTER), Duration::ZERO);
+        assert!(r.next_delay() <= ms(200));
+        // Up for a moment each time: the delays grow to the cap, never zero.
+        let flaps: Vec<Duration> = (0..6).map(|_| r.lost(t0, t0 + ms(50))).collect();
+        assert!(flaps.iter().all(|d| *d >= ms(200)), "{flaps:?}");
+        assert!(flaps[5] >= ms(500), "{flaps:?}");
     }
 
     #[test]
