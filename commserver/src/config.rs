@@ -124,6 +124,11 @@ pub struct Config {
     pub refused_retry_ms: u64,
     /// Time allowed to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Time an HTTP client has for its request head, and again for its body and the answer;
+    /// idle keep-alive connections are closed after it (WebSocket sessions are not bound).
+    pub request_timeout_ms: u64,
+    /// Largest HTTP request body on any endpoint, in bytes.
+    pub max_body_bytes: usize,
 }
 
 impl Default for Config {
@@ -173,6 +178,8 @@ impl Default for Config {
             coordinator_reconnect_max_ms: 500,
             refused_retry_ms: 30_000,
             shutdown_grace_ms: 5_000,
+            request_timeout_ms: 10_000,
+            max_body_bytes: 64 * 1024,
         }
     }
 }
@@ -280,6 +287,16 @@ impl Config {
             "max_connections",
             "must be positive",
         )?;
+        ensure(
+            self.request_timeout_ms > 0,
+            "request_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_body_bytes > 0,
+            "max_body_bytes",
+            "must be positive",
+        )?;
         check_link_timing(
             self.heartbeat_interval_ms,
             self.heartbeat_timeout_ms,
@@ -355,6 +372,7 @@ impl Config {
         pub(crate) fn refused_retry = refused_retry_ms;
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;
+        pub(crate) fn request_timeout = request_timeout_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {
@@ -369,7 +387,8 @@ impl Config {
         ServeOptions {
             max_connections: self.max_connections,
             shutdown_grace: self.shutdown_grace(),
-            ..ServeOptions::default()
+            request_timeout: self.request_timeout(),
+            max_body_bytes: self.max_body_bytes,
         }
     }
 }

@@ -50,6 +50,11 @@ pub struct Config {
     pub max_login_body_bytes: usize,
     /// Time allowed for connections and tasks to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Time an HTTP client has for its request head, and again for its body and the answer;
+    /// idle keep-alive connections are closed after it (WebSocket sessions are not bound).
+    pub request_timeout_ms: u64,
+    /// Largest HTTP request body on any endpoint, in bytes.
+    pub max_body_bytes: usize,
     /// Who may log in: the `[accounts]` table (store `open`, `single` or `file`).
     pub accounts: AccountsConfig,
     /// Failed logins allowed per source address per minute, sustained; beyond that the
@@ -88,6 +93,8 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             shutdown_grace_ms: 5_000,
+            request_timeout_ms: 10_000,
+            max_body_bytes: 64 * 1024,
             accounts: AccountsConfig::default(),
             failed_logins_per_min: 10,
             failed_login_burst: 10,
@@ -142,6 +149,16 @@ impl Config {
             "must be positive",
         )?;
         ensure(
+            self.request_timeout_ms > 0,
+            "request_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_body_bytes > 0,
+            "max_body_bytes",
+            "must be positive",
+        )?;
+        ensure(
             self.max_frame_bytes >= 1024,
             "max_frame_bytes",
             "must be at least 1024",
@@ -180,6 +197,7 @@ impl Config {
         pub(crate) fn handshake_timeout = handshake_timeout_ms;
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;
+        pub(crate) fn request_timeout = request_timeout_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {
@@ -194,7 +212,8 @@ impl Config {
         ServeOptions {
             max_connections: self.max_connections,
             shutdown_grace: self.shutdown_grace(),
-            ..ServeOptions::default()
+            request_timeout: self.request_timeout(),
+            max_body_bytes: self.max_body_bytes,
         }
     }
 }

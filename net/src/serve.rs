@@ -29,8 +29,15 @@ pub struct ServeOptions {
     /// Open TCP connections (HTTP and WebSocket) at once; further connections wait in the
     /// kernel's accept queue until one closes.
     pub max_connections: usize,
-    /// Time a client has to send a complete request head.
-    pub header_read_timeout: Duration,
+    /// Time a client has to send a complete request head, and then again to send its body and
+    /// be answered (a body that never comes gets `408` and the connection is closed). An idle
+    /// keep-alive connection is closed after it too. Upgraded WebSocket sessions are not
+    /// bound by it.
+    pub request_timeout: Duration,
+    /// Largest request body, on every endpoint (routes may set a lower one): a larger
+    /// `Content-Length` is refused with `413` before anything is read, a chunked body is cut
+    /// there.
+    pub max_body_bytes: usize,
     /// How long an HTTP connection may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
 }
@@ -39,7 +46,8 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
-            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -119,13 +127,15 @@ async fn serve_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
+    let (timeout, max_body) = (options.request_timeout, options.max_body_bytes);
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(info.clone());
-        router.clone().call(req)
+        let router = router.clone();
+        async move { Ok::<_, std::convert::Infallible>(bounded(router, req, timeout, max_body).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        .header_read_timeout(options.request_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -140,6 +150,47 @@ async fn serve_connection(
             let _ = tokio::time::timeout(options.shutdown_grace, conn).await;
         }
     }
+}
+
+/// Serves one request within `timeout`, its body bounded by `max_body`.
+async fn bounded(
+    mut router: Router,
+    req: Request<hyper::body::Incoming>,
+    timeout: Duration,
+    max_body: usize,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body as u64) {
+        return closing(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::LimitExceeded,
+            format!("request body over the limit of {max_body} bytes"),
+        ));
+    }
+    let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, max_body)));
+    match tokio::time::timeout(timeout, router.call(req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => closing(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::LimitExceeded,
+            format!("request not completed within {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+/// `error` as the last response on its connection (its request's body is left unread).
+fn closing(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// An error answered as JSON `{"code": "...", "message": "..."}` with an HTTP status.

@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod dispatch;
 mod failover;
+mod http;
 mod keys;
 mod ops;
 mod processes;
