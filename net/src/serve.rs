@@ -73,6 +73,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let mut reserve = Reserve::new();
     let mut accept_backoff = Duration::from_millis(1);
     loop {
         let permit = tokio::select! {
@@ -87,7 +88,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // EMFILE/ENFILE/ENOBUFS and friends: wait and try again rather than spin.
+                    // Out of file descriptors (EMFILE, ENFILE): refuse the waiting connection
+                    // at once with the one held in reserve, rather than leave it and every
+                    // one behind it waiting in the kernel's queue.
+                    match reserve.refuse(&listener, &error) {
+                        Refusal::Refused | Refusal::NothingWaiting => continue,
+                        Refusal::NoReserve => {}
+                    }
+                    // Anything else (ENOBUFS and friends): wait and try again, not spin.
                     tracing::warn!(%error, backoff = ?accept_backoff, "accept failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -115,6 +123,88 @@ pub async fn serve(
             .instrument(span),
         );
     }
+}
+
+/// One file descriptor held in reserve for refusing connections when the process has none left.
+struct Reserve {
+    file: Option<std::fs::File>,
+    /// The whole `503` answer.
+    answer: String,
+    /// Connections refused for want of descriptors since the last log line.
+    refused: u64,
+    logged: Option<std::time::Instant>,
+}
+
+/// The body a connection refused for want of file descriptors reads before the close.
+const NO_DESCRIPTORS: &str = r#"{"code":"SERVER_FULL","message":"this process is out of file descriptors; try again later"}"#;
+
+impl Reserve {
+    fn new() -> Self {
+        Self {
+            file: std::fs::File::open("/dev/null").ok(),
+            answer: format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n{NO_DESCRIPTORS}",
+                NO_DESCRIPTORS.len()
+            ),
+            refused: 0,
+            logged: None,
+        }
+    }
+
+    /// Lets the reserve go, accepts one waiting connection with it, answers `503` and closes
+    /// it, and takes the reserve again.
+    fn refuse(&mut self, listener: &TcpListener, error: &std::io::Error) -> Refusal {
+        use futures_util::FutureExt as _;
+        let Some(file) = self.file.take() else {
+            return Refusal::NoReserve;
+        };
+        drop(file);
+        // The listener was just found readable: the connection is there to take now.
+        let taken = listener.accept().now_or_never();
+        if let Some(Ok((stream, _))) = &taken {
+            // A fresh socket's buffer takes the whole answer.
+            let _ = stream.try_write(self.answer.as_bytes());
+        }
+        // Closed before the reserve is taken again: it needs the descriptor back.
+        let peer = match taken {
+            Some(Ok((_stream, peer))) => Some(peer),
+            _ => None,
+        };
+        self.file = std::fs::File::open("/dev/null").ok();
+        let Some(peer) = peer else {
+            // Linux takes the descriptor before looking at the queue: an empty queue fails
+            // the same way. The listener now waits for the next connection.
+            return Refusal::NothingWaiting;
+        };
+        self.refused += 1;
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                %error,
+                %peer,
+                refused = self.refused,
+                "out of file descriptors: refusing new connections (raise the open-files limit, \
+                 or lower max_connections below it)"
+            );
+            self.refused = 0;
+            self.logged = Some(now);
+        }
+        Refusal::Refused
+    }
+}
+
+/// What [`Reserve::refuse`] did.
+enum Refusal {
+    /// Refused one waiting connection.
+    Refused,
+    /// Found no connection waiting.
+    NothingWaiting,
+    /// Had no descriptor in reserve (it could not be taken again): the caller backs off.
+    NoReserve,
 }
 
 async fn serve_connection(

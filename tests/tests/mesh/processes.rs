@@ -425,3 +425,53 @@ async fn a_wrong_secret_is_named_and_an_early_start_is_not_a_warning() {
         wrong.seen
     );
 }
+
+/// A process at its open-files limit answers new connections at once (`503 SERVER_FULL`)
+/// instead of leaving them, and everything queued behind them, waiting in the kernel; it
+/// serves again as soon as descriptors are free.
+#[tokio::test]
+async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
+    // Held connections stay for the whole test unless the server refuses them.
+    let config = std::env::temp_dir().join(format!("relaymesh-nofile-{}.toml", std::process::id()));
+    std::fs::write(&config, "request_timeout_ms = 60000\n").unwrap();
+    let mut coordinator = Proc::start(
+        "coordinator",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = coordinator.listening_addr();
+    let limited = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", coordinator.child.id()))
+        .arg("--nofile=48:48")
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success());
+    // More connections than it has descriptors left, sending nothing.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let healthz = format!("http://{addr}/healthz");
+    let (status, body) = relaymesh_tests::get_text(&healthz).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("SERVER_FULL"), "{body}");
+    let line = coordinator.wait_for_line("out of file descriptors");
+    assert!(line.contains(" WARN "), "{line}");
+    drop(held);
+    eventually("served again once descriptors are free", || async {
+        let answer = relaymesh_net::http::request(
+            relaymesh_net::http::Method::GET,
+            &healthz,
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        answer.ok().filter(|(status, _)| status.as_u16() == 200)
+    })
+    .await;
+    std::fs::remove_file(&config).ok();
+}
