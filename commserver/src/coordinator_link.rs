@@ -164,9 +164,12 @@ impl link::Handler for Reader {
                 .filter(|ms| *ms > 0)
                 .map_or(ours, |ms| Duration::from_millis(ms.into()))
         };
+        // Load reports go every half interval: the coordinator stops offering a server it has
+        // not heard from for a whole one (two missed reports), so a stopped server is out of
+        // the choice within the interval.
         self.heartbeat = Heartbeat {
             timeout: ms(registered.heartbeat_timeout_ms, self.heartbeat.timeout),
-            interval: ms(registered.heartbeat_interval_ms, self.heartbeat.interval),
+            interval: ms(registered.heartbeat_interval_ms, self.heartbeat.interval) / 2,
         };
         self.ended = Ended::Lost;
         self.report_load();

@@ -35,7 +35,8 @@ pub(crate) async fn healthz() -> &'static str {
 
 /// `GET /v1/stats`.
 pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
-    let servers: Vec<Value> = lock(&app.registry)
+    let registry = lock(&app.registry);
+    let servers: Vec<Value> = registry
         .iter()
         .map(|(id, e)| {
             json!({
@@ -46,11 +47,13 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
                 "pending_keys": e.load.pending_keys,
                 "topics": e.load.topics,
                 "draining": e.load.draining,
-                "eligible": e.eligible(),
+                "eligible": registry.eligible(e),
+                "unresponsive": e.unresponsive,
                 "load_age_ms": u64::try_from(e.load_at.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         })
         .collect();
+    drop(registry);
     let s = &app.stats;
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

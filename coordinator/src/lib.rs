@@ -21,7 +21,7 @@ pub mod sql;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -144,7 +144,11 @@ pub async fn run(
             config.max_tracked_addresses,
         ),
         accounts,
-        registry: Mutex::new(Registry::new()),
+        // Servers report every half interval: a server with no report for a whole one (at
+        // least a second) has missed two and is no longer offered.
+        registry: Mutex::new(
+            Registry::new().stale_after(config.heartbeat_interval().max(Duration::from_secs(1))),
+        ),
         aliases: alias::Aliases::new(),
         next_link: AtomicU64::new(1),
         next_request: AtomicU64::new(1),

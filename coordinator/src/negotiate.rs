@@ -25,6 +25,7 @@ use tracing::Instrument as _;
 use crate::App;
 use crate::accounts::{Login, LoginError, check_name, hex_decode};
 use crate::registry::Claim;
+use crate::server_link::ReserveFailed;
 use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::limits::TokenBucket;
@@ -89,9 +90,15 @@ pub(crate) async fn place_client(
                     expires_in_ms: reserved.expires_in_ms,
                 });
             }
-            Err(e) => {
+            Err(ReserveFailed {
+                error: e,
+                timed_out,
+            }) => {
                 app.stats.reservations_failed.inc();
                 let server_id = c.id.clone();
+                if timed_out {
+                    lock(&app.registry).mark_unresponsive(c);
+                }
                 drop(claim);
                 tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
                 last_failure = Some(format!("{server_id}: {e}"));

@@ -6,7 +6,7 @@
 //! uses to reach a server's link; the unit tests use plain numbers.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rand::RngExt as _;
@@ -58,12 +58,27 @@ pub struct Entry<H> {
     pub link: LinkId,
     /// How to reach that link.
     pub handle: H,
+    /// It let a reservation time out, and has not reported its load since.
+    pub unresponsive: bool,
 }
 
 impl<H> Entry<H> {
-    /// Whether new clients may be sent here.
-    pub fn eligible(&self) -> bool {
+    /// Whether new clients may be sent here at `now`, when a server must have reported within
+    /// `stale_after`: it [`Entry::takes_clients`], answers, and was heard from lately. A server
+    /// that stopped (SIGSTOP, a blocked runtime) is out of the choice as soon as its reports
+    /// are missing, long before its link's heartbeat timeout ends the link.
+    pub fn eligible_at(&self, now: Instant, stale_after: Duration) -> bool {
+        self.takes_clients() && self.answering_at(now, stale_after)
+    }
+
+    /// Not draining and not full.
+    pub fn takes_clients(&self) -> bool {
         !self.load.draining && self.used() < u64::from(self.capacity)
+    }
+
+    /// No reservation timed out since its last report, which is at most `stale_after` old.
+    fn answering_at(&self, now: Instant, stale_after: Duration) -> bool {
+        !self.unresponsive && now.saturating_duration_since(self.load_at) <= stale_after
     }
 
     fn used(&self) -> u64 {
@@ -103,20 +118,34 @@ pub struct Claim<H> {
 #[derive(Debug)]
 pub struct Registry<H> {
     servers: BTreeMap<String, Entry<H>>,
+    /// A server not heard from for longer is not offered ([`Entry::eligible_at`]).
+    stale_after: Duration,
 }
 
 impl<H> Default for Registry<H> {
     fn default() -> Self {
         Self {
             servers: BTreeMap::new(),
+            stale_after: Duration::MAX,
         }
     }
 }
 
 impl<H: Clone> Registry<H> {
-    /// An empty registry.
+    /// An empty registry whose servers never go stale.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Servers not heard from for longer than `stale_after` are not offered.
+    pub fn stale_after(mut self, stale_after: Duration) -> Self {
+        self.stale_after = stale_after;
+        self
+    }
+
+    /// Whether `entry` may get new clients now ([`Entry::eligible_at`]).
+    pub fn eligible(&self, entry: &Entry<H>) -> bool {
+        entry.eligible_at(Instant::now(), self.stale_after)
     }
 
     /// Registers `id` over `link`, replacing any earlier link with the same id.
@@ -135,6 +164,7 @@ impl<H: Clone> Registry<H> {
             load_at: Instant::now(),
             link,
             handle,
+            unresponsive: false,
         };
         let previous = self.servers.insert(id.to_owned(), entry);
         let moved = previous.as_ref().is_none_or(|p| p.url != url);
@@ -167,6 +197,19 @@ impl<H: Clone> Registry<H> {
         if let Some(entry) = self.servers.get_mut(id).filter(|e| e.link == link) {
             entry.load = load;
             entry.load_at = Instant::now();
+            entry.unresponsive = false;
+        }
+    }
+
+    /// The server of `claim` let its reservation time out: it is not offered again until it
+    /// reports its load, so one stuck server costs one login a timeout, not every login.
+    pub fn mark_unresponsive(&mut self, claim: &Claim<H>) {
+        if let Some(entry) = self
+            .servers
+            .get_mut(&claim.id)
+            .filter(|e| e.link == claim.link)
+        {
+            entry.unresponsive = true;
         }
     }
 
@@ -212,20 +255,32 @@ impl<H: Clone> Registry<H> {
         preferred: Option<&str>,
         exclude: &[String],
     ) -> Option<&String> {
-        let allowed = |id: &str, e: &Entry<H>| e.eligible() && !exclude.iter().any(|x| x == id);
+        let now = Instant::now();
+        let allowed =
+            |id: &str, e: &Entry<H>| e.takes_clients() && !exclude.iter().any(|x| x == id);
+        // A server the client asked for is tried unless it let a reservation time out.
         if let Some(id) = preferred
             && let Some((id, _)) = self
                 .servers
                 .get_key_value(id)
-                .filter(|(id, e)| allowed(id, e))
+                .filter(|(id, e)| allowed(id, e) && !e.unresponsive)
         {
             return Some(id);
         }
-        let candidates: Vec<(&String, &Entry<H>)> = self
+        let mut candidates: Vec<(&String, &Entry<H>)> = self
             .servers
             .iter()
-            .filter(|(id, e)| allowed(id, e))
+            .filter(|(id, e)| allowed(id, e) && e.answering_at(now, self.stale_after))
             .collect();
+        // When none is answering as it should (or the coordinator itself was too busy to
+        // read their reports), trying one is better than refusing the login outright.
+        if candidates.is_empty() {
+            candidates = self
+                .servers
+                .iter()
+                .filter(|(id, e)| allowed(id, e))
+                .collect();
+        }
         let (id, _) = match strategy {
             Strategy::Random => *candidates.choose(rng)?,
             Strategy::LeastLoaded => {
@@ -383,6 +438,46 @@ mod tests {
             r.select(&mut rng, Strategy::Random, Some("nope"), &[])
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_server_that_stops_reporting_or_answering_is_not_offered() {
+        let every = Duration::from_secs(5);
+        let mut r = registry(2).stale_after(every);
+        let now = Instant::now();
+        let s0 = |r: &Registry<u32>| r.servers["s0"].eligible_at(now, every);
+        assert!(s0(&r));
+        // Its last report is older than the limit: out of the choice, the other still in.
+        r.servers.get_mut("s0").unwrap().load_at = now - every - Duration::from_millis(1);
+        assert!(!s0(&r));
+        assert!(r.servers["s1"].eligible_at(now, every));
+        let counts = spread(&r, Strategy::Random, &[], 50);
+        assert_eq!(counts.keys().collect::<Vec<_>>(), vec!["s1"]);
+        // A report brings it back.
+        r.update_load("s0", 0, Load::default());
+        assert!(r.eligible(&r.servers["s0"]));
+        // A reservation that timed out takes it out until its next report; a mark for an
+        // older link of the same id changes nothing.
+        let mut rng = StdRng::seed_from_u64(5);
+        let claim = r
+            .claim(&mut rng, Strategy::Random, Some("s0"), &[])
+            .unwrap();
+        r.release(&claim);
+        let stale = Claim {
+            link: 99,
+            ..claim.clone()
+        };
+        r.mark_unresponsive(&stale);
+        assert!(r.eligible(&r.servers["s0"]));
+        r.mark_unresponsive(&claim);
+        assert!(!r.eligible(&r.servers["s0"]));
+        let counts = spread(&r, Strategy::Random, &[], 50);
+        assert_eq!(counts.keys().collect::<Vec<_>>(), vec!["s1"]);
+        // With nothing better, it is still tried rather than the login refused.
+        let counts = spread(&r, Strategy::Random, &["s1".to_owned()], 5);
+        assert_eq!(counts.keys().collect::<Vec<_>>(), vec!["s0"]);
+        r.update_load("s0", 0, Load::default());
+        assert!(r.eligible(&r.servers["s0"]));
     }
 
     #[test]

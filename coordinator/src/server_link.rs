@@ -24,6 +24,15 @@ use crate::registry::Load;
 
 type ReserveReply = Result<v1::Reserved, v1::Error>;
 
+/// A reservation that failed.
+#[derive(Debug)]
+pub(crate) struct ReserveFailed {
+    /// Why, as the login's error.
+    pub error: v1::Error,
+    /// The server did not answer in time: it may be stuck.
+    pub timed_out: bool,
+}
+
 /// A registered server's link, as seen by the rest of the coordinator.
 pub(crate) struct ServerLink {
     pub(crate) id: String,
@@ -73,7 +82,18 @@ impl ServerLink {
         request_id: u64,
         identity: v1::Identity,
         timeout: Duration,
-    ) -> ReserveReply {
+    ) -> Result<v1::Reserved, ReserveFailed> {
+        self.reserve_inner(request_id, identity, timeout)
+            .await
+            .map_err(|(error, timed_out)| ReserveFailed { error, timed_out })
+    }
+
+    async fn reserve_inner(
+        &self,
+        request_id: u64,
+        identity: v1::Identity,
+        timeout: Duration,
+    ) -> Result<v1::Reserved, (v1::Error, bool)> {
         let busy = || {
             error(
                 ErrorCode::LimitExceeded,
@@ -81,18 +101,18 @@ impl ServerLink {
             )
         };
         if self.closer.is_closed() {
-            return Err(error(ErrorCode::Internal, "server link is closing"));
+            return Err((error(ErrorCode::Internal, "server link is closing"), false));
         }
         // Reservations may use the link queue only down to a reserve, so a login burst is
         // refused as "busy" instead of overflowing the queue and costing the server its link.
         if self.tx.capacity() <= self.tx.max_capacity() / 4 {
-            return Err(busy());
+            return Err((busy(), false));
         }
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let mut pending = lock(&self.pending);
             if pending.len() >= self.max_pending {
-                return Err(busy());
+                return Err((busy(), false));
             }
             pending.insert(request_id, reply_tx);
         }
@@ -102,7 +122,7 @@ impl ServerLink {
         }));
         if self.tx.try_send(frame).is_err() {
             lock(&self.pending).remove(&request_id);
-            return Err(busy());
+            return Err((busy(), false));
         }
         // `Ok(None)`: the link closed first.
         let outcome = tokio::select! {
@@ -110,19 +130,22 @@ impl ServerLink {
             _ = self.closer.closed() => Ok(None),
         };
         match outcome {
-            Ok(Some(reply)) => reply,
+            Ok(Some(reply)) => reply.map_err(|e| (e, false)),
             Ok(None) => {
                 lock(&self.pending).remove(&request_id);
-                Err(error(
-                    ErrorCode::Internal,
-                    "server link closed before answering",
+                Err((
+                    error(ErrorCode::Internal, "server link closed before answering"),
+                    false,
                 ))
             }
             Err(_) => {
                 lock(&self.pending).remove(&request_id);
-                Err(error(
-                    ErrorCode::Internal,
-                    format!("server did not answer within {} ms", timeout.as_millis()),
+                Err((
+                    error(
+                        ErrorCode::Internal,
+                        format!("server did not answer within {} ms", timeout.as_millis()),
+                    ),
+                    true,
                 ))
             }
         }

@@ -475,3 +475,94 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
     .await;
     std::fs::remove_file(&config).ok();
 }
+
+/// A comm server that stops answering (SIGSTOP) while its links stay open is out of the
+/// coordinator's choice within the heartbeat interval, long before the heartbeat timeout would
+/// end its link: logins go to the healthy server without waiting for a reservation to time
+/// out. Once it runs again, it is offered again.
+#[tokio::test]
+async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
+    let dir = std::env::temp_dir().join(format!("relaymesh-frozen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("coordinator.toml");
+    // A short interval (reports every 150 ms) and a timeout far beyond the test.
+    std::fs::write(
+        &config,
+        "heartbeat_interval_ms = 300\nheartbeat_timeout_ms = 60000\n",
+    )
+    .unwrap();
+    let mut coordinator = Proc::start(
+        "coordinator",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = coordinator.listening_addr();
+    let url = format!("ws://{addr}");
+    let stats_url = format!("http://{addr}/v1/stats");
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut proc = Proc::start(
+            "commserver",
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        );
+        let id = proc.listening_addr().to_string();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push((proc, id));
+    }
+    let eligible = |id: String| {
+        let stats_url = stats_url.clone();
+        async move {
+            coordinator_servers(&stats_url)
+                .await
+                .iter()
+                .find(|s| s["id"] == id.as_str())
+                .map(|s| s["eligible"] == true)
+        }
+    };
+    for (_, id) in &servers {
+        eventually("both servers offered", || async {
+            (eligible(id.clone()).await == Some(true)).then_some(())
+        })
+        .await;
+    }
+
+    let (frozen, frozen_id) = &servers[0];
+    let pid = frozen.child.id().to_string();
+    let signal = |name: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    eventually("the frozen server is no longer offered", || async {
+        (eligible(frozen_id.clone()).await == Some(false)).then_some(())
+    })
+    .await;
+    // Still registered (its link is open), yet every login goes to the other server at once.
+    assert_eq!(coordinator_servers(&stats_url).await.len(), 2);
+    for _ in 0..20 {
+        let (status, login) =
+            relaymesh_tests::post_json(&format!("http://{addr}/v1/login"), &serde_json::json!({}))
+                .await;
+        assert_eq!(status, 200, "{login}");
+        assert_eq!(login["server_id"], servers[1].1.as_str());
+    }
+    assert_eq!(get_json(&stats_url).await["reservations_failed"], 0);
+
+    signal("-CONT");
+    eventually("offered again once it runs", || async {
+        (eligible(frozen_id.clone()).await == Some(true)).then_some(())
+    })
+    .await;
+    drop(servers);
+    coordinator.kill();
+    std::fs::remove_dir_all(&dir).ok();
+}
