@@ -105,8 +105,13 @@ pub struct Config {
     /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
     /// to clients.
     pub heartbeat_interval_ms: u64,
-    /// Silence after which a client, peer or coordinator link is considered dead.
+    /// Silence after which a client or coordinator link is considered dead.
     pub heartbeat_timeout_ms: u64,
+    /// Silence after which a peer link is considered dead; peers ping each other every third
+    /// of it, and the same time unacknowledged on the socket (`TCP_USER_TIMEOUT`) ends the
+    /// link too. Shorter than `heartbeat_timeout_ms`: while a peer link is down or stalled,
+    /// forwards over it are lost, so a stalled peer must be found fast.
+    pub peer_heartbeat_timeout_ms: u64,
     /// Time a new link has to send its first message.
     pub handshake_timeout_ms: u64,
     /// Longest wait for peers to confirm a subscription before it is acknowledged anyway.
@@ -171,6 +176,7 @@ impl Default for Config {
             max_connections: 100_000,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
+            peer_heartbeat_timeout_ms: 3_000,
             handshake_timeout_ms: 5_000,
             subscribe_sync_timeout_ms: 5_000,
             reconnect_min_ms: 100,
@@ -303,6 +309,11 @@ impl Config {
             self.handshake_timeout_ms,
         )?;
         ensure(
+            self.peer_heartbeat_timeout_ms >= 300,
+            "peer_heartbeat_timeout_ms",
+            "must be at least 300",
+        )?;
+        ensure(
             self.reconnect_min_ms > 0,
             "reconnect_min_ms",
             "must be positive",
@@ -363,6 +374,7 @@ impl Config {
     relaymesh_net::durations! {
         pub(crate) fn heartbeat_interval = heartbeat_interval_ms;
         pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
+        pub(crate) fn peer_heartbeat_timeout = peer_heartbeat_timeout_ms;
         pub(crate) fn handshake_timeout = handshake_timeout_ms;
         pub(crate) fn subscribe_sync_timeout = subscribe_sync_timeout_ms;
         pub(crate) fn key_ttl = key_ttl_ms;
@@ -380,6 +392,23 @@ impl Config {
             max_frame_bytes: self.max_frame_bytes,
             read_buffer_bytes: self.read_buffer_bytes,
             write_buffer_bytes: self.write_buffer_bytes,
+            tcp_user_timeout: None,
+        }
+    }
+
+    /// Peer links: unacknowledged data ends the link after the peer heartbeat timeout.
+    pub(crate) fn peer_ws_limits(&self) -> WsLimits {
+        WsLimits {
+            tcp_user_timeout: Some(self.peer_heartbeat_timeout()),
+            ..self.ws_limits()
+        }
+    }
+
+    /// The heartbeat of peer links: pings every third of the peer timeout.
+    pub(crate) fn peer_heartbeat(&self) -> relaymesh_net::link::Heartbeat {
+        relaymesh_net::link::Heartbeat {
+            timeout: self.peer_heartbeat_timeout(),
+            interval: self.peer_heartbeat_timeout() / 3,
         }
     }
 

@@ -183,13 +183,12 @@ pub(crate) async fn dial_link(
         .await
         .map_err(ws::DialError::Credentials)?;
     let url = format!("{base}{path}");
-    ws::dial_link(
-        &url,
-        Some(&authorization),
-        &server.config.ws_limits(),
-        timeout,
-    )
-    .await
+    let limits = if path == "/v1/peers" {
+        server.config.peer_ws_limits()
+    } else {
+        server.config.ws_limits()
+    };
+    ws::dial_link(&url, Some(&authorization), &limits, timeout).await
 }
 
 /// `GET /v1/peers`: checks the cluster secret (or trusted key), then upgrades to a peer link.
@@ -207,7 +206,7 @@ pub(crate) async fn accept(
         Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
-    let limits = server.config.ws_limits();
+    let limits = server.config.peer_ws_limits();
     let span = tracing::info_span!("peer", addr = %conn.peer, dialed = false);
     let tracker = server.tracker.clone();
     tracker.spawn(
@@ -439,7 +438,7 @@ impl link::Handler for PeerReader {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        self.server.config.heartbeat()
+        self.server.config.peer_heartbeat()
     }
 
     fn beat(&mut self) {

@@ -205,6 +205,7 @@ impl Config {
             max_frame_bytes: self.max_frame_bytes,
             read_buffer_bytes: 4 * 1024,
             write_buffer_bytes: 16 * 1024,
+            tcp_user_timeout: None,
         }
     }
 

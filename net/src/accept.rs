@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
@@ -104,11 +105,24 @@ pub async fn upgraded_link(
     let parts = upgraded
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| UpgradeError::NotTcp)?;
+    set_user_timeout(parts.io.inner(), limits.tcp_user_timeout);
     Ok(accepted_link(
         Bytes::copy_from_slice(&parts.read_buf),
         parts.io.into_inner(),
         limits,
     ))
+}
+
+/// Sets `TCP_USER_TIMEOUT` ([`WsLimits::tcp_user_timeout`]) where the system has it.
+pub(crate) fn set_user_timeout(tcp: &TcpStream, timeout: Option<Duration>) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(timeout) = timeout
+        && let Err(error) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout))
+    {
+        tracing::debug!(%error, "cannot set TCP_USER_TIMEOUT");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (tcp, timeout);
 }
 
 /// A server link over `tcp`, whose first bytes (read past the upgrade request) are `pre`; its

@@ -37,6 +37,11 @@ pub struct WsLimits {
     pub read_buffer_bytes: usize,
     /// Bytes buffered before tungstenite writes to the socket without an explicit flush.
     pub write_buffer_bytes: usize,
+    /// `TCP_USER_TIMEOUT` on the socket (Linux): the kernel ends the connection when data it
+    /// sent stays unacknowledged this long, so a peer that vanished (a black-holed route, a
+    /// frozen process whose buffers are full) is found without waiting for the heartbeat.
+    /// Set only on the links that serve the process (servers' own dials and accepted links).
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl Default for WsLimits {
@@ -45,6 +50,7 @@ impl Default for WsLimits {
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 8 * 1024,
             write_buffer_bytes: 64 * 1024,
+            tcp_user_timeout: None,
         }
     }
 }
@@ -149,16 +155,84 @@ pub async fn dial_link(
 /// `HTTP/1.1 101`: enough of a response to tell an upgrade from a refusal.
 const STATUS_LINE_START: usize = 12;
 
+/// Finds where an HTTP response head ends in a stream read piece by piece, so that a reader
+/// can stop exactly there: what follows a `101 Switching Protocols` head is the server's first
+/// frames. Pure (no I/O), so it is tested and fuzzed on its own.
+#[derive(Debug, Clone, Default)]
+pub struct HeadScanner {
+    /// The last bytes consumed, to find a `\r\n\r\n` split across reads.
+    recent: Vec<u8>,
+    /// The first bytes of the response consumed so far (up to `HTTP/1.1 101`).
+    head: Vec<u8>,
+    done: bool,
+}
+
+/// What [`HeadScanner::scan`] says about the bytes available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// The response is not a `101`: everything, body included, belongs to the handshake.
+    NotUpgrade,
+    /// The first `n` bytes belong to the head; with `last`, the head ends with them.
+    Take {
+        /// Bytes of the head.
+        n: usize,
+        /// They end the head.
+        last: bool,
+    },
+}
+
+impl HeadScanner {
+    /// Whether the head has been consumed whole.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Says how much of `available` (the next bytes of the stream, not yet consumed) belongs
+    /// to the head.
+    pub fn scan(&self, available: &[u8]) -> Scan {
+        if self.head.len() < STATUS_LINE_START {
+            // The status line may arrive in pieces; decide once its first 12 bytes are here.
+            let want = STATUS_LINE_START - self.head.len();
+            let mut head = self.head.clone();
+            head.extend_from_slice(&available[..available.len().min(want)]);
+            if head.len() == STATUS_LINE_START && !head.ends_with(b" 101") {
+                return Scan::NotUpgrade;
+            }
+        }
+        let mut window = self.recent.clone();
+        window.extend_from_slice(available);
+        match window.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(at) => Scan::Take {
+                n: at + 4 - self.recent.len(),
+                last: true,
+            },
+            None => Scan::Take {
+                n: available.len(),
+                last: false,
+            },
+        }
+    }
+
+    /// Records that `bytes`, the start of what was last scanned, were consumed.
+    pub fn consumed(&mut self, bytes: &[u8]) {
+        let want = STATUS_LINE_START.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&bytes[..bytes.len().min(want)]);
+        let mut window = std::mem::take(&mut self.recent);
+        window.extend_from_slice(bytes);
+        self.done = window.ends_with(b"\r\n\r\n");
+        let keep = window.len().saturating_sub(3);
+        self.recent = window.split_off(keep);
+    }
+}
+
 /// A dialed socket during the WebSocket handshake: reads stop at the end of the response
 /// headers, so whatever the server sends after them (its first frames) stays in the socket for
 /// whoever reads the link next.
 #[derive(Debug)]
 pub struct UntilHeaders {
     tcp: TcpStream,
-    /// The last bytes read, to find a `\r\n\r\n` split across reads.
-    recent: [u8; 3],
-    /// The first bytes of the response read so far (up to `HTTP/1.1 101`).
-    head: Vec<u8>,
+    scanner: HeadScanner,
+    /// Reads go straight to the socket: the head is over, or the response is no upgrade.
     done: bool,
 }
 
@@ -166,8 +240,7 @@ impl UntilHeaders {
     fn new(tcp: TcpStream) -> Self {
         Self {
             tcp,
-            recent: [0; 3],
-            head: Vec::new(),
+            scanner: HeadScanner::default(),
             done: false,
         }
     }
@@ -192,25 +265,15 @@ impl AsyncRead for UntilHeaders {
         if n == 0 {
             return Poll::Ready(Ok(()));
         }
-        // Only a successful upgrade is followed by frames. A refusal's body (the JSON error)
-        // belongs to the handshake, which reads it from its own buffer.
-        if self.head.len() < STATUS_LINE_START {
-            // The status line may arrive in pieces; decide once its first 12 bytes are here.
-            let want = STATUS_LINE_START - self.head.len();
-            let mut head = self.head.clone();
-            head.extend_from_slice(&peeked[..n.min(want)]);
-            if head.len() == STATUS_LINE_START && !head.ends_with(b" 101") {
+        let take = match self.scanner.scan(&peeked[..n]) {
+            // Only a successful upgrade is followed by frames. A refusal's body (the JSON
+            // error) belongs to the handshake, which reads it from its own buffer.
+            Scan::NotUpgrade => {
                 self.done = true;
                 return Pin::new(&mut self.tcp).poll_read(cx, buf);
             }
-        }
-        let mut window = self.recent.to_vec();
-        window.extend_from_slice(&peeked[..n]);
-        let end = window
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|at| at + 4 - self.recent.len());
-        let take = end.unwrap_or(n).min(buf.remaining());
+            Scan::Take { n, .. } => n.min(buf.remaining()),
+        };
         let mut chunk = vec![0u8; take];
         // The bytes are in the socket (peeked), so a non-blocking read returns them now.
         let read = match self.tcp.try_read(&mut chunk) {
@@ -222,15 +285,8 @@ impl AsyncRead for UntilHeaders {
             Err(e) => return Poll::Ready(Err(e)),
         };
         buf.put_slice(&chunk[..read]);
-        let want = STATUS_LINE_START.saturating_sub(self.head.len());
-        self.head.extend_from_slice(&chunk[..read.min(want)]);
-        let mut recent = self.recent.to_vec();
-        recent.extend_from_slice(&chunk[..read]);
-        let keep = recent.len() - 3;
-        self.recent.copy_from_slice(&recent[keep..]);
-        if end.is_some_and(|end| read == end) {
-            self.done = true;
-        }
+        self.scanner.consumed(&chunk[..read]);
+        self.done = self.scanner.done();
         Poll::Ready(Ok(()))
     }
 }
@@ -299,6 +355,8 @@ async fn dial_inner(
             error,
         })?;
     let _ = stream.set_nodelay(true);
+    #[cfg(feature = "server")]
+    crate::accept::set_user_timeout(&stream, limits.tcp_user_timeout);
     match tokio_tungstenite::client_async_with_config(
         request,
         UntilHeaders::new(stream),
@@ -336,6 +394,48 @@ mod tests {
     use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+    /// Feeds `stream` to a scanner in pieces of `step` bytes, consuming at most `read` of each
+    /// piece, as `UntilHeaders` does; returns what it consumed, or `None` for no upgrade.
+    fn scan_in_pieces(stream: &[u8], step: usize, read: usize) -> Option<(usize, bool)> {
+        let mut scanner = HeadScanner::default();
+        let mut at = 0;
+        while at < stream.len() && !scanner.done() {
+            let available = &stream[at..(at + step).min(stream.len())];
+            match scanner.scan(available) {
+                Scan::NotUpgrade => return None,
+                Scan::Take { n, .. } => {
+                    let n = n.min(read);
+                    scanner.consumed(&available[..n]);
+                    at += n;
+                }
+            }
+        }
+        Some((at, scanner.done()))
+    }
+
+    #[test]
+    fn the_head_scanner_stops_exactly_at_the_end_of_a_101_head() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+        let mut stream = head.to_vec();
+        stream.extend_from_slice(b"\x82\x03abc\r\n\r\n");
+        for step in 1..=stream.len() {
+            for read in 1..=4 {
+                assert_eq!(
+                    scan_in_pieces(&stream, step, read),
+                    Some((head.len(), true)),
+                    "step {step}, read {read}"
+                );
+            }
+        }
+        // A head not complete yet is consumed whole and is not done.
+        assert_eq!(scan_in_pieces(&head[..20], 3, 2), Some((20, false)));
+        // Anything but a 101 is left to the handshake, however it arrives.
+        let refused = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}";
+        for step in 1..=refused.len() {
+            assert_eq!(scan_in_pieces(refused, step, 1), None, "step {step}");
+        }
+    }
 
     /// Reads an HTTP request's head, byte by byte so nothing after it is consumed.
     async fn read_request(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {

@@ -479,7 +479,8 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
 /// A comm server that stops answering (SIGSTOP) while its links stay open is out of the
 /// coordinator's choice within the heartbeat interval, long before the heartbeat timeout would
 /// end its link: logins go to the healthy server without waiting for a reservation to time
-/// out. Once it runs again, it is offered again.
+/// out; its peer gives up their link after the peer heartbeat timeout. Once it runs again, it
+/// is offered and linked again.
 #[tokio::test]
 async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     let dir = std::env::temp_dir().join(format!("relaymesh-frozen-{}", std::process::id()));
@@ -503,16 +504,31 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     let addr = coordinator.listening_addr();
     let url = format!("ws://{addr}");
     let stats_url = format!("http://{addr}/v1/stats");
+    // Client and coordinator links that would wait a minute; peer links keep the default.
+    let server_config = dir.join("commserver.toml");
+    std::fs::write(&server_config, "heartbeat_timeout_ms = 60000\n").unwrap();
     let mut servers = Vec::new();
     for _ in 0..2 {
         let mut proc = Proc::start(
             "commserver",
-            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+            &[
+                "--config",
+                server_config.to_str().unwrap(),
+                "--coordinator",
+                &url,
+                "--listen",
+                "127.0.0.1:0",
+            ],
         );
         let id = proc.listening_addr().to_string();
         proc.wait_for_line("registered with the coordinator");
         servers.push((proc, id));
     }
+    let healthy_stats = format!("http://{}/v1/stats", servers[1].1);
+    eventually("the servers are linked", || async {
+        (get_json(&healthy_stats).await["peers"] == 1).then_some(())
+    })
+    .await;
     let eligible = |id: String| {
         let stats_url = stats_url.clone();
         async move {
@@ -556,10 +572,20 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
         assert_eq!(login["server_id"], servers[1].1.as_str());
     }
     assert_eq!(get_json(&stats_url).await["reservations_failed"], 0);
+    // The healthy server gives up its link to the frozen one after the peer heartbeat
+    // timeout (3 s), not the minute its other links would wait.
+    eventually("the peer link to the frozen server is closed", || async {
+        (get_json(&healthy_stats).await["peers"] == 0).then_some(())
+    })
+    .await;
 
     signal("-CONT");
     eventually("offered again once it runs", || async {
         (eligible(frozen_id.clone()).await == Some(true)).then_some(())
+    })
+    .await;
+    eventually("linked again", || async {
+        (get_json(&healthy_stats).await["peers"] == 1).then_some(())
     })
     .await;
     drop(servers);
