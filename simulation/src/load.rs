@@ -561,7 +561,6 @@ impl Publisher {
         let phase: f64 = rand::rng().random_range(0.0..1.0);
         let scheduled = (duration.as_secs_f64() * rate + phase).floor() as u64;
         let start = tokio::time::Instant::now();
-        let start_ns = measure::now_ns();
         let due = |k: u64| Duration::from_secs_f64(((k + 1) as f64 - phase) / rate);
         let (mut sent, mut errors) = (0u64, 0u64);
         let mut max_lag = Duration::ZERO;
@@ -572,8 +571,8 @@ impl Publisher {
                 .clamp(sent + errors + 1, scheduled);
             while sent + errors < target {
                 let k = sent + errors;
-                let due_ns = start_ns + u64::try_from(due(k).as_nanos()).unwrap_or(u64::MAX);
-                let stamp = measure::now_ns().min(due_ns + TIMER_SLACK_NS);
+                let late = start.elapsed().saturating_sub(due(k));
+                let stamp = measure::stamp(measure::now_ns(), late, TIMER_SLACK_NS);
                 let payload = measure::payload(self.id, sent, self.server, size, stamp);
                 max_lag = max_lag.max(start.elapsed().saturating_sub(due(k)));
                 match self.handle.publish(&self.topic, payload).await {

@@ -28,6 +28,16 @@ pub(crate) fn now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// The send stamp of a message that goes out `late` (by the monotonic clock) after it was due,
+/// at wall-clock time `now_ns`: the time it was due, plus at most `slack_ns`. Only the lateness
+/// comes from the monotonic clock, never a wall-clock time taken at the start of the run: a
+/// wall clock that runs fast or slow against the monotonic one (thousands of ppm on some VMs)
+/// would otherwise show up as latency growing with the length of the run.
+pub(crate) fn stamp(now_ns: u64, late: Duration, slack_ns: u64) -> u64 {
+    let late_ns = u64::try_from(late.as_nanos()).unwrap_or(u64::MAX);
+    now_ns.saturating_sub(late_ns.saturating_sub(slack_ns))
+}
+
 /// A stable 32-bit hash of a server id (FNV-1a), carried in the header.
 pub(crate) fn server_hash(server_id: &str) -> u32 {
     server_id.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -291,6 +301,25 @@ pub(crate) fn pct(h: &Histogram<u64>, p: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamp_is_the_due_time_whatever_the_wall_clock_did_since_the_start() {
+        let slack = 2_000_000;
+        // On time, or late within the slack: now.
+        assert_eq!(stamp(10_000_000_000, Duration::ZERO, slack), 10_000_000_000);
+        assert_eq!(stamp(10_000_000_000, Duration::from_millis(1), slack), 10_000_000_000);
+        // Held back 50 ms: the delay counts, less the slack.
+        assert_eq!(
+            stamp(10_000_000_000, Duration::from_millis(50), slack),
+            10_000_000_000 - 48_000_000
+        );
+        // A wall clock running 5 ms/s fast has moved 1.005 s while the monotonic one moved
+        // 1 s: an on-time message 1 s into the run is still stamped now, with no 5 ms of
+        // invented latency (a stamp of start + due, as before, would have had them).
+        let start_wall = 1_000_000_000_000;
+        let now_wall = start_wall + 1_005_000_000;
+        assert_eq!(stamp(now_wall, Duration::ZERO, slack), now_wall);
+    }
 
     fn stamped(publisher: u32, seq: u64, server: u32) -> Bytes {
         payload(publisher, seq, server, 100, now_ns())
