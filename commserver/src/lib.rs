@@ -26,6 +26,25 @@ mod routes;
 mod session;
 mod stats;
 
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use bytes::Bytes;
+
+    /// Decodes `data` as a dispatch frame; one that decodes must encode back to the same bytes.
+    pub fn dispatch_frame(data: &[u8]) {
+        let data = Bytes::copy_from_slice(data);
+        if let Ok(frame) = crate::dispatch::frame::decode(&data) {
+            let again =
+                crate::dispatch::frame::encode(frame.kind, &frame.ip, frame.id, &frame.data);
+            assert_eq!(
+                again, data,
+                "{frame:?} does not encode back to what it was decoded from"
+            );
+        }
+    }
+}
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

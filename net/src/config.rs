@@ -92,7 +92,12 @@ pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, Con
         path: path.to_owned(),
         error,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    parse(&text, path)
+}
+
+/// Parses `text`, the contents of the config file `path`, as TOML into `T`.
+pub fn parse<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e
             .to_string()

@@ -12,7 +12,7 @@
 //! Locks: `Dispatch::ports` before `Port::drivers` before `Port::clients`, each held for a few
 //! instructions and never across an await.
 
-mod frame;
+pub(crate) mod frame;
 mod mesh;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
