@@ -307,7 +307,10 @@ mod tests {
         let slack = 2_000_000;
         // On time, or late within the slack: now.
         assert_eq!(stamp(10_000_000_000, Duration::ZERO, slack), 10_000_000_000);
-        assert_eq!(stamp(10_000_000_000, Duration::from_millis(1), slack), 10_000_000_000);
+        assert_eq!(
+            stamp(10_000_000_000, Duration::from_millis(1), slack),
+            10_000_000_000
+        );
         // Held back 50 ms: the delay counts, less the slack.
         assert_eq!(
             stamp(10_000_000_000, Duration::from_millis(50), slack),
