@@ -56,6 +56,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "forwards_out": s.forwards_out.get(),
         "forward_dropped": s.forward_dropped.get(),
         "peer_drops_reported": s.peer_drops_reported.get(),
+        "peer_gaps_reported": s.peer_gaps_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
         "forbidden": s.forbidden.get(),
         "replaced": s.replaced.get(),
@@ -93,7 +94,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 14] = [
+    let counters: [(&str, &str, &Counter); 15] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -133,6 +134,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_peer_drops_reported_total",
             "Forwards peers reported dropping for this server.",
             &s.peer_drops_reported,
+        ),
+        (
+            "relaymesh_peer_gaps_reported_total",
+            "Forwards a peer missed on a broken or down link, reported to it when it linked again.",
+            &s.peer_gaps_reported,
         ),
         (
             "relaymesh_protocol_errors_total",

@@ -112,6 +112,10 @@ pub struct Config {
     /// link too. Shorter than `heartbeat_timeout_ms`: while a peer link is down or stalled,
     /// forwards over it are lost, so a stalled peer must be found fast.
     pub peer_heartbeat_timeout_ms: u64,
+    /// How long a peer link that went down keeps the peer's interest: what is routed to it
+    /// meanwhile is counted, and the peer is told how much it missed (`ForwardDropped`, passed
+    /// on to its subscribers as `Dropped`) when it links again within this time.
+    pub peer_resume_ms: u64,
     /// Time a new link has to send its first message.
     pub handshake_timeout_ms: u64,
     /// Longest wait for peers to confirm a subscription before it is acknowledged anyway.
@@ -177,6 +181,7 @@ impl Default for Config {
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
             peer_heartbeat_timeout_ms: 3_000,
+            peer_resume_ms: 30_000,
             handshake_timeout_ms: 5_000,
             subscribe_sync_timeout_ms: 5_000,
             reconnect_min_ms: 100,
@@ -375,6 +380,7 @@ impl Config {
         pub(crate) fn heartbeat_interval = heartbeat_interval_ms;
         pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
         pub(crate) fn peer_heartbeat_timeout = peer_heartbeat_timeout_ms;
+        pub(crate) fn peer_resume = peer_resume_ms;
         pub(crate) fn handshake_timeout = handshake_timeout_ms;
         pub(crate) fn subscribe_sync_timeout = subscribe_sync_timeout_ms;
         pub(crate) fn key_ttl = key_ttl_ms;

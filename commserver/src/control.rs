@@ -38,22 +38,40 @@ pub(crate) struct PeerLink {
     pub(crate) remote_topics: AtomicU64,
     /// Forwards received from the peer.
     pub(crate) forwards_in: relaymesh_net::metrics::Counter,
+    /// Forwards the peer said it dropped for this server (`ForwardDropped`).
+    pub(crate) told: relaymesh_net::metrics::Counter,
+    /// The link's name, shared by both sides (`PeerHello.link_nonce`).
+    pub(crate) nonce: u64,
+}
+
+/// A peer link's queues and closer, made before its handshake.
+#[derive(Debug)]
+pub(crate) struct PeerQueues {
+    pub(crate) ctrl: mpsc::Sender<Bytes>,
+    pub(crate) data: DataTx,
+    pub(crate) backlog: Arc<Backlog>,
+    pub(crate) closer: Closer,
 }
 
 impl PeerLink {
     pub(crate) fn new(
         server_id: Arc<str>,
         link: LinkId,
-        ctrl: mpsc::Sender<Bytes>,
-        data: DataTx,
-        backlog: Arc<Backlog>,
-        closer: Closer,
+        queues: PeerQueues,
         dialed: bool,
+        nonce: u64,
     ) -> Self {
+        let PeerQueues {
+            ctrl,
+            data,
+            backlog,
+            closer,
+        } = queues;
         let out = Arc::new(PeerOut {
             data,
             backlog,
             forwards_out: Default::default(),
+            missed: Default::default(),
         });
         Self {
             server_id,
@@ -64,6 +82,8 @@ impl PeerLink {
             dialed,
             remote_topics: AtomicU64::new(0),
             forwards_in: Default::default(),
+            told: Default::default(),
+            nonce,
         }
     }
 
@@ -98,6 +118,11 @@ pub(crate) enum Command {
         peer: Arc<PeerLink>,
     },
     PeerDown {
+        server_id: Arc<str>,
+        link: LinkId,
+    },
+    /// A link down since `PeerDown` did not come back within `peer_resume_ms`.
+    PeerExpire {
         server_id: Arc<str>,
         link: LinkId,
     },
@@ -160,6 +185,7 @@ impl Control {
                 self.state.peer_up(&name, peer.link, peer)
             }
             Command::PeerDown { server_id, link } => self.state.peer_down(&server_id, link),
+            Command::PeerExpire { server_id, link } => self.state.peer_expire(&server_id, link),
             Command::PeerInterest {
                 server_id,
                 link,

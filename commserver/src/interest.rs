@@ -182,6 +182,10 @@ struct PeerState<P> {
     /// Last interest seq sent to the peer, and the last it acknowledged.
     sent: u64,
     acked: u64,
+    /// The link is down and its interest kept until the peer links again or the link
+    /// expires ([`Interest::peer_expire`]): forwards routed to it meanwhile are counted as
+    /// missed for the peer, which is told of them when it comes back.
+    down: bool,
 }
 
 #[derive(Debug)]
@@ -299,16 +303,36 @@ impl<S: Clone, P: Clone> Interest<S, P> {
                 interest: HashSet::new(),
                 sent: 1,
                 acked: 0,
+                down: false,
             },
         );
         fx
     }
 
-    /// The link `link` to peer `name` went down.
+    /// The link `link` to peer `name` went down. Its interest stays (and with it the peer in
+    /// the routes) until the peer links again or [`Interest::peer_expire`]; nobody waits for
+    /// it to acknowledge anything meanwhile.
     pub(crate) fn peer_down(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
         let mut fx = Effects::default();
-        self.remove_peer(name, link, &mut fx);
-        fx.close.clear();
+        if let Some(peer) = self.peers.get_mut(name).filter(|p| p.link == link) {
+            peer.down = true;
+            self.settle(|n, l, _| n == name && l == link, &mut fx);
+        }
+        fx
+    }
+
+    /// The link `link` to peer `name`, down since [`Interest::peer_down`], did not come back
+    /// in time: its interest goes.
+    pub(crate) fn peer_expire(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
+        let mut fx = Effects::default();
+        if self
+            .peers
+            .get(name)
+            .is_some_and(|p| p.link == link && p.down)
+        {
+            self.remove_peer(name, link, &mut fx);
+            fx.close.clear();
+        }
         fx
     }
 
@@ -426,7 +450,8 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         if add.is_empty() && remove.is_empty() {
             return;
         }
-        for peer in self.peers.values_mut() {
+        // A link that is down hears the whole set when it comes back.
+        for peer in self.peers.values_mut().filter(|p| !p.down) {
             peer.sent += 1;
             let msg = ToPeer::Interest {
                 seq: peer.sent,
@@ -443,7 +468,7 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         let needs: Vec<_> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.acked < p.sent)
+            .filter(|(_, p)| !p.down && p.acked < p.sent)
             .map(|(name, p)| (name.clone(), p.link, p.sent))
             .collect();
         if needs.is_empty() {
@@ -636,9 +661,20 @@ mod tests {
         assert!(fx.close.is_empty() && fx.routes.is_empty());
         i.peer_interest(&name("p"), 2, 1, true, vec![t("b")], vec![]);
         assert_eq!(route(&i, "b").1, vec!["P2"]);
+        // Down, the link keeps its interest (what is routed to it is counted as missed)...
         let fx = i.peer_down(&name("p"), 2);
-        assert!(fx.routes.contains(&t("b")));
+        assert!(fx.routes.is_empty() && fx.close.is_empty());
+        assert_eq!(route(&i, "b").1, vec!["P2"]);
+        // ...and a later change is not sent to it, nor waited for.
+        assert!(i.subscribe(2, &2, vec![t("c")], 5).to_peers.is_empty());
+        // An expiry for another link changes nothing; its own removes the interest.
+        assert!(i.peer_expire(&name("p"), 1).routes.is_empty());
+        let fx = i.peer_expire(&name("p"), 2);
+        assert!(fx.routes.contains(&t("b")) && fx.close.is_empty());
         assert_eq!(route(&i, "b"), (vec![1], vec![]));
+        // A link that is up does not expire.
+        i.peer_up(&name("p"), 3, "P3");
+        assert!(i.peer_expire(&name("p"), 3).routes.is_empty());
     }
 
     #[test]

@@ -92,6 +92,9 @@ struct Server {
     load_changed: tokio::sync::Notify,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
+    /// The last link with each peer that went down, to settle what it lost when the peer
+    /// links again.
+    previous_links: Mutex<HashMap<Arc<str>, peers::PreviousLink>>,
     /// Peers this server dials (those with a higher id), and the tokens that stop their dialers.
     dialers: Mutex<HashMap<Arc<str>, peers::Dialer>>,
     stats: stats::Stats,
@@ -224,6 +227,7 @@ pub async fn run_with(
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         peer_links: Mutex::new(BTreeMap::new()),
+        previous_links: Mutex::new(HashMap::new()),
         dialers: Mutex::new(HashMap::new()),
         stats: stats::Stats::default(),
         next_id: AtomicU64::new(1),

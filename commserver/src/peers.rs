@@ -16,9 +16,7 @@ use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::link::{
-    self, Backlog, Closer, DataBacklog, DataTx, Flow, Heartbeat, Link, WriterSetup,
-};
+use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, Link, WriterSetup};
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
@@ -33,13 +31,65 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::Server;
-use crate::control::{Command, PeerLink};
+use crate::control::{Command, PeerLink, PeerQueues};
 use crate::routes::{self, Origin, Publisher};
 
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
         count,
     }))
+}
+
+/// A peer link that went down (or is being replaced), kept to settle what it lost.
+#[derive(Debug, Clone)]
+pub(crate) struct PreviousLink {
+    /// Its name (`PeerHello.link_nonce`).
+    nonce: u64,
+    /// Its data path: what was routed to the peer over it, still counting while routes built
+    /// before the peer linked again point at it.
+    out: Arc<routes::PeerOut>,
+    /// Forwards received on it, counting those the peer said it dropped.
+    received: u64,
+}
+
+impl PreviousLink {
+    fn of(link: &PeerLink) -> Self {
+        Self {
+            nonce: link.nonce,
+            out: link.out.clone(),
+            received: link.forwards_in.get() + link.told.get(),
+        }
+    }
+}
+
+/// The previous link with `peer`: the live one a new link is about to replace, or the last
+/// one that went down.
+fn previous_link(server: &Server, peer: &str) -> Option<PreviousLink> {
+    if let Some(live) = lock(&server.peer_links).get(peer) {
+        return Some(PreviousLink::of(live));
+    }
+    lock(&server.previous_links).get(peer).cloned()
+}
+
+/// This server's `PeerHello` for link `nonce`, telling what it received on `previous`.
+fn hello(server: &Server, nonce: u64, previous: Option<&PreviousLink>) -> Bytes {
+    encode(&v1::PeerMessage::hello(v1::PeerHello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: server.id.to_string(),
+        link_nonce: nonce,
+        previous_link: previous.map_or(0, |p| p.nonce),
+        previous_received: previous.map_or(0, |p| p.received),
+    }))
+}
+
+/// What the peer has not been told yet of what was routed to it over its previous link.
+#[derive(Debug)]
+struct Gap {
+    out: Arc<routes::PeerOut>,
+    /// What the peer received on that link, by its own count.
+    received: u64,
+    /// Reported so far.
+    reported: u64,
 }
 
 /// A peer this server dials: where to find it and how to stop dialing it.
@@ -238,11 +288,12 @@ where
         server.config.peer_queue_bytes,
     ));
     let closer = Closer::new();
-    let hello = encode(&v1::PeerMessage::hello(v1::PeerHello {
-        protocol_version: PROTOCOL_VERSION,
-        server_id: server.id.to_string(),
-    }));
-    let dialed = expected.is_some();
+
+    // The dialer names the link; the acceptor answers in `first` with the same name.
+    let nonce = rand::random::<u64>().max(1);
+    let hello = expected
+        .as_deref()
+        .map(|peer| hello(server, nonce, previous_link(server, peer).as_ref()));
     let options = link::Options {
         writer: WriterSetup {
             ctrl: ctrl_rx,
@@ -259,10 +310,9 @@ where
             direct: None,
             on_close: link::OnClose::SendQueued,
             // The dialer says who it is first; the acceptor answers once it has checked.
-            first: if dialed {
-                link::First::Frames(vec![hello.clone()])
-            } else {
-                link::First::Answer
+            first: match &hello {
+                Some(hello) => link::First::Frames(vec![hello.clone()]),
+                None => link::First::Answer,
             },
         },
         handshake: Some(server.config.handshake_timeout()),
@@ -272,8 +322,14 @@ where
     let reader = PeerReader {
         server: server.clone(),
         expected,
-        hello,
-        pending: Some((ctrl_tx, data_tx, backlog.clone(), closer)),
+        link_nonce: nonce,
+        gap: None,
+        pending: Some(PeerQueues {
+            ctrl: ctrl_tx,
+            data: data_tx,
+            backlog: backlog.clone(),
+            closer,
+        }),
         peer: None,
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
         nonce: 0,
@@ -303,10 +359,12 @@ struct PeerReader {
     server: Arc<Server>,
     /// The peer's id when this server dialed.
     expected: Option<Arc<str>>,
-    /// This server's `PeerHello`.
-    hello: Bytes,
+    /// The link's name: chosen here when this server dialed, the dialer's otherwise.
+    link_nonce: u64,
+    /// What the peer missed on its previous link and has not been told yet.
+    gap: Option<Gap>,
     /// The link's queues and closer, until the handshake makes them a [`PeerLink`].
-    pending: Option<(mpsc::Sender<Bytes>, DataTx, Arc<Backlog>, Closer)>,
+    pending: Option<PeerQueues>,
     /// The link, once the peer is known.
     peer: Option<Arc<PeerLink>>,
     /// Routes the forwards (of every account) to local subscribers, batched per burst.
@@ -323,8 +381,32 @@ impl PeerReader {
         self.publisher.flush(&self.server.stats);
     }
 
+    /// Tells the peer of what was routed to its previous link beyond what it received there
+    /// (lost in the link, or routed while the link was down): now, and again at heartbeats
+    /// while publishers still holding the old routes add to it.
+    fn report_gap(&mut self) {
+        let (Some(gap), Some(peer)) = (&mut self.gap, &self.peer) else {
+            return;
+        };
+        let due = gap
+            .out
+            .offered()
+            .saturating_sub(gap.received.saturating_add(gap.reported));
+        if due == 0 {
+            return;
+        }
+        gap.reported += due;
+        self.server.stats.peer_gaps_reported.add(due);
+        tracing::warn!(
+            peer = %peer.server_id,
+            missed = due,
+            "the peer missed forwards while its link was broken or down; telling it"
+        );
+        peer.send_ctrl(forward_dropped_notice(due));
+    }
+
     /// Checks who the peer says it is.
-    fn check_hello(&self, first: v1::PeerMessage) -> Result<Arc<str>, v1::Error> {
+    fn check_hello(&self, first: v1::PeerMessage) -> Result<(Arc<str>, v1::PeerHello), v1::Error> {
         let Some(Kind::Hello(hello)) = first.kind else {
             return Err(error(
                 ErrorCode::UnexpectedMessage,
@@ -332,7 +414,7 @@ impl PeerReader {
             ));
         };
         check_version(hello.protocol_version, "this server")?;
-        let id = hello.server_id;
+        let id = hello.server_id.clone();
         let me = &*self.server.id;
         match self.expected.as_deref() {
             Some(expected) if id != expected => Err(error(
@@ -345,7 +427,7 @@ impl PeerReader {
                     "peer {id:?} may not dial {me}: links are dialed by the server with the lower id"
                 ),
             )),
-            _ => Ok(id.into()),
+            _ => Ok((id.into(), hello)),
         }
     }
 }
@@ -354,27 +436,41 @@ impl link::Handler for PeerReader {
     type In = v1::PeerMessage;
 
     async fn first(&mut self, msg: v1::PeerMessage) -> Result<Flow, v1::Error> {
-        let peer_id = self.check_hello(msg)?;
-        let Some((ctrl, data, backlog, closer)) = self.pending.take() else {
+        let (peer_id, their) = self.check_hello(msg)?;
+        let Some(queues) = self.pending.take() else {
             return Err(error(ErrorCode::Internal, "peer link set up twice"));
         };
-        if self.expected.is_none() {
-            let _ = ctrl.try_send(self.hello.clone());
-        }
         let server = &self.server;
+        let previous = previous_link(server, &peer_id);
+        if self.expected.is_none() {
+            self.link_nonce = their.link_nonce;
+            let _ = queues
+                .ctrl
+                .try_send(hello(server, self.link_nonce, previous.as_ref()));
+        }
+        // What the peer received on the link before this one settles what it missed there.
+        if let Some(previous) = previous
+            && previous.nonce != 0
+            && previous.nonce == their.previous_link
+        {
+            self.gap = Some(Gap {
+                out: previous.out,
+                received: their.previous_received,
+                reported: 0,
+            });
+        }
         let peer = Arc::new(PeerLink::new(
             peer_id,
             server.next_id(),
-            ctrl,
-            data,
-            backlog,
-            closer,
+            queues,
             self.expected.is_some(),
+            self.link_nonce,
         ));
         lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
         tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
         self.peer = Some(peer.clone());
         self.server.command(Command::PeerUp { peer }).await?;
+        self.report_gap();
         Ok(Flow::Continue)
     }
 
@@ -408,7 +504,10 @@ impl link::Handler for PeerReader {
                     })
                     .await?;
             }
-            Some(Kind::ForwardDropped(dropped)) => report_peer_drops(&self.server, dropped.count),
+            Some(Kind::ForwardDropped(dropped)) => {
+                peer.told.add(dropped.count);
+                report_peer_drops(&self.server, dropped.count);
+            }
             Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {
                 nonce: ping.nonce,
             }))),
@@ -442,6 +541,7 @@ impl link::Handler for PeerReader {
     }
 
     fn beat(&mut self) {
+        self.report_gap();
         if let Some(peer) = &self.peer {
             self.nonce += 1;
             peer.send_ctrl(encode(&v1::PeerMessage::ping(v1::Ping {
@@ -463,6 +563,8 @@ impl link::Handler for PeerReader {
         };
         let server = &self.server;
         {
+            // Recorded before the link leaves `peer_links`, so a new link always finds it.
+            lock(&server.previous_links).insert(peer.server_id.clone(), PreviousLink::of(&peer));
             let mut links = lock(&server.peer_links);
             if links
                 .get(&peer.server_id)
@@ -471,6 +573,25 @@ impl link::Handler for PeerReader {
                 links.remove(&peer.server_id);
             }
         }
+        // Its interest stays (what is routed to it is counted) until the peer links again, or
+        // for peer_resume_ms; then it goes, and so does the record.
+        let (control, shutdown) = (server.control.clone(), server.shutdown.clone());
+        let (server_id, link, nonce) = (peer.server_id.clone(), peer.link, peer.nonce);
+        let resume = server.config.peer_resume();
+        let expiring = server.clone();
+        server.tracker.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(resume) => {}
+                () = shutdown.cancelled() => return,
+            }
+            {
+                let mut previous = lock(&expiring.previous_links);
+                if previous.get(&server_id).is_some_and(|p| p.nonce == nonce) {
+                    previous.remove(&server_id);
+                }
+            }
+            let _ = control.send(Command::PeerExpire { server_id, link }).await;
+        });
         let _ = server
             .control
             .send(Command::PeerDown {

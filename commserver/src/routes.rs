@@ -88,7 +88,19 @@ pub(crate) struct PeerOut {
     /// The peer link's data queue; its writer task holds the receiver.
     pub(crate) data: DataTx,
     pub(crate) backlog: Arc<Backlog>,
+    /// Forwards queued for the peer.
     pub(crate) forwards_out: Counter,
+    /// Forwards routed to the peer but not queued: its queue was full (the peer is told with
+    /// `ForwardDropped`) or the link was down. With `forwards_out`, everything routed to the
+    /// peer over this link, which the peer's count is checked against when it links again.
+    pub(crate) missed: Counter,
+}
+
+impl PeerOut {
+    /// Everything routed to the peer over this link.
+    pub(crate) fn offered(&self) -> u64 {
+        self.forwards_out.get() + self.missed.get()
+    }
 }
 
 /// Everyone who receives a topic on this server.
@@ -547,9 +559,15 @@ fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
             Enqueued::Full => {
                 // Reported to the peer as ForwardDropped, which tells its subscribers.
                 peer.backlog.record_drop(u64::MAX);
+                peer.missed.inc();
                 stats.forward_dropped.inc();
             }
-            Enqueued::Closed => {}
+            // The link is down, its interest kept for a while: counted, and reported to the
+            // peer when it links again.
+            Enqueued::Closed => {
+                peer.missed.inc();
+                stats.forward_dropped.inc();
+            }
         }
     }
 }
@@ -662,6 +680,7 @@ mod tests {
             data,
             backlog: Arc::new(Backlog::counted(16, 1 << 20)),
             forwards_out: Counter::default(),
+            missed: Counter::default(),
         };
         (Arc::new(p), rx)
     }

@@ -24,6 +24,9 @@ pub(crate) struct Stats {
     pub(crate) forward_dropped: Counter,
     /// Forwards peers reported dropping for this server.
     pub(crate) peer_drops_reported: Counter,
+    /// Forwards routed to a peer's previous link that it never received (lost in the link or
+    /// routed while it was down), reported to the peer when it linked again.
+    pub(crate) peer_gaps_reported: Counter,
     /// Client sessions closed for bad input (malformed frames, invalid topics, limits...).
     pub(crate) protocol_errors: Counter,
     /// Publishes and subscriptions refused by role rules.

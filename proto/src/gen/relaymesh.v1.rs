@@ -501,6 +501,19 @@ pub struct PeerHello {
     pub protocol_version: u32,
     #[prost(string, tag = "2")]
     pub server_id: ::prost::alloc::string::String,
+    /// A random number naming this link, chosen by the dialer; the acceptor's hello repeats it.
+    /// 0: unknown (an older peer).
+    #[prost(uint64, tag = "3")]
+    pub link_nonce: u64,
+    /// The sender's previous link with this peer (its nonce; 0 when there was none) and how many
+    /// forwards it received on it, counting those a ForwardDropped told of. The other side
+    /// answers with a ForwardDropped for what it routed to that link beyond this count (lost in
+    /// the link, or published while the link was down), so no loss across a broken or stalled
+    /// peer link goes untold.
+    #[prost(uint64, tag = "4")]
+    pub previous_link: u64,
+    #[prost(uint64, tag = "5")]
+    pub previous_received: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TopicRef {

@@ -333,6 +333,7 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
         &v1::PeerMessage::hello(v1::PeerHello {
             protocol_version: PROTOCOL_VERSION,
             server_id: "zzz".into(),
+            ..Default::default()
         }),
     )
     .await;
@@ -404,6 +405,7 @@ async fn silent_servers_and_peers_are_dropped() {
     let hello = v1::PeerMessage::hello(v1::PeerHello {
         protocol_version: PROTOCOL_VERSION,
         server_id: "0-lowest".into(),
+        ..Default::default()
     });
     raw::send_msg(&mut peer, &hello).await;
     let error = raw::expect_error::<v1::PeerMessage>(&mut peer).await;
@@ -455,6 +457,7 @@ async fn malformed_frames_on_every_link_are_refused() {
     let hello = v1::PeerMessage::hello(v1::PeerHello {
         protocol_version: PROTOCOL_VERSION,
         server_id: "0-lowest".into(),
+        ..Default::default()
     });
     raw::send_msg(&mut peer, &hello).await;
     {

@@ -480,7 +480,8 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
 /// coordinator's choice within the heartbeat interval, long before the heartbeat timeout would
 /// end its link: logins go to the healthy server without waiting for a reservation to time
 /// out; its peer gives up their link after the peer heartbeat timeout. Once it runs again, it
-/// is offered and linked again.
+/// is offered and linked again, and its subscriber is told how many messages it missed while
+/// the link was down.
 #[tokio::test]
 async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     let dir = std::env::temp_dir().join(format!("relaymesh-frozen-{}", std::process::id()));
@@ -546,6 +547,18 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
         .await;
     }
 
+    // A subscriber on the server about to freeze, a publisher on the other.
+    let on = |id: &str| {
+        let mut config = client_config(&url);
+        config.preferred_server = Some(id.to_owned());
+        Client::connect(config)
+    };
+    let mut subscriber = on(&servers[0].1).await.unwrap();
+    subscriber.subscribe(["ops/frozen"]).await.unwrap();
+    let publisher = on(&servers[1].1).await.unwrap();
+    publisher.publish("ops/frozen", "before").await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await.payload, "before");
+
     let (frozen, frozen_id) = &servers[0];
     let pid = frozen.child.id().to_string();
     let signal = |name: &str| {
@@ -578,6 +591,14 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
         (get_json(&healthy_stats).await["peers"] == 0).then_some(())
     })
     .await;
+    // Published while the link is down: not delivered, but not lost silently either.
+    const WHILE_DOWN: u64 = 25;
+    for i in 0..WHILE_DOWN {
+        publisher
+            .publish("ops/frozen", format!("down {i}"))
+            .await
+            .unwrap();
+    }
 
     signal("-CONT");
     eventually("offered again once it runs", || async {
@@ -588,6 +609,27 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
         (get_json(&healthy_stats).await["peers"] == 1).then_some(())
     })
     .await;
+    // The subscriber is told how many it missed (whatever of them still arrived counts too).
+    let (mut told, mut arrived) = (0, 0);
+    while told + arrived < WHILE_DOWN {
+        match within(
+            "the missed messages are accounted for",
+            subscriber.next_event(),
+        )
+        .await
+        {
+            Some(Event::Dropped { count }) => told += count,
+            Some(Event::Message(m)) if m.payload.starts_with(b"down") => arrived += 1,
+            Some(_) => {}
+            None => panic!("the subscriber's client ended"),
+        }
+    }
+    assert_eq!(told + arrived, WHILE_DOWN);
+    assert!(told > 0, "nothing was reported");
+    assert_eq!(get_json(&healthy_stats).await["peer_gaps_reported"], told);
+    // And the link carries messages again.
+    publisher.publish("ops/frozen", "after").await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await.payload, "after");
     drop(servers);
     coordinator.kill();
     std::fs::remove_dir_all(&dir).ok();
