@@ -67,12 +67,7 @@ impl PeerLink {
             backlog,
             closer,
         } = queues;
-        let out = Arc::new(PeerOut {
-            data,
-            backlog,
-            forwards_out: Default::default(),
-            missed: Default::default(),
-        });
+        let out = Arc::new(PeerOut::new(data, backlog));
         Self {
             server_id,
             link,

@@ -37,6 +37,7 @@ use crate::routes::{self, Origin, Publisher};
 fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
         count,
+        topics: Vec::new(),
     }))
 }
 
@@ -402,7 +403,25 @@ impl PeerReader {
             missed = due,
             "the peer missed forwards while its link was broken or down; telling it"
         );
-        peer.send_ctrl(forward_dropped_notice(due));
+        // Those routed while the link was down are known by topic; the rest (lost inside the
+        // link) are not.
+        let mut left = due;
+        let mut topics = Vec::new();
+        for missed in gap.out.take_missed_topics() {
+            let count = missed.count.min(left);
+            if count == 0 {
+                break;
+            }
+            left -= count;
+            topics.push(v1::TopicCount {
+                account: missed.scope.into(),
+                topic: missed.topic.into(),
+                count,
+            });
+        }
+        peer.send_ctrl(encode(&v1::PeerMessage::forward_dropped(
+            v1::ForwardDropped { count: due, topics },
+        )));
     }
 
     /// Checks who the peer says it is.
@@ -506,7 +525,7 @@ impl link::Handler for PeerReader {
             }
             Some(Kind::ForwardDropped(dropped)) => {
                 peer.told.add(dropped.count);
-                report_peer_drops(&self.server, dropped.count);
+                report_peer_drops(&self.server, dropped);
             }
             Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {
                 nonce: ping.nonce,
@@ -633,20 +652,40 @@ fn deliver_forward(
     })
 }
 
-/// A peer had to drop `count` forwards meant for this server. Which subscribers missed them is
-/// unknown, so every session with subscriptions is told it may have missed `count` messages.
-fn report_peer_drops(server: &Server, count: u64) {
-    tracing::warn!(count, "a peer dropped forwards for this server");
-    server.stats.peer_drops_reported.add(count);
-    let notice = relaymesh_net::wire::framed(&crate::session::dropped_notice(count));
+/// A peer had to drop `dropped.count` forwards meant for this server. The subscribers of the
+/// topics it names are told how many of theirs; for the rest, which subscribers missed them
+/// is unknown, so every session with subscriptions is told it may have missed that many.
+fn report_peer_drops(server: &Server, dropped: v1::ForwardDropped) {
+    tracing::warn!(
+        count = dropped.count,
+        "a peer dropped forwards for this server"
+    );
+    server.stats.peer_drops_reported.add(dropped.count);
+    let mut rest = dropped.count;
+    for missed in dropped.topics {
+        rest = rest.saturating_sub(missed.count);
+        if let Some(route) = server.routes.get(&missed.account, &missed.topic) {
+            for session in route.subscribers.iter() {
+                tell_dropped(session, missed.count);
+            }
+        }
+    }
+    if rest == 0 {
+        return;
+    }
     for session in lock(&server.sessions).values() {
-        if !session.subscribed.load(Ordering::Relaxed) {
-            continue;
+        if session.subscribed.load(Ordering::Relaxed) {
+            tell_dropped(session, rest);
         }
-        // A busy queue (the notice does not fit) is about to be written anyway: the writer
-        // adds these to its next Dropped notice.
-        if session.send(&notice, 1, true) != routes::Enqueued::Yes {
-            session.backlog.report_upstream(count);
-        }
+    }
+}
+
+/// Tells `session` it missed `count` messages.
+fn tell_dropped(session: &routes::Subscriber, count: u64) {
+    let notice = relaymesh_net::wire::framed(&crate::session::dropped_notice(count));
+    // A busy queue (the notice does not fit) is about to be written anyway: the writer adds
+    // these to its next Dropped notice.
+    if session.send(&notice, 1, true) != routes::Enqueued::Yes {
+        session.backlog.report_upstream(count);
     }
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use relaymesh_net::link::{Backlog, Closer, DataTx, Direct, LastWords};
 use relaymesh_net::metrics::Counter;
+use relaymesh_net::sync::lock;
 use relaymesh_net::wire;
 use relaymesh_proto::ErrorCode;
 use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
@@ -94,12 +95,69 @@ pub(crate) struct PeerOut {
     /// `ForwardDropped`) or the link was down. With `forwards_out`, everything routed to the
     /// peer over this link, which the peer's count is checked against when it links again.
     pub(crate) missed: Counter,
+    /// Of those routed while the link was down, how many per topic (up to
+    /// [`MAX_MISSED_TOPICS`] topics), so the peer can tell just their subscribers. Keyed by
+    /// the route's address, so counting a miss allocates nothing; the names make sure a
+    /// reused address is not taken for another topic.
+    missed_topics: std::sync::Mutex<HashMap<usize, MissedTopic>>,
 }
 
+/// Forwards on one topic routed to a peer link while it was down.
+#[derive(Debug)]
+pub(crate) struct MissedTopic {
+    pub(crate) scope: Box<str>,
+    pub(crate) topic: Box<str>,
+    pub(crate) count: u64,
+}
+
+/// Topics a down peer link counts misses for one by one; misses on others are told to every
+/// subscriber of the peer.
+pub(crate) const MAX_MISSED_TOPICS: usize = 10_000;
+
 impl PeerOut {
+    /// A peer's data path over a link with these queues.
+    pub(crate) fn new(data: DataTx, backlog: Arc<Backlog>) -> Self {
+        Self {
+            data,
+            backlog,
+            forwards_out: Counter::default(),
+            missed: Counter::default(),
+            missed_topics: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
     /// Everything routed to the peer over this link.
     pub(crate) fn offered(&self) -> u64 {
         self.forwards_out.get() + self.missed.get()
+    }
+
+    /// Takes the per-topic counts of what was routed while the link was down.
+    pub(crate) fn take_missed_topics(&self) -> Vec<MissedTopic> {
+        std::mem::take(&mut *lock(&self.missed_topics))
+            .into_values()
+            .collect()
+    }
+
+    /// Counts a forward on `scope`/`topic` (routed by `route`) that found the link down.
+    fn note_missed(&self, route: &Route, scope: &str, topic: &str) {
+        let mut topics = lock(&self.missed_topics);
+        let known = topics.len();
+        let key = std::ptr::from_ref(route) as usize;
+        match topics.get_mut(&key) {
+            Some(m) if &*m.scope == scope && &*m.topic == topic => m.count += 1,
+            Some(_) => {}
+            None if known < MAX_MISSED_TOPICS => {
+                topics.insert(
+                    key,
+                    MissedTopic {
+                        scope: scope.into(),
+                        topic: topic.into(),
+                        count: 1,
+                    },
+                );
+            }
+            None => {}
+        }
     }
 }
 
@@ -325,7 +383,7 @@ impl Publisher {
             }
             if msg.origin == Origin::Local && !route.peers.is_empty() {
                 let frame = forward_frame(msg.scope, msg.topic, msg.from, msg.payload);
-                forward(route, &frame, stats);
+                forward(route, &frame, (msg.scope, msg.topic), stats);
             }
         })
     }
@@ -549,7 +607,7 @@ fn offer(
 }
 
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
-fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
+fn forward(route: &Route, frame: &Bytes, (scope, topic): (&str, &str), stats: &Stats) {
     for peer in route.peers.iter() {
         match enqueue(&peer.data, &peer.backlog, frame) {
             Enqueued::Yes => {
@@ -567,6 +625,7 @@ fn forward(route: &Route, frame: &Bytes, stats: &Stats) {
             Enqueued::Closed => {
                 peer.missed.inc();
                 stats.forward_dropped.inc();
+                peer.note_missed(route, scope, topic);
             }
         }
     }
@@ -676,13 +735,32 @@ mod tests {
 
     fn peer() -> (Arc<PeerOut>, relaymesh_net::link::DataRx) {
         let (data, rx) = relaymesh_net::link::data_queue();
-        let p = PeerOut {
-            data,
-            backlog: Arc::new(Backlog::counted(16, 1 << 20)),
-            forwards_out: Counter::default(),
-            missed: Counter::default(),
-        };
+        let p = PeerOut::new(data, Arc::new(Backlog::counted(16, 1 << 20)));
         (Arc::new(p), rx)
+    }
+
+    #[test]
+    fn forwards_to_a_down_peer_are_counted_per_topic() {
+        let stats = Stats::default();
+        let (p, rx) = peer();
+        drop(rx); // the link's writer is gone: the queue is closed
+        let a = Route::new(Box::new([]), Box::new([p.clone()]));
+        let b = Route::new(Box::new([]), Box::new([p.clone()]));
+        let frame = Bytes::from_static(b"f");
+        for _ in 0..3 {
+            forward(&a, &frame, ("acme", "a"), &stats);
+        }
+        forward(&b, &frame, ("acme", "b"), &stats);
+        assert_eq!((p.offered(), p.forwards_out.get()), (4, 0));
+        assert_eq!(stats.forward_dropped.get(), 4);
+        let mut missed: Vec<_> = p
+            .take_missed_topics()
+            .into_iter()
+            .map(|m| (m.topic.to_string(), m.count))
+            .collect();
+        missed.sort();
+        assert_eq!(missed, vec![("a".into(), 3), ("b".into(), 1)]);
+        assert!(p.take_missed_topics().is_empty(), "taken once");
     }
 
     #[test]

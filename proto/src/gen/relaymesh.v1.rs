@@ -556,10 +556,24 @@ pub struct Forward {
     #[prost(string, tag = "5")]
     pub from_role: ::prost::alloc::string::String,
 }
-/// The sender had to drop `count` forwards for the receiver because the link's queue was full.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+/// The sender had to drop `count` forwards for the receiver: the link's queue was full, or
+/// (answering a PeerHello) they were lost in the previous link or routed while it was down.
+/// `topics` says, for as many as the sender knows, which topics they were on; the receiver
+/// tells those topics' subscribers, and every subscriber of the rest.
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ForwardDropped {
     #[prost(uint64, tag = "1")]
+    pub count: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub topics: ::prost::alloc::vec::Vec<TopicCount>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopicCount {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
     pub count: u64,
 }
 /// The one closed set of error codes used on every link and in HTTP JSON errors.
