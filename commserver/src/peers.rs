@@ -351,6 +351,14 @@ where
         );
         backlog.record_lost(end.discarded as u64);
         server.stats.forward_dropped.add(end.discarded as u64);
+        // By topic, for the peer's subscribers when it links again.
+        if let Some(peer) = &served.handler.peer {
+            for frame in end.unsent {
+                if let Ok(forward) = relaymesh_proto::decode::<v1::Forward>(frame) {
+                    peer.out.note_missed(&forward.account, &forward.topic);
+                }
+            }
+        }
     }
     served.handler.established()
 }

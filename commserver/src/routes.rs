@@ -95,11 +95,11 @@ pub(crate) struct PeerOut {
     /// `ForwardDropped`) or the link was down. With `forwards_out`, everything routed to the
     /// peer over this link, which the peer's count is checked against when it links again.
     pub(crate) missed: Counter,
-    /// Of those routed while the link was down, how many per topic (up to
-    /// [`MAX_MISSED_TOPICS`] topics), so the peer can tell just their subscribers. Keyed by
-    /// the route's address, so counting a miss allocates nothing; the names make sure a
-    /// reused address is not taken for another topic.
-    missed_topics: std::sync::Mutex<HashMap<usize, MissedTopic>>,
+    /// Of those, and of those lost with the link's queue, how many per topic (up to
+    /// [`MAX_MISSED_TOPICS`] topics), so the peer can tell just their subscribers. Keyed by a
+    /// hash of the names, so counting a miss allocates nothing; the names are checked, and a
+    /// miss whose hash another topic holds is left unattributed.
+    missed_topics: std::sync::Mutex<HashMap<u64, MissedTopic>>,
 }
 
 /// Forwards on one topic routed to a peer link while it was down.
@@ -138,11 +138,17 @@ impl PeerOut {
             .collect()
     }
 
-    /// Counts a forward on `scope`/`topic` (routed by `route`) that found the link down.
-    fn note_missed(&self, route: &Route, scope: &str, topic: &str) {
+    /// Counts a forward on `scope`/`topic` that did not reach the link: its queue was full, it
+    /// was down, or it ended with the forward still queued.
+    pub(crate) fn note_missed(&self, scope: &str, topic: &str) {
+        use std::hash::Hasher as _;
+        let mut hasher = std::hash::DefaultHasher::new();
+        hasher.write(scope.as_bytes());
+        hasher.write_u8(0);
+        hasher.write(topic.as_bytes());
+        let key = hasher.finish();
         let mut topics = lock(&self.missed_topics);
         let known = topics.len();
-        let key = std::ptr::from_ref(route) as usize;
         match topics.get_mut(&key) {
             Some(m) if &*m.scope == scope && &*m.topic == topic => m.count += 1,
             Some(_) => {}
@@ -618,6 +624,7 @@ fn forward(route: &Route, frame: &Bytes, (scope, topic): (&str, &str), stats: &S
                 // Reported to the peer as ForwardDropped, which tells its subscribers.
                 peer.backlog.record_drop(u64::MAX);
                 peer.missed.inc();
+                peer.note_missed(scope, topic);
                 stats.forward_dropped.inc();
             }
             // The link is down, its interest kept for a while: counted, and reported to the
@@ -625,7 +632,7 @@ fn forward(route: &Route, frame: &Bytes, (scope, topic): (&str, &str), stats: &S
             Enqueued::Closed => {
                 peer.missed.inc();
                 stats.forward_dropped.inc();
-                peer.note_missed(route, scope, topic);
+                peer.note_missed(scope, topic);
             }
         }
     }

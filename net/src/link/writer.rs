@@ -73,6 +73,9 @@ pub struct WriterEnd {
     pub error: Option<std::io::Error>,
     /// Data messages still queued when the link closed, never sent.
     pub discarded: usize,
+    /// Those messages themselves, when the queue held one message per item (not `framed`
+    /// batches): what a link that keeps account of its losses looks into.
+    pub unsent: Vec<Bytes>,
     /// The control queue, with what is left in it ([`OnClose`]).
     pub ctrl: mpsc::Receiver<Bytes>,
 }
@@ -251,6 +254,7 @@ where
     // Refuse further data (senders now see a closed queue, not a full one) and account for
     // what was queued but never sent.
     let mut discarded = 0;
+    let mut unsent = Vec::new();
     if let Some(rx) = data.as_mut() {
         rx.close();
         while let Ok(frame) = rx.try_recv() {
@@ -264,8 +268,12 @@ where
                 Some(a) => {
                     discarded += 1;
                     a.backlog.release(frame.len());
+                    unsent.push(frame);
                 }
-                None => discarded += 1,
+                None => {
+                    discarded += 1;
+                    unsent.push(frame);
+                }
             }
         }
     }
@@ -303,6 +311,7 @@ where
     WriterEnd {
         error: result.err(),
         discarded,
+        unsent,
         ctrl,
     }
 }
