@@ -101,18 +101,32 @@ impl Report {
             // Both count one per message per subscriber; a notice can still be queued behind
             // the messages a slow receiver has not read.
             let accounted = o.counts.dropped_reported.max(u.server_dropped);
+            let rest = o.lost.saturating_sub(accounted);
+            let why = if rest == 0 {
+                "every one of them was reported".to_owned()
+            } else if o.counts.disconnects > 0 {
+                format!(
+                    "the other {rest} went with the servers the receivers lost: delivery across \
+                     a server failure is at most once (messages a server held or had in flight \
+                     when it failed are gone), and the receivers saw {} disconnects",
+                    o.counts.disconnects
+                )
+            } else {
+                format!(
+                    "the other {rest} were still queued for a receiver too slow to catch up \
+                     within --drain, or lost without notice"
+                )
+            };
             w.push(format!(
                 "{} expected messages did not arrive by the end of the drain: receivers were told \
-                 of {} dropped (Dropped notices) and lost their server {} times; the servers \
-                 counted {} messages dropped for slow consumers and {} forwards dropped; the \
-                 other {} were still queued for a receiver too slow to catch up within --drain, \
-                 or lost without notice",
+                 of {} dropped (Dropped notices, from their servers' slow-consumer policy or a \
+                 peer link that broke or was down) and lost their server {} times; the servers \
+                 counted {} messages dropped for slow consumers and {} forwards dropped; {why}",
                 o.lost,
                 o.counts.dropped_reported,
                 o.counts.disconnects,
                 u.server_dropped,
                 u.server_forward_dropped,
-                o.lost.saturating_sub(accounted)
             ));
         }
         if o.counts.misrouted > 0 {
