@@ -18,8 +18,9 @@
 # whole again), and the comm servers' largest RSS.
 #
 # --quick (what .ci/run runs): the kill and partition faults, shorter and lighter, with the
-# binaries in --bin-dir (default target/release; .ci/run passes target/debug); it fails unless
-# the cluster is whole after each fault and nothing was duplicated, reordered or misrouted.
+# debug binaries (target/debug). Every run fails unless the cluster is whole after each fault,
+# nothing was duplicated, reordered or misrouted, and any loss was told (Dropped notices) or
+# came with disconnects the receivers saw.
 #
 # Needs root (network namespaces), iproute2, iptables, curl and jq; as root with apt-get it
 # installs the missing ones. Loopback only: every address is in 10.77.0.0/24, inside
@@ -263,6 +264,11 @@ for fault in $faults; do
             .out_of_order, .misrouted, .publish_errors] | @tsv' "$work/$fault.json")
   if [[ $duplicates != 0 || $disorder != 0 || $misrouted != 0 ]]; then
     say "$fault: $duplicates duplicates, $disorder out of order, $misrouted misrouted"
+    failed=1
+  fi
+  # Loss must be told (Dropped notices) or come with the server failures the receivers saw.
+  if [[ $lost != 0 && $dropped == 0 && $disconnects == 0 ]]; then
+    say "$fault: $lost messages lost with no Dropped notice and no disconnect"
     failed=1
   fi
   rows+=("| $fault | $delivered / $expected | $lost | $dropped | $disconnects | $errors | $detect | $recover | $rss |")
