@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use relaymesh_net::config::{ConfigError, check_link_timing, ensure};
+use relaymesh_net::config::{ConfigError, check_link_timing, check_serving, ensure};
 use relaymesh_net::serve::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
@@ -293,20 +293,10 @@ impl Config {
             "read_buffer_bytes",
             "must be at least 1024",
         )?;
-        ensure(
-            self.max_connections > 0,
-            "max_connections",
-            "must be positive",
-        )?;
-        ensure(
-            self.request_timeout_ms > 0,
-            "request_timeout_ms",
-            "must be positive",
-        )?;
-        ensure(
-            self.max_body_bytes > 0,
-            "max_body_bytes",
-            "must be positive",
+        check_serving(
+            self.max_connections,
+            self.request_timeout_ms,
+            self.max_body_bytes,
         )?;
         check_link_timing(
             self.heartbeat_interval_ms,

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use relaymesh_net::config::{ConfigError, check_link_timing, ensure};
+use relaymesh_net::config::{ConfigError, check_link_timing, check_serving, ensure};
 use relaymesh_net::serve::ServeOptions;
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
@@ -143,20 +143,10 @@ impl Config {
             "connect_rate_per_s",
             "must be positive",
         )?;
-        ensure(
-            self.max_connections > 0,
-            "max_connections",
-            "must be positive",
-        )?;
-        ensure(
-            self.request_timeout_ms > 0,
-            "request_timeout_ms",
-            "must be positive",
-        )?;
-        ensure(
-            self.max_body_bytes > 0,
-            "max_body_bytes",
-            "must be positive",
+        check_serving(
+            self.max_connections,
+            self.request_timeout_ms,
+            self.max_body_bytes,
         )?;
         ensure(
             self.max_frame_bytes >= 1024,

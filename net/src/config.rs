@@ -57,6 +57,22 @@ pub fn check_link_timing(
     )
 }
 
+/// Checks the HTTP serving settings both services have: connections at most, the request
+/// timeout and the body size limit.
+pub fn check_serving(
+    max_connections: usize,
+    request_timeout_ms: u64,
+    max_body_bytes: usize,
+) -> Result<(), ConfigError> {
+    ensure(max_connections > 0, "max_connections", "must be positive")?;
+    ensure(
+        request_timeout_ms > 0,
+        "request_timeout_ms",
+        "must be positive",
+    )?;
+    ensure(max_body_bytes > 0, "max_body_bytes", "must be positive")
+}
+
 /// Getters that read a config's `*_ms` fields as [`std::time::Duration`]s; both services'
 /// configs use it inside an `impl` block:
 ///
