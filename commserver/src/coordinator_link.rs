@@ -12,7 +12,7 @@ use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::ClientLink;
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, unexpected};
 use tokio::sync::mpsc;
 
 use crate::Server;
@@ -141,10 +141,7 @@ impl link::Handler for Reader {
             Some(Kind::Registered(registered)) => registered,
             Some(Kind::Error(e)) => return Err(e),
             Some(_) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "expected Registered from the coordinator",
-                ));
+                return Err(unexpected("expected Registered from the coordinator"));
             }
         };
         check_version(registered.protocol_version, "this comm server")?;
@@ -210,10 +207,7 @@ impl link::Handler for Reader {
                 return Ok(Flow::End);
             }
             Some(Kind::Registered(_)) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "Registered was already received",
-                ));
+                return Err(unexpected("Registered was already received"));
             }
             None => return Err(relaymesh_proto::empty("CoordinatorToServer")),
         }

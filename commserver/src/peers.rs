@@ -23,7 +23,7 @@ use relaymesh_net::ws;
 use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, peer_message::Kind};
 use relaymesh_proto::{
-    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic,
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic, unexpected,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -435,8 +435,7 @@ impl PeerReader {
     /// Checks who the peer says it is.
     fn check_hello(&self, first: v1::PeerMessage) -> Result<(Arc<str>, v1::PeerHello), v1::Error> {
         let Some(Kind::Hello(hello)) = first.kind else {
-            return Err(error(
-                ErrorCode::UnexpectedMessage,
+            return Err(unexpected(
                 "the first message on /v1/peers must be PeerHello",
             ));
         };
@@ -548,10 +547,7 @@ impl link::Handler for PeerReader {
                 return Ok(Flow::End);
             }
             Some(Kind::Hello(_)) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "PeerHello was already sent",
-                ));
+                return Err(unexpected("PeerHello was already sent"));
             }
             None => return Err(relaymesh_proto::empty("PeerMessage")),
         }

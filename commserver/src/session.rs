@@ -26,7 +26,7 @@ use relaymesh_net::sync::lock;
 use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, client_to_server::Kind};
 use relaymesh_proto::{
-    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic,
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic, unexpected,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -298,10 +298,7 @@ impl link::Handler for Session {
                 self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
             }
-            _ => Err(error(
-                ErrorCode::UnexpectedMessage,
-                "the first message on /v1/client must be Attach",
-            )),
+            _ => Err(unexpected("the first message on /v1/client must be Attach")),
         }
     }
 
@@ -366,10 +363,7 @@ impl Session {
             Some(Kind::Ping(ping)) => {
                 self.reply(&v1::ServerToClient::pong(v1::Pong { nonce: ping.nonce }))
             }
-            Some(Kind::Attach(_)) => Err(error(
-                ErrorCode::UnexpectedMessage,
-                "Attach was already sent on this link",
-            )),
+            Some(Kind::Attach(_)) => Err(unexpected("Attach was already sent on this link")),
             None => Err(relaymesh_proto::empty("ClientToServer")),
         }
     }

@@ -17,7 +17,9 @@ use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, client_to_coordinator::Kind, credentials};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
+use relaymesh_proto::{
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, unexpected,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
@@ -301,10 +303,7 @@ impl link::Handler for Negotiation {
 
     async fn first(&mut self, msg: v1::ClientToCoordinator) -> Result<Flow, v1::Error> {
         let Some(Kind::Hello(mut hello)) = msg.kind else {
-            return Err(error(
-                ErrorCode::UnexpectedMessage,
-                "the first message on /v1/connect must be Hello",
-            ));
+            return Err(unexpected("the first message on /v1/connect must be Hello"));
         };
         check_version(hello.protocol_version, "this coordinator")?;
         match hello.credentials.take() {
@@ -341,8 +340,7 @@ impl link::Handler for Negotiation {
                 return Ok(Flow::Continue);
             };
             let Some(Kind::ChallengeResponse(response)) = msg.kind else {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
+                return Err(unexpected(
                     "a key login must answer the Challenge with ChallengeResponse",
                 ));
             };
@@ -388,16 +386,10 @@ impl link::Handler for Negotiation {
                 &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }),
             )?,
             Some(Kind::Hello(_)) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "Hello was already sent on this link",
-                ));
+                return Err(unexpected("Hello was already sent on this link"));
             }
             Some(Kind::ChallengeResponse(_)) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "no challenge is pending on this link",
-                ));
+                return Err(unexpected("no challenge is pending on this link"));
             }
             None => return Err(relaymesh_proto::empty("ClientToCoordinator")),
         }

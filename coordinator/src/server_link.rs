@@ -15,7 +15,9 @@ use relaymesh_net::link::{self, Closer, Flow, Heartbeat, LastWords, WriterSetup}
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
-use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame};
+use relaymesh_proto::{
+    ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, unexpected,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
@@ -279,8 +281,7 @@ impl link::Handler for Reader {
 
     async fn first(&mut self, msg: v1::ServerToCoordinator) -> Result<Flow, v1::Error> {
         let Some(Kind::Register(reg)) = msg.kind else {
-            return Err(error(
-                ErrorCode::UnexpectedMessage,
+            return Err(unexpected(
                 "the first message on /v1/servers must be Register",
             ));
         };
@@ -364,10 +365,7 @@ impl link::Handler for Reader {
             }
             Some(Kind::Pong(_)) => {}
             Some(Kind::Register(_)) => {
-                return Err(error(
-                    ErrorCode::UnexpectedMessage,
-                    "already registered on this link",
-                ));
+                return Err(unexpected("already registered on this link"));
             }
             None => return Err(relaymesh_proto::empty("ServerToCoordinator")),
         }

@@ -26,6 +26,11 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> v1::Error {
     v1::Error::new(code, message)
 }
 
+/// `UNEXPECTED_MESSAGE`: a valid message that the link's state does not allow.
+pub fn unexpected(message: impl Into<String>) -> v1::Error {
+    error(ErrorCode::UnexpectedMessage, message)
+}
+
 /// The error for an envelope (`envelope` names its type) that carries no message.
 pub fn empty(envelope: &str) -> v1::Error {
     error(ErrorCode::BadFrame, format!("empty {envelope} message"))

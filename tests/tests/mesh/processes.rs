@@ -22,6 +22,13 @@ impl Server {
     }
 }
 
+/// Starts `binary` with `--config config` and `args`.
+fn configured(binary: &str, config: &std::path::Path, args: &[&str]) -> Proc {
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    Proc::start(binary, &all)
+}
+
 async fn coordinator_servers(stats_url: &str) -> Vec<serde_json::Value> {
     get_json(stats_url).await["servers"]
         .as_array()
@@ -44,15 +51,7 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
         "coordinator = \"{url}\"\nlisten = \"127.0.0.1:1\"\nid = \"from-file\"\nmax_clients = 7\n"
     );
     std::fs::write(&config, toml).unwrap();
-    let mut from_file = Proc::start(
-        "commserver",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut from_file = configured("commserver", &config, &["--listen", "127.0.0.1:0"]);
     let from_file_addr = from_file.listening_addr();
     from_file.wait_for_line("cannot reach the coordinator");
 
@@ -242,15 +241,7 @@ async fn accounts_managed_from_the_command_line_log_in_to_real_processes() {
         format!("[accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"),
     )
     .unwrap();
-    let mut coordinator = Proc::start(
-        "coordinator",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
     let url = format!("ws://{}", coordinator.listening_addr());
     let _server = Proc::start(
         "commserver",
@@ -382,16 +373,10 @@ async fn a_wrong_secret_is_named_and_an_early_start_is_not_a_warning() {
     // Retrying often, so it registers soon after the coordinator is up however busy the machine.
     let config = std::env::temp_dir().join(format!("relaymesh-early-{}.toml", std::process::id()));
     std::fs::write(&config, "reconnect_max_ms = 200\n").unwrap();
-    let mut early = Proc::start(
+    let mut early = configured(
         "commserver",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--coordinator",
-            &url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        &config,
+        &["--coordinator", &url, "--listen", "127.0.0.1:0"],
     );
     let waiting = early.wait_for_line("the coordinator is not reachable yet");
     assert!(waiting.contains(" INFO "), "{waiting}");
@@ -434,15 +419,7 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
     // Held connections stay for the whole test unless the server refuses them.
     let config = std::env::temp_dir().join(format!("relaymesh-nofile-{}.toml", std::process::id()));
     std::fs::write(&config, "request_timeout_ms = 60000\n").unwrap();
-    let mut coordinator = Proc::start(
-        "coordinator",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
     let addr = coordinator.listening_addr();
     let limited = std::process::Command::new("prlimit")
         .arg(format!("--pid={}", coordinator.child.id()))
@@ -493,15 +470,7 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
         "heartbeat_interval_ms = 300\nheartbeat_timeout_ms = 60000\n",
     )
     .unwrap();
-    let mut coordinator = Proc::start(
-        "coordinator",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
     let addr = coordinator.listening_addr();
     let url = format!("ws://{addr}");
     let stats_url = format!("http://{addr}/v1/stats");
@@ -510,16 +479,10 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     std::fs::write(&server_config, "heartbeat_timeout_ms = 60000\n").unwrap();
     let mut servers = Vec::new();
     for _ in 0..2 {
-        let mut proc = Proc::start(
+        let mut proc = configured(
             "commserver",
-            &[
-                "--config",
-                server_config.to_str().unwrap(),
-                "--coordinator",
-                &url,
-                "--listen",
-                "127.0.0.1:0",
-            ],
+            &server_config,
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
         );
         let id = proc.listening_addr().to_string();
         proc.wait_for_line("registered with the coordinator");
