@@ -38,6 +38,7 @@ fn forward_dropped_notice(count: u64) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
         count,
         topics: Vec::new(),
+        link: 0,
     }))
 }
 
@@ -86,6 +87,8 @@ fn hello(server: &Server, nonce: u64, previous: Option<&PreviousLink>) -> Bytes 
 /// What the peer has not been told yet of what was routed to it over its previous link.
 #[derive(Debug)]
 struct Gap {
+    /// That link's name.
+    nonce: u64,
     out: Arc<routes::PeerOut>,
     /// What the peer received on that link, by its own count.
     received: u64,
@@ -428,7 +431,11 @@ impl PeerReader {
             });
         }
         peer.send_ctrl(encode(&v1::PeerMessage::forward_dropped(
-            v1::ForwardDropped { count: due, topics },
+            v1::ForwardDropped {
+                count: due,
+                topics,
+                link: gap.nonce,
+            },
         )));
     }
 
@@ -480,6 +487,7 @@ impl link::Handler for PeerReader {
             && previous.nonce == their.previous_link
         {
             self.gap = Some(Gap {
+                nonce: previous.nonce,
                 out: previous.out,
                 received: their.previous_received,
                 reported: 0,
@@ -531,7 +539,10 @@ impl link::Handler for PeerReader {
                     .await?;
             }
             Some(Kind::ForwardDropped(dropped)) => {
-                peer.told.add(dropped.count);
+                // A report on a previous link's loss is not part of this link's stream.
+                if dropped.link == 0 {
+                    peer.told.add(dropped.count);
+                }
                 report_peer_drops(&self.server, dropped);
             }
             Some(Kind::Ping(ping)) => peer.send_ctrl(encode(&v1::PeerMessage::pong(v1::Pong {

@@ -104,7 +104,10 @@ fn refuse_key(server: &Server, message: &str) -> Response {
 }
 
 pub(crate) fn dropped_notice(count: u64) -> Bytes {
-    encode(&v1::ServerToClient::dropped(v1::Dropped { count }))
+    encode(&v1::ServerToClient::dropped(v1::Dropped {
+        count,
+        upstream: 0,
+    }))
 }
 
 /// What a role may do, from the identity the coordinator reserved the key for.

@@ -461,11 +461,16 @@ pub struct Message {
     #[prost(string, tag = "4")]
     pub from_role: ::prost::alloc::string::String,
 }
-/// `count` messages meant for this client were dropped because its queue was full.
+/// `count` messages meant for this client were dropped: its queue was full, or they were lost
+/// between servers.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Dropped {
     #[prost(uint64, tag = "1")]
     pub count: u64,
+    /// Of `count`, how many were lost between servers (a peer link that broke, or was down, for
+    /// longer than its replay buffer covers) rather than in this client's own queue.
+    #[prost(uint64, tag = "2")]
+    pub upstream: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PeerMessage {
@@ -506,10 +511,11 @@ pub struct PeerHello {
     #[prost(uint64, tag = "3")]
     pub link_nonce: u64,
     /// The sender's previous link with this peer (its nonce; 0 when there was none) and how many
-    /// forwards it received on it, counting those a ForwardDropped told of. The other side
-    /// answers with a ForwardDropped for what it routed to that link beyond this count (lost in
-    /// the link, or published while the link was down), so no loss across a broken or stalled
-    /// peer link goes untold.
+    /// forwards it received on it, counting those a ForwardDropped (with `link` 0) told of. The
+    /// other side first replays, as ordinary forwards on the new link, what it routed to that
+    /// link beyond this count and still holds in its replay buffer (bounded in bytes and age),
+    /// then answers with a ForwardDropped (`link` = that nonce) for the rest, so nothing lost
+    /// across a broken or stalled peer link goes untold, and a short stall loses nothing.
     #[prost(uint64, tag = "4")]
     pub previous_link: u64,
     #[prost(uint64, tag = "5")]
@@ -557,15 +563,19 @@ pub struct Forward {
     pub from_role: ::prost::alloc::string::String,
 }
 /// The sender had to drop `count` forwards for the receiver: the link's queue was full, or
-/// (answering a PeerHello) they were lost in the previous link or routed while it was down.
-/// `topics` says, for as many as the sender knows, which topics they were on; the receiver
-/// tells those topics' subscribers, and every subscriber of the rest.
+/// (answering a PeerHello) they were lost with the previous link and no longer in its replay
+/// buffer. `topics` says, for as many as the sender knows, which topics they were on; the
+/// receiver tells those topics' subscribers, and every subscriber of the rest.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ForwardDropped {
     #[prost(uint64, tag = "1")]
     pub count: u64,
     #[prost(message, repeated, tag = "2")]
     pub topics: ::prost::alloc::vec::Vec<TopicCount>,
+    /// 0: dropped from this link's own stream (they count toward what the receiver got on it).
+    /// Otherwise the `PeerHello.link_nonce` of the previous link whose loss this settles.
+    #[prost(uint64, tag = "3")]
+    pub link: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TopicCount {
