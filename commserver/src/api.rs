@@ -55,6 +55,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "forwards_in": s.forwards_in.get(),
         "forwards_out": s.forwards_out.get(),
         "forward_dropped": s.forward_dropped.get(),
+        "forwards_replayed": s.forwards_replayed.get(),
         "peer_drops_reported": s.peer_drops_reported.get(),
         "peer_gaps_reported": s.peer_gaps_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
@@ -94,7 +95,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 15] = [
+    let counters: [(&str, &str, &Counter); 16] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -127,8 +128,13 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         ),
         (
             "relaymesh_forward_dropped_total",
-            "Forwards dropped because a peer link queue was full.",
+            "Forwards dropped: a peer link queue was full, or the link had ended and they fell out of its replay buffer.",
             &s.forward_dropped,
+        ),
+        (
+            "relaymesh_forwards_replayed_total",
+            "Forwards sent again on a peer's new link because its previous link may not have delivered them.",
+            &s.forwards_replayed,
         ),
         (
             "relaymesh_peer_drops_reported_total",

@@ -116,6 +116,13 @@ pub struct Config {
     /// meanwhile is counted, and the peer is told how much it missed (`ForwardDropped`, passed
     /// on to its subscribers as `Dropped`) when it links again within this time.
     pub peer_resume_ms: u64,
+    /// Bytes of recent forwards each peer link keeps to replay on its next link (what the peer
+    /// may not have received before the link broke, and what was routed to it while it was
+    /// down): a stall or break the buffer covers loses nothing. 0: no replay, only a report of
+    /// what was lost.
+    pub peer_replay_bytes: usize,
+    /// Forwards older than this are not replayed (they are reported as lost instead).
+    pub peer_replay_ms: u64,
     /// Time a new link has to send its first message.
     pub handshake_timeout_ms: u64,
     /// Longest wait for peers to confirm a subscription before it is acknowledged anyway.
@@ -182,6 +189,8 @@ impl Default for Config {
             heartbeat_timeout_ms: 15_000,
             peer_heartbeat_timeout_ms: 3_000,
             peer_resume_ms: 30_000,
+            peer_replay_bytes: 16 * 1024 * 1024,
+            peer_replay_ms: 15_000,
             handshake_timeout_ms: 5_000,
             subscribe_sync_timeout_ms: 5_000,
             reconnect_min_ms: 100,
@@ -371,6 +380,7 @@ impl Config {
         pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
         pub(crate) fn peer_heartbeat_timeout = peer_heartbeat_timeout_ms;
         pub(crate) fn peer_resume = peer_resume_ms;
+        pub(crate) fn peer_replay_age = peer_replay_ms;
         pub(crate) fn handshake_timeout = handshake_timeout_ms;
         pub(crate) fn subscribe_sync_timeout = subscribe_sync_timeout_ms;
         pub(crate) fn key_ttl = key_ttl_ms;
@@ -398,6 +408,14 @@ impl Config {
             tcp_user_timeout: Some(self.peer_heartbeat_timeout()),
             ..self.ws_limits()
         }
+    }
+
+    /// The replay buffer of each peer link, if any.
+    pub(crate) fn peer_replay(&self) -> Option<relaymesh_net::link::ReplayLimits> {
+        (self.peer_replay_bytes > 0).then(|| relaymesh_net::link::ReplayLimits {
+            bytes: self.peer_replay_bytes,
+            age: self.peer_replay_age(),
+        })
     }
 
     /// The heartbeat of peer links: pings every third of the peer timeout.

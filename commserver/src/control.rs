@@ -42,6 +42,9 @@ pub(crate) struct PeerLink {
     pub(crate) told: relaymesh_net::metrics::Counter,
     /// The link's name, shared by both sides (`PeerHello.link_nonce`).
     pub(crate) nonce: u64,
+    /// Fires once the link is over: its reader and writer done, its counts final and its
+    /// replay buffer handed to `out`.
+    pub(crate) ended: tokio_util::sync::CancellationToken,
 }
 
 /// A peer link's queues and closer, made before its handshake.
@@ -51,6 +54,8 @@ pub(crate) struct PeerQueues {
     pub(crate) data: DataTx,
     pub(crate) backlog: Arc<Backlog>,
     pub(crate) closer: Closer,
+    /// The replay buffer the link keeps, if any.
+    pub(crate) replay: Option<relaymesh_net::link::ReplayLimits>,
 }
 
 impl PeerLink {
@@ -66,8 +71,9 @@ impl PeerLink {
             data,
             backlog,
             closer,
+            replay,
         } = queues;
-        let out = Arc::new(PeerOut::new(data, backlog));
+        let out = Arc::new(PeerOut::new(data, backlog, replay));
         Self {
             server_id,
             link,
@@ -79,6 +85,7 @@ impl PeerLink {
             forwards_in: Default::default(),
             told: Default::default(),
             nonce,
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 

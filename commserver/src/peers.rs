@@ -16,7 +16,9 @@ use axum::response::{IntoResponse as _, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
-use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, Link, WriterSetup};
+use relaymesh_net::link::{
+    self, Backlog, Closer, DataBacklog, Flow, Heartbeat, LastWords, Link, WriterSetup,
+};
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws;
@@ -64,11 +66,22 @@ impl PreviousLink {
     }
 }
 
-/// The previous link with `peer`: the live one a new link is about to replace, or the last
-/// one that went down.
-fn previous_link(server: &Server, peer: &str) -> Option<PreviousLink> {
-    if let Some(live) = lock(&server.peer_links).get(peer) {
-        return Some(PreviousLink::of(live));
+/// The previous link with `peer`, once it is over: a live one (about to be replaced by a new
+/// link) is closed and waited for, so that its counts are final and its replay buffer has been
+/// handed over. One that does not end within `handshake_timeout_ms` is taken as it stands.
+async fn previous_link(server: &Server, peer: &str) -> Option<PreviousLink> {
+    let live = lock(&server.peer_links).get(peer).cloned();
+    if let Some(live) = live {
+        live.closer
+            .close(Some(LastWords::error::<v1::PeerMessage>(error(
+                ErrorCode::Replaced,
+                "the peer opened a new link",
+            ))));
+        let ended = tokio::time::timeout(server.config.handshake_timeout(), live.ended.cancelled());
+        if ended.await.is_err() {
+            tracing::warn!(%peer, "the peer link being replaced did not end in time");
+            return Some(PreviousLink::of(&live));
+        }
     }
     lock(&server.previous_links).get(peer).cloned()
 }
@@ -82,18 +95,6 @@ fn hello(server: &Server, nonce: u64, previous: Option<&PreviousLink>) -> Bytes 
         previous_link: previous.map_or(0, |p| p.nonce),
         previous_received: previous.map_or(0, |p| p.received),
     }))
-}
-
-/// What the peer has not been told yet of what was routed to it over its previous link.
-#[derive(Debug)]
-struct Gap {
-    /// That link's name.
-    nonce: u64,
-    out: Arc<routes::PeerOut>,
-    /// What the peer received on that link, by its own count.
-    received: u64,
-    /// Reported so far.
-    reported: u64,
 }
 
 /// A peer this server dials: where to find it and how to stop dialing it.
@@ -295,9 +296,12 @@ where
 
     // The dialer names the link; the acceptor answers in `first` with the same name.
     let nonce = rand::random::<u64>().max(1);
-    let hello = expected
-        .as_deref()
-        .map(|peer| hello(server, nonce, previous_link(server, peer).as_ref()));
+    let mut previous = None;
+    let mut hello_frame = None;
+    if let Some(peer) = expected.as_deref() {
+        previous = previous_link(server, peer).await;
+        hello_frame = Some(hello(server, nonce, previous.as_ref()));
+    }
     let options = link::Options {
         writer: WriterSetup {
             ctrl: ctrl_rx,
@@ -307,6 +311,7 @@ where
                     backlog: backlog.clone(),
                     notice: forward_dropped_notice,
                     framed: false,
+                    replay: server.config.peer_replay(),
                 },
             )),
             closer: closer.clone(),
@@ -314,8 +319,8 @@ where
             direct: None,
             on_close: link::OnClose::SendQueued,
             // The dialer says who it is first; the acceptor answers once it has checked.
-            first: match &hello {
-                Some(hello) => link::First::Frames(vec![hello.clone()]),
+            first: match hello_frame {
+                Some(hello) => link::First::Frames(vec![hello]),
                 None => link::First::Answer,
             },
         },
@@ -327,12 +332,13 @@ where
         server: server.clone(),
         expected,
         link_nonce: nonce,
-        gap: None,
+        previous,
         pending: Some(PeerQueues {
             ctrl: ctrl_tx,
             data: data_tx,
             backlog: backlog.clone(),
             closer,
+            replay: server.config.peer_replay(),
         }),
         peer: None,
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
@@ -344,24 +350,27 @@ where
     {
         tracing::warn!(error = %e, "closed peer link");
     }
-    if let Some(end) = served.writer
-        && end.discarded > 0
-    {
-        // Forwards still queued when the link broke are lost; count them.
-        tracing::warn!(
-            discarded = end.discarded,
-            "peer link closed with forwards still queued"
-        );
-        backlog.record_lost(end.discarded as u64);
-        server.stats.forward_dropped.add(end.discarded as u64);
-        // By topic, for the peer's subscribers when it links again.
-        if let Some(peer) = &served.handler.peer {
-            for frame in end.unsent {
-                if let Ok(forward) = relaymesh_proto::decode::<v1::Forward>(frame) {
-                    peer.out.note_missed(&forward.account, &forward.topic);
-                }
+    let peer = served.handler.peer.clone();
+    let (replay, unsent) = match served.writer {
+        Some(end) => {
+            if end.discarded > 0 {
+                tracing::info!(
+                    unsent = end.discarded,
+                    "peer link closed with forwards still queued; they are kept for its next link"
+                );
+                backlog.record_lost(end.discarded as u64);
             }
+            (end.replay, end.unsent)
         }
+        None => (None, Vec::new()),
+    };
+    if let Some(peer) = peer {
+        // Held (or, without replay, counted by topic) for the peer's next link.
+        if replay.is_none() {
+            server.stats.forward_dropped.add(unsent.len() as u64);
+        }
+        peer.out.ended(replay, unsent);
+        peer.ended.cancel();
     }
     served.handler.established()
 }
@@ -373,8 +382,9 @@ struct PeerReader {
     expected: Option<Arc<str>>,
     /// The link's name: chosen here when this server dialed, the dialer's otherwise.
     link_nonce: u64,
-    /// What the peer missed on its previous link and has not been told yet.
-    gap: Option<Gap>,
+    /// The previous link with the peer (the dialer looks it up before dialing, the acceptor
+    /// once it knows who dialed).
+    previous: Option<PreviousLink>,
     /// The link's queues and closer, until the handshake makes them a [`PeerLink`].
     pending: Option<PeerQueues>,
     /// The link, once the peer is known.
@@ -393,48 +403,63 @@ impl PeerReader {
         self.publisher.flush(&self.server.stats);
     }
 
-    /// Tells the peer of what was routed to its previous link beyond what it received there
-    /// (lost in the link, or routed while the link was down): now, and again at heartbeats
-    /// while publishers still holding the old routes add to it.
-    fn report_gap(&mut self) {
-        let (Some(gap), Some(peer)) = (&mut self.gap, &self.peer) else {
+    /// Takes over from the previous link with the peer, which (by its `PeerHello`) received
+    /// `received` forwards on it: what followed those and is still held is queued on this link
+    /// ahead of anything else, what is routed to the old link from now on comes here too, and
+    /// the peer is told how many it missed beyond that (lost, or too old to send again).
+    fn resume(&mut self, previous_link: u64, received: u64) {
+        let (Some(previous), Some(peer)) = (self.previous.take(), &self.peer) else {
             return;
         };
-        let due = gap
-            .out
-            .offered()
-            .saturating_sub(gap.received.saturating_add(gap.reported));
-        if due == 0 {
+        let server = &self.server;
+        if previous.nonce == 0 || previous.nonce != previous_link {
+            // The peer does not know that link (it restarted): nothing of it is owed.
+            previous.out.resume(&peer.out, u64::MAX, &server.stats);
             return;
         }
-        gap.reported += due;
-        self.server.stats.peer_gaps_reported.add(due);
+        let resumed = previous.out.resume(&peer.out, received, &server.stats);
+        let missed = previous
+            .out
+            .offered()
+            .saturating_sub(received.saturating_add(resumed.replayed));
+        if resumed.replayed > 0 {
+            tracing::info!(
+                peer = %peer.server_id,
+                replayed = resumed.replayed,
+                "sent the peer again what its previous link may not have delivered"
+            );
+        }
+        if missed == 0 {
+            return;
+        }
+        server.stats.peer_gaps_reported.add(missed);
         tracing::warn!(
             peer = %peer.server_id,
-            missed = due,
-            "the peer missed forwards while its link was broken or down; telling it"
+            missed,
+            too_old = resumed.stale,
+            "the peer missed forwards beyond the replay buffer while its link was broken or down; telling it"
         );
-        // Those routed while the link was down are known by topic; the rest (lost inside the
-        // link) are not.
-        let mut left = due;
+        // Those that left the replay buffer (or were routed while the link was down without
+        // one) are known by topic; the rest are not.
+        let mut left = missed;
         let mut topics = Vec::new();
-        for missed in gap.out.take_missed_topics() {
-            let count = missed.count.min(left);
+        for lost in previous.out.take_missed_topics() {
+            let count = lost.count.min(left);
             if count == 0 {
                 break;
             }
             left -= count;
             topics.push(v1::TopicCount {
-                account: missed.scope.into(),
-                topic: missed.topic.into(),
+                account: lost.scope.into(),
+                topic: lost.topic.into(),
                 count,
             });
         }
         peer.send_ctrl(encode(&v1::PeerMessage::forward_dropped(
             v1::ForwardDropped {
-                count: due,
+                count: missed,
                 topics,
-                link: gap.nonce,
+                link: previous.nonce,
             },
         )));
     }
@@ -473,25 +498,13 @@ impl link::Handler for PeerReader {
         let Some(queues) = self.pending.take() else {
             return Err(error(ErrorCode::Internal, "peer link set up twice"));
         };
-        let server = &self.server;
-        let previous = previous_link(server, &peer_id);
+        let server = self.server.clone();
         if self.expected.is_none() {
+            self.previous = previous_link(&server, &peer_id).await;
             self.link_nonce = their.link_nonce;
             let _ = queues
                 .ctrl
-                .try_send(hello(server, self.link_nonce, previous.as_ref()));
-        }
-        // What the peer received on the link before this one settles what it missed there.
-        if let Some(previous) = previous
-            && previous.nonce != 0
-            && previous.nonce == their.previous_link
-        {
-            self.gap = Some(Gap {
-                nonce: previous.nonce,
-                out: previous.out,
-                received: their.previous_received,
-                reported: 0,
-            });
+                .try_send(hello(&server, self.link_nonce, self.previous.as_ref()));
         }
         let peer = Arc::new(PeerLink::new(
             peer_id,
@@ -503,8 +516,10 @@ impl link::Handler for PeerReader {
         lock(&server.peer_links).insert(peer.server_id.clone(), peer.clone());
         tracing::info!(peer = %peer.server_id, link = peer.link, "peer link up");
         self.peer = Some(peer.clone());
+        // Before the routes move to the new link: what is replayed goes ahead of anything
+        // published from now on, and what the old routes still carry follows it here.
+        self.resume(their.previous_link, their.previous_received);
         self.server.command(Command::PeerUp { peer }).await?;
-        self.report_gap();
         Ok(Flow::Continue)
     }
 
@@ -575,7 +590,6 @@ impl link::Handler for PeerReader {
     }
 
     fn beat(&mut self) {
-        self.report_gap();
         if let Some(peer) = &self.peer {
             self.nonce += 1;
             peer.send_ctrl(encode(&v1::PeerMessage::ping(v1::Ping {

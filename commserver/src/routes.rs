@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use relaymesh_net::link::{Backlog, Closer, DataTx, Direct, LastWords};
+use relaymesh_net::link::{Backlog, Closer, DataTx, Direct, LastWords, Replay, ReplayLimits};
 use relaymesh_net::metrics::Counter;
 use relaymesh_net::sync::lock;
 use relaymesh_net::wire;
@@ -92,14 +92,37 @@ pub(crate) struct PeerOut {
     /// Forwards queued for the peer.
     pub(crate) forwards_out: Counter,
     /// Forwards routed to the peer but not queued: its queue was full (the peer is told with
-    /// `ForwardDropped`) or the link was down. With `forwards_out`, everything routed to the
-    /// peer over this link, which the peer's count is checked against when it links again.
+    /// `ForwardDropped`) or the link had ended (held for replay, or lost). With
+    /// `forwards_out`, everything routed to the peer over this link, which the peer's count is
+    /// checked against when it links again.
     pub(crate) missed: Counter,
+    /// What becomes of forwards routed here once the link has ended.
+    after: std::sync::Mutex<AfterLink>,
     /// Of those, and of those lost with the link's queue, how many per topic (up to
     /// [`MAX_MISSED_TOPICS`] topics), so the peer can tell just their subscribers. Keyed by a
     /// hash of the names, so counting a miss allocates nothing; the names are checked, and a
     /// miss whose hash another topic holds is left unattributed.
     missed_topics: std::sync::Mutex<HashMap<u64, MissedTopic>>,
+}
+
+/// What a peer link that ended does with the forwards routed to it.
+#[derive(Debug)]
+enum AfterLink {
+    /// Keeps them for the peer's next link: the link's replay buffer (once its writer has
+    /// handed it over, the last forwards it wrote and those still queued come first), or
+    /// nothing when replay is off (they are only counted).
+    Held(Option<Replay>),
+    /// The peer linked again: they go to the new link, after what was replayed.
+    Resumed(Arc<PeerOut>),
+}
+
+/// What a new link with the peer takes over from the one before it.
+#[derive(Debug)]
+pub(crate) struct Resumed {
+    /// Forwards sent again on the new link.
+    pub(crate) replayed: u64,
+    /// Held forwards too old to send again.
+    pub(crate) stale: u64,
 }
 
 /// Forwards on one topic routed to a peer link while it was down.
@@ -116,13 +139,101 @@ pub(crate) const MAX_MISSED_TOPICS: usize = 10_000;
 
 impl PeerOut {
     /// A peer's data path over a link with these queues.
-    pub(crate) fn new(data: DataTx, backlog: Arc<Backlog>) -> Self {
+    pub(crate) fn new(data: DataTx, backlog: Arc<Backlog>, replay: Option<ReplayLimits>) -> Self {
         Self {
             data,
             backlog,
             forwards_out: Counter::default(),
             missed: Counter::default(),
+            after: std::sync::Mutex::new(AfterLink::Held(replay.map(Replay::new))),
             missed_topics: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The link's writer has ended: `written` (its replay buffer) and `unsent` (still queued)
+    /// go before what was held since.
+    pub(crate) fn ended(&self, written: Option<Replay>, unsent: Vec<Bytes>) {
+        let mut after = lock(&self.after);
+        let AfterLink::Held(held) = &mut *after else {
+            return;
+        };
+        match (written, held.take()) {
+            (Some(mut replay), since) => {
+                for frame in unsent {
+                    replay.hold(frame, |gone| self.note_missed_forward(&gone));
+                }
+                if let Some(since) = since {
+                    replay.append(since, |gone| self.note_missed_forward(&gone));
+                }
+                *held = Some(replay);
+            }
+            (None, since) => {
+                for frame in &unsent {
+                    self.note_missed_forward(frame);
+                }
+                *held = since;
+            }
+        }
+    }
+
+    /// A forward routed here after the link ended: held for the next link, or passed on to
+    /// it.
+    fn routed_after_end(&self, frame: &Bytes, (scope, topic): (&str, &str), stats: &Stats) {
+        let mut after = lock(&self.after);
+        match &mut *after {
+            AfterLink::Resumed(next) => {
+                let next = next.clone();
+                drop(after);
+                forward_to(&next, frame, (scope, topic), stats);
+            }
+            AfterLink::Held(Some(replay)) => {
+                self.missed.inc();
+                replay.hold(frame.clone(), |gone| {
+                    stats.forward_dropped.inc();
+                    self.note_missed_forward(&gone);
+                });
+            }
+            AfterLink::Held(None) => {
+                self.missed.inc();
+                stats.forward_dropped.inc();
+                self.note_missed(scope, topic);
+            }
+        }
+    }
+
+    /// The peer linked again over `next` and received `received` forwards on this link:
+    /// queues what followed them and is still held on `next`, ahead of anything else, and
+    /// passes whatever is routed here from now on to `next`.
+    pub(crate) fn resume(&self, next: &Arc<PeerOut>, received: u64, stats: &Stats) -> Resumed {
+        let mut after = lock(&self.after);
+        let (again, stale) = match &mut *after {
+            AfterLink::Held(Some(replay)) => replay.take_after(received),
+            _ => (Vec::new(), 0),
+        };
+        for frame in &again {
+            next.backlog.force(frame.len(), 1);
+            if next.data.send(frame.clone()).is_ok() {
+                next.forwards_out.inc();
+            } else {
+                next.backlog.release(frame.len());
+                next.missed.inc();
+            }
+        }
+        stats.forwards_replayed.add(again.len() as u64);
+        *after = AfterLink::Resumed(next.clone());
+        Resumed {
+            replayed: again.len() as u64,
+            stale,
+        }
+    }
+
+    /// [`PeerOut::note_missed`] for an encoded `PeerMessage { forward }`.
+    fn note_missed_forward(&self, frame: &Bytes) {
+        if let Ok(v1::PeerMessage {
+            kind: Some(v1::peer_message::Kind::Forward(forward)),
+        }) = relaymesh_proto::decode::<v1::PeerMessage>(frame.clone())
+        {
+            self.note_missed(&forward.account, &forward.topic);
         }
     }
 
@@ -613,28 +724,30 @@ fn offer(
 }
 
 /// Queues `frame` (a `Forward`) for every interested peer of `route`.
-fn forward(route: &Route, frame: &Bytes, (scope, topic): (&str, &str), stats: &Stats) {
+fn forward(route: &Route, frame: &Bytes, topic: (&str, &str), stats: &Stats) {
     for peer in route.peers.iter() {
-        match enqueue(&peer.data, &peer.backlog, frame) {
-            Enqueued::Yes => {
-                peer.forwards_out.inc();
-                stats.forwards_out.inc();
-            }
-            Enqueued::Full => {
-                // Reported to the peer as ForwardDropped, which tells its subscribers.
-                peer.backlog.record_drop(u64::MAX);
-                peer.missed.inc();
-                peer.note_missed(scope, topic);
-                stats.forward_dropped.inc();
-            }
-            // The link is down, its interest kept for a while: counted, and reported to the
-            // peer when it links again.
-            Enqueued::Closed => {
-                peer.missed.inc();
-                stats.forward_dropped.inc();
-                peer.note_missed(scope, topic);
-            }
+        forward_to(peer, frame, topic, stats);
+    }
+}
+
+/// Queues `frame` for one peer.
+fn forward_to(peer: &PeerOut, frame: &Bytes, (scope, topic): (&str, &str), stats: &Stats) {
+    match enqueue(&peer.data, &peer.backlog, frame) {
+        Enqueued::Yes => {
+            peer.forwards_out.inc();
+            stats.forwards_out.inc();
         }
+        // A full queue whose writer has just ended is an ended link.
+        Enqueued::Full if !peer.data.is_closed() => {
+            // Reported to the peer as ForwardDropped, which tells its subscribers.
+            peer.backlog.record_drop(u64::MAX);
+            peer.missed.inc();
+            peer.note_missed(scope, topic);
+            stats.forward_dropped.inc();
+        }
+        // The link has ended, its interest kept for a while: held for its next link (or
+        // counted, and reported to the peer when it links again).
+        Enqueued::Full | Enqueued::Closed => peer.routed_after_end(frame, (scope, topic), stats),
     }
 }
 
@@ -742,7 +855,7 @@ mod tests {
 
     fn peer() -> (Arc<PeerOut>, relaymesh_net::link::DataRx) {
         let (data, rx) = relaymesh_net::link::data_queue();
-        let p = PeerOut::new(data, Arc::new(Backlog::counted(16, 1 << 20)));
+        let p = PeerOut::new(data, Arc::new(Backlog::counted(16, 1 << 20)), None);
         (Arc::new(p), rx)
     }
 

@@ -217,6 +217,7 @@ fn run(
                     backlog,
                     notice: dropped_notice,
                     framed: true,
+                    replay: None,
                 },
             )),
             closer,

@@ -20,8 +20,12 @@ pub(crate) struct Stats {
     pub(crate) slow_consumers: Counter,
     pub(crate) forwards_in: Counter,
     pub(crate) forwards_out: Counter,
-    /// Forwards dropped because a peer link's queue was full.
+    /// Forwards dropped: a peer link's queue was full, or the link had ended and they fell
+    /// out of its replay buffer (or replay is off).
     pub(crate) forward_dropped: Counter,
+    /// Forwards sent again on a peer's new link because its previous link may not have
+    /// delivered them.
+    pub(crate) forwards_replayed: Counter,
     /// Forwards peers reported dropping for this server.
     pub(crate) peer_drops_reported: Counter,
     /// Forwards routed to a peer's previous link that it never received (lost in the link or

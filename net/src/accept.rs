@@ -267,6 +267,7 @@ mod tests {
                         backlog: backlog.clone(),
                         notice: |_| Bytes::new(),
                         framed: true,
+                        replay: None,
                     },
                 )),
                 closer: closer.clone(),

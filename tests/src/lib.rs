@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod process;
+pub mod proxy;
 pub mod raw;
 
 use std::future::Future;

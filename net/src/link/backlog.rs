@@ -124,6 +124,17 @@ impl Backlog {
         }
     }
 
+    /// Reserves room for `frames` frames of `len` bytes whatever the queue holds: messages
+    /// replayed from a previous link, bounded by their own buffer.
+    pub fn force(&self, len: usize, frames: usize) {
+        if self.capacity != usize::MAX {
+            self.queued_frames.fetch_add(frames, Ordering::Relaxed);
+        }
+        if len > self.large {
+            self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+
     /// Records one dropped frame. Returns `true` when the queue has now been stalled (not run
     /// empty) for longer than `grace_ms` since the first drop: the receiver is a slow consumer.
     pub fn record_drop(&self, grace_ms: u64) -> bool {
@@ -186,6 +197,9 @@ pub struct DataBacklog {
     /// written as they are: a batch of messages encoded once for many receivers. Otherwise
     /// each item is one message for the writer to frame.
     pub framed: bool,
+    /// Keep the last messages written in a replay buffer this large (single messages only, not
+    /// `framed`), handed back in [`WriterEnd::replay`](crate::link::WriterEnd::replay).
+    pub replay: Option<super::replay::ReplayLimits>,
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ mod closer;
 mod direct;
 mod driver;
 mod read;
+mod replay;
 mod writer;
 
 use std::pin::Pin;
@@ -48,6 +49,7 @@ pub use closer::{Closer, LastWords};
 pub use direct::{Direct, TrySend};
 pub use driver::{Flow, Handler, Heartbeat, MAX_BURST, Options, Served, serve};
 pub use read::{Burst, Inbound, ReadError, first_message, linger, next_frame, ready_frame};
+pub use replay::{Replay, ReplayLimits};
 pub use writer::{First, MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};
 
 use crate::frames::FrameReader;

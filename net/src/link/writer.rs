@@ -10,9 +10,10 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
-use super::backlog::{DataBacklog, DataRx};
+use super::backlog::{DataBacklog, DataRx, now_ms};
 use super::closer::Closer;
 use super::direct::{CloseGate, Direct};
+use super::replay::Replay;
 use super::{LinkSink, Replies};
 use relaymesh_proto::CLOSE_NORMAL;
 
@@ -78,6 +79,9 @@ pub struct WriterEnd {
     pub unsent: Vec<Bytes>,
     /// The control queue, with what is left in it ([`OnClose`]).
     pub ctrl: mpsc::Receiver<Bytes>,
+    /// The last data messages written, by position, when the data queue keeps a replay buffer
+    /// ([`DataBacklog::replay`]). `unsent` is not in it.
+    pub replay: Option<Replay>,
 }
 
 /// One item for the writer.
@@ -119,6 +123,12 @@ where
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
         None => (None, None),
     };
+    // Only a queue of single messages keeps one: positions count messages.
+    let mut replay = accounting
+        .as_ref()
+        .filter(|a| !a.framed)
+        .and_then(|a| a.replay)
+        .map(Replay::new);
     debug_assert!(
         direct.is_none() || (role == Role::Server && accounting.as_ref().is_some_and(|a| a.framed)),
         "direct writes carry whole server frames: a server link with a framed data queue"
@@ -187,6 +197,7 @@ where
             }
             let mut next = Some(first);
             let mut framed = 0;
+            let now = if replay.is_some() { now_ms() } else { 0 };
             while let Some(item) = next.take() {
                 match item {
                     Out::Raw(raw) => {
@@ -204,6 +215,9 @@ where
                         Some(a) => {
                             a.backlog.release(frame.len());
                             put_frame(&mut out, OP_BINARY, &frame, role);
+                            if let Some(replay) = &mut replay {
+                                replay.written(frame, now, drop);
+                            }
                         }
                         None => put_frame(&mut out, OP_BINARY, &frame, role),
                     },
@@ -223,6 +237,9 @@ where
                 let dropped = backlog.take_unreported();
                 if dropped > 0 {
                     put_frame(&mut out, OP_BINARY, &notice(dropped), role);
+                    if let Some(replay) = &mut replay {
+                        replay.skip(dropped);
+                    }
                 }
             }
             tokio::select! {
@@ -313,6 +330,7 @@ where
         discarded,
         unsent,
         ctrl,
+        replay,
     }
 }
 

@@ -11,6 +11,7 @@ mod failover;
 mod http;
 mod keys;
 mod ops;
+mod peer_links;
 mod processes;
 mod readme;
 mod slow;

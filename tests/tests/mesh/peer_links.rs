@@ -1,0 +1,145 @@
+//! Peer links that stall: a black-holed link between two comm servers, and what reaches a
+//! subscriber across it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use relaymesh_client::{Client, Event};
+use relaymesh_tests::proxy::Proxy;
+use relaymesh_tests::{
+    CoordinatorHandle, ServerHandle, client_config, coordinator_config, eventually, server_config,
+    within,
+};
+
+/// Two servers, "a" and "b"; "a" reaches "b" (its peer link, and b's clients) through a proxy
+/// that can black-hole the peer link.
+struct StalledPair {
+    coordinator: CoordinatorHandle,
+    a: ServerHandle,
+    b: ServerHandle,
+    proxy: Proxy,
+}
+
+impl StalledPair {
+    async fn start(replay_bytes: usize) -> Self {
+        let coordinator = CoordinatorHandle::start(coordinator_config()).await;
+        let proxy = Proxy::start().await;
+        let tweak = |id: &str| {
+            let mut config = server_config(&coordinator.url);
+            config.id = Some(id.into());
+            config.peer_heartbeat_timeout_ms = 600;
+            config.handshake_timeout_ms = 1_000;
+            config.peer_replay_bytes = replay_bytes;
+            config
+        };
+        let a = ServerHandle::start(tweak("a")).await;
+        let mut b_config = tweak("b");
+        b_config.public_url = Some(format!("ws://{}", proxy.addr));
+        let b = ServerHandle::start(b_config).await;
+        proxy.set_upstream(b.addr);
+        for server in [&a, &b] {
+            eventually("the servers are linked", || async {
+                (server.stat("peers").await == 1).then_some(())
+            })
+            .await;
+        }
+        Self {
+            coordinator,
+            a,
+            b,
+            proxy,
+        }
+    }
+
+    async fn client_on(&self, server: &ServerHandle) -> Client {
+        let mut config = client_config(&self.coordinator.url);
+        config.preferred_server = Some(server.id.clone());
+        let client = Client::connect(config).await.unwrap();
+        assert_eq!(client.server_id(), server.id);
+        client
+    }
+
+    /// Publishes on "a" to a subscriber on "b" while the peer link is black-holed until both
+    /// servers have given it up, then lets it through again. Returns what the subscriber got:
+    /// the payloads, in order, and the `Dropped` counts it was told of.
+    async fn publish_across_a_stall(&self, total: usize) -> (Vec<usize>, u64) {
+        let mut subscriber = self.client_on(&self.b).await;
+        subscriber.subscribe(["room/stall"]).await.unwrap();
+        let publisher = Arc::new(self.client_on(&self.a).await);
+        let stalled = Arc::new(AtomicBool::new(false));
+        // A steady publisher: before the stall, through it and after it.
+        let (p, s) = (publisher.clone(), stalled.clone());
+        let publishing = tokio::spawn(async move {
+            for i in 0..total {
+                p.publish("room/stall", i.to_string()).await.unwrap();
+                // Pacing, so that some of the messages fall into the stall.
+                if !s.load(Ordering::SeqCst) || i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        });
+        // Something has crossed before the stall starts.
+        let mut got = Vec::new();
+        let mut told = 0;
+        let mut next = async |got: &mut Vec<usize>, told: &mut u64| match within(
+            "the subscriber hears of every message",
+            subscriber.next_event(),
+        )
+        .await
+        {
+            Some(Event::Message(m)) => {
+                got.push(std::str::from_utf8(&m.payload).unwrap().parse().unwrap())
+            }
+            Some(Event::Dropped { count }) => *told += count,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("the subscriber's client ended"),
+        };
+        next(&mut got, &mut told).await;
+        self.proxy.blackhole_peers(true);
+        stalled.store(true, Ordering::SeqCst);
+        for server in [&self.a, &self.b] {
+            eventually("both ends gave up the stalled link", || async {
+                (server.stat("peers").await == 0).then_some(())
+            })
+            .await;
+        }
+        self.proxy.blackhole_peers(false);
+        stalled.store(false, Ordering::SeqCst);
+        within("the publisher finishes", publishing).await.unwrap();
+        while got.len() as u64 + told < total as u64 {
+            next(&mut got, &mut told).await;
+        }
+        (got, told)
+    }
+}
+
+#[tokio::test]
+async fn a_stall_shorter_than_the_replay_buffer_loses_nothing() {
+    let pair = StalledPair::start(16 << 20).await;
+    const TOTAL: usize = 1_500;
+    let (got, told) = pair.publish_across_a_stall(TOTAL).await;
+    // Every message, once, in order: what the black hole swallowed and what was published
+    // while the link was down came again on the next link.
+    assert_eq!(told, 0, "nothing should have been lost");
+    assert_eq!(got, (0..TOTAL).collect::<Vec<_>>());
+    assert!(pair.a.stat("forwards_replayed").await > 0);
+    assert_eq!(pair.a.stat("peer_gaps_reported").await, 0);
+    assert_eq!(pair.b.stat("peers").await, 1);
+}
+
+#[tokio::test]
+async fn without_replay_a_stall_is_reported_not_silent() {
+    let pair = StalledPair::start(0).await;
+    const TOTAL: usize = 1_500;
+    let (got, told) = pair.publish_across_a_stall(TOTAL).await;
+    // What did not arrive was told, to the message.
+    assert!(told > 0, "the stall should have lost something");
+    assert_eq!(got.len() as u64 + told, TOTAL as u64);
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicates"
+    );
+    assert_eq!(pair.a.stat("peer_gaps_reported").await, told);
+    assert_eq!(pair.a.stat("forwards_replayed").await, 0);
+}
