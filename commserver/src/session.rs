@@ -481,6 +481,7 @@ impl Session {
         }
         self.reply(&v1::ServerToClient::ack(v1::Ack {
             request_id: sub.request_id,
+            pending: Vec::new(),
         }))
     }
 
@@ -515,6 +516,7 @@ impl Session {
         }
         self.reply(&v1::ServerToClient::ack(v1::Ack {
             request_id: unsub.request_id,
+            pending: Vec::new(),
         }))
     }
 

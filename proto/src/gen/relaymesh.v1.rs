@@ -420,8 +420,7 @@ pub struct Ready {
     #[prost(uint32, tag = "5")]
     pub heartbeat_timeout_ms: u32,
 }
-/// Answered by Ack{request_id} once the subscription is active on this server and every peer
-/// linked to it: a message published anywhere in the cluster after the Ack reaches the client.
+/// Answered by Ack{request_id} (see Ack for what it promises).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Subscribe {
     #[prost(uint64, tag = "1")]
@@ -436,10 +435,26 @@ pub struct Unsubscribe {
     #[prost(string, repeated, tag = "2")]
     pub topics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+/// The answer to a Subscribe or Unsubscribe. The change is in force on this server and on every
+/// other server linked to it, except those named in `pending`: after a Subscribe's Ack with
+/// `pending` empty, a message published anywhere in the cluster reaches the client. (After an
+/// Unsubscribe's first Ack, whatever `pending` says, this server no longer delivers the topics
+/// to the client; pending servers may still forward them to this server until they confirm.)
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ack {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
+    /// Servers (peer comm server ids) that had not confirmed the change when this Ack was sent,
+    /// because their link is slow, stalled or down: the change is in force on this server and on
+    /// every other linked server, and reaches a pending server at the latest in the full interest
+    /// set this server sends first on their next link. When `pending` is not empty, a second Ack with
+    /// the same `request_id` follows, and nothing after it: with `pending` empty once they all have
+    /// confirmed (a pending server that leaves the cluster, i.e. does not link again within the
+    /// server's `peer_resume_ms`, counts as done), or, if the server stopped waiting for them
+    /// (after about `peer_resume_ms` more: a server whose links keep breaking), naming those that
+    /// still have not.
+    #[prost(string, repeated, tag = "2")]
+    pub pending: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Publish {
