@@ -60,6 +60,8 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "peer_gaps_reported": s.peer_gaps_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
         "forbidden": s.forbidden.get(),
+        "acks_pending": s.acks_pending.get(),
+        "confirmations_abandoned": s.confirmations_abandoned.get(),
         "replaced": s.replaced.get(),
         "keys_pending": pending_keys,
         "keys_reserved": s.keys_reserved.get(),
@@ -95,7 +97,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 16] = [
+    let counters: [(&str, &str, &Counter); 18] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -155,6 +157,16 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_forbidden_total",
             "Publishes and subscriptions refused by role rules.",
             &s.forbidden,
+        ),
+        (
+            "relaymesh_acks_pending_total",
+            "Subscription changes acknowledged with servers still to confirm them.",
+            &s.acks_pending,
+        ),
+        (
+            "relaymesh_confirmations_abandoned_total",
+            "Subscription changes given up on with servers still to confirm them.",
+            &s.confirmations_abandoned,
         ),
         (
             "relaymesh_keys_reserved_total",

@@ -125,8 +125,14 @@ pub struct Config {
     pub peer_replay_ms: u64,
     /// Time a new link has to send its first message.
     pub handshake_timeout_ms: u64,
-    /// Longest wait for peers to confirm a subscription before it is acknowledged anyway.
+    /// Longest wait for peers to confirm a subscription change before the client is answered
+    /// with an `Ack` naming the servers still pending (the change is in force everywhere
+    /// else); a second `Ack` follows once they have confirmed.
     pub subscribe_sync_timeout_ms: u64,
+    /// Subscription changes per client whose first `Ack` named pending servers and whose
+    /// second `Ack` is still to come. A change made while this many are outstanding is refused
+    /// with `LIMIT_EXCEEDED` (which closes the session, as every limit does).
+    pub max_pending_confirmations: usize,
     /// First reconnect delay (coordinator and peer links).
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay before jitter.
@@ -193,6 +199,7 @@ impl Default for Config {
             peer_replay_ms: 15_000,
             handshake_timeout_ms: 5_000,
             subscribe_sync_timeout_ms: 5_000,
+            max_pending_confirmations: 64,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             coordinator_reconnect_max_ms: 500,
@@ -288,6 +295,11 @@ impl Config {
             "must be at least 1",
         )?;
         ensure(
+            self.max_pending_confirmations >= 1,
+            "max_pending_confirmations",
+            "must be at least 1",
+        )?;
+        ensure(
             self.max_topic_bytes >= 1,
             "max_topic_bytes",
             "must be at least 1",
@@ -365,6 +377,15 @@ impl Config {
             self.coordinator_reconnect_max().min(self.reconnect_max()),
             self.refused_retry(),
         )
+    }
+
+    /// How long after its first `Ack` a subscription change still waits for pending peers
+    /// before the server gives up and names those still pending in the second `Ack`. By then
+    /// a stalled link has been found dead (within 1.5 peer heartbeat timeouts), and a peer
+    /// that did not link again has expired (`peer_resume_ms`), ending the wait; only a peer
+    /// whose links keep breaking before they confirm anything lasts longer.
+    pub(crate) fn confirm_deadline(&self) -> std::time::Duration {
+        self.peer_resume() + self.peer_heartbeat_timeout() * 2 + self.handshake_timeout()
     }
 
     /// The heartbeat settings of this service's links.

@@ -18,7 +18,7 @@ use relaymesh_proto::{ErrorCode, encode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Server;
-use crate::interest::{Effects, Interest, LinkId, SessionId, ToPeer, TopicKey, coalesce};
+use crate::interest::{Effects, Interest, LinkId, SessionId, ToPeer, TopicKey, WaiterId, coalesce};
 use crate::routes::{PeerOut, Route, Subscriber};
 
 /// A live peer link, as the control task sees it.
@@ -103,15 +103,25 @@ impl PeerLink {
 /// Requests to the control task.
 #[derive(Debug)]
 pub(crate) enum Command {
+    /// `done` fires once every linked peer has applied the change; `waiter` (unique, from
+    /// `Server::next_id`) names the request in [`Command::Pending`].
     Subscribe {
         session: Arc<Subscriber>,
         topics: Vec<TopicKey>,
+        waiter: WaiterId,
         done: oneshot::Sender<()>,
     },
     Unsubscribe {
         session: SessionId,
         topics: Vec<TopicKey>,
+        waiter: WaiterId,
         done: oneshot::Sender<()>,
+    },
+    /// Which peers `waiter` still waits for (none once it is complete). Asked only by a
+    /// session whose request is taking longer than `subscribe_sync_timeout_ms`.
+    Pending {
+        waiter: WaiterId,
+        reply: oneshot::Sender<Vec<Arc<str>>>,
     },
     SessionClosed {
         session: SessionId,
@@ -150,17 +160,16 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 struct Control {
     state: Interest<Arc<Subscriber>, Arc<PeerLink>>,
     /// Subscribe/unsubscribe requests waiting for peers, by waiter id; the requesting session
-    /// holds the receiver and answers its client when the sender fires.
-    waiting: HashMap<u64, oneshot::Sender<()>>,
-    next_waiter: u64,
+    /// (or the task it leaves the wait to) holds the receiver and answers its client when the
+    /// sender fires.
+    waiting: HashMap<WaiterId, oneshot::Sender<()>>,
     last_sweep: Instant,
 }
 
 impl Control {
-    fn wait(&mut self, done: oneshot::Sender<()>) -> u64 {
-        self.next_waiter += 1;
-        self.waiting.insert(self.next_waiter, done);
-        self.next_waiter
+    fn wait(&mut self, waiter: WaiterId, done: oneshot::Sender<()>) -> WaiterId {
+        self.waiting.insert(waiter, done);
+        waiter
     }
 
     fn handle(&mut self, command: Command) -> Effects<Arc<PeerLink>> {
@@ -168,18 +177,24 @@ impl Control {
             Command::Subscribe {
                 session,
                 topics,
+                waiter,
                 done,
             } => {
-                let waiter = self.wait(done);
+                let waiter = self.wait(waiter, done);
                 self.state.subscribe(session.id, &session, topics, waiter)
             }
             Command::Unsubscribe {
                 session,
                 topics,
+                waiter,
                 done,
             } => {
-                let waiter = self.wait(done);
+                let waiter = self.wait(waiter, done);
                 self.state.unsubscribe(session, topics, waiter)
+            }
+            Command::Pending { waiter, reply } => {
+                let _ = reply.send(self.state.pending(waiter).unwrap_or_default());
+                Effects::default()
             }
             Command::SessionClosed { session } => self.state.session_closed(session),
             Command::PeerUp { peer } => {
@@ -248,7 +263,6 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
     let mut control = Control {
         state: Interest::new(),
         waiting: HashMap::new(),
-        next_waiter: 0,
         last_sweep: Instant::now(),
     };
     loop {
@@ -282,7 +296,7 @@ fn apply(
     server: &Server,
     state: &Interest<Arc<Subscriber>, Arc<PeerLink>>,
     effects: Effects<Arc<PeerLink>>,
-    waiting: &mut HashMap<u64, oneshot::Sender<()>>,
+    waiting: &mut HashMap<WaiterId, oneshot::Sender<()>>,
 ) {
     let mut created = false;
     for topic in &effects.routes {

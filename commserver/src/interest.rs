@@ -9,7 +9,12 @@
 //! Interest changes sent to a peer are numbered; the peer answers `InterestAck{seq}` once it has
 //! applied them. A subscribe request completes only when every linked peer has acknowledged
 //! everything sent to it so far, which is what lets the comm server promise that a message
-//! published anywhere in the cluster after the client's `Ack` reaches the client.
+//! published anywhere in the cluster after the client's `Ack` reaches the client. A peer whose
+//! link goes down while a request waits for it is still waited for: the request completes once
+//! the peer links again and acknowledges the full set the new link starts with, or once the
+//! peer expires. A peer whose link is already down when a request is made is not linked, and
+//! not waited for (it hears the change in that same full set). Until a request completes,
+//! [`Interest::pending`] names the peers it waits for.
 //!
 //! `S` is whatever the driver uses to reach a session and `P` a peer link; the tests use numbers.
 
@@ -191,7 +196,9 @@ struct PeerState<P> {
 #[derive(Debug)]
 struct Waiter {
     id: WaiterId,
-    /// (peer, link, seq) acknowledgements still missing.
+    /// (peer, link, seq) acknowledgements still missing, at most one per peer. A need on a link
+    /// that went down stays; when the peer links again it becomes (new link, 1), the full set
+    /// the new link starts with, and it goes only when the peer expires.
     needs: Vec<(Arc<str>, LinkId, u64)>,
 }
 
@@ -231,6 +238,11 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         waiter: WaiterId,
     ) -> Effects<P> {
         let mut fx = Effects::default();
+        if topics.is_empty() {
+            // Nothing new: the request only waits for what peers have not confirmed yet.
+            self.wait(waiter, &mut fx);
+            return fx;
+        }
         let mut added = Vec::new();
         let mine = self.sessions.entry(id).or_default();
         for topic in topics {
@@ -273,10 +285,17 @@ impl<S: Clone, P: Clone> Interest<S, P> {
     }
 
     /// A link to peer `name` came up. Replaces (and asks to close) an older link to the same
-    /// peer, and sends the new link our full interest set.
+    /// peer, and sends the new link our full interest set. Requests waiting for the old link
+    /// wait for the new link's acknowledgement of that set instead.
     pub(crate) fn peer_up(&mut self, name: &Arc<str>, link: LinkId, handle: P) -> Effects<P> {
         let mut fx = Effects::default();
         if let Some(old) = self.peers.get(name).map(|p| p.link) {
+            for need in self.waiters.iter_mut().flat_map(|w| w.needs.iter_mut()) {
+                if need.0 == *name && need.1 == old {
+                    need.1 = link;
+                    need.2 = 1;
+                }
+            }
             self.remove_peer(name, old, &mut fx);
         }
         let mut all: Vec<TopicKey> = self
@@ -310,19 +329,18 @@ impl<S: Clone, P: Clone> Interest<S, P> {
     }
 
     /// The link `link` to peer `name` went down. Its interest stays (and with it the peer in
-    /// the routes) until the peer links again or [`Interest::peer_expire`]; nobody waits for
-    /// it to acknowledge anything meanwhile.
+    /// the routes) until the peer links again or [`Interest::peer_expire`]. Requests waiting
+    /// for it keep waiting: the peer has not applied what they changed, and will when it links
+    /// again (its new link starts with our full set).
     pub(crate) fn peer_down(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
-        let mut fx = Effects::default();
         if let Some(peer) = self.peers.get_mut(name).filter(|p| p.link == link) {
             peer.down = true;
-            self.settle(|n, l, _| n == name && l == link, &mut fx);
         }
-        fx
+        Effects::default()
     }
 
     /// The link `link` to peer `name`, down since [`Interest::peer_down`], did not come back
-    /// in time: its interest goes.
+    /// in time: its interest goes, and requests stop waiting for it (it left the cluster).
     pub(crate) fn peer_expire(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
         let mut fx = Effects::default();
         if self
@@ -332,6 +350,7 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         {
             self.remove_peer(name, link, &mut fx);
             fx.close.clear();
+            self.settle(|n, l, _| n == name && l == link, &mut fx);
         }
         fx
     }
@@ -399,6 +418,16 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         self.waiters.retain(|w| !ids.contains(&w.id));
     }
 
+    /// The peers `waiter` still waits for, in name order; `None` once it is complete (or
+    /// unknown).
+    pub(crate) fn pending(&self, waiter: WaiterId) -> Option<Vec<Arc<str>>> {
+        let w = self.waiters.iter().find(|w| w.id == waiter)?;
+        let mut names: Vec<Arc<str>> = w.needs.iter().map(|(n, _, _)| n.clone()).collect();
+        names.sort();
+        names.dedup();
+        Some(names)
+    }
+
     /// Local sessions and interested peers for `topic`, or `None` when there are neither.
     pub(crate) fn route(&self, topic: &TopicKey) -> Option<(Vec<S>, Vec<P>)> {
         let state = self.topics.get(topic)?;
@@ -463,7 +492,9 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         }
     }
 
-    /// Registers `waiter` to complete when every peer has acknowledged all it was sent.
+    /// Registers `waiter` to complete when every linked peer has acknowledged all it was sent.
+    /// A peer whose link is down is not linked: it hears everything in the full set its next
+    /// link starts with.
     fn wait(&mut self, waiter: WaiterId, fx: &mut Effects<P>) {
         let needs: Vec<_> = self
             .peers
@@ -506,7 +537,6 @@ impl<S: Clone, P: Clone> Interest<S, P> {
             fx.routes.insert(topic);
         }
         fx.close.push(peer.handle);
-        self.settle(|n, l, _| n == name && l == link, fx);
     }
 
     fn forget_if_empty(topics: &mut HashMap<TopicKey, TopicState<S, P>>, topic: &TopicKey) {
@@ -665,8 +695,10 @@ mod tests {
         let fx = i.peer_down(&name("p"), 2);
         assert!(fx.routes.is_empty() && fx.close.is_empty());
         assert_eq!(route(&i, "b").1, vec!["P2"]);
-        // ...and a later change is not sent to it, nor waited for.
-        assert!(i.subscribe(2, &2, vec![t("c")], 5).to_peers.is_empty());
+        // ...and a later change is not sent to it (its next link starts with the full set),
+        // nor waited for.
+        let fx = i.subscribe(2, &2, vec![t("c")], 5);
+        assert!(fx.to_peers.is_empty() && fx.completed == vec![5]);
         // An expiry for another link changes nothing; its own removes the interest.
         assert!(i.peer_expire(&name("p"), 1).routes.is_empty());
         let fx = i.peer_expire(&name("p"), 2);
@@ -678,23 +710,96 @@ mod tests {
     }
 
     #[test]
-    fn waiters_complete_when_peers_ack_or_go_away() {
+    fn waiters_complete_when_peers_ack_or_expire() {
         let mut i = I::new();
         i.peer_up(&name("b"), 1, "B");
         i.peer_up(&name("c"), 2, "C");
         // Neither peer has acknowledged its full set yet: a subscribe waits for both.
         let fx = i.subscribe(1, &1, vec![t("x")], 7);
         assert!(fx.completed.is_empty());
+        assert_eq!(i.pending(7), Some(vec![name("b"), name("c")]));
         assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
-        let fx = i.peer_down(&name("c"), 2);
-        assert_eq!(fx.completed, vec![7]);
+        assert_eq!(i.pending(7), Some(vec![name("c")]));
+        // A link going down does not answer for the peer...
+        assert!(i.peer_down(&name("c"), 2).completed.is_empty());
+        assert_eq!(i.pending(7), Some(vec![name("c")]));
+        // ...its expiry does: the peer left.
+        assert_eq!(i.peer_expire(&name("c"), 2).completed, vec![7]);
+        assert_eq!(i.pending(7), None);
         // An ack for an older seq does not complete a newer wait.
         i.subscribe(2, &2, vec![t("y")], 8);
         assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
         assert_eq!(i.peer_ack(&name("b"), 1, 3).completed, vec![8]);
         // Without peers, requests complete at once.
         i.peer_down(&name("b"), 1);
+        i.peer_expire(&name("b"), 1);
         assert_eq!(i.unsubscribe(2, vec![t("y")], 9).completed, vec![9]);
+        assert_eq!(i.pending(9), None);
+    }
+
+    #[test]
+    fn a_need_survives_its_link_going_down_and_is_met_on_the_next_link() {
+        let mut i = I::new();
+        i.peer_up(&name("p"), 1, "P1");
+        i.peer_ack(&name("p"), 1, 1);
+        // The delta (seq 2) is sent; the link goes down before it is acknowledged.
+        assert!(i.subscribe(1, &1, vec![t("x")], 7).completed.is_empty());
+        assert!(i.peer_down(&name("p"), 1).completed.is_empty());
+        assert_eq!(i.pending(7), Some(vec![name("p")]));
+        // A change made while it is down is not sent, nor waited for: the peer is not linked.
+        let fx = i.subscribe(2, &2, vec![t("y")], 8);
+        assert!(fx.to_peers.is_empty() && fx.completed == vec![8]);
+        let fx = i.subscribe(3, &3, vec![t("z")], 9);
+        assert!(fx.completed == vec![9]);
+        // The peer links again: the new link starts with the full set (seq 1), and the first
+        // request now waits for its acknowledgement.
+        let fx = i.peer_up(&name("p"), 2, "P2");
+        assert!(fx.completed.is_empty());
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "P2",
+                ToPeer::Interest {
+                    seq: 1,
+                    full: true,
+                    add: vec![t("x"), t("y"), t("z")],
+                    remove: vec![]
+                }
+            )]
+        );
+        assert_eq!(i.pending(7), Some(vec![name("p")]));
+        // A request made now waits for the same acknowledgement.
+        assert!(i.unsubscribe(3, vec![t("z")], 10).completed.is_empty());
+        // A late ack from the old link is not the new link's.
+        assert!(i.peer_ack(&name("p"), 1, 9).completed.is_empty());
+        assert_eq!(i.peer_ack(&name("p"), 2, 1).completed, vec![7]);
+        assert_eq!(i.peer_ack(&name("p"), 2, 2).completed, vec![10]);
+        assert_eq!(i.pending(7), None);
+        // The old link's expiry, late, changes nothing.
+        let fx = i.peer_expire(&name("p"), 1);
+        assert!(fx.completed.is_empty() && fx.routes.is_empty());
+    }
+
+    #[test]
+    fn a_need_follows_the_peer_across_links_until_it_expires() {
+        let mut i = I::new();
+        i.peer_up(&name("p"), 1, "P1");
+        i.peer_ack(&name("p"), 1, 1);
+        assert!(i.subscribe(1, &1, vec![t("x")], 6).completed.is_empty());
+        i.peer_down(&name("p"), 1);
+        // The peer links again, and that link breaks before it acknowledges anything: the
+        // need moves to each new link, and only the peer's expiry drops it.
+        i.peer_up(&name("p"), 2, "P2");
+        assert!(i.peer_down(&name("p"), 2).completed.is_empty());
+        assert_eq!(i.pending(6), Some(vec![name("p")]));
+        assert!(
+            i.peer_expire(&name("p"), 1).completed.is_empty(),
+            "a stale expiry"
+        );
+        assert_eq!(i.peer_expire(&name("p"), 2).completed, vec![6]);
+        assert!(i.pending(6).is_none());
+        // An expired peer is not linked: nothing waits for it.
+        assert_eq!(i.subscribe(2, &2, vec![t("z")], 8).completed, vec![8]);
     }
 
     #[test]

@@ -174,6 +174,9 @@ struct Session {
     topics: HashSet<Arc<str>>,
     /// Whether the control task knows this session (and must hear that it closed).
     ever_subscribed: bool,
+    /// Room for subscription changes whose second `Ack` is still to come
+    /// (`max_pending_confirmations`); each waiting task holds a permit.
+    confirmations: Arc<tokio::sync::Semaphore>,
     /// Routes what the client publishes, and batches the deliveries of a burst.
     publisher: Publisher,
 }
@@ -250,6 +253,9 @@ fn run(
         },
         topics: HashSet::new(),
         ever_subscribed: false,
+        confirmations: Arc::new(tokio::sync::Semaphore::new(
+            server.config.max_pending_confirmations,
+        )),
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
@@ -457,32 +463,36 @@ impl Session {
             )
             .for_request(sub.request_id));
         }
+        if sub.topics.is_empty() {
+            return self.ack(sub.request_id, Vec::new());
+        }
+        let room = self.confirmation_room(sub.request_id)?;
         if !fresh.is_empty() {
             // Recorded before the command is sent, so the session's close always cleans up.
             self.topics.extend(fresh.iter().cloned());
             self.me.subscribed.store(true, Ordering::Relaxed);
             self.ever_subscribed = true;
-            let topics = fresh
-                .into_iter()
-                .map(|topic| TopicKey {
-                    account: self.account.clone(),
-                    topic,
-                })
-                .collect();
-            let (done, wait) = oneshot::channel();
-            self.server
-                .command(Command::Subscribe {
-                    session: self.me.clone(),
-                    topics,
-                    done,
-                })
-                .await?;
-            self.await_peers(wait).await?;
         }
-        self.reply(&v1::ServerToClient::ack(v1::Ack {
-            request_id: sub.request_id,
-            pending: Vec::new(),
-        }))
+        // Topics this session has already are not sent again, but the request still waits for
+        // what peers have not confirmed yet: an earlier request for them may be pending.
+        let topics = fresh
+            .into_iter()
+            .map(|topic| TopicKey {
+                account: self.account.clone(),
+                topic,
+            })
+            .collect();
+        let (done, wait) = oneshot::channel();
+        let waiter = self.server.next_id();
+        self.server
+            .command(Command::Subscribe {
+                session: self.me.clone(),
+                topics,
+                waiter,
+                done,
+            })
+            .await?;
+        self.answer_change(sub.request_id, waiter, wait, room).await
     }
 
     async fn unsubscribe(&mut self, unsub: v1::Unsubscribe) -> Result<(), v1::Error> {
@@ -493,10 +503,11 @@ impl Session {
             .iter()
             .filter_map(|t| self.topics.take(t.as_str()))
             .collect();
-        self.me
-            .subscribed
-            .store(!self.topics.is_empty(), Ordering::Relaxed);
         if !gone.is_empty() {
+            let room = self.confirmation_room(unsub.request_id)?;
+            self.me
+                .subscribed
+                .store(!self.topics.is_empty(), Ordering::Relaxed);
             let topics = gone
                 .into_iter()
                 .map(|topic| TopicKey {
@@ -505,36 +516,95 @@ impl Session {
                 })
                 .collect();
             let (done, wait) = oneshot::channel();
+            let waiter = self.server.next_id();
             self.server
                 .command(Command::Unsubscribe {
                     session: self.me.id,
                     topics,
+                    waiter,
                     done,
                 })
                 .await?;
-            self.await_peers(wait).await?;
+            return self
+                .answer_change(unsub.request_id, waiter, wait, room)
+                .await;
         }
-        self.reply(&v1::ServerToClient::ack(v1::Ack {
-            request_id: unsub.request_id,
-            pending: Vec::new(),
-        }))
+        self.ack(unsub.request_id, Vec::new())
     }
 
-    /// Waits until linked peers have applied the change, up to `subscribe_sync_timeout_ms`
-    /// (after which the change is acknowledged anyway: it is in effect locally, and peers
-    /// apply it as soon as they catch up).
-    async fn await_peers(&self, wait: oneshot::Receiver<()>) -> Result<(), v1::Error> {
-        let timeout = self.server.config.subscribe_sync_timeout();
+    /// Room for one more change that may outlast `subscribe_sync_timeout_ms`, taken before the
+    /// change is made: a client with `max_pending_confirmations` changes still unconfirmed
+    /// gets `LIMIT_EXCEEDED` for the next one.
+    fn confirmation_room(
+        &self,
+        request_id: u64,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, v1::Error> {
+        self.confirmations.clone().try_acquire_owned().map_err(|_| {
+            let limit = self.server.config.max_pending_confirmations;
+            error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{limit} subscription changes are still waiting for servers to confirm them"
+                ),
+            )
+            .for_request(request_id)
+        })
+    }
+
+    /// Answers request `request_id` once every linked peer has applied its change (`wait`
+    /// fires), or at `subscribe_sync_timeout_ms` with an `Ack` naming the peers still pending;
+    /// then [`follow_up`], a task of its own, waits for them without holding up this session's
+    /// reading, and sends the second `Ack`.
+    async fn answer_change(
+        &self,
+        request_id: u64,
+        waiter: u64,
+        mut wait: oneshot::Receiver<()>,
+        room: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), v1::Error> {
+        let server = &self.server;
+        let timeout = server.config.subscribe_sync_timeout();
         tokio::select! {
-            result = tokio::time::timeout(timeout, wait) => {
-                if result.is_err() {
-                    tracing::warn!(session = self.me.id, ?timeout, "peers did not confirm a subscription change in time");
+            result = tokio::time::timeout(timeout, &mut wait) => {
+                if result.is_ok() {
+                    return self.ack(request_id, Vec::new());
                 }
-                Ok(())
             }
-            _ = self.me.closer.closed() => Ok(()),
-            _ = self.server.shutdown.cancelled() => Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
+            _ = self.me.closer.closed() => return Ok(()),
+            _ = server.shutdown.cancelled() => return Err(error(ErrorCode::ShuttingDown, "comm server is shutting down")),
         }
+        let pending = pending_peers(server, waiter).await?;
+        if pending.is_empty() {
+            return self.ack(request_id, pending);
+        }
+        tracing::warn!(
+            session = self.me.id,
+            ?timeout,
+            ?pending,
+            "peers did not confirm a subscription change in time"
+        );
+        server.stats.acks_pending.inc();
+        self.ack(request_id, pending)?;
+        let follow_up = follow_up(
+            server.clone(),
+            self.ctrl.clone(),
+            self.me.closer.clone(),
+            request_id,
+            waiter,
+            wait,
+            room,
+        );
+        server
+            .tracker
+            .spawn(follow_up.instrument(tracing::Span::current()));
+        Ok(())
+    }
+
+    fn ack(&self, request_id: u64, pending: Vec<String>) -> Result<(), v1::Error> {
+        self.reply(&v1::ServerToClient::ack(v1::Ack {
+            request_id,
+            pending,
+        }))
     }
 
     /// Queues a reply. A client whose reply queue is full is not reading at all.
@@ -543,6 +613,59 @@ impl Session {
             .try_send(encode(msg))
             .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
     }
+}
+
+/// Waits (holding `room`) for the peers that had not confirmed request `request_id`'s change
+/// (`waiter`) when its first `Ack` went out, then sends the second `Ack`: empty once they
+/// have all confirmed, or, if they have not by `Config::confirm_deadline`, naming those that
+/// still have not. Ends, sending nothing, when the session ends (`closer`) or the server shuts
+/// down; dropping `wait` then lets the control task forget the waiter.
+async fn follow_up(
+    server: Arc<Server>,
+    ctrl: mpsc::Sender<Bytes>,
+    closer: Closer,
+    request_id: u64,
+    waiter: u64,
+    wait: oneshot::Receiver<()>,
+    room: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _room = room;
+    let deadline = server.config.confirm_deadline();
+    let still = tokio::select! {
+        result = tokio::time::timeout(deadline, wait) => match result {
+            Ok(_) => Vec::new(),
+            Err(_) => match pending_peers(&server, waiter).await {
+                Ok(still) => still,
+                Err(_) => return,
+            },
+        },
+        () = closer.closed() => return,
+        () = server.shutdown.cancelled() => return,
+    };
+    if !still.is_empty() {
+        tracing::warn!(
+            ?deadline,
+            pending = ?still,
+            "gave up waiting for peers to confirm a subscription change"
+        );
+        server.stats.confirmations_abandoned.inc();
+    }
+    let ack = v1::ServerToClient::ack(v1::Ack {
+        request_id,
+        pending: still,
+    });
+    if ctrl.try_send(encode(&ack)).is_err() {
+        let words = error(ErrorCode::SlowConsumer, "replies are not being read");
+        closer.close(Some(link::LastWords::error::<v1::ServerToClient>(words)));
+    }
+}
+
+/// The peers `waiter` still waits for, by server id (none once it is complete).
+async fn pending_peers(server: &Server, waiter: u64) -> Result<Vec<String>, v1::Error> {
+    let (reply, answer) = oneshot::channel();
+    server.command(Command::Pending { waiter, reply }).await?;
+    let names = answer.await.unwrap_or_default();
+    Ok(names.iter().map(|n| n.to_string()).collect())
 }
 
 #[cfg(test)]

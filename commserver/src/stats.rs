@@ -35,6 +35,12 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Counter,
     /// Publishes and subscriptions refused by role rules.
     pub(crate) forbidden: Counter,
+    /// Subscription changes answered with an `Ack` naming servers that had not confirmed them
+    /// within `subscribe_sync_timeout_ms`.
+    pub(crate) acks_pending: Counter,
+    /// Of those, changes the server stopped waiting for (`confirm_deadline`) with servers
+    /// still pending, named in their second `Ack`.
+    pub(crate) confirmations_abandoned: Counter,
     /// Sessions closed because a newer login of the same client replaced them.
     pub(crate) replaced: Counter,
     pub(crate) keys_reserved: Counter,

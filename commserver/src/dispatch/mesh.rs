@@ -154,6 +154,7 @@ impl Bridge {
         let command = Command::Subscribe {
             session: self.me.clone(),
             topics: self.keys(proto, port, ips),
+            waiter: self.server.next_id(),
             done,
         };
         self.queue(command);
@@ -171,6 +172,7 @@ impl Bridge {
         let command = Command::Unsubscribe {
             session: self.me.id,
             topics: self.keys(proto, port, ips),
+            waiter: self.server.next_id(),
             done,
         };
         self.queue(command);
