@@ -102,6 +102,9 @@ async fn attach(
     let handshake = async {
         let mut ready = None;
         let mut acked = topics.is_empty();
+        // Servers that had not confirmed the restored subscriptions yet: they are active, and
+        // the second `Ack` that confirms them is read with the connection's other frames.
+        let mut pending = Vec::new();
         while ready.is_none() || !acked {
             let frame = match link::next_frame(&mut link.stream).await {
                 Ok(Inbound::Frame(frame)) => frame,
@@ -124,7 +127,10 @@ async fn attach(
                         r.protocol_version
                     )));
                 }
-                Some(Kind::Ack(ack)) if ack.request_id == resubscribe => acked = true,
+                Some(Kind::Ack(ack)) if ack.request_id == resubscribe => {
+                    acked = true;
+                    pending = ack.pending;
+                }
                 Some(Kind::Error(e)) if e.request_id == resubscribe => {
                     // Which topic the server objects to is unknown: drop the restored set (the
                     // app is told) rather than retrying a refused subscription forever.
@@ -153,9 +159,9 @@ async fn attach(
                 _ => {}
             }
         }
-        Ok(ready)
+        Ok(ready.map(|ready| (ready, pending)))
     };
-    let ready = tokio::time::timeout(config.connect_timeout, handshake)
+    let (ready, pending) = tokio::time::timeout(config.connect_timeout, handshake)
         .await
         .unwrap_or_else(|_| {
             Err(ClientError::Timeout(format!(
@@ -164,20 +170,15 @@ async fn attach(
             )))
         })?
         .ok_or(ClientError::Closed)?;
-    {
+    let confirmed = {
         let mut state = lock(&shared.state);
         state.alias = ready.alias.clone();
         state.server_id = ready.server_id.clone();
-        // Requests made before this connection are covered by the resubscription.
-        let older: Vec<u64> = state
-            .pending
-            .keys()
-            .copied()
-            .filter(|id| *id < resubscribe)
-            .collect();
-        for id in older {
-            state.acknowledge(id);
-        }
+        // Requests made before this connection are answered by the resubscription.
+        state.resubscribed(resubscribe, &topics, pending)
+    };
+    for event in confirmed {
+        let _ = events.send_one(event).await;
     }
     let ms =
         |v: u32, default: u64| Duration::from_millis(if v > 0 { u64::from(v) } else { default });
@@ -392,6 +393,10 @@ impl link::Handler for Reader {
                 self.burst.push(event);
                 Flow::Continue
             }
+            Handled::Events(events) => {
+                self.burst.extend(events);
+                Flow::Continue
+            }
             Handled::Nothing => Flow::Continue,
             Handled::End(reason) => {
                 self.reason = Some(reason);
@@ -547,6 +552,8 @@ impl Drop for EventRx {
 enum Handled {
     /// An event for the application.
     Event(Event),
+    /// Any number of events (an `Ack` may confirm several subscriptions at once).
+    Events(Vec<Event>),
     /// Nothing more to do.
     Nothing,
     /// The connection is over, for this reason.
@@ -559,8 +566,8 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared) -> Handled {
         Some(Kind::Message(m)) => Event::Message(message(m)),
         Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
         Some(Kind::Ack(ack)) => {
-            lock(&shared.state).acknowledge(ack.request_id);
-            return Handled::Nothing;
+            let events = lock(&shared.state).acknowledge(ack.request_id, ack.pending);
+            return Handled::Events(events);
         }
         Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Forbidden => {
             // Role rules: the server refused one request and keeps the connection.

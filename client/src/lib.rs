@@ -71,12 +71,20 @@
 //! # Subscribing
 //!
 //! [`Client::subscribe`] returns once the server has installed the subscription *and* every
-//! other server of the cluster has acknowledged it: a message published anywhere after it
-//! returns reaches this client. Topics are exact names of ASCII letters, digits and
-//! `_ - . :` in `/`-separated segments (`rooms/lobby`, `telemetry/drone-17.gps`); there are no
-//! wildcard subscriptions, and a malformed topic fails at once with
-//! [`ClientError::InvalidTopic`] without anything being sent. A subscription the server refuses
-//! (too many topics, a topic the role may not read) fails that call with the server's error.
+//! other server linked to it has acknowledged it: a message published anywhere after it
+//! returns reaches this client. If some servers have not confirmed it within
+//! [`ClientConfig::request_timeout`] (their link to the client's server is stalled or down),
+//! it fails with [`ClientError::NotConfirmed`], which names them: the subscription is active on
+//! the client's server and every other, it stays (the client keeps the topics, and restores
+//! them on reconnect), those servers get it when their link resumes, and
+//! [`Event::SubscriptionConfirmed`] reports when they all have (until then, what is published
+//! on those servers may not reach the client).
+//!
+//! Topics are exact names of ASCII letters, digits and `_ - . :` in `/`-separated segments
+//! (`rooms/lobby`, `telemetry/drone-17.gps`); there are no wildcard subscriptions, and a
+//! malformed topic fails at once with [`ClientError::InvalidTopic`] without anything being
+//! sent. A subscription the server refuses (too many topics, a topic the role may not read)
+//! fails that call with the server's error.
 //!
 //! # Publishing
 //!
@@ -91,7 +99,7 @@
 //!
 //! [`Client::next_event`] yields [`Event`]s: messages, `Dropped` notices (the server dropped
 //! messages because this client read too slowly), `Forbidden`, `Disconnected` / `Reconnected`,
-//! and `SubscriptionsRefused`. The same task reads the server's answers to subscription
+//! `SubscriptionsRefused` and `SubscriptionConfirmed`. The same task reads the server's answers to subscription
 //! changes, so keep calling `next_event`: a subscribe waits at most
 //! [`ClientConfig::request_timeout`] for its answer. To publish or subscribe while another
 //! task receives, take a [`Handle`] with [`Client::handle`]; it is cheap to clone and has the
@@ -330,7 +338,9 @@ pub enum Event {
         /// Why, e.g. the server's `Error` or the connection error.
         reason: String,
     },
-    /// Connected again, to `server_id`, with every subscription restored.
+    /// Connected again, to `server_id`, with every subscription restored on it (and on the
+    /// servers linked to it; any that had not confirmed them yet get them when their link
+    /// resumes, and [`Event::SubscriptionConfirmed`] follows then).
     Reconnected {
         /// The new server.
         server_id: String,
@@ -350,6 +360,15 @@ pub enum Event {
         topics: Vec<String>,
         /// The server's error.
         reason: String,
+    },
+    /// A subscription that was not yet confirmed cluster-wide now is: every server linked to
+    /// the client's server has it, so a message published anywhere in the cluster from now on
+    /// reaches the client. Reported for a `subscribe` that failed with
+    /// [`ClientError::NotConfirmed`] (or [`ClientError::Timeout`]), and for the subscriptions
+    /// restored after a reconnect when some servers had not confirmed them by then.
+    SubscriptionConfirmed {
+        /// The topics of that subscription (or every topic restored).
+        topics: Vec<String>,
     },
 }
 
@@ -384,6 +403,21 @@ pub enum ClientError {
         topic: String,
         /// The rule it broke (part of the message, so not also a `source`).
         reason: TopicError,
+    },
+    /// The subscription is active on the client's server and on every other server linked to
+    /// it except `pending`, which had not confirmed it within
+    /// [`ClientConfig::request_timeout`] (their link to the client's server is slow, stalled
+    /// or down). It stays subscribed (the client keeps the topics and restores them on
+    /// reconnect), and those servers get it when their link resumes: once they all have,
+    /// [`Event::SubscriptionConfirmed`] follows. Until then a message published on a pending
+    /// server may not reach the client. If the server stops waiting for them (a pending
+    /// server's links keep breaking for longer than its `peer_resume_ms`), no event follows.
+    #[error(
+        "subscribed, but servers {pending:?} have not confirmed it yet: it is active on every other server and reaches them when their links resume (Event::SubscriptionConfirmed follows)"
+    )]
+    NotConfirmed {
+        /// Ids of the servers that had not confirmed.
+        pending: Vec<String>,
     },
     /// A link broke or sent something unexpected.
     #[error("{0}")]
@@ -434,18 +468,122 @@ struct State {
 /// A subscription change waiting for the server's answer.
 #[derive(Debug)]
 struct Pending {
-    /// Fires with the outcome; the requesting [`Handle`] holds the receiver.
-    done: oneshot::Sender<Result<(), ClientError>>,
+    /// Fires with the outcome; the requesting [`Handle`] holds the receiver. `None` when
+    /// nobody waits (the restored subscriptions of a reconnect).
+    done: Option<oneshot::Sender<Result<(), ClientError>>>,
     /// Topics the request added to [`State::topics`], taken back out if the server refuses it.
     added: Vec<String>,
+    /// The topics of a subscribe (for [`Event::SubscriptionConfirmed`]); `None` for an
+    /// unsubscribe.
+    subscribe: Option<Vec<String>>,
+    /// Servers that had not confirmed the change, from a first `Ack` that named them.
+    unconfirmed: Option<Vec<String>>,
+    /// The requester has been told it failed (it timed out), or nobody waits: the outcome
+    /// is an event now.
+    reported: bool,
+    /// The request whose `Ack` answers this one: itself, or, after a reconnect, the
+    /// resubscription that covers it.
+    answered_by: u64,
+}
+
+impl Pending {
+    /// A request `id` that `done` waits for.
+    fn new(
+        id: u64,
+        done: oneshot::Sender<Result<(), ClientError>>,
+        added: Vec<String>,
+        subscribe: Option<Vec<String>>,
+    ) -> Self {
+        Self {
+            done: Some(done),
+            added,
+            subscribe,
+            unconfirmed: None,
+            reported: false,
+            answered_by: id,
+        }
+    }
+
+    /// Ends the request with `outcome`: tells the requester, or, if it has been told already,
+    /// returns the event that says so (a subscribe confirmed after all).
+    fn finish(self, outcome: Result<(), ClientError>) -> Option<Event> {
+        if !self.reported {
+            if let Some(done) = self.done {
+                let _ = done.send(outcome);
+            }
+            return None;
+        }
+        match (outcome, self.subscribe) {
+            (Ok(()), Some(topics)) => Some(Event::SubscriptionConfirmed { topics }),
+            _ => None,
+        }
+    }
 }
 
 impl State {
-    /// Completes request `id` successfully.
-    fn acknowledge(&mut self, id: u64) {
-        if let Some(pending) = self.pending.remove(&id) {
-            let _ = pending.done.send(Ok(()));
+    /// Applies the server's `Ack` for request `id`, which names the servers that had not
+    /// confirmed the change yet (`pending`, empty when every linked server has). Returns the
+    /// events it amounts to.
+    ///
+    /// A complete `Ack` completes the requests it answers. A first `Ack` with servers pending
+    /// completes an unsubscribe (the client's server no longer delivers those topics) and
+    /// leaves a subscribe waiting for the second `Ack`; a second one that still names servers
+    /// means the server stopped waiting for them, and fails a subscribe still being waited
+    /// for with [`ClientError::NotConfirmed`].
+    fn acknowledge(&mut self, id: u64, pending: Vec<String>) -> Vec<Event> {
+        let answered: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.answered_by == id)
+            .map(|(request, _)| *request)
+            .collect();
+        let mut events = Vec::new();
+        for request in answered {
+            let Some(mut p) = self.pending.remove(&request) else {
+                continue;
+            };
+            let outcome = if pending.is_empty() || p.subscribe.is_none() {
+                Ok(())
+            } else if p.unconfirmed.is_none() {
+                p.unconfirmed = Some(pending.clone());
+                self.pending.insert(request, p);
+                continue;
+            } else {
+                Err(ClientError::NotConfirmed {
+                    pending: pending.clone(),
+                })
+            };
+            events.extend(p.finish(outcome));
         }
+        events
+    }
+
+    /// A new connection restored every subscription with request `id` (`topics`, answered
+    /// with `pending`). Requests made before it are answered by that restoration: what it
+    /// confirmed they get now, and what is pending they wait for with it.
+    fn resubscribed(&mut self, id: u64, topics: &[String], pending: Vec<String>) -> Vec<Event> {
+        // An earlier restoration still unconfirmed is superseded by this one.
+        self.pending
+            .retain(|_, p| p.answered_by >= id || p.done.is_some());
+        for p in self.pending.values_mut().filter(|p| p.answered_by < id) {
+            p.answered_by = id;
+            p.unconfirmed = None;
+        }
+        if !pending.is_empty() && !topics.is_empty() {
+            // Nobody waits for the restoration: its confirmation is an event.
+            self.pending.insert(
+                id,
+                Pending {
+                    done: None,
+                    added: Vec::new(),
+                    subscribe: Some(topics.to_vec()),
+                    unconfirmed: None,
+                    reported: true,
+                    answered_by: id,
+                },
+            );
+        }
+        self.acknowledge(id, pending)
     }
 
     /// Fails request `id` with the server's refusal and forgets the topics it added, so they
@@ -457,7 +595,9 @@ impl State {
         for topic in &pending.added {
             self.topics.remove(topic);
         }
-        let _ = pending.done.send(Err(ClientError::Refused(error)));
+        if let Some(done) = pending.done {
+            let _ = done.send(Err(ClientError::Refused(error)));
+        }
         true
     }
 }
@@ -592,21 +732,31 @@ impl Drop for Client {
 impl Handle {
     /// Subscribes to `topics` and waits for the server's acknowledgement, after which every
     /// message published anywhere in the cluster on those topics reaches this client.
+    ///
+    /// When some servers have not confirmed the subscription within
+    /// [`ClientConfig::request_timeout`] (their link to this client's server is stalled or
+    /// down), this fails with [`ClientError::NotConfirmed`] naming them: the subscription is
+    /// active everywhere else and stays (the topics are kept, and restored on reconnect), and
+    /// [`Event::SubscriptionConfirmed`] follows once those servers have it. A request that
+    /// times out without any answer ([`ClientError::Timeout`]) keeps its topics too.
     pub async fn subscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         let topics = checked(topics)?;
-        self.request(|state, request_id| {
+        self.request(|state, request_id, done| {
             let added: Vec<String> = topics
                 .iter()
                 .filter(|t| state.topics.insert((*t).clone()))
                 .cloned()
                 .collect();
             (
-                v1::ClientToServer::subscribe(v1::Subscribe { request_id, topics }),
-                added,
+                v1::ClientToServer::subscribe(v1::Subscribe {
+                    request_id,
+                    topics: topics.clone(),
+                }),
+                Pending::new(request_id, done, added, Some(topics)),
             )
         })
         .await
@@ -620,20 +770,22 @@ impl Handle {
         self.unsubscribe(Vec::<String>::new()).await
     }
 
-    /// Unsubscribes from `topics` and waits for the server's acknowledgement.
+    /// Unsubscribes from `topics` and waits for the server's acknowledgement. It returns at
+    /// the server's first answer, even one that names servers yet to confirm the change: from
+    /// then on this client's server no longer delivers those topics to it.
     pub async fn unsubscribe<I, S>(&self, topics: I) -> Result<(), ClientError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         let topics = checked(topics)?;
-        self.request(|state, request_id| {
+        self.request(|state, request_id, done| {
             for t in &topics {
                 state.topics.remove(t);
             }
             (
                 v1::ClientToServer::unsubscribe(v1::Unsubscribe { request_id, topics }),
-                Vec::new(),
+                Pending::new(request_id, done, Vec::new(), None),
             )
         })
         .await
@@ -673,30 +825,49 @@ impl Handle {
     /// Sends a subscription change and waits for its answer, at most `request_timeout`.
     async fn request(
         &self,
-        build: impl FnOnce(&mut State, u64) -> (v1::ClientToServer, Vec<String>),
+        build: impl FnOnce(
+            &mut State,
+            u64,
+            oneshot::Sender<Result<(), ClientError>>,
+        ) -> (v1::ClientToServer, Pending),
     ) -> Result<(), ClientError> {
-        let (done, wait) = oneshot::channel();
-        let frame = {
+        let (done, mut wait) = oneshot::channel();
+        let (request_id, frame) = {
             let mut state = lock(&self.shared.state);
             let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-            let (msg, added) = build(&mut state, request_id);
-            state.pending.insert(request_id, Pending { done, added });
-            encode(&msg)
+            let (msg, pending) = build(&mut state, request_id, done);
+            state.pending.insert(request_id, pending);
+            (request_id, encode(&msg))
         };
         self.out
             .send(frame)
             .await
             .map_err(|_| ClientError::Closed)?;
-        match tokio::time::timeout(self.shared.request_timeout, wait).await {
-            Ok(answer) => answer.map_err(|_| ClientError::Closed)?,
-            Err(_) => {
-                // The entry stays: a late answer still applies (a late refusal takes the
-                // topics back out, so they are not resubscribed and refused forever).
-                Err(ClientError::Timeout(format!(
-                    "no answer from the server within {} ms (is the event queue being read?)",
-                    self.shared.request_timeout.as_millis()
-                )))
-            }
+        if let Ok(answer) = tokio::time::timeout(self.shared.request_timeout, &mut wait).await {
+            return answer.map_err(|_| ClientError::Closed)?;
+        }
+        // Under the lock, so the answer either came just now or is reported as an event.
+        let mut state = lock(&self.shared.state);
+        match wait.try_recv() {
+            Ok(answer) => return answer,
+            Err(oneshot::error::TryRecvError::Closed) => return Err(ClientError::Closed),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        // The entry stays: a late answer still applies (a late refusal takes the topics back
+        // out, so they are not resubscribed and refused forever; a late confirmation is
+        // reported as `Event::SubscriptionConfirmed`).
+        let Some(entry) = state.pending.get_mut(&request_id) else {
+            return Err(ClientError::Closed);
+        };
+        entry.reported = true;
+        match &entry.unconfirmed {
+            Some(pending) => Err(ClientError::NotConfirmed {
+                pending: pending.clone(),
+            }),
+            None => Err(ClientError::Timeout(format!(
+                "no answer from the server within {} ms (is the event queue being read?)",
+                self.shared.request_timeout.as_millis()
+            ))),
         }
     }
 }
@@ -716,4 +887,130 @@ where
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(request_timeout: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            next_request: AtomicU64::new(1),
+            request_timeout,
+            stop: CancellationToken::new(),
+            replaced: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn waiting(
+        state: &mut State,
+        id: u64,
+        subscribe: bool,
+    ) -> oneshot::Receiver<Result<(), ClientError>> {
+        let (done, wait) = oneshot::channel();
+        let topics = subscribe.then(|| vec![format!("t{id}")]);
+        state
+            .pending
+            .insert(id, Pending::new(id, done, Vec::new(), topics));
+        wait
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_partial_ack_holds_a_subscribe_until_the_second_and_completes_an_unsubscribe() {
+        let mut state = State::default();
+        let mut sub = waiting(&mut state, 1, true);
+        let mut unsub = waiting(&mut state, 2, false);
+        assert!(state.acknowledge(1, names(&["a"])).is_empty());
+        assert!(sub.try_recv().is_err(), "still waiting for the second Ack");
+        assert!(state.acknowledge(2, names(&["a"])).is_empty());
+        assert!(matches!(unsub.try_recv(), Ok(Ok(()))));
+        assert!(state.acknowledge(1, Vec::new()).is_empty());
+        assert!(matches!(sub.try_recv(), Ok(Ok(()))));
+        assert!(state.pending.is_empty());
+        // A second Ack that still names servers: the server stopped waiting.
+        let mut sub = waiting(&mut state, 3, true);
+        state.acknowledge(3, names(&["a"]));
+        state.acknowledge(3, names(&["a"]));
+        assert!(matches!(
+            sub.try_recv(),
+            Ok(Err(ClientError::NotConfirmed { pending })) if pending == names(&["a"])
+        ));
+        assert!(state.pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_not_confirmed_in_time_fails_keeps_its_topics_and_is_confirmed_later() {
+        let shared = shared(Duration::from_millis(50));
+        let (out, mut sent) = mpsc::channel(4);
+        let handle = Handle {
+            shared: shared.clone(),
+            out,
+        };
+        let server = shared.clone();
+        tokio::spawn(async move {
+            // The server's first Ack names "a".
+            let _frame = sent.recv().await;
+            let id = *lock(&server.state).pending.keys().next().unwrap();
+            lock(&server.state).acknowledge(id, names(&["a"]));
+            std::future::pending::<()>().await;
+        });
+        let result = handle.subscribe(["room/x"]).await;
+        assert!(
+            matches!(&result, Err(ClientError::NotConfirmed { pending }) if *pending == names(&["a"])),
+            "{result:?}"
+        );
+        assert_eq!(handle.topics(), names(&["room/x"]), "the topic is kept");
+        let id = *lock(&shared.state).pending.keys().next().unwrap();
+        let events = lock(&shared.state).acknowledge(id, Vec::new());
+        assert_eq!(
+            events,
+            vec![Event::SubscriptionConfirmed {
+                topics: names(&["room/x"])
+            }]
+        );
+        assert!(lock(&shared.state).pending.is_empty());
+    }
+
+    #[test]
+    fn a_partial_resubscription_carries_earlier_requests_and_confirms_with_an_event() {
+        let mut state = State::default();
+        let mut sub = waiting(&mut state, 1, true);
+        state.acknowledge(1, names(&["a"]));
+        let mut unsub = waiting(&mut state, 2, false);
+        let restored = names(&["t1", "x"]);
+        // Reconnected: the resubscription (request 3) is answered with "b" pending.
+        assert!(state.resubscribed(3, &restored, names(&["b"])).is_empty());
+        assert!(matches!(unsub.try_recv(), Ok(Ok(()))));
+        assert!(sub.try_recv().is_err());
+        assert_eq!(
+            state.pending[&1].unconfirmed,
+            Some(names(&["b"])),
+            "it now waits for what the new server waits for"
+        );
+        // The old server's second Ack for request 1 is gone with its connection; request 3's
+        // confirms both.
+        assert!(state.acknowledge(1, Vec::new()).is_empty());
+        let events = state.acknowledge(3, Vec::new());
+        assert_eq!(
+            events,
+            vec![Event::SubscriptionConfirmed { topics: restored }]
+        );
+        assert!(matches!(sub.try_recv(), Ok(Ok(()))));
+        assert!(state.pending.is_empty());
+        // A complete resubscription answers everything at once.
+        let mut sub = waiting(&mut state, 4, true);
+        state.acknowledge(4, names(&["a"]));
+        assert!(
+            state
+                .resubscribed(5, &names(&["t4"]), Vec::new())
+                .is_empty()
+        );
+        assert!(matches!(sub.try_recv(), Ok(Ok(()))));
+        assert!(state.pending.is_empty());
+    }
 }
