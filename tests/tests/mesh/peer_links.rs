@@ -1,11 +1,11 @@
-//! Peer links that stall: a black-holed link between two comm servers, and what reaches a
-//! subscriber across it.
+//! Peer links that stall: a black-holed link between two comm servers, what reaches a
+//! subscriber across it, and what a subscribe made meanwhile is told.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use relaymesh_client::{Client, Event};
+use relaymesh_client::{Client, ClientError, Event};
 use relaymesh_tests::proxy::Proxy;
 use relaymesh_tests::{
     CoordinatorHandle, ServerHandle, client_config, coordinator_config, eventually, server_config,
@@ -23,6 +23,11 @@ struct StalledPair {
 
 impl StalledPair {
     async fn start(replay_bytes: usize) -> Self {
+        Self::start_with(|config| config.peer_replay_bytes = replay_bytes).await
+    }
+
+    /// [`StalledPair::start`] with `more` applied to both servers' configs.
+    async fn start_with(more: impl Fn(&mut commserver::Config)) -> Self {
         let coordinator = CoordinatorHandle::start(coordinator_config()).await;
         let proxy = Proxy::start().await;
         let tweak = |id: &str| {
@@ -30,7 +35,7 @@ impl StalledPair {
             config.id = Some(id.into());
             config.peer_heartbeat_timeout_ms = 600;
             config.handshake_timeout_ms = 1_000;
-            config.peer_replay_bytes = replay_bytes;
+            more(&mut config);
             config
         };
         let a = ServerHandle::start(tweak("a")).await;
@@ -53,8 +58,14 @@ impl StalledPair {
     }
 
     async fn client_on(&self, server: &ServerHandle) -> Client {
+        self.client_with(server, Duration::from_secs(10)).await
+    }
+
+    /// A client of `server` whose subscription changes wait at most `request_timeout`.
+    async fn client_with(&self, server: &ServerHandle, request_timeout: Duration) -> Client {
         let mut config = client_config(&self.coordinator.url);
         config.preferred_server = Some(server.id.clone());
+        config.request_timeout = request_timeout;
         let client = Client::connect(config).await.unwrap();
         assert_eq!(client.server_id(), server.id);
         client
@@ -142,4 +153,62 @@ async fn without_replay_a_stall_is_reported_not_silent() {
     );
     assert_eq!(pair.a.stat("peer_gaps_reported").await, told);
     assert_eq!(pair.a.stat("forwards_replayed").await, 0);
+}
+
+#[tokio::test]
+async fn a_subscribe_across_a_stalled_link_names_the_pending_server_and_is_confirmed_when_it_resumes()
+ {
+    // The partial Ack (at 300 ms) comes well before the stalled link is found dead (2 s).
+    let pair = StalledPair::start_with(|config| {
+        config.peer_heartbeat_timeout_ms = 2_000;
+        config.subscribe_sync_timeout_ms = 300;
+    })
+    .await;
+    let mut subscriber = pair.client_with(&pair.b, Duration::from_secs(1)).await;
+    pair.proxy.blackhole_peers(true);
+    // Server a cannot have heard of the subscription: it is active on b, pending on a.
+    let result = within("the subscribe answers", subscriber.subscribe(["room/sync"])).await;
+    match result {
+        Err(ClientError::NotConfirmed { pending }) => assert_eq!(pending, vec!["a".to_owned()]),
+        other => panic!("expected NotConfirmed naming a, got {other:?}"),
+    }
+    assert_eq!(subscriber.handle().topics(), vec!["room/sync".to_owned()]);
+    assert_eq!(pair.b.stat("acks_pending").await, 1);
+    // The stalled link is given up, then the path lets bytes through again: a links again and
+    // the new link starts with b's full interest set, which confirms the subscription.
+    for server in [&pair.a, &pair.b] {
+        eventually("both ends gave up the stalled link", || async {
+            (server.stat("peers").await == 0).then_some(())
+        })
+        .await;
+    }
+    pair.proxy.blackhole_peers(false);
+    loop {
+        match within("the confirmation", subscriber.next_event()).await {
+            Some(Event::SubscriptionConfirmed { topics }) => {
+                assert_eq!(topics, vec!["room/sync".to_owned()]);
+                break;
+            }
+            // The broken link may be reported as losses; nothing was published yet.
+            Some(Event::Dropped { .. }) => {}
+            other => panic!("expected the confirmation, got {other:?}"),
+        }
+    }
+    // Confirmed means a has it: what is published there now reaches the subscriber.
+    let publisher = pair.client_on(&pair.a).await;
+    publisher.publish("room/sync", "after").await.unwrap();
+    loop {
+        match within("the message from a", subscriber.next_event()).await {
+            Some(Event::Message(m)) => {
+                assert_eq!(
+                    (m.topic.as_str(), &m.payload[..]),
+                    ("room/sync", &b"after"[..])
+                );
+                break;
+            }
+            Some(Event::Dropped { .. }) => {}
+            other => panic!("expected the message, got {other:?}"),
+        }
+    }
+    assert_eq!(pair.b.stat("confirmations_abandoned").await, 0);
 }
