@@ -191,6 +191,10 @@ pub struct ClientConfig {
     /// This client's unique id within its account. A newer login with the same id replaces
     /// this one: the server closes it with `REPLACED`, and it does not reconnect.
     pub client_id: Option<String>,
+    /// Publishes sent (or queued) that the server has not confirmed yet, kept to be sent again
+    /// on the next connection if this one is lost; `publish` waits when this many are
+    /// unconfirmed.
+    pub max_unconfirmed: usize,
 }
 
 /// How a client logs in.
@@ -305,6 +309,7 @@ impl ClientConfig {
             limits: WsLimits::default(),
             credentials: Credentials::Anonymous,
             client_id: None,
+            max_unconfirmed: 16_384,
         }
     }
 }
@@ -419,6 +424,92 @@ struct Shared {
     /// A newer login with the same `client_id` replaced this client: it must not reconnect
     /// (that would replace the newer one in turn).
     replaced: std::sync::atomic::AtomicBool,
+    /// Publishes not yet confirmed by the server.
+    outbox: Mutex<Outbox>,
+    /// Room for more of them ([`ClientConfig::max_unconfirmed`]).
+    outbox_room: tokio::sync::Semaphore,
+    /// What the client has delivered, to drop copies of resent messages; the connection
+    /// task's reader holds it while a connection runs.
+    seen: Mutex<Seen>,
+}
+
+impl Shared {
+    /// The server confirmed every publish up to `up_to`: they will not be sent again.
+    fn confirm(&self, up_to: u64) {
+        let mut confirmed = 0;
+        {
+            let mut outbox = lock(&self.outbox);
+            while outbox.unconfirmed.front().is_some_and(|u| u.seq <= up_to) {
+                outbox.unconfirmed.pop_front();
+                confirmed += 1;
+            }
+        }
+        self.outbox_room.add_permits(confirmed);
+    }
+}
+
+/// Publishes the server has not confirmed, oldest first.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// The last publish number given out.
+    last: u64,
+    unconfirmed: std::collections::VecDeque<Unconfirmed>,
+    /// When a connection is lost, the last number given out: those up to it go out again on
+    /// the next connection, ahead of the outbound queue (which holds only later ones).
+    resend_up_to: u64,
+}
+
+/// A publish waiting for the server's confirmation.
+#[derive(Debug)]
+struct Unconfirmed {
+    seq: u64,
+    /// The encoded `Publish`.
+    frame: Bytes,
+    /// The alias of the connection it was first sent on, once that connection is lost.
+    first_alias: Option<Arc<str>>,
+}
+
+/// The last publish number delivered from each publisher (by the alias it first published
+/// under), so that a message resent after its publisher lost a server is delivered once.
+#[derive(Debug, Default)]
+struct Seen {
+    last: HashMap<Box<str>, u64>,
+    /// Copies dropped.
+    copies: u64,
+}
+
+/// Publishers [`Seen`] remembers before starting over.
+const MAX_SEEN_PUBLISHERS: usize = 65_536;
+
+impl Seen {
+    /// Whether `m` is new, not a copy of a message already delivered.
+    fn fresh(&mut self, m: &v1::Message) -> bool {
+        if m.seq == 0 {
+            return true;
+        }
+        let publisher = if m.resent_from.is_empty() {
+            m.from_alias.as_str()
+        } else {
+            m.resent_from.as_str()
+        };
+        match self.last.get_mut(publisher) {
+            Some(last) if *last >= m.seq => {
+                self.copies += 1;
+                false
+            }
+            Some(last) => {
+                *last = m.seq;
+                true
+            }
+            None => {
+                if self.last.len() >= MAX_SEEN_PUBLISHERS {
+                    self.last.clear();
+                }
+                self.last.insert(publisher.into(), m.seq);
+                true
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -496,6 +587,13 @@ impl Client {
             request_timeout: config.request_timeout,
             stop: CancellationToken::new(),
             replaced: std::sync::atomic::AtomicBool::new(false),
+            outbox: Mutex::new(Outbox::default()),
+            outbox_room: tokio::sync::Semaphore::new(
+                config
+                    .max_unconfirmed
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            ),
+            seen: Mutex::new(Seen::default()),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
         let (events_tx, events_rx) = connection::event_queue(config.event_queue);
@@ -648,11 +746,33 @@ impl Handle {
                 reason,
             }
         })?;
+        let payload = payload.into();
+        // Room among the unconfirmed, then in the outbound queue; then numbered, kept and
+        // queued at once, so numbers go out in order.
+        let room = self
+            .shared
+            .outbox_room
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let permit = self.out.reserve().await.map_err(|_| ClientError::Closed)?;
+        room.forget();
+        let mut outbox = lock(&self.shared.outbox);
+        outbox.last += 1;
+        let seq = outbox.last;
         let frame = encode(&v1::ClientToServer::publish(v1::Publish {
             topic: topic.to_owned(),
-            payload: payload.into(),
+            payload,
+            seq,
+            resent_from: String::new(),
         }));
-        self.out.send(frame).await.map_err(|_| ClientError::Closed)
+        outbox.unconfirmed.push_back(Unconfirmed {
+            seq,
+            frame: frame.clone(),
+            first_alias: None,
+        });
+        permit.send(frame);
+        Ok(())
     }
 
     /// The client's alias on its current connection, as stamped on what it publishes.
@@ -716,4 +836,41 @@ where
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(from: &str, seq: u64, resent_from: &str) -> v1::Message {
+        v1::Message {
+            topic: "t".into(),
+            from_alias: from.into(),
+            seq,
+            resent_from: resent_from.into(),
+            ..v1::Message::default()
+        }
+    }
+
+    #[test]
+    fn a_resent_message_already_delivered_is_dropped_once_and_only_then() {
+        let mut seen = Seen::default();
+        // The originals from "old", up to 3 (4 and 5 were lost with its server).
+        for seq in 1..=3 {
+            assert!(seen.fresh(&msg("old", seq, "")));
+        }
+        // Sent again under a new alias after the publisher lost "old"'s server: 2 and 3 are
+        // copies, 4 and 5 are new.
+        assert!(!seen.fresh(&msg("new", 2, "old")));
+        assert!(!seen.fresh(&msg("new", 3, "old")));
+        assert!(seen.fresh(&msg("new", 4, "old")));
+        assert!(seen.fresh(&msg("new", 5, "old")));
+        // A late original of one already resent is a copy too.
+        assert!(!seen.fresh(&msg("old", 5, "")));
+        // The publisher's later messages under its new alias, and unnumbered ones, pass.
+        assert!(seen.fresh(&msg("new", 6, "")));
+        assert!(seen.fresh(&msg("other", 0, "")));
+        assert!(seen.fresh(&msg("other", 0, "")));
+        assert_eq!(seen.copies, 3);
+    }
 }

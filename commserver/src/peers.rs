@@ -672,6 +672,8 @@ fn deliver_forward(
         from: Sender {
             alias: &forward.from_alias,
             role: &forward.from_role,
+            seq: forward.seq,
+            resent_from: &forward.resent_from,
         },
         payload: &forward.payload,
     };

@@ -176,6 +176,9 @@ struct Session {
     ever_subscribed: bool,
     /// Routes what the client publishes, and batches the deliveries of a burst.
     publisher: Publisher,
+    /// The highest publish number (`Publish.seq`) taken, and the highest confirmed.
+    taken: u64,
+    confirmed: u64,
 }
 
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
@@ -251,6 +254,8 @@ fn run(
         topics: HashSet::new(),
         ever_subscribed: false,
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
+        taken: 0,
+        confirmed: 0,
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
     link::serve(socket, options, session).map(move |served| {
@@ -312,6 +317,7 @@ impl link::Handler for Session {
 
     async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
         self.flush();
+        self.confirm()?;
         Ok(Flow::Continue)
     }
 
@@ -373,8 +379,38 @@ impl Session {
     }
 
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
+        let seq = publish.seq;
+        let result = self.route(publish);
+        // Taken, delivered or refused: the client must not send it again. A refusal that ends
+        // the session goes out after this confirmation.
+        if seq > self.taken {
+            self.taken = seq;
+            if result.is_err() {
+                self.confirm()?;
+            }
+        }
+        result
+    }
+
+    /// Confirms the numbered publishes taken so far (`Published`), once per burst.
+    fn confirm(&mut self) -> Result<(), v1::Error> {
+        if self.taken > self.confirmed {
+            self.confirmed = self.taken;
+            self.reply(&v1::ServerToClient::published(v1::Published {
+                up_to: self.taken,
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
         let server = &*self.server;
-        let v1::Publish { topic, payload } = publish;
+        let v1::Publish {
+            topic,
+            payload,
+            seq,
+            resent_from,
+        } = publish;
         // Delivered and forwarded frames add the alias, account and envelope to the payload;
         // the limit keeps them within every receiver's frame limit.
         let max_payload = server.config.max_payload_bytes();
@@ -397,6 +433,8 @@ impl Session {
             from: Sender {
                 alias: &self.alias,
                 role,
+                seq,
+                resent_from: &resent_from,
             },
             payload: &payload,
         };
