@@ -96,7 +96,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 16] = [
+    let counters: [(&str, &str, &Counter); 17] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
