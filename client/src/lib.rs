@@ -469,16 +469,23 @@ struct Unconfirmed {
     first_alias: Option<Arc<str>>,
 }
 
-/// The last publish number delivered from each publisher (by the alias it first published
-/// under), so that a message resent after its publisher lost a server is delivered once.
+/// The last publish number delivered from each publisher, so that a message resent after its
+/// publisher lost a server is delivered once.
+///
+/// Originals are known by the alias their server stamped (`from_alias`, which no client can
+/// forge). A resend names the alias it first went out under (`resent_from`, which the
+/// publisher states): it is a copy if that publisher's originals or earlier resends already
+/// reached its number. Resends never count against originals, so a client that claims another's
+/// alias can at worst hide that publisher's resends, never its messages.
 #[derive(Debug, Default)]
 struct Seen {
-    last: HashMap<Box<str>, u64>,
+    originals: HashMap<Box<str>, u64>,
+    resends: HashMap<Box<str>, u64>,
     /// Copies dropped.
     copies: u64,
 }
 
-/// Publishers [`Seen`] remembers before starting over.
+/// Publishers [`Seen`] remembers (each way) before starting over.
 const MAX_SEEN_PUBLISHERS: usize = 65_536;
 
 impl Seen {
@@ -487,27 +494,34 @@ impl Seen {
         if m.seq == 0 {
             return true;
         }
-        let publisher = if m.resent_from.is_empty() {
-            m.from_alias.as_str()
+        let fresh = if m.resent_from.is_empty() {
+            raise(&mut self.originals, &m.from_alias, m.seq)
         } else {
-            m.resent_from.as_str()
+            let original = self.originals.get(m.resent_from.as_str()).copied();
+            original.is_none_or(|last| last < m.seq)
+                && raise(&mut self.resends, &m.resent_from, m.seq)
         };
-        match self.last.get_mut(publisher) {
-            Some(last) if *last >= m.seq => {
-                self.copies += 1;
-                false
+        if !fresh {
+            self.copies += 1;
+        }
+        fresh
+    }
+}
+
+/// Records `seq` as the last from `publisher` in `last`; `false` if it was not past it.
+fn raise(last: &mut HashMap<Box<str>, u64>, publisher: &str, seq: u64) -> bool {
+    match last.get_mut(publisher) {
+        Some(known) if *known >= seq => false,
+        Some(known) => {
+            *known = seq;
+            true
+        }
+        None => {
+            if last.len() >= MAX_SEEN_PUBLISHERS {
+                last.clear();
             }
-            Some(last) => {
-                *last = m.seq;
-                true
-            }
-            None => {
-                if self.last.len() >= MAX_SEEN_PUBLISHERS {
-                    self.last.clear();
-                }
-                self.last.insert(publisher.into(), m.seq);
-                true
-            }
+            last.insert(publisher.into(), seq);
+            true
         }
     }
 }
@@ -865,12 +879,23 @@ mod tests {
         assert!(!seen.fresh(&msg("new", 3, "old")));
         assert!(seen.fresh(&msg("new", 4, "old")));
         assert!(seen.fresh(&msg("new", 5, "old")));
-        // A late original of one already resent is a copy too.
-        assert!(!seen.fresh(&msg("old", 5, "")));
+        // The same resend again (after a second failover) is a copy.
+        assert!(!seen.fresh(&msg("newer", 5, "old")));
         // The publisher's later messages under its new alias, and unnumbered ones, pass.
         assert!(seen.fresh(&msg("new", 6, "")));
         assert!(seen.fresh(&msg("other", 0, "")));
         assert!(seen.fresh(&msg("other", 0, "")));
         assert_eq!(seen.copies, 3);
+    }
+
+    #[test]
+    fn a_client_claiming_anothers_alias_cannot_hide_its_messages() {
+        let mut seen = Seen::default();
+        assert!(seen.fresh(&msg("victim", 1, "")));
+        // A forged "resend" in the victim's name with a huge number...
+        assert!(seen.fresh(&msg("mallory", u64::MAX - 1, "victim")));
+        // ...does not make the victim's own messages look like copies.
+        assert!(seen.fresh(&msg("victim", 2, "")));
+        assert!(seen.fresh(&msg("victim", 3, "")));
     }
 }

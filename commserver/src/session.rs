@@ -158,6 +158,9 @@ fn forbidden(role: &str, action: &str, topic: &str, request_id: u64) -> v1::Erro
     .for_request(request_id)
 }
 
+/// The longest `Publish.resent_from` taken: aliases are far shorter.
+const MAX_ALIAS_BYTES: usize = 64;
+
 /// One client session's reader side.
 struct Session {
     server: Arc<Server>,
@@ -413,6 +416,12 @@ impl Session {
         } = publish;
         // Delivered and forwarded frames add the alias, account and envelope to the payload;
         // the limit keeps them within every receiver's frame limit.
+        if resent_from.len() > MAX_ALIAS_BYTES {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("resent_from is longer than an alias ({MAX_ALIAS_BYTES} bytes)"),
+            ));
+        }
         let max_payload = server.config.max_payload_bytes();
         if payload.len() > max_payload {
             return Err(error(
