@@ -119,9 +119,12 @@
 //! again (excluding that server) with capped exponential backoff and jitter
 //! ([`ClientConfig::reconnect_min`], [`ClientConfig::reconnect_max`]), resubscribes, and
 //! reports [`Event::Reconnected`] with the new server and alias. Messages published meanwhile
-//! wait in the outbound queue and go out on the next connection. Messages from one publisher
-//! on one topic arrive in the order published, each once, while the client stays connected;
-//! what was in flight when a server died is lost (delivery is at most once across a failure).
+//! wait in the outbound queue and go out on the next connection. Every publish is numbered and
+//! kept until the server confirms it has taken it ([`ClientConfig::max_unconfirmed`] of them at
+//! most; `publish` waits beyond that); after a reconnect the unconfirmed ones go out again
+//! first, and receiving clients drop copies they already delivered. Messages from one
+//! publisher on one topic arrive in the order published, each once; what a server confirmed
+//! and then died holding is lost (delivery is at most once across a server's death).
 //! If the new server refuses to restore some subscriptions (its limits are lower), they are
 //! dropped and reported as [`Event::SubscriptionsRefused`].
 //!
