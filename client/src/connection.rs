@@ -148,7 +148,7 @@ async fn attach(
                     let _ = events.send_one(Event::Message(message(m))).await;
                 }
                 Some(Kind::Dropped(d)) => {
-                    let _ = events.send_one(Event::Dropped { count: d.count }).await;
+                    let _ = events.send_one(dropped(d)).await;
                 }
                 _ => {}
             }
@@ -543,6 +543,15 @@ impl Drop for EventRx {
     }
 }
 
+/// A `Dropped` notice as an event (`upstream` is part of `count`; a server that says more is
+/// believed for `count`).
+fn dropped(d: v1::Dropped) -> Event {
+    Event::Dropped {
+        count: d.count,
+        upstream: d.upstream.min(d.count),
+    }
+}
+
 /// What one frame from the server amounts to.
 enum Handled {
     /// An event for the application.
@@ -557,7 +566,7 @@ enum Handled {
 fn event_for(msg: v1::ServerToClient, shared: &Shared) -> Handled {
     let event = match msg.kind {
         Some(Kind::Message(m)) => Event::Message(message(m)),
-        Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
+        Some(Kind::Dropped(d)) => dropped(d),
         Some(Kind::Ack(ack)) => {
             lock(&shared.state).acknowledge(ack.request_id);
             return Handled::Nothing;
@@ -596,7 +605,7 @@ mod tests {
     use futures_util::FutureExt as _;
 
     fn dropped(count: u64) -> Event {
-        Event::Dropped { count }
+        Event::Dropped { count, upstream: 0 }
     }
 
     #[tokio::test]

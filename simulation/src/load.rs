@@ -516,7 +516,7 @@ pub(crate) async fn receive(
                     tokio::time::sleep(delay).await;
                 }
             }
-            Some(Event::Dropped { count }) => tally.counts.dropped_reported += count,
+            Some(Event::Dropped { count, .. }) => tally.counts.dropped_reported += count,
             Some(Event::Disconnected { .. }) => tally.counts.disconnects += 1,
             Some(Event::Reconnected { server_id, .. }) => {
                 server = measure::server_hash(&server_id);
