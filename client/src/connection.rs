@@ -152,7 +152,7 @@ async fn attach(
                 }
                 Some(Kind::Published(p)) => shared.confirm(p.up_to),
                 Some(Kind::Dropped(d)) => {
-                    let _ = events.send_one(Event::Dropped { count: d.count }).await;
+                    let _ = events.send_one(dropped(d)).await;
                 }
                 _ => {}
             }
@@ -590,6 +590,15 @@ impl Drop for EventRx {
     }
 }
 
+/// A `Dropped` notice as an event (`upstream` is part of `count`; a server that says more is
+/// believed for `count`).
+fn dropped(d: v1::Dropped) -> Event {
+    Event::Dropped {
+        count: d.count,
+        upstream: d.upstream.min(d.count),
+    }
+}
+
 /// What one frame from the server amounts to.
 enum Handled {
     /// An event for the application.
@@ -609,7 +618,7 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             shared.confirm(p.up_to);
             return Handled::Nothing;
         }
-        Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
+        Some(Kind::Dropped(d)) => dropped(d),
         Some(Kind::Ack(ack)) => {
             lock(&shared.state).acknowledge(ack.request_id);
             return Handled::Nothing;
@@ -648,7 +657,7 @@ mod tests {
     use futures_util::FutureExt as _;
 
     fn dropped(count: u64) -> Event {
-        Event::Dropped { count }
+        Event::Dropped { count, upstream: 0 }
     }
 
     #[tokio::test]

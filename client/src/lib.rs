@@ -18,7 +18,8 @@
 //! while let Some(event) = client.next_event().await {
 //!     match event {
 //!         Event::Message(m) => println!("{} from {}: {:?}", m.topic, m.from, m.payload),
-//!         Event::Dropped { count } => eprintln!("the server dropped {count} messages for us"),
+//!         // `upstream` of them were lost between servers, the rest in our server's queue.
+//!         Event::Dropped { count, upstream } => eprintln!("dropped {count} ({upstream} upstream)"),
 //!         other => eprintln!("{other:?}"), // Event is non_exhaustive: keep a wildcard arm
 //!     }
 //! }
@@ -90,7 +91,8 @@
 //! # Events, and publishing from other tasks
 //!
 //! [`Client::next_event`] yields [`Event`]s: messages, `Dropped` notices (the server dropped
-//! messages because this client read too slowly), `Forbidden`, `Disconnected` / `Reconnected`,
+//! messages because this client read too slowly, or `upstream` of them were lost between
+//! servers), `Forbidden`, `Disconnected` / `Reconnected`,
 //! and `SubscriptionsRefused`. The same task reads the server's answers to subscription
 //! changes, so keep calling `next_event`: a subscribe waits at most
 //! [`ClientConfig::request_timeout`] for its answer. To publish or subscribe while another
@@ -324,11 +326,17 @@ impl ClientConfig {
 pub enum Event {
     /// A message on a subscribed topic.
     Message(Message),
-    /// The server dropped `count` messages for this client because it was not reading fast
-    /// enough (or a peer server dropped forwards meant for it).
+    /// `count` messages meant for this client were dropped: its server's queue for it was full
+    /// because it was not reading fast enough, or, `upstream` of them, they were lost between
+    /// servers (a peer link that broke or was down for longer than its replay buffer covers;
+    /// which subscribers missed those is not always known, so it means "up to `upstream` of
+    /// yours").
     Dropped {
-        /// Messages lost.
+        /// Messages lost, both kinds together.
         count: u64,
+        /// Of `count`, how many were lost between servers rather than in this client's own
+        /// queue (`count - upstream`: the slow-consumer drops).
+        upstream: u64,
     },
     /// The connection to `server_id` ended; `reason` says why. With auto-reconnect on, a
     /// [`Event::Reconnected`] follows once another server is reached.

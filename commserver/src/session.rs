@@ -103,10 +103,11 @@ fn refuse_key(server: &Server, message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::KeyInvalid, message).into_response()
 }
 
-pub(crate) fn dropped_notice(count: u64) -> Bytes {
+/// The `Dropped` notice for what a session's queue dropped and what peers lost for it.
+pub(crate) fn dropped_notice(dropped: link::Unreported) -> Bytes {
     encode(&v1::ServerToClient::dropped(v1::Dropped {
-        count,
-        upstream: 0,
+        count: dropped.total(),
+        upstream: dropped.upstream,
     }))
 }
 
