@@ -95,6 +95,8 @@ async fn attach(
             topics: topics.clone(),
         })));
     }
+    // Then what the lost server never confirmed, in order, ahead of the outbound queue.
+    opening.extend(resends(shared));
     link.sink
         .send_now(&opening)
         .await
@@ -150,11 +152,13 @@ async fn attach(
                     return Err(ClientError::Refused(e));
                 }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
-                Some(Kind::Message(m)) => {
+                // A copy of one already delivered is dropped (the last arm).
+                Some(Kind::Message(m)) if lock(&shared.seen).fresh(&m) => {
                     let _ = events.send_one(Event::Message(message(m))).await;
                 }
+                Some(Kind::Published(p)) => shared.confirm(p.up_to),
                 Some(Kind::Dropped(d)) => {
-                    let _ = events.send_one(Event::Dropped { count: d.count }).await;
+                    let _ = events.send_one(dropped(d)).await;
                 }
                 _ => {}
             }
@@ -189,6 +193,44 @@ async fn attach(
         heartbeat_interval: ms(ready.heartbeat_interval_ms, 5_000),
         heartbeat_timeout: ms(ready.heartbeat_timeout_ms, 15_000),
     })
+}
+
+/// The publishes to send again on a new connection: those the lost one carried (or held
+/// queued) without a confirmation, marked with the alias they were first sent under.
+fn resends(shared: &Shared) -> Vec<Bytes> {
+    let outbox = lock(&shared.outbox);
+    outbox
+        .unconfirmed
+        .iter()
+        .take_while(|u| u.seq <= outbox.resend_up_to)
+        .filter_map(|u| {
+            let mut msg: v1::ClientToServer = relaymesh_proto::decode(u.frame.clone()).ok()?;
+            if let (Some(v1::client_to_server::Kind::Publish(p)), Some(alias)) =
+                (&mut msg.kind, &u.first_alias)
+                && p.resent_from.is_empty()
+            {
+                p.resent_from = alias.to_string();
+            }
+            Some(encode(&msg))
+        })
+        .collect()
+}
+
+/// A connection was lost: everything it was given and the server did not confirm goes out
+/// again on the next one. The outbound queue is emptied: its publishes are all unconfirmed
+/// (and go out again from there), and the resubscription covers its subscription changes.
+fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
+    let alias: Arc<str> = lock(&shared.state).alias.as_str().into();
+    let mut outbox = lock(&shared.outbox);
+    // Under the outbox lock, which every publish holds while it queues: nothing is queued
+    // between emptying the queue and marking what to resend.
+    while out.try_recv().is_ok() {}
+    for u in &mut outbox.unconfirmed {
+        if u.first_alias.is_none() {
+            u.first_alias = Some(alias.clone());
+        }
+    }
+    outbox.resend_up_to = outbox.last;
 }
 
 fn message(m: v1::Message) -> Message {
@@ -257,6 +299,7 @@ pub(crate) async fn drive(
         match ended {
             Ended::Stopped => break,
             Ended::Lost(reason) => {
+                lost(&shared, &mut out);
                 tracing::info!(server = %server_id, %reason, "connection lost");
                 let event = Event::Disconnected {
                     server_id: server_id.clone(),
@@ -327,8 +370,10 @@ async fn run(
         nonce: 0,
         burst: Vec::new(),
         reason: None,
+        seen: std::mem::take(&mut *lock(&shared.seen)),
     };
-    let served = link::serve(connected.link, options, reader).await;
+    let mut served = link::serve(connected.link, options, reader).await;
+    *lock(&shared.seen) = std::mem::take(&mut served.handler.seen);
     let Some(end) = served.writer else {
         return (Ended::Stopped, None);
     };
@@ -370,6 +415,8 @@ struct Reader {
     burst: Vec<Event>,
     /// Why the connection ended, when the reader ended it.
     reason: Option<String>,
+    /// What has been delivered (the client's, held while the connection runs).
+    seen: crate::Seen,
 }
 
 impl Reader {
@@ -388,7 +435,7 @@ impl link::Handler for Reader {
     }
 
     async fn message(&mut self, msg: v1::ServerToClient) -> Result<Flow, v1::Error> {
-        Ok(match event_for(msg, &self.shared) {
+        Ok(match event_for(msg, &self.shared, &mut self.seen) {
             Handled::Event(event) => {
                 self.burst.push(event);
                 Flow::Continue
@@ -548,6 +595,15 @@ impl Drop for EventRx {
     }
 }
 
+/// A `Dropped` notice as an event (`upstream` is part of `count`; a server that says more is
+/// believed for `count`).
+fn dropped(d: v1::Dropped) -> Event {
+    Event::Dropped {
+        count: d.count,
+        upstream: d.upstream.min(d.count),
+    }
+}
+
 /// What one frame from the server amounts to.
 enum Handled {
     /// An event for the application.
@@ -561,10 +617,15 @@ enum Handled {
 }
 
 /// Applies one message from the server to the client's state.
-fn event_for(msg: v1::ServerToClient, shared: &Shared) -> Handled {
+fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -> Handled {
     let event = match msg.kind {
-        Some(Kind::Message(m)) => Event::Message(message(m)),
-        Some(Kind::Dropped(d)) => Event::Dropped { count: d.count },
+        Some(Kind::Message(m)) if seen.fresh(&m) => Event::Message(message(m)),
+        Some(Kind::Message(_)) => return Handled::Nothing,
+        Some(Kind::Published(p)) => {
+            shared.confirm(p.up_to);
+            return Handled::Nothing;
+        }
+        Some(Kind::Dropped(d)) => dropped(d),
         Some(Kind::Ack(ack)) => {
             let events = lock(&shared.state).acknowledge(ack.request_id, ack.pending);
             return Handled::Events(events);
@@ -603,7 +664,7 @@ mod tests {
     use futures_util::FutureExt as _;
 
     fn dropped(count: u64) -> Event {
-        Event::Dropped { count }
+        Event::Dropped { count, upstream: 0 }
     }
 
     #[tokio::test]

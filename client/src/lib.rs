@@ -18,7 +18,8 @@
 //! while let Some(event) = client.next_event().await {
 //!     match event {
 //!         Event::Message(m) => println!("{} from {}: {:?}", m.topic, m.from, m.payload),
-//!         Event::Dropped { count } => eprintln!("the server dropped {count} messages for us"),
+//!         // `upstream` of them were lost between servers, the rest in our server's queue.
+//!         Event::Dropped { count, upstream } => eprintln!("dropped {count} ({upstream} upstream)"),
 //!         other => eprintln!("{other:?}"), // Event is non_exhaustive: keep a wildcard arm
 //!     }
 //! }
@@ -98,8 +99,9 @@
 //! # Events, and publishing from other tasks
 //!
 //! [`Client::next_event`] yields [`Event`]s: messages, `Dropped` notices (the server dropped
-//! messages because this client read too slowly), `Forbidden`, `Disconnected` / `Reconnected`,
-//! `SubscriptionsRefused` and `SubscriptionConfirmed`. The same task reads the server's answers to subscription
+//! messages because this client read too slowly, or `upstream` of them were lost between
+//! servers), `Forbidden`, `Disconnected` / `Reconnected`, `SubscriptionsRefused` and
+//! `SubscriptionConfirmed`. The same task reads the server's answers to subscription
 //! changes, so keep calling `next_event`: a subscribe waits at most
 //! [`ClientConfig::request_timeout`] for its answer. To publish or subscribe while another
 //! task receives, take a [`Handle`] with [`Client::handle`]; it is cheap to clone and has the
@@ -127,9 +129,12 @@
 //! again (excluding that server) with capped exponential backoff and jitter
 //! ([`ClientConfig::reconnect_min`], [`ClientConfig::reconnect_max`]), resubscribes, and
 //! reports [`Event::Reconnected`] with the new server and alias. Messages published meanwhile
-//! wait in the outbound queue and go out on the next connection. Messages from one publisher
-//! on one topic arrive in the order published, each once, while the client stays connected;
-//! what was in flight when a server died is lost (delivery is at most once across a failure).
+//! wait in the outbound queue and go out on the next connection. Every publish is numbered and
+//! kept until the server confirms it has taken it ([`ClientConfig::max_unconfirmed`] of them at
+//! most; `publish` waits beyond that); after a reconnect the unconfirmed ones go out again
+//! first, and receiving clients drop copies they already delivered. Messages from one
+//! publisher on one topic arrive in the order published, each once; what a server confirmed
+//! and then died holding is lost (delivery is at most once across a server's death).
 //! If the new server refuses to restore some subscriptions (its limits are lower), they are
 //! dropped and reported as [`Event::SubscriptionsRefused`].
 //!
@@ -199,6 +204,10 @@ pub struct ClientConfig {
     /// This client's unique id within its account. A newer login with the same id replaces
     /// this one: the server closes it with `REPLACED`, and it does not reconnect.
     pub client_id: Option<String>,
+    /// Publishes sent (or queued) that the server has not confirmed yet, kept to be sent again
+    /// on the next connection if this one is lost; `publish` waits when this many are
+    /// unconfirmed.
+    pub max_unconfirmed: usize,
 }
 
 /// How a client logs in.
@@ -313,6 +322,7 @@ impl ClientConfig {
             limits: WsLimits::default(),
             credentials: Credentials::Anonymous,
             client_id: None,
+            max_unconfirmed: 16_384,
         }
     }
 }
@@ -324,11 +334,17 @@ impl ClientConfig {
 pub enum Event {
     /// A message on a subscribed topic.
     Message(Message),
-    /// The server dropped `count` messages for this client because it was not reading fast
-    /// enough (or a peer server dropped forwards meant for it).
+    /// `count` messages meant for this client were dropped: its server's queue for it was full
+    /// because it was not reading fast enough, or, `upstream` of them, they were lost between
+    /// servers (a peer link that broke or was down for longer than its replay buffer covers;
+    /// which subscribers missed those is not always known, so it means "up to `upstream` of
+    /// yours").
     Dropped {
-        /// Messages lost.
+        /// Messages lost, both kinds together.
         count: u64,
+        /// Of `count`, how many were lost between servers rather than in this client's own
+        /// queue (`count - upstream`: the slow-consumer drops).
+        upstream: u64,
     },
     /// The connection to `server_id` ended; `reason` says why. With auto-reconnect on, a
     /// [`Event::Reconnected`] follows once another server is reached.
@@ -453,6 +469,106 @@ struct Shared {
     /// A newer login with the same `client_id` replaced this client: it must not reconnect
     /// (that would replace the newer one in turn).
     replaced: std::sync::atomic::AtomicBool,
+    /// Publishes not yet confirmed by the server.
+    outbox: Mutex<Outbox>,
+    /// Room for more of them ([`ClientConfig::max_unconfirmed`]).
+    outbox_room: tokio::sync::Semaphore,
+    /// What the client has delivered, to drop copies of resent messages; the connection
+    /// task's reader holds it while a connection runs.
+    seen: Mutex<Seen>,
+}
+
+impl Shared {
+    /// The server confirmed every publish up to `up_to`: they will not be sent again.
+    fn confirm(&self, up_to: u64) {
+        let mut confirmed = 0;
+        {
+            let mut outbox = lock(&self.outbox);
+            while outbox.unconfirmed.front().is_some_and(|u| u.seq <= up_to) {
+                outbox.unconfirmed.pop_front();
+                confirmed += 1;
+            }
+        }
+        self.outbox_room.add_permits(confirmed);
+    }
+}
+
+/// Publishes the server has not confirmed, oldest first.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// The last publish number given out.
+    last: u64,
+    unconfirmed: std::collections::VecDeque<Unconfirmed>,
+    /// When a connection is lost, the last number given out: those up to it go out again on
+    /// the next connection, ahead of the outbound queue (which holds only later ones).
+    resend_up_to: u64,
+}
+
+/// A publish waiting for the server's confirmation.
+#[derive(Debug)]
+struct Unconfirmed {
+    seq: u64,
+    /// The encoded `Publish`.
+    frame: Bytes,
+    /// The alias of the connection it was first sent on, once that connection is lost.
+    first_alias: Option<Arc<str>>,
+}
+
+/// The last publish number delivered from each publisher, so that a message resent after its
+/// publisher lost a server is delivered once.
+///
+/// Originals are known by the alias their server stamped (`from_alias`, which no client can
+/// forge). A resend names the alias it first went out under (`resent_from`, which the
+/// publisher states): it is a copy if that publisher's originals or earlier resends already
+/// reached its number. Resends never count against originals, so a client that claims another's
+/// alias can at worst hide that publisher's resends, never its messages.
+#[derive(Debug, Default)]
+struct Seen {
+    originals: HashMap<Box<str>, u64>,
+    resends: HashMap<Box<str>, u64>,
+    /// Copies dropped.
+    copies: u64,
+}
+
+/// Publishers [`Seen`] remembers (each way) before starting over.
+const MAX_SEEN_PUBLISHERS: usize = 65_536;
+
+impl Seen {
+    /// Whether `m` is new, not a copy of a message already delivered.
+    fn fresh(&mut self, m: &v1::Message) -> bool {
+        if m.seq == 0 {
+            return true;
+        }
+        let fresh = if m.resent_from.is_empty() {
+            raise(&mut self.originals, &m.from_alias, m.seq)
+        } else {
+            let original = self.originals.get(m.resent_from.as_str()).copied();
+            original.is_none_or(|last| last < m.seq)
+                && raise(&mut self.resends, &m.resent_from, m.seq)
+        };
+        if !fresh {
+            self.copies += 1;
+        }
+        fresh
+    }
+}
+
+/// Records `seq` as the last from `publisher` in `last`; `false` if it was not past it.
+fn raise(last: &mut HashMap<Box<str>, u64>, publisher: &str, seq: u64) -> bool {
+    match last.get_mut(publisher) {
+        Some(known) if *known >= seq => false,
+        Some(known) => {
+            *known = seq;
+            true
+        }
+        None => {
+            if last.len() >= MAX_SEEN_PUBLISHERS {
+                last.clear();
+            }
+            last.insert(publisher.into(), seq);
+            true
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -636,6 +752,13 @@ impl Client {
             request_timeout: config.request_timeout,
             stop: CancellationToken::new(),
             replaced: std::sync::atomic::AtomicBool::new(false),
+            outbox: Mutex::new(Outbox::default()),
+            outbox_room: tokio::sync::Semaphore::new(
+                config
+                    .max_unconfirmed
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            ),
+            seen: Mutex::new(Seen::default()),
         });
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
         let (events_tx, events_rx) = connection::event_queue(config.event_queue);
@@ -800,11 +923,33 @@ impl Handle {
                 reason,
             }
         })?;
+        let payload = payload.into();
+        // Room among the unconfirmed, then in the outbound queue; then numbered, kept and
+        // queued at once, so numbers go out in order.
+        let room = self
+            .shared
+            .outbox_room
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let permit = self.out.reserve().await.map_err(|_| ClientError::Closed)?;
+        room.forget();
+        let mut outbox = lock(&self.shared.outbox);
+        outbox.last += 1;
+        let seq = outbox.last;
         let frame = encode(&v1::ClientToServer::publish(v1::Publish {
             topic: topic.to_owned(),
-            payload: payload.into(),
+            payload,
+            seq,
+            resent_from: String::new(),
         }));
-        self.out.send(frame).await.map_err(|_| ClientError::Closed)
+        outbox.unconfirmed.push_back(Unconfirmed {
+            seq,
+            frame: frame.clone(),
+            first_alias: None,
+        });
+        permit.send(frame);
+        Ok(())
     }
 
     /// The client's alias on its current connection, as stamped on what it publishes.
@@ -1012,5 +1157,48 @@ mod tests {
         );
         assert!(matches!(sub.try_recv(), Ok(Ok(()))));
         assert!(state.pending.is_empty());
+    }
+
+    fn msg(from: &str, seq: u64, resent_from: &str) -> v1::Message {
+        v1::Message {
+            topic: "t".into(),
+            from_alias: from.into(),
+            seq,
+            resent_from: resent_from.into(),
+            ..v1::Message::default()
+        }
+    }
+
+    #[test]
+    fn a_resent_message_already_delivered_is_dropped_once_and_only_then() {
+        let mut seen = Seen::default();
+        // The originals from "old", up to 3 (4 and 5 were lost with its server).
+        for seq in 1..=3 {
+            assert!(seen.fresh(&msg("old", seq, "")));
+        }
+        // Sent again under a new alias after the publisher lost "old"'s server: 2 and 3 are
+        // copies, 4 and 5 are new.
+        assert!(!seen.fresh(&msg("new", 2, "old")));
+        assert!(!seen.fresh(&msg("new", 3, "old")));
+        assert!(seen.fresh(&msg("new", 4, "old")));
+        assert!(seen.fresh(&msg("new", 5, "old")));
+        // The same resend again (after a second failover) is a copy.
+        assert!(!seen.fresh(&msg("newer", 5, "old")));
+        // The publisher's later messages under its new alias, and unnumbered ones, pass.
+        assert!(seen.fresh(&msg("new", 6, "")));
+        assert!(seen.fresh(&msg("other", 0, "")));
+        assert!(seen.fresh(&msg("other", 0, "")));
+        assert_eq!(seen.copies, 3);
+    }
+
+    #[test]
+    fn a_client_claiming_anothers_alias_cannot_hide_its_messages() {
+        let mut seen = Seen::default();
+        assert!(seen.fresh(&msg("victim", 1, "")));
+        // A forged "resend" in the victim's name with a huge number...
+        assert!(seen.fresh(&msg("mallory", u64::MAX - 1, "victim")));
+        // ...does not make the victim's own messages look like copies.
+        assert!(seen.fresh(&msg("victim", 2, "")));
+        assert!(seen.fresh(&msg("victim", 3, "")));
     }
 }

@@ -67,6 +67,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "keys_reserved": s.keys_reserved.get(),
         "keys_refused": s.keys_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
+        "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -97,7 +98,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 18] = [
+    let counters: [(&str, &str, &Counter); 19] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -182,6 +183,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_peer_links_refused_total",
             "Peer links refused for a bad cluster secret.",
             &s.peer_links_refused,
+        ),
+        (
+            "relaymesh_connections_refused_per_ip_total",
+            "Connections refused because their source address held max_connections_per_ip.",
+            &s.serving.refused_per_ip,
         ),
         (
             "relaymesh_registrations_total",

@@ -3,9 +3,10 @@
 //! `RELAYMESH_CLUSTER_SECRET` in the environment.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use relaymesh_net::config::{ConfigError, check_link_timing, check_serving, ensure};
-use relaymesh_net::serve::ServeOptions;
+use relaymesh_net::serve::{ServeOptions, ServeStats};
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
 
@@ -102,6 +103,9 @@ pub struct Config {
     pub direct_write_budget_us: Option<u64>,
     /// Open TCP connections at most (clients, peers and HTTP).
     pub max_connections: usize,
+    /// Open TCP connections one source address may hold at once (clients, peers and HTTP);
+    /// more are answered `503`.
+    pub max_connections_per_ip: usize,
     /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
     /// to clients.
     pub heartbeat_interval_ms: u64,
@@ -191,6 +195,7 @@ impl Default for Config {
             write_buffer_bytes: 64 * 1024,
             direct_write_budget_us: None,
             max_connections: 100_000,
+            max_connections_per_ip: 10_000,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
             peer_heartbeat_timeout_ms: 3_000,
@@ -316,6 +321,7 @@ impl Config {
         )?;
         check_serving(
             self.max_connections,
+            self.max_connections_per_ip,
             self.request_timeout_ms,
             self.max_body_bytes,
         )?;
@@ -447,12 +453,15 @@ impl Config {
         }
     }
 
-    pub(crate) fn serve_options(&self) -> ServeOptions {
+    /// The listener's limits; it counts what it refuses in `stats`.
+    pub(crate) fn serve_options(&self, stats: Arc<ServeStats>) -> ServeOptions {
         ServeOptions {
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             shutdown_grace: self.shutdown_grace(),
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
+            stats,
         }
     }
 }

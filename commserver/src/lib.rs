@@ -268,14 +268,14 @@ pub async fn run_with(
             relaymesh_net::serve::serve(
                 dispatch_listener,
                 gateway.router(),
-                server.config.serve_options(),
+                server.config.serve_options(server.stats.serving.clone()),
                 shutdown.clone(),
                 tracker.clone(),
             )
             .instrument(span.clone()),
         );
     }
-    let options = server.config.serve_options();
+    let options = server.config.serve_options(server.stats.serving.clone());
     relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone())
         .instrument(span.clone())
         .await;

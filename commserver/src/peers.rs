@@ -17,7 +17,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::link::{
-    self, Backlog, Closer, DataBacklog, Flow, Heartbeat, LastWords, Link, WriterSetup,
+    self, Backlog, Closer, DataBacklog, Flow, Heartbeat, LastWords, Link, Unreported, WriterSetup,
 };
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
@@ -36,9 +36,10 @@ use crate::Server;
 use crate::control::{Command, PeerLink, PeerQueues};
 use crate::routes::{self, Origin, Publisher};
 
-fn forward_dropped_notice(count: u64) -> Bytes {
+/// Forwards are one hop: a peer link's queue only ever has drops of its own to tell.
+fn forward_dropped_notice(dropped: Unreported) -> Bytes {
     encode(&v1::PeerMessage::forward_dropped(v1::ForwardDropped {
-        count,
+        count: dropped.total(),
         topics: Vec::new(),
         link: 0,
     }))
@@ -672,6 +673,8 @@ fn deliver_forward(
         from: Sender {
             alias: &forward.from_alias,
             role: &forward.from_role,
+            seq: forward.seq,
+            resent_from: &forward.resent_from,
         },
         payload: &forward.payload,
     };
@@ -711,7 +714,10 @@ fn report_peer_drops(server: &Server, dropped: v1::ForwardDropped) {
 
 /// Tells `session` it missed `count` messages.
 fn tell_dropped(session: &routes::Subscriber, count: u64) {
-    let notice = relaymesh_net::wire::framed(&crate::session::dropped_notice(count));
+    let notice = relaymesh_net::wire::framed(&crate::session::dropped_notice(Unreported {
+        own: 0,
+        upstream: count,
+    }));
     // A busy queue (the notice does not fit) is about to be written anyway: the writer adds
     // these to its next Dropped notice.
     if session.send(&notice, 1, true) != routes::Enqueued::Yes {

@@ -793,6 +793,8 @@ mod tests {
     const FROM: Sender<'static> = Sender {
         alias: "a",
         role: "",
+        seq: 0,
+        resent_from: "",
     };
 
     #[test]

@@ -103,10 +103,11 @@ fn refuse_key(server: &Server, message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::KeyInvalid, message).into_response()
 }
 
-pub(crate) fn dropped_notice(count: u64) -> Bytes {
+/// The `Dropped` notice for what a session's queue dropped and what peers lost for it.
+pub(crate) fn dropped_notice(dropped: link::Unreported) -> Bytes {
     encode(&v1::ServerToClient::dropped(v1::Dropped {
-        count,
-        upstream: 0,
+        count: dropped.total(),
+        upstream: dropped.upstream,
     }))
 }
 
@@ -158,6 +159,9 @@ fn forbidden(role: &str, action: &str, topic: &str, request_id: u64) -> v1::Erro
     .for_request(request_id)
 }
 
+/// The longest `Publish.resent_from` taken: aliases are far shorter.
+const MAX_ALIAS_BYTES: usize = 64;
+
 /// One client session's reader side.
 struct Session {
     server: Arc<Server>,
@@ -179,6 +183,9 @@ struct Session {
     confirmations: Arc<tokio::sync::Semaphore>,
     /// Routes what the client publishes, and batches the deliveries of a burst.
     publisher: Publisher,
+    /// The highest publish number (`Publish.seq`) taken, and the highest confirmed.
+    taken: u64,
+    confirmed: u64,
 }
 
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
@@ -257,6 +264,8 @@ fn run(
             server.config.max_pending_confirmations,
         )),
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
+        taken: 0,
+        confirmed: 0,
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
     link::serve(socket, options, session).map(move |served| {
@@ -318,6 +327,7 @@ impl link::Handler for Session {
 
     async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
         self.flush();
+        self.confirm()?;
         Ok(Flow::Continue)
     }
 
@@ -379,10 +389,46 @@ impl Session {
     }
 
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
+        let seq = publish.seq;
+        let result = self.route(publish);
+        // Taken, delivered or refused: the client must not send it again. A refusal that ends
+        // the session goes out after this confirmation.
+        if seq > self.taken {
+            self.taken = seq;
+            if result.is_err() {
+                self.confirm()?;
+            }
+        }
+        result
+    }
+
+    /// Confirms the numbered publishes taken so far (`Published`), once per burst.
+    fn confirm(&mut self) -> Result<(), v1::Error> {
+        if self.taken > self.confirmed {
+            self.confirmed = self.taken;
+            self.reply(&v1::ServerToClient::published(v1::Published {
+                up_to: self.taken,
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
         let server = &*self.server;
-        let v1::Publish { topic, payload } = publish;
+        let v1::Publish {
+            topic,
+            payload,
+            seq,
+            resent_from,
+        } = publish;
         // Delivered and forwarded frames add the alias, account and envelope to the payload;
         // the limit keeps them within every receiver's frame limit.
+        if resent_from.len() > MAX_ALIAS_BYTES {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("resent_from is longer than an alias ({MAX_ALIAS_BYTES} bytes)"),
+            ));
+        }
         let max_payload = server.config.max_payload_bytes();
         if payload.len() > max_payload {
             return Err(error(
@@ -403,6 +449,8 @@ impl Session {
             from: Sender {
                 alias: &self.alias,
                 role,
+                seq,
+                resent_from: &resent_from,
             },
             payload: &payload,
         };

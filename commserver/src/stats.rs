@@ -1,9 +1,11 @@
 //! The comm server's counters: bumped without locks from every session, link and the control
 //! task, read by the operational endpoints ([`crate::api`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use relaymesh_net::metrics::{Counter, Gauge};
+use relaymesh_net::serve::ServeStats;
 
 /// Comm server counters, bumped without locks from every session and link.
 #[derive(Debug, Default)]
@@ -47,6 +49,8 @@ pub(crate) struct Stats {
     /// Client connections refused for an unknown, expired or reused key.
     pub(crate) keys_refused: Counter,
     pub(crate) peer_links_refused: Counter,
+    /// What the listeners refused (connections over `max_connections_per_ip`).
+    pub(crate) serving: Arc<ServeStats>,
     pub(crate) coordinator_connected: AtomicBool,
     pub(crate) registrations: Counter,
 }

@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
 use relaymesh_net::metrics::{self, Counter, Exposition, Gauge, Kind};
+use relaymesh_net::serve::ServeStats;
 use relaymesh_net::sync::lock;
 use serde_json::{Value, json};
 
@@ -26,6 +27,8 @@ pub(crate) struct Stats {
     pub(crate) replace_dropped: Counter,
     pub(crate) reservations_failed: Counter,
     pub(crate) server_links_refused: Counter,
+    /// What the listener refused (connections over `max_connections_per_ip`).
+    pub(crate) serving: Arc<ServeStats>,
 }
 
 /// `GET /healthz`: the process is up and serving.
@@ -67,6 +70,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
+        "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -141,6 +145,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Server links refused for a missing or wrong cluster secret.",
         s.server_links_refused.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_connections_refused_per_ip_total",
+        Kind::Counter,
+        "Connections refused because their source address held max_connections_per_ip.",
+        s.serving.refused_per_ip.get() as f64,
     );
     relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

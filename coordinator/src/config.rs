@@ -3,9 +3,10 @@
 //! taking precedence over the file.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use relaymesh_net::config::{ConfigError, check_link_timing, check_serving, ensure};
-use relaymesh_net::serve::ServeOptions;
+use relaymesh_net::serve::{ServeOptions, ServeStats};
 use relaymesh_net::ws::WsLimits;
 use serde::Deserialize;
 
@@ -44,6 +45,8 @@ pub struct Config {
     pub connect_burst: u32,
     /// Open TCP connections at most.
     pub max_connections: usize,
+    /// Open TCP connections one source address may hold at once; more are answered `503`.
+    pub max_connections_per_ip: usize,
     /// Largest WebSocket message accepted, in bytes.
     pub max_frame_bytes: usize,
     /// Largest `POST /v1/login` body accepted, in bytes.
@@ -90,6 +93,7 @@ impl Default for Config {
             connect_rate_per_s: 20,
             connect_burst: 40,
             max_connections: 100_000,
+            max_connections_per_ip: 10_000,
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             shutdown_grace_ms: 5_000,
@@ -145,6 +149,7 @@ impl Config {
         )?;
         check_serving(
             self.max_connections,
+            self.max_connections_per_ip,
             self.request_timeout_ms,
             self.max_body_bytes,
         )?;
@@ -199,12 +204,15 @@ impl Config {
         }
     }
 
-    pub(crate) fn serve_options(&self) -> ServeOptions {
+    /// The listener's limits; it counts what it refuses in `stats`.
+    pub(crate) fn serve_options(&self, stats: Arc<ServeStats>) -> ServeOptions {
         ServeOptions {
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             shutdown_grace: self.shutdown_grace(),
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
+            stats,
         }
     }
 }

@@ -178,7 +178,7 @@ pub async fn run(
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }
     tracing::info!("coordinator listening on {local}");
-    let options = app.config.serve_options();
+    let options = app.config.serve_options(app.stats.serving.clone());
     relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone()).await;
     relaymesh_net::shutdown::drain(&tracker, app.config.shutdown_grace()).await;
     tracing::info!("coordinator stopped");

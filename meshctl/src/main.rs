@@ -316,8 +316,10 @@ async fn subscribe(
                     break;
                 }
             }
-            Some(Event::Dropped { count }) => {
-                eprintln!("meshctl: warning: {count} messages were dropped")
+            Some(Event::Dropped { count, upstream }) => {
+                eprintln!(
+                    "meshctl: warning: {count} messages were dropped ({upstream} between servers)"
+                )
             }
             Some(Event::Disconnected { server_id, reason }) => {
                 eprintln!("meshctl: lost {server_id}: {reason}; reconnecting")

@@ -57,14 +57,20 @@ pub fn check_link_timing(
     )
 }
 
-/// Checks the HTTP serving settings both services have: connections at most, the request
-/// timeout and the body size limit.
+/// Checks the HTTP serving settings both services have: connections at most, in all and per
+/// source address, the request timeout and the body size limit.
 pub fn check_serving(
     max_connections: usize,
+    max_connections_per_ip: usize,
     request_timeout_ms: u64,
     max_body_bytes: usize,
 ) -> Result<(), ConfigError> {
     ensure(max_connections > 0, "max_connections", "must be positive")?;
+    ensure(
+        max_connections_per_ip > 0,
+        "max_connections_per_ip",
+        "must be positive (for no limit per address, set it to max_connections)",
+    )?;
     ensure(
         request_timeout_ms > 0,
         "request_timeout_ms",
@@ -159,5 +165,19 @@ mod tests {
             .to_string();
         assert!(missing.starts_with("cannot read config file"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn serving_limits_must_be_positive() {
+        assert!(check_serving(100, 10, 1_000, 1_024).is_ok());
+        assert!(
+            check_serving(100, 1_000, 1_000, 1_024).is_ok(),
+            "above max_connections"
+        );
+        let zero = check_serving(100, 0, 1_000, 1_024).unwrap_err().to_string();
+        assert!(
+            zero.contains("`max_connections_per_ip` must be positive"),
+            "{zero}"
+        );
     }
 }

@@ -1,11 +1,12 @@
-//! Rate limits: a token bucket, and token buckets per source address (failed logins, challenge
-//! requests), so one address cannot use up a shared resource. IPv6 addresses are grouped by
-//! /64, the usual allocation to one host or site; behind a proxy every client shares the
-//! proxy's address and so its allowance.
+//! Rate limits: a token bucket, token buckets per source address (failed logins, challenge
+//! requests) and open connections per source address, so one address cannot use up a shared
+//! resource. IPv6 addresses are grouped by /64, the usual allocation to one host or site; behind
+//! a proxy every client shares the proxy's address and so its allowance.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::sync::lock;
@@ -152,6 +153,85 @@ impl AddressLimits {
     }
 }
 
+/// Open connections per source address, each address holding at most `max` at once: a slot is
+/// taken when a connection is accepted and given back when its [`AddressSlot`] drops. The table
+/// holds only addresses with a connection open (an address is removed when its last one
+/// closes), so it never has more entries than there are open connections.
+#[derive(Debug)]
+pub struct ConnectionsPerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+/// The table is shrunk when it is emptier than this...
+const SHRINK_ABOVE: usize = 1024;
+
+impl ConnectionsPerAddress {
+    /// At most `max` connections per address (0 is taken as 1).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            open: Mutex::new(HashMap::new()),
+            max: max.max(1),
+        })
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it holds `max` already.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = key(ip);
+        let mut open = lock(&self.open);
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        drop(open);
+        Some(AddressSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections open from `ip` (from its /64 for IPv6).
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        lock(&self.open).get(&key(ip)).copied().unwrap_or(0)
+    }
+
+    /// Addresses with a connection open.
+    pub fn addresses(&self) -> usize {
+        lock(&self.open).len()
+    }
+
+    fn close(&self, key: IpAddr) {
+        let mut open = lock(&self.open);
+        if let Entry::Occupied(mut entry) = open.entry(key) {
+            if *entry.get() <= 1 {
+                entry.remove();
+            } else {
+                *entry.get_mut() -= 1;
+            }
+        }
+        // Memory follows the open connections down too, not only up (with room to spare, so
+        // it is not resized at every close).
+        if open.capacity() > SHRINK_ABOVE && open.len() * 4 < open.capacity() {
+            let target = (open.len() * 2).max(SHRINK_ABOVE);
+            open.shrink_to(target);
+        }
+    }
+}
+
+/// One connection's place under [`ConnectionsPerAddress`]; given back when dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    table: Arc<ConnectionsPerAddress>,
+    key: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.table.close(self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -193,5 +273,56 @@ mod tests {
         assert!(limits.take("2001:db8::1".parse().unwrap()));
         assert!(!limits.take("2001:db8::2".parse().unwrap()));
         assert!(limits.take("2001:db8:0:1::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connections_per_address_are_counted_until_their_slots_drop() {
+        let table = ConnectionsPerAddress::new(2);
+        let (a, b) = (IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 0, 0, 1]));
+        let first = table.open(a).unwrap();
+        let second = table.open(a).unwrap();
+        assert!(table.open(a).is_none(), "a third from the same address");
+        assert_eq!(table.open_from(a), 2, "a refusal takes no slot");
+        let other = table
+            .open(b)
+            .expect("another address has its own allowance");
+        drop(first);
+        let again = table
+            .open(a)
+            .expect("a closed connection gives its slot back");
+        assert!(table.open(a).is_none());
+        drop((second, again, other));
+        assert_eq!(
+            table.addresses(),
+            0,
+            "no entry is left for closed connections"
+        );
+        assert_eq!(table.open_from(a), 0);
+    }
+
+    #[test]
+    fn connections_per_address_group_ipv6_by_64_and_see_mapped_ipv4() {
+        let table = ConnectionsPerAddress::new(1);
+        let _v4 = table.open(IpAddr::from([192, 0, 2, 1])).unwrap();
+        assert!(
+            table.open("::ffff:192.0.2.1".parse().unwrap()).is_none(),
+            "an IPv4-mapped address is the IPv4 address"
+        );
+        let _v6 = table.open("2001:db8::1".parse().unwrap()).unwrap();
+        assert!(table.open("2001:db8::2".parse().unwrap()).is_none());
+        assert!(table.open("2001:db8:0:1::1".parse().unwrap()).is_some());
+        assert_eq!(table.addresses(), 2);
+    }
+
+    #[test]
+    fn the_connection_table_shrinks_when_connections_close() {
+        let table = ConnectionsPerAddress::new(1);
+        let slots: Vec<_> = (0..20_000u32)
+            .map(|i| table.open(IpAddr::from(i.to_be_bytes())).unwrap())
+            .collect();
+        let peak = lock(&table.open).capacity();
+        drop(slots);
+        assert_eq!(table.addresses(), 0);
+        assert!(lock(&table.open).capacity() < peak / 4, "stays at {peak}");
     }
 }

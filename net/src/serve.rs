@@ -2,14 +2,15 @@
 //!
 //! [`serve`] is the listener half of the Listener/Handler split: it takes a connection permit
 //! from a semaphore *before* accepting (so a full server stops accepting instead of accepting and
-//! dropping), backs off on accept errors such as `EMFILE`, sets `TCP_NODELAY`, and hands each
-//! connection to hyper with upgrades enabled. Every request carries a [`ConnInfo`] extension with
-//! the peer address and the connection permit; a WebSocket handler keeps that permit for the
-//! life of the upgraded session, so the cap counts WebSocket sessions too.
+//! dropping), backs off on accept errors such as `EMFILE`, refuses a connection at once when its
+//! source address holds [`ServeOptions::max_connections_per_ip`] already, sets `TCP_NODELAY`, and
+//! hands each connection to hyper with upgrades enabled. Every request carries a [`ConnInfo`]
+//! extension with the peer address and the connection permit; a WebSocket handler keeps that
+//! permit for the life of the upgraded session, so both caps count WebSocket sessions too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{Method, Request, StatusCode, header};
@@ -23,12 +24,20 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 use tracing::Instrument as _;
 
+use crate::limits::{AddressSlot, ConnectionsPerAddress};
+use crate::metrics::Counter;
+
 /// Limits for [`serve`].
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Open TCP connections (HTTP and WebSocket) at once; further connections wait in the
     /// kernel's accept queue until one closes.
     pub max_connections: usize,
+    /// Open TCP connections (HTTP and WebSocket) one source address may hold at once (IPv6
+    /// addresses by their /64, as in [`crate::limits`]); a further connection from it is
+    /// answered `503` at once and closed. 0 is taken as 1: for no limit of its own, set it to
+    /// `max_connections` or more.
+    pub max_connections_per_ip: usize,
     /// Time a client has to send a complete request head, and then again to send its body and
     /// be answered (a body that never comes gets `408` and the connection is closed). An idle
     /// keep-alive connection is closed after it too. Upgraded WebSocket sessions are not
@@ -40,15 +49,27 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long an HTTP connection may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Where [`serve`] counts what it refuses; listeners given the same one add up.
+    pub stats: Arc<ServeStats>,
+}
+
+/// Connections [`serve`] refused, for a service's `/v1/stats` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Connections refused because their source address held
+    /// [`ServeOptions::max_connections_per_ip`] already.
+    pub refused_per_ip: Counter,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_per_ip: 10_000,
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            stats: Arc::default(),
         }
     }
 }
@@ -58,9 +79,17 @@ impl Default for ServeOptions {
 pub struct ConnInfo {
     /// The remote address.
     pub peer: SocketAddr,
-    /// The connection's slot under [`ServeOptions::max_connections`]; released when the last
-    /// clone is dropped.
-    pub permit: Arc<OwnedSemaphorePermit>,
+    /// The connection's slots under [`ServeOptions::max_connections`] and
+    /// [`ServeOptions::max_connections_per_ip`]; both are released when the last clone is
+    /// dropped.
+    pub permit: Arc<ConnPermit>,
+}
+
+/// A connection's slots under both connection caps, held together so they end together.
+#[derive(Debug)]
+pub struct ConnPermit {
+    _global: OwnedSemaphorePermit,
+    _address: AddressSlot,
 }
 
 /// Accepts connections on `listener` and serves `router` until `shutdown` is cancelled.
@@ -73,6 +102,19 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let addresses = ConnectionsPerAddress::new(options.max_connections_per_ip);
+    let too_many = answer_503(
+        &serde_json::json!({
+            "code": ErrorCode::LimitExceeded.as_str_name(),
+            "message": format!(
+                "too many connections from your address (at most {} at once); \
+                 close some and try again",
+                options.max_connections_per_ip.max(1)
+            ),
+        })
+        .to_string(),
+    );
+    let mut too_many_log = Throttle::default();
     let mut reserve = Reserve::new();
     let mut accept_backoff = Duration::from_millis(1);
     loop {
@@ -107,9 +149,28 @@ pub async fn serve(
             },
         };
         accept_backoff = Duration::from_millis(1);
+        let Some(address) = addresses.open(peer.ip()) else {
+            // Over its address's allowance: answered and closed here, without a task.
+            refuse(&stream, too_many.as_bytes());
+            drop((stream, permit));
+            options.stats.refused_per_ip.inc();
+            if let Some(refused) = too_many_log.due() {
+                tracing::warn!(
+                    %peer,
+                    refused,
+                    limit = options.max_connections_per_ip,
+                    "too many connections from one address: refusing its new ones \
+                     (max_connections_per_ip)"
+                );
+            }
+            continue;
+        };
         let info = ConnInfo {
             peer,
-            permit: Arc::new(permit),
+            permit: Arc::new(ConnPermit {
+                _global: permit,
+                _address: address,
+            }),
         };
         let span = tracing::debug_span!("http", %peer);
         tracker.spawn(
@@ -125,14 +186,60 @@ pub async fn serve(
     }
 }
 
+/// A whole `503` answer carrying `body`, a JSON error, for a connection closed right after it.
+fn answer_503(body: &str) -> String {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Writes `answer` to a connection about to be closed unserved, without waiting for anything.
+fn refuse(stream: &TcpStream, answer: &[u8]) {
+    // What the client sent already is read first, a little of it at most: closing a socket
+    // with unread data resets the connection, and the client may lose the answer with it.
+    let mut scratch = [0u8; 1024];
+    for _ in 0..4 {
+        if !matches!(stream.try_read(&mut scratch), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    // A fresh socket's buffer takes the whole answer.
+    let _ = stream.try_write(answer);
+}
+
+/// Rate-limits a warning to one line per 10 s, saying how many times it happened meanwhile.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// Times since the last line.
+    count: u64,
+    logged: Option<Instant>,
+}
+
+impl Throttle {
+    /// Counts one more; returns the count to log when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        self.count += 1;
+        let now = Instant::now();
+        if self
+            .logged
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 /// One file descriptor held in reserve for refusing connections when the process has none left.
 struct Reserve {
     file: Option<std::fs::File>,
     /// The whole `503` answer.
     answer: String,
-    /// Connections refused for want of descriptors since the last log line.
-    refused: u64,
-    logged: Option<std::time::Instant>,
+    /// Connections refused for want of descriptors.
+    log: Throttle,
 }
 
 /// The body a connection refused for want of file descriptors reads before the close.
@@ -142,13 +249,8 @@ impl Reserve {
     fn new() -> Self {
         Self {
             file: std::fs::File::open("/dev/null").ok(),
-            answer: format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-                 connection: close\r\ncontent-length: {}\r\n\r\n{NO_DESCRIPTORS}",
-                NO_DESCRIPTORS.len()
-            ),
-            refused: 0,
-            logged: None,
+            answer: answer_503(NO_DESCRIPTORS),
+            log: Throttle::default(),
         }
     }
 
@@ -163,8 +265,7 @@ impl Reserve {
         // The listener was just found readable: the connection is there to take now.
         let taken = listener.accept().now_or_never();
         if let Some(Ok((stream, _))) = &taken {
-            // A fresh socket's buffer takes the whole answer.
-            let _ = stream.try_write(self.answer.as_bytes());
+            refuse(stream, self.answer.as_bytes());
         }
         // Closed before the reserve is taken again: it needs the descriptor back.
         let peer = match taken {
@@ -177,21 +278,14 @@ impl Reserve {
             // the same way. The listener now waits for the next connection.
             return Refusal::NothingWaiting;
         };
-        self.refused += 1;
-        let now = std::time::Instant::now();
-        if self
-            .logged
-            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
-        {
+        if let Some(refused) = self.log.due() {
             tracing::warn!(
                 %error,
                 %peer,
-                refused = self.refused,
+                refused,
                 "out of file descriptors: refusing new connections (raise the open-files limit, \
                  or lower max_connections below it)"
             );
-            self.refused = 0;
-            self.logged = Some(now);
         }
         Refusal::Refused
     }
@@ -366,4 +460,73 @@ pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiErro
 /// A `text/plain` response, for `/healthz` and `/metrics`.
 pub fn text(content_type: &'static str, body: String) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Reads an answer to its end (a reset after it counts as the end too).
+    async fn answer(socket: &mut TcpStream) -> String {
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_its_address_allowance_is_answered_503_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServeOptions {
+            max_connections_per_ip: 1,
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, router, options, shutdown.clone(), tracker));
+
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = Vec::new();
+        while !first.ends_with(b"ok") {
+            let mut buf = [0u8; 512];
+            let n = held.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&first));
+            first.extend_from_slice(&buf[..n]);
+        }
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+
+        // The second from the same address is answered without sending anything.
+        let mut refused = TcpStream::connect(addr).await.unwrap();
+        let answer = answer(&mut refused).await;
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{answer}"
+        );
+        let (code, message) = crate::ws::parse_error_body(body.as_bytes()).unwrap();
+        assert_eq!(code, ErrorCode::LimitExceeded);
+        assert!(
+            message.starts_with("too many connections from your address"),
+            "{message}"
+        );
+        assert_eq!(stats.refused_per_ip.get(), 1);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_warning_is_throttled_to_one_line_per_10_s_with_the_count() {
+        let mut log = Throttle::default();
+        assert_eq!(log.due(), Some(1));
+        assert_eq!(log.due(), None);
+        assert_eq!(log.due(), None);
+        log.logged = log.logged.map(|at| at - Duration::from_secs(10));
+        assert_eq!(log.due(), Some(3), "the ones in between are counted");
+    }
 }

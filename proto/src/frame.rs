@@ -76,19 +76,66 @@ const SERVER_TO_CLIENT_MESSAGE: u32 = 2;
 const PEER_MESSAGE_FORWARD: u32 = 4;
 
 /// Who sent a message, as the accepting server stamps it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Sender<'a> {
     /// The sender's alias.
     pub alias: &'a str,
     /// The sender's role (empty for none).
     pub role: &'a str,
+    /// The publisher's number for the message (`Publish.seq`; 0 for none).
+    pub seq: u64,
+    /// The alias it was first published under, when this is a resend (`Publish.resent_from`).
+    pub resent_from: &'a str,
 }
 
-/// Encodes `ServerToClient { message: Message { topic, from_alias, payload, from_role } }`.
+impl<'a> Sender<'a> {
+    /// The fields after a message's length-delimited ones: `seq` (a varint) and
+    /// `resent_from`.
+    fn tail(&self) -> Tail<'a> {
+        Tail {
+            seq: self.seq,
+            resent_from: self.resent_from.as_bytes(),
+        }
+    }
+}
+
+/// A varint and a string field numbered right after an envelope's length-delimited fields.
+#[derive(Debug, Clone, Copy)]
+struct Tail<'a> {
+    seq: u64,
+    resent_from: &'a [u8],
+}
+
+impl Tail<'_> {
+    fn len(&self, first: u32) -> usize {
+        let seq = if self.seq == 0 {
+            0
+        } else {
+            key_len(first) + encoded_len_varint(self.seq)
+        };
+        seq + field_len(first + 1, self.resent_from.len())
+    }
+
+    fn put(&self, first: u32, buf: &mut BytesMut) {
+        if self.seq != 0 {
+            encode_key(first, WireType::Varint, buf);
+            encode_varint(self.seq, buf);
+        }
+        if !self.resent_from.is_empty() {
+            encode_key(first + 1, WireType::LengthDelimited, buf);
+            encode_varint(self.resent_from.len() as u64, buf);
+            buf.put_slice(self.resent_from);
+        }
+    }
+}
+
+/// Encodes `ServerToClient { message: Message { topic, from_alias, payload, from_role, seq,
+/// resent_from } }`.
 pub fn message_frame(topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
     let fields = message_fields(topic, &from, payload);
-    let mut buf = BytesMut::with_capacity(wrapped_len(SERVER_TO_CLIENT_MESSAGE, &fields));
-    put_wrapped(SERVER_TO_CLIENT_MESSAGE, &fields, &mut buf);
+    let tail = from.tail();
+    let mut buf = BytesMut::with_capacity(wrapped_len(SERVER_TO_CLIENT_MESSAGE, &fields, tail));
+    put_wrapped(SERVER_TO_CLIENT_MESSAGE, &fields, tail, &mut buf);
     buf.freeze()
 }
 
@@ -97,6 +144,7 @@ pub fn message_frame_len(topic: &str, from: Sender<'_>, payload: &[u8]) -> usize
     wrapped_len(
         SERVER_TO_CLIENT_MESSAGE,
         &message_fields(topic, &from, payload),
+        from.tail(),
     )
 }
 
@@ -105,6 +153,7 @@ pub fn put_message_frame(buf: &mut BytesMut, topic: &str, from: Sender<'_>, payl
     put_wrapped(
         SERVER_TO_CLIENT_MESSAGE,
         &message_fields(topic, &from, payload),
+        from.tail(),
         buf,
     );
 }
@@ -118,7 +167,8 @@ fn message_fields<'a>(topic: &'a str, from: &Sender<'a>, payload: &'a [u8]) -> [
     ]
 }
 
-/// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload, from_role } }`
+/// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload, from_role,
+/// seq, resent_from } }`
 /// (`account` is the routing scope).
 pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
     let fields: [&[u8]; 5] = [
@@ -128,29 +178,31 @@ pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8
         payload,
         from.role.as_bytes(),
     ];
-    let mut buf = BytesMut::with_capacity(wrapped_len(PEER_MESSAGE_FORWARD, &fields));
-    put_wrapped(PEER_MESSAGE_FORWARD, &fields, &mut buf);
+    let tail = from.tail();
+    let mut buf = BytesMut::with_capacity(wrapped_len(PEER_MESSAGE_FORWARD, &fields, tail));
+    put_wrapped(PEER_MESSAGE_FORWARD, &fields, tail, &mut buf);
     buf.freeze()
 }
 
 /// The encoded length of an envelope whose oneof field `tag` holds a message made of
-/// length-delimited fields numbered 1, 2, 3, ...
-fn wrapped_len(tag: u32, fields: &[&[u8]]) -> usize {
-    let inner = inner_len(fields);
+/// length-delimited fields numbered 1, 2, 3, ..., then `tail`.
+fn wrapped_len(tag: u32, fields: &[&[u8]], tail: Tail<'_>) -> usize {
+    let inner = inner_len(fields, tail);
     key_len(tag) + encoded_len_varint(inner as u64) + inner
 }
 
-fn inner_len(fields: &[&[u8]]) -> usize {
+fn inner_len(fields: &[&[u8]], tail: Tail<'_>) -> usize {
     fields
         .iter()
         .zip(1u32..)
         .map(|(value, field)| field_len(field, value.len()))
-        .sum()
+        .sum::<usize>()
+        + tail.len(fields.len() as u32 + 1)
 }
 
 /// Appends such an envelope to `buf`. Empty fields are omitted, as proto3 requires.
-fn put_wrapped(tag: u32, fields: &[&[u8]], buf: &mut BytesMut) {
-    let inner = inner_len(fields);
+fn put_wrapped(tag: u32, fields: &[&[u8]], tail: Tail<'_>, buf: &mut BytesMut) {
+    let inner = inner_len(fields, tail);
     buf.reserve(key_len(tag) + encoded_len_varint(inner as u64) + inner);
     encode_key(tag, WireType::LengthDelimited, buf);
     encode_varint(inner as u64, buf);
@@ -161,6 +213,7 @@ fn put_wrapped(tag: u32, fields: &[&[u8]], buf: &mut BytesMut) {
             buf.put_slice(value);
         }
     }
+    tail.put(fields.len() as u32 + 1, buf);
 }
 
 fn field_len(field: u32, len: usize) -> usize {
@@ -228,6 +281,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Error(v1::Error) => error,
     Pong(v1::Pong) => pong,
     Ack(v1::Ack) => ack,
+    Published(v1::Published) => published,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -246,18 +300,26 @@ mod tests {
 
     #[test]
     fn message_frame_matches_prost() {
-        for (topic, alias, payload, role) in [
-            ("rooms/lobby", "a1-7", &b"hello"[..], "gcs"),
-            ("t", "", &b""[..], ""),
-            ("x", "y", &[0u8; 300][..], ""),
+        for (topic, alias, payload, role, seq, resent_from) in [
+            ("rooms/lobby", "a1-7", &b"hello"[..], "gcs", 0, ""),
+            ("t", "", &b""[..], "", 1, ""),
+            ("x", "y", &[0u8; 300][..], "", 300, "old-alias"),
+            ("x", "y", &b"z"[..], "r", u64::MAX, "o"),
         ] {
             let expected = encode(&v1::ServerToClient::message(v1::Message {
                 topic: topic.into(),
                 from_alias: alias.into(),
                 payload: Bytes::copy_from_slice(payload),
                 from_role: role.into(),
+                seq,
+                resent_from: resent_from.into(),
             }));
-            let from = Sender { alias, role };
+            let from = Sender {
+                alias,
+                role,
+                seq,
+                resent_from,
+            };
             assert_eq!(message_frame(topic, from, payload), expected);
             assert_eq!(message_frame_len(topic, from, payload), expected.len());
             let mut shared = BytesMut::from(&b"head"[..]);
@@ -269,17 +331,25 @@ mod tests {
     #[test]
     fn forward_frame_matches_prost() {
         let payload = vec![7u8; 200_000];
-        for (account, role) in [("", ""), ("acme", "agent")] {
+        for (account, role, seq, resent_from) in [
+            ("", "", 0, ""),
+            ("acme", "agent", 77_777, ""),
+            ("a", "", 5, "b"),
+        ] {
             let expected = encode(&v1::PeerMessage::forward(v1::Forward {
                 account: account.into(),
                 topic: "telemetry/drone-1".into(),
                 from_alias: "c0ffee-12".into(),
                 payload: Bytes::from(payload.clone()),
                 from_role: role.into(),
+                seq,
+                resent_from: resent_from.into(),
             }));
             let from = Sender {
                 alias: "c0ffee-12",
                 role,
+                seq,
+                resent_from,
             };
             assert_eq!(
                 forward_frame(account, "telemetry/drone-1", from, &payload),
@@ -294,7 +364,7 @@ mod tests {
             "a/b",
             Sender {
                 alias: "me",
-                role: "",
+                ..Sender::default()
             },
             b"payload",
         );

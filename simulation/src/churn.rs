@@ -126,6 +126,7 @@ impl Churn {
                 None,
                 timeline.clone(),
                 stop.clone(),
+                None,
             )));
         }
         progress.line(format!(
@@ -175,7 +176,12 @@ impl Churn {
         for receiver in receivers {
             tallies.push((0, receiver.await.context("receiver task failed")?));
         }
-        let (expected, lost) = load::lost(&tallies, &HashMap::from([(0, merged.sent.clone())]));
+        // The churned publishers' outages are not watched: each lives for a few messages.
+        let (expected, lost_by_cause) = load::lost(
+            &tallies,
+            &HashMap::from([(0, merged.sent.clone())]),
+            &HashMap::new(),
+        );
         let (counts, latency) = load::merge(&tallies);
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
@@ -208,7 +214,8 @@ impl Churn {
             published,
             publish_errors: scheduled.saturating_sub(published),
             expected,
-            lost,
+            lost: lost_by_cause.total(),
+            lost_by_cause,
             counts,
             latency,
             timeline: timeline.take(),

@@ -77,12 +77,15 @@ async fn spawn(
         .await
         .context("bind coordinator")?;
     let coordinator_url = format!("ws://{}", listener.local_addr()?);
+    let defaults = coordinator::Config::default();
     let config = coordinator::Config {
         cluster_secret: SECRET.into(),
-        // The load generator logs in many clients from one address at once.
+        // The load generator logs in many clients from one address at once...
         connect_rate_per_s: 100_000,
         connect_burst: 100_000,
-        ..coordinator::Config::default()
+        // ...and holds all its connections from 127.0.0.1: only the overall cap applies.
+        max_connections_per_ip: defaults.max_connections,
+        ..defaults
     };
     let token = stop.clone();
     tasks.push(tokio::spawn(async move {
@@ -94,10 +97,13 @@ async fn spawn(
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind comm server")?;
+        let defaults = commserver::Config::default();
         let config = commserver::Config {
             coordinator: coordinator_url.clone(),
             cluster_secret: SECRET.into(),
-            ..commserver::Config::default()
+            // Every client comes from 127.0.0.1: only the overall cap applies.
+            max_connections_per_ip: defaults.max_connections,
+            ..defaults
         };
         let token = stop.clone();
         tasks.push(tokio::spawn(async move {

@@ -16,6 +16,7 @@ use relaymesh_client::{Client, ClientConfig, Event, Handle};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::loss::{self, LostByCause, Outages};
 use crate::measure::{self, Counts, Tally, Timeline};
 use crate::progress::Progress;
 use crate::shard::Control;
@@ -33,6 +34,10 @@ const SLOW_EVENT_QUEUE: usize = 16;
 const TIMER_SLACK_NS: u64 = 2_000_000;
 /// The most timeline slots accepted from another generator process.
 const MAX_SLOTS: usize = 100_000;
+/// After the drain, how long a receiver reads on at most what is still queued for it, and
+/// the silence that ends that sooner.
+const SETTLE: Duration = Duration::from_secs(3);
+const SETTLE_QUIET: Duration = Duration::from_millis(200);
 
 /// Receivers that read slowly on purpose, to show what the servers do with a slow consumer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,6 +77,8 @@ pub(crate) struct Outcome {
     pub(crate) expected: u64,
     /// Expected deliveries that never arrived, per receiver and publisher.
     pub(crate) lost: u64,
+    /// `lost`, by the cause each can be put down to.
+    pub(crate) lost_by_cause: LostByCause,
     pub(crate) counts: Counts,
     pub(crate) latency: Histogram<u64>,
     pub(crate) timeline: Vec<Histogram<u64>>,
@@ -115,6 +122,7 @@ impl Outcome {
             publish_errors: self.publish_errors,
             expected: self.expected,
             lost: self.lost,
+            lost_by_cause: self.lost_by_cause,
             counts: self.counts,
             latency: measure::to_pairs(&self.latency),
             timeline: self.timeline.iter().map(measure::to_pairs).collect(),
@@ -137,6 +145,7 @@ impl Outcome {
         self.publish_errors += part.publish_errors;
         self.expected += part.expected;
         self.lost += part.lost;
+        self.lost_by_cause.add(&part.lost_by_cause);
         self.counts.add(&part.counts);
         measure::add_pairs(&mut self.latency, &part.latency);
         measure::add_pairs(&mut self.connect, &part.connect);
@@ -174,6 +183,8 @@ pub(crate) struct Part {
     publish_errors: u64,
     expected: u64,
     lost: u64,
+    #[serde(default)]
+    lost_by_cause: LostByCause,
     counts: Counts,
     latency: Vec<(u64, u64)>,
     pub(crate) timeline: Vec<Vec<(u64, u64)>>,
@@ -236,18 +247,19 @@ impl Expect {
     }
 }
 
-/// Expected and lost deliveries at the receivers `(topic, tally)` when the publishers on topic
-/// `t` sent `sent[t]` (publisher, count) each.
+/// Expected deliveries at the receivers `(topic, tally)` when the publishers on topic `t` sent
+/// `sent[t]` (publisher, count) each and lost their servers at `outages`, and those that never
+/// arrived by cause.
 pub(crate) fn lost(
     tallies: &[(usize, Tally)],
     sent: &HashMap<usize, Vec<(u32, u64)>>,
-) -> (u64, u64) {
-    let (mut expected, mut lost) = (0, 0);
+    outages: &HashMap<u32, Vec<u64>>,
+) -> (u64, LostByCause) {
+    let (mut expected, mut lost) = (0, LostByCause::default());
     for (topic, tally) in tallies {
-        for &(publisher, n) in sent.get(topic).into_iter().flatten() {
-            expected += n;
-            lost += n - tally.received_below(publisher, n).min(n);
-        }
+        let sent = sent.get(topic).map_or(&[][..], Vec::as_slice);
+        expected += sent.iter().map(|&(_, n)| n).sum::<u64>();
+        lost.add(&loss::attribute(tally, sent, outages));
     }
     (expected, lost)
 }
@@ -311,22 +323,26 @@ impl Round {
 
         let timeline = Arc::new(Timeline::new(self.slot, self.duration + self.drain));
         let stop = CancellationToken::new();
+        let outages = Arc::new(Outages::default());
         let mut receivers = Vec::new();
         let mut delivered = Vec::new();
         let mut publishers = Vec::new();
         let mut idle = Vec::new();
         for (i, client) in clients.into_iter().enumerate() {
             let (role, index) = (roles[i], mine[i]);
+            let id = u32::try_from(index).context("too many clients")?;
+            // Whoever reads this client's events records when it lost its server.
+            let publisher = role.publishes.map(|_| (outages.clone(), id));
             if let Some(topic) = role.publishes {
                 publishers.push(Publisher {
                     handle: client.handle(),
                     topic: self.topic(topic),
-                    id: u32::try_from(index).context("too many clients")?,
+                    id,
                     server: measure::server_hash(&client.server_id()),
                 });
             }
             let Some(topic) = role.subscribes else {
-                idle.push(client);
+                idle.push(tokio::spawn(watch(client, publisher, stop.clone())));
                 continue;
             };
             let count = Arc::new(AtomicU64::new(0));
@@ -338,7 +354,7 @@ impl Round {
             let delay = slow[i].then_some(self.slow.delay);
             let (timeline, stop) = (timeline.clone(), stop.clone());
             receivers.push(tokio::spawn(async move {
-                let tally = receive(client, expect, count, delay, timeline, stop).await;
+                let tally = receive(client, expect, count, delay, timeline, stop, publisher).await;
                 (topic, tally)
             }));
         }
@@ -377,9 +393,13 @@ impl Round {
             max_lag_s = max_lag_s.max(r.max_lag.as_secs_f64());
             sent.push((r.id, r.sent));
         }
-        // Every generator process needs every publisher's count to know what to expect.
+        // Every generator process needs every publisher's count to know what to expect, and
+        // when the others' publishers lost their servers. (A publisher's outage after this is
+        // seen only by its own process.)
         if let Some(control) = control {
-            sent = control.exchange_counts(sent).await?;
+            let others;
+            (sent, others) = control.exchange_counts(sent, outages.list()).await?;
+            outages.extend(&others);
         }
         let drain_s = drain(
             &delivered,
@@ -399,11 +419,11 @@ impl Round {
                 by_topic.entry(topic).or_default().push((p, n));
             }
         }
-        let (expected, lost) = lost(&tallies, &by_topic);
-        let (counts, latency) = merge(&tallies);
-        for client in idle {
-            client.close().await;
+        for watcher in idle {
+            watcher.await.context("watcher task failed")?;
         }
+        let (expected, lost_by_cause) = lost(&tallies, &by_topic, &outages.by_publisher());
+        let (counts, latency) = merge(&tallies);
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
         usage.take_drops(&meter.between(&before, &after_drain));
@@ -415,7 +435,8 @@ impl Round {
             published,
             publish_errors,
             expected,
-            lost,
+            lost: lost_by_cause.total(),
+            lost_by_cause,
             counts,
             latency,
             timeline: timeline.take(),
@@ -489,7 +510,8 @@ pub(crate) async fn show_progress(
     }
 }
 
-/// A receiving client: records every message until stopped, then closes.
+/// A receiving client: records every message until stopped, then closes. `publisher`: the
+/// client also publishes, as this id; its outages are recorded there.
 pub(crate) async fn receive(
     mut client: Client,
     expect: Expect,
@@ -497,15 +519,37 @@ pub(crate) async fn receive(
     delay: Option<Duration>,
     timeline: Arc<Timeline>,
     stop: CancellationToken,
+    publisher: Option<(Arc<Outages>, u32)>,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut server = measure::server_hash(&client.server_id());
+    // Once stopped (the drain is over), what is still queued for this receiver is read at full
+    // speed until the connection goes quiet, as late, not delivered: it and the `Dropped`
+    // notices queued behind it tell what became of the messages it had not read.
+    let mut late_until = None;
     loop {
-        let event = tokio::select! {
-            event = client.next_event() => event,
-            () = stop.cancelled() => break,
+        let event = match late_until {
+            None => tokio::select! {
+                event = client.next_event() => event,
+                () = stop.cancelled() => {
+                    late_until = Some(tokio::time::Instant::now() + SETTLE);
+                    continue;
+                }
+            },
+            Some(deadline) => {
+                let quiet = (tokio::time::Instant::now() + SETTLE_QUIET).min(deadline);
+                match tokio::time::timeout_at(quiet, client.next_event()).await {
+                    Ok(event) => event,
+                    Err(_) => break,
+                }
+            }
         };
         match event {
+            Some(Event::Message(m)) if late_until.is_some() => {
+                if m.topic == expect.topic {
+                    tally.record_late(&m.payload, |p| expect.from(p));
+                }
+            }
             Some(Event::Message(m)) => {
                 if m.topic != expect.topic {
                     tally.counts.misrouted += 1;
@@ -516,8 +560,18 @@ pub(crate) async fn receive(
                     tokio::time::sleep(delay).await;
                 }
             }
-            Some(Event::Dropped { count }) => tally.counts.dropped_reported += count,
-            Some(Event::Disconnected { .. }) => tally.counts.disconnects += 1,
+            Some(Event::Dropped { count, upstream }) => {
+                tally.counts.dropped_reported += count;
+                tally.counts.dropped_upstream += upstream;
+            }
+            Some(Event::Disconnected { .. }) => {
+                let now = measure::now_ns();
+                tally.counts.disconnects += 1;
+                tally.disconnected_at.push(now);
+                if let Some((outages, id)) = &publisher {
+                    outages.record(*id, now);
+                }
+            }
             Some(Event::Reconnected { server_id, .. }) => {
                 server = measure::server_hash(&server_id);
             }
@@ -531,6 +585,31 @@ pub(crate) async fn receive(
     tally.flush(&timeline);
     client.close().await;
     tally
+}
+
+/// A client that does not subscribe: reads its events until stopped, recording when it lost
+/// its server if it publishes (`publisher`), then closes.
+async fn watch(
+    mut client: Client,
+    publisher: Option<(Arc<Outages>, u32)>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            () = stop.cancelled() => break,
+        };
+        match event {
+            Some(Event::Disconnected { .. }) => {
+                if let Some((outages, id)) = &publisher {
+                    outages.record(*id, measure::now_ns());
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    client.close().await;
 }
 
 /// One publishing client.

@@ -15,6 +15,7 @@
 mod churn;
 mod cluster;
 mod load;
+mod loss;
 mod measure;
 mod plot;
 mod progress;

@@ -7,7 +7,7 @@
 //! which gives delivered, duplicate and out-of-order counts exactly, and records one-way latency
 //! in an HdrHistogram for the run and in one per timeline slot for the plot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -129,12 +129,99 @@ impl Timeline {
     }
 }
 
-/// Per publisher: sequence numbers seen (a bitmap) and the highest.
+/// Per publisher: sequence numbers seen (a bitmap), the highest, and where the stream skipped.
 #[derive(Debug, Default)]
 struct Track {
     bits: Vec<u64>,
     highest: Option<u64>,
+    /// The highest's send stamp and arrival.
+    last: Option<Arrival>,
+    /// Every jump past the highest, in order (at most [`MAX_GAPS`]).
+    gaps: Vec<Gap>,
+    /// Sequence numbers that arrived only after the drain ([`Tally::record_late`]).
+    late: HashSet<u64>,
 }
+
+impl Track {
+    fn has(&self, seq: u64) -> bool {
+        usize::try_from(seq / 64)
+            .ok()
+            .and_then(|word| self.bits.get(word))
+            .is_some_and(|w| w & (1u64 << (seq % 64)) != 0)
+    }
+
+    /// Late arrivals in `from..to`.
+    fn late_in(&self, from: u64, to: u64) -> u64 {
+        self.late.iter().filter(|&&s| from <= s && s < to).count() as u64
+    }
+
+    /// Distinct sequence numbers below `end` received.
+    fn received_below(&self, end: u64) -> u64 {
+        let full = usize::try_from(end / 64).unwrap_or(usize::MAX);
+        let mut n: u64 = self
+            .bits
+            .iter()
+            .take(full)
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        if let Some(w) = self.bits.get(full) {
+            n += u64::from((w & ((1u64 << (end % 64)) - 1)).count_ones());
+        }
+        n
+    }
+
+    /// Notes that `seq`, sent at `sent_ns`, arrived at `now` above the highest so far.
+    fn advance(&mut self, seq: u64, sent_ns: u64, now: u64) {
+        let next = self.highest.map_or(0, |top| top + 1);
+        if seq > next {
+            let full = self.gaps.len() >= MAX_GAPS;
+            match self.gaps.last_mut() {
+                // Past the limit the last gap grows over what arrived since: its count stays
+                // exact (the bitmap says what is missing), its time window only widens.
+                Some(gap) if full => {
+                    gap.last = seq - 1;
+                    gap.after_ns = now;
+                }
+                _ => self.gaps.push(Gap {
+                    first: next,
+                    last: seq - 1,
+                    before: self.last,
+                    after_ns: now,
+                }),
+            }
+        }
+        self.highest = Some(seq);
+        self.last = Some(Arrival {
+            sent_ns,
+            at_ns: now,
+        });
+    }
+}
+
+/// A message's send stamp and the receiver's clock when it arrived (both ns on the stamps'
+/// clock, [`now_ns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    pub(crate) sent_ns: u64,
+    pub(crate) at_ns: u64,
+}
+
+/// Sequence numbers a publisher's stream skipped at one receiver: `first..=last` had not
+/// arrived when a later one did (some may have arrived out of order since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gap {
+    pub(crate) first: u64,
+    pub(crate) last: u64,
+    /// The message before the gap; `None` when the gap starts the stream.
+    pub(crate) before: Option<Arrival>,
+    /// When the message after the gap arrived; `u64::MAX` when none did (the gap ends it).
+    pub(crate) after_ns: u64,
+}
+
+/// Gaps kept per publisher and receiver; past this the last one absorbs the rest.
+const MAX_GAPS: usize = 1024;
+/// Late arrivals kept per publisher and receiver.
+const MAX_LATE: usize = 1 << 20;
 
 /// Largest forward jump in one publisher's sequence numbers that is believed; anything further
 /// is a corrupt or foreign header and must not make the bitmap allocate.
@@ -145,6 +232,8 @@ const MAX_SEQ_JUMP: u64 = 1 << 24;
 pub(crate) struct Tally {
     tracks: HashMap<u32, Track>,
     pub(crate) counts: Counts,
+    /// When this receiver lost its server ([`now_ns`] at each `Disconnected` event).
+    pub(crate) disconnected_at: Vec<u64>,
     pub(crate) latency: Histogram<u64>,
     slot: usize,
     slot_latency: Histogram<u64>,
@@ -159,6 +248,10 @@ pub(crate) struct Counts {
     pub(crate) cross_server: u64,
     /// Sum of the `count`s in `Dropped` notices from servers.
     pub(crate) dropped_reported: u64,
+    /// Of `dropped_reported`, the `upstream` part: lost between servers, not in the receiver's
+    /// own queue.
+    #[serde(default)]
+    pub(crate) dropped_upstream: u64,
     /// Times a client lost its server (and reconnected).
     pub(crate) disconnects: u64,
     /// Payloads without a valid header (another program publishing on the topic).
@@ -176,6 +269,7 @@ impl Counts {
         self.out_of_order += o.out_of_order;
         self.cross_server += o.cross_server;
         self.dropped_reported += o.dropped_reported;
+        self.dropped_upstream += o.dropped_upstream;
         self.disconnects += o.disconnects;
         self.foreign += o.foreign;
         self.misrouted += o.misrouted;
@@ -188,6 +282,7 @@ impl Default for Tally {
         Self {
             tracks: HashMap::new(),
             counts: Counts::default(),
+            disconnected_at: Vec::new(),
             latency: histogram(),
             slot: 0,
             slot_latency: histogram(),
@@ -204,6 +299,18 @@ impl Tally {
         my_server: u32,
         timeline: &Timeline,
         expects: impl Fn(u32) -> bool,
+    ) -> bool {
+        self.record_at(payload, my_server, timeline, expects, now_ns())
+    }
+
+    /// [`Tally::record`] of a payload that arrived at `now` ([`now_ns`]).
+    pub(crate) fn record_at(
+        &mut self,
+        payload: &[u8],
+        my_server: u32,
+        timeline: &Timeline,
+        expects: impl Fn(u32) -> bool,
+        now: u64,
     ) -> bool {
         let Some(h) = Header::parse(payload) else {
             self.counts.foreign += 1;
@@ -230,13 +337,14 @@ impl Tally {
         track.bits[word] |= bit;
         if track.highest.is_some_and(|top| h.seq < top) {
             self.counts.out_of_order += 1;
+        } else {
+            track.advance(h.seq, h.sent_ns, now);
         }
-        track.highest = Some(track.highest.map_or(h.seq, |top| top.max(h.seq)));
         self.counts.delivered += 1;
         if h.server != my_server {
             self.counts.cross_server += 1;
         }
-        let us = (now_ns().saturating_sub(h.sent_ns) / 1_000).max(1);
+        let us = (now.saturating_sub(h.sent_ns) / 1_000).max(1);
         self.latency.saturating_record(us);
         let slot = timeline.slot_now();
         if slot != self.slot {
@@ -249,21 +357,70 @@ impl Tally {
 
     /// Distinct sequence numbers below `sent` received from `publisher`: what arrived of what
     /// it published.
+    #[cfg(test)]
     pub(crate) fn received_below(&self, publisher: u32, sent: u64) -> u64 {
-        let Some(track) = self.tracks.get(&publisher) else {
-            return 0;
+        self.tracks
+            .get(&publisher)
+            .map_or(0, |track| track.received_below(sent))
+    }
+
+    /// Notes a payload that arrived after the drain: lost to the measurement (not counted as
+    /// delivered), but shown to have been still on its way rather than gone.
+    pub(crate) fn record_late(&mut self, payload: &[u8], expects: impl Fn(u32) -> bool) {
+        let Some(h) = Header::parse(payload).filter(|h| expects(h.publisher)) else {
+            return;
         };
-        let full = usize::try_from(sent / 64).unwrap_or(usize::MAX);
-        let mut n: u64 = track
-            .bits
-            .iter()
-            .take(full)
-            .map(|w| u64::from(w.count_ones()))
-            .sum();
-        if let Some(w) = track.bits.get(full) {
-            n += u64::from((w & ((1u64 << (sent % 64)) - 1)).count_ones());
+        let track = self.tracks.entry(h.publisher).or_default();
+        if !track.has(h.seq) && track.late.len() < MAX_LATE {
+            track.late.insert(h.seq);
         }
-        n
+    }
+
+    /// How many of `publisher`'s first `sent` messages arrived only after the drain.
+    pub(crate) fn late_below(&self, publisher: u32, sent: u64) -> u64 {
+        self.tracks
+            .get(&publisher)
+            .map_or(0, |track| track.late_in(0, sent))
+    }
+
+    /// Where `publisher`'s first `sent` messages did not arrive: each gap (the last one up to
+    /// `sent`, open-ended) with how many of it never arrived, not even late. Together with
+    /// [`Tally::late_below`] they count `sent - received_below(publisher, sent)`.
+    pub(crate) fn gaps(&self, publisher: u32, sent: u64) -> Vec<(Gap, u64)> {
+        let Some(track) = self.tracks.get(&publisher) else {
+            let whole = Gap {
+                first: 0,
+                last: sent.saturating_sub(1),
+                before: None,
+                after_ns: u64::MAX,
+            };
+            return if sent > 0 {
+                vec![(whole, sent)]
+            } else {
+                Vec::new()
+            };
+        };
+        let next = track.highest.map_or(0, |top| top + 1);
+        let trailing = (next < sent).then_some(Gap {
+            first: next,
+            last: sent - 1,
+            before: track.last,
+            after_ns: u64::MAX,
+        });
+        track
+            .gaps
+            .iter()
+            .copied()
+            .chain(trailing)
+            .filter(|gap| gap.first < sent)
+            .map(|gap| {
+                let end = gap.last.min(sent - 1) + 1;
+                let received = track.received_below(end) - track.received_below(gap.first);
+                let missing = (end - gap.first) - received - track.late_in(gap.first, end);
+                (gap, missing)
+            })
+            .filter(|&(_, missing)| missing > 0)
+            .collect()
     }
 
     /// Hands the current slot to the timeline.
@@ -370,6 +527,88 @@ mod tests {
         assert_eq!(t.latency.len(), 5);
         t.flush(&timeline);
         assert_eq!(timeline.take().iter().map(Histogram::len).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn gaps_say_where_a_stream_skipped_and_how_much_is_still_missing() {
+        let timeline = timeline();
+        let mut t = Tally::default();
+        // Sent at 100 × seq, arriving 7 ns later; 3 arrives late, out of order.
+        for seq in [0, 1, 4, 5, 3, 9] {
+            let p = payload(5, seq, 0, 24, 100 * seq);
+            t.record_at(&p, 0, &timeline, |_| true, 100 * seq + 7);
+        }
+        let at = |seq: u64| {
+            Some(Arrival {
+                sent_ns: 100 * seq,
+                at_ns: 100 * seq + 7,
+            })
+        };
+        let gap = |first, last, before, after_ns| Gap {
+            first,
+            last,
+            before,
+            after_ns,
+        };
+        assert_eq!(
+            t.gaps(5, 12),
+            vec![
+                (gap(2, 3, at(1), 407), 1),
+                (gap(6, 8, at(5), 907), 3),
+                (gap(10, 11, at(9), u64::MAX), 2),
+            ]
+        );
+        assert_eq!(12 - t.received_below(5, 12), 1 + 3 + 2);
+        // Only what was sent counts; a publisher never heard from is one open gap.
+        assert_eq!(
+            t.gaps(5, 7),
+            vec![(gap(2, 3, at(1), 407), 1), (gap(6, 8, at(5), 907), 1)]
+        );
+        assert!(t.gaps(5, 2).is_empty());
+        assert_eq!(t.gaps(6, 3), vec![(gap(0, 2, None, u64::MAX), 3)]);
+        assert!(t.gaps(6, 0).is_empty());
+    }
+
+    #[test]
+    fn late_arrivals_are_no_longer_missing_but_not_delivered() {
+        let timeline = timeline();
+        let mut t = Tally::default();
+        for seq in [0, 3] {
+            t.record_at(&payload(5, seq, 0, 24, 0), 0, &timeline, |_| true, 1);
+        }
+        // 1 and 5 come after the drain (1 twice); 3 again is no news; 6 was never expected.
+        for seq in [1, 1, 3, 5, 6] {
+            t.record_late(&payload(5, seq, 0, 24, 0), |p| p == 5);
+        }
+        t.record_late(&payload(7, 0, 0, 24, 0), |p| p == 5);
+        assert_eq!(t.counts.delivered, 2);
+        assert_eq!(t.late_below(5, 6), 2);
+        assert_eq!(t.late_below(7, 6), 0);
+        let missing: Vec<_> = t
+            .gaps(5, 6)
+            .iter()
+            .map(|&(g, n)| (g.first, g.last, n))
+            .collect();
+        assert_eq!(missing, vec![(1, 2, 1), (4, 5, 1)]);
+    }
+
+    #[test]
+    fn gaps_past_the_limit_widen_the_last_one() {
+        let timeline = timeline();
+        let mut t = Tally::default();
+        let mut seq = 0;
+        for _ in 0..MAX_GAPS + 10 {
+            t.record_at(&payload(1, seq, 0, 24, 0), 0, &timeline, |_| true, seq);
+            seq += 2;
+        }
+        let gaps = t.gaps(1, seq - 1);
+        assert_eq!(gaps.len(), MAX_GAPS);
+        assert_eq!(
+            gaps.iter().map(|(_, n)| n).sum::<u64>(),
+            (MAX_GAPS + 9) as u64
+        );
+        let (last, missing) = gaps[MAX_GAPS - 1];
+        assert_eq!((last.last, last.after_ns, missing), (seq - 3, seq - 2, 10));
     }
 
     #[test]

@@ -62,11 +62,22 @@ impl Report {
             && o.counts.misrouted == 0
     }
 
-    /// Lines that must not be missed: saturation, falling behind, loss and where it came from.
+    /// Lines that must not be missed: loss without a cause first, then saturation, falling
+    /// behind, loss and where it came from.
     pub(crate) fn warnings(&self) -> Vec<String> {
         let o = &self.outcome;
         let u = &o.usage;
+        let by = &o.lost_by_cause;
         let mut w = Vec::new();
+        if by.unexplained > 0 {
+            w.push(format!(
+                "UNEXPLAINED LOSS: {} of the {} messages lost have no cause this run can prove: no \
+                 Dropped notice covers them and neither their receiver nor their publisher lost its \
+                 server around them, and they did not arrive late either: \"nothing is lost \
+                 silently\" did not hold",
+                by.unexplained, o.lost
+            ));
+        }
         if u.generator_saturated {
             w.push(format!(
                 "load generator saturated ({:.0} % of its threads busy): these figures are the \
@@ -98,33 +109,24 @@ impl Report {
             ));
         }
         if o.lost > 0 {
-            // Both count one per message per subscriber; a notice can still be queued behind
-            // the messages a slow receiver has not read.
-            let accounted = o.counts.dropped_reported.max(u.server_dropped);
-            let rest = o.lost.saturating_sub(accounted);
-            let why = if rest == 0 {
-                "every one of them was reported".to_owned()
-            } else if o.counts.disconnects > 0 {
-                format!(
-                    "the other {rest} went with the servers the receivers lost: delivery across \
-                     a server failure is at most once (messages a server held or had in flight \
-                     when it failed are gone), and the receivers saw {} disconnects",
-                    o.counts.disconnects
-                )
-            } else {
-                format!(
-                    "the other {rest} were still queued for a receiver too slow to catch up \
-                     within --drain, or lost without notice"
-                )
-            };
             w.push(format!(
-                "{} expected messages did not arrive by the end of the drain: receivers were told \
-                 of {} dropped (Dropped notices, from their servers' slow-consumer policy or a \
-                 peer link that broke or was down) and lost their server {} times; the servers \
-                 counted {} messages dropped for slow consumers and {} forwards dropped; {why}",
+                "{} expected messages did not arrive by the end of the drain: {} dropped from \
+                 slow consumers' queues and {} lost between servers, both told (Dropped notices \
+                 of {} in all, {} of them upstream: exactly once while connected, nothing lost \
+                 silently); {} went with a server that a receiver or a publisher lost ({} \
+                 disconnects seen by receivers: at most once across a server failure); {} were \
+                 still queued for a receiver slower than --drain (they arrived after it); {} \
+                 unexplained. The servers counted {} messages dropped for slow consumers and {} \
+                 forwards dropped",
                 o.lost,
+                by.slow_consumer,
+                by.peer_gap,
                 o.counts.dropped_reported,
+                o.counts.dropped_upstream,
+                by.server_failure,
                 o.counts.disconnects,
+                by.late,
+                by.unexplained,
                 u.server_dropped,
                 u.server_forward_dropped,
             ));
@@ -222,10 +224,29 @@ impl Report {
             "lost            {}   duplicates {}   out of order {}   (last delivery {:.2} s after publishing)",
             o.lost, o.counts.duplicates, o.counts.out_of_order, o.drain_s
         );
+        let by = &o.lost_by_cause;
         let _ = writeln!(
             out,
-            "drops           {} reported to clients, {} counted by servers, {} slow consumers cut off",
-            o.counts.dropped_reported, u.server_dropped, u.server_slow_consumers
+            "lost by cause   told: slow consumer {}, peer gap {} (exactly once while connected); \
+             server failure {} (at most once); late {}; unexplained {}{}",
+            by.slow_consumer,
+            by.peer_gap,
+            by.server_failure,
+            by.late,
+            by.unexplained,
+            if by.unexplained > 0 {
+                "  <- see WARNING"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "drops           {} reported to clients ({} upstream), {} counted by servers, {} slow consumers cut off",
+            o.counts.dropped_reported,
+            o.counts.dropped_upstream,
+            u.server_dropped,
+            u.server_slow_consumers
         );
         let l = &o.latency;
         let _ = writeln!(
@@ -316,9 +337,14 @@ impl Report {
             let _ = writeln!(out, "WARNING         {w}");
         }
         let verdict = if self.clean() {
-            "every expected message delivered once, in order"
+            "every expected message delivered once, in order".to_owned()
+        } else if o.lost > 0 {
+            format!(
+                "delivery incomplete (see above); guarantee: {}",
+                by.guarantee()
+            )
         } else {
-            "delivery incomplete (see above)"
+            "delivery incomplete (see above)".to_owned()
         };
         let _ = writeln!(out, "result          {verdict}");
         out
@@ -380,6 +406,9 @@ impl Report {
             "clients_per_server": o.clients_per_server,
             "cross_server_delivered": o.counts.cross_server,
             "dropped_reported": o.counts.dropped_reported,
+            "dropped_upstream": o.counts.dropped_upstream,
+            "lost_by_cause": o.lost_by_cause,
+            "guarantee": o.lost_by_cause.guarantee(),
             "disconnects": o.counts.disconnects,
             "foreign_payloads": o.counts.foreign,
             "misrouted": o.counts.misrouted,

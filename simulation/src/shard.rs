@@ -7,7 +7,8 @@
 //!   `n` and a fingerprint of the flags that shape the workload, and a mismatch stops the run:
 //!   processes that disagree on the workload would count each other's clients wrongly.
 //! - **sent**: after publishing, each process's per-publisher counts, from which every process
-//!   works out what its own subscribers should have received.
+//!   works out what its own subscribers should have received, and when its publishers lost
+//!   their servers (to put its subscribers' loss down to a cause).
 //! - **part** / **got**: each process's measurements for shard 0 (the leader), which confirms
 //!   each one and merges them into one report.
 //!
@@ -23,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::Part;
 use crate::workload::Shard;
+
+/// Per publisher: its count, or the time of an outage.
+type Pairs = Vec<(u32, u64)>;
 
 /// How often a note is repeated while its answer has not arrived.
 const REPEAT: Duration = Duration::from_millis(500);
@@ -41,6 +45,9 @@ enum Note {
     Sent {
         shard: usize,
         counts: Vec<(u32, u64)>,
+        /// (publisher, ns) of each time one of this process's publishers lost its server.
+        #[serde(default)]
+        outages: Vec<(u32, u64)>,
     },
     Part {
         shard: usize,
@@ -61,7 +68,8 @@ pub(crate) struct Control {
     /// How long to wait for the other processes at each step.
     patience: Duration,
     ready: BTreeSet<usize>,
-    sent: BTreeMap<usize, Vec<(u32, u64)>>,
+    /// Per process: its publishers' counts and outages.
+    sent: BTreeMap<usize, (Pairs, Pairs)>,
     parts: BTreeMap<usize, Part>,
     got: bool,
 }
@@ -143,8 +151,12 @@ impl Control {
                 );
                 self.ready.insert(shard);
             }
-            Note::Sent { shard, counts } if shard < self.shard.count => {
-                self.sent.insert(shard, counts);
+            Note::Sent {
+                shard,
+                counts,
+                outages,
+            } if shard < self.shard.count => {
+                self.sent.insert(shard, (counts, outages));
             }
             Note::Part { shard, part } if self.shard.is_leader() && shard < self.shard.count => {
                 self.parts.insert(shard, *part);
@@ -206,21 +218,33 @@ impl Control {
         self.send(&me).await
     }
 
-    /// Shares this process's per-publisher counts and returns everyone's.
+    /// Shares this process's per-publisher counts and outages (publisher, ns); returns
+    /// everyone's counts and the other processes' outages.
     pub(crate) async fn exchange_counts(
         &mut self,
         mine: Vec<(u32, u64)>,
-    ) -> anyhow::Result<Vec<(u32, u64)>> {
-        self.sent.insert(self.shard.index, mine.clone());
+        outages: Vec<(u32, u64)>,
+    ) -> anyhow::Result<(Pairs, Pairs)> {
+        self.sent
+            .insert(self.shard.index, (mine.clone(), outages.clone()));
         let me = Note::Sent {
             shard: self.shard.index,
             counts: mine,
+            outages,
         };
         let count = self.shard.count;
         self.until(Some(&me), "publish counts", |c| c.sent.len() >= count)
             .await?;
         self.send(&me).await?;
-        Ok(self.sent.values().flatten().copied().collect())
+        let counts = self.sent.values().flat_map(|(c, _)| c).copied().collect();
+        let others = self
+            .sent
+            .iter()
+            .filter(|&(&shard, _)| shard != self.shard.index)
+            .flat_map(|(_, (_, o))| o)
+            .copied()
+            .collect();
+        Ok((counts, others))
     }
 
     /// Sends this process's part until the leader confirms it; the leader collects the others'

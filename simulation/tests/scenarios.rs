@@ -27,6 +27,7 @@ const FIELDS: &[&str] = &[
     "clients_per_server",
     "cross_server_delivered",
     "dropped_reported",
+    "lost_by_cause",
     "server_dropped",
     "cpu",
     "memory",
@@ -314,6 +315,22 @@ fn a_slow_subscriber_shows_up_as_drops_not_as_silence() {
     assert!(report["lost"].as_u64().unwrap() > 0, "{report:#}");
     assert!(report["server_dropped"].as_u64().unwrap() > 0, "{report:#}");
     assert_eq!(report["duplicates"], 0, "{report:#}");
+    // Every lost message has its cause: dropped and told, or still queued when the drain ended.
+    let by = &report["lost_by_cause"];
+    assert!(by["slow_consumer"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(by["unexplained"], 0, "{report:#}");
+    let causes = [
+        "slow_consumer",
+        "peer_gap",
+        "server_failure",
+        "late",
+        "unexplained",
+    ];
+    assert_eq!(
+        causes.iter().map(|c| by[c].as_u64().unwrap()).sum::<u64>(),
+        report["lost"].as_u64().unwrap(),
+        "{report:#}"
+    );
     let warnings = report["warnings"].as_array().unwrap();
     assert!(
         warnings

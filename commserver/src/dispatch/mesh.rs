@@ -127,6 +127,7 @@ impl Bridge {
             from: Sender {
                 alias: &self.alias,
                 role: ROLE,
+                ..Sender::default()
             },
             payload: data,
         };

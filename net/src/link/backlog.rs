@@ -46,7 +46,11 @@ pub struct Backlog {
     budget: usize,
     large: usize,
     queued_bytes: AtomicUsize,
+    /// This queue's own drops not yet told to the receiver.
     unreported: AtomicU64,
+    /// Drops elsewhere (a peer server's) not yet told to the receiver; kept apart from the
+    /// queue's own so the notice can say which is which ([`Unreported`]).
+    upstream: AtomicU64,
     total: AtomicU64,
     /// [`now_ms`] of the first drop since the queue last ran empty; 0 when not stalled.
     stalled_since: AtomicU64,
@@ -162,9 +166,10 @@ impl Backlog {
     }
 
     /// Tells the receiver, with the next notice, that it may have missed `n` messages dropped
-    /// elsewhere (by a peer server). Not counted as this queue's own drops.
+    /// elsewhere (by a peer server). Not counted as this queue's own drops, and told apart from
+    /// them ([`Unreported::upstream`]).
     pub fn report_upstream(&self, n: u64) {
-        self.unreported.fetch_add(n, Ordering::Relaxed);
+        self.upstream.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Frames dropped or lost over the link's life.
@@ -172,11 +177,17 @@ impl Backlog {
         self.total.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn take_unreported(&self) -> u64 {
-        if self.unreported.load(Ordering::Relaxed) == 0 {
-            return 0;
+    /// The drops not yet told to the receiver, now told. Called by the writer once per batch:
+    /// each counter is only loaded (a shared cache line, no write) unless it has something.
+    pub(crate) fn take_unreported(&self) -> Unreported {
+        let take = |counter: &AtomicU64| match counter.load(Ordering::Relaxed) {
+            0 => 0,
+            _ => counter.swap(0, Ordering::Relaxed),
+        };
+        Unreported {
+            own: take(&self.unreported),
+            upstream: take(&self.upstream),
         }
-        self.unreported.swap(0, Ordering::Relaxed)
     }
 
     pub(crate) fn drained(&self) {
@@ -186,13 +197,30 @@ impl Backlog {
     }
 }
 
+/// Drops to tell the receiver about, by where they happened.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Unreported {
+    /// Dropped from this queue ([`Backlog::record_drops`]).
+    pub own: u64,
+    /// Dropped elsewhere and passed on ([`Backlog::report_upstream`]): a peer server's loss.
+    pub upstream: u64,
+}
+
+impl Unreported {
+    /// Both together.
+    pub fn total(&self) -> u64 {
+        self.own + self.upstream
+    }
+}
+
 /// How a writer accounts for its data queue.
 #[derive(Debug, Clone)]
 pub struct DataBacklog {
     /// The queue's backlog, shared with its senders.
     pub backlog: Arc<Backlog>,
-    /// Encodes the frame that tells the receiver `n` messages were dropped.
-    pub notice: fn(u64) -> Bytes,
+    /// Encodes the frame that tells the receiver messages were dropped, this queue's own and
+    /// those passed on from upstream.
+    pub notice: fn(Unreported) -> Bytes,
     /// Data items are whole WebSocket frames, one or more ([`put_frame_header`](crate::wire::put_frame_header), [`framed`](crate::wire::framed)),
     /// written as they are: a batch of messages encoded once for many receivers. Otherwise
     /// each item is one message for the writer to frame.
@@ -251,8 +279,14 @@ mod tests {
         let t = Backlog::new(16, 1 << 20);
         assert!(!t.record_drop(1_000));
         assert!(!t.record_drop(1_000));
-        assert_eq!(t.take_unreported(), 2);
-        assert_eq!(t.take_unreported(), 0);
+        assert_eq!(
+            t.take_unreported(),
+            Unreported {
+                own: 2,
+                upstream: 0
+            }
+        );
+        assert_eq!(t.take_unreported(), Unreported::default());
         assert_eq!(t.total(), 2);
         // A zero grace period: the second drop of a stall already exceeds it once time moves.
         t.drained();
@@ -264,5 +298,33 @@ mod tests {
         assert!(t.record_drop(0));
         t.drained();
         assert!(!t.record_drop(0), "a drained queue starts a new stall");
+    }
+
+    #[test]
+    fn upstream_drops_are_told_apart_from_the_queues_own() {
+        let t = Backlog::new(16, 1 << 20);
+        t.report_upstream(5);
+        assert_eq!(
+            t.take_unreported(),
+            Unreported {
+                own: 0,
+                upstream: 5
+            }
+        );
+        assert_eq!(t.total(), 0, "a peer's loss is not this queue's drop");
+        t.record_drops(3, 1_000);
+        t.report_upstream(4);
+        t.report_upstream(1);
+        let told = t.take_unreported();
+        assert_eq!(
+            told,
+            Unreported {
+                own: 3,
+                upstream: 5
+            }
+        );
+        assert_eq!(told.total(), 8);
+        assert_eq!(t.take_unreported(), Unreported::default());
+        assert_eq!(t.total(), 3);
     }
 }

@@ -44,7 +44,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 /// Time a closing link allows for its last words and the close handshake.
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, data_queue, now_ms};
+pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, Unreported, data_queue, now_ms};
 pub use closer::{Closer, LastWords};
 pub use direct::{Direct, TrySend};
 pub use driver::{Flow, Handler, Heartbeat, MAX_BURST, Options, Served, serve};

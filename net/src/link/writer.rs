@@ -235,10 +235,11 @@ where
                     backlog.drained();
                 }
                 let dropped = backlog.take_unreported();
-                if dropped > 0 {
+                if dropped.total() > 0 {
                     put_frame(&mut out, OP_BINARY, &notice(dropped), role);
+                    // Only this queue's own drops took positions in its stream.
                     if let Some(replay) = &mut replay {
-                        replay.skip(dropped);
+                        replay.skip(dropped.own);
                     }
                 }
             }

@@ -379,7 +379,7 @@ pub mod client_to_server {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerToClient {
-    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
 /// Nested message and enum types in `ServerToClient`.
@@ -398,6 +398,8 @@ pub mod server_to_client {
         Pong(super::Pong),
         #[prost(message, tag = "6")]
         Ack(super::Ack),
+        #[prost(message, tag = "7")]
+        Published(super::Published),
     }
 }
 /// First message from the client on the client link.
@@ -462,9 +464,31 @@ pub struct Publish {
     pub topic: ::prost::alloc::string::String,
     #[prost(bytes = "bytes", tag = "2")]
     pub payload: ::prost::bytes::Bytes,
+    /// The publisher's number for this message: 1, 2, 3... over the client's life, across its
+    /// connections (the client library numbers every publish). A numbered publish is confirmed
+    /// by `Published` once the server has taken it, and the number is stamped on the delivered
+    /// message. 0: not numbered.
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    /// Set when the client sends this publish again on a new connection because the server it
+    /// first went to never confirmed it: the alias it was first published under. With `seq` it
+    /// lets receivers drop a copy they already got.
+    #[prost(string, tag = "4")]
+    pub resent_from: ::prost::alloc::string::String,
+}
+/// The server has taken every numbered publish up to `up_to` that this connection carried:
+/// routed it to its subscribers' queues and its peers', or refused it with an Error. Sent
+/// after each burst of publishes the server reads. A client that loses its server sends the
+/// publishes it has no confirmation for again on its next connection.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Published {
+    #[prost(uint64, tag = "1")]
+    pub up_to: u64,
 }
 /// A delivered message. `from_alias` and `from_role` are stamped by the server that accepted the
-/// publish.
+/// publish; `seq` and `resent_from` are the publisher's (`Publish`). A receiver that has
+/// delivered number `seq` or a later one from `resent_from` (when set) or `from_alias` already
+/// has this message.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Message {
     #[prost(string, tag = "1")]
@@ -475,6 +499,10 @@ pub struct Message {
     pub payload: ::prost::bytes::Bytes,
     #[prost(string, tag = "4")]
     pub from_role: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub seq: u64,
+    #[prost(string, tag = "6")]
+    pub resent_from: ::prost::alloc::string::String,
 }
 /// `count` messages meant for this client were dropped: its queue was full, or they were lost
 /// between servers.
@@ -576,6 +604,11 @@ pub struct Forward {
     pub payload: ::prost::bytes::Bytes,
     #[prost(string, tag = "5")]
     pub from_role: ::prost::alloc::string::String,
+    /// As in `Message`.
+    #[prost(uint64, tag = "6")]
+    pub seq: u64,
+    #[prost(string, tag = "7")]
+    pub resent_from: ::prost::alloc::string::String,
 }
 /// The sender had to drop `count` forwards for the receiver: the link's queue was full, or
 /// (answering a PeerHello) they were lost with the previous link and no longer in its replay

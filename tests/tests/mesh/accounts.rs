@@ -202,7 +202,7 @@ async fn role_rules_allow_and_refuse_and_the_session_goes_on() {
     assert_eq!(cluster.servers[0].stat("forbidden").await, 2);
 }
 
-/// Encodes `ClientToServer { publish: Publish { topic, payload, 3: alias, 4: role } }`: a client
+/// Encodes `ClientToServer { publish: Publish { topic, payload, 13: alias, 14: role } }`: a client
 /// trying to pass extra fields off as the sender.
 fn forged_publish(topic: &str, payload: &[u8]) -> bytes::Bytes {
     fn field(buf: &mut BytesMut, tag: u8, value: &[u8]) {
@@ -213,8 +213,9 @@ fn forged_publish(topic: &str, payload: &[u8]) -> bytes::Bytes {
     let mut inner = BytesMut::new();
     field(&mut inner, 1, topic.as_bytes());
     field(&mut inner, 2, payload);
-    field(&mut inner, 3, b"admin");
-    field(&mut inner, 4, b"gcs");
+    // Fields Publish does not have (in Message they would be the alias and role).
+    field(&mut inner, 13, b"admin");
+    field(&mut inner, 14, b"gcs");
     let mut outer = BytesMut::new();
     field(&mut outer, 4, &inner);
     outer.freeze()

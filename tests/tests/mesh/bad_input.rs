@@ -20,6 +20,7 @@ fn publish(topic: &str) -> v1::ClientToServer {
     v1::ClientToServer::publish(v1::Publish {
         topic: topic.into(),
         payload: "x".into(),
+        ..Default::default()
     })
 }
 
@@ -27,6 +28,7 @@ fn publish_bytes(topic: &str, len: usize) -> v1::ClientToServer {
     v1::ClientToServer::publish(v1::Publish {
         topic: topic.into(),
         payload: vec![0u8; len].into(),
+        ..Default::default()
     })
 }
 

@@ -73,8 +73,9 @@ impl StalledPair {
 
     /// Publishes on "a" to a subscriber on "b" while the peer link is black-holed until both
     /// servers have given it up, then lets it through again. Returns what the subscriber got:
-    /// the payloads, in order, and the `Dropped` counts it was told of.
-    async fn publish_across_a_stall(&self, total: usize) -> (Vec<usize>, u64) {
+    /// the payloads, in order, and the `Dropped` counts it was told of: all of them, and how
+    /// many of those were lost between servers (`upstream`).
+    async fn publish_across_a_stall(&self, total: usize) -> (Vec<usize>, u64, u64) {
         let mut subscriber = self.client_on(&self.b).await;
         subscriber.subscribe(["room/stall"]).await.unwrap();
         let publisher = Arc::new(self.client_on(&self.a).await);
@@ -92,8 +93,8 @@ impl StalledPair {
         });
         // Something has crossed before the stall starts.
         let mut got = Vec::new();
-        let mut told = 0;
-        let mut next = async |got: &mut Vec<usize>, told: &mut u64| match within(
+        let mut told = (0, 0);
+        let mut next = async |got: &mut Vec<usize>, told: &mut (u64, u64)| match within(
             "the subscriber hears of every message",
             subscriber.next_event(),
         )
@@ -102,7 +103,10 @@ impl StalledPair {
             Some(Event::Message(m)) => {
                 got.push(std::str::from_utf8(&m.payload).unwrap().parse().unwrap())
             }
-            Some(Event::Dropped { count }) => *told += count,
+            Some(Event::Dropped { count, upstream }) => {
+                told.0 += count;
+                told.1 += upstream;
+            }
             Some(other) => panic!("unexpected {other:?}"),
             None => panic!("the subscriber's client ended"),
         };
@@ -118,10 +122,10 @@ impl StalledPair {
         self.proxy.blackhole_peers(false);
         stalled.store(false, Ordering::SeqCst);
         within("the publisher finishes", publishing).await.unwrap();
-        while got.len() as u64 + told < total as u64 {
+        while got.len() as u64 + told.0 < total as u64 {
             next(&mut got, &mut told).await;
         }
-        (got, told)
+        (got, told.0, told.1)
     }
 }
 
@@ -129,7 +133,7 @@ impl StalledPair {
 async fn a_stall_shorter_than_the_replay_buffer_loses_nothing() {
     let pair = StalledPair::start(16 << 20).await;
     const TOTAL: usize = 1_500;
-    let (got, told) = pair.publish_across_a_stall(TOTAL).await;
+    let (got, told, _) = pair.publish_across_a_stall(TOTAL).await;
     // Every message, once, in order: what the black hole swallowed and what was published
     // while the link was down came again on the next link.
     assert_eq!(told, 0, "nothing should have been lost");
@@ -143,9 +147,13 @@ async fn a_stall_shorter_than_the_replay_buffer_loses_nothing() {
 async fn without_replay_a_stall_is_reported_not_silent() {
     let pair = StalledPair::start(0).await;
     const TOTAL: usize = 1_500;
-    let (got, told) = pair.publish_across_a_stall(TOTAL).await;
-    // What did not arrive was told, to the message.
+    let (got, told, upstream) = pair.publish_across_a_stall(TOTAL).await;
+    // What did not arrive was told, to the message, as lost between servers.
     assert!(told > 0, "the stall should have lost something");
+    assert_eq!(
+        upstream, told,
+        "the peer link lost them, not the subscriber's queue"
+    );
     assert_eq!(got.len() as u64 + told, TOTAL as u64);
     assert!(
         got.windows(2).all(|w| w[0] < w[1]),

@@ -459,83 +459,125 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
 /// out; its peer gives up their link after the peer heartbeat timeout. Once it runs again, it
 /// is offered and linked again, and its subscriber is told how many messages it missed while
 /// the link was down.
-#[tokio::test]
-async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
-    let dir = std::env::temp_dir().join(format!("relaymesh-frozen-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("coordinator.toml");
-    // A short interval (reports every 150 ms) and a timeout far beyond the test.
-    std::fs::write(
-        &config,
-        "heartbeat_interval_ms = 300\nheartbeat_timeout_ms = 60000\n",
-    )
-    .unwrap();
-    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
-    let addr = coordinator.listening_addr();
-    let url = format!("ws://{addr}");
-    let stats_url = format!("http://{addr}/v1/stats");
-    // Client and coordinator links that would wait a minute; peer links keep the default.
-    let server_config = dir.join("commserver.toml");
-    std::fs::write(&server_config, "heartbeat_timeout_ms = 60000\n").unwrap();
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let mut proc = configured(
-            "commserver",
-            &server_config,
-            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-        );
-        let id = proc.listening_addr().to_string();
-        proc.wait_for_line("registered with the coordinator");
-        servers.push((proc, id));
-    }
-    let healthy_stats = format!("http://{}/v1/stats", servers[1].1);
-    eventually("the servers are linked", || async {
-        (get_json(&healthy_stats).await["peers"] == 1).then_some(())
-    })
-    .await;
-    let eligible = |id: String| {
-        let stats_url = stats_url.clone();
-        async move {
-            coordinator_servers(&stats_url)
-                .await
-                .iter()
-                .find(|s| s["id"] == id.as_str())
-                .map(|s| s["eligible"] == true)
+/// A coordinator and two comm servers as processes, configured by these files' contents,
+/// linked and both offered.
+struct TwoServers {
+    dir: std::path::PathBuf,
+    coordinator: Proc,
+    addr: std::net::SocketAddr,
+    url: String,
+    stats_url: String,
+    /// The processes and their ids.
+    servers: Vec<(Proc, String)>,
+}
+
+impl TwoServers {
+    async fn start(name: &str, coordinator_toml: &str, server_toml: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("relaymesh-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("coordinator.toml");
+        std::fs::write(&config, coordinator_toml).unwrap();
+        let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
+        let addr = coordinator.listening_addr();
+        let url = format!("ws://{addr}");
+        let stats_url = format!("http://{addr}/v1/stats");
+        let server_config = dir.join("commserver.toml");
+        std::fs::write(&server_config, server_toml).unwrap();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let mut proc = configured(
+                "commserver",
+                &server_config,
+                &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+            );
+            let id = proc.listening_addr().to_string();
+            proc.wait_for_line("registered with the coordinator");
+            servers.push((proc, id));
         }
-    };
-    for (_, id) in &servers {
-        eventually("both servers offered", || async {
-            (eligible(id.clone()).await == Some(true)).then_some(())
-        })
-        .await;
+        let two = Self {
+            dir,
+            coordinator,
+            addr,
+            url,
+            stats_url,
+            servers,
+        };
+        for i in 0..2 {
+            eventually("the servers are linked", || async {
+                (get_json(&two.server_stats(i)).await["peers"] == 1).then_some(())
+            })
+            .await;
+            eventually("both servers offered", || async {
+                (two.eligible(i).await == Some(true)).then_some(())
+            })
+            .await;
+        }
+        two
     }
 
-    // A subscriber on the server about to freeze, a publisher on the other.
-    let on = |id: &str| {
-        let mut config = client_config(&url);
-        config.preferred_server = Some(id.to_owned());
-        Client::connect(config)
-    };
-    let mut subscriber = on(&servers[0].1).await.unwrap();
-    subscriber.subscribe(["ops/frozen"]).await.unwrap();
-    let publisher = on(&servers[1].1).await.unwrap();
-    publisher.publish("ops/frozen", "before").await.unwrap();
-    assert_eq!(next_message(&mut subscriber).await.payload, "before");
+    fn server_stats(&self, i: usize) -> String {
+        format!("http://{}/v1/stats", self.servers[i].1)
+    }
 
-    let (frozen, frozen_id) = &servers[0];
-    let pid = frozen.child.id().to_string();
-    let signal = |name: &str| {
+    /// Whether the coordinator offers server `i` (`None`: not registered).
+    async fn eligible(&self, i: usize) -> Option<bool> {
+        coordinator_servers(&self.stats_url)
+            .await
+            .iter()
+            .find(|s| s["id"] == self.servers[i].1.as_str())
+            .map(|s| s["eligible"] == true)
+    }
+
+    /// A client through the coordinator, asking for server `i`.
+    async fn client_on(&self, i: usize) -> Client {
+        let mut config = client_config(&self.url);
+        config.preferred_server = Some(self.servers[i].1.clone());
+        let client = Client::connect(config).await.unwrap();
+        assert_eq!(client.server_id(), self.servers[i].1);
+        client
+    }
+
+    /// Sends `signal` (e.g. `-STOP`) to server `i`.
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.servers[i].0.child.id().to_string();
         assert!(
             std::process::Command::new("kill")
-                .args([name, &pid])
+                .args([signal, &pid])
                 .status()
                 .unwrap()
                 .success()
         );
-    };
-    signal("-STOP");
+    }
+
+    fn stop(mut self) {
+        self.servers.clear();
+        self.coordinator.kill();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
+    // A short interval (reports every 150 ms) and a timeout far beyond the test; client and
+    // coordinator links that would wait a minute; peer links keep the default.
+    let two = TwoServers::start(
+        "frozen",
+        "heartbeat_interval_ms = 300\nheartbeat_timeout_ms = 60000\n",
+        "heartbeat_timeout_ms = 60000\n",
+    )
+    .await;
+    let (addr, stats_url) = (two.addr, two.stats_url.clone());
+    let healthy_stats = two.server_stats(1);
+    // A subscriber on the server about to freeze, a publisher on the other.
+    let mut subscriber = two.client_on(0).await;
+    subscriber.subscribe(["ops/frozen"]).await.unwrap();
+    let publisher = two.client_on(1).await;
+    publisher.publish("ops/frozen", "before").await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await.payload, "before");
+
+    two.signal(0, "-STOP");
     eventually("the frozen server is no longer offered", || async {
-        (eligible(frozen_id.clone()).await == Some(false)).then_some(())
+        (two.eligible(0).await == Some(false)).then_some(())
     })
     .await;
     // Still registered (its link is open), yet every login goes to the other server at once.
@@ -545,7 +587,7 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
             relaymesh_tests::post_json(&format!("http://{addr}/v1/login"), &serde_json::json!({}))
                 .await;
         assert_eq!(status, 200, "{login}");
-        assert_eq!(login["server_id"], servers[1].1.as_str());
+        assert_eq!(login["server_id"], two.servers[1].1.as_str());
     }
     assert_eq!(get_json(&stats_url).await["reservations_failed"], 0);
     // The healthy server gives up its link to the frozen one after the peer heartbeat
@@ -563,9 +605,9 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
             .unwrap();
     }
 
-    signal("-CONT");
+    two.signal(0, "-CONT");
     eventually("offered again once it runs", || async {
-        (eligible(frozen_id.clone()).await == Some(true)).then_some(())
+        (two.eligible(0).await == Some(true)).then_some(())
     })
     .await;
     eventually("linked again", || async {
@@ -585,7 +627,59 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     // And the link carries messages again.
     publisher.publish("ops/frozen", "after").await.unwrap();
     assert_eq!(next_message(&mut subscriber).await.payload, "after");
-    drop(servers);
-    coordinator.kill();
-    std::fs::remove_dir_all(&dir).ok();
+    two.stop();
+}
+
+/// A publisher whose server freezes: what it handed to that server without a confirmation
+/// goes out again through another server. Each message arrives once, in order, and nothing
+/// stale follows when the frozen server runs again.
+#[tokio::test]
+async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_once() {
+    // Clients give up a silent server after 1.5 s.
+    let two = TwoServers::start(
+        "unconfirmed",
+        "heartbeat_interval_ms = 300\n",
+        "heartbeat_interval_ms = 300\nheartbeat_timeout_ms = 1500\n",
+    )
+    .await;
+    let mut subscriber = two.client_on(1).await;
+    subscriber.subscribe(["ops/resend"]).await.unwrap();
+    let mut publisher = two.client_on(0).await;
+    publisher.publish("ops/resend", "0").await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await.payload, "0");
+
+    two.signal(0, "-STOP");
+    // Taken by the frozen server's socket, never confirmed.
+    const TOTAL: usize = 40;
+    for i in 1..TOTAL {
+        publisher
+            .publish("ops/resend", i.to_string())
+            .await
+            .unwrap();
+    }
+    // The publisher moves to the other server and sends them again.
+    loop {
+        match within("the publisher moves", publisher.next_event()).await {
+            Some(Event::Reconnected { server_id, .. }) => {
+                assert_eq!(server_id, two.servers[1].1);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the publisher's client ended"),
+        }
+    }
+    for i in 1..TOTAL {
+        assert_eq!(next_message(&mut subscriber).await.payload, i.to_string());
+    }
+    // The frozen server runs again: the publisher's session there has timed out, and nothing
+    // stale comes out of it (its peer link comes back; a copy routed late would be dropped by
+    // the subscriber's client, see `Seen`).
+    two.signal(0, "-CONT");
+    eventually("linked again", || async {
+        (get_json(&two.server_stats(1)).await["peers"] == 1).then_some(())
+    })
+    .await;
+    publisher.publish("ops/resend", "last").await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await.payload, "last");
+    two.stop();
 }
