@@ -1045,6 +1045,9 @@ mod tests {
             request_timeout,
             stop: CancellationToken::new(),
             replaced: std::sync::atomic::AtomicBool::new(false),
+            outbox: Mutex::new(Outbox::default()),
+            outbox_room: tokio::sync::Semaphore::new(16),
+            seen: Mutex::new(Seen::default()),
         })
     }
 
