@@ -2,9 +2,15 @@
 //!
 //! Every link closes a peer that has been silent for the heartbeat timeout (idle and half-open
 //! connections). Resetting a timer on every frame would cost a timer-wheel update per message, so
-//! the watchdog instead ticks at most every `timeout / 4` and counts ticks without traffic: a link
-//! is declared dead after between `timeout` and `1.5 × timeout` of silence. The same tick tells
-//! the link when to send its own heartbeat.
+//! the watchdog instead ticks at most every `timeout / 4` and notes the time of the last burst
+//! heard: a link is declared dead after between `timeout` and `1.25 × timeout` of silence. The
+//! same tick tells the link when to send its own heartbeat.
+//!
+//! Silence is measured on the clock, not in ticks, so a process that was stopped (SIGSTOP, a
+//! suspended VM) sees, when it runs again, how long its links were silent: a burst that
+//! arrives after the timeout has passed is refused rather than acted on. The other side gave
+//! the link up by then (it uses the same timeout), and what it sent before is stale: a client
+//! has sent its unconfirmed publishes again through another server.
 
 use std::time::Duration;
 
@@ -29,8 +35,9 @@ pub enum Beat {
 pub struct Watchdog {
     tick: Interval,
     period: Duration,
-    quiet_ticks: u32,
-    expire_after: u32,
+    timeout: Duration,
+    /// When the last burst (or control frame) arrived.
+    last_heard: Instant,
     send_every: Duration,
     last_send: Instant,
 }
@@ -42,31 +49,34 @@ impl Watchdog {
         let period = (timeout / TICKS_PER_TIMEOUT)
             .min(send_every)
             .max(Duration::from_millis(1));
-        let expire_after = timeout.as_nanos().div_ceil(period.as_nanos()).max(1);
-        let expire_after = u32::try_from(expire_after).unwrap_or(u32::MAX);
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        let now = Instant::now();
+        let mut tick = tokio::time::interval_at(now + period, period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             tick,
             period,
-            quiet_ticks: 0,
-            expire_after,
+            timeout,
+            last_heard: now,
             send_every,
-            last_send: Instant::now(),
+            last_send: now,
         }
     }
 
-    /// Records that something arrived from the peer. Cheap enough for every frame.
-    #[inline]
-    pub fn activity(&mut self) {
-        self.quiet_ticks = 0;
+    /// Records that a burst (or a control frame) arrived from the peer, once per burst: it
+    /// reads the clock. `false` when the link had already been silent for longer than the
+    /// timeout (this process was not running): the burst is stale and the link is dead.
+    pub fn heard(&mut self) -> bool {
+        let now = Instant::now();
+        let fresh = now.duration_since(self.last_heard) <= self.timeout;
+        self.last_heard = now;
+        fresh
     }
 
     /// Waits for the next tick and says what to do.
     pub async fn tick(&mut self) -> Beat {
-        let now = self.tick.tick().await;
-        self.quiet_ticks = self.quiet_ticks.saturating_add(1);
-        if self.quiet_ticks > self.expire_after {
+        self.tick.tick().await;
+        let now = Instant::now();
+        if now.duration_since(self.last_heard) > self.timeout {
             return Beat::Expired;
         }
         if now.duration_since(self.last_send) + self.period / 2 >= self.send_every {
@@ -102,8 +112,24 @@ mod tests {
 
         let mut w = Watchdog::new(Duration::from_secs(4), Duration::from_secs(1));
         for _ in 0..100 {
-            w.activity();
+            assert!(w.heard());
             assert_ne!(w.tick().await, Beat::Expired);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_after_the_timeout_is_stale_even_before_a_tick() {
+        let mut w = Watchdog::new(Duration::from_secs(4), Duration::from_secs(1));
+        assert!(w.heard());
+        // The process did not run for 10 s (no tick was handled meanwhile).
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            !w.heard(),
+            "what arrives now was sent to a link the peer has given up"
+        );
+        // And a tick after such a pause expires at once, not after counting quiet ticks.
+        let mut w = Watchdog::new(Duration::from_secs(4), Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(w.tick().await, Beat::Expired);
     }
 }

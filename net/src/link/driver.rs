@@ -248,11 +248,15 @@ where
             step = next_frame(stream) => match step.map_err(|e| e.to_error())? {
                 Inbound::Closed => return Ok(()),
                 Inbound::Control => {
-                    watchdog.activity();
+                    if !watchdog.heard() {
+                        return Err(handler.silent());
+                    }
                     Flow::Continue
                 }
                 Inbound::Frame(frame) => {
-                    watchdog.activity();
+                    if !watchdog.heard() {
+                        return Err(handler.silent());
+                    }
                     let burst = burst(stream, handler, frame, max_burst).await;
                     let after = handler.burst_end().await;
                     match (burst?, after?) {
