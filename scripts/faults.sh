@@ -2,7 +2,7 @@
 # The fault suite: a cluster of real processes, each in a network namespace of its own, with
 # the simulation driving it from another, and one fault injected from outside per run.
 #
-#   sudo scripts/faults.sh [--quick] [--bin-dir DIR] [--faults "none kill stop ..."]
+#   sudo scripts/faults.sh [--quick] [--bin-dir DIR] [--faults "none kill stop ..."] [--keep]
 #
 # Faults (each a fresh cluster: a coordinator, three comm servers s1..s3, the simulation):
 #   none         no fault: the baseline
@@ -33,6 +33,7 @@ cd "$(dirname "$0")/.."
 
 say() { echo "scripts/faults.sh: $*" >&2; }
 quick=0
+keep=0
 bin_dir=target/release
 faults="none kill stop blackhole loss partition coordinator"
 while [[ $# -gt 0 ]]; do
@@ -40,6 +41,7 @@ while [[ $# -gt 0 ]]; do
     --quick) quick=1; faults="kill partition"; bin_dir=target/debug; shift ;;
     --bin-dir) bin_dir=$2; shift 2 ;;
     --faults) faults=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
     *) say "unknown argument $1"; exit 2 ;;
   esac
 done
@@ -117,7 +119,7 @@ stop_all() {
 cleanup() {
   stop_all
   network_down
-  rm -rf "$work"
+  if [[ $keep -eq 1 ]]; then say "logs and reports kept in $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -258,6 +260,7 @@ for fault in $faults; do
   [[ $recover == - ]] && { say "$fault: the cluster was not whole again within 60 s"; failed=1; }
   rss=$(max_rss_mib)
   wait "$sim" || true
+  for s in s1 s2 s3; do server_stats "$s" >"$work/$fault.$s.stats.json" 2>/dev/null || true; done
   if ! jq -e . "$work/$fault.json" >/dev/null 2>&1; then
     say "$fault: the simulation wrote no report"; tail -20 "$work/$fault.sim.log" >&2
     failed=1

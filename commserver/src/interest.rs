@@ -296,7 +296,20 @@ impl<S: Clone, P: Clone> Interest<S, P> {
                     need.2 = 1;
                 }
             }
-            self.remove_peer(name, old, &mut fx);
+        }
+        // What the peer wanted over its previous link stays in the routes, now through the
+        // new link, until its full set arrives over the new link and says what changed: a
+        // message published meanwhile still reaches it.
+        let mut interest = HashSet::new();
+        if let Some(old) = self.peers.remove(name) {
+            for topic in &old.interest {
+                if let Some(state) = self.topics.get_mut(topic) {
+                    state.remote.insert(name.clone(), handle.clone());
+                }
+                fx.routes.insert(topic.clone());
+            }
+            interest = old.interest;
+            fx.close.push(old.handle);
         }
         let mut all: Vec<TopicKey> = self
             .topics
@@ -319,7 +332,7 @@ impl<S: Clone, P: Clone> Interest<S, P> {
             PeerState {
                 link,
                 handle,
-                interest: HashSet::new(),
+                interest,
                 sent: 1,
                 acked: 0,
                 down: false,
@@ -683,14 +696,16 @@ mod tests {
         );
         assert_eq!(
             route(&i, "a"),
-            (vec![1], vec![]),
-            "the old link's interest is gone"
+            (vec![1], vec!["P2"]),
+            "what the peer wanted goes on, over the new link, until it says otherwise"
         );
         // The old link's late "down" must not remove the new link.
         let fx = i.peer_down(&name("p"), 1);
         assert!(fx.close.is_empty() && fx.routes.is_empty());
+        // The full set over the new link settles it.
         i.peer_interest(&name("p"), 2, 1, true, vec![t("b")], vec![]);
         assert_eq!(route(&i, "b").1, vec!["P2"]);
+        assert_eq!(route(&i, "a").1, Vec::<&str>::new());
         // Down, the link keeps its interest (what is routed to it is counted as missed)...
         let fx = i.peer_down(&name("p"), 2);
         assert!(fx.routes.is_empty() && fx.close.is_empty());

@@ -367,9 +367,6 @@ where
     };
     if let Some(peer) = peer {
         // Held (or, without replay, counted by topic) for the peer's next link.
-        if replay.is_none() {
-            server.stats.forward_dropped.add(unsent.len() as u64);
-        }
         peer.out.ended(replay, unsent);
         peer.ended.cancel();
     }
@@ -434,6 +431,7 @@ impl PeerReader {
             return;
         }
         server.stats.peer_gaps_reported.add(missed);
+        server.stats.forward_dropped.add(missed);
         tracing::warn!(
             peer = %peer.server_id,
             missed,

@@ -22,8 +22,8 @@ pub(crate) struct Stats {
     pub(crate) slow_consumers: Counter,
     pub(crate) forwards_in: Counter,
     pub(crate) forwards_out: Counter,
-    /// Forwards dropped: a peer link's queue was full, or the link had ended and they fell
-    /// out of its replay buffer (or replay is off).
+    /// Forwards dropped: a peer link's queue was full, or (counted when the peer links again)
+    /// the link had ended and they were no longer in its replay buffer.
     pub(crate) forward_dropped: Counter,
     /// Forwards sent again on a peer's new link because its previous link may not have
     /// delivered them.
