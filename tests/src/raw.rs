@@ -127,20 +127,26 @@ pub async fn attached_client(coordinator: &std::net::SocketAddr) -> ClientSocket
     socket
 }
 
-/// Gets a key through `POST /v1/login` and opens `/v1/client` with it, sending nothing (the
-/// server says nothing either until it has an `Attach`).
-pub async fn keyed_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
-    let (status, login) = crate::post_json(
-        &format!("http://{coordinator}/v1/login"),
-        &serde_json::json!({}),
-    )
-    .await;
+/// Logs in through `POST /v1/login` with `body`: the `/v1/client?key=…` URL to open, and the
+/// whole answer (alias, server).
+pub async fn login_url(
+    coordinator: &std::net::SocketAddr,
+    body: &serde_json::Value,
+) -> (String, serde_json::Value) {
+    let (status, login) = crate::post_json(&format!("http://{coordinator}/v1/login"), body).await;
     assert_eq!(status, 200, "{login}");
     let url = format!(
         "{}?key={}",
         login["url"].as_str().unwrap(),
         login["key"].as_str().unwrap()
     );
+    (url, login)
+}
+
+/// Gets a key through `POST /v1/login` and opens `/v1/client` with it, sending nothing (the
+/// server says nothing either until it has an `Attach`).
+pub async fn keyed_client(coordinator: &std::net::SocketAddr) -> ClientSocket {
+    let (url, _) = login_url(coordinator, &serde_json::json!({})).await;
     dial(&url, None).await
 }
 

@@ -226,18 +226,12 @@ async fn senders_cannot_forge_alias_or_role() {
     let (cluster, _file) = cluster(1, 10).await;
     let mut gcs = cluster.client_as(0, login("acme", "gcs", "")).await;
     gcs.subscribe(["telemetry/pos"]).await.unwrap();
-    let (status, granted) = post_json(
-        &format!("http://{}/v1/login", cluster.coordinator.addr),
+    let (url, granted) = relaymesh_tests::raw::login_url(
+        &cluster.coordinator.addr,
         &serde_json::json!({"credentials": {"access_code": {
             "account": "acme", "code": CODE, "role": "agent"}}}),
     )
     .await;
-    assert_eq!(status, 200, "{granted}");
-    let url = format!(
-        "{}?key={}",
-        granted["url"].as_str().unwrap(),
-        granted["key"].as_str().unwrap()
-    );
     let mut raw = dial(&url, None).await;
     send_msg(
         &mut raw,

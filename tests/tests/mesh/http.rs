@@ -9,8 +9,7 @@ use relaymesh_net::ws::{self, WsLimits};
 use relaymesh_proto::v1;
 use relaymesh_tests::raw::{next_frame, send_msg};
 use relaymesh_tests::{
-    Cluster, CoordinatorHandle, PATIENCE, coordinator_config, eventually, get_text, post_json,
-    within,
+    Cluster, CoordinatorHandle, PATIENCE, coordinator_config, eventually, get_text, within,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -127,17 +126,8 @@ async fn one_address_holds_at_most_max_connections_per_ip_websockets_included() 
     let addr = cluster.servers[0].addr;
 
     // A client session: a WebSocket upgraded on the comm server's listener.
-    let (status, login) = post_json(
-        &format!("http://{}/v1/login", cluster.coordinator.addr),
-        &serde_json::json!({}),
-    )
-    .await;
-    assert_eq!(status, 200, "{login}");
-    let url = format!(
-        "{}?key={}",
-        login["url"].as_str().unwrap(),
-        login["key"].as_str().unwrap()
-    );
+    let (url, _) =
+        relaymesh_tests::raw::login_url(&cluster.coordinator.addr, &serde_json::json!({})).await;
     // (The cluster's start-up requests may not have been seen closing yet.)
     let mut session = eventually("a client session", || async {
         ws::dial(&url, None, &WsLimits::default(), PATIENCE)
