@@ -72,6 +72,12 @@ impl Watchdog {
         fresh
     }
 
+    /// The link's own handler kept it from reading until now (it waited for room to hand a
+    /// burst on): that time is not the peer's silence.
+    pub fn handled(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
     /// Waits for the next tick and says what to do.
     pub async fn tick(&mut self) -> Beat {
         self.tick.tick().await;

@@ -259,6 +259,7 @@ where
                     }
                     let burst = burst(stream, handler, frame, max_burst).await;
                     let after = handler.burst_end().await;
+                    watchdog.handled();
                     match (burst?, after?) {
                         (Flow::Continue, Flow::Continue) => Flow::Continue,
                         _ => Flow::End,
