@@ -159,6 +159,11 @@ fn forbidden(role: &str, action: &str, topic: &str, request_id: u64) -> v1::Erro
     .for_request(request_id)
 }
 
+/// Publishes confirmed at once (at the end of the burst that brings them); fewer wait for the
+/// next heartbeat interval, so a busy publisher costs a confirmation per this many messages,
+/// not per burst, and its client keeps at most about this many plus an interval's worth.
+const CONFIRM_EVERY: u64 = 256;
+
 /// The longest `Publish.resent_from` taken: aliases are far shorter.
 const MAX_ALIAS_BYTES: usize = 64;
 
@@ -327,8 +332,16 @@ impl link::Handler for Session {
 
     async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
         self.flush();
-        self.confirm()?;
+        if self.taken - self.confirmed >= CONFIRM_EVERY {
+            self.confirm()?;
+        }
         Ok(Flow::Continue)
+    }
+
+    /// Confirms what a quiet publisher sent since the last confirmation.
+    fn beat(&mut self) {
+        // A full reply queue (a client that does not read) is found by the next burst.
+        let _ = self.confirm();
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -402,7 +415,9 @@ impl Session {
         result
     }
 
-    /// Confirms the numbered publishes taken so far (`Published`), once per burst.
+    /// Confirms the numbered publishes taken so far (`Published`): after a burst that brings
+    /// [`CONFIRM_EVERY`] or more since the last confirmation, at each heartbeat interval, and
+    /// before a refusal that ends the session.
     fn confirm(&mut self) -> Result<(), v1::Error> {
         if self.taken > self.confirmed {
             self.confirmed = self.taken;
