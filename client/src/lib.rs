@@ -524,6 +524,10 @@ struct Unconfirmed {
 /// alias can at worst hide that publisher's resends, never its messages.
 #[derive(Debug, Default)]
 struct Seen {
+    /// The publisher heard from last and its last number: messages come in runs from one
+    /// publisher (a burst on one route), which then cost a string comparison, not a hash.
+    /// Written back to `originals` when another publisher's message comes.
+    recent: Option<(Box<str>, u64)>,
     originals: HashMap<Box<str>, u64>,
     resends: HashMap<Box<str>, u64>,
     /// Copies dropped.
@@ -540,15 +544,44 @@ impl Seen {
             return true;
         }
         let fresh = if m.resent_from.is_empty() {
-            raise(&mut self.originals, &m.from_alias, m.seq)
+            self.raise_original(&m.from_alias, m.seq)
         } else {
-            let original = self.originals.get(m.resent_from.as_str()).copied();
+            let original = match &self.recent {
+                Some((publisher, last)) if **publisher == *m.resent_from => Some(*last),
+                _ => self.originals.get(m.resent_from.as_str()).copied(),
+            };
             original.is_none_or(|last| last < m.seq)
                 && raise(&mut self.resends, &m.resent_from, m.seq)
         };
         if !fresh {
             self.copies += 1;
         }
+        fresh
+    }
+
+    /// [`raise`] for an original, through `recent`.
+    fn raise_original(&mut self, publisher: &str, seq: u64) -> bool {
+        if let Some((recent, last)) = &mut self.recent
+            && **recent == *publisher
+        {
+            if *last >= seq {
+                return false;
+            }
+            *last = seq;
+            return true;
+        }
+        if let Some((recent, last)) = self.recent.take() {
+            if self.originals.len() >= MAX_SEEN_PUBLISHERS {
+                self.originals.clear();
+            }
+            self.originals.insert(recent, last);
+        }
+        let (publisher, last) = self
+            .originals
+            .remove_entry(publisher)
+            .unwrap_or_else(|| (publisher.into(), 0));
+        let fresh = last < seq;
+        self.recent = Some((publisher, last.max(seq)));
         fresh
     }
 }
@@ -1192,6 +1225,26 @@ mod tests {
         assert!(seen.fresh(&msg("other", 0, "")));
         assert!(seen.fresh(&msg("other", 0, "")));
         assert_eq!(seen.copies, 3);
+    }
+
+    #[test]
+    fn publishers_taking_turns_keep_their_own_numbers() {
+        let mut seen = Seen::default();
+        // Runs from "a" and "b" in turns: each keeps its own last number through the switches.
+        assert!(seen.fresh(&msg("a", 1, "")));
+        assert!(seen.fresh(&msg("a", 2, "")));
+        assert!(seen.fresh(&msg("b", 1, "")));
+        assert!(!seen.fresh(&msg("a", 2, "")));
+        assert!(seen.fresh(&msg("a", 3, "")));
+        assert!(!seen.fresh(&msg("b", 1, "")));
+        assert!(seen.fresh(&msg("b", 2, "")));
+        // A resend of "a"'s messages is checked against "a"'s originals whether or not "a"
+        // was heard from last.
+        assert!(!seen.fresh(&msg("a2", 3, "a")));
+        assert!(seen.fresh(&msg("a2", 4, "a")));
+        assert!(seen.fresh(&msg("b", 3, "")));
+        assert!(!seen.fresh(&msg("b2", 3, "b")));
+        assert_eq!(seen.copies, 4);
     }
 
     #[test]
