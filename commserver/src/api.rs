@@ -68,6 +68,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "keys_refused": s.keys_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
+        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -77,7 +78,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let s = &server.stats;
     let mut e = Exposition::new();
     let peers = lock(&server.peer_links).len();
-    let gauges: [(&str, &str, f64); 4] = [
+    let gauges: [(&str, &str, f64); 5] = [
         (
             "relaymesh_clients",
             "Connected clients.",
@@ -89,6 +90,13 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             s.topics.load(Ordering::Relaxed) as f64,
         ),
         ("relaymesh_peers", "Live peer links.", peers as f64),
+        (
+            "relaymesh_tasks",
+            "Tokio tasks alive in the process.",
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as f64,
+        ),
         (
             "relaymesh_coordinator_connected",
             "1 while registered with the coordinator.",

@@ -71,6 +71,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
+        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -104,6 +105,14 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
     }
     let s = &app.stats;
+    e.single(
+        "relaymesh_coordinator_tasks",
+        Kind::Gauge,
+        "Tokio tasks alive in the process.",
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as f64,
+    );
     e.single(
         "relaymesh_coordinator_negotiation_links",
         Kind::Gauge,

@@ -453,12 +453,6 @@ async fn a_process_out_of_file_descriptors_refuses_at_once_and_recovers() {
     std::fs::remove_file(&config).ok();
 }
 
-/// A comm server that stops answering (SIGSTOP) while its links stay open is out of the
-/// coordinator's choice within the heartbeat interval, long before the heartbeat timeout would
-/// end its link: logins go to the healthy server without waiting for a reservation to time
-/// out; its peer gives up their link after the peer heartbeat timeout. Once it runs again, it
-/// is offered and linked again, and its subscriber is told how many messages it missed while
-/// the link was down.
 /// A coordinator and two comm servers as processes, configured by these files' contents,
 /// linked and both offered.
 struct TwoServers {
@@ -556,6 +550,12 @@ impl TwoServers {
     }
 }
 
+/// A comm server that stops answering (SIGSTOP) while its links stay open is out of the
+/// coordinator's choice within the heartbeat interval, long before the heartbeat timeout would
+/// end its link: logins go to the healthy server without waiting for a reservation to time
+/// out; its peer gives up their link after the peer heartbeat timeout. Once it runs again, it
+/// is offered and linked again, and its subscriber is told how many messages it missed while
+/// the link was down.
 #[tokio::test]
 async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     // A short interval (reports every 150 ms) and a timeout far beyond the test; client and
@@ -681,5 +681,69 @@ async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_onc
     .await;
     publisher.publish("ops/resend", "last").await.unwrap();
     assert_eq!(next_message(&mut subscriber).await.payload, "last");
+    two.stop();
+}
+
+/// What clients cost a comm server goes when they leave: its tokio tasks, sessions, topics and
+/// the peer's interest are back where they were before they came (the soak test,
+/// `scripts/soak.sh`, watches the same figures for half an hour of churn).
+#[tokio::test]
+async fn tasks_sessions_and_interest_go_when_their_clients_leave() {
+    let two = TwoServers::start("tasks", "", "").await;
+    let figures = |i: usize| {
+        let url = two.server_stats(i);
+        async move {
+            let s = get_json(&url).await;
+            let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
+            let remote: u64 = s["peer_links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["remote_topics"].as_u64().unwrap())
+                .sum();
+            (n("tasks"), n("clients"), n("topics"), remote)
+        }
+    };
+    let publisher = two.client_on(1).await;
+    let idle = [figures(0).await, figures(1).await];
+    assert_eq!((idle[0].1, idle[0].2, idle[1].3), (0, 0, 0));
+
+    let mut subscribers = Vec::new();
+    for round in 0..3 {
+        for i in 0..10 {
+            let client = two.client_on(0).await;
+            client.subscribe([format!("ops/tasks/{i}")]).await.unwrap();
+            subscribers.push(client);
+        }
+        for i in 0..10 {
+            publisher
+                .publish(&format!("ops/tasks/{i}"), format!("{round}"))
+                .await
+                .unwrap();
+        }
+        for client in &mut subscribers {
+            assert_eq!(next_message(client).await.payload, round.to_string());
+        }
+        let busy = figures(0).await;
+        // A session is at least one task of its own.
+        assert!(
+            busy.0 >= idle[0].0 + 10,
+            "{busy:?} against idle {:?}",
+            idle[0]
+        );
+        assert_eq!((busy.1, busy.2), (10, 10));
+        assert_eq!(figures(1).await.3, 10, "server 1 knows server 0's interest");
+        for client in subscribers.drain(..) {
+            client.close().await;
+        }
+        for i in 0..2 {
+            eventually("the server is back to idle", || async {
+                let now = figures(i).await;
+                (now == idle[i]).then_some(())
+            })
+            .await;
+        }
+    }
+    drop(publisher);
     two.stop();
 }
