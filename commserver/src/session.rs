@@ -538,13 +538,7 @@ impl Session {
         }
         // Topics this session has already are not sent again, but the request still waits for
         // what peers have not confirmed yet: an earlier request for them may be pending.
-        let topics = fresh
-            .into_iter()
-            .map(|topic| TopicKey {
-                account: self.account.clone(),
-                topic,
-            })
-            .collect();
+        let topics = self.keys(fresh);
         let (done, wait) = oneshot::channel();
         let waiter = self.server.next_id();
         self.server
@@ -571,13 +565,7 @@ impl Session {
             self.me
                 .subscribed
                 .store(!self.topics.is_empty(), Ordering::Relaxed);
-            let topics = gone
-                .into_iter()
-                .map(|topic| TopicKey {
-                    account: self.account.clone(),
-                    topic,
-                })
-                .collect();
+            let topics = self.keys(gone);
             let (done, wait) = oneshot::channel();
             let waiter = self.server.next_id();
             self.server
@@ -593,6 +581,17 @@ impl Session {
                 .await;
         }
         self.ack(unsub.request_id, Vec::new())
+    }
+
+    /// This session's account's keys for `topics`.
+    fn keys(&self, topics: Vec<Arc<str>>) -> Vec<TopicKey> {
+        topics
+            .into_iter()
+            .map(|topic| TopicKey {
+                account: self.account.clone(),
+                topic,
+            })
+            .collect()
     }
 
     /// Room for one more change that may outlast `subscribe_sync_timeout_ms`, taken before the
