@@ -46,7 +46,8 @@
 #
 # Needs the release binaries (coordinator, commserver, simulation), curl, jq and python3 (and
 # gdb for --flood's trim figures); it installs nothing. Every process it starts is stopped on
-# exit. Open files: each comm server and the generator need one descriptor per client.
+# exit. Open files: each comm server and the generator need one descriptor per client; --flood
+# raises the comm server's max_connections_per_ip above --flood-clients (all come from 127.0.0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,6 +105,7 @@ export RELAYMESH_CLUSTER_SECRET=soak-secret
 export RUST_LOG=${RUST_LOG:-warn}
 
 declare -A pid=()      # name -> pid of every process this script started
+server_args=()         # more comm server flags
 declare -A http=()     # name -> http://host:port of its /v1/stats
 sampler=
 
@@ -157,7 +159,7 @@ start_server() {
   local s=$1
   shift
   env "$@" "$bin_dir/commserver" --coordinator "ws://127.0.0.1:$coord_port" --listen 127.0.0.1:0 \
-    --id "$s" >>"$out/$s.log" 2>&1 &
+    --id "$s" "${server_args[@]}" >>"$out/$s.log" 2>&1 &
   pid[$s]=$!
 }
 
@@ -355,6 +357,9 @@ flood() {
   local rows=() alloc envs idle file conn after hwm trimmed cpu_trim round n s p log t0 cpu0 glibc heap heap_idle
   command -v gdb >/dev/null || say "gdb missing: no malloc_stats or malloc_trim figures"
   say "output in $out"
+  # Every flood client and the script's own stats requests come from 127.0.0.1.
+  echo "max_connections_per_ip = $((flood_clients + 100))" >"$out/commserver.toml"
+  server_args=(--config "$out/commserver.toml")
   for alloc in $allocators; do
     if ! envs=$(alloc_env "$alloc"); then
       say "$alloc: library not installed, skipped"

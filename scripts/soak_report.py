@@ -23,7 +23,7 @@ METRICS = [  # key, name in the summary, panel title in the plot
     ("anon_mib", "RSS anon MiB", "of it anonymous (RssAnon, MiB): the heap; the rest is the mapped binary"),
     ("fds", "open fds", "open file descriptors"),
     ("threads", "threads", "threads"),
-    ("tasks", "tokio tasks", "tokio tasks alive (a session is one, a link two)"),
+    ("tasks", "tokio tasks", "tokio tasks alive (two per client session)"),
     ("sessions", "sessions", "sessions (comm servers: clients; coordinator: the sum it sees)"),
 ]
 WINDOW_S = 60.0
