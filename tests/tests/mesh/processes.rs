@@ -736,10 +736,9 @@ async fn tasks_sessions_and_interest_go_when_their_clients_leave() {
         for client in subscribers.drain(..) {
             client.close().await;
         }
-        for i in 0..2 {
+        for (i, idle) in idle.iter().enumerate() {
             eventually("the server is back to idle", || async {
-                let now = figures(i).await;
-                (now == idle[i]).then_some(())
+                (figures(i).await == *idle).then_some(())
             })
             .await;
         }
