@@ -68,7 +68,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "keys_refused": s.keys_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
-        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -93,9 +93,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         (
             "relaymesh_tasks",
             "Tokio tasks alive in the process.",
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks() as f64,
+            relaymesh_net::procstat::tasks() as f64,
         ),
         (
             "relaymesh_coordinator_connected",

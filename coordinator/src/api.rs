@@ -71,7 +71,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
-        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
     }))
 }
@@ -109,9 +109,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         "relaymesh_coordinator_tasks",
         Kind::Gauge,
         "Tokio tasks alive in the process.",
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks() as f64,
+        relaymesh_net::procstat::tasks() as f64,
     );
     e.single(
         "relaymesh_coordinator_negotiation_links",

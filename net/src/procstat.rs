@@ -3,7 +3,8 @@
 //! charge CPU and memory to a deployed server; the simulation uses the per-thread figures to tell
 //! the embedded cluster's CPU from the load generator's inside one process.
 //!
-//! Every function returns `None` where `/proc` is missing (not Linux) or unreadable.
+//! Every function that reads `/proc` returns `None` where it is missing (not Linux) or
+//! unreadable. [`tasks`] counts the live tokio tasks beside them, from the runtime.
 
 use std::path::Path;
 
@@ -22,6 +23,12 @@ pub struct Usage {
     pub rss_bytes: u64,
     /// Highest resident set size so far (`VmHWM`), in bytes.
     pub peak_rss_bytes: u64,
+}
+
+/// The tokio tasks alive in the runtime this is called from (0 outside one): a figure that
+/// grows without bound when tasks leak.
+pub fn tasks() -> usize {
+    tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_alive_tasks())
 }
 
 /// This process's CPU time and resident memory.
