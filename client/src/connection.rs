@@ -154,7 +154,10 @@ async fn attach(
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
                 // A copy of one already delivered is dropped (the last arm).
                 Some(Kind::Message(m)) if lock(&shared.seen).fresh(&m) => {
-                    let _ = events.send_one(Event::Message(message(m))).await;
+                    let _ = events.send_one(message(m)).await;
+                }
+                Some(Kind::Undeliverable(u)) => {
+                    let _ = events.send_one(undeliverable(u)).await;
                 }
                 Some(Kind::Published(p)) => shared.confirm(p.up_to),
                 Some(Kind::Dropped(d)) => {
@@ -178,6 +181,7 @@ async fn attach(
         let mut state = lock(&shared.state);
         state.alias = ready.alias.clone();
         state.server_id = ready.server_id.clone();
+        state.node_id = ready.node_id.clone();
         // Requests made before this connection are answered by the resubscription.
         state.resubscribed(resubscribe, &topics, pending)
     };
@@ -205,11 +209,15 @@ fn resends(shared: &Shared) -> Vec<Bytes> {
         .take_while(|u| u.seq <= outbox.resend_up_to)
         .filter_map(|u| {
             let mut msg: v1::ClientToServer = relaymesh_proto::decode(u.frame.clone()).ok()?;
-            if let (Some(v1::client_to_server::Kind::Publish(p)), Some(alias)) =
-                (&mut msg.kind, &u.first_alias)
-                && p.resent_from.is_empty()
+            let resent_from = match &mut msg.kind {
+                Some(v1::client_to_server::Kind::Publish(p)) => &mut p.resent_from,
+                Some(v1::client_to_server::Kind::Send(s)) => &mut s.resent_from,
+                _ => return Some(u.frame.clone()),
+            };
+            if let Some(alias) = &u.first_alias
+                && resent_from.is_empty()
             {
-                p.resent_from = alias.to_string();
+                *resent_from = alias.to_string();
             }
             Some(encode(&msg))
         })
@@ -233,12 +241,39 @@ fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
     outbox.resend_up_to = outbox.last;
 }
 
-fn message(m: v1::Message) -> Message {
-    Message {
+/// A delivered message as an event: a topic's message, or a direct message or signal (the
+/// client's node topic).
+fn message(m: v1::Message) -> Event {
+    if relaymesh_proto::node::of_topic(&m.topic).is_some() {
+        if m.signal != 0 {
+            return Event::Signal(crate::Signal {
+                from_node: m.from_node,
+                from: m.from_alias,
+                kind: v1::SignalKind::try_from(m.signal).unwrap_or(v1::SignalKind::Custom),
+                payload: m.payload,
+            });
+        }
+        return Event::Direct(crate::Direct {
+            from_node: m.from_node,
+            from: m.from_alias,
+            role: m.from_role,
+            payload: m.payload,
+        });
+    }
+    Event::Message(Message {
         topic: m.topic,
         from: m.from_alias,
         role: m.from_role,
         payload: m.payload,
+    })
+}
+
+fn undeliverable(u: v1::Undeliverable) -> Event {
+    Event::Undeliverable {
+        seq: u.seq,
+        to_node: u.to_node,
+        reason: v1::ErrorCode::try_from(u.reason).unwrap_or(v1::ErrorCode::Unspecified),
+        message: u.message,
     }
 }
 
@@ -619,7 +654,8 @@ enum Handled {
 /// Applies one message from the server to the client's state.
 fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -> Handled {
     let event = match msg.kind {
-        Some(Kind::Message(m)) if seen.fresh(&m) => Event::Message(message(m)),
+        Some(Kind::Message(m)) if seen.fresh(&m) => message(m),
+        Some(Kind::Undeliverable(u)) => undeliverable(u),
         Some(Kind::Message(_)) => return Handled::Nothing,
         Some(Kind::Published(p)) => {
             shared.confirm(p.up_to);

@@ -157,7 +157,7 @@ pub use bytes::Bytes;
 pub use ed25519_dalek::SigningKey;
 pub use relaymesh_net::keys::{KeyFileError, read_signing_key, write_new_signing_key};
 pub use relaymesh_net::ws::DialError;
-pub use relaymesh_proto::v1::ErrorCode;
+pub use relaymesh_proto::v1::{ErrorCode, SignalKind};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,6 +239,9 @@ pub enum Credentials {
         /// The group (empty for none).
         group: String,
     },
+    /// A registered node's token (from [`register_node`]): logs in as that node, with the
+    /// account, role and group it was registered under.
+    NodeToken(String),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -268,6 +271,11 @@ impl std::fmt::Debug for Credentials {
                 .field("public_key", &key.verifying_key())
                 .field("role", role)
                 .field("group", group)
+                .finish_non_exhaustive(),
+            // The token's node id is not secret; its secret is.
+            Self::NodeToken(token) => f
+                .debug_struct("NodeToken")
+                .field("node", &token.split('.').next().unwrap_or_default())
                 .finish_non_exhaustive(),
         }
     }
@@ -300,6 +308,9 @@ impl From<&Credentials> for v1::Credentials {
                 group: group.clone(),
                 challenge_id: String::new(),
                 signature: Bytes::new(),
+            }),
+            Credentials::NodeToken(token) => v1::credentials::Kind::NodeToken(v1::NodeToken {
+                token: token.clone(),
             }),
         };
         Self { kind: Some(kind) }
@@ -386,6 +397,131 @@ pub enum Event {
         /// The topics of that subscription (or every topic restored).
         topics: Vec<String>,
     },
+    /// A direct message to this client's node ([`Handle::send`]).
+    Direct(Direct),
+    /// A signal to this client's node ([`Handle::signal`]).
+    Signal(Signal),
+    /// A direct message or signal this client sent reached no one: `seq` is what
+    /// [`Handle::send`] or [`Handle::signal`] returned, `reason` why (`NOT_CONNECTED`: the node
+    /// has no session in the cluster, or is no node of this account; `UNKNOWN_NODE`: not a
+    /// node id; `RATE_LIMITED`: over the server's signal rate; `LIMIT_EXCEEDED`: too large).
+    Undeliverable {
+        /// The message's number.
+        seq: u64,
+        /// The node it was for.
+        to_node: String,
+        /// Why it reached no one.
+        reason: v1::ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+}
+
+/// What a node says about itself ([`register_node`], [`update_node`]); the coordinator
+/// bounds each (name and location 128 bytes, info `max_node_info_bytes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeDetails {
+    /// Free text.
+    pub name: String,
+    /// Free text.
+    pub location: String,
+    /// A JSON object, as text (empty: `{}`).
+    pub info: String,
+}
+
+/// A newly registered node.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegisteredNode {
+    /// The node's id: what others send to.
+    pub node_id: String,
+    /// Logs in as the node ([`Credentials::NodeToken`]). Shown this once: the coordinator
+    /// keeps only its hash.
+    pub token: String,
+}
+
+impl std::fmt::Debug for RegisteredNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredNode")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Registers a new node of the account, role and group that `config.credentials` log in as,
+/// through the coordinator at `config.coordinator`.
+pub async fn register_node(
+    config: &ClientConfig,
+    details: NodeDetails,
+) -> Result<RegisteredNode, ClientError> {
+    let mut link = negotiate::Negotiation::open(config).await?;
+    let answer = link
+        .request(
+            config,
+            v1::ClientToCoordinator::register_node(v1::RegisterNode {
+                name: details.name,
+                location: details.location,
+                info: details.info,
+            }),
+        )
+        .await;
+    link.close().await;
+    match answer? {
+        v1::coordinator_to_client::Kind::NodeRegistered(r) => Ok(RegisteredNode {
+            node_id: r.node_id,
+            token: r.token,
+        }),
+        other => Err(negotiate::unexpected(other)),
+    }
+}
+
+/// Replaces the name, location and info of the node `config.credentials` log in as (a node
+/// token, or an Ed25519 key); returns its id.
+pub async fn update_node(
+    config: &ClientConfig,
+    details: NodeDetails,
+) -> Result<String, ClientError> {
+    let mut link = negotiate::Negotiation::open(config).await?;
+    let answer = link
+        .request(
+            config,
+            v1::ClientToCoordinator::update_node(v1::UpdateNode {
+                name: details.name,
+                location: details.location,
+                info: details.info,
+            }),
+        )
+        .await;
+    link.close().await;
+    match answer? {
+        v1::coordinator_to_client::Kind::NodeUpdated(u) => Ok(u.node_id),
+        other => Err(negotiate::unexpected(other)),
+    }
+}
+
+/// A direct message to this client's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Direct {
+    /// The sender's node (empty when the sender is not a node), stamped by its server.
+    pub from_node: String,
+    /// The sender's alias, stamped by its server.
+    pub from: String,
+    /// The sender's role (empty for none).
+    pub role: String,
+    /// The payload, as sent (a slice of the read buffer; see [`Message::payload`]).
+    pub payload: Bytes,
+}
+
+/// A signal to this client's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    /// The sender's node (empty when the sender is not a node), stamped by its server.
+    pub from_node: String,
+    /// The sender's alias, stamped by its server.
+    pub from: String,
+    /// What the signal carries.
+    pub kind: v1::SignalKind,
+    /// The payload, as sent.
+    pub payload: Bytes,
 }
 
 /// A delivered message.
@@ -608,6 +744,8 @@ fn raise(last: &mut HashMap<Box<str>, u64>, publisher: &str, seq: u64) -> bool {
 struct State {
     alias: String,
     server_id: String,
+    /// The node this client is (empty: none), from the server's `Ready`.
+    node_id: String,
     /// Topics the client wants; restored on every reconnect.
     topics: BTreeSet<String>,
     /// Subscription changes waiting for the server's `Ack`, by request id.
@@ -859,6 +997,26 @@ impl Client {
         self.handle.publish(topic, payload).await
     }
 
+    /// See [`Handle::send`].
+    pub async fn send(&self, to_node: &str, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
+        self.handle.send(to_node, payload).await
+    }
+
+    /// See [`Handle::signal`].
+    pub async fn signal(
+        &self,
+        to_node: &str,
+        kind: v1::SignalKind,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.handle.signal(to_node, kind, payload).await
+    }
+
+    /// See [`Handle::node_id`].
+    pub fn node_id(&self) -> String {
+        self.handle.node_id()
+    }
+
     /// See [`Handle::alias`].
     pub fn alias(&self) -> String {
         self.handle.alias()
@@ -983,6 +1141,89 @@ impl Handle {
         });
         permit.send(frame);
         Ok(())
+    }
+
+    /// Queues a direct message to node `to_node` of this client's account (its routing
+    /// scope) and returns its number. It reaches every session of that node, wherever in the
+    /// cluster it is connected, once, in order with this client's other messages; like a
+    /// publish it is sent again after a lost connection until a server confirms it. A node
+    /// with no session gets [`Event::Undeliverable`] with this number back.
+    pub async fn send(&self, to_node: &str, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
+        let payload = payload.into();
+        let to_node = to_node.to_owned();
+        self.numbered(true, move |seq| {
+            v1::ClientToServer::send(v1::Send {
+                to_node,
+                payload,
+                seq,
+                resent_from: String::new(),
+            })
+        })
+        .await
+    }
+
+    /// Sends a signal (WebRTC set-up: offer, answer, ICE candidate...) to node `to_node` and
+    /// returns its number. Signals are relayed at most once and never queued for an offline
+    /// node: [`Event::Undeliverable`] says when one reached no one (or exceeded the server's
+    /// signal rate).
+    pub async fn signal(
+        &self,
+        to_node: &str,
+        kind: v1::SignalKind,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        let payload = payload.into();
+        let to_node = to_node.to_owned();
+        self.numbered(false, move |seq| {
+            v1::ClientToServer::signal(v1::Signal {
+                to_node,
+                kind: kind as i32,
+                payload,
+                seq,
+            })
+        })
+        .await
+    }
+
+    /// Numbers and queues the frame `build` makes; kept until confirmed (and sent again on the
+    /// next connection if this one is lost) when `keep`.
+    async fn numbered(
+        &self,
+        keep: bool,
+        build: impl FnOnce(u64) -> v1::ClientToServer,
+    ) -> Result<u64, ClientError> {
+        let room = if keep {
+            let room = self
+                .shared
+                .outbox_room
+                .acquire()
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            Some(room)
+        } else {
+            None
+        };
+        let permit = self.out.reserve().await.map_err(|_| ClientError::Closed)?;
+        let mut outbox = lock(&self.shared.outbox);
+        outbox.last += 1;
+        let seq = outbox.last;
+        let frame = encode(&build(seq));
+        if let Some(room) = room {
+            room.forget();
+            outbox.unconfirmed.push_back(Unconfirmed {
+                seq,
+                frame: frame.clone(),
+                first_alias: None,
+            });
+        }
+        permit.send(frame);
+        Ok(seq)
+    }
+
+    /// The node this client is (empty: none): a node token login's node, or an Ed25519 key
+    /// login's ([`relaymesh_proto::node::id_of_key`]).
+    pub fn node_id(&self) -> String {
+        lock(&self.shared.state).node_id.clone()
     }
 
     /// The client's alias on its current connection, as stamped on what it publishes.

@@ -86,6 +86,16 @@ impl Negotiation {
         }
     }
 
+    /// Sends `msg` and returns the coordinator's answer.
+    pub(crate) async fn request(
+        &mut self,
+        config: &ClientConfig,
+        msg: v1::ClientToCoordinator,
+    ) -> Result<Kind, ClientError> {
+        self.send(&msg).await?;
+        self.receive(config).await
+    }
+
     /// Closes the link politely.
     pub(crate) async fn close(mut self) {
         let _ = tokio::time::timeout(
@@ -140,6 +150,6 @@ impl Negotiation {
     }
 }
 
-fn unexpected(kind: Kind) -> ClientError {
+pub(crate) fn unexpected(kind: Kind) -> ClientError {
     ClientError::Protocol(format!("unexpected message from the coordinator: {kind:?}"))
 }

@@ -60,6 +60,8 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "peer_gaps_reported": s.peer_gaps_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
         "forbidden": s.forbidden.get(),
+        "direct_sent": s.direct_sent.get(),
+        "undeliverable": s.undeliverable.get(),
         "acks_pending": s.acks_pending.get(),
         "confirmations_abandoned": s.confirmations_abandoned.get(),
         "replaced": s.replaced.get(),
@@ -104,7 +106,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 19] = [
+    let counters: [(&str, &str, &Counter); 21] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -164,6 +166,16 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_forbidden_total",
             "Publishes and subscriptions refused by role rules.",
             &s.forbidden,
+        ),
+        (
+            "relaymesh_direct_sent_total",
+            "Direct messages and signals from this server's clients that reached a session.",
+            &s.direct_sent,
+        ),
+        (
+            "relaymesh_undeliverable_total",
+            "Direct messages and signals answered Undeliverable.",
+            &s.undeliverable,
         ),
         (
             "relaymesh_acks_pending_total",

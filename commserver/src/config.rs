@@ -88,6 +88,11 @@ pub struct Config {
     pub control_queue: usize,
     /// Topics one client may subscribe to.
     pub max_subscriptions: usize,
+    /// Signals (`Signal`) one session may send per second on average; more are answered
+    /// `Undeliverable{RATE_LIMITED}`.
+    pub signal_rate_per_s: u32,
+    /// Signals one session may send in a burst above `signal_rate_per_s`.
+    pub signal_burst: u32,
     /// Longest topic name in bytes.
     pub max_topic_bytes: usize,
     /// Largest WebSocket message accepted from a client or peer, in bytes.
@@ -189,6 +194,8 @@ impl Default for Config {
             peer_queue_bytes: 64 * 1024 * 1024,
             control_queue: 1_024,
             max_subscriptions: 1_000,
+            signal_rate_per_s: 50,
+            signal_burst: 100,
             max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 4 * 1024,
@@ -298,6 +305,11 @@ impl Config {
             self.max_subscriptions >= 1,
             "max_subscriptions",
             "must be at least 1",
+        )?;
+        ensure(
+            self.signal_rate_per_s >= 1 && self.signal_burst >= 1,
+            "signal_rate_per_s",
+            "signal_rate_per_s and signal_burst must be at least 1",
         )?;
         ensure(
             self.max_pending_confirmations >= 1,

@@ -673,13 +673,17 @@ fn deliver_forward(
             role: &forward.from_role,
             seq: forward.seq,
             resent_from: &forward.resent_from,
+            node: &forward.from_node,
+            signal: forward.signal,
         },
         payload: &forward.payload,
     };
-    publisher.publish(&server.routes, &server.stats, msg, || {
-        topic::validate(&forward.topic, max_topic)
-            .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
-    })
+    publisher
+        .publish(&server.routes, &server.stats, msg, || {
+            topic::validate_routed(&forward.topic, max_topic)
+                .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+        })
+        .map(|_| ())
 }
 
 /// A peer had to drop `dropped.count` forwards meant for this server. The subscribers of the

@@ -472,14 +472,15 @@ impl Publisher {
     /// Routes `msg`: its local subscribers get it in this reader's batch, and a local message
     /// goes once to each peer server with interest. Before a topic is first looked up in a
     /// scope, `check` runs (topic rules, role rules); a topic found in the cache passed it.
-    /// Local messages that pass are counted in `messages_in`.
+    /// Local messages that pass are counted in `messages_in`. Returns whether the message
+    /// went anywhere: to a local subscriber, or (a local message) to a peer.
     pub(crate) fn publish<E>(
         &mut self,
         routes: &RouteTable,
         stats: &Stats,
         msg: Message<'_>,
         check: impl FnOnce() -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<bool, E> {
         let Self {
             batch,
             slow_consumer_ms,
@@ -491,14 +492,18 @@ impl Publisher {
             if msg.origin == Origin::Local {
                 stats.messages_in.inc();
             }
-            let Some(route) = route else { return };
+            let Some(route) = route else { return false };
+            let mut reached = false;
             if !route.subscribers.is_empty() {
                 batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms);
+                reached = true;
             }
             if msg.origin == Origin::Local && !route.peers.is_empty() {
                 let frame = forward_frame(msg.scope, msg.topic, msg.from, msg.payload);
                 forward(route, &frame, (msg.scope, msg.topic), stats);
+                reached = true;
             }
+            reached
         })
     }
 
@@ -792,6 +797,8 @@ mod tests {
         role: "",
         seq: 0,
         resent_from: "",
+        node: "",
+        signal: 0,
     };
 
     #[test]

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use relaymesh_net::accept::{self, ServerLink};
+use relaymesh_net::limits::TokenBucket;
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
@@ -191,6 +192,10 @@ struct Session {
     /// The highest publish number (`Publish.seq`) taken, and the highest confirmed.
     taken: u64,
     confirmed: u64,
+    /// The node this session is, if any: it receives on the node's topic.
+    node: Option<Arc<str>>,
+    /// This session's signal budget (`signal_rate_per_s`), made at its first signal.
+    signals: Option<Box<TokenBucket>>,
 }
 
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
@@ -271,6 +276,8 @@ fn run(
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
         taken: 0,
         confirmed: 0,
+        node: (!identity.node_id.is_empty()).then(|| identity.node_id.into()),
+        signals: None,
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
     link::serve(socket, options, session).map(move |served| {
@@ -309,6 +316,9 @@ impl link::Handler for Session {
         match msg.kind {
             Some(Kind::Attach(attach)) => {
                 check_version(attach.protocol_version, "this server")?;
+                if let Some(node) = self.node.clone() {
+                    Box::pin(self.join_node_topic(&node)).await?;
+                }
                 let config = &self.server.config;
                 let ready = v1::Ready {
                     protocol_version: PROTOCOL_VERSION,
@@ -318,6 +328,7 @@ impl link::Handler for Session {
                         .unwrap_or(u32::MAX),
                     heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms)
                         .unwrap_or(u32::MAX),
+                    node_id: self.node.as_deref().unwrap_or_default().to_owned(),
                 };
                 self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
@@ -384,11 +395,24 @@ impl Session {
     }
 
     async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
-        if !matches!(msg.kind, Some(Kind::Publish(_))) {
+        if !matches!(
+            msg.kind,
+            Some(Kind::Publish(_) | Kind::Send(_) | Kind::Signal(_))
+        ) {
             self.flush();
         }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
+            Some(Kind::Send(send)) => {
+                let seq = send.seq;
+                let result = self.direct(send.to_node, &send.payload, seq, &send.resent_from, 0);
+                self.numbered(seq, result)
+            }
+            Some(Kind::Signal(signal)) => {
+                let seq = signal.seq;
+                let result = self.signal(signal);
+                self.numbered(seq, result)
+            }
             // Rare next to publishes, and their futures are large: boxed, so they do not add
             // to the size of every session's task.
             Some(Kind::Subscribe(sub)) => Box::pin(self.subscribe(sub)).await,
@@ -404,6 +428,12 @@ impl Session {
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {
         let seq = publish.seq;
         let result = self.route(publish);
+        self.numbered(seq, result)
+    }
+
+    /// Records numbered publish (or direct message) `seq` as taken, with the `result` of
+    /// routing it.
+    fn numbered(&mut self, seq: u64, result: Result<(), v1::Error>) -> Result<(), v1::Error> {
         // Taken, delivered or refused: the client must not send it again. A refusal that ends
         // the session goes out after this confirmation.
         if seq > self.taken {
@@ -466,6 +496,7 @@ impl Session {
                 role,
                 seq,
                 resent_from: &resent_from,
+                ..Sender::default()
             },
             payload: &payload,
         };
@@ -484,8 +515,149 @@ impl Session {
         match routed {
             // A role violation is answered and counted; the session goes on.
             Err(e) if e.error_code() == ErrorCode::Forbidden => self.refuse(e),
-            other => other,
+            other => other.map(|_| ()),
         }
+    }
+
+    /// Subscribes this session to its node's topic, and waits (up to
+    /// `subscribe_sync_timeout_ms`) until the linked peers have it too: from `Ready` on, what
+    /// is sent to the node anywhere in the cluster reaches this session (from a peer that did
+    /// not confirm in time, once it has).
+    async fn join_node_topic(&mut self, node: &str) -> Result<(), v1::Error> {
+        let topic: Arc<str> = relaymesh_proto::node::topic(node).into();
+        self.topics.insert(topic.clone());
+        self.me.subscribed.store(true, Ordering::Relaxed);
+        self.ever_subscribed = true;
+        let (done, wait) = oneshot::channel();
+        let waiter = self.server.next_id();
+        self.server
+            .command(Command::Subscribe {
+                session: self.me.clone(),
+                topics: self.keys(vec![topic]),
+                waiter,
+                done,
+            })
+            .await?;
+        let timeout = self.server.config.subscribe_sync_timeout();
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::warn!(
+                %node,
+                ?timeout,
+                "peers did not confirm a node's topic in time; it is ready without them"
+            );
+            self.server.stats.acks_pending.inc();
+        }
+        Ok(())
+    }
+
+    /// Routes a direct message (`signal` 0) or a signal to node `to_node` of this session's
+    /// scope through the one publish path, as a message on the node's topic. A node with no
+    /// session anywhere, an id that is no node id, or a payload over the limit is answered
+    /// `Undeliverable`, and the session goes on.
+    fn direct(
+        &mut self,
+        to_node: String,
+        payload: &[u8],
+        seq: u64,
+        resent_from: &str,
+        signal: i32,
+    ) -> Result<(), v1::Error> {
+        if resent_from.len() > MAX_ALIAS_BYTES {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("resent_from is longer than an alias ({MAX_ALIAS_BYTES} bytes)"),
+            ));
+        }
+        if let Err(e) = relaymesh_proto::node::check_id(&to_node) {
+            return self.undeliverable(seq, to_node, ErrorCode::UnknownNode, e.to_string());
+        }
+        let max_payload = self.server.config.max_payload_bytes();
+        if payload.len() > max_payload {
+            let why = format!(
+                "payload of {} bytes exceeds the limit of {max_payload} bytes",
+                payload.len()
+            );
+            return self.undeliverable(seq, to_node, ErrorCode::LimitExceeded, why);
+        }
+        let server = &*self.server;
+        let topic = relaymesh_proto::node::topic(&to_node);
+        let msg = routes::Message {
+            origin: Origin::Local,
+            scope: &self.account,
+            topic: &topic,
+            from: Sender {
+                alias: &self.alias,
+                role: &self.role,
+                seq,
+                resent_from,
+                node: self.node.as_deref().unwrap_or_default(),
+                signal,
+            },
+            payload,
+        };
+        // Node topics are made here, never taken from the client: nothing to check.
+        let reached = self
+            .publisher
+            .publish(&server.routes, &server.stats, msg, || {
+                Ok::<(), v1::Error>(())
+            })?;
+        if reached {
+            server.stats.direct_sent.inc();
+            return Ok(());
+        }
+        self.undeliverable(
+            seq,
+            to_node,
+            ErrorCode::NotConnected,
+            "the node has no session in the cluster".into(),
+        )
+    }
+
+    /// A signal: a direct message with a kind, within the session's signal rate.
+    fn signal(&mut self, signal: v1::Signal) -> Result<(), v1::Error> {
+        let v1::Signal {
+            to_node,
+            kind,
+            payload,
+            seq,
+        } = signal;
+        let known = v1::SignalKind::try_from(kind).is_ok_and(|k| k != v1::SignalKind::Unspecified);
+        if !known {
+            let why = format!("unknown signal kind {kind}");
+            return self.undeliverable(seq, to_node, ErrorCode::BadFrame, why);
+        }
+        let config = &self.server.config;
+        let bucket = self.signals.get_or_insert_with(|| {
+            Box::new(TokenBucket::new(
+                f64::from(config.signal_rate_per_s),
+                config.signal_burst,
+            ))
+        });
+        if !bucket.take(Instant::now()) {
+            let why = format!(
+                "more than {} signals per second (signal_rate_per_s)",
+                config.signal_rate_per_s
+            );
+            return self.undeliverable(seq, to_node, ErrorCode::RateLimited, why);
+        }
+        self.direct(to_node, &payload, seq, "", kind)
+    }
+
+    /// Answers direct message or signal `seq` with `Undeliverable`, and counts it.
+    fn undeliverable(
+        &self,
+        seq: u64,
+        to_node: String,
+        reason: ErrorCode,
+        message: String,
+    ) -> Result<(), v1::Error> {
+        self.server.stats.undeliverable.inc();
+        self.reply(&v1::ServerToClient::undeliverable(v1::Undeliverable {
+            seq,
+            reason: reason as i32,
+            to_node,
+            message,
+        }))
     }
 
     /// Answers a forbidden request with `FORBIDDEN` and counts it, keeping the session.
@@ -519,7 +691,9 @@ impl Session {
                 .collect()
         };
         let limit = self.server.config.max_subscriptions;
-        if self.topics.len() + fresh.len() > limit {
+        // The node's own topic does not count.
+        let own = usize::from(self.node.is_some());
+        if self.topics.len() - own + fresh.len() > limit {
             return Err(error(
                 ErrorCode::LimitExceeded,
                 format!("subscription limit of {limit} topics per client reached"),

@@ -37,6 +37,11 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Counter,
     /// Publishes and subscriptions refused by role rules.
     pub(crate) forbidden: Counter,
+    /// Direct messages and signals sent by this server's clients that reached a session.
+    pub(crate) direct_sent: Counter,
+    /// Direct messages and signals answered `Undeliverable` (no session, unknown node, over a
+    /// limit or the signal rate).
+    pub(crate) undeliverable: Counter,
     /// Subscription changes answered with an `Ack` naming servers that had not confirmed them
     /// within `subscribe_sync_timeout_ms`.
     pub(crate) acks_pending: Counter,

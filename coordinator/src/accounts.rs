@@ -30,6 +30,7 @@ use relaymesh_proto::v1::{self, ErrorCode};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::nodes::Node;
 use crate::sql::SqlStore;
 
 /// Longest account, role or group name.
@@ -102,6 +103,9 @@ pub struct Account {
     /// these roles and is held to its rules.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleRules>,
+    /// Registered nodes, and key nodes that stored their details (see [`crate::nodes`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Node>,
 }
 
 fn enabled() -> bool {
@@ -213,7 +217,7 @@ pub enum StoreError {
     NoEntry {
         /// The account.
         account: String,
-        /// `code`, `key` or `role`.
+        /// `code`, `key`, `role` or `node`.
         what: &'static str,
         /// The id or role.
         id: String,
@@ -277,6 +281,7 @@ impl AccountsFile {
     /// Names, filters and hashes are well formed and account names unique.
     pub fn check(&self) -> Result<(), StoreError> {
         let mut seen = std::collections::BTreeSet::new();
+        let mut seen_nodes = std::collections::BTreeSet::new();
         for a in &self.accounts {
             check_name("account", &a.name)?;
             if !seen.insert(&a.name) {
@@ -299,6 +304,13 @@ impl AccountsFile {
                     code: code.id.clone(),
                     error,
                 })?;
+            }
+            for n in &a.nodes {
+                relaymesh_proto::node::check_id(&n.id)
+                    .map_err(|e| StoreError::Database(format!("account {:?}: {e}", a.name)))?;
+                if !seen_nodes.insert(&n.id) {
+                    return Err(StoreError::Duplicate(format!("node {}", n.id)));
+                }
             }
             for (role, rules) in &a.roles {
                 check_name("role", role)?;
@@ -420,6 +432,9 @@ pub enum LoginError {
     /// The group is not one the credential may use.
     #[error("this credential may not act in group {0:?}")]
     GroupNotPermitted(String),
+    /// A node token that is malformed, unknown, revoked or wrong (which is not said).
+    #[error("wrong or revoked node token")]
+    BadToken,
 }
 
 impl LoginError {
@@ -433,7 +448,9 @@ impl From<LoginError> for v1::Error {
     fn from(e: LoginError) -> Self {
         let code = match &e {
             LoginError::UnknownAccount(_) => ErrorCode::UnknownAccount,
-            LoginError::BadCode(_) | LoginError::BadSignature(_) => ErrorCode::BadCredentials,
+            LoginError::BadCode(_) | LoginError::BadSignature(_) | LoginError::BadToken => {
+                ErrorCode::BadCredentials
+            }
             LoginError::Disabled(_) => ErrorCode::AccountDisabled,
             LoginError::RoleNotPermitted { .. } => ErrorCode::RoleNotPermitted,
             LoginError::CredentialsRequired | LoginError::BadName(_) => ErrorCode::Unauthenticated,
@@ -462,6 +479,10 @@ pub struct Grant {
     pub scope: String,
     /// The role's rules; `None` for no rules.
     pub rules: Option<RoleRules>,
+    /// The node the login is (empty: none): a token's node, or a key's.
+    pub node_id: String,
+    /// The node's stored name (empty for none).
+    pub node_name: String,
 }
 
 impl Grant {
@@ -473,6 +494,8 @@ impl Grant {
             role,
             group,
             rules: None,
+            node_id: String::new(),
+            node_name: String::new(),
         }
     }
 
@@ -497,6 +520,8 @@ impl Grant {
             restricted,
             client_id: String::new(),
             seq: 0,
+            node_id: self.node_id,
+            node_name: self.node_name,
         }
     }
 }
@@ -532,6 +557,11 @@ pub enum Login {
         /// The group (may be empty).
         group: String,
     },
+    /// A registered node's token (`<node id>.<secret>`).
+    NodeToken {
+        /// The token.
+        token: String,
+    },
 }
 
 impl From<Option<v1::Credentials>> for Login {
@@ -553,6 +583,7 @@ impl From<Option<v1::Credentials>> for Login {
                 nonce: Vec::new(),
                 signature: k.signature.to_vec(),
             },
+            Some(v1::credentials::Kind::NodeToken(t)) => Self::NodeToken { token: t.token },
         }
     }
 }
@@ -564,6 +595,11 @@ enum Proof {
         public_key: Vec<u8>,
         nonce: Vec<u8>,
         signature: Vec<u8>,
+    },
+    /// A node token, already checked: the node's id and name.
+    Node {
+        id: String,
+        name: String,
     },
 }
 
@@ -740,13 +776,11 @@ impl Store {
         let (account, role, group, proof) = match login {
             Login::Anonymous => {
                 return match self {
-                    Self::Open => Ok(Grant {
-                        account: String::new(),
-                        role: String::new(),
-                        group: String::new(),
-                        scope: String::new(),
-                        rules: None,
-                    }),
+                    Self::Open => Ok(Grant::unrestricted(
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    )),
                     _ => Err(LoginError::CredentialsRequired),
                 };
             }
@@ -773,6 +807,19 @@ impl Store {
                     signature,
                 },
             ),
+            Login::NodeToken { token } => {
+                let found = self.node_of_token(&token).await?;
+                let node = found.node;
+                (
+                    found.account,
+                    node.role,
+                    node.group,
+                    Proof::Node {
+                        id: node.id,
+                        name: node.name,
+                    },
+                )
+            }
         };
         let bad_name = |e: BadName| LoginError::BadName(e.to_string());
         check_name("account", &account).map_err(bad_name)?;
@@ -798,7 +845,11 @@ impl Store {
                 {
                     return Err(LoginError::BadSignature(account));
                 }
-                return Ok(Grant::unrestricted(account, role, group));
+                let mut grant = Grant::unrestricted(account, role, group);
+                if let Proof::Key { public_key, .. } = &proof {
+                    grant.node_id = relaymesh_proto::node::id_of_key(public_key);
+                }
+                return Ok(grant);
             }
             Self::Single {
                 account: name,
@@ -825,7 +876,9 @@ impl Store {
                 .map_err(|e| LoginError::Unavailable(e.to_string()))?,
         };
         let entry = entry.ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
-        // The groups the matching credential may act in (empty: any).
+        // The node the login is, and the groups the matching credential may act in (empty:
+        // any).
+        let mut node = (String::new(), String::new());
         let groups = match proof {
             Proof::Code(code) => {
                 let live: Vec<&AccessCode> =
@@ -849,12 +902,33 @@ impl Store {
                 if !registered || !signed(&public_key, &nonce, &signature) {
                     return Err(LoginError::BadSignature(account));
                 }
-                entry
+                let groups = entry
                     .public_keys
                     .iter()
                     .find(|k| !k.revoked && hex_decode(&k.key).is_some_and(|k| k == public_key))
                     .map(|k| k.groups.clone())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let id = relaymesh_proto::node::id_of_key(&public_key);
+                let name = match self {
+                    Self::Sql(db) => db
+                        .node(&id)
+                        .await
+                        .map_err(|e| LoginError::Unavailable(e.to_string()))?
+                        .filter(|n| n.account == account)
+                        .map(|n| n.node.name),
+                    _ => entry
+                        .nodes
+                        .iter()
+                        .find(|n| n.id == id)
+                        .map(|n| n.name.clone()),
+                };
+                node = (id, name.unwrap_or_default());
+                groups
+            }
+            // Registered in this group, with this role: checked below like any login's.
+            Proof::Node { id, name } => {
+                node = (id, name);
+                Vec::new()
             }
         };
         if !groups.is_empty() && !groups.contains(&group) {
@@ -885,6 +959,8 @@ impl Store {
             group,
             scope,
             rules,
+            node_id: node.0,
+            node_name: node.1,
         })
     }
 
@@ -1079,6 +1155,7 @@ mod tests {
                     subscribe: vec!["command/+".into()],
                 },
             )]),
+            nodes: Vec::new(),
         }
     }
 

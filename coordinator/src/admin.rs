@@ -94,6 +94,18 @@ pub enum AdminCommand {
         /// The role.
         role: String,
     },
+    /// List an account's nodes (registered, and key nodes that stored their details).
+    Nodes {
+        /// The account name.
+        name: String,
+    },
+    /// Revoke a node's token: it no longer logs in (sessions already open are not cut).
+    RevokeNode {
+        /// The account name.
+        name: String,
+        /// The node id (see `nodes`).
+        id: String,
+    },
 }
 
 /// Where the accounts live.
@@ -185,6 +197,7 @@ impl Backend {
                     access_codes: Vec::new(),
                     public_keys: Vec::new(),
                     roles: Default::default(),
+                    nodes: Vec::new(),
                 })
                 .await?;
                 Ok(format!("created account {name}\n"))
@@ -298,6 +311,56 @@ impl Backend {
                 self.put(account).await?;
                 Ok(format!("set role {role} of {name}\n"))
             }
+            AdminCommand::Nodes { name } => {
+                let nodes = match self {
+                    Self::File(_) => self.existing(&name).await?.nodes,
+                    Self::Sql(db) => {
+                        self.existing(&name).await?;
+                        db.nodes(&name).await?
+                    }
+                };
+                Ok(nodes
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}\t{}{}\trole {}\tgroup {}\tname {:?}\tlocation {:?}\tinfo {}\n",
+                            n.id,
+                            if n.token_hash.is_empty() {
+                                "key"
+                            } else {
+                                "token"
+                            },
+                            if n.revoked { " (revoked)" } else { "" },
+                            if n.role.is_empty() { "-" } else { &n.role },
+                            if n.group.is_empty() { "-" } else { &n.group },
+                            n.name,
+                            n.location,
+                            n.info,
+                        )
+                    })
+                    .collect())
+            }
+            AdminCommand::RevokeNode { name, id } => {
+                let revoked = match self {
+                    Self::Sql(db) => db.revoke_node(&name, &id).await?,
+                    Self::File(path) => {
+                        let mut file = Self::load_file(path)?;
+                        let account = file.account_mut(&name)?;
+                        match account.nodes.iter_mut().find(|n| n.id == id) {
+                            Some(node) => {
+                                node.revoked = true;
+                                file.save(path)?;
+                                true
+                            }
+                            None => false,
+                        }
+                    }
+                };
+                if !revoked {
+                    return Err(no_entry(&name, "node", &id));
+                }
+                Ok(format!("revoked node {id} of {name}\n"))
+            }
             AdminCommand::RemoveRole { name, role } => {
                 let mut account = self.existing(&name).await?;
                 if account.roles.remove(&role).is_none() {
@@ -363,13 +426,13 @@ fn no_entry(account: &str, what: &'static str, id: &str) -> StoreError {
 
 /// A turn at changing a file store: a lock file beside it, created exclusively and removed on
 /// drop. One left behind by a crashed command is taken over after [`STALE_TURN`].
-struct FileTurn(PathBuf);
+pub(crate) struct FileTurn(PathBuf);
 
 /// How long a lock file may stand before it is taken to be left over from a crash.
 const STALE_TURN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl FileTurn {
-    async fn take(path: &std::path::Path) -> Result<Self, StoreError> {
+    pub(crate) async fn take(path: &std::path::Path) -> Result<Self, StoreError> {
         let lock = path.with_extension("json.lock");
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {

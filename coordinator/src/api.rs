@@ -23,6 +23,8 @@ pub(crate) struct Stats {
     pub(crate) logins_refused: Counter,
     /// Logins refused because their address failed too often.
     pub(crate) logins_rate_limited: Counter,
+    /// Nodes registered (`RegisterNode`, `POST /v1/nodes`).
+    pub(crate) nodes_registered: Counter,
     /// `Replace` notices a server's full link queue did not take.
     pub(crate) replace_dropped: Counter,
     pub(crate) reservations_failed: Counter,
@@ -67,6 +69,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "login_failures": s.login_failures.get(),
         "logins_refused": s.logins_refused.get(),
         "logins_rate_limited": s.logins_rate_limited.get(),
+        "nodes_registered": s.nodes_registered.get(),
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
@@ -134,6 +137,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Logins whose credentials were refused.",
         s.logins_refused.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_nodes_registered_total",
+        Kind::Counter,
+        "Nodes registered.",
+        s.nodes_registered.get() as f64,
     );
     e.single(
         "relaymesh_coordinator_logins_rate_limited_total",

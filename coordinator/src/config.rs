@@ -49,8 +49,11 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Largest WebSocket message accepted, in bytes.
     pub max_frame_bytes: usize,
-    /// Largest `POST /v1/login` body accepted, in bytes.
+    /// Largest `POST /v1/login` (and `/v1/nodes...`) body accepted, in bytes.
     pub max_login_body_bytes: usize,
+    /// Longest node `info` (a JSON object as text) accepted by `RegisterNode` and
+    /// `UpdateNode`, in bytes.
+    pub max_node_info_bytes: usize,
     /// Time allowed for connections and tasks to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Time an HTTP client has for its request head, and again for its body and the answer;
@@ -96,6 +99,7 @@ impl Default for Config {
             max_connections_per_ip: 10_000,
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
+            max_node_info_bytes: crate::nodes::DEFAULT_MAX_NODE_INFO,
             shutdown_grace_ms: 5_000,
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
@@ -121,6 +125,11 @@ impl Config {
         if let Err(e) = relaymesh_net::auth::parse_public_keys(&self.trusted_server_keys) {
             return Err(ConfigError::Invalid(format!("`trusted_server_keys`: {e}")));
         }
+        ensure(
+            self.max_node_info_bytes >= 2 && self.max_node_info_bytes < self.max_frame_bytes,
+            "max_node_info_bytes",
+            "must be at least 2 (`{}`) and less than max_frame_bytes",
+        )?;
         ensure(
             self.reserve_timeout_ms > 0,
             "reserve_timeout_ms",

@@ -15,6 +15,7 @@ mod alias;
 mod api;
 pub mod config;
 mod negotiate;
+pub mod nodes;
 pub mod registry;
 mod server_link;
 pub mod sql;
@@ -168,6 +169,16 @@ pub async fn run(
             post(negotiate::login).layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
         )
         .route("/v1/login/challenge", post(negotiate::challenge))
+        .route(
+            "/v1/nodes",
+            post(negotiate::register_node_http)
+                .layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
+        )
+        .route(
+            "/v1/nodes/update",
+            post(negotiate::update_node_http)
+                .layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
+        )
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))

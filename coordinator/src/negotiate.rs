@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::App;
 use crate::accounts::{Login, LoginError, check_name, hex_decode};
+use crate::nodes::NodeFields;
 use crate::registry::Claim;
 use crate::server_link::ReserveFailed;
 use crate::server_link::millis;
@@ -291,6 +292,7 @@ impl Negotiation {
                 servers,
                 heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
                 heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+                node_id: identity.node_id.clone(),
             }),
         )?;
         self.state = Step::LoggedIn(identity);
@@ -365,10 +367,7 @@ impl link::Handler for Negotiation {
                         Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
                     place(app, identity, preferred, connect.exclude).await
                 } else {
-                    Err(error(
-                        ErrorCode::LimitExceeded,
-                        "too many Connect requests; slow down",
-                    ))
+                    Err(too_many())
                 };
                 let msg = match answer {
                     Ok(p) => v1::CoordinatorToClient::offer(v1::ConnectOffer {
@@ -385,6 +384,41 @@ impl link::Handler for Negotiation {
                 &self.tx,
                 &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }),
             )?,
+            Some(Kind::RegisterNode(r)) => {
+                let answer = if self.bucket.take(Instant::now()) {
+                    register_node(app, identity, node_fields(r.name, r.location, r.info))
+                        .await
+                        .map(|(node_id, token)| {
+                            v1::CoordinatorToClient::node_registered(v1::NodeRegistered {
+                                node_id,
+                                token,
+                            })
+                        })
+                } else {
+                    Err(too_many())
+                };
+                reply(
+                    &self.tx,
+                    &answer.unwrap_or_else(v1::CoordinatorToClient::error),
+                )?;
+            }
+            Some(Kind::UpdateNode(u)) => {
+                let answer = if self.bucket.take(Instant::now()) {
+                    update_node(app, identity, node_fields(u.name, u.location, u.info))
+                        .await
+                        .map(|()| {
+                            v1::CoordinatorToClient::node_updated(v1::NodeUpdated {
+                                node_id: identity.node_id.clone(),
+                            })
+                        })
+                } else {
+                    Err(too_many())
+                };
+                reply(
+                    &self.tx,
+                    &answer.unwrap_or_else(v1::CoordinatorToClient::error),
+                )?;
+            }
             Some(Kind::Hello(_)) => {
                 return Err(unexpected("Hello was already sent on this link"));
             }
@@ -425,6 +459,46 @@ impl link::Handler for Negotiation {
     fn last_words(&self, error: v1::Error) -> Option<Bytes> {
         Some(error_frame::<v1::CoordinatorToClient>(error))
     }
+}
+
+/// A negotiation link asked for more than `connect_rate_per_s` allows.
+fn too_many() -> v1::Error {
+    error(
+        ErrorCode::LimitExceeded,
+        "too many requests on this link (Connect, RegisterNode, UpdateNode); slow down",
+    )
+}
+
+fn node_fields(name: String, location: String, info: String) -> NodeFields {
+    NodeFields {
+        name,
+        location,
+        info,
+    }
+}
+
+/// Registers a node for the logged-in `identity` (see [`crate::nodes`]).
+async fn register_node(
+    app: &App,
+    identity: &v1::Identity,
+    fields: NodeFields,
+) -> Result<(String, String), v1::Error> {
+    let fields = fields.checked(app.config.max_node_info_bytes)?;
+    let (id, token) = app.accounts.register_node(identity, fields).await?;
+    app.stats.nodes_registered.inc();
+    tracing::info!(account = %identity.account, node = %id, "node registered");
+    Ok((id, token))
+}
+
+/// Updates the node `identity` is.
+async fn update_node(
+    app: &App,
+    identity: &v1::Identity,
+    fields: NodeFields,
+) -> Result<(), v1::Error> {
+    let fields = fields.checked(app.config.max_node_info_bytes)?;
+    app.accounts.update_node(identity, fields).await?;
+    Ok(())
 }
 
 /// [`place_client`] with login accounting.
@@ -478,8 +552,9 @@ pub(crate) struct LoginRequest {
     exclude: Vec<String>,
 }
 
-/// JSON form of [`v1::Credentials`]: `{"anonymous": {}}` or `{"access_code": {"account": ...,
-/// "code": ..., "role": ..., "group": ...}}` (role and group optional).
+/// JSON form of [`v1::Credentials`]: `{"anonymous": {}}`, `{"access_code": {"account": ...,
+/// "code": ..., "role": ..., "group": ...}}` (role and group optional), `{"key": {...}}` or
+/// `{"node_token": {"token": ...}}`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum LoginCredentials {
@@ -503,6 +578,10 @@ pub(crate) enum LoginCredentials {
         group: String,
         challenge_id: String,
         signature: String,
+    },
+    /// A registered node's token.
+    NodeToken {
+        token: String,
     },
 }
 
@@ -541,6 +620,7 @@ impl LoginCredentials {
                     group,
                 }
             }
+            Self::NodeToken { token } => Login::NodeToken { token },
         })
     }
 }
@@ -559,43 +639,53 @@ pub(crate) async fn challenge(
 #[derive(Debug, Serialize)]
 pub(crate) struct LoginResponse {
     alias: String,
+    /// The node the login is (omitted when none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    node_id: String,
     #[serde(flatten)]
     placement: Placement,
 }
 
-/// `POST /v1/login`: the same choice as `/v1/connect`, as JSON.
-pub(crate) async fn login(
-    State(app): State<Arc<App>>,
-    Extension(conn): Extension<ConnInfo>,
+/// The JSON body of a login-like request (`POST /v1/login`, `/v1/nodes`, `/v1/nodes/update`);
+/// an empty body is `T::default()`.
+fn json_body<T: serde::de::DeserializeOwned + Default>(
+    app: &App,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<LoginResponse>, ApiError> {
+) -> Result<T, ApiError> {
     // The route's body limit (`max_login_body_bytes`) stops reading early; say so as JSON.
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::LimitExceeded,
             format!(
-                "login body is larger than {} bytes",
+                "request body is larger than {} bytes",
                 app.config.max_login_body_bytes
             ),
         ),
         status => ApiError::new(status, ErrorCode::BadFrame, e.body_text()),
     })?;
-    let request: LoginRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        LoginRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadFrame,
-                format!("invalid login JSON: {e}"),
-            )
-        })?
-    };
-    let from = conn.peer.ip();
-    let login = match request.credentials {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            format!("invalid request JSON: {e}"),
+        )
+    })
+}
+
+/// Checks the credentials of an HTTP request and returns the identity they log in as.
+async fn http_identity(
+    app: &App,
+    credentials: Option<LoginCredentials>,
+    client_id: String,
+    from: IpAddr,
+) -> Result<v1::Identity, ApiError> {
+    let login = match credentials {
         None => Login::Anonymous,
-        Some(credentials) => match credentials.into_login(&app) {
+        Some(credentials) => match credentials.into_login(app) {
             Ok(login) => login,
             Err(e) => {
                 // An unknown or used challenge is a failed attempt like a bad signature.
@@ -608,9 +698,20 @@ pub(crate) async fn login(
             }
         },
     };
-    let identity = authenticate(&app, login, request.client_id, from)
+    authenticate(app, login, client_id, from)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(ApiError::from)
+}
+
+/// `POST /v1/login`: the same choice as `/v1/connect`, as JSON.
+pub(crate) async fn login(
+    State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let request: LoginRequest = json_body(&app, body)?;
+    let identity =
+        http_identity(&app, request.credentials, request.client_id, conn.peer.ip()).await?;
     let placement = place(
         &app,
         &identity,
@@ -620,6 +721,71 @@ pub(crate) async fn login(
     .await?;
     Ok(Json(LoginResponse {
         alias: identity.alias,
+        node_id: identity.node_id,
         placement,
+    }))
+}
+
+/// Body of `POST /v1/nodes` and `POST /v1/nodes/update`: credentials as for `/v1/login`, and
+/// the node's fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct NodeRequest {
+    credentials: Option<LoginCredentials>,
+    name: String,
+    location: String,
+    /// A JSON object (not text, unlike the protobuf field).
+    info: Option<serde_json::Value>,
+}
+
+impl NodeRequest {
+    fn fields(&mut self) -> NodeFields {
+        NodeFields {
+            name: std::mem::take(&mut self.name),
+            location: std::mem::take(&mut self.location),
+            info: self.info.take().map(|v| v.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Answer of `POST /v1/nodes`: the token is shown this once.
+#[derive(Debug, Serialize)]
+pub(crate) struct NodeRegisteredJson {
+    node_id: String,
+    token: String,
+}
+
+/// `POST /v1/nodes`: registers a node of the logged-in account, role and group.
+pub(crate) async fn register_node_http(
+    State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<NodeRegisteredJson>, ApiError> {
+    let mut request: NodeRequest = json_body(&app, body)?;
+    let credentials = request.credentials.take();
+    let identity = http_identity(&app, credentials, String::new(), conn.peer.ip()).await?;
+    let (node_id, token) = register_node(&app, &identity, request.fields()).await?;
+    Ok(Json(NodeRegisteredJson { node_id, token }))
+}
+
+/// Answer of `POST /v1/nodes/update`.
+#[derive(Debug, Serialize)]
+pub(crate) struct NodeUpdatedJson {
+    node_id: String,
+}
+
+/// `POST /v1/nodes/update`: replaces the name, location and info of the node the credentials
+/// (a node token or an Ed25519 key) log in as.
+pub(crate) async fn update_node_http(
+    State(app): State<Arc<App>>,
+    Extension(conn): Extension<ConnInfo>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<NodeUpdatedJson>, ApiError> {
+    let mut request: NodeRequest = json_body(&app, body)?;
+    let credentials = request.credentials.take();
+    let identity = http_identity(&app, credentials, String::new(), conn.peer.ip()).await?;
+    update_node(&app, &identity, request.fields()).await?;
+    Ok(Json(NodeUpdatedJson {
+        node_id: identity.node_id,
     }))
 }

@@ -9,6 +9,12 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row as _};
 
 use crate::accounts::{AccessCode, Account, PublicKey, RoleRules, StoreError};
+use crate::nodes::{Node, TokenNode};
+
+/// Milliseconds as stored (BIGINT).
+fn millis(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
 
 /// Connections kept open to the database.
 const POOL_SIZE: u32 = 8;
@@ -160,6 +166,8 @@ impl SqlStore {
             access_codes,
             public_keys,
             roles,
+            // Read on their own (`node`, `nodes`): an account may have many.
+            nodes: Vec::new(),
         }))
     }
 
@@ -280,6 +288,115 @@ impl SqlStore {
         .execute(&self.pool)
         .await
         .map_err(failed("revoking"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Stores a new node of `account`.
+    pub async fn insert_node(&self, account: &str, node: &Node) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (id, account, role, grp, name, location, info, token_hash, \
+             revoked, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&node.id)
+        .bind(account)
+        .bind(&node.role)
+        .bind(&node.group)
+        .bind(&node.name)
+        .bind(&node.location)
+        .bind(&node.info)
+        .bind(&node.token_hash)
+        .bind(i64::from(node.revoked))
+        .bind(millis(node.created_ms))
+        .bind(millis(node.updated_ms))
+        .execute(&self.pool)
+        .await
+        .map_err(failed("registering a node"))?;
+        Ok(())
+    }
+
+    /// Replaces the name, location and info of node `node.id` of `account`, storing it if it
+    /// is not stored yet (a key node); `false` when it is revoked or another account's.
+    pub async fn update_node(&self, account: &str, node: &Node) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET name = $1, location = $2, info = $3, updated_ms = $4 \
+             WHERE id = $5 AND account = $6 AND revoked = 0",
+        )
+        .bind(&node.name)
+        .bind(&node.location)
+        .bind(&node.info)
+        .bind(millis(node.updated_ms))
+        .bind(&node.id)
+        .bind(account)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("updating a node"))?;
+        if done.rows_affected() > 0 {
+            return Ok(true);
+        }
+        if self.node(&node.id).await?.is_some() {
+            return Ok(false);
+        }
+        self.insert_node(account, node).await?;
+        Ok(true)
+    }
+
+    /// Node `id`, with its account.
+    pub(crate) async fn node(&self, id: &str) -> Result<Option<TokenNode>, StoreError> {
+        let row = sqlx::query(
+            "SELECT account, role, grp, name, location, info, token_hash, revoked, created_ms, \
+             updated_ms FROM nodes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(failed("reading a node"))?;
+        let Some(r) = row else { return Ok(None) };
+        let read = || -> Result<TokenNode, sqlx::Error> {
+            Ok(TokenNode {
+                account: r.try_get(0)?,
+                node: Node {
+                    id: id.to_owned(),
+                    role: r.try_get(1)?,
+                    group: r.try_get(2)?,
+                    name: r.try_get(3)?,
+                    location: r.try_get(4)?,
+                    info: r.try_get(5)?,
+                    token_hash: r.try_get(6)?,
+                    revoked: r.try_get::<i64, _>(7)? != 0,
+                    created_ms: u64::try_from(r.try_get::<i64, _>(8)?).unwrap_or(0),
+                    updated_ms: u64::try_from(r.try_get::<i64, _>(9)?).unwrap_or(0),
+                },
+            })
+        };
+        read().map(Some).map_err(failed("reading a node"))
+    }
+
+    /// The nodes of `account`, by id.
+    pub async fn nodes(&self, account: &str) -> Result<Vec<Node>, StoreError> {
+        let ids: Vec<String> = sqlx::query("SELECT id FROM nodes WHERE account = $1 ORDER BY id")
+            .bind(account)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(failed("listing nodes"))?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(failed("listing nodes"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.node(&id).await?.map(|n| n.node));
+        }
+        Ok(out)
+    }
+
+    /// Revokes node `id` of `account`; `false` when there is none.
+    pub async fn revoke_node(&self, account: &str, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE nodes SET revoked = 1 WHERE account = $1 AND id = $2")
+            .bind(account)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("revoking a node"))?;
         Ok(done.rows_affected() > 0)
     }
 

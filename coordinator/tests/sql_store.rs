@@ -7,6 +7,7 @@
 
 use coordinator::accounts::{Login, LoginError, Store, StoreError};
 use coordinator::admin::{AdminCommand, Backend};
+use coordinator::nodes::{NodeError, NodeFields};
 use coordinator::sql::SqlStore;
 use sqlx::Connection as _;
 
@@ -122,6 +123,7 @@ async fn exercise(url: &str) {
     let missing = missing.unwrap_err();
     assert!(matches!(&missing, StoreError::NoEntry { what: "code", id, .. } if id == "nope"));
     assert_eq!(missing.to_string(), r#"account "acme" has no code "nope""#);
+    nodes(&db, &store).await;
     let listed = admin(&db, AdminCommand::List).await;
     assert!(
         listed.contains("main (revoked)") && listed.contains("agent [publish telemetry/#"),
@@ -131,6 +133,83 @@ async fn exercise(url: &str) {
     if let Store::Sql(db) = store {
         db.close().await;
     }
+}
+
+/// Nodes: registered with a token whose hash alone is stored, logged in with it (as the
+/// registering role and group), updated, listed and revoked.
+async fn nodes(db: &SqlStore, store: &Store) {
+    let registrar = relaymesh_proto::v1::Identity {
+        account: named("acme"),
+        role: named("agent"),
+        groups: vec![named("g1")],
+        ..Default::default()
+    };
+    let fields = |name: &str| NodeFields {
+        name: named(name),
+        location: named("bay 3"),
+        info: r#"{"model": "x4"}"#.into(),
+    };
+    let (id, token) = store
+        .register_node(&registrar, fields("drone 1"))
+        .await
+        .unwrap();
+    assert_eq!(relaymesh_proto::node::check_id(&id), Ok(()));
+    let grant = store
+        .check(Login::NodeToken {
+            token: token.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            grant.node_id.as_str(),
+            grant.node_name.as_str(),
+            grant.role.as_str()
+        ),
+        (id.as_str(), "drone 1", "agent")
+    );
+    assert_eq!(grant.scope, "acme#g1");
+    let me = relaymesh_proto::v1::Identity {
+        node_id: id.clone(),
+        ..registrar.clone()
+    };
+    store.update_node(&me, fields("drone 1b")).await.unwrap();
+    let listed = admin(
+        db,
+        AdminCommand::Nodes {
+            name: named("acme"),
+        },
+    )
+    .await;
+    assert!(
+        listed.contains(&id) && listed.contains("drone 1b") && listed.contains("model"),
+        "{listed}"
+    );
+    let secret = token.split_once('.').unwrap().1;
+    assert!(!listed.contains(secret));
+    let forged = format!("{id}.{}", "0".repeat(64));
+    for bad in [forged.as_str(), "garbage", ""] {
+        assert_eq!(
+            store.check(Login::NodeToken { token: bad.into() }).await,
+            Err(LoginError::BadToken)
+        );
+    }
+    admin(
+        db,
+        AdminCommand::RevokeNode {
+            name: named("acme"),
+            id: id.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        store.check(Login::NodeToken { token }).await,
+        Err(LoginError::BadToken)
+    );
+    assert!(matches!(
+        store.update_node(&me, fields("again")).await,
+        Err(NodeError::Unknown(_))
+    ));
 }
 
 #[tokio::test]

@@ -86,34 +86,49 @@ pub struct Sender<'a> {
     pub seq: u64,
     /// The alias it was first published under, when this is a resend (`Publish.resent_from`).
     pub resent_from: &'a str,
+    /// The sender's node, for a direct message or signal (empty: none, or not a node).
+    pub node: &'a str,
+    /// The signal kind (`v1::SignalKind` as `i32`; 0 for none).
+    pub signal: i32,
 }
 
 impl<'a> Sender<'a> {
-    /// The fields after a message's length-delimited ones: `seq` (a varint) and
-    /// `resent_from`.
+    /// The fields after a message's length-delimited ones: `seq` (a varint), `resent_from`,
+    /// `from_node` and `signal` (a varint).
     fn tail(&self) -> Tail<'a> {
         Tail {
             seq: self.seq,
             resent_from: self.resent_from.as_bytes(),
+            node: self.node.as_bytes(),
+            signal: self.signal,
         }
     }
 }
 
-/// A varint and a string field numbered right after an envelope's length-delimited fields.
+/// Fields numbered right after an envelope's length-delimited ones: a varint, two strings and
+/// a varint.
 #[derive(Debug, Clone, Copy)]
 struct Tail<'a> {
     seq: u64,
     resent_from: &'a [u8],
+    node: &'a [u8],
+    signal: i32,
 }
 
 impl Tail<'_> {
     fn len(&self, first: u32) -> usize {
-        let seq = if self.seq == 0 {
-            0
-        } else {
-            key_len(first) + encoded_len_varint(self.seq)
+        let varint = |field: u32, value: u64| {
+            if value == 0 {
+                0
+            } else {
+                key_len(field) + encoded_len_varint(value)
+            }
         };
-        seq + field_len(first + 1, self.resent_from.len())
+        varint(first, self.seq)
+            + field_len(first + 1, self.resent_from.len())
+            + field_len(first + 2, self.node.len())
+            // An enum is encoded as its `i32` sign-extended to 64 bits, as prost does.
+            + varint(first + 3, self.signal as i64 as u64)
     }
 
     fn put(&self, first: u32, buf: &mut BytesMut) {
@@ -121,16 +136,22 @@ impl Tail<'_> {
             encode_key(first, WireType::Varint, buf);
             encode_varint(self.seq, buf);
         }
-        if !self.resent_from.is_empty() {
-            encode_key(first + 1, WireType::LengthDelimited, buf);
-            encode_varint(self.resent_from.len() as u64, buf);
-            buf.put_slice(self.resent_from);
+        for (field, value) in [(first + 1, self.resent_from), (first + 2, self.node)] {
+            if !value.is_empty() {
+                encode_key(field, WireType::LengthDelimited, buf);
+                encode_varint(value.len() as u64, buf);
+                buf.put_slice(value);
+            }
+        }
+        if self.signal != 0 {
+            encode_key(first + 3, WireType::Varint, buf);
+            encode_varint(self.signal as i64 as u64, buf);
         }
     }
 }
 
 /// Encodes `ServerToClient { message: Message { topic, from_alias, payload, from_role, seq,
-/// resent_from } }`.
+/// resent_from, from_node, signal } }`.
 pub fn message_frame(topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
     let fields = message_fields(topic, &from, payload);
     let tail = from.tail();
@@ -168,7 +189,7 @@ fn message_fields<'a>(topic: &'a str, from: &Sender<'a>, payload: &'a [u8]) -> [
 }
 
 /// Encodes `PeerMessage { forward: Forward { account, topic, from_alias, payload, from_role,
-/// seq, resent_from } }`
+/// seq, resent_from, from_node, signal } }`
 /// (`account` is the routing scope).
 pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8]) -> Bytes {
     let fields: [&[u8]; 5] = [
@@ -259,6 +280,8 @@ envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Connect(v1::Connect) => connect,
     Ping(v1::Ping) => ping,
     ChallengeResponse(v1::ChallengeResponse) => challenge_response,
+    RegisterNode(v1::RegisterNode) => register_node,
+    UpdateNode(v1::UpdateNode) => update_node,
 });
 envelope_ctors!(CoordinatorToClient, v1::coordinator_to_client::Kind {
     Welcome(v1::Welcome) => welcome,
@@ -266,6 +289,8 @@ envelope_ctors!(CoordinatorToClient, v1::coordinator_to_client::Kind {
     Error(v1::Error) => error,
     Pong(v1::Pong) => pong,
     Challenge(v1::Challenge) => challenge,
+    NodeRegistered(v1::NodeRegistered) => node_registered,
+    NodeUpdated(v1::NodeUpdated) => node_updated,
 });
 envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Attach(v1::Attach) => attach,
@@ -273,6 +298,8 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Unsubscribe(v1::Unsubscribe) => unsubscribe,
     Publish(v1::Publish) => publish,
     Ping(v1::Ping) => ping,
+    Send(v1::Send) => send,
+    Signal(v1::Signal) => signal,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -282,6 +309,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Pong(v1::Pong) => pong,
     Ack(v1::Ack) => ack,
     Published(v1::Published) => published,
+    Undeliverable(v1::Undeliverable) => undeliverable,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -300,11 +328,14 @@ mod tests {
 
     #[test]
     fn message_frame_matches_prost() {
-        for (topic, alias, payload, role, seq, resent_from) in [
-            ("rooms/lobby", "a1-7", &b"hello"[..], "gcs", 0, ""),
-            ("t", "", &b""[..], "", 1, ""),
-            ("x", "y", &[0u8; 300][..], "", 300, "old-alias"),
-            ("x", "y", &b"z"[..], "r", u64::MAX, "o"),
+        for (topic, alias, payload, role, seq, resent_from, node, signal) in [
+            ("rooms/lobby", "a1-7", &b"hello"[..], "gcs", 0, "", "", 0),
+            ("t", "", &b""[..], "", 1, "", "", 0),
+            ("x", "y", &[0u8; 300][..], "", 300, "old-alias", "", 0),
+            ("x", "y", &b"z"[..], "r", u64::MAX, "o", "", 0),
+            ("@node/ab", "y", &b"z"[..], "", 7, "", "0123abcd", 0),
+            ("@node/ab", "y", &b"z"[..], "r", 7, "o", "0123abcd", 4),
+            ("@node/ab", "y", &b"z"[..], "", 0, "", "", -1),
         ] {
             let expected = encode(&v1::ServerToClient::message(v1::Message {
                 topic: topic.into(),
@@ -313,12 +344,16 @@ mod tests {
                 from_role: role.into(),
                 seq,
                 resent_from: resent_from.into(),
+                from_node: node.into(),
+                signal,
             }));
             let from = Sender {
                 alias,
                 role,
                 seq,
                 resent_from,
+                node,
+                signal,
             };
             assert_eq!(message_frame(topic, from, payload), expected);
             assert_eq!(message_frame_len(topic, from, payload), expected.len());
@@ -331,10 +366,12 @@ mod tests {
     #[test]
     fn forward_frame_matches_prost() {
         let payload = vec![7u8; 200_000];
-        for (account, role, seq, resent_from) in [
-            ("", "", 0, ""),
-            ("acme", "agent", 77_777, ""),
-            ("a", "", 5, "b"),
+        for (account, role, seq, resent_from, node, signal) in [
+            ("", "", 0, "", "", 0),
+            ("acme", "agent", 77_777, "", "", 0),
+            ("a", "", 5, "b", "", 0),
+            ("a", "", 5, "b", "f00d", 2),
+            ("a", "r", 0, "", "f00d", 0),
         ] {
             let expected = encode(&v1::PeerMessage::forward(v1::Forward {
                 account: account.into(),
@@ -344,12 +381,16 @@ mod tests {
                 from_role: role.into(),
                 seq,
                 resent_from: resent_from.into(),
+                from_node: node.into(),
+                signal,
             }));
             let from = Sender {
                 alias: "c0ffee-12",
                 role,
                 seq,
                 resent_from,
+                node,
+                signal,
             };
             assert_eq!(
                 forward_frame(account, "telemetry/drone-1", from, &payload),

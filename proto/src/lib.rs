@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod hex;
+pub mod node;
 pub mod topic;
 
 /// Generated protobuf types for protocol version 1 (`package relaymesh.v1`).

@@ -50,6 +50,15 @@ pub enum TopicError {
     },
 }
 
+/// Checks a topic that a server routes: a client's topic ([`validate`]), or a node topic
+/// (`@node/<id>`, see [`crate::node`]) that only servers make.
+pub fn validate_routed(topic: &str, max_len: usize) -> Result<(), TopicError> {
+    match crate::node::of_topic(topic) {
+        Some(id) if crate::node::check_id(id).is_ok() => Ok(()),
+        _ => validate(topic, max_len),
+    }
+}
+
 /// Checks `topic` against the rules in the module documentation.
 pub fn validate(topic: &str, max_len: usize) -> Result<(), TopicError> {
     if topic.is_empty() {

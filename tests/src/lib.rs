@@ -63,6 +63,13 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// The next event of `client`.
+pub async fn next_event(client: &mut Client) -> relaymesh_client::Event {
+    within("event", client.next_event())
+        .await
+        .expect("client closed")
+}
+
 /// The next event of `client`, which must be a message.
 pub async fn next_message(client: &mut Client) -> relaymesh_client::Message {
     match within("message", client.next_event())

@@ -43,6 +43,14 @@ pub struct Identity {
     /// Increases with every login through this coordinator.
     #[prost(uint64, tag = "10")]
     pub seq: u64,
+    /// The node this client is (empty: none): a registered node logged in with its token, or the
+    /// node named by an Ed25519 key login (`relaymesh_proto::node::id_of_key`). Direct messages
+    /// and signals to this id reach the client.
+    #[prost(string, tag = "11")]
+    pub node_id: ::prost::alloc::string::String,
+    /// The node's name as registered (empty for none).
+    #[prost(string, tag = "12")]
+    pub node_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {
@@ -203,7 +211,7 @@ pub struct ReserveFailed {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToCoordinator {
-    #[prost(oneof = "client_to_coordinator::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "client_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<client_to_coordinator::Kind>,
 }
 /// Nested message and enum types in `ClientToCoordinator`.
@@ -218,11 +226,15 @@ pub mod client_to_coordinator {
         Ping(super::Ping),
         #[prost(message, tag = "4")]
         ChallengeResponse(super::ChallengeResponse),
+        #[prost(message, tag = "5")]
+        RegisterNode(super::RegisterNode),
+        #[prost(message, tag = "6")]
+        UpdateNode(super::UpdateNode),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToClient {
-    #[prost(oneof = "coordinator_to_client::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "coordinator_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<coordinator_to_client::Kind>,
 }
 /// Nested message and enum types in `CoordinatorToClient`.
@@ -239,12 +251,16 @@ pub mod coordinator_to_client {
         Pong(super::Pong),
         #[prost(message, tag = "5")]
         Challenge(super::Challenge),
+        #[prost(message, tag = "6")]
+        NodeRegistered(super::NodeRegistered),
+        #[prost(message, tag = "7")]
+        NodeUpdated(super::NodeUpdated),
     }
 }
 /// How a client proves who it is.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Credentials {
-    #[prost(oneof = "credentials::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "credentials::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<credentials::Kind>,
 }
 /// Nested message and enum types in `Credentials`.
@@ -258,7 +274,16 @@ pub mod credentials {
         AccessCode(super::AccessCode),
         #[prost(message, tag = "3")]
         Key(super::KeyLogin),
+        /// A registered node's token (`RegisterNode`): logs in as that node, in the account, role
+        /// and group it was registered under.
+        #[prost(message, tag = "4")]
+        NodeToken(super::NodeToken),
     }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeToken {
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
 }
 /// An Ed25519 public key registered to the account. On /v1/connect the coordinator answers the
 /// Hello with a Challenge and the client signs it (ChallengeResponse); over HTTP the challenge
@@ -332,6 +357,47 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u32,
     #[prost(uint32, tag = "5")]
     pub heartbeat_timeout_ms: u32,
+    /// The node the client logged in as (empty: none).
+    #[prost(string, tag = "6")]
+    pub node_id: ::prost::alloc::string::String,
+}
+/// Registers a new node of the logged-in client's account, role and group (answered by
+/// NodeRegistered or Error; the link stays open). `info` is a JSON object (text), `name` and
+/// `location` free text; each is bounded (`max_node_info_bytes`, 128 bytes for name and
+/// location).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterNode {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub location: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub info: ::prost::alloc::string::String,
+}
+/// The new node's id and its token. The token is shown this once: the coordinator keeps only
+/// its hash. Log in with it as `Credentials.node_token`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeRegistered {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub token: ::prost::alloc::string::String,
+}
+/// Replaces the name, location and info of the node the client logged in as (a token or key
+/// login). Answered by NodeUpdated or Error.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateNode {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub location: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub info: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeUpdated {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
 }
 /// Ask for a server and a login key. Answered, in order, by ConnectOffer or Error (the link stays
 /// open after an Error that answers a Connect).
@@ -358,7 +424,7 @@ pub struct ConnectOffer {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToServer {
-    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
 /// Nested message and enum types in `ClientToServer`.
@@ -375,11 +441,15 @@ pub mod client_to_server {
         Publish(super::Publish),
         #[prost(message, tag = "5")]
         Ping(super::Ping),
+        #[prost(message, tag = "6")]
+        Send(super::Send),
+        #[prost(message, tag = "7")]
+        Signal(super::Signal),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerToClient {
-    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
 /// Nested message and enum types in `ServerToClient`.
@@ -400,6 +470,8 @@ pub mod server_to_client {
         Ack(super::Ack),
         #[prost(message, tag = "7")]
         Published(super::Published),
+        #[prost(message, tag = "8")]
+        Undeliverable(super::Undeliverable),
     }
 }
 /// First message from the client on the client link.
@@ -421,6 +493,11 @@ pub struct Ready {
     pub heartbeat_interval_ms: u32,
     #[prost(uint32, tag = "5")]
     pub heartbeat_timeout_ms: u32,
+    /// The node this session is (empty: none). Direct messages and signals sent to it anywhere in
+    /// the cluster reach this session from now on (from servers that had not confirmed it yet,
+    /// once they have; as with a subscription).
+    #[prost(string, tag = "6")]
+    pub node_id: ::prost::alloc::string::String,
 }
 /// Answered by Ack{request_id} (see Ack for what it promises).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -485,6 +562,49 @@ pub struct Published {
     #[prost(uint64, tag = "1")]
     pub up_to: u64,
 }
+/// A direct message to node `to_node` of the sender's account. It is numbered like a publish
+/// (one sequence for both: `seq`, confirmed by `Published`, sent again with `resent_from`) and
+/// delivered as a `Message` whose topic is `@node/<to_node>`, with `from_node` stamped, to every
+/// session of that node, wherever in the cluster it is connected. A node with no session gets
+/// `Undeliverable{seq, NOT_CONNECTED}` back.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Send {
+    #[prost(string, tag = "1")]
+    pub to_node: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub payload: ::prost::bytes::Bytes,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(string, tag = "4")]
+    pub resent_from: ::prost::alloc::string::String,
+}
+/// A signal to node `to_node`: relayed like `Send` (delivered as a `Message` with `signal` set),
+/// never queued; `Undeliverable{seq, NOT_CONNECTED}` when the node has no session. Limited per
+/// session (`signal_rate_per_s`, `signal_burst`): over it, `Undeliverable{seq, RATE_LIMITED}`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Signal {
+    #[prost(string, tag = "1")]
+    pub to_node: ::prost::alloc::string::String,
+    #[prost(enumeration = "SignalKind", tag = "2")]
+    pub kind: i32,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub payload: ::prost::bytes::Bytes,
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
+}
+/// A `Send` or `Signal` (by its `seq`) reached no one, and why (`UNKNOWN_NODE`,
+/// `NOT_CONNECTED`, `RATE_LIMITED`, `LIMIT_EXCEEDED`).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Undeliverable {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(enumeration = "ErrorCode", tag = "2")]
+    pub reason: i32,
+    #[prost(string, tag = "3")]
+    pub to_node: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub message: ::prost::alloc::string::String,
+}
 /// A delivered message. `from_alias` and `from_role` are stamped by the server that accepted the
 /// publish; `seq` and `resent_from` are the publisher's (`Publish`). A receiver that has
 /// delivered number `seq` or a later one from `resent_from` (when set) or `from_alias` already
@@ -503,6 +623,13 @@ pub struct Message {
     pub seq: u64,
     #[prost(string, tag = "6")]
     pub resent_from: ::prost::alloc::string::String,
+    /// A direct message or signal (topic `@node/<your node id>`): the sender's node (empty when
+    /// the sender is not a node), stamped by its server.
+    #[prost(string, tag = "7")]
+    pub from_node: ::prost::alloc::string::String,
+    /// Set for a signal.
+    #[prost(enumeration = "SignalKind", tag = "8")]
+    pub signal: i32,
 }
 /// `count` messages meant for this client were dropped: its queue was full, or they were lost
 /// between servers.
@@ -609,6 +736,10 @@ pub struct Forward {
     pub seq: u64,
     #[prost(string, tag = "7")]
     pub resent_from: ::prost::alloc::string::String,
+    #[prost(string, tag = "8")]
+    pub from_node: ::prost::alloc::string::String,
+    #[prost(enumeration = "SignalKind", tag = "9")]
+    pub signal: i32,
 }
 /// The sender had to drop `count` forwards for the receiver: the link's queue was full, or
 /// (answering a PeerHello) they were lost with the previous link and no longer in its replay
@@ -683,6 +814,11 @@ pub enum ErrorCode {
     NotFound = 21,
     /// HTTP: the path exists but does not take this method.
     MethodNotAllowed = 22,
+    /// A direct message or signal named a node that this account does not have.
+    UnknownNode = 23,
+    /// A signal (or a direct message, where no inbox keeps it) named a node that has no session
+    /// in the cluster right now: offline, or not a node of this account (which is not revealed).
+    NotConnected = 24,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -714,6 +850,8 @@ impl ErrorCode {
             Self::RateLimited => "RATE_LIMITED",
             Self::NotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::UnknownNode => "UNKNOWN_NODE",
+            Self::NotConnected => "NOT_CONNECTED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -742,6 +880,47 @@ impl ErrorCode {
             "RATE_LIMITED" => Some(Self::RateLimited),
             "NOT_FOUND" => Some(Self::NotFound),
             "METHOD_NOT_ALLOWED" => Some(Self::MethodNotAllowed),
+            "UNKNOWN_NODE" => Some(Self::UnknownNode),
+            "NOT_CONNECTED" => Some(Self::NotConnected),
+            _ => None,
+        }
+    }
+}
+/// What a signal carries, for WebRTC-style connection set-up (the payload is opaque).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum SignalKind {
+    Unspecified = 0,
+    Init = 1,
+    Offer = 2,
+    Answer = 3,
+    IceCandidate = 4,
+    Custom = 5,
+}
+impl SignalKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SIGNAL_KIND_UNSPECIFIED",
+            Self::Init => "SIGNAL_KIND_INIT",
+            Self::Offer => "SIGNAL_KIND_OFFER",
+            Self::Answer => "SIGNAL_KIND_ANSWER",
+            Self::IceCandidate => "SIGNAL_KIND_ICE_CANDIDATE",
+            Self::Custom => "SIGNAL_KIND_CUSTOM",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SIGNAL_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "SIGNAL_KIND_INIT" => Some(Self::Init),
+            "SIGNAL_KIND_OFFER" => Some(Self::Offer),
+            "SIGNAL_KIND_ANSWER" => Some(Self::Answer),
+            "SIGNAL_KIND_ICE_CANDIDATE" => Some(Self::IceCandidate),
+            "SIGNAL_KIND_CUSTOM" => Some(Self::Custom),
             _ => None,
         }
     }

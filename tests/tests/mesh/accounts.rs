@@ -52,6 +52,7 @@ fn account(name: &str, roles: BTreeMap<String, RoleRules>, isolate_groups: bool)
             groups: Vec::new(),
         }],
         roles,
+        nodes: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ mod dispatch;
 mod failover;
 mod http;
 mod keys;
+mod nodes;
 mod ops;
 mod peer_links;
 mod processes;

@@ -1,0 +1,466 @@
+//! Addressable clients: nodes, direct messages and signals, across servers and accounts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use coordinator::accounts::{
+    AccessCode, Account, AccountsConfig, AccountsFile, StoreKind, hash_code,
+};
+use coordinator::admin::{AdminCommand, Backend};
+use relaymesh_client::{
+    Client, Credentials, ErrorCode, Event, NodeDetails, SignalKind, SigningKey, register_node,
+    update_node,
+};
+use relaymesh_tests::{Cluster, client_config, coordinator_config, next_event, post_json, within};
+use serde_json::json;
+
+/// An Ed25519 key login on an `open` coordinator: the key names the node.
+fn key_login(seed: u8) -> Credentials {
+    Credentials::Key {
+        account: "acme".into(),
+        key: SigningKey::from_bytes(&[seed; 32]),
+        role: String::new(),
+        group: String::new(),
+    }
+}
+
+/// The next direct message of `client`, skipping nothing.
+async fn next_direct(client: &mut Client) -> relaymesh_client::Direct {
+    match next_event(client).await {
+        Event::Direct(d) => d,
+        other => panic!("expected a direct message, got {other:?}"),
+    }
+}
+
+/// The next `Undeliverable` of `client`: (seq, reason).
+async fn next_undeliverable(client: &mut Client) -> (u64, ErrorCode) {
+    match next_event(client).await {
+        Event::Undeliverable { seq, reason, .. } => (seq, reason),
+        other => panic!("expected Undeliverable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn direct_messages_reach_a_node_on_another_server_once_in_order_stamped() {
+    let cluster = Cluster::start(3).await;
+    let sender = cluster.client_as(0, key_login(1)).await;
+    let mut receiver = cluster.client_as(2, key_login(2)).await;
+    let to = receiver.node_id();
+    assert_eq!(
+        to,
+        relaymesh_proto::node::id_of_key(
+            SigningKey::from_bytes(&[2; 32]).verifying_key().as_bytes()
+        )
+    );
+    assert_ne!(sender.node_id(), to);
+    for i in 0..200u32 {
+        sender.send(&to, i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    for i in 0..200u32 {
+        let d = next_direct(&mut receiver).await;
+        assert_eq!(&d.payload[..], &i.to_be_bytes()[..], "in send order");
+        assert_eq!(
+            (d.from_node.as_str(), d.from),
+            (sender.node_id().as_str(), sender.alias())
+        );
+    }
+    // A client of the account that is no node may send too; the message says so.
+    let code = Credentials::AccessCode {
+        account: "acme".into(),
+        code: "any code will do on an open coordinator".into(),
+        role: String::new(),
+        group: String::new(),
+    };
+    let anonymous = cluster.client_as(1, code).await;
+    anonymous.send(&to, "from nobody").await.unwrap();
+    let d = next_direct(&mut receiver).await;
+    assert_eq!(
+        (&d.payload[..], d.from_node.as_str()),
+        (&b"from nobody"[..], "")
+    );
+    // Once each: nothing else is waiting.
+    receiver.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), receiver.next_event())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    let sent: u64 = {
+        let mut total = 0;
+        for s in &cluster.servers {
+            total += s.stat("direct_sent").await;
+        }
+        total
+    };
+    assert_eq!(sent, 201);
+}
+
+#[tokio::test]
+async fn a_node_logged_in_twice_gets_each_message_on_both_sessions() {
+    let cluster = Cluster::start(2).await;
+    let mut phone = cluster.client_as(0, key_login(7)).await;
+    let mut laptop = cluster.client_as(1, key_login(7)).await;
+    assert_eq!(phone.node_id(), laptop.node_id());
+    let sender = cluster.client_as(1, key_login(8)).await;
+    sender.send(&phone.node_id(), "to both").await.unwrap();
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(&next_direct(device).await.payload[..], b"to both");
+    }
+}
+
+#[tokio::test]
+async fn sends_nobody_can_take_are_undeliverable_and_the_session_goes_on() {
+    let cluster = Cluster::start(2).await;
+    let mut sender = cluster.client_as(0, key_login(3)).await;
+    let absent = relaymesh_proto::node::id_of_key(b"never logged in");
+    let seq = sender.send(&absent, "hello?").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut sender).await,
+        (seq, ErrorCode::NotConnected)
+    );
+    let seq = sender.send("not-a-node-id", "x").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut sender).await,
+        (seq, ErrorCode::UnknownNode)
+    );
+    let receiver = cluster.client_as(1, key_login(4)).await;
+    // Over the payload limit, within the frame limit.
+    let big = vec![0u8; 1024 * 1024 - 100];
+    let seq = sender.send(&receiver.node_id(), big).await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut sender).await,
+        (seq, ErrorCode::LimitExceeded)
+    );
+    // The session is still there: a topic round trip works.
+    sender.subscribe(["still/here"]).await.unwrap();
+    sender.publish("still/here", "yes").await.unwrap();
+    assert!(matches!(next_event(&mut sender).await, Event::Message(m) if &m.payload[..] == b"yes"));
+    // And a node topic cannot be subscribed to or published on by name.
+    let err = sender
+        .publish(&relaymesh_proto::node::topic(&receiver.node_id()), "sneak")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid topic"), "{err}");
+    assert_eq!(cluster.servers[0].stat("undeliverable").await, 3);
+}
+
+#[tokio::test]
+async fn signals_carry_an_offer_answer_and_ice_exchange_and_are_rate_limited() {
+    let cluster = Cluster::start_with(2, |c| {
+        c.signal_rate_per_s = 1;
+        c.signal_burst = 20;
+    })
+    .await;
+    let mut caller = cluster.client_as(0, key_login(5)).await;
+    let mut callee = cluster.client_as(1, key_login(6)).await;
+    let (caller_id, callee_id) = (caller.node_id(), callee.node_id());
+    let expect = |event: Event, kind: SignalKind, payload: &[u8], from: &str| match event {
+        Event::Signal(s) => {
+            assert_eq!(
+                (s.kind, &s.payload[..], s.from_node.as_str()),
+                (kind, payload, from)
+            );
+        }
+        other => panic!("expected a signal, got {other:?}"),
+    };
+    caller
+        .signal(&callee_id, SignalKind::Offer, "sdp-offer")
+        .await
+        .unwrap();
+    expect(
+        next_event(&mut callee).await,
+        SignalKind::Offer,
+        b"sdp-offer",
+        &caller_id,
+    );
+    callee
+        .signal(&caller_id, SignalKind::Answer, "sdp-answer")
+        .await
+        .unwrap();
+    expect(
+        next_event(&mut caller).await,
+        SignalKind::Answer,
+        b"sdp-answer",
+        &callee_id,
+    );
+    for i in 0..3 {
+        let c = format!("candidate-{i}");
+        caller
+            .signal(&callee_id, SignalKind::IceCandidate, c.clone())
+            .await
+            .unwrap();
+        expect(
+            next_event(&mut callee).await,
+            SignalKind::IceCandidate,
+            c.as_bytes(),
+            &caller_id,
+        );
+        callee
+            .signal(&caller_id, SignalKind::IceCandidate, c.clone())
+            .await
+            .unwrap();
+        expect(
+            next_event(&mut caller).await,
+            SignalKind::IceCandidate,
+            c.as_bytes(),
+            &callee_id,
+        );
+    }
+    // Signals to nobody are not queued.
+    let seq = caller
+        .signal(
+            &relaymesh_proto::node::id_of_key(b"gone"),
+            SignalKind::Init,
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_undeliverable(&mut caller).await,
+        (seq, ErrorCode::NotConnected)
+    );
+    // A flood runs into the rate: 5 of the burst of 20 are used, so of 30 more some are refused,
+    // and the rest arrive.
+    let mut limited = 0;
+    let mut sent = Vec::new();
+    for _ in 0..30 {
+        sent.push(
+            caller
+                .signal(&callee_id, SignalKind::Custom, "x")
+                .await
+                .unwrap(),
+        );
+    }
+    caller.flush().await.unwrap();
+    while let Ok(Some(event)) =
+        tokio::time::timeout(std::time::Duration::from_millis(300), caller.next_event()).await
+    {
+        if let Event::Undeliverable {
+            reason: ErrorCode::RateLimited,
+            ..
+        } = event
+        {
+            limited += 1;
+        }
+    }
+    assert!((9..=16).contains(&limited), "rate limited {limited} of 30");
+    for _ in 0..30 - limited {
+        expect(
+            next_event(&mut callee).await,
+            SignalKind::Custom,
+            b"x",
+            &caller_id,
+        );
+    }
+}
+
+/// A temporary accounts file, removed on drop.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("json.lock"));
+    }
+}
+
+const CODE: &str = "nodes-test-code";
+
+fn account(name: &str) -> Account {
+    Account {
+        name: name.into(),
+        enabled: true,
+        isolate_groups: false,
+        access_codes: vec![AccessCode {
+            id: "main".into(),
+            hash: hash_code(CODE).unwrap(),
+            revoked: false,
+            groups: Vec::new(),
+        }],
+        public_keys: Vec::new(),
+        roles: BTreeMap::new(),
+        nodes: Vec::new(),
+    }
+}
+
+async fn file_cluster(servers: usize) -> (Cluster, TempFile) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("relaymesh-nodes-{}-{n}.json", std::process::id()));
+    AccountsFile {
+        accounts: vec![account("acme"), account("globex")],
+    }
+    .save(&path)
+    .unwrap();
+    let mut config = coordinator_config();
+    config.accounts = AccountsConfig {
+        store: StoreKind::File,
+        path: Some(path.clone()),
+        reload_ms: 50,
+        ..AccountsConfig::default()
+    };
+    (
+        Cluster::start_configured(servers, config).await,
+        TempFile(path),
+    )
+}
+
+fn code(account: &str) -> Credentials {
+    Credentials::AccessCode {
+        account: account.into(),
+        code: CODE.into(),
+        role: "gcs".into(),
+        group: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_registered_node_logs_in_with_its_token_updates_itself_and_is_revoked() {
+    let (cluster, file) = file_cluster(2).await;
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = code("acme");
+    let details = NodeDetails {
+        name: "ground station 1".into(),
+        location: "hangar 2".into(),
+        info: r#"{"battery": 97}"#.into(),
+    };
+    let node = register_node(&config, details).await.unwrap();
+    assert!(
+        !format!("{node:?}").contains(&node.token),
+        "the token stays out of logs"
+    );
+    // Only the hash is stored.
+    let stored = std::fs::read_to_string(&file.0).unwrap();
+    let secret = node.token.split_once('.').unwrap().1;
+    assert!(stored.contains(&node.node_id) && !stored.contains(secret));
+
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = Credentials::NodeToken(node.token.clone());
+    let mut station = Client::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        station.node_id(),
+        node.node_id,
+        "the same node at every login"
+    );
+    let again = update_node(
+        &config,
+        NodeDetails {
+            name: "ground station 1b".into(),
+            ..NodeDetails::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, node.node_id);
+    let stored = std::fs::read_to_string(&file.0).unwrap();
+    assert!(stored.contains("ground station 1b"), "{stored}");
+
+    // A client of the account reaches the node by its id.
+    let commander = cluster.client_as(1, code("acme")).await;
+    commander.send(&node.node_id, "go").await.unwrap();
+    assert_eq!(&next_direct(&mut station).await.payload[..], b"go");
+
+    // Over HTTP: register, then update with the token.
+    let url = cluster.coordinator.url.replace("ws://", "http://");
+    let (status, body) = post_json(
+        &format!("{url}/v1/nodes"),
+        &json!({"credentials": {"access_code": {"account": "acme", "code": CODE}},
+                "name": "drone 9", "info": {"kind": "quad"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    let (status, body) = post_json(
+        &format!("{url}/v1/nodes/update"),
+        &json!({"credentials": {"node_token": {"token": token}}, "location": "field"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, login) = post_json(
+        &format!("{url}/v1/login"),
+        &json!({"credentials": {"node_token": {"token": token}}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{login}");
+    assert_eq!(login["node_id"], body["node_id"]);
+    // Bad info is refused with the field named, and nothing is stored.
+    let (status, body) = post_json(
+        &format!("{url}/v1/nodes"),
+        &json!({"credentials": {"access_code": {"account": "acme", "code": CODE}},
+                "info": [1, 2]}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("BAD_FRAME")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("info"), "{body}");
+
+    // Revoked: the token no longer logs in; a wrong token never did.
+    Backend::File(file.0.clone())
+        .run(AdminCommand::RevokeNode {
+            name: "acme".into(),
+            id: node.node_id.clone(),
+        })
+        .await
+        .unwrap();
+    let listed = Backend::File(file.0.clone())
+        .run(AdminCommand::Nodes {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        listed.contains(&format!("{}\ttoken (revoked)", node.node_id)),
+        "{listed}"
+    );
+    let refused = within("refusal", async {
+        loop {
+            match Client::connect(config.clone()).await {
+                Err(e) => return e,
+                // The running coordinator reloads the file within `reload_ms`.
+                Ok(c) => c.close().await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Some(ErrorCode::BadCredentials), "{refused}");
+    let mut forged = config.clone();
+    forged.credentials = Credentials::NodeToken(format!("{}.{}", node.node_id, "0".repeat(64)));
+    let refused = Client::connect(forged).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::BadCredentials));
+    station.close().await;
+}
+
+#[tokio::test]
+async fn nodes_of_another_account_cannot_be_reached_or_told_apart_from_absent_ones() {
+    let (cluster, _file) = file_cluster(2).await;
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = code("acme");
+    let node = register_node(&config, NodeDetails::default())
+        .await
+        .unwrap();
+    config.credentials = Credentials::NodeToken(node.token);
+    let mut acme_node = Client::connect(config).await.unwrap();
+    let mut rival = cluster.client_as(1, code("globex")).await;
+    let seq = rival.send(&node.node_id, "let me in").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut rival).await,
+        (seq, ErrorCode::NotConnected)
+    );
+    let seq = rival
+        .send(&relaymesh_proto::node::id_of_key(b"nobody"), "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_undeliverable(&mut rival).await,
+        (seq, ErrorCode::NotConnected)
+    );
+    // The acme node got nothing: its first message is its own account's.
+    let friend = cluster.client_as(0, code("acme")).await;
+    friend.send(&node.node_id, "hi").await.unwrap();
+    assert_eq!(&next_direct(&mut acme_node).await.payload[..], b"hi");
+}
