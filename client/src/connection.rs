@@ -228,7 +228,12 @@ fn resends(shared: &Shared) -> Vec<Bytes> {
 /// again on the next one. The outbound queue is emptied: its publishes are all unconfirmed
 /// (and go out again from there), and the resubscription covers its subscription changes.
 fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
-    let alias: Arc<str> = lock(&shared.state).alias.as_str().into();
+    let alias: Arc<str> = {
+        let mut state = lock(&shared.state);
+        // Node lists asked of the lost server never come: their callers are told now.
+        state.lists.clear();
+        state.alias.as_str().into()
+    };
     let mut outbox = lock(&shared.outbox);
     // Under the outbox lock, which every publish holds while it queues: nothing is queued
     // between emptying the queue and marking what to resend.
@@ -244,6 +249,14 @@ fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
 /// A delivered message as an event: a topic's message, or a direct message or signal (the
 /// client's node topic).
 fn message(m: v1::Message) -> Event {
+    if m.topic == relaymesh_proto::node::PRESENCE_TOPIC
+        && let Ok(event) = relaymesh_proto::decode::<v1::PresenceEvent>(m.payload.clone())
+    {
+        return Event::Presence {
+            change: event.change(),
+            node: event.node.unwrap_or_default(),
+        };
+    }
     if relaymesh_proto::node::of_topic(&m.topic).is_some() {
         if m.signal != 0 {
             return Event::Signal(crate::Signal {
@@ -656,6 +669,12 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
     let event = match msg.kind {
         Some(Kind::Message(m)) if seen.fresh(&m) => message(m),
         Some(Kind::Undeliverable(u)) => undeliverable(u),
+        Some(Kind::NodeList(list)) => {
+            if let Some(done) = lock(&shared.state).lists.remove(&list.request_id) {
+                let _ = done.send(list);
+            }
+            return Handled::Nothing;
+        }
         Some(Kind::Message(_)) => return Handled::Nothing,
         Some(Kind::Published(p)) => {
             shared.confirm(p.up_to);

@@ -157,7 +157,7 @@ pub use bytes::Bytes;
 pub use ed25519_dalek::SigningKey;
 pub use relaymesh_net::keys::{KeyFileError, read_signing_key, write_new_signing_key};
 pub use relaymesh_net::ws::DialError;
-pub use relaymesh_proto::v1::{ErrorCode, SignalKind};
+pub use relaymesh_proto::v1::{ErrorCode, NodeInfo, PresenceChange, SignalKind};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -399,6 +399,14 @@ pub enum Event {
     },
     /// A direct message to this client's node ([`Handle::send`]).
     Direct(Direct),
+    /// A node of this client's scope came online, went offline, or changed (after
+    /// [`Handle::watch_presence`]).
+    Presence {
+        /// What happened.
+        change: v1::PresenceChange,
+        /// The node (for `Offline`, as it was).
+        node: v1::NodeInfo,
+    },
     /// A signal to this client's node ([`Handle::signal`]).
     Signal(Signal),
     /// A direct message or signal this client sent reached no one: `seq` is what
@@ -496,6 +504,15 @@ pub async fn update_node(
         v1::coordinator_to_client::Kind::NodeUpdated(u) => Ok(u.node_id),
         other => Err(negotiate::unexpected(other)),
     }
+}
+
+/// Online nodes ([`Handle::list_nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeList {
+    /// A random sample of the matching nodes.
+    pub nodes: Vec<v1::NodeInfo>,
+    /// How many match in all.
+    pub total: u64,
 }
 
 /// A direct message to this client's node.
@@ -750,6 +767,8 @@ struct State {
     topics: BTreeSet<String>,
     /// Subscription changes waiting for the server's `Ack`, by request id.
     pending: HashMap<u64, Pending>,
+    /// `ListNodes` requests waiting for their answer, by request id.
+    lists: HashMap<u64, oneshot::Sender<v1::NodeList>>,
 }
 
 /// A subscription change waiting for the server's answer.
@@ -1017,6 +1036,16 @@ impl Client {
         self.handle.node_id()
     }
 
+    /// See [`Handle::list_nodes`].
+    pub async fn list_nodes(&self, limit: u32, filter: &str) -> Result<NodeList, ClientError> {
+        self.handle.list_nodes(limit, filter).await
+    }
+
+    /// See [`Handle::watch_presence`].
+    pub async fn watch_presence(&self) -> Result<(), ClientError> {
+        self.handle.watch_presence().await
+    }
+
     /// See [`Handle::alias`].
     pub fn alias(&self) -> String {
         self.handle.alias()
@@ -1220,6 +1249,46 @@ impl Handle {
         Ok(seq)
     }
 
+    /// Online nodes of this client's scope: at most `limit` (the server caps it; 0 asks for
+    /// the cap) chosen at random among those whose name or location contains `filter` (ASCII
+    /// case-insensitive; empty: all), and how many match in all. Answered from the server's
+    /// copy of the cluster's directory.
+    pub async fn list_nodes(&self, limit: u32, filter: &str) -> Result<NodeList, ClientError> {
+        let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        lock(&self.shared.state).lists.insert(request_id, done);
+        let frame = encode(&v1::ClientToServer::list_nodes(v1::ListNodes {
+            request_id,
+            limit,
+            filter: filter.to_owned(),
+        }));
+        let sent = self.out.send(frame).await;
+        let outcome = match sent {
+            Err(_) => Err(ClientError::Closed),
+            Ok(()) => match tokio::time::timeout(self.shared.request_timeout, answer).await {
+                Ok(Ok(list)) => Ok(NodeList {
+                    nodes: list.nodes,
+                    total: list.total,
+                }),
+                // The connection was lost before the answer: ask again.
+                Ok(Err(_)) => Err(ClientError::Protocol(
+                    "the connection was lost before the node list came".into(),
+                )),
+                Err(_) => Err(ClientError::Timeout("waiting for the node list".into())),
+            },
+        };
+        lock(&self.shared.state).lists.remove(&request_id);
+        outcome
+    }
+
+    /// Subscribes to presence events of this client's scope: [`Event::Presence`] for each
+    /// node that comes online, goes offline or changes, from now on (restored after a
+    /// reconnect like any subscription).
+    pub async fn watch_presence(&self) -> Result<(), ClientError> {
+        self.subscribe([relaymesh_proto::node::PRESENCE_TOPIC])
+            .await
+    }
+
     /// The node this client is (empty: none): a node token login's node, or an Ed25519 key
     /// login's ([`relaymesh_proto::node::id_of_key`]).
     pub fn node_id(&self) -> String {
@@ -1300,6 +1369,9 @@ where
         .into_iter()
         .map(|t| {
             let t = t.into();
+            if t == relaymesh_proto::node::PRESENCE_TOPIC {
+                return Ok(t);
+            }
             match topic::validate(&t, topic::DEFAULT_MAX_TOPIC_LEN) {
                 Ok(()) => Ok(t),
                 Err(reason) => Err(ClientError::InvalidTopic { topic: t, reason }),

@@ -46,6 +46,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "draining": server.draining(),
         "clients": s.clients.get(),
         "topics": s.topics.load(Ordering::Relaxed),
+        "nodes_online": server.presence.online(),
         "peers": peer_links.len(),
         "peer_links": peer_links,
         "messages_in": s.messages_in.get(),
@@ -80,7 +81,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let s = &server.stats;
     let mut e = Exposition::new();
     let peers = lock(&server.peer_links).len();
-    let gauges: [(&str, &str, f64); 5] = [
+    let gauges: [(&str, &str, f64); 6] = [
         (
             "relaymesh_clients",
             "Connected clients.",
@@ -92,6 +93,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             s.topics.load(Ordering::Relaxed) as f64,
         ),
         ("relaymesh_peers", "Live peer links.", peers as f64),
+        (
+            "relaymesh_nodes_online",
+            "Online nodes in this server's copy of the cluster's directory (all scopes).",
+            server.presence.online() as f64,
+        ),
         (
             "relaymesh_tasks",
             "Tokio tasks alive in the process.",

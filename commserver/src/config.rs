@@ -93,6 +93,8 @@ pub struct Config {
     pub signal_rate_per_s: u32,
     /// Signals one session may send in a burst above `signal_rate_per_s`.
     pub signal_burst: u32,
+    /// Most nodes one `ListNodes` answer carries.
+    pub max_list_nodes: usize,
     /// Longest topic name in bytes.
     pub max_topic_bytes: usize,
     /// Largest WebSocket message accepted from a client or peer, in bytes.
@@ -196,6 +198,7 @@ impl Default for Config {
             max_subscriptions: 1_000,
             signal_rate_per_s: 50,
             signal_burst: 100,
+            max_list_nodes: 100,
             max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 4 * 1024,
@@ -310,6 +313,11 @@ impl Config {
             self.signal_rate_per_s >= 1 && self.signal_burst >= 1,
             "signal_rate_per_s",
             "signal_rate_per_s and signal_burst must be at least 1",
+        )?;
+        ensure(
+            self.max_list_nodes >= 1,
+            "max_list_nodes",
+            "must be at least 1",
         )?;
         ensure(
             self.max_pending_confirmations >= 1,

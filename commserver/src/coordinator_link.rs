@@ -102,6 +102,10 @@ async fn serve(server: &Arc<Server>, socket: ClientLink) -> Result<Ended, v1::Er
         last_report: Instant::now(),
         changed: false,
         ended: Ended::Unregistered,
+        publisher: crate::routes::Publisher::new(
+            server.direct_writes,
+            server.config.slow_consumer_ms,
+        ),
     };
     let served = link::serve(socket, options, reader).await;
     served.outcome.map(|()| served.handler.ended)
@@ -119,6 +123,8 @@ struct Reader {
     /// Sessions came or went since the last report: one is due.
     changed: bool,
     ended: Ended,
+    /// Delivers presence events to this server's `@presence` subscribers.
+    publisher: crate::routes::Publisher,
 }
 
 impl Reader {
@@ -169,7 +175,12 @@ impl link::Handler for Reader {
             interval: ms(registered.heartbeat_interval_ms, self.heartbeat.interval) / 2,
         };
         self.ended = Ended::Lost;
+        let server = self.server.clone();
         self.report_load();
+        // Every node session here, so the coordinator's directory is whole again after it
+        // restarted (or this link broke).
+        let sessions = v1::ServerToCoordinator::node_sessions(server.presence.full_report());
+        answer_coordinator(&self.tx, sessions, self.heartbeat.timeout).await?;
         Ok(Flow::Continue)
     }
 
@@ -191,6 +202,25 @@ impl link::Handler for Reader {
                 server.peer_left(&left.server_id);
             }
             Some(Kind::Replace(replace)) => server.replace(&replace),
+            Some(Kind::Presence(presence)) => {
+                for (scope, event) in server.presence.apply(presence) {
+                    let payload = encode(&event);
+                    let msg = crate::routes::Message {
+                        // Local subscribers only: every server hears the change itself.
+                        origin: crate::routes::Origin::Peer,
+                        scope: &scope,
+                        topic: relaymesh_proto::node::PRESENCE_TOPIC,
+                        from: relaymesh_proto::frame::Sender::default(),
+                        payload: &payload,
+                    };
+                    let _ = self
+                        .publisher
+                        .publish(&server.routes, &server.stats, msg, || {
+                            Ok::<(), v1::Error>(())
+                        });
+                }
+                self.publisher.flush(&server.stats);
+            }
             Some(Kind::Ping(ping)) => {
                 let pong = v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce });
                 answer_coordinator(&self.tx, pong, self.heartbeat.timeout).await?;
@@ -231,14 +261,30 @@ impl link::Handler for Reader {
 
     /// A session that came or went is reported within [`LOAD_REPORT_COALESCE`], not at the
     /// next heartbeat: many logins in a burst make one report.
+    /// Node sessions that opened or closed are reported at once (all that came since the
+    /// last report together).
     async fn wake(&mut self) -> Result<Flow, v1::Error> {
-        if self.changed {
-            tokio::time::sleep_until((self.last_report + LOAD_REPORT_COALESCE).into()).await;
-            self.changed = false;
-            self.report_load();
-        } else {
-            self.server.load_changed.notified().await;
-            self.changed = true;
+        let server = self.server.clone();
+        let load_due = self
+            .changed
+            .then_some(self.last_report + LOAD_REPORT_COALESCE);
+        tokio::select! {
+            () = async {
+                match load_due {
+                    Some(due) => tokio::time::sleep_until(due.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                self.changed = false;
+                self.report_load();
+            }
+            () = server.load_changed.notified(), if load_due.is_none() => self.changed = true,
+            () = server.presence.changed.notified() => {
+                if let Some(changes) = server.presence.take_changes() {
+                    let report = v1::ServerToCoordinator::node_sessions(changes);
+                    answer_coordinator(&self.tx, report, self.heartbeat.timeout).await?;
+                }
+            }
         }
         Ok(Flow::Continue)
     }

@@ -22,6 +22,7 @@ mod interest;
 mod keys;
 mod logins;
 mod peers;
+mod presence;
 mod routes;
 mod session;
 mod stats;
@@ -90,6 +91,8 @@ struct Server {
     /// Signalled when a session comes or goes, so the coordinator link reports the new load
     /// soon (coalesced) instead of at the next heartbeat.
     load_changed: tokio::sync::Notify,
+    /// Node sessions here, and the cluster's directory of online nodes.
+    presence: presence::Presence,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// The last link with each peer that went down, to settle what it lost when the peer
@@ -235,6 +238,7 @@ pub async fn run_with(
         tracker: tracker.clone(),
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),
+        presence: presence::Presence::default(),
         direct_writes: routes::DirectWrites::of(
             config.direct_write_budget_us,
             tokio::runtime::Handle::current().metrics().num_workers(),

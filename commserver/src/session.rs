@@ -33,6 +33,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
+use relaymesh_proto::node::PRESENCE_TOPIC;
+
 use crate::Server;
 use crate::control::Command;
 use crate::interest::TopicKey;
@@ -196,6 +198,8 @@ struct Session {
     node: Option<Arc<str>>,
     /// This session's signal budget (`signal_rate_per_s`), made at its first signal.
     signals: Option<Box<TokenBucket>>,
+    /// The node's details, until `Attach` reports its session to the directory.
+    joining: Option<Box<v1::NodeSession>>,
 }
 
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
@@ -203,7 +207,7 @@ struct Session {
 fn run(
     server: Arc<Server>,
     socket: ServerLink,
-    identity: v1::Identity,
+    mut identity: v1::Identity,
     conn: ConnInfo,
 ) -> impl Future<Output = ()> + Send {
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
@@ -255,6 +259,21 @@ fn run(
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
     server.load_changed.notify_one();
+    let joining = (!identity.node_id.is_empty()).then(|| {
+        Box::new(v1::NodeSession {
+            scope: if identity.scope.is_empty() {
+                identity.account.clone()
+            } else {
+                identity.scope.clone()
+            },
+            node_id: identity.node_id.clone(),
+            alias: identity.alias.clone(),
+            since_ms: 0,
+            name: std::mem::take(&mut identity.node_name),
+            location: std::mem::take(&mut identity.node_location),
+            info: std::mem::take(&mut identity.node_info),
+        })
+    });
     let session = Session {
         server: server.clone(),
         me,
@@ -276,6 +295,7 @@ fn run(
         publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
         taken: 0,
         confirmed: 0,
+        joining,
         node: (!identity.node_id.is_empty()).then(|| identity.node_id.into()),
         signals: None,
     };
@@ -370,6 +390,9 @@ impl link::Handler for Session {
     /// courtesy.
     async fn closing(&mut self) {
         let server = &self.server;
+        if self.node.is_some() {
+            server.presence.closed(self.me.id);
+        }
         lock(&server.sessions).remove(&self.me.id);
         server.stats.clients.dec();
         server.load_changed.notify_one();
@@ -412,6 +435,20 @@ impl Session {
                 let seq = signal.seq;
                 let result = self.signal(signal);
                 self.numbered(seq, result)
+            }
+            Some(Kind::ListNodes(list)) => {
+                let max = self.server.config.max_list_nodes;
+                let limit = match usize::try_from(list.limit) {
+                    Ok(0) | Err(_) => max,
+                    Ok(limit) => limit.min(max),
+                };
+                let filter: String = list.filter.chars().take(128).collect();
+                let (nodes, total) = self.server.presence.list(&self.account, limit, &filter);
+                self.reply(&v1::ServerToClient::node_list(v1::NodeList {
+                    request_id: list.request_id,
+                    nodes,
+                    total,
+                }))
             }
             // Rare next to publishes, and their futures are large: boxed, so they do not add
             // to the size of every session's task.
@@ -547,6 +584,12 @@ impl Session {
             );
             self.server.stats.acks_pending.inc();
         }
+        if let Some(mut session) = self.joining.take() {
+            session.since_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            self.server.presence.opened(self.me.id, *session);
+        }
         Ok(())
     }
 
@@ -668,6 +711,10 @@ impl Session {
 
     fn check_topics(&self, topics: &[String]) -> Result<(), v1::Error> {
         for t in topics {
+            // Presence events: subscribed to by name, published on only by servers.
+            if t == PRESENCE_TOPIC {
+                continue;
+            }
             topic::validate(t, self.server.config.max_topic_bytes)
                 .map_err(|e| error(ErrorCode::InvalidTopic, format!("{t:?}: {e}")))?;
         }
@@ -679,7 +726,11 @@ impl Session {
     async fn subscribe(&mut self, sub: v1::Subscribe) -> Result<(), v1::Error> {
         self.check_topics(&sub.topics)
             .map_err(|e| e.for_request(sub.request_id))?;
-        if let Some(t) = sub.topics.iter().find(|t| !self.rules.may_subscribe(t)) {
+        if let Some(t) = sub
+            .topics
+            .iter()
+            .find(|t| *t != PRESENCE_TOPIC && !self.rules.may_subscribe(t))
+        {
             return self.refuse(forbidden(&self.role, "subscribe to", t, sub.request_id));
         }
         let fresh: Vec<Arc<str>> = {

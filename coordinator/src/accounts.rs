@@ -481,8 +481,12 @@ pub struct Grant {
     pub rules: Option<RoleRules>,
     /// The node the login is (empty: none): a token's node, or a key's.
     pub node_id: String,
-    /// The node's stored name (empty for none).
+    /// The node's stored name, location and info (empty for none).
     pub node_name: String,
+    /// See `node_name`.
+    pub node_location: String,
+    /// See `node_name`.
+    pub node_info: String,
 }
 
 impl Grant {
@@ -496,6 +500,8 @@ impl Grant {
             rules: None,
             node_id: String::new(),
             node_name: String::new(),
+            node_location: String::new(),
+            node_info: String::new(),
         }
     }
 
@@ -522,6 +528,8 @@ impl Grant {
             seq: 0,
             node_id: self.node_id,
             node_name: self.node_name,
+            node_location: self.node_location,
+            node_info: self.node_info,
         }
     }
 }
@@ -596,11 +604,8 @@ enum Proof {
         nonce: Vec<u8>,
         signature: Vec<u8>,
     },
-    /// A node token, already checked: the node's id and name.
-    Node {
-        id: String,
-        name: String,
-    },
+    /// A node token, already checked: the node.
+    Node(Node),
 }
 
 /// Whether `code` matches one of `hashes` (argon2, on a blocking thread).
@@ -812,12 +817,9 @@ impl Store {
                 let node = found.node;
                 (
                     found.account,
-                    node.role,
-                    node.group,
-                    Proof::Node {
-                        id: node.id,
-                        name: node.name,
-                    },
+                    node.role.clone(),
+                    node.group.clone(),
+                    Proof::Node(node),
                 )
             }
         };
@@ -878,7 +880,7 @@ impl Store {
         let entry = entry.ok_or_else(|| LoginError::UnknownAccount(account.clone()))?;
         // The node the login is, and the groups the matching credential may act in (empty:
         // any).
-        let mut node = (String::new(), String::new());
+        let mut node = None;
         let groups = match proof {
             Proof::Code(code) => {
                 let live: Vec<&AccessCode> =
@@ -909,25 +911,21 @@ impl Store {
                     .map(|k| k.groups.clone())
                     .unwrap_or_default();
                 let id = relaymesh_proto::node::id_of_key(&public_key);
-                let name = match self {
+                let stored = match self {
                     Self::Sql(db) => db
                         .node(&id)
                         .await
                         .map_err(|e| LoginError::Unavailable(e.to_string()))?
                         .filter(|n| n.account == account)
-                        .map(|n| n.node.name),
-                    _ => entry
-                        .nodes
-                        .iter()
-                        .find(|n| n.id == id)
-                        .map(|n| n.name.clone()),
+                        .map(|n| n.node),
+                    _ => entry.nodes.iter().find(|n| n.id == id).cloned(),
                 };
-                node = (id, name.unwrap_or_default());
+                node = Some(stored.unwrap_or_else(|| Node::unstored(id)));
                 groups
             }
             // Registered in this group, with this role: checked below like any login's.
-            Proof::Node { id, name } => {
-                node = (id, name);
+            Proof::Node(stored) => {
+                node = Some(stored);
                 Vec::new()
             }
         };
@@ -959,8 +957,13 @@ impl Store {
             group,
             scope,
             rules,
-            node_id: node.0,
-            node_name: node.1,
+            node_id: node.as_ref().map(|n| n.id.clone()).unwrap_or_default(),
+            node_name: node.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
+            node_location: node
+                .as_ref()
+                .map(|n| n.location.clone())
+                .unwrap_or_default(),
+            node_info: node.map(|n| n.info).unwrap_or_default(),
         })
     }
 

@@ -74,6 +74,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
+        "nodes_online": lock(&app.directory).len(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
     }))
@@ -108,6 +109,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
     }
     let s = &app.stats;
+    e.single(
+        "relaymesh_coordinator_nodes_online",
+        Kind::Gauge,
+        "Nodes with at least one session in the cluster (all scopes).",
+        lock(&app.directory).len() as f64,
+    );
     e.single(
         "relaymesh_coordinator_tasks",
         Kind::Gauge,

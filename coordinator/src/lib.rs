@@ -14,6 +14,7 @@ pub mod admin;
 mod alias;
 mod api;
 pub mod config;
+mod directory;
 mod negotiate;
 pub mod nodes;
 pub mod registry;
@@ -56,6 +57,8 @@ struct App {
     challenges: Challenges,
     /// Who may register as a comm server: the cluster secret, or trusted keys.
     server_trust: LinkTrust,
+    /// Online nodes, as the servers report them. Locked before `registry` when both are.
+    directory: Mutex<directory::Directory>,
     /// Registered servers; locked briefly, never across an await.
     registry: Mutex<Registry<Arc<ServerLink>>>,
     aliases: alias::Aliases,
@@ -147,6 +150,7 @@ pub async fn run(
         accounts,
         // Servers report every half interval: a server with no report for a whole one (at
         // least a second) has missed two and is no longer offered.
+        directory: Mutex::new(directory::Directory::default()),
         registry: Mutex::new(
             Registry::new().stale_after(config.heartbeat_interval().max(Duration::from_secs(1))),
         ),

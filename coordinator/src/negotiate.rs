@@ -497,7 +497,16 @@ async fn update_node(
     fields: NodeFields,
 ) -> Result<(), v1::Error> {
     let fields = fields.checked(app.config.max_node_info_bytes)?;
-    app.accounts.update_node(identity, fields).await?;
+    app.accounts.update_node(identity, fields.clone()).await?;
+    let mut directory = lock(&app.directory);
+    let change = directory.update(
+        &identity.scope,
+        &identity.node_id,
+        &fields.name,
+        &fields.location,
+        &fields.info,
+    );
+    crate::server_link::push_presence(&lock(&app.registry), change.into_iter().collect());
     Ok(())
 }
 

@@ -65,6 +65,24 @@ pub struct Node {
     pub updated_ms: u64,
 }
 
+impl Node {
+    /// A node known only by its id (a key node that never stored its details).
+    pub(crate) fn unstored(id: String) -> Self {
+        Self {
+            id,
+            role: String::new(),
+            group: String::new(),
+            name: String::new(),
+            location: String::new(),
+            info: empty_object(),
+            token_hash: String::new(),
+            revoked: false,
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+}
+
 fn empty_object() -> String {
     "{}".into()
 }

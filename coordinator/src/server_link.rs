@@ -300,6 +300,9 @@ impl link::Handler for Reader {
             max_pending: app.config.max_pending_reservations,
         });
         {
+            // The directory is locked first and held while the copy goes out, so every change
+            // after it reaches this server too, and none before it twice.
+            let directory = lock(&app.directory);
             let mut registry = lock(&app.registry);
             let registration = registry.register(
                 &reg.server_id,
@@ -319,6 +322,9 @@ impl link::Handler for Reader {
                 heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
             };
             handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
+            handle.send(encode(&v1::CoordinatorToServer::presence(
+                directory.snapshot(),
+            )));
             let joined = encode(&v1::CoordinatorToServer::peer_joined(v1::PeerJoined {
                 peer: Some(v1::ServerInfo {
                     server_id: reg.server_id.clone(),
@@ -363,6 +369,11 @@ impl link::Handler for Reader {
                     .unwrap_or_else(|| error(ErrorCode::Internal, "reservation failed"));
                 handle.answer(failed.request_id, Err(e));
             }
+            Some(Kind::NodeSessions(report)) => {
+                let mut directory = lock(&self.app.directory);
+                let changes = directory.report(&handle.id, report);
+                push_presence(&lock(&self.app.registry), changes);
+            }
             Some(Kind::Pong(_)) => {}
             Some(Kind::Register(_)) => {
                 return Err(unexpected("already registered on this link"));
@@ -405,6 +416,7 @@ impl link::Handler for Reader {
         };
         {
             // Under the lock, like PeerJoined, so a quick re-registration cannot overtake it.
+            let mut directory = lock(&self.app.directory);
             let mut registry = lock(&self.app.registry);
             if let Some(others) = registry.unregister(&handle.id, link_id) {
                 let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
@@ -414,6 +426,8 @@ impl link::Handler for Reader {
                     other.send(frame.clone());
                 }
                 tracing::info!(server_id = %handle.id, "comm server left");
+                // Its nodes' sessions went with it.
+                push_presence(&registry, directory.server_gone(&handle.id));
             }
         }
         // Logins waiting on this server see their reply channel close and try another server.
@@ -422,6 +436,25 @@ impl link::Handler for Reader {
 
     fn last_words(&self, error: v1::Error) -> Option<Bytes> {
         Some(error_frame::<v1::CoordinatorToServer>(error))
+    }
+}
+
+/// Sends changes to the directory of online nodes to every registered server. A server whose
+/// queue is full loses its link (and gets a fresh copy when it registers again), as for peer
+/// changes.
+pub(crate) fn push_presence(
+    registry: &crate::registry::Registry<Arc<ServerLink>>,
+    entries: Vec<v1::NodeEntry>,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let frame = encode(&v1::CoordinatorToServer::presence(v1::NodePresence {
+        snapshot: false,
+        entries,
+    }));
+    for (_, entry) in registry.iter() {
+        entry.handle.send(frame.clone());
     }
 }
 

@@ -4,6 +4,9 @@
 //! meshctl sub --coordinator ws://127.0.0.1:7400 rooms/lobby      # print messages as they arrive
 //! meshctl pub --coordinator ws://127.0.0.1:7400 rooms/lobby hi   # publish one message
 //! meshctl servers --coordinator ws://127.0.0.1:7400              # list registered servers
+//! meshctl register --name drone-7                                # a node id and its token
+//! meshctl listen --node-token TOKEN                              # print direct messages
+//! meshctl send NODE_ID "take off"                                # a direct message
 //! ```
 
 use std::io::Write as _;
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
-use relaymesh_client::{Client, ClientConfig, Credentials, Event};
+use relaymesh_client::{Client, ClientConfig, Credentials, Event, SignalKind};
 use relaymesh_net::http::Method;
 use relaymesh_net::url::Form;
 use relaymesh_proto::hex;
@@ -48,6 +51,15 @@ struct Args {
         conflicts_with = "code"
     )]
     key_file: Option<std::path::PathBuf>,
+    /// Log in as the node this token names (from `meshctl register`) instead.
+    #[arg(
+        long,
+        global = true,
+        env = "RELAYMESH_NODE_TOKEN",
+        hide_env_values = true,
+        conflicts_with_all = ["code", "key_file"]
+    )]
+    node_token: Option<String>,
     /// The role to act as.
     #[arg(long, global = true, default_value = "")]
     role: String,
@@ -58,12 +70,18 @@ struct Args {
     /// this one.
     #[arg(long, global = true)]
     client_id: Option<String>,
+    /// Ask the coordinator for this comm server (by id) when it is eligible.
+    #[arg(long, global = true)]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 impl Args {
     fn credentials(&self) -> anyhow::Result<Credentials> {
+        if let Some(token) = &self.node_token {
+            return Ok(Credentials::NodeToken(token.clone()));
+        }
         if let (Some(account), Some(path)) = (&self.account, &self.key_file) {
             return Ok(Credentials::Key {
                 account: account.clone(),
@@ -126,6 +144,132 @@ enum Command {
         /// Where to write the private key; refuses to overwrite.
         file: std::path::PathBuf,
     },
+    /// Register a node of the account (and role and group) you log in as; prints
+    /// `NODE_ID<TAB>TOKEN`. The token is shown this once: log in with `--node-token`.
+    Register {
+        #[command(flatten)]
+        details: Details,
+    },
+    /// Replace the name, location and info of the node you log in as (`--node-token` or
+    /// `--key-file`); prints its id.
+    Update {
+        #[command(flatten)]
+        details: Details,
+    },
+    /// List online nodes of your account: `NODE_ID<TAB>NAME<TAB>LOCATION<TAB>SERVERS<TAB>INFO`,
+    /// a random sample when there are more than `--limit`.
+    Nodes {
+        /// Most nodes to list (the server caps it).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only nodes whose name or location contains this (case-insensitive).
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
+    /// Send a direct message to a node; fails if no session of it is connected.
+    Send {
+        /// The node id.
+        node: String,
+        /// The message (sent as UTF-8 bytes).
+        message: String,
+    },
+    /// Send one signal to a node (`init`, `offer`, `answer`, `ice-candidate`, `custom`).
+    Signal {
+        /// The node id.
+        node: String,
+        /// The kind of signal.
+        kind: SignalArg,
+        /// The payload (opaque to relaymesh).
+        payload: String,
+    },
+    /// Print what reaches your node: `direct<TAB>FROM_NODE<TAB>FROM<TAB>PAYLOAD` and
+    /// `signal<TAB>KIND<TAB>FROM_NODE<TAB>FROM<TAB>PAYLOAD`, and with `--presence`
+    /// `presence<TAB>CHANGE<TAB>NODE_ID<TAB>NAME`.
+    Listen {
+        /// Exit after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Also print presence events of your account's nodes.
+        #[arg(long)]
+        presence: bool,
+    },
+    /// Call a node: the signalling half of a WebRTC set-up (init, offer, then ICE candidates
+    /// both ways) with `meshctl answer` on the other end; prints each step.
+    Call {
+        /// The node to call.
+        node: String,
+        /// ICE candidates to send (and to wait for from the other end).
+        #[arg(long, default_value_t = 3)]
+        candidates: u32,
+    },
+    /// Answer one call (`meshctl call`): answers the offer, sends as many ICE candidates as
+    /// the caller does, and exits when the exchange is complete.
+    Answer,
+}
+
+/// A node's details, as flags.
+#[derive(Debug, clap::Args)]
+struct Details {
+    /// The node's name.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Where it is.
+    #[arg(long, default_value = "")]
+    location: String,
+    /// A JSON object describing it.
+    #[arg(long, default_value = "{}")]
+    info: String,
+}
+
+impl From<Details> for relaymesh_client::NodeDetails {
+    fn from(d: Details) -> Self {
+        Self {
+            name: d.name,
+            location: d.location,
+            info: d.info,
+        }
+    }
+}
+
+/// Signal kinds on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SignalArg {
+    Init,
+    Offer,
+    Answer,
+    IceCandidate,
+    Custom,
+}
+
+impl From<SignalArg> for SignalKind {
+    fn from(k: SignalArg) -> Self {
+        match k {
+            SignalArg::Init => SignalKind::Init,
+            SignalArg::Offer => SignalKind::Offer,
+            SignalArg::Answer => SignalKind::Answer,
+            SignalArg::IceCandidate => SignalKind::IceCandidate,
+            SignalArg::Custom => SignalKind::Custom,
+        }
+    }
+}
+
+/// A signal kind as `meshctl` prints it.
+fn kind_name(kind: SignalKind) -> &'static str {
+    match kind {
+        SignalKind::Init => "init",
+        SignalKind::Offer => "offer",
+        SignalKind::Answer => "answer",
+        SignalKind::IceCandidate => "ice-candidate",
+        SignalKind::Custom | SignalKind::Unspecified => "custom",
+    }
+}
+
+/// A payload as text: UTF-8 escaped, or hex.
+fn printable(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(text) => text.escape_debug().to_string(),
+        Err(_) => format!("0x{}", hex::encode(payload)),
+    }
 }
 
 /// Writes a new private key to `path` (mode 0600) and returns the public key in hex.
@@ -181,6 +325,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(coordinator.clone());
     config.credentials = args.credentials()?;
     config.client_id = args.client_id.clone();
+    config.preferred_server = args.server.clone();
     match args.command {
         Command::Sub { topics, count } => subscribe(config, topics, count).await,
         Command::Pub { topic, message } => {
@@ -207,6 +352,56 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?),
         Command::Keygen { .. } => Ok(()),
+        Command::Register { details } => {
+            let node = relaymesh_client::register_node(&config, details.into()).await?;
+            println!("{}\t{}", node.node_id, node.token);
+            Ok(())
+        }
+        Command::Update { details } => {
+            println!(
+                "{}",
+                relaymesh_client::update_node(&config, details.into()).await?
+            );
+            Ok(())
+        }
+        Command::Nodes { limit, filter } => {
+            let client = connect(config).await?;
+            let list = client.list_nodes(limit, &filter).await?;
+            for n in &list.nodes {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    n.node_id,
+                    n.name,
+                    n.location,
+                    n.servers.join(","),
+                    n.info
+                );
+            }
+            eprintln!("{} of {} online nodes", list.nodes.len(), list.total);
+            client.close().await;
+            Ok(())
+        }
+        Command::Send { node, message } => {
+            let mut client = connect(config).await?;
+            let seq = client.send(&node, message.into_bytes()).await?;
+            let outcome = settled(&mut client, seq).await;
+            client.close().await;
+            outcome
+        }
+        Command::Signal {
+            node,
+            kind,
+            payload,
+        } => {
+            let mut client = connect(config).await?;
+            let seq = client.signal(&node, kind.into(), payload).await?;
+            let outcome = settled(&mut client, seq).await;
+            client.close().await;
+            outcome
+        }
+        Command::Listen { count, presence } => listen(config, count, presence).await,
+        Command::Call { node, candidates } => call(config, &node, candidates).await,
+        Command::Answer => answer(config).await,
         Command::Login => {
             let url = format!("{coordinator}/v1/login");
             let body = match &config.credentials {
@@ -337,6 +532,202 @@ async fn subscribe(
             None => bail!("connection closed"),
         }
     }
+    client.close().await;
+    Ok(())
+}
+
+/// Waits until the server has handled message `seq` and fails if it reached no one.
+async fn settled(client: &mut Client, seq: u64) -> anyhow::Result<()> {
+    client.flush().await?;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, client.next_event()).await {
+        if let Event::Undeliverable {
+            seq: s,
+            reason,
+            message,
+            to_node,
+        } = event
+            && s == seq
+        {
+            bail!(
+                "not delivered to {to_node}: {}: {message}",
+                reason.as_str_name()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn listen(config: ClientConfig, count: Option<u64>, presence: bool) -> anyhow::Result<()> {
+    let mut client = connect(config).await?;
+    if presence {
+        client.watch_presence().await?;
+    }
+    let node = client.node_id();
+    eprintln!(
+        "listening as node {} on {} as {}",
+        if node.is_empty() { "(none)" } else { &node },
+        client.server_id(),
+        client.alias()
+    );
+    let mut seen = 0u64;
+    let mut stdout = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let line = match event {
+            Some(Event::Direct(d)) => format!(
+                "direct\t{}\t{}\t{}",
+                d.from_node,
+                d.from,
+                printable(&d.payload)
+            ),
+            Some(Event::Signal(s)) => format!(
+                "signal\t{}\t{}\t{}\t{}",
+                kind_name(s.kind),
+                s.from_node,
+                s.from,
+                printable(&s.payload)
+            ),
+            Some(Event::Presence { change, node }) => format!(
+                "presence\t{}\t{}\t{}",
+                change
+                    .as_str_name()
+                    .trim_start_matches("PRESENCE_CHANGE_")
+                    .to_lowercase(),
+                node.node_id,
+                node.name
+            ),
+            Some(Event::Message(m)) => format!("message\t{}\t{}", m.topic, m.from),
+            Some(Event::Disconnected { server_id, reason }) => {
+                eprintln!("meshctl: lost {server_id}: {reason}; reconnecting");
+                continue;
+            }
+            Some(other) => {
+                eprintln!("meshctl: {other:?}");
+                continue;
+            }
+            None => bail!("connection closed"),
+        };
+        writeln!(stdout, "{line}")?;
+        stdout.flush()?;
+        seen += 1;
+        if count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// The next signal from `from` (any node when empty), within 30 s; an `Undeliverable` for
+/// one of ours ends the exchange.
+async fn next_signal(client: &mut Client, from: &str) -> anyhow::Result<relaymesh_client::Signal> {
+    let wait = async {
+        loop {
+            match client.next_event().await {
+                Some(Event::Signal(s)) if from.is_empty() || s.from_node == from => return Ok(s),
+                Some(Event::Undeliverable {
+                    to_node,
+                    reason,
+                    message,
+                    ..
+                }) => bail!(
+                    "signal to {to_node} not delivered: {}: {message}",
+                    reason.as_str_name()
+                ),
+                Some(_) => {}
+                None => bail!("connection closed"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .map_err(|_| anyhow!("no signal within 30 s"))?
+}
+
+/// The caller's half of the exchange `meshctl answer` completes.
+async fn call(config: ClientConfig, node: &str, candidates: u32) -> anyhow::Result<()> {
+    let mut client = connect(config).await?;
+    let me = client.node_id();
+    if me.is_empty() {
+        bail!("log in as a node (--node-token or --key-file) to call one");
+    }
+    client.signal(node, SignalKind::Init, "").await?;
+    client
+        .signal(node, SignalKind::Offer, format!("offer from {me}"))
+        .await?;
+    println!("sent\tinit\nsent\toffer");
+    let answer = next_signal(&mut client, node).await?;
+    if answer.kind != SignalKind::Answer {
+        bail!("expected an answer, got {}", kind_name(answer.kind));
+    }
+    println!("got\tanswer\t{}", printable(&answer.payload));
+    for i in 0..candidates {
+        client
+            .signal(
+                node,
+                SignalKind::IceCandidate,
+                format!("candidate {i} of {me}"),
+            )
+            .await?;
+        println!("sent\tice-candidate\t{i}");
+    }
+    // An empty candidate ends the list, as in WebRTC.
+    client.signal(node, SignalKind::IceCandidate, "").await?;
+    let mut got = 0;
+    loop {
+        let s = next_signal(&mut client, node).await?;
+        if s.payload.is_empty() {
+            break;
+        }
+        got += 1;
+        println!("got\tice-candidate\t{}", printable(&s.payload));
+    }
+    println!("connected\t{node}\t{got} remote candidates");
+    client.close().await;
+    Ok(())
+}
+
+/// Answers one `meshctl call`.
+async fn answer(config: ClientConfig) -> anyhow::Result<()> {
+    let mut client = connect(config).await?;
+    let me = client.node_id();
+    if me.is_empty() {
+        bail!("log in as a node (--node-token or --key-file) to answer calls");
+    }
+    eprintln!("waiting for a call to node {me}");
+    let caller = loop {
+        let s = next_signal(&mut client, "").await?;
+        println!("got\t{}\t{}", kind_name(s.kind), printable(&s.payload));
+        if s.kind == SignalKind::Offer {
+            break s.from_node;
+        }
+    };
+    client
+        .signal(&caller, SignalKind::Answer, format!("answer from {me}"))
+        .await?;
+    println!("sent\tanswer");
+    let mut sent = 0;
+    loop {
+        let s = next_signal(&mut client, &caller).await?;
+        if s.payload.is_empty() {
+            break;
+        }
+        println!("got\tice-candidate\t{}", printable(&s.payload));
+        client
+            .signal(
+                &caller,
+                SignalKind::IceCandidate,
+                format!("candidate {sent} of {me}"),
+            )
+            .await?;
+        sent += 1;
+    }
+    client.signal(&caller, SignalKind::IceCandidate, "").await?;
+    client.flush().await?;
+    println!("connected\t{caller}\t{sent} candidates sent");
     client.close().await;
     Ok(())
 }

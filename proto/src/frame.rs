@@ -265,6 +265,7 @@ envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
     Reserved(v1::Reserved) => reserved,
     ReserveFailed(v1::ReserveFailed) => reserve_failed,
     Pong(v1::Pong) => pong,
+    NodeSessions(v1::NodeSessions) => node_sessions,
 });
 envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Registered(v1::Registered) => registered,
@@ -274,6 +275,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Error(v1::Error) => error,
     Ping(v1::Ping) => ping,
     Replace(v1::Replace) => replace,
+    Presence(v1::NodePresence) => presence,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
@@ -300,6 +302,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Ping(v1::Ping) => ping,
     Send(v1::Send) => send,
     Signal(v1::Signal) => signal,
+    ListNodes(v1::ListNodes) => list_nodes,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -310,6 +313,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ack(v1::Ack) => ack,
     Published(v1::Published) => published,
     Undeliverable(v1::Undeliverable) => undeliverable,
+    NodeList(v1::NodeList) => node_list,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,

@@ -15,6 +15,10 @@ pub const ID_LEN: usize = 32;
 /// The prefix of node topics.
 pub const TOPIC_PREFIX: &str = "@node/";
 
+/// The topic presence events arrive on (`v1::PresenceEvent` payloads): clients may subscribe
+/// to it, never publish on it.
+pub const PRESENCE_TOPIC: &str = "@presence";
+
 /// Why a node id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("node id {id:?} is not {ID_LEN} lowercase hex characters")]

@@ -48,9 +48,13 @@ pub struct Identity {
     /// and signals to this id reach the client.
     #[prost(string, tag = "11")]
     pub node_id: ::prost::alloc::string::String,
-    /// The node's name as registered (empty for none).
+    /// The node's name, location and info (a JSON object) as stored (empty for none).
     #[prost(string, tag = "12")]
     pub node_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "13")]
+    pub node_location: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    pub node_info: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {
@@ -62,14 +66,14 @@ pub struct Pong {
     #[prost(uint64, tag = "1")]
     pub nonce: u64,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToCoordinator {
-    #[prost(oneof = "server_to_coordinator::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "server_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<server_to_coordinator::Kind>,
 }
 /// Nested message and enum types in `ServerToCoordinator`.
 pub mod server_to_coordinator {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]
         Register(super::Register),
@@ -81,11 +85,13 @@ pub mod server_to_coordinator {
         ReserveFailed(super::ReserveFailed),
         #[prost(message, tag = "5")]
         Pong(super::Pong),
+        #[prost(message, tag = "6")]
+        NodeSessions(super::NodeSessions),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
-    #[prost(oneof = "coordinator_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "coordinator_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
 /// Nested message and enum types in `CoordinatorToServer`.
@@ -106,7 +112,80 @@ pub mod coordinator_to_server {
         Ping(super::Ping),
         #[prost(message, tag = "7")]
         Replace(super::Replace),
+        #[prost(message, tag = "8")]
+        Presence(super::NodePresence),
     }
+}
+/// A session of a node on a comm server.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeSession {
+    /// The routing scope the node is reachable in (`Identity.scope`).
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
+    /// The session's alias.
+    #[prost(string, tag = "3")]
+    pub alias: ::prost::alloc::string::String,
+    /// When the session opened, in milliseconds since the Unix epoch.
+    #[prost(uint64, tag = "4")]
+    pub since_ms: u64,
+    #[prost(string, tag = "5")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub location: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub info: ::prost::alloc::string::String,
+}
+/// The node sessions of the sending comm server: with `full`, all of them, replacing what the
+/// coordinator knew of this server (sent after every Registered, so the directory of online
+/// nodes is rebuilt after a coordinator restart); otherwise `opened` and `closed` are changes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeSessions {
+    #[prost(bool, tag = "1")]
+    pub full: bool,
+    #[prost(message, repeated, tag = "2")]
+    pub opened: ::prost::alloc::vec::Vec<NodeSession>,
+    #[prost(message, repeated, tag = "3")]
+    pub closed: ::prost::alloc::vec::Vec<NodeSession>,
+}
+/// An online node as the directory knows it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeInfo {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub location: ::prost::alloc::string::String,
+    /// A JSON object, as text.
+    #[prost(string, tag = "4")]
+    pub info: ::prost::alloc::string::String,
+    /// Since when it has been online (its oldest session), in milliseconds since the Unix epoch.
+    #[prost(uint64, tag = "5")]
+    pub since_ms: u64,
+    /// The comm servers its sessions are on.
+    #[prost(string, repeated, tag = "6")]
+    pub servers: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// A node's entry in scope `scope` changed.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeEntry {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub node: ::core::option::Option<NodeInfo>,
+    #[prost(enumeration = "PresenceChange", tag = "3")]
+    pub change: i32,
+}
+/// Coordinator -> every comm server: changes to the directory of online nodes, or (with
+/// `snapshot`, sent after Registered) the whole of it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodePresence {
+    #[prost(bool, tag = "1")]
+    pub snapshot: bool,
+    #[prost(message, repeated, tag = "2")]
+    pub entries: ::prost::alloc::vec::Vec<NodeEntry>,
 }
 /// A client logged in again under `client_id` of `account` as `role` (login number `seq`): close
 /// that client's sessions from earlier logins (lower `seq`) with REPLACED. Sent to every server;
@@ -424,7 +503,7 @@ pub struct ConnectOffer {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToServer {
-    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
 /// Nested message and enum types in `ClientToServer`.
@@ -445,16 +524,18 @@ pub mod client_to_server {
         Send(super::Send),
         #[prost(message, tag = "7")]
         Signal(super::Signal),
+        #[prost(message, tag = "8")]
+        ListNodes(super::ListNodes),
     }
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToClient {
-    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
 /// Nested message and enum types in `ServerToClient`.
 pub mod server_to_client {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]
         Ready(super::Ready),
@@ -472,7 +553,43 @@ pub mod server_to_client {
         Published(super::Published),
         #[prost(message, tag = "8")]
         Undeliverable(super::Undeliverable),
+        #[prost(message, tag = "9")]
+        NodeList(super::NodeList),
     }
+}
+/// Asks for online nodes of the client's scope: answered by NodeList with the same
+/// `request_id`. At most `limit` (capped by the server's `max_list_nodes`; 0: that cap) chosen
+/// at random among those whose name or location contains `filter` (ASCII case-insensitive;
+/// empty: all), and how many match in all. Answered from the server's copy of the cluster's
+/// directory.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListNodes {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+    #[prost(string, tag = "3")]
+    pub filter: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeList {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub nodes: ::prost::alloc::vec::Vec<NodeInfo>,
+    /// Nodes that match, of which `nodes` is a random sample.
+    #[prost(uint64, tag = "3")]
+    pub total: u64,
+}
+/// Presence events: subscribe to the topic `@presence` (a name clients may subscribe to, never
+/// publish on) and each change in the directory of the client's scope arrives as a `Message` on
+/// it whose payload is this.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PresenceEvent {
+    #[prost(enumeration = "PresenceChange", tag = "1")]
+    pub change: i32,
+    #[prost(message, optional, tag = "2")]
+    pub node: ::core::option::Option<NodeInfo>,
 }
 /// First message from the client on the client link.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -882,6 +999,42 @@ impl ErrorCode {
             "METHOD_NOT_ALLOWED" => Some(Self::MethodNotAllowed),
             "UNKNOWN_NODE" => Some(Self::UnknownNode),
             "NOT_CONNECTED" => Some(Self::NotConnected),
+            _ => None,
+        }
+    }
+}
+/// What happened to a node in the directory of online nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PresenceChange {
+    Unspecified = 0,
+    /// Its first session in the cluster opened.
+    Online = 1,
+    /// Its last session closed, or the server holding it left the cluster.
+    Offline = 2,
+    /// Its name, location or info changed (UpdateNode), or it opened or closed a further session.
+    Updated = 3,
+}
+impl PresenceChange {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PRESENCE_CHANGE_UNSPECIFIED",
+            Self::Online => "PRESENCE_CHANGE_ONLINE",
+            Self::Offline => "PRESENCE_CHANGE_OFFLINE",
+            Self::Updated => "PRESENCE_CHANGE_UPDATED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PRESENCE_CHANGE_UNSPECIFIED" => Some(Self::Unspecified),
+            "PRESENCE_CHANGE_ONLINE" => Some(Self::Online),
+            "PRESENCE_CHANGE_OFFLINE" => Some(Self::Offline),
+            "PRESENCE_CHANGE_UPDATED" => Some(Self::Updated),
             _ => None,
         }
     }

@@ -8,8 +8,8 @@ use coordinator::accounts::{
 };
 use coordinator::admin::{AdminCommand, Backend};
 use relaymesh_client::{
-    Client, Credentials, ErrorCode, Event, NodeDetails, SignalKind, SigningKey, register_node,
-    update_node,
+    Client, Credentials, ErrorCode, Event, NodeDetails, PresenceChange, SignalKind, SigningKey,
+    register_node, update_node,
 };
 use relaymesh_tests::{Cluster, client_config, coordinator_config, next_event, post_json, within};
 use serde_json::json;
@@ -463,4 +463,173 @@ async fn nodes_of_another_account_cannot_be_reached_or_told_apart_from_absent_on
     let friend = cluster.client_as(0, code("acme")).await;
     friend.send(&node.node_id, "hi").await.unwrap();
     assert_eq!(&next_direct(&mut acme_node).await.payload[..], b"hi");
+}
+
+/// The next presence event of `client`: (change, node id, servers).
+async fn next_presence(client: &mut Client) -> (PresenceChange, String, Vec<String>) {
+    match next_event(client).await {
+        Event::Presence { change, node } => (change, node.node_id, node.servers),
+        other => panic!("expected a presence event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn presence_is_cluster_wide_and_follows_logins_updates_and_logouts() {
+    let (cluster, _file) = file_cluster(3).await;
+    let mut watcher = cluster.client_as(0, code("acme")).await;
+    watcher.watch_presence().await.unwrap();
+    let mut rival = cluster.client_as(1, code("globex")).await;
+    rival.watch_presence().await.unwrap();
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = code("acme");
+    let details = NodeDetails {
+        name: "Drone Seven".into(),
+        location: "north field".into(),
+        info: r#"{"battery": 80}"#.into(),
+    };
+    let node = register_node(&config, details).await.unwrap();
+    config.credentials = Credentials::NodeToken(node.token.clone());
+    config.preferred_server = Some(cluster.servers[2].id.clone());
+    let drone = Client::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        (
+            PresenceChange::Online,
+            node.node_id.clone(),
+            vec![cluster.servers[2].id.clone()]
+        )
+    );
+    // Every server lists it, with its stored details; the other account's does not.
+    for i in 0..3 {
+        let asker = cluster.client_as(i, code("acme")).await;
+        let list = relaymesh_tests::eventually("the node listed", || async {
+            let list = asker.list_nodes(10, "").await.unwrap();
+            (list.total == 1).then_some(list)
+        })
+        .await;
+        let n = &list.nodes[0];
+        assert_eq!(
+            (
+                n.node_id.as_str(),
+                n.name.as_str(),
+                n.location.as_str(),
+                n.info.as_str()
+            ),
+            (
+                node.node_id.as_str(),
+                "Drone Seven",
+                "north field",
+                r#"{"battery": 80}"#
+            )
+        );
+        assert_eq!(asker.list_nodes(10, "FIELD").await.unwrap().total, 1);
+        assert_eq!(asker.list_nodes(10, "south").await.unwrap().total, 0);
+        asker.close().await;
+    }
+    let outsider = cluster.client_as(2, code("globex")).await;
+    assert_eq!(outsider.list_nodes(10, "").await.unwrap().total, 0);
+    // An update reaches watchers as such.
+    update_node(
+        &config,
+        NodeDetails {
+            name: "Drone Seven".into(),
+            location: "south field".into(),
+            info: r#"{"battery": 60}"#.into(),
+        },
+    )
+    .await
+    .unwrap();
+    match next_event(&mut watcher).await {
+        Event::Presence { change, node: n } => {
+            assert_eq!(
+                (change, n.location.as_str()),
+                (PresenceChange::Updated, "south field")
+            );
+        }
+        other => panic!("expected an update, got {other:?}"),
+    }
+    drone.close().await;
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        (PresenceChange::Offline, node.node_id.clone(), vec![])
+    );
+    // The other account heard nothing of it.
+    rival.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), rival.next_event())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn list_nodes_is_capped_and_a_fair_random_sample() {
+    let cluster = Cluster::start_with(2, |c| c.max_list_nodes = 5).await;
+    let mut nodes = Vec::new();
+    for seed in 0..20u8 {
+        nodes.push(
+            cluster
+                .client_as(usize::from(seed % 2), key_login(100 + seed))
+                .await,
+        );
+    }
+    let asker = cluster.client_as(0, key_login(1)).await;
+    relaymesh_tests::eventually("all 21 nodes listed", || async {
+        (asker.list_nodes(0, "").await.unwrap().total == 21).then_some(())
+    })
+    .await;
+    // 300 samples of 5 of 21 (capped from 50): each node is expected 71 times; a fair sample
+    // puts every count within 35..=110 except with a probability far below one in a million.
+    let mut counts = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..300 {
+        let list = asker.list_nodes(50, "").await.unwrap();
+        assert_eq!(
+            (list.nodes.len(), list.total),
+            (5, 21),
+            "capped at max_list_nodes"
+        );
+        let distinct: std::collections::HashSet<_> =
+            list.nodes.iter().map(|n| &n.node_id).collect();
+        assert_eq!(distinct.len(), 5, "no node twice in one sample");
+        for n in list.nodes {
+            *counts.entry(n.node_id).or_default() += 1;
+        }
+    }
+    assert_eq!(counts.len(), 21, "every node turns up");
+    for (node, count) in &counts {
+        assert!(
+            (35..=110).contains(count),
+            "node {node} sampled {count} times of an expected 71"
+        );
+    }
+    drop(nodes);
+}
+
+#[tokio::test]
+async fn the_directory_comes_back_after_a_coordinator_restart() {
+    let mut cluster = Cluster::start_restartable(2).await;
+    let node = cluster.client_as(1, key_login(42)).await;
+    let asker = cluster.client_as(0, key_login(43)).await;
+    relaymesh_tests::eventually("both nodes listed", || async {
+        (asker.list_nodes(0, "").await.unwrap().total == 2).then_some(())
+    })
+    .await;
+    cluster.coordinator.stop().await;
+    cluster.coordinator.start_again(coordinator_config()).await;
+    cluster.wait_linked().await;
+    let stats = relaymesh_tests::eventually("the directory rebuilt", || async {
+        let stats = cluster.coordinator.stats().await;
+        (stats["nodes_online"] == 2).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["nodes_online"], 2);
+    let list = asker.list_nodes(0, "").await.unwrap();
+    assert!(
+        list.nodes.iter().any(|n| n.node_id == node.node_id()),
+        "{list:?}"
+    );
+    // And direct messages never needed the coordinator.
+    let mut node = node;
+    asker.send(&node.node_id(), "still here").await.unwrap();
+    assert_eq!(&next_direct(&mut node).await.payload[..], b"still here");
 }

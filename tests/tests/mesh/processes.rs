@@ -746,3 +746,227 @@ async fn tasks_sessions_and_interest_go_when_their_clients_leave() {
     drop(publisher);
     two.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offline_with_their_server()
+ {
+    let dir = std::env::temp_dir().join(format!("relaymesh-nodes-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite://{}", dir.join("accounts.db").display());
+    let admin = |args: &[&str]| {
+        let mut all = vec!["accounts", "--url", &db];
+        all.extend_from_slice(args);
+        let (ok, out, err) = run("coordinator", &all);
+        assert!(ok, "coordinator {all:?}: {err}");
+        out
+    };
+    admin(&["create", "acme"]);
+    let code = admin(&["add-code", "acme"]).trim().to_owned();
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000\n\
+             [accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
+    let url = format!("ws://{}", coordinator.listening_addr());
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut proc = Proc::start(
+            "commserver",
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        );
+        let addr = proc.listening_addr();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push(Server {
+            proc,
+            id: addr.to_string(),
+            addr,
+        });
+    }
+    for server in &servers {
+        eventually("linked", || async {
+            (get_json(&server.stats_url()).await["peers"] == 1).then_some(())
+        })
+        .await;
+    }
+    let meshctl = |server: &Server, args: &[&str]| -> Vec<String> {
+        let mut all = vec!["--coordinator", &url, "--server", &server.id];
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_owned).collect()
+    };
+    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(" ");
+
+    // Two nodes registered with the account's code; the tokens log them in.
+    let mut tokens = Vec::new();
+    for name in ["station", "drone"] {
+        let args = meshctl(
+            &servers[0],
+            &[
+                "--account",
+                "acme",
+                "--code",
+                &code,
+                "register",
+                "--name",
+                name,
+            ],
+        );
+        let (ok, out, err) = run(
+            "meshctl",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        assert!(ok, "{}: {err}", strs(&args));
+        let (id, token) = out.trim().split_once('\t').expect("NODE_ID<TAB>TOKEN");
+        tokens.push((id.to_owned(), token.to_owned()));
+    }
+    let ((station, station_token), (drone, drone_token)) = (tokens[0].clone(), tokens[1].clone());
+    assert!(admin(&["nodes", "acme"]).contains(&drone));
+
+    // A watcher on server 0 sees the drone come online on server 1 and go with it.
+    let mut watcher = client_config(&url);
+    watcher.credentials = relaymesh_client::Credentials::AccessCode {
+        account: "acme".into(),
+        code: code.clone(),
+        role: String::new(),
+        group: String::new(),
+    };
+    watcher.preferred_server = Some(servers[0].id.clone());
+    let mut watcher = Client::connect(watcher).await.unwrap();
+    watcher.watch_presence().await.unwrap();
+
+    let args = meshctl(
+        &servers[1],
+        &["--node-token", &drone_token, "listen", "--count", "2"],
+    );
+    let mut listener = Proc::start(
+        "meshctl",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    listener.wait_for_line(&format!("listening as node {drone} on {}", servers[1].id));
+    match within("online", watcher.next_event()).await {
+        Some(Event::Presence { change, node }) => {
+            assert_eq!(
+                (change, node.node_id.as_str()),
+                (relaymesh_client::PresenceChange::Online, drone.as_str())
+            );
+        }
+        other => panic!("expected the drone online, got {other:?}"),
+    }
+    let run_meshctl = |args: Vec<String>| {
+        let (ok, out, err) = run(
+            "meshctl",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        (ok, out, err)
+    };
+    for text in ["take off", "land"] {
+        let (ok, _, err) = run_meshctl(meshctl(
+            &servers[0],
+            &["--node-token", &station_token, "send", &drone, text],
+        ));
+        assert!(ok, "{err}");
+        let line = listener.next_stdout_line();
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(
+            (fields.len(), fields[0], fields[1], fields[3]),
+            (4, "direct", station.as_str(), text),
+            "{line}"
+        );
+    }
+    assert!(listener.wait_exit().success());
+    // Gone now: a send says so and fails.
+    let (ok, _, err) = run_meshctl(meshctl(
+        &servers[0],
+        &["--node-token", &station_token, "send", &drone, "anyone?"],
+    ));
+    assert!(!ok && err.contains("NOT_CONNECTED"), "{err}");
+
+    // The signalling example: the station calls the drone across the two servers.
+    let args = meshctl(&servers[1], &["--node-token", &drone_token, "answer"]);
+    let mut answering = Proc::start(
+        "meshctl",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    answering.wait_for_line(&format!("waiting for a call to node {drone}"));
+    let (ok, out, err) = run_meshctl(meshctl(
+        &servers[0],
+        &[
+            "--node-token",
+            &station_token,
+            "call",
+            &drone,
+            "--candidates",
+            "2",
+        ],
+    ));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("got\tanswer\tanswer from {drone}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("got\tice-candidate\tcandidate 1 of {drone}")),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!("connected\t{drone}\t2 remote candidates\n")),
+        "{out}"
+    );
+    assert!(answering.wait_exit().success());
+
+    // `meshctl nodes` lists what is online: the drone, listening again.
+    let args = meshctl(&servers[1], &["--node-token", &drone_token, "listen"]);
+    let mut listener = Proc::start(
+        "meshctl",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    listener.wait_for_line("listening as node");
+    let listed = eventually("the drone listed", || {
+        let args = meshctl(&servers[0], &["--node-token", &station_token, "nodes"]);
+        let drone = drone.clone();
+        async move {
+            let (ok, out, _) = run_meshctl(args);
+            (ok && out.contains(&drone)).then_some(out)
+        }
+    })
+    .await;
+    assert!(
+        listed.contains(&format!("{drone}\tdrone\t\t{}", servers[1].id)),
+        "{listed}"
+    );
+
+    // Its server dies: every server sees the drone offline within the heartbeat timeout.
+    // (The meshctl processes above came and went: their events are read first.)
+    watcher.flush().await.unwrap();
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(100), watcher.next_event()).await
+    {
+    }
+    servers[1].proc.kill();
+    let offline = within("offline", async {
+        loop {
+            match watcher.next_event().await {
+                Some(Event::Presence { change, node })
+                    if change == relaymesh_client::PresenceChange::Offline
+                        && node.node_id == drone =>
+                {
+                    return node;
+                }
+                Some(_) => {}
+                None => panic!("watcher closed"),
+            }
+        }
+    })
+    .await;
+    assert!(offline.servers.is_empty());
+    assert_eq!(watcher.list_nodes(0, "").await.unwrap().total, 0);
+    drop(listener);
+    watcher.close().await;
+    coordinator.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}
