@@ -153,7 +153,7 @@ async fn attach(
                 }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
                 // A copy of one already delivered is dropped (the last arm).
-                Some(Kind::Message(m)) if lock(&shared.seen).fresh(&m) => {
+                Some(Kind::Message(m)) if fresh(shared, &mut lock(&shared.seen), &m) => {
                     let _ = events.send_one(message(m)).await;
                 }
                 Some(Kind::Undeliverable(u)) => {
@@ -271,6 +271,7 @@ fn message(m: v1::Message) -> Event {
             from: m.from_alias,
             role: m.from_role,
             payload: m.payload,
+            inbox_id: m.inbox_id,
         });
     }
     Event::Message(Message {
@@ -279,6 +280,16 @@ fn message(m: v1::Message) -> Event {
         role: m.from_role,
         payload: m.payload,
     })
+}
+
+/// Whether `m` is new: inbox messages by their inbox id (they come after messages sent later,
+/// so publisher numbers say nothing about them), the rest by [`crate::Seen`].
+fn fresh(shared: &Shared, seen: &mut crate::Seen, m: &v1::Message) -> bool {
+    if m.inbox_id > 0 {
+        shared.inbox_fresh(m.inbox_id)
+    } else {
+        seen.fresh(m)
+    }
 }
 
 fn undeliverable(u: v1::Undeliverable) -> Event {
@@ -667,7 +678,11 @@ enum Handled {
 /// Applies one message from the server to the client's state.
 fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -> Handled {
     let event = match msg.kind {
-        Some(Kind::Message(m)) if seen.fresh(&m) => message(m),
+        Some(Kind::Message(m)) if fresh(shared, seen, &m) => message(m),
+        Some(Kind::Accepted(a)) => Event::Accepted {
+            seq: a.seq,
+            to_node: a.to_node,
+        },
         Some(Kind::Undeliverable(u)) => undeliverable(u),
         Some(Kind::NodeList(list)) => {
             if let Some(done) = lock(&shared.state).lists.remove(&list.request_id) {

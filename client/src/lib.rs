@@ -208,6 +208,11 @@ pub struct ClientConfig {
     /// on the next connection if this one is lost; `publish` waits when this many are
     /// unconfirmed.
     pub max_unconfirmed: usize,
+    /// Acknowledge inbox messages ([`Direct::inbox_id`]) once [`Client::next_event`] has
+    /// handed them to the application (default `true`); with `false`, the application calls
+    /// [`Handle::ack_inbox`] when it has dealt with them (they come again at the next login
+    /// until it does).
+    pub auto_ack_inbox: bool,
 }
 
 /// How a client logs in.
@@ -334,6 +339,7 @@ impl ClientConfig {
             credentials: Credentials::Anonymous,
             client_id: None,
             max_unconfirmed: 16_384,
+            auto_ack_inbox: true,
         }
     }
 }
@@ -409,6 +415,14 @@ pub enum Event {
     },
     /// A signal to this client's node ([`Handle::signal`]).
     Signal(Signal),
+    /// Direct message `seq` (what [`Handle::send`] returned) found its node offline and is
+    /// stored in the node's inbox: it is delivered when the node logs in.
+    Accepted {
+        /// The message's number.
+        seq: u64,
+        /// The node it is for.
+        to_node: String,
+    },
     /// A direct message or signal this client sent reached no one: `seq` is what
     /// [`Handle::send`] or [`Handle::signal`] returned, `reason` why (`NOT_CONNECTED`: the node
     /// has no session in the cluster, or is no node of this account; `UNKNOWN_NODE`: not a
@@ -526,6 +540,12 @@ pub struct Direct {
     pub role: String,
     /// The payload, as sent (a slice of the read buffer; see [`Message::payload`]).
     pub payload: Bytes,
+    /// Set when it comes from the node's inbox (it was sent while the node was offline): the
+    /// client acknowledges it once this event has been handed to the application
+    /// ([`ClientConfig::auto_ack_inbox`]), or [`Handle::ack_inbox`] does; until then it comes
+    /// again at every login (the library drops the copies). 0 for a message sent while the
+    /// node was online.
+    pub inbox_id: u64,
 }
 
 /// A signal to this client's node.
@@ -629,6 +649,17 @@ struct Shared {
     /// What the client has delivered, to drop copies of resent messages; the connection
     /// task's reader holds it while a connection runs.
     seen: Mutex<Seen>,
+    /// The highest inbox id delivered: an inbox message at or below it is a copy.
+    inbox_seen: AtomicU64,
+    /// Woken when the server confirms publishes.
+    confirmations: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Whether inbox message `id` is new (and records it).
+    fn inbox_fresh(&self, id: u64) -> bool {
+        self.inbox_seen.fetch_max(id, Ordering::Relaxed) < id
+    }
 }
 
 impl Shared {
@@ -643,6 +674,7 @@ impl Shared {
             }
         }
         self.outbox_room.add_permits(confirmed);
+        self.confirmations.notify_waiters();
     }
 }
 
@@ -927,6 +959,10 @@ pub struct Client {
     /// The rest of the burst being handed out.
     ready: std::collections::VecDeque<Event>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// [`ClientConfig::auto_ack_inbox`], and the highest inbox id handed out and not yet
+    /// acknowledged.
+    auto_ack_inbox: bool,
+    unacked: u64,
 }
 
 impl Client {
@@ -949,7 +985,10 @@ impl Client {
                     .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             ),
             seen: Mutex::new(Seen::default()),
+            inbox_seen: AtomicU64::new(0),
+            confirmations: tokio::sync::Notify::new(),
         });
+        let config_auto_ack = config.auto_ack_inbox;
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
         let (events_tx, events_rx) = connection::event_queue(config.event_queue);
         let first = connection::establish(&config, &shared, &events_tx, &[]).await?;
@@ -969,6 +1008,8 @@ impl Client {
             events: events_rx,
             ready: std::collections::VecDeque::new(),
             task: Some(task),
+            auto_ack_inbox: config_auto_ack,
+            unacked: 0,
         })
     }
 
@@ -981,7 +1022,24 @@ impl Client {
     pub async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.ready.pop_front() {
+                if self.auto_ack_inbox
+                    && let Event::Direct(Direct { inbox_id, .. }) = &event
+                    && *inbox_id > 0
+                {
+                    self.unacked = self.unacked.max(*inbox_id);
+                }
+                // The burst's inbox messages are all handed out with this one: one
+                // acknowledgement for them (when the outbound queue is full, with the next).
+                if self.ready.is_empty()
+                    && self.unacked > 0
+                    && self.handle.try_ack_inbox(self.unacked)
+                {
+                    self.unacked = 0;
+                }
                 return Some(event);
+            }
+            if self.unacked > 0 && self.handle.try_ack_inbox(self.unacked) {
+                self.unacked = 0;
             }
             // Taken over whole (no copy) when the last burst is used up, which it is here.
             self.ready = self.events.recv().await?.into();
@@ -1289,6 +1347,52 @@ impl Handle {
             .await
     }
 
+    /// Acknowledges this node's inbox up to `inbox_id` ([`Direct::inbox_id`]): those messages
+    /// are deleted and never come again. Only needed with [`ClientConfig::auto_ack_inbox`]
+    /// off.
+    pub async fn ack_inbox(&self, inbox_id: u64) -> Result<(), ClientError> {
+        let frame = encode(&v1::ClientToServer::inbox_ack(v1::InboxAck {
+            up_to: inbox_id,
+        }));
+        self.out.send(frame).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Waits until the server has confirmed publish or direct message `seq` (what
+    /// [`Handle::send`] returned, or the `seq` of a publish): routed, refused, or, for a
+    /// direct message to an offline node, stored or refused by the inbox, so its
+    /// [`Event::Accepted`] or [`Event::Undeliverable`] has been queued by then. Servers
+    /// confirm at each subscription change ([`Handle::flush`]) and at their heartbeat interval.
+    pub async fn confirmed(&self, seq: u64) -> Result<(), ClientError> {
+        let wait = async {
+            loop {
+                let notified = self.shared.confirmations.notified();
+                let pending = lock(&self.shared.outbox)
+                    .unconfirmed
+                    .iter()
+                    .any(|u| u.seq == seq);
+                if !pending {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(self.shared.request_timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout(format!("waiting for the server to confirm {seq}")))
+    }
+
+    /// [`Handle::ack_inbox`] if the outbound queue has room now.
+    fn try_ack_inbox(&self, inbox_id: u64) -> bool {
+        let frame = encode(&v1::ClientToServer::inbox_ack(v1::InboxAck {
+            up_to: inbox_id,
+        }));
+        match self.out.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+        }
+    }
+
     /// The node this client is (empty: none): a node token login's node, or an Ed25519 key
     /// login's ([`relaymesh_proto::node::id_of_key`]).
     pub fn node_id(&self) -> String {
@@ -1394,6 +1498,8 @@ mod tests {
             outbox: Mutex::new(Outbox::default()),
             outbox_room: tokio::sync::Semaphore::new(16),
             seen: Mutex::new(Seen::default()),
+            inbox_seen: AtomicU64::new(0),
+            confirmations: tokio::sync::Notify::new(),
         })
     }
 

@@ -63,6 +63,10 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "forbidden": s.forbidden.get(),
         "direct_sent": s.direct_sent.get(),
         "undeliverable": s.undeliverable.get(),
+        "inbox_accepted": s.inbox_accepted.get(),
+        "inbox_delivered": s.inbox_delivered.get(),
+        "inbox_acks_ignored": s.inbox_acks_ignored.get(),
+        "inbox_handed_on": s.inbox_handed_on.get(),
         "acks_pending": s.acks_pending.get(),
         "confirmations_abandoned": s.confirmations_abandoned.get(),
         "replaced": s.replaced.get(),
@@ -112,7 +116,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 21] = [
+    let counters: [(&str, &str, &Counter); 25] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -182,6 +186,26 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_undeliverable_total",
             "Direct messages and signals answered Undeliverable.",
             &s.undeliverable,
+        ),
+        (
+            "relaymesh_inbox_accepted_total",
+            "Direct messages for offline nodes stored in their inbox.",
+            &s.inbox_accepted,
+        ),
+        (
+            "relaymesh_inbox_delivered_total",
+            "Inbox messages delivered to node sessions.",
+            &s.inbox_delivered,
+        ),
+        (
+            "relaymesh_inbox_acks_ignored_total",
+            "Inbox acknowledgements for ids never delivered.",
+            &s.inbox_acks_ignored,
+        ),
+        (
+            "relaymesh_inbox_handed_on_total",
+            "Forwards for a node that had just left, handed to its inbox.",
+            &s.inbox_handed_on,
         ),
         (
             "relaymesh_acks_pending_total",

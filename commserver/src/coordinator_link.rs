@@ -181,6 +181,7 @@ impl link::Handler for Reader {
         // restarted (or this link broke).
         let sessions = v1::ServerToCoordinator::node_sessions(server.presence.full_report());
         answer_coordinator(&self.tx, sessions, self.heartbeat.timeout).await?;
+        server.inboxes.set_link(Some(self.tx.clone()));
         Ok(Flow::Continue)
     }
 
@@ -202,6 +203,11 @@ impl link::Handler for Reader {
                 server.peer_left(&left.server_id);
             }
             Some(Kind::Replace(replace)) => server.replace(&replace),
+            Some(Kind::InboxStored(stored)) => server.inboxes.stored(stored),
+            Some(Kind::InboxBatch(batch)) => server.inboxes.batch(batch),
+            Some(Kind::InboxNudge(nudge)) => server
+                .inboxes
+                .nudge(server.presence.sessions_of(&nudge.scope, &nudge.node_id)),
             Some(Kind::Presence(presence)) => {
                 for (scope, event) in server.presence.apply(presence) {
                     let payload = encode(&event);
@@ -303,6 +309,8 @@ impl link::Handler for Reader {
             .stats
             .coordinator_connected
             .store(false, Ordering::Relaxed);
+        // What was asked of the inbox on this link is answered "unavailable" now.
+        self.server.inboxes.set_link(None);
     }
 
     /// The coordinator is told nothing: it sees the link close and the server unregister.

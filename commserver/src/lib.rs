@@ -18,6 +18,7 @@ mod api;
 mod control;
 mod coordinator_link;
 mod dispatch;
+mod inbox;
 mod interest;
 mod keys;
 mod logins;
@@ -93,6 +94,8 @@ struct Server {
     load_changed: tokio::sync::Notify,
     /// Node sessions here, and the cluster's directory of online nodes.
     presence: presence::Presence,
+    /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
+    inboxes: inbox::Inboxes,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// The last link with each peer that went down, to settle what it lost when the peer
@@ -239,6 +242,7 @@ pub async fn run_with(
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),
         presence: presence::Presence::default(),
+        inboxes: inbox::Inboxes::default(),
         direct_writes: routes::DirectWrites::of(
             config.direct_write_budget_us,
             tokio::runtime::Handle::current().metrics().num_workers(),

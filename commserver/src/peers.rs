@@ -678,12 +678,34 @@ fn deliver_forward(
         },
         payload: &forward.payload,
     };
-    publisher
-        .publish(&server.routes, &server.stats, msg, || {
-            topic::validate_routed(&forward.topic, max_topic)
-                .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
-        })
-        .map(|_| ())
+    let reached = publisher.publish(&server.routes, &server.stats, msg, || {
+        topic::validate_routed(&forward.topic, max_topic)
+            .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))
+    })?;
+    // A direct message for a node whose last session here closed while it was on its way:
+    // its inbox keeps it rather than nobody.
+    if !reached
+        && forward.signal == 0
+        && let Some(node) = relaymesh_proto::node::of_topic(&forward.topic)
+    {
+        let put = v1::InboxPut {
+            request_id: 0,
+            scope: forward.account.clone(),
+            to_node: node.to_owned(),
+            from_node: forward.from_node.clone(),
+            from_alias: forward.from_alias.clone(),
+            from_role: forward.from_role.clone(),
+            seq: forward.seq,
+            resent_from: forward.resent_from.clone(),
+            payload: forward.payload.clone(),
+        };
+        if server.inboxes.put_unattended(put) {
+            server.stats.inbox_handed_on.inc();
+        } else {
+            server.stats.undeliverable.inc();
+        }
+    }
+    Ok(())
 }
 
 /// A peer had to drop `dropped.count` forwards meant for this server. The subscribers of the

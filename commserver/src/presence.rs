@@ -169,6 +169,16 @@ impl Presence {
         (sample.into_iter().cloned().collect(), seen)
     }
 
+    /// This server's sessions of node `node_id` of `scope`.
+    pub(crate) fn sessions_of(&self, scope: &str, node_id: &str) -> Vec<u64> {
+        lock(&self.local)
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.scope == scope && s.node_id == node_id)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Online nodes in this server's copy, all scopes.
     pub(crate) fn online(&self) -> usize {
         lock(&self.directory).values().map(HashMap::len).sum()

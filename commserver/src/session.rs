@@ -37,6 +37,7 @@ use relaymesh_proto::node::PRESENCE_TOPIC;
 
 use crate::Server;
 use crate::control::Command;
+use crate::inbox::SessionEvent;
 use crate::interest::TopicKey;
 use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
 
@@ -200,6 +201,26 @@ struct Session {
     signals: Option<Box<TokenBucket>>,
     /// The node's details, until `Attach` reports its session to the directory.
     joining: Option<Box<v1::NodeSession>>,
+    /// Inbox business: answers to this session's messages for offline nodes, and its node's
+    /// own inbox; made when first needed.
+    inbox: Option<Box<InboxState>>,
+}
+
+/// A session's inbox business.
+#[derive(Debug)]
+struct InboxState {
+    events: mpsc::Receiver<SessionEvent>,
+    /// Direct messages (by `seq`) waiting for the coordinator to store them: `Published`
+    /// confirms nothing from the first of them on.
+    storing: std::collections::BTreeSet<u64>,
+    /// The highest inbox id delivered to this session, and the highest it acknowledged.
+    delivered: u64,
+    acked: u64,
+    /// A read of the inbox is out; another is due once it is answered.
+    fetching: bool,
+    fetch_again: bool,
+    /// The last page was full: more wait once this one is acknowledged.
+    more: bool,
 }
 
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
@@ -298,6 +319,7 @@ fn run(
         joining,
         node: (!identity.node_id.is_empty()).then(|| identity.node_id.into()),
         signals: None,
+        inbox: None,
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
     link::serve(socket, options, session).map(move |served| {
@@ -379,6 +401,18 @@ impl link::Handler for Session {
         self.server.config.heartbeat()
     }
 
+    /// Answers about the inbox, once this session has any business with it.
+    async fn wake(&mut self) -> Result<Flow, v1::Error> {
+        let Some(inbox) = &mut self.inbox else {
+            return std::future::pending().await;
+        };
+        let Some(event) = inbox.events.recv().await else {
+            return std::future::pending().await;
+        };
+        self.inbox_event(event)?;
+        Ok(Flow::Continue)
+    }
+
     fn stopping(&mut self) -> Result<(), v1::Error> {
         Err(error(
             ErrorCode::ShuttingDown,
@@ -392,6 +426,9 @@ impl link::Handler for Session {
         let server = &self.server;
         if self.node.is_some() {
             server.presence.closed(self.me.id);
+        }
+        if self.inbox.is_some() {
+            server.inboxes.leave(self.me.id);
         }
         lock(&server.sessions).remove(&self.me.id);
         server.stats.clients.dec();
@@ -436,6 +473,7 @@ impl Session {
                 let result = self.signal(signal);
                 self.numbered(seq, result)
             }
+            Some(Kind::InboxAck(ack)) => self.inbox_ack(ack.up_to),
             Some(Kind::ListNodes(list)) => {
                 let max = self.server.config.max_list_nodes;
                 let limit = match usize::try_from(list.limit) {
@@ -451,9 +489,16 @@ impl Session {
                 }))
             }
             // Rare next to publishes, and their futures are large: boxed, so they do not add
-            // to the size of every session's task.
-            Some(Kind::Subscribe(sub)) => Box::pin(self.subscribe(sub)).await,
-            Some(Kind::Unsubscribe(unsub)) => Box::pin(self.unsubscribe(unsub)).await,
+            // to the size of every session's task. What was published before is confirmed
+            // first, so a client's `flush` also settles its publishes.
+            Some(Kind::Subscribe(sub)) => {
+                self.confirm()?;
+                Box::pin(self.subscribe(sub)).await
+            }
+            Some(Kind::Unsubscribe(unsub)) => {
+                self.confirm()?;
+                Box::pin(self.unsubscribe(unsub)).await
+            }
             Some(Kind::Ping(ping)) => {
                 self.reply(&v1::ServerToClient::pong(v1::Pong { nonce: ping.nonce }))
             }
@@ -486,11 +531,214 @@ impl Session {
     /// [`CONFIRM_EVERY`] or more since the last confirmation, at each heartbeat interval, and
     /// before a refusal that ends the session.
     fn confirm(&mut self) -> Result<(), v1::Error> {
-        if self.taken > self.confirmed {
-            self.confirmed = self.taken;
-            self.reply(&v1::ServerToClient::published(v1::Published {
-                up_to: self.taken,
-            }))?;
+        // A direct message still being stored is not confirmed, nor anything after it: the
+        // client sends them again if this connection is lost before they are.
+        let up_to = match self.inbox.as_ref().and_then(|i| i.storing.first()) {
+            Some(first) => self.taken.min(first - 1),
+            None => self.taken,
+        };
+        if up_to > self.confirmed {
+            self.confirmed = up_to;
+            self.reply(&v1::ServerToClient::published(v1::Published { up_to }))?;
+        }
+        Ok(())
+    }
+
+    /// This session's inbox business, set up on first need.
+    fn inbox_state(&mut self) -> &mut InboxState {
+        let server = &self.server;
+        let id = self.me.id;
+        self.inbox.get_or_insert_with(|| {
+            let (tx, events) = mpsc::channel(crate::inbox::SESSION_EVENTS);
+            server.inboxes.join(id, tx);
+            Box::new(InboxState {
+                events,
+                storing: std::collections::BTreeSet::new(),
+                delivered: 0,
+                acked: 0,
+                fetching: false,
+                fetch_again: false,
+                more: false,
+            })
+        })
+    }
+
+    /// Direct message `seq` found no session of `to_node`: asks the coordinator to store it
+    /// in the node's inbox. `Accepted` (or `Undeliverable`) follows when it answers.
+    fn store(
+        &mut self,
+        to_node: String,
+        payload: &[u8],
+        seq: u64,
+        resent_from: &str,
+    ) -> Result<(), v1::Error> {
+        let busy = self
+            .inbox
+            .as_ref()
+            .is_some_and(|i| i.storing.len() >= crate::inbox::MAX_PENDING_PUTS);
+        if busy {
+            let why = format!(
+                "{} direct messages are still being stored",
+                crate::inbox::MAX_PENDING_PUTS
+            );
+            return self.undeliverable(seq, to_node, ErrorCode::LimitExceeded, why);
+        }
+        let put = v1::InboxPut {
+            request_id: 0,
+            scope: self.account.to_string(),
+            to_node: to_node.clone(),
+            from_node: self.node.as_deref().unwrap_or_default().to_owned(),
+            from_alias: self.alias.to_string(),
+            from_role: self.role.to_string(),
+            seq,
+            resent_from: resent_from.to_owned(),
+            payload: Bytes::copy_from_slice(payload),
+        };
+        let id = self.me.id;
+        self.inbox_state();
+        let server = self.server.clone();
+        if !server.inboxes.put(&server, id, put) {
+            return self.undeliverable(
+                seq,
+                to_node,
+                ErrorCode::Unavailable,
+                "the node has no session and its inbox cannot be reached (no coordinator)".into(),
+            );
+        }
+        self.inbox_state().storing.insert(seq);
+        Ok(())
+    }
+
+    /// Reads this node's inbox after what was delivered (unless a read is out already).
+    fn fetch_inbox(&mut self) {
+        let Some(node) = self.node.clone() else {
+            return;
+        };
+        let id = self.me.id;
+        let server = self.server.clone();
+        let scope = self.account.clone();
+        let state = self.inbox_state();
+        if state.fetching {
+            state.fetch_again = true;
+            return;
+        }
+        if server
+            .inboxes
+            .fetch(&server, id, &scope, &node, state.delivered)
+        {
+            state.fetching = true;
+            state.fetch_again = false;
+        }
+    }
+
+    fn inbox_event(&mut self, event: SessionEvent) -> Result<(), v1::Error> {
+        match event {
+            SessionEvent::Stored {
+                seq,
+                to_node,
+                result,
+            } => {
+                self.inbox_state().storing.remove(&seq);
+                match result {
+                    Ok(_) => {
+                        self.server.stats.inbox_accepted.inc();
+                        self.reply(&v1::ServerToClient::accepted(v1::Accepted { seq, to_node }))?;
+                    }
+                    Err(e) => {
+                        let code = e.error_code();
+                        self.undeliverable(seq, to_node, code, e.message)?;
+                    }
+                }
+                self.confirm()
+            }
+            SessionEvent::Batch(result) => {
+                let state = self.inbox_state();
+                state.fetching = false;
+                match result {
+                    Ok(messages) => self.deliver_inbox(messages),
+                    // A coordinator that keeps no inbox says so to every node's first read.
+                    Err(e) if e.error_code() == ErrorCode::NotConnected => Ok(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read a node's inbox");
+                        Ok(())
+                    }
+                }?;
+                if self.inbox_state().fetch_again {
+                    self.fetch_inbox();
+                }
+                Ok(())
+            }
+            SessionEvent::Nudge => {
+                self.fetch_inbox();
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands a page of the node's inbox to the client, in order, as one batch.
+    fn deliver_inbox(&mut self, messages: Vec<v1::InboxMessage>) -> Result<(), v1::Error> {
+        let Some(node) = self.node.clone() else {
+            return Ok(());
+        };
+        let topic = relaymesh_proto::node::topic(&node);
+        let full = messages.len() >= crate::inbox::PAGE as usize;
+        let state = self.inbox_state();
+        let mut frames = bytes::BytesMut::new();
+        let mut count = 0;
+        for m in messages {
+            if m.id <= state.delivered {
+                continue;
+            }
+            state.delivered = m.id;
+            let frame = encode(&v1::ServerToClient::message(v1::Message {
+                topic: topic.clone(),
+                from_alias: m.from_alias,
+                payload: m.payload,
+                from_role: m.from_role,
+                seq: m.seq,
+                resent_from: m.resent_from,
+                from_node: m.from_node,
+                signal: 0,
+                inbox_id: m.id,
+            }));
+            relaymesh_net::wire::put_frame_header(&mut frames, frame.len());
+            frames.extend_from_slice(&frame);
+            count += 1;
+        }
+        state.more = full;
+        if count == 0 {
+            return Ok(());
+        }
+        self.server.stats.inbox_delivered.add(count as u64);
+        // Behind what is queued for the session, like any delivery; a session whose queue is
+        // full gets them again at its next login (they are deleted only when acknowledged).
+        let _ = self.me.send(&frames.freeze(), count, false);
+        Ok(())
+    }
+
+    /// The client handled its inbox up to `up_to`: delete it, and read the next page if the
+    /// last was full.
+    fn inbox_ack(&mut self, up_to: u64) -> Result<(), v1::Error> {
+        let Some(node) = self.node.clone() else {
+            self.server.stats.inbox_acks_ignored.inc();
+            return Ok(());
+        };
+        let server = self.server.clone();
+        let scope = self.account.clone();
+        let state = self.inbox_state();
+        if up_to > state.delivered {
+            server.stats.inbox_acks_ignored.inc();
+        }
+        let up_to = up_to.min(state.delivered);
+        if up_to <= state.acked {
+            return Ok(());
+        }
+        state.acked = up_to;
+        let next = state.more && up_to == state.delivered;
+        // A lost acknowledgement only means the messages come again at the next login.
+        let _ = server.inboxes.done(&scope, &node, up_to);
+        if next {
+            self.fetch_inbox();
         }
         Ok(())
     }
@@ -590,6 +838,8 @@ impl Session {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             self.server.presence.opened(self.me.id, *session);
         }
+        // What waited for the node while it was offline.
+        self.fetch_inbox();
         Ok(())
     }
 
@@ -647,6 +897,9 @@ impl Session {
         if reached {
             server.stats.direct_sent.inc();
             return Ok(());
+        }
+        if signal == 0 {
+            return self.store(to_node, payload, seq, resent_from);
         }
         self.undeliverable(
             seq,

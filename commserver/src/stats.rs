@@ -42,6 +42,15 @@ pub(crate) struct Stats {
     /// Direct messages and signals answered `Undeliverable` (no session, unknown node, over a
     /// limit or the signal rate).
     pub(crate) undeliverable: Counter,
+    /// Direct messages for offline nodes that the coordinator stored (`Accepted`).
+    pub(crate) inbox_accepted: Counter,
+    /// Inbox messages delivered to node sessions (a message delivered again after a
+    /// reconnect counts again).
+    pub(crate) inbox_delivered: Counter,
+    /// `InboxAck`s for ids never delivered to the session (ignored beyond what was).
+    pub(crate) inbox_acks_ignored: Counter,
+    /// Forwards for a node whose last session here had just closed, handed to its inbox.
+    pub(crate) inbox_handed_on: Counter,
     /// Subscription changes answered with an `Ack` naming servers that had not confirmed them
     /// within `subscribe_sync_timeout_ms`.
     pub(crate) acks_pending: Counter,

@@ -4,6 +4,8 @@
 CREATE TABLE nodes (
     id TEXT PRIMARY KEY,
     account TEXT NOT NULL REFERENCES accounts (name),
+    -- The routing scope the node was last reachable in (its account, or account#group).
+    scope TEXT NOT NULL DEFAULT '',
     role TEXT NOT NULL DEFAULT '',
     grp TEXT NOT NULL DEFAULT '',
     name TEXT NOT NULL DEFAULT '',

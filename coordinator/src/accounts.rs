@@ -951,6 +951,18 @@ impl Store {
         } else {
             account.clone()
         };
+        // The inbox takes messages for this node from the scope it logs in to; a key node
+        // met for the first time is stored, so its inbox exists while it is offline.
+        if let (Self::Sql(db), Some(node)) = (self, &mut node) {
+            node.scope.clone_from(&scope);
+            if node.role.is_empty() && node.token_hash.is_empty() {
+                node.role.clone_from(&role);
+                node.group.clone_from(&group);
+            }
+            db.touch_node(&account, node)
+                .await
+                .map_err(|e| LoginError::Unavailable(e.to_string()))?;
+        }
         Ok(Grant {
             account,
             role,

@@ -319,26 +319,37 @@ impl Backend {
                         db.nodes(&name).await?
                     }
                 };
-                Ok(nodes
-                    .iter()
-                    .map(|n| {
-                        format!(
-                            "{}\t{}{}\trole {}\tgroup {}\tname {:?}\tlocation {:?}\tinfo {}\n",
-                            n.id,
-                            if n.token_hash.is_empty() {
-                                "key"
-                            } else {
-                                "token"
-                            },
-                            if n.revoked { " (revoked)" } else { "" },
-                            if n.role.is_empty() { "-" } else { &n.role },
-                            if n.group.is_empty() { "-" } else { &n.group },
-                            n.name,
-                            n.location,
-                            n.info,
-                        )
-                    })
-                    .collect())
+                let mut out = String::new();
+                for n in &nodes {
+                    // Only the sql store keeps inboxes.
+                    let inbox = match self {
+                        Self::Sql(db) => format!("\tinbox {}", db.inbox_count(&n.id).await?),
+                        Self::File(_) => String::new(),
+                    };
+                    let or_dash = |s: &str| {
+                        if s.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            s.to_owned()
+                        }
+                    };
+                    out += &format!(
+                        "{}\t{}{}\trole {}\tgroup {}\tname {:?}\tlocation {:?}\tinfo {}{inbox}\n",
+                        n.id,
+                        if n.token_hash.is_empty() {
+                            "key"
+                        } else {
+                            "token"
+                        },
+                        if n.revoked { " (revoked)" } else { "" },
+                        or_dash(&n.role),
+                        or_dash(&n.group),
+                        n.name,
+                        n.location,
+                        n.info,
+                    );
+                }
+                Ok(out)
             }
             AdminCommand::RevokeNode { name, id } => {
                 let revoked = match self {

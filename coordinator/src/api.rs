@@ -25,6 +25,13 @@ pub(crate) struct Stats {
     pub(crate) logins_rate_limited: Counter,
     /// Nodes registered (`RegisterNode`, `POST /v1/nodes`).
     pub(crate) nodes_registered: Counter,
+    /// Direct messages stored in inboxes, refused (full, unknown node, database down), and
+    /// deleted unread after `inbox.ttl_ms`.
+    pub(crate) inbox_stored: Counter,
+    pub(crate) inbox_refused: Counter,
+    pub(crate) inbox_expired: Counter,
+    /// Inbox transactions (group commits).
+    pub(crate) inbox_commits: Counter,
     /// `Replace` notices a server's full link queue did not take.
     pub(crate) replace_dropped: Counter,
     pub(crate) reservations_failed: Counter,
@@ -70,6 +77,10 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "logins_refused": s.logins_refused.get(),
         "logins_rate_limited": s.logins_rate_limited.get(),
         "nodes_registered": s.nodes_registered.get(),
+        "inbox_stored": s.inbox_stored.get(),
+        "inbox_refused": s.inbox_refused.get(),
+        "inbox_expired": s.inbox_expired.get(),
+        "inbox_commits": s.inbox_commits.get(),
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
@@ -145,6 +156,30 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Logins whose credentials were refused.",
         s.logins_refused.get() as f64,
     );
+    for (name, help, value) in [
+        (
+            "relaymesh_coordinator_inbox_stored_total",
+            "Direct messages stored in offline nodes' inboxes.",
+            s.inbox_stored.get(),
+        ),
+        (
+            "relaymesh_coordinator_inbox_refused_total",
+            "Direct messages not stored (inbox full, unknown node, database down).",
+            s.inbox_refused.get(),
+        ),
+        (
+            "relaymesh_coordinator_inbox_expired_total",
+            "Inbox messages deleted unread after inbox.ttl_ms.",
+            s.inbox_expired.get(),
+        ),
+        (
+            "relaymesh_coordinator_inbox_commits_total",
+            "Inbox transactions (each a group commit of what queued up).",
+            s.inbox_commits.get(),
+        ),
+    ] {
+        e.single(name, Kind::Counter, help, value as f64);
+    }
     e.single(
         "relaymesh_coordinator_nodes_registered_total",
         Kind::Counter,

@@ -54,6 +54,8 @@ pub struct Config {
     /// Longest node `info` (a JSON object as text) accepted by `RegisterNode` and
     /// `UpdateNode`, in bytes.
     pub max_node_info_bytes: usize,
+    /// The durable inbox of offline nodes (`sql` store only).
+    pub inbox: crate::inbox::InboxConfig,
     /// Time allowed for connections and tasks to finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Time an HTTP client has for its request head, and again for its body and the answer;
@@ -100,6 +102,7 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             max_node_info_bytes: crate::nodes::DEFAULT_MAX_NODE_INFO,
+            inbox: crate::inbox::InboxConfig::default(),
             shutdown_grace_ms: 5_000,
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
@@ -129,6 +132,22 @@ impl Config {
             self.max_node_info_bytes >= 2 && self.max_node_info_bytes < self.max_frame_bytes,
             "max_node_info_bytes",
             "must be at least 2 (`{}`) and less than max_frame_bytes",
+        )?;
+        let inbox = &self.inbox;
+        ensure(
+            inbox.max_messages >= 1 && inbox.max_bytes >= 1,
+            "inbox.max_messages",
+            "inbox.max_messages and inbox.max_bytes must be at least 1",
+        )?;
+        ensure(
+            inbox.ttl_ms >= 1_000 && inbox.sweep_ms >= 100,
+            "inbox.ttl_ms",
+            "inbox.ttl_ms must be at least 1000 and inbox.sweep_ms at least 100",
+        )?;
+        ensure(
+            inbox.queue >= 1 && inbox.max_batch >= 1 && inbox.max_fetch >= 1,
+            "inbox.queue",
+            "inbox.queue, inbox.max_batch and inbox.max_fetch must be at least 1",
         )?;
         ensure(
             self.reserve_timeout_ms > 0,

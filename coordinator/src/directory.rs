@@ -134,6 +134,14 @@ impl Directory {
         })
     }
 
+    /// The servers holding sessions of node `node_id` of `scope`.
+    pub(crate) fn servers_of(&self, scope: &str, node_id: &str) -> Vec<String> {
+        self.nodes
+            .get(&(scope.to_owned(), node_id.to_owned()))
+            .map(|e| e.info(node_id).servers)
+            .unwrap_or_default()
+    }
+
     /// The whole directory, for a server that has just registered.
     pub(crate) fn snapshot(&self) -> v1::NodePresence {
         v1::NodePresence {

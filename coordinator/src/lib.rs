@@ -15,6 +15,7 @@ mod alias;
 mod api;
 pub mod config;
 mod directory;
+pub mod inbox;
 mod negotiate;
 pub mod nodes;
 pub mod registry;
@@ -57,6 +58,8 @@ struct App {
     challenges: Challenges,
     /// Who may register as a comm server: the cluster secret, or trusted keys.
     server_trust: LinkTrust,
+    /// The durable inbox's writer queue.
+    inbox: inbox::Inbox,
     /// Online nodes, as the servers report them. Locked before `registry` when both are.
     directory: Mutex<directory::Directory>,
     /// Registered servers; locked briefly, never across an await.
@@ -129,7 +132,9 @@ pub async fn run(
         _ => tracing::info!(store = ?config.accounts.store, "account store ready"),
     }
     tracker.spawn(accounts.clone().watch(shutdown.clone()));
+    let (inbox, inbox_writer) = inbox::Inbox::new(&accounts, &config.inbox);
     let app = Arc::new(App {
+        inbox,
         challenges: Challenges::new(config.challenge_ttl(), config.max_pending_challenges),
         server_trust: LinkTrust::new(
             config.cluster_secret.clone(),
@@ -164,6 +169,9 @@ pub async fn run(
         started: Instant::now(),
         config,
     });
+    if let Some((db, rx)) = inbox_writer {
+        tracker.spawn(inbox::run(app.clone(), db, rx));
+    }
     let router = Router::new()
         .route("/v1/servers", get(server_link::upgrade))
         .route("/v1/servers/challenge", post(server_link::challenge))

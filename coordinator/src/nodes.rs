@@ -36,6 +36,10 @@ pub const DEFAULT_MAX_NODE_INFO: usize = 4096;
 pub struct Node {
     /// 32 lowercase hex characters.
     pub id: String,
+    /// The routing scope it was last reachable in (its account, or `account#group`): direct
+    /// messages for its inbox must come from this scope.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
     /// The role a token login acts as.
     #[serde(default)]
     pub role: String,
@@ -70,6 +74,7 @@ impl Node {
     pub(crate) fn unstored(id: String) -> Self {
         Self {
             id,
+            scope: String::new(),
             role: String::new(),
             group: String::new(),
             name: String::new(),
@@ -219,6 +224,7 @@ impl Store {
         let now = now_ms();
         let stored = Node {
             id: id.clone(),
+            scope: identity.scope.clone(),
             role: identity.role.clone(),
             group: identity.groups.first().cloned().unwrap_or_default(),
             name: fields.name,
@@ -246,6 +252,7 @@ impl Store {
         let now = now_ms();
         let node = Node {
             id: identity.node_id.clone(),
+            scope: identity.scope.clone(),
             role: identity.role.clone(),
             group: identity.groups.first().cloned().unwrap_or_default(),
             name: fields.name,

@@ -374,6 +374,15 @@ impl link::Handler for Reader {
                 let changes = directory.report(&handle.id, report);
                 push_presence(&lock(&self.app.registry), changes);
             }
+            Some(Kind::InboxPut(put)) => self
+                .app
+                .inbox
+                .submit(crate::inbox::Op::Put(put, handle.clone())),
+            Some(Kind::InboxFetch(fetch)) => self
+                .app
+                .inbox
+                .submit(crate::inbox::Op::Fetch(fetch, handle.clone())),
+            Some(Kind::InboxDone(done)) => self.app.inbox.submit(crate::inbox::Op::Done(done)),
             Some(Kind::Pong(_)) => {}
             Some(Kind::Register(_)) => {
                 return Err(unexpected("already registered on this link"));

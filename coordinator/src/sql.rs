@@ -9,7 +9,10 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row as _};
 
 use crate::accounts::{AccessCode, Account, PublicKey, RoleRules, StoreError};
+use crate::inbox::InboxLimits;
 use crate::nodes::{Node, TokenNode};
+use relaymesh_proto::v1::{self, ErrorCode};
+use std::collections::HashMap;
 
 /// Milliseconds as stored (BIGINT).
 fn millis(ms: u64) -> i64 {
@@ -295,7 +298,8 @@ impl SqlStore {
     pub async fn insert_node(&self, account: &str, node: &Node) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO nodes (id, account, role, grp, name, location, info, token_hash, \
-             revoked, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             revoked, created_ms, updated_ms, scope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&node.id)
         .bind(account)
@@ -308,6 +312,7 @@ impl SqlStore {
         .bind(i64::from(node.revoked))
         .bind(millis(node.created_ms))
         .bind(millis(node.updated_ms))
+        .bind(&node.scope)
         .execute(&self.pool)
         .await
         .map_err(failed("registering a node"))?;
@@ -344,7 +349,7 @@ impl SqlStore {
     pub(crate) async fn node(&self, id: &str) -> Result<Option<TokenNode>, StoreError> {
         let row = sqlx::query(
             "SELECT account, role, grp, name, location, info, token_hash, revoked, created_ms, \
-             updated_ms FROM nodes WHERE id = $1",
+             updated_ms, scope FROM nodes WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -365,6 +370,7 @@ impl SqlStore {
                     revoked: r.try_get::<i64, _>(7)? != 0,
                     created_ms: u64::try_from(r.try_get::<i64, _>(8)?).unwrap_or(0),
                     updated_ms: u64::try_from(r.try_get::<i64, _>(9)?).unwrap_or(0),
+                    scope: r.try_get(10)?,
                 },
             })
         };
@@ -398,6 +404,190 @@ impl SqlStore {
             .await
             .map_err(failed("revoking a node"))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Records that node `node.id` of `account` logged in, in scope `node.scope`: stores a key
+    /// node met for the first time, and keeps the scope its inbox takes messages from current.
+    pub(crate) async fn touch_node(&self, account: &str, node: &Node) -> Result<(), StoreError> {
+        match self.node(&node.id).await? {
+            Some(stored) if stored.account != account => Ok(()),
+            Some(stored) if stored.node.scope == node.scope => Ok(()),
+            Some(_) => {
+                sqlx::query("UPDATE nodes SET scope = $1 WHERE id = $2 AND account = $3")
+                    .bind(&node.scope)
+                    .bind(&node.id)
+                    .bind(account)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(failed("updating a node"))?;
+                Ok(())
+            }
+            None => self.insert_node(account, node).await,
+        }
+    }
+
+    /// The highest inbox id stored (0 for none), so ids handed out after a restart follow it.
+    pub(crate) async fn inbox_last_id(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM inbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("reading the inbox"))?;
+        let last: i64 = row.try_get(0).map_err(failed("reading the inbox"))?;
+        Ok(u64::try_from(last).unwrap_or(0))
+    }
+
+    /// One group commit: deletes what nodes acknowledged (`done`: node id, up to) and stores
+    /// `puts` (each with its id) within each node's limits, in one transaction. Returns, for
+    /// each put, `None` when stored or the code of why not (`UNKNOWN_NODE`, `INBOX_FULL`).
+    pub(crate) async fn inbox_commit(
+        &self,
+        done: &[(String, u64)],
+        puts: &[(u64, &v1::InboxPut)],
+        limits: InboxLimits,
+        now_ms: u64,
+    ) -> Result<Vec<Option<ErrorCode>>, StoreError> {
+        let what = "storing direct messages";
+        let mut tx = self.pool.begin().await.map_err(failed(what))?;
+        for (node, up_to) in done {
+            sqlx::query("DELETE FROM inbox WHERE node_id = $1 AND id <= $2")
+                .bind(node)
+                .bind(millis(*up_to))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed(what))?;
+        }
+        // Per node in this batch: whether it takes messages from the put's scope, and how
+        // full its inbox is.
+        let mut nodes: HashMap<&str, Option<(String, u64, u64)>> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(puts.len());
+        for (id, put) in puts {
+            if !nodes.contains_key(put.to_node.as_str()) {
+                let row = sqlx::query("SELECT scope FROM nodes WHERE id = $1 AND revoked = 0")
+                    .bind(&put.to_node)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(failed(what))?;
+                let state = match row {
+                    None => None,
+                    Some(row) => {
+                        let scope: String = row.try_get(0).map_err(failed(what))?;
+                        let used = sqlx::query(
+                            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
+                             WHERE node_id = $1",
+                        )
+                        .bind(&put.to_node)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(failed(what))?;
+                        let count: i64 = used.try_get(0).map_err(failed(what))?;
+                        let bytes: i64 = used.try_get(1).map_err(failed(what))?;
+                        Some((
+                            scope,
+                            u64::try_from(count).unwrap_or(0),
+                            u64::try_from(bytes).unwrap_or(0),
+                        ))
+                    }
+                };
+                nodes.insert(&put.to_node, state);
+            }
+            let Some(Some((scope, count, bytes))) = nodes.get_mut(put.to_node.as_str()) else {
+                outcomes.push(Some(ErrorCode::UnknownNode));
+                continue;
+            };
+            // Another scope's sender learns nothing about this node.
+            if *scope != put.scope {
+                outcomes.push(Some(ErrorCode::UnknownNode));
+                continue;
+            }
+            let size = put.payload.len() as u64;
+            if *count >= limits.max_messages || *bytes + size > limits.max_bytes {
+                outcomes.push(Some(ErrorCode::InboxFull));
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO inbox (node_id, id, from_node, from_alias, from_role, seq, \
+                 resent_from, payload, size, stored_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(&put.to_node)
+            .bind(millis(*id))
+            .bind(&put.from_node)
+            .bind(&put.from_alias)
+            .bind(&put.from_role)
+            .bind(millis(put.seq))
+            .bind(&put.resent_from)
+            .bind(put.payload.to_vec())
+            .bind(millis(size))
+            .bind(millis(now_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(what))?;
+            *count += 1;
+            *bytes += size;
+            outcomes.push(None);
+        }
+        tx.commit().await.map_err(failed(what))?;
+        Ok(outcomes)
+    }
+
+    /// Up to `limit` messages of node `node`'s inbox after id `after`, oldest first.
+    pub(crate) async fn inbox_fetch(
+        &self,
+        node: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<v1::InboxMessage>, StoreError> {
+        let what = "reading an inbox";
+        let rows = sqlx::query(
+            "SELECT id, from_node, from_alias, from_role, seq, resent_from, payload, stored_ms \
+             FROM inbox WHERE node_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(node)
+        .bind(millis(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed(what))?;
+        rows.iter()
+            .map(|r| {
+                let number = |i: usize| {
+                    r.try_get::<i64, _>(i)
+                        .map(|v| u64::try_from(v).unwrap_or(0))
+                };
+                Ok(v1::InboxMessage {
+                    id: number(0)?,
+                    from_node: r.try_get(1)?,
+                    from_alias: r.try_get(2)?,
+                    from_role: r.try_get(3)?,
+                    seq: number(4)?,
+                    resent_from: r.try_get(5)?,
+                    payload: r.try_get::<Vec<u8>, _>(6)?.into(),
+                    stored_ms: number(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(failed(what))
+    }
+
+    /// Messages waiting in node `node`'s inbox.
+    pub async fn inbox_count(&self, node: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM inbox WHERE node_id = $1")
+            .bind(node)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("reading an inbox"))?;
+        let count: i64 = row.try_get(0).map_err(failed("reading an inbox"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    /// Deletes inbox messages stored before `before_ms`; returns how many.
+    pub(crate) async fn inbox_expire(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM inbox WHERE stored_ms < $1")
+            .bind(millis(before_ms))
+            .execute(&self.pool)
+            .await
+            .map_err(failed("expiring inbox messages"))?;
+        Ok(done.rows_affected())
     }
 
     /// Closes the pool.

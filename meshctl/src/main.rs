@@ -384,7 +384,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Send { node, message } => {
             let mut client = connect(config).await?;
             let seq = client.send(&node, message.into_bytes()).await?;
-            let outcome = settled(&mut client, seq).await;
+            let outcome = settled(&mut client, seq, true).await;
             client.close().await;
             outcome
         }
@@ -395,7 +395,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         } => {
             let mut client = connect(config).await?;
             let seq = client.signal(&node, kind.into(), payload).await?;
-            let outcome = settled(&mut client, seq).await;
+            let outcome = settled(&mut client, seq, false).await;
             client.close().await;
             outcome
         }
@@ -536,22 +536,30 @@ async fn subscribe(
     Ok(())
 }
 
-/// Waits until the server has handled message `seq` and fails if it reached no one.
-async fn settled(client: &mut Client, seq: u64) -> anyhow::Result<()> {
+/// Waits until the server has handled message `seq` (delivered it, or stored it for an
+/// offline node) and fails if it did neither.
+async fn settled(client: &mut Client, seq: u64, confirmed: bool) -> anyhow::Result<()> {
     client.flush().await?;
+    if confirmed {
+        client.handle().confirmed(seq).await?;
+    }
     while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, client.next_event()).await {
-        if let Event::Undeliverable {
-            seq: s,
-            reason,
-            message,
-            to_node,
-        } = event
-            && s == seq
-        {
-            bail!(
-                "not delivered to {to_node}: {}: {message}",
-                reason.as_str_name()
-            );
+        match event {
+            Event::Undeliverable {
+                seq: s,
+                reason,
+                message,
+                to_node,
+            } if s == seq => {
+                bail!(
+                    "not delivered to {to_node}: {}: {message}",
+                    reason.as_str_name()
+                )
+            }
+            Event::Accepted { seq: s, to_node } if s == seq => {
+                eprintln!("{to_node} is offline: stored in its inbox");
+            }
+            _ => {}
         }
     }
     Ok(())

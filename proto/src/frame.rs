@@ -266,6 +266,9 @@ envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
     ReserveFailed(v1::ReserveFailed) => reserve_failed,
     Pong(v1::Pong) => pong,
     NodeSessions(v1::NodeSessions) => node_sessions,
+    InboxPut(v1::InboxPut) => inbox_put,
+    InboxFetch(v1::InboxFetch) => inbox_fetch,
+    InboxDone(v1::InboxDone) => inbox_done,
 });
 envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Registered(v1::Registered) => registered,
@@ -276,6 +279,9 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Ping(v1::Ping) => ping,
     Replace(v1::Replace) => replace,
     Presence(v1::NodePresence) => presence,
+    InboxStored(v1::InboxStored) => inbox_stored,
+    InboxBatch(v1::InboxBatch) => inbox_batch,
+    InboxNudge(v1::InboxNudge) => inbox_nudge,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
@@ -303,6 +309,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Send(v1::Send) => send,
     Signal(v1::Signal) => signal,
     ListNodes(v1::ListNodes) => list_nodes,
+    InboxAck(v1::InboxAck) => inbox_ack,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -314,6 +321,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Published(v1::Published) => published,
     Undeliverable(v1::Undeliverable) => undeliverable,
     NodeList(v1::NodeList) => node_list,
+    Accepted(v1::Accepted) => accepted,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -350,6 +358,7 @@ mod tests {
                 resent_from: resent_from.into(),
                 from_node: node.into(),
                 signal,
+                inbox_id: 0,
             }));
             let from = Sender {
                 alias,

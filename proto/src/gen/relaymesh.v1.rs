@@ -68,7 +68,7 @@ pub struct Pong {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToCoordinator {
-    #[prost(oneof = "server_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "server_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: ::core::option::Option<server_to_coordinator::Kind>,
 }
 /// Nested message and enum types in `ServerToCoordinator`.
@@ -87,11 +87,20 @@ pub mod server_to_coordinator {
         Pong(super::Pong),
         #[prost(message, tag = "6")]
         NodeSessions(super::NodeSessions),
+        #[prost(message, tag = "7")]
+        InboxPut(super::InboxPut),
+        #[prost(message, tag = "8")]
+        InboxFetch(super::InboxFetch),
+        #[prost(message, tag = "9")]
+        InboxDone(super::InboxDone),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
-    #[prost(oneof = "coordinator_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(
+        oneof = "coordinator_to_server::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+    )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
 /// Nested message and enum types in `CoordinatorToServer`.
@@ -114,7 +123,111 @@ pub mod coordinator_to_server {
         Replace(super::Replace),
         #[prost(message, tag = "8")]
         Presence(super::NodePresence),
+        #[prost(message, tag = "9")]
+        InboxStored(super::InboxStored),
+        #[prost(message, tag = "10")]
+        InboxBatch(super::InboxBatch),
+        #[prost(message, tag = "11")]
+        InboxNudge(super::InboxNudge),
     }
+}
+/// Store a direct message for node `to_node` of `scope`, which has no session. Answered by
+/// InboxStored with the same `request_id` (0: no answer wanted) once it is written, or with the
+/// reason it was not.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxPut {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub to_node: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub from_node: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub from_alias: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub from_role: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "7")]
+    pub seq: u64,
+    #[prost(string, tag = "8")]
+    pub resent_from: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "9")]
+    pub payload: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxStored {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// The message's id in the node's inbox (increasing in the order messages were stored).
+    #[prost(uint64, tag = "2")]
+    pub inbox_id: u64,
+    /// Set when it was not stored: INBOX_FULL, UNKNOWN_NODE, UNAVAILABLE, or NOT_CONNECTED when
+    /// this coordinator keeps no inbox.
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<Error>,
+}
+/// The messages in node `node_id`'s inbox after `after_id`, oldest first, at most `limit`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxFetch {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub after_id: u64,
+    #[prost(uint32, tag = "5")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxMessage {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub from_node: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub from_alias: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub from_role: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub seq: u64,
+    #[prost(string, tag = "6")]
+    pub resent_from: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "7")]
+    pub payload: ::prost::bytes::Bytes,
+    #[prost(uint64, tag = "8")]
+    pub stored_ms: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct InboxBatch {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub messages: ::prost::alloc::vec::Vec<InboxMessage>,
+    /// Set when the inbox could not be read.
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<Error>,
+}
+/// Node `node_id` acknowledged every message of its inbox up to `up_to`: delete them.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxDone {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub up_to: u64,
+}
+/// Something was stored for node `node_id` of `scope` while it had a session on this server:
+/// its sessions read their inbox again.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxNudge {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
 }
 /// A session of a node on a comm server.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -503,7 +616,7 @@ pub struct ConnectOffer {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToServer {
-    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
 /// Nested message and enum types in `ClientToServer`.
@@ -526,11 +639,20 @@ pub mod client_to_server {
         Signal(super::Signal),
         #[prost(message, tag = "8")]
         ListNodes(super::ListNodes),
+        #[prost(message, tag = "9")]
+        InboxAck(super::InboxAck),
     }
+}
+/// The client has handed every inbox message up to this id (`Message.inbox_id`) to its
+/// application: they are deleted. Until then they are delivered again at every login.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboxAck {
+    #[prost(uint64, tag = "1")]
+    pub up_to: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToClient {
-    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
 /// Nested message and enum types in `ServerToClient`.
@@ -555,7 +677,19 @@ pub mod server_to_client {
         Undeliverable(super::Undeliverable),
         #[prost(message, tag = "9")]
         NodeList(super::NodeList),
+        #[prost(message, tag = "10")]
+        Accepted(super::Accepted),
     }
+}
+/// Direct message `seq` found its node offline and is stored in the node's inbox: it is
+/// delivered when the node logs in. Sent only once the message is written; its `Published`
+/// confirmation waits for this (or for the `Undeliverable` that says why it was not stored).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Accepted {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(string, tag = "2")]
+    pub to_node: ::prost::alloc::string::String,
 }
 /// Asks for online nodes of the client's scope: answered by NodeList with the same
 /// `request_id`. At most `limit` (capped by the server's `max_list_nodes`; 0: that cap) chosen
@@ -747,6 +881,11 @@ pub struct Message {
     /// Set for a signal.
     #[prost(enumeration = "SignalKind", tag = "8")]
     pub signal: i32,
+    /// Set for a message from the node's inbox: acknowledge it with InboxAck once handled, or it
+    /// comes again at the next login. Inbox messages come in inbox order, and may come after
+    /// messages sent later that found the node online.
+    #[prost(uint64, tag = "9")]
+    pub inbox_id: u64,
 }
 /// `count` messages meant for this client were dropped: its queue was full, or they were lost
 /// between servers.
@@ -936,6 +1075,11 @@ pub enum ErrorCode {
     /// A signal (or a direct message, where no inbox keeps it) named a node that has no session
     /// in the cluster right now: offline, or not a node of this account (which is not revealed).
     NotConnected = 24,
+    /// A direct message for an offline node: its inbox is at its count or bytes limit.
+    InboxFull = 25,
+    /// A direct message for an offline node could not be stored: the coordinator or its database
+    /// is unreachable. Nothing was stored.
+    Unavailable = 26,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -969,6 +1113,8 @@ impl ErrorCode {
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::UnknownNode => "UNKNOWN_NODE",
             Self::NotConnected => "NOT_CONNECTED",
+            Self::InboxFull => "INBOX_FULL",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -999,6 +1145,8 @@ impl ErrorCode {
             "METHOD_NOT_ALLOWED" => Some(Self::MethodNotAllowed),
             "UNKNOWN_NODE" => Some(Self::UnknownNode),
             "NOT_CONNECTED" => Some(Self::NotConnected),
+            "INBOX_FULL" => Some(Self::InboxFull),
+            "UNAVAILABLE" => Some(Self::Unavailable),
             _ => None,
         }
     }

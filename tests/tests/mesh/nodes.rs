@@ -7,6 +7,7 @@ use coordinator::accounts::{
     AccessCode, Account, AccountsConfig, AccountsFile, StoreKind, hash_code,
 };
 use coordinator::admin::{AdminCommand, Backend};
+use coordinator::sql::SqlStore;
 use relaymesh_client::{
     Client, Credentials, ErrorCode, Event, NodeDetails, PresenceChange, SignalKind, SigningKey,
     register_node, update_node,
@@ -632,4 +633,220 @@ async fn the_directory_comes_back_after_a_coordinator_restart() {
     let mut node = node;
     asker.send(&node.node_id(), "still here").await.unwrap();
     assert_eq!(&next_direct(&mut node).await.payload[..], b"still here");
+}
+
+/// A cluster on the `sql` store (a SQLite file) with accounts acme and globex, and the store
+/// to look into.
+async fn sql_cluster(
+    servers: usize,
+    tweak: impl Fn(&mut coordinator::Config),
+) -> (Cluster, SqlStore, TempFile) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("relaymesh-inbox-{}-{n}.json", std::process::id()));
+    let url = format!("sqlite://{}", path.with_extension("db").display());
+    let db = SqlStore::connect(&url).await.unwrap();
+    for name in ["acme", "globex"] {
+        db.put(&account(name)).await.unwrap();
+    }
+    let mut config = coordinator_config();
+    config.accounts = AccountsConfig {
+        store: StoreKind::Sql,
+        url,
+        ..AccountsConfig::default()
+    };
+    tweak(&mut config);
+    (
+        Cluster::start_configured(servers, config).await,
+        db,
+        TempFile(path),
+    )
+}
+
+/// Registers a node of `account` and returns (its id, a config logging in as it).
+async fn node_of(
+    cluster: &Cluster,
+    account: &str,
+    name: &str,
+) -> (String, relaymesh_client::ClientConfig) {
+    let mut config = client_config(&cluster.coordinator.url);
+    config.credentials = code(account);
+    let details = NodeDetails {
+        name: name.into(),
+        ..NodeDetails::default()
+    };
+    let node = register_node(&config, details).await.unwrap();
+    config.credentials = Credentials::NodeToken(node.token);
+    (node.node_id, config)
+}
+
+#[tokio::test]
+async fn an_offline_nodes_messages_wait_in_its_inbox_and_arrive_in_order_at_login() {
+    let (cluster, db, _file) = sql_cluster(2, |_| {}).await;
+    let (drone, mut config) = node_of(&cluster, "acme", "drone").await;
+    let mut station = cluster.client_as(0, code("acme")).await;
+    let mut seqs = Vec::new();
+    for i in 0..600u32 {
+        seqs.push(
+            station
+                .send(&drone, i.to_be_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    // Accepted once stored, for every one, and only then confirmed.
+    for seq in &seqs {
+        match next_event(&mut station).await {
+            Event::Accepted { seq: s, to_node } => {
+                assert_eq!((s, to_node.as_str()), (*seq, drone.as_str()))
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    }
+    station
+        .handle()
+        .confirmed(*seqs.last().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(db.inbox_count(&drone).await.unwrap(), 600);
+    // Fewer transactions than messages: writes that queue up together commit together.
+    let commits = cluster.coordinator.stats().await["inbox_commits"]
+        .as_u64()
+        .unwrap();
+    assert!(commits < 600, "{commits} commits for 600 messages");
+
+    // At login, in order (more than one page of 256), each once.
+    config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut node = Client::connect(config.clone()).await.unwrap();
+    let mut last = 0;
+    for i in 0..600u32 {
+        let d = next_direct(&mut node).await;
+        assert_eq!(&d.payload[..], &i.to_be_bytes()[..]);
+        assert!(d.inbox_id > last, "inbox order");
+        last = d.inbox_id;
+        assert_eq!(d.from, station.alias());
+    }
+    // Acknowledged as they were handed over: the inbox empties.
+    relaymesh_tests::eventually("the inbox emptied", || async {
+        (db.inbox_count(&drone).await.unwrap() == 0).then_some(())
+    })
+    .await;
+    // Online now: the next message is live, not stored.
+    station.send(&drone, "live").await.unwrap();
+    let d = next_direct(&mut node).await;
+    assert_eq!((&d.payload[..], d.inbox_id), (&b"live"[..], 0));
+    node.close().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_inbox_messages_come_again_and_the_application_sees_each_once() {
+    let (cluster, db, _file) = sql_cluster(2, |_| {}).await;
+    let (drone, mut config) = node_of(&cluster, "acme", "drone").await;
+    let mut station = cluster.client_as(0, code("acme")).await;
+    for text in ["one", "two", "three"] {
+        let seq = station.send(&drone, text).await.unwrap();
+        assert!(
+            matches!(next_event(&mut station).await, Event::Accepted { seq: s, .. } if s == seq)
+        );
+    }
+    config.auto_ack_inbox = false;
+    config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut node = Client::connect(config.clone()).await.unwrap();
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        let d = next_direct(&mut node).await;
+        assert_eq!(&d.payload[..], text.as_bytes());
+        ids.push(d.inbox_id);
+    }
+    // Its server goes away before anything is acknowledged: on the next server the inbox is
+    // delivered again, and the library drops what the application already has.
+    let mut servers = cluster.servers;
+    let gone = servers.remove(1);
+    gone.stop().await;
+    loop {
+        match next_event(&mut node).await {
+            Event::Reconnected { .. } => break,
+            Event::Disconnected { .. } => {}
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+    let server = &servers[0];
+    relaymesh_tests::eventually("delivered again", || async {
+        (server.stat("inbox_delivered").await >= 3).then_some(())
+    })
+    .await;
+    station.send(&drone, "four").await.unwrap();
+    let d = next_direct(&mut node).await;
+    assert_eq!(
+        (&d.payload[..], d.inbox_id),
+        (&b"four"[..], 0),
+        "no copy of one, two, three"
+    );
+    // Acknowledged by hand: deleted. An acknowledgement beyond what was delivered is counted
+    // and goes no further.
+    node.handle().ack_inbox(ids[2] + 1_000).await.unwrap();
+    relaymesh_tests::eventually("deleted", || async {
+        (db.inbox_count(&drone).await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(server.stat("inbox_acks_ignored").await, 1);
+    node.close().await;
+}
+
+#[tokio::test]
+async fn full_inboxes_unknown_nodes_and_other_accounts_are_refused_and_nothing_else_is_affected() {
+    let (cluster, db, _file) = sql_cluster(2, |c| c.inbox.max_messages = 5).await;
+    let (drone, _) = node_of(&cluster, "acme", "drone").await;
+    let (other, mut other_config) = node_of(&cluster, "acme", "other").await;
+    let (rival, _) = node_of(&cluster, "globex", "rival").await;
+    let mut station = cluster.client_as(0, code("acme")).await;
+    for _ in 0..5 {
+        station.send(&drone, "fits").await.unwrap();
+        assert!(matches!(
+            next_event(&mut station).await,
+            Event::Accepted { .. }
+        ));
+    }
+    let seq = station.send(&drone, "one too many").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut station).await,
+        (seq, ErrorCode::InboxFull)
+    );
+    // Another node's inbox is unaffected.
+    station.send(&other, "for other").await.unwrap();
+    assert!(matches!(
+        next_event(&mut station).await,
+        Event::Accepted { .. }
+    ));
+    // A node of another account, and one nobody registered: the same answer.
+    let seq = station.send(&rival, "hello rival").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut station).await,
+        (seq, ErrorCode::UnknownNode)
+    );
+    let seq = station
+        .send(&relaymesh_proto::node::id_of_key(b"nobody"), "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_undeliverable(&mut station).await,
+        (seq, ErrorCode::UnknownNode)
+    );
+    assert_eq!(db.inbox_count(&rival).await.unwrap(), 0);
+    assert_eq!(db.inbox_count(&drone).await.unwrap(), 5);
+    other_config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut other_node = Client::connect(other_config).await.unwrap();
+    assert_eq!(
+        &next_direct(&mut other_node).await.payload[..],
+        b"for other"
+    );
+    let stats = cluster.coordinator.stats().await;
+    assert_eq!(
+        (
+            stats["inbox_stored"].as_u64(),
+            stats["inbox_refused"].as_u64()
+        ),
+        (Some(6), Some(3))
+    );
 }

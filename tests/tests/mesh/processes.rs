@@ -879,12 +879,49 @@ async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offli
         );
     }
     assert!(listener.wait_exit().success());
-    // Gone now: a send says so and fails.
+    // Gone now: the message waits in its inbox, and is what its next login gets first.
     let (ok, _, err) = run_meshctl(meshctl(
         &servers[0],
-        &["--node-token", &station_token, "send", &drone, "anyone?"],
+        &[
+            "--node-token",
+            &station_token,
+            "send",
+            &drone,
+            "while you were out",
+        ],
     ));
-    assert!(!ok && err.contains("NOT_CONNECTED"), "{err}");
+    assert!(
+        ok && err.contains("is offline: stored in its inbox"),
+        "{err}"
+    );
+    let inbox_of = |node: &str| -> String {
+        let listed = admin(&["nodes", "acme"]);
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_default();
+        line.rsplit('\t').next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(inbox_of(&drone), "inbox 1");
+    let args = meshctl(
+        &servers[1],
+        &["--node-token", &drone_token, "listen", "--count", "1"],
+    );
+    let mut listener = Proc::start(
+        "meshctl",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let line = listener.next_stdout_line();
+    assert!(
+        line.starts_with(&format!("direct\t{station}\t")) && line.ends_with("\twhile you were out"),
+        "{line}"
+    );
+    assert!(listener.wait_exit().success());
+    // Acknowledged as it was handed over: nothing waits any more.
+    eventually("the inbox emptied", || async {
+        (inbox_of(&drone) == "inbox 0").then_some(())
+    })
+    .await;
 
     // The signalling example: the station calls the drone across the two servers.
     let args = meshctl(&servers[1], &["--node-token", &drone_token, "answer"]);
@@ -967,6 +1004,135 @@ async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offli
     assert_eq!(watcher.list_nodes(0, "").await.unwrap().total, 0);
     drop(listener);
     watcher.close().await;
+    coordinator.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_nodes_server() {
+    let dir = std::env::temp_dir().join(format!("relaymesh-inbox-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite://{}", dir.join("accounts.db").display());
+    let admin = |args: &[&str]| {
+        let mut all = vec!["accounts", "--url", &db];
+        all.extend_from_slice(args);
+        let (ok, out, err) = run("coordinator", &all);
+        assert!(ok, "coordinator {all:?}: {err}");
+        out
+    };
+    admin(&["create", "acme"]);
+    let code = admin(&["add-code", "acme"]).trim().to_owned();
+    let toml = dir.join("coordinator.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000\n\
+             [accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"
+        ),
+    )
+    .unwrap();
+    let addr = restartable_addr();
+    let url = format!("ws://{addr}");
+    let mut coordinator = configured("coordinator", &toml, &["--listen", &addr.to_string()]);
+    coordinator.listening_addr();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut proc = Proc::start(
+            "commserver",
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        );
+        let addr = proc.listening_addr();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push(Server {
+            proc,
+            id: addr.to_string(),
+            addr,
+        });
+    }
+    let login = relaymesh_client::Credentials::AccessCode {
+        account: "acme".into(),
+        code,
+        role: String::new(),
+        group: String::new(),
+    };
+    let mut config = client_config(&url);
+    config.credentials = login.clone();
+    let drone = relaymesh_client::register_node(&config, relaymesh_client::NodeDetails::default())
+        .await
+        .unwrap();
+    config.preferred_server = Some(servers[0].id.clone());
+    let mut station = Client::connect(config).await.unwrap();
+    for i in 0..20u32 {
+        let seq = station
+            .send(&drone.node_id, i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+        match within("accepted", station.next_event()).await {
+            Some(Event::Accepted { seq: s, .. }) => assert_eq!(s, seq),
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    }
+    // Accepted means written: the coordinator dies at once and comes back.
+    coordinator.kill();
+    let mut coordinator = configured("coordinator", &toml, &["--listen", &addr.to_string()]);
+    coordinator.listening_addr();
+    for server in &servers {
+        eventually("re-registered", || async {
+            (get_json(&server.stats_url()).await["coordinator_connected"] == true).then_some(())
+        })
+        .await;
+    }
+    // The drone logs in on server 1 and reads without acknowledging; server 1 dies.
+    let mut drone_config = client_config(&url);
+    drone_config.credentials = relaymesh_client::Credentials::NodeToken(drone.token.clone());
+    drone_config.preferred_server = Some(servers[1].id.clone());
+    drone_config.auto_ack_inbox = false;
+    let mut node = Client::connect(drone_config).await.unwrap();
+    let mut last = 0;
+    for i in 0..20u32 {
+        match within("inbox", node.next_event()).await {
+            Some(Event::Direct(d)) => {
+                assert_eq!(&d.payload[..], &i.to_be_bytes()[..]);
+                last = d.inbox_id;
+            }
+            other => panic!("expected a direct message, got {other:?}"),
+        }
+    }
+    servers[1].proc.kill();
+    loop {
+        match within("reconnect", node.next_event()).await {
+            Some(Event::Reconnected { server_id, .. }) => {
+                assert_eq!(server_id, servers[0].id);
+                break;
+            }
+            Some(Event::Disconnected { .. }) => {}
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+    // Delivered again on server 0 (unacknowledged), and dropped by the library as copies: the
+    // application's next message is the live one.
+    eventually("delivered again", || async {
+        (get_json(&servers[0].stats_url()).await["inbox_delivered"].as_u64() >= Some(20))
+            .then_some(())
+    })
+    .await;
+    station.send(&drone.node_id, "live").await.unwrap();
+    match within("live", node.next_event()).await {
+        Some(Event::Direct(d)) => assert_eq!((&d.payload[..], d.inbox_id), (&b"live"[..], 0)),
+        other => panic!("expected the live message, got {other:?}"),
+    }
+    node.handle().ack_inbox(last).await.unwrap();
+    eventually("acknowledged and deleted", || async {
+        let listed = admin(&["nodes", "acme"]);
+        listed
+            .lines()
+            .any(|l| l.starts_with(&drone.node_id) && l.ends_with("\tinbox 0"))
+            .then_some(())
+    })
+    .await;
+    node.close().await;
+    station.close().await;
     coordinator.terminate();
     let _ = std::fs::remove_dir_all(&dir);
 }
