@@ -61,9 +61,11 @@ impl Default for InboxConfig {
 
 /// A node's limits, as the writer applies them.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct InboxLimits {
-    pub(crate) max_messages: u64,
-    pub(crate) max_bytes: u64,
+pub struct InboxLimits {
+    /// Messages one inbox holds.
+    pub max_messages: u64,
+    /// Payload bytes one inbox holds.
+    pub max_bytes: u64,
 }
 
 /// One request for the writer, and the server link that asked.

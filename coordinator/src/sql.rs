@@ -427,7 +427,7 @@ impl SqlStore {
     }
 
     /// The highest inbox id stored (0 for none), so ids handed out after a restart follow it.
-    pub(crate) async fn inbox_last_id(&self) -> Result<u64, StoreError> {
+    pub async fn inbox_last_id(&self) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM inbox")
             .fetch_one(&self.pool)
             .await
@@ -439,7 +439,7 @@ impl SqlStore {
     /// One group commit: deletes what nodes acknowledged (`done`: node id, up to) and stores
     /// `puts` (each with its id) within each node's limits, in one transaction. Returns, for
     /// each put, `None` when stored or the code of why not (`UNKNOWN_NODE`, `INBOX_FULL`).
-    pub(crate) async fn inbox_commit(
+    pub async fn inbox_commit(
         &self,
         done: &[(String, u64)],
         puts: &[(u64, &v1::InboxPut)],
@@ -531,7 +531,7 @@ impl SqlStore {
     }
 
     /// Up to `limit` messages of node `node`'s inbox after id `after`, oldest first.
-    pub(crate) async fn inbox_fetch(
+    pub async fn inbox_fetch(
         &self,
         node: &str,
         after: u64,
@@ -581,7 +581,7 @@ impl SqlStore {
     }
 
     /// Deletes inbox messages stored before `before_ms`; returns how many.
-    pub(crate) async fn inbox_expire(&self, before_ms: u64) -> Result<u64, StoreError> {
+    pub async fn inbox_expire(&self, before_ms: u64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM inbox WHERE stored_ms < $1")
             .bind(millis(before_ms))
             .execute(&self.pool)

@@ -7,8 +7,10 @@
 
 use coordinator::accounts::{Login, LoginError, Store, StoreError};
 use coordinator::admin::{AdminCommand, Backend};
+use coordinator::inbox::InboxLimits;
 use coordinator::nodes::{NodeError, NodeFields};
 use coordinator::sql::SqlStore;
+use relaymesh_proto::v1::ErrorCode;
 use sqlx::Connection as _;
 
 fn login(account: &str, code: &str, role: &str, group: &str) -> Login {
@@ -124,6 +126,7 @@ async fn exercise(url: &str) {
     assert!(matches!(&missing, StoreError::NoEntry { what: "code", id, .. } if id == "nope"));
     assert_eq!(missing.to_string(), r#"account "acme" has no code "nope""#);
     nodes(&db, &store).await;
+    inbox(&db).await;
     let listed = admin(&db, AdminCommand::List).await;
     assert!(
         listed.contains("main (revoked)") && listed.contains("agent [publish telemetry/#"),
@@ -210,6 +213,78 @@ async fn nodes(db: &SqlStore, store: &Store) {
         store.update_node(&me, fields("again")).await,
         Err(NodeError::Unknown(_))
     ));
+}
+
+/// The inbox: stored within a node's limits and for its scope only, read back byte for byte
+/// in order, deleted when acknowledged or expired.
+async fn inbox(db: &SqlStore) {
+    let registrar = relaymesh_proto::v1::Identity {
+        account: named("acme"),
+        scope: named("acme#g1"),
+        groups: vec![named("g1")],
+        ..Default::default()
+    };
+    let store = Store::Sql(db.clone());
+    let (node, _) = store
+        .register_node(&registrar, NodeFields::default())
+        .await
+        .unwrap();
+    let put = |payload: &[u8], scope: &str| relaymesh_proto::v1::InboxPut {
+        scope: named(scope),
+        to_node: node.clone(),
+        from_node: named("f00d"),
+        from_alias: named("a1-2"),
+        seq: 7,
+        payload: payload.to_vec().into(),
+        ..Default::default()
+    };
+    let first = put(&[0, 255, 1, 0], "acme#g1");
+    let second = put(b"second", "acme#g1");
+    let third = put(b"third", "acme#g1");
+    let elsewhere = put(b"x", "acme");
+    let limits = InboxLimits {
+        max_messages: 2,
+        max_bytes: 1 << 20,
+    };
+    let base = db.inbox_last_id().await.unwrap();
+    let outcomes = db
+        .inbox_commit(
+            &[],
+            &[
+                (base + 1, &first),
+                (base + 2, &elsewhere),
+                (base + 3, &second),
+                (base + 4, &third),
+            ],
+            limits,
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            None,
+            Some(ErrorCode::UnknownNode),
+            None,
+            Some(ErrorCode::InboxFull)
+        ]
+    );
+    assert_eq!(db.inbox_last_id().await.unwrap(), base + 3);
+    let read = db.inbox_fetch(&node, 0, 10).await.unwrap();
+    let got: Vec<(u64, &[u8])> = read.iter().map(|m| (m.id, &m.payload[..])).collect();
+    assert_eq!(
+        got,
+        [(base + 1, &[0, 255, 1, 0][..]), (base + 3, &b"second"[..])]
+    );
+    assert_eq!((read[0].from_alias.as_str(), read[0].seq), ("a1-2", 7));
+    db.inbox_commit(&[(node.clone(), base + 1)], &[], limits, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
+    assert_eq!(db.inbox_expire(500).await.unwrap(), 0);
+    assert_eq!(db.inbox_expire(1_001).await.unwrap(), 1);
+    assert_eq!(db.inbox_count(&node).await.unwrap(), 0);
 }
 
 #[tokio::test]
