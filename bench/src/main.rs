@@ -11,6 +11,7 @@
 
 mod drivers;
 mod idle;
+mod inbox;
 mod load;
 mod logins;
 mod measure;
@@ -127,6 +128,16 @@ struct Args {
     /// scenario, 100 point-to-point pairs, 300 idle clients.
     #[arg(long)]
     smoke: bool,
+    /// Instead of the systems: the durable inbox's group commit against one transaction per
+    /// message, on SQLite (a file in `--out`) and on the PostgreSQL at `--inbox-postgres`.
+    #[arg(long)]
+    inbox: bool,
+    /// PostgreSQL URL for `--inbox` (a database the bench may write to).
+    #[arg(long, env = "RELAYMESH_BENCH_POSTGRES_URL")]
+    inbox_postgres: Option<String>,
+    /// Messages per transaction for the group commit.
+    #[arg(long, default_value_t = 256)]
+    inbox_batch: usize,
 }
 
 /// Offered delivered messages per second, one step each.
@@ -270,8 +281,65 @@ async fn run_one(
     Ok(outcome)
 }
 
+/// `--inbox`: the group-commit A/B; writes `inbox.json` and `inbox.md` in `--out`.
+fn inbox_main(args: &Args) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (single, grouped) = if args.smoke {
+        (50, 2_560)
+    } else {
+        (1_000, 25_600)
+    };
+    let mut databases = vec![(
+        "SQLite (synchronous=FULL)".to_owned(),
+        inbox::sqlite_url(&args.out),
+    )];
+    if let Some(url) = &args.inbox_postgres {
+        databases.push(("PostgreSQL".to_owned(), url.clone()));
+    }
+    let figures = runtime.block_on(async {
+        let mut figures = Vec::new();
+        for (label, url) in &databases {
+            let run = inbox::run(label, url, args.inbox_batch, single, grouped);
+            figures.push(tokio::time::timeout(inbox::PATIENCE, run).await??);
+        }
+        Ok::<_, anyhow::Error>(figures)
+    });
+    let figures = match figures {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("bench: inbox: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = inbox::markdown(&figures);
+    println!("{table}");
+    let written = std::fs::create_dir_all(&args.out)
+        .and_then(|()| std::fs::write(args.out.join("inbox.md"), &table))
+        .and_then(|()| {
+            let json = serde_json::to_string_pretty(&figures).unwrap_or_default();
+            std::fs::write(args.out.join("inbox.json"), json + "\n")
+        });
+    if let Err(e) = written {
+        eprintln!("bench: cannot write to {}: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    if args.inbox {
+        return inbox_main(&args);
+    }
     if args.smoke {
         args.warmup = args.warmup.min(0.3);
         args.measure = args.measure.min(1.0);

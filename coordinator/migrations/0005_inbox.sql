@@ -16,3 +16,7 @@ CREATE TABLE inbox (
     PRIMARY KEY (node_id, id)
 );
 CREATE INDEX inbox_by_age ON inbox (stored_ms);
+
+-- Each node's inbox usage, kept with every write so limits are checked without counting rows.
+ALTER TABLE nodes ADD COLUMN inbox_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN inbox_bytes BIGINT NOT NULL DEFAULT 0;

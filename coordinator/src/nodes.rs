@@ -71,7 +71,7 @@ pub struct Node {
 
 impl Node {
     /// A node known only by its id (a key node that never stored its details).
-    pub(crate) fn unstored(id: String) -> Self {
+    pub fn unstored(id: String) -> Self {
         Self {
             id,
             scope: String::new(),

@@ -14,6 +14,21 @@ use crate::nodes::{Node, TokenNode};
 use relaymesh_proto::v1::{self, ErrorCode};
 use std::collections::HashMap;
 
+/// Nodes looked up per statement, and inbox rows written per statement (10 parameters each:
+/// well within SQLite's and PostgreSQL's limits on parameters).
+/// (SQLite finds a parameter by a linear search, so a statement's cost grows with the square of
+/// its parameters: these keep statements short.)
+const NODES_PER_STATEMENT: usize = 64;
+const ROWS_PER_INSERT: usize = 32;
+
+/// `$first, $first+1, ...`: `n` numbered parameters.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Milliseconds as stored (BIGINT).
 fn millis(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
@@ -449,48 +464,70 @@ impl SqlStore {
         let what = "storing direct messages";
         let mut tx = self.pool.begin().await.map_err(failed(what))?;
         for (node, up_to) in done {
+            let gone = sqlx::query(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
+                 WHERE node_id = $1 AND id <= $2",
+            )
+            .bind(node)
+            .bind(millis(*up_to))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed(what))?;
+            let count: i64 = gone.try_get(0).map_err(failed(what))?;
+            let bytes: i64 = gone.try_get(1).map_err(failed(what))?;
+            if count == 0 {
+                continue;
+            }
             sqlx::query("DELETE FROM inbox WHERE node_id = $1 AND id <= $2")
                 .bind(node)
                 .bind(millis(*up_to))
                 .execute(&mut *tx)
                 .await
                 .map_err(failed(what))?;
+            sqlx::query(
+                "UPDATE nodes SET inbox_count = inbox_count - $1, inbox_bytes = inbox_bytes - $2 \
+                 WHERE id = $3",
+            )
+            .bind(count)
+            .bind(bytes)
+            .bind(node)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(what))?;
         }
-        // Per node in this batch: whether it takes messages from the put's scope, and how
-        // full its inbox is.
-        let mut nodes: HashMap<&str, Option<(String, u64, u64)>> = HashMap::new();
-        let mut outcomes = Vec::with_capacity(puts.len());
-        for (id, put) in puts {
-            if !nodes.contains_key(put.to_node.as_str()) {
-                let row = sqlx::query("SELECT scope FROM nodes WHERE id = $1 AND revoked = 0")
-                    .bind(&put.to_node)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(failed(what))?;
-                let state = match row {
-                    None => None,
-                    Some(row) => {
-                        let scope: String = row.try_get(0).map_err(failed(what))?;
-                        let used = sqlx::query(
-                            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
-                             WHERE node_id = $1",
-                        )
-                        .bind(&put.to_node)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(failed(what))?;
-                        let count: i64 = used.try_get(0).map_err(failed(what))?;
-                        let bytes: i64 = used.try_get(1).map_err(failed(what))?;
-                        Some((
-                            scope,
-                            u64::try_from(count).unwrap_or(0),
-                            u64::try_from(bytes).unwrap_or(0),
-                        ))
-                    }
-                };
-                nodes.insert(&put.to_node, state);
+        // The batch's nodes, each read once: the scope each takes messages from, and how full
+        // each inbox is. A few statements per batch, not per message.
+        let mut distinct: Vec<&str> = puts.iter().map(|(_, p)| p.to_node.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut nodes: HashMap<&str, (String, u64, u64)> = HashMap::new();
+        for chunk in distinct.chunks(NODES_PER_STATEMENT) {
+            let list = placeholders(1, chunk.len());
+            let sql = format!(
+                "SELECT id, scope, inbox_count, inbox_bytes FROM nodes \
+                 WHERE revoked = 0 AND id IN ({list})"
+            );
+            let mut query = sqlx::query(&sql);
+            for node in chunk {
+                query = query.bind(*node);
             }
-            let Some(Some((scope, count, bytes))) = nodes.get_mut(put.to_node.as_str()) else {
+            for row in query.fetch_all(&mut *tx).await.map_err(failed(what))? {
+                let id: String = row.try_get(0).map_err(failed(what))?;
+                let scope: String = row.try_get(1).map_err(failed(what))?;
+                let count: i64 = row.try_get(2).map_err(failed(what))?;
+                let bytes: i64 = row.try_get(3).map_err(failed(what))?;
+                if let Some(node) = chunk.iter().find(|n| **n == id) {
+                    let used = |v: i64| u64::try_from(v).unwrap_or(0);
+                    nodes.insert(node, (scope, used(count), used(bytes)));
+                }
+            }
+        }
+        let mut outcomes = Vec::with_capacity(puts.len());
+        let mut rows = Vec::with_capacity(puts.len());
+        // What each node's inbox gains.
+        let mut added: HashMap<&str, (i64, i64)> = HashMap::new();
+        for (id, put) in puts {
+            let Some((scope, count, bytes)) = nodes.get_mut(put.to_node.as_str()) else {
                 outcomes.push(Some(ErrorCode::UnknownNode));
                 continue;
             };
@@ -504,27 +541,70 @@ impl SqlStore {
                 outcomes.push(Some(ErrorCode::InboxFull));
                 continue;
             }
-            sqlx::query(
-                "INSERT INTO inbox (node_id, id, from_node, from_alias, from_role, seq, \
-                 resent_from, payload, size, stored_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(&put.to_node)
-            .bind(millis(*id))
-            .bind(&put.from_node)
-            .bind(&put.from_alias)
-            .bind(&put.from_role)
-            .bind(millis(put.seq))
-            .bind(&put.resent_from)
-            .bind(put.payload.to_vec())
-            .bind(millis(size))
-            .bind(millis(now_ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(what))?;
             *count += 1;
             *bytes += size;
+            let gain = added.entry(put.to_node.as_str()).or_default();
+            gain.0 += 1;
+            gain.1 += millis(size);
+            rows.push((*id, *put));
             outcomes.push(None);
+        }
+        // Usage of all the batch's nodes in one statement (per `NODES_PER_STATEMENT`).
+        let added: Vec<(&str, (i64, i64))> = added.into_iter().collect();
+        for chunk in added.chunks(NODES_PER_STATEMENT) {
+            let case = |column: usize| -> String {
+                (0..chunk.len())
+                    .map(|i| {
+                        format!(
+                            "WHEN ${} THEN CAST(${} AS BIGINT)",
+                            i * 3 + 1,
+                            i * 3 + column
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let ids: Vec<String> = (0..chunk.len())
+                .map(|i| format!("${}", i * 3 + 1))
+                .collect();
+            let sql = format!(
+                "UPDATE nodes SET inbox_count = inbox_count + CASE id {} ELSE 0 END, \
+                 inbox_bytes = inbox_bytes + CASE id {} ELSE 0 END WHERE id IN ({})",
+                case(2),
+                case(3),
+                ids.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (node, (count, bytes)) in chunk {
+                query = query.bind(*node).bind(*count).bind(*bytes);
+            }
+            query.execute(&mut *tx).await.map_err(failed(what))?;
+        }
+        // Many rows per INSERT.
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|r| format!("({})", placeholders(r * 10 + 1, 10)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO inbox (node_id, id, from_node, from_alias, from_role, seq, \
+                 resent_from, payload, size, stored_ms) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, put) in chunk {
+                query = query
+                    .bind(&put.to_node)
+                    .bind(millis(*id))
+                    .bind(&put.from_node)
+                    .bind(&put.from_alias)
+                    .bind(&put.from_role)
+                    .bind(millis(put.seq))
+                    .bind(&put.resent_from)
+                    .bind(put.payload.to_vec())
+                    .bind(millis(put.payload.len() as u64))
+                    .bind(millis(now_ms));
+            }
+            query.execute(&mut *tx).await.map_err(failed(what))?;
         }
         tx.commit().await.map_err(failed(what))?;
         Ok(outcomes)
@@ -569,7 +649,7 @@ impl SqlStore {
             .map_err(failed(what))
     }
 
-    /// Messages waiting in node `node`'s inbox.
+    /// Messages waiting in node `node`'s inbox (counted, not taken from its usage).
     pub async fn inbox_count(&self, node: &str) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM inbox WHERE node_id = $1")
             .bind(node)
@@ -582,11 +662,27 @@ impl SqlStore {
 
     /// Deletes inbox messages stored before `before_ms`; returns how many.
     pub async fn inbox_expire(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let what = "expiring inbox messages";
+        let mut tx = self.pool.begin().await.map_err(failed(what))?;
         let done = sqlx::query("DELETE FROM inbox WHERE stored_ms < $1")
             .bind(millis(before_ms))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(failed("expiring inbox messages"))?;
+            .map_err(failed(what))?;
+        if done.rows_affected() > 0 {
+            // Usage counted afresh for the nodes that had any.
+            sqlx::query(
+                "UPDATE nodes SET \
+                 inbox_count = (SELECT COUNT(*) FROM inbox WHERE inbox.node_id = nodes.id), \
+                 inbox_bytes = (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
+                 WHERE inbox.node_id = nodes.id) \
+                 WHERE inbox_count > 0",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(what))?;
+        }
+        tx.commit().await.map_err(failed(what))?;
         Ok(done.rows_affected())
     }
 

@@ -282,8 +282,28 @@ async fn inbox(db: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
+    // What was acknowledged no longer counts against the limit.
+    let (fourth, fifth) = (put(b"fourth", "acme#g1"), put(b"fifth", "acme#g1"));
+    let outcomes = db
+        .inbox_commit(
+            &[],
+            &[(base + 5, &fourth), (base + 6, &fifth)],
+            limits,
+            3_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [None, Some(ErrorCode::InboxFull)]);
     assert_eq!(db.inbox_expire(500).await.unwrap(), 0);
-    assert_eq!(db.inbox_expire(1_001).await.unwrap(), 1);
+    assert_eq!(db.inbox_expire(2_001).await.unwrap(), 1);
+    assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
+    // Expired messages no longer count either.
+    let outcomes = db
+        .inbox_commit(&[], &[(base + 7, &fifth)], limits, 4_000)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [None]);
+    assert_eq!(db.inbox_expire(u64::MAX >> 2).await.unwrap(), 2);
     assert_eq!(db.inbox_count(&node).await.unwrap(), 0);
 }
 
