@@ -21,6 +21,10 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) struct Embedded {
     pub(crate) coordinator_url: String,
+    /// With an inbox: the account the simulation logs in to, on a SQLite store of its own.
+    pub(crate) login: Option<relaymesh_client::Credentials>,
+    /// That store's file, deleted at `stop`.
+    db: Option<std::path::PathBuf>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     runtime: Runtime,
@@ -29,7 +33,7 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Starts the cluster on `threads` worker threads and waits until every server is
     /// registered and linked to every other.
-    pub(crate) fn start(servers: usize, threads: usize) -> anyhow::Result<Self> {
+    pub(crate) fn start(servers: usize, threads: usize, inbox: bool) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name(CLUSTER_THREADS)
@@ -37,9 +41,17 @@ impl Embedded {
             .build()
             .context("starting the cluster runtime")?;
         let stop = CancellationToken::new();
-        let (coordinator_url, tasks) = runtime.block_on(spawn(servers, stop.clone()))?;
+        let (db, login, accounts) = if inbox {
+            let (db, login, accounts) = runtime.block_on(store())?;
+            (Some(db), Some(login), Some(accounts))
+        } else {
+            (None, None, None)
+        };
+        let (coordinator_url, tasks) = runtime.block_on(spawn(servers, stop.clone(), accounts))?;
         let cluster = Self {
             coordinator_url,
+            login,
+            db,
             stop,
             tasks,
             runtime,
@@ -65,12 +77,60 @@ impl Embedded {
             let _ = tokio::time::timeout(STOP_GRACE, futures_util::future::join_all(tasks)).await;
         });
         self.runtime.shutdown_timeout(STOP_GRACE);
+        if let Some(db) = self.db {
+            for path in [db.clone(), db.with_extension("db-journal")] {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
+}
+
+/// A SQLite account store of the simulation's own (in the temporary directory) with one
+/// account and a fresh access code: the `sql` store, which keeps nodes' inboxes.
+async fn store() -> anyhow::Result<(
+    std::path::PathBuf,
+    relaymesh_client::Credentials,
+    coordinator::accounts::AccountsConfig,
+)> {
+    let path = std::env::temp_dir().join(format!("relaymesh-simulation-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let url = format!("sqlite://{}", path.display());
+    let db = coordinator::sql::SqlStore::connect(&url).await?;
+    let code = coordinator::accounts::new_code();
+    let account = coordinator::accounts::Account {
+        name: "sim".into(),
+        enabled: true,
+        isolate_groups: false,
+        access_codes: vec![coordinator::accounts::AccessCode {
+            id: "simulation".into(),
+            hash: coordinator::accounts::hash_code(&code)?,
+            revoked: false,
+            groups: Vec::new(),
+        }],
+        public_keys: Vec::new(),
+        roles: Default::default(),
+        nodes: Vec::new(),
+    };
+    db.put(&account).await?;
+    db.close().await;
+    let login = relaymesh_client::Credentials::AccessCode {
+        account: "sim".into(),
+        code,
+        role: String::new(),
+        group: String::new(),
+    };
+    let accounts = coordinator::accounts::AccountsConfig {
+        store: coordinator::accounts::StoreKind::Sql,
+        url,
+        ..Default::default()
+    };
+    Ok((path, login, accounts))
 }
 
 async fn spawn(
     servers: usize,
     stop: CancellationToken,
+    accounts: Option<coordinator::accounts::AccountsConfig>,
 ) -> anyhow::Result<(String, Vec<JoinHandle<()>>)> {
     let mut tasks = Vec::new();
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -85,6 +145,10 @@ async fn spawn(
         connect_burst: 100_000,
         // ...and holds all its connections from 127.0.0.1: only the overall cap applies.
         max_connections_per_ip: defaults.max_connections,
+        accounts: accounts.unwrap_or_default(),
+        // Logins checked against the store (node registrations) all come from 127.0.0.1, many
+        // at once: each takes a failed-login token while it is checked.
+        failed_login_burst: 10_000,
         ..defaults
     };
     let token = stop.clone();

@@ -14,6 +14,7 @@
 
 mod churn;
 mod cluster;
+mod direct;
 mod load;
 mod loss;
 mod measure;
@@ -136,6 +137,15 @@ struct Args {
     /// No live progress line.
     #[arg(long, short)]
     quiet: bool,
+    /// Direct: nodes that log in only halfway through the run [default: a fifth of --clients].
+    #[arg(long)]
+    offline_nodes: Option<usize>,
+    /// Direct on a deployed cluster: the account whose nodes are registered...
+    #[arg(long, env = "RELAYMESH_ACCOUNT")]
+    account: Option<String>,
+    /// ...and its access code (prefer RELAYMESH_ACCESS_CODE).
+    #[arg(long, env = "RELAYMESH_ACCESS_CODE", hide_env_values = true)]
+    code: Option<String>,
 }
 
 /// A load pattern.
@@ -153,6 +163,9 @@ enum Scenario {
     Churn,
     /// Fanout at rising rates until delivery or p99 fails; reports the highest sustainable rate.
     Ramp,
+    /// Nodes send direct messages to random other nodes; `--offline-nodes` of them log in only
+    /// halfway through and get what was sent to them meanwhile from their inboxes.
+    Direct,
 }
 
 impl Scenario {
@@ -163,6 +176,7 @@ impl Scenario {
             Self::Dense => "dense",
             Self::Churn => "churn",
             Self::Ramp => "ramp",
+            Self::Direct => "direct",
         }
     }
 }
@@ -199,6 +213,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         Scenario::Dense => 50,
         Scenario::Churn => 20,
         Scenario::Ramp => 11,
+        Scenario::Direct => 100,
     });
     let rate = args.rate.unwrap_or(match scenario {
         Scenario::Rooms => 5.0,
@@ -206,6 +221,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         Scenario::Dense => 10.0,
         Scenario::Churn => 50.0,
         Scenario::Ramp => 5000.0,
+        Scenario::Direct => 20.0,
     });
     let duration = args.duration.unwrap_or(if scenario == Scenario::Ramp {
         3.0
@@ -234,7 +250,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
                 publishers: args.publishers,
             }
         }
-        Scenario::Dense | Scenario::Churn => Shape::Dense,
+        Scenario::Dense | Scenario::Churn | Scenario::Direct => Shape::Dense,
         Scenario::Rooms => {
             anyhow::ensure!(args.room_size >= 1, "--room-size must be at least 1");
             Shape::Rooms {
@@ -248,6 +264,19 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     }
     if scenario == Scenario::Churn {
         anyhow::ensure!(args.churners >= 1, "--churners must be at least 1");
+    }
+    if scenario == Scenario::Direct {
+        anyhow::ensure!(clients >= 2, "direct needs at least 2 nodes (--clients)");
+        anyhow::ensure!(
+            clients <= 65_535,
+            "direct takes at most 65535 nodes (--clients)"
+        );
+        let offline = args.offline_nodes.unwrap_or(clients / 5);
+        anyhow::ensure!(offline < clients, "--offline-nodes must be below --clients");
+        anyhow::ensure!(
+            args.coordinator.is_none() || (args.account.is_some() && args.code.is_some()),
+            "direct on a deployed cluster needs --account and --code (RELAYMESH_ACCESS_CODE) of an account on a coordinator with the sql store, which keeps the inbox"
+        );
     }
     let shard = match args.shard {
         Some(shard) => {
@@ -304,6 +333,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => Some(cluster::Embedded::start(
             args.servers,
             args.cluster_threads.unwrap_or(cores),
+            plan.scenario == Scenario::Direct,
         )?),
     };
     if args.cluster_only {
@@ -353,13 +383,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         plan.run_id
     ));
-    let drive = drive(
-        args.clone_for_drive(),
-        plan,
-        coordinator,
-        meter,
-        progress.clone(),
-    );
+    let mut drive_args = args.clone_for_drive();
+    drive_args.login = match (&embedded, &args.account, &args.code) {
+        (Some(cluster), _, _) => cluster.login.clone(),
+        (None, Some(account), Some(code)) => Some(relaymesh_client::Credentials::AccessCode {
+            account: account.clone(),
+            code: code.clone(),
+            role: String::new(),
+            group: String::new(),
+        }),
+        _ => None,
+    };
+    let drive = drive(drive_args, plan, coordinator, meter, progress.clone());
     let result = runtime.block_on(async move { tokio::spawn(drive).await });
     progress.finish();
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -418,6 +453,9 @@ struct DriveArgs {
     slow: Slow,
     slot: Option<Duration>,
     shard_timeout: Duration,
+    /// Direct: the nodes' account login, and how many log in late.
+    login: Option<relaymesh_client::Credentials>,
+    offline_nodes: Option<usize>,
 }
 
 impl Args {
@@ -438,6 +476,8 @@ impl Args {
             },
             slot: self.slot_ms.map(|ms| Duration::from_millis(ms.max(10))),
             shard_timeout: Duration::from_secs(self.shard_timeout),
+            login: None,
+            offline_nodes: self.offline_nodes,
         }
     }
 }
@@ -487,6 +527,35 @@ async fn drive(
         slot,
     };
     match plan.scenario {
+        Scenario::Direct => {
+            let offline = args.offline_nodes.unwrap_or(plan.clients / 5);
+            setup.shape = format!(
+                "{} nodes sending to random others, {offline} offline for the first half",
+                plan.clients
+            );
+            let direct = direct::Direct {
+                coordinator,
+                credentials: args
+                    .login
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("direct needs an account login"))?,
+                nodes: plan.clients,
+                offline,
+                rate: plan.rate,
+                payload: args.payload,
+                duration: plan.duration,
+                drain: args.drain,
+                slot,
+            };
+            let (outcome, report) = direct.run(&meter, &progress).await?;
+            Ok(Some(Report {
+                setup,
+                outcome,
+                churn: None,
+                ramp: None,
+                direct: Some(report),
+            }))
+        }
         Scenario::Churn => {
             setup.shape = format!(
                 "{} steady subscribers, {} churning clients x {} messages",
@@ -510,6 +579,7 @@ async fn drive(
                 outcome,
                 churn: Some(churn),
                 ramp: None,
+                direct: None,
             }))
         }
         Scenario::Ramp => {
@@ -535,6 +605,7 @@ async fn drive(
                 setup,
                 outcome,
                 churn: None,
+                direct: None,
                 ramp: Some(RampSummary {
                     steps: result.steps,
                     best,
@@ -586,6 +657,7 @@ async fn drive(
                 outcome,
                 churn: None,
                 ramp: None,
+                direct: None,
             }))
         }
     }

@@ -312,6 +312,28 @@ impl Tally {
         expects: impl Fn(u32) -> bool,
         now: u64,
     ) -> bool {
+        self.record_inner(payload, my_server, Some(timeline), expects, now)
+    }
+
+    /// [`Tally::record`] without its latency: a message that was held on purpose (an offline
+    /// node's inbox), whose time is measured otherwise.
+    pub(crate) fn record_untimed(
+        &mut self,
+        payload: &[u8],
+        my_server: u32,
+        expects: impl Fn(u32) -> bool,
+    ) -> bool {
+        self.record_inner(payload, my_server, None, expects, now_ns())
+    }
+
+    fn record_inner(
+        &mut self,
+        payload: &[u8],
+        my_server: u32,
+        timeline: Option<&Timeline>,
+        expects: impl Fn(u32) -> bool,
+        now: u64,
+    ) -> bool {
         let Some(h) = Header::parse(payload) else {
             self.counts.foreign += 1;
             return false;
@@ -344,6 +366,9 @@ impl Tally {
         if h.server != my_server {
             self.counts.cross_server += 1;
         }
+        let Some(timeline) = timeline else {
+            return true;
+        };
         let us = (now.saturating_sub(h.sent_ns) / 1_000).max(1);
         self.latency.saturating_record(us);
         let slot = timeline.slot_now();

@@ -42,6 +42,7 @@ pub(crate) struct Report {
     pub(crate) outcome: Outcome,
     pub(crate) churn: Option<ChurnReport>,
     pub(crate) ramp: Option<RampSummary>,
+    pub(crate) direct: Option<crate::direct::DirectReport>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -346,6 +347,24 @@ impl Report {
         } else {
             "delivery incomplete (see above)".to_owned()
         };
+        if let Some(d) = &self.direct {
+            let t = &d.inbox_delivery_ms;
+            let _ = writeln!(
+                out,
+                "direct          {} nodes, {} offline for the first half; {} stored in inboxes (Accepted), {} delivered from them ({} after a later live one), {} undeliverable",
+                d.nodes,
+                d.offline_nodes,
+                d.accepted,
+                d.inbox_delivered,
+                d.inbox_overtaken,
+                d.undeliverable
+            );
+            let _ = writeln!(
+                out,
+                "inbox at login  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms from the start of the login to each inbox delivery",
+                t.p50, t.p99, t.max
+            );
+        }
         let _ = writeln!(out, "result          {verdict}");
         out
     }
@@ -435,6 +454,9 @@ impl Report {
         });
         if let Some(c) = &self.churn {
             v["churn"] = json!(c);
+        }
+        if let Some(d) = &self.direct {
+            v["direct"] = json!(d);
         }
         if let Some(r) = &self.ramp {
             v["ramp"] = json!({

@@ -531,3 +531,41 @@ fn bad_flags_get_one_clear_line() {
         assert!(output.stdout.is_empty(), "{args:?}: {}", text(&output));
     }
 }
+
+#[test]
+fn direct_messages_reach_online_nodes_and_wait_in_the_inboxes_of_offline_ones() {
+    let (output, report) = simulate(
+        "direct",
+        &[
+            "--scenario",
+            "direct",
+            "--clients",
+            "30",
+            "--offline-nodes",
+            "6",
+            "--rate",
+            "20",
+            "--duration",
+            "2",
+            "--check",
+        ],
+    );
+    assert_clean(&output, &report, "direct");
+    let direct = &report["direct"];
+    assert_eq!(
+        (direct["nodes"].as_u64(), direct["offline_nodes"].as_u64()),
+        (Some(30), Some(6))
+    );
+    // 24 senders to 29 others each: the offline six get about a fifth of the first half, all
+    // of it through their inboxes, and every message stored is delivered.
+    let accepted = direct["accepted"].as_u64().unwrap();
+    assert!(accepted > 0, "{report:#}");
+    assert_eq!(
+        direct["inbox_delivered"].as_u64(),
+        Some(accepted),
+        "{report:#}"
+    );
+    assert_eq!(direct["undeliverable"], 0, "{report:#}");
+    assert!(direct["inbox_delivery_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["published"], report["expected"]);
+}
