@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use relaymesh_client::{Client, ClientConfig, Event};
+use relaymesh_client::{Client, ClientConfig, Credentials, Event};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -66,11 +66,21 @@ impl Endpoints {
     }
 
     async fn relaymesh(&self, server: usize) -> anyhow::Result<Client> {
+        self.relaymesh_as(server, Credentials::Anonymous).await
+    }
+
+    /// A relaymesh client on server `server` logged in with `credentials`.
+    async fn relaymesh_as(
+        &self,
+        server: usize,
+        credentials: Credentials,
+    ) -> anyhow::Result<Client> {
         let id = self
             .server_ids
             .get(server)
             .with_context(|| format!("relaymesh has no server {server}"))?;
         let mut config = ClientConfig::new(self.url(0)?);
+        config.credentials = credentials;
         config.preferred_server = Some(id.clone());
         // A reconnect would hide a dropped connection behind a fresh one.
         config.auto_reconnect = false;
@@ -85,6 +95,28 @@ impl Endpoints {
         }
         Ok(client)
     }
+}
+
+/// The account of the direct-message scenario's clients (the benchmark's coordinator is open:
+/// any account logs in, and a key login names its node).
+const DIRECT_ACCOUNT: &str = "bench";
+
+/// The key of the node that stands for `topic`'s subscriber in the direct scenario.
+fn direct_key(topic: &str) -> anyhow::Result<relaymesh_client::SigningKey> {
+    let mut seed = [0u8; 32];
+    anyhow::ensure!(
+        topic.len() <= seed.len(),
+        "topic {topic:?} too long for a key seed"
+    );
+    seed[..topic.len()].copy_from_slice(topic.as_bytes());
+    Ok(relaymesh_client::SigningKey::from_bytes(&seed))
+}
+
+/// The node `topic`'s subscriber is in the direct scenario.
+fn direct_node(topic: &str) -> anyhow::Result<String> {
+    Ok(relaymesh_proto::node::id_of_key(
+        direct_key(topic)?.verifying_key().as_bytes(),
+    ))
 }
 
 fn next_client_id() -> u64 {
@@ -138,6 +170,11 @@ pub(crate) enum Publisher {
         client: Client,
         topic: String,
     },
+    /// Direct messages to one node.
+    RelaymeshDirect {
+        client: Client,
+        node: String,
+    },
     Nats {
         client: async_nats::Client,
         subject: async_nats::Subject,
@@ -159,13 +196,29 @@ pub(crate) enum Publisher {
 }
 
 impl Publisher {
-    /// Connects a publisher for `topic` to server `server` (0 = A, 1 = B).
+    /// Connects a publisher for `topic` to server `server` (0 = A, 1 = B); with `direct`,
+    /// relaymesh sends to the node standing for the topic's subscriber instead.
     pub(crate) async fn connect(
         at: &Endpoints,
         server: usize,
         topic: &str,
+        direct: bool,
     ) -> anyhow::Result<Self> {
         Ok(match at.system {
+            System::Relaymesh if direct => Self::RelaymeshDirect {
+                client: at
+                    .relaymesh_as(
+                        server,
+                        Credentials::AccessCode {
+                            account: DIRECT_ACCOUNT.into(),
+                            code: "open".into(),
+                            role: String::new(),
+                            group: String::new(),
+                        },
+                    )
+                    .await?,
+                node: direct_node(topic)?,
+            },
             System::Relaymesh => Self::Relaymesh {
                 client: at.relaymesh(server).await?,
                 topic: topic.to_owned(),
@@ -208,6 +261,9 @@ impl Publisher {
     pub(crate) async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
         match self {
             Self::Relaymesh { client, topic } => client.publish(topic, payload).await?,
+            Self::RelaymeshDirect { client, node } => {
+                client.send(node, payload).await?;
+            }
             Self::Nats { client, subject } => client.publish(subject.clone(), payload).await?,
             Self::Mqtt { client, topic, .. } => {
                 client
@@ -261,7 +317,9 @@ impl Publisher {
     /// Closes the connection.
     pub(crate) async fn close(self) {
         match self {
-            Self::Relaymesh { client, .. } => client.close().await,
+            Self::Relaymesh { client, .. } | Self::RelaymeshDirect { client, .. } => {
+                client.close().await
+            }
             Self::Nats { client, .. } => {
                 let _ = client.flush().await;
             }
@@ -292,11 +350,31 @@ impl Subscriber {
         at: &Endpoints,
         server: usize,
         topic: &str,
+        direct: bool,
         tally: SharedTally,
     ) -> anyhow::Result<Self> {
         let lost =
             |what: &'static str| move || eprintln!("bench: {what} subscriber connection ended");
         let task = match at.system {
+            System::Relaymesh if direct => {
+                let key = Credentials::Key {
+                    account: DIRECT_ACCOUNT.into(),
+                    key: direct_key(topic)?,
+                    role: String::new(),
+                    group: String::new(),
+                };
+                // The node's topic is in force cluster-wide once it is connected.
+                let mut client = at.relaymesh_as(server, key).await?;
+                let ended = lost("relaymesh");
+                tokio::spawn(async move {
+                    while let Some(event) = client.next_event().await {
+                        if let Event::Direct(d) = event {
+                            record(&tally, &d.payload);
+                        }
+                    }
+                    ended();
+                })
+            }
             System::Relaymesh => {
                 let mut client = at.relaymesh(server).await?;
                 client.subscribe([topic]).await?;

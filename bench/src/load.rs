@@ -27,6 +27,9 @@ pub(crate) struct Shape {
     pub(crate) subscriber_server: usize,
     /// Offered delivered messages per second, one step each.
     pub(crate) ladder: Vec<f64>,
+    /// relaymesh sends each topic's messages as direct messages to the node that stands for
+    /// its subscriber (others use the topic as it is).
+    pub(crate) direct: bool,
 }
 
 impl Shape {
@@ -101,21 +104,24 @@ async fn connect(at: &Endpoints, shape: &Shape, label: &str) -> anyhow::Result<R
     let tallies: Vec<SharedTally> = (0..shape.topics * shape.subscribers_per_topic)
         .map(|_| std::sync::Arc::new(std::sync::Mutex::new(Tally::new(0))))
         .collect();
-    let subscribers = futures_util::stream::iter(tallies.iter().enumerate())
-        .map(|(i, tally)| {
-            let t = topic(i % shape.topics);
-            let tally = tally.clone();
-            async move { Subscriber::start(at, shape.subscriber_server, &t, tally).await }
-        })
-        .buffer_unordered(CONNECT_CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let subscribers =
+        futures_util::stream::iter(tallies.iter().enumerate())
+            .map(|(i, tally)| {
+                let t = topic(i % shape.topics);
+                let tally = tally.clone();
+                async move {
+                    Subscriber::start(at, shape.subscriber_server, &t, shape.direct, tally).await
+                }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
     let publishers = futures_util::stream::iter(0..shape.publishers)
         .map(|i| async move {
             let t = topic(i % shape.topics);
-            Publisher::connect(at, 0, &t).await
+            Publisher::connect(at, 0, &t, shape.direct).await
         })
         .buffered(CONNECT_CONCURRENCY)
         .collect::<Vec<_>>()

@@ -43,6 +43,11 @@ pub(crate) enum Scenario {
     TwoServer,
     /// 1000 publishers → 1000 topics → 1000 subscribers, one each.
     P2p,
+    /// P2p with the subscribers on server B.
+    P2pTwoServer,
+    /// 1000 pairs across two servers, relaymesh with direct messages to nodes (others: one
+    /// subject per pair, as P2pTwoServer).
+    Direct,
     /// Memory per idle client on one comm server (relaymesh only).
     Idle,
     /// Logins per second through one coordinator (relaymesh only).
@@ -57,6 +62,8 @@ impl Scenario {
             Self::Dense => "dense",
             Self::TwoServer => "two-server",
             Self::P2p => "p2p",
+            Self::P2pTwoServer => "p2p-two-server",
+            Self::Direct => "direct",
             Self::Idle => "idle",
             Self::Logins => "logins",
         }
@@ -80,7 +87,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,idle,logins"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,idle,logins"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -162,6 +169,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 10,
             subscriber_server: 0,
             ladder: first(FANOUT_LADDER),
+            direct: false,
         },
         Scenario::Fanout1000 => Shape {
             publishers: 1,
@@ -169,6 +177,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 1000,
             subscriber_server: 0,
             ladder: first(FANOUT_LADDER),
+            direct: false,
         },
         Scenario::Dense => Shape {
             publishers: 50,
@@ -177,6 +186,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscriber_server: 0,
             // 50 publishers × 10 msg/s × 50 subscribers.
             ladder: vec![25e3],
+            direct: false,
         },
         Scenario::TwoServer => Shape {
             publishers: 1,
@@ -184,15 +194,17 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 10,
             subscriber_server: 1,
             ladder: first(FANOUT_LADDER),
+            direct: false,
         },
-        Scenario::P2p => {
+        Scenario::P2p | Scenario::P2pTwoServer | Scenario::Direct => {
             let pairs = if smoke { 100 } else { 1000 };
             Shape {
                 publishers: pairs,
                 topics: pairs,
                 subscribers_per_topic: 1,
-                subscriber_server: 0,
+                subscriber_server: usize::from(scenario != Scenario::P2p),
                 ladder: first(P2P_LADDER),
+                direct: scenario == Scenario::Direct,
             }
         }
         Scenario::Idle | Scenario::Logins => return None,
@@ -202,8 +214,10 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
 /// Why `system` does not run `scenario`, if it does not.
 fn not_applicable(system: System, scenario: Scenario) -> Option<&'static str> {
     match (system, scenario) {
-        (System::Mosquitto, Scenario::TwoServer) => Some("mosquitto does not cluster"),
-        (System::Redis, Scenario::TwoServer) => {
+        (System::Mosquitto, Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct) => {
+            Some("mosquitto does not cluster")
+        }
+        (System::Redis, Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct) => {
             Some("redis pub/sub between nodes needs Redis Cluster; not measured")
         }
         (System::Relaymesh, _) => None,
@@ -218,7 +232,10 @@ async fn run_one(
     system: System,
     scenario: Scenario,
 ) -> anyhow::Result<Outcome> {
-    let servers = if scenario == Scenario::TwoServer {
+    let servers = if matches!(
+        scenario,
+        Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct
+    ) {
         2
     } else {
         1

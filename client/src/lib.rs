@@ -475,19 +475,12 @@ pub async fn register_node(
     config: &ClientConfig,
     details: NodeDetails,
 ) -> Result<RegisteredNode, ClientError> {
-    let mut link = negotiate::Negotiation::open(config).await?;
-    let answer = link
-        .request(
-            config,
-            v1::ClientToCoordinator::register_node(v1::RegisterNode {
-                name: details.name,
-                location: details.location,
-                info: details.info,
-            }),
-        )
-        .await;
-    link.close().await;
-    match answer? {
+    let request = v1::ClientToCoordinator::register_node(v1::RegisterNode {
+        name: details.name,
+        location: details.location,
+        info: details.info,
+    });
+    match ask_coordinator(config, request).await? {
         v1::coordinator_to_client::Kind::NodeRegistered(r) => Ok(RegisteredNode {
             node_id: r.node_id,
             token: r.token,
@@ -502,22 +495,27 @@ pub async fn update_node(
     config: &ClientConfig,
     details: NodeDetails,
 ) -> Result<String, ClientError> {
-    let mut link = negotiate::Negotiation::open(config).await?;
-    let answer = link
-        .request(
-            config,
-            v1::ClientToCoordinator::update_node(v1::UpdateNode {
-                name: details.name,
-                location: details.location,
-                info: details.info,
-            }),
-        )
-        .await;
-    link.close().await;
-    match answer? {
+    let request = v1::ClientToCoordinator::update_node(v1::UpdateNode {
+        name: details.name,
+        location: details.location,
+        info: details.info,
+    });
+    match ask_coordinator(config, request).await? {
         v1::coordinator_to_client::Kind::NodeUpdated(u) => Ok(u.node_id),
         other => Err(negotiate::unexpected(other)),
     }
+}
+
+/// Logs in to the coordinator with `config`, sends `request` on the negotiation link and
+/// returns the answer.
+async fn ask_coordinator(
+    config: &ClientConfig,
+    request: v1::ClientToCoordinator,
+) -> Result<v1::coordinator_to_client::Kind, ClientError> {
+    let mut link = negotiate::Negotiation::open(config).await?;
+    let answer = link.request(config, request).await;
+    link.close().await;
+    answer
 }
 
 /// Online nodes ([`Handle::list_nodes`]).

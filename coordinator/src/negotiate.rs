@@ -757,6 +757,18 @@ impl NodeRequest {
     }
 }
 
+/// A `/v1/nodes...` body: who its credentials log in as, and the node's fields.
+async fn node_request(
+    app: &App,
+    conn: &ConnInfo,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(v1::Identity, NodeFields), ApiError> {
+    let mut request: NodeRequest = json_body(app, body)?;
+    let credentials = request.credentials.take();
+    let identity = http_identity(app, credentials, String::new(), conn.peer.ip()).await?;
+    Ok((identity, request.fields()))
+}
+
 /// Answer of `POST /v1/nodes`: the token is shown this once.
 #[derive(Debug, Serialize)]
 pub(crate) struct NodeRegisteredJson {
@@ -770,10 +782,8 @@ pub(crate) async fn register_node_http(
     Extension(conn): Extension<ConnInfo>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<NodeRegisteredJson>, ApiError> {
-    let mut request: NodeRequest = json_body(&app, body)?;
-    let credentials = request.credentials.take();
-    let identity = http_identity(&app, credentials, String::new(), conn.peer.ip()).await?;
-    let (node_id, token) = register_node(&app, &identity, request.fields()).await?;
+    let (identity, fields) = node_request(&app, &conn, body).await?;
+    let (node_id, token) = register_node(&app, &identity, fields).await?;
     Ok(Json(NodeRegisteredJson { node_id, token }))
 }
 
@@ -790,10 +800,8 @@ pub(crate) async fn update_node_http(
     Extension(conn): Extension<ConnInfo>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<NodeUpdatedJson>, ApiError> {
-    let mut request: NodeRequest = json_body(&app, body)?;
-    let credentials = request.credentials.take();
-    let identity = http_identity(&app, credentials, String::new(), conn.peer.ip()).await?;
-    update_node(&app, &identity, request.fields()).await?;
+    let (identity, fields) = node_request(&app, &conn, body).await?;
+    update_node(&app, &identity, fields).await?;
     Ok(Json(NodeUpdatedJson {
         node_id: identity.node_id,
     }))

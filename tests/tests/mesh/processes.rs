@@ -750,50 +750,14 @@ async fn tasks_sessions_and_interest_go_when_their_clients_leave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offline_with_their_server()
  {
-    let dir = std::env::temp_dir().join(format!("relaymesh-nodes-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = format!("sqlite://{}", dir.join("accounts.db").display());
-    let admin = |args: &[&str]| {
-        let mut all = vec!["accounts", "--url", &db];
-        all.extend_from_slice(args);
-        let (ok, out, err) = run("coordinator", &all);
-        assert!(ok, "coordinator {all:?}: {err}");
-        out
-    };
-    admin(&["create", "acme"]);
-    let code = admin(&["add-code", "acme"]).trim().to_owned();
-    let config = dir.join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000\n\
-             [accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut coordinator = configured("coordinator", &config, &["--listen", "127.0.0.1:0"]);
-    let url = format!("ws://{}", coordinator.listening_addr());
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let mut proc = Proc::start(
-            "commserver",
-            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-        );
-        let addr = proc.listening_addr();
-        proc.wait_for_line("registered with the coordinator");
-        servers.push(Server {
-            proc,
-            id: addr.to_string(),
-            addr,
-        });
-    }
-    for server in &servers {
-        eventually("linked", || async {
-            (get_json(&server.stats_url()).await["peers"] == 1).then_some(())
-        })
-        .await;
-    }
+    let mut cluster = SqlProcesses::start("nodes-cli", "127.0.0.1:0").await;
+    let (url, code, db) = (
+        cluster.url.clone(),
+        cluster.code.clone(),
+        cluster.db.clone(),
+    );
+    let admin = |args: &[&str]| sql_admin(&db, args);
+    let servers = &mut cluster.servers;
     let meshctl = |server: &Server, args: &[&str]| -> Vec<String> {
         let mut all = vec!["--coordinator", &url, "--server", &server.id];
         all.extend_from_slice(args);
@@ -1004,52 +968,13 @@ async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offli
     assert_eq!(watcher.list_nodes(0, "").await.unwrap().total, 0);
     drop(listener);
     watcher.close().await;
-    coordinator.terminate();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_nodes_server() {
-    let dir = std::env::temp_dir().join(format!("relaymesh-inbox-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = format!("sqlite://{}", dir.join("accounts.db").display());
-    let admin = |args: &[&str]| {
-        let mut all = vec!["accounts", "--url", &db];
-        all.extend_from_slice(args);
-        let (ok, out, err) = run("coordinator", &all);
-        assert!(ok, "coordinator {all:?}: {err}");
-        out
-    };
-    admin(&["create", "acme"]);
-    let code = admin(&["add-code", "acme"]).trim().to_owned();
-    let toml = dir.join("coordinator.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000\n\
-             [accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"
-        ),
-    )
-    .unwrap();
     let addr = restartable_addr();
-    let url = format!("ws://{addr}");
-    let mut coordinator = configured("coordinator", &toml, &["--listen", &addr.to_string()]);
-    coordinator.listening_addr();
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let mut proc = Proc::start(
-            "commserver",
-            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-        );
-        let addr = proc.listening_addr();
-        proc.wait_for_line("registered with the coordinator");
-        servers.push(Server {
-            proc,
-            id: addr.to_string(),
-            addr,
-        });
-    }
+    let mut cluster = SqlProcesses::start("inbox-kill", &addr.to_string()).await;
+    let (url, code) = (cluster.url.clone(), cluster.code.clone());
     let login = relaymesh_client::Credentials::AccessCode {
         account: "acme".into(),
         code,
@@ -1061,7 +986,7 @@ async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_n
     let drone = relaymesh_client::register_node(&config, relaymesh_client::NodeDetails::default())
         .await
         .unwrap();
-    config.preferred_server = Some(servers[0].id.clone());
+    config.preferred_server = Some(cluster.servers[0].id.clone());
     let mut station = Client::connect(config).await.unwrap();
     for i in 0..20u32 {
         let seq = station
@@ -1074,10 +999,15 @@ async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_n
         }
     }
     // Accepted means written: the coordinator dies at once and comes back.
-    coordinator.kill();
-    let mut coordinator = configured("coordinator", &toml, &["--listen", &addr.to_string()]);
-    coordinator.listening_addr();
-    for server in &servers {
+    cluster.coordinator.kill();
+    cluster.coordinator = configured(
+        "coordinator",
+        &cluster.dir.join("coordinator.toml"),
+        &["--listen", &addr.to_string()],
+    );
+    cluster.coordinator.listening_addr();
+    let servers = &mut cluster.servers;
+    for server in servers.iter() {
         eventually("re-registered", || async {
             (get_json(&server.stats_url()).await["coordinator_connected"] == true).then_some(())
         })
@@ -1124,7 +1054,7 @@ async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_n
     }
     node.handle().ack_inbox(last).await.unwrap();
     eventually("acknowledged and deleted", || async {
-        let listed = admin(&["nodes", "acme"]);
+        let listed = cluster.admin(&["nodes", "acme"]);
         listed
             .lines()
             .any(|l| l.starts_with(&drone.node_id) && l.ends_with("\tinbox 0"))
@@ -1133,6 +1063,86 @@ async fn accepted_direct_messages_survive_kill_9_of_the_coordinator_and_of_the_n
     .await;
     node.close().await;
     station.close().await;
-    coordinator.terminate();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A coordinator on a SQLite `sql` store with account `acme` (and its code), and two comm
+/// servers, as processes; the coordinator is stopped and the files removed on drop.
+struct SqlProcesses {
+    dir: std::path::PathBuf,
+    db: String,
+    code: String,
+    url: String,
+    coordinator: Proc,
+    servers: Vec<Server>,
+}
+
+impl SqlProcesses {
+    async fn start(name: &str, listen: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("relaymesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = format!("sqlite://{}", dir.join("accounts.db").display());
+        sql_admin(&db, &["create", "acme"]);
+        let code = sql_admin(&db, &["add-code", "acme"]).trim().to_owned();
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000\n\
+                 [accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut coordinator = configured("coordinator", &config, &["--listen", listen]);
+        let url = format!("ws://{}", coordinator.listening_addr());
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let mut proc = Proc::start(
+                "commserver",
+                &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+            );
+            let addr = proc.listening_addr();
+            proc.wait_for_line("registered with the coordinator");
+            servers.push(Server {
+                proc,
+                id: addr.to_string(),
+                addr,
+            });
+        }
+        for server in &servers {
+            eventually("linked", || async {
+                (get_json(&server.stats_url()).await["peers"] == 1).then_some(())
+            })
+            .await;
+        }
+        Self {
+            dir,
+            db,
+            code,
+            url,
+            coordinator,
+            servers,
+        }
+    }
+
+    /// `coordinator accounts --url DB ARGS`; its output.
+    fn admin(&self, args: &[&str]) -> String {
+        sql_admin(&self.db, args)
+    }
+}
+
+/// `coordinator accounts --url DB ARGS` on the database at `db`; its output.
+fn sql_admin(db: &str, args: &[&str]) -> String {
+    let mut all = vec!["accounts", "--url", db];
+    all.extend_from_slice(args);
+    let (ok, out, err) = run("coordinator", &all);
+    assert!(ok, "coordinator {all:?}: {err}");
+    out
+}
+
+impl Drop for SqlProcesses {
+    fn drop(&mut self) {
+        self.coordinator.terminate();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
