@@ -84,6 +84,12 @@ pub(crate) struct DirectReport {
     /// From the start of a late node's login (negotiation and connection included) to each
     /// inbox delivery.
     pub(crate) inbox_delivery_ms: Millis,
+    /// From the start of a late node's login to its `Online` presence event at a watcher on
+    /// each server (the event comes from the same copy of the directory `ListNodes` answers
+    /// from, so this is when the node is listed there).
+    pub(crate) presence_visible_ms: Millis,
+    /// Presence events seen of the late nodes' logins (one per late node per server).
+    pub(crate) presence_seen: u64,
 }
 
 /// What one node's client saw.
@@ -176,11 +182,31 @@ impl Direct {
                 .map(|s| tokio::spawn(s.run(self.rate, self.payload, self.duration))),
         );
         // The late nodes log in halfway through.
+        // A watcher of presence events on each server, to time when the late nodes show.
+        let mut watchers = Vec::new();
+        let late_ids: std::collections::HashSet<String> = ids[online..].iter().cloned().collect();
+        let logged_in_at = Arc::new(AtomicU64::new(u64::MAX));
+        for server in clients_per_server.keys() {
+            let mut config = ClientConfig::new(&self.coordinator);
+            config.credentials = self.credentials.clone();
+            config.preferred_server = Some(server.clone());
+            let watcher = Client::connect(config)
+                .await
+                .context("connecting a presence watcher")?;
+            watcher.watch_presence().await?;
+            watchers.push(spawn_watcher(
+                watcher,
+                late_ids.clone(),
+                logged_in_at.clone(),
+                &stop,
+            ));
+        }
         let late = async {
             tokio::time::sleep(self.duration / 2).await;
             let late_config = |i: usize| node_config(online + i);
             let mut late_connect = measure::histogram();
             let logged_in = measure::now_ns();
+            logged_in_at.store(logged_in, Ordering::Relaxed);
             let clients =
                 load::connect(self.offline, late_config, &mut late_connect, progress).await?;
             let mut late_readers = Vec::new();
@@ -234,6 +260,12 @@ impl Direct {
             }
             tallies.push((node, seen.tally));
         }
+        let mut presence = measure::histogram();
+        for watcher in watchers {
+            presence
+                .add(&watcher.await.context("presence watcher failed")?)
+                .ok();
+        }
         let (expected, lost_by_cause) = load::lost(&tallies, &sent, &HashMap::new());
         let (counts, latency) = load::merge(&tallies);
         let after_drain = meter.snapshot().await;
@@ -269,6 +301,8 @@ impl Direct {
             inbox_delivered: inbox.len(),
             inbox_overtaken: overtaken,
             inbox_delivery_ms: Millis::of(&inbox),
+            presence_visible_ms: Millis::of(&presence),
+            presence_seen: presence.len(),
         };
         Ok((outcome, report))
     }
@@ -342,6 +376,42 @@ fn spawn_reader(
         seen.tally.flush(&timeline);
         client.close().await;
         (node, seen)
+    })
+}
+
+/// Records, until stopped, when each of `late` comes online at this watcher, from
+/// `logged_in_at` (µs).
+fn spawn_watcher(
+    mut client: Client,
+    late: std::collections::HashSet<String>,
+    logged_in_at: Arc<AtomicU64>,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<Histogram<u64>> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let mut seen = measure::histogram();
+        loop {
+            let event = tokio::select! {
+                event = client.next_event() => event,
+                () = stop.cancelled() => break,
+            };
+            match event {
+                Some(Event::Presence { change, node })
+                    if change == relaymesh_client::PresenceChange::Online
+                        && late.contains(&node.node_id) =>
+                {
+                    let since = logged_in_at.load(Ordering::Relaxed);
+                    let now = measure::now_ns();
+                    if since != u64::MAX {
+                        seen.saturating_record((now.saturating_sub(since) / 1_000).max(1));
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        client.close().await;
+        seen
     })
 }
 

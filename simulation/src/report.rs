@@ -364,6 +364,12 @@ impl Report {
                 "inbox at login  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms from the start of the login to each inbox delivery",
                 t.p50, t.p99, t.max
             );
+            let p = &d.presence_visible_ms;
+            let _ = writeln!(
+                out,
+                "presence        p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms from the start of a login to the node online on each server ({} seen)",
+                p.p50, p.p99, p.max, d.presence_seen
+            );
         }
         let _ = writeln!(out, "result          {verdict}");
         out

@@ -567,5 +567,7 @@ fn direct_messages_reach_online_nodes_and_wait_in_the_inboxes_of_offline_ones() 
     );
     assert_eq!(direct["undeliverable"], 0, "{report:#}");
     assert!(direct["inbox_delivery_ms"]["p99"].as_f64().unwrap() > 0.0);
+    // Each late node came online once at a watcher on each of the 3 servers.
+    assert_eq!(direct["presence_seen"], 18, "{report:#}");
     assert_eq!(report["published"], report["expected"]);
 }
