@@ -147,12 +147,17 @@ pub(crate) struct Meter {
 
 impl Meter {
     pub(crate) async fn snapshot(&self) -> Snapshot {
+        let generator_cpu = procstat::threads_cpu_seconds(GENERATOR_THREADS).unwrap_or(0.0);
         Snapshot {
             at: Instant::now(),
-            generator_cpu: procstat::threads_cpu_seconds(GENERATOR_THREADS).unwrap_or(0.0),
+            generator_cpu,
             host_cpu: procstat::host_cpu().unwrap_or((0, 0)),
+            // The whole process but the generator's threads: the cluster's blocking threads
+            // (argon2 checks of logins) come and go, and a thread that exited would take its
+            // CPU time out of a sum over the cluster's live threads.
             cluster_cpu: match self.servers {
-                Servers::Embedded => procstat::threads_cpu_seconds(CLUSTER_THREADS).unwrap_or(0.0),
+                Servers::Embedded => procstat::process()
+                    .map_or(0.0, |u| (u.cpu_seconds - generator_cpu).max(0.0)),
                 Servers::Deployed => 0.0,
             },
             // Best effort: a cluster that stopped answering stats still gets a load report.
