@@ -156,8 +156,9 @@ impl Meter {
             // (argon2 checks of logins) come and go, and a thread that exited would take its
             // CPU time out of a sum over the cluster's live threads.
             cluster_cpu: match self.servers {
-                Servers::Embedded => procstat::process()
-                    .map_or(0.0, |u| (u.cpu_seconds - generator_cpu).max(0.0)),
+                Servers::Embedded => {
+                    procstat::process().map_or(0.0, |u| (u.cpu_seconds - generator_cpu).max(0.0))
+                }
                 Servers::Deployed => 0.0,
             },
             // Best effort: a cluster that stopped answering stats still gets a load report.

@@ -643,9 +643,8 @@ async fn sql_cluster(
 ) -> (Cluster, SqlStore, TempFile) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path =
-        std::env::temp_dir().join(format!("relaymesh-inbox-{}-{n}.json", std::process::id()));
-    let url = format!("sqlite://{}", path.with_extension("db").display());
+    let path = std::env::temp_dir().join(format!("relaymesh-inbox-{}-{n}.db", std::process::id()));
+    let url = format!("sqlite://{}", path.display());
     let db = SqlStore::connect(&url).await.unwrap();
     for name in ["acme", "globex"] {
         db.put(&account(name)).await.unwrap();
@@ -849,4 +848,57 @@ async fn full_inboxes_unknown_nodes_and_other_accounts_are_refused_and_nothing_e
         ),
         (Some(6), Some(3))
     );
+}
+
+#[tokio::test]
+async fn without_a_database_or_a_coordinator_nothing_is_accepted_that_was_not_written() {
+    use sqlx::Connection as _;
+    let (cluster, db, file) = sql_cluster(2, |_| {}).await;
+    let (drone, _) = node_of(&cluster, "acme", "drone").await;
+    let mut station = cluster.client_as(0, code("acme")).await;
+    // Another writer holds the database (as a database that does not answer would): the
+    // inbox write fails after the busy timeout, and the sender hears UNAVAILABLE.
+    let url = format!("sqlite://{}", file.0.display());
+    let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let seq = station.send(&drone, "not now").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut station).await,
+        (seq, ErrorCode::Unavailable)
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+    assert_eq!(db.inbox_count(&drone).await.unwrap(), 0);
+    // Back: stored again.
+    station.send(&drone, "now").await.unwrap();
+    assert!(matches!(
+        next_event(&mut station).await,
+        Event::Accepted { .. }
+    ));
+    assert_eq!(cluster.coordinator.stats().await["inbox_refused"], 1);
+}
+
+#[tokio::test]
+async fn a_send_for_an_offline_node_while_the_coordinator_is_away_is_unavailable() {
+    let mut cluster = Cluster::start_restartable(2).await;
+    let mut station = cluster.client_as(0, key_login(9)).await;
+    let mut awake = cluster.client_as(1, key_login(10)).await;
+    let offline = relaymesh_proto::node::id_of_key(b"asleep");
+    cluster.coordinator.stop().await;
+    relaymesh_tests::eventually("the coordinator link down", || async {
+        (cluster.servers[0].stats().await["coordinator_connected"] == false).then_some(())
+    })
+    .await;
+    let seq = station.send(&offline, "anyone?").await.unwrap();
+    assert_eq!(
+        next_undeliverable(&mut station).await,
+        (seq, ErrorCode::Unavailable)
+    );
+    // Online nodes do not need the coordinator.
+    station.send(&awake.node_id(), "hello").await.unwrap();
+    assert_eq!(&next_direct(&mut awake).await.payload[..], b"hello");
+    cluster.coordinator.start_again(coordinator_config()).await;
 }
