@@ -186,10 +186,13 @@ impl Direct {
         let mut watchers = Vec::new();
         let late_ids: std::collections::HashSet<String> = ids[online..].iter().cloned().collect();
         let logged_in_at = Arc::new(AtomicU64::new(u64::MAX));
-        for server in clients_per_server.keys() {
+        let servers = relaymesh_client::cluster::servers(&self.coordinator)
+            .await
+            .context("listing the comm servers")?;
+        for server in servers {
             let mut config = ClientConfig::new(&self.coordinator);
             config.credentials = self.credentials.clone();
-            config.preferred_server = Some(server.clone());
+            config.preferred_server = Some(server.id);
             let watcher = Client::connect(config)
                 .await
                 .context("connecting a presence watcher")?;
