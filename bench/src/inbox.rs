@@ -4,7 +4,7 @@
 //! transaction ran in one transaction. Here the same store calls
 //! (`SqlStore::inbox_commit`) store messages one transaction each, then in batches of
 //! `--inbox-batch`, alternating A/B/A/B in one run, and the rates and their ratio are
-//! reported; then a 10 000-message inbox is read back in the pages a node's login reads it in.
+//! reported; then a 10 000-message inbox is read back in pages of 256 (the database's part of a login's inbox delivery).
 //! SQLite runs with its defaults, a rollback journal and `synchronous=FULL` (every commit
 //! waits for the disk), as the coordinator does.
 

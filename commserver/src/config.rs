@@ -95,6 +95,9 @@ pub struct Config {
     pub signal_burst: u32,
     /// Most nodes one `ListNodes` answer carries.
     pub max_list_nodes: usize,
+    /// Direct messages for offline nodes one session may have waiting for the coordinator to
+    /// store them; more are answered `Undeliverable{LIMIT_EXCEEDED}`.
+    pub max_pending_inbox: usize,
     /// Longest topic name in bytes.
     pub max_topic_bytes: usize,
     /// Largest WebSocket message accepted from a client or peer, in bytes.
@@ -199,6 +202,7 @@ impl Default for Config {
             signal_rate_per_s: 50,
             signal_burst: 100,
             max_list_nodes: 100,
+            max_pending_inbox: 1_024,
             max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 4 * 1024,
@@ -317,6 +321,11 @@ impl Config {
         ensure(
             self.max_list_nodes >= 1,
             "max_list_nodes",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_pending_inbox >= 1,
+            "max_pending_inbox",
             "must be at least 1",
         )?;
         ensure(

@@ -18,10 +18,10 @@ use crate::interest::SessionId;
 /// Events one session may have waiting; beyond it an answer is lost (and its message is sent
 /// again by the client, unconfirmed).
 pub(crate) const SESSION_EVENTS: usize = 1_024;
-/// Messages stored for others that one session may be waiting on at once.
-pub(crate) const MAX_PENDING_PUTS: usize = 1_024;
-/// Inbox messages read per request.
-pub(crate) const PAGE: u32 = 256;
+/// Inbox messages read per request (and delivered before the next is asked for, once the
+/// client acknowledges them): within a client's default queue, few round trips for a full
+/// inbox.
+pub(crate) const PAGE: u32 = 1_024;
 
 /// An answer for a session about the inbox.
 #[derive(Debug)]

@@ -572,15 +572,13 @@ impl Session {
         seq: u64,
         resent_from: &str,
     ) -> Result<(), v1::Error> {
+        let limit = self.server.config.max_pending_inbox;
         let busy = self
             .inbox
             .as_ref()
-            .is_some_and(|i| i.storing.len() >= crate::inbox::MAX_PENDING_PUTS);
+            .is_some_and(|i| i.storing.len() >= limit);
         if busy {
-            let why = format!(
-                "{} direct messages are still being stored",
-                crate::inbox::MAX_PENDING_PUTS
-            );
+            let why = format!("{limit} direct messages are still being stored (max_pending_inbox)");
             return self.undeliverable(seq, to_node, ErrorCode::LimitExceeded, why);
         }
         let put = v1::InboxPut {

@@ -685,41 +685,46 @@ async fn an_offline_nodes_messages_wait_in_its_inbox_and_arrive_in_order_at_logi
     let (cluster, db, _file) = sql_cluster(2, |_| {}).await;
     let (drone, mut config) = node_of(&cluster, "acme", "drone").await;
     let mut station = cluster.client_as(0, code("acme")).await;
+    // In two halves: a session may have `max_pending_inbox` (1024) waiting to be stored.
     let mut seqs = Vec::new();
-    for i in 0..600u32 {
-        seqs.push(
-            station
-                .send(&drone, i.to_be_bytes().to_vec())
-                .await
-                .unwrap(),
-        );
-    }
-    // Accepted once stored, for every one, and only then confirmed.
-    for seq in &seqs {
-        match next_event(&mut station).await {
-            Event::Accepted { seq: s, to_node } => {
-                assert_eq!((s, to_node.as_str()), (*seq, drone.as_str()))
-            }
-            other => panic!("expected Accepted, got {other:?}"),
+    for half in [0..550u32, 550..1_100] {
+        let mut sent = Vec::new();
+        for i in half {
+            sent.push(
+                station
+                    .send(&drone, i.to_be_bytes().to_vec())
+                    .await
+                    .unwrap(),
+            );
         }
+        // Accepted once stored, for every one, and only then confirmed.
+        for seq in &sent {
+            match next_event(&mut station).await {
+                Event::Accepted { seq: s, to_node } => {
+                    assert_eq!((s, to_node.as_str()), (*seq, drone.as_str()))
+                }
+                other => panic!("expected Accepted, got {other:?}"),
+            }
+        }
+        seqs.extend(sent);
     }
     station
         .handle()
         .confirmed(*seqs.last().unwrap())
         .await
         .unwrap();
-    assert_eq!(db.inbox_count(&drone).await.unwrap(), 600);
+    assert_eq!(db.inbox_count(&drone).await.unwrap(), 1_100);
     // Fewer transactions than messages: writes that queue up together commit together.
     let commits = cluster.coordinator.stats().await["inbox_commits"]
         .as_u64()
         .unwrap();
-    assert!(commits < 600, "{commits} commits for 600 messages");
+    assert!(commits < 1_100, "{commits} commits for 1100 messages");
 
-    // At login, in order (more than one page of 256), each once.
+    // At login, in order (more than one page of 1024), each once.
     config.preferred_server = Some(cluster.servers[1].id.clone());
     let mut node = Client::connect(config.clone()).await.unwrap();
     let mut last = 0;
-    for i in 0..600u32 {
+    for i in 0..1_100u32 {
         let d = next_direct(&mut node).await;
         assert_eq!(&d.payload[..], &i.to_be_bytes()[..]);
         assert!(d.inbox_id > last, "inbox order");
