@@ -246,33 +246,35 @@ fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
     outbox.resend_up_to = outbox.last;
 }
 
-/// A delivered message as an event: a topic's message, or a direct message or signal (the
-/// client's node topic).
+/// A delivered message as an event: a topic's message, or a direct message, signal or
+/// presence event (topics starting with '@', which only servers make).
 fn message(m: v1::Message) -> Event {
-    if m.topic == relaymesh_proto::node::PRESENCE_TOPIC
-        && let Ok(event) = relaymesh_proto::decode::<v1::PresenceEvent>(m.payload.clone())
-    {
-        return Event::Presence {
-            change: event.change(),
-            node: event.node.unwrap_or_default(),
-        };
-    }
-    if relaymesh_proto::node::of_topic(&m.topic).is_some() {
-        if m.signal != 0 {
-            return Event::Signal(crate::Signal {
+    if m.topic.starts_with('@') {
+        if m.topic == relaymesh_proto::node::PRESENCE_TOPIC
+            && let Ok(event) = relaymesh_proto::decode::<v1::PresenceEvent>(m.payload.clone())
+        {
+            return Event::Presence {
+                change: event.change(),
+                node: event.node.unwrap_or_default(),
+            };
+        }
+        if relaymesh_proto::node::of_topic(&m.topic).is_some() {
+            if m.signal != 0 {
+                return Event::Signal(crate::Signal {
+                    from_node: m.from_node,
+                    from: m.from_alias,
+                    kind: v1::SignalKind::try_from(m.signal).unwrap_or(v1::SignalKind::Custom),
+                    payload: m.payload,
+                });
+            }
+            return Event::Direct(crate::Direct {
                 from_node: m.from_node,
                 from: m.from_alias,
-                kind: v1::SignalKind::try_from(m.signal).unwrap_or(v1::SignalKind::Custom),
+                role: m.from_role,
                 payload: m.payload,
+                inbox_id: m.inbox_id,
             });
         }
-        return Event::Direct(crate::Direct {
-            from_node: m.from_node,
-            from: m.from_alias,
-            role: m.from_role,
-            payload: m.payload,
-            inbox_id: m.inbox_id,
-        });
     }
     Event::Message(Message {
         topic: m.topic,

@@ -808,19 +808,7 @@ impl Session {
     /// not confirm in time, once it has).
     async fn join_node_topic(&mut self, node: &str) -> Result<(), v1::Error> {
         let topic: Arc<str> = relaymesh_proto::node::topic(node).into();
-        self.topics.insert(topic.clone());
-        self.me.subscribed.store(true, Ordering::Relaxed);
-        self.ever_subscribed = true;
-        let (done, wait) = oneshot::channel();
-        let waiter = self.server.next_id();
-        self.server
-            .command(Command::Subscribe {
-                session: self.me.clone(),
-                topics: self.keys(vec![topic]),
-                waiter,
-                done,
-            })
-            .await?;
+        let (_, wait) = self.add_topics(vec![topic]).await?;
         let timeout = self.server.config.subscribe_sync_timeout();
         if tokio::time::timeout(timeout, wait).await.is_err() {
             tracing::warn!(
@@ -1006,14 +994,24 @@ impl Session {
             return self.ack(sub.request_id, Vec::new());
         }
         let room = self.confirmation_room(sub.request_id)?;
+        // Topics this session has already are not sent again, but the request still waits for
+        // what peers have not confirmed yet: an earlier request for them may be pending.
+        let (waiter, wait) = self.add_topics(fresh).await?;
+        self.answer_change(sub.request_id, waiter, wait, room).await
+    }
+
+    /// Subscribes this session to `fresh` (topics it does not have yet) through the control
+    /// task; returns the waiter that fires once every linked peer has confirmed.
+    async fn add_topics(
+        &mut self,
+        fresh: Vec<Arc<str>>,
+    ) -> Result<(u64, oneshot::Receiver<()>), v1::Error> {
         if !fresh.is_empty() {
             // Recorded before the command is sent, so the session's close always cleans up.
             self.topics.extend(fresh.iter().cloned());
             self.me.subscribed.store(true, Ordering::Relaxed);
             self.ever_subscribed = true;
         }
-        // Topics this session has already are not sent again, but the request still waits for
-        // what peers have not confirmed yet: an earlier request for them may be pending.
         let topics = self.keys(fresh);
         let (done, wait) = oneshot::channel();
         let waiter = self.server.next_id();
@@ -1025,7 +1023,7 @@ impl Session {
                 done,
             })
             .await?;
-        self.answer_change(sub.request_id, waiter, wait, room).await
+        Ok((waiter, wait))
     }
 
     async fn unsubscribe(&mut self, unsub: v1::Unsubscribe) -> Result<(), v1::Error> {
