@@ -684,6 +684,14 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
         Some(Kind::Accepted(a)) => Event::Accepted {
             seq: a.seq,
             to_node: a.to_node,
+            inbox_id: a.inbox_id,
+        },
+        Some(Kind::Expired(e)) => Event::Expired {
+            to_node: e.to_node,
+            inbox_id: e.inbox_id,
+            seq: e.seq,
+            publisher: e.publisher,
+            stored_ms: e.stored_ms,
         },
         Some(Kind::Undeliverable(u)) => undeliverable(u),
         Some(Kind::NodeList(list)) => {

@@ -422,6 +422,27 @@ pub enum Event {
         seq: u64,
         /// The node it is for.
         to_node: String,
+        /// Its id in that node's inbox (what an [`Event::Expired`] for it names).
+        inbox_id: u64,
+    },
+    /// A direct message this client's node sent (to a node that was offline) sat unread in the
+    /// recipient's inbox past the coordinator's `inbox.ttl_ms` and was deleted. Told to every
+    /// session of the sending node that is connected when it expires, so it may name a message
+    /// another process of the node sent: `inbox_id` is what its [`Event::Accepted`] said, and
+    /// `seq` the number [`Handle::send`] returned while the client's alias
+    /// ([`Handle::alias`], or the one in [`Event::Reconnected`]) was `publisher`. A client that
+    /// is not a node is not told.
+    Expired {
+        /// The node it was for.
+        to_node: String,
+        /// Its id in that node's inbox.
+        inbox_id: u64,
+        /// Its number, in the process that sent it.
+        seq: u64,
+        /// The alias that numbered it.
+        publisher: String,
+        /// When it was stored (ms since the epoch).
+        stored_ms: u64,
     },
     /// A direct message or signal this client sent reached no one: `seq` is what
     /// [`Handle::send`] or [`Handle::signal`] returned, `reason` why (`NOT_CONNECTED`: the node

@@ -208,6 +208,12 @@ impl link::Handler for Reader {
             Some(Kind::InboxNudge(nudge)) => server
                 .inboxes
                 .nudge(server.presence.sessions_of(&nudge.scope, &nudge.node_id)),
+            Some(Kind::InboxExpired(expired)) => server.inboxes.expired(
+                server
+                    .presence
+                    .sessions_of(&expired.scope, &expired.from_node),
+                expired.messages,
+            ),
             Some(Kind::Presence(presence)) => {
                 for (scope, event) in server.presence.apply(presence) {
                     let payload = encode(&event);

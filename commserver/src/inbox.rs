@@ -36,6 +36,8 @@ pub(crate) enum SessionEvent {
     Batch(Result<Vec<v1::InboxMessage>, v1::Error>),
     /// Something new is in this session's node's inbox.
     Nudge,
+    /// Messages this session's node sent expired unread in their recipients' inboxes.
+    Expired(Vec<v1::Expired>),
 }
 
 /// What an outstanding request was, to make its answer an event.
@@ -195,6 +197,13 @@ impl Inboxes {
             None => Ok(answer.messages),
         };
         self.tell(session, SessionEvent::Batch(result));
+    }
+
+    /// Tells `sessions` (of the sending node) that its messages `expired`.
+    pub(crate) fn expired(&self, sessions: Vec<SessionId>, expired: Vec<v1::Expired>) {
+        for session in sessions {
+            self.tell(session, SessionEvent::Expired(expired.clone()));
+        }
     }
 
     /// Tells `sessions` that their node's inbox has something new.

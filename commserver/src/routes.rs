@@ -695,7 +695,7 @@ fn enqueue_n(data: &DataTx, backlog: &Backlog, frames: &Bytes, count: usize) -> 
 /// Writes `frames` (`count` messages) to one subscriber's socket (`write_now` and the subscriber
 /// idle) or queues them, or drops them (counted, reported, and possibly the end of a slow
 /// consumer) when the subscriber's queue is full.
-fn offer(
+pub(crate) fn offer(
     subscriber: &Subscriber,
     frames: &Bytes,
     count: usize,

@@ -638,9 +638,13 @@ impl Session {
             } => {
                 self.inbox_state().storing.remove(&seq);
                 match result {
-                    Ok(_) => {
+                    Ok(inbox_id) => {
                         self.server.stats.inbox_accepted.inc();
-                        self.reply(&v1::ServerToClient::accepted(v1::Accepted { seq, to_node }))?;
+                        self.reply(&v1::ServerToClient::accepted(v1::Accepted {
+                            seq,
+                            to_node,
+                            inbox_id,
+                        }))?;
                     }
                     Err(e) => {
                         let code = e.error_code();
@@ -668,6 +672,26 @@ impl Session {
             }
             SessionEvent::Nudge => {
                 self.fetch_inbox();
+                Ok(())
+            }
+            SessionEvent::Expired(expired) => {
+                let mut frames = bytes::BytesMut::new();
+                let count = expired.len();
+                for e in expired {
+                    let frame = encode(&v1::ServerToClient::expired(e));
+                    relaymesh_net::wire::put_frame_header(&mut frames, frame.len());
+                    frames.extend_from_slice(&frame);
+                }
+                // Queued like a delivery: a session too slow to take them has them counted and
+                // reported as dropped.
+                crate::routes::offer(
+                    &self.me,
+                    &frames.freeze(),
+                    count,
+                    &self.server.stats,
+                    self.server.config.slow_consumer_ms,
+                    false,
+                );
                 Ok(())
             }
         }

@@ -30,6 +30,8 @@ pub(crate) struct Stats {
     pub(crate) inbox_stored: Counter,
     pub(crate) inbox_refused: Counter,
     pub(crate) inbox_expired: Counter,
+    /// Of `inbox_expired`, those whose sending node had a session to tell (`Expired`).
+    pub(crate) inbox_expired_reported: Counter,
     /// Inbox transactions (group commits).
     pub(crate) inbox_commits: Counter,
     /// `Replace` notices a server's full link queue did not take.
@@ -80,6 +82,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "inbox_stored": s.inbox_stored.get(),
         "inbox_refused": s.inbox_refused.get(),
         "inbox_expired": s.inbox_expired.get(),
+        "inbox_expired_reported": s.inbox_expired_reported.get(),
         "inbox_commits": s.inbox_commits.get(),
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
@@ -171,6 +174,11 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
             "relaymesh_coordinator_inbox_expired_total",
             "Inbox messages deleted unread after inbox.ttl_ms.",
             s.inbox_expired.get(),
+        ),
+        (
+            "relaymesh_coordinator_inbox_expired_reported_total",
+            "Expired inbox messages reported to their sending node's sessions.",
+            s.inbox_expired_reported.get(),
         ),
         (
             "relaymesh_coordinator_inbox_commits_total",

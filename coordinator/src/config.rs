@@ -135,19 +135,35 @@ impl Config {
         )?;
         let inbox = &self.inbox;
         ensure(
-            inbox.max_messages >= 1 && inbox.max_bytes >= 1,
+            inbox.max_messages >= 1,
             "inbox.max_messages",
-            "inbox.max_messages and inbox.max_bytes must be at least 1",
+            "must be at least 1",
         )?;
         ensure(
-            inbox.ttl_ms >= 1_000 && inbox.sweep_ms >= 100,
+            inbox.max_bytes >= 1,
+            "inbox.max_bytes",
+            "must be at least 1",
+        )?;
+        ensure(
+            inbox.ttl_ms >= 1_000,
             "inbox.ttl_ms",
-            "inbox.ttl_ms must be at least 1000 and inbox.sweep_ms at least 100",
+            "must be at least 1000",
         )?;
         ensure(
-            inbox.queue >= 1 && inbox.max_batch >= 1 && inbox.max_fetch >= 1,
-            "inbox.queue",
-            "inbox.queue, inbox.max_batch and inbox.max_fetch must be at least 1",
+            inbox.sweep_ms >= 100,
+            "inbox.sweep_ms",
+            "must be at least 100",
+        )?;
+        ensure(inbox.queue >= 1, "inbox.queue", "must be at least 1")?;
+        ensure(
+            inbox.max_batch >= 1,
+            "inbox.max_batch",
+            "must be at least 1",
+        )?;
+        ensure(
+            inbox.max_fetch >= 1,
+            "inbox.max_fetch",
+            "must be at least 1",
         )?;
         ensure(
             self.reserve_timeout_ms > 0,

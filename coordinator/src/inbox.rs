@@ -9,8 +9,10 @@
 //! answer the puts (`InboxStored`), so nothing is confirmed that was not written. Reads are
 //! answered after the commit, in order. A message stored for a node that has a session by then
 //! (it logged in meanwhile) is announced to its servers (`InboxNudge`), so it never waits for
-//! the next login. Expired messages are deleted every `sweep_ms` and counted.
+//! the next login. Expired messages are deleted every `sweep_ms`, counted, and reported
+//! (`InboxExpired`) to the servers holding sessions of their sending nodes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::App;
 use crate::server_link::ServerLink;
-use crate::sql::SqlStore;
+use crate::sql::{ExpiredMessage, SqlStore};
 
 /// `[inbox]` in the coordinator's config.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -33,7 +35,8 @@ pub struct InboxConfig {
     pub max_messages: u64,
     /// Bytes of payload one node's inbox holds.
     pub max_bytes: u64,
-    /// Messages older than this are deleted (and counted in `inbox_expired`).
+    /// Messages older than this are deleted, counted in `inbox_expired`, and reported to their
+    /// sending node if it has a session.
     pub ttl_ms: u64,
     /// How often expired messages are looked for.
     pub sweep_ms: u64,
@@ -183,11 +186,18 @@ pub(crate) async fn run(app: Arc<App>, db: SqlStore, mut rx: mpsc::Receiver<Op>)
         tokio::select! {
             () = app.shutdown.cancelled() => return,
             _ = sweep.tick() => {
-                match db.inbox_expire(now_ms().saturating_sub(config.ttl_ms)).await {
-                    Ok(0) => {}
+                let limit = u32::try_from(config.max_batch).unwrap_or(u32::MAX);
+                match db.inbox_expire(now_ms().saturating_sub(config.ttl_ms), limit).await {
                     Ok(expired) => {
-                        tracing::info!(expired, "inbox messages expired");
-                        app.stats.inbox_expired.add(expired);
+                        // More may be waiting: the next chunk right after what queued meanwhile.
+                        if expired.len() >= limit as usize {
+                            sweep.reset_immediately();
+                        }
+                        if !expired.is_empty() {
+                            tracing::info!(expired = expired.len(), "inbox messages expired");
+                            app.stats.inbox_expired.add(expired.len() as u64);
+                            report_expired(&app, expired);
+                        }
                     }
                     Err(e) => tracing::error!(error = %e, "expiring inbox messages failed"),
                 }
@@ -282,6 +292,43 @@ async fn commit(
             }
         };
         link.send(answer);
+    }
+}
+
+/// Tells the sending nodes of expired messages that have sessions, through the servers that
+/// hold them (under the directory, then registry, lock, as presence is sent). A sender that is
+/// not a node, or has no session, is only counted.
+fn report_expired(app: &App, expired: Vec<ExpiredMessage>) {
+    let mut by_sender: BTreeMap<(String, String), Vec<v1::Expired>> = BTreeMap::new();
+    for e in expired {
+        if !e.from_node.is_empty() && !e.scope.is_empty() {
+            by_sender
+                .entry((e.scope, e.from_node))
+                .or_default()
+                .push(e.message);
+        }
+    }
+    if by_sender.is_empty() {
+        return;
+    }
+    let directory = lock(&app.directory);
+    let registry = lock(&app.registry);
+    for ((scope, from_node), messages) in by_sender {
+        let servers = directory.servers_of(&scope, &from_node);
+        if servers.is_empty() {
+            continue;
+        }
+        app.stats.inbox_expired_reported.add(messages.len() as u64);
+        let frame = encode(&v1::CoordinatorToServer::inbox_expired(v1::InboxExpired {
+            scope,
+            from_node,
+            messages,
+        }));
+        for (id, entry) in registry.iter() {
+            if servers.iter().any(|s| s == id) {
+                entry.handle.send(frame.clone());
+            }
+        }
     }
 }
 

@@ -47,6 +47,17 @@ fn groups(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+/// An inbox message deleted unread for its age ([`SqlStore::inbox_expire`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredMessage {
+    /// The recipient's (and so the sender's) scope; empty if the recipient is gone.
+    pub scope: String,
+    /// The sending node (empty: the sender was not a node).
+    pub from_node: String,
+    /// What its sender is told.
+    pub message: v1::Expired,
+}
+
 /// A connected, migrated account database.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -660,30 +671,81 @@ impl SqlStore {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    /// Deletes inbox messages stored before `before_ms`; returns how many.
-    pub async fn inbox_expire(&self, before_ms: u64) -> Result<u64, StoreError> {
+    /// Deletes the oldest inbox messages stored before `before_ms`, at most `limit` of them in
+    /// one transaction (call again while it returns `limit`), and returns what it deleted, with
+    /// each recipient's scope, so their senders can be told.
+    pub async fn inbox_expire(
+        &self,
+        before_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let what = "expiring inbox messages";
         let mut tx = self.pool.begin().await.map_err(failed(what))?;
-        let done = sqlx::query("DELETE FROM inbox WHERE stored_ms < $1")
-            .bind(millis(before_ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(what))?;
-        if done.rows_affected() > 0 {
-            // Usage counted afresh for the nodes that had any.
-            sqlx::query(
+        let rows = sqlx::query(
+            "DELETE FROM inbox WHERE (node_id, id) IN \
+             (SELECT node_id, id FROM inbox WHERE stored_ms < $1 ORDER BY stored_ms LIMIT $2) \
+             RETURNING node_id, id, from_node, from_alias, seq, resent_from, stored_ms",
+        )
+        .bind(millis(before_ms))
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(failed(what))?;
+        let number = |v: i64| u64::try_from(v).unwrap_or(0);
+        let mut expired = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let from_alias: String = r.try_get(3).map_err(failed(what))?;
+            let resent_from: String = r.try_get(5).map_err(failed(what))?;
+            expired.push(ExpiredMessage {
+                scope: String::new(),
+                from_node: r.try_get(2).map_err(failed(what))?,
+                message: v1::Expired {
+                    to_node: r.try_get(0).map_err(failed(what))?,
+                    inbox_id: number(r.try_get(1).map_err(failed(what))?),
+                    seq: number(r.try_get(4).map_err(failed(what))?),
+                    // The alias that numbered it: where it was first sent from.
+                    publisher: if resent_from.is_empty() {
+                        from_alias
+                    } else {
+                        resent_from
+                    },
+                    stored_ms: number(r.try_get(6).map_err(failed(what))?),
+                },
+            });
+        }
+        // The recipients: their scopes (a sender is in its recipient's scope), and their usage
+        // counted afresh.
+        let mut nodes: Vec<&str> = expired.iter().map(|e| e.message.to_node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut scopes: HashMap<String, String> = HashMap::new();
+        for chunk in nodes.chunks(NODES_PER_STATEMENT) {
+            let list = placeholders(1, chunk.len());
+            let sql = format!(
                 "UPDATE nodes SET \
                  inbox_count = (SELECT COUNT(*) FROM inbox WHERE inbox.node_id = nodes.id), \
                  inbox_bytes = (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
                  WHERE inbox.node_id = nodes.id) \
-                 WHERE inbox_count > 0",
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(what))?;
+                 WHERE id IN ({list}) RETURNING id, scope"
+            );
+            let mut query = sqlx::query(&sql);
+            for node in chunk {
+                query = query.bind(*node);
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(failed(what))? {
+                scopes.insert(
+                    row.try_get(0).map_err(failed(what))?,
+                    row.try_get(1).map_err(failed(what))?,
+                );
+            }
         }
         tx.commit().await.map_err(failed(what))?;
-        Ok(done.rows_affected())
+        for e in &mut expired {
+            if let Some(scope) = scopes.get(&e.message.to_node) {
+                e.scope.clone_from(scope);
+            }
+        }
+        Ok(expired)
     }
 
     /// Closes the pool.

@@ -9,7 +9,7 @@ use coordinator::accounts::{Login, LoginError, Store, StoreError};
 use coordinator::admin::{AdminCommand, Backend};
 use coordinator::inbox::InboxLimits;
 use coordinator::nodes::{NodeError, NodeFields};
-use coordinator::sql::SqlStore;
+use coordinator::sql::{ExpiredMessage, SqlStore};
 use relaymesh_proto::v1::ErrorCode;
 use sqlx::Connection as _;
 
@@ -283,7 +283,13 @@ async fn inbox(db: &SqlStore) {
         .unwrap();
     assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
     // What was acknowledged no longer counts against the limit.
-    let (fourth, fifth) = (put(b"fourth", "acme#g1"), put(b"fifth", "acme#g1"));
+    let fourth = put(b"fourth", "acme#g1");
+    // Sent again after its sender's connection was lost: numbered under its first alias.
+    let fifth = relaymesh_proto::v1::InboxPut {
+        resent_from: named("a0-1"),
+        seq: 3,
+        ..put(b"fifth", "acme#g1")
+    };
     let outcomes = db
         .inbox_commit(
             &[],
@@ -294,8 +300,22 @@ async fn inbox(db: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(outcomes, [None, Some(ErrorCode::InboxFull)]);
-    assert_eq!(db.inbox_expire(500).await.unwrap(), 0);
-    assert_eq!(db.inbox_expire(2_001).await.unwrap(), 1);
+    assert_eq!(db.inbox_expire(500, 10).await.unwrap(), []);
+    // What expires comes back with what its sender is told, and the recipient's scope.
+    assert_eq!(
+        db.inbox_expire(2_001, 10).await.unwrap(),
+        [ExpiredMessage {
+            scope: "acme#g1".into(),
+            from_node: "f00d".into(),
+            message: relaymesh_proto::v1::Expired {
+                to_node: node.clone(),
+                inbox_id: base + 3,
+                seq: 7,
+                publisher: "a1-2".into(),
+                stored_ms: 1_000,
+            },
+        }]
+    );
     assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
     // Expired messages no longer count either.
     let outcomes = db
@@ -303,7 +323,17 @@ async fn inbox(db: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(outcomes, [None]);
-    assert_eq!(db.inbox_expire(u64::MAX >> 2).await.unwrap(), 2);
+    // At most `limit` at a time, oldest first.
+    let one = db.inbox_expire(u64::MAX >> 2, 1).await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].message.inbox_id, base + 5);
+    let next = db.inbox_expire(u64::MAX >> 2, 1).await.unwrap();
+    assert_eq!(
+        (next[0].message.inbox_id, next[0].message.seq),
+        (base + 7, 3)
+    );
+    assert_eq!(next[0].message.publisher, "a0-1");
+    assert_eq!(db.inbox_expire(u64::MAX >> 2, 1).await.unwrap(), []);
     assert_eq!(db.inbox_count(&node).await.unwrap(), 0);
 }
 

@@ -556,8 +556,12 @@ async fn settled(client: &mut Client, seq: u64, confirmed: bool) -> anyhow::Resu
                     reason.as_str_name()
                 )
             }
-            Event::Accepted { seq: s, to_node } if s == seq => {
-                eprintln!("{to_node} is offline: stored in its inbox");
+            Event::Accepted {
+                seq: s,
+                to_node,
+                inbox_id,
+            } if s == seq => {
+                eprintln!("{to_node} is offline: stored in its inbox as {inbox_id}");
             }
             _ => {}
         }
@@ -608,6 +612,12 @@ async fn listen(config: ClientConfig, count: Option<u64>, presence: bool) -> any
                 node.name
             ),
             Some(Event::Message(m)) => format!("message\t{}\t{}", m.topic, m.from),
+            Some(Event::Expired {
+                to_node,
+                inbox_id,
+                stored_ms,
+                ..
+            }) => format!("expired\t{to_node}\t{inbox_id}\t{stored_ms}"),
             Some(Event::Disconnected { server_id, reason }) => {
                 eprintln!("meshctl: lost {server_id}: {reason}; reconnecting");
                 continue;

@@ -282,6 +282,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     InboxStored(v1::InboxStored) => inbox_stored,
     InboxBatch(v1::InboxBatch) => inbox_batch,
     InboxNudge(v1::InboxNudge) => inbox_nudge,
+    InboxExpired(v1::InboxExpired) => inbox_expired,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
@@ -322,6 +323,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Undeliverable(v1::Undeliverable) => undeliverable,
     NodeList(v1::NodeList) => node_list,
     Accepted(v1::Accepted) => accepted,
+    Expired(v1::Expired) => expired,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,

@@ -181,6 +181,7 @@ impl Churn {
             &tallies,
             &HashMap::from([(0, merged.sent.clone())]),
             &HashMap::new(),
+            &HashMap::new(),
         );
         let (counts, latency) = load::merge(&tallies);
         let after_drain = meter.snapshot().await;

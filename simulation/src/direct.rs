@@ -98,6 +98,8 @@ struct Seen {
     tally: Tally,
     accepted: u64,
     undeliverable: u64,
+    /// The numbers ([`Handle::send`]'s) of this node's sends that were undeliverable.
+    refused: Vec<u64>,
     overtaken: u64,
     inbox: Option<Histogram<u64>>,
 }
@@ -159,6 +161,8 @@ impl Direct {
 
         let timeline = Arc::new(Timeline::new(self.slot, self.duration + self.drain));
         let stop = CancellationToken::new();
+        // First deliveries, and sends their sender was told reached no one: what the drain
+        // waits for.
         let delivered = Arc::new(AtomicU64::new(0));
         let mut readers = Vec::with_capacity(n);
         let mut senders = Vec::with_capacity(online);
@@ -234,9 +238,11 @@ impl Direct {
         let after_publishing = meter.snapshot().await;
         // Per receiver, what each pair stream sent.
         let mut sent: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
+        let mut logs = HashMap::new();
         let (mut scheduled, mut published, mut errors, mut max_lag_s) = (0, 0, 0, 0f64);
         for result in results {
-            let r = result.context("sender task failed")?;
+            let mut r = result.context("sender task failed")?;
+            logs.insert(r.me, std::mem::take(&mut r.log));
             scheduled += r.scheduled;
             published += r.sent.iter().sum::<u64>();
             errors += r.errors;
@@ -253,8 +259,18 @@ impl Direct {
         let mut tallies = Vec::with_capacity(n);
         let (mut accepted, mut undeliverable, mut overtaken) = (0, 0, 0);
         let mut inbox = measure::histogram();
+        // What each pair's sender was told reached no one (INBOX_FULL, say) is not expected.
+        let mut refused: HashMap<u32, Vec<u64>> = HashMap::new();
         for reader in readers {
             let (node, seen) = reader.await.context("reader task failed")?;
+            let log = logs.get(&node).map_or(&[][..], Vec::as_slice);
+            for seq in &seen.refused {
+                if let Ok(i) = log.binary_search_by_key(seq, |&(s, _, _)| s) {
+                    let (_, to, number) = log[i];
+                    let pair = u32::try_from(node * n + to).unwrap_or(u32::MAX);
+                    refused.entry(pair).or_default().push(number);
+                }
+            }
             accepted += seen.accepted;
             undeliverable += seen.undeliverable;
             overtaken += seen.overtaken;
@@ -269,7 +285,10 @@ impl Direct {
                 .add(&watcher.await.context("presence watcher failed")?)
                 .ok();
         }
-        let (expected, lost_by_cause) = load::lost(&tallies, &sent, &HashMap::new());
+        for numbers in refused.values_mut() {
+            numbers.sort_unstable();
+        }
+        let (expected, lost_by_cause) = load::lost(&tallies, &sent, &HashMap::new(), &refused);
         let (counts, latency) = load::merge(&tallies);
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);
@@ -360,7 +379,12 @@ fn spawn_reader(
                     }
                 }
                 Some(Event::Accepted { .. }) => seen.accepted += 1,
-                Some(Event::Undeliverable { .. }) => seen.undeliverable += 1,
+                Some(Event::Undeliverable { seq, .. }) => {
+                    seen.undeliverable += 1;
+                    seen.refused.push(seq);
+                    // Settled: the drain waits for no delivery of it.
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(Event::Dropped { count, upstream }) => {
                     seen.tally.counts.dropped_reported += count;
                     seen.tally.counts.dropped_upstream += upstream;
@@ -431,6 +455,9 @@ struct Sent {
     me: usize,
     scheduled: u64,
     sent: Vec<u64>,
+    /// Each send: the client's number for it, and the receiving node and its number in that
+    /// pair's stream, in the order sent (so by the client's number).
+    log: Vec<(u64, usize, u64)>,
     errors: u64,
     max_lag: Duration,
 }
@@ -445,6 +472,7 @@ impl Sender {
         let start = tokio::time::Instant::now();
         let due = |k: u64| Duration::from_secs_f64(((k + 1) as f64 - phase) / rate);
         let mut sent = vec![0u64; n];
+        let mut log = Vec::new();
         let (mut done, mut errors) = (0u64, 0u64);
         let mut max_lag = Duration::ZERO;
         while done < scheduled {
@@ -462,7 +490,10 @@ impl Sender {
                 let stamp = measure::stamp(measure::now_ns(), late, TIMER_SLACK_NS);
                 let payload = measure::payload(pair, sent[to], self.server, size, stamp);
                 match self.handle.send(&self.nodes[to], payload).await {
-                    Ok(_) => sent[to] += 1,
+                    Ok(seq) => {
+                        log.push((seq, to, sent[to]));
+                        sent[to] += 1;
+                    }
                     Err(_) => errors += 1,
                 }
                 done += 1;
@@ -472,6 +503,7 @@ impl Sender {
             me: self.me,
             scheduled,
             sent,
+            log,
             errors,
             max_lag,
         }

@@ -249,17 +249,24 @@ impl Expect {
 
 /// Expected deliveries at the receivers `(topic, tally)` when the publishers on topic `t` sent
 /// `sent[t]` (publisher, count) each and lost their servers at `outages`, and those that never
-/// arrived by cause.
+/// arrived by cause. What a publisher was told reached no one (`refused`: its numbers, in
+/// order) is not expected.
 pub(crate) fn lost(
     tallies: &[(usize, Tally)],
     sent: &HashMap<usize, Vec<(u32, u64)>>,
     outages: &HashMap<u32, Vec<u64>>,
+    refused: &HashMap<u32, Vec<u64>>,
 ) -> (u64, LostByCause) {
     let (mut expected, mut lost) = (0, LostByCause::default());
     for (topic, tally) in tallies {
         let sent = sent.get(topic).map_or(&[][..], Vec::as_slice);
-        expected += sent.iter().map(|&(_, n)| n).sum::<u64>();
-        lost.add(&loss::attribute(tally, sent, outages));
+        for &(publisher, n) in sent {
+            let told = refused
+                .get(&publisher)
+                .map_or(0, |r| loss::numbers_in(r, 0, n.saturating_sub(1)));
+            expected += n - told.min(n);
+        }
+        lost.add(&loss::attribute(tally, sent, outages, refused));
     }
     (expected, lost)
 }
@@ -422,7 +429,12 @@ impl Round {
         for watcher in idle {
             watcher.await.context("watcher task failed")?;
         }
-        let (expected, lost_by_cause) = lost(&tallies, &by_topic, &outages.by_publisher());
+        let (expected, lost_by_cause) = lost(
+            &tallies,
+            &by_topic,
+            &outages.by_publisher(),
+            &HashMap::new(),
+        );
         let (counts, latency) = merge(&tallies);
         let after_drain = meter.snapshot().await;
         let mut usage = meter.between(&before, &after_publishing);

@@ -131,16 +131,21 @@ fn spans_a_failure(gap: &Gap, receiver_down: &[u64], publisher_down: Option<&Vec
 }
 
 /// One receiver's loss by cause, when the publishers it expects sent `sent` (publisher, count)
-/// each and lost their servers at `outages`.
+/// each and lost their servers at `outages`. `refused` holds, per publisher, the numbers (in
+/// order) whose sender was told they reached no one (`Undeliverable`): not expected, so not lost.
 pub(crate) fn attribute(
     tally: &Tally,
     sent: &[(u32, u64)],
     outages: &HashMap<u32, Vec<u64>>,
+    refused: &HashMap<u32, Vec<u64>>,
 ) -> LostByCause {
     let (mut lost, mut in_windows, mut late) = (0u64, 0u64, 0u64);
     for &(publisher, n) in sent {
         late += tally.late_below(publisher, n);
+        let refused = refused.get(&publisher).map_or(&[][..], Vec::as_slice);
         for (gap, missing) in tally.gaps(publisher, n) {
+            let told = numbers_in(refused, gap.first, gap.last.min(n.saturating_sub(1)));
+            let missing = missing.saturating_sub(told);
             lost += missing;
             if spans_a_failure(&gap, &tally.disconnected_at, outages.get(&publisher)) {
                 in_windows += missing;
@@ -160,6 +165,13 @@ pub(crate) fn attribute(
         late,
         unexplained,
     }
+}
+
+/// How many of the ordered `numbers` lie in `first..=last`.
+pub(crate) fn numbers_in(numbers: &[u64], first: u64, last: u64) -> u64 {
+    let from = numbers.partition_point(|&k| k < first);
+    let to = numbers.partition_point(|&k| k <= last);
+    to.saturating_sub(from) as u64
 }
 
 #[cfg(test)]
@@ -197,10 +209,31 @@ mod tests {
     }
 
     #[test]
+    fn messages_their_sender_was_told_were_refused_are_not_lost() {
+        // 4 and 5 missing; the sender was told 5 (and 12, beyond what it sent) reached no one.
+        let refused = HashMap::from([(1, vec![5, 12])]);
+        let by = attribute(&receiver(GOT), SENT, &none(), &refused);
+        assert_eq!(
+            by,
+            LostByCause {
+                unexplained: 1,
+                ..LostByCause::default()
+            }
+        );
+        let refused = HashMap::from([(1, vec![4, 5])]);
+        assert_eq!(
+            attribute(&receiver(GOT), SENT, &none(), &refused),
+            LostByCause::default()
+        );
+        assert_eq!(numbers_in(&[1, 4, 5, 9], 4, 8), 2);
+        assert_eq!(numbers_in(&[1, 4, 5, 9], 10, 20), 0);
+    }
+
+    #[test]
     fn own_queue_drops_told_are_a_slow_consumer() {
         let mut t = receiver(GOT);
         t.counts.dropped_reported = 2;
-        let by = attribute(&t, SENT, &none());
+        let by = attribute(&t, SENT, &none(), &none());
         assert_eq!(
             by,
             LostByCause {
@@ -221,7 +254,7 @@ mod tests {
         t.counts.dropped_reported = 5;
         t.counts.dropped_upstream = 5;
         assert_eq!(
-            attribute(&t, SENT, &none()),
+            attribute(&t, SENT, &none(), &none()),
             LostByCause {
                 peer_gap: 2,
                 ..LostByCause::default()
@@ -231,7 +264,7 @@ mod tests {
         t.counts.dropped_reported = 2;
         t.counts.dropped_upstream = 1;
         assert_eq!(
-            attribute(&t, SENT, &none()),
+            attribute(&t, SENT, &none(), &none()),
             LostByCause {
                 slow_consumer: 1,
                 peer_gap: 1,
@@ -249,13 +282,13 @@ mod tests {
         // The receiver lost its server between 3's arrival and 6's.
         let mut t = receiver(GOT);
         t.disconnected_at = vec![1_500];
-        assert_eq!(attribute(&t, SENT, &none()), failure);
+        assert_eq!(attribute(&t, SENT, &none(), &none()), failure);
         assert_eq!(failure.guarantee(), "at most once across a server failure");
         // The publisher lost its server after it sent 3 and before 6 arrived (its 5 and 6 may
         // have waited in its client's queue meanwhile).
         let t = receiver(GOT);
         assert_eq!(
-            attribute(&t, SENT, &HashMap::from([(1, vec![1_640])])),
+            attribute(&t, SENT, &HashMap::from([(1, vec![1_640])]), &none()),
             failure
         );
         // Another publisher's outage, or one outside the gap, explains nothing.
@@ -263,17 +296,17 @@ mod tests {
             HashMap::from([(2, vec![1_500])]),
             HashMap::from([(1, vec![1_200, 1_700])]),
         ] {
-            assert_eq!(attribute(&t, SENT, &outages).unexplained, 2);
+            assert_eq!(attribute(&t, SENT, &outages, &none()).unexplained, 2);
         }
         // Nor does the receiver's own disconnect before 3 arrived.
         let mut t = receiver(GOT);
         t.disconnected_at = vec![1_340];
-        assert_eq!(attribute(&t, SENT, &none()).unexplained, 2);
+        assert_eq!(attribute(&t, SENT, &none(), &none()).unexplained, 2);
     }
 
     #[test]
     fn loss_with_no_notice_and_no_failure_is_unexplained() {
-        let by = attribute(&receiver(GOT), SENT, &none());
+        let by = attribute(&receiver(GOT), SENT, &none(), &none());
         assert_eq!(
             by,
             LostByCause {
@@ -292,7 +325,7 @@ mod tests {
         t.disconnected_at = vec![1_500];
         t.counts.dropped_reported = 2;
         assert_eq!(
-            attribute(&t, SENT, &none()),
+            attribute(&t, SENT, &none(), &none()),
             LostByCause {
                 slow_consumer: 2,
                 server_failure: 2,
@@ -303,7 +336,7 @@ mod tests {
         // Told of one only: 9 is left over (no disconnect after 8 arrived).
         t.counts.dropped_reported = 1;
         assert_eq!(
-            attribute(&t, SENT, &none()),
+            attribute(&t, SENT, &none(), &none()),
             LostByCause {
                 slow_consumer: 1,
                 server_failure: 2,
@@ -318,14 +351,14 @@ mod tests {
         // Nothing after 3: a disconnect any time after it arrived covers 4..=9.
         let mut t = receiver(&[0, 1, 2, 3]);
         t.disconnected_at = vec![5_000_000];
-        assert_eq!(attribute(&t, SENT, &none()).server_failure, 6);
+        assert_eq!(attribute(&t, SENT, &none(), &none()).server_failure, 6);
         // Nothing at all from publisher 1: any outage of either end covers all 10.
         let t = receiver(&[]);
         assert_eq!(
-            attribute(&t, SENT, &HashMap::from([(1, vec![7])])).server_failure,
+            attribute(&t, SENT, &HashMap::from([(1, vec![7])]), &none()).server_failure,
             10
         );
-        assert_eq!(attribute(&t, SENT, &none()).unexplained, 10);
+        assert_eq!(attribute(&t, SENT, &none(), &none()).unexplained, 10);
     }
 
     #[test]
@@ -333,7 +366,7 @@ mod tests {
         let mut t = receiver(GOT);
         t.record_late(&payload(1, 4, 0, 24, 1_400), |_| true);
         t.counts.dropped_reported = 3;
-        let by = attribute(&t, SENT, &none());
+        let by = attribute(&t, SENT, &none(), &none());
         assert_eq!(
             by,
             LostByCause {

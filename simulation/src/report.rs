@@ -351,7 +351,7 @@ impl Report {
             let t = &d.inbox_delivery_ms;
             let _ = writeln!(
                 out,
-                "direct          {} nodes, {} offline for the first half; {} stored in inboxes (Accepted), {} delivered from them ({} after a later live one), {} undeliverable",
+                "direct          {} nodes, {} offline for the first half; {} stored in inboxes (Accepted), {} delivered from them ({} after a later live one), {} undeliverable (their senders told, so not expected)",
                 d.nodes,
                 d.offline_nodes,
                 d.accepted,

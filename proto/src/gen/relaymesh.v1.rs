@@ -99,7 +99,7 @@ pub mod server_to_coordinator {
 pub struct CoordinatorToServer {
     #[prost(
         oneof = "coordinator_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
     )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
@@ -129,6 +129,8 @@ pub mod coordinator_to_server {
         InboxBatch(super::InboxBatch),
         #[prost(message, tag = "11")]
         InboxNudge(super::InboxNudge),
+        #[prost(message, tag = "12")]
+        InboxExpired(super::InboxExpired),
     }
 }
 /// Store a direct message for node `to_node` of `scope`, which has no session. Answered by
@@ -228,6 +230,18 @@ pub struct InboxNudge {
     pub scope: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub node_id: ::prost::alloc::string::String,
+}
+/// Messages node `from_node` of `scope` sent that expired in their recipients' inboxes unread
+/// (`inbox.ttl_ms`): sent to the servers holding sessions of `from_node`, which tell each of
+/// them with one `Expired` per message.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct InboxExpired {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub from_node: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "3")]
+    pub messages: ::prost::alloc::vec::Vec<Expired>,
 }
 /// A session of a node on a comm server.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -652,7 +666,10 @@ pub struct InboxAck {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToClient {
-    #[prost(oneof = "server_to_client::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(
+        oneof = "server_to_client::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+    )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
 /// Nested message and enum types in `ServerToClient`.
@@ -679,6 +696,8 @@ pub mod server_to_client {
         NodeList(super::NodeList),
         #[prost(message, tag = "10")]
         Accepted(super::Accepted),
+        #[prost(message, tag = "11")]
+        Expired(super::Expired),
     }
 }
 /// Direct message `seq` found its node offline and is stored in the node's inbox: it is
@@ -690,6 +709,30 @@ pub struct Accepted {
     pub seq: u64,
     #[prost(string, tag = "2")]
     pub to_node: ::prost::alloc::string::String,
+    /// Its id in the node's inbox: an `Expired` for it names the same id.
+    #[prost(uint64, tag = "3")]
+    pub inbox_id: u64,
+}
+/// A direct message this client's node sent sat in its recipient's inbox unread past the inbox
+/// age limit and was deleted. Sent to every session of the sending node (whether or not it is
+/// the session that sent it) when the coordinator's sweep deletes it; a sender that is not a
+/// node, or has no session then, is not told (the coordinator counts it in `inbox_expired`).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Expired {
+    #[prost(string, tag = "1")]
+    pub to_node: ::prost::alloc::string::String,
+    /// The id its `Accepted` gave.
+    #[prost(uint64, tag = "2")]
+    pub inbox_id: u64,
+    /// The `seq` it was sent with, and the alias that numbered it (the session's alias, or its
+    /// `resent_from`): a number means something only to the client process that sent it.
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(string, tag = "4")]
+    pub publisher: ::prost::alloc::string::String,
+    /// When it was stored (ms since the epoch).
+    #[prost(uint64, tag = "5")]
+    pub stored_ms: u64,
 }
 /// Asks for online nodes of the client's scope: answered by NodeList with the same
 /// `request_id`. At most `limit` (capped by the server's `max_list_nodes`; 0: that cap) chosen

@@ -700,7 +700,9 @@ async fn an_offline_nodes_messages_wait_in_its_inbox_and_arrive_in_order_at_logi
         // Accepted once stored, for every one, and only then confirmed.
         for seq in &sent {
             match next_event(&mut station).await {
-                Event::Accepted { seq: s, to_node } => {
+                Event::Accepted {
+                    seq: s, to_node, ..
+                } => {
                     assert_eq!((s, to_node.as_str()), (*seq, drone.as_str()))
                 }
                 other => panic!("expected Accepted, got {other:?}"),
@@ -741,6 +743,90 @@ async fn an_offline_nodes_messages_wait_in_its_inbox_and_arrive_in_order_at_logi
     let d = next_direct(&mut node).await;
     assert_eq!((&d.payload[..], d.inbox_id), (&b"live"[..], 0));
     node.close().await;
+}
+
+#[tokio::test]
+async fn an_expired_inbox_message_is_counted_and_reported_to_every_session_of_its_sender() {
+    let (cluster, db, _file) = sql_cluster(2, |c| {
+        c.inbox.ttl_ms = 1_000;
+        c.inbox.sweep_ms = 100;
+    })
+    .await;
+    let (drone, mut drone_config) = node_of(&cluster, "acme", "drone").await;
+    let (_, mut station_config) = node_of(&cluster, "acme", "station").await;
+    // The station is a node on two devices, one per server; a client that is no node sends too.
+    station_config.preferred_server = Some(cluster.servers[0].id.clone());
+    let mut sender = Client::connect(station_config.clone()).await.unwrap();
+    station_config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut other_device = Client::connect(station_config).await.unwrap();
+    let anonymous = cluster.client_as(1, code("acme")).await;
+    // Both sessions are in the coordinator's directory (and so in every server's copy).
+    relaymesh_tests::eventually("both station sessions known", || async {
+        let list = sender.list_nodes(10, "station").await.unwrap();
+        (list.nodes.first().is_some_and(|n| n.servers.len() == 2)).then_some(())
+    })
+    .await;
+
+    let mut sent = Vec::new();
+    for text in ["one", "two", "three"] {
+        let seq = sender.send(&drone, text).await.unwrap();
+        match next_event(&mut sender).await {
+            Event::Accepted {
+                seq: s,
+                to_node,
+                inbox_id,
+            } => {
+                assert_eq!((s, to_node.as_str()), (seq, drone.as_str()));
+                sent.push((seq, inbox_id));
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    }
+    anonymous.send(&drone, "from nobody").await.unwrap();
+
+    // Nobody reads them within the inbox's 1 s (its shortest): each session of the sending node is told,
+    // with the number and id its Accepted gave.
+    let alias = sender.alias();
+    let want: Vec<_> = sent.iter().map(|(s, i)| (*s, *i, alias.clone())).collect();
+    for client in [&mut sender, &mut other_device] {
+        let mut told = Vec::new();
+        while told.len() < 3 {
+            match next_event(client).await {
+                Event::Expired {
+                    to_node,
+                    inbox_id,
+                    seq,
+                    publisher,
+                    stored_ms,
+                } => {
+                    assert_eq!(to_node, drone);
+                    assert!(stored_ms > 0);
+                    told.push((seq, inbox_id, publisher));
+                }
+                other => panic!("expected Expired, got {other:?}"),
+            }
+        }
+        told.sort();
+        assert_eq!(told, want);
+    }
+    let stats = relaymesh_tests::eventually("all four expired", || async {
+        let stats = cluster.coordinator.stats().await;
+        (stats["inbox_expired"].as_u64() == Some(4)).then_some(stats)
+    })
+    .await;
+    // The three of the node were reported; the one from a client that is no node only counted.
+    assert_eq!(stats["inbox_expired_reported"].as_u64(), Some(3));
+    assert_eq!(db.inbox_count(&drone).await.unwrap(), 0);
+
+    // The drone logs in to an empty inbox: the first thing it gets is live.
+    drone_config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut node = Client::connect(drone_config).await.unwrap();
+    sender.send(&drone, "live").await.unwrap();
+    let d = next_direct(&mut node).await;
+    assert_eq!((&d.payload[..], d.inbox_id), (&b"live"[..], 0));
+    for client in [sender, other_device, node, anonymous] {
+        client.close().await;
+    }
 }
 
 #[tokio::test]
