@@ -426,6 +426,7 @@ fn main() -> ExitCode {
         args.warmup,
         args.measure,
         args.drain,
+        args.max_p99_ms,
         args.smoke,
     );
     runtime.block_on(async {
