@@ -718,11 +718,22 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             }
             Event::Forbidden { reason: e.message }
         }
-        Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Replaced => {
+        // Neither a replaced nor a kicked client comes back by itself.
+        Some(Kind::Error(e))
+            if matches!(
+                e.error_code(),
+                v1::ErrorCode::Replaced | v1::ErrorCode::Kicked
+            ) =>
+        {
             shared
                 .replaced
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return Handled::End(e.to_string());
+        }
+        // The server is being drained: move through the coordinator to another one. What was
+        // published and not confirmed goes out again there, as after any lost connection.
+        Some(Kind::Reconnect(r)) => {
+            return Handled::End(format!("the server asked the client to move: {}", r.reason));
         }
         Some(Kind::Error(e)) => {
             // A refused subscription change fails that request; the server then closes the

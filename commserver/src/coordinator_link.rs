@@ -233,6 +233,15 @@ impl link::Handler for Reader {
                 }
                 self.publisher.flush(&server.stats);
             }
+            Some(Kind::Drain(drain)) => server.drain(&drain),
+            Some(Kind::Kick(kick)) => {
+                let closed = server.kick(&kick);
+                let answer = v1::ServerToCoordinator::kicked(v1::Kicked {
+                    request_id: kick.request_id,
+                    closed,
+                });
+                answer_coordinator(&self.tx, answer, self.heartbeat.timeout).await?;
+            }
             Some(Kind::Ping(ping)) => {
                 let pong = v1::ServerToCoordinator::pong(v1::Pong { nonce: ping.nonce });
                 answer_coordinator(&self.tx, pong, self.heartbeat.timeout).await?;

@@ -22,6 +22,7 @@ mod inbox;
 mod interest;
 mod keys;
 mod logins;
+mod operator;
 mod peers;
 mod presence;
 mod routes;
@@ -115,6 +116,8 @@ struct Server {
     challenge_limits: relaymesh_net::limits::AddressLimits,
     next_id: AtomicU64,
     shutdown: CancellationToken,
+    /// Drained by an operator (through the coordinator): takes no new clients until undrained.
+    drained: std::sync::atomic::AtomicBool,
     tracker: TaskTracker,
     started: Instant,
     /// `direct_write_budget_us` resolved for this runtime.
@@ -136,9 +139,9 @@ impl Server {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Shutting down: no new clients, reservations refused, reported as draining.
+    /// Shutting down or drained: no new clients, reservations refused, reported as draining.
     fn draining(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.shutdown.is_cancelled() || self.drained.load(Ordering::Relaxed)
     }
 
     fn client_count(&self) -> usize {
@@ -238,6 +241,7 @@ pub async fn run_with(
         stats: stats::Stats::default(),
         next_id: AtomicU64::new(1),
         shutdown: shutdown.clone(),
+        drained: std::sync::atomic::AtomicBool::new(false),
         tracker: tracker.clone(),
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),

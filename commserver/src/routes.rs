@@ -44,6 +44,8 @@ const CACHE_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct Subscriber {
     pub(crate) id: SessionId,
+    /// The client's alias (for an operator's `Kick`).
+    pub(crate) alias: Arc<str>,
     /// The session's data queue; its writer task holds the receiver. Full means the client is
     /// not keeping up; closed means the session ended.
     pub(crate) data: DataTx,
@@ -764,6 +766,7 @@ mod tests {
         let (data, rx) = relaymesh_net::link::data_queue();
         let s = Subscriber {
             id,
+            alias: Arc::from("a"),
             data,
             backlog: Arc::new(Backlog::counted(capacity, 1 << 20)),
             direct: None,

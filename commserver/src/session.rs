@@ -60,7 +60,7 @@ pub(crate) async fn upgrade(
     if server.draining() {
         return ApiError::from_code(
             ErrorCode::ShuttingDown,
-            "this comm server is shutting down; ask the coordinator again",
+            "this comm server is shutting down or drained; ask the coordinator again",
         )
         .into_response();
     }
@@ -241,6 +241,7 @@ fn run(
     let direct = socket.sink.direct(&data_tx);
     let me = Arc::new(Subscriber {
         id: server.next_id(),
+        alias: identity.alias.as_str().into(),
         data: data_tx,
         backlog: backlog.clone(),
         direct: direct.clone(),

@@ -979,6 +979,18 @@ impl Store {
         })
     }
 
+    /// Whether the store answers: the database takes a query, the file can be read.
+    pub async fn reachable(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Open | Self::Single { .. } => Ok(()),
+            Self::File { path, .. } => tokio::fs::metadata(path)
+                .await
+                .map(|_| ())
+                .map_err(|e| StoreError::Database(format!("{}: {e}", path.display()))),
+            Self::Sql(db) => db.ping().await,
+        }
+    }
+
     /// Reloads a `file` store whenever its modification time changes, until `shutdown`; a file
     /// that no longer parses is logged and the accounts loaded before stay in force.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {

@@ -19,6 +19,11 @@ use crate::registry::Strategy;
 pub struct Config {
     /// Address to listen on (the `--listen` flag overrides it).
     pub listen: SocketAddr,
+    /// Address of the gRPC admin API (`--admin-listen`); none (the default): not served.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token every admin API call must carry. Prefer `RELAYMESH_ADMIN_TOKEN`; required
+    /// (at least 16 bytes) when `admin_listen` is set.
+    pub admin_token: String,
     /// Secret comm servers present on `/v1/servers`. Prefer `RELAYMESH_CLUSTER_SECRET`.
     pub cluster_secret: String,
     /// How a server is picked for a client: `random`, `least_loaded` or `power_of_two`.
@@ -113,6 +118,8 @@ impl Default for Config {
             challenge_ttl_ms: 30_000,
             max_pending_challenges: 10_000,
             trusted_server_keys: Vec::new(),
+            admin_listen: None,
+            admin_token: String::new(),
         }
     }
 }
@@ -132,6 +139,11 @@ impl Config {
             self.max_node_info_bytes >= 2 && self.max_node_info_bytes < self.max_frame_bytes,
             "max_node_info_bytes",
             "must be at least 2 (`{}`) and less than max_frame_bytes",
+        )?;
+        ensure(
+            self.admin_listen.is_none() || self.admin_token.len() >= 16,
+            "admin_token",
+            "must be set, at least 16 bytes (RELAYMESH_ADMIN_TOKEN or the config file), when admin_listen is",
         )?;
         let inbox = &self.inbox;
         ensure(

@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod admin;
+mod admin_api;
 mod alias;
 mod api;
 pub mod config;
@@ -64,6 +65,9 @@ struct App {
     directory: Mutex<directory::Directory>,
     /// Registered servers; locked briefly, never across an await.
     registry: Mutex<Registry<Arc<ServerLink>>>,
+    /// Servers an operator drained (admin API), by id, until undrained: told again when one
+    /// registers anew. Locked after `registry` when both are.
+    drained: Mutex<std::collections::BTreeSet<String>>,
     aliases: alias::Aliases,
     next_link: AtomicU64,
     next_request: AtomicU64,
@@ -109,11 +113,32 @@ impl App {
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled, then closes every link
 /// (servers and clients are told `SHUTTING_DOWN`) and waits up to the configured grace period.
+/// The admin API, when `admin_listen` is set, is bound here too.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ConfigError> {
+    let admin = match config.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            ConfigError::Invalid(format!("cannot listen on {addr} (`admin_listen`): {e}"))
+        })?),
+        None => None,
+    };
+    run_with(listener, admin, config, shutdown).await
+}
+
+/// [`run`], with the admin API's listener (if any) already bound (tests bind port 0). Needs
+/// `admin_token` set when it is given.
+pub async fn run_with(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    mut config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ConfigError> {
+    if let Some(admin) = &admin {
+        config.admin_listen = admin.local_addr().ok();
+    }
     config.validate()?;
     let local = listener
         .local_addr()
@@ -159,6 +184,7 @@ pub async fn run(
         registry: Mutex::new(
             Registry::new().stale_after(config.heartbeat_interval().max(Duration::from_secs(1))),
         ),
+        drained: Mutex::new(std::collections::BTreeSet::new()),
         aliases: alias::Aliases::new(),
         next_link: AtomicU64::new(1),
         next_request: AtomicU64::new(1),
@@ -171,6 +197,9 @@ pub async fn run(
     });
     if let Some((db, rx)) = inbox_writer {
         tracker.spawn(inbox::run(app.clone(), db, rx));
+    }
+    if let Some(admin) = admin {
+        tracker.spawn(admin_api::serve(app.clone(), admin));
     }
     let router = Router::new()
         .route("/v1/servers", get(server_link::upgrade))

@@ -300,6 +300,16 @@ impl<H: Clone> Registry<H> {
         Some(id)
     }
 
+    /// Server `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry<H>> {
+        self.servers.get(id)
+    }
+
+    /// Server `id`, to change (an operator draining it).
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Entry<H>> {
+        self.servers.get_mut(id)
+    }
+
     /// All servers, by id.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Entry<H>)> {
         self.servers.iter()

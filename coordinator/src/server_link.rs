@@ -45,6 +45,8 @@ pub(crate) struct ServerLink {
     /// The receivers are held by the logins waiting in [`ServerLink::reserve`].
     pending: Mutex<HashMap<u64, oneshot::Sender<ReserveReply>>>,
     max_pending: usize,
+    /// `Kick`s sent to this server and awaiting `Kicked`, by request id.
+    kicks: Mutex<HashMap<u64, oneshot::Sender<u32>>>,
 }
 
 impl std::fmt::Debug for ServerLink {
@@ -76,6 +78,34 @@ impl ServerLink {
     /// not the link. Returns whether it was queued.
     pub(crate) fn send_lossy(&self, frame: Bytes) -> bool {
         self.tx.try_send(frame).is_ok()
+    }
+
+    /// Asks the server to close the sessions of alias `alias` and waits (up to `timeout`) for
+    /// how many it closed; `None` if it did not answer.
+    pub(crate) async fn kick(
+        &self,
+        request_id: u64,
+        alias: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> Option<u32> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.kicks).insert(request_id, tx);
+        let frame = encode(&v1::CoordinatorToServer::kick(v1::Kick {
+            request_id,
+            alias: alias.to_owned(),
+            reason: reason.to_owned(),
+        }));
+        let answer = if self.send(frame) {
+            tokio::select! {
+                answer = tokio::time::timeout(timeout, rx) => answer.ok().and_then(Result::ok),
+                _ = self.closer.closed() => None,
+            }
+        } else {
+            None
+        };
+        lock(&self.kicks).remove(&request_id);
+        answer
     }
 
     /// Asks the server for a login key for `identity` and waits for the answer.
@@ -298,6 +328,7 @@ impl link::Handler for Reader {
             closer: self.closer.clone(),
             pending: Mutex::new(HashMap::new()),
             max_pending: app.config.max_pending_reservations,
+            kicks: Mutex::new(HashMap::new()),
         });
         {
             // The directory is locked first and held while the copy goes out, so every change
@@ -325,6 +356,16 @@ impl link::Handler for Reader {
             handle.send(encode(&v1::CoordinatorToServer::presence(
                 directory.snapshot(),
             )));
+            // Still drained by an operator: out of the choice, and told so again.
+            if lock(&app.drained).contains(&reg.server_id) {
+                if let Some(entry) = registry.get_mut(&reg.server_id) {
+                    entry.load.draining = true;
+                }
+                handle.send(crate::admin_api::drain_frame(
+                    true,
+                    "drained by an operator",
+                ));
+            }
             let joined = encode(&v1::CoordinatorToServer::peer_joined(v1::PeerJoined {
                 peer: Some(v1::ServerInfo {
                     server_id: reg.server_id.clone(),
@@ -383,6 +424,11 @@ impl link::Handler for Reader {
                 .inbox
                 .submit(crate::inbox::Op::Fetch(fetch, handle.clone())),
             Some(Kind::InboxDone(done)) => self.app.inbox.submit(crate::inbox::Op::Done(done)),
+            Some(Kind::Kicked(kicked)) => {
+                if let Some(tx) = lock(&handle.kicks).remove(&kicked.request_id) {
+                    let _ = tx.send(kicked.closed);
+                }
+            }
             Some(Kind::Pong(_)) => {}
             Some(Kind::Register(_)) => {
                 return Err(unexpected("already registered on this link"));

@@ -748,6 +748,15 @@ impl SqlStore {
         Ok(expired)
     }
 
+    /// Whether the database answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .fetch_one(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(failed("reaching the database"))
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;

@@ -269,6 +269,7 @@ envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
     InboxPut(v1::InboxPut) => inbox_put,
     InboxFetch(v1::InboxFetch) => inbox_fetch,
     InboxDone(v1::InboxDone) => inbox_done,
+    Kicked(v1::Kicked) => kicked,
 });
 envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Registered(v1::Registered) => registered,
@@ -283,6 +284,8 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     InboxBatch(v1::InboxBatch) => inbox_batch,
     InboxNudge(v1::InboxNudge) => inbox_nudge,
     InboxExpired(v1::InboxExpired) => inbox_expired,
+    Drain(v1::Drain) => drain,
+    Kick(v1::Kick) => kick,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
@@ -324,6 +327,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     NodeList(v1::NodeList) => node_list,
     Accepted(v1::Accepted) => accepted,
     Expired(v1::Expired) => expired,
+    Reconnect(v1::Reconnect) => reconnect,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,

@@ -16,6 +16,17 @@ pub mod v1 {
     include!("gen/relaymesh.v1.rs");
 }
 
+/// The coordinator's gRPC admin API (`package relaymesh.admin.v1`,
+/// `relaymesh/admin/v1/admin.proto`): messages, the tonic server trait and the client.
+#[cfg(feature = "admin")]
+#[allow(missing_docs, clippy::all, unreachable_pub)]
+pub mod admin {
+    include!("gen/relaymesh.admin.v1.rs");
+
+    /// The encoded descriptor set of the admin API, for server reflection.
+    pub const DESCRIPTOR: &[u8] = include_bytes!("gen/admin_descriptor.bin");
+}
+
 pub use frame::{DecodeError, ErrorEnvelope, decode, decode_frame, encode, error_frame};
 pub use v1::ErrorCode;
 

@@ -195,6 +195,8 @@ pub struct CoordinatorHandle {
     pub addr: SocketAddr,
     /// `ws://addr`.
     pub url: String,
+    /// Where its admin API listens, when `admin_listen` was set (port 0 picks one).
+    pub admin_addr: Option<SocketAddr>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -210,13 +212,22 @@ impl CoordinatorHandle {
         init_logging();
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = match config.admin_listen {
+            Some(admin) => Some(TcpListener::bind(admin).await.unwrap()),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let stop = CancellationToken::new();
         let token = stop.clone();
-        let task =
-            tokio::spawn(async move { coordinator::run(listener, config, token).await.unwrap() });
+        let task = tokio::spawn(async move {
+            coordinator::run_with(listener, admin, config, token)
+                .await
+                .unwrap()
+        });
         Self {
             addr,
             url: format!("ws://{addr}"),
+            admin_addr,
             stop,
             task: Some(task),
         }

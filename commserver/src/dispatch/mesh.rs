@@ -92,6 +92,8 @@ impl Bridge {
         let (tx, rx) = relaymesh_net::link::data_queue();
         let me = Arc::new(Subscriber {
             id: server.next_id(),
+            // No client: a driver's bridge.
+            alias: Arc::from(""),
             data: tx,
             backlog: Arc::new(Backlog::counted(
                 server.config.client_queue,

@@ -24,6 +24,10 @@ struct Args {
     /// POST /v1/login) and operators (/healthz, /v1/stats, /metrics).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Address to serve the gRPC admin API on (off unless given here or in the config); its
+    /// calls need RELAYMESH_ADMIN_TOKEN as a bearer token.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -66,6 +70,12 @@ fn load_config(args: &Args) -> Result<Config, relaymesh_net::config::ConfigError
     let mut config: Config = relaymesh_net::config::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = Some(admin);
+    }
+    if let Ok(token) = std::env::var("RELAYMESH_ADMIN_TOKEN") {
+        config.admin_token = token;
     }
     if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
         config.cluster_secret = secret;
@@ -131,9 +141,19 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin = match config.admin_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("coordinator: cannot listen on {addr} (admin_listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     relaymesh_net::shutdown::cancel_on_signals(shutdown.clone());
-    match coordinator::run(listener, config, shutdown).await {
+    match coordinator::run_with(listener, admin, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coordinator: {e}");

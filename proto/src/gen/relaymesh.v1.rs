@@ -68,7 +68,10 @@ pub struct Pong {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerToCoordinator {
-    #[prost(oneof = "server_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(
+        oneof = "server_to_coordinator::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"
+    )]
     pub kind: ::core::option::Option<server_to_coordinator::Kind>,
 }
 /// Nested message and enum types in `ServerToCoordinator`.
@@ -93,13 +96,15 @@ pub mod server_to_coordinator {
         InboxFetch(super::InboxFetch),
         #[prost(message, tag = "9")]
         InboxDone(super::InboxDone),
+        #[prost(message, tag = "10")]
+        Kicked(super::Kicked),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
     #[prost(
         oneof = "coordinator_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
@@ -131,7 +136,39 @@ pub mod coordinator_to_server {
         InboxNudge(super::InboxNudge),
         #[prost(message, tag = "12")]
         InboxExpired(super::InboxExpired),
+        #[prost(message, tag = "13")]
+        Drain(super::Drain),
+        #[prost(message, tag = "14")]
+        Kick(super::Kick),
     }
+}
+/// An operator drained this server (`drained`: it takes no new clients, refuses reservations,
+/// reports itself draining, and asks each client to move with `Reconnect{reason}`), or undrained
+/// it. It stays drained until undrained or restarted.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Drain {
+    #[prost(bool, tag = "1")]
+    pub drained: bool,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+/// Close the sessions of the client with this alias, telling it `reason`; answered by `Kicked`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Kick {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub alias: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Kicked {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// Sessions closed.
+    #[prost(uint32, tag = "2")]
+    pub closed: u32,
 }
 /// Store a direct message for node `to_node` of `scope`, which has no session. Answered by
 /// InboxStored with the same `request_id` (0: no answer wanted) once it is written, or with the
@@ -668,7 +705,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -698,7 +735,16 @@ pub mod server_to_client {
         Accepted(super::Accepted),
         #[prost(message, tag = "11")]
         Expired(super::Expired),
+        #[prost(message, tag = "12")]
+        Reconnect(super::Reconnect),
     }
+}
+/// The server is being drained: connect through the coordinator to another server. The session
+/// stays up meanwhile, so the client may move before it lets go of this one.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Reconnect {
+    #[prost(string, tag = "1")]
+    pub reason: ::prost::alloc::string::String,
 }
 /// Direct message `seq` found its node offline and is stored in the node's inbox: it is
 /// delivered when the node logs in. Sent only once the message is written; its `Published`
@@ -1123,6 +1169,8 @@ pub enum ErrorCode {
     /// A direct message for an offline node could not be stored: the coordinator or its database
     /// is unreachable. Nothing was stored.
     Unavailable = 26,
+    /// An operator closed this session (admin API `KickClient`); the client does not reconnect.
+    Kicked = 27,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -1158,6 +1206,7 @@ impl ErrorCode {
             Self::NotConnected => "NOT_CONNECTED",
             Self::InboxFull => "INBOX_FULL",
             Self::Unavailable => "UNAVAILABLE",
+            Self::Kicked => "KICKED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -1190,6 +1239,7 @@ impl ErrorCode {
             "NOT_CONNECTED" => Some(Self::NotConnected),
             "INBOX_FULL" => Some(Self::InboxFull),
             "UNAVAILABLE" => Some(Self::Unavailable),
+            "KICKED" => Some(Self::Kicked),
             _ => None,
         }
     }

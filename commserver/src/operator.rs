@@ -1,0 +1,84 @@
+//! What an operator asks of this server through the coordinator (its admin API): drain it for
+//! an upgrade, or close a client's sessions.
+//!
+//! A drained server takes no new clients (it refuses reservations and connections and reports
+//! itself draining, so the coordinator sends logins elsewhere) and asks each client to move
+//! with `Reconnect{reason}`; the sessions stay up until the clients let go, so a client may
+//! connect elsewhere before it leaves. Undraining lifts it. A restart forgets it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use relaymesh_net::link::LastWords;
+use relaymesh_net::sync::lock;
+use relaymesh_proto::v1::{self, ErrorCode};
+use relaymesh_proto::{encode, error};
+
+use crate::Server;
+use crate::routes::Subscriber;
+
+impl Server {
+    /// Drains (`drain.drained`) or undrains this server.
+    pub(crate) fn drain(&self, drain: &v1::Drain) {
+        let was = self.drained.swap(drain.drained, Ordering::Relaxed);
+        self.load_changed.notify_one();
+        if !drain.drained {
+            if was {
+                tracing::info!("undrained: taking clients again");
+            }
+            return;
+        }
+        let sessions: Vec<Arc<Subscriber>> = lock(&self.sessions).values().cloned().collect();
+        tracing::info!(
+            clients = sessions.len(),
+            reason = %drain.reason,
+            "drained: asking every client to move"
+        );
+        let frame = reconnect_frame(&drain.reason);
+        for session in sessions {
+            // Behind what is queued for it, like any delivery; one that cannot take it is slow
+            // and is cut off as such, which moves it too.
+            let _ = session.send(&frame, 1, false);
+        }
+    }
+
+    /// Closes the sessions of the client with alias `kick.alias`; how many.
+    pub(crate) fn kick(&self, kick: &v1::Kick) -> u32 {
+        let sessions: Vec<Arc<Subscriber>> = lock(&self.sessions)
+            .values()
+            .filter(|s| *s.alias == *kick.alias)
+            .cloned()
+            .collect();
+        let reason = if kick.reason.is_empty() {
+            "an operator closed this session".to_owned()
+        } else {
+            format!("an operator closed this session: {}", kick.reason)
+        };
+        let mut closed = 0;
+        for session in sessions {
+            let words = LastWords::error::<v1::ServerToClient>(error(ErrorCode::Kicked, &reason));
+            if session.closer.close(Some(words)) {
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(alias = %kick.alias, closed, "kicked");
+        }
+        closed
+    }
+}
+
+/// `Reconnect{reason}`, as a frame for a session's data queue.
+fn reconnect_frame(reason: &str) -> Bytes {
+    let reason = if reason.is_empty() {
+        "this server is being drained".to_owned()
+    } else {
+        reason.to_owned()
+    };
+    let frame = encode(&v1::ServerToClient::reconnect(v1::Reconnect { reason }));
+    let mut framed = bytes::BytesMut::with_capacity(frame.len() + 10);
+    relaymesh_net::wire::put_frame_header(&mut framed, frame.len());
+    framed.extend_from_slice(&frame);
+    framed.freeze()
+}

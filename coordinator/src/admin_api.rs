@@ -1,0 +1,320 @@
+//! The gRPC admin API (`relaymesh.admin.v1.Admin`), on its own listener (`admin_listen`), beside
+//! `grpc.health.v1.Health` and server reflection.
+//!
+//! Every call of the admin service needs `authorization: Bearer <admin_token>` (compared in
+//! constant time); anything else is `UNAUTHENTICATED`. Health and reflection are open, as
+//! probes and generic tools expect. Each call is logged with its peer address.
+//!
+//! Health: the overall status (`""`) and `relaymesh.admin.v1.Admin` are `SERVING` while the
+//! coordinator is ready — its account store answers and at least one comm server is
+//! registered — and `NOT_SERVING` otherwise, checked every [`READINESS_EVERY`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relaymesh_net::sync::lock;
+use relaymesh_proto::admin::admin_server::{Admin, AdminServer};
+use relaymesh_proto::admin::{
+    DrainServerRequest, DrainServerResponse, GetServerRequest, KickClientRequest,
+    KickClientResponse, ListServersRequest, ListServersResponse, Server, UndrainServerRequest,
+};
+use relaymesh_proto::{encode, v1};
+use subtle::ConstantTimeEq as _;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::App;
+use crate::registry::Entry;
+use crate::server_link::ServerLink;
+
+/// How often readiness is checked for the health service.
+const READINESS_EVERY: Duration = Duration::from_secs(1);
+/// `DrainServer` waits this long when the request names no deadline, and at most the longest.
+const DEFAULT_DRAIN_MS: u32 = 30_000;
+const MAX_DRAIN_MS: u32 = 600_000;
+/// How long a server has to answer a `Kick`.
+const KICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest alias or reason taken.
+const MAX_TEXT: usize = 256;
+
+/// Serves the admin API, health and reflection on `listener` until shutdown.
+pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
+    let local = listener.local_addr().ok();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(relaymesh_proto::admin::DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(reflection) => reflection,
+        Err(e) => {
+            tracing::error!(error = %e, "admin API: cannot build reflection; not serving it");
+            return;
+        }
+    };
+    let token = app.config.admin_token.clone();
+    let admin = AdminServer::with_interceptor(AdminService { app: app.clone() }, move |req| {
+        authorize(&token, req)
+    });
+    app.tracker.spawn(readiness(app.clone(), health));
+    if let Some(local) = local {
+        tracing::info!("admin API listening on {local}");
+    }
+    let shutdown = app.shutdown.clone();
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+/// The bearer-token check every admin call goes through.
+fn authorize(token: &str, req: Request<()>) -> Result<Request<()>, Status> {
+    let given = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => Ok(req),
+        Some(_) => {
+            tracing::warn!(peer = ?req.remote_addr(), "admin API: wrong token");
+            Err(Status::unauthenticated("wrong admin token"))
+        }
+        None => {
+            tracing::warn!(peer = ?req.remote_addr(), "admin API: no bearer token");
+            Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` (RELAYMESH_ADMIN_TOKEN)",
+            ))
+        }
+    }
+}
+
+/// Keeps the health service's status in step with readiness.
+async fn readiness(app: Arc<App>, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let servers = !lock(&app.registry).is_empty();
+        let store = app.accounts.reachable().await;
+        let ready = servers && store.is_ok();
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            if !ready {
+                tracing::info!(
+                    servers,
+                    store = ?store.err().map(|e| e.to_string()),
+                    "admin API health: not serving"
+                );
+            }
+            health.set_service_status("", status).await;
+            let admin = <AdminServer<AdminService> as tonic::server::NamedService>::NAME;
+            health.set_service_status(admin, status).await;
+            last = Some(ready);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(READINESS_EVERY) => {}
+            () = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+struct AdminService {
+    app: Arc<App>,
+}
+
+/// A server as the API shows it.
+fn server(app: &App, id: &str, e: &Entry<Arc<ServerLink>>, now: Instant) -> Server {
+    Server {
+        server_id: id.to_owned(),
+        url: e.url.clone(),
+        capacity: e.capacity,
+        clients: e.load.clients,
+        pending_keys: e.load.pending_keys,
+        topics: e.load.topics,
+        draining: e.load.draining,
+        drained: lock(&app.drained).contains(id),
+        report_age_ms: u64::try_from(now.saturating_duration_since(e.load_at).as_millis())
+            .unwrap_or(u64::MAX),
+        unresponsive: e.unresponsive,
+    }
+}
+
+/// Server `id` as the API shows it, or `NOT_FOUND`.
+fn find(app: &App, id: &str) -> Result<Server, Status> {
+    let registry = lock(&app.registry);
+    registry
+        .get(id)
+        .map(|e| server(app, id, e, Instant::now()))
+        .ok_or_else(|| Status::not_found(format!("server_id: no server {id:?} is registered")))
+}
+
+/// `field` must be non-empty and at most [`MAX_TEXT`] bytes.
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    optional(field, value)
+}
+
+fn optional<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.len() > MAX_TEXT {
+        return Err(Status::invalid_argument(format!(
+            "{field}: longer than {MAX_TEXT} bytes"
+        )));
+    }
+    Ok(value)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_servers(
+        &self,
+        request: Request<ListServersRequest>,
+    ) -> Result<Response<ListServersResponse>, Status> {
+        tracing::debug!(peer = ?request.remote_addr(), "admin: ListServers");
+        let now = Instant::now();
+        let registry = lock(&self.app.registry);
+        let mut servers: Vec<Server> = registry
+            .iter()
+            .map(|(id, e)| server(&self.app, id, e, now))
+            .collect();
+        servers.sort_by(|a, b| a.server_id.cmp(&b.server_id));
+        Ok(Response::new(ListServersResponse { servers }))
+    }
+
+    async fn get_server(
+        &self,
+        request: Request<GetServerRequest>,
+    ) -> Result<Response<Server>, Status> {
+        tracing::debug!(peer = ?request.remote_addr(), "admin: GetServer");
+        let id = required("server_id", &request.get_ref().server_id)?;
+        Ok(Response::new(find(&self.app, id)?))
+    }
+
+    async fn drain_server(
+        &self,
+        request: Request<DrainServerRequest>,
+    ) -> Result<Response<DrainServerResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let id = required("server_id", &req.server_id)?.to_owned();
+        let reason = optional("reason", &req.reason)?.to_owned();
+        if req.deadline_ms > MAX_DRAIN_MS {
+            return Err(Status::invalid_argument(format!(
+                "deadline_ms: at most {MAX_DRAIN_MS}"
+            )));
+        }
+        let deadline_ms = if req.deadline_ms == 0 {
+            DEFAULT_DRAIN_MS
+        } else {
+            req.deadline_ms
+        };
+        let app = &self.app;
+        let before = set_drained(app, &id, true, &reason)?;
+        tracing::info!(?peer, server = %id, clients = before, %reason, "admin: DrainServer");
+        // Until its clients have left (as its load reports say) or the deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms.into());
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let remaining = loop {
+            let clients = lock(&app.registry).get(&id).map(|e| e.load.clients);
+            match clients {
+                Some(0) | None => break 0,
+                Some(n) if tokio::time::Instant::now() >= deadline => break n,
+                Some(_) => {}
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = app.shutdown.cancelled() => {
+                    return Err(Status::unavailable("the coordinator is shutting down"));
+                }
+            }
+        };
+        let server = find(app, &id).ok();
+        tracing::info!(server = %id, moved = before.saturating_sub(remaining), remaining, "admin: DrainServer done");
+        Ok(Response::new(DrainServerResponse {
+            moved: before.saturating_sub(remaining),
+            remaining,
+            server,
+        }))
+    }
+
+    async fn undrain_server(
+        &self,
+        request: Request<UndrainServerRequest>,
+    ) -> Result<Response<Server>, Status> {
+        let peer = request.remote_addr();
+        let id = required("server_id", &request.get_ref().server_id)?.to_owned();
+        set_drained(&self.app, &id, false, "")?;
+        tracing::info!(?peer, server = %id, "admin: UndrainServer");
+        Ok(Response::new(find(&self.app, &id)?))
+    }
+
+    async fn kick_client(
+        &self,
+        request: Request<KickClientRequest>,
+    ) -> Result<Response<KickClientResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let alias = required("alias", &req.alias)?;
+        let reason = optional("reason", &req.reason)?;
+        let links: Vec<Arc<ServerLink>> = lock(&self.app.registry)
+            .iter()
+            .map(|(_, e)| e.handle.clone())
+            .collect();
+        let asked = links.iter().map(|link| {
+            let request_id = self.app.next_request_id();
+            link.kick(request_id, alias, reason, KICK_TIMEOUT)
+        });
+        let answers = futures_util::future::join_all(asked).await;
+        let closed = answers.iter().flatten().sum();
+        let silent = answers.iter().filter(|a| a.is_none()).count();
+        tracing::info!(?peer, %alias, closed, silent, "admin: KickClient");
+        if closed == 0 && silent > 0 {
+            return Err(Status::unavailable(format!(
+                "{silent} server(s) did not answer; the client may still be connected"
+            )));
+        }
+        Ok(Response::new(KickClientResponse { closed }))
+    }
+}
+
+/// Drains or undrains server `id`: remembered (and told again if it registers anew), out of
+/// (or back in) the choice at once, and told. Returns its clients at that moment.
+fn set_drained(app: &App, id: &str, drained: bool, reason: &str) -> Result<u32, Status> {
+    let mut registry = lock(&app.registry);
+    let entry = registry
+        .get_mut(id)
+        .ok_or_else(|| Status::not_found(format!("server_id: no server {id:?} is registered")))?;
+    {
+        let mut set = lock(&app.drained);
+        if drained {
+            set.insert(id.to_owned());
+        } else {
+            set.remove(id);
+        }
+    }
+    // Its next load report says the same; until then no login goes there.
+    entry.load.draining = drained;
+    entry.handle.send(drain_frame(drained, reason));
+    Ok(entry.load.clients)
+}
+
+/// `Drain` for a server link.
+pub(crate) fn drain_frame(drained: bool, reason: &str) -> bytes::Bytes {
+    encode(&v1::CoordinatorToServer::drain(v1::Drain {
+        drained,
+        reason: reason.to_owned(),
+    }))
+}
