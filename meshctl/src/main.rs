@@ -7,7 +7,10 @@
 //! meshctl register --name drone-7                                # a node id and its token
 //! meshctl listen --node-token TOKEN                              # print direct messages
 //! meshctl send NODE_ID "take off"                                # a direct message
+//! meshctl admin --admin http://127.0.0.1:7401 drain SERVER_ID     # move a server's clients
 //! ```
+
+mod admin;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -205,6 +208,18 @@ enum Command {
     /// Answer one call (`meshctl call`): answers the offer, sends as many ICE candidates as
     /// the caller does, and exits when the exchange is complete.
     Answer,
+    /// The coordinator's admin API (`coordinator --admin-listen`): servers, draining,
+    /// kicking. Needs RELAYMESH_ADMIN_TOKEN.
+    Admin {
+        /// The admin API: http://HOST:PORT.
+        #[arg(long, env = "RELAYMESH_ADMIN", default_value = "http://127.0.0.1:7401")]
+        admin: String,
+        /// The admin token (prefer the environment: flags show in `ps`).
+        #[arg(long, env = "RELAYMESH_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
 }
 
 /// A node's details, as flags.
@@ -307,6 +322,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", keygen(file)?);
         return Ok(());
     }
+    if let Command::Admin {
+        admin,
+        token,
+        command,
+    } = args.command
+    {
+        return admin::run(&admin, &token, command).await;
+    }
     // Checked once, up front, so an unusable URL is one message in words, whatever the command.
     let coordinator = relaymesh_net::url::normalize(&args.coordinator, Form::WebSocket)
         .map_err(|e| anyhow!("invalid coordinator URL {:?}: {e}", args.coordinator))?
@@ -351,7 +374,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Duration::from_secs(timeout),
         )
         .await?),
-        Command::Keygen { .. } => Ok(()),
+        Command::Keygen { .. } | Command::Admin { .. } => Ok(()),
         Command::Register { details } => {
             let node = relaymesh_client::register_node(&config, details.into()).await?;
             println!("{}\t{}", node.node_id, node.token);

@@ -137,6 +137,8 @@ pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, S
         .env_remove("RELAYMESH_KEY_FILE")
         .env_remove("RELAYMESH_ACCOUNTS_URL")
         .env_remove("RELAYMESH_DISPATCH_SECRET")
+        .env_remove("RELAYMESH_ADMIN_TOKEN")
+        .env_remove("RELAYMESH_ADMIN")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -190,11 +192,21 @@ impl Proc {
 
     /// Starts `binary` with `args`, and `secret` (if any) as `RELAYMESH_CLUSTER_SECRET`.
     pub fn start_with_secret(name: &str, args: &[&str], secret: Option<&str>) -> Self {
+        let env: Vec<(&str, &str)> = secret
+            .map(|s| ("RELAYMESH_CLUSTER_SECRET", s))
+            .into_iter()
+            .collect();
+        Self::start_with_env(name, args, &env)
+    }
+
+    /// Starts `binary` with `args` and, of the variables relaymesh reads, only `env` (and
+    /// `RUST_LOG=info`).
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary(name));
-        command.env_remove("RELAYMESH_CLUSTER_SECRET");
-        if let Some(secret) = secret {
-            command.env("RELAYMESH_CLUSTER_SECRET", secret);
-        }
+        command
+            .env_remove("RELAYMESH_CLUSTER_SECRET")
+            .env_remove("RELAYMESH_ADMIN_TOKEN")
+            .envs(env.iter().copied());
         let mut child = command
             .args(args)
             .env("RUST_LOG", "info")

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use relaymesh_client::{Client, Event};
-use relaymesh_tests::process::{Proc, run};
+use relaymesh_tests::process::{Proc, run, run_with_env};
 use relaymesh_tests::{
     client_config, eventually, get_json, next_message, restartable_addr, within,
 };
@@ -1145,4 +1145,83 @@ impl Drop for SqlProcesses {
         self.coordinator.terminate();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator() {
+    const TOKEN: &str = "process-admin-token-0123456789";
+    let secret = ("RELAYMESH_CLUSTER_SECRET", relaymesh_tests::SECRET);
+    let mut coordinator = Proc::start_with_env(
+        "coordinator",
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[secret, ("RELAYMESH_ADMIN_TOKEN", TOKEN)],
+    );
+    let after = |line: String| line.rsplit(' ').next().unwrap().to_owned();
+    let admin_addr = after(coordinator.wait_for_line("admin API listening on "));
+    let addr = after(coordinator.wait_for_line("coordinator listening on "));
+    let url = format!("ws://{addr}");
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut proc = Proc::start(
+            "commserver",
+            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
+        );
+        let addr = proc.listening_addr();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push((proc, addr.to_string()));
+    }
+    let admin_url = format!("http://{admin_addr}");
+    let meshctl = |token: &str, args: &[&str]| {
+        let mut all = vec!["admin", "--admin", &admin_url];
+        all.extend_from_slice(args);
+        run_with_env("meshctl", &all, &[("RELAYMESH_ADMIN_TOKEN", token)])
+    };
+    let (ok, out, err) = meshctl(TOKEN, &["servers"]);
+    assert!(ok, "{err}");
+    let mut listed: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    listed.sort_unstable();
+    let mut ids: Vec<&str> = servers.iter().map(|(_, id)| id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(listed, ids, "{out}");
+    // A wrong token: refused, said in one line.
+    let (ok, _, err) = meshctl("wrong-token-0123456789", &["servers"]);
+    assert!(!ok);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    coordinator.wait_for_line("admin API: wrong token");
+
+    // A client on the first server moves to the second when the first is drained.
+    let drained = servers[0].1.clone();
+    let mut config = client_config(&url);
+    config.preferred_server = Some(drained.clone());
+    let mut client = Client::connect(config).await.unwrap();
+    assert_eq!(client.server_id(), drained);
+    eventually("the client reported", || async {
+        let (_, out, _) = meshctl(TOKEN, &["server", &drained]);
+        out.contains("\t1/").then_some(())
+    })
+    .await;
+    let (ok, out, err) = meshctl(TOKEN, &["drain", &drained, "--reason", "upgrade"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "moved\t1\tremaining\t0");
+    loop {
+        match within("move", client.next_event()).await {
+            Some(Event::Reconnected { server_id, .. }) => {
+                assert_eq!(server_id, servers[1].1);
+                break;
+            }
+            Some(Event::Disconnected { .. }) => {}
+            other => panic!("expected a move, got {other:?}"),
+        }
+    }
+    coordinator.wait_for_line("admin: DrainServer done");
+    let (ok, out, _) = meshctl(TOKEN, &["undrain", &drained]);
+    assert!(ok);
+    assert!(out.trim().ends_with("\tup"), "{out}");
+    let (ok, _, err) = meshctl(TOKEN, &["drain", "no-such-server"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    client.close().await;
+    for (mut proc, _) in servers {
+        assert!(proc.terminate());
+    }
+    assert!(coordinator.terminate());
 }
