@@ -18,6 +18,40 @@ pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// `GET /readyz`: `200 ready` when this server should get clients — registered with the
+/// coordinator, linked to every peer the coordinator named, and not draining — and `503` with
+/// what is missing otherwise. (`/healthz` says only that the process answers.)
+pub(crate) async fn readyz(State(server): State<Arc<Server>>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let mut missing = Vec::new();
+    if !server.stats.coordinator_connected.load(Ordering::Relaxed) {
+        missing.push("not registered with the coordinator".to_owned());
+    }
+    let unlinked: Vec<String> = {
+        let linked = lock(&server.peer_links);
+        lock(&server.known_peers)
+            .iter()
+            .filter(|p| !linked.contains_key(*p))
+            .map(|p| p.to_string())
+            .collect()
+    };
+    if !unlinked.is_empty() {
+        missing.push(format!("no link to peers {}", unlinked.join(", ")));
+    }
+    if server.draining() {
+        missing.push("draining".to_owned());
+    }
+    if missing.is_empty() {
+        "ready\n".into_response()
+    } else {
+        relaymesh_net::serve::ApiError::from_code(
+            relaymesh_proto::ErrorCode::Unavailable,
+            format!("not ready: {}", missing.join("; ")),
+        )
+        .into_response()
+    }
+}
+
 /// `GET /v1/stats`.
 pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
     let s = &server.stats;

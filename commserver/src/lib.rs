@@ -97,6 +97,8 @@ struct Server {
     presence: presence::Presence,
     /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
     inboxes: inbox::Inboxes,
+    /// The peers the coordinator has told of (for readiness: each must be linked).
+    known_peers: Mutex<std::collections::BTreeSet<Arc<str>>>,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// The last link with each peer that went down, to settle what it lost when the peer
@@ -235,6 +237,7 @@ pub async fn run_with(
         routes: RouteTable::default(),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
+        known_peers: Mutex::new(std::collections::BTreeSet::new()),
         peer_links: Mutex::new(BTreeMap::new()),
         previous_links: Mutex::new(HashMap::new()),
         dialers: Mutex::new(HashMap::new()),
@@ -264,6 +267,7 @@ pub async fn run_with(
         .route("/v1/peers", get(peers::accept))
         .route("/v1/peers/challenge", post(peers::challenge))
         .route("/v1/stats", get(api::stats))
+        .route("/readyz", get(api::readyz))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .fallback(relaymesh_net::serve::not_found)

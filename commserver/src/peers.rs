@@ -112,6 +112,7 @@ impl Server {
     pub(crate) fn set_peers(self: &Arc<Self>, peers: Vec<v1::ServerInfo>) {
         let wanted: HashMap<String, String> =
             peers.into_iter().map(|p| (p.server_id, p.url)).collect();
+        *lock(&self.known_peers) = wanted.keys().map(|id| Arc::from(id.as_str())).collect();
         let mut dialers = lock(&self.dialers);
         dialers.retain(|id, dialer| {
             let keep = wanted.contains_key(&**id);
@@ -129,6 +130,9 @@ impl Server {
     /// A peer registered (or moved to a new URL). Starts dialing it if this server has the
     /// lower id.
     pub(crate) fn peer_joined(self: &Arc<Self>, info: v1::ServerInfo) {
+        if info.server_id.as_str() != &*self.id {
+            lock(&self.known_peers).insert(Arc::from(info.server_id.as_str()));
+        }
         if info.server_id.as_str() <= &*self.id {
             return; // it dials us (or it is us)
         }
@@ -155,6 +159,7 @@ impl Server {
 
     /// A peer left the coordinator: stop redialing it.
     pub(crate) fn peer_left(&self, server_id: &str) {
+        lock(&self.known_peers).remove(server_id);
         if let Some(dialer) = lock(&self.dialers).remove(server_id) {
             dialer.stop.cancel();
         }

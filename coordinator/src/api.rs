@@ -47,6 +47,20 @@ pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// `GET /readyz`: `200 ready` while the account store answers, `503` saying why otherwise.
+/// (`/healthz` says only that the process answers.)
+pub(crate) async fn readyz(State(app): State<Arc<App>>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match app.accounts.reachable().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => relaymesh_net::serve::ApiError::from_code(
+            relaymesh_proto::ErrorCode::Unavailable,
+            format!("not ready: the account store does not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
 /// `GET /v1/stats`.
 pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
     let registry = lock(&app.registry);

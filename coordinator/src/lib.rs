@@ -222,6 +222,7 @@ pub async fn run_with(
         )
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .fallback(relaymesh_net::serve::not_found)
         .method_not_allowed_fallback(relaymesh_net::serve::method_not_allowed)

@@ -413,9 +413,10 @@ impl ApiError {
                 StatusCode::FORBIDDEN
             }
             ErrorCode::LimitExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::NoServerAvailable | ErrorCode::ServerFull | ErrorCode::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::NoServerAvailable
+            | ErrorCode::ServerFull
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -265,6 +265,10 @@ async fn draining_a_server_moves_its_clients_elsewhere_and_loses_none_of_their_p
     }
     assert_eq!(cluster.servers[0].stat("clients").await, 0);
     assert_eq!(cluster.servers[0].stats().await["draining"], true);
+    let (status, body) =
+        relaymesh_tests::get_text(&format!("http://{}/readyz", cluster.servers[0].addr)).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("draining"), "{body}");
 
     // Undrained, it takes clients again.
     let undrained = admin

@@ -128,3 +128,44 @@ async fn the_coordinator_sees_clients_as_they_attach_and_leave() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn readyz_says_whether_each_process_should_get_traffic_and_why_not() {
+    use coordinator::accounts::{AccountsConfig, AccountsFile, StoreKind};
+    let path = std::env::temp_dir().join(format!("relaymesh-readyz-{}.json", std::process::id()));
+    AccountsFile { accounts: vec![] }.save(&path).unwrap();
+    let mut config = relaymesh_tests::coordinator_config();
+    config.accounts = AccountsConfig {
+        store: StoreKind::File,
+        path: Some(path.clone()),
+        ..AccountsConfig::default()
+    };
+    let cluster = Cluster::start_configured(2, config).await;
+    let coordinator = cluster.coordinator.addr;
+    assert_eq!(
+        get_text(&format!("http://{coordinator}/readyz")).await,
+        (200, "ready\n".into())
+    );
+    for server in &cluster.servers {
+        eventually("server ready", || async {
+            (get_text(&format!("http://{}/readyz", server.addr)).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    // The account file gone: the coordinator is alive but not ready, and says why.
+    std::fs::remove_file(&path).unwrap();
+    let (status, body) = get_text(&format!("http://{coordinator}/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("account store"), "{body}");
+    assert_eq!(
+        get_text(&format!("http://{coordinator}/healthz")).await.0,
+        200
+    );
+    // A comm server with no coordinator to register with is not ready either.
+    let lonely =
+        relaymesh_tests::ServerHandle::start(relaymesh_tests::server_config("ws://127.0.0.1:1"))
+            .await;
+    let (status, body) = get_text(&format!("http://{}/readyz", lonely.addr)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not registered"), "{body}");
+}
