@@ -22,6 +22,26 @@ impl Server {
     }
 }
 
+/// Starts `n` comm servers registering with the coordinator at `url`, each on a free port, and
+/// waits until each has registered.
+fn commservers(url: &str, n: usize) -> Vec<Server> {
+    (0..n)
+        .map(|_| {
+            let mut proc = Proc::start(
+                "commserver",
+                &["--coordinator", url, "--listen", "127.0.0.1:0"],
+            );
+            let addr = proc.listening_addr();
+            proc.wait_for_line("registered with the coordinator");
+            Server {
+                proc,
+                id: addr.to_string(),
+                addr,
+            }
+        })
+        .collect()
+}
+
 /// Starts `binary` with `--config config` and `args`.
 fn configured(binary: &str, config: &std::path::Path, args: &[&str]) -> Proc {
     let mut all = vec!["--config", config.to_str().unwrap()];
@@ -1095,20 +1115,7 @@ impl SqlProcesses {
         .unwrap();
         let mut coordinator = configured("coordinator", &config, &["--listen", listen]);
         let url = format!("ws://{}", coordinator.listening_addr());
-        let mut servers = Vec::new();
-        for _ in 0..2 {
-            let mut proc = Proc::start(
-                "commserver",
-                &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-            );
-            let addr = proc.listening_addr();
-            proc.wait_for_line("registered with the coordinator");
-            servers.push(Server {
-                proc,
-                id: addr.to_string(),
-                addr,
-            });
-        }
+        let servers = commservers(&url, 2);
         for server in &servers {
             eventually("linked", || async {
                 (get_json(&server.stats_url()).await["peers"] == 1).then_some(())
@@ -1160,16 +1167,7 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     let admin_addr = after(coordinator.wait_for_line("admin API listening on "));
     let addr = after(coordinator.wait_for_line("coordinator listening on "));
     let url = format!("ws://{addr}");
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let mut proc = Proc::start(
-            "commserver",
-            &["--coordinator", &url, "--listen", "127.0.0.1:0"],
-        );
-        let addr = proc.listening_addr();
-        proc.wait_for_line("registered with the coordinator");
-        servers.push((proc, addr.to_string()));
-    }
+    let servers = commservers(&url, 2);
     let admin_url = format!("http://{admin_addr}");
     let meshctl = |token: &str, args: &[&str]| {
         let mut all = vec!["admin", "--admin", &admin_url];
@@ -1180,7 +1178,7 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     assert!(ok, "{err}");
     let mut listed: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     listed.sort_unstable();
-    let mut ids: Vec<&str> = servers.iter().map(|(_, id)| id.as_str()).collect();
+    let mut ids: Vec<&str> = servers.iter().map(|s| s.id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(listed, ids, "{out}");
     // A wrong token: refused, said in one line.
@@ -1190,7 +1188,7 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     coordinator.wait_for_line("admin API: wrong token");
 
     // A client on the first server moves to the second when the first is drained.
-    let drained = servers[0].1.clone();
+    let drained = servers[0].id.clone();
     let mut config = client_config(&url);
     config.preferred_server = Some(drained.clone());
     let mut client = Client::connect(config).await.unwrap();
@@ -1206,7 +1204,7 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     loop {
         match within("move", client.next_event()).await {
             Some(Event::Reconnected { server_id, .. }) => {
-                assert_eq!(server_id, servers[1].1);
+                assert_eq!(server_id, servers[1].id);
                 break;
             }
             Some(Event::Disconnected { .. }) => {}
@@ -1220,8 +1218,8 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     let (ok, _, err) = meshctl(TOKEN, &["drain", "no-such-server"]);
     assert!(!ok && err.contains("NotFound"), "{err}");
     client.close().await;
-    for (mut proc, _) in servers {
-        assert!(proc.terminate());
+    for mut server in servers {
+        assert!(server.proc.terminate());
     }
     assert!(coordinator.terminate());
 }
