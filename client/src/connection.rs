@@ -152,6 +152,13 @@ async fn attach(
                     return Err(ClientError::Refused(e));
                 }
                 Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
+                // Drained as this client arrived: another server is tried.
+                Some(Kind::Reconnect(r)) => {
+                    return Err(ClientError::Protocol(format!(
+                        "the server asked the client to move: {}",
+                        r.reason
+                    )));
+                }
                 // A copy of one already delivered is dropped (the last arm).
                 Some(Kind::Message(m)) if fresh(shared, &mut lock(&shared.seen), &m) => {
                     let _ = events.send_one(message(m)).await;

@@ -152,6 +152,8 @@ impl link::Handler for Reader {
         };
         check_version(registered.protocol_version, "this comm server")?;
         let server = &self.server;
+        // The peers first, so readiness never sees a registered server with none to link to.
+        server.set_peers(registered.peers.clone());
         server
             .stats
             .coordinator_connected
@@ -161,7 +163,6 @@ impl link::Handler for Reader {
             peers = registered.peers.len(),
             "registered with the coordinator"
         );
-        server.set_peers(registered.peers);
         let ms = |ms: u32, ours: Duration| {
             Some(ms)
                 .filter(|ms| *ms > 0)

@@ -120,6 +120,8 @@ struct Server {
     shutdown: CancellationToken,
     /// Drained by an operator (through the coordinator): takes no new clients until undrained.
     drained: std::sync::atomic::AtomicBool,
+    /// The reason of the latest drain, told to each client asked to move.
+    drain_reason: Mutex<String>,
     tracker: TaskTracker,
     started: Instant,
     /// `direct_write_budget_us` resolved for this runtime.
@@ -245,6 +247,7 @@ pub async fn run_with(
         next_id: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         drained: std::sync::atomic::AtomicBool::new(false),
+        drain_reason: Mutex::new(String::new()),
         tracker: tracker.clone(),
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),

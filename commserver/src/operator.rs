@@ -3,8 +3,11 @@
 //!
 //! A drained server takes no new clients (it refuses reservations and connections and reports
 //! itself draining, so the coordinator sends logins elsewhere) and asks each client to move
-//! with `Reconnect{reason}`; the sessions stay up until the clients let go, so a client may
-//! connect elsewhere before it leaves. Undraining lifts it. A restart forgets it.
+//! with `Reconnect{reason}`; the sessions stay up until the clients close them (the client
+//! library closes its connection and logs in again elsewhere). A session that cannot take the
+//! notice (its queue is full) is closed with `SHUTTING_DOWN`, which moves it as well. A session
+//! that attaches while the drain starts is asked as it joins. Undraining lifts it. A restart
+//! forgets it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +24,9 @@ use crate::routes::Subscriber;
 impl Server {
     /// Drains (`drain.drained`) or undrains this server.
     pub(crate) fn drain(&self, drain: &v1::Drain) {
+        if drain.drained {
+            *lock(&self.drain_reason) = drain.reason.clone();
+        }
         let was = self.drained.swap(drain.drained, Ordering::Relaxed);
         self.load_changed.notify_one();
         if !drain.drained {
@@ -35,12 +41,30 @@ impl Server {
             reason = %drain.reason,
             "drained: asking every client to move"
         );
-        let frame = reconnect_frame(&drain.reason);
         for session in sessions {
-            // Behind what is queued for it, like any delivery; one that cannot take it is slow
-            // and is cut off as such, which moves it too.
-            let _ = session.send(&frame, 1, false);
+            self.ask_to_move(&session);
         }
+    }
+
+    /// Sends `session` a `Reconnect` (behind what is queued for it, like any delivery), or
+    /// closes it with `SHUTTING_DOWN` if its queue cannot take it: either way it moves.
+    pub(crate) fn ask_to_move(&self, session: &Subscriber) {
+        let frame = reconnect_frame(&lock(&self.drain_reason));
+        if matches!(
+            session.send(&frame, 1, false),
+            crate::routes::Enqueued::Full
+        ) {
+            let words = LastWords::error::<v1::ServerToClient>(error(
+                ErrorCode::ShuttingDown,
+                "this server is drained; connect through the coordinator again",
+            ));
+            session.closer.close(Some(words));
+        }
+    }
+
+    /// Drained by an operator (not shutting down).
+    pub(crate) fn drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
     }
 
     /// Closes the sessions of the client with alias `kick.alias`; how many.

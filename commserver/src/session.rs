@@ -281,6 +281,10 @@ fn run(
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
     server.load_changed.notify_one();
+    // Drained since this client's connection was let in: asked to move like the others.
+    if server.drained() {
+        server.ask_to_move(&me);
+    }
     let joining = (!identity.node_id.is_empty()).then(|| {
         Box::new(v1::NodeSession {
             scope: if identity.scope.is_empty() {

@@ -278,7 +278,10 @@ impl Admin for AdminService {
             link.kick(request_id, alias, reason, KICK_TIMEOUT)
         });
         let answers = futures_util::future::join_all(asked).await;
-        let closed = answers.iter().flatten().sum();
+        let closed = answers
+            .iter()
+            .flatten()
+            .fold(0u32, |sum, n| sum.saturating_add(*n));
         let silent = answers.iter().filter(|a| a.is_none()).count();
         tracing::info!(?peer, %alias, closed, silent, "admin: KickClient");
         if closed == 0 && silent > 0 {
@@ -297,6 +300,12 @@ fn set_drained(app: &App, id: &str, drained: bool, reason: &str) -> Result<u32, 
     let entry = registry
         .get_mut(id)
         .ok_or_else(|| Status::not_found(format!("server_id: no server {id:?} is registered")))?;
+    // Told first: a server whose link cannot take it is left as it was.
+    if !entry.handle.send(drain_frame(drained, reason)) {
+        return Err(Status::unavailable(
+            "the server's link is not keeping up (it is being reconnected); nothing changed",
+        ));
+    }
     {
         let mut set = lock(&app.drained);
         if drained {
@@ -305,9 +314,9 @@ fn set_drained(app: &App, id: &str, drained: bool, reason: &str) -> Result<u32, 
             set.remove(id);
         }
     }
-    // Its next load report says the same; until then no login goes there.
+    // Its next load report says the same; until then no login goes there (undrained, they may
+    // again at once: its next report says whether it is shutting down).
     entry.load.draining = drained;
-    entry.handle.send(drain_frame(drained, reason));
     Ok(entry.load.clients)
 }
 

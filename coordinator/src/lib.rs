@@ -138,6 +138,12 @@ pub async fn run_with(
 ) -> Result<(), ConfigError> {
     if let Some(admin) = &admin {
         config.admin_listen = admin.local_addr().ok();
+        // Checked here too, whatever the address: an admin API never runs without its token.
+        relaymesh_net::config::ensure(
+            config.admin_token.len() >= 16,
+            "admin_token",
+            "must be set, at least 16 bytes (RELAYMESH_ADMIN_TOKEN or the config file), when admin_listen is",
+        )?;
     }
     config.validate()?;
     let local = listener

@@ -35,6 +35,15 @@ pub(crate) struct ReserveFailed {
     pub timed_out: bool,
 }
 
+/// Removes a request's entry from its map when dropped.
+struct Forget<'a, T>(&'a Mutex<HashMap<u64, T>>, u64);
+
+impl<T> Drop for Forget<'_, T> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
+    }
+}
+
 /// A registered server's link, as seen by the rest of the coordinator.
 pub(crate) struct ServerLink {
     pub(crate) id: String,
@@ -90,22 +99,28 @@ impl ServerLink {
         timeout: Duration,
     ) -> Option<u32> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.kicks).insert(request_id, tx);
+        {
+            let mut kicks = lock(&self.kicks);
+            if kicks.len() >= self.max_pending {
+                return None;
+            }
+            kicks.insert(request_id, tx);
+        }
+        // Forgotten however this ends, a caller that gave up (its future dropped) included.
+        let _forget = Forget(&self.kicks, request_id);
         let frame = encode(&v1::CoordinatorToServer::kick(v1::Kick {
             request_id,
             alias: alias.to_owned(),
             reason: reason.to_owned(),
         }));
-        let answer = if self.send(frame) {
+        if self.send(frame) {
             tokio::select! {
                 answer = tokio::time::timeout(timeout, rx) => answer.ok().and_then(Result::ok),
                 _ = self.closer.closed() => None,
             }
         } else {
             None
-        };
-        lock(&self.kicks).remove(&request_id);
-        answer
+        }
     }
 
     /// Asks the server for a login key for `identity` and waits for the answer.
@@ -395,11 +410,14 @@ impl link::Handler for Reader {
         };
         match msg.kind {
             Some(Kind::Load(load)) => {
+                // A report sent before an operator's drain reached the server must not put it
+                // back in the choice.
+                let drained = lock(&self.app.drained).contains(&handle.id);
                 let load = Load {
                     clients: load.clients,
                     pending_keys: load.pending_keys,
                     topics: load.topics,
-                    draining: load.draining,
+                    draining: load.draining || drained,
                 };
                 lock(&self.app.registry).update_load(&handle.id, *link_id, load);
             }

@@ -11,7 +11,7 @@ use std::path::Path;
 fn generated_code_matches_proto() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fds = protox::compile(["relaymesh/v1/mesh.proto"], [root]).expect("compile .proto");
-    let out = tempdir();
+    let out = tempdir("mesh");
     prost_build::Config::new()
         .out_dir(&out)
         // Payloads and every other `bytes` field decode as `bytes::Bytes`: slices of the
@@ -36,8 +36,9 @@ fn generated_code_matches_proto() {
     }
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("relaymesh-codegen-{}", std::process::id()));
+/// A directory of this test process's own for test `name` (tests run in parallel).
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("relaymesh-codegen-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
 }
@@ -51,8 +52,7 @@ fn generated_admin_code_matches_proto() {
     let fds =
         protox::compile(["relaymesh/admin/v1/admin.proto"], [root]).expect("compile admin .proto");
     let descriptor = fds.encode_to_vec();
-    let out = tempdir().join("admin");
-    std::fs::create_dir_all(&out).expect("mkdir");
+    let out = tempdir("admin");
     tonic_prost_build::configure()
         .out_dir(&out)
         .build_transport(false)

@@ -740,7 +740,8 @@ pub mod server_to_client {
     }
 }
 /// The server is being drained: connect through the coordinator to another server. The session
-/// stays up meanwhile, so the client may move before it lets go of this one.
+/// stays up until the client closes it (the client library closes it, logs in again elsewhere,
+/// resubscribes and sends again what this server had not confirmed).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Reconnect {
     #[prost(string, tag = "1")]
