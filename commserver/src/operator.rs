@@ -100,9 +100,7 @@ fn reconnect_frame(reason: &str) -> Bytes {
     } else {
         reason.to_owned()
     };
-    let frame = encode(&v1::ServerToClient::reconnect(v1::Reconnect { reason }));
-    let mut framed = bytes::BytesMut::with_capacity(frame.len() + 10);
-    relaymesh_net::wire::put_frame_header(&mut framed, frame.len());
-    framed.extend_from_slice(&frame);
-    framed.freeze()
+    relaymesh_net::wire::framed(&encode(&v1::ServerToClient::reconnect(v1::Reconnect {
+        reason,
+    })))
 }
