@@ -32,6 +32,25 @@ pub(crate) struct Connected {
     alias: String,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
+    /// The subscriptions restored on it, by request `restored_by`.
+    restored: Vec<String>,
+    restored_by: u64,
+    /// Servers that had not confirmed that restoration when it was answered.
+    unconfirmed: Vec<String>,
+    /// Messages read while attaching, when the connection was made to move to (`Hold`):
+    /// delivered once the server moved from has been read to the end.
+    held: Vec<v1::Message>,
+}
+
+/// What happens to messages read while attaching.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrivals {
+    /// Delivered (a copy of one already delivered is dropped).
+    Deliver,
+    /// Held for later: another connection's reader is still delivering, with the record of
+    /// what was delivered. Nothing unconfirmed is sent again yet either: the other
+    /// connection may still confirm it.
+    Hold,
 }
 
 /// One connection round: negotiate with the coordinator, then connect to the offered server,
@@ -41,6 +60,7 @@ pub(crate) async fn establish(
     shared: &Shared,
     events: &EventTx,
     exclude: &[String],
+    arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
     let mut negotiation = Negotiation::open(config).await?;
     let mut exclude = exclude.to_vec();
@@ -53,7 +73,7 @@ pub(crate) async fn establish(
                 break;
             }
         };
-        match attach(config, shared, events, &offer).await {
+        match attach(config, shared, events, &offer, arrivals).await {
             Ok(connected) => {
                 negotiation.close().await;
                 return Ok(connected);
@@ -75,16 +95,11 @@ async fn attach(
     shared: &Shared,
     events: &EventTx,
     offer: &v1::ConnectOffer,
+    arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
     let mut link = ws::dial_link(&url, None, &config.limits, config.connect_timeout).await?;
-    let (resubscribe, topics) = {
-        let state = lock(&shared.state);
-        let request_id = shared
-            .next_request
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (request_id, state.topics.iter().cloned().collect::<Vec<_>>())
-    };
+    let (resubscribe, topics) = restoration(shared);
     // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
     let mut opening = vec![encode(&v1::ClientToServer::attach(v1::Attach {
         protocol_version: PROTOCOL_VERSION,
@@ -96,85 +111,24 @@ async fn attach(
         })));
     }
     // Then what the lost server never confirmed, in order, ahead of the outbound queue.
-    opening.extend(resends(shared));
+    if arrivals == Arrivals::Deliver {
+        opening.extend(resends(shared));
+    }
     link.sink
         .send_now(&opening)
         .await
         .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
-    let handshake = async {
-        let mut ready = None;
-        let mut acked = topics.is_empty();
-        // Servers that had not confirmed the restored subscriptions yet: they are active, and
-        // the second `Ack` that confirms them is read with the connection's other frames.
-        let mut pending = Vec::new();
-        while ready.is_none() || !acked {
-            let frame = match link::next_frame(&mut link.stream).await {
-                Ok(Inbound::Frame(frame)) => frame,
-                Ok(Inbound::Control) => continue,
-                Ok(Inbound::Closed) => {
-                    return Err(ClientError::Protocol(
-                        "server closed the connection while attaching".into(),
-                    ));
-                }
-                Err(e) => {
-                    return Err(ClientError::Protocol(format!("server link failed: {e}")));
-                }
-            };
-            let msg: v1::ServerToClient = decode_frame(frame).map_err(ClientError::Refused)?;
-            match msg.kind {
-                Some(Kind::Ready(r)) if r.protocol_version == PROTOCOL_VERSION => ready = Some(r),
-                Some(Kind::Ready(r)) => {
-                    return Err(ClientError::Protocol(format!(
-                        "server speaks protocol {}",
-                        r.protocol_version
-                    )));
-                }
-                Some(Kind::Ack(ack)) if ack.request_id == resubscribe => {
-                    acked = true;
-                    pending = ack.pending;
-                }
-                Some(Kind::Error(e)) if e.request_id == resubscribe => {
-                    // Which topic the server objects to is unknown: drop the restored set (the
-                    // app is told) rather than retrying a refused subscription forever.
-                    let dropped: Vec<String> = {
-                        let mut state = lock(&shared.state);
-                        topics
-                            .iter()
-                            .filter(|t| state.topics.remove(*t))
-                            .cloned()
-                            .collect()
-                    };
-                    let event = Event::SubscriptionsRefused {
-                        topics: dropped,
-                        reason: e.to_string(),
-                    };
-                    let _ = events.send_one(event).await;
-                    return Err(ClientError::Refused(e));
-                }
-                Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
-                // Drained as this client arrived: another server is tried.
-                Some(Kind::Reconnect(r)) => {
-                    return Err(ClientError::Protocol(format!(
-                        "the server asked the client to move: {}",
-                        r.reason
-                    )));
-                }
-                // A copy of one already delivered is dropped (the last arm).
-                Some(Kind::Message(m)) if fresh(shared, &mut lock(&shared.seen), &m) => {
-                    let _ = events.send_one(message(m)).await;
-                }
-                Some(Kind::Undeliverable(u)) => {
-                    let _ = events.send_one(undeliverable(u)).await;
-                }
-                Some(Kind::Published(p)) => shared.confirm(p.up_to),
-                Some(Kind::Dropped(d)) => {
-                    let _ = events.send_one(dropped(d)).await;
-                }
-                _ => {}
-            }
-        }
-        Ok(ready.map(|ready| (ready, pending)))
-    };
+    let mut held = Vec::new();
+    let handshake = restore(
+        &mut link,
+        shared,
+        events,
+        resubscribe,
+        &topics,
+        true,
+        arrivals,
+        &mut held,
+    );
     let (ready, pending) = tokio::time::timeout(config.connect_timeout, handshake)
         .await
         .unwrap_or_else(|_| {
@@ -182,15 +136,15 @@ async fn attach(
                 "attaching to {}",
                 offer.server_id
             )))
-        })?
-        .ok_or(ClientError::Closed)?;
+        })?;
+    let ready = ready.ok_or(ClientError::Closed)?;
     let confirmed = {
         let mut state = lock(&shared.state);
         state.alias = ready.alias.clone();
         state.server_id = ready.server_id.clone();
         state.node_id = ready.node_id.clone();
         // Requests made before this connection are answered by the resubscription.
-        state.resubscribed(resubscribe, &topics, pending)
+        state.resubscribed(resubscribe, &topics, pending.clone())
     };
     for event in confirmed {
         let _ = events.send_one(event).await;
@@ -203,7 +157,213 @@ async fn attach(
         alias: ready.alias,
         heartbeat_interval: ms(ready.heartbeat_interval_ms, 5_000),
         heartbeat_timeout: ms(ready.heartbeat_timeout_ms, 15_000),
+        restored: topics,
+        restored_by: resubscribe,
+        unconfirmed: pending,
+        held,
     })
+}
+
+/// A request number for restoring the subscriptions, and the topics to restore.
+fn restoration(shared: &Shared) -> (u64, Vec<String>) {
+    let state = lock(&shared.state);
+    let request_id = shared
+        .next_request
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (request_id, state.topics.iter().cloned().collect())
+}
+
+/// Reads `link` until the server's `Ready` (if `attaching`) and the `Ack` of `resubscribe`
+/// (the restoration of `topics`, if any), handling what comes meanwhile; gives the `Ready` and
+/// the servers the `Ack` said had not confirmed the restoration yet.
+#[allow(clippy::too_many_arguments)]
+async fn restore(
+    link: &mut ClientLink,
+    shared: &Shared,
+    events: &EventTx,
+    resubscribe: u64,
+    topics: &[String],
+    attaching: bool,
+    arrivals: Arrivals,
+    held: &mut Vec<v1::Message>,
+) -> Result<(Option<v1::Ready>, Vec<String>), ClientError> {
+    let mut ready = None;
+    let mut acked = topics.is_empty();
+    // Servers that had not confirmed the restored subscriptions yet: they are active, and
+    // the second `Ack` that confirms them is read with the connection's other frames.
+    let mut pending = Vec::new();
+    while (attaching && ready.is_none()) || !acked {
+        let frame = match link::next_frame(&mut link.stream).await {
+            Ok(Inbound::Frame(frame)) => frame,
+            Ok(Inbound::Control) => continue,
+            Ok(Inbound::Closed) => {
+                return Err(ClientError::Protocol(
+                    "server closed the connection while attaching".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(ClientError::Protocol(format!("server link failed: {e}")));
+            }
+        };
+        let msg: v1::ServerToClient = decode_frame(frame).map_err(ClientError::Refused)?;
+        match msg.kind {
+            Some(Kind::Ready(r)) if r.protocol_version == PROTOCOL_VERSION => ready = Some(r),
+            Some(Kind::Ready(r)) => {
+                return Err(ClientError::Protocol(format!(
+                    "server speaks protocol {}",
+                    r.protocol_version
+                )));
+            }
+            Some(Kind::Ack(ack)) if ack.request_id == resubscribe => {
+                acked = true;
+                pending = ack.pending;
+            }
+            Some(Kind::Error(e)) if e.request_id == resubscribe => {
+                // Which topic the server objects to is unknown: drop the restored set (the
+                // app is told) rather than retrying a refused subscription forever.
+                let dropped: Vec<String> = {
+                    let mut state = lock(&shared.state);
+                    topics
+                        .iter()
+                        .filter(|t| state.topics.remove(*t))
+                        .cloned()
+                        .collect()
+                };
+                let event = Event::SubscriptionsRefused {
+                    topics: dropped,
+                    reason: e.to_string(),
+                };
+                let _ = events.send_one(event).await;
+                return Err(ClientError::Refused(e));
+            }
+            Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
+            // Drained as this client arrived: another server is tried.
+            Some(Kind::Reconnect(r)) => {
+                return Err(ClientError::Protocol(format!(
+                    "the server asked the client to move: {}",
+                    r.reason
+                )));
+            }
+            Some(Kind::Message(m)) if arrivals == Arrivals::Hold => held.push(m),
+            // A copy of one already delivered is dropped (the last arm).
+            Some(Kind::Message(m)) if fresh(shared, &mut lock(&shared.seen), &m) => {
+                let _ = events.send_one(message(m)).await;
+            }
+            Some(Kind::Undeliverable(u)) => {
+                let _ = events.send_one(undeliverable(u)).await;
+            }
+            Some(Kind::Published(p)) => shared.confirm(p.up_to),
+            Some(Kind::Dropped(d)) => {
+                let _ = events.send_one(dropped(d)).await;
+            }
+            _ => {}
+        }
+    }
+    Ok((ready, pending))
+}
+
+/// Completes a move to `next` once the connection moved from (`from_alias`) has been read to
+/// its end: what that connection was not confirmed goes out again here, the messages read
+/// while attaching are delivered (less copies), and subscription changes made during the
+/// move are restored here too.
+async fn finish_move(
+    config: &ClientConfig,
+    shared: &Shared,
+    events: &EventTx,
+    next: &mut Connected,
+    from_alias: &str,
+    out: &mut mpsc::Receiver<Bytes>,
+) -> Result<(), ClientError> {
+    lost(shared, out, from_alias);
+    let fresh_held: Vec<Event> = {
+        let mut seen = lock(&shared.seen);
+        std::mem::take(&mut next.held)
+            .into_iter()
+            .filter(|m| fresh(shared, &mut seen, m))
+            .map(message)
+            .collect()
+    };
+    if !fresh_held.is_empty() {
+        let room = events
+            .room(fresh_held.len())
+            .await
+            .ok_or(ClientError::Closed)?;
+        events
+            .send(room, fresh_held)
+            .map_err(|()| ClientError::Closed)?;
+    }
+    let mut frames = Vec::new();
+    let again = {
+        let state = lock(&shared.state);
+        let changed = state.topics.len() != next.restored.len()
+            || next.restored.iter().any(|t| !state.topics.contains(t))
+            || state.asked_since(next.restored_by);
+        changed.then(|| {
+            let gone: Vec<String> = next
+                .restored
+                .iter()
+                .filter(|t| !state.topics.contains(*t))
+                .cloned()
+                .collect();
+            gone
+        })
+    };
+    let restored = match &again {
+        Some(gone) => {
+            let (id, topics) = restoration(shared);
+            if !gone.is_empty() {
+                let unsubscribe = shared
+                    .next_request
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                frames.push(encode(&v1::ClientToServer::unsubscribe(v1::Unsubscribe {
+                    request_id: unsubscribe,
+                    topics: gone.clone(),
+                })));
+            }
+            if !topics.is_empty() {
+                frames.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
+                    request_id: id,
+                    topics: topics.clone(),
+                })));
+            }
+            Some((id, topics))
+        }
+        None => None,
+    };
+    frames.extend(resends(shared));
+    if !frames.is_empty() {
+        next.link
+            .sink
+            .send_now(&frames)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    }
+    if let Some((id, topics)) = restored {
+        let mut none = Vec::new();
+        let restoring = restore(
+            &mut next.link,
+            shared,
+            events,
+            id,
+            &topics,
+            false,
+            Arrivals::Deliver,
+            &mut none,
+        );
+        let (_, pending) = tokio::time::timeout(config.connect_timeout, restoring)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout(format!(
+                    "restoring subscriptions on {}",
+                    next.server_id
+                )))
+            })?;
+        let confirmed = lock(&shared.state).resubscribed(id, &topics, pending);
+        for event in confirmed {
+            let _ = events.send_one(event).await;
+        }
+    }
+    Ok(())
 }
 
 /// The publishes to send again on a new connection: those the lost one carried (or held
@@ -231,16 +391,14 @@ fn resends(shared: &Shared) -> Vec<Bytes> {
         .collect()
 }
 
-/// A connection was lost: everything it was given and the server did not confirm goes out
-/// again on the next one. The outbound queue is emptied: its publishes are all unconfirmed
-/// (and go out again from there), and the resubscription covers its subscription changes.
-fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>) {
-    let alias: Arc<str> = {
-        let mut state = lock(&shared.state);
-        // Node lists asked of the lost server never come: their callers are told now.
-        state.lists.clear();
-        state.alias.as_str().into()
-    };
+/// A connection, on which the client had alias `alias`, was lost (or moved from): everything
+/// it was given and the server did not confirm goes out again on the next one. The outbound
+/// queue is emptied: its publishes are all unconfirmed (and go out again from there), and the
+/// resubscription covers its subscription changes.
+fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>, alias: &str) {
+    let alias: Arc<str> = alias.into();
+    // Node lists asked of the lost server never come: their callers are told now.
+    lock(&shared.state).lists.clear();
     let mut outbox = lock(&shared.outbox);
     // Under the outbox lock, which every publish holds while it queues: nothing is queued
     // between emptying the queue and marking what to resend.
@@ -316,6 +474,9 @@ enum Ended {
     Stopped,
     /// The connection was lost, for this reason.
     Lost(String),
+    /// The server asked the client to move (for this reason), and it did: the next
+    /// connection is made, and the one moved from was read to its end.
+    Moved(String, Box<Connected>),
 }
 
 /// Runs connections until the client is closed (or, without auto-reconnect, until the first
@@ -335,7 +496,8 @@ pub(crate) async fn drive(
         let connected = match next.take() {
             Some(connected) => connected,
             None => {
-                match stoppable(&shared, establish(&config, &shared, &events, &exclude)).await {
+                let round = establish(&config, &shared, &events, &exclude, Arrivals::Deliver);
+                match stoppable(&shared, round).await {
                     None => break,
                     Some(Ok(connected)) => {
                         backoff.reset();
@@ -361,34 +523,72 @@ pub(crate) async fn drive(
             }
         };
         let server_id = connected.server_id.clone();
-        let (ended, queue) = run(connected, &shared, out, &pings, &events).await;
+        let alias = connected.alias.clone();
+        let (ended, queue) = run(connected, &config, &shared, out, &pings, &events).await;
         let Some(queue) = queue else { break };
         out = queue;
-        match ended {
+        let reason = match ended {
             Ended::Stopped => break,
-            Ended::Lost(reason) => {
-                lost(&shared, &mut out);
-                tracing::info!(server = %server_id, %reason, "connection lost");
-                let event = Event::Disconnected {
-                    server_id: server_id.clone(),
-                    reason,
-                };
-                // An application that stopped reading events must still be able to close.
-                if stoppable(&shared, events.send_one(event)).await.is_none() {
-                    break;
+            Ended::Moved(reason, mut moved) => {
+                let finished = finish_move(&config, &shared, &events, &mut moved, &alias, &mut out);
+                match stoppable(&shared, finished).await {
+                    None => break,
+                    Some(Ok(())) => {
+                        tracing::info!(from = %server_id, to = %moved.server_id, %reason, "moved");
+                        let event = Event::Moved {
+                            from_server: server_id,
+                            server_id: moved.server_id.clone(),
+                            alias: moved.alias.clone(),
+                            reason,
+                        };
+                        if stoppable(&shared, events.send_one(event)).await.is_none() {
+                            break;
+                        }
+                        next = Some(*moved);
+                        continue;
+                    }
+                    // The server moved to failed as the move ended: lost like any other.
+                    Some(Err(e)) => {
+                        lost(&shared, &mut out, &moved.alias);
+                        exclude = vec![server_id];
+                        let server_id = moved.server_id.clone();
+                        let reason = format!("lost while moving to it: {e}");
+                        if !report_lost(&config, &shared, &events, server_id, reason).await {
+                            break;
+                        }
+                        continue;
+                    }
                 }
-                if !config.auto_reconnect
-                    || shared.stop.is_cancelled()
-                    || shared.replaced.load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    break;
-                }
-                exclude = vec![server_id];
             }
+            Ended::Lost(reason) => reason,
+        };
+        lost(&shared, &mut out, &alias);
+        if !report_lost(&config, &shared, &events, server_id.clone(), reason).await {
+            break;
         }
+        exclude = vec![server_id];
     }
     // Requests still waiting see their channel close and fail with `Closed`.
     lock(&shared.state).pending.clear();
+}
+
+/// Tells the application the connection to `server_id` was lost; whether to connect again.
+async fn report_lost(
+    config: &ClientConfig,
+    shared: &Shared,
+    events: &EventTx,
+    server_id: String,
+    reason: String,
+) -> bool {
+    tracing::info!(server = %server_id, %reason, "connection lost");
+    let event = Event::Disconnected { server_id, reason };
+    // An application that stopped reading events must still be able to close.
+    if stoppable(shared, events.send_one(event)).await.is_none() {
+        return false;
+    }
+    config.auto_reconnect
+        && !shared.stop.is_cancelled()
+        && !shared.replaced.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Awaits `future` unless the client is closed first (`None`).
@@ -402,8 +602,15 @@ async fn stoppable<T>(shared: &Shared, future: impl std::future::Future<Output =
 /// Runs one connection on the link driver: a spawned writer drains `out`, the outbound queue
 /// (given back with what is left in it), and this task reads, turning frames into events. The
 /// queue comes back as `None` only if the writer task failed (a bug): the client then ends.
+///
+/// Asked to move (`Reconnect`), it moves make-before-break: while this connection is still
+/// read, another is made through the coordinator and subscribed; then this one is sent
+/// `Leave` and read up to the server's `Left`, so nothing queued for the client here is lost,
+/// and the caller finishes the move. If the other connection cannot be made, this one ends
+/// and the client reconnects as after a loss.
 async fn run(
     connected: Connected,
+    config: &ClientConfig,
     shared: &Arc<Shared>,
     out: mpsc::Receiver<Bytes>,
     pings: &mpsc::WeakSender<Bytes>,
@@ -426,11 +633,12 @@ async fn run(
         shutdown: shared.stop.clone(),
         max_burst: link::MAX_BURST,
     };
+    let (move_tx, mut move_rx) = tokio::sync::oneshot::channel();
     let reader = Reader {
         shared: shared.clone(),
         events: events.clone(),
         pings: pings.clone(),
-        closer,
+        closer: closer.clone(),
         heartbeat: Heartbeat {
             timeout: connected.heartbeat_timeout,
             interval: connected.heartbeat_interval,
@@ -439,8 +647,46 @@ async fn run(
         burst: Vec::new(),
         reason: None,
         seen: std::mem::take(&mut *lock(&shared.seen)),
+        asked_to_move: config.auto_reconnect.then_some(move_tx),
+        moving: false,
     };
-    let mut served = link::serve(connected.link, options, reader).await;
+    let server_id = connected.server_id.clone();
+    let serve = link::serve(connected.link, options, reader);
+    tokio::pin!(serve);
+    let mut moved = None;
+    let mut served = tokio::select! {
+        served = &mut serve => served,
+        Ok(reason) = &mut move_rx => {
+            tracing::info!(server = %server_id, %reason, "asked to move: connecting elsewhere first");
+            let exclude = [server_id.clone()];
+            let elsewhere = establish(config, shared, events, &exclude, Arrivals::Hold);
+            tokio::select! {
+                served = &mut serve => served,
+                next = elsewhere => {
+                    match next {
+                        Ok(mut next) => {
+                            confirmed(config, shared, events, &mut next).await;
+                            moved = Some((reason, next));
+                            leave(pings).await;
+                            match tokio::time::timeout(config.connect_timeout, &mut serve).await {
+                                Ok(served) => served,
+                                Err(_) => {
+                                    tracing::warn!(server = %server_id, "no Left in time; closing");
+                                    closer.close(None);
+                                    serve.await
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(server = %server_id, error = %e, "could not connect elsewhere first; moving after closing");
+                            closer.close(None);
+                            serve.await
+                        }
+                    }
+                }
+            }
+        }
+    };
     *lock(&shared.seen) = std::mem::take(&mut served.handler.seen);
     let Some(end) = served.writer else {
         return (Ended::Stopped, None);
@@ -462,12 +708,54 @@ async fn run(
     // Every sender gone means the client was dropped.
     let ended = if shared.stop.is_cancelled() || end.ctrl.is_closed() {
         Ended::Stopped
+    } else if let Some((why, next)) = moved {
+        // Whatever ended this connection, the next one is up.
+        Ended::Moved(why, Box::new(next))
     } else if let Some(e) = &end.error {
         Ended::Lost(format!("write to server failed: {e}"))
     } else {
         Ended::Lost(reason)
     };
     (ended, Some(end.ctrl))
+}
+
+/// Reads `next` (holding its messages) until every server has confirmed its restored
+/// subscriptions, if some had not when it was answered: until then, messages published on
+/// those servers would reach the client only through the connection it is leaving. Waits at
+/// most the server's confirmation deadline (its second `Ack` says who is still missing), or
+/// the connect timeout.
+async fn confirmed(config: &ClientConfig, shared: &Shared, events: &EventTx, next: &mut Connected) {
+    if next.unconfirmed.is_empty() {
+        return;
+    }
+    let mut held = std::mem::take(&mut next.held);
+    let reading = restore(
+        &mut next.link,
+        shared,
+        events,
+        next.restored_by,
+        &next.restored,
+        false,
+        Arrivals::Hold,
+        &mut held,
+    );
+    if let Ok(Ok((_, pending))) = tokio::time::timeout(config.connect_timeout, reading).await {
+        let answered = lock(&shared.state).acknowledge(next.restored_by, pending.clone());
+        for event in answered {
+            let _ = events.send_one(event).await;
+        }
+        next.unconfirmed = pending;
+    }
+    next.held = held;
+}
+
+/// Queues `Leave` behind what the client has queued for the server moved from.
+async fn leave(pings: &mpsc::WeakSender<Bytes>) {
+    if let Some(out) = pings.upgrade() {
+        let _ = out
+            .send(encode(&v1::ClientToServer::leave(v1::Leave {})))
+            .await;
+    }
 }
 
 /// The reading side of one connection.
@@ -485,6 +773,11 @@ struct Reader {
     reason: Option<String>,
     /// What has been delivered (the client's, held while the connection runs).
     seen: crate::Seen,
+    /// Told when the server asks the client to move (`None` once told, or without
+    /// auto-reconnect: the connection then just ends).
+    asked_to_move: Option<tokio::sync::oneshot::Sender<String>>,
+    /// Told already: the move is under way.
+    moving: bool,
 }
 
 impl Reader {
@@ -513,6 +806,16 @@ impl link::Handler for Reader {
                 Flow::Continue
             }
             Handled::Nothing => Flow::Continue,
+            Handled::Move(reason) => match self.asked_to_move.take() {
+                Some(tell) => {
+                    let _ = tell.send(reason);
+                    self.moving = true;
+                    Flow::Continue
+                }
+                // Asked again while moving.
+                None if self.moving => Flow::Continue,
+                None => self.end(&format!("the server asked the client to move: {reason}")),
+            },
             Handled::End(reason) => {
                 self.reason = Some(reason);
                 Flow::End
@@ -680,6 +983,8 @@ enum Handled {
     Events(Vec<Event>),
     /// Nothing more to do.
     Nothing,
+    /// The server asks the client to move, for this reason.
+    Move(String),
     /// The connection is over, for this reason.
     End(String),
 }
@@ -737,11 +1042,10 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return Handled::End(e.to_string());
         }
-        // The server is being drained: move through the coordinator to another one. What was
-        // published and not confirmed goes out again there, as after any lost connection.
-        Some(Kind::Reconnect(r)) => {
-            return Handled::End(format!("the server asked the client to move: {}", r.reason));
-        }
+        // The server is being drained: move through the coordinator to another one.
+        Some(Kind::Reconnect(r)) => return Handled::Move(r.reason),
+        // Read to the end after a move: everything queued for the client here came before.
+        Some(Kind::Left(_)) => return Handled::End("moved to another server".into()),
         Some(Kind::Error(e)) => {
             // A refused subscription change fails that request; the server then closes the
             // connection and the client reconnects without the refused topics.

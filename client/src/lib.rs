@@ -138,6 +138,11 @@
 //! If the new server refuses to restore some subscriptions (its limits are lower), they are
 //! dropped and reported as [`Event::SubscriptionsRefused`].
 //!
+//! A server that is being drained asks its clients to move (`Reconnect`). The client then
+//! moves make before break: it connects and subscribes elsewhere while still reading the old
+//! server, then leaves it after reading everything queued for it there, and reports
+//! [`Event::Moved`]. Nothing is lost or repeated across a move, either way.
+//!
 //! # Closing
 //!
 //! [`Client::close`] sends what is still queued, closes the connection cleanly and waits for
@@ -379,6 +384,20 @@ pub enum Event {
         server_id: String,
         /// The client's alias on the new connection.
         alias: String,
+    },
+    /// The server asked the client to move (it is being drained), and it did, make before
+    /// break: connected and subscribed on `server_id` before leaving `from_server`, which it
+    /// read to the end. Nothing was lost on the way: unlike [`Event::Disconnected`], no
+    /// message is missing before this event.
+    Moved {
+        /// The server moved from.
+        from_server: String,
+        /// The server moved to.
+        server_id: String,
+        /// The client's alias on the new connection.
+        alias: String,
+        /// The reason the old server gave.
+        reason: String,
     },
     /// The server refused a publish because the client's role may not publish to that topic
     /// (refused subscriptions fail their `subscribe` call instead). The connection stays up.
@@ -915,6 +934,13 @@ impl State {
         events
     }
 
+    /// Whether a subscription change asked after request `id` still waits for its answer.
+    fn asked_since(&self, id: u64) -> bool {
+        self.pending
+            .iter()
+            .any(|(request, p)| *request > id && p.answered_by == *request && p.done.is_some())
+    }
+
     /// A new connection restored every subscription with request `id` (`topics`, answered
     /// with `pending`). Requests made before it are answered by that restoration: what it
     /// confirmed they get now, and what is pending they wait for with it.
@@ -1010,7 +1036,14 @@ impl Client {
         let config_auto_ack = config.auto_ack_inbox;
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
         let (events_tx, events_rx) = connection::event_queue(config.event_queue);
-        let first = connection::establish(&config, &shared, &events_tx, &[]).await?;
+        let first = connection::establish(
+            &config,
+            &shared,
+            &events_tx,
+            &[],
+            connection::Arrivals::Deliver,
+        )
+        .await?;
         let task = tokio::spawn(connection::drive(
             config,
             shared.clone(),

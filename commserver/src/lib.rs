@@ -122,6 +122,8 @@ struct Server {
     drained: std::sync::atomic::AtomicBool,
     /// The reason of the latest drain, told to each client asked to move.
     drain_reason: Mutex<String>,
+    /// Flushes of the peer links for leaving clients, by nonce (one per leaving session).
+    flushes: Mutex<HashMap<u64, operator::Flushing>>,
     tracker: TaskTracker,
     started: Instant,
     /// `direct_write_budget_us` resolved for this runtime.
@@ -248,6 +250,7 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         drained: std::sync::atomic::AtomicBool::new(false),
         drain_reason: Mutex::new(String::new()),
+        flushes: Mutex::new(HashMap::new()),
         tracker: tracker.clone(),
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),

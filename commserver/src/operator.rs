@@ -9,17 +9,31 @@
 //! that attaches while the drain starts is asked as it joins. Undraining lifts it. A restart
 //! forgets it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use relaymesh_net::link::LastWords;
 use relaymesh_net::sync::lock;
+use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, ErrorCode};
 use relaymesh_proto::{encode, error};
+use tokio::sync::oneshot;
 
 use crate::Server;
-use crate::routes::Subscriber;
+use crate::control::PeerLink;
+use crate::routes::{self, Subscriber};
+
+/// The topic of the forward that answers a peer's `Flush`: delivered to nobody.
+pub(crate) const FLUSH_TOPIC: &str = "@flush";
+
+/// A flush of the peer links for a leaving client: the peers yet to answer.
+#[derive(Debug)]
+pub(crate) struct Flushing {
+    waiting: BTreeSet<Arc<str>>,
+    done: Option<oneshot::Sender<()>>,
+}
 
 impl Server {
     /// Drains (`drain.drained`) or undrains this server.
@@ -60,6 +74,70 @@ impl Server {
             ));
             session.closer.close(Some(words));
         }
+    }
+
+    /// Waits until every linked peer has sent this server everything it routed here before
+    /// now (each queues a `@flush` forward behind them, answering `Flush`), or until
+    /// `subscribe_sync_timeout_ms`. A client that leaves after this missed nothing routed to
+    /// it here before its new server's subscription was confirmed, even what was still on its
+    /// way from a peer when it asked to leave.
+    pub(crate) async fn flush_peers(&self) {
+        let peers: Vec<Arc<PeerLink>> = lock(&self.peer_links).values().cloned().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let nonce = self.next_id();
+        let (done, flushed) = oneshot::channel();
+        lock(&self.flushes).insert(
+            nonce,
+            Flushing {
+                waiting: peers.iter().map(|p| p.server_id.clone()).collect(),
+                done: Some(done),
+            },
+        );
+        let frame = encode(&v1::PeerMessage::flush(v1::Flush { nonce }));
+        for peer in &peers {
+            peer.send_ctrl(frame.clone());
+        }
+        let wait = self.config.subscribe_sync_timeout();
+        if tokio::time::timeout(wait, flushed).await.is_err() {
+            let late: Vec<Arc<str>> = lock(&self.flushes)
+                .get(&nonce)
+                .map(|f| f.waiting.iter().cloned().collect())
+                .unwrap_or_default();
+            tracing::warn!(
+                ?late,
+                "peers did not answer a flush in time; the client leaves anyway"
+            );
+        }
+        lock(&self.flushes).remove(&nonce);
+    }
+
+    /// `peer` answered flush `nonce`: everything it routed here before is in.
+    pub(crate) fn flushed(&self, nonce: u64, peer: &str) {
+        let mut flushes = lock(&self.flushes);
+        if let Some(flushing) = flushes.get_mut(&nonce) {
+            flushing.waiting.remove(peer);
+            if flushing.waiting.is_empty()
+                && let Some(done) = flushing.done.take()
+            {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// `peer` asked for flush `nonce`: its answer goes behind every forward queued for it.
+    pub(crate) fn flush_to(&self, peer: &PeerLink, nonce: u64) {
+        let from = Sender {
+            alias: "",
+            role: "",
+            seq: nonce,
+            resent_from: "",
+            node: "",
+            signal: 0,
+        };
+        let frame = relaymesh_proto::frame::forward_frame("", FLUSH_TOPIC, from, &[]);
+        routes::forward_to(&peer.out, &frame, ("", FLUSH_TOPIC), &self.stats);
     }
 
     /// Drained by an operator (not shutting down).

@@ -536,9 +536,18 @@ impl link::Handler for PeerReader {
             self.flush();
         }
         match kind {
+            // The answer to a flush: what came before it is delivered (to the sessions'
+            // queues) first.
+            Some(Kind::Forward(forward)) if forward.topic == crate::operator::FLUSH_TOPIC => {
+                self.flush();
+                peer.forwards_in.inc();
+                self.server.stats.forwards_in.inc();
+                self.server.flushed(forward.seq, &peer.server_id);
+            }
             Some(Kind::Forward(forward)) => {
                 deliver_forward(&self.server, &peer, &mut self.publisher, forward)?;
             }
+            Some(Kind::Flush(flush)) => self.server.flush_to(&peer, flush.nonce),
             Some(Kind::Interest(interest)) => {
                 self.server
                     .command(Command::PeerInterest {

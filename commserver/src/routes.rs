@@ -735,7 +735,12 @@ fn forward(route: &Route, frame: &Bytes, topic: (&str, &str), stats: &Stats) {
 }
 
 /// Queues `frame` for one peer.
-fn forward_to(peer: &PeerOut, frame: &Bytes, (scope, topic): (&str, &str), stats: &Stats) {
+pub(crate) fn forward_to(
+    peer: &PeerOut,
+    frame: &Bytes,
+    (scope, topic): (&str, &str),
+    stats: &Stats,
+) {
     match enqueue(&peer.data, &peer.backlog, frame) {
         Enqueued::Yes => {
             peer.forwards_out.inc();

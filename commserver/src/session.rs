@@ -187,6 +187,10 @@ struct Session {
     topics: HashSet<Arc<str>>,
     /// Whether the control task knows this session (and must hear that it closed).
     ever_subscribed: bool,
+    /// The client sent `Leave`: it is moving, and what it sends after that (it was queued
+    /// before the client stopped writing here) is left for its next server: not taken, so
+    /// not confirmed, so sent again there; nothing goes out twice.
+    leaving: bool,
     /// Room for subscription changes whose second `Ack` is still to come
     /// (`max_pending_confirmations`); each waiting task holds a permit.
     confirmations: Arc<tokio::sync::Semaphore>,
@@ -315,6 +319,7 @@ fn run(
         },
         topics: HashSet::new(),
         ever_subscribed: false,
+        leaving: false,
         confirmations: Arc::new(tokio::sync::Semaphore::new(
             server.config.max_pending_confirmations,
         )),
@@ -466,6 +471,14 @@ impl Session {
         ) {
             self.flush();
         }
+        if self.leaving
+            && !matches!(
+                msg.kind,
+                Some(Kind::Ping(_) | Kind::InboxAck(_) | Kind::Leave(_))
+            )
+        {
+            return Ok(());
+        }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
             Some(Kind::Send(send)) => {
@@ -479,6 +492,7 @@ impl Session {
                 self.numbered(seq, result)
             }
             Some(Kind::InboxAck(ack)) => self.inbox_ack(ack.up_to),
+            Some(Kind::Leave(_)) => Box::pin(self.leave()).await,
             Some(Kind::ListNodes(list)) => {
                 let max = self.server.config.max_list_nodes;
                 let limit = match usize::try_from(list.limit) {
@@ -547,6 +561,29 @@ impl Session {
             self.reply(&v1::ServerToClient::published(v1::Published { up_to }))?;
         }
         Ok(())
+    }
+
+    /// The client is subscribed on another server and moving there: what it sent is
+    /// confirmed (ahead of `Left`: confirmations go on the reply queue, which the writer
+    /// empties first), the peers flush what they routed here, and `Left` goes behind every
+    /// delivery queued for it, so the client can read up to it and close knowing it missed
+    /// nothing here. A queue with no room for it ends the
+    /// session (the client then closes on its own timeout, as after any loss).
+    async fn leave(&mut self) -> Result<(), v1::Error> {
+        if std::mem::replace(&mut self.leaving, true) {
+            return Ok(());
+        }
+        self.confirm()?;
+        self.server.flush_peers().await;
+        let left = relaymesh_net::wire::framed(&encode(&v1::ServerToClient::left(v1::Left {})));
+        // Queued, not written past the writer: the confirmation on the reply queue goes first.
+        match self.me.send(&left, 1, false) {
+            routes::Enqueued::Yes => Ok(()),
+            routes::Enqueued::Full | routes::Enqueued::Closed => Err(error(
+                ErrorCode::SlowConsumer,
+                "no room to confirm the move: deliveries are not being read",
+            )),
+        }
     }
 
     /// This session's inbox business, set up on first need.

@@ -545,6 +545,12 @@ async fn subscribe(
             Some(Event::Reconnected { server_id, .. }) => {
                 eprintln!("meshctl: reconnected to {server_id}")
             }
+            Some(Event::Moved {
+                from_server,
+                server_id,
+                reason,
+                ..
+            }) => eprintln!("meshctl: moved from {from_server} to {server_id}: {reason}"),
             Some(Event::SubscriptionsRefused { topics, reason }) => {
                 bail!(
                     "the server refused to restore {}: {reason}",

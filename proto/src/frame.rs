@@ -314,6 +314,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Signal(v1::Signal) => signal,
     ListNodes(v1::ListNodes) => list_nodes,
     InboxAck(v1::InboxAck) => inbox_ack,
+    Leave(v1::Leave) => leave,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -328,6 +329,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Accepted(v1::Accepted) => accepted,
     Expired(v1::Expired) => expired,
     Reconnect(v1::Reconnect) => reconnect,
+    Left(v1::Left) => left,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -338,6 +340,7 @@ envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Ping(v1::Ping) => ping,
     Pong(v1::Pong) => pong,
     Error(v1::Error) => error,
+    Flush(v1::Flush) => flush,
 });
 
 #[cfg(test)]

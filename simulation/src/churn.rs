@@ -228,6 +228,7 @@ impl Churn {
             max_lag_s: 0.0,
             usage,
             shards: 1,
+            server_drain: None,
         };
         Ok((outcome, report))
     }

@@ -23,6 +23,8 @@ pub(crate) struct Embedded {
     pub(crate) coordinator_url: String,
     /// With an inbox: the account the simulation logs in to, on a SQLite store of its own.
     pub(crate) login: Option<relaymesh_client::Credentials>,
+    /// With `admin`: the coordinator's admin API (http://HOST:PORT) and its token.
+    pub(crate) admin: Option<(String, String)>,
     /// That store's file, deleted at `stop`.
     db: Option<std::path::PathBuf>,
     stop: CancellationToken,
@@ -33,7 +35,12 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Starts the cluster on `threads` worker threads and waits until every server is
     /// registered and linked to every other.
-    pub(crate) fn start(servers: usize, threads: usize, inbox: bool) -> anyhow::Result<Self> {
+    pub(crate) fn start(
+        servers: usize,
+        threads: usize,
+        inbox: bool,
+        admin: bool,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name(CLUSTER_THREADS)
@@ -47,9 +54,11 @@ impl Embedded {
         } else {
             (None, None, None)
         };
-        let (coordinator_url, tasks) = runtime.block_on(spawn(servers, stop.clone(), accounts))?;
+        let (coordinator_url, admin, tasks) =
+            runtime.block_on(spawn(servers, stop.clone(), accounts, admin))?;
         let cluster = Self {
             coordinator_url,
+            admin,
             login,
             db,
             stop,
@@ -131,12 +140,23 @@ async fn spawn(
     servers: usize,
     stop: CancellationToken,
     accounts: Option<coordinator::accounts::AccountsConfig>,
-) -> anyhow::Result<(String, Vec<JoinHandle<()>>)> {
+    admin: bool,
+) -> anyhow::Result<(String, Option<(String, String)>, Vec<JoinHandle<()>>)> {
     let mut tasks = Vec::new();
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("bind coordinator")?;
     let coordinator_url = format!("ws://{}", listener.local_addr()?);
+    let (admin_listener, admin) = if admin {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the admin API")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let token = format!("{:032x}", rand::random::<u128>());
+        (Some(listener), Some((url, token)))
+    } else {
+        (None, None)
+    };
     let defaults = coordinator::Config::default();
     let config = coordinator::Config {
         cluster_secret: SECRET.into(),
@@ -149,11 +169,15 @@ async fn spawn(
         // Logins checked against the store (node registrations) all come from 127.0.0.1, many
         // at once: each takes a failed-login token while it is checked.
         failed_login_burst: 10_000,
+        admin_token: admin
+            .as_ref()
+            .map(|(_, token)| token.clone())
+            .unwrap_or_default(),
         ..defaults
     };
     let token = stop.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = coordinator::run(listener, config, token).await {
+        if let Err(e) = coordinator::run_with(listener, admin_listener, config, token).await {
             eprintln!("embedded coordinator failed: {e}");
         }
     }));
@@ -176,7 +200,7 @@ async fn spawn(
             }
         }));
     }
-    Ok((coordinator_url, tasks))
+    Ok((coordinator_url, admin, tasks))
 }
 
 /// Waits until `servers` are registered and fully linked.

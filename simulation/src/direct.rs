@@ -314,6 +314,7 @@ impl Direct {
             max_lag_s,
             usage,
             shards: 1,
+            server_drain: None,
         };
         let report = DirectReport {
             nodes: n,

@@ -62,6 +62,8 @@ pub(crate) struct Round {
     pub(crate) slow: Slow,
     /// Width of a timeline slot.
     pub(crate) slot: Duration,
+    /// A comm server to drain while publishing (`--drain-server-at`).
+    pub(crate) server_drain: Option<crate::operator::DrainPlan>,
 }
 
 /// What was measured (for a sharded run, the leader's outcome absorbs the other shards').
@@ -95,6 +97,8 @@ pub(crate) struct Outcome {
     pub(crate) usage: Usage,
     /// Generator processes that contributed.
     pub(crate) shards: usize,
+    /// The comm server drained while publishing (`--drain-server-at`), and how it went.
+    pub(crate) server_drain: Option<crate::operator::ServerDrained>,
 }
 
 impl Outcome {
@@ -381,6 +385,14 @@ impl Round {
             self.duration,
         ));
         let started = Instant::now();
+        let drain_task = self.server_drain.clone().map(|plan| {
+            let busiest = clients_per_server
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+            tokio::spawn(crate::operator::drain(plan, busiest, started))
+        });
         let publisher_count = publishers.len();
         let results = join_all(
             publishers
@@ -415,6 +427,10 @@ impl Round {
         )
         .await;
         ticker.abort();
+        let server_drain = match drain_task {
+            Some(task) => Some(task.await.context("drain task failed")?),
+            None => None,
+        };
         stop.cancel();
         let mut tallies = Vec::with_capacity(receivers.len());
         for receiver in receivers {
@@ -460,6 +476,7 @@ impl Round {
             max_lag_s,
             usage,
             shards: 1,
+            server_drain,
         })
     }
 }
@@ -585,6 +602,10 @@ pub(crate) async fn receive(
                 }
             }
             Some(Event::Reconnected { server_id, .. }) => {
+                server = measure::server_hash(&server_id);
+            }
+            Some(Event::Moved { server_id, .. }) => {
+                tally.counts.moves += 1;
                 server = measure::server_hash(&server_id);
             }
             Some(Event::SubscriptionsRefused { topics, .. }) => {

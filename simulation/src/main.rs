@@ -18,6 +18,7 @@ mod direct;
 mod load;
 mod loss;
 mod measure;
+mod operator;
 mod plot;
 mod progress;
 mod ramp;
@@ -146,6 +147,18 @@ struct Args {
     /// ...and its access code (prefer RELAYMESH_ACCESS_CODE).
     #[arg(long, env = "RELAYMESH_ACCESS_CODE", hide_env_values = true)]
     code: Option<String>,
+    /// Rooms, fanout, dense: drain a comm server (through the coordinator's admin API) this
+    /// many seconds into publishing; its clients move, and `--check` fails unless it empties
+    /// and nothing is lost.
+    #[arg(long)]
+    drain_server_at: Option<f64>,
+    /// The server to drain [default: the one holding most of the run's clients].
+    #[arg(long, requires = "drain_server_at")]
+    drain_server: Option<String>,
+    /// A deployed cluster's admin API (http://HOST:PORT), for --drain-server-at; its token
+    /// comes from RELAYMESH_ADMIN_TOKEN.
+    #[arg(long, env = "RELAYMESH_ADMIN")]
+    admin: Option<String>,
 }
 
 /// A load pattern.
@@ -300,6 +313,27 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         }
         None => Shard::WHOLE,
     };
+    if let Some(at) = args.drain_server_at {
+        anyhow::ensure!(
+            at >= 0.0 && at < duration,
+            "--drain-server-at must be within the publishing time (0 to --duration)"
+        );
+        anyhow::ensure!(
+            matches!(
+                scenario,
+                Scenario::Rooms | Scenario::Fanout | Scenario::Dense
+            ),
+            "--drain-server-at works with rooms, fanout and dense"
+        );
+        anyhow::ensure!(
+            args.shard.is_none_or(|s| s.count == 1),
+            "--drain-server-at needs one generator process (no --shard)"
+        );
+        anyhow::ensure!(
+            args.coordinator.is_none() || args.admin.is_some(),
+            "--drain-server-at on a deployed cluster needs --admin (RELAYMESH_ADMIN) and RELAYMESH_ADMIN_TOKEN"
+        );
+    }
     let run_id = match &args.run_id {
         Some(id) => {
             anyhow::ensure!(
@@ -334,6 +368,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.servers,
             args.cluster_threads.unwrap_or(cores),
             plan.scenario == Scenario::Direct,
+            args.drain_server_at.is_some(),
         )?),
     };
     if args.cluster_only {
@@ -393,6 +428,28 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             group: String::new(),
         }),
         _ => None,
+    };
+    drive_args.server_drain = match args.drain_server_at {
+        Some(at) => {
+            let (admin, token) = match &embedded {
+                Some(cluster) => cluster
+                    .admin
+                    .clone()
+                    .context("the embedded cluster has no admin API")?,
+                None => (
+                    args.admin.clone().unwrap_or_default(),
+                    std::env::var("RELAYMESH_ADMIN_TOKEN")
+                        .context("--drain-server-at needs RELAYMESH_ADMIN_TOKEN")?,
+                ),
+            };
+            Some(operator::DrainPlan {
+                admin,
+                token,
+                at: Duration::from_secs_f64(at),
+                server: args.drain_server.clone(),
+            })
+        }
+        None => None,
     };
     let drive = drive(drive_args, plan, coordinator, meter, progress.clone());
     let result = runtime.block_on(async move { tokio::spawn(drive).await });
@@ -456,6 +513,8 @@ struct DriveArgs {
     /// Direct: the nodes' account login, and how many log in late.
     login: Option<relaymesh_client::Credentials>,
     offline_nodes: Option<usize>,
+    /// Rooms, fanout, dense: a comm server to drain while publishing.
+    server_drain: Option<operator::DrainPlan>,
 }
 
 impl Args {
@@ -478,6 +537,7 @@ impl Args {
             shard_timeout: Duration::from_secs(self.shard_timeout),
             login: None,
             offline_nodes: self.offline_nodes,
+            server_drain: None,
         }
     }
 }
@@ -525,6 +585,7 @@ async fn drive(
         shard: plan.shard,
         slow: args.slow,
         slot,
+        server_drain: args.server_drain.clone(),
     };
     match plan.scenario {
         Scenario::Direct => {

@@ -254,6 +254,9 @@ pub(crate) struct Counts {
     pub(crate) dropped_upstream: u64,
     /// Times a client lost its server (and reconnected).
     pub(crate) disconnects: u64,
+    /// Times a client was asked to move (its server drained) and moved, make before break.
+    #[serde(default)]
+    pub(crate) moves: u64,
     /// Payloads without a valid header (another program publishing on the topic).
     pub(crate) foreign: u64,
     /// Messages from a publisher (or on a topic) this receiver did not subscribe to.
@@ -271,6 +274,7 @@ impl Counts {
         self.dropped_reported += o.dropped_reported;
         self.dropped_upstream += o.dropped_upstream;
         self.disconnects += o.disconnects;
+        self.moves += o.moves;
         self.foreign += o.foreign;
         self.misrouted += o.misrouted;
         self.refused += o.refused;

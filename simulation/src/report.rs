@@ -61,6 +61,7 @@ impl Report {
             && o.counts.duplicates == 0
             && o.counts.out_of_order == 0
             && o.counts.misrouted == 0
+            && o.server_drain.as_ref().is_none_or(|d| d.clean())
     }
 
     /// Lines that must not be missed: loss without a cause first, then saturation, falling
@@ -131,6 +132,16 @@ impl Report {
                 u.server_dropped,
                 u.server_forward_dropped,
             ));
+        }
+        if let Some(d) = &o.server_drain {
+            if let Some(e) = &d.error {
+                w.push(format!("draining {} failed: {e}", d.server_id));
+            } else if d.remaining > 0 {
+                w.push(format!(
+                    "the drained server {} still held {} clients at the drain's deadline",
+                    d.server_id, d.remaining
+                ));
+            }
         }
         if o.counts.misrouted > 0 {
             w.push(format!(
@@ -249,6 +260,22 @@ impl Report {
             u.server_dropped,
             u.server_slow_consumers
         );
+        if let Some(d) = &o.server_drain {
+            let _ = writeln!(
+                out,
+                "server drained  {} at {:.1} s: {} clients moved in {:.2} s, {} remained{}; {} moves seen by receivers",
+                d.server_id,
+                d.at_s,
+                d.moved,
+                d.took_s,
+                d.remaining,
+                d.error
+                    .as_ref()
+                    .map(|e| format!(" (FAILED: {e})"))
+                    .unwrap_or_default(),
+                o.counts.moves
+            );
+        }
         let l = &o.latency;
         let _ = writeln!(
             out,
@@ -435,6 +462,8 @@ impl Report {
             "lost_by_cause": o.lost_by_cause,
             "guarantee": o.lost_by_cause.guarantee(),
             "disconnects": o.counts.disconnects,
+            "moves": o.counts.moves,
+            "server_drain": o.server_drain,
             "foreign_payloads": o.counts.foreign,
             "misrouted": o.counts.misrouted,
             "subscriptions_refused": o.counts.refused,

@@ -154,6 +154,43 @@ fn rooms_deliver_everything_mostly_across_servers() {
 }
 
 #[test]
+fn draining_a_server_mid_run_moves_its_clients_and_loses_nothing() {
+    let (output, report) = simulate(
+        "drain",
+        &[
+            "--clients",
+            "60",
+            "--room-size",
+            "6",
+            "--rate",
+            "50",
+            "--duration",
+            "3",
+            "--drain-server-at",
+            "1",
+            "--check",
+        ],
+    );
+    assert_clean(&output, &report, "rooms");
+    let drain = &report["server_drain"];
+    let drained = drain["server_id"].as_str().unwrap();
+    assert!(drain["error"].is_null(), "{report:#}");
+    // The busiest server's clients all moved, as the clients saw it too.
+    let held = report["clients_per_server"][drained].as_u64().unwrap();
+    assert!(held > 0, "{report:#}");
+    assert_eq!(drain["moved"].as_u64(), Some(held), "{report:#}");
+    assert_eq!(drain["remaining"], 0, "{report:#}");
+    // Every one of them receives (each room member subscribes).
+    assert_eq!(report["moves"].as_u64(), Some(held), "{report:#}");
+    assert_eq!(report["disconnects"], 0, "{report:#}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!("server drained  {drained}")),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn fanout_reaches_every_subscriber() {
     let (output, report) = simulate(
         "fanout",

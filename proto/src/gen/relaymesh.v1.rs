@@ -667,7 +667,7 @@ pub struct ConnectOffer {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToServer {
-    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
 /// Nested message and enum types in `ClientToServer`.
@@ -692,8 +692,15 @@ pub mod client_to_server {
         ListNodes(super::ListNodes),
         #[prost(message, tag = "9")]
         InboxAck(super::InboxAck),
+        #[prost(message, tag = "10")]
+        Leave(super::Leave),
     }
 }
+/// The client is moving to another server (after a `Reconnect`) and is subscribed there: the
+/// server confirms what it took, then sends `Left` behind every delivery queued for the
+/// session. The client reads up to `Left` and closes, so nothing queued here is lost.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Leave {}
 /// The client has handed every inbox message up to this id (`Message.inbox_id`) to its
 /// application: they are deleted. Until then they are delivered again at every login.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -705,7 +712,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -737,11 +744,17 @@ pub mod server_to_client {
         Expired(super::Expired),
         #[prost(message, tag = "12")]
         Reconnect(super::Reconnect),
+        #[prost(message, tag = "13")]
+        Left(super::Left),
     }
 }
+/// Answers `Leave`: every delivery queued for the session before it has been sent.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Left {}
 /// The server is being drained: connect through the coordinator to another server. The session
-/// stays up until the client closes it (the client library closes it, logs in again elsewhere,
-/// resubscribes and sends again what this server had not confirmed).
+/// stays up until the client closes it. The client library moves make-before-break: it logs in
+/// again elsewhere and resubscribes there while still reading here, then sends `Leave`, reads up
+/// to `Left`, closes, and sends again what this server had not confirmed.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Reconnect {
     #[prost(string, tag = "1")]
@@ -990,7 +1003,7 @@ pub struct Dropped {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PeerMessage {
-    #[prost(oneof = "peer_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "peer_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: ::core::option::Option<peer_message::Kind>,
 }
 /// Nested message and enum types in `PeerMessage`.
@@ -1013,7 +1026,18 @@ pub mod peer_message {
         Pong(super::Pong),
         #[prost(message, tag = "8")]
         Error(super::Error),
+        #[prost(message, tag = "9")]
+        Flush(super::Flush),
     }
+}
+/// A client of the sender is moving to another server: the receiver queues a `Forward` on
+/// `@flush` with `seq` = `nonce` behind every forward it has queued for the sender, which
+/// tells the sender when everything routed to it before is in. Forwarded (and counted) like
+/// any forward, so positions on the link stay as they were; delivered to nobody.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Flush {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
 }
 /// First message in each direction.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

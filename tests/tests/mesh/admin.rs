@@ -170,7 +170,7 @@ async fn the_admin_api_needs_its_token_lists_servers_and_serves_health_and_refle
 }
 
 #[tokio::test]
-async fn draining_a_server_moves_its_clients_elsewhere_and_loses_none_of_their_publishes() {
+async fn draining_a_server_moves_its_clients_make_before_break_losing_nothing_either_way() {
     let cluster = cluster(3).await;
     let drained = cluster.servers[0].id.clone();
     let mut admin = AdminClient::new(channel(&cluster).await);
@@ -201,18 +201,22 @@ async fn draining_a_server_moves_its_clients_elsewhere_and_loses_none_of_their_p
         }
     })
     .await;
-    let publisher = movers[0].handle();
-    let publishing = tokio::spawn(async move {
-        for i in 0..400u32 {
-            publisher
-                .publish("drain/moving", i.to_be_bytes().to_vec())
-                .await
-                .unwrap();
-            if i % 20 == 0 {
-                tokio::task::yield_now().await;
+    // One of them publishes while it moves, and the watcher publishes to them all meanwhile.
+    let publish = |handle: relaymesh_client::Handle, topic: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..400u32 {
+                handle
+                    .publish(topic, i.to_be_bytes().to_vec())
+                    .await
+                    .unwrap();
+                if i % 20 == 0 {
+                    tokio::task::yield_now().await;
+                }
             }
-        }
-    });
+        })
+    };
+    let publishing = publish(movers[0].handle(), "drain/moving");
+    let incoming = publish(watcher.handle(), "drain/elsewhere");
 
     let answer = within(
         "drain",
@@ -229,23 +233,34 @@ async fn draining_a_server_moves_its_clients_elsewhere_and_loses_none_of_their_p
     let server = answer.server.unwrap();
     assert!(server.draining && server.drained, "{server:?}");
     within("publisher", publishing).await.unwrap();
+    within("watcher publishing", incoming).await.unwrap();
 
-    // Every client was asked to move, and did, to another server.
+    // Every client was asked to move, and did, to another server, without a disconnection;
+    // and each received everything published to it meanwhile, once and in order.
     for client in &mut movers {
-        let mut told = false;
-        loop {
+        let mut moved = false;
+        let mut next = 0u32;
+        while next < 400 || !moved {
             match next_event(client).await {
-                Event::Disconnected { server_id, reason } => {
-                    assert_eq!(server_id, drained);
-                    assert!(reason.contains("upgrade"), "{reason}");
-                    told = true;
-                }
-                Event::Reconnected { server_id, .. } => {
-                    assert!(told);
+                Event::Moved {
+                    from_server,
+                    server_id,
+                    reason,
+                    ..
+                } => {
+                    assert!(!moved, "moved twice");
+                    assert_eq!(from_server, drained);
                     assert_ne!(server_id, drained);
-                    break;
+                    assert_eq!(client.server_id(), server_id);
+                    assert!(reason.contains("upgrade"), "{reason}");
+                    moved = true;
                 }
-                Event::Message(_) | Event::SubscriptionConfirmed { .. } => {}
+                Event::Message(m) => {
+                    assert_eq!(m.topic, "drain/elsewhere");
+                    assert_eq!(&m.payload[..], &next.to_be_bytes()[..], "message {next}");
+                    next += 1;
+                }
+                Event::SubscriptionConfirmed { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }

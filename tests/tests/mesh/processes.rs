@@ -1201,15 +1201,16 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     let (ok, out, err) = meshctl(TOKEN, &["drain", &drained, "--reason", "upgrade"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "moved\t1\tremaining\t0");
-    loop {
-        match within("move", client.next_event()).await {
-            Some(Event::Reconnected { server_id, .. }) => {
-                assert_eq!(server_id, servers[1].id);
-                break;
-            }
-            Some(Event::Disconnected { .. }) => {}
-            other => panic!("expected a move, got {other:?}"),
+    match within("move", client.next_event()).await {
+        Some(Event::Moved {
+            from_server,
+            server_id,
+            ..
+        }) => {
+            assert_eq!(from_server, drained);
+            assert_eq!(server_id, servers[1].id);
         }
+        other => panic!("expected a move, got {other:?}"),
     }
     coordinator.wait_for_line("admin: DrainServer done");
     let (ok, out, _) = meshctl(TOKEN, &["undrain", &drained]);
