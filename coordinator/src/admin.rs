@@ -118,6 +118,26 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The store a running coordinator uses, to change through its admin API.
+    pub(crate) fn of(store: &crate::accounts::Store) -> Result<Self, StoreError> {
+        match store {
+            crate::accounts::Store::File { path, .. } => Ok(Self::File(path.clone())),
+            crate::accounts::Store::Sql(db) => Ok(Self::Sql(db.clone())),
+            crate::accounts::Store::Open | crate::accounts::Store::Single { .. } => {
+                Err(StoreError::NotManaged)
+            }
+        }
+    }
+
+    /// Every account (for the admin API's `ListAccounts`).
+    pub(crate) async fn accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let _turn = match self {
+            Self::File(path) => Some(FileTurn::take(path).await?),
+            Self::Sql(_) => None,
+        };
+        self.list().await
+    }
+
     /// Opens the store named by an `[accounts]` config.
     pub async fn open(config: &AccountsConfig) -> Result<Self, StoreError> {
         match config.store {
@@ -478,7 +498,7 @@ impl Drop for FileTurn {
     }
 }
 
-fn describe(a: &Account) -> String {
+pub(crate) fn describe(a: &Account) -> String {
     let list = |items: Vec<String>| {
         if items.is_empty() {
             "-".to_owned()
@@ -526,4 +546,144 @@ fn describe(a: &Account) -> String {
             roles.join(", ")
         },
     )
+}
+
+/// `coordinator accounts --admin URL`: a command carried out by a running coordinator through
+/// its admin API.
+pub mod remote {
+    use relaymesh_proto::admin::admin_client::AdminClient;
+    use relaymesh_proto::admin::{
+        AccountEntry, AccountName, AddAccessCodeRequest, AddPublicKeyRequest, CreateAccountRequest,
+        ListAccountsRequest, SetRoleRequest,
+    };
+    use tonic::transport::Channel;
+
+    use super::AdminCommand;
+
+    /// Why a command could not be carried out through the admin API.
+    #[derive(Debug, thiserror::Error)]
+    pub enum RemoteError {
+        /// The URL is not one.
+        #[error("invalid admin URL {url:?}: {reason}")]
+        Url {
+            /// The URL given.
+            url: String,
+            /// Why.
+            reason: String,
+        },
+        /// The token cannot be sent as a header.
+        #[error("RELAYMESH_ADMIN_TOKEN is not a valid header value")]
+        Token,
+        /// The API could not be reached.
+        #[error("cannot reach the admin API at {url}: {error}")]
+        Connect {
+            /// The URL given.
+            url: String,
+            /// Why.
+            error: tonic::transport::Error,
+        },
+        /// The coordinator refused or failed the call.
+        #[error("{:?}: {}", .0.code(), .0.message())]
+        Status(#[from] tonic::Status),
+    }
+
+    /// Carries out `command` on the coordinator whose admin API is at `url`, with bearer
+    /// `token`; returns what to print (what the command prints against the store itself).
+    pub async fn run(url: &str, token: &str, command: AdminCommand) -> Result<String, RemoteError> {
+        let channel = Channel::from_shared(url.to_owned())
+            .map_err(|e| RemoteError::Url {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?
+            .connect()
+            .await
+            .map_err(|error| RemoteError::Connect {
+                url: url.to_owned(),
+                error,
+            })?;
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| RemoteError::Token)?;
+        let mut admin =
+            AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", bearer.clone());
+                Ok(req)
+            });
+        let entry = |account: String, id: String| AccountEntry { account, id };
+        let reply = match command {
+            AdminCommand::List => {
+                return Ok(admin
+                    .list_accounts(ListAccountsRequest {})
+                    .await?
+                    .into_inner()
+                    .text);
+            }
+            AdminCommand::Create {
+                name,
+                isolate_groups,
+            } => {
+                admin
+                    .create_account(CreateAccountRequest {
+                        account: name,
+                        isolate_groups,
+                    })
+                    .await?
+            }
+            AdminCommand::Enable { name } => {
+                admin.enable_account(AccountName { account: name }).await?
+            }
+            AdminCommand::Disable { name } => {
+                admin.disable_account(AccountName { account: name }).await?
+            }
+            AdminCommand::AddCode { name, id, groups } => {
+                admin
+                    .add_access_code(AddAccessCodeRequest {
+                        account: name,
+                        id: id.unwrap_or_default(),
+                        groups,
+                    })
+                    .await?
+            }
+            AdminCommand::RevokeCode { name, id } => {
+                admin.revoke_access_code(entry(name, id)).await?
+            }
+            AdminCommand::AddKey {
+                name,
+                key,
+                id,
+                groups,
+            } => {
+                admin
+                    .add_public_key(AddPublicKeyRequest {
+                        account: name,
+                        key,
+                        id: id.unwrap_or_default(),
+                        groups,
+                    })
+                    .await?
+            }
+            AdminCommand::RevokeKey { name, id } => {
+                admin.revoke_public_key(entry(name, id)).await?
+            }
+            AdminCommand::SetRole {
+                name,
+                role,
+                publish,
+                subscribe,
+            } => {
+                admin
+                    .set_role(SetRoleRequest {
+                        account: name,
+                        role,
+                        publish,
+                        subscribe,
+                    })
+                    .await?
+            }
+            AdminCommand::RemoveRole { name, role } => admin.remove_role(entry(name, role)).await?,
+            AdminCommand::Nodes { name } => admin.list_nodes(AccountName { account: name }).await?,
+            AdminCommand::RevokeNode { name, id } => admin.revoke_node(entry(name, id)).await?,
+        };
+        Ok(reply.into_inner().text)
+    }
 }

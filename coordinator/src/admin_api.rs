@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::admin::admin_server::{Admin, AdminServer};
 use relaymesh_proto::admin::{
-    DrainServerRequest, DrainServerResponse, GetServerRequest, KickClientRequest,
-    KickClientResponse, ListServersRequest, ListServersResponse, Server, UndrainServerRequest,
+    self as api, AccountEntry, AccountName, AccountsReply, AddAccessCodeRequest,
+    AddPublicKeyRequest, CreateAccountRequest, DrainServerRequest, DrainServerResponse,
+    GetServerRequest, KickClientRequest, KickClientResponse, ListAccountsRequest,
+    ListAccountsResponse, ListServersRequest, ListServersResponse, Server, SetRoleRequest,
+    UndrainServerRequest,
 };
 use relaymesh_proto::{encode, v1};
 use subtle::ConstantTimeEq as _;
@@ -24,6 +27,8 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::App;
+use crate::accounts::StoreError;
+use crate::admin::{AdminCommand, Backend};
 use crate::registry::Entry;
 use crate::server_link::ServerLink;
 
@@ -290,6 +295,252 @@ impl Admin for AdminService {
             )));
         }
         Ok(Response::new(KickClientResponse { closed }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        tracing::info!(peer = ?request.remote_addr(), "admin: ListAccounts");
+        let backend = Backend::of(&self.app.accounts).map_err(store_status)?;
+        let accounts = backend.accounts().await.map_err(store_status)?;
+        let text = accounts.iter().map(crate::admin::describe).collect();
+        Ok(Response::new(ListAccountsResponse {
+            accounts: accounts.into_iter().map(account).collect(),
+            text,
+        }))
+    }
+
+    async fn create_account(
+        &self,
+        request: Request<CreateAccountRequest>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let command = AdminCommand::Create {
+            name: required("account", &req.account)?.to_owned(),
+            isolate_groups: req.isolate_groups,
+        };
+        self.accounts(peer, "CreateAccount", command).await
+    }
+
+    async fn enable_account(
+        &self,
+        request: Request<AccountName>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let name = required("account", &request.get_ref().account)?.to_owned();
+        self.accounts(peer, "EnableAccount", AdminCommand::Enable { name })
+            .await
+    }
+
+    async fn disable_account(
+        &self,
+        request: Request<AccountName>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let name = required("account", &request.get_ref().account)?.to_owned();
+        self.accounts(peer, "DisableAccount", AdminCommand::Disable { name })
+            .await
+    }
+
+    async fn add_access_code(
+        &self,
+        request: Request<AddAccessCodeRequest>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let command = AdminCommand::AddCode {
+            name: required("account", &req.account)?.to_owned(),
+            id: (!req.id.is_empty()).then_some(req.id),
+            groups: req.groups,
+        };
+        let mut reply = self.accounts(peer, "AddAccessCode", command).await?;
+        let answer = reply.get_mut();
+        answer.code = answer.text.trim().to_owned();
+        Ok(reply)
+    }
+
+    async fn revoke_access_code(
+        &self,
+        request: Request<AccountEntry>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let (name, id) = entry(request.get_ref(), "id")?;
+        self.accounts(
+            peer,
+            "RevokeAccessCode",
+            AdminCommand::RevokeCode { name, id },
+        )
+        .await
+    }
+
+    async fn add_public_key(
+        &self,
+        request: Request<AddPublicKeyRequest>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let command = AdminCommand::AddKey {
+            name: required("account", &req.account)?.to_owned(),
+            key: required("key", &req.key)?.to_owned(),
+            id: (!req.id.is_empty()).then_some(req.id),
+            groups: req.groups,
+        };
+        self.accounts(peer, "AddPublicKey", command).await
+    }
+
+    async fn revoke_public_key(
+        &self,
+        request: Request<AccountEntry>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let (name, id) = entry(request.get_ref(), "id")?;
+        self.accounts(
+            peer,
+            "RevokePublicKey",
+            AdminCommand::RevokeKey { name, id },
+        )
+        .await
+    }
+
+    async fn set_role(
+        &self,
+        request: Request<SetRoleRequest>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let command = AdminCommand::SetRole {
+            name: required("account", &req.account)?.to_owned(),
+            role: required("role", &req.role)?.to_owned(),
+            publish: req.publish,
+            subscribe: req.subscribe,
+        };
+        self.accounts(peer, "SetRole", command).await
+    }
+
+    async fn remove_role(
+        &self,
+        request: Request<AccountEntry>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let (name, role) = entry(request.get_ref(), "id")?;
+        self.accounts(peer, "RemoveRole", AdminCommand::RemoveRole { name, role })
+            .await
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<AccountName>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let name = required("account", &request.get_ref().account)?.to_owned();
+        self.accounts(peer, "ListNodes", AdminCommand::Nodes { name })
+            .await
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<AccountEntry>,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let peer = request.remote_addr();
+        let (name, id) = entry(request.get_ref(), "id")?;
+        self.accounts(peer, "RevokeNode", AdminCommand::RevokeNode { name, id })
+            .await
+    }
+}
+
+impl AdminService {
+    /// Carries out `command` on the running coordinator's account store (what
+    /// `coordinator accounts` does against the store itself), logged with the caller.
+    async fn accounts(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        method: &'static str,
+        command: AdminCommand,
+    ) -> Result<Response<AccountsReply>, Status> {
+        let backend = Backend::of(&self.app.accounts).map_err(store_status)?;
+        let described = format!("{command:?}");
+        match backend.run(command).await {
+            Ok(text) => {
+                // The command, not its output: a new code is shown only to the caller.
+                tracing::info!(?peer, method, command = %described, "admin: accounts changed");
+                Ok(Response::new(AccountsReply {
+                    text,
+                    code: String::new(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(?peer, method, command = %described, error = %e, "admin: accounts call refused");
+                Err(store_status(e))
+            }
+        }
+    }
+}
+
+/// An account's entry (`field` names the id's field in errors).
+fn entry(entry: &AccountEntry, field: &str) -> Result<(String, String), Status> {
+    Ok((
+        required("account", &entry.account)?.to_owned(),
+        required(field, &entry.id)?.to_owned(),
+    ))
+}
+
+/// The store's refusal as a gRPC status.
+fn store_status(e: StoreError) -> Status {
+    let message = e.to_string();
+    match e {
+        StoreError::NoAccount(_) | StoreError::NoEntry { .. } => Status::not_found(message),
+        StoreError::AccountExists(_) | StoreError::EntryExists { .. } => {
+            Status::already_exists(message)
+        }
+        StoreError::BadName(_)
+        | StoreError::BadKey { .. }
+        | StoreError::BadFilter { .. }
+        | StoreError::Duplicate(_) => Status::invalid_argument(message),
+        StoreError::LastRole { .. } | StoreError::NotManaged => {
+            Status::failed_precondition(message)
+        }
+        StoreError::Locked(_) | StoreError::Database(_) => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+/// An account as the API shows it (never a code's hash).
+fn account(a: crate::accounts::Account) -> api::Account {
+    api::Account {
+        name: a.name,
+        enabled: a.enabled,
+        isolate_groups: a.isolate_groups,
+        access_codes: a
+            .access_codes
+            .into_iter()
+            .map(|c| api::Credential {
+                id: c.id,
+                revoked: c.revoked,
+                groups: c.groups,
+                key: String::new(),
+            })
+            .collect(),
+        public_keys: a
+            .public_keys
+            .into_iter()
+            .map(|k| api::Credential {
+                id: k.id,
+                revoked: k.revoked,
+                groups: k.groups,
+                key: k.key,
+            })
+            .collect(),
+        roles: a
+            .roles
+            .into_iter()
+            .map(|(name, r)| api::Role {
+                name,
+                publish: r.publish,
+                subscribe: r.subscribe,
+            })
+            .collect(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! RELAYMESH_CLUSTER_SECRET=... coordinator --listen 127.0.0.1:7400 [--config coordinator.toml]
 //! coordinator accounts [--config coordinator.toml | --file accounts.json | --url sqlite://accounts.db] <command>
+//! RELAYMESH_ADMIN_TOKEN=... coordinator accounts --admin http://HOST:PORT <command>
 //! ```
 
 use std::net::SocketAddr;
@@ -37,8 +38,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Manage the accounts of the file or sql store (the config's [accounts], or --file/--url).
+    /// Manage the accounts of the file or sql store (the config's [accounts], or --file/--url),
+    /// or those of a running coordinator through its admin API (--admin).
     Accounts {
+        /// A running coordinator's admin API (http://HOST:PORT), with the token from
+        /// RELAYMESH_ADMIN_TOKEN: the command runs there, on its store.
+        #[arg(long, conflicts_with_all = ["file", "url"])]
+        admin: Option<String>,
         /// The accounts JSON file (file store).
         #[arg(long, conflicts_with = "url")]
         file: Option<PathBuf>,
@@ -54,7 +60,16 @@ enum Command {
 fn main() -> ExitCode {
     relaymesh_net::logging::init();
     let args = Args::parse();
-    if let Some(Command::Accounts { file, url, command }) = args.command {
+    if let Some(Command::Accounts {
+        admin,
+        file,
+        url,
+        command,
+    }) = args.command
+    {
+        if let Some(admin) = admin {
+            return remote_accounts(&admin, command);
+        }
         return accounts(args.config.as_deref(), file, url, command);
     }
     match load_config(&args) {
@@ -121,6 +136,24 @@ async fn accounts(
         Err(e) => Err(e),
     };
     match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("coordinator accounts: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn remote_accounts(admin: &str, command: AdminCommand) -> ExitCode {
+    let Ok(token) = std::env::var("RELAYMESH_ADMIN_TOKEN") else {
+        eprintln!("coordinator accounts: --admin needs RELAYMESH_ADMIN_TOKEN");
+        return ExitCode::FAILURE;
+    };
+    match coordinator::admin::remote::run(admin, &token, command).await {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS

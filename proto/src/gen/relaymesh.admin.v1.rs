@@ -84,6 +84,120 @@ pub struct KickClientResponse {
     #[prost(uint32, tag = "1")]
     pub closed: u32,
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAccountsRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListAccountsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub accounts: ::prost::alloc::vec::Vec<Account>,
+    /// As `coordinator accounts list` prints them.
+    #[prost(string, tag = "2")]
+    pub text: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Account {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub enabled: bool,
+    /// Each group has its own topics inside the account.
+    #[prost(bool, tag = "3")]
+    pub isolate_groups: bool,
+    #[prost(message, repeated, tag = "4")]
+    pub access_codes: ::prost::alloc::vec::Vec<Credential>,
+    #[prost(message, repeated, tag = "5")]
+    pub public_keys: ::prost::alloc::vec::Vec<Credential>,
+    /// None: any role may log in, with no rules.
+    #[prost(message, repeated, tag = "6")]
+    pub roles: ::prost::alloc::vec::Vec<Role>,
+}
+/// An access code (never its hash) or a public key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Credential {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub revoked: bool,
+    /// Groups it may act in; none: every group.
+    #[prost(string, repeated, tag = "3")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A public key in hex (empty for a code).
+    #[prost(string, tag = "4")]
+    pub key: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Role {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Topic filters it may publish and subscribe to (`+` one level, `#` the rest).
+    #[prost(string, repeated, tag = "2")]
+    pub publish: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "3")]
+    pub subscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AccountName {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+}
+/// A code, key, role or node of an account, by id (or role name).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AccountEntry {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateAccountRequest {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub isolate_groups: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddAccessCodeRequest {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    /// Empty: code-N.
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "3")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddPublicKeyRequest {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    /// 64 hex digits.
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
+    /// Empty: key-N.
+    #[prost(string, tag = "3")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "4")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetRoleRequest {
+    #[prost(string, tag = "1")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub role: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "3")]
+    pub publish: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "4")]
+    pub subscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AccountsReply {
+    /// What `coordinator accounts` prints for the same command.
+    #[prost(string, tag = "1")]
+    pub text: ::prost::alloc::string::String,
+    /// `AddAccessCode`: the new code.
+    #[prost(string, tag = "2")]
+    pub code: ::prost::alloc::string::String,
+}
 /// Generated client implementations.
 pub mod admin_client {
     #![allow(
@@ -286,6 +400,276 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "KickClient"));
             self.inner.unary(req, path, codec).await
         }
+        /// The running coordinator's account store: what `coordinator accounts` does, over the API
+        /// (`coordinator accounts --admin URL` uses these). The file and sql stores only; the open
+        /// and single stores answer FAILED_PRECONDITION. A change is seen by the next login (the
+        /// file store reloads, the sql store reads at each login); sessions already open are not
+        /// cut. Unknown account, code, key, role or node: NOT_FOUND; one that exists already:
+        /// ALREADY_EXISTS; a malformed name, key or filter: INVALID_ARGUMENT, with nothing written.
+        pub async fn list_accounts(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAccountsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAccountsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/ListAccounts",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "ListAccounts"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// An enabled account with no codes, keys or roles.
+        pub async fn create_account(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateAccountRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/CreateAccount",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "CreateAccount"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn enable_account(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/EnableAccount",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "EnableAccount"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Refuses the account's logins.
+        pub async fn disable_account(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/DisableAccount",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "DisableAccount"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A new access code, in `AccountsReply.code`: the only time it is shown (only its argon2
+        /// hash is stored).
+        pub async fn add_access_code(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AddAccessCodeRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/AddAccessCode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "AddAccessCode"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn revoke_access_code(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/RevokeAccessCode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "RevokeAccessCode"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Registers an Ed25519 public key (64 hex digits).
+        pub async fn add_public_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AddPublicKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/AddPublicKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "AddPublicKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn revoke_public_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/RevokePublicKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "RevokePublicKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Creates or replaces a role's rules.
+        pub async fn set_role(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetRoleRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/SetRole",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "SetRole"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes a role (`id`); not the last one (FAILED_PRECONDITION), which would lift every rule.
+        pub async fn remove_role(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/RemoveRole",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "RemoveRole"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The account's nodes, one per line of `AccountsReply.text`.
+        pub async fn list_nodes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/ListNodes",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "ListNodes"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Revokes a node's token (`id`: the node id).
+        pub async fn revoke_node(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Admin/RevokeNode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Admin", "RevokeNode"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -338,6 +722,72 @@ pub mod admin_server {
             tonic::Response<super::KickClientResponse>,
             tonic::Status,
         >;
+        /// The running coordinator's account store: what `coordinator accounts` does, over the API
+        /// (`coordinator accounts --admin URL` uses these). The file and sql stores only; the open
+        /// and single stores answer FAILED_PRECONDITION. A change is seen by the next login (the
+        /// file store reloads, the sql store reads at each login); sessions already open are not
+        /// cut. Unknown account, code, key, role or node: NOT_FOUND; one that exists already:
+        /// ALREADY_EXISTS; a malformed name, key or filter: INVALID_ARGUMENT, with nothing written.
+        async fn list_accounts(
+            &self,
+            request: tonic::Request<super::ListAccountsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAccountsResponse>,
+            tonic::Status,
+        >;
+        /// An enabled account with no codes, keys or roles.
+        async fn create_account(
+            &self,
+            request: tonic::Request<super::CreateAccountRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        async fn enable_account(
+            &self,
+            request: tonic::Request<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// Refuses the account's logins.
+        async fn disable_account(
+            &self,
+            request: tonic::Request<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// A new access code, in `AccountsReply.code`: the only time it is shown (only its argon2
+        /// hash is stored).
+        async fn add_access_code(
+            &self,
+            request: tonic::Request<super::AddAccessCodeRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        async fn revoke_access_code(
+            &self,
+            request: tonic::Request<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// Registers an Ed25519 public key (64 hex digits).
+        async fn add_public_key(
+            &self,
+            request: tonic::Request<super::AddPublicKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        async fn revoke_public_key(
+            &self,
+            request: tonic::Request<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// Creates or replaces a role's rules.
+        async fn set_role(
+            &self,
+            request: tonic::Request<super::SetRoleRequest>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// Removes a role (`id`); not the last one (FAILED_PRECONDITION), which would lift every rule.
+        async fn remove_role(
+            &self,
+            request: tonic::Request<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// The account's nodes, one per line of `AccountsReply.text`.
+        async fn list_nodes(
+            &self,
+            request: tonic::Request<super::AccountName>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
+        /// Revokes a node's token (`id`: the node id).
+        async fn revoke_node(
+            &self,
+            request: tonic::Request<super::AccountEntry>,
+        ) -> std::result::Result<tonic::Response<super::AccountsReply>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -617,6 +1067,530 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = KickClientSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/ListAccounts" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListAccountsSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ListAccountsRequest>
+                    for ListAccountsSvc<T> {
+                        type Response = super::ListAccountsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAccountsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_accounts(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListAccountsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/CreateAccount" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateAccountSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::CreateAccountRequest>
+                    for CreateAccountSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateAccountRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::create_account(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateAccountSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/EnableAccount" => {
+                    #[allow(non_camel_case_types)]
+                    struct EnableAccountSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountName>
+                    for EnableAccountSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountName>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::enable_account(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = EnableAccountSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/DisableAccount" => {
+                    #[allow(non_camel_case_types)]
+                    struct DisableAccountSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountName>
+                    for DisableAccountSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountName>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::disable_account(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DisableAccountSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/AddAccessCode" => {
+                    #[allow(non_camel_case_types)]
+                    struct AddAccessCodeSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::AddAccessCodeRequest>
+                    for AddAccessCodeSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AddAccessCodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::add_access_code(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AddAccessCodeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/RevokeAccessCode" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeAccessCodeSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountEntry>
+                    for RevokeAccessCodeSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountEntry>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::revoke_access_code(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeAccessCodeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/AddPublicKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct AddPublicKeySvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::AddPublicKeyRequest>
+                    for AddPublicKeySvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AddPublicKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::add_public_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AddPublicKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/RevokePublicKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokePublicKeySvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountEntry>
+                    for RevokePublicKeySvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountEntry>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::revoke_public_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokePublicKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/SetRole" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetRoleSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::SetRoleRequest>
+                    for SetRoleSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetRoleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_role(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetRoleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/RemoveRole" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveRoleSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountEntry>
+                    for RemoveRoleSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountEntry>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::remove_role(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveRoleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/ListNodes" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListNodesSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountName>
+                    for ListNodesSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountName>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_nodes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListNodesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Admin/RevokeNode" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeNodeSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::AccountEntry>
+                    for RevokeNodeSvc<T> {
+                        type Response = super::AccountsReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AccountEntry>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::revoke_node(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeNodeSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

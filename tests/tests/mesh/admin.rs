@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use relaymesh_client::{Client, Event};
 use relaymesh_proto::admin::admin_client::AdminClient;
 use relaymesh_proto::admin::{
-    DrainServerRequest, GetServerRequest, KickClientRequest, ListServersRequest,
-    UndrainServerRequest,
+    AccountEntry, AccountName, AddAccessCodeRequest, AddPublicKeyRequest, CreateAccountRequest,
+    DrainServerRequest, GetServerRequest, KickClientRequest, ListAccountsRequest,
+    ListServersRequest, SetRoleRequest, UndrainServerRequest,
 };
 use relaymesh_tests::{Cluster, client_config, coordinator_config, eventually, next_event, within};
 use tonic::transport::Channel;
@@ -341,4 +342,192 @@ async fn a_kicked_client_is_closed_and_does_not_come_back() {
     assert_eq!(nobody.closed, 0);
     assert_eq!(cluster.servers[1].stat("clients").await, 1);
     bystander.close().await;
+}
+
+/// The running coordinator's account store through the API: every change takes effect on the
+/// next login, refusals name what is wrong and change nothing.
+#[tokio::test]
+async fn accounts_are_managed_on_the_running_coordinator() {
+    let path = std::env::temp_dir().join(format!(
+        "relaymesh-admin-accounts-{}.db",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let mut config = coordinator_config();
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin_token = TOKEN.into();
+    config.accounts = coordinator::accounts::AccountsConfig {
+        store: coordinator::accounts::StoreKind::Sql,
+        url: format!("sqlite://{}", path.display()),
+        ..Default::default()
+    };
+    let cluster = Cluster::start_configured(1, config).await;
+    let mut admin = AdminClient::new(channel(&cluster).await);
+    let login = |code: &str, role: &str| {
+        let mut config = client_config(&cluster.coordinator.url);
+        config.credentials = relaymesh_client::Credentials::AccessCode {
+            account: "acme".into(),
+            code: code.into(),
+            role: role.into(),
+            group: String::new(),
+        };
+        config.auto_reconnect = false;
+        Client::connect(config)
+    };
+
+    admin
+        .create_account(authed(CreateAccountRequest {
+            account: "acme".into(),
+            isolate_groups: false,
+        }))
+        .await
+        .unwrap();
+    let again = admin
+        .create_account(authed(CreateAccountRequest {
+            account: "acme".into(),
+            isolate_groups: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    let bad = admin
+        .create_account(authed(CreateAccountRequest {
+            account: "no spaces".into(),
+            isolate_groups: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let empty = admin
+        .enable_account(authed(AccountName {
+            account: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert!(empty.message().contains("account"), "{empty:?}");
+
+    // A code made through the API logs in at once; it is shown once, never listed.
+    let code = admin
+        .add_access_code(authed(AddAccessCodeRequest {
+            account: "acme".into(),
+            id: "ops".into(),
+            groups: Vec::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    assert!(code.len() >= 16, "{code:?}");
+    login(&code, "").await.unwrap().close().await;
+
+    // Roles: once there is one, logins must name it, and its rules hold.
+    admin
+        .set_role(authed(SetRoleRequest {
+            account: "acme".into(),
+            role: "viewer".into(),
+            publish: Vec::new(),
+            subscribe: vec!["status/#".into()],
+        }))
+        .await
+        .unwrap();
+    let bad_filter = admin
+        .set_role(authed(SetRoleRequest {
+            account: "acme".into(),
+            role: "broken".into(),
+            publish: vec!["a/#/b".into()],
+            subscribe: Vec::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_filter.code(), Code::InvalidArgument, "{bad_filter:?}");
+    let viewer = login(&code, "viewer").await.unwrap();
+    viewer.subscribe(["status/a"]).await.unwrap();
+    assert!(viewer.subscribe(["orders"]).await.is_err());
+    viewer.close().await;
+    let last = admin
+        .remove_role(authed(AccountEntry {
+            account: "acme".into(),
+            id: "viewer".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(last.code(), Code::FailedPrecondition, "{last:?}");
+
+    let bad_key = admin
+        .add_public_key(authed(AddPublicKeyRequest {
+            account: "acme".into(),
+            key: "not-hex".into(),
+            id: String::new(),
+            groups: Vec::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_key.code(), Code::InvalidArgument, "{bad_key:?}");
+
+    let listed = admin
+        .list_accounts(authed(ListAccountsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.accounts.len(), 1);
+    let acme = &listed.accounts[0];
+    assert!(acme.enabled);
+    assert_eq!(acme.access_codes.len(), 1);
+    assert_eq!(acme.access_codes[0].id, "ops");
+    assert!(acme.public_keys.is_empty(), "the bad key was not written");
+    assert_eq!(acme.roles.len(), 1, "the bad role was not written");
+    assert!(listed.text.starts_with("acme\tenabled"), "{}", listed.text);
+
+    // Disabled: refused; enabled: in again. Revoked: refused for good.
+    admin
+        .disable_account(authed(AccountName {
+            account: "acme".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(login(&code, "viewer").await.is_err());
+    admin
+        .enable_account(authed(AccountName {
+            account: "acme".into(),
+        }))
+        .await
+        .unwrap();
+    login(&code, "viewer").await.unwrap().close().await;
+    admin
+        .revoke_access_code(authed(AccountEntry {
+            account: "acme".into(),
+            id: "ops".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(login(&code, "viewer").await.is_err());
+    let unknown = admin
+        .revoke_access_code(authed(AccountEntry {
+            account: "acme".into(),
+            id: "nope".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let nobody = admin
+        .list_nodes(authed(AccountName {
+            account: "globex".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(nobody.code(), Code::NotFound, "{nobody:?}");
+    drop(cluster);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn the_open_store_has_no_accounts_to_manage() {
+    let cluster = cluster(1).await;
+    let mut admin = AdminClient::new(channel(&cluster).await);
+    let refused = admin
+        .list_accounts(authed(ListAccountsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }

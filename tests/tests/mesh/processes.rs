@@ -1224,3 +1224,76 @@ async fn meshctl_admin_lists_drains_and_undrains_servers_of_a_real_coordinator()
     }
     assert!(coordinator.terminate());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_accounts_with_admin_changes_the_running_coordinators_store() {
+    const TOKEN: &str = "process-accounts-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("relaymesh-accounts-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite://{}", dir.join("accounts.db").display());
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!("[accounts]\nstore = \"sql\"\nurl = \"{db}\"\n"),
+    )
+    .unwrap();
+    let secret = ("RELAYMESH_CLUSTER_SECRET", relaymesh_tests::SECRET);
+    let mut coordinator = Proc::start_with_env(
+        "coordinator",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[secret, ("RELAYMESH_ADMIN_TOKEN", TOKEN)],
+    );
+    let after = |line: String| line.rsplit(' ').next().unwrap().to_owned();
+    let admin_url = format!(
+        "http://{}",
+        after(coordinator.wait_for_line("admin API listening on "))
+    );
+    let url = format!(
+        "ws://{}",
+        after(coordinator.wait_for_line("coordinator listening on "))
+    );
+    let servers = commservers(&url, 1);
+    let accounts = |token: &str, args: &[&str]| {
+        let mut all = vec!["accounts", "--admin", &admin_url];
+        all.extend_from_slice(args);
+        run_with_env("coordinator", &all, &[("RELAYMESH_ADMIN_TOKEN", token)])
+    };
+    let (ok, out, err) = accounts(TOKEN, &["create", "acme"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "created account acme\n");
+    let (ok, code, err) = accounts(TOKEN, &["add-code", "acme", "--id", "ops"]);
+    assert!(ok, "{err}");
+    // The code made through the running coordinator logs in there at once.
+    let mut config = relaymesh_tests::client_config(&url);
+    config.credentials = relaymesh_client::Credentials::AccessCode {
+        account: "acme".into(),
+        code: code.trim().into(),
+        role: String::new(),
+        group: String::new(),
+    };
+    Client::connect(config).await.unwrap().close().await;
+    let (ok, listed, _) = accounts(TOKEN, &["list"]);
+    assert!(ok);
+    assert!(listed.starts_with("acme\tenabled\tcodes: ops"), "{listed}");
+    // Refusals: a wrong token, an account that exists, one that does not.
+    let (ok, _, err) = accounts("not-the-token", &["list"]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, err) = accounts(TOKEN, &["create", "acme"]);
+    assert!(!ok && err.contains("AlreadyExists"), "{err}");
+    let (ok, _, err) = accounts(TOKEN, &["disable", "globex"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    coordinator.wait_for_line("admin: accounts changed");
+    for mut server in servers {
+        assert!(server.proc.terminate());
+    }
+    assert!(coordinator.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
