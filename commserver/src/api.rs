@@ -54,6 +54,11 @@ pub(crate) async fn readyz(State(server): State<Arc<Server>>) -> axum::response:
 
 /// `GET /v1/stats`.
 pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
+    Json(stats_json(&server))
+}
+
+/// What `/v1/stats` shows (also the admin API's `GetServer` counters).
+pub(crate) fn stats_json(server: &Server) -> Value {
     let s = &server.stats;
     let peer_links: Vec<Value> = lock(&server.peer_links)
         .values()
@@ -70,7 +75,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         })
         .collect();
     let pending_keys = lock(&server.keys).pending();
-    Json(json!({
+    json!({
         "id": &*server.id,
         "url": server.public_url,
         "version": env!("CARGO_PKG_VERSION"),
@@ -95,6 +100,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "peer_gaps_reported": s.peer_gaps_reported.get(),
         "protocol_errors": s.protocol_errors.get(),
         "forbidden": s.forbidden.get(),
+        "backend_publishes": s.backend_publishes.get(),
         "direct_sent": s.direct_sent.get(),
         "undeliverable": s.undeliverable.get(),
         "inbox_accepted": s.inbox_accepted.get(),
@@ -111,7 +117,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<Value> {
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
-    }))
+    })
 }
 
 /// `GET /metrics`.
@@ -150,7 +156,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 25] = [
+    let counters: [(&str, &str, &Counter); 26] = [
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -205,6 +211,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_protocol_errors_total",
             "Client sessions closed for bad input.",
             &s.protocol_errors,
+        ),
+        (
+            "relaymesh_backend_publishes_total",
+            "Messages published by application backends through the admin API (one per topic).",
+            &s.backend_publishes,
         ),
         (
             "relaymesh_forbidden_total",

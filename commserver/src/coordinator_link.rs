@@ -235,12 +235,9 @@ impl link::Handler for Reader {
                 self.publisher.flush(&server.stats);
             }
             Some(Kind::Drain(drain)) => server.drain(&drain),
-            Some(Kind::Kick(kick)) => {
-                let closed = server.kick(&kick);
-                let answer = v1::ServerToCoordinator::kicked(v1::Kicked {
-                    request_id: kick.request_id,
-                    closed,
-                });
+            Some(Kind::Query(query)) => {
+                let answer = server.answer(query, &mut self.publisher);
+                let answer = v1::ServerToCoordinator::answer(answer);
                 answer_coordinator(&self.tx, answer, self.heartbeat.timeout).await?;
             }
             Some(Kind::Ping(ping)) => {

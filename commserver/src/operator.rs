@@ -1,5 +1,7 @@
-//! What an operator asks of this server through the coordinator (its admin API): drain it for
-//! an upgrade, or close a client's sessions.
+//! What an operator or an application backend asks of this server through the coordinator
+//! (its admin API): drain it for an upgrade, close a client's sessions, list its clients,
+//! topics and a topic's subscribers, report its peers and counters, and publish a backend's
+//! message through the same publish path as a client's.
 //!
 //! A drained server takes no new clients (it refuses reservations and connections and reports
 //! itself draining, so the coordinator sends logins elsewhere) and asks each client to move
@@ -145,6 +147,136 @@ impl Server {
         self.drained.load(Ordering::Relaxed)
     }
 
+    /// Answers a query of the coordinator's admin API. Arguments were checked there; what
+    /// could only be checked here (a topic's form, a payload's size) is an `Error` answer,
+    /// with nothing done.
+    pub(crate) fn answer(
+        &self,
+        query: v1::ServerQuery,
+        publisher: &mut routes::Publisher,
+    ) -> v1::ServerAnswer {
+        use v1::server_answer::Kind as Answer;
+        use v1::server_query::Kind as Query;
+        let kind = match query.kind {
+            Some(Query::Kick(kick)) => Answer::Kicked(self.kick(&kick)),
+            Some(Query::ListClients(list)) => Answer::Clients(self.list_clients(&list)),
+            Some(Query::Details(_)) => Answer::Details(self.details()),
+            Some(Query::Publish(publish)) => match self.backend_publish(publish, publisher) {
+                Ok(reached) => Answer::Published(v1::BackendPublished { reached }),
+                Err(e) => Answer::Error(e),
+            },
+            Some(Query::Topics(list)) => {
+                let (topics, more) =
+                    self.routes
+                        .topics(&list.scope, &list.prefix, &list.after, limit(list.limit));
+                Answer::Topics(v1::TopicList {
+                    topics: topics
+                        .into_iter()
+                        .map(|(topic, subscribers)| v1::ActiveTopic { topic, subscribers })
+                        .collect(),
+                    more,
+                })
+            }
+            Some(Query::Presence(presence)) => Answer::Clients(self.presence_of(&presence)),
+            None => Answer::Error(relaymesh_proto::empty("ServerQuery")),
+        };
+        v1::ServerAnswer {
+            request_id: query.request_id,
+            kind: Some(kind),
+        }
+    }
+
+    /// This server's clients of `list.scope` (all, if empty), by alias, after `list.after`.
+    fn list_clients(&self, list: &v1::ListClients) -> v1::ClientList {
+        let sessions: Vec<Arc<Subscriber>> = lock(&self.sessions)
+            .values()
+            .filter(|s| list.scope.is_empty() || *s.scope == *list.scope)
+            .filter(|s| *s.alias > *list.after)
+            .cloned()
+            .collect();
+        page_of(sessions, limit(list.limit))
+    }
+
+    /// The subscribers here of `presence.topic` of `presence.scope`.
+    fn presence_of(&self, presence: &v1::TopicPresence) -> v1::ClientList {
+        let subscribers: Vec<Arc<Subscriber>> = self
+            .routes
+            .get(&presence.scope, &presence.topic)
+            .map(|route| {
+                route
+                    .subscribers
+                    .iter()
+                    .filter(|s| *s.alias > *presence.after)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        page_of(subscribers, limit(presence.limit))
+    }
+
+    /// Its peer links and the counters of `/v1/stats`.
+    fn details(&self) -> v1::ServerDetailsReply {
+        let peers = lock(&self.peer_links)
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        let counters = match crate::api::stats_json(self) {
+            serde_json::Value::Object(fields) => fields
+                .into_iter()
+                .filter_map(|(name, value)| value.as_u64().map(|n| (name, n)))
+                .collect(),
+            _ => Default::default(),
+        };
+        v1::ServerDetailsReply { peers, counters }
+    }
+
+    /// Publishes a backend's message on each of its topics, through the publish path of
+    /// clients' messages (local subscribers, then each interested peer once); how many topics
+    /// had a subscriber anywhere.
+    fn backend_publish(
+        &self,
+        publish: v1::BackendPublish,
+        publisher: &mut routes::Publisher,
+    ) -> Result<u32, v1::Error> {
+        let max_payload = self.config.max_payload_bytes();
+        if publish.payload.len() > max_payload {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "payload of {} bytes exceeds the limit of {max_payload} bytes",
+                    publish.payload.len()
+                ),
+            ));
+        }
+        let max_topic = self.config.max_topic_bytes;
+        for topic in &publish.topics {
+            relaymesh_proto::topic::validate(topic, max_topic)
+                .map_err(|e| error(ErrorCode::InvalidTopic, format!("{topic:?}: {e}")))?;
+        }
+        let mut reached = 0;
+        for topic in &publish.topics {
+            let msg = routes::Message {
+                origin: routes::Origin::Local,
+                scope: &publish.scope,
+                topic,
+                from: Sender {
+                    alias: &publish.sender,
+                    role: BACKEND_ROLE,
+                    ..Sender::default()
+                },
+                payload: &publish.payload,
+            };
+            if publisher.publish(&self.routes, &self.stats, msg, || Ok::<(), v1::Error>(()))? {
+                reached += 1;
+            }
+        }
+        publisher.flush(&self.stats);
+        self.stats
+            .backend_publishes
+            .add(publish.topics.len() as u64);
+        Ok(reached)
+    }
+
     /// Closes the sessions of the client with alias `kick.alias`; how many.
     pub(crate) fn kick(&self, kick: &v1::Kick) -> u32 {
         let sessions: Vec<Arc<Subscriber>> = lock(&self.sessions)
@@ -168,6 +300,44 @@ impl Server {
             tracing::info!(alias = %kick.alias, closed, "kicked");
         }
         closed
+    }
+}
+
+/// The role a backend's messages carry.
+pub(crate) const BACKEND_ROLE: &str = "backend";
+/// Clients or topics in one answer when the query names no limit, and the most.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1_000;
+
+fn limit(asked: u32) -> usize {
+    match usize::try_from(asked) {
+        Ok(0) | Err(_) => DEFAULT_LIMIT,
+        Ok(n) => n.min(MAX_LIMIT),
+    }
+}
+
+/// `sessions`, by alias, at most `limit` of them, as a client list.
+fn page_of(mut sessions: Vec<Arc<Subscriber>>, limit: usize) -> v1::ClientList {
+    sessions.sort_unstable_by(|a, b| a.alias.cmp(&b.alias));
+    let more = sessions.len() > limit;
+    sessions.truncate(limit);
+    v1::ClientList {
+        clients: sessions
+            .iter()
+            .map(|s| v1::ClientInfo {
+                alias: s.alias.to_string(),
+                scope: s.scope.to_string(),
+                role: s.role.to_string(),
+                client_id: s
+                    .client
+                    .as_ref()
+                    .map(|c| c.client_id.to_string())
+                    .unwrap_or_default(),
+                node_id: s.node.as_deref().unwrap_or_default().to_owned(),
+                topics: s.topics.load(Ordering::Relaxed),
+            })
+            .collect(),
+        more,
     }
 }
 

@@ -44,8 +44,13 @@ const CACHE_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct Subscriber {
     pub(crate) id: SessionId,
-    /// The client's alias (for an operator's `Kick`).
+    /// Who the client is, for the admin API (kicks, client and presence lists): its alias,
+    /// routing scope, role and node (if it is one), and how many topics it subscribes to.
     pub(crate) alias: Arc<str>,
+    pub(crate) scope: Arc<str>,
+    pub(crate) role: Arc<str>,
+    pub(crate) node: Option<Arc<str>>,
+    pub(crate) topics: std::sync::atomic::AtomicU32,
     /// The session's data queue; its writer task holds the receiver. Full means the client is
     /// not keeping up; closed means the session ended.
     pub(crate) data: DataTx,
@@ -307,6 +312,44 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
+    /// Topics of `scope` with subscribers here, named after `after` and starting with
+    /// `prefix`, by name, at most `limit`, with their subscriber counts; and whether more
+    /// follow.
+    pub(crate) fn topics(
+        &self,
+        scope: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<(String, u32)>, bool) {
+        let mut found: Vec<(String, u32)> = {
+            let routes = self
+                .routes
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(topics) = routes.get(scope) else {
+                return (Vec::new(), false);
+            };
+            topics
+                .iter()
+                .filter(|(topic, route)| {
+                    !route.subscribers.is_empty()
+                        && !topic.starts_with('@')
+                        && topic.starts_with(prefix)
+                        && &***topic > after
+                })
+                .map(|(topic, route)| {
+                    let n = u32::try_from(route.subscribers.len()).unwrap_or(u32::MAX);
+                    (topic.to_string(), n)
+                })
+                .collect()
+        };
+        found.sort_unstable();
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
+    }
+
     pub(crate) fn get(&self, account: &str, topic: &str) -> Option<Arc<Route>> {
         let routes = self
             .routes

@@ -243,9 +243,23 @@ fn run(
     ));
     let closer = Closer::new();
     let direct = socket.sink.direct(&data_tx);
+    let alias: Arc<str> = identity.alias.as_str().into();
+    let role: Arc<str> = identity.role.as_str().into();
+    // Identities from before scopes existed route by account.
+    let scope: Arc<str> = if identity.scope.is_empty() {
+        identity.account.as_str().into()
+    } else {
+        identity.scope.as_str().into()
+    };
+    let node: Option<Arc<str>> =
+        (!identity.node_id.is_empty()).then(|| identity.node_id.as_str().into());
     let me = Arc::new(Subscriber {
         id: server.next_id(),
-        alias: identity.alias.as_str().into(),
+        alias: alias.clone(),
+        scope: scope.clone(),
+        role: role.clone(),
+        node: node.clone(),
+        topics: std::sync::atomic::AtomicU32::new(0),
         data: data_tx,
         backlog: backlog.clone(),
         direct: direct.clone(),
@@ -253,7 +267,7 @@ fn run(
         subscribed: AtomicBool::new(false),
         client: (!identity.client_id.is_empty()).then(|| ClientKey {
             account: identity.account.as_str().into(),
-            role: identity.role.as_str().into(),
+            role: role.clone(),
             client_id: identity.client_id.as_str().into(),
             seq: identity.seq,
         }),
@@ -309,14 +323,9 @@ fn run(
         me,
         ctrl: ctrl_tx,
         rules: Rules::of(&identity),
-        alias: identity.alias.into(),
-        role: identity.role.into(),
-        // Identities from before scopes existed route by account.
-        account: if identity.scope.is_empty() {
-            identity.account.into()
-        } else {
-            identity.scope.into()
-        },
+        alias,
+        role,
+        account: scope,
         topics: HashSet::new(),
         ever_subscribed: false,
         leaving: false,
@@ -327,7 +336,7 @@ fn run(
         taken: 0,
         confirmed: 0,
         joining,
-        node: (!identity.node_id.is_empty()).then(|| identity.node_id.into()),
+        node,
         signals: None,
         inbox: None,
     };
@@ -1075,6 +1084,10 @@ impl Session {
         if !fresh.is_empty() {
             // Recorded before the command is sent, so the session's close always cleans up.
             self.topics.extend(fresh.iter().cloned());
+            self.me.topics.store(
+                u32::try_from(self.topics.len()).unwrap_or(u32::MAX),
+                Ordering::Relaxed,
+            );
             self.me.subscribed.store(true, Ordering::Relaxed);
             self.ever_subscribed = true;
         }
@@ -1100,6 +1113,10 @@ impl Session {
             .iter()
             .filter_map(|t| self.topics.take(t.as_str()))
             .collect();
+        self.me.topics.store(
+            u32::try_from(self.topics.len()).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
         if !gone.is_empty() {
             let room = self.confirmation_room(unsub.request_id)?;
             self.me

@@ -37,6 +37,8 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Counter,
     /// Publishes and subscriptions refused by role rules.
     pub(crate) forbidden: Counter,
+    /// Messages published by application backends through the admin API (one per topic).
+    pub(crate) backend_publishes: Counter,
     /// Direct messages and signals sent by this server's clients that reached a session.
     pub(crate) direct_sent: Counter,
     /// Direct messages and signals answered `Undeliverable` (no session, unknown node, over a

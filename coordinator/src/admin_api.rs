@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use relaymesh_net::sync::lock;
 use relaymesh_proto::admin::admin_server::{Admin, AdminServer};
+use relaymesh_proto::admin::backend_server::BackendServer;
 use relaymesh_proto::admin::{
     self as api, AccountEntry, AccountName, AccountsReply, AddAccessCodeRequest,
-    AddPublicKeyRequest, CreateAccountRequest, DrainServerRequest, DrainServerResponse,
-    GetServerRequest, KickClientRequest, KickClientResponse, ListAccountsRequest,
-    ListAccountsResponse, ListServersRequest, ListServersResponse, Server, SetRoleRequest,
-    UndrainServerRequest,
+    AddPublicKeyRequest, ClientsPage, CreateAccountRequest, DrainServerRequest,
+    DrainServerResponse, GetServerRequest, KickClientRequest, KickClientResponse,
+    ListAccountsRequest, ListAccountsResponse, ListClientsRequest, ListServersRequest,
+    ListServersResponse, Server, SetRoleRequest, UndrainServerRequest,
 };
 use relaymesh_proto::{encode, v1};
 use subtle::ConstantTimeEq as _;
@@ -29,6 +30,7 @@ use tonic::{Request, Response, Status};
 use crate::App;
 use crate::accounts::StoreError;
 use crate::admin::{AdminCommand, Backend};
+use crate::backend_api::{BackendService, QUERY_TIMEOUT, optional, required};
 use crate::registry::Entry;
 use crate::server_link::ServerLink;
 
@@ -37,10 +39,6 @@ const READINESS_EVERY: Duration = Duration::from_secs(1);
 /// `DrainServer` waits this long when the request names no deadline, and at most the longest.
 const DEFAULT_DRAIN_MS: u32 = 30_000;
 const MAX_DRAIN_MS: u32 = 600_000;
-/// How long a server has to answer a `Kick`.
-const KICK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest alias or reason taken.
-const MAX_TEXT: usize = 256;
 
 /// Serves the admin API, health and reflection on `listener` until shutdown.
 pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
@@ -61,15 +59,26 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     let admin = AdminServer::with_interceptor(AdminService { app: app.clone() }, move |req| {
         authorize(&token, req)
     });
+    let token = app.config.admin_token.clone();
+    let backend =
+        BackendServer::with_interceptor(BackendService { app: app.clone() }, move |req| {
+            authorize(&token, req)
+        });
+    // gRPC and the backend API's HTTP JSON twin on one listener (HTTP/1 for the latter).
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(admin)
+        .add_service(backend)
+        .into_axum_router()
+        .merge(crate::backend_api::http(app.clone()));
     app.tracker.spawn(readiness(app.clone(), health));
     if let Some(local) = local {
         tracing::info!("admin API listening on {local}");
     }
     let shutdown = app.shutdown.clone();
     let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(admin)
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.cancelled_owned(),
@@ -153,6 +162,8 @@ fn server(app: &App, id: &str, e: &Entry<Arc<ServerLink>>, now: Instant) -> Serv
         report_age_ms: u64::try_from(now.saturating_duration_since(e.load_at).as_millis())
             .unwrap_or(u64::MAX),
         unresponsive: e.unresponsive,
+        peers: Vec::new(),
+        counters: Default::default(),
     }
 }
 
@@ -163,23 +174,6 @@ fn find(app: &App, id: &str) -> Result<Server, Status> {
         .get(id)
         .map(|e| server(app, id, e, Instant::now()))
         .ok_or_else(|| Status::not_found(format!("server_id: no server {id:?} is registered")))
-}
-
-/// `field` must be non-empty and at most [`MAX_TEXT`] bytes.
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field}: required")));
-    }
-    optional(field, value)
-}
-
-fn optional<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
-    if value.len() > MAX_TEXT {
-        return Err(Status::invalid_argument(format!(
-            "{field}: longer than {MAX_TEXT} bytes"
-        )));
-    }
-    Ok(value)
 }
 
 #[tonic::async_trait]
@@ -205,7 +199,20 @@ impl Admin for AdminService {
     ) -> Result<Response<Server>, Status> {
         tracing::debug!(peer = ?request.remote_addr(), "admin: GetServer");
         let id = required("server_id", &request.get_ref().server_id)?;
-        Ok(Response::new(find(&self.app, id)?))
+        let mut server = find(&self.app, id)?;
+        // Its peers and counters, from the server itself: left empty if it does not answer.
+        let link = lock(&self.app.registry).get(id).map(|e| e.handle.clone());
+        if let Some(link) = link {
+            let ask = v1::server_query::Kind::Details(v1::ServerDetails {});
+            if let Some(v1::server_answer::Kind::Details(details)) = link
+                .ask(self.app.next_request_id(), ask, QUERY_TIMEOUT)
+                .await
+            {
+                server.peers = details.peers;
+                server.counters = details.counters;
+            }
+        }
+        Ok(Response::new(server))
     }
 
     async fn drain_server(
@@ -272,29 +279,39 @@ impl Admin for AdminService {
     ) -> Result<Response<KickClientResponse>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
-        let alias = required("alias", &req.alias)?;
-        let reason = optional("reason", &req.reason)?;
-        let links: Vec<Arc<ServerLink>> = lock(&self.app.registry)
-            .iter()
-            .map(|(_, e)| e.handle.clone())
-            .collect();
-        let asked = links.iter().map(|link| {
-            let request_id = self.app.next_request_id();
-            link.kick(request_id, alias, reason, KICK_TIMEOUT)
-        });
-        let answers = futures_util::future::join_all(asked).await;
-        let closed = answers
-            .iter()
-            .flatten()
-            .fold(0u32, |sum, n| sum.saturating_add(*n));
-        let silent = answers.iter().filter(|a| a.is_none()).count();
-        tracing::info!(?peer, %alias, closed, silent, "admin: KickClient");
-        if closed == 0 && silent > 0 {
-            return Err(Status::unavailable(format!(
-                "{silent} server(s) did not answer; the client may still be connected"
-            )));
-        }
+        let alias = req.alias.clone();
+        let closed = crate::backend_api::kick(&self.app, req).await?;
+        tracing::info!(?peer, %alias, closed, "admin: KickClient");
         Ok(Response::new(KickClientResponse { closed }))
+    }
+
+    async fn list_clients(
+        &self,
+        request: Request<ListClientsRequest>,
+    ) -> Result<Response<ClientsPage>, Status> {
+        tracing::debug!(peer = ?request.remote_addr(), "admin: ListClients");
+        let req = request.into_inner();
+        let server_id = optional("server_id", &req.server_id)?;
+        let account = optional("account", &req.account)?;
+        let group = optional("group", &req.group)?;
+        if account.is_empty() && !group.is_empty() {
+            return Err(Status::invalid_argument("group: needs account"));
+        }
+        let scope = if group.is_empty() {
+            account.to_owned()
+        } else {
+            format!("{account}#{group}")
+        };
+        let links = crate::backend_api::links(&self.app, server_id)?;
+        let page = crate::backend_api::clients_page(
+            &self.app,
+            &links,
+            &scope,
+            req.page_size,
+            &req.page_token,
+        )
+        .await?;
+        Ok(Response::new(page))
     }
 
     async fn list_accounts(

@@ -14,6 +14,7 @@ pub mod admin;
 mod admin_api;
 mod alias;
 mod api;
+mod backend_api;
 pub mod config;
 mod directory;
 pub mod inbox;

@@ -54,8 +54,8 @@ pub(crate) struct ServerLink {
     /// The receivers are held by the logins waiting in [`ServerLink::reserve`].
     pending: Mutex<HashMap<u64, oneshot::Sender<ReserveReply>>>,
     max_pending: usize,
-    /// `Kick`s sent to this server and awaiting `Kicked`, by request id.
-    kicks: Mutex<HashMap<u64, oneshot::Sender<u32>>>,
+    /// `ServerQuery`s sent to this server and awaiting their `ServerAnswer`, by request id.
+    queries: Mutex<HashMap<u64, oneshot::Sender<v1::ServerAnswer>>>,
 }
 
 impl std::fmt::Debug for ServerLink {
@@ -89,37 +89,36 @@ impl ServerLink {
         self.tx.try_send(frame).is_ok()
     }
 
-    /// Asks the server to close the sessions of alias `alias` and waits (up to `timeout`) for
-    /// how many it closed; `None` if it did not answer.
-    pub(crate) async fn kick(
+    /// Asks the server `query` (an admin API request) and waits (up to `timeout`) for its
+    /// answer; `None` if it did not answer (or too many queries are pending on it).
+    pub(crate) async fn ask(
         &self,
         request_id: u64,
-        alias: &str,
-        reason: &str,
+        query: v1::server_query::Kind,
         timeout: Duration,
-    ) -> Option<u32> {
+    ) -> Option<v1::server_answer::Kind> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut kicks = lock(&self.kicks);
-            if kicks.len() >= self.max_pending {
+            let mut queries = lock(&self.queries);
+            if queries.len() >= self.max_pending {
                 return None;
             }
-            kicks.insert(request_id, tx);
+            queries.insert(request_id, tx);
         }
         // Forgotten however this ends, a caller that gave up (its future dropped) included.
-        let _forget = Forget(&self.kicks, request_id);
-        let frame = encode(&v1::CoordinatorToServer::kick(v1::Kick {
+        let _forget = Forget(&self.queries, request_id);
+        let frame = encode(&v1::CoordinatorToServer::query(v1::ServerQuery {
             request_id,
-            alias: alias.to_owned(),
-            reason: reason.to_owned(),
+            kind: Some(query),
         }));
-        if self.send(frame) {
-            tokio::select! {
-                answer = tokio::time::timeout(timeout, rx) => answer.ok().and_then(Result::ok),
-                _ = self.closer.closed() => None,
+        if !self.send(frame) {
+            return None;
+        }
+        tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => {
+                answer.ok().and_then(Result::ok).and_then(|a| a.kind)
             }
-        } else {
-            None
+            _ = self.closer.closed() => None,
         }
     }
 
@@ -343,7 +342,7 @@ impl link::Handler for Reader {
             closer: self.closer.clone(),
             pending: Mutex::new(HashMap::new()),
             max_pending: app.config.max_pending_reservations,
-            kicks: Mutex::new(HashMap::new()),
+            queries: Mutex::new(HashMap::new()),
         });
         {
             // The directory is locked first and held while the copy goes out, so every change
@@ -442,9 +441,9 @@ impl link::Handler for Reader {
                 .inbox
                 .submit(crate::inbox::Op::Fetch(fetch, handle.clone())),
             Some(Kind::InboxDone(done)) => self.app.inbox.submit(crate::inbox::Op::Done(done)),
-            Some(Kind::Kicked(kicked)) => {
-                if let Some(tx) = lock(&handle.kicks).remove(&kicked.request_id) {
-                    let _ = tx.send(kicked.closed);
+            Some(Kind::Answer(answer)) => {
+                if let Some(tx) = lock(&handle.queries).remove(&answer.request_id) {
+                    let _ = tx.send(answer);
                 }
             }
             Some(Kind::Pong(_)) => {}

@@ -53,7 +53,18 @@ pub async fn request(
     json_body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
-    tokio::time::timeout(timeout, request_inner(method, url, json_body))
+    request_with(method, url, &[], json_body, timeout).await
+}
+
+/// [`request`] with extra request headers (an API key, say).
+pub async fn request_with(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    json_body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), HttpClientError> {
+    tokio::time::timeout(timeout, request_inner(method, url, headers, json_body))
         .await
         .unwrap_or_else(|_| Err(HttpClientError::Timeout(url.to_owned())))
 }
@@ -61,6 +72,7 @@ pub async fn request(
 async fn request_inner(
     method: Method,
     url: &str,
+    headers: &[(&str, &str)],
     json_body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
     let bad_url = |reason: String| HttpClientError::BadUrl {
@@ -95,6 +107,9 @@ async fn request_inner(
         .header(header::HOST, &addr);
     if json_body.is_some() {
         builder = builder.header(header::CONTENT_TYPE, "application/json");
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
     let req = builder
         .body(Full::new(Bytes::from(json_body.unwrap_or_default())))

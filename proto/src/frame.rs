@@ -269,7 +269,7 @@ envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
     InboxPut(v1::InboxPut) => inbox_put,
     InboxFetch(v1::InboxFetch) => inbox_fetch,
     InboxDone(v1::InboxDone) => inbox_done,
-    Kicked(v1::Kicked) => kicked,
+    Answer(v1::ServerAnswer) => answer,
 });
 envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Registered(v1::Registered) => registered,
@@ -285,7 +285,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     InboxNudge(v1::InboxNudge) => inbox_nudge,
     InboxExpired(v1::InboxExpired) => inbox_expired,
     Drain(v1::Drain) => drain,
-    Kick(v1::Kick) => kick,
+    Query(v1::ServerQuery) => query,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,

@@ -27,6 +27,32 @@ pub mod admin {
     pub const DESCRIPTOR: &[u8] = include_bytes!("gen/admin_descriptor.bin");
 }
 
+/// Serde helpers of the admin API's HTTP JSON form.
+#[cfg(feature = "admin")]
+pub mod json {
+    /// `bytes` fields as base64 strings (standard alphabet, padded), as proto3 JSON has them.
+    pub mod base64 {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::STANDARD;
+        use serde::{Deserialize as _, Deserializer, Serializer};
+
+        /// Writes `bytes` as base64.
+        pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_str(&STANDARD.encode(bytes))
+        }
+
+        /// Reads base64 (an error names what is wrong).
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Vec<u8>, D::Error> {
+            let text = String::deserialize(deserializer)?;
+            STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| serde::de::Error::custom(format!("not base64: {e}")))
+        }
+    }
+}
+
 pub use frame::{DecodeError, ErrorEnvelope, decode, decode_frame, encode, error_frame};
 pub use v1::ErrorCode;
 

@@ -53,9 +53,17 @@ fn generated_admin_code_matches_proto() {
         protox::compile(["relaymesh/admin/v1/admin.proto"], [root]).expect("compile admin .proto");
     let descriptor = fds.encode_to_vec();
     let out = tempdir("admin");
+    // The same messages serve the HTTP JSON twin of the API (`POST /api/<method>`).
+    let payload = "#[serde(with = \"crate::json::base64\")]";
     tonic_prost_build::configure()
         .out_dir(&out)
         .build_transport(false)
+        .type_attribute(
+            ".relaymesh.admin.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)]\n#[serde(default)]",
+        )
+        .field_attribute(".relaymesh.admin.v1.PublishRequest.payload", payload)
+        .field_attribute(".relaymesh.admin.v1.BroadcastRequest.payload", payload)
         .compile_fds(fds)
         .expect("generate admin code");
     let fresh = std::fs::read(out.join("relaymesh.admin.v1.rs")).expect("read generated");

@@ -113,10 +113,16 @@ pub async fn get_text(url: &str) -> (u16, String) {
 
 /// `POST url` with a JSON body; returns the status and the parsed answer.
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let (status, body) = relaymesh_net::http::request(
+    post_json_with(url, &[], body.to_string().as_bytes()).await
+}
+
+/// `POST url` with `headers` and the raw body `body`; the status and the parsed answer.
+pub async fn post_json_with(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+    let (status, body) = relaymesh_net::http::request_with(
         Method::POST,
         url,
-        Some(body.to_string().into_bytes()),
+        headers,
+        Some(body.to_vec()),
         PATIENCE,
     )
     .await

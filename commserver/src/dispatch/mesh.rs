@@ -92,8 +92,12 @@ impl Bridge {
         let (tx, rx) = relaymesh_net::link::data_queue();
         let me = Arc::new(Subscriber {
             id: server.next_id(),
-            // No client: a driver's bridge.
+            // No client: a driver's bridge (no alias, so no operator's kick reaches it).
             alias: Arc::from(""),
+            scope: scope.into(),
+            role: Arc::from("dispatch"),
+            node: None,
+            topics: std::sync::atomic::AtomicU32::new(0),
             data: tx,
             backlog: Arc::new(Backlog::counted(
                 server.config.client_queue,

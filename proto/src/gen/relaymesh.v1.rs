@@ -70,7 +70,7 @@ pub struct Pong {
 pub struct ServerToCoordinator {
     #[prost(
         oneof = "server_to_coordinator::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 11"
     )]
     pub kind: ::core::option::Option<server_to_coordinator::Kind>,
 }
@@ -96,15 +96,15 @@ pub mod server_to_coordinator {
         InboxFetch(super::InboxFetch),
         #[prost(message, tag = "9")]
         InboxDone(super::InboxDone),
-        #[prost(message, tag = "10")]
-        Kicked(super::Kicked),
+        #[prost(message, tag = "11")]
+        Answer(super::ServerAnswer),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
     #[prost(
         oneof = "coordinator_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15"
     )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
@@ -138,8 +138,8 @@ pub mod coordinator_to_server {
         InboxExpired(super::InboxExpired),
         #[prost(message, tag = "13")]
         Drain(super::Drain),
-        #[prost(message, tag = "14")]
-        Kick(super::Kick),
+        #[prost(message, tag = "15")]
+        Query(super::ServerQuery),
     }
 }
 /// An operator drained this server (`drained`: it takes no new clients, refuses reservations,
@@ -152,23 +152,175 @@ pub struct Drain {
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
 }
-/// Close the sessions of the client with this alias, telling it `reason`; answered by `Kicked`.
+/// A request of the coordinator's admin API (an operator's or an application backend's) to
+/// this server, answered by a `ServerAnswer` with the same `request_id`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServerQuery {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(oneof = "server_query::Kind", tags = "2, 3, 4, 5, 6, 7")]
+    pub kind: ::core::option::Option<server_query::Kind>,
+}
+/// Nested message and enum types in `ServerQuery`.
+pub mod server_query {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "2")]
+        Kick(super::Kick),
+        #[prost(message, tag = "3")]
+        ListClients(super::ListClients),
+        #[prost(message, tag = "4")]
+        Details(super::ServerDetails),
+        #[prost(message, tag = "5")]
+        Publish(super::BackendPublish),
+        #[prost(message, tag = "6")]
+        Topics(super::ListTopics),
+        #[prost(message, tag = "7")]
+        Presence(super::TopicPresence),
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServerAnswer {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(oneof = "server_answer::Kind", tags = "2, 3, 4, 5, 6, 15")]
+    pub kind: ::core::option::Option<server_answer::Kind>,
+}
+/// Nested message and enum types in `ServerAnswer`.
+pub mod server_answer {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        /// Kick: sessions closed.
+        #[prost(uint32, tag = "2")]
+        Kicked(u32),
+        #[prost(message, tag = "3")]
+        Clients(super::ClientList),
+        #[prost(message, tag = "4")]
+        Details(super::ServerDetailsReply),
+        #[prost(message, tag = "5")]
+        Published(super::BackendPublished),
+        #[prost(message, tag = "6")]
+        Topics(super::TopicList),
+        /// The request was refused (bad arguments); nothing was done.
+        #[prost(message, tag = "15")]
+        Error(super::Error),
+    }
+}
+/// Close the sessions of the client with this alias, telling it `reason`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Kick {
-    #[prost(uint64, tag = "1")]
-    pub request_id: u64,
-    #[prost(string, tag = "2")]
+    #[prost(string, tag = "1")]
     pub alias: ::prost::alloc::string::String,
-    #[prost(string, tag = "3")]
+    #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
 }
+/// This server's clients, by alias, after `after`, at most `limit` of them; of routing scope
+/// `scope` only, unless empty.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListClients {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub after: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClientList {
+    #[prost(message, repeated, tag = "1")]
+    pub clients: ::prost::alloc::vec::Vec<ClientInfo>,
+    /// More follow the last one.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClientInfo {
+    #[prost(string, tag = "1")]
+    pub alias: ::prost::alloc::string::String,
+    /// The routing scope (`account`, or `account#group` where groups are isolated) and role.
+    #[prost(string, tag = "2")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
+    /// Its `client_id`, if it gave one; its node, if it is one.
+    #[prost(string, tag = "4")]
+    pub client_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub node_id: ::prost::alloc::string::String,
+    /// Topics it is subscribed to.
+    #[prost(uint32, tag = "6")]
+    pub topics: u32,
+}
+/// This server's peer links and counters (what its `/v1/stats` counts).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Kicked {
-    #[prost(uint64, tag = "1")]
-    pub request_id: u64,
-    /// Sessions closed.
+pub struct ServerDetails {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServerDetailsReply {
+    #[prost(string, repeated, tag = "1")]
+    pub peers: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(map = "string, uint64", tag = "2")]
+    pub counters: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+}
+/// A backend's publish: `payload` on each of `topics` of `scope`, from `sender` (shown to
+/// receivers as the alias, with role `backend`), through the server's publish path like a
+/// client's publish.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackendPublish {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub topics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub payload: ::prost::bytes::Bytes,
+    #[prost(string, tag = "4")]
+    pub sender: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackendPublished {
+    /// Topics that had a subscriber anywhere (here or on a peer with interest).
+    #[prost(uint32, tag = "1")]
+    pub reached: u32,
+}
+/// Active topics (with subscribers on this server) of `scope`, by name after `after`, at most
+/// `limit`; `prefix` filters.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListTopics {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub prefix: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub after: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TopicList {
+    #[prost(message, repeated, tag = "1")]
+    pub topics: ::prost::alloc::vec::Vec<ActiveTopic>,
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ActiveTopic {
+    #[prost(string, tag = "1")]
+    pub topic: ::prost::alloc::string::String,
+    /// Subscribers on this server.
     #[prost(uint32, tag = "2")]
-    pub closed: u32,
+    pub subscribers: u32,
+}
+/// Who on this server is subscribed to `topic` of `scope` (answered as a `ClientList`, at most
+/// `limit`, by alias after `after`).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopicPresence {
+    #[prost(string, tag = "1")]
+    pub scope: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub after: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub limit: u32,
 }
 /// Store a direct message for node `to_node` of `scope`, which has no session. Answered by
 /// InboxStored with the same `request_id` (0: no answer wanted) once it is written, or with the

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod backend;
 mod bad_input;
 mod cli;
 mod cluster;
