@@ -129,7 +129,7 @@ def main():
                     for n, _, name in fields(service):
                         if n == 1:
                             services.add(name.decode())
-        for wanted in ["relaymesh.admin.v1.Admin", "grpc.health.v1.Health"]:
+        for wanted in ["relaymesh.admin.v1.Admin", "relaymesh.admin.v1.Backend", "grpc.health.v1.Health"]:
             if wanted not in services:
                 sys.exit(f"grpc_check: reflection lists {sorted(services)}, not {wanted}")
 

@@ -125,6 +125,54 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let s = &server.stats;
     let mut e = Exposition::new();
     let peers = lock(&server.peer_links).len();
+    e.process("relaymesh", server.started.elapsed());
+    let peer_links: Vec<Arc<crate::control::PeerLink>> =
+        lock(&server.peer_links).values().cloned().collect();
+    type PerPeer = fn(&crate::control::PeerLink) -> u64;
+    let per_peer: [(&str, Kind, &str, PerPeer); 4] = [
+        (
+            "relaymesh_peer_remote_topics",
+            Kind::Gauge,
+            "Topics the peer is interested in.",
+            |p| p.remote_topics.load(Ordering::Relaxed),
+        ),
+        (
+            "relaymesh_peer_forwards_in_total",
+            Kind::Counter,
+            "Forwards received from the peer on its current link.",
+            |p| p.forwards_in.get(),
+        ),
+        (
+            "relaymesh_peer_forwards_out_total",
+            Kind::Counter,
+            "Forwards queued for the peer on its current link.",
+            |p| p.out.forwards_out.get(),
+        ),
+        (
+            "relaymesh_peer_forward_dropped_total",
+            Kind::Counter,
+            "Forwards dropped for the peer on its current link (its queue was full).",
+            |p| p.out.backlog.total(),
+        ),
+    ];
+    for (name, kind, help, value) in per_peer {
+        let mut family = e.family(name, kind, help);
+        for p in &peer_links {
+            family.sample(&[("peer", &p.server_id)], value(p) as f64);
+        }
+    }
+    e.single(
+        "relaymesh_draining",
+        Kind::Gauge,
+        "1 while the server takes no new clients (shutting down or drained).",
+        u8::from(server.draining()),
+    );
+    e.single(
+        "relaymesh_keys_pending",
+        Kind::Gauge,
+        "Login keys reserved and not yet used.",
+        lock(&server.keys).pending() as f64,
+    );
     let gauges: [(&str, &str, f64); 6] = [
         (
             "relaymesh_clients",
@@ -156,7 +204,12 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 26] = [
+    let counters: [(&str, &str, &Counter); 27] = [
+        (
+            "relaymesh_replaced_total",
+            "Sessions closed because a newer login of the same client replaced them.",
+            &s.replaced,
+        ),
         (
             "relaymesh_messages_in_total",
             "Messages published by local clients.",
@@ -291,5 +344,21 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, counter) in counters {
         e.single(name, Kind::Counter, help, counter.get() as f64);
     }
+    let d = &s.dist;
+    e.histogram(
+        "relaymesh_subscribe_ack_seconds",
+        "From a client's Subscribe to its first Ack (every linked peer confirmed, or subscribe_sync_timeout_ms).",
+        &d.subscribe_ack_seconds,
+    );
+    e.histogram(
+        "relaymesh_fanout_batch_messages",
+        "Messages in each batch handed to a topic's local subscribers.",
+        &d.fanout_batch_messages,
+    );
+    e.histogram(
+        "relaymesh_queue_depth_at_drop",
+        "Frames a client's queue held when messages for it were dropped.",
+        &d.queue_depth_at_drop,
+    );
     relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

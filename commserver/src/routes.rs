@@ -664,6 +664,7 @@ impl Batcher {
     /// Hands what is pending to the subscribers.
     fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
         if let Some((route, frames, count)) = self.pending.take() {
+            stats.dist.fanout_batch_messages.observe(count as f64);
             let frames = frames.freeze();
             stats.messages_out.add(deliver(
                 &route,
@@ -754,6 +755,10 @@ pub(crate) fn offer(
         Enqueued::Full => {}
     }
     stats.dropped.add(count as u64);
+    stats
+        .dist
+        .queue_depth_at_drop
+        .observe(subscriber.backlog.queued_frames() as f64);
     if subscriber
         .backlog
         .record_drops(count as u64, slow_consumer_ms)
@@ -815,6 +820,10 @@ mod tests {
         let s = Subscriber {
             id,
             alias: Arc::from("a"),
+            scope: Arc::from("acme"),
+            role: Arc::from(""),
+            node: None,
+            topics: std::sync::atomic::AtomicU32::new(0),
             data,
             backlog: Arc::new(Backlog::counted(capacity, 1 << 20)),
             direct: None,

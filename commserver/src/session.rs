@@ -521,7 +521,11 @@ impl Session {
             // first, so a client's `flush` also settles its publishes.
             Some(Kind::Subscribe(sub)) => {
                 self.confirm()?;
-                Box::pin(self.subscribe(sub)).await
+                let asked = Instant::now();
+                let result = Box::pin(self.subscribe(sub)).await;
+                let waited = asked.elapsed().as_secs_f64();
+                self.server.stats.dist.subscribe_ack_seconds.observe(waited);
+                result
             }
             Some(Kind::Unsubscribe(unsub)) => {
                 self.confirm()?;

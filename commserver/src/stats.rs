@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
-use relaymesh_net::metrics::{Counter, Gauge};
+use relaymesh_net::metrics::{Counter, Gauge, Histogram};
 use relaymesh_net::serve::ServeStats;
 
 /// Comm server counters, bumped without locks from every session and link.
@@ -69,4 +69,28 @@ pub(crate) struct Stats {
     pub(crate) serving: Arc<ServeStats>,
     pub(crate) coordinator_connected: AtomicBool,
     pub(crate) registrations: Counter,
+    pub(crate) dist: Distributions,
+}
+
+/// What operators need as distributions, not totals.
+#[derive(Debug)]
+pub(crate) struct Distributions {
+    /// From a client's `Subscribe` to its first `Ack` (confirmed by every linked peer, or
+    /// `subscribe_sync_timeout_ms`), seconds.
+    pub(crate) subscribe_ack_seconds: Histogram,
+    /// Messages in each batch handed to a topic's local subscribers.
+    pub(crate) fanout_batch_messages: Histogram,
+    /// Frames a client's queue held when messages for it were dropped.
+    pub(crate) queue_depth_at_drop: Histogram,
+}
+
+impl Default for Distributions {
+    fn default() -> Self {
+        use relaymesh_net::metrics::{COUNTS, LATENCY_SECONDS};
+        Self {
+            subscribe_ack_seconds: Histogram::new(LATENCY_SECONDS),
+            fanout_batch_messages: Histogram::new(COUNTS),
+            queue_depth_at_drop: Histogram::new(COUNTS),
+        }
+    }
 }

@@ -40,6 +40,24 @@ pub(crate) struct Stats {
     pub(crate) server_links_refused: Counter,
     /// What the listener refused (connections over `max_connections_per_ip`).
     pub(crate) serving: Arc<ServeStats>,
+    pub(crate) dist: Distributions,
+}
+
+/// Login latencies, as distributions.
+#[derive(Debug)]
+pub(crate) struct Distributions {
+    pub(crate) login_check_seconds: relaymesh_net::metrics::Histogram,
+    pub(crate) login_placement_seconds: relaymesh_net::metrics::Histogram,
+}
+
+impl Default for Distributions {
+    fn default() -> Self {
+        use relaymesh_net::metrics::{Histogram, LATENCY_SECONDS};
+        Self {
+            login_check_seconds: Histogram::new(LATENCY_SECONDS),
+            login_placement_seconds: Histogram::new(LATENCY_SECONDS),
+        }
+    }
 }
 
 /// `GET /healthz`: the process is up and serving.
@@ -135,8 +153,73 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         for (id, entry) in registry.iter() {
             draining.sample(&[("server", id)], u8::from(entry.load.draining));
         }
+        type PerServer = fn(&crate::registry::Entry<Arc<crate::server_link::ServerLink>>) -> f64;
+        let per_server: [(&str, &str, PerServer); 4] = [
+            (
+                "relaymesh_coordinator_server_capacity",
+                "Most clients the comm server takes.",
+                |e| f64::from(e.capacity),
+            ),
+            (
+                "relaymesh_coordinator_server_pending_keys",
+                "Login keys reserved on the comm server and not yet used, as last reported.",
+                |e| f64::from(e.load.pending_keys),
+            ),
+            (
+                "relaymesh_coordinator_server_topics",
+                "Topics with subscribers on the comm server, as last reported.",
+                |e| f64::from(e.load.topics),
+            ),
+            (
+                "relaymesh_coordinator_server_unresponsive",
+                "1 when the comm server let a reservation time out and has not reported since.",
+                |e| f64::from(u8::from(e.unresponsive)),
+            ),
+        ];
+        for (name, help, value) in per_server {
+            let mut family = e.family(name, Kind::Gauge, help);
+            for (id, entry) in registry.iter() {
+                family.sample(&[("server", id)], value(entry));
+            }
+        }
+        let mut eligible = e.family(
+            "relaymesh_coordinator_server_eligible",
+            Kind::Gauge,
+            "1 when the comm server is in the choice for new clients.",
+        );
+        for (id, entry) in registry.iter() {
+            eligible.sample(&[("server", id)], u8::from(registry.eligible(entry)));
+        }
+        let mut age = e.family(
+            "relaymesh_coordinator_server_load_age_ms",
+            Kind::Gauge,
+            "Milliseconds since the comm server's last load report.",
+        );
+        for (id, entry) in registry.iter() {
+            age.sample(
+                &[("server", id)],
+                entry.load_at.elapsed().as_millis() as f64,
+            );
+        }
     }
     let s = &app.stats;
+    e.process("relaymesh_coordinator", app.started.elapsed());
+    e.single(
+        "relaymesh_coordinator_replace_dropped_total",
+        Kind::Counter,
+        "Replace notices a comm server's full link queue did not take.",
+        s.replace_dropped.get() as f64,
+    );
+    e.histogram(
+        "relaymesh_coordinator_login_check_seconds",
+        "Checking a login's credentials (argon2 for a code, a signature for a key), seconds.",
+        &s.dist.login_check_seconds,
+    );
+    e.histogram(
+        "relaymesh_coordinator_login_placement_seconds",
+        "Placing a logged-in client: choosing a comm server and reserving its key there, seconds.",
+        &s.dist.login_placement_seconds,
+    );
     e.single(
         "relaymesh_coordinator_nodes_online",
         Kind::Gauge,

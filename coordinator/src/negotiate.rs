@@ -162,7 +162,13 @@ async fn authenticate(
         check_name("client id", &client_id)
             .map_err(|e| error(ErrorCode::BadFrame, e.to_string()))?;
     }
-    match app.accounts.check(login).await {
+    let checking = std::time::Instant::now();
+    let checked = app.accounts.check(login).await;
+    app.stats
+        .dist
+        .login_check_seconds
+        .observe(checking.elapsed().as_secs_f64());
+    match checked {
         Ok(grant) => {
             app.failed_logins.give_back(from);
             let mut identity = grant.identity(app.aliases.next());
@@ -517,7 +523,12 @@ async fn place(
     preferred: Option<&str>,
     exclude: Vec<String>,
 ) -> Result<Placement, v1::Error> {
+    let placing = std::time::Instant::now();
     let result = place_client(app, identity, preferred, exclude).await;
+    app.stats
+        .dist
+        .login_placement_seconds
+        .observe(placing.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {
             app.stats.logins.inc();

@@ -1,17 +1,25 @@
-//! A small writer for the Prometheus text exposition format (version 0.0.4), enough for the
-//! counters and gauges the services export on `GET /metrics`. Each family gets its `# HELP` and
-//! `# TYPE` lines once, followed by its samples.
+//! Metrics for `GET /metrics`: the services' counters, gauges and histograms, bumped without
+//! locks on their hot paths, and written at scrape time in the Prometheus text format (0.0.4)
+//! by `prometheus-client`, the official Rust client, which does the names, escaping, `# HELP`
+//! and `# TYPE` lines and histogram buckets. A scrape builds an [`Exposition`] of what the
+//! service holds now; nothing is registered up front, so no metric can be left out of step
+//! with `/v1/stats`.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The content type of the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
-/// Accumulates metric families into one text document.
+/// The content type of the Prometheus text format.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The metric families of one scrape.
 #[derive(Debug, Default)]
 pub struct Exposition {
-    out: String,
+    families: Vec<FamilyData>,
 }
 
 /// Whether a family only goes up or can go both ways.
@@ -21,6 +29,29 @@ pub enum Kind {
     Counter,
     /// Can go up and down.
     Gauge,
+}
+
+/// A sample's label pairs.
+type Labels = Vec<(Cow<'static, str>, Cow<'static, str>)>;
+
+/// A histogram as read at a scrape.
+#[derive(Debug)]
+struct Snapshot {
+    /// (upper bound, observations in that bucket alone).
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+#[derive(Debug)]
+struct FamilyData {
+    /// Without `_total` for a counter: the encoder adds it.
+    name: String,
+    help: String,
+    kind: Kind,
+    samples: Vec<(Labels, f64)>,
+    /// A histogram family instead.
+    histogram: Option<Snapshot>,
 }
 
 impl Exposition {
@@ -36,57 +67,200 @@ impl Exposition {
 
     /// Starts a family; add its samples through the returned writer.
     pub fn family<'a>(&'a mut self, name: &'a str, kind: Kind, help: &str) -> Family<'a> {
-        let kind_name = match kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
+        let name = match kind {
+            Kind::Counter => name.strip_suffix("_total").unwrap_or(name),
+            Kind::Gauge => name,
         };
-        let _ = writeln!(
-            self.out,
-            "# HELP {name} {}",
-            help.replace('\\', "\\\\").replace('\n', "\\n")
-        );
-        let _ = writeln!(self.out, "# TYPE {name} {kind_name}");
+        self.families.push(FamilyData {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind,
+            samples: Vec::new(),
+            histogram: None,
+        });
+        let last = self.families.len() - 1;
         Family {
-            out: &mut self.out,
-            name,
+            family: &mut self.families[last],
         }
+    }
+
+    /// The process's own figures: `{prefix}_build_info{version}`, `{prefix}_uptime_seconds`,
+    /// and the standard `process_cpu_seconds_total` and `process_resident_memory_bytes`.
+    pub fn process(&mut self, prefix: &str, uptime: std::time::Duration) {
+        let info = format!("{prefix}_build_info");
+        self.family(
+            &info,
+            Kind::Gauge,
+            "The running build (its version as a label).",
+        )
+        .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1u8);
+        self.single(
+            &format!("{prefix}_uptime_seconds"),
+            Kind::Gauge,
+            "Seconds since the process started serving.",
+            uptime.as_secs_f64().floor(),
+        );
+        if let Some(usage) = crate::procstat::process() {
+            self.single(
+                "process_cpu_seconds_total",
+                Kind::Counter,
+                "CPU time of every thread of the process, in seconds.",
+                usage.cpu_seconds,
+            );
+            self.single(
+                "process_resident_memory_bytes",
+                Kind::Gauge,
+                "Resident memory of the process.",
+                usage.rss_bytes as f64,
+            );
+        }
+    }
+
+    /// A histogram family: `histogram`'s buckets, sum and count as they are now.
+    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        self.families.push(FamilyData {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind: Kind::Gauge,
+            samples: Vec::new(),
+            histogram: Some(histogram.snapshot()),
+        });
     }
 
     /// The finished document.
     pub fn finish(self) -> String {
-        self.out
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Scrape(self.families)));
+        let mut out = String::new();
+        // Writing to a String does not fail; a family the encoder refuses is a bug here.
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+            tracing::error!(error = %e, "metrics: encoding failed");
+        }
+        out
+    }
+}
+
+/// The families of one scrape, handed to `prometheus-client` as a collector.
+#[derive(Debug)]
+struct Scrape(Vec<FamilyData>);
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.0 {
+            if let Some(h) = &f.histogram {
+                let mut metric =
+                    encoder.encode_descriptor(&f.name, &f.help, None, MetricType::Histogram)?;
+                metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    h.sum, h.count, &h.buckets, None,
+                )?;
+                continue;
+            }
+            let kind = match f.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+            };
+            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, kind)?;
+            for (labels, value) in &f.samples {
+                let sample = metric.encode_family(labels)?;
+                match f.kind {
+                    // The services count in whole numbers; CPU seconds are not.
+                    Kind::Counter if value.fract() == 0.0 && *value >= 0.0 => {
+                        ConstCounter::new(*value as u64).encode(sample)?
+                    }
+                    Kind::Counter => ConstCounter::new(*value).encode(sample)?,
+                    // Whole values print as integers, as the services count.
+                    Kind::Gauge if value.fract() == 0.0 && value.abs() < 9.0e15 => {
+                        ConstGauge::new(*value as i64).encode(sample)?
+                    }
+                    Kind::Gauge => ConstGauge::new(*value).encode(sample)?,
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// Writes samples of one family.
 #[derive(Debug)]
 pub struct Family<'a> {
-    out: &'a mut String,
-    name: &'a str,
+    family: &'a mut FamilyData,
 }
 
 impl Family<'_> {
     /// Adds one sample with the given label pairs.
     pub fn sample(&mut self, labels: &[(&str, &str)], value: impl Into<f64>) -> &mut Self {
-        self.out.push_str(self.name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (key, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let escaped = val
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = write!(self.out, "{key}=\"{escaped}\"");
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {}", value.into());
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (Cow::Owned((*k).to_owned()), Cow::Owned((*v).to_owned())))
+            .collect();
+        self.family.samples.push((labels, value.into()));
         self
     }
 }
+
+/// A histogram that many tasks observe without locking: one atomic per bucket, and the sum
+/// (in millionths, so it is an integer too).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations at or under each bound (not cumulative; the last is +Inf).
+    buckets: Box<[AtomicU64]>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with these upper bounds (ascending); +Inf is added.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = (value.max(0.0) * 1e6) as u64;
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The buckets (the encoder makes them cumulative), the sum and the count, as now.
+    fn snapshot(&self) -> Snapshot {
+        let buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.buckets.iter())
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count from the buckets read, so the two always agree.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        Snapshot {
+            buckets,
+            sum,
+            count,
+        }
+    }
+}
+
+/// Bounds for latencies in seconds: 100 µs to 10 s.
+pub const LATENCY_SECONDS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Bounds for counts (batch sizes, queue depths): powers of four up to 65 536.
+pub const COUNTS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1_024.0, 4_096.0, 16_384.0, 65_536.0,
+];
 
 /// A monotonic counter that many tasks bump without locking.
 #[derive(Debug, Default)]
@@ -153,9 +327,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_the_text_format() {
+    fn writes_the_text_format_through_prometheus_client() {
         let mut e = Exposition::new();
         e.single("relaymesh_clients", Kind::Gauge, "Connected clients.", 3u32);
+        e.single("relaymesh_things_total", Kind::Counter, "Things.", 7u32);
         e.family(
             "relaymesh_server_clients",
             Kind::Gauge,
@@ -163,11 +338,50 @@ mod tests {
         )
         .sample(&[("server", "a\"b")], 1u32)
         .sample(&[("server", "c")], 2u32);
-        assert_eq!(
-            e.finish(),
-            "# HELP relaymesh_clients Connected clients.\n# TYPE relaymesh_clients gauge\nrelaymesh_clients 3\n\
-             # HELP relaymesh_server_clients Clients per server.\n# TYPE relaymesh_server_clients gauge\n\
-             relaymesh_server_clients{server=\"a\\\"b\"} 1\nrelaymesh_server_clients{server=\"c\"} 2\n"
-        );
+        let text = e.finish();
+        for line in [
+            "# HELP relaymesh_clients Connected clients.",
+            "# TYPE relaymesh_clients gauge",
+            "relaymesh_clients 3",
+            "# TYPE relaymesh_things_total counter",
+            "relaymesh_things_total 7",
+            "relaymesh_server_clients{server=\"a\\\"b\"} 1",
+            "relaymesh_server_clients{server=\"c\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_histogram_has_cumulative_buckets_a_sum_and_a_count() {
+        let h = Histogram::new(&[0.001, 0.01]);
+        for v in [0.0005, 0.002, 0.003, 5.0] {
+            h.observe(v);
+        }
+        let mut e = Exposition::new();
+        e.histogram("relaymesh_wait_seconds", "Waits.", &h);
+        let text = e.finish();
+        for line in [
+            "# TYPE relaymesh_wait_seconds histogram",
+            "relaymesh_wait_seconds_bucket{le=\"0.001\"} 1",
+            "relaymesh_wait_seconds_bucket{le=\"0.01\"} 3",
+            "relaymesh_wait_seconds_bucket{le=\"+Inf\"} 4",
+            "relaymesh_wait_seconds_count 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
+        }
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("relaymesh_wait_seconds_sum "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 5.0055).abs() < 1e-6, "{sum}");
     }
 }

@@ -77,6 +77,11 @@ impl Backlog {
         }
     }
 
+    /// Frames queued now (counted backlogs; 0 for others): what a drop's queue held.
+    pub fn queued_frames(&self) -> usize {
+        self.queued_frames.load(Ordering::Relaxed)
+    }
+
     /// Reserves room for a frame of `len` bytes about to be queued. `false` means the queue is
     /// full in frames (counted backlogs) or bytes; an empty queue always takes one frame,
     /// however large.
