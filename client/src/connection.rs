@@ -1006,6 +1006,18 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             stored_ms: e.stored_ms,
         },
         Some(Kind::Undeliverable(u)) => undeliverable(u),
+        // The backend changed the subscriptions: they are the client's own from now on.
+        Some(Kind::SubscriptionsChanged(c)) => {
+            let mut state = lock(&shared.state);
+            for topic in &c.removed {
+                state.topics.remove(topic);
+            }
+            state.topics.extend(c.added.iter().cloned());
+            Event::SubscriptionsChanged {
+                added: c.added,
+                removed: c.removed,
+            }
+        }
         Some(Kind::NodeList(list)) => {
             if let Some(done) = lock(&shared.state).lists.remove(&list.request_id) {
                 let _ = done.send(list);

@@ -385,6 +385,15 @@ pub enum Event {
         /// The client's alias on the new connection.
         alias: String,
     },
+    /// The application's backend subscribed this client to `added` and unsubscribed it from
+    /// `removed` (the coordinator's server API). They are the client's own from now on: kept
+    /// across reconnects, and [`Client::unsubscribe`] ends them.
+    SubscriptionsChanged {
+        /// Topics now subscribed to.
+        added: Vec<String>,
+        /// Topics no longer subscribed to.
+        removed: Vec<String>,
+    },
     /// The server asked the client to move (it is being drained), and it did, make before
     /// break: connected and subscribed on `server_id` before leaving `from_server`, which it
     /// read to the end. Nothing was lost on the way: unlike [`Event::Disconnected`], no

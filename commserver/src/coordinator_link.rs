@@ -235,6 +235,23 @@ impl link::Handler for Reader {
                 self.publisher.flush(&server.stats);
             }
             Some(Kind::Drain(drain)) => server.drain(&drain),
+            // A subscription change waits for the session and the peers: answered from a task
+            // of its own, so the link goes on meanwhile.
+            Some(Kind::Query(v1::ServerQuery {
+                request_id,
+                kind: Some(v1::server_query::Kind::Subscriptions(change)),
+            })) => {
+                let (server, tx) = (server.clone(), self.tx.clone());
+                let within = self.heartbeat.timeout;
+                server.tracker.clone().spawn(async move {
+                    let kind = server.change_subscriptions(change).await;
+                    let answer = v1::ServerToCoordinator::answer(v1::ServerAnswer {
+                        request_id,
+                        kind: Some(kind),
+                    });
+                    let _ = answer_coordinator(&tx, answer, within).await;
+                });
+            }
             Some(Kind::Query(query)) => {
                 let answer = server.answer(query, &mut self.publisher);
                 let answer = v1::ServerToCoordinator::answer(answer);

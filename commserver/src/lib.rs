@@ -124,6 +124,9 @@ struct Server {
     drain_reason: Mutex<String>,
     /// Flushes of the peer links for leaving clients, by nonce (one per leaving session).
     flushes: Mutex<HashMap<u64, operator::Flushing>>,
+    /// Subscription changes a backend asked for, waiting for their session to take them
+    /// (at most `operator::MAX_SESSION_OPS` each).
+    session_ops: Mutex<HashMap<SessionId, Vec<operator::SessionOp>>>,
     tracker: TaskTracker,
     started: Instant,
     /// `direct_write_budget_us` resolved for this runtime.
@@ -251,6 +254,7 @@ pub async fn run_with(
         drained: std::sync::atomic::AtomicBool::new(false),
         drain_reason: Mutex::new(String::new()),
         flushes: Mutex::new(HashMap::new()),
+        session_ops: Mutex::new(HashMap::new()),
         tracker: tracker.clone(),
         started: Instant::now(),
         load_changed: tokio::sync::Notify::new(),

@@ -27,6 +27,21 @@ use crate::Server;
 use crate::control::PeerLink;
 use crate::routes::{self, Subscriber};
 
+/// A backend's change to one session's subscriptions, waiting for the session to take it.
+#[derive(Debug)]
+pub(crate) struct SessionOp {
+    pub(crate) topics: Vec<String>,
+    pub(crate) unsubscribe: bool,
+    /// The outcome, once the session has made the change (and, subscribing, the peers have
+    /// it or `subscribe_sync_timeout_ms` passed).
+    pub(crate) done: oneshot::Sender<Result<(), v1::Error>>,
+}
+
+/// Changes one session may have waiting.
+pub(crate) const MAX_SESSION_OPS: usize = 16;
+/// Topics in one change.
+const MAX_CHANGE_TOPICS: usize = 100;
+
 /// The topic of the forward that answers a peer's `Flush`: delivered to nobody.
 pub(crate) const FLUSH_TOPIC: &str = "@flush";
 
@@ -178,12 +193,88 @@ impl Server {
                 })
             }
             Some(Query::Presence(presence)) => Answer::Clients(self.presence_of(&presence)),
+            // Answered by `change_subscriptions`, from a task of its own.
+            Some(Query::Subscriptions(_)) => Answer::Error(error(
+                ErrorCode::Internal,
+                "subscription changes are answered apart",
+            )),
             None => Answer::Error(relaymesh_proto::empty("ServerQuery")),
         };
         v1::ServerAnswer {
             request_id: query.request_id,
             kind: Some(kind),
         }
+    }
+
+    /// Changes the subscriptions of the sessions of `change.alias` here, as its backend asked;
+    /// how many sessions changed, or why not.
+    pub(crate) async fn change_subscriptions(
+        &self,
+        change: v1::ChangeSubscriptions,
+    ) -> v1::server_answer::Kind {
+        use v1::server_answer::Kind as Answer;
+        if change.topics.is_empty() || change.topics.len() > MAX_CHANGE_TOPICS {
+            return Answer::Error(error(
+                ErrorCode::BadFrame,
+                format!("topics: 1 to {MAX_CHANGE_TOPICS} topics"),
+            ));
+        }
+        for topic in &change.topics {
+            if let Err(e) = relaymesh_proto::topic::validate(topic, self.config.max_topic_bytes) {
+                return Answer::Error(error(ErrorCode::InvalidTopic, format!("{topic:?}: {e}")));
+            }
+        }
+        let sessions: Vec<Arc<Subscriber>> = lock(&self.sessions)
+            .values()
+            .filter(|s| *s.alias == *change.alias)
+            .cloned()
+            .collect();
+        let mut waiting = Vec::new();
+        for session in &sessions {
+            let (done, outcome) = oneshot::channel();
+            {
+                let mut ops = lock(&self.session_ops);
+                let queued = ops.entry(session.id).or_default();
+                if queued.len() >= MAX_SESSION_OPS {
+                    return Answer::Error(error(
+                        ErrorCode::LimitExceeded,
+                        format!("{MAX_SESSION_OPS} changes already wait for this client"),
+                    ));
+                }
+                queued.push(SessionOp {
+                    topics: change.topics.clone(),
+                    unsubscribe: change.unsubscribe,
+                    done,
+                });
+            }
+            session.ops_ready.notify_one();
+            waiting.push(outcome);
+        }
+        // The session answers once the change is made; one that closes first drops its ops.
+        let wait = self.config.subscribe_sync_timeout() * 2;
+        let mut changed = 0;
+        let mut refused = None;
+        for outcome in waiting {
+            match tokio::time::timeout(wait, outcome).await {
+                Ok(Ok(Ok(()))) => changed += 1,
+                Ok(Ok(Err(e))) => refused = Some(e),
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        // A session that closed as the change was queued left it behind: forgotten.
+        {
+            let live = lock(&self.sessions);
+            lock(&self.session_ops).retain(|id, _| live.contains_key(id));
+        }
+        match refused {
+            Some(e) if changed == 0 => Answer::Error(e),
+            _ => Answer::Changed(changed),
+        }
+    }
+
+    /// The changes waiting for session `id`.
+    pub(crate) fn take_session_ops(&self, id: crate::interest::SessionId) -> Vec<SessionOp> {
+        lock(&self.session_ops).remove(&id).unwrap_or_default()
     }
 
     /// This server's clients of `list.scope` (all, if empty), by alias, after `list.after`.

@@ -51,6 +51,9 @@ pub(crate) struct Subscriber {
     pub(crate) role: Arc<str>,
     pub(crate) node: Option<Arc<str>>,
     pub(crate) topics: std::sync::atomic::AtomicU32,
+    /// Woken when the application's backend changed its subscriptions (`Server::session_ops`
+    /// holds what to do).
+    pub(crate) ops_ready: tokio::sync::Notify,
     /// The session's data queue; its writer task holds the receiver. Full means the client is
     /// not keeping up; closed means the session ended.
     pub(crate) data: DataTx,
@@ -824,6 +827,7 @@ mod tests {
             role: Arc::from(""),
             node: None,
             topics: std::sync::atomic::AtomicU32::new(0),
+            ops_ready: tokio::sync::Notify::new(),
             data,
             backlog: Arc::new(Backlog::counted(capacity, 1 << 20)),
             direct: None,

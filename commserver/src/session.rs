@@ -260,6 +260,7 @@ fn run(
         role: role.clone(),
         node: node.clone(),
         topics: std::sync::atomic::AtomicU32::new(0),
+        ops_ready: tokio::sync::Notify::new(),
         data: data_tx,
         backlog: backlog.clone(),
         direct: direct.clone(),
@@ -420,15 +421,23 @@ impl link::Handler for Session {
         self.server.config.heartbeat()
     }
 
-    /// Answers about the inbox, once this session has any business with it.
+    /// Answers about the inbox, once this session has any business with it, and makes the
+    /// subscription changes the application's backend asks for.
     async fn wake(&mut self) -> Result<Flow, v1::Error> {
-        let Some(inbox) = &mut self.inbox else {
-            return std::future::pending().await;
+        let me = self.me.clone();
+        let inbox = async {
+            match &mut self.inbox {
+                Some(inbox) => inbox.events.recv().await,
+                None => std::future::pending().await,
+            }
         };
-        let Some(event) = inbox.events.recv().await else {
-            return std::future::pending().await;
-        };
-        self.inbox_event(event)?;
+        tokio::select! {
+            event = inbox => match event {
+                Some(event) => self.inbox_event(event)?,
+                None => std::future::pending().await,
+            },
+            () = me.ops_ready.notified() => Box::pin(self.backend_changes()).await?,
+        }
         Ok(Flow::Continue)
     }
 
@@ -452,6 +461,8 @@ impl link::Handler for Session {
         lock(&server.sessions).remove(&self.me.id);
         server.stats.clients.dec();
         server.load_changed.notify_one();
+        // Changes a backend asked for and this session never made: their callers hear so.
+        drop(server.take_session_ops(self.me.id));
         if self.ever_subscribed {
             let _ = server
                 .control
@@ -1117,31 +1128,114 @@ impl Session {
             .iter()
             .filter_map(|t| self.topics.take(t.as_str()))
             .collect();
-        self.me.topics.store(
-            u32::try_from(self.topics.len()).unwrap_or(u32::MAX),
-            Ordering::Relaxed,
-        );
         if !gone.is_empty() {
             let room = self.confirmation_room(unsub.request_id)?;
-            self.me
-                .subscribed
-                .store(!self.topics.is_empty(), Ordering::Relaxed);
-            let topics = self.keys(gone);
-            let (done, wait) = oneshot::channel();
-            let waiter = self.server.next_id();
-            self.server
-                .command(Command::Unsubscribe {
-                    session: self.me.id,
-                    topics,
-                    waiter,
-                    done,
-                })
-                .await?;
+            let (waiter, wait) = self.remove_topics(gone).await?;
             return self
                 .answer_change(unsub.request_id, waiter, wait, room)
                 .await;
         }
         self.ack(unsub.request_id, Vec::new())
+    }
+
+    /// Unsubscribes this session from `gone` (taken out of its topics already) through the
+    /// control task; returns the waiter that fires once every linked peer has confirmed.
+    async fn remove_topics(
+        &mut self,
+        gone: Vec<Arc<str>>,
+    ) -> Result<(u64, oneshot::Receiver<()>), v1::Error> {
+        self.me.topics.store(
+            u32::try_from(self.topics.len()).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+        self.me
+            .subscribed
+            .store(!self.topics.is_empty(), Ordering::Relaxed);
+        let topics = self.keys(gone);
+        let (done, wait) = oneshot::channel();
+        let waiter = self.server.next_id();
+        self.server
+            .command(Command::Unsubscribe {
+                session: self.me.id,
+                topics,
+                waiter,
+                done,
+            })
+            .await?;
+        Ok((waiter, wait))
+    }
+
+    /// Makes the subscription changes the application's backend asked for, tells the client
+    /// (`SubscriptionsChanged`) and answers each.
+    async fn backend_changes(&mut self) -> Result<(), v1::Error> {
+        for op in self.server.take_session_ops(self.me.id) {
+            let outcome = if op.unsubscribe {
+                self.backend_unsubscribe(&op.topics).await
+            } else {
+                self.backend_subscribe(&op.topics).await
+            };
+            let told = match &outcome {
+                Ok(Some(changed)) => {
+                    self.reply(&v1::ServerToClient::subscriptions_changed(changed.clone()))
+                }
+                _ => Ok(()),
+            };
+            let _ = op.done.send(outcome.map(|_| ()));
+            told?;
+        }
+        Ok(())
+    }
+
+    /// Subscribes to `topics` (those it does not have), within the subscription limit, and
+    /// waits (up to `subscribe_sync_timeout_ms`) for the linked peers to have them.
+    async fn backend_subscribe(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Option<v1::SubscriptionsChanged>, v1::Error> {
+        let mut seen = HashSet::new();
+        let fresh: Vec<Arc<str>> = topics
+            .iter()
+            .filter(|t| !self.topics.contains(t.as_str()) && seen.insert(t.as_str()))
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(None);
+        }
+        let limit = self.server.config.max_subscriptions;
+        let own = usize::from(self.node.is_some());
+        if self.topics.len() - own + fresh.len() > limit {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("the client's subscription limit of {limit} topics would be passed"),
+            ));
+        }
+        let added = fresh.iter().map(|t| t.to_string()).collect();
+        let (_, wait) = self.add_topics(fresh).await?;
+        let _ = tokio::time::timeout(self.server.config.subscribe_sync_timeout(), wait).await;
+        Ok(Some(v1::SubscriptionsChanged {
+            added,
+            removed: Vec::new(),
+        }))
+    }
+
+    /// Unsubscribes from those of `topics` it has.
+    async fn backend_unsubscribe(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Option<v1::SubscriptionsChanged>, v1::Error> {
+        let gone: Vec<Arc<str>> = topics
+            .iter()
+            .filter_map(|t| self.topics.take(t.as_str()))
+            .collect();
+        if gone.is_empty() {
+            return Ok(None);
+        }
+        let removed = gone.iter().map(|t| t.to_string()).collect();
+        self.remove_topics(gone).await?;
+        Ok(Some(v1::SubscriptionsChanged {
+            added: Vec::new(),
+            removed,
+        }))
     }
 
     /// This session's account's keys for `topics`.

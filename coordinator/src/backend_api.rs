@@ -17,8 +17,9 @@ use axum::response::{IntoResponse, Response};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::admin::backend_server::Backend;
 use relaymesh_proto::admin::{
-    BroadcastRequest, Client, ClientsPage, KickClientRequest, KickClientResponse, PresenceRequest,
-    PublishRequest, PublishResponse, TopicSubscribers, TopicsPage, TopicsRequest,
+    BroadcastRequest, ChangeSubscriptionsRequest, ChangeSubscriptionsResponse, Client, ClientsPage,
+    KickClientRequest, KickClientResponse, PresenceRequest, PublishRequest, PublishResponse,
+    TopicSubscribers, TopicsPage, TopicsRequest,
 };
 use relaymesh_proto::v1::{self, server_answer::Kind as Answer, server_query::Kind as Query};
 use serde::Serialize;
@@ -38,6 +39,12 @@ const MAX_PAGE: u32 = 1_000;
 const MAX_BROADCAST: usize = 1_000;
 /// The alias of a backend's messages when the request names none.
 const DEFAULT_SENDER: &str = "backend";
+/// How long a server has to make a subscription change (it waits for its session and its
+/// peers, up to twice its `subscribe_sync_timeout_ms`).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most topics in one subscription change.
+const MAX_CHANGE_TOPICS: usize = 100;
+
 /// Room kept in a server link's frame for a backend publish's envelope and scope.
 const QUERY_OVERHEAD: usize = 1_024;
 /// Longest name (account, group, topic, sender, alias, token) taken.
@@ -232,6 +239,64 @@ pub(crate) async fn kick(app: &App, request: KickClientRequest) -> Result<u32, S
 }
 
 impl BackendService {
+    /// Subscribes (or unsubscribes) the sessions of `request.alias`, wherever they are.
+    async fn change(
+        &self,
+        request: ChangeSubscriptionsRequest,
+        unsubscribe: bool,
+    ) -> Result<ChangeSubscriptionsResponse, Status> {
+        let alias = required("alias", &request.alias)?.to_owned();
+        if request.topics.is_empty() || request.topics.len() > MAX_CHANGE_TOPICS {
+            return Err(Status::invalid_argument(format!(
+                "topics: 1 to {MAX_CHANGE_TOPICS} topics"
+            )));
+        }
+        for topic in &request.topics {
+            required("topics", topic)?;
+        }
+        let links = links(&self.app, "")?;
+        let asked = links.iter().map(|(id, link)| {
+            let query = Query::Subscriptions(v1::ChangeSubscriptions {
+                alias: alias.clone(),
+                topics: request.topics.clone(),
+                unsubscribe,
+            });
+            async move {
+                let answer = link
+                    .ask(self.app.next_request_id(), query, CHANGE_TIMEOUT)
+                    .await;
+                (id, answer)
+            }
+        });
+        let mut changed = 0u32;
+        let mut refused = None;
+        let mut silent = Vec::new();
+        for (id, answer) in futures_util::future::join_all(asked).await {
+            match answer {
+                Some(Answer::Changed(n)) => changed = changed.saturating_add(n),
+                Some(Answer::Error(e)) => refused = Some(e),
+                _ => silent.push(id.clone()),
+            }
+        }
+        if changed > 0 {
+            return Ok(ChangeSubscriptionsResponse { changed });
+        }
+        if let Some(e) = refused {
+            return Err(match e.error_code() {
+                v1::ErrorCode::LimitExceeded => Status::resource_exhausted(e.message),
+                _ => Status::invalid_argument(e.message),
+            });
+        }
+        if !silent.is_empty() {
+            return Err(Status::unavailable(format!(
+                "server(s) {silent:?} did not answer; the client may be there"
+            )));
+        }
+        Err(Status::not_found(format!(
+            "alias: no server holds a client {alias:?} (or it already had that)"
+        )))
+    }
+
     /// Publishes `payload` on `topics` of `scope` through a random server taking clients.
     async fn publish(
         &self,
@@ -418,6 +483,26 @@ impl Backend for BackendService {
         tracing::info!(?peer, %alias, closed, "backend: Disconnect");
         Ok(GrpcResponse::new(KickClientResponse { closed }))
     }
+
+    async fn subscribe(
+        &self,
+        request: Request<ChangeSubscriptionsRequest>,
+    ) -> Result<GrpcResponse<ChangeSubscriptionsResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        tracing::info!(?peer, alias = %req.alias, topics = ?req.topics, "backend: Subscribe");
+        Ok(GrpcResponse::new(self.change(req, false).await?))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<ChangeSubscriptionsRequest>,
+    ) -> Result<GrpcResponse<ChangeSubscriptionsResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        tracing::info!(?peer, alias = %req.alias, topics = ?req.topics, "backend: Unsubscribe");
+        Ok(GrpcResponse::new(self.change(req, true).await?))
+    }
 }
 
 /// The HTTP JSON twin: `POST /api/<method>`, authorized like the gRPC calls.
@@ -458,8 +543,10 @@ async fn call(
         "topics" => json_call(body, |r| Backend::topics(s, r)).await,
         "presence" => json_call(body, |r| Backend::presence(s, r)).await,
         "disconnect" => json_call(body, |r| Backend::disconnect(s, r)).await,
+        "subscribe" => json_call(body, |r| Backend::subscribe(s, r)).await,
+        "unsubscribe" => json_call(body, |r| Backend::unsubscribe(s, r)).await,
         _ => refusal(Status::not_found(format!(
-            "no method {method:?}: publish, broadcast, topics, presence or disconnect"
+            "no method {method:?}: publish, broadcast, topics, presence, disconnect, subscribe or unsubscribe"
         ))),
     }
 }
@@ -490,6 +577,7 @@ fn refusal(status: Status) -> Response {
     use tonic::Code;
     let http = match status.code() {
         Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::NotFound => StatusCode::NOT_FOUND,

@@ -330,6 +330,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Expired(v1::Expired) => expired,
     Reconnect(v1::Reconnect) => reconnect,
     Left(v1::Left) => left,
+    SubscriptionsChanged(v1::SubscriptionsChanged) => subscriptions_changed,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,

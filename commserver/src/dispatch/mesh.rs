@@ -98,6 +98,7 @@ impl Bridge {
             role: Arc::from("dispatch"),
             node: None,
             topics: std::sync::atomic::AtomicU32::new(0),
+            ops_ready: tokio::sync::Notify::new(),
             data: tx,
             backlog: Arc::new(Backlog::counted(
                 server.config.client_queue,

@@ -2,6 +2,24 @@
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChangeSubscriptionsRequest {
+    #[prost(string, tag = "1")]
+    pub alias: ::prost::alloc::string::String,
+    /// At most 100.
+    #[prost(string, repeated, tag = "2")]
+    pub topics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChangeSubscriptionsResponse {
+    /// Sessions changed (a client logged in on several devices has several).
+    #[prost(uint32, tag = "1")]
+    pub changed: u32,
+}
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PublishRequest {
     #[prost(string, tag = "1")]
     pub account: ::prost::alloc::string::String,
@@ -1927,7 +1945,8 @@ pub mod backend_client {
     /// The server API for application backends, beside `Admin` on the same listener with the same
     /// token. Every method is also served as HTTP JSON: `POST /api/<method>` (`/api/publish`,
     /// `/api/broadcast`, `/api/topics`, `/api/presence`, `/api/disconnect`) with the token in
-    /// `authorization: Bearer <token>` or `x-api-key: <token>`, the request and answer in the
+    /// `authorization: Bearer <token>` or `x-api-key: <token>` (also `/api/subscribe` and
+    /// `/api/unsubscribe`), the request and answer in the
     /// proto3 JSON form of these messages (field names as here; `bytes` in base64).
     #[derive(Debug, Clone)]
     pub struct BackendClient<T> {
@@ -2120,6 +2139,60 @@ pub mod backend_client {
                 .insert(GrpcMethod::new("relaymesh.admin.v1.Backend", "Disconnect"));
             self.inner.unary(req, path, codec).await
         }
+        /// Subscribes a connected client (by alias, wherever it is) to topics of its account, as if
+        /// it had asked (role rules do not apply; its subscription limit does). Answers once every
+        /// linked server has the subscription (or `subscribe_sync_timeout_ms` passed). The client is
+        /// told (`Event::SubscriptionsChanged` in the Rust library) and keeps them across
+        /// reconnects. NOT_FOUND when no server holds the alias.
+        pub async fn subscribe(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ChangeSubscriptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeSubscriptionsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Backend/Subscribe",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Backend", "Subscribe"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Unsubscribes a connected client from topics, the same way.
+        pub async fn unsubscribe(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ChangeSubscriptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeSubscriptionsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relaymesh.admin.v1.Backend/Unsubscribe",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relaymesh.admin.v1.Backend", "Unsubscribe"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2166,11 +2239,32 @@ pub mod backend_server {
             tonic::Response<super::KickClientResponse>,
             tonic::Status,
         >;
+        /// Subscribes a connected client (by alias, wherever it is) to topics of its account, as if
+        /// it had asked (role rules do not apply; its subscription limit does). Answers once every
+        /// linked server has the subscription (or `subscribe_sync_timeout_ms` passed). The client is
+        /// told (`Event::SubscriptionsChanged` in the Rust library) and keeps them across
+        /// reconnects. NOT_FOUND when no server holds the alias.
+        async fn subscribe(
+            &self,
+            request: tonic::Request<super::ChangeSubscriptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeSubscriptionsResponse>,
+            tonic::Status,
+        >;
+        /// Unsubscribes a connected client from topics, the same way.
+        async fn unsubscribe(
+            &self,
+            request: tonic::Request<super::ChangeSubscriptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeSubscriptionsResponse>,
+            tonic::Status,
+        >;
     }
     /// The server API for application backends, beside `Admin` on the same listener with the same
     /// token. Every method is also served as HTTP JSON: `POST /api/<method>` (`/api/publish`,
     /// `/api/broadcast`, `/api/topics`, `/api/presence`, `/api/disconnect`) with the token in
-    /// `authorization: Bearer <token>` or `x-api-key: <token>`, the request and answer in the
+    /// `authorization: Bearer <token>` or `x-api-key: <token>` (also `/api/subscribe` and
+    /// `/api/unsubscribe`), the request and answer in the
     /// proto3 JSON form of these messages (field names as here; `bytes` in base64).
     #[derive(Debug)]
     pub struct BackendServer<T> {
@@ -2450,6 +2544,96 @@ pub mod backend_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DisconnectSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Backend/Subscribe" => {
+                    #[allow(non_camel_case_types)]
+                    struct SubscribeSvc<T: Backend>(pub Arc<T>);
+                    impl<
+                        T: Backend,
+                    > tonic::server::UnaryService<super::ChangeSubscriptionsRequest>
+                    for SubscribeSvc<T> {
+                        type Response = super::ChangeSubscriptionsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ChangeSubscriptionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Backend>::subscribe(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SubscribeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relaymesh.admin.v1.Backend/Unsubscribe" => {
+                    #[allow(non_camel_case_types)]
+                    struct UnsubscribeSvc<T: Backend>(pub Arc<T>);
+                    impl<
+                        T: Backend,
+                    > tonic::server::UnaryService<super::ChangeSubscriptionsRequest>
+                    for UnsubscribeSvc<T> {
+                        type Response = super::ChangeSubscriptionsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ChangeSubscriptionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Backend>::unsubscribe(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UnsubscribeSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -158,7 +158,7 @@ pub struct Drain {
 pub struct ServerQuery {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
-    #[prost(oneof = "server_query::Kind", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "server_query::Kind", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<server_query::Kind>,
 }
 /// Nested message and enum types in `ServerQuery`.
@@ -177,13 +177,15 @@ pub mod server_query {
         Topics(super::ListTopics),
         #[prost(message, tag = "7")]
         Presence(super::TopicPresence),
+        #[prost(message, tag = "8")]
+        Subscriptions(super::ChangeSubscriptions),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerAnswer {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
-    #[prost(oneof = "server_answer::Kind", tags = "2, 3, 4, 5, 6, 15")]
+    #[prost(oneof = "server_answer::Kind", tags = "2, 3, 4, 5, 6, 7, 15")]
     pub kind: ::core::option::Option<server_answer::Kind>,
 }
 /// Nested message and enum types in `ServerAnswer`.
@@ -201,6 +203,9 @@ pub mod server_answer {
         Published(super::BackendPublished),
         #[prost(message, tag = "6")]
         Topics(super::TopicList),
+        /// ChangeSubscriptions: sessions changed.
+        #[prost(uint32, tag = "7")]
+        Changed(u32),
         /// The request was refused (bad arguments); nothing was done.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -308,6 +313,19 @@ pub struct ActiveTopic {
     /// Subscribers on this server.
     #[prost(uint32, tag = "2")]
     pub subscribers: u32,
+}
+/// Subscribe (or, with `unsubscribe`, unsubscribe) the sessions of the client with alias
+/// `alias` to `topics`, on the backend's behalf: the session changes as if the client had asked
+/// (within its subscription limit; role rules do not apply, the backend is trusted) and tells
+/// the client with `SubscriptionsChanged`, so it keeps them across reconnects.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChangeSubscriptions {
+    #[prost(string, tag = "1")]
+    pub alias: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub topics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "3")]
+    pub unsubscribe: bool,
 }
 /// Who on this server is subscribed to `topic` of `scope` (answered as a `ClientList`, at most
 /// `limit`, by alias after `after`).
@@ -864,7 +882,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -898,7 +916,18 @@ pub mod server_to_client {
         Reconnect(super::Reconnect),
         #[prost(message, tag = "13")]
         Left(super::Left),
+        #[prost(message, tag = "14")]
+        SubscriptionsChanged(super::SubscriptionsChanged),
     }
+}
+/// The application's backend changed this client's subscriptions (through the coordinator's
+/// server API): they are the client's now, restored on its next connection like its own.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SubscriptionsChanged {
+    #[prost(string, repeated, tag = "1")]
+    pub added: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "2")]
+    pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Answers `Leave`: every delivery queued for the session before it has been sent.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

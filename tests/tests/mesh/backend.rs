@@ -7,8 +7,8 @@ use relaymesh_client::{Client, Credentials, Event};
 use relaymesh_proto::admin::admin_client::AdminClient;
 use relaymesh_proto::admin::backend_client::BackendClient;
 use relaymesh_proto::admin::{
-    BroadcastRequest, GetServerRequest, KickClientRequest, ListClientsRequest, PresenceRequest,
-    PublishRequest, TopicsRequest,
+    BroadcastRequest, ChangeSubscriptionsRequest, DrainServerRequest, GetServerRequest,
+    KickClientRequest, ListClientsRequest, PresenceRequest, PublishRequest, TopicsRequest,
 };
 use relaymesh_tests::{Cluster, coordinator_config, next_event, next_message, post_json_with};
 use serde_json::json;
@@ -419,4 +419,98 @@ async fn the_backend_api_answers_http_json_too() {
         .await
         .unwrap();
     assert_eq!(&next_message(&mut watcher).await.payload[..], b"grpc");
+}
+
+#[tokio::test]
+async fn a_backend_subscribes_a_client_which_keeps_the_topic_across_a_move() {
+    let cluster = cluster(3).await;
+    let channel = channel(&cluster).await;
+    let mut backend = BackendClient::new(channel.clone());
+    let mut admin = AdminClient::new(channel);
+    let mut client = member(&cluster, 1, "acme").await;
+    let publisher = member(&cluster, 0, "acme").await;
+    let alias = client.alias();
+    let change = |topics: &[&str]| ChangeSubscriptionsRequest {
+        alias: alias.clone(),
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+    };
+    let subscribed = backend
+        .subscribe(authed(change(&["orders", "orders"])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(subscribed.changed, 1);
+    assert_eq!(
+        next_event(&mut client).await,
+        Event::SubscriptionsChanged {
+            added: vec!["orders".into()],
+            removed: Vec::new(),
+        }
+    );
+    // The subscription is cluster-wide by the time the call answers.
+    publisher.publish("orders", "first").await.unwrap();
+    assert_eq!(&next_message(&mut client).await.payload[..], b"first");
+
+    // Its server is drained: the client moves, and the backend's topic moves with it.
+    let drained = admin
+        .drain_server(authed(DrainServerRequest {
+            server_id: cluster.servers[1].id.clone(),
+            deadline_ms: 20_000,
+            reason: "upgrade".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.remaining, 0);
+    loop {
+        match next_event(&mut client).await {
+            Event::Moved { .. } => break,
+            Event::SubscriptionConfirmed { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    publisher.publish("orders", "second").await.unwrap();
+    assert_eq!(&next_message(&mut client).await.payload[..], b"second");
+
+    // Unsubscribed by the backend (the alias is the one of its new connection now): told,
+    // and nothing more arrives on the topic.
+    let alias = client.alias();
+    let change = |topics: &[&str]| ChangeSubscriptionsRequest {
+        alias: alias.clone(),
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+    };
+    let removed = backend
+        .unsubscribe(authed(change(&["orders"])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.changed, 1);
+    assert_eq!(
+        next_event(&mut client).await,
+        Event::SubscriptionsChanged {
+            added: Vec::new(),
+            removed: vec!["orders".into()],
+        }
+    );
+    client.subscribe(["other"]).await.unwrap();
+    publisher.publish("orders", "third").await.unwrap();
+    publisher.publish("other", "fourth").await.unwrap();
+    assert_eq!(&next_message(&mut client).await.payload[..], b"fourth");
+
+    // Refusals: a bad topic, no topics, an alias nobody has.
+    let bad = backend
+        .subscribe(authed(change(&["a/+/b"])))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let none = backend.subscribe(authed(change(&[]))).await.unwrap_err();
+    assert_eq!(none.code(), Code::InvalidArgument, "{none:?}");
+    let nobody = backend
+        .subscribe(authed(ChangeSubscriptionsRequest {
+            alias: "nobody-1".into(),
+            topics: vec!["orders".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(nobody.code(), Code::NotFound, "{nobody:?}");
 }
