@@ -22,6 +22,9 @@ use crate::{ClientConfig, ClientError, Event, Message, Shared};
 
 /// Servers tried in one connection round before backing off.
 const SERVERS_PER_ROUND: usize = 3;
+/// Messages held from the server moved to while the one moved from is read to its end; the
+/// rest waits in the connection.
+const HOLD_LIMIT: usize = 65_536;
 /// Time allowed for a clean close when the client is closed.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -66,7 +69,8 @@ pub(crate) async fn establish(
     let mut exclude = exclude.to_vec();
     let mut failure = None;
     for _ in 0..SERVERS_PER_ROUND {
-        let offer = match negotiation.offer(config, &exclude).await {
+        let moving = arrivals == Arrivals::Hold;
+        let offer = match negotiation.offer(config, &exclude, moving).await {
             Ok(offer) => offer,
             Err(e) => {
                 failure = Some(e);
@@ -244,7 +248,20 @@ async fn restore(
                     r.reason
                 )));
             }
-            Some(Kind::Message(m)) if arrivals == Arrivals::Hold => held.push(m),
+            Some(Kind::Message(m)) if arrivals == Arrivals::Hold => {
+                held.push(m);
+                // Past this, the rest waits unread in the connection (nothing is lost, the
+                // server queues it) until the move is over.
+                if held.len() >= HOLD_LIMIT {
+                    return Err(ClientError::Protocol(format!(
+                        "{HOLD_LIMIT} messages arrived while moving"
+                    )));
+                }
+            }
+            Some(Kind::SubscriptionsChanged(c)) => {
+                let event = changed_subscriptions(shared, c);
+                let _ = events.send_one(event).await;
+            }
             // A copy of one already delivered is dropped (the last arm).
             Some(Kind::Message(m)) if fresh(shared, &mut lock(&shared.seen), &m) => {
                 let _ = events.send_one(message(m)).await;
@@ -264,8 +281,8 @@ async fn restore(
 
 /// Completes a move to `next` once the connection moved from (`from_alias`) has been read to
 /// its end: what that connection was not confirmed goes out again here, the messages read
-/// while attaching are delivered (less copies), and subscription changes made during the
-/// move are restored here too.
+/// while attaching are delivered (less copies, and less those of topics left meanwhile), and
+/// subscription changes made since are made here too.
 async fn finish_move(
     config: &ClientConfig,
     shared: &Shared,
@@ -276,93 +293,104 @@ async fn finish_move(
 ) -> Result<(), ClientError> {
     lost(shared, out, from_alias);
     let fresh_held: Vec<Event> = {
+        let topics = lock(&shared.state).topics.clone();
         let mut seen = lock(&shared.seen);
         std::mem::take(&mut next.held)
             .into_iter()
+            .filter(|m| m.topic.starts_with('@') || topics.contains(&m.topic))
             .filter(|m| fresh(shared, &mut seen, m))
             .map(message)
             .collect()
     };
-    if !fresh_held.is_empty() {
-        let room = events
-            .room(fresh_held.len())
-            .await
-            .ok_or(ClientError::Closed)?;
+    for burst in fresh_held.chunks(events.capacity.max(1)) {
+        let room = events.room(burst.len()).await.ok_or(ClientError::Closed)?;
         events
-            .send(room, fresh_held)
+            .send(room, burst.to_vec())
             .map_err(|()| ClientError::Closed)?;
     }
-    let mut frames = Vec::new();
-    let again = {
+    let resent = resends(shared);
+    if !resent.is_empty() {
+        next.link
+            .sink
+            .send_now(&resent)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    }
+    catch_up(config, shared, events, next, Arrivals::Deliver).await
+}
+
+/// Makes on `next` the subscription changes made since its subscriptions were restored (and
+/// answers the requests waiting for them), if any were.
+async fn catch_up(
+    config: &ClientConfig,
+    shared: &Shared,
+    events: &EventTx,
+    next: &mut Connected,
+    arrivals: Arrivals,
+) -> Result<(), ClientError> {
+    let gone: Vec<String> = {
         let state = lock(&shared.state);
         let changed = state.topics.len() != next.restored.len()
             || next.restored.iter().any(|t| !state.topics.contains(t))
             || state.asked_since(next.restored_by);
-        changed.then(|| {
-            let gone: Vec<String> = next
-                .restored
-                .iter()
-                .filter(|t| !state.topics.contains(*t))
-                .cloned()
-                .collect();
-            gone
-        })
-    };
-    let restored = match &again {
-        Some(gone) => {
-            let (id, topics) = restoration(shared);
-            if !gone.is_empty() {
-                let unsubscribe = shared
-                    .next_request
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                frames.push(encode(&v1::ClientToServer::unsubscribe(v1::Unsubscribe {
-                    request_id: unsubscribe,
-                    topics: gone.clone(),
-                })));
-            }
-            if !topics.is_empty() {
-                frames.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
-                    request_id: id,
-                    topics: topics.clone(),
-                })));
-            }
-            Some((id, topics))
+        if !changed {
+            return Ok(());
         }
-        None => None,
+        next.restored
+            .iter()
+            .filter(|t| !state.topics.contains(*t))
+            .cloned()
+            .collect()
     };
-    frames.extend(resends(shared));
-    if !frames.is_empty() {
-        next.link
-            .sink
-            .send_now(&frames)
-            .await
-            .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    let (id, topics) = restoration(shared);
+    let mut frames = Vec::new();
+    if !gone.is_empty() {
+        let unsubscribe = shared
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        frames.push(encode(&v1::ClientToServer::unsubscribe(v1::Unsubscribe {
+            request_id: unsubscribe,
+            topics: gone,
+        })));
     }
-    if let Some((id, topics)) = restored {
-        let mut none = Vec::new();
-        let restoring = restore(
-            &mut next.link,
-            shared,
-            events,
-            id,
-            &topics,
-            false,
-            Arrivals::Deliver,
-            &mut none,
-        );
-        let (_, pending) = tokio::time::timeout(config.connect_timeout, restoring)
-            .await
-            .unwrap_or_else(|_| {
-                Err(ClientError::Timeout(format!(
-                    "restoring subscriptions on {}",
-                    next.server_id
-                )))
-            })?;
-        let confirmed = lock(&shared.state).resubscribed(id, &topics, pending);
-        for event in confirmed {
-            let _ = events.send_one(event).await;
-        }
+    if !topics.is_empty() {
+        frames.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
+            request_id: id,
+            topics: topics.clone(),
+        })));
     }
+    next.link
+        .sink
+        .send_now(&frames)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    let mut held = std::mem::take(&mut next.held);
+    let restoring = restore(
+        &mut next.link,
+        shared,
+        events,
+        id,
+        &topics,
+        false,
+        arrivals,
+        &mut held,
+    );
+    let restored = tokio::time::timeout(config.connect_timeout, restoring)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Timeout(format!(
+                "restoring subscriptions on {}",
+                next.server_id
+            )))
+        });
+    next.held = held;
+    let (_, pending) = restored?;
+    let confirmed = lock(&shared.state).resubscribed(id, &topics, pending);
+    for event in confirmed {
+        let _ = events.send_one(event).await;
+    }
+    next.restored = topics;
+    next.restored_by = id;
     Ok(())
 }
 
@@ -459,6 +487,19 @@ fn fresh(shared: &Shared, seen: &mut crate::Seen, m: &v1::Message) -> bool {
     }
 }
 
+/// The backend changed the subscriptions: they are the client's own from now on.
+fn changed_subscriptions(shared: &Shared, c: v1::SubscriptionsChanged) -> Event {
+    let mut state = lock(&shared.state);
+    for topic in &c.removed {
+        state.topics.remove(topic);
+    }
+    state.topics.extend(c.added.iter().cloned());
+    Event::SubscriptionsChanged {
+        added: c.added,
+        removed: c.removed,
+    }
+}
+
 fn undeliverable(u: v1::Undeliverable) -> Event {
     Event::Undeliverable {
         seq: u.seq,
@@ -475,8 +516,8 @@ enum Ended {
     /// The connection was lost, for this reason.
     Lost(String),
     /// The server asked the client to move (for this reason), and it did: the next
-    /// connection is made, and the one moved from was read to its end.
-    Moved(String, Box<Connected>),
+    /// connection is made; `true` if the one moved from was read to its end (`Left`).
+    Moved(String, Box<Connected>, bool),
 }
 
 /// Runs connections until the client is closed (or, without auto-reconnect, until the first
@@ -529,19 +570,40 @@ pub(crate) async fn drive(
         out = queue;
         let reason = match ended {
             Ended::Stopped => break,
-            Ended::Moved(reason, mut moved) => {
+            Ended::Moved(reason, mut moved, clean) => {
                 let finished = finish_move(&config, &shared, &events, &mut moved, &alias, &mut out);
                 match stoppable(&shared, finished).await {
                     None => break,
                     Some(Ok(())) => {
-                        tracing::info!(from = %server_id, to = %moved.server_id, %reason, "moved");
-                        let event = Event::Moved {
-                            from_server: server_id,
-                            server_id: moved.server_id.clone(),
-                            alias: moved.alias.clone(),
-                            reason,
+                        tracing::info!(from = %server_id, to = %moved.server_id, %reason, clean, "moved");
+                        let told = if clean {
+                            vec![Event::Moved {
+                                from_server: server_id,
+                                server_id: moved.server_id.clone(),
+                                alias: moved.alias.clone(),
+                                reason,
+                            }]
+                        } else {
+                            // The old server was not read to its end: what it still held for
+                            // the client may be missing, as after any lost connection.
+                            vec![
+                                Event::Disconnected {
+                                    server_id,
+                                    reason: format!(
+                                        "moving ({reason}): the server ended before sending everything queued here"
+                                    ),
+                                },
+                                Event::Reconnected {
+                                    server_id: moved.server_id.clone(),
+                                    alias: moved.alias.clone(),
+                                },
+                            ]
                         };
-                        if stoppable(&shared, events.send_one(event)).await.is_none() {
+                        let mut stopped = false;
+                        for event in told {
+                            stopped |= stoppable(&shared, events.send_one(event)).await.is_none();
+                        }
+                        if stopped {
                             break;
                         }
                         next = Some(*moved);
@@ -550,7 +612,7 @@ pub(crate) async fn drive(
                     // The server moved to failed as the move ended: lost like any other.
                     Some(Err(e)) => {
                         lost(&shared, &mut out, &moved.alias);
-                        exclude = vec![server_id];
+                        exclude = vec![moved.server_id.clone()];
                         let server_id = moved.server_id.clone();
                         let reason = format!("lost while moving to it: {e}");
                         if !report_lost(&config, &shared, &events, server_id, reason).await {
@@ -649,6 +711,7 @@ async fn run(
         seen: std::mem::take(&mut *lock(&shared.seen)),
         asked_to_move: config.auto_reconnect.then_some(move_tx),
         moving: false,
+        left: false,
     };
     let server_id = connected.server_id.clone();
     let serve = link::serve(connected.link, options, reader);
@@ -662,28 +725,41 @@ async fn run(
             let elsewhere = establish(config, shared, events, &exclude, Arrivals::Hold);
             tokio::select! {
                 served = &mut serve => served,
-                next = elsewhere => {
-                    match next {
-                        Ok(mut next) => {
-                            confirmed(config, shared, events, &mut next).await;
-                            moved = Some((reason, next));
-                            leave(pings).await;
-                            match tokio::time::timeout(config.connect_timeout, &mut serve).await {
-                                Ok(served) => served,
-                                Err(_) => {
-                                    tracing::warn!(server = %server_id, "no Left in time; closing");
-                                    closer.close(None);
-                                    serve.await
+                next = elsewhere => match next {
+                    Ok(mut next) => {
+                        // The old connection is still read while the new one settles.
+                        let settled = tokio::select! {
+                            served = &mut serve => Some(served),
+                            () = settle(config, shared, events, &mut next) => None,
+                        };
+                        let served = match settled {
+                            // It ended before `Left`: the move is not clean.
+                            Some(served) => served,
+                            None if leave(pings) => {
+                                ping(&mut next).await;
+                                match tokio::time::timeout(config.connect_timeout, &mut serve).await {
+                                    Ok(served) => served,
+                                    Err(_) => {
+                                        tracing::warn!(server = %server_id, "no Left in time; closing");
+                                        closer.close(None);
+                                        serve.await
+                                    }
                                 }
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(server = %server_id, error = %e, "could not connect elsewhere first; moving after closing");
-                            closer.close(None);
-                            serve.await
-                        }
+                            None => {
+                                closer.close(None);
+                                serve.await
+                            }
+                        };
+                        moved = Some((reason, next));
+                        served
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(server = %server_id, error = %e, "could not connect elsewhere first; moving after closing");
+                        closer.close(None);
+                        serve.await
+                    }
+                },
             }
         }
     };
@@ -709,8 +785,9 @@ async fn run(
     let ended = if shared.stop.is_cancelled() || end.ctrl.is_closed() {
         Ended::Stopped
     } else if let Some((why, next)) = moved {
-        // Whatever ended this connection, the next one is up.
-        Ended::Moved(why, Box::new(next))
+        // Whatever ended this connection, the next one is up; clean only if read to `Left`.
+        let clean = served.handler.left;
+        Ended::Moved(why, Box::new(next), clean)
     } else if let Some(e) = &end.error {
         Ended::Lost(format!("write to server failed: {e}"))
     } else {
@@ -749,12 +826,28 @@ async fn confirmed(config: &ClientConfig, shared: &Shared, events: &EventTx, nex
     next.held = held;
 }
 
-/// Queues `Leave` behind what the client has queued for the server moved from.
-async fn leave(pings: &mpsc::WeakSender<Bytes>) {
-    if let Some(out) = pings.upgrade() {
-        let _ = out
-            .send(encode(&v1::ClientToServer::leave(v1::Leave {})))
-            .await;
+/// Queues `Leave` behind what the client has queued for the server moved from; whether it
+/// could (a full queue, or one whose writer is gone, cannot take it).
+fn leave(pings: &mpsc::WeakSender<Bytes>) -> bool {
+    pings.upgrade().is_some_and(|out| {
+        out.try_send(encode(&v1::ClientToServer::leave(v1::Leave {})))
+            .is_ok()
+    })
+}
+
+/// Pings a connection that is not run yet, so its server does not take the client for dead
+/// while the old one is read to its end.
+async fn ping(next: &mut Connected) {
+    let ping = encode(&v1::ClientToServer::ping(v1::Ping { nonce: 0 }));
+    let _ = next.link.sink.send_now(&[ping]).await;
+}
+
+/// Gets `next` ready to take over: every server has its restored subscriptions (or the time
+/// for that passed), and subscription changes made since are made there too.
+async fn settle(config: &ClientConfig, shared: &Shared, events: &EventTx, next: &mut Connected) {
+    confirmed(config, shared, events, next).await;
+    if let Err(e) = catch_up(config, shared, events, next, Arrivals::Hold).await {
+        tracing::debug!(server = %next.server_id, error = %e, "changes made while moving wait for the move");
     }
 }
 
@@ -778,6 +871,8 @@ struct Reader {
     asked_to_move: Option<tokio::sync::oneshot::Sender<String>>,
     /// Told already: the move is under way.
     moving: bool,
+    /// The server moved from sent `Left`: everything queued for the client there was read.
+    left: bool,
 }
 
 impl Reader {
@@ -816,6 +911,10 @@ impl link::Handler for Reader {
                 None if self.moving => Flow::Continue,
                 None => self.end(&format!("the server asked the client to move: {reason}")),
             },
+            Handled::Left => {
+                self.left = true;
+                self.end("moved to another server")
+            }
             Handled::End(reason) => {
                 self.reason = Some(reason);
                 Flow::End
@@ -985,6 +1084,8 @@ enum Handled {
     Nothing,
     /// The server asks the client to move, for this reason.
     Move(String),
+    /// The server moved from has sent everything queued for the client.
+    Left,
     /// The connection is over, for this reason.
     End(String),
 }
@@ -1006,18 +1107,7 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             stored_ms: e.stored_ms,
         },
         Some(Kind::Undeliverable(u)) => undeliverable(u),
-        // The backend changed the subscriptions: they are the client's own from now on.
-        Some(Kind::SubscriptionsChanged(c)) => {
-            let mut state = lock(&shared.state);
-            for topic in &c.removed {
-                state.topics.remove(topic);
-            }
-            state.topics.extend(c.added.iter().cloned());
-            Event::SubscriptionsChanged {
-                added: c.added,
-                removed: c.removed,
-            }
-        }
+        Some(Kind::SubscriptionsChanged(c)) => changed_subscriptions(shared, c),
         Some(Kind::NodeList(list)) => {
             if let Some(done) = lock(&shared.state).lists.remove(&list.request_id) {
                 let _ = done.send(list);
@@ -1057,7 +1147,7 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
         // The server is being drained: move through the coordinator to another one.
         Some(Kind::Reconnect(r)) => return Handled::Move(r.reason),
         // Read to the end after a move: everything queued for the client here came before.
-        Some(Kind::Left(_)) => return Handled::End("moved to another server".into()),
+        Some(Kind::Left(_)) => return Handled::Left,
         Some(Kind::Error(e)) => {
             // A refused subscription change fails that request; the server then closes the
             // connection and the client reconnects without the refused topics.

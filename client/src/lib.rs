@@ -141,7 +141,10 @@
 //! A server that is being drained asks its clients to move (`Reconnect`). The client then
 //! moves make before break: it connects and subscribes elsewhere while still reading the old
 //! server, then leaves it after reading everything queued for it there, and reports
-//! [`Event::Moved`]. Nothing is lost or repeated across a move, either way.
+//! [`Event::Moved`]. No numbered message (a client's publish or direct message) is lost or
+//! repeated across a move, either way; unnumbered ones (presence events, a backend's
+//! publishes) can come twice. A move whose old server ended before it was read to its end is
+//! reported as [`Event::Disconnected`] and [`Event::Reconnected`] instead.
 //!
 //! # Closing
 //!

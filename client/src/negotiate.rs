@@ -73,10 +73,12 @@ impl Negotiation {
         &mut self,
         config: &ClientConfig,
         exclude: &[String],
+        moving: bool,
     ) -> Result<v1::ConnectOffer, ClientError> {
         let connect = v1::Connect {
             preferred_server: config.preferred_server.clone().unwrap_or_default(),
             exclude: exclude.to_vec(),
+            moving,
         };
         self.send(&v1::ClientToCoordinator::connect(connect))
             .await?;

@@ -114,7 +114,12 @@ impl Server {
         );
         let frame = encode(&v1::PeerMessage::flush(v1::Flush { nonce }));
         for peer in &peers {
-            peer.send_ctrl(frame.clone());
+            // Not `send_ctrl`: a control queue too full for a flush (a drain of very many
+            // clients at once) must not cost the link; that peer is just not waited for.
+            if peer.ctrl.try_send(frame.clone()).is_err() {
+                tracing::debug!(peer = %peer.server_id, "peer control queue full; not flushed");
+                self.flushed(nonce, &peer.server_id);
+            }
         }
         let wait = self.config.subscribe_sync_timeout();
         if tokio::time::timeout(wait, flushed).await.is_err() {
@@ -181,9 +186,12 @@ impl Server {
                 Err(e) => Answer::Error(e),
             },
             Some(Query::Topics(list)) => {
-                let (topics, more) =
-                    self.routes
-                        .topics(&list.scope, &list.prefix, &list.after, limit(list.limit));
+                let (topics, more) = self.routes.topics(
+                    &list.scope,
+                    &list.prefix,
+                    &list.after,
+                    (limit(list.limit), MAX_ANSWER_BYTES),
+                );
                 Answer::Topics(v1::TopicList {
                     topics: topics
                         .into_iter()
@@ -407,11 +415,30 @@ fn limit(asked: u32) -> usize {
     }
 }
 
-/// `sessions`, by alias, at most `limit` of them, as a client list.
+/// Bytes of items in one answer at most, so it fits a frame of the coordinator link
+/// (`max_frame_bytes`, 64 KiB by default) with room to spare; past it, `more` says so.
+pub(crate) const MAX_ANSWER_BYTES: usize = 32 * 1024;
+
+/// `sessions`, by alias, at most `limit` of them (and [`MAX_ANSWER_BYTES`]), as a client list.
 fn page_of(mut sessions: Vec<Arc<Subscriber>>, limit: usize) -> v1::ClientList {
     sessions.sort_unstable_by(|a, b| a.alias.cmp(&b.alias));
-    let more = sessions.len() > limit;
-    sessions.truncate(limit);
+    let mut bytes = 0;
+    let fits = sessions
+        .iter()
+        .take(limit)
+        .take_while(|s| {
+            bytes += s.alias.len()
+                + s.scope.len()
+                + s.role.len()
+                + s.node.as_deref().map_or(0, str::len)
+                + s.client.as_ref().map_or(0, |c| c.client_id.len())
+                + 32;
+            bytes <= MAX_ANSWER_BYTES
+        })
+        .count()
+        .max(1);
+    let more = sessions.len() > fits;
+    sessions.truncate(fits);
     v1::ClientList {
         clients: sessions
             .iter()

@@ -316,14 +316,14 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// Topics of `scope` with subscribers here, named after `after` and starting with
-    /// `prefix`, by name, at most `limit`, with their subscriber counts; and whether more
-    /// follow.
+    /// `prefix`, by name, at most `limit` of them and `bytes` of names (at least one), with
+    /// their subscriber counts; and whether more follow.
     pub(crate) fn topics(
         &self,
         scope: &str,
         prefix: &str,
         after: &str,
-        limit: usize,
+        (limit, bytes): (usize, usize),
     ) -> (Vec<(String, u32)>, bool) {
         let mut found: Vec<(String, u32)> = {
             let routes = self
@@ -348,8 +348,18 @@ impl RouteTable {
                 .collect()
         };
         found.sort_unstable();
-        let more = found.len() > limit;
-        found.truncate(limit);
+        let mut used = 0;
+        let fits = found
+            .iter()
+            .take(limit)
+            .take_while(|(topic, _)| {
+                used += topic.len() + 8;
+                used <= bytes
+            })
+            .count()
+            .max(1);
+        let more = found.len() > fits;
+        found.truncate(fits);
         (found, more)
     }
 

@@ -306,9 +306,8 @@ impl Admin for AdminService {
         let page = crate::backend_api::clients_page(
             &self.app,
             &links,
-            &scope,
-            req.page_size,
-            &req.page_token,
+            (req.page_size, &req.page_token),
+            crate::backend_api::list_clients(&scope),
         )
         .await?;
         Ok(Response::new(page))

@@ -126,16 +126,23 @@ async fn gather<T>(
         async move { (id, link.ask(app.next_request_id(), q, QUERY_TIMEOUT).await) }
     });
     let mut merged: BTreeMap<String, T> = BTreeMap::new();
-    let mut more = false;
+    // A server that has more answered with its first items only (a page, or what fits in a
+    // frame): past its last key, items of its own may be missing, so the page ends there.
+    let mut cut: Option<String> = None;
     for (id, answer) in futures_util::future::join_all(asked).await {
         let answer = answer
             .ok_or_else(|| Status::unavailable(format!("server {id} did not answer; try again")))?;
         if let Answer::Error(e) = answer {
             return Err(Status::invalid_argument(format!("server {id}: {e}")));
         }
-        let (list, server_more) = items(id, answer)
+        let (list, more) = items(id, answer)
             .ok_or_else(|| Status::internal(format!("server {id} answered something else")))?;
-        more |= server_more;
+        if more && let Some(last) = list.last().map(&key) {
+            cut = Some(match cut {
+                Some(c) if c <= last => c,
+                _ => last,
+            });
+        }
         for item in list {
             match merged.entry(key(&item)) {
                 std::collections::btree_map::Entry::Occupied(mut e) => combine(e.get_mut(), item),
@@ -146,8 +153,13 @@ async fn gather<T>(
         }
     }
     let limit = usize::try_from(size).unwrap_or(usize::MAX);
-    more |= merged.len() > limit;
-    let page: Vec<T> = merged.into_values().take(limit).collect();
+    let mut page: Vec<T> = merged
+        .into_values()
+        .take_while(|item| cut.as_ref().is_none_or(|c| key(item) <= *c))
+        .take(limit.saturating_add(1))
+        .collect();
+    let more = cut.is_some() || page.len() > limit;
+    page.truncate(limit);
     let next = match page.last() {
         Some(last) if more => key(last),
         _ => String::new(),
@@ -176,26 +188,19 @@ fn clients_of(server_id: &str, answer: Answer) -> Option<(Vec<Client>, bool)> {
     Some((clients, list.more))
 }
 
-/// A page of the clients of `scope` (all, if empty) on the servers of `links`.
+/// A page of clients on the servers of `links`, each asked with `query(after, limit)` (a
+/// `ListClients` or a `TopicPresence`), by alias.
 pub(crate) async fn clients_page(
     app: &App,
     links: &[(String, Arc<ServerLink>)],
-    scope: &str,
-    size: u32,
-    token: &str,
+    (size, token): (u32, &str),
+    query: impl Fn(&str, u32) -> Query,
 ) -> Result<ClientsPage, Status> {
-    let size = page_size(size);
     let (clients, next_page_token) = gather(
         app,
         links,
-        (size, optional("page_token", token)?),
-        |after, limit| {
-            Query::ListClients(v1::ListClients {
-                scope: scope.to_owned(),
-                after: after.to_owned(),
-                limit,
-            })
-        },
+        (page_size(size), optional("page_token", token)?),
+        query,
         clients_of,
         |c: &Client| c.alias.clone(),
         |_, _| {},
@@ -205,6 +210,17 @@ pub(crate) async fn clients_page(
         clients,
         next_page_token,
     })
+}
+
+/// The clients of `scope` (all, if empty), a page at a time.
+pub(crate) fn list_clients(scope: &str) -> impl Fn(&str, u32) -> Query + '_ {
+    move |after, limit| {
+        Query::ListClients(v1::ListClients {
+            scope: scope.to_owned(),
+            after: after.to_owned(),
+            limit,
+        })
+    }
 }
 
 /// Closes the sessions of alias `alias` on every server; how many.
@@ -447,12 +463,11 @@ impl Backend for BackendService {
         let req = request.into_inner();
         let scope = scope(&req.account, &req.group)?;
         let topic = required("topic", &req.topic)?;
-        let size = page_size(req.page_size);
         let links = links(&self.app, "")?;
-        let (clients, next_page_token) = gather(
+        let page = clients_page(
             &self.app,
             &links,
-            (size, optional("page_token", &req.page_token)?),
+            (req.page_size, &req.page_token),
             |after, limit| {
                 Query::Presence(v1::TopicPresence {
                     scope: scope.clone(),
@@ -461,15 +476,9 @@ impl Backend for BackendService {
                     limit,
                 })
             },
-            clients_of,
-            |c: &Client| c.alias.clone(),
-            |_, _| {},
         )
         .await?;
-        Ok(GrpcResponse::new(ClientsPage {
-            clients,
-            next_page_token,
-        }))
+        Ok(GrpcResponse::new(page))
     }
 
     async fn disconnect(

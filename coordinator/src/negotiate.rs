@@ -371,7 +371,7 @@ impl link::Handler for Negotiation {
                 let answer = if self.bucket.take(Instant::now()) {
                     let preferred =
                         Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
-                    place(app, identity, preferred, connect.exclude).await
+                    place(app, identity, preferred, connect.exclude, connect.moving).await
                 } else {
                     Err(too_many())
                 };
@@ -522,6 +522,7 @@ async fn place(
     identity: &v1::Identity,
     preferred: Option<&str>,
     exclude: Vec<String>,
+    moving: bool,
 ) -> Result<Placement, v1::Error> {
     let placing = std::time::Instant::now();
     let result = place_client(app, identity, preferred, exclude).await;
@@ -532,7 +533,9 @@ async fn place(
     match &result {
         Ok(_) => {
             app.stats.logins.inc();
-            if !identity.client_id.is_empty() {
+            // A client moving off a drained server closes its old session itself, once read
+            // to the end.
+            if !identity.client_id.is_empty() && !moving {
                 replace_older(app, identity);
             }
         }
@@ -737,6 +740,7 @@ pub(crate) async fn login(
         &identity,
         request.preferred_server.as_deref(),
         request.exclude,
+        false,
     )
     .await?;
     Ok(Json(LoginResponse {

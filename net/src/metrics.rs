@@ -199,13 +199,13 @@ impl Family<'_> {
 }
 
 /// A histogram that many tasks observe without locking: one atomic per bucket, and the sum
-/// (in millionths, so it is an integer too).
+/// (an `f64` in an atomic's bits, added with compare-and-swap).
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
     /// Observations at or under each bound (not cumulative; the last is +Inf).
     buckets: Box<[AtomicU64]>,
-    sum_micros: AtomicU64,
+    sum_bits: AtomicU64,
 }
 
 impl Histogram {
@@ -214,7 +214,7 @@ impl Histogram {
         Self {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -226,8 +226,11 @@ impl Histogram {
             .position(|b| value <= *b)
             .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let micros = (value.max(0.0) * 1e6) as u64;
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        let _ = self
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
     }
 
     /// The buckets (the encoder makes them cumulative), the sum and the count, as now.
@@ -242,7 +245,7 @@ impl Histogram {
             .collect();
         // The count from the buckets read, so the two always agree.
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = f64::from_bits(self.sum_bits.load(Ordering::Relaxed));
         Snapshot {
             buckets,
             sum,

@@ -822,6 +822,11 @@ pub struct Connect {
     /// Never offer these (e.g. the server that just failed).
     #[prost(string, repeated, tag = "2")]
     pub exclude: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The client is moving off a drained server (`Reconnect`) and keeps that session until it
+    /// has read it to the end: its other sessions (same `client_id`) are not closed for this
+    /// login, or the move would cut its own old session short.
+    #[prost(bool, tag = "3")]
+    pub moving: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConnectOffer {

@@ -180,9 +180,11 @@ async fn draining_a_server_moves_its_clients_make_before_break_losing_nothing_ei
     let mut watcher = cluster.client_on(2).await;
     watcher.subscribe(["drain/moving"]).await.unwrap();
     let mut movers = Vec::new();
-    for _ in 0..5 {
+    for i in 0..5 {
         let mut config = client_config(&cluster.coordinator.url);
         config.preferred_server = Some(drained.clone());
+        // A client id: the move's login must not replace the session it moves from.
+        config.client_id = Some(format!("mover-{i}"));
         let client = Client::connect(config).await.unwrap();
         assert_eq!(client.server_id(), drained);
         client.subscribe(["drain/elsewhere"]).await.unwrap();

@@ -238,6 +238,7 @@ async fn bad_negotiation_input_is_refused() {
     let impossible = v1::Connect {
         preferred_server: String::new(),
         exclude: vec![cluster.servers[0].id.clone()],
+        moving: false,
     };
     raw::send_msg(&mut socket, &v1::ClientToCoordinator::connect(impossible)).await;
     let answer: v1::CoordinatorToClient =
