@@ -514,3 +514,60 @@ async fn a_backend_subscribes_a_client_which_keeps_the_topic_across_a_move() {
         .unwrap_err();
     assert_eq!(nobody.code(), Code::NotFound, "{nobody:?}");
 }
+
+/// Pages bigger than a frame of the coordinator's server links: each server answers what fits
+/// and says it has more, the page ends where the first such server's answer ends, and paging
+/// through gives every topic once, with no server link dropped on the way.
+#[tokio::test]
+async fn topics_page_through_answers_larger_than_a_frame() {
+    let cluster = cluster(2).await;
+    let mut backend = BackendClient::new(channel(&cluster).await);
+    let name = |i: usize| format!("{i:05}/{}", "t".repeat(58));
+    let mut want = std::collections::BTreeSet::new();
+    let mut subscribers = Vec::new();
+    // 950 names of 64 bytes on one server (an answer of them all would pass 64 KiB), 300 on
+    // the other, interleaved.
+    for (server, count) in [(0, 950), (1, 300)] {
+        let client = member(&cluster, server, "acme").await;
+        let topics: Vec<String> = (0..count).map(|i| name(i * 2 + server)).collect();
+        for chunk in topics.chunks(100) {
+            client.subscribe(chunk.to_vec()).await.unwrap();
+        }
+        want.extend(topics);
+        subscribers.push(client);
+    }
+    let mut got = Vec::new();
+    let mut token = String::new();
+    let mut sizes = Vec::new();
+    loop {
+        let page = backend
+            .topics(authed(TopicsRequest {
+                account: "acme".into(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        sizes.push(page.topics.len());
+        got.extend(page.topics.into_iter().map(|t| {
+            assert_eq!(t.subscribers, 1);
+            t.topic
+        }));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    // 1 000 asked, but each server's answer stops at 32 KiB (about 450 of these names).
+    assert!(sizes[0] > 450 && sizes[0] < 1000, "pages {sizes:?}");
+    assert_eq!(got.len(), want.len(), "each topic once");
+    assert_eq!(got.into_iter().collect::<std::collections::BTreeSet<_>>(), want);
+    for server in &cluster.servers {
+        assert_eq!(server.stat("registrations").await, 1, "no server link dropped");
+    }
+    for client in subscribers {
+        client.close().await;
+    }
+}
