@@ -2,7 +2,8 @@
 //! client: relaymesh's own client library (protobuf over WebSocket), async-nats, rumqttc (MQTT
 //! 3.1.1, QoS 0, `TCP_NODELAY`) and redis (`PUBLISH` pipelined per tick, `SUBSCRIBE` on its own
 //! connection). Every publisher sends to one topic; every subscriber subscribes to one topic and
-//! hands each payload to its [`SharedTally`].
+//! hands each payload to its [`SharedTally`]. relaymesh also publishes as an application backend
+//! does, through the coordinator's gRPC server API (`relaymesh.admin.v1.Backend/Publish`, tonic).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,8 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use relaymesh_client::{Client, ClientConfig, Credentials, Event};
+use relaymesh_proto::admin::PublishRequest;
+use relaymesh_proto::admin::backend_client::BackendClient;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -50,6 +53,24 @@ pub(crate) struct Endpoints {
     pub(crate) urls: Vec<String>,
     /// relaymesh: the comm server ids, asked for as the preferred server.
     pub(crate) server_ids: Vec<String>,
+    /// relaymesh: the coordinator's admin API (gRPC, `http://127.0.0.1:PORT`), which serves
+    /// the backend API; `None` for the other systems.
+    pub(crate) admin_url: Option<String>,
+    /// relaymesh: the bearer token of the admin API (generated per start); empty otherwise.
+    pub(crate) admin_token: String,
+}
+
+/// How a scenario's messages travel from publishers to subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Publishers publish on the topic, subscribers subscribe to it (every system).
+    Topic,
+    /// relaymesh sends each topic's messages as direct messages to the node that stands for its
+    /// subscriber (others use the topic as it is).
+    Direct,
+    /// relaymesh only: an application backend publishes on the topic through the
+    /// coordinator's backend API; the subscribers are logged in to [`BENCH_ACCOUNT`].
+    Backend,
 }
 
 impl Endpoints {
@@ -97,9 +118,26 @@ impl Endpoints {
     }
 }
 
-/// The account of the direct-message scenario's clients (the benchmark's coordinator is open:
-/// any account logs in, and a key login names its node).
-const DIRECT_ACCOUNT: &str = "bench";
+/// The account of the direct-message and backend scenarios' clients (the benchmark's
+/// coordinator is open: any account logs in, and a key login names its node).
+const BENCH_ACCOUNT: &str = "bench";
+
+/// The alias receivers see on the backend's messages.
+const BACKEND_SENDER: &str = "bench-backend";
+
+/// Backend API calls one publisher has outstanding at most: the pacer waits for a permit, so a
+/// slow API shows as release lag (which fails the step), not as memory.
+const BACKEND_IN_FLIGHT: usize = 256;
+
+/// Logs in to [`BENCH_ACCOUNT`] with an access code (any code opens the benchmark's accounts).
+fn bench_account_code() -> Credentials {
+    Credentials::AccessCode {
+        account: BENCH_ACCOUNT.into(),
+        code: "open".into(),
+        role: String::new(),
+        group: String::new(),
+    }
+}
 
 /// The key of the node that stands for `topic`'s subscriber in the direct scenario.
 fn direct_key(topic: &str) -> anyhow::Result<relaymesh_client::SigningKey> {
@@ -175,6 +213,19 @@ pub(crate) enum Publisher {
         client: Client,
         node: String,
     },
+    /// An application backend: one unary `Backend/Publish` call per message through the
+    /// coordinator's gRPC API, each in its own task so call latency does not hold the pacer.
+    RelaymeshBackend {
+        client: BackendClient<tonic::transport::Channel>,
+        /// `Bearer <token>`, added to every call.
+        bearer: tonic::metadata::AsciiMetadataValue,
+        account: String,
+        topic: String,
+        /// Calls sent and not yet answered, at most [`BACKEND_IN_FLIGHT`].
+        in_flight: Arc<Semaphore>,
+        /// Calls the API refused or that failed (each is a message not sent).
+        refused: Arc<AtomicU64>,
+    },
     Nats {
         client: async_nats::Client,
         subject: async_nats::Subject,
@@ -196,29 +247,44 @@ pub(crate) enum Publisher {
 }
 
 impl Publisher {
-    /// Connects a publisher for `topic` to server `server` (0 = A, 1 = B); with `direct`,
-    /// relaymesh sends to the node standing for the topic's subscriber instead.
+    /// Connects a publisher for `topic` to server `server` (0 = A, 1 = B); `route` says how
+    /// relaymesh sends (the backend goes through the coordinator, whatever `server`).
     pub(crate) async fn connect(
         at: &Endpoints,
         server: usize,
         topic: &str,
-        direct: bool,
+        route: Route,
     ) -> anyhow::Result<Self> {
+        if route == Route::Backend && at.system != System::Relaymesh {
+            bail!("{} has no backend API", at.system.name());
+        }
         Ok(match at.system {
-            System::Relaymesh if direct => Self::RelaymeshDirect {
-                client: at
-                    .relaymesh_as(
-                        server,
-                        Credentials::AccessCode {
-                            account: DIRECT_ACCOUNT.into(),
-                            code: "open".into(),
-                            role: String::new(),
-                            group: String::new(),
-                        },
-                    )
-                    .await?,
+            System::Relaymesh if route == Route::Direct => Self::RelaymeshDirect {
+                client: at.relaymesh_as(server, bench_account_code()).await?,
                 node: direct_node(topic)?,
             },
+            System::Relaymesh if route == Route::Backend => {
+                let url = at
+                    .admin_url
+                    .clone()
+                    .context("relaymesh was started without its admin API")?;
+                let channel = tonic::transport::Channel::from_shared(url.clone())
+                    .with_context(|| format!("bad admin API URL {url}"))?
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot reach the admin API at {url}"))?;
+                let bearer = format!("Bearer {}", at.admin_token)
+                    .parse()
+                    .context("the admin token is not a valid header value")?;
+                Self::RelaymeshBackend {
+                    client: BackendClient::new(channel),
+                    bearer,
+                    account: BENCH_ACCOUNT.to_owned(),
+                    topic: topic.to_owned(),
+                    in_flight: Arc::new(Semaphore::new(BACKEND_IN_FLIGHT)),
+                    refused: Arc::new(AtomicU64::new(0)),
+                }
+            }
             System::Relaymesh => Self::Relaymesh {
                 client: at.relaymesh(server).await?,
                 topic: topic.to_owned(),
@@ -263,6 +329,40 @@ impl Publisher {
             Self::Relaymesh { client, topic } => client.publish(topic, payload).await?,
             Self::RelaymeshDirect { client, node } => {
                 client.send(node, payload).await?;
+            }
+            Self::RelaymeshBackend {
+                client,
+                bearer,
+                account,
+                topic,
+                in_flight,
+                refused,
+            } => {
+                let permit = in_flight.clone().acquire_owned().await?;
+                let mut request = tonic::Request::new(PublishRequest {
+                    account: account.clone(),
+                    group: String::new(),
+                    topic: topic.clone(),
+                    payload: payload.to_vec(),
+                    sender: BACKEND_SENDER.to_owned(),
+                });
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                let mut client = client.clone();
+                let refused = refused.clone();
+                tokio::spawn(async move {
+                    if let Err(status) = client.publish(request).await
+                        && refused.fetch_add(1, Ordering::Relaxed) == 0
+                    {
+                        eprintln!(
+                            "bench: backend publish refused ({:?}): {} (further refusals are counted)",
+                            status.code(),
+                            status.message()
+                        );
+                    }
+                    drop(permit);
+                });
             }
             Self::Nats { client, subject } => client.publish(subject.clone(), payload).await?,
             Self::Mqtt { client, topic, .. } => {
@@ -314,11 +414,35 @@ impl Publisher {
         Ok(())
     }
 
-    /// Closes the connection.
+    /// Messages the system refused to take so far (backend API calls that failed); 0 where a
+    /// refusal cannot be seen (the other clients queue and send without an answer).
+    pub(crate) fn refused(&self) -> u64 {
+        match self {
+            Self::RelaymeshBackend { refused, .. } => refused.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
+    /// Closes the connection (the backend: once its calls are answered, or after 10 s).
     pub(crate) async fn close(self) {
         match self {
             Self::Relaymesh { client, .. } | Self::RelaymeshDirect { client, .. } => {
                 client.close().await
+            }
+            Self::RelaymeshBackend {
+                in_flight, refused, ..
+            } => {
+                let all = u32::try_from(BACKEND_IN_FLIGHT).unwrap_or(u32::MAX);
+                let answered =
+                    tokio::time::timeout(Duration::from_secs(10), in_flight.acquire_many(all))
+                        .await;
+                if answered.is_err() {
+                    eprintln!("bench: backend publish calls still unanswered after 10 s");
+                }
+                let refused = refused.load(Ordering::Relaxed);
+                if refused > 0 {
+                    eprintln!("bench: {refused} backend publishes refused in all");
+                }
             }
             Self::Nats { client, .. } => {
                 let _ = client.flush().await;
@@ -345,20 +469,21 @@ impl Drop for Subscriber {
 
 impl Subscriber {
     /// Connects to server `server`, subscribes to `topic` (the server has confirmed it where
-    /// the protocol says so) and starts recording into `tally`.
+    /// the protocol says so) and starts recording into `tally`; relaymesh logs in as `route`
+    /// needs (a node's key for direct messages, the backend's account for its publishes).
     pub(crate) async fn start(
         at: &Endpoints,
         server: usize,
         topic: &str,
-        direct: bool,
+        route: Route,
         tally: SharedTally,
     ) -> anyhow::Result<Self> {
         let lost =
             |what: &'static str| move || eprintln!("bench: {what} subscriber connection ended");
         let task = match at.system {
-            System::Relaymesh if direct => {
+            System::Relaymesh if route == Route::Direct => {
                 let key = Credentials::Key {
-                    account: DIRECT_ACCOUNT.into(),
+                    account: BENCH_ACCOUNT.into(),
                     key: direct_key(topic)?,
                     role: String::new(),
                     group: String::new(),
@@ -376,7 +501,11 @@ impl Subscriber {
                 })
             }
             System::Relaymesh => {
-                let mut client = at.relaymesh(server).await?;
+                let mut client = if route == Route::Backend {
+                    at.relaymesh_as(server, bench_account_code()).await?
+                } else {
+                    at.relaymesh(server).await?
+                };
                 client.subscribe([topic]).await?;
                 let ended = lost("relaymesh");
                 tokio::spawn(async move {

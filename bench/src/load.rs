@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use rand::RngExt as _;
 use serde::Serialize;
 
-use crate::drivers::{Endpoints, Publisher, Subscriber};
+use crate::drivers::{Endpoints, Publisher, Route, Subscriber};
 use crate::measure::{self, Phase, SharedTally, Tally, histogram, lock, now_ns, pct_ms};
 use crate::servers::Running;
 
@@ -27,9 +27,9 @@ pub(crate) struct Shape {
     pub(crate) subscriber_server: usize,
     /// Offered delivered messages per second, one step each.
     pub(crate) ladder: Vec<f64>,
-    /// relaymesh sends each topic's messages as direct messages to the node that stands for
-    /// its subscriber (others use the topic as it is).
-    pub(crate) direct: bool,
+    /// How messages travel: on the topic, as relaymesh direct messages, or from relaymesh's
+    /// backend API.
+    pub(crate) route: Route,
 }
 
 impl Shape {
@@ -62,6 +62,9 @@ pub(crate) struct Step {
     pub(crate) delivery_pct: f64,
     /// Deliveries not in publish order (duplicates or reordering).
     pub(crate) out_of_order: u64,
+    /// Messages the system refused during the step (relaymesh backend API calls that failed;
+    /// other clients see no refusals).
+    pub(crate) refused: u64,
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) p999_ms: f64,
@@ -110,7 +113,7 @@ async fn connect(at: &Endpoints, shape: &Shape, label: &str) -> anyhow::Result<R
                 let t = topic(i % shape.topics);
                 let tally = tally.clone();
                 async move {
-                    Subscriber::start(at, shape.subscriber_server, &t, shape.direct, tally).await
+                    Subscriber::start(at, shape.subscriber_server, &t, shape.route, tally).await
                 }
             })
             .buffer_unordered(CONNECT_CONCURRENCY)
@@ -121,7 +124,7 @@ async fn connect(at: &Endpoints, shape: &Shape, label: &str) -> anyhow::Result<R
     let publishers = futures_util::stream::iter(0..shape.publishers)
         .map(|i| async move {
             let t = topic(i % shape.topics);
-            Publisher::connect(at, 0, &t, shape.direct).await
+            Publisher::connect(at, 0, &t, shape.route).await
         })
         .buffered(CONNECT_CONCURRENCY)
         .collect::<Vec<_>>()
@@ -267,6 +270,8 @@ async fn run_step(
     for t in &rig.tallies {
         *lock(t) = Tally::new(step);
     }
+    let refused = |rig: &Rig| -> u64 { rig.slots.iter().map(|s| s.publisher.refused()).sum() };
+    let refused_before = refused(rig);
     let rate = offered / (shape.publishers * shape.fanout()) as f64;
     let (begin, measured, lag) = pace(rig, rate, step, w, running).await?;
     let expected = measured * shape.fanout() as u64;
@@ -279,6 +284,7 @@ async fn run_step(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let end = read(running);
+    let refused = refused(rig).saturating_sub(refused_before);
     let mut latency = histogram();
     let (mut delivered, mut out_of_order) = (0, 0);
     for t in &rig.tallies {
@@ -305,6 +311,7 @@ async fn run_step(
         delivered_per_s: delivered as f64 / measure_s,
         delivery_pct: 100.0 * delivery,
         out_of_order,
+        refused,
         p50_ms: pct_ms(&latency, 50.0),
         p99_ms,
         p999_ms: pct_ms(&latency, 99.9),

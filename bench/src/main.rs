@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::drivers::System;
+use crate::drivers::{Route, System};
 use crate::load::{Shape, Window};
 use crate::report::{Outcome, Results};
 use crate::servers::Launcher;
@@ -48,6 +48,9 @@ pub(crate) enum Scenario {
     /// 1000 pairs across two servers, relaymesh with direct messages to nodes (others: one
     /// subject per pair, as P2pTwoServer).
     Direct,
+    /// Fanout10 with an application backend publishing through the coordinator's gRPC backend
+    /// API instead of a client (relaymesh only).
+    Backend,
     /// Memory per idle client on one comm server (relaymesh only).
     Idle,
     /// Logins per second through one coordinator (relaymesh only).
@@ -64,6 +67,7 @@ impl Scenario {
             Self::P2p => "p2p",
             Self::P2pTwoServer => "p2p-two-server",
             Self::Direct => "direct",
+            Self::Backend => "backend",
             Self::Idle => "idle",
             Self::Logins => "logins",
         }
@@ -87,7 +91,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,idle,logins"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -151,6 +155,11 @@ struct Args {
 const FANOUT_LADDER: &[f64] = &[
     100e3, 250e3, 500e3, 750e3, 1e6, 1.25e6, 1.5e6, 1.75e6, 2e6, 2.5e6, 3e6, 4e6,
 ];
+/// The backend scenario's: one unary gRPC call per published message puts its limit an order
+/// of magnitude below a client's, under the first step of [`FANOUT_LADDER`].
+const BACKEND_LADDER: &[f64] = &[
+    5e3, 10e3, 20e3, 30e3, 50e3, 75e3, 100e3, 150e3, 200e3, 300e3, 500e3,
+];
 const P2P_LADDER: &[f64] = &[50e3, 100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6];
 const LOGIN_LADDER: &[f64] = &[1000.0, 2500.0, 5000.0, 7500.0, 10000.0, 15000.0];
 
@@ -169,7 +178,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 10,
             subscriber_server: 0,
             ladder: first(FANOUT_LADDER),
-            direct: false,
+            route: Route::Topic,
         },
         Scenario::Fanout1000 => Shape {
             publishers: 1,
@@ -177,7 +186,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 1000,
             subscriber_server: 0,
             ladder: first(FANOUT_LADDER),
-            direct: false,
+            route: Route::Topic,
         },
         Scenario::Dense => Shape {
             publishers: 50,
@@ -186,7 +195,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscriber_server: 0,
             // 50 publishers × 10 msg/s × 50 subscribers.
             ladder: vec![25e3],
-            direct: false,
+            route: Route::Topic,
         },
         Scenario::TwoServer => Shape {
             publishers: 1,
@@ -194,7 +203,15 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
             subscribers_per_topic: 10,
             subscriber_server: 1,
             ladder: first(FANOUT_LADDER),
-            direct: false,
+            route: Route::Topic,
+        },
+        Scenario::Backend => Shape {
+            publishers: 1,
+            topics: 1,
+            subscribers_per_topic: 10,
+            subscriber_server: 0,
+            ladder: first(BACKEND_LADDER),
+            route: Route::Backend,
         },
         Scenario::P2p | Scenario::P2pTwoServer | Scenario::Direct => {
             let pairs = if smoke { 100 } else { 1000 };
@@ -204,7 +221,11 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
                 subscribers_per_topic: 1,
                 subscriber_server: usize::from(scenario != Scenario::P2p),
                 ladder: first(P2P_LADDER),
-                direct: scenario == Scenario::Direct,
+                route: if scenario == Scenario::Direct {
+                    Route::Direct
+                } else {
+                    Route::Topic
+                },
             }
         }
         Scenario::Idle | Scenario::Logins => return None,
@@ -222,6 +243,7 @@ fn not_applicable(system: System, scenario: Scenario) -> Option<&'static str> {
         }
         (System::Relaymesh, _) => None,
         (_, Scenario::Idle | Scenario::Logins) => Some("relaymesh target only"),
+        (_, Scenario::Backend) => Some("relaymesh only: publishes through its backend API"),
         _ => None,
     }
 }

@@ -57,6 +57,14 @@ impl Outcome {
     fn sustainable(&self) -> Option<&Step> {
         self.steps.iter().take_while(|s| s.passed).last()
     }
+
+    /// The passing step with the most deliveries per server CPU-second.
+    fn most_efficient(&self) -> Option<&Step> {
+        self.steps
+            .iter()
+            .take_while(|s| s.passed)
+            .max_by(|a, b| a.delivered_per_cpu_s.total_cmp(&b.delivered_per_cpu_s))
+    }
 }
 
 /// The machine the run was on.
@@ -100,7 +108,8 @@ impl Machine {
 struct Target {
     target: String,
     measured: String,
-    /// `pass`, `FAIL`, or `not measured` / `generator-bound` when the run cannot tell.
+    /// `pass`, `FAIL`, or `not measured` / `generator-bound` when the run cannot tell; `info`
+    /// for a figure with no target (a comparison within relaymesh).
     result: String,
 }
 
@@ -288,6 +297,33 @@ impl Results {
                 "two-server throughput ≥ 75 % of one server (1→10)",
             )),
         }
+        // Publishes from an application backend (coordinator's gRPC API) against a client's.
+        if self
+            .outcomes
+            .iter()
+            .any(|o| o.system == rm && o.scenario == Scenario::Backend)
+        {
+            let name =
+                "backend API publishes (1→10): delivered per server CPU-s vs client publishes";
+            let best = |scenario| self.get(rm, scenario).and_then(Outcome::most_efficient);
+            t.push(
+                match (best(Scenario::Backend), best(Scenario::Fanout10)) {
+                    (Some(b), Some(c)) if c.delivered_per_cpu_s > 0.0 => Target {
+                        target: name.into(),
+                        measured: format!(
+                            "{} deliveries per server CPU-s ({} offered), {:.2} × client publishes ({} per CPU-s at {} offered)",
+                            rate(b.delivered_per_cpu_s),
+                            rate(b.offered_per_s),
+                            b.delivered_per_cpu_s / c.delivered_per_cpu_s,
+                            rate(c.delivered_per_cpu_s),
+                            rate(c.offered_per_s)
+                        ),
+                        result: "info".into(),
+                    },
+                    _ => not_measured(name),
+                },
+            );
+        }
         // Idle memory.
         if let Some(o) = self.get(rm, Scenario::Idle) {
             for s in &o.idle {
@@ -442,7 +478,7 @@ impl Results {
                         s.server_rss_mib,
                         s.generator_cpu_pct,
                         if s.generator_bound { " (bound)" } else { "" },
-                        if s.passed { "pass" } else { "fail" }
+                        verdict_of(s)
                     );
                 }
             }
@@ -515,10 +551,20 @@ fn rate(r: f64) -> String {
     }
 }
 
+/// A step's last column: pass or fail, and any refused publishes.
+fn verdict_of(s: &Step) -> String {
+    let verdict = if s.passed { "pass" } else { "fail" };
+    if s.refused > 0 {
+        format!("{verdict} ({} refused)", s.refused)
+    } else {
+        verdict.to_owned()
+    }
+}
+
 /// One progress line per message step.
 pub(crate) fn step_line(s: &Step) -> String {
     format!(
-        "offered {}/s delivered {}/s ({:.3} %) p99 {:.2} ms max {:.2} ms lag p99 {:.2} ms server CPU {:.0} % generator {:.0} %{} {}",
+        "offered {}/s delivered {}/s ({:.3} %) p99 {:.2} ms max {:.2} ms lag p99 {:.2} ms server CPU {:.0} % generator {:.0} %{}{} {}",
         rate(s.offered_per_s),
         rate(s.delivered_per_s),
         s.delivery_pct,
@@ -531,6 +577,11 @@ pub(crate) fn step_line(s: &Step) -> String {
             " (generator-bound)"
         } else {
             ""
+        },
+        if s.refused > 0 {
+            format!(" {} refused", s.refused)
+        } else {
+            String::new()
         },
         if s.passed { "pass" } else { "FAIL" }
     )
@@ -590,6 +641,7 @@ mod tests {
             delivered_per_s: offered,
             delivery_pct,
             out_of_order: 0,
+            refused: 0,
             p50_ms: 1.0,
             p99_ms: 1.0,
             p999_ms: 1.0,
@@ -610,6 +662,38 @@ mod tests {
             steps,
             ..Outcome::new(system, Scenario::Fanout1000)
         }
+    }
+
+    #[test]
+    fn backend_publishes_are_compared_with_client_publishes_per_cpu_second() {
+        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false);
+        let line = |r: &Results| {
+            r.targets
+                .iter()
+                .find(|t| t.target.starts_with("backend API"))
+                .cloned()
+        };
+        r.push(Outcome {
+            steps: vec![step(1e5, 100.0, 400.0, true), step(2e5, 100.0, 800.0, true)],
+            ..Outcome::new(System::Relaymesh, Scenario::Fanout10)
+        });
+        assert!(line(&r).is_none(), "no line without a backend run");
+        r.push(Outcome {
+            steps: vec![step(1e5, 100.0, 200.0, true), step(2e5, 90.0, 900.0, false)],
+            ..Outcome::new(System::Relaymesh, Scenario::Backend)
+        });
+        let t = line(&r).expect("the comparison is listed");
+        assert_eq!(t.result, "info");
+        assert!(t.measured.contains("0.25 ×"), "{}", t.measured);
+        r.push(Outcome::skipped(
+            System::Nats,
+            Scenario::Backend,
+            "relaymesh only",
+        ));
+        assert!(
+            r.markdown()
+                .contains("| backend | nats | n/a: relaymesh only |")
+        );
     }
 
     #[test]

@@ -14,6 +14,13 @@ use crate::drivers::{Endpoints, System};
 /// The secret the benchmark's relaymesh servers share (loopback only).
 const CLUSTER_SECRET: &str = "bench-cluster-secret";
 
+/// A fresh bearer token for a coordinator's admin API: 32 random hex digits (it must be at
+/// least 16 bytes). It reaches the coordinator as `RELAYMESH_ADMIN_TOKEN`, as the cluster
+/// secret does, so the filled-in config under `--out` holds no token.
+fn admin_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// Where configs come from and how servers are placed.
 #[derive(Debug, Clone)]
 pub(crate) struct Launcher {
@@ -129,7 +136,14 @@ impl Launcher {
         Ok(out)
     }
 
-    fn spawn(&self, name: &str, program: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Proc> {
+    /// Starts `program` with `args` and, beside the cluster secret, the variables in `env`.
+    fn spawn(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let log = std::fs::File::create(self.run_dir.join(format!("{name}.log")))?;
         let mut cmd = match &self.server_cpu {
             Some(cpu) => {
@@ -141,6 +155,7 @@ impl Launcher {
         };
         cmd.args(args)
             .env("RELAYMESH_CLUSTER_SECRET", CLUSTER_SECRET)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -169,15 +184,21 @@ impl Launcher {
         match system {
             System::Relaymesh => {
                 let coordinator = free_port()?;
+                let admin = free_port()?;
+                let token = admin_token();
                 let cfg = self.fill(
                     "coordinator.toml",
                     "coordinator.toml",
-                    &HashMap::from([("port", coordinator.to_string())]),
+                    &HashMap::from([
+                        ("port", coordinator.to_string()),
+                        ("admin_port", admin.to_string()),
+                    ]),
                 )?;
                 procs.push(self.spawn(
                     "coordinator",
                     &self.bin_dir.join("coordinator"),
                     &["--config".as_ref(), cfg.as_os_str()],
+                    &[("RELAYMESH_ADMIN_TOKEN", &token)],
                 )?);
                 for (i, port) in ports.iter().enumerate() {
                     let id = letters[i];
@@ -194,6 +215,7 @@ impl Launcher {
                         &format!("commserver-{id}"),
                         &self.bin_dir.join("commserver"),
                         &["--config".as_ref(), cfg.as_os_str()],
+                        &[],
                     )?);
                     server_ids.push(id.to_owned());
                     server_http.push(format!("http://127.0.0.1:{port}"));
@@ -204,11 +226,14 @@ impl Launcher {
                         system,
                         urls,
                         server_ids,
+                        admin_url: Some(format!("http://127.0.0.1:{admin}")),
+                        admin_token: token,
                     },
                     server_http,
                     procs,
                 };
                 wait_relaymesh(&mut running, coordinator, servers, &self.run_dir).await?;
+                wait_port(&mut running, &format!("127.0.0.1:{admin}"), &self.run_dir).await?;
                 return Ok(running);
             }
             System::Nats => {
@@ -238,6 +263,7 @@ impl Launcher {
                         &name,
                         Path::new("nats-server"),
                         &["-c".as_ref(), cfg.as_os_str()],
+                        &[],
                     )?);
                     urls.push(format!("127.0.0.1:{port}"));
                 }
@@ -255,6 +281,7 @@ impl Launcher {
                     "mosquitto-a",
                     Path::new("mosquitto"),
                     &["-c".as_ref(), cfg.as_os_str()],
+                    &[],
                 )?);
                 urls.push(format!("127.0.0.1:{}", ports[0]));
             }
@@ -267,7 +294,12 @@ impl Launcher {
                     "redis.conf",
                     &HashMap::from([("port", ports[0].to_string())]),
                 )?;
-                procs.push(self.spawn("redis-a", Path::new("redis-server"), &[cfg.as_os_str()])?);
+                procs.push(self.spawn(
+                    "redis-a",
+                    Path::new("redis-server"),
+                    &[cfg.as_os_str()],
+                    &[],
+                )?);
                 urls.push(format!("127.0.0.1:{}", ports[0]));
             }
         }
@@ -276,6 +308,8 @@ impl Launcher {
                 system,
                 urls: urls.clone(),
                 server_ids,
+                admin_url: None,
+                admin_token: String::new(),
             },
             server_http,
             procs,

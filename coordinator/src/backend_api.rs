@@ -3,9 +3,9 @@
 //! the same messages through serde). Also the cluster-wide lists both services page through.
 //!
 //! The coordinator holds no subscriptions: it asks the comm servers (`ServerQuery` on their
-//! links) and merges their answers. A publish goes through one comm server (a random one
-//! among those taking clients), whose publish path delivers it like a client's message: to
-//! its own subscribers, and once to each peer with interest.
+//! links) and merges their answers. A publish goes through one comm server (the same one for
+//! a sender while the servers taking clients stay the same), whose publish path delivers it
+//! like a client's message: to its own subscribers, and once to each peer with interest.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -339,15 +339,16 @@ impl BackendService {
                 payload.len()
             )));
         }
+        // One server per (scope, sender), by rendezvous hashing over those taking clients: a
+        // backend that awaits each publish has them delivered in order, as one client's
+        // (through one server and its links); senders spread over the servers.
         let link = {
             let registry = lock(&self.app.registry);
-            let live: Vec<(String, Arc<ServerLink>)> = registry
+            registry
                 .iter()
                 .filter(|(_, e)| !e.load.draining && !e.unresponsive)
+                .max_by_key(|(id, _)| rendezvous(id, &scope, sender))
                 .map(|(id, e)| (id.to_owned(), e.handle.clone()))
-                .collect();
-            let pick = rand::random_range(0..live.len().max(1));
-            live.into_iter().nth(pick)
         };
         let Some((server_id, link)) = link else {
             return Err(Status::unavailable("no comm server is registered"));
@@ -512,6 +513,15 @@ impl Backend for BackendService {
         tracing::info!(?peer, alias = %req.alias, topics = ?req.topics, "backend: Unsubscribe");
         Ok(GrpcResponse::new(self.change(req, true).await?))
     }
+}
+
+/// The weight of server `id` for a backend's publishes from `sender` in `scope`.
+fn rendezvous(id: &str, scope: &str, sender: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // Stable for the process's life, which is all the order needs (a restart re-picks).
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (id, scope, sender).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The HTTP JSON twin: `POST /api/<method>`, authorized like the gRPC calls.

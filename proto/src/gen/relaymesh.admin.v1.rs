@@ -2019,7 +2019,8 @@ pub mod backend_client {
         }
         /// Publishes `payload` on a topic of an account, from the backend: subscribers anywhere in the
         /// cluster get it like a client's message, from alias `sender` (default `backend`) with role
-        /// `backend`. Through one comm server's publish path (a random one), as a client's publish.
+        /// `backend`. Through one comm server's publish path, as a client's publish: the same server
+        /// for one (account, sender) while the servers stay the same, so awaited calls stay in order.
         pub async fn publish(
             &mut self,
             request: impl tonic::IntoRequest<super::PublishRequest>,
@@ -2210,7 +2211,8 @@ pub mod backend_server {
     pub trait Backend: std::marker::Send + std::marker::Sync + 'static {
         /// Publishes `payload` on a topic of an account, from the backend: subscribers anywhere in the
         /// cluster get it like a client's message, from alias `sender` (default `backend`) with role
-        /// `backend`. Through one comm server's publish path (a random one), as a client's publish.
+        /// `backend`. Through one comm server's publish path, as a client's publish: the same server
+        /// for one (account, sender) while the servers stay the same, so awaited calls stay in order.
         async fn publish(
             &self,
             request: tonic::Request<super::PublishRequest>,
