@@ -563,9 +563,16 @@ async fn topics_page_through_answers_larger_than_a_frame() {
     // 1 000 asked, but each server's answer stops at 32 KiB (about 450 of these names).
     assert!(sizes[0] > 450 && sizes[0] < 1000, "pages {sizes:?}");
     assert_eq!(got.len(), want.len(), "each topic once");
-    assert_eq!(got.into_iter().collect::<std::collections::BTreeSet<_>>(), want);
+    assert_eq!(
+        got.into_iter().collect::<std::collections::BTreeSet<_>>(),
+        want
+    );
     for server in &cluster.servers {
-        assert_eq!(server.stat("registrations").await, 1, "no server link dropped");
+        assert_eq!(
+            server.stat("registrations").await,
+            1,
+            "no server link dropped"
+        );
     }
     for client in subscribers {
         client.close().await;
