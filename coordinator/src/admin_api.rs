@@ -23,7 +23,6 @@ use relaymesh_proto::admin::{
     ListServersResponse, Server, SetRoleRequest, UndrainServerRequest,
 };
 use relaymesh_proto::{encode, v1};
-use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -97,7 +96,7 @@ fn authorize(token: &str, req: Request<()>) -> Result<Request<()>, Status> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => Ok(req),
+        Some(given) if crate::backend_api::token_matches(token, given) => Ok(req),
         Some(_) => {
             tracing::warn!(peer = ?req.remote_addr(), "admin API: wrong token");
             Err(Status::unauthenticated("wrong admin token"))
@@ -297,11 +296,7 @@ impl Admin for AdminService {
         if account.is_empty() && !group.is_empty() {
             return Err(Status::invalid_argument("group: needs account"));
         }
-        let scope = if group.is_empty() {
-            account.to_owned()
-        } else {
-            format!("{account}#{group}")
-        };
+        let scope = crate::backend_api::scope_of(account, group);
         let links = crate::backend_api::links(&self.app, server_id)?;
         let page = crate::backend_api::clients_page(
             &self.app,

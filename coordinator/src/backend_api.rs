@@ -74,12 +74,21 @@ pub(crate) fn optional<'a>(field: &str, value: &'a str) -> Result<&'a str, Statu
 /// The routing scope of `account` (and `group`, for an account that isolates groups).
 fn scope(account: &str, group: &str) -> Result<String, Status> {
     let account = required("account", account)?;
-    let group = optional("group", group)?;
-    Ok(if group.is_empty() {
+    Ok(scope_of(account, optional("group", group)?))
+}
+
+/// `account`, or `account#group` (the scope of an isolated group).
+pub(crate) fn scope_of(account: &str, group: &str) -> String {
+    if group.is_empty() {
         account.to_owned()
     } else {
         format!("{account}#{group}")
-    })
+    }
+}
+
+/// Whether `given` is the admin token (compared in constant time).
+pub(crate) fn token_matches(token: &str, given: &str) -> bool {
+    bool::from(given.as_bytes().ct_eq(token.as_bytes()))
 }
 
 /// The size of a page.
@@ -540,7 +549,7 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     bearer
         .or(key)
-        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(app.config.admin_token.as_bytes())))
+        .is_some_and(|given| token_matches(&app.config.admin_token, given))
 }
 
 async fn call(
