@@ -2,6 +2,7 @@
 //! scripts: which servers are registered, and waiting until a cluster that is starting is
 //! ready to use.
 
+use relaymesh_net::tls::Connector;
 use std::time::Duration;
 
 use relaymesh_net::http::{HttpClientError, Method};
@@ -52,13 +53,14 @@ pub struct ServerInfo {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET {base}/v1/stats` as JSON, waiting at most `within`.
-pub async fn stats(base: &str, within: Duration) -> Result<Value, ClusterError> {
+pub async fn stats(base: &str, tls: &Connector, within: Duration) -> Result<Value, ClusterError> {
     let base = url::normalize(base, Form::Http).map_err(|e| ClusterError::Answer {
         url: base.to_owned(),
         reason: e.to_string(),
     })?;
     let url = format!("{}/v1/stats", base.trim_end_matches('/'));
-    let (status, body) = relaymesh_net::http::request(Method::GET, &url, None, within).await?;
+    let (status, body) =
+        relaymesh_net::http::request_with(Method::GET, &url, &[], None, tls, within).await?;
     let answer = |reason: String| ClusterError::Answer {
         url: url.clone(),
         reason,
@@ -70,12 +72,16 @@ pub async fn stats(base: &str, within: Duration) -> Result<Value, ClusterError> 
 }
 
 /// The servers registered with the coordinator at `coordinator`.
-pub async fn servers(coordinator: &str) -> Result<Vec<ServerInfo>, ClusterError> {
-    registered(coordinator, REQUEST_TIMEOUT).await
+pub async fn servers(coordinator: &str, tls: &Connector) -> Result<Vec<ServerInfo>, ClusterError> {
+    registered(coordinator, tls, REQUEST_TIMEOUT).await
 }
 
-async fn registered(coordinator: &str, within: Duration) -> Result<Vec<ServerInfo>, ClusterError> {
-    let stats = stats(coordinator, within).await?;
+async fn registered(
+    coordinator: &str,
+    tls: &Connector,
+    within: Duration,
+) -> Result<Vec<ServerInfo>, ClusterError> {
+    let stats = stats(coordinator, tls, within).await?;
     let Some(list) = stats["servers"].as_array() else {
         return Err(ClusterError::Answer {
             url: coordinator.to_owned(),
@@ -99,9 +105,10 @@ async fn registered(coordinator: &str, within: Duration) -> Result<Vec<ServerInf
 async fn missing(
     coordinator: &str,
     servers: usize,
+    tls: &Connector,
     within: Duration,
 ) -> Result<Option<String>, ClusterError> {
-    let registered = registered(coordinator, within).await?;
+    let registered = registered(coordinator, tls, within).await?;
     if registered.len() < servers {
         return Ok(Some(format!(
             "{} of {servers} comm servers registered",
@@ -109,7 +116,7 @@ async fn missing(
         )));
     }
     for server in &registered {
-        let peers = stats(&server.url, within).await?["peers"]
+        let peers = stats(&server.url, tls, within).await?["peers"]
             .as_u64()
             .unwrap_or(0) as usize;
         if peers + 1 < registered.len() {
@@ -128,6 +135,7 @@ async fn missing(
 pub async fn wait_ready(
     coordinator: &str,
     servers: usize,
+    tls: &Connector,
     timeout: Duration,
 ) -> Result<(), ClusterError> {
     let start = Instant::now();
@@ -136,7 +144,7 @@ pub async fn wait_ready(
         let within = deadline
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_millis(100), REQUEST_TIMEOUT);
-        let missing = match missing(coordinator, servers, within).await {
+        let missing = match missing(coordinator, servers, tls, within).await {
             Ok(None) => return Ok(()),
             Ok(Some(missing)) => missing,
             Err(e) => e.to_string(),

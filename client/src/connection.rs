@@ -102,7 +102,14 @@ async fn attach(
     arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
-    let mut link = ws::dial_link(&url, None, &config.limits, config.connect_timeout).await?;
+    let mut link = ws::dial_link(
+        &url,
+        None,
+        &config.limits,
+        &config.tls,
+        config.connect_timeout,
+    )
+    .await?;
     let (resubscribe, topics) = restoration(shared);
     // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
     let mut opening = vec![encode(&v1::ClientToServer::attach(v1::Attach {

@@ -207,6 +207,9 @@ pub struct ClientConfig {
     pub event_queue: usize,
     /// WebSocket limits for the client's connections.
     pub limits: WsLimits,
+    /// Whom `wss://` and `https://` connections trust (default: the system's CA store; e.g.
+    /// `Connector::from_ca_or_env(Some(path))` for a private CA).
+    pub tls: relaymesh_net::tls::Connector,
     /// Who the client is (default: anonymous, which only an `open` coordinator accepts).
     pub credentials: Credentials,
     /// This client's unique id within its account. A newer login with the same id replaces
@@ -344,6 +347,7 @@ impl ClientConfig {
             outbound_queue: 4096,
             event_queue: 4096,
             limits: WsLimits::default(),
+            tls: relaymesh_net::tls::Connector::default(),
             credentials: Credentials::Anonymous,
             client_id: None,
             max_unconfirmed: 16_384,

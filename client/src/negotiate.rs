@@ -22,7 +22,14 @@ impl Negotiation {
     /// Connects to the coordinator and says hello.
     pub(crate) async fn open(config: &ClientConfig) -> Result<Self, ClientError> {
         let url = format!("{}/v1/connect", config.coordinator.trim_end_matches('/'));
-        let socket = ws::dial(&url, None, &config.limits, config.connect_timeout).await?;
+        let socket = ws::dial_authorized(
+            &url,
+            None,
+            &config.limits,
+            &config.tls,
+            config.connect_timeout,
+        )
+        .await?;
         let mut link = Self {
             socket,
             alias: String::new(),

@@ -30,7 +30,7 @@ pub(crate) async fn readyz(State(server): State<Arc<Server>>) -> axum::response:
     let unlinked: Vec<String> = {
         let linked = lock(&server.peer_links);
         lock(&server.known_peers)
-            .iter()
+            .keys()
             .filter(|p| !linked.contains_key(*p))
             .map(|p| p.to_string())
             .collect()

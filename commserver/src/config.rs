@@ -165,6 +165,10 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Largest HTTP request body on any endpoint, in bytes.
     pub max_body_bytes: usize,
+    /// `[tls]`: the certificate of the client/peer and dispatch listeners (which then speak
+    /// TLS only, and the default public URL is `wss://`), the CA trusted when dialing the
+    /// coordinator and peers, mutual TLS on peer links, reload interval.
+    pub tls: relaymesh_net::tls::TlsConfig,
 }
 
 impl Default for Config {
@@ -226,6 +230,7 @@ impl Default for Config {
             shutdown_grace_ms: 5_000,
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
+            tls: relaymesh_net::tls::TlsConfig::default(),
         }
     }
 }
@@ -233,6 +238,7 @@ impl Default for Config {
 impl Config {
     /// Checks ranges and consistency; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tls.validate()?;
         ensure(
             !self.coordinator.is_empty(),
             "coordinator",
@@ -491,6 +497,7 @@ impl Config {
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
             stats,
+            tls: None,
         }
     }
 }

@@ -84,6 +84,10 @@ struct Server {
     config: Config,
     id: Arc<str>,
     public_url: String,
+    /// TLS of the listeners (certificate reloaded on change), when configured.
+    tls: Option<relaymesh_net::tls::ServiceTls>,
+    /// Whom this server's dials (coordinator, peers) trust, and what they present.
+    connector: relaymesh_net::tls::Connector,
     keys: Mutex<KeyStore>,
     routes: RouteTable,
     /// Commands to the control task, which holds the receiver and owns subscription state.
@@ -98,7 +102,7 @@ struct Server {
     /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
     inboxes: inbox::Inboxes,
     /// The peers the coordinator has told of (for readiness: each must be linked).
-    known_peers: Mutex<std::collections::BTreeSet<Arc<str>>>,
+    known_peers: Mutex<BTreeMap<Arc<str>, String>>,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// The last link with each peer that went down, to settle what it lost when the peer
@@ -153,6 +157,13 @@ impl Server {
         self.shutdown.is_cancelled() || self.drained.load(Ordering::Relaxed)
     }
 
+    /// How the listeners serve: the configured limits, and TLS when configured.
+    fn serve_options(&self) -> relaymesh_net::serve::ServeOptions {
+        let mut options = self.config.serve_options(self.stats.serving.clone());
+        options.tls = self.tls.as_ref().map(|tls| tls.acceptor.clone());
+        options
+    }
+
     fn client_count(&self) -> usize {
         relaymesh_net::sync::lock(&self.sessions).len()
     }
@@ -161,7 +172,10 @@ impl Server {
 /// The id a server gets when none is configured: its public address, which stays the same as
 /// long as the server comes back at the same address.
 fn default_id(public_url: &str) -> String {
-    let address = public_url.trim_start_matches("ws://").trim_end_matches('/');
+    let address = public_url
+        .trim_start_matches("ws://")
+        .trim_start_matches("wss://")
+        .trim_end_matches('/');
     address
         .chars()
         .map(|c| {
@@ -209,12 +223,27 @@ pub async fn run_with(
             "`public_url` must be set when listening on {local}: peers and clients need a reachable address"
         )));
     }
-    // Handed to clients and peers as given, in its ws:// form (validated above).
+    let tls = config
+        .tls
+        .load()
+        .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
+    let connector = config
+        .tls
+        .connector(tls.as_ref())
+        .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
+    // Handed to clients and peers as given, in its ws:// (wss://) form (validated above).
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     let public_url = config
         .public_url
         .as_deref()
         .and_then(|url| relaymesh_net::url::normalize(url, Form::WebSocket).ok())
-        .unwrap_or_else(|| format!("ws://{local}"));
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    if tls.is_some() != relaymesh_net::url::is_tls(&public_url) {
+        return Err(ConfigError::Invalid(format!(
+            "`public_url` {public_url} must be {scheme}:// when TLS is {} (tls.cert)",
+            if tls.is_some() { "on" } else { "off" }
+        )));
+    }
     let id: Arc<str> = config
         .id
         .clone()
@@ -244,7 +273,7 @@ pub async fn run_with(
         routes: RouteTable::default(),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
-        known_peers: Mutex::new(std::collections::BTreeSet::new()),
+        known_peers: Mutex::new(BTreeMap::new()),
         peer_links: Mutex::new(BTreeMap::new()),
         previous_links: Mutex::new(HashMap::new()),
         dialers: Mutex::new(HashMap::new()),
@@ -266,8 +295,13 @@ pub async fn run_with(
         ),
         id,
         public_url,
+        tls,
+        connector,
         config,
     });
+    if let Some(tls) = &server.tls {
+        tracker.spawn(tls.identity.clone().watch(tls.reload, shutdown.clone()));
+    }
     // Every log line of this server carries its id (several may share a process in tests).
     let span = tracing::info_span!("commserver", id = %server.id);
     tracker.spawn(control::run(server.clone(), control_rx).instrument(span.clone()));
@@ -294,14 +328,14 @@ pub async fn run_with(
             relaymesh_net::serve::serve(
                 dispatch_listener,
                 gateway.router(),
-                server.config.serve_options(server.stats.serving.clone()),
+                server.serve_options(),
                 shutdown.clone(),
                 tracker.clone(),
             )
             .instrument(span.clone()),
         );
     }
-    let options = server.config.serve_options(server.stats.serving.clone());
+    let options = server.serve_options();
     relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone())
         .instrument(span.clone())
         .await;

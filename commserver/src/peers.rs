@@ -21,6 +21,7 @@ use relaymesh_net::link::{
 };
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
+use relaymesh_net::tls::CertificateDer;
 use relaymesh_net::ws;
 use relaymesh_proto::frame::Sender;
 use relaymesh_proto::v1::{self, peer_message::Kind};
@@ -112,7 +113,10 @@ impl Server {
     pub(crate) fn set_peers(self: &Arc<Self>, peers: Vec<v1::ServerInfo>) {
         let wanted: HashMap<String, String> =
             peers.into_iter().map(|p| (p.server_id, p.url)).collect();
-        *lock(&self.known_peers) = wanted.keys().map(|id| Arc::from(id.as_str())).collect();
+        *lock(&self.known_peers) = wanted
+            .iter()
+            .map(|(id, url)| (Arc::from(id.as_str()), url.clone()))
+            .collect();
         let mut dialers = lock(&self.dialers);
         dialers.retain(|id, dialer| {
             let keep = wanted.contains_key(&**id);
@@ -131,7 +135,7 @@ impl Server {
     /// lower id.
     pub(crate) fn peer_joined(self: &Arc<Self>, info: v1::ServerInfo) {
         if info.server_id.as_str() != &*self.id {
-            lock(&self.known_peers).insert(Arc::from(info.server_id.as_str()));
+            lock(&self.known_peers).insert(Arc::from(info.server_id.as_str()), info.url.clone());
         }
         if info.server_id.as_str() <= &*self.id {
             return; // it dials us (or it is us)
@@ -198,7 +202,7 @@ async fn dial_loop(
             Ok(socket) => {
                 redial.reached();
                 let up_since = std::time::Instant::now();
-                if run_link(&server, socket, Some(peer.clone())).await {
+                if run_link(&server, socket, Some(peer.clone()), None).await {
                     redial.lost(up_since, std::time::Instant::now())
                 } else {
                     redial.next_delay()
@@ -240,7 +244,7 @@ pub(crate) async fn dial_link(
     let timeout = server.config.handshake_timeout();
     let authorization = server
         .credentials
-        .authorization(base, path, timeout)
+        .authorization(base, path, &server.connector, timeout)
         .await
         .map_err(ws::DialError::Credentials)?;
     let url = format!("{base}{path}");
@@ -249,7 +253,14 @@ pub(crate) async fn dial_link(
     } else {
         server.config.ws_limits()
     };
-    ws::dial_link(&url, Some(&authorization), &limits, timeout).await
+    ws::dial_link(
+        &url,
+        Some(&authorization),
+        &limits,
+        &server.connector,
+        timeout,
+    )
+    .await
 }
 
 /// `GET /v1/peers`: checks the cluster secret (or trusted key), then upgrades to a peer link.
@@ -275,8 +286,9 @@ pub(crate) async fn accept(
             match relaymesh_net::accept::upgraded_link(on_upgrade, &limits).await {
                 Ok(socket) => {
                     // The connection's slot under max_connections is held for the link's life.
+                    let certificate = conn.client_certificate.clone();
                     let _conn = conn;
-                    run_link(&server, socket, None).await;
+                    run_link(&server, socket, None, certificate).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -286,9 +298,15 @@ pub(crate) async fn accept(
     response
 }
 
-/// Runs one peer link to its end. `expected` is the peer's id when this server dialed.
-/// Returns whether the link got past the handshake.
-async fn run_link<S>(server: &Arc<Server>, socket: Link<S>, expected: Option<Arc<str>>) -> bool
+/// Runs one peer link to its end. `expected` is the peer's id when this server dialed;
+/// `certificate` the client certificate the peer presented when it dialed over TLS. Returns
+/// whether the link got past the handshake.
+async fn run_link<S>(
+    server: &Arc<Server>,
+    socket: Link<S>,
+    expected: Option<Arc<str>>,
+    certificate: Option<Arc<CertificateDer<'static>>>,
+) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -337,6 +355,7 @@ where
     let reader = PeerReader {
         server: server.clone(),
         expected,
+        certificate,
         link_nonce: nonce,
         previous,
         pending: Some(PeerQueues {
@@ -383,6 +402,8 @@ struct PeerReader {
     server: Arc<Server>,
     /// The peer's id when this server dialed.
     expected: Option<Arc<str>>,
+    /// The client certificate the peer presented, when it dialed over TLS.
+    certificate: Option<Arc<CertificateDer<'static>>>,
     /// The link's name: chosen here when this server dialed, the dialer's otherwise.
     link_nonce: u64,
     /// The previous link with the peer (the dialer looks it up before dialing, the acceptor
@@ -489,8 +510,34 @@ impl PeerReader {
                     "peer {id:?} may not dial {me}: links are dialed by the server with the lower id"
                 ),
             )),
-            _ => Ok((id.into(), hello)),
+            None => {
+                self.check_certificate(&id)?;
+                Ok((id.into(), hello))
+            }
+            Some(_) => Ok((id.into(), hello)),
         }
+    }
+
+    /// With mutual TLS, a peer that dialed must have presented a certificate naming the host
+    /// of the URL it registered with (as the coordinator lists it); an unknown peer is refused
+    /// until the coordinator has said where it is (it dials again).
+    fn check_certificate(&self, id: &str) -> Result<(), v1::Error> {
+        let Some(tls) = self.server.tls.as_ref().filter(|tls| tls.mtls) else {
+            return Ok(());
+        };
+        let url = lock(&self.server.known_peers).get(id).cloned();
+        let Some(url) = url else {
+            return Err(error(
+                ErrorCode::Unauthenticated,
+                format!("mutual TLS: peer {id:?} is not (yet) a registered server here"),
+            ));
+        };
+        relaymesh_net::tls::check_link_certificate(tls.mtls, self.certificate.as_deref(), &url)
+            .map_err(|why| {
+                self.server.stats.peer_links_refused.inc();
+                tracing::warn!(peer = %id, %why, "refused a peer link");
+                error(ErrorCode::Unauthenticated, why)
+            })
     }
 }
 

@@ -556,32 +556,20 @@ pub mod remote {
         AccountEntry, AccountName, AddAccessCodeRequest, AddPublicKeyRequest, CreateAccountRequest,
         ListAccountsRequest, SetRoleRequest,
     };
-    use tonic::transport::Channel;
+    pub use relaymesh_proto::admin_client::AdminTls;
+    use relaymesh_proto::admin_client::ConnectError;
 
     use super::AdminCommand;
 
     /// Why a command could not be carried out through the admin API.
     #[derive(Debug, thiserror::Error)]
     pub enum RemoteError {
-        /// The URL is not one.
-        #[error("invalid admin URL {url:?}: {reason}")]
-        Url {
-            /// The URL given.
-            url: String,
-            /// Why.
-            reason: String,
-        },
+        /// No channel to the admin API (a bad URL, an unreadable CA file, nothing there).
+        #[error(transparent)]
+        Connect(#[from] ConnectError),
         /// The token cannot be sent as a header.
         #[error("RELAYMESH_ADMIN_TOKEN is not a valid header value")]
         Token,
-        /// The API could not be reached.
-        #[error("cannot reach the admin API at {url}: {error}")]
-        Connect {
-            /// The URL given.
-            url: String,
-            /// Why.
-            error: tonic::transport::Error,
-        },
         /// The coordinator refused or failed the call.
         #[error("{:?}: {}", .0.code(), .0.message())]
         Status(#[from] tonic::Status),
@@ -589,18 +577,13 @@ pub mod remote {
 
     /// Carries out `command` on the coordinator whose admin API is at `url`, with bearer
     /// `token`; returns what to print (what the command prints against the store itself).
-    pub async fn run(url: &str, token: &str, command: AdminCommand) -> Result<String, RemoteError> {
-        let channel = Channel::from_shared(url.to_owned())
-            .map_err(|e| RemoteError::Url {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?
-            .connect()
-            .await
-            .map_err(|error| RemoteError::Connect {
-                url: url.to_owned(),
-                error,
-            })?;
+    pub async fn run(
+        url: &str,
+        token: &str,
+        tls: &AdminTls,
+        command: AdminCommand,
+    ) -> Result<String, RemoteError> {
+        let channel = relaymesh_proto::admin_client::connect(url, tls).await?;
         let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
             .parse()
             .map_err(|_| RemoteError::Token)?;

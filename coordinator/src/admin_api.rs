@@ -75,21 +75,72 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
         tracing::info!("admin API listening on {local}");
     }
     let shutdown = app.shutdown.clone();
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .add_routes(tonic::service::Routes::from(routes))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await;
+        .add_routes(tonic::service::Routes::from(routes));
+    let served = match admin_acceptor(&app) {
+        Ok(None) => {
+            server
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }
+        Ok(Some(acceptor)) => {
+            let incoming = relaymesh_net::tls::incoming(
+                listener,
+                acceptor,
+                app.config.handshake_timeout(),
+                shutdown.clone(),
+                app.tracker.clone(),
+            );
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "admin API: cannot set up TLS; not serving it");
+            return;
+        }
+    };
     if let Err(e) = served {
         tracing::error!(error = %e, "admin API stopped");
     }
 }
 
-/// The bearer-token check every admin call goes through.
+/// The admin listener's TLS, when the coordinator has a certificate: gRPC needs `h2` by ALPN;
+/// with `admin_ca`, clients are asked for a certificate signed by it.
+fn admin_acceptor(
+    app: &App,
+) -> Result<Option<relaymesh_net::tls::Acceptor>, relaymesh_net::tls::TlsError> {
+    let Some(tls) = &app.tls else {
+        return Ok(None);
+    };
+    const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+    match &app.config.admin_ca {
+        None => Ok(Some(tls.acceptor.with_alpn(ALPN))),
+        Some(ca) => {
+            relaymesh_net::tls::Acceptor::new(tls.identity.clone(), Some(ca), ALPN).map(Some)
+        }
+    }
+}
+
+/// Whether a call came with a client certificate verified against `admin_ca` (mutual TLS).
+fn client_certificate(req: &Request<()>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .is_some_and(|certs| !certs.is_empty())
+}
+
+/// The check every admin call goes through: a client certificate verified against `admin_ca`
+/// (mutual TLS), or the bearer token.
 fn authorize(token: &str, req: Request<()>) -> Result<Request<()>, Status> {
+    if client_certificate(&req) {
+        return Ok(req);
+    }
     let given = req
         .metadata()
         .get("authorization")

@@ -70,6 +70,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Who may log in: the `[accounts]` table (store `open`, `single` or `file`).
     pub accounts: AccountsConfig,
+    /// `[tls]`: the certificate of the HTTP/WebSocket and admin listeners (which then speak TLS
+    /// only), the CA that verifies comm servers' certificates with `mtls`, reload interval.
+    pub tls: relaymesh_net::tls::TlsConfig,
+    /// CA bundle (PEM) whose client certificates authenticate admin API calls (mutual TLS,
+    /// instead of the bearer token); needs `[tls]`. None (the default): the token only.
+    pub admin_ca: Option<std::path::PathBuf>,
     /// Failed logins allowed per source address per minute, sustained; beyond that the
     /// address gets `RATE_LIMITED` until its allowance refills.
     pub failed_logins_per_min: u32,
@@ -112,6 +118,8 @@ impl Default for Config {
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
             accounts: AccountsConfig::default(),
+            tls: relaymesh_net::tls::TlsConfig::default(),
+            admin_ca: None,
             failed_logins_per_min: 10,
             failed_login_burst: 10,
             max_tracked_addresses: 100_000,
@@ -127,6 +135,12 @@ impl Default for Config {
 impl Config {
     /// Checks ranges and consistency; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tls.validate()?;
+        ensure(
+            self.admin_ca.is_none() || self.tls.enabled(),
+            "admin_ca",
+            "needs tls.cert and tls.key (mutual TLS runs over TLS)",
+        )?;
         ensure(
             !self.cluster_secret.is_empty() || !self.trusted_server_keys.is_empty(),
             "cluster_secret",
@@ -269,6 +283,7 @@ impl Config {
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
             stats,
+            tls: None,
         }
     }
 }

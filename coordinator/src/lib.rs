@@ -74,6 +74,8 @@ struct App {
     next_request: AtomicU64,
     last_login_seq: AtomicU64,
     stats: api::Stats,
+    /// TLS of the listeners (certificate reloaded on change), when configured.
+    tls: Option<relaymesh_net::tls::ServiceTls>,
     /// Cancelled on process shutdown; every link watches it.
     shutdown: CancellationToken,
     /// Every link task, so shutdown can wait for them.
@@ -164,6 +166,13 @@ pub async fn run_with(
         _ => tracing::info!(store = ?config.accounts.store, "account store ready"),
     }
     tracker.spawn(accounts.clone().watch(shutdown.clone()));
+    let tls = config
+        .tls
+        .load()
+        .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
+    if let Some(tls) = &tls {
+        tracker.spawn(tls.identity.clone().watch(tls.reload, shutdown.clone()));
+    }
     let (inbox, inbox_writer) = inbox::Inbox::new(&accounts, &config.inbox);
     let app = Arc::new(App {
         inbox,
@@ -197,6 +206,7 @@ pub async fn run_with(
         next_request: AtomicU64::new(1),
         last_login_seq: AtomicU64::new(0),
         stats: api::Stats::default(),
+        tls,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: Instant::now(),
@@ -237,8 +247,10 @@ pub async fn run_with(
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }
-    tracing::info!("coordinator listening on {local}");
-    let options = app.config.serve_options(app.stats.serving.clone());
+    let scheme = if app.tls.is_some() { "wss" } else { "ws" };
+    tracing::info!("coordinator listening on {local} ({scheme}://)");
+    let mut options = app.config.serve_options(app.stats.serving.clone());
+    options.tls = app.tls.as_ref().map(|tls| tls.acceptor.clone());
     relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone()).await;
     relaymesh_net::shutdown::drain(&tracker, app.config.shutdown_grace()).await;
     tracing::info!("coordinator stopped");

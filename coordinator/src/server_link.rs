@@ -248,7 +248,7 @@ pub(crate) async fn upgrade(
     response
 }
 
-async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
+async fn run(app: Arc<App>, socket: accept::ServerLink, conn: ConnInfo) {
     let (tx, rx) = mpsc::channel(app.config.link_queue);
     let closer = Closer::new();
     let options = link::Options {
@@ -271,6 +271,7 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, _conn: ConnInfo) {
         closer,
         registered: None,
         nonce: 0,
+        client_certificate: conn.client_certificate,
     };
     let served = link::serve(socket, options, reader).await;
     if let Err(e) = served.outcome {
@@ -295,12 +296,16 @@ fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
     let url_ok = reg
         .public_url
         .strip_prefix("ws://")
+        .or_else(|| reg.public_url.strip_prefix("wss://"))
         .is_some_and(|rest| !rest.is_empty() && rest.len() < 512)
         && reg.public_url.parse::<axum::http::Uri>().is_ok();
     if !url_ok {
         return Err(error(
             ErrorCode::BadFrame,
-            format!("public_url {:?} is not a ws:// URL", reg.public_url),
+            format!(
+                "public_url {:?} is not a ws:// or wss:// URL",
+                reg.public_url
+            ),
         ));
     }
     if reg.capacity == 0 {
@@ -318,6 +323,8 @@ struct Reader {
     /// Once registered: the link as the rest of the coordinator sees it, and its registry id.
     registered: Option<(Arc<ServerLink>, u64)>,
     nonce: u64,
+    /// The certificate the server presented over TLS, checked against its URL with `mtls`.
+    client_certificate: Option<Arc<relaymesh_net::tls::CertificateDer<'static>>>,
 }
 
 impl link::Handler for Reader {
@@ -330,6 +337,16 @@ impl link::Handler for Reader {
             ));
         };
         validate_register(&reg)?;
+        let mtls = self.app.tls.as_ref().is_some_and(|tls| tls.mtls);
+        if let Err(why) = relaymesh_net::tls::check_link_certificate(
+            mtls,
+            self.client_certificate.as_deref(),
+            &reg.public_url,
+        ) {
+            self.app.stats.server_links_refused.inc();
+            tracing::warn!(server_id = %reg.server_id, %why, "refused a comm server");
+            return Err(error(ErrorCode::Unauthenticated, why));
+        }
         let Some(tx) = self.tx.take() else {
             return Err(error(ErrorCode::Internal, "registered twice"));
         };

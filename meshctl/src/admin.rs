@@ -1,14 +1,14 @@
 //! `meshctl admin ...`: the coordinator's gRPC admin API (`coordinator --admin-listen`), with
 //! the token from `RELAYMESH_ADMIN_TOKEN`.
 
-use anyhow::{Context as _, anyhow};
+use anyhow::anyhow;
 use clap::Subcommand;
 use relaymesh_proto::admin::admin_client::AdminClient;
 use relaymesh_proto::admin::{
     DrainServerRequest, GetServerRequest, KickClientRequest, ListServersRequest, Server,
     UndrainServerRequest,
 };
-use tonic::transport::Channel;
+use relaymesh_proto::admin_client::AdminTls;
 
 /// What to ask of the admin API.
 #[derive(Debug, Subcommand)]
@@ -61,18 +61,23 @@ fn line(s: &Server) -> String {
     )
 }
 
-/// Runs `command` against the admin API at `url` (http://HOST:PORT) with bearer `token`.
-pub(crate) async fn run(url: &str, token: &str, command: AdminCommand) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(url.to_owned())
-        .map_err(|e| anyhow!("invalid admin URL {url:?}: {e}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the admin API at {url}"))?;
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
-        .parse()
+/// Runs `command` against the admin API at `url` (http:// or https://HOST:PORT) with bearer
+/// `token`, or with the client certificate in `tls` alone.
+pub(crate) async fn run(
+    url: &str,
+    token: Option<&str>,
+    tls: &AdminTls,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    let channel = relaymesh_proto::admin_client::connect(url, tls).await?;
+    let bearer: Option<tonic::metadata::MetadataValue<_>> = token
+        .map(|token| format!("Bearer {token}").parse())
+        .transpose()
         .map_err(|_| anyhow!("RELAYMESH_ADMIN_TOKEN is not a valid header value"))?;
     let mut admin = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
+        if let Some(bearer) = &bearer {
+            req.metadata_mut().insert("authorization", bearer.clone());
+        }
         Ok(req)
     });
     let status = |e: tonic::Status| anyhow!("{:?}: {}", e.code(), e.message());

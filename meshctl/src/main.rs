@@ -35,6 +35,9 @@ struct Args {
         default_value = "ws://127.0.0.1:7400"
     )]
     coordinator: String,
+    /// CA bundle (PEM) trusted for wss:// and https:// URLs instead of the system's CA store.
+    #[arg(long, global = true, env = "RELAYMESH_CA")]
+    ca: Option<std::path::PathBuf>,
     /// Log in to this account (with `--code` or RELAYMESH_ACCESS_CODE); anonymous without.
     #[arg(long, global = true, env = "RELAYMESH_ACCOUNT")]
     account: Option<String>,
@@ -211,12 +214,19 @@ enum Command {
     /// The coordinator's admin API (`coordinator --admin-listen`): servers, draining,
     /// kicking. Needs RELAYMESH_ADMIN_TOKEN.
     Admin {
-        /// The admin API: http://HOST:PORT.
+        /// The admin API: http://HOST:PORT, or https://HOST:PORT (trusting `--ca`).
         #[arg(long, env = "RELAYMESH_ADMIN", default_value = "http://127.0.0.1:7401")]
         admin: String,
-        /// The admin token (prefer the environment: flags show in `ps`).
+        /// The admin token (prefer the environment: flags show in `ps`); not needed with a
+        /// client certificate the coordinator's `admin_ca` signed.
         #[arg(long, env = "RELAYMESH_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        token: Option<String>,
+        /// Client certificate (PEM) for mutual TLS with the admin API, with `--tls-key`.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// Private key (PEM) of `--tls-cert`.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
         #[command(subcommand)]
         command: admin::AdminCommand,
     },
@@ -325,11 +335,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Command::Admin {
         admin,
         token,
+        tls_cert,
+        tls_key,
         command,
     } = args.command
     {
-        return admin::run(&admin, &token, command).await;
+        let tls = relaymesh_proto::admin_client::AdminTls {
+            ca: args.ca,
+            identity: tls_cert.zip(tls_key),
+        };
+        if token.is_none() && tls.identity.is_none() {
+            bail!(
+                "meshctl admin needs RELAYMESH_ADMIN_TOKEN (or --token), or a client certificate (--tls-cert, --tls-key)"
+            );
+        }
+        return admin::run(&admin, token.as_deref(), &tls, command).await;
     }
+    let tls = relaymesh_net::tls::Connector::from_ca_or_env(args.ca.as_deref())?;
     // Checked once, up front, so an unusable URL is one message in words, whatever the command.
     let coordinator = relaymesh_net::url::normalize(&args.coordinator, Form::WebSocket)
         .map_err(|e| anyhow!("invalid coordinator URL {:?}: {e}", args.coordinator))?
@@ -346,6 +368,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("invalid topic {topic:?}: {e}"))?;
     }
     let mut config = ClientConfig::new(coordinator.clone());
+    config.tls = tls.clone();
     config.credentials = args.credentials()?;
     config.client_id = args.client_id.clone();
     config.preferred_server = args.server.clone();
@@ -367,10 +390,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             client.close().await;
             Ok(())
         }
-        Command::Servers => servers(&coordinator).await,
+        Command::Servers => servers(&coordinator, &tls).await,
         Command::Wait { servers, timeout } => Ok(relaymesh_client::cluster::wait_ready(
             &coordinator,
             servers,
+            &tls,
             Duration::from_secs(timeout),
         )
         .await?),
@@ -443,10 +467,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     group,
                 } => {
                     // Two steps over HTTP: a challenge, then the login that signs it.
-                    let (status, body) = relaymesh_net::http::request(
+                    let (status, body) = relaymesh_net::http::request_with(
                         Method::POST,
                         &format!("{coordinator}/v1/login/challenge"),
+                        &[],
                         Some(Vec::new()),
+                        &tls,
                         Duration::from_secs(10),
                     )
                     .await?;
@@ -472,10 +498,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ => serde_json::json!({}),
             };
-            let (status, body) = relaymesh_net::http::request(
+            let (status, body) = relaymesh_net::http::request_with(
                 Method::POST,
                 &url,
+                &[],
                 Some(body.to_string().into_bytes()),
+                &tls,
                 Duration::from_secs(10),
             )
             .await?;
@@ -779,8 +807,8 @@ async fn answer(config: ClientConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn servers(coordinator: &str) -> anyhow::Result<()> {
-    let servers = relaymesh_client::cluster::servers(coordinator).await?;
+async fn servers(coordinator: &str, tls: &relaymesh_net::tls::Connector) -> anyhow::Result<()> {
+    let servers = relaymesh_client::cluster::servers(coordinator, tls).await?;
     println!(
         "{:<24} {:<32} {:>8} {:>9} STATE",
         "ID", "URL", "CLIENTS", "CAPACITY"

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::link::{self, Link, LinkStream};
 use crate::serve::ApiError;
+use crate::tls::ServerTlsStream;
 use crate::ws::WsLimits;
 
 /// A WebSocket this process accepted, as a plain tungstenite socket.
@@ -38,8 +39,8 @@ pub enum UpgradeError {
     /// The upgrade itself failed (the client went away, a protocol error).
     #[error("upgrade failed: {0}")]
     Upgrade(hyper::Error),
-    /// The connection is not a plain TCP stream.
-    #[error("upgraded connection is not a TCP stream")]
+    /// The connection is neither TCP nor TLS over TCP.
+    #[error("upgraded connection is not a TCP or TLS stream")]
     NotTcp,
 }
 
@@ -94,23 +95,36 @@ pub fn accept(req: &mut Request<Body>) -> Result<(Response, OnUpgrade), ApiError
 
 /// Completes an upgrade started by [`accept`] as a link: the writer's end and the reader's.
 ///
-/// The link owns the TCP stream itself: hyper's connection buffer is let go (what the client
-/// sent after its upgrade request, if anything, is kept in a copy of its own size), which saves
-/// an idle connection the 8 KiB buffer.
+/// The link owns the TCP (or TLS) stream itself: hyper's connection buffer is let go (what the
+/// client sent after its upgrade request, if anything, is kept in a copy of its own size), which
+/// saves an idle connection the 8 KiB buffer.
 pub async fn upgraded_link(
     on_upgrade: OnUpgrade,
     limits: &WsLimits,
 ) -> Result<ServerLink, UpgradeError> {
     let upgraded = on_upgrade.await.map_err(UpgradeError::Upgrade)?;
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            set_user_timeout(parts.io.inner(), limits.tcp_user_timeout);
+            return Ok(accepted_link(
+                Bytes::copy_from_slice(&parts.read_buf),
+                parts.io.into_inner(),
+                limits,
+            ));
+        }
+        Err(upgraded) => upgraded,
+    };
     let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
+        .downcast::<TokioIo<ServerTlsStream<TcpStream>>>()
         .map_err(|_| UpgradeError::NotTcp)?;
-    set_user_timeout(parts.io.inner(), limits.tcp_user_timeout);
-    Ok(accepted_link(
-        Bytes::copy_from_slice(&parts.read_buf),
-        parts.io.into_inner(),
-        limits,
-    ))
+    let tls = parts.io.into_inner();
+    set_user_timeout(tls.get_ref().0, limits.tcp_user_timeout);
+    let io = Accepted {
+        pre: Bytes::copy_from_slice(&parts.read_buf),
+        io: AcceptedIo::Tls(Box::new(tls)),
+    };
+    // No direct writes: TLS records are written by the link's writer alone.
+    Ok(link::split_link(io, Role::Server, limits.config()))
 }
 
 /// Sets `TCP_USER_TIMEOUT` ([`WsLimits::tcp_user_timeout`]) where the system has it.
@@ -132,22 +146,32 @@ fn accepted_link(pre: Bytes, tcp: TcpStream, limits: &WsLimits) -> ServerLink {
     let write = Arc::new(write);
     let io = Accepted {
         pre,
-        read,
-        write: write.clone(),
+        io: AcceptedIo::Plain {
+            read,
+            write: write.clone(),
+        },
     };
     let mut link = link::split_link(io, Role::Server, limits.config());
     link.sink.socket = Some(write);
     link
 }
 
-/// An accepted TCP stream after its HTTP upgrade: first the bytes hyper had already read past
-/// the request, then the stream. The write half is shared with the link's [`link::Direct`]
-/// writers, so it is written through `&TcpStream`.
+/// An accepted TCP (or TLS) stream after its HTTP upgrade: first the bytes hyper had already
+/// read past the request, then the stream. A TCP stream's write half is shared with the link's
+/// [`link::Direct`] writers, so it is written through `&TcpStream`.
 #[derive(Debug)]
 pub struct Accepted {
     pre: Bytes,
-    read: OwnedReadHalf,
-    write: Arc<OwnedWriteHalf>,
+    io: AcceptedIo,
+}
+
+#[derive(Debug)]
+enum AcceptedIo {
+    Plain {
+        read: OwnedReadHalf,
+        write: Arc<OwnedWriteHalf>,
+    },
+    Tls(Box<ServerTlsStream<TcpStream>>),
 }
 
 impl link::TrySend for OwnedWriteHalf {
@@ -168,17 +192,24 @@ impl AsyncRead for Accepted {
             buf.put_slice(&head);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.read).poll_read(cx, buf)
+        match &mut self.io {
+            AcceptedIo::Plain { read, .. } => Pin::new(read).poll_read(cx, buf),
+            AcceptedIo::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for Accepted {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let tcp: &TcpStream = (*self.write).as_ref();
+        let write = match &mut self.io {
+            AcceptedIo::Plain { write, .. } => write,
+            AcceptedIo::Tls(tls) => return Pin::new(&mut **tls).poll_write(cx, buf),
+        };
+        let tcp: &TcpStream = (**write).as_ref();
         loop {
             std::task::ready!(tcp.poll_write_ready(cx))?;
             // `try_write` clears the readiness it finds stale, so this loop waits, not spins.
@@ -189,13 +220,21 @@ impl AsyncWrite for Accepted {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            AcceptedIo::Plain { .. } => Poll::Ready(Ok(())),
+            AcceptedIo::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let tcp: &TcpStream = (*self.write).as_ref();
-        Poll::Ready(socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            AcceptedIo::Plain { write, .. } => {
+                let tcp: &TcpStream = (**write).as_ref();
+                Poll::Ready(socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write))
+            }
+            AcceptedIo::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use http_body_util::{BodyExt, Full, Limited};
 pub use hyper::Method;
 use hyper::{Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use crate::tls::Connector;
+use crate::ws::OpenError;
 
 /// Why an HTTP request from [`request`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,15 @@ pub enum HttpClientError {
         /// Why (part of the message, so not also a `source`).
         error: std::io::Error,
     },
+    /// The TLS handshake of an `https://` URL failed (e.g. a certificate signed by a CA this
+    /// process does not trust: give it with `--ca` / `RELAYMESH_CA`).
+    #[error("cannot connect to {addr}: {message}")]
+    Tls {
+        /// `host:port` that was dialed.
+        addr: String,
+        /// What went wrong, in words.
+        message: String,
+    },
     /// The exchange failed after connecting.
     #[error("HTTP request to {url} failed: {message}")]
     Exchange {
@@ -46,25 +57,28 @@ pub enum HttpClientError {
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Makes one HTTP/1.1 request and returns the status and body. `ws://` URLs are treated as
-/// `http://` so one coordinator URL serves for both WebSocket links and HTTP endpoints.
+/// `http://` (and `wss://` as `https://`, trusting the system's CA store) so one coordinator
+/// URL serves for both WebSocket links and HTTP endpoints.
 pub async fn request(
     method: Method,
     url: &str,
     json_body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
-    request_with(method, url, &[], json_body, timeout).await
+    request_with(method, url, &[], json_body, &Connector::default(), timeout).await
 }
 
-/// [`request`] with extra request headers (an API key, say).
+/// [`request`] with extra request headers (an API key, say) and the trust for an `https://`
+/// URL.
 pub async fn request_with(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
     json_body: Option<Vec<u8>>,
+    tls: &Connector,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
-    tokio::time::timeout(timeout, request_inner(method, url, headers, json_body))
+    tokio::time::timeout(timeout, request_inner(method, url, headers, json_body, tls))
         .await
         .unwrap_or_else(|_| Err(HttpClientError::Timeout(url.to_owned())))
 }
@@ -74,6 +88,7 @@ async fn request_inner(
     url: &str,
     headers: &[(&str, &str)],
     json_body: Option<Vec<u8>>,
+    tls: &Connector,
 ) -> Result<(StatusCode, Bytes), HttpClientError> {
     let bad_url = |reason: String| HttpClientError::BadUrl {
         url: url.to_owned(),
@@ -84,14 +99,21 @@ async fn request_inner(
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| bad_url(e.to_string()))?;
     let host = uri.host().ok_or_else(|| bad_url("no host".into()))?;
-    let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
-    let stream = TcpStream::connect(&addr)
+    let secure = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let addr = format!("{host}:{port}");
+    let stream = crate::ws::open(host, port, secure.then_some(tls))
         .await
-        .map_err(|error| HttpClientError::Connect {
-            addr: addr.clone(),
-            error,
+        .map_err(|e| match e {
+            OpenError::Connect(error) => HttpClientError::Connect {
+                addr: addr.clone(),
+                error,
+            },
+            OpenError::Tls(message) => HttpClientError::Tls {
+                addr: addr.clone(),
+                message,
+            },
         })?;
-    let _ = stream.set_nodelay(true);
     let exchange = |e: &dyn std::fmt::Display| HttpClientError::Exchange {
         url: url.to_owned(),
         message: e.to_string(),

@@ -94,12 +94,13 @@ impl std::fmt::Debug for LinkCredentials {
 
 impl LinkCredentials {
     /// The `Authorization` header value for opening `path` (`/v1/servers` or `/v1/peers`) at
-    /// `base` (`ws://host:port` or `http://host:port`). For a key this asks the other side for
-    /// a challenge.
+    /// `base` (`ws://host:port` or `http://host:port`, or their TLS forms, dialed with `tls`).
+    /// For a key this asks the other side for a challenge.
     pub async fn authorization(
         &self,
         base: &str,
         path: &str,
+        tls: &crate::tls::Connector,
         timeout: Duration,
     ) -> Result<String, AuthError> {
         let key = match self {
@@ -107,11 +108,19 @@ impl LinkCredentials {
             Self::Key(key) => key,
         };
         let url = format!("{base}{path}/challenge");
-        let (status, body) =
-            match crate::http::request(Method::POST, &url, Some(Vec::new()), timeout).await {
-                Ok(answer) => answer,
-                Err(error) => return Err(AuthError::ChallengeRequest { url, error }),
-            };
+        let (status, body) = match crate::http::request_with(
+            Method::POST,
+            &url,
+            &[],
+            Some(Vec::new()),
+            tls,
+            timeout,
+        )
+        .await
+        {
+            Ok(answer) => answer,
+            Err(error) => return Err(AuthError::ChallengeRequest { url, error }),
+        };
         if !status.is_success() {
             let body = String::from_utf8_lossy(&body).trim().to_owned();
             return Err(AuthError::ChallengeRefused { url, status, body });

@@ -5,7 +5,8 @@
 //! features: dialing WebSockets with size limits and `TCP_NODELAY` ([`ws`]), the link driver,
 //! writer and reader every link runs on ([`link`], with the frame reader [`frames`] and the
 //! wire format [`wire`]), heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]),
-//! service URLs ([`url`]), Ed25519 key files ([`keys`]), the small HTTP client ([`http`]) and
+//! service URLs ([`url`]), TLS ([`tls`]: trust, certificates reloaded on change and, with
+//! `server`, the listening side), Ed25519 key files ([`keys`]), the small HTTP client ([`http`]) and
 //! lock helpers ([`sync`]). Feature `server` adds the services' side: serving HTTP from an
 //! already-bound listener (`serve`), accepting WebSockets (`accept`), link trust (`auth`), config
 //! files (`config`), address limits (`limits`), Prometheus text (`metrics`), process CPU and
@@ -19,6 +20,7 @@ pub mod keys;
 pub mod link;
 pub mod retry;
 pub mod sync;
+pub mod tls;
 pub mod url;
 pub mod wire;
 pub mod ws;

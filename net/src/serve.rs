@@ -51,6 +51,9 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where [`serve`] counts what it refuses; listeners given the same one add up.
     pub stats: Arc<ServeStats>,
+    /// TLS: every connection must start with a TLS handshake (within `request_timeout`);
+    /// plain ones are answered `400` and closed.
+    pub tls: Option<crate::tls::Acceptor>,
 }
 
 /// Connections [`serve`] refused, for a service's `/v1/stats` and `/metrics`.
@@ -70,6 +73,7 @@ impl Default for ServeOptions {
             max_body_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(5),
             stats: Arc::default(),
+            tls: None,
         }
     }
 }
@@ -83,6 +87,9 @@ pub struct ConnInfo {
     /// [`ServeOptions::max_connections_per_ip`]; both are released when the last clone is
     /// dropped.
     pub permit: Arc<ConnPermit>,
+    /// Over TLS with client certificates asked for: the one the client presented, verified
+    /// against the listener's client CA.
+    pub client_certificate: Option<Arc<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// A connection's slots under both connection caps, held together so they end together.
@@ -171,6 +178,7 @@ pub async fn serve(
                 _global: permit,
                 _address: address,
             }),
+            client_certificate: None,
         };
         let span = tracing::debug_span!("http", %peer);
         tracker.spawn(
@@ -196,7 +204,7 @@ fn answer_503(body: &str) -> String {
 }
 
 /// Writes `answer` to a connection about to be closed unserved, without waiting for anything.
-fn refuse(stream: &TcpStream, answer: &[u8]) {
+pub(crate) fn refuse(stream: &TcpStream, answer: &[u8]) {
     // What the client sent already is read first, a little of it at most: closing a socket
     // with unread data resets the connection, and the client may lose the answer with it.
     let mut scratch = [0u8; 1024];
@@ -211,7 +219,7 @@ fn refuse(stream: &TcpStream, answer: &[u8]) {
 
 /// Rate-limits a warning to one line per 10 s, saying how many times it happened meanwhile.
 #[derive(Debug, Default)]
-struct Throttle {
+pub(crate) struct Throttle {
     /// Times since the last line.
     count: u64,
     logged: Option<Instant>,
@@ -219,7 +227,7 @@ struct Throttle {
 
 impl Throttle {
     /// Counts one more; returns the count to log when a line is due.
-    fn due(&mut self) -> Option<u64> {
+    pub(crate) fn due(&mut self) -> Option<u64> {
         self.count += 1;
         let now = Instant::now();
         if self
@@ -303,7 +311,7 @@ enum Refusal {
 
 async fn serve_connection(
     stream: TcpStream,
-    info: ConnInfo,
+    mut info: ConnInfo,
     router: Router,
     options: ServeOptions,
     shutdown: CancellationToken,
@@ -311,6 +319,33 @@ async fn serve_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
+    match &options.tls {
+        None => serve_http(stream, info, router, options, shutdown).await,
+        Some(acceptor) => {
+            let handshake = acceptor.handshake(stream, info.peer, options.request_timeout);
+            let tls = tokio::select! {
+                tls = handshake => tls,
+                () = shutdown.cancelled() => return,
+            };
+            // Refusals and failures are logged by the acceptor.
+            if let Ok(tls) = tls {
+                info.client_certificate = crate::tls::client_certificate(&tls);
+                serve_http(tls, info, router, options, shutdown).await;
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS.
+async fn serve_http<I>(
+    stream: I,
+    info: ConnInfo,
+    router: Router,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (timeout, max_body) = (options.request_timeout, options.max_body_bytes);
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(info.clone());

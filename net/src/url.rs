@@ -2,7 +2,7 @@
 //!
 //! One URL names a service for both of its kinds of traffic: WebSocket links and HTTP endpoints.
 //! So `ws://host:port` and `http://host:port` are the same thing everywhere (dialing maps one to
-//! the other), and a URL that cannot be used is refused with an explanation in words instead of
+//! the other), as are `wss://` and `https://` (the same over TLS), and a URL that cannot be used is refused with an explanation in words instead of
 //! a parser's message.
 
 /// Why a URL cannot name a relaymesh service.
@@ -11,13 +11,10 @@ pub enum UrlError {
     /// No `scheme://` in front (e.g. `127.0.0.1:7400`).
     #[error("it has no scheme; write ws://{0} (or http://{0})")]
     NoScheme(String),
-    /// `wss://` or `https://`: relaymesh speaks no TLS yet.
-    #[error(
-        "{0}:// needs TLS, which relaymesh does not speak yet; use ws:// or http:// (behind a TLS-terminating proxy or on a private network)"
-    )]
-    Tls(String),
     /// Any other scheme.
-    #[error("the scheme {0}:// is not one relaymesh speaks; use ws:// or http://")]
+    #[error(
+        "the scheme {0}:// is not one relaymesh speaks; use ws:// or http:// (wss:// or https:// for TLS)"
+    )]
     Scheme(String),
     /// No host after the scheme.
     #[error("it names no host; write e.g. ws://127.0.0.1:7400")]
@@ -34,25 +31,33 @@ pub enum Form {
 }
 
 /// `url` in the wanted form: `ws://` and `http://` are accepted for either and mapped to the
-/// one wanted; anything else is refused with the reason.
+/// one wanted, and so are `wss://` and `https://` (TLS stays TLS); anything else is refused with
+/// the reason.
 pub fn normalize(url: &str, form: Form) -> Result<String, UrlError> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(UrlError::NoScheme(url.trim_end_matches('/').to_owned()));
     };
-    match scheme.to_ascii_lowercase().as_str() {
-        "ws" | "http" => {}
-        s @ ("wss" | "https") => return Err(UrlError::Tls(s.to_owned())),
+    let secure = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => false,
+        "wss" | "https" => true,
         _ => return Err(UrlError::Scheme(scheme.to_owned())),
-    }
+    };
     if rest.is_empty() || rest.starts_with(['/', '?', ':']) {
         return Err(UrlError::NoHost);
     }
-    let scheme = match form {
-        Form::WebSocket => "ws",
-        Form::Http => "http",
+    let scheme = match (form, secure) {
+        (Form::WebSocket, false) => "ws",
+        (Form::WebSocket, true) => "wss",
+        (Form::Http, false) => "http",
+        (Form::Http, true) => "https",
     };
     Ok(format!("{scheme}://{rest}"))
+}
+
+/// Whether `url` (already normalized) is dialed over TLS.
+pub fn is_tls(url: &str) -> bool {
+    url.starts_with("wss://") || url.starts_with("https://")
 }
 
 /// Checks a base URL given in configuration or on the command line, so a bad one is refused
@@ -82,6 +87,11 @@ mod tests {
             normalize("ws://h:1/v1/connect?x=1", Form::Http).unwrap(),
             "http://h:1/v1/connect?x=1"
         );
+        for url in ["wss://h:1", "HTTPS://h:1"] {
+            assert_eq!(normalize(url, Form::WebSocket).unwrap(), "wss://h:1");
+            assert_eq!(normalize(url, Form::Http).unwrap(), "https://h:1");
+            assert!(is_tls(&normalize(url, Form::Http).unwrap()));
+        }
     }
 
     #[test]
@@ -91,14 +101,6 @@ mod tests {
             no_scheme.to_string(),
             "it has no scheme; write ws://127.0.0.1:7400 (or http://127.0.0.1:7400)"
         );
-        assert!(matches!(
-            normalize("wss://a:1", Form::WebSocket),
-            Err(UrlError::Tls(_))
-        ));
-        assert!(matches!(
-            normalize("https://a:1", Form::Http),
-            Err(UrlError::Tls(_))
-        ));
         assert!(matches!(
             normalize("ftp://a:1", Form::Http),
             Err(UrlError::Scheme(_))

@@ -1,5 +1,5 @@
-//! Dialing a WebSocket (over a plain `TcpStream`), with the size limits and buffer sizes from
-//! [`WsLimits`] and `TCP_NODELAY` set. The accepting side is [`crate::accept`] (feature
+//! Dialing a WebSocket (over TCP, or TLS over TCP for `wss://`), with the size limits and buffer
+//! sizes from [`WsLimits`] and `TCP_NODELAY` set. The accepting side is [`crate::accept`] (feature
 //! `server`); both end up with a link ([`crate::link`]), so link code is the same whether this
 //! process dialed or accepted.
 
@@ -16,14 +16,122 @@ pub use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use bytes::Bytes;
+
 use crate::link::{self, Link, LinkStream};
+use crate::tls::ClientTlsStream;
+pub use crate::tls::Connector;
 
 /// A WebSocket this process dialed.
 pub type ClientSocket = WebSocketStream<UntilHeaders>;
 /// A link this process dialed.
-pub type ClientLink = Link<TcpStream>;
+pub type ClientLink = Link<Dialed>;
 /// The reading end of a link this process dialed.
-pub type ClientLinkStream = LinkStream<TcpStream>;
+pub type ClientLinkStream = LinkStream<Dialed>;
+
+/// A connection this process dialed: TCP, or TLS over TCP; reads first return the bytes read
+/// past the WebSocket handshake, if any (over TLS the handshake cannot peek, see
+/// [`UntilHeaders`]).
+#[derive(Debug)]
+pub struct Dialed {
+    pre: Bytes,
+    io: DialedIo,
+}
+
+#[derive(Debug)]
+enum DialedIo {
+    Plain(TcpStream),
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+impl Dialed {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            DialedIo::Plain(tcp) => tcp,
+            DialedIo::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// Why [`open`] could not connect.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// No TCP connection.
+    Connect(std::io::Error),
+    /// The TLS handshake failed, in words.
+    Tls(String),
+}
+
+/// Connects to `host:port`, with `TCP_NODELAY`, and over TLS when `tls` is given (the server's
+/// certificate must name `host`).
+pub(crate) async fn open(
+    host: &str,
+    port: u16,
+    tls: Option<&Connector>,
+) -> Result<Dialed, OpenError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((bare, port))
+        .await
+        .map_err(OpenError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let io = match tls {
+        None => DialedIo::Plain(tcp),
+        Some(connector) => DialedIo::Tls(Box::new(
+            connector.connect(bare, tcp).await.map_err(OpenError::Tls)?,
+        )),
+    };
+    Ok(Dialed {
+        pre: Bytes::new(),
+        io,
+    })
+}
+
+impl AsyncRead for Dialed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let head = self.pre.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        match &mut self.io {
+            DialedIo::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            DialedIo::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Dialed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.io {
+            DialedIo::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            DialedIo::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            DialedIo::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            DialedIo::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            DialedIo::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            DialedIo::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Size limits and buffer sizes for one WebSocket.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +193,15 @@ pub enum DialError {
         /// Why (part of the message, so not also a `source`).
         error: std::io::Error,
     },
+    /// The TLS handshake of a `wss://` URL failed (e.g. a certificate signed by a CA this
+    /// process does not trust: give it with `--ca` / `RELAYMESH_CA`).
+    #[error("cannot connect to {url}: {message}")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// What went wrong, in words.
+        message: String,
+    },
     /// The server answered the upgrade with an error (e.g. 401 for a bad key), with the
     /// `{code, message}` body it sent when there was one.
     #[error("{url} refused the connection: {status}{}", .message.as_ref().map(|(c, m)| format!(" {}: {m}", c.as_str_name())).unwrap_or_default())]
@@ -126,8 +243,8 @@ impl DialError {
     }
 }
 
-/// Opens a WebSocket to `url` (`ws://host:port/path?query`), optionally presenting a bearer
-/// token, with `TCP_NODELAY` and the given limits.
+/// Opens a WebSocket to `url` (`ws://host:port/path?query`, or `wss://` trusting the system's
+/// CA store), optionally presenting a bearer token, with `TCP_NODELAY` and the given limits.
 pub async fn dial(
     url: &str,
     bearer: Option<&str>,
@@ -135,7 +252,14 @@ pub async fn dial(
     timeout: Duration,
 ) -> Result<ClientSocket, DialError> {
     let authorization = bearer.map(|token| format!("Bearer {token}"));
-    dial_authorized(url, authorization.as_deref(), limits, timeout).await
+    dial_authorized(
+        url,
+        authorization.as_deref(),
+        limits,
+        &Connector::default(),
+        timeout,
+    )
+    .await
 }
 
 /// Like [`dial_authorized`], split into a link's writing and reading ends.
@@ -143,12 +267,13 @@ pub async fn dial_link(
     url: &str,
     authorization: Option<&str>,
     limits: &WsLimits,
+    tls: &Connector,
     timeout: Duration,
 ) -> Result<ClientLink, DialError> {
-    let socket = dial_authorized(url, authorization, limits, timeout).await?;
-    // The handshake read nothing past the response headers (see `UntilHeaders`), so the
-    // socket can be handed on whole.
-    let stream = socket.into_inner().tcp;
+    let socket = dial_authorized(url, authorization, limits, tls, timeout).await?;
+    // The handshake read nothing past the response headers (see `UntilHeaders`): what it
+    // read ahead over TLS is kept in front of the stream, so it can be handed on whole.
+    let stream = socket.into_inner().dialed;
     Ok(link::split_link(stream, Role::Client, limits.config()))
 }
 
@@ -226,23 +351,34 @@ impl HeadScanner {
 }
 
 /// A dialed socket during the WebSocket handshake: reads stop at the end of the response
-/// headers, so whatever the server sends after them (its first frames) stays in the socket for
-/// whoever reads the link next.
+/// headers, so whatever the server sends after them (its first frames) stays for whoever reads
+/// the link next — in the TCP socket (found by peeking), or, over TLS, which cannot peek, in
+/// front of the stream ([`Dialed`] reads it first).
 #[derive(Debug)]
 pub struct UntilHeaders {
-    tcp: TcpStream,
+    dialed: Dialed,
     scanner: HeadScanner,
-    /// Reads go straight to the socket: the head is over, or the response is no upgrade.
+    /// Reads go straight to the stream: the head is over, or the response is no upgrade.
     done: bool,
 }
 
 impl UntilHeaders {
-    fn new(tcp: TcpStream) -> Self {
+    fn new(dialed: Dialed) -> Self {
         Self {
-            tcp,
+            dialed,
             scanner: HeadScanner::default(),
             done: false,
         }
+    }
+
+    /// Peeks at the TCP socket: the bytes available, not consumed.
+    fn peek(
+        tcp: &TcpStream,
+        cx: &mut Context<'_>,
+        into: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut view = ReadBuf::new(into);
+        tcp.poll_peek(cx, &mut view)
     }
 }
 
@@ -253,40 +389,63 @@ impl AsyncRead for UntilHeaders {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         if self.done {
-            return Pin::new(&mut self.tcp).poll_read(cx, buf);
+            return Pin::new(&mut self.dialed).poll_read(cx, buf);
         }
+        let this = &mut *self;
+        let from_socket =
+            this.dialed.pre.is_empty() && matches!(this.dialed.io, DialedIo::Plain(_));
         let mut peeked = [0u8; 1024];
-        let mut view = ReadBuf::new(&mut peeked);
-        let n = match self.tcp.poll_peek(cx, &mut view) {
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+        // What is available: read ahead (TLS), or peeked at (TCP).
+        let available: &[u8] = match &mut this.dialed.io {
+            _ if !this.dialed.pre.is_empty() => &this.dialed.pre,
+            DialedIo::Plain(tcp) => match Self::peek(tcp, cx, &mut peeked) {
+                Poll::Ready(Ok(n)) => &peeked[..n],
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            },
+            DialedIo::Tls(tls) => {
+                let mut view = ReadBuf::new(&mut peeked);
+                match Pin::new(&mut **tls).poll_read(cx, &mut view) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let n = view.filled().len();
+                this.dialed.pre = Bytes::copy_from_slice(&peeked[..n]);
+                &this.dialed.pre
+            }
         };
-        if n == 0 {
+        if available.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        let take = match self.scanner.scan(&peeked[..n]) {
+        let take = match this.scanner.scan(available) {
             // Only a successful upgrade is followed by frames. A refusal's body (the JSON
             // error) belongs to the handshake, which reads it from its own buffer.
             Scan::NotUpgrade => {
-                self.done = true;
-                return Pin::new(&mut self.tcp).poll_read(cx, buf);
+                this.done = true;
+                return Pin::new(&mut this.dialed).poll_read(cx, buf);
             }
             Scan::Take { n, .. } => n.min(buf.remaining()),
         };
-        let mut chunk = vec![0u8; take];
-        // The bytes are in the socket (peeked), so a non-blocking read returns them now.
-        let read = match self.tcp.try_read(&mut chunk) {
-            Ok(read) => read,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            Err(e) => return Poll::Ready(Err(e)),
+        let chunk: Vec<u8> = if from_socket {
+            let mut chunk = vec![0u8; take];
+            // The bytes are in the socket (peeked), so a non-blocking read returns them now.
+            let read = match this.dialed.tcp().try_read(&mut chunk) {
+                Ok(read) => read,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            chunk.truncate(read);
+            chunk
+        } else {
+            this.dialed.pre.split_to(take).to_vec()
         };
-        buf.put_slice(&chunk[..read]);
-        self.scanner.consumed(&chunk[..read]);
-        self.done = self.scanner.done();
+        buf.put_slice(&chunk);
+        this.scanner.consumed(&chunk);
+        this.done = this.scanner.done();
         Poll::Ready(Ok(()))
     }
 }
@@ -298,27 +457,28 @@ impl AsyncWrite for UntilHeaders {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.dialed).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.dialed).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.dialed).poll_shutdown(cx)
     }
 }
 
 /// Like [`dial`], with a whole `Authorization` header value (e.g. from
-/// [`crate::auth::LinkCredentials::authorization`]).
+/// [`crate::auth::LinkCredentials::authorization`]) and the trust for a `wss://` URL.
 pub async fn dial_authorized(
     url: &str,
     authorization: Option<&str>,
     limits: &WsLimits,
+    tls: &Connector,
     timeout: Duration,
 ) -> Result<ClientSocket, DialError> {
-    tokio::time::timeout(timeout, dial_inner(url, authorization, limits))
+    tokio::time::timeout(timeout, dial_inner(url, authorization, limits, tls))
         .await
         .unwrap_or_else(|_| Err(DialError::Timeout(url.to_owned())))
 }
@@ -327,6 +487,7 @@ async fn dial_inner(
     url: &str,
     authorization: Option<&str>,
     limits: &WsLimits,
+    tls: &Connector,
 ) -> Result<ClientSocket, DialError> {
     let bad_url = |reason: &str| DialError::BadUrl {
         url: url.to_owned(),
@@ -341,22 +502,30 @@ async fn dial_inner(
         .host()
         .ok_or_else(|| bad_url("no host"))?
         .to_owned();
-    let port = request.uri().port_u16().unwrap_or(80);
+    let secure = request.uri().scheme_str() == Some("wss");
+    let port = request
+        .uri()
+        .port_u16()
+        .unwrap_or(if secure { 443 } else { 80 });
     if let Some(value) = authorization {
         let value = HeaderValue::from_str(value)
             .map_err(|_| bad_url("credentials are not a valid header value"))?;
         request.headers_mut().insert(header::AUTHORIZATION, value);
     }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let stream = TcpStream::connect((host, port))
+    let stream = open(&host, port, secure.then_some(tls))
         .await
-        .map_err(|error| DialError::Connect {
-            url: url.to_owned(),
-            error,
+        .map_err(|e| match e {
+            OpenError::Connect(error) => DialError::Connect {
+                url: url.to_owned(),
+                error,
+            },
+            OpenError::Tls(message) => DialError::Tls {
+                url: url.to_owned(),
+                message,
+            },
         })?;
-    let _ = stream.set_nodelay(true);
     #[cfg(feature = "server")]
-    crate::accept::set_user_timeout(&stream, limits.tcp_user_timeout);
+    crate::accept::set_user_timeout(stream.tcp(), limits.tcp_user_timeout);
     match tokio_tungstenite::client_async_with_config(
         request,
         UntilHeaders::new(stream),
@@ -473,6 +642,7 @@ mod tests {
             &format!("ws://{addr}/x"),
             None,
             &WsLimits::default(),
+            &Connector::default(),
             Duration::from_secs(5),
         )
         .await
@@ -517,6 +687,7 @@ mod tests {
             &format!("ws://{addr}/x"),
             None,
             &WsLimits::default(),
+            &Connector::default(),
             Duration::from_secs(5),
         )
         .await

@@ -161,3 +161,89 @@ impl std::fmt::Display for v1::Error {
         write!(f, "{}: {}", self.error_code().as_str_name(), self.message)
     }
 }
+
+/// Opening a channel to the coordinator's admin API, over plain HTTP/2 (`http://`) or TLS
+/// (`https://`, trusting a CA bundle or the system's CA store, optionally presenting a client
+/// certificate for mutual TLS): one way for every admin tool.
+#[cfg(feature = "admin")]
+pub mod admin_client {
+    use std::path::{Path, PathBuf};
+
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+    /// The TLS side of an admin connection; ignored for `http://` URLs.
+    #[derive(Debug, Clone, Default)]
+    pub struct AdminTls {
+        /// CA bundle (PEM) that signed the coordinator's certificate; the system's CA store
+        /// when `None`.
+        pub ca: Option<PathBuf>,
+        /// Client certificate (PEM) and its key, for a coordinator with `admin_ca` (mutual TLS
+        /// instead of the token).
+        pub identity: Option<(PathBuf, PathBuf)>,
+    }
+
+    /// Why no channel could be opened.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ConnectError {
+        /// The URL does not parse.
+        #[error("invalid admin URL {url:?}: {reason}")]
+        Url {
+            /// The URL given.
+            url: String,
+            /// Why.
+            reason: String,
+        },
+        /// A PEM file could not be read.
+        #[error("cannot read {path}: {error}")]
+        Read {
+            /// The file.
+            path: PathBuf,
+            /// Why (part of the message, so not also a `source`).
+            error: std::io::Error,
+        },
+        /// No connection (or no TLS handshake) to the admin API.
+        #[error("cannot reach the admin API at {url}: {error}")]
+        Connect {
+            /// The URL given.
+            url: String,
+            /// Why.
+            error: tonic::transport::Error,
+        },
+    }
+
+    fn read(path: &Path) -> Result<Vec<u8>, ConnectError> {
+        std::fs::read(path).map_err(|error| ConnectError::Read {
+            path: path.to_owned(),
+            error,
+        })
+    }
+
+    /// Connects to the admin API at `url` (`http://HOST:PORT` or `https://HOST:PORT`).
+    pub async fn connect(url: &str, tls: &AdminTls) -> Result<Channel, ConnectError> {
+        let bad = |reason: String| ConnectError::Url {
+            url: url.to_owned(),
+            reason,
+        };
+        let mut endpoint = Channel::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+        if url.trim().to_ascii_lowercase().starts_with("https://") {
+            let mut config = ClientTlsConfig::new();
+            config = match &tls.ca {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        endpoint
+            .connect()
+            .await
+            .map_err(|error| ConnectError::Connect {
+                url: url.to_owned(),
+                error,
+            })
+    }
+}

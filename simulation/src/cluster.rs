@@ -205,7 +205,8 @@ async fn spawn(
 
 /// Waits until `servers` are registered and fully linked.
 async fn wait_ready(coordinator: &str, servers: usize) -> anyhow::Result<()> {
-    relaymesh_client::cluster::wait_ready(coordinator, servers, READY_WITHIN)
+    let tls = relaymesh_net::tls::Connector::default();
+    relaymesh_client::cluster::wait_ready(coordinator, servers, &tls, READY_WITHIN)
         .await
         .context("the embedded cluster did not come up")
 }

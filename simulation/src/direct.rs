@@ -190,7 +190,8 @@ impl Direct {
         let mut watchers = Vec::new();
         let late_ids: std::collections::HashSet<String> = ids[online..].iter().cloned().collect();
         let logged_in_at = Arc::new(AtomicU64::new(u64::MAX));
-        let servers = relaymesh_client::cluster::servers(&self.coordinator)
+        let tls = relaymesh_net::tls::Connector::default();
+        let servers = relaymesh_client::cluster::servers(&self.coordinator, &tls)
             .await
             .context("listing the comm servers")?;
         for server in servers {

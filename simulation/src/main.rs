@@ -159,6 +159,10 @@ struct Args {
     /// comes from RELAYMESH_ADMIN_TOKEN.
     #[arg(long, env = "RELAYMESH_ADMIN")]
     admin: Option<String>,
+    /// CA bundle (PEM) trusted for a deployed cluster's wss:// and https:// URLs instead of
+    /// the system's CA store.
+    #[arg(long, env = "RELAYMESH_CA")]
+    ca: Option<std::path::PathBuf>,
 }
 
 /// A load pattern.
@@ -198,7 +202,18 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LOG").is_some() {
         relaymesh_net::logging::init();
     }
-    match run(Args::parse()) {
+    let args = Args::parse();
+    // Every dial of this process (clients, stats, the admin API) trusts it.
+    match relaymesh_net::tls::Connector::from_ca_or_env(args.ca.as_deref()) {
+        Ok(tls) => {
+            let _ = tls.install_default();
+        }
+        Err(e) => {
+            eprintln!("simulation: error: --ca: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("simulation: error: {e:#}");
@@ -445,6 +460,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some(operator::DrainPlan {
                 admin,
                 token,
+                ca: args.ca.clone(),
                 at: Duration::from_secs_f64(at),
                 server: args.drain_server.clone(),
             })

@@ -4,11 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::anyhow;
 use relaymesh_proto::admin::DrainServerRequest;
 use relaymesh_proto::admin::admin_client::AdminClient;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 /// How long the admin API gives the drained server's clients to leave.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -16,9 +15,11 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// Which server to drain, when, and through which admin API.
 #[derive(Debug, Clone)]
 pub(crate) struct DrainPlan {
-    /// The admin API (http://HOST:PORT) and its bearer token.
+    /// The admin API (http:// or https://HOST:PORT), its bearer token and the CA that signed
+    /// its certificate (`--ca`).
     pub(crate) admin: String,
     pub(crate) token: String,
+    pub(crate) ca: Option<std::path::PathBuf>,
     /// Seconds into publishing.
     pub(crate) at: Duration,
     /// The server; the one with the most of this run's clients when `None`.
@@ -77,11 +78,11 @@ pub(crate) async fn drain(plan: DrainPlan, busiest: String, started: Instant) ->
 }
 
 async fn call(plan: &DrainPlan, server_id: &str) -> anyhow::Result<(u32, u32)> {
-    let channel = Channel::from_shared(plan.admin.clone())
-        .map_err(|e| anyhow!("invalid admin URL {:?}: {e}", plan.admin))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the admin API at {}", plan.admin))?;
+    let tls = relaymesh_proto::admin_client::AdminTls {
+        ca: plan.ca.clone(),
+        identity: None,
+    };
+    let channel = relaymesh_proto::admin_client::connect(&plan.admin, &tls).await?;
     let mut request = tonic::Request::new(DrainServerRequest {
         server_id: server_id.to_owned(),
         deadline_ms: u32::try_from(DEADLINE.as_millis()).unwrap_or(u32::MAX),

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod raw;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use relaymesh_client::{Client, ClientConfig};
 use relaymesh_net::http::Method;
+use relaymesh_net::tls::Connector;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -92,9 +94,15 @@ pub async fn next_messages(client: &mut Client, n: usize) -> Vec<relaymesh_clien
 
 /// `GET url` and parse JSON.
 pub async fn get_json(url: &str) -> Value {
-    let (status, body) = relaymesh_net::http::request(Method::GET, url, None, PATIENCE)
-        .await
-        .unwrap();
+    get_json_with(url, &Connector::default()).await
+}
+
+/// [`get_json`] trusting `tls` for an `https://` URL.
+pub async fn get_json_with(url: &str, tls: &Connector) -> Value {
+    let (status, body) =
+        relaymesh_net::http::request_with(Method::GET, url, &[], None, tls, PATIENCE)
+            .await
+            .unwrap();
     assert!(
         status.is_success(),
         "GET {url}: {status} {}",
@@ -123,6 +131,7 @@ pub async fn post_json_with(url: &str, headers: &[(&str, &str)], body: &[u8]) ->
         url,
         headers,
         Some(body.to_vec()),
+        &relaymesh_net::tls::Connector::default(),
         PATIENCE,
     )
     .await
@@ -152,6 +161,11 @@ pub fn restartable_addr() -> SocketAddr {
         }
     }
     panic!("no free port in 20000-31999");
+}
+
+/// The `http://` (or `https://`) form of a service URL.
+pub fn http_base(url: &str) -> String {
+    relaymesh_net::url::normalize(url, relaymesh_net::url::Form::Http).unwrap()
 }
 
 /// Coordinator settings for tests: fast heartbeats so dead links are found quickly.
@@ -199,10 +213,12 @@ pub fn client_config(coordinator: &str) -> ClientConfig {
 pub struct CoordinatorHandle {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// `ws://addr`.
+    /// `ws://addr` (`wss://` with TLS).
     pub url: String,
     /// Where its admin API listens, when `admin_listen` was set (port 0 picks one).
     pub admin_addr: Option<SocketAddr>,
+    /// Whom dials to it trust (its `tls.ca`).
+    pub tls: Connector,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -223,6 +239,8 @@ impl CoordinatorHandle {
             None => None,
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let scheme = if config.tls.enabled() { "wss" } else { "ws" };
+        let tls = Connector::new(config.tls.ca.as_deref(), None).unwrap();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -232,16 +250,17 @@ impl CoordinatorHandle {
         });
         Self {
             addr,
-            url: format!("ws://{addr}"),
+            url: format!("{scheme}://{addr}"),
             admin_addr,
+            tls,
             stop,
             task: Some(task),
         }
     }
 
-    /// `http://addr/v1/stats`.
+    /// `http://addr/v1/stats` (`https://` with TLS).
     pub async fn stats(&self) -> Value {
-        get_json(&format!("http://{}/v1/stats", self.addr)).await
+        get_json_with(&format!("{}/v1/stats", http_base(&self.url)), &self.tls).await
     }
 
     /// Ids of the registered servers.
@@ -282,6 +301,10 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// Its id (derived from its address).
     pub id: String,
+    /// `ws://addr` (`wss://` with TLS).
+    pub url: String,
+    /// Whom dials to it trust (its `tls.ca`).
+    pub tls: Connector,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -293,6 +316,8 @@ impl ServerHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let id = config.id.clone().unwrap_or_else(|| addr.to_string());
+        let scheme = if config.tls.enabled() { "wss" } else { "ws" };
+        let tls = Connector::new(config.tls.ca.as_deref(), None).unwrap();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task =
@@ -300,14 +325,16 @@ impl ServerHandle {
         Self {
             addr,
             id,
+            url: format!("{scheme}://{addr}"),
+            tls,
             stop,
             task: Some(task),
         }
     }
 
-    /// `http://addr/v1/stats`.
+    /// `http://addr/v1/stats` (`https://` with TLS).
     pub async fn stats(&self) -> Value {
-        get_json(&format!("http://{}/v1/stats", self.addr)).await
+        get_json_with(&format!("{}/v1/stats", http_base(&self.url)), &self.tls).await
     }
 
     /// One numeric field of `/v1/stats`.
@@ -352,6 +379,17 @@ impl Cluster {
     pub async fn start_configured(n: usize, coordinator: coordinator::Config) -> Self {
         let coordinator = CoordinatorHandle::start(coordinator).await;
         Self::with_coordinator(coordinator, n, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with this coordinator config and `tweak` applied to each
+    /// server's config (e.g. TLS on every listener).
+    pub async fn start_full(
+        n: usize,
+        coordinator: coordinator::Config,
+        tweak: impl Fn(&mut commserver::Config),
+    ) -> Self {
+        let coordinator = CoordinatorHandle::start(coordinator).await;
+        Self::with_coordinator(coordinator, n, tweak).await
     }
 
     /// Like [`Cluster::start`], with a coordinator that can be restarted on its address.
@@ -416,6 +454,7 @@ impl Cluster {
         credentials: relaymesh_client::Credentials,
     ) -> Client {
         let mut config = client_config(&self.coordinator.url);
+        config.tls = self.coordinator.tls.clone();
         config.preferred_server = Some(self.servers[index].id.clone());
         config.credentials = credentials;
         let client = Client::connect(config).await.unwrap();

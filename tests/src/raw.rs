@@ -14,13 +14,24 @@ use crate::{PATIENCE, within};
 
 /// Dials `url` with generous limits (so the test can send what the server refuses).
 pub async fn dial(url: &str, bearer: Option<&str>) -> ClientSocket {
+    dial_tls(url, bearer, &ws::Connector::default())
+        .await
+        .unwrap_or_else(|e| panic!("dial {url}: {e}"))
+}
+
+/// [`dial`] trusting (and presenting) what `tls` says for a `wss://` URL; the error is the
+/// caller's to judge.
+pub async fn dial_tls(
+    url: &str,
+    bearer: Option<&str>,
+    tls: &ws::Connector,
+) -> Result<ClientSocket, ws::DialError> {
     let limits = WsLimits {
         max_frame_bytes: 64 * 1024 * 1024,
         ..WsLimits::default()
     };
-    ws::dial(url, bearer, &limits, PATIENCE)
-        .await
-        .unwrap_or_else(|e| panic!("dial {url}: {e}"))
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    ws::dial_authorized(url, authorization.as_deref(), &limits, tls, PATIENCE).await
 }
 
 /// Sends one binary frame.

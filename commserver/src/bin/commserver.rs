@@ -34,6 +34,21 @@ struct Args {
     /// RELAYMESH_DISPATCH_SECRET).
     #[arg(long)]
     dispatch_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the listeners, which then speak TLS only (wss://, https://);
+    /// reloaded when the file changes (config `[tls] cert`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (config `[tls] key`).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle trusted when dialing, and verifying servers' certificates with --mtls
+    /// (config `[tls] ca`).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Mutual TLS on the peer links: peers must present a certificate signed by --ca
+    /// naming the host of the URL they registered with (config `[tls] mtls`).
+    #[arg(long)]
+    mtls: bool,
     /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -65,6 +80,9 @@ fn load_config(args: Args) -> Result<Config, relaymesh_net::config::ConfigError>
     if args.id.is_some() {
         config.id = args.id;
     }
+    config
+        .tls
+        .apply_flags(args.tls_cert, args.tls_key, args.ca, args.mtls);
     if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
         config.cluster_secret = secret;
     }

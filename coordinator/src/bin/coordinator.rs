@@ -29,6 +29,21 @@ struct Args {
     /// calls need RELAYMESH_ADMIN_TOKEN as a bearer token.
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the listeners, which then speak TLS only (wss://, https://);
+    /// reloaded when the file changes (config `[tls] cert`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (config `[tls] key`).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle trusted when dialing, and verifying servers' certificates with --mtls
+    /// (config `[tls] ca`).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Mutual TLS on the server links: comm servers must present a certificate signed by --ca
+    /// naming the host of the URL they registered with (config `[tls] mtls`).
+    #[arg(long)]
+    mtls: bool,
     /// TOML config file; flags and RELAYMESH_CLUSTER_SECRET override its keys.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -92,6 +107,12 @@ fn load_config(args: &Args) -> Result<Config, relaymesh_net::config::ConfigError
     if let Ok(token) = std::env::var("RELAYMESH_ADMIN_TOKEN") {
         config.admin_token = token;
     }
+    config.tls.apply_flags(
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.ca.clone(),
+        args.mtls,
+    );
     if let Ok(secret) = std::env::var("RELAYMESH_CLUSTER_SECRET") {
         config.cluster_secret = secret;
     }
@@ -153,7 +174,14 @@ async fn remote_accounts(admin: &str, command: AdminCommand) -> ExitCode {
         eprintln!("coordinator accounts: --admin needs RELAYMESH_ADMIN_TOKEN");
         return ExitCode::FAILURE;
     };
-    match coordinator::admin::remote::run(admin, &token, command).await {
+    // The CA that signed an https:// admin API's certificate (else the system's CA store).
+    let tls = coordinator::admin::remote::AdminTls {
+        ca: std::env::var_os("RELAYMESH_CA")
+            .filter(|ca| !ca.is_empty())
+            .map(Into::into),
+        identity: None,
+    };
+    match coordinator::admin::remote::run(admin, &token, &tls, command).await {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS

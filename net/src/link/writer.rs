@@ -336,7 +336,8 @@ where
 }
 
 /// Writes all of `out`, consuming it as it goes: if the future is dropped, `out` still holds
-/// exactly what was not written.
+/// exactly what was not written. Then flushes (a no-op on TCP; over TLS, what the session still
+/// holds in records goes out).
 async fn write_out<W: AsyncWrite>(
     write: &mut WriteHalf<W>,
     out: &mut BytesMut,
@@ -348,7 +349,7 @@ async fn write_out<W: AsyncWrite>(
         }
         bytes::Buf::advance(out, n);
     }
-    Ok(())
+    write.flush().await
 }
 
 async fn recv_reply(replies: &mut Option<&Replies>) -> Option<Bytes> {

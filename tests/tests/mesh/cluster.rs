@@ -80,8 +80,14 @@ async fn a_closing_client_sends_what_it_has_queued() {
 /// publisher, with the topic and the server-stamped alias of its publisher.
 #[tokio::test]
 async fn messages_cross_servers_exactly_once_and_in_order() {
-    const PER_PUBLISHER: usize = 200;
     let cluster = Cluster::start(3).await;
+    assert_cross_server_delivery(&cluster).await;
+}
+
+/// Two subscribers and one publisher on each of the cluster's servers: every subscriber gets
+/// every publisher's 200 messages once each, in order.
+pub(crate) async fn assert_cross_server_delivery(cluster: &Cluster) {
+    const PER_PUBLISHER: usize = 200;
     let mut subscribers = Vec::new();
     for server in 0..3 {
         for _ in 0..2 {

@@ -71,6 +71,7 @@ impl Gateway {
             &self.url(proto, port, accept),
             Some(&format!("Bearer {TOKEN}")),
             &WsLimits::default(),
+            &Default::default(),
             Duration::from_secs(5),
         )
         .await
@@ -282,7 +283,7 @@ async fn bad_tokens_requests_and_frames_are_refused() {
     let limits = WsLimits::default();
     let five = Duration::from_secs(5);
     for auth in [None, Some("Bearer wrong")] {
-        let refused = ws::dial_authorized(&url, auth, &limits, five).await;
+        let refused = ws::dial_authorized(&url, auth, &limits, &Default::default(), five).await;
         assert!(
             matches!(refused, Err(DialError::Refused { status, .. }) if status == 401),
             "{auth:?}"
@@ -290,15 +291,21 @@ async fn bad_tokens_requests_and_frames_are_refused() {
     }
     // The token may come as a query parameter instead.
     let with_query = format!("{url}&bearer_token={TOKEN}");
-    let mut driver = ws::dial_authorized(&with_query, None, &limits, five)
+    let mut driver = ws::dial_authorized(&with_query, None, &limits, &Default::default(), five)
         .await
         .unwrap();
     let bad_url = format!(
         "ws://{}/api/dispatch/v1/tcp_dispatch?port={port}",
         gateway.addr
     );
-    let refused =
-        ws::dial_authorized(&bad_url, Some(&format!("Bearer {TOKEN}")), &limits, five).await;
+    let refused = ws::dial_authorized(
+        &bad_url,
+        Some(&format!("Bearer {TOKEN}")),
+        &limits,
+        &Default::default(),
+        five,
+    )
+    .await;
     assert!(matches!(refused, Err(DialError::Refused { status, .. }) if status == 400));
     // A malformed frame, or a write to an address outside the accept list, is counted and
     // skipped (as PlaceOS does); the session goes on.

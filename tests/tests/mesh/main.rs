@@ -18,4 +18,5 @@ mod peer_links;
 mod processes;
 mod readme;
 mod slow;
+mod tls;
 mod trust;
