@@ -101,8 +101,11 @@ struct Server {
     presence: presence::Presence,
     /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
     inboxes: inbox::Inboxes,
-    /// The peers the coordinator has told of (for readiness: each must be linked).
+    /// The peers the coordinator has told of, with their URLs (for readiness: each must be
+    /// linked; with mutual TLS, a peer's certificate must name its URL's host).
     known_peers: Mutex<BTreeMap<Arc<str>, String>>,
+    /// Woken when `known_peers` gains one.
+    peers_known: tokio::sync::Notify,
     /// Live peer links by server id, for stats.
     peer_links: Mutex<BTreeMap<Arc<str>, Arc<PeerLink>>>,
     /// The last link with each peer that went down, to settle what it lost when the peer
@@ -274,6 +277,7 @@ pub async fn run_with(
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         known_peers: Mutex::new(BTreeMap::new()),
+        peers_known: tokio::sync::Notify::new(),
         peer_links: Mutex::new(BTreeMap::new()),
         previous_links: Mutex::new(HashMap::new()),
         dialers: Mutex::new(HashMap::new()),

@@ -117,6 +117,7 @@ impl Server {
             .iter()
             .map(|(id, url)| (Arc::from(id.as_str()), url.clone()))
             .collect();
+        self.peers_known.notify_waiters();
         let mut dialers = lock(&self.dialers);
         dialers.retain(|id, dialer| {
             let keep = wanted.contains_key(&**id);
@@ -136,6 +137,7 @@ impl Server {
     pub(crate) fn peer_joined(self: &Arc<Self>, info: v1::ServerInfo) {
         if info.server_id.as_str() != &*self.id {
             lock(&self.known_peers).insert(Arc::from(info.server_id.as_str()), info.url.clone());
+            self.peers_known.notify_waiters();
         }
         if info.server_id.as_str() <= &*self.id {
             return; // it dials us (or it is us)
@@ -490,7 +492,10 @@ impl PeerReader {
     }
 
     /// Checks who the peer says it is.
-    fn check_hello(&self, first: v1::PeerMessage) -> Result<(Arc<str>, v1::PeerHello), v1::Error> {
+    async fn check_hello(
+        &self,
+        first: v1::PeerMessage,
+    ) -> Result<(Arc<str>, v1::PeerHello), v1::Error> {
         let Some(Kind::Hello(hello)) = first.kind else {
             return Err(unexpected(
                 "the first message on /v1/peers must be PeerHello",
@@ -511,7 +516,7 @@ impl PeerReader {
                 ),
             )),
             None => {
-                self.check_certificate(&id)?;
+                self.check_certificate(&id).await?;
                 Ok((id.into(), hello))
             }
             Some(_) => Ok((id.into(), hello)),
@@ -519,17 +524,29 @@ impl PeerReader {
     }
 
     /// With mutual TLS, a peer that dialed must have presented a certificate naming the host
-    /// of the URL it registered with (as the coordinator lists it); an unknown peer is refused
-    /// until the coordinator has said where it is (it dials again).
-    fn check_certificate(&self, id: &str) -> Result<(), v1::Error> {
+    /// of the URL it registered with (as the coordinator lists it). A peer that dials as soon
+    /// as it hears of this server may be quicker than the coordinator's word about it here:
+    /// it is waited for, up to the handshake timeout.
+    async fn check_certificate(&self, id: &str) -> Result<(), v1::Error> {
         let Some(tls) = self.server.tls.as_ref().filter(|tls| tls.mtls) else {
             return Ok(());
         };
-        let url = lock(&self.server.known_peers).get(id).cloned();
-        let Some(url) = url else {
+        let server = &self.server;
+        let known = async {
+            loop {
+                let told = server.peers_known.notified();
+                tokio::pin!(told);
+                told.as_mut().enable();
+                if let Some(url) = lock(&server.known_peers).get(id).cloned() {
+                    return url;
+                }
+                told.await;
+            }
+        };
+        let Ok(url) = tokio::time::timeout(server.config.handshake_timeout(), known).await else {
             return Err(error(
                 ErrorCode::Unauthenticated,
-                format!("mutual TLS: peer {id:?} is not (yet) a registered server here"),
+                format!("mutual TLS: peer {id:?} is not a registered server here"),
             ));
         };
         relaymesh_net::tls::check_link_certificate(tls.mtls, self.certificate.as_deref(), &url)
@@ -545,7 +562,7 @@ impl link::Handler for PeerReader {
     type In = v1::PeerMessage;
 
     async fn first(&mut self, msg: v1::PeerMessage) -> Result<Flow, v1::Error> {
-        let (peer_id, their) = self.check_hello(msg)?;
+        let (peer_id, their) = self.check_hello(msg).await?;
         let Some(queues) = self.pending.take() else {
             return Err(error(ErrorCode::Internal, "peer link set up twice"));
         };

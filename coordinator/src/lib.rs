@@ -247,8 +247,10 @@ pub async fn run_with(
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }
-    let scheme = if app.tls.is_some() { "wss" } else { "ws" };
-    tracing::info!("coordinator listening on {local} ({scheme}://)");
+    if app.tls.is_some() {
+        tracing::info!("TLS on: clients and comm servers dial wss:// (https:// for HTTP)");
+    }
+    tracing::info!("coordinator listening on {local}");
     let mut options = app.config.serve_options(app.stats.serving.clone());
     options.tls = app.tls.as_ref().map(|tls| tls.acceptor.clone());
     relaymesh_net::serve::serve(listener, router, options, shutdown, tracker.clone()).await;

@@ -1297,3 +1297,123 @@ async fn coordinator_accounts_with_admin_changes_the_running_coordinators_store(
     assert!(coordinator.terminate());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The TLS set-up of the README with real processes: a coordinator and two comm servers on
+/// TLS with mutual TLS between them (flags only), meshctl publishing on one server and
+/// subscribing on the other with `--ca`, the admin API over https; a meshctl that trusts
+/// nothing is refused in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_of_real_processes_relays_between_servers_for_meshctl_with_ca() {
+    const TOKEN: &str = "process-tls-token-0123456789";
+    let pki = relaymesh_tests::pki::Pki::new("relaymesh process CA");
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let tls_args = |file: &str| {
+        let issued = pki.issue(file);
+        vec![
+            "--tls-cert".to_owned(),
+            issued.cert.to_str().unwrap().to_owned(),
+            "--tls-key".to_owned(),
+            issued.key.to_str().unwrap().to_owned(),
+            "--ca".to_owned(),
+            ca.clone(),
+            "--mtls".to_owned(),
+        ]
+    };
+    let secret = ("RELAYMESH_CLUSTER_SECRET", relaymesh_tests::SECRET);
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(tls_args("coordinator"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut coordinator = Proc::start_with_env(
+        "coordinator",
+        &args,
+        &[secret, ("RELAYMESH_ADMIN_TOKEN", TOKEN)],
+    );
+    let after = |line: String| line.rsplit(' ').next().unwrap().to_owned();
+    let admin_addr = after(coordinator.wait_for_line("admin API listening on "));
+    let addr = coordinator.listening_addr();
+    let url = format!("wss://{addr}");
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let mut args: Vec<String> = ["--coordinator", &url, "--listen", "127.0.0.1:0"]
+            .map(str::to_owned)
+            .to_vec();
+        args.extend(tls_args(&format!("server-{i}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = Proc::start_with_env("commserver", &args, &[secret]);
+        let addr = proc.listening_addr();
+        proc.wait_for_line("registered with the coordinator");
+        servers.push((proc, addr.to_string()));
+    }
+    let meshctl_env = [("RELAYMESH_CA", ca.as_str())];
+    let (ok, _, err) = run_with_env(
+        "meshctl",
+        &[
+            "wait",
+            "--coordinator",
+            &url,
+            "--servers",
+            "2",
+            "--timeout",
+            "20",
+        ],
+        &meshctl_env,
+    );
+    assert!(ok, "{err}");
+    let mut sub = Proc::start_with_env(
+        "meshctl",
+        &[
+            "sub",
+            "--coordinator",
+            &url,
+            "--server",
+            &servers[0].1,
+            "room/tls",
+        ],
+        &meshctl_env,
+    );
+    sub.wait_for_line("subscribed to room/tls");
+    let (ok, _, err) = run(
+        "meshctl",
+        &[
+            "pub",
+            "--ca",
+            &ca,
+            "--coordinator",
+            &url,
+            "--server",
+            &servers[1].1,
+            "room/tls",
+            "over tls",
+        ],
+    );
+    assert!(ok, "{err}");
+    let line = sub.next_stdout_line();
+    assert!(
+        line.starts_with("room/tls\t") && line.ends_with("\tover tls"),
+        "{line}"
+    );
+    // Trusting the system's store only: refused, and told what to do.
+    let (ok, _, err) = run("meshctl", &["pub", "--coordinator", &url, "room/tls", "x"]);
+    assert!(!ok);
+    assert!(err.contains("RELAYMESH_CA"), "{err}");
+    // The admin API over https.
+    let admin_url = format!("https://{admin_addr}");
+    let (ok, out, err) = run_with_env(
+        "meshctl",
+        &["admin", "--admin", &admin_url, "servers"],
+        &[("RELAYMESH_ADMIN_TOKEN", TOKEN), ("RELAYMESH_CA", &ca)],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("wss://")).count(),
+        2,
+        "{out}"
+    );
+    sub.kill();
+    for (mut server, _) in servers {
+        assert!(server.terminate());
+    }
+    assert!(coordinator.terminate());
+}

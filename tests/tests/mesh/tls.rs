@@ -295,3 +295,89 @@ async fn mutual_tls_refuses_servers_and_peers_without_a_valid_certificate() {
     assert_eq!(server.stat("peer_links_refused").await, 2);
     assert_eq!(server.stat("peers").await, 0);
 }
+
+#[tokio::test]
+async fn the_admin_api_speaks_tls_and_takes_a_client_certificate_from_admin_ca_instead_of_the_token()
+ {
+    use relaymesh_proto::admin::ListServersRequest;
+    use relaymesh_proto::admin::admin_client::AdminClient;
+    use relaymesh_proto::admin_client::{AdminTls, connect};
+
+    let pki = Pki::new("relaymesh test CA");
+    let operators = Pki::new("operators CA");
+    let mut coordinator = coordinator_config();
+    coordinator.tls = pki.service(false);
+    coordinator.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    coordinator.admin_token = "test-admin-token-0123456789".into();
+    coordinator.admin_ca = Some(operators.ca.clone());
+    let cluster =
+        Cluster::start_full(1, coordinator, |server| server.tls = pki.service(false)).await;
+    let addr = cluster.coordinator.admin_addr.unwrap();
+    let url = format!("https://{addr}");
+    let trusting = AdminTls {
+        ca: Some(pki.ca.clone()),
+        identity: None,
+    };
+
+    // Over TLS with neither token nor certificate: UNAUTHENTICATED.
+    let mut admin = AdminClient::new(connect(&url, &trusting).await.unwrap());
+    let refused = admin.list_servers(ListServersRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // With the token: served.
+    let mut request = tonic::Request::new(ListServersRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer test-admin-token-0123456789".parse().unwrap(),
+    );
+    let listed = admin.list_servers(request).await.unwrap().into_inner();
+    assert_eq!(listed.servers.len(), 1);
+    assert!(listed.servers[0].url.starts_with("wss://"));
+
+    // An operator's certificate from `admin_ca`, no token: served.
+    let operator = operators.issue("operator");
+    let with_certificate = AdminTls {
+        ca: Some(pki.ca.clone()),
+        identity: Some((operator.cert.clone(), operator.key.clone())),
+    };
+    let mut admin = AdminClient::new(connect(&url, &with_certificate).await.unwrap());
+    let listed = admin
+        .list_servers(ListServersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.servers.len(), 1);
+
+    // A certificate the cluster's CA signed (a comm server's) is no operator: the handshake
+    // fails.
+    let server_cert = pki.issue("a-server");
+    let with_server_cert = AdminTls {
+        ca: Some(pki.ca.clone()),
+        identity: Some((server_cert.cert, server_cert.key)),
+    };
+    let refused = match connect(&url, &with_server_cert).await {
+        Err(_) => true,
+        Ok(channel) => AdminClient::new(channel)
+            .list_servers(ListServersRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a certificate outside admin_ca authenticated an admin call"
+    );
+
+    // Trusting the wrong CA: no channel, and the error says TLS.
+    let wrong = AdminTls {
+        ca: Some(operators.ca.clone()),
+        identity: None,
+    };
+    let refused = match connect(&url, &wrong).await {
+        Err(error) => error.to_string(),
+        Ok(channel) => AdminClient::new(channel)
+            .list_servers(ListServersRequest {})
+            .await
+            .unwrap_err()
+            .to_string(),
+    };
+    assert!(!refused.is_empty());
+}
