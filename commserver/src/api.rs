@@ -115,6 +115,8 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "keys_refused": s.keys_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
+        "tls_refused_plain": s.serving.tls_refused_plain.get(),
+        "tls_handshakes_failed": s.serving.tls_handshakes_failed.get(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
     })
@@ -204,7 +206,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 27] = [
+    let counters: [(&str, &str, &Counter); 29] = [
         (
             "relaymesh_replaced_total",
             "Sessions closed because a newer login of the same client replaced them.",
@@ -334,6 +336,16 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_connections_refused_per_ip_total",
             "Connections refused because their source address held max_connections_per_ip.",
             &s.serving.refused_per_ip,
+        ),
+        (
+            "relaymesh_tls_refused_plain_total",
+            "Plain (non-TLS) connections to a TLS listener, answered 400 and closed.",
+            &s.serving.tls_refused_plain,
+        ),
+        (
+            "relaymesh_tls_handshakes_failed_total",
+            "TLS handshakes that failed or timed out.",
+            &s.serving.tls_handshakes_failed,
         ),
         (
             "relaymesh_registrations_total",

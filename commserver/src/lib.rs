@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The relaymesh comm server.
 //!
 //! Clients arrive with a single-use key the coordinator reserved here, subscribe to topics and

@@ -120,6 +120,8 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "reservations_failed": s.reservations_failed.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
+        "tls_refused_plain": s.serving.tls_refused_plain.get(),
+        "tls_handshakes_failed": s.serving.tls_handshakes_failed.get(),
         "nodes_online": lock(&app.directory).len(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
@@ -314,6 +316,18 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Connections refused because their source address held max_connections_per_ip.",
         s.serving.refused_per_ip.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_tls_refused_plain_total",
+        Kind::Counter,
+        "Plain (non-TLS) connections to a TLS listener, answered 400 and closed.",
+        s.serving.tls_refused_plain.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_tls_handshakes_failed_total",
+        Kind::Counter,
+        "TLS handshakes that failed or timed out.",
+        s.serving.tls_handshakes_failed.get() as f64,
     );
     relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

@@ -62,6 +62,11 @@ pub struct ServeStats {
     /// Connections refused because their source address held
     /// [`ServeOptions::max_connections_per_ip`] already.
     pub refused_per_ip: Counter,
+    /// Plain (non-TLS) connections to a TLS listener, answered `400` and closed.
+    pub tls_refused_plain: Counter,
+    /// TLS handshakes that failed or timed out (a client that does not trust the
+    /// certificate, a client certificate that does not verify).
+    pub tls_handshakes_failed: Counter,
 }
 
 impl Default for ServeOptions {
@@ -327,10 +332,14 @@ async fn serve_connection(
                 tls = handshake => tls,
                 () = shutdown.cancelled() => return,
             };
-            // Refusals and failures are logged by the acceptor.
-            if let Ok(tls) = tls {
-                info.client_certificate = crate::tls::client_certificate(&tls);
-                serve_http(tls, info, router, options, shutdown).await;
+            // Refusals and failures are logged by the acceptor, and counted here.
+            match tls {
+                Ok(tls) => {
+                    info.client_certificate = crate::tls::client_certificate(&tls);
+                    serve_http(tls, info, router, options, shutdown).await;
+                }
+                Err(crate::tls::HandshakeError::Plain) => options.stats.tls_refused_plain.inc(),
+                Err(_) => options.stats.tls_handshakes_failed.inc(),
             }
         }
     }
