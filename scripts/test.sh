@@ -4,8 +4,8 @@
 #
 # What it needs, beyond Rust (cargo) and bash:
 #   - PostgreSQL's server binaries (Debian's `postgresql` package), for the PostgreSQL account
-#     store, and `curl`, which the README's shell examples (run as tests) use. When either is
-#     missing and this runs as root with apt-get, it installs the package (that needs the
+#     store, and `curl` and `openssl`, which the README's shell examples (run as tests) use. When
+#     one is missing and this runs as root with apt-get, it installs the package (that needs the
 #     network); otherwise it stops and says what to install. It needs nothing else: no Python,
 #     no running database.
 #   - As root, `runuser` (util-linux) to run the server as the package's `postgres` user, since
@@ -24,6 +24,7 @@ root() { [[ $(id -u) -eq 0 ]]; }
 missing=()
 [[ -n "$(pg_bin)" ]] || missing+=(postgresql)
 command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
 if [[ ${#missing[@]} -gt 0 ]]; then
   if root && command -v apt-get >/dev/null; then
     say "installing Debian's ${missing[*]} (needed by the tests)"

@@ -165,3 +165,53 @@ fn the_accounts_example_runs_as_written_and_again() {
         assert_eq!(written, ["target"], "{report}");
     }
 }
+
+#[test]
+fn the_tls_example_runs_as_written() {
+    require_curl();
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "openssl is needed to run the README's TLS example (apt-get install openssl)"
+    );
+    let block = sh_block("--mtls &");
+    let checkout = Checkout::new("readme-tls");
+    let (ok, out, err) = checkout.run(&block);
+    let report = format!("stdout:\n{out}\nstderr:\n{err}");
+    assert!(ok, "{report}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("wss://127.0.0.1:") && l.ends_with(" serving"))
+            .count(),
+        2,
+        "{report}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("rooms/lobby\t") && l.ends_with("\thello over TLS")),
+        "{report}"
+    );
+    assert!(
+        out.contains("\"servers\":["),
+        "no stats over https: {report}"
+    );
+    assert!(
+        out.contains("speaks TLS only"),
+        "no refusal of plain HTTP: {report}"
+    );
+    let alarms = alarms(
+        &err,
+        &[
+            "ACCOUNTS ARE OPEN",
+            "plain (non-TLS) connection on a TLS listener refused",
+        ],
+    );
+    assert!(
+        alarms.is_empty(),
+        "unexpected warnings: {alarms:#?}\n{report}"
+    );
+}
