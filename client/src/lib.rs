@@ -207,8 +207,9 @@ pub struct ClientConfig {
     pub event_queue: usize,
     /// WebSocket limits for the client's connections.
     pub limits: WsLimits,
-    /// Whom `wss://` and `https://` connections trust (default: the system's CA store; e.g.
-    /// `Connector::from_ca_or_env(Some(path))` for a private CA).
+    /// Whom `wss://` and `https://` connections trust. The default is the process's default
+    /// trust: the CA bundle named by `RELAYMESH_CA`, else the system's CA store; for a private
+    /// CA set e.g. `Connector::new(Some(path), None)`.
     pub tls: relaymesh_net::tls::Connector,
     /// Who the client is (default: anonymous, which only an `open` coordinator accepts).
     pub credentials: Credentials,

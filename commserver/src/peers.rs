@@ -243,6 +243,13 @@ pub(crate) async fn dial_link(
     path: &str,
 ) -> Result<ws::ClientLink, ws::DialError> {
     let base = base.trim_end_matches('/');
+    if path == "/v1/peers" && server.tls.is_some() && !relaymesh_net::url::is_tls(base) {
+        // The cluster secret and every forward would cross in the clear.
+        return Err(ws::DialError::BadUrl {
+            url: base.to_owned(),
+            reason: "this server speaks TLS and links to its peers over TLS only (wss://)".into(),
+        });
+    }
     let timeout = server.config.handshake_timeout();
     let authorization = server
         .credentials
@@ -544,6 +551,8 @@ impl PeerReader {
             }
         };
         let Ok(url) = tokio::time::timeout(server.config.handshake_timeout(), known).await else {
+            server.stats.peer_links_refused.inc();
+            tracing::warn!(peer = %id, "refused a peer link: not a registered server here");
             return Err(error(
                 ErrorCode::Unauthenticated,
                 format!("mutual TLS: peer {id:?} is not a registered server here"),

@@ -54,14 +54,16 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
             return;
         }
     };
+    // Client certificates count only where `admin_ca` verified them.
+    let operators = app.config.admin_ca.is_some();
     let token = app.config.admin_token.clone();
     let admin = AdminServer::with_interceptor(AdminService { app: app.clone() }, move |req| {
-        authorize(&token, req)
+        authorize(&token, operators, req)
     });
     let token = app.config.admin_token.clone();
     let backend =
         BackendServer::with_interceptor(BackendService { app: app.clone() }, move |req| {
-            authorize(&token, req)
+            authorize(&token, operators, req)
         });
     // gRPC and the backend API's HTTP JSON twin on one listener (HTTP/1 for the latter).
     let routes = tonic::service::Routes::new(health_service)
@@ -92,6 +94,7 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
                 listener,
                 acceptor,
                 app.config.handshake_timeout(),
+                app.stats.serving.clone(),
                 shutdown.clone(),
                 app.tracker.clone(),
             );
@@ -109,8 +112,9 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// The admin listener's TLS, when the coordinator has a certificate: gRPC needs `h2` by ALPN;
-/// with `admin_ca`, clients are asked for a certificate signed by it.
+/// The admin listener's TLS, when the coordinator has a certificate: gRPC needs `h2` by ALPN.
+/// Client certificates are asked for only with `admin_ca`, and verified against it alone: the
+/// cluster's CA (`tls.ca`, which signs the comm servers' certificates) is no operator's.
 fn admin_acceptor(
     app: &App,
 ) -> Result<Option<relaymesh_net::tls::Acceptor>, relaymesh_net::tls::TlsError> {
@@ -118,12 +122,8 @@ fn admin_acceptor(
         return Ok(None);
     };
     const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
-    match &app.config.admin_ca {
-        None => Ok(Some(tls.acceptor.with_alpn(ALPN))),
-        Some(ca) => {
-            relaymesh_net::tls::Acceptor::new(tls.identity.clone(), Some(ca), ALPN).map(Some)
-        }
-    }
+    let operators = app.config.admin_ca.as_deref();
+    relaymesh_net::tls::Acceptor::new(tls.identity.clone(), operators, ALPN).map(Some)
 }
 
 /// Whether a call came with a client certificate verified against `admin_ca` (mutual TLS).
@@ -136,9 +136,10 @@ fn client_certificate(req: &Request<()>) -> bool {
 }
 
 /// The check every admin call goes through: a client certificate verified against `admin_ca`
-/// (mutual TLS), or the bearer token.
-fn authorize(token: &str, req: Request<()>) -> Result<Request<()>, Status> {
-    if client_certificate(&req) {
+/// (mutual TLS; `operators` says `admin_ca` is set), or the bearer token.
+fn authorize(token: &str, operators: bool, req: Request<()>) -> Result<Request<()>, Status> {
+    if operators && client_certificate(&req) {
+        tracing::debug!(peer = ?req.remote_addr(), "admin API: operator certificate");
         return Ok(req);
     }
     let given = req

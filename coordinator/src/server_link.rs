@@ -337,6 +337,17 @@ impl link::Handler for Reader {
             ));
         };
         validate_register(&reg)?;
+        if self.app.tls.is_some() && !reg.public_url.starts_with("wss://") {
+            // Its clients and peers would be sent to it in the clear, the cluster secret too.
+            self.app.stats.server_links_refused.inc();
+            let why = format!(
+                "this coordinator speaks TLS: a comm server must serve TLS too and register a \
+                 wss:// public_url, not {} (set its tls.cert and tls.key)",
+                reg.public_url
+            );
+            tracing::warn!(server_id = %reg.server_id, %why, "refused a comm server");
+            return Err(error(ErrorCode::Unauthenticated, why));
+        }
         let mtls = self.app.tls.as_ref().is_some_and(|tls| tls.mtls);
         if let Err(why) = relaymesh_net::tls::check_link_certificate(
             mtls,

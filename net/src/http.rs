@@ -57,8 +57,8 @@ pub enum HttpClientError {
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Makes one HTTP/1.1 request and returns the status and body. `ws://` URLs are treated as
-/// `http://` (and `wss://` as `https://`, trusting the system's CA store) so one coordinator
-/// URL serves for both WebSocket links and HTTP endpoints.
+/// `http://` (and `wss://` as `https://`, with the process's default trust, see
+/// [`Connector`]) so one coordinator URL serves for both WebSocket links and HTTP endpoints.
 pub async fn request(
     method: Method,
     url: &str,

@@ -327,19 +327,16 @@ async fn serve_connection(
     match &options.tls {
         None => serve_http(stream, info, router, options, shutdown).await,
         Some(acceptor) => {
-            let handshake = acceptor.handshake(stream, info.peer, options.request_timeout);
+            let handshake =
+                acceptor.handshake(stream, info.peer, options.request_timeout, &options.stats);
             let tls = tokio::select! {
                 tls = handshake => tls,
                 () = shutdown.cancelled() => return,
             };
-            // Refusals and failures are logged by the acceptor, and counted here.
-            match tls {
-                Ok(tls) => {
-                    info.client_certificate = crate::tls::client_certificate(&tls);
-                    serve_http(tls, info, router, options, shutdown).await;
-                }
-                Err(crate::tls::HandshakeError::Plain) => options.stats.tls_refused_plain.inc(),
-                Err(_) => options.stats.tls_handshakes_failed.inc(),
+            // Refusals and failures are logged and counted by the acceptor.
+            if let Ok(tls) = tls {
+                info.client_certificate = crate::tls::client_certificate(&tls);
+                serve_http(tls, info, router, options, shutdown).await;
             }
         }
     }

@@ -561,10 +561,18 @@ mod server {
         Timeout,
     }
 
-    /// The answer a plain client gets from a TLS listener before the close.
-    const PLAIN_REFUSAL: &str = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
-        connection: close\r\ncontent-length: 93\r\n\r\n\
-        {\"code\":\"BAD_FRAME\",\"message\":\"this listener speaks TLS only: use wss:// or https://\"}";
+    /// The body of the answer a plain client gets from a TLS listener before the close.
+    const PLAIN_REFUSAL: &str =
+        r#"{"code":"BAD_FRAME","message":"this listener speaks TLS only: use wss:// or https://"}"#;
+
+    /// The whole `400` answer carrying [`PLAIN_REFUSAL`].
+    fn plain_refusal() -> String {
+        format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n{PLAIN_REFUSAL}",
+            PLAIN_REFUSAL.len()
+        )
+    }
 
     impl Acceptor {
         /// Presents `identity`; with `client_ca`, asks every client for a certificate and
@@ -616,16 +624,21 @@ mod server {
         /// The server side of a handshake over `tcp` from `peer`, within `timeout`. A
         /// connection whose first byte is not a TLS handshake record is answered `400` in
         /// plain HTTP and closed, with a log line (at most one each 10 s); failed handshakes
-        /// are logged the same way.
+        /// are logged the same way. Both are counted in `stats` (`tls_refused_plain`,
+        /// `tls_handshakes_failed`).
         pub async fn handshake(
             &self,
             tcp: TcpStream,
             peer: SocketAddr,
             timeout: Duration,
+            stats: &crate::serve::ServeStats,
         ) -> Result<ServerTlsStream<TcpStream>, HandshakeError> {
-            let result = tokio::time::timeout(timeout, self.handshake_inner(tcp)).await;
+            let result = tokio::time::timeout(timeout, self.handshake_inner(tcp, stats)).await;
             let result = result.unwrap_or(Err(HandshakeError::Timeout));
             if let Err(error) = &result {
+                if !matches!(error, HandshakeError::Plain) {
+                    stats.tls_handshakes_failed.inc();
+                }
                 let due = crate::sync::lock(&self.refusals).due();
                 if let Some(count) = due {
                     match error {
@@ -645,12 +658,15 @@ mod server {
         async fn handshake_inner(
             &self,
             tcp: TcpStream,
+            stats: &crate::serve::ServeStats,
         ) -> Result<ServerTlsStream<TcpStream>, HandshakeError> {
             let mut first = [0u8; 1];
             let n = tcp.peek(&mut first).await.map_err(HandshakeError::Failed)?;
             // 0x16: a TLS handshake record (the ClientHello).
             if n == 1 && first[0] != 0x16 {
-                crate::serve::refuse(&tcp, PLAIN_REFUSAL.as_bytes());
+                // Counted before the answer, so whoever reads it finds it counted.
+                stats.tls_refused_plain.inc();
+                crate::serve::refuse(&tcp, plain_refusal().as_bytes());
                 return Err(HandshakeError::Plain);
             }
             tokio_rustls::TlsAcceptor::from(self.config.clone())
@@ -720,11 +736,12 @@ mod incoming {
 
     /// The TLS connections accepted on `listener`, each handshake run in a task of its own
     /// (bounded in number and by `timeout`), for servers that take a stream of connections
-    /// (tonic). Ends when `shutdown` is cancelled.
+    /// (tonic); refusals and failures counted in `stats`. Ends when `shutdown` is cancelled.
     pub fn incoming(
         listener: TcpListener,
         acceptor: Acceptor,
         timeout: Duration,
+        stats: std::sync::Arc<crate::serve::ServeStats>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> impl Stream<Item = std::io::Result<ServerTlsStream<TcpStream>>> {
@@ -752,10 +769,10 @@ mod incoming {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, stats) = (acceptor.clone(), tx.clone(), stats.clone());
                 spawner.spawn(async move {
-                    // Refusals and failures are logged by the acceptor.
-                    if let Ok(tls) = acceptor.handshake(tcp, peer, timeout).await {
+                    // Refusals and failures are logged and counted by the acceptor.
+                    if let Ok(tls) = acceptor.handshake(tcp, peer, timeout, &stats).await {
                         let _ = tx.send(Ok(tls)).await;
                     }
                     drop(slot);
@@ -770,3 +787,136 @@ mod incoming {
 
 #[cfg(feature = "server")]
 pub use incoming::incoming;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+
+    use super::*;
+
+    /// A CA and certificates it signs, as PEM files in a directory removed on drop.
+    pub(crate) struct TestPki {
+        dir: PathBuf,
+        issuer: Issuer<'static, KeyPair>,
+        pub(crate) ca: PathBuf,
+    }
+
+    impl TestPki {
+        pub(crate) fn new() -> Self {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "relaymesh-net-pki-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            let ca = dir.join("ca.pem");
+            std::fs::write(&ca, cert.pem()).unwrap();
+            Self {
+                dir,
+                issuer: Issuer::new(params, key),
+                ca,
+            }
+        }
+
+        /// Writes a certificate for `names` and its key as `<file>.pem`, `<file>.key`.
+        pub(crate) fn issue(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+            let key = KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let paths = (
+                self.dir.join(format!("{file}.pem")),
+                self.dir.join(format!("{file}.key")),
+            );
+            std::fs::write(&paths.0, cert.pem()).unwrap();
+            std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+            paths
+        }
+
+        /// An identity for `127.0.0.1`.
+        pub(crate) fn identity(&self) -> Arc<Identity> {
+            let (cert, key) = self.issue("server", &["127.0.0.1"]);
+            Identity::load(&cert, &key).unwrap()
+        }
+
+        pub(crate) fn connector(&self) -> Connector {
+            Connector::new(Some(&self.ca), None).unwrap()
+        }
+    }
+
+    impl Drop for TestPki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_old_pair_until_the_new_one_matches() {
+        let pki = TestPki::new();
+        let (cert, key) = pki.issue("live", &["old.test"]);
+        let identity = Identity::load(&cert, &key).unwrap();
+        assert_eq!(
+            identity.reload_if_changed().unwrap(),
+            false,
+            "nothing changed"
+        );
+        // The new certificate is written first: it does not match the old key yet.
+        let (new_cert, new_key) = pki.issue("next", &["new.test"]);
+        std::fs::copy(&new_cert, &cert).unwrap();
+        assert!(
+            identity.reload_if_changed().is_err(),
+            "a mismatched pair was taken"
+        );
+        let current = identity.current();
+        assert!(
+            names_host(&current.cert[0], "old.test"),
+            "the old pair stays"
+        );
+        std::fs::copy(&new_key, &key).unwrap();
+        assert!(identity.reload_if_changed().unwrap());
+        assert!(names_host(&identity.current().cert[0], "new.test"));
+        assert_eq!(identity.reloads(), 1);
+    }
+
+    #[test]
+    fn a_link_certificate_must_name_the_host_of_the_registered_url() {
+        let pki = TestPki::new();
+        let (cert, _) = pki.issue("peer", &["::1", "relay.example"]);
+        let cert = read_certificates(&cert).unwrap().remove(0);
+        let check = |url: &str| check_link_certificate(true, Some(&cert), url);
+        assert!(check("wss://[::1]:7500").is_ok());
+        assert!(check("wss://[::1]").is_ok());
+        assert!(check("wss://relay.example/v1").is_ok());
+        assert!(check("wss://relay.example:7500?x=1").is_ok());
+        let other = check("wss://other.example:7500").unwrap_err();
+        assert!(other.contains("does not name other.example"), "{other}");
+        assert!(check("wss://user@relay.example:1").is_err());
+        let none = check_link_certificate(true, None, "wss://relay.example:1").unwrap_err();
+        assert!(none.contains("needs a client certificate"), "{none}");
+        assert!(check_link_certificate(false, None, "wss://relay.example:1").is_ok());
+    }
+
+    #[test]
+    fn a_key_file_without_a_key_is_named() {
+        let pki = TestPki::new();
+        let (cert, _) = pki.issue("a", &["a.test"]);
+        let error = Identity::load(&cert, &cert).unwrap_err();
+        assert!(matches!(error, TlsError::NoKey(_)), "{error}");
+        let error = Identity::load(&pki.dir.join("missing.pem"), &cert).unwrap_err();
+        assert!(error.to_string().contains("cannot read"), "{error}");
+    }
+}

@@ -243,8 +243,9 @@ impl DialError {
     }
 }
 
-/// Opens a WebSocket to `url` (`ws://host:port/path?query`, or `wss://` trusting the system's
-/// CA store), optionally presenting a bearer token, with `TCP_NODELAY` and the given limits.
+/// Opens a WebSocket to `url` (`ws://host:port/path?query`, or `wss://` with the process's
+/// default trust, see [`Connector`]), optionally presenting a bearer token, with `TCP_NODELAY`
+/// and the given limits.
 pub async fn dial(
     url: &str,
     bearer: Option<&str>,
@@ -607,7 +608,7 @@ mod tests {
     }
 
     /// Reads an HTTP request's head, byte by byte so nothing after it is consumed.
-    async fn read_request(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    async fn read_request(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
         let mut request = Vec::new();
         let mut byte = [0u8; 1];
         while !request.ends_with(b"\r\n\r\n") {
@@ -655,43 +656,36 @@ mod tests {
         drop(server.await.unwrap());
     }
 
-    /// A server that answers the upgrade and sends its first frame in the same write: the
-    /// frame must reach the dialed link's reader, not vanish into the handshake's buffer.
-    #[tokio::test]
-    async fn a_frame_sent_with_the_handshake_reaches_the_link() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let request = read_request(&mut tcp).await;
-            let text = String::from_utf8(request).unwrap();
-            let key = text
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("Sec-WebSocket-Key: ")
-                        .or_else(|| l.strip_prefix("sec-websocket-key: "))
-                })
-                .unwrap()
-                .trim()
-                .to_owned();
-            let mut answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                derive_accept_key(key.as_bytes())
-            )
-            .into_bytes();
-            answer.extend_from_slice(&[0x82, 3, b'a', b'b', b'c']);
-            tcp.write_all(&answer).await.unwrap();
-            tcp
-        });
-        let link = dial_link(
-            &format!("ws://{addr}/x"),
-            None,
-            &WsLimits::default(),
-            &Connector::default(),
-            Duration::from_secs(5),
+    /// Answers one upgrade on `io` and sends the first frame in the same write.
+    async fn answer_with_a_frame<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut io: S,
+    ) -> S {
+        let request = read_request(&mut io).await;
+        let text = String::from_utf8(request).unwrap();
+        let key = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Sec-WebSocket-Key: ")
+                    .or_else(|| l.strip_prefix("sec-websocket-key: "))
+            })
+            .unwrap()
+            .trim()
+            .to_owned();
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
         )
-        .await
-        .unwrap();
+        .into_bytes();
+        answer.extend_from_slice(&[0x82, 3, b'a', b'b', b'c']);
+        io.write_all(&answer).await.unwrap();
+        io.flush().await.unwrap();
+        io
+    }
+
+    async fn expect_first_frame(url: &str, tls: &Connector) {
+        let link = dial_link(url, None, &WsLimits::default(), tls, Duration::from_secs(5))
+            .await
+            .unwrap();
         let mut stream = link.stream;
         match stream.next().await {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
@@ -699,6 +693,40 @@ mod tests {
             }
             other => panic!("expected the first frame, got {other:?}"),
         }
+    }
+
+    /// A server that answers the upgrade and sends its first frame in the same write: the
+    /// frame must reach the dialed link's reader, not vanish into the handshake's buffer.
+    #[tokio::test]
+    async fn a_frame_sent_with_the_handshake_reaches_the_link() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            answer_with_a_frame(tcp).await
+        });
+        expect_first_frame(&format!("ws://{addr}/x"), &Connector::default()).await;
+        drop(server.await.unwrap());
+    }
+
+    /// The same over TLS, where the handshake cannot peek: the frame arrives in the same TLS
+    /// record as the head, is read ahead with it, and must still reach the link.
+    #[tokio::test]
+    async fn a_frame_sent_with_the_handshake_reaches_the_link_over_tls() {
+        let pki = crate::tls::tests::TestPki::new();
+        let acceptor = crate::tls::Acceptor::new(pki.identity(), None, &[]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let stats = crate::serve::ServeStats::default();
+            let tls = acceptor
+                .handshake(tcp, peer, Duration::from_secs(5), &stats)
+                .await
+                .unwrap();
+            answer_with_a_frame(tls).await
+        });
+        expect_first_frame(&format!("wss://{addr}/x"), &pki.connector()).await;
         drop(server.await.unwrap());
     }
 }

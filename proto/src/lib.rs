@@ -224,7 +224,10 @@ pub mod admin_client {
             url: url.to_owned(),
             reason,
         };
-        let mut endpoint = Channel::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+        // Calls may take long (a drain waits up to its deadline); connecting may not.
+        let mut endpoint = Channel::from_shared(url.to_owned())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10));
         if url.trim().to_ascii_lowercase().starts_with("https://") {
             let mut config = ClientTlsConfig::new();
             config = match &tls.ca {

@@ -94,6 +94,18 @@ async fn a_plain_connection_to_a_tls_listener_is_answered_in_words_and_nothing_e
             }
             other => panic!("plain dial of a TLS listener: {other:?}"),
         }
+        // Through an HTTP client: the whole answer, readable.
+        let (status, body) = relaymesh_net::http::request(
+            relaymesh_net::http::Method::GET,
+            &format!("http://{addr}/v1/stats"),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 400);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "BAD_FRAME");
         // Garbage that is not HTTP either: closed, the listener still serves.
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(&[0u8; 64]).await.unwrap();
@@ -105,12 +117,12 @@ async fn a_plain_connection_to_a_tls_listener_is_answered_in_words_and_nothing_e
     config.tls = pki.connector();
     let client = Client::connect(config).await.unwrap();
     client.close().await;
-    // Each refusal counted: two plain connections on each listener; the garbage counts as
+    // Each refusal counted: three plain connections on each listener; the garbage counts as
     // plain too (it is no TLS record).
     let stats = cluster.servers[0].stats().await;
-    assert_eq!(stats["tls_refused_plain"], 3, "{stats}");
+    assert_eq!(stats["tls_refused_plain"], 4, "{stats}");
     let stats = cluster.coordinator.stats().await;
-    assert_eq!(stats["tls_refused_plain"], 3, "{stats}");
+    assert_eq!(stats["tls_refused_plain"], 4, "{stats}");
 }
 
 /// The certificate `tls` is shown by the server at `addr` in a fresh handshake.
@@ -241,14 +253,23 @@ async fn mutual_tls_refuses_servers_and_peers_without_a_valid_certificate() {
     );
     let stats = cluster.coordinator.stats().await;
     assert_eq!(stats["server_links_refused"], 2, "{stats}");
+    // A valid certificate, but a plain ws:// URL: refused, its clients would be sent there in
+    // the clear.
+    let valid = pki.issue("valid");
+    let identity = relaymesh_net::tls::Identity::load(&valid.cert, &valid.key).unwrap();
+    let with_valid = Connector::new(Some(&pki.ca), Some(identity)).unwrap();
+    let mut plain_url = raw::dial_tls(&servers_url, Some(SECRET), &with_valid)
+        .await
+        .unwrap();
+    raw::send_msg(&mut plain_url, &register("ws://127.0.0.1:9")).await;
+    let error = raw::expect_error::<v1::CoordinatorToServer>(&mut plain_url).await;
+    assert_eq!(error.error_code(), ErrorCode::Unauthenticated, "{error}");
+    assert!(error.message.contains("wss://"), "{error}");
 
     // Peers. A server registered with a valid certificate ("0-peer", a lower id than the
     // real server's, so it is the one to dial), known to the real server from the
     // coordinator...
     let server = &cluster.servers[0];
-    let valid = pki.issue("valid");
-    let identity = relaymesh_net::tls::Identity::load(&valid.cert, &valid.key).unwrap();
-    let with_valid = Connector::new(Some(&pki.ca), Some(identity)).unwrap();
     let mut registered = raw::dial_tls(&servers_url, Some(SECRET), &with_valid)
         .await
         .unwrap();
@@ -375,13 +396,36 @@ async fn the_admin_api_speaks_tls_and_takes_a_client_certificate_from_admin_ca_i
         ca: Some(operators.ca.clone()),
         identity: None,
     };
-    let refused = match connect(&url, &wrong).await {
-        Err(error) => error.to_string(),
-        Ok(channel) => AdminClient::new(channel)
-            .list_servers(ListServersRequest {})
-            .await
-            .unwrap_err()
-            .to_string(),
+    let refused = connect(&url, &wrong)
+        .await
+        .expect_err("an untrusted certificate");
+    assert!(
+        refused.to_string().contains("cannot reach the admin API"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_comm_servers_certificate_is_no_admin_credential() {
+    use relaymesh_proto::admin::ListServersRequest;
+    use relaymesh_proto::admin::admin_client::AdminClient;
+    use relaymesh_proto::admin_client::{AdminTls, connect};
+
+    // Mutual TLS between the servers, no `admin_ca`: the admin API takes the token only.
+    let pki = Pki::new("relaymesh test CA");
+    let mut coordinator = coordinator_config();
+    coordinator.tls = pki.service(true);
+    coordinator.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    coordinator.admin_token = "test-admin-token-0123456789".into();
+    let cluster =
+        Cluster::start_full(1, coordinator, |server| server.tls = pki.service(true)).await;
+    let server_cert = pki.issue("a-server");
+    let as_server = AdminTls {
+        ca: Some(pki.ca.clone()),
+        identity: Some((server_cert.cert, server_cert.key)),
     };
-    assert!(!refused.is_empty());
+    let url = format!("https://{}", cluster.coordinator.admin_addr.unwrap());
+    let mut admin = AdminClient::new(connect(&url, &as_server).await.unwrap());
+    let refused = admin.list_servers(ListServersRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
