@@ -869,11 +869,7 @@ pub(crate) mod tests {
         let pki = TestPki::new();
         let (cert, key) = pki.issue("live", &["old.test"]);
         let identity = Identity::load(&cert, &key).unwrap();
-        assert_eq!(
-            identity.reload_if_changed().unwrap(),
-            false,
-            "nothing changed"
-        );
+        assert!(!identity.reload_if_changed().unwrap(), "nothing changed");
         // The new certificate is written first: it does not match the old key yet.
         let (new_cert, new_key) = pki.issue("next", &["new.test"]);
         std::fs::copy(&new_cert, &cert).unwrap();
