@@ -4,6 +4,8 @@
 //! connection). Every publisher sends to one topic; every subscriber subscribes to one topic and
 //! hands each payload to its [`SharedTally`]. relaymesh also publishes as an application backend
 //! does, through the coordinator's gRPC server API (`relaymesh.admin.v1.Backend/Publish`, tonic).
+//! With TLS, relaymesh clients dial `wss://` with [`Endpoints::tls`] and async-nats requires TLS,
+//! trusting [`Endpoints::ca`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +60,12 @@ pub(crate) struct Endpoints {
     pub(crate) admin_url: Option<String>,
     /// relaymesh: the bearer token of the admin API (generated per start); empty otherwise.
     pub(crate) admin_token: String,
+    /// Whom relaymesh clients trust: the run's CA with TLS, else the default (unused by
+    /// `ws://` and `http://` URLs).
+    pub(crate) tls: relaymesh_net::tls::Connector,
+    /// With TLS, the run's CA certificate (PEM): NATS clients and the admin API's client
+    /// trust it. `None`: TLS is off.
+    pub(crate) ca: Option<std::path::PathBuf>,
 }
 
 /// How a scenario's messages travel from publishers to subscribers.
@@ -101,6 +109,7 @@ impl Endpoints {
             .get(server)
             .with_context(|| format!("relaymesh has no server {server}"))?;
         let mut config = ClientConfig::new(self.url(0)?);
+        config.tls = self.tls.clone();
         config.credentials = credentials;
         config.preferred_server = Some(id.clone());
         // A reconnect would hide a dropped connection behind a fresh one.
@@ -115,6 +124,15 @@ impl Endpoints {
             );
         }
         Ok(client)
+    }
+
+    /// async-nats options: with TLS, TLS required and the run's CA as the only root.
+    fn nats_options(&self) -> async_nats::ConnectOptions {
+        let options = async_nats::ConnectOptions::new();
+        match &self.ca {
+            Some(ca) => options.add_root_certificates(ca.clone()).require_tls(true),
+            None => options,
+        }
     }
 }
 
@@ -268,11 +286,12 @@ impl Publisher {
                     .admin_url
                     .clone()
                     .context("relaymesh was started without its admin API")?;
-                let channel = tonic::transport::Channel::from_shared(url.clone())
-                    .with_context(|| format!("bad admin API URL {url}"))?
-                    .connect()
-                    .await
-                    .with_context(|| format!("cannot reach the admin API at {url}"))?;
+                // `https://` with TLS, trusting the run's CA.
+                let tls = relaymesh_proto::admin_client::AdminTls {
+                    ca: at.ca.clone(),
+                    identity: None,
+                };
+                let channel = relaymesh_proto::admin_client::connect(&url, &tls).await?;
                 let bearer = format!("Bearer {}", at.admin_token)
                     .parse()
                     .context("the admin token is not a valid header value")?;
@@ -290,7 +309,7 @@ impl Publisher {
                 topic: topic.to_owned(),
             },
             System::Nats => Self::Nats {
-                client: async_nats::connect(at.url(server)?).await?,
+                client: at.nats_options().connect(at.url(server)?).await?,
                 subject: async_nats::Subject::from(topic),
             },
             System::Mosquitto => {
@@ -518,7 +537,8 @@ impl Subscriber {
                 })
             }
             System::Nats => {
-                let client = async_nats::ConnectOptions::new()
+                let client = at
+                    .nats_options()
                     .subscription_capacity(1 << 16)
                     .connect(at.url(server)?)
                     .await?;

@@ -1,18 +1,22 @@
 //! Memory per idle client: connect N clients to one comm server (each logged in through the
 //! coordinator, attached and subscribed to a topic of its own, then quiet but for WebSocket
 //! pings), and divide the server's resident-memory growth by N. Connections come from several
-//! source addresses (127.0.0.1, 127.0.0.2, ...) so the ephemeral port range is no limit.
+//! source addresses (127.0.0.1, 127.0.0.2, ...) so the ephemeral port range is no limit. With
+//! TLS the logins are `https://` and the connections `wss://`, each holding its TLS session.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use relaymesh_net::http::{Method, request};
+use relaymesh_net::http::{Method, request_with};
+use relaymesh_net::tls::Connector;
 use relaymesh_proto::v1::{self, client_to_server, server_to_client};
 use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -55,11 +59,18 @@ impl Drop for Idle {
     }
 }
 
-async fn connect_one(coordinator: &str, source: Ipv4Addr, i: usize) -> anyhow::Result<Idle> {
-    let (status, body) = request(
+async fn connect_one(
+    coordinator: &str,
+    tls: &Connector,
+    source: Ipv4Addr,
+    i: usize,
+) -> anyhow::Result<Idle> {
+    let (status, body) = request_with(
         Method::POST,
         &format!("{coordinator}/v1/login"),
+        &[],
         Some(b"{}".to_vec()),
+        tls,
         Duration::from_secs(10),
     )
     .await?;
@@ -70,9 +81,13 @@ async fn connect_one(coordinator: &str, source: Ipv4Addr, i: usize) -> anyhow::R
     let (Some(url), Some(key)) = (login["url"].as_str(), login["key"].as_str()) else {
         bail!("login answer without url and key: {login}");
     };
-    let addr: SocketAddr = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
+    let (secure, rest) = match url.strip_prefix("wss://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("ws://").unwrap_or_default()),
+    };
+    let addr: SocketAddr = rest
+        .split('/')
+        .next()
         .and_then(|hostport| hostport.parse().ok())
         .with_context(|| format!("unexpected server URL {url}"))?;
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -83,12 +98,28 @@ async fn connect_one(coordinator: &str, source: Ipv4Addr, i: usize) -> anyhow::R
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        format!("{url}?key={key}"),
-        stream,
-        Some(config),
-    )
-    .await?;
+    let request = format!("{url}?key={key}");
+    if secure {
+        let stream = tls
+            .connect(&addr.ip().to_string(), stream)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+        attach(ws, i).await
+    } else {
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+        attach(ws, i).await
+    }
+}
+
+/// Attaches a client's WebSocket, subscribes it to a topic of its own and leaves it quiet but
+/// for pings.
+async fn attach<S>(mut ws: WebSocketStream<S>, i: usize) -> anyhow::Result<Idle>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let attach = v1::ClientToServer {
         kind: Some(client_to_server::Kind::Attach(v1::Attach {
             protocol_version: PROTOCOL_VERSION,
@@ -146,10 +177,17 @@ async fn connect_one(coordinator: &str, source: Ipv4Addr, i: usize) -> anyhow::R
     Ok(Idle { task })
 }
 
-async fn server_clients(stats_url: &str) -> Option<u64> {
-    let (status, body) = request(Method::GET, stats_url, None, Duration::from_secs(5))
-        .await
-        .ok()?;
+async fn server_clients(stats_url: &str, tls: &Connector) -> Option<u64> {
+    let (status, body) = request_with(
+        Method::GET,
+        stats_url,
+        &[],
+        None,
+        tls,
+        Duration::from_secs(5),
+    )
+    .await
+    .ok()?;
     if !status.is_success() {
         return None;
     }
@@ -171,7 +209,9 @@ pub(crate) async fn run(
     let server_limit = open_files_limit(&pid.to_string()).unwrap_or(usize::MAX);
     let own_limit = open_files_limit("self").unwrap_or(usize::MAX);
     let cap = server_limit.min(own_limit).saturating_sub(FD_HEADROOM);
-    let coordinator = running.endpoints.urls[0].replacen("ws://", "http://", 1);
+    // `ws://` and `wss://` serve for `http://` and `https://`.
+    let coordinator = running.endpoints.urls[0].clone();
+    let tls = &running.endpoints.tls;
     let stats_url = format!(
         "{}/v1/stats",
         running.server_http.first().context("no comm server URL")?
@@ -222,7 +262,7 @@ pub(crate) async fn run(
         let started = Instant::now();
         let from = clients.len();
         let added = futures_util::stream::iter(from..n)
-            .map(|i| connect_one(&coordinator, sources[i % sources.len()], i))
+            .map(|i| connect_one(&coordinator, tls, sources[i % sources.len()], i))
             .buffer_unordered(CONCURRENCY)
             .collect::<Vec<_>>()
             .await
@@ -233,7 +273,7 @@ pub(crate) async fn run(
         let connect_s = started.elapsed().as_secs_f64();
         // The server counts a client once its session is set up; wait for all of them.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while server_clients(&stats_url).await != Some(n as u64) {
+        while server_clients(&stats_url, tls).await != Some(n as u64) {
             if Instant::now() > deadline {
                 bail!("the comm server does not report {n} clients");
             }

@@ -1,6 +1,7 @@
 //! Login rate through one coordinator: clients start open loop at a fixed rate and each does
 //! what an application does, `Client::connect` (negotiate over `/v1/connect`, then attach to the
-//! offered comm server). Latency runs from the login's due time to `connect` returning.
+//! offered comm server). Latency runs from the login's due time to `connect` returning. With
+//! TLS both hops are TLS handshakes (`https://` to the coordinator, `wss://` to the server).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +45,7 @@ struct Results {
 
 async fn step(
     coordinator: &str,
+    tls: &relaymesh_net::tls::Connector,
     running: &Running,
     rate: f64,
     window: Duration,
@@ -78,6 +80,7 @@ async fn step(
             };
             let results = results.clone();
             let mut config = ClientConfig::new(coordinator);
+            config.tls = tls.clone();
             config.auto_reconnect = false;
             tasks.spawn(async move {
                 let outcome = Client::connect(config).await;
@@ -162,7 +165,15 @@ pub(crate) async fn run(
     let coordinator = running.endpoints.urls[0].clone();
     let mut steps = Vec::new();
     for &rate in ladder {
-        let s = step(&coordinator, running, rate, window, max_p99_ms).await?;
+        let s = step(
+            &coordinator,
+            &running.endpoints.tls,
+            running,
+            rate,
+            window,
+            max_p99_ms,
+        )
+        .await?;
         progress(&s);
         let passed = s.passed;
         steps.push(s);

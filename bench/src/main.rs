@@ -3,6 +3,7 @@
 //! ```text
 //! bench/compare.sh                      # every system and scenario (needs the peers installed)
 //! bench --systems relaymesh --smoke     # seconds-long check of the harness (CI)
+//! bench --systems relaymesh,nats --scenarios fanout10 --tls off,on   # plain against TLS
 //! ```
 //!
 //! Each system runs as real processes started from `bench/configs/`, pinned to the server CPU,
@@ -15,6 +16,7 @@ mod inbox;
 mod load;
 mod logins;
 mod measure;
+mod pki;
 mod report;
 mod servers;
 
@@ -26,6 +28,7 @@ use clap::Parser;
 
 use crate::drivers::{Route, System};
 use crate::load::{Shape, Window};
+use crate::pki::Pki;
 use crate::report::{Outcome, Results};
 use crate::servers::Launcher;
 
@@ -72,6 +75,15 @@ impl Scenario {
             Self::Logins => "logins",
         }
     }
+}
+
+/// Whether a system runs with TLS on its links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsMode {
+    /// Plain TCP.
+    Off,
+    /// TLS on every link.
+    On,
 }
 
 /// Side-by-side benchmark of relaymesh, NATS, Mosquitto and Redis pub/sub on 127.0.0.1.
@@ -135,6 +147,9 @@ struct Args {
     /// ladder (message scenarios only).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Offered logins per second to step through instead of the logins scenario's ladder.
+    #[arg(long, value_delimiter = ',')]
+    login_rates: Vec<f64>,
     /// A seconds-long run that checks the harness works: short windows, one small step per
     /// scenario, 100 point-to-point pairs, 300 idle clients.
     #[arg(long)]
@@ -149,6 +164,40 @@ struct Args {
     /// Messages per transaction for the group commit.
     #[arg(long, default_value_t = 256)]
     inbox_batch: usize,
+    /// TLS on every link, with a CA and a server certificate (ECDSA P-256, for 127.0.0.1) the
+    /// bench makes at start in a temporary directory removed at the end. relaymesh: the
+    /// coordinator and comm servers get --tls-cert/--tls-key/--ca (so the comm servers dial
+    /// the coordinator and each other over TLS) and clients dial wss:// and https://,
+    /// trusting the bench CA. NATS: TLS on the client port and on the route between two
+    /// nodes (bench/configs/nats-*tls.conf); async-nats requires TLS with the bench CA as its
+    /// root. `--tls` alone (`--tls on`) runs everything over TLS; `--tls off,on` runs each
+    /// system's scenarios plain, then over TLS, back to back, in one run. Mosquitto and Redis
+    /// are measured plain only.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        num_args = 0..=1,
+        default_missing_value = "on"
+    )]
+    tls: Vec<TlsMode>,
+}
+
+impl Args {
+    /// The TLS settings to run each system and scenario in, in order: `false` is plain.
+    fn tls_modes(&self) -> Vec<bool> {
+        let mut modes: Vec<bool> = Vec::new();
+        for mode in &self.tls {
+            let tls = *mode == TlsMode::On;
+            if !modes.contains(&tls) {
+                modes.push(tls);
+            }
+        }
+        if modes.is_empty() {
+            modes.push(false);
+        }
+        modes
+    }
 }
 
 /// Offered delivered messages per second, one step each.
@@ -232,8 +281,8 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
     })
 }
 
-/// Why `system` does not run `scenario`, if it does not.
-fn not_applicable(system: System, scenario: Scenario) -> Option<&'static str> {
+/// Why `system` does not run `scenario` (with TLS when `tls`), if it does not.
+fn not_applicable(system: System, scenario: Scenario, tls: bool) -> Option<&'static str> {
     match (system, scenario) {
         (System::Mosquitto, Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct) => {
             Some("mosquitto does not cluster")
@@ -244,8 +293,21 @@ fn not_applicable(system: System, scenario: Scenario) -> Option<&'static str> {
         (System::Relaymesh, _) => None,
         (_, Scenario::Idle | Scenario::Logins) => Some("relaymesh target only"),
         (_, Scenario::Backend) => Some("relaymesh only: publishes through its backend API"),
+        (System::Mosquitto | System::Redis, _) if tls => {
+            Some("measured without TLS (the bench sets TLS up for relaymesh and NATS)")
+        }
         _ => None,
     }
+}
+
+/// `relaymesh` or `relaymesh (TLS)`, for progress lines.
+fn label(system: System, scenario: Scenario, tls: bool) -> String {
+    format!(
+        "{}{}/{}",
+        system.name(),
+        if tls { " (TLS)" } else { "" },
+        scenario.name()
+    )
 }
 
 async fn run_one(
@@ -253,6 +315,7 @@ async fn run_one(
     launcher: &Launcher,
     system: System,
     scenario: Scenario,
+    tls: bool,
 ) -> anyhow::Result<Outcome> {
     let servers = if matches!(
         scenario,
@@ -262,9 +325,9 @@ async fn run_one(
     } else {
         1
     };
-    let mut running = launcher.start(system, servers).await?;
-    let label = format!("{}/{}", system.name(), scenario.name());
-    let mut outcome = Outcome::new(system, scenario);
+    let mut running = launcher.start(system, servers, tls).await?;
+    let label = label(system, scenario, tls);
+    let mut outcome = Outcome::new(system, scenario, tls);
     let window = Window {
         warmup: Duration::from_secs_f64(args.warmup),
         measure: Duration::from_secs_f64(args.measure),
@@ -287,6 +350,8 @@ async fn run_one(
         Scenario::Logins => {
             let ladder = if args.smoke {
                 vec![200.0]
+            } else if !args.login_rates.is_empty() {
+                args.login_rates.clone()
             } else {
                 LOGIN_LADDER.to_vec()
             };
@@ -426,11 +491,44 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    let tls_modes = args.tls_modes();
+    // The certificates live until the end of main (the directory is removed on drop).
+    let pki = if tls_modes.contains(&true) {
+        match Pki::create() {
+            Ok(pki) => Some(pki),
+            Err(e) => {
+                eprintln!("bench: cannot make the TLS certificates: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let connector = match &pki {
+        Some(pki) => match relaymesh_net::tls::Connector::new(Some(&pki.files().ca), None) {
+            Ok(c) => {
+                // Every wss:// and https:// dial in this process trusts the bench CA, even one
+                // made without an explicit connector; plain URLs never use it.
+                if c.clone().install_default().is_err() {
+                    eprintln!("bench: a default TLS trust was installed already");
+                    return ExitCode::FAILURE;
+                }
+                c
+            }
+            Err(e) => {
+                eprintln!("bench: cannot load the bench CA: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => relaymesh_net::tls::Connector::default(),
+    };
     let launcher = Launcher {
         configs: args.configs.clone(),
         run_dir: args.out.join("run"),
         bin_dir,
         server_cpu: Some(args.server_cpu.clone()).filter(|c| !c.is_empty()),
+        tls: pki.as_ref().map(|p| p.files().clone()),
+        connector,
     };
     // One worker thread: the generator gets one core, as the servers do.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -450,20 +548,26 @@ fn main() -> ExitCode {
         args.drain,
         args.max_p99_ms,
         args.smoke,
+        &tls_modes,
     );
     runtime.block_on(async {
+        // Plain and TLS of one system and scenario run back to back, so the two see the
+        // machine in the same state.
         for &system in &args.systems {
             for &scenario in &args.scenarios {
-                if let Some(why) = not_applicable(system, scenario) {
-                    results.push(Outcome::skipped(system, scenario, why));
-                    continue;
-                }
-                eprintln!("bench: {} {}", system.name(), scenario.name());
-                match run_one(&args, &launcher, system, scenario).await {
-                    Ok(o) => results.push(o),
-                    Err(e) => {
-                        eprintln!("bench: {} {} failed: {e:#}", system.name(), scenario.name());
-                        results.push(Outcome::failed(system, scenario, &format!("{e:#}")));
+                for &tls in &tls_modes {
+                    if let Some(why) = not_applicable(system, scenario, tls) {
+                        results.push(Outcome::skipped(system, scenario, tls, why));
+                        continue;
+                    }
+                    let label = label(system, scenario, tls);
+                    eprintln!("bench: {label}");
+                    match run_one(&args, &launcher, system, scenario, tls).await {
+                        Ok(o) => results.push(o),
+                        Err(e) => {
+                            eprintln!("bench: {label} failed: {e:#}");
+                            results.push(Outcome::failed(system, scenario, tls, &format!("{e:#}")));
+                        }
                     }
                 }
             }

@@ -1,5 +1,7 @@
 //! Results: every step of every system and scenario as JSON, and a Markdown report with a
-//! summary, the performance targets as ratios measured in this run, and the step tables.
+//! summary, the performance targets as ratios measured in this run, and the step tables. Each
+//! outcome says whether its links were on TLS; a run with plain and TLS outcomes also compares
+//! the two (TLS's cost per server CPU-second, relaymesh over TLS against NATS over TLS).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -17,6 +19,8 @@ use crate::logins::LoginStep;
 pub(crate) struct Outcome {
     pub(crate) system: System,
     pub(crate) scenario: Scenario,
+    /// Every link of the system was on TLS (`--tls`).
+    pub(crate) tls: bool,
     /// `ok`, `n/a: why` or `error: what`.
     pub(crate) status: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -28,10 +32,11 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    pub(crate) fn new(system: System, scenario: Scenario) -> Self {
+    pub(crate) fn new(system: System, scenario: Scenario, tls: bool) -> Self {
         Self {
             system,
             scenario,
+            tls,
             status: "ok".into(),
             steps: Vec::new(),
             idle: Vec::new(),
@@ -39,18 +44,23 @@ impl Outcome {
         }
     }
 
-    pub(crate) fn skipped(system: System, scenario: Scenario, why: &str) -> Self {
+    pub(crate) fn skipped(system: System, scenario: Scenario, tls: bool, why: &str) -> Self {
         Self {
             status: format!("n/a: {why}"),
-            ..Self::new(system, scenario)
+            ..Self::new(system, scenario, tls)
         }
     }
 
-    pub(crate) fn failed(system: System, scenario: Scenario, error: &str) -> Self {
+    pub(crate) fn failed(system: System, scenario: Scenario, tls: bool, error: &str) -> Self {
         Self {
             status: format!("error: {error}"),
-            ..Self::new(system, scenario)
+            ..Self::new(system, scenario, tls)
         }
+    }
+
+    /// The system's name, with ` (TLS)` when its links were on TLS.
+    fn label(&self) -> String {
+        with_tls(self.system, self.tls)
     }
 
     /// The last passing step: the sustainable rate.
@@ -127,6 +137,13 @@ pub(crate) struct Results {
     max_p99_ms: f64,
     smoke: bool,
     payload_bytes: usize,
+    /// The TLS settings each system and scenario ran in, in order: `off` (plain TCP) and/or
+    /// `on` (TLS on every link).
+    tls: Vec<&'static str>,
+    /// The setting the targets that do not name TLS are evaluated in: plain if the run had
+    /// plain outcomes, else TLS.
+    #[serde(skip)]
+    base_tls: bool,
     outcomes: Vec<Outcome>,
     targets: Vec<Target>,
 }
@@ -139,6 +156,7 @@ impl Results {
         drain_s: f64,
         max_p99_ms: f64,
         smoke: bool,
+        tls_modes: &[bool],
     ) -> Self {
         Self {
             command: std::env::args()
@@ -153,6 +171,11 @@ impl Results {
             max_p99_ms,
             smoke,
             payload_bytes: crate::measure::PAYLOAD_BYTES,
+            tls: tls_modes
+                .iter()
+                .map(|&t| if t { "on" } else { "off" })
+                .collect(),
+            base_tls: !tls_modes.is_empty() && !tls_modes.contains(&false),
             outcomes: Vec::new(),
             targets: Vec::new(),
         }
@@ -167,28 +190,147 @@ impl Results {
         self.outcomes.iter().any(|o| o.status.starts_with("error"))
     }
 
+    /// The outcome of `system` in `scenario` in the run's base TLS setting.
     fn get(&self, system: System, scenario: Scenario) -> Option<&Outcome> {
-        self.outcomes
-            .iter()
-            .find(|o| o.system == system && o.scenario == scenario && o.status == "ok")
+        self.get_in(system, scenario, self.base_tls)
     }
 
-    /// Delivered per server CPU-second of `a` over `b`, at the highest offered rate both
-    /// delivered in full (≥ 99.9 %, whatever the latency: a server can be efficient and slow);
-    /// `None` without such a step.
+    /// The outcome of `system` in `scenario`, on TLS or not.
+    fn get_in(&self, system: System, scenario: Scenario, tls: bool) -> Option<&Outcome> {
+        self.outcomes.iter().find(|o| {
+            o.system == system && o.scenario == scenario && o.tls == tls && o.status == "ok"
+        })
+    }
+
+    /// Delivered per server CPU-second of `a` over `b` (in the base TLS setting), at the
+    /// highest offered rate both delivered in full (≥ 99.9 %, whatever the latency: a server
+    /// can be efficient and slow); `None` without such a step.
     fn cpu_ratio(&self, scenario: Scenario, a: System, b: System) -> Option<(f64, &Step, &Step)> {
         let (a, b) = (self.get(a, scenario)?, self.get(b, scenario)?);
-        let full = |s: &&Step| s.delivery_pct >= 99.9;
-        let mut pairs = a.steps.iter().filter(full).filter_map(|sa| {
-            b.steps
+        common_step_ratio(a, b, |s| s.delivery_pct >= 99.9)
+    }
+
+    /// Delivered per server CPU-second of `a` over `b`, each a system on TLS or not, at the
+    /// highest offered rate both delivered in full with the generator not bound on either
+    /// side (else, flagged by the `bool`, the highest both delivered in full); `None` without
+    /// such a step.
+    fn tls_cpu_ratio(
+        &self,
+        scenario: Scenario,
+        a: (System, bool),
+        b: (System, bool),
+    ) -> Option<(f64, &Step, &Step, bool)> {
+        let a = self.get_in(a.0, scenario, a.1)?;
+        let b = self.get_in(b.0, scenario, b.1)?;
+        if let Some((ratio, sa, sb)) =
+            common_step_ratio(a, b, |s| s.delivery_pct >= 99.9 && !s.generator_bound)
+        {
+            return Some((ratio, sa, sb, false));
+        }
+        common_step_ratio(a, b, |s| s.delivery_pct >= 99.9)
+            .map(|(ratio, sa, sb)| (ratio, sa, sb, true))
+    }
+
+    /// The targets about TLS: what it costs relaymesh (and NATS) per server CPU-second, and
+    /// relaymesh over TLS against NATS over TLS, for every message scenario with both sides
+    /// measured; logins per second over TLS against plain.
+    fn tls_targets(&self) -> Vec<Target> {
+        let (rm, nats) = (System::Relaymesh, System::Nats);
+        let mut t = Vec::new();
+        let ratio_target = |name: String,
+                            found: Option<(f64, &Step, &Step, bool)>,
+                            pass: Option<fn(f64) -> bool>|
+         -> Target {
+            match found {
+                Some((ratio, a, b, bound)) => Target {
+                    target: name,
+                    measured: format!(
+                        "{:.2}× at {} offered ({} vs {} per CPU-s)",
+                        ratio,
+                        rate(a.offered_per_s),
+                        rate(a.delivered_per_cpu_s),
+                        rate(b.delivered_per_cpu_s)
+                    ),
+                    result: match pass {
+                        None => "info".into(),
+                        Some(_) if bound => "generator-bound".into(),
+                        Some(pass) => if pass(ratio) { "pass" } else { "FAIL" }.into(),
+                    },
+                },
+                None => not_measured(&name),
+            }
+        };
+        for scenario in [
+            Scenario::Fanout10,
+            Scenario::Fanout1000,
+            Scenario::Dense,
+            Scenario::TwoServer,
+            Scenario::P2p,
+            Scenario::P2pTwoServer,
+            Scenario::Direct,
+            Scenario::Backend,
+        ] {
+            let name = scenario.name();
+            let ran = |system, tls| {
+                self.outcomes
+                    .iter()
+                    .any(|o| o.system == system && o.scenario == scenario && o.tls == tls)
+            };
+            if ran(rm, true) && ran(rm, false) {
+                t.push(ratio_target(
+                    format!(
+                        "{name}: relaymesh over TLS keeps ≥ 75 % of its plain delivered per server CPU-s"
+                    ),
+                    self.tls_cpu_ratio(scenario, (rm, true), (rm, false)),
+                    Some(|r| r >= 0.75),
+                ));
+            }
+            if ran(nats, true) && ran(nats, false) {
+                t.push(ratio_target(
+                    format!("{name}: NATS over TLS against plain, delivered per server CPU-s"),
+                    self.tls_cpu_ratio(scenario, (nats, true), (nats, false)),
+                    None,
+                ));
+            }
+            if ran(rm, true) && ran(nats, true) {
+                t.push(ratio_target(
+                    format!(
+                        "{name}: relaymesh over TLS delivers more per server CPU-s than NATS over TLS"
+                    ),
+                    self.tls_cpu_ratio(scenario, (rm, true), (nats, true)),
+                    Some(|r| r > 1.0),
+                ));
+            }
+        }
+        let best = |tls| {
+            self.get_in(rm, Scenario::Logins, tls)
+                .and_then(|o| o.logins.iter().take_while(|s| s.passed).last())
+        };
+        let ran = |tls| {
+            self.outcomes
                 .iter()
-                .filter(full)
-                .find(|sb| sb.offered_per_s == sa.offered_per_s)
-                .map(|sb| (sa, sb))
-        });
-        let (sa, sb) = pairs.next_back()?;
-        (sb.delivered_per_cpu_s > 0.0)
-            .then(|| (sa.delivered_per_cpu_s / sb.delivered_per_cpu_s, sa, sb))
+                .any(|o| o.system == rm && o.scenario == Scenario::Logins && o.tls == tls)
+        };
+        if ran(true) && ran(false) {
+            let name =
+                "logins/s through one coordinator over TLS against plain (last passing step)";
+            t.push(match (best(true), best(false)) {
+                (Some(a), Some(b)) => Target {
+                    target: name.into(),
+                    measured: format!(
+                        "{:.0} vs {:.0} logins/s ({:.2}×), p99 {:.2} ms vs {:.2} ms",
+                        a.logins_per_s,
+                        b.logins_per_s,
+                        a.logins_per_s / b.logins_per_s.max(1.0),
+                        a.p99_ms,
+                        b.p99_ms
+                    ),
+                    result: "info".into(),
+                },
+                _ => not_measured(name),
+            });
+        }
+        t
     }
 
     fn evaluate(&self) -> Vec<Target> {
@@ -301,7 +443,7 @@ impl Results {
         if self
             .outcomes
             .iter()
-            .any(|o| o.system == rm && o.scenario == Scenario::Backend)
+            .any(|o| o.system == rm && o.scenario == Scenario::Backend && o.tls == self.base_tls)
         {
             let name =
                 "backend API publishes (1→10): delivered per server CPU-s vs client publishes";
@@ -361,6 +503,13 @@ impl Results {
                 "≥ 5000 logins/s through one coordinator, p99 < 20 ms",
             )),
         }
+        if self.base_tls {
+            // Every target above was measured over TLS.
+            for target in &mut t {
+                target.target.push_str(" (TLS)");
+            }
+        }
+        t.extend(self.tls_targets());
         t
     }
 
@@ -398,6 +547,17 @@ impl Results {
             self.drain_s,
             self.max_p99_ms
         );
+        let _ = writeln!(
+            md,
+            "TLS: {}\n",
+            match (self.tls.contains(&"off"), self.tls.contains(&"on")) {
+                (_, false) => "off (plain TCP on every link).",
+                (false, true) =>
+                    "on every link (certificates made at start: a CA and an ECDSA P-256 server certificate for 127.0.0.1; relaymesh wss:// and https://, NATS TLS on the client port and the route).",
+                (true, true) =>
+                    "each system and scenario ran plain, then with TLS on every link (marked \"(TLS)\"; certificates made at start: a CA and an ECDSA P-256 server certificate for 127.0.0.1; relaymesh wss:// and https://, NATS TLS on the client port and the route). Targets that do not name TLS are the plain runs'.",
+            }
+        );
         let _ = writeln!(md, "Command: `{}`\n", self.command);
         let _ = writeln!(
             md,
@@ -424,7 +584,7 @@ impl Results {
                         md,
                         "| {} | {} | {}{} | {:.2} | {:.0} | {} | {:.1} |",
                         o.scenario.name(),
-                        o.system.name(),
+                        o.label(),
                         rate(s.delivered_per_s),
                         if s.generator_bound {
                             " (generator-bound)"
@@ -447,7 +607,7 @@ impl Results {
                         md,
                         "| {} | {} | {} | | | | |",
                         o.scenario.name(),
-                        o.system.name(),
+                        o.label(),
                         why
                     );
                 }
@@ -459,7 +619,7 @@ impl Results {
                     md,
                     "\n### {} — {}\n\n| offered/s | delivered/s | delivery % | p50 ms | p99 ms | p999 ms | max ms | release lag p99 ms | server CPU % | per CPU-s | RSS MiB | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                     o.scenario.name(),
-                    o.system.name()
+                    o.label()
                 );
                 for s in &o.steps {
                     let _ = writeln!(
@@ -486,7 +646,7 @@ impl Results {
                 let _ = writeln!(
                     md,
                     "\n### idle clients — {}\n\n| clients | server RSS MiB | baseline MiB | KiB per client | connect s |\n|---|---|---|---|---|",
-                    o.system.name()
+                    o.label()
                 );
                 for s in &o.idle {
                     if s.blocked.is_empty() {
@@ -508,7 +668,7 @@ impl Results {
                 let _ = writeln!(
                     md,
                     "\n### logins — {}\n\n| offered/s | logins/s | failed | p50 ms | p99 ms | max ms | server CPU % | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|",
-                    o.system.name()
+                    o.label()
                 );
                 for s in &o.logins {
                     let _ = writeln!(
@@ -529,6 +689,34 @@ impl Results {
             }
         }
         md
+    }
+}
+
+/// Delivered per server CPU-second of `a` over `b` at the highest offered rate at which both
+/// have a step that `counts`.
+fn common_step_ratio<'a>(
+    a: &'a Outcome,
+    b: &'a Outcome,
+    counts: impl Fn(&Step) -> bool,
+) -> Option<(f64, &'a Step, &'a Step)> {
+    let mut pairs = a.steps.iter().filter(|s| counts(s)).filter_map(|sa| {
+        b.steps
+            .iter()
+            .filter(|s| counts(s))
+            .find(|sb| sb.offered_per_s == sa.offered_per_s)
+            .map(|sb| (sa, sb))
+    });
+    let (sa, sb) = pairs.next_back()?;
+    (sb.delivered_per_cpu_s > 0.0)
+        .then(|| (sa.delivered_per_cpu_s / sb.delivered_per_cpu_s, sa, sb))
+}
+
+/// `system`'s name, with ` (TLS)` when `tls`.
+fn with_tls(system: System, tls: bool) -> String {
+    if tls {
+        format!("{} (TLS)", system.name())
+    } else {
+        system.name().to_owned()
     }
 }
 
@@ -660,13 +848,13 @@ mod tests {
     fn outcome(system: System, steps: Vec<Step>) -> Outcome {
         Outcome {
             steps,
-            ..Outcome::new(system, Scenario::Fanout1000)
+            ..Outcome::new(system, Scenario::Fanout1000, false)
         }
     }
 
     #[test]
     fn backend_publishes_are_compared_with_client_publishes_per_cpu_second() {
-        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false);
+        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false, &[false]);
         let line = |r: &Results| {
             r.targets
                 .iter()
@@ -675,12 +863,12 @@ mod tests {
         };
         r.push(Outcome {
             steps: vec![step(1e5, 100.0, 400.0, true), step(2e5, 100.0, 800.0, true)],
-            ..Outcome::new(System::Relaymesh, Scenario::Fanout10)
+            ..Outcome::new(System::Relaymesh, Scenario::Fanout10, false)
         });
         assert!(line(&r).is_none(), "no line without a backend run");
         r.push(Outcome {
             steps: vec![step(1e5, 100.0, 200.0, true), step(2e5, 90.0, 900.0, false)],
-            ..Outcome::new(System::Relaymesh, Scenario::Backend)
+            ..Outcome::new(System::Relaymesh, Scenario::Backend, false)
         });
         let t = line(&r).expect("the comparison is listed");
         assert_eq!(t.result, "info");
@@ -688,12 +876,76 @@ mod tests {
         r.push(Outcome::skipped(
             System::Nats,
             Scenario::Backend,
+            false,
             "relaymesh only",
         ));
         assert!(
             r.markdown()
                 .contains("| backend | nats | n/a: relaymesh only |")
         );
+    }
+
+    #[test]
+    fn tls_runs_are_compared_with_plain_and_with_nats_over_tls() {
+        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false, &[false, true]);
+        let tls_outcome = |system, tls, steps| Outcome {
+            steps,
+            ..Outcome::new(system, Scenario::Fanout10, tls)
+        };
+        let mut bound = step(4e5, 100.0, 9000.0, true);
+        bound.generator_bound = true;
+        r.push(tls_outcome(
+            System::Relaymesh,
+            false,
+            vec![
+                step(1e5, 100.0, 1000.0, true),
+                step(2e5, 100.0, 2000.0, true),
+            ],
+        ));
+        r.push(tls_outcome(
+            System::Relaymesh,
+            true,
+            vec![
+                step(1e5, 100.0, 700.0, true),
+                step(2e5, 100.0, 1600.0, true),
+                bound,
+            ],
+        ));
+        r.push(tls_outcome(
+            System::Nats,
+            false,
+            vec![step(1e5, 100.0, 500.0, true), step(2e5, 100.0, 900.0, true)],
+        ));
+        r.push(tls_outcome(
+            System::Nats,
+            true,
+            vec![step(1e5, 100.0, 400.0, true), step(2e5, 100.0, 800.0, true)],
+        ));
+        let find = |prefix: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.target.starts_with(prefix))
+                .cloned()
+                .unwrap_or_else(|| panic!("no target {prefix}: {:?}", r.targets))
+        };
+        let cost = find("fanout10: relaymesh over TLS keeps");
+        assert!(cost.measured.starts_with("0.80× at 200.0 k"), "{cost:?}");
+        assert_eq!(cost.result, "pass");
+        let nats = find("fanout10: NATS over TLS against plain");
+        assert!(nats.measured.starts_with("0.89×"), "{nats:?}");
+        assert_eq!(nats.result, "info");
+        let versus = find("fanout10: relaymesh over TLS delivers more");
+        assert!(versus.measured.starts_with("2.00×"), "{versus:?}");
+        assert_eq!(versus.result, "pass");
+        // The plain-only targets are the plain runs' and say nothing about TLS.
+        let plain = find("fanout10: delivered per server CPU-s ≥ 1.2 × nats");
+        assert!(plain.measured.starts_with("2.22×"), "{plain:?}");
+        let md = r.markdown();
+        assert!(md.contains("### fanout10 — relaymesh (TLS)"), "{md}");
+        assert!(md.contains("| fanout10 | nats (TLS) |"), "{md}");
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["tls"], serde_json::json!(["off", "on"]));
+        assert_eq!(json["outcomes"][1]["tls"], true);
     }
 
     #[test]
@@ -706,7 +958,7 @@ mod tests {
 
     #[test]
     fn cpu_ratios_compare_the_highest_rate_both_delivered_in_full() {
-        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false);
+        let mut r = Results::new("0", 1.0, 5.0, 1.0, 10.0, false, &[false]);
         r.push(outcome(
             System::Relaymesh,
             vec![

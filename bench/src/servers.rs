@@ -1,6 +1,9 @@
 //! Starts the systems under test as real processes on 127.0.0.1, each from its documented
 //! config in `bench/configs/` (placeholders such as `{{port}}` filled with free ports), pinned
 //! with `taskset` to the server CPU, and stops them by PID (kill, then wait) when dropped.
+//! With TLS (`--tls`), relaymesh's coordinator and comm servers get the run's certificate with
+//! `--tls-cert`/`--tls-key`/`--ca`, and NATS starts from the `-tls` configs (TLS on the client
+//! port and on the route).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::drivers::{Endpoints, System};
+use crate::pki::TlsFiles;
 
 /// The secret the benchmark's relaymesh servers share (loopback only).
 const CLUSTER_SECRET: &str = "bench-cluster-secret";
@@ -32,6 +36,10 @@ pub(crate) struct Launcher {
     pub(crate) bin_dir: PathBuf,
     /// `taskset -c` CPU list for the servers; `None` leaves them unpinned.
     pub(crate) server_cpu: Option<String>,
+    /// The run's certificates, when any system starts with TLS.
+    pub(crate) tls: Option<TlsFiles>,
+    /// A dialer trusting the run's CA (the default trust without TLS).
+    pub(crate) connector: relaymesh_net::tls::Connector,
 }
 
 /// One server process, killed and reaped when dropped.
@@ -50,7 +58,7 @@ impl Drop for Proc {
 /// A started system.
 pub(crate) struct Running {
     pub(crate) endpoints: Endpoints,
-    /// relaymesh: each comm server's `http://` base (for `/v1/stats`).
+    /// relaymesh: each comm server's `http://` (with TLS `https://`) base (for `/v1/stats`).
     pub(crate) server_http: Vec<String>,
     procs: Vec<Proc>,
 }
@@ -169,10 +177,45 @@ impl Launcher {
         })
     }
 
-    /// Starts `system` with `servers` nodes (2 only where the system clusters) and waits until
-    /// it accepts clients.
-    pub(crate) async fn start(&self, system: System, servers: usize) -> anyhow::Result<Running> {
+    /// Starts `system` with `servers` nodes (2 only where the system clusters), on TLS with
+    /// `tls`, and waits until it accepts clients.
+    pub(crate) async fn start(
+        &self,
+        system: System,
+        servers: usize,
+        tls: bool,
+    ) -> anyhow::Result<Running> {
         std::fs::create_dir_all(&self.run_dir)?;
+        let files = match (tls, &self.tls) {
+            (false, _) => None,
+            (true, Some(files)) => Some(files),
+            (true, None) => bail!("TLS asked for without certificates"),
+        };
+        if files.is_some() && matches!(system, System::Mosquitto | System::Redis) {
+            bail!("{} is measured without TLS", system.name());
+        }
+        let (ws, http) = if tls {
+            ("wss", "https")
+        } else {
+            ("ws", "http")
+        };
+        let connector = if tls {
+            self.connector.clone()
+        } else {
+            relaymesh_net::tls::Connector::default()
+        };
+        // `--tls-cert FILE --tls-key FILE --ca FILE`, or nothing.
+        let tls_flags: Vec<&std::ffi::OsStr> = files.map_or_else(Vec::new, |f| {
+            vec![
+                "--tls-cert".as_ref(),
+                f.cert.as_os_str(),
+                "--tls-key".as_ref(),
+                f.key.as_os_str(),
+                "--ca".as_ref(),
+                f.ca.as_os_str(),
+            ]
+        });
+        let mut waits = Vec::new();
         let mut procs = Vec::new();
         let mut urls = Vec::new();
         let mut server_ids = Vec::new();
@@ -194,12 +237,16 @@ impl Launcher {
                         ("admin_port", admin.to_string()),
                     ]),
                 )?;
+                let mut args = vec!["--config".as_ref(), cfg.as_os_str()];
+                args.extend(&tls_flags);
                 procs.push(self.spawn(
                     "coordinator",
                     &self.bin_dir.join("coordinator"),
-                    &["--config".as_ref(), cfg.as_os_str()],
+                    &args,
                     &[("RELAYMESH_ADMIN_TOKEN", &token)],
                 )?);
+                // The config names the coordinator with ws://; the flag says wss:// with TLS.
+                let coordinator_url = format!("{ws}://127.0.0.1:{coordinator}");
                 for (i, port) in ports.iter().enumerate() {
                     let id = letters[i];
                     let cfg = self.fill(
@@ -211,28 +258,38 @@ impl Launcher {
                             ("id", id.to_owned()),
                         ]),
                     )?;
+                    let mut args = vec![
+                        "--config".as_ref(),
+                        cfg.as_os_str(),
+                        "--coordinator".as_ref(),
+                        coordinator_url.as_ref(),
+                    ];
+                    args.extend(&tls_flags);
                     procs.push(self.spawn(
                         &format!("commserver-{id}"),
                         &self.bin_dir.join("commserver"),
-                        &["--config".as_ref(), cfg.as_os_str()],
+                        &args,
                         &[],
                     )?);
                     server_ids.push(id.to_owned());
-                    server_http.push(format!("http://127.0.0.1:{port}"));
+                    server_http.push(format!("{http}://127.0.0.1:{port}"));
                 }
-                urls.push(format!("ws://127.0.0.1:{coordinator}"));
+                urls.push(coordinator_url);
                 let mut running = Running {
                     endpoints: Endpoints {
                         system,
                         urls,
                         server_ids,
-                        admin_url: Some(format!("http://127.0.0.1:{admin}")),
+                        admin_url: Some(format!("{http}://127.0.0.1:{admin}")),
                         admin_token: token,
+                        tls: connector,
+                        ca: files.map(|f| f.ca.clone()),
                     },
                     server_http,
                     procs,
                 };
-                wait_relaymesh(&mut running, coordinator, servers, &self.run_dir).await?;
+                let stats = format!("{http}://127.0.0.1:{coordinator}/v1/stats");
+                wait_relaymesh(&mut running, &stats, servers, &self.run_dir).await?;
                 wait_port(&mut running, &format!("127.0.0.1:{admin}"), &self.run_dir).await?;
                 return Ok(running);
             }
@@ -242,30 +299,35 @@ impl Launcher {
                     .collect::<Result<_, _>>()?;
                 for (i, port) in ports.iter().enumerate() {
                     let name = format!("nats-{}", letters[i]);
-                    let cfg = if servers == 1 {
-                        self.fill(
-                            "nats.conf",
-                            "nats.conf",
-                            &HashMap::from([("port", port.to_string())]),
-                        )?
-                    } else {
-                        self.fill(
-                            "nats-cluster.conf",
-                            &format!("{name}.conf"),
-                            &HashMap::from([
-                                ("port", port.to_string()),
-                                ("cluster_port", cluster[i].to_string()),
-                                ("route_port", cluster[(i + 1) % servers].to_string()),
-                            ]),
-                        )?
+                    let mut values = HashMap::from([("port", port.to_string())]);
+                    if servers > 1 {
+                        values.insert("cluster_port", cluster[i].to_string());
+                        values.insert("route_port", cluster[(i + 1) % servers].to_string());
+                    }
+                    if let Some(f) = files {
+                        for (k, path) in [("cert", &f.cert), ("key", &f.key), ("ca", &f.ca)] {
+                            values.insert(k, path.display().to_string());
+                        }
+                    }
+                    let template = match (servers > 1, files.is_some()) {
+                        (false, false) => "nats.conf",
+                        (false, true) => "nats-tls.conf",
+                        (true, false) => "nats-cluster.conf",
+                        (true, true) => "nats-cluster-tls.conf",
                     };
+                    let cfg = self.fill(template, &format!("{name}.conf"), &values)?;
                     procs.push(self.spawn(
                         &name,
                         Path::new("nats-server"),
                         &["-c".as_ref(), cfg.as_os_str()],
                         &[],
                     )?);
-                    urls.push(format!("127.0.0.1:{port}"));
+                    waits.push(format!("127.0.0.1:{port}"));
+                    urls.push(if tls {
+                        format!("tls://127.0.0.1:{port}")
+                    } else {
+                        format!("127.0.0.1:{port}")
+                    });
                 }
             }
             System::Mosquitto => {
@@ -284,6 +346,7 @@ impl Launcher {
                     &[],
                 )?);
                 urls.push(format!("127.0.0.1:{}", ports[0]));
+                waits.push(format!("127.0.0.1:{}", ports[0]));
             }
             System::Redis => {
                 if servers > 1 {
@@ -301,21 +364,24 @@ impl Launcher {
                     &[],
                 )?);
                 urls.push(format!("127.0.0.1:{}", ports[0]));
+                waits.push(format!("127.0.0.1:{}", ports[0]));
             }
         }
         let mut running = Running {
             endpoints: Endpoints {
                 system,
-                urls: urls.clone(),
+                urls,
                 server_ids,
                 admin_url: None,
                 admin_token: String::new(),
+                tls: connector,
+                ca: files.map(|f| f.ca.clone()),
             },
             server_http,
             procs,
         };
-        for url in &urls {
-            wait_port(&mut running, url, &self.run_dir).await?;
+        for addr in &waits {
+            wait_port(&mut running, addr, &self.run_dir).await?;
         }
         Ok(running)
     }
@@ -337,21 +403,22 @@ async fn wait_port(running: &mut Running, addr: &str, logs: &Path) -> anyhow::Re
     }
 }
 
-/// Waits until the coordinator lists `servers` eligible comm servers.
+/// Waits until the coordinator's `/v1/stats` at `url` lists `servers` eligible comm servers.
 async fn wait_relaymesh(
     running: &mut Running,
-    coordinator: u16,
+    url: &str,
     servers: usize,
     logs: &Path,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-    let url = format!("http://127.0.0.1:{coordinator}/v1/stats");
     loop {
         running.check_alive(logs)?;
-        if let Ok((status, body)) = relaymesh_net::http::request(
+        if let Ok((status, body)) = relaymesh_net::http::request_with(
             relaymesh_net::http::Method::GET,
-            &url,
+            url,
+            &[],
             None,
+            &running.endpoints.tls,
             Duration::from_secs(1),
         )
         .await

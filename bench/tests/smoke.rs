@@ -119,3 +119,89 @@ fn a_missing_peer_is_named_with_the_package_to_install() {
     );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
+
+/// `--tls off,on` in smoke mode: each scenario plain and then over TLS with certificates the
+/// bench makes (NATS too where nats-server is installed); every TLS run delivers everything,
+/// the outcomes say which were on TLS, and the certificates' directory is gone afterwards.
+#[test]
+fn smoke_run_over_tls_measures_plain_and_tls_side_by_side() {
+    let bin_dir = relaymesh_tests::process::binary("coordinator")
+        .parent()
+        .expect("binaries live in a directory")
+        .to_owned();
+    let nats = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("nats-server").is_file())
+    });
+    let systems = if nats { "relaymesh,nats" } else { "relaymesh" };
+    let out =
+        std::env::temp_dir().join(format!("relaymesh-bench-smoke-tls-{}", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--systems", systems, "--smoke", "--server-cpu", ""])
+        .args([
+            "--scenarios",
+            "fanout10,two-server,backend,idle,logins",
+            "--tls",
+            "off,on",
+        ])
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--configs")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bench starts");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stderr}");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
+            .expect("valid JSON");
+    assert_eq!(json["tls"], serde_json::json!(["off", "on"]));
+    let outcomes = json["outcomes"].as_array().expect("outcomes");
+    let tls_ok: Vec<&serde_json::Value> = outcomes
+        .iter()
+        .filter(|o| o["tls"] == true && o["status"] == "ok")
+        .collect();
+    let expected = if nats { 5 + 2 } else { 5 };
+    assert_eq!(tls_ok.len(), expected, "TLS outcomes: {json}");
+    for o in &tls_ok {
+        if let Some(step) = o["steps"].get(0) {
+            assert!(step["delivered"].as_u64().unwrap_or(0) > 0, "{o}");
+            assert_eq!(step["delivered"], step["expected"], "{o}");
+        }
+    }
+    let logins = tls_ok
+        .iter()
+        .find(|o| o["scenario"] == "logins")
+        .expect("logins over TLS");
+    assert_eq!(logins["logins"][0]["failed"], 0, "{logins}");
+    let idle = tls_ok
+        .iter()
+        .find(|o| o["scenario"] == "idle")
+        .expect("idle over TLS");
+    assert_eq!(idle["idle"][0]["blocked"], "", "{idle}");
+
+    let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    assert!(md.contains("### fanout10 — relaymesh (TLS)"), "{md}");
+    assert!(
+        md.contains("fanout10: relaymesh over TLS keeps ≥ 75 %"),
+        "{md}"
+    );
+    // The directory of the certificates the servers were given is gone.
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("relaymesh-bench-tls-{pid}-"))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}
