@@ -80,9 +80,30 @@ fn bad_configuration_is_one_clear_line() {
         "is not a coordinator URL: it has no scheme; write ws://127.0.0.1:7400 (or http://127.0.0.1:7400)",
     );
     commserver(
-        &["--coordinator", "wss://127.0.0.1:7400"],
+        &["--coordinator", "ftp://127.0.0.1:7400"],
         &secret,
-        "wss:// needs TLS, which relaymesh does not speak yet",
+        "the scheme ftp:// is not one relaymesh speaks; use ws:// or http:// (wss:// or https:// for TLS)",
+    );
+    // TLS: a certificate without its key, a file that is not there, a public URL whose
+    // scheme does not match.
+    commserver(
+        &[
+            "--coordinator",
+            "ws://127.0.0.1:7400",
+            "--tls-cert",
+            "/nonexistent/server.pem",
+            "--tls-key",
+            "/nonexistent/server.key",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &secret,
+        "tls: cannot read /nonexistent/server.pem",
+    );
+    coordinator(
+        &["--listen", "127.0.0.1:0", "--mtls"],
+        &secret,
+        "`tls.mtls` needs tls.cert, tls.key and tls.ca",
     );
     commserver(
         &[
@@ -215,9 +236,12 @@ fn meshctl_says_each_failure_once_in_words() {
         );
         assert!(!no_scheme.contains("format error"), "{no_scheme}");
         args.pop();
-        args.push("wss://127.0.0.1:7400");
-        let tls = failure(&args);
-        assert!(tls.contains("wss:// needs TLS"), "{tls}");
+        args.push("gopher://127.0.0.1:7400");
+        let scheme = failure(&args);
+        assert!(
+            scheme.contains("gopher:// is not one relaymesh speaks"),
+            "{scheme}"
+        );
     }
 }
 
