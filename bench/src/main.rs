@@ -300,7 +300,7 @@ fn not_applicable(system: System, scenario: Scenario, tls: bool) -> Option<&'sta
     }
 }
 
-/// `relaymesh` or `relaymesh (TLS)`, for progress lines.
+/// `system/scenario` for progress lines, with ` (TLS)` after the system when `tls`.
 fn label(system: System, scenario: Scenario, tls: bool) -> String {
     format!(
         "{}{}/{}",
