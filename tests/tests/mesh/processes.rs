@@ -1332,7 +1332,8 @@ async fn a_tls_cluster_of_real_processes_relays_between_servers_for_meshctl_with
     );
     let after = |line: String| line.rsplit(' ').next().unwrap().to_owned();
     let admin_addr = after(coordinator.wait_for_line("admin API listening on "));
-    let addr = coordinator.listening_addr();
+    // Not `listening_addr`: the admin API's line may come first and names another port.
+    let addr = after(coordinator.wait_for_line("coordinator listening on "));
     let url = format!("wss://{addr}");
     let mut servers = Vec::new();
     for i in 0..2 {
