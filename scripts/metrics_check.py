@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 SECRET = "ci-cluster-secret"
 # Fields that name a thing rather than measure it.
-NAMES = {"id", "url", "version", "link", "dialed"}
+NAMES = {"id", "url", "version", "link", "dialed", "coordinator_id"}
 
 
 def start(bin_dir, name, args):
@@ -135,7 +135,12 @@ def main():
             sys.exit(f"metrics_check: logins {logins} in /metrics, {stats['logins']} in /v1/stats")
         for server in servers:
             _, families = check(
-                f"http://{server}", "relaymesh", {"peer_links": ("peer", "relaymesh_peer")}
+                f"http://{server}",
+                "relaymesh",
+                {
+                    "peer_links": ("peer", "relaymesh_peer"),
+                    "coordinator_links": ("coordinator", "relaymesh_coordinator_link"),
+                },
             )
             for histogram in [
                 "relaymesh_subscribe_ack_seconds",

@@ -18,14 +18,14 @@ pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `GET /readyz`: `200 ready` when this server should get clients — registered with the
-/// coordinator, linked to every peer the coordinator named, and not draining — and `503` with
-/// what is missing otherwise. (`/healthz` says only that the process answers.)
+/// `GET /readyz`: `200 ready` when this server should get clients — registered with a
+/// coordinator (one will do: it sends clients here), linked to every peer the coordinators
+/// named, and not draining — and `503` with what is missing otherwise. (`/healthz` says only that the process answers.)
 pub(crate) async fn readyz(State(server): State<Arc<Server>>) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let mut missing = Vec::new();
     if !server.stats.coordinator_connected.load(Ordering::Relaxed) {
-        missing.push("not registered with the coordinator".to_owned());
+        missing.push("not registered with any coordinator".to_owned());
     }
     let unlinked: Vec<String> = {
         let linked = lock(&server.peer_links);
@@ -81,6 +81,13 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": server.started.elapsed().as_secs(),
         "coordinator_connected": s.coordinator_connected.load(Ordering::Relaxed),
+        "coordinators_connected": server.coordinators.connected(),
+        "coordinator_links": server.coordinators.states().into_iter().map(|l| json!({
+            "id": l.coordinator,
+            "coordinator_id": l.coordinator_id,
+            "registered": l.registered,
+            "primary": l.primary,
+        })).collect::<Vec<Value>>(),
         "registrations": s.registrations.get(),
         "draining": server.draining(),
         "clients": s.clients.get(),
@@ -163,6 +170,24 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             family.sample(&[("peer", &p.server_id)], value(p) as f64);
         }
     }
+    let links = server.coordinators.states();
+    for (name, help, value) in [
+        (
+            "relaymesh_coordinator_link_registered",
+            "1 while the link to this coordinator address is registered.",
+            (|l: &crate::coordinator_link::LinkState| l.registered) as fn(&_) -> bool,
+        ),
+        (
+            "relaymesh_coordinator_link_primary",
+            "1 for the coordinator link that carries the inbox and the directory in force.",
+            |l| l.primary,
+        ),
+    ] {
+        let mut family = e.family(name, Kind::Gauge, help);
+        for l in &links {
+            family.sample(&[("coordinator", &l.coordinator)], u8::from(value(l)));
+        }
+    }
     e.single(
         "relaymesh_draining",
         Kind::Gauge,
@@ -175,7 +200,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Login keys reserved and not yet used.",
         lock(&server.keys).pending() as f64,
     );
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, f64); 7] = [
         (
             "relaymesh_clients",
             "Connected clients.",
@@ -199,8 +224,13 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         ),
         (
             "relaymesh_coordinator_connected",
-            "1 while registered with the coordinator.",
+            "1 while registered with at least one coordinator.",
             f64::from(u8::from(s.coordinator_connected.load(Ordering::Relaxed))),
+        ),
+        (
+            "relaymesh_coordinators_connected",
+            "Coordinators this server is registered with.",
+            server.coordinators.connected() as f64,
         ),
     ];
     for (name, help, value) in gauges {

@@ -18,8 +18,14 @@ pub(crate) const ENVELOPE_OVERHEAD: usize = 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Coordinator base URL, e.g. `ws://127.0.0.1:7400`.
+    /// Coordinator base URLs, comma-separated, e.g. `ws://10.0.0.1:7400,ws://10.0.0.2:7400`:
+    /// the server registers with every one. A URL whose host is a name gets one link per
+    /// address the name resolves to (a Kubernetes headless Service of the coordinators),
+    /// looked up again every `coordinator_resolve_ms`.
     pub coordinator: String,
+    /// How often coordinator names are resolved again, to follow coordinators that come and
+    /// go.
+    pub coordinator_resolve_ms: u64,
     /// Address to listen on for clients, peers and operators.
     pub listen: SocketAddr,
     /// Base URL clients and peers use to reach this server; defaults to `ws://<listen address>`.
@@ -175,6 +181,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             coordinator: String::new(),
+            coordinator_resolve_ms: 5_000,
             listen: SocketAddr::from(([127, 0, 0, 1], 7500)),
             public_url: None,
             id: None,
@@ -240,16 +247,22 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.tls.validate()?;
         ensure(
-            !self.coordinator.is_empty(),
+            !self.coordinator_urls().is_empty(),
             "coordinator",
-            "must be set: the coordinator's URL, e.g. --coordinator ws://127.0.0.1:7400",
+            "must be set: the coordinators' URLs, e.g. --coordinator ws://127.0.0.1:7400 (several comma-separated)",
         )?;
-        if let Err(e) = relaymesh_net::url::check(&self.coordinator) {
-            return Err(ConfigError::Invalid(format!(
-                "`coordinator` (--coordinator) {:?} is not a coordinator URL: {e}",
-                self.coordinator
-            )));
+        for url in self.coordinator_urls() {
+            if let Err(e) = relaymesh_net::url::check(url) {
+                return Err(ConfigError::Invalid(format!(
+                    "`coordinator` (--coordinator) {url:?} is not a coordinator URL: {e}"
+                )));
+            }
         }
+        ensure(
+            self.coordinator_resolve_ms >= 100,
+            "coordinator_resolve_ms",
+            "must be at least 100",
+        )?;
         ensure(
             !self.cluster_secret.is_empty()
                 || (self.identity_key_file.is_some() && !self.trusted_peer_keys.is_empty()),
@@ -410,10 +423,15 @@ impl Config {
         )
     }
 
-    /// Redialing the coordinator: as a peer, capped at `coordinator_reconnect_max_ms`.
-    pub(crate) fn redial_coordinator(&self) -> relaymesh_net::retry::Redial {
+    /// The coordinator URLs of `coordinator`, each once, in the order given.
+    pub fn coordinator_urls(&self) -> Vec<&str> {
+        relaymesh_net::url::split_list(&self.coordinator)
+    }
+
+    /// Redialing a coordinator (`what`): as a peer, capped at `coordinator_reconnect_max_ms`.
+    pub(crate) fn redial_coordinator(&self, what: String) -> relaymesh_net::retry::Redial {
         relaymesh_net::retry::Redial::new(
-            "the coordinator",
+            what,
             self.reconnect_min(),
             self.coordinator_reconnect_max().min(self.reconnect_max()),
             self.refused_retry(),
@@ -449,6 +467,7 @@ impl Config {
         pub(crate) fn reconnect_min = reconnect_min_ms;
         pub(crate) fn reconnect_max = reconnect_max_ms;
         pub(crate) fn coordinator_reconnect_max = coordinator_reconnect_max_ms;
+        pub(crate) fn coordinator_resolve = coordinator_resolve_ms;
         pub(crate) fn refused_retry = refused_retry_ms;
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;

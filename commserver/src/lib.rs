@@ -95,9 +95,11 @@ struct Server {
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
     sessions: Mutex<HashMap<SessionId, Arc<Subscriber>>>,
-    /// Signalled when a session comes or goes, so the coordinator link reports the new load
+    /// Raised when a session comes or goes, so every coordinator link reports the new load
     /// soon (coalesced) instead of at the next heartbeat.
-    load_changed: tokio::sync::Notify,
+    load_changed: tokio::sync::watch::Sender<()>,
+    /// The links to the coordinators: the peers they list, the primary one.
+    coordinators: coordinator_link::Coordinators,
     /// Node sessions here, and the cluster's directory of online nodes.
     presence: presence::Presence,
     /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
@@ -166,6 +168,11 @@ impl Server {
         let mut options = self.config.serve_options(self.stats.serving.clone());
         options.tls = self.tls.as_ref().map(|tls| tls.acceptor.clone());
         options
+    }
+
+    /// Tells the coordinator links that sessions came or went.
+    fn load_changed(&self) {
+        self.load_changed.send_replace(());
     }
 
     fn client_count(&self) -> usize {
@@ -291,7 +298,8 @@ pub async fn run_with(
         session_ops: Mutex::new(HashMap::new()),
         tracker: tracker.clone(),
         started: Instant::now(),
-        load_changed: tokio::sync::Notify::new(),
+        load_changed: tokio::sync::watch::Sender::new(()),
+        coordinators: coordinator_link::Coordinators::default(),
         presence: presence::Presence::default(),
         inboxes: inbox::Inboxes::default(),
         direct_writes: routes::DirectWrites::of(

@@ -59,7 +59,7 @@ impl Server {
             *lock(&self.drain_reason) = drain.reason.clone();
         }
         let was = self.drained.swap(drain.drained, Ordering::Relaxed);
-        self.load_changed.notify_one();
+        self.load_changed();
         if !drain.drained {
             if was {
                 tracing::info!("undrained: taking clients again");

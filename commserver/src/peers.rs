@@ -107,7 +107,7 @@ pub(crate) struct Dialer {
 }
 
 impl Server {
-    /// Replaces the set of known peers with the coordinator's list (after (re)registration).
+    /// Replaces the set of known peers with the coordinators' (see `coordinator_link`).
     /// Dialers of peers no longer registered stop once their current link ends; live links are
     /// kept until they break.
     pub(crate) fn set_peers(self: &Arc<Self>, peers: Vec<v1::ServerInfo>) {
@@ -161,14 +161,6 @@ impl Server {
         self.tracker
             .spawn(task.instrument(tracing::info_span!("peer", peer = %id, dialed = true)));
         dialers.insert(id, dialer);
-    }
-
-    /// A peer left the coordinator: stop redialing it.
-    pub(crate) fn peer_left(&self, server_id: &str) {
-        lock(&self.known_peers).remove(server_id);
-        if let Some(dialer) = lock(&self.dialers).remove(server_id) {
-            dialer.stop.cancel();
-        }
     }
 }
 
@@ -234,13 +226,24 @@ pub(crate) async fn challenge(
         .map(Json)
 }
 
-/// The `Authorization` this server presents when opening `path` at `url` (a ws:// base).
 /// Opens `path` (`/v1/servers` or `/v1/peers`) at `base` (a ws:// URL) with this server's
 /// credentials: the cluster secret, or a signed challenge fetched from `base` first.
 pub(crate) async fn dial_link(
     server: &Server,
     base: &str,
     path: &str,
+) -> Result<ws::ClientLink, ws::DialError> {
+    dial_link_with(server, base, path, &server.connector).await
+}
+
+/// [`dial_link`] through `connector` (this server's, [pinned](relaymesh_net::tls::Connector::pinned)
+/// to one of the addresses `base`'s name resolves to): the challenge and the link go to the
+/// same address.
+pub(crate) async fn dial_link_with(
+    server: &Server,
+    base: &str,
+    path: &str,
+    connector: &relaymesh_net::tls::Connector,
 ) -> Result<ws::ClientLink, ws::DialError> {
     let base = base.trim_end_matches('/');
     if path == "/v1/peers" && server.tls.is_some() && !relaymesh_net::url::is_tls(base) {
@@ -253,7 +256,7 @@ pub(crate) async fn dial_link(
     let timeout = server.config.handshake_timeout();
     let authorization = server
         .credentials
-        .authorization(base, path, &server.connector, timeout)
+        .authorization(base, path, connector, timeout)
         .await
         .map_err(ws::DialError::Credentials)?;
     let url = format!("{base}{path}");
@@ -262,14 +265,7 @@ pub(crate) async fn dial_link(
     } else {
         server.config.ws_limits()
     };
-    ws::dial_link(
-        &url,
-        Some(&authorization),
-        &limits,
-        &server.connector,
-        timeout,
-    )
-    .await
+    ws::dial_link(&url, Some(&authorization), &limits, connector, timeout).await
 }
 
 /// `GET /v1/peers`: checks the cluster secret (or trusted key), then upgrades to a peer link.

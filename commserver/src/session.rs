@@ -299,7 +299,7 @@ fn run(
     };
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
-    server.load_changed.notify_one();
+    server.load_changed();
     // Drained since this client's connection was let in: asked to move like the others.
     if server.drained() {
         server.ask_to_move(&me);
@@ -460,7 +460,7 @@ impl link::Handler for Session {
         }
         lock(&server.sessions).remove(&self.me.id);
         server.stats.clients.dec();
-        server.load_changed.notify_one();
+        server.load_changed();
         // Changes a backend asked for and this session never made: their callers hear so.
         drop(server.take_session_ops(self.me.id));
         if self.ever_subscribed {

@@ -20,6 +20,11 @@ impl Aliases {
         }
     }
 
+    /// This coordinator process's random id (the aliases' prefix), told to comm servers.
+    pub(crate) fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
     pub(crate) fn next(&self) -> String {
         format!(
             "{}-{}",

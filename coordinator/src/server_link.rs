@@ -393,6 +393,7 @@ impl link::Handler for Reader {
                     .collect(),
                 heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
                 heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+                coordinator_id: app.aliases.epoch().to_owned(),
             };
             handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
             handle.send(encode(&v1::CoordinatorToServer::presence(

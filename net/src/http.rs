@@ -102,7 +102,7 @@ async fn request_inner(
     let secure = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
     let addr = format!("{host}:{port}");
-    let stream = crate::ws::open(host, port, secure.then_some(tls))
+    let stream = crate::ws::open(host, port, tls, secure)
         .await
         .map_err(|e| match e {
             OpenError::Connect(error) => HttpClientError::Connect {

@@ -273,6 +273,9 @@ impl rustls::server::ResolvesServerCert for Identity {
 pub struct Connector {
     /// `None`: the process's default.
     config: Option<Arc<ClientConfig>>,
+    /// Connect here instead of resolving the URL's host (which still names the server for TLS
+    /// and the `Host` header): one of several addresses a name resolves to.
+    pin: Option<std::net::SocketAddr>,
 }
 
 /// The connector a binary installed as the process's default.
@@ -295,7 +298,23 @@ impl Connector {
         };
         Ok(Self {
             config: Some(client_config(roots, identity)?),
+            pin: None,
         })
+    }
+
+    /// This connector, connecting to `addr` whatever the dialed URL's host resolves to (the
+    /// host still names the server: TLS checks its certificate against it, `Host` carries
+    /// it). For a link to each of the addresses a DNS name resolves to.
+    pub fn pinned(&self, addr: std::net::SocketAddr) -> Self {
+        Self {
+            config: self.config.clone(),
+            pin: Some(addr),
+        }
+    }
+
+    /// The address [`Connector::pinned`] set, if any.
+    pub fn pin(&self) -> Option<std::net::SocketAddr> {
+        self.pin
     }
 
     /// Trusts the CA bundle named by `ca`, else by `RELAYMESH_CA`, else the system's CA store.

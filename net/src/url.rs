@@ -66,9 +66,69 @@ pub fn check(url: &str) -> Result<(), UrlError> {
     normalize(url, Form::WebSocket).map(drop)
 }
 
+/// The host (as written: a name, an IPv4 address, or `[IPv6]`) and port of a base URL, the
+/// port defaulting to the scheme's (80, or 443 over TLS); `None` when it is not a URL
+/// relaymesh speaks.
+pub fn host_port(url: &str) -> Option<(String, u16)> {
+    let url = normalize(url, Form::WebSocket).ok()?;
+    let secure = is_tls(&url);
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if let Some(end) = authority.find(']') {
+        let (host, tail) = authority.split_at(end + 1);
+        (host, tail.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None if secure => 443,
+        None => 80,
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// The URLs of a comma-separated list (`ws://a:7400,ws://b:7400`), each once, in order; blanks
+/// are skipped.
+pub fn split_list(urls: &str) -> Vec<&str> {
+    let mut list: Vec<&str> = Vec::new();
+    for url in urls.split(',').map(str::trim) {
+        if !url.is_empty() && !list.contains(&url) {
+            list.push(url);
+        }
+    }
+    list
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_ports_and_lists() {
+        let hp = |u: &str| host_port(u).map(|(h, p)| (h, p));
+        assert_eq!(
+            hp("ws://coord.example:7400/x"),
+            Some(("coord.example".into(), 7400))
+        );
+        assert_eq!(
+            hp("wss://coord.example"),
+            Some(("coord.example".into(), 443))
+        );
+        assert_eq!(hp("http://u:p@10.0.0.1"), Some(("10.0.0.1".into(), 80)));
+        assert_eq!(hp("ws://[::1]:7400"), Some(("[::1]".into(), 7400)));
+        assert_eq!(hp("ws://[::1]"), Some(("[::1]".into(), 80)));
+        assert_eq!(hp("ws://h:notaport"), None);
+        assert_eq!(hp("h:7400"), None);
+        assert_eq!(
+            split_list(" ws://a:1, ,ws://b:2,ws://a:1 "),
+            vec!["ws://a:1", "ws://b:2"]
+        );
+    }
 
     #[test]
     fn either_scheme_serves_for_both_forms() {

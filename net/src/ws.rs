@@ -63,23 +63,27 @@ pub(crate) enum OpenError {
     Tls(String),
 }
 
-/// Connects to `host:port`, with `TCP_NODELAY`, and over TLS when `tls` is given (the server's
-/// certificate must name `host`).
+/// Connects to `host:port` (or to the address `connector` is [pinned](Connector::pinned) to),
+/// with `TCP_NODELAY`, and over TLS when `secure` (the server's certificate must name `host`).
 pub(crate) async fn open(
     host: &str,
     port: u16,
-    tls: Option<&Connector>,
+    connector: &Connector,
+    secure: bool,
 ) -> Result<Dialed, OpenError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((bare, port))
-        .await
-        .map_err(OpenError::Connect)?;
+    let tcp = match connector.pin() {
+        Some(addr) => TcpStream::connect(addr).await,
+        None => TcpStream::connect((bare, port)).await,
+    }
+    .map_err(OpenError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let io = match tls {
-        None => DialedIo::Plain(tcp),
-        Some(connector) => DialedIo::Tls(Box::new(
+    let io = if secure {
+        DialedIo::Tls(Box::new(
             connector.connect(bare, tcp).await.map_err(OpenError::Tls)?,
-        )),
+        ))
+    } else {
+        DialedIo::Plain(tcp)
     };
     Ok(Dialed {
         pre: Bytes::new(),
@@ -513,18 +517,16 @@ async fn dial_inner(
             .map_err(|_| bad_url("credentials are not a valid header value"))?;
         request.headers_mut().insert(header::AUTHORIZATION, value);
     }
-    let stream = open(&host, port, secure.then_some(tls))
-        .await
-        .map_err(|e| match e {
-            OpenError::Connect(error) => DialError::Connect {
-                url: url.to_owned(),
-                error,
-            },
-            OpenError::Tls(message) => DialError::Tls {
-                url: url.to_owned(),
-                message,
-            },
-        })?;
+    let stream = open(&host, port, tls, secure).await.map_err(|e| match e {
+        OpenError::Connect(error) => DialError::Connect {
+            url: url.to_owned(),
+            error,
+        },
+        OpenError::Tls(message) => DialError::Tls {
+            url: url.to_owned(),
+            message,
+        },
+    })?;
     #[cfg(feature = "server")]
     crate::accept::set_user_timeout(stream.tcp(), limits.tcp_user_timeout);
     match tokio_tungstenite::client_async_with_config(

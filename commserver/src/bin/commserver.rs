@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Coordinator URL, e.g. ws://127.0.0.1:7400.
+    /// Coordinator URLs, comma-separated (e.g. ws://10.0.0.1:7400,ws://10.0.0.2:7400): the
+    /// server registers with every one, and with every address a name resolves to.
     #[arg(long)]
     coordinator: Option<String>,
     /// Address to listen on for clients (/v1/client), peers (/v1/peers) and operators.

@@ -575,6 +575,11 @@ pub struct Registered {
     pub heartbeat_interval_ms: u32,
     #[prost(uint32, tag = "4")]
     pub heartbeat_timeout_ms: u32,
+    /// This coordinator process's id, random at every start. A comm server registered with
+    /// several coordinators tells them apart by it, and stands a second link to the same one
+    /// down (two addresses of one name that reach the same coordinator).
+    #[prost(string, tag = "5")]
+    pub coordinator_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PeerJoined {

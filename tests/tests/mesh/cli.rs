@@ -72,7 +72,7 @@ fn bad_configuration_is_one_clear_line() {
     commserver(
         &["--listen", "127.0.0.1:0"],
         &secret,
-        "`coordinator` must be set: the coordinator's URL",
+        "`coordinator` must be set: the coordinators' URLs",
     );
     commserver(
         &["--coordinator", "127.0.0.1:7400"],
