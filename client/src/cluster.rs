@@ -71,9 +71,20 @@ pub async fn stats(base: &str, tls: &Connector, within: Duration) -> Result<Valu
     serde_json::from_slice(&body).map_err(|e| answer(format!("not JSON: {e}")))
 }
 
-/// The servers registered with the coordinator at `coordinator`.
+/// The servers registered with the coordinator at `coordinator` (with several,
+/// comma-separated: the first that answers; each has the whole registry).
 pub async fn servers(coordinator: &str, tls: &Connector) -> Result<Vec<ServerInfo>, ClusterError> {
-    registered(coordinator, tls, REQUEST_TIMEOUT).await
+    let mut failure = None;
+    for url in url::split_list(coordinator) {
+        match registered(url, tls, REQUEST_TIMEOUT).await {
+            Ok(servers) => return Ok(servers),
+            Err(e) => failure = Some(e),
+        }
+    }
+    Err(failure.unwrap_or_else(|| ClusterError::Answer {
+        url: coordinator.to_owned(),
+        reason: "it names no coordinator".into(),
+    }))
 }
 
 async fn registered(
@@ -100,20 +111,23 @@ async fn registered(
         .collect())
 }
 
-/// What keeps the cluster from having `servers` registered servers all linked to each other,
-/// in words; `None` once it has them.
+/// What keeps the cluster from having `servers` registered servers (with every coordinator
+/// of the comma-separated list) all linked to each other, in words; `None` once it has them.
 async fn missing(
-    coordinator: &str,
+    coordinators: &str,
     servers: usize,
     tls: &Connector,
     within: Duration,
 ) -> Result<Option<String>, ClusterError> {
-    let registered = registered(coordinator, tls, within).await?;
-    if registered.len() < servers {
-        return Ok(Some(format!(
-            "{} of {servers} comm servers registered",
-            registered.len()
-        )));
+    let mut registered = Vec::new();
+    for coordinator in url::split_list(coordinators) {
+        registered = self::registered(coordinator, tls, within).await?;
+        if registered.len() < servers {
+            return Ok(Some(format!(
+                "{} of {servers} comm servers registered with {coordinator}",
+                registered.len()
+            )));
+        }
     }
     for server in &registered {
         let peers = stats(&server.url, tls, within).await?["peers"]
@@ -131,7 +145,8 @@ async fn missing(
 }
 
 /// Waits until the coordinator answers and at least `servers` comm servers are registered,
-/// each linked to every other; gives up after `timeout`, saying what was missing.
+/// each linked to every other; gives up after `timeout`, saying what was missing. With several
+/// coordinators (comma-separated), each must answer and list them.
 pub async fn wait_ready(
     coordinator: &str,
     servers: usize,

@@ -56,8 +56,9 @@ pub(crate) enum Arrivals {
     Hold,
 }
 
-/// One connection round: negotiate with the coordinator, then connect to the offered server,
-/// trying another (and excluding the failed one) if it cannot be reached.
+/// One connection round: negotiate with a coordinator, then connect to the offered server,
+/// trying another (and excluding the failed one) if it cannot be reached. A coordinator that
+/// fails meanwhile (see [`crate::negotiate::try_another`]) hands the round to the next one.
 pub(crate) async fn establish(
     config: &ClientConfig,
     shared: &Shared,
@@ -65,13 +66,27 @@ pub(crate) async fn establish(
     exclude: &[String],
     arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
-    let mut negotiation = Negotiation::open(config).await?;
+    let mut tried = Vec::new();
+    let mut negotiation = Negotiation::open(config, &tried).await?;
     let mut exclude = exclude.to_vec();
     let mut failure = None;
     for _ in 0..SERVERS_PER_ROUND {
         let moving = arrivals == Arrivals::Hold;
         let offer = match negotiation.offer(config, &exclude, moving).await {
             Ok(offer) => offer,
+            Err(e) if crate::negotiate::try_another(&e) => {
+                tracing::debug!(coordinator = %negotiation.url, error = %e, "coordinator failed; trying the next");
+                tried.push(negotiation.url.clone());
+                negotiation.close().await;
+                match Negotiation::open(config, &tried).await {
+                    Ok(next) => {
+                        negotiation = next;
+                        continue;
+                    }
+                    // None left: the first coordinator's word stands.
+                    Err(_) => return Err(e),
+                }
+            }
             Err(e) => {
                 failure = Some(e);
                 break;

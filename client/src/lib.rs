@@ -182,7 +182,10 @@ use tokio_util::sync::CancellationToken;
 /// How a client finds and keeps its server.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Coordinator base URL, e.g. `ws://127.0.0.1:7400`.
+    /// Coordinator base URL, e.g. `ws://127.0.0.1:7400`, or several, comma-separated
+    /// (`ws://10.0.0.1:7400,ws://10.0.0.2:7400`): a login goes to the one that answered last
+    /// and moves on to the next when one is unreachable, shutting down or has no server to
+    /// offer.
     pub coordinator: String,
     /// Ask for this server when it is eligible.
     pub preferred_server: Option<String>,
@@ -569,7 +572,7 @@ async fn ask_coordinator(
     config: &ClientConfig,
     request: v1::ClientToCoordinator,
 ) -> Result<v1::coordinator_to_client::Kind, ClientError> {
-    let mut link = negotiate::Negotiation::open(config).await?;
+    let mut link = negotiate::Negotiation::open(config, &[]).await?;
     let answer = link.request(config, request).await;
     link.close().await;
     answer
@@ -1030,10 +1033,20 @@ pub struct Client {
 impl Client {
     /// Negotiates a server through the coordinator and connects to it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        relaymesh_net::url::check(&config.coordinator).map_err(|e| DialError::BadUrl {
-            url: config.coordinator.clone(),
-            reason: e.to_string(),
-        })?;
+        let urls = relaymesh_net::url::split_list(&config.coordinator);
+        if urls.is_empty() {
+            return Err(DialError::BadUrl {
+                url: config.coordinator.clone(),
+                reason: "it names no coordinator".into(),
+            }
+            .into());
+        }
+        for url in urls {
+            relaymesh_net::url::check(url).map_err(|e| DialError::BadUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             next_request: AtomicU64::new(1),

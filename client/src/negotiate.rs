@@ -1,6 +1,12 @@
 //! The client's side of link 2: `/v1/connect` on the coordinator. One negotiation link serves
 //! one connection round (possibly several `Connect`s, when an offered server turns out to be
 //! unreachable) and is then closed; the next round opens a new one.
+//!
+//! With several coordinators (`ClientConfig::coordinator` is a comma-separated list), a round
+//! starts with the one that answered last and moves on to the next when one cannot be
+//! reached, breaks, is shutting down, or has no server to offer (a coordinator that has just
+//! restarted has an empty registry for a moment). A refusal of the credentials is the same
+//! everywhere and ends the round.
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -11,17 +17,81 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::{ClientConfig, ClientError, Credentials};
 
+/// The coordinator of the list that answered last, by list: where the next round starts.
+static LAST_GOOD: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
+
+/// Whether `error`, from a coordinator, means another coordinator may do better.
+pub(crate) fn try_another(error: &ClientError) -> bool {
+    use relaymesh_net::ws::DialError;
+    use relaymesh_proto::v1::ErrorCode;
+    match error {
+        ClientError::Dial(DialError::Refused { status, .. }) => {
+            status.is_server_error() || error.code() == Some(ErrorCode::ShuttingDown)
+        }
+        ClientError::Dial(DialError::BadUrl { .. } | DialError::Credentials(_)) => false,
+        ClientError::Dial(_) | ClientError::Protocol(_) | ClientError::Timeout(_) => true,
+        ClientError::Refused(e) => matches!(
+            e.error_code(),
+            ErrorCode::ShuttingDown
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::NoServerAvailable
+                | ErrorCode::HeartbeatTimeout
+        ),
+        _ => false,
+    }
+}
+
+/// The coordinators of `config`, the one that answered last first.
+fn coordinators(config: &ClientConfig) -> Vec<&str> {
+    let mut list = relaymesh_net::url::split_list(&config.coordinator);
+    let last = relaymesh_net::sync::lock(&LAST_GOOD).clone();
+    if let Some((of, good)) = last
+        && of == config.coordinator
+        && let Some(at) = list.iter().position(|u| *u == good)
+    {
+        list.rotate_left(at);
+    }
+    list
+}
+
 /// An open negotiation link.
 pub(crate) struct Negotiation {
     socket: ClientSocket,
     /// The alias the coordinator assigned on this link.
     pub(crate) alias: String,
+    /// The coordinator's URL.
+    pub(crate) url: String,
 }
 
 impl Negotiation {
-    /// Connects to the coordinator and says hello.
-    pub(crate) async fn open(config: &ClientConfig) -> Result<Self, ClientError> {
-        let url = format!("{}/v1/connect", config.coordinator.trim_end_matches('/'));
+    /// Connects to a coordinator of `config` not in `tried` and says hello: the one that
+    /// answered last first, then the others in turn while [`try_another`] says so. The error
+    /// is the last coordinator's.
+    pub(crate) async fn open(config: &ClientConfig, tried: &[String]) -> Result<Self, ClientError> {
+        let mut failure = None;
+        for url in coordinators(config) {
+            if tried.iter().any(|t| t == url) {
+                continue;
+            }
+            match Self::open_one(config, url).await {
+                Ok(link) => {
+                    *relaymesh_net::sync::lock(&LAST_GOOD) =
+                        Some((config.coordinator.clone(), url.to_owned()));
+                    return Ok(link);
+                }
+                Err(e) if try_another(&e) => {
+                    tracing::debug!(coordinator = url, error = %e, "coordinator failed; trying the next");
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failure.unwrap_or(ClientError::Closed))
+    }
+
+    async fn open_one(config: &ClientConfig, base: &str) -> Result<Self, ClientError> {
+        let url = format!("{}/v1/connect", base.trim_end_matches('/'));
         let socket = ws::dial_authorized(
             &url,
             None,
@@ -33,6 +103,7 @@ impl Negotiation {
         let mut link = Self {
             socket,
             alias: String::new(),
+            url: base.to_owned(),
         };
         let hello = v1::Hello {
             protocol_version: PROTOCOL_VERSION,

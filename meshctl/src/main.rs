@@ -16,7 +16,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail};
 use clap::{Parser, Subcommand};
 use relaymesh_client::{Client, ClientConfig, Credentials, Event, SignalKind};
 use relaymesh_net::http::Method;
@@ -27,7 +27,8 @@ use relaymesh_proto::hex;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Coordinator URL: ws://HOST:PORT or http://HOST:PORT (the same thing).
+    /// Coordinator URL: ws://HOST:PORT or http://HOST:PORT (the same thing); several,
+    /// comma-separated, are tried in turn.
     #[arg(
         long,
         global = true,
@@ -353,10 +354,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let tls = relaymesh_net::tls::Connector::from_ca_or_env(args.ca.as_deref())?;
     // Checked once, up front, so an unusable URL is one message in words, whatever the command.
-    let coordinator = relaymesh_net::url::normalize(&args.coordinator, Form::WebSocket)
-        .map_err(|e| anyhow!("invalid coordinator URL {:?}: {e}", args.coordinator))?
-        .trim_end_matches('/')
-        .to_owned();
+    let coordinator = relaymesh_net::url::split_list(&args.coordinator)
+        .into_iter()
+        .map(|url| {
+            relaymesh_net::url::normalize(url, Form::WebSocket)
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .map_err(|e| anyhow!("invalid coordinator URL {url:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .join(",");
+    if coordinator.is_empty() {
+        bail!("--coordinator names no coordinator");
+    }
     // Topics too, before connecting: a typo is reported as such even with no cluster up.
     let topics: &[String] = match &args.command {
         Command::Sub { topics, .. } => topics,
@@ -450,71 +459,111 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Call { node, candidates } => call(config, &node, candidates).await,
         Command::Answer => answer(config).await,
         Command::Login => {
-            let url = format!("{coordinator}/v1/login");
-            let body = match &config.credentials {
-                Credentials::AccessCode {
-                    account,
-                    code,
-                    role,
-                    group,
-                } => serde_json::json!({"credentials": {"access_code": {
-                    "account": account, "code": code, "role": role, "group": group,
-                }}}),
-                Credentials::Key {
-                    account,
-                    key,
-                    role,
-                    group,
-                } => {
-                    // Two steps over HTTP: a challenge, then the login that signs it.
-                    let (status, body) = relaymesh_net::http::request_with(
-                        Method::POST,
-                        &format!("{coordinator}/v1/login/challenge"),
-                        &[],
-                        Some(Vec::new()),
-                        &tls,
-                        Duration::from_secs(10),
-                    )
-                    .await?;
-                    if !status.is_success() {
-                        bail!(
-                            "challenge refused ({status}): {}",
-                            String::from_utf8_lossy(&body).trim()
-                        );
+            // The first coordinator that answers (a refusal is an answer).
+            let mut failure = None;
+            for base in relaymesh_net::url::split_list(&coordinator) {
+                match http_login(base, &config.credentials, &tls).await {
+                    Ok(text) => {
+                        println!("{}", text.trim());
+                        return Ok(());
                     }
-                    let challenge: serde_json::Value = serde_json::from_slice(&body)?;
-                    let nonce = challenge["nonce"]
-                        .as_str()
-                        .and_then(hex::decode)
-                        .context("the coordinator's challenge has no hex nonce")?;
-                    let message = relaymesh_proto::login_challenge(&nonce, account, role, group);
-                    let signature = ed25519_dalek::Signer::sign(key, &message);
-                    serde_json::json!({"credentials": {"key": {
-                        "account": account, "role": role, "group": group,
-                        "public_key": hex::encode(key.verifying_key().as_bytes()),
-                        "challenge_id": challenge["challenge_id"],
-                        "signature": hex::encode(&signature.to_bytes()),
-                    }}})
+                    Err(LoginFailure::Refused(e)) => return Err(e),
+                    Err(LoginFailure::Unreachable(e)) => failure = Some(e),
                 }
-                _ => serde_json::json!({}),
-            };
+            }
+            Err(failure.unwrap_or_else(|| anyhow!("no coordinator to log in through")))
+        }
+    }
+}
+
+/// Why [`http_login`] failed.
+enum LoginFailure {
+    /// The coordinator said no (another would say the same).
+    Refused(anyhow::Error),
+    /// It could not be reached or is unwell: another may do.
+    Unreachable(anyhow::Error),
+}
+
+/// `POST /v1/login` at the coordinator at `base` (after `POST /v1/login/challenge` for a key);
+/// the JSON answer.
+async fn http_login(
+    base: &str,
+    credentials: &Credentials,
+    tls: &relaymesh_net::tls::Connector,
+) -> Result<String, LoginFailure> {
+    let post = |path: &str, body: Vec<u8>| {
+        let url = format!("{base}{path}");
+        async move {
             let (status, body) = relaymesh_net::http::request_with(
                 Method::POST,
                 &url,
                 &[],
-                Some(body.to_string().into_bytes()),
-                &tls,
+                Some(body),
+                tls,
                 Duration::from_secs(10),
             )
-            .await?;
-            let text = String::from_utf8_lossy(&body);
-            if !status.is_success() {
-                bail!("login refused ({status}): {}", text.trim());
+            .await
+            .map_err(|e| LoginFailure::Unreachable(e.into()))?;
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            if status.is_server_error() {
+                return Err(LoginFailure::Unreachable(anyhow!(
+                    "{url} answered {status}: {text}"
+                )));
             }
-            println!("{}", text.trim());
-            Ok(())
+            Ok((status, text))
         }
+    };
+    let body = match credentials {
+        Credentials::AccessCode {
+            account,
+            code,
+            role,
+            group,
+        } => serde_json::json!({"credentials": {"access_code": {
+            "account": account, "code": code, "role": role, "group": group,
+        }}}),
+        Credentials::Key {
+            account,
+            key,
+            role,
+            group,
+        } => {
+            // Two steps over HTTP, at the same coordinator: a challenge, then the login that
+            // signs it.
+            let (status, text) = post("/v1/login/challenge", Vec::new()).await?;
+            if !status.is_success() {
+                return Err(LoginFailure::Refused(anyhow!(
+                    "challenge refused ({status}): {text}"
+                )));
+            }
+            let challenge: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoginFailure::Unreachable(e.into()))?;
+            let nonce = challenge["nonce"]
+                .as_str()
+                .and_then(hex::decode)
+                .ok_or_else(|| {
+                    LoginFailure::Unreachable(anyhow!(
+                        "the coordinator's challenge has no hex nonce"
+                    ))
+                })?;
+            let message = relaymesh_proto::login_challenge(&nonce, account, role, group);
+            let signature = ed25519_dalek::Signer::sign(key, &message);
+            serde_json::json!({"credentials": {"key": {
+                "account": account, "role": role, "group": group,
+                "public_key": hex::encode(key.verifying_key().as_bytes()),
+                "challenge_id": challenge["challenge_id"],
+                "signature": hex::encode(&signature.to_bytes()),
+            }}})
+        }
+        _ => serde_json::json!({}),
+    };
+    let (status, text) = post("/v1/login", body.to_string().into_bytes()).await?;
+    if !status.is_success() {
+        return Err(LoginFailure::Refused(anyhow!(
+            "login refused ({status}): {text}"
+        )));
     }
+    Ok(text)
 }
 
 async fn connect(config: ClientConfig) -> anyhow::Result<Client> {

@@ -47,7 +47,8 @@ use crate::workload::{Shape, Shard, Workload};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Drive the cluster at this coordinator URL instead of an embedded one.
+    /// Drive the cluster at this coordinator URL instead of an embedded one (several,
+    /// comma-separated: clients log in through the one that answers and fail over).
     #[arg(long)]
     coordinator: Option<String>,
     /// Comm servers in the embedded cluster.

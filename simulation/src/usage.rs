@@ -80,7 +80,21 @@ impl ServerStats {
 pub(crate) async fn server_stats(
     coordinator: &str,
 ) -> anyhow::Result<BTreeMap<String, ServerStats>> {
-    let cluster = get_json(&format!("{}/v1/stats", http_base(coordinator))).await?;
+    // With several coordinators, the first that answers: each lists every server.
+    let mut cluster = None;
+    let mut failure = None;
+    for url in relaymesh_net::url::split_list(coordinator) {
+        match get_json(&format!("{}/v1/stats", http_base(url))).await {
+            Ok(stats) => {
+                cluster = Some(stats);
+                break;
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    let Some(cluster) = cluster else {
+        return Err(failure.unwrap_or_else(|| anyhow::anyhow!("no coordinator URL given")));
+    };
     let mut out = BTreeMap::new();
     for server in cluster["servers"].as_array().into_iter().flatten() {
         let (Some(id), Some(url)) = (server["id"].as_str(), server["url"].as_str()) else {
