@@ -164,7 +164,12 @@ pub struct Config {
     /// Delay between attempts while the coordinator or a peer refuses this server's
     /// credentials (a wrong cluster secret: only an operator can fix it).
     pub refused_retry_ms: u64,
-    /// Time allowed to finish after SIGINT/SIGTERM.
+    /// On SIGINT/SIGTERM, first drain for up to this long: no new clients, every client asked
+    /// to move to another server (through a coordinator), as an operator's drain does, so a
+    /// rolling upgrade loses nothing; then stop. 0 stops at once (clients are told
+    /// `SHUTTING_DOWN` and reconnect elsewhere, missing what was in flight).
+    pub drain_on_shutdown_ms: u64,
+    /// Time allowed to finish after SIGINT/SIGTERM (after the drain).
     pub shutdown_grace_ms: u64,
     /// Time an HTTP client has for its request head, and again for its body and the answer;
     /// idle keep-alive connections are closed after it (WebSocket sessions are not bound).
@@ -234,6 +239,7 @@ impl Default for Config {
             reconnect_max_ms: 5_000,
             coordinator_reconnect_max_ms: 500,
             refused_retry_ms: 30_000,
+            drain_on_shutdown_ms: 10_000,
             shutdown_grace_ms: 5_000,
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
@@ -471,6 +477,7 @@ impl Config {
         pub(crate) fn refused_retry = refused_retry_ms;
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;
+        pub(crate) fn drain_on_shutdown = drain_on_shutdown_ms;
         pub(crate) fn request_timeout = request_timeout_ms;
     }
 

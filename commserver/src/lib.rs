@@ -201,7 +201,8 @@ fn default_id(public_url: &str) -> String {
 }
 
 /// Serves the comm server on `listener` until `shutdown` is cancelled: registers with the
-/// coordinator (and keeps doing so), links to peers, and serves clients. On shutdown it reports
+/// coordinators (and keeps doing so), links to peers, and serves clients. When `shutdown` is
+/// cancelled it first drains for up to `drain_on_shutdown_ms` (see [`leave`]), then it reports
 /// itself draining, tells clients and peers `SHUTTING_DOWN`, and waits up to the grace period.
 pub async fn run(
     listener: TcpListener,
@@ -223,9 +224,11 @@ pub async fn run_with(
     listener: TcpListener,
     dispatch: Option<TcpListener>,
     config: Config,
-    shutdown: CancellationToken,
+    asked: CancellationToken,
 ) -> Result<(), ConfigError> {
     config.validate()?;
+    // Cancelled once the server has drained (see `leave`): everything below stops on it.
+    let shutdown = CancellationToken::new();
     let local = listener
         .local_addr()
         .map_err(|e| ConfigError::Invalid(format!("listener has no address: {e}")))?;
@@ -317,6 +320,7 @@ pub async fn run_with(
     }
     // Every log line of this server carries its id (several may share a process in tests).
     let span = tracing::info_span!("commserver", id = %server.id);
+    tracker.spawn(leave(server.clone(), asked, shutdown.clone()).instrument(span.clone()));
     tracker.spawn(control::run(server.clone(), control_rx).instrument(span.clone()));
     tracker.spawn(coordinator_link::run(server.clone()).instrument(span.clone()));
     let router = Router::new()
@@ -355,6 +359,47 @@ pub async fn run_with(
     relaymesh_net::shutdown::drain(&tracker, server.config.shutdown_grace()).await;
     span.in_scope(|| tracing::info!("comm server stopped"));
     Ok(())
+}
+
+/// Leaves when `asked`: drains first (no new clients, every client asked to move, the way an
+/// operator's drain does it, so they lose nothing), waits until they have all gone or
+/// `drain_on_shutdown_ms` has passed, and then cancels `stop`, which closes what is left with
+/// `SHUTTING_DOWN`. A rolling upgrade (SIGTERM to one server at a time) so loses no messages.
+async fn leave(server: Arc<Server>, asked: CancellationToken, stop: CancellationToken) {
+    tokio::select! {
+        () = asked.cancelled() => {}
+        () = stop.cancelled() => return,
+    }
+    let within = server.config.drain_on_shutdown();
+    let clients = server.client_count();
+    if !within.is_zero() && clients > 0 {
+        tracing::info!(
+            clients,
+            within_ms = within.as_millis() as u64,
+            "draining before stopping: asking every client to move"
+        );
+        let mut changed = server.load_changed.subscribe();
+        server.drain(&relaymesh_proto::v1::Drain {
+            drained: true,
+            reason: "the server is shutting down".into(),
+        });
+        let emptied = tokio::time::timeout(within, async {
+            while server.client_count() > 0 {
+                if changed.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        match emptied {
+            Ok(()) => tracing::info!("every client moved; stopping"),
+            Err(_) => tracing::warn!(
+                clients = server.client_count(),
+                "clients still here after drain_on_shutdown_ms; closing their sessions"
+            ),
+        }
+    }
+    stop.cancel();
 }
 
 #[cfg(test)]

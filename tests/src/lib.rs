@@ -194,6 +194,9 @@ pub fn server_config(coordinator: &str) -> commserver::Config {
         reconnect_min_ms: 20,
         reconnect_max_ms: 300,
         refused_retry_ms: 200,
+        // Stopping a server here means clients see `SHUTTING_DOWN` at once, as after a crash;
+        // the drain on SIGTERM is tested on its own.
+        drain_on_shutdown_ms: 0,
         shutdown_grace_ms: 3_000,
         ..commserver::Config::default()
     }
