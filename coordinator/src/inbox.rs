@@ -171,15 +171,6 @@ pub(crate) async fn run(app: Arc<App>, db: SqlStore, mut rx: mpsc::Receiver<Op>)
         max_messages: config.max_messages,
         max_bytes: config.max_bytes,
     };
-    // Ids follow the stored ones and the clock (microseconds), so they keep growing across
-    // restarts.
-    let mut last_id = match db.inbox_last_id().await {
-        Ok(last) => last,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the inbox; its ids start from the clock");
-            0
-        }
-    };
     let mut sweep = tokio::time::interval(Duration::from_millis(config.sweep_ms.max(100)));
     let mut ops = Vec::with_capacity(config.max_batch);
     loop {
@@ -209,48 +200,38 @@ pub(crate) async fn run(app: Arc<App>, db: SqlStore, mut rx: mpsc::Receiver<Op>)
                 }
             }
         }
-        commit(&app, &db, limits, &mut last_id, &mut ops).await;
+        commit(&app, &db, limits, &mut ops).await;
         ops.clear();
     }
 }
 
 /// Writes one batch and answers it.
-async fn commit(
-    app: &App,
-    db: &SqlStore,
-    limits: InboxLimits,
-    last_id: &mut u64,
-    ops: &mut Vec<Op>,
-) {
+async fn commit(app: &App, db: &SqlStore, limits: InboxLimits, ops: &mut Vec<Op>) {
     let now = now_ms();
-    let micros = now.saturating_mul(1000);
     let mut done = Vec::new();
     let mut puts = Vec::new();
     for op in ops.iter() {
         match op {
             Op::Done(d) => done.push((d.node_id.clone(), d.up_to)),
-            Op::Put(put, link) => {
-                *last_id = (*last_id + 1).max(micros);
-                puts.push((*last_id, put, link));
-            }
+            Op::Put(put, link) => puts.push((put, link)),
             Op::Fetch(..) => {}
         }
     }
     if !done.is_empty() || !puts.is_empty() {
-        let rows: Vec<(u64, &v1::InboxPut)> = puts.iter().map(|(id, put, _)| (*id, *put)).collect();
+        let rows: Vec<&v1::InboxPut> = puts.iter().map(|(put, _)| *put).collect();
         let result = db.inbox_commit(&done, &rows, limits, now).await;
         app.stats.inbox_commits.inc();
         match result {
             Ok(outcomes) => {
                 let mut nudges = Vec::new();
-                for ((id, put, link), outcome) in puts.iter().zip(outcomes) {
+                for ((put, link), outcome) in puts.iter().zip(outcomes) {
                     let answer = match outcome {
-                        None => {
+                        Ok(id) => {
                             app.stats.inbox_stored.inc();
                             nudges.push((put.scope.clone(), put.to_node.clone()));
-                            stored(put.request_id, *id, None)
+                            stored(put.request_id, id, None)
                         }
-                        Some(code) => {
+                        Err(code) => {
                             app.stats.inbox_refused.inc();
                             let message = match code {
                                 ErrorCode::InboxFull => "the node's inbox is full",
@@ -267,7 +248,7 @@ async fn commit(
             }
             Err(e) => {
                 tracing::error!(error = %e, "inbox write failed; refusing its messages");
-                for (_, put, link) in &puts {
+                for (put, link) in &puts {
                     app.stats.inbox_refused.inc();
                     if put.request_id != 0 {
                         let e = error(

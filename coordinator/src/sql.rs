@@ -62,6 +62,8 @@ pub struct ExpiredMessage {
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    /// PostgreSQL (rows can be locked: several coordinators may share it), not SQLite.
+    postgres: bool,
 }
 
 /// A database error, with what was being done.
@@ -88,7 +90,10 @@ impl SqlStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Database(format!("migrating the account database: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            postgres: url.starts_with("postgres"),
+        })
     }
 
     /// The account called `name`, with its codes, keys and roles, read in one transaction (so
@@ -452,28 +457,61 @@ impl SqlStore {
         }
     }
 
-    /// The highest inbox id stored (0 for none), so ids handed out after a restart follow it.
-    pub async fn inbox_last_id(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM inbox")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(failed("reading the inbox"))?;
-        let last: i64 = row.try_get(0).map_err(failed("reading the inbox"))?;
-        Ok(u64::try_from(last).unwrap_or(0))
-    }
-
     /// One group commit: deletes what nodes acknowledged (`done`: node id, up to) and stores
-    /// `puts` (each with its id) within each node's limits, in one transaction. Returns, for
-    /// each put, `None` when stored or the code of why not (`UNKNOWN_NODE`, `INBOX_FULL`).
+    /// `puts` within each node's limits, in one transaction. Returns, for each put, the id it
+    /// was stored under, or the code of why not (`UNKNOWN_NODE`, `INBOX_FULL`).
+    ///
+    /// Ids count per node, from the node's row, which the transaction locks first (all its
+    /// nodes, in id order, so two coordinators' commits wait for each other instead of
+    /// deadlocking): in commit order whichever coordinator commits, and limits are checked
+    /// against what the other coordinators committed.
     pub async fn inbox_commit(
         &self,
         done: &[(String, u64)],
-        puts: &[(u64, &v1::InboxPut)],
+        puts: &[&v1::InboxPut],
         limits: InboxLimits,
         now_ms: u64,
-    ) -> Result<Vec<Option<ErrorCode>>, StoreError> {
+    ) -> Result<Vec<Result<u64, ErrorCode>>, StoreError> {
         let what = "storing direct messages";
         let mut tx = self.pool.begin().await.map_err(failed(what))?;
+        // Every node of the batch, each read (and, in PostgreSQL, locked) once: the scope each
+        // takes messages from, how full each inbox is, and its last id. A few statements per
+        // batch, not per message.
+        let mut distinct: Vec<&str> = puts
+            .iter()
+            .map(|p| p.to_node.as_str())
+            .chain(done.iter().map(|(node, _)| node.as_str()))
+            .collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let lock_rows = if self.postgres { " FOR UPDATE" } else { "" };
+        let mut nodes: HashMap<&str, (String, u64, u64, u64)> = HashMap::new();
+        for chunk in distinct.chunks(NODES_PER_STATEMENT) {
+            let list = placeholders(1, chunk.len());
+            let sql = format!(
+                "SELECT id, scope, inbox_count, inbox_bytes, inbox_last, revoked FROM nodes \
+                 WHERE id IN ({list}) ORDER BY id{lock_rows}"
+            );
+            let mut query = sqlx::query(&sql);
+            for node in chunk {
+                query = query.bind(*node);
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(failed(what))? {
+                let id: String = row.try_get(0).map_err(failed(what))?;
+                let scope: String = row.try_get(1).map_err(failed(what))?;
+                let count: i64 = row.try_get(2).map_err(failed(what))?;
+                let bytes: i64 = row.try_get(3).map_err(failed(what))?;
+                let last: i64 = row.try_get(4).map_err(failed(what))?;
+                let revoked: i64 = row.try_get(5).map_err(failed(what))?;
+                if revoked != 0 {
+                    continue;
+                }
+                if let Some(node) = chunk.iter().find(|n| **n == id) {
+                    let used = |v: i64| u64::try_from(v).unwrap_or(0);
+                    nodes.insert(node, (scope, used(count), used(bytes), used(last)));
+                }
+            }
+        }
         for (node, up_to) in done {
             let gone = sqlx::query(
                 "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM inbox \
@@ -505,89 +543,72 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(failed(what))?;
-        }
-        // The batch's nodes, each read once: the scope each takes messages from, and how full
-        // each inbox is. A few statements per batch, not per message.
-        let mut distinct: Vec<&str> = puts.iter().map(|(_, p)| p.to_node.as_str()).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let mut nodes: HashMap<&str, (String, u64, u64)> = HashMap::new();
-        for chunk in distinct.chunks(NODES_PER_STATEMENT) {
-            let list = placeholders(1, chunk.len());
-            let sql = format!(
-                "SELECT id, scope, inbox_count, inbox_bytes FROM nodes \
-                 WHERE revoked = 0 AND id IN ({list})"
-            );
-            let mut query = sqlx::query(&sql);
-            for node in chunk {
-                query = query.bind(*node);
-            }
-            for row in query.fetch_all(&mut *tx).await.map_err(failed(what))? {
-                let id: String = row.try_get(0).map_err(failed(what))?;
-                let scope: String = row.try_get(1).map_err(failed(what))?;
-                let count: i64 = row.try_get(2).map_err(failed(what))?;
-                let bytes: i64 = row.try_get(3).map_err(failed(what))?;
-                if let Some(node) = chunk.iter().find(|n| **n == id) {
-                    let used = |v: i64| u64::try_from(v).unwrap_or(0);
-                    nodes.insert(node, (scope, used(count), used(bytes)));
-                }
+            if let Some(entry) = nodes.get_mut(node.as_str()) {
+                let less = |v: i64| u64::try_from(v).unwrap_or(0);
+                entry.1 = entry.1.saturating_sub(less(count));
+                entry.2 = entry.2.saturating_sub(less(bytes));
             }
         }
         let mut outcomes = Vec::with_capacity(puts.len());
         let mut rows = Vec::with_capacity(puts.len());
-        // What each node's inbox gains.
-        let mut added: HashMap<&str, (i64, i64)> = HashMap::new();
-        for (id, put) in puts {
-            let Some((scope, count, bytes)) = nodes.get_mut(put.to_node.as_str()) else {
-                outcomes.push(Some(ErrorCode::UnknownNode));
+        // What each node's inbox gains, and its new last id.
+        let mut added: HashMap<&str, (i64, i64, i64)> = HashMap::new();
+        for put in puts {
+            let Some((scope, count, bytes, last)) = nodes.get_mut(put.to_node.as_str()) else {
+                outcomes.push(Err(ErrorCode::UnknownNode));
                 continue;
             };
             // Another scope's sender learns nothing about this node.
             if *scope != put.scope {
-                outcomes.push(Some(ErrorCode::UnknownNode));
+                outcomes.push(Err(ErrorCode::UnknownNode));
                 continue;
             }
             let size = put.payload.len() as u64;
             if *count >= limits.max_messages || *bytes + size > limits.max_bytes {
-                outcomes.push(Some(ErrorCode::InboxFull));
+                outcomes.push(Err(ErrorCode::InboxFull));
                 continue;
             }
             *count += 1;
             *bytes += size;
+            *last += 1;
             let gain = added.entry(put.to_node.as_str()).or_default();
             gain.0 += 1;
             gain.1 += millis(size);
-            rows.push((*id, *put));
-            outcomes.push(None);
+            gain.2 = millis(*last);
+            rows.push((*last, *put));
+            outcomes.push(Ok(*last));
         }
-        // Usage of all the batch's nodes in one statement (per `NODES_PER_STATEMENT`).
-        let added: Vec<(&str, (i64, i64))> = added.into_iter().collect();
+        // Usage and last ids of all the batch's nodes in one statement (per
+        // `NODES_PER_STATEMENT`).
+        let added: Vec<(&str, (i64, i64, i64))> = added.into_iter().collect();
         for chunk in added.chunks(NODES_PER_STATEMENT) {
             let case = |column: usize| -> String {
                 (0..chunk.len())
                     .map(|i| {
                         format!(
                             "WHEN ${} THEN CAST(${} AS BIGINT)",
-                            i * 3 + 1,
-                            i * 3 + column
+                            i * 4 + 1,
+                            i * 4 + column
                         )
                     })
                     .collect::<Vec<_>>()
                     .join(" ")
             };
             let ids: Vec<String> = (0..chunk.len())
-                .map(|i| format!("${}", i * 3 + 1))
+                .map(|i| format!("${}", i * 4 + 1))
                 .collect();
             let sql = format!(
                 "UPDATE nodes SET inbox_count = inbox_count + CASE id {} ELSE 0 END, \
-                 inbox_bytes = inbox_bytes + CASE id {} ELSE 0 END WHERE id IN ({})",
+                 inbox_bytes = inbox_bytes + CASE id {} ELSE 0 END, \
+                 inbox_last = CASE id {} ELSE inbox_last END WHERE id IN ({})",
                 case(2),
                 case(3),
+                case(4),
                 ids.join(", ")
             );
             let mut query = sqlx::query(&sql);
-            for (node, (count, bytes)) in chunk {
-                query = query.bind(*node).bind(*count).bind(*bytes);
+            for (node, (count, bytes, last)) in chunk {
+                query = query.bind(*node).bind(*count).bind(*bytes).bind(*last);
             }
             query.execute(&mut *tx).await.map_err(failed(what))?;
         }

@@ -246,43 +246,30 @@ async fn inbox(db: &SqlStore) {
         max_messages: 2,
         max_bytes: 1 << 20,
     };
-    let base = db.inbox_last_id().await.unwrap();
+    // Ids count per node, and a refused message takes none.
     let outcomes = db
-        .inbox_commit(
-            &[],
-            &[
-                (base + 1, &first),
-                (base + 2, &elsewhere),
-                (base + 3, &second),
-                (base + 4, &third),
-            ],
-            limits,
-            1_000,
-        )
+        .inbox_commit(&[], &[&first, &elsewhere, &second, &third], limits, 1_000)
         .await
         .unwrap();
     assert_eq!(
         outcomes,
         [
-            None,
-            Some(ErrorCode::UnknownNode),
-            None,
-            Some(ErrorCode::InboxFull)
+            Ok(1),
+            Err(ErrorCode::UnknownNode),
+            Ok(2),
+            Err(ErrorCode::InboxFull)
         ]
     );
-    assert_eq!(db.inbox_last_id().await.unwrap(), base + 3);
     let read = db.inbox_fetch(&node, 0, 10).await.unwrap();
     let got: Vec<(u64, &[u8])> = read.iter().map(|m| (m.id, &m.payload[..])).collect();
-    assert_eq!(
-        got,
-        [(base + 1, &[0, 255, 1, 0][..]), (base + 3, &b"second"[..])]
-    );
+    assert_eq!(got, [(1, &[0, 255, 1, 0][..]), (2, &b"second"[..])]);
     assert_eq!((read[0].from_alias.as_str(), read[0].seq), ("a1-2", 7));
-    db.inbox_commit(&[(node.clone(), base + 1)], &[], limits, 2_000)
+    db.inbox_commit(&[(node.clone(), 1)], &[], limits, 2_000)
         .await
         .unwrap();
     assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
-    // What was acknowledged no longer counts against the limit.
+    // What was acknowledged no longer counts against the limit, and ids go on from the last
+    // one given, not the last one kept.
     let fourth = put(b"fourth", "acme#g1");
     // Sent again after its sender's connection was lost: numbered under its first alias.
     let fifth = relaymesh_proto::v1::InboxPut {
@@ -291,15 +278,10 @@ async fn inbox(db: &SqlStore) {
         ..put(b"fifth", "acme#g1")
     };
     let outcomes = db
-        .inbox_commit(
-            &[],
-            &[(base + 5, &fourth), (base + 6, &fifth)],
-            limits,
-            3_000,
-        )
+        .inbox_commit(&[], &[&fourth, &fifth], limits, 3_000)
         .await
         .unwrap();
-    assert_eq!(outcomes, [None, Some(ErrorCode::InboxFull)]);
+    assert_eq!(outcomes, [Ok(3), Err(ErrorCode::InboxFull)]);
     assert_eq!(db.inbox_expire(500, 10).await.unwrap(), []);
     // What expires comes back with what its sender is told, and the recipient's scope.
     assert_eq!(
@@ -309,7 +291,7 @@ async fn inbox(db: &SqlStore) {
             from_node: "f00d".into(),
             message: relaymesh_proto::v1::Expired {
                 to_node: node.clone(),
-                inbox_id: base + 3,
+                inbox_id: 2,
                 seq: 7,
                 publisher: "a1-2".into(),
                 stored_ms: 1_000,
@@ -317,22 +299,28 @@ async fn inbox(db: &SqlStore) {
         }]
     );
     assert_eq!(db.inbox_count(&node).await.unwrap(), 1);
-    // Expired messages no longer count either.
+    // Expired messages no longer count either; acknowledging and storing in one commit.
     let outcomes = db
-        .inbox_commit(&[], &[(base + 7, &fifth)], limits, 4_000)
+        .inbox_commit(&[(node.clone(), 3)], &[&fifth, &fourth], limits, 4_000)
         .await
         .unwrap();
-    assert_eq!(outcomes, [None]);
-    // At most `limit` at a time, oldest first.
-    let one = db.inbox_expire(u64::MAX >> 2, 1).await.unwrap();
-    assert_eq!(one.len(), 1);
-    assert_eq!(one[0].message.inbox_id, base + 5);
-    let next = db.inbox_expire(u64::MAX >> 2, 1).await.unwrap();
-    assert_eq!(
-        (next[0].message.inbox_id, next[0].message.seq),
-        (base + 7, 3)
-    );
-    assert_eq!(next[0].message.publisher, "a0-1");
+    assert_eq!(outcomes, [Ok(4), Ok(5)]);
+    // At most `limit` at a time.
+    let mut expired = db.inbox_expire(u64::MAX >> 2, 1).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    expired.extend(db.inbox_expire(u64::MAX >> 2, 1).await.unwrap());
+    expired.sort_by_key(|e| e.message.inbox_id);
+    let told: Vec<(u64, u64, &str)> = expired
+        .iter()
+        .map(|e| {
+            (
+                e.message.inbox_id,
+                e.message.seq,
+                e.message.publisher.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(told, [(4, 3, "a0-1"), (5, 7, "a1-2")]);
     assert_eq!(db.inbox_expire(u64::MAX >> 2, 1).await.unwrap(), []);
     assert_eq!(db.inbox_count(&node).await.unwrap(), 0);
 }
