@@ -519,7 +519,13 @@ impl link::Handler for Reader {
             // Under the lock, like PeerJoined, so a quick re-registration cannot overtake it.
             let mut directory = lock(&self.app.directory);
             let mut registry = lock(&self.app.registry);
-            if let Some(others) = registry.unregister(&handle.id, link_id) {
+            let unregistered = registry.unregister(&handle.id, link_id);
+            if unregistered.is_some() && self.app.shutdown.is_cancelled() {
+                // This coordinator is going away, not the server: the servers still linked
+                // here hear nothing of it (they may be registered with other coordinators,
+                // whose word on peers and nodes stays true).
+                tracing::debug!(server_id = %handle.id, "server link closed at shutdown");
+            } else if let Some(others) = unregistered {
                 let frame = encode(&v1::CoordinatorToServer::peer_left(v1::PeerLeft {
                     server_id: handle.id.clone(),
                 }));

@@ -202,7 +202,20 @@ impl Proc {
     /// Starts `binary` with `args` and, of the variables relaymesh reads, only `env` (and
     /// `RUST_LOG=info`).
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(binary(name));
+        Self::spawn(Command::new(binary(name)), args, env)
+    }
+
+    /// Starts another program (e.g. `unshare` wrapping a relaymesh binary) with `args`, as
+    /// [`Proc::start`] starts a relaymesh binary: the test cluster secret and `RUST_LOG=info`.
+    pub fn start_program(program: &str, args: &[&str]) -> Self {
+        Self::spawn(
+            Command::new(program),
+            args,
+            &[("RELAYMESH_CLUSTER_SECRET", crate::SECRET)],
+        )
+    }
+
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         command
             .env_remove("RELAYMESH_CLUSTER_SECRET")
             .env_remove("RELAYMESH_ADMIN_TOKEN")
