@@ -361,3 +361,133 @@ async fn postgres_store_is_migrated_and_checked() {
         .await
         .unwrap();
 }
+
+/// A database of its own on the test PostgreSQL server: (its URL, a connection to drop it
+/// with, its name).
+async fn postgres_database(tag: &str) -> (String, sqlx::PgConnection, String) {
+    let Ok(base) = std::env::var("RELAYMESH_TEST_POSTGRES_URL") else {
+        panic!(
+            "RELAYMESH_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh, which \
+             starts a throwaway PostgreSQL server"
+        );
+    };
+    let name = format!("relaymesh_test_{tag}_{}", std::process::id());
+    let mut server = sqlx::PgConnection::connect(&base).await.unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::query(&sql).execute(&mut server).await.unwrap();
+    }
+    let url = match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("RELAYMESH_TEST_POSTGRES_URL has no database part: {base}"),
+    };
+    (url, server, name)
+}
+
+/// Two coordinators on one PostgreSQL database store direct messages for the same nodes at the
+/// same time: each node's ids are 1, 2, 3... with no gap and no repeat, each writer's ids grow
+/// in its own commit order, and the inbox limit holds exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_sharing_postgres_number_each_inbox_once_in_commit_order() {
+    let (url, mut server, name) = postgres_database("two").await;
+    // Both migrate at once, as two coordinators starting together do.
+    let (a, b) = tokio::join!(SqlStore::connect(&url), SqlStore::connect(&url));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    admin(
+        &a,
+        AdminCommand::Create {
+            name: named("acme"),
+            isolate_groups: false,
+        },
+    )
+    .await;
+    let registrar = relaymesh_proto::v1::Identity {
+        account: named("acme"),
+        scope: named("acme"),
+        ..Default::default()
+    };
+    let store = Store::Sql(a.clone());
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (id, _) = store
+            .register_node(&registrar, NodeFields::default())
+            .await
+            .unwrap();
+        nodes.push(id);
+    }
+    const LIMIT: u64 = 900;
+    let limits = InboxLimits {
+        max_messages: LIMIT,
+        max_bytes: 1 << 30,
+    };
+    // Each writer: 50 commits of 20 messages, alternating between the two nodes (1000 per
+    // node in all, 100 more than the limit).
+    let write = |db: SqlStore, writer: &'static str, nodes: Vec<String>| async move {
+        let mut got: Vec<(String, Result<u64, ErrorCode>)> = Vec::new();
+        for commit in 0..50 {
+            let puts: Vec<relaymesh_proto::v1::InboxPut> = (0..20)
+                .map(|i| relaymesh_proto::v1::InboxPut {
+                    scope: named("acme"),
+                    to_node: nodes[i % 2].clone(),
+                    from_alias: named(writer),
+                    seq: (commit * 20 + i) as u64,
+                    payload: vec![1u8; 16].into(),
+                    ..Default::default()
+                })
+                .collect();
+            let rows: Vec<&relaymesh_proto::v1::InboxPut> = puts.iter().collect();
+            let outcomes = db.inbox_commit(&[], &rows, limits, 1_000).await.unwrap();
+            got.extend(puts.iter().map(|p| p.to_node.clone()).zip(outcomes));
+        }
+        got
+    };
+    let (from_a, from_b) = tokio::join!(
+        tokio::spawn(write(a.clone(), "a", nodes.clone())),
+        tokio::spawn(write(b.clone(), "b", nodes.clone()))
+    );
+    let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+    for node in &nodes {
+        let mut ids = Vec::new();
+        let mut refused = 0;
+        for got in [&from_a, &from_b] {
+            let mine: Vec<u64> = got
+                .iter()
+                .filter(|(n, _)| n == node)
+                .filter_map(|(_, outcome)| match outcome {
+                    Ok(id) => Some(*id),
+                    Err(code) => {
+                        assert_eq!(*code, ErrorCode::InboxFull);
+                        refused += 1;
+                        None
+                    }
+                })
+                .collect();
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "a writer's ids for one node grow in its commit order"
+            );
+            ids.extend(mine);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=LIMIT).collect::<Vec<_>>(), "ids 1..={LIMIT}, once each");
+        assert_eq!(refused, 1_000 - LIMIT);
+        assert_eq!(b.inbox_count(node).await.unwrap(), LIMIT);
+        let mut read = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = a.inbox_fetch(node, after, 256).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            read.extend(page.iter().map(|m| m.id));
+        }
+        assert_eq!(read, ids, "read back in id order");
+    }
+    a.close().await;
+    b.close().await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut server)
+        .await
+        .unwrap();
+}
