@@ -1,4 +1,4 @@
-//! Real processes: the `coordinator`, `commserver` and `meshctl` binaries, started on port 0
+//! Real processes: the `coordinator`, `commserver`, `meshctl` and `simulation` binaries, started on port 0
 //! and found through their `listening on` log line.
 
 use std::io::{BufRead as _, BufReader, Read as _};
@@ -32,6 +32,7 @@ pub fn binary(name: &str) -> PathBuf {
         let mut build = Command::new(env!("CARGO"));
         build.args(["build", "--quiet", "--bins"]);
         build.args(["-p", "coordinator", "-p", "commserver", "-p", "meshctl"]);
+        build.args(["-p", "simulation"]);
         if profile != "debug" {
             build.args(["--profile", &profile]);
         }
@@ -297,6 +298,28 @@ impl Proc {
             }
             assert!(Instant::now() < deadline, "process did not exit");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit (collecting its stderr meanwhile).
+    pub fn wait_exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.stderr.try_recv() {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            while let Ok(line) = self.stderr.try_recv() {
+                self.seen.push(line);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}; stderr:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -499,3 +499,127 @@ async fn a_server_registers_with_every_address_a_coordinator_name_resolves_to() 
     server.terminate();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The whole rolling upgrade of a deployment, as Kubernetes runs one (SIGTERM, wait for the
+/// exit, start the new one at the same address): every comm server in turn (each drains
+/// first, so its clients move), then every coordinator in turn, while the simulation drives
+/// the cluster through both coordinators. Nothing is lost, nothing arrives twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_of_every_server_and_coordinator_loses_nothing() {
+    let dir = temp_dir("rolling-upgrade");
+    let coordinator_toml = dir.join("coordinator.toml");
+    std::fs::write(
+        &coordinator_toml,
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    let coordinators = [restartable_addr(), restartable_addr()];
+    let start_coordinator = |addr: std::net::SocketAddr| {
+        let mut proc = Proc::start(
+            "coordinator",
+            &[
+                "--listen",
+                &addr.to_string(),
+                "--config",
+                coordinator_toml.to_str().unwrap(),
+            ],
+        );
+        proc.wait_for_line("coordinator listening on");
+        proc
+    };
+    let mut coordinator_procs: Vec<Proc> =
+        coordinators.iter().map(|a| start_coordinator(*a)).collect();
+    let both = format!("ws://{},ws://{}", coordinators[0], coordinators[1]);
+    let server_toml = dir.join("server.toml");
+    std::fs::write(
+        &server_toml,
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\nreconnect_min_ms = 20\n\
+         coordinator_reconnect_max_ms = 200\n",
+    )
+    .unwrap();
+    let servers: Vec<std::net::SocketAddr> = (0..3).map(|_| restartable_addr()).collect();
+    let start_server = |i: usize| {
+        let mut proc = Proc::start(
+            "commserver",
+            &[
+                "--coordinator",
+                &both,
+                "--listen",
+                &servers[i].to_string(),
+                "--id",
+                &format!("s{i}"),
+                "--config",
+                server_toml.to_str().unwrap(),
+            ],
+        );
+        proc.wait_for_line("registered with the coordinator");
+        proc
+    };
+    let mut server_procs: Vec<Proc> = (0..3).map(start_server).collect();
+    let tls = relaymesh_net::tls::Connector::default();
+    let ready = || {
+        relaymesh_client::cluster::wait_ready(&both, 3, &tls, std::time::Duration::from_secs(20))
+    };
+    within("the cluster ready", ready()).await.unwrap();
+
+    let report = dir.join("report.json");
+    let mut simulation = Proc::start(
+        "simulation",
+        &[
+            "--coordinator",
+            &both,
+            "--clients",
+            "60",
+            "--room-size",
+            "6",
+            "--duration",
+            "15",
+            "--check",
+            "--quiet",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    );
+    // Its clients are connected: the upgrade starts under load.
+    eventually("the simulation's clients connected", || async {
+        let mut clients = 0;
+        for server in &servers {
+            clients += get_json(&format!("http://{server}/v1/stats")).await["clients"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        (clients >= 60).then_some(())
+    })
+    .await;
+    for i in 0..3 {
+        assert!(
+            server_procs[i].terminate(),
+            "server s{i} did not stop cleanly"
+        );
+        server_procs[i] = start_server(i);
+        within("the cluster ready again", ready()).await.unwrap();
+    }
+    for i in 0..2 {
+        assert!(
+            coordinator_procs[i].terminate(),
+            "coordinator {i} did not stop cleanly"
+        );
+        coordinator_procs[i] = start_coordinator(coordinators[i]);
+        within("the cluster ready again", ready()).await.unwrap();
+    }
+    let status = simulation.wait_exit_within(std::time::Duration::from_secs(90));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null);
+    let outcome = &json;
+    assert!(
+        status.success(),
+        "the simulation's check failed: {outcome}\n{}",
+        simulation.seen.join("\n")
+    );
+    assert_eq!(outcome["lost"], 0, "{outcome}");
+    assert!(outcome["delivered"].as_u64().unwrap_or(0) > 0, "{outcome}");
+    // The drains moved clients (each server had some when it was stopped).
+    assert!(outcome["moves"].as_u64().unwrap_or(0) > 0, "{outcome}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
