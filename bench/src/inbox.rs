@@ -74,16 +74,13 @@ pub(crate) async fn run(
         max_messages: u64::MAX,
         max_bytes: u64::MAX,
     };
-    let mut put = |i: usize| {
-        let msg = v1::InboxPut {
-            scope: account.name.clone(),
-            to_node: nodes[i % NODES].clone(),
-            from_alias: "bench-1".into(),
-            seq: i as u64 + 1,
-            payload: vec![7u8; 128].into(),
-            ..Default::default()
-        };
-        msg
+    let put = |i: usize| v1::InboxPut {
+        scope: account.name.clone(),
+        to_node: nodes[i % NODES].clone(),
+        from_alias: "bench-1".into(),
+        seq: i as u64 + 1,
+        payload: vec![7u8; 128].into(),
+        ..Default::default()
     };
     let store = |db: &SqlStore, puts: Vec<v1::InboxPut>, size: usize| {
         let db = db.clone();
@@ -99,9 +96,9 @@ pub(crate) async fn run(
     };
     let (mut one, mut grouped_rate) = (0f64, 0f64);
     for round in 0..2 {
-        let a: Vec<_> = (0..single).map(&mut put).collect();
+        let a: Vec<_> = (0..single).map(put).collect();
         let a = store(&db, a, 1).await?;
-        let b: Vec<_> = (0..grouped).map(&mut put).collect();
+        let b: Vec<_> = (0..grouped).map(put).collect();
         let b = store(&db, b, batch).await?;
         eprintln!(
             "bench: inbox {label} round {}: {a:.0}/s one per transaction, {b:.0}/s in batches of {batch}",

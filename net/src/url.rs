@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn hosts_ports_and_lists() {
-        let hp = |u: &str| host_port(u).map(|(h, p)| (h, p));
+        let hp = host_port;
         assert_eq!(
             hp("ws://coord.example:7400/x"),
             Some(("coord.example".into(), 7400))

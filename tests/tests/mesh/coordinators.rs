@@ -591,20 +591,17 @@ async fn a_rolling_upgrade_of_every_server_and_coordinator_loses_nothing() {
         (clients >= 60).then_some(())
     })
     .await;
-    for i in 0..3 {
-        assert!(
-            server_procs[i].terminate(),
-            "server s{i} did not stop cleanly"
-        );
-        server_procs[i] = start_server(i);
+    for (i, server) in server_procs.iter_mut().enumerate() {
+        assert!(server.terminate(), "server s{i} did not stop cleanly");
+        *server = start_server(i);
         within("the cluster ready again", ready()).await.unwrap();
     }
-    for i in 0..2 {
+    for (coordinator, addr) in coordinator_procs.iter_mut().zip(coordinators) {
         assert!(
-            coordinator_procs[i].terminate(),
-            "coordinator {i} did not stop cleanly"
+            coordinator.terminate(),
+            "coordinator {addr} did not stop cleanly"
         );
-        coordinator_procs[i] = start_coordinator(coordinators[i]);
+        *coordinator = start_coordinator(addr);
         within("the cluster ready again", ready()).await.unwrap();
     }
     let status = simulation.wait_exit_within(std::time::Duration::from_secs(90));
