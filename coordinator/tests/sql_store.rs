@@ -471,7 +471,11 @@ async fn two_coordinators_sharing_postgres_number_each_inbox_once_in_commit_orde
             ids.extend(mine);
         }
         ids.sort_unstable();
-        assert_eq!(ids, (1..=LIMIT).collect::<Vec<_>>(), "ids 1..={LIMIT}, once each");
+        assert_eq!(
+            ids,
+            (1..=LIMIT).collect::<Vec<_>>(),
+            "ids 1..={LIMIT}, once each"
+        );
         assert_eq!(refused, 1_000 - LIMIT);
         assert_eq!(b.inbox_count(node).await.unwrap(), LIMIT);
         let mut read = Vec::new();
