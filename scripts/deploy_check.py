@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import dockerfile
@@ -37,9 +38,21 @@ K8S_VERSIONS = ["1.30", kv_utils.latest_version()]
 # these or a tool of the base image.
 RELAYMESH_BINARIES = {"coordinator", "commserver", "simulation", "meshctl"}
 BASE_IMAGE_TOOLS = {"bash", "sh"}
-# Defaults of the services' shutdown_grace_ms (coordinator/src/config.rs,
-# commserver/src/config.rs) when a config file does not set it.
-DEFAULT_SHUTDOWN_GRACE_MS = 5000
+# The config keys that bound how long each service takes to stop after SIGTERM, with their
+# defaults (coordinator/src/config.rs, commserver/src/config.rs): a coordinator stops within
+# shutdown_grace_ms; a comm server first drains for up to drain_on_shutdown_ms, then stops
+# within shutdown_grace_ms.
+SHUTDOWN_KEYS = {
+    "coordinator": {"shutdown_grace_ms": 5000},
+    "commserver": {"drain_on_shutdown_ms": 10000, "shutdown_grace_ms": 5000},
+}
+
+
+def shutdown_budget(binary, config):
+    """(milliseconds, "what they are") a service may take to stop, from its config."""
+    keys = SHUTDOWN_KEYS[binary]
+    values = {k: (config or {}).get(k, default) for k, default in keys.items()}
+    return sum(values.values()), " + ".join(f"{k} {v} ms" for k, v in values.items())
 # glibc of the Debian releases the runtime stage may be based on.
 GLIBC = {"bookworm": (2, 36), "trixie": (2, 41)}
 DISTROLESS_DEBIAN = {"12": "bookworm", "13": "trixie"}
@@ -162,16 +175,16 @@ def check_containers(w, where, secrets, configmaps):
                 if config is None:
                     fail(f"{cname}: --config {path} is not a file of a mounted ConfigMap")
         if image == "relaymesh":
-            grace_ms = (config or {}).get("shutdown_grace_ms", DEFAULT_SHUTDOWN_GRACE_MS)
+            grace_ms, what = shutdown_budget(command[0], config)
             pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
             period = spec.get("terminationGracePeriodSeconds", 30)
             if period <= pre_stop + grace_ms / 1000:
                 fail(f"{cname}: terminationGracePeriodSeconds {period} is not longer than the "
-                     f"preStop sleep ({pre_stop} s) plus shutdown_grace_ms ({grace_ms} ms): "
-                     "the pod would be killed before it finished shutting down")
+                     f"preStop sleep ({pre_stop} s) plus {what}: the pod would be killed "
+                     "before it finished shutting down")
             else:
                 ok(f"{cname}: terminationGracePeriodSeconds {period} > preStop {pre_stop} s + "
-                   f"shutdown_grace_ms {grace_ms} ms")
+                   f"{what}")
 
 
 def check_kubernetes():
@@ -345,21 +358,21 @@ def check_compose():
             host, _ = url_host_port(opts.get("--public-url", ""))
             if host != name:
                 fail(f"{where}: --public-url {opts.get('--public-url')} is not its own name")
-        # The stop grace period must cover the service's shutdown_grace_ms.
+        # The stop grace period must cover the time the service takes to stop.
         config_arg = opts.get("--config")
-        grace_ms = DEFAULT_SHUTDOWN_GRACE_MS
+        conf = None
         if config_arg:
             mounted = {c["target"]: c["source"] for c in s.get("configs", [])}
             if config_arg not in mounted:
                 fail(f"{where}: --config {config_arg} is not a mounted config")
             else:
                 conf = tomllib.loads(configs[mounted[config_arg]].read_text())
-                grace_ms = conf.get("shutdown_grace_ms", grace_ms)
-        if command[0] in ("coordinator", "commserver"):
+        if command[0] in SHUTDOWN_KEYS:
+            grace_ms, what = shutdown_budget(command[0], conf)
             stop = duration_s(s.get("stop_grace_period", "10s"))
             if stop <= grace_ms / 1000:
-                fail(f"{where}: stop_grace_period {stop} s is not longer than shutdown_grace_ms "
-                     f"{grace_ms} ms: Docker would kill it before it finished shutting down")
+                fail(f"{where}: stop_grace_period {stop} s is not longer than {what}: Docker "
+                     "would kill it before it finished shutting down")
     ok(f"references between {len(services)} services checked (depends_on, configs, volumes, "
        "URLs, ports, grace periods)")
 
@@ -525,71 +538,90 @@ def healthcheck(argv, bin_dir, env, port):
     return subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=30)
 
 
+def registered_ids(port):
+    """The server ids a coordinator on 127.0.0.1:port lists in /v1/stats."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=5) as r:
+        return {s["id"] for s in json.load(r)["servers"]}
+
+
 def check_processes(label, coordinator_toml, commserver_toml, bin_dir, hc_argv, image_env, tmp):
-    """A coordinator and a comm server from the image's binaries with these config files."""
+    """Two coordinators and a comm server registered with both (a comma-separated
+    --coordinator, as compose.yaml gives it), from the image's binaries, with these config
+    files; the HEALTHCHECK against each kind."""
     secret = "deploy-check-cluster-secret"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYMESH_")}
-    env.update(RUST_LOG="info", RELAYMESH_CLUSTER_SECRET=secret,
-               RELAYMESH_ACCOUNTS_URL=f"sqlite://{tmp}/{label}-accounts.db")
+    env.update(RUST_LOG="info", RELAYMESH_CLUSTER_SECRET=secret)
     tag = label.replace(" ", "-")
-    coord = Process([f"{bin_dir}/coordinator", "--config", str(coordinator_toml),
-                     "--listen", "127.0.0.1:0"], env, f"{tmp}/{tag}-coordinator.log",
-                    "coordinator listening on")
-    server = None
+    started = []  # (binary, Process, config file)
     try:
-        if coord.port is None:
-            fail(f"{label}: the coordinator with {coordinator_toml.name} did not start:\n"
-                 f"{coord.text()}")
-            return
-        ok(f"{label}: coordinator started with its config on 127.0.0.1:{coord.port}")
-        r = healthcheck(hc_argv, bin_dir, image_env, coord.port)
-        if r.returncode != 0:
-            fail(f"the Dockerfile's HEALTHCHECK {hc_argv} failed against the coordinator on "
-                 f"127.0.0.1:{coord.port}: {r.stdout}{r.stderr}")
-        else:
-            ok(f"{label}: HEALTHCHECK {hc_argv} passes against the coordinator")
-        r = healthcheck([hc_argv[0], str(coord.port), "/readyz"], bin_dir, image_env, coord.port)
-        if r.returncode != 0:
-            fail(f"{label}: the coordinator is not ready (/readyz): {r.stderr}")
+        coords = []
+        for n in (1, 2):
+            # Each its own SQLite account store here (the sql store; PostgreSQL in a cluster).
+            coord_env = dict(env, RELAYMESH_ACCOUNTS_URL=f"sqlite://{tmp}/{tag}-accounts-{n}.db")
+            p = Process([f"{bin_dir}/coordinator", "--config", str(coordinator_toml),
+                         "--listen", "127.0.0.1:0"], coord_env,
+                        f"{tmp}/{tag}-coordinator-{n}.log", "coordinator listening on")
+            started.append(("coordinator", p, coordinator_toml))
+            if p.port is None:
+                fail(f"{label}: a coordinator with {coordinator_toml.name} did not start:\n"
+                     f"{p.text()}")
+                return
+            coords.append(p)
+        ok(f"{label}: two coordinators started with its config, on 127.0.0.1:"
+           f"{coords[0].port} and :{coords[1].port}")
+        for p in coords:
+            r = healthcheck(hc_argv, bin_dir, image_env, p.port)
+            if r.returncode != 0:
+                fail(f"the Dockerfile's HEALTHCHECK {hc_argv} failed against the coordinator on "
+                     f"127.0.0.1:{p.port}: {r.stdout}{r.stderr}")
+            r = healthcheck([hc_argv[0], str(p.port), "/readyz"], bin_dir, image_env, p.port)
+            if r.returncode != 0:
+                fail(f"{label}: the coordinator on 127.0.0.1:{p.port} is not ready (/readyz): "
+                     f"{r.stderr}")
+        ok(f"{label}: HEALTHCHECK {hc_argv} and /readyz pass against both coordinators")
+        urls = ",".join(f"ws://127.0.0.1:{p.port}" for p in coords)
         server = Process([f"{bin_dir}/commserver", "--config", str(commserver_toml),
-                          "--coordinator", f"ws://127.0.0.1:{coord.port}",
-                          "--listen", "127.0.0.1:0"], env, f"{tmp}/{tag}-commserver.log",
-                         "comm server listening on")
+                          "--coordinator", urls, "--listen", "127.0.0.1:0", "--id", "check-1"],
+                         env, f"{tmp}/{tag}-commserver.log", "comm server listening on")
+        started.append(("commserver", server, commserver_toml))
         if server.port is None:
             fail(f"{label}: the comm server with {commserver_toml.name} did not start:\n"
                  f"{server.text()}")
             return
         deadline = time.monotonic() + 20
-        while True:
-            r = healthcheck([hc_argv[0], str(server.port), "/readyz"], bin_dir, image_env, server.port)
-            if r.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        if r.returncode != 0:
-            fail(f"{label}: the comm server did not become ready (registered) within 20 s: "
-                 f"{r.stderr}\n{server.text()}")
+        missing = ["not ready"]
+        while missing and time.monotonic() < deadline:
+            r = healthcheck([hc_argv[0], str(server.port), "/readyz"], bin_dir, image_env,
+                            server.port)
+            missing = [] if r.returncode == 0 else [r.stderr.strip()]
+            for p in coords:
+                if "check-1" not in registered_ids(p.port):
+                    missing.append(f"not registered with the coordinator on :{p.port}")
+            if missing:
+                time.sleep(0.2)
+        if missing:
+            fail(f"{label}: after 20 s the comm server (--coordinator {urls}) is "
+                 f"{'; '.join(missing)}\n{server.text()}")
         else:
-            ok(f"{label}: comm server started with its config, registered and ready")
-        r = healthcheck(hc_argv, bin_dir, dict(image_env), server.port)
+            ok(f"{label}: comm server started with its config, registered with both "
+               "coordinators, ready")
+        r = healthcheck(hc_argv, bin_dir, image_env, server.port)
         if r.returncode != 0:
             fail(f"the HEALTHCHECK failed against the comm server (RELAYMESH_HEALTH_PORT="
                  f"{server.port}): {r.stderr}")
         else:
             ok(f"{label}: HEALTHCHECK passes against the comm server (RELAYMESH_HEALTH_PORT)")
     finally:
-        for name, p, conf in (("comm server", server, commserver_toml),
-                              ("coordinator", coord, coordinator_toml)):
-            if p is None:
-                continue
-            grace = tomllib.loads(conf.read_text()).get("shutdown_grace_ms",
-                                                        DEFAULT_SHUTDOWN_GRACE_MS) / 1000
-            code, took = p.stop(grace + 5)
+        # The comm server first, then the coordinators.
+        for binary, p, conf in reversed(started):
+            grace_ms, what = shutdown_budget(binary, tomllib.loads(conf.read_text()))
+            code, took = p.stop(grace_ms / 1000 + 5)
             if code is None:
-                fail(f"{label}: the {name} did not exit within shutdown_grace_ms + 5 s of SIGTERM")
+                fail(f"{label}: the {binary} did not exit within {what} + 5 s of SIGTERM")
             elif code != 0 and p.port is not None:
-                fail(f"{label}: the {name} exited with {code} on SIGTERM:\n{p.text()}")
+                fail(f"{label}: the {binary} exited with {code} on SIGTERM:\n{p.text()}")
             elif p.port is not None:
-                ok(f"{label}: the {name} exited 0 within {took:.1f} s of SIGTERM")
+                ok(f"{label}: the {binary} exited 0 within {took:.1f} s of SIGTERM")
 
 
 def check_docker(build):
