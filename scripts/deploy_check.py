@@ -264,7 +264,8 @@ def check_kubernetes():
                 fail(f"PodDisruptionBudget {d['metadata']['name']} selects no workload")
         if d["kind"] == "HorizontalPodAutoscaler":
             t = d["spec"]["scaleTargetRef"]
-            if not any(w["kind"] == t["kind"] and w["metadata"]["name"] == t["name"] for w in loads):
+            if not any(w["kind"] == t["kind"] and w["metadata"]["name"] == t["name"]
+                       for w in loads):
                 fail(f"HorizontalPodAutoscaler {d['metadata']['name']}: no {t['kind']} {t['name']}")
     ok("references between manifests checked (Secret and ConfigMap keys, selectors, ports, "
        "$(VAR)s, grace periods)")
@@ -458,7 +459,8 @@ def max_glibc(path):
     if not objdump:
         return None
     out = subprocess.run([objdump, "-T", str(path)], capture_output=True, text=True).stdout
-    versions = [tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_(\d+\.\d+(?:\.\d+)?)", out)]
+    found = re.findall(r"GLIBC_(\d+\.\d+(?:\.\d+)?)", out)
+    versions = [tuple(int(x) for x in v.split(".")) for v in found]
     return max(versions) if versions else None
 
 
@@ -502,8 +504,10 @@ class Process:
     def __init__(self, argv, env, log, marker):
         self.log_path = log
         self.log = open(log, "w")
+        # In the scratch directory: whatever a process writes by a relative path lands there.
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=Path(log).parent, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         self.port = None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -556,8 +560,10 @@ def check_processes(label, coordinator_toml, commserver_toml, bin_dir, hc_argv, 
     try:
         coords = []
         for n in (1, 2):
-            # Each its own SQLite account store here (the sql store; PostgreSQL in a cluster).
-            coord_env = dict(env, RELAYMESH_ACCOUNTS_URL=f"sqlite://{tmp}/{tag}-accounts-{n}.db")
+            # Each its own SQLite account store here (the sql store; PostgreSQL in a cluster),
+            # named by RELAYMESH_ACCOUNTS_URL as the Secret names the database.
+            db = tmp / f"{tag}-accounts-{n}.db"
+            coord_env = dict(env, RELAYMESH_ACCOUNTS_URL=f"sqlite://{db}")
             p = Process([f"{bin_dir}/coordinator", "--config", str(coordinator_toml),
                          "--listen", "127.0.0.1:0"], coord_env,
                         f"{tmp}/{tag}-coordinator-{n}.log", "coordinator listening on")
@@ -566,6 +572,9 @@ def check_processes(label, coordinator_toml, commserver_toml, bin_dir, hc_argv, 
                 fail(f"{label}: a coordinator with {coordinator_toml.name} did not start:\n"
                      f"{p.text()}")
                 return
+            if not db.exists():
+                fail(f"{label}: the coordinator did not open the account store "
+                     "RELAYMESH_ACCOUNTS_URL names (the Secret's accounts-url would be ignored)")
             coords.append(p)
         ok(f"{label}: two coordinators started with its config, on 127.0.0.1:"
            f"{coords[0].port} and :{coords[1].port}")
