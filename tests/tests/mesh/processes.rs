@@ -212,18 +212,31 @@ async fn a_cluster_of_real_processes_survives_kills_and_stops_cleanly() {
         .await;
     }
 
-    // SIGTERM the servers while `a` and `b` are still connected: they drain and exit 0, and
-    // the clients are told why. SIGINT stops the coordinator the same way.
+    // SIGTERM the servers while `a` and `b` are still connected: each drains first (its
+    // clients are asked to move, and do, to the other server while there is one) and exits 0.
+    // The last has nowhere to send them: when `drain_on_shutdown_ms` is up it closes their
+    // sessions, and the clients are told. SIGINT stops the coordinator the same way.
     drop(sub);
+    let first = servers[0].id.clone();
+    let was_on_first = a.server_id() == first;
     for server in &mut servers {
         assert!(server.proc.terminate(), "comm server did not exit cleanly");
         server.proc.wait_for_line("comm server stopped");
     }
-    let event = within("shutdown notice", a.next_event()).await.unwrap();
-    assert!(
-        matches!(&event, Event::Disconnected { reason, .. } if reason.contains("SHUTTING_DOWN")),
-        "{event:?}"
-    );
+    let mut moved = false;
+    let event = within("shutdown notice", async {
+        loop {
+            match a.next_event().await {
+                Some(Event::Moved { from_server, .. }) => moved |= from_server == first,
+                Some(event @ Event::Disconnected { .. }) => return event,
+                Some(_) => {}
+                None => panic!("the client ended without a word"),
+            }
+        }
+    })
+    .await;
+    assert!(matches!(&event, Event::Disconnected { .. }), "{event:?}");
+    assert_eq!(moved, was_on_first, "moved off the first server drained");
     assert!(
         coordinator.signal("INT"),
         "coordinator did not exit cleanly on SIGINT"
@@ -398,7 +411,7 @@ async fn a_wrong_secret_is_named_and_an_early_start_is_not_a_warning() {
         &config,
         &["--coordinator", &url, "--listen", "127.0.0.1:0"],
     );
-    let waiting = early.wait_for_line("the coordinator is not reachable yet");
+    let waiting = early.wait_for_line("is not reachable yet");
     assert!(waiting.contains(" INFO "), "{waiting}");
     let mut coordinator = Proc::start("coordinator", &["--listen", &addr.to_string()]);
     coordinator.listening_addr();
