@@ -336,25 +336,7 @@ async fn sqlite_store_is_created_migrated_and_checked() {
 
 #[tokio::test]
 async fn postgres_store_is_migrated_and_checked() {
-    let Ok(base) = std::env::var("RELAYMESH_TEST_POSTGRES_URL") else {
-        panic!(
-            "RELAYMESH_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh, which \
-             starts a throwaway PostgreSQL server"
-        );
-    };
-    // A database of its own, so runs never share state.
-    let name = format!("relaymesh_test_{}", std::process::id());
-    let mut server = sqlx::PgConnection::connect(&base).await.unwrap();
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name}"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        sqlx::query(&sql).execute(&mut server).await.unwrap();
-    }
-    let url = match base.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{name}"),
-        None => panic!("RELAYMESH_TEST_POSTGRES_URL has no database part: {base}"),
-    };
+    let (url, mut server, name) = postgres_database("store").await;
     exercise(&url).await;
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(&mut server)

@@ -142,6 +142,42 @@ pub async fn post_json_with(url: &str, headers: &[(&str, &str)], body: &[u8]) ->
     )
 }
 
+/// An enabled account `name` with one access code `code` (id `main`) and no role rules.
+pub fn account_with_code(name: &str, code: &str) -> coordinator::accounts::Account {
+    coordinator::accounts::Account {
+        name: name.into(),
+        enabled: true,
+        isolate_groups: false,
+        access_codes: vec![coordinator::accounts::AccessCode {
+            id: "main".into(),
+            hash: coordinator::accounts::hash_code(code).unwrap(),
+            revoked: false,
+            groups: Vec::new(),
+        }],
+        public_keys: Vec::new(),
+        roles: std::collections::BTreeMap::new(),
+        nodes: Vec::new(),
+    }
+}
+
+/// Waits until `client` is told a newer login of its client id replaced it, and returns the
+/// reason it was given; fails if it reconnects instead, or ends without a word.
+pub async fn replaced_reason(client: &mut Client) -> String {
+    within("REPLACED", async {
+        loop {
+            match client.next_event().await {
+                Some(relaymesh_client::Event::Disconnected { reason, .. }) => return reason,
+                Some(relaymesh_client::Event::Reconnected { .. }) => {
+                    panic!("a replaced client reconnected")
+                }
+                Some(_) => {}
+                None => panic!("ended without saying why"),
+            }
+        }
+    })
+    .await
+}
+
 /// A free address for a service that must come back *on the same address* after a restart.
 ///
 /// Ports from `bind(…:0)` come from the kernel's ephemeral range, which the outbound connections

@@ -435,17 +435,7 @@ async fn a_newer_login_of_the_same_client_replaces_the_older_session_on_any_serv
     config.preferred_server = Some(cluster.servers[1].id.clone());
     let newer = Client::connect(config).await.unwrap();
     // The older session is told why, and does not come back (it would replace the newer one).
-    let reason = within("REPLACED", async {
-        loop {
-            match older.next_event().await {
-                Some(Event::Disconnected { reason, .. }) => return reason,
-                Some(Event::Reconnected { .. }) => panic!("a replaced client reconnected"),
-                Some(_) => {}
-                None => panic!("ended without saying why"),
-            }
-        }
-    })
-    .await;
+    let reason = relaymesh_tests::replaced_reason(&mut older).await;
     assert!(reason.contains("REPLACED"), "{reason}");
     assert!(
         within("older client ends", older.next_event())

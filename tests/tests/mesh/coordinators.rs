@@ -2,12 +2,9 @@
 //! through either reaches the same mesh, what must be agreed between them (one session per
 //! client id, the directory of online nodes) is, and clients fail over when one dies.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use coordinator::accounts::{
-    AccessCode, Account, AccountsConfig, AccountsFile, StoreKind, hash_code,
-};
+use coordinator::accounts::{AccountsConfig, AccountsFile, StoreKind};
 use relaymesh_client::{Client, Credentials, Event, NodeDetails, PresenceChange, register_node};
 use relaymesh_tests::process::Proc;
 use relaymesh_tests::{
@@ -28,20 +25,7 @@ impl Accounts {
             "relaymesh-coordinators-{}-{n}.json",
             std::process::id()
         ));
-        let account = Account {
-            name: "acme".into(),
-            enabled: true,
-            isolate_groups: false,
-            access_codes: vec![AccessCode {
-                id: "main".into(),
-                hash: hash_code(CODE).unwrap(),
-                revoked: false,
-                groups: Vec::new(),
-            }],
-            public_keys: Vec::new(),
-            roles: BTreeMap::new(),
-            nodes: Vec::new(),
-        };
+        let account = relaymesh_tests::account_with_code("acme", CODE);
         AccountsFile {
             accounts: vec![account],
         }
@@ -141,17 +125,7 @@ async fn two_coordinators_serve_one_mesh_and_agree_on_one_session_per_client_id(
     // coordinator tells every server, and the login's number orders them).
     let mut older = client(&a.url, &servers[0], Some("drone-7")).await;
     let newer = client(&b.url, &servers[1], Some("drone-7")).await;
-    let reason = within("REPLACED", async {
-        loop {
-            match older.next_event().await {
-                Some(Event::Disconnected { reason, .. }) => return reason,
-                Some(Event::Reconnected { .. }) => panic!("a replaced client reconnected"),
-                Some(_) => {}
-                None => panic!("ended without saying why"),
-            }
-        }
-    })
-    .await;
+    let reason = relaymesh_tests::replaced_reason(&mut older).await;
     assert!(reason.contains("REPLACED"), "{reason}");
     assert_eq!(servers[0].stat("replaced").await, 1);
     // And back the other way.

@@ -1,11 +1,8 @@
 //! Addressable clients: nodes, direct messages and signals, across servers and accounts.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use coordinator::accounts::{
-    AccessCode, Account, AccountsConfig, AccountsFile, StoreKind, hash_code,
-};
+use coordinator::accounts::{Account, AccountsConfig, AccountsFile, StoreKind};
 use coordinator::admin::{AdminCommand, Backend};
 use coordinator::sql::SqlStore;
 use relaymesh_client::{
@@ -269,20 +266,7 @@ impl Drop for TempFile {
 const CODE: &str = "nodes-test-code";
 
 fn account(name: &str) -> Account {
-    Account {
-        name: name.into(),
-        enabled: true,
-        isolate_groups: false,
-        access_codes: vec![AccessCode {
-            id: "main".into(),
-            hash: hash_code(CODE).unwrap(),
-            revoked: false,
-            groups: Vec::new(),
-        }],
-        public_keys: Vec::new(),
-        roles: BTreeMap::new(),
-        nodes: Vec::new(),
-    }
+    relaymesh_tests::account_with_code(name, CODE)
 }
 
 async fn file_cluster(servers: usize) -> (Cluster, TempFile) {
