@@ -191,6 +191,8 @@ struct Session {
     /// before the client stopped writing here) is left for its next server: not taken, so
     /// not confirmed, so sent again there; nothing goes out twice.
     leaving: bool,
+    /// `Left` went out (it waits for the direct messages still being stored).
+    left: bool,
     /// Room for subscription changes whose second `Ack` is still to come
     /// (`max_pending_confirmations`); each waiting task holds a permit.
     confirmations: Arc<tokio::sync::Semaphore>,
@@ -330,6 +332,7 @@ fn run(
         topics: HashSet::new(),
         ever_subscribed: false,
         leaving: false,
+        left: false,
         confirmations: Arc::new(tokio::sync::Semaphore::new(
             server.config.max_pending_confirmations,
         )),
@@ -587,18 +590,31 @@ impl Session {
         Ok(())
     }
 
-    /// The client is subscribed on another server and moving there: what it sent is
-    /// confirmed (ahead of `Left`: confirmations go on the reply queue, which the writer
-    /// empties first), the peers flush what they routed here, and `Left` goes behind every
-    /// delivery queued for it, so the client can read up to it and close knowing it missed
-    /// nothing here. A queue with no room for it ends the
-    /// session (the client then closes on its own timeout, as after any loss).
+    /// The client is subscribed on another server and moving there: the peers flush what
+    /// they routed here, and once no direct message of its is still being stored, what it sent
+    /// is confirmed (ahead of `Left`: confirmations go on the reply queue, which the writer
+    /// empties first) and `Left` goes behind every delivery queued for it, so the client can
+    /// read up to it and close knowing it missed nothing here and has nothing here to send
+    /// again. (A message still being stored when `Left` went would be sent again from the next
+    /// server and stored twice.) A queue with no room for it ends the session (the client then
+    /// closes on its own timeout, as after any loss).
     async fn leave(&mut self) -> Result<(), v1::Error> {
         if std::mem::replace(&mut self.leaving, true) {
             return Ok(());
         }
-        self.confirm()?;
         self.server.flush_peers().await;
+        self.finish_leaving()
+    }
+
+    /// Sends `Left` if the client is leaving and nothing it sent is still being stored (each
+    /// store is answered: stored, refused, or failed with its coordinator link).
+    fn finish_leaving(&mut self) -> Result<(), v1::Error> {
+        if !self.leaving || self.left || self.inbox.as_ref().is_some_and(|i| !i.storing.is_empty())
+        {
+            return Ok(());
+        }
+        self.left = true;
+        self.confirm()?;
         let left = relaymesh_net::wire::framed(&encode(&v1::ServerToClient::left(v1::Left {})));
         // Queued, not written past the writer: the confirmation on the reply queue goes first.
         match self.me.send(&left, 1, false) {
@@ -717,7 +733,8 @@ impl Session {
                         self.undeliverable(seq, to_node, code, e.message)?;
                     }
                 }
-                self.confirm()
+                self.confirm()?;
+                self.finish_leaving()
             }
             SessionEvent::Batch(result) => {
                 let state = self.inbox_state();
