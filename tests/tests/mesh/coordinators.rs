@@ -309,6 +309,20 @@ async fn logins_go_on_through_the_other_coordinator_after_a_kill_9_and_it_catche
     let publisher = Client::connect(on(1)).await.unwrap();
     publisher.publish("fleet/x", "before").await.unwrap();
     assert_eq!(&next_message(&mut sub).await.payload[..], b"before");
+    // One session per client id across the two processes: a login through B alone replaces
+    // the session made through A alone.
+    let through = |coordinator: std::net::SocketAddr, i: usize| {
+        let mut config = client_config(&format!("ws://{coordinator}"));
+        config.credentials = code();
+        config.client_id = Some("drone-7".into());
+        config.preferred_server = Some(ids[i].clone());
+        config
+    };
+    let mut older = Client::connect(through(a_addr, 0)).await.unwrap();
+    let newer = Client::connect(through(b_addr, 2)).await.unwrap();
+    let reason = relaymesh_tests::replaced_reason(&mut older).await;
+    assert!(reason.contains("REPLACED"), "{reason}");
+    newer.close().await;
     let links_before = [
         peer_links(servers[0].1).await,
         peer_links(servers[1].1).await,
