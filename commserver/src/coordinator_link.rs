@@ -96,9 +96,11 @@ pub(crate) async fn run(server: Arc<Server>) {
             }
             let stop = server.shutdown.child_token();
             let span = tracing::info_span!("coordinator", at = %target);
-            server.tracker.spawn(
-                keep_registered(server.clone(), target.clone(), stop.clone()).instrument(span),
-            );
+            // Numbered here, in the order of the configured list and of the addresses, so
+            // the oldest link (the primary's first choice) is the first one listed.
+            let number = server.coordinators.add(&target);
+            let task = keep_registered(server.clone(), target.clone(), number, stop.clone());
+            server.tracker.spawn(task.instrument(span));
             running.insert(target, stop);
         }
     }
@@ -147,8 +149,12 @@ async fn resolve(url: &str, running: &BTreeMap<Target, CancellationToken>) -> Ve
 }
 
 /// Keeps one coordinator link registered until `stop` (its address went away) or shutdown.
-async fn keep_registered(server: Arc<Server>, target: Target, stop: CancellationToken) {
-    let number = server.coordinators.add(&target);
+async fn keep_registered(
+    server: Arc<Server>,
+    target: Target,
+    number: u64,
+    stop: CancellationToken,
+) {
     let mut redial = server
         .config
         .redial_coordinator(format!("the coordinator at {target}"));
