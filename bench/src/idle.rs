@@ -129,6 +129,7 @@ where
         kind: Some(client_to_server::Kind::Subscribe(v1::Subscribe {
             request_id: 1,
             topics: vec![format!("idle-{i}")],
+            recover: Vec::new(),
         })),
     };
     ws.feed(WsMessage::Binary(encode(&attach))).await?;

@@ -131,9 +131,16 @@ async fn attach(
         protocol_version: PROTOCOL_VERSION,
     }))];
     if !topics.is_empty() {
+        // After a lost connection, what was missed on topics that keep history is recovered
+        // (a move loses nothing: it reads the old server to its end).
+        let recover = match arrivals {
+            Arrivals::Deliver => lock(&shared.history).recover(&topics),
+            Arrivals::Hold => Vec::new(),
+        };
         opening.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
             request_id: resubscribe,
             topics: topics.clone(),
+            recover,
         })));
     }
     // Then what the lost server never confirmed, in order, ahead of the outbound queue.
@@ -241,6 +248,7 @@ async fn restore(
                 )));
             }
             Some(Kind::Ack(ack)) if ack.request_id == resubscribe => {
+                lock(&shared.history).subscribed(&ack);
                 acked = true;
                 pending = ack.pending;
             }
@@ -379,6 +387,7 @@ async fn catch_up(
         frames.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
             request_id: id,
             topics: topics.clone(),
+            recover: Vec::new(),
         })));
     }
     next.link
@@ -491,22 +500,54 @@ fn message(m: v1::Message) -> Event {
             });
         }
     }
-    Event::Message(Message {
-        topic: m.topic,
-        from: m.from_alias,
-        role: m.from_role,
-        payload: m.payload,
-    })
+    Event::Message(Message::from(m))
 }
 
 /// Whether `m` is new: inbox messages by their inbox id (they come after messages sent later,
 /// so publisher numbers say nothing about them), the rest by [`crate::Seen`].
+/// On a topic that keeps history, a message whose stream offset was delivered is a copy, and
+/// one that arrives while its topic recovers waits for the recovery (it is not new yet).
 fn fresh(shared: &Shared, seen: &mut crate::Seen, m: &v1::Message) -> bool {
     if m.inbox_id > 0 {
-        shared.inbox_fresh(m.inbox_id)
-    } else {
-        seen.fresh(m)
+        return shared.inbox_fresh(m.inbox_id);
     }
+    if m.stream != 0 && lock(&shared.history).arrive(m) != crate::history::Arrival::Fresh {
+        return false;
+    }
+    seen.fresh(m)
+}
+
+/// A `HistoryBatch`: a recovery's messages (new ones, each publisher's in order) and, when it
+/// is done, the live messages it held and its outcome; or part of a `History` answer.
+fn history_batch(b: v1::HistoryBatch, shared: &Shared, seen: &mut crate::Seen) -> Handled {
+    if !b.recovery {
+        lock(&shared.history).answered(b);
+        return Handled::Nothing;
+    }
+    let topic = b.topic.clone();
+    let recovery = lock(&shared.history).recovered(b);
+    let mut events: Vec<Event> = recovery
+        .messages
+        .into_iter()
+        .filter(|m| seen.fresh(m))
+        .map(message)
+        .collect();
+    if recovery.dropped > 0 {
+        events.push(Event::Dropped {
+            count: recovery.dropped,
+            upstream: 0,
+        });
+    }
+    if let Some(missed_at_least) = recovery.gap {
+        events.push(Event::RecoveryGap {
+            topic: topic.clone(),
+            missed_at_least,
+        });
+    }
+    if let Some(count) = recovery.recovered {
+        events.push(Event::Recovered { topic, count });
+    }
+    Handled::Events(events)
 }
 
 /// The backend changed the subscriptions: they are the client's own from now on.
@@ -1143,8 +1184,16 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
         }
         Some(Kind::Dropped(d)) => dropped(d),
         Some(Kind::Ack(ack)) => {
+            lock(&shared.history).subscribed(&ack);
             let events = lock(&shared.state).acknowledge(ack.request_id, ack.pending);
             return Handled::Events(events);
+        }
+        Some(Kind::History(b)) => return history_batch(b, shared, seen),
+        // A refused `History` request fails that request only.
+        Some(Kind::Error(e))
+            if e.request_id != 0 && lock(&shared.history).refused(e.request_id, e.clone()) =>
+        {
+            return Handled::Nothing;
         }
         Some(Kind::Error(e)) if e.error_code() == v1::ErrorCode::Forbidden => {
             // Role rules: the server refused one request and keeps the connection.

@@ -153,6 +153,7 @@
 
 pub mod cluster;
 mod connection;
+mod history;
 mod negotiate;
 
 /// The README's Rust examples, compiled by `cargo test` as doc tests (each in a crate of its
@@ -497,6 +498,26 @@ pub enum Event {
         /// The server's explanation.
         message: String,
     },
+    /// The recovery of `topic` after a reconnect is done: `count` messages published while
+    /// the client was away were delivered (before this event, in each publisher's order, each
+    /// once), and live messages follow. Only for topics the servers keep history for
+    /// (`[history]` in their configuration).
+    Recovered {
+        /// The topic.
+        topic: String,
+        /// Messages recovered.
+        count: u64,
+    },
+    /// The recovery of `topic` could not reach back to where the client left it: at least
+    /// `missed_at_least` messages are gone (aged out or evicted from the history, or held
+    /// only by a server that died); 0 when how many cannot be known (the stream's server died
+    /// with no copy left). [`Event::Recovered`] follows with what could be recovered.
+    RecoveryGap {
+        /// The topic.
+        topic: String,
+        /// A lower bound of the messages missed.
+        missed_at_least: u64,
+    },
 }
 
 /// What a node says about itself ([`register_node`], [`update_node`]); the coordinator
@@ -632,6 +653,63 @@ pub struct Message {
     /// (no copy), so keeping it keeps that buffer (a few KiB); to hold many messages for long,
     /// keep copies (`Bytes::copy_from_slice(&m.payload)`).
     pub payload: Bytes,
+    /// Where it sits in its topic's history, on a topic that keeps history.
+    pub position: Option<Position>,
+}
+
+impl From<v1::Message> for Message {
+    fn from(m: v1::Message) -> Self {
+        Self {
+            position: (m.stream != 0).then_some(Position {
+                stream: m.stream,
+                offset: m.offset,
+                published_ms: m.published_ms,
+            }),
+            topic: m.topic,
+            from: m.from_alias,
+            role: m.from_role,
+            payload: m.payload,
+        }
+    }
+}
+
+/// A message's place in its topic's history. A topic's history is made of streams, one per
+/// comm server process that accepted messages on it; each numbers its messages 1, 2, 3...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The stream (random per topic and server process).
+    pub stream: u64,
+    /// The message's number in the stream.
+    pub offset: u64,
+    /// When its server accepted it (ms since the Unix epoch).
+    pub published_ms: u64,
+}
+
+/// Which part of a topic's history [`Handle::history`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The newest `n` messages (the server caps `n` at its `history.max_reply_messages`).
+    Last(u32),
+    /// What followed these positions (the last [`Position`] seen of each stream); for
+    /// streams not named, what was accepted at or after `since_ms`.
+    Since {
+        /// The last offset seen of each stream.
+        positions: Vec<Position>,
+        /// ms since the Unix epoch.
+        since_ms: u64,
+    },
+}
+
+/// An answer of [`Handle::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Oldest first, each publisher's in its order.
+    pub messages: Vec<Message>,
+    /// Messages asked for are gone (aged out, evicted, or held only by a server that died),
+    /// at least `missed_at_least` of them (0: how many is unknown).
+    pub gap: bool,
+    /// See `gap`.
+    pub missed_at_least: u64,
 }
 
 /// Why a client operation failed.
@@ -709,6 +787,8 @@ struct Shared {
     seen: Mutex<Seen>,
     /// The highest inbox id delivered: an inbox message at or below it is a copy.
     inbox_seen: AtomicU64,
+    /// Positions in topics that keep history, recoveries under way, history requests.
+    history: Mutex<history::Positions>,
     /// Woken when the server confirms publishes.
     confirmations: tokio::sync::Notify,
 }
@@ -1061,6 +1141,7 @@ impl Client {
             ),
             seen: Mutex::new(Seen::default()),
             inbox_seen: AtomicU64::new(0),
+            history: Mutex::new(history::Positions::default()),
             confirmations: tokio::sync::Notify::new(),
         });
         let config_auto_ack = config.auto_ack_inbox;
@@ -1176,6 +1257,15 @@ impl Client {
         self.handle.node_id()
     }
 
+    /// See [`Handle::history`].
+    pub async fn history(
+        &self,
+        topic: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, ClientError> {
+        self.handle.history(topic, query).await
+    }
+
     /// See [`Handle::list_nodes`].
     pub async fn list_nodes(&self, limit: u32, filter: &str) -> Result<NodeList, ClientError> {
         self.handle.list_nodes(limit, filter).await
@@ -1238,6 +1328,7 @@ impl Handle {
                 v1::ClientToServer::subscribe(v1::Subscribe {
                     request_id,
                     topics: topics.clone(),
+                    recover: Vec::new(),
                 }),
                 Pending::new(request_id, done, added, Some(topics)),
             )
@@ -1262,6 +1353,12 @@ impl Handle {
         S: Into<String>,
     {
         let topics = checked(topics)?;
+        {
+            let mut positions = lock(&self.shared.history);
+            for t in &topics {
+                positions.forget(t);
+            }
+        }
         self.request(|state, request_id, done| {
             for t in &topics {
                 state.topics.remove(t);
@@ -1387,6 +1484,62 @@ impl Handle {
         }
         permit.send(frame);
         Ok(seq)
+    }
+
+    /// Reads `topic`'s history (a topic the servers keep history for, which the client's role
+    /// may subscribe to; it need not be subscribed): a late joiner's backlog, or the last known
+    /// state. Refused with `FORBIDDEN` outside the role's subscribe rules, `NOT_FOUND` on a
+    /// topic without history, `RATE_LIMITED` over the server's `history.requests_per_s`.
+    pub async fn history(
+        &self,
+        topic: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, ClientError> {
+        topic::validate(topic, topic::DEFAULT_MAX_TOPIC_LEN).map_err(|reason| {
+            ClientError::InvalidTopic {
+                topic: topic.to_owned(),
+                reason,
+            }
+        })?;
+        let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        lock(&self.shared.history).ask(request_id, done);
+        let (last, since, since_ms) = match query {
+            HistoryQuery::Last(n) => (n.max(1), Vec::new(), 0),
+            HistoryQuery::Since {
+                positions,
+                since_ms,
+            } => (
+                0,
+                positions
+                    .iter()
+                    .map(|p| v1::StreamPosition {
+                        stream: p.stream,
+                        offset: p.offset,
+                    })
+                    .collect(),
+                since_ms,
+            ),
+        };
+        let frame = encode(&v1::ClientToServer::history(v1::History {
+            request_id,
+            topic: topic.to_owned(),
+            last,
+            since,
+            since_ms,
+        }));
+        let outcome = match self.out.send(frame).await {
+            Err(_) => Err(ClientError::Closed),
+            Ok(()) => match tokio::time::timeout(self.shared.request_timeout, answer).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(_)) => Err(ClientError::Protocol(
+                    "the connection was lost before the history came".into(),
+                )),
+                Err(_) => Err(ClientError::Timeout("waiting for the history".into())),
+            },
+        };
+        lock(&self.shared.history).cancel(request_id);
+        outcome
     }
 
     /// Online nodes of this client's scope: at most `limit` (the server caps it; 0 asks for
@@ -1581,6 +1734,7 @@ mod tests {
             outbox_room: tokio::sync::Semaphore::new(16),
             seen: Mutex::new(Seen::default()),
             inbox_seen: AtomicU64::new(0),
+            history: Mutex::new(history::Positions::default()),
             confirmations: tokio::sync::Notify::new(),
         })
     }

@@ -75,6 +75,8 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         })
         .collect();
     let pending_keys = lock(&server.keys).pending();
+    let h = &server.histories.stats;
+    let (history_topics, history_bytes) = server.histories.held();
     json!({
         "id": &*server.id,
         "url": server.public_url,
@@ -124,6 +126,14 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tls_refused_plain": s.serving.tls_refused_plain.get(),
         "tls_handshakes_failed": s.serving.tls_handshakes_failed.get(),
+        "history_topics": history_topics,
+        "history_bytes": history_bytes,
+        "history_stored": h.stored.get(),
+        "history_evicted": h.evicted.get(),
+        "history_not_kept": h.not_kept.get(),
+        "history_requests": h.requests.get(),
+        "history_gaps": h.gaps.get(),
+        "history_replayed": h.replayed.get(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
     })
@@ -200,7 +210,19 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Login keys reserved and not yet used.",
         lock(&server.keys).pending() as f64,
     );
-    let gauges: [(&str, &str, f64); 7] = [
+    let (history_topics, history_bytes) = server.histories.held();
+    let h = &server.histories.stats;
+    let gauges: [(&str, &str, f64); 9] = [
+        (
+            "relaymesh_history_topics",
+            "Topics with history held on this server.",
+            history_topics as f64,
+        ),
+        (
+            "relaymesh_history_bytes",
+            "Bytes of history held (messages as delivered plus bookkeeping).",
+            history_bytes as f64,
+        ),
         (
             "relaymesh_clients",
             "Connected clients.",
@@ -236,7 +258,37 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 29] = [
+    let counters: [(&str, &str, &Counter); 35] = [
+        (
+            "relaymesh_history_stored_total",
+            "Messages added to topic history (as origin or copy).",
+            &h.stored,
+        ),
+        (
+            "relaymesh_history_evicted_total",
+            "History messages dropped for the bounds (count, bytes, age).",
+            &h.evicted,
+        ),
+        (
+            "relaymesh_history_not_kept_total",
+            "Messages on history topics not kept for lack of room (max_topics, max_total_bytes).",
+            &h.not_kept,
+        ),
+        (
+            "relaymesh_history_requests_total",
+            "History requests and recoveries answered.",
+            &h.requests,
+        ),
+        (
+            "relaymesh_history_gaps_total",
+            "History answers that reported a gap.",
+            &h.gaps,
+        ),
+        (
+            "relaymesh_history_replayed_total",
+            "Messages sent in history answers.",
+            &h.replayed,
+        ),
         (
             "relaymesh_replaced_total",
             "Sessions closed because a newer login of the same client replaced them.",

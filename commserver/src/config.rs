@@ -180,6 +180,9 @@ pub struct Config {
     /// TLS only, and the default public URL is `wss://`), the CA trusted when dialing the
     /// coordinator and peers, mutual TLS on peer links, reload interval.
     pub tls: relaymesh_net::tls::TlsConfig,
+    /// `[history]`: which topics keep history (for recovery after a reconnect, and `History`
+    /// requests), and its bounds.
+    pub history: crate::history::HistoryConfig,
 }
 
 impl Default for Config {
@@ -244,6 +247,7 @@ impl Default for Config {
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
             tls: relaymesh_net::tls::TlsConfig::default(),
+            history: crate::history::HistoryConfig::default(),
         }
     }
 }
@@ -252,6 +256,7 @@ impl Config {
     /// Checks ranges and consistency; the message names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.tls.validate()?;
+        self.history.validate(self.max_topic_bytes)?;
         ensure(
             !self.coordinator_urls().is_empty(),
             "coordinator",

@@ -278,6 +278,7 @@ async fn serve(
         publisher: crate::routes::Publisher::new(
             server.direct_writes,
             server.config.slow_consumer_ms,
+            server.histories.clone(),
         ),
     };
     let served = link::serve(socket, options, reader).await;

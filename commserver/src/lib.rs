@@ -19,6 +19,7 @@ mod api;
 mod control;
 mod coordinator_link;
 mod dispatch;
+pub mod history;
 mod inbox;
 mod interest;
 mod keys;
@@ -91,6 +92,10 @@ struct Server {
     connector: relaymesh_net::tls::Connector,
     keys: Mutex<KeyStore>,
     routes: RouteTable,
+    /// The history of topics that keep one.
+    histories: Arc<history::Histories>,
+    /// History requests out to peers, by request id: where their answers go.
+    history_queries: Mutex<HashMap<u64, history::AnswerTx>>,
     /// Commands to the control task, which holds the receiver and owns subscription state.
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
@@ -285,6 +290,8 @@ pub async fn run_with(
         newest_logins: Mutex::new(HashMap::new()),
         keys: Mutex::new(KeyStore::new(config.key_ttl(), config.max_pending_keys)),
         routes: RouteTable::default(),
+        histories: Arc::new(history::Histories::new(config.history.clone())),
+        history_queries: Mutex::new(HashMap::new()),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
         known_peers: Mutex::new(BTreeMap::new()),

@@ -157,6 +157,7 @@ impl Server {
             resent_from: "",
             node: "",
             signal: 0,
+            position: Default::default(),
         };
         let frame = relaymesh_proto::frame::forward_frame("", FLUSH_TOPIC, from, &[]);
         routes::forward_to(&peer.out, &frame, ("", FLUSH_TOPIC), &self.stats);

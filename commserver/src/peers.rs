@@ -371,7 +371,11 @@ where
             replay: server.config.peer_replay(),
         }),
         peer: None,
-        publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
+        publisher: Publisher::new(
+            server.direct_writes,
+            server.config.slow_consumer_ms,
+            server.histories.clone(),
+        ),
         nonce: 0,
     };
     let served = link::serve(socket, options, reader).await;
@@ -617,6 +621,12 @@ impl link::Handler for PeerReader {
                 deliver_forward(&self.server, &peer, &mut self.publisher, forward)?;
             }
             Some(Kind::Flush(flush)) => self.server.flush_to(&peer, flush.nonce),
+            Some(Kind::HistoryQuery(query)) => {
+                crate::history::answer_peer(&self.server, &peer, query);
+            }
+            Some(Kind::HistoryAnswer(answer)) => {
+                crate::history::answered(&self.server, &peer.server_id, answer);
+            }
             Some(Kind::Interest(interest)) => {
                 self.server
                     .command(Command::PeerInterest {
@@ -758,6 +768,11 @@ fn deliver_forward(
             resent_from: &forward.resent_from,
             node: &forward.from_node,
             signal: forward.signal,
+            position: relaymesh_proto::frame::Position {
+                stream: forward.stream,
+                offset: forward.offset,
+                published_ms: forward.published_ms,
+            },
         },
         payload: &forward.payload,
     };

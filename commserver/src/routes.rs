@@ -31,9 +31,12 @@ use relaymesh_net::metrics::Counter;
 use relaymesh_net::sync::lock;
 use relaymesh_net::wire;
 use relaymesh_proto::ErrorCode;
-use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
+use relaymesh_proto::frame::{
+    Sender, forward_frame, message_frame, message_frame_len, put_message_frame,
+};
 use relaymesh_proto::v1;
 
+use crate::history::{Histories, TopicHistory};
 use crate::interest::{SessionId, TopicKey};
 use crate::stats::Stats;
 
@@ -423,30 +426,49 @@ enum Cached {
     Absent(u64),
 }
 
+impl Cached {
+    fn route(&self) -> Option<&Arc<Route>> {
+        match self {
+            Self::Route(route) => Some(route),
+            Self::Absent(_) => None,
+        }
+    }
+
+    /// Whether this is still the topic's route in `table`.
+    fn current(&self, table: &RouteTable) -> bool {
+        match self {
+            Self::Route(route) => !route.stale.load(Ordering::Acquire),
+            Self::Absent(generation) => *generation == table.generation(),
+        }
+    }
+}
+
+/// What a cache knows of a topic: its route, and its history if it keeps one.
+#[derive(Debug)]
+struct CacheEntry {
+    cached: Cached,
+    history: Option<Option<Arc<TopicHistory>>>,
+}
+
 /// A task-local cache of routes for one account.
 #[derive(Debug, Default)]
 struct RouteCache {
-    routes: HashMap<Box<str>, Cached>,
+    routes: HashMap<Box<str>, CacheEntry>,
 }
 
 impl RouteCache {
-    /// Calls `f` with the route of `topic`. Before a topic's first lookup, `check` runs (topic
-    /// validation), so a topic found in the cache is known to be valid.
+    /// Calls `f` with the entry of `topic`, its route current. Before a topic's first lookup,
+    /// `check` runs (topic validation), so a topic found in the cache is known to be valid.
     fn with_route<R, E>(
         &mut self,
         table: &RouteTable,
         account: &str,
         topic: &str,
         check: impl FnOnce() -> Result<(), E>,
-        f: impl FnOnce(Option<&Arc<Route>>) -> R,
+        f: impl FnOnce(&mut CacheEntry) -> R,
     ) -> Result<R, E> {
-        let known = match self.routes.get(topic) {
-            Some(Cached::Route(route)) if !route.stale.load(Ordering::Acquire) => {
-                return Ok(f(Some(route)));
-            }
-            Some(Cached::Absent(generation)) if *generation == table.generation() => {
-                return Ok(f(None));
-            }
+        let known = match self.routes.get_mut(topic) {
+            Some(entry) if entry.cached.current(table) => return Ok(f(entry)),
             Some(_) => true,
             None => false,
         };
@@ -459,20 +481,22 @@ impl RouteCache {
         // The generation is read before the lookup, so a route created in between is either
         // found now or makes this entry out of date.
         let generation = table.generation();
-        let (cached, result) = match table.get(account, topic) {
-            Some(route) => {
-                let result = f(Some(&route));
-                (Cached::Route(route), result)
-            }
-            None => (Cached::Absent(generation), f(None)),
+        let cached = match table.get(account, topic) {
+            Some(route) => Cached::Route(route),
+            None => Cached::Absent(generation),
         };
-        match self.routes.get_mut(topic) {
-            Some(entry) => *entry = cached,
-            None => {
-                self.routes.insert(topic.into(), cached);
+        let entry = match self.routes.entry(topic.into()) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let entry = e.into_mut();
+                entry.cached = cached;
+                entry
             }
-        }
-        Ok(result)
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(CacheEntry {
+                cached,
+                history: None,
+            }),
+        };
+        Ok(f(entry))
     }
 }
 
@@ -513,17 +537,24 @@ pub(crate) struct Publisher {
     others: HashMap<Box<str>, RouteCache>,
     batch: Batcher,
     slow_consumer_ms: u64,
+    /// Where topics that keep history keep it.
+    histories: Arc<Histories>,
 }
 
 impl Publisher {
     /// A publisher whose deliveries write to idle subscribers as `direct` allows and disconnect
     /// subscribers whose queue stays full for `slow_consumer_ms`.
-    pub(crate) fn new(direct: DirectWrites, slow_consumer_ms: u64) -> Self {
+    pub(crate) fn new(
+        direct: DirectWrites,
+        slow_consumer_ms: u64,
+        histories: Arc<Histories>,
+    ) -> Self {
         Self {
             last: None,
             others: HashMap::new(),
             batch: Batcher::new(direct),
             slow_consumer_ms,
+            histories,
         }
     }
 
@@ -532,6 +563,11 @@ impl Publisher {
     /// scope, `check` runs (topic rules, role rules); a topic found in the cache passed it.
     /// Local messages that pass are counted in `messages_in`. Returns whether the message
     /// went anywhere: to a local subscriber, or (a local message) to a peer.
+    ///
+    /// On a topic that keeps history, a local message is numbered in this server's stream and
+    /// a forward that carries a position is copied, both under the topic's lock and only once
+    /// the route it goes by is checked to be current under that lock: a session added to the
+    /// route before a history read gets each message either from that read or live.
     pub(crate) fn publish<E>(
         &mut self,
         routes: &RouteTable,
@@ -542,27 +578,59 @@ impl Publisher {
         let Self {
             batch,
             slow_consumer_ms,
+            histories,
             ..
         } = self;
         let slow_ms = *slow_consumer_ms;
         let cache = Self::cache(&mut self.last, &mut self.others, msg.scope);
-        cache.with_route(routes, msg.scope, msg.topic, check, |route| {
-            if msg.origin == Origin::Local {
-                stats.messages_in.inc();
+        let mut check = Some(check);
+        let mut counted = msg.origin != Origin::Local;
+        loop {
+            let routed = cache.with_route(
+                routes,
+                msg.scope,
+                msg.topic,
+                || check.take().map_or(Ok(()), |check| check()),
+                |entry| {
+                    if !counted {
+                        counted = true;
+                        stats.messages_in.inc();
+                    }
+                    let history: &Option<_> = match msg.origin {
+                        Origin::Local => entry
+                            .history
+                            .get_or_insert_with(|| histories.for_local(msg.scope, msg.topic)),
+                        Origin::Peer if msg.from.position.stream != 0 => entry
+                            .history
+                            .get_or_insert_with(|| histories.for_copy(msg.scope, msg.topic)),
+                        Origin::Peer => &None,
+                    };
+                    let Some(history) = history else {
+                        return Some(route(batch, entry.cached.route(), &msg, stats, slow_ms));
+                    };
+                    let mut streams = history.lock();
+                    if !entry.cached.current(routes) {
+                        return None;
+                    }
+                    let mut msg = msg;
+                    if msg.origin == Origin::Local {
+                        msg.from.position = history.next_position(&mut streams);
+                    }
+                    let frame = message_frame(msg.topic, msg.from, msg.payload);
+                    histories.record(
+                        &mut streams,
+                        msg.origin == Origin::Local,
+                        msg.from.position,
+                        frame,
+                    );
+                    Some(route(batch, entry.cached.route(), &msg, stats, slow_ms))
+                },
+            )?;
+            // Otherwise the route changed while the topic's lock was awaited: look again.
+            if let Some(reached) = routed {
+                return Ok(reached);
             }
-            let Some(route) = route else { return false };
-            let mut reached = false;
-            if !route.subscribers.is_empty() {
-                batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms);
-                reached = true;
-            }
-            if msg.origin == Origin::Local && !route.peers.is_empty() {
-                let frame = forward_frame(msg.scope, msg.topic, msg.from, msg.payload);
-                forward(route, &frame, (msg.scope, msg.topic), stats);
-                reached = true;
-            }
-            reached
-        })
+        }
     }
 
     /// Hands the deliveries batched so far to their subscribers: after a burst, and before
@@ -589,6 +657,29 @@ impl Publisher {
         let cache = others.remove(scope).unwrap_or_default();
         &mut last.insert((scope.into(), cache)).1
     }
+}
+
+/// Hands `msg` to `route`'s local subscribers (in `batch`) and, a local message, once to each
+/// interested peer. Returns whether it went anywhere.
+fn route(
+    batch: &mut Batcher,
+    route: Option<&Arc<Route>>,
+    msg: &Message<'_>,
+    stats: &Stats,
+    slow_ms: u64,
+) -> bool {
+    let Some(route) = route else { return false };
+    let mut reached = false;
+    if !route.subscribers.is_empty() {
+        batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms);
+        reached = true;
+    }
+    if msg.origin == Origin::Local && !route.peers.is_empty() {
+        let frame = forward_frame(msg.scope, msg.topic, msg.from, msg.payload);
+        forward(route, &frame, (msg.scope, msg.topic), stats);
+        reached = true;
+    }
+    reached
 }
 
 /// Most messages in one batch.
@@ -873,6 +964,11 @@ mod tests {
         resent_from: "",
         node: "",
         signal: 0,
+        position: relaymesh_proto::frame::Position {
+            stream: 0,
+            offset: 0,
+            published_ms: 0,
+        },
     };
 
     #[test]
@@ -1010,7 +1106,11 @@ mod tests {
             table.set(&TopicKey::new(scope, "t"), Some(route));
         }
         table.publish();
-        let mut publisher = Publisher::new(DirectWrites::Off, 1000);
+        let mut publisher = Publisher::new(
+            DirectWrites::Off,
+            1000,
+            Arc::new(Histories::new(Default::default())),
+        );
         let msg = |origin, scope, payload| Message {
             origin,
             scope,

@@ -37,6 +37,7 @@ use relaymesh_proto::node::PRESENCE_TOPIC;
 
 use crate::Server;
 use crate::control::Command;
+use crate::history;
 use crate::inbox::SessionEvent;
 use crate::interest::TopicKey;
 use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
@@ -210,6 +211,18 @@ struct Session {
     /// Inbox business: answers to this session's messages for offline nodes, and its node's
     /// own inbox; made when first needed.
     inbox: Option<Box<InboxState>>,
+    /// This session's budget of history requests and recoveries, made at its first.
+    history: Option<Box<HistoryBudget>>,
+}
+
+/// History requests (and recoveries) a session may have being answered at once.
+const MAX_HISTORY_TASKS: usize = 4;
+
+/// A session's budget of history requests: `history.requests_per_s`, and how many may run.
+#[derive(Debug)]
+struct HistoryBudget {
+    rate: TokenBucket,
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 /// A session's inbox business.
@@ -336,13 +349,18 @@ fn run(
         confirmations: Arc::new(tokio::sync::Semaphore::new(
             server.config.max_pending_confirmations,
         )),
-        publisher: Publisher::new(server.direct_writes, server.config.slow_consumer_ms),
+        publisher: Publisher::new(
+            server.direct_writes,
+            server.config.slow_consumer_ms,
+            server.histories.clone(),
+        ),
         taken: 0,
         confirmed: 0,
         joining,
         node,
         signals: None,
         inbox: None,
+        history: None,
     };
     // `map`, not an `async` block awaiting it: that would keep a second copy of the future.
     link::serve(socket, options, session).map(move |served| {
@@ -548,6 +566,7 @@ impl Session {
             Some(Kind::Ping(ping)) => {
                 self.reply(&v1::ServerToClient::pong(v1::Pong { nonce: ping.nonce }))
             }
+            Some(Kind::History(request)) => self.history_request(request),
             Some(Kind::Attach(_)) => Err(unexpected("Attach was already sent on this link")),
             None => Err(relaymesh_proto::empty("ClientToServer")),
         }
@@ -805,6 +824,7 @@ impl Session {
                 from_node: m.from_node,
                 signal: 0,
                 inbox_id: m.id,
+                ..v1::Message::default()
             }));
             relaymesh_net::wire::put_frame_header(&mut frames, frame.len());
             frames.extend_from_slice(&frame);
@@ -978,6 +998,7 @@ impl Session {
                 resent_from,
                 node: self.node.as_deref().unwrap_or_default(),
                 signal,
+                position: Default::default(),
             },
             payload,
         };
@@ -1097,14 +1118,193 @@ impl Session {
             )
             .for_request(sub.request_id));
         }
+        let config = &self.server.config.history;
+        let history: Vec<String> = match config.enabled() {
+            true => sub
+                .topics
+                .iter()
+                .filter(|t| config.keeps(&self.account, t))
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
         if sub.topics.is_empty() {
-            return self.ack(sub.request_id, Vec::new());
+            return self.ack(sub.request_id, Vec::new(), history);
         }
         let room = self.confirmation_room(sub.request_id)?;
         // Topics this session has already are not sent again, but the request still waits for
         // what peers have not confirmed yet: an earlier request for them may be pending.
         let (waiter, wait) = self.add_topics(fresh).await?;
-        self.answer_change(sub.request_id, waiter, wait, room).await
+        self.answer_change(sub.request_id, waiter, wait, room, history.clone())
+            .await?;
+        if sub.recover.is_empty() {
+            return Ok(());
+        }
+        self.recover(sub.request_id, sub.recover, &history)
+    }
+
+    /// Starts recovering `recover` (topics of Subscribe `request_id` that keep `history`) now
+    /// that the subscription is in force: what the client missed follows its `Ack`.
+    fn recover(
+        &mut self,
+        request_id: u64,
+        recover: Vec<v1::Recover>,
+        history: &[String],
+    ) -> Result<(), v1::Error> {
+        // A recovery that cannot be made is answered as one that found nothing (the client
+        // is told of a gap), not with an Error: the subscription itself stands.
+        let unrecovered = |topic: &str| {
+            let gap = history::Merged {
+                gap: true,
+                ..Default::default()
+            };
+            history_batches(request_id, true, topic, &gap)
+        };
+        let max = self.server.config.history.max_reply_messages;
+        let mut items = Vec::new();
+        for r in recover {
+            if !history.contains(&r.topic) {
+                tracing::debug!(topic = %r.topic, "recovery of a topic not subscribed, or without history");
+                for frame in unrecovered(&r.topic) {
+                    self.reply_frame(frame)?;
+                }
+                continue;
+            }
+            let query = history::Query::from_positions(0, &r.since, r.since_ms, max);
+            items.push((r.topic, query));
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let permit = match self.history_permit(request_id) {
+            Ok(permit) => permit,
+            Err(e) => {
+                tracing::info!(error = %e, "recovery refused");
+                for (topic, _) in &items {
+                    for frame in unrecovered(topic) {
+                        self.reply_frame(frame)?;
+                    }
+                }
+                return Ok(());
+            }
+        };
+        self.answer_history(request_id, true, items, permit);
+        Ok(())
+    }
+
+    /// `History`: the topic's backlog, answered by a task of its own.
+    fn history_request(&mut self, request: v1::History) -> Result<(), v1::Error> {
+        let request_id = request.request_id;
+        let server = self.server.clone();
+        let config = &server.config;
+        if let Err(e) = topic::validate(&request.topic, config.max_topic_bytes) {
+            let why = format!("{:?}: {e}", request.topic);
+            return self.refuse(error(ErrorCode::InvalidTopic, why).for_request(request_id));
+        }
+        if !self.rules.may_subscribe(&request.topic) {
+            let e = forbidden(
+                &self.role,
+                "read the history of",
+                &request.topic,
+                request_id,
+            );
+            return self.refuse(e);
+        }
+        if !config.history.keeps(&self.account, &request.topic) {
+            let why = format!(
+                "{:?} keeps no history (the comm servers' [history] configuration names the topics that do)",
+                request.topic
+            );
+            return self.refuse(error(ErrorCode::NotFound, why).for_request(request_id));
+        }
+        let permit = match self.history_permit(request_id) {
+            Ok(permit) => permit,
+            Err(e) => return self.refuse(e),
+        };
+        let query = history::Query::from_positions(
+            request.last,
+            &request.since,
+            request.since_ms,
+            config.history.max_reply_messages,
+        );
+        self.answer_history(request_id, false, vec![(request.topic, query)], permit);
+        Ok(())
+    }
+
+    /// Takes a history request from this session's budget: the permit to answer it, or why
+    /// not.
+    fn history_permit(
+        &mut self,
+        request_id: u64,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, v1::Error> {
+        let config = &self.server.config.history;
+        let budget = self.history.get_or_insert_with(|| {
+            Box::new(HistoryBudget {
+                rate: TokenBucket::new(f64::from(config.requests_per_s), config.request_burst),
+                running: Arc::new(tokio::sync::Semaphore::new(MAX_HISTORY_TASKS)),
+            })
+        });
+        if !budget.rate.take(Instant::now()) {
+            let why = format!(
+                "more than {} history requests per second (history.requests_per_s)",
+                config.requests_per_s
+            );
+            return Err(error(ErrorCode::RateLimited, why).for_request(request_id));
+        }
+        budget.running.clone().try_acquire_owned().map_err(|_| {
+            let why = format!("{MAX_HISTORY_TASKS} history requests are still being answered");
+            error(ErrorCode::LimitExceeded, why).for_request(request_id)
+        })
+    }
+
+    /// Answers history request `request_id` (a recovery when `recovery`), topic by topic, in
+    /// a task of its own that ends with the session.
+    fn answer_history(
+        &self,
+        request_id: u64,
+        recovery: bool,
+        items: Vec<(String, history::Query)>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let server = self.server.clone();
+        let ctrl = self.ctrl.clone();
+        let closer = self.me.closer.clone();
+        let account = self.account.clone();
+        let task = async move {
+            let _permit = permit;
+            for (topic, query) in items {
+                let key = TopicKey::new(&account, &topic);
+                let merged = tokio::select! {
+                    merged = history::collect(&server, &key, &query) => merged,
+                    () = closer.closed() => return,
+                    () = server.shutdown.cancelled() => return,
+                };
+                let frames = match merged {
+                    Ok(merged) => history_batches(request_id, recovery, &topic, &merged),
+                    Err(e) if recovery => {
+                        tracing::info!(error = %e, %topic, "recovery from a position no stream has");
+                        let gap = history::Merged {
+                            gap: true,
+                            ..Default::default()
+                        };
+                        history_batches(request_id, recovery, &topic, &gap)
+                    }
+                    Err(e) => {
+                        let e = error(ErrorCode::BadFrame, e.to_string()).for_request(request_id);
+                        vec![encode(&v1::ServerToClient::error(e))]
+                    }
+                };
+                for frame in frames {
+                    tokio::select! {
+                        sent = ctrl.send(frame) => if sent.is_err() { return },
+                        () = closer.closed() => return,
+                    }
+                }
+            }
+        };
+        self.server
+            .tracker
+            .spawn(task.instrument(tracing::Span::current()));
     }
 
     /// Subscribes this session to `fresh` (topics it does not have yet) through the control
@@ -1149,10 +1349,10 @@ impl Session {
             let room = self.confirmation_room(unsub.request_id)?;
             let (waiter, wait) = self.remove_topics(gone).await?;
             return self
-                .answer_change(unsub.request_id, waiter, wait, room)
+                .answer_change(unsub.request_id, waiter, wait, room, Vec::new())
                 .await;
         }
-        self.ack(unsub.request_id, Vec::new())
+        self.ack(unsub.request_id, Vec::new(), Vec::new())
     }
 
     /// Unsubscribes this session from `gone` (taken out of its topics already) through the
@@ -1295,13 +1495,14 @@ impl Session {
         waiter: u64,
         mut wait: oneshot::Receiver<()>,
         room: tokio::sync::OwnedSemaphorePermit,
+        history: Vec<String>,
     ) -> Result<(), v1::Error> {
         let server = &self.server;
         let timeout = server.config.subscribe_sync_timeout();
         tokio::select! {
             result = tokio::time::timeout(timeout, &mut wait) => {
                 if result.is_ok() {
-                    return self.ack(request_id, Vec::new());
+                    return self.ack(request_id, Vec::new(), history);
                 }
             }
             _ = self.me.closer.closed() => return Ok(()),
@@ -1309,7 +1510,7 @@ impl Session {
         }
         let pending = pending_peers(server, waiter).await?;
         if pending.is_empty() {
-            return self.ack(request_id, pending);
+            return self.ack(request_id, pending, history);
         }
         tracing::warn!(
             session = self.me.id,
@@ -1318,7 +1519,7 @@ impl Session {
             "peers did not confirm a subscription change in time"
         );
         server.stats.acks_pending.inc();
-        self.ack(request_id, pending)?;
+        self.ack(request_id, pending, history)?;
         let follow_up = follow_up(
             server.clone(),
             self.ctrl.clone(),
@@ -1334,17 +1535,29 @@ impl Session {
         Ok(())
     }
 
-    fn ack(&self, request_id: u64, pending: Vec<String>) -> Result<(), v1::Error> {
+    /// The first `Ack` of a change; `history`: the subscribed topics that keep history.
+    fn ack(
+        &self,
+        request_id: u64,
+        pending: Vec<String>,
+        history: Vec<String>,
+    ) -> Result<(), v1::Error> {
         self.reply(&v1::ServerToClient::ack(v1::Ack {
             request_id,
             pending,
+            at_ms: link::now_ms(),
+            history,
         }))
     }
 
     /// Queues a reply. A client whose reply queue is full is not reading at all.
     fn reply(&self, msg: &v1::ServerToClient) -> Result<(), v1::Error> {
+        self.reply_frame(encode(msg))
+    }
+
+    fn reply_frame(&self, frame: Bytes) -> Result<(), v1::Error> {
         self.ctrl
-            .try_send(encode(msg))
+            .try_send(frame)
             .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
     }
 }
@@ -1387,11 +1600,39 @@ async fn follow_up(
     let ack = v1::ServerToClient::ack(v1::Ack {
         request_id,
         pending: still,
+        ..v1::Ack::default()
     });
     if ctrl.try_send(encode(&ack)).is_err() {
         let words = error(ErrorCode::SlowConsumer, "replies are not being read");
         closer.close(Some(link::LastWords::error::<v1::ServerToClient>(words)));
     }
+}
+
+/// The `HistoryBatch` frames of `merged`, the last with `done` (and the gap).
+fn history_batches(
+    request_id: u64,
+    recovery: bool,
+    topic: &str,
+    merged: &history::Merged,
+) -> Vec<Bytes> {
+    let runs = history::chunks(&merged.messages);
+    let last = runs.len() - 1;
+    runs.into_iter()
+        .enumerate()
+        .map(|(i, run)| {
+            let done = i == last;
+            let head = v1::HistoryBatch {
+                request_id,
+                messages: Vec::new(),
+                topic: topic.to_owned(),
+                recovery,
+                done,
+                gap: done && merged.gap,
+                missed_at_least: if done { merged.missed } else { 0 },
+            };
+            history::batch_frame(&head, run)
+        })
+        .collect()
 }
 
 /// The peers `waiter` still waits for, by server id (none once it is complete).

@@ -90,7 +90,23 @@ pub struct Sender<'a> {
     pub node: &'a str,
     /// The signal kind (`v1::SignalKind` as `i32`; 0 for none).
     pub signal: i32,
+    /// Where the message sits in its topic's history (all zero: the topic keeps none).
+    pub position: Position,
 }
+
+/// A message's place in a topic's history: `Message.stream`, `offset` and `published_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The stream: one server process's messages on the topic (0: no history).
+    pub stream: u64,
+    /// 1, 2, 3... within the stream.
+    pub offset: u64,
+    /// When the stream's server accepted the message (ms since the Unix epoch).
+    pub published_ms: u64,
+}
+
+/// Field numbers of `stream`, `offset` and `published_ms`, the same in `Message` and `Forward`.
+const POSITION_FIELDS: u32 = 10;
 
 impl<'a> Sender<'a> {
     /// The fields after a message's length-delimited ones: `seq` (a varint), `resent_from`,
@@ -101,6 +117,7 @@ impl<'a> Sender<'a> {
             resent_from: self.resent_from.as_bytes(),
             node: self.node.as_bytes(),
             signal: self.signal,
+            position: self.position,
         }
     }
 }
@@ -113,6 +130,8 @@ struct Tail<'a> {
     resent_from: &'a [u8],
     node: &'a [u8],
     signal: i32,
+    /// Encoded at fields 10, 11 and 12 whatever `first` is.
+    position: Position,
 }
 
 impl Tail<'_> {
@@ -129,6 +148,20 @@ impl Tail<'_> {
             + field_len(first + 2, self.node.len())
             // An enum is encoded as its `i32` sign-extended to 64 bits, as prost does.
             + varint(first + 3, self.signal as i64 as u64)
+            + self
+                .position_fields()
+                .iter()
+                .map(|&(field, value)| varint(field, value))
+                .sum::<usize>()
+    }
+
+    fn position_fields(&self) -> [(u32, u64); 3] {
+        let p = self.position;
+        [
+            (POSITION_FIELDS, p.stream),
+            (POSITION_FIELDS + 1, p.offset),
+            (POSITION_FIELDS + 2, p.published_ms),
+        ]
     }
 
     fn put(&self, first: u32, buf: &mut BytesMut) {
@@ -146,6 +179,12 @@ impl Tail<'_> {
         if self.signal != 0 {
             encode_key(first + 3, WireType::Varint, buf);
             encode_varint(self.signal as i64 as u64, buf);
+        }
+        for (field, value) in self.position_fields() {
+            if value != 0 {
+                encode_key(field, WireType::Varint, buf);
+                encode_varint(value, buf);
+            }
         }
     }
 }
@@ -202,6 +241,45 @@ pub fn forward_frame(account: &str, topic: &str, from: Sender<'_>, payload: &[u8
     let tail = from.tail();
     let mut buf = BytesMut::with_capacity(wrapped_len(PEER_MESSAGE_FORWARD, &fields, tail));
     put_wrapped(PEER_MESSAGE_FORWARD, &fields, tail, &mut buf);
+    buf.freeze()
+}
+
+/// Field number of `history` in the `ServerToClient.kind` oneof.
+const SERVER_TO_CLIENT_HISTORY: u32 = 15;
+/// Field number of `history_answer` in the `PeerMessage.kind` oneof.
+const PEER_MESSAGE_HISTORY_ANSWER: u32 = 11;
+
+/// Encodes `ServerToClient { history: head + messages }`, where each of `messages` is a
+/// [`message_frame`]: `HistoryBatch.messages` is field 2 as `ServerToClient.message` is, so a
+/// message frame is already an encoded element of it and is copied as it is.
+pub fn history_batch_frame<'a>(
+    head: &v1::HistoryBatch,
+    messages: impl Iterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
+    wrap_with_messages(SERVER_TO_CLIENT_HISTORY, head, messages)
+}
+
+/// Encodes `PeerMessage { history_answer: head + messages }`, as [`history_batch_frame`].
+pub fn history_answer_frame<'a>(
+    head: &v1::HistoryAnswer,
+    messages: impl Iterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
+    wrap_with_messages(PEER_MESSAGE_HISTORY_ANSWER, head, messages)
+}
+
+fn wrap_with_messages<'a>(
+    tag: u32,
+    head: &impl prost::Message,
+    messages: impl Iterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
+    let inner = head.encoded_len() + messages.clone().map(Bytes::len).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(key_len(tag) + encoded_len_varint(inner as u64) + inner);
+    encode_key(tag, WireType::LengthDelimited, &mut buf);
+    encode_varint(inner as u64, &mut buf);
+    head.encode_raw(&mut buf);
+    for m in messages {
+        buf.put_slice(m);
+    }
     buf.freeze()
 }
 
@@ -315,6 +393,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     ListNodes(v1::ListNodes) => list_nodes,
     InboxAck(v1::InboxAck) => inbox_ack,
     Leave(v1::Leave) => leave,
+    History(v1::History) => history,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -331,6 +410,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Reconnect(v1::Reconnect) => reconnect,
     Left(v1::Left) => left,
     SubscriptionsChanged(v1::SubscriptionsChanged) => subscriptions_changed,
+    History(v1::HistoryBatch) => history,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -342,6 +422,8 @@ envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Pong(v1::Pong) => pong,
     Error(v1::Error) => error,
     Flush(v1::Flush) => flush,
+    HistoryQuery(v1::HistoryQuery) => history_query,
+    HistoryAnswer(v1::HistoryAnswer) => history_answer,
 });
 
 #[cfg(test)]
@@ -369,6 +451,9 @@ mod tests {
                 from_node: node.into(),
                 signal,
                 inbox_id: 0,
+                stream: seq.wrapping_mul(31),
+                offset: seq,
+                published_ms: seq / 2,
             }));
             let from = Sender {
                 alias,
@@ -377,6 +462,11 @@ mod tests {
                 resent_from,
                 node,
                 signal,
+                position: Position {
+                    stream: seq.wrapping_mul(31),
+                    offset: seq,
+                    published_ms: seq / 2,
+                },
             };
             assert_eq!(message_frame(topic, from, payload), expected);
             assert_eq!(message_frame_len(topic, from, payload), expected.len());
@@ -406,6 +496,9 @@ mod tests {
                 resent_from: resent_from.into(),
                 from_node: node.into(),
                 signal,
+                stream: seq << 40,
+                offset: seq / 3,
+                published_ms: 1_700_000_000_000 + seq,
             }));
             let from = Sender {
                 alias: "c0ffee-12",
@@ -414,12 +507,68 @@ mod tests {
                 resent_from,
                 node,
                 signal,
+                position: Position {
+                    stream: seq << 40,
+                    offset: seq / 3,
+                    published_ms: 1_700_000_000_000 + seq,
+                },
             };
             assert_eq!(
                 forward_frame(account, "telemetry/drone-1", from, &payload),
                 expected
             );
         }
+    }
+
+    #[test]
+    fn history_frames_hold_message_frames_as_they_are() {
+        let from = Sender {
+            alias: "a",
+            position: Position {
+                stream: 9,
+                offset: 3,
+                published_ms: 5,
+            },
+            ..Sender::default()
+        };
+        let frames = [
+            message_frame("t", from, b"one"),
+            message_frame("t", from, b"two"),
+        ];
+        let messages = |frames: &[Bytes]| -> Vec<v1::Message> {
+            frames
+                .iter()
+                .map(
+                    |f| match decode::<v1::ServerToClient>(f.clone()).unwrap().kind {
+                        Some(v1::server_to_client::Kind::Message(m)) => m,
+                        other => panic!("{other:?}"),
+                    },
+                )
+                .collect()
+        };
+        let head = v1::HistoryBatch {
+            request_id: 4,
+            topic: "t".into(),
+            done: true,
+            ..Default::default()
+        };
+        let expected = encode(&v1::ServerToClient::history(v1::HistoryBatch {
+            messages: messages(&frames),
+            ..head.clone()
+        }));
+        let got: v1::ServerToClient = decode(history_batch_frame(&head, frames.iter())).unwrap();
+        assert_eq!(got, decode(expected).unwrap());
+        let head = v1::HistoryAnswer {
+            request_id: 2,
+            more: true,
+            ..Default::default()
+        };
+        let got: v1::PeerMessage = decode(history_answer_frame(&head, frames.iter())).unwrap();
+        let Some(v1::peer_message::Kind::HistoryAnswer(answer)) = got.kind else {
+            panic!("not an answer");
+        };
+        assert_eq!(answer.messages, messages(&frames));
+        assert!(answer.more);
     }
 
     #[test]

@@ -160,6 +160,50 @@ pub fn account_with_code(name: &str, code: &str) -> coordinator::accounts::Accou
     }
 }
 
+/// An accounts file in the temp directory for a coordinator's `file` store, removed on drop.
+#[derive(Debug)]
+pub struct TempAccounts(std::path::PathBuf);
+
+impl TempAccounts {
+    /// Writes `accounts` to a new file.
+    pub fn new(accounts: Vec<coordinator::accounts::Account>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "relaymesh-accounts-{}-{n}.json",
+            std::process::id()
+        ));
+        coordinator::accounts::AccountsFile { accounts }
+            .save(&path)
+            .unwrap();
+        Self(path)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// The test coordinator configuration, with this file as its account store.
+    pub fn coordinator_config(&self) -> coordinator::Config {
+        let mut config = coordinator_config();
+        config.accounts = coordinator::accounts::AccountsConfig {
+            store: coordinator::accounts::StoreKind::File,
+            path: Some(self.0.clone()),
+            reload_ms: 50,
+            ..coordinator::accounts::AccountsConfig::default()
+        };
+        config
+    }
+}
+
+impl Drop for TempAccounts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("json.lock"));
+    }
+}
+
 /// Waits until `client` is told a newer login of its client id replaced it, and returns the
 /// reason it was given; fails if it reconnects instead, or ends without a word.
 pub async fn replaced_reason(client: &mut Client) -> String {
@@ -433,9 +477,14 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with a coordinator that can be restarted on its address.
     pub async fn start_restartable(n: usize) -> Self {
+        Self::start_restartable_with(n, |_| {}).await
+    }
+
+    /// Like [`Cluster::start_restartable`], with `tweak` applied to each server's config.
+    pub async fn start_restartable_with(n: usize, tweak: impl Fn(&mut commserver::Config)) -> Self {
         let coordinator =
             CoordinatorHandle::start_on(restartable_addr(), coordinator_config()).await;
-        Self::with_coordinator(coordinator, n, |_| {}).await
+        Self::with_coordinator(coordinator, n, tweak).await
     }
 
     /// Like [`Cluster::start`], with `tweak` applied to each server's config.

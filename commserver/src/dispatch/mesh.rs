@@ -139,7 +139,11 @@ impl Bridge {
             payload: data,
         };
         // Device reads come from many tasks, each publishing now and then: a publisher each.
-        let mut publisher = Publisher::new(server.direct_writes, server.config.slow_consumer_ms);
+        let mut publisher = Publisher::new(
+            server.direct_writes,
+            server.config.slow_consumer_ms,
+            server.histories.clone(),
+        );
         let valid = publisher.publish(&server.routes, &server.stats, msg, || Ok::<_, ()>(()));
         debug_assert!(valid.is_ok(), "device topics are built valid");
         publisher.flush(&server.stats);

@@ -845,14 +845,17 @@ pub struct ConnectOffer {
     #[prost(uint32, tag = "4")]
     pub expires_in_ms: u32,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ClientToServer {
-    #[prost(oneof = "client_to_server::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(
+        oneof = "client_to_server::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+    )]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
 /// Nested message and enum types in `ClientToServer`.
 pub mod client_to_server {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]
         Attach(super::Attach),
@@ -874,7 +877,53 @@ pub mod client_to_server {
         InboxAck(super::InboxAck),
         #[prost(message, tag = "10")]
         Leave(super::Leave),
+        #[prost(message, tag = "11")]
+        History(super::History),
     }
+}
+/// Asks for a topic's history (a topic the comm servers' `\[history\]` configuration keeps
+/// history for, and the role may subscribe to): answered by `HistoryBatch`es with the same
+/// `request_id`, the last with `done` set. Either the `last` messages (capped by the server's
+/// `history.max_reply_messages`), or, with `last` 0, what followed `since`, as a recovery
+/// would give it. Limited per session (`history.requests_per_s`, `history.request_burst`).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct History {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub last: u32,
+    #[prost(message, repeated, tag = "4")]
+    pub since: ::prost::alloc::vec::Vec<StreamPosition>,
+    #[prost(uint64, tag = "5")]
+    pub since_ms: u64,
+}
+/// Where a client stands in a topic's history. A topic's history is made of streams: the
+/// messages one comm server process accepted on it, numbered 1, 2, 3... (`Message.offset`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamPosition {
+    #[prost(uint64, tag = "1")]
+    pub stream: u64,
+    /// The last offset the client has of that stream.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+/// Recovery of a topic on (re)subscribing: the server sends what the client missed after its
+/// positions as `HistoryBatch`es (`recovery` set) after the `Ack`, the last with `done` (and
+/// `gap` when the history no longer reaches back that far).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Recover {
+    #[prost(string, tag = "1")]
+    pub topic: ::prost::alloc::string::String,
+    /// The last offset the client has of each stream it has heard from.
+    #[prost(message, repeated, tag = "2")]
+    pub since: ::prost::alloc::vec::Vec<StreamPosition>,
+    /// For streams not in `since` (servers the client has had no message from): messages
+    /// accepted at or after this time (ms since the epoch, by the accepting server's clock);
+    /// the client library gives the `Ack.at_ms` of its first subscription to the topic.
+    #[prost(uint64, tag = "3")]
+    pub since_ms: u64,
 }
 /// The client is moving to another server (after a `Reconnect`) and is subscribed there: the
 /// server confirms what it took, then sends `Left` behind every delivery queued for the
@@ -892,7 +941,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -928,7 +977,34 @@ pub mod server_to_client {
         Left(super::Left),
         #[prost(message, tag = "14")]
         SubscriptionsChanged(super::SubscriptionsChanged),
+        #[prost(message, tag = "15")]
+        History(super::HistoryBatch),
     }
+}
+/// Messages from a topic's history: an answer to `History` (`request_id`), or a recovery
+/// (`recovery` set, `request_id` that of the `Subscribe`). Messages come oldest first, each
+/// publisher's in its order, at most once each; the last batch has `done` set.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HistoryBatch {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub messages: ::prost::alloc::vec::Vec<Message>,
+    #[prost(string, tag = "3")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(bool, tag = "4")]
+    pub recovery: bool,
+    #[prost(bool, tag = "5")]
+    pub done: bool,
+    /// Set on the last batch when messages asked for are gone: aged out or evicted by the
+    /// bounds, held by a server that died with no copy elsewhere, or beyond
+    /// `max_reply_messages` (the newest are kept). `missed_at_least` is how many are known to be
+    /// gone; 0 when that cannot be known (a stream no server holds any more, or a position that
+    /// belongs to no stream of this topic).
+    #[prost(bool, tag = "6")]
+    pub gap: bool,
+    #[prost(uint64, tag = "7")]
+    pub missed_at_least: u64,
 }
 /// The application's backend changed this client's subscriptions (through the coordinator's
 /// server API): they are the client's now, restored on its next connection like its own.
@@ -1045,12 +1121,15 @@ pub struct Ready {
     pub node_id: ::prost::alloc::string::String,
 }
 /// Answered by Ack{request_id} (see Ack for what it promises).
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Subscribe {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
     #[prost(string, repeated, tag = "2")]
     pub topics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Topics (among `topics`) to recover from a position: see `Recover`.
+    #[prost(message, repeated, tag = "3")]
+    pub recover: ::prost::alloc::vec::Vec<Recover>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Unsubscribe {
@@ -1079,6 +1158,12 @@ pub struct Ack {
     /// still have not.
     #[prost(string, repeated, tag = "2")]
     pub pending: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// When the subscription took effect (ms since the epoch, this server's clock), and which of
+    /// the subscribed topics keep history (their messages carry stream positions).
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+    #[prost(string, repeated, tag = "4")]
+    pub history: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Publish {
@@ -1180,6 +1265,16 @@ pub struct Message {
     /// messages sent later that found the node online.
     #[prost(uint64, tag = "9")]
     pub inbox_id: u64,
+    /// On a topic that keeps history: the stream (one comm server process's messages on the
+    /// topic; 0: none), the message's offset in it (1, 2, 3...), and when that server accepted
+    /// it (ms since the epoch; never decreasing within a stream). Hand the last offset of each
+    /// stream back as `Recover.since` to get what followed.
+    #[prost(uint64, tag = "10")]
+    pub stream: u64,
+    #[prost(uint64, tag = "11")]
+    pub offset: u64,
+    #[prost(uint64, tag = "12")]
+    pub published_ms: u64,
 }
 /// `count` messages meant for this client were dropped: its queue was full, or they were lost
 /// between servers.
@@ -1194,7 +1289,7 @@ pub struct Dropped {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PeerMessage {
-    #[prost(oneof = "peer_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "peer_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub kind: ::core::option::Option<peer_message::Kind>,
 }
 /// Nested message and enum types in `PeerMessage`.
@@ -1219,7 +1314,59 @@ pub mod peer_message {
         Error(super::Error),
         #[prost(message, tag = "9")]
         Flush(super::Flush),
+        #[prost(message, tag = "10")]
+        HistoryQuery(super::HistoryQuery),
+        #[prost(message, tag = "11")]
+        HistoryAnswer(super::HistoryAnswer),
     }
+}
+/// Asks what the receiver holds of a topic's history (as its origin or as a copy), for a
+/// client's `History` or recovery: the `last` messages, or (`last` 0) those after `since` and,
+/// for streams not named there, those accepted at or after `since_ms`; at most `max_messages`
+/// (the newest). Answered with `HistoryAnswer`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HistoryQuery {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub account: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub last: u32,
+    #[prost(message, repeated, tag = "5")]
+    pub since: ::prost::alloc::vec::Vec<StreamPosition>,
+    #[prost(uint64, tag = "6")]
+    pub since_ms: u64,
+    #[prost(uint32, tag = "7")]
+    pub max_messages: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HistoryAnswer {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// As delivered to clients, with their stream positions.
+    #[prost(message, repeated, tag = "2")]
+    pub messages: ::prost::alloc::vec::Vec<Message>,
+    /// What the sender holds of each stream of the topic (in the first answer).
+    #[prost(message, repeated, tag = "3")]
+    pub held: ::prost::alloc::vec::Vec<StreamHeld>,
+    /// More answers to this query follow (an answer fits in one frame).
+    #[prost(bool, tag = "4")]
+    pub more: bool,
+}
+/// Offsets `first` to `last` of `stream` are held (some may be missing where forwards were
+/// lost). `origin`: the sender accepted them, so `last` is the stream's newest message.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamHeld {
+    #[prost(uint64, tag = "1")]
+    pub stream: u64,
+    #[prost(uint64, tag = "2")]
+    pub first: u64,
+    #[prost(uint64, tag = "3")]
+    pub last: u64,
+    #[prost(bool, tag = "4")]
+    pub origin: bool,
 }
 /// A client of the sender is moving to another server: the receiver queues a `Forward` on
 /// `@flush` with `seq` = `nonce` behind every forward it has queued for the sender, which
@@ -1301,6 +1448,13 @@ pub struct Forward {
     pub from_node: ::prost::alloc::string::String,
     #[prost(enumeration = "SignalKind", tag = "9")]
     pub signal: i32,
+    /// As in `Message`: set by the origin on a topic that keeps history.
+    #[prost(uint64, tag = "10")]
+    pub stream: u64,
+    #[prost(uint64, tag = "11")]
+    pub offset: u64,
+    #[prost(uint64, tag = "12")]
+    pub published_ms: u64,
 }
 /// The sender had to drop `count` forwards for the receiver: the link's queue was full, or
 /// (answering a PeerHello) they were lost with the previous link and no longer in its replay

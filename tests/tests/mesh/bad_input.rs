@@ -36,6 +36,7 @@ fn subscribe(topics: &[&str]) -> v1::ClientToServer {
     v1::ClientToServer::subscribe(v1::Subscribe {
         request_id: 1,
         topics: topics.iter().map(|t| t.to_string()).collect(),
+        recover: Vec::new(),
     })
 }
 

@@ -4,53 +4,18 @@
 
 use std::path::PathBuf;
 
-use coordinator::accounts::{AccountsConfig, AccountsFile, StoreKind};
 use relaymesh_client::{Client, Credentials, Event, NodeDetails, PresenceChange, register_node};
 use relaymesh_tests::process::Proc;
 use relaymesh_tests::{
-    CoordinatorHandle, ServerHandle, client_config, coordinator_config, eventually, get_json,
-    next_event, next_message, restartable_addr, server_config, within,
+    CoordinatorHandle, ServerHandle, TempAccounts, client_config, eventually, get_json, next_event,
+    next_message, restartable_addr, server_config, within,
 };
 
 const CODE: &str = "coordinators-test-code";
 
-/// An accounts file with account `acme`, shared by the coordinators of a test; removed on drop.
-struct Accounts(PathBuf);
-
-impl Accounts {
-    fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "relaymesh-coordinators-{}-{n}.json",
-            std::process::id()
-        ));
-        let account = relaymesh_tests::account_with_code("acme", CODE);
-        AccountsFile {
-            accounts: vec![account],
-        }
-        .save(&path)
-        .unwrap();
-        Self(path)
-    }
-
-    fn coordinator_config(&self) -> coordinator::Config {
-        let mut config = coordinator_config();
-        config.accounts = AccountsConfig {
-            store: StoreKind::File,
-            path: Some(self.0.clone()),
-            reload_ms: 50,
-            ..AccountsConfig::default()
-        };
-        config
-    }
-}
-
-impl Drop for Accounts {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_file(self.0.with_extension("json.lock"));
-    }
+/// An accounts file with account `acme`, shared by the coordinators of a test.
+fn accounts() -> TempAccounts {
+    TempAccounts::new(vec![relaymesh_tests::account_with_code("acme", CODE)])
 }
 
 fn code() -> Credentials {
@@ -100,7 +65,7 @@ async fn client(coordinators: &str, on: &ServerHandle, id: Option<&str>) -> Clie
 
 #[tokio::test]
 async fn two_coordinators_serve_one_mesh_and_agree_on_one_session_per_client_id() {
-    let accounts = Accounts::new();
+    let accounts = accounts();
     let a = CoordinatorHandle::start(accounts.coordinator_config()).await;
     let b = CoordinatorHandle::start(accounts.coordinator_config()).await;
     let servers = servers_of(&a, &b, 3).await;
@@ -145,7 +110,7 @@ async fn two_coordinators_serve_one_mesh_and_agree_on_one_session_per_client_id(
 
 #[tokio::test]
 async fn presence_comes_once_and_survives_the_primary_coordinator_going_away() {
-    let accounts = Accounts::new();
+    let accounts = accounts();
     let mut a = CoordinatorHandle::start(accounts.coordinator_config()).await;
     let b = CoordinatorHandle::start(accounts.coordinator_config()).await;
     let servers = servers_of(&a, &b, 2).await;
@@ -209,7 +174,7 @@ async fn quiet(client: &mut Client) -> bool {
 /// A coordinator process on `addr` with the test accounts file.
 fn coordinator_proc(
     addr: std::net::SocketAddr,
-    accounts: &Accounts,
+    accounts: &TempAccounts,
     dir: &std::path::Path,
 ) -> Proc {
     let config = dir.join(format!("coordinator-{}.toml", addr.port()));
@@ -217,7 +182,7 @@ fn coordinator_proc(
         &config,
         format!(
             "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n\n[accounts]\nstore = \"file\"\npath = {:?}\nreload_ms = 50\n",
-            accounts.0
+            accounts.path()
         ),
     )
     .unwrap();
@@ -277,7 +242,7 @@ async fn peer_links(addr: std::net::SocketAddr) -> Vec<(String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_go_on_through_the_other_coordinator_after_a_kill_9_and_it_catches_up() {
-    let accounts = Accounts::new();
+    let accounts = accounts();
     let dir = temp_dir("kill-coordinator");
     let (a_addr, b_addr) = (restartable_addr(), restartable_addr());
     let mut a = coordinator_proc(a_addr, &accounts, &dir);
@@ -416,7 +381,7 @@ fn server_with_hosts(hosts: &std::path::Path, args: &[&str]) -> Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_registers_with_every_address_a_coordinator_name_resolves_to() {
-    let accounts = Accounts::new();
+    let accounts = accounts();
     let dir = temp_dir("dns-coordinators");
     // Two coordinators on one port of two loopback addresses, as two pods behind one name.
     let first = restartable_addr();

@@ -11,6 +11,7 @@ mod cluster;
 mod coordinators;
 mod dispatch;
 mod failover;
+mod history;
 mod http;
 mod keys;
 mod nodes;

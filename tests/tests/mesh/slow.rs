@@ -86,6 +86,7 @@ async fn a_subscriber_that_stays_full_is_disconnected_as_a_slow_consumer() {
         &v1::ClientToServer::subscribe(v1::Subscribe {
             request_id: 9,
             topics: vec!["firehose".into()],
+            recover: Vec::new(),
         }),
     )
     .await;
