@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use crate::Server;
 use crate::control::PeerLink;
 use crate::interest::TopicKey;
+use crate::routes::{Batcher, DirectWrites};
 
 /// The `[history]` table of the comm server's configuration. History is off unless `topics` or
 /// `accounts` names something. Every server of a cluster should have the same table.
@@ -159,6 +160,8 @@ pub(crate) struct Histories {
     /// Names this process's streams.
     ids: std::collections::hash_map::RandomState,
     pub(crate) stats: HistoryStats,
+    /// How topics' shared batches write to idle subscribers.
+    direct: DirectWrites,
 }
 
 /// One topic's history.
@@ -172,6 +175,9 @@ pub(crate) struct TopicHistory {
 /// A topic's streams, under its lock.
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
+    /// Deliveries to this server's subscribers of the topic, in offset order, that the readers
+    /// which added them have not handed on yet (the first to flush does).
+    pub(crate) batch: Batcher,
     /// This server's next offset, and the time it last stamped.
     next: u64,
     last_ms: u64,
@@ -266,8 +272,9 @@ pub(crate) struct Answer {
 }
 
 impl Histories {
-    pub(crate) fn new(config: HistoryConfig) -> Self {
+    pub(crate) fn new(config: HistoryConfig, direct: DirectWrites) -> Self {
         Self {
+            direct,
             config,
             topics: Mutex::new(HashMap::new()),
             total_bytes: AtomicUsize::new(0),
@@ -312,6 +319,7 @@ impl Histories {
             own,
             streams: Mutex::new(Streams {
                 next: 1,
+                batch: Batcher::new(self.direct),
                 ..Streams::default()
             }),
         });
@@ -780,7 +788,7 @@ mod tests {
 
     #[test]
     fn only_configured_topics_keep_history_and_stream_ids_differ_per_topic() {
-        let h = Histories::new(config());
+        let h = Histories::new(config(), DirectWrites::Off);
         assert!(h.for_local("acme", "other").is_none());
         assert!(h.for_local("acme", "@presence").is_none());
         let a = h.for_local("acme", "chat/a").unwrap();
@@ -793,10 +801,13 @@ mod tests {
 
     #[test]
     fn bounds_drop_the_oldest_and_answers_say_what_is_gone() {
-        let h = Histories::new(HistoryConfig {
-            max_messages: 5,
-            ..config()
-        });
+        let h = Histories::new(
+            HistoryConfig {
+                max_messages: 5,
+                ..config()
+            },
+            DirectWrites::Off,
+        );
         let key = TopicKey::new("acme", "chat/x");
         let t = h.for_local("acme", "chat/x").unwrap();
         for i in 0..8 {
@@ -825,7 +836,7 @@ mod tests {
 
     #[test]
     fn copies_from_two_servers_merge_once_each_and_unknown_or_future_positions_are_told() {
-        let h = Histories::new(config());
+        let h = Histories::new(config(), DirectWrites::Off);
         let key = TopicKey::new("acme", "chat/x");
         let t = h.for_local("acme", "chat/x").unwrap();
         for i in 0..4 {
@@ -857,7 +868,7 @@ mod tests {
 
     #[test]
     fn a_batch_frame_decodes_as_its_messages() {
-        let h = Histories::new(config());
+        let h = Histories::new(config(), DirectWrites::Off);
         let key = TopicKey::new("acme", "chat/x");
         let t = h.for_local("acme", "chat/x").unwrap();
         for i in 0..3 {

@@ -283,6 +283,10 @@ pub async fn run_with(
     );
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let tracker = TaskTracker::new();
+    let direct_writes = routes::DirectWrites::of(
+        config.direct_write_budget_us,
+        tokio::runtime::Handle::current().metrics().num_workers(),
+    );
     let server = Arc::new(Server {
         credentials,
         peer_trust,
@@ -290,7 +294,10 @@ pub async fn run_with(
         newest_logins: Mutex::new(HashMap::new()),
         keys: Mutex::new(KeyStore::new(config.key_ttl(), config.max_pending_keys)),
         routes: RouteTable::default(),
-        histories: Arc::new(history::Histories::new(config.history.clone())),
+        histories: Arc::new(history::Histories::new(
+            config.history.clone(),
+            direct_writes,
+        )),
         history_queries: Mutex::new(HashMap::new()),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
@@ -312,10 +319,7 @@ pub async fn run_with(
         coordinators: coordinator_link::Coordinators::default(),
         presence: presence::Presence::default(),
         inboxes: inbox::Inboxes::default(),
-        direct_writes: routes::DirectWrites::of(
-            config.direct_write_budget_us,
-            tokio::runtime::Handle::current().metrics().num_workers(),
-        ),
+        direct_writes,
         id,
         public_url,
         tls,

@@ -539,6 +539,8 @@ pub(crate) struct Publisher {
     slow_consumer_ms: u64,
     /// Where topics that keep history keep it.
     histories: Arc<Histories>,
+    /// History topics whose shared batch this reader added to since it last flushed.
+    touched: Vec<Arc<TopicHistory>>,
 }
 
 impl Publisher {
@@ -555,6 +557,7 @@ impl Publisher {
             batch: Batcher::new(direct),
             slow_consumer_ms,
             histories,
+            touched: Vec::new(),
         }
     }
 
@@ -567,7 +570,10 @@ impl Publisher {
     /// On a topic that keeps history, a local message is numbered in this server's stream and
     /// a forward that carries a position is copied, both under the topic's lock and only once
     /// the route it goes by is checked to be current under that lock: a session added to the
-    /// route before a history read gets each message either from that read or live.
+    /// route before a history read gets each message either from that read or live. Its local
+    /// deliveries go into the topic's shared batch (not this reader's), so that every
+    /// subscriber here gets a stream's messages in offset order even when several readers
+    /// publish on the topic at once; whichever reader flushes first hands them on.
     pub(crate) fn publish<E>(
         &mut self,
         routes: &RouteTable,
@@ -579,6 +585,7 @@ impl Publisher {
             batch,
             slow_consumer_ms,
             histories,
+            touched,
             ..
         } = self;
         let slow_ms = *slow_consumer_ms;
@@ -606,12 +613,21 @@ impl Publisher {
                         Origin::Peer => &None,
                     };
                     let Some(history) = history else {
+                        // What this reader put in shared batches came first.
+                        flush_shared(touched, stats, slow_ms);
                         return Some(route(batch, entry.cached.route(), &msg, stats, slow_ms));
                     };
+                    // What this reader put in other topics' shared batches came first (handed
+                    // on before this topic's lock is taken: two locks are never held at once).
+                    if touched.iter().any(|t| !Arc::ptr_eq(t, history)) {
+                        flush_shared(touched, stats, slow_ms);
+                    }
                     let mut streams = history.lock();
                     if !entry.cached.current(routes) {
                         return None;
                     }
+                    // This reader's own batch came first.
+                    batch.flush(stats, slow_ms);
                     let mut msg = msg;
                     if msg.origin == Origin::Local {
                         msg.from.position = history.next_position(&mut streams);
@@ -623,7 +639,13 @@ impl Publisher {
                         msg.from.position,
                         frame,
                     );
-                    Some(route(batch, entry.cached.route(), &msg, stats, slow_ms))
+                    let shared = &mut streams.batch;
+                    let reached = route(shared, entry.cached.route(), &msg, stats, slow_ms);
+                    drop(streams);
+                    if !touched.iter().any(|t| Arc::ptr_eq(t, history)) {
+                        touched.push(history.clone());
+                    }
+                    Some(reached)
                 },
             )?;
             // Otherwise the route changed while the topic's lock was awaited: look again.
@@ -637,6 +659,7 @@ impl Publisher {
     /// anything that must not overtake them.
     pub(crate) fn flush(&mut self, stats: &Stats) {
         self.batch.flush(stats, self.slow_consumer_ms);
+        flush_shared(&mut self.touched, stats, self.slow_consumer_ms);
     }
 
     /// The cache of `scope`, made current.
@@ -656,6 +679,13 @@ impl Publisher {
         }
         let cache = others.remove(scope).unwrap_or_default();
         &mut last.insert((scope.into(), cache)).1
+    }
+}
+
+/// Hands on the shared batches of the history topics in `touched` (what any reader put there).
+fn flush_shared(touched: &mut Vec<Arc<TopicHistory>>, stats: &Stats, slow_ms: u64) {
+    for history in touched.drain(..) {
+        history.lock().batch.flush(stats, slow_ms);
     }
 }
 
@@ -723,14 +753,14 @@ impl DirectWrites {
 /// has nothing more ready; a message for another route flushes first, so each publisher's
 /// messages keep their order even across topics.
 #[derive(Debug, Default)]
-struct Batcher {
+pub(crate) struct Batcher {
     pending: Option<(Arc<Route>, BytesMut, usize)>,
     direct: DirectWrites,
 }
 
 impl Batcher {
     /// A batcher that writes to idle subscribers as `direct` allows.
-    fn new(direct: DirectWrites) -> Self {
+    pub(crate) fn new(direct: DirectWrites) -> Self {
         Self {
             pending: None,
             direct,
@@ -766,7 +796,7 @@ impl Batcher {
     }
 
     /// Hands what is pending to the subscribers.
-    fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
+    pub(crate) fn flush(&mut self, stats: &Stats, slow_consumer_ms: u64) {
         if let Some((route, frames, count)) = self.pending.take() {
             stats.dist.fanout_batch_messages.observe(count as f64);
             let frames = frames.freeze();
@@ -1109,7 +1139,7 @@ mod tests {
         let mut publisher = Publisher::new(
             DirectWrites::Off,
             1000,
-            Arc::new(Histories::new(Default::default())),
+            Arc::new(Histories::new(Default::default(), DirectWrites::Off)),
         );
         let msg = |origin, scope, payload| Message {
             origin,
