@@ -229,6 +229,7 @@ impl Churn {
             usage,
             shards: 1,
             server_drain: None,
+            server_killed: None,
         };
         Ok((outcome, report))
     }

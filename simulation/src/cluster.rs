@@ -2,9 +2,12 @@
 //! same `run` functions the binaries use, on a runtime of their own whose threads are named
 //! [`CLUSTER_THREADS`] so their CPU time can be told apart from the load generator's.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use relaymesh_net::sync::lock;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -19,6 +22,19 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 /// How long shutdown may take before the runtime is dropped regardless.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How the embedded cluster is set up.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Options {
+    /// An account on a SQLite store (nodes and their inboxes).
+    pub(crate) inbox: bool,
+    /// The coordinator's admin API.
+    pub(crate) admin: bool,
+    /// The comm servers keep history for the simulation's topics (`sim/#`).
+    pub(crate) history: bool,
+    /// Each comm server on a runtime of its own, so that one can be killed ([`Killable`]).
+    pub(crate) killable: bool,
+}
+
 pub(crate) struct Embedded {
     pub(crate) coordinator_url: String,
     /// With an inbox: the account the simulation logs in to, on a SQLite store of its own.
@@ -30,17 +46,14 @@ pub(crate) struct Embedded {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     runtime: Runtime,
+    /// The comm servers, when each runs on a runtime of its own.
+    pub(crate) killable: Option<std::sync::Arc<Killable>>,
 }
 
 impl Embedded {
     /// Starts the cluster on `threads` worker threads and waits until every server is
     /// registered and linked to every other.
-    pub(crate) fn start(
-        servers: usize,
-        threads: usize,
-        inbox: bool,
-        admin: bool,
-    ) -> anyhow::Result<Self> {
+    pub(crate) fn start(servers: usize, threads: usize, options: Options) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name(CLUSTER_THREADS)
@@ -48,14 +61,32 @@ impl Embedded {
             .build()
             .context("starting the cluster runtime")?;
         let stop = CancellationToken::new();
-        let (db, login, accounts) = if inbox {
+        let (db, login, accounts) = if options.inbox {
             let (db, login, accounts) = runtime.block_on(store())?;
             (Some(db), Some(login), Some(accounts))
         } else {
             (None, None, None)
         };
+        let in_cluster_runtime = if options.killable { 0 } else { servers };
         let (coordinator_url, admin, tasks) =
-            runtime.block_on(spawn(servers, stop.clone(), accounts, admin))?;
+            runtime.block_on(spawn(in_cluster_runtime, stop.clone(), accounts, options))?;
+        let killable = match options.killable {
+            false => None,
+            true => {
+                let killable = Killable {
+                    coordinator_url: coordinator_url.clone(),
+                    history: options.history,
+                    threads: (threads / servers.max(1)).max(1),
+                    stop: stop.clone(),
+                    servers: Mutex::new(Vec::new()),
+                    started: AtomicUsize::new(0),
+                };
+                for _ in 0..servers {
+                    killable.start_server()?;
+                }
+                Some(std::sync::Arc::new(killable))
+            }
+        };
         let cluster = Self {
             coordinator_url,
             admin,
@@ -64,6 +95,7 @@ impl Embedded {
             stop,
             tasks,
             runtime,
+            killable,
         };
         cluster
             .runtime
@@ -81,6 +113,9 @@ impl Embedded {
 
     pub(crate) fn stop(self) {
         self.stop.cancel();
+        if let Some(killable) = &self.killable {
+            killable.stop();
+        }
         let tasks = self.tasks;
         self.runtime.block_on(async move {
             let _ = tokio::time::timeout(STOP_GRACE, futures_util::future::join_all(tasks)).await;
@@ -140,8 +175,9 @@ async fn spawn(
     servers: usize,
     stop: CancellationToken,
     accounts: Option<coordinator::accounts::AccountsConfig>,
-    admin: bool,
+    options: Options,
 ) -> anyhow::Result<(String, Option<(String, String)>, Vec<JoinHandle<()>>)> {
+    let admin = options.admin;
     let mut tasks = Vec::new();
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -185,14 +221,7 @@ async fn spawn(
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind comm server")?;
-        let defaults = commserver::Config::default();
-        let config = commserver::Config {
-            coordinator: coordinator_url.clone(),
-            cluster_secret: SECRET.into(),
-            // Every client comes from 127.0.0.1: only the overall cap applies.
-            max_connections_per_ip: defaults.max_connections,
-            ..defaults
-        };
+        let config = server_config(&coordinator_url, options.history);
         let token = stop.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = commserver::run(listener, config, token).await {
@@ -201,6 +230,97 @@ async fn spawn(
         }));
     }
     Ok((coordinator_url, admin, tasks))
+}
+
+/// The configuration of an embedded comm server.
+fn server_config(coordinator_url: &str, history: bool) -> commserver::Config {
+    let defaults = commserver::Config::default();
+    let mut config = commserver::Config {
+        coordinator: coordinator_url.to_owned(),
+        cluster_secret: SECRET.into(),
+        // Every client comes from 127.0.0.1: only the overall cap applies.
+        max_connections_per_ip: defaults.max_connections,
+        ..defaults
+    };
+    if history {
+        config.history.topics = vec!["sim/#".into()];
+    }
+    config
+}
+
+/// Comm servers each on a runtime of its own: one can die at once, with no word to anyone
+/// (its runtime is shut down and its sockets close), and another be started.
+pub(crate) struct Killable {
+    coordinator_url: String,
+    history: bool,
+    /// Worker threads per server.
+    threads: usize,
+    stop: CancellationToken,
+    /// Live servers: id, runtime, and the task that serves.
+    servers: Mutex<Vec<(String, Runtime, JoinHandle<()>)>>,
+    /// Servers started so far (names the next: `sim-N`).
+    started: AtomicUsize,
+}
+
+impl Killable {
+    /// Starts a comm server on a runtime of its own; returns its id.
+    fn start_server(&self) -> anyhow::Result<String> {
+        let id = format!("sim-{}", self.started.fetch_add(1, Ordering::Relaxed));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.threads)
+            .thread_name(CLUSTER_THREADS)
+            .enable_all()
+            .build()
+            .context("starting a comm server runtime")?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind comm server")?;
+        listener.set_nonblocking(true)?;
+        let mut config = server_config(&self.coordinator_url, self.history);
+        config.id = Some(id.clone());
+        let token = self.stop.clone();
+        let task = runtime.spawn(async move {
+            let served = match TcpListener::from_std(listener) {
+                Ok(listener) => commserver::run(listener, config, token)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            if let Err(e) = served {
+                eprintln!("embedded comm server failed: {e}");
+            }
+        });
+        lock(&self.servers).push((id.clone(), runtime, task));
+        Ok(id)
+    }
+
+    /// Kills server `id`: its runtime stops at once, dropping every task and socket.
+    pub(crate) fn kill(&self, id: &str) -> anyhow::Result<()> {
+        let (_, runtime, _) = {
+            let mut servers = lock(&self.servers);
+            let i = servers
+                .iter()
+                .position(|(s, _, _)| s == id)
+                .with_context(|| format!("no embedded comm server {id}"))?;
+            servers.remove(i)
+        };
+        runtime.shutdown_background();
+        Ok(())
+    }
+
+    /// Starts a new server (in place of a killed one); returns its id.
+    pub(crate) fn restart(&self) -> anyhow::Result<String> {
+        self.start_server()
+    }
+
+    /// After `stop` is cancelled: waits for each server to finish, then ends its runtime.
+    fn stop(&self) {
+        let servers: Vec<_> = lock(&self.servers).drain(..).collect();
+        for (_, runtime, task) in servers {
+            runtime.block_on(async move {
+                let _ = tokio::time::timeout(STOP_GRACE, task).await;
+            });
+            runtime.shutdown_timeout(STOP_GRACE);
+        }
+    }
 }
 
 /// Waits until `servers` are registered and fully linked.

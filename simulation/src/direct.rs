@@ -316,6 +316,7 @@ impl Direct {
             usage,
             shards: 1,
             server_drain: None,
+            server_killed: None,
         };
         let report = DirectReport {
             nodes: n,

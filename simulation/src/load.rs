@@ -64,6 +64,8 @@ pub(crate) struct Round {
     pub(crate) slot: Duration,
     /// A comm server to drain while publishing (`--drain-server-at`).
     pub(crate) server_drain: Option<crate::operator::DrainPlan>,
+    /// A comm server to kill while publishing (the failover scenario).
+    pub(crate) server_kill: Option<crate::kill::KillPlan>,
 }
 
 /// What was measured (for a sharded run, the leader's outcome absorbs the other shards').
@@ -99,6 +101,8 @@ pub(crate) struct Outcome {
     pub(crate) shards: usize,
     /// The comm server drained while publishing (`--drain-server-at`), and how it went.
     pub(crate) server_drain: Option<crate::operator::ServerDrained>,
+    /// The comm server killed while publishing, and the one started in its place.
+    pub(crate) server_killed: Option<crate::kill::ServerKilled>,
 }
 
 impl Outcome {
@@ -385,14 +389,19 @@ impl Round {
             self.duration,
         ));
         let started = Instant::now();
-        let drain_task = self.server_drain.clone().map(|plan| {
-            let busiest = clients_per_server
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(id, _)| id.clone())
-                .unwrap_or_default();
-            tokio::spawn(crate::operator::drain(plan, busiest, started))
-        });
+        let busiest = clients_per_server
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(id, _)| id.clone())
+            .unwrap_or_default();
+        let drain_task = self
+            .server_drain
+            .clone()
+            .map(|plan| tokio::spawn(crate::operator::drain(plan, busiest.clone(), started)));
+        let kill_task = self
+            .server_kill
+            .clone()
+            .map(|plan| tokio::spawn(crate::kill::run(plan, busiest, started)));
         let publisher_count = publishers.len();
         let results = join_all(
             publishers
@@ -429,6 +438,10 @@ impl Round {
         ticker.abort();
         let server_drain = match drain_task {
             Some(task) => Some(task.await.context("drain task failed")?),
+            None => None,
+        };
+        let server_killed = match kill_task {
+            Some(task) => Some(task.await.context("kill task failed")?),
             None => None,
         };
         stop.cancel();
@@ -477,6 +490,7 @@ impl Round {
             usage,
             shards: 1,
             server_drain,
+            server_killed,
         })
     }
 }
@@ -610,6 +624,16 @@ pub(crate) async fn receive(
             }
             Some(Event::SubscriptionsRefused { topics, .. }) => {
                 tally.counts.refused += topics.len() as u64;
+            }
+            Some(Event::Recovered { count, .. }) => tally.counts.recovered += count,
+            Some(Event::RecoveryGap {
+                missed_at_least, ..
+            }) => {
+                tally.counts.recovery_gaps += 1;
+                match missed_at_least {
+                    0 => tally.counts.recovery_gap_unknown += 1,
+                    n => tally.counts.recovery_gap_missed += n,
+                }
             }
             Some(_) => {}
             None => break,

@@ -10,7 +10,9 @@
 //! 3. **server failure**: the message lies in a gap of its publisher's stream (between the last
 //!    message that arrived before it and the first after) that spans a time the receiver or the
 //!    publisher lost its server (a `Disconnected` event): delivery across a server failure is
-//!    at most once;
+//!    at most once; of those, the ones a recovery said were gone (**recovery gap**: the
+//!    receiver got `RecoveryGap` events, up to the counts they gave, all of them when one could
+//!    not say) are told apart;
 //! 4. **unexplained**: the rest, which should be none.
 //!
 //! A notice names no messages, so the told counts go first to the lost messages no failure
@@ -37,8 +39,12 @@ pub(crate) struct LostByCause {
     pub(crate) slow_consumer: u64,
     /// Covered by `Dropped` notices of drops between servers (`upstream`).
     pub(crate) peer_gap: u64,
-    /// In a gap that spans a server failure the receiver or the publisher saw.
+    /// In a gap that spans a server failure the receiver or the publisher saw, and not told
+    /// by a recovery.
     pub(crate) server_failure: u64,
+    /// In such a gap, and told: the receiver's recovery reported a gap (`RecoveryGap`).
+    #[serde(default)]
+    pub(crate) recovery_gap: u64,
     /// Arrived after the drain: still queued for a receiver slower than `--drain`.
     #[serde(default)]
     pub(crate) late: u64,
@@ -48,7 +54,12 @@ pub(crate) struct LostByCause {
 
 impl LostByCause {
     pub(crate) fn total(&self) -> u64 {
-        self.slow_consumer + self.peer_gap + self.server_failure + self.late + self.unexplained
+        self.slow_consumer
+            + self.peer_gap
+            + self.server_failure
+            + self.recovery_gap
+            + self.late
+            + self.unexplained
     }
 
     /// Lost and told by `Dropped` notices.
@@ -60,6 +71,7 @@ impl LostByCause {
         self.slow_consumer += o.slow_consumer;
         self.peer_gap += o.peer_gap;
         self.server_failure += o.server_failure;
+        self.recovery_gap += o.recovery_gap;
         self.late += o.late;
         self.unexplained += o.unexplained;
     }
@@ -71,6 +83,8 @@ impl LostByCause {
             "broken: messages lost without a notice or a server failure"
         } else if self.server_failure > 0 {
             "at most once across a server failure"
+        } else if self.recovery_gap > 0 {
+            "recovered across a server failure, except what a reported gap says is gone"
         } else if self.told() > 0 {
             "exactly once while connected, every drop told (Dropped)"
         } else if self.late > 0 {
@@ -158,10 +172,17 @@ pub(crate) fn attribute(
     let peer_gap = upstream.min(lost - slow_consumer);
     // The notices go first to what no window covers.
     let unexplained = (lost - in_windows).saturating_sub(slow_consumer + peer_gap);
+    let in_failures = lost - slow_consumer - peer_gap - unexplained;
+    let told_gone = match counts.recovery_gap_unknown {
+        0 => counts.recovery_gap_missed,
+        _ => u64::MAX,
+    };
+    let recovery_gap = in_failures.min(told_gone);
     LostByCause {
         slow_consumer,
         peer_gap,
-        server_failure: lost - slow_consumer - peer_gap - unexplained,
+        server_failure: in_failures - recovery_gap,
+        recovery_gap,
         late,
         unexplained,
     }

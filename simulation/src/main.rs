@@ -7,7 +7,8 @@
 //! latency measured at the receiver, negotiation time, drops, and where the CPU went.
 //!
 //! Scenarios: `rooms` (the default: many small rooms spread over the servers), `fanout`,
-//! `dense`, `churn` and `ramp`; see `--help` and the README's "Load testing" section.
+//! `dense`, `churn`, `ramp`, `direct` and `failover`; see `--help` and the README's "Load
+//! testing" section.
 
 // The report is one `serde_json::json!` object with more fields than the default limit expands.
 #![recursion_limit = "256"]
@@ -15,6 +16,7 @@
 mod churn;
 mod cluster;
 mod direct;
+mod kill;
 mod load;
 mod loss;
 mod measure;
@@ -164,6 +166,34 @@ struct Args {
     /// the system's CA store.
     #[arg(long, env = "RELAYMESH_CA")]
     ca: Option<std::path::PathBuf>,
+    /// Failover: kill a comm server this many seconds into publishing [default: a third of
+    /// --duration].
+    #[arg(long)]
+    kill_server_at: Option<f64>,
+    /// Failover: the server to kill [default: the one holding most of the run's clients].
+    #[arg(long)]
+    kill_server: Option<String>,
+    /// Failover: seconds from the kill to starting a server in its place.
+    #[arg(long, default_value_t = 2.0)]
+    restart_after: f64,
+    /// Failover on a deployed cluster: the command that kills a server (run with `sh -c`, the
+    /// server's id in RELAYMESH_SERVER_ID); without it the kill is left to someone else.
+    #[arg(long)]
+    kill_command: Option<String>,
+    /// Failover on a deployed cluster: the command that starts a server in its place.
+    #[arg(long)]
+    restart_command: Option<String>,
+    /// The embedded cluster keeps history for the run's topics, so clients that lose their
+    /// server recover what they missed [default: on for failover, off otherwise].
+    #[arg(long, value_enum)]
+    history: Option<Toggle>,
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Toggle {
+    On,
+    Off,
 }
 
 /// A load pattern.
@@ -184,6 +214,10 @@ enum Scenario {
     /// Nodes send direct messages to random other nodes; `--offline-nodes` of them log in only
     /// halfway through and get what was sent to them meanwhile from their inboxes.
     Direct,
+    /// Rooms spread over the servers while one comm server is killed (and another started in
+    /// its place): with history on, its clients recover what they missed; the report tells
+    /// recovered messages, those lost with a reported gap, and unexplained loss apart.
+    Failover,
 }
 
 impl Scenario {
@@ -195,6 +229,7 @@ impl Scenario {
             Self::Churn => "churn",
             Self::Ramp => "ramp",
             Self::Direct => "direct",
+            Self::Failover => "failover",
         }
     }
 }
@@ -243,6 +278,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         Scenario::Churn => 20,
         Scenario::Ramp => 11,
         Scenario::Direct => 100,
+        Scenario::Failover => 150,
     });
     let rate = args.rate.unwrap_or(match scenario {
         Scenario::Rooms => 5.0,
@@ -251,6 +287,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         Scenario::Churn => 50.0,
         Scenario::Ramp => 5000.0,
         Scenario::Direct => 20.0,
+        Scenario::Failover => 20.0,
     });
     let duration = args.duration.unwrap_or(if scenario == Scenario::Ramp {
         3.0
@@ -280,7 +317,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             }
         }
         Scenario::Dense | Scenario::Churn | Scenario::Direct => Shape::Dense,
-        Scenario::Rooms => {
+        Scenario::Rooms | Scenario::Failover => {
             anyhow::ensure!(args.room_size >= 1, "--room-size must be at least 1");
             Shape::Rooms {
                 size: args.room_size,
@@ -305,6 +342,32 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         anyhow::ensure!(
             args.coordinator.is_none() || (args.account.is_some() && args.code.is_some()),
             "direct on a deployed cluster needs --account and --code (RELAYMESH_ACCESS_CODE) of an account on a coordinator with the sql store, which keeps the inbox"
+        );
+    }
+    if scenario == Scenario::Failover {
+        anyhow::ensure!(
+            args.coordinator.is_some() || args.servers >= 2,
+            "failover needs at least 2 comm servers (--servers): one dies, the others take its clients"
+        );
+        anyhow::ensure!(
+            args.shard.is_none(),
+            "failover needs one generator process (no --shard)"
+        );
+        let at = args.kill_server_at.unwrap_or(duration / 3.0);
+        anyhow::ensure!(
+            at >= 0.0 && at < duration,
+            "--kill-server-at must be within the publishing time (0 to --duration)"
+        );
+        anyhow::ensure!(
+            (0.0..=600.0).contains(&args.restart_after),
+            "--restart-after must be between 0 and 600 seconds"
+        );
+    } else {
+        anyhow::ensure!(
+            args.kill_server_at.is_none()
+                && args.kill_command.is_none()
+                && args.restart_command.is_none(),
+            "--kill-server-at, --kill-command and --restart-command go with --scenario failover"
         );
     }
     let shard = match args.shard {
@@ -383,8 +446,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => Some(cluster::Embedded::start(
             args.servers,
             args.cluster_threads.unwrap_or(cores),
-            plan.scenario == Scenario::Direct,
-            args.drain_server_at.is_some(),
+            cluster::Options {
+                inbox: plan.scenario == Scenario::Direct,
+                admin: args.drain_server_at.is_some(),
+                history: args.history.unwrap_or(match plan.scenario {
+                    Scenario::Failover => Toggle::On,
+                    _ => Toggle::Off,
+                }) == Toggle::On,
+                killable: plan.scenario == Scenario::Failover,
+            },
         )?),
     };
     if args.cluster_only {
@@ -423,6 +493,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cluster_text = match &embedded {
         Some(_) => format!("{} embedded comm servers", args.servers),
         None => format!("cluster at {coordinator}"),
+    };
+    let cluster_text = match (&embedded, args.history) {
+        (Some(_), Some(Toggle::On)) => format!("{cluster_text}, history on"),
+        (Some(_), None) if plan.scenario == Scenario::Failover => {
+            format!("{cluster_text}, history on")
+        }
+        (Some(_), Some(Toggle::Off)) if plan.scenario == Scenario::Failover => {
+            format!("{cluster_text}, history off")
+        }
+        _ => cluster_text,
     };
     let progress = Progress::new(args.quiet);
     progress.line(format!(
@@ -468,6 +548,29 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if plan.scenario == Scenario::Failover {
+        let how = match &embedded {
+            Some(cluster) => kill::KillHow::Embedded(
+                cluster
+                    .killable
+                    .clone()
+                    .context("the embedded cluster's servers cannot be killed")?,
+            ),
+            None => kill::KillHow::Commands {
+                kill: args.kill_command.clone(),
+                restart: args.restart_command.clone(),
+            },
+        };
+        drive_args.server_kill = Some(kill::KillPlan {
+            at: Duration::from_secs_f64(
+                args.kill_server_at
+                    .unwrap_or(plan.duration.as_secs_f64() / 3.0),
+            ),
+            restart_after: Duration::from_secs_f64(args.restart_after),
+            how,
+            server: args.kill_server.clone(),
+        });
+    }
     let drive = drive(drive_args, plan, coordinator, meter, progress.clone());
     let result = runtime.block_on(async move { tokio::spawn(drive).await });
     progress.finish();
@@ -532,6 +635,8 @@ struct DriveArgs {
     offline_nodes: Option<usize>,
     /// Rooms, fanout, dense: a comm server to drain while publishing.
     server_drain: Option<operator::DrainPlan>,
+    /// Failover: the comm server to kill while publishing.
+    server_kill: Option<kill::KillPlan>,
 }
 
 impl Args {
@@ -555,6 +660,7 @@ impl Args {
             login: None,
             offline_nodes: self.offline_nodes,
             server_drain: None,
+            server_kill: None,
         }
     }
 }
@@ -603,6 +709,7 @@ async fn drive(
         slow: args.slow,
         slot,
         server_drain: args.server_drain.clone(),
+        server_kill: args.server_kill.clone(),
     };
     match plan.scenario {
         Scenario::Direct => {
@@ -692,7 +799,7 @@ async fn drive(
                 }),
             }))
         }
-        Scenario::Rooms | Scenario::Fanout | Scenario::Dense => {
+        Scenario::Rooms | Scenario::Fanout | Scenario::Dense | Scenario::Failover => {
             let mut control = match plan.shard.count {
                 1 => None,
                 _ => Some(

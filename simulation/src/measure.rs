@@ -263,6 +263,18 @@ pub(crate) struct Counts {
     pub(crate) misrouted: u64,
     /// Subscriptions a new server refused to restore after a reconnect.
     pub(crate) refused: u64,
+    /// Messages delivered by recoveries after reconnects (`Recovered` events; topics that keep
+    /// history).
+    #[serde(default)]
+    pub(crate) recovered: u64,
+    /// Recoveries that could not reach back far enough (`RecoveryGap` events), the messages
+    /// they said were gone, and how many of them could not say how many.
+    #[serde(default)]
+    pub(crate) recovery_gaps: u64,
+    #[serde(default)]
+    pub(crate) recovery_gap_missed: u64,
+    #[serde(default)]
+    pub(crate) recovery_gap_unknown: u64,
 }
 
 impl Counts {
@@ -278,6 +290,10 @@ impl Counts {
         self.foreign += o.foreign;
         self.misrouted += o.misrouted;
         self.refused += o.refused;
+        self.recovered += o.recovered;
+        self.recovery_gaps += o.recovery_gaps;
+        self.recovery_gap_missed += o.recovery_gap_missed;
+        self.recovery_gap_unknown += o.recovery_gap_unknown;
     }
 }
 

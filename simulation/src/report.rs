@@ -55,9 +55,17 @@ fn mib(bytes: u64) -> f64 {
 
 impl Report {
     /// Whether every expected message arrived exactly once and in order.
+    ///
+    /// With a server killed (failover), messages may be lost for cause (a server that died
+    /// with them, or a recovery that reported a gap): the run is clean when none is lost
+    /// without a cause, none came twice or out of order, and the kill and restart were done.
     pub(crate) fn clean(&self) -> bool {
         let o = &self.outcome;
-        o.lost == 0
+        let lost_ok = match &o.server_killed {
+            None => o.lost == 0,
+            Some(k) => o.lost_by_cause.unexplained == 0 && k.error.is_none(),
+        };
+        lost_ok
             && o.counts.duplicates == 0
             && o.counts.out_of_order == 0
             && o.counts.misrouted == 0
@@ -142,6 +150,11 @@ impl Report {
                     d.server_id, d.remaining
                 ));
             }
+        }
+        if let Some(k) = &o.server_killed
+            && let Some(e) = &k.error
+        {
+            w.push(format!("killing {} failed: {e}", k.server_id));
         }
         if o.counts.misrouted > 0 {
             w.push(format!(
@@ -239,10 +252,11 @@ impl Report {
         let by = &o.lost_by_cause;
         let _ = writeln!(
             out,
-            "lost by cause   told: slow consumer {}, peer gap {} (exactly once while connected); \
-             server failure {} (at most once); late {}; unexplained {}{}",
+            "lost by cause   told: slow consumer {}, peer gap {} (exactly once while connected), \
+             recovery gap {}; server failure {} (at most once); late {}; unexplained {}{}",
             by.slow_consumer,
             by.peer_gap,
+            by.recovery_gap,
             by.server_failure,
             by.late,
             by.unexplained,
@@ -260,6 +274,36 @@ impl Report {
             u.server_dropped,
             u.server_slow_consumers
         );
+        if let Some(k) = &o.server_killed {
+            let restarted = match (&k.restarted, k.restarted_at_s) {
+                (Some(id), Some(at)) if !id.is_empty() => format!(", {id} started at {at:.1} s"),
+                (Some(_), Some(at)) => format!(", restart command run at {at:.1} s"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "server killed   {}{} at {:.1} s{}{}; {} clients lost their server",
+                k.server_id,
+                if k.external { " (externally)" } else { "" },
+                k.at_s,
+                restarted,
+                k.error
+                    .as_ref()
+                    .map(|e| format!(" (FAILED: {e})"))
+                    .unwrap_or_default(),
+                o.counts.disconnects
+            );
+        }
+        if o.server_killed.is_some() || o.counts.recovered + o.counts.recovery_gaps > 0 {
+            let _ = writeln!(
+                out,
+                "recovery        {} messages recovered after reconnects; {} gaps reported ({} messages said gone, {} of unknown size)",
+                o.counts.recovered,
+                o.counts.recovery_gaps,
+                o.counts.recovery_gap_missed,
+                o.counts.recovery_gap_unknown
+            );
+        }
         if let Some(d) = &o.server_drain {
             let _ = writeln!(
                 out,
@@ -364,8 +408,14 @@ impl Report {
         for w in &warnings {
             let _ = writeln!(out, "WARNING         {w}");
         }
-        let verdict = if self.clean() {
+        let verdict = if self.clean() && o.lost == 0 {
             "every expected message delivered once, in order".to_owned()
+        } else if self.clean() {
+            format!(
+                "{} messages lost, every one for a cause (none unexplained), none twice or out of order; guarantee: {}",
+                o.lost,
+                by.guarantee()
+            )
         } else if o.lost > 0 {
             format!(
                 "delivery incomplete (see above); guarantee: {}",
@@ -464,6 +514,11 @@ impl Report {
             "disconnects": o.counts.disconnects,
             "moves": o.counts.moves,
             "server_drain": o.server_drain,
+            "server_killed": o.server_killed,
+            "recovered": o.counts.recovered,
+            "recovery_gaps": o.counts.recovery_gaps,
+            "recovery_gap_missed": o.counts.recovery_gap_missed,
+            "recovery_gap_unknown": o.counts.recovery_gap_unknown,
             "foreign_payloads": o.counts.foreign,
             "misrouted": o.counts.misrouted,
             "subscriptions_refused": o.counts.refused,

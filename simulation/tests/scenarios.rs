@@ -608,3 +608,45 @@ fn direct_messages_reach_online_nodes_and_wait_in_the_inboxes_of_offline_ones() 
     assert_eq!(direct["presence_seen"], 18, "{report:#}");
     assert_eq!(report["published"], report["expected"]);
 }
+
+/// Runs the failover scenario: 3 servers, one killed a third of the way in and another started
+/// in its place; `--check` passes only when nothing is lost without a cause and nothing comes
+/// twice or out of order.
+fn failover(history: &str) -> Value {
+    let (output, report) = simulate(
+        &format!("failover-{history}"),
+        &[
+            "--scenario",
+            "failover",
+            "--clients",
+            "60",
+            "--duration",
+            "4",
+            "--restart-after",
+            "1",
+            "--history",
+            history,
+            "--check",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let killed = &report["server_killed"];
+    assert!(killed["error"].is_null(), "{report:#}");
+    assert!(killed["restarted"].is_string(), "{report:#}");
+    assert!(report["disconnects"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(report["lost_by_cause"]["unexplained"], 0, "{report:#}");
+    assert_eq!(
+        [&report["duplicates"], &report["out_of_order"]],
+        [0, 0],
+        "{report:#}"
+    );
+    report
+}
+
+#[test]
+fn failover_recovers_what_the_killed_servers_clients_missed_with_history_on() {
+    let on = failover("on");
+    assert!(on["recovered"].as_u64().unwrap() > 0, "{on:#}");
+    let off = failover("off");
+    assert_eq!(off["recovered"], 0, "{off:#}");
+}

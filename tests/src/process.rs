@@ -161,6 +161,13 @@ pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, S
     (status.success(), out.join().unwrap(), err.join().unwrap())
 }
 
+/// A directory of this test process under the temp directory (made if missing).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relaymesh-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A running binary whose stdout and stderr are collected line by line. Killed when dropped.
 #[derive(Debug)]
 pub struct Proc {

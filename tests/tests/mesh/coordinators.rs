@@ -2,10 +2,8 @@
 //! through either reaches the same mesh, what must be agreed between them (one session per
 //! client id, the directory of online nodes) is, and clients fail over when one dies.
 
-use std::path::PathBuf;
-
 use relaymesh_client::{Client, Credentials, Event, NodeDetails, PresenceChange, register_node};
-use relaymesh_tests::process::Proc;
+use relaymesh_tests::process::{Proc, temp_dir};
 use relaymesh_tests::{
     CoordinatorHandle, ServerHandle, TempAccounts, client_config, eventually, get_json, next_event,
     next_message, restartable_addr, server_config, within,
@@ -214,12 +212,6 @@ fn server_proc(coordinators: &str, config: &std::path::Path) -> (Proc, std::net:
     );
     let addr = proc.listening_addr();
     (proc, addr)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("relaymesh-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Peer link numbers of the server at `addr`: (peer, link).

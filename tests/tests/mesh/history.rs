@@ -329,3 +329,177 @@ async fn history_is_per_account_within_role_rules_and_bad_requests_are_answered(
     reader.flush().await.unwrap();
     assert_eq!(cluster.servers[1].stat("history_gaps").await, 2);
 }
+
+/// A deployed cluster of real processes with history on, and the simulation's failover
+/// scenario killing one comm server with `kill -9` (its `--kill-command`) and starting another
+/// in its place (`--restart-command`): the killed server's clients recover what they missed,
+/// nothing is lost without a cause, nothing comes twice.
+#[tokio::test]
+async fn the_failover_scenario_recovers_across_a_kill_9_of_a_real_process() {
+    use relaymesh_tests::process::{Proc, binary, temp_dir};
+
+    let dir = temp_dir("history-failover");
+    let coordinator_toml = dir.join("coordinator.toml");
+    std::fs::write(
+        &coordinator_toml,
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    let coordinator = {
+        let mut proc = Proc::start(
+            "coordinator",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                coordinator_toml.to_str().unwrap(),
+            ],
+        );
+        let addr = proc.listening_addr();
+        (proc, format!("ws://{addr}"))
+    };
+    let (_coordinator, url) = coordinator;
+    let server_toml = dir.join("server.toml");
+    std::fs::write(
+        &server_toml,
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\nreconnect_min_ms = 20\n\
+         drain_on_shutdown_ms = 0\n\n[history]\ntopics = [\"sim/#\"]\n",
+    )
+    .unwrap();
+    let server_args = |id: &str| {
+        vec![
+            "--coordinator".to_string(),
+            url.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--id".into(),
+            id.into(),
+            "--config".into(),
+            server_toml.to_str().unwrap().into(),
+        ]
+    };
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let id = format!("s{i}");
+        let args = server_args(&id);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = Proc::start("commserver", &args);
+        proc.wait_for_line("registered with the coordinator");
+        std::fs::write(dir.join(format!("{id}.pid")), proc.child.id().to_string()).unwrap();
+        servers.push(proc);
+    }
+    let tls = relaymesh_net::tls::Connector::default();
+    within(
+        "the cluster ready",
+        relaymesh_client::cluster::wait_ready(&url, 3, &tls, std::time::Duration::from_secs(20)),
+    )
+    .await
+    .unwrap();
+
+    let kill = format!(
+        "kill -9 \"$(cat {}/\"$RELAYMESH_SERVER_ID\".pid)\"",
+        dir.display()
+    );
+    let restarted_pid = dir.join("restarted.pid");
+    let restart_args = server_args("s3").join(" ");
+    let restart = format!(
+        "{} {restart_args} >/dev/null 2>&1 & echo $! > {}",
+        binary("commserver").display(),
+        restarted_pid.display()
+    );
+    let report = dir.join("report.json");
+    let mut simulation = Proc::start(
+        "simulation",
+        &[
+            "--coordinator",
+            &url,
+            "--scenario",
+            "failover",
+            "--clients",
+            "60",
+            "--duration",
+            "6",
+            "--kill-server-at",
+            "2",
+            "--restart-after",
+            "1",
+            "--kill-command",
+            &kill,
+            "--restart-command",
+            &restart,
+            "--check",
+            "--quiet",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    );
+    let status = simulation.wait_exit_within(std::time::Duration::from_secs(90));
+    if let Ok(pid) = std::fs::read_to_string(&restarted_pid) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status();
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null);
+    assert!(
+        status.success(),
+        "the simulation's check failed: {json}\n{}",
+        simulation.seen.join("\n")
+    );
+    let killed = &json["server_killed"];
+    assert!(killed["error"].is_null(), "{json}");
+    let victim = killed["server_id"].as_str().unwrap_or_default().to_owned();
+    let index: usize = victim.trim_start_matches('s').parse().unwrap();
+    // It died of the signal, not by its own hand.
+    let exited = servers[index].wait_exit_within(std::time::Duration::from_secs(10));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&exited),
+        Some(9),
+        "{victim}"
+    );
+    assert!(json["recovered"].as_u64().unwrap_or(0) > 0, "{json}");
+    assert_eq!(json["lost_by_cause"]["unexplained"], 0, "{json}");
+    assert_eq!(json["duplicates"], 0, "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Several clients of one server publishing on one history topic at once: its subscribers
+/// there get every message (a stream's offsets reach them in order, so none is taken for a
+/// copy), each publisher's in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishers_on_one_server_lose_nothing_to_the_position_check() {
+    let cluster = Cluster::start_with(2, history_on).await;
+    let mut sub = cluster.client_on(0).await;
+    sub.subscribe(["chat/busy"]).await.unwrap();
+    let mut remote = cluster.client_on(1).await;
+    remote.subscribe(["chat/busy"]).await.unwrap();
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let client = cluster.client_on(0).await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..1500 {
+                client
+                    .publish("chat/busy", format!("{p}:{i}"))
+                    .await
+                    .unwrap();
+            }
+            client.flush().await.unwrap();
+            client
+        }));
+    }
+    for client in [&mut sub, &mut remote] {
+        let got = next_messages(client, 6000).await;
+        let mut next = [0u32; 4];
+        for m in &got {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            let (p, i) = text.split_once(':').unwrap();
+            let (p, i): (usize, u32) = (p.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(i, next[p], "publisher {p} out of order or missing");
+            next[p] += 1;
+        }
+    }
+    for p in publishers {
+        drop(p.await.unwrap());
+    }
+}
