@@ -498,10 +498,12 @@ pub enum Event {
         /// The server's explanation.
         message: String,
     },
-    /// The recovery of `topic` after a reconnect is done: `count` messages published while
-    /// the client was away were delivered (before this event, in each publisher's order, each
-    /// once), and live messages follow. Only for topics the servers keep history for
-    /// (`[history]` in their configuration).
+    /// The recovery of `topic` after a reconnect is done: the messages published after the
+    /// client's last position up to the recovery's read of the history were delivered (before
+    /// this event, in each publisher's order, each once), and live messages follow. `count` is
+    /// how many the recovery delivered (some may also have arrived live meanwhile: those were
+    /// held and dropped as copies). Only for topics the servers keep history for (`[history]`
+    /// in their configuration).
     Recovered {
         /// The topic.
         topic: String,

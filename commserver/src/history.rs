@@ -68,6 +68,9 @@ pub struct HistoryConfig {
     pub requests_per_s: u32,
     /// ... and at once after a quiet spell.
     pub request_burst: u32,
+    /// History requests (and recoveries) of one session being answered at once; more are
+    /// refused with `LIMIT_EXCEEDED` (recoveries: reported as a gap).
+    pub max_running_requests: usize,
     /// How long a history request waits for peers' answers.
     pub query_timeout_ms: u64,
 }
@@ -85,6 +88,7 @@ impl Default for HistoryConfig {
             max_reply_messages: 10_000,
             requests_per_s: 20,
             request_burst: 200,
+            max_running_requests: 4,
             query_timeout_ms: 2000,
         }
     }
@@ -122,6 +126,7 @@ impl HistoryConfig {
             ("max_reply_messages", self.max_reply_messages as u64),
             ("requests_per_s", u64::from(self.requests_per_s)),
             ("request_burst", u64::from(self.request_burst)),
+            ("max_running_requests", self.max_running_requests as u64),
             ("query_timeout_ms", self.query_timeout_ms),
         ];
         for (key, value) in positive {

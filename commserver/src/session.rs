@@ -215,9 +215,6 @@ struct Session {
     history: Option<Box<HistoryBudget>>,
 }
 
-/// History requests (and recoveries) a session may have being answered at once.
-const MAX_HISTORY_TASKS: usize = 4;
-
 /// A session's budget of history requests: `history.requests_per_s`, and how many may run.
 #[derive(Debug)]
 struct HistoryBudget {
@@ -1241,7 +1238,7 @@ impl Session {
         let budget = self.history.get_or_insert_with(|| {
             Box::new(HistoryBudget {
                 rate: TokenBucket::new(f64::from(config.requests_per_s), config.request_burst),
-                running: Arc::new(tokio::sync::Semaphore::new(MAX_HISTORY_TASKS)),
+                running: Arc::new(tokio::sync::Semaphore::new(config.max_running_requests)),
             })
         });
         if !budget.rate.take(Instant::now()) {
@@ -1252,7 +1249,10 @@ impl Session {
             return Err(error(ErrorCode::RateLimited, why).for_request(request_id));
         }
         budget.running.clone().try_acquire_owned().map_err(|_| {
-            let why = format!("{MAX_HISTORY_TASKS} history requests are still being answered");
+            let why = format!(
+                "{} history requests are still being answered (history.max_running_requests)",
+                config.max_running_requests
+            );
             error(ErrorCode::LimitExceeded, why).for_request(request_id)
         })
     }
