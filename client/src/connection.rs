@@ -126,6 +126,7 @@ async fn attach(
     )
     .await?;
     let (resubscribe, topics) = restoration(shared);
+    let mut recover = Vec::new();
     // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
     let mut opening = vec![encode(&v1::ClientToServer::attach(v1::Attach {
         protocol_version: PROTOCOL_VERSION,
@@ -133,14 +134,14 @@ async fn attach(
     if !topics.is_empty() {
         // After a lost connection, what was missed on topics that keep history is recovered
         // (a move loses nothing: it reads the old server to its end).
-        let recover = match arrivals {
+        recover = match arrivals {
             Arrivals::Deliver => lock(&shared.history).recover(&topics),
             Arrivals::Hold => Vec::new(),
         };
         opening.push(encode(&v1::ClientToServer::subscribe(v1::Subscribe {
             request_id: resubscribe,
             topics: topics.clone(),
-            recover,
+            recover: recover.clone(),
         })));
     }
     // Then what the lost server never confirmed, in order, ahead of the outbound queue.
@@ -156,7 +157,7 @@ async fn attach(
         &mut link,
         shared,
         events,
-        resubscribe,
+        (resubscribe, &recover),
         &topics,
         true,
         arrivals,
@@ -214,7 +215,7 @@ async fn restore(
     link: &mut ClientLink,
     shared: &Shared,
     events: &EventTx,
-    resubscribe: u64,
+    (resubscribe, recover): (u64, &[v1::Recover]),
     topics: &[String],
     attaching: bool,
     arrivals: Arrivals,
@@ -248,7 +249,21 @@ async fn restore(
                 )));
             }
             Some(Kind::Ack(ack)) if ack.request_id == resubscribe => {
-                lock(&shared.history).subscribed(&ack);
+                let ended = {
+                    let mut history = lock(&shared.history);
+                    history.subscribed(&ack);
+                    history.unrecoverable(recover, &ack)
+                };
+                let ended: Vec<Event> = {
+                    let seen = &mut lock(&shared.seen);
+                    ended
+                        .into_iter()
+                        .flat_map(|(topic, recovery)| recovery_events(topic, recovery, seen))
+                        .collect()
+                };
+                for event in ended {
+                    let _ = events.send_one(event).await;
+                }
                 acked = true;
                 pending = ack.pending;
             }
@@ -400,7 +415,7 @@ async fn catch_up(
         &mut next.link,
         shared,
         events,
-        id,
+        (id, &[]),
         &topics,
         false,
         arrivals,
@@ -526,6 +541,16 @@ fn history_batch(b: v1::HistoryBatch, shared: &Shared, seen: &mut crate::Seen) -
     }
     let topic = b.topic.clone();
     let recovery = lock(&shared.history).recovered(b);
+    Handled::Events(recovery_events(topic, recovery, seen))
+}
+
+/// The events of (part of) a recovery of `topic`: its new messages, then, when it is done, the
+/// drops of held messages that did not fit, the gap and the end.
+fn recovery_events(
+    topic: String,
+    recovery: crate::history::Recovery,
+    seen: &mut crate::Seen,
+) -> Vec<Event> {
     let mut events: Vec<Event> = recovery
         .messages
         .into_iter()
@@ -547,7 +572,7 @@ fn history_batch(b: v1::HistoryBatch, shared: &Shared, seen: &mut crate::Seen) -
     if let Some(count) = recovery.recovered {
         events.push(Event::Recovered { topic, count });
     }
-    Handled::Events(events)
+    events
 }
 
 /// The backend changed the subscriptions: they are the client's own from now on.
@@ -873,7 +898,7 @@ async fn confirmed(config: &ClientConfig, shared: &Shared, events: &EventTx, nex
         &mut next.link,
         shared,
         events,
-        next.restored_by,
+        (next.restored_by, &[]),
         &next.restored,
         false,
         Arrivals::Hold,

@@ -107,6 +107,31 @@ impl Positions {
         out
     }
 
+    /// The `Ack` of a resubscription that asked to recover `asked`: a topic the server keeps
+    /// no history for (a server of another configuration or an older version) will not be
+    /// recovered. Its recovery ends as a gap of unknown size, and what it held is given back.
+    pub(crate) fn unrecoverable(
+        &mut self,
+        asked: &[v1::Recover],
+        ack: &v1::Ack,
+    ) -> Vec<(String, Recovery)> {
+        let mut out = Vec::new();
+        for r in asked {
+            if ack.history.contains(&r.topic) {
+                continue;
+            }
+            let recovery = self.recovered(v1::HistoryBatch {
+                topic: r.topic.clone(),
+                recovery: true,
+                done: true,
+                gap: true,
+                ..v1::HistoryBatch::default()
+            });
+            out.push((r.topic.clone(), recovery));
+        }
+        out
+    }
+
     /// A live message.
     pub(crate) fn arrive(&mut self, m: &v1::Message) -> Arrival {
         if m.stream == 0 {
@@ -143,6 +168,10 @@ impl Positions {
             }
         }
         if b.done {
+            // Streams no server holds any more are not heard from again.
+            for stream in &b.unknown_streams {
+                p.streams.remove(stream);
+            }
             for m in p.recovering.take().unwrap_or_default() {
                 if advance(p, &m) {
                     out.messages.push(m);
@@ -281,6 +310,37 @@ mod tests {
         assert_eq!(last.recovered, Some(3));
         assert_eq!(last.gap, None);
         assert_eq!(p.arrive(&msg(1, 6)), Arrival::Fresh);
+    }
+
+    #[test]
+    fn a_server_without_the_topics_history_ends_the_recovery_and_gives_back_what_it_held() {
+        let mut p = subscribed();
+        assert_eq!(p.arrive(&msg(1, 1)), Arrival::Fresh);
+        let asked = p.recover(&["t".into()]);
+        assert_eq!(p.arrive(&msg(1, 2)), Arrival::Held);
+        let ended = p.unrecoverable(&asked, &v1::Ack::default());
+        assert_eq!(ended.len(), 1);
+        let (topic, r) = &ended[0];
+        assert_eq!(topic, "t");
+        assert_eq!((r.gap, r.recovered), (Some(0), Some(0)));
+        assert_eq!(r.messages.len(), 1);
+        assert_eq!(p.arrive(&msg(1, 3)), Arrival::Fresh);
+    }
+
+    #[test]
+    fn streams_no_server_holds_are_forgotten() {
+        let mut p = subscribed();
+        p.arrive(&msg(7, 4));
+        p.recover(&["t".into()]);
+        p.recovered(v1::HistoryBatch {
+            topic: "t".into(),
+            recovery: true,
+            done: true,
+            gap: true,
+            unknown_streams: vec![7],
+            ..v1::HistoryBatch::default()
+        });
+        assert!(p.recover(&["t".into()])[0].since.is_empty());
     }
 
     #[test]

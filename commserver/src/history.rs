@@ -520,6 +520,8 @@ pub(crate) struct Merged {
     pub(crate) messages: Vec<Found>,
     pub(crate) gap: bool,
     pub(crate) missed: u64,
+    /// Streams asked about that no server holds.
+    pub(crate) unknown: Vec<u64>,
 }
 
 /// Why a request cannot be answered.
@@ -570,7 +572,10 @@ pub(crate) fn merge(query: &Query, answers: Vec<Answer>) -> Result<Merged, Merge
         match held.get(&stream) {
             // No server holds the stream: a position from another topic, a forged one, or a
             // stream whose server died with no copy left.
-            None => merged.gap = true,
+            None => {
+                merged.gap = true;
+                merged.unknown.push(stream);
+            }
             Some(&(_, newest, origin)) => {
                 if after > newest && origin {
                     return Err(MergeError::Ahead {

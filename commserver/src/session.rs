@@ -1629,6 +1629,11 @@ fn history_batches(
                 done,
                 gap: done && merged.gap,
                 missed_at_least: if done { merged.missed } else { 0 },
+                unknown_streams: if done {
+                    merged.unknown.clone()
+                } else {
+                    Vec::new()
+                },
             };
             history::batch_frame(&head, run)
         })

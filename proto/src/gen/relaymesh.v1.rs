@@ -1005,6 +1005,10 @@ pub struct HistoryBatch {
     pub gap: bool,
     #[prost(uint64, tag = "7")]
     pub missed_at_least: u64,
+    /// Streams named in the request that no server holds any more (their server died with no
+    /// copy left, or all of them aged out): forget them, they will not be heard from again.
+    #[prost(uint64, repeated, tag = "8")]
+    pub unknown_streams: ::prost::alloc::vec::Vec<u64>,
 }
 /// The application's backend changed this client's subscriptions (through the coordinator's
 /// server API): they are the client's now, restored on its next connection like its own.
