@@ -23,7 +23,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use relaymesh_net::config::{ConfigError, ensure};
 use relaymesh_net::metrics::Counter;
 use relaymesh_net::sync::lock;
@@ -183,6 +183,9 @@ pub(crate) struct Streams {
     /// Deliveries to this server's subscribers of the topic, in offset order, that the readers
     /// which added them have not handed on yet (the first to flush does).
     pub(crate) batch: Batcher,
+    /// Where stored frames are encoded: one allocation shared by many of them (each holds
+    /// its part), see [`Streams::encode`].
+    arena: BytesMut,
     /// This server's next offset, and the time it last stamped.
     next: u64,
     last_ms: u64,
@@ -356,16 +359,17 @@ impl Histories {
     }
 
     /// Adds `frame` (a `ServerToClient { message }` frame) at `position` of `stream`, within
-    /// the bounds. Returns whether it was kept.
+    /// the bounds, at `now` (ms since the Unix epoch, what ages entries out). Returns whether
+    /// it was kept.
     pub(crate) fn record(
         &self,
         streams: &mut Streams,
         origin: bool,
         position: Position,
         frame: Bytes,
+        now: u64,
     ) -> bool {
         let size = frame.len() + ENTRY_OVERHEAD;
-        let now = relaymesh_net::link::now_ms();
         self.expire(streams, now);
         let i = match streams.streams.iter().position(|s| s.id == position.stream) {
             Some(i) => i,
@@ -385,34 +389,55 @@ impl Histories {
         }
         streams.streams[i].last = position.offset;
         let config = &self.config;
-        while streams.count > 0
-            && (streams.count + 1 > config.max_messages
-                || streams.bytes + size > config.max_bytes
-                || self.total_bytes.load(Ordering::Relaxed) + size > config.max_total_bytes)
+        // What the oldest messages give back is settled with the total once, below.
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        let (mut count, mut bytes, mut freed) = (streams.count, streams.bytes, 0);
+        while count > 0
+            && (count + 1 > config.max_messages
+                || bytes + size > config.max_bytes
+                || total.saturating_sub(freed) + size > config.max_total_bytes)
         {
-            self.evict_oldest(streams);
+            let (c, b) = Self::evict_oldest(streams);
+            if c == 0 {
+                break;
+            }
+            self.stats.evicted.inc();
+            (count, bytes, freed) = (count - c, bytes - b, freed + b);
         }
-        if size > config.max_bytes
-            || self.total_bytes.load(Ordering::Relaxed) + size > config.max_total_bytes
-        {
+        let kept = size <= config.max_bytes
+            && total.saturating_sub(freed) + size <= config.max_total_bytes;
+        if kept {
+            streams.streams[i].entries.push_back(Entry {
+                offset: position.offset,
+                ms: position.published_ms,
+                frame,
+            });
+            (count, bytes) = (count + 1, bytes + size);
+            self.stats.stored.inc();
+        } else {
             self.stats.not_kept.inc();
-            return false;
         }
-        streams.streams[i].entries.push_back(Entry {
-            offset: position.offset,
-            ms: position.published_ms,
-            frame,
-        });
-        streams.count += 1;
-        streams.bytes += size;
-        self.total_bytes.fetch_add(size, Ordering::Relaxed);
-        self.stats.stored.inc();
-        true
+        (streams.count, streams.bytes) = (count, bytes);
+        let added = if kept { size } else { 0 };
+        if added > freed {
+            self.total_bytes.fetch_add(added - freed, Ordering::Relaxed);
+        } else if freed > added {
+            self.total_bytes.fetch_sub(freed - added, Ordering::Relaxed);
+        }
+        kept
     }
 
     /// Drops what is older than `max_age_ms`.
     fn expire(&self, streams: &mut Streams, now: u64) {
         let oldest = now.saturating_sub(self.config.max_age_ms);
+        // Usually nothing has aged out: one look at each stream's oldest entry says so.
+        if !streams
+            .streams
+            .iter()
+            .any(|s| s.entries.front().is_some_and(|e| e.ms < oldest))
+        {
+            return;
+        }
         let mut freed = (0, 0);
         for s in &mut streams.streams {
             while s.entries.front().is_some_and(|e| e.ms < oldest) {
@@ -429,16 +454,17 @@ impl Histories {
         self.release(streams, freed);
     }
 
-    /// Drops the oldest message of the topic (of whichever stream has it).
-    fn evict_oldest(&self, streams: &mut Streams) {
+    /// Drops the oldest message of the topic (of whichever stream has it), and says what it
+    /// held (messages and bytes), for the caller to take off the counts.
+    fn evict_oldest(streams: &mut Streams) -> (usize, usize) {
         let oldest = streams
             .streams
             .iter_mut()
             .filter(|s| !s.entries.is_empty())
             .min_by_key(|s| s.entries.front().map(|e| (e.ms, e.offset)));
-        if let Some(e) = oldest.and_then(|s| s.entries.pop_front()) {
-            self.release(streams, (1, e.frame.len() + ENTRY_OVERHEAD));
-        }
+        oldest
+            .and_then(|s| s.entries.pop_front())
+            .map_or((0, 0), |e| (1, e.frame.len() + ENTRY_OVERHEAD))
     }
 
     fn release(&self, streams: &mut Streams, (count, bytes): (usize, usize)) {
@@ -495,16 +521,39 @@ impl Histories {
     }
 }
 
+/// Largest buffer stored frames of one topic share.
+const ARENA_BYTES: usize = 4096;
+
+impl Streams {
+    /// `frame::message_frame(topic, from, payload)`, encoded into a buffer that the topic's
+    /// next messages share rather than an allocation of its own: on a busy topic one
+    /// allocation holds many messages (freed when the last of them leaves). The buffer grows
+    /// with what the topic holds (a frame's size times the messages held, up to
+    /// [`ARENA_BYTES`]), so a quiet topic's frame does not hold much more than itself.
+    pub(crate) fn encode(&mut self, topic: &str, from: frame::Sender<'_>, payload: &[u8]) -> Bytes {
+        let len = frame::message_frame_len(topic, from, payload);
+        if self.arena.capacity() < len {
+            let size = len
+                .saturating_mul(self.count + 1)
+                .clamp(len, ARENA_BYTES.max(len));
+            self.arena = BytesMut::with_capacity(size);
+        }
+        frame::put_message_frame(&mut self.arena, topic, from, payload);
+        self.arena.split().freeze()
+    }
+}
+
 impl TopicHistory {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Streams> {
         lock(&self.streams)
     }
 
-    /// The position of the next message this server accepts on the topic.
-    pub(crate) fn next_position(&self, streams: &mut Streams) -> Position {
+    /// The position of the next message this server accepts on the topic, at `now` (ms since
+    /// the Unix epoch; a stream's times never go back).
+    pub(crate) fn next_position(&self, streams: &mut Streams, now: u64) -> Position {
         let offset = streams.next;
         streams.next += 1;
-        streams.last_ms = streams.last_ms.max(relaymesh_net::link::now_ms());
+        streams.last_ms = streams.last_ms.max(now);
         Position {
             stream: self.own,
             offset,
@@ -785,14 +834,15 @@ mod tests {
 
     fn publish(h: &Histories, t: &TopicHistory, payload: &str) -> Position {
         let mut streams = t.lock();
-        let position = t.next_position(&mut streams);
+        let now = relaymesh_net::link::now_ms();
+        let position = t.next_position(&mut streams, now);
         let from = Sender {
             alias: "a",
             position,
             ..Sender::default()
         };
         let frame = message_frame("chat/x", from, payload.as_bytes());
-        h.record(&mut streams, true, position, frame);
+        h.record(&mut streams, true, position, frame, now);
         position
     }
 

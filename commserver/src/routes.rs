@@ -31,9 +31,7 @@ use relaymesh_net::metrics::Counter;
 use relaymesh_net::sync::lock;
 use relaymesh_net::wire;
 use relaymesh_proto::ErrorCode;
-use relaymesh_proto::frame::{
-    Sender, forward_frame, message_frame, message_frame_len, put_message_frame,
-};
+use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
 
 use crate::history::{Histories, TopicHistory};
@@ -541,7 +539,14 @@ pub(crate) struct Publisher {
     histories: Arc<Histories>,
     /// History topics whose shared batch this reader added to since it last flushed.
     touched: Vec<Arc<TopicHistory>>,
+    /// The time history positions are stamped with, and how many more messages may take it:
+    /// the clock is read for the first message on a history topic after a flush and then once
+    /// every [`CLOCK_MESSAGES`], not for each message.
+    now_ms: Option<(u64, u32)>,
 }
+
+/// Messages of one burst stamped with one reading of the clock.
+const CLOCK_MESSAGES: u32 = 64;
 
 impl Publisher {
     /// A publisher whose deliveries write to idle subscribers as `direct` allows and disconnect
@@ -558,6 +563,7 @@ impl Publisher {
             slow_consumer_ms,
             histories,
             touched: Vec::new(),
+            now_ms: None,
         }
     }
 
@@ -586,6 +592,7 @@ impl Publisher {
             slow_consumer_ms,
             histories,
             touched,
+            now_ms,
             ..
         } = self;
         let slow_ms = *slow_consumer_ms;
@@ -615,7 +622,14 @@ impl Publisher {
                     let Some(history) = history else {
                         // What this reader put in shared batches came first.
                         flush_shared(touched, stats, slow_ms);
-                        return Some(route(batch, entry.cached.route(), &msg, stats, slow_ms));
+                        return Some(route(
+                            batch,
+                            entry.cached.route(),
+                            &msg,
+                            None,
+                            stats,
+                            slow_ms,
+                        ));
                     };
                     // What this reader put in other topics' shared batches came first (handed
                     // on before this topic's lock is taken: two locks are never held at once).
@@ -629,18 +643,38 @@ impl Publisher {
                     // This reader's own batch came first.
                     batch.flush(stats, slow_ms);
                     let mut msg = msg;
+                    let now = match now_ms {
+                        Some((now, uses @ 1..)) => {
+                            *uses -= 1;
+                            *now
+                        }
+                        _ => {
+                            let now = relaymesh_net::link::now_ms();
+                            *now_ms = Some((now, CLOCK_MESSAGES - 1));
+                            now
+                        }
+                    };
                     if msg.origin == Origin::Local {
-                        msg.from.position = history.next_position(&mut streams);
+                        msg.from.position = history.next_position(&mut streams, now);
                     }
-                    let frame = message_frame(msg.topic, msg.from, msg.payload);
+                    // Encoded once: the stored frame is also what the subscribers here get.
+                    let frame = streams.encode(msg.topic, msg.from, msg.payload);
+                    let shared = &mut streams.batch;
+                    let reached = route(
+                        shared,
+                        entry.cached.route(),
+                        &msg,
+                        Some(&frame),
+                        stats,
+                        slow_ms,
+                    );
                     histories.record(
                         &mut streams,
                         msg.origin == Origin::Local,
                         msg.from.position,
                         frame,
+                        now,
                     );
-                    let shared = &mut streams.batch;
-                    let reached = route(shared, entry.cached.route(), &msg, stats, slow_ms);
                     drop(streams);
                     if !touched.iter().any(|t| Arc::ptr_eq(t, history)) {
                         touched.push(history.clone());
@@ -658,6 +692,7 @@ impl Publisher {
     /// Hands the deliveries batched so far to their subscribers: after a burst, and before
     /// anything that must not overtake them.
     pub(crate) fn flush(&mut self, stats: &Stats) {
+        self.now_ms = None;
         self.batch.flush(stats, self.slow_consumer_ms);
         flush_shared(&mut self.touched, stats, self.slow_consumer_ms);
     }
@@ -690,18 +725,23 @@ fn flush_shared(touched: &mut Vec<Arc<TopicHistory>>, stats: &Stats, slow_ms: u6
 }
 
 /// Hands `msg` to `route`'s local subscribers (in `batch`) and, a local message, once to each
-/// interested peer. Returns whether it went anywhere.
+/// interested peer. `encoded`, when given, is `msg` already encoded as a `ServerToClient`
+/// frame, copied as it is. Returns whether it went anywhere.
 fn route(
     batch: &mut Batcher,
     route: Option<&Arc<Route>>,
     msg: &Message<'_>,
+    encoded: Option<&[u8]>,
     stats: &Stats,
     slow_ms: u64,
 ) -> bool {
     let Some(route) = route else { return false };
     let mut reached = false;
     if !route.subscribers.is_empty() {
-        batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms);
+        match encoded {
+            Some(frame) => batch.push_encoded(route, frame, stats, slow_ms),
+            None => batch.push(route, msg.topic, msg.from, msg.payload, stats, slow_ms),
+        }
         reached = true;
     }
     if msg.origin == Origin::Local && !route.peers.is_empty() {
@@ -777,6 +817,35 @@ impl Batcher {
         stats: &Stats,
         slow_consumer_ms: u64,
     ) {
+        let frames = self.frames(route, stats, slow_consumer_ms);
+        wire::put_frame_header(frames, message_frame_len(topic, from, payload));
+        put_message_frame(frames, topic, from, payload);
+        self.pushed(stats, slow_consumer_ms);
+    }
+
+    /// Adds a message for `route`'s local subscribers already encoded as a `ServerToClient`
+    /// frame.
+    fn push_encoded(
+        &mut self,
+        route: &Arc<Route>,
+        frame: &[u8],
+        stats: &Stats,
+        slow_consumer_ms: u64,
+    ) {
+        let frames = self.frames(route, stats, slow_consumer_ms);
+        wire::put_frame_header(frames, frame.len());
+        frames.extend_from_slice(frame);
+        self.pushed(stats, slow_consumer_ms);
+    }
+
+    /// The buffer a message for `route`'s local subscribers is appended to (as one whole
+    /// WebSocket frame), [`Batcher::pushed`] to be called after.
+    fn frames(
+        &mut self,
+        route: &Arc<Route>,
+        stats: &Stats,
+        slow_consumer_ms: u64,
+    ) -> &mut BytesMut {
         if self
             .pending
             .as_ref()
@@ -784,14 +853,19 @@ impl Batcher {
         {
             self.flush(stats, slow_consumer_ms);
         }
-        let (_, frames, count) = self
+        &mut self
             .pending
-            .get_or_insert_with(|| (route.clone(), BytesMut::new(), 0));
-        wire::put_frame_header(frames, message_frame_len(topic, from, payload));
-        put_message_frame(frames, topic, from, payload);
-        *count += 1;
-        if *count >= BATCH_MESSAGES || frames.len() >= BATCH_BYTES {
-            self.flush(stats, slow_consumer_ms);
+            .get_or_insert_with(|| (route.clone(), BytesMut::new(), 0))
+            .1
+    }
+
+    /// Counts the message just appended, and hands the batch on when it is full.
+    fn pushed(&mut self, stats: &Stats, slow_consumer_ms: u64) {
+        if let Some((_, frames, count)) = &mut self.pending {
+            *count += 1;
+            if *count >= BATCH_MESSAGES || frames.len() >= BATCH_BYTES {
+                self.flush(stats, slow_consumer_ms);
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //! once per field. Their output is byte-for-byte what prost would produce (see the tests).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::{WireType, encoded_len_varint, key_len};
 
 use crate::v1;
 
@@ -166,24 +166,24 @@ impl Tail<'_> {
 
     fn put(&self, first: u32, buf: &mut BytesMut) {
         if self.seq != 0 {
-            encode_key(first, WireType::Varint, buf);
-            encode_varint(self.seq, buf);
+            put_key(first, WireType::Varint, buf);
+            put_varint(self.seq, buf);
         }
         for (field, value) in [(first + 1, self.resent_from), (first + 2, self.node)] {
             if !value.is_empty() {
-                encode_key(field, WireType::LengthDelimited, buf);
-                encode_varint(value.len() as u64, buf);
+                put_key(field, WireType::LengthDelimited, buf);
+                put_varint(value.len() as u64, buf);
                 buf.put_slice(value);
             }
         }
         if self.signal != 0 {
-            encode_key(first + 3, WireType::Varint, buf);
-            encode_varint(self.signal as i64 as u64, buf);
+            put_key(first + 3, WireType::Varint, buf);
+            put_varint(self.signal as i64 as u64, buf);
         }
         for (field, value) in self.position_fields() {
             if value != 0 {
-                encode_key(field, WireType::Varint, buf);
-                encode_varint(value, buf);
+                put_key(field, WireType::Varint, buf);
+                put_varint(value, buf);
             }
         }
     }
@@ -274,8 +274,8 @@ fn wrap_with_messages<'a>(
 ) -> Bytes {
     let inner = head.encoded_len() + messages.clone().map(Bytes::len).sum::<usize>();
     let mut buf = BytesMut::with_capacity(key_len(tag) + encoded_len_varint(inner as u64) + inner);
-    encode_key(tag, WireType::LengthDelimited, &mut buf);
-    encode_varint(inner as u64, &mut buf);
+    put_key(tag, WireType::LengthDelimited, &mut buf);
+    put_varint(inner as u64, &mut buf);
     head.encode_raw(&mut buf);
     for m in messages {
         buf.put_slice(m);
@@ -303,16 +303,37 @@ fn inner_len(fields: &[&[u8]], tail: Tail<'_>) -> usize {
 fn put_wrapped(tag: u32, fields: &[&[u8]], tail: Tail<'_>, buf: &mut BytesMut) {
     let inner = inner_len(fields, tail);
     buf.reserve(key_len(tag) + encoded_len_varint(inner as u64) + inner);
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(inner as u64, buf);
+    put_key(tag, WireType::LengthDelimited, buf);
+    put_varint(inner as u64, buf);
     for (value, field) in fields.iter().zip(1u32..) {
         if !value.is_empty() {
-            encode_key(field, WireType::LengthDelimited, buf);
-            encode_varint(value.len() as u64, buf);
+            put_key(field, WireType::LengthDelimited, buf);
+            put_varint(value.len() as u64, buf);
             buf.put_slice(value);
         }
     }
     tail.put(fields.len() as u32 + 1, buf);
+}
+
+/// Appends a field's key (as prost's `encode_key`).
+#[inline]
+fn put_key(field: u32, wire_type: WireType, buf: &mut BytesMut) {
+    put_varint(u64::from(field << 3 | wire_type as u32), buf);
+}
+
+/// Appends `value` as a varint (as prost's `encode_varint`), with one copy into `buf` rather
+/// than one checked write per byte: these frames are encoded once per published message.
+#[inline]
+fn put_varint(mut value: u64, buf: &mut BytesMut) {
+    let mut bytes = [0u8; 10];
+    let mut n = 0;
+    while value >= 0x80 {
+        bytes[n] = (value as u8) | 0x80;
+        value >>= 7;
+        n += 1;
+    }
+    bytes[n] = value as u8;
+    buf.extend_from_slice(&bytes[..=n]);
 }
 
 fn field_len(field: u32, len: usize) -> usize {
