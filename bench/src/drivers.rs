@@ -104,18 +104,29 @@ impl Endpoints {
         server: usize,
         credentials: Credentials,
     ) -> anyhow::Result<Client> {
+        self.relaymesh_with(server, |config| config.credentials = credentials)
+            .await
+    }
+
+    /// A relaymesh client on server `server`, anonymous and without auto-reconnect unless
+    /// `tweak` changes its config.
+    pub(crate) async fn relaymesh_with(
+        &self,
+        server: usize,
+        tweak: impl FnOnce(&mut ClientConfig),
+    ) -> anyhow::Result<Client> {
         let id = self
             .server_ids
             .get(server)
             .with_context(|| format!("relaymesh has no server {server}"))?;
         let mut config = ClientConfig::new(self.url(0)?);
         config.tls = self.tls.clone();
-        config.credentials = credentials;
         config.preferred_server = Some(id.clone());
         // A reconnect would hide a dropped connection behind a fresh one.
         config.auto_reconnect = false;
         config.outbound_queue = 8192;
         config.event_queue = 8192;
+        tweak(&mut config);
         let client = Client::connect(config).await?;
         if client.server_id() != *id {
             bail!(

@@ -4,6 +4,8 @@
 //! bench/compare.sh                      # every system and scenario (needs the peers installed)
 //! bench --systems relaymesh --smoke     # seconds-long check of the harness (CI)
 //! bench --systems relaymesh,nats --scenarios fanout10 --tls off,on   # plain against TLS
+//! bench --systems relaymesh --scenarios fanout10,two-server --history off,on --repeat 3
+//! bench --systems relaymesh --scenarios recovery,history-memory   # topic history
 //! ```
 //!
 //! Each system runs as real processes started from `bench/configs/`, pinned to the server CPU,
@@ -11,12 +13,14 @@
 //! `results.json` and `results.md` in `--out`.
 
 mod drivers;
+mod histmem;
 mod idle;
 mod inbox;
 mod load;
 mod logins;
 mod measure;
 mod pki;
+mod recovery;
 mod report;
 mod servers;
 
@@ -58,6 +62,11 @@ pub(crate) enum Scenario {
     Idle,
     /// Logins per second through one coordinator (relaymesh only).
     Logins,
+    /// Topic history: a subscriber that lost its server recovers what it missed (three comm
+    /// servers), and backlog reads (relaymesh only).
+    Recovery,
+    /// Topic history: bytes per held message and the bounds under a flood (relaymesh only).
+    HistoryMemory,
 }
 
 impl Scenario {
@@ -73,6 +82,8 @@ impl Scenario {
             Self::Backend => "backend",
             Self::Idle => "idle",
             Self::Logins => "logins",
+            Self::Recovery => "recovery",
+            Self::HistoryMemory => "history-memory",
         }
     }
 }
@@ -83,6 +94,15 @@ enum TlsMode {
     /// Plain TCP.
     Off,
     /// TLS on every link.
+    On,
+}
+
+/// Whether relaymesh's comm servers keep topic history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HistoryMode {
+    /// No `[history]` table (the default config).
+    Off,
+    /// `bench/configs/history.toml`: every topic keeps history, default bounds.
     On,
 }
 
@@ -103,7 +123,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -181,6 +201,49 @@ struct Args {
         default_missing_value = "on"
     )]
     tls: Vec<TlsMode>,
+    /// Topic history on relaymesh's comm servers: `on` appends bench/configs/history.toml
+    /// (every topic keeps history, default bounds) to each comm server's config; `--history
+    /// off,on` runs each scenario without, then with, back to back (with `--repeat`, the pair
+    /// alternates that many times). Other systems run without (`n/a` with history).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        num_args = 0..=1,
+        default_missing_value = "on"
+    )]
+    history: Vec<HistoryMode>,
+    /// Runs each system and scenario this many times, its TLS and history settings
+    /// alternating within each repetition (off, on, off, on...), every run on fresh servers.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Recovery scenario: messages published while the subscriber is away (and read back in
+    /// the backlog reads).
+    #[arg(long, default_value_t = 10_000)]
+    recovery_messages: u64,
+    /// Recovery scenario: trials, each on a fresh cluster.
+    #[arg(long, default_value_t = 5)]
+    recovery_trials: usize,
+    /// Recovery scenario: timed backlog reads from each reader.
+    #[arg(long, default_value_t = 10)]
+    history_reads: usize,
+    /// History-memory scenario: payload sizes, bytes (one fresh server each).
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    memory_payloads: Vec<usize>,
+    /// History-memory scenario: topics of the last flood (twice the config's max_topics of
+    /// 1000 leaves half of them without history).
+    #[arg(long, default_value_t = 2000)]
+    memory_topics: usize,
+    /// History-memory scenario: each flood publishes this many times max_total_bytes.
+    #[arg(long, default_value_t = 10.0)]
+    memory_flood_factor: f64,
+    /// History-memory scenario: longest stage, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    memory_max_stage: f64,
+    /// History-memory scenario: also run its stages on a comm server without history, to
+    /// compare the server's CPU per message.
+    #[arg(long)]
+    memory_control: bool,
 }
 
 impl Args {
@@ -191,6 +254,21 @@ impl Args {
             let tls = *mode == TlsMode::On;
             if !modes.contains(&tls) {
                 modes.push(tls);
+            }
+        }
+        if modes.is_empty() {
+            modes.push(false);
+        }
+        modes
+    }
+
+    /// The history settings to run each scenario in, in order: `false` is without.
+    fn history_modes(&self) -> Vec<bool> {
+        let mut modes: Vec<bool> = Vec::new();
+        for mode in &self.history {
+            let on = *mode == HistoryMode::On;
+            if !modes.contains(&on) {
+                modes.push(on);
             }
         }
         if modes.is_empty() {
@@ -277,13 +355,24 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
                 },
             }
         }
-        Scenario::Idle | Scenario::Logins => return None,
+        Scenario::Idle | Scenario::Logins | Scenario::Recovery | Scenario::HistoryMemory => {
+            return None;
+        }
     })
 }
 
-/// Why `system` does not run `scenario` (with TLS when `tls`), if it does not.
-fn not_applicable(system: System, scenario: Scenario, tls: bool) -> Option<&'static str> {
+/// Why `system` does not run `scenario` (with TLS when `tls`, with history when `history`),
+/// if it does not.
+fn not_applicable(
+    system: System,
+    scenario: Scenario,
+    tls: bool,
+    history: bool,
+) -> Option<&'static str> {
     match (system, scenario) {
+        (_, _) if history && system != System::Relaymesh => {
+            Some("relaymesh only: topic history on its comm servers")
+        }
         (System::Mosquitto, Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct) => {
             Some("mosquitto does not cluster")
         }
@@ -291,7 +380,9 @@ fn not_applicable(system: System, scenario: Scenario, tls: bool) -> Option<&'sta
             Some("redis pub/sub between nodes needs Redis Cluster; not measured")
         }
         (System::Relaymesh, _) => None,
-        (_, Scenario::Idle | Scenario::Logins) => Some("relaymesh target only"),
+        (_, Scenario::Idle | Scenario::Logins | Scenario::Recovery | Scenario::HistoryMemory) => {
+            Some("relaymesh target only")
+        }
         (_, Scenario::Backend) => Some("relaymesh only: publishes through its backend API"),
         (System::Mosquitto | System::Redis, _) if tls => {
             Some("measured without TLS (the bench sets TLS up for relaymesh and NATS)")
@@ -300,23 +391,112 @@ fn not_applicable(system: System, scenario: Scenario, tls: bool) -> Option<&'sta
     }
 }
 
-/// `system/scenario` for progress lines, with ` (TLS)` after the system when `tls`.
-fn label(system: System, scenario: Scenario, tls: bool) -> String {
+/// `system/scenario` for progress lines, with ` (TLS)` after the system when `tls` and
+/// ` (history)` when `history`.
+fn label(system: System, scenario: Scenario, tls: bool, history: bool) -> String {
     format!(
-        "{}{}/{}",
+        "{}{}{}/{}",
         system.name(),
         if tls { " (TLS)" } else { "" },
+        if history { " (history)" } else { "" },
         scenario.name()
     )
 }
 
-async fn run_one(
-    args: &Args,
-    launcher: &Launcher,
+/// One run of a system in a scenario.
+#[derive(Debug, Clone, Copy)]
+struct Run {
     system: System,
     scenario: Scenario,
     tls: bool,
+    history: bool,
+    /// Which repetition (0 for the first).
+    repeat: u32,
+}
+
+impl Run {
+    fn outcome(&self) -> Outcome {
+        let mut o = Outcome::new(self.system, self.scenario, self.tls);
+        o.history = self.history;
+        o.repeat = self.repeat;
+        o
+    }
+
+    fn label(&self) -> String {
+        let l = label(self.system, self.scenario, self.tls, self.history);
+        if self.repeat > 0 {
+            format!("{l} #{}", self.repeat + 1)
+        } else {
+            l
+        }
+    }
+}
+
+/// The history scenarios, which start their own servers.
+async fn run_history_scenario(
+    args: &Args,
+    launcher: &Launcher,
+    run: Run,
 ) -> anyhow::Result<Outcome> {
+    let label = run.label();
+    let mut outcome = run.outcome();
+    match run.scenario {
+        Scenario::Recovery => {
+            let plan = recovery::Plan {
+                messages: if args.smoke {
+                    args.recovery_messages.min(1000)
+                } else {
+                    args.recovery_messages
+                },
+                trials: if args.smoke { 1 } else { args.recovery_trials },
+                reads: if args.smoke { 2 } else { args.history_reads },
+            };
+            let result = recovery::run(launcher, run.tls, plan, |line| {
+                eprintln!("{label}: {line}");
+            })
+            .await?;
+            outcome.recovery = Some(result);
+        }
+        _ => {
+            let plan = histmem::Plan {
+                payloads: if args.smoke {
+                    args.memory_payloads.iter().take(1).copied().collect()
+                } else {
+                    args.memory_payloads.clone()
+                },
+                topics: args.memory_topics,
+                flood_factor: if args.smoke {
+                    args.memory_flood_factor.min(0.5)
+                } else {
+                    args.memory_flood_factor
+                },
+                max_stage: Duration::from_secs_f64(if args.smoke {
+                    args.memory_max_stage.min(3.0)
+                } else {
+                    args.memory_max_stage
+                }),
+                control: args.memory_control,
+            };
+            outcome.memory = histmem::run(launcher, run.tls, &plan, |line| {
+                eprintln!("{label}: {line}");
+            })
+            .await?;
+        }
+    }
+    Ok(outcome)
+}
+
+async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<Outcome> {
+    let Run {
+        system,
+        scenario,
+        tls,
+        history,
+        ..
+    } = run;
+    if matches!(scenario, Scenario::Recovery | Scenario::HistoryMemory) {
+        return run_history_scenario(args, launcher, run).await;
+    }
     let servers = if matches!(
         scenario,
         Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct
@@ -325,9 +505,11 @@ async fn run_one(
     } else {
         1
     };
-    let mut running = launcher.start(system, servers, tls).await?;
-    let label = label(system, scenario, tls);
-    let mut outcome = Outcome::new(system, scenario, tls);
+    let mut running = launcher
+        .start(system, servers, tls, history.then_some(HISTORY_CONFIG))
+        .await?;
+    let label = run.label();
+    let mut outcome = run.outcome();
     let window = Window {
         warmup: Duration::from_secs_f64(args.warmup),
         measure: Duration::from_secs_f64(args.measure),
@@ -382,8 +564,14 @@ async fn run_one(
         }
     }
     running.check_alive(&launcher.run_dir)?;
+    if system == System::Relaymesh {
+        outcome.history_held = Some(report::HistoryHeld::read(&running, servers).await?);
+    }
     Ok(outcome)
 }
+
+/// The `[history]` table of `--history on`.
+const HISTORY_CONFIG: &str = "history.toml";
 
 /// `--inbox`: the group-commit A/B; writes `inbox.json` and `inbox.md` in `--out`.
 fn inbox_main(args: &Args) -> ExitCode {
@@ -492,6 +680,11 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let tls_modes = args.tls_modes();
+    let history_modes = args.history_modes();
+    if args.repeat == 0 {
+        eprintln!("bench: --repeat must be at least 1");
+        return ExitCode::FAILURE;
+    }
     // The certificates live until the end of main (the directory is removed on drop).
     let pki = if tls_modes.contains(&true) {
         match Pki::create() {
@@ -549,24 +742,50 @@ fn main() -> ExitCode {
         args.max_p99_ms,
         args.smoke,
         &tls_modes,
-    );
+    )
+    .with_history(&history_modes);
     runtime.block_on(async {
-        // Plain and TLS of one system and scenario run back to back, so the two see the
-        // machine in the same state.
+        // Plain and TLS, without and with history, of one system and scenario run back to
+        // back (alternating, repetition after repetition), so they see the machine in the
+        // same state.
         for &system in &args.systems {
             for &scenario in &args.scenarios {
-                for &tls in &tls_modes {
-                    if let Some(why) = not_applicable(system, scenario, tls) {
-                        results.push(Outcome::skipped(system, scenario, tls, why));
-                        continue;
-                    }
-                    let label = label(system, scenario, tls);
-                    eprintln!("bench: {label}");
-                    match run_one(&args, &launcher, system, scenario, tls).await {
-                        Ok(o) => results.push(o),
-                        Err(e) => {
-                            eprintln!("bench: {label} failed: {e:#}");
-                            results.push(Outcome::failed(system, scenario, tls, &format!("{e:#}")));
+                // The history scenarios bring their own [history] config: run once.
+                let own_history = matches!(scenario, Scenario::Recovery | Scenario::HistoryMemory);
+                let histories = if own_history {
+                    &history_modes[..1]
+                } else {
+                    &history_modes[..]
+                };
+                for repeat in 0..args.repeat {
+                    for &tls in &tls_modes {
+                        for &history in histories {
+                            let run = Run {
+                                system,
+                                scenario,
+                                tls,
+                                history,
+                                repeat,
+                            };
+                            if let Some(why) = not_applicable(system, scenario, tls, history) {
+                                if repeat == 0 {
+                                    let mut o = run.outcome();
+                                    o.status = format!("n/a: {why}");
+                                    results.push(o);
+                                }
+                                continue;
+                            }
+                            let label = run.label();
+                            eprintln!("bench: {label}");
+                            match run_one(&args, &launcher, run).await {
+                                Ok(o) => results.push(o),
+                                Err(e) => {
+                                    eprintln!("bench: {label} failed: {e:#}");
+                                    let mut o = run.outcome();
+                                    o.status = format!("error: {e:#}");
+                                    results.push(o);
+                                }
+                            }
                         }
                     }
                 }

@@ -1,7 +1,10 @@
 //! Results: every step of every system and scenario as JSON, and a Markdown report with a
 //! summary, the performance targets as ratios measured in this run, and the step tables. Each
 //! outcome says whether its links were on TLS; a run with plain and TLS outcomes also compares
-//! the two (TLS's cost per server CPU-second, relaymesh over TLS against NATS over TLS).
+//! the two (TLS's cost per server CPU-second, relaymesh over TLS against NATS over TLS). Each
+//! also says whether relaymesh kept topic history (`--history`); a run with both compares them
+//! repetition by repetition, and the history scenarios (recovery, memory) get tables of their
+//! own.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,9 +13,105 @@ use serde::Serialize;
 
 use crate::Scenario;
 use crate::drivers::System;
+use crate::histmem::MemoryRun;
 use crate::idle::IdleStep;
 use crate::load::Step;
 use crate::logins::LoginStep;
+use crate::recovery::RecoveryResult;
+use crate::servers::Running;
+
+/// What relaymesh's comm servers held of topic history at the end of a run (all servers
+/// together): shows that `--history on` was on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct HistoryHeld {
+    pub(crate) topics: u64,
+    pub(crate) bytes: u64,
+    pub(crate) stored: u64,
+    pub(crate) evicted: u64,
+}
+
+impl HistoryHeld {
+    pub(crate) async fn read(running: &Running, servers: usize) -> anyhow::Result<Self> {
+        let mut held = Self {
+            topics: 0,
+            bytes: 0,
+            stored: 0,
+            evicted: 0,
+        };
+        for i in 0..servers {
+            let s = running.comm_stats(i).await?;
+            let n = |key: &str| s[key].as_u64().unwrap_or(0);
+            held.topics += n("history_topics");
+            held.bytes += n("history_bytes");
+            held.stored += n("history_stored");
+            held.evicted += n("history_evicted");
+        }
+        Ok(held)
+    }
+}
+
+/// History on against off in one repetition, at one offered rate both delivered in full with
+/// the generator not bound.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct HistoryPair {
+    scenario: Scenario,
+    repeat: u32,
+    offered_per_s: f64,
+    off_per_cpu_s: f64,
+    on_per_cpu_s: f64,
+    /// `on_per_cpu_s / off_per_cpu_s`.
+    ratio: f64,
+    off_cpu_pct: f64,
+    on_cpu_pct: f64,
+    off_p99_ms: f64,
+    on_p99_ms: f64,
+    /// Server CPU-seconds and deliveries of each side, for pooled ratios.
+    #[serde(skip)]
+    cpu: (f64, f64),
+    #[serde(skip)]
+    delivered: (u64, u64),
+}
+
+/// History's cost at one offered rate over every repetition.
+#[derive(Debug, Clone)]
+struct Pooled {
+    offered_per_s: f64,
+    pairs: usize,
+    /// Σ delivered / Σ CPU with history over the same without.
+    ratio: f64,
+    min: f64,
+    max: f64,
+}
+
+/// The pairs of `scenario` pooled per offered rate, in rising order.
+fn pooled(pairs: &[HistoryPair], scenario: Scenario) -> Vec<Pooled> {
+    let mut rates: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.scenario == scenario)
+        .map(|p| p.offered_per_s)
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    rates
+        .into_iter()
+        .filter_map(|rate| {
+            let at: Vec<&HistoryPair> = pairs
+                .iter()
+                .filter(|p| p.scenario == scenario && p.offered_per_s == rate)
+                .collect();
+            let sum = |f: fn(&HistoryPair) -> f64| at.iter().map(|p| f(p)).sum::<f64>();
+            let on = sum(|p| p.delivered.1 as f64) / sum(|p| p.cpu.1);
+            let off = sum(|p| p.delivered.0 as f64) / sum(|p| p.cpu.0);
+            (off > 0.0 && on.is_finite()).then(|| Pooled {
+                offered_per_s: rate,
+                pairs: at.len(),
+                ratio: on / off,
+                min: at.iter().map(|p| p.ratio).fold(f64::INFINITY, f64::min),
+                max: at.iter().map(|p| p.ratio).fold(0.0, f64::max),
+            })
+        })
+        .collect()
+}
 
 /// One system in one scenario.
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +120,10 @@ pub(crate) struct Outcome {
     pub(crate) scenario: Scenario,
     /// Every link of the system was on TLS (`--tls`).
     pub(crate) tls: bool,
+    /// relaymesh's comm servers kept topic history (`--history on`).
+    pub(crate) history: bool,
+    /// Which repetition (`--repeat`), 0 for the first.
+    pub(crate) repeat: u32,
     /// `ok`, `n/a: why` or `error: what`.
     pub(crate) status: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -29,6 +132,13 @@ pub(crate) struct Outcome {
     pub(crate) idle: Vec<IdleStep>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) logins: Vec<LoginStep>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) recovery: Option<RecoveryResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) memory: Vec<MemoryRun>,
+    /// relaymesh: the history its comm servers held at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) history_held: Option<HistoryHeld>,
 }
 
 impl Outcome {
@@ -37,13 +147,19 @@ impl Outcome {
             system,
             scenario,
             tls,
+            history: false,
+            repeat: 0,
             status: "ok".into(),
             steps: Vec::new(),
             idle: Vec::new(),
             logins: Vec::new(),
+            recovery: None,
+            memory: Vec::new(),
+            history_held: None,
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn skipped(system: System, scenario: Scenario, tls: bool, why: &str) -> Self {
         Self {
             status: format!("n/a: {why}"),
@@ -51,16 +167,17 @@ impl Outcome {
         }
     }
 
-    pub(crate) fn failed(system: System, scenario: Scenario, tls: bool, error: &str) -> Self {
-        Self {
-            status: format!("error: {error}"),
-            ..Self::new(system, scenario, tls)
-        }
-    }
-
-    /// The system's name, with ` (TLS)` when its links were on TLS.
+    /// The system's name, with ` (TLS)` when its links were on TLS, ` (history)` when it
+    /// kept topic history, and the repetition after the first.
     fn label(&self) -> String {
-        with_tls(self.system, self.tls)
+        let mut label = with_tls(self.system, self.tls);
+        if self.history {
+            label.push_str(" (history)");
+        }
+        if self.repeat > 0 {
+            let _ = write!(label, " #{}", self.repeat + 1);
+        }
+        label
     }
 
     /// The last passing step: the sustainable rate.
@@ -144,8 +261,17 @@ pub(crate) struct Results {
     /// plain outcomes, else TLS.
     #[serde(skip)]
     base_tls: bool,
+    /// The history settings each scenario ran in, in order: `off` and/or `on`.
+    history: Vec<&'static str>,
+    /// The setting the targets that do not name history are evaluated in: without if the run
+    /// had such outcomes.
+    #[serde(skip)]
+    base_history: bool,
     outcomes: Vec<Outcome>,
     targets: Vec<Target>,
+    /// With history against without, per repetition and offered rate (relaymesh).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    history_pairs: Vec<HistoryPair>,
 }
 
 impl Results {
@@ -176,14 +302,200 @@ impl Results {
                 .map(|&t| if t { "on" } else { "off" })
                 .collect(),
             base_tls: !tls_modes.is_empty() && !tls_modes.contains(&false),
+            history: vec!["off"],
+            base_history: false,
             outcomes: Vec::new(),
             targets: Vec::new(),
+            history_pairs: Vec::new(),
         }
+    }
+
+    /// The history settings the run's scenarios ran in (`false`: without), in order.
+    pub(crate) fn with_history(mut self, modes: &[bool]) -> Self {
+        self.history = modes
+            .iter()
+            .map(|&t| if t { "on" } else { "off" })
+            .collect();
+        self.base_history = !modes.is_empty() && !modes.contains(&false);
+        self
     }
 
     pub(crate) fn push(&mut self, o: Outcome) {
         self.outcomes.push(o);
+        self.history_pairs = self.pair_history();
         self.targets = self.evaluate();
+    }
+
+    /// relaymesh with history against without, in the base TLS setting: for each repetition
+    /// that ran both, each offered rate both delivered in full (≥ 99.9 %) with the generator
+    /// not bound.
+    fn pair_history(&self) -> Vec<HistoryPair> {
+        let counts = |s: &&Step| s.delivery_pct >= 99.9 && !s.generator_bound;
+        let mut pairs = Vec::new();
+        for on in self.outcomes.iter().filter(|o| {
+            o.system == System::Relaymesh && o.tls == self.base_tls && o.history && o.status == "ok"
+        }) {
+            let Some(off) = self.outcomes.iter().find(|o| {
+                o.system == on.system
+                    && o.scenario == on.scenario
+                    && o.tls == on.tls
+                    && !o.history
+                    && o.repeat == on.repeat
+                    && o.status == "ok"
+            }) else {
+                continue;
+            };
+            for a in on.steps.iter().filter(counts) {
+                let Some(b) = off
+                    .steps
+                    .iter()
+                    .filter(counts)
+                    .find(|b| b.offered_per_s == a.offered_per_s)
+                else {
+                    continue;
+                };
+                if b.delivered_per_cpu_s <= 0.0 {
+                    continue;
+                }
+                pairs.push(HistoryPair {
+                    scenario: on.scenario,
+                    repeat: on.repeat,
+                    offered_per_s: a.offered_per_s,
+                    off_per_cpu_s: b.delivered_per_cpu_s,
+                    on_per_cpu_s: a.delivered_per_cpu_s,
+                    ratio: a.delivered_per_cpu_s / b.delivered_per_cpu_s,
+                    off_cpu_pct: b.server_cpu_pct,
+                    on_cpu_pct: a.server_cpu_pct,
+                    off_p99_ms: b.p99_ms,
+                    on_p99_ms: a.p99_ms,
+                    cpu: (b.server_cpu_s, a.server_cpu_s),
+                    delivered: (b.delivered, a.delivered),
+                });
+            }
+        }
+        pairs
+    }
+
+    /// The targets about topic history: its cost per server CPU-second (each message
+    /// scenario run with and without), recovery time and completeness, and the memory
+    /// bounds.
+    fn history_targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let rm = System::Relaymesh;
+        for scenario in [
+            Scenario::Fanout10,
+            Scenario::Fanout1000,
+            Scenario::Dense,
+            Scenario::TwoServer,
+            Scenario::P2p,
+            Scenario::P2pTwoServer,
+            Scenario::Direct,
+            Scenario::Backend,
+        ] {
+            let ran = |history| {
+                self.outcomes.iter().any(|o| {
+                    o.system == rm
+                        && o.scenario == scenario
+                        && o.tls == self.base_tls
+                        && o.history == history
+                })
+            };
+            if !(ran(true) && ran(false)) {
+                continue;
+            }
+            let name = format!(
+                "{}: relaymesh with history keeps ≥ 85 % of its delivered per server CPU-s",
+                scenario.name()
+            );
+            let all = pooled(&self.history_pairs, scenario);
+            let most = all.iter().map(|p| p.pairs).max().unwrap_or(0);
+            // The highest rate measured in the most repetitions.
+            t.push(match all.iter().rev().find(|p| p.pairs == most) {
+                Some(p) => Target {
+                    target: name,
+                    measured: format!(
+                        "{:.2}× at {} offered (pooled over {} repetition{}; per repetition {:.2}–{:.2})",
+                        p.ratio,
+                        rate(p.offered_per_s),
+                        p.pairs,
+                        if p.pairs == 1 { "" } else { "s" },
+                        p.min,
+                        p.max
+                    ),
+                    result: if p.ratio >= 0.85 { "pass" } else { "FAIL" }.into(),
+                },
+                None => not_measured(&name),
+            });
+        }
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| o.scenario == Scenario::Recovery && o.status == "ok")
+        {
+            let Some(r) = &o.recovery else { continue };
+            let name = format!(
+                "recovery of {} missed messages < 1 s from the reconnect, each once and in order",
+                r.trials.first().map_or(0, |t| t.missed)
+            );
+            if r.trials.is_empty() {
+                t.push(not_measured(&name));
+                continue;
+            }
+            let times: Vec<f64> = r
+                .trials
+                .iter()
+                .map(|t| t.reconnected_to_recovered_ms)
+                .collect();
+            t.push(Target {
+                target: name,
+                measured: format!(
+                    "{:.0}–{:.0} ms over {} trials; {} of them complete and in order",
+                    times.iter().copied().fold(f64::INFINITY, f64::min),
+                    times.iter().copied().fold(0.0, f64::max),
+                    r.trials.len(),
+                    r.trials
+                        .iter()
+                        .filter(|t| t.gap.is_none()
+                            && t.missing + t.duplicates + t.out_of_order == 0
+                            && t.recovered_count == t.missed)
+                        .count()
+                ),
+                result: if r.trials.iter().all(|t| t.passed) {
+                    "pass"
+                } else {
+                    "FAIL"
+                }
+                .into(),
+            });
+        }
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| o.scenario == Scenario::HistoryMemory && o.status == "ok")
+        {
+            for m in o.memory.iter().filter(|m| m.history) {
+                t.push(Target {
+                    target: format!(
+                        "history within max_total_bytes {} MiB and max_topics {} under a flood ({} B payloads)",
+                        m.bounds.max_total_bytes / (1024 * 1024),
+                        m.bounds.max_topics,
+                        m.payload
+                    ),
+                    measured: format!(
+                        "history_bytes ≤ {:.1} MiB, topics ≤ {}; RSS {:.0} → {:.0} MiB (peak {:.0}); {:.0} B per held message accounted, {:.0} B by RSS",
+                        m.max_history_bytes as f64 / 1048576.0,
+                        m.max_history_topics,
+                        m.baseline_rss_mib,
+                        m.settled_rss_mib,
+                        m.peak_rss_mib,
+                        m.accounted_bytes_per_message,
+                        m.rss_bytes_per_message
+                    ),
+                    result: if m.bounds_held { "pass" } else { "FAIL" }.into(),
+                });
+            }
+        }
+        t
     }
 
     pub(crate) fn any_failed(&self) -> bool {
@@ -198,7 +510,11 @@ impl Results {
     /// The outcome of `system` in `scenario`, on TLS or not.
     fn get_in(&self, system: System, scenario: Scenario, tls: bool) -> Option<&Outcome> {
         self.outcomes.iter().find(|o| {
-            o.system == system && o.scenario == scenario && o.tls == tls && o.status == "ok"
+            o.system == system
+                && o.scenario == scenario
+                && o.tls == tls
+                && o.history == self.base_history
+                && o.status == "ok"
         })
     }
 
@@ -510,6 +826,7 @@ impl Results {
             }
         }
         t.extend(self.tls_targets());
+        t.extend(self.history_targets());
         t
     }
 
@@ -558,6 +875,17 @@ impl Results {
                     "each system and scenario ran plain, then with TLS on every link (marked \"(TLS)\"; certificates made at start: a CA and an ECDSA P-256 server certificate for 127.0.0.1; relaymesh wss:// and https://, NATS TLS on the client port and the route). Targets that do not name TLS are the plain runs'.",
             }
         );
+        if self.history.contains(&"on") {
+            let _ = writeln!(
+                md,
+                "History: {}\n",
+                if self.history.contains(&"off") {
+                    "relaymesh ran each scenario without, then with topic history on every topic (`bench/configs/history.toml`: `topics = [\"#\"]`, default bounds; marked \"(history)\"), alternating in each repetition. Targets that do not name history are the runs without."
+                } else {
+                    "relaymesh's comm servers kept topic history on every topic (`bench/configs/history.toml`, default bounds)."
+                }
+            );
+        }
         let _ = writeln!(md, "Command: `{}`\n", self.command);
         let _ = writeln!(
             md,
@@ -566,6 +894,7 @@ impl Results {
         for t in &self.targets {
             let _ = writeln!(md, "| {} | {} | {} |", t.target, t.measured, t.result);
         }
+        self.history_markdown(&mut md);
         let _ = writeln!(
             md,
             "\n## Summary (last passing step)\n\n| scenario | system | sustainable delivered/s | p99 ms | server CPU % | delivered per server CPU-s | server RSS MiB |\n|---|---|---|---|---|---|---|"
@@ -689,6 +1018,236 @@ impl Results {
             }
         }
         md
+    }
+}
+
+impl Results {
+    /// The sections on topic history: with against without, recovery, memory.
+    fn history_markdown(&self, md: &mut String) {
+        if !self.history_pairs.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## relaymesh with history against without\n\nDelivered per server CPU-second (all relaymesh processes) in the same repetition at the same offered rate, where both delivered ≥ 99.9 % and the generator was not bound.\n\n| scenario | repetition | offered/s | without: per CPU-s (CPU %, p99 ms) | with: per CPU-s (CPU %, p99 ms) | with / without |\n|---|---|---|---|---|---|"
+            );
+            for p in &self.history_pairs {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} ({:.0} %, {:.2}) | {} ({:.0} %, {:.2}) | {:.3} |",
+                    p.scenario.name(),
+                    p.repeat + 1,
+                    rate(p.offered_per_s),
+                    rate(p.off_per_cpu_s),
+                    p.off_cpu_pct,
+                    p.off_p99_ms,
+                    rate(p.on_per_cpu_s),
+                    p.on_cpu_pct,
+                    p.on_p99_ms,
+                    p.ratio
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\n| scenario | offered/s | repetitions | pooled with / without (Σ delivered / Σ CPU) | range |\n|---|---|---|---|---|"
+            );
+            for scenario in [
+                Scenario::Fanout10,
+                Scenario::TwoServer,
+                Scenario::Fanout1000,
+                Scenario::Dense,
+                Scenario::P2p,
+                Scenario::P2pTwoServer,
+                Scenario::Direct,
+                Scenario::Backend,
+            ] {
+                for p in pooled(&self.history_pairs, scenario) {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {:.3} | {:.3}–{:.3} |",
+                        scenario.name(),
+                        rate(p.offered_per_s),
+                        p.pairs,
+                        p.ratio,
+                        p.min,
+                        p.max
+                    );
+                }
+            }
+        }
+        let held: Vec<&Outcome> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.history && o.history_held.is_some())
+            .collect();
+        if !held.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nHistory held by the comm servers at the end of each run with history (all servers): {}\n",
+                held.iter()
+                    .filter_map(|o| o.history_held.map(|h| format!(
+                        "{} {}: {} stored, {} evicted, {} topics, {:.1} MiB",
+                        o.scenario.name(),
+                        o.label(),
+                        h.stored,
+                        h.evicted,
+                        h.topics,
+                        h.bytes as f64 / 1048576.0
+                    )))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        for o in &self.outcomes {
+            if let Some(r) = &o.recovery {
+                let _ = writeln!(
+                    md,
+                    "\n## Recovery — {}\n\nA subscriber on server A loses it (A and the coordinator killed); a publisher on B publishes while it is away; the coordinator is started again and the subscriber recovers on B or C. Times in ms.\n\n| trial | missed | reconnected to | kill → disconnected | publish + flush | restart → reconnected | reconnected → first | reconnected → recovered | restart → recovered | Recovered count | received before it | gap | dup / out of order / missing | live follows | server requests / replayed / gaps | |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                    o.label()
+                );
+                for t in &r.trials {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {} / {} / {} | {} | {} / {} / {} | {} |",
+                        t.trial + 1,
+                        t.missed,
+                        t.reconnected_to,
+                        t.disconnect_ms,
+                        t.publish_ms,
+                        t.restart_to_reconnected_ms,
+                        t.reconnected_to_first_ms,
+                        t.reconnected_to_recovered_ms,
+                        t.restart_to_recovered_ms,
+                        t.recovered_count,
+                        t.received_before_recovered,
+                        t.gap.map_or_else(|| "none".to_owned(), |g| g.to_string()),
+                        t.duplicates,
+                        t.out_of_order,
+                        t.missing,
+                        if t.live_followed { "yes" } else { "no" },
+                        t.server_history_requests,
+                        t.server_history_replayed,
+                        t.server_history_gaps,
+                        if t.passed { "pass" } else { "FAIL" }
+                    );
+                }
+                if !r.reads.is_empty() {
+                    let _ = writeln!(
+                        md,
+                        "\n### Backlog reads: `history(topic, Last(n))`\n\nThe messages are held by server A only; the reader on C holds none (its peers answer), the reader on A holds them all. Reads alternate between the two.\n\n| from | reads | n | messages | in order | gap | min ms | median ms | max ms |\n|---|---|---|---|---|---|---|---|---|"
+                    );
+                    for from in ["peers", "local"] {
+                        let reads: Vec<_> = r.reads.iter().filter(|x| x.from == from).collect();
+                        if reads.is_empty() {
+                            continue;
+                        }
+                        let mut times: Vec<f64> = reads.iter().map(|x| x.ms).collect();
+                        times.sort_by(f64::total_cmp);
+                        let _ = writeln!(
+                            md,
+                            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                            if from == "peers" {
+                                "C (peers answer)"
+                            } else {
+                                "A (local)"
+                            },
+                            reads.len(),
+                            reads[0].asked,
+                            reads.iter().map(|x| x.messages).min().unwrap_or(0),
+                            if reads.iter().all(|x| x.in_order) {
+                                "yes"
+                            } else {
+                                "no"
+                            },
+                            if reads.iter().any(|x| x.gap) {
+                                "yes"
+                            } else {
+                                "no"
+                            },
+                            times[0],
+                            times[times.len() / 2],
+                            times[times.len() - 1]
+                        );
+                    }
+                }
+            }
+            for m in &o.memory {
+                if !m.history {
+                    let _ = writeln!(
+                        md,
+                        "\n## Control without history — payload {} B ({})\n\nThe same stages on a comm server without `[history]`.\n\n| stage | topics | messages | s | messages/s | server CPU µs per message | |\n|---|---|---|---|---|---|---|",
+                        m.payload,
+                        o.label()
+                    );
+                    for st in &m.stages {
+                        let _ = writeln!(
+                            md,
+                            "| {} | {}..{} | {} | {:.1} | {:.0} | {:.2} | {} |",
+                            st.stage,
+                            st.first_topic,
+                            st.first_topic + st.topics,
+                            st.messages,
+                            st.seconds,
+                            st.messages_per_s,
+                            st.server_cpu_us_per_message,
+                            if st.cut_short { "cut short" } else { "" }
+                        );
+                    }
+                    continue;
+                }
+                let _ = writeln!(
+                    md,
+                    "\n## History memory — payload {} B ({})\n\nOne comm server, `max_total_bytes` {} MiB, `max_topics` {}. After the fill (every message held): {:.0} B per held message by `history_bytes`, {:.0} B by RSS growth. Highest `history_bytes` sampled {:.2} MiB, highest `history_topics` {}; RSS baseline {:.1} MiB, at the end of the floods {:.1} MiB, after {} s quiet {:.1} MiB, peak (VmHWM) {:.1} MiB. Bounds held: {}.\n\n| stage | topics | messages | s | messages/s | server CPU µs per message | |\n|---|---|---|---|---|---|---|",
+                    m.payload,
+                    o.label(),
+                    m.bounds.max_total_bytes / (1024 * 1024),
+                    m.bounds.max_topics,
+                    m.accounted_bytes_per_message,
+                    m.rss_bytes_per_message,
+                    m.max_history_bytes as f64 / 1048576.0,
+                    m.max_history_topics,
+                    m.baseline_rss_mib,
+                    m.flood_end_rss_mib,
+                    2,
+                    m.settled_rss_mib,
+                    m.peak_rss_mib,
+                    if m.bounds_held { "yes" } else { "**no**" }
+                );
+                for st in &m.stages {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {}..{} | {} | {:.1} | {:.0} | {:.2} | {} |",
+                        st.stage,
+                        st.first_topic,
+                        st.first_topic + st.topics,
+                        st.messages,
+                        st.seconds,
+                        st.messages_per_s,
+                        st.server_cpu_us_per_message,
+                        if st.cut_short { "cut short" } else { "" }
+                    );
+                }
+                let _ = writeln!(
+                    md,
+                    "\n| stage | t s | published | history_topics | history_bytes MiB | held | stored | evicted | not kept | RSS MiB | CPU s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+                );
+                for x in &m.samples {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {:.1} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {:.2} |",
+                        x.stage,
+                        x.at_s,
+                        x.published,
+                        x.history_topics,
+                        x.history_bytes as f64 / 1048576.0,
+                        x.held,
+                        x.history_stored,
+                        x.history_evicted,
+                        x.history_not_kept,
+                        x.rss_mib,
+                        x.cpu_s
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -834,7 +1393,8 @@ mod tests {
             p99_ms: 1.0,
             p999_ms: 1.0,
             max_ms: 1.0,
-            server_cpu_s: 1.0,
+            // Consistent with `per_cpu`, as pooled ratios add CPU-seconds up.
+            server_cpu_s: if per_cpu > 0.0 { 100.0 / per_cpu } else { 1.0 },
             server_cpu_pct: 20.0,
             delivered_per_cpu_s: per_cpu,
             server_rss_mib: 10.0,
@@ -946,6 +1506,79 @@ mod tests {
         let json = serde_json::to_value(&r).expect("JSON");
         assert_eq!(json["tls"], serde_json::json!(["off", "on"]));
         assert_eq!(json["outcomes"][1]["tls"], true);
+    }
+
+    #[test]
+    fn history_is_compared_with_its_absence_repetition_by_repetition() {
+        let mut r =
+            Results::new("0", 1.0, 5.0, 1.0, 10.0, false, &[false]).with_history(&[false, true]);
+        let run = |history, repeat, steps| Outcome {
+            steps,
+            history,
+            repeat,
+            ..Outcome::new(System::Relaymesh, Scenario::Fanout10, false)
+        };
+        let mut bound = step(4e5, 100.0, 9000.0, true);
+        bound.generator_bound = true;
+        r.push(run(
+            false,
+            0,
+            vec![
+                step(1e5, 100.0, 1000.0, true),
+                step(2e5, 100.0, 2000.0, true),
+            ],
+        ));
+        r.push(run(
+            true,
+            0,
+            vec![
+                step(1e5, 100.0, 900.0, true),
+                step(2e5, 100.0, 1800.0, true),
+            ],
+        ));
+        r.push(run(
+            false,
+            1,
+            vec![
+                step(1e5, 100.0, 1000.0, true),
+                step(2e5, 100.0, 2000.0, true),
+                bound,
+            ],
+        ));
+        // Latency failed, everything delivered: still compared.
+        r.push(run(
+            true,
+            1,
+            vec![
+                step(1e5, 100.0, 700.0, false),
+                step(2e5, 100.0, 1400.0, false),
+            ],
+        ));
+        assert_eq!(r.history_pairs.len(), 4, "{:?}", r.history_pairs);
+        let target = r
+            .targets
+            .iter()
+            .find(|t| {
+                t.target
+                    .starts_with("fanout10: relaymesh with history keeps")
+            })
+            .expect("the history target");
+        // At 200 k, pooled: 200 deliveries over 100/1800 + 100/1400 CPU-s (1575 per CPU-s)
+        // against 2000 per CPU-s.
+        assert!(
+            target.measured.starts_with(
+                "0.79× at 200.0 k offered (pooled over 2 repetitions; per repetition 0.70–0.90)"
+            ),
+            "{target:?}"
+        );
+        assert_eq!(target.result, "FAIL");
+        // The targets that do not name history are the runs without it.
+        let md = r.markdown();
+        assert!(
+            md.contains("## relaymesh with history against without"),
+            "{md}"
+        );
+        assert!(md.contains("### fanout10 — relaymesh (history) #2"), "{md}");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! with `taskset` to the server CPU, and stops them by PID (kill, then wait) when dropped.
 //! With TLS (`--tls`), relaymesh's coordinator and comm servers get the run's certificate with
 //! `--tls-cert`/`--tls-key`/`--ca`, and NATS starts from the `-tls` configs (TLS on the client
-//! port and on the route).
+//! port and on the route). With history (`--history`, and the history scenarios), a `[history]`
+//! table from `bench/configs/history*.toml` is appended to each comm server's config. A server
+//! can be stopped (killed) and started again with the same command line, as the recovery
+//! scenario does to the coordinator.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +49,16 @@ pub(crate) struct Launcher {
 struct Proc {
     name: String,
     child: Child,
+    recipe: Recipe,
+}
+
+/// How a server process was started, to start it again the same way.
+#[derive(Debug, Clone)]
+pub(crate) struct Recipe {
+    name: String,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Proc {
@@ -82,6 +95,41 @@ impl Running {
             .map(|p| p.child.id())
     }
 
+    /// Kills the named server (SIGKILL: as a crash) and reaps it; returns how to start it
+    /// again.
+    pub(crate) fn stop(&mut self, name: &str) -> anyhow::Result<Recipe> {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no server named {name}"))?;
+        let mut p = self.procs.remove(i);
+        p.child.kill()?;
+        p.child.wait()?;
+        Ok(p.recipe.clone())
+    }
+
+    /// Starts a server stopped with [`Running::stop`] again, with the same command line (its
+    /// log is appended to).
+    pub(crate) fn start_again(
+        &mut self,
+        launcher: &Launcher,
+        recipe: Recipe,
+    ) -> anyhow::Result<()> {
+        let p = launcher.launch(recipe, true)?;
+        self.procs.push(p);
+        Ok(())
+    }
+
+    /// The `/v1/stats` of relaymesh comm server `i` (0 = A).
+    pub(crate) async fn comm_stats(&self, i: usize) -> anyhow::Result<serde_json::Value> {
+        let base = self
+            .server_http
+            .get(i)
+            .with_context(|| format!("no comm server {i}"))?;
+        get_json(&format!("{base}/v1/stats"), &self.endpoints.tls).await
+    }
+
     /// Fails when a server has exited, naming its log.
     pub(crate) fn check_alive(&mut self, log_dir: &Path) -> anyhow::Result<()> {
         for p in &mut self.procs {
@@ -96,6 +144,29 @@ impl Running {
         Ok(())
     }
 }
+
+/// GETs `url` and parses its JSON body.
+async fn get_json(
+    url: &str,
+    tls: &relaymesh_net::tls::Connector,
+) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = relaymesh_net::http::request_with(
+        relaymesh_net::http::Method::GET,
+        url,
+        &[],
+        None,
+        tls,
+        Duration::from_secs(5),
+    )
+    .await?;
+    if !status.is_success() {
+        bail!("{url}: {status}");
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The comm servers of a relaymesh cluster the harness starts at most.
+pub(crate) const MAX_SERVERS: usize = 3;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the server binds it right after).
 fn free_port() -> anyhow::Result<u16> {
@@ -152,40 +223,80 @@ impl Launcher {
         args: &[&std::ffi::OsStr],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Proc> {
-        let log = std::fs::File::create(self.run_dir.join(format!("{name}.log")))?;
+        let recipe = Recipe {
+            name: name.to_owned(),
+            program: program.to_owned(),
+            args: args.iter().map(|&a| a.to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        self.launch(recipe, false)
+    }
+
+    /// Starts the process `recipe` describes, its output to `<name>.log` in the run directory
+    /// (appended to when `append`).
+    fn launch(&self, recipe: Recipe, append: bool) -> anyhow::Result<Proc> {
+        let path = self.run_dir.join(format!("{}.log", recipe.name));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)?;
         let mut cmd = match &self.server_cpu {
             Some(cpu) => {
                 let mut c = Command::new("taskset");
-                c.args(["-c", cpu]).arg(program);
+                c.args(["-c", cpu]).arg(&recipe.program);
                 c
             }
-            None => Command::new(program),
+            None => Command::new(&recipe.program),
         };
-        cmd.args(args)
+        cmd.args(&recipe.args)
             .env("RELAYMESH_CLUSTER_SECRET", CLUSTER_SECRET)
-            .envs(env.iter().copied())
+            .envs(recipe.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd
             .spawn()
-            .with_context(|| format!("cannot start {}", program.display()))?;
+            .with_context(|| format!("cannot start {}", recipe.program.display()))?;
         Ok(Proc {
-            name: name.to_owned(),
+            name: recipe.name.clone(),
             child,
+            recipe,
         })
     }
 
-    /// Starts `system` with `servers` nodes (2 only where the system clusters), on TLS with
-    /// `tls`, and waits until it accepts clients.
+    /// Starts `system` with `servers` nodes (2 or, relaymesh, 3 only where the system
+    /// clusters), on TLS with `tls`, relaymesh's comm servers with the `[history]` table of
+    /// `history` (a file in the configs directory) when given, and waits until it accepts
+    /// clients.
     pub(crate) async fn start(
         &self,
         system: System,
         servers: usize,
         tls: bool,
+        history: Option<&str>,
     ) -> anyhow::Result<Running> {
         std::fs::create_dir_all(&self.run_dir)?;
+        if servers > MAX_SERVERS || (servers > 2 && system != System::Relaymesh) {
+            bail!("{} servers of {} asked for", servers, system.name());
+        }
+        if history.is_some() && system != System::Relaymesh {
+            bail!("{} keeps no history", system.name());
+        }
+        let history_table = match history {
+            Some(file) => {
+                let path = self.configs.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Some(text)
+            }
+            None => None,
+        };
         let files = match (tls, &self.tls) {
             (false, _) => None,
             (true, Some(files)) => Some(files),
@@ -223,7 +334,7 @@ impl Launcher {
         let ports: Vec<u16> = (0..servers)
             .map(|_| free_port())
             .collect::<Result<_, _>>()?;
-        let letters = ["a", "b"];
+        let letters = ["a", "b", "c"];
         match system {
             System::Relaymesh => {
                 let coordinator = free_port()?;
@@ -258,6 +369,12 @@ impl Launcher {
                             ("id", id.to_owned()),
                         ]),
                     )?;
+                    if let Some(table) = &history_table {
+                        let mut text = std::fs::read_to_string(&cfg)?;
+                        text.push('\n');
+                        text.push_str(table);
+                        std::fs::write(&cfg, text)?;
+                    }
                     let mut args = vec![
                         "--config".as_ref(),
                         cfg.as_os_str(),

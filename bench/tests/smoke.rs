@@ -205,3 +205,77 @@ fn smoke_run_over_tls_measures_plain_and_tls_side_by_side() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--history off,on` and the history scenarios in smoke mode: each message scenario runs
+/// without and with topic history on the comm servers (which then hold what was published), a
+/// subscriber that lost its server recovers every message it missed once and in order, and a
+/// flood leaves the history within its configured bounds.
+#[test]
+fn smoke_run_with_history_measures_its_cost_recovery_and_memory() {
+    let bin_dir = relaymesh_tests::process::binary("coordinator")
+        .parent()
+        .expect("binaries live in a directory")
+        .to_owned();
+    let out = std::env::temp_dir().join(format!(
+        "relaymesh-bench-smoke-history-{}",
+        std::process::id()
+    ));
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--systems", "relaymesh", "--smoke", "--server-cpu", ""])
+        .args([
+            "--scenarios",
+            "fanout10,recovery,history-memory",
+            "--history",
+            "off,on",
+        ])
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--configs")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
+            .expect("valid JSON");
+    assert_eq!(json["history"], serde_json::json!(["off", "on"]));
+    let outcomes = json["outcomes"].as_array().expect("outcomes");
+    let find = |scenario: &str, history: bool| {
+        outcomes
+            .iter()
+            .find(|o| o["scenario"] == scenario && o["history"] == history)
+            .unwrap_or_else(|| panic!("no {scenario} outcome (history {history}) in {json}"))
+    };
+    for history in [false, true] {
+        let o = find("fanout10", history);
+        assert_eq!(o["status"], "ok", "{o}");
+        let step = &o["steps"][0];
+        assert_eq!(step["delivered"], step["expected"], "{o}");
+        let stored = o["history_held"]["stored"].as_u64().unwrap_or(0);
+        assert_eq!(stored > 0, history, "history held: {o}");
+    }
+    let recovery = find("recovery", false);
+    assert_eq!(recovery["status"], "ok", "{recovery}");
+    let trial = &recovery["recovery"]["trials"][0];
+    assert_eq!(trial["recovered_count"], trial["missed"], "{trial}");
+    for key in ["missing", "duplicates", "out_of_order"] {
+        assert_eq!(trial[key], 0, "{key}: {trial}");
+    }
+    assert!(trial["gap"].is_null(), "{trial}");
+    assert_eq!(trial["live_followed"], true, "{trial}");
+    for read in recovery["recovery"]["reads"].as_array().expect("reads") {
+        assert_eq!(read["messages"], read["asked"], "{read}");
+        assert_eq!(read["in_order"], true, "{read}");
+    }
+    let memory = find("history-memory", false);
+    assert_eq!(memory["status"], "ok", "{memory}");
+    assert_eq!(memory["memory"][0]["bounds_held"], true, "{memory}");
+    let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    for heading in ["## Recovery", "### Backlog reads", "## History memory"] {
+        assert!(md.contains(heading), "results.md lacks {heading}:\n{md}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
