@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -162,6 +162,8 @@ pub(crate) struct Histories {
     topics: Mutex<HashMap<TopicKey, Arc<TopicHistory>>>,
     /// Bytes held, all topics together.
     total_bytes: AtomicUsize,
+    /// When topics were last swept for ones to forget (ms since the Unix epoch).
+    swept_ms: AtomicU64,
     /// Names this process's streams.
     ids: std::collections::hash_map::RandomState,
     pub(crate) stats: HistoryStats,
@@ -286,6 +288,7 @@ impl Histories {
             config,
             topics: Mutex::new(HashMap::new()),
             total_bytes: AtomicUsize::new(0),
+            swept_ms: AtomicU64::new(0),
             ids: std::collections::hash_map::RandomState::new(),
             stats: HistoryStats::default(),
         }
@@ -316,7 +319,13 @@ impl Histories {
             return None;
         }
         if topics.len() >= self.config.max_topics {
-            self.forget_empty(&mut topics);
+            // A sweep looks at every topic: at most one a second, not one per message on a
+            // topic that finds no room.
+            let now = relaymesh_net::link::now_ms();
+            if self.swept_ms.load(Ordering::Relaxed) + SWEEP_EVERY_MS <= now {
+                self.swept_ms.store(now, Ordering::Relaxed);
+                self.forget_empty(&mut topics);
+            }
             if topics.len() >= self.config.max_topics {
                 self.stats.not_kept.inc();
                 return None;
@@ -520,6 +529,9 @@ impl Histories {
         answer
     }
 }
+
+/// How often a full set of topics is swept for emptied ones.
+const SWEEP_EVERY_MS: u64 = 1000;
 
 /// Largest buffer stored frames of one topic share.
 const ARENA_BYTES: usize = 4096;
