@@ -249,33 +249,27 @@ struct Args {
 impl Args {
     /// The TLS settings to run each system and scenario in, in order: `false` is plain.
     fn tls_modes(&self) -> Vec<bool> {
-        let mut modes: Vec<bool> = Vec::new();
-        for mode in &self.tls {
-            let tls = *mode == TlsMode::On;
-            if !modes.contains(&tls) {
-                modes.push(tls);
-            }
-        }
-        if modes.is_empty() {
-            modes.push(false);
-        }
-        modes
+        modes(self.tls.iter().map(|m| *m == TlsMode::On))
     }
 
     /// The history settings to run each scenario in, in order: `false` is without.
     fn history_modes(&self) -> Vec<bool> {
-        let mut modes: Vec<bool> = Vec::new();
-        for mode in &self.history {
-            let on = *mode == HistoryMode::On;
-            if !modes.contains(&on) {
-                modes.push(on);
-            }
-        }
-        if modes.is_empty() {
-            modes.push(false);
-        }
-        modes
+        modes(self.history.iter().map(|m| *m == HistoryMode::On))
     }
+}
+
+/// An off/on flag's settings in the order given, each once; off alone when none is given.
+fn modes(given: impl Iterator<Item = bool>) -> Vec<bool> {
+    let mut modes: Vec<bool> = Vec::new();
+    for on in given {
+        if !modes.contains(&on) {
+            modes.push(on);
+        }
+    }
+    if modes.is_empty() {
+        modes.push(false);
+    }
+    modes
 }
 
 /// Offered delivered messages per second, one step each.

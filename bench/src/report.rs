@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::Scenario;
 use crate::drivers::System;
-use crate::histmem::MemoryRun;
+use crate::histmem::{MemoryRun, Stage};
 use crate::idle::IdleStep;
 use crate::load::Step;
 use crate::logins::LoginStep;
@@ -1177,20 +1177,7 @@ impl Results {
                         m.payload,
                         o.label()
                     );
-                    for st in &m.stages {
-                        let _ = writeln!(
-                            md,
-                            "| {} | {}..{} | {} | {:.1} | {:.0} | {:.2} | {} |",
-                            st.stage,
-                            st.first_topic,
-                            st.first_topic + st.topics,
-                            st.messages,
-                            st.seconds,
-                            st.messages_per_s,
-                            st.server_cpu_us_per_message,
-                            if st.cut_short { "cut short" } else { "" }
-                        );
-                    }
+                    stage_rows(md, &m.stages);
                     continue;
                 }
                 let _ = writeln!(
@@ -1211,20 +1198,7 @@ impl Results {
                     m.peak_rss_mib,
                     if m.bounds_held { "yes" } else { "**no**" }
                 );
-                for st in &m.stages {
-                    let _ = writeln!(
-                        md,
-                        "| {} | {}..{} | {} | {:.1} | {:.0} | {:.2} | {} |",
-                        st.stage,
-                        st.first_topic,
-                        st.first_topic + st.topics,
-                        st.messages,
-                        st.seconds,
-                        st.messages_per_s,
-                        st.server_cpu_us_per_message,
-                        if st.cut_short { "cut short" } else { "" }
-                    );
-                }
+                stage_rows(md, &m.stages);
                 let _ = writeln!(
                     md,
                     "\n| stage | t s | published | history_topics | history_bytes MiB | held | stored | evicted | not kept | RSS MiB | CPU s |\n|---|---|---|---|---|---|---|---|---|---|---|"
@@ -1253,6 +1227,24 @@ impl Results {
 
 /// Delivered per server CPU-second of `a` over `b` at the highest offered rate at which both
 /// have a step that `counts`.
+/// A history-memory run's stages, one table row each.
+fn stage_rows(md: &mut String, stages: &[Stage]) {
+    for st in stages {
+        let _ = writeln!(
+            md,
+            "| {} | {}..{} | {} | {:.1} | {:.0} | {:.2} | {} |",
+            st.stage,
+            st.first_topic,
+            st.first_topic + st.topics,
+            st.messages,
+            st.seconds,
+            st.messages_per_s,
+            st.server_cpu_us_per_message,
+            if st.cut_short { "cut short" } else { "" }
+        );
+    }
+}
+
 fn common_step_ratio<'a>(
     a: &'a Outcome,
     b: &'a Outcome,

@@ -2,31 +2,37 @@
 //! server processes, every scenario, one short step each. Checks the run passes and writes the
 //! JSON and Markdown a user reads.
 
+use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn smoke_run_measures_every_relaymesh_scenario() {
+/// Runs `bench --systems relaymesh --smoke` with `args` against this build's binaries, writing
+/// to `out`; asserts it succeeded and returns its `results.json`.
+fn smoke_run(args: &[&str], out: &Path) -> serde_json::Value {
     let bin_dir = relaymesh_tests::process::binary("coordinator")
         .parent()
         .expect("binaries live in a directory")
         .to_owned();
-    let out = std::env::temp_dir().join(format!("relaymesh-bench-smoke-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--systems", "relaymesh", "--smoke", "--server-cpu", ""])
+        .args(args)
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--configs")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"))
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .output()
         .expect("bench runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed:\n{stderr}");
+    serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
+        .expect("valid JSON")
+}
 
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
-            .expect("valid JSON");
+#[test]
+fn smoke_run_measures_every_relaymesh_scenario() {
+    let out = std::env::temp_dir().join(format!("relaymesh-bench-smoke-{}", std::process::id()));
+    let json = smoke_run(&[], &out);
     let outcomes = json["outcomes"].as_array().expect("outcomes");
     let scenario = |name: &str| {
         outcomes
@@ -212,35 +218,19 @@ fn smoke_run_over_tls_measures_plain_and_tls_side_by_side() {
 /// flood leaves the history within its configured bounds.
 #[test]
 fn smoke_run_with_history_measures_its_cost_recovery_and_memory() {
-    let bin_dir = relaymesh_tests::process::binary("coordinator")
-        .parent()
-        .expect("binaries live in a directory")
-        .to_owned();
     let out = std::env::temp_dir().join(format!(
         "relaymesh-bench-smoke-history-{}",
         std::process::id()
     ));
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--systems", "relaymesh", "--smoke", "--server-cpu", ""])
-        .args([
+    let json = smoke_run(
+        &[
             "--scenarios",
             "fanout10,recovery,history-memory",
             "--history",
             "off,on",
-        ])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--configs")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("bench runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "bench failed:\n{stderr}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
-            .expect("valid JSON");
+        ],
+        &out,
+    );
     assert_eq!(json["history"], serde_json::json!(["off", "on"]));
     let outcomes = json["outcomes"].as_array().expect("outcomes");
     let find = |scenario: &str, history: bool| {
