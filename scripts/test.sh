@@ -13,7 +13,8 @@
 # It starts a throwaway server on 127.0.0.1 (trust auth, a fresh data directory under /tmp),
 # points the tests at it with RELAYMESH_TEST_POSTGRES_URL, and stops and deletes it afterwards.
 # Every test binary runs even when one fails (`--no-fail-fast`); the failed tests are listed at
-# the end and the exit status is non-zero. Extra arguments go to `cargo test`.
+# the end and the exit status is non-zero. Extra arguments go to `cargo test` (and skip the
+# TypeScript client's tests, which need Node.js 20 and npm and otherwise run last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,4 +90,17 @@ if [[ $status -ne 0 ]]; then
   grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/  \1/' | sort -u || true
   grep -E -A20 '^error: [0-9]+ targets? failed' "$log" | grep -E '^error|^    ' || true
   exit "$status"
+fi
+
+# The TypeScript client (clients/typescript) against this build's coordinator and comm server
+# processes, with Node.js's test runner; skipped when arguments picked some of the Rust tests.
+if [[ $# -eq 0 ]]; then
+  if ! command -v node >/dev/null || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20)'; then
+    say "the TypeScript client's tests need Node.js 20 or later with npm (found: $(node --version 2>/dev/null || echo none))"
+    exit 1
+  fi
+  echo "== TypeScript client: clients/typescript (Node.js $(node --version))"
+  bins="$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)"
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error &&
+    RELAYMESH_BIN_DIR="$bins" npm test)
 fi

@@ -1,0 +1,738 @@
+// The client: logs in through a coordinator, keeps one WebSocket to the comm server it was
+// given, and keeps it: when the server is lost it logs in again (another server, with backoff
+// and jitter), resubscribes, and sends again what the lost server had not confirmed.
+
+import { type MessageInitShape, create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import {
+  ClientToServerSchema,
+  type ServerToClient,
+  ServerToClientSchema,
+  ErrorCode,
+} from "./gen/relaymesh/v1/mesh_pb.js";
+import { RelaymeshError } from "./errors.js";
+import { type Credentials, type Placement, httpBase, login } from "./login.js";
+
+/** The protocol version this client speaks (`Attach.protocol_version`). */
+export const PROTOCOL_VERSION = 1;
+
+/** A WebSocket constructor: the browser's, Node.js's (22, or 20 with
+ * `--experimental-websocket`), or any with the same interface. */
+export type WebSocketConstructor = new (url: string) => WebSocket;
+
+export interface ClientOptions {
+  /** The coordinator: `http://host:port` (or `ws://`, `https://`, `wss://`, `host:port`). */
+  coordinator: string;
+  /** Who the client is; anonymous when left out. */
+  credentials?: Credentials;
+  /** The client's own unique id within its account (a later login with it replaces this one). */
+  clientId?: string;
+  /** A comm server to be placed on when it is eligible. */
+  preferredServer?: string;
+  /** Log in again and resubscribe when the server is lost (default true). */
+  autoReconnect?: boolean;
+  /** Publishes not yet confirmed by a server (sent or waiting to be sent) the client keeps;
+   * `publish` beyond it throws `QUEUE_FULL` (default 1024). */
+  outboundQueue?: number;
+  /** Backoff between reconnect attempts: a random wait up to `initialMs` doubled at each
+   * failed attempt, at most `maxMs` (defaults 100 and 5000 ms); `giveUpAfterMs` (default 0:
+   * never) ends the client when no server was reached for that long. */
+  reconnect?: { initialMs?: number; maxMs?: number; giveUpAfterMs?: number };
+  /** Longest wait for a comm server's `Ready` (default 10 000 ms). */
+  connectTimeoutMs?: number;
+  /** Longest wait for a subscription's cluster-wide `Ack` (default 10 000 ms). */
+  subscribeTimeoutMs?: number;
+  /** Publishers whose latest number the client remembers to drop copies (default 10 000). */
+  maxPublishers?: number;
+  WebSocket?: WebSocketConstructor;
+  fetch?: typeof fetch;
+}
+
+/** A delivered message. */
+export interface Message {
+  topic: string;
+  /** The publisher's alias, stamped by its server (the alias of its connection). */
+  fromAlias: string;
+  /** The publisher's role ("" for none), stamped by its server. */
+  fromRole: string;
+  /** The publisher's node ("" when it is not one). */
+  fromNode: string;
+  payload: Uint8Array;
+  /** The publisher's number for it (0 for none). */
+  seq: bigint;
+  /** The payload as UTF-8 text. */
+  text(): string;
+}
+
+/** What the client reports, by event name. */
+export interface ClientEvents {
+  message: Message;
+  /** Messages meant for this client were dropped: `upstream` of them between servers, the
+   * rest in its own queue on its server (it read too slowly). */
+  dropped: { count: number; upstream: number };
+  /** A publish was refused: the role may not publish to that topic. The connection stays up. */
+  forbidden: { message: string };
+  /** The connection to `serverId` ended. With auto-reconnect a `reconnected` follows, unless
+   * a `closed` does. */
+  disconnected: { serverId: string; reason: string };
+  /** Connected again, to `serverId`, every subscription restored on it. */
+  reconnected: { serverId: string; alias: string };
+  /** The client stopped for good: closed by the application, replaced by a newer login of
+   * its client id, kicked, refused at login, or out of reconnect time. */
+  closed: { reason: string; code?: string };
+}
+
+type Listener<T> = (event: T) => void;
+
+interface Outgoing {
+  seq: bigint;
+  topic: string;
+  payload: Uint8Array;
+  /** The alias it was first sent under ("" until sent). */
+  firstAlias: string;
+}
+
+interface PendingSubscribe {
+  topics: string[];
+  resolve: () => void;
+  reject: (e: RelaymeshError) => void;
+  timer: ReturnType<typeof setTimeout>;
+  /** A first Ack named servers that had not confirmed yet: the second one settles it. */
+  acked?: boolean;
+}
+
+/** Close codes after which the client does not reconnect: 1008 (not allowed), 4015
+ * (`REPLACED`: a newer login of the same client id), 4027 (`KICKED` by an operator). */
+const FINAL_CLOSE_CODES = new Set([1008, 4000 + ErrorCode.REPLACED, 4000 + ErrorCode.KICKED]);
+
+/** Login refusals that another attempt would meet again. */
+const FINAL_LOGIN_ERRORS = new Set([
+  "UNKNOWN_ACCOUNT",
+  "BAD_CREDENTIALS",
+  "ACCOUNT_DISABLED",
+  "ROLE_NOT_PERMITTED",
+  "BAD_FRAME",
+]);
+
+/** One connection to a comm server. */
+interface Link {
+  ws: WebSocket;
+  serverId: string;
+  alias: string;
+  /** Ping every `interval` ms; give up after `timeout` ms without a frame (from `Ready`). */
+  interval: number;
+  timeout: number;
+  heartbeat: ReturnType<typeof setInterval> | undefined;
+  lastHeard: number;
+  /** Subscriptions are being restored and unconfirmed publishes not yet sent again: new
+   * publishes wait, to keep their order behind those. */
+  restoring: boolean;
+  /** The request restoring the subscriptions, while it is waited for. */
+  restoreRequest?: bigint;
+  /** The error the server sent before closing, if any. */
+  lastError?: RelaymeshError;
+}
+
+export class Client {
+  readonly #options: Required<
+    Pick<
+      ClientOptions,
+      "autoReconnect" | "outboundQueue" | "connectTimeoutMs" | "subscribeTimeoutMs" | "maxPublishers"
+    >
+  > &
+    ClientOptions;
+  readonly #ws: WebSocketConstructor;
+  readonly #fetch: typeof fetch;
+  readonly #listeners = new Map<keyof ClientEvents, Set<Listener<never>>>();
+  #link: Link | undefined;
+  /** Topics subscribed to (confirmed, or sent and restored at every reconnect). */
+  readonly #subscriptions = new Set<string>();
+  readonly #pendingSubscribes = new Map<bigint, PendingSubscribe>();
+  readonly #pendingUnsubscribes = new Map<bigint, () => void>();
+  #nextRequest = 1n;
+  #nextSeq = 1n;
+  /** Publishes not yet confirmed, in order. */
+  readonly #outbox: Outgoing[] = [];
+  /** The latest number delivered per publisher (its first alias), to drop copies. */
+  readonly #delivered = new Map<string, bigint>();
+  #closed = false;
+  #reconnecting = false;
+
+  private constructor(options: ClientOptions) {
+    this.#options = {
+      autoReconnect: true,
+      outboundQueue: 1024,
+      connectTimeoutMs: 10_000,
+      subscribeTimeoutMs: 10_000,
+      maxPublishers: 10_000,
+      ...options,
+    };
+    const ws = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!ws) {
+      throw new RelaymeshError(
+        "CONNECT_FAILED",
+        "no WebSocket here: pass options.WebSocket (Node.js 20 needs --experimental-websocket)",
+      );
+    }
+    this.#ws = ws;
+    this.#fetch = options.fetch ?? fetch;
+  }
+
+  /** Logs in through the coordinator and connects to the comm server it offers. Fails with
+   * the coordinator's or the server's refusal (`BAD_CREDENTIALS`, `KEY_INVALID`, ...). */
+  static async connect(options: ClientOptions): Promise<Client> {
+    const client = new Client(options);
+    await client.#connect(options.preferredServer, []);
+    return client;
+  }
+
+  /** The comm server this client is connected to ("" while reconnecting). */
+  get serverId(): string {
+    return this.#link?.serverId ?? "";
+  }
+
+  /** This connection's alias ("" while reconnecting). */
+  get alias(): string {
+    return this.#link?.alias ?? "";
+  }
+
+  /** Publishes waiting to be confirmed. */
+  get unconfirmed(): number {
+    return this.#outbox.length;
+  }
+
+  /** Calls `listener` for each `event`; returns a function that stops it. */
+  on<K extends keyof ClientEvents>(event: K, listener: Listener<ClientEvents[K]>): () => void {
+    let set = this.#listeners.get(event);
+    if (!set) {
+      set = new Set();
+      this.#listeners.set(event, set);
+    }
+    set.add(listener as Listener<never>);
+    return () => set.delete(listener as Listener<never>);
+  }
+
+  /** Subscribes to `topics` (exact names: wildcards belong to role rules). Resolves once
+   * every server of the cluster has the subscription: a message published anywhere from then
+   * on reaches this client. Rejects with the server's refusal (`FORBIDDEN`,
+   * `INVALID_TOPIC`, `LIMIT_EXCEEDED`), `NOT_CONFIRMED` when some server never confirmed (the
+   * subscription stands), or `TIMEOUT`. While reconnecting it waits for the next server. */
+  subscribe(topics: string | string[]): Promise<void> {
+    const list = typeof topics === "string" ? [topics] : [...topics];
+    if (this.#closed) return Promise.reject(closedError());
+    if (list.length === 0) return Promise.resolve();
+    const requestId = this.#nextRequest++;
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pendingSubscribes.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", `no Ack for the subscription to ${list.join(", ")}`));
+      }, this.#options.subscribeTimeoutMs);
+      this.#pendingSubscribes.set(requestId, { topics: list, resolve, reject, timer });
+      if (this.#link) {
+        this.#send(this.#link, {
+          case: "subscribe",
+          value: { requestId, topics: list, recover: [] },
+        });
+      }
+    });
+  }
+
+  /** Ends the subscriptions to `topics`; resolves when this server no longer delivers them. */
+  unsubscribe(topics: string | string[]): Promise<void> {
+    const list = typeof topics === "string" ? [topics] : [...topics];
+    for (const t of list) this.#subscriptions.delete(t);
+    if (!this.#link || list.length === 0) return Promise.resolve();
+    const requestId = this.#nextRequest++;
+    return new Promise<void>((resolve) => {
+      this.#pendingUnsubscribes.set(requestId, resolve);
+      if (this.#link) {
+        this.#send(this.#link, { case: "unsubscribe", value: { requestId, topics: list } });
+      }
+    });
+  }
+
+  /** Publishes `payload` (bytes, or text as UTF-8) on `topic` and returns its number. It is
+   * sent now, or when the client is connected again; a publish the server did not confirm
+   * before it was lost is sent again through the next one, and receivers drop the copy.
+   * Throws `QUEUE_FULL` when `outboundQueue` publishes wait for confirmation, `CLOSED` after
+   * `close`. */
+  publish(topic: string, payload: Uint8Array | string): bigint {
+    if (this.#closed) throw closedError();
+    if (this.#outbox.length >= this.#options.outboundQueue) {
+      throw new RelaymeshError(
+        "QUEUE_FULL",
+        `${this.#outbox.length} publishes wait for their server's confirmation (outboundQueue)`,
+      );
+    }
+    const bytes = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+    const out: Outgoing = { seq: this.#nextSeq++, topic, payload: bytes, firstAlias: "" };
+    this.#outbox.push(out);
+    if (this.#link && !this.#link.restoring) this.#sendPublish(this.#link, out);
+    return out.seq;
+  }
+
+  /** Closes the connection; the client does not reconnect. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const link = this.#link;
+    this.#link = undefined;
+    if (link) {
+      stopHeartbeat(link);
+      link.ws.close(1000);
+    }
+    this.#failPending(closedError());
+    this.#emit("closed", { reason: "closed by the application" });
+  }
+
+  // ---- connecting -----------------------------------------------------------------------
+
+  async #connect(preferred: string | undefined, exclude: string[]): Promise<void> {
+    const placement = await login(
+      this.#options.coordinator,
+      {
+        credentials: this.#options.credentials,
+        clientId: this.#options.clientId,
+        preferredServer: preferred,
+        exclude,
+      },
+      this.#fetch,
+    );
+    const link = await this.#open(placement);
+    if (this.#closed) {
+      link.ws.close(1000);
+      throw closedError();
+    }
+    this.#link = link;
+    this.#startHeartbeat(link);
+    // Every subscription, and the ones still waiting, in one request.
+    const topics = new Set(this.#subscriptions);
+    for (const p of this.#pendingSubscribes.values()) for (const t of p.topics) topics.add(t);
+    if (topics.size > 0) {
+      const requestId = this.#nextRequest++;
+      const waiting = [...this.#pendingSubscribes.entries()];
+      this.#pendingSubscribes.clear();
+      const restored = new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(
+          () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
+          this.#options.subscribeTimeoutMs,
+        );
+        this.#pendingSubscribes.set(requestId, {
+          topics: [...topics],
+          resolve: () => {
+            clearTimeout(timer);
+            resolve();
+          },
+          reject: (e) => {
+            clearTimeout(timer);
+            reject(e);
+          },
+          timer,
+        });
+      });
+      link.restoreRequest = requestId;
+      this.#send(link, { case: "subscribe", value: { requestId, topics: [...topics], recover: [] } });
+      try {
+        await restored;
+        link.restoreRequest = undefined;
+        for (const [, p] of waiting) {
+          clearTimeout(p.timer);
+          p.resolve();
+        }
+      } catch (e) {
+        const error = e as RelaymeshError;
+        this.#pendingSubscribes.delete(requestId);
+        if (error.code === "TIMEOUT" || error.code === "CONNECT_FAILED") {
+          // This server was lost too, or does not answer: the next one restores them all.
+          for (const [id, p] of waiting) this.#pendingSubscribes.set(id, p);
+          if (this.#link === link) {
+            this.#link = undefined;
+            stopHeartbeat(link);
+            link.ws.close(1000);
+          }
+          throw error;
+        }
+        // Refused (its limits are lower than the old server's): they are dropped.
+        for (const [, p] of waiting) {
+          clearTimeout(p.timer);
+          p.reject(error);
+        }
+        for (const t of topics) this.#subscriptions.delete(t);
+      }
+    }
+    // What no server confirmed, in order (what waited last), then new publishes go out.
+    link.restoring = false;
+    for (const out of this.#outbox) this.#sendPublish(link, out);
+  }
+
+  /** Opens the WebSocket with the placement's key, attaches, and waits for `Ready`. */
+  #open(placement: Placement): Promise<Link> {
+    const url = `${placement.url}?key=${encodeURIComponent(placement.key)}`;
+    return new Promise<Link>((resolve, reject) => {
+      let ws: WebSocket;
+      try {
+        ws = new this.#ws(url);
+      } catch (e) {
+        reject(new RelaymeshError("CONNECT_FAILED", `${placement.url}: ${(e as Error).message}`));
+        return;
+      }
+      ws.binaryType = "arraybuffer";
+      let settled = false;
+      const fail = (e: RelaymeshError) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        try {
+          ws.close();
+        } catch {
+          // already closing
+        }
+        reject(e);
+      };
+      const timer = setTimeout(
+        () => fail(new RelaymeshError("TIMEOUT", `${placement.serverId} sent no Ready`)),
+        this.#options.connectTimeoutMs,
+      );
+      ws.onopen = () => {
+        ws.send(
+          toBinary(
+            ClientToServerSchema,
+            create(ClientToServerSchema, {
+              kind: { case: "attach", value: { protocolVersion: PROTOCOL_VERSION } },
+            }),
+          ),
+        );
+      };
+      // A refusal before the upgrade (a spent or unknown key gets 401) is an error event in
+      // a browser (then a close) and only an error event in Node.js 20's WebSocket; a close
+      // before Ready is the server's word. Either way the first one settles it.
+      ws.onerror = () => {
+        if (!settled) void this.#refused(placement).then(fail);
+      };
+      ws.onclose = (ev: CloseEvent) => {
+        if (!settled) void this.#refused(placement, ev).then(fail);
+      };
+      ws.onmessage = (ev: MessageEvent) => {
+        if (settled) return;
+        const frame = decode(ev.data);
+        if (!frame) {
+          fail(new RelaymeshError("BAD_FRAME", `${placement.serverId} sent a frame that is not a ServerToClient`));
+          return;
+        }
+        if (frame.kind.case === "error") {
+          fail(RelaymeshError.fromWire(frame.kind.value.code, frame.kind.value.message));
+          return;
+        }
+        if (frame.kind.case !== "ready") {
+          fail(new RelaymeshError("UNEXPECTED_MESSAGE", `${placement.serverId} sent ${frame.kind.case} before Ready`));
+          return;
+        }
+        settled = true;
+        clearTimeout(timer);
+        const ready = frame.kind.value;
+        const link: Link = {
+          ws,
+          serverId: ready.serverId || placement.serverId,
+          alias: ready.alias || placement.alias,
+          interval: ready.heartbeatIntervalMs || 5000,
+          timeout: ready.heartbeatTimeoutMs || 15000,
+          heartbeat: undefined,
+          lastHeard: Date.now(),
+          restoring: true,
+        };
+        ws.onmessage = (e: MessageEvent) => this.#onFrame(link, e.data);
+        ws.onclose = (e: CloseEvent) => this.#onClose(link, e);
+        resolve(link);
+      };
+    });
+  }
+
+  /** Why `placement`'s server refused the connection or closed it before `Ready`: a close
+   * code says; otherwise the server either answers HTTP (it refused the upgrade, whose status
+   * a WebSocket cannot see) or cannot be reached. */
+  async #refused(placement: Placement, ev?: CloseEvent): Promise<RelaymeshError> {
+    if (ev && ev.code >= 4000 && ev.code < 5000 && ErrorCode[ev.code - 4000] !== undefined) {
+      return new RelaymeshError(
+        ErrorCode[ev.code - 4000] as keyof typeof ErrorCode,
+        ev.reason || `${placement.serverId} closed the connection`,
+      );
+    }
+    let answers = false;
+    try {
+      await this.#fetch(httpBase(placement.url));
+      answers = true;
+    } catch {
+      // not reachable
+    }
+    if (answers) {
+      return new RelaymeshError(
+        "UPGRADE_REFUSED",
+        `${placement.serverId} refused the WebSocket before it opened: the key was spent, expired ` +
+          "or unknown (KEY_INVALID), or the server is full or draining, or this address has too " +
+          "many connections; log in again for another key",
+      );
+    }
+    return new RelaymeshError(
+      "CONNECT_FAILED",
+      `${placement.serverId} (${placement.url}) cannot be reached`,
+    );
+  }
+
+  // ---- a connected link -----------------------------------------------------------------
+
+  #onFrame(link: Link, data: unknown): void {
+    if (this.#link !== link) return;
+    link.lastHeard = Date.now();
+    const frame = decode(data);
+    if (!frame) {
+      link.lastError = new RelaymeshError("BAD_FRAME", "the server sent a frame that is not a ServerToClient");
+      link.ws.close(1007);
+      return;
+    }
+    const kind = frame.kind;
+    switch (kind.case) {
+      case "message": {
+        const m = kind.value;
+        const seq = m.seq;
+        if (seq > 0n) {
+          const publisher = m.resentFrom || m.fromAlias;
+          const last = this.#delivered.get(publisher);
+          if (last !== undefined && seq <= last) return; // a copy of one already delivered
+          this.#delivered.delete(publisher);
+          this.#delivered.set(publisher, seq);
+          if (this.#delivered.size > this.#options.maxPublishers) {
+            const oldest = this.#delivered.keys().next().value;
+            if (oldest !== undefined) this.#delivered.delete(oldest);
+          }
+        }
+        const payload = m.payload;
+        this.#emit("message", {
+          topic: m.topic,
+          fromAlias: m.fromAlias,
+          fromRole: m.fromRole,
+          fromNode: m.fromNode,
+          payload,
+          seq,
+          text: () => new TextDecoder().decode(payload),
+        });
+        return;
+      }
+      case "ack": {
+        const ack = kind.value;
+        const sub = this.#pendingSubscribes.get(ack.requestId);
+        if (sub) {
+          for (const t of sub.topics) this.#subscriptions.add(t);
+          if (ack.pending.length === 0) {
+            this.#pendingSubscribes.delete(ack.requestId);
+            clearTimeout(sub.timer);
+            sub.resolve();
+          } else if (sub.acked) {
+            // The second Ack: those servers never confirmed.
+            this.#pendingSubscribes.delete(ack.requestId);
+            clearTimeout(sub.timer);
+            sub.reject(
+              new RelaymeshError(
+                "NOT_CONFIRMED",
+                `servers ${ack.pending.join(", ")} did not confirm the subscription (it stands)`,
+              ),
+            );
+          } else {
+            sub.acked = true;
+          }
+          return;
+        }
+        const unsub = this.#pendingUnsubscribes.get(ack.requestId);
+        if (unsub) {
+          this.#pendingUnsubscribes.delete(ack.requestId);
+          unsub();
+        }
+        return;
+      }
+      case "published": {
+        const upTo = kind.value.upTo;
+        while (this.#outbox.length > 0 && this.#outbox[0].seq <= upTo) this.#outbox.shift();
+        return;
+      }
+      case "dropped":
+        this.#emit("dropped", {
+          count: Number(kind.value.count),
+          upstream: Number(kind.value.upstream),
+        });
+        return;
+      case "error": {
+        const e = kind.value;
+        const error = RelaymeshError.fromWire(e.code, e.message);
+        const sub = e.requestId !== 0n ? this.#pendingSubscribes.get(e.requestId) : undefined;
+        if (sub) {
+          this.#pendingSubscribes.delete(e.requestId);
+          clearTimeout(sub.timer);
+          sub.reject(error);
+          return;
+        }
+        if (e.code === ErrorCode.FORBIDDEN) {
+          this.#emit("forbidden", { message: e.message });
+          return;
+        }
+        // A link error: the server closes next.
+        link.lastError = error;
+        return;
+      }
+      case "reconnect":
+        // The server is being drained: move to another one.
+        link.lastError = new RelaymeshError("SHUTTING_DOWN", kind.value.reason || "drained");
+        link.ws.close(1000);
+        return;
+      default:
+        // Pong (any frame keeps the link alive), and what this client does not use yet.
+        return;
+    }
+  }
+
+  #onClose(link: Link, ev: CloseEvent): void {
+    stopHeartbeat(link);
+    if (this.#link !== link) return;
+    this.#link = undefined;
+    if (this.#closed) return;
+    const restore =
+      link.restoreRequest !== undefined ? this.#pendingSubscribes.get(link.restoreRequest) : undefined;
+    if (restore) {
+      // Lost while reconnecting: the reconnect loop that is waiting for it goes on.
+      restore.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while restoring`));
+      return;
+    }
+    const reason =
+      link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
+    this.#emit("disconnected", { serverId: link.serverId, reason });
+    if (!this.#options.autoReconnect || FINAL_CLOSE_CODES.has(ev.code)) {
+      this.#finish(reason, link.lastError?.code);
+      return;
+    }
+    void this.#reconnect(link.serverId);
+  }
+
+  async #reconnect(lost: string): Promise<void> {
+    if (this.#reconnecting) return;
+    this.#reconnecting = true;
+    const { initialMs = 100, maxMs = 5000, giveUpAfterMs = 0 } = this.#options.reconnect ?? {};
+    const started = Date.now();
+    let ceiling = initialMs;
+    let exclude = [lost];
+    try {
+      while (!this.#closed) {
+        // Full jitter: clients that lost one server do not all come back at once.
+        await sleep(Math.random() * ceiling);
+        if (this.#closed) return;
+        try {
+          await this.#connect(undefined, exclude);
+          const link = this.#link;
+          if (link) {
+            this.#emit("reconnected", { serverId: link.serverId, alias: link.alias });
+            return;
+          }
+          // Lost again before it was ready: go on.
+          exclude = [lost];
+          ceiling = Math.min(maxMs, ceiling * 2);
+          continue;
+        } catch (e) {
+          const error = e as RelaymeshError;
+          if (FINAL_LOGIN_ERRORS.has(error.code) || error.code === "CLOSED") {
+            this.#finish(error.message, error.code);
+            return;
+          }
+          // With the lost server left out there may be none: the next attempt may take it.
+          if (error.code === "NO_SERVER_AVAILABLE") exclude = [];
+          if (giveUpAfterMs > 0 && Date.now() - started > giveUpAfterMs) {
+            this.#finish(`no server reached for ${giveUpAfterMs} ms: ${error.message}`, error.code);
+            return;
+          }
+          ceiling = Math.min(maxMs, ceiling * 2);
+        }
+      }
+    } finally {
+      this.#reconnecting = false;
+    }
+  }
+
+  #finish(reason: string, code?: string): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#failPending(new RelaymeshError("CLOSED", reason));
+    this.#emit("closed", { reason, code });
+  }
+
+  #failPending(error: RelaymeshError): void {
+    for (const p of this.#pendingSubscribes.values()) {
+      clearTimeout(p.timer);
+      p.reject(error);
+    }
+    this.#pendingSubscribes.clear();
+    for (const resolve of this.#pendingUnsubscribes.values()) resolve();
+    this.#pendingUnsubscribes.clear();
+  }
+
+  #startHeartbeat(link: Link): void {
+    const { interval, timeout } = link;
+    let nonce = 0n;
+    link.heartbeat = setInterval(() => {
+      if (Date.now() - link.lastHeard > timeout) {
+        link.lastError = new RelaymeshError("HEARTBEAT_TIMEOUT", `nothing heard for ${timeout} ms`);
+        stopHeartbeat(link);
+        link.ws.close(4000 + ErrorCode.HEARTBEAT_TIMEOUT);
+        // A dead peer may never complete the closing handshake: go on now.
+        this.#onClose(link, { code: 4000 + ErrorCode.HEARTBEAT_TIMEOUT, reason: "" } as CloseEvent);
+        return;
+      }
+      this.#send(link, { case: "ping", value: { nonce: ++nonce } });
+    }, interval);
+    // In Node.js a heartbeat alone does not keep the process alive.
+    (link.heartbeat as { unref?: () => void }).unref?.();
+  }
+
+  #sendPublish(link: Link, out: Outgoing): void {
+    const resentFrom = out.firstAlias !== "" && out.firstAlias !== link.alias ? out.firstAlias : "";
+    if (out.firstAlias === "") out.firstAlias = link.alias;
+    this.#send(link, {
+      case: "publish",
+      value: { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom },
+    });
+  }
+
+  #send(link: Link, kind: MessageInitShape<typeof ClientToServerSchema>["kind"]): void {
+    if (link.ws.readyState !== 1 /* OPEN */) return; // its close is on the way
+    link.ws.send(toBinary(ClientToServerSchema, create(ClientToServerSchema, { kind })));
+  }
+
+  #emit<K extends keyof ClientEvents>(event: K, value: ClientEvents[K]): void {
+    for (const listener of this.#listeners.get(event) ?? []) {
+      try {
+        (listener as Listener<ClientEvents[K]>)(value);
+      } catch (e) {
+        // An application's listener that throws does not stop the client.
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+function decode(data: unknown): ServerToClient | undefined {
+  if (!(data instanceof ArrayBuffer)) return undefined;
+  try {
+    return fromBinary(ServerToClientSchema, new Uint8Array(data));
+  } catch {
+    return undefined;
+  }
+}
+
+function stopHeartbeat(link: Link): void {
+  if (link.heartbeat !== undefined) clearInterval(link.heartbeat);
+  link.heartbeat = undefined;
+}
+
+function closedError(): RelaymeshError {
+  return new RelaymeshError("CLOSED", "the client is closed");
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,278 @@
+// The TypeScript client against real coordinator and comm server processes.
+
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+
+import { Client, type ClientEvents, type Message, RelaymeshError, generateEd25519Identity } from "../src/index.js";
+import { Cluster, accounts } from "./cluster.js";
+
+const WAIT_MS = 15_000;
+
+/** The next `event` of `client` that `accept` takes (within WAIT_MS). */
+function next<K extends keyof ClientEvents>(
+  client: Client,
+  event: K,
+  accept: (e: ClientEvents[K]) => boolean = () => true,
+): Promise<ClientEvents[K]> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      stop();
+      reject(new Error(`no ${event} event within ${WAIT_MS} ms`));
+    }, WAIT_MS);
+    const stop = client.on(event, (e) => {
+      if (!accept(e)) return;
+      clearTimeout(timer);
+      stop();
+      resolve(e);
+    });
+  });
+}
+
+/** Collects the messages `client` receives on `topic` until `until` says it has enough. */
+function messages(client: Client, topic: string, until: (got: Message[]) => boolean): Promise<Message[]> {
+  const got: Message[] = [];
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      stop();
+      reject(new Error(`${got.length} messages on ${topic} within ${WAIT_MS} ms: ${got.map((m) => m.text())}`));
+    }, WAIT_MS);
+    const stop = client.on("message", (m) => {
+      if (m.topic !== topic) return;
+      got.push(m);
+      if (until(got)) {
+        clearTimeout(timer);
+        stop();
+        resolve(got);
+      }
+    });
+  });
+}
+
+async function refusal(promise: Promise<unknown>): Promise<RelaymeshError> {
+  try {
+    await promise;
+  } catch (e) {
+    assert.ok(e instanceof RelaymeshError, `not a RelaymeshError: ${e}`);
+    return e;
+  }
+  assert.fail("it was not refused");
+}
+
+describe("an open cluster of three comm servers", () => {
+  let cluster: Cluster;
+  before(async () => {
+    cluster = await Cluster.start(3);
+  });
+  after(async () => {
+    await cluster.stop();
+  });
+
+  test("a message published on one server reaches a subscriber on another, in order, once", async () => {
+    const [a, b] = cluster.servers;
+    const publisher = await Client.connect({ coordinator: cluster.url, preferredServer: a.id });
+    const subscriber = await Client.connect({ coordinator: cluster.url, preferredServer: b.id });
+    try {
+      assert.equal(publisher.serverId, a.id);
+      assert.equal(subscriber.serverId, b.id);
+      await subscriber.subscribe("chat/lobby");
+      const got = messages(subscriber, "chat/lobby", (m) => m.length === 50);
+      for (let i = 1; i <= 50; i++) publisher.publish("chat/lobby", `hello ${i}`);
+      const texts = (await got).map((m) => m.text());
+      assert.deepEqual(
+        texts,
+        Array.from({ length: 50 }, (_, i) => `hello ${i + 1}`),
+      );
+      const first = (await got)[0];
+      assert.equal(first.fromAlias, publisher.alias);
+      assert.equal(first.seq, 1n);
+    } finally {
+      publisher.close();
+      subscriber.close();
+    }
+  });
+
+  test("a topic that breaks the topic rules is refused, and the connection stays up", async () => {
+    const client = await Client.connect({ coordinator: cluster.url });
+    try {
+      const e = await refusal(client.subscribe("a//b"));
+      assert.equal(e.code, "INVALID_TOPIC");
+      await client.subscribe("still/up");
+      const got = messages(client, "still/up", (m) => m.length === 1);
+      client.publish("still/up", "yes");
+      assert.equal((await got)[0].text(), "yes");
+    } finally {
+      client.close();
+    }
+  });
+
+  test("publishes beyond the outbound queue are refused with QUEUE_FULL", async () => {
+    const client = await Client.connect({ coordinator: cluster.url, outboundQueue: 3 });
+    try {
+      client.publish("q/t", "1");
+      client.publish("q/t", "2");
+      client.publish("q/t", "3");
+      // None can have been confirmed yet: the confirmations come from the socket.
+      assert.throws(() => client.publish("q/t", "4"), (e: unknown) => e instanceof RelaymeshError && e.code === "QUEUE_FULL");
+    } finally {
+      client.close();
+    }
+    assert.throws(() => client.publish("q/t", "5"), (e: unknown) => e instanceof RelaymeshError && e.code === "CLOSED");
+  });
+
+  test("a login key serves once: a second connection with it is refused before it opens", async () => {
+    // Hands the first login's answer to the second login too, as a replayed key would be.
+    let first: Response | undefined;
+    const replaying: typeof fetch = async (input, init) => {
+      const url = String(input);
+      if (!url.endsWith("/v1/login")) return fetch(input, init);
+      if (!first) first = await fetch(input, init);
+      return first.clone();
+    };
+    const client = await Client.connect({ coordinator: cluster.url, fetch: replaying });
+    try {
+      const e = await refusal(Client.connect({ coordinator: cluster.url, fetch: replaying }));
+      assert.equal(e.code, "UPGRADE_REFUSED");
+      assert.match(e.message, /KEY_INVALID/);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("after its server is killed a subscriber reconnects elsewhere, resubscribed, and a publisher there loses nothing it had not had confirmed", async () => {
+    const [victim, other] = cluster.servers;
+    const subscriber = await Client.connect({
+      coordinator: cluster.url,
+      preferredServer: victim.id,
+      reconnect: { initialMs: 50, maxMs: 500 },
+    });
+    const publisher = await Client.connect({
+      coordinator: cluster.url,
+      preferredServer: victim.id,
+      reconnect: { initialMs: 50, maxMs: 500 },
+    });
+    const listener = await Client.connect({ coordinator: cluster.url, preferredServer: other.id });
+    try {
+      assert.equal(subscriber.serverId, victim.id);
+      await subscriber.subscribe("fleet/state");
+      await listener.subscribe("fleet/from-victim");
+
+      const disconnected = next(subscriber, "disconnected");
+      const reconnected = next(subscriber, "reconnected");
+      const publisherBack = next(publisher, "reconnected");
+      await victim.proc.stop(true);
+      assert.equal((await disconnected).serverId, victim.id);
+      const back = await reconnected;
+      assert.notEqual(back.serverId, victim.id);
+      assert.equal(subscriber.serverId, back.serverId);
+
+      // Published while the publisher reconnects: they wait in its queue and go out after.
+      for (let i = 1; i <= 20; i++) publisher.publish("fleet/from-victim", `after ${i}`);
+      const got = messages(listener, "fleet/from-victim", (m) => m.length === 20);
+      await publisherBack;
+      assert.deepEqual(
+        (await got).map((m) => m.text()),
+        Array.from({ length: 20 }, (_, i) => `after ${i + 1}`),
+      );
+
+      // The restored subscription works from anywhere.
+      const state = messages(subscriber, "fleet/state", (m) => m.length === 1);
+      listener.publish("fleet/state", "landed");
+      assert.equal((await state)[0].text(), "landed");
+    } finally {
+      subscriber.close();
+      publisher.close();
+      listener.close();
+    }
+  });
+});
+
+describe("an account with roles, an access code and an Ed25519 key", () => {
+  let dir: string;
+  let cluster: Cluster;
+  let code: string;
+  const identity = generateEd25519Identity();
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-accounts-"));
+    const file = join(dir, "accounts.json");
+    await accounts(file, "create", "acme");
+    await accounts(file, "set-role", "acme", "agent", "--publish", "telemetry/#", "--subscribe", "command/+");
+    await accounts(file, "set-role", "acme", "gcs", "--publish", "command/+", "--subscribe", "telemetry/#");
+    code = await accounts(file, "add-code", "acme", "--id", "fleet");
+    await accounts(file, "add-key", "acme", (await identity).publicKeyHex, "--id", "gcs-1");
+    cluster = await Cluster.start(2, file);
+  });
+  after(async () => {
+    await cluster.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("an agent's telemetry reaches a ground station logged in with its Ed25519 key", async () => {
+    const gcs = await Client.connect({
+      coordinator: cluster.url,
+      credentials: { key: { account: "acme", identity: await identity, role: "gcs" } },
+      preferredServer: cluster.servers[0].id,
+    });
+    const agent = await Client.connect({
+      coordinator: cluster.url,
+      credentials: { accessCode: { account: "acme", code, role: "agent" } },
+      preferredServer: cluster.servers[1].id,
+    });
+    try {
+      await gcs.subscribe("telemetry/pos");
+      const got = messages(gcs, "telemetry/pos", (m) => m.length === 1);
+      agent.publish("telemetry/pos", "48.85,2.35");
+      const m = (await got)[0];
+      assert.equal(m.text(), "48.85,2.35");
+      assert.equal(m.fromRole, "agent");
+    } finally {
+      gcs.close();
+      agent.close();
+    }
+  });
+
+  test("outside its role a publish is reported as forbidden and a subscription refused, the connection up", async () => {
+    const agent = await Client.connect({
+      coordinator: cluster.url,
+      credentials: { accessCode: { account: "acme", code, role: "agent" } },
+    });
+    try {
+      const forbidden = next(agent, "forbidden");
+      agent.publish("command/drone-7", "land");
+      assert.match((await forbidden).message, /command\/drone-7/);
+      const e = await refusal(agent.subscribe("telemetry/pos"));
+      assert.equal(e.code, "FORBIDDEN");
+      await agent.subscribe("command/drone-7");
+    } finally {
+      agent.close();
+    }
+  });
+
+  test("bad credentials are refused at login with the coordinator's code", async () => {
+    const wrongCode = await refusal(
+      Client.connect({
+        coordinator: cluster.url,
+        credentials: { accessCode: { account: "acme", code: "not-the-code", role: "agent" } },
+      }),
+    );
+    assert.equal(wrongCode.code, "BAD_CREDENTIALS");
+    assert.equal(wrongCode.status, 401);
+    const stranger = await generateEd25519Identity();
+    const unknownKey = await refusal(
+      Client.connect({
+        coordinator: cluster.url,
+        credentials: { key: { account: "acme", identity: stranger, role: "gcs" } },
+      }),
+    );
+    assert.equal(unknownKey.code, "BAD_CREDENTIALS");
+    const noSuchRole = await refusal(
+      Client.connect({
+        coordinator: cluster.url,
+        credentials: { accessCode: { account: "acme", code, role: "admiral" } },
+      }),
+    );
+    assert.equal(noSuchRole.code, "ROLE_NOT_PERMITTED");
+  });
+});
