@@ -24,6 +24,12 @@ pub struct Config {
     /// Bearer token every admin API call must carry. Prefer `RELAYMESH_ADMIN_TOKEN`; required
     /// (at least 16 bytes) when `admin_listen` is set.
     pub admin_token: String,
+    /// Serve the web console under `/console` on the main listener (its data behind
+    /// `admin_token`, which must then be set).
+    pub console: bool,
+    /// A results file the console shows (a `simulation --json` report or a bench
+    /// `results.json`), read again at each request; none: not shown.
+    pub console_results: Option<std::path::PathBuf>,
     /// Secret comm servers present on `/v1/servers`. Prefer `RELAYMESH_CLUSTER_SECRET`.
     pub cluster_secret: String,
     /// How a server is picked for a client: `random`, `least_loaded` or `power_of_two`.
@@ -128,6 +134,8 @@ impl Default for Config {
             trusted_server_keys: Vec::new(),
             admin_listen: None,
             admin_token: String::new(),
+            console: false,
+            console_results: None,
         }
     }
 }
@@ -158,6 +166,11 @@ impl Config {
             self.admin_listen.is_none() || self.admin_token.len() >= 16,
             "admin_token",
             "must be set, at least 16 bytes (RELAYMESH_ADMIN_TOKEN or the config file), when admin_listen is",
+        )?;
+        ensure(
+            !self.console || self.admin_token.len() >= 16,
+            "admin_token",
+            "must be set, at least 16 bytes (RELAYMESH_ADMIN_TOKEN or the config file), when console is",
         )?;
         let inbox = &self.inbox;
         ensure(

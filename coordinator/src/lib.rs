@@ -16,6 +16,7 @@ mod alias;
 mod api;
 mod backend_api;
 pub mod config;
+mod console;
 mod directory;
 pub mod inbox;
 mod negotiate;
@@ -244,6 +245,12 @@ pub async fn run_with(
         .fallback(relaymesh_net::serve::not_found)
         .method_not_allowed_fallback(relaymesh_net::serve::method_not_allowed)
         .with_state(app.clone());
+    let router = if app.config.console {
+        tracing::info!("web console on at /console");
+        router.merge(console::router(app.clone()))
+    } else {
+        router
+    };
     if app.config.selection != registry::Strategy::Random {
         tracing::info!(strategy = ?app.config.selection, "server selection strategy");
     }

@@ -25,9 +25,9 @@ export class Proc {
   readonly #waiters: Array<() => void> = [];
   #exited = false;
 
-  constructor(binary: string, args: string[]) {
+  constructor(binary: string, args: string[], env: Record<string, string> = {}) {
     this.child = spawn(join(binDir, binary), args, {
-      env: { PATH: process.env.PATH, RUST_LOG: "info", RELAYMESH_CLUSTER_SECRET: SECRET },
+      env: { PATH: process.env.PATH, RUST_LOG: "info", RELAYMESH_CLUSTER_SECRET: SECRET, ...env },
       stdio: ["ignore", "ignore", "pipe"],
     });
     this.child.on("error", (e) => {
@@ -107,8 +107,9 @@ export class Cluster {
     this.servers = servers;
   }
 
-  /** Starts the cluster; with `accountsFile`, the coordinator uses that `file` store. */
-  static async start(servers: number, accountsFile?: string): Promise<Cluster> {
+  /** Starts the cluster; with `accountsFile`, the coordinator uses that `file` store; with
+   * `adminToken`, it serves the web console (`--console`) behind that token. */
+  static async start(servers: number, accountsFile?: string, adminToken?: string): Promise<Cluster> {
     const dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-"));
     const config = join(dir, "coordinator.toml");
     writeFileSync(
@@ -117,7 +118,11 @@ export class Cluster {
         ? `[accounts]\nstore = "file"\npath = ${JSON.stringify(accountsFile)}\nreload_ms = 50\n`
         : "",
     );
-    const coordinator = new Proc("coordinator", ["--listen", "127.0.0.1:0", "--config", config]);
+    const coordinator = new Proc(
+      "coordinator",
+      ["--listen", "127.0.0.1:0", "--config", config, ...(adminToken ? ["--console"] : [])],
+      adminToken ? { RELAYMESH_ADMIN_TOKEN: adminToken } : {},
+    );
     const started: Server[] = [];
     try {
       const url = `http://${await coordinator.address()}`;

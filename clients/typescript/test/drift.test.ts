@@ -37,3 +37,16 @@ test("src/gen matches the .proto (run `npm run generate` after changing it)", as
     rmSync(out, { recursive: true, force: true });
   }
 });
+
+test("coordinator/console/console.js is console/console.ts as built today (run `npm run console` after changing it)", async () => {
+  const out = mkdtempSync(join(tmpdir(), "relaymesh-ts-console-"));
+  try {
+    const bundle = join(out, "console.js");
+    await promisify(execFile)(process.execPath, ["console/build.mjs", bundle], { cwd: pkg });
+    const fresh = readFileSync(bundle, "utf8");
+    const committed = readFileSync(join(pkg, "../../coordinator/console/console.js"), "utf8");
+    assert.ok(fresh === committed, "coordinator/console/console.js is out of date: run `npm run console`");
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});

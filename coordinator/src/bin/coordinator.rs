@@ -29,6 +29,10 @@ struct Args {
     /// calls need RELAYMESH_ADMIN_TOKEN as a bearer token.
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// Serve the web console at /console (config `console`); its data needs
+    /// RELAYMESH_ADMIN_TOKEN as the bearer token, which the page asks for.
+    #[arg(long)]
+    console: bool,
     /// PEM certificate chain for the listeners, which then speak TLS only (wss://, https://);
     /// reloaded when the file changes (config `[tls] cert`).
     #[arg(long, requires = "tls_key")]
@@ -103,6 +107,9 @@ fn load_config(args: &Args) -> Result<Config, relaymesh_net::config::ConfigError
     }
     if let Some(admin) = args.admin_listen {
         config.admin_listen = Some(admin);
+    }
+    if args.console {
+        config.console = true;
     }
     if let Ok(token) = std::env::var("RELAYMESH_ADMIN_TOKEN") {
         config.admin_token = token;

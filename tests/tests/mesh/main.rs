@@ -8,6 +8,7 @@ mod backend;
 mod bad_input;
 mod cli;
 mod cluster;
+mod console;
 mod coordinators;
 mod dispatch;
 mod failover;
