@@ -30,6 +30,11 @@ pub struct Config {
     /// A results file the console shows (a `simulation --json` report or a bench
     /// `results.json`), read again at each request; none: not shown.
     pub console_results: Option<std::path::PathBuf>,
+    /// Origins of web pages that may call `POST /v1/login` (and `/v1/login/challenge`,
+    /// `/v1/nodes`, `/v1/nodes/update`) from a browser: `scheme://host[:port]`, or `*` for
+    /// any. Empty (the default): no CORS headers, so only pages of the coordinator's own
+    /// origin may.
+    pub cors_origins: Vec<String>,
     /// Secret comm servers present on `/v1/servers`. Prefer `RELAYMESH_CLUSTER_SECRET`.
     pub cluster_secret: String,
     /// How a server is picked for a client: `random`, `least_loaded` or `power_of_two`.
@@ -136,6 +141,7 @@ impl Default for Config {
             admin_token: String::new(),
             console: false,
             console_results: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -172,6 +178,13 @@ impl Config {
             "admin_token",
             "must be set, at least 16 bytes (RELAYMESH_ADMIN_TOKEN or the config file), when console is",
         )?;
+        for origin in &self.cors_origins {
+            ensure(
+                crate::cors::valid_origin(origin),
+                "cors_origins",
+                "each must be `*` or an origin, `scheme://host[:port]` with no path",
+            )?;
+        }
         let inbox = &self.inbox;
         ensure(
             inbox.max_messages >= 1,

@@ -17,6 +17,7 @@ mod api;
 mod backend_api;
 pub mod config;
 mod console;
+mod cors;
 mod directory;
 pub mod inbox;
 mod negotiate;
@@ -219,25 +220,39 @@ pub async fn run_with(
     if let Some(admin) = admin {
         tracker.spawn(admin_api::serve(app.clone(), admin));
     }
-    let router = Router::new()
-        .route("/v1/servers", get(server_link::upgrade))
-        .route("/v1/servers/challenge", post(server_link::challenge))
-        .route("/v1/connect", get(negotiate::upgrade))
+    // What a web page calls across origins, with CORS for the `cors_origins`.
+    let web = Router::new()
         .route(
             "/v1/login",
-            post(negotiate::login).layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
+            post(negotiate::login)
+                .options(cors::preflight)
+                .layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
         )
-        .route("/v1/login/challenge", post(negotiate::challenge))
+        .route(
+            "/v1/login/challenge",
+            post(negotiate::challenge).options(cors::preflight),
+        )
         .route(
             "/v1/nodes",
             post(negotiate::register_node_http)
+                .options(cors::preflight)
                 .layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
         )
         .route(
             "/v1/nodes/update",
             post(negotiate::update_node_http)
+                .options(cors::preflight)
                 .layer(DefaultBodyLimit::max(app.config.max_login_body_bytes)),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            cors::layer,
+        ));
+    let router = Router::new()
+        .route("/v1/servers", get(server_link::upgrade))
+        .route("/v1/servers/challenge", post(server_link::challenge))
+        .route("/v1/connect", get(negotiate::upgrade))
+        .merge(web)
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))

@@ -1,7 +1,7 @@
 // The web console the coordinator serves at /console (`coordinator --console`): the comm
 // servers with their load and rates, the peer mesh, a topic tail (the TypeScript client, in
 // the page), and the latest results file if one is configured. Bundled by `npm run console`
-// into coordinator/console/console.js, which the coordinator embeds.
+// (bundle.mjs) into coordinator/console/console.js, which the coordinator embeds.
 
 import { Client } from "../src/index.js";
 

@@ -202,7 +202,7 @@ describe("an account with roles, an access code and an Ed25519 key", () => {
     await accounts(file, "set-role", "acme", "gcs", "--publish", "command/+", "--subscribe", "telemetry/#");
     code = await accounts(file, "add-code", "acme", "--id", "fleet");
     await accounts(file, "add-key", "acme", (await identity).publicKeyHex, "--id", "gcs-1");
-    cluster = await Cluster.start(2, file);
+    cluster = await Cluster.start(2, { accountsFile: file });
   });
   after(async () => {
     await cluster.stop();

@@ -3,9 +3,11 @@
 // `listening on` log line; an account store made with `coordinator accounts`.
 
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { type AddressInfo } from "node:net";
+import { createServer } from "node:http";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
+import { dirname, extname, join, normalize, resolve, sep } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
@@ -107,16 +109,22 @@ export class Cluster {
     this.servers = servers;
   }
 
-  /** Starts the cluster; with `accountsFile`, the coordinator uses that `file` store; with
-   * `adminToken`, it serves the web console (`--console`) behind that token. */
-  static async start(servers: number, accountsFile?: string, adminToken?: string): Promise<Cluster> {
+  /** Starts the cluster. `accountsFile`: the coordinator uses that `file` store;
+   * `adminToken`: it serves the web console (`--console`) behind that token; `corsOrigins`:
+   * pages of those origins may log in from a browser. */
+  static async start(
+    servers: number,
+    options: { accountsFile?: string; adminToken?: string; corsOrigins?: string[] } = {},
+  ): Promise<Cluster> {
+    const { accountsFile, adminToken, corsOrigins = [] } = options;
     const dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-"));
     const config = join(dir, "coordinator.toml");
     writeFileSync(
       config,
-      accountsFile
-        ? `[accounts]\nstore = "file"\npath = ${JSON.stringify(accountsFile)}\nreload_ms = 50\n`
-        : "",
+      `cors_origins = ${JSON.stringify(corsOrigins)}\n` +
+        (accountsFile
+          ? `[accounts]\nstore = "file"\npath = ${JSON.stringify(accountsFile)}\nreload_ms = 50\n`
+          : ""),
     );
     const coordinator = new Proc(
       "coordinator",
@@ -189,4 +197,30 @@ export async function accounts(file: string, ...args: string[]): Promise<string>
     ...args,
   ]);
   return stdout.trim();
+}
+
+/** Serves the files of `root` (this package) on 127.0.0.1, port 0: the examples and the
+ * browser bundle, from an origin other than the coordinator's. */
+export async function serveFiles(root: string): Promise<{ origin: string; close: () => Promise<void> }> {
+  const types: Record<string, string> = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".map": "application/json",
+  };
+  const server = createServer((request, response) => {
+    const path = normalize(decodeURIComponent(new URL(request.url ?? "/", "http://x").pathname));
+    const file = join(root, path);
+    if (!file.startsWith(root + sep) || !existsSync(file) || !statSync(file).isFile()) {
+      response.writeHead(404).end();
+      return;
+    }
+    response.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
+    response.end(readFileSync(file));
+  });
+  await new Promise<void>((ready) => server.listen(0, "127.0.0.1", ready));
+  const { port } = server.address() as AddressInfo;
+  return {
+    origin: `http://127.0.0.1:${port}`,
+    close: () => new Promise<void>((done) => server.close(() => done())),
+  };
 }

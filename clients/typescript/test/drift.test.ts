@@ -42,7 +42,7 @@ test("coordinator/console/console.js is console/console.ts as built today (run `
   const out = mkdtempSync(join(tmpdir(), "relaymesh-ts-console-"));
   try {
     const bundle = join(out, "console.js");
-    await promisify(execFile)(process.execPath, ["console/build.mjs", bundle], { cwd: pkg });
+    await promisify(execFile)(process.execPath, ["bundle.mjs", "console", bundle], { cwd: pkg });
     const fresh = readFileSync(bundle, "utf8");
     const committed = readFileSync(join(pkg, "../../coordinator/console/console.js"), "utf8");
     assert.ok(fresh === committed, "coordinator/console/console.js is out of date: run `npm run console`");

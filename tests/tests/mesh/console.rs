@@ -114,3 +114,76 @@ async fn the_console_shows_the_results_file_as_it_is_now() {
     assert_eq!(status, 401);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sends a raw HTTP/1.1 `request` (with `connection: close`) and returns the answer.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    within("the answer", async {
+        let _ = socket.read_to_end(&mut answer).await;
+    })
+    .await;
+    String::from_utf8_lossy(&answer).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn a_web_page_of_a_listed_origin_may_log_in_across_origins_and_no_other() {
+    let mut config = coordinator_config();
+    config.cors_origins = vec!["http://app.example:8080".into()];
+    let cluster = Cluster::start_configured(1, config).await;
+    let addr = cluster.coordinator.addr;
+
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /v1/login HTTP/1.1\r\nhost: x\r\norigin: {origin}\r\n\
+             access-control-request-method: POST\r\naccess-control-request-headers: content-type\r\n\
+             connection: close\r\n\r\n"
+        )
+    };
+    let answer = raw(addr, &preflight("http://app.example:8080")).await;
+    assert!(answer.starts_with("http/1.1 204"), "{answer}");
+    assert!(
+        answer.contains("access-control-allow-origin: http://app.example:8080"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("access-control-allow-methods: post"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("access-control-allow-headers: content-type"),
+        "{answer}"
+    );
+    let other = raw(addr, &preflight("http://elsewhere.example")).await;
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+
+    let login = |origin: &str| {
+        format!(
+            "POST /v1/login HTTP/1.1\r\nhost: x\r\norigin: {origin}\r\ncontent-type: application/json\r\n\
+             content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        )
+    };
+    let answer = raw(addr, &login("http://app.example:8080")).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("access-control-allow-origin: http://app.example:8080"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"key\""), "{answer}");
+    let other = raw(addr, &login("http://elsewhere.example")).await;
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    // Not a web page's endpoint: no CORS whatever the origin.
+    let stats = raw(
+        addr,
+        "GET /v1/stats HTTP/1.1\r\nhost: x\r\norigin: http://app.example:8080\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!stats.contains("access-control-allow-origin"), "{stats}");
+
+    let mut bad = coordinator_config();
+    bad.cors_origins = vec!["http://app.example/path".into()];
+    let error = bad.validate().unwrap_err().to_string();
+    assert!(error.contains("cors_origins"), "{error}");
+}
