@@ -95,7 +95,7 @@ fi
 # The TypeScript client (clients/typescript) against this build's coordinator and comm server
 # processes, with Node.js's test runner; skipped when arguments picked some of the Rust tests.
 if [[ $# -eq 0 ]]; then
-  if ! command -v node >/dev/null || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20)'; then
+  if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
     say "the TypeScript client's tests need Node.js 20 or later with npm (found: $(node --version 2>/dev/null || echo none))"
     exit 1
   fi
