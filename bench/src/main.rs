@@ -12,6 +12,7 @@
 //! one system at a time; this process is the load generator (one thread). Results go to
 //! `results.json` and `results.md` in `--out`.
 
+mod clientfanout;
 mod drivers;
 mod histmem;
 mod idle;
@@ -174,6 +175,18 @@ struct Args {
     /// scenario, 100 point-to-point pairs, 300 idle clients.
     #[arg(long)]
     smoke: bool,
+    /// Instead of the systems: the receiving side of a fan-out with relaymesh's Rust client
+    /// against the coordinator at this URL (`clients/typescript/bench/fanout.ts` runs it beside
+    /// the TypeScript client and nats.js): `--fanout-subscribers` clients on `--fanout-topic`,
+    /// "ready" on stdout, `--warmup` s, then `--measure` s; prints one JSON line.
+    #[arg(long)]
+    client_fanout: Option<String>,
+    /// `--client-fanout`: subscribers in this process.
+    #[arg(long, default_value_t = 10)]
+    fanout_subscribers: usize,
+    /// `--client-fanout`: the topic.
+    #[arg(long, default_value = "bench.fanout")]
+    fanout_topic: String,
     /// Instead of the systems: the durable inbox's group commit against one transaction per
     /// message, on SQLite (a file in `--out`) and on the PostgreSQL at `--inbox-postgres`.
     #[arg(long)]
@@ -567,6 +580,37 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
 /// The `[history]` table of `--history on`.
 const HISTORY_CONFIG: &str = "history.toml";
 
+/// `--client-fanout`: one receiving run of the Rust client.
+fn client_fanout_main(args: &Args, coordinator: &str) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let plan = clientfanout::Plan {
+        coordinator: coordinator.to_owned(),
+        subscribers: args.fanout_subscribers,
+        topic: args.fanout_topic.clone(),
+        warmup: Duration::from_secs_f64(args.warmup),
+        measure: Duration::from_secs_f64(args.measure),
+    };
+    match runtime.block_on(clientfanout::run(plan)) {
+        Ok(result) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench --client-fanout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `--inbox`: the group-commit A/B; writes `inbox.json` and `inbox.md` in `--out`.
 fn inbox_main(args: &Args) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -623,6 +667,9 @@ fn inbox_main(args: &Args) -> ExitCode {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    if let Some(coordinator) = &args.client_fanout {
+        return client_fanout_main(&args, coordinator);
+    }
     if args.inbox {
         return inbox_main(&args);
     }

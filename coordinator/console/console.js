@@ -584,7 +584,7 @@ function getTextEncoding() {
       throw new Error("encoding API missing: install TextEncoder and TextDecoder on globalThis");
     }
     const textEncoder = new globals.TextEncoder();
-    const textDecoder = new globals.TextDecoder("utf-8", {
+    const textDecoder2 = new globals.TextDecoder("utf-8", {
       ignoreBOM: true
     });
     let textDecoderStrict;
@@ -602,7 +602,7 @@ function getTextEncoding() {
           }
           return textDecoderStrict.decode(bytes);
         }
-        return textDecoder.decode(bytes);
+        return textDecoder2.decode(bytes);
       },
       checkUtf8(text) {
         try {
@@ -3460,6 +3460,166 @@ var RelaymeshError = class _RelaymeshError extends Error {
   }
 };
 
+// src/wire.ts
+var MESSAGE_TAG = 18;
+var WireError = class extends Error {
+};
+var utf8 = new TextDecoder("utf-8", { fatal: true });
+var StringCache = class {
+  #bytes = new Uint8Array(0);
+  #text = "";
+  get(buf, start, end) {
+    const len = end - start;
+    if (len === 0) return "";
+    const cached = this.#bytes;
+    if (cached.length === len) {
+      let same = true;
+      for (let i = 0; i < len; i++) {
+        if (cached[i] !== buf[start + i]) {
+          same = false;
+          break;
+        }
+      }
+      if (same) return this.#text;
+    }
+    const text = utf8.decode(buf.subarray(start, end));
+    this.#bytes = buf.slice(start, end);
+    this.#text = text;
+    return text;
+  }
+};
+var MessageReader = class {
+  #topic = new StringCache();
+  #alias = new StringCache();
+  #role = new StringCache();
+  #other = new StringCache();
+  /** The message in `buf`, `undefined` when `buf` is another kind of frame; throws
+   * {@link WireError} when it is a message frame that does not decode. */
+  read(buf) {
+    if (buf.length === 0 || buf[0] !== MESSAGE_TAG) return void 0;
+    const at = { i: 1 };
+    const len = varintNumber(buf, at);
+    const end = at.i + len;
+    if (end !== buf.length) {
+      return void 0;
+    }
+    const m = {
+      topic: "",
+      fromAlias: "",
+      payload: EMPTY,
+      fromRole: "",
+      seq: 0n,
+      resentFrom: "",
+      fromNode: "",
+      signal: 0,
+      inboxId: 0n,
+      stream: 0n,
+      offset: 0n,
+      publishedMs: 0n
+    };
+    while (at.i < end) {
+      const key = varintNumber(buf, at);
+      const field = key >>> 3;
+      const wire = key & 7;
+      if (wire === 2) {
+        const n = varintNumber(buf, at);
+        const start = at.i;
+        const stop = start + n;
+        if (stop > end) throw new WireError("a field runs past the message");
+        at.i = stop;
+        switch (field) {
+          case 1:
+            m.topic = this.#topic.get(buf, start, stop);
+            break;
+          case 2:
+            m.fromAlias = this.#alias.get(buf, start, stop);
+            break;
+          case 3:
+            m.payload = buf.subarray(start, stop);
+            break;
+          case 4:
+            m.fromRole = this.#role.get(buf, start, stop);
+            break;
+          case 6:
+            m.resentFrom = this.#other.get(buf, start, stop);
+            break;
+          case 7:
+            m.fromNode = this.#other.get(buf, start, stop);
+            break;
+          default:
+            break;
+        }
+      } else if (wire === 0) {
+        const v = varintBig(buf, at);
+        switch (field) {
+          case 5:
+            m.seq = v;
+            break;
+          case 8:
+            m.signal = Number(BigInt.asIntN(32, v));
+            break;
+          case 9:
+            m.inboxId = v;
+            break;
+          case 10:
+            m.stream = v;
+            break;
+          case 11:
+            m.offset = v;
+            break;
+          case 12:
+            m.publishedMs = v;
+            break;
+          default:
+            break;
+        }
+      } else if (wire === 1) {
+        at.i += 8;
+      } else if (wire === 5) {
+        at.i += 4;
+      } else {
+        throw new WireError(`wire type ${wire} in a message`);
+      }
+      if (at.i > end) throw new WireError("a field runs past the message");
+    }
+    return m;
+  }
+};
+var EMPTY = new Uint8Array(0);
+function varintNumber(buf, at) {
+  let value = 0;
+  let scale = 1;
+  for (let n = 0; n < 8; n++) {
+    if (at.i >= buf.length) throw new WireError("a varint runs past the frame");
+    const b = buf[at.i++];
+    value += (b & 127) * scale;
+    if (b < 128) return value;
+    scale *= 128;
+  }
+  throw new WireError("a length or key too large");
+}
+function varintBig(buf, at) {
+  let value = 0;
+  let scale = 1;
+  for (let n = 0; n < 7; n++) {
+    if (at.i >= buf.length) throw new WireError("a varint runs past the frame");
+    const b = buf[at.i++];
+    value += (b & 127) * scale;
+    if (b < 128) return BigInt(value);
+    scale *= 128;
+  }
+  let big = BigInt(value);
+  let shift = 49n;
+  for (let n = 7; n < 10; n++) {
+    if (at.i >= buf.length) throw new WireError("a varint runs past the frame");
+    const b = buf[at.i++];
+    big |= BigInt(b & 127) << shift;
+    if (b < 128) return BigInt.asUintN(64, big);
+    shift += 7n;
+  }
+  throw new WireError("a varint longer than 10 bytes");
+}
+
 // src/login.ts
 function loginChallenge(nonce, account, role, group) {
   const enc = new TextEncoder();
@@ -3590,6 +3750,8 @@ var Client = class _Client {
   #outbox = [];
   /** The latest number delivered per publisher (its first alias), to drop copies. */
   #delivered = /* @__PURE__ */ new Map();
+  /** Reads message frames without the generic decoder. */
+  #reader = new MessageReader();
   #closed = false;
   #reconnecting = false;
   constructor(options) {
@@ -3891,40 +4053,32 @@ var Client = class _Client {
   #onFrame(link, data) {
     if (this.#link !== link) return;
     link.lastHeard = Date.now();
+    if (!(data instanceof ArrayBuffer)) {
+      this.#badFrame(link, "the server sent a text frame");
+      return;
+    }
+    const bytes = new Uint8Array(data);
+    let message;
+    try {
+      message = this.#reader.read(bytes);
+    } catch (e) {
+      this.#badFrame(link, `the server sent a message that does not decode: ${e.message}`);
+      return;
+    }
+    if (message) {
+      this.#onMessage(message);
+      return;
+    }
     const frame = decode(data);
     if (!frame) {
-      link.lastError = new RelaymeshError("BAD_FRAME", "the server sent a frame that is not a ServerToClient");
-      link.ws.close(1007);
+      this.#badFrame(link, "the server sent a frame that is not a ServerToClient");
       return;
     }
     const kind = frame.kind;
     switch (kind.case) {
-      case "message": {
-        const m = kind.value;
-        const seq = m.seq;
-        if (seq > 0n) {
-          const publisher = m.resentFrom || m.fromAlias;
-          const last = this.#delivered.get(publisher);
-          if (last !== void 0 && seq <= last) return;
-          this.#delivered.delete(publisher);
-          this.#delivered.set(publisher, seq);
-          if (this.#delivered.size > this.#options.maxPublishers) {
-            const oldest = this.#delivered.keys().next().value;
-            if (oldest !== void 0) this.#delivered.delete(oldest);
-          }
-        }
-        const payload = m.payload;
-        this.#emit("message", {
-          topic: m.topic,
-          fromAlias: m.fromAlias,
-          fromRole: m.fromRole,
-          fromNode: m.fromNode,
-          payload,
-          seq,
-          text: () => new TextDecoder().decode(payload)
-        });
+      case "message":
+        this.#onMessage(kind.value);
         return;
-      }
       case "ack": {
         const ack = kind.value;
         const sub = this.#pendingSubscribes.get(ack.requestId);
@@ -3990,6 +4144,24 @@ var Client = class _Client {
       default:
         return;
     }
+  }
+  #badFrame(link, message) {
+    link.lastError = new RelaymeshError("BAD_FRAME", message);
+    link.ws.close(1007);
+  }
+  #onMessage(m) {
+    const seq = m.seq;
+    if (seq > 0n) {
+      const publisher = m.resentFrom || m.fromAlias;
+      const last = this.#delivered.get(publisher);
+      if (last !== void 0 && seq <= last) return;
+      this.#delivered.set(publisher, seq);
+      if (last === void 0 && this.#delivered.size > this.#options.maxPublishers) {
+        const oldest = this.#delivered.keys().next().value;
+        if (oldest !== void 0) this.#delivered.delete(oldest);
+      }
+    }
+    this.#emit("message", new Delivered(m));
   }
   #onClose(link, ev) {
     stopHeartbeat(link);
@@ -4102,6 +4274,26 @@ var Client = class _Client {
     }
   }
 };
+var Delivered = class {
+  topic;
+  fromAlias;
+  fromRole;
+  fromNode;
+  payload;
+  seq;
+  constructor(m) {
+    this.topic = m.topic;
+    this.fromAlias = m.fromAlias;
+    this.fromRole = m.fromRole;
+    this.fromNode = m.fromNode;
+    this.payload = m.payload;
+    this.seq = m.seq;
+  }
+  text() {
+    return textDecoder.decode(this.payload);
+  }
+};
+var textDecoder = new TextDecoder();
 function decode(data) {
   if (!(data instanceof ArrayBuffer)) return void 0;
   try {

@@ -10,6 +10,7 @@ import {
   ErrorCode,
 } from "./gen/relaymesh/v1/mesh_pb.js";
 import { RelaymeshError } from "./errors.js";
+import { MessageReader, type WireMessage } from "./wire.js";
 import { type Credentials, type Placement, httpBase, login } from "./login.js";
 
 /** The protocol version this client speaks (`Attach.protocol_version`). */
@@ -154,6 +155,8 @@ export class Client {
   readonly #outbox: Outgoing[] = [];
   /** The latest number delivered per publisher (its first alias), to drop copies. */
   readonly #delivered = new Map<string, bigint>();
+  /** Reads message frames without the generic decoder. */
+  readonly #reader = new MessageReader();
   #closed = false;
   #reconnecting = false;
 
@@ -482,40 +485,33 @@ export class Client {
   #onFrame(link: Link, data: unknown): void {
     if (this.#link !== link) return;
     link.lastHeard = Date.now();
+    if (!(data instanceof ArrayBuffer)) {
+      this.#badFrame(link, "the server sent a text frame");
+      return;
+    }
+    const bytes = new Uint8Array(data);
+    let message: WireMessage | undefined;
+    try {
+      message = this.#reader.read(bytes);
+    } catch (e) {
+      this.#badFrame(link, `the server sent a message that does not decode: ${(e as Error).message}`);
+      return;
+    }
+    if (message) {
+      this.#onMessage(message);
+      return;
+    }
     const frame = decode(data);
     if (!frame) {
-      link.lastError = new RelaymeshError("BAD_FRAME", "the server sent a frame that is not a ServerToClient");
-      link.ws.close(1007);
+      this.#badFrame(link, "the server sent a frame that is not a ServerToClient");
       return;
     }
     const kind = frame.kind;
     switch (kind.case) {
-      case "message": {
-        const m = kind.value;
-        const seq = m.seq;
-        if (seq > 0n) {
-          const publisher = m.resentFrom || m.fromAlias;
-          const last = this.#delivered.get(publisher);
-          if (last !== undefined && seq <= last) return; // a copy of one already delivered
-          this.#delivered.delete(publisher);
-          this.#delivered.set(publisher, seq);
-          if (this.#delivered.size > this.#options.maxPublishers) {
-            const oldest = this.#delivered.keys().next().value;
-            if (oldest !== undefined) this.#delivered.delete(oldest);
-          }
-        }
-        const payload = m.payload;
-        this.#emit("message", {
-          topic: m.topic,
-          fromAlias: m.fromAlias,
-          fromRole: m.fromRole,
-          fromNode: m.fromNode,
-          payload,
-          seq,
-          text: () => new TextDecoder().decode(payload),
-        });
+      case "message":
+        // A message frame with more than the message in it (the reader takes the rest).
+        this.#onMessage(kind.value);
         return;
-      }
       case "ack": {
         const ack = kind.value;
         const sub = this.#pendingSubscribes.get(ack.requestId);
@@ -585,6 +581,27 @@ export class Client {
         // Pong (any frame keeps the link alive), and what this client does not use yet.
         return;
     }
+  }
+
+  #badFrame(link: Link, message: string): void {
+    link.lastError = new RelaymeshError("BAD_FRAME", message);
+    link.ws.close(1007);
+  }
+
+  #onMessage(m: WireMessage): void {
+    const seq = m.seq;
+    if (seq > 0n) {
+      const publisher = m.resentFrom || m.fromAlias;
+      const last = this.#delivered.get(publisher);
+      if (last !== undefined && seq <= last) return; // a copy of one already delivered
+      this.#delivered.set(publisher, seq);
+      if (last === undefined && this.#delivered.size > this.#options.maxPublishers) {
+        // The publisher heard from first (not necessarily least lately) goes.
+        const oldest = this.#delivered.keys().next().value;
+        if (oldest !== undefined) this.#delivered.delete(oldest);
+      }
+    }
+    this.#emit("message", new Delivered(m));
   }
 
   #onClose(link: Link, ev: CloseEvent): void {
@@ -714,6 +731,31 @@ export class Client {
     }
   }
 }
+
+/** A delivered message as the application gets it. */
+class Delivered implements Message {
+  readonly topic: string;
+  readonly fromAlias: string;
+  readonly fromRole: string;
+  readonly fromNode: string;
+  readonly payload: Uint8Array;
+  readonly seq: bigint;
+
+  constructor(m: WireMessage) {
+    this.topic = m.topic;
+    this.fromAlias = m.fromAlias;
+    this.fromRole = m.fromRole;
+    this.fromNode = m.fromNode;
+    this.payload = m.payload;
+    this.seq = m.seq;
+  }
+
+  text(): string {
+    return textDecoder.decode(this.payload);
+  }
+}
+
+const textDecoder = new TextDecoder();
 
 function decode(data: unknown): ServerToClient | undefined {
   if (!(data instanceof ArrayBuffer)) return undefined;
