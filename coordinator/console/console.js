@@ -3395,6 +3395,7 @@ function writeTypeOfScalar(type) {
 var file_relaymesh_v1_mesh = /* @__PURE__ */ fileDesc("ChdyZWxheW1lc2gvdjEvbWVzaC5wcm90bxIMcmVsYXltZXNoLnYxIlMKBUVycm9yEiUKBGNvZGUYASABKA4yFy5yZWxheW1lc2gudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoBCL9AQoISWRlbnRpdHkSDQoFYWxpYXMYASABKAkSDwoHYWNjb3VudBgCIAEoCRIMCgRyb2xlGAMgASgJEg4KBmdyb3VwcxgEIAMoCRINCgVzY29wZRgFIAEoCRISCgpyZXN0cmljdGVkGAggASgIEg8KB3B1Ymxpc2gYBiADKAkSEQoJc3Vic2NyaWJlGAcgAygJEhEKCWNsaWVudF9pZBgJIAEoCRILCgNzZXEYCiABKAQSDwoHbm9kZV9pZBgLIAEoCRIRCglub2RlX25hbWUYDCABKAkSFQoNbm9kZV9sb2NhdGlvbhgNIAEoCRIRCglub2RlX2luZm8YDiABKAkiFQoEUGluZxINCgVub25jZRgBIAEoBCIVCgRQb25nEg0KBW5vbmNlGAEgASgEIuoDChNTZXJ2ZXJUb0Nvb3JkaW5hdG9yEioKCHJlZ2lzdGVyGAEgASgLMhYucmVsYXltZXNoLnYxLlJlZ2lzdGVySAASIgoEbG9hZBgCIAEoCzISLnJlbGF5bWVzaC52MS5Mb2FkSAASKgoIcmVzZXJ2ZWQYAyABKAsyFi5yZWxheW1lc2gudjEuUmVzZXJ2ZWRIABI1Cg5yZXNlcnZlX2ZhaWxlZBgEIAEoCzIbLnJlbGF5bWVzaC52MS5SZXNlcnZlRmFpbGVkSAASIgoEcG9uZxgFIAEoCzISLnJlbGF5bWVzaC52MS5Qb25nSAASMwoNbm9kZV9zZXNzaW9ucxgGIAEoCzIaLnJlbGF5bWVzaC52MS5Ob2RlU2Vzc2lvbnNIABIrCglpbmJveF9wdXQYByABKAsyFi5yZWxheW1lc2gudjEuSW5ib3hQdXRIABIvCgtpbmJveF9mZXRjaBgIIAEoCzIYLnJlbGF5bWVzaC52MS5JbmJveEZldGNoSAASLQoKaW5ib3hfZG9uZRgJIAEoCzIXLnJlbGF5bWVzaC52MS5JbmJveERvbmVIABIsCgZhbnN3ZXIYCyABKAsyGi5yZWxheW1lc2gudjEuU2VydmVyQW5zd2VySABCBgoEa2luZEoECAoQCyKbBQoTQ29vcmRpbmF0b3JUb1NlcnZlchIuCgpyZWdpc3RlcmVkGAEgASgLMhgucmVsYXltZXNoLnYxLlJlZ2lzdGVyZWRIABIvCgtwZWVyX2pvaW5lZBgCIAEoCzIYLnJlbGF5bWVzaC52MS5QZWVySm9pbmVkSAASKwoJcGVlcl9sZWZ0GAMgASgLMhYucmVsYXltZXNoLnYxLlBlZXJMZWZ0SAASKAoHcmVzZXJ2ZRgEIAEoCzIVLnJlbGF5bWVzaC52MS5SZXNlcnZlSAASJAoFZXJyb3IYBSABKAsyEy5yZWxheW1lc2gudjEuRXJyb3JIABIiCgRwaW5nGAYgASgLMhIucmVsYXltZXNoLnYxLlBpbmdIABIoCgdyZXBsYWNlGAcgASgLMhUucmVsYXltZXNoLnYxLlJlcGxhY2VIABIuCghwcmVzZW5jZRgIIAEoCzIaLnJlbGF5bWVzaC52MS5Ob2RlUHJlc2VuY2VIABIxCgxpbmJveF9zdG9yZWQYCSABKAsyGS5yZWxheW1lc2gudjEuSW5ib3hTdG9yZWRIABIvCgtpbmJveF9iYXRjaBgKIAEoCzIYLnJlbGF5bWVzaC52MS5JbmJveEJhdGNoSAASLwoLaW5ib3hfbnVkZ2UYCyABKAsyGC5yZWxheW1lc2gudjEuSW5ib3hOdWRnZUgAEjMKDWluYm94X2V4cGlyZWQYDCABKAsyGi5yZWxheW1lc2gudjEuSW5ib3hFeHBpcmVkSAASJAoFZHJhaW4YDSABKAsyEy5yZWxheW1lc2gudjEuRHJhaW5IABIqCgVxdWVyeRgPIAEoCzIZLnJlbGF5bWVzaC52MS5TZXJ2ZXJRdWVyeUgAQgYKBGtpbmRKBAgOEA8iKAoFRHJhaW4SDwoHZHJhaW5lZBgBIAEoCBIOCgZyZWFzb24YAiABKAki+gIKC1NlcnZlclF1ZXJ5EhIKCnJlcXVlc3RfaWQYASABKAQSIgoEa2ljaxgCIAEoCzISLnJlbGF5bWVzaC52MS5LaWNrSAASMQoMbGlzdF9jbGllbnRzGAMgASgLMhkucmVsYXltZXNoLnYxLkxpc3RDbGllbnRzSAASLgoHZGV0YWlscxgEIAEoCzIbLnJlbGF5bWVzaC52MS5TZXJ2ZXJEZXRhaWxzSAASLwoHcHVibGlzaBgFIAEoCzIcLnJlbGF5bWVzaC52MS5CYWNrZW5kUHVibGlzaEgAEioKBnRvcGljcxgGIAEoCzIYLnJlbGF5bWVzaC52MS5MaXN0VG9waWNzSAASLwoIcHJlc2VuY2UYByABKAsyGy5yZWxheW1lc2gudjEuVG9waWNQcmVzZW5jZUgAEjoKDXN1YnNjcmlwdGlvbnMYCCABKAsyIS5yZWxheW1lc2gudjEuQ2hhbmdlU3Vic2NyaXB0aW9uc0gAQgYKBGtpbmQitwIKDFNlcnZlckFuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEhAKBmtpY2tlZBgCIAEoDUgAEisKB2NsaWVudHMYAyABKAsyGC5yZWxheW1lc2gudjEuQ2xpZW50TGlzdEgAEjMKB2RldGFpbHMYBCABKAsyIC5yZWxheW1lc2gudjEuU2VydmVyRGV0YWlsc1JlcGx5SAASMwoJcHVibGlzaGVkGAUgASgLMh4ucmVsYXltZXNoLnYxLkJhY2tlbmRQdWJsaXNoZWRIABIpCgZ0b3BpY3MYBiABKAsyFy5yZWxheW1lc2gudjEuVG9waWNMaXN0SAASEQoHY2hhbmdlZBgHIAEoDUgAEiQKBWVycm9yGA8gASgLMhMucmVsYXltZXNoLnYxLkVycm9ySABCBgoEa2luZCIlCgRLaWNrEg0KBWFsaWFzGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI6CgtMaXN0Q2xpZW50cxINCgVzY29wZRgBIAEoCRINCgVhZnRlchgCIAEoCRINCgVsaW1pdBgDIAEoDSJFCgpDbGllbnRMaXN0EikKB2NsaWVudHMYASADKAsyGC5yZWxheW1lc2gudjEuQ2xpZW50SW5mbxIMCgRtb3JlGAIgASgIImwKCkNsaWVudEluZm8SDQoFYWxpYXMYASABKAkSDQoFc2NvcGUYAiABKAkSDAoEcm9sZRgDIAEoCRIRCgljbGllbnRfaWQYBCABKAkSDwoHbm9kZV9pZBgFIAEoCRIOCgZ0b3BpY3MYBiABKA0iDwoNU2VydmVyRGV0YWlscyKWAQoSU2VydmVyRGV0YWlsc1JlcGx5Eg0KBXBlZXJzGAEgAygJEkAKCGNvdW50ZXJzGAIgAygLMi4ucmVsYXltZXNoLnYxLlNlcnZlckRldGFpbHNSZXBseS5Db3VudGVyc0VudHJ5Gi8KDUNvdW50ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgEOgI4ASJQCg5CYWNrZW5kUHVibGlzaBINCgVzY29wZRgBIAEoCRIOCgZ0b3BpY3MYAiADKAkSDwoHcGF5bG9hZBgDIAEoDBIOCgZzZW5kZXIYBCABKAkiIwoQQmFja2VuZFB1Ymxpc2hlZBIPCgdyZWFjaGVkGAEgASgNIkkKCkxpc3RUb3BpY3MSDQoFc2NvcGUYASABKAkSDgoGcHJlZml4GAIgASgJEg0KBWFmdGVyGAMgASgJEg0KBWxpbWl0GAQgASgNIkQKCVRvcGljTGlzdBIpCgZ0b3BpY3MYASADKAsyGS5yZWxheW1lc2gudjEuQWN0aXZlVG9waWMSDAoEbW9yZRgCIAEoCCIxCgtBY3RpdmVUb3BpYxINCgV0b3BpYxgBIAEoCRITCgtzdWJzY3JpYmVycxgCIAEoDSJJChNDaGFuZ2VTdWJzY3JpcHRpb25zEg0KBWFsaWFzGAEgASgJEg4KBnRvcGljcxgCIAMoCRITCgt1bnN1YnNjcmliZRgDIAEoCCJLCg1Ub3BpY1ByZXNlbmNlEg0KBXNjb3BlGAEgASgJEg0KBXRvcGljGAIgASgJEg0KBWFmdGVyGAMgASgJEg0KBWxpbWl0GAQgASgNIqsBCghJbmJveFB1dBISCgpyZXF1ZXN0X2lkGAEgASgEEg0KBXNjb3BlGAIgASgJEg8KB3RvX25vZGUYAyABKAkSEQoJZnJvbV9ub2RlGAQgASgJEhIKCmZyb21fYWxpYXMYBSABKAkSEQoJZnJvbV9yb2xlGAYgASgJEgsKA3NlcRgHIAEoBBITCgtyZXNlbnRfZnJvbRgIIAEoCRIPCgdwYXlsb2FkGAkgASgMIlcKC0luYm94U3RvcmVkEhIKCnJlcXVlc3RfaWQYASABKAQSEAoIaW5ib3hfaWQYAiABKAQSIgoFZXJyb3IYAyABKAsyEy5yZWxheW1lc2gudjEuRXJyb3IiYQoKSW5ib3hGZXRjaBISCgpyZXF1ZXN0X2lkGAEgASgEEg0KBXNjb3BlGAIgASgJEg8KB25vZGVfaWQYAyABKAkSEAoIYWZ0ZXJfaWQYBCABKAQSDQoFbGltaXQYBSABKA0imgEKDEluYm94TWVzc2FnZRIKCgJpZBgBIAEoBBIRCglmcm9tX25vZGUYAiABKAkSEgoKZnJvbV9hbGlhcxgDIAEoCRIRCglmcm9tX3JvbGUYBCABKAkSCwoDc2VxGAUgASgEEhMKC3Jlc2VudF9mcm9tGAYgASgJEg8KB3BheWxvYWQYByABKAwSEQoJc3RvcmVkX21zGAggASgEInIKCkluYm94QmF0Y2gSEgoKcmVxdWVzdF9pZBgBIAEoBBIsCghtZXNzYWdlcxgCIAMoCzIaLnJlbGF5bWVzaC52MS5JbmJveE1lc3NhZ2USIgoFZXJyb3IYAyABKAsyEy5yZWxheW1lc2gudjEuRXJyb3IiOgoJSW5ib3hEb25lEg0KBXNjb3BlGAEgASgJEg8KB25vZGVfaWQYAiABKAkSDQoFdXBfdG8YAyABKAQiLAoKSW5ib3hOdWRnZRINCgVzY29wZRgBIAEoCRIPCgdub2RlX2lkGAIgASgJIlkKDEluYm94RXhwaXJlZBINCgVzY29wZRgBIAEoCRIRCglmcm9tX25vZGUYAiABKAkSJwoIbWVzc2FnZXMYAyADKAsyFS5yZWxheW1lc2gudjEuRXhwaXJlZCJ8CgtOb2RlU2Vzc2lvbhINCgVzY29wZRgBIAEoCRIPCgdub2RlX2lkGAIgASgJEg0KBWFsaWFzGAMgASgJEhAKCHNpbmNlX21zGAQgASgEEgwKBG5hbWUYBSABKAkSEAoIbG9jYXRpb24YBiABKAkSDAoEaW5mbxgHIAEoCSJyCgxOb2RlU2Vzc2lvbnMSDAoEZnVsbBgBIAEoCBIpCgZvcGVuZWQYAiADKAsyGS5yZWxheW1lc2gudjEuTm9kZVNlc3Npb24SKQoGY2xvc2VkGAMgAygLMhkucmVsYXltZXNoLnYxLk5vZGVTZXNzaW9uImwKCE5vZGVJbmZvEg8KB25vZGVfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIQCghsb2NhdGlvbhgDIAEoCRIMCgRpbmZvGAQgASgJEhAKCHNpbmNlX21zGAUgASgEEg8KB3NlcnZlcnMYBiADKAkibgoJTm9kZUVudHJ5Eg0KBXNjb3BlGAEgASgJEiQKBG5vZGUYAiABKAsyFi5yZWxheW1lc2gudjEuTm9kZUluZm8SLAoGY2hhbmdlGAMgASgOMhwucmVsYXltZXNoLnYxLlByZXNlbmNlQ2hhbmdlIkoKDE5vZGVQcmVzZW5jZRIQCghzbmFwc2hvdBgBIAEoCBIoCgdlbnRyaWVzGAIgAygLMhcucmVsYXltZXNoLnYxLk5vZGVFbnRyeSJICgdSZXBsYWNlEg8KB2FjY291bnQYASABKAkSEQoJY2xpZW50X2lkGAIgASgJEgsKA3NlcRgDIAEoBBIMCgRyb2xlGAQgASgJIm4KCFJlZ2lzdGVyEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SEQoJc2VydmVyX2lkGAIgASgJEhIKCnB1YmxpY191cmwYAyABKAkSEAoIY2FwYWNpdHkYBCABKA0SDwoHdmVyc2lvbhgFIAEoCSIsCgpTZXJ2ZXJJbmZvEhEKCXNlcnZlcl9pZBgBIAEoCRILCgN1cmwYAiABKAkipAEKClJlZ2lzdGVyZWQSGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRInCgVwZWVycxgCIAMoCzIYLnJlbGF5bWVzaC52MS5TZXJ2ZXJJbmZvEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIWCg5jb29yZGluYXRvcl9pZBgFIAEoCSI0CgpQZWVySm9pbmVkEiYKBHBlZXIYASABKAsyGC5yZWxheW1lc2gudjEuU2VydmVySW5mbyIdCghQZWVyTGVmdBIRCglzZXJ2ZXJfaWQYASABKAkiTwoETG9hZBIPCgdjbGllbnRzGAEgASgNEhAKCGRyYWluaW5nGAIgASgIEhQKDHBlbmRpbmdfa2V5cxgDIAEoDRIOCgZ0b3BpY3MYBCABKA0iRwoHUmVzZXJ2ZRISCgpyZXF1ZXN0X2lkGAEgASgEEigKCGlkZW50aXR5GAIgASgLMhYucmVsYXltZXNoLnYxLklkZW50aXR5IkIKCFJlc2VydmVkEhIKCnJlcXVlc3RfaWQYASABKAQSCwoDa2V5GAIgASgJEhUKDWV4cGlyZXNfaW5fbXMYAyABKA0iRwoNUmVzZXJ2ZUZhaWxlZBISCgpyZXF1ZXN0X2lkGAEgASgEEiIKBWVycm9yGAIgASgLMhMucmVsYXltZXNoLnYxLkVycm9yIrYCChNDbGllbnRUb0Nvb3JkaW5hdG9yEiQKBWhlbGxvGAEgASgLMhMucmVsYXltZXNoLnYxLkhlbGxvSAASKAoHY29ubmVjdBgCIAEoCzIVLnJlbGF5bWVzaC52MS5Db25uZWN0SAASIgoEcGluZxgDIAEoCzISLnJlbGF5bWVzaC52MS5QaW5nSAASPQoSY2hhbGxlbmdlX3Jlc3BvbnNlGAQgASgLMh8ucmVsYXltZXNoLnYxLkNoYWxsZW5nZVJlc3BvbnNlSAASMwoNcmVnaXN0ZXJfbm9kZRgFIAEoCzIaLnJlbGF5bWVzaC52MS5SZWdpc3Rlck5vZGVIABIvCgt1cGRhdGVfbm9kZRgGIAEoCzIYLnJlbGF5bWVzaC52MS5VcGRhdGVOb2RlSABCBgoEa2luZCLYAgoTQ29vcmRpbmF0b3JUb0NsaWVudBIoCgd3ZWxjb21lGAEgASgLMhUucmVsYXltZXNoLnYxLldlbGNvbWVIABIrCgVvZmZlchgCIAEoCzIaLnJlbGF5bWVzaC52MS5Db25uZWN0T2ZmZXJIABIkCgVlcnJvchgDIAEoCzITLnJlbGF5bWVzaC52MS5FcnJvckgAEiIKBHBvbmcYBCABKAsyEi5yZWxheW1lc2gudjEuUG9uZ0gAEiwKCWNoYWxsZW5nZRgFIAEoCzIXLnJlbGF5bWVzaC52MS5DaGFsbGVuZ2VIABI3Cg9ub2RlX3JlZ2lzdGVyZWQYBiABKAsyHC5yZWxheW1lc2gudjEuTm9kZVJlZ2lzdGVyZWRIABIxCgxub2RlX3VwZGF0ZWQYByABKAsyGS5yZWxheW1lc2gudjEuTm9kZVVwZGF0ZWRIAEIGCgRraW5kIsoBCgtDcmVkZW50aWFscxIsCglhbm9ueW1vdXMYASABKAsyFy5yZWxheW1lc2gudjEuQW5vbnltb3VzSAASLwoLYWNjZXNzX2NvZGUYAiABKAsyGC5yZWxheW1lc2gudjEuQWNjZXNzQ29kZUgAEiUKA2tleRgDIAEoCzIWLnJlbGF5bWVzaC52MS5LZXlMb2dpbkgAEi0KCm5vZGVfdG9rZW4YBCABKAsyFy5yZWxheW1lc2gudjEuTm9kZVRva2VuSABCBgoEa2luZCIaCglOb2RlVG9rZW4SDQoFdG9rZW4YASABKAkidQoIS2V5TG9naW4SDwoHYWNjb3VudBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEgwKBHJvbGUYAyABKAkSDQoFZ3JvdXAYBCABKAkSFAoMY2hhbGxlbmdlX2lkGAUgASgJEhEKCXNpZ25hdHVyZRgGIAEoDCIaCglDaGFsbGVuZ2USDQoFbm9uY2UYASABKAwiJgoRQ2hhbGxlbmdlUmVzcG9uc2USEQoJc2lnbmF0dXJlGAEgASgMIgsKCUFub255bW91cyJICgpBY2Nlc3NDb2RlEg8KB2FjY291bnQYASABKAkSDAoEY29kZRgCIAEoCRIMCgRyb2xlGAMgASgJEg0KBWdyb3VwGAQgASgJImQKBUhlbGxvEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SLgoLY3JlZGVudGlhbHMYAiABKAsyGS5yZWxheW1lc2gudjEuQ3JlZGVudGlhbHMSEQoJY2xpZW50X2lkGAMgASgJIqsBCgdXZWxjb21lEhgKEHByb3RvY29sX3ZlcnNpb24YASABKA0SDQoFYWxpYXMYAiABKAkSKQoHc2VydmVycxgDIAMoCzIYLnJlbGF5bWVzaC52MS5TZXJ2ZXJJbmZvEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgEIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgFIAEoDRIPCgdub2RlX2lkGAYgASgJIjwKDFJlZ2lzdGVyTm9kZRIMCgRuYW1lGAEgASgJEhAKCGxvY2F0aW9uGAIgASgJEgwKBGluZm8YAyABKAkiMAoOTm9kZVJlZ2lzdGVyZWQSDwoHbm9kZV9pZBgBIAEoCRINCgV0b2tlbhgCIAEoCSI6CgpVcGRhdGVOb2RlEgwKBG5hbWUYASABKAkSEAoIbG9jYXRpb24YAiABKAkSDAoEaW5mbxgDIAEoCSIeCgtOb2RlVXBkYXRlZBIPCgdub2RlX2lkGAEgASgJIkQKB0Nvbm5lY3QSGAoQcHJlZmVycmVkX3NlcnZlchgBIAEoCRIPCgdleGNsdWRlGAIgAygJEg4KBm1vdmluZxgDIAEoCCJSCgxDb25uZWN0T2ZmZXISEQoJc2VydmVyX2lkGAEgASgJEgsKA3VybBgCIAEoCRILCgNrZXkYAyABKAkSFQoNZXhwaXJlc19pbl9tcxgEIAEoDSLmAwoOQ2xpZW50VG9TZXJ2ZXISJgoGYXR0YWNoGAEgASgLMhQucmVsYXltZXNoLnYxLkF0dGFjaEgAEiwKCXN1YnNjcmliZRgCIAEoCzIXLnJlbGF5bWVzaC52MS5TdWJzY3JpYmVIABIwCgt1bnN1YnNjcmliZRgDIAEoCzIZLnJlbGF5bWVzaC52MS5VbnN1YnNjcmliZUgAEigKB3B1Ymxpc2gYBCABKAsyFS5yZWxheW1lc2gudjEuUHVibGlzaEgAEiIKBHBpbmcYBSABKAsyEi5yZWxheW1lc2gudjEuUGluZ0gAEiIKBHNlbmQYBiABKAsyEi5yZWxheW1lc2gudjEuU2VuZEgAEiYKBnNpZ25hbBgHIAEoCzIULnJlbGF5bWVzaC52MS5TaWduYWxIABItCgpsaXN0X25vZGVzGAggASgLMhcucmVsYXltZXNoLnYxLkxpc3ROb2Rlc0gAEisKCWluYm94X2FjaxgJIAEoCzIWLnJlbGF5bWVzaC52MS5JbmJveEFja0gAEiQKBWxlYXZlGAogASgLMhMucmVsYXltZXNoLnYxLkxlYXZlSAASKAoHaGlzdG9yeRgLIAEoCzIVLnJlbGF5bWVzaC52MS5IaXN0b3J5SABCBgoEa2luZCJ5CgdIaXN0b3J5EhIKCnJlcXVlc3RfaWQYASABKAQSDQoFdG9waWMYAiABKAkSDAoEbGFzdBgDIAEoDRIrCgVzaW5jZRgEIAMoCzIcLnJlbGF5bWVzaC52MS5TdHJlYW1Qb3NpdGlvbhIQCghzaW5jZV9tcxgFIAEoBCIwCg5TdHJlYW1Qb3NpdGlvbhIOCgZzdHJlYW0YASABKAQSDgoGb2Zmc2V0GAIgASgEIlcKB1JlY292ZXISDQoFdG9waWMYASABKAkSKwoFc2luY2UYAiADKAsyHC5yZWxheW1lc2gudjEuU3RyZWFtUG9zaXRpb24SEAoIc2luY2VfbXMYAyABKAQiBwoFTGVhdmUiGQoISW5ib3hBY2sSDQoFdXBfdG8YASABKAQiqwUKDlNlcnZlclRvQ2xpZW50EiQKBXJlYWR5GAEgASgLMhMucmVsYXltZXNoLnYxLlJlYWR5SAASKAoHbWVzc2FnZRgCIAEoCzIVLnJlbGF5bWVzaC52MS5NZXNzYWdlSAASKAoHZHJvcHBlZBgDIAEoCzIVLnJlbGF5bWVzaC52MS5Ecm9wcGVkSAASJAoFZXJyb3IYBCABKAsyEy5yZWxheW1lc2gudjEuRXJyb3JIABIiCgRwb25nGAUgASgLMhIucmVsYXltZXNoLnYxLlBvbmdIABIgCgNhY2sYBiABKAsyES5yZWxheW1lc2gudjEuQWNrSAASLAoJcHVibGlzaGVkGAcgASgLMhcucmVsYXltZXNoLnYxLlB1Ymxpc2hlZEgAEjQKDXVuZGVsaXZlcmFibGUYCCABKAsyGy5yZWxheW1lc2gudjEuVW5kZWxpdmVyYWJsZUgAEisKCW5vZGVfbGlzdBgJIAEoCzIWLnJlbGF5bWVzaC52MS5Ob2RlTGlzdEgAEioKCGFjY2VwdGVkGAogASgLMhYucmVsYXltZXNoLnYxLkFjY2VwdGVkSAASKAoHZXhwaXJlZBgLIAEoCzIVLnJlbGF5bWVzaC52MS5FeHBpcmVkSAASLAoJcmVjb25uZWN0GAwgASgLMhcucmVsYXltZXNoLnYxLlJlY29ubmVjdEgAEiIKBGxlZnQYDSABKAsyEi5yZWxheW1lc2gudjEuTGVmdEgAEkMKFXN1YnNjcmlwdGlvbnNfY2hhbmdlZBgOIAEoCzIiLnJlbGF5bWVzaC52MS5TdWJzY3JpcHRpb25zQ2hhbmdlZEgAEi0KB2hpc3RvcnkYDyABKAsyGi5yZWxheW1lc2gudjEuSGlzdG9yeUJhdGNoSABCBgoEa2luZCK5AQoMSGlzdG9yeUJhdGNoEhIKCnJlcXVlc3RfaWQYASABKAQSJwoIbWVzc2FnZXMYAiADKAsyFS5yZWxheW1lc2gudjEuTWVzc2FnZRINCgV0b3BpYxgDIAEoCRIQCghyZWNvdmVyeRgEIAEoCBIMCgRkb25lGAUgASgIEgsKA2dhcBgGIAEoCBIXCg9taXNzZWRfYXRfbGVhc3QYByABKAQSFwoPdW5rbm93bl9zdHJlYW1zGAggAygEIjYKFFN1YnNjcmlwdGlvbnNDaGFuZ2VkEg0KBWFkZGVkGAEgAygJEg8KB3JlbW92ZWQYAiADKAkiBgoETGVmdCIbCglSZWNvbm5lY3QSDgoGcmVhc29uGAEgASgJIjoKCEFjY2VwdGVkEgsKA3NlcRgBIAEoBBIPCgd0b19ub2RlGAIgASgJEhAKCGluYm94X2lkGAMgASgEIl8KB0V4cGlyZWQSDwoHdG9fbm9kZRgBIAEoCRIQCghpbmJveF9pZBgCIAEoBBILCgNzZXEYAyABKAQSEQoJcHVibGlzaGVyGAQgASgJEhEKCXN0b3JlZF9tcxgFIAEoBCI+CglMaXN0Tm9kZXMSEgoKcmVxdWVzdF9pZBgBIAEoBBINCgVsaW1pdBgCIAEoDRIOCgZmaWx0ZXIYAyABKAkiVAoITm9kZUxpc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIlCgVub2RlcxgCIAMoCzIWLnJlbGF5bWVzaC52MS5Ob2RlSW5mbxINCgV0b3RhbBgDIAEoBCJjCg1QcmVzZW5jZUV2ZW50EiwKBmNoYW5nZRgBIAEoDjIcLnJlbGF5bWVzaC52MS5QcmVzZW5jZUNoYW5nZRIkCgRub2RlGAIgASgLMhYucmVsYXltZXNoLnYxLk5vZGVJbmZvIiIKBkF0dGFjaBIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNIpEBCgVSZWFkeRIYChBwcm90b2NvbF92ZXJzaW9uGAEgASgNEg0KBWFsaWFzGAIgASgJEhEKCXNlcnZlcl9pZBgDIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYBCABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBSABKA0SDwoHbm9kZV9pZBgGIAEoCSJXCglTdWJzY3JpYmUSEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZ0b3BpY3MYAiADKAkSJgoHcmVjb3ZlchgDIAMoCzIVLnJlbGF5bWVzaC52MS5SZWNvdmVyIjEKC1Vuc3Vic2NyaWJlEhIKCnJlcXVlc3RfaWQYASABKAQSDgoGdG9waWNzGAIgAygJIkoKA0FjaxISCgpyZXF1ZXN0X2lkGAEgASgEEg8KB3BlbmRpbmcYAiADKAkSDQoFYXRfbXMYAyABKAQSDwoHaGlzdG9yeRgEIAMoCSJLCgdQdWJsaXNoEg0KBXRvcGljGAEgASgJEg8KB3BheWxvYWQYAiABKAwSCwoDc2VxGAMgASgEEhMKC3Jlc2VudF9mcm9tGAQgASgJIhoKCVB1Ymxpc2hlZBINCgV1cF90bxgBIAEoBCJKCgRTZW5kEg8KB3RvX25vZGUYASABKAkSDwoHcGF5bG9hZBgCIAEoDBILCgNzZXEYAyABKAQSEwoLcmVzZW50X2Zyb20YBCABKAkiXwoGU2lnbmFsEg8KB3RvX25vZGUYASABKAkSJgoEa2luZBgCIAEoDjIYLnJlbGF5bWVzaC52MS5TaWduYWxLaW5kEg8KB3BheWxvYWQYAyABKAwSCwoDc2VxGAQgASgEImcKDVVuZGVsaXZlcmFibGUSCwoDc2VxGAEgASgEEicKBnJlYXNvbhgCIAEoDjIXLnJlbGF5bWVzaC52MS5FcnJvckNvZGUSDwoHdG9fbm9kZRgDIAEoCRIPCgdtZXNzYWdlGAQgASgJIvcBCgdNZXNzYWdlEg0KBXRvcGljGAEgASgJEhIKCmZyb21fYWxpYXMYAiABKAkSDwoHcGF5bG9hZBgDIAEoDBIRCglmcm9tX3JvbGUYBCABKAkSCwoDc2VxGAUgASgEEhMKC3Jlc2VudF9mcm9tGAYgASgJEhEKCWZyb21fbm9kZRgHIAEoCRIoCgZzaWduYWwYCCABKA4yGC5yZWxheW1lc2gudjEuU2lnbmFsS2luZBIQCghpbmJveF9pZBgJIAEoBBIOCgZzdHJlYW0YCiABKAQSDgoGb2Zmc2V0GAsgASgEEhQKDHB1Ymxpc2hlZF9tcxgMIAEoBCIqCgdEcm9wcGVkEg0KBWNvdW50GAEgASgEEhAKCHVwc3RyZWFtGAIgASgEIoEECgtQZWVyTWVzc2FnZRIoCgVoZWxsbxgBIAEoCzIXLnJlbGF5bWVzaC52MS5QZWVySGVsbG9IABIqCghpbnRlcmVzdBgCIAEoCzIWLnJlbGF5bWVzaC52MS5JbnRlcmVzdEgAEjEKDGludGVyZXN0X2FjaxgDIAEoCzIZLnJlbGF5bWVzaC52MS5JbnRlcmVzdEFja0gAEigKB2ZvcndhcmQYBCABKAsyFS5yZWxheW1lc2gudjEuRm9yd2FyZEgAEjcKD2ZvcndhcmRfZHJvcHBlZBgFIAEoCzIcLnJlbGF5bWVzaC52MS5Gb3J3YXJkRHJvcHBlZEgAEiIKBHBpbmcYBiABKAsyEi5yZWxheW1lc2gudjEuUGluZ0gAEiIKBHBvbmcYByABKAsyEi5yZWxheW1lc2gudjEuUG9uZ0gAEiQKBWVycm9yGAggASgLMhMucmVsYXltZXNoLnYxLkVycm9ySAASJAoFZmx1c2gYCSABKAsyEy5yZWxheW1lc2gudjEuRmx1c2hIABIzCg1oaXN0b3J5X3F1ZXJ5GAogASgLMhoucmVsYXltZXNoLnYxLkhpc3RvcnlRdWVyeUgAEjUKDmhpc3RvcnlfYW5zd2VyGAsgASgLMhsucmVsYXltZXNoLnYxLkhpc3RvcnlBbnN3ZXJIAEIGCgRraW5kIqUBCgxIaXN0b3J5UXVlcnkSEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdhY2NvdW50GAIgASgJEg0KBXRvcGljGAMgASgJEgwKBGxhc3QYBCABKA0SKwoFc2luY2UYBSADKAsyHC5yZWxheW1lc2gudjEuU3RyZWFtUG9zaXRpb24SEAoIc2luY2VfbXMYBiABKAQSFAoMbWF4X21lc3NhZ2VzGAcgASgNIoIBCg1IaXN0b3J5QW5zd2VyEhIKCnJlcXVlc3RfaWQYASABKAQSJwoIbWVzc2FnZXMYAiADKAsyFS5yZWxheW1lc2gudjEuTWVzc2FnZRImCgRoZWxkGAMgAygLMhgucmVsYXltZXNoLnYxLlN0cmVhbUhlbGQSDAoEbW9yZRgEIAEoCCJJCgpTdHJlYW1IZWxkEg4KBnN0cmVhbRgBIAEoBBINCgVmaXJzdBgCIAEoBBIMCgRsYXN0GAMgASgEEg4KBm9yaWdpbhgEIAEoCCIWCgVGbHVzaBINCgVub25jZRgBIAEoBCJ+CglQZWVySGVsbG8SGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRIRCglzZXJ2ZXJfaWQYAiABKAkSEgoKbGlua19ub25jZRgDIAEoBBIVCg1wcmV2aW91c19saW5rGAQgASgEEhkKEXByZXZpb3VzX3JlY2VpdmVkGAUgASgEIioKCFRvcGljUmVmEg8KB2FjY291bnQYASABKAkSDQoFdG9waWMYAiABKAkicgoISW50ZXJlc3QSCwoDc2VxGAEgASgEEgwKBGZ1bGwYAiABKAgSIwoDYWRkGAMgAygLMhYucmVsYXltZXNoLnYxLlRvcGljUmVmEiYKBnJlbW92ZRgEIAMoCzIWLnJlbGF5bWVzaC52MS5Ub3BpY1JlZiIaCgtJbnRlcmVzdEFjaxILCgNzZXEYASABKAQi9gEKB0ZvcndhcmQSDwoHYWNjb3VudBgBIAEoCRINCgV0b3BpYxgCIAEoCRISCgpmcm9tX2FsaWFzGAMgASgJEg8KB3BheWxvYWQYBCABKAwSEQoJZnJvbV9yb2xlGAUgASgJEgsKA3NlcRgGIAEoBBITCgtyZXNlbnRfZnJvbRgHIAEoCRIRCglmcm9tX25vZGUYCCABKAkSKAoGc2lnbmFsGAkgASgOMhgucmVsYXltZXNoLnYxLlNpZ25hbEtpbmQSDgoGc3RyZWFtGAogASgEEg4KBm9mZnNldBgLIAEoBBIUCgxwdWJsaXNoZWRfbXMYDCABKAQiVwoORm9yd2FyZERyb3BwZWQSDQoFY291bnQYASABKAQSKAoGdG9waWNzGAIgAygLMhgucmVsYXltZXNoLnYxLlRvcGljQ291bnQSDAoEbGluaxgDIAEoBCI7CgpUb3BpY0NvdW50Eg8KB2FjY291bnQYASABKAkSDQoFdG9waWMYAiABKAkSDQoFY291bnQYAyABKAQqqQQKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASDQoJQkFEX0ZSQU1FEAESFwoTVU5TVVBQT1JURURfVkVSU0lPThACEhMKD1VOQVVUSEVOVElDQVRFRBADEg0KCUZPUkJJRERFThAEEg8KC0tFWV9JTlZBTElEEAUSFwoTTk9fU0VSVkVSX0FWQUlMQUJMRRAGEg8KC1NFUlZFUl9GVUxMEAcSEgoOTElNSVRfRVhDRUVERUQQCBIRCg1TTE9XX0NPTlNVTUVSEAkSDAoISU5URVJOQUwQChIRCg1JTlZBTElEX1RPUElDEAsSFgoSVU5FWFBFQ1RFRF9NRVNTQUdFEAwSFQoRSEVBUlRCRUFUX1RJTUVPVVQQDRIRCg1TSFVUVElOR19ET1dOEA4SDAoIUkVQTEFDRUQQDxITCg9VTktOT1dOX0FDQ09VTlQQEBITCg9CQURfQ1JFREVOVElBTFMQERIUChBBQ0NPVU5UX0RJU0FCTEVEEBISFgoSUk9MRV9OT1RfUEVSTUlUVEVEEBMSEAoMUkFURV9MSU1JVEVEEBQSDQoJTk9UX0ZPVU5EEBUSFgoSTUVUSE9EX05PVF9BTExPV0VEEBYSEAoMVU5LTk9XTl9OT0RFEBcSEQoNTk9UX0NPTk5FQ1RFRBAYEg4KCklOQk9YX0ZVTEwQGRIPCgtVTkFWQUlMQUJMRRAaEgoKBktJQ0tFRBAbKocBCg5QcmVzZW5jZUNoYW5nZRIfChtQUkVTRU5DRV9DSEFOR0VfVU5TUEVDSUZJRUQQABIaChZQUkVTRU5DRV9DSEFOR0VfT05MSU5FEAESGwoXUFJFU0VOQ0VfQ0hBTkdFX09GRkxJTkUQAhIbChdQUkVTRU5DRV9DSEFOR0VfVVBEQVRFRBADKqUBCgpTaWduYWxLaW5kEhsKF1NJR05BTF9LSU5EX1VOU1BFQ0lGSUVEEAASFAoQU0lHTkFMX0tJTkRfSU5JVBABEhUKEVNJR05BTF9LSU5EX09GRkVSEAISFgoSU0lHTkFMX0tJTkRfQU5TV0VSEAMSHQoZU0lHTkFMX0tJTkRfSUNFX0NBTkRJREFURRAEEhYKElNJR05BTF9LSU5EX0NVU1RPTRAFYgZwcm90bzM");
 var ClientToServerSchema = /* @__PURE__ */ messageDesc(file_relaymesh_v1_mesh, 62);
 var ServerToClientSchema = /* @__PURE__ */ messageDesc(file_relaymesh_v1_mesh, 68);
+var PresenceEventSchema = /* @__PURE__ */ messageDesc(file_relaymesh_v1_mesh, 77);
 var ErrorCode = /* @__PURE__ */ ((ErrorCode2) => {
   ErrorCode2[ErrorCode2["ERROR_CODE_UNSPECIFIED"] = 0] = "ERROR_CODE_UNSPECIFIED";
   ErrorCode2[ErrorCode2["BAD_FRAME"] = 1] = "BAD_FRAME";
@@ -3426,6 +3427,22 @@ var ErrorCode = /* @__PURE__ */ ((ErrorCode2) => {
   ErrorCode2[ErrorCode2["KICKED"] = 27] = "KICKED";
   return ErrorCode2;
 })(ErrorCode || {});
+var PresenceChange = /* @__PURE__ */ ((PresenceChange2) => {
+  PresenceChange2[PresenceChange2["UNSPECIFIED"] = 0] = "UNSPECIFIED";
+  PresenceChange2[PresenceChange2["ONLINE"] = 1] = "ONLINE";
+  PresenceChange2[PresenceChange2["OFFLINE"] = 2] = "OFFLINE";
+  PresenceChange2[PresenceChange2["UPDATED"] = 3] = "UPDATED";
+  return PresenceChange2;
+})(PresenceChange || {});
+var SignalKind = /* @__PURE__ */ ((SignalKind2) => {
+  SignalKind2[SignalKind2["UNSPECIFIED"] = 0] = "UNSPECIFIED";
+  SignalKind2[SignalKind2["INIT"] = 1] = "INIT";
+  SignalKind2[SignalKind2["OFFER"] = 2] = "OFFER";
+  SignalKind2[SignalKind2["ANSWER"] = 3] = "ANSWER";
+  SignalKind2[SignalKind2["ICE_CANDIDATE"] = 4] = "ICE_CANDIDATE";
+  SignalKind2[SignalKind2["CUSTOM"] = 5] = "CUSTOM";
+  return SignalKind2;
+})(SignalKind || {});
 
 // src/errors.ts
 var RelaymeshError = class _RelaymeshError extends Error {
@@ -3744,6 +3761,7 @@ var Client = class _Client {
   #subscriptions = /* @__PURE__ */ new Set();
   #pendingSubscribes = /* @__PURE__ */ new Map();
   #pendingUnsubscribes = /* @__PURE__ */ new Map();
+  #pendingLists = /* @__PURE__ */ new Map();
   #nextRequest = 1n;
   #nextSeq = 1n;
   /** Publishes not yet confirmed, in order. */
@@ -3791,6 +3809,62 @@ var Client = class _Client {
   /** Publishes waiting to be confirmed. */
   get unconfirmed() {
     return this.#outbox.length;
+  }
+  /** The node this client is ("" when it is none, or while reconnecting): direct messages and
+   * signals to this id reach it. */
+  get nodeId() {
+    return this.#link?.nodeId ?? "";
+  }
+  /** Sends `payload` to node `toNode` of this account, wherever in the cluster it is
+   * connected, and returns its number. Numbered and queued like a publish: `undeliverable`
+   * says when it reached no one (or, where the coordinator keeps inboxes, it waits in the
+   * node's inbox). Throws `QUEUE_FULL` or `CLOSED` as `publish` does. */
+  send(toNode, payload) {
+    return this.#queue({ toNode, topic: "", payload });
+  }
+  /** Sends a signal (WebRTC-style set-up: `OFFER`, `ANSWER`, `ICE_CANDIDATE`, ...) to node
+   * `toNode`. Never queued: throws `NOT_CONNECTED` while the client has no server, and an
+   * offline node gets `undeliverable` back. Returns its number. */
+  signal(toNode, kind, payload) {
+    if (this.#closed) throw closedError();
+    const link = this.#link;
+    if (!link || link.restoring) {
+      throw new RelaymeshError("NOT_CONNECTED", "a signal is never queued: the client is reconnecting");
+    }
+    const seq = this.#nextSeq++;
+    this.#send(link, {
+      case: "signal",
+      value: { toNode, kind: SignalKind[kind], payload: bytesOf(payload), seq }
+    });
+    return seq;
+  }
+  /** Online nodes of this client's scope whose name or location contains `filter` (all when
+   * empty): at most `limit` (0: the server's cap) chosen at random, and how many match. */
+  listNodes(options = {}) {
+    if (this.#closed) return Promise.reject(closedError());
+    const link = this.#link;
+    if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
+    const requestId = this.#nextRequest++;
+    return new Promise((resolve, reject) => {
+      const timer2 = setTimeout(() => {
+        this.#pendingLists.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", "no NodeList"));
+      }, this.#options.subscribeTimeoutMs);
+      this.#pendingLists.set(requestId, {
+        resolve: (v) => {
+          clearTimeout(timer2);
+          resolve(v);
+        },
+        reject: (e) => {
+          clearTimeout(timer2);
+          reject(e);
+        }
+      });
+      this.#send(link, {
+        case: "listNodes",
+        value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" }
+      });
+    });
   }
   /** Calls `listener` for each `event`; returns a function that stops it. */
   on(event, listener) {
@@ -3845,6 +3919,9 @@ var Client = class _Client {
    * Throws `QUEUE_FULL` when `outboundQueue` publishes wait for confirmation, `CLOSED` after
    * `close`. */
   publish(topic, payload) {
+    return this.#queue({ topic, payload });
+  }
+  #queue(what) {
     if (this.#closed) throw closedError();
     if (this.#outbox.length >= this.#options.outboundQueue) {
       throw new RelaymeshError(
@@ -3852,8 +3929,13 @@ var Client = class _Client {
         `${this.#outbox.length} publishes wait for their server's confirmation (outboundQueue)`
       );
     }
-    const bytes = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
-    const out = { seq: this.#nextSeq++, topic, payload: bytes, firstAlias: "" };
+    const out = {
+      seq: this.#nextSeq++,
+      topic: what.topic,
+      toNode: what.toNode,
+      payload: bytesOf(what.payload),
+      firstAlias: ""
+    };
     this.#outbox.push(out);
     if (this.#link && !this.#link.restoring) this.#sendPublish(this.#link, out);
     return out.seq;
@@ -4010,6 +4092,7 @@ var Client = class _Client {
           ws,
           serverId: ready.serverId || placement.serverId,
           alias: ready.alias || placement.alias,
+          nodeId: ready.nodeId || (placement.nodeId ?? ""),
           interval: ready.heartbeatIntervalMs || 5e3,
           timeout: ready.heartbeatTimeoutMs || 15e3,
           heartbeat: void 0,
@@ -4123,6 +4206,12 @@ var Client = class _Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : void 0;
+        if (list) {
+          this.#pendingLists.delete(e.requestId);
+          list.reject(error);
+          return;
+        }
         const sub = e.requestId !== 0n ? this.#pendingSubscribes.get(e.requestId) : void 0;
         if (sub) {
           this.#pendingSubscribes.delete(e.requestId);
@@ -4135,6 +4224,24 @@ var Client = class _Client {
           return;
         }
         link.lastError = error;
+        return;
+      }
+      case "undeliverable": {
+        const u = kind.value;
+        this.#emit("undeliverable", {
+          seq: u.seq,
+          toNode: u.toNode,
+          reason: ErrorCode[u.reason] ?? String(u.reason),
+          message: u.message
+        });
+        return;
+      }
+      case "nodeList": {
+        const list = this.#pendingLists.get(kind.value.requestId);
+        if (list) {
+          this.#pendingLists.delete(kind.value.requestId);
+          list.resolve({ nodes: kind.value.nodes.map(nodeInfo), total: Number(kind.value.total) });
+        }
         return;
       }
       case "reconnect":
@@ -4160,6 +4267,45 @@ var Client = class _Client {
         const oldest = this.#delivered.keys().next().value;
         if (oldest !== void 0) this.#delivered.delete(oldest);
       }
+    }
+    if (m.signal !== 0) {
+      this.#emit("signal", {
+        fromNode: m.fromNode,
+        fromAlias: m.fromAlias,
+        kind: SignalKind[m.signal] ?? "CUSTOM",
+        payload: m.payload,
+        seq
+      });
+      return;
+    }
+    if (m.topic.startsWith("@node/")) {
+      const payload = m.payload;
+      this.#emit("direct", {
+        fromNode: m.fromNode,
+        fromAlias: m.fromAlias,
+        fromRole: m.fromRole,
+        payload,
+        seq,
+        inboxId: m.inboxId,
+        text: () => textDecoder.decode(payload)
+      });
+      if (m.inboxId > 0n && this.#link) {
+        this.#send(this.#link, { case: "inboxAck", value: { upTo: m.inboxId } });
+      }
+      return;
+    }
+    if (m.topic === "@presence") {
+      let event;
+      try {
+        event = fromBinary(PresenceEventSchema, m.payload);
+      } catch {
+        return;
+      }
+      const change = PresenceChange[event.change]?.toLowerCase();
+      if ((change === "online" || change === "offline" || change === "updated") && event.node) {
+        this.#emit("presence", { change, node: nodeInfo(event.node) });
+      }
+      return;
     }
     this.#emit("message", new Delivered(m));
   }
@@ -4234,6 +4380,8 @@ var Client = class _Client {
     this.#pendingSubscribes.clear();
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
+    for (const list of this.#pendingLists.values()) list.reject(error);
+    this.#pendingLists.clear();
   }
   #startHeartbeat(link) {
     const { interval, timeout } = link;
@@ -4253,6 +4401,13 @@ var Client = class _Client {
   #sendPublish(link, out) {
     const resentFrom = out.firstAlias !== "" && out.firstAlias !== link.alias ? out.firstAlias : "";
     if (out.firstAlias === "") out.firstAlias = link.alias;
+    if (out.toNode !== void 0) {
+      this.#send(link, {
+        case: "send",
+        value: { toNode: out.toNode, payload: out.payload, seq: out.seq, resentFrom }
+      });
+      return;
+    }
     this.#send(link, {
       case: "publish",
       value: { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom }
@@ -4294,6 +4449,19 @@ var Delivered = class {
   }
 };
 var textDecoder = new TextDecoder();
+function bytesOf(payload) {
+  return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+}
+function nodeInfo(n) {
+  return {
+    nodeId: n.nodeId,
+    name: n.name,
+    location: n.location,
+    info: n.info,
+    sinceMs: Number(n.sinceMs),
+    servers: [...n.servers]
+  };
+}
 function decode(data) {
   if (!(data instanceof ArrayBuffer)) return void 0;
   try {

@@ -5,9 +5,12 @@
 import { type MessageInitShape, create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import {
   ClientToServerSchema,
+  ErrorCode,
+  PresenceChange,
+  PresenceEventSchema,
   type ServerToClient,
   ServerToClientSchema,
-  ErrorCode,
+  SignalKind,
 } from "./gen/relaymesh/v1/mesh_pb.js";
 import { RelaymeshError } from "./errors.js";
 import { MessageReader, type WireMessage } from "./wire.js";
@@ -80,12 +83,53 @@ export interface ClientEvents {
   /** The client stopped for good: closed by the application, replaced by a newer login of
    * its client id, kicked, refused at login, or out of reconnect time. */
   closed: { reason: string; code?: string };
+  /** A direct message to this client's node (`send`), or one kept for it in its inbox while it
+   * was offline (`inboxId` set; the client acknowledges it once the listeners have run). */
+  direct: DirectMessage;
+  /** A signal to this client's node (`signal`). */
+  signal: { fromNode: string; fromAlias: string; kind: SignalName; payload: Uint8Array; seq: bigint };
+  /** A node of this client's scope came online, went offline, or changed (after
+   * `subscribe("@presence")`). */
+  presence: { change: "online" | "offline" | "updated"; node: NodeInfo };
+  /** A direct message or signal (by its number) reached no one: `UNKNOWN_NODE`,
+   * `NOT_CONNECTED`, `RATE_LIMITED`, `INBOX_FULL`, ... */
+  undeliverable: { seq: bigint; toNode: string; reason: string; message: string };
 }
+
+/** A direct message. */
+export interface DirectMessage {
+  /** The sender's node ("" when the sender is not a node). */
+  fromNode: string;
+  fromAlias: string;
+  fromRole: string;
+  payload: Uint8Array;
+  seq: bigint;
+  /** Its id in this node's inbox, when it was kept there (0n: delivered live). */
+  inboxId: bigint;
+  text(): string;
+}
+
+/** A node as the directory knows it. */
+export interface NodeInfo {
+  nodeId: string;
+  name: string;
+  location: string;
+  /** A JSON object, as the node registered it ("" for none). */
+  info: string;
+  sinceMs: number;
+  /** The comm servers its sessions are on. */
+  servers: string[];
+}
+
+/** What a signal carries (`SignalKind` without its prefix). */
+export type SignalName = "INIT" | "OFFER" | "ANSWER" | "ICE_CANDIDATE" | "CUSTOM";
 
 type Listener<T> = (event: T) => void;
 
 interface Outgoing {
   seq: bigint;
+  /** A publish on `topic`, or a direct message to node `toNode`. */
+  toNode?: string;
   topic: string;
   payload: Uint8Array;
   /** The alias it was first sent under ("" until sent). */
@@ -119,6 +163,8 @@ interface Link {
   ws: WebSocket;
   serverId: string;
   alias: string;
+  /** The node this session is ("" for none). */
+  nodeId: string;
   /** Ping every `interval` ms; give up after `timeout` ms without a frame (from `Ready`). */
   interval: number;
   timeout: number;
@@ -149,6 +195,10 @@ export class Client {
   readonly #subscriptions = new Set<string>();
   readonly #pendingSubscribes = new Map<bigint, PendingSubscribe>();
   readonly #pendingUnsubscribes = new Map<bigint, () => void>();
+  readonly #pendingLists = new Map<
+    bigint,
+    { resolve: (v: { nodes: NodeInfo[]; total: number }) => void; reject: (e: RelaymeshError) => void }
+  >();
   #nextRequest = 1n;
   #nextSeq = 1n;
   /** Publishes not yet confirmed, in order. */
@@ -201,6 +251,66 @@ export class Client {
   /** Publishes waiting to be confirmed. */
   get unconfirmed(): number {
     return this.#outbox.length;
+  }
+
+  /** The node this client is ("" when it is none, or while reconnecting): direct messages and
+   * signals to this id reach it. */
+  get nodeId(): string {
+    return this.#link?.nodeId ?? "";
+  }
+
+  /** Sends `payload` to node `toNode` of this account, wherever in the cluster it is
+   * connected, and returns its number. Numbered and queued like a publish: `undeliverable`
+   * says when it reached no one (or, where the coordinator keeps inboxes, it waits in the
+   * node's inbox). Throws `QUEUE_FULL` or `CLOSED` as `publish` does. */
+  send(toNode: string, payload: Uint8Array | string): bigint {
+    return this.#queue({ toNode, topic: "", payload });
+  }
+
+  /** Sends a signal (WebRTC-style set-up: `OFFER`, `ANSWER`, `ICE_CANDIDATE`, ...) to node
+   * `toNode`. Never queued: throws `NOT_CONNECTED` while the client has no server, and an
+   * offline node gets `undeliverable` back. Returns its number. */
+  signal(toNode: string, kind: SignalName, payload: Uint8Array | string): bigint {
+    if (this.#closed) throw closedError();
+    const link = this.#link;
+    if (!link || link.restoring) {
+      throw new RelaymeshError("NOT_CONNECTED", "a signal is never queued: the client is reconnecting");
+    }
+    const seq = this.#nextSeq++;
+    this.#send(link, {
+      case: "signal",
+      value: { toNode, kind: SignalKind[kind], payload: bytesOf(payload), seq },
+    });
+    return seq;
+  }
+
+  /** Online nodes of this client's scope whose name or location contains `filter` (all when
+   * empty): at most `limit` (0: the server's cap) chosen at random, and how many match. */
+  listNodes(options: { filter?: string; limit?: number } = {}): Promise<{ nodes: NodeInfo[]; total: number }> {
+    if (this.#closed) return Promise.reject(closedError());
+    const link = this.#link;
+    if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
+    const requestId = this.#nextRequest++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pendingLists.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", "no NodeList"));
+      }, this.#options.subscribeTimeoutMs);
+      this.#pendingLists.set(requestId, {
+        resolve: (v) => {
+          clearTimeout(timer);
+          resolve(v);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      this.#send(link, {
+        case: "listNodes",
+        value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" },
+      });
+    });
   }
 
   /** Calls `listener` for each `event`; returns a function that stops it. */
@@ -259,6 +369,10 @@ export class Client {
    * Throws `QUEUE_FULL` when `outboundQueue` publishes wait for confirmation, `CLOSED` after
    * `close`. */
   publish(topic: string, payload: Uint8Array | string): bigint {
+    return this.#queue({ topic, payload });
+  }
+
+  #queue(what: { topic: string; toNode?: string; payload: Uint8Array | string }): bigint {
     if (this.#closed) throw closedError();
     if (this.#outbox.length >= this.#options.outboundQueue) {
       throw new RelaymeshError(
@@ -266,8 +380,13 @@ export class Client {
         `${this.#outbox.length} publishes wait for their server's confirmation (outboundQueue)`,
       );
     }
-    const bytes = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
-    const out: Outgoing = { seq: this.#nextSeq++, topic, payload: bytes, firstAlias: "" };
+    const out: Outgoing = {
+      seq: this.#nextSeq++,
+      topic: what.topic,
+      toNode: what.toNode,
+      payload: bytesOf(what.payload),
+      firstAlias: "",
+    };
     this.#outbox.push(out);
     if (this.#link && !this.#link.restoring) this.#sendPublish(this.#link, out);
     return out.seq;
@@ -436,6 +555,7 @@ export class Client {
           ws,
           serverId: ready.serverId || placement.serverId,
           alias: ready.alias || placement.alias,
+          nodeId: ready.nodeId || (placement.nodeId ?? ""),
           interval: ready.heartbeatIntervalMs || 5000,
           timeout: ready.heartbeatTimeoutMs || 15000,
           heartbeat: undefined,
@@ -557,6 +677,12 @@ export class Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : undefined;
+        if (list) {
+          this.#pendingLists.delete(e.requestId);
+          list.reject(error);
+          return;
+        }
         const sub = e.requestId !== 0n ? this.#pendingSubscribes.get(e.requestId) : undefined;
         if (sub) {
           this.#pendingSubscribes.delete(e.requestId);
@@ -570,6 +696,24 @@ export class Client {
         }
         // A link error: the server closes next.
         link.lastError = error;
+        return;
+      }
+      case "undeliverable": {
+        const u = kind.value;
+        this.#emit("undeliverable", {
+          seq: u.seq,
+          toNode: u.toNode,
+          reason: ErrorCode[u.reason] ?? String(u.reason),
+          message: u.message,
+        });
+        return;
+      }
+      case "nodeList": {
+        const list = this.#pendingLists.get(kind.value.requestId);
+        if (list) {
+          this.#pendingLists.delete(kind.value.requestId);
+          list.resolve({ nodes: kind.value.nodes.map(nodeInfo), total: Number(kind.value.total) });
+        }
         return;
       }
       case "reconnect":
@@ -588,7 +732,7 @@ export class Client {
     link.ws.close(1007);
   }
 
-  #onMessage(m: WireMessage): void {
+  #onMessage(m: WireMessage | ProtoMessage): void {
     const seq = m.seq;
     if (seq > 0n) {
       const publisher = m.resentFrom || m.fromAlias;
@@ -600,6 +744,46 @@ export class Client {
         const oldest = this.#delivered.keys().next().value;
         if (oldest !== undefined) this.#delivered.delete(oldest);
       }
+    }
+    if (m.signal !== 0) {
+      this.#emit("signal", {
+        fromNode: m.fromNode,
+        fromAlias: m.fromAlias,
+        kind: (SignalKind[m.signal] ?? "CUSTOM") as SignalName,
+        payload: m.payload,
+        seq,
+      });
+      return;
+    }
+    if (m.topic.startsWith("@node/")) {
+      const payload = m.payload;
+      this.#emit("direct", {
+        fromNode: m.fromNode,
+        fromAlias: m.fromAlias,
+        fromRole: m.fromRole,
+        payload,
+        seq,
+        inboxId: m.inboxId,
+        text: () => textDecoder.decode(payload),
+      });
+      // Handed to the application: the inbox may forget it.
+      if (m.inboxId > 0n && this.#link) {
+        this.#send(this.#link, { case: "inboxAck", value: { upTo: m.inboxId } });
+      }
+      return;
+    }
+    if (m.topic === "@presence") {
+      let event;
+      try {
+        event = fromBinary(PresenceEventSchema, m.payload);
+      } catch {
+        return; // not a presence event: the server sends only those here
+      }
+      const change = PresenceChange[event.change]?.toLowerCase();
+      if ((change === "online" || change === "offline" || change === "updated") && event.node) {
+        this.#emit("presence", { change, node: nodeInfo(event.node) });
+      }
+      return;
     }
     this.#emit("message", new Delivered(m));
   }
@@ -684,6 +868,8 @@ export class Client {
     this.#pendingSubscribes.clear();
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
+    for (const list of this.#pendingLists.values()) list.reject(error);
+    this.#pendingLists.clear();
   }
 
   #startHeartbeat(link: Link): void {
@@ -707,6 +893,13 @@ export class Client {
   #sendPublish(link: Link, out: Outgoing): void {
     const resentFrom = out.firstAlias !== "" && out.firstAlias !== link.alias ? out.firstAlias : "";
     if (out.firstAlias === "") out.firstAlias = link.alias;
+    if (out.toNode !== undefined) {
+      this.#send(link, {
+        case: "send",
+        value: { toNode: out.toNode, payload: out.payload, seq: out.seq, resentFrom },
+      });
+      return;
+    }
     this.#send(link, {
       case: "publish",
       value: { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom },
@@ -756,6 +949,31 @@ class Delivered implements Message {
 }
 
 const textDecoder = new TextDecoder();
+
+/** A `Message` as the generated decoder gives it (a frame the fast reader left alone). */
+type ProtoMessage = Extract<ServerToClient["kind"], { case: "message" }>["value"];
+
+function bytesOf(payload: Uint8Array | string): Uint8Array {
+  return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+}
+
+function nodeInfo(n: {
+  nodeId: string;
+  name: string;
+  location: string;
+  info: string;
+  sinceMs: bigint;
+  servers: string[];
+}): NodeInfo {
+  return {
+    nodeId: n.nodeId,
+    name: n.name,
+    location: n.location,
+    info: n.info,
+    sinceMs: Number(n.sinceMs),
+    servers: [...n.servers],
+  };
+}
 
 function decode(data: unknown): ServerToClient | undefined {
   if (!(data instanceof ArrayBuffer)) return undefined;

@@ -1,7 +1,15 @@
 // @relaymesh/client: the relaymesh client for browsers and Node.js.
 
 export { Client, PROTOCOL_VERSION } from "./client.js";
-export type { ClientEvents, ClientOptions, Message, WebSocketConstructor } from "./client.js";
+export type {
+  ClientEvents,
+  ClientOptions,
+  DirectMessage,
+  Message,
+  NodeInfo,
+  SignalName,
+  WebSocketConstructor,
+} from "./client.js";
 export { RelaymeshError } from "./errors.js";
 export type { ClientErrorName, ErrorName } from "./errors.js";
 export { generateEd25519Identity, login, loginChallenge } from "./login.js";

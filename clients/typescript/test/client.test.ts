@@ -141,6 +141,60 @@ describe("an open cluster of three comm servers", () => {
     }
   });
 
+  test("nodes on different servers reach each other: direct messages, signals, presence, the directory", async () => {
+    const [a, b] = cluster.servers;
+    const keyLogin = async (server: string) =>
+      Client.connect({
+        coordinator: cluster.url,
+        credentials: { key: { account: "fleet", identity: await generateEd25519Identity() } },
+        preferredServer: server,
+      });
+    const station = await keyLogin(a.id);
+    try {
+      assert.match(station.nodeId, /^[0-9a-f]{32}$/);
+      await station.subscribe("@presence");
+      const online = next(station, "presence", (e) => e.change === "online");
+      const drone = await keyLogin(b.id);
+      try {
+        assert.notEqual(drone.serverId, station.serverId);
+        assert.equal((await online).node.nodeId, drone.nodeId);
+
+        const direct = next(station, "direct");
+        drone.send(station.nodeId, "position 48.85,2.35");
+        const d = await direct;
+        assert.equal(d.text(), "position 48.85,2.35");
+        assert.equal(d.fromNode, drone.nodeId);
+
+        const offer = next(drone, "signal");
+        station.signal(drone.nodeId, "OFFER", "v=0 sdp");
+        const s = await offer;
+        assert.equal(s.kind, "OFFER");
+        assert.equal(s.fromNode, station.nodeId);
+        assert.equal(new TextDecoder().decode(s.payload), "v=0 sdp");
+
+        const { nodes, total } = await station.listNodes();
+        assert.equal(total, 2);
+        assert.deepEqual(nodes.map((n) => n.nodeId).sort(), [station.nodeId, drone.nodeId].sort());
+
+        const nobody = "0".repeat(32);
+        const undeliverable = next(station, "undeliverable", (u) => u.toNode === nobody);
+        const seq = station.signal(nobody, "OFFER", "x");
+        const u = await undeliverable;
+        assert.equal(u.seq, seq);
+        assert.match(u.reason, /NOT_CONNECTED|UNKNOWN_NODE/);
+
+        const droneId = drone.nodeId;
+        const offline = next(station, "presence", (e) => e.change === "offline");
+        drone.close();
+        assert.equal((await offline).node.nodeId, droneId);
+      } finally {
+        drone.close();
+      }
+    } finally {
+      station.close();
+    }
+  });
+
   test("after its server is killed a subscriber reconnects elsewhere, resubscribed, and a publisher there loses nothing it had not had confirmed", async () => {
     const [victim, other] = cluster.servers;
     const subscriber = await Client.connect({
