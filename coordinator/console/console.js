@@ -3766,8 +3766,10 @@ var Client = class _Client {
   #nextSeq = 1n;
   /** Publishes not yet confirmed, in order. */
   #outbox = [];
-  /** The latest number delivered per publisher (its first alias), to drop copies. */
-  #delivered = /* @__PURE__ */ new Map();
+  /** The latest number delivered per publisher: as originals (by `fromAlias`) and as resends
+   * (by `resentFrom`), to drop copies. */
+  #originals = /* @__PURE__ */ new Map();
+  #resends = /* @__PURE__ */ new Map();
   /** Reads message frames without the generic decoder. */
   #reader = new MessageReader();
   #closed = false;
@@ -3892,7 +3894,7 @@ var Client = class _Client {
         reject(new RelaymeshError("TIMEOUT", `no Ack for the subscription to ${list.join(", ")}`));
       }, this.#options.subscribeTimeoutMs);
       this.#pendingSubscribes.set(requestId, { topics: list, resolve, reject, timer: timer2 });
-      if (this.#link) {
+      if (this.#link && !this.#link.restoring) {
         this.#send(this.#link, {
           case: "subscribe",
           value: { requestId, topics: list, recover: [] }
@@ -3972,19 +3974,16 @@ var Client = class _Client {
     }
     this.#link = link;
     this.#startHeartbeat(link);
-    const topics = new Set(this.#subscriptions);
-    for (const p of this.#pendingSubscribes.values()) for (const t of p.topics) topics.add(t);
-    if (topics.size > 0) {
+    const standing = [...this.#subscriptions];
+    if (standing.length > 0) {
       const requestId = this.#nextRequest++;
-      const waiting = [...this.#pendingSubscribes.entries()];
-      this.#pendingSubscribes.clear();
       const restored = new Promise((resolve, reject) => {
         const timer2 = setTimeout(
           () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
           this.#options.subscribeTimeoutMs
         );
         this.#pendingSubscribes.set(requestId, {
-          topics: [...topics],
+          topics: standing,
           resolve: () => {
             clearTimeout(timer2);
             resolve();
@@ -3997,19 +3996,14 @@ var Client = class _Client {
         });
       });
       link.restoreRequest = requestId;
-      this.#send(link, { case: "subscribe", value: { requestId, topics: [...topics], recover: [] } });
+      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover: [] } });
       try {
         await restored;
-        link.restoreRequest = void 0;
-        for (const [, p] of waiting) {
-          clearTimeout(p.timer);
-          p.resolve();
-        }
       } catch (e) {
         const error = e;
         this.#pendingSubscribes.delete(requestId);
+        if (this.#closed) throw error;
         if (error.code === "TIMEOUT" || error.code === "CONNECT_FAILED") {
-          for (const [id, p] of waiting) this.#pendingSubscribes.set(id, p);
           if (this.#link === link) {
             this.#link = void 0;
             stopHeartbeat(link);
@@ -4017,12 +4011,16 @@ var Client = class _Client {
           }
           throw error;
         }
-        for (const [, p] of waiting) {
-          clearTimeout(p.timer);
-          p.reject(error);
+        if (error.code !== "NOT_CONFIRMED") {
+          for (const t of standing) this.#subscriptions.delete(t);
+          this.#emit("subscriptionsRefused", { topics: standing, reason: error.message });
         }
-        for (const t of topics) this.#subscriptions.delete(t);
+      } finally {
+        link.restoreRequest = void 0;
       }
+    }
+    for (const [requestId, p] of this.#pendingSubscribes) {
+      this.#send(link, { case: "subscribe", value: { requestId, topics: p.topics, recover: [] } });
     }
     link.restoring = false;
     for (const out of this.#outbox) this.#sendPublish(link, out);
@@ -4117,7 +4115,7 @@ var Client = class _Client {
     }
     let answers = false;
     try {
-      await this.#fetch(httpBase(placement.url));
+      await this.#fetch(httpBase(placement.url), { mode: "no-cors" });
       answers = true;
     } catch {
     }
@@ -4206,6 +4204,12 @@ var Client = class _Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : void 0;
+        if (unsub) {
+          this.#pendingUnsubscribes.delete(e.requestId);
+          unsub();
+          return;
+        }
         const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : void 0;
         if (list) {
           this.#pendingLists.delete(e.requestId);
@@ -4252,22 +4256,23 @@ var Client = class _Client {
         return;
     }
   }
+  /** Whether message `seq` of `fromAlias` (a resend of `resentFrom`'s when set) is new. An
+   * original raises its publisher's number; a resend is new only while above both the
+   * original's number and the resends seen, and raises only the latter, so a resend can never
+   * hide another publisher's originals (`resent_from` is the sender's word). */
+  #fresh(fromAlias, resentFrom, seq) {
+    if (resentFrom === "") return raise(this.#originals, fromAlias, seq, this.#options.maxPublishers);
+    const original = this.#originals.get(resentFrom);
+    if (original !== void 0 && seq <= original) return false;
+    return raise(this.#resends, resentFrom, seq, this.#options.maxPublishers);
+  }
   #badFrame(link, message) {
     link.lastError = new RelaymeshError("BAD_FRAME", message);
-    link.ws.close(1007);
+    link.ws.close(4e3 + 1 /* BAD_FRAME */);
   }
   #onMessage(m) {
     const seq = m.seq;
-    if (seq > 0n) {
-      const publisher = m.resentFrom || m.fromAlias;
-      const last = this.#delivered.get(publisher);
-      if (last !== void 0 && seq <= last) return;
-      this.#delivered.set(publisher, seq);
-      if (last === void 0 && this.#delivered.size > this.#options.maxPublishers) {
-        const oldest = this.#delivered.keys().next().value;
-        if (oldest !== void 0) this.#delivered.delete(oldest);
-      }
-    }
+    if (seq > 0n && !this.#fresh(m.fromAlias, m.resentFrom, seq)) return;
     if (m.signal !== 0) {
       this.#emit("signal", {
         fromNode: m.fromNode,
@@ -4314,14 +4319,25 @@ var Client = class _Client {
     if (this.#link !== link) return;
     this.#link = void 0;
     if (this.#closed) return;
+    for (const resolve of this.#pendingUnsubscribes.values()) resolve();
+    this.#pendingUnsubscribes.clear();
+    for (const list of this.#pendingLists.values()) {
+      list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
+    }
+    this.#pendingLists.clear();
+    const reason = link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     const restore = link.restoreRequest !== void 0 ? this.#pendingSubscribes.get(link.restoreRequest) : void 0;
+    if (FINAL_CLOSE_CODES.has(ev.code)) {
+      if (!restore) this.#emit("disconnected", { serverId: link.serverId, reason });
+      this.#finish(reason, link.lastError?.code ?? ErrorCode[ev.code - 4e3]);
+      return;
+    }
     if (restore) {
       restore.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while restoring`));
       return;
     }
-    const reason = link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     this.#emit("disconnected", { serverId: link.serverId, reason });
-    if (!this.#options.autoReconnect || FINAL_CLOSE_CODES.has(ev.code)) {
+    if (!this.#options.autoReconnect) {
       this.#finish(reason, link.lastError?.code);
       return;
     }
@@ -4449,6 +4465,16 @@ var Delivered = class {
   }
 };
 var textDecoder = new TextDecoder();
+function raise(seen, publisher, seq, max) {
+  const last = seen.get(publisher);
+  if (last !== void 0 && seq <= last) return false;
+  seen.set(publisher, seq);
+  if (last === void 0 && seen.size > max) {
+    const oldest = seen.keys().next().value;
+    if (oldest !== void 0) seen.delete(oldest);
+  }
+  return true;
+}
 function bytesOf(payload) {
   return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
 }
@@ -4624,9 +4650,11 @@ async function showResults() {
   $("results").hidden = false;
 }
 var tail;
+var tailGeneration = 0;
 async function startTail(event) {
   event.preventDefault();
   stopTail();
+  const generation = tailGeneration;
   const account = $("tail-account").value.trim();
   const code = $("tail-code").value;
   const role = $("tail-role").value.trim();
@@ -4638,6 +4666,10 @@ async function startTail(event) {
       coordinator: location.origin,
       credentials: account ? { accessCode: { account, code, role } } : { anonymous: true }
     });
+    if (generation !== tailGeneration) {
+      client.close();
+      return;
+    }
     tail = client;
     client.on("message", (m) => line(`${m.topic}  ${m.fromAlias}${m.fromRole ? ` (${m.fromRole})` : ""}  ${m.text()}`));
     client.on("disconnected", (e) => line(`-- lost ${e.serverId}: ${e.reason}`));
@@ -4647,14 +4679,17 @@ async function startTail(event) {
     });
     client.on("dropped", (e) => line(`-- ${e.count} messages dropped`));
     await client.subscribe(topic);
+    if (generation !== tailGeneration) return;
     status.textContent = `watching ${topic} on ${client.serverId}`;
     $("tail-stop").disabled = false;
   } catch (e) {
+    if (generation !== tailGeneration) return;
     status.textContent = e.message;
     stopTail();
   }
 }
 function stopTail() {
+  tailGeneration++;
   tail?.close();
   tail = void 0;
   $("tail-stop").disabled = true;

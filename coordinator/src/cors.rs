@@ -51,10 +51,15 @@ pub(crate) async fn layer(State(app): State<Arc<App>>, request: Request, next: N
     let origin = allowed(&app.config.cors_origins, &request);
     let preflight = request.method() == Method::OPTIONS;
     let mut response = next.run(request).await;
+    if !app.config.cors_origins.is_empty() {
+        // The answer depends on the origin: caches keep one per origin.
+        response
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("origin"));
+    }
     if let Some(origin) = origin {
         let h = response.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(header::VARY, HeaderValue::from_static("origin"));
         if preflight {
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,

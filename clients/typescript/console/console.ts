@@ -195,10 +195,13 @@ async function showResults(): Promise<void> {
 // ---- topic tail ---------------------------------------------------------------------------
 
 let tail: Client | undefined;
+/** Which Watch is current: a connection that a later Watch or Stop superseded closes. */
+let tailGeneration = 0;
 
 async function startTail(event: SubmitEvent): Promise<void> {
   event.preventDefault();
   stopTail();
+  const generation = tailGeneration;
   const account = ($("tail-account") as HTMLInputElement).value.trim();
   const code = ($("tail-code") as HTMLInputElement).value;
   const role = ($("tail-role") as HTMLInputElement).value.trim();
@@ -210,6 +213,10 @@ async function startTail(event: SubmitEvent): Promise<void> {
       coordinator: location.origin,
       credentials: account ? { accessCode: { account, code, role } } : { anonymous: true },
     });
+    if (generation !== tailGeneration) {
+      client.close();
+      return;
+    }
     tail = client;
     client.on("message", (m) => line(`${m.topic}  ${m.fromAlias}${m.fromRole ? ` (${m.fromRole})` : ""}  ${m.text()}`));
     client.on("disconnected", (e) => line(`-- lost ${e.serverId}: ${e.reason}`));
@@ -219,15 +226,18 @@ async function startTail(event: SubmitEvent): Promise<void> {
     });
     client.on("dropped", (e) => line(`-- ${e.count} messages dropped`));
     await client.subscribe(topic);
+    if (generation !== tailGeneration) return;
     status.textContent = `watching ${topic} on ${client.serverId}`;
     ($("tail-stop") as HTMLButtonElement).disabled = false;
   } catch (e) {
+    if (generation !== tailGeneration) return;
     status.textContent = (e as Error).message;
     stopTail();
   }
 }
 
 function stopTail(): void {
+  tailGeneration++;
   tail?.close();
   tail = undefined;
   ($("tail-stop") as HTMLButtonElement).disabled = true;

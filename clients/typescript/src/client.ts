@@ -78,7 +78,8 @@ export interface ClientEvents {
   /** The connection to `serverId` ended. With auto-reconnect a `reconnected` follows, unless
    * a `closed` does. */
   disconnected: { serverId: string; reason: string };
-  /** Connected again, to `serverId`, every subscription restored on it. */
+  /** Connected again, to `serverId`, every subscription restored on it (but those a
+   * `subscriptionsRefused` named). */
   reconnected: { serverId: string; alias: string };
   /** The client stopped for good: closed by the application, replaced by a newer login of
    * its client id, kicked, refused at login, or out of reconnect time. */
@@ -91,6 +92,9 @@ export interface ClientEvents {
   /** A node of this client's scope came online, went offline, or changed (after
    * `subscribe("@presence")`). */
   presence: { change: "online" | "offline" | "updated"; node: NodeInfo };
+  /** While reconnecting, the new server refused to restore these subscriptions (its limits
+   * are lower than the old server's): they are dropped, and the client goes on without them. */
+  subscriptionsRefused: { topics: string[]; reason: string };
   /** A direct message or signal (by its number) reached no one: `UNKNOWN_NODE`,
    * `NOT_CONNECTED`, `RATE_LIMITED`, `INBOX_FULL`, ... */
   undeliverable: { seq: bigint; toNode: string; reason: string; message: string };
@@ -203,8 +207,10 @@ export class Client {
   #nextSeq = 1n;
   /** Publishes not yet confirmed, in order. */
   readonly #outbox: Outgoing[] = [];
-  /** The latest number delivered per publisher (its first alias), to drop copies. */
-  readonly #delivered = new Map<string, bigint>();
+  /** The latest number delivered per publisher: as originals (by `fromAlias`) and as resends
+   * (by `resentFrom`), to drop copies. */
+  readonly #originals = new Map<string, bigint>();
+  readonly #resends = new Map<string, bigint>();
   /** Reads message frames without the generic decoder. */
   readonly #reader = new MessageReader();
   #closed = false;
@@ -340,7 +346,8 @@ export class Client {
         reject(new RelaymeshError("TIMEOUT", `no Ack for the subscription to ${list.join(", ")}`));
       }, this.#options.subscribeTimeoutMs);
       this.#pendingSubscribes.set(requestId, { topics: list, resolve, reject, timer });
-      if (this.#link) {
+      // While reconnecting (or restoring) it goes out once the standing ones are back.
+      if (this.#link && !this.#link.restoring) {
         this.#send(this.#link, {
           case: "subscribe",
           value: { requestId, topics: list, recover: [] },
@@ -426,20 +433,18 @@ export class Client {
     }
     this.#link = link;
     this.#startHeartbeat(link);
-    // Every subscription, and the ones still waiting, in one request.
-    const topics = new Set(this.#subscriptions);
-    for (const p of this.#pendingSubscribes.values()) for (const t of p.topics) topics.add(t);
-    if (topics.size > 0) {
+    // The standing subscriptions in one request; a refusal (this server's limits are lower)
+    // drops them and says so, and the client goes on without them.
+    const standing = [...this.#subscriptions];
+    if (standing.length > 0) {
       const requestId = this.#nextRequest++;
-      const waiting = [...this.#pendingSubscribes.entries()];
-      this.#pendingSubscribes.clear();
       const restored = new Promise<void>((resolve, reject) => {
         const timer = setTimeout(
           () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
           this.#options.subscribeTimeoutMs,
         );
         this.#pendingSubscribes.set(requestId, {
-          topics: [...topics],
+          topics: standing,
           resolve: () => {
             clearTimeout(timer);
             resolve();
@@ -452,20 +457,15 @@ export class Client {
         });
       });
       link.restoreRequest = requestId;
-      this.#send(link, { case: "subscribe", value: { requestId, topics: [...topics], recover: [] } });
+      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover: [] } });
       try {
         await restored;
-        link.restoreRequest = undefined;
-        for (const [, p] of waiting) {
-          clearTimeout(p.timer);
-          p.resolve();
-        }
       } catch (e) {
         const error = e as RelaymeshError;
         this.#pendingSubscribes.delete(requestId);
+        if (this.#closed) throw error;
         if (error.code === "TIMEOUT" || error.code === "CONNECT_FAILED") {
-          // This server was lost too, or does not answer: the next one restores them all.
-          for (const [id, p] of waiting) this.#pendingSubscribes.set(id, p);
+          // This server was lost too, or does not answer: the next one restores them.
           if (this.#link === link) {
             this.#link = undefined;
             stopHeartbeat(link);
@@ -473,13 +473,19 @@ export class Client {
           }
           throw error;
         }
-        // Refused (its limits are lower than the old server's): they are dropped.
-        for (const [, p] of waiting) {
-          clearTimeout(p.timer);
-          p.reject(error);
+        if (error.code !== "NOT_CONFIRMED") {
+          for (const t of standing) this.#subscriptions.delete(t);
+          this.#emit("subscriptionsRefused", { topics: standing, reason: error.message });
         }
-        for (const t of topics) this.#subscriptions.delete(t);
+        // NOT_CONFIRMED: in force here, the pending servers get it when their links resume.
+      } finally {
+        link.restoreRequest = undefined;
       }
+    }
+    // Subscriptions the application is still waiting for, each as its own request: one that
+    // is refused fails only its own `subscribe`.
+    for (const [requestId, p] of this.#pendingSubscribes) {
+      this.#send(link, { case: "subscribe", value: { requestId, topics: p.topics, recover: [] } });
     }
     // What no server confirmed, in order (what waited last), then new publishes go out.
     link.restoring = false;
@@ -581,7 +587,9 @@ export class Client {
     }
     let answers = false;
     try {
-      await this.#fetch(httpBase(placement.url));
+      // `no-cors`: in a browser only a network failure rejects (the comm server sends no CORS
+      // headers, and the answer is not read).
+      await this.#fetch(httpBase(placement.url), { mode: "no-cors" });
       answers = true;
     } catch {
       // not reachable
@@ -677,6 +685,13 @@ export class Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : undefined;
+        if (unsub) {
+          // Refused (an invalid topic, too many changes at once): it was not subscribed.
+          this.#pendingUnsubscribes.delete(e.requestId);
+          unsub();
+          return;
+        }
         const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : undefined;
         if (list) {
           this.#pendingLists.delete(e.requestId);
@@ -727,24 +742,26 @@ export class Client {
     }
   }
 
+  /** Whether message `seq` of `fromAlias` (a resend of `resentFrom`'s when set) is new. An
+   * original raises its publisher's number; a resend is new only while above both the
+   * original's number and the resends seen, and raises only the latter, so a resend can never
+   * hide another publisher's originals (`resent_from` is the sender's word). */
+  #fresh(fromAlias: string, resentFrom: string, seq: bigint): boolean {
+    if (resentFrom === "") return raise(this.#originals, fromAlias, seq, this.#options.maxPublishers);
+    const original = this.#originals.get(resentFrom);
+    if (original !== undefined && seq <= original) return false;
+    return raise(this.#resends, resentFrom, seq, this.#options.maxPublishers);
+  }
+
   #badFrame(link: Link, message: string): void {
     link.lastError = new RelaymeshError("BAD_FRAME", message);
-    link.ws.close(1007);
+    // A WebSocket closes only with 1000 or 3000-4999: the protocol's codes are 4000 + code.
+    link.ws.close(4000 + ErrorCode.BAD_FRAME);
   }
 
   #onMessage(m: WireMessage | ProtoMessage): void {
     const seq = m.seq;
-    if (seq > 0n) {
-      const publisher = m.resentFrom || m.fromAlias;
-      const last = this.#delivered.get(publisher);
-      if (last !== undefined && seq <= last) return; // a copy of one already delivered
-      this.#delivered.set(publisher, seq);
-      if (last === undefined && this.#delivered.size > this.#options.maxPublishers) {
-        // The publisher heard from first (not necessarily least lately) goes.
-        const oldest = this.#delivered.keys().next().value;
-        if (oldest !== undefined) this.#delivered.delete(oldest);
-      }
-    }
+    if (seq > 0n && !this.#fresh(m.fromAlias, m.resentFrom, seq)) return; // a copy
     if (m.signal !== 0) {
       this.#emit("signal", {
         fromNode: m.fromNode,
@@ -793,17 +810,30 @@ export class Client {
     if (this.#link !== link) return;
     this.#link = undefined;
     if (this.#closed) return;
+    // The next server will not have what this one was asked to forget; a directory read
+    // is asked again by the application.
+    for (const resolve of this.#pendingUnsubscribes.values()) resolve();
+    this.#pendingUnsubscribes.clear();
+    for (const list of this.#pendingLists.values()) {
+      list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
+    }
+    this.#pendingLists.clear();
+    const reason =
+      link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     const restore =
       link.restoreRequest !== undefined ? this.#pendingSubscribes.get(link.restoreRequest) : undefined;
+    if (FINAL_CLOSE_CODES.has(ev.code)) {
+      if (!restore) this.#emit("disconnected", { serverId: link.serverId, reason });
+      this.#finish(reason, link.lastError?.code ?? ErrorCode[ev.code - 4000]);
+      return;
+    }
     if (restore) {
       // Lost while reconnecting: the reconnect loop that is waiting for it goes on.
       restore.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while restoring`));
       return;
     }
-    const reason =
-      link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     this.#emit("disconnected", { serverId: link.serverId, reason });
-    if (!this.#options.autoReconnect || FINAL_CLOSE_CODES.has(ev.code)) {
+    if (!this.#options.autoReconnect) {
       this.#finish(reason, link.lastError?.code);
       return;
     }
@@ -952,6 +982,19 @@ const textDecoder = new TextDecoder();
 
 /** A `Message` as the generated decoder gives it (a frame the fast reader left alone). */
 type ProtoMessage = Extract<ServerToClient["kind"], { case: "message" }>["value"];
+
+/** Raises `publisher`'s number in `seen` to `seq` if it is higher; whether it was. At
+ * `max` publishers the one heard from first is forgotten. */
+function raise(seen: Map<string, bigint>, publisher: string, seq: bigint, max: number): boolean {
+  const last = seen.get(publisher);
+  if (last !== undefined && seq <= last) return false;
+  seen.set(publisher, seq);
+  if (last === undefined && seen.size > max) {
+    const oldest = seen.keys().next().value;
+    if (oldest !== undefined) seen.delete(oldest);
+  }
+  return true;
+}
 
 function bytesOf(payload: Uint8Array | string): Uint8Array {
   return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;

@@ -6,7 +6,17 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { Client, type ClientEvents, type Message, RelaymeshError, generateEd25519Identity } from "../src/index.js";
+import { create, toBinary } from "@bufbuild/protobuf";
+
+import {
+  Client,
+  type ClientEvents,
+  type Message,
+  RelaymeshError,
+  generateEd25519Identity,
+  login,
+  proto,
+} from "../src/index.js";
 import { Cluster, accounts } from "./cluster.js";
 
 const WAIT_MS = 15_000;
@@ -94,12 +104,15 @@ describe("an open cluster of three comm servers", () => {
     }
   });
 
-  test("a topic that breaks the topic rules is refused, and the connection stays up", async () => {
+  test("a topic that breaks the topic rules fails its subscribe; the server closes, the client comes back with the rest", async () => {
     const client = await Client.connect({ coordinator: cluster.url });
     try {
+      await client.subscribe("still/up");
+      // The server closes a link that sends an invalid topic (the error names the request).
+      const back = next(client, "reconnected");
       const e = await refusal(client.subscribe("a//b"));
       assert.equal(e.code, "INVALID_TOPIC");
-      await client.subscribe("still/up");
+      await back;
       const got = messages(client, "still/up", (m) => m.length === 1);
       client.publish("still/up", "yes");
       assert.equal((await got)[0].text(), "yes");
@@ -120,6 +133,40 @@ describe("an open cluster of three comm servers", () => {
       client.close();
     }
     assert.throws(() => client.publish("q/t", "5"), (e: unknown) => e instanceof RelaymeshError && e.code === "CLOSED");
+  });
+
+  test("a resend claiming another publisher's name cannot hide that publisher's messages", async () => {
+    const victim = await Client.connect({ coordinator: cluster.url });
+    const subscriber = await Client.connect({ coordinator: cluster.url });
+    // A client of its own making, with the frames written by hand.
+    const placement = await login(cluster.url);
+    const forger = new WebSocket(`${placement.url}?key=${placement.key}`);
+    forger.binaryType = "arraybuffer";
+    const sendFrame = (kind: Parameters<typeof create<typeof proto.ClientToServerSchema>>[1]) =>
+      forger.send(toBinary(proto.ClientToServerSchema, create(proto.ClientToServerSchema, kind)));
+    try {
+      await new Promise<void>((ready, fail) => {
+        forger.onopen = () => sendFrame({ kind: { case: "attach", value: { protocolVersion: 1 } } });
+        forger.onmessage = () => ready();
+        forger.onerror = () => fail(new Error("the forger's connection failed"));
+      });
+      await subscriber.subscribe("news/wire");
+      const got = messages(subscriber, "news/wire", (m) => m.filter((x) => x.fromAlias === victim.alias).length === 2);
+      victim.publish("news/wire", "first");
+      sendFrame({
+        kind: {
+          case: "publish",
+          value: { topic: "news/wire", payload: new TextEncoder().encode("forged"), seq: 2n ** 63n, resentFrom: victim.alias },
+        },
+      });
+      victim.publish("news/wire", "second");
+      const texts = (await got).filter((m) => m.fromAlias === victim.alias).map((m) => m.text());
+      assert.deepEqual(texts, ["first", "second"]);
+    } finally {
+      forger.close();
+      victim.close();
+      subscriber.close();
+    }
   });
 
   test("a login key serves once: a second connection with it is refused before it opens", async () => {
@@ -328,5 +375,37 @@ describe("an account with roles, an access code and an Ed25519 key", () => {
       }),
     );
     assert.equal(noSuchRole.code, "ROLE_NOT_PERMITTED");
+  });
+
+  test("a subscribe made while reconnecting fails alone when refused; the standing ones come back", async () => {
+    const [first, second] = cluster.servers;
+    const agent = await Client.connect({
+      coordinator: cluster.url,
+      credentials: { accessCode: { account: "acme", code, role: "agent" } },
+      preferredServer: first.id,
+      reconnect: { initialMs: 50, maxMs: 500 },
+    });
+    const gcs = await Client.connect({
+      coordinator: cluster.url,
+      credentials: { key: { account: "acme", identity: await identity, role: "gcs" } },
+      preferredServer: second.id,
+    });
+    try {
+      await agent.subscribe("command/drone-7");
+      const disconnected = next(agent, "disconnected");
+      const reconnected = next(agent, "reconnected");
+      await first.proc.stop(true);
+      await disconnected;
+      // Outside the agent's role: asked for while away, refused on the next server.
+      const forbidden = refusal(agent.subscribe("telemetry/pos"));
+      await reconnected;
+      assert.equal((await forbidden).code, "FORBIDDEN");
+      const got = messages(agent, "command/drone-7", (m) => m.length === 1);
+      gcs.publish("command/drone-7", "land");
+      assert.equal((await got)[0].text(), "land");
+    } finally {
+      agent.close();
+      gcs.close();
+    }
   });
 });
