@@ -169,7 +169,25 @@ async fn get_json(
 pub(crate) const MAX_SERVERS: usize = 3;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the server binds it right after).
+///
+/// It is taken below the kernel's ephemeral range (which starts at 32768 on Linux): outbound
+/// connections, this run's and those of tests running beside it, draw their ports from that
+/// range, and one of them could take a port found free there before the server binds it.
 fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()).wrapping_mul(6_364_136_223_846_793_005)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+    for _ in 0..2_000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
