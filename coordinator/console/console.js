@@ -3637,6 +3637,47 @@ function varintBig(buf, at) {
   throw new WireError("a varint longer than 10 bytes");
 }
 
+// src/history.ts
+var Positions = class {
+  #topics = /* @__PURE__ */ new Map();
+  /** `topic` keeps history (an `Ack.history` named it), subscribed at `atMs`. */
+  subscribed(topic, atMs) {
+    if (!this.#topics.has(topic)) this.#topics.set(topic, { streams: /* @__PURE__ */ new Map(), sinceMs: atMs });
+  }
+  forget(topic) {
+    this.#topics.delete(topic);
+  }
+  /** Whether the message is new at its position (and records it); one without a position is. */
+  arrive(m) {
+    if (m.stream === 0n) return true;
+    const t = this.#topics.get(m.topic);
+    if (!t) return true;
+    const last = t.streams.get(m.stream);
+    if (last !== void 0 && m.offset <= last) return false;
+    t.streams.set(m.stream, m.offset);
+    return true;
+  }
+  /** Streams no server holds any more: they will not be heard from again. */
+  unknown(topic, streams) {
+    const t = this.#topics.get(topic);
+    for (const s of streams) t?.streams.delete(s);
+  }
+  /** What to recover, for the topics among `topics` that keep history. */
+  recover(topics) {
+    const out = [];
+    for (const topic of topics) {
+      const t = this.#topics.get(topic);
+      if (!t) continue;
+      out.push({
+        topic,
+        since: [...t.streams].map(([stream, offset]) => ({ stream, offset })),
+        sinceMs: t.sinceMs
+      });
+    }
+    return out;
+  }
+};
+
 // src/login.ts
 function loginChallenge(nonce, account, role, group) {
   const enc = new TextEncoder();
@@ -3770,6 +3811,12 @@ var Client = class _Client {
    * (by `resentFrom`), to drop copies. */
   #originals = /* @__PURE__ */ new Map();
   #resends = /* @__PURE__ */ new Map();
+  /** Positions in the topics that keep history. */
+  #positions = new Positions();
+  /** Topics being recovered: live messages held until the recovery is done, and how many
+   * the recovery delivered. */
+  #recovering = /* @__PURE__ */ new Map();
+  #pendingHistory = /* @__PURE__ */ new Map();
   /** Reads message frames without the generic decoder. */
   #reader = new MessageReader();
   #closed = false;
@@ -3868,6 +3915,43 @@ var Client = class _Client {
       });
     });
   }
+  /** Reads a topic's history (a topic the comm servers keep history for; it need not be
+   * subscribed): the newest `last` messages, or what followed the positions of the messages
+   * in `after`, oldest first. `gap` says that some asked for are gone. Refused with
+   * `FORBIDDEN` outside the role's subscribe rules, `NOT_FOUND` on a topic without history,
+   * `RATE_LIMITED`. */
+  history(topic, query) {
+    if (this.#closed) return Promise.reject(closedError());
+    const link = this.#link;
+    if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
+    const requestId = this.#nextRequest++;
+    const since = [];
+    if ("after" in query) {
+      const last = /* @__PURE__ */ new Map();
+      for (const m of query.after) {
+        const p = m.position;
+        if (p && p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
+      }
+      for (const [stream, offset] of last) since.push({ stream, offset });
+    }
+    return new Promise((resolve, reject) => {
+      const timer2 = setTimeout(() => {
+        this.#pendingHistory.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", `no history of ${topic}`));
+      }, this.#options.subscribeTimeoutMs);
+      this.#pendingHistory.set(requestId, { messages: [], resolve, reject, timer: timer2 });
+      this.#send(link, {
+        case: "history",
+        value: {
+          requestId,
+          topic,
+          last: "last" in query ? query.last : 0,
+          since,
+          sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n
+        }
+      });
+    });
+  }
   /** Calls `listener` for each `event`; returns a function that stops it. */
   on(event, listener) {
     let set = this.#listeners.get(event);
@@ -3905,7 +3989,10 @@ var Client = class _Client {
   /** Ends the subscriptions to `topics`; resolves when this server no longer delivers them. */
   unsubscribe(topics) {
     const list = typeof topics === "string" ? [topics] : [...topics];
-    for (const t of list) this.#subscriptions.delete(t);
+    for (const t of list) {
+      this.#subscriptions.delete(t);
+      this.#positions.forget(t);
+    }
     if (!this.#link || list.length === 0) return Promise.resolve();
     const requestId = this.#nextRequest++;
     return new Promise((resolve) => {
@@ -3996,7 +4083,9 @@ var Client = class _Client {
         });
       });
       link.restoreRequest = requestId;
-      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover: [] } });
+      const recover = this.#positions.recover(standing);
+      for (const r of recover) this.#recovering.set(r.topic, { held: [], count: 0 });
+      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover } });
       try {
         await restored;
       } catch (e) {
@@ -4012,7 +4101,11 @@ var Client = class _Client {
           throw error;
         }
         if (error.code !== "NOT_CONFIRMED") {
-          for (const t of standing) this.#subscriptions.delete(t);
+          for (const t of standing) {
+            this.#subscriptions.delete(t);
+            this.#positions.forget(t);
+            this.#recovering.delete(t);
+          }
           this.#emit("subscriptionsRefused", { topics: standing, reason: error.message });
         }
       } finally {
@@ -4165,6 +4258,10 @@ var Client = class _Client {
         const sub = this.#pendingSubscribes.get(ack.requestId);
         if (sub) {
           for (const t of sub.topics) this.#subscriptions.add(t);
+          for (const t of ack.history) this.#positions.subscribed(t, ack.atMs);
+          for (const t of sub.topics) {
+            if (this.#recovering.has(t) && !ack.history.includes(t)) this.#endRecovery(t, true, 0);
+          }
           if (ack.pending.length === 0) {
             this.#pendingSubscribes.delete(ack.requestId);
             clearTimeout(sub.timer);
@@ -4204,6 +4301,13 @@ var Client = class _Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const page = e.requestId !== 0n ? this.#pendingHistory.get(e.requestId) : void 0;
+        if (page) {
+          this.#pendingHistory.delete(e.requestId);
+          clearTimeout(page.timer);
+          page.reject(error);
+          return;
+        }
         const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : void 0;
         if (unsub) {
           this.#pendingUnsubscribes.delete(e.requestId);
@@ -4228,6 +4332,31 @@ var Client = class _Client {
           return;
         }
         link.lastError = error;
+        return;
+      }
+      case "history": {
+        const batch = kind.value;
+        if (batch.recovery) {
+          const r = this.#recovering.get(batch.topic);
+          if (!r) return;
+          this.#positions.unknown(batch.topic, batch.unknownStreams);
+          for (const m of batch.messages) {
+            if (this.#positions.arrive(m)) {
+              r.count++;
+              this.#deliver(m);
+            }
+          }
+          if (batch.done) this.#endRecovery(batch.topic, batch.gap, Number(batch.missedAtLeast));
+          return;
+        }
+        const page = this.#pendingHistory.get(batch.requestId);
+        if (!page) return;
+        for (const m of batch.messages) page.messages.push(new Delivered(m));
+        if (batch.done) {
+          this.#pendingHistory.delete(batch.requestId);
+          clearTimeout(page.timer);
+          page.resolve({ messages: page.messages, gap: batch.gap, missedAtLeast: Number(batch.missedAtLeast) });
+        }
         return;
       }
       case "undeliverable": {
@@ -4266,11 +4395,33 @@ var Client = class _Client {
     if (original !== void 0 && seq <= original) return false;
     return raise(this.#resends, resentFrom, seq, this.#options.maxPublishers);
   }
+  /** The recovery of `topic` is over: a gap is reported first, then the live messages that
+   * waited are delivered (those the recovery brought are dropped), then `recovered`. */
+  #endRecovery(topic, gap, missedAtLeast) {
+    const r = this.#recovering.get(topic);
+    if (!r) return;
+    this.#recovering.delete(topic);
+    if (gap) this.#emit("recoveryGap", { topic, missedAtLeast });
+    for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
+    this.#emit("recovered", { topic, count: r.count });
+  }
   #badFrame(link, message) {
     link.lastError = new RelaymeshError("BAD_FRAME", message);
     link.ws.close(4e3 + 1 /* BAD_FRAME */);
   }
   #onMessage(m) {
+    if (m.stream !== 0n) {
+      const recovering = this.#recovering.get(m.topic);
+      if (recovering) {
+        recovering.held.push(m);
+        return;
+      }
+      if (!this.#positions.arrive(m)) return;
+    }
+    this.#deliver(m);
+  }
+  /** Hands a new message to the application (a copy by its publisher's number is dropped). */
+  #deliver(m) {
     const seq = m.seq;
     if (seq > 0n && !this.#fresh(m.fromAlias, m.resentFrom, seq)) return;
     if (m.signal !== 0) {
@@ -4325,6 +4476,15 @@ var Client = class _Client {
       list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
     }
     this.#pendingLists.clear();
+    for (const page of this.#pendingHistory.values()) {
+      clearTimeout(page.timer);
+      page.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
+    }
+    this.#pendingHistory.clear();
+    for (const [topic, r] of this.#recovering) {
+      this.#recovering.delete(topic);
+      for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
+    }
     const reason = link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     const restore = link.restoreRequest !== void 0 ? this.#pendingSubscribes.get(link.restoreRequest) : void 0;
     if (FINAL_CLOSE_CODES.has(ev.code)) {
@@ -4398,6 +4558,11 @@ var Client = class _Client {
     this.#pendingUnsubscribes.clear();
     for (const list of this.#pendingLists.values()) list.reject(error);
     this.#pendingLists.clear();
+    for (const page of this.#pendingHistory.values()) {
+      clearTimeout(page.timer);
+      page.reject(error);
+    }
+    this.#pendingHistory.clear();
   }
   #startHeartbeat(link) {
     const { interval, timeout } = link;
@@ -4452,7 +4617,10 @@ var Delivered = class {
   fromNode;
   payload;
   seq;
+  /** Its place in the topic's history (stream 0: none). */
+  position;
   constructor(m) {
+    this.position = { stream: m.stream, offset: m.offset, publishedMs: m.publishedMs };
     this.topic = m.topic;
     this.fromAlias = m.fromAlias;
     this.fromRole = m.fromRole;

@@ -14,6 +14,7 @@ import {
 } from "./gen/relaymesh/v1/mesh_pb.js";
 import { RelaymeshError } from "./errors.js";
 import { MessageReader, type WireMessage } from "./wire.js";
+import { Positions } from "./history.js";
 import { type Credentials, type Placement, httpBase, login } from "./login.js";
 
 /** The protocol version this client speaks (`Attach.protocol_version`). */
@@ -63,6 +64,8 @@ export interface Message {
   payload: Uint8Array;
   /** The publisher's number for it (0 for none). */
   seq: bigint;
+  /** On a topic that keeps history: its stream, offset and acceptance time (stream 0n: none). */
+  position: { stream: bigint; offset: bigint; publishedMs: bigint };
   /** The payload as UTF-8 text. */
   text(): string;
 }
@@ -92,6 +95,12 @@ export interface ClientEvents {
   /** A node of this client's scope came online, went offline, or changed (after
    * `subscribe("@presence")`). */
   presence: { change: "online" | "offline" | "updated"; node: NodeInfo };
+  /** A reconnect's recovery of `topic` is done: `count` messages missed while away were
+   * delivered (as `message` events, before any live one that came meanwhile). */
+  recovered: { topic: string; count: number };
+  /** The topic's history no longer reached back far enough: at least `missedAtLeast`
+   * messages (0: unknown how many) are gone. Comes before that topic's `recovered`. */
+  recoveryGap: { topic: string; missedAtLeast: number };
   /** While reconnecting, the new server refused to restore these subscriptions (its limits
    * are lower than the old server's): they are dropped, and the client goes on without them. */
   subscriptionsRefused: { topics: string[]; reason: string };
@@ -111,6 +120,14 @@ export interface DirectMessage {
   /** Its id in this node's inbox, when it was kept there (0n: delivered live). */
   inboxId: bigint;
   text(): string;
+}
+
+/** What a `history` request read. */
+export interface HistoryPage {
+  messages: Message[];
+  /** Some of what was asked for is gone (aged out, evicted, or held by a server that died). */
+  gap: boolean;
+  missedAtLeast: number;
 }
 
 /** A node as the directory knows it. */
@@ -211,6 +228,20 @@ export class Client {
    * (by `resentFrom`), to drop copies. */
   readonly #originals = new Map<string, bigint>();
   readonly #resends = new Map<string, bigint>();
+  /** Positions in the topics that keep history. */
+  readonly #positions = new Positions();
+  /** Topics being recovered: live messages held until the recovery is done, and how many
+   * the recovery delivered. */
+  readonly #recovering = new Map<string, { held: Array<WireMessage | ProtoMessage>; count: number }>();
+  readonly #pendingHistory = new Map<
+    bigint,
+    {
+      messages: Message[];
+      resolve: (page: HistoryPage) => void;
+      reject: (e: RelaymeshError) => void;
+      timer: ReturnType<typeof setTimeout>;
+    }
+  >();
   /** Reads message frames without the generic decoder. */
   readonly #reader = new MessageReader();
   #closed = false;
@@ -319,6 +350,44 @@ export class Client {
     });
   }
 
+  /** Reads a topic's history (a topic the comm servers keep history for; it need not be
+   * subscribed): the newest `last` messages, or what followed the positions of the messages
+   * in `after`, oldest first. `gap` says that some asked for are gone. Refused with
+   * `FORBIDDEN` outside the role's subscribe rules, `NOT_FOUND` on a topic without history,
+   * `RATE_LIMITED`. */
+  history(topic: string, query: { last: number } | { after: Message[]; sinceMs?: number }): Promise<HistoryPage> {
+    if (this.#closed) return Promise.reject(closedError());
+    const link = this.#link;
+    if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
+    const requestId = this.#nextRequest++;
+    const since: Array<{ stream: bigint; offset: bigint }> = [];
+    if ("after" in query) {
+      const last = new Map<bigint, bigint>();
+      for (const m of query.after) {
+        const p = (m as Delivered).position;
+        if (p && p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
+      }
+      for (const [stream, offset] of last) since.push({ stream, offset });
+    }
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pendingHistory.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", `no history of ${topic}`));
+      }, this.#options.subscribeTimeoutMs);
+      this.#pendingHistory.set(requestId, { messages: [], resolve, reject, timer });
+      this.#send(link, {
+        case: "history",
+        value: {
+          requestId,
+          topic,
+          last: "last" in query ? query.last : 0,
+          since,
+          sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n,
+        },
+      });
+    });
+  }
+
   /** Calls `listener` for each `event`; returns a function that stops it. */
   on<K extends keyof ClientEvents>(event: K, listener: Listener<ClientEvents[K]>): () => void {
     let set = this.#listeners.get(event);
@@ -359,7 +428,10 @@ export class Client {
   /** Ends the subscriptions to `topics`; resolves when this server no longer delivers them. */
   unsubscribe(topics: string | string[]): Promise<void> {
     const list = typeof topics === "string" ? [topics] : [...topics];
-    for (const t of list) this.#subscriptions.delete(t);
+    for (const t of list) {
+      this.#subscriptions.delete(t);
+      this.#positions.forget(t);
+    }
     if (!this.#link || list.length === 0) return Promise.resolve();
     const requestId = this.#nextRequest++;
     return new Promise<void>((resolve) => {
@@ -457,7 +529,11 @@ export class Client {
         });
       });
       link.restoreRequest = requestId;
-      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover: [] } });
+      // What was missed on the topics that keep history comes after the Ack; live messages
+      // of those topics wait until it has.
+      const recover = this.#positions.recover(standing);
+      for (const r of recover) this.#recovering.set(r.topic, { held: [], count: 0 });
+      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover } });
       try {
         await restored;
       } catch (e) {
@@ -474,7 +550,11 @@ export class Client {
           throw error;
         }
         if (error.code !== "NOT_CONFIRMED") {
-          for (const t of standing) this.#subscriptions.delete(t);
+          for (const t of standing) {
+            this.#subscriptions.delete(t);
+            this.#positions.forget(t);
+            this.#recovering.delete(t);
+          }
           this.#emit("subscriptionsRefused", { topics: standing, reason: error.message });
         }
         // NOT_CONFIRMED: in force here, the pending servers get it when their links resume.
@@ -645,6 +725,11 @@ export class Client {
         const sub = this.#pendingSubscribes.get(ack.requestId);
         if (sub) {
           for (const t of sub.topics) this.#subscriptions.add(t);
+          for (const t of ack.history) this.#positions.subscribed(t, ack.atMs);
+          // A topic this server keeps no history for cannot be recovered here.
+          for (const t of sub.topics) {
+            if (this.#recovering.has(t) && !ack.history.includes(t)) this.#endRecovery(t, true, 0);
+          }
           if (ack.pending.length === 0) {
             this.#pendingSubscribes.delete(ack.requestId);
             clearTimeout(sub.timer);
@@ -685,6 +770,13 @@ export class Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
+        const page = e.requestId !== 0n ? this.#pendingHistory.get(e.requestId) : undefined;
+        if (page) {
+          this.#pendingHistory.delete(e.requestId);
+          clearTimeout(page.timer);
+          page.reject(error);
+          return;
+        }
         const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : undefined;
         if (unsub) {
           // Refused (an invalid topic, too many changes at once): it was not subscribed.
@@ -711,6 +803,31 @@ export class Client {
         }
         // A link error: the server closes next.
         link.lastError = error;
+        return;
+      }
+      case "history": {
+        const batch = kind.value;
+        if (batch.recovery) {
+          const r = this.#recovering.get(batch.topic);
+          if (!r) return;
+          this.#positions.unknown(batch.topic, batch.unknownStreams);
+          for (const m of batch.messages) {
+            if (this.#positions.arrive(m)) {
+              r.count++;
+              this.#deliver(m);
+            }
+          }
+          if (batch.done) this.#endRecovery(batch.topic, batch.gap, Number(batch.missedAtLeast));
+          return;
+        }
+        const page = this.#pendingHistory.get(batch.requestId);
+        if (!page) return;
+        for (const m of batch.messages) page.messages.push(new Delivered(m));
+        if (batch.done) {
+          this.#pendingHistory.delete(batch.requestId);
+          clearTimeout(page.timer);
+          page.resolve({ messages: page.messages, gap: batch.gap, missedAtLeast: Number(batch.missedAtLeast) });
+        }
         return;
       }
       case "undeliverable": {
@@ -753,6 +870,17 @@ export class Client {
     return raise(this.#resends, resentFrom, seq, this.#options.maxPublishers);
   }
 
+  /** The recovery of `topic` is over: a gap is reported first, then the live messages that
+   * waited are delivered (those the recovery brought are dropped), then `recovered`. */
+  #endRecovery(topic: string, gap: boolean, missedAtLeast: number): void {
+    const r = this.#recovering.get(topic);
+    if (!r) return;
+    this.#recovering.delete(topic);
+    if (gap) this.#emit("recoveryGap", { topic, missedAtLeast });
+    for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
+    this.#emit("recovered", { topic, count: r.count });
+  }
+
   #badFrame(link: Link, message: string): void {
     link.lastError = new RelaymeshError("BAD_FRAME", message);
     // A WebSocket closes only with 1000 or 3000-4999: the protocol's codes are 4000 + code.
@@ -760,6 +888,19 @@ export class Client {
   }
 
   #onMessage(m: WireMessage | ProtoMessage): void {
+    if (m.stream !== 0n) {
+      const recovering = this.#recovering.get(m.topic);
+      if (recovering) {
+        recovering.held.push(m); // after what the recovery brings
+        return;
+      }
+      if (!this.#positions.arrive(m)) return; // had it already
+    }
+    this.#deliver(m);
+  }
+
+  /** Hands a new message to the application (a copy by its publisher's number is dropped). */
+  #deliver(m: WireMessage | ProtoMessage): void {
     const seq = m.seq;
     if (seq > 0n && !this.#fresh(m.fromAlias, m.resentFrom, seq)) return; // a copy
     if (m.signal !== 0) {
@@ -818,6 +959,17 @@ export class Client {
       list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
     }
     this.#pendingLists.clear();
+    for (const page of this.#pendingHistory.values()) {
+      clearTimeout(page.timer);
+      page.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
+    }
+    this.#pendingHistory.clear();
+    // A recovery cut short: what it held goes out now (positions drop what the next
+    // recovery brings again), and the next connection recovers from there.
+    for (const [topic, r] of this.#recovering) {
+      this.#recovering.delete(topic);
+      for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
+    }
     const reason =
       link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
     const restore =
@@ -900,6 +1052,11 @@ export class Client {
     this.#pendingUnsubscribes.clear();
     for (const list of this.#pendingLists.values()) list.reject(error);
     this.#pendingLists.clear();
+    for (const page of this.#pendingHistory.values()) {
+      clearTimeout(page.timer);
+      page.reject(error);
+    }
+    this.#pendingHistory.clear();
   }
 
   #startHeartbeat(link: Link): void {
@@ -963,8 +1120,11 @@ class Delivered implements Message {
   readonly fromNode: string;
   readonly payload: Uint8Array;
   readonly seq: bigint;
+  /** Its place in the topic's history (stream 0: none). */
+  readonly position: { stream: bigint; offset: bigint; publishedMs: bigint };
 
-  constructor(m: WireMessage) {
+  constructor(m: WireMessage | ProtoMessage) {
+    this.position = { stream: m.stream, offset: m.offset, publishedMs: m.publishedMs };
     this.topic = m.topic;
     this.fromAlias = m.fromAlias;
     this.fromRole = m.fromRole;

@@ -5,6 +5,7 @@ export type {
   ClientEvents,
   ClientOptions,
   DirectMessage,
+  HistoryPage,
   Message,
   NodeInfo,
   SignalName,

@@ -114,9 +114,9 @@ export class Cluster {
    * pages of those origins may log in from a browser. */
   static async start(
     servers: number,
-    options: { accountsFile?: string; adminToken?: string; corsOrigins?: string[] } = {},
+    options: { accountsFile?: string; adminToken?: string; corsOrigins?: string[]; commserverToml?: string } = {},
   ): Promise<Cluster> {
-    const { accountsFile, adminToken, corsOrigins = [] } = options;
+    const { accountsFile, adminToken, corsOrigins = [], commserverToml = "" } = options;
     const dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-"));
     const config = join(dir, "coordinator.toml");
     writeFileSync(
@@ -135,11 +135,15 @@ export class Cluster {
     try {
       const url = `http://${await coordinator.address()}`;
       for (let i = 0; i < servers; i++) {
+        const serverConfig = join(dir, `commserver-${i}.toml`);
+        writeFileSync(serverConfig, commserverToml);
         const proc = new Proc("commserver", [
           "--coordinator",
           url.replace("http://", "ws://"),
           "--listen",
           "127.0.0.1:0",
+          "--config",
+          serverConfig,
         ]);
         started.push({ id: await proc.address(), proc });
       }
