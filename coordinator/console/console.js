@@ -3816,6 +3816,7 @@ var Client = class _Client {
   /** Topics being recovered: live messages held until the recovery is done, and how many
    * the recovery delivered. */
   #recovering = /* @__PURE__ */ new Map();
+  /** `history` requests, with the messages their batches brought so far. */
   #pendingHistory = /* @__PURE__ */ new Map();
   /** Reads message frames without the generic decoder. */
   #reader = new MessageReader();
@@ -3894,26 +3895,12 @@ var Client = class _Client {
     const link = this.#link;
     if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
     const requestId = this.#nextRequest++;
-    return new Promise((resolve, reject) => {
-      const timer2 = setTimeout(() => {
-        this.#pendingLists.delete(requestId);
-        reject(new RelaymeshError("TIMEOUT", "no NodeList"));
-      }, this.#options.subscribeTimeoutMs);
-      this.#pendingLists.set(requestId, {
-        resolve: (v) => {
-          clearTimeout(timer2);
-          resolve(v);
-        },
-        reject: (e) => {
-          clearTimeout(timer2);
-          reject(e);
-        }
-      });
-      this.#send(link, {
-        case: "listNodes",
-        value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" }
-      });
+    const answer = this.#request(this.#pendingLists, requestId, {}, "no NodeList");
+    this.#send(link, {
+      case: "listNodes",
+      value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" }
     });
+    return answer;
   }
   /** Reads a topic's history (a topic the comm servers keep history for; it need not be
    * subscribed): the newest `last` messages, or what followed the positions of the messages
@@ -3928,28 +3915,33 @@ var Client = class _Client {
     const since = [];
     if ("after" in query) {
       const last = /* @__PURE__ */ new Map();
-      for (const m of query.after) {
-        const p = m.position;
-        if (p && p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
+      for (const { position: p } of query.after) {
+        if (p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
       }
       for (const [stream, offset] of last) since.push({ stream, offset });
     }
+    const page = this.#request(this.#pendingHistory, requestId, { messages: [] }, `no history of ${topic}`);
+    this.#send(link, {
+      case: "history",
+      value: {
+        requestId,
+        topic,
+        last: "last" in query ? query.last : 0,
+        since,
+        sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n
+      }
+    });
+    return page;
+  }
+  /** Waits for the answer to request `requestId`, kept in `pending` with `extra` until it
+   * comes (see {@link take}) or `subscribeTimeoutMs` passes (`TIMEOUT: what`). */
+  #request(pending, requestId, extra, what) {
     return new Promise((resolve, reject) => {
       const timer2 = setTimeout(() => {
-        this.#pendingHistory.delete(requestId);
-        reject(new RelaymeshError("TIMEOUT", `no history of ${topic}`));
+        pending.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", what));
       }, this.#options.subscribeTimeoutMs);
-      this.#pendingHistory.set(requestId, { messages: [], resolve, reject, timer: timer2 });
-      this.#send(link, {
-        case: "history",
-        value: {
-          requestId,
-          topic,
-          last: "last" in query ? query.last : 0,
-          since,
-          sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n
-        }
-      });
+      pending.set(requestId, { ...extra, resolve, reject, timer: timer2 });
     });
   }
   /** Calls `listener` for each `event`; returns a function that stops it. */
@@ -4301,23 +4293,15 @@ var Client = class _Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
-        const page = e.requestId !== 0n ? this.#pendingHistory.get(e.requestId) : void 0;
-        if (page) {
-          this.#pendingHistory.delete(e.requestId);
-          clearTimeout(page.timer);
-          page.reject(error);
+        const refused = take(this.#pendingHistory, e.requestId) ?? take(this.#pendingLists, e.requestId);
+        if (refused) {
+          refused.reject(error);
           return;
         }
         const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : void 0;
         if (unsub) {
           this.#pendingUnsubscribes.delete(e.requestId);
           unsub();
-          return;
-        }
-        const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : void 0;
-        if (list) {
-          this.#pendingLists.delete(e.requestId);
-          list.reject(error);
           return;
         }
         const sub = e.requestId !== 0n ? this.#pendingSubscribes.get(e.requestId) : void 0;
@@ -4352,9 +4336,7 @@ var Client = class _Client {
         const page = this.#pendingHistory.get(batch.requestId);
         if (!page) return;
         for (const m of batch.messages) page.messages.push(new Delivered(m));
-        if (batch.done) {
-          this.#pendingHistory.delete(batch.requestId);
-          clearTimeout(page.timer);
+        if (batch.done && take(this.#pendingHistory, batch.requestId)) {
           page.resolve({ messages: page.messages, gap: batch.gap, missedAtLeast: Number(batch.missedAtLeast) });
         }
         return;
@@ -4370,11 +4352,10 @@ var Client = class _Client {
         return;
       }
       case "nodeList": {
-        const list = this.#pendingLists.get(kind.value.requestId);
-        if (list) {
-          this.#pendingLists.delete(kind.value.requestId);
-          list.resolve({ nodes: kind.value.nodes.map(nodeInfo), total: Number(kind.value.total) });
-        }
+        take(this.#pendingLists, kind.value.requestId)?.resolve({
+          nodes: kind.value.nodes.map(nodeInfo),
+          total: Number(kind.value.total)
+        });
         return;
       }
       case "reconnect":
@@ -4472,15 +4453,9 @@ var Client = class _Client {
     if (this.#closed) return;
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
-    for (const list of this.#pendingLists.values()) {
-      list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
-    }
-    this.#pendingLists.clear();
-    for (const page of this.#pendingHistory.values()) {
-      clearTimeout(page.timer);
-      page.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
-    }
-    this.#pendingHistory.clear();
+    const lost = new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`);
+    rejectAll(this.#pendingLists, lost);
+    rejectAll(this.#pendingHistory, lost);
     for (const [topic, r] of this.#recovering) {
       this.#recovering.delete(topic);
       for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
@@ -4556,13 +4531,8 @@ var Client = class _Client {
     this.#pendingSubscribes.clear();
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
-    for (const list of this.#pendingLists.values()) list.reject(error);
-    this.#pendingLists.clear();
-    for (const page of this.#pendingHistory.values()) {
-      clearTimeout(page.timer);
-      page.reject(error);
-    }
-    this.#pendingHistory.clear();
+    rejectAll(this.#pendingLists, error);
+    rejectAll(this.#pendingHistory, error);
   }
   #startHeartbeat(link) {
     const { interval, timeout } = link;
@@ -4633,6 +4603,21 @@ var Delivered = class {
   }
 };
 var textDecoder = new TextDecoder();
+function take(pending, requestId) {
+  const w = pending.get(requestId);
+  if (w) {
+    pending.delete(requestId);
+    clearTimeout(w.timer);
+  }
+  return w;
+}
+function rejectAll(pending, error) {
+  for (const w of pending.values()) {
+    clearTimeout(w.timer);
+    w.reject(error);
+  }
+  pending.clear();
+}
 function raise(seen, publisher, seq, max) {
   const last = seen.get(publisher);
   if (last !== void 0 && seq <= last) return false;

@@ -216,10 +216,7 @@ export class Client {
   readonly #subscriptions = new Set<string>();
   readonly #pendingSubscribes = new Map<bigint, PendingSubscribe>();
   readonly #pendingUnsubscribes = new Map<bigint, () => void>();
-  readonly #pendingLists = new Map<
-    bigint,
-    { resolve: (v: { nodes: NodeInfo[]; total: number }) => void; reject: (e: RelaymeshError) => void }
-  >();
+  readonly #pendingLists = new Map<bigint, Waiting<{ nodes: NodeInfo[]; total: number }>>();
   #nextRequest = 1n;
   #nextSeq = 1n;
   /** Publishes not yet confirmed, in order. */
@@ -233,15 +230,8 @@ export class Client {
   /** Topics being recovered: live messages held until the recovery is done, and how many
    * the recovery delivered. */
   readonly #recovering = new Map<string, { held: Array<WireMessage | ProtoMessage>; count: number }>();
-  readonly #pendingHistory = new Map<
-    bigint,
-    {
-      messages: Message[];
-      resolve: (page: HistoryPage) => void;
-      reject: (e: RelaymeshError) => void;
-      timer: ReturnType<typeof setTimeout>;
-    }
-  >();
+  /** `history` requests, with the messages their batches brought so far. */
+  readonly #pendingHistory = new Map<bigint, Waiting<HistoryPage> & { messages: Message[] }>();
   /** Reads message frames without the generic decoder. */
   readonly #reader = new MessageReader();
   #closed = false;
@@ -328,26 +318,12 @@ export class Client {
     const link = this.#link;
     if (!link) return Promise.reject(new RelaymeshError("NOT_CONNECTED", "the client is reconnecting"));
     const requestId = this.#nextRequest++;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pendingLists.delete(requestId);
-        reject(new RelaymeshError("TIMEOUT", "no NodeList"));
-      }, this.#options.subscribeTimeoutMs);
-      this.#pendingLists.set(requestId, {
-        resolve: (v) => {
-          clearTimeout(timer);
-          resolve(v);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
-      this.#send(link, {
-        case: "listNodes",
-        value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" },
-      });
+    const answer = this.#request(this.#pendingLists, requestId, {}, "no NodeList");
+    this.#send(link, {
+      case: "listNodes",
+      value: { requestId, limit: options.limit ?? 0, filter: options.filter ?? "" },
     });
+    return answer;
   }
 
   /** Reads a topic's history (a topic the comm servers keep history for; it need not be
@@ -363,28 +339,39 @@ export class Client {
     const since: Array<{ stream: bigint; offset: bigint }> = [];
     if ("after" in query) {
       const last = new Map<bigint, bigint>();
-      for (const m of query.after) {
-        const p = (m as Delivered).position;
-        if (p && p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
+      for (const { position: p } of query.after) {
+        if (p.stream !== 0n && (last.get(p.stream) ?? 0n) < p.offset) last.set(p.stream, p.offset);
       }
       for (const [stream, offset] of last) since.push({ stream, offset });
     }
-    return new Promise((resolve, reject) => {
+    const page = this.#request(this.#pendingHistory, requestId, { messages: [] as Message[] }, `no history of ${topic}`);
+    this.#send(link, {
+      case: "history",
+      value: {
+        requestId,
+        topic,
+        last: "last" in query ? query.last : 0,
+        since,
+        sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n,
+      },
+    });
+    return page;
+  }
+
+  /** Waits for the answer to request `requestId`, kept in `pending` with `extra` until it
+   * comes (see {@link take}) or `subscribeTimeoutMs` passes (`TIMEOUT: what`). */
+  #request<T, E extends object>(
+    pending: Map<bigint, Waiting<T> & E>,
+    requestId: bigint,
+    extra: E,
+    what: string,
+  ): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
-        this.#pendingHistory.delete(requestId);
-        reject(new RelaymeshError("TIMEOUT", `no history of ${topic}`));
+        pending.delete(requestId);
+        reject(new RelaymeshError("TIMEOUT", what));
       }, this.#options.subscribeTimeoutMs);
-      this.#pendingHistory.set(requestId, { messages: [], resolve, reject, timer });
-      this.#send(link, {
-        case: "history",
-        value: {
-          requestId,
-          topic,
-          last: "last" in query ? query.last : 0,
-          since,
-          sinceMs: "after" in query ? BigInt(query.sinceMs ?? 0) : 0n,
-        },
-      });
+      pending.set(requestId, { ...extra, resolve, reject, timer });
     });
   }
 
@@ -770,11 +757,9 @@ export class Client {
       case "error": {
         const e = kind.value;
         const error = RelaymeshError.fromWire(e.code, e.message);
-        const page = e.requestId !== 0n ? this.#pendingHistory.get(e.requestId) : undefined;
-        if (page) {
-          this.#pendingHistory.delete(e.requestId);
-          clearTimeout(page.timer);
-          page.reject(error);
+        const refused = take(this.#pendingHistory, e.requestId) ?? take(this.#pendingLists, e.requestId);
+        if (refused) {
+          refused.reject(error);
           return;
         }
         const unsub = e.requestId !== 0n ? this.#pendingUnsubscribes.get(e.requestId) : undefined;
@@ -782,12 +767,6 @@ export class Client {
           // Refused (an invalid topic, too many changes at once): it was not subscribed.
           this.#pendingUnsubscribes.delete(e.requestId);
           unsub();
-          return;
-        }
-        const list = e.requestId !== 0n ? this.#pendingLists.get(e.requestId) : undefined;
-        if (list) {
-          this.#pendingLists.delete(e.requestId);
-          list.reject(error);
           return;
         }
         const sub = e.requestId !== 0n ? this.#pendingSubscribes.get(e.requestId) : undefined;
@@ -823,9 +802,7 @@ export class Client {
         const page = this.#pendingHistory.get(batch.requestId);
         if (!page) return;
         for (const m of batch.messages) page.messages.push(new Delivered(m));
-        if (batch.done) {
-          this.#pendingHistory.delete(batch.requestId);
-          clearTimeout(page.timer);
+        if (batch.done && take(this.#pendingHistory, batch.requestId)) {
           page.resolve({ messages: page.messages, gap: batch.gap, missedAtLeast: Number(batch.missedAtLeast) });
         }
         return;
@@ -841,11 +818,10 @@ export class Client {
         return;
       }
       case "nodeList": {
-        const list = this.#pendingLists.get(kind.value.requestId);
-        if (list) {
-          this.#pendingLists.delete(kind.value.requestId);
-          list.resolve({ nodes: kind.value.nodes.map(nodeInfo), total: Number(kind.value.total) });
-        }
+        take(this.#pendingLists, kind.value.requestId)?.resolve({
+          nodes: kind.value.nodes.map(nodeInfo),
+          total: Number(kind.value.total),
+        });
         return;
       }
       case "reconnect":
@@ -955,15 +931,9 @@ export class Client {
     // is asked again by the application.
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
-    for (const list of this.#pendingLists.values()) {
-      list.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
-    }
-    this.#pendingLists.clear();
-    for (const page of this.#pendingHistory.values()) {
-      clearTimeout(page.timer);
-      page.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`));
-    }
-    this.#pendingHistory.clear();
+    const lost = new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`);
+    rejectAll(this.#pendingLists, lost);
+    rejectAll(this.#pendingHistory, lost);
     // A recovery cut short: what it held goes out now (positions drop what the next
     // recovery brings again), and the next connection recovers from there.
     for (const [topic, r] of this.#recovering) {
@@ -1050,13 +1020,8 @@ export class Client {
     this.#pendingSubscribes.clear();
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();
     this.#pendingUnsubscribes.clear();
-    for (const list of this.#pendingLists.values()) list.reject(error);
-    this.#pendingLists.clear();
-    for (const page of this.#pendingHistory.values()) {
-      clearTimeout(page.timer);
-      page.reject(error);
-    }
-    this.#pendingHistory.clear();
+    rejectAll(this.#pendingLists, error);
+    rejectAll(this.#pendingHistory, error);
   }
 
   #startHeartbeat(link: Link): void {
@@ -1142,6 +1107,32 @@ const textDecoder = new TextDecoder();
 
 /** A `Message` as the generated decoder gives it (a frame the fast reader left alone). */
 type ProtoMessage = Extract<ServerToClient["kind"], { case: "message" }>["value"];
+
+/** A request waiting for its answer. */
+interface Waiting<T> {
+  resolve: (value: T) => void;
+  reject: (e: RelaymeshError) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/** Request `requestId` of `pending`, no longer waiting (its timer stopped), if it was. */
+function take<W extends Waiting<never>>(pending: Map<bigint, W>, requestId: bigint): W | undefined {
+  const w = pending.get(requestId);
+  if (w) {
+    pending.delete(requestId);
+    clearTimeout(w.timer);
+  }
+  return w;
+}
+
+/** Fails every request of `pending` with `error`. */
+function rejectAll(pending: Map<bigint, Waiting<never>>, error: RelaymeshError): void {
+  for (const w of pending.values()) {
+    clearTimeout(w.timer);
+    w.reject(error);
+  }
+  pending.clear();
+}
 
 /** Raises `publisher`'s number in `seen` to `seq` if it is higher; whether it was. At
  * `max` publishers the one heard from first is forgotten. */
