@@ -79,10 +79,10 @@ pub(crate) async fn readyz(State(app): State<Arc<App>>) -> axum::response::Respo
     }
 }
 
-/// `GET /v1/stats`.
-pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
+/// The registered servers as `/v1/stats` (and the console) show them.
+pub(crate) fn servers_json(app: &App) -> Vec<Value> {
     let registry = lock(&app.registry);
-    let servers: Vec<Value> = registry
+    registry
         .iter()
         .map(|(id, e)| {
             json!({
@@ -98,8 +98,12 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
                 "load_age_ms": u64::try_from(e.load_at.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         })
-        .collect();
-    drop(registry);
+        .collect()
+}
+
+/// `GET /v1/stats`.
+pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
+    let servers = servers_json(&app);
     let s = &app.stats;
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

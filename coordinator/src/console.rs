@@ -88,28 +88,7 @@ async fn cluster(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !relaymesh_net::auth::bearer_matches(&headers, &app.config.admin_token) {
         return refuse();
     }
-    let registered: Vec<(String, String, Value)> = {
-        let registry = lock(&app.registry);
-        registry
-            .iter()
-            .map(|(id, e)| {
-                (
-                    id.to_string(),
-                    e.url.clone(),
-                    json!({
-                        "id": id,
-                        "url": e.url,
-                        "clients": e.load.clients,
-                        "capacity": e.capacity,
-                        "topics": e.load.topics,
-                        "draining": e.load.draining,
-                        "eligible": registry.eligible(e),
-                        "unresponsive": e.unresponsive,
-                    }),
-                )
-            })
-            .collect()
-    };
+    let registered = crate::api::servers_json(&app);
     let connector = match app.config.tls.connector(app.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
@@ -121,10 +100,11 @@ async fn cluster(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             .into_response();
         }
     };
-    let reads = registered.iter().map(|(_, url, _)| {
+    let reads = registered.iter().map(|server| {
         let connector = connector.clone();
+        let url = server["url"].as_str().unwrap_or_default().to_owned();
         async move {
-            let base = relaymesh_net::url::normalize(url, relaymesh_net::url::Form::Http)
+            let base = relaymesh_net::url::normalize(&url, relaymesh_net::url::Form::Http)
                 .map_err(|e| e.to_string())?;
             let stats_url = format!("{}/v1/stats", base.trim_end_matches('/'));
             let (status, body) = relaymesh_net::http::request_with(
@@ -147,7 +127,7 @@ async fn cluster(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let servers: Vec<Value> = registered
         .into_iter()
         .zip(stats)
-        .map(|((_, _, mut server), stats)| {
+        .map(|(mut server, stats)| {
             match stats {
                 Ok(s) => {
                     server["stats"] = json!({
