@@ -1203,6 +1203,16 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             return Handled::Nothing;
         }
         Some(Kind::Message(_)) => return Handled::Nothing,
+        // Split into its messages before decoding (`frame::unbatch`) unless it holds more.
+        Some(Kind::Batch(b)) => {
+            let events = b.messages.into_iter();
+            return Handled::Events(
+                events
+                    .filter(|m| fresh(shared, seen, m))
+                    .map(message)
+                    .collect(),
+            );
+        }
         Some(Kind::Published(p)) => {
             shared.confirm(p.up_to);
             return Handled::Nothing;

@@ -31,7 +31,7 @@ use relaymesh_net::metrics::Counter;
 use relaymesh_net::sync::lock;
 use relaymesh_net::wire;
 use relaymesh_proto::ErrorCode;
-use relaymesh_proto::frame::{Sender, forward_frame, message_frame_len, put_message_frame};
+use relaymesh_proto::frame::{self, Sender, forward_frame, message_frame_len, put_message_frame};
 use relaymesh_proto::v1;
 
 use crate::history::{Histories, TopicHistory};
@@ -67,6 +67,9 @@ pub(crate) struct Subscriber {
     /// The client's unique id within its account and the login it came from, if it gave one:
     /// a newer login with the same id closes this session.
     pub(crate) client: Option<ClientKey>,
+    /// The client connected with `&batch=1`: a burst's several messages reach it as one
+    /// `ServerToClient.batch` (one WebSocket message) instead of one WebSocket message each.
+    pub(crate) batches: bool,
 }
 
 impl Subscriber {
@@ -903,6 +906,8 @@ fn deliver(
     };
     let mut write_now = direct != DirectWrites::Off;
     let mut accepted = 0;
+    // Built for the first subscriber that takes batches, then shared like `frames`.
+    let mut batch: Option<Option<Bytes>> = None;
     for (i, s) in route.subscribers.iter().enumerate() {
         if write_now
             && i % DirectWrites::CLOCK_EVERY == DirectWrites::CLOCK_EVERY - 1
@@ -910,11 +915,64 @@ fn deliver(
         {
             write_now = false;
         }
-        if offer(s, frames, count, stats, slow_consumer_ms, write_now) {
+        let batch = match s.batches && count > 1 {
+            true => batch.get_or_insert_with(|| batched(frames)).as_ref(),
+            false => None,
+        };
+        let item = match batch {
+            Some(batch) => Item {
+                frames: batch,
+                frames_n: 1,
+                messages: count,
+            },
+            None => Item::frames(frames, count),
+        };
+        if offer(s, item, stats, slow_consumer_ms, write_now) {
             accepted += count as u64;
         }
     }
     accepted
+}
+
+/// What is handed to a subscriber: `frames_n` whole WebSocket frames holding `messages`
+/// messages (more than `frames_n` when they are a batch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Item<'a> {
+    pub(crate) frames: &'a Bytes,
+    pub(crate) frames_n: usize,
+    pub(crate) messages: usize,
+}
+
+impl<'a> Item<'a> {
+    /// `n` whole frames, a message each.
+    pub(crate) fn frames(frames: &'a Bytes, n: usize) -> Self {
+        Self {
+            frames,
+            frames_n: n,
+            messages: n,
+        }
+    }
+}
+
+/// `frames` (whole WebSocket frames, each a message frame) as one WebSocket frame holding
+/// `ServerToClient { batch }`, for subscribers that take batches: the message frames are copied
+/// behind a head as they are. `None` if one of them is not a message.
+fn batched(frames: &[u8]) -> Option<Bytes> {
+    let mut len = 0;
+    for payload in wire::payloads(frames) {
+        if !frame::is_message_frame(payload) {
+            return None;
+        }
+        len += payload.len();
+    }
+    let head = frame::batch_head_len(len);
+    let mut out = BytesMut::with_capacity(10 + head + len);
+    wire::put_frame_header(&mut out, head + len);
+    frame::put_batch_head(&mut out, len);
+    for payload in wire::payloads(frames) {
+        out.extend_from_slice(payload);
+    }
+    Some(out.freeze())
 }
 
 /// What became of a frame offered to a receiver's queue.
@@ -951,13 +1009,13 @@ fn enqueue_n(data: &DataTx, backlog: &Backlog, frames: &Bytes, count: usize) -> 
 /// consumer) when the subscriber's queue is full.
 pub(crate) fn offer(
     subscriber: &Subscriber,
-    frames: &Bytes,
-    count: usize,
+    item: Item<'_>,
     stats: &Stats,
     slow_consumer_ms: u64,
     write_now: bool,
 ) -> bool {
-    match subscriber.send(frames, count, write_now) {
+    let count = item.messages;
+    match subscriber.send(item.frames, item.frames_n, write_now) {
         Enqueued::Yes => return true,
         Enqueued::Closed => return false,
         Enqueued::Full => {}
@@ -1039,6 +1097,7 @@ mod tests {
             closer: Closer::new(),
             subscribed: AtomicBool::new(true),
             client: None,
+            batches: false,
         };
         (Arc::new(s), rx)
     }
@@ -1097,6 +1156,47 @@ mod tests {
         assert_eq!(items(&mut rx1), [vec!["1", "2"], vec!["4"]]);
         assert_eq!(items(&mut rx2), [vec!["1", "2"], vec!["3"], vec!["4"]]);
         assert_eq!(stats.messages_out.get(), 7);
+    }
+
+    #[test]
+    fn a_subscriber_that_takes_batches_gets_a_burst_as_one_frame() {
+        let stats = Stats::default();
+        let (plain, mut plain_rx) = subscriber(1, 100);
+        let (batching, mut batching_rx) = subscriber(2, 100);
+        let batching = Arc::new(Subscriber {
+            batches: true,
+            ..Arc::into_inner(batching).expect("the only reference")
+        });
+        let r = route(&[plain, batching.clone()]);
+        let mut batch = Batcher::default();
+        for payload in [b"1", b"2", b"3"] {
+            batch.push(&r, "t", FROM, payload, &stats, 1000);
+        }
+        batch.flush(&stats, 1000);
+        // A lone message goes as it is.
+        batch.push(&r, "t", FROM, b"4", &stats, 1000);
+        batch.flush(&stats, 1000);
+        let plain_items: Vec<_> = std::iter::from_fn(|| plain_rx.try_recv().ok())
+            .map(|item| topics(&item))
+            .collect();
+        assert_eq!(plain_items, [vec!["1", "2", "3"], vec!["4"]]);
+        let batched = batching_rx.try_recv().expect("the burst");
+        let payloads: Vec<_> = relaymesh_net::wire::frame_payloads(&batched).collect();
+        assert_eq!(payloads.len(), 1, "one WebSocket frame");
+        let msg: v1::ServerToClient =
+            relaymesh_proto::decode(payloads[0].clone()).expect("a frame");
+        let Some(v1::server_to_client::Kind::Batch(b)) = msg.kind else {
+            panic!("not a batch: {msg:?}");
+        };
+        let got: Vec<_> = b.messages.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(got, [b"1", b"2", b"3"]);
+        assert_eq!(
+            topics(&batching_rx.try_recv().expect("the lone one")),
+            ["4"]
+        );
+        // Its queue holds frames: the batch is one of them; messages are counted as sent.
+        assert_eq!(batching.backlog.queued_frames(), 2);
+        assert_eq!(stats.messages_out.get(), 8);
     }
 
     #[test]

@@ -45,9 +45,13 @@ use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
 #[derive(Debug, Deserialize)]
 pub(crate) struct ClientQuery {
     key: Option<String>,
+    /// `batch=1`: the client takes `ServerToClient.batch` (several deliveries in one WebSocket
+    /// message).
+    #[serde(default)]
+    batch: Option<String>,
 }
 
-/// `GET /v1/client?key=KEY`: redeems the key, then upgrades to a client session.
+/// `GET /v1/client?key=KEY[&batch=1]`: redeems the key, then upgrades to a client session.
 pub(crate) async fn upgrade(
     State(server): State<Arc<Server>>,
     Extension(conn): Extension<ConnInfo>,
@@ -65,8 +69,22 @@ pub(crate) async fn upgrade(
         )
         .into_response();
     }
-    let key = match query {
-        Ok(Query(ClientQuery { key: Some(key) })) if !key.is_empty() => key,
+    let (key, batches) = match query {
+        Ok(Query(ClientQuery {
+            key: Some(key),
+            batch,
+        })) if !key.is_empty() => match batch.as_deref() {
+            None | Some("0") => (key, false),
+            Some("1") => (key, true),
+            Some(other) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame,
+                    format!("batch={other:?}: expected batch=1 or batch=0"),
+                )
+                .into_response();
+            }
+        },
         _ => {
             return refuse_key(
                 &server,
@@ -94,7 +112,7 @@ pub(crate) async fn upgrade(
     tracker.spawn(
         async move {
             match accept::upgraded_link(on_upgrade, &limits).await {
-                Ok(socket) => run(server, socket, identity, conn).await,
+                Ok(socket) => run(server, socket, identity, conn, batches).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         }
@@ -246,6 +264,7 @@ fn run(
     socket: ServerLink,
     mut identity: v1::Identity,
     conn: ConnInfo,
+    batches: bool,
 ) -> impl Future<Output = ()> + Send {
     let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
@@ -284,6 +303,7 @@ fn run(
             client_id: identity.client_id.as_str().into(),
             seq: identity.seq,
         }),
+        batches,
     });
     let options = link::Options {
         writer: WriterSetup {
@@ -409,6 +429,7 @@ impl link::Handler for Session {
                     heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms)
                         .unwrap_or(u32::MAX),
                     node_id: self.node.as_deref().unwrap_or_default().to_owned(),
+                    max_frame_bytes: u32::try_from(config.max_frame_bytes).unwrap_or(u32::MAX),
                 };
                 self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
@@ -505,7 +526,7 @@ impl Session {
     async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
         if !matches!(
             msg.kind,
-            Some(Kind::Publish(_) | Kind::Send(_) | Kind::Signal(_))
+            Some(Kind::Publish(_) | Kind::Batch(_) | Kind::Send(_) | Kind::Signal(_))
         ) {
             self.flush();
         }
@@ -519,6 +540,10 @@ impl Session {
         }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
+            Some(Kind::Batch(batch)) => batch
+                .publishes
+                .into_iter()
+                .try_for_each(|publish| self.publish(publish)),
             Some(Kind::Send(send)) => {
                 let seq = send.seq;
                 let result = self.direct(send.to_node, &send.payload, seq, &send.resent_from, 0);
@@ -785,8 +810,7 @@ impl Session {
                 // reported as dropped.
                 crate::routes::offer(
                     &self.me,
-                    &frames.freeze(),
-                    count,
+                    crate::routes::Item::frames(&frames.freeze(), count),
                     &self.server.stats,
                     self.server.config.slow_consumer_ms,
                     false,

@@ -105,12 +105,21 @@ pub(crate) fn count_frames(mut frames: &[u8]) -> usize {
 /// The payloads of a run of whole unmasked frames (a [`crate::link::DataBacklog::framed`] item), for a
 /// receiver that consumes a data queue itself instead of writing it to a socket.
 pub fn frame_payloads(frames: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    payload_ranges(frames).map(|range| frames.slice(range))
+}
+
+/// [`frame_payloads`] borrowed: the payloads of a run of whole unmasked frames.
+pub fn payloads(frames: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    payload_ranges(frames).map(|range| &frames[range])
+}
+
+fn payload_ranges(frames: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
         let (header, len) = first_frame(frames.get(at..)?)?;
-        let payload = frames.slice(at + header..at + header + len);
-        at += header + len;
-        Some(payload)
+        let range = at + header..at + header + len;
+        at = range.end;
+        Some(range)
     })
 }
 

@@ -267,6 +267,28 @@ pub fn history_answer_frame<'a>(
     wrap_with_messages(PEER_MESSAGE_HISTORY_ANSWER, head, messages)
 }
 
+/// Field number of `batch` in the `ServerToClient.kind` oneof.
+const SERVER_TO_CLIENT_BATCH: u32 = 16;
+
+/// Whether `frame` is a [`message_frame`] (a `ServerToClient` holding a `message`).
+pub fn is_message_frame(frame: &[u8]) -> bool {
+    frame.first()
+        == Some(&((SERVER_TO_CLIENT_MESSAGE << 3) as u8 | WireType::LengthDelimited as u8))
+}
+
+/// The length of the head of `ServerToClient { batch: MessageBatch }` whose messages, each a
+/// [`message_frame`], take `messages_len` bytes. `MessageBatch.messages` is field 2 as
+/// `ServerToClient.message` is, so the message frames follow the head as they are.
+pub fn batch_head_len(messages_len: usize) -> usize {
+    key_len(SERVER_TO_CLIENT_BATCH) + encoded_len_varint(messages_len as u64)
+}
+
+/// Appends that head to `buf`; `messages_len` bytes of message frames are to follow.
+pub fn put_batch_head(buf: &mut BytesMut, messages_len: usize) {
+    put_key(SERVER_TO_CLIENT_BATCH, WireType::LengthDelimited, buf);
+    put_varint(messages_len as u64, buf);
+}
+
 fn wrap_with_messages<'a>(
     tag: u32,
     head: &impl prost::Message,
@@ -415,6 +437,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     InboxAck(v1::InboxAck) => inbox_ack,
     Leave(v1::Leave) => leave,
     History(v1::History) => history,
+    Batch(v1::PublishBatch) => batch,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -432,6 +455,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Left(v1::Left) => left,
     SubscriptionsChanged(v1::SubscriptionsChanged) => subscriptions_changed,
     History(v1::HistoryBatch) => history,
+    Batch(v1::MessageBatch) => batch,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,
@@ -495,6 +519,36 @@ mod tests {
             put_message_frame(&mut shared, topic, from, payload);
             assert_eq!(&shared[4..], &expected[..]);
         }
+    }
+
+    #[test]
+    fn batch_of_message_frames_matches_prost() {
+        let messages: Vec<v1::Message> = (0..3u64)
+            .map(|i| v1::Message {
+                topic: format!("t{i}"),
+                from_alias: "a".into(),
+                payload: Bytes::from(vec![i as u8; 150 * i as usize]),
+                seq: i,
+                ..v1::Message::default()
+            })
+            .collect();
+        let frames: Vec<Bytes> = messages
+            .iter()
+            .map(|m| encode(&v1::ServerToClient::message(m.clone())))
+            .collect();
+        assert!(frames.iter().all(|f| is_message_frame(f)));
+        assert!(!is_message_frame(&encode(&v1::ServerToClient::pong(
+            v1::Pong::default()
+        ))));
+        let len = frames.iter().map(Bytes::len).sum();
+        let mut buf = BytesMut::new();
+        put_batch_head(&mut buf, len);
+        assert_eq!(buf.len(), batch_head_len(len));
+        for f in &frames {
+            buf.put_slice(f);
+        }
+        let expected = encode(&v1::ServerToClient::batch(v1::MessageBatch { messages }));
+        assert_eq!(buf.freeze(), expected);
     }
 
     #[test]

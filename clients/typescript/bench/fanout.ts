@@ -14,7 +14,7 @@
 // holds the subscribers in its own process (and prints its line), this one only publishes.
 //
 // Prints one JSON line: system, subscribers, rate, seconds, expected, delivered, cpu_s,
-// delivered_per_cpu_s, cpu_percent. (`--role publisher` is the publisher process it starts.)
+// user_s, system_s, delivered_per_cpu_s, cpu_percent. (`--role publisher` is the publisher process it starts.)
 
 import { fork, spawn } from "node:child_process";
 import { createInterface } from "node:readline";
@@ -132,6 +132,8 @@ async function receive(): Promise<void> {
       expected: Math.round(rate * subscribers * wall),
       delivered,
       cpu_s: Number(cpuS.toFixed(3)),
+      user_s: Number((cpu.user / 1e6).toFixed(3)),
+      system_s: Number((cpu.system / 1e6).toFixed(3)),
       delivered_per_cpu_s: Math.round(delivered / cpuS),
       cpu_percent: Number(((100 * cpuS) / wall).toFixed(1)),
     }),

@@ -198,7 +198,19 @@ interface Link {
   restoreRequest?: bigint;
   /** The error the server sent before closing, if any. */
   lastError?: RelaymeshError;
+  /** The largest WebSocket message the server takes (`Ready.max_frame_bytes`; 0: it takes no
+   * publish batches). */
+  maxFrameBytes: number;
+  /** Publishes made in this turn of the event loop, sent as one `PublishBatch` at its end (or
+   * before anything else the client sends, to keep the order). */
+  batch?: { publishes: PublishInit[]; bytes: number };
 }
+
+type PublishInit = { topic: string; payload: Uint8Array; seq: bigint; resentFrom: string };
+
+/** The most a publish batch holds (and never more than the server's `max_frame_bytes` less
+ * room for the envelope): a burst goes out in pieces of about this size. */
+const BATCH_BYTES = 64 * 1024;
 
 export class Client {
   readonly #options: Required<
@@ -561,7 +573,8 @@ export class Client {
 
   /** Opens the WebSocket with the placement's key, attaches, and waits for `Ready`. */
   #open(placement: Placement): Promise<Link> {
-    const url = `${placement.url}?key=${encodeURIComponent(placement.key)}`;
+    // `batch=1`: a burst of deliveries comes as one WebSocket message (`ServerToClient.batch`).
+    const url = `${placement.url}?key=${encodeURIComponent(placement.key)}&batch=1`;
     return new Promise<Link>((resolve, reject) => {
       let ws: WebSocket;
       try {
@@ -634,6 +647,7 @@ export class Client {
           heartbeat: undefined,
           lastHeard: Date.now(),
           restoring: true,
+          maxFrameBytes: ready.maxFrameBytes,
         };
         ws.onmessage = (e: MessageEvent) => this.#onFrame(link, e.data);
         ws.onclose = (e: CloseEvent) => this.#onClose(link, e);
@@ -686,14 +700,20 @@ export class Client {
     }
     const bytes = new Uint8Array(data);
     let message: WireMessage | undefined;
+    let batch: WireMessage[] | undefined;
     try {
       message = this.#reader.read(bytes);
+      if (!message) batch = this.#reader.readBatch(bytes);
     } catch (e) {
       this.#badFrame(link, `the server sent a message that does not decode: ${(e as Error).message}`);
       return;
     }
     if (message) {
       this.#onMessage(message);
+      return;
+    }
+    if (batch) {
+      this.#onBatch(link, batch);
       return;
     }
     const frame = decode(data);
@@ -706,6 +726,10 @@ export class Client {
       case "message":
         // A message frame with more than the message in it (the reader takes the rest).
         this.#onMessage(kind.value);
+        return;
+      case "batch":
+        // A batch with more than messages in it (the reader takes the rest).
+        this.#onBatch(link, kind.value.messages);
         return;
       case "ack": {
         const ack = kind.value;
@@ -861,6 +885,15 @@ export class Client {
     link.lastError = new RelaymeshError("BAD_FRAME", message);
     // A WebSocket closes only with 1000 or 3000-4999: the protocol's codes are 4000 + code.
     link.ws.close(4000 + ErrorCode.BAD_FRAME);
+  }
+
+  /** A batch's messages in order, as if each had come alone (what follows a handler that
+   * closed the client is not handed on, as later frames would not be). */
+  #onBatch(link: Link, messages: ReadonlyArray<WireMessage | ProtoMessage>): void {
+    for (const m of messages) {
+      if (this.#link !== link) return;
+      this.#onMessage(m);
+    }
   }
 
   #onMessage(m: WireMessage | ProtoMessage): void {
@@ -1052,13 +1085,43 @@ export class Client {
       });
       return;
     }
-    this.#send(link, {
-      case: "publish",
-      value: { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom },
-    });
+    const publish = { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom };
+    if (link.maxFrameBytes === 0) {
+      this.#send(link, { case: "publish", value: publish });
+      return;
+    }
+    // An upper bound of the publish's encoded size (UTF-8 takes at most 3 bytes per UTF-16 unit).
+    const size = out.payload.length + 3 * (out.topic.length + resentFrom.length) + 32;
+    const limit = Math.min(BATCH_BYTES, link.maxFrameBytes - 1024);
+    if (link.batch && link.batch.bytes + size > limit) this.#flushPublishes(link);
+    if (!link.batch) {
+      link.batch = { publishes: [], bytes: 16 };
+      queueMicrotask(() => this.#flushPublishes(link));
+    }
+    link.batch.publishes.push(publish);
+    link.batch.bytes += size;
+  }
+
+  /** Sends the publishes waiting in `link.batch`: one alone, several as a `PublishBatch`. */
+  #flushPublishes(link: Link): void {
+    const batch = link.batch;
+    if (!batch) return;
+    link.batch = undefined;
+    const [first, ...more] = batch.publishes;
+    this.#write(
+      link,
+      more.length === 0
+        ? { case: "publish", value: first }
+        : { case: "batch", value: { publishes: batch.publishes } },
+    );
   }
 
   #send(link: Link, kind: MessageInitShape<typeof ClientToServerSchema>["kind"]): void {
+    this.#flushPublishes(link); // publishes made before this go before it
+    this.#write(link, kind);
+  }
+
+  #write(link: Link, kind: MessageInitShape<typeof ClientToServerSchema>["kind"]): void {
     if (link.ws.readyState !== 1 /* OPEN */) return; // its close is on the way
     link.ws.send(toBinary(ClientToServerSchema, create(ClientToServerSchema, { kind })));
   }

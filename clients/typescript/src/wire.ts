@@ -1,4 +1,5 @@
-// The one frame a receiving client sees most, `ServerToClient { message: Message }`, read
+// The frames a receiving client sees most, `ServerToClient { message: Message }` and
+// `ServerToClient { batch: MessageBatch }` (several messages in one WebSocket message), read
 // without the generic protobuf decoder: fields straight out of the bytes, the topic's and
 // sender's strings reused while they repeat (as they do on a busy subscription). Any other
 // frame goes to the generated code. The result is the same as the generated decoder's (a test
@@ -6,6 +7,8 @@
 
 /** `ServerToClient.message` (field 2, length-delimited). */
 const MESSAGE_TAG = 0x12;
+/** `ServerToClient.batch` (field 16, length-delimited): the key's two bytes. */
+const BATCH_KEY = [0x82, 0x01] as const;
 
 /** A decoded `Message` (the fields a client uses). */
 export interface WireMessage {
@@ -72,6 +75,33 @@ export class MessageReader {
       // A message frame carries nothing else; anything else is for the generic decoder.
       return undefined;
     }
+    return this.#message(buf, at, end);
+  }
+
+  /** The messages of the batch in `buf`, in order; `undefined` when `buf` is another kind of
+   * frame (or a batch with more than messages in it, left to the generic decoder); throws
+   * {@link WireError} when it is a batch that does not decode, before handing any on. */
+  readBatch(buf: Uint8Array): WireMessage[] | undefined {
+    if (buf.length < 3 || buf[0] !== BATCH_KEY[0] || buf[1] !== BATCH_KEY[1]) return undefined;
+    const at = { i: 2 };
+    const len = varintNumber(buf, at);
+    const end = at.i + len;
+    if (end !== buf.length) return undefined;
+    const messages: WireMessage[] = [];
+    while (at.i < end) {
+      if (buf[at.i] !== MESSAGE_TAG) return undefined;
+      at.i++;
+      const n = varintNumber(buf, at);
+      const stop = at.i + n;
+      if (stop > end) throw new WireError("a message runs past the batch");
+      messages.push(this.#message(buf, at, stop));
+      at.i = stop;
+    }
+    return messages;
+  }
+
+  /** The `Message` in `buf` from `at.i` to `end`. */
+  #message(buf: Uint8Array, at: { i: number }, end: number): WireMessage {
     const m: WireMessage = {
       topic: "",
       fromAlias: "",

@@ -104,6 +104,32 @@ describe("an open cluster of three comm servers", () => {
     }
   });
 
+  test("a burst bigger than one publish batch arrives whole and in order, on the same server and another", async () => {
+    const [a, b] = cluster.servers;
+    const publisher = await Client.connect({ coordinator: cluster.url, preferredServer: a.id });
+    const near = await Client.connect({ coordinator: cluster.url, preferredServer: a.id });
+    const far = await Client.connect({ coordinator: cluster.url, preferredServer: b.id });
+    try {
+      await near.subscribe("burst/t");
+      await far.subscribe("burst/t");
+      const count = 600;
+      // 600 publishes of up to 1 KiB in one turn of the event loop: several batches of at most
+      // 64 KiB each, then delivered in batches.
+      const sizes = Array.from({ length: count }, (_, i) => 1 + ((i * 37) % 1024));
+      const want = sizes.map((n, i) => `${i}:`.padEnd(n, "x"));
+      const gotNear = messages(near, "burst/t", (m) => m.length === count);
+      const gotFar = messages(far, "burst/t", (m) => m.length === count);
+      for (const text of want) publisher.publish("burst/t", text);
+      assert.deepEqual((await gotNear).map((m) => m.text()), want);
+      assert.deepEqual((await gotFar).map((m) => m.text()), want);
+      assert.deepEqual((await gotFar).map((m) => m.seq), want.map((_, i) => BigInt(i + 1)));
+    } finally {
+      publisher.close();
+      near.close();
+      far.close();
+    }
+  });
+
   test("a topic that breaks the topic rules fails its subscribe; the server closes, the client comes back with the rest", async () => {
     const client = await Client.connect({ coordinator: cluster.url });
     try {

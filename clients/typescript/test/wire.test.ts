@@ -76,3 +76,48 @@ test("a message frame that does not decode is an error, not a message", () => {
   // A string that is not UTF-8.
   assert.throws(() => reader.read(Uint8Array.from([0x12, 3, 0x0a, 1, 0xff])));
 });
+
+test("a batch reads as the generated decoder reads it, in order", () => {
+  const reader = new MessageReader();
+  const messages = [
+    { topic: "chat/lobby", fromAlias: "a1", payload: new Uint8Array([1]), seq: 1n },
+    { topic: "chat/lobby", fromAlias: "a1", payload: new Uint8Array(300).fill(2), seq: 2n, stream: 9n, offset: 4n },
+    { topic: "other", fromAlias: "b2", payload: new Uint8Array(0), fromNode: "f00d", signal: 1 },
+  ];
+  const bytes = frame({ kind: { case: "batch", value: { messages } } });
+  const expected = fromBinary(ServerToClientSchema, bytes);
+  assert.equal(expected.kind.case, "batch");
+  const got = reader.readBatch(bytes);
+  assert.ok(got);
+  assert.equal(reader.read(bytes), undefined, "a batch is not one message");
+  assert.equal(got.length, 3);
+  const want = expected.kind.case === "batch" ? expected.kind.value.messages : [];
+  for (const [i, m] of got.entries()) {
+    assert.equal(m.topic, want[i].topic);
+    assert.equal(m.fromAlias, want[i].fromAlias);
+    assert.deepEqual([...m.payload], [...want[i].payload]);
+    assert.equal(m.seq, want[i].seq);
+    assert.equal(m.stream, want[i].stream);
+    assert.equal(m.offset, want[i].offset);
+    assert.equal(m.fromNode, want[i].fromNode);
+    assert.equal(m.signal, want[i].signal);
+  }
+  // Each element is byte for byte a message frame (the last one ends the batch).
+  const last = frame({ kind: { case: "message", value: messages[2] } });
+  assert.deepEqual([...bytes.subarray(bytes.length - last.length)], [...last]);
+  const one = frame({ kind: { case: "message", value: messages[0] } });
+  // Other frames, and a message frame, are not batches.
+  assert.equal(reader.readBatch(one), undefined);
+  assert.equal(reader.readBatch(frame({ kind: { case: "pong", value: { nonce: 1n } } })), undefined);
+});
+
+test("a batch that does not decode is an error, not some of its messages", () => {
+  const reader = new MessageReader();
+  // A message whose length runs past the batch.
+  assert.throws(() => reader.readBatch(Uint8Array.from([0x82, 0x01, 3, 0x12, 5, 0x0a])), WireError);
+  // A bad message inside an otherwise whole batch.
+  assert.throws(() => reader.readBatch(Uint8Array.from([0x82, 0x01, 4, 0x12, 2, 0x0f, 0])), WireError);
+  // Cut short: not taken for a batch (the generated decoder then refuses it).
+  const whole = frame({ kind: { case: "batch", value: { messages: [{ topic: "t", fromAlias: "a" }] } } });
+  assert.equal(reader.readBatch(whole.subarray(0, whole.length - 1)), undefined);
+});

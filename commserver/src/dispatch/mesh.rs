@@ -108,6 +108,8 @@ impl Bridge {
             closer: Closer::new(),
             subscribed: AtomicBool::new(true),
             client: None,
+            // The bridge reads its queue frame by frame.
+            batches: false,
         });
         let alias = format!("dispatch@{}", server.id);
         (

@@ -849,7 +849,7 @@ pub struct ConnectOffer {
 pub struct ClientToServer {
     #[prost(
         oneof = "client_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
     )]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
@@ -879,7 +879,20 @@ pub mod client_to_server {
         Leave(super::Leave),
         #[prost(message, tag = "11")]
         History(super::History),
+        #[prost(message, tag = "12")]
+        Batch(super::PublishBatch),
     }
+}
+/// Several publishes in one WebSocket message, each handled as if it had come alone and in
+/// this order (numbered, confirmed, refused one by one). A client sends them when its
+/// application publishes several messages at once, so it pays the WebSocket's per-message cost
+/// once per burst; the whole message stays under `Ready.max_frame_bytes`. The field number is
+/// that of `ClientToServer.publish`: each element's encoding is byte for byte a
+/// `ClientToServer` holding that publish.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PublishBatch {
+    #[prost(message, repeated, tag = "4")]
+    pub publishes: ::prost::alloc::vec::Vec<Publish>,
 }
 /// Asks for a topic's history (a topic the comm servers' `\[history\]` configuration keeps
 /// history for, and the role may subscribe to): answered by `HistoryBatch`es with the same
@@ -941,7 +954,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -979,7 +992,21 @@ pub mod server_to_client {
         SubscriptionsChanged(super::SubscriptionsChanged),
         #[prost(message, tag = "15")]
         History(super::HistoryBatch),
+        #[prost(message, tag = "16")]
+        Batch(super::MessageBatch),
     }
+}
+/// Several deliveries in one WebSocket message, sent only to a client that connected with
+/// `&batch=1` (`GET /v1/client?key=KEY&batch=1`): when one burst brings a subscriber several
+/// messages, they travel as one WebSocket message instead of one each, so a client pays the
+/// WebSocket's per-message cost (a frame, an event, a copy) once per burst. Messages are in
+/// delivery order. The field number is that of `ServerToClient.message`, so each element's
+/// encoding is byte for byte a `ServerToClient` holding that message: a client may split a
+/// batch into the frames it already handles.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct MessageBatch {
+    #[prost(message, repeated, tag = "2")]
+    pub messages: ::prost::alloc::vec::Vec<Message>,
 }
 /// Messages from a topic's history: an answer to `History` (`request_id`), or a recovery
 /// (`recovery` set, `request_id` that of the `Subscribe`). Messages come oldest first, each
@@ -1123,6 +1150,10 @@ pub struct Ready {
     /// once they have; as with a subscription).
     #[prost(string, tag = "6")]
     pub node_id: ::prost::alloc::string::String,
+    /// The largest WebSocket message this server takes from the client (`max_frame_bytes`): a
+    /// `PublishBatch` stays under it. 0 from servers that take no batches.
+    #[prost(uint32, tag = "7")]
+    pub max_frame_bytes: u32,
 }
 /// Answered by Ack{request_id} (see Ack for what it promises).
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -6,6 +6,7 @@ mod accounts;
 mod admin;
 mod backend;
 mod bad_input;
+mod batches;
 mod cli;
 mod cluster;
 mod console;
