@@ -3728,6 +3728,7 @@ async function login(coordinator, request = {}, fetchImpl = fetch) {
   if (request.clientId) body.client_id = request.clientId;
   if (request.preferredServer) body.preferred_server = request.preferredServer;
   if (request.exclude?.length) body.exclude = request.exclude;
+  if (request.moving) body.moving = true;
   const answer = await postJson(fetchImpl, `${base}/v1/login`, body);
   const { alias, node_id, server_id, url, key, expires_in_ms } = answer;
   if (typeof server_id !== "string" || typeof url !== "string" || typeof key !== "string") {
@@ -3818,6 +3819,7 @@ var FINAL_LOGIN_ERRORS = /* @__PURE__ */ new Set([
   "ROLE_NOT_PERMITTED",
   "BAD_FRAME"
 ]);
+var HOLD_LIMIT = 1e4;
 var BATCH_BYTES = 64 * 1024;
 var Client = class _Client {
   #options;
@@ -3825,6 +3827,8 @@ var Client = class _Client {
   #fetch;
   #listeners = /* @__PURE__ */ new Map();
   #link;
+  /** The link being moved to, while a move off a drained server is under way. */
+  #moving;
   /** Topics subscribed to (confirmed, or sent and restored at every reconnect). */
   #subscriptions = /* @__PURE__ */ new Set();
   #pendingSubscribes = /* @__PURE__ */ new Map();
@@ -4082,31 +4086,11 @@ var Client = class _Client {
     this.#startHeartbeat(link);
     const standing = [...this.#subscriptions];
     if (standing.length > 0) {
-      const requestId = this.#nextRequest++;
-      const restored = new Promise((resolve, reject) => {
-        const timer2 = setTimeout(
-          () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
-          this.#options.subscribeTimeoutMs
-        );
-        this.#pendingSubscribes.set(requestId, {
-          topics: standing,
-          resolve: () => {
-            clearTimeout(timer2);
-            resolve();
-          },
-          reject: (e) => {
-            clearTimeout(timer2);
-            reject(e);
-          },
-          timer: timer2
-        });
-      });
-      link.restoreRequest = requestId;
       const recover = this.#positions.recover(standing);
       for (const r of recover) this.#recovering.set(r.topic, { held: [], count: 0 });
-      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover } });
+      const requestId = this.#nextRequest;
       try {
-        await restored;
+        await this.#restore(link, standing, recover);
       } catch (e) {
         const error = e;
         this.#pendingSubscribes.delete(requestId);
@@ -4131,11 +4115,135 @@ var Client = class _Client {
         link.restoreRequest = void 0;
       }
     }
+    this.#restored(link);
+  }
+  /** Subscribes `link` to the standing `topics` in one request and waits for its Ack. */
+  #restore(link, topics, recover) {
+    const requestId = this.#nextRequest++;
+    const restored = new Promise((resolve, reject) => {
+      const timer2 = setTimeout(
+        () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
+        this.#options.subscribeTimeoutMs
+      );
+      this.#pendingSubscribes.set(requestId, {
+        topics,
+        resolve: () => {
+          clearTimeout(timer2);
+          resolve();
+        },
+        reject: (e) => {
+          clearTimeout(timer2);
+          reject(e);
+        },
+        timer: timer2
+      });
+    });
+    link.restoreRequest = requestId;
+    this.#send(link, { case: "subscribe", value: { requestId, topics, recover } });
+    return restored.finally(() => {
+      link.restoreRequest = void 0;
+    });
+  }
+  /** `link`'s standing subscriptions are back: what waited for it goes out. */
+  #restored(link) {
     for (const [requestId, p] of this.#pendingSubscribes) {
       this.#send(link, { case: "subscribe", value: { requestId, topics: p.topics, recover: [] } });
     }
     link.restoring = false;
     for (const out of this.#outbox) this.#sendPublish(link, out);
+  }
+  // ---- moving off a drained server ------------------------------------------------------
+  /** The server behind `old` is being drained: move make-before-break. Nothing new goes to
+   * it; another server is found through the coordinator and subscribed while `old` is still
+   * read; then `old` is sent `Leave` and read up to its `Left`, so everything queued for the
+   * client there arrives; then the new link takes over. A move that cannot be made ends `old`
+   * as a lost server would. */
+  async #move(old, reason) {
+    old.restoring = true;
+    this.#flushPublishes(old);
+    let next;
+    try {
+      const placement = await login(
+        this.#options.coordinator,
+        {
+          credentials: this.#options.credentials,
+          clientId: this.#options.clientId,
+          exclude: [old.serverId],
+          moving: true
+        },
+        this.#fetch
+      );
+      if (this.#link !== old) return;
+      next = await this.#open(placement);
+      next.held = [];
+      this.#moving = next;
+      if (this.#link !== old) throw closedError();
+      this.#startHeartbeat(next);
+      next.restored = [...this.#subscriptions];
+      if (next.restored.length > 0) await this.#restore(next, next.restored, []);
+    } catch (e) {
+      if (next) {
+        if (this.#moving === next) this.#moving = void 0;
+        stopHeartbeat(next);
+        next.ws.close(1e3);
+      }
+      if (this.#link === old) {
+        old.lastError = new RelaymeshError(
+          "SHUTTING_DOWN",
+          `${reason}; moving failed: ${e.message}`
+        );
+        old.ws.close(1e3);
+      }
+      return;
+    }
+    if (this.#link !== old || this.#moving !== next) return;
+    const timer2 = setTimeout(() => {
+      if (!this.#moved(old, false)) old.ws.close(1e3);
+    }, this.#options.subscribeTimeoutMs);
+    old.leaving = { to: next, reason, timer: timer2 };
+    this.#write(old, { case: "leave", value: {} });
+  }
+  /** Ends the move from `old` (sent `Leave`): `clean` when `old` was read to its end
+   * (`Left`). False when the server moved to was lost meanwhile: `old` is then left as a lost
+   * server. */
+  #moved(old, clean) {
+    const leaving = old.leaving;
+    if (!leaving) return false;
+    clearTimeout(leaving.timer);
+    old.leaving = void 0;
+    const next = leaving.to;
+    if (this.#link !== old || this.#moving !== next) return false;
+    const reason = leaving.reason;
+    this.#moving = void 0;
+    stopHeartbeat(old);
+    this.#link = next;
+    old.ws.close(1e3);
+    for (const resolve of this.#pendingUnsubscribes.values()) resolve();
+    this.#pendingUnsubscribes.clear();
+    const lost = new RelaymeshError("CONNECT_FAILED", `${old.serverId} was left`);
+    rejectAll(this.#pendingLists, lost);
+    rejectAll(this.#pendingHistory, lost);
+    const held = next.held ?? [];
+    next.held = void 0;
+    for (const m of held) {
+      if (m.topic.startsWith("@") || this.#subscriptions.has(m.topic)) this.#onMessage(m);
+    }
+    const gone = (next.restored ?? []).filter((t) => !this.#subscriptions.has(t));
+    next.restored = void 0;
+    if (gone.length > 0) {
+      this.#send(next, { case: "unsubscribe", value: { requestId: this.#nextRequest++, topics: gone } });
+    }
+    this.#restored(next);
+    if (clean) {
+      this.#emit("moved", { fromServer: old.serverId, serverId: next.serverId, alias: next.alias, reason });
+    } else {
+      this.#emit("disconnected", {
+        serverId: old.serverId,
+        reason: `moving (${reason}): the server ended before sending everything queued here`
+      });
+      this.#emit("reconnected", { serverId: next.serverId, alias: next.alias });
+    }
+    return true;
   }
   /** Opens the WebSocket with the placement's key, attaches, and waits for `Ready`. */
   #open(placement) {
@@ -4245,7 +4353,7 @@ var Client = class _Client {
   }
   // ---- a connected link -----------------------------------------------------------------
   #onFrame(link, data) {
-    if (this.#link !== link) return;
+    if (this.#link !== link && this.#moving !== link) return;
     link.lastHeard = Date.now();
     if (!(data instanceof ArrayBuffer)) {
       this.#badFrame(link, "the server sent a text frame");
@@ -4262,7 +4370,7 @@ var Client = class _Client {
       return;
     }
     if (message) {
-      this.#onMessage(message);
+      this.#onBatch(link, [message]);
       return;
     }
     if (batch) {
@@ -4277,7 +4385,7 @@ var Client = class _Client {
     const kind = frame.kind;
     switch (kind.case) {
       case "message":
-        this.#onMessage(kind.value);
+        this.#onBatch(link, [kind.value]);
         return;
       case "batch":
         this.#onBatch(link, kind.value.messages);
@@ -4395,9 +4503,29 @@ var Client = class _Client {
         });
         return;
       }
-      case "reconnect":
-        link.lastError = new RelaymeshError("SHUTTING_DOWN", kind.value.reason || "drained");
+      case "reconnect": {
+        const reason = kind.value.reason || "drained";
+        if (link === this.#link && this.#options.autoReconnect && !this.#moving && !link.restoring) {
+          void this.#move(link, reason);
+          return;
+        }
+        if (link === this.#link && (this.#moving || link.restoring)) return;
+        link.lastError = new RelaymeshError("SHUTTING_DOWN", reason);
         link.ws.close(1e3);
+        return;
+      }
+      case "accepted": {
+        const { seq, toNode, inboxId } = kind.value;
+        this.#emit("accepted", { seq, toNode, inboxId });
+        return;
+      }
+      case "expired": {
+        const { toNode, inboxId, seq, publisher, storedMs } = kind.value;
+        this.#emit("expired", { toNode, inboxId, seq, publisher, storedMs });
+        return;
+      }
+      case "left":
+        if (!this.#moved(link, true)) link.ws.close(1e3);
         return;
       default:
         return;
@@ -4430,6 +4558,15 @@ var Client = class _Client {
   /** A batch's messages in order, as if each had come alone (what follows a handler that
    * closed the client is not handed on, as later frames would not be). */
   #onBatch(link, messages) {
+    const held = link.held;
+    if (held) {
+      held.push(...messages);
+      if (held.length > HOLD_LIMIT) {
+        link.lastError = new RelaymeshError("LIMIT_EXCEEDED", `${HOLD_LIMIT} messages arrived while moving`);
+        link.ws.close(1e3);
+      }
+      return;
+    }
     for (const m of messages) {
       if (this.#link !== link) return;
       this.#onMessage(m);
@@ -4493,7 +4630,14 @@ var Client = class _Client {
   }
   #onClose(link, ev) {
     stopHeartbeat(link);
+    if (link === this.#moving) {
+      this.#moving = void 0;
+      const restore2 = link.restoreRequest !== void 0 ? this.#pendingSubscribes.get(link.restoreRequest) : void 0;
+      restore2?.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while moving to it`));
+      return;
+    }
     if (this.#link !== link) return;
+    if (this.#moved(link, false)) return;
     this.#link = void 0;
     if (this.#closed) return;
     for (const resolve of this.#pendingUnsubscribes.values()) resolve();

@@ -573,6 +573,9 @@ pub(crate) struct LoginRequest {
     client_id: String,
     preferred_server: Option<String>,
     exclude: Vec<String>,
+    /// The client is moving off a drained server and keeps that session until it has read it
+    /// to the end (see `Connect.moving`): this login does not replace it.
+    moving: bool,
 }
 
 /// JSON form of [`v1::Credentials`]: `{"anonymous": {}}`, `{"access_code": {"account": ...,
@@ -740,7 +743,7 @@ pub(crate) async fn login(
         &identity,
         request.preferred_server.as_deref(),
         request.exclude,
-        false,
+        request.moving,
     )
     .await?;
     Ok(Json(LoginResponse {

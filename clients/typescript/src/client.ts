@@ -84,6 +84,11 @@ export interface ClientEvents {
   /** Connected again, to `serverId`, every subscription restored on it (but those a
    * `subscriptionsRefused` named). */
   reconnected: { serverId: string; alias: string };
+  /** Moved off `fromServer`, which is being drained, to `serverId`, make-before-break: the new
+   * connection was subscribed before the old one was read to its end, so nothing was missed
+   * and nothing comes twice. (A move that cannot finish cleanly is a `disconnected` and a
+   * `reconnected` instead.) */
+  moved: { fromServer: string; serverId: string; alias: string; reason: string };
   /** The client stopped for good: closed by the application, replaced by a newer login of
    * its client id, kicked, refused at login, or out of reconnect time. */
   closed: { reason: string; code?: string };
@@ -104,6 +109,12 @@ export interface ClientEvents {
   /** While reconnecting, the new server refused to restore these subscriptions (its limits
    * are lower than the old server's): they are dropped, and the client goes on without them. */
   subscriptionsRefused: { topics: string[]; reason: string };
+  /** A direct message (by its number) to a node that is offline was written to the node's
+   * inbox (where the coordinator keeps inboxes): it is delivered when the node logs in. */
+  accepted: { seq: bigint; toNode: string; inboxId: bigint };
+  /** A direct message this client's node sent waited in its recipient's inbox past the age
+   * limit and was deleted unread (`seq` numbered by `publisher`, the alias that sent it). */
+  expired: { toNode: string; inboxId: bigint; seq: bigint; publisher: string; storedMs: bigint };
   /** A direct message or signal (by its number) reached no one: `UNKNOWN_NODE`,
    * `NOT_CONNECTED`, `RATE_LIMITED`, `INBOX_FULL`, ... */
   undeliverable: { seq: bigint; toNode: string; reason: string; message: string };
@@ -204,7 +215,18 @@ interface Link {
   /** Publishes made in this turn of the event loop, sent as one `PublishBatch` at its end (or
    * before anything else the client sends, to keep the order). */
   batch?: { publishes: PublishInit[]; bytes: number };
+  /** On a link being moved to: messages that arrived before the move was over, delivered
+   * after everything the server moved from still had (copies dropped then). */
+  held?: Array<WireMessage | ProtoMessage>;
+  /** On a link being moved to: the subscriptions restored on it. */
+  restored?: string[];
+  /** On a link being moved from, once `Leave` is sent: where to, why, and the timer that
+   * gives up waiting for `Left`. */
+  leaving?: { to: Link; reason: string; timer: ReturnType<typeof setTimeout> };
 }
+
+/** Messages held on the link being moved to before the move gives up on it. */
+const HOLD_LIMIT = 10_000;
 
 type PublishInit = { topic: string; payload: Uint8Array; seq: bigint; resentFrom: string };
 
@@ -224,6 +246,8 @@ export class Client {
   readonly #fetch: typeof fetch;
   readonly #listeners = new Map<keyof ClientEvents, Set<Listener<never>>>();
   #link: Link | undefined;
+  /** The link being moved to, while a move off a drained server is under way. */
+  #moving: Link | undefined;
   /** Topics subscribed to (confirmed, or sent and restored at every reconnect). */
   readonly #subscriptions = new Set<string>();
   readonly #pendingSubscribes = new Map<bigint, PendingSubscribe>();
@@ -508,33 +532,13 @@ export class Client {
     // drops them and says so, and the client goes on without them.
     const standing = [...this.#subscriptions];
     if (standing.length > 0) {
-      const requestId = this.#nextRequest++;
-      const restored = new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(
-          () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
-          this.#options.subscribeTimeoutMs,
-        );
-        this.#pendingSubscribes.set(requestId, {
-          topics: standing,
-          resolve: () => {
-            clearTimeout(timer);
-            resolve();
-          },
-          reject: (e) => {
-            clearTimeout(timer);
-            reject(e);
-          },
-          timer,
-        });
-      });
-      link.restoreRequest = requestId;
       // What was missed on the topics that keep history comes after the Ack; live messages
       // of those topics wait until it has.
       const recover = this.#positions.recover(standing);
       for (const r of recover) this.#recovering.set(r.topic, { held: [], count: 0 });
-      this.#send(link, { case: "subscribe", value: { requestId, topics: standing, recover } });
+      const requestId = this.#nextRequest;
       try {
-        await restored;
+        await this.#restore(link, standing, recover);
       } catch (e) {
         const error = e as RelaymeshError;
         this.#pendingSubscribes.delete(requestId);
@@ -561,6 +565,39 @@ export class Client {
         link.restoreRequest = undefined;
       }
     }
+    this.#restored(link);
+  }
+
+  /** Subscribes `link` to the standing `topics` in one request and waits for its Ack. */
+  #restore(link: Link, topics: string[], recover: ReturnType<Positions["recover"]>): Promise<void> {
+    const requestId = this.#nextRequest++;
+    const restored = new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new RelaymeshError("TIMEOUT", "no Ack for the restored subscriptions")),
+        this.#options.subscribeTimeoutMs,
+      );
+      this.#pendingSubscribes.set(requestId, {
+        topics,
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+        timer,
+      });
+    });
+    link.restoreRequest = requestId;
+    this.#send(link, { case: "subscribe", value: { requestId, topics, recover } });
+    return restored.finally(() => {
+      link.restoreRequest = undefined;
+    });
+  }
+
+  /** `link`'s standing subscriptions are back: what waited for it goes out. */
+  #restored(link: Link): void {
     // Subscriptions the application is still waiting for, each as its own request: one that
     // is refused fails only its own `subscribe`.
     for (const [requestId, p] of this.#pendingSubscribes) {
@@ -569,6 +606,109 @@ export class Client {
     // What no server confirmed, in order (what waited last), then new publishes go out.
     link.restoring = false;
     for (const out of this.#outbox) this.#sendPublish(link, out);
+  }
+
+  // ---- moving off a drained server ------------------------------------------------------
+
+  /** The server behind `old` is being drained: move make-before-break. Nothing new goes to
+   * it; another server is found through the coordinator and subscribed while `old` is still
+   * read; then `old` is sent `Leave` and read up to its `Left`, so everything queued for the
+   * client there arrives; then the new link takes over. A move that cannot be made ends `old`
+   * as a lost server would. */
+  async #move(old: Link, reason: string): Promise<void> {
+    old.restoring = true; // publishes and subscriptions wait for the next server
+    this.#flushPublishes(old);
+    let next: Link | undefined;
+    try {
+      const placement = await login(
+        this.#options.coordinator,
+        {
+          credentials: this.#options.credentials,
+          clientId: this.#options.clientId,
+          exclude: [old.serverId],
+          moving: true,
+        },
+        this.#fetch,
+      );
+      if (this.#link !== old) return;
+      next = await this.#open(placement);
+      next.held = [];
+      this.#moving = next;
+      if (this.#link !== old) throw closedError();
+      this.#startHeartbeat(next);
+      next.restored = [...this.#subscriptions];
+      if (next.restored.length > 0) await this.#restore(next, next.restored, []);
+    } catch (e) {
+      if (next) {
+        if (this.#moving === next) this.#moving = undefined;
+        stopHeartbeat(next);
+        next.ws.close(1000);
+      }
+      if (this.#link === old) {
+        // As a lost server: reconnect elsewhere.
+        old.lastError = new RelaymeshError(
+          "SHUTTING_DOWN",
+          `${reason}; moving failed: ${(e as Error).message}`,
+        );
+        old.ws.close(1000);
+      }
+      return;
+    }
+    if (this.#link !== old || this.#moving !== next) return;
+    // The old server confirms what it took, then sends `Left` behind everything it queued.
+    const timer = setTimeout(() => {
+      if (!this.#moved(old, false)) old.ws.close(1000);
+    }, this.#options.subscribeTimeoutMs);
+    old.leaving = { to: next, reason, timer };
+    this.#write(old, { case: "leave", value: {} });
+  }
+
+  /** Ends the move from `old` (sent `Leave`): `clean` when `old` was read to its end
+   * (`Left`). False when the server moved to was lost meanwhile: `old` is then left as a lost
+   * server. */
+  #moved(old: Link, clean: boolean): boolean {
+    const leaving = old.leaving;
+    if (!leaving) return false;
+    clearTimeout(leaving.timer);
+    old.leaving = undefined;
+    const next = leaving.to;
+    if (this.#link !== old || this.#moving !== next) return false;
+    const reason = leaving.reason;
+    this.#moving = undefined;
+    stopHeartbeat(old);
+    this.#link = next;
+    old.ws.close(1000);
+    // Requests the old server did not answer: its unsubscribes are moot, reads are asked again.
+    for (const resolve of this.#pendingUnsubscribes.values()) resolve();
+    this.#pendingUnsubscribes.clear();
+    const lost = new RelaymeshError("CONNECT_FAILED", `${old.serverId} was left`);
+    rejectAll(this.#pendingLists, lost);
+    rejectAll(this.#pendingHistory, lost);
+    // What arrived here meanwhile, on topics still subscribed: copies of what the old server
+    // delivered are dropped by their numbers and positions.
+    const held = next.held ?? [];
+    next.held = undefined;
+    for (const m of held) {
+      if (m.topic.startsWith("@") || this.#subscriptions.has(m.topic)) this.#onMessage(m);
+    }
+    // Subscriptions ended meanwhile end here too.
+    const gone = (next.restored ?? []).filter((t) => !this.#subscriptions.has(t));
+    next.restored = undefined;
+    if (gone.length > 0) {
+      this.#send(next, { case: "unsubscribe", value: { requestId: this.#nextRequest++, topics: gone } });
+    }
+    this.#restored(next);
+    if (clean) {
+      this.#emit("moved", { fromServer: old.serverId, serverId: next.serverId, alias: next.alias, reason });
+    } else {
+      // What the old server still held for the client may be missing, as after any loss.
+      this.#emit("disconnected", {
+        serverId: old.serverId,
+        reason: `moving (${reason}): the server ended before sending everything queued here`,
+      });
+      this.#emit("reconnected", { serverId: next.serverId, alias: next.alias });
+    }
+    return true;
   }
 
   /** Opens the WebSocket with the placement's key, attaches, and waits for `Ready`. */
@@ -692,7 +832,7 @@ export class Client {
   // ---- a connected link -----------------------------------------------------------------
 
   #onFrame(link: Link, data: unknown): void {
-    if (this.#link !== link) return;
+    if (this.#link !== link && this.#moving !== link) return;
     link.lastHeard = Date.now();
     if (!(data instanceof ArrayBuffer)) {
       this.#badFrame(link, "the server sent a text frame");
@@ -709,7 +849,7 @@ export class Client {
       return;
     }
     if (message) {
-      this.#onMessage(message);
+      this.#onBatch(link, [message]);
       return;
     }
     if (batch) {
@@ -725,7 +865,7 @@ export class Client {
     switch (kind.case) {
       case "message":
         // A message frame with more than the message in it (the reader takes the rest).
-        this.#onMessage(kind.value);
+        this.#onBatch(link, [kind.value]);
         return;
       case "batch":
         // A batch with more than messages in it (the reader takes the rest).
@@ -848,10 +988,31 @@ export class Client {
         });
         return;
       }
-      case "reconnect":
+      case "reconnect": {
         // The server is being drained: move to another one.
-        link.lastError = new RelaymeshError("SHUTTING_DOWN", kind.value.reason || "drained");
+        const reason = kind.value.reason || "drained";
+        if (link === this.#link && this.#options.autoReconnect && !this.#moving && !link.restoring) {
+          void this.#move(link, reason);
+          return;
+        }
+        if (link === this.#link && (this.#moving || link.restoring)) return; // moving already
+        link.lastError = new RelaymeshError("SHUTTING_DOWN", reason);
         link.ws.close(1000);
+        return;
+      }
+      case "accepted": {
+        const { seq, toNode, inboxId } = kind.value;
+        this.#emit("accepted", { seq, toNode, inboxId });
+        return;
+      }
+      case "expired": {
+        const { toNode, inboxId, seq, publisher, storedMs } = kind.value;
+        this.#emit("expired", { toNode, inboxId, seq, publisher, storedMs });
+        return;
+      }
+      case "left":
+        // Everything the server moved from had queued for the client has arrived.
+        if (!this.#moved(link, true)) link.ws.close(1000);
         return;
       default:
         // Pong (any frame keeps the link alive), and what this client does not use yet.
@@ -890,6 +1051,16 @@ export class Client {
   /** A batch's messages in order, as if each had come alone (what follows a handler that
    * closed the client is not handed on, as later frames would not be). */
   #onBatch(link: Link, messages: ReadonlyArray<WireMessage | ProtoMessage>): void {
+    const held = link.held;
+    if (held) {
+      // The link being moved to: held until the old server has been read to its end.
+      held.push(...messages);
+      if (held.length > HOLD_LIMIT) {
+        link.lastError = new RelaymeshError("LIMIT_EXCEEDED", `${HOLD_LIMIT} messages arrived while moving`);
+        link.ws.close(1000);
+      }
+      return;
+    }
     for (const m of messages) {
       if (this.#link !== link) return;
       this.#onMessage(m);
@@ -957,7 +1128,19 @@ export class Client {
 
   #onClose(link: Link, ev: CloseEvent): void {
     stopHeartbeat(link);
+    if (link === this.#moving) {
+      // The server being moved to was lost: the move fails (its restore, if still waited
+      // for), or, once `Leave` went out, the old server is read to its end and then left as
+      // a lost one.
+      this.#moving = undefined;
+      const restore =
+        link.restoreRequest !== undefined ? this.#pendingSubscribes.get(link.restoreRequest) : undefined;
+      restore?.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while moving to it`));
+      return;
+    }
     if (this.#link !== link) return;
+    // Closed before `Left`: the move ends without all of it.
+    if (this.#moved(link, false)) return;
     this.#link = undefined;
     if (this.#closed) return;
     // The next server will not have what this one was asked to forget; a directory read

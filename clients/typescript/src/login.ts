@@ -41,6 +41,9 @@ export interface LoginRequest {
   preferredServer?: string;
   /** Servers not to be placed on (one that was just lost). */
   exclude?: string[];
+  /** The client is moving off a drained server and keeps that session until it has read it
+   * to the end: this login does not replace it (as a later login with `clientId` would). */
+  moving?: boolean;
 }
 
 /** Makes a new Ed25519 key pair (WebCrypto: browsers and Node.js 20). */
@@ -90,6 +93,7 @@ export async function login(
   if (request.clientId) body.client_id = request.clientId;
   if (request.preferredServer) body.preferred_server = request.preferredServer;
   if (request.exclude?.length) body.exclude = request.exclude;
+  if (request.moving) body.moving = true;
   const answer = await postJson(fetchImpl, `${base}/v1/login`, body);
   const { alias, node_id, server_id, url, key, expires_in_ms } = answer as Record<string, unknown>;
   if (typeof server_id !== "string" || typeof url !== "string" || typeof key !== "string") {

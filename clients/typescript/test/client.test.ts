@@ -316,6 +316,174 @@ describe("an open cluster of three comm servers", () => {
   });
 });
 
+describe("nodes of an account on a SQLite store, which keeps inboxes", () => {
+  let dir: string;
+  let db: string;
+  let cluster: Cluster;
+  const drone = generateEd25519Identity();
+  const station = generateEd25519Identity();
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-inbox-"));
+    db = `sqlite://${join(dir, "accounts.db")}`;
+    await accounts(db, "create", "acme");
+    await accounts(db, "add-key", "acme", (await drone).publicKeyHex);
+    await accounts(db, "add-key", "acme", (await station).publicKeyHex);
+    cluster = await Cluster.start(2, { accountsUrl: db });
+  });
+  after(async () => {
+    await cluster.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** The inbox sizes `coordinator accounts nodes` shows, by node id. */
+  async function inboxes(): Promise<Map<string, number>> {
+    const out = await accounts(db, "nodes", "acme");
+    return new Map(
+      out
+        .split("\n")
+        .map((line) => [line.split("\t")[0], Number(/\tinbox (\d+)/.exec(line)?.[1] ?? NaN)] as const),
+    );
+  }
+
+  test("direct messages to an offline node wait in its inbox, arrive at its login, and once acknowledged do not come again", async () => {
+    const [a, b] = cluster.servers;
+    const login = async (identity: Promise<Awaited<typeof drone>>, server: string) =>
+      Client.connect({
+        coordinator: cluster.url,
+        credentials: { key: { account: "acme", identity: await identity } },
+        preferredServer: server,
+      });
+    // The drone's node id, then it goes offline.
+    const first = await login(drone, b.id);
+    const droneId = first.nodeId;
+    first.close();
+    const sender = await login(station, a.id);
+    try {
+      const texts = ["one", "two", "three"];
+      const accepted = new Promise<Array<ClientEvents["accepted"]>>((resolve) => {
+        const got: Array<ClientEvents["accepted"]> = [];
+        const stop = sender.on("accepted", (e) => {
+          got.push(e);
+          if (got.length === texts.length) {
+            stop();
+            resolve(got);
+          }
+        });
+      });
+      const seqs = texts.map((t) => sender.send(droneId, t));
+      const stored = await accepted;
+      assert.deepEqual(
+        stored.map((e) => [e.seq, e.toNode]),
+        seqs.map((seq) => [seq, droneId]),
+      );
+      assert.ok(stored.every((e) => e.inboxId > 0n));
+      assert.equal((await inboxes()).get(droneId), 3);
+
+      // At its login, in order, each with its inbox id; the client acknowledges them.
+      const back = await login(drone, b.id);
+      try {
+        const got: Array<ClientEvents["direct"]> = [];
+        await new Promise<void>((resolve) => {
+          const stop = back.on("direct", (d) => {
+            got.push(d);
+            if (got.length === texts.length) {
+              stop();
+              resolve();
+            }
+          });
+        });
+        assert.deepEqual(got.map((d) => d.text()), texts);
+        assert.deepEqual(got.map((d) => d.inboxId), stored.map((e) => e.inboxId));
+        // Acknowledged: deleted from the store (looked at until it is, within WAIT_MS).
+        const deadline = Date.now() + WAIT_MS;
+        while ((await inboxes()).get(droneId) !== 0) {
+          assert.ok(Date.now() < deadline, `the inbox still holds messages after ${WAIT_MS} ms`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      } finally {
+        back.close();
+      }
+      // So the next login gets nothing from the inbox: the first direct is a new one.
+      const again = await login(drone, a.id);
+      try {
+        const direct = next(again, "direct");
+        sender.send(droneId, "four");
+        const d = await direct;
+        assert.equal(d.text(), "four");
+        assert.equal(d.inboxId, 0n);
+      } finally {
+        again.close();
+      }
+    } finally {
+      sender.close();
+    }
+  });
+});
+
+describe("a comm server drained (SIGTERM) under its clients", () => {
+  let cluster: Cluster;
+  before(async () => {
+    cluster = await Cluster.start(3);
+  });
+  after(async () => {
+    await cluster.stop();
+  });
+
+  test("its clients move make-before-break: no disconnection, nothing lost, nothing twice, the publishes made meanwhile delivered", async () => {
+    const [drained, , far] = cluster.servers;
+    const watcher = await Client.connect({ coordinator: cluster.url, preferredServer: far.id });
+    const movers: Client[] = [];
+    try {
+      await watcher.subscribe("drain/moving");
+      for (let i = 0; i < 3; i++) {
+        // A client id: the move's login must not replace the session it moves from.
+        const mover = await Client.connect({
+          coordinator: cluster.url,
+          preferredServer: drained.id,
+          clientId: `mover-${i}`,
+        });
+        assert.equal(mover.serverId, drained.id);
+        await mover.subscribe("drain/elsewhere");
+        movers.push(mover);
+      }
+      const disconnections: string[] = [];
+      for (const m of movers) m.on("disconnected", (e) => disconnections.push(e.reason));
+      const moved = movers.map((m) => next(m, "moved"));
+      // 400 messages to the movers and 400 from one of them, then one more to mark the end.
+      const count = 400;
+      const want = Array.from({ length: count }, (_, i) => `m${i}`);
+      const received = movers.map((m) => messages(m, "drain/elsewhere", (got) => got.length === count + 1));
+      const fromMover = messages(watcher, "drain/moving", (got) => got.length === count);
+      const publishing = (async () => {
+        for (let i = 0; i < count; i += 20) {
+          for (let j = i; j < i + 20; j++) {
+            watcher.publish("drain/elsewhere", want[j]);
+            movers[0].publish("drain/moving", want[j]);
+          }
+          await new Promise((r) => setTimeout(r, 2));
+        }
+      })();
+      const stopped = drained.proc.stop(); // SIGTERM: the server drains before it stops
+      for (const e of await Promise.all(moved)) {
+        assert.equal(e.fromServer, drained.id);
+        assert.notEqual(e.serverId, drained.id);
+      }
+      await publishing;
+      watcher.publish("drain/elsewhere", "end");
+      for (const [i, got] of (await Promise.all(received)).entries()) {
+        assert.deepEqual(got.map((m) => m.text()), [...want, "end"], `mover ${i}`);
+        assert.notEqual(movers[i].serverId, drained.id);
+      }
+      assert.deepEqual((await fromMover).map((m) => m.text()), want);
+      assert.deepEqual(disconnections, []);
+      await stopped;
+    } finally {
+      watcher.close();
+      for (const m of movers) m.close();
+    }
+  });
+});
+
 describe("an account with roles, an access code and an Ed25519 key", () => {
   let dir: string;
   let cluster: Cluster;

@@ -110,13 +110,20 @@ export class Cluster {
   }
 
   /** Starts the cluster. `accountsFile`: the coordinator uses that `file` store;
+   * `accountsUrl`: that `sql` store (`sqlite://…`, which keeps node inboxes);
    * `adminToken`: it serves the web console (`--console`) behind that token; `corsOrigins`:
    * pages of those origins may log in from a browser. */
   static async start(
     servers: number,
-    options: { accountsFile?: string; adminToken?: string; corsOrigins?: string[]; commserverToml?: string } = {},
+    options: {
+      accountsFile?: string;
+      accountsUrl?: string;
+      adminToken?: string;
+      corsOrigins?: string[];
+      commserverToml?: string;
+    } = {},
   ): Promise<Cluster> {
-    const { accountsFile, adminToken, corsOrigins = [], commserverToml = "" } = options;
+    const { accountsFile, accountsUrl, adminToken, corsOrigins = [], commserverToml = "" } = options;
     const dir = mkdtempSync(join(tmpdir(), "relaymesh-ts-"));
     const config = join(dir, "coordinator.toml");
     writeFileSync(
@@ -124,7 +131,8 @@ export class Cluster {
       `cors_origins = ${JSON.stringify(corsOrigins)}\n` +
         (accountsFile
           ? `[accounts]\nstore = "file"\npath = ${JSON.stringify(accountsFile)}\nreload_ms = 50\n`
-          : ""),
+          : "") +
+        (accountsUrl ? `[accounts]\nstore = "sql"\nurl = ${JSON.stringify(accountsUrl)}\n` : ""),
     );
     const coordinator = new Proc(
       "coordinator",
@@ -194,9 +202,11 @@ export class Cluster {
 
 /** Runs `coordinator accounts --file FILE ARGS...` and returns what it printed. */
 export async function accounts(file: string, ...args: string[]): Promise<string> {
+  // A database URL (`sqlite://…`) names a sql store, anything else a file store.
+  const store = file.includes("://") ? "--url" : "--file";
   const { stdout } = await promisify(execFile)(join(binDir, "coordinator"), [
     "accounts",
-    "--file",
+    store,
     file,
     ...args,
   ]);

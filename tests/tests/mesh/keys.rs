@@ -176,3 +176,61 @@ async fn logins_are_refused_clearly_when_no_server_can_take_them() {
         "{err}"
     );
 }
+
+/// A raw session of `client_id` logged in through `POST /v1/login` (`moving` as given).
+async fn session_of(
+    coordinator: &std::net::SocketAddr,
+    client_id: &str,
+    moving: bool,
+) -> relaymesh_net::ws::ClientSocket {
+    let body = json!({ "client_id": client_id, "moving": moving });
+    let (url, _) = raw::login_url(coordinator, &body).await;
+    let mut socket = raw::dial(&url, None).await;
+    raw::send_msg(
+        &mut socket,
+        &relaymesh_proto::v1::ClientToServer::attach(relaymesh_proto::v1::Attach {
+            protocol_version: relaymesh_proto::PROTOCOL_VERSION,
+        }),
+    )
+    .await;
+    raw::next_frame(&mut socket).await.expect("Ready");
+    socket
+}
+
+#[tokio::test]
+async fn an_http_login_that_is_moving_does_not_replace_the_session_it_moves_from() {
+    let cluster = Cluster::start(1).await;
+    let coordinator = cluster.coordinator.addr;
+    let mut old = session_of(&coordinator, "drone-1", false).await;
+    let mut marker = session_of(&coordinator, "marker", false).await;
+    // The move's login: the session it moves from stays.
+    let _moved = session_of(&coordinator, "drone-1", true).await;
+    // A later ordinary login of another id replaces that one's session. Replacements reach the
+    // server in login order, so by the time the marker is replaced a replacement of the old
+    // session would have arrived.
+    let _marker_again = session_of(&coordinator, "marker", false).await;
+    assert_eq!(
+        raw::expect_client_error(&mut marker).await,
+        ErrorCode::Replaced
+    );
+    raw::send_msg(
+        &mut old,
+        &relaymesh_proto::v1::ClientToServer::ping(relaymesh_proto::v1::Ping { nonce: 7 }),
+    )
+    .await;
+    let pong: relaymesh_proto::v1::ServerToClient =
+        relaymesh_proto::decode(raw::next_frame(&mut old).await.expect("Pong")).unwrap();
+    assert!(
+        matches!(
+            pong.kind,
+            Some(relaymesh_proto::v1::server_to_client::Kind::Pong(_))
+        ),
+        "{pong:?}"
+    );
+    // An ordinary login of the same id does replace it.
+    let _replacing = session_of(&coordinator, "drone-1", false).await;
+    assert_eq!(
+        raw::expect_client_error(&mut old).await,
+        ErrorCode::Replaced
+    );
+}
