@@ -286,6 +286,12 @@ async fn restore(
                 return Err(ClientError::Refused(e));
             }
             Some(Kind::Error(e)) => return Err(ClientError::Refused(e)),
+            // Sent only to clients that connect with `batch=1`, which this one does not.
+            Some(Kind::Batch(_)) => {
+                return Err(ClientError::Protocol(
+                    "the server sent a batch this client did not ask for".into(),
+                ));
+            }
             // Drained as this client arrived: another server is tried.
             Some(Kind::Reconnect(r)) => {
                 return Err(ClientError::Protocol(format!(
@@ -1203,15 +1209,9 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             return Handled::Nothing;
         }
         Some(Kind::Message(_)) => return Handled::Nothing,
-        // Split into its messages before decoding (`frame::unbatch`) unless it holds more.
-        Some(Kind::Batch(b)) => {
-            let events = b.messages.into_iter();
-            return Handled::Events(
-                events
-                    .filter(|m| fresh(shared, seen, m))
-                    .map(message)
-                    .collect(),
-            );
+        // Sent only to clients that connect with `batch=1`, which this one does not.
+        Some(Kind::Batch(_)) => {
+            return Handled::End("the server sent a batch this client did not ask for".into());
         }
         Some(Kind::Published(p)) => {
             shared.confirm(p.up_to);

@@ -78,7 +78,9 @@ pub struct Config {
     pub key_ttl_ms: u64,
     /// Keys reserved but not yet redeemed; further reservations are refused.
     pub max_pending_keys: usize,
-    /// Messages queued for one client; when full, messages for it are dropped and counted.
+    /// Messages queued for one client (a batch for a client that takes them, `batch=1`,
+    /// counts once; `client_queue_bytes` bounds it too); when full, messages for it are dropped
+    /// and counted.
     pub client_queue: usize,
     /// Bytes queued for one client, whatever the message count; beyond it messages are dropped.
     pub client_queue_bytes: usize,
@@ -108,6 +110,9 @@ pub struct Config {
     pub max_topic_bytes: usize,
     /// Largest WebSocket message accepted from a client or peer, in bytes.
     pub max_frame_bytes: usize,
+    /// Most publishes a client may send in one `PublishBatch` (0: no batches); more end the
+    /// session with `LIMIT_EXCEEDED`.
+    pub max_batch_publishes: usize,
     /// Bytes read from a connection per syscall; the buffer is held only while frames arrive.
     pub read_buffer_bytes: usize,
     /// Bytes a connection buffers before writing without an explicit flush.
@@ -224,6 +229,7 @@ impl Default for Config {
             max_pending_inbox: 1_024,
             max_topic_bytes: relaymesh_proto::topic::DEFAULT_MAX_TOPIC_LEN,
             max_frame_bytes: 1024 * 1024,
+            max_batch_publishes: 1024,
             read_buffer_bytes: 4 * 1024,
             write_buffer_bytes: 64 * 1024,
             direct_write_budget_us: None,

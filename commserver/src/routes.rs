@@ -757,8 +757,10 @@ fn route(
 
 /// Most messages in one batch.
 const BATCH_MESSAGES: usize = 512;
-/// Bytes after which a batch is handed on.
+/// Bytes a batch stays within (unless it is one message).
 const BATCH_BYTES: usize = 64 * 1024;
+/// The longest WebSocket frame header a server writes (RFC 6455 section 5.2).
+const MAX_FRAME_HEADER: usize = 10;
 
 /// How much of one batch's fan-out the reader writes to idle subscribers' sockets itself
 /// ([`Direct`]) instead of queueing it for their writer tasks.
@@ -820,8 +822,9 @@ impl Batcher {
         stats: &Stats,
         slow_consumer_ms: u64,
     ) {
-        let frames = self.frames(route, stats, slow_consumer_ms);
-        wire::put_frame_header(frames, message_frame_len(topic, from, payload));
+        let len = message_frame_len(topic, from, payload);
+        let frames = self.frames(route, len, stats, slow_consumer_ms);
+        wire::put_frame_header(frames, len);
         put_message_frame(frames, topic, from, payload);
         self.pushed(stats, slow_consumer_ms);
     }
@@ -835,25 +838,26 @@ impl Batcher {
         stats: &Stats,
         slow_consumer_ms: u64,
     ) {
-        let frames = self.frames(route, stats, slow_consumer_ms);
+        let frames = self.frames(route, frame.len(), stats, slow_consumer_ms);
         wire::put_frame_header(frames, frame.len());
         frames.extend_from_slice(frame);
         self.pushed(stats, slow_consumer_ms);
     }
 
-    /// The buffer a message for `route`'s local subscribers is appended to (as one whole
-    /// WebSocket frame), [`Batcher::pushed`] to be called after.
+    /// The buffer a message frame of `len` bytes for `route`'s local subscribers is appended to
+    /// (as one whole WebSocket frame), [`Batcher::pushed`] to be called after. What is pending
+    /// is handed on first when it is for another route, or when this message would take it
+    /// over [`BATCH_BYTES`]: a batch is never larger than that unless it is one message.
     fn frames(
         &mut self,
         route: &Arc<Route>,
+        len: usize,
         stats: &Stats,
         slow_consumer_ms: u64,
     ) -> &mut BytesMut {
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|(r, _, _)| !Arc::ptr_eq(r, route))
-        {
+        if self.pending.as_ref().is_some_and(|(r, frames, _)| {
+            !Arc::ptr_eq(r, route) || frames.len() + len + MAX_FRAME_HEADER > BATCH_BYTES
+        }) {
             self.flush(stats, slow_consumer_ms);
         }
         &mut self
@@ -864,9 +868,9 @@ impl Batcher {
 
     /// Counts the message just appended, and hands the batch on when it is full.
     fn pushed(&mut self, stats: &Stats, slow_consumer_ms: u64) {
-        if let Some((_, frames, count)) = &mut self.pending {
+        if let Some((_, _, count)) = &mut self.pending {
             *count += 1;
-            if *count >= BATCH_MESSAGES || frames.len() >= BATCH_BYTES {
+            if *count >= BATCH_MESSAGES {
                 self.flush(stats, slow_consumer_ms);
             }
         }
@@ -1197,6 +1201,35 @@ mod tests {
         // Its queue holds frames: the batch is one of them; messages are counted as sent.
         assert_eq!(batching.backlog.queued_frames(), 2);
         assert_eq!(stats.messages_out.get(), 8);
+    }
+
+    #[test]
+    fn a_batch_is_handed_on_before_a_message_would_take_it_over_its_size() {
+        let stats = Stats::default();
+        let (s, mut rx) = subscriber(1, 100);
+        let r = route(std::slice::from_ref(&s));
+        let mut batch = Batcher::default();
+        let big = vec![b'x'; 30 * 1024];
+        for _ in 0..3 {
+            batch.push(&r, "t", FROM, &big, &stats, 1000);
+        }
+        // One alone may be larger than a batch: it goes as it is.
+        let huge = vec![b'y'; 100 * 1024];
+        batch.push(&r, "t", FROM, &huge, &stats, 1000);
+        batch.flush(&stats, 1000);
+        let sizes: Vec<(usize, usize)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|item| {
+                (
+                    relaymesh_net::wire::frame_payloads(&item).count(),
+                    item.len(),
+                )
+            })
+            .collect();
+        assert_eq!(sizes.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [2, 1, 1]);
+        assert!(
+            sizes[..2].iter().all(|(_, len)| *len <= BATCH_BYTES),
+            "{sizes:?}"
+        );
     }
 
     #[test]

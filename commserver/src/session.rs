@@ -187,6 +187,9 @@ fn forbidden(role: &str, action: &str, topic: &str, request_id: u64) -> v1::Erro
 /// not per burst, and its client keeps at most about this many plus an interval's worth.
 const CONFIRM_EVERY: u64 = 256;
 
+/// Publishes of one `PublishBatch` handled between two yields to other tasks.
+const BATCH_YIELD_EVERY: usize = 256;
+
 /// The longest `Publish.resent_from` taken: aliases are far shorter.
 const MAX_ALIAS_BYTES: usize = 64;
 
@@ -430,6 +433,8 @@ impl link::Handler for Session {
                         .unwrap_or(u32::MAX),
                     node_id: self.node.as_deref().unwrap_or_default().to_owned(),
                     max_frame_bytes: u32::try_from(config.max_frame_bytes).unwrap_or(u32::MAX),
+                    max_batch_publishes: u32::try_from(config.max_batch_publishes)
+                        .unwrap_or(u32::MAX),
                 };
                 self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
@@ -540,10 +545,7 @@ impl Session {
         }
         match msg.kind {
             Some(Kind::Publish(publish)) => self.publish(publish),
-            Some(Kind::Batch(batch)) => batch
-                .publishes
-                .into_iter()
-                .try_for_each(|publish| self.publish(publish)),
+            Some(Kind::Batch(batch)) => self.publish_batch(batch.publishes).await,
             Some(Kind::Send(send)) => {
                 let seq = send.seq;
                 let result = self.direct(send.to_node, &send.payload, seq, &send.resent_from, 0);
@@ -592,6 +594,30 @@ impl Session {
             Some(Kind::Attach(_)) => Err(unexpected("Attach was already sent on this link")),
             None => Err(relaymesh_proto::empty("ClientToServer")),
         }
+    }
+
+    /// A `PublishBatch`: each publish as if it had come alone, in order. A long one hands its
+    /// deliveries on and lets other tasks run every [`BATCH_YIELD_EVERY`] publishes, as a
+    /// burst of single publishes would.
+    async fn publish_batch(&mut self, publishes: Vec<v1::Publish>) -> Result<(), v1::Error> {
+        let max = self.server.config.max_batch_publishes;
+        if publishes.len() > max {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a batch of {} publishes; this server takes at most {max} (max_batch_publishes)",
+                    publishes.len()
+                ),
+            ));
+        }
+        for (i, publish) in publishes.into_iter().enumerate() {
+            if i > 0 && i % BATCH_YIELD_EVERY == 0 {
+                self.flush();
+                tokio::task::yield_now().await;
+            }
+            self.publish(publish)?;
+        }
+        Ok(())
     }
 
     fn publish(&mut self, publish: v1::Publish) -> Result<(), v1::Error> {

@@ -212,6 +212,8 @@ interface Link {
   /** The largest WebSocket message the server takes (`Ready.max_frame_bytes`; 0: it takes no
    * publish batches). */
   maxFrameBytes: number;
+  /** The most publishes the server takes in one `PublishBatch` (`Ready.max_batch_publishes`). */
+  maxBatchPublishes: number;
   /** Publishes made in this turn of the event loop, sent as one `PublishBatch` at its end (or
    * before anything else the client sends, to keep the order). */
   batch?: { publishes: PublishInit[]; bytes: number };
@@ -223,6 +225,9 @@ interface Link {
   /** On a link being moved from, once `Leave` is sent: where to, why, and the timer that
    * gives up waiting for `Left`. */
   leaving?: { to: Link; reason: string; timer: ReturnType<typeof setTimeout> };
+  /** The server asked the client to move while its subscriptions were still being restored:
+   * the move starts once they are. */
+  drainReason?: string;
 }
 
 /** Messages held on the link being moved to before the move gives up on it. */
@@ -233,6 +238,8 @@ type PublishInit = { topic: string; payload: Uint8Array; seq: bigint; resentFrom
 /** The most a publish batch holds (and never more than the server's `max_frame_bytes` less
  * room for the envelope): a burst goes out in pieces of about this size. */
 const BATCH_BYTES = 64 * 1024;
+/** The most publishes in one batch (and never more than the server's `max_batch_publishes`). */
+const MAX_BATCH_PUBLISHES = 256;
 
 export class Client {
   readonly #options: Required<
@@ -455,6 +462,9 @@ export class Client {
       this.#subscriptions.delete(t);
       this.#positions.forget(t);
     }
+    // A subscribe not yet answered (or not yet sent) no longer brings these back: its Ack
+    // adds only what it still names, and one left empty is not sent.
+    for (const p of this.#pendingSubscribes.values()) p.topics = p.topics.filter((t) => !list.includes(t));
     if (!this.#link || list.length === 0) return Promise.resolve();
     const requestId = this.#nextRequest++;
     return new Promise<void>((resolve) => {
@@ -498,6 +508,7 @@ export class Client {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#abandonMove();
     const link = this.#link;
     this.#link = undefined;
     if (link) {
@@ -527,6 +538,10 @@ export class Client {
       throw closedError();
     }
     this.#link = link;
+    // What came right behind `Ready` (a node's direct messages) was held until now.
+    const held = link.held ?? [];
+    link.held = undefined;
+    this.#onBatch(link, held);
     this.#startHeartbeat(link);
     // The standing subscriptions in one request; a refusal (this server's limits are lower)
     // drops them and says so, and the client goes on without them.
@@ -593,19 +608,30 @@ export class Client {
     this.#send(link, { case: "subscribe", value: { requestId, topics, recover } });
     return restored.finally(() => {
       link.restoreRequest = undefined;
+      this.#pendingSubscribes.delete(requestId);
     });
   }
 
   /** `link`'s standing subscriptions are back: what waited for it goes out. */
   #restored(link: Link): void {
     // Subscriptions the application is still waiting for, each as its own request: one that
-    // is refused fails only its own `subscribe`.
+    // is refused fails only its own `subscribe`. One whose topics were all unsubscribed since
+    // is done.
     for (const [requestId, p] of this.#pendingSubscribes) {
+      if (p.topics.length === 0) {
+        this.#pendingSubscribes.delete(requestId);
+        clearTimeout(p.timer);
+        p.resolve();
+        continue;
+      }
       this.#send(link, { case: "subscribe", value: { requestId, topics: p.topics, recover: [] } });
     }
     // What no server confirmed, in order (what waited last), then new publishes go out.
     link.restoring = false;
     for (const out of this.#outbox) this.#sendPublish(link, out);
+    const drained = link.drainReason;
+    link.drainReason = undefined;
+    if (drained !== undefined && this.#link === link) void this.#move(link, drained);
   }
 
   // ---- moving off a drained server ------------------------------------------------------
@@ -630,21 +656,26 @@ export class Client {
         },
         this.#fetch,
       );
-      if (this.#link !== old) return;
+      if (this.#closed || this.#link !== old) return; // lost meanwhile: reconnecting already
       next = await this.#open(placement);
-      next.held = [];
+      if (this.#closed || this.#link !== old) {
+        next.ws.close(1000);
+        return;
+      }
       this.#moving = next;
-      if (this.#link !== old) throw closedError();
       this.#startHeartbeat(next);
       next.restored = [...this.#subscriptions];
-      if (next.restored.length > 0) await this.#restore(next, next.restored, []);
-    } catch (e) {
-      if (next) {
-        if (this.#moving === next) this.#moving = undefined;
-        stopHeartbeat(next);
-        next.ws.close(1000);
+      if (next.restored.length > 0) {
+        try {
+          await this.#restore(next, [...next.restored], []);
+        } catch (e) {
+          // In force here; the servers that did not confirm get it when their links resume.
+          if ((e as RelaymeshError).code !== "NOT_CONFIRMED") throw e;
+        }
       }
-      if (this.#link === old) {
+    } catch (e) {
+      if (next && this.#moving === next) this.#abandonMove();
+      if (this.#link === old && !this.#closed) {
         // As a lost server: reconnect elsewhere.
         old.lastError = new RelaymeshError(
           "SHUTTING_DOWN",
@@ -654,6 +685,7 @@ export class Client {
       }
       return;
     }
+    // Given up meanwhile (the old link was lost, the client closed): nothing more to do.
     if (this.#link !== old || this.#moving !== next) return;
     // The old server confirms what it took, then sends `Left` behind everything it queued.
     const timer = setTimeout(() => {
@@ -661,6 +693,25 @@ export class Client {
     }, this.#options.subscribeTimeoutMs);
     old.leaving = { to: next, reason, timer };
     this.#write(old, { case: "leave", value: {} });
+  }
+
+  /** Gives up the move under way, if any: the link being moved to is closed and forgotten
+   * (its restore, if waited for, fails), and the link moved from stops waiting for `Left`. */
+  #abandonMove(): void {
+    const next = this.#moving;
+    if (!next) return;
+    this.#moving = undefined;
+    stopHeartbeat(next);
+    next.held = undefined;
+    const restore =
+      next.restoreRequest !== undefined ? this.#pendingSubscribes.get(next.restoreRequest) : undefined;
+    restore?.reject(new RelaymeshError("CONNECT_FAILED", `the move to ${next.serverId} was given up`));
+    next.ws.close(1000);
+    const old = this.#link;
+    if (old?.leaving) {
+      clearTimeout(old.leaving.timer);
+      old.leaving = undefined;
+    }
   }
 
   /** Ends the move from `old` (sent `Leave`): `clean` when `old` was read to its end
@@ -684,18 +735,36 @@ export class Client {
     const lost = new RelaymeshError("CONNECT_FAILED", `${old.serverId} was left`);
     rejectAll(this.#pendingLists, lost);
     rejectAll(this.#pendingHistory, lost);
+    // A recovery the old server had not finished: what it held goes out now.
+    this.#cutRecoveries();
     // What arrived here meanwhile, on topics still subscribed: copies of what the old server
-    // delivered are dropped by their numbers and positions.
+    // delivered are dropped by their numbers and positions. (A listener may close the client.)
     const held = next.held ?? [];
     next.held = undefined;
     for (const m of held) {
+      if (this.#link !== next) return true;
       if (m.topic.startsWith("@") || this.#subscriptions.has(m.topic)) this.#onMessage(m);
     }
-    // Subscriptions ended meanwhile end here too.
-    const gone = (next.restored ?? []).filter((t) => !this.#subscriptions.has(t));
+    // Subscription changes made during the move, made here too: what is wanted and was not
+    // restored here, and what was restored here and is no longer wanted. (Subscribes still
+    // waiting for an answer go out again below.)
+    const restored = new Set(next.restored ?? []);
     next.restored = undefined;
+    const waiting = new Set([...this.#pendingSubscribes.values()].flatMap((p) => p.topics));
+    const gone = [...restored].filter((t) => !this.#subscriptions.has(t) && !waiting.has(t));
     if (gone.length > 0) {
       this.#send(next, { case: "unsubscribe", value: { requestId: this.#nextRequest++, topics: gone } });
+    }
+    const added = [...this.#subscriptions].filter((t) => !restored.has(t) && !waiting.has(t));
+    if (added.length > 0) {
+      this.#restore(next, added, []).catch((e: RelaymeshError) => {
+        if (e.code === "NOT_CONFIRMED" || e.code === "CONNECT_FAILED" || e.code === "CLOSED") return;
+        for (const t of added) {
+          this.#subscriptions.delete(t);
+          this.#positions.forget(t);
+        }
+        this.#emit("subscriptionsRefused", { topics: added, reason: e.message });
+      });
     }
     this.#restored(next);
     if (clean) {
@@ -709,6 +778,15 @@ export class Client {
       this.#emit("reconnected", { serverId: next.serverId, alias: next.alias });
     }
     return true;
+  }
+
+  /** Ends the recoveries under way: what each held goes out now (positions drop what a later
+   * recovery brings again). */
+  #cutRecoveries(): void {
+    for (const [topic, r] of this.#recovering) {
+      this.#recovering.delete(topic);
+      for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
+    }
   }
 
   /** Opens the WebSocket with the placement's key, attaches, and waits for `Ready`. */
@@ -788,6 +866,8 @@ export class Client {
           lastHeard: Date.now(),
           restoring: true,
           maxFrameBytes: ready.maxFrameBytes,
+          maxBatchPublishes: ready.maxBatchPublishes,
+          held: [],
         };
         ws.onmessage = (e: MessageEvent) => this.#onFrame(link, e.data);
         ws.onclose = (e: CloseEvent) => this.#onClose(link, e);
@@ -832,7 +912,8 @@ export class Client {
   // ---- a connected link -----------------------------------------------------------------
 
   #onFrame(link: Link, data: unknown): void {
-    if (this.#link !== link && this.#moving !== link) return;
+    // The current link, the one being moved to, or one just opened (holding its messages).
+    if (this.#link !== link && this.#moving !== link && link.held === undefined) return;
     link.lastHeard = Date.now();
     if (!(data instanceof ArrayBuffer)) {
       this.#badFrame(link, "the server sent a text frame");
@@ -991,11 +1072,17 @@ export class Client {
       case "reconnect": {
         // The server is being drained: move to another one.
         const reason = kind.value.reason || "drained";
-        if (link === this.#link && this.#options.autoReconnect && !this.#moving && !link.restoring) {
+        if (link === this.#link && this.#options.autoReconnect) {
+          if (this.#moving || link.leaving) return; // moving already
+          if (link.restoring) {
+            link.drainReason = reason; // once its subscriptions are back
+            return;
+          }
           void this.#move(link, reason);
           return;
         }
-        if (link === this.#link && (this.#moving || link.restoring)) return; // moving already
+        // Without auto-reconnect, or the server being moved to is drained too (that move
+        // fails): as a lost server.
         link.lastError = new RelaymeshError("SHUTTING_DOWN", reason);
         link.ws.close(1000);
         return;
@@ -1128,19 +1215,29 @@ export class Client {
 
   #onClose(link: Link, ev: CloseEvent): void {
     stopHeartbeat(link);
+    const reason = link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
+    const final = FINAL_CLOSE_CODES.has(ev.code);
     if (link === this.#moving) {
-      // The server being moved to was lost: the move fails (its restore, if still waited
-      // for), or, once `Leave` went out, the old server is read to its end and then left as
-      // a lost one.
-      this.#moving = undefined;
-      const restore =
-        link.restoreRequest !== undefined ? this.#pendingSubscribes.get(link.restoreRequest) : undefined;
-      restore?.reject(new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost while moving to it`));
+      this.#abandonMove();
+      const old = this.#link;
+      if (final && old && !this.#closed) {
+        // The session moved to was replaced by a newer login of this client id, or kicked:
+        // the client ends.
+        this.#link = undefined;
+        stopHeartbeat(old);
+        old.ws.close(1000);
+        this.#emit("disconnected", { serverId: old.serverId, reason });
+        this.#finish(reason, link.lastError?.code ?? ErrorCode[ev.code - 4000]);
+      }
+      // Otherwise the move fails (its restore is refused), or, once `Leave` went out, the old
+      // server is read to its end and then left as a lost one.
       return;
     }
     if (this.#link !== link) return;
-    // Closed before `Left`: the move ends without all of it.
-    if (this.#moved(link, false)) return;
+    // Closed before `Left`: the move ends without all of it (unless this session is over).
+    if (!final && this.#moved(link, false)) return;
+    // Lost while a move was being prepared: the reconnect below takes over.
+    this.#abandonMove();
     this.#link = undefined;
     if (this.#closed) return;
     // The next server will not have what this one was asked to forget; a directory read
@@ -1150,17 +1247,11 @@ export class Client {
     const lost = new RelaymeshError("CONNECT_FAILED", `${link.serverId} was lost`);
     rejectAll(this.#pendingLists, lost);
     rejectAll(this.#pendingHistory, lost);
-    // A recovery cut short: what it held goes out now (positions drop what the next
-    // recovery brings again), and the next connection recovers from there.
-    for (const [topic, r] of this.#recovering) {
-      this.#recovering.delete(topic);
-      for (const m of r.held) if (this.#positions.arrive(m)) this.#deliver(m);
-    }
-    const reason =
-      link.lastError?.message ?? (ev.reason || `the connection closed (${ev.code})`);
+    // A recovery cut short: the next connection recovers from there.
+    this.#cutRecoveries();
     const restore =
       link.restoreRequest !== undefined ? this.#pendingSubscribes.get(link.restoreRequest) : undefined;
-    if (FINAL_CLOSE_CODES.has(ev.code)) {
+    if (final) {
       if (!restore) this.#emit("disconnected", { serverId: link.serverId, reason });
       this.#finish(reason, link.lastError?.code ?? ErrorCode[ev.code - 4000]);
       return;
@@ -1224,6 +1315,7 @@ export class Client {
   #finish(reason: string, code?: string): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#abandonMove();
     this.#failPending(new RelaymeshError("CLOSED", reason));
     this.#emit("closed", { reason, code });
   }
@@ -1269,14 +1361,16 @@ export class Client {
       return;
     }
     const publish = { topic: out.topic, payload: out.payload, seq: out.seq, resentFrom };
-    if (link.maxFrameBytes === 0) {
+    if (link.maxFrameBytes === 0 || link.maxBatchPublishes === 0) {
       this.#send(link, { case: "publish", value: publish });
       return;
     }
     // An upper bound of the publish's encoded size (UTF-8 takes at most 3 bytes per UTF-16 unit).
     const size = out.payload.length + 3 * (out.topic.length + resentFrom.length) + 32;
     const limit = Math.min(BATCH_BYTES, link.maxFrameBytes - 1024);
-    if (link.batch && link.batch.bytes + size > limit) this.#flushPublishes(link);
+    const full = (b: { publishes: PublishInit[]; bytes: number }) =>
+      b.bytes + size > limit || b.publishes.length >= Math.min(MAX_BATCH_PUBLISHES, link.maxBatchPublishes);
+    if (link.batch && full(link.batch)) this.#flushPublishes(link);
     if (!link.batch) {
       link.batch = { publishes: [], bytes: 16 };
       queueMicrotask(() => this.#flushPublishes(link));

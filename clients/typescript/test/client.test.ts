@@ -443,7 +443,7 @@ describe("a comm server drained (SIGTERM) under its clients", () => {
           clientId: `mover-${i}`,
         });
         assert.equal(mover.serverId, drained.id);
-        await mover.subscribe("drain/elsewhere");
+        await mover.subscribe(["drain/elsewhere", "drain/gone"]);
         movers.push(mover);
       }
       const disconnections: string[] = [];
@@ -464,17 +464,33 @@ describe("a comm server drained (SIGTERM) under its clients", () => {
         }
       })();
       const stopped = drained.proc.stop(); // SIGTERM: the server drains before it stops
+      // Subscription changes made while they move end up made on the new server.
+      const late = movers[1].subscribe("drain/late");
+      const unsubscribed = movers[2].unsubscribe("drain/gone");
+      const gone: string[] = [];
+      movers[2].on("message", (m) => {
+        if (m.topic === "drain/gone") gone.push(m.text());
+      });
       for (const e of await Promise.all(moved)) {
         assert.equal(e.fromServer, drained.id);
         assert.notEqual(e.serverId, drained.id);
       }
       await publishing;
+      await late;
+      await unsubscribed;
+      // In this order from one publisher: a message on the topic left, one on the topic
+      // joined, then the end mark on the standing one.
+      const lateGot = messages(movers[1], "drain/late", (got) => got.length === 1);
+      watcher.publish("drain/gone", "gone");
+      watcher.publish("drain/late", "late");
       watcher.publish("drain/elsewhere", "end");
       for (const [i, got] of (await Promise.all(received)).entries()) {
         assert.deepEqual(got.map((m) => m.text()), [...want, "end"], `mover ${i}`);
         assert.notEqual(movers[i].serverId, drained.id);
       }
       assert.deepEqual((await fromMover).map((m) => m.text()), want);
+      assert.deepEqual((await lateGot).map((m) => m.text()), ["late"]);
+      assert.deepEqual(gone, [], "the topic left during the move is not delivered");
       assert.deepEqual(disconnections, []);
       await stopped;
     } finally {

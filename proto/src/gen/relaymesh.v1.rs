@@ -886,7 +886,8 @@ pub mod client_to_server {
 /// Several publishes in one WebSocket message, each handled as if it had come alone and in
 /// this order (numbered, confirmed, refused one by one). A client sends them when its
 /// application publishes several messages at once, so it pays the WebSocket's per-message cost
-/// once per burst; the whole message stays under `Ready.max_frame_bytes`. The field number is
+/// once per burst; the whole message stays under `Ready.max_frame_bytes`, and holds at most
+/// `Ready.max_batch_publishes` publishes. The field number is
 /// that of `ClientToServer.publish`: each element's encoding is byte for byte a
 /// `ClientToServer` holding that publish.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1154,6 +1155,10 @@ pub struct Ready {
     /// `PublishBatch` stays under it. 0 from servers that take no batches.
     #[prost(uint32, tag = "7")]
     pub max_frame_bytes: u32,
+    /// The most publishes this server takes in one `PublishBatch` (`max_batch_publishes`; 0: it
+    /// takes none). More end the session with `LIMIT_EXCEEDED`.
+    #[prost(uint32, tag = "8")]
+    pub max_batch_publishes: u32,
 }
 /// Answered by Ack{request_id} (see Ack for what it promises).
 #[derive(Clone, PartialEq, ::prost::Message)]

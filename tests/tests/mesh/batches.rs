@@ -108,3 +108,42 @@ async fn a_bad_batch_parameter_is_refused_before_the_key_is_spent() {
     // The key still serves.
     raw::dial(&format!("{url}&batch=1"), None).await;
 }
+
+#[tokio::test]
+async fn a_batch_over_max_batch_publishes_ends_only_that_session() {
+    let cluster = Cluster::start_with(1, |c| c.max_batch_publishes = 4).await;
+    let coordinator = cluster.coordinator.addr;
+    let mut watcher = subscriber(&coordinator, "&batch=1", "b/t").await;
+    let mut publisher = raw::attached_client(&coordinator).await;
+    let batch = |n: u64| {
+        v1::ClientToServer::batch(v1::PublishBatch {
+            publishes: (1..=n)
+                .map(|seq| v1::Publish {
+                    topic: "b/t".into(),
+                    payload: seq.to_string().into_bytes().into(),
+                    seq,
+                    ..v1::Publish::default()
+                })
+                .collect(),
+        })
+    };
+    raw::send_msg(&mut publisher, &batch(4)).await;
+    let frame: v1::ServerToClient = decode(raw::next_frame(&mut watcher).await.unwrap()).unwrap();
+    assert!(
+        matches!(&frame.kind, Some(Kind::Batch(b)) if b.messages.len() == 4),
+        "{frame:?}"
+    );
+    raw::send_msg(&mut publisher, &batch(5)).await;
+    assert_eq!(
+        raw::expect_client_error(&mut publisher).await,
+        relaymesh_proto::ErrorCode::LimitExceeded
+    );
+    // The watcher got none of the refused batch, and is still served.
+    let mut other = raw::attached_client(&coordinator).await;
+    raw::send_msg(&mut other, &batch(1)).await;
+    let frame: v1::ServerToClient = decode(raw::next_frame(&mut watcher).await.unwrap()).unwrap();
+    let Some(Kind::Message(m)) = frame.kind else {
+        panic!("not a message: {frame:?}");
+    };
+    assert_eq!(&m.payload[..], b"1");
+}
