@@ -257,7 +257,9 @@ where
                     if !watchdog.heard() {
                         return Err(handler.silent());
                     }
-                    let burst = burst(stream, handler, frame, max_burst).await;
+                    // Boxed: inline, the burst's state (the handler's futures) would size
+                    // every idle link's task; a box per burst is small beside its reads.
+                    let burst = Box::pin(burst(stream, handler, frame, max_burst)).await;
                     let after = handler.burst_end().await;
                     watchdog.handled();
                     match (burst?, after?) {
