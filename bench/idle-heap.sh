@@ -31,8 +31,23 @@ chmod +x "$work/bin/commserver"
   done > "$work/kernel.log" ) &
 sampler=$!
 ./target/release/bench --bin-dir "$work/bin" --systems relaymesh --scenarios idle \
-  --idle-clients "$clients" --server-cpu 0 --out "$work/bench" > "$work/bench.log" 2>&1
+  --idle-clients "$clients" --server-cpu 0 --out "$work/bench" > "$work/bench.log" 2>&1 &
+bench=$!
+# The comm server is killed the moment bench has measured it, every client still connected:
+# the heap it held then is what is summed (heaptrack finishes its file once the process is
+# gone). Killing it also matters because bench stops the process it started, heaptrack's
+# script, not the comm server under it, which would go on dialling its coordinator's port.
+until grep -q "idle clients: server RSS" "$work/bench.log"; do
+  kill -0 "$bench" 2>/dev/null || { cat "$work/bench.log" >&2; exit 1; }
+  sleep 0.05
+done
+pkill -KILL -f -- "--config $work/bench/run/commserver" || true
+wait "$bench" || true
 wait "$sampler"
+for _ in $(seq 100); do
+  pgrep -f -- "-o $work/commserver" >/dev/null || break
+  sleep 0.1
+done
 heaptrack_print --print-flamegraph "$work/stacks.txt" --flamegraph-cost-type leaked \
   "$work"/commserver.*zst > "$work/summary.txt" 2>/dev/null
 
