@@ -4432,7 +4432,7 @@ var Client = class _Client {
       return;
     }
     if (message) {
-      this.#onBatch(link, [message]);
+      this.#arrived(link, message);
       return;
     }
     if (batch) {
@@ -4447,7 +4447,7 @@ var Client = class _Client {
     const kind = frame.kind;
     switch (kind.case) {
       case "message":
-        this.#onBatch(link, [kind.value]);
+        this.#arrived(link, kind.value);
         return;
       case "batch":
         this.#onBatch(link, kind.value.messages);
@@ -4624,19 +4624,23 @@ var Client = class _Client {
   /** A batch's messages in order, as if each had come alone (what follows a handler that
    * closed the client is not handed on, as later frames would not be). */
   #onBatch(link, messages) {
+    for (const m of messages) if (!this.#arrived(link, m)) return;
+  }
+  /** A message from `link`: held while `link` is being moved to (until the old server has
+   * been read to its end), delivered otherwise. False once `link` is no longer the client's. */
+  #arrived(link, m) {
     const held = link.held;
     if (held) {
-      held.push(...messages);
+      held.push(m);
       if (held.length > HOLD_LIMIT) {
         link.lastError = new RelaymeshError("LIMIT_EXCEEDED", `${HOLD_LIMIT} messages arrived while moving`);
         link.ws.close(1e3);
       }
-      return;
+      return true;
     }
-    for (const m of messages) {
-      if (this.#link !== link) return;
-      this.#onMessage(m);
-    }
+    if (this.#link !== link) return false;
+    this.#onMessage(m);
+    return true;
   }
   #onMessage(m) {
     if (m.stream !== 0n) {
@@ -4665,6 +4669,7 @@ var Client = class _Client {
     }
     if (m.topic.startsWith("@node/")) {
       const payload = m.payload;
+      const heard = (this.#listeners.get("direct")?.size ?? 0) > 0;
       this.#emit("direct", {
         fromNode: m.fromNode,
         fromAlias: m.fromAlias,
@@ -4674,8 +4679,10 @@ var Client = class _Client {
         inboxId: m.inboxId,
         text: () => textDecoder.decode(payload)
       });
-      if (m.inboxId > 0n && this.#link) {
-        this.#send(this.#link, { case: "inboxAck", value: { upTo: m.inboxId } });
+      const link = this.#link;
+      if (m.inboxId > 0n && link) {
+        if (!heard) link.inboxUnheard = true;
+        if (!link.inboxUnheard) this.#send(link, { case: "inboxAck", value: { upTo: m.inboxId } });
       }
       return;
     }
@@ -4827,8 +4834,9 @@ var Client = class _Client {
     }
     const size = out.payload.length + 3 * (out.topic.length + resentFrom.length) + 32;
     const limit = Math.min(BATCH_BYTES, link.maxFrameBytes - 1024);
-    const full = (b) => b.bytes + size > limit || b.publishes.length >= Math.min(MAX_BATCH_PUBLISHES, link.maxBatchPublishes);
-    if (link.batch && full(link.batch)) this.#flushPublishes(link);
+    const batch = link.batch;
+    const most = Math.min(MAX_BATCH_PUBLISHES, link.maxBatchPublishes);
+    if (batch && (batch.bytes + size > limit || batch.publishes.length >= most)) this.#flushPublishes(link);
     if (!link.batch) {
       link.batch = { publishes: [], bytes: 16 };
       queueMicrotask(() => this.#flushPublishes(link));

@@ -6,6 +6,7 @@ import { type MessageInitShape, create, fromBinary, toBinary } from "@bufbuild/p
 import {
   ClientToServerSchema,
   ErrorCode,
+  type NodeInfo as ProtoNodeInfo,
   PresenceChange,
   PresenceEventSchema,
   type ServerToClient,
@@ -222,6 +223,10 @@ interface Link {
   held?: Array<WireMessage | ProtoMessage>;
   /** On a link being moved to: the subscriptions restored on it. */
   restored?: string[];
+  /** An inbox message came on this link while no `direct` listener was attached: nothing
+   * more is acknowledged on it (acknowledgements cover every earlier id), so it comes again
+   * at the next login. */
+  inboxUnheard?: boolean;
   /** On a link being moved from, once `Leave` is sent: where to, why, and the timer that
    * gives up waiting for `Left`. */
   leaving?: { to: Link; reason: string; timer: ReturnType<typeof setTimeout> };
@@ -930,7 +935,7 @@ export class Client {
       return;
     }
     if (message) {
-      this.#onBatch(link, [message]);
+      this.#arrived(link, message);
       return;
     }
     if (batch) {
@@ -946,7 +951,7 @@ export class Client {
     switch (kind.case) {
       case "message":
         // A message frame with more than the message in it (the reader takes the rest).
-        this.#onBatch(link, [kind.value]);
+        this.#arrived(link, kind.value);
         return;
       case "batch":
         // A batch with more than messages in it (the reader takes the rest).
@@ -1138,20 +1143,24 @@ export class Client {
   /** A batch's messages in order, as if each had come alone (what follows a handler that
    * closed the client is not handed on, as later frames would not be). */
   #onBatch(link: Link, messages: ReadonlyArray<WireMessage | ProtoMessage>): void {
+    for (const m of messages) if (!this.#arrived(link, m)) return;
+  }
+
+  /** A message from `link`: held while `link` is being moved to (until the old server has
+   * been read to its end), delivered otherwise. False once `link` is no longer the client's. */
+  #arrived(link: Link, m: WireMessage | ProtoMessage): boolean {
     const held = link.held;
     if (held) {
-      // The link being moved to: held until the old server has been read to its end.
-      held.push(...messages);
+      held.push(m);
       if (held.length > HOLD_LIMIT) {
         link.lastError = new RelaymeshError("LIMIT_EXCEEDED", `${HOLD_LIMIT} messages arrived while moving`);
         link.ws.close(1000);
       }
-      return;
+      return true;
     }
-    for (const m of messages) {
-      if (this.#link !== link) return;
-      this.#onMessage(m);
-    }
+    if (this.#link !== link) return false;
+    this.#onMessage(m);
+    return true;
   }
 
   #onMessage(m: WireMessage | ProtoMessage): void {
@@ -1182,6 +1191,8 @@ export class Client {
     }
     if (m.topic.startsWith("@node/")) {
       const payload = m.payload;
+      // Asked before the listeners run (one may detach itself as it takes the message).
+      const heard = (this.#listeners.get("direct")?.size ?? 0) > 0;
       this.#emit("direct", {
         fromNode: m.fromNode,
         fromAlias: m.fromAlias,
@@ -1191,9 +1202,13 @@ export class Client {
         inboxId: m.inboxId,
         text: () => textDecoder.decode(payload),
       });
-      // Handed to the application: the inbox may forget it.
-      if (m.inboxId > 0n && this.#link) {
-        this.#send(this.#link, { case: "inboxAck", value: { upTo: m.inboxId } });
+      // Handed to the application: the inbox may forget it (and every earlier one). Not when
+      // no listener took it (the application had not attached one yet), nor anything after
+      // that on this link: they come again at the next login.
+      const link = this.#link;
+      if (m.inboxId > 0n && link) {
+        if (!heard) link.inboxUnheard = true;
+        if (!link.inboxUnheard) this.#send(link, { case: "inboxAck", value: { upTo: m.inboxId } });
       }
       return;
     }
@@ -1368,9 +1383,9 @@ export class Client {
     // An upper bound of the publish's encoded size (UTF-8 takes at most 3 bytes per UTF-16 unit).
     const size = out.payload.length + 3 * (out.topic.length + resentFrom.length) + 32;
     const limit = Math.min(BATCH_BYTES, link.maxFrameBytes - 1024);
-    const full = (b: { publishes: PublishInit[]; bytes: number }) =>
-      b.bytes + size > limit || b.publishes.length >= Math.min(MAX_BATCH_PUBLISHES, link.maxBatchPublishes);
-    if (link.batch && full(link.batch)) this.#flushPublishes(link);
+    const batch = link.batch;
+    const most = Math.min(MAX_BATCH_PUBLISHES, link.maxBatchPublishes);
+    if (batch && (batch.bytes + size > limit || batch.publishes.length >= most)) this.#flushPublishes(link);
     if (!link.batch) {
       link.batch = { publishes: [], bytes: 16 };
       queueMicrotask(() => this.#flushPublishes(link));
@@ -1491,14 +1506,7 @@ function bytesOf(payload: Uint8Array | string): Uint8Array {
   return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
 }
 
-function nodeInfo(n: {
-  nodeId: string;
-  name: string;
-  location: string;
-  info: string;
-  sinceMs: bigint;
-  servers: string[];
-}): NodeInfo {
+function nodeInfo(n: ProtoNodeInfo): NodeInfo {
   return {
     nodeId: n.nodeId,
     name: n.name,

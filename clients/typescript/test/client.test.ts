@@ -61,6 +61,25 @@ function messages(client: Client, topic: string, until: (got: Message[]) => bool
   });
 }
 
+/** The next `count` `event`s of `client` (within WAIT_MS). */
+function collect<K extends keyof ClientEvents>(client: Client, event: K, count: number): Promise<Array<ClientEvents[K]>> {
+  const got: Array<ClientEvents[K]> = [];
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      stop();
+      reject(new Error(`${got.length} of ${count} ${event} events within ${WAIT_MS} ms`));
+    }, WAIT_MS);
+    const stop = client.on(event, (e) => {
+      got.push(e);
+      if (got.length === count) {
+        clearTimeout(timer);
+        stop();
+        resolve(got);
+      }
+    });
+  });
+}
+
 async function refusal(promise: Promise<unknown>): Promise<RelaymeshError> {
   try {
     await promise;
@@ -354,23 +373,35 @@ describe("nodes of an account on a SQLite store, which keeps inboxes", () => {
         credentials: { key: { account: "acme", identity: await identity } },
         preferredServer: server,
       });
-    // The drone's node id, then it goes offline.
-    const first = await login(drone, b.id);
-    const droneId = first.nodeId;
-    first.close();
     const sender = await login(station, a.id);
+    // The drone's sessions, each seen online by the station before it goes on, and offline
+    // before the test goes on (a session closed before its server reported it is never
+    // reported, and a direct message sent before the offline is heard may still go live).
+    const online = async <T>(server: string, attach: (client: Client) => T) => {
+      const seen = next(sender, "presence", (e) => e.change === "online" && e.node.nodeId !== sender.nodeId);
+      const client = await login(drone, server);
+      const attached = attach(client);
+      try {
+        await seen;
+      } catch (e) {
+        client.close();
+        throw e;
+      }
+      return { client, attached };
+    };
+    const offline = async (client: Client) => {
+      const nodeId = client.nodeId; // (a closed client has none)
+      const gone = next(sender, "presence", (e) => e.change === "offline" && e.node.nodeId === nodeId);
+      client.close();
+      await gone;
+    };
     try {
+      await sender.subscribe("@presence");
+      const { client: first } = await online(b.id, () => undefined);
+      const droneId = first.nodeId;
+      await offline(first);
       const texts = ["one", "two", "three"];
-      const accepted = new Promise<Array<ClientEvents["accepted"]>>((resolve) => {
-        const got: Array<ClientEvents["accepted"]> = [];
-        const stop = sender.on("accepted", (e) => {
-          got.push(e);
-          if (got.length === texts.length) {
-            stop();
-            resolve(got);
-          }
-        });
-      });
+      const accepted = collect(sender, "accepted", texts.length);
       const seqs = texts.map((t) => sender.send(droneId, t));
       const stored = await accepted;
       assert.deepEqual(
@@ -381,18 +412,10 @@ describe("nodes of an account on a SQLite store, which keeps inboxes", () => {
       assert.equal((await inboxes()).get(droneId), 3);
 
       // At its login, in order, each with its inbox id; the client acknowledges them.
-      const back = await login(drone, b.id);
+      // (The listener goes on as the client is made: the inbox comes at once.)
+      const { client: back, attached: directs } = await online(b.id, (c) => collect(c, "direct", texts.length));
       try {
-        const got: Array<ClientEvents["direct"]> = [];
-        await new Promise<void>((resolve) => {
-          const stop = back.on("direct", (d) => {
-            got.push(d);
-            if (got.length === texts.length) {
-              stop();
-              resolve();
-            }
-          });
-        });
+        const got = await directs;
         assert.deepEqual(got.map((d) => d.text()), texts);
         assert.deepEqual(got.map((d) => d.inboxId), stored.map((e) => e.inboxId));
         // Acknowledged: deleted from the store (looked at until it is, within WAIT_MS).
@@ -402,12 +425,11 @@ describe("nodes of an account on a SQLite store, which keeps inboxes", () => {
           await new Promise((r) => setTimeout(r, 20));
         }
       } finally {
-        back.close();
+        await offline(back);
       }
       // So the next login gets nothing from the inbox: the first direct is a new one.
-      const again = await login(drone, a.id);
+      const { client: again, attached: direct } = await online(a.id, (c) => next(c, "direct"));
       try {
-        const direct = next(again, "direct");
         sender.send(droneId, "four");
         const d = await direct;
         assert.equal(d.text(), "four");
