@@ -127,6 +127,9 @@ pub struct Config {
     /// Open TCP connections one source address may hold at once (clients, peers and HTTP);
     /// more are answered `503`.
     pub max_connections_per_ip: usize,
+    /// Connections the kernel holds for the listener before they are accepted (capped by
+    /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
+    pub listen_backlog: u32,
     /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
     /// to clients.
     pub heartbeat_interval_ms: u64,
@@ -235,6 +238,7 @@ impl Default for Config {
             direct_write_budget_us: None,
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
+            listen_backlog: relaymesh_net::serve::DEFAULT_LISTEN_BACKLOG,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
             peer_heartbeat_timeout_ms: 3_000,
@@ -321,6 +325,11 @@ impl Config {
             )?;
         }
         ensure(self.max_clients > 0, "max_clients", "must be positive")?;
+        ensure(
+            self.listen_backlog > 0,
+            "listen_backlog",
+            "must be positive",
+        )?;
         ensure(self.key_ttl_ms > 0, "key_ttl_ms", "must be positive")?;
         ensure(
             self.max_pending_keys > 0,

@@ -63,6 +63,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Open TCP connections one source address may hold at once; more are answered `503`.
     pub max_connections_per_ip: usize,
+    /// Connections the kernel holds for the listener before they are accepted (capped by
+    /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
+    pub listen_backlog: u32,
     /// Largest WebSocket message accepted, in bytes.
     pub max_frame_bytes: usize,
     /// Largest `POST /v1/login` (and `/v1/nodes...`) body accepted, in bytes.
@@ -121,6 +124,7 @@ impl Default for Config {
             connect_burst: 40,
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
+            listen_backlog: relaymesh_net::serve::DEFAULT_LISTEN_BACKLOG,
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             max_node_info_bytes: crate::nodes::DEFAULT_MAX_NODE_INFO,
@@ -163,6 +167,11 @@ impl Config {
         if let Err(e) = relaymesh_net::auth::parse_public_keys(&self.trusted_server_keys) {
             return Err(ConfigError::Invalid(format!("`trusted_server_keys`: {e}")));
         }
+        ensure(
+            self.listen_backlog > 0,
+            "listen_backlog",
+            "must be positive",
+        )?;
         ensure(
             self.max_node_info_bytes >= 2 && self.max_node_info_bytes < self.max_frame_bytes,
             "max_node_info_bytes",

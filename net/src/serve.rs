@@ -27,6 +27,28 @@ use tracing::Instrument as _;
 use crate::limits::{AddressSlot, ConnectionsPerAddress};
 use crate::metrics::Counter;
 
+/// The accept queue a listener asks for unless configured otherwise: room for a reconnect
+/// storm's connections while the process accepts them (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). Tokio's own `TcpListener::bind` asks for 1024, and a
+/// connection that finds the queue full has its handshake dropped and retried a second later.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener on `addr` with an accept queue of `backlog` connections (and
+/// `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+///
+/// # Errors
+/// The address cannot be bound (in use, not this host's, not allowed).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.max(1))
+}
+
 /// Limits for [`serve`].
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -515,6 +537,27 @@ mod tests {
         let mut answer = Vec::new();
         let _ = socket.read_to_end(&mut answer).await;
         String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_listener_queues_as_many_connections_as_its_backlog_asks_for() {
+        // More than the 1024 Tokio's own bind asks for: none of these has its handshake
+        // dropped, so every one is in the accept queue once its connect returns (a dropped
+        // one would come a second later, when its SYN-ACK is sent again).
+        const CONNECTIONS: usize = 1_500;
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 2_000).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut accepted = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+        {
+            accepted += 1;
+        }
+        assert_eq!(accepted, CONNECTIONS);
     }
 
     #[tokio::test]

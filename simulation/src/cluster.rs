@@ -179,9 +179,7 @@ async fn spawn(
 ) -> anyhow::Result<(String, Option<(String, String)>, Vec<JoinHandle<()>>)> {
     let admin = options.admin;
     let mut tasks = Vec::new();
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("bind coordinator")?;
+    let listener = bind_loopback().context("bind coordinator")?;
     let coordinator_url = format!("ws://{}", listener.local_addr()?);
     let (admin_listener, admin) = if admin {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -218,9 +216,7 @@ async fn spawn(
         }
     }));
     for _ in 0..servers {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("bind comm server")?;
+        let listener = bind_loopback().context("bind comm server")?;
         let config = server_config(&coordinator_url, options.history);
         let token = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -272,19 +268,16 @@ impl Killable {
             .enable_all()
             .build()
             .context("starting a comm server runtime")?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind comm server")?;
-        listener.set_nonblocking(true)?;
+        // Bound within its runtime, which serves it.
+        let listener = {
+            let _inside = runtime.enter();
+            bind_loopback().context("bind comm server")?
+        };
         let mut config = server_config(&self.coordinator_url, self.history);
         config.id = Some(id.clone());
         let token = self.stop.clone();
         let task = runtime.spawn(async move {
-            let served = match TcpListener::from_std(listener) {
-                Ok(listener) => commserver::run(listener, config, token)
-                    .await
-                    .map_err(anyhow::Error::from),
-                Err(e) => Err(anyhow::Error::from(e)),
-            };
-            if let Err(e) = served {
+            if let Err(e) = commserver::run(listener, config, token).await {
                 eprintln!("embedded comm server failed: {e}");
             }
         });
@@ -329,4 +322,13 @@ async fn wait_ready(coordinator: &str, servers: usize) -> anyhow::Result<()> {
     relaymesh_client::cluster::wait_ready(coordinator, servers, &tls, READY_WITHIN)
         .await
         .context("the embedded cluster did not come up")
+}
+
+/// A listener on a free loopback port with the servers' own accept queue (a simulation's
+/// clients connect in bursts, as their binaries' would).
+fn bind_loopback() -> std::io::Result<TcpListener> {
+    relaymesh_net::serve::bind(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        relaymesh_net::serve::DEFAULT_LISTEN_BACKLOG,
+    )
 }

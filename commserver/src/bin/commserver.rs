@@ -99,7 +99,7 @@ fn load_config(args: Args) -> Result<Config, relaymesh_net::config::ConfigError>
 
 #[tokio::main]
 async fn serve(config: Config) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match relaymesh_net::serve::bind(config.listen, config.listen_backlog) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("commserver: cannot listen on {}: {e}", config.listen);

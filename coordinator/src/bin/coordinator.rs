@@ -202,7 +202,7 @@ async fn remote_accounts(admin: &str, command: AdminCommand) -> ExitCode {
 
 #[tokio::main]
 async fn serve(config: Config) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match relaymesh_net::serve::bind(config.listen, config.listen_backlog) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("coordinator: cannot listen on {}: {e}", config.listen);
