@@ -82,7 +82,7 @@ pub(crate) enum Route {
 }
 
 impl Endpoints {
-    fn url(&self, server: usize) -> anyhow::Result<&str> {
+    pub(crate) fn url(&self, server: usize) -> anyhow::Result<&str> {
         let i = if self.system == System::Relaymesh {
             0
         } else {

@@ -24,6 +24,7 @@ mod pki;
 mod recovery;
 mod report;
 mod servers;
+mod storm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,9 @@ pub(crate) enum Scenario {
     Recovery,
     /// Topic history: bytes per held message and the bounds under a flood (relaymesh only).
     HistoryMemory,
+    /// A reconnect storm: the clients of one comm server of three, killed, back on the other
+    /// two (relaymesh only).
+    Storm,
 }
 
 impl Scenario {
@@ -85,6 +89,7 @@ impl Scenario {
             Self::Logins => "logins",
             Self::Recovery => "recovery",
             Self::HistoryMemory => "history-memory",
+            Self::Storm => "storm",
         }
     }
 }
@@ -124,7 +129,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory,storm"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -230,6 +235,14 @@ struct Args {
     /// alternating within each repetition (off, on, off, on...), every run on fresh servers.
     #[arg(long, default_value_t = 1)]
     repeat: u32,
+    /// Storm scenario: clients on the comm server that is killed (each holds an open file in
+    /// that server and in the generator, so RLIMIT_NOFILE bounds it).
+    #[arg(long, default_value_t = 19_000)]
+    storm_clients: usize,
+    /// Storm scenario: topics the clients subscribe to (client `i` to `storm/{i % N}`).
+    #[arg(long, default_value_t = 100)]
+    storm_topics: usize,
+
     /// Recovery scenario: messages published while the subscriber is away (and read back in
     /// the backlog reads).
     #[arg(long, default_value_t = 10_000)]
@@ -362,7 +375,11 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
                 },
             }
         }
-        Scenario::Idle | Scenario::Logins | Scenario::Recovery | Scenario::HistoryMemory => {
+        Scenario::Idle
+        | Scenario::Logins
+        | Scenario::Recovery
+        | Scenario::HistoryMemory
+        | Scenario::Storm => {
             return None;
         }
     })
@@ -387,9 +404,14 @@ fn not_applicable(
             Some("redis pub/sub between nodes needs Redis Cluster; not measured")
         }
         (System::Relaymesh, _) => None,
-        (_, Scenario::Idle | Scenario::Logins | Scenario::Recovery | Scenario::HistoryMemory) => {
-            Some("relaymesh target only")
-        }
+        (
+            _,
+            Scenario::Idle
+            | Scenario::Logins
+            | Scenario::Recovery
+            | Scenario::HistoryMemory
+            | Scenario::Storm,
+        ) => Some("relaymesh target only"),
         (_, Scenario::Backend) => Some("relaymesh only: publishes through its backend API"),
         (System::Mosquitto | System::Redis, _) if tls => {
             Some("measured without TLS (the bench sets TLS up for relaymesh and NATS)")
@@ -503,6 +525,28 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
     } = run;
     if matches!(scenario, Scenario::Recovery | Scenario::HistoryMemory) {
         return run_history_scenario(args, launcher, run).await;
+    }
+    if scenario == Scenario::Storm {
+        let label = run.label();
+        let mut outcome = run.outcome();
+        let plan = storm::Plan {
+            clients: if args.smoke {
+                args.storm_clients.min(300)
+            } else {
+                args.storm_clients
+            },
+            topics: args.storm_topics,
+            quiet: Duration::from_secs(if args.smoke { 1 } else { 3 }),
+        };
+        let plot = args.out.join("storm.svg");
+        std::fs::create_dir_all(&args.out)?;
+        outcome.storm = Some(
+            storm::run(launcher, tls, plan, &plot, |line| {
+                eprintln!("{label}: {line}");
+            })
+            .await?,
+        );
+        return Ok(outcome);
     }
     let servers = if matches!(
         scenario,
@@ -792,7 +836,10 @@ fn main() -> ExitCode {
         for &system in &args.systems {
             for &scenario in &args.scenarios {
                 // The history scenarios bring their own [history] config: run once.
-                let own_history = matches!(scenario, Scenario::Recovery | Scenario::HistoryMemory);
+                let own_history = matches!(
+                    scenario,
+                    Scenario::Recovery | Scenario::HistoryMemory | Scenario::Storm
+                );
                 let histories = if own_history {
                     &history_modes[..1]
                 } else {

@@ -134,6 +134,8 @@ pub(crate) struct Outcome {
     pub(crate) logins: Vec<LoginStep>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) recovery: Option<RecoveryResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) storm: Option<crate::storm::StormResult>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) memory: Vec<MemoryRun>,
     /// relaymesh: the history its comm servers held at the end.
@@ -154,6 +156,7 @@ impl Outcome {
             idle: Vec::new(),
             logins: Vec::new(),
             recovery: None,
+            storm: None,
             memory: Vec::new(),
             history_held: None,
         }
@@ -466,6 +469,29 @@ impl Results {
                     "FAIL"
                 }
                 .into(),
+            });
+        }
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| o.scenario == Scenario::Storm && o.status == "ok")
+        {
+            let Some(r) = &o.storm else { continue };
+            t.push(Target {
+                target: format!(
+                    "reconnect storm: {} clients of a killed server back < 3 s and ≤ 1.5× their fresh connect, none giving up, login p99 < 50 ms",
+                    r.clients
+                ),
+                measured: format!(
+                    "{:.2} s ({:.2}× the fresh {:.2} s); {} gave up; login p99 {:.1} ms ({:.1} before)",
+                    r.storm_s,
+                    r.ratio,
+                    r.fresh_s,
+                    r.gave_up,
+                    r.login_p99_ms_storm,
+                    r.login_p99_ms_quiet
+                ),
+                result: if r.passed() { "pass" } else { "FAIL" }.into(),
             });
         }
         for o in self
@@ -1097,6 +1123,30 @@ impl Results {
             );
         }
         for o in &self.outcomes {
+            if let Some(r) = &o.storm {
+                let _ = writeln!(
+                    md,
+                    "\n## Reconnect storm — {}\n\n{} clients on comm server A of three, each subscribed to one of the storm's topics; A killed (SIGKILL); every client reconnects through the coordinator with the client library's defaults and resubscribes on B or C. Fresh: the same clients' first connect and subscribe, 512 at a time. The probes run throughout, on a thread of their own: logins (`POST /v1/login` every 20 ms) and 200 messages/s from a publisher on B to 5 subscribers on B and 5 on C. The curves are in `storm.svg`.\n\n| fresh s | storm s | storm / fresh | gave up | held by B, C | login p99 ms before / during | logins during (failed) | existing clients' p99 ms before / during | |\n|---|---|---|---|---|---|---|---|---|\n| {:.2} | {:.2} | {:.2} | {} | {} | {:.1} / {:.1} | {} ({}) | {:.2} / {:.2} | {} |",
+                    o.label(),
+                    r.clients,
+                    r.fresh_s,
+                    r.storm_s,
+                    r.ratio,
+                    r.gave_up,
+                    r.held
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.login_p99_ms_quiet,
+                    r.login_p99_ms_storm,
+                    r.logins_storm,
+                    r.login_failures_storm,
+                    r.probe_p99_ms_quiet,
+                    r.probe_p99_ms_storm,
+                    if r.passed() { "pass" } else { "FAIL" }
+                );
+            }
             if let Some(r) = &o.recovery {
                 let _ = writeln!(
                     md,

@@ -87,6 +87,25 @@ fn smoke_run_measures_every_relaymesh_scenario() {
     assert_eq!(logins["succeeded"], logins["attempted"], "{logins}");
     assert!(logins["succeeded"].as_u64().unwrap_or(0) > 0, "{logins}");
 
+    // The storm: every client of the killed server back, spread over the other two, and its
+    // curves drawn.
+    let storm = &scenario("storm")["storm"];
+    assert_eq!(storm["clients"], 300, "{storm}");
+    assert_eq!(storm["gave_up"], 0, "{storm}");
+    assert!(storm["storm_s"].as_f64().unwrap_or(0.0) > 0.0, "{storm}");
+    let held: Vec<u64> = storm["held"]
+        .as_array()
+        .expect("held")
+        .iter()
+        .map(|n| n.as_u64().unwrap_or(0))
+        .collect();
+    // The storm's 300, and the probes (a publisher and five subscribers on B, five on C).
+    assert_eq!(held.iter().sum::<u64>(), 300 + 11, "{storm}");
+    let curve = storm["storm_curve"].as_array().expect("storm_curve");
+    assert_eq!(curve.last().expect("a point")[1], 300, "{storm}");
+    let svg = std::fs::read_to_string(out.join("storm.svg")).expect("storm.svg");
+    assert!(svg.contains("<svg"), "{svg}");
+
     let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
     for heading in [
         "## Targets",
@@ -94,6 +113,7 @@ fn smoke_run_measures_every_relaymesh_scenario() {
         "### fanout10 — relaymesh",
         "### idle clients — relaymesh",
         "### logins — relaymesh",
+        "## Reconnect storm — relaymesh",
     ] {
         assert!(md.contains(heading), "results.md lacks {heading}:\n{md}");
     }

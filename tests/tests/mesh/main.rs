@@ -22,5 +22,6 @@ mod peer_links;
 mod processes;
 mod readme;
 mod slow;
+mod storm;
 mod tls;
 mod trust;

@@ -10,21 +10,21 @@ use relaymesh_tests::{
     client_config, eventually, get_json, next_message, restartable_addr, within,
 };
 
-struct Server {
-    proc: Proc,
-    id: String,
-    addr: SocketAddr,
+pub(super) struct Server {
+    pub(super) proc: Proc,
+    pub(super) id: String,
+    pub(super) addr: SocketAddr,
 }
 
 impl Server {
-    fn stats_url(&self) -> String {
+    pub(super) fn stats_url(&self) -> String {
         format!("http://{}/v1/stats", self.addr)
     }
 }
 
 /// Starts `n` comm servers registering with the coordinator at `url`, each on a free port, and
 /// waits until each has registered.
-fn commservers(url: &str, n: usize) -> Vec<Server> {
+pub(super) fn commservers(url: &str, n: usize) -> Vec<Server> {
     (0..n)
         .map(|_| {
             let mut proc = Proc::start(
