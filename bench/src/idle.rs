@@ -39,10 +39,10 @@ pub(crate) struct IdleStep {
 /// Connections opened at once.
 const CONCURRENCY: usize = 256;
 /// File descriptors kept free for everything else in either process.
-const FD_HEADROOM: usize = 256;
+pub(crate) const FD_HEADROOM: usize = 256;
 
 /// The soft `Max open files` limit of a process.
-fn open_files_limit(pid: &str) -> Option<usize> {
+pub(crate) fn open_files_limit(pid: &str) -> Option<usize> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()

@@ -25,13 +25,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::drivers::System;
+use crate::idle::{FD_HEADROOM, open_files_limit};
 use crate::measure::{histogram, now_ns, pct_ms};
 use crate::servers::{Launcher, Running};
 
 /// Fresh clients connecting at once.
 const CONCURRENCY: usize = 512;
-/// File descriptors kept free for everything else in either process.
-const FD_HEADROOM: usize = 256;
 /// Messages a second the probe publisher sends to the existing clients.
 const PROBE_RATE: u64 = 200;
 /// Subscribers of the probe on each of B and C.
@@ -142,13 +141,6 @@ fn curve(done: &[f64]) -> Vec<(f64, usize)> {
             (k as f64 * slot, total)
         })
         .collect()
-}
-
-/// The soft `Max open files` limit of a process.
-fn open_files_limit(pid: &str) -> Option<usize> {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// A storm client: reports its `Reconnected` (the time since the kill is taken by the reader)
