@@ -77,6 +77,14 @@ pub(crate) struct StormResult {
     pub(crate) probe_p99_ms_storm: f64,
     /// From the kill to the last client's `Disconnected`, seconds.
     pub(crate) lost_s: f64,
+    /// The coordinator's own timing of the placements (claim and reservation) made during the
+    /// storm: the bucket bound under which 99 % fell (ms), and how many there were.
+    pub(crate) placement_p99_ms_storm: f64,
+    pub(crate) placements_storm: u64,
+    /// CPU seconds the coordinator and the comm servers (A; B and C, the probes' share
+    /// included) took while the fresh clients connected and during the storm.
+    pub(crate) fresh_cpu_s: [f64; 2],
+    pub(crate) storm_cpu_s: [f64; 2],
     /// Clients connected, by seconds since the first connect (fresh) and since the kill
     /// (storm), one point per `SLOT`.
     pub(crate) fresh_curve: Vec<(f64, usize)>,
@@ -119,7 +127,68 @@ fn p99_between(samples: &Samples, from: u64, to: u64) -> (f64, u64) {
     (pct_ms(&h, 99.0), h.len())
 }
 
-/// The cumulative count of `done` (seconds) at the end of each `SLOT`, from 0 to the slot
+/// The cumulative buckets (`le` in seconds, count) of histogram `name` in a Prometheus text
+/// exposition.
+fn buckets(exposition: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound (ms) below which 99 % of what `after` counted beyond `before` fell, and
+/// how many that was.
+fn p99_bound_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> (f64, u64) {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = delta.last().map_or(0, |d| d.1);
+    let bound = delta
+        .iter()
+        .find(|d| d.1 as f64 >= 0.99 * total as f64)
+        .map_or(0.0, |d| d.0 * 1e3);
+    (bound, total)
+}
+
+/// The coordinator's `/metrics`, or nothing when it cannot be read.
+async fn coordinator_metrics(endpoints: &crate::drivers::Endpoints) -> String {
+    let Ok(base) = endpoints.url(0) else {
+        return String::new();
+    };
+    match request_with(
+        Method::GET,
+        &format!("{base}/metrics"),
+        &[],
+        None,
+        &endpoints.tls,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok((status, body)) if status.is_success() => String::from_utf8_lossy(&body).into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// The histogram the coordinator times each login's placement with (a server claimed and a
+/// key reserved on it).
+const PLACEMENT: &str = "relaymesh_coordinator_login_placement_seconds";
+
+/// The curve: the cumulative count of `done` (seconds) at the end of each `SLOT`, from 0 to the slot
 /// holding the last.
 fn curve(done: &[f64]) -> Vec<(f64, usize)> {
     let slot = SLOT.as_secs_f64();
@@ -396,6 +465,13 @@ async fn storm(
         c.event_queue = 64;
         c
     };
+    let cpu = |running: &Running, name: &str| {
+        running
+            .pid(name)
+            .and_then(relaymesh_net::procstat::of_process)
+            .map_or(0.0, |u| u.cpu_seconds)
+    };
+    let fresh_cpu = (cpu(running, "coordinator"), cpu(running, "commserver-a"));
     let started = Instant::now();
     let topics = plan.topics.max(1);
     let connected: Vec<(Client, f64)> = futures_util::stream::iter(0..plan.clients)
@@ -413,6 +489,10 @@ async fn storm(
         .into_iter()
         .collect::<anyhow::Result<_>>()
         .context("connecting the fresh clients")?;
+    let fresh_cpu = (
+        cpu(running, "coordinator") - fresh_cpu.0,
+        cpu(running, "commserver-a") - fresh_cpu.1,
+    );
     let fresh_done: Vec<f64> = connected.iter().map(|(_, t)| *t).collect();
     let fresh_s = fresh_done.iter().copied().fold(0.0, f64::max);
     let elsewhere = connected
@@ -444,6 +524,11 @@ async fn storm(
 
     // The quiet window, then the kill.
     tokio::time::sleep(plan.quiet).await;
+    let storm_cpu = (
+        cpu(running, "coordinator"),
+        cpu(running, "commserver-b") + cpu(running, "commserver-c"),
+    );
+    let placement_before = buckets(&coordinator_metrics(&endpoints).await, PLACEMENT);
     let killed_ns = now_ns();
     let killed = Instant::now();
     running.stop("commserver-a")?;
@@ -458,6 +543,14 @@ async fn storm(
         }
     }
     let storm_end_ns = now_ns();
+    let (placement_p99_ms_storm, placements_storm) = p99_bound_ms(
+        &placement_before,
+        &buckets(&coordinator_metrics(&endpoints).await, PLACEMENT),
+    );
+    let storm_cpu = (
+        cpu(running, "coordinator") - storm_cpu.0,
+        cpu(running, "commserver-b") + cpu(running, "commserver-c") - storm_cpu.1,
+    );
     let storm_s = storm_done.iter().copied().fold(0.0, f64::max);
     let gave_up = plan.clients - storm_done.len();
     progress(&format!(
@@ -514,6 +607,10 @@ async fn storm(
         probe_p99_ms_quiet,
         probe_p99_ms_storm,
         lost_s: lost.iter().copied().fold(0.0, f64::max),
+        placement_p99_ms_storm,
+        placements_storm,
+        fresh_cpu_s: [fresh_cpu.0, fresh_cpu.1],
+        storm_cpu_s: [storm_cpu.0, storm_cpu.1],
         fresh_curve: curve(&fresh_done),
         storm_curve: curve(&storm_done),
     })
@@ -570,6 +667,22 @@ fn draw(path: &std::path::Path, r: &StormResult) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histograms_p99_bound_is_read_from_the_difference_of_two_expositions() {
+        let text = |a: u64, b: u64, c: u64| {
+            format!(
+                "# TYPE x histogram\nx_bucket{{le=\"0.001\"}} {a}\nx_bucket{{le=\"0.01\"}} {b}\nx_bucket{{le=\"+Inf\"}} {c}\nx_sum 1\nx_count {c}\n"
+            )
+        };
+        let before = buckets(&text(10, 10, 10), "x");
+        assert_eq!(before.len(), 3);
+        // 100 more: 98 under 10 ms, 2 over it.
+        let after = buckets(&text(10, 108, 110), "x");
+        assert_eq!(p99_bound_ms(&before, &after), (f64::INFINITY, 100));
+        let after = buckets(&text(10, 110, 110), "x");
+        assert_eq!(p99_bound_ms(&before, &after), (10.0, 100));
+    }
 
     #[test]
     fn the_curve_counts_what_is_done_by_the_end_of_each_slot() {
