@@ -221,8 +221,14 @@ async fn serve(config: Config) -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     relaymesh_net::shutdown::cancel_on_signals(shutdown.clone());
-    match coordinator::run_with(listener, admin, config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    // On a worker thread, not the main one `block_on` runs on: the accept loop then hands
+    // each connection to the thread it runs on instead of waking another one.
+    match tokio::spawn(coordinator::run_with(listener, admin, config, shutdown)).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("coordinator: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("coordinator: {e}");
             ExitCode::FAILURE
