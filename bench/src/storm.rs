@@ -127,6 +127,14 @@ fn p99_between(samples: &Samples, from: u64, to: u64) -> (f64, u64) {
     (pct_ms(&h, 99.0), h.len())
 }
 
+/// How many of the samples were taken in `[from, to)`.
+fn count_between(samples: &Samples, from: u64, to: u64) -> u64 {
+    let samples = samples
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    samples.iter().filter(|s| (from..to).contains(&s.0)).count() as u64
+}
+
 /// The cumulative buckets (`le` in seconds, count) of histogram `name` in a Prometheus text
 /// exposition.
 fn buckets(exposition: &str, name: &str) -> Vec<(f64, u64)> {
@@ -399,14 +407,14 @@ impl Probes {
     }
 
     /// Stops the probes and waits for their thread.
-    fn stop(mut self) -> anyhow::Result<Self> {
+    fn stop(&mut self) -> anyhow::Result<()> {
         self.stop.cancel();
         if let Some(thread) = self.thread.take() {
             thread
                 .join()
                 .map_err(|_| anyhow::anyhow!("the probes' thread panicked"))?;
         }
-        Ok(self)
+        Ok(())
     }
 }
 
@@ -454,7 +462,7 @@ async fn storm(
     let stop = CancellationToken::new();
 
     // The probes on B and C, running throughout.
-    let probes = Probes::start(&endpoints).await?;
+    let mut probes = Probes::start(&endpoints).await?;
 
     // The fresh clients, all on A.
     let config = {
@@ -575,20 +583,21 @@ async fn storm(
     futures_util::stream::iter(closing)
         .for_each_concurrent(CONCURRENCY, |c| c.close())
         .await;
-    let probes = probes.stop()?;
-    let (latency, logins, login_failures) = (
-        probes.latency.clone(),
-        probes.logins.clone(),
-        probes.login_failures.clone(),
-    );
+    probes.stop()?;
+    let Probes {
+        latency,
+        logins,
+        login_failures,
+        ..
+    } = &probes;
 
     let quiet_from =
         killed_ns.saturating_sub(u64::try_from(plan.quiet.as_nanos()).unwrap_or(u64::MAX));
-    let (login_p99_ms_quiet, _) = p99_between(&logins, quiet_from, killed_ns);
-    let (login_p99_ms_storm, logins_storm) = p99_between(&logins, killed_ns, storm_end_ns);
-    let (_, login_failures_storm) = p99_between(&login_failures, killed_ns, storm_end_ns);
-    let (probe_p99_ms_quiet, _) = p99_between(&latency, quiet_from, killed_ns);
-    let (probe_p99_ms_storm, _) = p99_between(&latency, killed_ns, storm_end_ns);
+    let (login_p99_ms_quiet, _) = p99_between(logins, quiet_from, killed_ns);
+    let (login_p99_ms_storm, logins_storm) = p99_between(logins, killed_ns, storm_end_ns);
+    let login_failures_storm = count_between(login_failures, killed_ns, storm_end_ns);
+    let (probe_p99_ms_quiet, _) = p99_between(latency, quiet_from, killed_ns);
+    let (probe_p99_ms_storm, _) = p99_between(latency, killed_ns, storm_end_ns);
     Ok(StormResult {
         clients: plan.clients,
         fresh_s,
