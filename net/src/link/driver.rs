@@ -30,6 +30,7 @@ use super::{
     Burst, Closer, Inbound, LastWords, Link, WriterEnd, WriterSetup, linger, next_frame, run_writer,
 };
 use crate::heartbeat::{Beat, Watchdog};
+use crate::sync::PolledOnWake;
 
 /// Messages a link handles per burst unless it has a reason to pick another number: enough to
 /// batch a burst of publishes, few enough that a busy link still notices closes and silence.
@@ -226,11 +227,14 @@ where
     }
     let Heartbeat { timeout, interval } = handler.heartbeat();
     let mut watchdog = Watchdog::new(timeout, interval);
-    // Pinned once: re-creating these per frame would register a waiter per message.
+    // Pinned once: re-creating these per frame would register a waiter per message. Polled
+    // only when they woke the task: the loop turns once per frame, and they fire once a link.
     let stopping = shutdown.cancelled();
     tokio::pin!(stopping);
+    let mut stopping = PolledOnWake::new(stopping);
     let closed = closer.closed();
     tokio::pin!(closed);
+    let mut closed = PolledOnWake::new(closed);
     loop {
         let flow = tokio::select! {
             biased;

@@ -17,6 +17,7 @@ use super::replay::Replay;
 use super::{LinkSink, Replies};
 use relaymesh_proto::CLOSE_NORMAL;
 
+use crate::sync::PolledOnWake;
 use crate::wire::{OP_BINARY, OP_CLOSE, count_frames, holds_close, put_frame};
 
 /// Most frames written to the socket in one `write`.
@@ -138,9 +139,10 @@ where
     let mut out = BytesMut::new();
     let mut sent_close = false;
     // Pinned once: a fresh `closed()` per batch would check the token under its lock and
-    // register a waiter every time.
+    // register a waiter every time; and polled only once it woke the task.
     let closed = closer.closed();
     tokio::pin!(closed);
+    let mut closed = PolledOnWake::new(closed);
     let result: std::io::Result<()> = async {
         let first = match first {
             First::Nothing => Vec::new(),
