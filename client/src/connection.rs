@@ -67,18 +67,24 @@ pub(crate) async fn establish(
     arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
     let mut tried = Vec::new();
-    let mut negotiation = Negotiation::open(config, &tried).await?;
+    let moving = arrivals == Arrivals::Hold;
+    let first = v1::ClientToCoordinator::connect(crate::negotiate::connect_request(
+        config, exclude, moving,
+    ));
+    let mut negotiation = Negotiation::open(config, &tried, Some(&first)).await?;
     let mut exclude = exclude.to_vec();
     let mut failure = None;
     for _ in 0..SERVERS_PER_ROUND {
-        let moving = arrivals == Arrivals::Hold;
         let offer = match negotiation.offer(config, &exclude, moving).await {
             Ok(offer) => offer,
             Err(e) if crate::negotiate::try_another(&e) => {
                 tracing::debug!(coordinator = %negotiation.url, error = %e, "coordinator failed; trying the next");
                 tried.push(negotiation.url.clone());
                 negotiation.close().await;
-                match Negotiation::open(config, &tried).await {
+                let next = v1::ClientToCoordinator::connect(crate::negotiate::connect_request(
+                    config, &exclude, moving,
+                ));
+                match Negotiation::open(config, &tried, Some(&next)).await {
                     Ok(next) => {
                         negotiation = next;
                         continue;
@@ -1023,8 +1029,18 @@ impl link::Handler for Reader {
         if self.burst.is_empty() {
             return Ok(Flow::Continue);
         }
-        let burst = std::mem::take(&mut self.burst);
+        let mut burst = std::mem::take(&mut self.burst);
         let n = burst.len();
+        // Room is there almost always: then no timer is set up.
+        let sent = (self.events.try_room(n))
+            .map(|room| self.events.send(room, std::mem::take(&mut burst)));
+        match sent {
+            Some(Ok(())) => return Ok(Flow::Continue),
+            Some(Err(())) => return Ok(self.end("client dropped")),
+            None => {}
+        }
+        // The queue's sending end, apart from `self`, which the pings below need.
+        let events = self.events.clone();
         let mut closing = false;
         // The driver does not tick while this waits: keep pinging, so an application that is
         // slow to take its events is not taken for a dead client.
@@ -1035,14 +1051,14 @@ impl link::Handler for Reader {
         let room = loop {
             tokio::select! {
                 biased;
-                room = self.events.room(n) => break room,
+                room = events.room(n) => break room,
                 _ = self.shared.stop.cancelled() => {
                     closing = true;
-                    break tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten();
+                    break tokio::time::timeout(CLOSE_TIMEOUT, events.room(n)).await.ok().flatten();
                 }
                 _ = self.closer.closed() => {
                     closing = true;
-                    break tokio::time::timeout(CLOSE_TIMEOUT, self.events.room(n)).await.ok().flatten();
+                    break tokio::time::timeout(CLOSE_TIMEOUT, events.room(n)).await.ok().flatten();
                 }
                 _ = pings.tick() => self.beat(),
             }
@@ -1050,7 +1066,7 @@ impl link::Handler for Reader {
         let Some(room) = room else {
             return Ok(self.end(if closing { "closed" } else { "client dropped" }));
         };
-        if self.events.send(room, burst).is_err() {
+        if events.send(room, burst).is_err() {
             return Ok(self.end("client dropped"));
         }
         Ok(if closing {
@@ -1120,18 +1136,24 @@ pub(crate) fn event_queue(capacity: usize) -> (EventTx, EventRx) {
     )
 }
 
-/// Room taken in the event queue for one burst.
-pub(crate) struct Room(tokio::sync::OwnedSemaphorePermit);
+/// Room taken in the event queue for one burst (given back if the burst is not sent).
+pub(crate) struct Room<'a>(tokio::sync::SemaphorePermit<'a>);
 
 impl EventTx {
     /// Waits for room for `n` events; `None` once the application's end is gone.
-    pub(crate) async fn room(&self, n: usize) -> Option<Room> {
+    pub(crate) async fn room(&self, n: usize) -> Option<Room<'_>> {
         let n = u32::try_from(n.min(self.capacity)).unwrap_or(u32::MAX);
-        self.room.clone().acquire_many_owned(n).await.ok().map(Room)
+        self.room.acquire_many(n).await.ok().map(Room)
+    }
+
+    /// Room for `n` events if there is some now (and the application's end is there).
+    pub(crate) fn try_room(&self, n: usize) -> Option<Room<'_>> {
+        let n = u32::try_from(n.min(self.capacity)).unwrap_or(u32::MAX);
+        self.room.try_acquire_many(n).ok().map(Room)
     }
 
     /// Queues a burst in the room taken for it.
-    pub(crate) fn send(&self, room: Room, burst: Vec<Event>) -> Result<(), ()> {
+    pub(crate) fn send(&self, room: Room<'_>, burst: Vec<Event>) -> Result<(), ()> {
         room.0.forget();
         self.tx.send(burst).map_err(|_| ())
     }
@@ -1295,7 +1317,14 @@ mod tests {
         tx.send(room, vec![dropped(5), dropped(6), dropped(7)])
             .expect("queued");
         assert!(tx.room(2).now_or_never().is_none(), "only one left");
+        assert!(
+            tx.try_room(2).is_none(),
+            "only one left, without waiting either"
+        );
         assert!(tx.room(1).now_or_never().is_some());
+        // Room taken and not used is given back.
+        assert!(tx.try_room(1).is_some());
+        assert!(tx.try_room(1).is_some());
         // The application's end gone: waiting for room gives up.
         drop(rx);
         assert!(tx.room(4).await.is_none());

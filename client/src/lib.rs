@@ -595,7 +595,7 @@ async fn ask_coordinator(
     config: &ClientConfig,
     request: v1::ClientToCoordinator,
 ) -> Result<v1::coordinator_to_client::Kind, ClientError> {
-    let mut link = negotiate::Negotiation::open(config, &[]).await?;
+    let mut link = negotiate::Negotiation::open(config, &[], Some(&request)).await?;
     let answer = link.request(config, request).await;
     link.close().await;
     answer

@@ -55,6 +55,19 @@ fn coordinators(config: &ClientConfig) -> Vec<&str> {
     list
 }
 
+/// The `Connect` asking for a server for `config`, not one in `exclude`.
+pub(crate) fn connect_request(
+    config: &ClientConfig,
+    exclude: &[String],
+    moving: bool,
+) -> v1::Connect {
+    v1::Connect {
+        preferred_server: config.preferred_server.clone().unwrap_or_default(),
+        exclude: exclude.to_vec(),
+        moving,
+    }
+}
+
 /// An open negotiation link.
 pub(crate) struct Negotiation {
     socket: ClientSocket,
@@ -62,19 +75,30 @@ pub(crate) struct Negotiation {
     pub(crate) alias: String,
     /// The coordinator's URL.
     pub(crate) url: String,
+    /// A request sent right behind `Hello`, not answered yet: the next call that would send
+    /// it only reads its answer.
+    ahead: Option<v1::ClientToCoordinator>,
 }
 
 impl Negotiation {
     /// Connects to a coordinator of `config` not in `tried` and says hello: the one that
     /// answered last first, then the others in turn while [`try_another`] says so. The error
     /// is the last coordinator's.
-    pub(crate) async fn open(config: &ClientConfig, tried: &[String]) -> Result<Self, ClientError> {
+    ///
+    /// `ahead`, the request the caller makes next, goes out with `Hello` when the login needs
+    /// no challenge: the coordinator answers both in turn, and the round trip for `Welcome`
+    /// is saved (the caller then makes that request as usual, and only its answer is read).
+    pub(crate) async fn open(
+        config: &ClientConfig,
+        tried: &[String],
+        ahead: Option<&v1::ClientToCoordinator>,
+    ) -> Result<Self, ClientError> {
         let mut failure = None;
         for url in coordinators(config) {
             if tried.iter().any(|t| t == url) {
                 continue;
             }
-            match Self::open_one(config, url).await {
+            match Self::open_one(config, url, ahead).await {
                 Ok(link) => {
                     *relaymesh_net::sync::lock(&LAST_GOOD) =
                         Some((config.coordinator.clone(), url.to_owned()));
@@ -90,7 +114,11 @@ impl Negotiation {
         Err(failure.unwrap_or(ClientError::Closed))
     }
 
-    async fn open_one(config: &ClientConfig, base: &str) -> Result<Self, ClientError> {
+    async fn open_one(
+        config: &ClientConfig,
+        base: &str,
+        ahead: Option<&v1::ClientToCoordinator>,
+    ) -> Result<Self, ClientError> {
         let url = format!("{}/v1/connect", base.trim_end_matches('/'));
         let socket = ws::dial_authorized(
             &url,
@@ -104,13 +132,22 @@ impl Negotiation {
             socket,
             alias: String::new(),
             url: base.to_owned(),
+            ahead: None,
         };
         let hello = v1::Hello {
             protocol_version: PROTOCOL_VERSION,
             credentials: Some((&config.credentials).into()),
             client_id: config.client_id.clone().unwrap_or_default(),
         };
-        link.send(&v1::ClientToCoordinator::hello(hello)).await?;
+        let challenged = matches!(config.credentials, Credentials::Key { .. });
+        let hello = v1::ClientToCoordinator::hello(hello);
+        match ahead {
+            Some(ahead) if !challenged => {
+                link.send_all(&[&hello, ahead]).await?;
+                link.ahead = Some(ahead.clone());
+            }
+            _ => link.send(&hello).await?,
+        }
         let mut answer = link.receive(config).await?;
         if let (
             Kind::Challenge(challenge),
@@ -153,12 +190,8 @@ impl Negotiation {
         exclude: &[String],
         moving: bool,
     ) -> Result<v1::ConnectOffer, ClientError> {
-        let connect = v1::Connect {
-            preferred_server: config.preferred_server.clone().unwrap_or_default(),
-            exclude: exclude.to_vec(),
-            moving,
-        };
-        self.send(&v1::ClientToCoordinator::connect(connect))
+        let connect = connect_request(config, exclude, moving);
+        self.send_unless_ahead(v1::ClientToCoordinator::connect(connect))
             .await?;
         match self.receive(config).await? {
             Kind::Offer(offer) => Ok(offer),
@@ -172,7 +205,7 @@ impl Negotiation {
         config: &ClientConfig,
         msg: v1::ClientToCoordinator,
     ) -> Result<Kind, ClientError> {
-        self.send(&msg).await?;
+        self.send_unless_ahead(msg).await?;
         self.receive(config).await
     }
 
@@ -186,10 +219,27 @@ impl Negotiation {
     }
 
     async fn send(&mut self, msg: &v1::ClientToCoordinator) -> Result<(), ClientError> {
-        self.socket
-            .send(WsMessage::Binary(encode(msg)))
-            .await
-            .map_err(|e| ClientError::Protocol(format!("coordinator link failed: {e}")))
+        self.send_all(&[msg]).await
+    }
+
+    /// Sends `msgs` with one write.
+    async fn send_all(&mut self, msgs: &[&v1::ClientToCoordinator]) -> Result<(), ClientError> {
+        let failed = |e| ClientError::Protocol(format!("coordinator link failed: {e}"));
+        for msg in msgs {
+            self.socket
+                .feed(WsMessage::Binary(encode(*msg)))
+                .await
+                .map_err(failed)?;
+        }
+        self.socket.flush().await.map_err(failed)
+    }
+
+    /// Sends `msg`, unless it went ahead with `Hello` (then its answer is the next one).
+    async fn send_unless_ahead(&mut self, msg: v1::ClientToCoordinator) -> Result<(), ClientError> {
+        if self.ahead.take().is_some_and(|ahead| ahead == msg) {
+            return Ok(());
+        }
+        self.send(&msg).await
     }
 
     /// The next answer from the coordinator; an `Error` becomes [`ClientError::Refused`].

@@ -234,3 +234,59 @@ async fn an_http_login_that_is_moving_does_not_replace_the_session_it_moves_from
         ErrorCode::Replaced
     );
 }
+
+/// The coordinator's next answer on a negotiation link.
+async fn answer(
+    socket: &mut relaymesh_net::ws::ClientSocket,
+) -> Option<relaymesh_proto::v1::coordinator_to_client::Kind> {
+    let frame = raw::next_frame(socket).await.expect("an answer");
+    relaymesh_proto::decode::<relaymesh_proto::v1::CoordinatorToClient>(frame)
+        .expect("a CoordinatorToClient")
+        .kind
+}
+
+/// The Rust client sends `Connect` right behind `Hello` (one write, no wait for `Welcome`):
+/// the coordinator answers both in turn, and a refused `Hello` is answered with its error alone.
+#[tokio::test]
+async fn a_connect_sent_with_hello_is_answered_after_the_welcome() {
+    use futures_util::SinkExt as _;
+    use relaymesh_proto::v1::{self, coordinator_to_client::Kind};
+    let cluster = Cluster::start(1).await;
+    let url = format!("{}/v1/connect", cluster.coordinator.url);
+    let hello = |version| {
+        v1::ClientToCoordinator::hello(v1::Hello {
+            protocol_version: version,
+            ..v1::Hello::default()
+        })
+    };
+    let connect = v1::ClientToCoordinator::connect(v1::Connect::default());
+    let both = |hello: v1::ClientToCoordinator| {
+        [hello, connect.clone()].map(|m| WsMessage::Binary(relaymesh_proto::encode(&m)))
+    };
+
+    let mut socket = raw::dial(&url, None).await;
+    for frame in both(hello(relaymesh_proto::PROTOCOL_VERSION)) {
+        socket.feed(frame).await.unwrap();
+    }
+    socket.flush().await.unwrap();
+    assert!(matches!(answer(&mut socket).await, Some(Kind::Welcome(_))));
+    let Some(Kind::Offer(offer)) = answer(&mut socket).await else {
+        panic!("no offer after the welcome");
+    };
+    assert_eq!(offer.server_id, cluster.servers[0].id);
+    // The offered key works.
+    let attached = dial_with_key(&offer.url, &offer.key).await;
+    assert!(attached.is_ok(), "the offered key was refused");
+
+    let mut socket = raw::dial(&url, None).await;
+    for frame in both(hello(7)) {
+        socket.feed(frame).await.unwrap();
+    }
+    socket.flush().await.unwrap();
+    let error = raw::expect_error::<v1::CoordinatorToClient>(&mut socket).await;
+    assert_eq!(error.error_code(), ErrorCode::UnsupportedVersion, "{error}");
+    assert!(
+        raw::closed_within(&mut socket, Duration::from_secs(5)).await,
+        "the link stays open after the refusal"
+    );
+}
