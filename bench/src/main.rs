@@ -13,6 +13,7 @@
 //! `results.json` and `results.md` in `--out`.
 
 mod clientfanout;
+mod connect;
 mod drivers;
 mod histmem;
 mod idle;
@@ -72,6 +73,8 @@ pub(crate) enum Scenario {
     /// A reconnect storm: the clients of one comm server of three, killed, back on the other
     /// two (relaymesh only).
     Storm,
+    /// The cost of a connection: clients connect and subscribe, the servers' CPU per client.
+    Connect,
 }
 
 impl Scenario {
@@ -90,6 +93,7 @@ impl Scenario {
             Self::Recovery => "recovery",
             Self::HistoryMemory => "history-memory",
             Self::Storm => "storm",
+            Self::Connect => "connect",
         }
     }
 }
@@ -129,7 +133,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory,storm"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory,storm,connect"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -242,6 +246,10 @@ struct Args {
     /// Storm scenario: topics the clients subscribe to (client `i` to `storm/{i % N}`).
     #[arg(long, default_value_t = 100)]
     storm_topics: usize,
+    /// Connect scenario: clients that connect and subscribe (each holds an open file in the
+    /// server and in the generator).
+    #[arg(long, default_value_t = 5000)]
+    connect_clients: usize,
 
     /// Recovery scenario: messages published while the subscriber is away (and read back in
     /// the backlog reads).
@@ -379,7 +387,8 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
         | Scenario::Logins
         | Scenario::Recovery
         | Scenario::HistoryMemory
-        | Scenario::Storm => {
+        | Scenario::Storm
+        | Scenario::Connect => {
             return None;
         }
     })
@@ -579,6 +588,16 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
                 eprintln!("{label}: {}", report::idle_line(s));
             })
             .await?;
+        }
+        Scenario::Connect => {
+            let clients = if args.smoke {
+                args.connect_clients.min(200)
+            } else {
+                args.connect_clients
+            };
+            let r = connect::run(&running, system, clients).await?;
+            eprintln!("{label}: {}", report::connect_line(&r));
+            outcome.connect = Some(r);
         }
         Scenario::Logins => {
             let ladder = if args.smoke {

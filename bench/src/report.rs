@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::Scenario;
+use crate::connect::ConnectResult;
 use crate::drivers::System;
 use crate::histmem::{MemoryRun, Stage};
 use crate::idle::IdleStep;
@@ -136,6 +137,8 @@ pub(crate) struct Outcome {
     pub(crate) recovery: Option<RecoveryResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) storm: Option<crate::storm::StormResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) connect: Option<ConnectResult>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) memory: Vec<MemoryRun>,
     /// relaymesh: the history its comm servers held at the end.
@@ -157,6 +160,7 @@ impl Outcome {
             logins: Vec::new(),
             recovery: None,
             storm: None,
+            connect: None,
             memory: Vec::new(),
             history_held: None,
         }
@@ -382,6 +386,58 @@ impl Results {
     /// The targets about topic history: its cost per server CPU-second (each message
     /// scenario run with and without), recovery time and completeness, and the memory
     /// bounds.
+    /// The cost of a connection against NATS's, run by run (repetition k of each).
+    fn connect_targets(&self) -> Vec<Target> {
+        let name = "connect + first subscribe: server CPU per connection ≤ NATS's";
+        let ok = |system: System| {
+            self.outcomes.iter().filter(move |o| {
+                o.system == system
+                    && o.scenario == Scenario::Connect
+                    && o.status == "ok"
+                    && o.connect.is_some()
+            })
+        };
+        let mut t = Vec::new();
+        for o in ok(System::Relaymesh) {
+            let Some(nats) = ok(System::Nats).find(|n| n.repeat == o.repeat && n.tls == o.tls)
+            else {
+                continue;
+            };
+            let (Some(a), Some(b)) = (&o.connect, &nats.connect) else {
+                continue;
+            };
+            t.push(Target {
+                target: format!("{name} ({})", o.label()),
+                measured: format!(
+                    "{:.0} µs ({}) vs {:.0} µs ({:.2}×) over {} clients",
+                    a.server_us(),
+                    a.coordinator_us().map_or_else(String::new, |c| format!(
+                        "coordinator {c:.0}, comm server {:.0}",
+                        a.server_us() - c
+                    )),
+                    b.server_us(),
+                    a.server_us() / b.server_us().max(1e-9),
+                    a.clients
+                ),
+                result: if a.server_us() <= b.server_us() {
+                    "pass"
+                } else {
+                    "FAIL"
+                }
+                .into(),
+            });
+        }
+        if t.is_empty()
+            && self
+                .outcomes
+                .iter()
+                .any(|o| o.scenario == Scenario::Connect)
+        {
+            t.push(not_measured(name));
+        }
+        t
+    }
+
     fn history_targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
         let rm = System::Relaymesh;
@@ -494,6 +550,7 @@ impl Results {
                 result: if r.passed() { "pass" } else { "FAIL" }.into(),
             });
         }
+        t.extend(self.connect_targets());
         for o in self
             .outcomes
             .iter()
@@ -1122,6 +1179,33 @@ impl Results {
                     .join("; ")
             );
         }
+        let connects: Vec<&Outcome> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.connect.is_some())
+            .collect();
+        if !connects.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Connection cost\n\nClients connect and subscribe to one topic each ({} at a time; the subscription confirmed where the protocol says so), with each system's usual client library: relaymesh logs in through the coordinator and attaches to the comm server it was given. CPU of all the system's server processes (relaymesh: coordinator and comm server) over that phase, per connection.\n\n| system | clients | seconds | connections/s | server CPU µs per connection | of which the coordinator | generator CPU µs per connection |\n|---|---|---|---|---|---|---|",
+                crate::connect::CONCURRENCY
+            );
+            for o in connects {
+                let Some(r) = &o.connect else { continue };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.2} | {:.0} | {:.0} | {} | {:.0} |",
+                    o.label(),
+                    r.clients,
+                    r.wall_s,
+                    r.per_s(),
+                    r.server_us(),
+                    r.coordinator_us()
+                        .map_or_else(String::new, |c| format!("{c:.0}")),
+                    r.generator_us()
+                );
+            }
+        }
         for o in &self.outcomes {
             if let Some(r) = &o.storm {
                 let _ = writeln!(
@@ -1391,6 +1475,20 @@ pub(crate) fn idle_line(s: &IdleStep) -> String {
     } else {
         format!("{} idle clients: blocked: {}", s.clients, s.blocked)
     }
+}
+
+pub(crate) fn connect_line(r: &ConnectResult) -> String {
+    format!(
+        "{} clients connected and subscribed in {:.2} s ({:.0}/s): server CPU {:.0} µs per connection{}, generator {:.0} µs",
+        r.clients,
+        r.wall_s,
+        r.per_s(),
+        r.server_us(),
+        r.coordinator_us()
+            .map(|c| format!(" (coordinator {c:.0})"))
+            .unwrap_or_default(),
+        r.generator_us()
+    )
 }
 
 pub(crate) fn login_line(s: &LoginStep) -> String {
