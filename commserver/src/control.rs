@@ -281,7 +281,7 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
             };
             effects.merge(control.handle(command));
         }
-        apply(&server, &control.state, effects, &mut control.waiting);
+        apply(&server, &mut control.state, effects, &mut control.waiting);
         control.sweep();
         server
             .stats
@@ -294,7 +294,7 @@ pub(crate) async fn run(server: Arc<Server>, mut commands: mpsc::Receiver<Comman
 /// messages (acknowledgements promise the routes are in place), then closes, then answers.
 fn apply(
     server: &Server,
-    state: &Interest<Arc<Subscriber>, Arc<PeerLink>>,
+    state: &mut Interest<Arc<Subscriber>, Arc<PeerLink>>,
     effects: Effects<Arc<PeerLink>>,
     waiting: &mut HashMap<WaiterId, oneshot::Sender<()>>,
 ) {
@@ -302,7 +302,7 @@ fn apply(
     for topic in &effects.routes {
         let route = state.route(topic).map(|(subscribers, peers)| {
             Route::new(
-                subscribers.into_boxed_slice(),
+                subscribers,
                 peers.into_iter().map(|p| p.out.clone()).collect(),
             )
         });

@@ -21,6 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::locals::{Chunked, Locals};
+
 /// A client session on this server.
 pub(crate) type SessionId = u64;
 /// One connection of a peer link; a reconnect gets a new id.
@@ -166,14 +168,14 @@ pub(crate) fn coalesce<P: Clone>(
 /// Who receives a topic here: local sessions and interested peers.
 #[derive(Debug)]
 struct TopicState<S, P> {
-    local: BTreeMap<SessionId, S>,
+    local: Locals<S>,
     remote: BTreeMap<Arc<str>, P>,
 }
 
 impl<S, P> Default for TopicState<S, P> {
     fn default() -> Self {
         Self {
-            local: BTreeMap::new(),
+            local: Locals::default(),
             remote: BTreeMap::new(),
         }
     }
@@ -442,10 +444,11 @@ impl<S: Clone, P: Clone> Interest<S, P> {
     }
 
     /// Local sessions and interested peers for `topic`, or `None` when there are neither.
-    pub(crate) fn route(&self, topic: &TopicKey) -> Option<(Vec<S>, Vec<P>)> {
-        let state = self.topics.get(topic)?;
+    /// (`&mut`: the local sessions' chunks are copied for routes as they change.)
+    pub(crate) fn route(&mut self, topic: &TopicKey) -> Option<(Chunked<S>, Vec<P>)> {
+        let state = self.topics.get_mut(topic)?;
         Some((
-            state.local.values().cloned().collect(),
+            state.local.chunked(),
             state.remote.values().cloned().collect(),
         ))
     }
@@ -471,7 +474,7 @@ impl<S: Clone, P: Clone> Interest<S, P> {
             let Some(state) = self.topics.get_mut(&topic) else {
                 continue;
             };
-            if state.local.remove(&id).is_none() {
+            if state.local.remove(id).is_none() {
                 continue;
             }
             if state.local.is_empty() {
@@ -576,8 +579,15 @@ mod tests {
         n.into()
     }
 
-    fn route(i: &I, topic: &str) -> (Vec<u64>, Vec<&'static str>) {
-        i.route(&t(topic)).unwrap_or_default()
+    /// The route's sessions (by id) and peers.
+    fn route(i: &mut I, topic: &str) -> (Vec<u64>, Vec<&'static str>) {
+        i.route(&t(topic))
+            .map(|(local, remote)| {
+                let mut local: Vec<u64> = local.iter().copied().collect();
+                local.sort_unstable();
+                (local, remote)
+            })
+            .unwrap_or_default()
     }
 
     #[test]
@@ -623,7 +633,7 @@ mod tests {
         let fx = i.subscribe(11, &11, vec![t("x")], 101);
         assert!(fx.to_peers.is_empty());
         assert_eq!(fx.completed, vec![101]);
-        assert_eq!(route(&i, "x").0, vec![10, 11]);
+        assert_eq!(route(&mut i, "x").0, vec![10, 11]);
         assert_eq!(i.local_topics(), 2);
 
         // ...and only the last unsubscribe of x is announced.
@@ -654,19 +664,19 @@ mod tests {
         let fx = i.peer_interest(&name("b"), 1, 1, true, vec![t("x")], vec![]);
         assert_eq!(fx.to_peers, vec![("B", ToPeer::Ack { seq: 1 })]);
         i.peer_interest(&name("c"), 2, 1, true, vec![], vec![]);
-        assert_eq!(route(&i, "x"), (vec![], vec!["B"]));
+        assert_eq!(route(&mut i, "x"), (vec![], vec!["B"]));
         assert!(
             i.route(&t("y")).is_none(),
             "nobody wants y: nothing is forwarded"
         );
         i.peer_interest(&name("c"), 2, 2, false, vec![t("x"), t("y")], vec![]);
-        assert_eq!(route(&i, "x").1, vec!["B", "C"]);
+        assert_eq!(route(&mut i, "x").1, vec!["B", "C"]);
         i.peer_interest(&name("b"), 1, 2, false, vec![], vec![t("x")]);
-        assert_eq!(route(&i, "x").1, vec!["C"]);
+        assert_eq!(route(&mut i, "x").1, vec!["C"]);
         // A full set replaces what the peer wanted before.
         i.peer_interest(&name("c"), 2, 3, true, vec![t("z")], vec![]);
         assert!(i.route(&t("x")).is_none() && i.route(&t("y")).is_none());
-        assert_eq!(route(&i, "z").1, vec!["C"]);
+        assert_eq!(route(&mut i, "z").1, vec!["C"]);
         assert_eq!(i.peer_interest_len("c"), 1);
         // Messages from a stale link are ignored.
         let fx = i.peer_interest(&name("c"), 99, 4, false, vec![t("q")], vec![]);
@@ -679,7 +689,7 @@ mod tests {
         i.subscribe(1, &1, vec![t("b"), t("a")], 0);
         i.peer_up(&name("p"), 1, "P1");
         i.peer_interest(&name("p"), 1, 1, true, vec![t("a")], vec![]);
-        assert_eq!(route(&i, "a"), (vec![1], vec!["P1"]));
+        assert_eq!(route(&mut i, "a"), (vec![1], vec!["P1"]));
         let fx = i.peer_up(&name("p"), 2, "P2");
         assert_eq!(fx.close, vec!["P1"]);
         assert_eq!(
@@ -695,7 +705,7 @@ mod tests {
             )]
         );
         assert_eq!(
-            route(&i, "a"),
+            route(&mut i, "a"),
             (vec![1], vec!["P2"]),
             "what the peer wanted goes on, over the new link, until it says otherwise"
         );
@@ -704,12 +714,12 @@ mod tests {
         assert!(fx.close.is_empty() && fx.routes.is_empty());
         // The full set over the new link settles it.
         i.peer_interest(&name("p"), 2, 1, true, vec![t("b")], vec![]);
-        assert_eq!(route(&i, "b").1, vec!["P2"]);
-        assert_eq!(route(&i, "a").1, Vec::<&str>::new());
+        assert_eq!(route(&mut i, "b").1, vec!["P2"]);
+        assert_eq!(route(&mut i, "a").1, Vec::<&str>::new());
         // Down, the link keeps its interest (what is routed to it is counted as missed)...
         let fx = i.peer_down(&name("p"), 2);
         assert!(fx.routes.is_empty() && fx.close.is_empty());
-        assert_eq!(route(&i, "b").1, vec!["P2"]);
+        assert_eq!(route(&mut i, "b").1, vec!["P2"]);
         // ...and a later change is not sent to it (its next link starts with the full set),
         // nor waited for.
         let fx = i.subscribe(2, &2, vec![t("c")], 5);
@@ -718,7 +728,7 @@ mod tests {
         assert!(i.peer_expire(&name("p"), 1).routes.is_empty());
         let fx = i.peer_expire(&name("p"), 2);
         assert!(fx.routes.contains(&t("b")) && fx.close.is_empty());
-        assert_eq!(route(&i, "b"), (vec![1], vec![]));
+        assert_eq!(route(&mut i, "b"), (vec![1], vec![]));
         // A link that is up does not expire.
         i.peer_up(&name("p"), 3, "P3");
         assert!(i.peer_expire(&name("p"), 3).routes.is_empty());
@@ -860,7 +870,7 @@ mod tests {
     fn duplicate_and_unknown_topics_change_nothing() {
         let mut i = I::new();
         i.subscribe(1, &1, vec![t("x"), t("x")], 0);
-        assert_eq!(route(&i, "x").0, vec![1]);
+        assert_eq!(route(&mut i, "x").0, vec![1]);
         let fx = i.subscribe(1, &1, vec![t("x")], 1);
         assert!(fx.routes.is_empty());
         let fx = i.unsubscribe(1, vec![t("nope")], 2);

@@ -23,6 +23,7 @@ pub mod history;
 mod inbox;
 mod interest;
 mod keys;
+mod locals;
 mod logins;
 mod operator;
 mod peers;

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::locals::Chunked;
 use bytes::{Bytes, BytesMut};
 use relaymesh_net::link::{Backlog, Closer, DataTx, Direct, LastWords, Replay, ReplayLimits};
 use relaymesh_net::metrics::Counter;
@@ -292,14 +293,14 @@ impl PeerOut {
 /// Everyone who receives a topic on this server.
 #[derive(Debug)]
 pub(crate) struct Route {
-    pub(crate) subscribers: Box<[Arc<Subscriber>]>,
+    pub(crate) subscribers: Chunked<Arc<Subscriber>>,
     pub(crate) peers: Box<[Arc<PeerOut>]>,
     /// Set once a newer route (or none) has replaced this one in the table.
     stale: AtomicBool,
 }
 
 impl Route {
-    pub(crate) fn new(subscribers: Box<[Arc<Subscriber>]>, peers: Box<[Arc<PeerOut>]>) -> Self {
+    pub(crate) fn new(subscribers: Chunked<Arc<Subscriber>>, peers: Box<[Arc<PeerOut>]>) -> Self {
         Self {
             subscribers,
             peers,
@@ -1107,7 +1108,7 @@ mod tests {
     }
 
     fn route(subscribers: &[Arc<Subscriber>]) -> Arc<Route> {
-        Arc::new(Route::new(subscribers.into(), Box::new([])))
+        Arc::new(Route::new(subscribers.to_vec().into(), Box::new([])))
     }
 
     fn topics(item: &Bytes) -> Vec<String> {
@@ -1277,8 +1278,8 @@ mod tests {
         let stats = Stats::default();
         let (p, rx) = peer();
         drop(rx); // the link's writer is gone: the queue is closed
-        let a = Route::new(Box::new([]), Box::new([p.clone()]));
-        let b = Route::new(Box::new([]), Box::new([p.clone()]));
+        let a = Route::new(Chunked::default(), Box::new([p.clone()]));
+        let b = Route::new(Chunked::default(), Box::new([p.clone()]));
         let frame = Bytes::from_static(b"f");
         for _ in 0..3 {
             forward(&a, &frame, ("acme", "a"), &stats);
@@ -1319,7 +1320,7 @@ mod tests {
         }
         old.ended(Some(written), vec![f("4")]);
         // ...and one routed to it while it was down.
-        let route = Route::new(Box::new([]), Box::new([old.clone()]));
+        let route = Route::new(Chunked::default(), Box::new([old.clone()]));
         forward(&route, &f("5"), ("acme", "t"), &stats);
         // The peer got 2 on it: 3, 4 and 5 go on the new link, before what the old routes
         // still carry.
@@ -1339,7 +1340,7 @@ mod tests {
         let (s, mut rx) = subscriber(1, 100);
         let (p, mut peer_rx) = peer();
         for scope in ["acme", "globex"] {
-            let route = Route::new(Box::new([s.clone()]), Box::new([p.clone()]));
+            let route = Route::new(vec![s.clone()].into(), Box::new([p.clone()]));
             table.set(&TopicKey::new(scope, "t"), Some(route));
         }
         table.publish();

@@ -1,0 +1,214 @@
+//! A topic's local sessions, kept in chunks that its routes share.
+//!
+//! A route is a snapshot that publishers read without a lock, so every subscription change
+//! makes a new one. Built from scratch, it would copy every subscriber of the topic: a room of
+//! 20 000 clients joining one by one would copy 200 million handles. Kept in chunks of at most
+//! [`CHUNK`], a change rebuilds the one chunk it touched and the list of chunks, and the new
+//! route shares every other chunk with the old.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::interest::SessionId;
+
+/// Sessions per chunk, at most.
+pub(crate) const CHUNK: usize = 256;
+
+/// A route's view of a topic's local sessions: shared chunks, read in order.
+#[derive(Debug)]
+pub(crate) struct Chunked<S> {
+    chunks: Box<[Arc<[S]>]>,
+    len: usize,
+}
+
+impl<S> Default for Chunked<S> {
+    fn default() -> Self {
+        Self {
+            chunks: Box::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<S> Chunked<S> {
+    /// How many sessions.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every session, chunk after chunk.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &S> {
+        self.chunks.iter().flat_map(|chunk| chunk.iter())
+    }
+}
+
+/// One chunk of `items` (tests build routes by hand).
+#[cfg(test)]
+impl<S> From<Vec<S>> for Chunked<S> {
+    fn from(items: Vec<S>) -> Self {
+        let len = items.len();
+        Self {
+            chunks: if len == 0 {
+                Box::default()
+            } else {
+                Box::new([items.into()])
+            },
+            len,
+        }
+    }
+}
+
+/// One chunk as the control task keeps it: its members, and the shared copy routes were last
+/// given (`None` once a member came or went).
+#[derive(Debug)]
+struct Chunk<S> {
+    members: Vec<(SessionId, S)>,
+    built: Option<Arc<[S]>>,
+}
+
+/// A topic's local sessions.
+#[derive(Debug)]
+pub(crate) struct Locals<S> {
+    chunks: Vec<Chunk<S>>,
+    /// Which chunk each session is in.
+    at: HashMap<SessionId, usize>,
+}
+
+impl<S> Default for Locals<S> {
+    fn default() -> Self {
+        Self {
+            chunks: Vec::new(),
+            at: HashMap::new(),
+        }
+    }
+}
+
+impl<S: Clone> Locals<S> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Adds session `id`, reached through `handle`; `false` (and nothing changes) if it is
+    /// here already.
+    pub(crate) fn insert(&mut self, id: SessionId, handle: S) -> bool {
+        if self.at.contains_key(&id) {
+            return false;
+        }
+        let i = match self.chunks.last() {
+            Some(last) if last.members.len() < CHUNK => self.chunks.len() - 1,
+            _ => {
+                self.chunks.push(Chunk {
+                    members: Vec::new(),
+                    built: None,
+                });
+                self.chunks.len() - 1
+            }
+        };
+        let chunk = &mut self.chunks[i];
+        chunk.members.push((id, handle));
+        chunk.built = None;
+        self.at.insert(id, i);
+        true
+    }
+
+    /// Removes session `id`; its handle, if it was here.
+    pub(crate) fn remove(&mut self, id: SessionId) -> Option<S> {
+        let i = self.at.remove(&id)?;
+        let chunk = self.chunks.get_mut(i)?;
+        let position = chunk.members.iter().position(|(m, _)| *m == id)?;
+        let (_, handle) = chunk.members.swap_remove(position);
+        chunk.built = None;
+        if chunk.members.is_empty() {
+            // The last chunk takes the empty one's place.
+            self.chunks.swap_remove(i);
+            if let Some(moved) = self.chunks.get(i) {
+                for (m, _) in &moved.members {
+                    self.at.insert(*m, i);
+                }
+            }
+        }
+        Some(handle)
+    }
+
+    /// The sessions as a route shares them: chunks nobody changed since the last call are the
+    /// same shared copies.
+    pub(crate) fn chunked(&mut self) -> Chunked<S> {
+        let chunks = self
+            .chunks
+            .iter_mut()
+            .map(|c| {
+                c.built
+                    .get_or_insert_with(|| c.members.iter().map(|(_, s)| s.clone()).collect())
+                    .clone()
+            })
+            .collect();
+        Chunked {
+            chunks,
+            len: self.at.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(c: &Chunked<u64>) -> Vec<u64> {
+        let mut v: Vec<u64> = c.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn a_change_rebuilds_one_chunk_and_shares_the_others() {
+        let mut locals = Locals::default();
+        let n = 3 * CHUNK as u64 + 10;
+        for id in 0..n {
+            assert!(locals.insert(id, id));
+        }
+        assert!(!locals.insert(5, 5), "already here");
+        let before = locals.chunked();
+        assert_eq!(before.len(), n as usize);
+        assert_eq!(ids(&before), (0..n).collect::<Vec<_>>());
+
+        // One leaves from the second chunk: only that chunk is new.
+        assert_eq!(locals.remove(CHUNK as u64 + 1), Some(CHUNK as u64 + 1));
+        assert_eq!(locals.remove(CHUNK as u64 + 1), None);
+        let after = locals.chunked();
+        let shared: Vec<bool> = (before.chunks.iter().zip(after.chunks.iter()))
+            .map(|(a, b)| Arc::ptr_eq(a, b))
+            .collect();
+        assert_eq!(shared, [true, false, true, true]);
+        assert_eq!(after.len(), n as usize - 1);
+        assert!(!ids(&after).contains(&(CHUNK as u64 + 1)));
+    }
+
+    #[test]
+    fn an_emptied_chunk_gives_way_to_the_last_and_every_session_stays_findable() {
+        let mut locals = Locals::default();
+        let n = 2 * CHUNK as u64 + 3;
+        for id in 0..n {
+            locals.insert(id, id);
+        }
+        // Empty the first chunk: the last (3 sessions) takes its place.
+        for id in 0..CHUNK as u64 {
+            assert_eq!(locals.remove(id), Some(id));
+        }
+        let now = locals.chunked();
+        assert_eq!(now.chunks.len(), 2);
+        assert_eq!(ids(&now), (CHUNK as u64..n).collect::<Vec<_>>());
+        // The moved sessions are found where they went.
+        for id in 2 * CHUNK as u64..n {
+            assert_eq!(locals.remove(id), Some(id));
+        }
+        for id in CHUNK as u64..2 * CHUNK as u64 {
+            assert_eq!(locals.remove(id), Some(id));
+        }
+        assert!(locals.is_empty());
+        assert!(locals.chunked().is_empty());
+    }
+}
