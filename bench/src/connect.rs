@@ -21,8 +21,6 @@ use crate::servers::Running;
 
 /// Clients connecting at once.
 pub(crate) const CONCURRENCY: usize = 64;
-/// Topics the clients subscribe to (client `i` to `connect/{i % TOPICS}`).
-const TOPICS: usize = 100;
 
 /// Longest the clients' sockets may take to close once the clients are dropped.
 const CLOSE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -36,6 +34,8 @@ fn open_files() -> usize {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ConnectResult {
     pub(crate) clients: usize,
+    /// Topics the clients subscribed to (client `i` to `connect/{i % topics}`).
+    pub(crate) topics: usize,
     /// From the first connect to the last confirmed subscription, seconds.
     pub(crate) wall_s: f64,
     /// CPU seconds of all the system's server processes over the phase.
@@ -74,7 +74,9 @@ pub(crate) async fn run(
     running: &Running,
     system: System,
     clients: usize,
+    topics: usize,
 ) -> anyhow::Result<ConnectResult> {
+    let topics = topics.max(1);
     let endpoints = &running.endpoints;
     // Nothing is published: the tally stays empty.
     let tally: SharedTally = std::sync::Arc::new(std::sync::Mutex::new(Tally::new(0)));
@@ -94,7 +96,7 @@ pub(crate) async fn run(
         .map(|i| {
             let tally = tally.clone();
             async move {
-                let topic = format!("connect/{}", i % TOPICS);
+                let topic = format!("connect/{}", i % topics);
                 Subscriber::start(endpoints, 0, &topic, Route::Topic, tally).await
             }
         })
@@ -108,6 +110,7 @@ pub(crate) async fn run(
     let (server1, _) = running.usage();
     let result = ConnectResult {
         clients,
+        topics,
         wall_s,
         server_cpu_s: server1 - server0,
         coordinator_cpu_s: coordinator().zip(coordinator0).map(|(b, a)| b - a),

@@ -250,6 +250,9 @@ struct Args {
     /// server and in the generator).
     #[arg(long, default_value_t = 5000)]
     connect_clients: usize,
+    /// Connect scenario: topics the clients subscribe to (client `i` to `connect/{i % N}`).
+    #[arg(long, default_value_t = 100)]
+    connect_topics: usize,
 
     /// Recovery scenario: messages published while the subscriber is away (and read back in
     /// the backlog reads).
@@ -595,7 +598,7 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
             } else {
                 args.connect_clients
             };
-            let r = connect::run(&running, system, clients).await?;
+            let r = connect::run(&running, system, clients, args.connect_topics).await?;
             eprintln!("{label}: {}", report::connect_line(&r));
             outcome.connect = Some(r);
         }

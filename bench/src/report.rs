@@ -1187,16 +1187,17 @@ impl Results {
         if !connects.is_empty() {
             let _ = writeln!(
                 md,
-                "\n## Connection cost\n\nClients connect and subscribe to one topic each ({} at a time; the subscription confirmed where the protocol says so), with each system's usual client library: relaymesh logs in through the coordinator and attaches to the comm server it was given. CPU of all the system's server processes (relaymesh: coordinator and comm server) over that phase, per connection.\n\n| system | clients | seconds | connections/s | server CPU µs per connection | of which the coordinator | generator CPU µs per connection |\n|---|---|---|---|---|---|---|",
+                "\n## Connection cost\n\nClients connect and subscribe to one topic each ({} at a time; the subscription confirmed where the protocol says so), with each system's usual client library: relaymesh logs in through the coordinator and attaches to the comm server it was given. CPU of all the system's server processes (relaymesh: coordinator and comm server) over that phase, per connection.\n\n| system | clients | topics | seconds | connections/s | server CPU µs per connection | of which the coordinator | generator CPU µs per connection |\n|---|---|---|---|---|---|---|---|",
                 crate::connect::CONCURRENCY
             );
             for o in connects {
                 let Some(r) = &o.connect else { continue };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.2} | {:.0} | {:.0} | {} | {:.0} |",
+                    "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {} | {:.0} |",
                     o.label(),
                     r.clients,
+                    r.topics,
                     r.wall_s,
                     r.per_s(),
                     r.server_us(),
@@ -1479,8 +1480,9 @@ pub(crate) fn idle_line(s: &IdleStep) -> String {
 
 pub(crate) fn connect_line(r: &ConnectResult) -> String {
     format!(
-        "{} clients connected and subscribed in {:.2} s ({:.0}/s): server CPU {:.0} µs per connection{}, generator {:.0} µs",
+        "{} clients connected and subscribed to {} topics in {:.2} s ({:.0}/s): server CPU {:.0} µs per connection{}, generator {:.0} µs",
         r.clients,
+        r.topics,
         r.wall_s,
         r.per_s(),
         r.server_us(),
