@@ -239,6 +239,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
         from: conn.peer.ip(),
         state: Step::Greeting,
         bucket,
+        welcome: None,
     };
     let served = link::serve(socket, options, negotiation).await;
     if let Err(e) = served.outcome {
@@ -276,6 +277,9 @@ struct Negotiation {
     state: Step,
     /// `Connect`s allowed on this link.
     bucket: TokenBucket,
+    /// `Welcome`, held until the first answer after it or the end of the burst that logged
+    /// in: a client that sent `Connect` with its `Hello` gets both answers in one write.
+    welcome: Option<Bytes>,
 }
 
 impl Negotiation {
@@ -290,17 +294,14 @@ impl Negotiation {
                 url: e.url.clone(),
             })
             .collect();
-        reply(
-            &self.tx,
-            &v1::CoordinatorToClient::welcome(v1::Welcome {
-                protocol_version: PROTOCOL_VERSION,
-                alias: identity.alias.clone(),
-                servers,
-                heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
-                heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
-                node_id: identity.node_id.clone(),
-            }),
-        )?;
+        self.welcome = Some(encode(&v1::CoordinatorToClient::welcome(v1::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            alias: identity.alias.clone(),
+            servers,
+            heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
+            heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
+            node_id: identity.node_id.clone(),
+        })));
         self.state = Step::LoggedIn(identity);
         Ok(Flow::Continue)
     }
@@ -366,6 +367,16 @@ impl link::Handler for Negotiation {
             return Err(error(ErrorCode::Internal, "not logged in"));
         };
         let app = &self.app;
+        // Queued right before this message's answer: the writer sends both together.
+        let mut welcome = self.welcome.take();
+        let tx = &self.tx;
+        let mut reply = |msg: &v1::CoordinatorToClient| {
+            if let Some(welcome) = welcome.take() {
+                tx.try_send(welcome)
+                    .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))?;
+            }
+            reply(tx, msg)
+        };
         match msg.kind {
             Some(Kind::Connect(connect)) => {
                 let answer = if self.bucket.take(Instant::now()) {
@@ -384,12 +395,11 @@ impl link::Handler for Negotiation {
                     }),
                     Err(e) => v1::CoordinatorToClient::error(e),
                 };
-                reply(&self.tx, &msg)?;
+                reply(&msg)?;
             }
-            Some(Kind::Ping(ping)) => reply(
-                &self.tx,
-                &v1::CoordinatorToClient::pong(v1::Pong { nonce: ping.nonce }),
-            )?,
+            Some(Kind::Ping(ping)) => reply(&v1::CoordinatorToClient::pong(v1::Pong {
+                nonce: ping.nonce,
+            }))?,
             Some(Kind::RegisterNode(r)) => {
                 let answer = if self.bucket.take(Instant::now()) {
                     register_node(app, identity, node_fields(r.name, r.location, r.info))
@@ -403,10 +413,7 @@ impl link::Handler for Negotiation {
                 } else {
                     Err(too_many())
                 };
-                reply(
-                    &self.tx,
-                    &answer.unwrap_or_else(v1::CoordinatorToClient::error),
-                )?;
+                reply(&answer.unwrap_or_else(v1::CoordinatorToClient::error))?;
             }
             Some(Kind::UpdateNode(u)) => {
                 let answer = if self.bucket.take(Instant::now()) {
@@ -420,10 +427,7 @@ impl link::Handler for Negotiation {
                 } else {
                     Err(too_many())
                 };
-                reply(
-                    &self.tx,
-                    &answer.unwrap_or_else(v1::CoordinatorToClient::error),
-                )?;
+                reply(&answer.unwrap_or_else(v1::CoordinatorToClient::error))?;
             }
             Some(Kind::Hello(_)) => {
                 return Err(unexpected("Hello was already sent on this link"));
@@ -432,6 +436,16 @@ impl link::Handler for Negotiation {
                 return Err(unexpected("no challenge is pending on this link"));
             }
             None => return Err(relaymesh_proto::empty("ClientToCoordinator")),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A login's `Welcome` that no answer took along goes out now.
+    async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
+        if let Some(welcome) = self.welcome.take() {
+            self.tx
+                .try_send(welcome)
+                .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))?;
         }
         Ok(Flow::Continue)
     }

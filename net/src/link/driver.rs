@@ -75,7 +75,8 @@ pub trait Handler: Send {
     fn message(&mut self, msg: Self::In) -> impl Future<Output = Result<Flow, v1::Error>> + Send;
 
     /// A burst is over (also when one of its messages failed or ended the link): hand on what
-    /// its messages produced.
+    /// its messages produced. The handshake's message and what arrived right behind it are a
+    /// burst too.
     fn burst_end(&mut self) -> impl Future<Output = Result<Flow, v1::Error>> + Send {
         std::future::ready(Ok(Flow::Continue))
     }
@@ -224,6 +225,13 @@ where
         if Box::pin(handler.first(first)).await? == Flow::End {
             return Ok(());
         }
+        // The handshake's message starts a burst like any other: what arrived right behind it
+        // (a request sent with the hello) is handled with it, and then the burst ends.
+        let rest = Box::pin(burst(stream, handler, None, max_burst)).await;
+        let after = handler.burst_end().await;
+        if (rest?, after?) != (Flow::Continue, Flow::Continue) {
+            return Ok(());
+        }
     }
     let Heartbeat { timeout, interval } = handler.heartbeat();
     let mut watchdog = Watchdog::new(timeout, interval);
@@ -263,7 +271,7 @@ where
                     }
                     // Boxed: inline, the burst's state (the handler's futures) would size
                     // every idle link's task; a box per burst is small beside its reads.
-                    let burst = Box::pin(burst(stream, handler, frame, max_burst)).await;
+                    let burst = Box::pin(burst(stream, handler, Some(frame), max_burst)).await;
                     let after = handler.burst_end().await;
                     watchdog.handled();
                     match (burst?, after?) {
@@ -279,18 +287,21 @@ where
     }
 }
 
-/// Hands `first` and every frame already behind it (up to `max`) to the handler.
+/// Hands `first` (if any) and every frame already behind it (up to `max`) to the handler.
 async fn burst<St, H>(
     stream: &mut St,
     handler: &mut H,
-    first: Bytes,
+    first: Option<Bytes>,
     max: usize,
 ) -> Result<Flow, v1::Error>
 where
     St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
     H: Handler,
 {
-    let mut burst = Burst::new(first, max);
+    let mut burst = match first {
+        Some(first) => Burst::new(first, max),
+        None => Burst::behind(max),
+    };
     while let Some(frame) = burst.next_frame(stream)? {
         let msg: H::In = decode_frame(frame)?;
         if handler.message(msg).await? == Flow::End {

@@ -147,6 +147,17 @@ impl Burst {
         }
     }
 
+    /// A burst of the frames that have already arrived (at most `max`), the one that started
+    /// it handled already (a handshake).
+    pub fn behind(max: usize) -> Self {
+        Self {
+            pending: None,
+            handled: 0,
+            max,
+            closed: false,
+        }
+    }
+
     /// The next frame of the burst; `None` once nothing more has arrived, a control frame
     /// came, the limit is reached or the link closed ([`Burst::closed`]).
     pub fn next_frame<St>(&mut self, stream: &mut St) -> Result<Option<Bytes>, v1::Error>
