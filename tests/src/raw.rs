@@ -167,3 +167,11 @@ pub async fn closed_within(socket: &mut ClientSocket, limit: Duration) -> bool {
         .await
         .is_ok()
 }
+
+/// A negotiation `Hello` (anonymous) speaking protocol `version`.
+pub fn hello(version: u32) -> v1::ClientToCoordinator {
+    v1::ClientToCoordinator::hello(v1::Hello {
+        protocol_version: version,
+        ..v1::Hello::default()
+    })
+}

@@ -193,12 +193,7 @@ fn bin(msg: &impl prost::Message) -> WsMessage {
 async fn bad_negotiation_input_is_refused() {
     let cluster = Cluster::start(1).await;
     let url = format!("{}/v1/connect", cluster.coordinator.url);
-    let hello = |version| {
-        v1::ClientToCoordinator::hello(v1::Hello {
-            protocol_version: version,
-            ..v1::Hello::default()
-        })
-    };
+    let hello = raw::hello;
     let cases: Vec<(&str, Vec<WsMessage>, ErrorCode)> = vec![
         (
             "garbage",

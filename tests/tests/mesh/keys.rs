@@ -253,12 +253,7 @@ async fn a_connect_sent_with_hello_is_answered_after_the_welcome() {
     use relaymesh_proto::v1::{self, coordinator_to_client::Kind};
     let cluster = Cluster::start(1).await;
     let url = format!("{}/v1/connect", cluster.coordinator.url);
-    let hello = |version| {
-        v1::ClientToCoordinator::hello(v1::Hello {
-            protocol_version: version,
-            ..v1::Hello::default()
-        })
-    };
+    let hello = raw::hello;
     let connect = v1::ClientToCoordinator::connect(v1::Connect::default());
     let both = |hello: v1::ClientToCoordinator| {
         [hello, connect.clone()].map(|m| WsMessage::Binary(relaymesh_proto::encode(&m)))
