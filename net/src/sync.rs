@@ -1,7 +1,9 @@
-//! Lock helpers, and a future polled only when it woke its task. Locks in relaymesh guard plain data for a few instructions and are never held
-//! across an `.await` (clippy's `await_holding_lock` is denied workspace-wide). A panic while a
-//! lock is held is a bug that has already been reported; the data is still consistent enough to
-//! keep serving other connections, so poisoning is ignored rather than turned into more panics.
+//! Lock helpers, and a future polled only when it woke its task.
+//!
+//! Locks in relaymesh guard plain data for a few instructions and are never held across an
+//! `.await` (clippy's `await_holding_lock` is denied workspace-wide). A panic while a lock is
+//! held is a bug that has already been reported; the data is still consistent enough to keep
+//! serving other connections, so poisoning is ignored rather than turned into more panics.
 
 use std::future::Future;
 use std::pin::Pin;
