@@ -4,7 +4,8 @@
 //! makes a new one. Built from scratch, it would copy every subscriber of the topic: a room of
 //! 20 000 clients joining one by one would copy 200 million handles. Kept in chunks of at most
 //! [`CHUNK`], a change rebuilds the one chunk it touched and the list of chunks, and the new
-//! route shares every other chunk with the old.
+//! route shares every other chunk with the old. Chunks are not merged: newcomers fill the last
+//! one, and a room that shrinks keeps at most as many chunks as it had at its largest.
 
 use std::collections::HashMap;
 use std::sync::Arc;

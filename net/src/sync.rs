@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::task::AtomicWaker;
-
 /// Locks `mutex`, ignoring poisoning.
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -28,15 +26,16 @@ pub struct PolledOnWake<F> {
     wake: Arc<WakeFlag>,
     /// Wakes `wake`, handed to `future` when it is polled.
     waker: Waker,
-    /// The task's waker as last registered in `wake`: while it is the same, and `wake` has
-    /// not fired, it is still there.
+    /// The task's waker as last put in `wake.task` (which a wake does not empty).
     registered: Option<Waker>,
 }
 
 #[derive(Default)]
 struct WakeFlag {
     woken: AtomicBool,
-    task: AtomicWaker,
+    /// The task to wake. Locked only when the task's waker changes and when `future` wakes,
+    /// both rare; a wake leaves it in place, so it is never missing once set.
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for WakeFlag {
@@ -46,7 +45,10 @@ impl Wake for WakeFlag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        let task = lock(&self.task).clone();
+        if let Some(task) = task {
+            task.wake();
+        }
     }
 }
 
@@ -55,7 +57,7 @@ impl<F: Future + Unpin> PolledOnWake<F> {
     pub fn new(future: F) -> Self {
         let wake = Arc::new(WakeFlag {
             woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
+            task: Mutex::new(None),
         });
         let waker = Waker::from(wake.clone());
         Self {
@@ -72,28 +74,16 @@ impl<F: Future + Unpin> Future for PolledOnWake<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        let same_task = (this.registered.as_ref()).is_some_and(|w| w.will_wake(cx.waker()));
+        // Registered before the flag is read, so a wake after the read wakes this waker.
+        if !(this.registered.as_ref()).is_some_and(|w| w.will_wake(cx.waker())) {
+            *lock(&this.wake.task) = Some(cx.waker().clone());
+            this.registered = Some(cx.waker().clone());
+        }
         if !this.wake.woken.load(Ordering::Acquire) {
-            if same_task {
-                // Not woken since this waker was registered, so it is registered still (a wake
-                // sets the flag before it takes the waker).
-                return Poll::Pending;
-            }
-            this.wake.task.register(cx.waker());
-            this.registered = Some(cx.waker().clone());
-            // A wake that came before the registration took the old waker, and left the flag.
-            if !this.wake.woken.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
+            return Poll::Pending;
         }
-        // The flag is cleared before the registration: a wake in between sets it again (this
-        // task is then polled once more for nothing), so it is never clear with no waker
-        // registered.
+        // Cleared before `future` is polled: a wake from here on sets it again.
         this.wake.woken.store(false, Ordering::Release);
-        this.wake.task.register(cx.waker());
-        if !same_task {
-            this.registered = Some(cx.waker().clone());
-        }
         Pin::new(&mut this.future).poll(&mut Context::from_waker(&this.waker))
     }
 }
@@ -158,5 +148,77 @@ mod tests {
         (&mut gated).await;
         assert_eq!(polls.get(), 2, "polled again once woken, and then ready");
         canceller.await.unwrap();
+    }
+
+    /// Pending until its third poll; keeps the waker of its last poll.
+    struct Steps {
+        polls: u32,
+        waker: Option<Waker>,
+    }
+
+    impl Future for Steps {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls += 1;
+            if self.polls == 3 {
+                return Poll::Ready(());
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Counts the wakes of the task polling the gated future.
+    #[derive(Default)]
+    struct Task(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_wake_of_the_inner_future_wakes_the_task_and_gets_it_polled() {
+        let task = Arc::new(Task::default());
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut gated = PolledOnWake::new(Steps {
+            polls: 0,
+            waker: None,
+        });
+        let wakes = || task.0.load(Ordering::SeqCst);
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(gated.future.polls, 1, "not polled again before it woke");
+        for (round, polls) in [(1, 2), (2, 3)] {
+            gated.future.waker.take().expect("a waker").wake();
+            assert_eq!(wakes(), round, "the task was woken");
+            let ready = Pin::new(&mut gated).poll(&mut cx).is_ready();
+            assert_eq!(gated.future.polls, polls);
+            assert_eq!(ready, polls == 3);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_future_woken_twice_from_another_thread_completes() {
+        for _ in 0..2000 {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            // Woken once to no avail, then once more for good.
+            let inner = Box::pin(async move {
+                rx.recv().await;
+                rx.recv().await;
+            });
+            let notifier = std::thread::spawn(move || {
+                let _ = tx.send(());
+                std::thread::yield_now();
+                let _ = tx.send(());
+            });
+            let gated = PolledOnWake::new(inner);
+            tokio::time::timeout(std::time::Duration::from_secs(10), gated)
+                .await
+                .expect("a wake was lost");
+            notifier.join().unwrap();
+        }
     }
 }
