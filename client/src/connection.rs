@@ -68,9 +68,7 @@ pub(crate) async fn establish(
 ) -> Result<Connected, ClientError> {
     let mut tried = Vec::new();
     let moving = arrivals == Arrivals::Hold;
-    let first = v1::ClientToCoordinator::connect(crate::negotiate::connect_request(
-        config, exclude, moving,
-    ));
+    let first = crate::negotiate::connect_request(config, exclude, moving);
     let mut negotiation = Negotiation::open(config, &tried, Some(&first)).await?;
     let mut exclude = exclude.to_vec();
     let mut failure = None;
@@ -81,9 +79,7 @@ pub(crate) async fn establish(
                 tracing::debug!(coordinator = %negotiation.url, error = %e, "coordinator failed; trying the next");
                 tried.push(negotiation.url.clone());
                 negotiation.close().await;
-                let next = v1::ClientToCoordinator::connect(crate::negotiate::connect_request(
-                    config, &exclude, moving,
-                ));
+                let next = crate::negotiate::connect_request(config, &exclude, moving);
                 match Negotiation::open(config, &tried, Some(&next)).await {
                     Ok(next) => {
                         negotiation = next;

@@ -60,12 +60,12 @@ pub(crate) fn connect_request(
     config: &ClientConfig,
     exclude: &[String],
     moving: bool,
-) -> v1::Connect {
-    v1::Connect {
+) -> v1::ClientToCoordinator {
+    v1::ClientToCoordinator::connect(v1::Connect {
         preferred_server: config.preferred_server.clone().unwrap_or_default(),
         exclude: exclude.to_vec(),
         moving,
-    }
+    })
 }
 
 /// An open negotiation link.
@@ -190,8 +190,7 @@ impl Negotiation {
         exclude: &[String],
         moving: bool,
     ) -> Result<v1::ConnectOffer, ClientError> {
-        let connect = connect_request(config, exclude, moving);
-        self.send_unless_ahead(v1::ClientToCoordinator::connect(connect))
+        self.send_unless_ahead(connect_request(config, exclude, moving))
             .await?;
         match self.receive(config).await? {
             Kind::Offer(offer) => Ok(offer),

@@ -249,8 +249,18 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
 
 /// Queues a reply; a client that lets its queue fill up is not reading and is dropped.
 fn reply(tx: &mpsc::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), v1::Error> {
-    tx.try_send(encode(msg))
+    send_frame(tx, encode(msg))
+}
+
+/// Queues an encoded reply; see [`reply`].
+fn send_frame(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> Result<(), v1::Error> {
+    tx.try_send(frame)
         .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
+}
+
+/// Queues the held `Welcome`, if any.
+fn send_welcome(tx: &mpsc::Sender<Bytes>, welcome: &mut Option<Bytes>) -> Result<(), v1::Error> {
+    welcome.take().map_or(Ok(()), |frame| send_frame(tx, frame))
 }
 
 /// Where a negotiation link is.
@@ -371,10 +381,7 @@ impl link::Handler for Negotiation {
         let mut welcome = self.welcome.take();
         let tx = &self.tx;
         let mut reply = |msg: &v1::CoordinatorToClient| {
-            if let Some(welcome) = welcome.take() {
-                tx.try_send(welcome)
-                    .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))?;
-            }
+            send_welcome(tx, &mut welcome)?;
             reply(tx, msg)
         };
         match msg.kind {
@@ -442,11 +449,7 @@ impl link::Handler for Negotiation {
 
     /// A login's `Welcome` that no answer took along goes out now.
     async fn burst_end(&mut self) -> Result<Flow, v1::Error> {
-        if let Some(welcome) = self.welcome.take() {
-            self.tx
-                .try_send(welcome)
-                .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))?;
-        }
+        send_welcome(&self.tx, &mut self.welcome)?;
         Ok(Flow::Continue)
     }
 
