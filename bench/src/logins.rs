@@ -1,5 +1,5 @@
 //! Login rate through one coordinator: clients start open loop at a fixed rate and each does
-//! what an application does, `Client::connect` (negotiate over `/v1/connect`, then attach to the
+//! what an application does, `Client::connect` (log in with `POST /v1/login`, then attach to the
 //! offered comm server). Latency runs from the login's due time to `connect` returning. With
 //! TLS both hops are TLS handshakes (`https://` to the coordinator, `wss://` to the server).
 

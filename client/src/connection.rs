@@ -17,7 +17,7 @@ use relaymesh_proto::v1::{self, server_to_client::Kind};
 use relaymesh_proto::{PROTOCOL_VERSION, decode_frame, encode};
 use tokio::sync::mpsc;
 
-use crate::negotiate::Negotiation;
+use crate::negotiate::Round;
 use crate::{ClientConfig, ClientError, Event, Message, Shared};
 
 /// Servers tried in one connection round before backing off.
@@ -68,21 +68,19 @@ pub(crate) async fn establish(
 ) -> Result<Connected, ClientError> {
     let mut tried = Vec::new();
     let moving = arrivals == Arrivals::Hold;
-    let first = crate::negotiate::connect_request(config, exclude, moving);
-    let mut negotiation = Negotiation::open(config, &tried, Some(&first)).await?;
+    let mut round = Round::open(config, &tried, exclude, moving).await?;
     let mut exclude = exclude.to_vec();
     let mut failure = None;
     for _ in 0..SERVERS_PER_ROUND {
-        let offer = match negotiation.offer(config, &exclude, moving).await {
+        let offer = match round.offer(config, &exclude, moving).await {
             Ok(offer) => offer,
             Err(e) if crate::negotiate::try_another(&e) => {
-                tracing::debug!(coordinator = %negotiation.url, error = %e, "coordinator failed; trying the next");
-                tried.push(negotiation.url.clone());
-                negotiation.close().await;
-                let next = crate::negotiate::connect_request(config, &exclude, moving);
-                match Negotiation::open(config, &tried, Some(&next)).await {
+                tracing::debug!(coordinator = %round.url(), error = %e, "coordinator failed; trying the next");
+                tried.push(round.url().to_owned());
+                round.close().await;
+                match Round::open(config, &tried, &exclude, moving).await {
                     Ok(next) => {
-                        negotiation = next;
+                        round = next;
                         continue;
                     }
                     // None left: the first coordinator's word stands.
@@ -96,7 +94,7 @@ pub(crate) async fn establish(
         };
         match attach(config, shared, events, &offer, arrivals).await {
             Ok(connected) => {
-                negotiation.close().await;
+                round.close().await;
                 return Ok(connected);
             }
             Err(e) => {
@@ -106,7 +104,7 @@ pub(crate) async fn establish(
             }
         }
     }
-    negotiation.close().await;
+    round.close().await;
     Err(failure.unwrap_or(ClientError::Closed))
 }
 

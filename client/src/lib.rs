@@ -26,8 +26,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`Client::connect`] negotiates a server through the coordinator (`/v1/connect`), connects
-//! to it with the key, and starts a background task that owns the connection. The coordinator
+//! [`Client::connect`] asks the coordinator for a server and a key (`POST /v1/login`; a key
+//! login answers its challenge on the negotiation link `/v1/connect`), connects to the server
+//! with the key, and starts a background task that owns the connection. The coordinator
 //! URL may be written `ws://host:port` or `http://host:port`. [`ClientConfig::new`] gives the
 //! defaults; every field of [`ClientConfig`] is public.
 //!

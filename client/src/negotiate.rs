@@ -1,6 +1,7 @@
-//! The client's side of link 2: `/v1/connect` on the coordinator. One negotiation link serves
-//! one connection round (possibly several `Connect`s, when an offered server turns out to be
-//! unreachable) and is then closed; the next round opens a new one.
+//! The client's side of link 2: asking the coordinator for a server and a key, with
+//! `POST /v1/login` or, for a key login, on a negotiation link (`/v1/connect`; see [`Round`]).
+//! One round may ask for several offers, when an offered server turns out to be unreachable; a
+//! negotiation link serves one round and is then closed, and the next round opens a new one.
 //!
 //! With several coordinators (`ClientConfig::coordinator` is a comma-separated list), a round
 //! starts with the one that answered last and moves on to the next when one cannot be
@@ -55,6 +56,209 @@ fn coordinators(config: &ClientConfig) -> Vec<&str> {
     list
 }
 
+/// `attempt` with the coordinators of `config` not in `tried`, the one that answered last
+/// first, then the others in turn while [`try_another`] says so. The error is the last
+/// coordinator's.
+async fn first_to_answer<'a, T, Fut>(
+    config: &'a ClientConfig,
+    tried: &[String],
+    mut attempt: impl FnMut(&'a str) -> Fut,
+) -> Result<T, ClientError>
+where
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut failure = None;
+    for url in coordinators(config) {
+        if tried.iter().any(|t| t == url) {
+            continue;
+        }
+        match attempt(url).await {
+            Ok(answer) => {
+                *relaymesh_net::sync::lock(&LAST_GOOD) =
+                    Some((config.coordinator.clone(), url.to_owned()));
+                return Ok(answer);
+            }
+            Err(e) if try_another(&e) => {
+                tracing::debug!(coordinator = url, error = %e, "coordinator failed; trying the next");
+                failure = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(failure.unwrap_or(ClientError::Closed))
+}
+
+/// One connection round's way of asking a coordinator for servers.
+///
+/// Credentials that need no challenge log in with `POST /v1/login`, one request per offer:
+/// one round trip fewer than a negotiation link and about a third less coordinator CPU per
+/// login. A key login answers its challenge on a negotiation link (`/v1/connect`), which asks
+/// for every offer of the round: over HTTP the challenge would come from
+/// `/v1/login/challenge`, which is rate-limited per source address, and a fleet of devices
+/// behind one address reconnecting at once would wait on it.
+pub(crate) enum Round {
+    /// `POST /v1/login` on the coordinator at `url`; `first` is the offer its first login got.
+    Http {
+        url: String,
+        first: Option<v1::ConnectOffer>,
+    },
+    /// A negotiation link (boxed: its socket is large beside the other variant).
+    Link(Box<Negotiation>),
+}
+
+impl Round {
+    /// Starts a round on a coordinator of `config` not in `tried` (see [`first_to_answer`]) with
+    /// a first request for a server other than those in `exclude`.
+    pub(crate) async fn open(
+        config: &ClientConfig,
+        tried: &[String],
+        exclude: &[String],
+        moving: bool,
+    ) -> Result<Self, ClientError> {
+        if challenged(config) {
+            let first = connect_request(config, exclude, moving);
+            return Negotiation::open(config, tried, Some(&first))
+                .await
+                .map(|link| Self::Link(Box::new(link)));
+        }
+        first_to_answer(config, tried, |url| async move {
+            let offer = login(config, url, exclude, moving).await?;
+            Ok(Self::Http {
+                url: url.to_owned(),
+                first: Some(offer),
+            })
+        })
+        .await
+    }
+
+    /// The coordinator's URL.
+    pub(crate) fn url(&self) -> &str {
+        match self {
+            Self::Http { url, .. } => url,
+            Self::Link(link) => &link.url,
+        }
+    }
+
+    /// A server and key, not one in `exclude`.
+    pub(crate) async fn offer(
+        &mut self,
+        config: &ClientConfig,
+        exclude: &[String],
+        moving: bool,
+    ) -> Result<v1::ConnectOffer, ClientError> {
+        match self {
+            Self::Http { url, first } => match first.take() {
+                Some(offer) => Ok(offer),
+                None => login(config, url, exclude, moving).await,
+            },
+            Self::Link(link) => link.offer(config, exclude, moving).await,
+        }
+    }
+
+    /// Ends the round (closes a negotiation link politely).
+    pub(crate) async fn close(self) {
+        if let Self::Link(link) = self {
+            link.close().await;
+        }
+    }
+}
+
+/// Whether `config`'s credentials answer a challenge to log in.
+fn challenged(config: &ClientConfig) -> bool {
+    matches!(config.credentials, Credentials::Key { .. })
+}
+
+/// `POST {base}/v1/login` for a server not in `exclude`, with credentials that need no
+/// challenge. Refusals are [`ClientError::Refused`] with the coordinator's code, as on a
+/// negotiation link.
+async fn login(
+    config: &ClientConfig,
+    base: &str,
+    exclude: &[String],
+    moving: bool,
+) -> Result<v1::ConnectOffer, ClientError> {
+    use relaymesh_net::http::{self, HttpClientError};
+    use relaymesh_net::ws::DialError;
+    let credentials = match &config.credentials {
+        Credentials::Anonymous => serde_json::json!({ "anonymous": {} }),
+        Credentials::AccessCode {
+            account,
+            code,
+            role,
+            group,
+        } => serde_json::json!({ "access_code": {
+            "account": account, "code": code, "role": role, "group": group,
+        }}),
+        Credentials::NodeToken(token) => serde_json::json!({ "node_token": { "token": token } }),
+        Credentials::Key { .. } => {
+            return Err(ClientError::Protocol(
+                "a key login answers a challenge on a negotiation link".into(),
+            ));
+        }
+    };
+    let body = serde_json::json!({
+        "credentials": credentials,
+        "client_id": config.client_id.as_deref().unwrap_or_default(),
+        "preferred_server": config.preferred_server,
+        "exclude": exclude,
+        "moving": moving,
+    });
+    let url = format!("{}/v1/login", base.trim_end_matches('/'));
+    let (status, answer) = http::request_with(
+        http::Method::POST,
+        &url,
+        &[],
+        Some(body.to_string().into_bytes()),
+        &config.tls,
+        config.connect_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        HttpClientError::BadUrl { url, reason } => DialError::BadUrl { url, reason }.into(),
+        HttpClientError::Connect { error, .. } => DialError::Connect {
+            url: url.clone(),
+            error,
+        }
+        .into(),
+        HttpClientError::Tls { message, .. } => DialError::Tls {
+            url: url.clone(),
+            message,
+        }
+        .into(),
+        HttpClientError::Exchange { message, .. } => {
+            ClientError::Protocol(format!("login at {url} failed: {message}"))
+        }
+        HttpClientError::Timeout(_) => ClientError::Timeout("waiting for the coordinator".into()),
+    })?;
+    if !status.is_success() {
+        return Err(match ws::parse_error_body(&answer) {
+            Some((code, message)) => ClientError::Refused(v1::Error {
+                code: code.into(),
+                message,
+                request_id: 0,
+            }),
+            None => DialError::Refused {
+                url,
+                status,
+                message: None,
+            }
+            .into(),
+        });
+    }
+    let offer = serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|answer| {
+            let text = |field: &str| answer[field].as_str().map(str::to_owned);
+            Some(v1::ConnectOffer {
+                server_id: text("server_id")?,
+                url: text("url")?,
+                key: text("key")?,
+                expires_in_ms: u32::try_from(answer["expires_in_ms"].as_u64()?).ok()?,
+            })
+        });
+    offer.ok_or_else(|| ClientError::Protocol(format!("{url} answered without a server and key")))
+}
+
 /// The `Connect` asking for a server for `config`, not one in `exclude`.
 pub(crate) fn connect_request(
     config: &ClientConfig,
@@ -93,25 +297,7 @@ impl Negotiation {
         tried: &[String],
         ahead: Option<&v1::ClientToCoordinator>,
     ) -> Result<Self, ClientError> {
-        let mut failure = None;
-        for url in coordinators(config) {
-            if tried.iter().any(|t| t == url) {
-                continue;
-            }
-            match Self::open_one(config, url, ahead).await {
-                Ok(link) => {
-                    *relaymesh_net::sync::lock(&LAST_GOOD) =
-                        Some((config.coordinator.clone(), url.to_owned()));
-                    return Ok(link);
-                }
-                Err(e) if try_another(&e) => {
-                    tracing::debug!(coordinator = url, error = %e, "coordinator failed; trying the next");
-                    failure = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(failure.unwrap_or(ClientError::Closed))
+        first_to_answer(config, tried, |url| Self::open_one(config, url, ahead)).await
     }
 
     async fn open_one(
@@ -139,7 +325,7 @@ impl Negotiation {
             credentials: Some((&config.credentials).into()),
             client_id: config.client_id.clone().unwrap_or_default(),
         };
-        let challenged = matches!(config.credentials, Credentials::Key { .. });
+        let challenged = challenged(config);
         let hello = v1::ClientToCoordinator::hello(hello);
         match ahead {
             Some(ahead) if !challenged => {

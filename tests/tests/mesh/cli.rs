@@ -171,7 +171,7 @@ fn meshctl_failures_are_one_line() {
     };
     meshctl(
         &["pub", "--coordinator", "ws://127.0.0.1:1", "room", "hi"],
-        "meshctl: error: cannot connect to ws://127.0.0.1:1/v1/connect: Connection refused",
+        "meshctl: error: cannot connect to ws://127.0.0.1:1/v1/login: Connection refused",
     );
     meshctl(
         &["sub", "--coordinator", "ws://127.0.0.1:1", "room"],

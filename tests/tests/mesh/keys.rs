@@ -172,7 +172,7 @@ async fn logins_are_refused_clearly_when_no_server_can_take_them() {
     );
     assert!(
         err.to_string()
-            .contains("cannot connect to ws://127.0.0.1:1/v1/connect"),
+            .contains("cannot connect to ws://127.0.0.1:1/v1/login"),
         "{err}"
     );
 }
