@@ -57,8 +57,9 @@ fn coordinators(config: &ClientConfig) -> Vec<&str> {
 }
 
 /// `attempt` with the coordinators of `config` not in `tried`, the one that answered last
-/// first, then the others in turn while [`try_another`] says so. The error is the last
-/// coordinator's.
+/// first, then the others in turn while [`try_another`] says so. When none succeeds, the
+/// error is the first coordinator's answer (one with a code, such as `NO_SERVER_AVAILABLE`),
+/// or, when none answered, the first failure.
 async fn first_to_answer<'a, T, Fut>(
     config: &'a ClientConfig,
     tried: &[String],
@@ -80,7 +81,13 @@ where
             }
             Err(e) if try_another(&e) => {
                 tracing::debug!(coordinator = url, error = %e, "coordinator failed; trying the next");
-                failure = Some(e);
+                let answered = |f: &ClientError| f.code().is_some();
+                if failure
+                    .as_ref()
+                    .is_none_or(|f| !answered(f) && answered(&e))
+                {
+                    failure = Some(e);
+                }
             }
             Err(e) => return Err(e),
         }
@@ -231,16 +238,19 @@ async fn login(
         HttpClientError::Timeout(_) => ClientError::Timeout("waiting for the coordinator".into()),
     })?;
     if !status.is_success() {
-        return Err(match ws::parse_error_body(&answer) {
-            Some((code, message)) => ClientError::Refused(v1::Error {
+        let message = ws::parse_error_body(&answer);
+        // A 5xx is this coordinator's trouble (shutting down, out of descriptors, no server
+        // to offer): another may do better, whatever the code says (see `try_another`).
+        return Err(match message {
+            Some((code, message)) if !status.is_server_error() => ClientError::Refused(v1::Error {
                 code: code.into(),
                 message,
                 request_id: 0,
             }),
-            None => DialError::Refused {
+            message => DialError::Refused {
                 url,
                 status,
-                message: None,
+                message,
             }
             .into(),
         });
@@ -285,9 +295,8 @@ pub(crate) struct Negotiation {
 }
 
 impl Negotiation {
-    /// Connects to a coordinator of `config` not in `tried` and says hello: the one that
-    /// answered last first, then the others in turn while [`try_another`] says so. The error
-    /// is the last coordinator's.
+    /// Connects to a coordinator of `config` not in `tried` and says hello (see
+    /// [`first_to_answer`]).
     ///
     /// `ahead`, the request the caller makes next, goes out with `Hello` when the login needs
     /// no challenge: the coordinator answers both in turn, and the round trip for `Welcome`

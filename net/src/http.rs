@@ -269,7 +269,7 @@ mod tests {
             drop(server);
             String::from_utf8_lossy(&request[..n]).into_owned()
         });
-        let (status, got) = exchange(
+        let answered = exchange(
             client,
             Method::GET,
             "http://127.0.0.1:1/healthz",
@@ -277,9 +277,11 @@ mod tests {
             "127.0.0.1:1",
             &[],
             None,
-        )
-        .await
-        .unwrap();
+        );
+        let (status, got) = tokio::time::timeout(std::time::Duration::from_secs(10), answered)
+            .await
+            .expect("answered")
+            .unwrap();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(got, body.as_bytes());
         assert!(

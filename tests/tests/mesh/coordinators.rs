@@ -566,3 +566,60 @@ async fn a_rolling_upgrade_of_every_server_and_coordinator_loses_nothing() {
     assert!(outcome["moves"].as_u64().unwrap_or(0) > 0, "{outcome}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A coordinator that answers every request at once with `body` and status `status`, the way
+/// one that has run out of file descriptors does; its address.
+async fn answering(status: &'static str, body: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A coordinator in trouble (a 5xx answer, whatever its code) hands the login to the next one
+/// in the list; when none can place it, the client hears the first coordinator's answer, not
+/// the last one's connection failure.
+#[tokio::test]
+async fn a_coordinator_in_trouble_hands_logins_to_the_next_and_its_answer_is_kept() {
+    let cluster = relaymesh_tests::Cluster::start(1).await;
+    let full = answering(
+        "503 Service Unavailable",
+        r#"{"code":"SERVER_FULL","message":"this process is out of file descriptors; try again later"}"#,
+    )
+    .await;
+    let list = format!("ws://{full},{}", cluster.coordinator.url);
+    let client = within(
+        "a login through the list",
+        Client::connect(client_config(&list)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.server_id(), cluster.servers[0].id);
+    client.close().await;
+
+    // A coordinator with no server to offer, then one that is not there.
+    let empty = CoordinatorHandle::start(relaymesh_tests::coordinator_config()).await;
+    let list = format!("{},ws://127.0.0.1:1", empty.url);
+    let refused = within("a refused login", Client::connect(client_config(&list)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(relaymesh_proto::v1::ErrorCode::NoServerAvailable),
+        "{refused}"
+    );
+}
