@@ -22,6 +22,12 @@ use crate::{ClientConfig, ClientError, Event, Message, Shared};
 
 /// Servers tried in one connection round before backing off.
 const SERVERS_PER_ROUND: usize = 3;
+
+/// The most the first messages of a client link (`Attach`, the resubscription) may weigh to
+/// ride with the upgrade request: with the request they fit one TCP segment of a common MTU,
+/// so a server that refuses the upgrade has read them by then and closes without resetting
+/// the connection (which could lose its refusal). Larger, they follow the upgrade's answer.
+const MAX_RIDER_BYTES: usize = 1024;
 /// Messages held from the server moved to while the one moved from is read to its end; the
 /// rest waits in the connection.
 const HOLD_LIMIT: usize = 65_536;
@@ -117,14 +123,6 @@ async fn attach(
     arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
     let url = format!("{}?key={}", offer.url, offer.key);
-    let mut link = ws::dial_link(
-        &url,
-        None,
-        &config.limits,
-        &config.tls,
-        config.connect_timeout,
-    )
-    .await?;
     let (resubscribe, topics) = restoration(shared);
     let mut recover = Vec::new();
     // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
@@ -144,14 +142,32 @@ async fn attach(
             recover: recover.clone(),
         })));
     }
+    // They ride with the upgrade request when small (see `MAX_RIDER_BYTES`), saving the
+    // round trip to the upgrade's answer.
+    let ride = opening.iter().map(Bytes::len).sum::<usize>() <= MAX_RIDER_BYTES;
+    let first: &[Bytes] = if ride { &opening } else { &[] };
+    let mut link = ws::dial_link_with(
+        &url,
+        None,
+        &config.limits,
+        &config.tls,
+        config.connect_timeout,
+        first,
+    )
+    .await?;
+    if ride {
+        opening.clear();
+    }
     // Then what the lost server never confirmed, in order, ahead of the outbound queue.
     if arrivals == Arrivals::Deliver {
         opening.extend(resends(shared));
     }
-    link.sink
-        .send_now(&opening)
-        .await
-        .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    if !opening.is_empty() {
+        link.sink
+            .send_now(&opening)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
+    }
     let mut held = Vec::new();
     let handshake = restore(
         &mut link,

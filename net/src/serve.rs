@@ -418,9 +418,21 @@ async fn bounded(
             format!("request body over the limit of {max_body} bytes"),
         ));
     }
+    // A client may send its first frames right behind an upgrade request (see
+    // `ws::dial_link_with`); if the upgrade is refused they must not be read as the next
+    // request, so a refused upgrade is the connection's last answer.
+    let upgrade = req.headers().contains_key(header::UPGRADE);
     let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, max_body)));
     match tokio::time::timeout(timeout, router.call(req)).await {
-        Ok(Ok(response)) => response,
+        Ok(Ok(mut response)) => {
+            if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        }
         Ok(Err(never)) => match never {},
         Err(_) => closing(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

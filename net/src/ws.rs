@@ -275,7 +275,29 @@ pub async fn dial_link(
     tls: &Connector,
     timeout: Duration,
 ) -> Result<ClientLink, DialError> {
-    let socket = dial_authorized(url, authorization, limits, tls, timeout).await?;
+    dial_link_with(url, authorization, limits, tls, timeout, &[]).await
+}
+
+/// Like [`dial_link`], with the link's first messages (`first`, payloads of binary frames)
+/// sent in the same write as the upgrade request: the server reads them right after it, and
+/// the round trip of waiting for the upgrade's answer before sending them is saved. If the
+/// upgrade is refused they are never read.
+pub async fn dial_link_with(
+    url: &str,
+    authorization: Option<&str>,
+    limits: &WsLimits,
+    tls: &Connector,
+    timeout: Duration,
+    first: &[Bytes],
+) -> Result<ClientLink, DialError> {
+    let mut rider = bytes::BytesMut::new();
+    for payload in first {
+        crate::wire::put_frame(&mut rider, crate::wire::OP_BINARY, payload, Role::Client);
+    }
+    let dial = dial_inner(url, authorization, limits, tls, rider);
+    let socket = tokio::time::timeout(timeout, dial)
+        .await
+        .unwrap_or_else(|_| Err(DialError::Timeout(url.to_owned())))?;
     // The handshake read nothing past the response headers (see `UntilHeaders`): what it
     // read ahead over TLS is kept in front of the stream, so it can be handed on whole.
     let stream = socket.into_inner().dialed;
@@ -359,20 +381,29 @@ impl HeadScanner {
 /// headers, so whatever the server sends after them (its first frames) stays for whoever reads
 /// the link next — in the TCP socket (found by peeking), or, over TLS, which cannot peek, in
 /// front of the stream ([`Dialed`] reads it first).
+///
+/// Frames to send with the upgrade request ride along: the request is held until it is
+/// flushed, then written together with them.
 #[derive(Debug)]
 pub struct UntilHeaders {
     dialed: Dialed,
     scanner: HeadScanner,
     /// Reads go straight to the stream: the head is over, or the response is no upgrade.
     done: bool,
+    /// Frames to follow the request, until the flush that writes both.
+    rider: bytes::BytesMut,
+    /// What is held back to be written at the flush: the request, then the rider.
+    held: bytes::BytesMut,
 }
 
 impl UntilHeaders {
-    fn new(dialed: Dialed) -> Self {
+    fn new(dialed: Dialed, rider: bytes::BytesMut) -> Self {
         Self {
             dialed,
             scanner: HeadScanner::default(),
             done: false,
+            rider,
+            held: bytes::BytesMut::new(),
         }
     }
 
@@ -384,6 +415,24 @@ impl UntilHeaders {
     ) -> Poll<std::io::Result<usize>> {
         let mut view = ReadBuf::new(into);
         tcp.poll_peek(cx, &mut view)
+    }
+}
+
+impl UntilHeaders {
+    /// Writes what is held back, request and rider, in as few writes as the socket allows.
+    fn poll_write_held(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while !this.held.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut this.dialed).poll_write(cx, &this.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            let _ = this.held.split_to(n);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -455,17 +504,30 @@ impl AsyncRead for UntilHeaders {
     }
 }
 
-/// Writes go straight to the stream; only reading the handshake is special.
+/// Writes go straight to the stream, except while a rider waits: then the request is held
+/// and written with it at the flush.
 impl AsyncWrite for UntilHeaders {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if !self.rider.is_empty() {
+            self.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        if !self.held.is_empty() {
+            std::task::ready!(self.as_mut().poll_write_held(cx))?;
+        }
         Pin::new(&mut self.dialed).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.rider.is_empty() {
+            let rider = std::mem::take(&mut self.rider);
+            self.held.extend_from_slice(&rider);
+        }
+        std::task::ready!(self.as_mut().poll_write_held(cx))?;
         Pin::new(&mut self.dialed).poll_flush(cx)
     }
 
@@ -483,16 +545,20 @@ pub async fn dial_authorized(
     tls: &Connector,
     timeout: Duration,
 ) -> Result<ClientSocket, DialError> {
-    tokio::time::timeout(timeout, dial_inner(url, authorization, limits, tls))
+    let dial = dial_inner(url, authorization, limits, tls, bytes::BytesMut::new());
+    tokio::time::timeout(timeout, dial)
         .await
         .unwrap_or_else(|_| Err(DialError::Timeout(url.to_owned())))
 }
 
+/// Dials `url` and upgrades; `rider` (whole frames, maybe none) goes out in the same write as
+/// the upgrade request.
 async fn dial_inner(
     url: &str,
     authorization: Option<&str>,
     limits: &WsLimits,
     tls: &Connector,
+    rider: bytes::BytesMut,
 ) -> Result<ClientSocket, DialError> {
     let bad_url = |reason: &str| DialError::BadUrl {
         url: url.to_owned(),
@@ -531,7 +597,7 @@ async fn dial_inner(
     crate::accept::set_user_timeout(stream.tcp(), limits.tcp_user_timeout);
     match tokio_tungstenite::client_async_with_config(
         request,
-        UntilHeaders::new(stream),
+        UntilHeaders::new(stream, rider),
         Some(limits.config()),
     )
     .await

@@ -285,3 +285,75 @@ async fn a_connect_sent_with_hello_is_answered_after_the_welcome() {
         "the link stays open after the refusal"
     );
 }
+
+/// `Attach` sent in the same write as the upgrade request is read after it: `Ready` comes
+/// back with no round trip in between. With a spent key the upgrade is refused with its JSON
+/// error, however many frames rode along, and the server goes on serving.
+#[tokio::test]
+async fn an_attach_riding_with_the_upgrade_is_answered_and_a_refusal_stays_readable() {
+    use relaymesh_proto::v1;
+    let cluster = Cluster::start(1).await;
+    let login_url = format!("http://{}/v1/login", cluster.coordinator.addr);
+    let (status, login) = post_json(&login_url, &json!({})).await;
+    assert_eq!(status, 200, "{login}");
+    let url = format!(
+        "{}?key={}",
+        login["url"].as_str().unwrap(),
+        login["key"].as_str().unwrap()
+    );
+    let attach = relaymesh_proto::encode(&v1::ClientToServer::attach(v1::Attach {
+        protocol_version: relaymesh_proto::PROTOCOL_VERSION,
+    }));
+    let subscribe = relaymesh_proto::encode(&v1::ClientToServer::subscribe(v1::Subscribe {
+        request_id: 1,
+        topics: vec!["riders".into()],
+        recover: Vec::new(),
+    }));
+    let first = [attach, subscribe];
+    let dial = |url: String| {
+        let first = first.clone();
+        async move {
+            let tls = relaymesh_net::tls::Connector::default();
+            let limits = WsLimits::default();
+            ws::dial_link_with(&url, None, &limits, &tls, Duration::from_secs(5), &first).await
+        }
+    };
+    let mut link = dial(url.clone()).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        use futures_util::StreamExt as _;
+        let frame = relaymesh_tests::within("the server's answers", link.stream.next())
+            .await
+            .expect("link open")
+            .expect("a frame");
+        let raw::WsMessage::Binary(frame) = frame else {
+            continue;
+        };
+        let msg: v1::ServerToClient = relaymesh_proto::decode_frame(frame).unwrap();
+        kinds.push(msg.kind.unwrap());
+    }
+    assert!(
+        matches!(kinds[0], v1::server_to_client::Kind::Ready(_)),
+        "{kinds:?}"
+    );
+    assert!(
+        matches!(&kinds[1], v1::server_to_client::Kind::Ack(ack) if ack.request_id == 1),
+        "{kinds:?}"
+    );
+
+    for _ in 0..20 {
+        match dial(url.clone()).await {
+            Err(DialError::Refused {
+                status,
+                message: Some((code, message)),
+                ..
+            }) => {
+                assert_eq!((status.as_u16(), code), (401, ErrorCode::KeyInvalid));
+                assert!(message.contains("already used"), "{message}");
+            }
+            Err(e) => panic!("expected a refusal with a JSON error, got {e}"),
+            Ok(_) => panic!("a spent key was accepted"),
+        }
+    }
+    assert_eq!(cluster.servers[0].stat("clients").await, 1);
+}
