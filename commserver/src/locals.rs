@@ -72,11 +72,16 @@ struct Chunk<S> {
 }
 
 /// A topic's local sessions.
+///
+/// Most topics fit one chunk (a client's own topic, a small room): they keep no index and no
+/// spare room, since an idle client's memory is mostly what its topics and its session hold.
 #[derive(Debug)]
 pub(crate) struct Locals<S> {
     chunks: Vec<Chunk<S>>,
-    /// Which chunk each session is in.
+    /// Which chunk each session is in, once there is more than one (a single chunk is
+    /// searched: at most [`CHUNK`] entries, on a subscription change, never per message).
     at: HashMap<SessionId, usize>,
+    len: usize,
 }
 
 impl<S> Default for Locals<S> {
@@ -84,24 +89,40 @@ impl<S> Default for Locals<S> {
         Self {
             chunks: Vec::new(),
             at: HashMap::new(),
+            len: 0,
         }
     }
 }
 
 impl<S: Clone> Locals<S> {
     pub(crate) fn is_empty(&self) -> bool {
-        self.at.is_empty()
+        self.len == 0
+    }
+
+    /// The chunk session `id` is in.
+    fn chunk_of(&self, id: SessionId) -> Option<usize> {
+        match self.chunks.as_slice() {
+            [] => None,
+            [only] => only.members.iter().any(|(m, _)| *m == id).then_some(0),
+            _ => self.at.get(&id).copied(),
+        }
     }
 
     /// Adds session `id`, reached through `handle`; `false` (and nothing changes) if it is
     /// here already.
     pub(crate) fn insert(&mut self, id: SessionId, handle: S) -> bool {
-        if self.at.contains_key(&id) {
+        if self.chunk_of(id).is_some() {
             return false;
         }
         let i = match self.chunks.last() {
             Some(last) if last.members.len() < CHUNK => self.chunks.len() - 1,
             _ => {
+                if self.chunks.len() == 1 {
+                    // A second chunk: from now on the index says where each session is.
+                    self.at
+                        .extend(self.chunks[0].members.iter().map(|(m, _)| (*m, 0)));
+                }
+                self.chunks.reserve_exact(1);
                 self.chunks.push(Chunk {
                     members: Vec::new(),
                     built: None,
@@ -110,19 +131,28 @@ impl<S: Clone> Locals<S> {
             }
         };
         let chunk = &mut self.chunks[i];
+        if chunk.members.capacity() == 0 {
+            // Room for one first: most topics never get a second.
+            chunk.members.reserve_exact(1);
+        }
         chunk.members.push((id, handle));
         chunk.built = None;
-        self.at.insert(id, i);
+        if self.chunks.len() > 1 {
+            self.at.insert(id, i);
+        }
+        self.len += 1;
         true
     }
 
     /// Removes session `id`; its handle, if it was here.
     pub(crate) fn remove(&mut self, id: SessionId) -> Option<S> {
-        let i = self.at.remove(&id)?;
+        let i = self.chunk_of(id)?;
+        self.at.remove(&id);
         let chunk = self.chunks.get_mut(i)?;
         let position = chunk.members.iter().position(|(m, _)| *m == id)?;
         let (_, handle) = chunk.members.swap_remove(position);
         chunk.built = None;
+        self.len -= 1;
         if chunk.members.is_empty() {
             // The last chunk takes the empty one's place.
             self.chunks.swap_remove(i);
@@ -131,6 +161,10 @@ impl<S: Clone> Locals<S> {
                     self.at.insert(*m, i);
                 }
             }
+        }
+        if self.chunks.len() <= 1 && !self.at.is_empty() {
+            // Back to one chunk (or none): it is searched again.
+            self.at = HashMap::new();
         }
         Some(handle)
     }
@@ -149,7 +183,7 @@ impl<S: Clone> Locals<S> {
             .collect();
         Chunked {
             chunks,
-            len: self.at.len(),
+            len: self.len,
         }
     }
 }
@@ -186,6 +220,32 @@ mod tests {
         assert_eq!(shared, [true, false, true, true]);
         assert_eq!(after.len(), n as usize - 1);
         assert!(!ids(&after).contains(&(CHUNK as u64 + 1)));
+    }
+
+    #[test]
+    fn one_chunk_keeps_no_index_and_a_second_brings_it() {
+        let mut locals = Locals::default();
+        assert!(locals.insert(1, 1));
+        assert!(!locals.insert(1, 1), "already here");
+        assert!(locals.at.is_empty());
+        assert_eq!(locals.chunks[0].members.capacity(), 1);
+        for id in 2..=CHUNK as u64 + 1 {
+            assert!(locals.insert(id, id));
+        }
+        assert_eq!(locals.chunks.len(), 2);
+        assert_eq!(locals.at.len(), CHUNK + 1);
+        assert!(
+            !locals.insert(CHUNK as u64 + 1, 0),
+            "already here, in the second chunk"
+        );
+        // Back to one chunk: the index goes, and every session is still found.
+        assert_eq!(locals.remove(CHUNK as u64 + 1), Some(CHUNK as u64 + 1));
+        assert!(locals.at.is_empty());
+        for id in 1..=CHUNK as u64 {
+            assert_eq!(locals.remove(id), Some(id));
+        }
+        assert!(locals.is_empty());
+        assert!(locals.chunked().is_empty());
     }
 
     #[test]

@@ -237,17 +237,23 @@ where
     let mut watchdog = Watchdog::new(timeout, interval);
     // Pinned once: re-creating these per frame would register a waiter per message. Polled
     // only when they woke the task: the loop turns once per frame, and they fire once a link.
-    let stopping = shutdown.cancelled();
-    tokio::pin!(stopping);
-    let mut stopping = PolledOnWake::new(stopping);
-    let closed = closer.closed();
-    tokio::pin!(closed);
-    let mut closed = PolledOnWake::new(closed);
+    // One future for both, so an idle link's task holds one gate, not two.
+    let ended = async {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Ended::Stopping,
+            () = closer.closed() => Ended::Closed,
+        }
+    };
+    tokio::pin!(ended);
+    let mut ended = PolledOnWake::new(ended);
     loop {
         let flow = tokio::select! {
             biased;
-            _ = &mut stopping => return handler.stopping(),
-            _ = &mut closed => return Ok(()),
+            end = &mut ended => return match end {
+                Ended::Stopping => handler.stopping(),
+                Ended::Closed => Ok(()),
+            },
             beat = watchdog.tick() => match beat {
                 Beat::Expired => return Err(handler.silent()),
                 Beat::Send => {
@@ -285,6 +291,14 @@ where
             return Ok(());
         }
     }
+}
+
+/// Why a link's read loop ends on its own side.
+enum Ended {
+    /// The process is shutting down.
+    Stopping,
+    /// The link's closer fired.
+    Closed,
 }
 
 /// Hands `first` (if any) and every frame already behind it (up to `max`) to the handler.
