@@ -24,10 +24,11 @@ use crate::{ClientConfig, ClientError, Event, Message, Shared};
 const SERVERS_PER_ROUND: usize = 3;
 
 /// The most the first messages of a client link (`Attach`, the resubscription) may weigh to
-/// ride with the upgrade request: with the request they fit one TCP segment of a common MTU,
-/// so a server that refuses the upgrade has read them by then and closes without resetting
-/// the connection (which could lose its refusal). Larger, they follow the upgrade's answer.
-const MAX_RIDER_BYTES: usize = 1024;
+/// ride with the upgrade request: with the request head (about 350 bytes with its key) they
+/// fit one TCP segment even of a 1280-byte IPv6 path, so a server that refuses the upgrade
+/// has read them by then and closes without resetting the connection (which could lose its
+/// refusal). Larger, they follow the upgrade's answer.
+const MAX_RIDER_BYTES: usize = 512;
 /// Messages held from the server moved to while the one moved from is read to its end; the
 /// rest waits in the connection.
 const HOLD_LIMIT: usize = 65_536;

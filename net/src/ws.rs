@@ -621,7 +621,13 @@ async fn dial_inner(
 
 /// Parses a `{"code": "KEY_INVALID", "message": "..."}` body.
 pub fn parse_error_body(body: &[u8]) -> Option<(ErrorCode, String)> {
-    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+    // The first JSON value only: a server that kept the connection open after refusing an
+    // upgrade may have answered the frames that rode behind it too (an older comm server
+    // read them as a request), and those bytes follow in the same read.
+    let body: serde_json::Value = serde_json::Deserializer::from_slice(body)
+        .into_iter()
+        .next()?
+        .ok()?;
     let code = ErrorCode::from_str_name(body["code"].as_str()?).unwrap_or(ErrorCode::Unspecified);
     Some((code, body["message"].as_str()?.to_owned()))
 }
@@ -632,6 +638,17 @@ mod tests {
     use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+    #[test]
+    fn an_error_body_is_read_up_to_its_end_whatever_follows() {
+        let body = br#"{"code":"KEY_INVALID","message":"key already used"}"#;
+        let expected = Some((ErrorCode::KeyInvalid, "key already used".to_owned()));
+        assert_eq!(parse_error_body(body), expected);
+        let mut followed = body.to_vec();
+        followed.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(parse_error_body(&followed), expected);
+        assert_eq!(parse_error_body(b"not json"), None);
+    }
 
     /// Feeds `stream` to a scanner in pieces of `step` bytes, consuming at most `read` of each
     /// piece, as `UntilHeaders` does; returns what it consumed, or `None` for no upgrade.
