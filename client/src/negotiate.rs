@@ -98,8 +98,8 @@ where
 /// One connection round's way of asking a coordinator for servers.
 ///
 /// Credentials that need no challenge log in with `POST /v1/login`, one request per offer:
-/// one round trip fewer than a negotiation link and about a third less coordinator CPU per
-/// login. A key login answers its challenge on a negotiation link (`/v1/connect`), which asks
+/// one round trip fewer than a negotiation link and about a fifth less coordinator CPU per
+/// login (`bench/results/connect/http-login-ab.md`). A key login answers its challenge on a negotiation link (`/v1/connect`), which asks
 /// for every offer of the round: over HTTP the challenge would come from
 /// `/v1/login/challenge`, which is rate-limited per source address, and a fleet of devices
 /// behind one address reconnecting at once would wait on it.
@@ -176,8 +176,9 @@ fn challenged(config: &ClientConfig) -> bool {
 }
 
 /// `POST {base}/v1/login` for a server not in `exclude`, with credentials that need no
-/// challenge. Refusals are [`ClientError::Refused`] with the coordinator's code, as on a
-/// negotiation link.
+/// challenge. A refusal (4xx) is [`ClientError::Refused`] with the coordinator's code, as on a
+/// negotiation link; a 5xx is [`DialError::Refused`](relaymesh_net::ws::DialError::Refused)
+/// with it, which hands the round to the next coordinator.
 async fn login(
     config: &ClientConfig,
     base: &str,
