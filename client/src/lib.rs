@@ -303,6 +303,26 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credentials {
+    /// The `credentials` of a `POST /v1/login` body; `None` for a key, whose login signs a
+    /// challenge from `POST /v1/login/challenge` first.
+    pub fn login_json(&self) -> Option<serde_json::Value> {
+        Some(match self {
+            Self::Anonymous => serde_json::json!({ "anonymous": {} }),
+            Self::AccessCode {
+                account,
+                code,
+                role,
+                group,
+            } => serde_json::json!({ "access_code": {
+                "account": account, "code": code, "role": role, "group": group,
+            }}),
+            Self::NodeToken(token) => serde_json::json!({ "node_token": { "token": token } }),
+            Self::Key { .. } => return None,
+        })
+    }
+}
+
 impl From<&Credentials> for v1::Credentials {
     fn from(c: &Credentials) -> Self {
         let kind = match c {

@@ -99,10 +99,10 @@ where
 ///
 /// Credentials that need no challenge log in with `POST /v1/login`, one request per offer:
 /// one round trip fewer than a negotiation link and about a fifth less coordinator CPU per
-/// login (`bench/results/connect/http-login-ab.md`). A key login answers its challenge on a negotiation link (`/v1/connect`), which asks
-/// for every offer of the round: over HTTP the challenge would come from
-/// `/v1/login/challenge`, which is rate-limited per source address, and a fleet of devices
-/// behind one address reconnecting at once would wait on it.
+/// login (`bench/results/connect/http-login-ab.md`). A key login answers its challenge on a
+/// negotiation link (`/v1/connect`), which asks for every offer of the round: over HTTP the
+/// challenge would come from `/v1/login/challenge`, which is rate-limited per source address,
+/// and a fleet of devices behind one address reconnecting at once would wait on it.
 pub(crate) enum Round {
     /// `POST /v1/login` on the coordinator at `url`; `first` is the offer its first login got.
     Http {
@@ -187,22 +187,10 @@ async fn login(
 ) -> Result<v1::ConnectOffer, ClientError> {
     use relaymesh_net::http::{self, HttpClientError};
     use relaymesh_net::ws::DialError;
-    let credentials = match &config.credentials {
-        Credentials::Anonymous => serde_json::json!({ "anonymous": {} }),
-        Credentials::AccessCode {
-            account,
-            code,
-            role,
-            group,
-        } => serde_json::json!({ "access_code": {
-            "account": account, "code": code, "role": role, "group": group,
-        }}),
-        Credentials::NodeToken(token) => serde_json::json!({ "node_token": { "token": token } }),
-        Credentials::Key { .. } => {
-            return Err(ClientError::Protocol(
-                "a key login answers a challenge on a negotiation link".into(),
-            ));
-        }
+    let Some(credentials) = config.credentials.login_json() else {
+        return Err(ClientError::Protocol(
+            "a key login answers a challenge on a negotiation link".into(),
+        ));
     };
     let body = serde_json::json!({
         "credentials": credentials,
