@@ -514,14 +514,6 @@ async fn http_login(
         }
     };
     let body = match credentials {
-        Credentials::AccessCode {
-            account,
-            code,
-            role,
-            group,
-        } => serde_json::json!({"credentials": {"access_code": {
-            "account": account, "code": code, "role": role, "group": group,
-        }}}),
         Credentials::Key {
             account,
             key,
@@ -555,7 +547,8 @@ async fn http_login(
                 "signature": hex::encode(&signature.to_bytes()),
             }}})
         }
-        _ => serde_json::json!({}),
+        // Every other kind is sent as it is (a node token logs in as its node).
+        other => serde_json::json!({ "credentials": other.login_json() }),
     };
     let (status, text) = post("/v1/login", body.to_string().into_bytes()).await?;
     if !status.is_success() {

@@ -823,6 +823,15 @@ async fn nodes_register_message_and_call_each_other_through_meshctl_and_go_offli
     }
     let ((station, station_token), (drone, drone_token)) = (tokens[0].clone(), tokens[1].clone());
     assert!(admin(&["nodes", "acme"]).contains(&drone));
+    // `meshctl login` with a token logs in as its node.
+    let args = meshctl(&servers[0], &["--node-token", &drone_token, "login"]);
+    let (ok, login, err) = run(
+        "meshctl",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(ok, "{err}");
+    let login: serde_json::Value = serde_json::from_str(&login).unwrap();
+    assert_eq!(login["node_id"], drone.as_str(), "{login}");
 
     // A watcher on server 0 sees the drone come online on server 1 and go with it.
     let mut watcher = client_config(&url);
