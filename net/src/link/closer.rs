@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use relaymesh_proto::{ErrorEnvelope, close_status, error_frame, v1};
-use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 
 /// What a link says as it closes: an encoded error frame, and the status of the close frame
 /// after it ([`relaymesh_proto::close_status`]).
@@ -40,9 +42,13 @@ pub struct Closer {
 
 #[derive(Debug, Default)]
 struct CloserInner {
-    token: CancellationToken,
-    /// `Some` once closing, with the first caller's last words. Set before the token fires, so
-    /// the writer always sees the words of the call that closed the link.
+    /// Set once closing (a flag and a `Notify` rather than a `CancellationToken`: every link
+    /// has a closer, and a token's tree node is an allocation of its own).
+    closed: AtomicBool,
+    /// Wakes what waits in [`Closer::closed`].
+    ready: Notify,
+    /// `Some` once closing, with the first caller's last words. Set before `closed`, so the
+    /// writer always sees the words of the call that closed the link.
     state: std::sync::Mutex<Option<Option<LastWords>>>,
 }
 
@@ -56,7 +62,7 @@ impl Closer {
     /// frame, and give its status (without them: 1000, a normal closure); later calls change
     /// nothing. Returns whether this call was the first.
     pub fn close(&self, last_words: Option<LastWords>) -> bool {
-        if self.inner.token.is_cancelled() {
+        if self.is_closed() {
             return false;
         }
         let first = {
@@ -67,18 +73,26 @@ impl Closer {
             }
             first
         };
-        self.inner.token.cancel();
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.ready.notify_waiters();
         first
     }
 
     /// Whether the link is closing.
     pub fn is_closed(&self) -> bool {
-        self.inner.token.is_cancelled()
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// Resolves when the link starts closing.
     pub async fn closed(&self) {
-        self.inner.token.cancelled().await
+        let ready = self.inner.ready.notified();
+        let mut ready = std::pin::pin!(ready);
+        // Enabled before the flag is read: `close` sets the flag, then wakes every enabled
+        // waiter.
+        ready.as_mut().enable();
+        if !self.is_closed() {
+            ready.await;
+        }
     }
 
     pub(crate) fn last_words(&self) -> Option<LastWords> {
@@ -89,6 +103,27 @@ impl Closer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[tokio::test]
+    async fn every_waiter_hears_the_close_and_later_ones_at_once() {
+        let closer = Closer::new();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let closer = closer.clone();
+                tokio::spawn(async move { closer.closed().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(closer.close(None));
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter hears the close")
+                .unwrap();
+        }
+        // Closed already: no wait.
+        closer.closed().await;
+    }
+
     #[test]
     fn closer_keeps_the_first_reason() {
         let closer = Closer::new();
