@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, Inbound, OnClose, WriterSetup};
+use relaymesh_net::queue;
 use relaymesh_net::retry::Backoff;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::{self, ClientLink};
@@ -357,7 +358,7 @@ async fn finish_move(
     events: &EventTx,
     next: &mut Connected,
     from_alias: &str,
-    out: &mut mpsc::Receiver<Bytes>,
+    out: &mut queue::Receiver<Bytes>,
 ) -> Result<(), ClientError> {
     lost(shared, out, from_alias);
     let fresh_held: Vec<Event> = {
@@ -492,7 +493,7 @@ fn resends(shared: &Shared) -> Vec<Bytes> {
 /// it was given and the server did not confirm goes out again on the next one. The outbound
 /// queue is emptied: its publishes are all unconfirmed (and go out again from there), and the
 /// resubscription covers its subscription changes.
-fn lost(shared: &Shared, out: &mut mpsc::Receiver<Bytes>, alias: &str) {
+fn lost(shared: &Shared, out: &mut queue::Receiver<Bytes>, alias: &str) {
     let alias: Arc<str> = alias.into();
     // Node lists asked of the lost server never come: their callers are told now.
     lock(&shared.state).lists.clear();
@@ -637,8 +638,8 @@ pub(crate) async fn drive(
     config: ClientConfig,
     shared: Arc<Shared>,
     first: Connected,
-    mut out: mpsc::Receiver<Bytes>,
-    pings: mpsc::WeakSender<Bytes>,
+    mut out: queue::Receiver<Bytes>,
+    pings: queue::WeakSender<Bytes>,
     events: EventTx,
 ) {
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
@@ -785,10 +786,10 @@ async fn run(
     connected: Connected,
     config: &ClientConfig,
     shared: &Arc<Shared>,
-    out: mpsc::Receiver<Bytes>,
-    pings: &mpsc::WeakSender<Bytes>,
+    out: queue::Receiver<Bytes>,
+    pings: &queue::WeakSender<Bytes>,
     events: &EventTx,
-) -> (Ended, Option<mpsc::Receiver<Bytes>>) {
+) -> (Ended, Option<queue::Receiver<Bytes>>) {
     let closer = Closer::new();
     let options = link::Options {
         writer: WriterSetup {
@@ -939,7 +940,7 @@ async fn confirmed(config: &ClientConfig, shared: &Shared, events: &EventTx, nex
 
 /// Queues `Leave` behind what the client has queued for the server moved from; whether it
 /// could (a full queue, or one whose writer is gone, cannot take it).
-fn leave(pings: &mpsc::WeakSender<Bytes>) -> bool {
+fn leave(pings: &queue::WeakSender<Bytes>) -> bool {
     pings.upgrade().is_some_and(|out| {
         out.try_send(encode(&v1::ClientToServer::leave(v1::Leave {})))
             .is_ok()
@@ -967,7 +968,7 @@ struct Reader {
     shared: Arc<Shared>,
     events: EventTx,
     /// The outbound queue, for pings; does not keep it open.
-    pings: mpsc::WeakSender<Bytes>,
+    pings: queue::WeakSender<Bytes>,
     closer: Closer,
     heartbeat: Heartbeat,
     nonce: u64,

@@ -174,11 +174,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use relaymesh_net::queue;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::WsLimits;
 use relaymesh_proto::topic::{self, TopicError};
 use relaymesh_proto::{encode, v1};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// How a client finds and keeps its server.
@@ -1114,7 +1115,7 @@ impl State {
 pub struct Handle {
     shared: Arc<Shared>,
     /// Outbound frames; the connection task holds the receiver.
-    out: mpsc::Sender<Bytes>,
+    out: queue::Sender<Bytes>,
 }
 
 /// A connected client. Dropping it closes the connection.
@@ -1168,7 +1169,7 @@ impl Client {
             confirmations: tokio::sync::Notify::new(),
         });
         let config_auto_ack = config.auto_ack_inbox;
-        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue.max(1));
+        let (out_tx, out_rx) = queue::bounded(config.outbound_queue.max(1));
         let (events_tx, events_rx) = connection::event_queue(config.event_queue);
         let first = connection::establish(
             &config,
@@ -1646,8 +1647,8 @@ impl Handle {
         }));
         match self.out.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
+            Err(queue::TrySendError::Closed(_)) => true,
+            Err(queue::TrySendError::Full(_)) => false,
         }
     }
 
@@ -1805,7 +1806,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscribe_not_confirmed_in_time_fails_keeps_its_topics_and_is_confirmed_later() {
         let shared = shared(Duration::from_millis(50));
-        let (out, mut sent) = mpsc::channel(4);
+        let (out, mut sent) = queue::bounded(4);
         let handle = Handle {
             shared: shared.clone(),
             out,

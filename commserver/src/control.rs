@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use relaymesh_net::link::{Backlog, Closer, DataTx, LastWords};
+use relaymesh_net::queue;
 use relaymesh_proto::v1;
 use relaymesh_proto::{ErrorCode, encode};
 use tokio::sync::{mpsc, oneshot};
@@ -28,7 +29,7 @@ pub(crate) struct PeerLink {
     pub(crate) link: LinkId,
     /// Control queue of the link's writer (interest messages, acks, pings). A link whose
     /// control queue overflows is closed and re-established with a full interest exchange.
-    pub(crate) ctrl: mpsc::Sender<Bytes>,
+    pub(crate) ctrl: queue::Sender<Bytes>,
     /// The data path (forwards), shared with routes.
     pub(crate) out: Arc<PeerOut>,
     pub(crate) closer: Closer,
@@ -50,7 +51,7 @@ pub(crate) struct PeerLink {
 /// A peer link's queues and closer, made before its handshake.
 #[derive(Debug)]
 pub(crate) struct PeerQueues {
-    pub(crate) ctrl: mpsc::Sender<Bytes>,
+    pub(crate) ctrl: queue::Sender<Bytes>,
     pub(crate) data: DataTx,
     pub(crate) backlog: Arc<Backlog>,
     pub(crate) closer: Closer,

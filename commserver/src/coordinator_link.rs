@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::queue;
 use relaymesh_net::sync::lock;
 use relaymesh_net::ws::ClientLink;
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, check_version, encode, error, unexpected};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -241,7 +242,7 @@ async fn serve(
     socket: ClientLink,
     stop: &CancellationToken,
 ) -> Result<Ended, v1::Error> {
-    let (tx, rx) = mpsc::channel(COORDINATOR_QUEUE);
+    let (tx, rx) = queue::bounded(COORDINATOR_QUEUE);
     let register = v1::Register {
         protocol_version: PROTOCOL_VERSION,
         server_id: server.id.to_string(),
@@ -319,7 +320,7 @@ struct State {
 #[derive(Debug)]
 struct Registration {
     coordinator_id: String,
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     /// The peers this coordinator lists: id -> (URL, news number).
     peers: HashMap<String, (String, u64)>,
 }
@@ -390,7 +391,7 @@ impl Coordinators {
         server: &Arc<Server>,
         number: u64,
         id: String,
-        tx: mpsc::Sender<Bytes>,
+        tx: queue::Sender<Bytes>,
         peers: Vec<v1::ServerInfo>,
     ) {
         let mut state = lock(&self.state);
@@ -508,7 +509,7 @@ struct Reader {
     /// The coordinator's id, once registered.
     coordinator_id: String,
     /// Answers and load reports, drained by the link's writer.
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     /// The coordinator's heartbeat settings once registered (they win, so both ends agree on
     /// when the link is dead), this server's before.
     heartbeat: Heartbeat,
@@ -774,7 +775,7 @@ impl link::Handler for Reader {
 /// coordinator down instead of costing this server its registration. A coordinator that stops
 /// reading altogether ends the link after `within`.
 async fn answer_coordinator(
-    tx: &mpsc::Sender<Bytes>,
+    tx: &queue::Sender<Bytes>,
     msg: v1::ServerToCoordinator,
     within: Duration,
 ) -> Result<(), v1::Error> {

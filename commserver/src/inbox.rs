@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use relaymesh_net::queue;
 use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, ErrorCode};
 use relaymesh_proto::{encode, error};
@@ -51,14 +52,14 @@ enum Asked {
 #[derive(Debug, Default)]
 pub(crate) struct Inboxes {
     /// The registered coordinator link's queue.
-    link: std::sync::Mutex<Option<mpsc::Sender<Bytes>>>,
+    link: std::sync::Mutex<Option<queue::Sender<Bytes>>>,
     sessions: std::sync::Mutex<HashMap<SessionId, mpsc::Sender<SessionEvent>>>,
     asked: std::sync::Mutex<HashMap<u64, (SessionId, Asked)>>,
 }
 
 impl Inboxes {
     /// The coordinator link is up (`Some`) or down: what was asked on the old one fails.
-    pub(crate) fn set_link(&self, link: Option<mpsc::Sender<Bytes>>) {
+    pub(crate) fn set_link(&self, link: Option<queue::Sender<Bytes>>) {
         *lock(&self.link) = link;
         let asked: Vec<_> = lock(&self.asked).drain().collect();
         for (_, (session, asked)) in asked {

@@ -19,6 +19,7 @@ use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::link::{
     self, Backlog, Closer, DataBacklog, Flow, Heartbeat, LastWords, Link, Unreported, WriterSetup,
 };
+use relaymesh_net::queue;
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_net::tls::CertificateDer;
@@ -29,7 +30,6 @@ use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, topic, unexpected,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -315,7 +315,7 @@ async fn run_link<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
+    let (ctrl_tx, ctrl_rx) = queue::bounded(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
     let backlog = Arc::new(Backlog::counted(
         server.config.peer_queue,

@@ -22,6 +22,7 @@ use futures_util::FutureExt as _;
 use relaymesh_net::accept::{self, ServerLink};
 use relaymesh_net::limits::TokenBucket;
 use relaymesh_net::link::{self, Backlog, Closer, DataBacklog, Flow, Heartbeat, WriterSetup};
+use relaymesh_net::queue;
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::frame::Sender;
@@ -205,7 +206,7 @@ struct Session {
     server: Arc<Server>,
     me: Arc<Subscriber>,
     /// Reply queue of this session's writer.
-    ctrl: mpsc::Sender<Bytes>,
+    ctrl: queue::Sender<Bytes>,
     alias: Arc<str>,
     role: Arc<str>,
     /// The routing scope of this client's topics (its account, or account and group).
@@ -225,8 +226,9 @@ struct Session {
     /// Room for subscription changes whose second `Ack` is still to come
     /// (`max_pending_confirmations`); each waiting task holds a permit.
     confirmations: Arc<tokio::sync::Semaphore>,
-    /// Routes what the client publishes, and batches the deliveries of a burst.
-    publisher: Publisher,
+    /// Routes what the client publishes, and batches the deliveries of a burst; made at its
+    /// first publish (boxed: most sessions of a large server only listen).
+    publisher: Option<Box<Publisher>>,
     /// The highest publish number (`Publish.seq`) taken, and the highest confirmed.
     taken: u64,
     confirmed: u64,
@@ -241,6 +243,14 @@ struct Session {
     inbox: Option<Box<InboxState>>,
     /// This session's budget of history requests and recoveries, made at its first.
     history: Option<Box<HistoryBudget>>,
+}
+
+/// What woke an idle session ([`link::Handler::wake`]).
+enum Woke {
+    /// An inbox answer, or the end of the inbox's events.
+    Inbox(Option<SessionEvent>),
+    /// The application's backend asked for subscription changes.
+    Backend,
 }
 
 /// A session's budget of history requests: `history.requests_per_s`, and how many may run.
@@ -267,6 +277,15 @@ struct InboxState {
     more: bool,
 }
 
+/// A session's publisher, made at its first publish.
+fn new_publisher(server: &Server) -> Box<Publisher> {
+    Box::new(Publisher::new(
+        server.direct_writes,
+        server.config.slow_consumer_ms,
+        server.histories.clone(),
+    ))
+}
+
 /// Serves one client session. Set up here, outside the returned future, so the socket and the
 /// setup are not carried in every idle session's task.
 fn run(
@@ -276,7 +295,7 @@ fn run(
     conn: ConnInfo,
     batches: bool,
 ) -> impl Future<Output = ()> + Send {
-    let (ctrl_tx, ctrl_rx) = mpsc::channel(server.config.control_queue);
+    let (ctrl_tx, ctrl_rx) = queue::bounded(server.config.control_queue);
     let (data_tx, data_rx) = link::data_queue();
     let backlog = Arc::new(Backlog::counted(
         server.config.client_queue,
@@ -376,11 +395,7 @@ fn run(
         confirmations: Arc::new(tokio::sync::Semaphore::new(
             server.config.max_pending_confirmations,
         )),
-        publisher: Publisher::new(
-            server.direct_writes,
-            server.config.slow_consumer_ms,
-            server.histories.clone(),
-        ),
+        publisher: None,
         taken: 0,
         confirmed: 0,
         joining,
@@ -475,21 +490,20 @@ impl link::Handler for Session {
     /// Answers about the inbox, once this session has any business with it, and makes the
     /// subscription changes the application's backend asks for.
     async fn wake(&mut self) -> Result<Flow, v1::Error> {
-        let me = self.me.clone();
-        let inbox = async {
-            match &mut self.inbox {
-                Some(inbox) => inbox.events.recv().await,
-                None => std::future::pending().await,
-            }
+        // What woke it is handled after the wait, so the wait (which every idle session's task
+        // holds) does not also hold the handling's state.
+        let (me, inbox) = (&self.me, &mut self.inbox);
+        let woke = tokio::select! {
+            event = async {
+                match inbox {
+                    Some(inbox) => inbox.events.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Woke::Inbox(event),
+            () = me.ops_ready.notified() => Woke::Backend,
         };
-        tokio::select! {
-            event = inbox => match event {
-                Some(event) => self.inbox_event(event)?,
-                None => std::future::pending().await,
-            },
-            () = me.ops_ready.notified() => Box::pin(self.backend_changes()).await?,
-        }
-        Ok(Flow::Continue)
+        // Boxed: wakes are rare, and inline the handling would size the wait.
+        Box::pin(self.woken(woke)).await
     }
 
     fn stopping(&mut self) -> Result<(), v1::Error> {
@@ -530,9 +544,21 @@ impl link::Handler for Session {
 }
 
 impl Session {
+    /// Handles what woke an idle session ([`link::Handler::wake`]).
+    async fn woken(&mut self, woke: Woke) -> Result<Flow, v1::Error> {
+        match woke {
+            Woke::Inbox(Some(event)) => self.inbox_event(event)?,
+            Woke::Inbox(None) => std::future::pending().await,
+            Woke::Backend => self.backend_changes().await?,
+        }
+        Ok(Flow::Continue)
+    }
+
     /// Hands the pending batch of deliveries to the subscribers.
     fn flush(&mut self) {
-        self.publisher.flush(&self.server.stats);
+        if let Some(publisher) = &mut self.publisher {
+            publisher.flush(&self.server.stats);
+        }
     }
 
     async fn handle(&mut self, msg: v1::ClientToServer) -> Result<(), v1::Error> {
@@ -966,6 +992,7 @@ impl Session {
         };
         let routed = self
             .publisher
+            .get_or_insert_with(|| new_publisher(server))
             .publish(&server.routes, &server.stats, msg, || {
                 topic::validate(&topic, max_topic)
                     .map_err(|e| error(ErrorCode::InvalidTopic, e.to_string()))?;
@@ -1059,6 +1086,7 @@ impl Session {
         // Node topics are made here, never taken from the client: nothing to check.
         let reached = self
             .publisher
+            .get_or_insert_with(|| new_publisher(server))
             .publish(&server.routes, &server.stats, msg, || {
                 Ok::<(), v1::Error>(())
             })?;
@@ -1626,7 +1654,7 @@ impl Session {
 /// down; dropping `wait` then lets the control task forget the waiter.
 async fn follow_up(
     server: Arc<Server>,
-    ctrl: mpsc::Sender<Bytes>,
+    ctrl: queue::Sender<Bytes>,
     closer: Closer,
     request_id: u64,
     waiter: u64,

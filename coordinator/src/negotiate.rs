@@ -21,7 +21,6 @@ use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, unexpected,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::App;
@@ -32,6 +31,7 @@ use crate::server_link::ReserveFailed;
 use crate::server_link::millis;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::limits::TokenBucket;
+use relaymesh_net::queue;
 
 /// Most server ids a client may exclude in one request.
 const MAX_EXCLUDE: usize = 64;
@@ -214,7 +214,7 @@ pub(crate) async fn upgrade(
 
 async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
     let _open = app.stats.negotiation_links.track();
-    let (tx, rx) = mpsc::channel(app.config.link_queue);
+    let (tx, rx) = queue::bounded(app.config.link_queue);
     let options = link::Options {
         writer: WriterSetup {
             ctrl: rx,
@@ -248,18 +248,18 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
 }
 
 /// Queues a reply; a client that lets its queue fill up is not reading and is dropped.
-fn reply(tx: &mpsc::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), v1::Error> {
+fn reply(tx: &queue::Sender<Bytes>, msg: &v1::CoordinatorToClient) -> Result<(), v1::Error> {
     send_frame(tx, encode(msg))
 }
 
 /// Queues an encoded reply; see [`reply`].
-fn send_frame(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> Result<(), v1::Error> {
+fn send_frame(tx: &queue::Sender<Bytes>, frame: Bytes) -> Result<(), v1::Error> {
     tx.try_send(frame)
         .map_err(|_| error(ErrorCode::SlowConsumer, "replies are not being read"))
 }
 
 /// Queues the held `Welcome`, if any.
-fn send_welcome(tx: &mpsc::Sender<Bytes>, welcome: &mut Option<Bytes>) -> Result<(), v1::Error> {
+fn send_welcome(tx: &queue::Sender<Bytes>, welcome: &mut Option<Bytes>) -> Result<(), v1::Error> {
     welcome.take().map_or(Ok(()), |frame| send_frame(tx, frame))
 }
 
@@ -282,7 +282,7 @@ enum Step {
 struct Negotiation {
     app: Arc<App>,
     /// Replies, drained by the link's writer.
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     from: IpAddr,
     state: Step,
     /// `Connect`s allowed on this link.

@@ -12,13 +12,14 @@ use bytes::Bytes;
 use relaymesh_net::accept;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, LastWords, WriterSetup};
+use relaymesh_net::queue;
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, coordinator_to_server as out, server_to_coordinator::Kind};
 use relaymesh_proto::{
     ErrorCode, PROTOCOL_VERSION, check_version, encode, error, error_frame, unexpected,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
 use crate::App;
@@ -48,7 +49,7 @@ impl<T> Drop for Forget<'_, T> {
 pub(crate) struct ServerLink {
     pub(crate) id: String,
     /// Control queue drained by the link's writer task; bounded by `link_queue`.
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     closer: Closer,
     /// Reservations sent to this server and awaiting `Reserved`/`ReserveFailed`, by request id.
     /// The receivers are held by the logins waiting in [`ServerLink::reserve`].
@@ -249,7 +250,7 @@ pub(crate) async fn upgrade(
 }
 
 async fn run(app: Arc<App>, socket: accept::ServerLink, conn: ConnInfo) {
-    let (tx, rx) = mpsc::channel(app.config.link_queue);
+    let (tx, rx) = queue::bounded(app.config.link_queue);
     let closer = Closer::new();
     let options = link::Options {
         writer: WriterSetup {
@@ -318,7 +319,7 @@ fn validate_register(reg: &v1::Register) -> Result<(), v1::Error> {
 struct Reader {
     app: Arc<App>,
     /// The link's control queue, until registration hands it to the [`ServerLink`].
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<queue::Sender<Bytes>>,
     closer: Closer,
     /// Once registered: the link as the rest of the coordinator sees it, and its registry id.
     registered: Option<(Arc<ServerLink>, u64)>,

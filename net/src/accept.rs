@@ -294,7 +294,7 @@ mod tests {
             .sink
             .direct(&data_tx)
             .expect("an accepted link shares its socket");
-        let (_ctrl_tx, ctrl) = tokio::sync::mpsc::channel(16);
+        let (_ctrl_tx, ctrl) = crate::queue::bounded(16);
         let closer = link::Closer::new();
         let writer = tokio::spawn(link::run_writer(
             link.sink,

@@ -4,7 +4,7 @@
 //! client library would otherwise each write again. A client needs only the part built without
 //! features: dialing WebSockets with size limits and `TCP_NODELAY` ([`ws`]), the link driver,
 //! writer and reader every link runs on ([`link`], with the frame reader [`frames`] and the
-//! wire format [`wire`]), heartbeat watchdogs ([`heartbeat`]), reconnect backoff ([`retry`]),
+//! wire format [`wire`]), heartbeat watchdogs ([`heartbeat`]), the links' queues ([`queue`]), reconnect backoff ([`retry`]),
 //! service URLs ([`url`]), TLS ([`tls`]: trust, certificates reloaded on change and, with
 //! `server`, the listening side), Ed25519 key files ([`keys`]), the small HTTP client ([`http`]) and
 //! lock helpers ([`sync`]). Feature `server` adds the services' side: serving HTTP from an
@@ -18,6 +18,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod keys;
 pub mod link;
+pub mod queue;
 pub mod retry;
 pub mod sync;
 pub mod tls;

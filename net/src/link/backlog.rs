@@ -5,18 +5,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::queue;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
-/// The sending end of a link's data queue. The channel is unbounded; the link's counted
+/// The sending end of a link's data queue. The queue is unbounded; the link's counted
 /// [`Backlog`] bounds it in frames and bytes (senders [`Backlog::reserve`] before sending).
-pub type DataTx = mpsc::UnboundedSender<Bytes>;
+pub type DataTx = queue::UnboundedSender<Bytes>;
 /// The receiving end of a link's data queue, drained by [`run_writer`](crate::link::run_writer).
-pub type DataRx = mpsc::UnboundedReceiver<Bytes>;
+pub type DataRx = queue::Receiver<Bytes>;
 
 /// A data queue; pair it with [`Backlog::counted`].
 pub fn data_queue() -> (DataTx, DataRx) {
-    mpsc::unbounded_channel()
+    queue::unbounded()
 }
 
 /// Milliseconds on a process-wide monotonic clock; only read on slow paths.
@@ -32,7 +32,7 @@ pub fn now_ms() -> u64 {
 /// senders (who check the byte budget and drop when the queue is full) and the link's writer
 /// (who releases bytes as it writes, reports drops to the receiver and notices recovery).
 ///
-/// The queue's channel bounds it in frames; the byte budget bounds it in memory, so a queue of
+/// The queue bounds it in frames; the byte budget bounds it in memory, so a queue of
 /// large messages cannot hold `frames × max_frame_bytes`. Only *large* frames (over
 /// `budget / capacity` bytes) are metered: small ones are bounded by the frame count alone to
 /// at most another `budget`, and skipping them keeps the common small-message path free of a
@@ -40,7 +40,7 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Backlog {
     /// Frames the queue holds at most when the backlog counts them ([`Backlog::counted`]);
-    /// `usize::MAX` when the queue's channel bounds itself.
+    /// `usize::MAX` when the queue bounds itself.
     capacity: usize,
     queued_frames: AtomicUsize,
     budget: usize,
@@ -67,9 +67,9 @@ impl Backlog {
         }
     }
 
-    /// A backlog that also bounds the queue to `capacity` frames, for an unbounded channel
-    /// ([`data_queue`]): offering a frame then costs two uncontended atomic additions instead
-    /// of a bounded channel's semaphore.
+    /// A backlog that also bounds the queue to `capacity` frames, for an unbounded queue
+    /// ([`data_queue`]): offering a frame then costs two uncontended atomic additions, and a
+    /// queue can take one item holding several frames ([`Backlog::reserve_n`]).
     pub fn counted(capacity: usize, budget: usize) -> Self {
         Self {
             capacity: capacity.max(1),

@@ -215,29 +215,84 @@ where
         return Ok(());
     }
     if let Some(timeout) = handshake {
-        let first: Option<H::In> = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return handler.stopping(),
-            _ = closer.closed() => return Ok(()),
-            first = Box::pin(super::first_message(stream, timeout)) => first?,
-        };
-        let Some(first) = first else { return Ok(()) };
-        if Box::pin(handler.first(first)).await? == Flow::End {
-            return Ok(());
-        }
-        // The handshake's message starts a burst like any other: what arrived right behind it
-        // (a request sent with the hello) is handled with it, and then the burst ends.
-        let rest = Box::pin(burst(stream, handler, None, max_burst)).await;
-        let after = handler.burst_end().await;
-        if (rest?, after?) != (Flow::Continue, Flow::Continue) {
+        // Boxed: it happens once per link, and inline its state would share the layout of
+        // the loop below, which every idle link's task holds.
+        let shake = handshake_burst(stream, closer, shutdown, timeout, max_burst, handler);
+        if Box::pin(shake).await? == Flow::End {
             return Ok(());
         }
     }
+    frames(stream, closer, shutdown, max_burst, handler).await
+}
+
+/// The handshake: its message within `timeout`, then what arrived right behind it, as a
+/// burst.
+async fn handshake_burst<St, H>(
+    stream: &mut St,
+    closer: &Closer,
+    shutdown: &CancellationToken,
+    timeout: Duration,
+    max_burst: usize,
+    handler: &mut H,
+) -> Result<Flow, v1::Error>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
+    H: Handler,
+{
+    let first: Option<H::In> = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return handler.stopping().map(|()| Flow::End),
+        _ = closer.closed() => return Ok(Flow::End),
+        first = super::first_message(stream, timeout) => first?,
+    };
+    let Some(first) = first else {
+        return Ok(Flow::End);
+    };
+    if handler.first(first).await? == Flow::End {
+        return Ok(Flow::End);
+    }
+    // The handshake's message starts a burst like any other: what arrived right behind it
+    // (a request sent with the hello) is handled with it, and then the burst ends.
+    burst_and_end(stream, handler, None, max_burst).await
+}
+
+/// A burst ([`burst`]), then the handler's [`Handler::burst_end`] (also when the burst
+/// failed); whether the link goes on after both.
+async fn burst_and_end<St, H>(
+    stream: &mut St,
+    handler: &mut H,
+    first: Option<Bytes>,
+    max: usize,
+) -> Result<Flow, v1::Error>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    H: Handler,
+{
+    let handled = burst(stream, handler, first, max).await;
+    let after = handler.burst_end().await;
+    Ok(match (handled?, after?) {
+        (Flow::Continue, Flow::Continue) => Flow::Continue,
+        _ => Flow::End,
+    })
+}
+
+/// Reads frames, after the handshake, until the link ends.
+async fn frames<St, H>(
+    stream: &mut St,
+    closer: &Closer,
+    shutdown: &CancellationToken,
+    max_burst: usize,
+    handler: &mut H,
+) -> Result<(), v1::Error>
+where
+    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
+    H: Handler,
+{
     let Heartbeat { timeout, interval } = handler.heartbeat();
     let mut watchdog = Watchdog::new(timeout, interval);
     // Pinned once: re-creating these per frame would register a waiter per message. Polled
-    // only when they woke the task: the loop turns once per frame, and they fire once a link.
-    // One future for both, so an idle link's task holds one gate, not two.
+    // only when they woke the task: the loop turns once per frame, and they fire once a
+    // link. One future for both, so an idle link's task holds one gate, not two.
     let ended = async {
         tokio::select! {
             biased;
@@ -248,7 +303,10 @@ where
     tokio::pin!(ended);
     let mut ended = PolledOnWake::new(ended);
     loop {
-        let flow = tokio::select! {
+        // The arms only say what happened; a frame is handled after the wait, so nothing
+        // of the wait's state lives on while a burst is handled (each would add its size
+        // to every idle link's task).
+        let step = tokio::select! {
             biased;
             end = &mut ended => return match end {
                 Ended::Stopping => handler.stopping(),
@@ -258,36 +316,30 @@ where
                 Beat::Expired => return Err(handler.silent()),
                 Beat::Send => {
                     handler.beat();
-                    Flow::Continue
+                    continue;
                 }
-                Beat::Quiet => Flow::Continue,
+                Beat::Quiet => continue,
             },
-            flow = handler.wake() => flow?,
-            step = next_frame(stream) => match step.map_err(|e| e.to_error())? {
-                Inbound::Closed => return Ok(()),
-                Inbound::Control => {
-                    if !watchdog.heard() {
-                        return Err(handler.silent());
-                    }
-                    Flow::Continue
-                }
-                Inbound::Frame(frame) => {
-                    if !watchdog.heard() {
-                        return Err(handler.silent());
-                    }
-                    // Boxed: inline, the burst's state (the handler's futures) would size
-                    // every idle link's task; a box per burst is small beside its reads.
-                    let burst = Box::pin(burst(stream, handler, Some(frame), max_burst)).await;
-                    let after = handler.burst_end().await;
-                    watchdog.handled();
-                    match (burst?, after?) {
-                        (Flow::Continue, Flow::Continue) => Flow::Continue,
-                        _ => Flow::End,
-                    }
-                }
+            flow = handler.wake() => match flow? {
+                Flow::Continue => continue,
+                Flow::End => return Ok(()),
             },
+            step = next_frame(stream) => step.map_err(|e| e.to_error())?,
         };
-        if flow == Flow::End {
+        let frame = match step {
+            Inbound::Closed => return Ok(()),
+            Inbound::Control => None,
+            Inbound::Frame(frame) => Some(frame),
+        };
+        if !watchdog.heard() {
+            return Err(handler.silent());
+        }
+        let Some(frame) = frame else { continue };
+        // Boxed: inline, the burst's state (the handler's futures) would size every idle
+        // link's task; a box per burst is small beside its reads.
+        let flow = Box::pin(burst_and_end(stream, handler, Some(frame), max_burst)).await;
+        watchdog.handled();
+        if flow? == Flow::End {
             return Ok(());
         }
     }

@@ -3,12 +3,13 @@
 //! A link is a reader task and a writer task over the two halves of one WebSocket:
 //!
 //! * the **writer** ([`run_writer`]) owns the socket's write half ([`LinkSink`]) and drains
-//!   two queues of pre-encoded frames: `ctrl` (the link's own replies and control messages,
-//!   always preferred) and `data` (fanned-out messages, unbounded as a channel but bounded in
-//!   frames and bytes by a counted [`Backlog`], so offering a frame takes no lock). It frames
-//!   every message that is ready, up to [`MAX_BATCH`] or the write buffer size, into one buffer
-//!   and writes it with one `write`, so a busy link costs one syscall per batch and no
-//!   per-message lock. When a link records drops on its data queue the writer appends a notice
+//!   two queues of pre-encoded frames ([`crate::queue`], which hold no memory while idle):
+//!   `ctrl` (the link's own replies and control messages, always preferred) and `data`
+//!   (fanned-out messages, unbounded as a queue but bounded in frames and bytes by a counted
+//!   [`Backlog`]; a comm server queues a subscriber one item per burst of deliveries, not per
+//!   message). It frames every message that is ready, up to [`MAX_BATCH`] or the write buffer
+//!   size, into one buffer and writes it with one `write`, so a busy link costs one syscall
+//!   per batch. When a link records drops on its data queue the writer appends a notice
 //!   frame to the next batch. While it has nothing to write it *parks*, and a link that has a
 //!   [`Direct`] handle (accepted TCP links) may then be written by its senders straight from
 //!   their own task, see [`Direct`];
@@ -34,7 +35,6 @@ mod writer;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -53,6 +53,7 @@ pub use replay::{Replay, ReplayLimits};
 pub use writer::{First, MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};
 
 use crate::frames::FrameReader;
+use crate::queue;
 use crate::wire::{OP_BINARY, put_frame};
 
 /// Replies the reader's WebSocket may have waiting for the writer (pongs, a close reply). A peer
@@ -65,45 +66,8 @@ const REPLY_QUEUE: usize = 64;
 #[derive(Debug)]
 pub struct ReadSide<S> {
     read: ReadHalf<S>,
-    replies: Arc<Replies>,
-}
-
-/// Replies from the reader's WebSocket waiting for the writer. Rare and small, so a plain
-/// locked queue: a channel would cost every link a block of slots it almost never uses.
-#[derive(Debug, Default)]
-struct Replies {
-    queue: std::sync::Mutex<std::collections::VecDeque<Bytes>>,
-    ready: tokio::sync::Notify,
-    reader_gone: std::sync::atomic::AtomicBool,
-    writer_gone: std::sync::atomic::AtomicBool,
-}
-
-impl Replies {
-    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Bytes>> {
-        self.queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The next reply; `None` once the reader is gone and nothing is left.
-    async fn next(&self) -> Option<Bytes> {
-        loop {
-            if let Some(reply) = self.queue().pop_front() {
-                return Some(reply);
-            }
-            if self.reader_gone.load(Ordering::Acquire) {
-                return None;
-            }
-            self.ready.notified().await;
-        }
-    }
-}
-
-impl<S> Drop for ReadSide<S> {
-    fn drop(&mut self) {
-        self.replies.reader_gone.store(true, Ordering::Release);
-        self.replies.ready.notify_one();
-    }
+    /// Replies from the reader's WebSocket waiting for the writer: rare and small.
+    replies: queue::Sender<Bytes>,
 }
 
 impl<S: AsyncRead> AsyncRead for ReadSide<S> {
@@ -122,18 +86,17 @@ impl<S> AsyncWrite for ReadSide<S> {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.replies.writer_gone.load(Ordering::Acquire) {
-            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        match self.replies.try_send(Bytes::copy_from_slice(buf)) {
+            Ok(()) => {}
+            Err(queue::TrySendError::Closed(_)) => {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            Err(queue::TrySendError::Full(_)) => {
+                return Poll::Ready(Err(std::io::Error::other(
+                    "the peer does not read the replies to its pings",
+                )));
+            }
         }
-        let mut queue = self.replies.queue();
-        if queue.len() >= REPLY_QUEUE {
-            return Poll::Ready(Err(std::io::Error::other(
-                "the peer does not read the replies to its pings",
-            )));
-        }
-        queue.push_back(Bytes::copy_from_slice(buf));
-        drop(queue);
-        self.replies.ready.notify_one();
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -163,7 +126,7 @@ pub struct Link<S> {
 #[derive(Debug)]
 pub struct LinkSink<S> {
     write: WriteHalf<S>,
-    replies: Arc<Replies>,
+    replies: queue::Receiver<Bytes>,
     role: Role,
     /// Bytes gathered before a batch is written.
     batch_bytes: usize,
@@ -202,20 +165,13 @@ where
     S: AsyncRead + AsyncWrite,
 {
     let (read, write) = tokio::io::split(io);
-    let replies = Arc::new(Replies::default());
+    let (replies, replies_rx) = queue::bounded(REPLY_QUEUE);
     let batch_bytes = config.write_buffer_size.max(4096);
-    let stream = FrameReader::new(
-        ReadSide {
-            read,
-            replies: replies.clone(),
-        },
-        role,
-        &config,
-    );
+    let stream = FrameReader::new(ReadSide { read, replies }, role, &config);
     Link {
         sink: LinkSink {
             write,
-            replies,
+            replies: replies_rx,
             role,
             batch_bytes,
             socket: None,

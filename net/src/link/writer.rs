@@ -1,20 +1,20 @@
 //! The link writer: drains a link's queues into its socket in batches.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::queue;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, WriteHalf};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
+use super::LinkSink;
 use super::backlog::{DataBacklog, DataRx, now_ms};
 use super::closer::Closer;
 use super::direct::{CloseGate, Direct};
 use super::replay::Replay;
-use super::{LinkSink, Replies};
 use relaymesh_proto::CLOSE_NORMAL;
 
 use crate::sync::PolledOnWake;
@@ -27,7 +27,7 @@ pub const MAX_BATCH: usize = 512;
 #[derive(Debug)]
 pub struct WriterSetup {
     /// Control frames; preferred over data. The link is done when every sender is gone.
-    pub ctrl: mpsc::Receiver<Bytes>,
+    pub ctrl: queue::Receiver<Bytes>,
     /// Data frames, if the link carries any, with their backlog accounting (senders must
     /// [`Backlog::reserve`](crate::link::Backlog::reserve) each frame before queueing it).
     pub data: Option<(DataRx, DataBacklog)>,
@@ -79,7 +79,7 @@ pub struct WriterEnd {
     /// batches): what a link that keeps account of its losses looks into.
     pub unsent: Vec<Bytes>,
     /// The control queue, with what is left in it ([`OnClose`]).
-    pub ctrl: mpsc::Receiver<Bytes>,
+    pub ctrl: queue::Receiver<Bytes>,
     /// The last data messages written, by position, when the data queue keeps a replay buffer
     /// ([`DataBacklog::replay`]). `unsent` is not in it.
     pub replay: Option<Replay>,
@@ -98,7 +98,10 @@ enum Out {
 /// Drains the queues into the socket until the link closes, then sends queued control frames,
 /// the last words (if any) and a close frame. The closer is fired either way so the reader
 /// stops too.
-pub async fn run_writer<S>(sink: LinkSink<S>, setup: WriterSetup) -> WriterEnd
+///
+/// Set up here, outside the returned future, so the future holds the pieces once, not also the
+/// `sink` and `setup` they came from: it is the state every idle link's writer task carries.
+pub fn run_writer<S>(sink: LinkSink<S>, setup: WriterSetup) -> impl Future<Output = WriterEnd>
 where
     S: AsyncWrite,
 {
@@ -109,8 +112,7 @@ where
         batch_bytes,
         socket: _,
     } = sink;
-    let reply_source = replies;
-    let mut replies = Some(&*reply_source);
+    let mut replies = Some(replies);
     let WriterSetup {
         mut ctrl,
         data,
@@ -124,216 +126,228 @@ where
         Some((rx, accounting)) => (Some(rx), Some(accounting)),
         None => (None, None),
     };
-    // Only a queue of single messages keeps one: positions count messages.
+    // Only a queue of single messages keeps one: positions count messages. Boxed: few links
+    // keep one, and inline it would size every link's writer.
     let mut replay = accounting
         .as_ref()
         .filter(|a| !a.framed)
         .and_then(|a| a.replay)
-        .map(Replay::new);
+        .map(|limits| Box::new(Replay::new(limits)));
     debug_assert!(
         direct.is_none() || (role == Role::Server && accounting.as_ref().is_some_and(|a| a.framed)),
         "direct writes carry whole server frames: a server link with a framed data queue"
     );
-    let gate_guard = CloseGate(direct.as_deref());
-    let direct = gate_guard.0;
-    let mut out = BytesMut::new();
-    let mut sent_close = false;
-    // Pinned once: a fresh `closed()` per batch would check the token under its lock and
-    // register a waiter every time; and polled only once it woke the task.
-    let closed = closer.closed();
-    tokio::pin!(closed);
-    let mut closed = PolledOnWake::new(closed);
-    let result: std::io::Result<()> = async {
-        let first = match first {
-            First::Nothing => Vec::new(),
-            First::Frames(frames) => frames,
-            First::Answer => tokio::select! {
-                biased;
-                _ = &mut closed => return Ok(()),
-                frame = ctrl.recv() => match frame {
-                    Some(frame) => vec![frame],
-                    None => return Ok(()),
-                },
-            },
-        };
-        if !first.is_empty() {
-            for frame in &first {
-                put_frame(&mut out, OP_BINARY, frame, role);
-            }
-            tokio::select! {
-                biased;
-                result = write_out(&mut write, &mut out) => result?,
-                _ = &mut closed => return Ok(()),
-            }
-        }
-        loop {
-            if let Some(direct) = direct {
-                // Control frames (a session's `Ready` first of all) are not overtaken either.
-                direct.park(|| ctrl.is_empty() && data.as_ref().is_none_or(DataRx::is_empty));
-            }
-            let first = tokio::select! {
-                biased;
-                _ = &mut closed => return Ok(()),
-                reply = recv_reply(&mut replies) => match reply {
-                    Some(raw) => Out::Raw(raw),
-                    None => {
-                        replies = None;
-                        continue;
-                    }
-                },
-                frame = ctrl.recv() => match frame {
-                    Some(frame) => Out::Ctrl(frame),
-                    None => return Ok(()),
-                },
-                frame = recv_data(&mut data) => match frame {
-                    Some(frame) => Out::Data(frame),
-                    None => {
-                        data = None;
-                        continue;
-                    }
-                },
-            };
-            out.clear();
-            if let Some(rest) = direct.and_then(Direct::unpark) {
-                out.extend_from_slice(&rest);
-            }
-            let mut next = Some(first);
-            let mut framed = 0;
-            let now = if replay.is_some() { now_ms() } else { 0 };
-            while let Some(item) = next.take() {
-                match item {
-                    Out::Raw(raw) => {
-                        sent_close |= holds_close(&raw);
-                        out.extend_from_slice(&raw);
-                    }
-                    Out::Ctrl(frame) => put_frame(&mut out, OP_BINARY, &frame, role),
-                    // A direct sender's wake-up call; what it left is already in `out`.
-                    Out::Data(frame) if frame.is_empty() => {}
-                    Out::Data(frame) => match &accounting {
-                        Some(a) if a.framed => {
-                            a.backlog.release_n(frame.len(), count_frames(&frame));
-                            out.extend_from_slice(&frame);
-                        }
-                        Some(a) => {
-                            a.backlog.release(frame.len());
-                            put_frame(&mut out, OP_BINARY, &frame, role);
-                            if let Some(replay) = &mut replay {
-                                replay.written(frame, now, drop);
-                            }
-                        }
-                        None => put_frame(&mut out, OP_BINARY, &frame, role),
+    async move {
+        let gate_guard = CloseGate(direct.as_deref());
+        let direct = gate_guard.0;
+        let mut out = BytesMut::new();
+        let mut sent_close = false;
+        // Pinned once: a fresh `closed()` per batch would check the token under its lock and
+        // register a waiter every time; and polled only once it woke the task.
+        let closed = closer.closed();
+        tokio::pin!(closed);
+        let mut closed = PolledOnWake::new(closed);
+        // A labelled block, not an `async` block awaited here: that would hold a reference to
+        // each of the writer's parts as well, in the state every idle link's writer carries.
+        let result: std::io::Result<()> = 'run: {
+            let first = match first {
+                First::Nothing => Vec::new(),
+                First::Frames(frames) => frames,
+                First::Answer => tokio::select! {
+                    biased;
+                    _ = &mut closed => break 'run Ok(()),
+                    frame = ctrl.recv() => match frame {
+                        Some(frame) => vec![frame],
+                        None => break 'run Ok(()),
                     },
+                },
+            };
+            if !first.is_empty() {
+                for frame in &first {
+                    put_frame(&mut out, OP_BINARY, frame, role);
                 }
-                framed += 1;
-                if framed < MAX_BATCH && out.len() < batch_bytes {
-                    next = try_next(&mut replies, &mut ctrl, &mut data);
+                tokio::select! {
+                    biased;
+                    result = write_out(&mut write, &mut out) => if let Err(e) = result {
+                        break 'run Err(e);
+                    },
+                    _ = &mut closed => break 'run Ok(()),
                 }
             }
-            if let Some(DataBacklog {
-                backlog, notice, ..
-            }) = &accounting
-            {
-                if data.as_ref().is_none_or(|d| d.is_empty()) {
-                    backlog.drained();
+            loop {
+                if let Some(direct) = direct {
+                    // Control frames (a session's `Ready` first of all) are not overtaken either.
+                    direct.park(|| ctrl.is_empty() && data.as_ref().is_none_or(DataRx::is_empty));
                 }
-                let dropped = backlog.take_unreported();
-                if dropped.total() > 0 {
-                    put_frame(&mut out, OP_BINARY, &notice(dropped), role);
-                    // Only this queue's own drops took positions in its stream.
-                    if let Some(replay) = &mut replay {
-                        replay.skip(dropped.own);
+                let first = tokio::select! {
+                    biased;
+                    _ = &mut closed => break 'run Ok(()),
+                    reply = recv_from(&mut replies) => match reply {
+                        Some(raw) => Out::Raw(raw),
+                        None => {
+                            replies = None;
+                            continue;
+                        }
+                    },
+                    frame = ctrl.recv() => match frame {
+                        Some(frame) => Out::Ctrl(frame),
+                        None => break 'run Ok(()),
+                    },
+                    frame = recv_from(&mut data) => match frame {
+                        Some(frame) => Out::Data(frame),
+                        None => {
+                            data = None;
+                            continue;
+                        }
+                    },
+                };
+                out.clear();
+                if let Some(rest) = direct.and_then(Direct::unpark) {
+                    out.extend_from_slice(&rest);
+                }
+                let mut next = Some(first);
+                let mut framed = 0;
+                let now = if replay.is_some() { now_ms() } else { 0 };
+                while let Some(item) = next.take() {
+                    match item {
+                        Out::Raw(raw) => {
+                            sent_close |= holds_close(&raw);
+                            out.extend_from_slice(&raw);
+                        }
+                        Out::Ctrl(frame) => put_frame(&mut out, OP_BINARY, &frame, role),
+                        // A direct sender's wake-up call; what it left is already in `out`.
+                        Out::Data(frame) if frame.is_empty() => {}
+                        Out::Data(frame) => match &accounting {
+                            Some(a) if a.framed => {
+                                a.backlog.release_n(frame.len(), count_frames(&frame));
+                                out.extend_from_slice(&frame);
+                            }
+                            Some(a) => {
+                                a.backlog.release(frame.len());
+                                put_frame(&mut out, OP_BINARY, &frame, role);
+                                if let Some(replay) = &mut replay {
+                                    replay.written(frame, now, drop);
+                                }
+                            }
+                            None => put_frame(&mut out, OP_BINARY, &frame, role),
+                        },
+                    }
+                    framed += 1;
+                    if framed < MAX_BATCH && out.len() < batch_bytes {
+                        next = try_next(&mut replies, &mut ctrl, &mut data);
+                    }
+                }
+                if let Some(DataBacklog {
+                    backlog, notice, ..
+                }) = &accounting
+                {
+                    if data.as_ref().is_none_or(|d| d.is_empty()) {
+                        backlog.drained();
+                    }
+                    let dropped = backlog.take_unreported();
+                    if dropped.total() > 0 {
+                        put_frame(&mut out, OP_BINARY, &notice(dropped), role);
+                        // Only this queue's own drops took positions in its stream.
+                        if let Some(replay) = &mut replay {
+                            replay.skip(dropped.own);
+                        }
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    result = write_out(&mut write, &mut out) => if let Err(e) = result {
+                        break 'run Err(e);
+                    },
+                    // A peer that stopped reading must not keep a closing link alive. What is left
+                    // of the batch stays in `out`, so the goodbye starts on a frame boundary.
+                    _ = &mut closed => break 'run Ok(()),
+                }
+                // A burst's buffer is not kept by a link that goes quiet.
+                if out.capacity() > batch_bytes.saturating_mul(2) {
+                    out = BytesMut::new();
+                }
+                if sent_close {
+                    break 'run Ok(());
+                }
+            }
+        };
+        // What a sender could not finish writing goes out before anything else, even the rest of
+        // an interrupted batch (there is never both: a parked writer had written everything).
+        if let Some(rest) = direct.and_then(Direct::close) {
+            let mut first = BytesMut::from(&rest[..]);
+            first.extend_from_slice(&out);
+            out = first;
+        }
+        if let Some(replies) = replies.as_mut() {
+            replies.close();
+        }
+        closer.close(None);
+        // Refuse further data (senders now see a closed queue, not a full one) and account for
+        // what was queued but never sent.
+        let mut discarded = 0;
+        let mut unsent = Vec::new();
+        if let Some(rx) = data.as_mut() {
+            rx.close();
+            while let Ok(frame) = rx.try_recv() {
+                match &accounting {
+                    _ if frame.is_empty() => {}
+                    Some(a) if a.framed => {
+                        let n = count_frames(&frame);
+                        discarded += n;
+                        a.backlog.release_n(frame.len(), n);
+                    }
+                    Some(a) => {
+                        discarded += 1;
+                        a.backlog.release(frame.len());
+                        unsent.push(frame);
+                    }
+                    None => {
+                        discarded += 1;
+                        unsent.push(frame);
                     }
                 }
             }
-            tokio::select! {
-                biased;
-                result = write_out(&mut write, &mut out) => result?,
-                // A peer that stopped reading must not keep a closing link alive. What is left
-                // of the batch stays in `out`, so the goodbye starts on a frame boundary.
-                _ = &mut closed => return Ok(()),
-            }
-            // A burst's buffer is not kept by a link that goes quiet.
-            if out.capacity() > batch_bytes.saturating_mul(2) {
-                out = BytesMut::new();
-            }
-            if sent_close {
-                return Ok(());
-            }
         }
-    }
-    .await;
-    // What a sender could not finish writing goes out before anything else, even the rest of
-    // an interrupted batch (there is never both: a parked writer had written everything).
-    if let Some(rest) = direct.and_then(Direct::close) {
-        let mut first = BytesMut::from(&rest[..]);
-        first.extend_from_slice(&out);
-        out = first;
-    }
-    reply_source.writer_gone.store(true, Ordering::Release);
-    closer.close(None);
-    // Refuse further data (senders now see a closed queue, not a full one) and account for
-    // what was queued but never sent.
-    let mut discarded = 0;
-    let mut unsent = Vec::new();
-    if let Some(rx) = data.as_mut() {
-        rx.close();
-        while let Ok(frame) = rx.try_recv() {
-            match &accounting {
-                _ if frame.is_empty() => {}
-                Some(a) if a.framed => {
-                    let n = count_frames(&frame);
-                    discarded += n;
-                    a.backlog.release_n(frame.len(), n);
+        // `out` holds the unwritten rest of an interrupted batch, if any; it goes out first, so the
+        // stream stays on a frame boundary. Then control frames already queued (a final Load, an
+        // Ack, interest changes), unless they are kept for another link; queued data does not, it
+        // would only delay the close. After a close frame (ours, or the reader's reply in `out`)
+        // nothing more may be sent.
+        if result.is_ok() {
+            if !sent_close {
+                let send_queued = match &on_close {
+                    OnClose::SendQueued => true,
+                    OnClose::KeepQueuedUnless(closing) => closing.is_cancelled(),
+                };
+                if send_queued {
+                    while let Ok(frame) = ctrl.try_recv() {
+                        put_frame(&mut out, OP_BINARY, &frame, role);
+                    }
                 }
-                Some(a) => {
-                    discarded += 1;
-                    a.backlog.release(frame.len());
-                    unsent.push(frame);
-                }
-                None => {
-                    discarded += 1;
-                    unsent.push(frame);
-                }
+                let status = match closer.last_words() {
+                    Some(words) => {
+                        put_frame(&mut out, OP_BINARY, &words.frame, role);
+                        words.status
+                    }
+                    None => CLOSE_NORMAL,
+                };
+                put_frame(&mut out, OP_CLOSE, &status.to_be_bytes(), role);
             }
-        }
-    }
-    // `out` holds the unwritten rest of an interrupted batch, if any; it goes out first, so the
-    // stream stays on a frame boundary. Then control frames already queued (a final Load, an
-    // Ack, interest changes), unless they are kept for another link; queued data does not, it
-    // would only delay the close. After a close frame (ours, or the reader's reply in `out`)
-    // nothing more may be sent.
-    if result.is_ok() {
-        if !sent_close {
-            let send_queued = match &on_close {
-                OnClose::SendQueued => true,
-                OnClose::KeepQueuedUnless(closing) => closing.is_cancelled(),
+            let goodbye = async {
+                write_out(&mut write, &mut out).await?;
+                write.shutdown().await
             };
-            if send_queued {
-                while let Ok(frame) = ctrl.try_recv() {
-                    put_frame(&mut out, OP_BINARY, &frame, role);
-                }
-            }
-            let status = match closer.last_words() {
-                Some(words) => {
-                    put_frame(&mut out, OP_BINARY, &words.frame, role);
-                    words.status
-                }
-                None => CLOSE_NORMAL,
-            };
-            put_frame(&mut out, OP_CLOSE, &status.to_be_bytes(), role);
+            // Boxed: it happens once per link, and inline it is the largest state of all, which
+            // would size every idle link's writer.
+            let _ = Box::pin(tokio::time::timeout(linger, goodbye)).await;
         }
-        let goodbye = async {
-            write_out(&mut write, &mut out).await?;
-            write.shutdown().await
-        };
-        let _ = tokio::time::timeout(linger, goodbye).await;
-    }
-    WriterEnd {
-        error: result.err(),
-        discarded,
-        unsent,
-        ctrl,
-        replay,
+        WriterEnd {
+            error: result.err(),
+            discarded,
+            unsent,
+            ctrl,
+            replay: replay.map(|replay| *replay),
+        }
     }
 }
 
@@ -354,15 +368,9 @@ async fn write_out<W: AsyncWrite>(
     write.flush().await
 }
 
-async fn recv_reply(replies: &mut Option<&Replies>) -> Option<Bytes> {
-    match replies {
-        Some(r) => r.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_data(data: &mut Option<DataRx>) -> Option<Bytes> {
-    match data {
+/// The next item of a queue the writer may have done with (`None`: waits forever).
+async fn recv_from(queue: &mut Option<queue::Receiver<Bytes>>) -> Option<Bytes> {
+    match queue {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
@@ -370,11 +378,11 @@ async fn recv_data(data: &mut Option<DataRx>) -> Option<Bytes> {
 
 /// The next ready item: replies, then control, then data.
 fn try_next(
-    replies: &mut Option<&Replies>,
-    ctrl: &mut mpsc::Receiver<Bytes>,
+    replies: &mut Option<queue::Receiver<Bytes>>,
+    ctrl: &mut queue::Receiver<Bytes>,
     data: &mut Option<DataRx>,
 ) -> Option<Out> {
-    if let Some(raw) = replies.and_then(|r| r.queue().pop_front()) {
+    if let Some(raw) = replies.as_mut().and_then(|r| r.try_recv().ok()) {
         return Some(Out::Raw(raw));
     }
     if let Ok(frame) = ctrl.try_recv() {
@@ -395,7 +403,7 @@ mod tests {
 
     /// The control sender, closer, reader end and writer task of a link, and its peer.
     type Pair = (
-        mpsc::Sender<Bytes>,
+        queue::Sender<Bytes>,
         Closer,
         LinkStream<tokio::io::DuplexStream>,
         tokio::task::JoinHandle<WriterEnd>,
@@ -412,7 +420,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(buffer);
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
         let Link { sink, stream } = split_link(ours, role, config);
-        let (ctrl_tx, ctrl) = mpsc::channel(16);
+        let (ctrl_tx, ctrl) = queue::bounded(16);
         let closer = Closer::new();
         let writer = tokio::spawn(run_writer(
             sink,
