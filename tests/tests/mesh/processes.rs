@@ -682,6 +682,7 @@ async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_onc
     assert_eq!(next_message(&mut subscriber).await.payload, "0");
 
     two.signal(0, "-STOP");
+    let stopped = tokio::time::Instant::now();
     // Taken by the frozen server's socket, never confirmed.
     const TOTAL: usize = 40;
     for i in 1..TOTAL {
@@ -704,9 +705,14 @@ async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_onc
     for i in 1..TOTAL {
         assert_eq!(next_message(&mut subscriber).await.payload, i.to_string());
     }
-    // The frozen server runs again: the publisher's session there has timed out, and nothing
-    // stale comes out of it (its peer link comes back; a copy routed late would be dropped by
-    // the subscriber's client, see `Seen`).
+    // The frozen server runs again once its sessions' heartbeat timeout (1.5 s) has passed
+    // with room to spare: the publisher's session there has timed out, and nothing stale
+    // comes out of it. (The publisher gives the server up after the same 1.5 s, counted from
+    // the server's last ping, so without this the freeze could end just inside the server's
+    // timeout: it would then route what it read as fresh, and the subscriber's client, which
+    // never counts a resend against originals, would deliver those a second time. The freeze's
+    // length is this scenario's parameter, not a wait for state.)
+    tokio::time::sleep_until(stopped + std::time::Duration::from_secs(3)).await;
     two.signal(0, "-CONT");
     eventually("linked again", || async {
         (get_json(&two.server_stats(1)).await["peers"] == 1).then_some(())
