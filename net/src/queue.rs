@@ -5,8 +5,8 @@
 //! front, about 1.5 KiB per channel; a comm server holds two per client, and most of its clients
 //! are idle most of the time. This queue is a `VecDeque` under a plain lock: idle, it is the
 //! few words of its shared state; its buffer grows with a burst, is given back once a large
-//! one has drained, and is given back whatever its size when the receiver finds the queue empty
-//! and waits. A send or receive takes the lock for a push or a pop, about what the
+//! one has drained, and (for a control queue, [`bounded`]) whatever its size when the receiver
+//! finds the queue empty and waits. A send or receive takes the lock for a push or a pop, about what the
 //! channel's atomics cost, and the link's other per-message state is locked the same way.
 //!
 //! The API mirrors `tokio::sync::mpsc` (and reuses its error types), so links read the same:
@@ -27,11 +27,12 @@ use crate::sync::lock;
 
 /// A queue buffer with room for more than this many items is given back once it drains: a
 /// burst's memory is not kept by a link that goes quiet.
-const KEEP_EMPTY: usize = 16;
+pub const KEEP_EMPTY: usize = 16;
 
-/// A queue of at most `capacity` items (at least 1).
+/// A queue of at most `capacity` items (at least 1), for messages that come now and then (a
+/// link's control queue): its buffer is given back whenever its receiver waits on it empty.
 pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
-    let shared = Shared::new(capacity.max(1));
+    let shared = Shared::new(capacity.max(1), true);
     (
         Sender {
             shared: shared.clone(),
@@ -40,9 +41,11 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     )
 }
 
-/// A queue with no bound of its own: its senders bound it.
+/// A queue with no bound of its own: its senders bound it. For a stream of messages (a link's
+/// data queue): it keeps a small buffer (up to [`KEEP_EMPTY`] items) while its receiver waits,
+/// so a busy link does not allocate one per wake-up, and gives back a larger one once drained.
 pub fn unbounded<T>() -> (UnboundedSender<T>, Receiver<T>) {
-    let shared = Shared::new(usize::MAX);
+    let shared = Shared::new(usize::MAX, false);
     (
         UnboundedSender {
             shared: shared.clone(),
@@ -55,6 +58,8 @@ struct Shared<T> {
     state: Mutex<State<T>>,
     /// Most items queued.
     capacity: usize,
+    /// Whether the buffer is given back whenever the receiver waits on an empty queue.
+    release_when_idle: bool,
     /// Live senders (weak ones not counted); the receiver sees the end once none is left.
     senders: AtomicUsize,
     /// Wakes senders waiting for room (bounded queues).
@@ -72,7 +77,7 @@ struct State<T> {
 }
 
 impl<T> Shared<T> {
-    fn new(capacity: usize) -> Arc<Self> {
+    fn new(capacity: usize, release_when_idle: bool) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
@@ -81,6 +86,7 @@ impl<T> Shared<T> {
                 closed: false,
             }),
             capacity,
+            release_when_idle,
             senders: AtomicUsize::new(1),
             room: Notify::new(),
         })
@@ -110,6 +116,11 @@ impl<T> Shared<T> {
 
     /// Waits until `attempt` (which returns `None` while the queue is full) succeeds.
     async fn wait_for_room<R>(&self, mut attempt: impl FnMut() -> Option<R>) -> R {
+        // A queue with room takes the item at once, without a waiter in `room`: that costs
+        // its lock twice more, and this is a client's path for every publish.
+        if let Some(done) = attempt() {
+            return done;
+        }
         loop {
             // Enabled before trying, so room made after the try wakes this sender.
             let room = self.room.notified();
@@ -365,9 +376,9 @@ impl<T> Receiver<T> {
         if state.closed || self.shared.senders.load(Ordering::Acquire) == 0 {
             return Poll::Ready(None);
         }
-        // The receiver goes idle: an idle queue holds no buffer (a link's control queue kept
-        // one from its first reply on).
-        if state.items.capacity() > 0 {
+        // The receiver goes idle: an idle control queue holds no buffer (a session's kept one
+        // from its first reply on).
+        if self.shared.release_when_idle && state.items.capacity() > 0 {
             state.items = VecDeque::new();
         }
         match &mut state.receiver {
@@ -576,8 +587,26 @@ mod tests {
         }
         while rx.try_recv().is_ok() {}
         assert_eq!(lock(&rx.shared.state).items.capacity(), 0);
-        // A small one keeps its few slots for the next message while the receiver is busy...
+        // A data queue keeps its few slots for the next message, also while its receiver
+        // waits: a busy link does not allocate a buffer per wake-up.
         tx.send(1).unwrap();
+        rx.try_recv().unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        let kept = lock(&rx.shared.state).items.capacity();
+        assert!(kept > 0 && kept <= KEEP_EMPTY);
+    }
+
+    #[test]
+    fn an_idle_control_queue_holds_no_buffer() {
+        let (tx, mut rx) = bounded(2048);
+        for i in 0..1000 {
+            tx.try_send(i).unwrap();
+        }
+        while rx.try_recv().is_ok() {}
+        assert_eq!(lock(&rx.shared.state).items.capacity(), 0);
+        // A small one keeps its few slots for the next message while the receiver is busy...
+        tx.try_send(1).unwrap();
         rx.try_recv().unwrap();
         let kept = lock(&rx.shared.state).items.capacity();
         assert!(kept > 0 && kept <= KEEP_EMPTY);
@@ -585,7 +614,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         assert!(rx.poll_recv(&mut cx).is_pending());
         assert_eq!(lock(&rx.shared.state).items.capacity(), 0);
-        tx.send(2).unwrap();
+        tx.try_send(2).unwrap();
         assert_eq!(rx.try_recv(), Ok(2));
     }
 

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::queue;
 use bytes::Bytes;
+
+use crate::queue;
 
 /// The sending end of a link's data queue. The queue is unbounded; the link's counted
 /// [`Backlog`] bounds it in frames and bytes (senders [`Backlog::reserve`] before sending).

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::queue;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, WriteHalf};
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -17,6 +16,7 @@ use super::direct::{CloseGate, Direct};
 use super::replay::Replay;
 use relaymesh_proto::CLOSE_NORMAL;
 
+use crate::queue;
 use crate::sync::PolledOnWake;
 use crate::wire::{OP_BINARY, OP_CLOSE, count_frames, holds_close, put_frame};
 
@@ -142,8 +142,8 @@ where
         let direct = gate_guard.0;
         let mut out = BytesMut::new();
         let mut sent_close = false;
-        // Pinned once: a fresh `closed()` per batch would check the token under its lock and
-        // register a waiter every time; and polled only once it woke the task.
+        // Pinned once: a fresh `closed()` per batch would register a waiter every time; and
+        // polled only once it woke the task.
         let closed = closer.closed();
         tokio::pin!(closed);
         let mut closed = PolledOnWake::new(closed);
