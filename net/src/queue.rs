@@ -47,9 +47,9 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 pub fn unbounded<T>() -> (UnboundedSender<T>, Receiver<T>) {
     let shared = Shared::new(usize::MAX, false);
     (
-        UnboundedSender {
+        UnboundedSender(Sender {
             shared: shared.clone(),
-        },
+        }),
         Receiver { shared },
     )
 }
@@ -315,43 +315,33 @@ impl<T> std::fmt::Debug for WeakSender<T> {
     }
 }
 
-/// The sending end of an [`unbounded`] queue.
-pub struct UnboundedSender<T> {
-    shared: Arc<Shared<T>>,
-}
+/// The sending end of an [`unbounded`] queue: a [`Sender`] whose queue has no bound of its
+/// own, so a send never waits.
+pub struct UnboundedSender<T>(Sender<T>);
 
 impl<T> UnboundedSender<T> {
     /// Queues `value`; fails only once the receiver is gone.
     pub fn send(&self, value: T) -> Result<(), SendError<T>> {
-        self.shared.try_send(value).map_err(|e| match e {
+        self.0.try_send(value).map_err(|e| match e {
             TrySendError::Closed(v) | TrySendError::Full(v) => SendError(v),
         })
     }
 
     /// Whether the receiver is gone (or closed the queue).
     pub fn is_closed(&self) -> bool {
-        self.shared.is_closed()
+        self.0.is_closed()
     }
 }
 
 impl<T> Clone for UnboundedSender<T> {
     fn clone(&self) -> Self {
-        self.shared.add_sender();
-        Self {
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl<T> Drop for UnboundedSender<T> {
-    fn drop(&mut self) {
-        self.shared.drop_sender();
+        Self(self.0.clone())
     }
 }
 
 impl<T> std::fmt::Debug for UnboundedSender<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UnboundedSender").finish_non_exhaustive()
+        f.debug_tuple("UnboundedSender").field(&self.0).finish()
     }
 }
 
