@@ -5,6 +5,10 @@
 //! afterwards as tombstones, so that a refused client is told *why* ("already used", "expired")
 //! rather than just "unknown". Memory is bounded: at most `max_pending` live keys, and tombstones
 //! only for [`TOMBSTONE_LIFE`], oldest evicted first when there are more than `max_pending`.
+//!
+//! A key is held as the 128-bit number its 32 hex digits spell, not as a string: every client
+//! that logged in within the last minute leaves a tombstone, and three copies of a string each
+//! (map, order, tombstone order) were a tenth of an idle client's memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -39,15 +43,32 @@ enum Slot {
     Expired,
 }
 
+/// A key: 128 random bits, written as 32 lowercase hex digits.
+type Key = u128;
+
+/// Digits in a written key.
+const KEY_DIGITS: usize = 32;
+
+/// The key a client presented, if it is written the way keys are (anything else is unknown).
+fn parse_key(written: &str) -> Option<Key> {
+    let well_formed = written.len() == KEY_DIGITS
+        && written
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    well_formed
+        .then(|| Key::from_str_radix(written, 16).ok())
+        .flatten()
+}
+
 #[derive(Debug)]
 pub(crate) struct KeyStore {
     ttl: Duration,
     max_pending: usize,
-    slots: HashMap<String, Slot>,
+    slots: HashMap<Key, Slot>,
     /// Pending keys in reservation order; their expiry times ascend because the TTL is fixed.
-    pending_order: VecDeque<(Instant, String)>,
+    pending_order: VecDeque<(Instant, Key)>,
     /// Tombstones in the order they were made, with the time each may be forgotten.
-    tombstone_order: VecDeque<(Instant, String)>,
+    tombstone_order: VecDeque<(Instant, Key)>,
     pending: usize,
 }
 
@@ -74,28 +95,29 @@ impl KeyStore {
             return Err(KeyError::Full);
         }
         let key = loop {
-            let candidate = format!("{:032x}", rand::rng().random::<u128>());
+            let candidate: Key = rand::rng().random();
             if !self.slots.contains_key(&candidate) {
                 break candidate;
             }
         };
         let expires = now + self.ttl;
         self.slots.insert(
-            key.clone(),
+            key,
             Slot::Pending {
                 identity: Box::new(identity),
                 expires,
             },
         );
-        self.pending_order.push_back((expires, key.clone()));
+        self.pending_order.push_back((expires, key));
         self.pending += 1;
-        Ok((key, self.ttl))
+        Ok((format!("{key:0KEY_DIGITS$x}"), self.ttl))
     }
 
     /// Consumes `key`, returning the identity it was reserved for.
     pub(crate) fn redeem(&mut self, now: Instant, key: &str) -> Result<v1::Identity, KeyError> {
         self.sweep(now);
-        match self.slots.get_mut(key) {
+        let key = parse_key(key).ok_or(KeyError::Unknown)?;
+        match self.slots.get_mut(&key) {
             None => Err(KeyError::Unknown),
             Some(Slot::Used) => Err(KeyError::Used),
             Some(Slot::Expired) => Err(KeyError::Expired),
@@ -105,11 +127,10 @@ impl KeyStore {
                     unreachable!("matched Pending above")
                 };
                 self.pending -= 1;
-                self.tombstone_order
-                    .push_back((now + TOMBSTONE_LIFE, key.to_owned()));
+                self.tombstone_order.push_back((now + TOMBSTONE_LIFE, key));
                 if expires <= now {
                     // Expired between sweeps (sweep runs first, so only at the exact instant).
-                    if let Some(slot) = self.slots.get_mut(key) {
+                    if let Some(slot) = self.slots.get_mut(&key) {
                         *slot = Slot::Expired;
                     }
                     return Err(KeyError::Expired);
@@ -187,6 +208,33 @@ mod tests {
         assert_eq!(keys.pending(), 0);
         assert_eq!(keys.redeem(t0, &key), Err(KeyError::Used));
         assert_eq!(keys.redeem(t0, "made-up"), Err(KeyError::Unknown));
+    }
+
+    #[test]
+    fn a_key_is_known_only_as_it_was_written() {
+        let t0 = Instant::now();
+        let mut keys = KeyStore::new(Duration::from_secs(10), 100);
+        let (key, _) = keys.reserve(t0, identity("a")).unwrap();
+        assert!(
+            key.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        // The same number written another way is not the key.
+        for other in [
+            key.to_uppercase(),
+            format!("+{}", &key[1..]),
+            format!("0{key}"),
+            key[..31].to_owned(),
+            format!("{key} "),
+        ] {
+            if other != key {
+                assert_eq!(keys.redeem(t0, &other), Err(KeyError::Unknown), "{other:?}");
+            }
+        }
+        assert_eq!(keys.redeem(t0, &key).unwrap().alias, "a");
+        // Small numbers keep their leading zeros.
+        assert_eq!(parse_key(&format!("{:032x}", 7u128)), Some(7));
+        assert_eq!(parse_key("7"), None);
     }
 
     #[test]

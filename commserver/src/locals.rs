@@ -80,7 +80,10 @@ pub(crate) struct Locals<S> {
     chunks: Vec<Chunk<S>>,
     /// Which chunk each session is in, once there is more than one (a single chunk is
     /// searched: at most [`CHUNK`] entries, on a subscription change, never per message).
-    at: HashMap<SessionId, usize>,
+    /// Boxed: inline, an empty map would add five words to every topic, and only topics of
+    /// more than [`CHUNK`] sessions have one.
+    #[allow(clippy::box_collection)]
+    at: Option<Box<HashMap<SessionId, usize>>>,
     len: usize,
 }
 
@@ -88,7 +91,7 @@ impl<S> Default for Locals<S> {
     fn default() -> Self {
         Self {
             chunks: Vec::new(),
-            at: HashMap::new(),
+            at: None,
             len: 0,
         }
     }
@@ -104,7 +107,7 @@ impl<S: Clone> Locals<S> {
         match self.chunks.as_slice() {
             [] => None,
             [only] => only.members.iter().any(|(m, _)| *m == id).then_some(0),
-            _ => self.at.get(&id).copied(),
+            _ => self.at.as_ref()?.get(&id).copied(),
         }
     }
 
@@ -120,6 +123,7 @@ impl<S: Clone> Locals<S> {
                 if self.chunks.len() == 1 {
                     // A second chunk: from now on the index says where each session is.
                     self.at
+                        .get_or_insert_default()
                         .extend(self.chunks[0].members.iter().map(|(m, _)| (*m, 0)));
                 }
                 self.chunks.reserve_exact(1);
@@ -138,7 +142,7 @@ impl<S: Clone> Locals<S> {
         chunk.members.push((id, handle));
         chunk.built = None;
         if self.chunks.len() > 1 {
-            self.at.insert(id, i);
+            self.at.get_or_insert_default().insert(id, i);
         }
         self.len += 1;
         true
@@ -147,7 +151,9 @@ impl<S: Clone> Locals<S> {
     /// Removes session `id`; its handle, if it was here.
     pub(crate) fn remove(&mut self, id: SessionId) -> Option<S> {
         let i = self.chunk_of(id)?;
-        self.at.remove(&id);
+        if let Some(at) = self.at.as_mut() {
+            at.remove(&id);
+        }
         let chunk = self.chunks.get_mut(i)?;
         let position = chunk.members.iter().position(|(m, _)| *m == id)?;
         let (_, handle) = chunk.members.swap_remove(position);
@@ -156,15 +162,15 @@ impl<S: Clone> Locals<S> {
         if chunk.members.is_empty() {
             // The last chunk takes the empty one's place.
             self.chunks.swap_remove(i);
-            if let Some(moved) = self.chunks.get(i) {
+            if let (Some(moved), Some(at)) = (self.chunks.get(i), self.at.as_mut()) {
                 for (m, _) in &moved.members {
-                    self.at.insert(*m, i);
+                    at.insert(*m, i);
                 }
             }
         }
-        if self.chunks.len() <= 1 && !self.at.is_empty() {
+        if self.chunks.len() <= 1 {
             // Back to one chunk (or none): it is searched again.
-            self.at = HashMap::new();
+            self.at = None;
         }
         Some(handle)
     }
@@ -227,20 +233,20 @@ mod tests {
         let mut locals = Locals::default();
         assert!(locals.insert(1, 1));
         assert!(!locals.insert(1, 1), "already here");
-        assert!(locals.at.is_empty());
+        assert!(locals.at.is_none());
         assert_eq!(locals.chunks[0].members.capacity(), 1);
         for id in 2..=CHUNK as u64 + 1 {
             assert!(locals.insert(id, id));
         }
         assert_eq!(locals.chunks.len(), 2);
-        assert_eq!(locals.at.len(), CHUNK + 1);
+        assert_eq!(locals.at.as_ref().map(|at| at.len()), Some(CHUNK + 1));
         assert!(
             !locals.insert(CHUNK as u64 + 1, 0),
             "already here, in the second chunk"
         );
         // Back to one chunk: the index goes, and every session is still found.
         assert_eq!(locals.remove(CHUNK as u64 + 1), Some(CHUNK as u64 + 1));
-        assert!(locals.at.is_empty());
+        assert!(locals.at.is_none());
         for id in 1..=CHUNK as u64 {
             assert_eq!(locals.remove(id), Some(id));
         }
