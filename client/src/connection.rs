@@ -806,6 +806,7 @@ async fn run(
         handshake: None,
         shutdown: shared.stop.clone(),
         max_burst: link::MAX_BURST,
+        watch: link::Watch::Own,
     };
     let (move_tx, mut move_rx) = tokio::sync::oneshot::channel();
     let reader = Reader {

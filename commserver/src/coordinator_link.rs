@@ -264,6 +264,7 @@ async fn serve(
         // A link whose address went away ends like one at shutdown (without the drain).
         shutdown: stop.clone(),
         max_burst: link::MAX_BURST,
+        watch: link::Watch::Own,
     };
     let reader = Reader {
         server: server.clone(),

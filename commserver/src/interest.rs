@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::locals::{Chunked, Locals};
+use crate::small_set::SmallSet;
 
 /// A client session on this server.
 pub(crate) type SessionId = u64;
@@ -165,75 +166,6 @@ pub(crate) fn coalesce<P: Clone>(
     out
 }
 
-/// The topics one session subscribes to. Most sessions have a few (a client's own topic, a
-/// room), kept in a list sized to fit: a hash set's smallest table is four times the size of
-/// one topic, and an idle client's memory is mostly its session and its topics. Past
-/// [`TopicSet::FEW`] a set, so a session with thousands of topics is not searched in a line.
-#[derive(Debug)]
-enum TopicSet {
-    Few(Vec<TopicKey>),
-    Many(HashSet<TopicKey>),
-}
-
-impl Default for TopicSet {
-    fn default() -> Self {
-        Self::Few(Vec::new())
-    }
-}
-
-impl TopicSet {
-    /// Topics kept in a list, at most.
-    const FEW: usize = 8;
-
-    /// Adds `topic`; `false` if it was here already.
-    fn insert(&mut self, topic: TopicKey) -> bool {
-        match self {
-            Self::Few(few) if few.contains(&topic) => false,
-            Self::Few(few) if few.len() < Self::FEW => {
-                // Exactly: the list is never large, and growth by doubling is what this saves.
-                few.reserve_exact(1);
-                few.push(topic);
-                true
-            }
-            Self::Few(few) => {
-                let mut many: HashSet<TopicKey> = few.drain(..).collect();
-                many.insert(topic);
-                *self = Self::Many(many);
-                true
-            }
-            Self::Many(many) => many.insert(topic),
-        }
-    }
-
-    /// Removes `topic`; `false` if it was not here.
-    fn remove(&mut self, topic: &TopicKey) -> bool {
-        match self {
-            Self::Few(few) => match few.iter().position(|t| t == topic) {
-                Some(at) => {
-                    few.swap_remove(at);
-                    true
-                }
-                None => false,
-            },
-            Self::Many(many) => many.remove(topic),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            Self::Few(few) => few.is_empty(),
-            Self::Many(many) => many.is_empty(),
-        }
-    }
-
-    fn into_vec(self) -> Vec<TopicKey> {
-        match self {
-            Self::Few(few) => few,
-            Self::Many(many) => many.into_iter().collect(),
-        }
-    }
-}
-
 /// Who receives a topic here: local sessions and interested peers.
 #[derive(Debug)]
 struct TopicState<S, P> {
@@ -277,7 +209,8 @@ struct Waiter {
 #[derive(Debug)]
 pub(crate) struct Interest<S, P> {
     topics: HashMap<TopicKey, TopicState<S, P>>,
-    sessions: HashMap<SessionId, TopicSet>,
+    /// A session's topics: most have a few ([`SmallSet`]).
+    sessions: HashMap<SessionId, SmallSet<TopicKey>>,
     peers: BTreeMap<Arc<str>, PeerState<P>>,
     waiters: Vec<Waiter>,
     local_topics: usize,
@@ -553,7 +486,7 @@ impl<S: Clone, P: Clone> Interest<S, P> {
             Self::forget_if_empty(&mut self.topics, &topic);
             fx.routes.insert(topic);
         }
-        if self.sessions.get(&id).is_some_and(TopicSet::is_empty) {
+        if self.sessions.get(&id).is_some_and(SmallSet::is_empty) {
             self.sessions.remove(&id);
         }
         self.announce(Vec::new(), removed, fx);
@@ -938,13 +871,15 @@ mod tests {
     #[test]
     fn a_session_with_many_topics_keeps_each_once() {
         let mut i = I::new();
-        let names: Vec<String> = (0..3 * TopicSet::FEW).map(|n| format!("t{n}")).collect();
+        let names: Vec<String> = (0..3 * SmallSet::<TopicKey>::FEW)
+            .map(|n| format!("t{n}"))
+            .collect();
         // Past the list's size the set takes over; repeats change nothing either side of it.
         for name in &names {
             i.subscribe(1, &1, vec![t(name), t(&names[0])], 0);
         }
         assert_eq!(i.local_topics(), names.len());
-        assert!(matches!(i.sessions.get(&1), Some(TopicSet::Many(_))));
+        assert!(matches!(i.sessions.get(&1), Some(set) if !set.is_few()));
         let fx = i.unsubscribe(1, vec![t(&names[3]), t(&names[3])], 1);
         assert_eq!(fx.routes.len(), 1);
         assert_eq!(i.local_topics(), names.len() - 1);
@@ -953,7 +888,7 @@ mod tests {
         assert!(i.topics.is_empty() && i.sessions.is_empty());
         // A few topics stay a list, and leave the same way.
         i.subscribe(2, &2, vec![t("a"), t("b"), t("a")], 2);
-        assert!(matches!(i.sessions.get(&2), Some(TopicSet::Few(few)) if few.len() == 2));
+        assert!(matches!(i.sessions.get(&2), Some(set) if set.is_few() && set.len() == 2));
         i.unsubscribe(2, vec![t("b"), t("a")], 3);
         assert!(i.topics.is_empty() && i.sessions.is_empty());
     }

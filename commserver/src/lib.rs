@@ -30,6 +30,7 @@ mod peers;
 mod presence;
 mod routes;
 mod session;
+mod small_set;
 mod stats;
 
 /// Entry points for the fuzz targets in `fuzz/`; not an API.
@@ -335,6 +336,8 @@ pub async fn run_with(
     tracker.spawn(leave(server.clone(), asked, shutdown.clone()).instrument(span.clone()));
     tracker.spawn(control::run(server.clone(), control_rx).instrument(span.clone()));
     tracker.spawn(coordinator_link::run(server.clone()).instrument(span.clone()));
+    tracker
+        .spawn(session::watch_sessions(server.clone(), shutdown.clone()).instrument(span.clone()));
     let router = Router::new()
         .route("/v1/client", get(session::upgrade))
         .route("/v1/peers", get(peers::accept))

@@ -356,6 +356,7 @@ where
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,
+        watch: link::Watch::Own,
     };
     let reader = PeerReader {
         server: server.clone(),

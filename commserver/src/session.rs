@@ -42,6 +42,7 @@ use crate::history;
 use crate::inbox::SessionEvent;
 use crate::interest::TopicKey;
 use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
+use crate::small_set::SmallSet;
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ClientQuery {
@@ -50,6 +51,53 @@ pub(crate) struct ClientQuery {
     /// message).
     #[serde(default)]
     batch: Option<String>,
+}
+
+/// Watches the server's sessions ([`link::Watch::Owner`]), instead of a timer and a wait on
+/// the shutdown in each, so an idle client's session is never woken:
+///
+/// * every quarter of the heartbeat timeout it ends the sessions whose clients fell silent,
+///   with `HEARTBEAT_TIMEOUT`: a client silent for the timeout is closed within another
+///   quarter of it, as a timer of its own would;
+/// * when the server shuts down it ends every session with `SHUTTING_DOWN` (one that starts
+///   later refuses itself, [`Session::open`]).
+pub(crate) async fn watch_sessions(server: Arc<Server>, stop: tokio_util::sync::CancellationToken) {
+    let timeout = server.config.heartbeat_timeout();
+    let mut tick = tokio::time::interval((timeout / 4).max(std::time::Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let silent: Vec<Closer> = lock(&server.sessions)
+            .values()
+            .filter(|s| s.closer.silent_for() > timeout)
+            .map(|s| s.closer.clone())
+            .collect();
+        for closer in silent {
+            closer.expire(Some(link::LastWords::error::<v1::ServerToClient>(
+                link::silent_error(),
+            )));
+        }
+    }
+    let sessions: Vec<Closer> = lock(&server.sessions)
+        .values()
+        .map(|s| s.closer.clone())
+        .collect();
+    for closer in sessions {
+        closer.stop(Some(link::LastWords::error::<v1::ServerToClient>(
+            shutting_down(),
+        )));
+    }
+}
+
+/// What a session ends with when its server shuts down.
+fn shutting_down() -> v1::Error {
+    error(
+        ErrorCode::ShuttingDown,
+        "comm server is shutting down; reconnect through the coordinator",
+    )
 }
 
 /// `GET /v1/client?key=KEY[&batch=1]`: redeems the key, then upgrades to a client session.
@@ -147,20 +195,25 @@ pub(crate) fn dropped_notice(dropped: link::Unreported) -> Bytes {
 pub(crate) enum Rules {
     /// Anything (open accounts, or an account without role rules).
     Unrestricted,
-    /// Only topics matching one of these filters.
-    Filters {
-        publish: Vec<String>,
-        subscribe: Vec<String>,
-    },
+    /// Only topics matching one of these filters (boxed: most sessions are unrestricted, and
+    /// every session holds its rules).
+    Filters(Box<RoleFilters>),
+}
+
+/// A restricted role's topic filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RoleFilters {
+    publish: Vec<String>,
+    subscribe: Vec<String>,
 }
 
 impl Rules {
     pub(crate) fn of(identity: &v1::Identity) -> Self {
         if identity.restricted {
-            Self::Filters {
+            Self::Filters(Box::new(RoleFilters {
                 publish: identity.publish.clone(),
                 subscribe: identity.subscribe.clone(),
-            }
+            }))
         } else {
             Self::Unrestricted
         }
@@ -169,14 +222,14 @@ impl Rules {
     pub(crate) fn may_publish(&self, t: &str) -> bool {
         match self {
             Self::Unrestricted => true,
-            Self::Filters { publish, .. } => publish.iter().any(|f| topic::matches(f, t)),
+            Self::Filters(filters) => filters.publish.iter().any(|f| topic::matches(f, t)),
         }
     }
 
     pub(crate) fn may_subscribe(&self, t: &str) -> bool {
         match self {
             Self::Unrestricted => true,
-            Self::Filters { subscribe, .. } => subscribe.iter().any(|f| topic::matches(f, t)),
+            Self::Filters(filters) => filters.subscribe.iter().any(|f| topic::matches(f, t)),
         }
     }
 }
@@ -207,14 +260,10 @@ struct Session {
     me: Arc<Subscriber>,
     /// Reply queue of this session's writer.
     ctrl: queue::Sender<Bytes>,
-    alias: Arc<str>,
-    role: Arc<str>,
-    /// The routing scope of this client's topics (its account, or account and group).
-    account: Arc<str>,
     /// What the client's role may publish and subscribe to.
     rules: Rules,
-    /// Topics this session subscribes to (bounded by `max_subscriptions`).
-    topics: HashSet<Arc<str>>,
+    /// Topics this session subscribes to (bounded by `max_subscriptions`); most have a few.
+    topics: SmallSet<Arc<str>>,
     /// Whether the control task knows this session (and must hear that it closed).
     ever_subscribed: bool,
     /// The client sent `Leave`: it is moving, and what it sends after that (it was queued
@@ -232,8 +281,9 @@ struct Session {
     /// The highest publish number (`Publish.seq`) taken, and the highest confirmed.
     taken: u64,
     confirmed: u64,
-    /// The node this session is, if any: it receives on the node's topic.
-    node: Option<Arc<str>>,
+    /// When what was taken and is not confirmed yet is confirmed anyway (a quiet publisher's
+    /// last few): armed while there is such a rest, so an idle session has no timer.
+    confirm_due: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// This session's signal budget (`signal_rate_per_s`), made at its first signal.
     signals: Option<Box<TokenBucket>>,
     /// The node's details, until `Attach` reports its session to the directory.
@@ -251,6 +301,8 @@ enum Woke {
     Inbox(Option<SessionEvent>),
     /// The application's backend asked for subscription changes.
     Backend,
+    /// Time to confirm what a quiet publisher sent.
+    ConfirmDue,
 }
 
 /// A session's budget of history requests: `history.requests_per_s`, and how many may run.
@@ -357,6 +409,10 @@ fn run(
         handshake: Some(server.config.handshake_timeout()),
         shutdown: server.shutdown.clone(),
         max_burst: link::MAX_BURST,
+        // The server watches its sessions ([`watch_sessions`]): one sweep finds the silent
+        // ones, so an idle client keeps no timer and is not woken every few seconds, and at
+        // shutdown it stops each.
+        watch: link::Watch::Owner,
     };
     lock(&server.sessions).insert(me.id, me.clone());
     server.stats.clients.inc();
@@ -385,10 +441,7 @@ fn run(
         me,
         ctrl: ctrl_tx,
         rules: Rules::of(&identity),
-        alias,
-        role,
-        account: scope,
-        topics: HashSet::new(),
+        topics: SmallSet::default(),
         ever_subscribed: false,
         leaving: false,
         left: false,
@@ -398,8 +451,8 @@ fn run(
         publisher: None,
         taken: 0,
         confirmed: 0,
+        confirm_due: None,
         joining,
-        node,
         signals: None,
         inbox: None,
         history: None,
@@ -420,8 +473,14 @@ fn run(
 impl link::Handler for Session {
     type In = v1::ClientToServer;
 
-    /// A key reserved for a login that a newer one has since replaced is refused at once.
+    /// A key reserved for a login that a newer one has since replaced is refused at once, and
+    /// so is any session once the server is shutting down.
     fn open(&mut self) -> Result<Flow, v1::Error> {
+        // Listed in the server's sessions before this runs: either the shutdown sweep stops
+        // this session, or the shutdown came before this check ([`watch_sessions`]).
+        if self.server.shutdown.is_cancelled() {
+            return Err(shutting_down());
+        }
         if let Some(client) = &self.me.client
             && self.server.replaced_by(client).is_some()
         {
@@ -441,19 +500,19 @@ impl link::Handler for Session {
         match msg.kind {
             Some(Kind::Attach(attach)) => {
                 check_version(attach.protocol_version, "this server")?;
-                if let Some(node) = self.node.clone() {
+                if let Some(node) = self.me.node.clone() {
                     Box::pin(self.join_node_topic(&node)).await?;
                 }
                 let config = &self.server.config;
                 let ready = v1::Ready {
                     protocol_version: PROTOCOL_VERSION,
-                    alias: self.alias.to_string(),
+                    alias: self.me.alias.to_string(),
                     server_id: self.server.id.to_string(),
                     heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms)
                         .unwrap_or(u32::MAX),
                     heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms)
                         .unwrap_or(u32::MAX),
-                    node_id: self.node.as_deref().unwrap_or_default().to_owned(),
+                    node_id: self.me.node.as_deref().unwrap_or_default().to_owned(),
                     max_frame_bytes: u32::try_from(config.max_frame_bytes).unwrap_or(u32::MAX),
                     max_batch_publishes: u32::try_from(config.max_batch_publishes)
                         .unwrap_or(u32::MAX),
@@ -474,13 +533,8 @@ impl link::Handler for Session {
         if self.taken - self.confirmed >= CONFIRM_EVERY {
             self.confirm()?;
         }
+        self.confirm_later();
         Ok(Flow::Continue)
-    }
-
-    /// Confirms what a quiet publisher sent since the last confirmation.
-    fn beat(&mut self) {
-        // A full reply queue (a client that does not read) is found by the next burst.
-        let _ = self.confirm();
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -492,7 +546,7 @@ impl link::Handler for Session {
     async fn wake(&mut self) -> Result<Flow, v1::Error> {
         // What woke it is handled after the wait, so the wait (which every idle session's task
         // holds) does not also hold the handling's state.
-        let (me, inbox) = (&self.me, &mut self.inbox);
+        let (me, inbox, confirm_due) = (&self.me, &mut self.inbox, &mut self.confirm_due);
         let woke = tokio::select! {
             event = async {
                 match inbox {
@@ -501,23 +555,26 @@ impl link::Handler for Session {
                 }
             } => Woke::Inbox(event),
             () = me.ops_ready.notified() => Woke::Backend,
+            () = async {
+                match confirm_due {
+                    Some(due) => due.await,
+                    None => std::future::pending().await,
+                }
+            } => Woke::ConfirmDue,
         };
         // Boxed: wakes are rare, and inline the handling would size the wait.
         Box::pin(self.woken(woke)).await
     }
 
     fn stopping(&mut self) -> Result<(), v1::Error> {
-        Err(error(
-            ErrorCode::ShuttingDown,
-            "comm server is shutting down; reconnect through the coordinator",
-        ))
+        Err(shutting_down())
     }
 
     /// The session is over for everyone else now; the close handshake that follows is only
     /// courtesy.
     async fn closing(&mut self) {
         let server = &self.server;
-        if self.node.is_some() {
+        if self.me.node.is_some() {
             server.presence.closed(self.me.id);
         }
         if self.inbox.is_some() {
@@ -550,6 +607,12 @@ impl Session {
             Woke::Inbox(Some(event)) => self.inbox_event(event)?,
             Woke::Inbox(None) => std::future::pending().await,
             Woke::Backend => self.backend_changes().await?,
+            Woke::ConfirmDue => {
+                self.confirm_due = None;
+                // A full reply queue (a client that does not read) is found by the next burst.
+                let _ = self.confirm();
+                self.confirm_later();
+            }
         }
         Ok(Flow::Continue)
     }
@@ -598,7 +661,7 @@ impl Session {
                     Ok(limit) => limit.min(max),
                 };
                 let filter: String = list.filter.chars().take(128).collect();
-                let (nodes, total) = self.server.presence.list(&self.account, limit, &filter);
+                let (nodes, total) = self.server.presence.list(&self.me.scope, limit, &filter);
                 self.reply(&v1::ServerToClient::node_list(v1::NodeList {
                     request_id: list.request_id,
                     nodes,
@@ -673,9 +736,18 @@ impl Session {
         result
     }
 
+    /// Arms the timer that confirms, one heartbeat interval from now, what was taken and is not
+    /// confirmed yet (unless it is armed already, or there is no such rest).
+    fn confirm_later(&mut self) {
+        if self.taken > self.confirmed && self.confirm_due.is_none() {
+            let interval = self.server.config.heartbeat_interval();
+            self.confirm_due = Some(Box::pin(tokio::time::sleep(interval)));
+        }
+    }
+
     /// Confirms the numbered publishes taken so far (`Published`): after a burst that brings
-    /// [`CONFIRM_EVERY`] or more since the last confirmation, at each heartbeat interval, and
-    /// before a refusal that ends the session.
+    /// [`CONFIRM_EVERY`] or more since the last confirmation, a heartbeat interval after a
+    /// burst leaves some unconfirmed, and before a refusal that ends the session.
     fn confirm(&mut self) -> Result<(), v1::Error> {
         // A direct message still being stored is not confirmed, nor anything after it: the
         // client sends them again if this connection is lost before they are.
@@ -765,11 +837,11 @@ impl Session {
         }
         let put = v1::InboxPut {
             request_id: 0,
-            scope: self.account.to_string(),
+            scope: self.me.scope.to_string(),
             to_node: to_node.clone(),
-            from_node: self.node.as_deref().unwrap_or_default().to_owned(),
-            from_alias: self.alias.to_string(),
-            from_role: self.role.to_string(),
+            from_node: self.me.node.as_deref().unwrap_or_default().to_owned(),
+            from_alias: self.me.alias.to_string(),
+            from_role: self.me.role.to_string(),
             seq,
             resent_from: resent_from.to_owned(),
             payload: Bytes::copy_from_slice(payload),
@@ -791,12 +863,12 @@ impl Session {
 
     /// Reads this node's inbox after what was delivered (unless a read is out already).
     fn fetch_inbox(&mut self) {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.me.node.clone() else {
             return;
         };
         let id = self.me.id;
         let server = self.server.clone();
-        let scope = self.account.clone();
+        let scope = self.me.scope.clone();
         let state = self.inbox_state();
         if state.fetching {
             state.fetch_again = true;
@@ -881,7 +953,7 @@ impl Session {
 
     /// Hands a page of the node's inbox to the client, in order, as one batch.
     fn deliver_inbox(&mut self, messages: Vec<v1::InboxMessage>) -> Result<(), v1::Error> {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.me.node.clone() else {
             return Ok(());
         };
         let topic = relaymesh_proto::node::topic(&node);
@@ -924,12 +996,12 @@ impl Session {
     /// The client handled its inbox up to `up_to`: delete it, and read the next page if the
     /// last was full.
     fn inbox_ack(&mut self, up_to: u64) -> Result<(), v1::Error> {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.me.node.clone() else {
             self.server.stats.inbox_acks_ignored.inc();
             return Ok(());
         };
         let server = self.server.clone();
-        let scope = self.account.clone();
+        let scope = self.me.scope.clone();
         let state = self.inbox_state();
         if up_to > state.delivered {
             server.stats.inbox_acks_ignored.inc();
@@ -976,13 +1048,13 @@ impl Session {
         }
         let max_topic = server.config.max_topic_bytes;
         let rules = &self.rules;
-        let role = &*self.role;
+        let role = &*self.me.role;
         let msg = routes::Message {
             origin: Origin::Local,
-            scope: &self.account,
+            scope: &self.me.scope,
             topic: &topic,
             from: Sender {
-                alias: &self.alias,
+                alias: &self.me.alias,
                 role,
                 seq,
                 resent_from: &resent_from,
@@ -1070,14 +1142,14 @@ impl Session {
         let topic = relaymesh_proto::node::topic(&to_node);
         let msg = routes::Message {
             origin: Origin::Local,
-            scope: &self.account,
+            scope: &self.me.scope,
             topic: &topic,
             from: Sender {
-                alias: &self.alias,
-                role: &self.role,
+                alias: &self.me.alias,
+                role: &self.me.role,
                 seq,
                 resent_from,
-                node: self.node.as_deref().unwrap_or_default(),
+                node: self.me.node.as_deref().unwrap_or_default(),
                 signal,
                 position: Default::default(),
             },
@@ -1180,7 +1252,7 @@ impl Session {
             .iter()
             .find(|t| *t != PRESENCE_TOPIC && !self.rules.may_subscribe(t))
         {
-            return self.refuse(forbidden(&self.role, "subscribe to", t, sub.request_id));
+            return self.refuse(forbidden(&self.me.role, "subscribe to", t, sub.request_id));
         }
         let fresh: Vec<Arc<str>> = {
             let mut seen = HashSet::new();
@@ -1192,7 +1264,7 @@ impl Session {
         };
         let limit = self.server.config.max_subscriptions;
         // The node's own topic does not count.
-        let own = usize::from(self.node.is_some());
+        let own = usize::from(self.me.node.is_some());
         if self.topics.len() - own + fresh.len() > limit {
             return Err(error(
                 ErrorCode::LimitExceeded,
@@ -1205,7 +1277,7 @@ impl Session {
             true => sub
                 .topics
                 .iter()
-                .filter(|t| config.keeps(&self.account, t))
+                .filter(|t| config.keeps(&self.me.scope, t))
                 .cloned()
                 .collect(),
             false => Vec::new(),
@@ -1285,14 +1357,14 @@ impl Session {
         }
         if !self.rules.may_subscribe(&request.topic) {
             let e = forbidden(
-                &self.role,
+                &self.me.role,
                 "read the history of",
                 &request.topic,
                 request_id,
             );
             return self.refuse(e);
         }
-        if !config.history.keeps(&self.account, &request.topic) {
+        if !config.history.keeps(&self.me.scope, &request.topic) {
             let why = format!(
                 "{:?} keeps no history (the comm servers' [history] configuration names the topics that do)",
                 request.topic
@@ -1354,7 +1426,7 @@ impl Session {
         let server = self.server.clone();
         let ctrl = self.ctrl.clone();
         let closer = self.me.closer.clone();
-        let account = self.account.clone();
+        let account = self.me.scope.clone();
         let task = async move {
             let _permit = permit;
             for (topic, query) in items {
@@ -1504,7 +1576,7 @@ impl Session {
             return Ok(None);
         }
         let limit = self.server.config.max_subscriptions;
-        let own = usize::from(self.node.is_some());
+        let own = usize::from(self.me.node.is_some());
         if self.topics.len() - own + fresh.len() > limit {
             return Err(error(
                 ErrorCode::LimitExceeded,
@@ -1545,7 +1617,7 @@ impl Session {
         topics
             .into_iter()
             .map(|topic| TopicKey {
-                account: self.account.clone(),
+                account: self.me.scope.clone(),
                 topic,
             })
             .collect()

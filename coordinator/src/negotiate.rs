@@ -228,6 +228,7 @@ async fn run(app: Arc<App>, socket: ServerLink, conn: ConnInfo) {
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),
         max_burst: link::MAX_BURST,
+        watch: link::Watch::Own,
     };
     let bucket = TokenBucket::new(
         f64::from(app.config.connect_rate_per_s),

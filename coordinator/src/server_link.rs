@@ -265,6 +265,7 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, conn: ConnInfo) {
         handshake: Some(app.config.handshake_timeout()),
         shutdown: app.shutdown.clone(),
         max_burst: link::MAX_BURST,
+        watch: link::Watch::Own,
     };
     let reader = Reader {
         app,

@@ -80,7 +80,17 @@ impl Watchdog {
 
     /// Waits for the next tick and says what to do.
     pub async fn tick(&mut self) -> Beat {
-        self.tick.tick().await;
+        std::future::poll_fn(|cx| self.poll_tick(cx)).await
+    }
+
+    /// [`Watchdog::tick`] as a poll, for a wait that keeps no state of its own.
+    pub fn poll_tick(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Beat> {
+        std::task::ready!(self.tick.poll_tick(cx));
+        std::task::Poll::Ready(self.beat())
+    }
+
+    /// What a tick that came now means.
+    fn beat(&mut self) -> Beat {
         let now = Instant::now();
         if now.duration_since(self.last_heard) > self.timeout {
             return Beat::Expired;

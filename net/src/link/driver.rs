@@ -3,7 +3,8 @@
 //!
 //! [`serve`] starts the writer, reads the first message within the handshake timeout, then reads
 //! the link until it ends: process shutdown, the link's closer, silence past the heartbeat
-//! timeout, a read error, the peer's close, or the handler saying so. Frames are read in bursts
+//! timeout (noticed by the link's own timer, or by its owner's sweep: [`Watch`]), a read error,
+//! the peer's close, or the handler saying so. Frames are read in bursts
 //! (every frame that has already arrived, up to a limit) and handed to the [`Handler`] one
 //! message at a time, decoded; after a burst the handler hands on what the burst produced
 //! (`burst_end`). When the link ends the handler undoes what it set up (`closing`), the writer
@@ -17,6 +18,8 @@
 //! comes after both.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,8 +27,9 @@ use futures_util::Stream;
 use relaymesh_proto::{ErrorCode, decode_frame, error, v1};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use super::closer::{Side, Why};
 use super::{
     Burst, Closer, Inbound, LastWords, Link, WriterEnd, WriterSetup, linger, next_frame, run_writer,
 };
@@ -84,12 +88,10 @@ pub trait Handler: Send {
     /// The heartbeat settings, asked once the handshake is done (it may have set them).
     fn heartbeat(&self) -> Heartbeat;
 
-    /// The error a link ends with when nothing arrived within the heartbeat timeout.
+    /// The error a link ends with when nothing arrived within the heartbeat timeout
+    /// ([`silent_error`] unless the handler says more).
     fn silent(&self) -> v1::Error {
-        error(
-            ErrorCode::HeartbeatTimeout,
-            "nothing received within the heartbeat timeout",
-        )
+        silent_error()
     }
 
     /// Time to send this side's heartbeat (a `Ping`, a `Load`).
@@ -115,6 +117,33 @@ pub trait Handler: Send {
     fn last_words(&self, error: v1::Error) -> Option<Bytes>;
 }
 
+/// Who notices that a link's peer fell silent, and that the process is shutting down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Watch {
+    /// The link itself: a timer of its own (a [`Watchdog`] ticking at least four times per
+    /// timeout, which also says when to send this side's heartbeat, [`Handler::beat`]), and
+    /// a wait on [`Options::shutdown`].
+    #[default]
+    Own,
+    /// Its owner, for links that come by the thousand (a comm server's clients): one sweep
+    /// over all of them looks at each one's [`Closer::silent_for`] and ends the silent ones
+    /// with [`Closer::expire`], and at shutdown it ends each with [`Closer::stop`]. The link
+    /// keeps no timer, waits on nothing but its closer, its socket and its handler, and is not
+    /// woken while idle; [`Handler::beat`] is never called (a handler that needs a timer arms
+    /// one in [`Handler::wake`] while it needs it). A burst that arrives after more than the
+    /// timeout of silence is still refused as stale. The owner must stop a link that starts
+    /// after its shutdown sweep (say, from [`Handler::open`]).
+    Owner,
+}
+
+/// The error a link ends with when nothing arrived from its peer within the heartbeat timeout.
+pub fn silent_error() -> v1::Error {
+    error(
+        ErrorCode::HeartbeatTimeout,
+        "nothing received within the heartbeat timeout",
+    )
+}
+
 /// How [`serve`] runs a link.
 #[derive(Debug)]
 pub struct Options {
@@ -125,10 +154,13 @@ pub struct Options {
     /// Time the first message has to arrive; `None` when the handshake was done before
     /// [`serve`] (the handler's `first` is then not called).
     pub handshake: Option<Duration>,
-    /// Ends the link ([`Handler::stopping`]) when cancelled: the process's shutdown.
+    /// Ends the link ([`Handler::stopping`]) when cancelled: the process's shutdown (for
+    /// [`Watch::Own`] links only once the handshake is done; others hear it from their owner).
     pub shutdown: CancellationToken,
     /// Most messages handled per burst.
     pub max_burst: usize,
+    /// Who notices a silent peer and the process's shutdown.
+    pub watch: Watch,
 }
 
 /// How a link served by [`serve`] ended.
@@ -162,6 +194,7 @@ where
         handshake,
         shutdown,
         max_burst,
+        watch,
     } = options;
     let closer = writer.closer.clone();
     let linger_for = writer.linger;
@@ -173,6 +206,7 @@ where
             &shutdown,
             handshake,
             max_burst,
+            watch,
             &mut handler,
         )
         .await;
@@ -196,33 +230,6 @@ where
             handler,
         }
     }
-}
-
-/// The reading part of [`serve`]: the handshake, then frames until the link ends.
-async fn read<St, H>(
-    stream: &mut St,
-    closer: &Closer,
-    shutdown: &CancellationToken,
-    handshake: Option<Duration>,
-    max_burst: usize,
-    handler: &mut H,
-) -> Result<(), v1::Error>
-where
-    St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
-    H: Handler,
-{
-    if handler.open()? == Flow::End {
-        return Ok(());
-    }
-    if let Some(timeout) = handshake {
-        // Boxed: it happens once per link, and inline its state would share the layout of
-        // the loop below, which every idle link's task holds.
-        let shake = handshake_burst(stream, closer, shutdown, timeout, max_burst, handler);
-        if Box::pin(shake).await? == Flow::End {
-            return Ok(());
-        }
-    }
-    frames(stream, closer, shutdown, max_burst, handler).await
 }
 
 /// The handshake: its message within `timeout`, then what arrived right behind it, as a
@@ -276,49 +283,69 @@ where
     })
 }
 
-/// Reads frames, after the handshake, until the link ends.
-async fn frames<St, H>(
+/// The reading part of [`serve`]: the handler's [`Handler::open`], the handshake, then frames
+/// until the link ends. One function, not one for the handshake awaited by one for the loop:
+/// each level would add its own copy of the arguments to the state every idle link's task
+/// holds.
+async fn read<St, H>(
     stream: &mut St,
     closer: &Closer,
     shutdown: &CancellationToken,
+    handshake: Option<Duration>,
     max_burst: usize,
+    watch: Watch,
     handler: &mut H,
 ) -> Result<(), v1::Error>
 where
     St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
     H: Handler,
 {
-    let Heartbeat { timeout, interval } = handler.heartbeat();
-    let mut watchdog = Watchdog::new(timeout, interval);
-    // Pinned once: re-creating these per frame would register a waiter per message. Polled
-    // only when they woke the task: the loop turns once per frame, and they fire once a
-    // link. One future for both, so an idle link's task holds one gate, not two.
-    let ended = async {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => Ended::Stopping,
-            () = closer.closed() => Ended::Closed,
+    if handler.open()? == Flow::End {
+        return Ok(());
+    }
+    if let Some(timeout) = handshake {
+        // Boxed: it happens once per link, and inline its state would share the layout of
+        // the loop below, which every idle link's task holds.
+        let shake = handshake_burst(stream, closer, shutdown, timeout, max_burst, handler);
+        if Box::pin(shake).await? == Flow::End {
+            return Ok(());
         }
+    }
+    // What a link that watches itself needs, boxed: one its owner watches has neither, and
+    // inline they would size every such link's task anyway. (In a block: a local in scope
+    // across the loop's waits takes room in the task.)
+    let (timeout, mut own) = {
+        let Heartbeat { timeout, interval } = handler.heartbeat();
+        let own = (watch == Watch::Own).then(|| {
+            Box::new(OwnWatch {
+                watchdog: Watchdog::new(timeout, interval),
+                // Pinned once, and polled only when it woke the task: polling a waiting
+                // cancellation future takes its lock, and the loop turns once per frame.
+                stopping: PolledOnWake::new(Box::pin(shutdown.cancelled())),
+            })
+        });
+        (timeout, own)
     };
-    tokio::pin!(ended);
-    let mut ended = PolledOnWake::new(ended);
+    closer.heard(timeout);
     loop {
         // The arms only say what happened; a frame is handled after the wait, so nothing
         // of the wait's state lives on while a burst is handled (each would add its size
         // to every idle link's task).
         let step = tokio::select! {
             biased;
-            end = &mut ended => return match end {
-                Ended::Stopping => handler.stopping(),
-                Ended::Closed => Ok(()),
+            () = closer.closed_for(Side::Reader) => return match closer.why() {
+                Why::Stopped => handler.stopping(),
+                Why::Expired => Err(handler.silent()),
+                Why::Closed => Ok(()),
             },
-            beat = watchdog.tick() => match beat {
-                Beat::Expired => return Err(handler.silent()),
-                Beat::Send => {
+            beat = own_watch(&mut own) => match beat {
+                None => return handler.stopping(),
+                Some(Beat::Expired) => return Err(handler.silent()),
+                Some(Beat::Send) => {
                     handler.beat();
                     continue;
                 }
-                Beat::Quiet => continue,
+                Some(Beat::Quiet) => continue,
             },
             flow = handler.wake() => match flow? {
                 Flow::Continue => continue,
@@ -331,26 +358,50 @@ where
             Inbound::Control => None,
             Inbound::Frame(frame) => Some(frame),
         };
-        if !watchdog.heard() {
+        let fresh = match own.as_mut() {
+            Some(own) => own.watchdog.heard(),
+            None => closer.heard(timeout),
+        };
+        if !fresh {
             return Err(handler.silent());
         }
         let Some(frame) = frame else { continue };
         // Boxed: inline, the burst's state (the handler's futures) would size every idle
         // link's task; a box per burst is small beside its reads.
         let flow = Box::pin(burst_and_end(stream, handler, Some(frame), max_burst)).await;
-        watchdog.handled();
+        match own.as_mut() {
+            Some(own) => own.watchdog.handled(),
+            None => {
+                closer.heard(Duration::MAX);
+            }
+        }
         if flow? == Flow::End {
             return Ok(());
         }
     }
 }
 
-/// Why a link's read loop ends on its own side.
-enum Ended {
-    /// The process is shutting down.
-    Stopping,
-    /// The link's closer fired.
-    Closed,
+/// What a link that watches itself ([`Watch::Own`]) waits for besides its closer.
+struct OwnWatch<'a> {
+    watchdog: Watchdog,
+    stopping: PolledOnWake<Pin<Box<WaitForCancellationFuture<'a>>>>,
+}
+
+/// The process's shutdown (`None`) or the watchdog's next tick; never, for a link its owner
+/// watches (the owner stops it and ends it when silent). A poll, not an `async fn`: it then
+/// takes no room in the wait every idle link's task holds.
+fn own_watch<'a>(
+    own: &'a mut Option<Box<OwnWatch<'_>>>,
+) -> impl Future<Output = Option<Beat>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let Some(own) = own.as_mut() else {
+            return Poll::Pending;
+        };
+        if Pin::new(&mut own.stopping).poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        own.watchdog.poll_tick(cx).map(Some)
+    })
 }
 
 /// Hands `first` (if any) and every frame already behind it (up to `max`) to the handler.

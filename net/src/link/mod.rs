@@ -47,7 +47,9 @@ pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, Unreported, data_queue, now_ms};
 pub use closer::{Closer, LastWords};
 pub use direct::{Direct, TrySend};
-pub use driver::{Flow, Handler, Heartbeat, MAX_BURST, Options, Served, serve};
+pub use driver::{
+    Flow, Handler, Heartbeat, MAX_BURST, Options, Served, Watch, serve, silent_error,
+};
 pub use read::{Burst, Inbound, ReadError, first_message, linger, next_frame, ready_frame};
 pub use replay::{Replay, ReplayLimits};
 pub use writer::{First, MAX_BATCH, OnClose, WriterEnd, WriterSetup, run_writer};

@@ -11,13 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::LinkSink;
 use super::backlog::{DataBacklog, DataRx, now_ms};
-use super::closer::Closer;
+use super::closer::{Closer, Side};
 use super::direct::{CloseGate, Direct};
 use super::replay::Replay;
 use relaymesh_proto::CLOSE_NORMAL;
 
 use crate::queue;
-use crate::sync::PolledOnWake;
 use crate::wire::{OP_BINARY, OP_CLOSE, count_frames, holds_close, put_frame};
 
 /// Most frames written to the socket in one `write`.
@@ -142,11 +141,6 @@ where
         let direct = gate_guard.0;
         let mut out = BytesMut::new();
         let mut sent_close = false;
-        // Pinned once: a fresh `closed()` per batch would register a waiter every time; and
-        // polled only once it woke the task.
-        let closed = closer.closed();
-        tokio::pin!(closed);
-        let mut closed = PolledOnWake::new(closed);
         // A labelled block, not an `async` block awaited here: that would hold a reference to
         // each of the writer's parts as well, in the state every idle link's writer carries.
         let result: std::io::Result<()> = 'run: {
@@ -155,7 +149,7 @@ where
                 First::Frames(frames) => frames,
                 First::Answer => tokio::select! {
                     biased;
-                    _ = &mut closed => break 'run Ok(()),
+                    _ = closer.closed_for(Side::Writer) => break 'run Ok(()),
                     frame = ctrl.recv() => match frame {
                         Some(frame) => vec![frame],
                         None => break 'run Ok(()),
@@ -171,7 +165,7 @@ where
                     result = write_out(&mut write, &mut out) => if let Err(e) = result {
                         break 'run Err(e);
                     },
-                    _ = &mut closed => break 'run Ok(()),
+                    _ = closer.closed_for(Side::Writer) => break 'run Ok(()),
                 }
             }
             loop {
@@ -181,7 +175,7 @@ where
                 }
                 let first = tokio::select! {
                     biased;
-                    _ = &mut closed => break 'run Ok(()),
+                    _ = closer.closed_for(Side::Writer) => break 'run Ok(()),
                     reply = recv_from(&mut replies) => match reply {
                         Some(raw) => Out::Raw(raw),
                         None => {
@@ -260,7 +254,7 @@ where
                     },
                     // A peer that stopped reading must not keep a closing link alive. What is left
                     // of the batch stays in `out`, so the goodbye starts on a frame boundary.
-                    _ = &mut closed => break 'run Ok(()),
+                    _ = closer.closed_for(Side::Writer) => break 'run Ok(()),
                 }
                 // A burst's buffer is not kept by a link that goes quiet.
                 if out.capacity() > batch_bytes.saturating_mul(2) {

@@ -372,6 +372,49 @@ async fn idle_and_silent_connections_are_closed_by_the_heartbeat_timeout() {
     );
 }
 
+/// A session keeps no timer of its own: the server's sweep ends silent ones (above), and a
+/// quiet publisher's last publishes are still confirmed one heartbeat interval later, with
+/// nothing else sent.
+#[tokio::test]
+async fn a_quiet_publishers_last_publishes_are_confirmed_a_heartbeat_interval_later() {
+    let cluster = Cluster::start_with(1, |c| {
+        c.heartbeat_interval_ms = 300;
+        c.heartbeat_timeout_ms = 60_000;
+    })
+    .await;
+    let mut publisher = raw::attached_client(&cluster.coordinator.addr).await;
+    for seq in [1, 2] {
+        let publish = v1::ClientToServer::publish(v1::Publish {
+            topic: "quiet/t".into(),
+            payload: b"x".to_vec().into(),
+            seq,
+            ..v1::Publish::default()
+        });
+        raw::send_msg(&mut publisher, &publish).await;
+    }
+    let sent = std::time::Instant::now();
+    let frame = raw::next_frame(&mut publisher)
+        .await
+        .expect("a confirmation");
+    let confirmed: v1::ServerToClient = relaymesh_proto::decode(frame).unwrap();
+    assert!(
+        matches!(confirmed.kind, Some(v1::server_to_client::Kind::Published(ref p)) if p.up_to == 2),
+        "{confirmed:?}"
+    );
+    // Not before the interval (the two came in fewer than CONFIRM_EVERY), and only once.
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(900), raw::next_frame(&mut publisher))
+            .await
+            .is_err(),
+        "nothing more is confirmed"
+    );
+}
+
 /// A comm server or peer that registers and then goes silent (a half-open connection looks
 /// exactly like this) is dropped after the heartbeat timeout.
 #[tokio::test]
