@@ -5,9 +5,14 @@
 # per connection (the TCP socket's slab objects, and buffer pages from /proc/net/sockstat)
 # is sampled while the clients are connected and reported beside it.
 #
-#   cargo build --release -p coordinator -p commserver -p bench
+#   cargo build --release -p coordinator -p bench
 #   bench/idle-heap.sh [CLIENTS] [OUT]      # defaults: 10000 (below this host's open-file
 #                                            # limit), bench/results/idle-heap
+#
+# heaptrack sees allocations through the C library's malloc, so the comm server profiled here
+# is built without its `jemalloc` feature (into target/heaptrack, once; the figures are live
+# bytes by allocation site, which do not depend on the allocator). RSS with the allocator the
+# comm server ships with is what `bench --scenarios idle` measures.
 #
 # Needs heaptrack (apt-get install heaptrack) and python3; root for /proc/slabinfo (the
 # kernel figures are left out otherwise).
@@ -19,8 +24,9 @@ command -v heaptrack >/dev/null || { echo "needs heaptrack (apt-get install heap
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$out"
+cargo build --release --quiet -p commserver --no-default-features --target-dir target/heaptrack
 ln -s "$PWD/target/release/coordinator" "$work/bin/coordinator"
-printf '#!/bin/sh\nexec heaptrack -o %s/commserver %s/target/release/commserver "$@"\n' "$work" "$PWD" \
+printf '#!/bin/sh\nexec heaptrack -o %s/commserver %s/target/heaptrack/release/commserver "$@"\n' "$work" "$PWD" \
   > "$work/bin/commserver"
 chmod +x "$work/bin/commserver"
 

@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// jemalloc, unless built without the `jemalloc` feature: see the workspace manifest.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use commserver::Config;
 use tokio_util::sync::CancellationToken;
 
