@@ -25,6 +25,7 @@ mod interest;
 mod keys;
 mod locals;
 mod logins;
+mod names;
 mod operator;
 mod peers;
 mod presence;
@@ -102,6 +103,8 @@ struct Server {
     control: mpsc::Sender<Command>,
     /// Live client sessions, for counts and cluster-wide drop notices.
     sessions: Mutex<HashMap<SessionId, Arc<Subscriber>>>,
+    /// The roles, scopes and accounts sessions carry, one copy of each.
+    names: names::Names,
     /// Raised when a session comes or goes, so every coordinator link reports the new load
     /// soon (coalesced) instead of at the next heartbeat.
     load_changed: tokio::sync::watch::Sender<()>,
@@ -303,6 +306,7 @@ pub async fn run_with(
         history_queries: Mutex::new(HashMap::new()),
         control: control_tx,
         sessions: Mutex::new(HashMap::new()),
+        names: names::Names::default(),
         known_peers: Mutex::new(BTreeMap::new()),
         peers_known: tokio::sync::Notify::new(),
         peer_links: Mutex::new(BTreeMap::new()),

@@ -67,7 +67,9 @@ pub(crate) struct Subscriber {
     pub(crate) subscribed: AtomicBool,
     /// The client's unique id within its account and the login it came from, if it gave one:
     /// a newer login with the same id closes this session.
-    pub(crate) client: Option<ClientKey>,
+    /// Boxed: many clients give none, and inline it would take the entry out of its
+    /// allocator size class.
+    pub(crate) client: Option<Box<ClientKey>>,
     /// The client connected with `&batch=1`: a burst's several messages reach it as one
     /// `ServerToClient.batch` (one WebSocket message) instead of one WebSocket message each.
     pub(crate) batches: bool,

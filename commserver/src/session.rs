@@ -356,13 +356,14 @@ fn run(
     let closer = Closer::new();
     let direct = socket.sink.direct(&data_tx);
     let alias: Arc<str> = identity.alias.as_str().into();
-    let role: Arc<str> = identity.role.as_str().into();
+    // Shared by the server's sessions: a handful of names between them all.
+    let role = server.names.get(&identity.role);
     // Identities from before scopes existed route by account.
-    let scope: Arc<str> = if identity.scope.is_empty() {
-        identity.account.as_str().into()
+    let scope = server.names.get(if identity.scope.is_empty() {
+        &identity.account
     } else {
-        identity.scope.as_str().into()
-    };
+        &identity.scope
+    });
     let node: Option<Arc<str>> =
         (!identity.node_id.is_empty()).then(|| identity.node_id.as_str().into());
     let me = Arc::new(Subscriber {
@@ -378,11 +379,13 @@ fn run(
         direct: direct.clone(),
         closer: closer.clone(),
         subscribed: AtomicBool::new(false),
-        client: (!identity.client_id.is_empty()).then(|| ClientKey {
-            account: identity.account.as_str().into(),
-            role: role.clone(),
-            client_id: identity.client_id.as_str().into(),
-            seq: identity.seq,
+        client: (!identity.client_id.is_empty()).then(|| {
+            Box::new(ClientKey {
+                account: server.names.get(&identity.account),
+                role: role.clone(),
+                client_id: identity.client_id.as_str().into(),
+                seq: identity.seq,
+            })
         }),
         batches,
     });

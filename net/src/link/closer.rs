@@ -100,7 +100,9 @@ struct CloserInner {
     ready: Notify,
     /// `Some` once closing, with the first caller's last words. Set before `closed`, so the
     /// writer always sees the words of the call that closed the link.
-    state: std::sync::Mutex<Option<Option<LastWords>>>,
+    /// Boxed words: few links close with any, and inline they would take the closer out of its
+    /// allocator size class.
+    state: std::sync::Mutex<Option<Option<Box<LastWords>>>>,
 }
 
 impl Closer {
@@ -177,7 +179,7 @@ impl Closer {
             let mut state = crate::sync::lock(&self.inner.state);
             let first = state.is_none();
             if first {
-                *state = Some(last_words);
+                *state = Some(last_words.map(Box::new));
             }
             first
         };
@@ -226,7 +228,9 @@ impl Closer {
     }
 
     pub(crate) fn last_words(&self) -> Option<LastWords> {
-        crate::sync::lock(&self.inner.state).clone().flatten()
+        crate::sync::lock(&self.inner.state)
+            .as_ref()
+            .and_then(|words| words.as_deref().cloned())
     }
 }
 
