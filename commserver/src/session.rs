@@ -70,9 +70,10 @@ pub(crate) async fn watch_sessions(server: Arc<Server>, stop: tokio_util::sync::
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        let now = link::Clock::now();
         let silent: Vec<Closer> = lock(&server.sessions)
             .values()
-            .filter(|s| s.closer.silent_for() > timeout)
+            .filter(|s| s.closer.silent_at(now) > timeout)
             .map(|s| s.closer.clone())
             .collect();
         for closer in silent {

@@ -59,6 +59,20 @@ impl Default for Closer {
     }
 }
 
+/// [`CloserInner::heard`] while the link is [busy](Closer::busy).
+const BUSY: u64 = u64::MAX;
+
+/// A reading of the clock links' silence is measured on, for [`Closer::silent_at`].
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(u64);
+
+impl Clock {
+    /// Now.
+    pub fn now() -> Self {
+        Self(clock_ms())
+    }
+}
+
 /// Milliseconds since the first call, on tokio's clock (which tests may pause).
 fn clock_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -127,36 +141,41 @@ impl Closer {
     pub fn heard(&self, timeout: Duration) -> bool {
         let now = clock_ms();
         let before = self.inner.heard.swap(now, Ordering::Relaxed);
-        u128::from(now.saturating_sub(before)) <= timeout.as_millis()
+        before == BUSY || u128::from(now.saturating_sub(before)) <= timeout.as_millis()
     }
 
-    /// How long since the peer was last heard from.
+    /// The link's own side is busy (its handshake, or handling what arrived) and is not
+    /// reading: none of that time counts as the peer's silence, until [`Closer::heard`].
+    pub fn busy(&self) {
+        self.inner.heard.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// How long since the peer was last heard from (zero while the link is
+    /// [busy](Closer::busy)).
     pub fn silent_for(&self) -> Duration {
-        let heard = self.inner.heard.load(Ordering::Relaxed);
-        Duration::from_millis(clock_ms().saturating_sub(heard))
+        self.silent_at(Clock::now())
+    }
+
+    /// [`Closer::silent_for`] at a reading of the clock taken once for many links.
+    pub fn silent_at(&self, now: Clock) -> Duration {
+        match self.inner.heard.load(Ordering::Relaxed) {
+            BUSY => Duration::ZERO,
+            heard => Duration::from_millis(now.0.saturating_sub(heard)),
+        }
     }
 
     /// Ends the link because its peer fell silent: its reader ends with the handler's
     /// [`silent`](super::Handler::silent) error; `last_words` are what the link says (the
     /// handler's words for that error). Returns whether this call closed the link.
     pub fn expire(&self, last_words: Option<LastWords>) -> bool {
-        self.close_because(Why::Expired, last_words)
+        self.close_with(Why::Expired, last_words)
     }
 
     /// Ends the link because the process is shutting down: its reader ends with what the
     /// handler's [`stopping`](super::Handler::stopping) says; `last_words` are what the link
     /// says (the handler's words for that error). Returns whether this call closed the link.
     pub fn stop(&self, last_words: Option<LastWords>) -> bool {
-        self.close_because(Why::Stopped, last_words)
-    }
-
-    fn close_because(&self, why: Why, last_words: Option<LastWords>) -> bool {
-        if self.is_closed() {
-            return false;
-        }
-        // Before the close, so whoever it wakes reads it.
-        self.inner.why.store(why as u8, Ordering::Release);
-        self.close(last_words)
+        self.close_with(Why::Stopped, last_words)
     }
 
     /// Why the link closed (read once it has).
@@ -172,6 +191,11 @@ impl Closer {
     /// frame, and give its status (without them: 1000, a normal closure); later calls change
     /// nothing. Returns whether this call was the first.
     pub fn close(&self, last_words: Option<LastWords>) -> bool {
+        self.close_with(Why::Closed, last_words)
+    }
+
+    /// [`Closer::close`], and why: the reason, like the words, is the first caller's.
+    fn close_with(&self, why: Why, last_words: Option<LastWords>) -> bool {
         if self.is_closed() {
             return false;
         }
@@ -180,6 +204,8 @@ impl Closer {
             let first = state.is_none();
             if first {
                 *state = Some(last_words.map(Box::new));
+                // Before the flag, so whoever the close wakes reads it.
+                self.inner.why.store(why as u8, Ordering::Release);
             }
             first
         };
@@ -225,6 +251,15 @@ impl Closer {
         } else {
             Poll::Pending
         }
+    }
+
+    /// The reader or the writer is done waiting: its task's waker is not kept for the rest of
+    /// the closer's life (routes and follow-up tasks may hold a copy a while longer).
+    pub(crate) fn done(&self, side: Side) {
+        match side {
+            Side::Reader => self.inner.reader.take(),
+            Side::Writer => self.inner.writer.take(),
+        };
     }
 
     pub(crate) fn last_words(&self) -> Option<LastWords> {
@@ -287,7 +322,12 @@ mod tests {
     async fn silence_is_measured_from_the_last_time_the_peer_was_heard() {
         let closer = Closer::new();
         tokio::time::advance(std::time::Duration::from_secs(3)).await;
-        assert!(closer.silent_for() >= std::time::Duration::from_secs(3));
+        // (Not quite 3 s if another test started the process's clock a moment later.)
+        assert!(closer.silent_for() >= std::time::Duration::from_millis(2_990));
+        // A busy link is not silent, and what comes after it is not stale.
+        closer.busy();
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        assert_eq!(closer.silent_for(), std::time::Duration::ZERO);
         assert!(closer.heard(std::time::Duration::from_secs(5)));
         assert!(closer.silent_for() < std::time::Duration::from_secs(1));
         // Heard again after more than the timeout: what arrived is stale.

@@ -154,8 +154,9 @@ pub struct Options {
     /// Time the first message has to arrive; `None` when the handshake was done before
     /// [`serve`] (the handler's `first` is then not called).
     pub handshake: Option<Duration>,
-    /// Ends the link ([`Handler::stopping`]) when cancelled: the process's shutdown (for
-    /// [`Watch::Own`] links only once the handshake is done; others hear it from their owner).
+    /// Ends the link ([`Handler::stopping`]) when cancelled: the process's shutdown (heard by
+    /// every link during its handshake; after it, by [`Watch::Own`] links, while the others
+    /// hear it from their owner).
     pub shutdown: CancellationToken,
     /// Most messages handled per burst.
     pub max_burst: usize,
@@ -210,6 +211,7 @@ where
             &mut handler,
         )
         .await;
+        closer.done(Side::Reader);
         // The last words first: whatever else closes the link meanwhile (a publisher finding
         // it too slow) does not get to say why instead.
         closer.close(outcome.as_ref().err().and_then(|e| {
@@ -300,6 +302,8 @@ where
     St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
     H: Handler,
 {
+    // Not the peer's silence until the handshake is done (it has a timeout of its own).
+    closer.busy();
     if handler.open()? == Flow::End {
         return Ok(());
     }
@@ -366,6 +370,11 @@ where
             return Err(handler.silent());
         }
         let Some(frame) = frame else { continue };
+        if own.is_none() {
+            // What the handler takes to handle the burst is not the peer's silence (a timer of
+            // its own is not polled meanwhile, and is told afterwards).
+            closer.busy();
+        }
         // Boxed: inline, the burst's state (the handler's futures) would size every idle
         // link's task; a box per burst is small beside its reads.
         let flow = Box::pin(burst_and_end(stream, handler, Some(frame), max_burst)).await;

@@ -45,7 +45,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub use backlog::{Backlog, DataBacklog, DataRx, DataTx, Unreported, data_queue, now_ms};
-pub use closer::{Closer, LastWords};
+pub use closer::{Clock, Closer, LastWords};
 pub use direct::{Direct, TrySend};
 pub use driver::{
     Flow, Handler, Heartbeat, MAX_BURST, Options, Served, Watch, serve, silent_error,

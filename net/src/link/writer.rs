@@ -265,6 +265,7 @@ where
                 }
             }
         };
+        closer.done(Side::Writer);
         // What a sender could not finish writing goes out before anything else, even the rest of
         // an interrupted batch (there is never both: a parked writer had written everything).
         if let Some(rest) = direct.and_then(Direct::close) {
