@@ -638,7 +638,12 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
     }
     running.check_alive(&launcher.run_dir)?;
     if system == System::Relaymesh {
-        outcome.history_held = Some(report::HistoryHeld::read(&running, servers).await?);
+        // What the servers' topic history holds at the end. A server too busy to answer in
+        // time (100 000 idle clients in an emulated VM) costs this figure, not the run's.
+        match report::HistoryHeld::read(&running, servers).await {
+            Ok(held) => outcome.history_held = Some(held),
+            Err(e) => eprintln!("{label}: history figures not read: {e:#}"),
+        }
     }
     Ok(outcome)
 }
