@@ -124,8 +124,11 @@ pub(crate) enum Command {
         waiter: WaiterId,
         reply: oneshot::Sender<Vec<Arc<str>>>,
     },
+    /// With `done`, as for [`Command::Unsubscribe`]: it fires once every linked peer has
+    /// applied the removal of what only this session subscribed to.
     SessionClosed {
         session: SessionId,
+        done: Option<(WaiterId, oneshot::Sender<()>)>,
     },
     PeerUp {
         peer: Arc<PeerLink>,
@@ -197,7 +200,10 @@ impl Control {
                 let _ = reply.send(self.state.pending(waiter).unwrap_or_default());
                 Effects::default()
             }
-            Command::SessionClosed { session } => self.state.session_closed(session),
+            Command::SessionClosed { session, done } => {
+                let waiter = done.map(|(waiter, done)| self.wait(waiter, done));
+                self.state.session_closed(session, waiter)
+            }
             Command::PeerUp { peer } => {
                 let name = peer.server_id.clone();
                 self.state.peer_up(&name, peer.link, peer)

@@ -279,11 +279,15 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         fx
     }
 
-    /// Session `id` ended.
-    pub(crate) fn session_closed(&mut self, id: SessionId) -> Effects<P> {
+    /// Session `id` ended; `waiter`, if any, completes once every linked peer has applied the
+    /// interest this removed.
+    pub(crate) fn session_closed(&mut self, id: SessionId, waiter: Option<WaiterId>) -> Effects<P> {
         let mut fx = Effects::default();
         if let Some(topics) = self.sessions.remove(&id) {
             self.drop_local(id, topics.into_vec(), &mut fx);
+        }
+        if let Some(waiter) = waiter {
+            self.wait(waiter, &mut fx);
         }
         fx
     }
@@ -641,7 +645,7 @@ mod tests {
         // ...and only the last unsubscribe of x is announced.
         let fx = i.unsubscribe(10, vec![t("x")], 102);
         assert!(fx.to_peers.is_empty());
-        let fx = i.session_closed(11);
+        let fx = i.session_closed(11, None);
         assert_eq!(
             fx.to_peers,
             vec![(
@@ -883,7 +887,7 @@ mod tests {
         let fx = i.unsubscribe(1, vec![t(&names[3]), t(&names[3])], 1);
         assert_eq!(fx.routes.len(), 1);
         assert_eq!(i.local_topics(), names.len() - 1);
-        i.session_closed(1);
+        i.session_closed(1, None);
         assert_eq!(i.local_topics(), 0);
         assert!(i.topics.is_empty() && i.sessions.is_empty());
         // A few topics stay a list, and leave the same way.
@@ -905,7 +909,7 @@ mod tests {
         let fx = i.unsubscribe(2, vec![t("x")], 3);
         assert!(fx.routes.is_empty(), "session 2 never subscribed to x");
         assert_eq!(i.local_topics(), 1);
-        i.session_closed(1);
+        i.session_closed(1, None);
         assert_eq!(i.local_topics(), 0);
         assert!(i.topics.is_empty() && i.sessions.is_empty());
         // Unsubscribing from everything leaves nothing behind either.

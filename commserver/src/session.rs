@@ -576,10 +576,28 @@ impl link::Handler for Session {
 
     /// The session is over for everyone else now; the close handshake that follows is only
     /// courtesy.
+    ///
+    /// A node's session is reported gone (presence) only once the peers stopped routing its
+    /// node's topic here (or `subscribe_sync_timeout_ms` passed): whoever hears that the node
+    /// went offline and then sends it a direct message has it stored in the node's inbox and
+    /// is told so (`Accepted`), instead of it being forwarded to this server after the session.
     async fn closing(&mut self) {
-        let server = &self.server;
-        if self.me.node.is_some() {
-            server.presence.closed(self.me.id);
+        let server = self.server.clone();
+        let node = self.me.node.is_some();
+        let mut withdrawn = None;
+        if self.ever_subscribed {
+            let done = node.then(|| {
+                let (done, wait) = oneshot::channel();
+                withdrawn = Some(wait);
+                (server.next_id(), done)
+            });
+            let _ = server
+                .control
+                .send(Command::SessionClosed {
+                    session: self.me.id,
+                    done,
+                })
+                .await;
         }
         if self.inbox.is_some() {
             server.inboxes.leave(self.me.id);
@@ -589,13 +607,12 @@ impl link::Handler for Session {
         server.load_changed();
         // Changes a backend asked for and this session never made: their callers hear so.
         drop(server.take_session_ops(self.me.id));
-        if self.ever_subscribed {
-            let _ = server
-                .control
-                .send(Command::SessionClosed {
-                    session: self.me.id,
-                })
-                .await;
+        if node {
+            if let Some(withdrawn) = withdrawn {
+                let _ =
+                    tokio::time::timeout(server.config.subscribe_sync_timeout(), withdrawn).await;
+            }
+            server.presence.closed(self.me.id);
         }
     }
 

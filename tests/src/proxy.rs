@@ -1,7 +1,8 @@
 //! A TCP proxy in front of a comm server that can black-hole its peer links: bytes of
 //! connections that open `/v1/peers` are swallowed in both directions while the switch is on,
 //! and nothing is closed, as when a network path silently drops every packet. Other
-//! connections (clients, HTTP) pass untouched.
+//! connections (clients, HTTP) pass untouched. It can also hold peer links' bytes back and
+//! deliver them, in order, once released: a slow path, not a lost one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     upstream: Arc<Mutex<Option<SocketAddr>>>,
     blackhole: Arc<AtomicBool>,
+    held: tokio::sync::watch::Sender<bool>,
     stop: CancellationToken,
 }
 
@@ -29,7 +31,9 @@ impl Proxy {
         let upstream = Arc::new(Mutex::new(None));
         let blackhole = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
+        let held = tokio::sync::watch::Sender::new(false);
         let (up, hole, token) = (upstream.clone(), blackhole.clone(), stop.clone());
+        let hold = held.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -39,10 +43,10 @@ impl Proxy {
                 let Ok((socket, _)) = accepted else { continue };
                 let target = *up.lock().unwrap();
                 let Some(target) = target else { continue };
-                let (hole, token) = (hole.clone(), token.clone());
+                let (hole, token, hold) = (hole.clone(), token.clone(), hold.subscribe());
                 tokio::spawn(async move {
                     tokio::select! {
-                        () = relay(socket, target, hole) => {}
+                        () = relay(socket, target, hole, hold) => {}
                         () = token.cancelled() => {}
                     }
                 });
@@ -52,8 +56,15 @@ impl Proxy {
             addr,
             upstream,
             blackhole,
+            held,
             stop,
         }
+    }
+
+    /// Holds back (`true`) or releases (`false`) the bytes of peer links, old and new, in both
+    /// directions.
+    pub fn hold_peers(&self, on: bool) {
+        self.held.send_replace(on);
     }
 
     /// Where connections go.
@@ -73,7 +84,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(mut client: TcpStream, target: SocketAddr, blackhole: Arc<AtomicBool>) {
+async fn relay(
+    mut client: TcpStream,
+    target: SocketAddr,
+    blackhole: Arc<AtomicBool>,
+    held: tokio::sync::watch::Receiver<bool>,
+) {
     let mut first = vec![0u8; 4096];
     let n = match client.read(&mut first).await {
         Ok(0) | Err(_) => return,
@@ -82,6 +98,11 @@ async fn relay(mut client: TcpStream, target: SocketAddr, blackhole: Arc<AtomicB
     first.truncate(n);
     let peer = first.starts_with(b"GET /v1/peers");
     let hole = move || peer && blackhole.load(Ordering::SeqCst);
+    let (held_up, held_down) = if peer {
+        (Some(held.clone()), Some(held))
+    } else {
+        (None, None)
+    };
     let Ok(mut server) = TcpStream::connect(target).await else {
         return;
     };
@@ -92,18 +113,23 @@ async fn relay(mut client: TcpStream, target: SocketAddr, blackhole: Arc<AtomicB
     let (mut server_read, mut server_write) = server.split();
     let hole_up = hole.clone();
     let up = async move {
-        pipe(&mut client_read, &mut server_write, hole_up).await;
+        pipe(&mut client_read, &mut server_write, hole_up, held_up).await;
     };
     let down = async move {
-        pipe(&mut server_read, &mut client_write, hole).await;
+        pipe(&mut server_read, &mut client_write, hole, held_down).await;
     };
     tokio::join!(up, down);
 }
 
 /// Copies `from` to `to` until `from` ends, swallowing what arrives while `hole()` holds. An
-/// end while swallowing is swallowed too: the other side sees nothing at all.
-async fn pipe<R, W>(from: &mut R, to: &mut W, hole: impl Fn() -> bool)
-where
+/// end while swallowing is swallowed too: the other side sees nothing at all. With `held`, what
+/// arrives while it says so waits until it no longer does.
+async fn pipe<R, W>(
+    from: &mut R,
+    to: &mut W,
+    hole: impl Fn() -> bool,
+    mut held: Option<tokio::sync::watch::Receiver<bool>>,
+) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
@@ -115,6 +141,11 @@ where
         };
         if hole() {
             continue;
+        }
+        if let Some(held) = held.as_mut()
+            && held.wait_for(|on| !on).await.is_err()
+        {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

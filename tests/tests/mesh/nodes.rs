@@ -9,7 +9,11 @@ use relaymesh_client::{
     Client, Credentials, ErrorCode, Event, NodeDetails, PresenceChange, SignalKind, SigningKey,
     register_node, update_node,
 };
-use relaymesh_tests::{Cluster, client_config, coordinator_config, next_event, post_json, within};
+use relaymesh_tests::proxy::Proxy;
+use relaymesh_tests::{
+    Cluster, CoordinatorHandle, ServerHandle, client_config, coordinator_config, next_event,
+    post_json, server_config, within,
+};
 use serde_json::json;
 
 /// An Ed25519 key login on an `open` coordinator: the key names the node.
@@ -625,6 +629,13 @@ async fn sql_cluster(
     servers: usize,
     tweak: impl Fn(&mut coordinator::Config),
 ) -> (Cluster, SqlStore, TempFile) {
+    let (mut config, db, file) = sql_coordinator().await;
+    tweak(&mut config);
+    (Cluster::start_configured(servers, config).await, db, file)
+}
+
+/// A coordinator config with a fresh SQLite account store holding `acme` and `globex`.
+async fn sql_coordinator() -> (coordinator::Config, SqlStore, TempFile) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("relaymesh-inbox-{}-{n}.db", std::process::id()));
@@ -639,12 +650,68 @@ async fn sql_cluster(
         url,
         ..AccountsConfig::default()
     };
-    tweak(&mut config);
-    (
-        Cluster::start_configured(servers, config).await,
-        db,
-        TempFile(path),
-    )
+    (config, db, TempFile(path))
+}
+
+#[tokio::test]
+async fn a_node_seen_going_offline_has_the_next_direct_message_stored_and_accepted() {
+    // The node's server, b, is reached through a proxy that can hold its peer link up, so its
+    // peer a may still route the node's topic to b after the session ended there.
+    let (config, _db, _file) = sql_coordinator().await;
+    let coordinator = CoordinatorHandle::start(config).await;
+    let proxy = Proxy::start().await;
+    let a = ServerHandle::start(server_config(&coordinator.url)).await;
+    let mut b_config = server_config(&coordinator.url);
+    b_config.id = Some("b".into());
+    b_config.public_url = Some(format!("ws://{}", proxy.addr));
+    // The held link, not this timeout, decides when b reports the node gone.
+    b_config.subscribe_sync_timeout_ms = 60_000;
+    let b = ServerHandle::start(b_config).await;
+    proxy.set_upstream(b.addr);
+    let cluster = Cluster {
+        coordinator,
+        servers: vec![a, b],
+    };
+    cluster.wait_linked().await;
+    let (drone, mut config) = node_of(&cluster, "acme", "drone").await;
+    config.preferred_server = Some(cluster.servers[1].id.clone());
+    let mut station = cluster.client_as(0, code("acme")).await;
+    station.watch_presence().await.unwrap();
+    let node = Client::connect(config).await.unwrap();
+    assert_eq!(
+        next_presence(&mut station).await,
+        (
+            PresenceChange::Online,
+            drone.clone(),
+            vec![cluster.servers[1].id.clone()]
+        )
+    );
+
+    proxy.hold_peers(true);
+    node.close().await;
+    relaymesh_tests::eventually("the node's session ended on b", || async {
+        (cluster.servers[1].stat("clients").await == 0).then_some(())
+    })
+    .await;
+    // Until a stopped routing the node's topic to b, nobody hears that the node left.
+    let listed = station.list_nodes(10, "").await.unwrap();
+    assert_eq!(
+        listed.total, 1,
+        "reported offline while a still routes to b"
+    );
+    proxy.hold_peers(false);
+    assert_eq!(
+        next_presence(&mut station).await,
+        (PresenceChange::Offline, drone.clone(), vec![])
+    );
+    // Heard offline, sent: stored in the node's inbox, and the sender is told so.
+    let seq = station.send(&drone, "while away").await.unwrap();
+    match next_event(&mut station).await {
+        Event::Accepted {
+            seq: s, to_node, ..
+        } => assert_eq!((s, to_node.as_str()), (seq, drone.as_str())),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
 }
 
 /// Registers a node of `account` and returns (its id, a config logging in as it).
