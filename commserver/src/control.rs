@@ -163,9 +163,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The control task's state: subscriptions and interest, plus the requests waiting on peers.
 struct Control {
     state: Interest<Arc<Subscriber>, Arc<PeerLink>>,
-    /// Subscribe/unsubscribe requests waiting for peers, by waiter id; the requesting session
-    /// (or the task it leaves the wait to) holds the receiver and answers its client when the
-    /// sender fires.
+    /// Subscribe/unsubscribe requests (and closed node sessions) waiting for peers, by waiter
+    /// id; the requesting session (or the task it leaves the wait to) holds the receiver and
+    /// answers its client (or reports its node gone) when the sender fires.
     waiting: HashMap<WaiterId, oneshot::Sender<()>>,
     last_sweep: Instant,
 }

@@ -663,6 +663,45 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_sessions_waiter_completes_once_peers_applied_its_removal() {
+        let mut i = I::new();
+        // No peer linked: nothing to wait for.
+        i.subscribe(1, &1, vec![t("x")], 1);
+        assert_eq!(i.session_closed(1, Some(2)).completed, vec![2]);
+        // A linked peer: complete once it acknowledged the removal, not before.
+        i.peer_up(&name("b"), 1, "B");
+        i.peer_ack(&name("b"), 1, 1);
+        i.subscribe(3, &3, vec![t("y")], 3);
+        i.peer_ack(&name("b"), 1, 2);
+        let fx = i.session_closed(3, Some(4));
+        assert_eq!(
+            fx.to_peers,
+            vec![(
+                "B",
+                ToPeer::Interest {
+                    seq: 3,
+                    full: false,
+                    add: vec![],
+                    remove: vec![t("y")]
+                }
+            )]
+        );
+        assert!(fx.completed.is_empty());
+        assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
+        assert_eq!(i.peer_ack(&name("b"), 1, 3).completed, vec![4]);
+        // A peer whose link is down is not waited for (it hears the full set when it links
+        // again); one that goes down while waited for is waited for until it expires.
+        i.subscribe(5, &5, vec![t("z")], 5);
+        i.peer_ack(&name("b"), 1, 4);
+        let fx = i.session_closed(5, Some(6));
+        assert!(fx.completed.is_empty());
+        assert!(i.peer_down(&name("b"), 1).completed.is_empty());
+        assert_eq!(i.peer_expire(&name("b"), 1).completed, vec![6]);
+        i.subscribe(7, &7, vec![t("w")], 7);
+        assert_eq!(i.session_closed(7, Some(8)).completed, vec![8]);
+    }
+
+    #[test]
     fn routes_include_only_interested_peers() {
         let mut i = I::new();
         i.peer_up(&name("b"), 1, "B");

@@ -609,8 +609,14 @@ impl link::Handler for Session {
         drop(server.take_session_ops(self.me.id));
         if node {
             if let Some(withdrawn) = withdrawn {
-                let _ =
-                    tokio::time::timeout(server.config.subscribe_sync_timeout(), withdrawn).await;
+                let timeout = server.config.subscribe_sync_timeout();
+                if tokio::time::timeout(timeout, withdrawn).await.is_err() {
+                    tracing::warn!(
+                        ?timeout,
+                        "peers did not confirm in time that they dropped a node's topic; \
+                         reporting the node gone without them"
+                    );
+                }
             }
             server.presence.closed(self.me.id);
         }

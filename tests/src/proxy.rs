@@ -62,7 +62,7 @@ impl Proxy {
     }
 
     /// Holds back (`true`) or releases (`false`) the bytes of peer links, old and new, in both
-    /// directions.
+    /// directions (all but a new link's first read, which names it a peer link).
     pub fn hold_peers(&self, on: bool) {
         self.held.send_replace(on);
     }

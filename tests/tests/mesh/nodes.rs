@@ -660,7 +660,10 @@ async fn a_node_seen_going_offline_has_the_next_direct_message_stored_and_accept
     let (config, _db, _file) = sql_coordinator().await;
     let coordinator = CoordinatorHandle::start(config).await;
     let proxy = Proxy::start().await;
-    let a = ServerHandle::start(server_config(&coordinator.url)).await;
+    // Ids decide which of two servers dials the other: a dials b, through the proxy.
+    let mut a_config = server_config(&coordinator.url);
+    a_config.id = Some("a".into());
+    let a = ServerHandle::start(a_config).await;
     let mut b_config = server_config(&coordinator.url);
     b_config.id = Some("b".into());
     b_config.public_url = Some(format!("ws://{}", proxy.addr));
