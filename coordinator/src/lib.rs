@@ -76,6 +76,10 @@ struct App {
     next_request: AtomicU64,
     last_login_seq: AtomicU64,
     stats: api::Stats,
+    /// Reservations that failed: logged one line per 10 s with the count, since a storm of
+    /// logins can fail thousands a second on busy servers (each is counted in
+    /// `reservations_failed` and logged at debug level).
+    reservation_warnings: Mutex<relaymesh_net::serve::Throttle>,
     /// TLS of the listeners (certificate reloaded on change), when configured.
     tls: Option<relaymesh_net::tls::ServiceTls>,
     /// Cancelled on process shutdown; every link watches it.
@@ -208,6 +212,7 @@ pub async fn run_with(
         next_request: AtomicU64::new(1),
         last_login_seq: AtomicU64::new(0),
         stats: api::Stats::default(),
+        reservation_warnings: Mutex::default(),
         tls,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -103,7 +103,16 @@ pub(crate) async fn place_client(
                     lock(&app.registry).mark_unresponsive(c);
                 }
                 drop(claim);
-                tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
+                tracing::debug!(%server_id, error = %e, "reservation failed; trying another server");
+                if let Some(failed) = lock(&app.reservation_warnings).due() {
+                    tracing::warn!(
+                        %server_id,
+                        error = %e,
+                        failed,
+                        "reservation failed; trying another server (failed: how many failed since \
+                         the last such line, this one included)"
+                    );
+                }
                 last_failure = Some(format!("{server_id}: {e}"));
                 exclude.push(server_id);
             }

@@ -246,15 +246,15 @@ pub(crate) fn refuse(stream: &TcpStream, answer: &[u8]) {
 
 /// Rate-limits a warning to one line per 10 s, saying how many times it happened meanwhile.
 #[derive(Debug, Default)]
-pub(crate) struct Throttle {
+pub struct Throttle {
     /// Times since the last line.
     count: u64,
     logged: Option<Instant>,
 }
 
 impl Throttle {
-    /// Counts one more; returns the count to log when a line is due.
-    pub(crate) fn due(&mut self) -> Option<u64> {
+    /// Counts one more; returns the count to log when a line is due (this one included).
+    pub fn due(&mut self) -> Option<u64> {
         self.count += 1;
         let now = Instant::now();
         if self
