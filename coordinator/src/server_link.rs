@@ -2,6 +2,7 @@
 //! key reservations, and is told when other servers join or leave.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +55,15 @@ pub(crate) struct ServerLink {
     /// Reservations sent to this server and awaiting `Reserved`/`ReserveFailed`, by request id.
     /// The receivers are held by the logins waiting in [`ServerLink::reserve`].
     pending: Mutex<HashMap<u64, oneshot::Sender<ReserveReply>>>,
+    /// Room for `max_pending_reservations` reservations in flight. A login that finds none
+    /// waits for room, in turn and within its reservation's time, instead of being refused:
+    /// in a reconnect storm the refused logins came back as new ones, each another HTTP
+    /// connection, after their backoff.
+    slots: tokio::sync::Semaphore,
+    /// A reservation went unanswered within its time and none has been answered since: the
+    /// server may be frozen, so a login that had to wait for room goes elsewhere instead.
+    unanswered: AtomicBool,
+    /// Admin queries in flight at most (`max_pending_reservations`).
     max_pending: usize,
     /// `ServerQuery`s sent to this server and awaiting their `ServerAnswer`, by request id.
     queries: Mutex<HashMap<u64, oneshot::Sender<v1::ServerAnswer>>>,
@@ -141,35 +151,48 @@ impl ServerLink {
         identity: v1::Identity,
         timeout: Duration,
     ) -> Result<v1::Reserved, (v1::Error, bool)> {
-        let busy = || {
+        let busy = |why: &str| {
             error(
                 ErrorCode::LimitExceeded,
-                "too many reservations pending on this server",
+                format!("too many reservations pending on this server ({why})"),
             )
         };
+        let closed = || error(ErrorCode::Internal, "server link closed before answering");
         if self.closer.is_closed() {
             return Err((error(ErrorCode::Internal, "server link is closing"), false));
         }
         // Reservations may use the link queue only down to a reserve, so a login burst is
         // refused as "busy" instead of overflowing the queue and costing the server its link.
         if self.tx.capacity() <= self.tx.max_capacity() / 4 {
-            return Err((busy(), false));
+            return Err((busy("its link's queue is nearly full"), false));
         }
-        let (reply_tx, reply_rx) = oneshot::channel();
-        {
-            let mut pending = lock(&self.pending);
-            if pending.len() >= self.max_pending {
-                return Err((busy(), false));
+        // Held until this reservation is answered or given up.
+        let _slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let slot = tokio::select! {
+                    slot = tokio::time::timeout(timeout, self.slots.acquire()) => slot,
+                    () = self.closer.closed() => return Err((closed(), false)),
+                };
+                let Ok(Ok(slot)) = slot else {
+                    let waited = format!("no room within {} ms", timeout.as_millis());
+                    return Err((busy(&waited), false));
+                };
+                if self.unanswered.load(Ordering::Relaxed) {
+                    return Err((busy("and it left one unanswered"), false));
+                }
+                slot
             }
-            pending.insert(request_id, reply_tx);
-        }
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        lock(&self.pending).insert(request_id, reply_tx);
         let frame = encode(&v1::CoordinatorToServer::reserve(v1::Reserve {
             request_id,
             identity: Some(identity),
         }));
         if self.tx.try_send(frame).is_err() {
             lock(&self.pending).remove(&request_id);
-            return Err((busy(), false));
+            return Err((busy("its link's queue is full"), false));
         }
         // `Ok(None)`: the link closed first.
         let outcome = tokio::select! {
@@ -180,13 +203,11 @@ impl ServerLink {
             Ok(Some(reply)) => reply.map_err(|e| (e, false)),
             Ok(None) => {
                 lock(&self.pending).remove(&request_id);
-                Err((
-                    error(ErrorCode::Internal, "server link closed before answering"),
-                    false,
-                ))
+                Err((closed(), false))
             }
             Err(_) => {
                 lock(&self.pending).remove(&request_id);
+                self.unanswered.store(true, Ordering::Relaxed);
                 Err((
                     error(
                         ErrorCode::Internal,
@@ -199,6 +220,7 @@ impl ServerLink {
     }
 
     fn answer(&self, request_id: u64, reply: ReserveReply) {
+        self.unanswered.store(false, Ordering::Relaxed);
         if let Some(waiter) = lock(&self.pending).remove(&request_id) {
             let _ = waiter.send(reply);
         }
@@ -371,6 +393,8 @@ impl link::Handler for Reader {
             tx,
             closer: self.closer.clone(),
             pending: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(app.config.max_pending_reservations),
+            unanswered: AtomicBool::new(false),
             max_pending: app.config.max_pending_reservations,
             queries: Mutex::new(HashMap::new()),
         });
@@ -569,4 +593,137 @@ pub(crate) fn push_presence(
 
 pub(crate) fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relaymesh_proto::decode;
+
+    /// A link to no server with room for `max_pending` reservations, and its queue's far end.
+    fn link(max_pending: usize) -> (Arc<ServerLink>, queue::Receiver<Bytes>) {
+        let (tx, rx) = queue::bounded(64);
+        let link = Arc::new(ServerLink {
+            id: "s".into(),
+            tx,
+            closer: Closer::new(),
+            pending: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(max_pending),
+            unanswered: AtomicBool::new(false),
+            max_pending,
+            queries: Mutex::new(HashMap::new()),
+        });
+        (link, rx)
+    }
+
+    /// The request id of the next `Reserve` the link sent.
+    async fn sent(rx: &mut queue::Receiver<Bytes>) -> u64 {
+        let frame = rx.recv().await.expect("a frame");
+        match decode::<v1::CoordinatorToServer>(frame)
+            .expect("decodes")
+            .kind
+        {
+            Some(out::Kind::Reserve(r)) => r.request_id,
+            other => panic!("not a Reserve: {other:?}"),
+        }
+    }
+
+    fn reserved(key: &str) -> ReserveReply {
+        Ok(v1::Reserved {
+            key: key.into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_that_finds_no_room_waits_its_turn_instead_of_failing() {
+        let (link, mut rx) = link(1);
+        let first = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.reserve(1, v1::Identity::default(), Duration::from_secs(30))
+                    .await
+            }
+        });
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = link.reserve(2, v1::Identity::default(), Duration::from_secs(30));
+        tokio::pin!(second);
+        // The clock runs on only once every task waits: the second login has found no room.
+        tokio::select! {
+            r = &mut second => panic!("answered while the first was in flight: {r:?}"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        assert!(rx.try_recv().is_err(), "sent before there was room");
+        link.answer(1, reserved("k1"));
+        assert_eq!(first.await.unwrap().unwrap().key, "k1");
+        let (id, second) = tokio::join!(
+            async {
+                let id = sent(&mut rx).await;
+                link.answer(id, reserved("k2"));
+                id
+            },
+            second
+        );
+        assert_eq!(id, 2, "sent once the first was answered");
+        assert_eq!(second.unwrap().key, "k2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_still_without_room_when_its_time_is_up_is_told_the_server_is_busy() {
+        let (link, mut rx) = link(1);
+        let _first = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.reserve(1, v1::Identity::default(), Duration::from_secs(60))
+                    .await
+            }
+        });
+        assert_eq!(sent(&mut rx).await, 1);
+        let failed = link
+            .reserve(2, v1::Identity::default(), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(failed.error.code(), ErrorCode::LimitExceeded);
+        assert!(
+            failed.error.message.contains("no room within 2000 ms"),
+            "{failed:?}"
+        );
+        assert!(!failed.timed_out, "a busy server is not a stuck one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_that_waited_goes_elsewhere_when_the_server_left_one_unanswered() {
+        let (link, mut rx) = link(1);
+        let first = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.reserve(1, v1::Identity::default(), Duration::from_secs(2))
+                    .await
+            }
+        });
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = link
+            .reserve(2, v1::Identity::default(), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(first.await.unwrap().unwrap_err().timed_out);
+        assert_eq!(second.error.code(), ErrorCode::LimitExceeded);
+        assert!(second.error.message.contains("unanswered"), "{second:?}");
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing sent to a server that may be frozen"
+        );
+        // An answer clears it: the next login that finds room is sent as usual.
+        link.answer(1, reserved("late"));
+        let third = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.reserve(3, v1::Identity::default(), Duration::from_secs(30))
+                    .await
+            }
+        });
+        assert_eq!(sent(&mut rx).await, 3);
+        link.answer(3, reserved("k3"));
+        assert_eq!(third.await.unwrap().unwrap().key, "k3");
+    }
 }
