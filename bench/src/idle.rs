@@ -48,6 +48,25 @@ pub(crate) fn open_files_limit(pid: &str) -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// How many ports the kernel hands out to outgoing connections
+/// (`net.ipv4.ip_local_port_range`), if it says.
+pub(crate) fn ephemeral_ports() -> Option<usize> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut ends = range.split_whitespace().map(str::parse::<usize>);
+    let (low, high) = (ends.next()?.ok()?, ends.next()?.ok()?);
+    Some(high.saturating_sub(low) + 1)
+}
+
+/// TCP sockets in `TIME_WAIT` on this host (`/proc/net/sockstat`), if it says: an earlier
+/// run's connections, which hold their ports for a minute.
+pub(crate) fn time_wait_sockets() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = stat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
 /// A quiet client: its connection and the task that answers pings and sends its own.
 struct Idle {
     task: JoinHandle<()>,

@@ -1237,6 +1237,21 @@ impl Results {
                     r.placement_p99_ms_storm,
                     if r.passed() { "pass" } else { "FAIL" }
                 );
+                let c = &r.coordinator_storm;
+                let reasons = if r.login_failure_reasons.is_empty() {
+                    "none".to_owned()
+                } else {
+                    r.login_failure_reasons
+                        .iter()
+                        .map(|(reason, n)| format!("{n} × {reason}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                let _ = writeln!(
+                    md,
+                    "\nThe coordinator during the storm: {} logins answered, {} failed, {} reservations failed (the login went on to another server), {} refused for their address's rate. Probe logins that failed, and why: {reasons}.",
+                    c.logins, c.login_failures, c.reservations_failed, c.rate_limited
+                );
             }
             if let Some(r) = &o.recovery {
                 let _ = writeln!(

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::drivers::System;
-use crate::idle::{FD_HEADROOM, open_files_limit};
+use crate::idle::{FD_HEADROOM, ephemeral_ports, open_files_limit, time_wait_sockets};
 use crate::measure::{histogram, now_ns, pct_ms};
 use crate::servers::{Launcher, Running};
 
@@ -70,8 +70,15 @@ pub(crate) struct StormResult {
     pub(crate) login_p99_ms_quiet: f64,
     pub(crate) login_p99_ms_storm: f64,
     pub(crate) logins_storm: u64,
-    /// Probe logins refused or failed during the storm.
+    /// Probe logins refused or failed during the storm...
     pub(crate) login_failures_storm: u64,
+    /// ...and why: each reason (the answer's status and error code, or the request's error)
+    /// with its count, over the whole run.
+    pub(crate) login_failure_reasons: Vec<(String, u64)>,
+    /// The coordinator's counters over the storm (kill to last client back): logins answered,
+    /// logins failed, reservations that failed (a server that was busy or did not answer;
+    /// the login went on to another server) and logins refused for their address's rate.
+    pub(crate) coordinator_storm: CoordinatorCounts,
     /// The existing clients' delivery latency on B and C: p99 before and during the storm, ms.
     pub(crate) probe_p99_ms_quiet: f64,
     pub(crate) probe_p99_ms_storm: f64,
@@ -99,6 +106,68 @@ impl StormResult {
             && self.storm_s < 3.0
             && self.ratio <= 1.5
             && self.login_p99_ms_storm < 50.0
+    }
+}
+
+/// Login counters of the coordinator's `/metrics`, or their difference over a window.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct CoordinatorCounts {
+    pub(crate) logins: u64,
+    pub(crate) login_failures: u64,
+    pub(crate) reservations_failed: u64,
+    pub(crate) rate_limited: u64,
+}
+
+impl CoordinatorCounts {
+    fn read(metrics: &str) -> Self {
+        let counter = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        Self {
+            logins: counter("relaymesh_coordinator_logins_total"),
+            login_failures: counter("relaymesh_coordinator_login_failures_total"),
+            reservations_failed: counter("relaymesh_coordinator_reservations_failed_total"),
+            rate_limited: counter("relaymesh_coordinator_logins_rate_limited_total"),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            logins: self.logins.saturating_sub(before.logins),
+            login_failures: self.login_failures.saturating_sub(before.login_failures),
+            reservations_failed: self
+                .reservations_failed
+                .saturating_sub(before.reservations_failed),
+            rate_limited: self.rate_limited.saturating_sub(before.rate_limited),
+        }
+    }
+}
+
+/// Why probe logins failed, with how many failed for each reason.
+type Reasons = Arc<Mutex<std::collections::BTreeMap<String, u64>>>;
+
+/// A failed login's reason: its status and the error code of its JSON body, or the request's
+/// own error.
+fn failure_reason<S, E>(answer: &Result<(S, bytes::Bytes), E>) -> String
+where
+    S: Clone + Into<u16>,
+    E: std::fmt::Display,
+{
+    match answer {
+        Ok((status, body)) => {
+            let code = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["code"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{} {code}", status.clone().into())
+                .trim_end()
+                .to_owned()
+        }
+        Err(e) => e.to_string(),
     }
 }
 
@@ -279,8 +348,10 @@ struct Probes {
     latency: Samples,
     /// (started, answer time) of each probe login answered with success...
     logins: Samples,
-    /// ...and (started, 0) of each refused or failed.
+    /// ...and (started, 0) of each refused or failed...
     login_failures: Samples,
+    /// ...and why.
+    reasons: Reasons,
 }
 
 impl Probes {
@@ -288,6 +359,7 @@ impl Probes {
         let stop = CancellationToken::new();
         let (latency, logins, login_failures) =
             (Samples::default(), Samples::default(), Samples::default());
+        let reasons = Reasons::default();
         let (ready_tx, ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
         let thread = std::thread::Builder::new()
             .name("storm-probes".into())
@@ -295,6 +367,7 @@ impl Probes {
                 let (endpoints, stop) = (endpoints.clone(), stop.clone());
                 let (latency, logins, login_failures) =
                     (latency.clone(), logins.clone(), login_failures.clone());
+                let reasons = reasons.clone();
                 move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -307,8 +380,9 @@ impl Probes {
                         }
                     };
                     runtime.block_on(async move {
+                        let failures = (login_failures, reasons);
                         let started =
-                            Self::run(&endpoints, stop.clone(), latency, logins, login_failures);
+                            Self::run(&endpoints, stop.clone(), latency, logins, failures);
                         match started.await {
                             Ok(tasks) => {
                                 let _ = ready_tx.send(Ok(()));
@@ -337,6 +411,7 @@ impl Probes {
             latency,
             logins,
             login_failures,
+            reasons,
         };
         ready.await.context("the probes' thread ended")??;
         Ok(probes)
@@ -348,7 +423,7 @@ impl Probes {
         stop: CancellationToken,
         latency: Samples,
         logins: Samples,
-        login_failures: Samples,
+        (login_failures, reasons): (Samples, Reasons),
     ) -> anyhow::Result<Vec<tokio::task::JoinHandle<Option<Client>>>> {
         let mut tasks = Vec::new();
         for server in [1, 2] {
@@ -399,6 +474,11 @@ impl Probes {
                     push(&logins, started, now_ns().saturating_sub(started));
                 } else {
                     push(&login_failures, started, 0);
+                    *reasons
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(failure_reason(&answer))
+                        .or_default() += 1;
                 }
             }
             None
@@ -456,6 +536,37 @@ async fn storm(
             "{} clients need as many open files in comm server a and in the generator; RLIMIT_NOFILE allows {cap} (ask for fewer with --storm-clients)",
             plan.clients
         );
+    }
+    // In the storm a client holds its dead connection until it notices the loss, then its
+    // login's while it logs in: thousands at once. Without room for them the generator runs
+    // out of descriptors, and its failed connects show as extra logins (a key taken and not
+    // used) and as probe logins failing with "Too many open files".
+    if plan.clients > cap / 8 * 7 {
+        progress(&format!(
+            "warning: {} clients leave {} spare descriptors for the reconnects in flight; the \
+             generator may run out (see the probe logins' failures in the report)",
+            plan.clients,
+            cap - plan.clients
+        ));
+    }
+    // Every connection comes from 127.0.0.1 to one address and port, so each needs a port of
+    // its own; past about half the range the kernel searches for a free one at every connect
+    // and the generator, not the servers, sets the pace.
+    let ports = ephemeral_ports().unwrap_or(usize::MAX);
+    if plan.clients.saturating_mul(2) > ports {
+        progress(&format!(
+            "warning: {} clients with {ports} ephemeral ports: past about half of them every \
+             connect searches for a free port and the curves measure the host; widen the range \
+             (sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\")",
+            plan.clients
+        ));
+    }
+    let waiting = time_wait_sockets().unwrap_or(0);
+    if waiting > plan.clients / 2 {
+        progress(&format!(
+            "warning: {waiting} sockets in TIME_WAIT, most likely an earlier run's: they hold \
+             their ports for a minute and slow every connect down; wait for them to go"
+        ));
     }
     let endpoints = running.endpoints.clone();
     let victim = endpoints.server_ids.first().context("no server a")?.clone();
@@ -536,7 +647,9 @@ async fn storm(
         cpu(running, "coordinator"),
         cpu(running, "commserver-b") + cpu(running, "commserver-c"),
     );
-    let placement_before = buckets(&coordinator_metrics(&endpoints).await, PLACEMENT);
+    let metrics_before = coordinator_metrics(&endpoints).await;
+    let placement_before = buckets(&metrics_before, PLACEMENT);
+    let counts_before = CoordinatorCounts::read(&metrics_before);
     let killed_ns = now_ns();
     let killed = Instant::now();
     running.stop("commserver-a")?;
@@ -551,10 +664,10 @@ async fn storm(
         }
     }
     let storm_end_ns = now_ns();
-    let (placement_p99_ms_storm, placements_storm) = p99_bound_ms(
-        &placement_before,
-        &buckets(&coordinator_metrics(&endpoints).await, PLACEMENT),
-    );
+    let metrics_after = coordinator_metrics(&endpoints).await;
+    let (placement_p99_ms_storm, placements_storm) =
+        p99_bound_ms(&placement_before, &buckets(&metrics_after, PLACEMENT));
+    let coordinator_storm = CoordinatorCounts::read(&metrics_after).since(counts_before);
     let storm_cpu = (
         cpu(running, "coordinator") - storm_cpu.0,
         cpu(running, "commserver-b") + cpu(running, "commserver-c") - storm_cpu.1,
@@ -588,8 +701,15 @@ async fn storm(
         latency,
         logins,
         login_failures,
+        reasons,
         ..
     } = &probes;
+    let login_failure_reasons = reasons
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .map(|(reason, n)| (reason.clone(), *n))
+        .collect();
 
     let quiet_from =
         killed_ns.saturating_sub(u64::try_from(plan.quiet.as_nanos()).unwrap_or(u64::MAX));
@@ -613,6 +733,8 @@ async fn storm(
         login_p99_ms_storm,
         logins_storm,
         login_failures_storm,
+        login_failure_reasons,
+        coordinator_storm,
         probe_p99_ms_quiet,
         probe_p99_ms_storm,
         lost_s: lost.iter().copied().fold(0.0, f64::max),
