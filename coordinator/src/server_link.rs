@@ -628,6 +628,19 @@ mod tests {
         }
     }
 
+    /// A login reserving with `id` (given `secs` to be answered), in a task of its own.
+    fn in_flight(
+        link: &Arc<ServerLink>,
+        id: u64,
+        secs: u64,
+    ) -> tokio::task::JoinHandle<Result<v1::Reserved, ReserveFailed>> {
+        let link = link.clone();
+        tokio::spawn(async move {
+            link.reserve(id, v1::Identity::default(), Duration::from_secs(secs))
+                .await
+        })
+    }
+
     fn reserved(key: &str) -> ReserveReply {
         Ok(v1::Reserved {
             key: key.into(),
@@ -638,13 +651,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_login_that_finds_no_room_waits_its_turn_instead_of_failing() {
         let (link, mut rx) = link(1);
-        let first = tokio::spawn({
-            let link = link.clone();
-            async move {
-                link.reserve(1, v1::Identity::default(), Duration::from_secs(30))
-                    .await
-            }
-        });
+        let first = in_flight(&link, 1, 30);
         assert_eq!(sent(&mut rx).await, 1);
         let second = link.reserve(2, v1::Identity::default(), Duration::from_secs(30));
         tokio::pin!(second);
@@ -671,13 +678,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_login_still_without_room_when_its_time_is_up_is_told_the_server_is_busy() {
         let (link, mut rx) = link(1);
-        let _first = tokio::spawn({
-            let link = link.clone();
-            async move {
-                link.reserve(1, v1::Identity::default(), Duration::from_secs(60))
-                    .await
-            }
-        });
+        let _first = in_flight(&link, 1, 60);
         assert_eq!(sent(&mut rx).await, 1);
         let failed = link
             .reserve(2, v1::Identity::default(), Duration::from_secs(2))
@@ -694,13 +695,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_login_that_waited_goes_elsewhere_when_the_server_left_one_unanswered() {
         let (link, mut rx) = link(1);
-        let first = tokio::spawn({
-            let link = link.clone();
-            async move {
-                link.reserve(1, v1::Identity::default(), Duration::from_secs(2))
-                    .await
-            }
-        });
+        let first = in_flight(&link, 1, 2);
         assert_eq!(sent(&mut rx).await, 1);
         let second = link
             .reserve(2, v1::Identity::default(), Duration::from_secs(30))
@@ -715,13 +710,7 @@ mod tests {
         );
         // An answer clears it: the next login that finds room is sent as usual.
         link.answer(1, reserved("late"));
-        let third = tokio::spawn({
-            let link = link.clone();
-            async move {
-                link.reserve(3, v1::Identity::default(), Duration::from_secs(30))
-                    .await
-            }
-        });
+        let third = in_flight(&link, 3, 30);
         assert_eq!(sent(&mut rx).await, 3);
         link.answer(3, reserved("k3"));
         assert_eq!(third.await.unwrap().unwrap().key, "k3");
