@@ -103,8 +103,12 @@ pub(crate) async fn place_client(
                     lock(&app.registry).mark_unresponsive(c);
                 }
                 drop(claim);
-                tracing::debug!(%server_id, error = %e, "reservation failed; trying another server");
-                if let Some(failed) = lock(&app.reservation_warnings).due() {
+                // A server that did not answer in time is always told (it is out of the choice
+                // now, so that is rare); other failures, which a storm on busy servers makes by
+                // the thousand, once per 10 s with their count.
+                if timed_out {
+                    tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
+                } else if let Some(failed) = lock(&app.reservation_warnings).due() {
                     tracing::warn!(
                         %server_id,
                         error = %e,
@@ -112,6 +116,8 @@ pub(crate) async fn place_client(
                         "reservation failed; trying another server (failed: how many failed since \
                          the last such line, this one included)"
                     );
+                } else {
+                    tracing::debug!(%server_id, error = %e, "reservation failed; trying another server");
                 }
                 last_failure = Some(format!("{server_id}: {e}"));
                 exclude.push(server_id);

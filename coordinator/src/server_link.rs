@@ -161,17 +161,18 @@ impl ServerLink {
         if self.closer.is_closed() {
             return Err((error(ErrorCode::Internal, "server link is closing"), false));
         }
-        // Reservations may use the link queue only down to a reserve, so a login burst is
-        // refused as "busy" instead of overflowing the queue and costing the server its link.
-        if self.tx.capacity() <= self.tx.max_capacity() / 4 {
-            return Err((busy("its link's queue is nearly full"), false));
-        }
+        // Waiting for room and for the answer share the one `timeout`.
+        let deadline = tokio::time::Instant::now() + timeout;
         // Held until this reservation is answered or given up.
         let _slot = match self.slots.try_acquire() {
             Ok(slot) => slot,
+            // It may be frozen: no waiting behind reservations that will time out.
+            Err(_) if self.unanswered.load(Ordering::Relaxed) => {
+                return Err((busy("and it left one unanswered"), false));
+            }
             Err(_) => {
                 let slot = tokio::select! {
-                    slot = tokio::time::timeout(timeout, self.slots.acquire()) => slot,
+                    slot = tokio::time::timeout_at(deadline, self.slots.acquire()) => slot,
                     () = self.closer.closed() => return Err((closed(), false)),
                 };
                 let Ok(Ok(slot)) = slot else {
@@ -184,34 +185,46 @@ impl ServerLink {
                 slot
             }
         };
+        // Reservations may use the link queue only down to a reserve, so a login burst is
+        // refused as "busy" instead of overflowing the queue and costing the server its link.
+        if self.tx.capacity() <= self.tx.max_capacity() / 4 {
+            return Err((busy("its link's queue is nearly full"), false));
+        }
         let (reply_tx, reply_rx) = oneshot::channel();
         lock(&self.pending).insert(request_id, reply_tx);
+        // Forgotten however this ends, a login given up (its future dropped) included.
+        let _forget = Forget(&self.pending, request_id);
         let frame = encode(&v1::CoordinatorToServer::reserve(v1::Reserve {
             request_id,
             identity: Some(identity),
         }));
         if self.tx.try_send(frame).is_err() {
-            lock(&self.pending).remove(&request_id);
             return Err((busy("its link's queue is full"), false));
         }
+        let given = deadline.saturating_duration_since(tokio::time::Instant::now());
         // `Ok(None)`: the link closed first.
         let outcome = tokio::select! {
-            reply = tokio::time::timeout(timeout, reply_rx) => reply.map(Result::ok),
+            reply = tokio::time::timeout_at(deadline, reply_rx) => reply.map(Result::ok),
             _ = self.closer.closed() => Ok(None),
         };
         match outcome {
             Ok(Some(reply)) => reply.map_err(|e| (e, false)),
-            Ok(None) => {
-                lock(&self.pending).remove(&request_id);
-                Err((closed(), false))
+            Ok(None) => Err((closed(), false)),
+            // Given less than half the time (the rest went waiting for room), the server is
+            // busy rather than stuck: only one that had most of the time says it may be frozen.
+            Err(_) if given < timeout / 2 => {
+                let left = format!(
+                    "no answer in the {} ms left after waiting for room",
+                    given.as_millis()
+                );
+                Err((busy(&left), false))
             }
             Err(_) => {
-                lock(&self.pending).remove(&request_id);
                 self.unanswered.store(true, Ordering::Relaxed);
                 Err((
                     error(
                         ErrorCode::Internal,
-                        format!("server did not answer within {} ms", timeout.as_millis()),
+                        format!("server did not answer within {} ms", given.as_millis()),
                     ),
                     true,
                 ))
@@ -708,11 +721,105 @@ mod tests {
             rx.try_recv().is_err(),
             "nothing sent to a server that may be frozen"
         );
-        // An answer clears it: the next login that finds room is sent as usual.
+        // An answer clears it: a login that has to wait for room is sent once there is some.
         link.answer(1, reserved("late"));
         let third = in_flight(&link, 3, 30);
         assert_eq!(sent(&mut rx).await, 3);
+        let fourth = in_flight(&link, 4, 30);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rx.try_recv().is_err(), "sent before there was room");
         link.answer(3, reserved("k3"));
         assert_eq!(third.await.unwrap().unwrap().key, "k3");
+        assert_eq!(sent(&mut rx).await, 4);
+        link.answer(4, reserved("k4"));
+        assert_eq!(fourth.await.unwrap().unwrap().key, "k4");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_that_finds_no_room_at_a_server_that_left_one_unanswered_goes_at_once() {
+        let (link, mut rx) = link(2);
+        let stuck = in_flight(&link, 1, 2);
+        let _long = in_flight(&link, 2, 60);
+        assert_eq!((sent(&mut rx).await, sent(&mut rx).await), (1, 2));
+        assert!(stuck.await.unwrap().unwrap_err().timed_out);
+        // Its slot went to the next login (the server is still tried when there is room) ...
+        let _third = in_flight(&link, 3, 60);
+        assert_eq!(sent(&mut rx).await, 3);
+        // ... and one that finds none does not queue behind reservations that may time out.
+        let at = tokio::time::Instant::now();
+        let refused = link
+            .reserve(4, v1::Identity::default(), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(tokio::time::Instant::now(), at, "it waited");
+        assert!(refused.error.message.contains("unanswered"), "{refused:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_room_and_for_the_answer_share_one_timeout() {
+        let (link, mut rx) = link(1);
+        let first = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let at = tokio::time::Instant::now();
+        let second = in_flight(&link, 2, 2);
+        // Room comes 1.5 s into the second login's 2 s; the server does not answer in the rest.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        link.answer(1, reserved("k1"));
+        assert_eq!(first.await.unwrap().unwrap().key, "k1");
+        assert_eq!(sent(&mut rx).await, 2);
+        let failed = second.await.unwrap().unwrap_err();
+        assert_eq!(tokio::time::Instant::now() - at, Duration::from_secs(2));
+        // Half a second was too little to call the server stuck: busy, and not marked.
+        assert!(!failed.timed_out, "{failed:?}");
+        assert!(
+            failed.error.message.contains("left after waiting"),
+            "{failed:?}"
+        );
+        assert!(!link.unanswered.load(Ordering::Relaxed));
+        assert!(
+            lock(&link.pending).is_empty(),
+            "the given-up reservation is forgotten"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_waiting_for_room_ends_when_the_link_closes() {
+        let (link, mut rx) = link(1);
+        let first = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = in_flight(&link, 2, 60);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        link.closer.close(None);
+        let at = tokio::time::Instant::now();
+        let failed = second.await.unwrap().unwrap_err();
+        assert_eq!(
+            tokio::time::Instant::now(),
+            at,
+            "it waited on after the close"
+        );
+        assert!(failed.error.message.contains("closed"), "{failed:?}");
+        assert!(first.await.unwrap().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_given_up_while_waiting_for_room_or_an_answer_leaves_nothing_behind() {
+        let (link, mut rx) = link(1);
+        let first = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = in_flight(&link, 2, 60);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // An HTTP client that went away: both logins' futures are dropped.
+        second.abort();
+        first.abort();
+        let _ = (first.await, second.await);
+        assert!(
+            lock(&link.pending).is_empty(),
+            "an abandoned reservation stayed pending"
+        );
+        assert_eq!(
+            link.slots.available_permits(),
+            1,
+            "a slot was not given back"
+        );
     }
 }
