@@ -1237,7 +1237,15 @@ impl Results {
                     r.placement_p99_ms_storm,
                     if r.passed() { "pass" } else { "FAIL" }
                 );
-                let c = &r.coordinator_storm;
+                let counts = r.coordinator_storm.map_or_else(
+                    || "The coordinator's counters could not be read.".to_owned(),
+                    |c| {
+                        format!(
+                            "The coordinator during the storm: {} logins answered, {} failed, {} reservations failed (the login went on to another server), {} refused for their address's rate.",
+                            c.logins, c.login_failures, c.reservations_failed, c.rate_limited
+                        )
+                    },
+                );
                 let reasons = if r.login_failure_reasons.is_empty() {
                     "none".to_owned()
                 } else {
@@ -1249,8 +1257,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     md,
-                    "\nThe coordinator during the storm: {} logins answered, {} failed, {} reservations failed (the login went on to another server), {} refused for their address's rate. Probe logins that failed, and why: {reasons}.",
-                    c.logins, c.login_failures, c.reservations_failed, c.rate_limited
+                    "\n{counts} Probe logins that failed over the whole run, and why: {reasons}."
                 );
             }
             if let Some(r) = &o.recovery {

@@ -78,7 +78,8 @@ pub(crate) struct StormResult {
     /// The coordinator's counters over the storm (kill to last client back): logins answered,
     /// logins failed, reservations that failed (a server that was busy or did not answer;
     /// the login went on to another server) and logins refused for their address's rate.
-    pub(crate) coordinator_storm: CoordinatorCounts,
+    /// `None` if its `/metrics` could not be read.
+    pub(crate) coordinator_storm: Option<CoordinatorCounts>,
     /// The existing clients' delivery latency on B and C: p99 before and during the storm, ms.
     pub(crate) probe_p99_ms_quiet: f64,
     pub(crate) probe_p99_ms_storm: f64,
@@ -119,7 +120,11 @@ pub(crate) struct CoordinatorCounts {
 }
 
 impl CoordinatorCounts {
-    fn read(metrics: &str) -> Self {
+    /// The counters in `metrics`; `None` if it is empty (`/metrics` could not be read).
+    fn read(metrics: &str) -> Option<Self> {
+        if metrics.is_empty() {
+            return None;
+        }
         let counter = |name: &str| {
             metrics
                 .lines()
@@ -127,12 +132,12 @@ impl CoordinatorCounts {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .map_or(0, |v| v as u64)
         };
-        Self {
+        Some(Self {
             logins: counter("relaymesh_coordinator_logins_total"),
             login_failures: counter("relaymesh_coordinator_login_failures_total"),
             reservations_failed: counter("relaymesh_coordinator_reservations_failed_total"),
             rate_limited: counter("relaymesh_coordinator_logins_rate_limited_total"),
-        }
+        })
     }
 
     fn since(self, before: Self) -> Self {
@@ -667,7 +672,9 @@ async fn storm(
     let metrics_after = coordinator_metrics(&endpoints).await;
     let (placement_p99_ms_storm, placements_storm) =
         p99_bound_ms(&placement_before, &buckets(&metrics_after, PLACEMENT));
-    let coordinator_storm = CoordinatorCounts::read(&metrics_after).since(counts_before);
+    let coordinator_storm = CoordinatorCounts::read(&metrics_after)
+        .zip(counts_before)
+        .map(|(after, before)| after.since(before));
     let storm_cpu = (
         cpu(running, "coordinator") - storm_cpu.0,
         cpu(running, "commserver-b") + cpu(running, "commserver-c") - storm_cpu.1,
