@@ -76,9 +76,10 @@ struct App {
     next_request: AtomicU64,
     last_login_seq: AtomicU64,
     stats: api::Stats,
-    /// Reservations that failed other than by a server's silence: logged one line per 10 s
-    /// with the count, since a storm of logins can fail thousands a second on busy servers
-    /// (each is counted in `reservations_failed`; the rest are logged at debug level).
+    /// Reservations that failed: logged one line per 10 s with the count, since a storm of
+    /// logins can fail thousands a second on busy servers, and a frozen server every one in
+    /// flight to it (each is counted in `reservations_failed`; the rest are logged at debug
+    /// level).
     reservation_warnings: Mutex<relaymesh_net::serve::Throttle>,
     /// TLS of the listeners (certificate reloaded on change), when configured.
     tls: Option<relaymesh_net::tls::ServiceTls>,

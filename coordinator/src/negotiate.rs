@@ -103,12 +103,10 @@ pub(crate) async fn place_client(
                     lock(&app.registry).mark_unresponsive(c);
                 }
                 drop(claim);
-                // A server that did not answer in time is always told (it is out of the choice
-                // now, so that is rare); other failures, which a storm on busy servers makes by
-                // the thousand, once per 10 s with their count.
-                if timed_out {
-                    tracing::warn!(%server_id, error = %e, "reservation failed; trying another server");
-                } else if let Some(failed) = lock(&app.reservation_warnings).due() {
+                // A storm on busy servers fails reservations by the thousand, and a frozen
+                // server every one in flight to it: one line per 10 s with the count (the link
+                // also says once when a server falls silent).
+                if let Some(failed) = lock(&app.reservation_warnings).due() {
                     tracing::warn!(
                         %server_id,
                         error = %e,

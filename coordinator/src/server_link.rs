@@ -2,7 +2,7 @@
 //! key reservations, and is told when other servers join or leave.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,9 +60,13 @@ pub(crate) struct ServerLink {
     /// in a reconnect storm the refused logins came back as new ones, each another HTTP
     /// connection, after their backoff.
     slots: tokio::sync::Semaphore,
-    /// A reservation went unanswered within its time and none has been answered since: the
-    /// server may be frozen, so a login that had to wait for room goes elsewhere instead.
+    /// A reservation went unanswered within its time while the server answered nothing else
+    /// for half of it, and nothing has been answered since: the server may be frozen, so a
+    /// login that finds no room goes elsewhere instead of waiting.
     unanswered: AtomicBool,
+    /// When the link was made, and its last answer to a reservation (ms after that).
+    born: tokio::time::Instant,
+    last_answer_ms: AtomicU64,
     /// Admin queries in flight at most (`max_pending_reservations`).
     max_pending: usize,
     /// `ServerQuery`s sent to this server and awaiting their `ServerAnswer`, by request id.
@@ -182,6 +186,12 @@ impl ServerLink {
                 if self.unanswered.load(Ordering::Relaxed) {
                     return Err((busy("and it left one unanswered"), false));
                 }
+                // Too little time left for the server to answer: better tried elsewhere than
+                // have it reserve a key nobody will collect.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left < timeout / 4 {
+                    return Err((busy("room came too late to ask in time"), false));
+                }
                 slot
             }
         };
@@ -201,7 +211,6 @@ impl ServerLink {
         if self.tx.try_send(frame).is_err() {
             return Err((busy("its link's queue is full"), false));
         }
-        let given = deadline.saturating_duration_since(tokio::time::Instant::now());
         // `Ok(None)`: the link closed first.
         let outcome = tokio::select! {
             reply = tokio::time::timeout_at(deadline, reply_rx) => reply.map(Result::ok),
@@ -210,21 +219,28 @@ impl ServerLink {
         match outcome {
             Ok(Some(reply)) => reply.map_err(|e| (e, false)),
             Ok(None) => Err((closed(), false)),
-            // Given less than half the time (the rest went waiting for room), the server is
-            // busy rather than stuck: only one that had most of the time says it may be frozen.
-            Err(_) if given < timeout / 2 => {
-                let left = format!(
-                    "no answer in the {} ms left after waiting for room",
-                    given.as_millis()
-                );
-                Err((busy(&left), false))
+            // A server that answered others meanwhile is busy, not stuck (the login may have
+            // had only part of the time, the rest spent waiting for room).
+            Err(_) if self.silent_for() < timeout / 2 => {
+                Err((busy("no answer in time, though it answers others"), false))
             }
             Err(_) => {
-                self.unanswered.store(true, Ordering::Relaxed);
+                let silent = self.silent_for();
+                if !self.unanswered.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        server_id = %self.id,
+                        silent_ms = silent.as_millis(),
+                        "a reservation went unanswered and the server has answered none for a \
+                         while: it may be frozen; logins go to other servers until it answers"
+                    );
+                }
                 Err((
                     error(
                         ErrorCode::Internal,
-                        format!("server did not answer within {} ms", given.as_millis()),
+                        format!(
+                            "server answered no reservation for {} ms",
+                            silent.as_millis()
+                        ),
                     ),
                     true,
                 ))
@@ -232,7 +248,15 @@ impl ServerLink {
         }
     }
 
+    /// How long since the server last answered a reservation (or since the link was made).
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+
     fn answer(&self, request_id: u64, reply: ReserveReply) {
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_answer_ms.store(now, Ordering::Relaxed);
         self.unanswered.store(false, Ordering::Relaxed);
         if let Some(waiter) = lock(&self.pending).remove(&request_id) {
             let _ = waiter.send(reply);
@@ -408,6 +432,8 @@ impl link::Handler for Reader {
             pending: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(app.config.max_pending_reservations),
             unanswered: AtomicBool::new(false),
+            born: tokio::time::Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
             max_pending: app.config.max_pending_reservations,
             queries: Mutex::new(HashMap::new()),
         });
@@ -623,6 +649,8 @@ mod tests {
             pending: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(max_pending),
             unanswered: AtomicBool::new(false),
+            born: tokio::time::Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
             max_pending,
             queries: Mutex::new(HashMap::new()),
         });
@@ -631,7 +659,11 @@ mod tests {
 
     /// The request id of the next `Reserve` the link sent.
     async fn sent(rx: &mut queue::Receiver<Bytes>) -> u64 {
-        let frame = rx.recv().await.expect("a frame");
+        // The clock is paused: an hour passes at once when nothing else can happen.
+        let frame = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+            .await
+            .expect("no Reserve was sent")
+            .expect("a frame");
         match decode::<v1::CoordinatorToServer>(frame)
             .expect("decodes")
             .kind
@@ -769,10 +801,10 @@ mod tests {
         assert_eq!(sent(&mut rx).await, 2);
         let failed = second.await.unwrap().unwrap_err();
         assert_eq!(tokio::time::Instant::now() - at, Duration::from_secs(2));
-        // Half a second was too little to call the server stuck: busy, and not marked.
+        // It answered another half a second before: busy, not stuck, and not marked.
         assert!(!failed.timed_out, "{failed:?}");
         assert!(
-            failed.error.message.contains("left after waiting"),
+            failed.error.message.contains("answers others"),
             "{failed:?}"
         );
         assert!(!link.unanswered.load(Ordering::Relaxed));
@@ -784,21 +816,51 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_login_waiting_for_room_ends_when_the_link_closes() {
-        let (link, mut rx) = link(1);
-        let first = in_flight(&link, 1, 60);
-        assert_eq!(sent(&mut rx).await, 1);
-        let second = in_flight(&link, 2, 60);
+        let (link, _rx) = link(1);
+        // The room is held here, so only the close can end the wait.
+        let _held = link.slots.try_acquire().unwrap();
+        let waiting = in_flight(&link, 1, 60);
         tokio::time::sleep(Duration::from_secs(1)).await;
         link.closer.close(None);
         let at = tokio::time::Instant::now();
-        let failed = second.await.unwrap().unwrap_err();
+        let failed = waiting.await.unwrap().unwrap_err();
         assert_eq!(
             tokio::time::Instant::now(),
             at,
             "it waited on after the close"
         );
         assert!(failed.error.message.contains("closed"), "{failed:?}");
-        assert!(first.await.unwrap().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_that_waited_and_got_no_answer_from_a_silent_server_marks_it_stuck() {
+        let (link, mut rx) = link(1);
+        let first = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = in_flight(&link, 2, 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        link.answer(1, reserved("k1"));
+        assert_eq!(first.await.unwrap().unwrap().key, "k1");
+        assert_eq!(sent(&mut rx).await, 2);
+        // Nothing more comes: 1.7 s of silence is most of the 2 s.
+        let failed = second.await.unwrap().unwrap_err();
+        assert!(failed.timed_out, "{failed:?}");
+        assert!(link.unanswered.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_whose_room_comes_too_late_to_be_answered_is_not_sent() {
+        let (link, mut rx) = link(1);
+        let first = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let second = in_flight(&link, 2, 2);
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        link.answer(1, reserved("k1"));
+        assert_eq!(first.await.unwrap().unwrap().key, "k1");
+        let failed = second.await.unwrap().unwrap_err();
+        assert!(!failed.timed_out, "{failed:?}");
+        assert!(failed.error.message.contains("too late"), "{failed:?}");
+        assert!(rx.try_recv().is_err(), "sent with 0.2 s of its 2 s left");
     }
 
     #[tokio::test(start_paused = true)]
