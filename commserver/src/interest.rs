@@ -585,6 +585,16 @@ mod tests {
         n.into()
     }
 
+    /// The interest message announcing `add` and `remove` (topic names) as number `seq`.
+    fn interest(seq: u64, full: bool, add: &[&str], remove: &[&str]) -> ToPeer {
+        ToPeer::Interest {
+            seq,
+            full,
+            add: add.iter().map(|n| t(n)).collect(),
+            remove: remove.iter().map(|n| t(n)).collect(),
+        }
+    }
+
     /// The route's sessions (by id) and peers.
     fn route(i: &mut I, topic: &str) -> (Vec<u64>, Vec<&'static str>) {
         i.route(&t(topic))
@@ -600,33 +610,14 @@ mod tests {
     fn first_and_last_local_subscriber_are_announced_to_peers() {
         let mut i = I::new();
         let fx = i.peer_up(&name("b"), 1, "B");
-        assert_eq!(
-            fx.to_peers,
-            vec![(
-                "B",
-                ToPeer::Interest {
-                    seq: 1,
-                    full: true,
-                    add: vec![],
-                    remove: vec![]
-                }
-            )]
-        );
+        assert_eq!(fx.to_peers, vec![("B", interest(1, true, &[], &[]))]);
         i.peer_ack(&name("b"), 1, 1);
 
         let fx = i.subscribe(10, &10, vec![t("x"), t("y")], 100);
         assert_eq!(fx.routes, [t("x"), t("y")].into_iter().collect());
         assert_eq!(
             fx.to_peers,
-            vec![(
-                "B",
-                ToPeer::Interest {
-                    seq: 2,
-                    full: false,
-                    add: vec![t("x"), t("y")],
-                    remove: vec![]
-                }
-            )]
+            vec![("B", interest(2, false, &["x", "y"], &[]))]
         );
         assert!(
             fx.completed.is_empty(),
@@ -646,18 +637,7 @@ mod tests {
         let fx = i.unsubscribe(10, vec![t("x")], 102);
         assert!(fx.to_peers.is_empty());
         let fx = i.session_closed(11, None);
-        assert_eq!(
-            fx.to_peers,
-            vec![(
-                "B",
-                ToPeer::Interest {
-                    seq: 3,
-                    full: false,
-                    add: vec![],
-                    remove: vec![t("x")]
-                }
-            )]
-        );
+        assert_eq!(fx.to_peers, vec![("B", interest(3, false, &[], &["x"]))]);
         assert!(i.route(&t("x")).is_none());
         assert_eq!(i.local_topics(), 1);
     }
@@ -674,18 +654,7 @@ mod tests {
         i.subscribe(3, &3, vec![t("y")], 3);
         i.peer_ack(&name("b"), 1, 2);
         let fx = i.session_closed(3, Some(4));
-        assert_eq!(
-            fx.to_peers,
-            vec![(
-                "B",
-                ToPeer::Interest {
-                    seq: 3,
-                    full: false,
-                    add: vec![],
-                    remove: vec![t("y")]
-                }
-            )]
-        );
+        assert_eq!(fx.to_peers, vec![("B", interest(3, false, &[], &["y"]))]);
         assert!(fx.completed.is_empty());
         assert!(i.peer_ack(&name("b"), 1, 2).completed.is_empty());
         assert_eq!(i.peer_ack(&name("b"), 1, 3).completed, vec![4]);
@@ -739,15 +708,7 @@ mod tests {
         assert_eq!(fx.close, vec!["P1"]);
         assert_eq!(
             fx.to_peers,
-            vec![(
-                "P2",
-                ToPeer::Interest {
-                    seq: 1,
-                    full: true,
-                    add: vec![t("a"), t("b")],
-                    remove: vec![]
-                }
-            )]
+            vec![("P2", interest(1, true, &["a", "b"], &[]))]
         );
         assert_eq!(
             route(&mut i, "a"),
@@ -827,15 +788,7 @@ mod tests {
         assert!(fx.completed.is_empty());
         assert_eq!(
             fx.to_peers,
-            vec![(
-                "P2",
-                ToPeer::Interest {
-                    seq: 1,
-                    full: true,
-                    add: vec![t("x"), t("y"), t("z")],
-                    remove: vec![]
-                }
-            )]
+            vec![("P2", interest(1, true, &["x", "y", "z"], &[]))]
         );
         assert_eq!(i.pending(7), Some(vec![name("p")]));
         // A request made now waits for the same acknowledgement.
@@ -874,12 +827,6 @@ mod tests {
 
     #[test]
     fn a_batch_folds_into_one_interest_and_one_ack_per_link() {
-        let interest = |seq, full, add: &[&str], remove: &[&str]| ToPeer::Interest {
-            seq,
-            full,
-            add: add.iter().map(|n| t(n)).collect(),
-            remove: remove.iter().map(|n| t(n)).collect(),
-        };
         let key = |p: &&'static str| p.as_ptr() as usize;
         let folded = coalesce(
             vec![

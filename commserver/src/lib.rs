@@ -168,6 +168,19 @@ impl Server {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A waiter for a change to reach the linked peers: its id and the sender, which go to the
+    /// control task with the change, and the receiver, which fires once every peer applied it.
+    fn peer_waiter(
+        &self,
+    ) -> (
+        interest::WaiterId,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        (self.next_id(), done, wait)
+    }
+
     /// Shutting down or drained: no new clients, reservations refused, reported as draining.
     fn draining(&self) -> bool {
         self.shutdown.is_cancelled() || self.drained.load(Ordering::Relaxed)

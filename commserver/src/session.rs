@@ -587,9 +587,9 @@ impl link::Handler for Session {
         let mut withdrawn = None;
         if self.ever_subscribed {
             let done = node.then(|| {
-                let (done, wait) = oneshot::channel();
+                let (waiter, done, wait) = server.peer_waiter();
                 withdrawn = Some(wait);
-                (server.next_id(), done)
+                (waiter, done)
             });
             let _ = server
                 .control
@@ -607,17 +607,18 @@ impl link::Handler for Session {
         server.load_changed();
         // Changes a backend asked for and this session never made: their callers hear so.
         drop(server.take_session_ops(self.me.id));
-        if node {
-            if let Some(withdrawn) = withdrawn {
-                let timeout = server.config.subscribe_sync_timeout();
-                if tokio::time::timeout(timeout, withdrawn).await.is_err() {
-                    tracing::warn!(
-                        ?timeout,
-                        "peers did not confirm in time that they dropped a node's topic; \
-                         reporting the node gone without them"
-                    );
-                }
+        // Only a node's session waits (`withdrawn` is its own).
+        if let Some(withdrawn) = withdrawn {
+            let timeout = server.config.subscribe_sync_timeout();
+            if tokio::time::timeout(timeout, withdrawn).await.is_err() {
+                tracing::warn!(
+                    ?timeout,
+                    "peers did not confirm in time that they dropped a node's topic; \
+                     reporting the node gone without them"
+                );
             }
+        }
+        if node {
             server.presence.closed(self.me.id);
         }
     }
@@ -1508,8 +1509,7 @@ impl Session {
             self.ever_subscribed = true;
         }
         let topics = self.keys(fresh);
-        let (done, wait) = oneshot::channel();
-        let waiter = self.server.next_id();
+        let (waiter, done, wait) = self.server.peer_waiter();
         self.server
             .command(Command::Subscribe {
                 session: self.me.clone(),
@@ -1553,8 +1553,7 @@ impl Session {
             .subscribed
             .store(!self.topics.is_empty(), Ordering::Relaxed);
         let topics = self.keys(gone);
-        let (done, wait) = oneshot::channel();
-        let waiter = self.server.next_id();
+        let (waiter, done, wait) = self.server.peer_waiter();
         self.server
             .command(Command::Unsubscribe {
                 session: self.me.id,
