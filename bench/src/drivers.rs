@@ -55,6 +55,11 @@ pub(crate) struct Endpoints {
     pub(crate) urls: Vec<String>,
     /// relaymesh: the comm server ids, asked for as the preferred server.
     pub(crate) server_ids: Vec<String>,
+    /// relaymesh: the comm servers' base URLs (`ws://127.0.0.1:PORT`).
+    pub(crate) server_urls: Vec<String>,
+    /// relaymesh: clients log in through the comm server they are meant for (a relayed
+    /// `Login`), reconnects through another; `false`: every login is `POST /v1/login`.
+    pub(crate) relay_logins: bool,
     /// relaymesh: the coordinator's admin API (gRPC, `http://127.0.0.1:PORT`), which serves
     /// the backend API; `None` for the other systems.
     pub(crate) admin_url: Option<String>,
@@ -98,6 +103,28 @@ impl Endpoints {
         self.relaymesh_as(server, Credentials::Anonymous).await
     }
 
+    /// Points relaymesh client `config` at server `server`: its login goes through that
+    /// server (which the coordinator prefers when it is eligible) with `relay_logins`, else
+    /// to the coordinator asking for it.
+    pub(crate) fn place(&self, config: &mut ClientConfig, server: usize) -> anyhow::Result<()> {
+        if self.relay_logins {
+            let url = self
+                .server_urls
+                .get(server)
+                .with_context(|| format!("relaymesh has no server {server}"))?;
+            config.login_servers = vec![url.clone()];
+            config.preferred_server = None;
+        } else {
+            let id = self
+                .server_ids
+                .get(server)
+                .with_context(|| format!("relaymesh has no server {server}"))?;
+            config.preferred_server = Some(id.clone());
+            config.relay_logins = false;
+        }
+        Ok(())
+    }
+
     /// A relaymesh client on server `server` logged in with `credentials`.
     async fn relaymesh_as(
         &self,
@@ -121,7 +148,7 @@ impl Endpoints {
             .with_context(|| format!("relaymesh has no server {server}"))?;
         let mut config = ClientConfig::new(self.url(0)?);
         config.tls = self.tls.clone();
-        config.preferred_server = Some(id.clone());
+        self.place(&mut config, server)?;
         // A reconnect would hide a dropped connection behind a fresh one.
         config.auto_reconnect = false;
         config.outbound_queue = 8192;

@@ -107,6 +107,13 @@ enum TlsMode {
     On,
 }
 
+/// How relaymesh clients log in (`--relaymesh-logins`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LoginPath {
+    Relay,
+    Http,
+}
+
 /// Whether relaymesh's comm servers keep topic history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum HistoryMode {
@@ -239,6 +246,12 @@ struct Args {
     /// alternating within each repetition (off, on, off, on...), every run on fresh servers.
     #[arg(long, default_value_t = 1)]
     repeat: u32,
+    /// How relaymesh clients log in: `relay` through the comm server they are meant for (a
+    /// keyless connection whose `Login` that server relays to the coordinator; reconnects go
+    /// through another server), or `http`: `POST /v1/login` to the coordinator, then the
+    /// server with the key (every login, reconnects too).
+    #[arg(long, value_enum, default_value = "relay")]
+    relaymesh_logins: LoginPath,
     /// Storm scenario: clients on the comm server that is killed (each holds an open file in
     /// that server and in the generator, so RLIMIT_NOFILE bounds it).
     #[arg(long, default_value_t = 19_000)]
@@ -834,6 +847,7 @@ fn main() -> ExitCode {
         server_cpu: Some(args.server_cpu.clone()).filter(|c| !c.is_empty()),
         tls: pki.as_ref().map(|p| p.files().clone()),
         connector,
+        relay_logins: args.relaymesh_logins == LoginPath::Relay,
     };
     // One worker thread: the generator gets one core, as the servers do.
     let runtime = match tokio::runtime::Builder::new_current_thread()

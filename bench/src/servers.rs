@@ -43,6 +43,8 @@ pub(crate) struct Launcher {
     pub(crate) tls: Option<TlsFiles>,
     /// A dialer trusting the run's CA (the default trust without TLS).
     pub(crate) connector: relaymesh_net::tls::Connector,
+    /// relaymesh clients log in through comm servers ([`Endpoints::relay_logins`]).
+    pub(crate) relay_logins: bool,
 }
 
 /// One server process, killed and reaped when dropped.
@@ -349,6 +351,7 @@ impl Launcher {
         let mut urls = Vec::new();
         let mut server_ids = Vec::new();
         let mut server_http = Vec::new();
+        let mut server_urls = Vec::new();
         let ports: Vec<u16> = (0..servers)
             .map(|_| free_port())
             .collect::<Result<_, _>>()?;
@@ -408,6 +411,7 @@ impl Launcher {
                     )?);
                     server_ids.push(id.to_owned());
                     server_http.push(format!("{http}://127.0.0.1:{port}"));
+                    server_urls.push(format!("{ws}://127.0.0.1:{port}"));
                 }
                 urls.push(coordinator_url);
                 let mut running = Running {
@@ -415,6 +419,8 @@ impl Launcher {
                         system,
                         urls,
                         server_ids,
+                        server_urls,
+                        relay_logins: self.relay_logins,
                         admin_url: Some(format!("{http}://127.0.0.1:{admin}")),
                         admin_token: token,
                         tls: connector,
@@ -507,6 +513,8 @@ impl Launcher {
                 system,
                 urls,
                 server_ids,
+                server_urls,
+                relay_logins: false,
                 admin_url: None,
                 admin_token: String::new(),
                 tls: connector,

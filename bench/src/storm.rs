@@ -584,7 +584,7 @@ async fn storm(
     let config = {
         let mut c = ClientConfig::new(endpoints.url(0)?);
         c.tls = endpoints.tls.clone();
-        c.preferred_server = Some(victim.clone());
+        endpoints.place(&mut c, 0)?;
         c.outbound_queue = 64;
         c.event_queue = 64;
         c

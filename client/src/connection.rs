@@ -64,9 +64,11 @@ pub(crate) enum Arrivals {
     Hold,
 }
 
-/// One connection round: negotiate with a coordinator, then connect to the offered server,
-/// trying another (and excluding the failed one) if it cannot be reached. A coordinator that
-/// fails meanwhile (see [`crate::negotiate::try_another`]) hands the round to the next one.
+/// One connection round: log in through a known comm server when there is one (see
+/// [`ClientConfig::relay_logins`]), else, or when that fails, negotiate with a coordinator,
+/// then connect to the offered server, trying another (and excluding the failed one) if it
+/// cannot be reached. A coordinator that fails meanwhile (see
+/// [`crate::negotiate::try_another`]) hands the round to the next one.
 pub(crate) async fn establish(
     config: &ClientConfig,
     shared: &Shared,
@@ -74,10 +76,45 @@ pub(crate) async fn establish(
     exclude: &[String],
     arrivals: Arrivals,
 ) -> Result<Connected, ClientError> {
-    let mut tried = Vec::new();
     let moving = arrivals == Arrivals::Hold;
-    let mut round = Round::open(config, &tried, exclude, moving).await?;
     let mut exclude = exclude.to_vec();
+    if let Some(url) = entry_point(config, shared, &exclude) {
+        let login = v1::Login {
+            protocol_version: PROTOCOL_VERSION,
+            credentials: Some((&config.credentials).into()),
+            client_id: config.client_id.clone().unwrap_or_default(),
+            exclude: exclude.clone(),
+            moving,
+        };
+        let target = Target::Relay {
+            url: &url,
+            login: Box::new(login),
+        };
+        let redirect = match attach(config, shared, events, target, arrivals).await {
+            Ok(Attached::Connected(connected)) => return Ok(*connected),
+            Ok(Attached::Redirected(offer)) => Some(offer),
+            // The coordinator's verdict on the credentials holds everywhere.
+            Err(ClientError::Refused(e)) if refused_everywhere(e.error_code()) => {
+                return Err(ClientError::Refused(e));
+            }
+            Err(e) => {
+                tracing::debug!(server = %url, error = %e, "login through a server failed; asking the coordinator");
+                None
+            }
+        };
+        if let Some(offer) = redirect {
+            match attach(config, shared, events, Target::Offer(&offer), arrivals).await {
+                Ok(Attached::Connected(connected)) => return Ok(*connected),
+                Ok(Attached::Redirected(_)) => {}
+                Err(e) => {
+                    tracing::debug!(server = %offer.server_id, error = %e, "offered server failed; asking the coordinator");
+                    exclude.push(offer.server_id);
+                }
+            }
+        }
+    }
+    let mut tried = Vec::new();
+    let mut round = Round::open(config, &tried, &exclude, moving).await?;
     let mut failure = None;
     for _ in 0..SERVERS_PER_ROUND {
         let offer = match round.offer(config, &exclude, moving).await {
@@ -100,10 +137,16 @@ pub(crate) async fn establish(
                 break;
             }
         };
-        match attach(config, shared, events, &offer, arrivals).await {
-            Ok(connected) => {
+        match attach(config, shared, events, Target::Offer(&offer), arrivals).await {
+            Ok(Attached::Connected(connected)) => {
                 round.close().await;
-                return Ok(connected);
+                return Ok(*connected);
+            }
+            Ok(Attached::Redirected(_)) => {
+                exclude.push(offer.server_id);
+                failure = Some(ClientError::Protocol(
+                    "a server redirected a client that came with a key".into(),
+                ));
             }
             Err(e) => {
                 tracing::debug!(server = %offer.server_id, error = %e, "offered server failed; asking for another");
@@ -116,21 +159,94 @@ pub(crate) async fn establish(
     Err(failure.unwrap_or(ClientError::Closed))
 }
 
-/// Connects to an offered server, attaches and restores every subscription.
+/// Whether a refusal of a login through a server would be the coordinator's answer too.
+fn refused_everywhere(code: v1::ErrorCode) -> bool {
+    use v1::ErrorCode as C;
+    matches!(
+        code,
+        C::BadCredentials
+            | C::UnknownAccount
+            | C::AccountDisabled
+            | C::RoleNotPermitted
+            | C::RateLimited
+            | C::Unauthenticated
+    )
+}
+
+/// A server to log in through: of those the last `Ready` listed and `exclude` does not name,
+/// the preferred server if it is one, else one at random; with none of those, one of
+/// [`ClientConfig::login_servers`] at random (unless a server is preferred). `None`: the
+/// login goes to the coordinator.
+fn entry_point(config: &ClientConfig, shared: &Shared, exclude: &[String]) -> Option<String> {
+    use rand::seq::IndexedRandom as _;
+    if !config.relay_logins || matches!(config.credentials, crate::Credentials::Key { .. }) {
+        return None;
+    }
+    let known = lock(&shared.entry_points);
+    let known: Vec<&v1::ServerInfo> = known
+        .iter()
+        .filter(|s| !exclude.contains(&s.server_id))
+        .collect();
+    let preferred = config.preferred_server.as_deref();
+    if let Some(server) = known
+        .iter()
+        .find(|s| Some(s.server_id.as_str()) == preferred)
+    {
+        return Some(server.url.clone());
+    }
+    let mut rng = rand::rng();
+    match known.choose(&mut rng) {
+        Some(server) => Some(server.url.clone()),
+        None if preferred.is_none() => config.login_servers.choose(&mut rng).cloned(),
+        None => None,
+    }
+}
+
+/// Where [`attach`] connects.
+enum Target<'a> {
+    /// An offered server, with the key reserved there.
+    Offer(&'a v1::ConnectOffer),
+    /// A server (base URL) dialled without a key, which relays `login` to the coordinator
+    /// (boxed: large beside the other).
+    Relay { url: &'a str, login: Box<v1::Login> },
+}
+
+/// What [`attach`] came to.
+enum Attached {
+    /// Boxed: large beside the other.
+    Connected(Box<Connected>),
+    /// The server dialled without a key relayed the login, and the coordinator chose another
+    /// server: this offer is for it.
+    Redirected(v1::ConnectOffer),
+}
+
+/// Connects to a server, attaches and restores every subscription.
 async fn attach(
     config: &ClientConfig,
     shared: &Shared,
     events: &EventTx,
-    offer: &v1::ConnectOffer,
+    target: Target<'_>,
     arrivals: Arrivals,
-) -> Result<Connected, ClientError> {
-    let url = format!("{}?key={}", offer.url, offer.key);
+) -> Result<Attached, ClientError> {
+    let (url, server) = match &target {
+        Target::Offer(offer) => (
+            format!("{}?key={}", offer.url, offer.key),
+            offer.server_id.as_str(),
+        ),
+        Target::Relay { url, .. } => (format!("{}/v1/client", url.trim_end_matches('/')), *url),
+    };
     let (resubscribe, topics) = restoration(shared);
     let mut recover = Vec::new();
-    // Attach (and resubscribe) go out first, ahead of anything queued for the writer.
-    let mut opening = vec![encode(&v1::ClientToServer::attach(v1::Attach {
+    // Login (when relayed), Attach and the resubscription go out first, ahead of anything
+    // queued for the writer.
+    let mut opening = Vec::with_capacity(3);
+    let relayed = matches!(target, Target::Relay { .. });
+    if let Target::Relay { login, .. } = target {
+        opening.push(encode(&v1::ClientToServer::login(*login)));
+    }
+    opening.push(encode(&v1::ClientToServer::attach(v1::Attach {
         protocol_version: PROTOCOL_VERSION,
-    }))];
+    })));
     if !topics.is_empty() {
         // After a lost connection, what was missed on topics that keep history is recovered
         // (a move loses nothing: it reads the old server to its end).
@@ -170,6 +286,28 @@ async fn attach(
             .await
             .map_err(|e| ClientError::Protocol(format!("server link failed: {e}")))?;
     }
+    // A relayed login is answered first: `Ready` (this server it is), `redirect` or `Error`.
+    let relay_answer = if relayed {
+        let answer = tokio::time::timeout(config.connect_timeout, first_answer(&mut link))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout(format!(
+                    "waiting for {server} to answer the login"
+                )))
+            })?;
+        match answer {
+            Kind::Ready(ready) => Some(ready),
+            Kind::Redirect(offer) => return Ok(Attached::Redirected(offer)),
+            Kind::Error(e) => return Err(ClientError::Refused(e)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected answer to a login from {server}: {other:?}"
+                )));
+            }
+        }
+    } else {
+        None
+    };
     let mut held = Vec::new();
     let handshake = restore(
         &mut link,
@@ -177,19 +315,26 @@ async fn attach(
         events,
         (resubscribe, &recover),
         &topics,
-        true,
+        relay_answer.is_none(),
         arrivals,
         &mut held,
     );
     let (ready, pending) = tokio::time::timeout(config.connect_timeout, handshake)
         .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::Timeout(format!(
-                "attaching to {}",
-                offer.server_id
-            )))
-        })?;
-    let ready = ready.ok_or(ClientError::Closed)?;
+        .unwrap_or_else(|_| Err(ClientError::Timeout(format!("attaching to {server}"))))?;
+    let ready = match ready.or(relay_answer) {
+        Some(ready) if ready.protocol_version == PROTOCOL_VERSION => ready,
+        Some(ready) => {
+            return Err(ClientError::Protocol(format!(
+                "server speaks protocol {}",
+                ready.protocol_version
+            )));
+        }
+        None => return Err(ClientError::Closed),
+    };
+    if !ready.servers.is_empty() {
+        *lock(&shared.entry_points) = ready.servers.clone();
+    }
     let confirmed = {
         let mut state = lock(&shared.state);
         state.alias = ready.alias.clone();
@@ -203,7 +348,7 @@ async fn attach(
     }
     let ms =
         |v: u32, default: u64| Duration::from_millis(if v > 0 { u64::from(v) } else { default });
-    Ok(Connected {
+    Ok(Attached::Connected(Box::new(Connected {
         link,
         server_id: ready.server_id,
         alias: ready.alias,
@@ -213,7 +358,28 @@ async fn attach(
         restored_by: resubscribe,
         unconfirmed: pending,
         held,
-    })
+    })))
+}
+
+/// The first message from a server (skipping control frames).
+async fn first_answer(link: &mut ClientLink) -> Result<Kind, ClientError> {
+    loop {
+        match link::next_frame(&mut link.stream).await {
+            Ok(Inbound::Frame(frame)) => {
+                let msg: v1::ServerToClient = decode_frame(frame).map_err(ClientError::Refused)?;
+                return msg
+                    .kind
+                    .ok_or_else(|| ClientError::Protocol("empty message from the server".into()));
+            }
+            Ok(Inbound::Control) => continue,
+            Ok(Inbound::Closed) => {
+                return Err(ClientError::Protocol(
+                    "server closed the connection before answering the login".into(),
+                ));
+            }
+            Err(e) => return Err(ClientError::Protocol(format!("server link failed: {e}"))),
+        }
+    }
 }
 
 /// A request number for restoring the subscriptions, and the topics to restore.
@@ -1298,7 +1464,10 @@ fn event_for(msg: v1::ServerToClient, shared: &Shared, seen: &mut crate::Seen) -
             }
             return Handled::End(reason);
         }
-        Some(Kind::Pong(_) | Kind::Ready(_)) | None => return Handled::Nothing,
+        // Answers to a login, which comes before the session.
+        Some(Kind::Pong(_) | Kind::Ready(_) | Kind::Redirect(_)) | None => {
+            return Handled::Nothing;
+        }
     };
     Handled::Event(event)
 }

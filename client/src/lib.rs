@@ -192,6 +192,20 @@ pub struct ClientConfig {
     pub coordinator: String,
     /// Ask for this server when it is eligible.
     pub preferred_server: Option<String>,
+    /// Log in through a comm server instead of the coordinator when one is known (default
+    /// `true`): the client dials a server of the cluster without a key and sends its
+    /// credentials, which that server relays to the coordinator; the coordinator chooses as
+    /// it would for `POST /v1/login`, keeping the client where it dialled when that server is
+    /// eligible, else sending it on to another. Known servers are those each server's
+    /// `Ready` lists: a reconnect goes through one of them other than the server it lost
+    /// (`preferred_server` if it is one, else one at random); a first login goes through one
+    /// of `login_servers`, when there are any and no server is preferred. When that fails
+    /// the client asks the coordinator as usual. Key logins always ask the coordinator (they
+    /// answer its challenge).
+    pub relay_logins: bool,
+    /// Comm server base URLs (`ws://10.0.0.5:7500`) the first login may go through (see
+    /// `relay_logins`); empty (the default): the first login asks the coordinator.
+    pub login_servers: Vec<String>,
     /// Reconnect through the coordinator when the server goes away (default `true`).
     pub auto_reconnect: bool,
     /// Time allowed for each step of negotiating and connecting (coordinator answer, server
@@ -366,6 +380,8 @@ impl ClientConfig {
         Self {
             coordinator: coordinator.into(),
             preferred_server: None,
+            relay_logins: true,
+            login_servers: Vec::new(),
             auto_reconnect: true,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
@@ -815,6 +831,9 @@ struct Shared {
     history: Mutex<history::Positions>,
     /// Woken when the server confirms publishes.
     confirmations: tokio::sync::Notify,
+    /// The servers the last `Ready` listed: where the next login may go
+    /// ([`ClientConfig::relay_logins`]).
+    entry_points: Mutex<Vec<v1::ServerInfo>>,
 }
 
 impl Shared {
@@ -1167,6 +1186,7 @@ impl Client {
             inbox_seen: AtomicU64::new(0),
             history: Mutex::new(history::Positions::default()),
             confirmations: tokio::sync::Notify::new(),
+            entry_points: Mutex::new(Vec::new()),
         });
         let config_auto_ack = config.auto_ack_inbox;
         let (out_tx, out_rx) = queue::bounded(config.outbound_queue.max(1));
@@ -1760,6 +1780,7 @@ mod tests {
             inbox_seen: AtomicU64::new(0),
             history: Mutex::new(history::Positions::default()),
             confirmations: tokio::sync::Notify::new(),
+            entry_points: Mutex::new(Vec::new()),
         })
     }
 

@@ -122,6 +122,10 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "keys_pending": pending_keys,
         "keys_reserved": s.keys_reserved.get(),
         "keys_refused": s.keys_refused.get(),
+        "relayed_logins": s.relayed_logins.get(),
+        "relayed_logins_redirected": s.relayed_logins_redirected.get(),
+        "relayed_logins_failed": s.relayed_logins_failed.get(),
+        "relayed_logins_refused": s.relayed_logins_refused.get(),
         "peer_links_refused": s.peer_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tls_refused_plain": s.serving.tls_refused_plain.get(),
@@ -258,7 +262,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 35] = [
+    let counters: [(&str, &str, &Counter); 39] = [
         (
             "relaymesh_history_stored_total",
             "Messages added to topic history (as origin or copy).",
@@ -408,6 +412,26 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_keys_refused_total",
             "Client connections refused for a bad key.",
             &s.keys_refused,
+        ),
+        (
+            "relaymesh_relayed_logins_total",
+            "Keyless clients whose relayed Login gave them a session here.",
+            &s.relayed_logins,
+        ),
+        (
+            "relaymesh_relayed_logins_redirected_total",
+            "Keyless clients whose relayed Login sent them to another server.",
+            &s.relayed_logins_redirected,
+        ),
+        (
+            "relaymesh_relayed_logins_failed_total",
+            "Relayed Logins the coordinator refused or did not answer.",
+            &s.relayed_logins_failed,
+        ),
+        (
+            "relaymesh_relayed_logins_refused_total",
+            "Keyless clients refused before the upgrade (max_logins_in_flight, no coordinator).",
+            &s.relayed_logins_refused,
         ),
         (
             "relaymesh_peer_links_refused_total",

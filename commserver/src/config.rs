@@ -153,6 +153,12 @@ pub struct Config {
     pub peer_replay_ms: u64,
     /// Time a new link has to send its first message.
     pub handshake_timeout_ms: u64,
+    /// Clients that dialled `/v1/client` without a key and whose `Login` the coordinator has
+    /// not answered yet; more are refused with `UNAVAILABLE` (503) before the upgrade, and log
+    /// in with the coordinator instead.
+    pub max_logins_in_flight: usize,
+    /// Longest wait for the coordinator's answer to a relayed `Login`.
+    pub login_relay_timeout_ms: u64,
     /// Longest wait for peers to confirm a subscription change before the client is answered
     /// with an `Ack` naming the servers still pending (the change is in force everywhere
     /// else); a second `Ack` follows once they have confirmed.
@@ -246,6 +252,8 @@ impl Default for Config {
             peer_replay_bytes: 16 * 1024 * 1024,
             peer_replay_ms: 15_000,
             handshake_timeout_ms: 5_000,
+            max_logins_in_flight: 1_024,
+            login_relay_timeout_ms: 10_000,
             subscribe_sync_timeout_ms: 5_000,
             max_pending_confirmations: 64,
             reconnect_min_ms: 100,
@@ -405,6 +413,16 @@ impl Config {
             self.handshake_timeout_ms,
         )?;
         ensure(
+            self.max_logins_in_flight > 0,
+            "max_logins_in_flight",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.login_relay_timeout_ms > 0,
+            "login_relay_timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
             self.peer_heartbeat_timeout_ms >= 300,
             "peer_heartbeat_timeout_ms",
             "must be at least 300",
@@ -488,6 +506,7 @@ impl Config {
         pub(crate) fn peer_resume = peer_resume_ms;
         pub(crate) fn peer_replay_age = peer_replay_ms;
         pub(crate) fn handshake_timeout = handshake_timeout_ms;
+        pub(crate) fn login_relay_timeout = login_relay_timeout_ms;
         pub(crate) fn subscribe_sync_timeout = subscribe_sync_timeout_ms;
         pub(crate) fn key_ttl = key_ttl_ms;
         pub(crate) fn reconnect_min = reconnect_min_ms;

@@ -412,6 +412,7 @@ impl Coordinators {
         );
         if state.primary.is_none() {
             state.primary = Some(number);
+            server.relays.set_link(Some(tx.clone()));
             server.inboxes.set_link(Some(tx));
         }
         server.set_peers(union(&state));
@@ -458,6 +459,7 @@ impl Coordinators {
                 .and_then(|n| state.registered.get(&n))
                 .map(|r| r.tx.clone());
             // What was asked over the old primary is answered "unavailable" now.
+            server.relays.set_link(tx.clone());
             server.inboxes.set_link(tx);
             events = server.presence.source_changed(number, state.primary);
         } else {
@@ -635,6 +637,7 @@ impl link::Handler for Reader {
                     .peer_left(server, self.number, &left.server_id);
             }
             Some(Kind::Replace(replace)) => server.replace(&replace),
+            Some(Kind::RelayedLoginAnswer(answer)) => server.relays.answered(answer),
             Some(Kind::InboxStored(stored)) => server.inboxes.stored(stored),
             Some(Kind::InboxBatch(batch)) => server.inboxes.batch(batch),
             Some(Kind::InboxNudge(nudge)) => server

@@ -29,6 +29,7 @@ mod names;
 mod operator;
 mod peers;
 mod presence;
+mod relay;
 mod routes;
 mod session;
 mod small_set;
@@ -114,6 +115,8 @@ struct Server {
     presence: presence::Presence,
     /// Requests to the coordinator's inbox, and the sessions waiting for their answers.
     inboxes: inbox::Inboxes,
+    /// Logins relayed to the coordinator for clients that came without a key.
+    relays: relay::Relays,
     /// The peers the coordinator has told of, with their URLs (for readiness: each must be
     /// linked; with mutual TLS, a peer's certificate must name its URL's host).
     known_peers: Mutex<BTreeMap<Arc<str>, String>>,
@@ -338,6 +341,7 @@ pub async fn run_with(
         coordinators: coordinator_link::Coordinators::default(),
         presence: presence::Presence::default(),
         inboxes: inbox::Inboxes::default(),
+        relays: relay::Relays::new(config.max_logins_in_flight),
         direct_writes,
         id,
         public_url,

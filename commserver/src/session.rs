@@ -119,27 +119,24 @@ pub(crate) async fn upgrade(
         )
         .into_response();
     }
-    let (key, batches) = match query {
-        Ok(Query(ClientQuery {
-            key: Some(key),
-            batch,
-        })) if !key.is_empty() => match batch.as_deref() {
-            None | Some("0") => (key, false),
-            Some("1") => (key, true),
-            Some(other) => {
-                return ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadFrame,
-                    format!("batch={other:?}: expected batch=1 or batch=0"),
-                )
-                .into_response();
-            }
-        },
-        _ => {
-            return refuse_key(
-                &server,
-                "missing ?key= query parameter; get a key from the coordinator",
-            );
+    let Ok(Query(ClientQuery { key, batch })) = query else {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            "bad query: expected ?key=KEY (or none, to log in with Login) and batch=1 or 0",
+        )
+        .into_response();
+    };
+    let batches = match batch.as_deref() {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                format!("batch={other:?}: expected batch=1 or batch=0"),
+            )
+            .into_response();
         }
     };
     // Checked before the key is spent, so a refused client's key is not wasted. (Keys count
@@ -152,6 +149,9 @@ pub(crate) async fn upgrade(
         )
         .into_response();
     }
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return relayed(server, conn, on_upgrade, response, batches);
+    };
     let identity = match lock(&server.keys).redeem(Instant::now(), &key) {
         Ok(identity) => identity,
         Err(e) => return refuse_key(&server, &e.to_string()),
@@ -176,6 +176,135 @@ pub(crate) async fn upgrade(
         .instrument(span),
     );
     response
+}
+
+/// A client that came without a key ([`crate::relay`]): upgraded once there is room for
+/// another login in flight, then its `Login` goes to the coordinator. With an offer of this
+/// server the session starts as if the client had brought the key; an offer of another is
+/// sent to the client as `redirect`, a refusal as `Error`, and the connection closes.
+fn relayed(
+    server: Arc<Server>,
+    conn: ConnInfo,
+    on_upgrade: accept::OnUpgrade,
+    response: Response,
+    batches: bool,
+) -> Response {
+    let room = match server.relays.admit() {
+        Ok(room) => room,
+        Err(e) => {
+            server.stats.relayed_logins_refused.inc();
+            return ApiError::from_code(e.error_code(), e.message).into_response();
+        }
+    };
+    let limits = server.config.ws_limits();
+    let span = tracing::debug_span!("client", peer = %conn.peer, alias = tracing::field::Empty);
+    let tracker = server.tracker.clone();
+    tracker.clone().spawn(
+        async move {
+            let mut socket = match accept::upgraded_link(on_upgrade, &limits).await {
+                Ok(socket) => socket,
+                Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
+            };
+            let last_words = match log_in(&server, &mut socket, &conn).await {
+                Ok(identity) => {
+                    drop(room);
+                    tracing::Span::current().record("alias", identity.alias.as_str());
+                    let session = run(server, socket, identity, conn, batches);
+                    tracker.spawn(session.instrument(tracing::Span::current()));
+                    return;
+                }
+                Err(last_words) => last_words,
+            };
+            drop(room);
+            if let Some((frame, status)) = last_words
+                && socket.sink.close_now(&[frame], status).await.is_ok()
+            {
+                link::linger(&mut socket.stream, link::LINGER).await;
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+/// Reads a keyless client's `Login`, relays it and redeems the key the coordinator reserved
+/// here; `Err` holds what to tell the client before closing, and the close status (`None`:
+/// it has gone).
+async fn log_in(
+    server: &Server,
+    socket: &mut ServerLink,
+    conn: &ConnInfo,
+) -> Result<v1::Identity, Option<(Bytes, u16)>> {
+    let refuse = |e: v1::Error| {
+        let status = relaymesh_proto::close_status(e.error_code());
+        Some((error_frame::<v1::ServerToClient>(e), status))
+    };
+    let first = link::first_message::<v1::ClientToServer, _>(
+        &mut socket.stream,
+        server.config.handshake_timeout(),
+    )
+    .await;
+    let login = match first {
+        Ok(Some(v1::ClientToServer {
+            kind: Some(Kind::Login(login)),
+        })) => login,
+        Ok(None) => return Err(None),
+        Ok(Some(_)) => {
+            return Err(refuse(unexpected(
+                "the first message on /v1/client without a key must be Login",
+            )));
+        }
+        Err(e) => return Err(refuse(e)),
+    };
+    check_version(login.protocol_version, "this server").map_err(refuse)?;
+    let offer = server
+        .relays
+        .relay(
+            server.next_id(),
+            login,
+            conn.peer.ip(),
+            server.config.login_relay_timeout(),
+        )
+        .await
+        .map_err(|e| {
+            server.stats.relayed_logins_failed.inc();
+            refuse(e)
+        })?;
+    if *offer.server_id != *server.id {
+        server.stats.relayed_logins_redirected.inc();
+        let redirect = encode(&v1::ServerToClient::redirect(offer));
+        return Err(Some((redirect, relaymesh_proto::CLOSE_NORMAL)));
+    }
+    server.stats.relayed_logins.inc();
+    lock(&server.keys)
+        .redeem(Instant::now(), &offer.key)
+        .map_err(|e| {
+            server.stats.keys_refused.inc();
+            refuse(error(ErrorCode::KeyInvalid, e.to_string()))
+        })
+}
+
+/// Most servers a `Ready` lists.
+const MAX_READY_SERVERS: usize = 16;
+
+/// The servers a `Ready` lists for the client's next login: this one and the peers it knows
+/// (a random few of them in a large cluster).
+fn entry_points(server: &Server) -> Vec<v1::ServerInfo> {
+    use rand::seq::IteratorRandom as _;
+    let info = |id: &str, url: &str| v1::ServerInfo {
+        server_id: id.to_owned(),
+        url: url.to_owned(),
+    };
+    let peers = lock(&server.known_peers);
+    let mut servers = Vec::with_capacity(peers.len().min(MAX_READY_SERVERS - 1) + 1);
+    servers.push(info(&server.id, &server.public_url));
+    if peers.len() < MAX_READY_SERVERS {
+        servers.extend(peers.iter().map(|(id, url)| info(id, url)));
+    } else {
+        let chosen = peers.iter().sample(&mut rand::rng(), MAX_READY_SERVERS - 1);
+        servers.extend(chosen.into_iter().map(|(id, url)| info(id, url)));
+    }
+    servers
 }
 
 fn refuse_key(server: &Server, message: &str) -> Response {
@@ -520,6 +649,7 @@ impl link::Handler for Session {
                     max_frame_bytes: u32::try_from(config.max_frame_bytes).unwrap_or(u32::MAX),
                     max_batch_publishes: u32::try_from(config.max_batch_publishes)
                         .unwrap_or(u32::MAX),
+                    servers: entry_points(&self.server),
                 };
                 self.reply(&v1::ServerToClient::ready(ready))?;
                 Ok(Flow::Continue)
@@ -716,6 +846,9 @@ impl Session {
             }
             Some(Kind::History(request)) => self.history_request(request),
             Some(Kind::Attach(_)) => Err(unexpected("Attach was already sent on this link")),
+            Some(Kind::Login(_)) => Err(unexpected(
+                "Login comes first on a connection without a key, and only there",
+            )),
             None => Err(relaymesh_proto::empty("ClientToServer")),
         }
     }

@@ -64,6 +64,13 @@ pub(crate) struct Stats {
     pub(crate) keys_reserved: Counter,
     /// Client connections refused for an unknown, expired or reused key.
     pub(crate) keys_refused: Counter,
+    /// Keyless clients whose relayed `Login` gave them a session here, were sent to another
+    /// server, failed (the coordinator's refusal, or no answer), or were refused before the
+    /// upgrade (`max_logins_in_flight`, or no coordinator link).
+    pub(crate) relayed_logins: Counter,
+    pub(crate) relayed_logins_redirected: Counter,
+    pub(crate) relayed_logins_failed: Counter,
+    pub(crate) relayed_logins_refused: Counter,
     pub(crate) peer_links_refused: Counter,
     /// What the listeners refused (connections over `max_connections_per_ip`).
     pub(crate) serving: Arc<ServeStats>,

@@ -18,6 +18,8 @@ use crate::App;
 pub(crate) struct Stats {
     pub(crate) negotiation_links: Gauge,
     pub(crate) logins: Counter,
+    /// Of `logins` and `login_failures`, those a comm server relayed (`RelayedLogin`).
+    pub(crate) logins_relayed: Counter,
     pub(crate) login_failures: Counter,
     /// Logins whose credentials the account store refused.
     pub(crate) logins_refused: Counter,
@@ -111,6 +113,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "servers": servers,
         "negotiation_links": s.negotiation_links.get(),
         "logins": s.logins.get(),
+        "logins_relayed": s.logins_relayed.get(),
         "login_failures": s.login_failures.get(),
         "logins_refused": s.logins_refused.get(),
         "logins_rate_limited": s.logins_rate_limited.get(),
@@ -249,6 +252,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Clients given a server and key.",
         s.logins.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_logins_relayed_total",
+        Kind::Counter,
+        "Logins a comm server relayed (answered or failed).",
+        s.logins_relayed.get() as f64,
     );
     e.single(
         "relaymesh_coordinator_login_failures_total",

@@ -45,6 +45,9 @@ pub struct Config {
     pub reserve_attempts: u32,
     /// Reservations awaiting an answer per server; more are refused as that server being busy.
     pub max_pending_reservations: usize,
+    /// Logins a comm server may have relayed (`RelayedLogin`) and not yet answered; more are
+    /// answered `UNAVAILABLE` at once (the client then logs in over HTTP).
+    pub max_relayed_logins: usize,
     /// Interval at which servers report load and the coordinator pings them; also told to
     /// negotiation clients as the interval at which to ping if they keep the link open.
     pub heartbeat_interval_ms: u64,
@@ -116,6 +119,7 @@ impl Default for Config {
             reserve_timeout_ms: 2_000,
             reserve_attempts: 3,
             max_pending_reservations: 4_096,
+            max_relayed_logins: 1_024,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
             handshake_timeout_ms: 5_000,
@@ -239,6 +243,11 @@ impl Config {
         ensure(
             self.max_pending_reservations > 0,
             "max_pending_reservations",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_relayed_logins > 0,
+            "max_relayed_logins",
             "must be at least 1",
         )?;
         check_link_timing(

@@ -740,24 +740,91 @@ async fn http_identity(
     client_id: String,
     from: IpAddr,
 ) -> Result<v1::Identity, ApiError> {
-    let login = match credentials {
-        None => Login::Anonymous,
-        Some(credentials) => match credentials.into_login(app) {
-            Ok(login) => login,
-            Err(e) => {
-                // An unknown or used challenge is a failed attempt like a bad signature.
-                if !app.failed_logins.take(from) {
-                    app.stats.logins_rate_limited.inc();
-                    return Err(ApiError::from(v1::Error::from(LoginError::RateLimited)));
-                }
-                app.stats.logins_refused.inc();
-                return Err(ApiError::from(v1::Error::from(e)));
-            }
-        },
-    };
-    authenticate(app, login, client_id, from)
+    let login = credentials.map_or(Ok(Login::Anonymous), |c| c.into_login(app));
+    identity_of(app, login, client_id, from)
         .await
         .map_err(ApiError::from)
+}
+
+/// Checks a login whose challenge (if any) was taken already, and returns its identity.
+async fn identity_of(
+    app: &App,
+    login: Result<Login, LoginError>,
+    client_id: String,
+    from: IpAddr,
+) -> Result<v1::Identity, v1::Error> {
+    match login {
+        Ok(login) => authenticate(app, login, client_id, from).await,
+        Err(e) => {
+            // An unknown or used challenge is a failed attempt like a bad signature.
+            if !app.failed_logins.take(from) {
+                app.stats.logins_rate_limited.inc();
+                return Err(LoginError::RateLimited.into());
+            }
+            app.stats.logins_refused.inc();
+            Err(e.into())
+        }
+    }
+}
+
+/// A `Login` relayed by comm server `relayer` (`RelayedLogin`): checked and placed as
+/// `POST /v1/login` would, with the relaying server preferred, so a client that dialled an
+/// eligible server stays there and the coordinator opens no connection for it. A key login
+/// carries the challenge of `POST /v1/login/challenge`, as over HTTP.
+pub(crate) async fn relayed_login(
+    app: &App,
+    relayer: &str,
+    relayed: v1::RelayedLogin,
+) -> v1::RelayedLoginAnswer {
+    let request_id = relayed.request_id;
+    app.stats.logins_relayed.inc();
+    let placed = async {
+        let login = relayed.login.unwrap_or_default();
+        check_version(login.protocol_version, "this coordinator")?;
+        let from: IpAddr = relayed.from.parse().map_err(|_| {
+            error(
+                ErrorCode::BadFrame,
+                format!("RelayedLogin.from {:?} is not an IP address", relayed.from),
+            )
+        })?;
+        let credentials = match login.credentials.and_then(|c| c.kind) {
+            Some(credentials::Kind::Key(key)) => app
+                .challenges
+                .take(&key.challenge_id)
+                .ok_or_else(|| LoginError::BadSignature(key.account.clone()))
+                .map(|nonce| Login::Key {
+                    public_key: key.public_key.to_vec(),
+                    signature: key.signature.to_vec(),
+                    nonce,
+                    account: key.account,
+                    role: key.role,
+                    group: key.group,
+                }),
+            other => Ok(Login::from(
+                other.map(|kind| v1::Credentials { kind: Some(kind) }),
+            )),
+        };
+        let identity = identity_of(app, credentials, login.client_id, from).await?;
+        place(app, &identity, Some(relayer), login.exclude, login.moving).await
+    }
+    .await;
+    match placed {
+        Ok(p) => v1::RelayedLoginAnswer {
+            request_id,
+            offer: Some(v1::ConnectOffer {
+                server_id: p.server_id,
+                url: p.url,
+                key: p.key,
+                expires_in_ms: p.expires_in_ms,
+            }),
+            error: None,
+        },
+        Err(e) => v1::RelayedLoginAnswer {
+            request_id,
+            offer: None,
+            error: Some(e),
+        },
+    }
 }
 
 /// `POST /v1/login`: the same choice as `/v1/connect`, as JSON.

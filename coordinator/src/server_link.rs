@@ -326,6 +326,7 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, conn: ConnInfo) {
         max_burst: link::MAX_BURST,
         watch: link::Watch::Own,
     };
+    let relayed = Arc::new(tokio::sync::Semaphore::new(app.config.max_relayed_logins));
     let reader = Reader {
         app,
         tx: Some(tx),
@@ -333,6 +334,7 @@ async fn run(app: Arc<App>, socket: accept::ServerLink, conn: ConnInfo) {
         registered: None,
         nonce: 0,
         client_certificate: conn.client_certificate,
+        relayed,
     };
     let served = link::serve(socket, options, reader).await;
     if let Err(e) = served.outcome {
@@ -386,6 +388,40 @@ struct Reader {
     nonce: u64,
     /// The certificate the server presented over TLS, checked against its URL with `mtls`.
     client_certificate: Option<Arc<relaymesh_net::tls::CertificateDer<'static>>>,
+    /// Room for logins this server relayed and that are not answered yet
+    /// (`max_relayed_logins`).
+    relayed: Arc<tokio::sync::Semaphore>,
+}
+
+impl Reader {
+    /// Checks and places a login the server relayed, in a task of its own (it waits for a
+    /// reservation), and answers on the link; with `max_relayed_logins` in flight already it
+    /// is answered `UNAVAILABLE` at once.
+    fn relay(&self, handle: &Arc<ServerLink>, login: v1::RelayedLogin) {
+        let Ok(permit) = self.relayed.clone().try_acquire_owned() else {
+            let answer = v1::RelayedLoginAnswer {
+                request_id: login.request_id,
+                offer: None,
+                error: Some(error(
+                    ErrorCode::Unavailable,
+                    "too many logins relayed by this server are in flight; log in with the \
+                     coordinator",
+                )),
+            };
+            handle.send(encode(&v1::CoordinatorToServer::relayed_login_answer(
+                answer,
+            )));
+            return;
+        };
+        let (app, handle) = (self.app.clone(), handle.clone());
+        self.app.tracker.spawn(async move {
+            let answer = crate::negotiate::relayed_login(&app, &handle.id, login).await;
+            drop(permit);
+            handle.send(encode(&v1::CoordinatorToServer::relayed_login_answer(
+                answer,
+            )));
+        });
+    }
 }
 
 impl link::Handler for Reader {
@@ -540,6 +576,7 @@ impl link::Handler for Reader {
                     let _ = tx.send(answer);
                 }
             }
+            Some(Kind::RelayedLogin(login)) => self.relay(handle, login),
             Some(Kind::Pong(_)) => {}
             Some(Kind::Register(_)) => {
                 return Err(unexpected("already registered on this link"));

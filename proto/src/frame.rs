@@ -391,6 +391,7 @@ envelope_ctors!(ServerToCoordinator, v1::server_to_coordinator::Kind {
     InboxFetch(v1::InboxFetch) => inbox_fetch,
     InboxDone(v1::InboxDone) => inbox_done,
     Answer(v1::ServerAnswer) => answer,
+    RelayedLogin(v1::RelayedLogin) => relayed_login,
 });
 envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Registered(v1::Registered) => registered,
@@ -407,6 +408,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     InboxExpired(v1::InboxExpired) => inbox_expired,
     Drain(v1::Drain) => drain,
     Query(v1::ServerQuery) => query,
+    RelayedLoginAnswer(v1::RelayedLoginAnswer) => relayed_login_answer,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,
@@ -438,6 +440,7 @@ envelope_ctors!(ClientToServer, v1::client_to_server::Kind {
     Leave(v1::Leave) => leave,
     History(v1::History) => history,
     Batch(v1::PublishBatch) => batch,
+    Login(v1::Login) => login,
 });
 envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     Ready(v1::Ready) => ready,
@@ -456,6 +459,7 @@ envelope_ctors!(ServerToClient, v1::server_to_client::Kind {
     SubscriptionsChanged(v1::SubscriptionsChanged) => subscriptions_changed,
     History(v1::HistoryBatch) => history,
     Batch(v1::MessageBatch) => batch,
+    Redirect(v1::ConnectOffer) => redirect,
 });
 envelope_ctors!(PeerMessage, v1::peer_message::Kind {
     Hello(v1::PeerHello) => hello,

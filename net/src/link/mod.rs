@@ -157,6 +157,24 @@ impl<S: AsyncWrite> LinkSink<S> {
         self.write.write_all(&out).await?;
         self.write.flush().await
     }
+
+    /// Frames `payloads` and a close with `status` and writes them now: the last words of a
+    /// link whose writer never started (a refused handshake). Read the stream on with
+    /// [`linger`] before dropping it, or unread input may reset the connection and lose these.
+    pub async fn close_now(&mut self, payloads: &[Bytes], status: u16) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        for payload in payloads {
+            put_frame(&mut out, OP_BINARY, payload, self.role);
+        }
+        put_frame(
+            &mut out,
+            crate::wire::OP_CLOSE,
+            &status.to_be_bytes(),
+            self.role,
+        );
+        self.write.write_all(&out).await?;
+        self.write.flush().await
+    }
 }
 
 /// Splits an established WebSocket connection (handshake done, nothing read past it) into a

@@ -70,7 +70,7 @@ pub struct Pong {
 pub struct ServerToCoordinator {
     #[prost(
         oneof = "server_to_coordinator::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 11"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12"
     )]
     pub kind: ::core::option::Option<server_to_coordinator::Kind>,
 }
@@ -98,13 +98,15 @@ pub mod server_to_coordinator {
         InboxDone(super::InboxDone),
         #[prost(message, tag = "11")]
         Answer(super::ServerAnswer),
+        #[prost(message, tag = "12")]
+        RelayedLogin(super::RelayedLogin),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CoordinatorToServer {
     #[prost(
         oneof = "coordinator_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16"
     )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
@@ -140,6 +142,8 @@ pub mod coordinator_to_server {
         Drain(super::Drain),
         #[prost(message, tag = "15")]
         Query(super::ServerQuery),
+        #[prost(message, tag = "16")]
+        RelayedLoginAnswer(super::RelayedLoginAnswer),
     }
 }
 /// An operator drained this server (`drained`: it takes no new clients, refuses reservations,
@@ -627,6 +631,31 @@ pub struct ReserveFailed {
     #[prost(message, optional, tag = "2")]
     pub error: ::core::option::Option<Error>,
 }
+/// A client's `Login` (link 3), relayed by the comm server it dialled without a key. The
+/// coordinator checks the credentials and chooses a server as for `POST /v1/login`, preferring
+/// the relaying server when it is eligible, and answers with `RelayedLoginAnswer`. Failed
+/// logins count against `from` as they would against the client's own address.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RelayedLogin {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub login: ::core::option::Option<Login>,
+    /// The client's IP address, as the comm server saw it.
+    #[prost(string, tag = "3")]
+    pub from: ::prost::alloc::string::String,
+}
+/// The answer to `RelayedLogin`: a server and a key (the relaying server's own, or another's to
+/// hand the client as `ServerToClient.redirect`), or why not.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RelayedLoginAnswer {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub offer: ::core::option::Option<ConnectOffer>,
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<Error>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToCoordinator {
     #[prost(oneof = "client_to_coordinator::Kind", tags = "1, 2, 3, 4, 5, 6")]
@@ -849,7 +878,7 @@ pub struct ConnectOffer {
 pub struct ClientToServer {
     #[prost(
         oneof = "client_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
     )]
     pub kind: ::core::option::Option<client_to_server::Kind>,
 }
@@ -881,7 +910,32 @@ pub mod client_to_server {
         History(super::History),
         #[prost(message, tag = "12")]
         Batch(super::PublishBatch),
+        #[prost(message, tag = "13")]
+        Login(super::Login),
     }
+}
+/// A login through the comm server the client dialled: first message on `/v1/client` without
+/// `?key=`, in place of a key. The server relays it to the coordinator (`RelayedLogin`), which
+/// chooses as for `POST /v1/login`, with this server as the preferred one when it is eligible.
+/// Chosen, the server goes on as if the client had come with a key: the client's next message
+/// is `Attach` (it may send it, and its resubscription, right behind `Login`). Otherwise the
+/// server answers `redirect` (or `Error`) and closes. A key login carries the `challenge_id` and
+/// `signature` of `POST /v1/login/challenge`, as over HTTP. Unauthenticated connections are
+/// bounded per server (`max_logins_in_flight`).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Login {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(message, optional, tag = "2")]
+    pub credentials: ::core::option::Option<Credentials>,
+    /// As `Hello.client_id`.
+    #[prost(string, tag = "3")]
+    pub client_id: ::prost::alloc::string::String,
+    /// As `Connect.exclude` and `Connect.moving`.
+    #[prost(string, repeated, tag = "4")]
+    pub exclude: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "5")]
+    pub moving: bool,
 }
 /// Several publishes in one WebSocket message, each handled as if it had come alone and in
 /// this order (numbered, confirmed, refused one by one). A client sends them when its
@@ -955,7 +1009,7 @@ pub struct InboxAck {
 pub struct ServerToClient {
     #[prost(
         oneof = "server_to_client::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub kind: ::core::option::Option<server_to_client::Kind>,
 }
@@ -995,6 +1049,8 @@ pub mod server_to_client {
         History(super::HistoryBatch),
         #[prost(message, tag = "16")]
         Batch(super::MessageBatch),
+        #[prost(message, tag = "17")]
+        Redirect(super::ConnectOffer),
     }
 }
 /// Several deliveries in one WebSocket message, sent only to a client that connected with
@@ -1134,7 +1190,7 @@ pub struct Attach {
     pub protocol_version: u32,
 }
 /// First message from the server on the client link.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ready {
     #[prost(uint32, tag = "1")]
     pub protocol_version: u32,
@@ -1159,6 +1215,10 @@ pub struct Ready {
     /// takes none). More end the session with `LIMIT_EXCEEDED`.
     #[prost(uint32, tag = "8")]
     pub max_batch_publishes: u32,
+    /// Comm servers of the cluster this server knows (itself included, at most 16): where the
+    /// client may send its next `Login` without asking the coordinator over HTTP.
+    #[prost(message, repeated, tag = "9")]
+    pub servers: ::prost::alloc::vec::Vec<ServerInfo>,
 }
 /// Answered by Ack{request_id} (see Ack for what it promises).
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -21,6 +21,7 @@ mod ops;
 mod peer_links;
 mod processes;
 mod readme;
+mod relay;
 mod slow;
 mod storm;
 mod tls;

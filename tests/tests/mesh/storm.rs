@@ -220,6 +220,13 @@ async fn every_client_of_a_killed_server_comes_back_resubscribed_and_nothing_com
         "clients held: {held:?}"
     );
     assert!(held.iter().all(|&n| n > 0), "clients held: {held:?}");
+    // They logged in again through the survivors (the victim's `Ready` had listed them), the
+    // coordinator choosing as ever, or over HTTP when a survivor had too many logins in
+    // flight.
+    let logins = get_json(&format!("http://{addr}/v1/stats")).await;
+    let relayed = logins["logins_relayed"].as_u64().unwrap();
+    eprintln!("storm: {relayed} of the {CLIENTS} logins relayed by a survivor");
+    assert!(relayed > 0, "{logins}");
 
     stop.cancel();
     let publisher = publishing.await.unwrap();

@@ -1,0 +1,243 @@
+//! Logins through a comm server: a client dials `/v1/client` without a key and sends
+//! `Login`; the server relays it to the coordinator, which keeps the client there when that
+//! server is eligible, sends it on to another server (`redirect`) when not, or refuses it as
+//! `POST /v1/login` would. The coordinator opens no connection for such a login.
+
+use relaymesh_client::{Client, ClientError, Credentials, Event};
+use relaymesh_proto::v1::{self, server_to_client::Kind};
+use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode};
+use relaymesh_tests::raw;
+use relaymesh_tests::{
+    Cluster, TempAccounts, account_with_code, client_config, eventually, next_message, within,
+};
+
+fn login(exclude: &[&str]) -> v1::ClientToServer {
+    v1::ClientToServer::login(v1::Login {
+        protocol_version: PROTOCOL_VERSION,
+        exclude: exclude.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+}
+
+fn attach() -> v1::ClientToServer {
+    v1::ClientToServer::attach(v1::Attach {
+        protocol_version: PROTOCOL_VERSION,
+    })
+}
+
+async fn next(socket: &mut relaymesh_net::ws::ClientSocket) -> Option<Kind> {
+    let frame = raw::next_frame(socket).await?;
+    decode::<v1::ServerToClient>(frame).unwrap().kind
+}
+
+#[tokio::test]
+async fn a_client_logs_in_through_a_server_and_stays_there() {
+    let cluster = Cluster::start(2).await;
+    let (a, b) = (&cluster.servers[0], &cluster.servers[1]);
+    // Login, Attach and a subscription in one go, as the client library sends them.
+    let mut socket = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    raw::send_msg(&mut socket, &login(&[])).await;
+    raw::send_msg(&mut socket, &attach()).await;
+    raw::send_msg(
+        &mut socket,
+        &v1::ClientToServer::subscribe(v1::Subscribe {
+            request_id: 1,
+            topics: vec!["relay/t".into()],
+            recover: Vec::new(),
+        }),
+    )
+    .await;
+    let Some(Kind::Ready(ready)) = next(&mut socket).await else {
+        panic!("no Ready");
+    };
+    assert_eq!(ready.server_id, a.id);
+    assert!(!ready.alias.is_empty());
+    // It lists the cluster's servers, itself first, for the next login.
+    let listed: Vec<&str> = ready.servers.iter().map(|s| s.server_id.as_str()).collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0], a.id);
+    assert!(listed.contains(&b.id.as_str()), "{listed:?}");
+    assert_eq!(ready.servers[0].url, a.url);
+    let Some(Kind::Ack(ack)) = next(&mut socket).await else {
+        panic!("no Ack");
+    };
+    assert_eq!(ack.request_id, 1);
+
+    // The session is a session like any other: it gets what is published anywhere.
+    let publisher = cluster.client_on(1).await;
+    publisher.publish("relay/t", "hello").await.unwrap();
+    let Some(Kind::Message(m)) = next(&mut socket).await else {
+        panic!("no message");
+    };
+    assert_eq!(&m.payload[..], b"hello");
+
+    assert_eq!(a.stat("relayed_logins").await, 1);
+    assert_eq!(a.stat("clients").await, 1);
+    let coordinator = cluster.coordinator.stats().await;
+    assert_eq!(coordinator["logins_relayed"], 1, "{coordinator}");
+    // The publisher's login, over HTTP, and the relayed one.
+    assert_eq!(coordinator["logins"], 2, "{coordinator}");
+    socket.close(None).await.ok();
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn a_login_the_coordinator_places_elsewhere_is_redirected_with_a_key_there() {
+    let cluster = Cluster::start(2).await;
+    let (a, b) = (&cluster.servers[0], &cluster.servers[1]);
+    let mut socket = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    // Excluding the server it dialled, as a client moving off it would.
+    raw::send_msg(&mut socket, &login(&[&a.id])).await;
+    raw::send_msg(&mut socket, &attach()).await;
+    let Some(Kind::Redirect(offer)) = next(&mut socket).await else {
+        panic!("no redirect");
+    };
+    assert_eq!(offer.server_id, b.id);
+    assert!(raw::closed_within(&mut socket, std::time::Duration::from_secs(5)).await);
+    let mut there = raw::dial(&format!("{}?key={}", offer.url, offer.key), None).await;
+    raw::send_msg(&mut there, &attach()).await;
+    let Some(Kind::Ready(ready)) = next(&mut there).await else {
+        panic!("no Ready at the server redirected to");
+    };
+    assert_eq!(ready.server_id, b.id);
+    assert_eq!(a.stat("relayed_logins_redirected").await, 1);
+    assert_eq!(a.stat("clients").await, 0);
+    assert_eq!(b.stat("clients").await, 1);
+    there.close(None).await.ok();
+}
+
+#[tokio::test]
+async fn refused_credentials_are_the_coordinators_answer_and_nothing_else_breaks() {
+    let accounts = TempAccounts::new(vec![account_with_code("acme", "s3cret")]);
+    let cluster = Cluster::start_configured(2, accounts.coordinator_config()).await;
+    let a = &cluster.servers[0];
+    let code = |code: &str| Credentials::AccessCode {
+        account: "acme".into(),
+        code: code.into(),
+        role: String::new(),
+        group: String::new(),
+    };
+    let (bad, good) = (code("wrong"), code("s3cret"));
+    let mut config = client_config(&cluster.coordinator.url);
+    config.login_servers = vec![a.url.clone()];
+    config.credentials = bad;
+    let Err(refused) = Client::connect(config.clone()).await else {
+        panic!("bad credentials let in");
+    };
+    assert!(
+        matches!(&refused, ClientError::Refused(e) if e.error_code() == ErrorCode::BadCredentials),
+        "{refused}"
+    );
+    // Refused once, through the server: the client did not ask the coordinator again.
+    let coordinator = cluster.coordinator.stats().await;
+    assert_eq!(coordinator["logins_refused"], 1, "{coordinator}");
+    assert_eq!(coordinator["logins_relayed"], 1, "{coordinator}");
+    assert_eq!(a.stat("relayed_logins_failed").await, 1);
+
+    // Bad input on a keyless connection: an error and a close, and the server goes on.
+    let mut wrong_first = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    raw::send_msg(&mut wrong_first, &attach()).await;
+    assert_eq!(
+        raw::expect_client_error(&mut wrong_first).await,
+        ErrorCode::UnexpectedMessage
+    );
+    let mut garbage = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    raw::send(&mut garbage, &b"\xff\xff\xff"[..]).await;
+    assert_eq!(
+        raw::expect_client_error(&mut garbage).await,
+        ErrorCode::BadFrame
+    );
+    let mut old = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    raw::send_msg(
+        &mut old,
+        &v1::ClientToServer::login(v1::Login {
+            protocol_version: 99,
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert_eq!(
+        raw::expect_client_error(&mut old).await,
+        ErrorCode::UnsupportedVersion
+    );
+
+    config.credentials = good;
+    let client = Client::connect(config).await.unwrap();
+    assert_eq!(client.server_id(), a.id);
+    assert_eq!(a.stat("relayed_logins").await, 1);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn logins_in_flight_are_bounded_and_a_client_over_the_bound_asks_the_coordinator() {
+    let cluster = Cluster::start_with(2, |c| c.max_logins_in_flight = 1).await;
+    let a = &cluster.servers[0];
+    // A connection that never sends its Login holds the one place.
+    let _silent = raw::dial(&format!("{}/v1/client", a.url), None).await;
+    let over = relaymesh_net::ws::dial(
+        &format!("{}/v1/client", a.url),
+        None,
+        &relaymesh_net::ws::WsLimits::default(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    match over {
+        Err(relaymesh_net::ws::DialError::Refused {
+            status,
+            message: Some((code, _)),
+            ..
+        }) => assert_eq!((status.as_u16(), code), (503, ErrorCode::Unavailable)),
+        Err(e) => panic!("expected a 503 refusal, got {e}"),
+        Ok(_) => panic!("a second login in flight was let in"),
+    }
+    assert_eq!(a.stat("relayed_logins_refused").await, 1);
+    // The client library falls back to the coordinator.
+    let mut config = client_config(&cluster.coordinator.url);
+    config.login_servers = vec![a.url.clone()];
+    let client = Client::connect(config).await.unwrap();
+    assert_eq!(a.stat("relayed_logins_refused").await, 2);
+    let coordinator = cluster.coordinator.stats().await;
+    assert_eq!(coordinator["logins_relayed"], 0, "{coordinator}");
+    assert_eq!(coordinator["logins"], 1, "{coordinator}");
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_client_that_loses_its_server_logs_in_again_through_another() {
+    let mut cluster = Cluster::start(3).await;
+    let mut client = cluster.client_on(0).await;
+    client.subscribe(["relay/back"]).await.unwrap();
+    let before = cluster.coordinator.stats().await;
+    assert_eq!(before["logins_relayed"], 0, "{before}");
+    let lost = cluster.servers.remove(0);
+    let lost_id = lost.id.clone();
+    lost.stop().await;
+    let back = within("the client reconnects", async {
+        loop {
+            if let Event::Reconnected { server_id, .. } = client.next_event().await.unwrap() {
+                return server_id;
+            }
+        }
+    })
+    .await;
+    assert_ne!(back, lost_id);
+    // Through a server: the coordinator relayed the login and gave no key over HTTP.
+    let after = cluster.coordinator.stats().await;
+    assert_eq!(after["logins_relayed"], 1, "{after}");
+    assert_eq!(
+        after["logins"].as_u64().unwrap(),
+        before["logins"].as_u64().unwrap() + 1,
+        "{after}"
+    );
+    let server = cluster.servers.iter().find(|s| s.id == back).unwrap();
+    eventually("the login is counted where the client is", || async {
+        (server.stat("relayed_logins").await == 1).then_some(())
+    })
+    .await;
+    // And its subscription is back.
+    let publisher = cluster.client_on(0).await;
+    publisher.publish("relay/back", "again").await.unwrap();
+    assert_eq!(&next_message(&mut client).await.payload[..], b"again");
+    publisher.close().await;
+    client.close().await;
+}
