@@ -252,7 +252,7 @@ impl Default for Config {
             peer_replay_bytes: 16 * 1024 * 1024,
             peer_replay_ms: 15_000,
             handshake_timeout_ms: 5_000,
-            max_logins_in_flight: 1_024,
+            max_logins_in_flight: 8_192,
             login_relay_timeout_ms: 10_000,
             subscribe_sync_timeout_ms: 5_000,
             max_pending_confirmations: 64,
