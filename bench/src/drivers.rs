@@ -103,23 +103,17 @@ impl Endpoints {
         self.relaymesh_as(server, Credentials::Anonymous).await
     }
 
-    /// Points relaymesh client `config` at server `server`: its login goes through that
-    /// server (which the coordinator prefers when it is eligible) with `relay_logins`, else
-    /// to the coordinator asking for it.
+    /// Points relaymesh client `config` at server `server`, asked for as the preferred one:
+    /// with `relay_logins` its login goes through that server (key logins, which the client
+    /// never relays, and any that fall back ask the coordinator), else to the coordinator.
     pub(crate) fn place(&self, config: &mut ClientConfig, server: usize) -> anyhow::Result<()> {
+        let missing = || format!("relaymesh has no server {server}");
+        let id = self.server_ids.get(server).with_context(missing)?;
+        config.preferred_server = Some(id.clone());
         if self.relay_logins {
-            let url = self
-                .server_urls
-                .get(server)
-                .with_context(|| format!("relaymesh has no server {server}"))?;
+            let url = self.server_urls.get(server).with_context(missing)?;
             config.login_servers = vec![url.clone()];
-            config.preferred_server = None;
         } else {
-            let id = self
-                .server_ids
-                .get(server)
-                .with_context(|| format!("relaymesh has no server {server}"))?;
-            config.preferred_server = Some(id.clone());
             config.relay_logins = false;
         }
         Ok(())

@@ -78,13 +78,19 @@ pub(crate) async fn establish(
 ) -> Result<Connected, ClientError> {
     let moving = arrivals == Arrivals::Hold;
     let mut exclude = exclude.to_vec();
-    if let Some(url) = entry_point(config, shared, &exclude) {
+    if let Some((server_id, url)) = entry_point(config, shared, &exclude) {
         let login = v1::Login {
             protocol_version: PROTOCOL_VERSION,
             credentials: Some((&config.credentials).into()),
             client_id: config.client_id.clone().unwrap_or_default(),
             exclude: exclude.clone(),
             moving,
+            // Unless it is excluded (the server just lost): then the server dialled is.
+            preferred_server: config
+                .preferred_server
+                .clone()
+                .filter(|p| !exclude.contains(p))
+                .unwrap_or_default(),
         };
         let target = Target::Relay {
             url: &url,
@@ -99,6 +105,8 @@ pub(crate) async fn establish(
             }
             Err(e) => {
                 tracing::debug!(server = %url, error = %e, "login through a server failed; asking the coordinator");
+                // Not offered again this round: it may be down too.
+                exclude.extend(server_id);
                 None
             }
         };
@@ -173,11 +181,15 @@ fn refused_everywhere(code: v1::ErrorCode) -> bool {
     )
 }
 
-/// A server to log in through: of those the last `Ready` listed and `exclude` does not name,
-/// the preferred server if it is one, else one at random; with none of those, one of
-/// [`ClientConfig::login_servers`] at random (unless a server is preferred). `None`: the
-/// login goes to the coordinator.
-fn entry_point(config: &ClientConfig, shared: &Shared, exclude: &[String]) -> Option<String> {
+/// A server to log in through, its id (when known) and URL: of those the last `Ready` listed
+/// and `exclude` does not name, the preferred server if it is one, else one at random (the
+/// preference goes with the login); with none of those, one of
+/// [`ClientConfig::login_servers`] at random. `None`: the login goes to the coordinator.
+fn entry_point(
+    config: &ClientConfig,
+    shared: &Shared,
+    exclude: &[String],
+) -> Option<(Option<String>, String)> {
     use rand::seq::IndexedRandom as _;
     if !config.relay_logins || matches!(config.credentials, crate::Credentials::Key { .. }) {
         return None;
@@ -188,17 +200,17 @@ fn entry_point(config: &ClientConfig, shared: &Shared, exclude: &[String]) -> Op
         .filter(|s| !exclude.contains(&s.server_id))
         .collect();
     let preferred = config.preferred_server.as_deref();
-    if let Some(server) = known
+    let mut rng = rand::rng();
+    let server = known
         .iter()
         .find(|s| Some(s.server_id.as_str()) == preferred)
-    {
-        return Some(server.url.clone());
-    }
-    let mut rng = rand::rng();
-    match known.choose(&mut rng) {
-        Some(server) => Some(server.url.clone()),
-        None if preferred.is_none() => config.login_servers.choose(&mut rng).cloned(),
-        None => None,
+        .or_else(|| known.choose(&mut rng));
+    match server {
+        Some(server) => Some((Some(server.server_id.clone()), server.url.clone())),
+        None => config
+            .login_servers
+            .choose(&mut rng)
+            .map(|url| (None, url.clone())),
     }
 }
 

@@ -196,12 +196,12 @@ pub struct ClientConfig {
     /// `true`): the client dials a server of the cluster without a key and sends its
     /// credentials, which that server relays to the coordinator; the coordinator chooses as
     /// it would for `POST /v1/login`, keeping the client where it dialled when that server is
-    /// eligible, else sending it on to another. Known servers are those each server's
-    /// `Ready` lists: a reconnect goes through one of them other than the server it lost
-    /// (`preferred_server` if it is one, else one at random); a first login goes through one
-    /// of `login_servers`, when there are any and no server is preferred. When that fails
-    /// the client asks the coordinator as usual. Key logins always ask the coordinator (they
-    /// answer its challenge).
+    /// eligible (or `preferred_server`, when set and eligible), else sending it on to another.
+    /// Known servers are those each server's `Ready` lists: a reconnect goes through one of
+    /// them other than the server it lost (`preferred_server` if it is one, else one at
+    /// random); a first login goes through one of `login_servers`, when there are any. When
+    /// that fails the client asks the coordinator as usual. Key logins always ask the
+    /// coordinator (they answer its challenge).
     pub relay_logins: bool,
     /// Comm server base URLs (`ws://10.0.0.5:7500`) the first login may go through (see
     /// `relay_logins`); empty (the default): the first login asks the coordinator.

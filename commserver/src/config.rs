@@ -157,7 +157,9 @@ pub struct Config {
     /// not answered yet; more are refused with `UNAVAILABLE` (503) before the upgrade, and log
     /// in with the coordinator instead.
     pub max_logins_in_flight: usize,
-    /// Longest wait for the coordinator's answer to a relayed `Login`.
+    /// Longest wait for the coordinator's answer to a relayed `Login`: under the clients'
+    /// own patience (the Rust client's `connect_timeout`, 10 s), so they hear why; the
+    /// coordinator gives a login up after three quarters of it.
     pub login_relay_timeout_ms: u64,
     /// Longest wait for peers to confirm a subscription change before the client is answered
     /// with an `Ack` naming the servers still pending (the change is in force everywhere
@@ -253,7 +255,7 @@ impl Default for Config {
             peer_replay_ms: 15_000,
             handshake_timeout_ms: 5_000,
             max_logins_in_flight: 8_192,
-            login_relay_timeout_ms: 10_000,
+            login_relay_timeout_ms: 8_000,
             subscribe_sync_timeout_ms: 5_000,
             max_pending_confirmations: 64,
             reconnect_min_ms: 100,

@@ -322,6 +322,8 @@ struct State {
 struct Registration {
     coordinator_id: String,
     tx: queue::Sender<Bytes>,
+    /// The coordinator takes relayed logins (`Registered.relays_logins`).
+    relays_logins: bool,
     /// The peers this coordinator lists: id -> (URL, news number).
     peers: HashMap<String, (String, u64)>,
 }
@@ -393,7 +395,7 @@ impl Coordinators {
         number: u64,
         id: String,
         tx: queue::Sender<Bytes>,
-        peers: Vec<v1::ServerInfo>,
+        (peers, relays_logins): (Vec<v1::ServerInfo>, bool),
     ) {
         let mut state = lock(&self.state);
         state.news += 1;
@@ -407,12 +409,13 @@ impl Coordinators {
             Registration {
                 coordinator_id: id,
                 tx: tx.clone(),
+                relays_logins,
                 peers,
             },
         );
         if state.primary.is_none() {
             state.primary = Some(number);
-            server.relays.set_link(Some(tx.clone()));
+            server.relays.set_link(relays_logins.then(|| tx.clone()));
             server.inboxes.set_link(Some(tx));
         }
         server.set_peers(union(&state));
@@ -454,12 +457,12 @@ impl Coordinators {
         let mut events = Vec::new();
         if state.primary == Some(number) {
             state.primary = state.registered.keys().next().copied();
-            let tx = state
-                .primary
-                .and_then(|n| state.registered.get(&n))
-                .map(|r| r.tx.clone());
+            let primary = state.primary.and_then(|n| state.registered.get(&n));
+            let tx = primary.map(|r| r.tx.clone());
             // What was asked over the old primary is answered "unavailable" now.
-            server.relays.set_link(tx.clone());
+            server
+                .relays
+                .set_link(primary.filter(|r| r.relays_logins).map(|r| r.tx.clone()));
             server.inboxes.set_link(tx);
             events = server.presence.source_changed(number, state.primary);
         } else {
@@ -612,7 +615,7 @@ impl link::Handler for Reader {
             self.number,
             registered.coordinator_id,
             self.tx.clone(),
-            registered.peers,
+            (registered.peers, registered.relays_logins),
         );
         Ok(Flow::Continue)
     }

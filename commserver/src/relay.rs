@@ -54,7 +54,9 @@ impl Relays {
     /// says why there is none.
     pub(crate) fn admit(&self) -> Result<OwnedSemaphorePermit, v1::Error> {
         if lock(&self.link).is_none() {
-            return Err(unavailable("this comm server has no coordinator link"));
+            return Err(unavailable(
+                "this comm server has no coordinator link that takes relayed logins",
+            ));
         }
         self.room
             .clone()
@@ -62,11 +64,15 @@ impl Relays {
             .map_err(|_| unavailable("too many logins in flight at this comm server"))
     }
 
-    /// The primary coordinator link is up (`Some`) or down: logins relayed over the old one
-    /// are answered `UNAVAILABLE` (their clients log in with the coordinator instead).
+    /// The primary coordinator link is up (`Some`; `None` also for a coordinator that takes
+    /// no relayed logins) or down: logins relayed over the old one are answered `UNAVAILABLE`
+    /// (their clients log in with the coordinator instead).
     pub(crate) fn set_link(&self, link: Option<queue::Sender<Bytes>>) {
+        // `waiting` first, as in `relay`: a login goes out on the link its entry was made
+        // under, so a change of link never misses it.
+        let mut waiting = lock(&self.waiting);
         *lock(&self.link) = link;
-        lock(&self.waiting).clear();
+        waiting.clear();
     }
 
     /// Relays `login` (from a client at `from`) as request `request_id` and waits up to
@@ -78,11 +84,17 @@ impl Relays {
         from: IpAddr,
         within: Duration,
     ) -> Answer {
-        let Some(link) = lock(&self.link).clone() else {
-            return Err(unavailable("this comm server has no coordinator link"));
-        };
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiting).insert(request_id, tx);
+        let link = {
+            let mut waiting = lock(&self.waiting);
+            let Some(link) = lock(&self.link).clone() else {
+                return Err(unavailable(
+                    "this comm server has no coordinator link that takes relayed logins",
+                ));
+            };
+            waiting.insert(request_id, tx);
+            link
+        };
         // Removes the entry however this ends: answered, timed out, or the client gone.
         let _forget = Forget {
             relays: self,
@@ -92,6 +104,7 @@ impl Relays {
             request_id,
             login: Some(login),
             from: from.to_string(),
+            within_ms: u32::try_from(within.as_millis()).unwrap_or(u32::MAX),
         });
         if link.try_send(encode(&msg)).is_err() {
             return Err(unavailable("the coordinator link is busy"));

@@ -275,13 +275,14 @@ async fn log_in(
         let redirect = encode(&v1::ServerToClient::redirect(offer));
         return Err(Some((redirect, relaymesh_proto::CLOSE_NORMAL)));
     }
-    server.stats.relayed_logins.inc();
-    lock(&server.keys)
+    let identity = lock(&server.keys)
         .redeem(Instant::now(), &offer.key)
         .map_err(|e| {
             server.stats.keys_refused.inc();
             refuse(error(ErrorCode::KeyInvalid, e.to_string()))
-        })
+        })?;
+    server.stats.relayed_logins.inc();
+    Ok(identity)
 }
 
 /// Most servers a `Ready` lists.

@@ -18,7 +18,8 @@ use crate::App;
 pub(crate) struct Stats {
     pub(crate) negotiation_links: Gauge,
     pub(crate) logins: Counter,
-    /// Of `logins` and `login_failures`, those a comm server relayed (`RelayedLogin`).
+    /// Logins a comm server relayed (`RelayedLogin`), whatever became of them (answered,
+    /// failed, refused).
     pub(crate) logins_relayed: Counter,
     pub(crate) login_failures: Counter,
     /// Logins whose credentials the account store refused.

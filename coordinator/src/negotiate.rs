@@ -768,9 +768,12 @@ async fn identity_of(
 }
 
 /// A `Login` relayed by comm server `relayer` (`RelayedLogin`): checked and placed as
-/// `POST /v1/login` would, with the relaying server preferred, so a client that dialled an
-/// eligible server stays there and the coordinator opens no connection for it. A key login
-/// carries the challenge of `POST /v1/login/challenge`, as over HTTP.
+/// `POST /v1/login` would, with the relaying server preferred (unless the client named
+/// another), so a client that dialled an eligible server stays there and the coordinator
+/// opens no connection for it. A key login carries the challenge of
+/// `POST /v1/login/challenge`, as over HTTP. The login is given up, before anything is
+/// reserved or replaced, once three quarters of the time the relaying server waits have gone:
+/// its answer would find nobody waiting, and the client logging in again meanwhile.
 pub(crate) async fn relayed_login(
     app: &App,
     relayer: &str,
@@ -778,6 +781,10 @@ pub(crate) async fn relayed_login(
 ) -> v1::RelayedLoginAnswer {
     let request_id = relayed.request_id;
     app.stats.logins_relayed.inc();
+    let budget = match relayed.within_ms {
+        0 => app.config.reserve_timeout() * app.config.reserve_attempts,
+        ms => std::time::Duration::from_millis(u64::from(ms) * 3 / 4),
+    };
     let placed = async {
         let login = relayed.login.unwrap_or_default();
         check_version(login.protocol_version, "this coordinator")?;
@@ -805,9 +812,24 @@ pub(crate) async fn relayed_login(
             )),
         };
         let identity = identity_of(app, credentials, login.client_id, from).await?;
-        place(app, &identity, Some(relayer), login.exclude, login.moving).await
-    }
-    .await;
+        let preferred = Some(login.preferred_server.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(relayer);
+        place(app, &identity, Some(preferred), login.exclude, login.moving).await
+    };
+    let placed = tokio::time::timeout(budget, placed)
+        .await
+        .unwrap_or_else(|_| {
+            app.stats.login_failures.inc();
+            Err(error(
+                ErrorCode::Unavailable,
+                format!(
+                    "the login was not placed within {} ms, most of the time the relaying \
+                     server waits",
+                    budget.as_millis()
+                ),
+            ))
+        });
     match placed {
         Ok(p) => v1::RelayedLoginAnswer {
             request_id,

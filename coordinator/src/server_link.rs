@@ -495,6 +495,7 @@ impl link::Handler for Reader {
                 heartbeat_interval_ms: millis(app.config.heartbeat_interval()),
                 heartbeat_timeout_ms: millis(app.config.heartbeat_timeout()),
                 coordinator_id: app.aliases.epoch().to_owned(),
+                relays_logins: true,
             };
             handle.send(encode(&v1::CoordinatorToServer::registered(registered)));
             handle.send(encode(&v1::CoordinatorToServer::presence(

@@ -584,6 +584,10 @@ pub struct Registered {
     /// down (two addresses of one name that reach the same coordinator).
     #[prost(string, tag = "5")]
     pub coordinator_id: ::prost::alloc::string::String,
+    /// This coordinator takes `RelayedLogin` (older ones close the link on it): a comm server
+    /// relays logins only to a primary coordinator that says so.
+    #[prost(bool, tag = "6")]
+    pub relays_logins: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PeerJoined {
@@ -644,6 +648,11 @@ pub struct RelayedLogin {
     /// The client's IP address, as the comm server saw it.
     #[prost(string, tag = "3")]
     pub from: ::prost::alloc::string::String,
+    /// How long the comm server waits for the answer. The coordinator gives up on the login
+    /// (reserves nothing, replaces no older session) once it has spent most of this: an answer
+    /// nobody waits for any more must not log the client in a second time.
+    #[prost(uint32, tag = "4")]
+    pub within_ms: u32,
 }
 /// The answer to `RelayedLogin`: a server and a key (the relaying server's own, or another's to
 /// hand the client as `ServerToClient.redirect`), or why not.
@@ -936,6 +945,9 @@ pub struct Login {
     pub exclude: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(bool, tag = "5")]
     pub moving: bool,
+    /// As `Connect.preferred_server`; empty: the relaying server is the preferred one.
+    #[prost(string, tag = "6")]
+    pub preferred_server: ::prost::alloc::string::String,
 }
 /// Several publishes in one WebSocket message, each handled as if it had come alone and in
 /// this order (numbered, confirmed, refused one by one). A client sends them when its

@@ -226,7 +226,8 @@ async fn every_client_of_a_killed_server_comes_back_resubscribed_and_nothing_com
     let logins = get_json(&format!("http://{addr}/v1/stats")).await;
     let relayed = logins["logins_relayed"].as_u64().unwrap();
     eprintln!("storm: {relayed} of the {CLIENTS} logins relayed by a survivor");
-    assert!(relayed > 0, "{logins}");
+    // Every one but those that fell back (none in a quiet run).
+    assert!(relayed >= CLIENTS as u64 * 9 / 10, "{logins}");
 
     stop.cancel();
     let publisher = publishing.await.unwrap();
