@@ -1211,9 +1211,10 @@ impl Results {
             if let Some(r) = &o.storm {
                 let _ = writeln!(
                     md,
-                    "\n## Reconnect storm — {}\n\n{} clients on comm server A of three, each subscribed to one of the storm's topics; A killed (SIGKILL); every client reconnects through the coordinator with the client library's defaults and resubscribes on B or C. Fresh: the same clients' first connect and subscribe, 512 at a time. The probes run throughout, on a thread of their own: logins (`POST /v1/login` every 20 ms) and 200 messages/s from a publisher on B to 5 subscribers on B and 5 on C. The curves are in `storm.svg`.\n\n| fresh s | storm s | storm / fresh | gave up | held by B, C | login p99 ms before / during | logins during (failed) | existing clients' p99 ms before / during | CPU µs per client fresh: coordinator / A | storm: coordinator / B + C | placements during, p99 under (coordinator's histogram) | |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n| {:.2} | {:.2} | {:.2} | {} | {} | {:.1} / {:.1} | {} ({}) | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {}, {} ms | {} |",
+                    "\n## Reconnect storm — {}\n\n{} clients on comm server A of three, each subscribed to one of the storm's topics; A killed (SIGKILL); every client logs in again with the client library's defaults and resubscribes on B or C. Logins go {}. Fresh: the same clients' first connect and subscribe, 512 at a time. The probes run throughout, on a thread of their own: logins (`POST /v1/login` every 20 ms) and 200 messages/s from a publisher on B to 5 subscribers on B and 5 on C. The curves are in `storm.svg`.\n\n| fresh s | storm s | storm / fresh | gave up | held by B, C | login p99 ms before / during | logins during (failed) | existing clients' p99 ms before / during | CPU µs per client fresh: coordinator / A | storm: coordinator / B + C | placements during, p99 under (coordinator's histogram) | |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n| {:.2} | {:.2} | {:.2} | {} | {} | {:.1} / {:.1} | {} ({}) | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {}, {} ms | {} |",
                     o.label(),
                     r.clients,
+                    r.logins,
                     r.fresh_s,
                     r.storm_s,
                     r.ratio,

@@ -1,13 +1,15 @@
 //! A reconnect storm (relaymesh only), on a coordinator and three comm servers (processes).
 //!
-//! `clients` clients connect to server A through the coordinator (asking for A) and subscribe to
+//! `clients` clients connect to server A (logging in through A, or with `--relaymesh-logins
+//! http` through the coordinator asking for A) and subscribe to
 //! one of `topics` topics each, `CONCURRENCY` at a time: the *fresh* time is from the first
 //! connect to the last subscription. Meanwhile and throughout, existing clients elsewhere are
 //! watched: a publisher on B publishes `PROBE_RATE` timestamped messages a second to five
 //! subscribers on B and five on C (their latency), and a prober logs in (`POST /v1/login`)
 //! every `LOGIN_EVERY` (the coordinator's answer time). Then A is killed (SIGKILL) and every
 //! one of its clients, with the client library's defaults (backoff with jitter, the lost server
-//! excluded), reconnects through the coordinator and resubscribes on B or C, all at once: the
+//! excluded), logs in again (through B or C, relayed to the coordinator, or over HTTP) and
+//! resubscribes on B or C, all at once: the
 //! *storm* time is from the kill to the last `Reconnected` (which comes once the client's
 //! subscriptions are restored). The curves of clients connected over time, fresh and in the
 //! storm, are drawn to `storm.svg` beside the results.
@@ -55,6 +57,8 @@ pub(crate) struct Plan {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct StormResult {
     pub(crate) clients: usize,
+    /// How the clients logged in: through the comm servers (relayed) or over HTTP.
+    pub(crate) logins: &'static str,
     /// Seconds from the first fresh connect to the last fresh subscription.
     pub(crate) fresh_s: f64,
     /// Seconds from the kill to the last client's `Reconnected`.
@@ -727,6 +731,11 @@ async fn storm(
     let (probe_p99_ms_storm, _) = p99_between(latency, killed_ns, storm_end_ns);
     Ok(StormResult {
         clients: plan.clients,
+        logins: if endpoints.relay_logins {
+            "through the comm server they dial (A, then B or C), which relays each to the coordinator"
+        } else {
+            "over HTTP to the coordinator (`POST /v1/login`), then to the server it chose"
+        },
         fresh_s,
         storm_s,
         ratio: if fresh_s > 0.0 {
