@@ -191,7 +191,7 @@ fn entry_point(
     exclude: &[String],
 ) -> Option<(Option<String>, String)> {
     use rand::seq::IndexedRandom as _;
-    if !config.relay_logins || matches!(config.credentials, crate::Credentials::Key { .. }) {
+    if !config.relay_logins || crate::negotiate::challenged(config) {
         return None;
     }
     let known = lock(&shared.entry_points);

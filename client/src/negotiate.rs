@@ -171,7 +171,7 @@ impl Round {
 }
 
 /// Whether `config`'s credentials answer a challenge to log in.
-fn challenged(config: &ClientConfig) -> bool {
+pub(crate) fn challenged(config: &ClientConfig) -> bool {
     matches!(config.credentials, Credentials::Key { .. })
 }
 

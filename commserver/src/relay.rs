@@ -41,6 +41,11 @@ fn unavailable(why: &str) -> v1::Error {
     )
 }
 
+/// Why a login cannot be relayed from here at all.
+fn no_link() -> v1::Error {
+    unavailable("this comm server has no coordinator link that takes relayed logins")
+}
+
 impl Relays {
     pub(crate) fn new(max_in_flight: usize) -> Self {
         Self {
@@ -54,9 +59,7 @@ impl Relays {
     /// says why there is none.
     pub(crate) fn admit(&self) -> Result<OwnedSemaphorePermit, v1::Error> {
         if lock(&self.link).is_none() {
-            return Err(unavailable(
-                "this comm server has no coordinator link that takes relayed logins",
-            ));
+            return Err(no_link());
         }
         self.room
             .clone()
@@ -88,9 +91,7 @@ impl Relays {
         let link = {
             let mut waiting = lock(&self.waiting);
             let Some(link) = lock(&self.link).clone() else {
-                return Err(unavailable(
-                    "this comm server has no coordinator link that takes relayed logins",
-                ));
+                return Err(no_link());
             };
             waiting.insert(request_id, tx);
             link

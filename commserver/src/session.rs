@@ -297,15 +297,10 @@ fn entry_points(server: &Server) -> Vec<v1::ServerInfo> {
         url: url.to_owned(),
     };
     let peers = lock(&server.known_peers);
-    let mut servers = Vec::with_capacity(peers.len().min(MAX_READY_SERVERS - 1) + 1);
-    servers.push(info(&server.id, &server.public_url));
-    if peers.len() < MAX_READY_SERVERS {
-        servers.extend(peers.iter().map(|(id, url)| info(id, url)));
-    } else {
-        let chosen = peers.iter().sample(&mut rand::rng(), MAX_READY_SERVERS - 1);
-        servers.extend(chosen.into_iter().map(|(id, url)| info(id, url)));
-    }
-    servers
+    let chosen = peers.iter().sample(&mut rand::rng(), MAX_READY_SERVERS - 1);
+    std::iter::once(info(&server.id, &server.public_url))
+        .chain(chosen.into_iter().map(|(id, url)| info(id, url)))
+        .collect()
 }
 
 fn refuse_key(server: &Server, message: &str) -> Response {
