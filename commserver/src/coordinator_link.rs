@@ -810,6 +810,24 @@ fn load(server: &Server) -> v1::Load {
     }
 }
 
+/// Whether this server takes one more client: not while it drains, nor when its clients and
+/// the keys reserved for more fill `max_clients`. `Ok` holds the key store, swept and locked.
+pub(crate) fn room_for_one(
+    server: &Server,
+    now: Instant,
+) -> Result<std::sync::MutexGuard<'_, crate::keys::KeyStore>, v1::Error> {
+    if server.draining() {
+        return Err(error(ErrorCode::ShuttingDown, "server is draining"));
+    }
+    let clients = server.client_count();
+    let mut keys = lock(&server.keys);
+    keys.sweep(now);
+    if clients + keys.pending() >= server.config.max_clients as usize {
+        return Err(error(ErrorCode::ServerFull, "server is at capacity"));
+    }
+    Ok(keys)
+}
+
 /// Answers a `Reserve`: a key for the identity, unless the server is draining or full.
 fn reserve_key(server: &Server, reserve: v1::Reserve) -> v1::ServerToCoordinator {
     let request_id = reserve.request_id;
@@ -819,22 +837,17 @@ fn reserve_key(server: &Server, reserve: v1::Reserve) -> v1::ServerToCoordinator
             error: Some(e),
         })
     };
-    if server.draining() {
-        return failed(error(ErrorCode::ShuttingDown, "server is draining"));
-    }
     let Some(identity) = reserve.identity.filter(|i| !i.alias.is_empty()) else {
         return failed(error(
             ErrorCode::BadFrame,
             "Reserve needs an identity with an alias",
         ));
     };
-    let clients = server.client_count();
-    let mut keys = lock(&server.keys);
     let now = Instant::now();
-    keys.sweep(now);
-    if clients + keys.pending() >= server.config.max_clients as usize {
-        return failed(error(ErrorCode::ServerFull, "server is at capacity"));
-    }
+    let mut keys = match room_for_one(server, now) {
+        Ok(keys) => keys,
+        Err(e) => return failed(e),
+    };
     match keys.reserve(now, identity) {
         Ok((key, ttl)) => {
             server.stats.keys_reserved.inc();

@@ -1,9 +1,12 @@
 //! Logins relayed to the coordinator: a client that dials `/v1/client` without a key sends
 //! its credentials first (`Login`), and this server hands them to its primary coordinator
 //! link (`RelayedLogin`). The coordinator checks them and chooses a server as it does for
-//! `POST /v1/login`, preferring this one, and answers with an offer: a key here (the session
-//! starts as if the client had brought it) or on another server (the client is redirected).
-//! The coordinator opens no connection for such a login, and the client makes one fewer.
+//! `POST /v1/login`, preferring this one. When it keeps the client here it answers with the
+//! client's identity (this server asks for that, `takes_identity`), and the session starts
+//! with it: no key is reserved, minted or redeemed, and the login costs the link one message
+//! each way. Otherwise it answers with an offer, a key on another server (the client is
+//! redirected). The coordinator opens no connection for such a login, and the client makes
+//! one fewer.
 //!
 //! Connections waiting for their answer are bounded (`max_logins_in_flight`); over it, or
 //! with no coordinator link, the upgrade is refused with `UNAVAILABLE` and the client logs in
@@ -21,7 +24,17 @@ use relaymesh_proto::v1::{self, ErrorCode};
 use relaymesh_proto::{encode, error};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-type Answer = Result<v1::ConnectOffer, v1::Error>;
+/// Where the coordinator put a relayed login.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Placed {
+    /// Here, with this identity (boxed: it is most of the enum's size, and an offer is the
+    /// other answer).
+    Here(Box<v1::Identity>),
+    /// On the server of this offer, with its key.
+    Elsewhere(v1::ConnectOffer),
+}
+
+type Answer = Result<Placed, v1::Error>;
 
 /// The server's relayed logins: the coordinator link they go out on, and who waits for what.
 #[derive(Debug)]
@@ -79,7 +92,7 @@ impl Relays {
     }
 
     /// Relays `login` (from a client at `from`) as request `request_id` and waits up to
-    /// `within` for the coordinator's offer.
+    /// `within` for the coordinator's answer.
     pub(crate) async fn relay(
         &self,
         request_id: u64,
@@ -106,6 +119,7 @@ impl Relays {
             login: Some(login),
             from: from.to_string(),
             within_ms: u32::try_from(within.as_millis()).unwrap_or(u32::MAX),
+            takes_identity: true,
         });
         if link.try_send(encode(&msg)).is_err() {
             return Err(unavailable("the coordinator link is busy"));
@@ -125,12 +139,16 @@ impl Relays {
         let Some(tx) = lock(&self.waiting).remove(&answer.request_id) else {
             return;
         };
-        let result = match (answer.offer, answer.error) {
-            (_, Some(e)) => Err(e),
-            (Some(offer), None) if !offer.key.is_empty() => Ok(offer),
+        let result = match (answer.identity, answer.offer, answer.error) {
+            (_, _, Some(e)) => Err(e),
+            (Some(identity), None, None) if !identity.alias.is_empty() => {
+                Ok(Placed::Here(Box::new(identity)))
+            }
+            (None, Some(offer), None) if !offer.key.is_empty() => Ok(Placed::Elsewhere(offer)),
             _ => Err(error(
                 ErrorCode::Internal,
-                "the coordinator answered the login with neither an offer nor an error",
+                "the coordinator answered the login with neither one offer, one identity nor an \
+                 error",
             )),
         };
         let _ = tx.send(result);
@@ -191,19 +209,74 @@ mod tests {
                 assert_eq!(sent.request_id, 7);
                 assert_eq!(sent.from, "127.0.0.1");
                 assert_eq!(sent.login.expect("login").client_id, "c");
+                assert!(sent.takes_identity, "this server takes an identity answer");
                 relays.answered(v1::RelayedLoginAnswer {
                     request_id: 7,
-                    offer: Some(v1::ConnectOffer {
-                        server_id: "s".into(),
-                        key: "k".into(),
+                    identity: Some(v1::Identity {
+                        alias: "a".into(),
+                        client_id: "c".into(),
                         ..Default::default()
                     }),
-                    error: None,
+                    ..Default::default()
                 });
             }
         );
-        assert_eq!(answer.expect("an offer").key, "k");
+        let Ok(Placed::Here(identity)) = answer else {
+            panic!("not placed here: {answer:?}");
+        };
+        assert_eq!((&*identity.alias, &*identity.client_id), ("a", "c"));
         assert_eq!(relays.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_offer_elsewhere_comes_back_as_it_is_and_a_malformed_answer_is_an_error() {
+        let (relays, mut rx) = relays(4);
+        let offer = v1::ConnectOffer {
+            server_id: "s".into(),
+            key: "k".into(),
+            ..Default::default()
+        };
+        let (answer, ()) = tokio::join!(
+            relays.relay(1, v1::Login::default(), FROM, Duration::from_secs(5)),
+            async {
+                rx.recv().await.expect("a frame");
+                relays.answered(v1::RelayedLoginAnswer {
+                    request_id: 1,
+                    offer: Some(offer.clone()),
+                    ..Default::default()
+                });
+            }
+        );
+        assert_eq!(answer.expect("placed"), Placed::Elsewhere(offer.clone()));
+        // Both an offer and an identity (or an identity without an alias): neither is taken.
+        for bad in [
+            v1::RelayedLoginAnswer {
+                request_id: 2,
+                offer: Some(offer.clone()),
+                identity: Some(v1::Identity {
+                    alias: "a".into(),
+                    ..Default::default()
+                }),
+                error: None,
+            },
+            v1::RelayedLoginAnswer {
+                request_id: 2,
+                identity: Some(v1::Identity::default()),
+                ..Default::default()
+            },
+        ] {
+            let (answer, ()) = tokio::join!(
+                relays.relay(2, v1::Login::default(), FROM, Duration::from_secs(5)),
+                async {
+                    rx.recv().await.expect("a frame");
+                    relays.answered(bad);
+                }
+            );
+            assert_eq!(
+                answer.expect_err("malformed").error_code(),
+                ErrorCode::Internal
+            );
+        }
     }
 
     #[tokio::test]
@@ -215,8 +288,8 @@ mod tests {
                 rx.recv().await.expect("a frame");
                 relays.answered(v1::RelayedLoginAnswer {
                     request_id: 1,
-                    offer: None,
                     error: Some(error(ErrorCode::BadCredentials, "bad code")),
+                    ..Default::default()
                 });
             }
         );

@@ -41,6 +41,7 @@ use crate::control::Command;
 use crate::history;
 use crate::inbox::SessionEvent;
 use crate::interest::TopicKey;
+use crate::relay::Placed;
 use crate::routes::{self, ClientKey, Origin, Publisher, Subscriber};
 use crate::small_set::SmallSet;
 
@@ -227,9 +228,9 @@ fn relayed(
     response
 }
 
-/// Reads a keyless client's `Login`, relays it and redeems the key the coordinator reserved
-/// here; `Err` holds what to tell the client before closing, and the close status (`None`:
-/// it has gone).
+/// Reads a keyless client's `Login`, relays it and takes the identity the coordinator answers
+/// with (or redeems the key it reserved here); `Err` holds what to tell the client before
+/// closing, and the close status (`None`: it has gone).
 async fn log_in(
     server: &Server,
     socket: &mut ServerLink,
@@ -257,7 +258,7 @@ async fn log_in(
         Err(e) => return Err(refuse(e)),
     };
     check_version(login.protocol_version, "this server").map_err(refuse)?;
-    let offer = server
+    let placed = server
         .relays
         .relay(
             server.next_id(),
@@ -270,17 +271,29 @@ async fn log_in(
             server.stats.relayed_logins_failed.inc();
             refuse(e)
         })?;
-    if *offer.server_id != *server.id {
-        server.stats.relayed_logins_redirected.inc();
-        let redirect = encode(&v1::ServerToClient::redirect(offer));
-        return Err(Some((redirect, relaymesh_proto::CLOSE_NORMAL)));
-    }
-    let identity = lock(&server.keys)
-        .redeem(Instant::now(), &offer.key)
-        .map_err(|e| {
-            server.stats.keys_refused.inc();
-            refuse(error(ErrorCode::KeyInvalid, e.to_string()))
-        })?;
+    let identity = match placed {
+        // The coordinator counted the client against this server's capacity, as it counts a
+        // reserved key, from what it last heard; what this server knows now decides.
+        Placed::Here(identity) => {
+            if let Err(e) = crate::coordinator_link::room_for_one(server, Instant::now()) {
+                server.stats.relayed_logins_failed.inc();
+                return Err(refuse(e));
+            }
+            *identity
+        }
+        Placed::Elsewhere(offer) if *offer.server_id != *server.id => {
+            server.stats.relayed_logins_redirected.inc();
+            let redirect = encode(&v1::ServerToClient::redirect(offer));
+            return Err(Some((redirect, relaymesh_proto::CLOSE_NORMAL)));
+        }
+        // A coordinator that reserves a key here even so (one from before identity answers).
+        Placed::Elsewhere(offer) => lock(&server.keys)
+            .redeem(Instant::now(), &offer.key)
+            .map_err(|e| {
+                server.stats.keys_refused.inc();
+                refuse(error(ErrorCode::KeyInvalid, e.to_string()))
+            })?,
+    };
     server.stats.relayed_logins.inc();
     Ok(identity)
 }

@@ -45,14 +45,39 @@ pub(crate) struct Placement {
     expires_in_ms: u32,
 }
 
+/// Where a login was placed.
+#[derive(Debug)]
+pub(crate) enum Placed {
+    /// A key reserved on this server.
+    Offer(Placement),
+    /// On the server that relayed the login and takes the identity itself (`here`): nothing
+    /// reserved there, the claim counted against its capacity as a key's is.
+    Relayer,
+}
+
+impl Placed {
+    /// The offer of a login placed without `here`, which always has one.
+    fn into_offer(self) -> Result<Placement, v1::Error> {
+        match self {
+            Self::Offer(p) => Ok(p),
+            Self::Relayer => Err(error(
+                ErrorCode::Internal,
+                "a login was kept on a relaying server without one",
+            )),
+        }
+    }
+}
+
 /// Picks a server for `identity` and reserves a key there, trying up to `reserve_attempts`
-/// servers when one fails to answer.
+/// servers when one fails to answer; a server named `here` (the relaying server, when it
+/// takes the identity itself) is claimed without a reservation.
 pub(crate) async fn place_client(
     app: &App,
     identity: &v1::Identity,
     preferred: Option<&str>,
     mut exclude: Vec<String>,
-) -> Result<Placement, v1::Error> {
+    here: Option<&str>,
+) -> Result<Placed, v1::Error> {
     if exclude.len() > MAX_EXCLUDE {
         return Err(error(
             ErrorCode::LimitExceeded,
@@ -75,6 +100,10 @@ pub(crate) async fn place_client(
         let Some(c) = claim.claim.as_ref() else {
             break;
         };
+        if here == Some(c.id.as_str()) {
+            claim.keep();
+            return Ok(Placed::Relayer);
+        }
         let reserved = c
             .handle
             .reserve(
@@ -86,12 +115,12 @@ pub(crate) async fn place_client(
         match reserved {
             Ok(reserved) => {
                 let Some(c) = claim.keep() else { break };
-                return Ok(Placement {
+                return Ok(Placed::Offer(Placement {
                     url: format!("{}/v1/client", c.url.trim_end_matches('/')),
                     server_id: c.id,
                     key: reserved.key,
                     expires_in_ms: reserved.expires_in_ms,
-                });
+                }));
             }
             Err(ReserveFailed {
                 error: e,
@@ -403,7 +432,16 @@ impl link::Handler for Negotiation {
                 let answer = if self.bucket.take(Instant::now()) {
                     let preferred =
                         Some(connect.preferred_server.as_str()).filter(|s| !s.is_empty());
-                    place(app, identity, preferred, connect.exclude, connect.moving).await
+                    place(
+                        app,
+                        identity,
+                        preferred,
+                        connect.exclude,
+                        connect.moving,
+                        None,
+                    )
+                    .await
+                    .and_then(Placed::into_offer)
                 } else {
                     Err(too_many())
                 };
@@ -554,9 +592,10 @@ async fn place(
     preferred: Option<&str>,
     exclude: Vec<String>,
     moving: bool,
-) -> Result<Placement, v1::Error> {
+    here: Option<&str>,
+) -> Result<Placed, v1::Error> {
     let placing = std::time::Instant::now();
-    let result = place_client(app, identity, preferred, exclude).await;
+    let result = place_client(app, identity, preferred, exclude, here).await;
     app.stats
         .dist
         .login_placement_seconds
@@ -815,7 +854,17 @@ pub(crate) async fn relayed_login(
         let preferred = Some(login.preferred_server.as_str())
             .filter(|s| !s.is_empty())
             .unwrap_or(relayer);
-        place(app, &identity, Some(preferred), login.exclude, login.moving).await
+        let here = relayed.takes_identity.then_some(relayer);
+        let placed = place(
+            app,
+            &identity,
+            Some(preferred),
+            login.exclude,
+            login.moving,
+            here,
+        )
+        .await?;
+        Ok((placed, identity))
     };
     let placed = tokio::time::timeout(budget, placed)
         .await
@@ -831,7 +880,7 @@ pub(crate) async fn relayed_login(
             ))
         });
     match placed {
-        Ok(p) => v1::RelayedLoginAnswer {
+        Ok((Placed::Offer(p), _)) => v1::RelayedLoginAnswer {
             request_id,
             offer: Some(v1::ConnectOffer {
                 server_id: p.server_id,
@@ -839,12 +888,17 @@ pub(crate) async fn relayed_login(
                 key: p.key,
                 expires_in_ms: p.expires_in_ms,
             }),
-            error: None,
+            ..Default::default()
+        },
+        Ok((Placed::Relayer, identity)) => v1::RelayedLoginAnswer {
+            request_id,
+            identity: Some(identity),
+            ..Default::default()
         },
         Err(e) => v1::RelayedLoginAnswer {
             request_id,
-            offer: None,
             error: Some(e),
+            ..Default::default()
         },
     }
 }
@@ -864,8 +918,10 @@ pub(crate) async fn login(
         request.preferred_server.as_deref(),
         request.exclude,
         request.moving,
+        None,
     )
-    .await?;
+    .await
+    .and_then(Placed::into_offer)?;
     Ok(Json(LoginResponse {
         alias: identity.alias,
         node_id: identity.node_id,

@@ -394,19 +394,19 @@ struct Reader {
 }
 
 impl Reader {
-    /// Checks and places a login the server relayed, in a task of its own (it waits for a
+    /// Checks and places a login the server relayed, in a task of its own (it may wait for a
     /// reservation), and answers on the link; with `max_relayed_logins` in flight already it
     /// is answered `UNAVAILABLE` at once.
     fn relay(&self, handle: &Arc<ServerLink>, login: v1::RelayedLogin) {
         let Ok(permit) = self.relayed.clone().try_acquire_owned() else {
             let answer = v1::RelayedLoginAnswer {
                 request_id: login.request_id,
-                offer: None,
                 error: Some(error(
                     ErrorCode::Unavailable,
                     "too many logins relayed by this server are in flight; log in with the \
                      coordinator",
                 )),
+                ..Default::default()
             };
             handle.send(encode(&v1::CoordinatorToServer::relayed_login_answer(
                 answer,

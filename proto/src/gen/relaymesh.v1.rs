@@ -653,6 +653,11 @@ pub struct RelayedLogin {
     /// nobody waits for any more must not log the client in a second time.
     #[prost(uint32, tag = "4")]
     pub within_ms: u32,
+    /// The relaying server takes `RelayedLoginAnswer.identity`: when the coordinator keeps the
+    /// client there, it answers with the identity instead of reserving a key on that server
+    /// first (a round trip less on the link, no key to mint and redeem).
+    #[prost(bool, tag = "5")]
+    pub takes_identity: bool,
 }
 /// The answer to `RelayedLogin`: a server and a key (the relaying server's own, or another's to
 /// hand the client as `ServerToClient.redirect`), or why not.
@@ -660,10 +665,18 @@ pub struct RelayedLogin {
 pub struct RelayedLoginAnswer {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
+    /// A key reserved on the server the client goes to (the relaying server, unless it asked
+    /// for `identity`, or another).
     #[prost(message, optional, tag = "2")]
     pub offer: ::core::option::Option<ConnectOffer>,
     #[prost(message, optional, tag = "3")]
     pub error: ::core::option::Option<Error>,
+    /// Set instead of `offer` when the client stays on the relaying server and that server
+    /// asked for it (`RelayedLogin.takes_identity`): the identity its session starts with, as
+    /// `Reserve` would have carried it. Its place counts against the server's capacity as a
+    /// reserved key does until the server's next `Load`.
+    #[prost(message, optional, tag = "4")]
+    pub identity: ::core::option::Option<Identity>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientToCoordinator {

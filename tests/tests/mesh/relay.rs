@@ -283,7 +283,9 @@ async fn the_coordinator_gives_a_relayed_login_up_before_its_server_stops_waitin
         registered.relays_logins,
         "a comm server may relay logins here"
     );
-    let relayed = |request_id, from: &str| {
+    // As a comm server from before identity answers relays (`takes_identity` unset): a key
+    // is reserved on it first.
+    let relayed_as = |request_id, from: &str, takes_identity| {
         v1::ServerToCoordinator::relayed_login(v1::RelayedLogin {
             request_id,
             login: Some(v1::Login {
@@ -292,8 +294,10 @@ async fn the_coordinator_gives_a_relayed_login_up_before_its_server_stops_waitin
             }),
             from: from.into(),
             within_ms: 400,
+            takes_identity,
         })
     };
+    let relayed = |request_id, from: &str| relayed_as(request_id, from, false);
     // A login for this server, which never answers the reservation: given up at three
     // quarters of the 400 ms the server waits, with nothing reserved or replaced.
     raw::send_msg(&mut link, &relayed(7, "127.0.0.1")).await;
@@ -322,4 +326,19 @@ async fn the_coordinator_gives_a_relayed_login_up_before_its_server_stops_waitin
     let stats = coordinator.stats().await;
     assert_eq!(stats["logins_relayed"], 2, "{stats}");
     assert_eq!(stats["logins"], 0, "{stats}");
+    // A server that takes the identity itself is answered with it: no reservation comes
+    // first (the next frame is the answer), and the login counts.
+    raw::send_msg(&mut link, &relayed_as(9, "127.0.0.1", true)).await;
+    let K::RelayedLoginAnswer(answer) = from_coordinator(&mut link).await else {
+        panic!("a reservation before the answer");
+    };
+    assert_eq!(answer.request_id, 9);
+    assert!(
+        answer.offer.is_none() && answer.error.is_none(),
+        "{answer:?}"
+    );
+    assert!(!answer.identity.expect("the identity").alias.is_empty());
+    let stats = coordinator.stats().await;
+    assert_eq!(stats["logins_relayed"], 3, "{stats}");
+    assert_eq!(stats["logins"], 1, "{stats}");
 }
