@@ -74,6 +74,8 @@ async fn a_client_logs_in_through_a_server_and_stays_there() {
 
     assert_eq!(a.stat("relayed_logins").await, 1);
     assert_eq!(a.stat("clients").await, 1);
+    // The coordinator answered with the identity: no key was reserved here for it.
+    assert_eq!(a.stat("keys_reserved").await, 0);
     let coordinator = cluster.coordinator.stats().await;
     assert_eq!(coordinator["logins_relayed"], 1, "{coordinator}");
     // The publisher's login, over HTTP, and the relayed one.
