@@ -1,7 +1,9 @@
 //! Login rate through one coordinator: clients start open loop at a fixed rate and each does
-//! what an application does, `Client::connect` (log in with `POST /v1/login`, then attach to the
-//! offered comm server). Latency runs from the login's due time to `connect` returning. With
-//! TLS both hops are TLS handshakes (`https://` to the coordinator, `wss://` to the server).
+//! what an application does, `Client::connect`: with `--relaymesh-logins relay` (the default)
+//! it dials the comm server without a key and logs in through it (`login_servers`), with
+//! `http` it logs in with `POST /v1/login`, then attaches to the offered comm server. Latency
+//! runs from the login's due time to `connect` returning. With TLS every hop is a TLS
+//! handshake (`https://` to the coordinator, `wss://` to the server).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,7 +47,6 @@ struct Results {
 
 async fn step(
     coordinator: &str,
-    tls: &relaymesh_net::tls::Connector,
     running: &Running,
     rate: f64,
     window: Duration,
@@ -80,8 +81,15 @@ async fn step(
             };
             let results = results.clone();
             let mut config = ClientConfig::new(coordinator);
-            config.tls = tls.clone();
+            config.tls = running.endpoints.tls.clone();
             config.auto_reconnect = false;
+            if running.endpoints.relay_logins {
+                config
+                    .login_servers
+                    .clone_from(&running.endpoints.server_urls);
+            } else {
+                config.relay_logins = false;
+            }
             tasks.spawn(async move {
                 let outcome = Client::connect(config).await;
                 let done = now_ns();
@@ -165,15 +173,7 @@ pub(crate) async fn run(
     let coordinator = running.endpoints.urls[0].clone();
     let mut steps = Vec::new();
     for &rate in ladder {
-        let s = step(
-            &coordinator,
-            &running.endpoints.tls,
-            running,
-            rate,
-            window,
-            max_p99_ms,
-        )
-        .await?;
+        let s = step(&coordinator, running, rate, window, max_p99_ms).await?;
         progress(&s);
         let passed = s.passed;
         steps.push(s);

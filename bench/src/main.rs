@@ -14,6 +14,7 @@
 
 mod clientfanout;
 mod connect;
+mod coordlogins;
 mod drivers;
 mod histmem;
 mod idle;
@@ -65,6 +66,9 @@ pub(crate) enum Scenario {
     Idle,
     /// Logins per second through one coordinator (relaymesh only).
     Logins,
+    /// Logins per second one coordinator takes alone on its core, the comm servers' side of
+    /// them played by the generator (relaymesh only).
+    CoordinatorLogins,
     /// Topic history: a subscriber that lost its server recovers what it missed (three comm
     /// servers), and backlog reads (relaymesh only).
     Recovery,
@@ -90,6 +94,7 @@ impl Scenario {
             Self::Backend => "backend",
             Self::Idle => "idle",
             Self::Logins => "logins",
+            Self::CoordinatorLogins => "coordinator-logins",
             Self::Recovery => "recovery",
             Self::HistoryMemory => "history-memory",
             Self::Storm => "storm",
@@ -140,7 +145,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,recovery,history-memory,storm,connect"
+        default_value = "fanout10,fanout1000,dense,two-server,p2p,p2p-two-server,direct,backend,idle,logins,coordinator-logins,recovery,history-memory,storm,connect"
     )]
     scenarios: Vec<Scenario>,
     /// Directory for results.json, results.md and the servers' configs and logs.
@@ -333,6 +338,9 @@ const BACKEND_LADDER: &[f64] = &[
 ];
 const P2P_LADDER: &[f64] = &[50e3, 100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6];
 const LOGIN_LADDER: &[f64] = &[1000.0, 2500.0, 5000.0, 7500.0, 10000.0, 15000.0];
+const COORDINATOR_LOGIN_LADDER: &[f64] = &[
+    5000.0, 10000.0, 15000.0, 20000.0, 25000.0, 30000.0, 40000.0, 50000.0, 60000.0,
+];
 
 fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
     let first = |ladder: &[f64]| -> Vec<f64> {
@@ -401,6 +409,7 @@ fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
         }
         Scenario::Idle
         | Scenario::Logins
+        | Scenario::CoordinatorLogins
         | Scenario::Recovery
         | Scenario::HistoryMemory
         | Scenario::Storm
@@ -428,11 +437,15 @@ fn not_applicable(
         (System::Redis, Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct) => {
             Some("redis pub/sub between nodes needs Redis Cluster; not measured")
         }
+        (System::Relaymesh, Scenario::CoordinatorLogins) if tls => {
+            Some("measured without TLS: the generator's HTTP logins are plain TCP")
+        }
         (System::Relaymesh, _) => None,
         (
             _,
             Scenario::Idle
             | Scenario::Logins
+            | Scenario::CoordinatorLogins
             | Scenario::Recovery
             | Scenario::HistoryMemory
             | Scenario::Storm,
@@ -573,13 +586,11 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
         );
         return Ok(outcome);
     }
-    let servers = if matches!(
-        scenario,
-        Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct
-    ) {
-        2
-    } else {
-        1
+    let servers = match scenario {
+        Scenario::TwoServer | Scenario::P2pTwoServer | Scenario::Direct => 2,
+        // The coordinator alone: the generator plays the comm servers.
+        Scenario::CoordinatorLogins => 0,
+        _ => 1,
     };
     let mut running = launcher
         .start(system, servers, tls, history.then_some(HISTORY_CONFIG))
@@ -623,11 +634,31 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
             } else {
                 LOGIN_LADDER.to_vec()
             };
+            outcome.logins_via = login_via(scenario, args.relaymesh_logins);
             outcome.logins =
                 logins::run(&running, &ladder, window.measure, args.login_p99_ms, |s| {
                     eprintln!("{label}: {}", report::login_line(s));
                 })
                 .await?;
+        }
+        Scenario::CoordinatorLogins => {
+            let ladder = if args.smoke {
+                vec![500.0]
+            } else if !args.login_rates.is_empty() {
+                args.login_rates.clone()
+            } else {
+                COORDINATOR_LOGIN_LADDER.to_vec()
+            };
+            outcome.logins_via = login_via(scenario, args.relaymesh_logins);
+            outcome.logins = coordlogins::run(
+                &running,
+                args.relaymesh_logins == LoginPath::Relay,
+                &ladder,
+                window.measure,
+                args.login_p99_ms,
+                |s| eprintln!("{label}: {}", report::login_line(s)),
+            )
+            .await?;
         }
         _ => {
             let mut shape =
@@ -663,6 +694,23 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
 
 /// The `[history]` table of `--history on`.
 const HISTORY_CONFIG: &str = "history.toml";
+
+/// How the logins of a logins scenario went, for its report.
+fn login_via(scenario: Scenario, path: LoginPath) -> String {
+    match (scenario, path) {
+        (Scenario::CoordinatorLogins, LoginPath::Relay) => {
+            "relayed (`RelayedLogin`) by three comm servers the generator plays"
+        }
+        (Scenario::CoordinatorLogins, LoginPath::Http) => {
+            "`POST /v1/login`, a TCP connection each, keys reserved on three comm servers the generator plays"
+        }
+        (_, LoginPath::Relay) => {
+            "`Client::connect` through the comm server (`login_servers`), relayed to the coordinator"
+        }
+        (_, LoginPath::Http) => "`Client::connect` with `POST /v1/login` to the coordinator",
+    }
+    .to_owned()
+}
 
 /// `--client-fanout`: one receiving run of the Rust client.
 fn client_fanout_main(args: &Args, coordinator: &str) -> ExitCode {

@@ -133,6 +133,9 @@ pub(crate) struct Outcome {
     pub(crate) idle: Vec<IdleStep>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) logins: Vec<LoginStep>,
+    /// How the logins scenarios' clients logged in.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) logins_via: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) recovery: Option<RecoveryResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +161,7 @@ impl Outcome {
             steps: Vec::new(),
             idle: Vec::new(),
             logins: Vec::new(),
+            logins_via: String::new(),
             recovery: None,
             storm: None,
             connect: None,
@@ -1079,8 +1083,10 @@ impl Results {
             if !o.logins.is_empty() {
                 let _ = writeln!(
                     md,
-                    "\n### logins — {}\n\n| offered/s | logins/s | failed | p50 ms | p99 ms | max ms | server CPU % | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|",
-                    o.label()
+                    "\n### {} — {}\n\nLogins: {}.\n\n| offered/s | logins/s | failed | p50 ms | p99 ms | max ms | server CPU % | generator CPU % | |\n|---|---|---|---|---|---|---|---|---|",
+                    o.scenario.name(),
+                    o.label(),
+                    o.logins_via
                 );
                 for s in &o.logins {
                     let _ = writeln!(

@@ -19,7 +19,7 @@ use crate::drivers::{Endpoints, System};
 use crate::pki::TlsFiles;
 
 /// The secret the benchmark's relaymesh servers share (loopback only).
-const CLUSTER_SECRET: &str = "bench-cluster-secret";
+pub(crate) const CLUSTER_SECRET: &str = "bench-cluster-secret";
 
 /// A fresh bearer token for a coordinator's admin API: 32 random hex digits (it must be at
 /// least 16 bytes). It reaches the coordinator as `RELAYMESH_ADMIN_TOKEN`, as the cluster

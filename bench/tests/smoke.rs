@@ -86,6 +86,21 @@ fn smoke_run_measures_every_relaymesh_scenario() {
     assert_eq!(logins["failed"], 0, "{logins}");
     assert_eq!(logins["succeeded"], logins["attempted"], "{logins}");
     assert!(logins["succeeded"].as_u64().unwrap_or(0) > 0, "{logins}");
+    // The coordinator alone, its comm servers played by the generator: every relayed login
+    // answered with an offer.
+    let alone = &scenario("coordinator-logins");
+    assert_eq!(alone["status"], "ok", "{alone}");
+    let step = &alone["logins"][0];
+    assert_eq!(step["failed"], 0, "{step}");
+    assert_eq!(step["succeeded"], step["attempted"], "{step}");
+    assert!(step["succeeded"].as_u64().unwrap_or(0) > 0, "{step}");
+    assert!(
+        alone["logins_via"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RelayedLogin"),
+        "{alone}"
+    );
 
     // The storm: every client of the killed server back, spread over the other two, and its
     // curves drawn.
@@ -113,6 +128,7 @@ fn smoke_run_measures_every_relaymesh_scenario() {
         "### fanout10 — relaymesh",
         "### idle clients — relaymesh",
         "### logins — relaymesh",
+        "### coordinator-logins — relaymesh",
         "## Reconnect storm — relaymesh",
     ] {
         assert!(md.contains(heading), "results.md lacks {heading}:\n{md}");
