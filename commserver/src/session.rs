@@ -180,9 +180,10 @@ pub(crate) async fn upgrade(
 }
 
 /// A client that came without a key ([`crate::relay`]): upgraded once there is room for
-/// another login in flight, then its `Login` goes to the coordinator. With an offer of this
-/// server the session starts as if the client had brought the key; an offer of another is
-/// sent to the client as `redirect`, a refusal as `Error`, and the connection closes.
+/// another login in flight, then its `Login` goes to the coordinator. When the coordinator
+/// keeps it here (its identity, or a key here from an older coordinator) the session starts
+/// as if the client had brought a key; an offer of another server is sent to the client as
+/// `redirect`, a refusal as `Error`, and the connection closes.
 fn relayed(
     server: Arc<Server>,
     conn: ConnInfo,
@@ -258,6 +259,12 @@ async fn log_in(
         Err(e) => return Err(refuse(e)),
     };
     check_version(login.protocol_version, "this server").map_err(refuse)?;
+    let mut login = login;
+    // No room here (draining, or full since the coordinator last heard): the coordinator
+    // chooses among the others, and the client is sent on with a key there.
+    if crate::coordinator_link::room_for_one(server, Instant::now()).is_err() {
+        login.exclude.push(server.id.to_string());
+    }
     let placed = server
         .relays
         .relay(
@@ -273,7 +280,8 @@ async fn log_in(
         })?;
     let identity = match placed {
         // The coordinator counted the client against this server's capacity, as it counts a
-        // reserved key, from what it last heard; what this server knows now decides.
+        // reserved key, from what it last heard; what this server knows now decides (room
+        // may have gone while the login was out).
         Placed::Here(identity) => {
             if let Err(e) = crate::coordinator_link::room_for_one(server, Instant::now()) {
                 server.stats.relayed_logins_failed.inc();

@@ -110,6 +110,24 @@ async fn a_login_the_coordinator_places_elsewhere_is_redirected_with_a_key_there
 }
 
 #[tokio::test]
+async fn a_client_logging_in_through_a_full_server_ends_on_one_with_room() {
+    let cluster = Cluster::start_with(2, |c| c.max_clients = 1).await;
+    let (a, b) = (&cluster.servers[0], &cluster.servers[1]);
+    let first = cluster.client_on(0).await;
+    assert_eq!(a.stat("clients").await, 1);
+    // The full server turns the keyless connection away before the upgrade; the library
+    // logs in with the coordinator instead, which places it where there is room.
+    let mut config = client_config(&cluster.coordinator.url);
+    config.login_servers = vec![a.url.clone()];
+    let client = Client::connect(config).await.unwrap();
+    assert_eq!(client.server_id(), b.id);
+    assert_eq!(a.stat("clients").await, 1);
+    assert_eq!(b.stat("clients").await, 1);
+    client.close().await;
+    first.close().await;
+}
+
+#[tokio::test]
 async fn refused_credentials_are_the_coordinators_answer_and_nothing_else_breaks() {
     let accounts = TempAccounts::new(vec![account_with_code("acme", "s3cret")]);
     let cluster = Cluster::start_configured(2, accounts.coordinator_config()).await;
