@@ -9,36 +9,38 @@
 //!     `RelayedLogin` on one of those links in turn (taking the identity, as comm servers do),
 //!     answered there by a `RelayedLoginAnswer` (with a `Reserve` first from a coordinator
 //!     that answers with keys only);
-//!   * `http`: `POST /v1/login`, on a TCP connection of its own, as the client library does it
-//!     (and `Connection`-less: the client closes once it has the answer).
+//!   * `http`: `POST /v1/login`, on a TCP connection of its own as the client library sends
+//!     it (the client closes once it has the answer); written and read by hand rather than
+//!     with the client library's HTTP client, so the generator's cost per login stays low.
 //!
 //! Both are open loop at a fixed rate; latency runs from the login's due time to its answer.
-//! What a comm server does besides (the client's WebSocket, redeeming the key) is spread over
-//! the servers a cluster has and is left out here: this measures the one process every login
+//! What a comm server does besides (the client's WebSocket, starting its session) is spread
+//! over the servers a cluster has and is left out here: this measures the one process every login
 //! goes through. The `logins` scenario measures the whole `Client::connect` instead.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use relaymesh_net::link::{self, Flow, Heartbeat};
 use relaymesh_net::queue;
+use relaymesh_net::sync::lock;
 use relaymesh_proto::v1::{self, coordinator_to_server::Kind};
 use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, encode, error};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::logins::LoginStep;
-use crate::measure::{histogram, now_ns, pct_ms};
+use crate::logins::{DRAIN, LoginStep, MAX_IN_FLIGHT, Meter, Schedule, Tally, ladder};
+use crate::measure::now_ns;
 use crate::servers::{CLUSTER_SECRET, Running};
 
 /// Comm servers the generator plays.
 const SERVERS: usize = 3;
-/// Logins in flight at once; a login due when this many are waiting counts as failed.
-const MAX_IN_FLIGHT: usize = 4096;
+/// Longest wait for one HTTP login.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for one played server's writer.
 const LINK_QUEUE: usize = 16_384;
 /// How long a relaying server waits for its answer (the comm server's default
@@ -50,33 +52,7 @@ const HEARTBEAT: Heartbeat = Heartbeat {
     interval: Duration::from_secs(2),
 };
 
-/// Answers of one step, from the played servers' links (relayed logins) or the HTTP tasks.
-#[derive(Default)]
-struct Tally {
-    latency_us: Vec<u64>,
-    failed: u64,
-    first_error: Option<String>,
-    /// Relayed logins sent and not yet answered.
-    in_flight: usize,
-}
-
-impl Tally {
-    fn answered(&mut self, due: u64, outcome: Result<(), String>) {
-        match outcome {
-            Ok(()) => self.latency_us.push(now_ns().saturating_sub(due) / 1000),
-            Err(e) => {
-                self.failed += 1;
-                self.first_error.get_or_insert(e);
-            }
-        }
-    }
-}
-
 type Shared = Arc<Mutex<Tally>>;
-
-fn lock(tally: &Shared) -> std::sync::MutexGuard<'_, Tally> {
-    tally.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One played comm server, as the link driver runs it.
 struct Played {
@@ -131,15 +107,20 @@ impl link::Handler for Played {
                 }))?;
             }
             Some(Kind::RelayedLoginAnswer(answer)) => {
-                let outcome = match (answer.error, answer.offer, answer.identity) {
+                let identity = answer.identity.is_some();
+                let outcome = match (answer.error, answer.offer, identity) {
                     (Some(e), _, _) => Err(format!("{:?}: {}", e.error_code(), e.message)),
-                    (None, Some(_), _) | (None, None, Some(_)) => Ok(()),
-                    (None, None, None) => Err("an answer with neither offer nor error".to_owned()),
+                    (None, Some(_), false) | (None, None, true) => Ok(()),
+                    (None, Some(_), true) => Err("an answer with an offer and an identity".into()),
+                    (None, None, false) => Err("an answer with neither offer nor error".into()),
                 };
+                let ok = outcome.is_ok();
                 let mut tally = lock(&self.tally);
-                tally.in_flight = tally.in_flight.saturating_sub(1);
                 // The request id is the login's due time.
-                tally.answered(answer.request_id, outcome);
+                if tally.answered(answer.request_id, outcome) {
+                    tally.in_flight = tally.in_flight.saturating_sub(1);
+                    tally.identities += u64::from(ok && identity);
+                }
             }
             Some(Kind::Ping(ping)) => {
                 self.send(&v1::ServerToCoordinator::pong(v1::Pong {
@@ -318,7 +299,6 @@ async fn step(
     window: Duration,
     max_p99_ms: f64,
 ) -> anyhow::Result<LoginStep> {
-    *lock(&cluster.tally) = Tally::default();
     let addr: SocketAddr = running.endpoints.urls[0]
         .trim_start_matches("ws://")
         .parse()
@@ -331,139 +311,91 @@ async fn step(
         }),
         ..v1::Login::default()
     };
+    let mut schedule = Schedule::new(rate, window);
+    *lock(&cluster.tally) = Tally::new(schedule.start());
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let interval = 1e9 / rate;
-    let start = now_ns() + 1_000_000;
-    let end = start + window.as_nanos() as u64;
-    let (cpu0, _) = running.usage();
-    let gen0 = relaymesh_net::procstat::process().map_or(0.0, |u| u.cpu_seconds);
-    let t0 = now_ns();
+    let meter = Meter::start(running);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut attempted = 0u64;
+    let full = || Err(format!("{MAX_IN_FLIGHT} logins already in flight"));
     loop {
-        let now = now_ns();
-        let mut due_now = Vec::new();
-        loop {
-            let due = start + (attempted as f64 * interval) as u64;
-            if due >= end || due > now {
-                break;
-            }
-            due_now.push((attempted, due));
-            attempted += 1;
-        }
+        let due_now = schedule.due();
         if relay {
             let mut tally = lock(&cluster.tally);
             for (n, due) in due_now {
-                let frame = (tally.in_flight < MAX_IN_FLIGHT).then(|| {
-                    encode(&v1::ServerToCoordinator::relayed_login(v1::RelayedLogin {
-                        request_id: due,
-                        login: Some(login.clone()),
-                        from: "127.0.0.1".into(),
-                        within_ms: WITHIN_MS,
-                        takes_identity: true,
-                    }))
-                });
-                let link = &cluster.links[n as usize % SERVERS];
-                match frame.map(|f| link.try_send(f)) {
-                    Some(Ok(())) => tally.in_flight += 1,
-                    Some(Err(_)) => {
-                        tally.answered(due, Err("a played link's queue is full".into()))
+                if tally.in_flight >= MAX_IN_FLIGHT {
+                    tally.answered(due, full());
+                    continue;
+                }
+                let frame = encode(&v1::ServerToCoordinator::relayed_login(v1::RelayedLogin {
+                    // Unique in the run: due times only grow.
+                    request_id: due,
+                    login: Some(login.clone()),
+                    from: "127.0.0.1".into(),
+                    within_ms: WITHIN_MS,
+                    takes_identity: true,
+                }));
+                match cluster.links[n as usize % SERVERS].try_send(frame) {
+                    Ok(()) => tally.in_flight += 1,
+                    Err(_) => {
+                        tally.answered(due, Err("a played link's queue is full".into()));
                     }
-                    None => tally.answered(
-                        due,
-                        Err(format!("{MAX_IN_FLIGHT} logins already in flight")),
-                    ),
                 }
             }
         } else {
             for (_, due) in due_now {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    lock(&cluster.tally).answered(
-                        due,
-                        Err(format!("{MAX_IN_FLIGHT} logins already in flight")),
-                    );
+                    lock(&cluster.tally).answered(due, full());
                     continue;
                 };
                 let (tally, request) = (cluster.tally.clone(), request.clone());
                 tasks.spawn(async move {
-                    let outcome = http_login(addr, &request).await;
+                    let outcome = tokio::time::timeout(HTTP_TIMEOUT, http_login(addr, &request))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer within {HTTP_TIMEOUT:?}")));
                     drop(permit);
                     lock(&tally).answered(due, outcome);
                 });
             }
         }
-        if start + (attempted as f64 * interval) as u64 >= end {
+        if schedule.done() {
             break;
         }
         while tasks.try_join_next().is_some() {}
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    // The answers still on their way.
-    let drain_until = now_ns() + 15_000_000_000;
+    // The answers still on their way (every HTTP login ends within its timeout).
+    let drain_until = now_ns() + DRAIN.as_nanos() as u64;
     while tasks.join_next().await.is_some() {}
     while lock(&cluster.tally).in_flight > 0 && now_ns() < drain_until {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed_s = (now_ns() - t0) as f64 / 1e9;
-    let (cpu1, _) = running.usage();
-    let gen1 = relaymesh_net::procstat::process().map_or(0.0, |u| u.cpu_seconds);
     let tally = lock(&cluster.tally);
-    let mut h = histogram();
-    for &us in &tally.latency_us {
-        h.saturating_record(us.max(1));
-    }
-    let succeeded = tally.latency_us.len() as u64;
-    // Relayed logins never answered count as failed.
-    let failed = tally.failed + tally.in_flight as u64;
-    let p99_ms = pct_ms(&h, 99.0);
-    let generator_cpu_pct = 100.0 * (gen1 - gen0) / elapsed_s;
-    Ok(LoginStep {
-        offered_per_s: rate,
-        attempted,
-        succeeded,
-        failed,
-        first_error: tally.first_error.clone().unwrap_or_else(|| {
-            if tally.in_flight > 0 {
-                "unanswered after 15 s".into()
-            } else {
-                String::new()
-            }
-        }),
-        logins_per_s: succeeded as f64 / window.as_secs_f64(),
-        p50_ms: pct_ms(&h, 50.0),
-        p99_ms,
-        max_ms: h.max() as f64 / 1e3,
-        server_cpu_pct: 100.0 * (cpu1 - cpu0) / elapsed_s,
-        generator_cpu_pct,
-        generator_bound: generator_cpu_pct >= 90.0,
-        passed: failed == 0 && succeeded > 0 && p99_ms <= max_p99_ms,
-    })
+    Ok(meter.finish(
+        running,
+        (rate, window, max_p99_ms),
+        schedule.attempted(),
+        &tally,
+        tally.in_flight as u64,
+    ))
 }
 
-/// Steps the login rate up until two steps in a row fail (one stall of this shared machine
-/// is not the coordinator's bound), logins relayed (`relay`) or over HTTP.
+/// Steps the login rate up (see [`ladder`]), logins relayed (`relay`) or over HTTP.
 pub(crate) async fn run(
     running: &Running,
     relay: bool,
-    ladder: &[f64],
-    window: Duration,
+    rates: &[f64],
+    (warmup, window): (Duration, Duration),
     max_p99_ms: f64,
-    mut progress: impl FnMut(&LoginStep),
+    progress: impl FnMut(&LoginStep),
 ) -> anyhow::Result<Vec<LoginStep>> {
     let cluster = Cluster::register(running, relay).await?;
-    let mut steps = Vec::new();
-    for &rate in ladder {
-        let s = step(running, &cluster, relay, rate, window, max_p99_ms).await;
-        let Ok(s) = s else {
-            cluster.stop().await;
-            return s.map(|_| steps);
-        };
-        progress(&s);
-        steps.push(s);
-        if steps.iter().rev().take(2).filter(|s| !s.passed).count() == 2 {
-            break;
-        }
-    }
+    let steps = ladder(
+        rates,
+        (warmup, window),
+        |rate, window| step(running, &cluster, relay, rate, window, max_p99_ms),
+        progress,
+    )
+    .await;
     cluster.stop().await;
-    Ok(steps)
+    steps
 }

@@ -338,9 +338,8 @@ const BACKEND_LADDER: &[f64] = &[
 ];
 const P2P_LADDER: &[f64] = &[50e3, 100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6];
 const LOGIN_LADDER: &[f64] = &[1000.0, 2500.0, 5000.0, 7500.0, 10000.0, 15000.0];
-const COORDINATOR_LOGIN_LADDER: &[f64] = &[
-    5000.0, 10000.0, 15000.0, 20000.0, 25000.0, 30000.0, 40000.0, 50000.0, 60000.0,
-];
+const COORDINATOR_LOGIN_LADDER: &[f64] =
+    &[10e3, 20e3, 40e3, 60e3, 80e3, 100e3, 120e3, 140e3, 160e3];
 
 fn shape(scenario: Scenario, smoke: bool) -> Option<Shape> {
     let first = |ladder: &[f64]| -> Vec<f64> {
@@ -635,11 +634,14 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
                 LOGIN_LADDER.to_vec()
             };
             outcome.logins_via = login_via(scenario, args.relaymesh_logins);
-            outcome.logins =
-                logins::run(&running, &ladder, window.measure, args.login_p99_ms, |s| {
-                    eprintln!("{label}: {}", report::login_line(s));
-                })
-                .await?;
+            outcome.logins = logins::run(
+                &running,
+                &ladder,
+                (window.warmup, window.measure),
+                args.login_p99_ms,
+                |s| eprintln!("{label}: {}", report::login_line(s)),
+            )
+            .await?;
         }
         Scenario::CoordinatorLogins => {
             let ladder = if args.smoke {
@@ -654,7 +656,7 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
                 &running,
                 args.relaymesh_logins == LoginPath::Relay,
                 &ladder,
-                window.measure,
+                (window.warmup, window.measure),
                 args.login_p99_ms,
                 |s| eprintln!("{label}: {}", report::login_line(s)),
             )

@@ -1524,9 +1524,14 @@ pub(crate) fn connect_line(r: &ConnectResult) -> String {
 
 pub(crate) fn login_line(s: &LoginStep) -> String {
     format!(
-        "offered {:.0} logins/s: {:.0}/s, {} failed{}, p99 {:.2} ms, server CPU {:.0} %, generator {:.0} % {}",
+        "offered {:.0} logins/s: {:.0}/s{}, {} failed{}, p99 {:.2} ms, server CPU {:.0} %, generator {:.0} % {}",
         s.offered_per_s,
         s.logins_per_s,
+        if s.answered_with_identity > 0 {
+            format!(" ({} answered with the identity)", s.answered_with_identity)
+        } else {
+            String::new()
+        },
         s.failed,
         if s.first_error.is_empty() {
             String::new()

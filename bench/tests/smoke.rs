@@ -87,13 +87,14 @@ fn smoke_run_measures_every_relaymesh_scenario() {
     assert_eq!(logins["succeeded"], logins["attempted"], "{logins}");
     assert!(logins["succeeded"].as_u64().unwrap_or(0) > 0, "{logins}");
     // The coordinator alone, its comm servers played by the generator: every relayed login
-    // answered with an offer.
+    // answered, with the identity (the played servers relay it and take it).
     let alone = &scenario("coordinator-logins");
     assert_eq!(alone["status"], "ok", "{alone}");
     let step = &alone["logins"][0];
     assert_eq!(step["failed"], 0, "{step}");
     assert_eq!(step["succeeded"], step["attempted"], "{step}");
     assert!(step["succeeded"].as_u64().unwrap_or(0) > 0, "{step}");
+    assert_eq!(step["answered_with_identity"], step["succeeded"], "{step}");
     assert!(
         alone["logins_via"]
             .as_str()
