@@ -195,6 +195,29 @@ mod tests {
 
     const FROM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// Relays a login as `request_id` and, once it has gone out, has the coordinator answer
+    /// it with `answer`.
+    async fn relayed_and_answered(
+        relays: &Relays,
+        rx: &mut queue::Receiver<Bytes>,
+        request_id: u64,
+        answer: v1::RelayedLoginAnswer,
+    ) -> Answer {
+        let (placed, ()) = tokio::join!(
+            relays.relay(
+                request_id,
+                v1::Login::default(),
+                FROM,
+                Duration::from_secs(5)
+            ),
+            async {
+                rx.recv().await.expect("a frame");
+                relays.answered(answer);
+            }
+        );
+        placed
+    }
+
     #[tokio::test]
     async fn a_login_goes_out_with_the_clients_address_and_gets_its_answer() {
         let (relays, mut rx) = relays(4);
@@ -236,17 +259,17 @@ mod tests {
             key: "k".into(),
             ..Default::default()
         };
-        let (answer, ()) = tokio::join!(
-            relays.relay(1, v1::Login::default(), FROM, Duration::from_secs(5)),
-            async {
-                rx.recv().await.expect("a frame");
-                relays.answered(v1::RelayedLoginAnswer {
-                    request_id: 1,
-                    offer: Some(offer.clone()),
-                    ..Default::default()
-                });
-            }
-        );
+        let answer = relayed_and_answered(
+            &relays,
+            &mut rx,
+            1,
+            v1::RelayedLoginAnswer {
+                request_id: 1,
+                offer: Some(offer.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
         assert_eq!(answer.expect("placed"), Placed::Elsewhere(offer.clone()));
         // Both an offer and an identity (or an identity without an alias): neither is taken.
         for bad in [
@@ -265,13 +288,7 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            let (answer, ()) = tokio::join!(
-                relays.relay(2, v1::Login::default(), FROM, Duration::from_secs(5)),
-                async {
-                    rx.recv().await.expect("a frame");
-                    relays.answered(bad);
-                }
-            );
+            let answer = relayed_and_answered(&relays, &mut rx, 2, bad).await;
             assert_eq!(
                 answer.expect_err("malformed").error_code(),
                 ErrorCode::Internal
@@ -282,17 +299,17 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_comes_back_as_the_coordinators_error() {
         let (relays, mut rx) = relays(4);
-        let (answer, ()) = tokio::join!(
-            relays.relay(1, v1::Login::default(), FROM, Duration::from_secs(5)),
-            async {
-                rx.recv().await.expect("a frame");
-                relays.answered(v1::RelayedLoginAnswer {
-                    request_id: 1,
-                    error: Some(error(ErrorCode::BadCredentials, "bad code")),
-                    ..Default::default()
-                });
-            }
-        );
+        let answer = relayed_and_answered(
+            &relays,
+            &mut rx,
+            1,
+            v1::RelayedLoginAnswer {
+                request_id: 1,
+                error: Some(error(ErrorCode::BadCredentials, "bad code")),
+                ..Default::default()
+            },
+        )
+        .await;
         assert_eq!(
             answer.expect_err("refused").error_code(),
             ErrorCode::BadCredentials
