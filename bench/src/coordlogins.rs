@@ -2,8 +2,8 @@
 //! only server process; the generator plays the rest of the cluster, over the real protocol:
 //!
 //! * `SERVERS` comm servers: each registers over `/v1/servers` (the cluster secret, `Register`,
-//!   a `Load` every heartbeat, `Pong`s) and answers every `Reserve` with a `Reserved` key, as a
-//!   comm server does, minus the key store;
+//!   a `Load` every half heartbeat interval, `Pong`s) and answers every `Reserve` with a
+//!   `Reserved` key, as a comm server does, minus the key store;
 //! * the clients, logging in either way a client can (`--relaymesh-logins`):
 //!   * `relay`: as a comm server relays the login of a client that dialled it without a key, a
 //!     `RelayedLogin` on one of those links in turn (taking the identity, as comm servers do),
@@ -15,8 +15,8 @@
 //!
 //! Both are open loop at a fixed rate; latency runs from the login's due time to its answer.
 //! What a comm server does besides (the client's WebSocket, starting its session) is spread
-//! over the servers a cluster has and is left out here: this measures the one process every login
-//! goes through. The `logins` scenario measures the whole `Client::connect` instead.
+//! over the servers a cluster has and is left out here: this measures the one process every
+//! login goes through. The `logins` scenario measures the whole `Client::connect` instead.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
