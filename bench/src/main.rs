@@ -626,13 +626,7 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
             outcome.connect = Some(r);
         }
         Scenario::Logins => {
-            let ladder = if args.smoke {
-                vec![200.0]
-            } else if !args.login_rates.is_empty() {
-                args.login_rates.clone()
-            } else {
-                LOGIN_LADDER.to_vec()
-            };
+            let ladder = login_rates(args, 200.0, LOGIN_LADDER);
             outcome.logins_via = login_via(scenario, args.relaymesh_logins);
             outcome.logins = logins::run(
                 &running,
@@ -644,13 +638,7 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
             .await?;
         }
         Scenario::CoordinatorLogins => {
-            let ladder = if args.smoke {
-                vec![500.0]
-            } else if !args.login_rates.is_empty() {
-                args.login_rates.clone()
-            } else {
-                COORDINATOR_LOGIN_LADDER.to_vec()
-            };
+            let ladder = login_rates(args, 500.0, COORDINATOR_LOGIN_LADDER);
             outcome.logins_via = login_via(scenario, args.relaymesh_logins);
             outcome.logins = coordlogins::run(
                 &running,
@@ -696,6 +684,18 @@ async fn run_one(args: &Args, launcher: &Launcher, run: Run) -> anyhow::Result<O
 
 /// The `[history]` table of `--history on`.
 const HISTORY_CONFIG: &str = "history.toml";
+
+/// The login rates a logins scenario steps through: one small step for `--smoke`, else
+/// `--login-rates`, else the scenario's own ladder.
+fn login_rates(args: &Args, smoke: f64, ladder: &[f64]) -> Vec<f64> {
+    if args.smoke {
+        vec![smoke]
+    } else if !args.login_rates.is_empty() {
+        args.login_rates.clone()
+    } else {
+        ladder.to_vec()
+    }
+}
 
 /// How the logins of a logins scenario went, for its report.
 fn login_via(scenario: Scenario, path: LoginPath) -> String {

@@ -246,7 +246,7 @@ async fn log_in(
         server.config.handshake_timeout(),
     )
     .await;
-    let login = match first {
+    let mut login = match first {
         Ok(Some(v1::ClientToServer {
             kind: Some(Kind::Login(login)),
         })) => login,
@@ -259,7 +259,6 @@ async fn log_in(
         Err(e) => return Err(refuse(e)),
     };
     check_version(login.protocol_version, "this server").map_err(refuse)?;
-    let mut login = login;
     // No room here (draining, or full since the coordinator last heard): the coordinator
     // chooses among the others, and the client is sent on with a key there.
     if crate::coordinator_link::room_for_one(server, Instant::now()).is_err() {
