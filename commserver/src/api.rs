@@ -130,6 +130,8 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tls_refused_plain": s.serving.tls_refused_plain.get(),
         "tls_handshakes_failed": s.serving.tls_handshakes_failed.get(),
+        "setups_waiting": s.serving.setups_waiting.get(),
+        "setups_refused": s.serving.setups_refused.get(),
         "history_topics": history_topics,
         "history_bytes": history_bytes,
         "history_stored": h.stored.get(),
@@ -203,6 +205,12 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         }
     }
     e.single(
+        "relaymesh_setups_waiting",
+        Kind::Gauge,
+        "Connections waiting for a place among max_setups (their first bytes have come).",
+        s.serving.setups_waiting.get() as f64,
+    );
+    e.single(
         "relaymesh_draining",
         Kind::Gauge,
         "1 while the server takes no new clients (shutting down or drained).",
@@ -262,7 +270,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 39] = [
+    let counters: [(&str, &str, &Counter); 40] = [
         (
             "relaymesh_history_stored_total",
             "Messages added to topic history (as origin or copy).",
@@ -452,6 +460,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_tls_handshakes_failed_total",
             "TLS handshakes that failed or timed out.",
             &s.serving.tls_handshakes_failed,
+        ),
+        (
+            "relaymesh_setups_refused_total",
+            "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503.",
+            &s.serving.setups_refused,
         ),
         (
             "relaymesh_registrations_total",

@@ -130,6 +130,13 @@ pub struct Config {
     /// Connections the kernel holds for the listener before they are accepted (capped by
     /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
     pub listen_backlog: u32,
+    /// Connections set up at once, each from its first bytes (a TLS handshake and the first
+    /// request; a client's WebSocket to its session's start, after its login). Connections
+    /// past them wait their turn, in order, so a reconnect storm is taken at the pace sessions
+    /// can be set up while established connections are served as before.
+    pub max_setups: usize,
+    /// The longest one connection counts among `max_setups` (it is served on after that).
+    pub setup_timeout_ms: u64,
     /// Interval of heartbeats: Load reports to the coordinator, pings to peers; also suggested
     /// to clients.
     pub heartbeat_interval_ms: u64,
@@ -247,6 +254,8 @@ impl Default for Config {
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             listen_backlog: relaymesh_net::serve::DEFAULT_LISTEN_BACKLOG,
+            max_setups: relaymesh_net::serve::default_max_setups(),
+            setup_timeout_ms: relaymesh_net::serve::DEFAULT_SETUP_TIMEOUT.as_millis() as u64,
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
             peer_heartbeat_timeout_ms: 3_000,
@@ -340,6 +349,7 @@ impl Config {
             "listen_backlog",
             "must be positive",
         )?;
+        relaymesh_net::config::check_setups(self.max_setups, self.setup_timeout_ms)?;
         ensure(self.key_ttl_ms > 0, "key_ttl_ms", "must be positive")?;
         ensure(
             self.max_pending_keys > 0,
@@ -520,6 +530,7 @@ impl Config {
         pub fn shutdown_grace = shutdown_grace_ms;
         pub(crate) fn drain_on_shutdown = drain_on_shutdown_ms;
         pub(crate) fn request_timeout = request_timeout_ms;
+        pub(crate) fn setup_timeout = setup_timeout_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {
@@ -563,6 +574,8 @@ impl Config {
             shutdown_grace: self.shutdown_grace(),
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
+            max_setups: self.max_setups,
+            setup_timeout: self.setup_timeout(),
             stats,
             tls: None,
         }

@@ -160,13 +160,18 @@ pub(crate) async fn upgrade(
     let limits = server.config.ws_limits();
     let span = tracing::debug_span!("client", peer = %conn.peer, alias = %identity.alias);
     let tracker = server.tracker.clone();
+    // Set up (among the listener's `max_setups`) once upgraded: its key is redeemed.
+    let setup = conn.claim_setup();
     // The session runs in a task of its own, spawned once the upgrade is done: a task is
     // allocated at the size of its future, and one future holding both the upgrade and the
     // session was the size of both (about 5 KiB, over twice the session's) for the session's
     // whole life.
     tracker.clone().spawn(
         async move {
-            match accept::upgraded_link(on_upgrade, &limits).await {
+            match setup
+                .within(accept::upgraded_link(on_upgrade, &limits))
+                .await
+            {
                 Ok(socket) => {
                     let session = run(server, socket, identity, conn, batches);
                     tracker.spawn(session.instrument(tracing::Span::current()));
@@ -201,13 +206,23 @@ fn relayed(
     let limits = server.config.ws_limits();
     let span = tracing::debug_span!("client", peer = %conn.peer, alias = tracing::field::Empty);
     let tracker = server.tracker.clone();
+    // Set up (among the listener's `max_setups`) once logged in, or refused.
+    let setup = conn.claim_setup();
     tracker.clone().spawn(
         async move {
-            let mut socket = match accept::upgraded_link(on_upgrade, &limits).await {
-                Ok(socket) => socket,
+            let logging_in = async {
+                let mut socket = match accept::upgraded_link(on_upgrade, &limits).await {
+                    Ok(socket) => socket,
+                    Err(e) => return Err(e),
+                };
+                let logged_in = log_in(&server, &mut socket, &conn).await;
+                Ok((socket, logged_in))
+            };
+            let (mut socket, logged_in) = match setup.within(logging_in).await {
+                Ok(logged_in) => logged_in,
                 Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
             };
-            let last_words = match log_in(&server, &mut socket, &conn).await {
+            let last_words = match logged_in {
                 Ok(identity) => {
                     drop(room);
                     tracing::Span::current().record("alias", identity.alias.as_str());

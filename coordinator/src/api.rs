@@ -40,6 +40,8 @@ pub(crate) struct Stats {
     /// `Replace` notices a server's full link queue did not take.
     pub(crate) replace_dropped: Counter,
     pub(crate) reservations_failed: Counter,
+    /// Reservations raced by a second one on another server (`reserve_hedge_ms`).
+    pub(crate) reservations_hedged: Counter,
     pub(crate) server_links_refused: Counter,
     /// What the listener refused (connections over `max_connections_per_ip`).
     pub(crate) serving: Arc<ServeStats>,
@@ -126,10 +128,13 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "inbox_commits": s.inbox_commits.get(),
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
+        "reservations_hedged": s.reservations_hedged.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tls_refused_plain": s.serving.tls_refused_plain.get(),
         "tls_handshakes_failed": s.serving.tls_handshakes_failed.get(),
+        "setups_waiting": s.serving.setups_waiting.get(),
+        "setups_refused": s.serving.setups_refused.get(),
         "nodes_online": lock(&app.directory).len(),
         "tasks": relaymesh_net::procstat::tasks(),
         "process": relaymesh_net::procstat::process(),
@@ -320,6 +325,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         s.reservations_failed.get() as f64,
     );
     e.single(
+        "relaymesh_coordinator_reservations_hedged_total",
+        Kind::Counter,
+        "Reservations raced by a second one on another server (reserve_hedge_ms).",
+        s.reservations_hedged.get() as f64,
+    );
+    e.single(
         "relaymesh_coordinator_server_links_refused_total",
         Kind::Counter,
         "Server links refused for a missing or wrong cluster secret.",
@@ -342,6 +353,18 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "TLS handshakes that failed or timed out.",
         s.serving.tls_handshakes_failed.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_setups_waiting",
+        Kind::Gauge,
+        "Connections waiting for a place among max_setups (their first bytes have come).",
+        s.serving.setups_waiting.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_setups_refused_total",
+        Kind::Counter,
+        "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503.",
+        s.serving.setups_refused.get() as f64,
     );
     relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())
 }

@@ -43,6 +43,14 @@ pub struct Config {
     pub reserve_timeout_ms: u64,
     /// Servers tried per client login before answering `NO_SERVER_AVAILABLE`.
     pub reserve_attempts: u32,
+    /// A reservation not answered within this is raced by one on another server, and the
+    /// login takes the first key reserved (a server that has just died or frozen then costs
+    /// it this long, not `reserve_timeout_ms`). A server the client asked for is not raced.
+    /// 0: never.
+    pub reserve_hedge_ms: u64,
+    /// Raced reservations as a share of all, at most (percent); within it the races may come
+    /// in a burst of up to 100.
+    pub max_hedged_percent: u32,
     /// Reservations awaiting an answer per server; more are refused as that server being busy.
     pub max_pending_reservations: usize,
     /// Logins a comm server may have relayed (`RelayedLogin`) and not yet answered; more are
@@ -69,6 +77,13 @@ pub struct Config {
     /// Connections the kernel holds for the listener before they are accepted (capped by
     /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
     pub listen_backlog: u32,
+    /// Connections set up at once, each from its first bytes (a TLS handshake and the first
+    /// request; a client's WebSocket to its session's start, after its login). Connections
+    /// past them wait their turn, in order, so a reconnect storm is taken at the pace sessions
+    /// can be set up while established connections are served as before.
+    pub max_setups: usize,
+    /// The longest one connection counts among `max_setups` (it is served on after that).
+    pub setup_timeout_ms: u64,
     /// Largest WebSocket message accepted, in bytes.
     pub max_frame_bytes: usize,
     /// Largest `POST /v1/login` (and `/v1/nodes...`) body accepted, in bytes.
@@ -118,6 +133,8 @@ impl Default for Config {
             selection: Strategy::Random,
             reserve_timeout_ms: 2_000,
             reserve_attempts: 3,
+            reserve_hedge_ms: 20,
+            max_hedged_percent: 10,
             max_pending_reservations: 4_096,
             max_relayed_logins: 8_192,
             heartbeat_interval_ms: 5_000,
@@ -129,6 +146,8 @@ impl Default for Config {
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             listen_backlog: relaymesh_net::serve::DEFAULT_LISTEN_BACKLOG,
+            max_setups: relaymesh_net::serve::default_max_setups(),
+            setup_timeout_ms: relaymesh_net::serve::DEFAULT_SETUP_TIMEOUT.as_millis() as u64,
             max_frame_bytes: 64 * 1024,
             max_login_body_bytes: 16 * 1024,
             max_node_info_bytes: crate::nodes::DEFAULT_MAX_NODE_INFO,
@@ -176,6 +195,7 @@ impl Config {
             "listen_backlog",
             "must be positive",
         )?;
+        relaymesh_net::config::check_setups(self.max_setups, self.setup_timeout_ms)?;
         ensure(
             self.max_node_info_bytes >= 2 && self.max_node_info_bytes < self.max_frame_bytes,
             "max_node_info_bytes",
@@ -241,6 +261,16 @@ impl Config {
             "must be at least 1",
         )?;
         ensure(
+            self.reserve_hedge_ms < self.reserve_timeout_ms,
+            "reserve_hedge_ms",
+            "must be less than reserve_timeout_ms (0 turns racing off)",
+        )?;
+        ensure(
+            self.max_hedged_percent <= 100,
+            "max_hedged_percent",
+            "must be at most 100",
+        )?;
+        ensure(
             self.max_pending_reservations > 0,
             "max_pending_reservations",
             "must be at least 1",
@@ -300,6 +330,7 @@ impl Config {
 
     relaymesh_net::durations! {
         pub(crate) fn reserve_timeout = reserve_timeout_ms;
+        pub(crate) fn reserve_hedge = reserve_hedge_ms;
         pub(crate) fn heartbeat_interval = heartbeat_interval_ms;
         pub(crate) fn heartbeat_timeout = heartbeat_timeout_ms;
         pub(crate) fn challenge_ttl = challenge_ttl_ms;
@@ -307,6 +338,7 @@ impl Config {
         /// Shutdown grace period.
         pub fn shutdown_grace = shutdown_grace_ms;
         pub(crate) fn request_timeout = request_timeout_ms;
+        pub(crate) fn setup_timeout = setup_timeout_ms;
     }
 
     pub(crate) fn ws_limits(&self) -> WsLimits {
@@ -326,6 +358,8 @@ impl Config {
             shutdown_grace: self.shutdown_grace(),
             request_timeout: self.request_timeout(),
             max_body_bytes: self.max_body_bytes,
+            max_setups: self.max_setups,
+            setup_timeout: self.setup_timeout(),
             stats,
             tls: None,
         }

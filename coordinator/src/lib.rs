@@ -81,6 +81,8 @@ struct App {
     /// flight to it (each is counted in `reservations_failed`; the rest are logged at debug
     /// level).
     reservation_warnings: Mutex<relaymesh_net::serve::Throttle>,
+    /// Room for raced reservations (`max_hedged_percent` of all).
+    hedges: negotiate::HedgeBudget,
     /// TLS of the listeners (certificate reloaded on change), when configured.
     tls: Option<relaymesh_net::tls::ServiceTls>,
     /// Cancelled on process shutdown; every link watches it.
@@ -214,6 +216,7 @@ pub async fn run_with(
         last_login_seq: AtomicU64::new(0),
         stats: api::Stats::default(),
         reservation_warnings: Mutex::default(),
+        hedges: negotiate::HedgeBudget::new(config.max_hedged_percent),
         tls,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use axum::extract::rejection::BytesRejection;
@@ -104,14 +105,10 @@ pub(crate) async fn place_client(
             claim.keep();
             return Ok(Placed::Relayer);
         }
-        let reserved = c
-            .handle
-            .reserve(
-                app.next_request_id(),
-                identity.clone(),
-                app.config.reserve_timeout(),
-            )
-            .await;
+        let (claim, reserved) = reserve_raced(app, claim, identity, preferred, &mut exclude).await;
+        let Some(c) = claim.claim.as_ref() else {
+            break;
+        };
         match reserved {
             Ok(reserved) => {
                 let Some(c) = claim.keep() else { break };
@@ -122,31 +119,10 @@ pub(crate) async fn place_client(
                     expires_in_ms: reserved.expires_in_ms,
                 }));
             }
-            Err(ReserveFailed {
-                error: e,
-                timed_out,
-            }) => {
-                app.stats.reservations_failed.inc();
+            Err(failed) => {
                 let server_id = c.id.clone();
-                if timed_out {
-                    lock(&app.registry).mark_unresponsive(c);
-                }
+                last_failure = Some(format!("{server_id}: {}", failed.error));
                 drop(claim);
-                // A storm on busy servers fails reservations by the thousand, and a frozen
-                // server every one in flight to it: one line per 10 s with the count (the link
-                // also says once when a server falls silent).
-                if let Some(failed) = lock(&app.reservation_warnings).due() {
-                    tracing::warn!(
-                        %server_id,
-                        error = %e,
-                        failed,
-                        "reservation failed; trying another server (failed: how many failed since \
-                         the last such line, this one included)"
-                    );
-                } else {
-                    tracing::debug!(%server_id, error = %e, "reservation failed; trying another server");
-                }
-                last_failure = Some(format!("{server_id}: {e}"));
                 exclude.push(server_id);
             }
         }
@@ -162,6 +138,166 @@ pub(crate) async fn place_client(
             exclude.len()
         ),
     ))
+}
+
+/// A reservation on the claimed server, raced (after `reserve_hedge_ms`, within the hedge
+/// budget, unless it is the server the client asked for) by one on another server: the first
+/// key reserved wins, and the other claim is given back. Returns the winning claim, or when
+/// both fail (or there is no race) the last to fail,
+/// with its outcome; a failed reservation is counted and logged here, and the server of one
+/// that failed first in a race is added to `exclude`.
+async fn reserve_raced<'a>(
+    app: &'a App,
+    claim: Claimed<'a>,
+    identity: &v1::Identity,
+    preferred: Option<&str>,
+    exclude: &mut Vec<String>,
+) -> (Claimed<'a>, Result<v1::Reserved, ReserveFailed>) {
+    app.hedges.made();
+    let first_id = claim.claim.as_ref().map(|c| c.id.clone());
+    let first = reserve_on(app, claim, identity);
+    let hedge_after = app.config.reserve_hedge();
+    if hedge_after.is_zero() {
+        return first.await;
+    }
+    tokio::pin!(first);
+    tokio::select! {
+        done = &mut first => return done,
+        () = tokio::time::sleep(hedge_after) => {}
+    }
+    // The first is slow: race it on another server, if there is one and the budget allows. A
+    // server the client asked for is waited for: a slow answer there is not a reason to place
+    // the client elsewhere.
+    let Some(first_id) = first_id.filter(|id| preferred != Some(id.as_str())) else {
+        return first.await;
+    };
+    if !app.hedges.take() {
+        return first.await;
+    }
+    let mut others = exclude.clone();
+    others.push(first_id);
+    let second = lock(&app.registry)
+        .claim(&mut rand::rng(), app.config.selection, None, &others)
+        .map(|claim| Claimed {
+            app,
+            claim: Some(claim),
+        });
+    let Some(second) = second else {
+        app.hedges.give_back();
+        return first.await;
+    };
+    app.stats.reservations_hedged.inc();
+    let second = reserve_on(app, second, identity);
+    tokio::pin!(second);
+    let (done, other) = tokio::select! {
+        done = &mut first => (done, second.as_mut()),
+        done = &mut second => (done, first.as_mut()),
+    };
+    if done.1.is_ok() {
+        return done;
+    }
+    let (failed, _) = done;
+    if let Some(c) = failed.claim.as_ref() {
+        exclude.push(c.id.clone());
+    }
+    drop(failed);
+    other.await
+}
+
+/// Reserves a key for `identity` on the claimed server; a failure is counted, logged (a line
+/// per 10 s with the count) and, when the server answered nothing for a while, marks it
+/// unresponsive.
+async fn reserve_on<'a>(
+    app: &'a App,
+    claim: Claimed<'a>,
+    identity: &v1::Identity,
+) -> (Claimed<'a>, Result<v1::Reserved, ReserveFailed>) {
+    let Some(c) = claim.claim.as_ref() else {
+        let failed = ReserveFailed {
+            error: error(ErrorCode::Internal, "no server claimed"),
+            timed_out: false,
+        };
+        return (claim, Err(failed));
+    };
+    let reserved = c
+        .handle
+        .reserve(
+            app.next_request_id(),
+            identity.clone(),
+            app.config.reserve_timeout(),
+        )
+        .await;
+    if let Err(failed) = &reserved {
+        app.stats.reservations_failed.inc();
+        if failed.timed_out {
+            lock(&app.registry).mark_unresponsive(c);
+        }
+        let server_id = &c.id;
+        let e = &failed.error;
+        // A storm on busy servers fails reservations by the thousand, and a frozen server
+        // every one in flight to it: one line per 10 s with the count (the link also says
+        // once when a server falls silent).
+        if let Some(failed) = lock(&app.reservation_warnings).due() {
+            tracing::warn!(
+                %server_id,
+                error = %e,
+                failed,
+                "reservation failed; trying another server (failed: how many failed since \
+                 the last such line, this one included)"
+            );
+        } else {
+            tracing::debug!(%server_id, error = %e, "reservation failed; trying another server");
+        }
+    }
+    (claim, reserved)
+}
+
+/// Room for raced reservations: each reservation adds `percent` hundredths of a race, up to
+/// 100 races, and each race takes one. Lock-free: every login touches it.
+#[derive(Debug)]
+pub(crate) struct HedgeBudget {
+    /// Races available, in hundredths.
+    room: AtomicU32,
+    percent: u32,
+}
+
+impl HedgeBudget {
+    const MOST: u32 = 100 * 100;
+
+    pub(crate) fn new(percent: u32) -> Self {
+        Self {
+            room: AtomicU32::new(Self::MOST.min(percent.saturating_mul(100))),
+            percent,
+        }
+    }
+
+    /// A reservation is being made.
+    fn made(&self) {
+        let percent = self.percent;
+        let _ = self
+            .room
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| {
+                (room < Self::MOST).then(|| (room + percent).min(Self::MOST))
+            });
+    }
+
+    /// Gives back the room of a race that found no server to run on.
+    fn give_back(&self) {
+        let _ = self
+            .room
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| {
+                Some((room + 100).min(Self::MOST))
+            });
+    }
+
+    /// Takes room for one race, if there is.
+    fn take(&self) -> bool {
+        self.room
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| {
+                room.checked_sub(100)
+            })
+            .is_ok()
+    }
 }
 
 /// A server claimed for a login, given back to the registry when dropped unless kept.
@@ -910,6 +1046,9 @@ pub(crate) async fn login(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let request: LoginRequest = json_body(&app, body)?;
+    // Set up (among the listener's `max_setups`) once its request is read: what follows waits
+    // on the account store and a comm server, not on this process, and must not hold a place.
+    drop(conn.claim_setup());
     let identity =
         http_identity(&app, request.credentials, request.client_id, conn.peer.ip()).await?;
     let placement = place(
@@ -999,4 +1138,29 @@ pub(crate) async fn update_node_http(
     Ok(Json(NodeUpdatedJson {
         node_id: identity.node_id,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HedgeBudget;
+
+    #[test]
+    fn races_are_a_share_of_the_reservations_with_bursts_of_up_to_100() {
+        let budget = HedgeBudget::new(10);
+        // It starts with room for a share of a hundred reservations...
+        assert_eq!((0..20).filter(|_| budget.take()).count(), 10);
+        // ...and each ten reservations make room for one more.
+        (0..25).for_each(|_| budget.made());
+        assert_eq!((0..20).filter(|_| budget.take()).count(), 2);
+        // Room gathers up to a burst of 100.
+        (0..100_000).for_each(|_| budget.made());
+        assert_eq!((0..1_000).filter(|_| budget.take()).count(), 100);
+        // A race that found no server to run on gives its room back.
+        budget.give_back();
+        assert!(budget.take());
+        assert!(!budget.take());
+        let never = HedgeBudget::new(0);
+        (0..1_000).for_each(|_| never.made());
+        assert!(!never.take());
+    }
 }

@@ -79,6 +79,13 @@ pub fn check_serving(
     ensure(max_body_bytes > 0, "max_body_bytes", "must be positive")
 }
 
+/// Checks how many connections both services set up at once, and how long one may count
+/// among them ([`crate::serve::ServeOptions::max_setups`], `setup_timeout`).
+pub fn check_setups(max_setups: usize, setup_timeout_ms: u64) -> Result<(), ConfigError> {
+    ensure(max_setups > 0, "max_setups", "must be positive")?;
+    ensure(setup_timeout_ms > 0, "setup_timeout_ms", "must be positive")
+}
+
 /// Getters that read a config's `*_ms` fields as [`std::time::Duration`]s; both services'
 /// configs use it inside an `impl` block:
 ///

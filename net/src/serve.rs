@@ -7,9 +7,20 @@
 //! hands each connection to hyper with upgrades enabled. Every request carries a [`ConnInfo`]
 //! extension with the peer address and the connection permit; a WebSocket handler keeps that
 //! permit for the life of the upgraded session, so both caps count WebSocket sessions too.
+//!
+//! Connections are *set up* a bounded number at a time ([`ServeOptions::max_setups`]): a
+//! connection takes a place once its first bytes have come (waiting for a client costs no
+//! place) and keeps it to its first response, or, for an upgrade whose handler takes the place
+//! over ([`ConnInfo::claim_setup`]), until the handler says it is set up (a WebSocket session
+//! once it has logged in); never longer than [`ServeOptions::setup_timeout`] (for a claimed
+//! place, when the handler runs the rest in [`Setup::within`]). Connections
+//! past them wait, in order, without being read. When a server dies and its clients all
+//! reconnect to the others at once, the others take them at the pace they can set sessions
+//! up, and the traffic of the clients they already hold does not wait behind thousands of
+//! half-made ones.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -25,13 +36,28 @@ use tower_service::Service as _;
 use tracing::Instrument as _;
 
 use crate::limits::{AddressSlot, ConnectionsPerAddress};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Gauge};
 
 /// The accept queue a listener asks for unless configured otherwise: room for a reconnect
 /// storm's connections while the process accepts them (the kernel caps it at
 /// `net.core.somaxconn`, 4096 by default). Tokio's own `TcpListener::bind` asks for 1024, and a
 /// connection that finds the queue full has its handshake dropped and retried a second later.
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+
+/// Connections set up at once per CPU the process may run on, unless configured otherwise
+/// ([`ServeOptions::max_setups`]). Fewer places keep the established connections' latency
+/// lower during a reconnect storm; a place is taken only once a connection's first bytes
+/// have come, so this many keep one CPU busy, though a TLS handshake's round trip holds one
+/// too.
+pub const SETUPS_PER_CPU: usize = 32;
+
+/// [`SETUPS_PER_CPU`] times the CPUs this process may run on.
+pub fn default_max_setups() -> usize {
+    SETUPS_PER_CPU * std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+/// A connection's longest hold on a set-up place unless configured otherwise
+/// ([`ServeOptions::setup_timeout`]).
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Binds a TCP listener on `addr` with an accept queue of `backlog` connections (and
 /// `SO_REUSEADDR`, as `TcpListener::bind` sets it).
@@ -71,6 +97,15 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long an HTTP connection may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Connections being set up at once, each from its first bytes (the TLS handshake, the
+    /// first request, and for a handler that claims it, what follows the upgrade, such as a
+    /// login). The work of a reconnect storm then waits here, not in front of the established
+    /// connections' traffic. A connection that waits longer than `request_timeout` for a
+    /// place is answered `503` and closed. 0 is taken as 1.
+    pub max_setups: usize,
+    /// The longest one connection keeps its place among `max_setups` (a connection that sends
+    /// nothing cannot hold one longer); it goes on being served after it.
+    pub setup_timeout: Duration,
     /// Where [`serve`] counts what it refuses; listeners given the same one add up.
     pub stats: Arc<ServeStats>,
     /// TLS: every connection must start with a TLS handshake (within `request_timeout`);
@@ -89,6 +124,12 @@ pub struct ServeStats {
     /// TLS handshakes that failed or timed out (a client that does not trust the
     /// certificate, a client certificate that does not verify).
     pub tls_handshakes_failed: Counter,
+    /// Connections whose first bytes have come, waiting for a place among
+    /// [`ServeOptions::max_setups`].
+    pub setups_waiting: Gauge,
+    /// Connections that waited for a place longer than [`ServeOptions::request_timeout`],
+    /// answered `503` and closed.
+    pub setups_refused: Counter,
 }
 
 impl Default for ServeOptions {
@@ -99,6 +140,8 @@ impl Default for ServeOptions {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            max_setups: default_max_setups(),
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
             stats: Arc::default(),
             tls: None,
         }
@@ -119,11 +162,69 @@ pub struct ConnInfo {
     pub client_certificate: Option<Arc<rustls::pki_types::CertificateDer<'static>>>,
 }
 
-/// A connection's slots under both connection caps, held together so they end together.
+/// A connection's slots under both connection caps, held together so they end together, and
+/// its place among the connections being set up while it has one.
 #[derive(Debug)]
 pub struct ConnPermit {
     _global: OwnedSemaphorePermit,
     _address: AddressSlot,
+    setup: Mutex<Option<Place>>,
+}
+
+impl ConnPermit {
+    /// Takes the set-up place out (`None` once it is given up or taken).
+    fn take_setup(&self) -> Option<Place> {
+        self.setup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl ConnInfo {
+    /// Takes this connection's place among those being set up ([`ServeOptions::max_setups`])
+    /// over from [`serve`], which otherwise gives it up with the first response (for an
+    /// upgrade, the `101`). The handler gives it up by dropping the [`Setup`] once the
+    /// connection is set up (a WebSocket session once it has logged in); run the rest of the
+    /// set-up in [`Setup::within`] for the place not to be held past
+    /// [`ServeOptions::setup_timeout`]. Holds nothing when the place was given up already (a
+    /// second request on the connection).
+    #[must_use]
+    pub fn claim_setup(&self) -> Setup {
+        Setup(self.permit.take_setup())
+    }
+}
+
+/// A place among the connections being set up, and when it is given up at the latest.
+#[derive(Debug)]
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+}
+
+/// A connection's place among the connections being set up, claimed by its handler
+/// ([`ConnInfo::claim_setup`]); dropping it gives the place up.
+#[derive(Debug)]
+pub struct Setup(Option<Place>);
+
+impl Setup {
+    /// Runs `work` (the rest of the set-up), and gives the place up when it is done or at the
+    /// deadline, whichever comes first; `work` goes on after the deadline.
+    pub async fn within<F: std::future::Future>(self, work: F) -> F::Output {
+        let Some(deadline) = self.0.as_ref().map(|place| place.deadline) else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        let out = tokio::select! {
+            out = &mut work => out,
+            () = tokio::time::sleep_until(deadline) => {
+                drop(self);
+                return work.await;
+            }
+        };
+        drop(self);
+        out
+    }
 }
 
 /// Accepts connections on `listener` and serves `router` until `shutdown` is cancelled.
@@ -151,6 +252,14 @@ pub async fn serve(
     let mut too_many_log = Throttle::default();
     let mut reserve = Reserve::new();
     let mut accept_backoff = Duration::from_millis(1);
+    let places = Arc::new(Semaphore::new(options.max_setups.max(1)));
+    let busy = Arc::new(answer_503(
+        &serde_json::json!({
+            "code": ErrorCode::Unavailable.as_str_name(),
+            "message": "too many connections waiting to be set up; try again later",
+        })
+        .to_string(),
+    ));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -204,10 +313,15 @@ pub async fn serve(
             permit: Arc::new(ConnPermit {
                 _global: permit,
                 _address: address,
+                setup: Mutex::new(None),
             }),
             client_certificate: None,
         };
         let span = tracing::debug_span!("http", %peer);
+        let setup = Places {
+            places: places.clone(),
+            busy: busy.clone(),
+        };
         tracker.spawn(
             serve_connection(
                 stream,
@@ -215,10 +329,17 @@ pub async fn serve(
                 router.clone(),
                 options.clone(),
                 shutdown.clone(),
+                setup,
             )
             .instrument(span),
         );
     }
+}
+
+/// The places of connections being set up, and the answer to one that waited too long for one.
+struct Places {
+    places: Arc<Semaphore>,
+    busy: Arc<String>,
 }
 
 /// A whole `503` answer carrying `body`, a JSON error, for a connection closed right after it.
@@ -336,32 +457,84 @@ enum Refusal {
     NoReserve,
 }
 
+/// Serves one connection: once its first bytes have come, in a place among those being set
+/// up, held until its first response (or its handler's claim of the place) and
+/// [`ServeOptions::setup_timeout`] at the longest.
 async fn serve_connection(
     stream: TcpStream,
     mut info: ConnInfo,
     router: Router,
     options: ServeOptions,
     shutdown: CancellationToken,
+    setup: Places,
 ) {
+    // Waiting for the client holds no place; a client that sends nothing within the request
+    // timeout is closed, as hyper closes one that sends no complete request head.
+    let first_bytes = tokio::time::timeout(options.request_timeout, stream.readable());
+    tokio::select! {
+        came = first_bytes => if !matches!(came, Ok(Ok(()))) { return },
+        () = shutdown.cancelled() => return,
+    }
+    let waiting = options.stats.setups_waiting.track();
+    let waited = tokio::time::timeout(options.request_timeout, setup.places.acquire_owned());
+    let place = tokio::select! {
+        place = waited => match place {
+            Ok(Ok(place)) => place,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                // Over TLS the client waits for a handshake, not an answer: it is only closed.
+                if options.tls.is_none() {
+                    refuse(&stream, setup.busy.as_bytes());
+                }
+                options.stats.setups_refused.inc();
+                tracing::debug!(peer = %info.peer, "no place to set the connection up in time");
+                return;
+            }
+        },
+        () = shutdown.cancelled() => return,
+    };
+    drop(waiting);
+    let deadline = tokio::time::Instant::now() + options.setup_timeout;
+    *info
+        .permit
+        .setup
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(Place {
+        _permit: place,
+        deadline,
+    });
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
-    match &options.tls {
-        None => serve_http(stream, info, router, options, shutdown).await,
-        Some(acceptor) => {
-            let handshake =
-                acceptor.handshake(stream, info.peer, options.request_timeout, &options.stats);
-            let tls = tokio::select! {
-                tls = handshake => tls,
-                () = shutdown.cancelled() => return,
-            };
-            // Refusals and failures are logged and counted by the acceptor.
-            if let Ok(tls) = tls {
-                info.client_certificate = crate::tls::client_certificate(&tls);
-                serve_http(tls, info, router, options, shutdown).await;
+    let permit = info.permit.clone();
+    let serving = async move {
+        match &options.tls {
+            None => serve_http(stream, info, router, options, shutdown).await,
+            Some(acceptor) => {
+                let handshake =
+                    acceptor.handshake(stream, info.peer, options.request_timeout, &options.stats);
+                let tls = tokio::select! {
+                    tls = handshake => tls,
+                    () = shutdown.cancelled() => return,
+                };
+                // Refusals and failures are logged and counted by the acceptor.
+                if let Ok(tls) = tls {
+                    info.client_certificate = crate::tls::client_certificate(&tls);
+                    serve_http(tls, info, router, options, shutdown).await;
+                }
             }
         }
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = tokio::time::sleep_until(deadline) => {
+            drop(permit.take_setup());
+            serving.await;
+        }
     }
+    // Closed (or upgraded) before its first response.
+    drop(permit.take_setup());
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS.
@@ -378,7 +551,13 @@ async fn serve_http<I>(
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(info.clone());
         let router = router.clone();
-        async move { Ok::<_, std::convert::Infallible>(bounded(router, req, timeout, max_body).await) }
+        let permit = info.permit.clone();
+        async move {
+            let response = bounded(router, req, timeout, max_body).await;
+            // The first response ends the set-up, unless the handler claimed it.
+            drop(permit.take_setup());
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -614,6 +793,220 @@ mod tests {
             "{message}"
         );
         assert_eq!(stats.refused_per_ip.get(), 1);
+        shutdown.cancel();
+    }
+
+    /// Waits (up to 10 s) until `ready` holds.
+    async fn until(mut ready: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !ready() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the state never came");
+    }
+
+    /// A server with `options` whose `GET /` answers `ok` and says so on `served`; what
+    /// `extra` adds to its routes. Returns its address and what stops it.
+    async fn setups_server(
+        options: ServeOptions,
+        extra: Router,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+        CancellationToken,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (served_tx, served) = tokio::sync::mpsc::unbounded_channel();
+        let router = Router::new()
+            .route(
+                "/",
+                axum::routing::get(move || {
+                    let _ = served_tx.send("/");
+                    async { "ok" }
+                }),
+            )
+            .merge(extra);
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        tokio::spawn(serve(listener, router, options, shutdown.clone(), tracker));
+        (addr, served, shutdown)
+    }
+
+    /// The next route served (within 10 s).
+    async fn next_served(
+        served: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    ) -> Option<&'static str> {
+        tokio::time::timeout(Duration::from_secs(10), served.recv())
+            .await
+            .expect("nothing was served")
+    }
+
+    /// Sends `GET /` on a new connection.
+    async fn get_root(addr: SocketAddr) -> TcpStream {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        socket
+    }
+
+    /// A route `/claim` whose handler claims its connection's place and hands it over.
+    fn claiming() -> (Router, tokio::sync::mpsc::UnboundedReceiver<Setup>) {
+        let (claimed_tx, claimed) = tokio::sync::mpsc::unbounded_channel();
+        let router = Router::new().route(
+            "/claim",
+            axum::routing::get(move |axum::Extension(conn): axum::Extension<ConnInfo>| {
+                let _ = claimed_tx.send(conn.claim_setup());
+                async { "claimed" }
+            }),
+        );
+        (router, claimed)
+    }
+
+    /// Opens a connection whose handler claims its place, and takes the place from it.
+    async fn claim_first(
+        addr: SocketAddr,
+        claimed: &mut tokio::sync::mpsc::UnboundedReceiver<Setup>,
+    ) -> (TcpStream, Setup) {
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first
+            .write_all(b"GET /claim HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let place = tokio::time::timeout(Duration::from_secs(10), claimed.recv())
+            .await
+            .expect("the handler claimed no place")
+            .unwrap();
+        (first, place)
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_max_setups_waits_for_the_place_the_one_before_holds() {
+        let options = ServeOptions {
+            max_setups: 1,
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (claim, mut claimed) = claiming();
+        let (addr, mut served, shutdown) = setups_server(options, claim).await;
+
+        // The first connection's handler keeps its place after answering.
+        let (_first, place) = claim_first(addr, &mut claimed).await;
+
+        // The second waits for it, unread...
+        let mut second = get_root(addr).await;
+        until(|| stats.setups_waiting.get() == 1).await;
+        assert!(served.try_recv().is_err(), "served without a place");
+
+        // ...and is served once the place is given up.
+        drop(place);
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(stats.setups_waiting.get(), 0);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_answered_once_needs_no_place_for_its_next_request() {
+        let options = ServeOptions {
+            max_setups: 1,
+            ..ServeOptions::default()
+        };
+        let (claim, mut claimed) = claiming();
+        let (addr, mut served, shutdown) = setups_server(options, claim).await;
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        kept.write_all(request).await.unwrap();
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        // Another connection takes the only place and keeps it...
+        let (_other, _place) = claim_first(addr, &mut claimed).await;
+        // ...and the first connection's next request is served all the same.
+        kept.write_all(request).await.unwrap();
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_claimed_place_run_within_its_deadline_is_given_up_there() {
+        let options = ServeOptions {
+            max_setups: 1,
+            setup_timeout: Duration::from_millis(200),
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (claim, mut claimed) = claiming();
+        let (addr, mut served, shutdown) = setups_server(options, claim).await;
+        let (_first, place) = claim_first(addr, &mut claimed).await;
+        // The rest of the first's set-up never ends; its place goes at the deadline.
+        let endless = tokio::spawn(place.within(std::future::pending::<()>()));
+        let mut second = get_root(addr).await;
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(stats.setups_waiting.get(), 0);
+        endless.abort();
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_has_sent_nothing_holds_no_place() {
+        let options = ServeOptions {
+            max_setups: 1,
+            ..ServeOptions::default()
+        };
+        let (addr, mut served, shutdown) = setups_server(options, Router::new()).await;
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let mut second = get_root(addr).await;
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_place_is_given_up_at_the_setup_timeout() {
+        // Without the setup timeout the first connection, its head never finished, would keep
+        // its place for the minute of the request timeout.
+        let options = ServeOptions {
+            max_setups: 1,
+            setup_timeout: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(60),
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (addr, mut served, shutdown) = setups_server(options, Router::new()).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut second = get_root(addr).await;
+        until(|| stats.setups_waiting.get() == 1).await;
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_finds_no_place_within_the_request_timeout_is_answered_503() {
+        let options = ServeOptions {
+            max_setups: 1,
+            request_timeout: Duration::from_millis(300),
+            setup_timeout: Duration::from_secs(60),
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (claim, mut claimed) = claiming();
+        let (addr, mut served, shutdown) = setups_server(options, claim).await;
+        let (_first, _place) = claim_first(addr, &mut claimed).await;
+
+        let mut second = get_root(addr).await;
+        let answer = answer(&mut second).await;
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        let (code, _) = crate::ws::parse_error_body(body.as_bytes()).unwrap();
+        assert_eq!(code, ErrorCode::Unavailable);
+        assert_eq!(stats.setups_refused.get(), 1);
+        assert_eq!(stats.setups_waiting.get(), 0);
+        assert!(served.try_recv().is_err());
         shutdown.cancel();
     }
 
