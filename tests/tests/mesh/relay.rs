@@ -9,7 +9,7 @@ use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode};
 use relaymesh_tests::raw;
 use relaymesh_tests::{
     Cluster, CoordinatorHandle, SECRET, TempAccounts, account_with_code, client_config,
-    coordinator_config, eventually, next_message, within,
+    coordinator_config, eventually, next_message, post_json, within,
 };
 
 fn login(exclude: &[&str]) -> v1::ClientToServer {
@@ -361,4 +361,123 @@ async fn the_coordinator_gives_a_relayed_login_up_before_its_server_stops_waitin
     let stats = coordinator.stats().await;
     assert_eq!(stats["logins_relayed"], 3, "{stats}");
     assert_eq!(stats["logins"], 1, "{stats}");
+}
+
+/// Raw server links registered with `coordinator` under `ids`, in order.
+async fn registered<const N: usize>(
+    coordinator: &CoordinatorHandle,
+    ids: [&str; N],
+) -> Vec<relaymesh_net::ws::ClientSocket> {
+    use v1::coordinator_to_server::Kind as K;
+    let mut links = Vec::new();
+    for id in ids {
+        let mut link = raw::dial(&format!("{}/v1/servers", coordinator.url), Some(SECRET)).await;
+        raw::send_msg(
+            &mut link,
+            &v1::ServerToCoordinator::register(v1::Register {
+                protocol_version: PROTOCOL_VERSION,
+                server_id: id.into(),
+                public_url: format!("ws://{id}.invalid:9"),
+                capacity: 10,
+                version: "test".into(),
+            }),
+        )
+        .await;
+        let K::Registered(_) = from_coordinator(&mut link).await else {
+            panic!("{id} not registered");
+        };
+        links.push(link);
+    }
+    links
+}
+
+/// The next reservation on a raw server link (a server hears those that register after it
+/// join first).
+async fn reserve(link: &mut relaymesh_net::ws::ClientSocket) -> v1::Reserve {
+    use v1::coordinator_to_server::Kind as K;
+    loop {
+        match from_coordinator(link).await {
+            K::PeerJoined(_) => continue,
+            K::Reserve(reserve) => return reserve,
+            other => panic!("not a reservation: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reservation_left_unanswered_is_raced_on_another_server() {
+    // Without the race the login would wait the whole reservation timeout for the server it
+    // was placed on, which stays mute, and only then be reserved on the other.
+    let coordinator = CoordinatorHandle::start(coordinator::Config {
+        reserve_timeout_ms: 60_000,
+        reserve_hedge_ms: 50,
+        ..coordinator_config()
+    })
+    .await;
+    let mut links = registered(&coordinator, ["first", "second"]).await;
+    let mut second = links.pop().unwrap();
+    let mut first = links.pop().unwrap();
+    let url = format!("{}/v1/login", coordinator.url);
+    let login = tokio::spawn(async move { post_json(&url, &serde_json::json!({})).await });
+    // Whichever server is picked stays mute; the other is asked too, and answers.
+    let (mute, asked, quick) = tokio::select! {
+        asked = reserve(&mut first) => ("first", asked, &mut second),
+        asked = reserve(&mut second) => ("second", asked, &mut first),
+    };
+    let raced = reserve(quick).await;
+    assert_eq!(
+        raced.identity, asked.identity,
+        "both reserve for the same client"
+    );
+    raw::send_msg(
+        quick,
+        &v1::ServerToCoordinator::reserved(v1::Reserved {
+            request_id: raced.request_id,
+            key: "quick-key".into(),
+            expires_in_ms: 10_000,
+        }),
+    )
+    .await;
+    let (status, body) = within("the login", login).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["server_id"], mute, "{body}");
+    assert_eq!(body["key"], "quick-key", "{body}");
+    let stats = coordinator.stats().await;
+    assert_eq!(stats["reservations_hedged"], 1, "{stats}");
+    assert_eq!(stats["reservations_failed"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_server_the_client_asked_for_is_waited_for_not_raced() {
+    let coordinator = CoordinatorHandle::start(coordinator::Config {
+        reserve_timeout_ms: 1_000,
+        reserve_hedge_ms: 20,
+        ..coordinator_config()
+    })
+    .await;
+    let mut links = registered(&coordinator, ["asked", "other"]).await;
+    let mut other = links.pop().unwrap();
+    let _asked = links.pop().unwrap();
+    let url = format!("{}/v1/login", coordinator.url);
+    let login = tokio::spawn(async move {
+        post_json(&url, &serde_json::json!({"preferred_server": "asked"})).await
+    });
+    // The server asked for never answers: the login waits its whole reservation timeout
+    // there, and only then is reserved on the other.
+    let reserve = reserve(&mut other).await;
+    raw::send_msg(
+        &mut other,
+        &v1::ServerToCoordinator::reserved(v1::Reserved {
+            request_id: reserve.request_id,
+            key: "other-key".into(),
+            expires_in_ms: 10_000,
+        }),
+    )
+    .await;
+    let (status, body) = within("the login", login).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server_id"], "other", "{body}");
+    let stats = coordinator.stats().await;
+    assert_eq!(stats["reservations_hedged"], 0, "{stats}");
+    assert_eq!(stats["reservations_failed"], 1, "{stats}");
 }
