@@ -9,8 +9,9 @@
 //! permit for the life of the upgraded session, so both caps count WebSocket sessions too.
 //!
 //! Connections are *set up* a bounded number at a time ([`ServeOptions::max_setups`]): a
-//! connection takes a place once its first bytes have come (waiting for a client costs no
-//! place) and keeps it to its first response, or, for an upgrade whose handler takes the place
+//! connection takes a place once its first request has come whole (over TLS, its first record:
+//! waiting for a client costs no place, so one that sends half a request and stalls holds
+//! none) and keeps it to its first response, or, for an upgrade whose handler takes the place
 //! over ([`ConnInfo::claim_setup`]), until the handler says it is set up (a WebSocket session
 //! once it has logged in); never longer than [`ServeOptions::setup_timeout`] (for a claimed
 //! place, when the handler runs the rest in [`Setup::within`]). Connections
@@ -46,8 +47,8 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 
 /// Connections set up at once per CPU the process may run on, unless configured otherwise
 /// ([`ServeOptions::max_setups`]). Fewer places keep the established connections' latency
-/// lower during a reconnect storm; a place is taken only once a connection's first bytes
-/// have come, so this many keep one CPU busy, though a TLS handshake's round trip holds one
+/// lower during a reconnect storm; a place is taken only once a connection's first request
+/// has come whole, so this many keep one CPU busy, though a TLS handshake's round trip holds one
 /// too.
 pub const SETUPS_PER_CPU: usize = 32;
 
@@ -97,8 +98,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long an HTTP connection may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
-    /// Connections being set up at once, each from its first bytes (the TLS handshake, the
-    /// first request, and for a handler that claims it, what follows the upgrade, such as a
+    /// Connections being set up at once, each from the moment its first request (over TLS,
+    /// its ClientHello) has come whole (the TLS handshake, the first request, and for a handler that claims it, what follows the upgrade, such as a
     /// login). The work of a reconnect storm then waits here, not in front of the established
     /// connections' traffic. A connection that waits longer than `request_timeout` for a
     /// place is answered `503` and closed. 0 is taken as 1.
@@ -124,7 +125,7 @@ pub struct ServeStats {
     /// TLS handshakes that failed or timed out (a client that does not trust the
     /// certificate, a client certificate that does not verify).
     pub tls_handshakes_failed: Counter,
-    /// Connections whose first bytes have come, waiting for a place among
+    /// Connections whose first request has come whole, waiting for a place among
     /// [`ServeOptions::max_setups`].
     pub setups_waiting: Gauge,
     /// Connections that waited for a place longer than [`ServeOptions::request_timeout`],
@@ -168,12 +169,13 @@ pub struct ConnInfo {
 pub struct ConnPermit {
     _global: OwnedSemaphorePermit,
     _address: AddressSlot,
-    setup: Mutex<Option<Place>>,
+    /// Boxed: every session keeps its permit, and an empty box is a pointer.
+    setup: Mutex<Option<Box<Place>>>,
 }
 
 impl ConnPermit {
     /// Takes the set-up place out (`None` once it is given up or taken).
-    fn take_setup(&self) -> Option<Place> {
+    fn take_setup(&self) -> Option<Box<Place>> {
         self.setup
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -205,7 +207,7 @@ struct Place {
 /// A connection's place among the connections being set up, claimed by its handler
 /// ([`ConnInfo::claim_setup`]); dropping it gives the place up.
 #[derive(Debug)]
-pub struct Setup(Option<Place>);
+pub struct Setup(Option<Box<Place>>);
 
 impl Setup {
     /// Runs `work` (the rest of the set-up), and gives the place up when it is done or at the
@@ -457,7 +459,7 @@ enum Refusal {
     NoReserve,
 }
 
-/// Serves one connection: once its first bytes have come, in a place among those being set
+/// Serves one connection: once its first request has come whole, in a place among those being set
 /// up, held until its first response (or its handler's claim of the place) and
 /// [`ServeOptions::setup_timeout`] at the longest.
 async fn serve_connection(
@@ -468,11 +470,17 @@ async fn serve_connection(
     shutdown: CancellationToken,
     setup: Places,
 ) {
-    // Waiting for the client holds no place; a client that sends nothing within the request
+    // Waiting for the client holds no place: the connection takes one once its first request
+    // (over TLS, its first record: the ClientHello) has come whole, so a client that sends
+    // half of one and stalls holds none. A client that sends no whole one within the request
     // timeout is closed, as hyper closes one that sends no complete request head.
-    let first_bytes = tokio::time::timeout(options.request_timeout, stream.readable());
+    let tls = options.tls.is_some();
+    let first = tokio::time::timeout(options.request_timeout, async {
+        stream.readable().await?;
+        first_request(&stream, tls).await
+    });
     tokio::select! {
-        came = first_bytes => if !matches!(came, Ok(Ok(()))) { return },
+        came = first => if !matches!(came, Ok(Ok(true))) { return },
         () = shutdown.cancelled() => return,
     }
     let waiting = options.stats.setups_waiting.track();
@@ -499,10 +507,10 @@ async fn serve_connection(
         .permit
         .setup
         .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(Place {
+        .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(Place {
         _permit: place,
         deadline,
-    });
+    }));
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
@@ -535,6 +543,77 @@ async fn serve_connection(
     }
     // Closed (or upgraded) before its first response.
     drop(permit.take_setup());
+}
+
+/// The bytes of a connection's start looked at to tell whether its first request has come
+/// whole; a longer start is taken as whole once this much has come.
+const FIRST_REQUEST_PEEK: usize = 4096;
+
+/// Waits until the connection's first request (`tls`: its first TLS record) has come whole,
+/// without reading it: `Ok(false)` when the client closed first.
+async fn first_request(stream: &TcpStream, tls: bool) -> std::io::Result<bool> {
+    let mut start = vec![0; FIRST_REQUEST_PEEK];
+    let n = stream.peek(&mut start).await?;
+    if n == 0 || whole(&start[..n], tls) {
+        return Ok(n > 0);
+    }
+    // The rest is still to come. What is peeked stays readable, so each later look waits for
+    // readiness and peeks inside `try_io`, which clears the readiness only if nothing came
+    // since it was seen (no lost wake-up). tokio has no peek that does not wait, so it
+    // peeks through a second descriptor of the socket.
+    let peeker = std::net::TcpStream::from(std::os::fd::AsFd::as_fd(stream).try_clone_to_owned()?);
+    loop {
+        stream.readable().await?;
+        let looked = stream.try_io(tokio::io::Interest::READABLE, || {
+            let n = peeker.peek(&mut start)?;
+            if n == 0 || whole(&start[..n], tls) {
+                Ok(n > 0)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        });
+        match looked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            came => return came,
+        }
+    }
+}
+
+/// Whether `start`, a connection's first bytes, holds its first request whole: the head and
+/// the body its `Content-Length` declares (`tls`: the first record, whose header gives its
+/// length). What is malformed counts as whole, for the server to refuse at once.
+fn whole(start: &[u8], tls: bool) -> bool {
+    if start.len() >= FIRST_REQUEST_PEEK {
+        return true;
+    }
+    if tls {
+        // A record: its type (0x16: handshake), version (2 bytes) and length (2 bytes). A
+        // first byte other than 0x16 is a plain client, which the handshake refuses.
+        return match start {
+            [0x16, _, _, high, low, record @ ..] => {
+                record.len() >= usize::from(u16::from_be_bytes([*high, *low]))
+            }
+            [0x16, ..] => false,
+            _ => true,
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(start) {
+        Ok(httparse::Status::Complete(head)) => {
+            let body = request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            start.len() - head >= body
+        }
+        Ok(httparse::Status::Partial) => false,
+        // Malformed, or more headers than looked at: hyper answers it.
+        Err(_) => true,
+    }
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one connection, plain or TLS.
@@ -965,9 +1044,108 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_that_has_sent_part_of_its_request_holds_no_place() {
+        // Long timeouts: a place taken by a part would be kept past the test's patience.
+        let options = ServeOptions {
+            max_setups: 1,
+            setup_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let login = Router::new().route(
+            "/login",
+            axum::routing::post(|body: String| async move { body }),
+        );
+        let (addr, mut served, shutdown) = setups_server(options, login).await;
+        // Half a head, and a whole head whose declared body has not come.
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nhost:").await.unwrap();
+        let mut headless = TcpStream::connect(addr).await.unwrap();
+        let head =
+            b"POST /login HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nconnection: close\r\n\r\n";
+        headless.write_all(head).await.unwrap();
+        let mut whole = get_root(addr).await;
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut whole).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(stats.setups_waiting.get(), 0);
+        // The rest comes, in pieces, and each is served.
+        headless.write_all(b"he").await.unwrap();
+        headless.write_all(b"llo").await.unwrap();
+        let login = answer(&mut headless).await;
+        assert!(
+            login.starts_with("HTTP/1.1 200") && login.ends_with("hello"),
+            "{login}"
+        );
+        half.write_all(b" x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut half).await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_holds_a_place_only_from_a_whole_client_hello_to_its_end() {
+        let pki = crate::tls::tests::TestPki::new();
+        let options = ServeOptions {
+            max_setups: 1,
+            setup_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            tls: Some(crate::tls::Acceptor::new(pki.identity(), None, &[]).unwrap()),
+            ..ServeOptions::default()
+        };
+        let stats = options.stats.clone();
+        let (addr, mut served, shutdown) = setups_server(options, Router::new()).await;
+        // Part of a ClientHello holds no place; a whole record that is no ClientHello takes
+        // one, fails, and gives it up.
+        let mut part = TcpStream::connect(addr).await.unwrap();
+        part.write_all(&[0x16, 3, 1, 0, 200, 1]).await.unwrap();
+        let mut bogus = TcpStream::connect(addr).await.unwrap();
+        bogus
+            .write_all(&[0x16, 3, 1, 0, 4, 9, 9, 9, 9])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = bogus.read_to_end(&mut rest).await;
+        until(|| stats.tls_handshakes_failed.get() == 1).await;
+        // A real client is served with the only place.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = pki.connector().connect("127.0.0.1", tcp).await.unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        let mut response = String::new();
+        tls.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert_eq!(stats.setups_waiting.get(), 0);
+        drop(part);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_first_request_is_whole_with_its_declared_body_and_a_tls_record_with_its_length() {
+        let head = b"POST /v1/login HTTP/1.1\r\nContent-Length: 3\r\n\r\n";
+        assert!(!whole(&head[..10], false));
+        assert!(!whole(head, false));
+        assert!(!whole(&[&head[..], b"ab"].concat(), false));
+        assert!(whole(&[&head[..], b"abc"].concat(), false));
+        assert!(whole(b"GET / HTTP/1.1\r\n\r\n", false));
+        // Malformed: whole, for hyper to refuse at once.
+        assert!(whole(b"\x16\x03\x01 hello", false));
+        assert!(whole(&[0; FIRST_REQUEST_PEEK], false));
+        assert!(!whole(&[0x16, 3, 1], true));
+        assert!(!whole(&[0x16, 3, 1, 0, 3, 1, 2], true));
+        assert!(whole(&[0x16, 3, 1, 0, 3, 1, 2, 3], true));
+        // A plain client on a TLS listener: refused by the handshake at once.
+        assert!(whole(b"GET", true));
+    }
+
+    #[tokio::test]
     async fn a_place_is_given_up_at_the_setup_timeout() {
-        // Without the setup timeout the first connection, its head never finished, would keep
-        // its place for the minute of the request timeout.
+        // Without the setup timeout the first connection, its request never answered, would
+        // keep its place for the minute of the request timeout.
         let options = ServeOptions {
             max_setups: 1,
             setup_timeout: Duration::from_millis(200),
@@ -975,9 +1153,16 @@ mod tests {
             ..ServeOptions::default()
         };
         let stats = options.stats.clone();
-        let (addr, mut served, shutdown) = setups_server(options, Router::new()).await;
+        let hang = Router::new().route(
+            "/hang",
+            axum::routing::get(std::future::pending::<&'static str>),
+        );
+        let (addr, mut served, shutdown) = setups_server(options, hang).await;
         let mut first = TcpStream::connect(addr).await.unwrap();
-        first.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        first
+            .write_all(b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut second = get_root(addr).await;
         until(|| stats.setups_waiting.get() == 1).await;
         assert_eq!(next_served(&mut served).await, Some("/"));
