@@ -481,3 +481,35 @@ async fn a_server_the_client_asked_for_is_waited_for_not_raced() {
     assert_eq!(stats["reservations_hedged"], 0, "{stats}");
     assert_eq!(stats["reservations_failed"], 1, "{stats}");
 }
+
+/// A comm server with one set-up place takes client after client, with a key and relayed:
+/// each session gives its place up once it has started. Were it kept (the set-up timeout
+/// here is ten minutes), the next client's connection would wait for it and be refused `503`.
+#[tokio::test]
+async fn each_session_gives_its_set_up_place_up_once_it_has_started() {
+    let cluster = Cluster::start_with(1, |c| {
+        c.max_setups = 1;
+        c.setup_timeout_ms = 600_000;
+        c.request_timeout_ms = 2_000;
+    })
+    .await;
+    let a = &cluster.servers[0];
+    let mut clients = Vec::new();
+    for relayed in [false, true, false, true] {
+        let mut config = client_config(&cluster.coordinator.url);
+        if relayed {
+            config.login_servers = vec![a.url.clone()];
+        }
+        let client = within("a client connects", Client::connect(config)).await;
+        clients.push(client.unwrap());
+    }
+    assert_eq!(a.stat("clients").await, 4);
+    let stats = a.stats().await;
+    assert_eq!(stats["setups_refused"], 0, "{stats}");
+    assert_eq!(stats["setups_waiting"], 0, "{stats}");
+    let coordinator = cluster.coordinator.stats().await;
+    assert_eq!(coordinator["logins_relayed"], 2, "{coordinator}");
+    for client in clients {
+        client.close().await;
+    }
+}
