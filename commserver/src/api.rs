@@ -207,7 +207,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     e.single(
         "relaymesh_setups_waiting",
         Kind::Gauge,
-        "Connections waiting for a place among max_setups (their first bytes have come).",
+        "Connections waiting for a place among max_setups (their first request has come whole).",
         s.serving.setups_waiting.get() as f64,
     );
     e.single(
@@ -463,7 +463,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         ),
         (
             "relaymesh_setups_refused_total",
-            "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503.",
+            "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503 (closed, over TLS).",
             &s.serving.setups_refused,
         ),
         (

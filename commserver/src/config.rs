@@ -130,8 +130,9 @@ pub struct Config {
     /// Connections the kernel holds for the listener before they are accepted (capped by
     /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
     pub listen_backlog: u32,
-    /// Connections set up at once, each from its first bytes (a TLS handshake and the first
-    /// request; a client's WebSocket to its session's start, after its login). Connections
+    /// Connections set up at once, each from the moment its first request has come whole (a
+    /// TLS handshake and that request; a client's WebSocket to its session's start, after its
+    /// login): a client sending half a request holds no place. Connections
     /// past them wait their turn, in order, so a reconnect storm is taken at the pace sessions
     /// can be set up while established connections are served as before.
     pub max_setups: usize,

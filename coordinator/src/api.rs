@@ -357,13 +357,13 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
     e.single(
         "relaymesh_coordinator_setups_waiting",
         Kind::Gauge,
-        "Connections waiting for a place among max_setups (their first bytes have come).",
+        "Connections waiting for a place among max_setups (their first request has come whole).",
         s.serving.setups_waiting.get() as f64,
     );
     e.single(
         "relaymesh_coordinator_setups_refused_total",
         Kind::Counter,
-        "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503.",
+        "Connections that waited longer than request_timeout_ms for a place among max_setups, answered 503 (closed, over TLS).",
         s.serving.setups_refused.get() as f64,
     );
     relaymesh_net::serve::text(metrics::CONTENT_TYPE, e.finish())

@@ -77,10 +77,11 @@ pub struct Config {
     /// Connections the kernel holds for the listener before they are accepted (capped by
     /// `net.core.somaxconn`): room for a reconnect storm's handshakes while they are accepted.
     pub listen_backlog: u32,
-    /// Connections set up at once, each from its first bytes (a TLS handshake and the first
-    /// request; a client's WebSocket to its session's start, after its login). Connections
-    /// past them wait their turn, in order, so a reconnect storm is taken at the pace sessions
-    /// can be set up while established connections are served as before.
+    /// Connections set up at once, each from the moment its first request has come whole to
+    /// its answer (a TLS handshake and that request; a login until its request is read): a
+    /// client sending half a request holds no place. Connections past them wait their turn,
+    /// in order, so a burst of logins is taken at the pace they can be answered while the
+    /// links to the comm servers are served as before.
     pub max_setups: usize,
     /// The longest one connection counts among `max_setups` (it is served on after that).
     pub setup_timeout_ms: u64,

@@ -82,7 +82,11 @@ pub fn check_serving(
 /// Checks how many connections both services set up at once, and how long one may count
 /// among them ([`crate::serve::ServeOptions::max_setups`], `setup_timeout`).
 pub fn check_setups(max_setups: usize, setup_timeout_ms: u64) -> Result<(), ConfigError> {
-    ensure(max_setups > 0, "max_setups", "must be positive")?;
+    ensure(
+        max_setups > 0 && max_setups <= tokio::sync::Semaphore::MAX_PERMITS,
+        "max_setups",
+        "must be positive (and at most 2^61 - 1)",
+    )?;
     ensure(setup_timeout_ms > 0, "setup_timeout_ms", "must be positive")
 }
 
