@@ -121,6 +121,7 @@ pub(crate) fn stats_json(server: &Server) -> Value {
         "replaced": s.replaced.get(),
         "keys_pending": pending_keys,
         "keys_reserved": s.keys_reserved.get(),
+        "keys_unreserved": s.keys_unreserved.get(),
         "keys_refused": s.keys_refused.get(),
         "relayed_logins": s.relayed_logins.get(),
         "relayed_logins_redirected": s.relayed_logins_redirected.get(),
@@ -270,7 +271,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
     for (name, help, value) in gauges {
         e.single(name, Kind::Gauge, help, value);
     }
-    let counters: [(&str, &str, &Counter); 40] = [
+    let counters: [(&str, &str, &Counter); 41] = [
         (
             "relaymesh_history_stored_total",
             "Messages added to topic history (as origin or copy).",
@@ -415,6 +416,11 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
             "relaymesh_keys_reserved_total",
             "Login keys reserved for the coordinator.",
             &s.keys_reserved,
+        ),
+        (
+            "relaymesh_keys_unreserved_total",
+            "Login keys the coordinator took back unused (their login went to another server).",
+            &s.keys_unreserved,
         ),
         (
             "relaymesh_keys_refused_total",

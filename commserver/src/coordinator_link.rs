@@ -627,6 +627,12 @@ impl link::Handler for Reader {
                 let answer = reserve_key(server, reserve);
                 answer_coordinator(&self.tx, answer, self.heartbeat.timeout).await?;
             }
+            Some(Kind::Unreserve(unreserve)) => {
+                if lock(&server.keys).unreserve(Instant::now(), &unreserve.key) {
+                    server.stats.keys_unreserved.inc();
+                }
+                tracing::debug!(request_id = unreserve.request_id, "key taken back unused");
+            }
             Some(Kind::PeerJoined(joined)) => {
                 if let Some(peer) = joined.peer {
                     tracing::info!(peer = %peer.server_id, url = %peer.url, "peer joined");

@@ -140,6 +140,22 @@ impl KeyStore {
         }
     }
 
+    /// Forgets `key`, reserved for a login that went elsewhere (`Unreserve`): it stops counting
+    /// against capacity at once, and is refused as expired if offered after all. Whether it
+    /// was pending (a key redeemed, expired or unknown is left alone).
+    pub(crate) fn unreserve(&mut self, now: Instant, key: &str) -> bool {
+        let Some(key) = parse_key(key) else {
+            return false;
+        };
+        let Some(slot @ Slot::Pending { .. }) = self.slots.get_mut(&key) else {
+            return false;
+        };
+        *slot = Slot::Expired;
+        self.pending -= 1;
+        self.tombstone_order.push_back((now + TOMBSTONE_LIFE, key));
+        true
+    }
+
     /// Keys reserved and not yet redeemed or expired.
     pub(crate) fn pending(&self) -> usize {
         self.pending
@@ -278,5 +294,26 @@ mod tests {
             keys.reserve(now, identity("d")).unwrap();
             assert!(keys.slots.len() <= 2 + 3, "{} slots", keys.slots.len());
         }
+    }
+
+    #[test]
+    fn a_key_taken_back_frees_its_room_and_is_refused_after() {
+        let t0 = Instant::now();
+        let mut keys = KeyStore::new(Duration::from_secs(10), 1);
+        let (a, _) = keys.reserve(t0, identity("a")).unwrap();
+        assert_eq!(keys.reserve(t0, identity("b")), Err(KeyError::Full));
+        assert!(keys.unreserve(t0, &a));
+        assert_eq!(keys.pending(), 0);
+        assert!(!keys.unreserve(t0, &a), "taken back twice");
+        assert_eq!(keys.redeem(t0, &a), Err(KeyError::Expired));
+        let (b, _) = keys.reserve(t0, identity("b")).unwrap();
+        // A key redeemed, or one that is no key, is left alone.
+        keys.redeem(t0, &b).unwrap();
+        assert!(!keys.unreserve(t0, &b));
+        assert!(!keys.unreserve(t0, "not a key"));
+        assert_eq!(keys.pending(), 0);
+        // Its entry in the expiry order finds nothing pending when its time comes.
+        keys.sweep(t0 + Duration::from_secs(11));
+        assert_eq!(keys.pending(), 0);
     }
 }

@@ -42,6 +42,9 @@ pub(crate) struct Stats {
     pub(crate) reservations_failed: Counter,
     /// Reservations raced by a second one on another server (`reserve_hedge_ms`).
     pub(crate) reservations_hedged: Counter,
+    /// Keys reserved that no login waited for any more (the other of a raced pair, one
+    /// answered too late), given back to their server with `Unreserve`.
+    pub(crate) keys_unreserved: Arc<Counter>,
     pub(crate) server_links_refused: Counter,
     /// What the listener refused (connections over `max_connections_per_ip`).
     pub(crate) serving: Arc<ServeStats>,
@@ -129,6 +132,7 @@ pub(crate) async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "replace_dropped": s.replace_dropped.get(),
         "reservations_failed": s.reservations_failed.get(),
         "reservations_hedged": s.reservations_hedged.get(),
+        "keys_unreserved": s.keys_unreserved.get(),
         "server_links_refused": s.server_links_refused.get(),
         "connections_refused_per_ip": s.serving.refused_per_ip.get(),
         "tls_refused_plain": s.serving.tls_refused_plain.get(),
@@ -329,6 +333,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
         Kind::Counter,
         "Reservations raced by a second one on another server (reserve_hedge_ms).",
         s.reservations_hedged.get() as f64,
+    );
+    e.single(
+        "relaymesh_coordinator_keys_unreserved_total",
+        Kind::Counter,
+        "Keys reserved that no login waited for any more, given back to their server (Unreserve).",
+        s.keys_unreserved.get() as f64,
     );
     e.single(
         "relaymesh_coordinator_server_links_refused_total",

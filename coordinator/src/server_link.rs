@@ -13,6 +13,7 @@ use bytes::Bytes;
 use relaymesh_net::accept;
 use relaymesh_net::auth::ChallengeAnswer;
 use relaymesh_net::link::{self, Closer, Flow, Heartbeat, LastWords, WriterSetup};
+use relaymesh_net::metrics::Counter;
 use relaymesh_net::queue;
 use relaymesh_net::serve::{ApiError, ConnInfo};
 use relaymesh_net::sync::lock;
@@ -71,6 +72,9 @@ pub(crate) struct ServerLink {
     max_pending: usize,
     /// `ServerQuery`s sent to this server and awaiting their `ServerAnswer`, by request id.
     queries: Mutex<HashMap<u64, oneshot::Sender<v1::ServerAnswer>>>,
+    /// Keys reserved that no login waited for any more, given back with `Unreserve` (the
+    /// coordinator's `keys_unreserved`, shared by every link).
+    unreserved: Arc<Counter>,
 }
 
 impl std::fmt::Debug for ServerLink {
@@ -258,8 +262,22 @@ impl ServerLink {
         let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_answer_ms.store(now, Ordering::Relaxed);
         self.unanswered.store(false, Ordering::Relaxed);
-        if let Some(waiter) = lock(&self.pending).remove(&request_id) {
-            let _ = waiter.send(reply);
+        let waiter = lock(&self.pending).remove(&request_id);
+        let unused = match waiter {
+            Some(waiter) => waiter.send(reply).err(),
+            None => Some(reply),
+        };
+        // A key no login waits for any more (it went to another server first, timed out, or
+        // was given up): the server forgets it at once instead of holding it, against its
+        // capacity, for the key's whole lifetime. With the queue full it expires there.
+        if let Some(Ok(reserved)) = unused {
+            let frame = encode(&v1::CoordinatorToServer::unreserve(v1::Unreserve {
+                request_id,
+                key: reserved.key,
+            }));
+            if self.tx.try_send(frame).is_ok() {
+                self.unreserved.inc();
+            }
         }
     }
 }
@@ -472,6 +490,7 @@ impl link::Handler for Reader {
             last_answer_ms: AtomicU64::new(0),
             max_pending: app.config.max_pending_reservations,
             queries: Mutex::new(HashMap::new()),
+            unreserved: app.stats.keys_unreserved.clone(),
         });
         {
             // The directory is locked first and held while the copy goes out, so every change
@@ -691,6 +710,7 @@ mod tests {
             last_answer_ms: AtomicU64::new(0),
             max_pending,
             queries: Mutex::new(HashMap::new()),
+            unreserved: Arc::default(),
         });
         (link, rx)
     }
@@ -708,6 +728,18 @@ mod tests {
         {
             Some(out::Kind::Reserve(r)) => r.request_id,
             other => panic!("not a Reserve: {other:?}"),
+        }
+    }
+
+    /// The request id and key of the `Unreserve` the link has sent.
+    fn unreserved(rx: &mut queue::Receiver<Bytes>) -> (u64, String) {
+        let frame = rx.try_recv().expect("no Unreserve was sent");
+        match decode::<v1::CoordinatorToServer>(frame)
+            .expect("decodes")
+            .kind
+        {
+            Some(out::Kind::Unreserve(u)) => (u.request_id, u.key),
+            other => panic!("not an Unreserve: {other:?}"),
         }
     }
 
@@ -792,7 +824,9 @@ mod tests {
             "nothing sent to a server that may be frozen"
         );
         // An answer clears it: a login that has to wait for room is sent once there is some.
+        // Its key, reserved for a login that is gone, is given back.
         link.answer(1, reserved("late"));
+        assert_eq!(unreserved(&mut rx), (1, "late".into()));
         let third = in_flight(&link, 3, 30);
         assert_eq!(sent(&mut rx).await, 3);
         let fourth = in_flight(&link, 4, 30);
@@ -921,5 +955,25 @@ mod tests {
             1,
             "a slot was not given back"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_reserved_for_a_login_no_longer_waiting_is_given_back() {
+        let (link, mut rx) = link(2);
+        // One login given up (the other of a raced pair), one still waiting.
+        let given_up = in_flight(&link, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        let waiting = in_flight(&link, 2, 60);
+        assert_eq!(sent(&mut rx).await, 2);
+        given_up.abort();
+        let _ = given_up.await;
+        link.answer(1, reserved("k1"));
+        link.answer(2, reserved("k2"));
+        assert_eq!(waiting.await.unwrap().unwrap().key, "k2");
+        assert_eq!(unreserved(&mut rx), (1, "k1".into()));
+        // Only the unused key; a failure has none to give back.
+        link.answer(3, Err(error(ErrorCode::Internal, "no")));
+        assert!(rx.try_recv().is_err(), "more than the one Unreserve");
+        assert_eq!(link.unreserved.get(), 1);
     }
 }

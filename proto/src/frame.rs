@@ -409,6 +409,7 @@ envelope_ctors!(CoordinatorToServer, v1::coordinator_to_server::Kind {
     Drain(v1::Drain) => drain,
     Query(v1::ServerQuery) => query,
     RelayedLoginAnswer(v1::RelayedLoginAnswer) => relayed_login_answer,
+    Unreserve(v1::Unreserve) => unreserve,
 });
 envelope_ctors!(ClientToCoordinator, v1::client_to_coordinator::Kind {
     Hello(v1::Hello) => hello,

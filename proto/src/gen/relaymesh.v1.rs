@@ -106,7 +106,7 @@ pub mod server_to_coordinator {
 pub struct CoordinatorToServer {
     #[prost(
         oneof = "coordinator_to_server::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17"
     )]
     pub kind: ::core::option::Option<coordinator_to_server::Kind>,
 }
@@ -144,6 +144,8 @@ pub mod coordinator_to_server {
         Query(super::ServerQuery),
         #[prost(message, tag = "16")]
         RelayedLoginAnswer(super::RelayedLoginAnswer),
+        #[prost(message, tag = "17")]
+        Unreserve(super::Unreserve),
     }
 }
 /// An operator drained this server (`drained`: it takes no new clients, refuses reservations,
@@ -634,6 +636,17 @@ pub struct ReserveFailed {
     pub request_id: u64,
     #[prost(message, optional, tag = "2")]
     pub error: ::core::option::Option<Error>,
+}
+/// A key reserved (`Reserved`) for a login that no longer waits for it: the login went to
+/// another server first (a raced reservation), timed out, or was given up. The server forgets
+/// the key at once instead of holding it, against its capacity, for the rest of its lifetime.
+/// A key already redeemed, or unknown, is left alone.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Unreserve {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
 }
 /// A client's `Login` (link 3), relayed by the comm server it dialled without a key. The
 /// coordinator checks the credentials and chooses a server as for `POST /v1/login`, preferring
