@@ -289,11 +289,17 @@ impl Proc {
 
     /// Sends `SIG<name>` and waits for the exit; returns whether it exited successfully.
     pub fn signal(&mut self, name: &str) -> bool {
-        let _ = Command::new("kill")
+        self.send_signal(name);
+        self.wait_exit().success()
+    }
+
+    /// Sends `SIG<name>` (e.g. `STOP` to freeze the process, `CONT` to thaw it) and returns.
+    pub fn send_signal(&self, name: &str) {
+        let sent = Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status();
-        self.wait_exit().success()
+        assert!(sent.is_ok_and(|s| s.success()), "SIG{name} not sent");
     }
 
     /// Waits for the process to exit (at most [`PATIENCE`]).

@@ -564,16 +564,9 @@ impl TwoServers {
         client
     }
 
-    /// Sends `signal` (e.g. `-STOP`) to server `i`.
-    fn signal(&self, i: usize, signal: &str) {
-        let pid = self.servers[i].0.child.id().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+    /// Sends `SIG<name>` (e.g. `STOP`) to server `i`.
+    fn signal(&self, i: usize, name: &str) {
+        self.servers[i].0.send_signal(name);
     }
 
     fn stop(mut self) {
@@ -608,7 +601,7 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
     publisher.publish("ops/frozen", "before").await.unwrap();
     assert_eq!(next_message(&mut subscriber).await.payload, "before");
 
-    two.signal(0, "-STOP");
+    two.signal(0, "STOP");
     eventually("the frozen server is no longer offered", || async {
         (two.eligible(0).await == Some(false)).then_some(())
     })
@@ -638,7 +631,7 @@ async fn a_frozen_server_is_not_offered_and_comes_back_when_it_runs_again() {
             .unwrap();
     }
 
-    two.signal(0, "-CONT");
+    two.signal(0, "CONT");
     eventually("offered again once it runs", || async {
         (two.eligible(0).await == Some(true)).then_some(())
     })
@@ -681,7 +674,7 @@ async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_onc
     publisher.publish("ops/resend", "0").await.unwrap();
     assert_eq!(next_message(&mut subscriber).await.payload, "0");
 
-    two.signal(0, "-STOP");
+    two.signal(0, "STOP");
     let stopped = tokio::time::Instant::now();
     // Taken by the frozen server's socket, never confirmed.
     const TOTAL: usize = 40;
@@ -713,7 +706,7 @@ async fn publishes_a_frozen_server_never_confirmed_are_sent_again_and_arrive_onc
     // never counts a resend against originals, would deliver those a second time. The freeze's
     // length is this scenario's parameter, not a wait for state.)
     tokio::time::sleep_until(stopped + std::time::Duration::from_secs(3)).await;
-    two.signal(0, "-CONT");
+    two.signal(0, "CONT");
     eventually("linked again", || async {
         (get_json(&two.server_stats(1)).await["peers"] == 1).then_some(())
     })

@@ -9,7 +9,7 @@ use relaymesh_proto::{ErrorCode, PROTOCOL_VERSION, decode};
 use relaymesh_tests::raw;
 use relaymesh_tests::{
     Cluster, CoordinatorHandle, SECRET, TempAccounts, account_with_code, client_config,
-    coordinator_config, eventually, next_message, post_json, within,
+    coordinator_config, eventually, get_json, next_message, post_json, within,
 };
 
 fn login(exclude: &[&str]) -> v1::ClientToServer {
@@ -420,9 +420,14 @@ async fn a_reservation_left_unanswered_is_raced_on_another_server() {
     let url = format!("{}/v1/login", coordinator.url);
     let login = tokio::spawn(async move { post_json(&url, &serde_json::json!({})).await });
     // Whichever server is picked stays mute; the other is asked too, and answers.
-    let (mute, asked, quick) = tokio::select! {
-        asked = reserve(&mut first) => ("first", asked, &mut second),
-        asked = reserve(&mut second) => ("second", asked, &mut first),
+    let (mute, asked) = tokio::select! {
+        asked = reserve(&mut first) => ("first", asked),
+        asked = reserve(&mut second) => ("second", asked),
+    };
+    let (mute_link, quick) = if mute == "first" {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
     };
     let raced = reserve(quick).await;
     assert_eq!(
@@ -442,9 +447,78 @@ async fn a_reservation_left_unanswered_is_raced_on_another_server() {
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["server_id"], mute, "{body}");
     assert_eq!(body["key"], "quick-key", "{body}");
+    // The mute server answers at last: the key it reserved, for a login placed elsewhere, is
+    // taken back rather than left to count against its room until it expires.
+    raw::send_msg(
+        mute_link,
+        &v1::ServerToCoordinator::reserved(v1::Reserved {
+            request_id: asked.request_id,
+            key: "late-key".into(),
+            expires_in_ms: 10_000,
+        }),
+    )
+    .await;
+    let v1::coordinator_to_server::Kind::Unreserve(back) = from_coordinator(mute_link).await else {
+        panic!("the late key was not taken back");
+    };
+    assert_eq!(
+        (back.request_id, back.key.as_str()),
+        (asked.request_id, "late-key")
+    );
     let stats = coordinator.stats().await;
     assert_eq!(stats["reservations_hedged"], 1, "{stats}");
     assert_eq!(stats["reservations_failed"], 0, "{stats}");
+    assert_eq!(stats["keys_unreserved"], 1, "{stats}");
+}
+
+/// A comm server (a real process) frozen while a login is reserved on it loses the race to
+/// another server; once it thaws and answers, the coordinator takes the key back and the
+/// server frees its room at once instead of holding the key to its expiry.
+#[tokio::test]
+async fn a_frozen_server_that_loses_a_race_frees_the_key_once_it_answers() {
+    let coordinator = CoordinatorHandle::start(coordinator_config()).await;
+    // Started off the runtime, which the coordinator needs while the process registers.
+    let coordinator_url = coordinator.url.clone();
+    let real =
+        tokio::task::spawn_blocking(move || super::processes::commservers(&coordinator_url, 1))
+            .await
+            .unwrap()
+            .remove(0);
+    let [mut other] = <[_; 1]>::try_from(registered(&coordinator, ["other"]).await).unwrap();
+    let url = format!("{}/v1/login", coordinator.url);
+    // The login goes to either server at random: frozen, the real one is raced on the other.
+    for attempt in 0.. {
+        assert!(attempt < 30, "the real server was never picked first");
+        real.proc.send_signal("STOP");
+        let url = url.clone();
+        let login = tokio::spawn(async move { post_json(&url, &serde_json::json!({})).await });
+        let asked = reserve(&mut other).await;
+        raw::send_msg(
+            &mut other,
+            &v1::ServerToCoordinator::reserved(v1::Reserved {
+                request_id: asked.request_id,
+                key: format!("other-key-{attempt}"),
+                expires_in_ms: 10_000,
+            }),
+        )
+        .await;
+        let (status, body) = within("the login", login).await.unwrap();
+        real.proc.send_signal("CONT");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["server_id"], "other", "{body}");
+        if coordinator.stats().await["reservations_hedged"] == 1 {
+            break;
+        }
+    }
+    let stats_url = real.stats_url();
+    eventually("the real server's late key taken back", || async {
+        let stats = get_json(&stats_url).await;
+        (stats["keys_unreserved"] == 1 && stats["keys_pending"] == 0).then_some(())
+    })
+    .await;
+    let stats = get_json(&stats_url).await;
+    assert_eq!(stats["keys_reserved"], 1, "{stats}");
+    assert_eq!(coordinator.stats().await["keys_unreserved"], 1);
 }
 
 #[tokio::test]
