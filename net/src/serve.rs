@@ -255,13 +255,16 @@ pub async fn serve(
     let mut reserve = Reserve::new();
     let mut accept_backoff = Duration::from_millis(1);
     let places = Arc::new(Semaphore::new(options.max_setups.max(1)));
-    let busy = Arc::new(answer_503(
-        &serde_json::json!({
-            "code": ErrorCode::Unavailable.as_str_name(),
-            "message": "too many connections waiting to be set up; try again later",
-        })
-        .to_string(),
-    ));
+    let answers = Arc::new(Answers {
+        busy: answer_503(
+            &serde_json::json!({
+                "code": ErrorCode::Unavailable.as_str_name(),
+                "message": "too many connections waiting to be set up; try again later",
+            })
+            .to_string(),
+        ),
+        slow: answer_408(options.request_timeout),
+    });
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -322,7 +325,7 @@ pub async fn serve(
         let span = tracing::debug_span!("http", %peer);
         let setup = Places {
             places: places.clone(),
-            busy: busy.clone(),
+            answers: answers.clone(),
         };
         tracker.spawn(
             serve_connection(
@@ -341,7 +344,29 @@ pub async fn serve(
 /// The places of connections being set up, and the answer to one that waited too long for one.
 struct Places {
     places: Arc<Semaphore>,
-    busy: Arc<String>,
+    answers: Arc<Answers>,
+}
+
+/// Whole answers for connections closed before they are served.
+struct Answers {
+    /// `503`: no place to set the connection up in time.
+    busy: String,
+    /// `408`: the body of the first request did not come in time.
+    slow: String,
+}
+
+/// A whole `408` answer, as [`bounded`] gives it, for a connection closed right after it.
+fn answer_408(timeout: Duration) -> String {
+    let body = serde_json::json!({
+        "code": ErrorCode::LimitExceeded.as_str_name(),
+        "message": format!("request not completed within {} ms", timeout.as_millis()),
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// A whole `503` answer carrying `body`, a JSON error, for a connection closed right after it.
@@ -475,13 +500,21 @@ async fn serve_connection(
     // half of one and stalls holds none. A client that sends no whole one within the request
     // timeout is closed, as hyper closes one that sends no complete request head.
     let tls = options.tls.is_some();
+    let mut seen = Start::Partial;
     let first = tokio::time::timeout(options.request_timeout, async {
         stream.readable().await?;
-        first_request(&stream, tls).await
+        first_request(&stream, tls, &mut seen).await
     });
-    tokio::select! {
-        came = first => if !matches!(came, Ok(Ok(true))) { return },
+    let came = tokio::select! {
+        came = first => came,
         () = shutdown.cancelled() => return,
+    };
+    match came {
+        Ok(Ok(true)) => {}
+        // A head whose body did not come in time is answered as hyper answers one that comes
+        // too slowly after it has a place.
+        Err(_) if seen == Start::Head => return refuse(&stream, setup.answers.slow.as_bytes()),
+        _ => return,
     }
     let waiting = options.stats.setups_waiting.track();
     let waited = tokio::time::timeout(options.request_timeout, setup.places.acquire_owned());
@@ -492,7 +525,7 @@ async fn serve_connection(
             Err(_) => {
                 // Over TLS the client waits for a handshake, not an answer: it is only closed.
                 if options.tls.is_none() {
-                    refuse(&stream, setup.busy.as_bytes());
+                    refuse(&stream, setup.answers.busy.as_bytes());
                 }
                 options.stats.setups_refused.inc();
                 tracing::debug!(peer = %info.peer, "no place to set the connection up in time");
@@ -549,12 +582,25 @@ async fn serve_connection(
 /// whole; a longer start is taken as whole once this much has come.
 const FIRST_REQUEST_PEEK: usize = 4096;
 
+/// How much of its first request a connection has sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// Not even the head (over TLS, not the whole first record).
+    Partial,
+    /// The head, and not all of the body it declares.
+    Head,
+    /// All of it, or as much as is looked at, or something malformed.
+    Whole,
+}
+
 /// Waits until the connection's first request (`tls`: its first TLS record) has come whole,
-/// without reading it: `Ok(false)` when the client closed first.
-async fn first_request(stream: &TcpStream, tls: bool) -> std::io::Result<bool> {
+/// without reading it: `Ok(false)` when the client closed first. `seen`: how much had come at
+/// the last look.
+async fn first_request(stream: &TcpStream, tls: bool, seen: &mut Start) -> std::io::Result<bool> {
     let mut start = vec![0; FIRST_REQUEST_PEEK];
     let n = stream.peek(&mut start).await?;
-    if n == 0 || whole(&start[..n], tls) {
+    *seen = look(&start[..n], tls);
+    if n == 0 || *seen == Start::Whole {
         return Ok(n > 0);
     }
     // The rest is still to come. What is peeked stays readable, so each later look waits for
@@ -566,7 +612,8 @@ async fn first_request(stream: &TcpStream, tls: bool) -> std::io::Result<bool> {
         stream.readable().await?;
         let looked = stream.try_io(tokio::io::Interest::READABLE, || {
             let n = peeker.peek(&mut start)?;
-            if n == 0 || whole(&start[..n], tls) {
+            *seen = look(&start[..n], tls);
+            if n == 0 || *seen == Start::Whole {
                 Ok(n > 0)
             } else {
                 Err(std::io::ErrorKind::WouldBlock.into())
@@ -579,23 +626,26 @@ async fn first_request(stream: &TcpStream, tls: bool) -> std::io::Result<bool> {
     }
 }
 
-/// Whether `start`, a connection's first bytes, holds its first request whole: the head and
-/// the body its `Content-Length` declares (`tls`: the first record, whose header gives its
-/// length). What is malformed counts as whole, for the server to refuse at once.
-fn whole(start: &[u8], tls: bool) -> bool {
+/// How much of its first request `start`, a connection's first bytes, holds: whole once it
+/// has the head and the body its `Content-Length` declares (`tls`: the first record, whose
+/// header gives its length). What is malformed counts as whole, for the server to refuse at
+/// once, and so does a head declaring more body than is looked at (for the server to refuse
+/// one over its limit at once, or read it).
+fn look(start: &[u8], tls: bool) -> Start {
+    let whole = |done: bool| if done { Start::Whole } else { Start::Partial };
     if start.len() >= FIRST_REQUEST_PEEK {
-        return true;
+        return Start::Whole;
     }
     if tls {
         // A record: its type (0x16: handshake), version (2 bytes) and length (2 bytes). A
         // first byte other than 0x16 is a plain client, which the handshake refuses.
-        return match start {
+        return whole(match start {
             [0x16, _, _, high, low, record @ ..] => {
                 record.len() >= usize::from(u16::from_be_bytes([*high, *low]))
             }
             [0x16, ..] => false,
             _ => true,
-        };
+        });
     }
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
@@ -608,11 +658,15 @@ fn whole(start: &[u8], tls: bool) -> bool {
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .unwrap_or(0);
-            start.len() - head >= body
+            if start.len() - head >= body || head.saturating_add(body) > FIRST_REQUEST_PEEK {
+                Start::Whole
+            } else {
+                Start::Head
+            }
         }
-        Ok(httparse::Status::Partial) => false,
+        Ok(httparse::Status::Partial) => Start::Partial,
         // Malformed, or more headers than looked at: hyper answers it.
-        Err(_) => true,
+        Err(_) => Start::Whole,
     }
 }
 
@@ -1126,20 +1180,24 @@ mod tests {
 
     #[test]
     fn a_first_request_is_whole_with_its_declared_body_and_a_tls_record_with_its_length() {
+        use Start::{Head, Partial, Whole};
         let head = b"POST /v1/login HTTP/1.1\r\nContent-Length: 3\r\n\r\n";
-        assert!(!whole(&head[..10], false));
-        assert!(!whole(head, false));
-        assert!(!whole(&[&head[..], b"ab"].concat(), false));
-        assert!(whole(&[&head[..], b"abc"].concat(), false));
-        assert!(whole(b"GET / HTTP/1.1\r\n\r\n", false));
+        assert_eq!(look(&head[..10], false), Partial);
+        assert_eq!(look(head, false), Head);
+        assert_eq!(look(&[&head[..], b"ab"].concat(), false), Head);
+        assert_eq!(look(&[&head[..], b"abc"].concat(), false), Whole);
+        assert_eq!(look(b"GET / HTTP/1.1\r\n\r\n", false), Whole);
+        // More body than is looked at: whole, for the server to refuse or read at once.
+        let large = b"POST / HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n";
+        assert_eq!(look(large, false), Whole);
         // Malformed: whole, for hyper to refuse at once.
-        assert!(whole(b"\x16\x03\x01 hello", false));
-        assert!(whole(&[0; FIRST_REQUEST_PEEK], false));
-        assert!(!whole(&[0x16, 3, 1], true));
-        assert!(!whole(&[0x16, 3, 1, 0, 3, 1, 2], true));
-        assert!(whole(&[0x16, 3, 1, 0, 3, 1, 2, 3], true));
+        assert_eq!(look(b"\x16\x03\x01 hello", false), Whole);
+        assert_eq!(look(&[0; FIRST_REQUEST_PEEK], false), Whole);
+        assert_eq!(look(&[0x16, 3, 1], true), Partial);
+        assert_eq!(look(&[0x16, 3, 1, 0, 3, 1, 2], true), Partial);
+        assert_eq!(look(&[0x16, 3, 1, 0, 3, 1, 2, 3], true), Whole);
         // A plain client on a TLS listener: refused by the handshake at once.
-        assert!(whole(b"GET", true));
+        assert_eq!(look(b"GET", true), Whole);
     }
 
     #[tokio::test]

@@ -273,7 +273,12 @@ async fn from_coordinator(
     loop {
         let frame = raw::next_frame(link).await.expect("the link stays up");
         match decode::<v1::CoordinatorToServer>(frame).unwrap().kind {
-            Some(K::Ping(_) | K::Presence(_)) => continue,
+            // Answered, as a server would: a link silent past the heartbeat timeout is closed.
+            Some(K::Ping(ping)) => {
+                let pong = v1::Pong { nonce: ping.nonce };
+                raw::send_msg(link, &v1::ServerToCoordinator::pong(pong)).await;
+            }
+            Some(K::Presence(_)) => continue,
             Some(kind) => return kind,
             None => panic!("an empty message"),
         }
