@@ -609,7 +609,7 @@ async fn first_request(stream: &TcpStream, tls: bool, seen: &mut Start) -> std::
     // peeks through a second descriptor of the socket.
     let peeker = std::net::TcpStream::from(std::os::fd::AsFd::as_fd(stream).try_clone_to_owned()?);
     loop {
-        stream.readable().await?;
+        let ready = stream.ready(tokio::io::Interest::READABLE).await?;
         let looked = stream.try_io(tokio::io::Interest::READABLE, || {
             let n = peeker.peek(&mut start)?;
             *seen = look(&start[..n], tls);
@@ -620,9 +620,17 @@ async fn first_request(stream: &TcpStream, tls: bool, seen: &mut Start) -> std::
             }
         });
         match looked {
+            // The client shut its side with the request still part-sent: nothing more will
+            // come (and the socket stays readable, so waiting again would spin).
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                return Ok(false);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             came => return came,
         }
+        // Should the socket ever stay ready without anything new, the task still yields, and
+        // the request timeout around it still fires.
+        tokio::task::consume_budget().await;
     }
 }
 
@@ -658,7 +666,22 @@ fn look(start: &[u8], tls: bool) -> Start {
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .unwrap_or(0);
-            if start.len() - head >= body || head.saturating_add(body) > FIRST_REQUEST_PEEK {
+            // A client that sends `Expect: 100-continue` waits for the server's word before it
+            // sends its body.
+            let expects = request.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case(header::EXPECT.as_str())
+                    && h.value.eq_ignore_ascii_case(b"100-continue")
+            });
+            // A chunked body (hyper ignores a Content-Length beside it) is not waited for.
+            let chunked = request.headers.iter().any(|h| {
+                h.name
+                    .eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str())
+            });
+            if expects
+                || chunked
+                || start.len() - head >= body
+                || head.saturating_add(body) > FIRST_REQUEST_PEEK
+            {
                 Start::Whole
             } else {
                 Start::Head
@@ -1139,6 +1162,29 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// On two threads: a connection spinning on its socket would keep one of them busy, and
+    /// the other sees it never closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_shut_with_half_a_request_is_closed() {
+        let options = ServeOptions {
+            request_timeout: Duration::from_secs(60),
+            ..ServeOptions::default()
+        };
+        let (addr, mut served, shutdown) = setups_server(options, Router::new()).await;
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nhost:").await.unwrap();
+        // More bytes after a first look, then the client shuts its side.
+        tokio::task::yield_now().await;
+        half.write_all(b" x").await.unwrap();
+        half.shutdown().await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), answer(&mut half)).await;
+        assert_eq!(closed.expect("the connection was not closed"), "");
+        let mut whole = get_root(addr).await;
+        assert_eq!(next_served(&mut served).await, Some("/"));
+        assert!(answer(&mut whole).await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn a_tls_handshake_holds_a_place_only_from_a_whole_client_hello_to_its_end() {
         let pki = crate::tls::tests::TestPki::new();
@@ -1190,6 +1236,12 @@ mod tests {
         // More body than is looked at: whole, for the server to refuse or read at once.
         let large = b"POST / HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n";
         assert_eq!(look(large, false), Whole);
+        let chunked =
+            b"POST / HTTP/1.1\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(look(chunked, false), Whole);
+        // A client waiting for `100 Continue` before its body: whole, to be answered.
+        let expects = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n";
+        assert_eq!(look(expects, false), Whole);
         // Malformed: whole, for hyper to refuse at once.
         assert_eq!(look(b"\x16\x03\x01 hello", false), Whole);
         assert_eq!(look(&[0; FIRST_REQUEST_PEEK], false), Whole);
