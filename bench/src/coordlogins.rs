@@ -128,7 +128,8 @@ impl link::Handler for Played {
                 }))?;
             }
             Some(Kind::Error(e)) => return Err(e),
-            // Peers come and go (the other played servers); nothing here links to them.
+            // Peers come and go (the other played servers); nothing here links to them. Keys
+            // given back (`Unreserve`) were never kept.
             _ => {}
         }
         Ok(Flow::Continue)
@@ -186,6 +187,8 @@ impl Cluster {
                 public_url: format!("ws://127.0.0.1:{}", 9 + i),
                 capacity: u32::MAX,
                 version: "bench".into(),
+                // As a comm server says: keys given back are sent, and ignored here.
+                unreserves: true,
             });
             let options = link::Options {
                 writer: link::WriterSetup {

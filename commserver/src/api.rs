@@ -419,7 +419,7 @@ pub(crate) async fn metrics(State(server): State<Arc<Server>>) -> Response {
         ),
         (
             "relaymesh_keys_unreserved_total",
-            "Login keys the coordinator took back unused (their login went to another server).",
+            "Login keys the coordinator took back unused (their login went to another server, or timed out).",
             &s.keys_unreserved,
         ),
         (

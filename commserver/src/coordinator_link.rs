@@ -249,6 +249,7 @@ async fn serve(
         public_url: server.public_url.clone(),
         capacity: server.config.max_clients,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        unreserves: true,
     };
     let options = link::Options {
         writer: WriterSetup {

@@ -62,7 +62,8 @@ pub(crate) struct Stats {
     /// Sessions closed because a newer login of the same client replaced them.
     pub(crate) replaced: Counter,
     pub(crate) keys_reserved: Counter,
-    /// Keys the coordinator took back unused (`Unreserve`: their login went elsewhere).
+    /// Keys the coordinator took back unused (`Unreserve`: their login went elsewhere or timed
+    /// out).
     pub(crate) keys_unreserved: Counter,
     /// Client connections refused for an unknown, expired or reused key.
     pub(crate) keys_refused: Counter,

@@ -43,7 +43,7 @@ pub(crate) struct Stats {
     /// Reservations raced by a second one on another server (`reserve_hedge_ms`).
     pub(crate) reservations_hedged: Counter,
     /// Keys reserved that no login waited for any more (the other of a raced pair, one
-    /// answered too late), given back to their server with `Unreserve`.
+    /// answered after its login timed out), given back to their server with `Unreserve`.
     pub(crate) keys_unreserved: Arc<Counter>,
     pub(crate) server_links_refused: Counter,
     /// What the listener refused (connections over `max_connections_per_ip`).
@@ -337,7 +337,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
     e.single(
         "relaymesh_coordinator_keys_unreserved_total",
         Kind::Counter,
-        "Keys reserved that no login waited for any more, given back to their server (Unreserve).",
+        "Keys reserved that no login waited for any more (another server answered first, or the login timed out), given back to their server (Unreserve).",
         s.keys_unreserved.get() as f64,
     );
     e.single(

@@ -72,6 +72,8 @@ pub(crate) struct ServerLink {
     max_pending: usize,
     /// `ServerQuery`s sent to this server and awaiting their `ServerAnswer`, by request id.
     queries: Mutex<HashMap<u64, oneshot::Sender<v1::ServerAnswer>>>,
+    /// The server takes `Unreserve` (its `Register` said so).
+    unreserves: bool,
     /// Keys reserved that no login waited for any more, given back with `Unreserve` (the
     /// coordinator's `keys_unreserved`, shared by every link).
     unreserved: Arc<Counter>,
@@ -269,8 +271,13 @@ impl ServerLink {
         };
         // A key no login waits for any more (it went to another server first, timed out, or
         // was given up): the server forgets it at once instead of holding it, against its
-        // capacity, for the key's whole lifetime. With the queue full it expires there.
-        if let Some(Ok(reserved)) = unused {
+        // capacity, for the key's whole lifetime. It expires there as before when the server
+        // does not take `Unreserve`, or its queue is down to the last eighth (left to what
+        // must not be lost).
+        if let Some(Ok(reserved)) = unused
+            && self.unreserves
+            && self.tx.capacity() > self.tx.max_capacity() / 8
+        {
             let frame = encode(&v1::CoordinatorToServer::unreserve(v1::Unreserve {
                 request_id,
                 key: reserved.key,
@@ -490,6 +497,7 @@ impl link::Handler for Reader {
             last_answer_ms: AtomicU64::new(0),
             max_pending: app.config.max_pending_reservations,
             queries: Mutex::new(HashMap::new()),
+            unreserves: reg.unreserves,
             unreserved: app.stats.keys_unreserved.clone(),
         });
         {
@@ -698,6 +706,11 @@ mod tests {
 
     /// A link to no server with room for `max_pending` reservations, and its queue's far end.
     fn link(max_pending: usize) -> (Arc<ServerLink>, queue::Receiver<Bytes>) {
+        link_to(max_pending, true)
+    }
+
+    /// [`link`], to a server that does (`unreserves`) or does not take `Unreserve`.
+    fn link_to(max_pending: usize, unreserves: bool) -> (Arc<ServerLink>, queue::Receiver<Bytes>) {
         let (tx, rx) = queue::bounded(64);
         let link = Arc::new(ServerLink {
             id: "s".into(),
@@ -710,6 +723,7 @@ mod tests {
             last_answer_ms: AtomicU64::new(0),
             max_pending,
             queries: Mutex::new(HashMap::new()),
+            unreserves,
             unreserved: Arc::default(),
         });
         (link, rx)
@@ -975,5 +989,18 @@ mod tests {
         link.answer(3, Err(error(ErrorCode::Internal, "no")));
         assert!(rx.try_recv().is_err(), "more than the one Unreserve");
         assert_eq!(link.unreserved.get(), 1);
+
+        // A server that did not say it takes `Unreserve` (an older one, which would close its
+        // link on it) is sent none.
+        let (old, mut rx) = link_to(2, false);
+        let given_up = in_flight(&old, 1, 60);
+        assert_eq!(sent(&mut rx).await, 1);
+        given_up.abort();
+        let _ = given_up.await;
+        old.answer(1, reserved("k1"));
+        assert!(
+            rx.try_recv().is_err(),
+            "an Unreserve sent to an older server"
+        );
     }
 }

@@ -560,6 +560,11 @@ pub struct Register {
     /// Software version, for operators.
     #[prost(string, tag = "5")]
     pub version: ::prost::alloc::string::String,
+    /// The server forgets a key the coordinator gives back (`Unreserve`). A coordinator sends
+    /// `Unreserve` only to a server that says so: an older one closes its link on a message it
+    /// does not know.
+    #[prost(bool, tag = "6")]
+    pub unreserves: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerInfo {

@@ -284,6 +284,7 @@ async fn server_and_peer_links_need_the_cluster_secret_and_valid_hellos() {
             public_url: url.into(),
             capacity: 10,
             version: "test".into(),
+            ..Default::default()
         })
     };
     for (msg, expected) in [
@@ -430,6 +431,7 @@ async fn silent_servers_and_peers_are_dropped() {
         public_url: "ws://127.0.0.1:9".into(),
         capacity: 10,
         version: "test".into(),
+        ..Default::default()
     });
     raw::send_msg(&mut rogue, &register).await;
     relaymesh_tests::eventually("registered", || async {
@@ -472,6 +474,7 @@ async fn malformed_frames_on_every_link_are_refused() {
         public_url: "ws://127.0.0.1:9".into(),
         capacity: 10,
         version: "test".into(),
+        ..Default::default()
     });
     raw::send_msg(&mut socket, &register).await;
     raw::send(&mut socket, encode(&register)).await;

@@ -298,6 +298,7 @@ async fn the_coordinator_gives_a_relayed_login_up_before_its_server_stops_waitin
             public_url: "ws://127.0.0.1:9".into(),
             capacity: 10,
             version: "test".into(),
+            ..Default::default()
         }),
     )
     .await;
@@ -385,6 +386,7 @@ async fn registered<const N: usize>(
                 public_url: format!("ws://{id}.invalid:9"),
                 capacity: 10,
                 version: "test".into(),
+                unreserves: true,
             }),
         )
         .await;

@@ -220,6 +220,7 @@ async fn mutual_tls_refuses_servers_and_peers_without_a_valid_certificate() {
             public_url: url.into(),
             capacity: 10,
             version: "test".into(),
+            ..Default::default()
         })
     };
     // With the cluster secret but no client certificate: refused at registration.
