@@ -362,18 +362,22 @@ fn answer_408(timeout: Duration) -> String {
         "message": format!("request not completed within {} ms", timeout.as_millis()),
     })
     .to_string();
-    format!(
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
+    whole_answer(StatusCode::REQUEST_TIMEOUT, &body)
 }
 
 /// A whole `503` answer carrying `body`, a JSON error, for a connection closed right after it.
 fn answer_503(body: &str) -> String {
+    whole_answer(StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+/// A whole answer with `status` carrying `body`, a JSON error, for a connection closed right
+/// after it.
+fn whole_answer(status: StatusCode, body: &str) -> String {
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n\
          connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default(),
         body.len()
     )
 }
