@@ -142,6 +142,10 @@ pub(crate) enum Command {
         server_id: Arc<str>,
         link: LinkId,
     },
+    /// The coordinators no longer list the peer: a link of it that is down expires now.
+    PeerLeft {
+        server_id: Arc<str>,
+    },
     PeerInterest {
         server_id: Arc<str>,
         link: LinkId,
@@ -210,6 +214,7 @@ impl Control {
             }
             Command::PeerDown { server_id, link } => self.state.peer_down(&server_id, link),
             Command::PeerExpire { server_id, link } => self.state.peer_expire(&server_id, link),
+            Command::PeerLeft { server_id } => self.state.peer_left(&server_id),
             Command::PeerInterest {
                 server_id,
                 link,

@@ -11,8 +11,8 @@
 //! everything sent to it so far, which is what lets the comm server promise that a message
 //! published anywhere in the cluster after the client's `Ack` reaches the client. A peer whose
 //! link goes down while a request waits for it is still waited for: the request completes once
-//! the peer links again and acknowledges the full set the new link starts with, or once the
-//! peer expires. A peer whose link is already down when a request is made is not linked, and
+//! the peer links again and acknowledges the full set the new link starts with, once the peer
+//! expires, or once the coordinators no longer list the peer (it died or left). A peer whose link is already down when a request is made is not linked, and
 //! not waited for (it hears the change in that same full set). Until a request completes,
 //! [`Interest::pending`] names the peers it waits for.
 //!
@@ -371,6 +371,20 @@ impl<S: Clone, P: Clone> Interest<S, P> {
         {
             self.remove_peer(name, link, &mut fx);
             fx.close.clear();
+            self.settle(|n, l, _| n == name && l == link, &mut fx);
+        }
+        fx
+    }
+
+    /// The coordinators no longer list peer `name` (it died or left, or they lost it): if its
+    /// link is down, requests stop waiting for it now, as they would not wait for it had its
+    /// link been down when they were made (it hears what they changed in the full set its
+    /// next link starts with). Its interest stays until the link expires, so what is routed
+    /// to it meanwhile is still counted. A link still up is waited for as before; see
+    /// `peers::PeerLink`'s closing for when it goes down later.
+    pub(crate) fn peer_left(&mut self, name: &Arc<str>) -> Effects<P> {
+        let mut fx = Effects::default();
+        if let Some(link) = self.peers.get(name).filter(|p| p.down).map(|p| p.link) {
             self.settle(|n, l, _| n == name && l == link, &mut fx);
         }
         fx
@@ -801,6 +815,32 @@ mod tests {
         // The old link's expiry, late, changes nothing.
         let fx = i.peer_expire(&name("p"), 1);
         assert!(fx.completed.is_empty() && fx.routes.is_empty());
+    }
+
+    #[test]
+    fn a_peer_the_coordinators_no_longer_list_stops_being_waited_for_once_its_link_is_down() {
+        let mut i = I::new();
+        i.peer_up(&name("p"), 1, "P1");
+        i.peer_ack(&name("p"), 1, 1);
+        assert!(i.subscribe(1, &1, vec![t("x")], 7).completed.is_empty());
+        // Listed no more while its link is up: still waited for (it may only have lost the
+        // coordinators).
+        assert!(i.peer_left(&name("p")).completed.is_empty());
+        assert_eq!(i.pending(7), Some(vec![name("p")]));
+        // Its link goes down: kept, as for a peer that may link again...
+        assert!(i.peer_down(&name("p"), 1).completed.is_empty());
+        assert_eq!(i.pending(7), Some(vec![name("p")]));
+        // ...until the coordinators say it is gone: then the request stops waiting for it,
+        // as one made now would not wait for it.
+        assert_eq!(i.peer_left(&name("p")).completed, vec![7]);
+        assert_eq!(i.pending(7), None);
+        assert!(i.subscribe(2, &2, vec![t("y")], 8).completed == vec![8]);
+        assert!(i.peer_left(&name("p")).completed.is_empty());
+        // Its link comes back after all: it gets the full set, as after any absence.
+        let fx = i.peer_up(&name("p"), 2, "P2");
+        assert!(
+            matches!(&fx.to_peers[..], [("P2", ToPeer::Interest { full: true, add, .. })] if add.len() == 2)
+        );
     }
 
     #[test]

@@ -113,11 +113,28 @@ impl Server {
     pub(crate) fn set_peers(self: &Arc<Self>, peers: Vec<v1::ServerInfo>) {
         let wanted: HashMap<String, String> =
             peers.into_iter().map(|p| (p.server_id, p.url)).collect();
-        *lock(&self.known_peers) = wanted
-            .iter()
-            .map(|(id, url)| (Arc::from(id.as_str()), url.clone()))
-            .collect();
+        let gone: Vec<Arc<str>> = {
+            let mut known = lock(&self.known_peers);
+            let gone = known
+                .keys()
+                .filter(|id| !wanted.contains_key(&***id))
+                .cloned()
+                .collect();
+            *known = wanted
+                .iter()
+                .map(|(id, url)| (Arc::from(id.as_str()), url.clone()))
+                .collect();
+            gone
+        };
         self.peers_known.notify_waiters();
+        // A peer the coordinators dropped (a server that died, most often) is no longer waited
+        // for by subscriptions once its link is down too.
+        for server_id in gone {
+            let control = self.control.clone();
+            self.tracker.spawn(async move {
+                let _ = control.send(Command::PeerLeft { server_id }).await;
+            });
+        }
         let mut dialers = lock(&self.dialers);
         dialers.retain(|id, dialer| {
             let keep = wanted.contains_key(&**id);
@@ -740,6 +757,12 @@ impl link::Handler for PeerReader {
                 link: peer.link,
             })
             .await;
+        // Looked at once `PeerDown` is queued: coordinators that dropped the peer before this
+        // are answered here, and any that drop it later send `PeerLeft` behind it (`set_peers`).
+        if !lock(&server.known_peers).contains_key(&peer.server_id) {
+            let server_id = peer.server_id.clone();
+            let _ = server.control.send(Command::PeerLeft { server_id }).await;
+        }
         tracing::info!(peer = %peer.server_id, link = peer.link, "peer link down");
     }
 

@@ -220,3 +220,60 @@ async fn a_subscribe_across_a_stalled_link_names_the_pending_server_and_is_confi
     }
     assert_eq!(pair.b.stat("confirmations_abandoned").await, 0);
 }
+
+/// A subscribe on b waiting for a, whose link is black-holed, when a stops: the coordinator
+/// drops a, and once b's link to a is down too (in either order) the subscribe is answered as
+/// confirmed, as one made after the link went down would be. It is not left to
+/// `subscribe_sync_timeout_ms` or to the link's expiry (`peer_resume_ms`), both far longer
+/// than this test waits. In a reconnect storm this is a client resubscribing on b a moment
+/// before b has seen the dead server's link close.
+#[tokio::test]
+async fn a_subscribe_waiting_for_a_server_that_stopped_is_answered_once_the_coordinator_drops_it() {
+    for link_down_first in [false, true] {
+        let pair = StalledPair::start_with(|config| {
+            config.subscribe_sync_timeout_ms = 600_000;
+            config.peer_resume_ms = 600_000;
+            // The session answers nothing else while its subscribe waits: its client must not
+            // take the silence for a dead server.
+            config.heartbeat_timeout_ms = 600_000;
+            // Dropped by the coordinator first: b's link to a outlives a by a few seconds.
+            if !link_down_first {
+                config.peer_heartbeat_timeout_ms = 3_000;
+            }
+        })
+        .await;
+        let subscriber = pair.client_with(&pair.b, Duration::from_secs(600)).await;
+        pair.proxy.blackhole_peers(true);
+        let subscribing = tokio::spawn(async move {
+            let result = subscriber.subscribe(["room/left"]).await;
+            (subscriber, result)
+        });
+        eventually("b has the subscription", || async {
+            (pair.b.stat("topics").await == 1).then_some(())
+        })
+        .await;
+        if link_down_first {
+            eventually("b gave the stalled link up", || async {
+                (pair.b.stat("peers").await == 0).then_some(())
+            })
+            .await;
+        }
+        let StalledPair {
+            coordinator,
+            a,
+            b,
+            proxy: _proxy,
+        } = pair;
+        a.stop().await;
+        let (subscriber, result) = within("the subscribe is answered", subscribing)
+            .await
+            .unwrap();
+        assert!(
+            result.is_ok(),
+            "link down first: {link_down_first}: {result:?}"
+        );
+        assert_eq!(coordinator.server_ids().await, vec!["b".to_owned()]);
+        assert_eq!(b.stat("acks_pending").await, 0);
+        subscriber.close().await;
+    }
+}
