@@ -47,6 +47,23 @@ impl<T> Drop for Forget<'_, T> {
     }
 }
 
+/// The answer to a reservation, until read. An answer that came but was never read (the login
+/// went to the other server of a race in the same instant, or was given up) is a key nobody
+/// collects: it is given back when this is dropped.
+struct Unread<'a> {
+    link: &'a ServerLink,
+    request_id: u64,
+    rx: oneshot::Receiver<ReserveReply>,
+}
+
+impl Drop for Unread<'_> {
+    fn drop(&mut self) {
+        if let Ok(Ok(reserved)) = self.rx.try_recv() {
+            self.link.give_back(self.request_id, reserved.key);
+        }
+    }
+}
+
 /// A registered server's link, as seen by the rest of the coordinator.
 pub(crate) struct ServerLink {
     pub(crate) id: String,
@@ -208,8 +225,14 @@ impl ServerLink {
         }
         let (reply_tx, reply_rx) = oneshot::channel();
         lock(&self.pending).insert(request_id, reply_tx);
-        // Forgotten however this ends, a login given up (its future dropped) included.
+        // Forgotten however this ends, a login given up (its future dropped) included; a key
+        // that came for a login given up before it read it is given back.
         let _forget = Forget(&self.pending, request_id);
+        let mut reply_rx = Unread {
+            link: self,
+            request_id,
+            rx: reply_rx,
+        };
         let frame = encode(&v1::CoordinatorToServer::reserve(v1::Reserve {
             request_id,
             identity: Some(identity),
@@ -219,7 +242,7 @@ impl ServerLink {
         }
         // `Ok(None)`: the link closed first.
         let outcome = tokio::select! {
-            reply = tokio::time::timeout_at(deadline, reply_rx) => reply.map(Result::ok),
+            reply = tokio::time::timeout_at(deadline, &mut reply_rx.rx) => reply.map(Result::ok),
             _ = self.closer.closed() => Ok(None),
         };
         match outcome {
@@ -269,22 +292,26 @@ impl ServerLink {
             Some(waiter) => waiter.send(reply).err(),
             None => Some(reply),
         };
-        // A key no login waits for any more (it went to another server first, timed out, or
-        // was given up): the server forgets it at once instead of holding it, against its
-        // capacity, for the key's whole lifetime. It expires there as before when the server
-        // does not take `Unreserve`, or its queue is down to the last eighth (left to what
-        // must not be lost).
-        if let Some(Ok(reserved)) = unused
-            && self.unreserves
-            && self.tx.capacity() > self.tx.max_capacity() / 8
-        {
-            let frame = encode(&v1::CoordinatorToServer::unreserve(v1::Unreserve {
-                request_id,
-                key: reserved.key,
-            }));
-            if self.tx.try_send(frame).is_ok() {
-                self.unreserved.inc();
-            }
+        if let Some(Ok(reserved)) = unused {
+            self.give_back(request_id, reserved.key);
+        }
+    }
+
+    /// Gives back a key no login waits for any more (it went to another server first, timed
+    /// out, or was given up): the server forgets it at once instead of holding it, against its
+    /// capacity, for the key's whole lifetime. It expires there as before when the server
+    /// does not take `Unreserve`, or its queue is down to the last eighth (left to what must
+    /// not be lost).
+    fn give_back(&self, request_id: u64, key: String) {
+        if !self.unreserves || self.tx.capacity() <= self.tx.max_capacity() / 8 {
+            return;
+        }
+        let frame = encode(&v1::CoordinatorToServer::unreserve(v1::Unreserve {
+            request_id,
+            key,
+        }));
+        if self.tx.try_send(frame).is_ok() {
+            self.unreserved.inc();
         }
     }
 }
@@ -989,6 +1016,24 @@ mod tests {
         link.answer(3, Err(error(ErrorCode::Internal, "no")));
         assert!(rx.try_recv().is_err(), "more than the one Unreserve");
         assert_eq!(link.unreserved.get(), 1);
+
+        // A key that came for a login given up before it read it (the other of a race won in
+        // the same instant) is given back too.
+        let (racing, mut rx) = link_to(1, true);
+        let mut reserving =
+            Box::pin(racing.reserve(4, v1::Identity::default(), Duration::from_secs(60)));
+        tokio::select! {
+            r = &mut reserving => panic!("answered before the server answered: {r:?}"),
+            id = sent(&mut rx) => assert_eq!(id, 4),
+        }
+        racing.answer(4, reserved("k4"));
+        assert!(
+            rx.try_recv().is_err(),
+            "given back while the login still waits"
+        );
+        drop(reserving);
+        assert_eq!(unreserved(&mut rx), (4, "k4".into()));
+        assert_eq!(racing.unreserved.get(), 1);
 
         // A server that did not say it takes `Unreserve` (an older one, which would close its
         // link on it) is sent none.
