@@ -12,9 +12,10 @@
 //! published anywhere in the cluster after the client's `Ack` reaches the client. A peer whose
 //! link goes down while a request waits for it is still waited for: the request completes once
 //! the peer links again and acknowledges the full set the new link starts with, once the peer
-//! expires, or once the coordinators no longer list the peer (it died or left). A peer whose link is already down when a request is made is not linked, and
-//! not waited for (it hears the change in that same full set). Until a request completes,
-//! [`Interest::pending`] names the peers it waits for.
+//! expires, or once the coordinators no longer list the peer (it died or left). A peer whose
+//! link is already down when a request is made is not linked, and not waited for (it hears the
+//! change in that same full set). Until a request completes, [`Interest::pending`] names the
+//! peers it waits for.
 //!
 //! `S` is whatever the driver uses to reach a session and `P` a peer link; the tests use numbers.
 
@@ -201,7 +202,8 @@ struct Waiter {
     id: WaiterId,
     /// (peer, link, seq) acknowledgements still missing, at most one per peer. A need on a link
     /// that went down stays; when the peer links again it becomes (new link, 1), the full set
-    /// the new link starts with, and it goes only when the peer expires.
+    /// the new link starts with, and it goes only when the peer expires or the coordinators
+    /// no longer list it ([`Interest::peer_left`]).
     needs: Vec<(Arc<str>, LinkId, u64)>,
 }
 
@@ -351,8 +353,9 @@ impl<S: Clone, P: Clone> Interest<S, P> {
 
     /// The link `link` to peer `name` went down. Its interest stays (and with it the peer in
     /// the routes) until the peer links again or [`Interest::peer_expire`]. Requests waiting
-    /// for it keep waiting: the peer has not applied what they changed, and will when it links
-    /// again (its new link starts with our full set).
+    /// for it keep waiting, until it expires or the coordinators no longer list it
+    /// ([`Interest::peer_left`]): the peer has not applied what they changed, and will when it
+    /// links again (its new link starts with our full set).
     pub(crate) fn peer_down(&mut self, name: &Arc<str>, link: LinkId) -> Effects<P> {
         if let Some(peer) = self.peers.get_mut(name).filter(|p| p.link == link) {
             peer.down = true;
@@ -834,7 +837,7 @@ mod tests {
         // as one made now would not wait for it.
         assert_eq!(i.peer_left(&name("p")).completed, vec![7]);
         assert_eq!(i.pending(7), None);
-        assert!(i.subscribe(2, &2, vec![t("y")], 8).completed == vec![8]);
+        assert_eq!(i.subscribe(2, &2, vec![t("y")], 8).completed, vec![8]);
         assert!(i.peer_left(&name("p")).completed.is_empty());
         // Its link comes back after all: it gets the full set, as after any absence.
         let fx = i.peer_up(&name("p"), 2, "P2");

@@ -130,9 +130,12 @@ impl Server {
         // A peer the coordinators dropped (a server that died, most often) is no longer waited
         // for by subscriptions once its link is down too.
         for server_id in gone {
-            let control = self.control.clone();
+            let server = self.clone();
             self.tracker.spawn(async move {
-                let _ = control.send(Command::PeerLeft { server_id }).await;
+                // Unless listed again meanwhile.
+                if !lock(&server.known_peers).contains_key(&server_id) {
+                    let _ = server.control.send(Command::PeerLeft { server_id }).await;
+                }
             });
         }
         let mut dialers = lock(&self.dialers);

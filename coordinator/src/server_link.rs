@@ -58,6 +58,9 @@ struct Unread<'a> {
 
 impl Drop for Unread<'_> {
     fn drop(&mut self) {
+        // Closed first: an answer sent from now on fails back to `answer`, which gives it
+        // back; one sent before is read here. Either way once.
+        self.rx.close();
         if let Ok(Ok(reserved)) = self.rx.try_recv() {
             self.link.give_back(self.request_id, reserved.key);
         }
@@ -1033,6 +1036,17 @@ mod tests {
         );
         drop(reserving);
         assert_eq!(unreserved(&mut rx), (4, "k4".into()));
+        assert_eq!(racing.unreserved.get(), 1);
+        // A refusal that was never read has no key to give back.
+        let mut refused =
+            Box::pin(racing.reserve(5, v1::Identity::default(), Duration::from_secs(60)));
+        tokio::select! {
+            r = &mut refused => panic!("answered before the server answered: {r:?}"),
+            id = sent(&mut rx) => assert_eq!(id, 5),
+        }
+        racing.answer(5, Err(error(ErrorCode::Internal, "no")));
+        drop(refused);
+        assert!(rx.try_recv().is_err(), "an Unreserve for a refusal");
         assert_eq!(racing.unreserved.get(), 1);
 
         // A server that did not say it takes `Unreserve` (an older one, which would close its

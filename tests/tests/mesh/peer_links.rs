@@ -238,7 +238,7 @@ async fn a_subscribe_waiting_for_a_server_that_stopped_is_answered_once_the_coor
             config.heartbeat_timeout_ms = 600_000;
             // Dropped by the coordinator first: b's link to a outlives a by a few seconds.
             if !link_down_first {
-                config.peer_heartbeat_timeout_ms = 3_000;
+                config.peer_heartbeat_timeout_ms = 6_000;
             }
         })
         .await;
@@ -265,6 +265,13 @@ async fn a_subscribe_waiting_for_a_server_that_stopped_is_answered_once_the_coor
             proxy: _proxy,
         } = pair;
         a.stop().await;
+        if !link_down_first {
+            eventually("the coordinator dropped a", || async {
+                (coordinator.server_ids().await == ["b"]).then_some(())
+            })
+            .await;
+            assert_eq!(b.stat("peers").await, 1, "b's link to a is still up");
+        }
         let (subscriber, result) = within("the subscribe is answered", subscribing)
             .await
             .unwrap();
