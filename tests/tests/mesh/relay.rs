@@ -399,12 +399,12 @@ async fn registered<const N: usize>(
 }
 
 /// The next reservation on a raw server link (a server hears those that register after it
-/// join first).
+/// join first, and those the coordinator loses leave: a frozen one, on a slow run).
 async fn reserve(link: &mut relaymesh_net::ws::ClientSocket) -> v1::Reserve {
     use v1::coordinator_to_server::Kind as K;
     loop {
         match from_coordinator(link).await {
-            K::PeerJoined(_) => continue,
+            K::PeerJoined(_) | K::PeerLeft(_) => continue,
             K::Reserve(reserve) => return reserve,
             other => panic!("not a reservation: {other:?}"),
         }
