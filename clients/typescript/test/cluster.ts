@@ -171,7 +171,13 @@ export class Cluster {
     const deadline = Date.now() + PATIENCE_MS;
     let missing = "";
     while (Date.now() < deadline) {
-      missing = await this.#missing(count);
+      try {
+        missing = await this.#missing(count);
+      } catch (e) {
+        // A poll that failed (a kept-alive connection the server closed as it was reused, say)
+        // is polled again, until the deadline.
+        missing = `a poll failed: ${String(e)}`;
+      }
       if (missing === "") return;
       await new Promise((r) => setTimeout(r, 50));
     }
