@@ -800,6 +800,24 @@ mod tests {
         })
     }
 
+    /// A reservation with `id`, polled until its `Reserve` was sent and left unanswered, for
+    /// the caller to drop unread.
+    async fn asked<'a>(
+        link: &'a ServerLink,
+        rx: &mut queue::Receiver<Bytes>,
+        id: u64,
+    ) -> std::pin::Pin<
+        Box<impl std::future::Future<Output = Result<v1::Reserved, ReserveFailed>> + 'a>,
+    > {
+        let mut reserving =
+            Box::pin(link.reserve(id, v1::Identity::default(), Duration::from_secs(60)));
+        tokio::select! {
+            r = &mut reserving => panic!("answered before the server answered: {r:?}"),
+            sent_id = sent(rx) => assert_eq!(sent_id, id),
+        }
+        reserving
+    }
+
     fn reserved(key: &str) -> ReserveReply {
         Ok(v1::Reserved {
             key: key.into(),
@@ -1023,12 +1041,7 @@ mod tests {
         // A key that came for a login given up before it read it (the other of a race won in
         // the same instant) is given back too.
         let (racing, mut rx) = link_to(1, true);
-        let mut reserving =
-            Box::pin(racing.reserve(4, v1::Identity::default(), Duration::from_secs(60)));
-        tokio::select! {
-            r = &mut reserving => panic!("answered before the server answered: {r:?}"),
-            id = sent(&mut rx) => assert_eq!(id, 4),
-        }
+        let reserving = asked(&racing, &mut rx, 4).await;
         racing.answer(4, reserved("k4"));
         assert!(
             rx.try_recv().is_err(),
@@ -1038,12 +1051,7 @@ mod tests {
         assert_eq!(unreserved(&mut rx), (4, "k4".into()));
         assert_eq!(racing.unreserved.get(), 1);
         // A refusal that was never read has no key to give back.
-        let mut refused =
-            Box::pin(racing.reserve(5, v1::Identity::default(), Duration::from_secs(60)));
-        tokio::select! {
-            r = &mut refused => panic!("answered before the server answered: {r:?}"),
-            id = sent(&mut rx) => assert_eq!(id, 5),
-        }
+        let refused = asked(&racing, &mut rx, 5).await;
         racing.answer(5, Err(error(ErrorCode::Internal, "no")));
         drop(refused);
         assert!(rx.try_recv().is_err(), "an Unreserve for a refusal");

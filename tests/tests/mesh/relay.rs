@@ -398,6 +398,16 @@ async fn registered<const N: usize>(
     links
 }
 
+/// Answers reservation `request_id` on a raw server link with `key` (valid for 10 s).
+async fn answer_reserved(link: &mut relaymesh_net::ws::ClientSocket, request_id: u64, key: &str) {
+    let reserved = v1::Reserved {
+        request_id,
+        key: key.into(),
+        expires_in_ms: 10_000,
+    };
+    raw::send_msg(link, &v1::ServerToCoordinator::reserved(reserved)).await;
+}
+
 /// The next reservation on a raw server link (a server hears those that register after it
 /// join first, and those the coordinator loses leave: a frozen one, on a slow run).
 async fn reserve(link: &mut relaymesh_net::ws::ClientSocket) -> v1::Reserve {
@@ -441,30 +451,14 @@ async fn a_reservation_left_unanswered_is_raced_on_another_server() {
         raced.identity, asked.identity,
         "both reserve for the same client"
     );
-    raw::send_msg(
-        quick,
-        &v1::ServerToCoordinator::reserved(v1::Reserved {
-            request_id: raced.request_id,
-            key: "quick-key".into(),
-            expires_in_ms: 10_000,
-        }),
-    )
-    .await;
+    answer_reserved(quick, raced.request_id, "quick-key").await;
     let (status, body) = within("the login", login).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["server_id"], mute, "{body}");
     assert_eq!(body["key"], "quick-key", "{body}");
     // The mute server answers at last: the key it reserved, for a login placed elsewhere, is
     // taken back rather than left to count against its room until it expires.
-    raw::send_msg(
-        mute_link,
-        &v1::ServerToCoordinator::reserved(v1::Reserved {
-            request_id: asked.request_id,
-            key: "late-key".into(),
-            expires_in_ms: 10_000,
-        }),
-    )
-    .await;
+    answer_reserved(mute_link, asked.request_id, "late-key").await;
     let v1::coordinator_to_server::Kind::Unreserve(back) = from_coordinator(mute_link).await else {
         panic!("the late key was not taken back");
     };
@@ -500,13 +494,10 @@ async fn a_frozen_server_that_loses_a_race_frees_the_key_once_it_answers() {
         let url = url.clone();
         let login = tokio::spawn(async move { post_json(&url, &serde_json::json!({})).await });
         let asked = reserve(&mut other).await;
-        raw::send_msg(
+        answer_reserved(
             &mut other,
-            &v1::ServerToCoordinator::reserved(v1::Reserved {
-                request_id: asked.request_id,
-                key: format!("other-key-{attempt}"),
-                expires_in_ms: 10_000,
-            }),
+            asked.request_id,
+            &format!("other-key-{attempt}"),
         )
         .await;
         let (status, body) = within("the login", login).await.unwrap();
@@ -546,15 +537,7 @@ async fn a_server_the_client_asked_for_is_waited_for_not_raced() {
     // The server asked for never answers: the login waits its whole reservation timeout
     // there, and only then is reserved on the other.
     let reserve = reserve(&mut other).await;
-    raw::send_msg(
-        &mut other,
-        &v1::ServerToCoordinator::reserved(v1::Reserved {
-            request_id: reserve.request_id,
-            key: "other-key".into(),
-            expires_in_ms: 10_000,
-        }),
-    )
-    .await;
+    answer_reserved(&mut other, reserve.request_id, "other-key").await;
     let (status, body) = within("the login", login).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["server_id"], "other", "{body}");
